@@ -1,0 +1,74 @@
+# cnnserve: `make run` serves the committed default model, `make test` runs the suite.
+# Both set up everything they need: a venv in .venv and the Debian packages the tests use.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := dataset-fashion-mnist
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONDONTWRITEBYTECODE := 1
+
+# The exact command that trained model_repository/fashion_mnist/1 (also in its model card).
+TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --epochs 24 --batch-size 128 \
+	--optimizer adamw --lr 0.002 --weight-decay 0.02 --schedule cosine \
+	--rotation 0 --zoom 0 --shift 0.1 --seed 0
+
+.PHONY: install system-deps run test lint format proto proto-check train clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+# Debian packages the tests read (Fashion-MNIST's IDX files); installed only when missing.
+system-deps:
+	@missing=""; \
+	for pkg in $(APT_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+run: install
+	$(VENV)/bin/cnnserve serve
+
+test: install system-deps proto-check
+	$(PY) -m pytest
+
+lint: install proto-check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Generated protobuf code is committed; proto-check fails when it drifts from proto/.
+PROTO_FILES := $(wildcard proto/*.proto)
+proto: install
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=service/proto_gen \
+		--pyi_out=service/proto_gen $(PROTO_FILES)
+
+proto-check: install
+	@tmp=$$(mktemp -d); \
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$$tmp --pyi_out=$$tmp $(PROTO_FILES) && \
+	for f in $$tmp/*; do \
+		diff -q $$f service/proto_gen/$$(basename $$f) >/dev/null || \
+		{ echo "service/proto_gen/$$(basename $$f) is stale: run 'make proto'"; rm -rf $$tmp; exit 1; }; \
+	done; rm -rf $$tmp
+
+# Retrain the default model: publishes the next version of model_repository/fashion_mnist.
+# Resumable: rerun the same command after an interruption.
+train: install system-deps
+	$(VENV)/bin/cnnserve train $(TRAIN_ARGS)
+
+clean:
+	rm -rf $(VENV) .train .pytest_cache .mypy_cache .ruff_cache

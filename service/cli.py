@@ -1,0 +1,238 @@
+"""`cnnserve`: train, evaluate, export and serve CNN image classifiers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import CnnserveError, DatasetError
+
+# Spelled out so `--help` does not import TensorFlow; a test checks it matches.
+ARCHITECTURE_NAMES = ("efficient_cnn", "resnet", "seed_cnn")
+
+
+def _add_train(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
+) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model and publish it as the next version in the repository",
+        description="Train on Fashion-MNIST or a folder of class folders, evaluate on the "
+        "held-out test split, and publish a versioned SavedModel atomically.",
+    )
+    p.add_argument(
+        "--dataset",
+        default="fashion_mnist",
+        help="'fashion_mnist' or a folder of class-named folders",
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=settings.fashion_mnist_dir, help="Fashion-MNIST IDX folder"
+    )
+    p.add_argument("--repository", type=Path, default=settings.model_repository)
+    p.add_argument("--model-name", default="fashion_mnist", help="model folder in the repository")
+    p.add_argument(
+        "--work-dir", type=Path, default=Path(".train"), help="checkpoints (resume on rerun)"
+    )
+    p.add_argument("--arch", choices=ARCHITECTURE_NAMES, default="efficient_cnn")
+    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
+    p.add_argument("--depth", type=int, default=2, help="blocks per stage")
+    p.add_argument("--se", action="store_true", help="squeeze-and-excitation blocks")
+    p.add_argument("--dropout", type=float, default=None, help="default 0.2 (seed_cnn: 0)")
+    p.add_argument(
+        "--l2",
+        type=float,
+        default=None,
+        help="L2 on dense layers (default 0.01 for seed_cnn, else 0)",
+    )
+    p.add_argument(
+        "--resize-method",
+        default="bilinear",
+        choices=["nearest", "bilinear", "bicubic", "lanczos", "box"],
+    )
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW decoupled weight decay")
+    p.add_argument("--schedule", choices=["plateau", "cosine", "constant"], default="plateau")
+    p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
+    p.add_argument("--no-augment", action="store_true", help="switch all augmentation off")
+    p.add_argument("--rotation", type=float, default=20.0, help="max rotation in degrees (0 = off)")
+    p.add_argument("--shift", type=float, default=0.2, help="max width/height shift fraction")
+    p.add_argument("--zoom", type=float, default=0.2, help="max zoom fraction")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
+    p.add_argument("--balance", action="store_true", help="oversample minority classes")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--test-fraction", type=float, default=0.1, help="folder datasets only")
+    p.add_argument("--limit", type=int, default=0, help="use the first N training images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--latency-runs", type=int, default=50, help="timed batches for the latency report"
+    )
+    p.set_defaults(handler=_train)
+
+
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from service.preprocessing import PreprocessSpec
+    from service.training.architectures import ArchConfig
+    from service.training.pipeline import AugmentConfig
+    from service.training.train import TrainConfig, train
+
+    seed_cnn = args.arch == "seed_cnn"
+    cfg = TrainConfig(
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        arch=ArchConfig(
+            name=args.arch,
+            width_multiplier=args.width,
+            depth=args.depth,
+            squeeze_excite=args.se,
+            dropout=args.dropout if args.dropout is not None else (0.0 if seed_cnn else 0.2),
+            weight_decay=args.l2 if args.l2 is not None else (0.01 if seed_cnn else 0.0),
+        ),
+        preprocess=PreprocessSpec(resize_method=args.resize_method),
+        augment=AugmentConfig(
+            enabled=not args.no_augment,
+            rotation_degrees=args.rotation,
+            width_shift=args.shift,
+            height_shift=args.shift,
+            zoom=args.zoom,
+            horizontal_flip=not args.no_flip,
+        ),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        learning_rate=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        early_stopping_patience=args.patience,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        balance=args.balance,
+        limit=args.limit,
+        seed=args.seed,
+    )
+    result = train(cfg, args.work_dir)
+    from service.training.export import publish  # after fit: a failed import must not cost a fit
+
+    command = "cnnserve " + shlex.join(args.argv)
+    version_dir = publish(
+        result,
+        cfg,
+        repository=args.repository,
+        model_name=args.model_name,
+        command=command,
+        latency_runs=args.latency_runs,
+    )
+    print(version_dir)
+    return 0
+
+
+def _add_evaluate(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
+) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a published version on its test split",
+        description="Accuracy, per-class precision/recall/F1, confusion matrix and latency of "
+        "a published version, on the test split its model card names. The version folder is "
+        "never modified; the report goes to stdout (JSON) and, with --output, to a folder.",
+    )
+    p.add_argument("version_dir", type=Path, help="e.g. model_repository/fashion_mnist/1")
+    p.add_argument("--data-dir", type=Path, default=None, help="override the card's dataset folder")
+    p.add_argument("--output", type=Path, default=None, help="write report.json and PNG plots here")
+    p.add_argument("--latency-runs", type=int, default=50)
+    p.set_defaults(handler=_evaluate)
+
+
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from service.training.evaluate import evaluate_version
+
+    report = evaluate_version(
+        args.version_dir, data_dir=args.data_dir, output=args.output, latency_runs=args.latency_runs
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _add_serve(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
+) -> None:
+    p = sub.add_parser("serve", help="serve the model repository over REST and gRPC")
+    p.add_argument("--host", default=settings.host)
+    p.add_argument("--port", type=int, default=settings.port)
+    p.add_argument("--grpc-port", type=int, default=settings.grpc_port, help="0 disables gRPC")
+    p.add_argument("--model-repository", type=Path, default=settings.model_repository)
+    p.add_argument("--workers", type=int, default=settings.workers)
+    p.add_argument("--poll-seconds", type=float, default=settings.poll_seconds)
+    p.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    settings = settings.model_copy(
+        update={
+            "host": args.host,
+            "port": args.port,
+            "grpc_port": args.grpc_port,
+            "model_repository": args.model_repository,
+            "workers": args.workers,
+            "poll_seconds": args.poll_seconds,
+        }
+    )
+    try:
+        from service.server import serve  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        print(
+            f"cnnserve serve: the gateway is not built yet; it would serve "
+            f"{settings.model_repository} on http://{settings.host}:{settings.port} "
+            f"(gRPC :{settings.grpc_port})",
+            file=sys.stderr,
+        )
+        return 3
+    return int(serve(settings))
+
+
+def build_parser(settings: Settings) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cnnserve",
+        description="Train CNN image classifiers into a TF Serving model repository and serve it.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub, settings)
+    _add_evaluate(sub, settings)
+    _add_serve(sub, settings)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    settings = Settings()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(settings).parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args, settings))
+    except DatasetError as exc:
+        print(f"cnnserve: {exc.message}", file=sys.stderr)
+        return 2
+    except CnnserveError as exc:
+        print(f"cnnserve: {exc.code}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

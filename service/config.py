@@ -1,0 +1,72 @@
+"""The one Settings object.
+
+Every knob the gateway and the CLI read lives here, with the environment variable
+`CNNSERVE_<FIELD>` as its override. Build it once in the entry point and pass it to
+what needs it; nothing imports a module-level instance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RuntimeName = Literal["auto", "tensorflow", "litert"]
+BackendName = Literal["embedded", "tfserving"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="ignore")
+
+    # --- where things are -------------------------------------------------------------
+    model_repository: Path = Field(
+        Path("model_repository"),
+        description="Folder in TF Serving's layout: models.config plus <model>/<version>/.",
+    )
+    fashion_mnist_dir: Path = Field(
+        Path("/usr/share/datasets/fashion-mnist"),
+        description="IDX files of Fashion-MNIST (Debian package dataset-fashion-mnist).",
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "cnnserve",
+        description="Converted runtime artifacts for SavedModels that did not come with one.",
+    )
+
+    # --- network ----------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the REST and gRPC servers bind.")
+    port: int = Field(8000, ge=0, le=65535, description="REST port.")
+    grpc_port: int = Field(8500, ge=0, le=65535, description="gRPC port; 0 disables gRPC.")
+    workers: int = Field(1, ge=1, le=64, description="Worker processes, one model copy each.")
+
+    # --- models -----------------------------------------------------------------------
+    backend: BackendName = Field("embedded", description="embedded runtime or a TF Serving.")
+    tfserving_address: str = Field("127.0.0.1:8500", description="TF Serving gRPC host:port.")
+    runtime: RuntimeName = Field(
+        "auto", description="In-process runtime; auto picks the verified fast artifact."
+    )
+    poll_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="Repository poll period (TF Serving's file_system_poll_wait_seconds); 0 = off.",
+    )
+    intra_op_threads: int = Field(0, ge=0, description="Threads per inference; 0 = cores/workers.")
+
+    # --- batching (names and meaning as TF Serving's BatchingParameters) ---------------
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_timeout_micros: int = Field(1000, ge=0, le=10_000_000)
+    max_enqueued_batches: int = Field(16, ge=1)
+    num_batch_threads: int = Field(1, ge=1, le=64)
+
+    # --- request limits ----------------------------------------------------------------
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(64, ge=1)
+    request_timeout_seconds: float = Field(10.0, gt=0, description="Default request deadline.")
+
+    @model_validator(mode="after")
+    def _ports_distinct(self) -> Settings:
+        if self.grpc_port and self.port and self.grpc_port == self.port:
+            raise ValueError(f"port and grpc_port are both {self.port}; pick two ports")
+        return self

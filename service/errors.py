@@ -1,0 +1,155 @@
+"""Every error a client or operator can see, defined once.
+
+Each class carries a stable machine-readable ``code``, the HTTP status and the gRPC
+status it maps to; the REST and gRPC adapters translate with :func:`http_status` and
+:func:`grpc_status` and nothing else. Messages of 4xx errors tell the caller what to
+do; 5xx errors keep internals out of the message (log them, with the request id).
+
+    CnnserveError
+    ├── InvalidRequest            400  INVALID_ARGUMENT   bad_request
+    │   ├── InvalidImage          400  INVALID_ARGUMENT   invalid_image
+    │   ├── ImageTooLarge         413  INVALID_ARGUMENT   image_too_large
+    │   ├── PayloadTooLarge       413  RESOURCE_EXHAUSTED payload_too_large
+    │   ├── TooManyImages         413  INVALID_ARGUMENT   too_many_images
+    │   └── UnsupportedMediaType  415  INVALID_ARGUMENT   unsupported_media_type
+    ├── NotFound                  404  NOT_FOUND          not_found
+    │   ├── ModelNotFound         404  NOT_FOUND          model_not_found
+    │   └── VersionNotFound       404  NOT_FOUND          version_not_found
+    ├── Overloaded                503  RESOURCE_EXHAUSTED overloaded    (+ Retry-After)
+    ├── DeadlineExceeded          504  DEADLINE_EXCEEDED  deadline_exceeded
+    ├── Unavailable               503  UNAVAILABLE        unavailable
+    │   ├── ModelNotReady         503  UNAVAILABLE        model_not_ready
+    │   └── BackendUnavailable    503  UNAVAILABLE        backend_unavailable
+    └── InternalError             500  INTERNAL           internal
+        ├── ModelLoadError        500  INTERNAL           model_load_failed
+        └── ExportError           500  INTERNAL           export_failed
+    DatasetError (CLI only: a dataset that cannot be read; exit status 2)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+
+class CnnserveError(Exception):
+    """Base of every error with a stable code."""
+
+    code: ClassVar[str] = "error"
+    http_status: ClassVar[int] = 500
+    grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
+    # Seconds a client should wait before retrying, sent as Retry-After when set.
+    retry_after: ClassVar[int | None] = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def public_message(self) -> str:
+        """What the client sees: the message for 4xx, a generic sentence for 5xx."""
+        if self.http_status >= 500 and not isinstance(self, Unavailable | Overloaded):
+            return "internal error; the server logged the details"
+        return self.message
+
+    def to_dict(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.public_message()}}
+
+
+class InvalidRequest(CnnserveError):
+    code = "bad_request"
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InvalidImage(InvalidRequest):
+    code = "invalid_image"
+
+
+class ImageTooLarge(InvalidRequest):
+    code = "image_too_large"
+    http_status = 413
+
+
+class PayloadTooLarge(InvalidRequest):
+    code = "payload_too_large"
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TooManyImages(InvalidRequest):
+    code = "too_many_images"
+    http_status = 413
+
+
+class UnsupportedMediaType(InvalidRequest):
+    code = "unsupported_media_type"
+    http_status = 415
+
+
+class NotFound(CnnserveError):
+    code = "not_found"
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class VersionNotFound(NotFound):
+    code = "version_not_found"
+
+
+class Overloaded(CnnserveError):
+    code = "overloaded"
+    http_status = 503
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry_after = 1
+
+
+class DeadlineExceeded(CnnserveError):
+    code = "deadline_exceeded"
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unavailable(CnnserveError):
+    code = "unavailable"
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    retry_after = 1
+
+
+class ModelNotReady(Unavailable):
+    code = "model_not_ready"
+
+
+class BackendUnavailable(Unavailable):
+    code = "backend_unavailable"
+
+
+class InternalError(CnnserveError):
+    code = "internal"
+
+
+class ModelLoadError(InternalError):
+    code = "model_load_failed"
+
+
+class ExportError(InternalError):
+    code = "export_failed"
+
+
+class DatasetError(CnnserveError):
+    """A training dataset that cannot be read; the CLI prints it and exits 2."""
+
+    code = "dataset_error"
+
+
+def http_status(error: CnnserveError) -> int:
+    return error.http_status
+
+
+def grpc_status(error: CnnserveError) -> grpc.StatusCode:
+    return error.grpc_code

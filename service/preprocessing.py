@@ -1,0 +1,172 @@
+"""Images in, model input out: the one place images are decoded and resized.
+
+Training and serving both call :func:`preprocess_bytes` / :func:`preprocess_array`, so a
+model sees at serving time exactly the pixels it was trained on. The output is always
+RGB uint8 ``[height, width, 3]``; normalization lives inside the model graph.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import ImageTooLarge, InvalidImage
+
+ResizeMethod = Literal["nearest", "bilinear", "bicubic", "lanczos", "box"]
+
+_RESAMPLE: dict[str, Image.Resampling] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+
+# Pillow format names we accept, and the words a person reads in an error.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+SUPPORTED_MEDIA_TYPES = frozenset(
+    {
+        "image/jpeg",
+        "image/jpg",
+        "image/pjpeg",
+        "image/png",
+        "image/webp",
+        "image/bmp",
+        "image/x-ms-bmp",
+        "image/gif",
+        "image/tiff",
+    }
+)
+SUPPORTED_HUMAN = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+UInt8Image = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How an image becomes model input; recorded verbatim in model_card.json."""
+
+    height: int = 224
+    width: int = 224
+    resize_method: ResizeMethod = "bilinear"
+    # The whole image is resized to height×width (no crop, aspect ratio not kept), so
+    # nothing at the borders is lost; Fashion-MNIST and most product photos are square.
+    aspect: Literal["stretch"] = "stretch"
+    color: Literal["RGB"] = "RGB"
+    library: str = "Pillow"
+
+    def to_card(self) -> dict[str, Any]:
+        card = asdict(self)
+        card["alpha"] = "composited on white"
+        card["exif_orientation"] = "applied"
+        card["output"] = f"uint8 [{self.height},{self.width},3]"
+        return card
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> PreprocessSpec:
+        method = card.get("resize_method", "bilinear")
+        if method not in _RESAMPLE:
+            raise ValueError(f"unknown resize_method {method!r}; one of {sorted(_RESAMPLE)}")
+        return cls(
+            height=int(card.get("height", 224)),
+            width=int(card.get("width", 224)),
+            resize_method=method,
+        )
+
+
+def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None) -> Image.Image:
+    """Open encoded bytes, refusing bombs before any pixel is decoded.
+
+    ``target`` (width, height) lets JPEG decode at a reduced DCT scale that is still
+    at least the target size, which makes large photos several times cheaper.
+    """
+    if not data:
+        raise InvalidImage("the image is empty (0 bytes); send a JPEG, PNG, WebP, BMP, GIF or TIFF")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"image has too many pixels to decode safely: {exc}") from None
+    except UnidentifiedImageError:
+        raise InvalidImage(
+            f"could not decode the image: not a {SUPPORTED_HUMAN} file (or it is corrupt)"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImage(f"could not decode the image: {exc}") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
+    if width == 0 or height == 0:
+        raise InvalidImage("the image has no pixels")
+    if target is not None and img.format == "JPEG":
+        img.draft("RGB", target)
+    try:
+        img.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(f"could not decode the image: {exc}") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to RGB (or L, which :func:`resize` turns into RGB for a third of
+    the cost): EXIF orientation applied, alpha composited on white."""
+    img = ImageOps.exif_transpose(img) or img
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit greyscale: keep the top 8 bits instead of clipping at 255.
+        arr = np.asarray(img, dtype=np.uint32)
+        shift = 8 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 0
+        return Image.fromarray((arr >> shift).astype(np.uint8), "L").convert("RGB")
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, spec: PreprocessSpec) -> UInt8Image:
+    """Any decoded image → RGB uint8 [H, W, 3] of the spec's size."""
+    size = (spec.width, spec.height)
+    img = to_rgb(img)
+    if img.mode == "L":
+        # Resizing one channel then replicating equals resizing the replicated RGB image
+        # (Pillow filters channels independently) and costs a third.
+        grey = img if img.size == size else img.resize(size, _RESAMPLE[spec.resize_method])
+        arr = np.asarray(grey, dtype=np.uint8)
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if img.size != size:
+        img = img.resize(size, _RESAMPLE[spec.resize_method])
+    return np.asarray(img, dtype=np.uint8)
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> UInt8Image:
+    """Encoded image bytes → RGB uint8 [H, W, 3] as the model expects."""
+    return resize(decode(data, max_pixels=max_pixels, target=(spec.width, spec.height)), spec)
+
+
+def preprocess_array(array: npt.NDArray[Any], spec: PreprocessSpec) -> UInt8Image:
+    """A decoded uint8 array (H×W grey, H×W×1, H×W×3 or H×W×4) → model input."""
+    arr = np.asarray(array)
+    if arr.dtype != np.uint8:
+        raise InvalidImage(f"pixel arrays must be uint8, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        return resize(Image.fromarray(arr, "L"), spec)
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        return resize(Image.fromarray(arr, "RGB" if arr.shape[2] == 3 else "RGBA"), spec)
+    raise InvalidImage(f"pixel arrays must be HxW, HxWx1, HxWx3 or HxWx4, got {arr.shape}")

@@ -1,0 +1,1 @@
+"""Offline training: datasets, architectures, the training loop, evaluation, export."""

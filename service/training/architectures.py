@@ -1,0 +1,163 @@
+"""CNN architectures. Every model takes uint8 [N, 224, 224, 3] RGB and returns softmax
+probabilities; normalization is the first layer of the graph, so the gateway sends one
+byte per pixel and serving can never normalize differently from training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+from keras import layers, regularizers
+
+# x / 127.5 - 1 maps [0, 255] to [-1, 1]; recorded in the model card.
+NORMALIZATION = {"scale": 1 / 127.5, "offset": -1.0, "formula": "x / 127.5 - 1"}
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    name: str = "efficient_cnn"
+    num_classes: int = 10
+    height: int = 224
+    width: int = 224
+    width_multiplier: float = 1.0
+    depth: int = 2
+    dropout: float = 0.2
+    weight_decay: float = 0.0
+    squeeze_excite: bool = False
+
+
+def _inputs(cfg: ArchConfig) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    image = keras.Input(shape=(cfg.height, cfg.width, 3), dtype="uint8", name="image")
+    # Rescaling casts the uint8 input to float32 itself.
+    x = layers.Rescaling(NORMALIZATION["scale"], offset=NORMALIZATION["offset"], name="normalize")(
+        image
+    )
+    return image, x
+
+
+def _width(cfg: ArchConfig, channels: int) -> int:
+    return max(8, round(channels * cfg.width_multiplier / 8) * 8)
+
+
+def _l2(cfg: ArchConfig) -> regularizers.Regularizer | None:
+    return regularizers.L2(cfg.weight_decay) if cfg.weight_decay > 0 else None
+
+
+def _head(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    if cfg.dropout > 0:
+        x = layers.Dropout(cfg.dropout, name="dropout")(x)
+    return layers.Dense(
+        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
+    )(x)
+
+
+def seed_cnn(cfg: ArchConfig) -> keras.Model:
+    """The seed article's network, exactly: two conv/pool stages and two dense layers
+    (L2 on the dense layers). At 224×224 its Flatten has 186,624 features, so it is
+    large (~24M parameters) and slow; kept as the baseline the article describes."""
+    image, x = _inputs(cfg)
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(64, 3, activation="relu", name="conv2")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="relu", kernel_regularizer=_l2(cfg), name="dense")(x)
+    if cfg.dropout > 0:
+        x = layers.Dropout(cfg.dropout, name="dropout")(x)
+    out = layers.Dense(
+        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
+    )(x)
+    return keras.Model(image, out, name="seed_cnn")
+
+
+def _conv_bn(x: Any, channels: int, kernel: int, stride: int, name: str, act: bool = True) -> Any:
+    x = layers.Conv2D(channels, kernel, strides=stride, padding="same", use_bias=False, name=name)(
+        x
+    )
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x) if act else x
+
+
+def _squeeze_excite(x: Any, channels: int, name: str) -> Any:
+    s = layers.GlobalAveragePooling2D(keepdims=True, name=f"{name}_se_pool")(x)
+    s = layers.Conv2D(max(8, channels // 4), 1, activation="relu", name=f"{name}_se_reduce")(s)
+    s = layers.Conv2D(channels, 1, activation="sigmoid", name=f"{name}_se_expand")(s)
+    return layers.Multiply(name=f"{name}_se_scale")([x, s])
+
+
+def resnet(cfg: ArchConfig) -> keras.Model:
+    """A small ResNet: BatchNorm, basic residual blocks, optional squeeze-and-excitation.
+    The stem averages 4×4 pixels then strides by 2, so the residual stages run at 28, 14
+    and 7 pixels instead of 112, 56 and 28."""
+    image, x = _inputs(cfg)
+    x = layers.AveragePooling2D(4, name="stem_pool")(x)
+    x = _conv_bn(x, _width(cfg, 32), 3, 2, "stem")
+    for stage, channels in enumerate((32, 64, 128)):
+        channels = _width(cfg, channels)
+        for block in range(cfg.depth):
+            name = f"s{stage}b{block}"
+            stride = 2 if stage > 0 and block == 0 else 1
+            shortcut = x
+            y = _conv_bn(x, channels, 3, stride, f"{name}_c1")
+            y = _conv_bn(y, channels, 3, 1, f"{name}_c2", act=False)
+            if cfg.squeeze_excite:
+                y = _squeeze_excite(y, channels, name)
+            if stride != 1 or shortcut.shape[-1] != channels:
+                shortcut = _conv_bn(shortcut, channels, 1, stride, f"{name}_proj", act=False)
+            x = layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([shortcut, y]))
+    return keras.Model(image, _head(x, cfg), name="resnet")
+
+
+def _separable(x: Any, channels: int, stride: int, name: str) -> Any:
+    x = layers.DepthwiseConv2D(
+        3, strides=stride, padding="same", use_bias=False, name=f"{name}_dw"
+    )(x)
+    x = layers.BatchNormalization(name=f"{name}_dw_bn")(x)
+    x = layers.ReLU(name=f"{name}_dw_relu")(x)
+    return _conv_bn(x, channels, 1, 1, f"{name}_pw")
+
+
+def efficient_cnn(cfg: ArchConfig) -> keras.Model:
+    """The default: built for fast CPU serving at 224×224.
+
+    A parameter-free 4×4 average pool and one strided conv take 224 pixels to 28 in
+    two layers (cheap, anti-aliased early downsampling); full 3×3 convs then learn
+    the fine structure at 28×28 where it is cheap, and depthwise-separable blocks do
+    the rest at 14 and 7. About 50 MFLOPs (25M multiply-adds) per image at width 1.0,
+    most of it in the 28×28 convs where Fashion-MNIST-sized detail lives.
+    """
+    image, x = _inputs(cfg)
+    x = layers.AveragePooling2D(4, name="stem_pool")(x)
+    x = _conv_bn(x, _width(cfg, 32), 3, 2, "stem")
+    for block in range(cfg.depth):
+        x = _conv_bn(x, _width(cfg, 32), 3, 1, f"s0b{block}")
+    for stage, channels in enumerate((96, 192), start=1):
+        for block in range(cfg.depth):
+            name = f"s{stage}b{block}"
+            stride = 2 if block == 0 else 1
+            y = _separable(x, _width(cfg, channels), stride, name)
+            if cfg.squeeze_excite:
+                y = _squeeze_excite(y, _width(cfg, channels), name)
+            x = y if block == 0 else layers.Add(name=f"{name}_add")([x, y])
+    x = _conv_bn(x, _width(cfg, 384), 1, 1, "head_conv")
+    return keras.Model(image, _head(x, cfg), name="efficient_cnn")
+
+
+ARCHITECTURES: dict[str, Callable[[ArchConfig], keras.Model]] = {
+    "efficient_cnn": efficient_cnn,
+    "resnet": resnet,
+    "seed_cnn": seed_cnn,
+}
+
+
+def build(cfg: ArchConfig) -> keras.Model:
+    try:
+        factory = ARCHITECTURES[cfg.name]
+    except KeyError:
+        raise ValueError(
+            f"unknown architecture {cfg.name!r}; one of {sorted(ARCHITECTURES)}"
+        ) from None
+    return factory(cfg)

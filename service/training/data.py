@@ -1,0 +1,284 @@
+"""Datasets for training: Fashion-MNIST from its IDX files, or a folder of class folders.
+
+Images stay at their source size in memory (or on disk) and become model input through
+:mod:`service.preprocessing` one batch at a time, so a 224×224 copy of a whole dataset
+never exists. Splits are decided by content hash: identical images always land in the
+same split, and :func:`check_disjoint` proves no image crosses splits.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import DatasetError, InvalidImage
+from service.preprocessing import PreprocessSpec, UInt8Image, preprocess_array, preprocess_bytes
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Folder datasets may hold photos far above 224×224; refuse only absurd ones.
+_FOLDER_MAX_PIXELS = 100_000_000
+
+Labels = npt.NDArray[np.int64]
+
+
+@dataclass
+class ImageSet:
+    """Labelled images, in memory (``pixels``) or as files (``paths``)."""
+
+    name: str
+    class_names: list[str]
+    labels: Labels
+    pixels: npt.NDArray[np.uint8] | None = None
+    paths: list[Path] | None = None
+    _hashes: list[str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        count = len(self.pixels) if self.pixels is not None else len(self.paths or [])
+        if count != len(self.labels):
+            raise DatasetError(f"{self.name}: {count} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def raw(self, index: int) -> bytes:
+        """The bytes that identify an image: its pixels, or its encoded file."""
+        if self.pixels is not None:
+            return bytes(self.pixels[index].tobytes())
+        assert self.paths is not None
+        return self.paths[index].read_bytes()
+
+    def hashes(self) -> list[str]:
+        if self._hashes is None:
+            self._hashes = [hashlib.sha256(self.raw(i)).hexdigest() for i in range(len(self))]
+        return self._hashes
+
+    def model_input(self, index: int, spec: PreprocessSpec) -> UInt8Image:
+        """The exact uint8 [H,W,3] the served model would get for this image."""
+        if self.pixels is not None:
+            return preprocess_array(self.pixels[index], spec)
+        assert self.paths is not None
+        try:
+            return preprocess_bytes(self.raw(index), spec, max_pixels=_FOLDER_MAX_PIXELS)
+        except InvalidImage as exc:
+            raise DatasetError(f"{self.paths[index]}: {exc.message}") from None
+
+    def subset(self, indices: npt.NDArray[np.int64], name: str) -> ImageSet:
+        hashes = self.hashes()
+        return ImageSet(
+            name=name,
+            class_names=self.class_names,
+            labels=self.labels[indices],
+            pixels=self.pixels[indices] if self.pixels is not None else None,
+            paths=[self.paths[i] for i in indices] if self.paths is not None else None,
+            _hashes=[hashes[i] for i in indices],
+        )
+
+    def fingerprint(self) -> str:
+        """One hash for the whole set (images, labels and class names, in order)."""
+        digest = hashlib.sha256("\n".join(self.class_names).encode())
+        for h, label in zip(self.hashes(), self.labels.tolist(), strict=True):
+            digest.update(f"{h}:{label}\n".encode())
+        return digest.hexdigest()
+
+
+@dataclass
+class Splits:
+    train: ImageSet
+    validation: ImageSet
+    test: ImageSet
+    dropped_duplicates: int = 0
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+            "dropped_cross_split_duplicates": self.dropped_duplicates,
+            "train_sha256": self.train.fingerprint(),
+            "validation_sha256": self.validation.fingerprint(),
+            "test_sha256": self.test.fingerprint(),
+        }
+
+
+# --- readers ---------------------------------------------------------------------------
+
+
+def _read_idx(path: Path, magic: int) -> npt.NDArray[np.uint8]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 8 or int.from_bytes(data[:4], "big") != magic:
+        raise DatasetError(f"{path} is not an IDX file (magic number {magic:#x} expected)")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(data) - offset != expected:
+        raise DatasetError(
+            f"{path}: header says {expected} bytes of data, file has {len(data) - offset}"
+        )
+    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.exists():
+            return candidate
+    raise DatasetError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {directory}; install the Debian package "
+        "'dataset-fashion-mnist' (apt-get install dataset-fashion-mnist) or set "
+        "CNNSERVE_FASHION_MNIST_DIR / --data-dir to the folder holding the IDX files"
+    )
+
+
+def load_fashion_mnist(directory: Path) -> tuple[ImageSet, ImageSet]:
+    """The official 60,000-image train and 10,000-image test sets, 28×28 greyscale."""
+    parts = []
+    for prefix in ("train", "t10k"):
+        images = _read_idx(_find(directory, f"{prefix}-images-idx3-ubyte"), 0x0803)
+        labels = _read_idx(_find(directory, f"{prefix}-labels-idx1-ubyte"), 0x0801)
+        parts.append(
+            ImageSet(
+                name=f"fashion_mnist/{prefix}",
+                class_names=list(FASHION_MNIST_CLASSES),
+                labels=labels.astype(np.int64),
+                pixels=images,
+            )
+        )
+    return parts[0], parts[1]
+
+
+def load_image_folder(root: Path) -> ImageSet:
+    """``root/<class name>/<image>``: class names sorted, one label per subfolder."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_dirs) < 2:
+        raise DatasetError(f"{root} needs at least two class subfolders, found {len(class_dirs)}")
+    paths: list[Path] = []
+    labels: list[int] = []
+    for label, class_dir in enumerate(class_dirs):
+        files = sorted(
+            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not files:
+            raise DatasetError(
+                f"class folder {class_dir} holds no images ({sorted(IMAGE_SUFFIXES)})"
+            )
+        paths.extend(files)
+        labels.extend([label] * len(files))
+    return ImageSet(
+        name=root.name,
+        class_names=[p.name for p in class_dirs],
+        labels=np.asarray(labels, dtype=np.int64),
+        paths=paths,
+    )
+
+
+# --- splitting -------------------------------------------------------------------------
+
+
+def _bucket(content_hash: str, seed: int) -> float:
+    """A stable number in [0, 1) per image content and seed."""
+    digest = hashlib.sha256(f"{seed}:{content_hash}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_hash(
+    images: ImageSet, fractions: Sequence[float], names: Sequence[str], seed: int
+) -> list[ImageSet]:
+    """Split by content hash, so duplicates can never straddle two splits."""
+    edges = np.cumsum(fractions)
+    if not np.isclose(edges[-1], 1.0):
+        raise ValueError(f"split fractions must sum to 1, got {list(fractions)}")
+    buckets = np.array([_bucket(h, seed) for h in images.hashes()])
+    which = np.searchsorted(edges, buckets, side="right")
+    return [
+        images.subset(np.flatnonzero(which == i).astype(np.int64), name)
+        for i, name in enumerate(names)
+    ]
+
+
+def check_disjoint(*splits: ImageSet) -> None:
+    """Fail loudly if any image (by content hash) appears in two splits."""
+    seen: dict[str, str] = {}
+    for split in splits:
+        for h in set(split.hashes()):
+            if h in seen and seen[h] != split.name:
+                raise DatasetError(
+                    f"data leakage: an image with sha256 {h[:16]}… is in both "
+                    f"'{seen[h]}' and '{split.name}'"
+                )
+            seen[h] = split.name
+
+
+def _drop_known(images: ImageSet, known: set[str]) -> tuple[ImageSet, int]:
+    keep = np.array([h not in known for h in images.hashes()])
+    kept = images.subset(np.flatnonzero(keep).astype(np.int64), images.name)
+    return kept, int((~keep).sum())
+
+
+def make_splits(
+    source: str | Path, *, data_dir: Path, val_fraction: float, test_fraction: float, seed: int
+) -> Splits:
+    """Deterministic, content-disjoint train/validation/test splits of a dataset.
+
+    Fashion-MNIST keeps its official test set; validation is carved from the training
+    set, and training images identical to a test image are dropped (and counted).
+    """
+    if str(source) == "fashion_mnist":
+        train_full, test = load_fashion_mnist(data_dir)
+        train_full, dropped = _drop_known(train_full, set(test.hashes()))
+        train, val = split_by_hash(
+            train_full, (1 - val_fraction, val_fraction), ("train", "validation"), seed
+        )
+        test = test.subset(np.arange(len(test), dtype=np.int64), "test")
+    else:
+        everything = load_image_folder(Path(source))
+        fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
+        train, val, test = split_by_hash(
+            everything, fractions, ("train", "validation", "test"), seed
+        )
+        dropped = 0
+    for split in (train, val, test):
+        if len(split) == 0:
+            raise DatasetError(f"the {split.name} split is empty; add images or change fractions")
+    check_disjoint(train, val, test)
+    if dropped:
+        log.warning("dropped %d training images identical to test images", dropped)
+    return Splits(train=train, validation=val, test=test, dropped_duplicates=dropped)
+
+
+def oversample(labels: Labels, seed: int) -> npt.NDArray[np.int64]:
+    """Indices that repeat minority-class examples until every class is as large as the
+    largest; the original examples all stay."""
+    rng = np.random.default_rng(seed)
+    counts = np.bincount(labels)
+    target = counts.max()
+    picks = [np.arange(len(labels))]
+    for cls, count in enumerate(counts):
+        if 0 < count < target:
+            members = np.flatnonzero(labels == cls)
+            picks.append(rng.choice(members, size=target - count, replace=True))
+    return np.concatenate(picks).astype(np.int64)

@@ -1,0 +1,171 @@
+"""Evaluation: accuracy, per-class precision/recall/F1, confusion matrix, latency.
+
+The same code scores a model at export time (its numbers go into the model card) and
+a published version later (`cnnserve evaluate`), always through the serving signature,
+so the report describes exactly what the gateway serves.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+import numpy.typing as npt
+
+from service.preprocessing import PreprocessSpec
+from service.training.data import ImageSet, make_splits
+from service.training.pipeline import batches
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+Predict = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
+
+
+def classification_report(
+    labels: npt.NDArray[np.int64], predicted: npt.NDArray[np.int64], class_names: list[str]
+) -> dict[str, Any]:
+    n = len(class_names)
+    confusion = np.zeros((n, n), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    support = confusion.sum(axis=1)
+    predicted_count = confusion.sum(axis=0)
+    precision = np.divide(tp, predicted_count, out=np.zeros(n), where=predicted_count > 0)
+    recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
+    return {
+        "examples": len(labels),
+        "accuracy": float(tp.sum() / max(1, len(labels))),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": {"labels": class_names, "rows_true_cols_predicted": confusion.tolist()},
+    }
+
+
+def predict_all(
+    predict: Predict, images: ImageSet, spec: PreprocessSpec, batch_size: int = 256
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Predicted and true labels of every image, fed through the shared preprocessing."""
+    predicted: list[npt.NDArray[np.int64]] = []
+    labels: list[npt.NDArray[np.int64]] = []
+    for x, y in batches(images, spec, batch_size).as_numpy_iterator():
+        predicted.append(np.argmax(predict(x), axis=1).astype(np.int64))
+        labels.append(y.astype(np.int64))
+    return np.concatenate(labels), np.concatenate(predicted)
+
+
+def latency(predict: Predict, spec: PreprocessSpec, runs: int, batch: int = 32) -> dict[str, Any]:
+    """Wall-clock latency of the signature at batch 1 and at ``batch``, after warm-up."""
+    rng = np.random.default_rng(0)
+    result: dict[str, Any] = {"runs": runs}
+    for size in (1, batch):
+        x = rng.integers(0, 256, (size, spec.height, spec.width, 3), dtype=np.uint8)
+        predict(x)
+        times = []
+        for _ in range(max(1, runs)):
+            started = time.perf_counter()
+            predict(x)
+            times.append(time.perf_counter() - started)
+        ms = np.array(times) * 1e3
+        result[f"batch_{size}"] = {
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p95_ms": float(np.percentile(ms, 95)),
+            "per_image_ms": float(np.median(ms) / size),
+        }
+    return result
+
+
+def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:
+    matrix = np.array(report["confusion_matrix"]["rows_true_cols_predicted"])
+    names = report["confusion_matrix"]["labels"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(names), 0.8 + 0.7 * len(names)))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}  (accuracy {report['accuracy']:.2%})")
+    threshold = matrix.max() / 2
+    for (i, j), value in np.ndenumerate(matrix):
+        color = "white" if value > threshold else "black"
+        ax.text(j, i, str(value), ha="center", va="center", color=color, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, ax in (("loss", loss_ax), ("accuracy", acc_ax)):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            values = history.get(prefix + key)
+            if values:
+                epochs = range(1, len(values) + 1)
+                ax.plot(epochs, values, style, label=f"{'validation' if prefix else 'train'}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def load_signature(version_dir: Path) -> Predict:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(version_dir))
+    fn = loaded.signatures["serving_default"]
+
+    def predict(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        return np.asarray(fn(image=tf.constant(x))["probabilities"].numpy(), dtype=np.float32)
+
+    predict.loaded = loaded  # type: ignore[attr-defined]  # keep the SavedModel alive
+    return predict
+
+
+def evaluate_version(
+    version_dir: Path, *, data_dir: Path | None, output: Path | None, latency_runs: int
+) -> dict[str, Any]:
+    """Re-evaluate a published version on the test split its card records."""
+    card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
+    training = card["training"]
+    spec = PreprocessSpec.from_card(card["preprocessing"])
+    splits = make_splits(
+        training["dataset"],
+        data_dir=data_dir or Path(training["data_dir"]),
+        val_fraction=training["val_fraction"],
+        test_fraction=training["test_fraction"],
+        seed=training["seed"],
+    )
+    predict = load_signature(version_dir)
+    labels, predicted = predict_all(predict, splits.test, spec)
+    report = classification_report(labels, predicted, splits.test.class_names)
+    report["test_split_sha256"] = splits.test.fingerprint()
+    report["test_split_matches_card"] = report["test_split_sha256"] == card.get("dataset", {}).get(
+        "test_sha256"
+    )
+    report["latency"] = latency(predict, spec, latency_runs)
+    if output is not None:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "report.json").write_text(json.dumps(report, indent=2))
+        plot_confusion(report, output / "confusion_matrix.png", version_dir.as_posix())
+    return report

@@ -1,0 +1,270 @@
+"""Export: a trained model becomes a published version in the model repository.
+
+The SavedModel, its LiteRT twin, labels, warmup records, evaluation and model card
+are written and checked inside :func:`service.publishing.publish_version`, so the
+version appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import platform
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import numpy.typing as npt
+import tensorflow as tf
+from PIL import Image
+from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+from service.preprocessing import PreprocessSpec
+from service.publishing import publish_version
+from service.training.architectures import NORMALIZATION
+from service.training.evaluate import (
+    Predict,
+    classification_report,
+    latency,
+    load_signature,
+    plot_confusion,
+    plot_curves,
+    predict_all,
+)
+from service.training.train import TrainConfig, TrainResult
+
+log = logging.getLogger(__name__)
+
+SERVING_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "predict_image_bytes"
+INPUT_NAME = "image"
+BYTES_INPUT_NAME = "image_bytes"  # TF Serving REST decodes {"b64": ...} for *_bytes inputs
+OUTPUT_NAME = "probabilities"
+# A converted artifact may differ from the SavedModel by float rounding, nothing more.
+LITERT_TOLERANCE = 1e-4
+
+
+def write_saved_model(model: keras.Model, spec: PreprocessSpec, path: Path) -> None:
+    """SavedModel with the uint8 image signature and an encoded-bytes signature."""
+    shape = [None, spec.height, spec.width, 3]
+
+    def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {OUTPUT_NAME: model(image, training=False)}
+
+    def decode_one(data: tf.Tensor) -> tf.Tensor:
+        # Plain TF Serving clients sending JPEG/PNG: TF's decoder and an antialiased
+        # bilinear resize approximate the gateway's Pillow path (the card says so).
+        img = tf.io.decode_image(data, channels=3, expand_animations=False)
+        img = tf.image.resize(img, (spec.height, spec.width), method="bilinear", antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+
+    def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+        images = tf.map_fn(
+            decode_one, image_bytes, fn_output_signature=tf.TensorSpec(shape[1:], tf.uint8)
+        )
+        return {OUTPUT_NAME: model(images, training=False)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        SERVING_SIGNATURE, serve, [tf.TensorSpec(shape, tf.uint8, name=INPUT_NAME)]
+    )
+    archive.add_endpoint(
+        BYTES_SIGNATURE, serve_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT_NAME)]
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+def warmup_records(model_name: str, spec: PreprocessSpec) -> list[bytes]:
+    """PredictionLog records TF Serving (and our gateway) replay before serving."""
+    records = []
+    for batch in (1, 8):
+        request = predict_pb2.PredictRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name, signature_name=SERVING_SIGNATURE)
+        )
+        pixels = np.full((batch, spec.height, spec.width, 3), 128, dtype=np.uint8)
+        request.inputs[INPUT_NAME].CopyFrom(tf.make_tensor_proto(pixels))
+        log_entry = prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)
+        )
+        records.append(log_entry.SerializeToString())
+    png = io.BytesIO()
+    Image.new("RGB", (spec.width, spec.height), (128, 128, 128)).save(png, "PNG")
+    request = predict_pb2.PredictRequest(
+        model_spec=model_pb2.ModelSpec(name=model_name, signature_name=BYTES_SIGNATURE)
+    )
+    request.inputs[BYTES_INPUT_NAME].CopyFrom(tf.make_tensor_proto([png.getvalue()]))
+    records.append(
+        prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)
+        ).SerializeToString()
+    )
+    return records
+
+
+def write_warmup(path: Path, records: list[bytes]) -> None:
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def convert_litert(
+    saved_model: Path, target: Path, reference: Predict, samples: npt.NDArray[np.uint8]
+) -> dict[str, Any]:
+    """Convert to LiteRT and keep the file only if it reproduces the SavedModel."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model), signature_keys=[SERVING_SIGNATURE]
+    )
+    content = converter.convert()
+    runner = Interpreter(model_content=content).get_signature_runner(SERVING_SIGNATURE)
+    diffs = [
+        float(np.max(np.abs(runner(**{INPUT_NAME: x[None]})[OUTPUT_NAME] - reference(x[None]))))
+        for x in samples
+    ]
+    max_diff = max(diffs)
+    info: dict[str, Any] = {
+        "file": target.name,
+        "verified_samples": len(diffs),
+        "max_abs_diff": max_diff,
+        "tolerance": LITERT_TOLERANCE,
+        "verified": max_diff <= LITERT_TOLERANCE,
+    }
+    if info["verified"]:
+        target.write_bytes(content)
+        info["bytes"] = len(content)
+    else:
+        log.warning(
+            "LiteRT conversion differs by %.3g > %.0e; not kept", max_diff, LITERT_TOLERANCE
+        )
+    return info
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("cnnserve", "tensorflow", "keras", "numpy", "pillow", "ai-edge-litert"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions
+
+
+def build_card(
+    result: TrainResult,
+    cfg: TrainConfig,
+    *,
+    model_name: str,
+    command: str,
+    evaluation: dict[str, Any],
+    litert: dict[str, Any],
+) -> dict[str, Any]:
+    spec = cfg.preprocess
+    classes = result.splits.train.class_names
+    history = result.history
+    return {
+        "schema_version": 1,
+        "name": model_name,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "labels": classes,
+        "signatures": {
+            SERVING_SIGNATURE: {
+                "inputs": {
+                    INPUT_NAME: {"dtype": "uint8", "shape": [-1, spec.height, spec.width, 3]}
+                },
+                "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [-1, len(classes)]}},
+            },
+            BYTES_SIGNATURE: {
+                "inputs": {BYTES_INPUT_NAME: {"dtype": "string", "shape": [-1]}},
+                "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [-1, len(classes)]}},
+                "note": "decodes with tf.io.decode_image and resizes with antialiased bilinear "
+                "in the graph: close to, not bit-equal with, the gateway's Pillow path",
+            },
+        },
+        "preprocessing": {
+            **spec.to_card(),
+            "normalization": {**NORMALIZATION, "where": "inside the graph (first layer)"},
+            "training_inputs": "every training and evaluation image went through "
+            "service.preprocessing (the gateway's function); augmentation was applied to the "
+            + (
+                "source image before it"
+                if result.splits.train.pixels is not None
+                else "preprocessed 224x224 image"
+            ),
+        },
+        "architecture": {
+            **{k: v for k, v in cfg.to_card()["arch"].items()},
+            "num_classes": len(classes),
+            "parameters": int(result.model.count_params()),
+        },
+        "training": {
+            **cfg.to_card(),
+            "seconds": round(result.seconds, 1),
+            "epochs_run": len(history.get("loss", [])),
+            "history": history,
+            "overfitting_warnings": result.warnings,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "processor": platform.machine(),
+                "system": platform.platform(),
+            },
+        },
+        "dataset": {"source": cfg.dataset, **result.splits.describe()},
+        "evaluation": {"split": "test", **evaluation},
+        "runtimes": {"tensorflow": {"signature": SERVING_SIGNATURE}, "litert": litert},
+        "command": command,
+        "library_versions": library_versions(),
+    }
+
+
+def publish(
+    result: TrainResult,
+    cfg: TrainConfig,
+    *,
+    repository: Path,
+    model_name: str,
+    command: str,
+    latency_runs: int = 50,
+) -> Path:
+    """Export, evaluate on the test split and publish the next version of ``model_name``."""
+    spec = cfg.preprocess
+    classes = result.splits.train.class_names
+
+    def write(tmp: Path) -> None:
+        write_saved_model(result.model, spec, tmp)
+        extra = tmp / "assets.extra"
+        extra.mkdir()
+        (extra / "labels.txt").write_text("".join(f"{name}\n" for name in classes))
+        predict = load_signature(tmp)
+        labels, predicted = predict_all(predict, result.splits.test, spec)
+        evaluation = classification_report(labels, predicted, classes)
+        evaluation["latency_tensorflow"] = latency(predict, spec, latency_runs)
+        samples = np.stack(
+            [
+                result.splits.test.model_input(i, spec)
+                for i in range(min(8, len(result.splits.test)))
+            ]
+        )
+        litert = convert_litert(tmp, extra / "model.tflite", predict, samples)
+        plot_confusion(evaluation, extra / "confusion_matrix.png", f"{model_name} (test split)")
+        plot_curves(result.history, extra / "training_curves.png", f"{model_name}: {cfg.arch.name}")
+        write_warmup(extra / "tf_serving_warmup_requests", warmup_records(model_name, spec))
+        card = build_card(
+            result,
+            cfg,
+            model_name=model_name,
+            command=command,
+            evaluation=evaluation,
+            litert=litert,
+        )
+        (extra / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
+
+    version_dir = publish_version(repository / model_name, write)
+    log.info("published %s", version_dir)
+    return version_dir

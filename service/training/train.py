@@ -1,0 +1,213 @@
+"""The training loop: splits → pipelines → fit with callbacks → a trained Keras model.
+
+Fit is resumable: Keras' BackupAndRestore checkpoints every epoch into the work
+directory, so an interrupted run continues where it stopped when started again with
+the same command, and a finished fit is kept so a failed export need not retrain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import keras
+import numpy as np
+
+from service.preprocessing import PreprocessSpec
+from service.training.architectures import ArchConfig, build
+from service.training.data import Splits, make_splits, oversample
+from service.training.pipeline import AugmentConfig, batches
+
+log = logging.getLogger(__name__)
+
+Optimizer = Literal["sgd", "adam", "adamw"]
+Schedule = Literal["plateau", "cosine", "constant"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "fashion_mnist"
+    data_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: Optimizer = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.9
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    weight_decay: float = 1e-4  # decoupled, AdamW only
+    schedule: Schedule = "plateau"
+    early_stopping_patience: int = 5
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    min_learning_rate: float = 1e-6
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1  # folder datasets only; Fashion-MNIST has its own test set
+    balance: bool = False
+    limit: int = 0  # use only the first N training images (quick runs); 0 = all
+    seed: int = 0
+
+    def to_card(self) -> dict[str, Any]:
+        card = asdict(self)
+        card["data_dir"] = str(self.data_dir)
+        return card
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_card(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model
+    splits: Splits
+    history: dict[str, list[float]]
+    seconds: float
+    warnings: list[str]
+
+
+class OverfitWatch(keras.callbacks.Callback):  # type: ignore[misc]
+    """Warns when the curves say the model memorises instead of generalising: the seed
+    article's rule (train accuracy > 95% while validation < 70%) or a train/validation
+    gap that widened three epochs running and now exceeds 5 points."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gaps: list[float] = []
+        self.warnings: list[str] = []
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
+        train, val = logs.get("accuracy"), logs.get("val_accuracy")
+        if train is None or val is None:
+            return
+        self.gaps.append(train - val)
+        message = None
+        if train > 0.95 and val < 0.70:
+            message = f"epoch {epoch + 1}: train accuracy {train:.1%} but validation {val:.1%}"
+        elif (
+            len(self.gaps) >= 4
+            and all(b > a for a, b in zip(self.gaps[-4:], self.gaps[-3:], strict=False))
+            and self.gaps[-1] > 0.05
+        ):
+            message = f"epoch {epoch + 1}: train/validation gap widened to {self.gaps[-1]:.1%}"
+        if message:
+            text = f"overfitting: {message}; consider more augmentation, dropout or weight decay"
+            self.warnings.append(text)
+            log.warning(text)
+
+
+class ProgressLog(keras.callbacks.Callback):  # type: ignore[misc]
+    """One line per epoch on stderr (Keras' bar is unreadable in CI logs)."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+        logs = logs or {}
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        parts = " ".join(f"{k}={v:.4f}" for k, v in sorted(logs.items()) if k != "learning_rate")
+        elapsed = time.monotonic() - self.started
+        sys.stderr.write(
+            f"epoch {epoch + 1}/{self.epochs} {parts} lr={lr:.2e} elapsed={elapsed:.0f}s\n"
+        )
+        sys.stderr.flush()
+
+
+def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    lr: float | keras.optimizers.schedules.LearningRateSchedule = cfg.learning_rate
+    if cfg.schedule == "cosine":
+        lr = keras.optimizers.schedules.CosineDecay(
+            cfg.learning_rate,
+            decay_steps=cfg.epochs * steps_per_epoch,
+            alpha=cfg.min_learning_rate / cfg.learning_rate,
+        )
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+    return keras.optimizers.AdamW(
+        lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, weight_decay=cfg.weight_decay
+    )
+
+
+def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
+    """Fit a model; resumes from ``work_dir`` when a run with this config was interrupted."""
+    keras.utils.set_random_seed(cfg.seed)
+    splits = make_splits(
+        cfg.dataset,
+        data_dir=cfg.data_dir,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+    )
+    if cfg.limit:
+        keep = np.arange(min(cfg.limit, len(splits.train)), dtype=np.int64)
+        splits.train = splits.train.subset(keep, "train")
+    arch = ArchConfig(**{**asdict(cfg.arch), "num_classes": len(splits.train.class_names)})
+    run_dir = work_dir / cfg.fingerprint()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final_path, history_path = run_dir / "final.keras", run_dir / "history.json"
+    if final_path.exists() and history_path.exists():
+        log.info("reusing finished fit in %s", run_dir)
+        saved = json.loads(history_path.read_text())
+        model = keras.models.load_model(final_path, safe_mode=False)
+        return TrainResult(model, splits, saved["history"], saved["seconds"], saved["warnings"])
+
+    indices = oversample(splits.train.labels, cfg.seed) if cfg.balance else None
+    steps = math.ceil((len(indices) if indices is not None else len(splits.train)) / cfg.batch_size)
+    train_ds = batches(
+        splits.train,
+        cfg.preprocess,
+        cfg.batch_size,
+        indices=indices,
+        shuffle_seed=cfg.seed,
+        augment=cfg.augment.layers(cfg.seed),
+    )
+    val_ds = batches(splits.validation, cfg.preprocess, cfg.batch_size)
+    model = build(arch)
+    model.compile(
+        optimizer=_optimizer(cfg, steps),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    watch = OverfitWatch()
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True
+        ),
+        watch,
+        ProgressLog(cfg.epochs),
+    ]
+    if cfg.schedule == "plateau":
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(
+                monitor="val_loss",
+                factor=cfg.plateau_factor,
+                patience=cfg.plateau_patience,
+                min_lr=cfg.min_learning_rate,
+            )
+        )
+    started = time.monotonic()
+    fit = model.fit(
+        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0
+    )
+    seconds = time.monotonic() - started
+    history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+    model.save(final_path)
+    history_path.write_text(
+        json.dumps({"history": history, "seconds": seconds, "warnings": watch.warnings})
+    )
+    return TrainResult(model, splits, history, seconds, watch.warnings)

@@ -1,0 +1,213 @@
+"""Train on a tiny generated dataset through the CLI and check the published version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+from tensorflow_serving.apis import prediction_log_pb2
+
+from service.cli import main
+from service.preprocessing import PreprocessSpec, preprocess_bytes
+from tests.images import encode, gradient, write_class_folders
+
+pytestmark = pytest.mark.slow
+
+CARD_KEYS = {
+    "labels",
+    "signatures",
+    "preprocessing",
+    "architecture",
+    "training",
+    "dataset",
+    "evaluation",
+    "runtimes",
+    "command",
+    "library_versions",
+}
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    data = write_class_folders(root / "data", classes=3, per_class=14)
+    args = [
+        "train",
+        "--dataset",
+        str(data),
+        "--repository",
+        str(root / "repo"),
+        "--model-name",
+        "tiny",
+        "--work-dir",
+        str(root / "work"),
+        "--width",
+        "0.25",
+        "--depth",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+        "--latency-runs",
+        "2",
+    ]
+    assert main(args) == 0
+    return root / "repo" / "tiny" / "1"
+
+
+def test_version_folder_layout(published: Path) -> None:
+    extra = published / "assets.extra"
+    for name in (
+        "labels.txt",
+        "model_card.json",
+        "tf_serving_warmup_requests",
+        "model.tflite",
+        "confusion_matrix.png",
+        "training_curves.png",
+    ):
+        assert (extra / name).is_file(), name
+    assert (published / "saved_model.pb").is_file()
+    assert (extra / "labels.txt").read_text().split("\n")[:3] == ["class_0", "class_1", "class_2"]
+    assert not list(published.parent.glob(".export-*"))
+
+
+def test_signatures_match_the_contract(published: Path) -> None:
+    loaded = tf.saved_model.load(str(published))
+    serving = loaded.signatures["serving_default"]
+    (_, inputs) = serving.structured_input_signature
+    assert inputs["image"].dtype == tf.uint8 and inputs["image"].shape.as_list() == [
+        None,
+        224,
+        224,
+        3,
+    ]
+    out = serving.structured_outputs["probabilities"]
+    assert out.dtype == tf.float32 and out.shape.as_list() == [None, 3]
+
+    pixels = np.stack(
+        [preprocess_bytes(encode(gradient(), "PNG"), PreprocessSpec(), max_pixels=10**8)] * 2
+    )
+    probs = serving(image=tf.constant(pixels))["probabilities"].numpy()
+    assert probs.shape == (2, 3)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+    by_bytes = loaded.signatures["predict_image_bytes"]
+    (_, byte_inputs) = by_bytes.structured_input_signature
+    assert byte_inputs["image_bytes"].dtype == tf.string
+    got = by_bytes(image_bytes=tf.constant([encode(gradient(), "PNG")]))["probabilities"].numpy()
+    assert got.shape == (1, 3)
+    # TF's decoder/resizer approximates Pillow's: the same class, close probabilities.
+    assert np.argmax(got[0]) == np.argmax(probs[0])
+
+
+def test_warmup_file_is_a_tfrecord_of_prediction_logs(published: Path) -> None:
+    path = published / "assets.extra" / "tf_serving_warmup_requests"
+    logs = []
+    for record in tf.data.TFRecordDataset(str(path)):
+        entry = prediction_log_pb2.PredictionLog()
+        entry.ParseFromString(record.numpy())
+        logs.append(entry)
+    assert len(logs) >= 2
+    for entry in logs:
+        request = entry.predict_log.request
+        assert request.model_spec.name == "tiny"
+        assert request.model_spec.signature_name in {"serving_default", "predict_image_bytes"}
+        # The request must run against the model, as TF Serving does at load time.
+        sig = tf.saved_model.load(str(published)).signatures[request.model_spec.signature_name]
+        kwargs = {k: tf.make_ndarray(v) for k, v in request.inputs.items()}
+        assert "probabilities" in sig(**{k: tf.constant(v) for k, v in kwargs.items()})
+
+
+def test_model_card_is_complete(published: Path) -> None:
+    card = json.loads((published / "assets.extra" / "model_card.json").read_text())
+    assert set(card) >= CARD_KEYS
+    assert card["labels"] == ["class_0", "class_1", "class_2"]
+    assert card["preprocessing"]["resize_method"] == "bilinear"
+    assert card["preprocessing"]["normalization"]["formula"] == "x / 127.5 - 1"
+    evaluation = card["evaluation"]
+    assert 0 <= evaluation["accuracy"] <= 1
+    assert set(evaluation["per_class"]) == {"class_0", "class_1", "class_2"}
+    matrix = np.array(evaluation["confusion_matrix"]["rows_true_cols_predicted"])
+    assert (
+        matrix.shape == (3, 3) and matrix.sum() == evaluation["examples"] == card["dataset"]["test"]
+    )
+    assert evaluation["latency_tensorflow"]["batch_1"]["p50_ms"] > 0
+    assert card["training"]["epochs_run"] == 2 and card["training"]["seconds"] > 0
+    assert card["dataset"]["train_sha256"] != card["dataset"]["test_sha256"]
+    assert card["command"].startswith("cnnserve train --dataset")
+    assert card["library_versions"]["tensorflow"].startswith("2.")
+    assert card["runtimes"]["litert"]["verified"] is True
+
+
+def test_litert_artifact_reproduces_the_saved_model(published: Path) -> None:
+    runner = Interpreter(
+        model_path=str(published / "assets.extra" / "model.tflite")
+    ).get_signature_runner("serving_default")
+    serving = tf.saved_model.load(str(published)).signatures["serving_default"]
+    x = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    np.testing.assert_allclose(
+        runner(image=x)["probabilities"],
+        serving(image=tf.constant(x))["probabilities"].numpy(),
+        atol=1e-4,
+    )
+
+
+def test_evaluate_reports_on_a_published_version(
+    published: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", str(published), "--output", str(tmp_path), "--latency-runs", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    card = json.loads((published / "assets.extra" / "model_card.json").read_text())
+    assert report["test_split_matches_card"] is True
+    assert report["accuracy"] == pytest.approx(card["evaluation"]["accuracy"])
+    assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+
+
+def test_second_training_run_publishes_version_two(published: Path) -> None:
+    root = published.parents[2]
+    args = [
+        "train",
+        "--dataset",
+        str(root / "data"),
+        "--repository",
+        str(root / "repo"),
+        "--model-name",
+        "tiny",
+        "--work-dir",
+        str(root / "work"),
+        "--width",
+        "0.25",
+        "--depth",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--optimizer",
+        "adam",
+        "--lr",
+        "0.003",
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+        "--latency-runs",
+        "2",
+    ]
+    before = (published / "saved_model.pb").read_bytes()
+    assert main(args) == 0  # same config: reuses the finished fit, publishes anew
+    assert (published.parent / "2" / "saved_model.pb").is_file()
+    assert (published / "saved_model.pb").read_bytes() == before

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.errors import DatasetError
+from service.training.data import (
+    FASHION_MNIST_CLASSES,
+    ImageSet,
+    check_disjoint,
+    load_fashion_mnist,
+    load_image_folder,
+    make_splits,
+    oversample,
+    split_by_hash,
+)
+from tests.images import write_class_folders
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_fashion_mnist_from_the_debian_package() -> None:
+    train, test = load_fashion_mnist(FASHION_MNIST)
+    assert train.pixels is not None and test.pixels is not None
+    assert train.pixels.shape == (60_000, 28, 28) and test.pixels.shape == (10_000, 28, 28)
+    assert train.pixels.dtype == np.uint8
+    for split in (train, test):
+        assert split.labels.min() == 0 and split.labels.max() == 9
+        assert np.bincount(split.labels).tolist() == [len(split) // 10] * 10
+    assert train.class_names == list(FASHION_MNIST_CLASSES)
+
+
+def test_missing_fashion_mnist_names_the_package(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="dataset-fashion-mnist"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_not_an_idx_file(tmp_path: Path) -> None:
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"\x00\x00\x08\x01garbage")
+    with pytest.raises(DatasetError, match="not an IDX file"):
+        load_fashion_mnist(tmp_path)
+
+
+def test_fashion_mnist_splits_are_deterministic_and_disjoint() -> None:
+    a = make_splits(
+        "fashion_mnist", data_dir=FASHION_MNIST, val_fraction=0.1, test_fraction=0, seed=0
+    )
+    b = make_splits(
+        "fashion_mnist", data_dir=FASHION_MNIST, val_fraction=0.1, test_fraction=0, seed=0
+    )
+    assert a.describe() == b.describe()
+    assert len(a.test) == 10_000
+    assert len(a.train) + len(a.validation) + a.dropped_duplicates == 60_000
+    assert 0.08 < len(a.validation) / 60_000 < 0.12
+
+
+def test_folder_dataset(tmp_path: Path) -> None:
+    root = write_class_folders(tmp_path / "data", classes=3, per_class=6)
+    (root / "class_0" / "notes.txt").write_text("not an image")
+    images = load_image_folder(root)
+    assert images.class_names == ["class_0", "class_1", "class_2"]
+    assert len(images) == 18 and np.bincount(images.labels).tolist() == [6, 6, 6]
+    x = images.model_input(0, __import__("service.preprocessing").preprocessing.PreprocessSpec())
+    assert x.shape == (224, 224, 3)
+
+
+def test_folder_dataset_needs_two_classes(tmp_path: Path) -> None:
+    (tmp_path / "only").mkdir()
+    with pytest.raises(DatasetError, match="two class subfolders"):
+        load_image_folder(tmp_path)
+
+
+def _pixels(n: int) -> ImageSet:
+    rng = np.random.default_rng(0)
+    return ImageSet(
+        name="all",
+        class_names=["a", "b"],
+        labels=rng.integers(0, 2, n).astype(np.int64),
+        pixels=rng.integers(0, 256, (n, 4, 4), dtype=np.uint8),
+    )
+
+
+def test_split_keeps_duplicates_together() -> None:
+    images = _pixels(400)
+    assert images.pixels is not None
+    images.pixels[1::2] = images.pixels[0::2]  # every image has a twin
+    train, val = split_by_hash(images, (0.7, 0.3), ("train", "validation"), seed=3)
+    check_disjoint(train, val)
+    assert len(train) + len(val) == 400 and len(val) > 60
+
+
+def test_planted_duplicate_is_caught() -> None:
+    images = _pixels(200)
+    train, val = split_by_hash(images, (0.8, 0.2), ("train", "validation"), seed=0)
+    assert train.pixels is not None and val.pixels is not None
+    planted = ImageSet(
+        name="validation",
+        class_names=val.class_names,
+        labels=np.append(val.labels, train.labels[5]),
+        pixels=np.concatenate([val.pixels, train.pixels[5:6]]),
+    )
+    with pytest.raises(DatasetError, match="data leakage"):
+        check_disjoint(train, planted)
+
+
+def test_oversample_balances_classes() -> None:
+    labels = np.array([0] * 10 + [1] * 3 + [2] * 1, dtype=np.int64)
+    picked = oversample(labels, seed=0)
+    assert np.bincount(labels[picked]).tolist() == [10, 10, 10]
+    assert set(range(14)) <= set(picked.tolist())
+
+
+def test_fingerprint_changes_with_labels() -> None:
+    images = _pixels(10)
+    other = ImageSet(
+        name="x", class_names=images.class_names, labels=1 - images.labels, pixels=images.pixels
+    )
+    assert images.fingerprint() != other.fingerprint()

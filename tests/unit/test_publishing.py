@@ -1,0 +1,95 @@
+"""A version is published whole or not at all, and never overwrites another."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.publishing import TMP_PREFIX, publish_version
+from service.repository import version_dirs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _write_marker(text: str):  # type: ignore[no-untyped-def]
+    def write(tmp: Path) -> None:
+        (tmp / "saved_model.pb").write_text(text)
+        (tmp / "assets.extra").mkdir()
+        (tmp / "assets.extra" / "labels.txt").write_text("a\nb\n")
+
+    return write
+
+
+def test_versions_count_up_and_existing_ones_are_untouched(tmp_path: Path) -> None:
+    first = publish_version(tmp_path, _write_marker("one"))
+    second = publish_version(tmp_path, _write_marker("two"))
+    assert (first.name, second.name) == ("1", "2")
+    assert (first / "saved_model.pb").read_text() == "one"
+    assert (second / "saved_model.pb").read_text() == "two"
+
+
+def test_a_failed_export_leaves_nothing(tmp_path: Path) -> None:
+    def broken(tmp: Path) -> None:
+        (tmp / "saved_model.pb").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        publish_version(tmp_path, broken)
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_EXPORT = """
+import os, signal, sys
+from pathlib import Path
+from service.publishing import publish_version
+
+def write(tmp):
+    (tmp / "saved_model.pb").write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)   # dies mid-export, like an OOM kill
+
+publish_version(Path(sys.argv[1]), write)
+"""
+
+
+def test_a_killed_export_leaves_no_version_and_is_cleaned_up(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(tmp_path)], cwd=ROOT)
+    assert proc.returncode == -9
+    assert version_dirs(tmp_path) == {}
+    assert [p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir()] == [True]
+    # The next export removes the dead one's leftovers and takes version 1.
+    assert publish_version(tmp_path, _write_marker("next")).name == "1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
+
+
+CONCURRENT_EXPORT = """
+import sys
+from pathlib import Path
+from service.publishing import publish_version
+
+def write(tmp):
+    for i in range(50):
+        (tmp / f"part{i}").write_text(sys.argv[2])
+    (tmp / "saved_model.pb").write_text(sys.argv[2])
+
+print(publish_version(Path(sys.argv[1]), write).name)
+"""
+
+
+def test_concurrent_exports_get_distinct_versions(tmp_path: Path) -> None:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT_EXPORT, str(tmp_path), f"writer{i}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
+    versions = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(versions) == ["1", "2", "3", "4"]
+    writers = {(tmp_path / v / "saved_model.pb").read_text() for v in versions}
+    assert writers == {"writer0", "writer1", "writer2", "writer3"}
