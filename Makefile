@@ -15,7 +15,7 @@ TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --epochs 24 --batch-s
 	--optimizer adamw --lr 0.002 --weight-decay 0.02 --schedule cosine \
 	--rotation 0 --zoom 0 --shift 0.1 --seed 0
 
-.PHONY: install system-deps run test lint format proto proto-check train clean
+.PHONY: install system-deps run test bench lint format proto proto-check train clean
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ run: install
 
 test: install system-deps proto-check
 	$(PY) -m pytest
+
+# Runtime table and end-to-end req/s + latency for the default model (wrk from Debian).
+bench: install
+	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps APT_PACKAGES=wrk
+	$(VENV)/bin/cnnserve bench
 
 lint: install proto-check
 	$(VENV)/bin/ruff check .

@@ -201,6 +201,89 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return int(serve(settings))
 
 
+def _add_bench(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
+) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="measure runtimes and end-to-end HTTP throughput/latency",
+        description="Times each runtime on one version at several batch sizes, then starts a "
+        "server and drives it with wrk (224x224 JPEG, raw body). Prints a table and writes "
+        "JSON with the machine, model and settings.",
+    )
+    p.add_argument("--model-repository", type=Path, default=settings.model_repository)
+    p.add_argument("--model", default="fashion_mnist")
+    p.add_argument("--version", type=int, default=None, help="default: newest")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--seconds", type=float, default=3.0, help="per runtime measurement")
+    p.add_argument("--http-seconds", type=int, default=20)
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--workers", default="1,2", help="worker counts to measure over HTTP")
+    p.add_argument("--skip-http", action="store_true")
+    p.add_argument("--output", type=Path, default=Path("reports/bench.json"))
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from service.bench import bench_http, bench_runtimes, machine, report
+    from service.repository import version_dirs
+
+    versions = version_dirs(args.model_repository / args.model)
+    if not versions:
+        raise DatasetError(f"no published version of {args.model} in {args.model_repository}")
+    version = args.version or max(versions)
+    sizes = [int(x) for x in args.batch_sizes.split(",")]
+    print(f"runtimes on {args.model}/{version} ({machine()})", file=sys.stderr)
+    rows = []
+    for threads in sorted({1, os.cpu_count() or 1}):
+        rows += bench_runtimes(
+            versions[version],
+            cache_dir=settings.cache_dir,
+            batch_sizes=sizes,
+            seconds=args.seconds,
+            threads=threads,
+        )
+    http = []
+    if not args.skip_http:
+        for workers in (int(w) for w in args.workers.split(",")):
+            print(f"http: {workers} worker(s), {args.connections} connections", file=sys.stderr)
+            http.append(
+                bench_http(
+                    args.model_repository,
+                    workers=workers,
+                    connections=args.connections,
+                    seconds=args.http_seconds,
+                    extra_env={},
+                )
+            )
+    data = {
+        "machine": machine(),
+        "model": f"{args.model}/{version}",
+        "runtimes": rows,
+        "http": http,
+        "command": "cnnserve " + shlex.join(args.argv),
+    }
+    report(args.output, data)
+    print("| runtime | threads | batch | images/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['images_per_s']:.0f} "
+            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+        )
+    if http:
+        print()
+        print("| workers | connections | req/s | p50 ms | p90 ms | p99 ms | non-2xx |")
+        print("|---|---|---|---|---|---|---|")
+        for h in http:
+            print(
+                f"| {h['workers']} | {h['connections']} | {h['requests_per_s']:.0f} "
+                f"| {h['p50_ms']:.1f} | {h['p90_ms']:.1f} | {h['p99_ms']:.1f} | {h['non_2xx']} |"
+            )
+    print(f"\nwritten to {args.output}", file=sys.stderr)
+    return 0
+
+
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve",
@@ -211,6 +294,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     _add_train(sub, settings)
     _add_evaluate(sub, settings)
     _add_serve(sub, settings)
+    _add_bench(sub, settings)
     return parser
 
 

@@ -11,6 +11,7 @@ do; 5xx errors keep internals out of the message (log them, with the request id)
     │   ├── ImageTooLarge         413  INVALID_ARGUMENT   image_too_large
     │   ├── PayloadTooLarge       413  RESOURCE_EXHAUSTED payload_too_large
     │   ├── TooManyImages         413  INVALID_ARGUMENT   too_many_images
+    │   ├── MethodNotAllowed      405  UNIMPLEMENTED      method_not_allowed
     │   └── UnsupportedMediaType  415  INVALID_ARGUMENT   unsupported_media_type
     ├── NotFound                  404  NOT_FOUND          not_found
     │   ├── ModelNotFound         404  NOT_FOUND          model_not_found
@@ -80,6 +81,12 @@ class PayloadTooLarge(InvalidRequest):
 class TooManyImages(InvalidRequest):
     code = "too_many_images"
     http_status = 413
+
+
+class MethodNotAllowed(InvalidRequest):
+    code = "method_not_allowed"
+    http_status = 405
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED
 
 
 class UnsupportedMediaType(InvalidRequest):

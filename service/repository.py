@@ -5,18 +5,31 @@ Only reading happens here; what is loaded in memory lives in the registry.
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
+import numpy.typing as npt
 from google.protobuf import message, text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from service.errors import CnnserveError
+from service.errors import CnnserveError, ModelLoadError
 from service.proto_gen import tfserving_config_pb2
+from service.warmup import warmup_inputs
 
 MODELS_CONFIG = "models.config"
 BATCHING_CONFIG = "batching.config"
 MONITORING_CONFIG = "monitoring.config"
+# Inside a version folder, beside saved_model.pb (TF Serving's own convention).
+ASSETS_EXTRA = "assets.extra"
+LABELS_FILE = "labels.txt"
+CARD_FILE = "model_card.json"
+WARMUP_FILE = "tf_serving_warmup_requests"
+
+log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=message.Message)
 
@@ -76,3 +89,133 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
         for p in model_dir.iterdir()
         if p.is_dir() and p.name.isdigit() and int(p.name) > 0
     }
+
+
+# --- what models.config asks for ---------------------------------------------------------
+
+VersionPolicy = Literal["latest", "specific", "all"]
+# Stats that change when a version folder is rewritten; a failed load is retried only
+# when they differ (TF Serving never retries; a fixed folder should not need a restart).
+Fingerprint = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One `config { ... }` of models.config, with its base path resolved on this disk."""
+
+    name: str
+    base_path: Path
+    policy: VersionPolicy = "latest"
+    num_versions: int = 1
+    versions: tuple[int, ...] = ()
+    labels: Mapping[str, int] = field(default_factory=dict)
+
+    def wanted_versions(self, available: Iterable[int]) -> set[int]:
+        """The versions to serve among those on disk, as TF Serving's version policy says:
+        the newest ``num_versions``, the listed ones that exist, or all of them."""
+        present = set(available)
+        if self.policy == "all":
+            return present
+        if self.policy == "specific":
+            return present & set(self.versions)
+        return set(sorted(present)[-self.num_versions :]) if present else set()
+
+
+def _model_config(repository: Path, proto: Any) -> ModelConfig:
+    """ModelConfig of one proto entry (typed Any: the TF Serving protos have no stubs)."""
+    where = f"{repository / MODELS_CONFIG}: model {proto.name!r}"
+    if proto.model_platform not in ("", "tensorflow"):
+        raise ConfigError(
+            f"{where}: model_platform is {proto.model_platform!r}; only "
+            "'tensorflow' (SavedModel) is served"
+        )
+    choice = proto.model_version_policy.WhichOneof("policy_choice")
+    policy = cast(VersionPolicy, choice or "latest")  # no policy = TF Serving's latest 1
+    versions = tuple(int(v) for v in proto.model_version_policy.specific.versions)
+    if policy == "specific" and not versions:
+        raise ConfigError(f"{where}: a specific version policy needs at least one version")
+    labels = {str(k): int(v) for k, v in proto.version_labels.items()}
+    bad = sorted(k for k, v in labels.items() if v <= 0 or not k)
+    if bad:
+        raise ConfigError(f"{where}: version_labels {bad} need a name and a positive version")
+    return ModelConfig(
+        name=proto.name,
+        base_path=resolve_base_path(repository, proto.name, proto.base_path),
+        policy=policy,
+        # TF Serving serves at least one version when num_versions is unset (0).
+        num_versions=max(int(proto.model_version_policy.latest.num_versions), 1),
+        versions=versions,
+        labels=labels,
+    )
+
+
+def read_repository(repository: Path) -> list[ModelConfig]:
+    """Every model models.config configures, in file order: the first is the default."""
+    config = load_models_config(repository)
+    return [_model_config(repository, c) for c in config.model_config_list.config]
+
+
+def version_fingerprint(version_dir: Path) -> Fingerprint:
+    """mtimes and sizes of the folder and what a rewrite touches; 0 for what is missing."""
+    stats: list[int] = []
+    for path in (
+        version_dir,
+        version_dir / "saved_model.pb",
+        version_dir / "variables",
+        version_dir / ASSETS_EXTRA,
+    ):
+        try:
+            st = path.stat()
+        except OSError:
+            stats += [0, 0]
+        else:
+            stats += [st.st_mtime_ns, st.st_size]
+    return tuple(stats)
+
+
+# --- what a version folder carries beside the SavedModel --------------------------------
+
+
+def read_labels(version_dir: Path, num_classes: int) -> list[str]:
+    """Class names from labels.txt (one per line), else the class indices "0".."C-1".
+
+    A file with the wrong number of names would label every answer wrongly, so it fails
+    the load instead of being served.
+    """
+    path = version_dir / ASSETS_EXTRA / LABELS_FILE
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except FileNotFoundError:
+        return [str(i) for i in range(num_classes)]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+    while lines and not lines[-1]:
+        lines.pop()
+    if len(lines) != num_classes or not all(lines):
+        raise ModelLoadError(
+            f"{path} has {len(lines)} labels (empty lines count) but the model outputs "
+            f"{num_classes} classes; write one non-empty label per class, in class order"
+        )
+    return lines
+
+
+def read_card(version_dir: Path) -> dict[str, Any]:
+    """The version's model_card.json, or {} when it has none (foreign SavedModels).
+
+    An unreadable card is logged and ignored: it must not make a servable model unservable.
+    """
+    path = version_dir / ASSETS_EXTRA / CARD_FILE
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable model card %s: %s", path, exc)
+        return {}
+    return card if isinstance(card, dict) else {}
+
+
+def read_warmup(version_dir: Path) -> list[dict[str, npt.NDArray[Any]]]:
+    """Named inputs of the serving_default requests in the version's warmup records, in
+    file order; [] when it has none. Raises WarmupFormatError for a corrupt file."""
+    return warmup_inputs(version_dir / ASSETS_EXTRA / WARMUP_FILE)

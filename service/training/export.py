@@ -19,16 +19,15 @@ from typing import Any
 
 import keras
 import numpy as np
-import numpy.typing as npt
 import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from service.preprocessing import PreprocessSpec
 from service.publishing import publish_version
+from service.runtimes.conversion import convert_litert as convert_litert  # re-export: lived here
 from service.training.architectures import NORMALIZATION
 from service.training.evaluate import (
-    Predict,
     classification_report,
     latency,
     load_signature,
@@ -45,8 +44,6 @@ BYTES_SIGNATURE = "predict_image_bytes"
 INPUT_NAME = "image"
 BYTES_INPUT_NAME = "image_bytes"  # TF Serving REST decodes {"b64": ...} for *_bytes inputs
 OUTPUT_NAME = "probabilities"
-# A converted artifact may differ from the SavedModel by float rounding, nothing more.
-LITERT_TOLERANCE = 1e-4
 
 
 def write_saved_model(model: keras.Model, spec: PreprocessSpec, path: Path) -> None:
@@ -111,39 +108,6 @@ def write_warmup(path: Path, records: list[bytes]) -> None:
     with tf.io.TFRecordWriter(str(path)) as writer:
         for record in records:
             writer.write(record)
-
-
-def convert_litert(
-    saved_model: Path, target: Path, reference: Predict, samples: npt.NDArray[np.uint8]
-) -> dict[str, Any]:
-    """Convert to LiteRT and keep the file only if it reproduces the SavedModel."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(
-        str(saved_model), signature_keys=[SERVING_SIGNATURE]
-    )
-    content = converter.convert()
-    runner = Interpreter(model_content=content).get_signature_runner(SERVING_SIGNATURE)
-    diffs = [
-        float(np.max(np.abs(runner(**{INPUT_NAME: x[None]})[OUTPUT_NAME] - reference(x[None]))))
-        for x in samples
-    ]
-    max_diff = max(diffs)
-    info: dict[str, Any] = {
-        "file": target.name,
-        "verified_samples": len(diffs),
-        "max_abs_diff": max_diff,
-        "tolerance": LITERT_TOLERANCE,
-        "verified": max_diff <= LITERT_TOLERANCE,
-    }
-    if info["verified"]:
-        target.write_bytes(content)
-        info["bytes"] = len(content)
-    else:
-        log.warning(
-            "LiteRT conversion differs by %.3g > %.0e; not kept", max_diff, LITERT_TOLERANCE
-        )
-    return info
 
 
 def library_versions() -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""Transport adapters over :mod:`service.dataplane`: REST (FastAPI) and gRPC."""

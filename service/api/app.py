@@ -1,0 +1,63 @@
+"""The ASGI application: wiring of settings, registry, data plane and routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import __version__
+from service.api import rest, tfserving_rest
+from service.api.http import RequestGuard, install_error_handlers
+from service.config import Settings
+from service.dataplane import DataPlane
+from service.registry import Registry
+from service.repository import load_models_config
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; with no argument, settings come from CNNSERVE_* (worker processes)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # A broken models.config stops start-up here, as it stops TF Serving.
+        load_models_config(settings.model_repository)
+        registry = Registry(settings)
+        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
+        app.state.registry = registry
+        app.state.dataplane = DataPlane(settings, registry, pool)
+        # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
+        loading = asyncio.create_task(registry.start(), name="registry-start")
+        loading.add_done_callback(_report_failure)
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            await registry.stop()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(
+        title="cnnserve",
+        version=__version__,
+        description="Image classification over REST, with TF Serving-compatible endpoints.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    app.include_router(rest.router)
+    app.include_router(tfserving_rest.router)
+    return app
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("loading the model repository failed: %s", task.exception())

@@ -1,0 +1,153 @@
+"""HTTP plumbing shared by the REST routers: the one error mapping, body limits,
+request ids, and small request helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.dataplane import DataPlane
+from service.errors import (
+    CnnserveError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_HEADER = "x-request-timeout"
+REQUEST_ID_HEADER = "x-request-id"
+
+
+def error_response(error: CnnserveError, request_id: str | None = None) -> JSONResponse:
+    headers = {}
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
+    if request_id:
+        headers["X-Request-ID"] = request_id
+    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
+
+
+def request_id(request: Request) -> str | None:
+    rid: str | None = request.scope.get("state", {}).get("request_id")
+    return rid
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to the JSON error body once, for every route."""
+
+    async def on_cnnserve(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, CnnserveError)
+        if exc.http_status >= 500:
+            log.warning("request %s failed: %s: %s", request_id(request), exc.code, exc.message)
+        return error_response(exc, request_id(request))
+
+    async def on_validation(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        return error_response(InvalidRequest(problems), request_id(request))
+
+    async def on_http(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        path = request.url.path
+        error: CnnserveError
+        if exc.status_code == 404:
+            error = NotFound(f"no route {request.method} {path}; the API is listed at /docs")
+        elif exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {path}; see /docs")
+        else:
+            error = InvalidRequest(str(exc.detail))
+        return error_response(error, request_id(request))
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s: unexpected error", request_id(request))
+        return error_response(InternalError("unexpected"), request_id(request))
+
+    app.add_exception_handler(CnnserveError, on_cnnserve)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+class RequestGuard:
+    """Pure ASGI middleware: gives each request an id (honouring X-Request-ID) and
+    refuses bodies over the limit, from Content-Length before reading a byte, or
+    while streaming a chunked body; never buffers more than the limit."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        limit = self.max_body_bytes
+        too_large = PayloadTooLarge(
+            f"request body is larger than {limit} bytes; send a smaller image "
+            "(or raise CNNSERVE_MAX_BODY_BYTES)"
+        )
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await error_response(too_large, rid)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise too_large
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, limited_receive, send_with_id)
+
+
+def dataplane(request: Request) -> DataPlane:
+    plane: DataPlane = request.app.state.dataplane
+    return plane
+
+
+async def read_json(request: Request) -> Any:
+    try:
+        return json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+
+
+def request_timeout(request: Request) -> float | None:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be seconds as a number, got {raw!r}") from None
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    return ", ".join(f"{name};dur={seconds * 1e3:.2f}" for name, seconds in timings.items())

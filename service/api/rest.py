@@ -1,0 +1,143 @@
+"""REST adapter: parse HTTP, call the data plane, serialise. No inference logic here."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from service.api.http import dataplane, read_json, request_timeout, server_timing
+from service.dataplane import ClassifyResult
+from service.errors import InvalidRequest, UnsupportedMediaType
+from service.preprocessing import SUPPORTED_HUMAN, SUPPORTED_MEDIA_TYPES
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+CLASSIFY_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "One image as multipart field `image` (repeat the field for several), "
+        "a raw body with an image/* content type, or JSON with base64 `image` / `images`.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                    "required": ["image"],
+                }
+            },
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "byte"},
+                        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _b64(value: Any, what: str) -> bytes:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{what} is not valid base64") from None
+
+
+async def read_images(request: Request) -> tuple[list[bytes], bool]:
+    """The images of a /v1/classify request, whatever the encoding, and whether the
+    client sent a list (answered with `results`) rather than one image."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form()
+        files = form.getlist("image")
+        if not files:
+            raise InvalidRequest("multipart request has no 'image' field; send the file as 'image'")
+        images = [
+            await item.read() if isinstance(item, UploadFile) else item.encode() for item in files
+        ]
+        return images, len(images) > 1
+    if content_type == "application/json":
+        body = await read_json(request)
+        if isinstance(body, dict) and "image" in body:
+            return [_b64(body["image"], "'image'")], False
+        if isinstance(body, dict) and isinstance(body.get("images"), list):
+            return [_b64(v, f"'images[{i}]'") for i, v in enumerate(body["images"])], True
+        raise InvalidRequest('JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
+    if content_type in SUPPORTED_MEDIA_TYPES or content_type == "application/octet-stream":
+        return [await request.body()], False
+    shown = content_type or "none"
+    raise UnsupportedMediaType(
+        f"unsupported content type '{shown}'; send an image ({SUPPORTED_HUMAN}) as the raw "
+        "body with its image/* type, as multipart field 'image', or base64 in JSON"
+    )
+
+
+def _classify_body(result: ClassifyResult, several: bool) -> dict[str, Any]:
+    rows = [
+        [{"label": p.label, "class_id": p.class_id, "score": p.score} for p in preds]
+        for preds in result.results
+    ]
+    body: dict[str, Any] = {"model": result.model, "version": result.version}
+    if several:
+        body["results"] = [{"predictions": r} for r in rows]
+    else:
+        body["predictions"] = rows[0]
+    return body
+
+
+@router.post("/v1/classify", tags=["classify"], openapi_extra=CLASSIFY_BODY)
+async def classify(
+    request: Request,
+    top_k: Annotated[
+        int | None, Query(description="classes to return, 1..classes (default 5 or fewer)")
+    ] = None,
+    model: Annotated[
+        str | None, Query(description="model name; default: first in models.config")
+    ] = None,
+    version: Annotated[int | None, Query(description="a served version number")] = None,
+    label: Annotated[
+        str | None, Query(description="a version label such as stable or canary")
+    ] = None,
+) -> Response:
+    """Classify one image (answer `predictions`) or several (answer `results`)."""
+    plane = dataplane(request)
+    if version is not None and label is not None:
+        raise InvalidRequest("give either version or label, not both")
+    deadline = plane.deadline(request_timeout(request))
+    images, several = await read_images(request)
+    result = await plane.classify(
+        images, model=model, version=version, label=label, k=top_k, deadline=deadline
+    )
+    return JSONResponse(
+        _classify_body(result, several),
+        headers={"Server-Timing": server_timing(result.timings)},
+    )
+
+
+@router.get("/healthz", tags=["health"])
+async def healthz() -> dict[str, str]:
+    """The process is alive (it may still be loading models)."""
+    return {"status": "alive"}
+
+
+@router.get("/readyz", tags=["health"])
+async def readyz(request: Request) -> JSONResponse:
+    """200 only when every configured model has an AVAILABLE, warmed version."""
+    ready = dataplane(request).ready()
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)

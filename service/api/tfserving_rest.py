@@ -1,0 +1,195 @@
+"""TF Serving's REST API (status, metadata, predict), answered from the same data plane.
+
+Formats follow https://www.tensorflow.org/tfx/serving/api_rest: `instances` (row) or
+`inputs` (columnar) requests, `predictions` / `outputs` answers, `{"b64": ...}` for
+binary values, and TF Serving's state names in model_version_status.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import grpc
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from google.protobuf import json_format
+
+from service.api.http import dataplane, read_json, request_timeout, server_timing
+from service.errors import InvalidRequest
+from service.registry import VersionStatus
+
+router = APIRouter(tags=["tensorflow-serving"])
+
+_GRPC_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
+
+
+def _status_body(statuses: list[VersionStatus]) -> dict[str, Any]:
+    return {
+        "model_version_status": [
+            {
+                "version": str(s.version),
+                "state": s.state.name,
+                "status": {
+                    "error_code": _GRPC_CODE_NAMES.get(s.error_code, "UNKNOWN"),
+                    "error_message": s.error_message,
+                },
+            }
+            for s in statuses
+        ]
+    }
+
+
+def _version(raw: str) -> int:
+    if not raw.isdigit():
+        raise InvalidRequest(f"version must be a positive integer, got {raw!r}")
+    return int(raw)
+
+
+@router.get("/v1/models/{model}")
+async def model_status(request: Request, model: str) -> JSONResponse:
+    """Every served version of a model with its state (TF Serving GetModelStatus)."""
+    return JSONResponse(_status_body(dataplane(request).model_status(model)))
+
+
+@router.get("/v1/models/{model}/versions/{version}")
+async def version_status(request: Request, model: str, version: str) -> JSONResponse:
+    return JSONResponse(_status_body(dataplane(request).model_status(model, _version(version))))
+
+
+@router.get("/v1/models/{model}/labels/{label}")
+async def label_status(request: Request, model: str, label: str) -> JSONResponse:
+    return JSONResponse(_status_body(dataplane(request).model_status(model, label=label)))
+
+
+def _metadata(request: Request, model: str, version: int | None, label: str | None) -> JSONResponse:
+    target, signatures = dataplane(request).metadata(model, version, label)
+    return JSONResponse(
+        {
+            "model_spec": {
+                "name": target.model,
+                "signature_name": "",
+                "version": str(target.version),
+            },
+            "metadata": {
+                "signature_def": json_format.MessageToDict(
+                    signatures, preserving_proto_field_name=True
+                )
+            },
+        }
+    )
+
+
+@router.get("/v1/models/{model}/metadata")
+async def model_metadata(request: Request, model: str) -> JSONResponse:
+    """Signature definitions of the newest served version (TF Serving GetModelMetadata)."""
+    return _metadata(request, model, None, None)
+
+
+@router.get("/v1/models/{model}/versions/{version}/metadata")
+async def version_metadata(request: Request, model: str, version: str) -> JSONResponse:
+    return _metadata(request, model, _version(version), None)
+
+
+@router.get("/v1/models/{model}/labels/{label}/metadata")
+async def label_metadata(request: Request, model: str, label: str) -> JSONResponse:
+    return _metadata(request, model, None, label)
+
+
+def _decode_b64(value: Any) -> Any:
+    """Replace every {"b64": "..."} with its bytes, recursively."""
+    if isinstance(value, dict):
+        if set(value) == {"b64"}:
+            try:
+                return base64.b64decode(value["b64"], validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                raise InvalidRequest('a {"b64": ...} value is not valid base64') from None
+        return {k: _decode_b64(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode_b64(v) for v in value]
+    return value
+
+
+def _parse_predict(body: Any, input_names: list[str]) -> tuple[dict[str, Any], bool]:
+    """(named inputs, row format?) from a TF Serving REST predict body."""
+    if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
+        raise InvalidRequest(
+            'predict body needs exactly one of "instances" (row) or "inputs" (columnar)'
+        )
+    if "instances" in body:
+        instances = _decode_b64(body["instances"])
+        if not isinstance(instances, list) or not instances:
+            raise InvalidRequest('"instances" must be a non-empty list')
+        if all(isinstance(i, dict) and not isinstance(i, bytes) for i in instances):
+            names = set().union(*(i.keys() for i in instances))
+            if names != set(input_names) or any(set(i) != names for i in instances):
+                raise InvalidRequest(f"every instance needs exactly the inputs {input_names}")
+            return {n: [i[n] for i in instances] for n in input_names}, True
+        if len(input_names) != 1:
+            raise InvalidRequest(
+                f"this signature has inputs {input_names}; name them in each instance"
+            )
+        return {input_names[0]: instances}, True
+    inputs = _decode_b64(body["inputs"])
+    if isinstance(inputs, dict):
+        return inputs, False
+    if len(input_names) != 1:
+        raise InvalidRequest(f'this signature has inputs {input_names}; give "inputs" as an object')
+    return {input_names[0]: inputs}, False
+
+
+async def _predict(
+    request: Request, model: str, version: int | None, label: str | None
+) -> JSONResponse:
+    plane = dataplane(request)
+    deadline = plane.deadline(request_timeout(request))
+    body = await read_json(request)
+    signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
+    if not isinstance(signature_name, str):
+        raise InvalidRequest("signature_name must be a string")
+    target, signatures = plane.metadata(model, version, label)
+    signature = signatures.signature_def.get(signature_name or "serving_default")
+    if signature is None:
+        known = ", ".join(sorted(signatures.signature_def))
+        raise InvalidRequest(f"unknown signature_name {signature_name!r}; this model has: {known}")
+    inputs, row = _parse_predict(body, sorted(signature.inputs))
+    result = await plane.predict(
+        inputs,
+        model=target.model,
+        version=target.version,
+        signature_name=signature_name,
+        deadline=deadline,
+    )
+    outputs = {name: value.tolist() for name, value in result.outputs.items()}
+    if row:
+        only = next(iter(outputs.values())) if len(outputs) == 1 else None
+        predictions = (
+            only
+            if only is not None
+            else [
+                dict(zip(outputs, values, strict=True))
+                for values in zip(*outputs.values(), strict=True)
+            ]
+        )
+        payload: dict[str, Any] = {"predictions": predictions}
+    else:
+        payload = {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
+    return JSONResponse(payload, headers={"Server-Timing": server_timing(result.timings)})
+
+
+@router.post("/v1/models/{model}:predict")
+async def predict(request: Request, model: str) -> JSONResponse:
+    """TF Serving Predict: `{"instances": [...]}` or `{"inputs": ...}`; the default signature
+    takes uint8 [224,224,3] images, `predict_image_bytes` takes `{"b64": ...}` files."""
+    return await _predict(request, model, None, None)
+
+
+@router.post("/v1/models/{model}/versions/{version}:predict")
+async def version_predict(request: Request, model: str, version: str) -> JSONResponse:
+    return await _predict(request, model, _version(version), None)
+
+
+@router.post("/v1/models/{model}/labels/{label}:predict")
+async def label_predict(request: Request, model: str, label: str) -> JSONResponse:
+    return await _predict(request, model, None, label)

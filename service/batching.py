@@ -1,0 +1,344 @@
+"""Dynamic batching in front of one loaded model version.
+
+Requests queue in arrival order and leave it as whole batches. A batch is cut when
+max_batch_size images are queued or when the oldest request has waited
+batch_timeout_micros, whichever comes first: the timeout caps the latency a lone
+request pays for the throughput of a full batch. Cutting only starts once a batch
+thread is free, so under load requests pile up into larger batches instead of a
+backlog of small ones. The queue is bounded (max_enqueued_batches full batches):
+past that we answer Overloaded at once, because a request queued behind more work
+than the server can finish in time would only time out later, holding memory meanwhile.
+Deadlines are checked when a batch is cut, so expired requests never cost inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from time import monotonic, perf_counter
+from types import TracebackType
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from service.config import Settings
+from service.errors import (
+    CnnserveError,
+    DeadlineExceeded,
+    InternalError,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    TooManyImages,
+)
+
+Array = npt.NDArray[Any]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """TF Serving's BatchingParameters, the subset this batcher honours."""
+
+    max_batch_size: int
+    batch_timeout_micros: int
+    max_enqueued_batches: int
+    num_batch_threads: int
+
+    def __post_init__(self) -> None:
+        least = min(self.max_batch_size, self.max_enqueued_batches, self.num_batch_threads)
+        if least < 1 or self.batch_timeout_micros < 0:
+            raise ValueError(f"invalid batching parameters: {self}")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BatchingConfig:
+        return cls(
+            max_batch_size=settings.max_batch_size,
+            batch_timeout_micros=settings.batch_timeout_micros,
+            max_enqueued_batches=settings.max_enqueued_batches,
+            num_batch_threads=settings.num_batch_threads,
+        )
+
+
+class BatchObserver(Protocol):
+    """Where the metrics module hears about batches; called on the event loop."""
+
+    def on_batch(
+        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+    ) -> None:
+        """A batch of ``size`` images ran; one wait per request (or chunk) in it."""
+
+    def on_rejected(self) -> None:
+        """A submission was refused because the queue was full."""
+
+    def on_expired(self, count: int) -> None:
+        """``count`` requests (or chunks) failed with DeadlineExceeded."""
+
+    def on_queue_depth(self, depth: int) -> None:
+        """The number of queued images changed."""
+
+
+class NullObserver:
+    """The default: metrics off."""
+
+    def on_batch(
+        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+    ) -> None: ...
+    def on_rejected(self) -> None: ...
+    def on_expired(self, count: int) -> None: ...
+    def on_queue_depth(self, depth: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Item:
+    """One request, or one max_batch_size chunk of a larger one."""
+
+    inputs: Array
+    future: asyncio.Future[Array]
+    deadline: float | None
+    enqueued: float
+    queued: bool = True
+
+    @property
+    def key(self) -> tuple[np.dtype[Any], tuple[int, ...]]:
+        return self.inputs.dtype, self.inputs.shape[1:]
+
+
+class DynamicBatcher:
+    """Batches concurrent ``submit`` calls into calls of a synchronous ``predict``."""
+
+    def __init__(
+        self,
+        predict: Callable[[Array], Array],
+        config: BatchingConfig,
+        *,
+        observer: BatchObserver | None = None,
+        name: str = "model",
+    ) -> None:
+        self._predict = predict
+        self.config = config
+        self.name = name
+        self._observer: BatchObserver = observer or NullObserver()
+        self._capacity = config.max_enqueued_batches * config.max_batch_size
+        self._timeout = config.batch_timeout_micros / 1e6
+        self._queue: deque[_Item] = deque()
+        self._depth = 0
+        self._in_flight = 0
+        self._state = "new"
+        self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.num_batch_threads)
+        self._batches: set[asyncio.Task[None]] = set()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def start(self) -> None:
+        if self._state != "new":
+            raise RuntimeError(f"batcher for {self.name} was already started")
+        self._executor = ThreadPoolExecutor(
+            self.config.num_batch_threads, thread_name_prefix=f"batch-{self.name}"
+        )
+        self._scheduler = asyncio.get_running_loop().create_task(self._schedule())
+        self._state = "running"
+
+    async def stop(self) -> None:
+        if self._state == "stopped":
+            return
+        self._state = "stopped"
+        if self._scheduler is not None:
+            self._scheduler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._scheduler
+        while self._queue:
+            item = self._queue.popleft()
+            item.queued = False
+            if not item.future.done():
+                item.future.set_exception(
+                    ModelNotReady(f"model {self.name} is unloading; retry the request")
+                )
+        self._set_depth(-self._depth)
+        # Batches already on a thread finish and answer their waiters.
+        await asyncio.gather(*self._batches, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    async def __aenter__(self) -> DynamicBatcher:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def submit(self, inputs: Array, *, deadline: float | None) -> Array:
+        """Run ``inputs`` (batched on axis 0) through ``predict``; its rows of the output."""
+        if self._state != "running":
+            raise ModelNotReady(f"model {self.name} is not serving; retry the request")
+        if not isinstance(inputs, np.ndarray) or inputs.ndim == 0 or len(inputs) == 0:
+            raise InvalidRequest("a request needs at least one input, batched on axis 0")
+        n = len(inputs)
+        if n > self._capacity:
+            raise TooManyImages(
+                f"{n} inputs in one request; this model queues at most {self._capacity}"
+            )
+        now = monotonic()
+        if deadline is not None and deadline <= now:
+            self._observer.on_expired(1)
+            raise DeadlineExceeded("the request deadline passed before it was queued")
+        if self._depth + n > self._capacity:
+            self._observer.on_rejected()
+            raise Overloaded(
+                f"server is at capacity ({self._depth} inputs queued for model {self.name}); "
+                f"retry after the Retry-After delay ({Overloaded.retry_after} s)"
+            )
+        loop = asyncio.get_running_loop()
+        size = self.config.max_batch_size
+        items = [
+            _Item(inputs[i : i + size], loop.create_future(), deadline, now)
+            for i in range(0, n, size)
+        ]
+        self._queue.extend(items)
+        self._set_depth(n)
+        self._arrived.set()
+        waiter = asyncio.gather(*(item.future for item in items))
+        try:
+            if deadline is None:
+                parts = await waiter
+            else:
+                parts = await asyncio.wait_for(waiter, max(0.0, deadline - monotonic()))
+        except TimeoutError:
+            self._observer.on_expired(1)
+            raise DeadlineExceeded(
+                "the request deadline passed while it waited for a batch"
+            ) from None
+        finally:
+            self._abandon(items)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _abandon(self, items: list[_Item]) -> None:
+        """Take a finished or given-up request's chunks out of the queue."""
+        freed = 0
+        for item in items:
+            if not item.future.done():
+                item.future.cancel()
+            if item.queued:
+                # Bounded by the queue capacity, and only on the give-up path.
+                self._queue.remove(item)
+                item.queued = False
+                freed += len(item.inputs)
+        if freed:
+            self._set_depth(-freed)
+
+    def _set_depth(self, delta: int) -> None:
+        self._depth += delta
+        self._observer.on_queue_depth(self._depth)
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                items = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not items:
+                self._slots.release()
+                continue
+            task = loop.create_task(self._run_batch(items))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _next_batch(self) -> list[_Item]:
+        """Wait for the cut condition (a thread is already free), then cut."""
+        while True:
+            if self._queue:
+                wait = self._queue[0].enqueued + self._timeout - monotonic()
+                if self._depth >= self.config.max_batch_size or wait <= 0:
+                    return self._cut()
+            else:
+                wait = None
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), wait)
+
+    def _cut(self) -> list[_Item]:
+        now = monotonic()
+        batch: list[_Item] = []
+        size = expired = freed = 0
+        while self._queue:
+            item = self._queue[0]
+            n = len(item.inputs)
+            live = not item.future.done()
+            if live and item.deadline is not None and item.deadline <= now:
+                item.future.set_exception(
+                    DeadlineExceeded("the request deadline passed while it waited for a batch")
+                )
+                expired += 1
+                live = False
+            if live:
+                # FIFO: stop at the first request that does not fit rather than skip it,
+                # so a large request is never starved by small ones behind it.
+                if size + n > self.config.max_batch_size or (batch and item.key != batch[0].key):
+                    break
+                batch.append(item)
+                size += n
+            self._queue.popleft()
+            item.queued = False
+            freed += n
+        if expired:
+            self._observer.on_expired(expired)
+        if freed:
+            self._set_depth(-freed)
+        return batch
+
+    async def _run_batch(self, items: list[_Item]) -> None:
+        started = monotonic()
+        size = sum(len(item.inputs) for item in items)
+        self._in_flight += size
+        try:
+            loop = asyncio.get_running_loop()
+            parts = [item.inputs for item in items]
+            try:
+                output, seconds = await loop.run_in_executor(self._executor, self._infer, parts)
+                if not isinstance(output, np.ndarray) or output.ndim == 0 or len(output) != size:
+                    got = f"{type(output).__name__} {getattr(output, 'shape', '')}"
+                    raise TypeError(f"predict returned {got} for a batch of {size}")
+            except Exception as exc:
+                error = exc
+                if not isinstance(exc, CnnserveError):
+                    error = InternalError(f"inference failed on a batch of {size}: {exc!r}")
+                    error.__cause__ = exc
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(error)
+                return
+            offset = 0
+            for item in items:
+                n = len(item.inputs)
+                if not item.future.done():
+                    item.future.set_result(output[offset : offset + n])
+                offset += n
+            self._observer.on_batch(size, [started - item.enqueued for item in items], seconds)
+        finally:
+            self._in_flight -= size
+            self._slots.release()
+
+    def _infer(self, parts: list[Array]) -> tuple[Array, float]:
+        """On a batch thread: the one copy into a batch, then the model."""
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        begin = perf_counter()
+        output = self._predict(batch)
+        return output, perf_counter() - begin

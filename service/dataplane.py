@@ -1,0 +1,227 @@
+"""The transport-agnostic core: what REST and gRPC both call.
+
+Adapters parse their wire format into plain Python/numpy values, call one method here,
+and serialise the answer; validation, decoding, routing and batching happen here once.
+Errors are :mod:`service.errors` exceptions, mapped to a status by each adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service.config import Settings
+from service.errors import DeadlineExceeded, InvalidRequest, TooManyImages
+from service.preprocessing import preprocess_bytes
+from service.registry import LoadedVersion, Registry, VersionStatus
+from service.signatures import signature_def_map
+
+SERVING_SIGNATURE = "serving_default"
+BYTES_SIGNATURE = "predict_image_bytes"
+DEFAULT_TOP_K = 5
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    class_id: int
+    score: float
+
+
+@dataclass
+class ClassifyResult:
+    model: str
+    version: int
+    results: list[list[Prediction]]
+    # Seconds per stage, for Server-Timing and (later) metrics.
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class PredictResult:
+    model: str
+    version: int
+    outputs: dict[str, npt.NDArray[Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def top_k(
+    probabilities: npt.NDArray[np.float32], k: int, labels: Sequence[str]
+) -> list[list[Prediction]]:
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [
+        [Prediction(labels[i] if i < len(labels) else str(i), int(i), float(row[i])) for i in idx]
+        for row, idx in zip(probabilities, order, strict=True)
+    ]
+
+
+class DataPlane:
+    def __init__(
+        self, settings: Settings, registry: Registry, decode_pool: ThreadPoolExecutor
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._pool = decode_pool
+
+    # --- health ---------------------------------------------------------------------
+
+    def ready(self) -> bool:
+        return self.registry.is_ready()
+
+    def deadline(self, timeout_seconds: float | None) -> float:
+        """Absolute monotonic deadline from a client timeout (or the default)."""
+        timeout = (
+            self.settings.request_timeout_seconds if timeout_seconds is None else timeout_seconds
+        )
+        if not timeout > 0:
+            raise InvalidRequest(
+                f"request timeout must be a positive number of seconds, got {timeout}"
+            )
+        return time.monotonic() + timeout
+
+    # --- classification ---------------------------------------------------------------
+
+    async def decode(
+        self, images: Sequence[bytes], target: LoadedVersion, deadline: float
+    ) -> npt.NDArray[np.uint8]:
+        if not images:
+            raise InvalidRequest("no image in the request; send one as the 'image' field or body")
+        limit = self.settings.max_images_per_request
+        if len(images) > limit:
+            raise TooManyImages(f"{len(images)} images in one request; the limit is {limit}")
+        loop = asyncio.get_running_loop()
+        max_pixels = self.settings.max_image_pixels
+        decode = functools.partial(preprocess_bytes, spec=target.spec, max_pixels=max_pixels)
+        futures = [loop.run_in_executor(self._pool, decode, data) for data in images]
+        try:
+            decoded = await asyncio.wait_for(
+                asyncio.gather(*futures), max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError:
+            raise DeadlineExceeded("the request deadline passed while decoding images") from None
+        return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
+
+    async def classify(
+        self,
+        images: Sequence[bytes],
+        *,
+        model: str | None = None,
+        version: int | None = None,
+        label: str | None = None,
+        k: int | None = None,
+        deadline: float,
+    ) -> ClassifyResult:
+        target = self.registry.resolve(model, version, label)
+        num_classes = target.runtime.info.num_classes
+        k = min(DEFAULT_TOP_K, num_classes) if k is None else k
+        if not 1 <= k <= num_classes:
+            raise InvalidRequest(f"top_k must be between 1 and {num_classes}, got {k}")
+        started = time.perf_counter()
+        batch = await self.decode(images, target, deadline)
+        decoded = time.perf_counter()
+        probabilities = await target.predict(batch, deadline)
+        inferred = time.perf_counter()
+        return ClassifyResult(
+            model=target.model,
+            version=target.version,
+            results=top_k(probabilities, k, target.labels),
+            timings={"decode": decoded - started, "inference": inferred - decoded},
+        )
+
+    # --- TF Serving Predict -------------------------------------------------------------
+
+    async def predict(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        model: str | None,
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str = "",
+        output_filter: Sequence[str] = (),
+        deadline: float,
+    ) -> PredictResult:
+        """TF Serving's Predict: named input tensors in, named output tensors out.
+
+        ``serving_default`` takes the image tensor itself; ``predict_image_bytes`` takes
+        encoded images, which are decoded by the same function as /v1/classify.
+        """
+        target = self.registry.resolve(model, version, label)
+        signature = signature_name or SERVING_SIGNATURE
+        info = target.runtime.info
+        started = time.perf_counter()
+        if signature == BYTES_SIGNATURE:
+            raw = self._only_input(inputs, "image_bytes", signature)
+            items = [bytes(x) for x in np.asarray(raw, dtype=object).reshape(-1)]
+            batch = await self.decode(items, target, deadline)
+        elif signature == SERVING_SIGNATURE:
+            batch = self._image_tensor(self._only_input(inputs, info.input_name, signature), target)
+        else:
+            known = ", ".join(sorted(signature_def_map(target.path).signature_def))
+            raise InvalidRequest(f"unknown signature_name {signature!r}; this model has: {known}")
+        decoded = time.perf_counter()
+        probabilities = await target.predict(batch, deadline)
+        outputs = {info.output_name: probabilities}
+        for name in output_filter:
+            if name not in outputs:
+                raise InvalidRequest(f"output_filter names {name!r}; outputs are {sorted(outputs)}")
+        return PredictResult(
+            model=target.model,
+            version=target.version,
+            outputs=outputs,
+            timings={"decode": decoded - started, "inference": time.perf_counter() - decoded},
+        )
+
+    @staticmethod
+    def _only_input(inputs: Mapping[str, Any], name: str, signature: str) -> Any:
+        if set(inputs) != {name}:
+            raise InvalidRequest(
+                f"signature {signature!r} takes one input named {name!r}, got {sorted(inputs)}"
+            )
+        return inputs[name]
+
+    def _image_tensor(self, value: Any, target: LoadedVersion) -> npt.NDArray[np.uint8]:
+        spec = target.runtime.info.input
+        try:
+            array = np.asarray(value)
+        except ValueError:
+            raise InvalidRequest("the image tensor is ragged; every image must be HxWx3") from None
+        expected = (spec.height, spec.width, 3)
+        if array.ndim != 4 or array.shape[1:] != expected:
+            raise InvalidRequest(
+                f"image tensor has shape {list(array.shape)}; expected [N, {spec.height}, "
+                f"{spec.width}, 3] (RGB, uint8 0-255)"
+            )
+        if array.shape[0] > self.settings.max_images_per_request:
+            raise TooManyImages(
+                f"{array.shape[0]} images in one request; the limit is "
+                f"{self.settings.max_images_per_request}"
+            )
+        if array.dtype == np.uint8:
+            return array
+        if array.dtype.kind not in "iuf" or (array.size and (array.min() < 0 or array.max() > 255)):
+            raise InvalidRequest("image values must be integers 0-255 (uint8 RGB)")
+        if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
+            raise InvalidRequest("image values must be whole numbers 0-255 (uint8 RGB)")
+        return array.astype(np.uint8)
+
+    # --- status and metadata -----------------------------------------------------------
+
+    def model_status(
+        self, model: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
+        return self.registry.statuses(model, version, label)
+
+    def metadata(
+        self, model: str, version: int | None = None, label: str | None = None
+    ) -> tuple[LoadedVersion, Any]:
+        target = self.registry.resolve(model, version, label)
+        return target, signature_def_map(target.path)

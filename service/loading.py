@@ -1,0 +1,120 @@
+"""Turning a version folder into a warmed runtime: the blocking half of loading a version.
+
+Runs in a worker thread (the registry calls it through ``asyncio.to_thread``): it reads
+the model, its labels, card and preprocessing, then replays the warmup records, so the
+first real request does not pay for graph tracing or interpreter allocation. Anything
+wrong raises; the registry records the failure and keeps serving what it served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import ModelLoadError
+from service.preprocessing import PreprocessSpec
+from service.repository import read_card, read_labels, read_warmup
+from service.runtimes.base import ModelInfo, Runtime
+from service.warmup import WarmupFormatError
+
+
+class RuntimeFactory(Protocol):
+    """:func:`service.runtimes.create_runtime`'s signature (tests pass their own)."""
+
+    def __call__(
+        self, name: str, version_dir: Path, *, cache_dir: Path, threads: int
+    ) -> Runtime: ...
+
+
+@dataclass(frozen=True)
+class PreparedVersion:
+    """A loaded and warmed runtime with what requests need beside it."""
+
+    runtime: Runtime
+    labels: list[str]
+    spec: PreprocessSpec
+    card: dict[str, Any]
+
+
+def prepare_version(
+    path: Path,
+    *,
+    runtime_factory: RuntimeFactory,
+    runtime_name: str,
+    cache_dir: Path,
+    threads: int,
+) -> PreparedVersion:
+    """Create, load and warm the runtime of one version folder. Blocking (seconds)."""
+    runtime = runtime_factory(runtime_name, path, cache_dir=cache_dir, threads=threads)
+    info = runtime.load()
+    try:
+        labels = read_labels(path, info.num_classes)
+        card = read_card(path)
+        spec = preprocess_spec(card, info, path)
+        warm_up(runtime, info, path)
+    except BaseException:
+        runtime.unload()
+        raise
+    return PreparedVersion(runtime=runtime, labels=labels, spec=spec, card=card)
+
+
+def preprocess_spec(card: dict[str, Any], info: ModelInfo, path: Path) -> PreprocessSpec:
+    """The card's preprocessing, else the model's input size with default resizing.
+
+    A card that disagrees with the model's input size would fail every request, so it
+    fails the load instead.
+    """
+    recorded = card.get("preprocessing")
+    if not isinstance(recorded, dict):
+        return PreprocessSpec(height=info.input.height, width=info.input.width)
+    try:
+        spec = PreprocessSpec.from_card(recorded)
+    except (TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: model card preprocessing is unusable: {exc}") from None
+    if (spec.height, spec.width) != (info.input.height, info.input.width):
+        raise ModelLoadError(
+            f"{path}: model card says images are resized to {spec.height}x{spec.width} but "
+            f"the model takes {info.input.height}x{info.input.width}"
+        )
+    return spec
+
+
+def warmup_batches(path: Path, info: ModelInfo) -> list[npt.NDArray[Any]]:
+    """The image batches of the version's serving_default warmup records, or one zero
+    image when it has none (TF Serving runs nothing then; one run still pays tracing)."""
+    try:
+        requests = read_warmup(path)
+    except (OSError, WarmupFormatError) as exc:
+        raise ModelLoadError(f"{path}: unreadable warmup records: {exc}") from None
+    batches = []
+    for inputs in requests:
+        if info.input_name in inputs:
+            batches.append(inputs[info.input_name])
+        elif len(inputs) == 1:
+            batches.append(next(iter(inputs.values())))
+        else:
+            raise ModelLoadError(
+                f"{path}: a warmup request has inputs {sorted(inputs)}; the model takes "
+                f"{info.input_name!r}"
+            )
+    if not batches:
+        batches.append(np.zeros((1, info.input.height, info.input.width, 3), np.uint8))
+    return batches
+
+
+def warm_up(runtime: Runtime, info: ModelInfo, path: Path) -> None:
+    """Replay the warmup batches; a wrong answer shape fails the load as in TF Serving."""
+    for batch in warmup_batches(path, info):
+        try:
+            out = runtime.predict(batch)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: warm-up failed: {exc}") from exc
+        if out.shape != (len(batch), info.num_classes):
+            raise ModelLoadError(
+                f"{path}: warm-up returned shape {list(out.shape)} for {len(batch)} images; "
+                f"expected [{len(batch)}, {info.num_classes}]"
+            )

@@ -1,0 +1,351 @@
+"""What is loaded in memory: model versions, their states and labels, request routing.
+
+The registry follows TF Serving's model manager. Each poll rescans models.config and the
+version folders (:mod:`service.repository`), loads the versions the version policy wants
+and unloads the ones it no longer wants, availability first: a new version is loaded and
+warmed, becomes AVAILABLE and takes traffic before the version it replaces leaves
+routing, so a model that was being served never stops being served. A version that fails
+to load is reported (END with an error) and leaves the serving one in place.
+
+Requests read one immutable :class:`~service.routing.RoutingTable`, replaced whole on
+every change, so a reader never sees half an update, whatever thread it runs on. All
+writes happen on the event loop, one poll at a time; the blocking part of a load runs in
+a worker thread (:mod:`service.loading`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from service.batching import BatchingConfig, DynamicBatcher
+from service.config import Settings
+from service.errors import CnnserveError
+from service.loading import PreparedVersion, RuntimeFactory, prepare_version
+from service.repository import (
+    ConfigError,
+    Fingerprint,
+    ModelConfig,
+    read_repository,
+    version_dirs,
+    version_fingerprint,
+)
+from service.routing import (
+    LoadedVersion,
+    RoutingTable,
+    VersionKey,
+    VersionState,
+    VersionStatus,
+    listing,
+)
+from service.runtimes import create_runtime
+from service.runtimes.base import Runtime
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LoadedVersion", "Registry", "VersionState", "VersionStatus"]
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One look at the disk: the config and each configured model's version folders."""
+
+    configs: list[ModelConfig]
+    on_disk: dict[str, dict[int, Path]]
+    fingerprints: dict[VersionKey, Fingerprint]
+
+    def wanted(self, config: ModelConfig) -> set[int]:
+        return config.wanted_versions(self.on_disk[config.name])
+
+
+def _scan(repository: Path) -> _Scan:
+    configs = read_repository(repository)
+    on_disk = {c.name: version_dirs(c.base_path) for c in configs}
+    fingerprints = {
+        (name, v): version_fingerprint(path)
+        for name, versions in on_disk.items()
+        for v, path in versions.items()
+    }
+    return _Scan(configs, on_disk, fingerprints)
+
+
+@dataclass(frozen=True)
+class _Retiring:
+    """What unloading a version needs. Deliberately not the LoadedVersion itself: holding
+    it would keep alive the object whose release tells us no request still uses it."""
+
+    key: VersionKey
+    batcher: DynamicBatcher
+    runtime: Runtime
+    released: asyncio.Event
+
+
+class Registry:
+    """Loaded versions, routing and hot reload for one model repository."""
+
+    def __init__(
+        self, settings: Settings, *, runtime_factory: RuntimeFactory = create_runtime
+    ) -> None:
+        self._settings = settings
+        self._runtime_factory = runtime_factory
+        self._table = RoutingTable()
+        # Versions whose load failed, with the folder's fingerprint then: retried only
+        # once the folder changes, not on every poll.
+        self._failed: dict[VersionKey, Fingerprint] = {}
+        self._lock = asyncio.Lock()  # one poll (or stop) at a time
+        self._poll_task: asyncio.Task[None] | None = None
+        self._started = False  # the first load pass is done
+        self._stopped = False
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load everything models.config wants, then poll in the background.
+
+        A models.config that cannot be read is fatal here (raises ConfigError), as it is
+        for TF Serving; later polls log it and keep serving.
+        """
+        scan = await asyncio.to_thread(_scan, self._settings.model_repository)
+        async with self._lock:
+            await self._reconcile(scan)
+        self._started = True
+        if self._settings.poll_seconds > 0:
+            self._poll_task = asyncio.create_task(self._poll_forever(), name="registry-poll")
+
+    async def stop(self) -> None:
+        """Stop polling and unload every version. Requests still queued fail (retryably)."""
+        self._stopped = True
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        async with self._lock:
+            keys = [(m, v) for m, versions in self._table.served.items() for v in versions]
+            await self._retire(self._take_out(keys), wait_for_requests=False)
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.poll_seconds)
+            try:
+                await self.poll_once()
+            except Exception:
+                # A poll must never end polling: the next one may find things fixed.
+                log.exception("polling the model repository failed")
+
+    async def poll_once(self) -> None:
+        """Rescan the repository; load newly wanted versions, then unload unwanted ones.
+
+        Returns once both are done (tests call it instead of waiting for the poller).
+        """
+        try:
+            scan = await asyncio.to_thread(_scan, self._settings.model_repository)
+        except (ConfigError, OSError) as exc:
+            log.error("ignoring models.config change, current models keep serving: %s", exc)
+            return
+        async with self._lock:
+            if not self._stopped:
+                await self._reconcile(scan)
+
+    # --- routing: one table read per call ---------------------------------------------
+
+    @property
+    def default_model(self) -> str | None:
+        """The first model of models.config; None before it was read."""
+        return self._table.default_model
+
+    def model_names(self) -> list[str]:
+        return list(self._table.configs)
+
+    def is_ready(self) -> bool:
+        """The first load pass is done and every configured model has an AVAILABLE (hence
+        warmed) version."""
+        return self._started and not self._stopped and self._table.all_available()
+
+    def labels_of(self, model: str) -> dict[str, int]:
+        """Version labels of ``model`` as models.config sets them."""
+        return dict(self._table.config(model).labels)
+
+    def resolve(
+        self, model: str | None, version: int | None = None, label: str | None = None
+    ) -> LoadedVersion:
+        """See :meth:`RoutingTable.resolve`."""
+        return self._table.resolve(model, version, label)
+
+    def statuses(
+        self, model: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
+        """See :meth:`RoutingTable.statuses`."""
+        return self._table.statuses(model, version, label)
+
+    # --- loading and unloading (on the event loop, under the lock) --------------------
+
+    def _set_state(
+        self, key: VersionKey, state: VersionState, error_code: int = 0, message: str = ""
+    ) -> None:
+        status = VersionStatus(key[1], state, error_code, message)
+        self._table = self._table.with_state(key, status)
+
+    async def _reconcile(self, scan: _Scan) -> None:
+        # New config first: new models show as not ready, removed ones stop resolving.
+        self._table = self._table.with_configs(scan.configs)
+        configured = {c.name for c in scan.configs}
+        self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
+        await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
+        await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)
+
+    def _to_load(self, scan: _Scan) -> list[VersionKey]:
+        keys = []
+        for config in scan.configs:
+            served = self._table.served.get(config.name, {})
+            for version in sorted(scan.wanted(config)):
+                key = (config.name, version)
+                if version not in served and self._failed.get(key) != scan.fingerprints[key]:
+                    keys.append(key)
+        return keys
+
+    def _to_unload(self, scan: _Scan) -> list[VersionKey]:
+        configs = {c.name: c for c in scan.configs}
+        keys = []
+        for model, served in self._table.served.items():
+            if model not in configs:
+                keys += [(model, v) for v in served]
+                continue
+            wanted = scan.wanted(configs[model])
+            # Availability first: unwanted versions go only once a wanted one serves.
+            if wanted & served.keys():
+                keys += [(model, v) for v in served if v not in wanted]
+            elif any(v not in wanted for v in served):
+                log.warning(
+                    "model %s: keeping version(s) %s until a wanted version (%s) is available",
+                    model,
+                    listing(sorted(served)),
+                    listing(sorted(wanted)),
+                )
+        return keys
+
+    async def _load(self, key: VersionKey, scan: _Scan) -> None:
+        model, version = key
+        path = scan.on_disk[model][version]
+        self._set_state(key, VersionState.START)
+        self._set_state(key, VersionState.LOADING)
+        log.info("loading %s version %d from %s", model, version, path)
+        try:
+            prepared = await asyncio.to_thread(
+                prepare_version,
+                path,
+                runtime_factory=self._runtime_factory,
+                runtime_name=self._settings.runtime,
+                cache_dir=self._settings.cache_dir,
+                threads=_threads(self._settings),
+            )
+            loaded = await self._serve(key, path, prepared)
+        except Exception as exc:
+            self._failed[key] = scan.fingerprints[key]
+            code, message = _describe_failure(exc)
+            # Expected failures are one line; anything else gets its traceback in the log.
+            log.error(
+                "%s version %d failed to load: %s",
+                model,
+                version,
+                message,
+                exc_info=not isinstance(exc, CnnserveError),
+            )
+            self._set_state(key, VersionState.END, code, message)
+            return
+        self._failed.pop(key, None)
+        self._table = self._table.with_served(loaded)  # from here on it takes requests
+        self._set_state(key, VersionState.AVAILABLE)
+        log.info("%s version %d is available (%s runtime)", model, version, loaded.runtime.name)
+
+    async def _serve(self, key: VersionKey, path: Path, prepared: PreparedVersion) -> LoadedVersion:
+        """Start the batcher of a loaded, warmed runtime."""
+        model, version = key
+        config = BatchingConfig.from_settings(self._settings)
+        batcher = DynamicBatcher(prepared.runtime.predict, config, name=f"{model}/{version}")
+        try:
+            await batcher.start()
+        except BaseException:
+            await asyncio.to_thread(prepared.runtime.unload)
+            raise
+        return LoadedVersion(
+            model=model,
+            version=version,
+            path=path,
+            labels=prepared.labels,
+            spec=prepared.spec,
+            card=prepared.card,
+            runtime=prepared.runtime,
+            batcher=batcher,
+        )
+
+    def _take_out(self, keys: list[VersionKey]) -> list[_Retiring]:
+        """Remove versions from routing, returning what unloading them needs.
+
+        Each version gets a finalizer that fires once nothing holds it any more: requests
+        that resolved it just before it left routing may still be decoding their images
+        and reach its batcher only afterwards. This frame's references end on return.
+        """
+        loop = asyncio.get_running_loop()
+        retiring = []
+        for model, version in keys:
+            loaded = self._table.served[model][version]
+            released = asyncio.Event()
+            finalizer = weakref.finalize(loaded, _set_from_any_thread, loop, released)
+            finalizer.atexit = False
+            retiring.append(_Retiring((model, version), loaded.batcher, loaded.runtime, released))
+        self._table = self._table.without(keys)
+        for key in keys:
+            self._set_state(key, VersionState.UNLOADING)
+        return retiring
+
+    async def _retire(self, retiring: list[_Retiring], *, wait_for_requests: bool) -> None:
+        await asyncio.gather(*(self._unload(r, wait_for_requests) for r in retiring))
+
+    async def _unload(self, retiring: _Retiring, wait_for_requests: bool) -> None:
+        model, version = retiring.key
+        if wait_for_requests:
+            # Bounded by the default request deadline: a request still holding the
+            # version after that is past its deadline or was given an unusually long one.
+            limit = self._settings.request_timeout_seconds
+            try:
+                await asyncio.wait_for(retiring.released.wait(), limit)
+            except TimeoutError:
+                log.warning(
+                    "%s version %d still in use %.1fs after leaving routing; unloading it",
+                    model,
+                    version,
+                    limit,
+                )
+        try:
+            await retiring.batcher.stop()
+            await asyncio.to_thread(retiring.runtime.unload)
+        except Exception:
+            log.exception("unloading %s version %d failed", model, version)
+        self._set_state(retiring.key, VersionState.END)
+        log.info("%s version %d unloaded", model, version)
+
+
+def _set_from_any_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:
+    """Finalizer callback: the last reference may be dropped on any thread."""
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+        loop.call_soon_threadsafe(event.set)
+
+
+def _threads(settings: Settings) -> int:
+    """Inference threads per runtime: the setting, or the cores shared among workers."""
+    return settings.intra_op_threads or max(1, (os.cpu_count() or 1) // settings.workers)
+
+
+def _describe_failure(exc: BaseException) -> tuple[int, str]:
+    """gRPC code number and a one-line message for a failed load (no traceback)."""
+    code = exc.grpc_code if isinstance(exc, CnnserveError) else grpc.StatusCode.UNKNOWN
+    text = exc.message if isinstance(exc, CnnserveError) else f"{type(exc).__name__}: {exc}"
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return int(code.value[0]), first[:500]

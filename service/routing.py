@@ -1,0 +1,200 @@
+"""The read side of the registry: which loaded version answers a request.
+
+A :class:`RoutingTable` is an immutable snapshot of models.config, the AVAILABLE versions
+and every version's state. The registry builds a new table for every change and swaps it
+in with one assignment, so a request (on the event loop or any thread) reads one
+consistent table and never half an update. Error messages say what can be asked instead.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from service.batching import DynamicBatcher
+from service.errors import (
+    CnnserveError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelNotReady,
+    VersionNotFound,
+)
+from service.preprocessing import PreprocessSpec
+from service.repository import ModelConfig
+from service.runtimes.base import Batch, Probabilities, Runtime
+
+VersionKey = tuple[str, int]  # (model, version)
+
+
+class VersionState(enum.IntEnum):
+    """TF Serving's ManagerState numbers (get_model_status.proto), names as it prints them."""
+
+    UNKNOWN = 0
+    START = 10
+    LOADING = 20
+    AVAILABLE = 30
+    UNLOADING = 40
+    END = 50
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One row of GetModelStatus: error_code is a gRPC status code number, 0 = OK."""
+
+    version: int
+    state: VersionState
+    error_code: int = 0
+    error_message: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedVersion:
+    """An AVAILABLE version: what a request needs to be preprocessed, run and labelled."""
+
+    model: str
+    version: int
+    path: Path
+    labels: list[str]
+    spec: PreprocessSpec
+    card: dict[str, Any]
+    runtime: Runtime
+    batcher: DynamicBatcher
+
+    async def predict(self, batch: Batch, deadline: float | None) -> Probabilities:
+        """Run ``batch`` through this version's batcher; ``deadline`` is time.monotonic()."""
+        return await self.batcher.submit(batch, deadline=deadline)
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    """One consistent view of what is served. Never mutated: the ``with_*`` methods
+    return a new table."""
+
+    configs: Mapping[str, ModelConfig] = field(default_factory=dict)  # models.config order
+    served: Mapping[str, Mapping[int, LoadedVersion]] = field(default_factory=dict)
+    states: Mapping[str, Mapping[int, VersionStatus]] = field(default_factory=dict)
+
+    # --- reads ----------------------------------------------------------------------
+
+    @property
+    def default_model(self) -> str | None:
+        return next(iter(self.configs), None)
+
+    def all_available(self) -> bool:
+        """Every configured model has an AVAILABLE version."""
+        return bool(self.configs) and all(self.served.get(name) for name in self.configs)
+
+    def config(self, model: str | None) -> ModelConfig:
+        """The named model's config (None: the default model)."""
+        if not self.configs:
+            raise ModelNotReady("the model repository has not been read yet; retry shortly")
+        name = model if model is not None else next(iter(self.configs))
+        if name not in self.configs:
+            raise ModelNotFound(f"no model named {name!r}; models: {listing(self.configs)}")
+        return self.configs[name]
+
+    def resolve(
+        self, model: str | None, version: int | None = None, label: str | None = None
+    ) -> LoadedVersion:
+        """The version a request names: by number, by label, or the newest AVAILABLE."""
+        config = self.config(model)
+        served = self.served.get(config.name, {})
+        if version is not None and label is not None:
+            raise InvalidRequest("name a version or a version label, not both")
+        if label is not None:
+            version = _label_version(config, label)
+        if version is not None:
+            if version in served:
+                return served[version]
+            raise self._not_served(config, version, label)
+        if not served:
+            raise ModelNotReady(
+                f"model {config.name!r} has no available version yet"
+                f"{self._hint(config.name)}; retry shortly"
+            )
+        return served[max(served)]
+
+    def statuses(
+        self, model: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
+        """GetModelStatus: every version tried since start, or the one asked for."""
+        config = self.config(model)
+        states = self.states.get(config.name, {})
+        if label is not None:
+            version = _label_version(config, label)
+        if version is None:
+            return [states[v] for v in sorted(states)]
+        if version not in states:
+            raise VersionNotFound(
+                f"model {config.name!r} has no version {version}; versions: "
+                f"{listing(sorted(states))}"
+            )
+        return [states[version]]
+
+    def _not_served(self, config: ModelConfig, version: int, label: str | None) -> CnnserveError:
+        what = f"version {version}" if label is None else f"label {label!r} (version {version})"
+        status = self.states.get(config.name, {}).get(version)
+        if status is not None and status.state in (VersionState.START, VersionState.LOADING):
+            return ModelNotReady(f"{what} of model {config.name!r} is still loading; retry shortly")
+        failed = " (it failed to load)" if status is not None and status.error_code else ""
+        available = sorted(self.served.get(config.name, {}))
+        return VersionNotFound(
+            f"{what} of model {config.name!r} is not served{failed}; available versions: "
+            f"{listing(available)}; see GET /v1/models/{config.name}"
+        )
+
+    def _hint(self, model: str) -> str:
+        states = self.states.get(model, {}).values()
+        loading = [s.version for s in states if s.state <= VersionState.LOADING]
+        failed = [s.version for s in states if s.error_code]
+        if loading:
+            return f" (loading version {listing(loading)})"
+        if failed:
+            return f" (version {listing(failed)} failed to load; see GET /v1/models/{model})"
+        return " (no version folder found)"
+
+    # --- new tables -----------------------------------------------------------------
+
+    def with_configs(self, configs: Iterable[ModelConfig]) -> RoutingTable:
+        """New models.config: removed models stop resolving and lose their statuses; their
+        loaded versions stay in ``served`` (unreachable) until they are unloaded."""
+        by_name = {c.name: c for c in configs}
+        states = {m: s for m, s in self.states.items() if m in by_name}
+        return replace(self, configs=by_name, states=states)
+
+    def with_state(self, key: VersionKey, status: VersionStatus) -> RoutingTable:
+        model, version = key
+        if model not in self.configs:  # a removed model's versions report nothing
+            return self
+        return replace(
+            self, states={**self.states, model: {**self.states.get(model, {}), version: status}}
+        )
+
+    def with_served(self, loaded: LoadedVersion) -> RoutingTable:
+        versions = {**self.served.get(loaded.model, {}), loaded.version: loaded}
+        return replace(self, served={**self.served, loaded.model: versions})
+
+    def without(self, keys: Iterable[VersionKey]) -> RoutingTable:
+        gone = set(keys)
+        served = {
+            model: {v: lv for v, lv in versions.items() if (model, v) not in gone}
+            for model, versions in self.served.items()
+        }
+        return replace(self, served={m: vs for m, vs in served.items() if vs})
+
+
+def _label_version(config: ModelConfig, label: str) -> int:
+    if label not in config.labels:
+        raise VersionNotFound(
+            f"model {config.name!r} has no version label {label!r}; "
+            f"labels: {listing(sorted(config.labels))}"
+        )
+    return config.labels[label]
+
+
+def listing(items: Iterable[object]) -> str:
+    """Items for a message a person reads: "1, 2" or "none"."""
+    return ", ".join(str(i) for i in items) or "none"

@@ -1,0 +1,75 @@
+"""The runtime contract: what the registry and the batcher need from a loaded model.
+
+A runtime owns one model version. Nothing heavy happens in ``__init__``: ``load()``
+reads and prepares the model (and may take seconds), ``predict()`` runs one batch and
+is called from batch threads (never from the event loop), ``unload()`` frees it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Batch = npt.NDArray[Any]
+Probabilities = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What ``predict`` takes: [N, height, width, 3] of ``dtype``."""
+
+    height: int
+    width: int
+    dtype: str  # "uint8" or "float32"
+    # For float inputs: x_float = x_uint8 * scale + offset, as the card declares, or [0, 1].
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+@dataclass
+class ModelInfo:
+    """What the gateway knows about a loaded version, whatever the runtime."""
+
+    input: InputSpec
+    num_classes: int
+    input_name: str = "image"
+    output_name: str = "probabilities"
+    signature_name: str = "serving_default"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Runtime(abc.ABC):
+    """One model version in memory."""
+
+    name: str = "runtime"
+
+    def __init__(self, version_dir: Path, *, threads: int = 0) -> None:
+        self.version_dir = version_dir
+        self.threads = threads
+        self._info: ModelInfo | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._info is not None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise RuntimeError(f"{self.name} runtime for {self.version_dir} is not loaded")
+        return self._info
+
+    @abc.abstractmethod
+    def load(self) -> ModelInfo:
+        """Load the model; raise ModelLoadError with a clear message on failure."""
+
+    @abc.abstractmethod
+    def predict(self, batch: Batch) -> Probabilities:
+        """[N,H,W,3] in the input dtype → float32 [N, num_classes]. Thread-safe."""
+
+    def unload(self) -> None:
+        self._info = None

@@ -1,0 +1,241 @@
+"""SavedModel → LiteRT, kept only when it reproduces the SavedModel.
+
+Used at export (the version ships ``assets.extra/model.tflite`` when verified) and at
+serving time for SavedModels that came without one: :func:`cached_artifact` converts
+once into ``cache_dir/<sha256>/model.tflite`` beside a ``verification.json`` recording
+the measured difference. A conversion that does not verify is refused, never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from service.errors import InvalidRequest, ModelLoadError
+from service.runtimes.base import Batch, InputSpec
+from service.runtimes.card import SIGNATURE, to_model_input
+
+log = logging.getLogger(__name__)
+
+# A converted artifact may differ from the SavedModel by float rounding, nothing more.
+LITERT_TOLERANCE = 1e-4
+ARTIFACT = "model.tflite"
+VERIFICATION = "verification.json"
+WARMUP_PATH = Path("assets.extra") / "tf_serving_warmup_requests"
+
+Reference = Callable[[Batch], npt.NDArray[np.float32]]
+
+
+def convert_saved_model(saved_model: Path) -> bytes:
+    """The flatbuffer of the serving signature, builtin ops only (what LiteRT runs)."""
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        str(saved_model), signature_keys=[SIGNATURE]
+    )
+    return bytes(converter.convert())
+
+
+def max_abs_diff(
+    content: bytes,
+    *,
+    input_name: str,
+    output_name: str,
+    reference: Reference,
+    samples: Sequence[Batch],
+) -> float:
+    """Largest |LiteRT - reference| over every sample batch (model-space inputs)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runner = Interpreter(model_content=content).get_signature_runner(SIGNATURE)
+    return max(
+        float(np.max(np.abs(runner(**{input_name: x})[output_name] - reference(x))))
+        for x in samples
+    )
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write beside ``path`` then rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def convert_litert(
+    saved_model: Path, target: Path, reference: Reference, samples: npt.NDArray[np.uint8]
+) -> dict[str, Any]:
+    """Export-time conversion: keep ``target`` only if it reproduces the SavedModel.
+
+    Each of ``samples`` (uint8 [K,H,W,3]) is checked on its own; returns the card's
+    ``runtimes.litert`` record.
+    """
+    content = convert_saved_model(saved_model)
+    max_diff = max_abs_diff(
+        content,
+        input_name="image",
+        output_name="probabilities",
+        reference=reference,
+        samples=[x[None] for x in samples],
+    )
+    info: dict[str, Any] = {
+        "file": target.name,
+        "verified_samples": len(samples),
+        "max_abs_diff": max_diff,
+        "tolerance": LITERT_TOLERANCE,
+        "verified": max_diff <= LITERT_TOLERANCE,
+    }
+    if info["verified"]:
+        atomic_write(target, content)
+        info["bytes"] = len(content)
+    else:
+        log.warning(
+            "LiteRT conversion differs by %.3g > %.0e; not kept", max_diff, LITERT_TOLERANCE
+        )
+    return info
+
+
+def cache_key(version_dir: Path) -> str:
+    """sha256 of saved_model.pb and the variables index: same graph and weights, same key."""
+    digest = hashlib.sha256()
+    for name in ("saved_model.pb", "variables/variables.index"):
+        path = version_dir / name
+        digest.update(name.encode() + b"\0")
+        if path.is_file():  # a SavedModel without variables has no index
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _tf_version() -> str:
+    try:
+        return metadata.version("tensorflow")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _warmup_inputs(version_dir: Path, input_name: str, spec: InputSpec) -> list[Batch]:
+    """Model inputs of the version's serving_default warmup records, if any."""
+    path = version_dir / WARMUP_PATH
+    if not path.is_file():
+        return []
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    found: list[Batch] = []
+    try:
+        for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+            entry = prediction_log_pb2.PredictionLog.FromString(raw)
+            request = entry.predict_log.request
+            if request.model_spec.signature_name not in ("", SIGNATURE):
+                continue
+            if input_name in request.inputs:
+                found.append(to_model_input(tf.make_ndarray(request.inputs[input_name]), spec))
+    except (InvalidRequest, ValueError, tf.errors.OpError) as exc:
+        # Warmup records only add samples; the random ones still verify the conversion.
+        log.warning("%s: skipping warmup records for verification: %s", path, exc)
+    return found
+
+
+def cached_artifact(version_dir: Path, cache_dir: Path) -> Path:
+    """A verified .tflite for ``version_dir`` from the cache, converting on a miss.
+
+    Raises ModelLoadError when conversion fails or does not verify. Two processes
+    missing at once both convert and both rename into place; the files are equivalent.
+    """
+    folder = cache_dir / cache_key(version_dir)
+    artifact, record_path = folder / ARTIFACT, folder / VERIFICATION
+    record = _read_record(record_path)
+    if record is not None and record.get("verified") is True and artifact.is_file():
+        return artifact
+    # A refusal is cached too (so every worker start does not pay for it again), but only
+    # for the converter and tolerance that produced it.
+    if (
+        record is not None
+        and record.get("verified") is False
+        and record.get("tolerance") == LITERT_TOLERANCE
+        and record.get("tensorflow") == _tf_version()
+    ):
+        raise ModelLoadError(_refusal(version_dir, record))
+    record = _convert_and_verify(version_dir, folder)
+    if not record["verified"]:
+        raise ModelLoadError(_refusal(version_dir, record))
+    return artifact
+
+
+def _refusal(version_dir: Path, record: dict[str, Any]) -> str:
+    return (
+        f"{version_dir}: LiteRT conversion differs from the SavedModel by "
+        f"{record.get('max_abs_diff')} > {record.get('tolerance')}; refusing to serve it"
+    )
+
+
+def _convert_and_verify(version_dir: Path, folder: Path) -> dict[str, Any]:
+    from service.runtimes.tensorflow import TensorFlowRuntime
+
+    log.info("converting %s to LiteRT into %s", version_dir, folder)
+    reference = TensorFlowRuntime(version_dir)
+    info = reference.load()  # ModelLoadError here names the folder already
+    try:
+        spec = info.input
+        rng = np.random.default_rng(0)
+        samples = [
+            to_model_input(rng.integers(0, 256, (n, spec.height, spec.width, 3), np.uint8), spec)
+            for n in (1, 3)
+        ]
+        samples += _warmup_inputs(version_dir, info.input_name, spec)
+        try:
+            content = convert_saved_model(version_dir)
+            diff = max_abs_diff(
+                content,
+                input_name=info.input_name,
+                output_name=info.output_name,
+                reference=reference.predict,
+                samples=samples,
+            )
+        except Exception as exc:  # converter and interpreter raise many unrelated types
+            raise ModelLoadError(f"{version_dir}: LiteRT conversion failed: {exc}") from exc
+    finally:
+        reference.unload()
+    record: dict[str, Any] = {
+        "source": str(version_dir),
+        "signature": SIGNATURE,
+        "verified_samples": sum(len(x) for x in samples),
+        "max_abs_diff": diff,
+        "tolerance": LITERT_TOLERANCE,
+        "verified": diff <= LITERT_TOLERANCE,
+        "bytes": len(content),
+        "tensorflow": _tf_version(),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    if record["verified"]:
+        # Artifact first: a verification record never points at a missing file.
+        atomic_write(folder / ARTIFACT, content)
+    else:
+        log.warning("%s", _refusal(version_dir, record))
+    atomic_write(folder / VERIFICATION, (json.dumps(record, indent=2) + "\n").encode())
+    return record

@@ -1,0 +1,131 @@
+"""The LiteRT runtime: a verified .tflite twin of the SavedModel on the XNNPACK CPU path.
+
+The artifact is the one export verified (``assets.extra/model.tflite``, card says so) or
+one converted and verified into the cache on first load (:mod:`.conversion`). TensorFlow
+is imported only for that conversion; serving a shipped artifact never loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import ModelLoadError
+from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
+from service.runtimes.card import (
+    SIGNATURE,
+    TensorDesc,
+    describe,
+    read_card,
+    to_model_input,
+    verified_litert,
+)
+
+log = logging.getLogger(__name__)
+
+# Interpreters kept per batch thread, one per recently seen batch size (see _runner).
+SIZES_PER_THREAD = 4
+
+
+def litert_artifact(version_dir: Path, cache_dir: Path) -> Path:
+    """The verified .tflite to serve: export's, else the cache's (converting on a miss).
+
+    Raises ModelLoadError when there is none and conversion fails or does not verify.
+    """
+    if not (version_dir / "saved_model.pb").is_file():
+        raise ModelLoadError(f"{version_dir} is not a SavedModel (no saved_model.pb)")
+    shipped = verified_litert(version_dir, read_card(version_dir))
+    if shipped is not None:
+        return shipped
+    from service.runtimes.conversion import cached_artifact
+
+    return cached_artifact(version_dir, cache_dir)
+
+
+def _desc(detail: dict[str, Any]) -> TensorDesc:
+    shape = tuple(None if d < 0 else int(d) for d in detail["shape_signature"])
+    return TensorDesc(dtype=np.dtype(detail["dtype"]).name, shape=shape)
+
+
+class LiteRTRuntime(Runtime):
+    """One version served from its verified LiteRT artifact."""
+
+    name = "litert"
+
+    def __init__(self, version_dir: Path, *, cache_dir: Path, threads: int = 0) -> None:
+        super().__init__(version_dir, threads=threads)
+        self.cache_dir = cache_dir
+        self.artifact: Path | None = None
+        self._content: bytes | None = None
+        self._local = threading.local()
+
+    def _new_runner(self) -> Any:
+        from ai_edge_litert.interpreter import Interpreter
+
+        content = self._content
+        if content is None:
+            raise RuntimeError(f"litert runtime for {self.version_dir} is not loaded")
+        interpreter = Interpreter(model_content=content, num_threads=self.threads or 1)
+        return interpreter.get_signature_runner(SIGNATURE)
+
+    def load(self) -> ModelInfo:
+        artifact = litert_artifact(self.version_dir, self.cache_dir)
+        try:
+            self._content = artifact.read_bytes()
+            runner = self._new_runner()
+            inputs = {k: _desc(v) for k, v in runner.get_input_details().items()}
+            outputs = {k: _desc(v) for k, v in runner.get_output_details().items()}
+        except Exception as exc:  # a truncated or foreign file fails in many ways
+            self._content = None
+            raise ModelLoadError(f"{self.version_dir}: cannot open {artifact}: {exc}") from exc
+        info = describe(inputs, outputs, read_card(self.version_dir), self.version_dir)
+        info.extra["artifact"] = str(artifact)
+        self.artifact = artifact
+        self._local = threading.local()
+        self._info = info
+        log.info("loaded %s with litert from %s", self.version_dir, artifact)
+        return info
+
+    def _runner(self, size: int) -> Any:
+        """This thread's signature runner already allocated for ``size`` when possible.
+
+        Interpreters are not thread-safe, so each batch thread gets its own (a
+        threading.local). Resizing the input and re-allocating tensors (and re-preparing
+        XNNPACK) costs about a batch-1 inference, and under a batcher sizes alternate
+        (full batches under load, singles when idle). So each thread keeps up to
+        SIZES_PER_THREAD interpreters keyed by batch size: a hit allocates nothing. On a
+        miss with the pool full the least recently used interpreter is reused and
+        resized (the runner resizes when the shape changes) rather than building a new
+        one, which bounds memory at SIZES_PER_THREAD arenas per thread instead of
+        max_batch_size of them.
+        """
+        pool: OrderedDict[int, Any] | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = OrderedDict()
+        runner = pool.pop(size, None)
+        if runner is None:
+            if len(pool) >= SIZES_PER_THREAD:
+                _, runner = pool.popitem(last=False)
+            else:
+                runner = self._new_runner()
+        pool[size] = runner  # (re)inserted last = most recently used
+        return runner
+
+    def predict(self, batch: Batch) -> Probabilities:
+        info = self.info
+        x = to_model_input(batch, info.input)
+        if len(x) == 0:
+            return np.zeros((0, info.num_classes), np.float32)
+        out = self._runner(len(x))(**{info.input_name: x})[info.output_name]
+        return np.asarray(out, dtype=np.float32)
+
+    def unload(self) -> None:
+        # Dropping the threading.local frees every thread's interpreters at once.
+        self._local = threading.local()
+        self._content = None
+        super().unload()

@@ -1,0 +1,107 @@
+"""The TensorFlow runtime: the SavedModel's ``serving_default`` signature, as TF Serving runs it.
+
+It serves any SavedModel whose signature takes one uint8 or float32 [N,H,W,3] image,
+not only cnnserve's. A concrete function may be called from several threads at once, so
+``predict`` needs no locking.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.errors import ModelLoadError
+from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
+from service.runtimes.card import SIGNATURE, TensorDesc, describe, read_card, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+def _desc(spec: Any) -> TensorDesc:
+    """TensorDesc of a tf.TensorSpec (typed Any: TensorFlow ships no type stubs)."""
+    return TensorDesc(dtype=str(spec.dtype.name), shape=tuple(spec.shape.as_list()))
+
+
+def _set_intra_op_threads(threads: int) -> None:
+    """TF's thread pools are process-wide and fixed once TF has run anything; best effort."""
+    import tensorflow as tf
+
+    if threads <= 0 or tf.config.threading.get_intra_op_parallelism_threads() == threads:
+        return
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.info("TensorFlow already initialized; intra-op threads stay as they are")
+
+
+class TensorFlowRuntime(Runtime):
+    """One SavedModel version loaded with ``tf.saved_model.load``."""
+
+    name = "tensorflow"
+
+    def __init__(self, version_dir: Path, *, threads: int = 0) -> None:
+        super().__init__(version_dir, threads=threads)
+        self._loaded: Any = None
+        self._fn: Any = None
+
+    def load(self) -> ModelInfo:
+        if not (self.version_dir / "saved_model.pb").is_file():
+            raise ModelLoadError(f"{self.version_dir} is not a SavedModel (no saved_model.pb)")
+        import tensorflow as tf
+
+        _set_intra_op_threads(self.threads)
+        # TF raises OpError, ValueError, OSError, KeyError... depending on what is wrong
+        # with the folder; the caller sees one error type that names it.
+        try:
+            loaded = tf.saved_model.load(str(self.version_dir))
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load SavedModel {self.version_dir}: {exc}") from exc
+        signatures = getattr(loaded, "signatures", {})
+        if SIGNATURE not in signatures:
+            raise ModelLoadError(
+                f"{self.version_dir}: no {SIGNATURE!r} signature (has {sorted(signatures)})"
+            )
+        fn = signatures[SIGNATURE]
+        try:
+            args, kwargs = fn.structured_input_signature
+            outputs = fn.structured_outputs
+            if args or not isinstance(outputs, dict):
+                raise ValueError("signature inputs and outputs must be named")
+            info = describe(
+                {name: _desc(spec) for name, spec in kwargs.items()},
+                {name: _desc(spec) for name, spec in outputs.items()},
+                read_card(self.version_dir),
+                self.version_dir,
+            )
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(f"{self.version_dir}: unusable {SIGNATURE}: {exc}") from exc
+        self._loaded, self._fn = loaded, fn  # the function needs its SavedModel kept alive
+        self._info = info
+        log.info(
+            "loaded %s with tensorflow: %s %s → %d classes",
+            self.version_dir,
+            info.input.dtype,
+            [info.input.height, info.input.width, 3],
+            info.num_classes,
+        )
+        return info
+
+    def predict(self, batch: Batch) -> Probabilities:
+        info = self.info
+        fn = self._fn
+        x = to_model_input(batch, info.input)
+        if len(x) == 0:
+            return np.zeros((0, info.num_classes), np.float32)
+        import tensorflow as tf
+
+        out = fn(**{info.input_name: tf.constant(x)})[info.output_name]
+        return np.asarray(out.numpy(), dtype=np.float32)
+
+    def unload(self) -> None:
+        self._loaded = self._fn = None
+        super().unload()

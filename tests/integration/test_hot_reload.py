@@ -1,0 +1,134 @@
+"""Readiness, hot reload, version labels and several workers, against a real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.images import encode, gradient
+from tests.models import publish_tiny, simple_config, write_models_config
+from tests.server import running_server
+
+pytestmark = pytest.mark.slow
+
+PNG = encode(gradient(), "PNG")
+RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
+
+
+def wait_for(predicate, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    """Poll a condition on the server (its state, not the clock) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition never held")
+        time.sleep(0.05)
+
+
+def test_not_ready_until_a_version_is_available(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    write_models_config(repo, simple_config("m"))
+    (repo / "m").mkdir()
+    server_args = ("--poll-seconds", "0.2")
+    with (
+        running_server(repo, wait_ready=False, args=server_args) as server,
+        server.client() as client,
+    ):
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        r = client.post("/v1/classify", **RAW)  # type: ignore[arg-type]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+        assert "retry-after" in r.headers
+        publish_tiny(repo, "m")
+        server.wait("/readyz", 200)
+        assert client.post("/v1/classify", **RAW).json()["version"] == 1  # type: ignore[arg-type]
+
+
+def test_hot_reload_without_failed_requests(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1)
+    write_models_config(repo, simple_config("m"))
+    with running_server(repo, args=("--poll-seconds", "0.2")) as server:
+        failures: list[str] = []
+        versions: set[int] = set()
+        stop = threading.Event()
+
+        def load() -> None:
+            with server.client() as client:
+                while not stop.is_set():
+                    r = client.post("/v1/classify", **RAW)  # type: ignore[arg-type]
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text}")
+                    else:
+                        versions.add(r.json()["version"])
+
+        workers = [threading.Thread(target=load) for _ in range(4)]
+        for w in workers:
+            w.start()
+        try:
+            wait_for(lambda: 1 in versions)
+            publish_tiny(repo, "m", seed=2)
+            wait_for(lambda: 2 in versions)
+            # A broken v3 is reported and does not displace v2.
+            broken = repo / "m" / "3"
+            broken.mkdir()
+            (broken / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+
+            def v3_failed() -> bool:
+                status = httpx.get(f"{server.url}/v1/models/m").json()["model_version_status"]
+                return any(s["version"] == "3" and s["state"] == "END" for s in status)
+
+            wait_for(v3_failed)
+            served = {r.json()["version"] for r in [httpx.post(f"{server.url}/v1/classify", **RAW)]}  # type: ignore[arg-type]
+        finally:
+            stop.set()
+            for w in workers:
+                w.join()
+        assert failures == []
+        assert versions >= {1, 2} and served == {2}
+        status = httpx.get(f"{server.url}/v1/models/m").json()["model_version_status"]
+        v3 = next(s for s in status if s["version"] == "3")
+        assert v3["status"]["error_code"] != "OK" and v3["status"]["error_message"]
+        assert httpx.get(f"{server.url}/readyz").status_code == 200
+
+
+def test_version_labels_route_requests(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1)
+    publish_tiny(repo, "m", seed=2)
+    write_models_config(
+        repo,
+        'config { name: "m" base_path: "/models/m" model_platform: "tensorflow" '
+        "model_version_policy { specific { versions: 1 versions: 2 } } "
+        'version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 2 } }',
+    )
+    with running_server(repo, args=("--poll-seconds", "0")) as server, server.client() as client:
+
+        def version(**params: object) -> int:
+            r = client.post("/v1/classify", params=params, **RAW)  # type: ignore[arg-type]
+            assert r.status_code == 200, r.text
+            v: int = r.json()["version"]
+            return v
+
+        assert version(label="stable") == 1
+        assert version(label="canary") == 2
+        assert version(version=1) == 1
+        assert version() == 2  # the newest served version by default
+        status = client.get("/v1/models/m/labels/canary").json()["model_version_status"]
+        assert [s["version"] for s in status] == ["2"]
+
+
+def test_several_workers(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m")
+    write_models_config(repo, simple_config("m"))
+    with running_server(repo, args=("--workers", "2", "--poll-seconds", "0")) as server:
+        with server.client() as client:
+            # Each worker loads its own copy; wait until every answer says ready.
+            wait_for(lambda: all(client.get("/readyz").status_code == 200 for _ in range(10)))
+            results = [client.post("/v1/classify", **RAW) for _ in range(10)]  # type: ignore[arg-type]
+        assert all(r.status_code == 200 for r in results)
+        assert len({tuple(p["score"] for p in r.json()["predictions"]) for r in results}) == 1

@@ -1,0 +1,98 @@
+"""Start a real `cnnserve serve` process on free ports and wait until it answers."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.process = process
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = log
+
+    def client(self, **kwargs: object) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def wait(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> None:
+        """Poll until ``path`` answers ``status`` (readiness, not a fixed sleep)."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"server exited {self.process.returncode}:\n{self.log.read_text()}"
+                )
+            try:
+                last = httpx.get(self.url + path, timeout=2).status_code
+                if last == status:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{path} never answered {status} (last {last}):\n{self.log.read_text()}")
+
+
+@contextmanager
+def running_server(
+    repository: Path,
+    *,
+    wait_ready: bool = True,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> Iterator[Server]:
+    port = free_port()
+    log = repository.parent / f"server-{port}.log"
+    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--grpc-port",
+                "0",
+                "--model-repository",
+                str(repository),
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment,
+        )
+    server = Server(process, port, log)
+    try:
+        server.wait("/healthz")
+        if wait_ready:
+            server.wait("/readyz")
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

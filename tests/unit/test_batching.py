@@ -1,0 +1,405 @@
+"""The dynamic batcher with plain-numpy predict functions: cuts, limits, deadlines, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from service import batching
+from service.batching import BatchingConfig, DynamicBatcher
+from service.config import Settings
+from service.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidRequest,
+    ModelNotReady,
+    Overloaded,
+    TooManyImages,
+)
+
+Array = npt.NDArray[Any]
+WAIT = 5.0  # seconds any event wait may take before the test counts as hung
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run one test scenario; a hang fails the test instead of blocking the suite."""
+    return asyncio.run(asyncio.wait_for(coro, WAIT))
+
+
+def images(*values: int) -> Array:
+    """One 2x2 RGB image per value, every pixel that value: rows are recognisable."""
+    return np.broadcast_to(np.array(values, np.int64)[:, None, None, None], (len(values), 2, 2, 3))
+
+
+def ids(batch: Array) -> Array:
+    """The predict used in most tests: each image's value, so outputs say which row is which."""
+    return batch[:, 0, 0, 0].copy()
+
+
+def config(
+    max_batch_size: int = 4,
+    batch_timeout_micros: int = 0,
+    max_enqueued_batches: int = 4,
+    num_batch_threads: int = 1,
+) -> BatchingConfig:
+    return BatchingConfig(
+        max_batch_size, batch_timeout_micros, max_enqueued_batches, num_batch_threads
+    )
+
+
+class Gate:
+    """A predict that blocks on its first call until released, recording every batch."""
+
+    def __init__(self, fn: Callable[[Array], Array] = ids) -> None:
+        self.fn = fn
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.batches: list[list[int]] = []
+
+    def __call__(self, batch: Array) -> Array:
+        self.batches.append(batch[:, 0, 0, 0].tolist())
+        if len(self.batches) == 1:
+            self.entered.set()
+            assert self.release.wait(WAIT)
+        return self.fn(batch)
+
+    async def blocked(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, WAIT)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int, float]] = []
+        self.rejected = 0
+        self.expired = 0
+        self.depths: list[int] = []
+
+    def on_batch(
+        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+    ) -> None:
+        self.batches.append((size, len(queue_wait_seconds), inference_seconds))
+
+    def on_rejected(self) -> None:
+        self.rejected += 1
+
+    def on_expired(self, count: int) -> None:
+        self.expired += count
+
+    def on_queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Yield to the loop (no timed sleep) until ``condition`` holds."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never held")
+
+
+def spawn(
+    batcher: DynamicBatcher, *values: int, deadline: float | None = None
+) -> asyncio.Task[Array]:
+    return asyncio.create_task(batcher.submit(images(*values), deadline=deadline))
+
+
+async def gather(tasks: list[asyncio.Task[Array]]) -> list[list[int]]:
+    return [r.tolist() for r in await asyncio.gather(*tasks)]
+
+
+def test_config_from_settings_and_validation() -> None:
+    settings = Settings(
+        max_batch_size=8, batch_timeout_micros=250, max_enqueued_batches=3, num_batch_threads=2
+    )
+    assert BatchingConfig.from_settings(settings) == BatchingConfig(8, 250, 3, 2)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchingConfig(0, 0, 1, 1)
+
+
+def test_full_batch_is_cut_at_max_batch_size_without_waiting_for_the_timeout() -> None:
+    seen: list[int] = []
+
+    def predict(batch: Array) -> Array:
+        seen.append(len(batch))
+        return ids(batch)
+
+    async def scenario() -> list[list[int]]:
+        # A 10 s timeout: only reaching max_batch_size can cut within the run() limit.
+        async with DynamicBatcher(predict, config(4, 10_000_000)) as batcher:
+            return await gather([spawn(batcher, v) for v in (1, 2, 3, 4)])
+
+    assert run(scenario()) == [[1], [2], [3], [4]]
+    assert seen == [4]
+
+
+def test_partial_batch_is_cut_after_the_timeout() -> None:
+    seen: list[int] = []
+
+    def predict(batch: Array) -> Array:
+        seen.append(len(batch))
+        return ids(batch)
+
+    async def scenario() -> float:
+        async with DynamicBatcher(predict, config(8, 50_000)) as batcher:
+            start = time.monotonic()
+            assert await gather([spawn(batcher, 1), spawn(batcher, 2, 3)]) == [[1], [2, 3]]
+            return time.monotonic() - start
+
+    elapsed = run(scenario())
+    assert seen == [3]
+    assert 0.05 <= elapsed < 2.0
+
+
+def test_zero_timeout_takes_whatever_is_queued_when_a_thread_frees() -> None:
+    gate = Gate()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(gate, config(8, 0)) as batcher:
+            first = spawn(batcher, 1)
+            await gate.blocked()  # cut alone, though max_batch_size is 8
+            rest = [spawn(batcher, 2), spawn(batcher, 3, 4), spawn(batcher, 5)]
+            await until(lambda: batcher.queue_depth == 4)
+            assert batcher.in_flight == 1
+            gate.release.set()
+            assert await gather([first, *rest]) == [[1], [2], [3, 4], [5]]
+            assert (batcher.queue_depth, batcher.in_flight) == (0, 0)
+
+    run(scenario())
+    assert gate.batches == [[1], [2, 3, 4, 5]]
+
+
+def test_each_request_gets_exactly_its_rows_and_batches_never_exceed_the_limit() -> None:
+    gate = Gate(lambda b: ids(b) * 10)
+    requests = [(1,), (2, 3, 4), (5, 6), (7,), (8, 9, 10), (11, 12, 13, 14), (15,)]
+
+    async def scenario() -> list[list[int]]:
+        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+            first = spawn(batcher, 0)
+            await gate.blocked()
+            tasks = [spawn(batcher, *r) for r in requests]
+            await until(lambda: batcher.queue_depth == 15)
+            gate.release.set()
+            return (await gather([first, *tasks]))[1:]
+
+    assert run(scenario()) == [[v * 10 for v in r] for r in requests]
+    # Whole requests in FIFO order, cut before the first one that does not fit.
+    assert gate.batches == [[0], [1, 2, 3, 4], [5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [15]]
+
+
+def test_request_larger_than_max_batch_size_is_split_and_rejoined_in_order() -> None:
+    gate = Gate()
+
+    async def scenario() -> list[int]:
+        async with DynamicBatcher(gate, config(4, 1000)) as batcher:
+            gate.release.set()
+            result = await batcher.submit(images(*range(10)), deadline=None)
+            return [int(v) for v in result]
+
+    assert run(scenario()) == list(range(10))
+    assert gate.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_predict_error_reaches_every_waiter_and_the_next_batch_still_works() -> None:
+    failure = ValueError("boom")
+
+    def predict(batch: Array) -> Array:
+        if 13 in batch:
+            raise failure
+        if 400 in batch:
+            raise InvalidRequest("bad pixels")
+        return ids(batch)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(predict, config(4, 10_000_000)) as batcher:
+            tasks = [spawn(batcher, 1), spawn(batcher, 13, 2), spawn(batcher, 3)]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(r, InternalError) and r.__cause__ is failure for r in results)
+            # Our own errors pass through unwrapped.
+            with pytest.raises(InvalidRequest, match="bad pixels"):
+                await batcher.submit(images(400, 1, 2, 3), deadline=None)
+            assert await gather([spawn(batcher, 5, 6), spawn(batcher, 7, 8)]) == [[5, 6], [7, 8]]
+
+    run(scenario())
+
+
+def test_wrong_output_length_is_an_internal_error_for_the_batch() -> None:
+    async def scenario() -> None:
+        async with DynamicBatcher(lambda b: ids(b)[:1], config(2, 0)) as batcher:
+            with pytest.raises(InternalError, match="predict returned ndarray"):
+                await batcher.submit(images(1, 2), deadline=None)
+
+    run(scenario())
+
+
+def test_full_queue_rejects_immediately_with_overloaded() -> None:
+    gate = Gate()
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        # Capacity: 2 batches of 2 = 4 queued images.
+        async with DynamicBatcher(gate, config(2, 0, 2), observer=recorder) as batcher:
+            first = spawn(batcher, 0)
+            await gate.blocked()
+            queued = [spawn(batcher, 1, 2), spawn(batcher, 3), spawn(batcher, 4)]
+            await until(lambda: batcher.queue_depth == 4)
+            with pytest.raises(Overloaded, match=r"at capacity.*Retry-After"):
+                await batcher.submit(images(5), deadline=None)
+            assert recorder.rejected == 1
+            assert batcher.queue_depth == 4
+            with pytest.raises(TooManyImages):  # could never fit, so retrying is pointless
+                await batcher.submit(images(*range(5)), deadline=None)
+            gate.release.set()
+            assert await gather([first, *queued]) == [[0], [1, 2], [3], [4]]
+            assert recorder.depths[-1] == 0
+
+    run(scenario())
+    assert max(recorder.depths) == 4
+
+
+def test_deadline_expired_in_the_queue_is_dropped_before_inference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The batcher's clock, not the loop's: the deadline passes between two cuts without
+    # the waiter's own timer firing, so the cut itself must drop the request.
+    now = [1000.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
+    gate = Gate()
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(gate, config(4, 0), observer=recorder) as batcher:
+            first = spawn(batcher, 0)
+            await gate.blocked()
+            late = spawn(batcher, 99, deadline=now[0] + 1.0)
+            on_time = spawn(batcher, 1, deadline=now[0] + 10.0)
+            await until(lambda: batcher.queue_depth == 2)
+            now[0] += 5.0
+            gate.release.set()
+            with pytest.raises(DeadlineExceeded):
+                await late
+            assert await gather([first, on_time]) == [[0], [1]]
+
+    run(scenario())
+    assert gate.batches == [[0], [1]]
+    assert recorder.expired == 1
+
+
+def test_submit_does_not_wait_past_its_deadline() -> None:
+    gate = Gate()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+            first = spawn(batcher, 0)
+            await gate.blocked()
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit(images(99), deadline=time.monotonic() + 0.05)
+            assert batcher.queue_depth == 0  # the give-up freed its queue slot
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit(images(98), deadline=time.monotonic() - 1)
+            survivor = spawn(batcher, 1)
+            gate.release.set()
+            assert await gather([first, survivor]) == [[0], [1]]
+
+    run(scenario())
+    assert gate.batches == [[0], [1]]
+
+
+def test_cancelled_waiters_do_not_break_anything() -> None:
+    gate = Gate()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+            running = spawn(batcher, 0)
+            await gate.blocked()
+            queued = spawn(batcher, 99)
+            kept = spawn(batcher, 1)
+            await until(lambda: batcher.queue_depth == 2)
+            running.cancel()  # its batch is on a thread already
+            queued.cancel()
+            await asyncio.gather(running, queued, return_exceptions=True)
+            assert batcher.queue_depth == 1
+            gate.release.set()
+            assert (await kept).tolist() == [1]
+            assert (await batcher.submit(images(2), deadline=None)).tolist() == [2]
+
+    run(scenario())
+    assert gate.batches == [[0], [1], [2]]
+
+
+def test_stop_fails_queued_waiters_lets_running_batches_finish_and_rejects_new_work() -> None:
+    gate = Gate()
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(gate, config(4, 0))
+        with pytest.raises(ModelNotReady):  # not started yet
+            await batcher.submit(images(1), deadline=None)
+        await batcher.start()
+        running = spawn(batcher, 0)
+        await gate.blocked()
+        queued = spawn(batcher, 1)
+        await until(lambda: batcher.queue_depth == 1)
+        stopping = asyncio.create_task(batcher.stop())
+        with pytest.raises(ModelNotReady, match="unloading"):
+            await queued
+        assert not stopping.done()  # still waiting for the running batch
+        with pytest.raises(ModelNotReady):
+            await batcher.submit(images(2), deadline=None)
+        gate.release.set()
+        await stopping
+        assert (await running).tolist() == [0]
+
+    run(scenario())
+    assert gate.batches == [[0]]
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+def test_batch_threads_run_batches_concurrently(threads: int) -> None:
+    # Both batches must be inside predict at once to pass the barrier; with one thread
+    # the barrier times out, which shows the two-thread case proves overlap.
+    barrier = threading.Barrier(2, timeout=WAIT if threads == 2 else 0.2)
+
+    def predict(batch: Array) -> Array:
+        barrier.wait()
+        return ids(batch)
+
+    async def scenario() -> list[Any]:
+        async with DynamicBatcher(predict, config(1, 0, 4, threads)) as batcher:
+            tasks = [spawn(batcher, 1), spawn(batcher, 2)]
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    results = run(scenario())
+    if threads == 2:
+        assert [r.tolist() for r in results] == [[1], [2]]
+    else:
+        assert all(isinstance(r, InternalError) for r in results)
+
+
+def test_observer_hears_about_each_batch() -> None:
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(ids, config(4, 10_000_000), observer=recorder) as batcher:
+            await gather([spawn(batcher, 1, 2), spawn(batcher, 3, 4)])
+
+    run(scenario())
+    assert len(recorder.batches) == 1
+    size, waits, seconds = recorder.batches[0]
+    assert (size, waits) == (4, 2)
+    assert seconds >= 0
+
+
+def test_empty_request_is_invalid() -> None:
+    async def scenario() -> None:
+        async with DynamicBatcher(ids, config()) as batcher:
+            with pytest.raises(InvalidRequest):
+                await batcher.submit(np.zeros((0, 2, 2, 3), np.uint8), deadline=None)
+
+    run(scenario())

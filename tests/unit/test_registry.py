@@ -1,0 +1,444 @@
+"""The repository reader and the registry on real tiny SavedModels in temp repositories.
+
+One tiny model is published per module; every version a test needs is a copy of it, so
+a test pays for loading models (under a second each), not for building them. Registry
+scenarios are coroutines run with asyncio.run; concurrency is coordinated with events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.config import Settings
+from service.errors import (
+    InvalidRequest,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    VersionNotFound,
+)
+from service.registry import Registry, VersionState
+from service.repository import ConfigError, ModelConfig, read_labels, read_repository, read_warmup
+from service.runtimes import create_runtime
+from service.runtimes.base import Runtime
+from tests.models import publish_tiny, simple_config, write_models_config
+
+IMAGES = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
+
+
+# --- fixtures and helpers ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One published tiny version (labels cat/dog/bird, warmup records, card)."""
+    return publish_tiny(tmp_path_factory.mktemp("template"), "m")
+
+
+def add_version(
+    repo: Path, model: str, version: int, template: Path, *, labels: bool = True
+) -> Path:
+    path = repo / model / str(version)
+    shutil.copytree(template, path)
+    if not labels:
+        (path / "assets.extra" / "labels.txt").unlink()
+    return path
+
+
+def settings(repo: Path, tmp_path: Path) -> Settings:
+    # request_timeout_seconds also bounds how long an unload waits for requests that
+    # still hold a version; it is long so that a leaked reference shows as a warning.
+    return Settings(
+        model_repository=repo,
+        runtime="tensorflow",
+        poll_seconds=0,
+        cache_dir=tmp_path / "cache",
+        intra_op_threads=1,
+        request_timeout_seconds=30,
+    )
+
+
+def config_entry(name: str, policy: str, labels: dict[str, int] | None = None) -> str:
+    label_text = " ".join(
+        f'version_labels {{ key: "{k}" value: {v} }}' for k, v in (labels or {}).items()
+    )
+    return (
+        f'config {{ name: "{name}" base_path: "/models/{name}" model_platform: "tensorflow" '
+        f"model_version_policy {{ {policy} }} {label_text} }}"
+    )
+
+
+def states(registry: Registry, model: str) -> dict[int, VersionState]:
+    return {s.version: s.state for s in registry.statuses(model)}
+
+
+def run_with(registry: Registry, scenario: Callable[[], Awaitable[None]]) -> None:
+    """Run a scenario on a fresh event loop, always stopping the registry after it."""
+
+    async def main() -> None:
+        try:
+            await scenario()
+        finally:
+            await registry.stop()
+
+    asyncio.run(main())
+
+
+class CountingFactory:
+    """create_runtime, recording which folders it was asked to load."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+
+    def __call__(self, name: str, version_dir: Path, *, cache_dir: Path, threads: int) -> Runtime:
+        self.paths.append(version_dir)
+        return create_runtime(name, version_dir, cache_dir=cache_dir, threads=threads)
+
+
+# --- models.config and version folders (no loading) ----------------------------------
+
+
+def cfg(policy: str, num_versions: int = 1, versions: tuple[int, ...] = ()) -> ModelConfig:
+    return ModelConfig("m", Path("/r/m"), policy, num_versions, versions)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("config", "available", "wanted"),
+    [
+        (cfg("latest"), [1, 2, 3], {3}),
+        (cfg("latest", num_versions=2), [3, 1, 2], {2, 3}),
+        (cfg("latest", num_versions=5), [1, 2], {1, 2}),
+        (cfg("latest"), [], set()),
+        (cfg("specific", versions=(1, 3, 7)), [1, 2, 3], {1, 3}),  # 7 is not on disk
+        (cfg("all"), [1, 2, 10], {1, 2, 10}),
+    ],
+)
+def test_wanted_versions_follow_tf_serving_policies(
+    config: ModelConfig, available: list[int], wanted: set[int]
+) -> None:
+    assert config.wanted_versions(available) == wanted
+
+
+def test_read_repository_types_every_config(tmp_path: Path) -> None:
+    write_models_config(
+        tmp_path,
+        config_entry("b", "specific { versions: 1 versions: 2 }", {"stable": 1, "canary": 2})
+        + '\nconfig { name: "a" base_path: "/models/a" model_platform: "tensorflow" }\n'
+        + config_entry("c", "all {}")
+        + '\nconfig { name: "d" base_path: "elsewhere/d" model_platform: "tensorflow" '
+        "model_version_policy { latest { num_versions: 3 } } }",
+    )
+    b, a, c, d = read_repository(tmp_path)  # file order: b is the default model
+    assert (b.name, b.policy, b.versions, dict(b.labels)) == (
+        "b",
+        "specific",
+        (1, 2),
+        {"stable": 1, "canary": 2},
+    )
+    assert b.base_path == tmp_path / "b"
+    assert (a.policy, a.num_versions) == ("latest", 1)  # no policy: TF Serving's latest 1
+    assert c.policy == "all"
+    assert (d.policy, d.num_versions, d.base_path) == ("latest", 3, tmp_path / "elsewhere" / "d")
+
+
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        (config_entry("m", "specific { }"), "at least one version"),
+        (config_entry("m", "all {}").replace('"tensorflow"', '"pytorch"'), "model_platform"),
+        (config_entry("m", "all {}", {"bad": 0}), "positive version"),
+        (config_entry("m", "latest { num_version: 1 }"), "num_version"),
+    ],
+)
+def test_read_repository_refuses_what_tf_serving_would(
+    tmp_path: Path, entry: str, words: str
+) -> None:
+    write_models_config(tmp_path, entry)
+    with pytest.raises(ConfigError, match=words):
+        read_repository(tmp_path)
+
+
+def test_labels_file_or_class_indices(template: Path, tmp_path: Path) -> None:
+    assert read_labels(template, 3) == ["cat", "dog", "bird"]
+    bare = add_version(tmp_path, "m", 1, template, labels=False)
+    assert read_labels(bare, 3) == ["0", "1", "2"]
+    with pytest.raises(ModelLoadError, match=r"3 labels .* 4 classes"):
+        read_labels(template, 4)
+
+
+def test_warmup_reader_matches_tensorflow(template: Path, tmp_path: Path) -> None:
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    from service.training.export import write_warmup
+
+    # publish_tiny wrote TF Serving's records: serving_default at batch 1 and 8, plus one
+    # predict_image_bytes request that replay skips.
+    expected = [
+        {k: tf.make_ndarray(v) for k, v in log.predict_log.request.inputs.items()}
+        for record in tf.data.TFRecordDataset(
+            str(template / "assets.extra" / "tf_serving_warmup_requests")
+        ).as_numpy_iterator()
+        if (
+            log := prediction_log_pb2.PredictionLog.FromString(record)
+        ).predict_log.request.model_spec.signature_name
+        == "serving_default"
+    ]
+    got = read_warmup(template)
+    assert [list(r) for r in got] == [["image"], ["image"]]
+    assert [r["image"].shape for r in got] == [(1, 224, 224, 3), (8, 224, 224, 3)]
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(g["image"], e["image"])
+        assert g["image"].dtype == e["image"].dtype
+
+    # Values in the typed fields instead of tensor_content, as other writers produce.
+    def shape(*dims: int) -> tensor_shape_pb2.TensorShapeProto:
+        return tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims]
+        )
+
+    tensors = {
+        "floats": tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_FLOAT, tensor_shape=shape(2, 2), float_val=[1.5]
+        ),
+        "ints": tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_INT32, tensor_shape=shape(3), int_val=[-3, 0, 300]
+        ),
+        "bytes": tensor_pb2.TensorProto(
+            dtype=types_pb2.DT_UINT8, tensor_shape=shape(1, 2), int_val=[7, 255]
+        ),
+    }
+    request = predict_pb2.PredictRequest(model_spec=model_pb2.ModelSpec(name="m"))
+    for name, tensor in tensors.items():
+        request.inputs[name].CopyFrom(tensor)
+    log = prediction_log_pb2.PredictionLog(
+        predict_log=prediction_log_pb2.PredictLog(request=request)
+    )
+    folder = tmp_path / "v"
+    (folder / "assets.extra").mkdir(parents=True)
+    write_warmup(folder / "assets.extra" / "tf_serving_warmup_requests", [log.SerializeToString()])
+    (got_typed,) = read_warmup(folder)
+    for name, tensor in tensors.items():
+        want = tf.make_ndarray(tensor)
+        np.testing.assert_array_equal(got_typed[name], want)
+        assert got_typed[name].dtype == want.dtype
+    assert read_warmup(tmp_path / "no-such-version") == []
+
+
+# --- the registry on real models ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_policies_and_labels_follow_models_config(template: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for v in (1, 2, 3):
+        add_version(repo, "m", v, template)
+    write_models_config(repo, config_entry("m", "latest { num_versions: 2 }"))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        assert states(registry, "m") == {2: VersionState.AVAILABLE, 3: VersionState.AVAILABLE}
+        assert registry.resolve(None).version == 3  # the newest by default
+
+        # A canary: serve exactly 1 and 2, route by label.
+        write_models_config(
+            repo,
+            config_entry("m", "specific { versions: 1 versions: 2 }", {"stable": 1, "canary": 2}),
+        )
+        await registry.poll_once()
+        assert states(registry, "m") == {
+            1: VersionState.AVAILABLE,
+            2: VersionState.AVAILABLE,
+            3: VersionState.END,
+        }
+        assert registry.resolve("m", label="stable").version == 1
+        assert registry.resolve("m", label="canary").version == 2
+        assert registry.resolve("m", version=1).version == 1
+        assert registry.resolve("m").version == 2
+        assert registry.labels_of("m") == {"stable": 1, "canary": 2}
+        assert [s.version for s in registry.statuses("m", label="canary")] == [2]
+        out = await registry.resolve("m", label="stable").predict(IMAGES, None)
+        assert out.shape == (2, 3)
+
+        # Labels are re-read on every poll; one may point at a version not served.
+        write_models_config(
+            repo,
+            config_entry("m", "specific { versions: 1 versions: 2 }", {"stable": 2, "canary": 3}),
+        )
+        await registry.poll_once()
+        assert registry.resolve("m", label="stable").version == 2
+        with pytest.raises(VersionNotFound, match=r"label 'canary' \(version 3\).*versions: 1, 2"):
+            registry.resolve("m", label="canary")
+
+        write_models_config(repo, config_entry("m", "all {}"))
+        await registry.poll_once()
+        assert set(states(registry, "m").values()) == {VersionState.AVAILABLE}
+
+    run_with(registry, scenario)
+
+
+@pytest.mark.slow
+def test_resolve_errors_name_what_exists(template: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, config_entry("m", "latest {}", {"stable": 1}))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        with pytest.raises(ModelNotReady, match="not been read yet"):
+            registry.resolve(None)
+        assert not registry.is_ready()
+        await registry.start()
+        assert registry.is_ready()
+        assert registry.default_model == "m" and registry.model_names() == ["m"]
+        with pytest.raises(ModelNotFound, match="no model named 'x'; models: m"):
+            registry.resolve("x")
+        with pytest.raises(ModelNotFound):
+            registry.statuses("x")
+        with pytest.raises(VersionNotFound, match=r"version 7 of model 'm' is not served.*: 1"):
+            registry.resolve("m", version=7)
+        with pytest.raises(VersionNotFound, match="no version 7; versions: 1"):
+            registry.statuses("m", version=7)
+        with pytest.raises(VersionNotFound, match="no version label 'beta'; labels: stable"):
+            registry.resolve("m", label="beta")
+        with pytest.raises(InvalidRequest):
+            registry.resolve("m", version=1, label="stable")
+
+    run_with(registry, scenario)
+    assert not registry.is_ready()  # stopped
+
+
+@pytest.mark.slow
+def test_hot_reload_keeps_every_request_and_survives_a_broken_version(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, simple_config("m"))
+    factory = CountingFactory()
+    registry = Registry(settings(repo, tmp_path), runtime_factory=factory)
+    failures: list[str] = []
+
+    async def scenario() -> None:
+        await registry.start()
+        stop = asyncio.Event()
+        seen = {1: asyncio.Event(), 2: asyncio.Event()}
+
+        async def traffic() -> None:
+            # Like the data plane: resolve, then a thread hop (decoding), then predict.
+            while not stop.is_set():
+                try:
+                    target = registry.resolve("m")
+                    batch = await asyncio.to_thread(np.copy, IMAGES[:1])
+                    out = await target.predict(batch, None)
+                    assert out.shape == (1, 3)
+                    seen[target.version].set()
+                except Exception as exc:
+                    failures.append(repr(exc))  # a repr: no traceback keeps a version alive
+                    for event in (stop, *seen.values()):  # nobody waits forever
+                        event.set()
+
+        clients = [asyncio.create_task(traffic()) for _ in range(3)]
+        try:
+            await seen[1].wait()
+            # A request that resolved v1 just before the switch, reaching the batcher after.
+            late = registry.resolve("m")
+            add_version(repo, "m", 2, template)
+            poll = asyncio.create_task(registry.poll_once())
+            await seen[2].wait()  # v2 is routed and answering
+            assert registry.resolve("m").version == 2
+            assert (await late.predict(IMAGES, None)).shape == (2, 3)
+            assert not poll.done()  # v1 stays loaded while a request holds it
+            del late
+            await poll
+        finally:
+            stop.set()
+            await asyncio.gather(*clients)
+        assert failures == []
+        assert states(registry, "m") == {1: VersionState.END, 2: VersionState.AVAILABLE}
+
+        # A broken v3: reported, never displaces v2, not retried until its folder changes.
+        broken = repo / "m" / "3"
+        broken.mkdir()
+        (broken / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+        await registry.poll_once()
+        v3 = registry.statuses("m", version=3)[0]
+        assert v3.state == VersionState.END and v3.error_code != 0
+        assert "SavedModel" in v3.error_message and "Traceback" not in v3.error_message
+        assert "\n" not in v3.error_message
+        assert registry.resolve("m").version == 2 and registry.is_ready()
+        with pytest.raises(VersionNotFound, match="failed to load"):
+            registry.resolve("m", version=3)
+        loads = len(factory.paths)
+        await registry.poll_once()
+        assert len(factory.paths) == loads  # same folder: not retried
+        (broken / "saved_model.pb").write_bytes(b"still not a SavedModel, but rewritten")
+        await registry.poll_once()
+        assert factory.paths[loads:] == [broken]
+        assert registry.statuses("m", version=3)[0].state == VersionState.END
+
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        run_with(registry, scenario)
+    assert failures == []
+    assert factory.paths[:2] == [repo / "m" / "1", repo / "m" / "2"]
+    # Unloading waited for requests, not for the timeout that bounds that wait.
+    assert "still in use" not in caplog.text
+
+
+@pytest.mark.slow
+def test_models_added_to_the_config_are_loaded_on_poll(template: Path, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "a", 1, template)
+    write_models_config(repo, simple_config("a"))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        assert registry.is_ready()
+
+        # b is configured before it has a version: the registry is not ready.
+        write_models_config(repo, simple_config("a", "b"))
+        (repo / "b").mkdir()
+        await registry.poll_once()
+        assert registry.model_names() == ["a", "b"] and registry.default_model == "a"
+        assert not registry.is_ready()
+        with pytest.raises(ModelNotReady, match="no version folder found"):
+            registry.resolve("b")
+        assert registry.statuses("b") == []
+
+        add_version(repo, "b", 1, template, labels=False)
+        await registry.poll_once()
+        assert registry.is_ready()
+        # No labels.txt: class indices. (No local keeps a version: unloads wait for those.)
+        assert registry.resolve("b").labels == ["0", "1", "2"]
+        assert registry.resolve(None).labels == ["cat", "dog", "bird"]
+
+        # A models.config broken mid-flight is ignored; what was served still is.
+        (repo / "models.config").write_text("model_config_list { config { nme: 'a' } }")
+        await registry.poll_once()
+        assert registry.model_names() == ["a", "b"] and registry.is_ready()
+
+        # Removing a model unloads it.
+        write_models_config(repo, simple_config("a"))
+        await registry.poll_once()
+        assert registry.model_names() == ["a"]
+        with pytest.raises(ModelNotFound):
+            registry.resolve("b")
+
+    run_with(registry, scenario)
+
+
+def test_a_broken_models_config_is_fatal_at_start(tmp_path: Path) -> None:
+    (tmp_path / "models.config").write_text("model_config_list { config { nme: 'a' } }")
+    registry = Registry(settings(tmp_path, tmp_path))
+    with pytest.raises(ConfigError, match="nme"):
+        run_with(registry, registry.start)

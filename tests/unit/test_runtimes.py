@@ -1,0 +1,247 @@
+"""Both runtimes on real tiny SavedModels: same answers, thread safety, conversion cache."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from service.errors import InvalidRequest, ModelLoadError
+from service.runtimes import conversion, create_runtime
+from service.runtimes.base import Runtime
+from service.runtimes.litert import SIZES_PER_THREAD, LiteRTRuntime
+from service.runtimes.tensorflow import TensorFlowRuntime
+from tests.models import publish_tiny
+
+pytestmark = pytest.mark.slow
+
+U8 = npt.NDArray[np.uint8]
+
+
+def _images(n: int, seed: int = 0, size: int = 224) -> U8:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def _write_float_model(path: Path) -> None:
+    """A foreign SavedModel: float32 [N,32,32,3] input, per-channel max as its one output."""
+    import keras
+    import tensorflow as tf
+
+    inp = keras.Input((32, 32, 3), dtype="float32")
+    model = keras.Model(inp, keras.layers.GlobalMaxPooling2D()(inp))
+
+    def serve(pixels: tf.Tensor) -> dict[str, tf.Tensor]:
+        return {"scores": model(pixels)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve, [tf.TensorSpec([None, 32, 32, 3], tf.float32, name="pixels")]
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("runtimes")
+
+
+@pytest.fixture(scope="module")
+def shipped(root: Path) -> Path:
+    """A cnnserve export whose card records a verified model.tflite."""
+    return publish_tiny(root / "repo", "shipped", with_litert=True)
+
+
+@pytest.fixture(scope="module")
+def plain(root: Path) -> Path:
+    """A cnnserve export without model.tflite: LiteRT must convert it."""
+    return publish_tiny(root / "repo", "plain", seed=1)
+
+
+@pytest.fixture(scope="module")
+def float_model(root: Path) -> Path:
+    _write_float_model(root / "float" / "1")
+    return root / "float" / "1"
+
+
+@pytest.fixture(scope="module")
+def tf_rt(shipped: Path) -> TensorFlowRuntime:
+    rt = TensorFlowRuntime(shipped)
+    rt.load()
+    return rt
+
+
+@pytest.fixture(scope="module")
+def lite_rt(shipped: Path, root: Path) -> LiteRTRuntime:
+    rt = LiteRTRuntime(shipped, cache_dir=root / "unused-cache")
+    rt.load()
+    return rt
+
+
+def test_both_runtimes_report_the_model(tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime) -> None:
+    assert lite_rt.artifact == tf_rt.version_dir / "assets.extra" / "model.tflite"
+    for rt in (tf_rt, lite_rt):
+        info = rt.info
+        assert (info.input.height, info.input.width, info.input.dtype) == (224, 224, "uint8")
+        assert (info.input.scale, info.input.offset) == (1.0, 0.0)
+        assert info.num_classes == 3
+        assert (info.input_name, info.output_name) == ("image", "probabilities")
+
+
+def test_predictions_are_probabilities_and_litert_matches_tensorflow(
+    tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
+) -> None:
+    batch = _images(5)
+    expected = tf_rt.predict(batch)
+    got = lite_rt.predict(batch)
+    for out in (expected, got):
+        assert out.shape == (5, 3) and out.dtype == np.float32
+        np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_changing_batch_sizes_keep_correct_answers(
+    tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
+) -> None:
+    # 1, 5, 32 as the batcher sends them, then more distinct sizes than the per-thread
+    # interpreter pool holds, then back to 1 (an evicted and resized interpreter).
+    sizes = [1, 5, 32, 2, 3, 1]
+    assert len(set(sizes)) > SIZES_PER_THREAD
+    for i, n in enumerate(sizes):
+        batch = _images(n, seed=i)
+        got = lite_rt.predict(batch)
+        assert got.shape == (n, 3)
+        np.testing.assert_allclose(got, tf_rt.predict(batch), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["tensorflow", "litert"])
+def test_concurrent_predicts_match_single_threaded(
+    kind: str, tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
+) -> None:
+    rt: Runtime = tf_rt if kind == "tensorflow" else lite_rt
+    # Same sizes, different pixels: a shared interpreter would mix up threads' inputs.
+    batches = [_images(n, seed=seed) for seed, n in enumerate((4, 4, 4, 4, 1, 1))]
+    expected = [rt.predict(b) for b in batches]
+    threads = 4
+    start = threading.Barrier(threads)
+
+    def work(i: int) -> list[npt.NDArray[np.float32]]:
+        start.wait()  # all threads inside predict together, not one after another
+        return [rt.predict(batches[(i + k) % len(batches)]) for k in range(12)]
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(work, range(threads)))
+    for i, outs in enumerate(results):
+        for k, out in enumerate(outs):
+            np.testing.assert_allclose(out, expected[(i + k) % len(batches)], atol=1e-6)
+
+
+def test_litert_converts_once_into_the_cache(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = LiteRTRuntime(plain, cache_dir=tmp_path)
+    first.load()
+    assert first.artifact is not None and first.artifact.parent.parent == tmp_path
+    assert first.artifact.parent.name == conversion.cache_key(plain)
+    record = json.loads((first.artifact.parent / conversion.VERIFICATION).read_text())
+    assert record["verified"] is True and record["max_abs_diff"] <= conversion.LITERT_TOLERANCE
+    # 4 random images plus the warmup records' 1 + 8.
+    assert record["verified_samples"] == 13
+    stamp = first.artifact.stat().st_mtime_ns
+
+    def no_conversion(saved_model: Path) -> bytes:
+        raise AssertionError("converted again despite a verified cache entry")
+
+    monkeypatch.setattr(conversion, "convert_saved_model", no_conversion)
+    second = LiteRTRuntime(plain, cache_dir=tmp_path)
+    second.load()
+    assert second.artifact == first.artifact and first.artifact.stat().st_mtime_ns == stamp
+    reference = TensorFlowRuntime(plain)
+    reference.load()
+    batch = _images(4, seed=3)
+    np.testing.assert_allclose(second.predict(batch), reference.predict(batch), atol=1e-4)
+
+
+def test_a_float_input_model_gets_pixels_scaled_to_unit_range(
+    float_model: Path, tmp_path: Path
+) -> None:
+    batch = np.zeros((2, 32, 32, 3), np.uint8)
+    batch[:, 5, 7] = (255, 51, 0)
+    for rt in (TensorFlowRuntime(float_model), LiteRTRuntime(float_model, cache_dir=tmp_path)):
+        info = rt.load()
+        assert (info.input.dtype, info.input.height, info.num_classes) == ("float32", 32, 3)
+        assert (info.input_name, info.output_name) == ("pixels", "scores")
+        assert info.input.scale == pytest.approx(1 / 255) and info.input.offset == 0.0
+        np.testing.assert_allclose(rt.predict(batch), [[1.0, 0.2, 0.0]] * 2, atol=1e-6)
+
+
+def test_a_float_input_model_follows_the_cards_normalization(float_model: Path) -> None:
+    card = float_model / "assets.extra" / "model_card.json"
+    card.parent.mkdir(exist_ok=True)
+    card.write_text(json.dumps({"preprocessing": {"normalization": {"scale": 2, "offset": -1}}}))
+    try:
+        rt = TensorFlowRuntime(float_model)
+        rt.load()
+        out = rt.predict(np.full((1, 32, 32, 3), 3, np.uint8))
+    finally:
+        card.unlink()
+    np.testing.assert_allclose(out, [[5.0, 5.0, 5.0]])
+
+
+@pytest.mark.parametrize("kind", ["tensorflow", "litert"])
+def test_a_folder_that_is_not_a_saved_model_is_refused(kind: str, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "saved_model.pb").write_bytes(b"not a protobuf")
+    for folder in (empty, broken):
+        rt = create_runtime(kind, folder, cache_dir=tmp_path / "cache", threads=1)
+        with pytest.raises(ModelLoadError, match=str(folder)):
+            rt.load()
+        assert not rt.ready
+
+
+def test_a_wrong_batch_is_an_invalid_request(
+    tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
+) -> None:
+    for rt in (tf_rt, lite_rt):
+        for bad in (
+            np.zeros((2, 224, 224), np.uint8),
+            np.zeros((2, 100, 100, 3), np.uint8),
+            np.zeros((2, 224, 224, 3), np.float64),
+        ):
+            with pytest.raises(InvalidRequest, match="expected"):
+                rt.predict(bad)
+        assert rt.predict(np.zeros((0, 224, 224, 3), np.uint8)).shape == (0, 3)
+
+
+def test_auto_picks_litert_for_a_verified_artifact(shipped: Path, tmp_path: Path) -> None:
+    rt = create_runtime("auto", shipped, cache_dir=tmp_path, threads=1)
+    assert isinstance(rt, LiteRTRuntime) and rt.name == "litert"
+    assert rt.load().num_classes == 3
+    assert not any(tmp_path.iterdir())  # the shipped artifact needed no conversion
+    with pytest.raises(ValueError, match="unknown runtime"):
+        create_runtime("onnx", shipped, cache_dir=tmp_path, threads=1)
+
+
+def test_auto_falls_back_to_tensorflow_when_conversion_does_not_verify(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(conversion, "LITERT_TOLERANCE", -1.0)  # nothing can verify
+    with caplog.at_level(logging.WARNING):
+        rt = create_runtime("auto", plain, cache_dir=tmp_path, threads=1)
+    assert isinstance(rt, TensorFlowRuntime)
+    assert "serving with TensorFlow" in caplog.text and "refusing" in caplog.text
+    folder = tmp_path / conversion.cache_key(plain)
+    assert not (folder / conversion.ARTIFACT).exists()  # never kept, never served
+    # The refusal is cached: a second worker does not convert again to learn the same.
+    monkeypatch.setattr(conversion, "convert_saved_model", lambda _: pytest.fail("reconverted"))
+    with pytest.raises(ModelLoadError, match="refusing"):
+        LiteRTRuntime(plain, cache_dir=tmp_path).load()
