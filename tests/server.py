@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,7 +62,7 @@ def running_server(
     args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
     port = free_port()
-    log = repository.parent / f"server-{port}.log"
+    log = Path(tempfile.gettempdir()) / f"cnnserve-server-{port}.log"
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with log.open("wb") as out:
         process = subprocess.Popen(
