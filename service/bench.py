@@ -74,7 +74,7 @@ def bench_runtimes(
     return rows
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
@@ -145,7 +145,7 @@ def bench_http(
     wrk = shutil.which("wrk")
     if wrk is None:
         raise RuntimeError("wrk is not installed; `make bench` installs the Debian package 'wrk'")
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CNNSERVE_WORKERS": str(workers), **extra_env}
     cmd = [
         sys.executable,

@@ -8,7 +8,6 @@ converting a client batch live here once, so the two runtimes cannot drift apart
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from service import repository
 from service.errors import InvalidRequest, ModelLoadError
 from service.runtimes.base import Batch, InputSpec, ModelInfo
 
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
 PREFERRED_OUTPUT = "probabilities"
-CARD_PATH = Path("assets.extra") / "model_card.json"
 # A float image input with no card saying otherwise gets [0, 1] pixels, the most common
 # convention of Keras applications and TF Hub image models.
 DEFAULT_SCALE = 1 / 255
@@ -41,16 +40,7 @@ class TensorDesc:
 
 def read_card(version_dir: Path) -> dict[str, Any] | None:
     """The version's model card, or None when absent or unreadable (foreign SavedModels)."""
-    path = version_dir / CARD_PATH
-    try:
-        card = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        # A broken card must not make an otherwise servable SavedModel unservable.
-        log.warning("ignoring unreadable model card %s: %s", path, exc)
-        return None
-    return card if isinstance(card, dict) else None
+    return repository.read_card(version_dir) or None
 
 
 def card_normalization(card: Mapping[str, Any] | None) -> tuple[float, float]:
