@@ -30,12 +30,11 @@ TIMEOUT_HEADER = "x-request-timeout"
 REQUEST_ID_HEADER = "x-request-id"
 
 
-def error_response(error: CnnserveError, request_id: str | None = None) -> JSONResponse:
+def error_response(error: CnnserveError) -> JSONResponse:
+    """The JSON error body; RequestGuard adds X-Request-ID to it as to every response."""
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
-    if request_id:
-        headers["X-Request-ID"] = request_id
     return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
 
 
@@ -51,7 +50,7 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, CnnserveError)
         if exc.http_status >= 500:
             log.warning("request %s failed: %s: %s", request_id(request), exc.code, exc.message)
-        return error_response(exc, request_id(request))
+        return error_response(exc)
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -59,7 +58,7 @@ def install_error_handlers(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
             for e in exc.errors()
         )
-        return error_response(InvalidRequest(problems), request_id(request))
+        return error_response(InvalidRequest(problems))
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -71,11 +70,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error = MethodNotAllowed(f"{request.method} is not allowed on {path}; see /docs")
         else:
             error = InvalidRequest(str(exc.detail))
-        return error_response(error, request_id(request))
+        return error_response(error)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s: unexpected error", request_id(request))
-        return error_response(InternalError("unexpected"), request_id(request))
+        return error_response(InternalError("unexpected"))
 
     app.add_exception_handler(CnnserveError, on_cnnserve)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -104,11 +103,17 @@ class RequestGuard:
             f"request body is larger than {limit} bytes; send a smaller image "
             "(or raise CNNSERVE_MAX_BODY_BYTES)"
         )
+        received = 0
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await error_response(too_large, rid)(scope, receive, send)
+            await error_response(too_large)(scope, receive, send_with_id)
             return
-        received = 0
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -118,11 +123,6 @@ class RequestGuard:
                 if received > limit:
                     raise too_large
             return message
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
 
         await self.app(scope, limited_receive, send_with_id)
 

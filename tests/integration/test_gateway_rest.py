@@ -115,11 +115,13 @@ def test_error_paths(server: Server) -> None:
             "invalid_image",
         )
         assert "PNG" in msg
-        msg = _error(
-            post("/v1/classify", content=b"<svg/>", headers={"content-type": "image/svg+xml"}),
-            415,
-            "unsupported_media_type",
+        svg = post(
+            "/v1/classify",
+            content=b"<svg/>",
+            headers={"content-type": "image/svg+xml", "x-request-id": "err-1"},
         )
+        msg = _error(svg, 415, "unsupported_media_type")
+        assert svg.headers.get_list("x-request-id") == ["err-1"]
         assert "image/svg+xml" in msg and "JPEG" in msg
         _error(
             post("/v1/classify", content=png, headers={"content-type": "text/plain"}),
@@ -129,11 +131,10 @@ def test_error_paths(server: Server) -> None:
         big = np.random.default_rng(0).integers(0, 256, (900, 900, 3), np.uint8)
         body = encode(Image.fromarray(big), "PNG")
         assert len(body) > 2_000_000
-        _error(
-            post("/v1/classify", content=body, headers={"content-type": "image/png"}),
-            413,
-            "payload_too_large",
-        )
+        too_big = post("/v1/classify", content=body, headers={"content-type": "image/png"})
+        _error(too_big, 413, "payload_too_large")
+        # Refused from Content-Length before the app runs, and still tagged once.
+        assert len(too_big.headers.get_list("x-request-id")) == 1
         chunked = post(
             "/v1/classify",
             content=iter([body[:1_000_000], body[1_000_000:]]),
