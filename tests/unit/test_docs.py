@@ -1,0 +1,33 @@
+"""The error table in docs/serving.md is the one in service/errors.py."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from service import errors
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
+# Raised by `cnnserve train`/`evaluate` only; never an HTTP or gRPC answer.
+OFFLINE = {errors.DatasetError, errors.ExportError}
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+def test_every_served_error_is_documented_with_its_statuses() -> None:
+    rows = {
+        m["code"]: (int(m["http"]), m["grpc"])
+        for m in re.finditer(
+            r"^\| `(?P<code>[a-z_]+)` \| (?P<http>\d{3})[^|]* \| (?P<grpc>[A-Z_]+) \|",
+            DOC.read_text(),
+            re.MULTILINE,
+        )
+    }
+    served = [c for c in _subclasses(errors.CnnserveError) if c not in OFFLINE]
+    assert len(served) > 10
+    for cls in served:
+        assert cls.code in rows, f"{cls.__name__} ({cls.code}) is missing from {DOC.name}"
+        assert rows[cls.code] == (cls.http_status, cls.grpc_code.name), cls.code
+    assert set(rows) == {c.code for c in served}
