@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 
@@ -70,11 +71,20 @@ def _metrics_directory() -> Iterator[None]:
     directory = tempfile.mkdtemp(prefix="cnnserve-metrics-")
     previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    log.info("worker processes write their metrics to %s (removed at exit)", directory)
+    # uvicorn re-raises SIGTERM after a graceful shutdown; by default that would end the
+    # process before the folder is removed, so it unwinds as SystemExit instead.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         yield
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         if previous is None:
             os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         else:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
