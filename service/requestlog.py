@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from service import metrics
+from service.errors import CnnserveError
 
 ACCESS_LOGGER = "cnnserve.access"
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -48,6 +49,22 @@ def recording(record: RequestRecord) -> Iterator[RequestRecord]:
         yield record
     finally:
         _current.reset(token)
+
+
+@contextmanager
+def recorded(record: RequestRecord) -> Iterator[RequestRecord]:
+    """For transports without a status of their own to read (gRPC): make ``record``
+    current, then close it with 200, the error's HTTP status, or 500."""
+    code = 500
+    try:
+        with recording(record):
+            yield record
+        code = 200
+    except CnnserveError as exc:
+        code = exc.http_status
+        raise
+    finally:
+        finish(record, code)
 
 
 def note_target(model: str, version: int | None) -> None:

@@ -14,6 +14,7 @@ import httpx
 import yaml
 
 from service.bench import free_port
+from tests.server import stop
 
 SCRAPE_INTERVAL = "1s"
 
@@ -92,9 +93,4 @@ def running_prometheus(
         prometheus.wait_ready()
         yield prometheus
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)

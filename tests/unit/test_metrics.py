@@ -4,6 +4,8 @@ writing to one PROMETHEUS_MULTIPROC_DIR as uvicorn's workers do."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,9 +17,9 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from service import metrics
+from service import metrics, requestlog
 from service.batching import BatchingConfig, DynamicBatcher
-from service.errors import Overloaded
+from service.errors import DeadlineExceeded, Overloaded
 from tests.unit.test_batching import until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -207,3 +209,47 @@ def test_processes_are_summed_and_dead_ones_leave_the_gauges(
     samples = scrape()
     assert samples[requests] == 2
     assert in_flight not in samples
+
+
+# --- request records ---------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[dict[str, object]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(record.getMessage()))
+
+
+@pytest.fixture
+def access_lines() -> Iterator[list[dict[str, object]]]:
+    requestlog.configure_access_log(True)
+    handler = Lines()
+    requestlog.access_log.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        requestlog.access_log.removeHandler(handler)
+
+
+def test_a_record_collects_what_the_core_notes_and_is_closed_once(
+    access_lines: list[dict[str, object]],
+) -> None:
+    route = "/tensorflow.serving.PredictionService/Predict"
+    labels = {"protocol": "grpc", "route": route, "model": "rec", "version": "5"}
+    before = value("cnnserve_requests_total", **labels, code="504")
+    with (
+        pytest.raises(DeadlineExceeded),
+        requestlog.recorded(requestlog.RequestRecord("id-7", "grpc", "POST", route=route)),
+    ):
+        requestlog.note_target("rec", 5)
+        requestlog.note_timings({"decode": 0.002})
+        raise DeadlineExceeded("too late")
+    requestlog.note_target("elsewhere", 1)  # outside any record: ignored
+    assert value("cnnserve_requests_total", **labels, code="504") == before + 1
+    (line,) = access_lines
+    assert line["request_id"] == "id-7" and line["status"] == 504
+    assert (line["model"], line["version"], line["route"]) == ("rec", 5, route)
+    assert line["timings_ms"] == {"decode": 2.0}
