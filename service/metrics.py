@@ -238,6 +238,16 @@ class BatcherMetrics:
 # --- model lifecycle ---------------------------------------------------------------
 
 
+def announce_version(model: str, version: int, labels: Sequence[str]) -> None:
+    """A version starts serving: its series exist from now on, reading 0 until used, so a
+    class the model stops predicting shows in the class mix as 0, not as missing."""
+    v = str(version)
+    for name in labels:
+        PREDICTIONS.labels(model, v, name)
+    TOP1_CONFIDENCE.labels(model, v)
+    IN_FLIGHT.labels(model)
+
+
 def observe_version_state(model: str, version: int, state: str) -> None:
     """One-hot over the states, so a version is counted in exactly one of them."""
     v = str(version)

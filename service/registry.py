@@ -275,6 +275,7 @@ class Registry:
         """Start the batcher of a loaded, warmed runtime."""
         model, version = key
         config = BatchingConfig.from_settings(self._settings)
+        metrics.announce_version(model, version, prepared.labels)
         observer = metrics.BatcherMetrics(model, version, config.queue_capacity)
         batcher = DynamicBatcher(
             prepared.runtime.predict, config, observer=observer, name=f"{model}/{version}"

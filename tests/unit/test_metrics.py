@@ -63,6 +63,16 @@ def test_predicted_classes_come_from_the_model_labels() -> None:
     assert value("cnnserve_top1_confidence_ratio_bucket", **labels, le="0.7") == 2
 
 
+def test_an_announced_version_has_every_class_at_zero() -> None:
+    metrics.announce_version("fresh", 1, ["a", "b"])
+    body = metrics.render()[0].decode()
+    for label in ("a", "b"):
+        assert (
+            f'cnnserve_predictions_total{{class="{label}",model="fresh",version="1"}} 0.0' in body
+        )
+    assert 'cnnserve_in_flight_requests{model="fresh"} 0.0' in body
+
+
 def test_version_states_are_one_hot() -> None:
     metrics.observe_version_state("states", 4, "LOADING")
     metrics.observe_version_state("states", 4, "AVAILABLE")
