@@ -25,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 # What Grafana would put in for the dashboard's variables.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".+"}
+WORKERS = 2
+AVAILABLE = frozenset({"model": "tiny", "version": "1", "state": "AVAILABLE"}.items())
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +35,6 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     publish_tiny(repo, "tiny", labels=["cat", "dog", "bird"])
     write_models_config(repo, simple_config("tiny"))
     return repo
-
-
-WORKERS = 2
-AVAILABLE = frozenset({"model": "tiny", "version": "1", "state": "AVAILABLE"}.items())
 
 
 @pytest.fixture(scope="module")
