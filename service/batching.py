@@ -54,6 +54,11 @@ class BatchingConfig:
         if least < 1 or self.batch_timeout_micros < 0:
             raise ValueError(f"invalid batching parameters: {self}")
 
+    @property
+    def queue_capacity(self) -> int:
+        """Images the queue holds before submissions are refused."""
+        return self.max_enqueued_batches * self.max_batch_size
+
     @classmethod
     def from_settings(cls, settings: Settings) -> BatchingConfig:
         return cls(
@@ -123,7 +128,7 @@ class DynamicBatcher:
         self.config = config
         self.name = name
         self._observer: BatchObserver = observer or NullObserver()
-        self._capacity = config.max_enqueued_batches * config.max_batch_size
+        self._capacity = config.queue_capacity
         self._timeout = config.batch_timeout_micros / 1e6
         self._queue: deque[_Item] = deque()
         self._depth = 0

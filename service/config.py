@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     max_images_per_request: int = Field(64, ge=1)
     request_timeout_seconds: float = Field(10.0, gt=0, description="Default request deadline.")
 
+    # --- observability ------------------------------------------------------------------
+    metrics_path: str = Field(
+        "/metrics",
+        pattern=r"^(/[A-Za-z0-9_./-]*)?$",
+        description="Path of the Prometheus metrics on the REST port; empty = no endpoint.",
+    )
+    access_log: bool = Field(True, description="One JSON line per request on stdout.")
+
     @model_validator(mode="after")
     def _ports_distinct(self) -> Settings:
         if self.grpc_port and self.port and self.grpc_port == self.port:

@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from service import metrics
 from service.config import Settings
-from service.errors import DeadlineExceeded, InvalidRequest, TooManyImages
+from service.errors import CnnserveError, DeadlineExceeded, InvalidRequest, TooManyImages
 from service.preprocessing import preprocess_bytes
 from service.registry import LoadedVersion, Registry, VersionStatus
+from service.requestlog import note_target, note_timings
 from service.signatures import signature_def_map
 
 SERVING_SIGNATURE = "serving_default"
@@ -41,7 +43,8 @@ class ClassifyResult:
     model: str
     version: int
     results: list[list[Prediction]]
-    # Seconds per stage, for Server-Timing and (later) metrics.
+    # Seconds per stage, for Server-Timing and the access log; "inference" includes
+    # the wait for a batch (the metrics split the two).
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -119,21 +122,24 @@ class DataPlane:
         k: int | None = None,
         deadline: float,
     ) -> ClassifyResult:
-        target = self.registry.resolve(model, version, label)
+        target = self._resolve(model, version, label)
         num_classes = target.runtime.info.num_classes
         k = min(DEFAULT_TOP_K, num_classes) if k is None else k
         if not 1 <= k <= num_classes:
             raise InvalidRequest(f"top_k must be between 1 and {num_classes}, got {k}")
-        started = time.perf_counter()
-        batch = await self.decode(images, target, deadline)
-        decoded = time.perf_counter()
-        probabilities = await target.predict(batch, deadline)
-        inferred = time.perf_counter()
+        with metrics.in_flight(target.model):
+            started = time.perf_counter()
+            batch = await self.decode(images, target, deadline)
+            decoded = time.perf_counter()
+            probabilities = await target.predict(batch, deadline)
+            inferred = time.perf_counter()
+        timings = {"decode": decoded - started, "inference": inferred - decoded}
+        self._observe(target, probabilities, timings)
         return ClassifyResult(
             model=target.model,
             version=target.version,
             results=top_k(probabilities, k, target.labels),
-            timings={"decode": decoded - started, "inference": inferred - decoded},
+            timings=timings,
         )
 
     # --- TF Serving Predict -------------------------------------------------------------
@@ -154,31 +160,60 @@ class DataPlane:
         ``serving_default`` takes the image tensor itself; ``predict_image_bytes`` takes
         encoded images, which are decoded by the same function as /v1/classify.
         """
-        target = self.registry.resolve(model, version, label)
+        target = self._resolve(model, version, label)
         signature = signature_name or SERVING_SIGNATURE
         info = target.runtime.info
-        started = time.perf_counter()
-        if signature == BYTES_SIGNATURE:
-            raw = self._only_input(inputs, "image_bytes", signature)
-            items = [bytes(x) for x in np.asarray(raw, dtype=object).reshape(-1)]
-            batch = await self.decode(items, target, deadline)
-        elif signature == SERVING_SIGNATURE:
-            batch = self._image_tensor(self._only_input(inputs, info.input_name, signature), target)
-        else:
-            known = ", ".join(sorted(signature_def_map(target.path).signature_def))
-            raise InvalidRequest(f"unknown signature_name {signature!r}; this model has: {known}")
-        decoded = time.perf_counter()
-        probabilities = await target.predict(batch, deadline)
+        with metrics.in_flight(target.model):
+            started = time.perf_counter()
+            if signature == BYTES_SIGNATURE:
+                raw = self._only_input(inputs, "image_bytes", signature)
+                items = [bytes(x) for x in np.asarray(raw, dtype=object).reshape(-1)]
+                batch = await self.decode(items, target, deadline)
+            elif signature == SERVING_SIGNATURE:
+                value = self._only_input(inputs, info.input_name, signature)
+                batch = self._image_tensor(value, target)
+            else:
+                known = ", ".join(sorted(signature_def_map(target.path).signature_def))
+                raise InvalidRequest(
+                    f"unknown signature_name {signature!r}; this model has: {known}"
+                )
+            decoded = time.perf_counter()
+            probabilities = await target.predict(batch, deadline)
+            inferred = time.perf_counter()
         outputs = {info.output_name: probabilities}
         for name in output_filter:
             if name not in outputs:
                 raise InvalidRequest(f"output_filter names {name!r}; outputs are {sorted(outputs)}")
+        timings = {"decode": decoded - started, "inference": inferred - decoded}
+        self._observe(target, probabilities, timings)
         return PredictResult(
-            model=target.model,
-            version=target.version,
-            outputs=outputs,
-            timings={"decode": decoded - started, "inference": time.perf_counter() - decoded},
+            model=target.model, version=target.version, outputs=outputs, timings=timings
         )
+
+    def _resolve(self, model: str | None, version: int | None, label: str | None) -> LoadedVersion:
+        """The version that answers, noted on the current request (metrics, access log).
+
+        When none can answer, a configured model is still noted (its 503s and 404s
+        belong to it); a name that is not configured is not, so clients cannot add
+        label values."""
+        try:
+            target = self.registry.resolve(model, version, label)
+        except CnnserveError:
+            name = model if model is not None else self.registry.default_model
+            if name is not None and name in self.registry.model_names():
+                note_target(name, None)
+            raise
+        note_target(target.model, target.version)
+        return target
+
+    @staticmethod
+    def _observe(
+        target: LoadedVersion, probabilities: npt.NDArray[np.float32], timings: dict[str, float]
+    ) -> None:
+        # queue_wait and inference are observed by the batcher, per batch.
+        metrics.observe_stage(target.model, "decode", timings["decode"])
+        metrics.observe_predictions(target.model, target.version, target.labels, probabilities)
+        note_timings(timings)
 
     @staticmethod
     def _only_input(inputs: Mapping[str, Any], name: str, signature: str) -> Any:
@@ -223,5 +258,5 @@ class DataPlane:
     def metadata(
         self, model: str, version: int | None = None, label: str | None = None
     ) -> tuple[LoadedVersion, Any]:
-        target = self.registry.resolve(model, version, label)
+        target = self._resolve(model, version, label)
         return target, signature_def_map(target.path)

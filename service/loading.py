@@ -8,6 +8,7 @@ wrong raises; the registry records the failure and keeps serving what it served.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ class PreparedVersion:
     labels: list[str]
     spec: PreprocessSpec
     card: dict[str, Any]
+    load_seconds: float = 0.0
+    warmup_seconds: float = 0.0
 
 
 def prepare_version(
@@ -49,17 +52,26 @@ def prepare_version(
     threads: int,
 ) -> PreparedVersion:
     """Create, load and warm the runtime of one version folder. Blocking (seconds)."""
+    started = time.perf_counter()
     runtime = runtime_factory(runtime_name, path, cache_dir=cache_dir, threads=threads)
     info = runtime.load()
     try:
         labels = read_labels(path, info.num_classes)
         card = read_card(path)
         spec = preprocess_spec(card, info, path)
+        loaded = time.perf_counter()
         warm_up(runtime, info, path)
     except BaseException:
         runtime.unload()
         raise
-    return PreparedVersion(runtime=runtime, labels=labels, spec=spec, card=card)
+    return PreparedVersion(
+        runtime=runtime,
+        labels=labels,
+        spec=spec,
+        card=card,
+        load_seconds=loaded - started,
+        warmup_seconds=time.perf_counter() - loaded,
+    )
 
 
 def preprocess_spec(card: dict[str, Any], info: ModelInfo, path: Path) -> PreprocessSpec:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 
+from service import metrics
 from service.batching import BatchingConfig, DynamicBatcher
 from service.config import Settings
 from service.errors import CnnserveError
@@ -190,12 +191,15 @@ class Registry:
         self, key: VersionKey, state: VersionState, error_code: int = 0, message: str = ""
     ) -> None:
         status = VersionStatus(key[1], state, error_code, message)
+        # Metrics follow every version, also those of a model just removed from the config.
+        metrics.observe_version_state(key[0], key[1], state.name)
         self._table = self._table.with_state(key, status)
 
     async def _reconcile(self, scan: _Scan) -> None:
         # New config first: new models show as not ready, removed ones stop resolving.
-        self._table = self._table.with_configs(scan.configs)
         configured = {c.name for c in scan.configs}
+        metrics.observe_configured(self._table.configs, configured)
+        self._table = self._table.with_configs(scan.configs)
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)
@@ -258,7 +262,10 @@ class Registry:
                 exc_info=not isinstance(exc, CnnserveError),
             )
             self._set_state(key, VersionState.END, code, message)
+            metrics.observe_model_event(model, "load_failed")
             return
+        metrics.observe_load(model, prepared.load_seconds, prepared.warmup_seconds)
+        metrics.observe_model_event(model, "loaded")
         self._failed.pop(key, None)
         self._table = self._table.with_served(loaded)  # from here on it takes requests
         self._set_state(key, VersionState.AVAILABLE)
@@ -268,7 +275,11 @@ class Registry:
         """Start the batcher of a loaded, warmed runtime."""
         model, version = key
         config = BatchingConfig.from_settings(self._settings)
-        batcher = DynamicBatcher(prepared.runtime.predict, config, name=f"{model}/{version}")
+        metrics.announce_version(model, version, prepared.labels)
+        observer = metrics.BatcherMetrics(model, version, config.queue_capacity)
+        batcher = DynamicBatcher(
+            prepared.runtime.predict, config, observer=observer, name=f"{model}/{version}"
+        )
         try:
             await batcher.start()
         except BaseException:
@@ -329,6 +340,7 @@ class Registry:
         except Exception:
             log.exception("unloading %s version %d failed", model, version)
         self._set_state(retiring.key, VersionState.END)
+        metrics.observe_model_event(model, "unloaded")
         log.info("%s version %d unloaded", model, version)
 
 

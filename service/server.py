@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
 
 import uvicorn
 
@@ -36,18 +41,50 @@ def serve(settings: Settings) -> int:
         "host": settings.host,
         "port": settings.port,
         "log_level": "info",
+        "access_log": False,  # the gateway writes its own JSON access log
         "timeout_graceful_shutdown": 10,
     }
-    if settings.workers == 1:
-        from service.api.app import create_app
+    with _metrics_directory():
+        if settings.workers == 1:
+            from service.api.app import create_app
 
-        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
-    else:
-        os.environ.update(_settings_env(settings))
-        uvicorn.run(
-            "service.api.app:create_app",
-            factory=True,
-            workers=settings.workers,
-            **common,  # type: ignore[arg-type]
-        )
+            uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+        else:
+            os.environ.update(_settings_env(settings))
+            uvicorn.run(
+                "service.api.app:create_app",
+                factory=True,
+                workers=settings.workers,
+                **common,  # type: ignore[arg-type]
+            )
     return 0
+
+
+@contextlib.contextmanager
+def _metrics_directory() -> Iterator[None]:
+    """A fresh PROMETHEUS_MULTIPROC_DIR for this server's processes, removed at exit.
+
+    Set before anything imports prometheus-client (service.metrics), which picks its
+    file-backed value store at import; fresh, so no sample of an earlier run is summed.
+    Always on, also with one worker, so that path is the one every run exercises.
+    """
+    directory = tempfile.mkdtemp(prefix="cnnserve-metrics-")
+    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    log.info("worker processes write their metrics to %s (removed at exit)", directory)
+    # uvicorn re-raises SIGTERM after a graceful shutdown; by default that would end the
+    # process before the folder is removed, so it unwinds as SystemExit instead.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if previous is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

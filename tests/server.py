@@ -85,9 +85,14 @@ def running_server(
             server.wait("/readyz")
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 20) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL if it takes longer than ``grace``."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

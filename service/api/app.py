@@ -11,13 +11,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from service import __version__
+from service import __version__, metrics
 from service.api import rest, tfserving_rest
 from service.api.http import RequestGuard, install_error_handlers
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.registry import Registry
 from service.repository import load_models_config
+from service.requestlog import configure_access_log
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A broken models.config stops start-up here, as it stops TF Serving.
         load_models_config(settings.model_repository)
+        configure_access_log(settings.access_log)
         registry = Registry(settings)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
@@ -44,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loading.cancel()
             await registry.stop()
             pool.shutdown(wait=False, cancel_futures=True)
+            metrics.forget_this_process()
 
     app = FastAPI(
         title="cnnserve",
@@ -51,10 +54,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Image classification over REST, with TF Serving-compatible endpoints.",
         lifespan=lifespan,
     )
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        quiet_paths=frozenset({settings.metrics_path}),
+    )
     install_error_handlers(app)
     app.include_router(rest.router)
     app.include_router(tfserving_rest.router)
+    if settings.metrics_path:
+        app.add_api_route(
+            settings.metrics_path, rest.prometheus_metrics, methods=["GET"], tags=["health"]
+        )
     return app
 
 

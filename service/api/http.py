@@ -1,19 +1,23 @@
 """HTTP plumbing shared by the REST routers: the one error mapping, body limits,
-request ids, and small request helpers."""
+request ids, request metrics and access log, and small request helpers."""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import metrics
 from service.dataplane import DataPlane
 from service.errors import (
     CnnserveError,
@@ -23,6 +27,7 @@ from service.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from service.requestlog import RequestRecord, finish, note_timings, recording
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +88,18 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class RequestGuard:
-    """Pure ASGI middleware: gives each request an id (honouring X-Request-ID) and
-    refuses bodies over the limit, from Content-Length before reading a byte, or
-    while streaming a chunked body; never buffers more than the limit."""
+    """Pure ASGI middleware: gives each request an id (honouring X-Request-ID), refuses
+    bodies over the limit (from Content-Length before reading a byte, or while streaming
+    a chunked body; never buffers more than the limit), and closes each request's
+    :class:`RequestRecord` (metrics, access log) once it is answered. Requests to
+    ``quiet_paths`` (the metrics scrape) are neither counted nor logged."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, quiet_paths: frozenset[str] = frozenset()
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.quiet_paths = quiet_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -98,22 +108,39 @@ class RequestGuard:
         headers = dict(scope["headers"])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        record = RequestRecord(rid, "rest", scope["method"])
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                sent = message.get("headers", [])
+                if not any(name.lower() == b"x-request-id" for name, _ in sent):
+                    message["headers"] = [*sent, (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            with recording(record):
+                await self._guarded(scope, receive, send_with_id, headers, rid)
+        finally:
+            if scope["path"] not in self.quiet_paths:
+                record.route = route_template(scope)
+                finish(record, status)
+
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], rid: str
+    ) -> None:
         limit = self.max_body_bytes
         too_large = PayloadTooLarge(
             f"request body is larger than {limit} bytes; send a smaller image "
             "(or raise CNNSERVE_MAX_BODY_BYTES)"
         )
-        received = 0
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await error_response(too_large)(scope, receive, send_with_id)
+            await error_response(too_large)(scope, receive, send)
             return
+        received = 0
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -124,7 +151,35 @@ class RequestGuard:
                     raise too_large
             return message
 
-        await self.app(scope, limited_receive, send_with_id)
+        await self.app(scope, limited_receive, send)
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template (``/v1/models/{model}``), never the raw path, so the
+    route label stays bounded whatever clients request."""
+    route = scope.get("route")
+    if route is None:  # refused before routing (body too large), or no route matched
+        router = getattr(scope.get("app"), "router", None)
+        for candidate in getattr(router, "routes", ()):
+            if candidate.matches(scope)[0] is Match.FULL:
+                route = candidate
+                break
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else metrics.UNMATCHED_ROUTE
+
+
+def encoded_response(
+    model: str, timings: dict[str, float], build: Callable[[], Any]
+) -> JSONResponse:
+    """Build and serialise an answer, timed as the encode stage (metrics, access log and
+    the Server-Timing header, beside the data plane's stages)."""
+    started = time.perf_counter()
+    response = JSONResponse(build())
+    encode = time.perf_counter() - started
+    metrics.observe_stage(model, "encode", encode)
+    note_timings({"encode": encode})
+    response.headers["Server-Timing"] = server_timing({**timings, "encode": encode})
+    return response
 
 
 def dataplane(request: Request) -> DataPlane:

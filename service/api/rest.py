@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -11,7 +12,8 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
-from service.api.http import dataplane, read_json, request_timeout, server_timing
+from service import metrics
+from service.api.http import dataplane, encoded_response, read_json, request_timeout
 from service.dataplane import ClassifyResult
 from service.errors import InvalidRequest, UnsupportedMediaType
 from service.preprocessing import SUPPORTED_HUMAN, SUPPORTED_MEDIA_TYPES
@@ -124,10 +126,7 @@ async def classify(
     result = await plane.classify(
         images, model=model, version=version, label=label, k=top_k, deadline=deadline
     )
-    return JSONResponse(
-        _classify_body(result, several),
-        headers={"Server-Timing": server_timing(result.timings)},
-    )
+    return encoded_response(result.model, result.timings, lambda: _classify_body(result, several))
 
 
 @router.get("/healthz", tags=["health"])
@@ -141,3 +140,9 @@ async def readyz(request: Request) -> JSONResponse:
     """200 only when every configured model has an AVAILABLE, warmed version."""
     ready = dataplane(request).ready()
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+async def prometheus_metrics() -> Response:
+    """Prometheus exposition of every worker process's metrics (path: CNNSERVE_METRICS_PATH)."""
+    body, content_type = await asyncio.to_thread(metrics.render)
+    return Response(body, media_type=content_type)

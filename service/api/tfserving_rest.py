@@ -16,7 +16,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from google.protobuf import json_format
 
-from service.api.http import dataplane, read_json, request_timeout, server_timing
+from service.api.http import dataplane, encoded_response, read_json, request_timeout
+from service.dataplane import PredictResult
 from service.errors import InvalidRequest
 from service.registry import VersionStatus
 
@@ -161,6 +162,10 @@ async def _predict(
         signature_name=signature_name,
         deadline=deadline,
     )
+    return encoded_response(result.model, result.timings, lambda: _predict_body(result, row))
+
+
+def _predict_body(result: PredictResult, row: bool) -> dict[str, Any]:
     outputs = {name: value.tolist() for name, value in result.outputs.items()}
     if row:
         only = next(iter(outputs.values())) if len(outputs) == 1 else None
@@ -172,10 +177,8 @@ async def _predict(
                 for values in zip(*outputs.values(), strict=True)
             ]
         )
-        payload: dict[str, Any] = {"predictions": predictions}
-    else:
-        payload = {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
-    return JSONResponse(payload, headers={"Server-Timing": server_timing(result.timings)})
+        return {"predictions": predictions}
+    return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
 
 
 @router.post("/v1/models/{model}:predict")

@@ -25,7 +25,12 @@ def test_every_served_error_is_documented_with_its_statuses() -> None:
             re.MULTILINE,
         )
     }
-    served = [c for c in _subclasses(errors.CnnserveError) if c not in OFFLINE]
+    # Only the table's own classes: tests may subclass errors for their own use.
+    served = [
+        c
+        for c in _subclasses(errors.CnnserveError)
+        if c.__module__ == errors.__name__ and c not in OFFLINE
+    ]
     assert len(served) > 10
     for cls in served:
         assert cls.code in rows, f"{cls.__name__} ({cls.code}) is missing from {DOC.name}"

@@ -1,0 +1,320 @@
+"""Every Prometheus metric of the gateway, defined once, and the functions that record them.
+
+Names carry their unit (``_seconds``, ``_total``; sizes and depths count images) and
+every label is bounded: ``model`` and ``version`` are names the registry resolved (never
+what a client typed), ``class`` comes from the model's labels, ``route`` is the route
+template, ``stage``/``state``/``protocol`` are fixed sets. docker/ builds its rules and
+dashboard from these names only; a test keeps the two in step.
+
+Several worker processes: ``cnnserve serve`` points ``PROMETHEUS_MULTIPROC_DIR`` at a
+fresh folder before any worker imports prometheus-client, so each process writes its
+samples to files there and ``GET /metrics`` sums them (gauges: live processes only).
+The value store is chosen when prometheus-client is imported, which is why this module
+must not be imported by the process that sets the variable before it is set. Without the
+variable (tests, the in-process app) metrics live in the default in-memory registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+PROTOCOLS: Final = ("rest", "grpc")
+STAGES: Final = ("decode", "queue_wait", "inference", "encode")
+VERSION_STATES: Final = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END")
+MODEL_EVENTS: Final = ("loaded", "load_failed", "unloaded")
+UNMATCHED_ROUTE: Final = "unmatched"
+
+# A request is decoded in ~1-20 ms and inferred in ~5-200 ms on a CPU; queueing adds up
+# to batch_timeout; 10 s is the default deadline. Half a millisecond resolves a fast
+# cache-warm decode; finer buckets would only cost series.
+LATENCY_BUCKETS: Final = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# Powers of two up to the largest max_batch_size the settings accept.
+BATCH_BUCKETS: Final = tuple(float(2**i) for i in range(11))
+CONFIDENCE_BUCKETS: Final = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+LOAD_BUCKETS: Final = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+REQUESTS = Counter(
+    "cnnserve_requests",
+    "Requests answered, by protocol, route template, resolved model/version and status. "
+    "code is the HTTP status, also for gRPC (the status errors.py gives the same error).",
+    ["protocol", "route", "model", "version", "code"],
+)
+REQUEST_DURATION = Histogram(
+    "cnnserve_request_duration_seconds",
+    "Whole-request latency, first byte in to last byte out.",
+    ["protocol", "route", "model"],
+    buckets=LATENCY_BUCKETS,
+)
+STAGE_DURATION = Histogram(
+    "cnnserve_stage_duration_seconds",
+    "Latency of one stage of a request: decode, queue_wait, inference, encode. "
+    "One observation per request, so the stage means add up to the request mean.",
+    ["model", "stage"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "cnnserve_batch_size",
+    "Images per inference batch.",
+    ["model"],
+    buckets=BATCH_BUCKETS,
+)
+QUEUE_DEPTH = Gauge(
+    "cnnserve_queue_depth",
+    "Images waiting for a batch, summed over worker processes.",
+    ["model", "version"],
+    multiprocess_mode="livesum",
+)
+QUEUE_CAPACITY = Gauge(
+    "cnnserve_queue_capacity",
+    "Images the batch queue holds before requests are refused (503), summed over workers.",
+    ["model", "version"],
+    multiprocess_mode="livesum",
+)
+IN_FLIGHT = Gauge(
+    "cnnserve_in_flight_requests",
+    "Requests inside the data plane (decoding, queued or in inference), summed over workers.",
+    ["model"],
+    multiprocess_mode="livesum",
+)
+OVERLOAD_REJECTIONS = Counter(
+    "cnnserve_overload_rejections",
+    "Requests refused at once because the batch queue was full (503 overloaded).",
+    ["model"],
+)
+DEADLINE_EXPIRATIONS = Counter(
+    "cnnserve_deadline_expirations",
+    "Requests (or max_batch_size chunks of one) whose deadline passed before inference.",
+    ["model"],
+)
+MODEL_VERSIONS = Gauge(
+    "cnnserve_model_versions",
+    "Worker processes holding a model version in a TF Serving state (START, LOADING, "
+    "AVAILABLE, UNLOADING, END).",
+    ["model", "version", "state"],
+    multiprocess_mode="livesum",
+)
+MODEL_CONFIGURED = Gauge(
+    "cnnserve_model_configured",
+    "1 while models.config lists the model, 0 once it was removed.",
+    ["model"],
+    multiprocess_mode="livemax",
+)
+MODEL_EVENTS_TOTAL = Counter(
+    "cnnserve_model_events",
+    "Model version lifecycle events: loaded, load_failed, unloaded.",
+    ["model", "event"],
+)
+MODEL_LOAD_DURATION = Histogram(
+    "cnnserve_model_load_duration_seconds",
+    "Time to load a version's runtime (excluding warm-up).",
+    ["model"],
+    buckets=LOAD_BUCKETS,
+)
+MODEL_WARMUP_DURATION = Histogram(
+    "cnnserve_model_warmup_duration_seconds",
+    "Time to replay a version's warm-up requests.",
+    ["model"],
+    buckets=LOAD_BUCKETS,
+)
+PREDICTIONS = Counter(
+    "cnnserve_predictions",
+    "Images by predicted (top-1) class: the class mix, for drift alerts.",
+    ["model", "version", "class"],
+)
+TOP1_CONFIDENCE = Histogram(
+    "cnnserve_top1_confidence_ratio",
+    "Probability of the predicted class, one observation per image.",
+    ["model", "version"],
+    buckets=CONFIDENCE_BUCKETS,
+)
+
+
+# --- requests (any transport) -------------------------------------------------------
+
+
+def observe_request(
+    protocol: str, route: str, model: str, version: str, code: int | str, seconds: float
+) -> None:
+    """One answered request. ``route`` is a template or RPC method name, never a raw path;
+    ``model``/``version`` are what the registry resolved, or empty when nothing was."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    REQUESTS.labels(protocol, route, model, version, str(code)).inc()
+    REQUEST_DURATION.labels(protocol, route, model).observe(seconds)
+
+
+def observe_stage(model: str, stage: str, seconds: float) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    STAGE_DURATION.labels(model, stage).observe(seconds)
+
+
+@contextlib.contextmanager
+def in_flight(model: str) -> Iterator[None]:
+    gauge = IN_FLIGHT.labels(model)
+    gauge.inc()
+    try:
+        yield
+    finally:
+        gauge.dec()
+
+
+def observe_predictions(
+    model: str, version: int, labels: Sequence[str], probabilities: npt.NDArray[Any]
+) -> None:
+    """Top-1 class and confidence of each image (rows of ``probabilities``)."""
+    if probabilities.ndim != 2 or not len(probabilities):
+        return
+    top = probabilities.argmax(axis=1)
+    v = str(version)
+    # Class ids are below the model's class count, so the label set is bounded by it.
+    for class_id, count in enumerate(np.bincount(top)):
+        if count:
+            name = labels[class_id] if class_id < len(labels) else str(class_id)
+            PREDICTIONS.labels(model, v, name).inc(int(count))
+    confidence = TOP1_CONFIDENCE.labels(model, v)
+    for score in probabilities[np.arange(len(top)), top].tolist():
+        confidence.observe(score)
+
+
+# --- batching ----------------------------------------------------------------------
+
+
+class BatcherMetrics:
+    """A :class:`service.batching.BatchObserver` for one model version's batcher."""
+
+    def __init__(self, model: str, version: int, capacity: int) -> None:
+        self._model = model
+        v = str(version)
+        self._batch = BATCH_SIZE.labels(model)
+        self._wait = STAGE_DURATION.labels(model, "queue_wait")
+        self._inference = STAGE_DURATION.labels(model, "inference")
+        self._depth = QUEUE_DEPTH.labels(model, v)
+        self._rejected = OVERLOAD_REJECTIONS.labels(model)
+        self._expired = DEADLINE_EXPIRATIONS.labels(model)
+        # Series exist from the start, so rates and ratios read 0 rather than nothing.
+        self._depth.set(0)
+        QUEUE_CAPACITY.labels(model, v).set(capacity)
+
+    def on_batch(
+        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+    ) -> None:
+        self._batch.observe(size)
+        for wait in queue_wait_seconds:
+            self._wait.observe(wait)
+            # Every request in the batch waited for the whole inference.
+            self._inference.observe(inference_seconds)
+
+    def on_rejected(self) -> None:
+        self._rejected.inc()
+
+    def on_expired(self, count: int) -> None:
+        self._expired.inc(count)
+
+    def on_queue_depth(self, depth: int) -> None:
+        self._depth.set(depth)
+
+
+# --- model lifecycle ---------------------------------------------------------------
+
+
+def announce_version(model: str, version: int, labels: Sequence[str]) -> None:
+    """A version starts serving: its series exist from now on, reading 0 until used, so a
+    class the model stops predicting shows in the class mix as 0, not as missing."""
+    v = str(version)
+    for name in labels:
+        PREDICTIONS.labels(model, v, name)
+    TOP1_CONFIDENCE.labels(model, v)
+    IN_FLIGHT.labels(model)
+
+
+def observe_version_state(model: str, version: int, state: str) -> None:
+    """One-hot over the states, so a version is counted in exactly one of them."""
+    v = str(version)
+    for name in VERSION_STATES:
+        MODEL_VERSIONS.labels(model, v, name).set(1 if name == state else 0)
+
+
+def observe_configured(previous: Iterable[str], current: Iterable[str]) -> None:
+    now = set(current)
+    for model in set(previous) - now:
+        MODEL_CONFIGURED.labels(model).set(0)
+    for model in now:
+        MODEL_CONFIGURED.labels(model).set(1)
+
+
+def observe_model_event(model: str, event: str) -> None:
+    if event not in MODEL_EVENTS:
+        raise ValueError(f"event must be one of {MODEL_EVENTS}, got {event!r}")
+    MODEL_EVENTS_TOTAL.labels(model, event).inc()
+
+
+def observe_load(model: str, load_seconds: float, warmup_seconds: float) -> None:
+    MODEL_LOAD_DURATION.labels(model).observe(load_seconds)
+    MODEL_WARMUP_DURATION.labels(model).observe(warmup_seconds)
+
+
+# --- exposition --------------------------------------------------------------------
+
+
+def multiprocess_dir() -> Path | None:
+    value = os.environ.get(MULTIPROC_ENV)
+    return Path(value) if value else None
+
+
+def render() -> tuple[bytes, str]:
+    """The /metrics body and its content type. Blocking (reads files): run in a thread."""
+    directory = multiprocess_dir()
+    if directory is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    forget_dead_processes(directory)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def forget_dead_processes(directory: Path) -> None:
+    """Drop the live gauges of worker processes that are gone (crashed and restarted by
+    the supervisor, say), so in-flight and queue depth do not count them forever.
+    Their counters and histograms stay: totals must not go backwards."""
+    for path in directory.glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), str(directory))  # type: ignore[no-untyped-call]
+
+
+def forget_this_process() -> None:
+    """At a worker's clean exit: its live gauges leave the sums at once."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        mark_process_dead(os.getpid(), str(directory))  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True

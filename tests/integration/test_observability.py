@@ -1,0 +1,216 @@
+"""Metrics, access log and monitoring config against a real gateway with two worker
+processes and the real Prometheus server scraping it."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.images import encode, gradient
+from tests.models import publish_tiny, simple_config, write_models_config
+from tests.prometheus import running_prometheus
+from tests.server import Server, running_server
+from tests.unit.test_monitoring_config import DASHBOARD, PROMETHEUS, recording_rules
+
+pytestmark = pytest.mark.slow
+
+# What Grafana would put in for the dashboard's variables.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$model": ".+"}
+WORKERS = 2
+AVAILABLE = frozenset({"model": "tiny", "version": "1", "state": "AVAILABLE"}.items())
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("observability") / "repo"
+    publish_tiny(repo, "tiny", labels=["cat", "dog", "bird"])
+    write_models_config(repo, simple_config("tiny"))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[Server]:
+    args = ("--poll-seconds", "0", "--workers", str(WORKERS))
+    with running_server(repository, args=args) as srv:
+        # /readyz answered by one worker says nothing of the other: wait until the
+        # summed metrics show the version AVAILABLE in every worker.
+        deadline = time.monotonic() + 120
+        while samples(srv).get(("cnnserve_model_versions", AVAILABLE)) != WORKERS:
+            assert time.monotonic() < deadline, srv.log.read_text()
+            time.sleep(0.1)
+        yield srv
+    # Stopped: the workers' metric files went with their folder.
+    assert not metrics_dir(srv).exists()
+
+
+def metrics_dir(server: Server) -> Path:
+    found = re.search(r"write their metrics to (\S+) ", server.log.read_text())
+    assert found is not None, server.log.read_text()
+    return Path(found.group(1))
+
+
+def samples(server: Server) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    body = httpx.get(server.url + "/metrics", timeout=10).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def access_line(server: Server, request_id: str, timeout: float = 10) -> dict[str, Any]:
+    """The JSON access-log line of one request (written just after the response)."""
+    marker = f'"request_id":"{request_id}"'
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in server.log.read_text().splitlines():
+            if marker in line:
+                parsed: dict[str, Any] = json.loads(line)
+                return parsed
+        time.sleep(0.05)
+    raise AssertionError(f"no access-log line for {request_id}:\n{server.log.read_text()}")
+
+
+def drive_load(client: httpx.Client) -> None:
+    """Successes on both REST APIs, client errors, and requests naming unknown things."""
+    png = encode(gradient(), "PNG")
+    b64 = base64.b64encode(png).decode()
+    for _ in range(12):
+        r = client.post("/v1/classify", content=png, headers={"content-type": "image/png"})
+        assert r.status_code == 200, r.text
+    for _ in range(3):
+        r = client.post(
+            "/v1/models/tiny:predict",
+            json={"signature_name": "predict_image_bytes", "instances": [{"b64": b64}] * 2},
+        )
+        assert r.status_code == 200, r.text
+    headers = {"content-type": "image/png"}
+    statuses = [
+        client.post("/v1/classify", content=b"not an image", headers=headers),
+        client.post("/v1/classify?top_k=99", content=png, headers=headers),
+        client.post("/v1/classify?model=garbage-model-1", content=png, headers=headers),
+        client.get("/v1/models/garbage-model-2"),
+        client.get("/garbage-path-3/x"),
+    ]
+    assert [r.status_code for r in statuses] == [400, 400, 404, 404, 404]
+
+
+@pytest.fixture(scope="module")
+def loaded(server: Server) -> Server:
+    with server.client() as client:
+        drive_load(client)
+    return server
+
+
+def test_request_id_is_honoured_and_logged_without_image_bytes(server: Server) -> None:
+    png = encode(gradient(), "PNG")
+    payload = base64.b64encode(png).decode()
+    with server.client() as client:
+        r = client.post(
+            "/v1/classify", json={"image": payload}, headers={"x-request-id": "trace-obs-1"}
+        )
+        bad = client.post(
+            "/v1/classify",
+            content=b"junk",
+            headers={"content-type": "image/png", "x-request-id": "trace-obs-2"},
+        )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "trace-obs-1"
+    assert bad.status_code == 400 and bad.headers.get_list("x-request-id") == ["trace-obs-2"]
+    assert set(re.findall(r"(\w+);dur=", r.headers["server-timing"])) == {
+        "decode",
+        "inference",
+        "encode",
+    }
+    line = access_line(server, "trace-obs-1")
+    assert line["method"] == "POST" and line["route"] == "/v1/classify"
+    assert (line["status"], line["model"], line["version"], line["protocol"]) == (
+        200,
+        "tiny",
+        1,
+        "rest",
+    )
+    assert line["duration_ms"] > 0
+    assert set(line["timings_ms"]) == {"decode", "inference", "encode"}
+    assert sum(line["timings_ms"].values()) <= line["duration_ms"]
+    failed = access_line(server, "trace-obs-2")
+    assert (failed["status"], failed["model"]) == (400, "tiny")
+    log = server.log.read_text()
+    assert payload[:64] not in log and "junk" not in log
+
+
+def test_request_id_is_made_up_when_missing(server: Server) -> None:
+    r = httpx.get(server.url + "/healthz")
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+    assert access_line(server, r.headers["x-request-id"])["route"] == "/healthz"
+
+
+def test_worker_processes_are_summed_and_labels_stay_bounded(loaded: Server) -> None:
+    before = samples(loaded)
+    with loaded.client() as client:
+        for _ in range(7):
+            assert client.get("/v1/models/tiny/metadata").status_code == 200
+    after = samples(loaded)
+    key = frozenset(
+        {
+            "protocol": "rest",
+            "route": "/v1/models/{model}/metadata",
+            "model": "tiny",
+            "version": "1",
+            "code": "200",
+        }.items()
+    )
+    name = "cnnserve_requests_total"
+    assert after[(name, key)] - before.get((name, key), 0) == 7
+    assert after[("cnnserve_model_versions", AVAILABLE)] == WORKERS  # summed over workers
+    body = httpx.get(loaded.url + "/metrics").text
+    assert "garbage" not in body  # unknown models and paths add no label values
+    routes = {dict(labels)["route"] for metric, labels in after if metric == name}
+    assert "unmatched" in routes and all(r == "unmatched" or r.startswith("/") for r in routes)
+
+
+def test_every_dashboard_panel_and_recording_rule_has_data(loaded: Server, tmp_path: Path) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = {
+        f"panel {panel['title']!r} {target['refId']}": target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    }
+    for name, expr in list(queries.items()):
+        for variable, value in GRAFANA_VARIABLES.items():
+            expr = expr.replace(variable, value)
+        queries[name] = expr
+    for rule in recording_rules():
+        queries[f"rule {rule['record']} (expr)"] = rule["expr"]
+        queries[f"rule {rule['record']} (recorded)"] = rule["record"]
+    rule_files = sorted((PROMETHEUS / "rules").glob("*.yml"))
+    target = loaded.url.removeprefix("http://")
+    with running_prometheus(tmp_path, targets=[target], rule_files=rule_files) as prometheus:
+        deadline = time.monotonic() + 90
+        # Two scrapes after the load, so every rate() has a difference to work with.
+        assert prometheus.wait_for_data("count_over_time(up[1m]) >= 2", deadline)
+        with loaded.client() as client:
+            drive_load(client)
+        empty = [
+            name for name, expr in queries.items() if not prometheus.wait_for_data(expr, deadline)
+        ]
+    assert not empty, f"no data for: {empty}"
+
+
+def test_one_worker_metrics_path_is_configurable_and_leaves_no_files(repository: Path) -> None:
+    env = {"CNNSERVE_METRICS_PATH": "/internal/metrics"}
+    with running_server(repository, env=env, args=("--poll-seconds", "0")) as srv:
+        assert httpx.get(srv.url + "/metrics").status_code == 404
+        body = httpx.get(srv.url + "/internal/metrics").text
+        assert 'cnnserve_model_versions{model="tiny",state="AVAILABLE",version="1"} 1.0' in body
+        directory = metrics_dir(srv)
+        assert any(directory.glob("*.db"))
+    assert not directory.exists()

@@ -1,0 +1,265 @@
+"""The metrics module: bounded labels, the batcher observer, and several processes
+writing to one PROMETHEUS_MULTIPROC_DIR as uvicorn's workers do."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import metrics, requestlog
+from service.batching import BatchingConfig, DynamicBatcher
+from service.errors import DeadlineExceeded, Overloaded
+from tests.unit.test_batching import until
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def value(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_request_labels_are_checked_against_fixed_sets() -> None:
+    with pytest.raises(ValueError, match="protocol"):
+        metrics.observe_request("websocket", "/v1/classify", "m", "1", 200, 0.1)
+    with pytest.raises(ValueError, match="stage"):
+        metrics.observe_stage("m", "postprocess", 0.1)
+    with pytest.raises(ValueError, match="event"):
+        metrics.observe_model_event("m", "exploded")
+
+
+def test_request_is_counted_with_its_code_and_latency() -> None:
+    labels = {"protocol": "grpc", "route": "/t.P/Predict", "model": "req", "version": "3"}
+    before = value("cnnserve_requests_total", **labels, code="504")
+    metrics.observe_request("grpc", "/t.P/Predict", "req", "3", 504, 0.2)
+    assert value("cnnserve_requests_total", **labels, code="504") == before + 1
+    hist = {"protocol": "grpc", "route": "/t.P/Predict", "model": "req"}
+    assert value("cnnserve_request_duration_seconds_bucket", **hist, le="0.25") >= 1
+    assert value("cnnserve_request_duration_seconds_bucket", **hist, le="0.1") == 0
+
+
+def test_predicted_classes_come_from_the_model_labels() -> None:
+    probabilities = np.array([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.0, 0.3, 0.7], [0.2, 0.7, 0.1]])
+    # Fewer labels than classes: the class id stands in, still bounded by the class count.
+    metrics.observe_predictions("mix", 2, ["cat", "dog"], probabilities)
+    counts = {
+        c: value("cnnserve_predictions_total", model="mix", version="2", **{"class": c})
+        for c in ("cat", "dog", "2")
+    }
+    assert counts == {"cat": 1, "dog": 2, "2": 1}
+    labels = {"model": "mix", "version": "2"}
+    assert value("cnnserve_top1_confidence_ratio_count", **labels) == 4
+    assert value("cnnserve_top1_confidence_ratio_sum", **labels) == pytest.approx(3.1)
+    assert value("cnnserve_top1_confidence_ratio_bucket", **labels, le="0.7") == 2
+
+
+def test_an_announced_version_has_every_class_at_zero() -> None:
+    metrics.announce_version("fresh", 1, ["a", "b"])
+    body = metrics.render()[0].decode()
+    for label in ("a", "b"):
+        assert (
+            f'cnnserve_predictions_total{{class="{label}",model="fresh",version="1"}} 0.0' in body
+        )
+    assert 'cnnserve_in_flight_requests{model="fresh"} 0.0' in body
+
+
+def test_version_states_are_one_hot() -> None:
+    metrics.observe_version_state("states", 4, "LOADING")
+    metrics.observe_version_state("states", 4, "AVAILABLE")
+    on = {
+        s: value("cnnserve_model_versions", model="states", version="4", state=s)
+        for s in metrics.VERSION_STATES
+    }
+    assert on == {"START": 0, "LOADING": 0, "AVAILABLE": 1, "UNLOADING": 0, "END": 0}
+    metrics.observe_configured([], ["states", "other"])
+    metrics.observe_configured(["states", "other"], ["other"])
+    assert value("cnnserve_model_configured", model="states") == 0
+    assert value("cnnserve_model_configured", model="other") == 1
+
+
+def test_batcher_reports_batches_queue_and_rejections() -> None:
+    config = BatchingConfig(
+        max_batch_size=2, batch_timeout_micros=0, max_enqueued_batches=1, num_batch_threads=1
+    )
+    observer = metrics.BatcherMetrics("batchy", 1, config.queue_capacity)
+    release = asyncio.Event()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        started = asyncio.Event()
+
+        def predict(batch: np.ndarray) -> np.ndarray:
+            loop.call_soon_threadsafe(started.set)
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
+            return batch[:, :1].astype(np.float32)
+
+        async with DynamicBatcher(predict, config, observer=observer) as batcher:
+            first = asyncio.create_task(batcher.submit(np.ones((2, 3)), deadline=None))
+            await started.wait()  # the first batch is on the thread; the queue is empty
+            queued = asyncio.create_task(batcher.submit(np.ones((2, 3)), deadline=None))
+            await until(lambda: value("cnnserve_queue_depth", model="batchy", version="1") == 2)
+            with pytest.raises(Overloaded):
+                await batcher.submit(np.ones((1, 3)), deadline=None)
+            release.set()
+            await asyncio.gather(first, queued)
+
+    asyncio.run(asyncio.wait_for(scenario(), 10))
+    assert value("cnnserve_batch_size_count", model="batchy") == 2
+    assert value("cnnserve_batch_size_sum", model="batchy") == 4
+    assert value("cnnserve_overload_rejections_total", model="batchy") == 1
+    assert value("cnnserve_deadline_expirations_total", model="batchy") == 0
+    assert value("cnnserve_queue_depth", model="batchy", version="1") == 0
+    assert value("cnnserve_queue_capacity", model="batchy", version="1") == 2
+    stage = {"model": "batchy"}
+    assert value("cnnserve_stage_duration_seconds_count", **stage, stage="queue_wait") == 2
+    assert value("cnnserve_stage_duration_seconds_count", **stage, stage="inference") == 2
+
+
+# --- several processes, one directory -------------------------------------------------
+
+WRITER = """
+import sys
+from service import metrics
+metrics.observe_request("rest", "/v1/classify", "mp", "1", 200, 0.01)
+metrics.IN_FLIGHT.labels("mp").set(int(sys.argv[1]))
+metrics.observe_version_state("mp", 1, "AVAILABLE")
+print("written", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def multiproc_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # Only render() reads the variable in this process; the writers get it at start.
+    monkeypatch.setenv(metrics.MULTIPROC_ENV, str(tmp_path))
+    return tmp_path
+
+
+@pytest.fixture
+def writers(multiproc_dir: Path) -> Iterator[list[subprocess.Popen[str]]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), metrics.MULTIPROC_ENV: str(multiproc_dir)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        for n in (3, 4)
+    ]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline() == "written\n"
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    body, content_type = metrics.render()
+    assert content_type.startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+    }
+
+
+def end(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(10) == 0
+
+
+def test_processes_are_summed_and_dead_ones_leave_the_gauges(
+    writers: list[subprocess.Popen[str]], multiproc_dir: Path
+) -> None:
+    requests = (
+        "cnnserve_requests_total",
+        (
+            ("code", "200"),
+            ("model", "mp"),
+            ("protocol", "rest"),
+            ("route", "/v1/classify"),
+            ("version", "1"),
+        ),
+    )
+    in_flight = ("cnnserve_in_flight_requests", (("model", "mp"),))
+    available = (
+        "cnnserve_model_versions",
+        (("model", "mp"), ("state", "AVAILABLE"), ("version", "1")),
+    )
+    samples = scrape()
+    assert samples[requests] == 2
+    assert samples[in_flight] == 7
+    assert samples[available] == 2
+
+    end(writers[0])
+    samples = scrape()
+    assert samples[requests] == 2  # totals never go backwards
+    assert samples[in_flight] == 4  # the exited worker's gauges are gone
+    assert samples[available] == 1
+    assert not list(multiproc_dir.glob(f"gauge_live*_{writers[0].pid}.db"))
+
+    end(writers[1])
+    samples = scrape()
+    assert samples[requests] == 2
+    assert in_flight not in samples
+
+
+# --- request records ---------------------------------------------------------------------
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[dict[str, object]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(record.getMessage()))
+
+
+@pytest.fixture
+def access_lines() -> Iterator[list[dict[str, object]]]:
+    requestlog.configure_access_log(True)
+    handler = Lines()
+    requestlog.access_log.addHandler(handler)
+    try:
+        yield handler.lines
+    finally:
+        requestlog.access_log.removeHandler(handler)
+
+
+def test_a_record_collects_what_the_core_notes_and_is_closed_once(
+    access_lines: list[dict[str, object]],
+) -> None:
+    route = "/tensorflow.serving.PredictionService/Predict"
+    labels = {"protocol": "grpc", "route": route, "model": "rec", "version": "5"}
+    before = value("cnnserve_requests_total", **labels, code="504")
+    with (
+        pytest.raises(DeadlineExceeded),
+        requestlog.recorded(requestlog.RequestRecord("id-7", "grpc", "POST", route=route)),
+    ):
+        requestlog.note_target("rec", 5)
+        requestlog.note_timings({"decode": 0.002})
+        raise DeadlineExceeded("too late")
+    requestlog.note_target("elsewhere", 1)  # outside any record: ignored
+    assert value("cnnserve_requests_total", **labels, code="504") == before + 1
+    (line,) = access_lines
+    assert line["request_id"] == "id-7" and line["status"] == 504
+    assert (line["model"], line["version"], line["route"]) == ("rec", 5, route)
+    assert line["timings_ms"] == {"decode": 2.0}

@@ -1,0 +1,129 @@
+"""docker/'s Prometheus and Grafana files: valid for their tools, and built only from
+names service/metrics.py exports. (Whether each query returns data is checked against a
+real Prometheus in tests/integration/test_observability.py.)"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import Counter, Gauge, Histogram
+
+from service import metrics
+
+DOCKER = Path(__file__).resolve().parents[2] / "docker"
+PROMETHEUS = DOCKER / "prometheus"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "cnnserve.json"
+METRIC_NAME = re.compile(r"\bcnnserve_[a-z0-9_]+\b")
+
+
+def promtool(*args: str) -> str:
+    tool = shutil.which("promtool")
+    if tool is None:
+        pytest.fail("promtool not found: install the Debian package prometheus (make test does)")
+    done = subprocess.run([tool, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def exported_names() -> set[str]:
+    """Every sample name the gateway can expose."""
+    names = set()
+    for obj in vars(metrics).values():
+        if isinstance(obj, Counter):
+            names.add(f"{obj._name}_total")
+        elif isinstance(obj, Histogram):
+            names |= {f"{obj._name}_{suffix}" for suffix in ("bucket", "sum", "count")}
+        elif isinstance(obj, Gauge):
+            names.add(obj._name)
+    return names
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((PROMETHEUS / "rules" / "recording.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((PROMETHEUS / "rules" / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    queries += [v["definition"] for v in dashboard["templating"]["list"]]
+    return queries
+
+
+def test_prometheus_config_and_rules_pass_promtool() -> None:
+    promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+    out = promtool("check", "rules", *map(str, sorted((PROMETHEUS / "rules").glob("*.yml"))))
+    assert "SUCCESS" in out
+
+
+def test_alerts_fire_on_their_unit_test_series() -> None:
+    promtool("test", "rules", str(PROMETHEUS / "tests" / "alerts_test.yml"))
+
+
+def test_prometheus_scrapes_the_gateway_and_tf_serving_metrics_paths() -> None:
+    config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    paths = {job["job_name"]: job["metrics_path"] for job in config["scrape_configs"]}
+    monitoring = (DOCKER.parent / "model_repository" / "monitoring.config").read_text()
+    tfserving_path = re.search(r'path:\s*"([^"]+)"', monitoring)
+    assert tfserving_path is not None
+    assert paths == {"cnnserve": "/metrics", "tfserving": tfserving_path.group(1)}
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [r["expr"] for r in recording_rules() + alert_rules()] + dashboard_queries(),
+)
+def test_every_query_uses_exported_metric_names(expr: str) -> None:
+    # Recorded series (level:metric:operations) are checked by the next test.
+    for name in sorted((r["record"] for r in recording_rules()), key=len, reverse=True):
+        expr = expr.replace(name, "")
+    unknown = set(METRIC_NAME.findall(expr)) - exported_names()
+    assert not unknown, f"not exported by service/metrics.py: {unknown}"
+
+
+def test_alerts_use_only_recorded_series_that_exist() -> None:
+    recorded = {r["record"] for r in recording_rules()}
+    for rule in alert_rules():
+        for name in re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", rule["expr"]):
+            assert name in recorded, f"{rule['alert']} uses {name}, which no rule records"
+
+
+def test_dashboard_uses_the_provisioned_datasource() -> None:
+    provisioned = yaml.safe_load(
+        (DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )["datasources"]
+    uids = {d["uid"] for d in provisioned}
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "cnnserve"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] in uids, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert all(t["datasource"]["uid"] in uids for t in panel["targets"]), panel["title"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_compose_mounts_exist_and_match_the_provisioning() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), f"{name} mounts missing {source}"
+    providers = yaml.safe_load(
+        (DOCKER / "grafana" / "provisioning" / "dashboards" / "cnnserve.yml").read_text()
+    )["providers"]
+    grafana_mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
+    assert grafana_mounts["./grafana/dashboards"] == providers[0]["options"]["path"]
