@@ -22,7 +22,6 @@ from service.config import Settings
 from service.errors import DeadlineExceeded, InvalidRequest, TooManyImages
 from service.preprocessing import preprocess_bytes
 from service.registry import LoadedVersion, Registry, VersionStatus
-from service.signatures import signature_def_map
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "predict_image_bytes"
@@ -165,14 +164,16 @@ class DataPlane:
         elif signature == SERVING_SIGNATURE:
             batch = self._image_tensor(self._only_input(inputs, info.input_name, signature), target)
         else:
-            known = ", ".join(sorted(signature_def_map(target.path).signature_def))
+            known = ", ".join(sorted(target.runtime.signature_defs().signature_def))
             raise InvalidRequest(f"unknown signature_name {signature!r}; this model has: {known}")
+        for name in output_filter:  # checked before inference, not after paying for it
+            if name != info.output_name:
+                raise InvalidRequest(
+                    f"output_filter names {name!r}; the output is {info.output_name!r}"
+                )
         decoded = time.perf_counter()
         probabilities = await target.predict(batch, deadline)
         outputs = {info.output_name: probabilities}
-        for name in output_filter:
-            if name not in outputs:
-                raise InvalidRequest(f"output_filter names {name!r}; outputs are {sorted(outputs)}")
         return PredictResult(
             model=target.model,
             version=target.version,
@@ -224,4 +225,4 @@ class DataPlane:
         self, model: str, version: int | None = None, label: str | None = None
     ) -> tuple[LoadedVersion, Any]:
         target = self.registry.resolve(model, version, label)
-        return target, signature_def_map(target.path)
+        return target, target.runtime.signature_defs()

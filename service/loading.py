@@ -50,6 +50,12 @@ def prepare_version(
 ) -> PreparedVersion:
     """Create, load and warm the runtime of one version folder. Blocking (seconds)."""
     runtime = runtime_factory(runtime_name, path, cache_dir=cache_dir, threads=threads)
+    return prepare_runtime(runtime, path)
+
+
+def prepare_runtime(runtime: Runtime, path: Path) -> PreparedVersion:
+    """Load and warm ``runtime``; labels, card and warmup records come from ``path``,
+    each optional (a remote runtime's folder may not be visible here at all)."""
     info = runtime.load()
     try:
         labels = read_labels(path, info.num_classes)

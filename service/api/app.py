@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from service import __version__
 from service.api import rest, tfserving_rest
+from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import RequestGuard, install_error_handlers
 from service.config import Settings
 from service.dataplane import DataPlane
@@ -37,9 +38,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_report_failure)
+        grpc_server = await start_grpc(settings, app.state.dataplane)
         try:
             yield
         finally:
+            await stop_grpc(grpc_server)
             if not loading.done():
                 loading.cancel()
             await registry.stop()
