@@ -8,6 +8,7 @@ reflection clients. Answers are compared with the REST API of the same process.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -326,3 +327,36 @@ def test_health_follows_readiness(server: Server, repository: Path, channel: grp
         assert client.get("/readyz").status_code == 200
     listed = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
     assert listed["cnnserve.v1.ImageClassifier"].status == health_pb2.HealthCheckResponse.SERVING
+
+
+def listeners(port: int) -> int:
+    """Listening TCP sockets on ``port`` (Linux /proc: state 0A is LISTEN; gRPC binds
+    IPv4 addresses as IPv4-mapped IPv6, so both tables count)."""
+    rows = [
+        row.split()
+        for table in ("tcp", "tcp6")
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+    ]
+    return sum(1 for r in rows if r[1].endswith(f":{port:04X}") and r[3] == "0A")
+
+
+def test_several_workers_share_the_grpc_port(repository: Path) -> None:
+    """Each uvicorn worker binds the gRPC port (SO_REUSEPORT); the kernel spreads calls."""
+    args = ("--workers", "2", "--poll-seconds", "0")
+    with running_server(repository, wait_ready=False, grpc_port=0, args=args) as srv:
+        deadline = time.monotonic() + 120
+        while listeners(srv.grpc_port) < 2:
+            assert time.monotonic() < deadline and srv.process.poll() is None, srv.log.read_text()
+            time.sleep(0.1)
+        versions = set()
+        with srv.channel() as ch:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            request = predict_request({"image": pixels(1)}, version=1)
+            while len(versions) < 1 and time.monotonic() < deadline:
+                try:  # a worker still loading answers UNAVAILABLE, by design
+                    versions.add(stub.Predict(request, timeout=30).model_spec.version.value)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc  # type: ignore[attr-defined]
+                    time.sleep(0.1)
+        assert versions == {1}
+        assert listeners(srv.grpc_port) == 2 and "Traceback" not in srv.log.read_text()
