@@ -135,9 +135,18 @@ def test_predict_uint8_tensor_equals_rest_predict(server: Server, predict_stub: 
 
 
 def test_a_batch_of_64_images_fits_in_one_message(predict_stub: Any) -> None:
-    images = pixels(64, seed=3)  # 9.6 MB, over gRPC's default 4 MB limit
-    response = predict_stub.Predict(predict_request({"image": images}), timeout=60)
-    assert tf.make_ndarray(response.outputs["probabilities"]).shape == (64, 3)
+    # As float32 pixels: 38.5 MB, the largest legitimate form (gRPC's default limit is 4 MB).
+    images = pixels(64, seed=3)
+    floats = predict_stub.Predict(
+        predict_request({"image": images.astype(np.float32)}, version=1), timeout=60
+    )
+    assert tf.make_ndarray(floats.outputs["probabilities"]).shape == (64, 3)
+    packed = predict_stub.Predict(predict_request({"image": images}, version=1), timeout=60)
+    np.testing.assert_allclose(
+        tf.make_ndarray(packed.outputs["probabilities"]),
+        tf.make_ndarray(floats.outputs["probabilities"]),
+        atol=1e-6,
+    )
 
 
 def test_bytes_signature_decodes_like_classify(predict_stub: Any) -> None:
