@@ -75,11 +75,15 @@ def deadline(plane: DataPlane, context: Any) -> float:
     return plane.deadline(remaining)
 
 
-class PredictionServicer:
-    """tensorflow.serving.PredictionService: Predict and GetModelMetadata."""
+class _Adapter:
+    """A servicer: holds the data plane it translates to; nothing else."""
 
     def __init__(self, plane: DataPlane) -> None:
         self._plane = plane
+
+
+class PredictionServicer(_Adapter):
+    """tensorflow.serving.PredictionService: Predict and GetModelMetadata."""
 
     @mapped_errors
     async def Predict(self, request: Any, context: Any) -> Any:
@@ -145,11 +149,8 @@ def _unsupported(method: str) -> MethodNotAllowed:
     )
 
 
-class ModelServicer:
+class ModelServicer(_Adapter):
     """tensorflow.serving.ModelService: GetModelStatus with TF Serving's states."""
-
-    def __init__(self, plane: DataPlane) -> None:
-        self._plane = plane
 
     @mapped_errors
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
@@ -164,11 +165,8 @@ class ModelServicer:
         )
 
 
-class ImageClassifierServicer:
+class ImageClassifierServicer(_Adapter):
     """cnnserve.v1.ImageClassifier: encoded images in, labelled top-k out."""
-
-    def __init__(self, plane: DataPlane) -> None:
-        self._plane = plane
 
     async def _classify(self, images: Sequence[bytes], request: Any, context: Any) -> Any:
         choice = request.WhichOneof("version_choice")

@@ -100,6 +100,10 @@ def predict_request(
     return request
 
 
+def probabilities(response: Any) -> np.ndarray:
+    return np.asarray(probabilities(response))
+
+
 def code_of(call: Any, *args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call(*args, **kwargs)
@@ -112,7 +116,7 @@ def test_predict_uint8_tensor_equals_rest_predict(server: Server, predict_stub: 
     response = predict_stub.Predict(predict_request({"image": images}, version=1), timeout=30)
     assert response.model_spec.name == "tiny" and response.model_spec.version.value == 1
     assert response.model_spec.signature_name == "serving_default"
-    got = tf.make_ndarray(response.outputs["probabilities"])
+    got = probabilities(response)
     assert got.shape == (2, 3) and got.dtype == np.float32
     # TF Serving answers in typed fields by default; naive clients read float_val.
     assert len(response.outputs["probabilities"].float_val) == 6
@@ -131,7 +135,7 @@ def test_predict_uint8_tensor_equals_rest_predict(server: Server, predict_stub: 
     floats = tf.make_tensor_proto(images.astype(np.float32))
     for proto in (typed, floats):
         again = predict_stub.Predict(predict_request({"image": proto}, version=1), timeout=30)
-        np.testing.assert_allclose(tf.make_ndarray(again.outputs["probabilities"]), got, atol=1e-6)
+        np.testing.assert_allclose(probabilities(again), got, atol=1e-6)
 
 
 def test_a_batch_of_64_images_fits_in_one_message(predict_stub: Any) -> None:
@@ -140,11 +144,11 @@ def test_a_batch_of_64_images_fits_in_one_message(predict_stub: Any) -> None:
     floats = predict_stub.Predict(
         predict_request({"image": images.astype(np.float32)}, version=1), timeout=60
     )
-    assert tf.make_ndarray(floats.outputs["probabilities"]).shape == (64, 3)
+    assert probabilities(floats).shape == (64, 3)
     packed = predict_stub.Predict(predict_request({"image": images}, version=1), timeout=60)
     np.testing.assert_allclose(
-        tf.make_ndarray(packed.outputs["probabilities"]),
-        tf.make_ndarray(floats.outputs["probabilities"]),
+        probabilities(packed),
+        probabilities(floats),
         atol=1e-6,
     )
 
@@ -163,8 +167,8 @@ def test_bytes_signature_decodes_like_classify(predict_stub: Any) -> None:
     )
     direct = predict_stub.Predict(predict_request({"image": decoded}, version=1), timeout=30)
     np.testing.assert_allclose(
-        tf.make_ndarray(response.outputs["probabilities"]),
-        tf.make_ndarray(direct.outputs["probabilities"]),
+        probabilities(response),
+        probabilities(direct),
         atol=1e-6,
     )
 
