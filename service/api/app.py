@@ -35,10 +35,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
         app.state.dataplane = DataPlane(settings, registry, pool)
+        grpc_server = await start_grpc(settings, app.state.dataplane)  # None if disabled
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_report_failure)
-        grpc_server = await start_grpc(settings, app.state.dataplane)
         try:
             yield
         finally:
