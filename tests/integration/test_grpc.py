@@ -101,7 +101,7 @@ def predict_request(
 
 
 def probabilities(response: Any) -> np.ndarray:
-    return np.asarray(probabilities(response))
+    return np.asarray(tf.make_ndarray(response.outputs["probabilities"]))
 
 
 def code_of(call: Any, *args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str]:
