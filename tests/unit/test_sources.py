@@ -29,19 +29,25 @@ class FlakySource(DiskSource):
         return dataclasses.replace(scan, versions={}, fingerprints={}, unknown=names)
 
 
-def test_unknown_versions_keep_serving_until_listed_again(tmp_path: Path) -> None:
+def flaky_registry(tmp_path: Path) -> tuple[FlakySource, Registry]:
+    """A repository with model "m" version 1, and a registry on a FlakySource of it."""
     repo = tmp_path / "repo"
     publish_tiny(repo, "m")
     write_models_config(repo, simple_config("m"))
     config = settings(repo, tmp_path)
     source = FlakySource(config, create_runtime, threads=1)
-    registry = Registry(config, source=source)
+    return source, Registry(config, source=source)
+
+
+def test_unknown_versions_keep_serving_until_listed_again(tmp_path: Path) -> None:
+    source, registry = flaky_registry(tmp_path)
 
     async def scenario() -> None:
         await registry.start()
         assert registry.resolve("m").version == 1
         source.reachable = False
-        shutil.copytree(repo / "m" / "1", repo / "m" / "2")
+        model_dir = tmp_path / "repo" / "m"
+        shutil.copytree(model_dir / "1", model_dir / "2")
         await registry.poll_once()  # nothing listed: nothing loaded, nothing unloaded
         assert registry.is_ready() and registry.resolve("m").version == 1
         out = await registry.resolve("m").predict(IMAGES, None)
@@ -58,13 +64,8 @@ def test_unknown_versions_keep_serving_until_listed_again(tmp_path: Path) -> Non
 
 
 def test_a_source_unreachable_at_start_leaves_the_registry_waiting(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    publish_tiny(repo, "m")
-    write_models_config(repo, simple_config("m"))
-    config = settings(repo, tmp_path)
-    source = FlakySource(config, create_runtime, threads=1)
+    source, registry = flaky_registry(tmp_path)
     source.reachable = False
-    registry = Registry(config, source=source)
 
     async def scenario() -> None:
         await registry.start()  # does not raise: the next poll may reach it
