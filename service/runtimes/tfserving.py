@@ -222,6 +222,11 @@ class TFServingSource:
         self.client = TFServingClient(settings.tfserving_address, settings.request_timeout_seconds)
         self._scans = 0
         self._reachable = True
+        if settings.poll_seconds <= 0:
+            log.warning(
+                "poll_seconds is 0: TF Serving's versions are read once, at start; a TF "
+                "Serving that is not up by then is never used"
+            )
 
     def scan(self) -> Scan:
         configs = read_repository(self._settings.model_repository)
