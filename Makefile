@@ -58,17 +58,30 @@ format: install
 	$(VENV)/bin/ruff format .
 
 # Generated protobuf code is committed; proto-check fails when it drifts from proto/.
+# proto/ is mapped onto service/proto_gen so generated imports read
+# `from service.proto_gen import x_pb2` (protoc's flat `import x_pb2` would not resolve).
+# gRPC stubs (*_pb2_grpc.py) only for the files that define a service.
 PROTO_FILES := $(wildcard proto/*.proto)
+GRPC_PROTO_FILES := $(shell grep -l '^service ' $(PROTO_FILES))
+PROTOC := $(PY) -m grpc_tools.protoc -Iservice/proto_gen=proto
+define protoc
+	$(PROTOC) --python_out=$(1) --pyi_out=$(1) $(PROTO_FILES) && \
+	$(PROTOC) --grpc_python_out=$(1) $(GRPC_PROTO_FILES)
+endef
+
 proto: install
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=service/proto_gen \
-		--pyi_out=service/proto_gen $(PROTO_FILES)
+	$(call protoc,.)
 
 proto-check: install
 	@tmp=$$(mktemp -d); \
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=$$tmp --pyi_out=$$tmp $(PROTO_FILES) && \
-	for f in $$tmp/*; do \
+	$(call protoc,$$tmp) && \
+	for f in $$tmp/service/proto_gen/*; do \
 		diff -q $$f service/proto_gen/$$(basename $$f) >/dev/null || \
 		{ echo "service/proto_gen/$$(basename $$f) is stale: run 'make proto'"; rm -rf $$tmp; exit 1; }; \
+	done; \
+	for f in service/proto_gen/*_pb2*; do \
+		test -e $$tmp/service/proto_gen/$$(basename $$f) || \
+		{ echo "$$f has no .proto in proto/: delete it or restore its source"; rm -rf $$tmp; exit 1; }; \
 	done; rm -rf $$tmp
 
 # Retrain the default model: publishes the next version of model_repository/fashion_mnist.

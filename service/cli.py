@@ -174,6 +174,17 @@ def _add_serve(
     p.add_argument("--model-repository", type=Path, default=settings.model_repository)
     p.add_argument("--workers", type=int, default=settings.workers)
     p.add_argument("--poll-seconds", type=float, default=settings.poll_seconds)
+    p.add_argument(
+        "--backend",
+        choices=["embedded", "tfserving"],
+        default=settings.backend,
+        help="run models in-process, or forward batches to a TF Serving",
+    )
+    p.add_argument(
+        "--tfserving-address",
+        default=settings.tfserving_address,
+        help="TF Serving gRPC host:port (with --backend tfserving)",
+    )
     p.set_defaults(handler=_serve)
 
 
@@ -186,6 +197,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
             "model_repository": args.model_repository,
             "workers": args.workers,
             "poll_seconds": args.poll_seconds,
+            "backend": args.backend,
+            "tfserving_address": args.tfserving_address,
         }
     )
     try:

@@ -24,7 +24,6 @@ from service.errors import CnnserveError, DeadlineExceeded, InvalidRequest, TooM
 from service.preprocessing import preprocess_bytes
 from service.registry import LoadedVersion, Registry, VersionStatus
 from service.requestlog import note_target, note_timings
-from service.signatures import signature_def_map
 
 SERVING_SIGNATURE = "serving_default"
 BYTES_SIGNATURE = "predict_image_bytes"
@@ -173,17 +172,19 @@ class DataPlane:
                 value = self._only_input(inputs, info.input_name, signature)
                 batch = self._image_tensor(value, target)
             else:
-                known = ", ".join(sorted(signature_def_map(target.path).signature_def))
+                known = ", ".join(sorted(target.runtime.signature_defs().signature_def))
                 raise InvalidRequest(
                     f"unknown signature_name {signature!r}; this model has: {known}"
                 )
+            for name in output_filter:  # checked before inference, not after paying for it
+                if name != info.output_name:
+                    raise InvalidRequest(
+                        f"output_filter names {name!r}; the output is {info.output_name!r}"
+                    )
             decoded = time.perf_counter()
             probabilities = await target.predict(batch, deadline)
             inferred = time.perf_counter()
         outputs = {info.output_name: probabilities}
-        for name in output_filter:
-            if name not in outputs:
-                raise InvalidRequest(f"output_filter names {name!r}; outputs are {sorted(outputs)}")
         timings = {"decode": decoded - started, "inference": inferred - decoded}
         self._observe(target, probabilities, timings)
         return PredictResult(
@@ -259,4 +260,4 @@ class DataPlane:
         self, model: str, version: int | None = None, label: str | None = None
     ) -> tuple[LoadedVersion, Any]:
         target = self._resolve(model, version, label)
-        return target, signature_def_map(target.path)
+        return target, target.runtime.signature_defs()

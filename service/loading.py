@@ -53,7 +53,18 @@ def prepare_version(
 ) -> PreparedVersion:
     """Create, load and warm the runtime of one version folder. Blocking (seconds)."""
     started = time.perf_counter()
+    # Creating the runtime may convert and verify a LiteRT artifact: part of the load.
     runtime = runtime_factory(runtime_name, path, cache_dir=cache_dir, threads=threads)
+    return prepare_runtime(runtime, path, started=started)
+
+
+def prepare_runtime(
+    runtime: Runtime, path: Path, *, started: float | None = None
+) -> PreparedVersion:
+    """Load and warm ``runtime``; labels, card and warmup records come from ``path``,
+    each optional (a remote runtime's folder may not be visible here at all).
+    ``started`` is when the load began (perf_counter), if before this call."""
+    started = time.perf_counter() if started is None else started
     info = runtime.load()
     try:
         labels = read_labels(path, info.num_classes)

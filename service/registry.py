@@ -1,11 +1,12 @@
 """What is loaded in memory: model versions, their states and labels, request routing.
 
 The registry follows TF Serving's model manager. Each poll rescans models.config and the
-version folders (:mod:`service.repository`), loads the versions the version policy wants
-and unloads the ones it no longer wants, availability first: a new version is loaded and
-warmed, becomes AVAILABLE and takes traffic before the version it replaces leaves
-routing, so a model that was being served never stops being served. A version that fails
-to load is reported (END with an error) and leaves the serving one in place.
+versions (:mod:`service.sources`: version folders, or what a TF Serving backend reports
+AVAILABLE), loads the versions the version policy wants and unloads the ones it no
+longer wants, availability first: a new version is loaded and warmed, becomes AVAILABLE
+and takes traffic before the version it replaces leaves routing, so a model that was
+being served never stops being served. A version that fails to load is reported (END
+with an error) and leaves the serving one in place.
 
 Requests read one immutable :class:`~service.routing.RoutingTable`, replaced whole on
 every change, so a reader never sees half an update, whatever thread it runs on. All
@@ -29,15 +30,8 @@ from service import metrics
 from service.batching import BatchingConfig, DynamicBatcher
 from service.config import Settings
 from service.errors import CnnserveError
-from service.loading import PreparedVersion, RuntimeFactory, prepare_version
-from service.repository import (
-    ConfigError,
-    Fingerprint,
-    ModelConfig,
-    read_repository,
-    version_dirs,
-    version_fingerprint,
-)
+from service.loading import PreparedVersion, RuntimeFactory
+from service.repository import ConfigError, Fingerprint
 from service.routing import (
     LoadedVersion,
     RoutingTable,
@@ -48,33 +42,11 @@ from service.routing import (
 )
 from service.runtimes import create_runtime
 from service.runtimes.base import Runtime
+from service.sources import Scan, VersionSource, create_source
 
 log = logging.getLogger(__name__)
 
 __all__ = ["LoadedVersion", "Registry", "VersionState", "VersionStatus"]
-
-
-@dataclass(frozen=True)
-class _Scan:
-    """One look at the disk: the config and each configured model's version folders."""
-
-    configs: list[ModelConfig]
-    on_disk: dict[str, dict[int, Path]]
-    fingerprints: dict[VersionKey, Fingerprint]
-
-    def wanted(self, config: ModelConfig) -> set[int]:
-        return config.wanted_versions(self.on_disk[config.name])
-
-
-def _scan(repository: Path) -> _Scan:
-    configs = read_repository(repository)
-    on_disk = {c.name: version_dirs(c.base_path) for c in configs}
-    fingerprints = {
-        (name, v): version_fingerprint(path)
-        for name, versions in on_disk.items()
-        for v, path in versions.items()
-    }
-    return _Scan(configs, on_disk, fingerprints)
 
 
 @dataclass(frozen=True)
@@ -92,10 +64,14 @@ class Registry:
     """Loaded versions, routing and hot reload for one model repository."""
 
     def __init__(
-        self, settings: Settings, *, runtime_factory: RuntimeFactory = create_runtime
+        self,
+        settings: Settings,
+        *,
+        runtime_factory: RuntimeFactory = create_runtime,
+        source: VersionSource | None = None,
     ) -> None:
         self._settings = settings
-        self._runtime_factory = runtime_factory
+        self._source = source or create_source(settings, runtime_factory, _threads(settings))
         self._table = RoutingTable()
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
@@ -113,7 +89,7 @@ class Registry:
         A models.config that cannot be read is fatal here (raises ConfigError), as it is
         for TF Serving; later polls log it and keep serving.
         """
-        scan = await asyncio.to_thread(_scan, self._settings.model_repository)
+        scan = await asyncio.to_thread(self._source.scan)
         async with self._lock:
             await self._reconcile(scan)
         self._started = True
@@ -130,6 +106,7 @@ class Registry:
         async with self._lock:
             keys = [(m, v) for m, versions in self._table.served.items() for v in versions]
             await self._retire(self._take_out(keys), wait_for_requests=False)
+        await asyncio.to_thread(self._source.close)
 
     async def _poll_forever(self) -> None:
         while True:
@@ -146,7 +123,7 @@ class Registry:
         Returns once both are done (tests call it instead of waiting for the poller).
         """
         try:
-            scan = await asyncio.to_thread(_scan, self._settings.model_repository)
+            scan = await asyncio.to_thread(self._source.scan)
         except (ConfigError, OSError) as exc:
             log.error("ignoring models.config change, current models keep serving: %s", exc)
             return
@@ -195,7 +172,7 @@ class Registry:
         metrics.observe_version_state(key[0], key[1], state.name)
         self._table = self._table.with_state(key, status)
 
-    async def _reconcile(self, scan: _Scan) -> None:
+    async def _reconcile(self, scan: Scan) -> None:
         # New config first: new models show as not ready, removed ones stop resolving.
         configured = {c.name for c in scan.configs}
         metrics.observe_configured(self._table.configs, configured)
@@ -204,9 +181,11 @@ class Registry:
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)
 
-    def _to_load(self, scan: _Scan) -> list[VersionKey]:
+    def _to_load(self, scan: Scan) -> list[VersionKey]:
         keys = []
         for config in scan.configs:
+            if config.name in scan.unknown:
+                continue
             served = self._table.served.get(config.name, {})
             for version in sorted(scan.wanted(config)):
                 key = (config.name, version)
@@ -214,12 +193,14 @@ class Registry:
                     keys.append(key)
         return keys
 
-    def _to_unload(self, scan: _Scan) -> list[VersionKey]:
+    def _to_unload(self, scan: Scan) -> list[VersionKey]:
         configs = {c.name: c for c in scan.configs}
         keys = []
         for model, served in self._table.served.items():
             if model not in configs:
                 keys += [(model, v) for v in served]
+                continue
+            if model in scan.unknown:  # unreachable source: keep serving what we serve
                 continue
             wanted = scan.wanted(configs[model])
             # Availability first: unwanted versions go only once a wanted one serves.
@@ -234,21 +215,14 @@ class Registry:
                 )
         return keys
 
-    async def _load(self, key: VersionKey, scan: _Scan) -> None:
+    async def _load(self, key: VersionKey, scan: Scan) -> None:
         model, version = key
-        path = scan.on_disk[model][version]
+        path = scan.versions[model][version]
         self._set_state(key, VersionState.START)
         self._set_state(key, VersionState.LOADING)
         log.info("loading %s version %d from %s", model, version, path)
         try:
-            prepared = await asyncio.to_thread(
-                prepare_version,
-                path,
-                runtime_factory=self._runtime_factory,
-                runtime_name=self._settings.runtime,
-                cache_dir=self._settings.cache_dir,
-                threads=_threads(self._settings),
-            )
+            prepared = await asyncio.to_thread(self._source.prepare, key, path)
             loaded = await self._serve(key, path, prepared)
         except Exception as exc:
             self._failed[key] = scan.fingerprints[key]

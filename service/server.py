@@ -33,10 +33,6 @@ def serve(settings: Settings) -> int:
         settings = settings.model_copy(
             update={"intra_op_threads": max(1, cores // settings.workers)}
         )
-    if settings.grpc_port:
-        log.warning(
-            "the gRPC adapter is not built yet; serving REST only (--grpc-port 0 hides this)"
-        )
     common = {
         "host": settings.host,
         "port": settings.port,

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import httpx
 
 from service.bench import free_port
@@ -19,11 +20,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Server:
-    def __init__(self, process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    def __init__(
+        self, process: subprocess.Popen[bytes], port: int, log: Path, grpc_port: int = 0
+    ) -> None:
         self.process = process
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
+        self.grpc_port = grpc_port
+        self.grpc_target = f"127.0.0.1:{grpc_port}"
+
+    def channel(self) -> grpc.Channel:
+        """A gRPC channel to the server (close it, or use it in a with block)."""
+        assert self.grpc_port, "started without grpc=True"
+        return grpc.insecure_channel(self.grpc_target)
+
+    def stop(self) -> None:
+        stop(self.process)
 
     def client(self, **kwargs: object) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
@@ -54,8 +67,14 @@ def running_server(
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
     args: tuple[str, ...] = (),
+    grpc_port: int | None = None,
+    port: int | None = None,
 ) -> Iterator[Server]:
-    port = free_port()
+    """``grpc_port``: None = gRPC off, 0 = a free port, else that port (``port`` alike:
+    None or 0 = a free port); a test restarting a server passes the ports it had."""
+    port = port or free_port()
+    if grpc_port == 0:
+        grpc_port = next(p for p in iter(free_port, None) if p != port)
     log = Path(tempfile.gettempdir()) / f"cnnserve-server-{port}.log"
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with log.open("wb") as out:
@@ -68,7 +87,7 @@ def running_server(
                 "--port",
                 str(port),
                 "--grpc-port",
-                "0",
+                str(grpc_port or 0),
                 "--model-repository",
                 str(repository),
                 *args,
@@ -78,14 +97,14 @@ def running_server(
             stderr=subprocess.STDOUT,
             env=environment,
         )
-    server = Server(process, port, log)
+    server = Server(process, port, log, grpc_port or 0)
     try:
         server.wait("/healthz")
         if wait_ready:
             server.wait("/readyz")
         yield server
     finally:
-        stop(process)
+        server.stop()
 
 
 def stop(process: subprocess.Popen[bytes], grace: float = 20) -> None:

@@ -13,6 +13,7 @@ from fastapi import FastAPI
 
 from service import __version__, metrics
 from service.api import rest, tfserving_rest
+from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import RequestGuard, install_error_handlers
 from service.config import Settings
 from service.dataplane import DataPlane
@@ -36,12 +37,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
         app.state.dataplane = DataPlane(settings, registry, pool)
+        grpc_server = await start_grpc(settings, app.state.dataplane)  # None if disabled
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_report_failure)
         try:
             yield
         finally:
+            await stop_grpc(grpc_server)
             if not loading.done():
                 loading.cancel()
             await registry.stop()

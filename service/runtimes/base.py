@@ -71,5 +71,12 @@ class Runtime(abc.ABC):
     def predict(self, batch: Batch) -> Probabilities:
         """[N,H,W,3] in the input dtype → float32 [N, num_classes]. Thread-safe."""
 
+    def signature_defs(self) -> Any:
+        """The model's public signatures, a TF Serving ``SignatureDefMap`` (for metadata):
+        read from the SavedModel on disk; a remote runtime asks its server instead."""
+        from service.signatures import signature_def_map
+
+        return signature_def_map(self.version_dir)
+
     def unload(self) -> None:
         self._info = None

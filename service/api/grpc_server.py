@@ -1,0 +1,97 @@
+"""The gRPC server: in the same process and event loop as REST, on its own port.
+
+Started and stopped by the app's lifespan, so each uvicorn worker serves gRPC from the
+same data plane, batchers and registry as its REST routes. Servicers live in
+:mod:`service.api.grpc_servicers`; this module only assembles and binds them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from tensorflow_serving.apis import (
+    model_service_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from service.api.grpc_servicers import (
+    HealthServicer,
+    ImageClassifierServicer,
+    ModelServicer,
+    PredictionServicer,
+)
+from service.config import Settings
+from service.dataplane import DataPlane
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# The services health answers for (besides "", the whole server), by full name.
+SERVICES = (
+    prediction_service_pb2.DESCRIPTOR.services_by_name["PredictionService"].full_name,
+    model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
+    cnnserve_v1_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name,
+)
+# Images are resized to this by default; the message limit is sized for a full request
+# of them as float32 in typed fields, the largest form a client may legitimately send.
+_IMAGE_BYTES = 224 * 224 * 3 * 4
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    largest = max(settings.max_body_bytes, settings.max_images_per_request * _IMAGE_BYTES)
+    limit = largest + 1024 * 1024  # protobuf framing and the other fields
+    return [
+        ("grpc.max_receive_message_length", limit),
+        ("grpc.max_send_message_length", limit),
+        # With several workers each binds the port and the kernel spreads connections
+        # over them. With one, a port already in use must fail start-up, not be shared.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+        # Let a gateway in front (the tfserving backend) keep its connection alive.
+        ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+    ]
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def start_grpc(settings: Settings, plane: DataPlane) -> Any:
+    """Bind and start the gRPC server; None when ``grpc_port`` is 0 (disabled)."""
+    if not settings.grpc_port:
+        return None
+    server = grpc.aio.server(options=server_options(settings))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+        PredictionServicer(plane), server
+    )
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(plane), server)
+    cnnserve_v1_pb2_grpc.add_ImageClassifierServicer_to_server(  # type: ignore[no-untyped-call]
+        ImageClassifierServicer(plane), server
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(plane, SERVICES), server)
+    reflection.enable_server_reflection(
+        [*SERVICES, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = _address(settings.host, settings.grpc_port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        bound = 0
+        log.error("cannot bind gRPC to %s: %s", address, exc)
+    if not bound:
+        raise RuntimeError(f"gRPC cannot listen on {address}; is the port in use?")
+    await server.start()
+    log.info("gRPC listening on %s", address)
+    return server
+
+
+async def stop_grpc(server: Any, grace_seconds: float = 5.0) -> None:
+    """Refuse new calls and give running ones ``grace_seconds`` to finish."""
+    if server is not None:
+        await server.stop(grace_seconds)

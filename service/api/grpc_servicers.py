@@ -1,0 +1,266 @@
+"""gRPC adapter: parse protobuf, call the data plane, serialise. No inference logic here.
+
+TF Serving's ``PredictionService`` and ``ModelService`` (wire-compatible: the official
+``tensorflow-serving-api`` stubs work unchanged), cnnserve's own ``ImageClassifier``
+(proto/cnnserve_v1.proto) and ``grpc.health.v1.Health``. Errors are mapped to gRPC
+status codes in one place, :func:`mapped_errors`, from the table in :mod:`service.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, ClassVar, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
+
+from service.dataplane import SERVING_SIGNATURE, ClassifyResult, DataPlane
+from service.errors import (
+    CnnserveError,
+    DeadlineExceeded,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    grpc_status,
+)
+from service.proto_gen import cnnserve_v1_pb2
+from service.requestlog import RequestRecord, recorded
+from service.tfserving_proto import (
+    model_spec,
+    read_model_spec,
+    status_response,
+    to_ndarray,
+    to_tensor_proto,
+)
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+Handler = Callable[[S, Any, Any], Awaitable[Any]]
+
+SIGNATURE_DEF = "signature_def"
+REQUEST_ID_KEY = "x-request-id"
+# How often Health.Watch looks at readiness (a stream per watcher; cheap).
+WATCH_PERIOD_SECONDS = 0.5
+
+
+def mapped_errors(method: Handler[S]) -> Handler[S]:
+    """Turn exceptions into gRPC statuses: ours by the error table (4xx messages say what
+    to do, 5xx say nothing internal), anything else INTERNAL with the traceback logged.
+
+    Every call is also a request record (metrics and the JSON access log, as for REST),
+    with the RPC's full name as its route and the client's ``x-request-id`` metadata (or
+    a fresh id) returned in the trailing metadata."""
+
+    @functools.wraps(method)
+    async def handler(self: S, request: Any, context: Any) -> Any:
+        sent = dict(context.invocation_metadata() or ())
+        rid = str(sent.get(REQUEST_ID_KEY, ""))[:128] or uuid.uuid4().hex
+        route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
+        trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
+        try:
+            with recorded(RequestRecord(rid, "grpc", "POST", route)):
+                answer = await method(self, request, context)
+            context.set_trailing_metadata(trailers)
+            return answer
+        except CnnserveError as exc:
+            error = exc
+            if exc.http_status >= 500:
+                log.warning("%s failed: %s: %s", method.__name__, exc.code, exc.message)
+        except Exception:
+            log.exception("%s: unexpected error", method.__name__)
+            error = InternalError("unexpected")
+        if error.retry_after is not None:
+            trailers += (("retry-after", str(error.retry_after)),)
+        await context.abort(grpc_status(error), error.public_message(), trailers)
+
+    return handler
+
+
+def deadline(plane: DataPlane, context: Any) -> float:
+    """The call's gRPC deadline as the data plane's, or the default when it has none."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the call's deadline passed before it was handled")
+    return plane.deadline(remaining)
+
+
+class _Adapter:
+    """A servicer: holds the data plane it translates to; nothing else."""
+
+    service: ClassVar[str]  # the full gRPC service name, the route of its requests
+
+    def __init__(self, plane: DataPlane) -> None:
+        self._plane = plane
+
+
+class PredictionServicer(_Adapter):
+    """tensorflow.serving.PredictionService: Predict and GetModelMetadata."""
+
+    service = "tensorflow.serving.PredictionService"
+
+    @mapped_errors
+    async def Predict(self, request: Any, context: Any) -> Any:
+        ref = read_model_spec(request.model_spec)
+        until = deadline(self._plane, context)
+        # Off the event loop: a float image batch in typed fields is millions of values.
+        inputs = await asyncio.to_thread(
+            lambda: {name: to_ndarray(tensor, name) for name, tensor in request.inputs.items()}
+        )
+        result = await self._plane.predict(
+            inputs,
+            model=ref.name,
+            version=ref.version,
+            label=ref.label,
+            signature_name=ref.signature_name,
+            output_filter=list(request.output_filter),
+            deadline=until,
+        )
+        response = predict_pb2.PredictResponse(
+            model_spec=model_spec(
+                result.model, result.version, ref.signature_name or SERVING_SIGNATURE
+            )
+        )
+        for name, value in result.outputs.items():
+            response.outputs[name].CopyFrom(to_tensor_proto(value, packed=False))
+        return response
+
+    @mapped_errors
+    async def GetModelMetadata(self, request: Any, context: Any) -> Any:
+        ref = read_model_spec(request.model_spec)
+        fields = list(request.metadata_field)
+        if not fields:
+            raise InvalidRequest(f"metadata_field is empty; ask for {SIGNATURE_DEF!r}")
+        unsupported = [f for f in fields if f != SIGNATURE_DEF]
+        if unsupported:
+            raise InvalidRequest(
+                f"metadata_field {unsupported[0]!r} is not supported; ask for {SIGNATURE_DEF!r}"
+            )
+        target, signatures = self._plane.metadata(str(ref.name), ref.version, ref.label)
+        response = get_model_metadata_pb2.GetModelMetadataResponse(
+            model_spec=model_spec(target.model, target.version)
+        )
+        response.metadata[SIGNATURE_DEF].Pack(signatures)
+        return response
+
+    @mapped_errors
+    async def Classify(self, request: Any, context: Any) -> Any:
+        raise _unsupported("PredictionService.Classify")
+
+    @mapped_errors
+    async def Regress(self, request: Any, context: Any) -> Any:
+        raise _unsupported("PredictionService.Regress")
+
+    @mapped_errors
+    async def MultiInference(self, request: Any, context: Any) -> Any:
+        raise _unsupported("PredictionService.MultiInference")
+
+
+def _unsupported(method: str) -> MethodNotAllowed:
+    return MethodNotAllowed(
+        f"{method} (tf.Example input) is not supported; send images to Predict, or encoded "
+        "files to cnnserve.v1.ImageClassifier"
+    )
+
+
+class ModelServicer(_Adapter):
+    """tensorflow.serving.ModelService: GetModelStatus with TF Serving's states."""
+
+    service = "tensorflow.serving.ModelService"
+
+    @mapped_errors
+    async def GetModelStatus(self, request: Any, context: Any) -> Any:
+        ref = read_model_spec(request.model_spec)
+        return status_response(self._plane.model_status(str(ref.name), ref.version, ref.label))
+
+    @mapped_errors
+    async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
+        raise MethodNotAllowed(
+            "HandleReloadConfigRequest is not supported: edit models.config in the model "
+            "repository instead; the server re-reads it every poll"
+        )
+
+
+class ImageClassifierServicer(_Adapter):
+    """cnnserve.v1.ImageClassifier: encoded images in, labelled top-k out."""
+
+    service = "cnnserve.v1.ImageClassifier"
+
+    async def _classify(self, images: Sequence[bytes], request: Any, context: Any) -> Any:
+        choice = request.WhichOneof("version_choice")
+        return await self._plane.classify(
+            images,
+            model=request.model or None,
+            version=int(request.version) if choice == "version" else None,
+            label=str(request.version_label) if choice == "version_label" else None,
+            k=int(request.top_k) or None,
+            deadline=deadline(self._plane, context),
+        )
+
+    @mapped_errors
+    async def Classify(self, request: Any, context: Any) -> Any:
+        result = await self._classify([request.image], request, context)
+        return cnnserve_v1_pb2.ClassifyResponse(
+            model=result.model, version=result.version, predictions=_predictions(result)[0]
+        )
+
+    @mapped_errors
+    async def ClassifyBatch(self, request: Any, context: Any) -> Any:
+        result = await self._classify(list(request.images), request, context)
+        return cnnserve_v1_pb2.ClassifyBatchResponse(
+            model=result.model,
+            version=result.version,
+            results=[cnnserve_v1_pb2.ImageResult(predictions=p) for p in _predictions(result)],
+        )
+
+
+def _predictions(result: ClassifyResult) -> list[list[Any]]:
+    return [
+        [
+            cnnserve_v1_pb2.Prediction(label=p.label, class_id=p.class_id, score=p.score)
+            for p in image
+        ]
+        for image in result.results
+    ]
+
+
+class HealthServicer:
+    """grpc.health.v1.Health: SERVING once every configured model has an AVAILABLE
+    version (the same test as /readyz), asked afresh on every call, so it never lags."""
+
+    def __init__(self, plane: DataPlane, services: Sequence[str]) -> None:
+        self._plane = plane
+        self._services = ["", *services]
+
+    def _status(self, service: str) -> int:
+        if service not in self._services:
+            return int(health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+        serving = self._plane.ready()
+        response = health_pb2.HealthCheckResponse
+        return int(response.SERVING if serving else response.NOT_SERVING)
+
+    async def Check(self, request: Any, context: Any) -> Any:
+        status = self._status(request.service)
+        if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(self, request: Any, context: Any) -> Any:
+        response = health_pb2.HealthListResponse()
+        for service in self._services:
+            response.statuses[service].status = self._status(service)
+        return response
+
+    async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(WATCH_PERIOD_SECONDS)

@@ -1,0 +1,175 @@
+"""TF Serving's protobuf messages ↔ numpy and plain values: the one converter module.
+
+Both sides of TF Serving's gRPC API use it: the gateway's PredictionService/ModelService
+servicers (parsing requests, building answers) and the tfserving backend (building the
+requests it sends, reading the answers). The rest of the code sees numpy arrays and our
+own types. Protobuf classes have no type stubs, so messages are typed ``Any`` here.
+
+Tensors follow tensorflow/core/framework/tensor.proto: values come either packed in
+``tensor_content`` (host byte order, what TF's C++ writes) or in the typed repeated field
+of the dtype, where one value stands for a tensor filled with it and none for zeros.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import get_model_status_pb2, model_pb2
+
+from service.errors import InvalidRequest
+from service.routing import VersionStatus
+
+# DataType enum → (numpy dtype, TensorProto field holding its values when not packed).
+_NUMERIC: dict[int, tuple[np.dtype[Any], str]] = {
+    types_pb2.DT_FLOAT: (np.dtype(np.float32), "float_val"),
+    types_pb2.DT_DOUBLE: (np.dtype(np.float64), "double_val"),
+    types_pb2.DT_INT32: (np.dtype(np.int32), "int_val"),
+    types_pb2.DT_UINT8: (np.dtype(np.uint8), "int_val"),
+    types_pb2.DT_INT16: (np.dtype(np.int16), "int_val"),
+    types_pb2.DT_INT8: (np.dtype(np.int8), "int_val"),
+    types_pb2.DT_UINT16: (np.dtype(np.uint16), "int_val"),
+    types_pb2.DT_INT64: (np.dtype(np.int64), "int64_val"),
+    types_pb2.DT_UINT32: (np.dtype(np.uint32), "uint32_val"),
+    types_pb2.DT_UINT64: (np.dtype(np.uint64), "uint64_val"),
+    types_pb2.DT_BOOL: (np.dtype(np.bool_), "bool_val"),
+}
+_DTYPE_ENUM = {dtype: enum for enum, (dtype, _) in _NUMERIC.items()}
+
+
+def dtype_name(enum: int) -> str:
+    """numpy's name for a DataType ("uint8", "float32"), else TF's ("DT_STRING")."""
+    if enum in _NUMERIC:
+        return _NUMERIC[enum][0].name
+    return str(types_pb2.DataType.Name(enum)) if enum in types_pb2.DataType.values() else "?"
+
+
+def _shape(proto: Any) -> tuple[int, ...]:
+    if proto.tensor_shape.unknown_rank:
+        raise InvalidRequest("a tensor has an unknown rank; give its shape")
+    dims = tuple(int(d.size) for d in proto.tensor_shape.dim)
+    if any(d < 0 for d in dims):
+        raise InvalidRequest(f"a tensor has a negative dimension in shape {list(dims)}")
+    return dims
+
+
+def _fill(values: npt.NDArray[Any], shape: tuple[int, ...], what: str) -> npt.NDArray[Any]:
+    size = int(np.prod(shape))
+    if len(values) == size:
+        return values.reshape(shape)
+    if len(values) == 1:  # TF's shorthand: one value fills the tensor
+        return np.full(shape, values[0], dtype=values.dtype)
+    raise InvalidRequest(f"{what}: {len(values)} values for shape {list(shape)} ({size} values)")
+
+
+def to_ndarray(proto: Any, name: str = "tensor") -> npt.NDArray[Any]:
+    """The numpy array of a TensorProto; DT_STRING gives an object array of bytes."""
+    shape = _shape(proto)
+    what = f"input {name!r}"
+    if proto.dtype == types_pb2.DT_STRING:
+        strings = np.empty(len(proto.string_val), dtype=object)
+        strings[:] = list(proto.string_val)
+        return _fill(strings, shape, what)
+    if proto.dtype not in _NUMERIC:
+        supported = ", ".join(sorted(types_pb2.DataType.Name(e) for e in _NUMERIC))
+        raise InvalidRequest(
+            f"{what} has dtype {dtype_name(proto.dtype)}; send DT_UINT8 images, another "
+            f"numeric type ({supported}) or DT_STRING encoded images"
+        )
+    dtype, field = _NUMERIC[proto.dtype]
+    if proto.tensor_content:
+        if len(proto.tensor_content) % dtype.itemsize:
+            raise InvalidRequest(f"{what}: tensor_content is not a whole number of {dtype}")
+        return _fill(np.frombuffer(proto.tensor_content, dtype=dtype), shape, what)
+    raw = getattr(proto, field)
+    if not len(raw):
+        return np.zeros(shape, dtype=dtype)
+    if dtype.kind in "iu":
+        # Through int64 with a range check: numpy would wrap 300 into a uint8 silently.
+        wide = np.fromiter(raw, dtype=np.uint64 if dtype.kind == "u" else np.int64, count=len(raw))
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidRequest(f"{what}: values outside the {dtype} range {info.min}..{info.max}")
+        return _fill(wide.astype(dtype), shape, what)
+    return _fill(np.fromiter(raw, dtype=dtype, count=len(raw)), shape, what)
+
+
+def to_tensor_proto(array: npt.NDArray[Any], *, packed: bool) -> Any:
+    """A TensorProto of a numeric array: ``packed`` puts the bytes in tensor_content (one
+    copy, what we send to TF Serving); otherwise the typed field, as TF Serving's Predict
+    answers by default, so clients reading ``float_val`` directly work too."""
+    dtype = array.dtype
+    if dtype not in _DTYPE_ENUM:
+        raise TypeError(f"no TensorProto dtype for {dtype}")
+    enum = _DTYPE_ENUM[dtype]
+    proto = tensor_pb2.TensorProto(
+        dtype=enum,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in array.shape]
+        ),
+    )
+    if packed:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    else:
+        getattr(proto, _NUMERIC[enum][1]).extend(array.ravel().tolist())
+    return proto
+
+
+# --- model_spec ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a ModelSpec names: model, and a version number or label (or neither)."""
+
+    name: str | None
+    version: int | None = None
+    label: str | None = None
+    signature_name: str = ""
+
+
+def read_model_spec(spec: Any, *, name_required: bool = True) -> ModelRef:
+    if name_required and not spec.name:
+        raise InvalidRequest("model_spec.name is required")
+    choice = spec.WhichOneof("version_choice")
+    version = int(spec.version.value) if choice == "version" else None
+    if version is not None and version <= 0:
+        raise InvalidRequest(f"model_spec.version must be a positive integer, got {version}")
+    label = str(spec.version_label) if choice == "version_label" else None
+    return ModelRef(spec.name or None, version, label, str(spec.signature_name))
+
+
+def model_spec(name: str, version: int | None = None, signature_name: str = "") -> Any:
+    spec = model_pb2.ModelSpec(name=name, signature_name=signature_name)
+    if version is not None:
+        spec.version.value = version
+    return spec
+
+
+# --- GetModelStatus ------------------------------------------------------------------
+
+
+def status_response(statuses: Iterable[VersionStatus]) -> Any:
+    """GetModelStatusResponse; error codes are gRPC numbers, which tensorflow.error.Code
+    shares."""
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for s in statuses:
+        row = response.model_version_status.add(version=s.version, state=int(s.state))
+        row.status.error_code = s.error_code
+        row.status.error_message = s.error_message
+    return response
+
+
+def available_versions(response: Any) -> list[int]:
+    """Versions a GetModelStatusResponse reports AVAILABLE."""
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    return sorted(int(s.version) for s in response.model_version_status if s.state == available)
+
+
+def tensor_dims(info: Any) -> tuple[int | None, ...]:
+    """Shape of a TensorInfo, None for unknown (-1) dimensions."""
+    return tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)

@@ -1,0 +1,398 @@
+"""The gRPC API of a real `cnnserve serve` process, through the official client stubs.
+
+TF Serving's own stubs (tensorflow-serving-api) for Predict, GetModelMetadata and
+GetModelStatus; the generated cnnserve.v1 stub for Classify; grpcio's health and
+reflection clients. Answers are compared with the REST API of the same process.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import descriptor_pool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from tensorflow.core.framework import tensor_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from service.preprocessing import PreprocessSpec, preprocess_bytes
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from tests.images import encode, gradient
+from tests.models import publish_tiny, write_models_config
+from tests.server import Server, running_server
+
+pytestmark = pytest.mark.slow
+
+LABELS = ["cat", "dog", "bird"]
+CONFIG = """
+config { name: "tiny" base_path: "/models/tiny" model_platform: "tensorflow"
+  model_version_policy { all {} }
+  version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 2 } }
+config { name: "late" base_path: "/models/late" model_platform: "tensorflow" }
+"""
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny (versions 1 and 2, labelled stable and canary) and "late", configured but not
+    published yet: the server is not ready until the health test publishes it."""
+    repo = tmp_path_factory.mktemp("grpc") / "repo"
+    publish_tiny(repo, "tiny", labels=LABELS, seed=0)
+    publish_tiny(repo, "tiny", labels=LABELS, seed=1)
+    write_models_config(repo, CONFIG)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path) -> Iterator[Server]:
+    with running_server(
+        repository, wait_ready=False, grpc_port=0, args=("--poll-seconds", "0.2")
+    ) as srv:
+        for version in (1, 2):  # metadata answers once the version is served
+            srv.wait(f"/v1/models/tiny/versions/{version}/metadata")
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def channel(server: Server) -> Iterator[grpc.Channel]:
+    with server.channel() as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def predict_stub(channel: grpc.Channel) -> Any:
+    return prediction_service_pb2_grpc.PredictionServiceStub(channel)
+
+
+def pixels(n: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 224, 224, 3), np.uint8)
+
+
+def predict_request(
+    inputs: dict[str, Any], *, version: int | None = None, label: str | None = None, **spec: str
+) -> Any:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = spec.pop("name", "tiny")
+    request.model_spec.signature_name = spec.pop("signature_name", "")
+    if version is not None:
+        request.model_spec.version.value = version
+    if label is not None:
+        request.model_spec.version_label = label
+    for name, value in inputs.items():
+        proto = value if not isinstance(value, np.ndarray) else tf.make_tensor_proto(value)
+        request.inputs[name].CopyFrom(proto)
+    return request
+
+
+def probabilities(response: Any) -> np.ndarray:
+    return np.asarray(tf.make_ndarray(response.outputs["probabilities"]))
+
+
+def code_of(call: Any, *args: Any, **kwargs: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    error: Any = info.value
+    return error.code(), error.details()
+
+
+def test_predict_uint8_tensor_equals_rest_predict(server: Server, predict_stub: Any) -> None:
+    images = pixels()
+    response = predict_stub.Predict(predict_request({"image": images}, version=1), timeout=30)
+    assert response.model_spec.name == "tiny" and response.model_spec.version.value == 1
+    assert response.model_spec.signature_name == "serving_default"
+    got = probabilities(response)
+    assert got.shape == (2, 3) and got.dtype == np.float32
+    # TF Serving answers in typed fields by default; naive clients read float_val.
+    assert len(response.outputs["probabilities"].float_val) == 6
+    with server.client() as client:
+        rest = client.post(
+            "/v1/models/tiny/versions/1:predict", json={"instances": images.tolist()}
+        )
+    assert rest.status_code == 200, rest.text
+    np.testing.assert_allclose(got, rest.json()["predictions"], rtol=0, atol=1e-6)
+    # The same pixels as typed int_val and as whole-number floats give the same answer.
+    typed = tensor_pb2.TensorProto(
+        dtype=tf.uint8.as_datatype_enum,
+        tensor_shape=tf.TensorShape(images.shape).as_proto(),
+        int_val=images.ravel().tolist(),
+    )
+    floats = tf.make_tensor_proto(images.astype(np.float32))
+    for proto in (typed, floats):
+        again = predict_stub.Predict(predict_request({"image": proto}, version=1), timeout=30)
+        np.testing.assert_allclose(probabilities(again), got, atol=1e-6)
+
+
+def test_a_batch_of_64_images_fits_in_one_message(predict_stub: Any) -> None:
+    # As float32 pixels: 38.5 MB, the largest legitimate form (gRPC's default limit is 4 MB).
+    images = pixels(64, seed=3)
+    floats = predict_stub.Predict(
+        predict_request({"image": images.astype(np.float32)}, version=1), timeout=60
+    )
+    assert probabilities(floats).shape == (64, 3)
+    packed = predict_stub.Predict(predict_request({"image": images}, version=1), timeout=60)
+    np.testing.assert_allclose(
+        probabilities(packed),
+        probabilities(floats),
+        atol=1e-6,
+    )
+
+
+def test_bytes_signature_decodes_like_classify(predict_stub: Any) -> None:
+    png, jpeg = encode(gradient(), "PNG"), encode(gradient(90, 40), "JPEG")
+    request = predict_request(
+        {"image_bytes": tf.make_tensor_proto([png, jpeg])},
+        signature_name="predict_image_bytes",
+        version=1,
+    )
+    response = predict_stub.Predict(request, timeout=30)
+    assert response.model_spec.signature_name == "predict_image_bytes"
+    decoded = np.stack(
+        [preprocess_bytes(b, PreprocessSpec(), max_pixels=10**8) for b in (png, jpeg)]
+    )
+    direct = predict_stub.Predict(predict_request({"image": decoded}, version=1), timeout=30)
+    np.testing.assert_allclose(
+        probabilities(response),
+        probabilities(direct),
+        atol=1e-6,
+    )
+
+
+def test_version_label_and_output_filter(predict_stub: Any) -> None:
+    images = pixels(1)
+    by_label = {
+        label: predict_stub.Predict(predict_request({"image": images}, label=label), timeout=30)
+        for label in ("stable", "canary")
+    }
+    assert by_label["stable"].model_spec.version.value == 1
+    assert by_label["canary"].model_spec.version.value == 2
+    newest = predict_stub.Predict(predict_request({"image": images}), timeout=30)
+    assert newest.model_spec.version.value == 2
+    request = predict_request({"image": images}, label="canary")
+    request.output_filter.append("probabilities")
+    filtered = predict_stub.Predict(request, timeout=30)
+    assert list(filtered.outputs) == ["probabilities"]
+    request.output_filter[:] = ["logits"]
+    code, message = code_of(predict_stub.Predict, request, timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "probabilities" in message
+
+
+def test_get_model_metadata(predict_stub: Any) -> None:
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "tiny"
+    response = predict_stub.GetModelMetadata(request, timeout=10)
+    assert response.model_spec.name == "tiny" and response.model_spec.version.value == 2
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    assert response.metadata["signature_def"].Unpack(signatures)
+    assert set(signatures.signature_def) == {"serving_default", "predict_image_bytes"}
+    image = signatures.signature_def["serving_default"].inputs["image"]
+    assert image.dtype == tf.uint8.as_datatype_enum
+    assert [d.size for d in image.tensor_shape.dim] == [-1, 224, 224, 3]
+    request.model_spec.version_label = "stable"
+    assert predict_stub.GetModelMetadata(request, timeout=10).model_spec.version.value == 1
+    request.metadata_field[:] = ["graph"]
+    code, _ = code_of(predict_stub.GetModelMetadata, request, timeout=10)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_get_model_status(channel: grpc.Channel) -> None:
+    stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "tiny"
+    response = stub.GetModelStatus(request, timeout=10)
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    assert [(s.version, s.state) for s in response.model_version_status] == [
+        (1, available),
+        (2, available),
+    ]
+    assert all(s.status.error_code == 0 for s in response.model_version_status)
+    request.model_spec.version_label = "canary"
+    assert [s.version for s in stub.GetModelStatus(request, timeout=10).model_version_status] == [2]
+    request.model_spec.name = "nope"
+    code, message = code_of(stub.GetModelStatus, request, timeout=10)
+    assert code == grpc.StatusCode.NOT_FOUND and "tiny" in message
+
+
+def test_classify_and_classify_batch_equal_rest(server: Server, channel: grpc.Channel) -> None:
+    stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+    png, jpeg = encode(gradient(), "PNG"), encode(gradient(80, 60), "JPEG")
+    one = stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png, top_k=2), timeout=30)
+    assert one.model == "tiny" and one.version == 2 and len(one.predictions) == 2
+    with server.client() as client:
+        rest = client.post(
+            "/v1/classify",
+            params={"top_k": 2},
+            json={"images": [base64.b64encode(b).decode() for b in (png, jpeg)]},
+        ).json()
+    first = rest["results"][0]["predictions"]
+    assert [(p.label, p.class_id) for p in one.predictions] == [
+        (p["label"], p["class_id"]) for p in first
+    ]
+    for p in one.predictions:
+        assert p.label == LABELS[p.class_id]
+    np.testing.assert_allclose([p.score for p in one.predictions], [p["score"] for p in first])
+    batch = stub.ClassifyBatch(
+        cnnserve_v1_pb2.ClassifyBatchRequest(images=[png, jpeg], top_k=2), timeout=30
+    )
+    assert [[p.class_id for p in r.predictions] for r in batch.results] == [
+        [p["class_id"] for p in r["predictions"]] for r in rest["results"]
+    ]
+    pinned = stub.ClassifyBatch(
+        cnnserve_v1_pb2.ClassifyBatchRequest(images=[png], version_label="stable"), timeout=30
+    )
+    assert pinned.version == 1 and len(pinned.results[0].predictions) == 3  # all 3 classes
+    assert stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png, version=1)).version == 1
+
+
+def test_error_codes(channel: grpc.Channel, predict_stub: Any) -> None:
+    invalid, not_found = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+    predict = predict_stub.Predict
+    code, message = code_of(predict, predict_request({"image": pixels(1)}, name="nope"))
+    assert code == not_found and "tiny" in message
+    code, _ = code_of(predict, predict_request({"image": pixels(1)}, version=9))
+    assert code == not_found
+    code, _ = code_of(predict, predict_request({"image": pixels(1)}, label="beta"))
+    assert code == not_found
+    code, message = code_of(predict, predict_request({"image": np.zeros((1, 28, 28, 1), np.uint8)}))
+    assert code == invalid and "224" in message
+    code, _ = code_of(predict, predict_request({"image": tf.make_tensor_proto([b"x"])}))
+    assert code == invalid
+    code, message = code_of(predict, predict_request({"image": pixels(1).astype(np.float32) / 7}))
+    assert code == invalid and "0-255" in message
+    code, _ = code_of(predict, predict_request({"pixels": pixels(1)}))
+    assert code == invalid
+    classifier = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+    code, message = code_of(
+        classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=b"not an image")
+    )
+    assert code == invalid and "PNG" in message
+    code, _ = code_of(
+        classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=b"x", model="nope")
+    )
+    assert code == not_found
+    code, _ = code_of(classifier.ClassifyBatch, cnnserve_v1_pb2.ClassifyBatchRequest())
+    assert code == invalid
+    png = encode(gradient(), "PNG")
+    code, _ = code_of(classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=png, top_k=9))
+    assert code == invalid
+    code, _ = code_of(
+        classifier.ClassifyBatch,
+        cnnserve_v1_pb2.ClassifyBatchRequest(images=[png] * 8),
+        timeout=0.001,
+    )
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # Still serving after all of that.
+    assert classifier.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=30).model
+
+
+def test_reflection_lists_every_service(channel: grpc.Channel) -> None:
+    database = ProtoReflectionDescriptorDatabase(channel)
+    assert set(database.get_services()) == {
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+        "cnnserve.v1.ImageClassifier",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    pool = descriptor_pool.DescriptorPool(database)
+    classifier = pool.FindServiceByName("cnnserve.v1.ImageClassifier")
+    batch = classifier.methods_by_name["ClassifyBatch"]
+    assert batch.input_type.full_name == "cnnserve.v1.ClassifyBatchRequest"
+    predict = pool.FindServiceByName("tensorflow.serving.PredictionService")
+    assert "inputs" in predict.methods_by_name["Predict"].input_type.fields_by_name
+
+
+def test_health_follows_readiness(server: Server, repository: Path, channel: grpc.Channel) -> None:
+    """NOT_SERVING while a configured model has no version, SERVING once it has one."""
+    health = health_pb2_grpc.HealthStub(channel)
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", "tensorflow.serving.PredictionService", "cnnserve.v1.ImageClassifier"):
+        check = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert check.status == not_serving
+    code, _ = code_of(health.Check, health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+    assert code == grpc.StatusCode.NOT_FOUND
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 503
+    watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+    try:
+        assert next(watch).status == not_serving
+        publish_tiny(repository, "late", labels=LABELS)
+        # Watch streams each change: the next message is the switch to SERVING.
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        watch.cancel()
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+    listed = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
+    assert listed["cnnserve.v1.ImageClassifier"].status == health_pb2.HealthCheckResponse.SERVING
+
+
+def listeners(port: int) -> int:
+    """Listening TCP sockets on ``port`` (Linux /proc: state 0A is LISTEN; gRPC binds
+    IPv4 addresses as IPv4-mapped IPv6, so both tables count)."""
+    rows = [
+        row.split()
+        for table in ("tcp", "tcp6")
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]
+    ]
+    return sum(1 for r in rows if r[1].endswith(f":{port:04X}") and r[3] == "0A")
+
+
+def test_several_workers_share_the_grpc_port(repository: Path) -> None:
+    """Each uvicorn worker binds the gRPC port (SO_REUSEPORT); the kernel spreads calls."""
+    args = ("--workers", "2", "--poll-seconds", "0")
+    with running_server(repository, wait_ready=False, grpc_port=0, args=args) as srv:
+        deadline = time.monotonic() + 120
+        while listeners(srv.grpc_port) < 2:
+            assert time.monotonic() < deadline and srv.process.poll() is None, srv.log.read_text()
+            time.sleep(0.1)
+        versions = set()
+        with srv.channel() as ch:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+            request = predict_request({"image": pixels(1)}, version=1)
+            while len(versions) < 1 and time.monotonic() < deadline:
+                try:  # a worker still loading answers UNAVAILABLE, by design
+                    versions.add(stub.Predict(request, timeout=30).model_spec.version.value)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc  # type: ignore[attr-defined]
+                    time.sleep(0.1)
+        assert versions == {1}
+        assert listeners(srv.grpc_port) == 2 and "Traceback" not in srv.log.read_text()
+
+
+def test_calls_are_counted_and_tagged_like_rest(server: Server, predict_stub: Any) -> None:
+    """gRPC calls land in the same request metrics as REST (protocol="grpc", the RPC as
+    route, the HTTP-equivalent status) and carry the request id back in the trailers."""
+    _, call = predict_stub.Predict.with_call(
+        predict_request({"image": pixels(1)}, version=1),
+        metadata=(("x-request-id", "grpc-abc"),),
+        timeout=30,
+    )
+    assert ("x-request-id", "grpc-abc") in tuple(call.trailing_metadata())
+    code, _ = code_of(
+        predict_stub.Predict, predict_request({"image": pixels(1)}, name="nope"), timeout=30
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    with server.client() as client:
+        scraped = client.get("/metrics").text
+    route = 'route="/tensorflow.serving.PredictionService/Predict"'
+    ok = [line for line in scraped.splitlines() if route in line and 'code="200"' in line]
+    assert any('protocol="grpc"' in line and 'model="tiny"' in line for line in ok), scraped
+    # The unknown name is not a label value: 404s of unknown models count under model="".
+    missing = [line for line in scraped.splitlines() if route in line and 'code="404"' in line]
+    assert missing and not any("nope" in line for line in scraped.splitlines())

@@ -1,0 +1,132 @@
+"""The gateway with --backend tfserving, in front of a real TF-Serving-compatible server.
+
+The TF Serving binary cannot run here, so a second `cnnserve serve` with the embedded
+runtime plays TF Serving: the gateway talks to it only through TF Serving's gRPC API
+(GetModelStatus, GetModelMetadata, Predict), exactly as it would to the container.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from service.bench import free_port
+from tests.images import encode, gradient
+from tests.models import publish_tiny, simple_config, write_models_config
+from tests.server import Server, running_server
+
+pytestmark = pytest.mark.slow
+
+PNG = encode(gradient(), "PNG")
+IMAGE = {"content": PNG, "headers": {"content-type": "image/png", "x-request-timeout": "5"}}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("tfserving") / "repo"
+    publish_tiny(repo, "tiny", labels=["cat", "dog", "bird"])
+    write_models_config(repo, simple_config("tiny"))
+    return repo
+
+
+@pytest.fixture(scope="module")
+def backend_port() -> int:
+    """The backend's gRPC port, fixed so that a restarted backend is found again."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(repository: Path, backend_port: int) -> Iterator[Server]:
+    """Started before any backend exists: it must come up (not ready) and wait."""
+    args = (
+        "--backend",
+        "tfserving",
+        "--tfserving-address",
+        f"127.0.0.1:{backend_port}",
+        "--poll-seconds",
+        "0.2",
+    )
+    with running_server(repository, wait_ready=False, grpc_port=0, args=args) as srv:
+        yield srv
+
+
+def backend(repository: Path, port: int) -> AbstractContextManager[Server]:
+    """The stand-in TF Serving: an embedded cnnserve whose gRPC port is ``port``."""
+    return running_server(repository, grpc_port=port, args=("--poll-seconds", "0"))
+
+
+def predict(target: Server, images: np.ndarray) -> np.ndarray:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tiny"
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(images))
+    with target.channel() as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = stub.Predict(request, timeout=30)
+    return np.asarray(tf.make_ndarray(response.outputs["probabilities"]))
+
+
+def answers_again(gateway: Server, timeout: float = 30) -> httpx.Response:
+    """Poll the gateway until a request succeeds (the recovery under test), bounded."""
+    deadline = time.monotonic() + timeout
+    with gateway.client() as client:
+        while True:
+            response = client.post("/v1/classify", **IMAGE)  # type: ignore[arg-type]
+            if response.status_code == 200 or time.monotonic() > deadline:
+                return response
+            time.sleep(0.05)
+
+
+def test_gateway_forwards_to_tf_serving_and_survives_its_restarts(
+    gateway: Server, repository: Path, backend_port: int
+) -> None:
+    address = f"127.0.0.1:{backend_port}"
+    with gateway.client() as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        waiting = client.post("/v1/classify", **IMAGE)  # type: ignore[arg-type]
+    assert waiting.status_code == 503, waiting.text
+
+    with backend(repository, backend_port) as tfs:
+        gateway.wait("/readyz")  # discovered through GetModelStatus
+        with gateway.client() as client, tfs.client() as direct:
+            via_gateway = client.post("/v1/classify", **IMAGE)  # type: ignore[arg-type]
+            embedded = direct.post("/v1/classify", **IMAGE)  # type: ignore[arg-type]
+            status = client.get("/v1/models/tiny").json()
+            metadata = client.get("/v1/models/tiny/metadata").json()
+        assert via_gateway.status_code == 200, via_gateway.text
+        assert via_gateway.json() == embedded.json()  # same labels, scores, version
+        assert via_gateway.json()["predictions"][0]["label"] in {"cat", "dog", "bird"}
+        assert status["model_version_status"][0]["state"] == "AVAILABLE"
+        sigs = metadata["metadata"]["signature_def"]["signature_def"]
+        assert set(sigs) == {"serving_default", "predict_image_bytes"}
+        images = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), np.uint8)
+        np.testing.assert_allclose(predict(gateway, images), predict(tfs, images), atol=1e-6)
+
+        tfs.process.kill()  # TF Serving dies: no goodbye, connections reset
+        tfs.process.wait()
+        started = time.monotonic()
+        with gateway.client() as client:
+            down = client.post("/v1/classify", **IMAGE)  # type: ignore[arg-type]
+        assert time.monotonic() - started < 5  # within the request's deadline
+        assert down.status_code == 503, down.text
+        error = down.json()["error"]
+        assert error["code"] == "backend_unavailable" and address in error["message"]
+        assert down.headers["retry-after"] == "1"
+        with pytest.raises(grpc.RpcError) as failed:
+            predict(gateway, images)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+    with backend(repository, backend_port):
+        again = answers_again(gateway)  # same gateway process, no restart
+        assert again.status_code == 200, again.text
+        assert again.json() == via_gateway.json()
+    assert gateway.process.poll() is None

@@ -1,0 +1,86 @@
+"""TF Serving's TensorProto/ModelSpec ↔ numpy, checked against TensorFlow's own converter."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2
+from tensorflow_serving.apis import model_pb2
+
+from service.errors import InvalidRequest
+from service.tfserving_proto import read_model_spec, to_ndarray, to_tensor_proto
+
+
+def typed(dtype: tf.DType, shape: tuple[int, ...], **values: Any) -> Any:
+    return tensor_pb2.TensorProto(
+        dtype=dtype.as_datatype_enum, tensor_shape=tf.TensorShape(shape).as_proto(), **values
+    )
+
+
+@pytest.mark.parametrize(
+    "proto",
+    [
+        tf.make_tensor_proto(np.arange(24, dtype=np.uint8).reshape(1, 2, 4, 3)),
+        tf.make_tensor_proto(np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)),
+        tf.make_tensor_proto(np.arange(6, dtype=np.int64).reshape(3, 2)),
+        typed(tf.uint8, (2, 2), int_val=[0, 1, 254, 255]),
+        typed(tf.float32, (2, 3), float_val=[0.5]),  # one value fills the tensor
+        typed(tf.int32, (2, 2)),  # no values: zeros
+        typed(tf.float64, (3,), double_val=[1.0, 2.0, 3.0]),
+        typed(tf.bool, (2,), bool_val=[True, False]),
+        tf.make_tensor_proto([b"\x89PNG", b"\xff\xd8"]),
+    ],
+)
+def test_to_ndarray_agrees_with_tensorflow(proto: Any) -> None:
+    ours, theirs = to_ndarray(proto), tf.make_ndarray(proto)
+    assert ours.shape == theirs.shape
+    if theirs.dtype == object:
+        assert list(ours) == list(theirs)
+    else:
+        assert ours.dtype == theirs.dtype
+        np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize(
+    ("proto", "message"),
+    [
+        (typed(tf.uint8, (2,), int_val=[1, 300]), "range"),
+        (typed(tf.float32, (2, 2), float_val=[1.0, 2.0]), "2 values for shape"),
+        (typed(tf.uint8, (4,), tensor_content=b"abc"), "3 values for shape"),
+        (typed(tf.complex64, (1,), scomplex_val=[1.0, 0.0]), "DT_COMPLEX64"),
+    ],
+)
+def test_to_ndarray_refuses_malformed_tensors(proto: Any, message: str) -> None:
+    with pytest.raises(InvalidRequest, match=message):
+        to_ndarray(proto, "image")
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_to_tensor_proto_round_trips(packed: bool) -> None:
+    for array in (
+        np.random.default_rng(0).integers(0, 256, (2, 5, 5, 3), np.uint8),
+        np.random.default_rng(0).random((4, 10), np.float32),
+    ):
+        proto = to_tensor_proto(array, packed=packed)
+        assert bool(proto.tensor_content) == packed
+        np.testing.assert_array_equal(tf.make_ndarray(proto), array)
+        np.testing.assert_array_equal(to_ndarray(proto), array)
+
+
+def test_model_spec_names_a_version_or_a_label() -> None:
+    spec = model_pb2.ModelSpec(name="m", signature_name="s")
+    assert read_model_spec(spec).version is None
+    spec.version.value = 3
+    ref = read_model_spec(spec)
+    assert (ref.name, ref.version, ref.label, ref.signature_name) == ("m", 3, None, "s")
+    spec.version_label = "canary"  # the oneof: setting the label clears the version
+    assert (read_model_spec(spec).version, read_model_spec(spec).label) == (None, "canary")
+    with pytest.raises(InvalidRequest, match="name"):
+        read_model_spec(model_pb2.ModelSpec())
+    spec = model_pb2.ModelSpec(name="m")
+    spec.version.value = 0
+    with pytest.raises(InvalidRequest, match="positive"):
+        read_model_spec(spec)
