@@ -22,6 +22,7 @@ from service import metrics
 from service.config import Settings
 from service.errors import CnnserveError, DeadlineExceeded, InvalidRequest, TooManyImages
 from service.preprocessing import preprocess_bytes
+from service.readiness import WorkerReadiness
 from service.registry import LoadedVersion, Registry, VersionStatus
 from service.requestlog import note_target, note_timings
 
@@ -67,16 +68,22 @@ def top_k(
 
 class DataPlane:
     def __init__(
-        self, settings: Settings, registry: Registry, decode_pool: ThreadPoolExecutor
+        self,
+        settings: Settings,
+        registry: Registry,
+        decode_pool: ThreadPoolExecutor,
+        readiness: WorkerReadiness | None = None,
     ) -> None:
         self.settings = settings
         self.registry = registry
         self._pool = decode_pool
+        self._readiness = readiness or WorkerReadiness(None, 1)
 
     # --- health ---------------------------------------------------------------------
 
     def ready(self) -> bool:
-        return self.registry.is_ready()
+        """This process is ready and so is every sibling worker (see service.readiness)."""
+        return self.registry.is_ready() and self._readiness.all_ready()
 
     def deadline(self, timeout_seconds: float | None) -> float:
         """Absolute monotonic deadline from a client timeout (or the default)."""

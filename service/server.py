@@ -9,12 +9,18 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
 from service.config import Settings
+from service.readiness import READINESS_DIR_ENV
 
 log = logging.getLogger(__name__)
+
+# Spelled out, not imported from service.metrics: importing prometheus-client before the
+# variable is set would pick its in-memory value store.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:
@@ -47,6 +53,10 @@ def serve(settings: Settings) -> int:
             uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
         else:
             os.environ.update(_settings_env(settings))
+            # Workers vote for readiness in the run's folder (service.readiness).
+            votes = Path(os.environ[MULTIPROC_ENV]) / "readiness"  # not *.db: not a metric file
+            votes.mkdir()
+            os.environ[READINESS_DIR_ENV] = str(votes)
             uvicorn.run(
                 "service.api.app:create_app",
                 factory=True,
@@ -65,8 +75,8 @@ def _metrics_directory() -> Iterator[None]:
     Always on, also with one worker, so that path is the one every run exercises.
     """
     directory = tempfile.mkdtemp(prefix="cnnserve-metrics-")
-    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    previous = os.environ.get(MULTIPROC_ENV)
+    os.environ[MULTIPROC_ENV] = directory
     log.info("worker processes write their metrics to %s (removed at exit)", directory)
     # uvicorn re-raises SIGTERM after a graceful shutdown; by default that would end the
     # process before the folder is removed, so it unwinds as SystemExit instead.
@@ -76,9 +86,9 @@ def _metrics_directory() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if previous is None:
-            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+            os.environ.pop(MULTIPROC_ENV, None)
         else:
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+            os.environ[MULTIPROC_ENV] = previous
         shutil.rmtree(directory, ignore_errors=True)
 
 

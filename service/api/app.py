@@ -17,16 +17,25 @@ from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import RequestGuard, install_error_handlers
 from service.config import Settings
 from service.dataplane import DataPlane
+from service.readiness import WorkerReadiness
 from service.registry import Registry
 from service.repository import load_models_config
 from service.requestlog import configure_access_log
 
 log = logging.getLogger(__name__)
 
+READINESS_PERIOD_SECONDS = 0.25
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; with no argument, settings come from CNNSERVE_* (worker processes)."""
-    settings = settings or Settings()
+    if settings is None:
+        # A worker process started by uvicorn: a fresh interpreter with no logging set
+        # up, which would hide its load errors and warnings.
+        from service.cli import LOG_FORMAT
+
+        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        settings = Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -36,14 +45,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(settings)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
-        app.state.dataplane = DataPlane(settings, registry, pool)
+        readiness = WorkerReadiness.from_environment(settings.workers)
+        app.state.dataplane = DataPlane(settings, registry, pool, readiness)
         grpc_server = await start_grpc(settings, app.state.dataplane)  # None if disabled
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_report_failure)
+        publishing = asyncio.create_task(_publish_readiness(registry, readiness))
         try:
             yield
         finally:
+            publishing.cancel()
+            readiness.publish(False)
             await stop_grpc(grpc_server)
             if not loading.done():
                 loading.cancel()
@@ -70,6 +83,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.metrics_path, rest.prometheus_metrics, methods=["GET"], tags=["health"]
         )
     return app
+
+
+async def _publish_readiness(registry: Registry, readiness: WorkerReadiness) -> None:
+    """Tell sibling workers whether this one is ready; cheap (a file touch), and frequent
+    enough that /readyz lags a worker's own readiness by at most a period."""
+    while True:
+        readiness.publish(registry.is_ready())
+        await asyncio.sleep(READINESS_PERIOD_SECONDS)
 
 
 def _report_failure(task: asyncio.Task[None]) -> None:
