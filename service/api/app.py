@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -51,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_report_failure)
+        loading.add_done_callback(_freeze_heap)
         publishing = asyncio.create_task(_publish_readiness(registry, readiness))
         try:
             yield
@@ -91,6 +93,14 @@ async def _publish_readiness(registry: Registry, readiness: WorkerReadiness) -> 
     while True:
         readiness.publish(registry.is_ready())
         await asyncio.sleep(READINESS_PERIOD_SECONDS)
+
+
+def _freeze_heap(task: asyncio.Task[None]) -> None:
+    """Move everything alive after start-up (TensorFlow's modules, the loaded models: millions
+    of objects) out of the garbage collector's reach. Otherwise each full collection walks
+    them all, a pause of ~100 ms that shows up as the p99 of every request in flight."""
+    gc.collect()
+    gc.freeze()
 
 
 def _report_failure(task: asyncio.Task[None]) -> None:
