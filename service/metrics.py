@@ -35,6 +35,8 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from service.readiness import process_alive
+
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 PROTOCOLS: Final = ("rest", "grpc")
 STAGES: Final = ("decode", "queue_wait", "inference", "encode")
@@ -299,7 +301,7 @@ def forget_dead_processes(directory: Path) -> None:
     Their counters and histograms stay: totals must not go backwards."""
     for path in directory.glob("gauge_live*_*.db"):
         pid = path.stem.rsplit("_", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             mark_process_dead(int(pid), str(directory))  # type: ignore[no-untyped-call]
 
 
@@ -308,13 +310,3 @@ def forget_this_process() -> None:
     directory = multiprocess_dir()
     if directory is not None:
         mark_process_dead(os.getpid(), str(directory))  # type: ignore[no-untyped-call]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

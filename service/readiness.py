@@ -16,7 +16,7 @@ from pathlib import Path
 READINESS_DIR_ENV = "CNNSERVE_READINESS_DIR"
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,5 +52,7 @@ class WorkerReadiness:
         """Whether every worker has published ready (always true for one process)."""
         if self._directory is None:
             return True
-        votes = [p for p in self._directory.iterdir() if p.name.isdigit() and _alive(int(p.name))]
+        votes = [
+            p for p in self._directory.iterdir() if p.name.isdigit() and process_alive(int(p.name))
+        ]
         return len(votes) >= self._workers
