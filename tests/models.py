@@ -85,3 +85,12 @@ def simple_config(*names: str, policy: str = "latest { num_versions: 1 }") -> st
         f"model_version_policy {{ {policy} }} }}"
         for n in names
     )
+
+
+def tiny_repository(root: Path, *, with_litert: bool = False) -> Path:
+    """A repository serving one published version of model "tiny" (labels cat, dog,
+    bird): what most server tests need."""
+    repo = root / "repo"
+    publish_tiny(repo, "tiny", with_litert=with_litert)
+    write_models_config(repo, simple_config("tiny"))
+    return repo

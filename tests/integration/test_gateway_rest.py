@@ -13,7 +13,7 @@ from PIL import Image
 
 from service.preprocessing import PreprocessSpec, preprocess_bytes
 from tests.images import encode, gradient
-from tests.models import publish_tiny, simple_config, write_models_config
+from tests.models import tiny_repository
 from tests.server import Server, running_server
 
 pytestmark = pytest.mark.slow
@@ -27,10 +27,7 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("gateway") / "repo"
-    publish_tiny(repo, "tiny", with_litert=True)
-    write_models_config(repo, simple_config("tiny"))
-    return repo
+    return tiny_repository(tmp_path_factory.mktemp("gateway"), with_litert=True)
 
 
 @pytest.fixture(scope="module")

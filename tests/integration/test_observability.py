@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.images import encode, gradient
-from tests.models import publish_tiny, simple_config, write_models_config
+from tests.models import tiny_repository
 from tests.prometheus import running_prometheus
 from tests.server import Server, running_server
 from tests.unit.test_monitoring_config import DASHBOARD, PROMETHEUS, recording_rules
@@ -31,10 +31,7 @@ AVAILABLE = frozenset({"model": "tiny", "version": "1", "state": "AVAILABLE"}.it
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("observability") / "repo"
-    publish_tiny(repo, "tiny", labels=["cat", "dog", "bird"])
-    write_models_config(repo, simple_config("tiny"))
-    return repo
+    return tiny_repository(tmp_path_factory.mktemp("observability"))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from service.bench import free_port
 from tests.images import encode, gradient
-from tests.models import publish_tiny, simple_config, write_models_config
+from tests.models import tiny_repository
 from tests.server import Server, running_server
 
 pytestmark = pytest.mark.slow
@@ -32,10 +32,7 @@ IMAGE = {"content": PNG, "headers": {"content-type": "image/png", "x-request-tim
 
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    repo = tmp_path_factory.mktemp("tfserving") / "repo"
-    publish_tiny(repo, "tiny", labels=["cat", "dog", "bird"])
-    write_models_config(repo, simple_config("tiny"))
-    return repo
+    return tiny_repository(tmp_path_factory.mktemp("tfserving"))
 
 
 @pytest.fixture(scope="module")
