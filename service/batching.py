@@ -118,7 +118,7 @@ class DynamicBatcher:
 
     def __init__(
         self,
-        predict: Callable[[Array], Array],
+        predict: Callable[[Array, float | None], Array],
         config: BatchingConfig,
         *,
         observer: BatchObserver | None = None,
@@ -317,7 +317,12 @@ class DynamicBatcher:
             loop = asyncio.get_running_loop()
             parts = [item.inputs for item in items]
             try:
-                output, seconds = await loop.run_in_executor(self._executor, self._infer, parts)
+                # The batch is worth computing until its most patient request gives up.
+                deadlines = [item.deadline for item in items]
+                latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+                output, seconds = await loop.run_in_executor(
+                    self._executor, self._infer, parts, latest
+                )
                 if not isinstance(output, np.ndarray) or output.ndim == 0 or len(output) != size:
                     got = f"{type(output).__name__} {getattr(output, 'shape', '')}"
                     raise TypeError(f"predict returned {got} for a batch of {size}")
@@ -341,9 +346,9 @@ class DynamicBatcher:
             self._in_flight -= size
             self._slots.release()
 
-    def _infer(self, parts: list[Array]) -> tuple[Array, float]:
+    def _infer(self, parts: list[Array], deadline: float | None) -> tuple[Array, float]:
         """On a batch thread: the one copy into a batch, then the model."""
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
         begin = perf_counter()
-        output = self._predict(batch)
+        output = self._predict(batch, deadline)
         return output, perf_counter() - begin

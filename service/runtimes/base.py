@@ -68,8 +68,12 @@ class Runtime(abc.ABC):
         """Load the model; raise ModelLoadError with a clear message on failure."""
 
     @abc.abstractmethod
-    def predict(self, batch: Batch) -> Probabilities:
-        """[N,H,W,3] in the input dtype → float32 [N, num_classes]. Thread-safe."""
+    def predict(self, batch: Batch, deadline: float | None = None) -> Probabilities:
+        """[N,H,W,3] in the input dtype → float32 [N, num_classes]. Thread-safe.
+
+        ``deadline`` (time.monotonic) is the latest any request in the batch still wants
+        an answer; in-process runtimes finish in milliseconds and ignore it, a remote one
+        gives its call no longer than that."""
 
     def signature_defs(self) -> Any:
         """The model's public signatures, a TF Serving ``SignatureDefMap`` (for metadata):

@@ -116,7 +116,7 @@ class LiteRTRuntime(Runtime):
         pool[size] = runner  # (re)inserted last = most recently used
         return runner
 
-    def predict(self, batch: Batch) -> Probabilities:
+    def predict(self, batch: Batch, deadline: float | None = None) -> Probabilities:
         info = self.info
         x = to_model_input(batch, info.input)
         if len(x) == 0:

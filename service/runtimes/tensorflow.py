@@ -91,7 +91,7 @@ class TensorFlowRuntime(Runtime):
         )
         return info
 
-    def predict(self, batch: Batch) -> Probabilities:
+    def predict(self, batch: Batch, deadline: float | None = None) -> Probabilities:
         info = self.info
         fn = self._fn
         x = to_model_input(batch, info.input)

@@ -183,7 +183,7 @@ class TFServingRuntime(Runtime):
         log.info("%s is served by TF Serving at %s", where, self._client.address)
         return info
 
-    def predict(self, batch: Batch) -> Probabilities:
+    def predict(self, batch: Batch, deadline: float | None = None) -> Probabilities:
         info = self.info
         x = to_model_input(batch, info.input)
         request = predict_pb2.PredictRequest(
@@ -191,7 +191,8 @@ class TFServingRuntime(Runtime):
             output_filter=[info.output_name],
         )
         request.inputs[info.input_name].CopyFrom(to_tensor_proto(x, packed=True))
-        response = self._client.call("Predict", request)
+        timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        response = self._client.call("Predict", request, timeout)
         if info.output_name not in response.outputs:
             raise InternalError(f"TF Serving answered no {info.output_name!r} output")
         try:

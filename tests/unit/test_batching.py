@@ -38,7 +38,7 @@ def images(*values: int) -> Array:
     return np.broadcast_to(np.array(values, np.int64)[:, None, None, None], (len(values), 2, 2, 3))
 
 
-def ids(batch: Array) -> Array:
+def ids(batch: Array, deadline: float | None = None) -> Array:
     """The predict used in most tests: each image's value, so outputs say which row is which."""
     return batch[:, 0, 0, 0].copy()
 
@@ -62,9 +62,11 @@ class Gate:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.batches: list[list[int]] = []
+        self.deadlines: list[float | None] = []
 
-    def __call__(self, batch: Array) -> Array:
+    def __call__(self, batch: Array, deadline: float | None = None) -> Array:
         self.batches.append(batch[:, 0, 0, 0].tolist())
+        self.deadlines.append(deadline)
         if len(self.batches) == 1:
             self.entered.set()
             assert self.release.wait(WAIT)
@@ -127,7 +129,7 @@ def test_config_from_settings_and_validation() -> None:
 def test_full_batch_is_cut_at_max_batch_size_without_waiting_for_the_timeout() -> None:
     seen: list[int] = []
 
-    def predict(batch: Array) -> Array:
+    def predict(batch: Array, deadline: float | None = None) -> Array:
         seen.append(len(batch))
         return ids(batch)
 
@@ -143,7 +145,7 @@ def test_full_batch_is_cut_at_max_batch_size_without_waiting_for_the_timeout() -
 def test_partial_batch_is_cut_after_the_timeout() -> None:
     seen: list[int] = []
 
-    def predict(batch: Array) -> Array:
+    def predict(batch: Array, deadline: float | None = None) -> Array:
         seen.append(len(batch))
         return ids(batch)
 
@@ -210,7 +212,7 @@ def test_request_larger_than_max_batch_size_is_split_and_rejoined_in_order() -> 
 def test_predict_error_reaches_every_waiter_and_the_next_batch_still_works() -> None:
     failure = ValueError("boom")
 
-    def predict(batch: Array) -> Array:
+    def predict(batch: Array, deadline: float | None = None) -> Array:
         if 13 in batch:
             raise failure
         if 400 in batch:
@@ -232,7 +234,7 @@ def test_predict_error_reaches_every_waiter_and_the_next_batch_still_works() -> 
 
 def test_wrong_output_length_is_an_internal_error_for_the_batch() -> None:
     async def scenario() -> None:
-        async with DynamicBatcher(lambda b: ids(b)[:1], config(2, 0)) as batcher:
+        async with DynamicBatcher(lambda b, _: ids(b)[:1], config(2, 0)) as batcher:
             with pytest.raises(InternalError, match="predict returned ndarray"):
                 await batcher.submit(images(1, 2), deadline=None)
 
@@ -366,7 +368,7 @@ def test_batch_threads_run_batches_concurrently(threads: int) -> None:
     # the barrier times out, which shows the two-thread case proves overlap.
     barrier = threading.Barrier(2, timeout=WAIT if threads == 2 else 0.2)
 
-    def predict(batch: Array) -> Array:
+    def predict(batch: Array, deadline: float | None = None) -> Array:
         barrier.wait()
         return ids(batch)
 
@@ -401,5 +403,28 @@ def test_empty_request_is_invalid() -> None:
         async with DynamicBatcher(ids, config()) as batcher:
             with pytest.raises(InvalidRequest):
                 await batcher.submit(np.zeros((0, 2, 2, 3), np.uint8), deadline=None)
+
+    run(scenario())
+
+
+def test_a_batch_is_given_the_latest_deadline_of_its_requests() -> None:
+    """A remote runtime may spend until the most patient request in the batch gives up;
+    a request without a deadline lifts the limit."""
+
+    async def scenario() -> None:
+        gate = Gate()
+        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+            first = asyncio.create_task(batcher.submit(images(1), deadline=None))
+            await gate.blocked()
+            far = time.monotonic() + 60
+            later = [
+                asyncio.create_task(batcher.submit(images(2), deadline=far - 30)),
+                asyncio.create_task(batcher.submit(images(3), deadline=far)),
+            ]
+            await until(lambda: batcher.queue_depth == 2)
+            gate.release.set()
+            await gather([first, *later])
+        assert gate.batches == [[1], [2, 3]]
+        assert gate.deadlines == [None, far]
 
     run(scenario())

@@ -98,7 +98,7 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
         loop = asyncio.get_running_loop()
         started = asyncio.Event()
 
-        def predict(batch: np.ndarray) -> np.ndarray:
+        def predict(batch: np.ndarray, deadline: float | None = None) -> np.ndarray:
             loop.call_soon_threadsafe(started.set)
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
             return batch[:, :1].astype(np.float32)
