@@ -11,7 +11,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE := 1
 
 # The exact command that trained model_repository/fashion_mnist/1 (also in its model card).
-TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --epochs 24 --batch-size 128 \
+TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --se --epochs 36 --batch-size 128 \
 	--optimizer adamw --lr 0.002 --weight-decay 0.02 --schedule cosine \
 	--rotation 0 --zoom 0 --shift 0.1 --seed 0
 
