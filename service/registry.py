@@ -79,6 +79,9 @@ class Registry:
         self._lock = asyncio.Lock()  # one poll (or stop) at a time
         self._poll_task: asyncio.Task[None] | None = None
         self._started = False  # the first load pass is done
+        # Models the last scan could not list (TF Serving unreachable): they keep their
+        # routes, but the gateway is not ready, so a load balancer stops sending it traffic.
+        self._unreachable: frozenset[str] = frozenset()
         self._stopped = False
 
     # --- lifecycle ------------------------------------------------------------------
@@ -142,9 +145,14 @@ class Registry:
         return list(self._table.configs)
 
     def is_ready(self) -> bool:
-        """The first load pass is done and every configured model has an AVAILABLE (hence
-        warmed) version."""
-        return self._started and not self._stopped and self._table.all_available()
+        """The first load pass is done, every configured model has an AVAILABLE (hence
+        warmed) version, and the source could list them all on its last scan."""
+        return (
+            self._started
+            and not self._stopped
+            and not self._unreachable
+            and self._table.all_available()
+        )
 
     def labels_of(self, model: str) -> dict[str, int]:
         """Version labels of ``model`` as models.config sets them."""
@@ -177,6 +185,7 @@ class Registry:
         configured = {c.name for c in scan.configs}
         metrics.observe_configured(self._table.configs, configured)
         self._table = self._table.with_configs(scan.configs)
+        self._unreachable = scan.unknown
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)

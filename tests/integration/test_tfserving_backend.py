@@ -121,8 +121,10 @@ def test_gateway_forwards_to_tf_serving_and_survives_its_restarts(
         with pytest.raises(grpc.RpcError) as failed:
             predict(gateway, images)
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        gateway.wait("/readyz", status=503)  # the next poll finds TF Serving gone
 
     with backend(repository, backend_port):
+        gateway.wait("/readyz")  # ready again on a poll, no restart of the gateway
         again = answers_again(gateway)  # same gateway process, no restart
         assert again.status_code == 200, again.text
         assert again.json() == via_gateway.json()
