@@ -14,17 +14,17 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from service.launch import free_port, serve_command, wait_for
 
 
 def machine() -> dict[str, Any]:
@@ -72,28 +72,6 @@ def bench_runtimes(
             sys.stderr.write(f"  {rows[-1]}\n")
         runtime.unload()
     return rows
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server never became ready")
 
 
 def _sample_jpeg() -> bytes:
@@ -147,20 +125,7 @@ def bench_http(
         raise RuntimeError("wrk is not installed; `make bench` installs the Debian package 'wrk'")
     port = free_port()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CNNSERVE_WORKERS": str(workers), **extra_env}
-    cmd = [
-        sys.executable,
-        "-m",
-        "service.cli",
-        "serve",
-        "--port",
-        str(port),
-        "--grpc-port",
-        "0",
-        "--model-repository",
-        str(repository),
-        "--poll-seconds",
-        "0",
-    ]
+    cmd = serve_command(repository, port, 0, "--poll-seconds", "0")
     with tempfile.TemporaryDirectory() as tmp:
         image = Path(tmp) / "image.jpg"
         image.write_bytes(_sample_jpeg())
@@ -171,7 +136,7 @@ def bench_http(
             server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_ready(url, server)
+            wait_for(url + "/readyz", server)
             threads = max(1, min(2, connections))
             common = [
                 wrk,

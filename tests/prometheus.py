@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import yaml
 
-from service.bench import free_port
+from service.launch import free_port
 from tests.server import stop
 
 SCRAPE_INTERVAL = "1s"

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +12,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from service.bench import free_port
+from service.launch import free_port, serve_command, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,21 +41,10 @@ class Server:
 
     def wait(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> None:
         """Poll until ``path`` answers ``status`` (readiness, not a fixed sleep)."""
-        deadline = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"server exited {self.process.returncode}:\n{self.log.read_text()}"
-                )
-            try:
-                last = httpx.get(self.url + path, timeout=2).status_code
-                if last == status:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise TimeoutError(f"{path} never answered {status} (last {last}):\n{self.log.read_text()}")
+        try:
+            wait_for(self.url + path, self.process, status, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            raise type(exc)(f"{exc}:\n{self.log.read_text()}") from None
 
 
 @contextmanager
@@ -79,19 +66,7 @@ def running_server(
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--grpc-port",
-                str(grpc_port or 0),
-                "--model-repository",
-                str(repository),
-                *args,
-            ],
+            serve_command(repository, port, grpc_port or 0, *args),
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from service.bench import free_port
+from service.launch import free_port
 from tests.images import encode, gradient
 from tests.models import tiny_repository
 from tests.server import Server, running_server

@@ -49,12 +49,13 @@ def test_unknown_versions_keep_serving_until_listed_again(tmp_path: Path) -> Non
         model_dir = tmp_path / "repo" / "m"
         shutil.copytree(model_dir / "1", model_dir / "2")
         await registry.poll_once()  # nothing listed: nothing loaded, nothing unloaded
-        assert registry.is_ready() and registry.resolve("m").version == 1
+        assert registry.resolve("m").version == 1
+        assert not registry.is_ready()  # but a load balancer should route elsewhere
         out = await registry.resolve("m").predict(IMAGES, None)
         assert out.shape == (2, 3) and np.isfinite(out).all()
         source.reachable = True
         await registry.poll_once()
-        assert registry.resolve("m").version == 2
+        assert registry.is_ready() and registry.resolve("m").version == 2
         assert {s.version: s.state for s in registry.statuses("m")} == {
             1: VersionState.END,
             2: VersionState.AVAILABLE,
