@@ -154,7 +154,8 @@ class RoutingTable:
             return f" (loading version {listing(loading)})"
         if failed:
             return f" (version {listing(failed)} failed to load; see GET /v1/models/{model})"
-        return " (no version folder found)"
+        # Generic on purpose: the source may be the disk or a TF Serving.
+        return f" (no version found to serve; see GET /v1/models/{model})"
 
     # --- new tables -----------------------------------------------------------------
 

@@ -376,7 +376,7 @@ def test_models_added_to_the_config_are_loaded_on_poll(template: Path, tmp_path:
         await registry.poll_once()
         assert registry.model_names() == ["a", "b"] and registry.default_model == "a"
         assert not registry.is_ready()
-        with pytest.raises(ModelNotReady, match="no version folder found"):
+        with pytest.raises(ModelNotReady, match="no version found to serve"):
             registry.resolve("b")
         assert registry.statuses("b") == []
 
