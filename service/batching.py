@@ -107,6 +107,8 @@ class _Item:
     deadline: float | None
     enqueued: float
     queued: bool = True
+    started: float = 0.0  # when its batch went to the runtime
+    inference_seconds: float = 0.0
 
     @property
     def key(self) -> tuple[np.dtype[Any], tuple[int, ...]]:
@@ -187,8 +189,14 @@ class DynamicBatcher:
     ) -> None:
         await self.stop()
 
-    async def submit(self, inputs: Array, *, deadline: float | None) -> Array:
-        """Run ``inputs`` (batched on axis 0) through ``predict``; its rows of the output."""
+    async def submit(
+        self, inputs: Array, *, deadline: float | None, timings: dict[str, float] | None = None
+    ) -> Array:
+        """Run ``inputs`` (batched on axis 0) through ``predict``; its rows of the output.
+
+        ``timings``, when given, gets this request's ``queue_wait`` and ``inference``
+        seconds (of its slowest chunk) for Server-Timing and the access log.
+        """
         if self._state != "running":
             raise ModelNotReady(f"model {self.name} is not serving; retry the request")
         if not isinstance(inputs, np.ndarray) or inputs.ndim == 0 or len(inputs) == 0:
@@ -230,6 +238,9 @@ class DynamicBatcher:
             ) from None
         finally:
             self._abandon(items)
+        if timings is not None:
+            timings["queue_wait"] = max(item.started - item.enqueued for item in items)
+            timings["inference"] = max(item.inference_seconds for item in items)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _abandon(self, items: list[_Item]) -> None:
@@ -338,6 +349,7 @@ class DynamicBatcher:
             offset = 0
             for item in items:
                 n = len(item.inputs)
+                item.started, item.inference_seconds = started, seconds
                 if not item.future.done():
                     item.future.set_result(output[offset : offset + n])
                 offset += n

@@ -63,9 +63,12 @@ class LoadedVersion:
     runtime: Runtime
     batcher: DynamicBatcher
 
-    async def predict(self, batch: Batch, deadline: float | None) -> Probabilities:
-        """Run ``batch`` through this version's batcher; ``deadline`` is time.monotonic()."""
-        return await self.batcher.submit(batch, deadline=deadline)
+    async def predict(
+        self, batch: Batch, deadline: float | None, timings: dict[str, float] | None = None
+    ) -> Probabilities:
+        """Run ``batch`` through this version's batcher; ``deadline`` is time.monotonic().
+        ``timings`` gets ``queue_wait`` and ``inference`` seconds."""
+        return await self.batcher.submit(batch, deadline=deadline, timings=timings)
 
 
 @dataclass(frozen=True)

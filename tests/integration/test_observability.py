@@ -121,6 +121,7 @@ def test_request_id_is_honoured_and_logged_without_image_bytes(server: Server) -
     assert bad.status_code == 400 and bad.headers.get_list("x-request-id") == ["trace-obs-2"]
     assert set(re.findall(r"(\w+);dur=", r.headers["server-timing"])) == {
         "decode",
+        "queue_wait",
         "inference",
         "encode",
     }
@@ -133,7 +134,7 @@ def test_request_id_is_honoured_and_logged_without_image_bytes(server: Server) -
         "rest",
     )
     assert line["duration_ms"] > 0
-    assert set(line["timings_ms"]) == {"decode", "inference", "encode"}
+    assert set(line["timings_ms"]) == {"decode", "queue_wait", "inference", "encode"}
     assert sum(line["timings_ms"].values()) <= line["duration_ms"]
     failed = access_line(server, "trace-obs-2")
     assert (failed["status"], failed["model"]) == (400, "tiny")

@@ -428,3 +428,33 @@ def test_a_batch_is_given_the_latest_deadline_of_its_requests() -> None:
         assert gate.deadlines == [None, far]
 
     run(scenario())
+
+
+def test_each_request_learns_its_own_queue_wait_and_inference_time() -> None:
+    """For Server-Timing: a request queued behind a running batch waited in the queue
+    at least until that batch ended; the running one spent that time in inference."""
+
+    async def scenario() -> None:
+        gate = Gate()
+        first_timings: dict[str, float] = {}
+        second_timings: dict[str, float] = {}
+        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+            first = asyncio.create_task(
+                batcher.submit(images(1), deadline=None, timings=first_timings)
+            )
+            await gate.blocked()
+            entered = time.monotonic()
+            second = asyncio.create_task(
+                batcher.submit(images(2), deadline=None, timings=second_timings)
+            )
+            await until(lambda: batcher.queue_depth == 1)
+            queued = time.monotonic()
+            released = time.monotonic()
+            gate.release.set()
+            await gather([first, second])
+        assert set(first_timings) == set(second_timings) == {"queue_wait", "inference"}
+        assert first_timings["inference"] >= released - entered
+        assert first_timings["queue_wait"] < first_timings["inference"]
+        assert second_timings["queue_wait"] >= released - queued
+
+    run(scenario())
