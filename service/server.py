@@ -14,13 +14,14 @@ from pathlib import Path
 import uvicorn
 
 from service.config import Settings
-from service.readiness import READINESS_DIR_ENV
+from service.readiness import READINESS_DIR_ENV, process_alive
 
 log = logging.getLogger(__name__)
 
 # Spelled out, not imported from service.metrics: importing prometheus-client before the
 # variable is set would pick its in-memory value store.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+METRICS_DIR_PREFIX = "cnnserve-metrics-"
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:
@@ -72,9 +73,12 @@ def _metrics_directory() -> Iterator[None]:
 
     Set before anything imports prometheus-client (service.metrics), which picks its
     file-backed value store at import; fresh, so no sample of an earlier run is summed.
-    Always on, also with one worker, so that path is the one every run exercises.
+    Always on, also with one worker, so that path is the one every run exercises. The
+    folder's name holds the server's pid, so a later start removes what a ``kill -9``
+    left behind.
     """
-    directory = tempfile.mkdtemp(prefix="cnnserve-metrics-")
+    _remove_orphans()
+    directory = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
     previous = os.environ.get(MULTIPROC_ENV)
     os.environ[MULTIPROC_ENV] = directory
     log.info("worker processes write their metrics to %s (removed at exit)", directory)
@@ -90,6 +94,15 @@ def _metrics_directory() -> Iterator[None]:
         else:
             os.environ[MULTIPROC_ENV] = previous
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_orphans() -> None:
+    """Remove metrics folders of servers that no longer run (killed before cleaning up)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = folder.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            log.info("removing %s, left by a server that was killed", folder)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
