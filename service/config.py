@@ -7,11 +7,14 @@ what needs it; nothing imports a module-level instance.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MAX_AUTO_WORKERS = 8
 
 RuntimeName = Literal["auto", "tensorflow", "litert"]
 BackendName = Literal["embedded", "tfserving"]
@@ -38,7 +41,13 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the REST and gRPC servers bind.")
     port: int = Field(8000, ge=0, le=65535, description="REST port.")
     grpc_port: int = Field(8500, ge=0, le=65535, description="gRPC port; 0 disables gRPC.")
-    workers: int = Field(1, ge=1, le=64, description="Worker processes, one model copy each.")
+    workers: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description=f"Worker processes, one model copy each; 0 = one per core, at most "
+        f"{MAX_AUTO_WORKERS}.",
+    )
 
     # --- models -----------------------------------------------------------------------
     backend: BackendName = Field("embedded", description="embedded runtime or a TF Serving.")
@@ -72,6 +81,14 @@ class Settings(BaseSettings):
         description="Path of the Prometheus metrics on the REST port; empty = no endpoint.",
     )
     access_log: bool = Field(True, description="One JSON line per request on stdout.")
+
+    @model_validator(mode="after")
+    def _size_workers(self) -> Settings:
+        # One process per core: a Python worker saturates about one core on decoding and
+        # HTTP. Capped because each worker holds its own copy of TensorFlow and the models.
+        if self.workers == 0:
+            self.workers = min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
+        return self
 
     @model_validator(mode="after")
     def _ports_distinct(self) -> Settings:

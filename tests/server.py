@@ -63,7 +63,14 @@ def running_server(
     if grpc_port == 0:
         grpc_port = next(p for p in iter(free_port, None) if p != port)
     log = Path(tempfile.gettempdir()) / f"cnnserve-server-{port}.log"
-    environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    # One worker unless a test asks for more (--workers wins over the variable): the
+    # default, one per core, would start a model copy per core for every test server.
+    environment = {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CNNSERVE_WORKERS": "1",
+        **(env or {}),
+    }
     with log.open("wb") as out:
         process = subprocess.Popen(
             serve_command(repository, port, grpc_port or 0, *args),

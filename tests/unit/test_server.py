@@ -39,3 +39,14 @@ def test_metrics_folder_is_fresh_removed_at_exit_and_orphans_are_swept(
         assert running.exists() and unrelated.exists()
     assert not ours.exists()
     assert server.MULTIPROC_ENV not in os.environ
+
+
+def test_workers_default_to_one_per_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.config import MAX_AUTO_WORKERS, Settings
+
+    monkeypatch.delenv("CNNSERVE_WORKERS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert Settings().workers == 2  # the 2-core machine the performance budget is for
+    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    assert Settings().workers == MAX_AUTO_WORKERS
+    assert Settings(workers=3).workers == 3
