@@ -111,6 +111,11 @@ class _Item:
     inference_seconds: float = 0.0
 
     @property
+    def queue_wait(self) -> float:
+        """Seconds from enqueue until its batch went to the runtime (once it has)."""
+        return self.started - self.enqueued
+
+    @property
     def key(self) -> tuple[np.dtype[Any], tuple[int, ...]]:
         return self.inputs.dtype, self.inputs.shape[1:]
 
@@ -239,7 +244,7 @@ class DynamicBatcher:
         finally:
             self._abandon(items)
         if timings is not None:
-            timings["queue_wait"] = max(item.started - item.enqueued for item in items)
+            timings["queue_wait"] = max(item.queue_wait for item in items)
             timings["inference"] = max(item.inference_seconds for item in items)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
@@ -353,7 +358,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result(output[offset : offset + n])
                 offset += n
-            self._observer.on_batch(size, [started - item.enqueued for item in items], seconds)
+            self._observer.on_batch(size, [item.queue_wait for item in items], seconds)
         finally:
             self._in_flight -= size
             self._slots.release()
