@@ -14,8 +14,8 @@ from PIL import Image
 from service.preprocessing import PreprocessSpec, preprocess_bytes
 from service.training.data import load_fashion_mnist
 from service.training.evaluate import evaluate_version
-from tests.images import encode
-from tests.server import running_server
+from tests.helpers.images import encode
+from tests.helpers.server import running_server
 
 pytestmark = pytest.mark.slow
 

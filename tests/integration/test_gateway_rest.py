@@ -12,9 +12,8 @@ import tensorflow as tf
 from PIL import Image
 
 from service.preprocessing import PreprocessSpec, preprocess_bytes
-from tests.images import encode, gradient
-from tests.models import tiny_repository
-from tests.server import Server, running_server
+from tests.helpers.images import encode, gradient
+from tests.helpers.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -26,8 +25,8 @@ LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_repository(tmp_path_factory.mktemp("gateway"), with_litert=True)
+def repository(tiny_repo_litert: Path) -> Path:
+    return tiny_repo_litert
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,9 @@ from tensorflow_serving.apis import (
 
 from service.preprocessing import PreprocessSpec, preprocess_bytes
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
-from tests.images import encode, gradient
-from tests.models import publish_tiny, write_models_config
-from tests.server import Server, running_server
+from tests.helpers.images import encode, gradient
+from tests.helpers.models import publish_tiny, write_models_config
+from tests.helpers.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.images import encode, gradient
-from tests.models import publish_tiny, simple_config, write_models_config
-from tests.server import running_server
+from tests.helpers.images import encode, gradient
+from tests.helpers.models import publish_tiny, simple_config, write_models_config
+from tests.helpers.server import running_server
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.images import encode, gradient
-from tests.models import tiny_repository
-from tests.prometheus import running_prometheus
-from tests.server import Server, running_server
-from tests.unit.test_monitoring_config import DASHBOARD, PROMETHEUS, recording_rules
+from tests.helpers.images import encode, gradient
+from tests.helpers.monitoring import DASHBOARD, PROMETHEUS, recording_rules
+from tests.helpers.prometheus import running_prometheus
+from tests.helpers.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +29,8 @@ AVAILABLE = frozenset({"model": "tiny", "version": "1", "state": "AVAILABLE"}.it
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_repository(tmp_path_factory.mktemp("observability"))
+def repository(tiny_repo: Path) -> Path:
+    return tiny_repo
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from service.launch import free_port
-from tests.images import encode, gradient
-from tests.models import tiny_repository
-from tests.server import Server, running_server
+from tests.helpers.images import encode, gradient
+from tests.helpers.server import Server, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +30,8 @@ IMAGE = {"content": PNG, "headers": {"content-type": "image/png", "x-request-tim
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_repository(tmp_path_factory.mktemp("tfserving"))
+def repository(tiny_repo: Path) -> Path:
+    return tiny_repo
 
 
 @pytest.fixture(scope="module")

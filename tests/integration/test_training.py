@@ -13,7 +13,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from service.cli import main
 from service.preprocessing import PreprocessSpec, preprocess_bytes
-from tests.images import encode, gradient, write_class_folders
+from tests.helpers.images import encode, gradient, write_class_folders
 
 pytestmark = pytest.mark.slow
 

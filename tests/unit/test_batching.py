@@ -23,8 +23,10 @@ from service.errors import (
     Overloaded,
     TooManyImages,
 )
+from tests.helpers.core import until
 
 Array = npt.NDArray[Any]
+
 WAIT = 5.0  # seconds any event wait may take before the test counts as hung
 
 
@@ -96,15 +98,6 @@ class Recorder:
 
     def on_queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Yield to the loop (no timed sleep) until ``condition`` holds."""
-    for _ in range(10_000):
-        if condition():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never held")
 
 
 def spawn(

@@ -16,7 +16,7 @@ from service.training.data import (
     oversample,
     split_by_hash,
 )
-from tests.images import write_class_folders
+from tests.helpers.images import write_class_folders
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service import metrics, requestlog
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import DeadlineExceeded, Overloaded
-from tests.unit.test_batching import until
+from tests.helpers.core import until
 
 ROOT = Path(__file__).resolve().parents[2]
 

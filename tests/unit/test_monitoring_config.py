@@ -8,18 +8,21 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 from prometheus_client import Counter, Gauge, Histogram
 
 from service import metrics
+from tests.helpers.monitoring import (
+    DASHBOARD,
+    DOCKER,
+    PROMETHEUS,
+    alert_rules,
+    dashboard_queries,
+    recording_rules,
+)
 
-DOCKER = Path(__file__).resolve().parents[2] / "docker"
-PROMETHEUS = DOCKER / "prometheus"
-DASHBOARD = DOCKER / "grafana" / "dashboards" / "cnnserve.json"
 METRIC_NAME = re.compile(r"\bcnnserve_[a-z0-9_]+\b")
 
 
@@ -43,23 +46,6 @@ def exported_names() -> set[str]:
         elif isinstance(obj, Gauge):
             names.add(obj._name)
     return names
-
-
-def recording_rules() -> list[dict[str, Any]]:
-    groups = yaml.safe_load((PROMETHEUS / "rules" / "recording.yml").read_text())["groups"]
-    return [rule for group in groups for rule in group["rules"]]
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    groups = yaml.safe_load((PROMETHEUS / "rules" / "alerts.yml").read_text())["groups"]
-    return [rule for group in groups for rule in group["rules"]]
-
-
-def dashboard_queries() -> list[str]:
-    dashboard = json.loads(DASHBOARD.read_text())
-    queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
-    queries += [v["definition"] for v in dashboard["templating"]["list"]]
-    return queries
 
 
 def test_prometheus_config_and_rules_pass_promtool() -> None:

@@ -6,7 +6,7 @@ from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
 from service.preprocessing import PreprocessSpec, preprocess_array, preprocess_bytes
-from tests.images import encode, gradient
+from tests.helpers.images import encode, gradient
 
 SPEC = PreprocessSpec()
 BIG = 10**9

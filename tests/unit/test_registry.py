@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from service.config import Settings
 from service.errors import (
     InvalidRequest,
     ModelLoadError,
@@ -29,10 +27,8 @@ from service.repository import ConfigError, ModelConfig, read_labels, read_repos
 from service.runtimes import create_runtime
 from service.runtimes.base import Runtime
 from service.warmup import WarmupFormatError
-from tests.models import publish_tiny, simple_config, write_models_config
-
-IMAGES = np.random.default_rng(0).integers(0, 256, (2, 224, 224, 3), dtype=np.uint8)
-
+from tests.helpers.core import IMAGES, run_with, settings
+from tests.helpers.models import publish_tiny, simple_config, write_models_config
 
 # --- fixtures and helpers ------------------------------------------------------------
 
@@ -53,19 +49,6 @@ def add_version(
     return path
 
 
-def settings(repo: Path, tmp_path: Path) -> Settings:
-    # request_timeout_seconds also bounds how long an unload waits for requests that
-    # still hold a version; it is long so that a leaked reference shows as a warning.
-    return Settings(
-        model_repository=repo,
-        runtime="tensorflow",
-        poll_seconds=0,
-        cache_dir=tmp_path / "cache",
-        intra_op_threads=1,
-        request_timeout_seconds=30,
-    )
-
-
 def config_entry(name: str, policy: str, labels: dict[str, int] | None = None) -> str:
     label_text = " ".join(
         f'version_labels {{ key: "{k}" value: {v} }}' for k, v in (labels or {}).items()
@@ -78,18 +61,6 @@ def config_entry(name: str, policy: str, labels: dict[str, int] | None = None) -
 
 def states(registry: Registry, model: str) -> dict[int, VersionState]:
     return {s.version: s.state for s in registry.statuses(model)}
-
-
-def run_with(registry: Registry, scenario: Callable[[], Awaitable[None]]) -> None:
-    """Run a scenario on a fresh event loop, always stopping the registry after it."""
-
-    async def main() -> None:
-        try:
-            await scenario()
-        finally:
-            await registry.stop()
-
-    asyncio.run(main())
 
 
 class CountingFactory:

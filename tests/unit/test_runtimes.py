@@ -17,7 +17,7 @@ from service.runtimes import conversion, create_runtime
 from service.runtimes.base import Runtime
 from service.runtimes.litert import SIZES_PER_THREAD, LiteRTRuntime
 from service.runtimes.tensorflow import TensorFlowRuntime
-from tests.models import publish_tiny
+from tests.helpers.models import publish_tiny
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ import numpy as np
 from service.registry import Registry, VersionState
 from service.runtimes import create_runtime
 from service.sources import DiskSource, Scan
-from tests.models import publish_tiny, simple_config, write_models_config
-from tests.unit.test_registry import IMAGES, run_with, settings
+from tests.helpers.core import IMAGES, run_with, settings
+from tests.helpers.models import publish_tiny, simple_config, write_models_config
 
 
 class FlakySource(DiskSource):

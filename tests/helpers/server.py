@@ -14,7 +14,7 @@ import httpx
 
 from service.launch import free_port, serve_command, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Server:

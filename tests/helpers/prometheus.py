@@ -14,7 +14,7 @@ import httpx
 import yaml
 
 from service.launch import free_port
-from tests.server import stop
+from tests.helpers.server import stop
 
 SCRAPE_INTERVAL = "1s"
 

@@ -1,0 +1,43 @@
+"""Fixtures shared by the whole suite. Helpers that are plain functions live in
+tests/helpers/ (real servers, tiny models, images, Prometheus, monitoring configs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.images import encode, gradient
+from tests.helpers.models import tiny_repository
+from tests.helpers.server import Server, running_server
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A repository serving one version of model "tiny" (labels cat, dog, bird)."""
+    return tiny_repository(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_repo_litert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As ``tiny_repo``, with a verified LiteRT artifact (what production serves)."""
+    return tiny_repository(tmp_path_factory.mktemp("tiny-litert"), with_litert=True)
+
+
+@pytest.fixture
+def png() -> bytes:
+    """A small PNG whose corners differ."""
+    return encode(gradient(), "PNG")
+
+
+@pytest.fixture
+def start_server() -> Iterator[Callable[..., Server]]:
+    """Start real `cnnserve serve` processes (ready when returned); all stop after the test."""
+    with ExitStack() as stack:
+
+        def start(repository: Path, **kwargs: object) -> Server:
+            return stack.enter_context(running_server(repository, **kwargs))  # type: ignore[arg-type]
+
+        yield start
