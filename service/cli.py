@@ -4,76 +4,129 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import re
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from pydantic import ValidationError
 
 from service.config import Settings
 from service.errors import CnnserveError, DatasetError
-
-# Spelled out so `--help` does not import TensorFlow; a test checks it matches.
-ARCHITECTURE_NAMES = ("efficient_cnn", "resnet", "seed_cnn")
+from service.logs import setup_logging
 
 
 def _add_train(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
 ) -> None:
+    # Defaults and choices come from the training config itself (a light module, so
+    # --help stays fast): one declaration, shown here with ArgumentDefaultsHelpFormatter.
+    from service.training.config import (
+        ARCHITECTURE_NAMES,
+        SEED_CNN_DROPOUT,
+        SEED_CNN_L2,
+        ArchConfig,
+        AugmentConfig,
+        Optimizer,
+        Schedule,
+        TrainConfig,
+    )
+
+    train, arch, aug = TrainConfig(), ArchConfig(), AugmentConfig()
     p = sub.add_parser(
         "train",
         help="train a model and publish it as the next version in the repository",
         description="Train on Fashion-MNIST or a folder of class folders, evaluate on the "
         "held-out test split, and publish a versioned SavedModel atomically.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--dataset",
-        default="fashion_mnist",
-        help="'fashion_mnist' or a folder of class-named folders",
+        "--dataset", default=train.dataset, help="'fashion_mnist' or a folder of class folders"
     )
     p.add_argument(
         "--data-dir", type=Path, default=settings.fashion_mnist_dir, help="Fashion-MNIST IDX folder"
     )
-    p.add_argument("--repository", type=Path, default=settings.model_repository)
+    p.add_argument(
+        "--repository",
+        type=Path,
+        default=settings.model_repository,
+        help="model repository to publish into",
+    )
     p.add_argument("--model-name", default="fashion_mnist", help="model folder in the repository")
     p.add_argument(
         "--work-dir", type=Path, default=Path(".train"), help="checkpoints (resume on rerun)"
     )
-    p.add_argument("--arch", choices=ARCHITECTURE_NAMES, default="efficient_cnn")
-    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier")
-    p.add_argument("--depth", type=int, default=2, help="blocks per stage")
+    p.add_argument("--arch", choices=ARCHITECTURE_NAMES, default=arch.name, help="architecture")
+    p.add_argument(
+        "--width", type=float, default=arch.width_multiplier, help="channel width multiplier"
+    )
+    p.add_argument("--depth", type=int, default=arch.depth, help="blocks per stage")
     p.add_argument("--se", action="store_true", help="squeeze-and-excitation blocks")
-    p.add_argument("--dropout", type=float, default=None, help="default 0.2 (seed_cnn: 0)")
+    p.add_argument(
+        "--dropout",
+        type=float,
+        default=None,
+        help=f"dropout rate; {arch.dropout} ({SEED_CNN_DROPOUT} for seed_cnn) when not given",
+    )
     p.add_argument(
         "--l2",
         type=float,
         default=None,
-        help="L2 on dense layers (default 0.01 for seed_cnn, else 0)",
+        help=f"L2 on dense layers; {arch.weight_decay} ({SEED_CNN_L2} for seed_cnn) when not given",
     )
     p.add_argument(
         "--resize-method",
-        default="bilinear",
+        default=train.preprocess.resize_method,
         choices=["nearest", "bilinear", "bicubic", "lanczos", "box"],
+        help="how images are resized to the model's input (the gateway does the same)",
     )
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="sgd")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW decoupled weight decay")
-    p.add_argument("--schedule", choices=["plateau", "cosine", "constant"], default="plateau")
-    p.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
+    p.add_argument("--epochs", type=int, default=train.epochs, help="maximum epochs")
+    p.add_argument("--batch-size", type=int, default=train.batch_size, help="images per step")
+    p.add_argument("--optimizer", choices=get_args(Optimizer), default=train.optimizer)
+    p.add_argument("--lr", type=float, default=train.learning_rate, help="learning rate")
+    p.add_argument("--momentum", type=float, default=train.momentum, help="SGD momentum")
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=train.weight_decay,
+        help="AdamW decoupled weight decay",
+    )
+    p.add_argument("--schedule", choices=get_args(Schedule), default=train.schedule)
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=train.early_stopping_patience,
+        help="early-stopping patience (epochs)",
+    )
     p.add_argument("--no-augment", action="store_true", help="switch all augmentation off")
-    p.add_argument("--rotation", type=float, default=20.0, help="max rotation in degrees (0 = off)")
-    p.add_argument("--shift", type=float, default=0.2, help="max width/height shift fraction")
-    p.add_argument("--zoom", type=float, default=0.2, help="max zoom fraction")
+    p.add_argument(
+        "--rotation",
+        type=float,
+        default=aug.rotation_degrees,
+        help="max rotation in degrees (0 = off)",
+    )
+    p.add_argument(
+        "--shift", type=float, default=aug.width_shift, help="max width/height shift fraction"
+    )
+    p.add_argument("--zoom", type=float, default=aug.zoom, help="max zoom fraction")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--balance", action="store_true", help="oversample minority classes")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.1, help="folder datasets only")
-    p.add_argument("--limit", type=int, default=0, help="use the first N training images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--val-fraction", type=float, default=train.val_fraction, help="validation share"
+    )
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=train.test_fraction,
+        help="test share (folder datasets only)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=train.limit, help="use the first N training images (0 = all)"
+    )
+    p.add_argument("--seed", type=int, default=train.seed, help="random seed")
     p.add_argument(
         "--latency-runs", type=int, default=50, help="timed batches for the latency report"
     )
@@ -82,21 +135,19 @@ def _add_train(
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
     from service.preprocessing import PreprocessSpec
-    from service.training.architectures import ArchConfig
-    from service.training.pipeline import AugmentConfig
-    from service.training.train import TrainConfig, train
+    from service.training.config import ArchConfig, AugmentConfig, TrainConfig
+    from service.training.train import train
 
-    seed_cnn = args.arch == "seed_cnn"
     cfg = TrainConfig(
         dataset=args.dataset,
         data_dir=args.data_dir,
-        arch=ArchConfig(
-            name=args.arch,
+        arch=ArchConfig.for_arch(
+            args.arch,
+            dropout=args.dropout,
+            l2=args.l2,
             width_multiplier=args.width,
             depth=args.depth,
             squeeze_excite=args.se,
-            dropout=args.dropout if args.dropout is not None else (0.0 if seed_cnn else 0.2),
-            weight_decay=args.l2 if args.l2 is not None else (0.01 if seed_cnn else 0.0),
         ),
         preprocess=PreprocessSpec(resize_method=args.resize_method),
         augment=AugmentConfig(
@@ -134,7 +185,31 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         latency_runs=args.latency_runs,
     )
     print(version_dir)
+    _say_if_unserved(args.repository, args.model_name)
     return 0
+
+
+def _say_if_unserved(repository: Path, model: str) -> None:
+    """A model that models.config does not name is never served: say what to add."""
+    from service.repository import read_repository
+
+    try:
+        served = {config.name for config in read_repository(repository)}
+    except CnnserveError:
+        served = set()
+    if model in served:
+        return
+    print(
+        f"cnnserve: {model!r} is not in {repository / 'models.config'}, so no server loads it;"
+        " add this block inside model_config_list { ... }:\n"
+        "  config {\n"
+        f'    name: "{model}"\n'
+        f'    base_path: "/models/{model}"\n'
+        '    model_platform: "tensorflow"\n'
+        "    model_version_policy { latest { num_versions: 1 } }\n"
+        "  }",
+        file=sys.stderr,
+    )
 
 
 def _add_evaluate(
@@ -164,54 +239,73 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# The settings `cnnserve serve` takes as flags; each flag's type, choices, help and
+# default (the environment's value) come from the Settings field of the same name.
+SERVE_FLAGS = (
+    "host",
+    "port",
+    "grpc_port",
+    "model_repository",
+    "workers",
+    "poll_seconds",
+    "backend",
+    "tfserving_address",
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def _add_serve(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
 ) -> None:
-    p = sub.add_parser("serve", help="serve the model repository over REST and gRPC")
-    p.add_argument("--host", default=settings.host)
-    p.add_argument("--port", type=int, default=settings.port)
-    p.add_argument("--grpc-port", type=int, default=settings.grpc_port, help="0 disables gRPC")
-    p.add_argument("--model-repository", type=Path, default=settings.model_repository)
-    p.add_argument("--workers", type=int, default=settings.workers)
-    p.add_argument("--poll-seconds", type=float, default=settings.poll_seconds)
-    p.add_argument(
-        "--backend",
-        choices=["embedded", "tfserving"],
-        default=settings.backend,
-        help="run models in-process, or forward batches to a TF Serving",
+    p = sub.add_parser(
+        "serve",
+        help="serve the model repository over REST and gRPC",
+        description="Serve every model of models.config: REST (and /docs) on --port, gRPC on "
+        "--grpc-port. Each flag is also the environment variable CNNSERVE_<NAME>; defaults "
+        "shown are the values in effect.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--tfserving-address",
-        default=settings.tfserving_address,
-        help="TF Serving gRPC host:port (with --backend tfserving)",
-    )
+    for name in SERVE_FLAGS:
+        field = Settings.model_fields[name]
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        kind = None if choices else field.annotation
+        p.add_argument(
+            _flag(name),
+            type=kind,  # type: ignore[arg-type]
+            choices=choices,
+            default=getattr(settings, name),
+            help=field.description,
+        )
     p.set_defaults(handler=_serve)
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    settings = settings.model_copy(
-        update={
-            "host": args.host,
-            "port": args.port,
-            "grpc_port": args.grpc_port,
-            "model_repository": args.model_repository,
-            "workers": args.workers,
-            "poll_seconds": args.poll_seconds,
-            "backend": args.backend,
-            "tfserving_address": args.tfserving_address,
-        }
-    )
+    from service.server import serve
+
+    # Validated exactly as settings from the environment are (model_copy would skip that).
+    overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
     try:
-        from service.server import serve  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        print(
-            f"cnnserve serve: the gateway is not built yet; it would serve "
-            f"{settings.model_repository} on http://{settings.host}:{settings.port} "
-            f"(gRPC :{settings.grpc_port})",
-            file=sys.stderr,
-        )
-        return 3
+        settings = Settings.model_validate({**settings.model_dump(), **overrides})
+    except ValidationError as exc:
+        print(f"cnnserve serve: {_settings_problem(exc, _flag)}", file=sys.stderr)
+        return 2
     return int(serve(settings))
+
+
+def _settings_problem(exc: ValidationError, name_of: Callable[[str], str]) -> str:
+    """One line naming each refused setting as the user spelled it (flag or variable)."""
+    problems = []
+    for error in exc.errors():
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["loc"]:
+            problems.append(f"{name_of(str(error['loc'][0]))}: {message}")
+        else:  # a rule across fields: name the fields it mentions
+            fields = "|".join(sorted(Settings.model_fields, key=len, reverse=True))
+            problems.append(re.sub(rf"\b({fields})\b", lambda m: name_of(m[1]), message))
+    return "; ".join(problems)
 
 
 def _add_bench(
@@ -297,6 +391,10 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _variable(name: str) -> str:
+    return f"CNNSERVE_{name.upper()}"
+
+
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve",
@@ -311,16 +409,17 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     return parser
 
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"cnnserve: {_settings_problem(exc, _variable)}", file=sys.stderr)
+        return 2
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(settings).parse_args(argv)
     args.argv = argv
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT)
+    setup_logging(verbose=args.verbose)
     try:
         return int(args.handler(args, settings))
     except DatasetError as exc:

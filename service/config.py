@@ -15,6 +15,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_AUTO_WORKERS = 8
+# Where Debian's dataset-fashion-mnist puts the IDX files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 RuntimeName = Literal["auto", "tensorflow", "litert"]
 BackendName = Literal["embedded", "tfserving"]
@@ -29,7 +31,7 @@ class Settings(BaseSettings):
         description="Folder in TF Serving's layout: models.config plus <model>/<version>/.",
     )
     fashion_mnist_dir: Path = Field(
-        Path("/usr/share/datasets/fashion-mnist"),
+        FASHION_MNIST_DIR,
         description="IDX files of Fashion-MNIST (Debian package dataset-fashion-mnist).",
     )
     cache_dir: Path = Field(
@@ -89,6 +91,11 @@ class Settings(BaseSettings):
         if self.workers == 0:
             self.workers = min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
         return self
+
+    @property
+    def inference_threads(self) -> int:
+        """Threads per inference: the setting, or the cores shared among the workers."""
+        return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     @model_validator(mode="after")
     def _ports_distinct(self) -> Settings:

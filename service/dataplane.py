@@ -20,14 +20,13 @@ import numpy.typing as npt
 
 from service import metrics
 from service.config import Settings
+from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, SERVING_SIGNATURE
 from service.errors import CnnserveError, DeadlineExceeded, InvalidRequest, TooManyImages
 from service.preprocessing import preprocess_bytes
 from service.readiness import WorkerReadiness
 from service.registry import LoadedVersion, Registry, VersionStatus
 from service.requestlog import note_target, note_timings
 
-SERVING_SIGNATURE = "serving_default"
-BYTES_SIGNATURE = "predict_image_bytes"
 DEFAULT_TOP_K = 5
 
 
@@ -98,8 +97,14 @@ class DataPlane:
     # --- classification ---------------------------------------------------------------
 
     async def decode(
-        self, images: Sequence[bytes], target: LoadedVersion, deadline: float
+        self,
+        images: Sequence[bytes],
+        target: LoadedVersion,
+        deadline: float,
+        names: Sequence[str | None] = (),
     ) -> npt.NDArray[np.uint8]:
+        """Decode and resize every image in the decode pool; a bad one fails the request
+        with a message that says which (index, and ``names[i]`` when given)."""
         if not images:
             raise InvalidRequest("no image in the request; send one as the 'image' field or body")
         limit = self.settings.max_images_per_request
@@ -114,7 +119,15 @@ class DataPlane:
                 asyncio.gather(*futures), max(0.0, deadline - time.monotonic())
             )
         except TimeoutError:
+            metrics.observe_deadline_expired(target.model)
             raise DeadlineExceeded("the request deadline passed while decoding images") from None
+        except CnnserveError as exc:
+            if len(images) == 1:
+                raise
+            bad = next(i for i, f in enumerate(futures) if f.done() and f.exception() is exc)
+            name = names[bad] if bad < len(names) else None
+            which = f"image {bad}" + (f" ({name!r})" if name else "")
+            raise type(exc)(f"{which}: {exc.message}", detail=exc.detail) from None
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
 
     async def classify(
@@ -126,6 +139,7 @@ class DataPlane:
         label: str | None = None,
         k: int | None = None,
         deadline: float,
+        names: Sequence[str | None] = (),
     ) -> ClassifyResult:
         target = self._resolve(model, version, label)
         num_classes = target.runtime.info.num_classes
@@ -134,7 +148,7 @@ class DataPlane:
             raise InvalidRequest(f"top_k must be between 1 and {num_classes}, got {k}")
         with metrics.in_flight(target.model):
             started = time.perf_counter()
-            batch = await self.decode(images, target, deadline)
+            batch = await self.decode(images, target, deadline, names)
             timings = {"decode": time.perf_counter() - started}
             probabilities = await target.predict(batch, deadline, timings)
         self._observe(target, probabilities, timings)
@@ -164,22 +178,22 @@ class DataPlane:
         encoded images, which are decoded by the same function as /v1/classify.
         """
         target = self._resolve(model, version, label)
-        signature = signature_name or SERVING_SIGNATURE
+        signature = self.signature(target, signature_name)
         info = target.runtime.info
+        if not signature_name and _encoded_images(inputs):
+            # TF Serving clients send {"b64": ...} files without naming the bytes
+            # signature; the image tensor cannot hold them, so route them there.
+            signature = BYTES_SIGNATURE
+            inputs = {BYTES_INPUT_NAME: next(iter(inputs.values()))}
         with metrics.in_flight(target.model):
             started = time.perf_counter()
             if signature == BYTES_SIGNATURE:
-                raw = self._only_input(inputs, "image_bytes", signature)
+                raw = self._only_input(inputs, BYTES_INPUT_NAME, signature)
                 items = [bytes(x) for x in np.asarray(raw, dtype=object).reshape(-1)]
                 batch = await self.decode(items, target, deadline)
-            elif signature == SERVING_SIGNATURE:
+            else:
                 value = self._only_input(inputs, info.input_name, signature)
                 batch = self._image_tensor(value, target)
-            else:
-                known = ", ".join(sorted(target.runtime.signature_defs().signature_def))
-                raise InvalidRequest(
-                    f"unknown signature_name {signature!r}; this model has: {known}"
-                )
             for name in output_filter:  # checked before inference, not after paying for it
                 if name != info.output_name:
                     raise InvalidRequest(
@@ -263,3 +277,28 @@ class DataPlane:
     ) -> tuple[LoadedVersion, Any]:
         target = self._resolve(model, version, label)
         return target, target.runtime.signature_defs()
+
+    @staticmethod
+    def signature(target: LoadedVersion, name: str = "") -> str:
+        """The signature a Predict names (default: serving_default), if this version serves
+        it: the image tensor one, or the encoded-bytes one."""
+        signature = name or SERVING_SIGNATURE
+        if signature not in (SERVING_SIGNATURE, BYTES_SIGNATURE):
+            known = ", ".join(sorted(target.runtime.signature_defs().signature_def))
+            raise InvalidRequest(f"unknown signature_name {signature!r}; this model has: {known}")
+        return signature
+
+    def signature_inputs(self, target: LoadedVersion, name: str = "") -> list[str]:
+        """Input names of the signature a Predict names (for parsing TF Serving's row
+        format); raises InvalidRequest for a signature this version does not serve."""
+        signature = self.signature(target, name)
+        return sorted(target.runtime.signature_defs().signature_def[signature].inputs)
+
+
+def _encoded_images(inputs: Mapping[str, Any]) -> bool:
+    """Whether a Predict's only input holds encoded files (bytes), not pixels."""
+    if len(inputs) != 1:
+        return False
+    value = next(iter(inputs.values()))
+    items = value if isinstance(value, list) else [value]
+    return bool(items) and all(isinstance(item, bytes) for item in items)

@@ -1,9 +1,11 @@
 """Every error a client or operator can see, defined once.
 
 Each class carries a stable machine-readable ``code``, the HTTP status and the gRPC
-status it maps to; the REST and gRPC adapters translate with :func:`http_status` and
-:func:`grpc_status` and nothing else. Messages of 4xx errors tell the caller what to
-do; 5xx errors keep internals out of the message (log them, with the request id).
+status it maps to, and whether its message is shown to clients (``expose_message``);
+the REST and gRPC adapters translate with :func:`http_status`, :func:`grpc_status` and
+:meth:`CnnserveError.public_message` and nothing else. A message says what to do; what
+only an operator may see (internal addresses, a backend's own words, tracebacks) goes
+in ``detail``, which is logged with the request id and never sent.
 
     CnnserveError
     ├── InvalidRequest            400  INVALID_ARGUMENT   bad_request
@@ -21,9 +23,10 @@ do; 5xx errors keep internals out of the message (log them, with the request id)
     ├── Unavailable               503  UNAVAILABLE        unavailable
     │   ├── ModelNotReady         503  UNAVAILABLE        model_not_ready
     │   └── BackendUnavailable    503  UNAVAILABLE        backend_unavailable
-    └── InternalError             500  INTERNAL           internal
+    └── InternalError             500  INTERNAL           internal       (message hidden)
         ├── ModelLoadError        500  INTERNAL           model_load_failed
-        └── ExportError           500  INTERNAL           export_failed
+        ├── ExportError           500  INTERNAL           export_failed
+        └── ConfigError           500  INTERNAL           invalid_config
     DatasetError (CLI only: a dataset that cannot be read; exit status 2)
 """
 
@@ -32,6 +35,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 import grpc
+
+HIDDEN_MESSAGE = "internal error; the server logged the details"
 
 
 class CnnserveError(Exception):
@@ -42,16 +47,21 @@ class CnnserveError(Exception):
     grpc_code: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     # Seconds a client should wait before retrying, sent as Retry-After when set.
     retry_after: ClassVar[int | None] = None
+    # Whether clients see ``message``; when False they get HIDDEN_MESSAGE instead.
+    expose_message: ClassVar[bool] = True
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.detail = detail
 
     def public_message(self) -> str:
-        """What the client sees: the message for 4xx, a generic sentence for 5xx."""
-        if self.http_status >= 500 and not isinstance(self, Unavailable | Overloaded):
-            return "internal error; the server logged the details"
-        return self.message
+        """What the client sees: the message, unless this class hides it."""
+        return self.message if self.expose_message else HIDDEN_MESSAGE
+
+    def log_message(self) -> str:
+        """What the operator's log gets: the message and the detail kept from clients."""
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
     def to_dict(self) -> dict[str, dict[str, str]]:
         return {"error": {"code": self.code, "message": self.public_message()}}
@@ -137,7 +147,10 @@ class BackendUnavailable(Unavailable):
 
 
 class InternalError(CnnserveError):
+    """A fault of the server's; its message may name files, addresses or exceptions."""
+
     code = "internal"
+    expose_message = False
 
 
 class ModelLoadError(InternalError):
@@ -146,6 +159,12 @@ class ModelLoadError(InternalError):
 
 class ExportError(InternalError):
     code = "export_failed"
+
+
+class ConfigError(InternalError):
+    """A repository config file that TF Serving would refuse too."""
+
+    code = "invalid_config"
 
 
 class DatasetError(CnnserveError):

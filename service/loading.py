@@ -9,6 +9,7 @@ wrong raises; the registry records the failure and keeps serving what it served.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,7 +28,13 @@ class RuntimeFactory(Protocol):
     """:func:`service.runtimes.create_runtime`'s signature (tests pass their own)."""
 
     def __call__(
-        self, name: str, version_dir: Path, *, cache_dir: Path, threads: int
+        self,
+        name: str,
+        version_dir: Path,
+        *,
+        cache_dir: Path,
+        threads: int,
+        card: Mapping[str, Any] | None = None,
     ) -> Runtime: ...
 
 
@@ -38,7 +45,7 @@ class PreparedVersion:
     runtime: Runtime
     labels: list[str]
     spec: PreprocessSpec
-    card: dict[str, Any]
+    card: Mapping[str, Any]
     load_seconds: float = 0.0
     warmup_seconds: float = 0.0
 
@@ -54,21 +61,23 @@ def prepare_version(
     """Create, load and warm the runtime of one version folder. Blocking (seconds)."""
     started = time.perf_counter()
     # Creating the runtime may convert and verify a LiteRT artifact: part of the load.
-    runtime = runtime_factory(runtime_name, path, cache_dir=cache_dir, threads=threads)
+    # The card is read here once; the runtime and the steps below share it.
+    card = read_card(path)
+    runtime = runtime_factory(runtime_name, path, cache_dir=cache_dir, threads=threads, card=card)
     return prepare_runtime(runtime, path, started=started)
 
 
 def prepare_runtime(
     runtime: Runtime, path: Path, *, started: float | None = None
 ) -> PreparedVersion:
-    """Load and warm ``runtime``; labels, card and warmup records come from ``path``,
-    each optional (a remote runtime's folder may not be visible here at all).
+    """Load and warm ``runtime``; labels and warmup records come from ``path``, the card
+    from the runtime, each optional (a remote runtime's folder may not be visible here at all).
     ``started`` is when the load began (perf_counter), if before this call."""
     started = time.perf_counter() if started is None else started
     info = runtime.load()
     try:
         labels = read_labels(path, info.num_classes)
-        card = read_card(path)
+        card = runtime.card
         spec = preprocess_spec(card, info, path)
         loaded = time.perf_counter()
         warm_up(runtime, info, path)
@@ -85,7 +94,7 @@ def prepare_runtime(
     )
 
 
-def preprocess_spec(card: dict[str, Any], info: ModelInfo, path: Path) -> PreprocessSpec:
+def preprocess_spec(card: Mapping[str, Any], info: ModelInfo, path: Path) -> PreprocessSpec:
     """The card's preprocessing, else the model's input size with default resizing.
 
     A card that disagrees with the model's input size would fail every request, so it

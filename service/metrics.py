@@ -202,6 +202,11 @@ def observe_predictions(
 # --- batching ----------------------------------------------------------------------
 
 
+def observe_deadline_expired(model: str) -> None:
+    """A request whose deadline passed outside the batcher (while its images decoded)."""
+    DEADLINE_EXPIRATIONS.labels(model).inc()
+
+
 class BatcherMetrics:
     """A :class:`service.batching.BatchObserver` for one model version's batcher."""
 
@@ -295,14 +300,27 @@ def render() -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
+PROCESSES_DIR: Final = "processes"  # not *.db: prometheus-client reads only those
+
+
+def register_this_process() -> None:
+    """At a worker's start: note its pid, so that its live gauges can be dropped once it is
+    gone (from our own record; prometheus-client's file names are its private business)."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        (directory / PROCESSES_DIR).mkdir(exist_ok=True)
+        (directory / PROCESSES_DIR / str(os.getpid())).touch()
+
+
 def forget_dead_processes(directory: Path) -> None:
     """Drop the live gauges of worker processes that are gone (crashed and restarted by
     the supervisor, say), so in-flight and queue depth do not count them forever.
     Their counters and histograms stay: totals must not go backwards."""
-    for path in directory.glob("gauge_live*_*.db"):
-        pid = path.stem.rsplit("_", 1)[1]
-        if pid.isdigit() and not process_alive(int(pid)):
-            mark_process_dead(int(pid), str(directory))  # type: ignore[no-untyped-call]
+    folder = directory / PROCESSES_DIR
+    for entry in folder.iterdir() if folder.is_dir() else ():
+        if entry.name.isdigit() and not process_alive(int(entry.name)):
+            mark_process_dead(int(entry.name), str(directory))  # type: ignore[no-untyped-call]
+            entry.unlink(missing_ok=True)
 
 
 def forget_this_process() -> None:

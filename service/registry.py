@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ import grpc
 from service import metrics
 from service.batching import BatchingConfig, DynamicBatcher
 from service.config import Settings
-from service.errors import CnnserveError
+from service.errors import BackendUnavailable, CnnserveError, ConfigError, ModelNotReady
 from service.loading import PreparedVersion, RuntimeFactory
-from service.repository import ConfigError, Fingerprint
+from service.repository import Fingerprint
 from service.routing import (
     LoadedVersion,
     RoutingTable,
@@ -71,7 +70,7 @@ class Registry:
         source: VersionSource | None = None,
     ) -> None:
         self._settings = settings
-        self._source = source or create_source(settings, runtime_factory, _threads(settings))
+        self._source = source or create_source(settings, runtime_factory)
         self._table = RoutingTable()
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
@@ -161,8 +160,18 @@ class Registry:
     def resolve(
         self, model: str | None, version: int | None = None, label: str | None = None
     ) -> LoadedVersion:
-        """See :meth:`RoutingTable.resolve`."""
-        return self._table.resolve(model, version, label)
+        """See :meth:`RoutingTable.resolve`. A model with nothing to serve because its
+        source (TF Serving) cannot be reached says so, rather than "still loading"."""
+        try:
+            return self._table.resolve(model, version, label)
+        except ModelNotReady as exc:
+            name = model if model is not None else self.default_model
+            if name in self._unreachable:
+                raise BackendUnavailable(
+                    "the model backend (TF Serving) cannot be reached; retry shortly",
+                    detail=exc.message,
+                ) from None
+            raise
 
     def statuses(
         self, model: str, version: int | None = None, label: str | None = None
@@ -331,11 +340,6 @@ def _set_from_any_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) 
     """Finalizer callback: the last reference may be dropped on any thread."""
     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
         loop.call_soon_threadsafe(event.set)
-
-
-def _threads(settings: Settings) -> int:
-    """Inference threads per runtime: the setting, or the cores shared among workers."""
-    return settings.intra_op_threads or max(1, (os.cpu_count() or 1) // settings.workers)
 
 
 def _describe_failure(exc: BaseException) -> tuple[int, str]:

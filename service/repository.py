@@ -16,7 +16,7 @@ import numpy.typing as npt
 from google.protobuf import message, text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from service.errors import CnnserveError, ModelLoadError
+from service.errors import ConfigError, ModelLoadError
 from service.proto_gen import tfserving_config_pb2
 from service.warmup import warmup_inputs
 
@@ -32,12 +32,6 @@ WARMUP_FILE = "tf_serving_warmup_requests"
 log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=message.Message)
-
-
-class ConfigError(CnnserveError):
-    """A repository config file that TF Serving would refuse too."""
-
-    code = "invalid_config"
 
 
 def parse_text_proto(path: Path, message_type: type[M]) -> M:

@@ -59,7 +59,7 @@ class LoadedVersion:
     path: Path
     labels: list[str]
     spec: PreprocessSpec
-    card: dict[str, Any]
+    card: Mapping[str, Any]
     runtime: Runtime
     batcher: DynamicBatcher
 

@@ -34,12 +34,6 @@ def _settings_env(settings: Settings) -> dict[str, str]:
 
 
 def serve(settings: Settings) -> int:
-    cores = os.cpu_count() or 1
-    if not settings.intra_op_threads:
-        # Workers split the cores; each inference uses its share, not all of them.
-        settings = settings.model_copy(
-            update={"intra_op_threads": max(1, cores // settings.workers)}
-        )
     common = {
         "host": settings.host,
         "port": settings.port,
@@ -53,18 +47,33 @@ def serve(settings: Settings) -> int:
 
             uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
         else:
-            os.environ.update(_settings_env(settings))
             # Workers vote for readiness in the run's folder (service.readiness).
             votes = Path(os.environ[MULTIPROC_ENV]) / "readiness"  # not *.db: not a metric file
             votes.mkdir()
-            os.environ[READINESS_DIR_ENV] = str(votes)
-            uvicorn.run(
-                "service.api.app:create_app",
-                factory=True,
-                workers=settings.workers,
-                **common,  # type: ignore[arg-type]
-            )
+            worker_env = {**_settings_env(settings), READINESS_DIR_ENV: str(votes)}
+            with _environment(worker_env):
+                uvicorn.run(
+                    "service.api.app:create_app",
+                    factory=True,
+                    workers=settings.workers,
+                    **common,  # type: ignore[arg-type]
+                )
     return 0
+
+
+@contextlib.contextmanager
+def _environment(updates: dict[str, str]) -> Iterator[None]:
+    """Set variables for the worker processes started inside, then restore the caller's."""
+    saved = {name: os.environ.get(name) for name in updates}
+    os.environ.update(updates)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -3,19 +3,21 @@
 The registry only needs two blocking calls from a source: ``scan`` (models.config and the
 versions each model has) and ``prepare`` (one version as a loaded, warmed runtime). The
 disk source reads version folders and loads them in-process; the TF Serving source
-(:mod:`service.runtimes.tfserving`) lists what TF Serving reports AVAILABLE and "loads" a
-version by asking TF Serving for its signature. Everything else (version policy, labels,
+lists what TF Serving reports AVAILABLE and "loads" a version by asking TF Serving for
+its signature (:mod:`service.runtimes.tfserving`). Everything else (version policy, labels,
 availability-first reload, routing) is the registry's, the same for both.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from service.config import Settings
-from service.loading import PreparedVersion, RuntimeFactory, prepare_version
+from service.errors import CnnserveError
+from service.loading import PreparedVersion, RuntimeFactory, prepare_runtime, prepare_version
 from service.repository import (
     Fingerprint,
     ModelConfig,
@@ -24,6 +26,9 @@ from service.repository import (
     version_fingerprint,
 )
 from service.routing import VersionKey
+from service.runtimes.tfserving import TFServingClient, TFServingRuntime
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,9 @@ class VersionSource(Protocol):
 class DiskSource:
     """Version folders of the model repository, loaded by an in-process runtime."""
 
-    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory, threads: int) -> None:
+    def __init__(self, settings: Settings, runtime_factory: RuntimeFactory) -> None:
         self._settings = settings
         self._runtime_factory = runtime_factory
-        self._threads = threads
 
     def scan(self) -> Scan:
         configs = read_repository(self._settings.model_repository)
@@ -77,19 +81,71 @@ class DiskSource:
             runtime_factory=self._runtime_factory,
             runtime_name=self._settings.runtime,
             cache_dir=self._settings.cache_dir,
-            threads=self._threads,
+            threads=self._settings.inference_threads,
         )
 
     def close(self) -> None:
         pass
 
 
-def create_source(
-    settings: Settings, runtime_factory: RuntimeFactory, threads: int
-) -> VersionSource:
+class TFServingSource:
+    """Versions TF Serving reports AVAILABLE for the models of the local models.config.
+
+    The gateway reads models.config to know the model names (TF Serving has no call that
+    lists them); TF Serving applies the same config, so the version policies agree.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.client = TFServingClient(settings.tfserving_address, settings.request_timeout_seconds)
+        self._scans = 0
+        self._reachable = True
+        if settings.poll_seconds <= 0:
+            log.warning(
+                "poll_seconds is 0: TF Serving's versions are read once, at start; a TF "
+                "Serving that is not up by then is never used"
+            )
+
+    def scan(self) -> Scan:
+        configs = read_repository(self._settings.model_repository)
+        self._scans += 1
+        versions: dict[str, dict[int, Path]] = {}
+        unknown: set[str] = set()
+        problem: CnnserveError | None = None
+        for config in configs:
+            try:
+                found = self.client.available(config.name)
+            except CnnserveError as exc:
+                unknown.add(config.name)
+                problem = exc
+                continue
+            versions[config.name] = {v: config.base_path / str(v) for v in found}
+        self._note(problem)
+        # A remote load that failed is retried on the next scan: the usual cause, TF
+        # Serving restarting, is gone by then, and there is no folder whose change to wait for.
+        fingerprints: dict[VersionKey, Fingerprint] = {
+            (m, v): (self._scans,) for m, found in versions.items() for v in found
+        }
+        return Scan(configs, versions, fingerprints, frozenset(unknown))
+
+    def _note(self, problem: CnnserveError | None) -> None:
+        """Log a change of reachability once, not on every poll."""
+        if problem is not None and self._reachable:
+            log.warning("%s; current versions keep their routes meanwhile", problem.log_message())
+        elif problem is None and not self._reachable:
+            log.info("TF Serving at %s answers again", self.client.address)
+        self._reachable = problem is None
+
+    def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
+        model, version = key
+        return prepare_runtime(TFServingRuntime(self.client, model, version, path), path)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def create_source(settings: Settings, runtime_factory: RuntimeFactory) -> VersionSource:
     """The source ``settings.backend`` names."""
     if settings.backend == "tfserving":
-        from service.runtimes.tfserving import TFServingSource
-
         return TFServingSource(settings)
-    return DiskSource(settings, runtime_factory, threads)
+    return DiskSource(settings, runtime_factory)

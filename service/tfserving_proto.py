@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -22,7 +22,6 @@ from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 
 from service.errors import InvalidRequest
-from service.routing import VersionStatus
 
 # DataType enum → (numpy dtype, TensorProto field holding its values when not packed).
 _NUMERIC: dict[int, tuple[np.dtype[Any], str]] = {
@@ -153,7 +152,20 @@ def model_spec(name: str, version: int | None = None, signature_name: str = "") 
 # --- GetModelStatus ------------------------------------------------------------------
 
 
-def status_response(statuses: Iterable[VersionStatus]) -> Any:
+class VersionStatusLike(Protocol):
+    """What a status row needs (the registry's VersionStatus; this module sits below it)."""
+
+    @property
+    def version(self) -> int: ...
+    @property
+    def state(self) -> int: ...
+    @property
+    def error_code(self) -> int: ...
+    @property
+    def error_message(self) -> str: ...
+
+
+def status_response(statuses: Iterable[VersionStatusLike]) -> Any:
     """GetModelStatusResponse; error codes are gRPC numbers, which tensorflow.error.Code
     shares."""
     response = get_model_status_pb2.GetModelStatusResponse()

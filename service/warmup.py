@@ -17,7 +17,7 @@ import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow_serving.apis import prediction_log_pb2
 
-SERVING_SIGNATURE = "serving_default"
+from service.contract import SERVING_SIGNATURE
 
 
 class WarmupFormatError(ValueError):

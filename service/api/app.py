@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -11,13 +12,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service import __version__, metrics
 from service.api import rest, tfserving_rest
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import RequestGuard, install_error_handlers
+from service.api.schemas import error_responses, openapi_without_validation_errors
 from service.config import Settings
 from service.dataplane import DataPlane
+from service.logs import setup_logging
 from service.readiness import WorkerReadiness
 from service.registry import Registry
 from service.repository import load_models_config
@@ -30,12 +34,8 @@ READINESS_PERIOD_SECONDS = 0.25
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; with no argument, settings come from CNNSERVE_* (worker processes)."""
-    if settings is None:
-        # A worker process started by uvicorn: a fresh interpreter with no logging set
-        # up, which would hide its load errors and warnings.
-        from service.cli import LOG_FORMAT
-
-        logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    if settings is None:  # a worker process started by uvicorn: a fresh interpreter
+        setup_logging()
         settings = Settings()
 
     @asynccontextmanager
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # A broken models.config stops start-up here, as it stops TF Serving.
         load_models_config(settings.model_repository)
         configure_access_log(settings.access_log)
+        metrics.register_this_process()
         registry = Registry(settings)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
@@ -51,9 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         grpc_server = await start_grpc(settings, app.state.dataplane)  # None if disabled
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
-        loading.add_done_callback(_report_failure)
-        loading.add_done_callback(_freeze_heap)
-        publishing = asyncio.create_task(_publish_readiness(registry, readiness))
+        loading.add_done_callback(_after_loading)
+        publishing = asyncio.create_task(_publish_readiness(registry, readiness, settings))
         try:
             yield
         finally:
@@ -66,12 +66,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pool.shutdown(wait=False, cancel_futures=True)
             metrics.forget_this_process()
 
-    app = FastAPI(
+    # /docs and /redoc from assets the gateway serves itself (no CDN: air-gapped hosts).
+    app = FastAPIOffline(
         title="cnnserve",
         version=__version__,
         description="Image classification over REST, with TF Serving-compatible endpoints.",
         lifespan=lifespan,
+        responses=error_responses(),
     )
+    app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,
@@ -87,22 +90,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-async def _publish_readiness(registry: Registry, readiness: WorkerReadiness) -> None:
+async def _publish_readiness(
+    registry: Registry, readiness: WorkerReadiness, settings: Settings
+) -> None:
     """Tell sibling workers whether this one is ready; cheap (a file touch), and frequent
-    enough that /readyz lags a worker's own readiness by at most a period."""
+    enough that /readyz lags a worker's own readiness by at most a period. Says once, in
+    the log, when this worker became ready and what it serves where."""
+    announced = False
     while True:
-        readiness.publish(registry.is_ready())
+        ready = registry.is_ready()
+        readiness.publish(ready)
+        if ready and not announced:
+            log.info("%s", ready_line(registry, settings))
+            announced = True
         await asyncio.sleep(READINESS_PERIOD_SECONDS)
 
 
-def _freeze_heap(task: asyncio.Task[None]) -> None:
-    """Move everything alive after start-up (TensorFlow's modules, the loaded models: millions
-    of objects) out of the garbage collector's reach. Otherwise each full collection walks
-    them all, a pause of ~100 ms that shows up as the p99 of every request in flight."""
+def ready_line(registry: Registry, settings: Settings) -> str:
+    """One line for a person: what is served (model, version, runtime) and where."""
+    served = []
+    for name in registry.model_names():
+        version = registry.resolve(name, None, None)
+        served.append(f"{name} version {version.version} ({version.runtime.name})")
+    grpc = f"gRPC {settings.host}:{settings.grpc_port}" if settings.grpc_port else "gRPC off"
+    return (
+        f"ready: serving {', '.join(served)}; REST http://{settings.host}:{settings.port} "
+        f"(API docs at /docs), {grpc}"
+    )
+
+
+def _after_loading(task: asyncio.Task[None]) -> None:
+    """Report a failed start; after a good one, freeze the heap: move everything alive
+    (TensorFlow's modules, the loaded models: millions of objects) out of the garbage
+    collector's reach. Otherwise each full collection walks them all, a pause of ~100 ms
+    that shows up as the p99 of every request in flight. Not after a failure: what is
+    left then is garbage to collect, not a working set to keep."""
+    if task.cancelled():
+        return
+    if task.exception() is not None:
+        log.error("loading the model repository failed: %s", task.exception())
+        return
     gc.collect()
     gc.freeze()
-
-
-def _report_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("loading the model repository failed: %s", task.exception())

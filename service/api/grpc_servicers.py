@@ -19,7 +19,8 @@ import grpc
 from grpc_health.v1 import health_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
 
-from service.dataplane import SERVING_SIGNATURE, ClassifyResult, DataPlane
+from service.contract import SERVING_SIGNATURE
+from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
     DeadlineExceeded,
@@ -71,7 +72,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         except CnnserveError as exc:
             error = exc
             if exc.http_status >= 500:
-                log.warning("%s failed: %s: %s", method.__name__, exc.code, exc.message)
+                log.warning("%s failed: %s: %s", method.__name__, exc.code, exc.log_message())
         except Exception:
             log.exception("%s: unexpected error", method.__name__)
             error = InternalError("unexpected")

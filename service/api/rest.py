@@ -9,11 +9,12 @@ import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from service import metrics
 from service.api.http import dataplane, encoded_response, read_json, request_timeout
+from service.api.schemas import ClassifyResponse, Health, ImageResult, Prediction, Readiness
 from service.dataplane import ClassifyResult
 from service.errors import InvalidRequest, UnsupportedMediaType
 from service.preprocessing import SUPPORTED_HUMAN, SUPPORTED_MEDIA_TYPES
@@ -61,9 +62,10 @@ def _b64(value: Any, what: str) -> bytes:
         raise InvalidRequest(f"{what} is not valid base64") from None
 
 
-async def read_images(request: Request) -> tuple[list[bytes], bool]:
-    """The images of a /v1/classify request, whatever the encoding, and whether the
-    client sent a list (answered with `results`) rather than one image."""
+async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | None]]:
+    """The images of a /v1/classify request, whatever the encoding, whether the client
+    sent a list (answered with `results`) rather than one image, and multipart file names
+    (for error messages that say which image was bad)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         form = await request.form()
@@ -73,16 +75,17 @@ async def read_images(request: Request) -> tuple[list[bytes], bool]:
         images = [
             await item.read() if isinstance(item, UploadFile) else item.encode() for item in files
         ]
-        return images, len(images) > 1
+        names = [item.filename if isinstance(item, UploadFile) else None for item in files]
+        return images, len(images) > 1, names
     if content_type == "application/json":
         body = await read_json(request)
         if isinstance(body, dict) and "image" in body:
-            return [_b64(body["image"], "'image'")], False
+            return [_b64(body["image"], "'image'")], False, []
         if isinstance(body, dict) and isinstance(body.get("images"), list):
-            return [_b64(v, f"'images[{i}]'") for i, v in enumerate(body["images"])], True
+            return [_b64(v, f"'images[{i}]'") for i, v in enumerate(body["images"])], True, []
         raise InvalidRequest('JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
     if content_type in SUPPORTED_MEDIA_TYPES or content_type == "application/octet-stream":
-        return [await request.body()], False
+        return [await request.body()], False, []
     shown = content_type or "none"
     raise UnsupportedMediaType(
         f"unsupported content type '{shown}'; send an image ({SUPPORTED_HUMAN}) as the raw "
@@ -90,20 +93,27 @@ async def read_images(request: Request) -> tuple[list[bytes], bool]:
     )
 
 
-def _classify_body(result: ClassifyResult, several: bool) -> dict[str, Any]:
+def _classify_body(result: ClassifyResult, several: bool) -> ClassifyResponse:
     rows = [
-        [{"label": p.label, "class_id": p.class_id, "score": p.score} for p in preds]
+        [Prediction(label=p.label, class_id=p.class_id, score=p.score) for p in preds]
         for preds in result.results
     ]
-    body: dict[str, Any] = {"model": result.model, "version": result.version}
     if several:
-        body["results"] = [{"predictions": r} for r in rows]
-    else:
-        body["predictions"] = rows[0]
-    return body
+        return ClassifyResponse(
+            model=result.model,
+            version=result.version,
+            results=[ImageResult(predictions=r) for r in rows],
+        )
+    return ClassifyResponse(model=result.model, version=result.version, predictions=rows[0])
 
 
-@router.post("/v1/classify", tags=["classify"], openapi_extra=CLASSIFY_BODY)
+@router.post(
+    "/v1/classify",
+    tags=["classify"],
+    openapi_extra=CLASSIFY_BODY,
+    response_model=ClassifyResponse,
+    response_model_exclude_none=True,
+)
 async def classify(
     request: Request,
     top_k: Annotated[
@@ -119,27 +129,31 @@ async def classify(
 ) -> Response:
     """Classify one image (answer `predictions`) or several (answer `results`)."""
     plane = dataplane(request)
-    if version is not None and label is not None:
-        raise InvalidRequest("give either version or label, not both")
     deadline = plane.deadline(request_timeout(request))
-    images, several = await read_images(request)
+    images, several, names = await read_images(request)
     result = await plane.classify(
-        images, model=model, version=version, label=label, k=top_k, deadline=deadline
+        images, model=model, version=version, label=label, k=top_k, deadline=deadline, names=names
     )
     return encoded_response(result.model, result.timings, lambda: _classify_body(result, several))
 
 
-@router.get("/healthz", tags=["health"])
-async def healthz() -> dict[str, str]:
+@router.get("/healthz", tags=["health"], response_model=Health)
+async def healthz() -> Health:
     """The process is alive (it may still be loading models)."""
-    return {"status": "alive"}
+    return Health(status="alive")
 
 
-@router.get("/readyz", tags=["health"])
-async def readyz(request: Request) -> JSONResponse:
+@router.get(
+    "/readyz",
+    tags=["health"],
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "not ready yet: still loading"}},
+)
+async def readyz(request: Request) -> Response:
     """200 only when every configured model has an AVAILABLE, warmed version."""
     ready = dataplane(request).ready()
-    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    body = Readiness(ready=ready).model_dump_json()
+    return Response(body, status_code=200 if ready else 503, media_type="application/json")
 
 
 async def prometheus_metrics() -> Response:

@@ -13,10 +13,18 @@ from typing import Any
 
 import grpc
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from google.protobuf import json_format
 
 from service.api.http import dataplane, encoded_response, read_json, request_timeout
+from service.api.schemas import (
+    ModelMetadataResponse,
+    ModelSpec,
+    ModelStatusResponse,
+    ModelVersionStatus,
+    PredictResponse,
+    VersionStatusError,
+)
 from service.dataplane import PredictResult
 from service.errors import InvalidRequest
 from service.registry import VersionStatus
@@ -26,20 +34,20 @@ router = APIRouter(tags=["tensorflow-serving"])
 _GRPC_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
 
-def _status_body(statuses: list[VersionStatus]) -> dict[str, Any]:
-    return {
-        "model_version_status": [
-            {
-                "version": str(s.version),
-                "state": s.state.name,
-                "status": {
-                    "error_code": _GRPC_CODE_NAMES.get(s.error_code, "UNKNOWN"),
-                    "error_message": s.error_message,
-                },
-            }
+def _status_body(statuses: list[VersionStatus]) -> ModelStatusResponse:
+    return ModelStatusResponse(
+        model_version_status=[
+            ModelVersionStatus(
+                version=str(s.version),
+                state=s.state.name,
+                status=VersionStatusError(
+                    error_code=_GRPC_CODE_NAMES.get(s.error_code, "UNKNOWN"),
+                    error_message=s.error_message,
+                ),
+            )
             for s in statuses
         ]
-    }
+    )
 
 
 def _version(raw: str) -> int:
@@ -48,53 +56,52 @@ def _version(raw: str) -> int:
     return int(raw)
 
 
-@router.get("/v1/models/{model}")
-async def model_status(request: Request, model: str) -> JSONResponse:
+STATUS = {"response_model": ModelStatusResponse}
+METADATA = {"response_model": ModelMetadataResponse}
+PREDICT = {"response_model": PredictResponse, "response_model_exclude_none": True}
+
+
+@router.get("/v1/models/{model}", **STATUS)  # type: ignore[arg-type]
+async def model_status(request: Request, model: str) -> ModelStatusResponse:
     """Every served version of a model with its state (TF Serving GetModelStatus)."""
-    return JSONResponse(_status_body(dataplane(request).model_status(model)))
+    return _status_body(dataplane(request).model_status(model))
 
 
-@router.get("/v1/models/{model}/versions/{version}")
-async def version_status(request: Request, model: str, version: str) -> JSONResponse:
-    return JSONResponse(_status_body(dataplane(request).model_status(model, _version(version))))
+@router.get("/v1/models/{model}/versions/{version}", **STATUS)  # type: ignore[arg-type]
+async def version_status(request: Request, model: str, version: str) -> ModelStatusResponse:
+    return _status_body(dataplane(request).model_status(model, _version(version)))
 
 
-@router.get("/v1/models/{model}/labels/{label}")
-async def label_status(request: Request, model: str, label: str) -> JSONResponse:
-    return JSONResponse(_status_body(dataplane(request).model_status(model, label=label)))
+@router.get("/v1/models/{model}/labels/{label}", **STATUS)  # type: ignore[arg-type]
+async def label_status(request: Request, model: str, label: str) -> ModelStatusResponse:
+    return _status_body(dataplane(request).model_status(model, label=label))
 
 
-def _metadata(request: Request, model: str, version: int | None, label: str | None) -> JSONResponse:
+def _metadata(
+    request: Request, model: str, version: int | None, label: str | None
+) -> ModelMetadataResponse:
     target, signatures = dataplane(request).metadata(model, version, label)
-    return JSONResponse(
-        {
-            "model_spec": {
-                "name": target.model,
-                "signature_name": "",
-                "version": str(target.version),
-            },
-            "metadata": {
-                "signature_def": json_format.MessageToDict(
-                    signatures, preserving_proto_field_name=True
-                )
-            },
-        }
+    return ModelMetadataResponse(
+        model_spec=ModelSpec(name=target.model, signature_name="", version=str(target.version)),
+        metadata={
+            "signature_def": json_format.MessageToDict(signatures, preserving_proto_field_name=True)
+        },
     )
 
 
-@router.get("/v1/models/{model}/metadata")
-async def model_metadata(request: Request, model: str) -> JSONResponse:
+@router.get("/v1/models/{model}/metadata", **METADATA)  # type: ignore[arg-type]
+async def model_metadata(request: Request, model: str) -> ModelMetadataResponse:
     """Signature definitions of the newest served version (TF Serving GetModelMetadata)."""
     return _metadata(request, model, None, None)
 
 
-@router.get("/v1/models/{model}/versions/{version}/metadata")
-async def version_metadata(request: Request, model: str, version: str) -> JSONResponse:
+@router.get("/v1/models/{model}/versions/{version}/metadata", **METADATA)  # type: ignore[arg-type]
+async def version_metadata(request: Request, model: str, version: str) -> ModelMetadataResponse:
     return _metadata(request, model, _version(version), None)
 
 
-@router.get("/v1/models/{model}/labels/{label}/metadata")
-async def label_metadata(request: Request, model: str, label: str) -> JSONResponse:
+@router.get("/v1/models/{model}/labels/{label}/metadata", **METADATA)  # type: ignore[arg-type]
+async def label_metadata(request: Request, model: str, label: str) -> ModelMetadataResponse:
     return _metadata(request, model, None, label)
 
 
@@ -142,19 +149,15 @@ def _parse_predict(body: Any, input_names: list[str]) -> tuple[dict[str, Any], b
 
 async def _predict(
     request: Request, model: str, version: int | None, label: str | None
-) -> JSONResponse:
+) -> Response:
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
     body = await read_json(request)
     signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
     if not isinstance(signature_name, str):
         raise InvalidRequest("signature_name must be a string")
-    target, signatures = plane.metadata(model, version, label)
-    signature = signatures.signature_def.get(signature_name or "serving_default")
-    if signature is None:
-        known = ", ".join(sorted(signatures.signature_def))
-        raise InvalidRequest(f"unknown signature_name {signature_name!r}; this model has: {known}")
-    inputs, row = _parse_predict(body, sorted(signature.inputs))
+    target, _ = plane.metadata(model, version, label)
+    inputs, row = _parse_predict(body, plane.signature_inputs(target, signature_name))
     result = await plane.predict(
         inputs,
         model=target.model,
@@ -165,7 +168,7 @@ async def _predict(
     return encoded_response(result.model, result.timings, lambda: _predict_body(result, row))
 
 
-def _predict_body(result: PredictResult, row: bool) -> dict[str, Any]:
+def _predict_body(result: PredictResult, row: bool) -> PredictResponse:
     outputs = {name: value.tolist() for name, value in result.outputs.items()}
     if row:
         only = next(iter(outputs.values())) if len(outputs) == 1 else None
@@ -177,22 +180,22 @@ def _predict_body(result: PredictResult, row: bool) -> dict[str, Any]:
                 for values in zip(*outputs.values(), strict=True)
             ]
         )
-        return {"predictions": predictions}
-    return {"outputs": next(iter(outputs.values())) if len(outputs) == 1 else outputs}
+        return PredictResponse(predictions=predictions)
+    return PredictResponse(outputs=next(iter(outputs.values())) if len(outputs) == 1 else outputs)
 
 
-@router.post("/v1/models/{model}:predict")
-async def predict(request: Request, model: str) -> JSONResponse:
+@router.post("/v1/models/{model}:predict", **PREDICT)  # type: ignore[arg-type]
+async def predict(request: Request, model: str) -> Response:
     """TF Serving Predict: `{"instances": [...]}` or `{"inputs": ...}`; the default signature
     takes uint8 [224,224,3] images, `predict_image_bytes` takes `{"b64": ...}` files."""
     return await _predict(request, model, None, None)
 
 
-@router.post("/v1/models/{model}/versions/{version}:predict")
-async def version_predict(request: Request, model: str, version: str) -> JSONResponse:
+@router.post("/v1/models/{model}/versions/{version}:predict", **PREDICT)  # type: ignore[arg-type]
+async def version_predict(request: Request, model: str, version: str) -> Response:
     return await _predict(request, model, _version(version), None)
 
 
-@router.post("/v1/models/{model}/labels/{label}:predict")
-async def label_predict(request: Request, model: str, label: str) -> JSONResponse:
+@router.post("/v1/models/{model}/labels/{label}:predict", **PREDICT)  # type: ignore[arg-type]
+async def label_predict(request: Request, model: str, label: str) -> Response:
     return await _predict(request, model, None, label)

@@ -8,12 +8,17 @@ is called from batch threads (never from the event loop), ``unload()`` frees it.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
+from service.repository import read_card
 
 Batch = npt.NDArray[Any]
 Probabilities = npt.NDArray[np.float32]
@@ -37,9 +42,9 @@ class ModelInfo:
 
     input: InputSpec
     num_classes: int
-    input_name: str = "image"
-    output_name: str = "probabilities"
-    signature_name: str = "serving_default"
+    input_name: str = INPUT_NAME
+    output_name: str = OUTPUT_NAME
+    signature_name: str = SERVING_SIGNATURE
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,10 +53,19 @@ class Runtime(abc.ABC):
 
     name: str = "runtime"
 
-    def __init__(self, version_dir: Path, *, threads: int = 0) -> None:
+    def __init__(
+        self, version_dir: Path, *, threads: int = 0, card: Mapping[str, Any] | None = None
+    ) -> None:
         self.version_dir = version_dir
         self.threads = threads
         self._info: ModelInfo | None = None
+        if card is not None:  # the loader read it already: once per load, not per reader
+            self.__dict__["card"] = card
+
+    @cached_property
+    def card(self) -> Mapping[str, Any]:
+        """The version's model card ({} for foreign SavedModels), read at most once."""
+        return read_card(self.version_dir)
 
     @property
     def ready(self) -> bool:

@@ -16,14 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from service import repository
+from service.contract import OUTPUT_NAME, SERVING_SIGNATURE
 from service.errors import InvalidRequest, ModelLoadError
 from service.runtimes.base import Batch, InputSpec, ModelInfo
 
 log = logging.getLogger(__name__)
 
-SIGNATURE = "serving_default"
-PREFERRED_OUTPUT = "probabilities"
+PREFERRED_OUTPUT = OUTPUT_NAME
 # A float image input with no card saying otherwise gets [0, 1] pixels, the most common
 # convention of Keras applications and TF Hub image models.
 DEFAULT_SCALE = 1 / 255
@@ -36,11 +35,6 @@ class TensorDesc:
 
     dtype: str
     shape: tuple[int | None, ...]
-
-
-def read_card(version_dir: Path) -> dict[str, Any] | None:
-    """The version's model card, or None when absent or unreadable (foreign SavedModels)."""
-    return repository.read_card(version_dir) or None
 
 
 def card_normalization(card: Mapping[str, Any] | None) -> tuple[float, float]:
@@ -67,7 +61,7 @@ def _pick_output(outputs: Mapping[str, TensorDesc], where: Path) -> str:
     if len(outputs) == 1:
         return next(iter(outputs))
     raise ModelLoadError(
-        f"{where}: signature {SIGNATURE} has outputs {sorted(outputs)}; "
+        f"{where}: signature {SERVING_SIGNATURE} has outputs {sorted(outputs)}; "
         f"expected {PREFERRED_OUTPUT!r} or a single output"
     )
 
@@ -85,7 +79,8 @@ def describe(
     """
     if len(inputs) != 1:
         raise ModelLoadError(
-            f"{where}: signature {SIGNATURE} has inputs {sorted(inputs)}; expected one image"
+            f"{where}: signature {SERVING_SIGNATURE} has inputs {sorted(inputs)}; "
+            "expected one image"
         )
     input_name, image = next(iter(inputs.items()))
     shape = image.shape
@@ -114,7 +109,7 @@ def describe(
         num_classes=out.shape[1],
         input_name=input_name,
         output_name=output_name,
-        signature_name=SIGNATURE,
+        signature_name=SERVING_SIGNATURE,
     )
 
 

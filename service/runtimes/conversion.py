@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.errors import InvalidRequest, ModelLoadError
 from service.runtimes.base import Batch, InputSpec
-from service.runtimes.card import SIGNATURE, to_model_input
+from service.runtimes.card import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def convert_saved_model(saved_model: Path) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_saved_model(
-        str(saved_model), signature_keys=[SIGNATURE]
+        str(saved_model), signature_keys=[SERVING_SIGNATURE]
     )
     return bytes(converter.convert())
 
@@ -58,7 +59,7 @@ def max_abs_diff(
     """Largest |LiteRT - reference| over every sample batch (model-space inputs)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    runner = Interpreter(model_content=content).get_signature_runner(SIGNATURE)
+    runner = Interpreter(model_content=content).get_signature_runner(SERVING_SIGNATURE)
     return max(
         float(np.max(np.abs(runner(**{input_name: x})[output_name] - reference(x))))
         for x in samples
@@ -89,8 +90,8 @@ def convert_litert(
     content = convert_saved_model(saved_model)
     max_diff = max_abs_diff(
         content,
-        input_name="image",
-        output_name="probabilities",
+        input_name=INPUT_NAME,
+        output_name=OUTPUT_NAME,
         reference=reference,
         samples=[x[None] for x in samples],
     )
@@ -150,7 +151,7 @@ def _warmup_inputs(version_dir: Path, input_name: str, spec: InputSpec) -> list[
         for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
             entry = prediction_log_pb2.PredictionLog.FromString(raw)
             request = entry.predict_log.request
-            if request.model_spec.signature_name not in ("", SIGNATURE):
+            if request.model_spec.signature_name not in ("", SERVING_SIGNATURE):
                 continue
             if input_name in request.inputs:
                 found.append(to_model_input(tf.make_ndarray(request.inputs[input_name]), spec))
@@ -222,7 +223,7 @@ def _convert_and_verify(version_dir: Path, folder: Path) -> dict[str, Any]:
         reference.unload()
     record: dict[str, Any] = {
         "source": str(version_dir),
-        "signature": SIGNATURE,
+        "signature": SERVING_SIGNATURE,
         "verified_samples": sum(len(x) for x in samples),
         "max_abs_diff": diff,
         "tolerance": LITERT_TOLERANCE,

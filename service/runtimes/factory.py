@@ -8,9 +8,12 @@ with TensorFlow and logs why, so a model is never unservable just for lack of a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from service.errors import ModelLoadError
+from service.repository import read_card
 from service.runtimes.base import Runtime
 
 log = logging.getLogger(__name__)
@@ -18,27 +21,36 @@ log = logging.getLogger(__name__)
 RUNTIME_NAMES = ("auto", "tensorflow", "litert")
 
 
-def create_runtime(name: str, version_dir: Path, *, cache_dir: Path, threads: int) -> Runtime:
+def create_runtime(
+    name: str,
+    version_dir: Path,
+    *,
+    cache_dir: Path,
+    threads: int,
+    card: Mapping[str, Any] | None = None,
+) -> Runtime:
     """An unloaded runtime for ``version_dir``; call ``load()`` next.
 
     For ``auto`` this already finds (or converts and verifies, seconds, cached) the
     LiteRT artifact, so call it where you would call ``load()``: off the event loop.
+    ``card`` is the version's model card when the caller has read it (else read here).
     """
     from service.runtimes.litert import LiteRTRuntime, litert_artifact
     from service.runtimes.tensorflow import TensorFlowRuntime
 
+    card = read_card(version_dir) if card is None else card
     if name == "tensorflow":
-        return TensorFlowRuntime(version_dir, threads=threads)
+        return TensorFlowRuntime(version_dir, threads=threads, card=card)
     if name == "litert":
-        return LiteRTRuntime(version_dir, cache_dir=cache_dir, threads=threads)
+        return LiteRTRuntime(version_dir, cache_dir=cache_dir, threads=threads, card=card)
     if name != "auto":
         raise ValueError(f"unknown runtime {name!r}; expected one of {', '.join(RUNTIME_NAMES)}")
     try:
-        litert_artifact(version_dir, cache_dir)
+        litert_artifact(version_dir, cache_dir, card)
     except ModelLoadError as exc:
         log.warning(
             "%s: no verified LiteRT artifact, serving with TensorFlow: %s", version_dir, exc
         )
-        return TensorFlowRuntime(version_dir, threads=threads)
+        return TensorFlowRuntime(version_dir, threads=threads, card=card)
     # The artifact is now shipped or cached, so LiteRTRuntime.load() only reads it.
-    return LiteRTRuntime(version_dir, cache_dir=cache_dir, threads=threads)
+    return LiteRTRuntime(version_dir, cache_dir=cache_dir, threads=threads, card=card)

@@ -10,18 +10,18 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from service.contract import SERVING_SIGNATURE
 from service.errors import ModelLoadError
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import (
-    SIGNATURE,
     TensorDesc,
     describe,
-    read_card,
     to_model_input,
     verified_litert,
 )
@@ -32,14 +32,14 @@ log = logging.getLogger(__name__)
 SIZES_PER_THREAD = 4
 
 
-def litert_artifact(version_dir: Path, cache_dir: Path) -> Path:
+def litert_artifact(version_dir: Path, cache_dir: Path, card: Mapping[str, Any]) -> Path:
     """The verified .tflite to serve: export's, else the cache's (converting on a miss).
 
     Raises ModelLoadError when there is none and conversion fails or does not verify.
     """
     if not (version_dir / "saved_model.pb").is_file():
         raise ModelLoadError(f"{version_dir} is not a SavedModel (no saved_model.pb)")
-    shipped = verified_litert(version_dir, read_card(version_dir))
+    shipped = verified_litert(version_dir, card)
     if shipped is not None:
         return shipped
     from service.runtimes.conversion import cached_artifact
@@ -57,8 +57,15 @@ class LiteRTRuntime(Runtime):
 
     name = "litert"
 
-    def __init__(self, version_dir: Path, *, cache_dir: Path, threads: int = 0) -> None:
-        super().__init__(version_dir, threads=threads)
+    def __init__(
+        self,
+        version_dir: Path,
+        *,
+        cache_dir: Path,
+        threads: int = 0,
+        card: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(version_dir, threads=threads, card=card)
         self.cache_dir = cache_dir
         self.artifact: Path | None = None
         self._content: bytes | None = None
@@ -71,10 +78,10 @@ class LiteRTRuntime(Runtime):
         if content is None:
             raise RuntimeError(f"litert runtime for {self.version_dir} is not loaded")
         interpreter = Interpreter(model_content=content, num_threads=self.threads or 1)
-        return interpreter.get_signature_runner(SIGNATURE)
+        return interpreter.get_signature_runner(SERVING_SIGNATURE)
 
     def load(self) -> ModelInfo:
-        artifact = litert_artifact(self.version_dir, self.cache_dir)
+        artifact = litert_artifact(self.version_dir, self.cache_dir, self.card)
         try:
             self._content = artifact.read_bytes()
             runner = self._new_runner()
@@ -83,7 +90,7 @@ class LiteRTRuntime(Runtime):
         except Exception as exc:  # a truncated or foreign file fails in many ways
             self._content = None
             raise ModelLoadError(f"{self.version_dir}: cannot open {artifact}: {exc}") from exc
-        info = describe(inputs, outputs, read_card(self.version_dir), self.version_dir)
+        info = describe(inputs, outputs, self.card, self.version_dir)
         info.extra["artifact"] = str(artifact)
         self.artifact = artifact
         self._local = threading.local()

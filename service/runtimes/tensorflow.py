@@ -8,14 +8,16 @@ not only cnnserve's. A concrete function may be called from several threads at o
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from service.contract import SERVING_SIGNATURE
 from service.errors import ModelLoadError
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
-from service.runtimes.card import SIGNATURE, TensorDesc, describe, read_card, to_model_input
+from service.runtimes.card import TensorDesc, describe, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,10 @@ class TensorFlowRuntime(Runtime):
 
     name = "tensorflow"
 
-    def __init__(self, version_dir: Path, *, threads: int = 0) -> None:
-        super().__init__(version_dir, threads=threads)
+    def __init__(
+        self, version_dir: Path, *, threads: int = 0, card: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__(version_dir, threads=threads, card=card)
         self._loaded: Any = None
         self._fn: Any = None
 
@@ -60,11 +64,11 @@ class TensorFlowRuntime(Runtime):
         except Exception as exc:
             raise ModelLoadError(f"cannot load SavedModel {self.version_dir}: {exc}") from exc
         signatures = getattr(loaded, "signatures", {})
-        if SIGNATURE not in signatures:
+        if SERVING_SIGNATURE not in signatures:
             raise ModelLoadError(
-                f"{self.version_dir}: no {SIGNATURE!r} signature (has {sorted(signatures)})"
+                f"{self.version_dir}: no {SERVING_SIGNATURE!r} signature (has {sorted(signatures)})"
             )
-        fn = signatures[SIGNATURE]
+        fn = signatures[SERVING_SIGNATURE]
         try:
             args, kwargs = fn.structured_input_signature
             outputs = fn.structured_outputs
@@ -73,13 +77,15 @@ class TensorFlowRuntime(Runtime):
             info = describe(
                 {name: _desc(spec) for name, spec in kwargs.items()},
                 {name: _desc(spec) for name, spec in outputs.items()},
-                read_card(self.version_dir),
+                self.card,
                 self.version_dir,
             )
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(f"{self.version_dir}: unusable {SIGNATURE}: {exc}") from exc
+            raise ModelLoadError(
+                f"{self.version_dir}: unusable {SERVING_SIGNATURE}: {exc}"
+            ) from exc
         self._loaded, self._fn = loaded, fn  # the function needs its SavedModel kept alive
         self._info = info
         log.info(

@@ -7,13 +7,17 @@ those ``ModelService.GetModelStatus`` reports AVAILABLE, their signatures come f
 ``GetModelMetadata``, and labels, card and warmup records from the version folder when
 this machine sees the repository (else labels are the class indices).
 
-One channel per process, reused by every call. gRPC errors are translated here, where
-they enter: TF Serving down is :class:`~service.errors.BackendUnavailable` (503, naming
-the address); nothing restarts when it comes back, the channel reconnects by itself.
+One channel per process, reused by every call; gRPC's own retry policy (the channel's
+service config) retries calls that failed UNAVAILABLE. gRPC errors are translated here,
+where they enter: TF Serving down is :class:`~service.errors.BackendUnavailable` (503;
+the address goes to the log, not to clients); nothing restarts when it comes back, the
+channel reconnects by itself. Which versions TF Serving serves is the business of
+:class:`service.sources.TFServingSource`, above this module.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -29,7 +33,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
-from service.config import Settings
+from service.contract import SERVING_SIGNATURE
 from service.errors import (
     BackendUnavailable,
     CnnserveError,
@@ -40,12 +44,8 @@ from service.errors import (
     NotFound,
     Overloaded,
 )
-from service.loading import PreparedVersion, prepare_runtime
-from service.repository import Fingerprint, read_repository
-from service.routing import VersionKey
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
-from service.runtimes.card import SIGNATURE, TensorDesc, describe, read_card, to_model_input
-from service.sources import Scan
+from service.runtimes.card import TensorDesc, describe, to_model_input
 from service.tfserving_proto import (
     available_versions,
     dtype_name,
@@ -57,6 +57,27 @@ from service.tfserving_proto import (
 
 log = logging.getLogger(__name__)
 
+# gRPC retries a call that failed UNAVAILABLE, within the call's deadline. Safe: it means
+# the call did not reach a working server (connection refused or reset, server shutting
+# down), and none of these methods changes anything. Other codes are answers.
+RETRY_POLICY = {
+    "maxAttempts": 3,
+    "initialBackoff": "0.05s",
+    "maxBackoff": "0.2s",
+    "backoffMultiplier": 4,
+    "retryableStatusCodes": ["UNAVAILABLE"],
+}
+SERVICE_CONFIG = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "tensorflow.serving.PredictionService"},
+                {"service": "tensorflow.serving.ModelService"},
+            ],
+            "retryPolicy": RETRY_POLICY,
+        }
+    ]
+}
 CHANNEL_OPTIONS = [
     # Reconnect soon after TF Serving is back; gRPC's default backoff grows to 120 s.
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -70,9 +91,9 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", -1),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
-# Pauses before the second and third attempt of a call that failed UNAVAILABLE.
-RETRY_DELAYS = (0.05, 0.2)
 # GetModelStatus/GetModelMetadata are small; a scan must not hang for a full request timeout.
 CONTROL_TIMEOUT = 5.0
 
@@ -93,43 +114,38 @@ class TFServingClient:
         }
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """One call with a deadline; UNAVAILABLE is retried at most twice within it.
-
-        Retrying is safe: UNAVAILABLE means the call did not reach a working server
-        (connection refused or reset, server shutting down), and none of these methods
-        changes anything, so even a retry of a call that did run only repeats a read.
-        Other codes are answers and are not retried. ``wait_for_ready=False``: with TF
-        Serving down the call fails at once rather than waiting out its deadline.
-        """
+        """One call with a deadline (retried by the channel's policy within it).
+        ``wait_for_ready=False``: with TF Serving down the call fails at once rather
+        than waiting out its deadline."""
         stub = self._methods[method]
-        deadline = time.monotonic() + (timeout or self.timeout)
-        for attempt in range(len(RETRY_DELAYS) + 1):
-            try:
-                remaining = max(0.001, deadline - time.monotonic())
-                return stub(request, timeout=remaining, wait_for_ready=False)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.UNAVAILABLE and attempt < len(RETRY_DELAYS):
-                    delay = RETRY_DELAYS[attempt]
-                    if time.monotonic() + delay < deadline:
-                        time.sleep(delay)
-                        continue
-                raise self._translate(method, exc) from None
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        try:
+            return stub(request, timeout=timeout or self.timeout, wait_for_ready=False)
+        except grpc.RpcError as exc:
+            raise self._translate(method, exc) from None
 
     def _translate(self, method: str, exc: Any) -> CnnserveError:
+        """Clients see what happened; the address and TF Serving's words go to the log
+        (``detail``), except for the answers about their own request (404, 400)."""
         code, details = exc.code(), exc.details() or ""
-        where = f"TF Serving at {self.address}"
+        detail = f"TF Serving at {self.address}: {method}: {code.name}: {details}"
         if code == grpc.StatusCode.UNAVAILABLE:
-            return BackendUnavailable(f"{where} is unavailable ({details}); retry shortly")
+            return BackendUnavailable(
+                "the model backend (TF Serving) cannot be reached; retry shortly", detail=detail
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return DeadlineExceeded(f"{where} did not answer {method} in time")
+            return DeadlineExceeded(
+                "the request deadline passed while the model backend (TF Serving) ran it",
+                detail=detail,
+            )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            return Overloaded(f"{where} is overloaded ({details}); retry shortly")
+            return Overloaded(
+                "the model backend (TF Serving) is overloaded; retry shortly", detail=detail
+            )
         if code == grpc.StatusCode.NOT_FOUND:
-            return NotFound(f"{where}: {details}")
+            return NotFound(f"the model backend (TF Serving) has no such model: {details}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidRequest(f"{where} refused the request: {details}")
-        return InternalError(f"{where}: {method} failed with {code.name}: {details}")
+            return InvalidRequest(f"the model backend (TF Serving) refused the request: {details}")
+        return InternalError(f"TF Serving: {method} failed", detail=detail)
 
     def available(self, model: str) -> list[int]:
         """The model's versions TF Serving reports AVAILABLE; [] for a model it lacks."""
@@ -149,7 +165,7 @@ class TFServingRuntime(Runtime):
     name = "tfserving"
 
     def __init__(self, client: TFServingClient, model: str, version: int, path: Path) -> None:
-        super().__init__(path)
+        super().__init__(path)  # the card, if this machine sees the folder
         self._client = client
         self._model = model
         self._version = version
@@ -164,10 +180,10 @@ class TFServingRuntime(Runtime):
         signatures = get_model_metadata_pb2.SignatureDefMap()
         if not response.metadata["signature_def"].Unpack(signatures):
             raise ModelLoadError(f"{where}: GetModelMetadata answered no signature_def")
-        if SIGNATURE not in signatures.signature_def:
+        if SERVING_SIGNATURE not in signatures.signature_def:
             known = sorted(signatures.signature_def)
-            raise ModelLoadError(f"{where}: no {SIGNATURE!r} signature (has {known})")
-        signature = signatures.signature_def[SIGNATURE]
+            raise ModelLoadError(f"{where}: no {SERVING_SIGNATURE!r} signature (has {known})")
+        signature = signatures.signature_def[SERVING_SIGNATURE]
 
         def tensors(infos: Any) -> dict[str, TensorDesc]:
             return {n: TensorDesc(dtype_name(t.dtype), tensor_dims(t)) for n, t in infos.items()}
@@ -175,7 +191,7 @@ class TFServingRuntime(Runtime):
         info = describe(
             tensors(signature.inputs),
             tensors(signature.outputs),
-            read_card(self.version_dir),
+            self.card,
             where,
         )
         self._signatures = signatures
@@ -187,7 +203,7 @@ class TFServingRuntime(Runtime):
         info = self.info
         x = to_model_input(batch, info.input)
         request = predict_pb2.PredictRequest(
-            model_spec=model_spec(self._model, self._version, SIGNATURE),
+            model_spec=model_spec(self._model, self._version, SERVING_SIGNATURE),
             output_filter=[info.output_name],
         )
         request.inputs[info.input_name].CopyFrom(to_tensor_proto(x, packed=True))
@@ -209,59 +225,3 @@ class TFServingRuntime(Runtime):
     def unload(self) -> None:
         self._signatures = None  # the channel is shared; the source closes it
         super().unload()
-
-
-class TFServingSource:
-    """Versions TF Serving reports AVAILABLE for the models of the local models.config.
-
-    The gateway reads models.config to know the model names (TF Serving has no call that
-    lists them); TF Serving applies the same config, so the version policies agree.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self.client = TFServingClient(settings.tfserving_address, settings.request_timeout_seconds)
-        self._scans = 0
-        self._reachable = True
-        if settings.poll_seconds <= 0:
-            log.warning(
-                "poll_seconds is 0: TF Serving's versions are read once, at start; a TF "
-                "Serving that is not up by then is never used"
-            )
-
-    def scan(self) -> Scan:
-        configs = read_repository(self._settings.model_repository)
-        self._scans += 1
-        versions: dict[str, dict[int, Path]] = {}
-        unknown: set[str] = set()
-        problem: CnnserveError | None = None
-        for config in configs:
-            try:
-                found = self.client.available(config.name)
-            except CnnserveError as exc:
-                unknown.add(config.name)
-                problem = exc
-                continue
-            versions[config.name] = {v: config.base_path / str(v) for v in found}
-        self._note(problem)
-        # A remote load that failed is retried on the next scan: the usual cause, TF
-        # Serving restarting, is gone by then, and there is no folder whose change to wait for.
-        fingerprints: dict[VersionKey, Fingerprint] = {
-            (m, v): (self._scans,) for m, found in versions.items() for v in found
-        }
-        return Scan(configs, versions, fingerprints, frozenset(unknown))
-
-    def _note(self, problem: CnnserveError | None) -> None:
-        """Log a change of reachability once, not on every poll."""
-        if problem is not None and self._reachable:
-            log.warning("%s; current versions keep their routes meanwhile", problem.message)
-        elif problem is None and not self._reachable:
-            log.info("TF Serving at %s answers again", self.client.address)
-        self._reachable = problem is None
-
-    def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
-        model, version = key
-        return prepare_runtime(TFServingRuntime(self.client, model, version, path), path)
-
-    def close(self) -> None:
-        self.client.close()

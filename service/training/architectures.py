@@ -5,31 +5,20 @@ byte per pixel and serving can never normalize differently from training."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import keras
 from keras import layers, regularizers
 
+from service.contract import INPUT_NAME, OUTPUT_NAME
+from service.training.config import ArchConfig
+
 # x / 127.5 - 1 maps [0, 255] to [-1, 1]; recorded in the model card.
 NORMALIZATION = {"scale": 1 / 127.5, "offset": -1.0, "formula": "x / 127.5 - 1"}
 
 
-@dataclass(frozen=True)
-class ArchConfig:
-    name: str = "efficient_cnn"
-    num_classes: int = 10
-    height: int = 224
-    width: int = 224
-    width_multiplier: float = 1.0
-    depth: int = 2
-    dropout: float = 0.2
-    weight_decay: float = 0.0
-    squeeze_excite: bool = False
-
-
 def _inputs(cfg: ArchConfig) -> tuple[keras.KerasTensor, keras.KerasTensor]:
-    image = keras.Input(shape=(cfg.height, cfg.width, 3), dtype="uint8", name="image")
+    image = keras.Input(shape=(cfg.height, cfg.width, 3), dtype="uint8", name=INPUT_NAME)
     # Rescaling casts the uint8 input to float32 itself.
     x = layers.Rescaling(NORMALIZATION["scale"], offset=NORMALIZATION["offset"], name="normalize")(
         image
@@ -50,7 +39,7 @@ def _head(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
     if cfg.dropout > 0:
         x = layers.Dropout(cfg.dropout, name="dropout")(x)
     return layers.Dense(
-        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
+        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name=OUTPUT_NAME
     )(x)
 
 
@@ -68,7 +57,7 @@ def seed_cnn(cfg: ArchConfig) -> keras.Model:
     if cfg.dropout > 0:
         x = layers.Dropout(cfg.dropout, name="dropout")(x)
     out = layers.Dense(
-        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
+        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name=OUTPUT_NAME
     )(x)
     return keras.Model(image, out, name="seed_cnn")
 

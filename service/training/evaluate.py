@@ -13,16 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 import numpy.typing as npt
 
+# Figure, not pyplot: it draws without selecting a global backend (no side effect on import).
+from matplotlib.figure import Figure
+
+from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.preprocessing import PreprocessSpec
 from service.training.data import ImageSet, make_splits
 from service.training.pipeline import batches
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 Predict = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 
@@ -95,7 +95,8 @@ def latency(predict: Predict, spec: PreprocessSpec, runs: int, batch: int = 32) 
 def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:
     matrix = np.array(report["confusion_matrix"]["rows_true_cols_predicted"])
     names = report["confusion_matrix"]["labels"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(names), 0.8 + 0.7 * len(names)))
+    fig = Figure(figsize=(1.0 + 0.75 * len(names), 0.8 + 0.7 * len(names)))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
     ax.set_yticks(range(len(names)), names)
@@ -108,11 +109,11 @@ def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:
         ax.text(j, i, str(value), ha="center", va="center", color=color, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None:
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    loss_ax, acc_ax = fig.subplots(1, 2)
     for key, ax in (("loss", loss_ax), ("accuracy", acc_ax)):
         for prefix, style in (("", "-"), ("val_", "--")):
             values = history.get(prefix + key)
@@ -126,17 +127,16 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def load_signature(version_dir: Path) -> Predict:
     import tensorflow as tf
 
     loaded = tf.saved_model.load(str(version_dir))
-    fn = loaded.signatures["serving_default"]
+    fn = loaded.signatures[SERVING_SIGNATURE]
 
     def predict(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        return np.asarray(fn(image=tf.constant(x))["probabilities"].numpy(), dtype=np.float32)
+        return np.asarray(fn(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy(), dtype=np.float32)
 
     predict.loaded = loaded  # type: ignore[attr-defined]  # keep the SavedModel alive
     return predict

@@ -23,10 +23,18 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
+from service.contract import (
+    BYTES_INPUT_NAME,
+    BYTES_SIGNATURE,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    SERVING_SIGNATURE,
+)
 from service.preprocessing import PreprocessSpec
 from service.publishing import publish_version
 from service.runtimes.conversion import convert_litert as convert_litert  # re-export: lived here
 from service.training.architectures import NORMALIZATION
+from service.training.config import TrainConfig
 from service.training.evaluate import (
     classification_report,
     latency,
@@ -35,15 +43,9 @@ from service.training.evaluate import (
     plot_curves,
     predict_all,
 )
-from service.training.train import TrainConfig, TrainResult
+from service.training.train import TrainResult
 
 log = logging.getLogger(__name__)
-
-SERVING_SIGNATURE = "serving_default"
-BYTES_SIGNATURE = "predict_image_bytes"
-INPUT_NAME = "image"
-BYTES_INPUT_NAME = "image_bytes"  # TF Serving REST decodes {"b64": ...} for *_bytes inputs
-OUTPUT_NAME = "probabilities"
 
 
 def write_saved_model(model: keras.Model, spec: PreprocessSpec, path: Path) -> None:

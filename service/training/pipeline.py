@@ -7,7 +7,6 @@ preprocessing layers, so nothing is materialised at 224×224 beyond a few batche
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import keras
@@ -16,47 +15,32 @@ import numpy.typing as npt
 import tensorflow as tf
 
 from service.preprocessing import PreprocessSpec, preprocess_array
+from service.training.config import AugmentConfig
 from service.training.data import ImageSet
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """The seed article's augmentation by default; any part can be switched off (0/False)."""
-
-    enabled: bool = True
-    rotation_degrees: float = 20.0
-    width_shift: float = 0.2
-    height_shift: float = 0.2
-    horizontal_flip: bool = True
-    zoom: float = 0.2
-    fill_mode: str = "constant"
-
-    def to_card(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def layers(self, seed: int) -> keras.Sequential | None:
-        if not self.enabled:
-            return None
-        stack: list[keras.layers.Layer] = []
-        if self.horizontal_flip:
-            stack.append(keras.layers.RandomFlip("horizontal", seed=seed))
-        if self.rotation_degrees:
-            stack.append(
-                keras.layers.RandomRotation(
-                    self.rotation_degrees / 360, fill_mode=self.fill_mode, seed=seed + 1
-                )
+def augment_layers(cfg: AugmentConfig, seed: int) -> keras.Sequential | None:
+    """The Keras layers that apply ``cfg`` (None when it augments nothing)."""
+    if not cfg.enabled:
+        return None
+    stack: list[keras.layers.Layer] = []
+    if cfg.horizontal_flip:
+        stack.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if cfg.rotation_degrees:
+        stack.append(
+            keras.layers.RandomRotation(
+                cfg.rotation_degrees / 360, fill_mode=cfg.fill_mode, seed=seed + 1
             )
-        if self.width_shift or self.height_shift:
-            stack.append(
-                keras.layers.RandomTranslation(
-                    self.height_shift, self.width_shift, fill_mode=self.fill_mode, seed=seed + 2
-                )
+        )
+    if cfg.width_shift or cfg.height_shift:
+        stack.append(
+            keras.layers.RandomTranslation(
+                cfg.height_shift, cfg.width_shift, fill_mode=cfg.fill_mode, seed=seed + 2
             )
-        if self.zoom:
-            stack.append(
-                keras.layers.RandomZoom(self.zoom, fill_mode=self.fill_mode, seed=seed + 3)
-            )
-        return keras.Sequential(stack, name="augment") if stack else None
+        )
+    if cfg.zoom:
+        stack.append(keras.layers.RandomZoom(cfg.zoom, fill_mode=cfg.fill_mode, seed=seed + 3))
+    return keras.Sequential(stack, name="augment") if stack else None
 
 
 def batches(

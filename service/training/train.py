@@ -7,63 +7,23 @@ the same command, and a finished fit is kept so a failed export need not retrain
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import keras
 import numpy as np
 
-from service.preprocessing import PreprocessSpec
-from service.training.architectures import ArchConfig, build
+from service.training.architectures import build
+from service.training.config import ArchConfig, TrainConfig
 from service.training.data import Splits, make_splits, oversample
-from service.training.pipeline import AugmentConfig, batches
+from service.training.pipeline import augment_layers, batches
 
 log = logging.getLogger(__name__)
-
-Optimizer = Literal["sgd", "adam", "adamw"]
-Schedule = Literal["plateau", "cosine", "constant"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    dataset: str = "fashion_mnist"
-    data_dir: Path = Path("/usr/share/datasets/fashion-mnist")
-    arch: ArchConfig = field(default_factory=ArchConfig)
-    preprocess: PreprocessSpec = field(default_factory=PreprocessSpec)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    epochs: int = 30
-    batch_size: int = 128
-    optimizer: Optimizer = "sgd"
-    learning_rate: float = 0.01
-    momentum: float = 0.9
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    weight_decay: float = 1e-4  # decoupled, AdamW only
-    schedule: Schedule = "plateau"
-    early_stopping_patience: int = 5
-    plateau_factor: float = 0.5
-    plateau_patience: int = 3
-    min_learning_rate: float = 1e-6
-    val_fraction: float = 0.1
-    test_fraction: float = 0.1  # folder datasets only; Fashion-MNIST has its own test set
-    balance: bool = False
-    limit: int = 0  # use only the first N training images (quick runs); 0 = all
-    seed: int = 0
-
-    def to_card(self) -> dict[str, Any]:
-        card = asdict(self)
-        card["data_dir"] = str(self.data_dir)
-        return card
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_card(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -173,7 +133,7 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         cfg.batch_size,
         indices=indices,
         shuffle_seed=cfg.seed,
-        augment=cfg.augment.layers(cfg.seed),
+        augment=augment_layers(cfg.augment, cfg.seed),
     )
     val_ds = batches(splits.validation, cfg.preprocess, cfg.batch_size)
     model = build(arch)

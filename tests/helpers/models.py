@@ -12,12 +12,11 @@ from pathlib import Path
 
 import keras
 
+from service.contract import BYTES_SIGNATURE, SERVING_SIGNATURE
 from service.preprocessing import PreprocessSpec
 from service.publishing import publish_version
 from service.training.architectures import NORMALIZATION, ArchConfig, build
 from service.training.export import (
-    BYTES_SIGNATURE,
-    SERVING_SIGNATURE,
     warmup_records,
     write_saved_model,
     write_warmup,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,75 +102,204 @@ def _error(response: object, status: int, code: str) -> str:
     return message
 
 
-def test_error_paths(server: Server) -> None:
-    png = encode(gradient(), "PNG")
+PNG = encode(gradient(), "PNG")
+RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
+BIG = encode(
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (900, 900, 3), np.uint8)), "PNG"
+)
+FIVE = [("image", (f"{i}.png", PNG, "image/png")) for i in range(5)]
+
+
+def _png_headers(**extra: str) -> dict[str, str]:
+    return {"content-type": "image/png", **extra}
+
+
+# (id, method, path, httpx keyword arguments, status, code, words the message must hold)
+ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]]] = [
+    (
+        "undecodable",
+        "POST",
+        "/v1/classify",
+        {"content": b"not an image", "headers": _png_headers()},
+        400,
+        "invalid_image",
+        ("PNG",),
+    ),
+    (
+        "svg",
+        "POST",
+        "/v1/classify",
+        {"content": b"<svg/>", "headers": {"content-type": "image/svg+xml"}},
+        415,
+        "unsupported_media_type",
+        ("image/svg+xml", "JPEG"),
+    ),
+    (
+        "text-plain",
+        "POST",
+        "/v1/classify",
+        {"content": PNG, "headers": {"content-type": "text/plain"}},
+        415,
+        "unsupported_media_type",
+        (),
+    ),
+    (
+        "body-too-large",
+        "POST",
+        "/v1/classify",
+        {"content": BIG, "headers": _png_headers()},
+        413,
+        "payload_too_large",
+        ("CNNSERVE_MAX_BODY_BYTES",),
+    ),
+    (
+        "chunked-too-large",
+        "POST",
+        "/v1/classify",
+        {"content": lambda: iter([BIG[:1_000_000], BIG[1_000_000:]]), "headers": _png_headers()},
+        413,
+        "payload_too_large",
+        (),
+    ),
+    (
+        "too-many-pixels",
+        "POST",
+        "/v1/classify",
+        {"content": encode(Image.new("L", (2000, 2000)), "PNG"), "headers": _png_headers()},
+        413,
+        "image_too_large",
+        (),
+    ),
+    ("too-many-images", "POST", "/v1/classify", {"files": FIVE}, 413, "too_many_images", ()),
+    (
+        "bad-base64",
+        "POST",
+        "/v1/classify",
+        {"json": {"image": "***"}},
+        400,
+        "bad_request",
+        ("base64",),
+    ),
+    (
+        "json-without-image",
+        "POST",
+        "/v1/classify",
+        {"json": {"picture": "x"}},
+        400,
+        "bad_request",
+        ('"image"',),
+    ),
+    (
+        "unknown-model",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"model": "nope"}},
+        404,
+        "model_not_found",
+        ("tiny",),
+    ),
+    (
+        "unknown-version",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"version": 7}},
+        404,
+        "version_not_found",
+        (),
+    ),
+    (
+        "unknown-label",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"label": "canary"}},
+        404,
+        "version_not_found",
+        (),
+    ),
+    (
+        "top-k-zero",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"top_k": 0}},
+        400,
+        "bad_request",
+        ("top_k",),
+    ),
+    (
+        "top-k-above-classes",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"top_k": 4}},
+        400,
+        "bad_request",
+        ("top_k",),
+    ),
+    (
+        "top-k-not-a-number",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"top_k": "many"}},
+        400,
+        "bad_request",
+        ("top_k",),
+    ),
+    (
+        "version-and-label",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"version": 1, "label": "x"}},
+        400,
+        "bad_request",
+        ("not both",),
+    ),
+    (
+        "deadline-passed",
+        "POST",
+        "/v1/classify",
+        {"content": PNG, "headers": _png_headers(**{"x-request-timeout": "0.000001"})},
+        504,
+        "deadline_exceeded",
+        ("deadline",),
+    ),
+    (
+        "bad-timeout-header",
+        "POST",
+        "/v1/classify",
+        {"content": PNG, "headers": _png_headers(**{"x-request-timeout": "soon"})},
+        400,
+        "bad_request",
+        ("x-request-timeout",),
+    ),
+    ("no-route", "GET", "/v1/nothing", {}, 404, "not_found", ("/docs",)),
+    ("wrong-method", "GET", "/v1/classify", {}, 405, "method_not_allowed", ()),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code", "words"),
+    [case[1:] for case in ERROR_CASES],
+    ids=[case[0] for case in ERROR_CASES],
+)
+def test_error_paths(
+    server: Server,
+    method: str,
+    path: str,
+    kwargs: dict[str, Any],
+    status: int,
+    code: str,
+    words: tuple[str, ...],
+) -> None:
+    kwargs = {k: v() if callable(v) else v for k, v in kwargs.items()}
+    headers = {**kwargs.pop("headers", {}), "x-request-id": f"err-{code}"}
     with server.client() as client:
-        post = client.post
-        msg = _error(
-            post("/v1/classify", content=b"not an image", headers={"content-type": "image/png"}),
-            400,
-            "invalid_image",
-        )
-        assert "PNG" in msg
-        svg = post(
-            "/v1/classify",
-            content=b"<svg/>",
-            headers={"content-type": "image/svg+xml", "x-request-id": "err-1"},
-        )
-        msg = _error(svg, 415, "unsupported_media_type")
-        assert svg.headers.get_list("x-request-id") == ["err-1"]
-        assert "image/svg+xml" in msg and "JPEG" in msg
-        _error(
-            post("/v1/classify", content=png, headers={"content-type": "text/plain"}),
-            415,
-            "unsupported_media_type",
-        )
-        big = np.random.default_rng(0).integers(0, 256, (900, 900, 3), np.uint8)
-        body = encode(Image.fromarray(big), "PNG")
-        assert len(body) > 2_000_000
-        too_big = post("/v1/classify", content=body, headers={"content-type": "image/png"})
-        _error(too_big, 413, "payload_too_large")
-        # Refused from Content-Length before the app runs, and still tagged once.
-        assert len(too_big.headers.get_list("x-request-id")) == 1
-        chunked = post(
-            "/v1/classify",
-            content=iter([body[:1_000_000], body[1_000_000:]]),
-            headers={"content-type": "image/png"},
-        )
-        _error(chunked, 413, "payload_too_large")
-        huge = encode(Image.new("L", (2000, 2000)), "PNG")
-        _error(
-            post("/v1/classify", content=huge, headers={"content-type": "image/png"}),
-            413,
-            "image_too_large",
-        )
-        five = [("image", (f"{i}.png", png, "image/png")) for i in range(5)]
-        _error(post("/v1/classify", files=five), 413, "too_many_images")
-        _error(post("/v1/classify", json={"image": "***"}), 400, "bad_request")
-        _error(post("/v1/classify", json={"picture": "x"}), 400, "bad_request")
-        raw = {"content": png, "headers": {"content-type": "image/png"}}
-        _error(post("/v1/classify", params={"model": "nope"}, **raw), 404, "model_not_found")  # type: ignore[arg-type]
-        _error(post("/v1/classify", params={"version": 7}, **raw), 404, "version_not_found")  # type: ignore[arg-type]
-        _error(post("/v1/classify", params={"label": "canary"}, **raw), 404, "version_not_found")  # type: ignore[arg-type]
-        _error(post("/v1/classify", params={"top_k": 0}, **raw), 400, "bad_request")  # type: ignore[arg-type]
-        _error(post("/v1/classify", params={"top_k": 4}, **raw), 400, "bad_request")  # type: ignore[arg-type]
-        _error(post("/v1/classify", params={"top_k": "many"}, **raw), 400, "bad_request")  # type: ignore[arg-type]
-        _error(post("/v1/classify", params={"version": 1, "label": "x"}, **raw), 400, "bad_request")  # type: ignore[arg-type]
-        timeout = {"content-type": "image/png", "x-request-timeout": "0.000001"}
-        _error(post("/v1/classify", content=png, headers=timeout), 504, "deadline_exceeded")
-        _error(
-            post(
-                "/v1/classify",
-                content=png,
-                headers={"content-type": "image/png", "x-request-timeout": "soon"},
-            ),
-            400,
-            "bad_request",
-        )
-        _error(client.get("/v1/nothing"), 404, "not_found")
-        _error(client.get("/v1/classify"), 405, "method_not_allowed")
-        # The server is still healthy after all of that.
-        assert post("/v1/classify", **raw).status_code == 200  # type: ignore[arg-type]
+        response = client.request(method, path, headers=headers, **kwargs)
+        message = _error(response, status, code)
+        for word in words:
+            assert word in message
+        # Tagged once, also when refused before the app ran (Content-Length).
+        assert response.headers.get_list("x-request-id") == [f"err-{code}"]
+        # The server is still healthy after it.
+        assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
 
 
 def test_tf_serving_status_and_metadata(server: Server) -> None:
@@ -212,6 +342,11 @@ def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:
                 "instances": [{"b64": base64.b64encode(png).decode()}],
             },
         )
+        # TF Serving clients often omit signature_name for files: routed to the bytes one.
+        unnamed = client.post(
+            "/v1/models/tiny:predict",
+            json={"instances": [{"b64": base64.b64encode(png).decode()}]},
+        )
         _error(
             client.post("/v1/models/tiny:predict", json={"instances": [[[1, 2, 3]]]}),
             400,
@@ -244,6 +379,46 @@ def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:
     np.testing.assert_allclose(col.json()["outputs"][0], expected, atol=1e-4)
     assert b64.status_code == 200, b64.text
     np.testing.assert_allclose(b64.json()["predictions"][0], expected, atol=1e-4)
+    assert unnamed.status_code == 200, unnamed.text
+    np.testing.assert_allclose(unnamed.json()["predictions"][0], expected, atol=1e-4)
+
+
+def test_a_bad_image_among_several_is_named(server: Server) -> None:
+    png = encode(gradient(), "PNG")
+    files = [
+        ("image", ("front.png", png, "image/png")),
+        ("image", ("broken.png", b"not a png", "image/png")),
+    ]
+    with server.client() as client:
+        message = _error(client.post("/v1/classify", files=files), 400, "invalid_image")
+        assert message.startswith("image 1 ('broken.png'): ")
+        images = [base64.b64encode(png).decode(), base64.b64encode(b"junk").decode()]
+        message = _error(client.post("/v1/classify", json={"images": images}), 400, "invalid_image")
+        assert message.startswith("image 1: ")
+
+
+def _expired_total(client: Any) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith('cnnserve_deadline_expirations_total{model="tiny"}'):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_every_deadline_answer_is_counted(server: Server) -> None:
+    headers = {"content-type": "image/png", "x-request-timeout": "0.000001"}
+    with server.client() as client:
+        before = _expired_total(client)
+        answers = [
+            client.post("/v1/classify", content=PNG, headers=headers).status_code for _ in range(4)
+        ]
+        assert answers == [504] * 4
+        assert _expired_total(client) - before == 4
+
+
+def test_the_log_says_once_what_is_served_where(server: Server) -> None:
+    lines = [line for line in server.log.read_text().splitlines() if "ready: serving" in line]
+    assert len(lines) == 1, server.log.read_text()
+    assert f"tiny version 1 (litert); REST {server.url}" in lines[0]
 
 
 def test_openapi_documents_the_api(server: Server) -> None:

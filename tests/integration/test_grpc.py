@@ -290,12 +290,15 @@ def test_error_codes(channel: grpc.Channel, predict_stub: Any) -> None:
     png = encode(gradient(), "PNG")
     code, _ = code_of(classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=png, top_k=9))
     assert code == invalid
-    code, _ = code_of(
+    code, details = code_of(
         classifier.ClassifyBatch,
         cnnserve_v1_pb2.ClassifyBatchRequest(images=[png] * 8),
         timeout=0.001,
     )
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The client's own deadline may fire first; when the server's answer arrives, it says
+    # what happened (not "internal error").
+    assert "internal error" not in details
     # Still serving after all of that.
     assert classifier.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=30).model
 

@@ -135,22 +135,29 @@ def test_full_batch_is_cut_at_max_batch_size_without_waiting_for_the_timeout() -
     assert seen == [4]
 
 
-def test_partial_batch_is_cut_after_the_timeout() -> None:
+def test_partial_batch_is_cut_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The batcher's clock, moved: no wall-clock timing in the test.
+    now = [1000.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
     seen: list[int] = []
 
     def predict(batch: Array, deadline: float | None = None) -> Array:
         seen.append(len(batch))
         return ids(batch)
 
-    async def scenario() -> float:
-        async with DynamicBatcher(predict, config(8, 50_000)) as batcher:
-            start = time.monotonic()
-            assert await gather([spawn(batcher, 1), spawn(batcher, 2, 3)]) == [[1], [2, 3]]
-            return time.monotonic() - start
+    async def scenario() -> None:
+        async with DynamicBatcher(predict, config(8, 60_000_000)) as batcher:
+            waiting = [spawn(batcher, 1), spawn(batcher, 2, 3)]
+            await until(lambda: batcher.queue_depth == 3)
+            for _ in range(100):  # the loop runs on; a 60 s timeout has not passed
+                await asyncio.sleep(0)
+            assert seen == [] and batcher.queue_depth == 3
+            now[0] += 61.0  # past the oldest request's timeout
+            waiting.append(spawn(batcher, 4))  # wakes the cutter, which reads the clock
+            assert await gather(waiting) == [[1], [2, 3], [4]]
 
-    elapsed = run(scenario())
-    assert seen == [3]
-    assert 0.05 <= elapsed < 2.0
+    run(scenario())
+    assert seen == [4]  # one partial batch (max 8), cut by the timeout
 
 
 def test_zero_timeout_takes_whatever_is_queued_when_a_thread_frees() -> None:

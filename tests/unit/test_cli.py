@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.cli import ARCHITECTURE_NAMES, build_parser, main
+from service.cli import build_parser, main
 from service.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,6 +36,7 @@ def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[st
 
 def test_architecture_names_match_the_registry() -> None:
     from service.training.architectures import ARCHITECTURES
+    from service.training.config import ARCHITECTURE_NAMES
 
     assert sorted(ARCHITECTURE_NAMES) == sorted(ARCHITECTURES)
 
@@ -77,3 +78,78 @@ def test_settings_refuse_unsafe_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CNNSERVE_GRPC_PORT")
     with pytest.raises(ValidationError):
         Settings(max_batch_size=0)
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[Settings]:
+    """Capture the settings `cnnserve serve` would serve with, instead of serving."""
+    import service.server
+
+    seen: list[Settings] = []
+    monkeypatch.setattr(service.server, "serve", lambda s: seen.append(s) or 0)
+    return seen
+
+
+def test_serve_flags_are_validated_like_the_environment(
+    served: list[Settings], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--workers", "0"]) == 0  # 0 = one per core, resolved, not 0
+    assert 1 <= served[0].workers <= 8 and served[0].inference_threads >= 1
+    assert main(["serve", "--workers", "3", "--port", "9001"]) == 0
+    assert (served[1].workers, served[1].port) == (3, 9001)
+
+    assert main(["serve", "--port", "9000", "--grpc-port", "9000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cnnserve serve: --port and --grpc-port are both 9000; pick two ports"
+    assert main(["serve", "--workers", "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnnserve serve: --workers: ") and "\n" not in err
+    assert len(served) == 2  # nothing was served with a refused flag
+
+
+def test_a_bad_environment_variable_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CNNSERVE_PORT", "http")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cnnserve: CNNSERVE_PORT: ") and "\n" not in err
+
+
+def test_serve_help_shows_the_defaults_in_effect(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CNNSERVE_POLL_SECONDS", "7.5")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: 7.5)" in out and "(default: 8500)" in out
+    assert "gRPC port; 0 disables gRPC" in out  # the Settings field's description
+
+
+def test_train_defaults_are_the_training_configs() -> None:
+    from service.training.config import AugmentConfig, TrainConfig
+
+    args = build_parser(Settings()).parse_args(["train"])
+    assert args.epochs == TrainConfig().epochs and args.lr == TrainConfig().learning_rate
+    assert args.rotation == AugmentConfig().rotation_degrees
+    assert args.optimizer == TrainConfig().optimizer
+
+
+def test_publishing_an_unconfigured_model_prints_the_block_to_add(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import _say_if_unserved
+    from service.repository import read_repository
+    from tests.helpers.models import simple_config, write_models_config
+
+    write_models_config(tmp_path, simple_config("fashion_mnist"))
+    _say_if_unserved(tmp_path, "fashion_mnist")
+    assert capsys.readouterr().err == ""
+    _say_if_unserved(tmp_path, "flowers")
+    err = capsys.readouterr().err
+    assert "'flowers' is not in" in err
+    # The printed block, pasted into the file, makes a config that serves the model.
+    block = err.split("model_config_list { ... }:\n", 1)[1]
+    write_models_config(tmp_path, simple_config("fashion_mnist") + "\n" + block)
+    assert [c.name for c in read_repository(tmp_path)] == ["fashion_mnist", "flowers"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from service.errors import ConfigError
 from service.repository import (
-    ConfigError,
     load_batching_parameters,
     load_models_config,
     load_monitoring_config,

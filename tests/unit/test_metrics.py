@@ -130,6 +130,7 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
 WRITER = """
 import sys
 from service import metrics
+metrics.register_this_process()
 metrics.observe_request("rest", "/v1/classify", "mp", "1", 200, 0.01)
 metrics.IN_FLIGHT.labels("mp").set(int(sys.argv[1]))
 metrics.observe_version_state("mp", 1, "AVAILABLE")
@@ -213,7 +214,7 @@ def test_processes_are_summed_and_dead_ones_leave_the_gauges(
     assert samples[requests] == 2  # totals never go backwards
     assert samples[in_flight] == 4  # the exited worker's gauges are gone
     assert samples[available] == 1
-    assert not list(multiproc_dir.glob(f"gauge_live*_{writers[0].pid}.db"))
+    assert not (multiproc_dir / metrics.PROCESSES_DIR / str(writers[0].pid)).exists()
 
     end(writers[1])
     samples = scrape()

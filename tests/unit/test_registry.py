@@ -11,11 +11,13 @@ import asyncio
 import logging
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from service.errors import (
+    ConfigError,
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
@@ -23,7 +25,7 @@ from service.errors import (
     VersionNotFound,
 )
 from service.registry import Registry, VersionState
-from service.repository import ConfigError, ModelConfig, read_labels, read_repository, read_warmup
+from service.repository import ModelConfig, read_labels, read_repository, read_warmup
 from service.runtimes import create_runtime
 from service.runtimes.base import Runtime
 from service.warmup import WarmupFormatError
@@ -69,9 +71,9 @@ class CountingFactory:
     def __init__(self) -> None:
         self.paths: list[Path] = []
 
-    def __call__(self, name: str, version_dir: Path, *, cache_dir: Path, threads: int) -> Runtime:
+    def __call__(self, name: str, version_dir: Path, **kwargs: Any) -> Runtime:
         self.paths.append(version_dir)
-        return create_runtime(name, version_dir, cache_dir=cache_dir, threads=threads)
+        return create_runtime(name, version_dir, **kwargs)
 
 
 # --- models.config and version folders (no loading) ----------------------------------

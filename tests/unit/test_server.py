@@ -50,3 +50,30 @@ def test_workers_default_to_one_per_core(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(os, "cpu_count", lambda: 96)
     assert Settings().workers == MAX_AUTO_WORKERS
     assert Settings(workers=3).workers == 3
+
+
+def test_the_heap_is_frozen_after_a_good_start_only() -> None:
+    import asyncio
+    import gc
+
+    from service.api.app import _after_loading
+
+    async def fail() -> None:
+        raise RuntimeError("models.config is broken")
+
+    async def succeed() -> None:
+        return None
+
+    async def finished(coro: object) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+        await asyncio.gather(task, return_exceptions=True)
+        return task  # type: ignore[no-any-return]
+
+    gc.unfreeze()
+    try:
+        _after_loading(asyncio.run(finished(fail())))
+        assert gc.get_freeze_count() == 0  # what is left of a failed start is garbage
+        _after_loading(asyncio.run(finished(succeed())))
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -35,7 +35,7 @@ def flaky_registry(tmp_path: Path) -> tuple[FlakySource, Registry]:
     publish_tiny(repo, "m")
     write_models_config(repo, simple_config("m"))
     config = settings(repo, tmp_path)
-    source = FlakySource(config, create_runtime, threads=1)
+    source = FlakySource(config, create_runtime)
     return source, Registry(config, source=source)
 
 

@@ -1,0 +1,183 @@
+"""The REST answers as pydantic models: the same types serialize each answer and
+generate /openapi.json, so the documented shape is the served shape.
+
+Error answers come from the one error table (service.errors): every status it can give
+is documented with the one error body, and FastAPI's unused 422 is not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from service import errors
+
+
+class Prediction(BaseModel):
+    label: str = Field(description="class name from the model's labels.txt")
+    class_id: int = Field(description="index of the class in the model's output")
+    score: float = Field(description="probability, 0..1")
+
+
+class ImageResult(BaseModel):
+    predictions: list[Prediction]
+
+
+_PREDICTIONS: list[JsonValue] = [
+    {"label": "Ankle boot", "class_id": 9, "score": 0.9997},
+    {"label": "Sandal", "class_id": 5, "score": 0.0002},
+]
+
+
+class ClassifyResponse(BaseModel):
+    """One image: `predictions`; several: `results`, one per image in request order."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"model": "fashion_mnist", "version": 1, "predictions": _PREDICTIONS},
+                {
+                    "model": "fashion_mnist",
+                    "version": 1,
+                    "results": [{"predictions": _PREDICTIONS}, {"predictions": _PREDICTIONS}],
+                },
+            ]
+        }
+    )
+
+    model: str
+    version: int
+    predictions: list[Prediction] | None = Field(None, description="top-k of the one image")
+    results: list[ImageResult] | None = Field(None, description="top-k of each image")
+
+
+class Health(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "alive"}]})
+    status: str
+
+
+class Readiness(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"ready": True}]})
+    ready: bool
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code (the table in docs/serving.md)")
+    message: str = Field(description="what went wrong and what to do")
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "code": "model_not_found",
+                        "message": "no model named 'nope'; models: fashion_mnist",
+                    }
+                }
+            ]
+        }
+    )
+    error: ErrorDetail
+
+
+# TF Serving's REST shapes (https://www.tensorflow.org/tfx/serving/api_rest).
+
+
+class VersionStatusError(BaseModel):
+    error_code: str
+    error_message: str
+
+
+class ModelVersionStatus(BaseModel):
+    version: str
+    state: str = Field(description="START, LOADING, AVAILABLE, UNLOADING or END")
+    status: VersionStatusError
+
+
+class ModelStatusResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_version_status": [
+                        {
+                            "version": "1",
+                            "state": "AVAILABLE",
+                            "status": {"error_code": "OK", "error_message": ""},
+                        }
+                    ]
+                }
+            ]
+        }
+    )
+    model_version_status: list[ModelVersionStatus]
+
+
+class ModelSpec(BaseModel):
+    name: str
+    signature_name: str
+    version: str
+
+
+class ModelMetadataResponse(BaseModel):
+    model_spec: ModelSpec
+    metadata: dict[str, Any] = Field(description="signature_def as TF Serving writes it")
+
+
+class PredictResponse(BaseModel):
+    """Row requests (`instances`) get `predictions`; columnar ones (`inputs`) `outputs`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"predictions": [[0.01, 0.97, 0.02]]}]}
+    )
+    predictions: Any = None
+    outputs: Any = None
+
+
+def _served_errors() -> list[type[errors.CnnserveError]]:
+    def walk(cls: type[errors.CnnserveError]) -> list[type[errors.CnnserveError]]:
+        return [cls, *(c for sub in cls.__subclasses__() for c in walk(sub))]
+
+    offline = (errors.DatasetError, errors.ExportError, errors.ConfigError)
+    return [
+        c
+        for c in walk(errors.CnnserveError)
+        if c is not errors.CnnserveError
+        and c.__module__ == errors.__name__
+        and not issubclass(c, offline)
+    ]
+
+
+def error_responses() -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for every status the error table gives, listing its codes."""
+    by_status: dict[int, list[str]] = {}
+    for cls in _served_errors():
+        by_status.setdefault(cls.http_status, []).append(cls.code)
+    return {
+        status: {
+            "model": ErrorBody,
+            "description": "error codes: " + ", ".join(f"`{c}`" for c in sorted(codes)),
+        }
+        for status, codes in sorted(by_status.items())
+    }
+
+
+def openapi_without_validation_errors(app: FastAPI) -> dict[str, Any]:
+    """The app's OpenAPI document without FastAPI's automatic 422 answers: request
+    validation errors are answered 400 `bad_request` (service.api.http), as documented."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,12 @@
+"""Log set-up shared by the CLI and the worker processes uvicorn starts (which begin with
+no logging configured, and would otherwise hide their load errors and warnings)."""
+
+from __future__ import annotations
+
+import logging
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(*, verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
