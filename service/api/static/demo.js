@@ -389,7 +389,8 @@ function onHash() {
 function wire() {
   const key = $("api-key");
   key.value = sessionStorage.getItem(KEY_STORE) || "";
-  key.addEventListener("change", () => {
+  $("key-form").addEventListener("submit", (e) => {
+    e.preventDefault();
     sessionStorage.setItem(KEY_STORE, key.value.trim());
     loadModels();
   });
