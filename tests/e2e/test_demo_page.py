@@ -26,7 +26,7 @@ SCREENSHOTS = ROOT / "reports" / "e2e"
 TEST_IMAGE = ROOT / "docs" / "samples" / "ankle_boot.png"  # a Fashion-MNIST test image
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}
-SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8" height="8"/></svg>'
+SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"><rect width="8"/></svg>'
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ class Watched:
     expected_statuses: set[int] = field(default_factory=set)
 
     def on_console(self, kind: str, text: str) -> None:
-        failed = re.match(r"Failed to load resource: the server responded with a status of (\d+)", text)
+        failed = re.match(r"Failed to load resource: .* status of (\d+)", text)
         if kind == "error" and not (failed and int(failed.group(1)) in self.expected_statuses):
             self.problems.append(f"console {kind}: {text}")
 
@@ -104,8 +104,8 @@ def test_an_uploaded_test_image_gets_its_label_bars_and_latency(desktop: Watched
     page = desktop.page
     page.get_by_label("Choose an image").set_input_files(TEST_IMAGE)
     expect_five_bars(page, "Ankle boot")
-    width = page.locator("#predictions .fill").first.evaluate("e => e.getBoundingClientRect().width")
-    assert width > 0.9 * page.locator("#predictions .bar").first.bounding_box()["width"]  # type: ignore[index]
+    fill, bar = page.locator("#predictions .fill").first, page.locator("#predictions .bar").first
+    assert fill.evaluate("e => e.offsetWidth") > 0.9 * bar.evaluate("e => e.offsetWidth")
     expect(page.locator("#preview")).to_be_visible()
     timing = page.locator("#timing").inner_text()
     for stage in ("decode", "queue", "inference", "round trip"):
@@ -116,7 +116,8 @@ def test_an_uploaded_test_image_gets_its_label_bars_and_latency(desktop: Watched
     expect(page.get_by_role("link", name="Metrics")).to_have_attribute("href", "/metrics")
     # Every form control has a label a screen reader can announce.
     unlabelled = page.evaluate(
-        "[...document.querySelectorAll('input, select')].filter(e => !e.labels.length).map(e => e.id)"
+        "[...document.querySelectorAll('input, select')]"
+        ".filter(e => !e.labels.length).map(e => e.id)"
     )
     assert unlabelled == []
     desktop.shot("desktop-classified")
@@ -141,7 +142,8 @@ def test_phone_width_keyboard_only_sample_and_model_card(phone: Watched) -> None
     reached = []
     for _ in range(16):
         page.keyboard.press("Tab")
-        reached.append(page.evaluate("document.activeElement.id || document.activeElement.ariaLabel"))
+        focused = "document.activeElement.id || document.activeElement.ariaLabel"
+        reached.append(page.evaluate(focused))
     for control in ("model", "version", "file", "Sample: Ankle boot (Fashion-MNIST test image 0)"):
         assert control in reached, reached
     page.get_by_role("button", name=re.compile("^Sample: Trouser")).focus()
