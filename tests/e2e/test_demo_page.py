@@ -202,3 +202,35 @@ def test_sends_the_api_key_and_shows_401_and_503_as_the_api_states_them(desktop:
     expect(error).to_contain_text("retry in 2 s")
     assert seen == [None, "Bearer secret"]
     desktop.shot("desktop-503-retry")
+
+
+# Builds a File from a sample's PNG and hands it to the page as a drop or a paste would.
+GIVE_FILE = """async ([kind, url]) => {
+  const blob = await (await fetch(url)).blob();
+  const data = new DataTransfer();
+  data.items.add(new File([blob], `${kind}.png`, { type: "image/png" }));
+  const init = { bubbles: true, cancelable: true };
+  if (kind === "dropped") {
+    const drop = document.getElementById("drop");
+    drop.dispatchEvent(new DragEvent("dragover", { ...init, dataTransfer: data }));
+    drop.dispatchEvent(new DragEvent("drop", { ...init, dataTransfer: data }));
+  } else {
+    document.dispatchEvent(new ClipboardEvent("paste", { ...init, clipboardData: data }));
+  }
+}"""
+
+
+def test_drop_and_paste_on_a_chosen_version(desktop: Watched) -> None:
+    page = desktop.page
+    asked: list[str] = []
+    page.on("request", lambda r: asked.append(r.url) if "/v1/classify" in r.url else None)
+    page.get_by_label("Version or label").select_option(label="version 1")
+    samples = "/demo/models/fashion_mnist/versions/1/samples"
+    page.evaluate(GIVE_FILE, ["dropped", f"{samples}/2.png"])  # a Trouser
+    expect_five_bars(page, "Trouser")
+    expect(page.locator("#preview-caption")).to_contain_text("dropped.png")
+    page.evaluate(GIVE_FILE, ["pasted", f"{samples}/5.png"])  # a Sandal
+    expect_five_bars(page, "Sandal")
+    expect(page.locator("#preview-caption")).to_contain_text("pasted.png")
+    assert len(asked) == 2
+    assert all("model=fashion_mnist&version=1" in url for url in asked), asked

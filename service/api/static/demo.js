@@ -143,6 +143,8 @@ async function loadModels() {
     fillVersions();
     clearError();
     await versionChanged();
+    // A model still loading has no version yet: look again until every one has.
+    if (answer.models.some((m) => m.versions.length === 0)) setTimeout(loadModels, 2000);
   } catch (err) {
     report(err);
     if (err.retryAfter) setTimeout(loadModels, Number(err.retryAfter) * 1000);
