@@ -97,7 +97,7 @@ def expect_five_bars(page: Page, top: str) -> None:
     expect(page.locator("#predictions .bar .fill")).to_have_count(5)
     expect(predictions.first.locator(".name")).to_have_text(top)
     for text in predictions.locator(".pct").all_inner_texts():
-        assert re.fullmatch(r"<?\d{1,3}\.\d\d%", text), text
+        assert re.fullmatch(r"[<>]?\d{1,3}\.\d\d%", text), text
 
 
 def test_an_uploaded_test_image_gets_its_label_bars_and_latency(desktop: Watched) -> None:

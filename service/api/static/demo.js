@@ -221,11 +221,18 @@ function showTiming(stages, roundTrip) {
   list.hidden = false;
 }
 
+// Two decimals, never rounded to a certainty or to nothing the model did not say.
+function scoreText(score) {
+  if (score > 0 && score < 0.00005) return "<0.01%";
+  if (score < 1 && score >= 0.99995) return ">99.99%";
+  return `${(score * 100).toFixed(2)}%`;
+}
+
 function showPredictions(answer) {
   const list = $("predictions");
   list.replaceChildren();
   for (const p of answer.predictions) {
-    const percent = p.score > 0 && p.score < 0.0001 ? "<0.01%" : `${(p.score * 100).toFixed(2)}%`;
+    const percent = scoreText(p.score);
     const fill = el("span", { class: "fill" });
     fill.style.width = `${Math.max(0, Math.min(100, p.score * 100))}%`;
     list.append(el("li", { class: "prediction" },
