@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-APT_PACKAGES := dataset-fashion-mnist prometheus
+APT_PACKAGES := dataset-fashion-mnist prometheus chromium
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONDONTWRITEBYTECODE := 1
 
@@ -15,7 +15,7 @@ TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --se --epochs 36 --ba
 	--optimizer adamw --lr 0.002 --weight-decay 0.02 --schedule cosine \
 	--rotation 0 --zoom 0 --shift 0.1 --seed 0
 
-.PHONY: install system-deps run test bench lint format proto proto-check train clean
+.PHONY: install system-deps run test test-e2e bench lint format proto proto-check train clean
 
 install: $(STAMP)
 
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 # Debian packages the tests use (Fashion-MNIST's IDX files; prometheus and promtool for the
-# monitoring tests); installed only when missing.
+# monitoring tests; chromium for the browser tests); installed only when missing.
 system-deps:
 	@missing=""; \
 	for pkg in $(APT_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
@@ -42,6 +42,10 @@ run: install
 
 test: install system-deps proto-check
 	$(PY) -m pytest
+
+# Only the browser tests (also part of `make test`); screenshots land in reports/e2e/.
+test-e2e: install system-deps
+	$(PY) -m pytest -m e2e tests/e2e
 
 # Runtime table and end-to-end req/s + latency for the default model (wrk from Debian).
 bench: install

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     )
     access_log: bool = Field(True, description="One JSON line per request on stdout.")
 
+    # --- demo page ----------------------------------------------------------------------
+    demo_page: bool = Field(
+        True,
+        description="Serve the browser demo page at / (and its /demo/* data); false = 404.",
+    )
+
     @model_validator(mode="after")
     def _size_workers(self) -> Settings:
         # One process per core: a Python worker saturates about one core on decoding and

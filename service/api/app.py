@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__, metrics
-from service.api import rest, tfserving_rest
+from service.api import demo, rest, tfserving_rest
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import RequestGuard, install_error_handlers
 from service.api.schemas import error_responses, openapi_without_validation_errors
@@ -83,6 +83,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(rest.router)
     app.include_router(tfserving_rest.router)
+    if settings.demo_page:
+        app.include_router(demo.router)
     if settings.metrics_path:
         app.add_api_route(
             settings.metrics_path, rest.prometheus_metrics, methods=["GET"], tags=["health"]

@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "service.loading": 2,
     "service.sources": 2,
     "service.batching": 2,
+    "service.samples": 2,  # demo-page samples from warmup records or the dataset
     "service.training": 2,  # offline: uses the lower layers, never the serving core's
     "service.runtimes": 1,
     "service.repository": 1,
