@@ -30,6 +30,7 @@ from service.requestlog import configure_access_log
 log = logging.getLogger(__name__)
 
 READINESS_PERIOD_SECONDS = 0.25
+DOCS_URL = "/docs"  # Swagger UI; FastAPIOffline serves it itself (app.docs_url stays None)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # /docs and /redoc from assets the gateway serves itself (no CDN: air-gapped hosts).
     app = FastAPIOffline(
+        docs_url=DOCS_URL,
         title="cnnserve",
         version=__version__,
         description="Image classification over REST, with TF Serving-compatible endpoints.",
@@ -75,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=error_responses(),
     )
     app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
+    app.state.docs_url = DOCS_URL
     app.add_middleware(
         RequestGuard,
         max_body_bytes=settings.max_body_bytes,

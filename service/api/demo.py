@@ -83,7 +83,7 @@ async def models(request: Request) -> dict[str, Any]:
         "default_model": registry.default_model,
         "models": listed,
         "links": {
-            "docs": request.app.docs_url,
+            "docs": request.app.state.docs_url,
             "metrics": plane.settings.metrics_path or None,
         },
     }
