@@ -5,6 +5,7 @@ flags TF Serving defines."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -145,13 +146,25 @@ def dockerignore_allows(path: str, lines: list[str]) -> bool:
 
 
 def build_context(root: Path = ROOT) -> list[str]:
-    """The files (relative paths) `docker build` sends from ``root``."""
+    """The files (relative paths) `docker build` sends from ``root``. Like Docker, it does
+    not descend into an excluded folder that no `!` pattern reaches into."""
     lines = (root / ".dockerignore").read_text().splitlines()
-    return sorted(
-        rel
-        for p in root.rglob("*")
-        if p.is_file() and dockerignore_allows(rel := p.relative_to(root).as_posix(), lines)
-    )
+    exceptions = [ln.strip()[1:].strip("/") for ln in lines if ln.strip().startswith("!")]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        base = Path(folder).relative_to(root)
+        dirs[:] = [
+            d
+            for d in dirs
+            if dockerignore_allows((rel := (base / d).as_posix()), lines)
+            or any(e.startswith(rel + "/") for e in exceptions)
+        ]
+        files += [
+            rel
+            for n in names
+            if dockerignore_allows((rel := (base / n).as_posix()), lines)
+        ]
+    return sorted(files)
 
 
 # --- kustomize (the subset docker/k8s uses) -------------------------------------------
