@@ -159,11 +159,7 @@ def build_context(root: Path = ROOT) -> list[str]:
             if dockerignore_allows((rel := (base / d).as_posix()), lines)
             or any(e.startswith(rel + "/") for e in exceptions)
         ]
-        files += [
-            rel
-            for n in names
-            if dockerignore_allows((rel := (base / n).as_posix()), lines)
-        ]
+        files += [rel for n in names if dockerignore_allows((rel := (base / n).as_posix()), lines)]
     return sorted(files)
 
 

@@ -30,7 +30,9 @@ VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
 
 def dockerfile_command(instruction: str) -> list[str]:
     (value,) = [
-        i["value"] for i in DockerfileParser(str(DOCKERFILE)).structure if i["instruction"] == instruction
+        i["value"]
+        for i in DockerfileParser(str(DOCKERFILE)).structure
+        if i["instruction"] == instruction
     ]
     if instruction == "HEALTHCHECK":
         value = value[value.index("CMD") + len("CMD") :].strip()

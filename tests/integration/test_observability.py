@@ -195,7 +195,9 @@ def test_every_dashboard_panel_and_recording_rule_has_data(loaded: Server, tmp_p
     # TF Serving's panels read its metrics page, played here by a stand-in in its format.
     with (
         fake_tfserving_metrics("tiny") as tfserving,
-        running_prometheus(tmp_path, targets=[target, tfserving], rule_files=rule_files) as prometheus,
+        running_prometheus(
+            tmp_path, targets=[target, tfserving], rule_files=rule_files
+        ) as prometheus,
     ):
         deadline = time.monotonic() + 90
         # Two scrapes after the load, so every rate() has a difference to work with.

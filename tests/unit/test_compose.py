@@ -213,10 +213,14 @@ def test_gateway_arguments_and_variables_are_ones_cnnserve_reads(name: str) -> N
     assert set(service["environment"]) <= fields
     assert host_path(service, "/models") == REPOSITORY  # the image's CNNSERVE_MODEL_REPOSITORY
     gateway = load_compose()["services"]["gateway"]
-    assert published(service) == published(gateway) == {
-        8000: "127.0.0.1:8000",
-        8500: "127.0.0.1:8500",
-    }
+    assert (
+        published(service)
+        == published(gateway)
+        == {
+            8000: "127.0.0.1:8000",
+            8500: "127.0.0.1:8500",
+        }
+    )
     if args.backend == "tfserving":
         host, port = args.tfserving_address.split(":")
         (dependency,) = service["depends_on"]

@@ -159,8 +159,10 @@ def test_the_build_context_builds_the_project(tmp_path: Path) -> None:
     assert (src / readme).is_file() and (src / "pyproject.toml").is_file()
     wheels = tmp_path / "wheels"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
-        + ["--no-index", "-w", str(wheels), str(src)],
+        [
+            *(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation"),
+            *("-q", "--no-index", "-w", str(wheels), str(src)),
+        ],
         capture_output=True,
         text=True,
         timeout=240,

@@ -167,10 +167,14 @@ def test_config_map_is_the_repositorys_configs_on_the_model_volume(tmp_path: Pat
     for name in ("batching.config", "monitoring.config"):
         assert data[name] == (REPOSITORY / name).read_text(), name
     ours = load_models_config(REPOSITORY)
-    model_dirs = {mount_path(find(objects, "Deployment", n), "persistentVolumeClaim") for n in DEPLOYMENTS}
+    model_dirs = {
+        mount_path(find(objects, "Deployment", n), "persistentVolumeClaim") for n in DEPLOYMENTS
+    }
     (model_dir,) = model_dirs  # the same path in both pods
     assert len(k8s_models.model_config_list.config) == len(ours.model_config_list.config)
-    for k8s, local in zip(k8s_models.model_config_list.config, ours.model_config_list.config, strict=True):
+    for k8s, local in zip(
+        k8s_models.model_config_list.config, ours.model_config_list.config, strict=True
+    ):
         # The same model, its folder at <volume>/<name> instead of /models/<name>.
         assert k8s.base_path == f"{model_dir}/{local.name}"
         local.base_path = k8s.base_path
@@ -209,7 +213,9 @@ def test_request_rate_overlay_scales_on_the_adapters_metric() -> None:
     hpa = find(rendered(K8S / "overlays" / "request-rate"), "HorizontalPodAutoscaler", "gateway")
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Pods"
-    values = yaml.safe_load((K8S / "overlays" / "request-rate" / "prometheus-adapter-values.yaml").read_text())
+    values = yaml.safe_load(
+        (K8S / "overlays" / "request-rate" / "prometheus-adapter-values.yaml").read_text()
+    )
     (rule,) = values["rules"]["custom"]
     series = rule["seriesQuery"].split("{")[0]
     assert series == f"{metrics.REQUESTS._name}_total"
