@@ -5,6 +5,8 @@ CLI and settings, and the compose stack."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -64,6 +66,23 @@ def test_every_object_validates_strictly(folder: Path) -> None:
     assert objects
     for obj in objects:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_kubernetes_validate_command_accepts_every_rendered_file(tmp_path: Path) -> None:
+    """The same check as the CLI a person would run on `kubectl kustomize` output."""
+    files = []
+    for folder in kustomizations():
+        out = tmp_path / (folder.relative_to(K8S).as_posix().replace("/", "-") + ".yaml")
+        out.write_text(yaml.safe_dump_all(rendered(folder)))
+        files.append(str(out))
+    cli = Path(sys.executable).parent / "kubernetes-validate"
+    done = subprocess.run(
+        [str(cli), "--strict", "--quiet", "-k", KUBERNETES_VERSION, *files],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_strict_validation_rejects_a_misspelt_field() -> None:
