@@ -45,33 +45,51 @@ def run_check(command: list[str], env: dict[str, str]) -> int:
 
 
 class Image:
-    """`cnnserve serve` started as the image starts it, ports and paths made local."""
+    """`cnnserve` started as the image starts it (ENTRYPOINT, then ``cmd`` or the image's
+    CMD, with its ENV and ``env``), ports and paths made local."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(
+        self, tmp: Path, cmd: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
+        self.grpc_port = next(p for p in iter(free_port, None) if p != self.port)
         image_env = DockerfileParser(str(DOCKERFILE)).envs
         self.env = {
             **os.environ,
             **{k: v for k, v in image_env.items() if k not in ("PATH", "HOME")},
+            **(env or {}),
             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
             "HOME": str(tmp),
             # The image's values would bind every interface and read /models.
             "CNNSERVE_HOST": "127.0.0.1",
             "CNNSERVE_PORT": str(self.port),
-            "CNNSERVE_GRPC_PORT": "0",
+            "CNNSERVE_GRPC_PORT": str(self.grpc_port),
             "CNNSERVE_MODEL_REPOSITORY": str(REPOSITORY),
             "CNNSERVE_CACHE_DIR": str(tmp / "cache"),
             "CNNSERVE_WORKERS": "1",
         }
-        argv = dockerfile_command("ENTRYPOINT") + dockerfile_command("CMD")
+        argv = dockerfile_command("ENTRYPOINT") + (cmd or dockerfile_command("CMD"))
         executable = shutil.which(argv[0], path=self.env["PATH"])
         assert executable == str(VENV_BIN / "cnnserve"), executable
-        self.log = tmp / "server.log"
+        self.log = tmp / f"server-{self.port}.log"
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
                 argv, cwd=tmp, env=self.env, stdout=out, stderr=subprocess.STDOUT
             )
         self.url = f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self) -> None:
+        try:
+            wait_for(self.url + "/readyz", self.process, 200, timeout=120)
+        except (RuntimeError, TimeoutError) as exc:
+            raise AssertionError(f"{exc}:\n{self.log.read_text()}") from None
+
+
+def classify(url: str) -> httpx.Response:
+    png = (ROOT / "docs" / "samples" / "ankle_boot.png").read_bytes()
+    return httpx.post(
+        url + "/v1/classify", content=png, headers={"content-type": "image/png"}, timeout=30
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +99,7 @@ def image() -> Iterator[Image]:
         healthcheck = dockerfile_command("HEALTHCHECK")
         # Not healthy before it answers; `docker` retries until it is.
         assert run_check(healthcheck, started.env) != 0
-        try:
-            wait_for(started.url + "/readyz", started.process, 200, timeout=120)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}:\n{started.log.read_text()}") from None
+        started.wait_ready()
         yield started
         stop(started.process)
         assert run_check(healthcheck, started.env) != 0, "healthy after the server stopped"
@@ -95,11 +110,26 @@ def test_image_command_serves_the_repository_and_is_healthy(image: Image) -> Non
     # The Kubernetes probes' paths.
     assert httpx.get(image.url + "/healthz").status_code == 200
     assert httpx.get(image.url + "/readyz").status_code == 200
-    png = (ROOT / "docs" / "samples" / "ankle_boot.png").read_bytes()
-    r = httpx.post(
-        image.url + "/v1/classify", content=png, headers={"content-type": "image/png"}, timeout=30
-    )
+    r = classify(image.url)
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "Ankle boot"
+
+
+def test_compose_gateway_command_fronts_a_tf_serving(image: Image, tmp_path: Path) -> None:
+    """The stack's `gateway` service (and the Kubernetes gateway: same arguments), its
+    TF Serving played by the first server's TF-Serving-compatible gRPC API."""
+    service = load_compose()["services"]["gateway"]
+    cmd = [a.replace("tfserving:8500", f"127.0.0.1:{image.grpc_port}") for a in service["command"]]
+    assert cmd != service["command"], "the gateway no longer names tfserving:8500"
+    gateway = Image(tmp_path, cmd, service["environment"])
+    try:
+        gateway.wait_ready()
+        assert run_check(dockerfile_command("HEALTHCHECK"), gateway.env) == 0
+        r = classify(gateway.url)
+        assert r.status_code == 200, r.text
+        assert r.json()["predictions"][0]["label"] == "Ankle boot"
+        assert r.json()["version"] == 1
+    finally:
+        stop(gateway.process)
 
 
 def test_tf_serving_healthcheck_sees_an_available_model(image: Image) -> None:

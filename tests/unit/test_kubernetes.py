@@ -205,6 +205,8 @@ def test_gateway_arguments_variables_and_probes() -> None:
     c = container(objects, "gateway")
     args = build_parser(Settings()).parse_args(c["args"])
     assert args.command == "serve" and args.backend == "tfserving"
+    # The command tests/integration/test_deployment.py runs in front of a TF Serving.
+    assert c["args"] == load_compose()["services"]["gateway"]["command"]
     host, port = args.tfserving_address.split(":")
     service = find(objects, "Service", host)
     assert int(port) in {p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"}
