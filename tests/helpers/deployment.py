@@ -19,9 +19,11 @@ DOCKERFILE = DOCKER / "Dockerfile"
 K8S = DOCKER / "k8s"
 REPOSITORY = ROOT / "model_repository"
 
-# Every flag of `tensorflow_model_server` (TF Serving 2.21,
-# tensorflow_serving/model_servers/main.cc, the `flag_list` of main()). The only list of
-# them: compose's and Kubernetes' TF Serving command lines may use nothing else.
+# Every flag of `tensorflow_model_server`: the `flag_list` of main() in TF Serving's
+# tensorflow_serving/model_servers/main.cc, as of the 2.x sources that define
+# enable_serialization_as_tensor_content (the newest read; none was removed since 2.0).
+# The only list of them: compose's and Kubernetes' TF Serving command lines may use
+# nothing else.
 TFSERVING_FLAGS = frozenset(
     {
         "port",
