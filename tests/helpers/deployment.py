@@ -21,7 +21,7 @@ REPOSITORY = ROOT / "model_repository"
 
 # Every flag of `tensorflow_model_server`: the `flag_list` of main() in TF Serving's
 # tensorflow_serving/model_servers/main.cc, as of the 2.x sources that define
-# enable_serialization_as_tensor_content (the newest read; none was removed since 2.0).
+# enable_serialization_as_tensor_content (the newest version found).
 # The only list of them: compose's and Kubernetes' TF Serving command lines may use
 # nothing else.
 TFSERVING_FLAGS = frozenset(
