@@ -16,7 +16,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers.images import encode, gradient
-from tests.helpers.monitoring import DASHBOARD, PROMETHEUS, recording_rules
+from tests.helpers.monitoring import (
+    DASHBOARD,
+    PROMETHEUS,
+    fake_tfserving_metrics,
+    recording_rules,
+)
 from tests.helpers.prometheus import running_prometheus
 from tests.helpers.server import Server, running_server
 
@@ -187,7 +192,13 @@ def test_every_dashboard_panel_and_recording_rule_has_data(loaded: Server, tmp_p
         queries[f"rule {rule['record']} (recorded)"] = rule["record"]
     rule_files = sorted((PROMETHEUS / "rules").glob("*.yml"))
     target = loaded.url.removeprefix("http://")
-    with running_prometheus(tmp_path, targets=[target], rule_files=rule_files) as prometheus:
+    # TF Serving's panels read its metrics page, played here by a stand-in in its format.
+    with (
+        fake_tfserving_metrics("tiny") as tfserving,
+        running_prometheus(
+            tmp_path, targets=[target, tfserving], rule_files=rule_files
+        ) as prometheus,
+    ):
         deadline = time.monotonic() + 90
         # Two scrapes after the load, so every rate() has a difference to work with.
         assert prometheus.wait_for_data("count_over_time(up[1m]) >= 2", deadline)

@@ -18,9 +18,11 @@ from tests.helpers.monitoring import (
     DASHBOARD,
     DOCKER,
     PROMETHEUS,
+    TFSERVING_METRIC_NAME,
     alert_rules,
     dashboard_queries,
     recording_rules,
+    tfserving_sample_names,
 )
 
 METRIC_NAME = re.compile(r"\bcnnserve_[a-z0-9_]+\b")
@@ -113,3 +115,14 @@ def test_compose_mounts_exist_and_match_the_provisioning() -> None:
     )["providers"]
     grafana_mounts = dict(v.split(":")[:2] for v in compose["services"]["grafana"]["volumes"])
     assert grafana_mounts["./grafana/dashboards"] == providers[0]["options"]["path"]
+
+
+def test_dashboard_shows_tf_serving_metrics_by_the_names_it_exports() -> None:
+    used = {name for expr in dashboard_queries() for name in TFSERVING_METRIC_NAME.findall(expr)}
+    assert used, "no TF Serving panel"
+    assert used <= tfserving_sample_names(), used - tfserving_sample_names()
+    # TF Serving labels its series model_name (the gateway: model); the $model variable
+    # must filter them too.
+    for expr in dashboard_queries():
+        if TFSERVING_METRIC_NAME.search(expr):
+            assert 'model_name=~"$model"' in expr and 'model=~"$model"' not in expr, expr
