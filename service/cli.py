@@ -249,6 +249,9 @@ def _add_bench(
         default=Path("loadtests/reference_server.py"),
         help="tutorial-style server to compare with",
     )
+    p.add_argument(
+        "--reference-workers", type=int, default=None, help="default: the most swept workers"
+    )
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--slo-p99-ms", type=float, default=100.0, help="for the batching advisor")
     p.add_argument(
@@ -288,6 +291,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         warmup_seconds=args.warmup_seconds,
         limit_seconds=args.limit_seconds,
         reference=reference,
+        reference_workers=args.reference_workers or max(workers),
         url=args.url,
         server_pid=args.server_pid,
         image=sweep.sample_image(settings.fashion_mnist_dir),

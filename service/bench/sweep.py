@@ -84,6 +84,7 @@ class Plan:
     warmup_seconds: float = 2.0
     limit_seconds: float = 3.0
     reference: Path | None = None
+    reference_workers: int = 1
     url: str | None = None  # drive a running gateway instead of starting one
     server_pid: int | None = None  # its pid, for CPU and RSS (optional)
     image: bytes = field(default=b"", repr=False)
@@ -230,7 +231,7 @@ def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[st
                 runs.append(_measure_gateway(plan, config, url, pid, settings, costs, progress))
         reference = None
         if plan.reference is not None:
-            reference = _measure_reference(plan, plan.configs[0].workers, image_path, progress)
+            reference = _measure_reference(plan, plan.reference_workers, image_path, progress)
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "cores": _cores(),
