@@ -51,7 +51,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 @contextmanager
 def local_server(repository: str) -> Iterator[tuple[str, str]]:
     """`cnnserve serve` on free ports (REST and gRPC) until the block ends."""
-    from service.launch import free_port, serve_command, wait_for
+    from service.launch import free_port, serve_command, stop, wait_for
 
     port = free_port()
     grpc_port = next(p for p in iter(free_port, None) if p != port)
@@ -64,12 +64,7 @@ def local_server(repository: str) -> Iterator[tuple[str, str]]:
             sys.stderr.write(f"loadtest: started a local server on :{port} (gRPC :{grpc_port})\n")
             yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process)
 
 
 def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[str]:

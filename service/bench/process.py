@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.launch import wait_for
+from service.launch import stop, wait_for
 
 _TICK = os.sysconf("SC_CLK_TCK")
 _PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -110,9 +110,4 @@ def started(cmd: list[str], *, env: dict[str, str], ready_url: str, log: Path) -
             raise RuntimeError(f"{' '.join(cmd[:4])}…: {exc}\n{tail}") from None
         yield process.pid
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process)
