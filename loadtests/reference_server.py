@@ -74,6 +74,9 @@ def main() -> None:
         port=args.port,
         workers=args.workers,
         log_level="warning",
+        # Not tutorial code: on a busy box a worker still importing TensorFlow misses
+        # uvicorn's 5 s health check and is restarted, again and again.
+        timeout_worker_healthcheck=120,
     )
 
 

@@ -231,7 +231,11 @@ def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[st
                 runs.append(_measure_gateway(plan, config, url, pid, settings, costs, progress))
         reference = None
         if plan.reference is not None:
-            reference = _measure_reference(plan, plan.reference_workers, image_path, progress)
+            try:
+                reference = _measure_reference(plan, plan.reference_workers, image_path, progress)
+            except RuntimeError as exc:  # the gateway's numbers still count
+                progress(f"reference server failed: {exc}")
+                reference = {"server": str(plan.reference), "error": str(exc), "points": []}
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "cores": _cores(),
