@@ -174,6 +174,13 @@ def _measure_gateway(
             }
         )
         point["efficiency"] = round(point["requests_per_s"] / point["limit_rps"], 3)
+        if point.get("server_cpu_s") and point["ok"]:
+            # CPU per request against the parts' sum: unlike req/s, barely moved by other
+            # work on a shared box (it counts only the server's own CPU time).
+            cpu_ms = point["server_cpu_s"] * 1e3 / point["ok"]
+            parts_ms = point["http_ms"] + point["decode_ms"] + point["inference_ms"]
+            point["cpu_ms_per_request"] = round(cpu_ms, 3)
+            point["cpu_efficiency"] = round(parts_ms / cpu_ms, 3)
         points.append(point)
         progress(_line(config.label(), point))
     return {"config": config.label(), "http_alone": http, "points": points}
@@ -182,6 +189,9 @@ def _measure_gateway(
 def _line(label: str, p: dict[str, Any]) -> str:
     errors = sum(p["errors"].values())
     extra = f", efficiency {p['efficiency']:.0%}" if "efficiency" in p else ""
+    if "cpu_efficiency" in p:
+        cpu = p["cpu_ms_per_request"]
+        extra += f" ({cpu:.2f} ms CPU/req, {p['cpu_efficiency']:.0%} of it in the parts)"
     return (
         f"  {label} c={p['connections']}: {p['requests_per_s']:.0f} req/s, "
         f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, {errors} errors{extra}"

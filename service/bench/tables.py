@@ -9,11 +9,21 @@ def _errors(p: dict[str, Any]) -> str:
     return ", ".join(f"{k}: {v}" for k, v in sorted(p["errors"].items())) or "0"
 
 
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _cpu_ms(p: dict[str, Any]) -> str:
+    if not p.get("server_cpu_s") or not p["ok"]:
+        return "–"
+    return f"{p['server_cpu_s'] * 1e3 / p['ok']:.3f}"
+
+
 def sweep_table(data: dict[str, Any]) -> str:
     rows = [
         "| server | conn | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | batch "
-        "| CPU cores | RSS MB | limit req/s | efficiency |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| CPU cores | CPU ms/req | RSS MB | limit req/s | efficiency | CPU efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in data["runs"]:
         for p in run["points"]:
@@ -21,8 +31,9 @@ def sweep_table(data: dict[str, Any]) -> str:
                 f"| {run['config']} | {p['connections']} | {p['requests_per_s']:.0f} "
                 f"| {p['p50_ms']:.1f} | {p['p90_ms']:.1f} | {p['p99_ms']:.1f} "
                 f"| {p['p99.9_ms']:.1f} | {_errors(p)} | {p['served_batch']:g} "
-                f"| {p.get('server_cores', '–')} | {p.get('server_rss_mb', '–')} "
-                f"| {p['limit_rps']:.0f} | {p['efficiency']:.0%} |"
+                f"| {p.get('server_cores', '–')} | {p.get('cpu_ms_per_request', '–')} "
+                f"| {p.get('server_rss_mb', '–')} | {p['limit_rps']:.0f} | {p['efficiency']:.0%} "
+                f"| {_pct(p.get('cpu_efficiency'))} |"
             )
     reference = data.get("reference")
     if reference:
@@ -31,7 +42,8 @@ def sweep_table(data: dict[str, Any]) -> str:
                 f"| reference ({reference['workers']}w) | {p['connections']} "
                 f"| {p['requests_per_s']:.0f} | {p['p50_ms']:.1f} | {p['p90_ms']:.1f} "
                 f"| {p['p99_ms']:.1f} | {p['p99.9_ms']:.1f} | {_errors(p)} | 1 "
-                f"| {p.get('server_cores', '–')} | {p.get('server_rss_mb', '–')} | – | – |"
+                f"| {p.get('server_cores', '–')} | {_cpu_ms(p)} "
+                f"| {p.get('server_rss_mb', '–')} | – | – | – |"
             )
     return "\n".join(rows)
 

@@ -39,6 +39,7 @@ def test_tiny_sweep_writes_json_and_png(tiny_repo: Path, tmp_path: Path) -> None
         for key in ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "server_cores", "server_rss_mb"):
             assert point[key] >= 0, key
         assert point["limit_rps"] > 0 and point["efficiency"] > 0
+        assert point["cpu_ms_per_request"] > 0 and point["cpu_efficiency"] > 0
         assert point["max_batch_size"] == 4
     assert run["http_alone"]["ok"] > 0
     assert set(data["limits"]["inference_ms_per_image"]) == {"1", "2", "4"}
