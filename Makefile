@@ -56,11 +56,11 @@ wrk:
 bench: install wrk
 	$(VENV)/bin/cnnserve bench $(BENCH_ARGS)
 
-# Locust, headless, with pass/fail thresholds (docs/performance.md). Reads HOST, GRPC_HOST,
-# PROTOCOL (rest|grpc|mixed), USERS, SPAWN_RATE, DURATION, TARGET_RPS, MAX_P99_MS,
-# MAX_FAIL_RATIO, PROCESSES (defaults in loadtests/run.py). With no HOST it starts a local
-# server and stops it after; exits 1 with a one-line reason when a threshold is broken.
-# Reports: loadtests/reports/.
+# Locust, headless, with pass/fail thresholds (docs/performance.md). Reads HOST,
+# GRPC_HOST, PROTOCOL (rest|grpc|mixed), USERS, SPAWN_RATE, DURATION, TARGET_RPS,
+# MAX_P99_MS, MAX_FAIL_RATIO, PROCESSES, IMAGE_MIX, ENCODING_MIX (defaults in
+# loadtests/run.py). With no HOST it starts a local server and stops it after; exits
+# non-zero with a one-line reason when a threshold is broken. Reports: loadtests/reports/.
 loadtest: install system-deps
 	$(PY) loadtests/run.py
 

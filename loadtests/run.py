@@ -41,6 +41,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-p99-ms", type=float, default=float(_env("MAX_P99_MS", "0")))
     p.add_argument("--max-fail-ratio", type=float, default=float(_env("MAX_FAIL_RATIO", "0.01")))
     p.add_argument("--processes", type=int, default=int(_env("PROCESSES", "1")))
+    p.add_argument("--image-mix", default=_env("IMAGE_MIX", ""), help="see payloads.py")
+    p.add_argument("--encoding-mix", default=_env("ENCODING_MIX", ""), help="see payloads.py")
     p.add_argument("--model", default=_env("MODEL", "fashion_mnist"))
     p.add_argument("--model-repository", default=_env("MODEL_REPOSITORY", "model_repository"))
     p.add_argument("--reports", type=Path, default=HERE / "reports", help="CSV and HTML here")
@@ -103,6 +105,9 @@ def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[
         "--stop-timeout",
         "10",
     ]
+    for option, value in (("--image-mix", args.image_mix), ("--encoding-mix", args.encoding_mix)):
+        if value:
+            cmd += [option, value]
     if args.processes != 1:
         cmd += ["--processes", str(args.processes)]
     return cmd + args.extra + USER_CLASSES[args.protocol]

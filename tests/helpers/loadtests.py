@@ -30,6 +30,8 @@ RUNNER_VARIABLES = frozenset(
         "PROCESSES",
         "MODEL",
         "MODEL_REPOSITORY",
+        "IMAGE_MIX",
+        "ENCODING_MIX",
     ]
 )
 
