@@ -10,7 +10,6 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from service.config import Settings
 from service.errors import CnnserveError, DatasetError
@@ -278,6 +277,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         else [sweep.Batching.of(settings)]
     )
     workers = [int(w) for w in args.workers.split(",")]
+    if args.url and len(workers) * len(batchings) > 1:
+        print(
+            "cnnserve bench: with --url the server's settings are fixed; give one --workers "
+            "and at most one --batching (they only label the run)",
+            file=sys.stderr,
+        )
+        return 2
     reference = None if args.no_reference else args.reference
     if reference is not None and not reference.exists():
         print(f"cnnserve bench: no reference server at {reference}; skipped", file=sys.stderr)
@@ -297,7 +303,7 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         image=sweep.sample_image(settings.fashion_mnist_dir),
     )
     print(f"bench {args.model}/{version} on {machine()}", file=sys.stderr)
-    data: dict[str, Any] = {
+    data = {
         "machine": machine(),
         "model": f"{args.model}/{version}",
         "command": "cnnserve " + shlex.join(args.argv),
