@@ -21,23 +21,23 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import gevent
 import grpc
 import grpc.experimental.gevent
 import payloads
 from locust import FastHttpUser, User, events, task
 from locust.env import Environment
-from locust.runners import WorkerRunner
+from locust.runners import MasterRunner, WorkerRunner
 from thresholds import Outcome, Thresholds, summary, verdict
 
 # Before any channel exists: gRPC's own threads would otherwise block locust's greenlets.
 grpc.experimental.gevent.init_gevent()
 
-log = logging.getLogger("loadtest")
 _pool: dict[str, list[payloads.Payload]] = {}
 
 
@@ -58,9 +58,7 @@ def _options(parser: Any) -> None:
 
 def _picker(environment: Environment, seed: int) -> payloads.Picker:
     options = environment.parsed_options
-    if not _pool:  # once per process, on first use
-        from pathlib import Path
-
+    if not _pool:  # built in _prepare; here only when a user starts without it
         _pool.update(payloads.build(directory=Path(options.fashion_mnist_dir)))
     return payloads.Picker(_pool, options.image_mix, options.encoding_mix, seed=seed)
 
@@ -118,11 +116,18 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 
 @events.init.add_listener
-def _import_grpc_stubs(environment: Environment, **_: Any) -> None:
-    """The TF Serving stubs pull in TensorFlow (seconds): import them before the load
-    starts, and only when gRPC users will run, so REST-only runs skip it."""
+def _prepare(environment: Environment, **_: Any) -> None:
+    """Before the load starts, so no user stalls the others: build the payloads (in
+    each process that runs users), and import the TF Serving stubs, which pull in
+    TensorFlow (seconds), only when gRPC users will run."""
+    if environment.parsed_options is None or isinstance(environment.runner, MasterRunner):
+        return
+    _picker(environment, seed=0)
     if any(cls.__name__ == "GrpcUser" for cls in environment.user_classes):
         import tensorflow_serving.apis.predict_pb2  # noqa: F401
+    # This blocked the event loop for seconds: refresh its clock, or the --run-time timer
+    # set next would count from before and fire at once.
+    gevent.get_hub().loop.update_now()
 
 
 class GrpcUser(User):
