@@ -15,14 +15,15 @@ TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --se --epochs 36 --ba
 	--optimizer adamw --lr 0.002 --weight-decay 0.02 --schedule cosine \
 	--rotation 0 --zoom 0 --shift 0.1 --seed 0
 
-.PHONY: install system-deps run test test-e2e bench lint format proto proto-check train clean
+.PHONY: install system-deps run test test-e2e test-load wrk bench loadtest lint format proto \
+	proto-check train clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,loadtest]'
 	@touch $(STAMP)
 
 # Debian packages the tests use (Fashion-MNIST's IDX files; prometheus and promtool for the
@@ -41,16 +42,32 @@ run: install
 	$(VENV)/bin/cnnserve serve
 
 test: install system-deps proto-check
-	$(PY) -m pytest
+	$(PY) -m pytest -m 'not load'
 
 # Only the browser tests (also part of `make test`); screenshots land in reports/e2e/.
 test-e2e: install system-deps
 	$(PY) -m pytest -m e2e tests/e2e
 
-# Runtime table and end-to-end req/s + latency for the default model (wrk from Debian).
-bench: install
+# tests/load: locust headless against real servers and a tiny `cnnserve bench` sweep
+# (about 90 s together, so apart from `make test`; .ci/run runs both).
+test-load: install system-deps wrk
+	$(PY) -m pytest -m load tests/load
+
+wrk:
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps APT_PACKAGES=wrk
-	$(VENV)/bin/cnnserve bench
+
+# Sweep of the gateway with wrk beside its physical limit and the tutorial-style
+# reference server; JSON + PNG in reports/. More options: BENCH_ARGS='--workers 1,2 ...'.
+bench: install wrk
+	$(VENV)/bin/cnnserve bench $(BENCH_ARGS)
+
+# Locust, headless, with pass/fail thresholds (docs/performance.md). Reads HOST,
+# GRPC_HOST, PROTOCOL (rest|grpc|mixed), USERS, SPAWN_RATE, DURATION, TARGET_RPS,
+# MAX_P99_MS, MAX_FAIL_RATIO, PROCESSES, IMAGE_MIX, ENCODING_MIX (defaults in
+# loadtests/run.py). With no HOST it starts a local server and stops it after; exits
+# non-zero with a one-line reason when a threshold is broken. Reports: loadtests/reports/.
+loadtest: install system-deps
+	$(PY) loadtests/run.py
 
 lint: install proto-check
 	$(VENV)/bin/ruff check .
@@ -94,4 +111,4 @@ train: install system-deps
 	$(VENV)/bin/cnnserve train $(TRAIN_ARGS)
 
 clean:
-	rm -rf $(VENV) .train .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .train .pytest_cache .mypy_cache .ruff_cache loadtests/reports

@@ -313,81 +313,118 @@ def _add_bench(
 ) -> None:
     p = sub.add_parser(
         "bench",
-        help="measure runtimes and end-to-end HTTP throughput/latency",
-        description="Times each runtime on one version at several batch sizes, then starts a "
-        "server and drives it with wrk (224x224 JPEG, raw body). Prints a table and writes "
-        "JSON with the machine, model and settings.",
+        help="sweep load on the gateway with wrk, beside its physical limit",
+        description="Starts the gateway for each workers x batching setting (or drives "
+        "--url) and runs wrk at each concurrency level posting a 224x224 JPEG; measures "
+        "HTTP, decode + resize and inference alone for the physical limit; runs the "
+        "tutorial-style reference server under the same load; writes JSON and a PNG and "
+        "recommends batching settings for --slo-p99-ms.",
     )
     p.add_argument("--model-repository", type=Path, default=settings.model_repository)
     p.add_argument("--model", default="fashion_mnist")
     p.add_argument("--version", type=int, default=None, help="default: newest")
-    p.add_argument("--batch-sizes", default="1,8,32")
-    p.add_argument("--seconds", type=float, default=3.0, help="per runtime measurement")
-    p.add_argument("--http-seconds", type=int, default=20)
-    p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--workers", default="1,2", help="worker counts to measure over HTTP")
-    p.add_argument("--skip-http", action="store_true")
-    p.add_argument("--output", type=Path, default=Path("reports/bench.json"))
+    p.add_argument("--concurrency", default="1,8,32,64", help="wrk connections per point")
+    p.add_argument("--workers", default=str(settings.workers), help="worker counts, e.g. 1,2")
+    p.add_argument(
+        "--batching",
+        default=None,
+        help="settings to sweep as max_batch_size:batch_timeout_micros:num_batch_threads, "
+        "comma-separated (default: the current settings)",
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="per point")
+    p.add_argument("--warmup-seconds", type=float, default=3.0, help="per server")
+    p.add_argument("--limit-seconds", type=float, default=3.0, help="per limit measurement")
+    p.add_argument("--url", default=None, help="drive this running gateway instead")
+    p.add_argument("--server-pid", type=int, default=None, help="its pid, for CPU and RSS")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=Path("loadtests/reference_server.py"),
+        help="tutorial-style server to compare with",
+    )
+    p.add_argument(
+        "--reference-workers", type=int, default=None, help="default: the most swept workers"
+    )
+    p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--slo-p99-ms", type=float, default=100.0, help="for the batching advisor")
+    p.add_argument(
+        "--runtime-table", action="store_true", help="also time each runtime (batch sizes below)"
+    )
+    p.add_argument("--batch-sizes", default="1,8,32", help="for --runtime-table")
+    p.add_argument("--output", type=Path, default=Path("reports/bench.json"), help="PNG beside")
     p.set_defaults(handler=_bench)
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    from service.bench import bench_http, bench_runtimes, machine, report
+    from service.bench import advisor, sweep, tables, write_json
+    from service.bench.plot import plot
+    from service.bench.runtime_table import bench_runtimes, machine
     from service.repository import version_dirs
 
     versions = version_dirs(args.model_repository / args.model)
     if not versions:
         raise DatasetError(f"no published version of {args.model} in {args.model_repository}")
     version = args.version or max(versions)
-    sizes = [int(x) for x in args.batch_sizes.split(",")]
-    print(f"runtimes on {args.model}/{version} ({machine()})", file=sys.stderr)
-    rows = []
-    for threads in sorted({1, os.cpu_count() or 1}):
-        rows += bench_runtimes(
-            versions[version],
-            cache_dir=settings.cache_dir,
-            batch_sizes=sizes,
-            seconds=args.seconds,
-            threads=threads,
+    batchings = (
+        [sweep.Batching.parse(b) for b in args.batching.split(",")]
+        if args.batching
+        else [sweep.Batching.of(settings)]
+    )
+    workers = [int(w) for w in args.workers.split(",")]
+    if args.url and len(workers) * len(batchings) > 1:
+        print(
+            "cnnserve bench: with --url the server's settings are fixed; give one --workers "
+            "and at most one --batching (they only label the run)",
+            file=sys.stderr,
         )
-    http = []
-    if not args.skip_http:
-        for workers in (int(w) for w in args.workers.split(",")):
-            print(f"http: {workers} worker(s), {args.connections} connections", file=sys.stderr)
-            http.append(
-                bench_http(
-                    args.model_repository,
-                    workers=workers,
-                    connections=args.connections,
-                    seconds=args.http_seconds,
-                    extra_env={},
-                )
-            )
+        return 2
+    reference = None if args.no_reference else args.reference
+    if reference is not None and not reference.exists():
+        print(f"cnnserve bench: no reference server at {reference}; skipped", file=sys.stderr)
+        reference = None
+    plan = sweep.Plan(
+        repository=args.model_repository,
+        version_dir=versions[version],
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        configs=[sweep.ServerConfig(w, b) for w in workers for b in batchings],
+        seconds=args.seconds,
+        warmup_seconds=args.warmup_seconds,
+        limit_seconds=args.limit_seconds,
+        reference=reference,
+        reference_workers=args.reference_workers or max(workers),
+        url=args.url,
+        server_pid=args.server_pid,
+        image=sweep.sample_image(settings.fashion_mnist_dir),
+    )
+    print(f"bench {args.model}/{version} on {machine()}", file=sys.stderr)
     data = {
         "machine": machine(),
         "model": f"{args.model}/{version}",
-        "runtimes": rows,
-        "http": http,
         "command": "cnnserve " + shlex.join(args.argv),
+        **sweep.run(plan, settings),
     }
-    report(args.output, data)
-    print("| runtime | threads | batch | images/s | p50 ms | p99 ms |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(
-            f"| {r['runtime']} | {r['threads']} | {r['batch']} | {r['images_per_s']:.0f} "
-            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
-        )
-    if http:
-        print()
-        print("| workers | connections | req/s | p50 ms | p90 ms | p99 ms | non-2xx |")
-        print("|---|---|---|---|---|---|---|")
-        for h in http:
-            print(
-                f"| {h['workers']} | {h['connections']} | {h['requests_per_s']:.0f} "
-                f"| {h['p50_ms']:.1f} | {h['p90_ms']:.1f} | {h['p99_ms']:.1f} | {h['non_2xx']} |"
+    if args.runtime_table:
+        data["runtimes"] = [
+            row
+            for threads in sorted({1, os.cpu_count() or 1})
+            for row in bench_runtimes(
+                versions[version],
+                cache_dir=settings.cache_dir,
+                batch_sizes=[int(x) for x in args.batch_sizes.split(",")],
+                seconds=args.limit_seconds,
+                threads=threads,
             )
-    print(f"\nwritten to {args.output}", file=sys.stderr)
+        ]
+    data["advice"] = advisor.recommend(data["runs"], args.slo_p99_ms)
+    write_json(args.output, data)
+    png = args.output.with_suffix(".png")
+    plot(data, png)
+    print(tables.sweep_table(data))
+    print()
+    print(tables.limits_table(data))
+    print()
+    print(advisor.describe(data["advice"]))
+    print(f"written to {args.output} and {png}", file=sys.stderr)
     return 0
 
 

@@ -69,3 +69,13 @@ def wait_for(
             return
         time.sleep(0.05)
     raise TimeoutError(f"{url} never answered {status} (last: {last})")
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 30) -> None:
+    """SIGTERM (a graceful shutdown), then SIGKILL if it takes longer than ``grace``."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 import httpx
 
-from service.launch import free_port, serve_command, wait_for
+from service.launch import free_port, serve_command, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,13 +87,3 @@ def running_server(
         yield server
     finally:
         server.stop()
-
-
-def stop(process: subprocess.Popen[bytes], grace: float = 20) -> None:
-    """SIGTERM (a graceful shutdown), then SIGKILL if it takes longer than ``grace``."""
-    process.terminate()
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()

@@ -88,7 +88,7 @@ def test_concurrent_exports_get_distinct_versions(tmp_path: Path) -> None:
         )
         for i in range(4)
     ]
-    versions = [p.communicate(timeout=60)[0].strip() for p in procs]
+    versions = [p.communicate(timeout=240)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert sorted(versions) == ["1", "2", "3", "4"]
     writers = {(tmp_path / v / "saved_model.pb").read_text() for v in versions}

@@ -1,0 +1,125 @@
+"""The images the locust users send, made at start with fixed seeds (no blobs in git).
+
+- Fashion-MNIST test images (Debian's dataset-fashion-mnist), re-encoded at 28×28 and
+  224×224, each as PNG and as JPEG: what the model was trained on;
+- photo-like JPEGs (smooth colour fields with grain and edges) at 224×224 and 1280×720:
+  what a phone or a product page sends, where decoding and resizing cost the most.
+
+Weights for the image kinds and the request encodings are strings such as
+``"raw:6,multipart:2,json:2"``.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_KINDS = ("fmnist28", "fmnist224", "photo224", "photo720p")
+ENCODINGS = ("raw", "multipart", "json")
+DEFAULT_IMAGE_MIX = "fmnist28:3,fmnist224:3,photo224:3,photo720p:1"
+DEFAULT_ENCODING_MIX = "raw:6,multipart:2,json:2"
+
+
+@dataclass(frozen=True)
+class Payload:
+    kind: str
+    content_type: str  # image/png or image/jpeg
+    data: bytes
+
+
+def parse_mix(text: str, allowed: tuple[str, ...]) -> dict[str, float]:
+    """``"a:3,b:1"`` → {"a": 3.0, "b": 1.0}; names outside ``allowed`` are refused."""
+    mix = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, weight = part.partition(":")
+        if name not in allowed:
+            raise ValueError(f"unknown {name!r} in {text!r}; use {', '.join(allowed)}")
+        mix[name] = float(weight or 1)
+    if not mix or sum(mix.values()) <= 0:
+        raise ValueError(f"{text!r} gives no positive weight")
+    return mix
+
+
+def _encode(img: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def fashion_mnist(count: int, directory: Path = FASHION_MNIST_DIR) -> list[Image.Image]:
+    """The first ``count`` official test images; empty when the dataset is missing."""
+    path = directory / "t10k-images-idx3-ubyte.gz"
+    if not path.exists():
+        return []
+    from service.training.data import load_fashion_mnist
+
+    _, test = load_fashion_mnist(directory)
+    assert test.pixels is not None
+    return [Image.fromarray(p) for p in test.pixels[:count]]
+
+
+def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """A photo-like picture: a smooth colour field, a few soft shapes, sensor grain."""
+    field = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    img = Image.fromarray(field, "RGB").resize((width, height), Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
+        r = int(rng.integers(min(width, height) // 12, min(width, height) // 3))
+        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    img = img.filter(ImageFilter.GaussianBlur(2))
+    grain = rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8), "RGB")
+
+
+def build(
+    fashion_count: int = 32, photos: int = 6, directory: Path = FASHION_MNIST_DIR
+) -> dict[str, list[Payload]]:
+    """Every payload by kind; deterministic for a given dataset."""
+    pool: dict[str, list[Payload]] = {kind: [] for kind in IMAGE_KINDS}
+    rng = np.random.default_rng(0)
+    images = fashion_mnist(fashion_count, directory)
+    if not images:  # no dataset: greyscale stand-ins keep the 28×28 sizes in the mix
+        images = [photo(28, 28, rng).convert("L") for _ in range(8)]
+    for img in images:
+        for fmt, mime in (("PNG", "image/png"), ("JPEG", "image/jpeg")):
+            pool["fmnist28"].append(Payload("fmnist28", mime, _encode(img, fmt)))
+            big = img.resize((224, 224), Image.Resampling.BILINEAR)
+            pool["fmnist224"].append(Payload("fmnist224", mime, _encode(big, fmt)))
+    for _ in range(photos):
+        pool["photo224"].append(
+            Payload("photo224", "image/jpeg", _encode(photo(224, 224, rng), "JPEG"))
+        )
+    for _ in range(max(1, photos // 2)):
+        pool["photo720p"].append(
+            Payload("photo720p", "image/jpeg", _encode(photo(1280, 720, rng), "JPEG"))
+        )
+    return pool
+
+
+class Picker:
+    """Draws (payload, encoding) pairs in the configured proportions."""
+
+    def __init__(
+        self, pool: dict[str, list[Payload]], image_mix: str, encoding_mix: str, seed: int = 0
+    ) -> None:
+        self.pool = pool
+        kinds = parse_mix(image_mix, IMAGE_KINDS)
+        self.kinds, self.kind_weights = list(kinds), list(kinds.values())
+        encodings = parse_mix(encoding_mix, ENCODINGS)
+        self.encodings, self.encoding_weights = list(encodings), list(encodings.values())
+        self.random = random.Random(seed)
+
+    def image(self) -> Payload:
+        kind = self.random.choices(self.kinds, self.kind_weights)[0]
+        return self.random.choice(self.pool[kind])
+
+    def encoding(self) -> str:
+        return self.random.choices(self.encodings, self.encoding_weights)[0]

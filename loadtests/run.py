@@ -1,0 +1,130 @@
+"""`make loadtest`: run the locustfile headless, starting a local server when no HOST.
+
+Every option falls back to the variable `make loadtest` documents (HOST, GRPC_HOST,
+PROTOCOL, USERS, SPAWN_RATE, DURATION, TARGET_RPS, MAX_P99_MS, MAX_FAIL_RATIO,
+PROCESSES). The exit status is locust's: 0 when every threshold held, 1 with a one-line
+reason when one did not. CSV and HTML reports go to loadtests/reports/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+USER_CLASSES = {"rest": ["RestUser"], "grpc": ["GrpcUser"], "mixed": ["RestUser", "GrpcUser"]}
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", default=_env("HOST", ""), help="REST base URL; empty = start one")
+    p.add_argument(
+        "--grpc-host", default=_env("GRPC_HOST", ""), help="gRPC host:port (default HOST's, :8500)"
+    )
+    p.add_argument("--protocol", choices=sorted(USER_CLASSES), default=_env("PROTOCOL", "rest"))
+    p.add_argument("--users", type=int, default=int(_env("USERS", "32")))
+    p.add_argument("--spawn-rate", type=float, default=float(_env("SPAWN_RATE", "8")))
+    p.add_argument("--duration", default=_env("DURATION", "30s"))
+    p.add_argument("--target-rps", type=float, default=float(_env("TARGET_RPS", "0")))
+    p.add_argument("--max-p99-ms", type=float, default=float(_env("MAX_P99_MS", "0")))
+    p.add_argument("--max-fail-ratio", type=float, default=float(_env("MAX_FAIL_RATIO", "0.01")))
+    p.add_argument("--processes", type=int, default=int(_env("PROCESSES", "1")))
+    p.add_argument("--image-mix", default=_env("IMAGE_MIX", ""), help="see payloads.py")
+    p.add_argument("--encoding-mix", default=_env("ENCODING_MIX", ""), help="see payloads.py")
+    p.add_argument("--model", default=_env("MODEL", "fashion_mnist"))
+    p.add_argument("--model-repository", default=_env("MODEL_REPOSITORY", "model_repository"))
+    p.add_argument("--reports", type=Path, default=HERE / "reports", help="CSV and HTML here")
+    p.add_argument("extra", nargs="*", help="more locust options (after --)")
+    return p.parse_args(argv)
+
+
+@contextmanager
+def local_server(repository: str) -> Iterator[tuple[str, str]]:
+    """`cnnserve serve` on free ports (REST and gRPC) until the block ends."""
+    from service.launch import free_port, serve_command, stop, wait_for
+
+    port = free_port()
+    grpc_port = next(p for p in iter(free_port, None) if p != port)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = serve_command(Path(repository), port, grpc_port, "--poll-seconds", "0")
+    with tempfile.NamedTemporaryFile(prefix="cnnserve-loadtest-", suffix=".log") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        try:
+            wait_for(f"http://127.0.0.1:{port}/readyz", process, timeout=180)
+            sys.stderr.write(f"loadtest: started a local server on :{port} (gRPC :{grpc_port})\n")
+            yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
+        finally:
+            stop(process)
+
+
+def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[str]:
+    args.reports.mkdir(parents=True, exist_ok=True)
+    prefix = args.reports / f"locust-{args.protocol}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(HERE / "locustfile.py"),
+        "--headless",
+        "--users",
+        str(args.users),
+        "--spawn-rate",
+        str(args.spawn_rate),
+        "--run-time",
+        args.duration,
+        "--host",
+        host,
+        "--grpc-host",
+        grpc_host,
+        "--model",
+        args.model,
+        "--target-rps",
+        str(args.target_rps),
+        "--max-p99-ms",
+        str(args.max_p99_ms),
+        "--max-fail-ratio",
+        str(args.max_fail_ratio),
+        "--csv",
+        str(prefix),
+        "--html",
+        f"{prefix}.html",
+        "--only-summary",
+        "--stop-timeout",
+        "10",
+    ]
+    for option, value in (("--image-mix", args.image_mix), ("--encoding-mix", args.encoding_mix)):
+        if value:
+            cmd += [option, value]
+    if args.processes != 1:
+        cmd += ["--processes", str(args.processes)]
+    return cmd + args.extra + USER_CLASSES[args.protocol]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    if args.host:
+        grpc_host = args.grpc_host or f"{urlsplit(args.host).hostname}:8500"
+        return subprocess.call(locust_command(args, args.host, grpc_host), env=env)
+    with local_server(args.model_repository) as (host, grpc_host):
+        return subprocess.call(locust_command(args, host, grpc_host), env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

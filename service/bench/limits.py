@@ -1,0 +1,98 @@
+"""The physical limit: what the server's parts can do alone, on the same image.
+
+Three costs per request, each in core-seconds, measured beside the sweep:
+
+- HTTP alone: the same server stack answering ``GET /healthz`` (no body, no model),
+  server CPU time divided by requests;
+- decode + resize alone: :func:`service.preprocessing.preprocess_bytes` on the posted
+  image, one thread;
+- inference alone: the runtime the server picks, one thread, at each batch size up to
+  ``max_batch_size``, per image.
+
+A point's limit is the cores the server could use (the box's cores less what the load
+generator took) divided by the sum of the three at the batch size the server actually
+formed at that point; serving efficiency is end-to-end req/s over that limit.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.config import Settings
+
+
+def _timed(fn: Any, seconds: float, min_runs: int = 5) -> list[float]:
+    fn()  # warm-up
+    times: list[float] = []
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds or len(times) < min_runs:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def decode_cost(image: bytes, version_dir: Path, settings: Settings, seconds: float) -> float:
+    """Core-seconds to decode and resize ``image`` as the gateway does (median of runs)."""
+    from service.preprocessing import PreprocessSpec, preprocess_bytes
+    from service.repository import read_card
+
+    card = read_card(version_dir)
+    spec = PreprocessSpec.from_card(card.get("preprocessing", {}))
+    times = _timed(
+        lambda: preprocess_bytes(image, spec, max_pixels=settings.max_image_pixels), seconds
+    )
+    return float(np.median(times))
+
+
+def inference_costs(
+    version_dir: Path, settings: Settings, *, max_batch: int, seconds: float
+) -> tuple[str, dict[int, float]]:
+    """Core-seconds per image for batch sizes 1, 2, 4, … ``max_batch``, one thread, with
+    the runtime the server would pick (``CNNSERVE_RUNTIME``); and that runtime's name."""
+    from service.runtimes import create_runtime
+
+    runtime = create_runtime(settings.runtime, version_dir, cache_dir=settings.cache_dir, threads=1)
+    runtime.load()
+    sizes = sorted({1, max_batch, *(2**i for i in range(11) if 2**i < max_batch)})
+    rng = np.random.default_rng(0)
+    costs = {}
+    try:
+        for size in sizes:
+            batch = rng.integers(0, 256, (size, 224, 224, 3), dtype=np.uint8)
+            per_run = seconds / len(sizes)
+            times = _timed(lambda b=batch: runtime.predict(b), per_run)
+            costs[size] = float(np.median(times)) / size
+    finally:
+        runtime.unload()
+    return runtime.name, costs
+
+
+def cost_at(costs: dict[int, float], batch: float) -> float:
+    """Per-image inference cost at a (mean, fractional) batch size: linear between the
+    measured sizes, clamped at both ends."""
+    sizes = sorted(costs)
+    if batch <= sizes[0]:
+        return costs[sizes[0]]
+    if batch >= sizes[-1]:
+        return costs[sizes[-1]]
+    i = bisect.bisect_left(sizes, batch)
+    lo, hi = sizes[i - 1], sizes[i]
+    w = (batch - lo) / (hi - lo)
+    return costs[lo] * (1 - w) + costs[hi] * w
+
+
+def limit(*, cores: float, http_s: float, decode_s: float, infer_s: float) -> dict[str, float]:
+    per_request = http_s + decode_s + infer_s
+    return {
+        "limit_rps": round(cores / per_request, 1),
+        "cores_for_server": round(cores, 2),
+        "http_ms": round(http_s * 1e3, 3),
+        "decode_ms": round(decode_s * 1e3, 3),
+        "inference_ms": round(infer_s * 1e3, 3),
+    }

@@ -1,0 +1,294 @@
+"""The sweep: one server per (workers, batching) setting, wrk at each concurrency level.
+
+Each point records req/s, latency percentiles, errors by status, the server's CPU and
+peak RSS, the batch size the server formed, and the physical limit beside it
+(:mod:`service.bench.limits`). The tutorial-style reference server
+(``loadtests/reference_server.py``) takes the same load in the same run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from service.bench.limits import cost_at, decode_cost, inference_costs, limit
+from service.bench.process import Usage, started
+from service.bench.wrk import Load, run_wrk
+from service.config import Settings
+from service.launch import free_port, serve_command
+
+Progress = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+@dataclass(frozen=True)
+class Batching:
+    """The batcher's knobs, named as TF Serving's BatchingParameters."""
+
+    max_batch_size: int
+    batch_timeout_micros: int
+    num_batch_threads: int
+
+    @classmethod
+    def parse(cls, text: str) -> Batching:
+        """``"32:1000:2"`` = max_batch_size:batch_timeout_micros:num_batch_threads."""
+        parts = [int(p) for p in text.split(":")]
+        if len(parts) != 3:
+            raise ValueError(f"batching {text!r}: expected max_batch:timeout_us:threads")
+        return cls(*parts)
+
+    @classmethod
+    def of(cls, settings: Settings) -> Batching:
+        return cls(
+            settings.max_batch_size, settings.batch_timeout_micros, settings.num_batch_threads
+        )
+
+    def env(self) -> dict[str, str]:
+        return {f"CNNSERVE_{k.upper()}": str(v) for k, v in asdict(self).items()}
+
+    def label(self) -> str:
+        return f"{self.max_batch_size}/{self.batch_timeout_micros}us/{self.num_batch_threads}t"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    workers: int
+    batching: Batching
+
+    def label(self) -> str:
+        return f"{self.workers}w {self.batching.label()}"
+
+
+@dataclass
+class Plan:
+    repository: Path
+    version_dir: Path
+    concurrency: list[int]
+    configs: list[ServerConfig]
+    seconds: float = 10.0
+    warmup_seconds: float = 2.0
+    limit_seconds: float = 3.0
+    reference: Path | None = None
+    reference_workers: int = 1
+    url: str | None = None  # drive a running gateway instead of starting one
+    server_pid: int | None = None  # its pid, for CPU and RSS (optional)
+    image: bytes = field(default=b"", repr=False)
+
+
+def sample_image(fashion_mnist_dir: Path) -> bytes:
+    """A Fashion-MNIST test image upscaled to a 224×224 JPEG (q90); noise without it."""
+    try:
+        from service.training.data import load_fashion_mnist
+
+        _, test = load_fashion_mnist(fashion_mnist_dir)
+        assert test.pixels is not None
+        img = Image.fromarray(test.pixels[0]).convert("RGB").resize((224, 224))
+    except Exception:  # no dataset: any 224×224 picture does for timing
+        img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (224, 224, 3), np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def served_batches(url: str, metrics_path: str) -> tuple[float, float]:
+    """(images, batches) the server has run so far, from its Prometheus endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url + metrics_path, timeout=10) as response:
+        text = response.read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "cnnserve_batch_size":
+            for sample in family.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+    return total, count
+
+
+def _point(url: str, load: Load, c: int, seconds: float, pid: int | None) -> dict[str, Any]:
+    if pid is None:
+        return run_wrk(url, load, connections=c, seconds=seconds) | {"connections": c}
+    usage = Usage(pid)
+    with usage.measure():
+        result = run_wrk(url, load, connections=c, seconds=seconds)
+    return result | usage.as_dict() | {"connections": c, "server_cpu_s": round(usage.cpu_s, 2)}
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _measure_gateway(
+    plan: Plan,
+    config: ServerConfig,
+    url: str,
+    pid: int | None,
+    settings: Settings,
+    costs: dict[str, Any],
+    progress: Progress,
+) -> dict[str, Any]:
+    classify = Load("/v1/classify", body=costs["image_path"])
+    top = max(plan.concurrency)
+    run_wrk(url, classify, connections=top, seconds=plan.warmup_seconds)
+    http = _point(url, Load("/healthz"), top, plan.limit_seconds, pid)
+    if pid is not None and http["ok"]:
+        http_s = http["server_cpu_s"] / http["ok"]
+    else:  # no pid: the stack's throughput on every core bounds its cost from above
+        http_s = _cores() / max(http["requests_per_s"], 1.0)
+    progress(f"  HTTP alone (GET /healthz, c={top}): {http['requests_per_s']:.0f} req/s")
+    points = []
+    for c in plan.concurrency:
+        images0, batches0 = served_batches(url, settings.metrics_path)
+        point = _point(url, classify, c, plan.seconds, pid)
+        images1, batches1 = served_batches(url, settings.metrics_path)
+        batch = (images1 - images0) / (batches1 - batches0) if batches1 > batches0 else 1.0
+        cores = max(0.1, _cores() - point["generator_cores"])
+        point.update(
+            {
+                "workers": config.workers,
+                **asdict(config.batching),
+                "served_batch": round(batch, 2),
+                **limit(
+                    cores=cores,
+                    http_s=http_s,
+                    decode_s=costs["decode_s"],
+                    infer_s=cost_at(costs["inference_s"], batch),
+                ),
+            }
+        )
+        point["efficiency"] = round(point["requests_per_s"] / point["limit_rps"], 3)
+        if point.get("server_cpu_s") and point["ok"]:
+            # CPU per request against the parts' sum: unlike req/s, barely moved by other
+            # work on a shared box (it counts only the server's own CPU time).
+            cpu_ms = point["server_cpu_s"] * 1e3 / point["ok"]
+            parts_ms = point["http_ms"] + point["decode_ms"] + point["inference_ms"]
+            point["cpu_ms_per_request"] = round(cpu_ms, 3)
+            point["cpu_efficiency"] = round(parts_ms / cpu_ms, 3)
+        points.append(point)
+        progress(_line(config.label(), point))
+    return {"config": config.label(), "http_alone": http, "points": points}
+
+
+def _line(label: str, p: dict[str, Any]) -> str:
+    errors = sum(p["errors"].values())
+    extra = f", efficiency {p['efficiency']:.0%}" if "efficiency" in p else ""
+    if "cpu_efficiency" in p:
+        cpu = p["cpu_ms_per_request"]
+        extra += f" ({cpu:.2f} ms CPU/req, {p['cpu_efficiency']:.0%} of it in the parts)"
+    return (
+        f"  {label} c={p['connections']}: {p['requests_per_s']:.0f} req/s, "
+        f"p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, {errors} errors{extra}"
+    )
+
+
+def _gateway_env(config: ServerConfig) -> dict[str, str]:
+    return {
+        **os.environ,
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CNNSERVE_WORKERS": str(config.workers),
+        **config.batching.env(),
+    }
+
+
+def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[str, Any]:
+    """Measure every point of ``plan``; returns the report (see docs/performance.md)."""
+    started_at = time.time()
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-") as tmp:
+        image_path = Path(tmp) / "image.jpg"
+        image_path.write_bytes(plan.image)
+        max_batch = max(c.batching.max_batch_size for c in plan.configs)
+        progress(f"limits: decode + resize and inference alone ({plan.version_dir})")
+        runtime, inference = inference_costs(
+            plan.version_dir, settings, max_batch=max_batch, seconds=plan.limit_seconds
+        )
+        costs: dict[str, Any] = {
+            "image_path": image_path,
+            "decode_s": decode_cost(plan.image, plan.version_dir, settings, plan.limit_seconds),
+            "inference_s": inference,
+        }
+        runs = []
+        for i, config in enumerate(plan.configs, 1):
+            progress(f"[{i}/{len(plan.configs)}] gateway {config.label()}")
+            if plan.url:
+                runs.append(
+                    _measure_gateway(
+                        plan, config, plan.url, plan.server_pid, settings, costs, progress
+                    )
+                )
+                continue
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            cmd = serve_command(plan.repository, port, 0, "--poll-seconds", "0")
+            log = Path(tmp) / f"gateway-{i}.log"
+            with started(cmd, env=_gateway_env(config), ready_url=url + "/readyz", log=log) as pid:
+                runs.append(_measure_gateway(plan, config, url, pid, settings, costs, progress))
+        reference = None
+        if plan.reference is not None:
+            try:
+                reference = _measure_reference(plan, plan.reference_workers, image_path, progress)
+            except RuntimeError as exc:  # the gateway's numbers still count
+                progress(f"reference server failed: {exc}")
+                reference = {"server": str(plan.reference), "error": str(exc), "points": []}
+    return {
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "cores": _cores(),
+        "image": f"224x224 JPEG, {len(plan.image)} bytes, raw body (image/jpeg)",
+        "seconds_per_point": plan.seconds,
+        "limits": {
+            "decode_ms": round(costs["decode_s"] * 1e3, 3),
+            "inference_ms_per_image": {
+                str(b): round(s * 1e3, 3) for b, s in costs["inference_s"].items()
+            },
+            "runtime": runtime,
+        },
+        "runs": runs,
+        "reference": reference,
+    }
+
+
+def _measure_reference(
+    plan: Plan, workers: int, image_path: Path, progress: Progress
+) -> dict[str, Any]:
+    assert plan.reference is not None
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [
+        sys.executable,
+        str(plan.reference),
+        "--model-dir",
+        str(plan.version_dir),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    progress(f"reference server ({plan.reference.name}, {workers} worker(s))")
+    load = Load("/v1/classify", body=image_path)
+    points = []
+    with tempfile.TemporaryDirectory(prefix="cnnserve-ref-") as tmp:
+        log = Path(tmp) / "reference.log"
+        with started(cmd, env=env, ready_url=url + "/healthz", log=log) as pid:
+            run_wrk(url, load, connections=max(plan.concurrency), seconds=plan.warmup_seconds)
+            for c in plan.concurrency:
+                point = _point(url, load, c, plan.seconds, pid)
+                points.append(point)
+                progress(_line("reference", point))
+    return {"server": str(plan.reference), "workers": workers, "points": points}

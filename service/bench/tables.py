@@ -1,0 +1,72 @@
+"""The bench report as Markdown tables (what `cnnserve bench` prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _errors(p: dict[str, Any]) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in sorted(p["errors"].items())) or "0"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+def _cpu_ms(p: dict[str, Any]) -> str:
+    if not p.get("server_cpu_s") or not p["ok"]:
+        return "–"
+    return f"{p['server_cpu_s'] * 1e3 / p['ok']:.3f}"
+
+
+def sweep_table(data: dict[str, Any]) -> str:
+    rows = [
+        "| server | conn | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | batch "
+        "| CPU cores | CPU ms/req | RSS MB | limit req/s | efficiency | CPU efficiency |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in data["runs"]:
+        for p in run["points"]:
+            rows.append(
+                f"| {run['config']} | {p['connections']} | {p['requests_per_s']:.0f} "
+                f"| {p['p50_ms']:.1f} | {p['p90_ms']:.1f} | {p['p99_ms']:.1f} "
+                f"| {p['p99.9_ms']:.1f} | {_errors(p)} | {p['served_batch']:g} "
+                f"| {p.get('server_cores', '–')} | {p.get('cpu_ms_per_request', '–')} "
+                f"| {p.get('server_rss_mb', '–')} | {p['limit_rps']:.0f} | {p['efficiency']:.0%} "
+                f"| {_pct(p.get('cpu_efficiency'))} |"
+            )
+    reference = data.get("reference")
+    if reference:
+        for p in reference["points"]:
+            rows.append(
+                f"| reference ({reference['workers']}w) | {p['connections']} "
+                f"| {p['requests_per_s']:.0f} | {p['p50_ms']:.1f} | {p['p90_ms']:.1f} "
+                f"| {p['p99_ms']:.1f} | {p['p99.9_ms']:.1f} | {_errors(p)} | 1 "
+                f"| {p.get('server_cores', '–')} | {_cpu_ms(p)} "
+                f"| {p.get('server_rss_mb', '–')} | – | – | – |"
+            )
+    return "\n".join(rows)
+
+
+def limits_table(data: dict[str, Any]) -> str:
+    limits = data["limits"]
+    rows = [
+        "| part, alone | cost per request | alone on all cores |",
+        "|---|---|---|",
+    ]
+    cores = data["cores"]
+    for run in data["runs"]:
+        http = run["http_alone"]
+        p = run["points"][-1]
+        rows.append(
+            f"| HTTP (GET /healthz, {run['config']}) | {p['http_ms']:.3f} ms CPU "
+            f"| {http['requests_per_s']:.0f} req/s measured |"
+        )
+    decode = limits["decode_ms"]
+    rows.append(f"| decode + resize | {decode:.3f} ms CPU | {cores * 1e3 / decode:.0f} img/s |")
+    for batch, ms in limits["inference_ms_per_image"].items():
+        rows.append(
+            f"| inference ({limits['runtime']}), batch {batch} | {ms:.3f} ms CPU/image "
+            f"| {cores * 1e3 / ms:.0f} img/s |"
+        )
+    return "\n".join(rows)

@@ -1,0 +1,147 @@
+"""Drive HTTP load with wrk and read its results as JSON.
+
+wrk is a compiled generator (C + LuaJIT), so on a small box it takes far less CPU from
+the server than a Python generator would. Its Lua ``done()`` hook writes the summary,
+latency percentiles and per-status counts as one JSON document into a file, so nothing
+here reads wrk's human-readable text. wrk's own CPU time is taken from the kernel
+(``wait4``), so the report can say how many cores the generator took from the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PERCENTILES = ("50", "90", "99", "99.9")
+
+# One Lua state per wrk thread: each counts statuses in `statuses`; done() runs in the
+# main state and collects them with thread:get (wrk copies tables between states).
+LUA = """
+wrk.method = "{method}"
+{setup_body}
+local threads = {{}}
+function setup(thread) table.insert(threads, thread) end
+function init(args) statuses = {{}} end
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+function done(summary, latency, requests)
+  local counts = {{}}
+  for _, t in ipairs(threads) do
+    for status, n in pairs(t:get("statuses")) do
+      counts[status] = (counts[status] or 0) + n
+    end
+  end
+  local by_status = {{}}
+  for status, n in pairs(counts) do
+    table.insert(by_status, string.format('"%d": %d', status, n))
+  end
+  local pct = {{}}
+  for _, p in ipairs({{50, 90, 99, 99.9}}) do
+    table.insert(pct, string.format('"%s": %d', tostring(p), latency:percentile(p)))
+  end
+  local e = summary.errors
+  local f = io.open("{out}", "w")
+  f:write(string.format(
+    '{{"requests": %d, "duration_us": %d, "bytes": %d, ' ..
+    '"errors": {{"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}}, ' ..
+    '"statuses": {{%s}}, "latency_us": {{"mean": %.1f, "max": %d, "percentiles": {{%s}}}}}}',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    table.concat(by_status, ", "), latency.mean, latency.max, table.concat(pct, ", ")))
+  f:close()
+end
+"""
+
+POST_BODY = """
+wrk.headers["Content-Type"] = "{content_type}"
+local f = io.open("{path}", "rb")
+wrk.body = f:read("*all")
+f:close()
+"""
+
+
+def wrk_binary() -> str:
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        raise RuntimeError("wrk is not installed; `make bench` installs the Debian package 'wrk'")
+    return wrk
+
+
+@dataclass(frozen=True)
+class Load:
+    """What wrk sends: GET ``path``, or POST the file ``body`` with ``content_type``."""
+
+    path: str
+    body: Path | None = None
+    content_type: str = "image/jpeg"
+
+    def script(self, out: Path) -> str:
+        if self.body is None:
+            return LUA.format(method="GET", setup_body="", out=out)
+        body = POST_BODY.format(content_type=self.content_type, path=self.body)
+        return LUA.format(method="POST", setup_body=body, out=out)
+
+
+def run_wrk(url: str, load: Load, *, connections: int, seconds: float) -> dict[str, Any]:
+    """One wrk run; returns req/s, latency percentiles (ms), errors, statuses, wrk's CPU."""
+    threads = max(1, min(2, connections))
+    with tempfile.TemporaryDirectory(prefix="cnnserve-wrk-") as tmp:
+        out = Path(tmp) / "result.json"
+        script = Path(tmp) / "load.lua"
+        script.write_text(load.script(out))
+        cmd = [
+            wrk_binary(),
+            "-t",
+            str(threads),
+            "-c",
+            str(connections),
+            "-d",
+            f"{max(1, round(seconds))}s",
+            "--timeout",
+            "10s",
+            "-s",
+            str(script),
+            url.rstrip("/") + load.path,
+        ]
+        started = time.monotonic()
+        process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.monotonic() - started
+        stderr = process.stderr.read().decode(errors="replace") if process.stderr else ""
+        if process.returncode != 0 or not out.exists():
+            raise RuntimeError(f"wrk failed ({process.returncode}): {stderr.strip()}")
+        raw = json.loads(out.read_text())
+    return summarize(raw, wrk_cpu_s=usage.ru_utime + usage.ru_stime, wall_s=wall) | {
+        "wrk": f"wrk -t {threads} -c {connections} -d {max(1, round(seconds))}s",
+    }
+
+
+def summarize(raw: dict[str, Any], *, wrk_cpu_s: float, wall_s: float) -> dict[str, Any]:
+    """wrk's JSON → the numbers a report shows (milliseconds, req/s, error counts)."""
+    duration = raw["duration_us"] / 1e6
+    statuses = {str(k): int(v) for k, v in raw["statuses"].items()}
+    errors = {k: int(v) for k, v in raw["errors"].items() if k != "status" and v}
+    errors.update({s: n for s, n in statuses.items() if not 200 <= int(s) < 400})
+    ok = sum(n for s, n in statuses.items() if 200 <= int(s) < 400)
+    pct = raw["latency_us"]["percentiles"]
+    return {
+        "requests": raw["requests"],
+        "ok": ok,
+        "requests_per_s": round(ok / duration, 1) if duration else 0.0,
+        **{f"p{p}_ms": round(pct[p] / 1e3, 2) for p in PERCENTILES},
+        "mean_ms": round(raw["latency_us"]["mean"] / 1e3, 2),
+        "max_ms": round(raw["latency_us"]["max"] / 1e3, 2),
+        "errors": errors,
+        "statuses": statuses,
+        "seconds": round(duration, 2),
+        "generator_cores": round(wrk_cpu_s / wall_s, 2) if wall_s else 0.0,
+    }
