@@ -12,6 +12,7 @@ from pathlib import Path
 
 from service.errors import ModelLoadError
 from service.runtimes.base import Runtime
+from service.runtimes.card import FLOAT_PRECISION, artifact_precision, read_card
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ def create_runtime(name: str, version_dir: Path, *, cache_dir: Path, threads: in
     try:
         litert_artifact(version_dir, cache_dir)
     except ModelLoadError as exc:
+        if artifact_precision(read_card(version_dir)) != FLOAT_PRECISION:
+            # The version *is* its quantized artifact: serving the float SavedModel in its
+            # place would pose as it, so the refusal stands.
+            raise
         log.warning(
             "%s: no verified LiteRT artifact, serving with TensorFlow: %s", version_dir, exc
         )

@@ -18,7 +18,9 @@ import numpy as np
 from service.errors import ModelLoadError
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import (
+    FLOAT_PRECISION,
     SIGNATURE,
+    artifact_precision,
     TensorDesc,
     describe,
     read_card,
@@ -83,12 +85,23 @@ class LiteRTRuntime(Runtime):
         except Exception as exc:  # a truncated or foreign file fails in many ways
             self._content = None
             raise ModelLoadError(f"{self.version_dir}: cannot open {artifact}: {exc}") from exc
-        info = describe(inputs, outputs, read_card(self.version_dir), self.version_dir)
+        card = read_card(self.version_dir)
+        info = describe(inputs, outputs, card, self.version_dir)
         info.extra["artifact"] = str(artifact)
+        # The shipped artifact carries the card's precision; a cache conversion is float.
+        shipped = verified_litert(self.version_dir, card)
+        info.extra["precision"] = (
+            artifact_precision(card) if shipped == artifact else FLOAT_PRECISION
+        )
         self.artifact = artifact
         self._local = threading.local()
         self._info = info
-        log.info("loaded %s with litert from %s", self.version_dir, artifact)
+        log.info(
+            "loaded %s with litert (%s) from %s",
+            self.version_dir,
+            info.extra["precision"],
+            artifact,
+        )
         return info
 
     def _runner(self, size: int) -> Any:

@@ -1,4 +1,5 @@
-"""Evaluation: accuracy, per-class precision/recall/F1, confusion matrix, latency.
+"""Evaluation: accuracy, per-class precision/recall/F1 and average precision (mAP),
+confusion matrix, latency.
 
 The same code scores a model at export time (its numbers go into the model card) and
 a published version later (`cnnserve evaluate`), always through the serving signature,
@@ -27,9 +28,33 @@ import matplotlib.pyplot as plt
 Predict = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 
 
+def average_precision(positive: npt.NDArray[np.bool_], scores: npt.NDArray[Any]) -> float | None:
+    """One-vs-rest average precision: the area under the precision-recall step curve,
+    sum over thresholds of (R_k - R_k-1) * P_k, tied scores forming one threshold (the
+    definition scikit-learn's ``average_precision_score`` uses). None without positives."""
+    total = int(positive.sum())
+    if total == 0:
+        return None
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], positive[order]
+    tp = np.cumsum(hits)
+    # The last position of each distinct score: a threshold takes all of its ties.
+    cut = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    tp_at = tp[cut].astype(np.float64)
+    precision = tp_at / (cut + 1)
+    recall = tp_at / total
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def classification_report(
-    labels: npt.NDArray[np.int64], predicted: npt.NDArray[np.int64], class_names: list[str]
+    labels: npt.NDArray[np.int64],
+    predicted: npt.NDArray[np.int64],
+    class_names: list[str],
+    probabilities: npt.NDArray[np.float32] | None = None,
 ) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1, their macro means and the confusion
+    matrix; with ``probabilities`` also per-class average precision and their mean (mAP,
+    one-vs-rest, over the classes that have test examples)."""
     n = len(class_names)
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
@@ -40,7 +65,7 @@ def classification_report(
     recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
-    return {
+    report: dict[str, Any] = {
         "examples": len(labels),
         "accuracy": float(tp.sum() / max(1, len(labels))),
         "macro_precision": float(precision.mean()),
@@ -57,18 +82,43 @@ def classification_report(
         },
         "confusion_matrix": {"labels": class_names, "rows_true_cols_predicted": confusion.tolist()},
     }
+    if probabilities is not None:
+        ap = [average_precision(labels == i, probabilities[:, i]) for i in range(n)]
+        for name, value in zip(class_names, ap, strict=True):
+            report["per_class"][name]["average_precision"] = value
+        defined = [value for value in ap if value is not None]
+        report["mean_average_precision"] = float(np.mean(defined)) if defined else None
+    return report
+
+
+def predict_probabilities(
+    predict: Predict, images: ImageSet, spec: PreprocessSpec, batch_size: int = 256
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """True labels and predicted probabilities of every image, fed through the shared
+    preprocessing."""
+    probabilities: list[npt.NDArray[np.float32]] = []
+    labels: list[npt.NDArray[np.int64]] = []
+    for x, y in batches(images, spec, batch_size).as_numpy_iterator():
+        probabilities.append(np.asarray(predict(x), dtype=np.float32))
+        labels.append(y.astype(np.int64))
+    return np.concatenate(labels), np.concatenate(probabilities)
 
 
 def predict_all(
     predict: Predict, images: ImageSet, spec: PreprocessSpec, batch_size: int = 256
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Predicted and true labels of every image, fed through the shared preprocessing."""
-    predicted: list[npt.NDArray[np.int64]] = []
-    labels: list[npt.NDArray[np.int64]] = []
-    for x, y in batches(images, spec, batch_size).as_numpy_iterator():
-        predicted.append(np.argmax(predict(x), axis=1).astype(np.int64))
-        labels.append(y.astype(np.int64))
-    return np.concatenate(labels), np.concatenate(predicted)
+    labels, probabilities = predict_probabilities(predict, images, spec, batch_size)
+    return labels, np.argmax(probabilities, axis=1).astype(np.int64)
+
+
+def evaluate_predictions(
+    predict: Predict, images: ImageSet, spec: PreprocessSpec
+) -> tuple[dict[str, Any], npt.NDArray[np.float32]]:
+    """The full report (with mAP) of ``predict`` on ``images``, and its probabilities."""
+    labels, probabilities = predict_probabilities(predict, images, spec)
+    predicted = np.argmax(probabilities, axis=1).astype(np.int64)
+    return classification_report(labels, predicted, images.class_names, probabilities), probabilities
 
 
 def latency(predict: Predict, spec: PreprocessSpec, runs: int, batch: int = 32) -> dict[str, Any]:
@@ -157,8 +207,7 @@ def evaluate_version(
         seed=training["seed"],
     )
     predict = load_signature(version_dir)
-    labels, predicted = predict_all(predict, splits.test, spec)
-    report = classification_report(labels, predicted, splits.test.class_names)
+    report, _ = evaluate_predictions(predict, splits.test, spec)
     report["test_split_sha256"] = splits.test.fingerprint()
     report["test_split_matches_card"] = report["test_split_sha256"] == card.get("dataset", {}).get(
         "test_sha256"

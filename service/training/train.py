@@ -24,10 +24,11 @@ from service.preprocessing import PreprocessSpec
 from service.training.architectures import ArchConfig, build
 from service.training.data import Splits, make_splits, oversample
 from service.training.pipeline import AugmentConfig, batches
+from service.training.radam import RAdam  # also registers it for reloading checkpoints
 
 log = logging.getLogger(__name__)
 
-Optimizer = Literal["sgd", "adam", "adamw"]
+Optimizer = Literal["sgd", "adam", "adamw", "radam"]
 Schedule = Literal["plateau", "cosine", "constant"]
 
 
@@ -137,6 +138,8 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optim
         return keras.optimizers.SGD(lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+    if cfg.optimizer == "radam":
+        return RAdam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
     return keras.optimizers.AdamW(
         lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, weight_decay=cfg.weight_decay
     )
