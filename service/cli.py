@@ -340,7 +340,8 @@ def _add_compress(
 def _compress(args: argparse.Namespace, settings: Settings) -> int:
     from service.training.compression import compress
 
-    version_dir = compress(args, command="cnnserve " + shlex.join(args.argv))
+    version_dir, summary = compress(args, command="cnnserve " + shlex.join(args.argv))
+    print(summary)
     print(version_dir)
     return 0
 

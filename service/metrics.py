@@ -257,7 +257,9 @@ def announce_version(model: str, version: int, labels: Sequence[str]) -> None:
     IN_FLIGHT.labels(model)
 
 
-def observe_runtime(model: str, version: int, runtime: str, precision: str, *, loaded: bool) -> None:
+def observe_runtime(
+    model: str, version: int, runtime: str, precision: str, *, loaded: bool
+) -> None:
     """The info series of a loaded version: 1 from load, 0 once it is unloaded."""
     MODEL_RUNTIME_INFO.labels(model, str(version), runtime, precision).set(1 if loaded else 0)
 

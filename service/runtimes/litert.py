@@ -20,8 +20,8 @@ from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import (
     FLOAT_PRECISION,
     SIGNATURE,
-    artifact_precision,
     TensorDesc,
+    artifact_precision,
     describe,
     read_card,
     to_model_input,

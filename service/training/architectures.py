@@ -155,6 +155,7 @@ def lenet5(cfg: ArchConfig) -> keras.Model:
     full convolution and softmax, as every modern reimplementation does."""
     image, x = _inputs(cfg)
     x = layers.AveragePooling2D(8, name="stem_pool")(x)
+
     def channels(n: int) -> int:  # LeNet's own sizes (6, 16), not rounded to multiples of 8
         return max(1, round(n * cfg.width_multiplier))
 

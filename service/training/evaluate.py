@@ -118,7 +118,9 @@ def evaluate_predictions(
     """The full report (with mAP) of ``predict`` on ``images``, and its probabilities."""
     labels, probabilities = predict_probabilities(predict, images, spec)
     predicted = np.argmax(probabilities, axis=1).astype(np.int64)
-    return classification_report(labels, predicted, images.class_names, probabilities), probabilities
+    return classification_report(
+        labels, predicted, images.class_names, probabilities
+    ), probabilities
 
 
 def latency(predict: Predict, spec: PreprocessSpec, runs: int, batch: int = 32) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def check_figures(version_dir: Path, method: str, out: str) -> dict[str, Any]:
     assert compression["size_ratio"] > 0 and compression["throughput_ratio_batch_32"] > 0
     for line in ("size", "accuracy", "batch 1", "batch 32"):
         assert f"  {line}" in out
-    assert record["command"].startswith(f"cnnserve compress --model-repository")
+    assert record["command"].startswith("cnnserve compress --model-repository")
     artifact = version_dir / "assets.extra" / record["runtimes"]["litert"]["file"]
     assert artifact.stat().st_size == record["compression"]["after"]["bytes"]
     assert (version_dir / "saved_model.pb").is_file()
@@ -80,7 +80,9 @@ def int8_version(repo: Path) -> Path:
     args += ["--method", "int8", "--latency-runs", "2", "--representative-samples", "16"]
     args += ["--min-agreement", "0.5", "--max-accuracy-drop", "0.5"]
     assert main(args) == 0
-    return max((p for p in (repo / "tiny").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    return max(
+        (p for p in (repo / "tiny").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
 
 
 def test_int8_publishes_a_quantized_version(int8_version: Path, repo: Path) -> None:
@@ -98,12 +100,16 @@ def test_int8_publishes_a_quantized_version(int8_version: Path, repo: Path) -> N
     assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
     # The SavedModel TF Serving loads is the float model it was made from, unchanged.
     source = repo / "tiny" / "1"
-    assert (int8_version / "saved_model.pb").read_bytes() == (source / "saved_model.pb").read_bytes()
+    assert (int8_version / "saved_model.pb").read_bytes() == (
+        source / "saved_model.pb"
+    ).read_bytes()
     for key in FIGURES:
         assert isinstance(compression[key], float)
 
 
-def test_prune_reaches_its_sparsity_and_reports(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prune_reaches_its_sparsity_and_reports(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     version, out = compress(repo, capsys, "--method", "prune", "--sparsity", "0.5", "--epochs", "2")
     record = check_figures(version, "prune", out)
     assert record["compression"]["sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -6,11 +6,11 @@ import keras
 import numpy as np
 import pytest
 
+from service.preprocessing import PreprocessSpec
 from service.training.architectures import ArchConfig, build
 from service.training.data import ImageSet
 from service.training.pipeline import AugmentConfig, batches
 from service.training.radam import RAdam
-from service.preprocessing import PreprocessSpec
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +45,7 @@ def test_fits_a_few_steps_with_the_training_pipeline(name: str, width: float) ->
         np.array([0, 1] * 8, dtype=np.int64),
         pixels=rng.integers(0, 256, (16, 28, 28), dtype=np.uint8),
     )
-    data = batches(
-        images, PreprocessSpec(), 8, shuffle_seed=0, augment=AugmentConfig().layers(0)
-    )
+    data = batches(images, PreprocessSpec(), 8, shuffle_seed=0, augment=AugmentConfig().layers(0))
     model = build(ArchConfig(name=name, num_classes=2, width_multiplier=width))
     model.compile(optimizer=RAdam(1e-3), loss="sparse_categorical_crossentropy")
     before = [np.array(w) for w in model.get_weights()]

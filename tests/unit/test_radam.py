@@ -23,7 +23,9 @@ def reference_radam(
         m_hat = m / (1 - beta_1**t)
         rho_t = rho_inf - 2 * t * beta_2**t / (1 - beta_2**t)
         if rho_t > 4:
-            r = np.sqrt((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t))
+            r = np.sqrt(
+                (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+            )
             theta = theta - lr * r * m_hat / (np.sqrt(v / (1 - beta_2**t)) + eps)
             rectified.append(True)
         else:

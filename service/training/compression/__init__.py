@@ -13,8 +13,9 @@ import argparse
 from pathlib import Path
 
 
-def compress(args: argparse.Namespace, *, command: str) -> Path:
-    """Run the method ``args.method`` names (the CLI's parsed arguments)."""
+def compress(args: argparse.Namespace, *, command: str) -> tuple[Path, str]:
+    """Run the method ``args.method`` names (the CLI's parsed arguments); returns the new
+    version folder and a printable summary of the measured effects."""
     from service.training.compression.common import load_source
 
     source = load_source(

@@ -90,7 +90,9 @@ def load_source(
         card = json.loads(card_path.read_text())
         training = card["training"]
     except (OSError, ValueError, KeyError) as exc:
-        raise DatasetError(f"{version_dir}: no usable model card with training data: {exc}")
+        raise DatasetError(
+            f"{version_dir}: no usable model card with training data: {exc}"
+        ) from None
     splits = make_splits(
         training["dataset"],
         data_dir=data_dir or Path(training["data_dir"]),

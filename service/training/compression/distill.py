@@ -116,7 +116,8 @@ def _fit(
     return model, {k: [float(v) for v in vs] for k, vs in fit.history.items()}
 
 
-def compress_distill(source: Source, options: DistillOptions, *, command: str) -> Path:
+def compress_distill(source: Source, options: DistillOptions, *, command: str) -> tuple[Path, str]:
+    """Publish the next version; returns it and the printable summary of the effects."""
     versions = version_dirs(source.model_dir)
     teacher_version = options.teacher_version or source.version
     if teacher_version not in versions:
@@ -150,12 +151,15 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         content = (Path(tmp) / ARTIFACT).read_bytes()
 
     before = measure(
-        source.artifact().read_bytes(), source.precision(), source, latency_runs=options.latency_runs
+        source.artifact().read_bytes(),
+        source.precision(),
+        source,
+        latency_runs=options.latency_runs,
     )
     after = measure(content, "float32", source, latency_runs=options.latency_runs)
     figures = effects(before, after)
-    print(format_effects("distill", figures))
-    print(
+    summary = [format_effects("distill", figures)]
+    summary.append(
         f"  student     {after.evaluation['accuracy']:.2%} with the teacher, "
         f"{baseline_eval['accuracy']:.2%} trained alone ({options.student_arch}, "
         f"{student.count_params():,} parameters vs the teacher's "
@@ -200,7 +204,7 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         **figures,
     }
     evaluation = {**after.evaluation, "latency_litert": after.latency}
-    return publish_compressed(
+    version_dir = publish_compressed(
         source,
         write_model=lambda tmp: write_saved_model(student, source.spec, tmp),
         artifact_name=ARTIFACT,
@@ -211,3 +215,4 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         command=command,
         card_updates={"architecture": arch, "training": training},
     )
+    return version_dir, "\n".join(summary)

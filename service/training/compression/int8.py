@@ -99,7 +99,8 @@ def convert_int8(saved_model: Path, samples: npt.NDArray[np.uint8]) -> bytes:
         return out_path.read_bytes()
 
 
-def compress_int8(source: Source, options: Int8Options, *, command: str) -> Path:
+def compress_int8(source: Source, options: Int8Options, *, command: str) -> tuple[Path, str]:
+    """Publish the next version; returns it and the printable summary of the effects."""
     samples = representative_images(source, options.representative_samples, options.seed)
     log.info("quantizing %s with %d representative images", source.version_dir, len(samples))
     content = convert_int8(source.version_dir, samples)
@@ -111,7 +112,7 @@ def compress_int8(source: Source, options: Int8Options, *, command: str) -> Path
     )
     after = measure(content, "int8", source, latency_runs=options.latency_runs)
     figures = effects(before, after)
-    print(format_effects("int8", figures))
+    summary = [format_effects("int8", figures)]
     thresholds = {
         "min_top1_agreement": options.min_top1_agreement,
         "max_accuracy_drop": options.max_accuracy_drop,
@@ -149,7 +150,7 @@ def compress_int8(source: Source, options: Int8Options, *, command: str) -> Path
         **figures,
     }
     evaluation = {**after.evaluation, "latency_litert": after.latency}
-    return publish_compressed(
+    version_dir = publish_compressed(
         source,
         write_model=lambda tmp: copy_saved_model(source.version_dir, tmp),
         artifact_name=ARTIFACT,
@@ -159,6 +160,8 @@ def compress_int8(source: Source, options: Int8Options, *, command: str) -> Path
         evaluation=evaluation,
         command=command,
     )
+
+    return version_dir, "\n".join(summary)
 
 
 if __name__ == "__main__":

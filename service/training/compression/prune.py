@@ -26,6 +26,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import numpy.typing as npt
 
 from service.runtimes.conversion import convert_litert
 from service.training.compression.common import (
@@ -78,14 +79,15 @@ def prunable_kernels(model: keras.Model) -> list[Any]:
     return [layer.kernel for layer in model.layers[:-1] if isinstance(layer, PRUNABLE)]
 
 
-def magnitude_mask(values: np.ndarray[Any, Any], sparsity: float) -> np.ndarray[Any, Any]:
-    """1 for the weights to keep: all but the ``sparsity`` fraction smallest |w|."""
-    count = int(round(sparsity * values.size))
+def magnitude_mask(values: npt.NDArray[Any], sparsity: float) -> npt.NDArray[np.float32]:
+    """1 for the weights to keep: all but the ``sparsity`` fraction smallest |w| (ties at
+    the threshold go too, so the sparsity reached is at least the one asked for)."""
+    count = round(sparsity * values.size)
     if count <= 0:
-        return np.ones_like(values)
-    flat = np.abs(values).ravel()
-    threshold = np.partition(flat, count - 1)[count - 1]
-    mask = (np.abs(values) > threshold).astype(values.dtype)
+        return np.ones(values.shape, np.float32)
+    magnitude = np.abs(values)
+    threshold = np.partition(magnitude.ravel(), count - 1)[count - 1]
+    mask: npt.NDArray[np.float32] = (magnitude > threshold).astype(np.float32)
     return mask
 
 
@@ -136,7 +138,8 @@ def sparsity_of(kernels: list[Any]) -> float:
     return float(sum(int(np.sum(v == 0)) for v in values) / max(1, total))
 
 
-def compress_prune(source: Source, options: PruneOptions, *, command: str) -> Path:
+def compress_prune(source: Source, options: PruneOptions, *, command: str) -> tuple[Path, str]:
+    """Publish the next version; returns it and the printable summary of the effects."""
     keras.utils.set_random_seed(options.seed)
     model = rebuild_keras(source)
     kernels = prunable_kernels(model)
@@ -179,12 +182,15 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> Pa
         content = (Path(tmp) / ARTIFACT).read_bytes()
 
     before = measure(
-        source.artifact().read_bytes(), source.precision(), source, latency_runs=options.latency_runs
+        source.artifact().read_bytes(),
+        source.precision(),
+        source,
+        latency_runs=options.latency_runs,
     )
     after = measure(content, "float32", source, latency_runs=options.latency_runs)
     figures = effects(before, after)
-    print(format_effects("prune", figures))
-    print(
+    summary = [format_effects("prune", figures)]
+    summary.append(
         f"  sparsity    {sparsity:.1%} of {params:,} prunable weights are zero "
         f"({int(sparsity * params):,} fewer non-zero parameters)"
     )
@@ -197,7 +203,7 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> Pa
         "target_sparsity": options.target_sparsity,
         "sparsity": sparsity,
         "prunable_parameters": params,
-        "zeroed_parameters": int(round(sparsity * params)),
+        "zeroed_parameters": round(sparsity * params),
         "fine_tuning": {
             "epochs": options.epochs,
             "batch_size": options.batch_size,
@@ -212,7 +218,7 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> Pa
         **figures,
     }
     evaluation = {**after.evaluation, "latency_litert": after.latency}
-    return publish_compressed(
+    version_dir = publish_compressed(
         source,
         write_model=lambda tmp: write_saved_model(model, source.spec, tmp),
         artifact_name=ARTIFACT,
@@ -222,3 +228,4 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> Pa
         evaluation=evaluation,
         command=command,
     )
+    return version_dir, "\n".join(summary)
