@@ -118,30 +118,41 @@ def evaluate_predictions(
     """The full report (with mAP) of ``predict`` on ``images``, and its probabilities."""
     labels, probabilities = predict_probabilities(predict, images, spec)
     predicted = np.argmax(probabilities, axis=1).astype(np.int64)
-    return classification_report(
-        labels, predicted, images.class_names, probabilities
-    ), probabilities
+    report = classification_report(labels, predicted, images.class_names, probabilities)
+    return report, probabilities
 
 
 def latency(predict: Predict, spec: PreprocessSpec, runs: int, batch: int = 32) -> dict[str, Any]:
     """Wall-clock latency of the signature at batch 1 and at ``batch``, after warm-up."""
+    return paired_latency([predict], spec, runs, batch)[0]
+
+
+def paired_latency(
+    predicts: list[Predict], spec: PreprocessSpec, runs: int, batch: int = 32
+) -> list[dict[str, Any]]:
+    """Latency of several predict functions at batch 1 and ``batch``, timed in alternating
+    rounds (one call of each per round, after a warm-up call) so that load from other
+    processes on a shared machine hits them alike and their ratio stays meaningful."""
     rng = np.random.default_rng(0)
-    result: dict[str, Any] = {"runs": runs}
+    results: list[dict[str, Any]] = [{"runs": runs} for _ in predicts]
     for size in (1, batch):
         x = rng.integers(0, 256, (size, spec.height, spec.width, 3), dtype=np.uint8)
-        predict(x)
-        times = []
-        for _ in range(max(1, runs)):
-            started = time.perf_counter()
+        times: list[list[float]] = [[] for _ in predicts]
+        for predict in predicts:
             predict(x)
-            times.append(time.perf_counter() - started)
-        ms = np.array(times) * 1e3
-        result[f"batch_{size}"] = {
-            "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)),
-            "per_image_ms": float(np.median(ms) / size),
-        }
-    return result
+        for _ in range(max(1, runs)):
+            for i, predict in enumerate(predicts):
+                started = time.perf_counter()
+                predict(x)
+                times[i].append(time.perf_counter() - started)
+        for result, measured in zip(results, times, strict=True):
+            ms = np.array(measured) * 1e3
+            result[f"batch_{size}"] = {
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p95_ms": float(np.percentile(ms, 95)),
+                "per_image_ms": float(np.median(ms) / size),
+            }
+    return results
 
 
 def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:

@@ -32,7 +32,7 @@ from service.repository import version_dirs
 from service.runtimes.card import SIGNATURE
 from service.training.architectures import ArchConfig, build
 from service.training.data import ImageSet, Splits, make_splits
-from service.training.evaluate import Predict, evaluate_predictions, latency
+from service.training.evaluate import Predict, evaluate_predictions, paired_latency
 
 log = logging.getLogger(__name__)
 
@@ -194,20 +194,35 @@ class Measurement:
         }
 
 
-def measure(
-    content: bytes, precision: str, source: Source, *, latency_runs: int, threads: int = 1
-) -> Measurement:
-    predict = litert_predict(content, threads)
-    evaluation, probabilities = evaluate_predictions(predict, source.test, source.spec)
-    return Measurement(
-        runtime="litert",
-        precision=precision,
-        bytes=len(content),
-        gzip_bytes=len(gzip.compress(content, 9)),
-        evaluation=evaluation,
-        latency=latency(predict, source.spec, latency_runs),
-        probabilities=probabilities,
-    )
+def measure_pair(
+    before: tuple[bytes, str],
+    after: tuple[bytes, str],
+    source: Source,
+    *,
+    latency_runs: int,
+    threads: int = 1,
+) -> tuple[Measurement, Measurement]:
+    """Both artifacts (content, precision) on the test images, then timed together."""
+    predicts = [litert_predict(content, threads) for content, _ in (before, after)]
+    measured = []
+    for (content, precision), predict in zip((before, after), predicts, strict=True):
+        evaluation, probabilities = evaluate_predictions(predict, source.test, source.spec)
+        measured.append(
+            Measurement(
+                runtime="litert",
+                precision=precision,
+                bytes=len(content),
+                gzip_bytes=len(gzip.compress(content, 9)),
+                evaluation=evaluation,
+                latency={},
+                probabilities=probabilities,
+            )
+        )
+    for measurement, timing in zip(
+        measured, paired_latency(predicts, source.spec, latency_runs), strict=True
+    ):
+        measurement.latency = timing
+    return measured[0], measured[1]
 
 
 def effects(before: Measurement, after: Measurement) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from service.training.compression.common import (
     Source,
     effects,
     format_effects,
-    measure,
+    measure_pair,
     publish_compressed,
     training_images,
 )
@@ -150,13 +150,12 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
             raise RuntimeError(f"student's LiteRT conversion did not verify: {record}")
         content = (Path(tmp) / ARTIFACT).read_bytes()
 
-    before = measure(
-        source.artifact().read_bytes(),
-        source.precision(),
+    before, after = measure_pair(
+        (source.artifact().read_bytes(), source.precision()),
+        (content, "float32"),
         source,
         latency_runs=options.latency_runs,
     )
-    after = measure(content, "float32", source, latency_runs=options.latency_runs)
     figures = effects(before, after)
     summary = [format_effects("distill", figures)]
     summary.append(

@@ -36,7 +36,7 @@ from service.training.compression.common import (
     copy_saved_model,
     effects,
     format_effects,
-    measure,
+    measure_pair,
     publish_compressed,
 )
 
@@ -104,13 +104,12 @@ def compress_int8(source: Source, options: Int8Options, *, command: str) -> tupl
     samples = representative_images(source, options.representative_samples, options.seed)
     log.info("quantizing %s with %d representative images", source.version_dir, len(samples))
     content = convert_int8(source.version_dir, samples)
-    before = measure(
-        source.artifact().read_bytes(),
-        source.precision(),
+    before, after = measure_pair(
+        (source.artifact().read_bytes(), source.precision()),
+        (content, "int8"),
         source,
         latency_runs=options.latency_runs,
     )
-    after = measure(content, "int8", source, latency_runs=options.latency_runs)
     figures = effects(before, after)
     summary = [format_effects("int8", figures)]
     thresholds = {

@@ -33,7 +33,7 @@ from service.training.compression.common import (
     Source,
     effects,
     format_effects,
-    measure,
+    measure_pair,
     publish_compressed,
     rebuild_keras,
     training_images,
@@ -181,13 +181,12 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> tu
             raise RuntimeError(f"pruned model's LiteRT conversion did not verify: {record}")
         content = (Path(tmp) / ARTIFACT).read_bytes()
 
-    before = measure(
-        source.artifact().read_bytes(),
-        source.precision(),
+    before, after = measure_pair(
+        (source.artifact().read_bytes(), source.precision()),
+        (content, "float32"),
         source,
         latency_runs=options.latency_runs,
     )
-    after = measure(content, "float32", source, latency_runs=options.latency_runs)
     figures = effects(before, after)
     summary = [format_effects("prune", figures)]
     summary.append(
