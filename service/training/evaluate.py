@@ -19,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.preprocessing import PreprocessSpec
-from service.training.data import ImageSet, make_splits
+from service.training.data import ImageSet, Splits, make_splits
 from service.training.pipeline import batches
 
 matplotlib.use("Agg")
@@ -205,20 +205,26 @@ def load_signature(version_dir: Path) -> Predict:
     return predict
 
 
-def evaluate_version(
-    version_dir: Path, *, data_dir: Path | None, output: Path | None, latency_runs: int
-) -> dict[str, Any]:
-    """Re-evaluate a published version on the test split its card records."""
-    card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
+def card_splits(card: dict[str, Any], data_dir: Path | None) -> Splits:
+    """The splits a version was trained and tested on, as its card's training section
+    records them (``data_dir`` overrides the recorded dataset folder)."""
     training = card["training"]
-    spec = PreprocessSpec.from_card(card["preprocessing"])
-    splits = make_splits(
+    return make_splits(
         training["dataset"],
         data_dir=data_dir or Path(training["data_dir"]),
         val_fraction=training["val_fraction"],
         test_fraction=training["test_fraction"],
         seed=training["seed"],
     )
+
+
+def evaluate_version(
+    version_dir: Path, *, data_dir: Path | None, output: Path | None, latency_runs: int
+) -> dict[str, Any]:
+    """Re-evaluate a published version on the test split its card records."""
+    card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
+    spec = PreprocessSpec.from_card(card["preprocessing"])
+    splits = card_splits(card, data_dir)
     predict = load_signature(version_dir)
     report, _ = evaluate_predictions(predict, splits.test, spec)
     report["test_split_sha256"] = splits.test.fingerprint()

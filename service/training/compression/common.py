@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,14 +26,20 @@ import keras
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import DatasetError
+from service.errors import DatasetError, ExportError
 from service.preprocessing import PreprocessSpec
 from service.publishing import publish_version
 from service.repository import version_dirs
 from service.runtimes.card import SIGNATURE
 from service.training.architectures import ArchConfig, build
-from service.training.data import ImageSet, Splits, make_splits
-from service.training.evaluate import Predict, evaluate_predictions, paired_latency
+from service.training.data import ImageSet, Splits
+from service.training.evaluate import (
+    Predict,
+    card_splits,
+    evaluate_predictions,
+    load_signature,
+    paired_latency,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +95,11 @@ def load_source(
     card_path = version_dir / EXTRA / "model_card.json"
     try:
         card = json.loads(card_path.read_text())
-        training = card["training"]
+        splits = card_splits(card, data_dir)
     except (OSError, ValueError, KeyError) as exc:
         raise DatasetError(
             f"{version_dir}: no usable model card with training data: {exc}"
         ) from None
-    splits = make_splits(
-        training["dataset"],
-        data_dir=data_dir or Path(training["data_dir"]),
-        val_fraction=training["val_fraction"],
-        test_fraction=training["test_fraction"],
-        seed=training["seed"],
-    )
     test = splits.test
     if test_limit and test_limit < len(test):
         test = test.subset(np.arange(test_limit, dtype=np.int64), "test")
@@ -147,6 +147,27 @@ def rebuild_keras(source: Source) -> keras.Model:
     if not np.allclose(got, expected, atol=1e-4):
         raise DatasetError(f"{source.version_dir}: rebuilt Keras model differs from the SavedModel")
     return model
+
+
+def float_artifact(model: keras.Model, source: Source) -> tuple[bytes, dict[str, Any]]:
+    """A retrained model's float LiteRT artifact, verified against its own SavedModel on
+    test images (the same check export runs); returns it and its ``runtimes.litert``
+    record (without ``file``)."""
+    from service.runtimes.conversion import convert_litert
+    from service.training.export import write_saved_model
+
+    with tempfile.TemporaryDirectory(prefix="cnnserve-compress-") as tmp:
+        saved, target = Path(tmp) / "saved_model", Path(tmp) / "model.tflite"
+        write_saved_model(model, source.spec, saved)
+        samples = np.stack(
+            [source.test.model_input(i, source.spec) for i in range(min(8, len(source.test)))]
+        )
+        record = convert_litert(saved, target, load_signature(saved), samples)
+        if not record["verified"]:
+            raise ExportError(f"the LiteRT conversion did not reproduce the model: {record}")
+        content = target.read_bytes()
+    record.pop("file", None)
+    return content, {**record, "precision": "float32"}
 
 
 def litert_predict(content: bytes, threads: int = 1) -> Predict:
@@ -243,6 +264,29 @@ def effects(before: Measurement, after: Measurement) -> dict[str, Any]:
     }
 
 
+@dataclass
+class Comparison:
+    """The source's served artifact and the new one, measured alike, and their effects."""
+
+    before: Measurement
+    after: Measurement
+    figures: dict[str, Any]
+    summary: list[str]
+
+
+def compare(
+    source: Source, content: bytes, precision: str, *, method: str, latency_runs: int
+) -> Comparison:
+    before, after = measure_pair(
+        (source.artifact().read_bytes(), source.precision()),
+        (content, precision),
+        source,
+        latency_runs=latency_runs,
+    )
+    figures = effects(before, after)
+    return Comparison(before, after, figures, [format_effects(method, figures)])
+
+
 def format_effects(method: str, figures: dict[str, Any]) -> str:
     b, a = figures["before"], figures["after"]
     return "\n".join(
@@ -286,7 +330,7 @@ def publish_compressed(
     content: bytes,
     litert_record: dict[str, Any],
     compression: dict[str, Any],
-    evaluation: dict[str, Any],
+    measured: Measurement,
     command: str,
     card_updates: dict[str, Any] | None = None,
 ) -> Path:
@@ -306,7 +350,11 @@ def publish_compressed(
             **source.card,
             **(card_updates or {}),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "evaluation": {"split": "test", **evaluation},
+            "evaluation": {
+                "split": "test",
+                **measured.evaluation,
+                "latency_litert": measured.latency,
+            },
             "runtimes": {
                 "tensorflow": {"signature": SIGNATURE},
                 "litert": {

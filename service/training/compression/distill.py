@@ -16,7 +16,6 @@ same data, seed and steps), and both accuracies are reported side by side.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,17 +28,15 @@ from keras import ops
 from service.errors import DatasetError
 from service.repository import version_dirs
 from service.runtimes.card import SIGNATURE
-from service.runtimes.conversion import convert_litert
 from service.training.architectures import ArchConfig, build
 from service.training.compression.common import (
     Source,
-    effects,
-    format_effects,
-    measure_pair,
+    compare,
+    float_artifact,
     publish_compressed,
     training_images,
 )
-from service.training.evaluate import evaluate_predictions, load_signature
+from service.training.evaluate import evaluate_predictions
 from service.training.export import write_saved_model
 from service.training.pipeline import batches
 
@@ -139,32 +136,18 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
 
     baseline_eval, _ = evaluate_predictions(keras_predict(baseline), source.test, source.spec)
 
-    with tempfile.TemporaryDirectory(prefix="cnnserve-distill-") as tmp:
-        saved = Path(tmp) / "saved_model"
-        write_saved_model(student, source.spec, saved)
-        samples = np.stack(
-            [source.test.model_input(i, source.spec) for i in range(min(8, len(source.test)))]
-        )
-        record = convert_litert(saved, Path(tmp) / ARTIFACT, load_signature(saved), samples)
-        if not record["verified"]:
-            raise RuntimeError(f"student's LiteRT conversion did not verify: {record}")
-        content = (Path(tmp) / ARTIFACT).read_bytes()
+    content, record = float_artifact(student, source)
 
-    before, after = measure_pair(
-        (source.artifact().read_bytes(), source.precision()),
-        (content, "float32"),
-        source,
-        latency_runs=options.latency_runs,
+    comparison = compare(
+        source, content, "float32", method="distill", latency_runs=options.latency_runs
     )
-    figures = effects(before, after)
-    summary = [format_effects("distill", figures)]
+    figures, summary = comparison.figures, comparison.summary
     summary.append(
-        f"  student     {after.evaluation['accuracy']:.2%} with the teacher, "
+        f"  student     {comparison.after.evaluation['accuracy']:.2%} with the teacher, "
         f"{baseline_eval['accuracy']:.2%} trained alone ({options.student_arch}, "
         f"{student.count_params():,} parameters vs the teacher's "
         f"{source.card.get('architecture', {}).get('parameters', '?')})"
     )
-    record.pop("file", None)
     arch = {
         **asdict(
             ArchConfig(
@@ -196,21 +179,20 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         "technique": "knowledge distillation (Hinton et al. 2015) on the teacher's "
         "temperature-softened probabilities plus the hard labels",
         "student_architecture": arch,
-        "student_accuracy": after.evaluation["accuracy"],
+        "student_accuracy": comparison.after.evaluation["accuracy"],
         "student_without_teacher_accuracy": baseline_eval["accuracy"],
         "student_without_teacher_history": baseline_history,
-        "teacher_accuracy": before.evaluation["accuracy"],
+        "teacher_accuracy": comparison.before.evaluation["accuracy"],
         **figures,
     }
-    evaluation = {**after.evaluation, "latency_litert": after.latency}
     version_dir = publish_compressed(
         source,
         write_model=lambda tmp: write_saved_model(student, source.spec, tmp),
         artifact_name=ARTIFACT,
         content=content,
-        litert_record={**record, "precision": "float32"},
+        litert_record=record,
         compression=compression,
-        evaluation=evaluation,
+        measured=comparison.after,
         command=command,
         card_updates={"architecture": arch, "training": training},
     )

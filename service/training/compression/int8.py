@@ -33,10 +33,8 @@ from service.errors import ExportError
 from service.runtimes.card import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT, SIGNATURE
 from service.training.compression.common import (
     Source,
+    compare,
     copy_saved_model,
-    effects,
-    format_effects,
-    measure_pair,
     publish_compressed,
 )
 
@@ -104,14 +102,8 @@ def compress_int8(source: Source, options: Int8Options, *, command: str) -> tupl
     samples = representative_images(source, options.representative_samples, options.seed)
     log.info("quantizing %s with %d representative images", source.version_dir, len(samples))
     content = convert_int8(source.version_dir, samples)
-    before, after = measure_pair(
-        (source.artifact().read_bytes(), source.precision()),
-        (content, "int8"),
-        source,
-        latency_runs=options.latency_runs,
-    )
-    figures = effects(before, after)
-    summary = [format_effects("int8", figures)]
+    comparison = compare(source, content, "int8", method="int8", latency_runs=options.latency_runs)
+    figures, summary = comparison.figures, comparison.summary
     thresholds = {
         "min_top1_agreement": options.min_top1_agreement,
         "max_accuracy_drop": options.max_accuracy_drop,
@@ -148,7 +140,6 @@ def compress_int8(source: Source, options: Int8Options, *, command: str) -> tupl
         "(what TF Serving loads)",
         **figures,
     }
-    evaluation = {**after.evaluation, "latency_litert": after.latency}
     version_dir = publish_compressed(
         source,
         write_model=lambda tmp: copy_saved_model(source.version_dir, tmp),
@@ -156,7 +147,7 @@ def compress_int8(source: Source, options: Int8Options, *, command: str) -> tupl
         content=content,
         litert_record=record,
         compression=compression,
-        evaluation=evaluation,
+        measured=comparison.after,
         command=command,
     )
 

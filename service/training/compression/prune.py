@@ -19,7 +19,6 @@ measured.
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +27,14 @@ import keras
 import numpy as np
 import numpy.typing as npt
 
-from service.runtimes.conversion import convert_litert
 from service.training.compression.common import (
     Source,
-    effects,
-    format_effects,
-    measure_pair,
+    compare,
+    float_artifact,
     publish_compressed,
     rebuild_keras,
     training_images,
 )
-from service.training.evaluate import load_signature
 from service.training.export import write_saved_model
 from service.training.pipeline import batches
 
@@ -170,30 +166,16 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> tu
     sparsity = sparsity_of(kernels)
     params = sum(int(np.prod(k.shape)) for k in kernels)
 
-    with tempfile.TemporaryDirectory(prefix="cnnserve-prune-") as tmp:
-        saved = Path(tmp) / "saved_model"
-        write_saved_model(model, source.spec, saved)
-        samples = np.stack(
-            [source.test.model_input(i, source.spec) for i in range(min(8, len(source.test)))]
-        )
-        record = convert_litert(saved, Path(tmp) / ARTIFACT, load_signature(saved), samples)
-        if not record["verified"]:
-            raise RuntimeError(f"pruned model's LiteRT conversion did not verify: {record}")
-        content = (Path(tmp) / ARTIFACT).read_bytes()
+    content, record = float_artifact(model, source)
 
-    before, after = measure_pair(
-        (source.artifact().read_bytes(), source.precision()),
-        (content, "float32"),
-        source,
-        latency_runs=options.latency_runs,
+    comparison = compare(
+        source, content, "float32", method="prune", latency_runs=options.latency_runs
     )
-    figures = effects(before, after)
-    summary = [format_effects("prune", figures)]
+    figures, summary = comparison.figures, comparison.summary
     summary.append(
         f"  sparsity    {sparsity:.1%} of {params:,} prunable weights are zero "
         f"({int(sparsity * params):,} fewer non-zero parameters)"
     )
-    record.pop("file", None)
     compression = {
         "method": "prune",
         "source_version": source.version,
@@ -216,15 +198,14 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> tu
         "layouts, so throughput is not expected to improve; the figures are measured",
         **figures,
     }
-    evaluation = {**after.evaluation, "latency_litert": after.latency}
     version_dir = publish_compressed(
         source,
         write_model=lambda tmp: write_saved_model(model, source.spec, tmp),
         artifact_name=ARTIFACT,
         content=content,
-        litert_record={**record, "precision": "float32"},
+        litert_record=record,
         compression=compression,
-        evaluation=evaluation,
+        measured=comparison.after,
         command=command,
     )
     return version_dir, "\n".join(summary)
