@@ -318,6 +318,8 @@ def _add_compress(
     )
     p.add_argument("--latency-runs", type=int, default=50, help="timed batches per batch size")
     p.add_argument("--seed", type=int, default=0)
+    # Spelled out (as ARCHITECTURE_NAMES): service.runtimes.card's MIN_TOP1_AGREEMENT and
+    # MAX_ACCURACY_DROP; importing it would load TensorFlow for `--help`. A test checks.
     int8 = p.add_argument_group("int8")
     int8.add_argument("--representative-samples", type=int, default=200)
     int8.add_argument("--min-agreement", type=float, default=0.98, help="top-1 vs float model")

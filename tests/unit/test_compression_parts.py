@@ -82,3 +82,12 @@ def test_a_missing_quantized_artifact_is_refused(tmp_path: Path) -> None:
     path.unlink()
     with pytest.raises(ModelLoadError, match="missing"):
         verified_litert(tmp_path, card)
+
+
+def test_cli_thresholds_are_the_card_defaults() -> None:
+    from service.cli import build_parser
+    from service.config import Settings
+    from service.runtimes.card import MAX_ACCURACY_DROP, MIN_TOP1_AGREEMENT
+
+    args = build_parser(Settings()).parse_args(["compress", "--method", "int8"])
+    assert (args.min_agreement, args.max_accuracy_drop) == (MIN_TOP1_AGREEMENT, MAX_ACCURACY_DROP)
