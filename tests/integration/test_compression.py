@@ -26,6 +26,10 @@ pytestmark = pytest.mark.slow
 FIGURES = ("size_ratio", "accuracy_delta", "throughput_ratio_batch_1", "throughput_ratio_batch_32")
 
 
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 def card(version_dir: Path) -> dict[str, Any]:
     return json.loads((version_dir / "assets.extra" / "model_card.json").read_text())  # type: ignore[no-any-return]
 
@@ -45,7 +49,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert card(version)["training"]["optimizer"] == "radam"
     assert card(version)["evaluation"]["mean_average_precision"] is not None
     write_models_config(root / "repo", simple_config("tiny", policy="all {}"))
+    SOURCE_DIGEST.update(tree_digest(version))
     return root / "repo"
+
+
+SOURCE_DIGEST: dict[str, bytes] = {}
 
 
 def compress(repo: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[Path, str]:
@@ -133,6 +141,11 @@ def test_distill_reports_the_student_next_to_its_baseline(
     assert compression["student_accuracy"] == record["evaluation"]["accuracy"]
     assert record["architecture"]["name"] == "efficient_cnn"
     assert "trained alone" in out
+
+
+def test_the_source_version_was_never_modified(repo: Path, int8_version: Path) -> None:
+    assert SOURCE_DIGEST and tree_digest(repo / "tiny" / "1") == SOURCE_DIGEST
+    assert not list((repo / "tiny").glob(".export-*"))
 
 
 def _statuses(client: httpx.Client, model: str) -> dict[str, Any]:
