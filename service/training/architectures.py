@@ -45,13 +45,17 @@ def _l2(cfg: ArchConfig) -> regularizers.Regularizer | None:
     return regularizers.L2(cfg.weight_decay) if cfg.weight_decay > 0 else None
 
 
-def _head(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+def _classifier(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
+    """Dropout (when configured) and the softmax layer every architecture ends with."""
     if cfg.dropout > 0:
         x = layers.Dropout(cfg.dropout, name="dropout")(x)
     return layers.Dense(
         cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
     )(x)
+
+
+def _head(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
+    return _classifier(layers.GlobalAveragePooling2D(name="pool")(x), cfg)
 
 
 def seed_cnn(cfg: ArchConfig) -> keras.Model:
@@ -65,11 +69,7 @@ def seed_cnn(cfg: ArchConfig) -> keras.Model:
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", kernel_regularizer=_l2(cfg), name="dense")(x)
-    if cfg.dropout > 0:
-        x = layers.Dropout(cfg.dropout, name="dropout")(x)
-    out = layers.Dense(
-        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
-    )(x)
+    out = _classifier(x, cfg)
     return keras.Model(image, out, name="seed_cnn")
 
 
@@ -166,11 +166,7 @@ def lenet5(cfg: ArchConfig) -> keras.Model:
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(120, activation="tanh", kernel_regularizer=_l2(cfg), name="c5")(x)
     x = layers.Dense(84, activation="tanh", kernel_regularizer=_l2(cfg), name="f6")(x)
-    if cfg.dropout > 0:
-        x = layers.Dropout(cfg.dropout, name="dropout")(x)
-    out = layers.Dense(
-        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
-    )(x)
+    out = _classifier(x, cfg)
     return keras.Model(image, out, name="lenet5")
 
 

@@ -91,3 +91,21 @@ def test_cli_thresholds_are_the_card_defaults() -> None:
 
     args = build_parser(Settings()).parse_args(["compress", "--method", "int8"])
     assert (args.min_agreement, args.max_accuracy_drop) == (MIN_TOP1_AGREEMENT, MAX_ACCURACY_DROP)
+
+
+def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher() -> None:
+    import keras
+
+    from service.training.compression.distill import distillation_loss
+
+    teacher = np.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    y_true = np.concatenate([np.array([[0.0], [2.0]], np.float32), teacher], axis=1)
+    soft_only = distillation_loss(temperature=4.0, alpha=0.0)
+    same = keras.ops.convert_to_numpy(soft_only(y_true, teacher))
+    np.testing.assert_allclose(same, 0.0, atol=1e-5)
+    other = np.array([[0.2, 0.7, 0.1], [0.1, 0.1, 0.8]], np.float32)
+    moved = keras.ops.convert_to_numpy(soft_only(y_true, other))
+    assert moved[0] > 0.1 and abs(moved[1]) < 1e-5
+    # alpha = 1 is plain cross-entropy on the labels in column 0.
+    hard = keras.ops.convert_to_numpy(distillation_loss(4.0, 1.0)(y_true, other))
+    np.testing.assert_allclose(hard, -np.log([0.2, 0.8]), rtol=1e-5)
