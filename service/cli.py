@@ -432,6 +432,59 @@ def _variable(name: str) -> str:
     return f"CNNSERVE_{name.upper()}"
 
 
+def _add_compress(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
+) -> None:
+    from service.training.config import ARCHITECTURE_NAMES
+
+    p = sub.add_parser(
+        "compress",
+        help="publish a compressed copy of a version (int8, prune, distill) as the next one",
+        description="Read a published version, compress it, measure size, test accuracy and "
+        "throughput at batch 1 and 32 before and after on the runtime that serves each, and "
+        "publish the result atomically as the next version with the figures in its model "
+        "card. The source version is never modified.",
+    )
+    p.add_argument("--model-repository", type=Path, default=settings.model_repository)
+    p.add_argument("--model", default="fashion_mnist")
+    p.add_argument("--version", type=int, default=None, help="source version (default: newest)")
+    p.add_argument("--method", choices=["int8", "prune", "distill"], required=True)
+    p.add_argument("--data-dir", type=Path, default=None, help="override the card's dataset")
+    p.add_argument(
+        "--test-limit", type=int, default=0, help="measure on the first N test images (0 = all)"
+    )
+    p.add_argument("--latency-runs", type=int, default=50, help="timed batches per batch size")
+    p.add_argument("--seed", type=int, default=0)
+    # Spelled out (as ARCHITECTURE_NAMES): service.runtimes.card's MIN_TOP1_AGREEMENT and
+    # MAX_ACCURACY_DROP; importing it would load TensorFlow for `--help`. A test checks.
+    int8 = p.add_argument_group("int8")
+    int8.add_argument("--representative-samples", type=int, default=200)
+    int8.add_argument("--min-agreement", type=float, default=0.98, help="top-1 vs float model")
+    int8.add_argument("--max-accuracy-drop", type=float, default=0.01, help="fraction, 0.01 = 1 pt")
+    tune = p.add_argument_group("prune and distill (training)")
+    tune.add_argument("--limit", type=int, default=0, help="use the first N training images")
+    tune.add_argument("--epochs", type=int, default=2)
+    tune.add_argument("--batch-size", type=int, default=64)
+    tune.add_argument("--lr", type=float, default=None, help="default 1e-4 prune, 2e-3 distill")
+    tune.add_argument("--sparsity", type=float, default=0.5, help="prune: target sparsity")
+    tune.add_argument("--teacher", type=int, default=None, help="distill: teacher version")
+    tune.add_argument("--student-arch", choices=ARCHITECTURE_NAMES, default="efficient_cnn")
+    tune.add_argument("--student-width", type=float, default=0.5)
+    tune.add_argument("--student-depth", type=int, default=1)
+    tune.add_argument("--temperature", type=float, default=4.0)
+    tune.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label loss")
+    p.set_defaults(handler=_compress)
+
+
+def _compress(args: argparse.Namespace, settings: Settings) -> int:
+    from service.training.compression import compress
+
+    version_dir, summary = compress(args, command="cnnserve " + shlex.join(args.argv))
+    print(summary)
+    print(version_dir)
+    return 0
+
+
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cnnserve",
@@ -443,6 +496,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     _add_evaluate(sub, settings)
     _add_serve(sub, settings)
     _add_bench(sub, settings)
+    _add_compress(sub, settings)
     return parser
 
 

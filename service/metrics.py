@@ -115,6 +115,13 @@ MODEL_VERSIONS = Gauge(
     ["model", "version", "state"],
     multiprocess_mode="livesum",
 )
+MODEL_RUNTIME_INFO = Gauge(
+    "cnnserve_model_runtime_info",
+    "1 while a worker serves the version with this runtime (litert, tensorflow, tfserving) "
+    "and artifact precision (float32, int8): which artifact answers, never a guess.",
+    ["model", "version", "runtime", "precision"],
+    multiprocess_mode="livemax",
+)
 MODEL_CONFIGURED = Gauge(
     "cnnserve_model_configured",
     "1 while models.config lists the model, 0 once it was removed.",
@@ -253,6 +260,13 @@ def announce_version(model: str, version: int, labels: Sequence[str]) -> None:
         PREDICTIONS.labels(model, v, name)
     TOP1_CONFIDENCE.labels(model, v)
     IN_FLIGHT.labels(model)
+
+
+def observe_runtime(
+    model: str, version: int, runtime: str, precision: str, *, loaded: bool
+) -> None:
+    """The info series of a loaded version: 1 from load, 0 once it is unloaded."""
+    MODEL_RUNTIME_INFO.labels(model, str(version), runtime, precision).set(1 if loaded else 0)
 
 
 def observe_version_state(model: str, version: int, state: str) -> None:

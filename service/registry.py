@@ -57,6 +57,7 @@ class _Retiring:
     batcher: DynamicBatcher
     runtime: Runtime
     released: asyncio.Event
+    precision: str = "float32"
 
 
 class Registry:
@@ -258,10 +259,18 @@ class Registry:
             return
         metrics.observe_load(model, prepared.load_seconds, prepared.warmup_seconds)
         metrics.observe_model_event(model, "loaded")
+        precision = _precision(loaded.runtime)
+        metrics.observe_runtime(model, version, loaded.runtime.name, precision, loaded=True)
         self._failed.pop(key, None)
         self._table = self._table.with_served(loaded)  # from here on it takes requests
         self._set_state(key, VersionState.AVAILABLE)
-        log.info("%s version %d is available (%s runtime)", model, version, loaded.runtime.name)
+        log.info(
+            "%s version %d is available (%s runtime, %s)",
+            model,
+            version,
+            loaded.runtime.name,
+            precision,
+        )
 
     async def _serve(self, key: VersionKey, path: Path, prepared: PreparedVersion) -> LoadedVersion:
         """Start the batcher of a loaded, warmed runtime."""
@@ -302,7 +311,15 @@ class Registry:
             released = asyncio.Event()
             finalizer = weakref.finalize(loaded, _set_from_any_thread, loop, released)
             finalizer.atexit = False
-            retiring.append(_Retiring((model, version), loaded.batcher, loaded.runtime, released))
+            retiring.append(
+                _Retiring(
+                    (model, version),
+                    loaded.batcher,
+                    loaded.runtime,
+                    released,
+                    _precision(loaded.runtime),
+                )
+            )
         self._table = self._table.without(keys)
         for key in keys:
             self._set_state(key, VersionState.UNLOADING)
@@ -332,8 +349,17 @@ class Registry:
         except Exception:
             log.exception("unloading %s version %d failed", model, version)
         self._set_state(retiring.key, VersionState.END)
+        metrics.observe_runtime(
+            model, version, retiring.runtime.name, retiring.precision, loaded=False
+        )
         metrics.observe_model_event(model, "unloaded")
         log.info("%s version %d unloaded", model, version)
+
+
+def _precision(runtime: Runtime) -> str:
+    """The precision of the artifact a loaded runtime answers from (float32 unless the
+    runtime says otherwise, as LiteRT does for a quantized artifact)."""
+    return str(runtime.info.extra.get("precision", "float32"))
 
 
 def _set_from_any_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) -> None:

@@ -8,6 +8,7 @@ converting a client batch live here once, so the two runtimes cannot drift apart
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,12 @@ PREFERRED_OUTPUT = OUTPUT_NAME
 # convention of Keras applications and TF Hub image models.
 DEFAULT_SCALE = 1 / 255
 IMAGE_DTYPES = ("uint8", "float32")
+# A quantized artifact is judged by what it is for, not by the float tolerance: its top-1
+# agreement with the float model and its test accuracy, measured when it was made. These
+# are the defaults `cnnserve compress` records; the card's own thresholds are what count.
+MIN_TOP1_AGREEMENT = 0.98
+MAX_ACCURACY_DROP = 0.01
+FLOAT_PRECISION = "float32"
 
 
 @dataclass(frozen=True)
@@ -46,13 +53,64 @@ def card_normalization(card: Mapping[str, Any] | None) -> tuple[float, float]:
         return DEFAULT_SCALE, 0.0
 
 
-def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path | None:
-    """The exported .tflite when the card records that export verified it, else None."""
+def litert_record(card: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """The card's ``runtimes.litert`` record ({} when absent)."""
     record = ((card or {}).get("runtimes") or {}).get("litert") or {}
+    return record if isinstance(record, Mapping) else {}
+
+
+def artifact_precision(card: Mapping[str, Any] | None) -> str:
+    """``float32``, or what the card says the shipped artifact was quantized to."""
+    return str(litert_record(card).get("precision") or FLOAT_PRECISION)
+
+
+def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path | None:
+    """The exported .tflite when the card records that export verified it, else None.
+
+    A quantized artifact (``precision`` other than float32) is accepted only when its
+    recorded, measured top-1 agreement and accuracy delta meet the thresholds the card
+    states and the file is the one measured (sha256); otherwise the version is refused
+    with ModelLoadError, never served from a fallback that would pose as it.
+    """
+    record = litert_record(card)
+    path = version_dir / "assets.extra" / str(record.get("file") or "model.tflite")
+    if artifact_precision(card) != FLOAT_PRECISION:
+        refusal = quantized_refusal(record, path)
+        if refusal is not None:
+            raise ModelLoadError(f"{version_dir}: {refusal}; refusing to serve it")
+        return path
     if record.get("verified") is not True:
         return None
-    path = version_dir / "assets.extra" / str(record.get("file") or "model.tflite")
     return path if path.is_file() else None
+
+
+def quantized_refusal(record: Mapping[str, Any], path: Path) -> str | None:
+    """Why a quantized artifact must not be served, or None when its figures hold."""
+    precision = record.get("precision")
+    if not path.is_file():
+        return f"the {precision} artifact {path.name} is missing"
+    recorded = record.get("sha256")
+    if not isinstance(recorded, str) or hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        return f"{path.name} is not the {precision} artifact that was measured (sha256 differs)"
+    thresholds = record.get("thresholds") or {}
+    try:
+        agreement = float(record["top1_agreement"])
+        delta = float(record["accuracy_delta"])
+        min_agreement = float(thresholds["min_top1_agreement"])
+        max_drop = float(thresholds["max_accuracy_drop"])
+    except (KeyError, TypeError, ValueError):
+        return f"the card records no measured agreement, accuracy and thresholds for {path.name}"
+    if agreement < min_agreement:
+        return (
+            f"{precision} artifact agrees with the float model on {agreement:.2%} of "
+            f"top-1 predictions < {min_agreement:.2%} the card requires"
+        )
+    if delta < -max_drop:
+        return (
+            f"{precision} artifact loses {-delta:.2%} test accuracy > {max_drop:.2%} "
+            "the card allows"
+        )
+    return None
 
 
 def _pick_output(outputs: Mapping[str, TensorDesc], where: Path) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from service.errors import ModelLoadError
 from service.repository import read_card
 from service.runtimes.base import Runtime
+from service.runtimes.card import FLOAT_PRECISION, artifact_precision
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ def create_runtime(
     try:
         litert_artifact(version_dir, cache_dir, card)
     except ModelLoadError as exc:
+        if artifact_precision(read_card(version_dir)) != FLOAT_PRECISION:
+            # The version *is* its quantized artifact: serving the float SavedModel in its
+            # place would pose as it, so the refusal stands.
+            raise
         log.warning(
             "%s: no verified LiteRT artifact, serving with TensorFlow: %s", version_dir, exc
         )

@@ -20,7 +20,9 @@ from service.contract import SERVING_SIGNATURE
 from service.errors import ModelLoadError
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import (
+    FLOAT_PRECISION,
     TensorDesc,
+    artifact_precision,
     describe,
     to_model_input,
     verified_litert,
@@ -92,10 +94,20 @@ class LiteRTRuntime(Runtime):
             raise ModelLoadError(f"{self.version_dir}: cannot open {artifact}: {exc}") from exc
         info = describe(inputs, outputs, self.card, self.version_dir)
         info.extra["artifact"] = str(artifact)
+        # The shipped artifact carries the card's precision; a cache conversion is float.
+        shipped = verified_litert(self.version_dir, self.card)
+        info.extra["precision"] = (
+            artifact_precision(self.card) if shipped == artifact else FLOAT_PRECISION
+        )
         self.artifact = artifact
         self._local = threading.local()
         self._info = info
-        log.info("loaded %s with litert from %s", self.version_dir, artifact)
+        log.info(
+            "loaded %s with litert (%s) from %s",
+            self.version_dir,
+            info.extra["precision"],
+            artifact,
+        )
         return info
 
     def _runner(self, size: int) -> Any:

@@ -34,13 +34,17 @@ def _l2(cfg: ArchConfig) -> regularizers.Regularizer | None:
     return regularizers.L2(cfg.weight_decay) if cfg.weight_decay > 0 else None
 
 
-def _head(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
+def _classifier(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
+    """Dropout (when configured) and the softmax layer every architecture ends with."""
     if cfg.dropout > 0:
         x = layers.Dropout(cfg.dropout, name="dropout")(x)
     return layers.Dense(
         cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name=OUTPUT_NAME
     )(x)
+
+
+def _head(x: keras.KerasTensor, cfg: ArchConfig) -> keras.KerasTensor:
+    return _classifier(layers.GlobalAveragePooling2D(name="pool")(x), cfg)
 
 
 def seed_cnn(cfg: ArchConfig) -> keras.Model:
@@ -54,11 +58,7 @@ def seed_cnn(cfg: ArchConfig) -> keras.Model:
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", kernel_regularizer=_l2(cfg), name="dense")(x)
-    if cfg.dropout > 0:
-        x = layers.Dropout(cfg.dropout, name="dropout")(x)
-    out = layers.Dense(
-        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name=OUTPUT_NAME
-    )(x)
+    out = _classifier(x, cfg)
     return keras.Model(image, out, name="seed_cnn")
 
 
@@ -135,10 +135,67 @@ def efficient_cnn(cfg: ArchConfig) -> keras.Model:
     return keras.Model(image, _head(x, cfg), name="efficient_cnn")
 
 
+def lenet5(cfg: ArchConfig) -> keras.Model:
+    """LeNet-5 (LeCun et al. 1998) adapted to 224×224 RGB: a parameter-free 8×8 average
+    pool brings the input to 28×28 (LeNet's 32×32 input padded MNIST's 28×28 to the same
+    effect, so conv1 uses ``same`` padding), then the original layout: 5×5 conv 6 → 2×2
+    average pool → 5×5 conv 16 → 2×2 average pool → Dense 120 → Dense 84 → classes, tanh
+    as in the paper. The C3 partial connection table and the RBF output are replaced by a
+    full convolution and softmax, as every modern reimplementation does."""
+    image, x = _inputs(cfg)
+    x = layers.AveragePooling2D(8, name="stem_pool")(x)
+
+    def channels(n: int) -> int:  # LeNet's own sizes (6, 16), not rounded to multiples of 8
+        return max(1, round(n * cfg.width_multiplier))
+
+    x = layers.Conv2D(channels(6), 5, padding="same", activation="tanh", name="c1")(x)
+    x = layers.AveragePooling2D(2, name="s2")(x)
+    x = layers.Conv2D(channels(16), 5, activation="tanh", name="c3")(x)
+    x = layers.AveragePooling2D(2, name="s4")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(120, activation="tanh", kernel_regularizer=_l2(cfg), name="c5")(x)
+    x = layers.Dense(84, activation="tanh", kernel_regularizer=_l2(cfg), name="f6")(x)
+    out = _classifier(x, cfg)
+    return keras.Model(image, out, name="lenet5")
+
+
+def alexnet(cfg: ArchConfig) -> keras.Model:
+    """AlexNet (Krizhevsky et al. 2012) at 224×224: the 11×11 stride-4 stem, 3×3/2 max
+    pools, 5×5 then three 3×3 convs, two dropout-regularised dense layers. Adapted: the
+    stem uses ``same`` padding (224 → 56), local response normalisation is replaced by
+    BatchNorm after conv1 and conv2, and the dense layers are 1024 wide instead of 4096
+    (Fashion-MNIST has 10 classes, not 1,000). ``--width`` scales every layer."""
+    image, x = _inputs(cfg)
+    x = layers.Conv2D(_width(cfg, 96), 11, strides=4, padding="same", name="conv1")(x)
+    x = layers.ReLU(name="conv1_relu")(layers.BatchNormalization(name="conv1_bn")(x))
+    x = layers.MaxPooling2D(3, strides=2, name="pool1")(x)
+    x = layers.Conv2D(_width(cfg, 256), 5, padding="same", name="conv2")(x)
+    x = layers.ReLU(name="conv2_relu")(layers.BatchNormalization(name="conv2_bn")(x))
+    x = layers.MaxPooling2D(3, strides=2, name="pool2")(x)
+    for i, channels in enumerate((384, 384, 256), start=3):
+        x = layers.Conv2D(
+            _width(cfg, channels), 3, padding="same", activation="relu", name=f"conv{i}"
+        )(x)
+    x = layers.MaxPooling2D(3, strides=2, name="pool5")(x)
+    x = layers.Flatten(name="flatten")(x)
+    for i in (6, 7):
+        x = layers.Dense(
+            _width(cfg, 1024), activation="relu", kernel_regularizer=_l2(cfg), name=f"fc{i}"
+        )(x)
+        if cfg.dropout > 0:
+            x = layers.Dropout(cfg.dropout, name=f"fc{i}_dropout")(x)
+    out = layers.Dense(
+        cfg.num_classes, activation="softmax", kernel_regularizer=_l2(cfg), name="probabilities"
+    )(x)
+    return keras.Model(image, out, name="alexnet")
+
+
 ARCHITECTURES: dict[str, Callable[[ArchConfig], keras.Model]] = {
     "efficient_cnn": efficient_cnn,
     "resnet": resnet,
     "seed_cnn": seed_cnn,
+    "lenet5": lenet5,
+    "alexnet": alexnet,
 }
 
 

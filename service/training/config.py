@@ -15,8 +15,8 @@ from typing import Any, Literal
 from service.config import FASHION_MNIST_DIR
 from service.preprocessing import PreprocessSpec
 
-ARCHITECTURE_NAMES = ("efficient_cnn", "resnet", "seed_cnn")
-Optimizer = Literal["sgd", "adam", "adamw"]
+ARCHITECTURE_NAMES = ("efficient_cnn", "resnet", "seed_cnn", "lenet5", "alexnet")
+Optimizer = Literal["sgd", "adam", "adamw", "radam"]
 Schedule = Literal["plateau", "cosine", "constant"]
 
 

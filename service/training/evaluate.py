@@ -1,4 +1,5 @@
-"""Evaluation: accuracy, per-class precision/recall/F1, confusion matrix, latency.
+"""Evaluation: accuracy, per-class precision/recall/F1 and average precision (mAP),
+confusion matrix, latency.
 
 The same code scores a model at export time (its numbers go into the model card) and
 a published version later (`cnnserve evaluate`), always through the serving signature,
@@ -21,15 +22,39 @@ from matplotlib.figure import Figure
 
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.preprocessing import PreprocessSpec
-from service.training.data import ImageSet, make_splits
+from service.training.data import ImageSet, Splits, make_splits
 from service.training.pipeline import batches
 
 Predict = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 
 
+def average_precision(positive: npt.NDArray[np.bool_], scores: npt.NDArray[Any]) -> float | None:
+    """One-vs-rest average precision: the area under the precision-recall step curve,
+    sum over thresholds of (R_k - R_k-1) * P_k, tied scores forming one threshold (the
+    definition scikit-learn's ``average_precision_score`` uses). None without positives."""
+    total = int(positive.sum())
+    if total == 0:
+        return None
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], positive[order]
+    tp = np.cumsum(hits)
+    # The last position of each distinct score: a threshold takes all of its ties.
+    cut = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    tp_at = tp[cut].astype(np.float64)
+    precision = tp_at / (cut + 1)
+    recall = tp_at / total
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
 def classification_report(
-    labels: npt.NDArray[np.int64], predicted: npt.NDArray[np.int64], class_names: list[str]
+    labels: npt.NDArray[np.int64],
+    predicted: npt.NDArray[np.int64],
+    class_names: list[str],
+    probabilities: npt.NDArray[np.float32] | None = None,
 ) -> dict[str, Any]:
+    """Accuracy, per-class precision/recall/F1, their macro means and the confusion
+    matrix; with ``probabilities`` also per-class average precision and their mean (mAP,
+    one-vs-rest, over the classes that have test examples)."""
     n = len(class_names)
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
@@ -40,7 +65,7 @@ def classification_report(
     recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
-    return {
+    report: dict[str, Any] = {
         "examples": len(labels),
         "accuracy": float(tp.sum() / max(1, len(labels))),
         "macro_precision": float(precision.mean()),
@@ -57,39 +82,77 @@ def classification_report(
         },
         "confusion_matrix": {"labels": class_names, "rows_true_cols_predicted": confusion.tolist()},
     }
+    if probabilities is not None:
+        ap = [average_precision(labels == i, probabilities[:, i]) for i in range(n)]
+        for name, value in zip(class_names, ap, strict=True):
+            report["per_class"][name]["average_precision"] = value
+        defined = [value for value in ap if value is not None]
+        report["mean_average_precision"] = float(np.mean(defined)) if defined else None
+    return report
+
+
+def predict_probabilities(
+    predict: Predict, images: ImageSet, spec: PreprocessSpec, batch_size: int = 256
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """True labels and predicted probabilities of every image, fed through the shared
+    preprocessing."""
+    probabilities: list[npt.NDArray[np.float32]] = []
+    labels: list[npt.NDArray[np.int64]] = []
+    for x, y in batches(images, spec, batch_size).as_numpy_iterator():
+        probabilities.append(np.asarray(predict(x), dtype=np.float32))
+        labels.append(y.astype(np.int64))
+    return np.concatenate(labels), np.concatenate(probabilities)
 
 
 def predict_all(
     predict: Predict, images: ImageSet, spec: PreprocessSpec, batch_size: int = 256
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Predicted and true labels of every image, fed through the shared preprocessing."""
-    predicted: list[npt.NDArray[np.int64]] = []
-    labels: list[npt.NDArray[np.int64]] = []
-    for x, y in batches(images, spec, batch_size).as_numpy_iterator():
-        predicted.append(np.argmax(predict(x), axis=1).astype(np.int64))
-        labels.append(y.astype(np.int64))
-    return np.concatenate(labels), np.concatenate(predicted)
+    labels, probabilities = predict_probabilities(predict, images, spec, batch_size)
+    return labels, np.argmax(probabilities, axis=1).astype(np.int64)
+
+
+def evaluate_predictions(
+    predict: Predict, images: ImageSet, spec: PreprocessSpec
+) -> tuple[dict[str, Any], npt.NDArray[np.float32]]:
+    """The full report (with mAP) of ``predict`` on ``images``, and its probabilities."""
+    labels, probabilities = predict_probabilities(predict, images, spec)
+    predicted = np.argmax(probabilities, axis=1).astype(np.int64)
+    report = classification_report(labels, predicted, images.class_names, probabilities)
+    return report, probabilities
 
 
 def latency(predict: Predict, spec: PreprocessSpec, runs: int, batch: int = 32) -> dict[str, Any]:
     """Wall-clock latency of the signature at batch 1 and at ``batch``, after warm-up."""
+    return paired_latency([predict], spec, runs, batch)[0]
+
+
+def paired_latency(
+    predicts: list[Predict], spec: PreprocessSpec, runs: int, batch: int = 32
+) -> list[dict[str, Any]]:
+    """Latency of several predict functions at batch 1 and ``batch``, timed in alternating
+    rounds (one call of each per round, after a warm-up call) so that load from other
+    processes on a shared machine hits them alike and their ratio stays meaningful."""
     rng = np.random.default_rng(0)
-    result: dict[str, Any] = {"runs": runs}
+    results: list[dict[str, Any]] = [{"runs": runs} for _ in predicts]
     for size in (1, batch):
         x = rng.integers(0, 256, (size, spec.height, spec.width, 3), dtype=np.uint8)
-        predict(x)
-        times = []
-        for _ in range(max(1, runs)):
-            started = time.perf_counter()
+        times: list[list[float]] = [[] for _ in predicts]
+        for predict in predicts:
             predict(x)
-            times.append(time.perf_counter() - started)
-        ms = np.array(times) * 1e3
-        result[f"batch_{size}"] = {
-            "p50_ms": float(np.percentile(ms, 50)),
-            "p95_ms": float(np.percentile(ms, 95)),
-            "per_image_ms": float(np.median(ms) / size),
-        }
-    return result
+        for _ in range(max(1, runs)):
+            for i, predict in enumerate(predicts):
+                started = time.perf_counter()
+                predict(x)
+                times[i].append(time.perf_counter() - started)
+        for result, measured in zip(results, times, strict=True):
+            ms = np.array(measured) * 1e3
+            result[f"batch_{size}"] = {
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p95_ms": float(np.percentile(ms, 95)),
+                "per_image_ms": float(np.median(ms) / size),
+            }
+    return results
 
 
 def plot_confusion(report: dict[str, Any], path: Path, title: str) -> None:
@@ -142,23 +205,28 @@ def load_signature(version_dir: Path) -> Predict:
     return predict
 
 
-def evaluate_version(
-    version_dir: Path, *, data_dir: Path | None, output: Path | None, latency_runs: int
-) -> dict[str, Any]:
-    """Re-evaluate a published version on the test split its card records."""
-    card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
+def card_splits(card: dict[str, Any], data_dir: Path | None) -> Splits:
+    """The splits a version was trained and tested on, as its card's training section
+    records them (``data_dir`` overrides the recorded dataset folder)."""
     training = card["training"]
-    spec = PreprocessSpec.from_card(card["preprocessing"])
-    splits = make_splits(
+    return make_splits(
         training["dataset"],
         data_dir=data_dir or Path(training["data_dir"]),
         val_fraction=training["val_fraction"],
         test_fraction=training["test_fraction"],
         seed=training["seed"],
     )
+
+
+def evaluate_version(
+    version_dir: Path, *, data_dir: Path | None, output: Path | None, latency_runs: int
+) -> dict[str, Any]:
+    """Re-evaluate a published version on the test split its card records."""
+    card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
+    spec = PreprocessSpec.from_card(card["preprocessing"])
+    splits = card_splits(card, data_dir)
     predict = load_signature(version_dir)
-    labels, predicted = predict_all(predict, splits.test, spec)
-    report = classification_report(labels, predicted, splits.test.class_names)
+    report, _ = evaluate_predictions(predict, splits.test, spec)
     report["test_split_sha256"] = splits.test.fingerprint()
     report["test_split_matches_card"] = report["test_split_sha256"] == card.get("dataset", {}).get(
         "test_sha256"

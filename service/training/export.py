@@ -36,12 +36,11 @@ from service.runtimes.conversion import convert_litert as convert_litert  # re-e
 from service.training.architectures import NORMALIZATION
 from service.training.config import TrainConfig
 from service.training.evaluate import (
-    classification_report,
+    evaluate_predictions,
     latency,
     load_signature,
     plot_confusion,
     plot_curves,
-    predict_all,
 )
 from service.training.train import TrainResult
 
@@ -208,8 +207,7 @@ def publish(
         extra.mkdir()
         (extra / "labels.txt").write_text("".join(f"{name}\n" for name in classes))
         predict = load_signature(tmp)
-        labels, predicted = predict_all(predict, result.splits.test, spec)
-        evaluation = classification_report(labels, predicted, classes)
+        evaluation, _ = evaluate_predictions(predict, result.splits.test, spec)
         evaluation["latency_tensorflow"] = latency(predict, spec, latency_runs)
         samples = np.stack(
             [

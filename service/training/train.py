@@ -22,6 +22,7 @@ from service.training.architectures import build
 from service.training.config import ArchConfig, TrainConfig
 from service.training.data import Splits, make_splits, oversample
 from service.training.pipeline import augment_layers, batches
+from service.training.radam import RAdam  # also registers it for reloading checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optim
         return keras.optimizers.SGD(lr, momentum=cfg.momentum)
     if cfg.optimizer == "adam":
         return keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+    if cfg.optimizer == "radam":
+        return RAdam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
     return keras.optimizers.AdamW(
         lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, weight_decay=cfg.weight_decay
     )

@@ -15,7 +15,8 @@ import keras
 from service.contract import BYTES_SIGNATURE, SERVING_SIGNATURE
 from service.preprocessing import PreprocessSpec
 from service.publishing import publish_version
-from service.training.architectures import NORMALIZATION, ArchConfig, build
+from service.training.architectures import NORMALIZATION, build
+from service.training.config import ArchConfig
 from service.training.export import (
     warmup_records,
     write_saved_model,

@@ -1,0 +1,197 @@
+"""`cnnserve compress` end to end on a tiny generated dataset: int8, prune and distill
+each publish a servable next version whose card carries size, accuracy and throughput;
+the gateway serves a quantized version (and says so) and refuses one that drifted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+from service.cli import main
+from tests.helpers.images import encode, gradient, write_class_folders
+from tests.helpers.models import simple_config, write_models_config
+from tests.helpers.server import Server
+
+pytestmark = pytest.mark.slow
+
+FIGURES = ("size_ratio", "accuracy_delta", "throughput_ratio_batch_1", "throughput_ratio_batch_32")
+
+
+def tree_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def card(version_dir: Path) -> dict[str, Any]:
+    return json.loads((version_dir / "assets.extra" / "model_card.json").read_text())  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Version 1: LeNet-5 trained with RAdam through `cnnserve train` (both new paths)."""
+    root = tmp_path_factory.mktemp("compress")
+    data = write_class_folders(root / "data", classes=3, per_class=14)
+    args = ["train", "--dataset", str(data), "--repository", str(root / "repo")]
+    args += ["--model-name", "tiny", "--work-dir", str(root / "work"), "--arch", "lenet5"]
+    args += ["--optimizer", "radam", "--lr", "0.003", "--epochs", "2", "--batch-size", "8"]
+    args += ["--val-fraction", "0.2", "--test-fraction", "0.2", "--latency-runs", "2"]
+    assert main(args) == 0
+    version = root / "repo" / "tiny" / "1"
+    assert card(version)["architecture"]["name"] == "lenet5"
+    assert card(version)["training"]["optimizer"] == "radam"
+    assert card(version)["evaluation"]["mean_average_precision"] is not None
+    write_models_config(root / "repo", simple_config("tiny", policy="all {}"))
+    SOURCE_DIGEST.update(tree_digest(version))
+    return root / "repo"
+
+
+SOURCE_DIGEST: dict[str, bytes] = {}
+
+
+def compress(repo: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> tuple[Path, str]:
+    args = ["compress", "--model-repository", str(repo), "--model", "tiny", "--version", "1"]
+    assert main([*args, "--latency-runs", "2", *extra]) == 0
+    out = capsys.readouterr().out
+    return Path(out.strip().splitlines()[-1]), out
+
+
+def check_figures(version_dir: Path, method: str, out: str) -> dict[str, Any]:
+    record = card(version_dir)
+    compression = record["compression"]
+    assert compression["method"] == method and compression["source_version"] == 1
+    for key in FIGURES:
+        assert isinstance(compression[key], float), key
+    assert compression["size_ratio"] > 0 and compression["throughput_ratio_batch_32"] > 0
+    for line in ("size", "accuracy", "batch 1", "batch 32"):
+        assert f"  {line}" in out
+    assert record["command"].startswith("cnnserve compress --model-repository")
+    artifact = version_dir / "assets.extra" / record["runtimes"]["litert"]["file"]
+    assert artifact.stat().st_size == record["compression"]["after"]["bytes"]
+    assert (version_dir / "saved_model.pb").is_file()
+    assert (version_dir / "assets.extra" / "labels.txt").is_file()
+    return record
+
+
+@pytest.fixture(scope="module")
+def int8_version(repo: Path) -> Path:
+    # A 2-epoch model on 42 images has near-tied classes, so int8 may flip a few argmaxes:
+    # the test states lenient thresholds and checks they are what the card records.
+    args = ["compress", "--model-repository", str(repo), "--model", "tiny", "--version", "1"]
+    args += ["--method", "int8", "--latency-runs", "2", "--representative-samples", "16"]
+    args += ["--min-agreement", "0.5", "--max-accuracy-drop", "0.5"]
+    assert main(args) == 0
+    return max(
+        (p for p in (repo / "tiny").iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+
+
+def test_int8_publishes_a_quantized_version(int8_version: Path, repo: Path) -> None:
+    record = card(int8_version)
+    compression = record["compression"]
+    assert compression["method"] == "int8" and compression["size_ratio"] > 2
+    litert = record["runtimes"]["litert"]
+    assert litert["precision"] == "int8" and litert["file"] == "model_int8.tflite"
+    assert litert["thresholds"] == {"min_top1_agreement": 0.5, "max_accuracy_drop": 0.5}
+    assert litert["top1_agreement"] >= 0.5
+    # The artifact really is integer: uint8 input, int8 weights, float32 probabilities out.
+    interpreter = Interpreter(model_path=str(int8_version / "assets.extra" / litert["file"]))
+    runner = interpreter.get_signature_runner("serving_default")
+    assert runner.get_input_details()["image"]["dtype"] == np.uint8
+    assert any(d["dtype"] == np.int8 for d in interpreter.get_tensor_details())
+    # The SavedModel TF Serving loads is the float model it was made from, unchanged.
+    source = repo / "tiny" / "1"
+    assert (int8_version / "saved_model.pb").read_bytes() == (
+        source / "saved_model.pb"
+    ).read_bytes()
+    for key in FIGURES:
+        assert isinstance(compression[key], float)
+
+
+def test_prune_reaches_its_sparsity_and_reports(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version, out = compress(repo, capsys, "--method", "prune", "--sparsity", "0.5", "--epochs", "2")
+    record = check_figures(version, "prune", out)
+    assert record["compression"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert "sparsity" in out and record["runtimes"]["litert"]["precision"] == "float32"
+    # Zeros compress: the gzip'd artifact shrinks though the flatbuffer does not.
+    assert record["compression"]["gzip_size_ratio"] > 1.2
+    assert "speed_note" in record["compression"]
+
+
+def test_distill_reports_the_student_next_to_its_baseline(
+    repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version, out = compress(
+        repo, capsys, "--method", "distill", "--teacher", "1", "--student-arch", "efficient_cnn",
+        "--student-width", "0.25", "--epochs", "1", "--batch-size", "8",
+    )  # fmt: skip
+    record = check_figures(version, "distill", out)
+    compression = record["compression"]
+    assert compression["teacher_version"] == 1
+    assert 0 <= compression["student_without_teacher_accuracy"] <= 1
+    assert compression["student_accuracy"] == record["evaluation"]["accuracy"]
+    assert record["architecture"]["name"] == "efficient_cnn"
+    assert "trained alone" in out
+
+
+def test_the_source_version_was_never_modified(repo: Path, int8_version: Path) -> None:
+    assert SOURCE_DIGEST and tree_digest(repo / "tiny" / "1") == SOURCE_DIGEST
+    assert not list((repo / "tiny").glob(".export-*"))
+
+
+def _statuses(client: httpx.Client, model: str) -> dict[str, Any]:
+    body = client.get(f"/v1/models/{model}").json()
+    return {s["version"]: s for s in body["model_version_status"]}
+
+
+def test_gateway_serves_the_quantized_version_and_says_so(
+    int8_version: Path, tmp_path: Path, start_server: Callable[..., Server]
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(int8_version, repo / "q" / "1")
+    write_models_config(repo, simple_config("q"))
+    server = start_server(repo)
+    with server.client() as client:
+        r = client.post(
+            "/v1/classify", content=encode(gradient(), "PNG"), headers={"content-type": "image/png"}
+        )
+        assert r.status_code == 200 and r.json()["version"] == 1
+        metrics = client.get("/metrics").text
+    assert (
+        'cnnserve_model_runtime_info{model="q",precision="int8",runtime="litert",version="1"} 1.0'
+        in metrics
+    )
+    log = server.log.read_text()
+    assert "q version 1 is available (litert runtime, int8)" in log
+
+
+def test_gateway_refuses_a_quantized_version_that_drifted(
+    int8_version: Path, tmp_path: Path, start_server: Callable[..., Server]
+) -> None:
+    repo = tmp_path / "repo"
+    version = repo / "q" / "1"
+    shutil.copytree(int8_version, version)
+    # The card now states a threshold its measured agreement does not meet.
+    record = card(version)
+    record["runtimes"]["litert"]["thresholds"]["min_top1_agreement"] = 1.01
+    (version / "assets.extra" / "model_card.json").write_text(json.dumps(record))
+    write_models_config(repo, simple_config("q"))
+    server = start_server(repo, wait_ready=False)
+    with server.client() as client:
+        deadline = time.monotonic() + 60
+        while (status := _statuses(client, "q").get("1", {})).get("state") != "END":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.2)
+        assert "refusing to serve it" in status["status"]["error_message"]
+        assert "top-1" in status["status"]["error_message"]
+        assert client.get("/readyz").status_code == 503
+        assert "cnnserve_model_runtime_info{" not in client.get("/metrics").text
