@@ -21,8 +21,9 @@ from matplotlib.figure import Figure
 
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.preprocessing import PreprocessSpec
-from service.training.data import ImageSet, make_splits
+from service.training.data import ImageSet
 from service.training.pipeline import batches
+from service.training.sources import load_splits
 
 Predict = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 
@@ -149,9 +150,11 @@ def evaluate_version(
     card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
     training = card["training"]
     spec = PreprocessSpec.from_card(card["preprocessing"])
-    splits = make_splits(
-        training["dataset"],
+    optional = {k: Path(training[k]) for k in ("class_map", "relabel") if training.get(k)}
+    splits = load_splits(
+        [training["dataset"], *training.get("extra_datasets", [])],
         data_dir=data_dir or Path(training["data_dir"]),
+        **optional,
         val_fraction=training["val_fraction"],
         test_fraction=training["test_fraction"],
         seed=training["seed"],
