@@ -9,8 +9,10 @@ model learns, one rule a line::
     tshirt -> T-shirt/top
     sneakers -> Sneaker
 
-Without a map every source must name the same classes; with one, a class that is neither
-a rule's left side nor one of the target classes is refused (:class:`DatasetError`).
+Without a map every source must name the same classes. With one, the first source's
+classes (translated where a rule names them) and the rules' right sides are the classes;
+a source class that is none of these and no rule's left side is refused
+(:class:`DatasetError`), so a new class needs an explicit ``hat -> hat``.
 
 Each image's split comes from its content hash, exactly as for one source; an image held
 by two sources keeps only the copy in the most held-out split (test, then validation), so
@@ -120,7 +122,8 @@ def target_classes(sources: Sequence[Source], class_map: dict[str, str] | None) 
                     f"({', '.join(extra)}); give --class-map with 'source_class -> class' rules"
                 )
         return list(first)
-    targets = set(class_map.values())
+    # The first source names the classes; the map translates the others (and may add one).
+    targets = set(class_map.values()) | {class_map.get(c, c) for c in sources[0].pool.class_names}
     names: list[str] = []
     for source in sources:
         unmapped = [c for c in source.pool.class_names if c not in class_map and c not in targets]
