@@ -47,6 +47,14 @@ def write_class_folders(root: Path, classes: int = 3, per_class: int = 12, size:
     return root
 
 
+def renamed_class_folders(root: Path, names: list[str], per_class: int) -> Path:
+    """write_class_folders' dataset under other class names (a source to map)."""
+    write_class_folders(root, classes=len(names), per_class=per_class)
+    for i, name in enumerate(names):
+        (root / f"class_{i}").rename(root / name)
+    return root
+
+
 def write_noisy_class_folders(
     root: Path,
     *,

@@ -20,23 +20,15 @@ from service.training.sources import (
     merge,
     read_class_map,
 )
-from tests.helpers.images import write_class_folders
+from tests.helpers.images import renamed_class_folders, write_class_folders
 
 SPLIT = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 0}
-
-
-def renamed_source(root: Path, names: list[str], per_class: int) -> Path:
-    """Class folders like write_class_folders', under other class names."""
-    write_class_folders(root, classes=len(names), per_class=per_class)
-    for i, name in enumerate(names):
-        (root / f"class_{i}").rename(root / name)
-    return root
 
 
 @pytest.fixture
 def two_sources(tmp_path: Path) -> tuple[Path, Path, Path]:
     a = write_class_folders(tmp_path / "a", classes=3, per_class=14)
-    b = renamed_source(tmp_path / "b", ["zero", "one", "two"], per_class=5)
+    b = renamed_class_folders(tmp_path / "b", ["zero", "one", "two"], per_class=5)
     rules = tmp_path / "map.txt"
     rules.write_text("# source_class -> class\nzero -> class_0\none -> class_1\ntwo -> class_2\n")
     return a, b, rules
