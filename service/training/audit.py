@@ -6,7 +6,9 @@ and never writes to them; everything goes under the output folder:
     audit.json           every number below
     summary.md           the report, linking the PNGs
     class_balance.png    images per class and split
-    duplicates.csv       exact (sha256) and near (perceptual hash) duplicates, with files
+    duplicates.csv       exact (sha256) and near (perceptual hash) duplicates, with files;
+                         exact first, then cross-split pairs, most alike first
+    duplicates.png       the first pairs side by side
     label_issues.csv     likely label errors, most suspicious first; fill `corrected_label`
                          and pass the reviewed file to `--fix`
     label_issues.png     the top suspects with their given and suggested labels
@@ -221,7 +223,12 @@ def _pair(data: Dataset, i: int, j: int, kind: str, bits: int, mad: float) -> di
 
 
 def run_audit(data: Dataset, output: Path, cfg: AuditConfig, progress: Progress) -> dict[str, Any]:
-    from service.training.audit_report import class_balance_png, gallery_png, write_summary
+    from service.training.audit_report import (
+        class_balance_png,
+        duplicates_png,
+        gallery_png,
+        write_summary,
+    )
 
     output.mkdir(parents=True, exist_ok=True)
     if len(set(data.labels.tolist())) < 2:
@@ -238,6 +245,9 @@ def run_audit(data: Dataset, output: Path, cfg: AuditConfig, progress: Progress)
 
     progress("duplicates: hashing")
     pairs = duplicates(data, cfg, progress)
+    # Exact first, then those crossing splits (leakage), each most alike first.
+    pairs.sort(key=lambda p: (p["kind"] != "exact", not p["cross_split"], p["pixel_distance"]))
+    duplicates_png(data, pairs, output / "duplicates.png", cfg.top // 2)
     _write_csv(output / "duplicates.csv", pairs, list(_pair(data, 0, 0, "", 0, 0.0)))
     report["duplicates"] = {
         "exact_pairs": sum(p["kind"] == "exact" for p in pairs),

@@ -30,11 +30,33 @@ def class_balance_png(balance: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def duplicates_png(data: Dataset, pairs: list[dict[str, Any]], path: Path, top: int) -> None:
+    shown = pairs[:top]
+    rows = max(1, -(-len(shown) // 3))
+    fig = Figure(figsize=(12.0, 2.6 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, 6)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for k, pair in enumerate(shown):
+        for side, key in enumerate(("a", "b")):
+            image = data.pixels[pair[f"{key}_index"]]
+            ax = axes[2 * k + side]
+            ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
+            ax.set_title(
+                f"{pair['kind']} {pair[f'split_{key}']}\n{Path(pair[key]).name[-22:]}", fontsize=7
+            )
+    if not shown:
+        axes[0].text(0.5, 0.5, "no duplicates found", ha="center", va="center")
+    fig.suptitle("duplicate pairs (exact, then cross-split, most alike first)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def gallery_png(data: Dataset, issues: LabelIssues, path: Path, top: int) -> None:
     shown = issues.indices[:top]
     cols = 6
     rows = max(1, -(-len(shown) // cols))
-    fig = Figure(figsize=(2.0 * cols, 2.3 * rows))
+    fig = Figure(figsize=(2.0 * cols, 2.6 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax in axes:
         ax.axis("off")
@@ -80,7 +102,10 @@ def write_summary(report: dict[str, Any], path: Path) -> None:
         "## Duplicates",
         "",
         f"{dup['exact_pairs']} exact and {dup['near_pairs']} near-duplicate pairs; "
-        f"**{dup['cross_split_pairs']} cross splits** (full list: `duplicates.csv`).",
+        f"**{dup['cross_split_pairs']} cross splits** (full list: `duplicates.csv`; a "
+        "cross-split pair is leakage: drop one copy or move both into one split).",
+        "",
+        "![duplicate pairs](duplicates.png)",
         "",
     ]
     if dup["first"]:

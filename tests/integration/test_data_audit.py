@@ -85,7 +85,7 @@ def test_planted_cross_split_near_duplicates_are_found(audited: Audited) -> None
 
 def test_summary_links_its_pictures_and_progress_was_shown(audited: Audited) -> None:
     summary = (audited.output / "summary.md").read_text()
-    for png in ("class_balance.png", "label_issues.png"):
+    for png in ("class_balance.png", "label_issues.png", "duplicates.png"):
         assert f"]({png})" in summary
         assert (audited.output / png).stat().st_size > 5000
     balance = audited.report["balance"]
