@@ -132,7 +132,11 @@ def out_of_fold_probs(
             verbose=0,
             callbacks=[Report(fold + 1)],
         )
-        probs[held] = model.predict(x[held], batch_size=512, verbose=0)
+        # Called directly (not predict): a fresh model per fold would retrace predict's
+        # tf.function each time, and TensorFlow warns about that.
+        for start in range(0, len(held), 1024):
+            part = held[start : start + 1024]
+            probs[part] = keras.ops.convert_to_numpy(model(x[part], training=False))
     return probs
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from service.errors import DatasetError
 from service.training.config import TrainConfig
-from service.training.data import ImageSet, balanced_class_weight
+from service.training.data import ImageSet, balanced_class_weight, load_image_folder
 from service.training.sources import (
     RELABEL_FORMAT,
     Source,
@@ -150,3 +150,25 @@ def test_new_config_fields_keep_old_fingerprints() -> None:
     card = cfg.to_card()
     assert card["extra_datasets"] == [] and card["class_map"] is None
     assert TrainConfig(class_weight="balanced").fingerprint() != cfg.fingerprint()
+
+
+def test_pixel_and_file_sources_merge_into_one_set(tmp_path: Path) -> None:
+    """Fashion-MNIST-like arrays beside a folder of files: each image still reads, hashes
+    and preprocesses through its own source."""
+    from service.preprocessing import PreprocessSpec
+
+    folder = write_class_folders(tmp_path / "files", classes=3, per_class=4)
+    arrays = Source(
+        "arrays",
+        "fashion_mnist",
+        pool=ImageSet("arrays", ["class_0", "class_1", "class_2"], np.arange(9) % 3, _pixels(3, 9)),
+    )
+    files = Source("files", "folder", pool=load_image_folder(folder))
+    merged = merge([arrays, files], class_map=None, corrections=None, **SPLIT)
+    images = merged.images
+    assert images.parts is not None and len(images) == 21
+    spec = PreprocessSpec(height=16, width=16)
+    assert images.model_input(0, spec).shape == images.model_input(20, spec).shape == (16, 16, 3)
+    assert images.raw(20) == files.pool.raw(11) and images.raw(2) == arrays.pool.raw(2)
+    tail = images.subset(np.array([20, 0]), "tail")
+    assert tail.raw(0) == files.pool.raw(11) and tail.labels.tolist() == [2, 0]
