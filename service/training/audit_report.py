@@ -65,7 +65,7 @@ def gallery_png(data: Dataset, issues: LabelIssues, path: Path, top: int) -> Non
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None)
         ax.set_title(
             f"given: {data.classes[data.labels[i]]}\nsuggested: {data.classes[suggested]}"
-            f"\n{score:.3f}",
+            f"\np(given) {score:.1e}",
             fontsize=8,
         )
     if not len(shown):
