@@ -174,7 +174,8 @@ def plot_per_class_f1(runs: list[dict[str, Any]], path: Path) -> None:
     ax.set_yticks(range(len(rows)), [r["run"] for r in rows])
     for (i, j), value in np.ndenumerate(matrix):
         if not np.isnan(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color="w")
+            color = "black" if value > 0.6 else "white"  # readable on viridis
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, label="F1 (test split)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -196,7 +197,7 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
     lines = [
         "# Experiments",
         "",
-        f"{len(runs)} runs; best: **{best['run']}** (accuracy "
+        f"{len(runs)} run{'' if len(runs) == 1 else 's'}; best: **{best['run']}** (accuracy "
         f"{_cell(best['accuracy'])}). Published versions are scored on their test split, "
         "unpublished work-directory runs by their best validation accuracy.",
         "",
