@@ -34,9 +34,15 @@ def two_sources(tmp_path: Path) -> tuple[Path, Path, Path]:
     return a, b, rules
 
 
-def test_merging_with_a_class_map_counts_each_source(two_sources: tuple[Path, Path, Path]) -> None:
+def test_merging_with_a_class_map_counts_each_source(
+    two_sources: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
     a, b, rules = two_sources
-    splits = load_splits([str(a), str(b)], data_dir=Path("/nonexistent"), class_map=rules, **SPLIT)
+    with caplog.at_level("INFO"):
+        splits = load_splits([str(a), str(b)], data_dir=Path("/x"), class_map=rules, **SPLIT)
+    # Shown before training: one row per class, one column per source.
+    table = caplog.text.split("dataset sources:\n", 1)[1].splitlines()
+    assert table[2].split() == ["class_1", "14", "5"] and table[4].split() == ["total", "42", "15"]
     assert splits.train.class_names == ["class_0", "class_1", "class_2"]
     sources = splits.provenance["sources"]
     assert isinstance(sources, list)
