@@ -14,6 +14,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
+from service.cli_data import add_data, add_experiments
 from service.config import Settings
 from service.errors import CnnserveError, DatasetError
 from service.logs import setup_logging
@@ -30,6 +31,7 @@ def _add_train(
         SEED_CNN_L2,
         ArchConfig,
         AugmentConfig,
+        ClassWeight,
         Optimizer,
         Schedule,
         TrainConfig,
@@ -44,7 +46,17 @@ def _add_train(
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
-        "--dataset", default=train.dataset, help="'fashion_mnist' or a folder of class folders"
+        "--dataset",
+        action="append",
+        default=None,
+        help=f"'fashion_mnist' or a folder of class folders; repeat to merge sources "
+        f"(default: {train.dataset})",
+    )
+    p.add_argument(
+        "--class-map", type=Path, default=None, help="'source_class -> class' rules, one a line"
+    )
+    p.add_argument(
+        "--relabel", type=Path, default=None, help="label corrections from `data audit --fix`"
     )
     p.add_argument(
         "--data-dir", type=Path, default=settings.fashion_mnist_dir, help="Fashion-MNIST IDX folder"
@@ -115,6 +127,12 @@ def _add_train(
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--balance", action="store_true", help="oversample minority classes")
     p.add_argument(
+        "--class-weight",
+        choices=get_args(ClassWeight),
+        default=train.class_weight,
+        help="'balanced' weighs each class's loss by n / (classes * class count)",
+    )
+    p.add_argument(
         "--val-fraction", type=float, default=train.val_fraction, help="validation share"
     )
     p.add_argument(
@@ -138,8 +156,13 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from service.training.config import ArchConfig, AugmentConfig, TrainConfig
     from service.training.train import train
 
+    datasets = args.dataset or [TrainConfig().dataset]
     cfg = TrainConfig(
-        dataset=args.dataset,
+        dataset=datasets[0],
+        extra_datasets=tuple(datasets[1:]),
+        class_map=args.class_map,
+        relabel=args.relabel,
+        class_weight=args.class_weight,
         data_dir=args.data_dir,
         arch=ArchConfig.for_arch(
             args.arch,
@@ -497,6 +520,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     _add_serve(sub, settings)
     _add_bench(sub, settings)
     _add_compress(sub, settings)
+    add_data(sub, settings)
+    add_experiments(sub, settings)
     return parser
 
 

@@ -18,6 +18,8 @@ from service.preprocessing import PreprocessSpec
 ARCHITECTURE_NAMES = ("efficient_cnn", "resnet", "seed_cnn", "lenet5", "alexnet")
 Optimizer = Literal["sgd", "adam", "adamw", "radam"]
 Schedule = Literal["plateau", "cosine", "constant"]
+# "balanced" weighs each class's loss by n_images / (n_classes * n_class_images).
+ClassWeight = Literal["none", "balanced"]
 
 
 # The seed article's network comes with its own regularization (no dropout, L2 0.01 on
@@ -92,13 +94,38 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # folder datasets only; Fashion-MNIST has its own test set
     balance: bool = False
+    class_weight: ClassWeight = "none"
+    # More sources merged with `dataset` (service.training.sources), a class-mapping file
+    # for sources that name classes differently, and reviewed label corrections.
+    extra_datasets: tuple[str, ...] = ()
+    class_map: Path | None = None
+    relabel: Path | None = None
     limit: int = 0  # use only the first N training images (quick runs); 0 = all
     seed: int = 0
+
+    @property
+    def datasets(self) -> tuple[str, ...]:
+        return (self.dataset, *self.extra_datasets)
 
     def to_card(self) -> dict[str, Any]:
         card = asdict(self)
         card["data_dir"] = str(self.data_dir)
+        card["extra_datasets"] = list(self.extra_datasets)
+        for key in ("class_map", "relabel"):
+            card[key] = None if card[key] is None else str(card[key])
         return card
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_card(), sort_keys=True).encode()).hexdigest()[:16]
+        card = self.to_card()
+        for key in _ADDED_LATER:  # at their defaults they leave older fingerprints unchanged
+            if card[key] == _ADDED_LATER[key]:
+                del card[key]
+        return hashlib.sha256(json.dumps(card, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ADDED_LATER: dict[str, Any] = {
+    "class_weight": "none",
+    "extra_datasets": [],
+    "class_map": None,
+    "relabel": None,
+}

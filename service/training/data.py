@@ -44,7 +44,8 @@ Labels = npt.NDArray[np.int64]
 
 @dataclass
 class ImageSet:
-    """Labelled images, in memory (``pixels``) or as files (``paths``)."""
+    """Labelled images, in memory (``pixels``), as files (``paths``), or drawn from other
+    sets (``parts`` and ``part_index`` rows of (part, index): a merge of mixed sources)."""
 
     name: str
     class_names: list[str]
@@ -52,9 +53,16 @@ class ImageSet:
     pixels: npt.NDArray[np.uint8] | None = None
     paths: list[Path] | None = None
     _hashes: list[str] | None = field(default=None, repr=False)
+    parts: list[ImageSet] | None = None
+    part_index: npt.NDArray[np.int64] | None = None
 
     def __post_init__(self) -> None:
-        count = len(self.pixels) if self.pixels is not None else len(self.paths or [])
+        if self.pixels is not None:
+            count = len(self.pixels)
+        elif self.part_index is not None:
+            count = len(self.part_index)
+        else:
+            count = len(self.paths or [])
         if count != len(self.labels):
             raise DatasetError(f"{self.name}: {count} images but {len(self.labels)} labels")
 
@@ -65,6 +73,9 @@ class ImageSet:
         """The bytes that identify an image: its pixels, or its encoded file."""
         if self.pixels is not None:
             return bytes(self.pixels[index].tobytes())
+        if self.parts is not None and self.part_index is not None:
+            part, inner = self.part_index[index]
+            return self.parts[int(part)].raw(int(inner))
         assert self.paths is not None
         return self.paths[index].read_bytes()
 
@@ -77,6 +88,9 @@ class ImageSet:
         """The exact uint8 [H,W,3] the served model would get for this image."""
         if self.pixels is not None:
             return preprocess_array(self.pixels[index], spec)
+        if self.parts is not None and self.part_index is not None:
+            part, inner = self.part_index[index]
+            return self.parts[int(part)].model_input(int(inner), spec)
         assert self.paths is not None
         try:
             return preprocess_bytes(self.raw(index), spec, max_pixels=_FOLDER_MAX_PIXELS)
@@ -92,6 +106,8 @@ class ImageSet:
             pixels=self.pixels[indices] if self.pixels is not None else None,
             paths=[self.paths[i] for i in indices] if self.paths is not None else None,
             _hashes=[hashes[i] for i in indices],
+            parts=self.parts,
+            part_index=self.part_index[indices] if self.part_index is not None else None,
         )
 
     def fingerprint(self) -> str:
@@ -108,9 +124,13 @@ class Splits:
     validation: ImageSet
     test: ImageSet
     dropped_duplicates: int = 0
+    # Multi-source runs: what each source brought and how labels were changed
+    # (service.training.sources); recorded in the model card's "dataset".
+    provenance: dict[str, object] = field(default_factory=dict)
 
     def describe(self) -> dict[str, object]:
         return {
+            **self.provenance,
             "train": len(self.train),
             "validation": len(self.validation),
             "test": len(self.test),
@@ -282,3 +302,17 @@ def oversample(labels: Labels, seed: int) -> npt.NDArray[np.int64]:
             members = np.flatnonzero(labels == cls)
             picks.append(rng.choice(members, size=target - count, replace=True))
     return np.concatenate(picks).astype(np.int64)
+
+
+def balanced_class_weight(labels: Labels) -> dict[int, float]:
+    """``n / (k · n_c)`` per class present: each class weighs the same in the loss in total.
+
+    The alternative to :func:`oversample` (``--class-weight balanced``). Neither invents
+    images: SMOTE-style interpolation between two images of a class averages their pixels
+    into a ghosted double exposure that no camera produces, so it is not offered; use
+    oversampling with augmentation (every repeat differs), class weights, or more real
+    images of the rare class.
+    """
+    counts = np.bincount(labels)
+    present = np.flatnonzero(counts)
+    return {int(c): float(len(labels) / (len(present) * counts[c])) for c in present}

@@ -22,8 +22,9 @@ from matplotlib.figure import Figure
 
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.preprocessing import PreprocessSpec
-from service.training.data import ImageSet, Splits, make_splits
+from service.training.data import ImageSet, Splits
 from service.training.pipeline import batches
+from service.training.sources import load_splits
 
 Predict = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 
@@ -209,9 +210,11 @@ def card_splits(card: dict[str, Any], data_dir: Path | None) -> Splits:
     """The splits a version was trained and tested on, as its card's training section
     records them (``data_dir`` overrides the recorded dataset folder)."""
     training = card["training"]
-    return make_splits(
-        training["dataset"],
+    optional = {k: Path(training[k]) for k in ("class_map", "relabel") if training.get(k)}
+    return load_splits(
+        [training["dataset"], *training.get("extra_datasets", [])],
         data_dir=data_dir or Path(training["data_dir"]),
+        **optional,
         val_fraction=training["val_fraction"],
         test_fraction=training["test_fraction"],
         seed=training["seed"],

@@ -20,9 +20,10 @@ import numpy as np
 
 from service.training.architectures import build
 from service.training.config import ArchConfig, TrainConfig
-from service.training.data import Splits, make_splits, oversample
+from service.training.data import Splits, balanced_class_weight, oversample
 from service.training.pipeline import augment_layers, batches
 from service.training.radam import RAdam  # also registers it for reloading checkpoints
+from service.training.sources import load_splits
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +109,11 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optim
 def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     """Fit a model; resumes from ``work_dir`` when a run with this config was interrupted."""
     keras.utils.set_random_seed(cfg.seed)
-    splits = make_splits(
-        cfg.dataset,
+    splits = load_splits(
+        cfg.datasets,
         data_dir=cfg.data_dir,
+        class_map=cfg.class_map,
+        relabel=cfg.relabel,
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
         seed=cfg.seed,
@@ -121,6 +124,7 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     arch = ArchConfig(**{**asdict(cfg.arch), "num_classes": len(splits.train.class_names)})
     run_dir = work_dir / cfg.fingerprint()
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_card(), indent=2))  # `experiments`
     final_path, history_path = run_dir / "final.keras", run_dir / "history.json"
     if final_path.exists() and history_path.exists():
         log.info("reusing finished fit in %s", run_dir)
@@ -163,9 +167,15 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
                 min_lr=cfg.min_learning_rate,
             )
         )
+    weights = balanced_class_weight(splits.train.labels) if cfg.class_weight == "balanced" else None
     started = time.monotonic()
     fit = model.fit(
-        train_ds, validation_data=val_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0
+        train_ds,
+        validation_data=val_ds,
+        epochs=cfg.epochs,
+        callbacks=callbacks,
+        verbose=0,
+        class_weight=weights,
     )
     seconds = time.monotonic() - started
     history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}

@@ -22,16 +22,22 @@ def test_help_lists_subcommands_without_importing_tensorflow() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for command in ("train", "evaluate", "serve"):
+    for command in ("train", "evaluate", "serve", "data", "experiments"):
         assert command in out.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "serve"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "serve", "data audit", "experiments"])
 def test_each_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
-        main([command, "--help"])
+        main([*command.split(), "--help"])
     assert info.value.code == 0
     assert "usage: cnnserve " + command in capsys.readouterr().out
+
+
+def test_dataset_repeats_to_merge_sources() -> None:
+    args = build_parser(Settings()).parse_args(["train", "--dataset", "a", "--dataset", "b"])
+    assert args.dataset == ["a", "b"]
+    assert build_parser(Settings()).parse_args(["train"]).dataset is None  # fashion_mnist
 
 
 def test_architecture_names_match_the_registry() -> None:

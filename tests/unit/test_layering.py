@@ -14,6 +14,7 @@ SERVICE = Path(__file__).resolve().parents[2] / "service"
 LAYERS: dict[str, int] = {
     "service.api": 3,
     "service.cli": 3,
+    "service.cli_data": 3,
     "service.server": 3,
     "service.launch": 3,
     "service.bench": 3,

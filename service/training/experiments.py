@@ -1,0 +1,229 @@
+"""`cnnserve experiments`: the experiment record, generated from model cards.
+
+Every published version (its ``model_card.json``) and every finished training run in a
+work directory that was not published (``config.json`` + ``history.json``, written by
+:func:`service.training.train.train`) becomes one row: architecture, the hyper-parameters
+that differ from the best run, data sources, accuracy, macro F1, mAP when the card has it,
+latency and size. Written to the output folder as ``report.md``, ``experiments.json``,
+``curves.png`` (validation curves overlaid) and ``per_class_f1.png`` (a heat map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from service.errors import DatasetError
+
+# Card keys that describe a run's outcome or machine, not its recipe.
+_NOT_HYPER = {"history", "seconds", "epochs_run", "overfitting_warnings", "machine", "data_dir"}
+
+
+def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in _NOT_HYPER:
+            continue
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _recipe_id(hyper: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(hyper, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def _map(evaluation: dict[str, Any]) -> float | None:
+    for key, value in evaluation.items():
+        lowered = key.lower()
+        if isinstance(value, int | float) and (
+            lowered in {"map", "mean_average_precision"} or lowered.startswith("map")
+        ):
+            return float(value)
+    return None
+
+
+def _sources(training: dict[str, Any]) -> str:
+    names = [training.get("dataset", "?"), *training.get("extra_datasets", [])]
+    text = " + ".join(Path(n).name if "/" in n else n for n in names)
+    if training.get("class_map"):
+        text += " (class map)"
+    if training.get("relabel"):
+        text += " (relabelled)"
+    return text
+
+
+def published_runs(repository: Path) -> list[dict[str, Any]]:
+    runs = []
+    for card_path in sorted(repository.glob("*/*/assets.extra/model_card.json")):
+        version_dir = card_path.parents[1]
+        if not version_dir.name.isdigit():
+            continue
+        card = json.loads(card_path.read_text())
+        training, evaluation = card.get("training", {}), card.get("evaluation", {})
+        latency = evaluation.get("latency_tensorflow", {}).get("batch_1", {}).get("p50_ms")
+        hyper = _flatten(training)
+        runs.append(
+            {
+                "run": f"{version_dir.parent.name}/{version_dir.name}",
+                "published": True,
+                "architecture": card.get("architecture", {}).get("name", "?"),
+                "parameters": card.get("architecture", {}).get("parameters"),
+                "sources": _sources(training),
+                "accuracy": evaluation.get("accuracy"),
+                "macro_f1": evaluation.get("macro_f1"),
+                "map": _map(evaluation),
+                "latency_ms": latency,
+                "size_mb": round(_dir_mb(version_dir), 2),
+                "metric_split": "test",
+                "per_class_f1": {k: v["f1"] for k, v in evaluation.get("per_class", {}).items()},
+                "history": training.get("history", {}),
+                "hyper": hyper,
+                "recipe": _recipe_id(hyper),
+            }
+        )
+    return runs
+
+
+def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
+    """Finished fits whose recipe no published version shares (validation numbers only)."""
+    runs = []
+    for config_path in sorted(work_dir.glob("*/config.json")):
+        history_path = config_path.parent / "history.json"
+        if not history_path.is_file():
+            continue  # interrupted or still running
+        hyper = _flatten(json.loads(config_path.read_text()))
+        if _recipe_id(hyper) in published:
+            continue
+        history = json.loads(history_path.read_text()).get("history", {})
+        val = history.get("val_accuracy") or [None]
+        runs.append(
+            {
+                "run": f"work/{config_path.parent.name}",
+                "published": False,
+                "architecture": hyper.get("arch.name", "?"),
+                "parameters": None,
+                "sources": _sources(hyper),
+                "accuracy": max((v for v in val if v is not None), default=None),
+                "macro_f1": None,
+                "map": None,
+                "latency_ms": None,
+                "size_mb": None,
+                "metric_split": "validation",
+                "per_class_f1": {},
+                "history": history,
+                "hyper": hyper,
+                "recipe": _recipe_id(hyper),
+            }
+        )
+    return runs
+
+
+def differences(run: dict[str, Any], best: dict[str, Any]) -> str:
+    keys = sorted(set(run["hyper"]) | set(best["hyper"]))
+    changed = [
+        f"{k}={run['hyper'].get(k)}" for k in keys if run["hyper"].get(k) != best["hyper"].get(k)
+    ]
+    return ", ".join(changed) if changed else "—"
+
+
+def _cell(value: Any, pattern: str = "{:.4f}") -> str:
+    return "—" if value is None else pattern.format(value)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
+    fig = Figure(figsize=(11, 4))
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for run in runs:
+        for key, ax in (("val_accuracy", acc_ax), ("val_loss", loss_ax)):
+            values = run["history"].get(key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, label=run["run"])
+    for ax, name in ((acc_ax, "validation accuracy"), (loss_ax, "validation loss")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def plot_per_class_f1(runs: list[dict[str, Any]], path: Path) -> None:
+    rows = [r for r in runs if r["per_class_f1"]]
+    classes: list[str] = []
+    for r in rows:
+        classes += [c for c in r["per_class_f1"] if c not in classes]
+    matrix = np.array(
+        [[r["per_class_f1"].get(c, np.nan) for c in classes] for r in rows], dtype=np.float64
+    ).reshape(len(rows), len(classes))
+    fig = Figure(figsize=(max(6.0, 0.8 * len(classes) + 3), max(2.5, 0.5 * len(rows) + 2)))
+    ax = fig.subplots()
+    image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [r["run"] for r in rows])
+    for (i, j), value in np.ndenumerate(matrix):
+        if not np.isnan(value):
+            color = "black" if value > 0.6 else "white"  # readable on viridis
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(image, ax=ax, label="F1 (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict[str, Any]:
+    runs = published_runs(repository) if repository and repository.is_dir() else []
+    if work_dir is not None and work_dir.is_dir():
+        runs += work_runs(work_dir, {r["recipe"] for r in runs})
+    if not runs:
+        raise DatasetError(
+            f"no published versions in {repository} and no finished runs in {work_dir}"
+        )
+    scored = [r for r in runs if r["accuracy"] is not None]
+    best = max(scored or runs, key=lambda r: (r["published"], r["accuracy"] or 0.0))
+    output.mkdir(parents=True, exist_ok=True)
+    plot_curves(runs, output / "curves.png")
+    plot_per_class_f1(runs, output / "per_class_f1.png")
+    lines = [
+        "# Experiments",
+        "",
+        f"{len(runs)} run{'' if len(runs) == 1 else 's'}; best: **{best['run']}** (accuracy "
+        f"{_cell(best['accuracy'])}). Published versions are scored on their test split, "
+        "unpublished work-directory runs by their best validation accuracy.",
+        "",
+        "| run | architecture | params | sources | accuracy | macro F1 | mAP | latency ms "
+        "| size MB | differs from best |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: -(r["accuracy"] or 0.0)):
+        lines.append(
+            f"| {r['run']}{'' if r['published'] else ' (validation)'} | {r['architecture']} "
+            f"| {_cell(r['parameters'], '{:,}')} | {r['sources']} | {_cell(r['accuracy'])} "
+            f"| {_cell(r['macro_f1'])} | {_cell(r['map'])} | {_cell(r['latency_ms'], '{:.2f}')} "
+            f"| {_cell(r['size_mb'], '{:.1f}')} | {differences(r, best)} |"
+        )
+    lines += [
+        "",
+        "![validation curves](curves.png)",
+        "",
+        "![per-class F1](per_class_f1.png)",
+        "",
+        f"Best run's recipe: `{json.dumps(best['hyper'], sort_keys=True, default=str)}`",
+    ]
+    (output / "report.md").write_text("\n".join(lines) + "\n")
+    data = {
+        "best": best["run"],
+        "runs": [{**r, "differs_from_best": differences(r, best)} for r in runs],
+    }
+    (output / "experiments.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return data

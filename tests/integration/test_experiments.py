@@ -1,0 +1,108 @@
+"""Two tiny versions trained through the CLI (one from two mapped, corrected sources with
+class weights), their model cards, `evaluate` on the merged sources, and `experiments`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from service.cli import main
+from service.training.sources import RELABEL_FORMAT
+from tests.helpers.images import renamed_class_folders, write_class_folders
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "--model-name", "tiny", "--width", "0.25", "--depth", "1", "--epochs", "2",
+    "--batch-size", "8", "--optimizer", "adam", "--val-fraction", "0.2",
+    "--test-fraction", "0.2", "--latency-runs", "2",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("experiments")
+    a = write_class_folders(root / "shop", classes=3, per_class=14)
+    b = renamed_class_folders(root / "street", ["zero", "one", "two"], per_class=6)
+    (root / "map.txt").write_text("zero -> class_0\none -> class_1\ntwo -> class_2\n")
+    image = sorted((b / "two").iterdir())[-1]
+    relabel = {hashlib.sha256(image.read_bytes()).hexdigest(): "class_1"}
+    (root / "relabel.json").write_text(
+        json.dumps({"format": RELABEL_FORMAT, "corrections": relabel})
+    )
+    place = ["--repository", str(root / "repo"), "--work-dir", str(root / "work")]
+    merged = [
+        "train", "--dataset", str(a), "--dataset", str(b),
+        "--class-map", str(root / "map.txt"), "--relabel", str(root / "relabel.json"),
+        "--class-weight", "balanced", "--lr", "0.003",
+    ]  # fmt: skip
+    assert main([*merged, *place, *TINY]) == 0
+    assert main(["train", "--dataset", str(a), "--lr", "0.01", *place, *TINY]) == 0
+    return root
+
+
+def card(root: Path, version: int) -> dict:  # type: ignore[type-arg]
+    path = root / "repo" / "tiny" / str(version) / "assets.extra" / "model_card.json"
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+def test_card_records_sources_map_corrections_and_class_weight(trained: Path) -> None:
+    first = card(trained, 1)
+    dataset = first["dataset"]
+    assert [s["name"] for s in dataset["sources"]] == [
+        str(trained / "shop"),
+        str(trained / "street"),
+    ]
+    assert dataset["sources"][0]["per_class"] == {"class_0": 14, "class_1": 14, "class_2": 14}
+    # One "two" image of street was corrected to class_1.
+    assert dataset["sources"][1]["per_class"] == {"class_0": 6, "class_1": 7, "class_2": 5}
+    assert all(len(s["content_sha256"]) == 64 for s in dataset["sources"])
+    assert dataset["class_map"]["rules"] == {
+        "zero": "class_0",
+        "one": "class_1",
+        "two": "class_2",
+    }
+    assert dataset["label_corrections"]["images_relabelled"] == 1
+    assert first["training"]["class_weight"] == "balanced"
+    assert first["training"]["extra_datasets"] == [str(trained / "street")]
+    assert "sources" not in card(trained, 2)["dataset"]  # one source: as before
+
+
+def test_evaluate_rebuilds_the_merged_test_split(
+    trained: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version = trained / "repo" / "tiny" / "1"
+    assert main(["evaluate", str(version), "--latency-runs", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_split_matches_card"] is True
+
+
+def test_experiments_compares_versions_and_unpublished_runs(trained: Path) -> None:
+    # An unpublished run in the work directory: a recipe no version shares.
+    fit = next(p for p in (trained / "work").iterdir() if (p / "config.json").is_file())
+    other = trained / "work" / "unpublished"
+    other.mkdir()
+    config = json.loads((fit / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "epochs": 99}))
+    history = {"val_accuracy": [0.4, 0.5], "val_loss": [1.1, 0.9]}
+    (other / "history.json").write_text(json.dumps({"history": history}))
+
+    out = trained / "report"
+    args = ["experiments", "--model-repository", str(trained / "repo")]
+    assert main([*args, "--work-dir", str(trained / "work"), "--output", str(out)]) == 0
+    data = json.loads((out / "experiments.json").read_text())
+    runs = {r["run"]: r for r in data["runs"]}
+    assert set(runs) == {"tiny/1", "tiny/2", "work/unpublished"}  # published fits not twice
+    assert data["best"] in {"tiny/1", "tiny/2"}
+    loser = runs["tiny/2" if data["best"] == "tiny/1" else "tiny/1"]
+    assert "learning_rate=" in loser["differs_from_best"]
+    assert "epochs=99" in runs["work/unpublished"]["differs_from_best"]
+    assert runs["work/unpublished"]["accuracy"] == 0.5
+    assert runs["tiny/1"]["sources"] == "shop + street (class map) (relabelled)"
+    assert runs["tiny/1"]["size_mb"] > 0 and runs["tiny/1"]["latency_ms"] > 0
+    report = (out / "report.md").read_text()
+    assert "| tiny/1 |" in report and "| work/unpublished (validation) |" in report
+    for png in ("curves.png", "per_class_f1.png"):
+        assert f"]({png})" in report and (out / png).stat().st_size > 5000
