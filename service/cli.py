@@ -14,8 +14,9 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
+from service.cli_rollout import add_promote, add_verify
 from service.config import Settings
-from service.errors import CnnserveError, DatasetError
+from service.errors import CnnserveError, DatasetError, PromotionError
 from service.logs import setup_logging
 
 
@@ -406,6 +407,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     _add_evaluate(sub, settings)
     _add_serve(sub, settings)
     _add_bench(sub, settings)
+    add_promote(sub, settings)
+    add_verify(sub, settings)
     return parser
 
 
@@ -425,6 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"cnnserve: {exc.message}", file=sys.stderr)
         return 2
+    except PromotionError as exc:
+        print(f"cnnserve {args.command}: {exc.message}", file=sys.stderr)
+        return 1
     except CnnserveError as exc:
         print(f"cnnserve: {exc.code}: {exc.message}", file=sys.stderr)
         return 1

@@ -1,0 +1,478 @@
+"""`cnnserve verify`: does the live server answer what the offline evaluation measured?
+
+The guard against train/serve skew. Each test image is encoded (PNG, lossless, and JPEG
+at quality 90, what clients send) and classified by the live server, pinned to one
+version; the same version's SavedModel signature classifies the source pixels offline
+through :mod:`service.preprocessing` with the preprocessing its training recorded.
+Top-1 agreement between the two must reach 99.9% for PNG (the pixels are the same, so
+only a skew can disagree) and 99% for JPEG (compression moves a few borderline images).
+Disagreements are listed worst first (the offline model's margin for its own answer over
+the server's) and their images saved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, OUTPUT_NAME
+from service.errors import DatasetError
+from service.preprocessing import PreprocessSpec, decode, preprocess_array, to_rgb
+from service.repository import read_card, read_labels, read_repository
+from service.training.data import IMAGE_SUFFIXES, load_fashion_mnist, load_image_folder
+
+ENCODINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "png": ("PNG", {}),
+    "jpeg": ("JPEG", {"quality": 90}),
+}
+THRESHOLDS = {"png": 0.999, "jpeg": 0.99}
+BATCH = 16  # images per request
+CONCURRENCY = 4  # requests in flight
+_MAX_PIXELS = 100_000_000
+
+
+@dataclass
+class TestImages:
+    """Source images (decoded pixels) and their true class names (None: unknown)."""
+
+    pixels: list[npt.NDArray[np.uint8]]
+    classes: list[str | None]
+    names: list[str]
+
+
+def load_images(data: Path | None, fashion_mnist_dir: Path, limit: int) -> TestImages:
+    """Fashion-MNIST's test set (``data`` None), a folder of class folders, or a flat
+    folder of images; the first ``limit`` (0 = all)."""
+    if data is None:
+        _, test = load_fashion_mnist(fashion_mnist_dir)
+        count = len(test) if limit <= 0 else min(limit, len(test))
+        assert test.pixels is not None
+        return TestImages(
+            pixels=[test.pixels[i] for i in range(count)],
+            classes=[test.class_names[int(test.labels[i])] for i in range(count)],
+            names=[f"t10k-{i}" for i in range(count)],
+        )
+    if not data.is_dir():
+        raise DatasetError(f"image folder {data} does not exist")
+    if any(p.is_dir() and not p.name.startswith(".") for p in data.iterdir()):
+        folder = load_image_folder(data)
+        assert folder.paths is not None
+        paths = folder.paths
+        classes: list[str | None] = [folder.class_names[int(y)] for y in folder.labels]
+    else:
+        paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        classes = [None] * len(paths)
+    if limit > 0:
+        paths, classes = paths[:limit], classes[:limit]
+    if not paths:
+        raise DatasetError(f"{data} holds no images ({sorted(IMAGE_SUFFIXES)})")
+    pixels = [
+        np.asarray(to_rgb(decode(p.read_bytes(), max_pixels=_MAX_PIXELS)), dtype=np.uint8)
+        for p in paths
+    ]
+    return TestImages(pixels, classes, [str(p.relative_to(data)) for p in paths])
+
+
+def encode(pixels: npt.NDArray[np.uint8], encoding: str) -> bytes:
+    fmt, options = ENCODINGS[encoding]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt, **options)
+    return out.getvalue()
+
+
+# --- the two sides ------------------------------------------------------------------------
+
+
+def training_spec(card: dict[str, Any]) -> PreprocessSpec:
+    """The preprocessing the version was trained with: the training config's record when
+    the card has one, else the card's declared preprocessing."""
+    recorded = card.get("training", {}).get("preprocess") or card.get("preprocessing") or {}
+    return PreprocessSpec.from_card(recorded)
+
+
+def offline_probabilities(
+    version_dir: Path, images: TestImages, spec: PreprocessSpec, batch: int = 128
+) -> npt.NDArray[np.float32]:
+    """The SavedModel's serving signature on the source pixels (no encoding)."""
+    from service.training.evaluate import load_signature
+
+    predict = load_signature(version_dir)
+    out = []
+    for start in range(0, len(images.pixels), batch):
+        x = np.stack([preprocess_array(p, spec) for p in images.pixels[start : start + batch]])
+        out.append(predict(x))
+    return np.concatenate(out)
+
+
+# (class id, score) of each image in a batch.
+Served = list[tuple[int, float]]
+
+
+class RestServer:
+    """POST /v1/classify with several images per request (multipart), top_k=1."""
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self._client = httpx.Client(base_url=self.url, timeout=60, headers=headers or {})
+
+    def label_version(self, model: str | None, label: str) -> int:
+        model = model or self.classify([_PROBE], model, None)[0]
+        response = self._client.get(f"/v1/models/{model}/labels/{label}")
+        _check(response.status_code, response.text)
+        return int(response.json()["model_version_status"][0]["version"])
+
+    def classify(
+        self, images: Sequence[bytes], model: str | None, version: int | None
+    ) -> tuple[str, int, Served]:
+        params: dict[str, Any] = {"top_k": 1}
+        if model:
+            params["model"] = model
+        if version is not None:
+            params["version"] = version
+        files = [
+            ("image", (f"{i}", data, "application/octet-stream")) for i, data in enumerate(images)
+        ]
+        response = self._client.post("/v1/classify", params=params, files=files)
+        _check(response.status_code, response.text)
+        body = response.json()
+        rows = body.get("results") or [{"predictions": body["predictions"]}]
+        served = [
+            (int(r["predictions"][0]["class_id"]), float(r["predictions"][0]["score"]))
+            for r in rows
+        ]
+        return str(body["model"]), int(body["version"]), served
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class GrpcServer:
+    """TF Serving's PredictionService.Predict on the encoded-bytes signature, so the
+    check also runs against a TF Serving itself (whose graph then decodes)."""
+
+    def __init__(self, address: str) -> None:
+        import grpc
+        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self.url = address
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def label_version(self, model: str | None, label: str) -> int:
+        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+
+        if not model:
+            raise DatasetError("--grpc needs --model (gRPC has no default model)")
+        stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        request = get_model_status_pb2.GetModelStatusRequest()
+        request.model_spec.name = model
+        request.model_spec.version_label = label
+        return int(stub.GetModelStatus(request, timeout=30).model_version_status[0].version)
+
+    def classify(
+        self, images: Sequence[bytes], model: str | None, version: int | None
+    ) -> tuple[str, int, Served]:
+        from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+        from tensorflow_serving.apis import predict_pb2
+
+        from service.tfserving_proto import to_ndarray
+
+        if not model:
+            raise DatasetError("--grpc needs --model (gRPC has no default model)")
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model
+        request.model_spec.signature_name = BYTES_SIGNATURE
+        if version is not None:
+            request.model_spec.version.value = version
+        request.inputs[BYTES_INPUT_NAME].CopyFrom(
+            tensor_pb2.TensorProto(
+                dtype=types_pb2.DT_STRING,
+                tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                    dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=len(images))]
+                ),
+                string_val=list(images),
+            )
+        )
+        answer = self._stub.Predict(request, timeout=60)
+        probabilities = to_ndarray(answer.outputs[OUTPUT_NAME], OUTPUT_NAME)
+        top = probabilities.argmax(axis=1)
+        served = [(int(c), float(probabilities[i, c])) for i, c in enumerate(top)]
+        return answer.model_spec.name, int(answer.model_spec.version.value), served
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _check(status: int, body: str) -> None:
+    if status != 200:
+        raise DatasetError(f"the server answered {status}: {body[:300]}")
+
+
+_PROBE = encode(np.zeros((28, 28), dtype=np.uint8), "png")
+
+
+# --- the comparison -------------------------------------------------------------------------
+
+
+@dataclass
+class EncodingResult:
+    encoding: str
+    served: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    agreement: float = 0.0
+    accuracy_served: float | None = None
+    threshold: float = 0.0
+    disagreements: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.threshold
+
+
+class Progress:
+    """One line on stderr every ``period`` seconds: images done, rate."""
+
+    def __init__(self, total: int, what: str, out: TextIO, period: float = 2.0) -> None:
+        self.total, self.what, self.out, self.period = total, what, out, period
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            now = time.monotonic()
+            if now - self.last >= self.period or self.done == self.total:
+                self.last = now
+                rate = self.done / max(now - self.started, 1e-9)
+                print(
+                    f"verify: {self.what} {self.done}/{self.total} images ({rate:.0f}/s)",
+                    file=self.out,
+                    flush=True,
+                )
+
+
+def serve_all(
+    server: RestServer | GrpcServer,
+    images: TestImages,
+    encoding: str,
+    model: str,
+    version: int,
+    progress_out: TextIO,
+) -> tuple[list[int], list[float], list[bytes]]:
+    encoded = [encode(p, encoding) for p in images.pixels]
+    progress = Progress(len(encoded), encoding, progress_out)
+    chunks = [range(i, min(i + BATCH, len(encoded))) for i in range(0, len(encoded), BATCH)]
+
+    def run(chunk: range) -> Served:
+        answered_model, answered_version, served = server.classify(
+            [encoded[i] for i in chunk], model, version
+        )
+        if (answered_model, answered_version) != (model, version):
+            raise DatasetError(
+                f"asked {model} version {version}, answered by {answered_model} "
+                f"version {answered_version}"
+            )
+        progress.add(len(chunk))
+        return served
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        results = [row for served in pool.map(run, chunks) for row in served]
+    return [c for c, _ in results], [s for _, s in results], encoded
+
+
+def compare(
+    encoding: str,
+    offline: npt.NDArray[np.float32],
+    served: list[int],
+    scores: list[float],
+    truth: list[int | None],
+    labels: list[str],
+    names: list[str],
+) -> EncodingResult:
+    offline_top = offline.argmax(axis=1)
+    served_top = np.asarray(served)
+    agree = offline_top == served_top
+    known = [i for i, t in enumerate(truth) if t is not None]
+    result = EncodingResult(
+        encoding, served, scores, float(agree.mean()), threshold=THRESHOLDS[encoding]
+    )
+    if known:
+        result.accuracy_served = float(np.mean([served[i] == truth[i] for i in known]))
+    for i in np.flatnonzero(~agree):
+        o, s = int(offline_top[i]), int(served_top[i])
+        result.disagreements.append(
+            {
+                "index": int(i),
+                "image": names[i],
+                "true": labels[truth[i]] if truth[i] is not None else None,  # type: ignore[index]
+                "offline": labels[o],
+                "offline_score": float(offline[i, o]),
+                "served": labels[s] if s < len(labels) else str(s),
+                "served_score": float(scores[i]),
+                "margin": float(offline[i, o] - offline[i, s]) if s < offline.shape[1] else 1.0,
+            }
+        )
+    result.disagreements.sort(key=lambda d: -d["margin"])
+    return result
+
+
+@dataclass
+class Report:
+    model: str
+    version: int
+    server: str
+    images: int
+    accuracy_offline: float | None
+    results: list[EncodingResult]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "server": self.server,
+            "images": self.images,
+            "accuracy_offline": self.accuracy_offline,
+            "seconds": round(self.seconds, 1),
+            "passed": self.passed,
+            "encodings": {
+                r.encoding: {
+                    "agreement": r.agreement,
+                    "threshold": r.threshold,
+                    "passed": r.passed,
+                    "accuracy_served": r.accuracy_served,
+                    "disagreements": len(r.disagreements),
+                    "worst": r.disagreements[:20],
+                }
+                for r in self.results
+            },
+        }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (no known classes)" if value is None else f"{value:.2%}"
+
+
+def print_report(report: Report, out: TextIO, show: int) -> None:
+    print(
+        f"verify {report.model} version {report.version} at {report.server}: "
+        f"{report.images} images, {report.seconds:.1f}s",
+        file=out,
+    )
+    print(f"  accuracy offline: {_percent(report.accuracy_offline)}", file=out)
+    for r in report.results:
+        verdict = "ok" if r.passed else "FAIL"
+        print(
+            f"  {r.encoding:<4}  accuracy served {_percent(r.accuracy_served)}  agreement "
+            f"{r.agreement:.2%} (>= {r.threshold:.1%}: {verdict}; "
+            f"{len(r.disagreements)} disagree)",
+            file=out,
+        )
+        for d in r.disagreements[:show]:
+            print(
+                f"    {d['image']}: offline {d['offline']} ({d['offline_score']:.3f}), served "
+                f"{d['served']} ({d['served_score']:.3f}), true {d['true']}",
+                file=out,
+            )
+
+
+def save_disagreements(
+    report: Report, encoded: dict[str, list[bytes]], output: Path, count: int
+) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    for r in report.results:
+        suffix = "png" if r.encoding == "png" else "jpg"
+        for rank, d in enumerate(r.disagreements[:count]):
+            safe = "".join(c if c.isalnum() else "_" for c in f"{d['offline']}-vs-{d['served']}")
+            path = output / f"{r.encoding}-{rank:02d}-image{d['index']}-{safe}.{suffix}"
+            path.write_bytes(encoded[r.encoding][d["index"]])
+            d["saved"] = str(path)
+    (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def run_verify(
+    server: RestServer | GrpcServer,
+    *,
+    repository: Path,
+    images: TestImages,
+    model: str | None,
+    version: int | None,
+    label: str | None,
+    output: Path | None,
+    show: int = 10,
+    out: TextIO = sys.stdout,
+    progress_out: TextIO = sys.stderr,
+) -> Report:
+    started = time.monotonic()
+    if label is not None:
+        version = server.label_version(model, label)
+        print(f"verify: label {label!r} is version {version}", file=progress_out)
+    if model is None or version is None:
+        model, version, _ = server.classify([_PROBE], model, version)
+        print(f"verify: the server answers with {model} version {version}", file=progress_out)
+    version_dir = _version_dir(repository, model, version)
+    card = read_card(version_dir)
+    spec = training_spec(card)
+    print(
+        f"verify: offline predictions of {version_dir} ({spec.resize_method} resize)",
+        file=progress_out,
+    )
+    offline = offline_probabilities(version_dir, images, spec)
+    labels = read_labels(version_dir, offline.shape[1])
+    index = {name: i for i, name in enumerate(labels)}
+    truth = [index.get(c) if c is not None else None for c in images.classes]
+    known = [i for i, t in enumerate(truth) if t is not None]
+    accuracy_offline = (
+        float(np.mean([offline[i].argmax() == truth[i] for i in known])) if known else None
+    )
+    results, encoded = [], {}
+    for encoding in ENCODINGS:
+        served, scores, encoded[encoding] = serve_all(
+            server, images, encoding, model, version, progress_out
+        )
+        results.append(compare(encoding, offline, served, scores, truth, labels, images.names))
+    report = Report(
+        model,
+        version,
+        server.url,
+        len(images.pixels),
+        accuracy_offline,
+        results,
+        time.monotonic() - started,
+    )
+    if output is not None:
+        save_disagreements(report, encoded, output, show)
+    print_report(report, out, show)
+    return report
+
+
+def _version_dir(repository: Path, model: str, version: int) -> Path:
+    base = next((c.base_path for c in read_repository(repository) if c.name == model), None)
+    path = (base or repository / model) / str(version)
+    if not path.is_dir():
+        raise DatasetError(
+            f"{path} does not exist: verify compares with the version's SavedModel; point "
+            "--model-repository at the repository the server was deployed from"
+        )
+    return path
