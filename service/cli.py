@@ -251,6 +251,7 @@ SERVE_FLAGS = (
     "poll_seconds",
     "backend",
     "tfserving_address",
+    "canary_percent",
 )
 
 

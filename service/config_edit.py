@@ -301,6 +301,33 @@ def set_labels(text: str, model: str, labels: Mapping[str, int]) -> str:
     return text
 
 
+def merge_config(current: str, new: str, repository: Path) -> str:
+    """``new`` (a whole config, e.g. from HandleReloadConfigRequest) written over
+    ``current``: when both configure the same models with the same base paths and only
+    specific policies or labels differ, those entries are edited in ``current`` (its
+    comments stay); otherwise ``new`` replaces it whole. Raises ConfigError for an
+    invalid ``new``."""
+    wanted = parse_models_config(new, repository)
+    try:
+        have = parse_models_config(current, repository)
+    except ConfigError:
+        return new
+    if [(c.name, c.base_path) for c in have] != [(c.name, c.base_path) for c in wanted]:
+        return new
+    text = current
+    for old, config in zip(have, wanted, strict=True):
+        policy_old = (old.policy, old.num_versions, old.versions)
+        if policy_old != (config.policy, config.num_versions, config.versions):
+            if config.policy != "specific":
+                return new
+            text = set_specific_versions(text, config.name, config.versions)
+        if dict(old.labels) != dict(config.labels):
+            text = set_labels(text, config.name, config.labels)
+    if parse_models_config(text, repository) != wanted:  # the edit must mean exactly ``new``
+        return new
+    return text
+
+
 # --- validation and writing ---------------------------------------------------------------
 
 
