@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -247,31 +246,41 @@ class Registry:
         # New config first: new models show as not ready, removed ones stop resolving.
         configured = {c.name for c in scan.configs}
         metrics.observe_configured(self._table.configs, configured)
-        self._install(scan.configs)
+        self._install(scan)
         self._unreachable = scan.unknown
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
-        self._install(scan.configs)  # labels whose version just became AVAILABLE move now
+        self._install(scan)  # labels whose version just became AVAILABLE move now
         await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)
 
-    def _install(self, configs: Iterable[ModelConfig]) -> None:
+    def _install(self, scan: Scan) -> None:
         """Swap in the new configs, each label moving only once its version serves."""
         previous = self._table.configs
-        held = [self._hold_labels(c, previous.get(c.name)) for c in configs]
+        held = [self._hold_labels(c, previous.get(c.name), scan.wanted(c)) for c in scan.configs]
         self._table = self._table.with_configs(held)
         for config in held:
             old = previous.get(config.name)
             metrics.observe_labels(config.name, old.labels if old else {}, config.labels)
 
-    def _hold_labels(self, config: ModelConfig, before: ModelConfig | None) -> ModelConfig:
-        """Availability first, for labels too: a label moved to a version this process
-        does not serve yet keeps pointing at the version it served until then (TF
-        Serving refuses such a config; here a config edited in one step is safe too)."""
+    def _hold_labels(
+        self, config: ModelConfig, before: ModelConfig | None, wanted: set[int]
+    ) -> ModelConfig:
+        """Availability first, for labels too: a label moved to a version that the policy
+        serves but this process does not serve yet keeps pointing at the version it
+        served until then (TF Serving refuses such a config; here a config edited in one
+        step is safe too). A label on a version the policy does not serve moves at once
+        (and answers 404, saying so): waiting for it would wait forever."""
         served = self._table.served.get(config.name, {})
         labels = dict(config.labels)
         for label, version in config.labels.items():
             old = before.labels.get(label) if before is not None else None
-            if version in served or old is None or old == version or old not in served:
+            if (
+                version in served
+                or version not in wanted
+                or old is None
+                or old == version
+                or old not in served
+            ):
                 self._held.discard((config.name, label, version))
                 continue
             labels[label] = old

@@ -47,9 +47,7 @@ model_config_list {
 
 
 def configs(text: str, tmp_path: Path) -> dict[str, tuple[str, tuple[int, ...], dict[str, int]]]:
-    return {
-        c.name: (c.policy, c.versions, dict(c.labels)) for c in validate(text, tmp_path)
-    }
+    return {c.name: (c.policy, c.versions, dict(c.labels)) for c in validate(text, tmp_path)}
 
 
 def comments(text: str) -> list[str]:
@@ -74,7 +72,7 @@ def test_edits_touch_only_the_entries_that_change(tmp_path: Path) -> None:
 def test_a_one_line_config_stays_on_one_line(tmp_path: Path) -> None:
     one = (
         'model_config_list {\nconfig { name: "m" base_path: "/models/m" '
-        "model_platform: \"tensorflow\" model_version_policy { latest { num_versions: 1 } } }\n}\n"
+        'model_platform: "tensorflow" model_version_policy { latest { num_versions: 1 } } }\n}\n'
     )
     text = set_labels(set_specific_versions(one, "m", [1, 2]), "m", {"stable": 2})
     assert text.count("\n") == one.count("\n")
@@ -94,11 +92,11 @@ def test_the_committed_default_config_gets_a_multi_line_specific_policy(tmp_path
 
 
 def test_the_scanner_is_not_fooled_by_braces_in_strings_and_comments(tmp_path: Path) -> None:
-    tricky = CANARY_FILE.replace(
-        "# Our models.", '# Our models { config { name: "m" } }'
-    ).replace('name: "other"', 'name: "other}{ \\"m\\""')
+    tricky = CANARY_FILE.replace("# Our models.", '# Our models { config { name: "m" } }').replace(
+        'name: "other"', 'name: "other}{ \\"m\\""'
+    )
     entry = find_model(tricky, "m")
-    assert tricky[entry.start : entry.end].startswith("config {\n    name: \"m\"")
+    assert tricky[entry.start : entry.end].startswith('config {\n    name: "m"')
     with pytest.raises(ConfigError, match="no config"):
         find_model(tricky, "missing")
 
