@@ -161,9 +161,9 @@ def test_promote_moves_labels_under_load_without_a_failed_request(tmp_path: Path
     assert "model_version_policy { specific { versions: 2 } }" in text
 
 
-def test_promote_through_handle_reload_config_request(tmp_path: Path) -> None:
+def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path) -> None:
     repo = two_versions(tmp_path)
-    env = {"CNNSERVE_RELOAD_CONFIG_RPC": "true"}
+    env = {"CNNSERVE_RELOAD_CONFIG_RPC": "true", "CNNSERVE_CANARY_PERCENT": "25"}
     with running_server(repo, grpc_port=0, env=env, args=("--poll-seconds", "0")) as server:
         # One step, as TF Serving users try first: refused, the label's version is not loaded.
         one_step = text_format.Parse(
@@ -192,7 +192,21 @@ def test_promote_through_handle_reload_config_request(tmp_path: Path) -> None:
             assert status["model_version_status"][0]["version"] == "2"
             r = client.post("/v1/classify", params={"label": "canary"}, **RAW)  # type: ignore[arg-type]
             assert r.json()["version"] == 2
-        assert "# moved by cnnserve promote" in (repo / "models.config").read_text()
+            assert "# moved by cnnserve promote" in (repo / "models.config").read_text()
+
+            # The split: 25% of unlabelled requests to canary (2), the rest to stable (1),
+            # one side per X-Client-Key.
+            def version(key: str) -> int:
+                headers = {"x-client-key": key, "content-type": "image/png"}
+                r = client.post("/v1/classify", headers=headers, content=PNG)
+                assert r.status_code == 200, r.text
+                return int(r.json()["version"])
+
+            first = {f"user-{i}": version(f"user-{i}") for i in range(200)}
+            share = sum(v == 2 for v in first.values()) / len(first)
+            assert set(first.values()) == {1, 2}
+            assert 0.25 - 0.14 < share < 0.25 + 0.14  # 4.5 sigma for n = 200
+            assert all(version(k) == v for k, v in list(first.items())[:40])
 
 
 def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
@@ -205,34 +219,6 @@ def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     assert "Step 1 is applied; the label was not moved" in done.stderr
     text = (repo / "models.config").read_text()
     assert "versions: 1 versions: 2" in text and 'key: "canary" value: 1' in text
-
-
-def test_the_canary_split_is_sticky_per_client_key(tmp_path: Path) -> None:
-    repo = two_versions(tmp_path)
-    (repo / "models.config").write_text(
-        CONFIG.replace("versions: 1 }", "versions: 1 versions: 2 }").replace(
-            '"canary" value: 1', '"canary" value: 2'
-        )
-    )
-    env = {"CNNSERVE_CANARY_PERCENT": "25"}
-    with (
-        running_server(repo, env=env, args=("--poll-seconds", "0")) as server,
-        server.client() as client,
-    ):
-
-        def version(key: str) -> int:
-            r = client.post(
-                "/v1/classify",
-                headers={"x-client-key": key, "content-type": "image/png"},
-                content=PNG,
-            )
-            assert r.status_code == 200, r.text
-            return int(r.json()["version"])
-
-        first = {f"user-{i}": version(f"user-{i}") for i in range(200)}
-        share = sum(v == 2 for v in first.values()) / len(first)
-        assert 0.25 - 0.14 < share < 0.25 + 0.14  # 4.5 sigma for n = 200
-        assert all(version(k) == v for k, v in list(first.items())[:40])
 
 
 def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: Path) -> None:
