@@ -29,7 +29,13 @@ from PIL import Image
 
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, OUTPUT_NAME
 from service.errors import DatasetError
-from service.preprocessing import PreprocessSpec, decode, preprocess_array, to_rgb
+from service.preprocessing import (
+    PreprocessSpec,
+    decode,
+    preprocess_array,
+    preprocess_bytes,
+    to_rgb,
+)
 from service.repository import read_card, read_labels, read_repository
 from service.training.data import IMAGE_SUFFIXES, load_fashion_mnist, load_image_folder
 
@@ -102,18 +108,33 @@ def training_spec(card: dict[str, Any]) -> PreprocessSpec:
     return PreprocessSpec.from_card(recorded)
 
 
-def offline_probabilities(
-    version_dir: Path, images: TestImages, spec: PreprocessSpec, batch: int = 128
-) -> npt.NDArray[np.float32]:
-    """The SavedModel's serving signature on the source pixels (no encoding)."""
-    from service.training.evaluate import load_signature
+class Offline:
+    """The version's SavedModel serving signature, in this process (TensorFlow)."""
 
-    predict = load_signature(version_dir)
-    out = []
-    for start in range(0, len(images.pixels), batch):
-        x = np.stack([preprocess_array(p, spec) for p in images.pixels[start : start + batch]])
-        out.append(predict(x))
-    return np.concatenate(out)
+    def __init__(self, version_dir: Path, spec: PreprocessSpec, batch: int = 128) -> None:
+        from service.training.evaluate import load_signature
+
+        self._predict = load_signature(version_dir)
+        self.spec = spec
+        self._batch = batch
+
+    def _run(self, inputs: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+        out = [
+            self._predict(np.stack(inputs[i : i + self._batch]))
+            for i in range(0, len(inputs), self._batch)
+        ]
+        return np.concatenate(out)
+
+    def on_pixels(self, images: TestImages) -> npt.NDArray[np.float32]:
+        """What the offline evaluation measures: the source pixels, never encoded."""
+        return self._run([preprocess_array(p, self.spec) for p in images.pixels])
+
+    def on_bytes(self, encoded: Sequence[bytes]) -> npt.NDArray[np.float32]:
+        """The very bytes the server got, decoded here: isolates the server's side from
+        what the encoding itself changes."""
+        return self._run(
+            [preprocess_bytes(data, self.spec, max_pixels=_MAX_PIXELS) for data in encoded]
+        )
 
 
 # (class id, score) of each image in a batch.
@@ -236,6 +257,8 @@ class EncodingResult:
     served: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     agreement: float = 0.0
+    # Served against offline on the same encoded bytes: below 100% only by server skew.
+    agreement_same_bytes: float = 0.0
     accuracy_served: float | None = None
     threshold: float = 0.0
     disagreements: list[dict[str, Any]] = field(default_factory=list)
@@ -359,6 +382,7 @@ class Report:
             "encodings": {
                 r.encoding: {
                     "agreement": r.agreement,
+                    "agreement_same_bytes": r.agreement_same_bytes,
                     "threshold": r.threshold,
                     "passed": r.passed,
                     "accuracy_served": r.accuracy_served,
@@ -387,6 +411,16 @@ def print_report(report: Report, out: TextIO, show: int) -> None:
             f"  {r.encoding:<4}  accuracy served {_percent(r.accuracy_served)}  agreement "
             f"{r.agreement:.2%} (>= {r.threshold:.1%}: {verdict}; "
             f"{len(r.disagreements)} disagree)",
+            file=out,
+        )
+        print(
+            f"        offline on the same {r.encoding.upper()} bytes agrees "
+            f"{r.agreement_same_bytes:.2%}"
+            + (
+                ": the encoding, not the server, moves these answers"
+                if not r.passed and r.agreement_same_bytes >= r.threshold
+                else ""
+            ),
             file=out,
         )
         for d in r.disagreements[:show]:
@@ -438,7 +472,8 @@ def run_verify(
         f"verify: offline predictions of {version_dir} ({spec.resize_method} resize)",
         file=progress_out,
     )
-    offline = offline_probabilities(version_dir, images, spec)
+    model_offline = Offline(version_dir, spec)
+    offline = model_offline.on_pixels(images)
     labels = read_labels(version_dir, offline.shape[1])
     index = {name: i for i, name in enumerate(labels)}
     truth = [index.get(c) if c is not None else None for c in images.classes]
@@ -451,7 +486,10 @@ def run_verify(
         served, scores, encoded[encoding] = serve_all(
             server, images, encoding, model, version, progress_out
         )
-        results.append(compare(encoding, offline, served, scores, truth, labels, images.names))
+        result = compare(encoding, offline, served, scores, truth, labels, images.names)
+        same_bytes = model_offline.on_bytes(encoded[encoding]).argmax(axis=1)
+        result.agreement_same_bytes = float(np.mean(same_bytes == np.asarray(served)))
+        results.append(result)
     report = Report(
         model,
         version,
