@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -37,7 +37,7 @@ from service.errors import (
     ModelNotReady,
 )
 from service.loading import PreparedVersion, RuntimeFactory
-from service.repository import MODELS_CONFIG, Fingerprint, ModelConfig, parse_models_config
+from service.repository import MODELS_CONFIG, Fingerprint, parse_models_config
 from service.routing import (
     LoadedVersion,
     RoutingTable,
@@ -45,6 +45,7 @@ from service.routing import (
     VersionKey,
     VersionState,
     VersionStatus,
+    hold_labels,
     listing,
 )
 from service.runtimes import create_runtime
@@ -256,44 +257,25 @@ class Registry:
     def _install(self, scan: Scan) -> None:
         """Swap in the new configs, each label moving only once its version serves."""
         previous = self._table.configs
-        held = [self._hold_labels(c, previous.get(c.name), scan.wanted(c)) for c in scan.configs]
-        self._table = self._table.with_configs(held)
-        for config in held:
-            old = previous.get(config.name)
-            metrics.observe_labels(config.name, old.labels if old else {}, config.labels)
-
-    def _hold_labels(
-        self, config: ModelConfig, before: ModelConfig | None, wanted: set[int]
-    ) -> ModelConfig:
-        """Availability first, for labels too: a label moved to a version that the policy
-        serves but this process does not serve yet keeps pointing at the version it
-        served until then (TF Serving refuses such a config; here a config edited in one
-        step is safe too). A label on a version the policy does not serve moves at once
-        (and answers 404, saying so): waiting for it would wait forever."""
-        served = self._table.served.get(config.name, {})
-        labels = dict(config.labels)
-        for label, version in config.labels.items():
-            old = before.labels.get(label) if before is not None else None
-            if (
-                version in served
-                or version not in wanted
-                or old is None
-                or old == version
-                or old not in served
-            ):
-                self._held.discard((config.name, label, version))
-                continue
-            labels[label] = old
-            if (config.name, label, version) not in self._held:
-                self._held.add((config.name, label, version))
-                log.info(
-                    "model %s: label %r stays on version %d until version %d is available",
-                    config.name,
-                    label,
-                    old,
-                    version,
-                )
-        return config if labels == config.labels else replace(config, labels=labels)
+        installed, held = [], set()
+        for config in scan.configs:
+            served = self._table.served.get(config.name, {})
+            before = previous.get(config.name)
+            routed, waiting = hold_labels(config, before, served, scan.wanted(config))
+            for label, old, new in waiting:
+                held.add((config.name, label, new))
+                if (config.name, label, new) not in self._held:  # log once, not every poll
+                    log.info(
+                        "model %s: label %r stays on version %d until version %d is available",
+                        config.name,
+                        label,
+                        old,
+                        new,
+                    )
+            installed.append(routed)
+            metrics.observe_labels(config.name, before.labels if before else {}, routed.labels)
+        self._held = held
+        self._table = self._table.with_configs(installed)
 
     def _to_load(self, scan: Scan) -> list[VersionKey]:
         keys = []

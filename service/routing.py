@@ -235,6 +235,29 @@ class RoutingTable:
         return replace(self, served={m: vs for m, vs in served.items() if vs})
 
 
+def hold_labels(
+    config: ModelConfig, before: ModelConfig | None, served: Iterable[int], wanted: Iterable[int]
+) -> tuple[ModelConfig, list[tuple[str, int, int]]]:
+    """Availability first, for labels too: a label moved to a version that the policy
+    serves (``wanted``) but that is not ``served`` yet keeps pointing at the version it
+    served until then. TF Serving refuses such a config; here a config edited in one step
+    is safe too. A label on a version the policy does not serve moves at once (and
+    answers 404, saying so): waiting for it would wait forever.
+
+    Returns the config to route by and the held labels as (label, old, new)."""
+    serving, policy = set(served), set(wanted)
+    labels = dict(config.labels)
+    waiting = []
+    for label, version in config.labels.items():
+        old = before.labels.get(label) if before is not None else None
+        if old is None or old == version or version in serving:
+            continue
+        if version in policy and old in serving:
+            labels[label] = old
+            waiting.append((label, old, version))
+    return (replace(config, labels=labels) if waiting else config), waiting
+
+
 def _label_version(config: ModelConfig, label: str) -> int:
     if label not in config.labels:
         raise VersionNotFound(
