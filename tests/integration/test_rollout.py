@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, write_models_config
-from tests.helpers.server import ROOT, Server, running_server
+from tests.helpers.server import ROOT, Server, eventually, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -60,12 +59,9 @@ def cnnserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
     )
 
 
-def wait_for(predicate, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition never held")
-        time.sleep(0.05)
+def promote(repo: Path, label: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`cnnserve promote m 2 --label LABEL` on ``repo``."""
+    return cnnserve("promote", "m", "2", "--label", label, "--model-repository", str(repo), *args)
 
 
 def two_versions(tmp_path: Path) -> Path:
@@ -127,21 +123,15 @@ class Traffic:
 def test_promote_moves_labels_under_load_without_a_failed_request(tmp_path: Path) -> None:
     repo = two_versions(tmp_path)
     with running_server(repo, args=("--poll-seconds", "0.2")) as server, Traffic(server) as load:
-        wait_for(lambda: load.count > 20)
-        done = cnnserve(
-            "promote", "m", "2", "--label", "canary", "--model-repository", str(repo),
-            "--url", server.url,
-        )  # fmt: skip
+        eventually(lambda: load.count > 20)
+        done = promote(repo, "canary", "--url", server.url)
         assert done.returncode == 0, done.stderr
         assert "step 1/3 (load): serve versions 1, 2" in done.stdout
         assert "m version 2 is AVAILABLE" in done.stdout
-        wait_for(lambda: 2 in load.seen["canary"])
+        eventually(lambda: 2 in load.seen["canary"])
         assert load.seen["stable"] == {1}
 
-        done = cnnserve(
-            "promote", "m", "2", "--label", "stable", "--model-repository", str(repo),
-            "--url", server.url,
-        )  # fmt: skip
+        done = promote(repo, "stable", "--url", server.url)
         assert done.returncode == 0, done.stderr
         assert "step 3/3 (drop): drop version 1" in done.stdout
 
@@ -149,9 +139,9 @@ def test_promote_moves_labels_under_load_without_a_failed_request(tmp_path: Path
             status = httpx.get(f"{server.url}/v1/models/m").json()["model_version_status"]
             return {s["version"]: s["state"] for s in status}.get("1") == "END"
 
-        wait_for(v1_unloaded)
+        eventually(v1_unloaded)
         before = load.count
-        wait_for(lambda: load.count > before + 20)
+        eventually(lambda: load.count > before + 20)
     assert load.failures == []
     assert load.seen["stable"] == {1, 2} and load.seen["status_stable"] == {1, 2}
     assert load.seen["canary"] == {1, 2} and 2 in load.seen["unlabelled"]
@@ -182,10 +172,7 @@ def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path)
         assert "not currently available" in (refused.value.details() or "")
         assert (repo / "models.config").read_text() == CONFIG
 
-        done = cnnserve(
-            "promote", "m", "2", "--label", "canary", "--model-repository", str(repo),
-            "--tfserving", server.grpc_target,
-        )  # fmt: skip
+        done = promote(repo, "canary", "--tfserving", server.grpc_target)
         assert done.returncode == 0, done.stderr
         with server.client() as client:
             status = client.get("/v1/models/m/labels/canary").json()
@@ -211,10 +198,7 @@ def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path)
 
 def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     repo = two_versions(tmp_path)
-    done = cnnserve(
-        "promote", "m", "2", "--label", "canary", "--model-repository", str(repo),
-        "--url", "http://127.0.0.1:9", "--timeout", "5",
-    )  # fmt: skip
+    done = promote(repo, "canary", "--url", "http://127.0.0.1:9", "--timeout", "5")
     assert done.returncode == 3, done.stderr
     assert "Step 1 is applied; the label was not moved" in done.stderr
     text = (repo / "models.config").read_text()
