@@ -455,9 +455,12 @@ def run_verify(
     label: str | None,
     output: Path | None,
     show: int = 10,
-    out: TextIO = sys.stdout,
-    progress_out: TextIO = sys.stderr,
+    out: TextIO | None = None,
+    progress_out: TextIO | None = None,
 ) -> Report:
+    """Verify; the report goes to ``out`` (stdout), progress to ``progress_out`` (stderr)."""
+    out = out or sys.stdout
+    progress_out = progress_out or sys.stderr
     started = time.monotonic()
     if label is not None:
         version = server.label_version(model, label)

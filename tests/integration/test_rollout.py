@@ -5,12 +5,13 @@ file and TF Serving's HandleReloadConfigRequest), the canary split by client key
 from __future__ import annotations
 
 import base64
+import contextlib
+import io
 import json
 import shutil
-import subprocess
-import sys
 import threading
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,6 +21,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
+from service.cli import main
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, write_models_config
 from tests.helpers.server import ROOT, Server, eventually, running_server
@@ -49,17 +51,23 @@ model_config_list {
 """
 
 
-def cnnserve(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
 
 
-def promote(repo: Path, label: str, *args: str) -> subprocess.CompletedProcess[str]:
+def cnnserve(*args: str) -> Done:
+    """`cnnserve ARGS` in this process (TensorFlow is imported once, not per command);
+    stdout and stderr as a person would see them."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return Done(code, out.getvalue(), err.getvalue())
+
+
+def promote(repo: Path, label: str, *args: str) -> Done:
     """`cnnserve promote m 2 --label LABEL` on ``repo``."""
     return cnnserve("promote", "m", "2", "--label", label, "--model-repository", str(repo), *args)
 
