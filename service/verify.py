@@ -12,12 +12,13 @@ the server's) and their images saved.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,7 +205,9 @@ class GrpcServer:
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = model
         request.model_spec.version_label = label
-        return int(stub.GetModelStatus(request, timeout=30).model_version_status[0].version)
+        with _grpc_errors():
+            answer = stub.GetModelStatus(request, timeout=30)
+        return int(answer.model_version_status[0].version)
 
     def classify(
         self, images: Sequence[bytes], model: str | None, version: int | None
@@ -230,7 +233,8 @@ class GrpcServer:
                 string_val=list(images),
             )
         )
-        answer = self._stub.Predict(request, timeout=60)
+        with _grpc_errors():
+            answer = self._stub.Predict(request, timeout=60)
         probabilities = to_ndarray(answer.outputs[OUTPUT_NAME], OUTPUT_NAME)
         top = probabilities.argmax(axis=1)
         served = [(int(c), float(probabilities[i, c])) for i, c in enumerate(top)]
@@ -238,6 +242,16 @@ class GrpcServer:
 
     def close(self) -> None:
         self._channel.close()
+
+
+@contextlib.contextmanager
+def _grpc_errors() -> Iterator[None]:
+    import grpc
+
+    try:
+        yield
+    except grpc.RpcError as exc:
+        raise DatasetError(f"the server answered {exc.code().name}: {exc.details()}") from None
 
 
 def _check(status: int, body: str) -> None:

@@ -227,7 +227,7 @@ def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: 
         'model_platform: "tensorflow" '
         "model_version_policy { specific { versions: 1 versions: 2 } } }",
     )
-    with running_server(repo, args=("--poll-seconds", "0")) as server:
+    with running_server(repo, grpc_port=0, args=("--poll-seconds", "0")) as server:
         common = ("--url", server.url, "--model", "fashion_mnist", "--limit", "200")
         common += ("--model-repository", str(repo))
         good = cnnserve("verify", *common, "--version", "1", "--output", str(tmp_path / "good"))
@@ -241,3 +241,14 @@ def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: 
         assert not report["passed"] and report["encodings"]["png"]["agreement"] < 0.999
         worst = report["encodings"]["png"]["worst"][0]
         assert Path(worst["saved"]).is_file()
+        # TF Serving's Predict on the bytes signature, as against a TF Serving itself.
+        over_grpc = cnnserve(
+            "verify", "--grpc", server.grpc_target, "--model", "fashion_mnist", "--label",
+            "none", "--limit", "50", "--model-repository", str(repo),
+        )  # fmt: skip
+        assert over_grpc.returncode == 2 and "no version label 'none'" in over_grpc.stderr
+        over_grpc = cnnserve(
+            "verify", "--grpc", server.grpc_target, "--model", "fashion_mnist", "--version",
+            "2", "--limit", "50", "--model-repository", str(repo), "--output", str(tmp_path),
+        )  # fmt: skip
+        assert over_grpc.returncode == 1 and "at " + server.grpc_target in over_grpc.stdout

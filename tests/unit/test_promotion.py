@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 from pathlib import Path
 
@@ -225,3 +226,13 @@ def test_write_atomically_replaces_the_file_in_one_step(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["models.config"]
     assert (path.stat().st_mode & 0o777) == 0o640
     assert [dict(c.labels) for c in read_repository(tmp_path)] == [{}, {"stable": 1}]
+
+
+def test_the_reload_config_rpc_is_off_unless_enabled(tmp_path: Path) -> None:
+    from service.config import Settings
+    from service.dataplane import DataPlane
+    from service.errors import MethodNotAllowed
+
+    plane = DataPlane(Settings(model_repository=tmp_path), registry=None, decode_pool=None)  # type: ignore[arg-type]
+    with pytest.raises(MethodNotAllowed, match="CNNSERVE_RELOAD_CONFIG_RPC"):
+        asyncio.run(plane.reload_config(CANARY_FILE))
