@@ -185,7 +185,8 @@ def add_verify(
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    from service.verify import GrpcServer, RestServer, load_images, run_verify
+    from service.verify import load_images, run_verify
+    from service.verify_clients import GrpcServer, RestServer
 
     images = load_images(args.data, args.data_dir, args.limit)
     server = GrpcServer(args.grpc) if args.grpc else RestServer(args.url)

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "service.batching": 2,
     "service.samples": 2,  # demo-page samples from warmup records or the dataset
     "service.verify": 2,  # offline predictions (training's) against a live server
+    "service.verify_clients": 2,
     "service.training": 2,  # offline: uses the lower layers, never the serving core's
     "service.runtimes": 1,
     "service.repository": 1,
