@@ -15,8 +15,9 @@ from typing import Literal, get_args, get_origin
 from pydantic import ValidationError
 
 from service.cli_data import add_data, add_experiments
+from service.cli_rollout import add_promote, add_verify
 from service.config import Settings
-from service.errors import CnnserveError, DatasetError
+from service.errors import CnnserveError, DatasetError, PromotionError
 from service.logs import setup_logging
 
 
@@ -273,6 +274,7 @@ SERVE_FLAGS = (
     "poll_seconds",
     "backend",
     "tfserving_address",
+    "canary_percent",
 )
 
 
@@ -522,6 +524,8 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     _add_compress(sub, settings)
     add_data(sub, settings)
     add_experiments(sub, settings)
+    add_promote(sub, settings)
+    add_verify(sub, settings)
     return parser
 
 
@@ -541,6 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DatasetError as exc:
         print(f"cnnserve: {exc.message}", file=sys.stderr)
         return 2
+    except PromotionError as exc:
+        print(f"cnnserve {args.command}: {exc.message}", file=sys.stderr)
+        return 1
     except CnnserveError as exc:
         print(f"cnnserve: {exc.code}: {exc.message}", file=sys.stderr)
         return 1

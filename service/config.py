@@ -63,6 +63,17 @@ class Settings(BaseSettings):
         description="Repository poll period (TF Serving's file_system_poll_wait_seconds); 0 = off.",
     )
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference; 0 = cores/workers.")
+    canary_percent: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="Percent of unlabelled requests sent to the version labelled canary (sticky "
+        "per X-Client-Key); the rest go to stable. 0 = off: the newest version, as TF Serving.",
+    )
+    reload_config_rpc: bool = Field(
+        False,
+        description="Let gRPC ModelService.HandleReloadConfigRequest rewrite models.config.",
+    )
 
     # --- batching (names and meaning as TF Serving's BatchingParameters) ---------------
     max_batch_size: int = Field(32, ge=1, le=1024)

@@ -21,7 +21,13 @@ import numpy.typing as npt
 from service import metrics
 from service.config import Settings
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, SERVING_SIGNATURE
-from service.errors import CnnserveError, DeadlineExceeded, InvalidRequest, TooManyImages
+from service.errors import (
+    CnnserveError,
+    DeadlineExceeded,
+    InvalidRequest,
+    MethodNotAllowed,
+    TooManyImages,
+)
 from service.preprocessing import preprocess_bytes
 from service.readiness import WorkerReadiness
 from service.registry import LoadedVersion, Registry, VersionStatus
@@ -140,8 +146,10 @@ class DataPlane:
         k: int | None = None,
         deadline: float,
         names: Sequence[str | None] = (),
+        client_key: str | None = None,
     ) -> ClassifyResult:
-        target = self._resolve(model, version, label)
+        """``client_key`` keeps a client on one side of the canary split."""
+        target = self.route(model, version, label, client_key)
         num_classes = target.runtime.info.num_classes
         k = min(DEFAULT_TOP_K, num_classes) if k is None else k
         if not 1 <= k <= num_classes:
@@ -171,13 +179,14 @@ class DataPlane:
         signature_name: str = "",
         output_filter: Sequence[str] = (),
         deadline: float,
+        client_key: str | None = None,
     ) -> PredictResult:
         """TF Serving's Predict: named input tensors in, named output tensors out.
 
         ``serving_default`` takes the image tensor itself; ``predict_image_bytes`` takes
         encoded images, which are decoded by the same function as /v1/classify.
         """
-        target = self._resolve(model, version, label)
+        target = self.route(model, version, label, client_key)
         signature = self.signature(target, signature_name)
         info = target.runtime.info
         if not signature_name and _encoded_images(inputs):
@@ -207,14 +216,34 @@ class DataPlane:
             model=target.model, version=target.version, outputs=outputs, timings=timings
         )
 
-    def _resolve(self, model: str | None, version: int | None, label: str | None) -> LoadedVersion:
+    def route(
+        self,
+        model: str | None,
+        version: int | None = None,
+        label: str | None = None,
+        client_key: str | None = None,
+    ) -> LoadedVersion:
+        """The version that answers an inference request, the canary split included."""
+        return self._resolve(model, version, label, split=True, client_key=client_key)
+
+    def _resolve(
+        self,
+        model: str | None,
+        version: int | None,
+        label: str | None,
+        *,
+        split: bool = False,
+        client_key: str | None = None,
+    ) -> LoadedVersion:
         """The version that answers, noted on the current request (metrics, access log).
 
         When none can answer, a configured model is still noted (its 503s and 404s
         belong to it); a name that is not configured is not, so clients cannot add
         label values."""
         try:
-            target = self.registry.resolve(model, version, label)
+            target = self.registry.resolve(
+                model, version, label, split=split, client_key=client_key
+            )
         except CnnserveError:
             name = model if model is not None else self.registry.default_model
             if name is not None and name in self.registry.model_names():
@@ -264,6 +293,17 @@ class DataPlane:
         if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
             raise InvalidRequest("image values must be whole numbers 0-255 (uint8 RGB)")
         return array.astype(np.uint8)
+
+    async def reload_config(self, text: str) -> None:
+        """Apply a whole models.config (TF Serving's HandleReloadConfigRequest), when the
+        settings allow it."""
+        if not self.settings.reload_config_rpc:
+            raise MethodNotAllowed(
+                "HandleReloadConfigRequest is off on this server (CNNSERVE_RELOAD_CONFIG_RPC); "
+                "edit models.config in the model repository instead (`cnnserve promote` does it "
+                "safely); the server re-reads it every poll"
+            )
+        await self.registry.reload_config(text)
 
     # --- status and metadata -----------------------------------------------------------
 

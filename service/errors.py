@@ -28,6 +28,8 @@ in ``detail``, which is logged with the request id and never sent.
         ├── ExportError           500  INTERNAL           export_failed
         └── ConfigError           500  INTERNAL           invalid_config
     DatasetError (CLI only: a dataset that cannot be read; exit status 2)
+    PromotionError (CLI only: `cnnserve promote` cannot go on; exit status 1)
+    └── NoServer (no server answered the wait for AVAILABLE; exit status 3)
 """
 
 from __future__ import annotations
@@ -171,6 +173,18 @@ class DatasetError(CnnserveError):
     """A training dataset that cannot be read; the CLI prints it and exits 2."""
 
     code = "dataset_error"
+
+
+class PromotionError(CnnserveError):
+    """`cnnserve promote` cannot go on; the message says what to do."""
+
+    code = "promotion_failed"
+
+
+class NoServer(PromotionError):
+    """No server answered while `cnnserve promote` waited for a version to be AVAILABLE."""
+
+    code = "no_server"
 
 
 def http_status(error: CnnserveError) -> int:

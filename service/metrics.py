@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -63,8 +63,8 @@ REQUESTS = Counter(
 )
 REQUEST_DURATION = Histogram(
     "cnnserve_request_duration_seconds",
-    "Whole-request latency, first byte in to last byte out.",
-    ["protocol", "route", "model"],
+    "Whole-request latency, first byte in to last byte out, by the version that answered.",
+    ["protocol", "route", "model", "version"],
     buckets=LATENCY_BUCKETS,
 )
 STAGE_DURATION = Histogram(
@@ -145,6 +145,13 @@ MODEL_WARMUP_DURATION = Histogram(
     ["model"],
     buckets=LOAD_BUCKETS,
 )
+VERSION_LABELS = Gauge(
+    "cnnserve_version_label",
+    "1 for the version each version label (stable, canary) of a model points at, so "
+    "per-version series can be compared by label.",
+    ["model", "label", "version"],
+    multiprocess_mode="livemax",
+)
 PREDICTIONS = Counter(
     "cnnserve_predictions",
     "Images by predicted (top-1) class: the class mix, for drift alerts.",
@@ -169,7 +176,7 @@ def observe_request(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     REQUESTS.labels(protocol, route, model, version, str(code)).inc()
-    REQUEST_DURATION.labels(protocol, route, model).observe(seconds)
+    REQUEST_DURATION.labels(protocol, route, model, version).observe(seconds)
 
 
 def observe_stage(model: str, stage: str, seconds: float) -> None:
@@ -282,6 +289,15 @@ def observe_configured(previous: Iterable[str], current: Iterable[str]) -> None:
         MODEL_CONFIGURED.labels(model).set(0)
     for model in now:
         MODEL_CONFIGURED.labels(model).set(1)
+
+
+def observe_labels(model: str, previous: Mapping[str, int], current: Mapping[str, int]) -> None:
+    """Version labels as routing applies them: moved or removed labels read 0."""
+    for label, version in previous.items():
+        if current.get(label) != version:
+            VERSION_LABELS.labels(model, label, str(version)).set(0)
+    for label, version in current.items():
+        VERSION_LABELS.labels(model, label, str(version)).set(1)
 
 
 def observe_model_event(model: str, event: str) -> None:

@@ -28,15 +28,24 @@ import grpc
 from service import metrics
 from service.batching import BatchingConfig, DynamicBatcher
 from service.config import Settings
-from service.errors import BackendUnavailable, CnnserveError, ConfigError, ModelNotReady
+from service.config_edit import merge_config, write_atomically
+from service.errors import (
+    BackendUnavailable,
+    CnnserveError,
+    ConfigError,
+    InvalidRequest,
+    ModelNotReady,
+)
 from service.loading import PreparedVersion, RuntimeFactory
-from service.repository import Fingerprint
+from service.repository import MODELS_CONFIG, Fingerprint, parse_models_config
 from service.routing import (
     LoadedVersion,
     RoutingTable,
+    TrafficSplit,
     VersionKey,
     VersionState,
     VersionStatus,
+    hold_labels,
     listing,
 )
 from service.runtimes import create_runtime
@@ -72,7 +81,8 @@ class Registry:
     ) -> None:
         self._settings = settings
         self._source = source or create_source(settings, runtime_factory)
-        self._table = RoutingTable()
+        self._table = RoutingTable(split=TrafficSplit(settings.canary_percent / 100))
+        self._held: set[tuple[str, str, int]] = set()  # (model, label, version) logged
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
         self._failed: dict[VersionKey, Fingerprint] = {}
@@ -134,6 +144,44 @@ class Registry:
             if not self._stopped:
                 await self._reconcile(scan)
 
+    async def reload_config(self, text: str) -> None:
+        """TF Serving's HandleReloadConfigRequest: apply a whole ModelServerConfig.
+
+        As TF Serving does, a label that is new or moved must point at a version that is
+        AVAILABLE already (add the version first, then label it). The config is written
+        to models.config (only the entries that change when the models are the same, so
+        comments stay), atomically, then this process rescans; other worker processes
+        follow on their next poll.
+        """
+        repository = self._settings.model_repository
+        where = str(repository / MODELS_CONFIG)
+        try:
+            configs = parse_models_config(text, repository)
+        except ConfigError as exc:
+            raise InvalidRequest(exc.message.replace(where, "config")) from None
+        table = self._table
+        for config in configs:
+            served = table.served.get(config.name, {})
+            before = table.configs.get(config.name)
+            for label, version in sorted(config.labels.items()):
+                moved = before is None or before.labels.get(label) != version
+                if moved and version not in served:
+                    raise InvalidRequest(
+                        f"request to assign label {label!r} to version {version} of model "
+                        f"{config.name!r}, which is not currently available for inference; "
+                        "add the version to the version policy first, wait until it is "
+                        "AVAILABLE, then label it"
+                    )
+        path = repository / MODELS_CONFIG
+
+        def write() -> None:
+            current = path.read_text(encoding="utf-8") if path.exists() else ""
+            write_atomically(path, merge_config(current, text, repository))
+
+        async with self._lock:
+            await asyncio.to_thread(write)
+        await self.poll_once()
+
     # --- routing: one table read per call ---------------------------------------------
 
     @property
@@ -159,12 +207,18 @@ class Registry:
         return dict(self._table.config(model).labels)
 
     def resolve(
-        self, model: str | None, version: int | None = None, label: str | None = None
+        self,
+        model: str | None,
+        version: int | None = None,
+        label: str | None = None,
+        *,
+        split: bool = False,
+        client_key: str | None = None,
     ) -> LoadedVersion:
         """See :meth:`RoutingTable.resolve`. A model with nothing to serve because its
         source (TF Serving) cannot be reached says so, rather than "still loading"."""
         try:
-            return self._table.resolve(model, version, label)
+            return self._table.resolve(model, version, label, split=split, client_key=client_key)
         except ModelNotReady as exc:
             name = model if model is not None else self.default_model
             if name in self._unreachable:
@@ -194,11 +248,35 @@ class Registry:
         # New config first: new models show as not ready, removed ones stop resolving.
         configured = {c.name for c in scan.configs}
         metrics.observe_configured(self._table.configs, configured)
-        self._table = self._table.with_configs(scan.configs)
+        self._install(scan)
         self._unreachable = scan.unknown
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
+        self._install(scan)  # labels whose version just became AVAILABLE move now
         await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)
+
+    def _install(self, scan: Scan) -> None:
+        """Swap in the new configs, each label moving only once its version serves."""
+        previous = self._table.configs
+        installed, held = [], set()
+        for config in scan.configs:
+            served = self._table.served.get(config.name, {})
+            before = previous.get(config.name)
+            routed, waiting = hold_labels(config, before, served, scan.wanted(config))
+            for label, old, new in waiting:
+                held.add((config.name, label, new))
+                if (config.name, label, new) not in self._held:  # log once, not every poll
+                    log.info(
+                        "model %s: label %r stays on version %d until version %d is available",
+                        config.name,
+                        label,
+                        old,
+                        new,
+                    )
+            installed.append(routed)
+            metrics.observe_labels(config.name, before.labels if before else {}, routed.labels)
+        self._held = held
+        self._table = self._table.with_configs(installed)
 
     def _to_load(self, scan: Scan) -> list[VersionKey]:
         keys = []

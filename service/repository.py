@@ -46,12 +46,29 @@ def parse_text_proto(path: Path, message_type: type[M]) -> M:
 
 def load_models_config(repository: Path) -> model_server_config_pb2.ModelServerConfig:
     config = parse_text_proto(repository / MODELS_CONFIG, model_server_config_pb2.ModelServerConfig)
+    check_models_config(config, repository / MODELS_CONFIG)
+    return config
+
+
+def check_models_config(config: Any, where: Path | str) -> None:
+    """What TF Serving also refuses: no model list, or names missing or repeated."""
     if config.WhichOneof("config") != "model_config_list":
-        raise ConfigError(f"{repository / MODELS_CONFIG}: needs a model_config_list")
+        raise ConfigError(f"{where}: needs a model_config_list")
     names = [c.name for c in config.model_config_list.config]
     if not names or len(set(names)) != len(names) or not all(names):
-        raise ConfigError(f"{repository / MODELS_CONFIG}: model names must be unique and non-empty")
-    return config
+        raise ConfigError(f"{where}: model names must be unique and non-empty")
+
+
+def parse_models_config(text: str, repository: Path) -> list[ModelConfig]:
+    """models.config ``text`` (not yet on disk) as :func:`read_repository` would read it:
+    strict text protobuf, then the same checks; raises ConfigError."""
+    where = repository / MODELS_CONFIG
+    try:
+        config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    check_models_config(config, where)
+    return [_model_config(repository, c) for c in config.model_config_list.config]
 
 
 def load_batching_parameters(repository: Path) -> tfserving_config_pb2.BatchingParameters:

@@ -9,6 +9,8 @@ consistent table and never half an update. Error messages say what can be asked 
 from __future__ import annotations
 
 import enum
+import hashlib
+import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +29,9 @@ from service.repository import ModelConfig
 from service.runtimes.base import Batch, Probabilities, Runtime
 
 VersionKey = tuple[str, int]  # (model, version)
+# The version labels the traffic split knows (TF Serving's conventional names).
+STABLE_LABEL = "stable"
+CANARY_LABEL = "canary"
 
 
 class VersionState(enum.IntEnum):
@@ -72,6 +77,28 @@ class LoadedVersion:
 
 
 @dataclass(frozen=True)
+class TrafficSplit:
+    """A share of unlabelled requests for the ``canary`` version, the rest for ``stable``.
+
+    A client key (a header) hashes to a fixed point in [0, 1), so one client keeps
+    seeing one version while the share stays put; requests without a key are drawn at
+    random. The hash is keyed by model and stable across processes (not ``hash()``).
+    """
+
+    canary_share: float = 0.0  # 0..1; 0 = off
+
+    def to_canary(self, model: str, client_key: str | None) -> bool:
+        if self.canary_share <= 0:
+            return False
+        if client_key:
+            digest = hashlib.blake2b(f"{model}\0{client_key}".encode(), digest_size=8).digest()
+            point = int.from_bytes(digest, "big") / 2**64
+        else:
+            point = random.random()
+        return point < self.canary_share
+
+
+@dataclass(frozen=True)
 class RoutingTable:
     """One consistent view of what is served. Never mutated: the ``with_*`` methods
     return a new table."""
@@ -79,6 +106,7 @@ class RoutingTable:
     configs: Mapping[str, ModelConfig] = field(default_factory=dict)  # models.config order
     served: Mapping[str, Mapping[int, LoadedVersion]] = field(default_factory=dict)
     states: Mapping[str, Mapping[int, VersionStatus]] = field(default_factory=dict)
+    split: TrafficSplit = field(default_factory=TrafficSplit)
 
     # --- reads ----------------------------------------------------------------------
 
@@ -100,9 +128,19 @@ class RoutingTable:
         return self.configs[name]
 
     def resolve(
-        self, model: str | None, version: int | None = None, label: str | None = None
+        self,
+        model: str | None,
+        version: int | None = None,
+        label: str | None = None,
+        *,
+        split: bool = False,
+        client_key: str | None = None,
     ) -> LoadedVersion:
-        """The version a request names: by number, by label, or the newest AVAILABLE."""
+        """The version a request names: by number, by label, or else the default one.
+
+        The default is the newest AVAILABLE version (TF Serving's rule), unless the traffic
+        split is on: then it is the ``stable`` version, or for a ``split`` request (an
+        inference, not a metadata read) the ``canary`` one for the configured share."""
         config = self.config(model)
         served = self.served.get(config.name, {})
         if version is not None and label is not None:
@@ -118,6 +156,13 @@ class RoutingTable:
                 f"model {config.name!r} has no available version yet"
                 f"{self._hint(config.name)}; retry shortly"
             )
+        if self.split.canary_share > 0:
+            canary = config.labels.get(CANARY_LABEL)
+            if split and canary in served and self.split.to_canary(config.name, client_key):
+                return served[canary]  # type: ignore[index]
+            stable = config.labels.get(STABLE_LABEL)
+            if stable in served:
+                return served[stable]  # type: ignore[index]
         return served[max(served)]
 
     def statuses(
@@ -188,6 +233,29 @@ class RoutingTable:
             for model, versions in self.served.items()
         }
         return replace(self, served={m: vs for m, vs in served.items() if vs})
+
+
+def hold_labels(
+    config: ModelConfig, before: ModelConfig | None, served: Iterable[int], wanted: Iterable[int]
+) -> tuple[ModelConfig, list[tuple[str, int, int]]]:
+    """Availability first, for labels too: a label moved to a version that the policy
+    serves (``wanted``) but that is not ``served`` yet keeps pointing at the version it
+    served until then. TF Serving refuses such a config; here a config edited in one step
+    is safe too. A label on a version the policy does not serve moves at once (and
+    answers 404, saying so): waiting for it would wait forever.
+
+    Returns the config to route by and the held labels as (label, old, new)."""
+    serving, policy = set(served), set(wanted)
+    labels = dict(config.labels)
+    waiting = []
+    for label, version in config.labels.items():
+        old = before.labels.get(label) if before is not None else None
+        if old is None or old == version or version in serving:
+            continue
+        if version in policy and old in serving:
+            labels[label] = old
+            waiting.append((label, old, version))
+    return (replace(config, labels=labels) if waiting else config), waiting
 
 
 def _label_version(config: ModelConfig, label: str) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+from google.protobuf import text_format
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 
@@ -185,3 +186,8 @@ def available_versions(response: Any) -> list[int]:
 def tensor_dims(info: Any) -> tuple[int | None, ...]:
     """Shape of a TensorInfo, None for unknown (-1) dimensions."""
     return tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)
+
+
+def config_text(config: Any) -> str:
+    """A ModelServerConfig as models.config text (text protobuf)."""
+    return str(text_format.MessageToString(config))

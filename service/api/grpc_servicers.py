@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, model_management_pb2, predict_pb2
 
 from service.contract import SERVING_SIGNATURE
 from service.dataplane import ClassifyResult, DataPlane
@@ -32,6 +32,7 @@ from service.errors import (
 from service.proto_gen import cnnserve_v1_pb2
 from service.requestlog import RequestRecord, recorded
 from service.tfserving_proto import (
+    config_text,
     model_spec,
     read_model_spec,
     status_response,
@@ -46,6 +47,7 @@ Handler = Callable[[S, Any, Any], Awaitable[Any]]
 
 SIGNATURE_DEF = "signature_def"
 REQUEST_ID_KEY = "x-request-id"
+CLIENT_KEY_KEY = "x-client-key"
 # How often Health.Watch looks at readiness (a stream per watcher; cheap).
 WATCH_PERIOD_SECONDS = 0.5
 
@@ -81,6 +83,12 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         await context.abort(grpc_status(error), error.public_message(), trailers)
 
     return handler
+
+
+def client_key(context: Any) -> str | None:
+    """The call's x-client-key metadata (the canary split's stickiness), or None."""
+    sent = dict(context.invocation_metadata() or ())
+    return str(sent.get(CLIENT_KEY_KEY, ""))[:256] or None
 
 
 def deadline(plane: DataPlane, context: Any) -> float:
@@ -121,6 +129,7 @@ class PredictionServicer(_Adapter):
             signature_name=ref.signature_name,
             output_filter=list(request.output_filter),
             deadline=until,
+            client_key=client_key(context),
         )
         response = predict_pb2.PredictResponse(
             model_spec=model_spec(
@@ -181,10 +190,10 @@ class ModelServicer(_Adapter):
 
     @mapped_errors
     async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:
-        raise MethodNotAllowed(
-            "HandleReloadConfigRequest is not supported: edit models.config in the model "
-            "repository instead; the server re-reads it every poll"
-        )
+        """Apply the whole ModelServerConfig (written to models.config); answers OK once
+        this process has reloaded it. Off unless CNNSERVE_RELOAD_CONFIG_RPC is true."""
+        await self._plane.reload_config(config_text(request.config))
+        return model_management_pb2.ReloadConfigResponse()
 
 
 class ImageClassifierServicer(_Adapter):
@@ -201,6 +210,7 @@ class ImageClassifierServicer(_Adapter):
             label=str(request.version_label) if choice == "version_label" else None,
             k=int(request.top_k) or None,
             deadline=deadline(self._plane, context),
+            client_key=client_key(context),
         )
 
     @mapped_errors

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 JSON = "application/json"
 TIMEOUT_HEADER = "x-request-timeout"
+# Keeps a client on one side of the canary split (hashed; never logged or counted).
+CLIENT_KEY_HEADER = "x-client-key"
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -211,3 +213,8 @@ def request_timeout(request: Request) -> float | None:
 
 def server_timing(timings: dict[str, float]) -> str:
     return ", ".join(f"{name};dur={seconds * 1e3:.2f}" for name, seconds in timings.items())
+
+
+def client_key(request: Request) -> str | None:
+    """The request's X-Client-Key header (at most 256 characters), or None."""
+    return request.headers.get(CLIENT_KEY_HEADER, "")[:256] or None

@@ -13,7 +13,7 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from service import metrics
-from service.api.http import dataplane, encoded_response, read_json, request_timeout
+from service.api.http import client_key, dataplane, encoded_response, read_json, request_timeout
 from service.api.schemas import ClassifyResponse, Health, ImageResult, Prediction, Readiness
 from service.dataplane import ClassifyResult
 from service.errors import InvalidRequest, UnsupportedMediaType
@@ -132,7 +132,14 @@ async def classify(
     deadline = plane.deadline(request_timeout(request))
     images, several, names = await read_images(request)
     result = await plane.classify(
-        images, model=model, version=version, label=label, k=top_k, deadline=deadline, names=names
+        images,
+        model=model,
+        version=version,
+        label=label,
+        k=top_k,
+        deadline=deadline,
+        names=names,
+        client_key=client_key(request),
     )
     return encoded_response(result.model, result.timings, lambda: _classify_body(result, several))
 

@@ -143,7 +143,7 @@ def _served_errors() -> list[type[errors.CnnserveError]]:
     def walk(cls: type[errors.CnnserveError]) -> list[type[errors.CnnserveError]]:
         return [cls, *(c for sub in cls.__subclasses__() for c in walk(sub))]
 
-    offline = (errors.DatasetError, errors.ExportError, errors.ConfigError)
+    offline = (errors.DatasetError, errors.ExportError, errors.ConfigError, errors.PromotionError)
     return [
         c
         for c in walk(errors.CnnserveError)

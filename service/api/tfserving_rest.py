@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from google.protobuf import json_format
 
-from service.api.http import dataplane, encoded_response, read_json, request_timeout
+from service.api.http import client_key, dataplane, encoded_response, read_json, request_timeout
 from service.api.schemas import (
     ModelMetadataResponse,
     ModelSpec,
@@ -156,7 +156,7 @@ async def _predict(
     signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
     if not isinstance(signature_name, str):
         raise InvalidRequest("signature_name must be a string")
-    target, _ = plane.metadata(model, version, label)
+    target = plane.route(model, version, label, client_key(request))
     inputs, row = _parse_predict(body, plane.signature_inputs(target, signature_name))
     result = await plane.predict(
         inputs,

@@ -111,6 +111,7 @@ class TFServingClient:
             "Predict": predict.Predict,
             "GetModelMetadata": predict.GetModelMetadata,
             "GetModelStatus": models.GetModelStatus,
+            "HandleReloadConfigRequest": models.HandleReloadConfigRequest,
         }
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,3 +88,12 @@ def running_server(
         yield server
     finally:
         server.stop()
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 60) -> None:
+    """Poll a condition on a server (its state, not the clock) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition never held")
+        time.sleep(0.05)

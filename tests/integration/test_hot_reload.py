@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -11,21 +10,12 @@ import pytest
 
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, simple_config, write_models_config
-from tests.helpers.server import running_server
+from tests.helpers.server import eventually, running_server
 
 pytestmark = pytest.mark.slow
 
 PNG = encode(gradient(), "PNG")
 RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
-
-
-def wait_for(predicate, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    """Poll a condition on the server (its state, not the clock) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition never held")
-        time.sleep(0.05)
 
 
 def test_not_ready_until_a_version_is_available(tmp_path: Path) -> None:
@@ -69,9 +59,9 @@ def test_hot_reload_without_failed_requests(tmp_path: Path) -> None:
         for w in workers:
             w.start()
         try:
-            wait_for(lambda: 1 in versions)
+            eventually(lambda: 1 in versions)
             publish_tiny(repo, "m", seed=2)
-            wait_for(lambda: 2 in versions)
+            eventually(lambda: 2 in versions)
             # A broken v3 is reported and does not displace v2.
             broken = repo / "m" / "3"
             broken.mkdir()
@@ -81,7 +71,7 @@ def test_hot_reload_without_failed_requests(tmp_path: Path) -> None:
                 status = httpx.get(f"{server.url}/v1/models/m").json()["model_version_status"]
                 return any(s["version"] == "3" and s["state"] == "END" for s in status)
 
-            wait_for(v3_failed)
+            eventually(v3_failed)
             served = {r.json()["version"] for r in [httpx.post(f"{server.url}/v1/classify", **RAW)]}  # type: ignore[arg-type]
         finally:
             stop.set()

@@ -8,8 +8,8 @@ from pathlib import Path
 from service import errors
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
-# Raised by `cnnserve train`/`evaluate` only; never an HTTP or gRPC answer.
-OFFLINE = {errors.DatasetError, errors.ExportError}
+# Raised by `cnnserve train`/`evaluate`/`promote` only; never an HTTP or gRPC answer.
+OFFLINE = {errors.DatasetError, errors.ExportError, errors.PromotionError, errors.NoServer}
 
 
 def _subclasses(cls: type) -> list[type]:

@@ -15,6 +15,7 @@ LAYERS: dict[str, int] = {
     "service.api": 3,
     "service.cli": 3,
     "service.cli_data": 3,
+    "service.cli_rollout": 3,
     "service.server": 3,
     "service.launch": 3,
     "service.bench": 3,
@@ -25,10 +26,14 @@ LAYERS: dict[str, int] = {
     "service.sources": 2,
     "service.batching": 2,
     "service.samples": 2,  # demo-page samples from warmup records or the dataset
+    "service.verify": 2,  # offline predictions (training's) against a live server
+    "service.verify_clients": 2,
     "service.training": 2,  # offline: uses the lower layers, never the serving core's
     "service.runtimes": 1,
     "service.repository": 1,
     "service.publishing": 1,
+    "service.config_edit": 1,
+    "service.promotion": 1,
     "service.preprocessing": 1,
     "service.metrics": 1,
     "service.requestlog": 1,

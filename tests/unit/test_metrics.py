@@ -43,7 +43,7 @@ def test_request_is_counted_with_its_code_and_latency() -> None:
     before = value("cnnserve_requests_total", **labels, code="504")
     metrics.observe_request("grpc", "/t.P/Predict", "req", "3", 504, 0.2)
     assert value("cnnserve_requests_total", **labels, code="504") == before + 1
-    hist = {"protocol": "grpc", "route": "/t.P/Predict", "model": "req"}
+    hist = {"protocol": "grpc", "route": "/t.P/Predict", "model": "req", "version": "3"}
     assert value("cnnserve_request_duration_seconds_bucket", **hist, le="0.25") >= 1
     assert value("cnnserve_request_duration_seconds_bucket", **hist, le="0.1") == 0
 

@@ -1,0 +1,206 @@
+"""`cnnserve promote` and `cnnserve verify`: the rollout commands (parsers and handlers).
+
+Kept apart from :mod:`service.cli` so that each module stays one job; ``cli`` adds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.config import Settings
+from service.errors import CnnserveError, NoServer, PromotionError
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+EXIT_NO_SERVER = 3
+
+
+def add_promote(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
+) -> None:
+    p = sub.add_parser(
+        "promote",
+        help="move a version label (canary, stable) to a version, safely",
+        description="Point LABEL at VERSION of MODEL in steps that never drop traffic: serve "
+        "the version (add it to the version policy) and wait until it is AVAILABLE, then move "
+        "the label, then drop the version the label left if nothing needs it. models.config "
+        "is edited in place (comments kept) and replaced atomically; with --tfserving each "
+        "step is also sent to that TF Serving (HandleReloadConfigRequest).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", help="model name in models.config")
+    p.add_argument("version", type=int, help="the version the label moves to")
+    p.add_argument("--label", required=True, help="version label, e.g. canary or stable")
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=settings.model_repository,
+        help="repository whose models.config is edited",
+    )
+    p.add_argument(
+        "--tfserving",
+        metavar="ADDRESS",
+        default=None,
+        help="a TF Serving (host:port) to reconfigure and wait on, instead of a gateway",
+    )
+    p.add_argument(
+        "--url", default=DEFAULT_URL, help="gateway whose status is waited on (repository mode)"
+    )
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for AVAILABLE")
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="apply every step without waiting (only when no server serves the repository)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print each intermediate config")
+    p.set_defaults(handler=_promote)
+
+
+def _promote(args: argparse.Namespace, settings: Settings) -> int:
+    from service.config_edit import write_atomically
+    from service.promotion import GatewayStatus, TFServingStatus, plan, promote, published_versions
+    from service.repository import MODELS_CONFIG
+
+    path = args.model_repository / MODELS_CONFIG
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise PromotionError(f"cannot read {path}: {exc.strerror}") from None
+    on_disk = set(published_versions(text, args.model_repository, args.model))
+    client: Any = None
+    if args.tfserving:
+        from service.runtimes.tfserving import TFServingClient
+
+        client = TFServingClient(args.tfserving, timeout=30.0)
+        on_disk |= set(client.available(args.model))
+    elif args.version not in on_disk:
+        raise PromotionError(
+            f"version {args.version} of {args.model} is not published in "
+            f"{args.model_repository} (versions there: {sorted(on_disk) or 'none'})"
+        )
+    steps = plan(text, args.model_repository, args.model, args.version, args.label, on_disk)
+
+    def apply(new_text: str) -> None:
+        if client is not None:
+            _reload_tfserving(client, new_text)
+        write_atomically(path, new_text)
+        print(f"wrote {path}", file=sys.stderr)
+
+    wait: Any = None
+    if not args.no_wait:
+        wait = (
+            TFServingStatus(client, args.timeout)
+            if client is not None
+            else GatewayStatus(args.url, args.timeout)
+        )
+    try:
+        promote(
+            steps,
+            model=args.model,
+            version=args.version,
+            apply=apply,
+            wait=wait,
+            dry_run=args.dry_run,
+            out=sys.stdout,
+        )
+    except NoServer as exc:
+        print(
+            f"cnnserve promote: {exc.message}. Step 1 is applied; the label was not moved. "
+            "Rerun the same command once a server serves the repository (or pass --no-wait "
+            "when none does).",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SERVER
+    finally:
+        if client is not None:
+            client.close()
+    return 0
+
+
+def _reload_tfserving(client: Any, text: str) -> None:
+    """HandleReloadConfigRequest with the whole ModelServerConfig of ``text``."""
+    from google.protobuf import text_format
+    from tensorflow_serving.apis import model_management_pb2
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    request = model_management_pb2.ReloadConfigRequest(config=config)
+    try:
+        answer = client.call("HandleReloadConfigRequest", request)
+    except CnnserveError as exc:
+        raise PromotionError(f"TF Serving refused the config: {exc.log_message()}") from None
+    if answer.status.error_code:
+        raise PromotionError(
+            f"TF Serving at {client.address} refused the config: {answer.status.error_message}"
+        )
+
+
+def add_verify(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
+) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="check that a live server answers what the offline evaluation measured",
+        description="Send the test set through the live API as PNG and as JPEG (quality 90), "
+        "compare served top-1 with the same version's offline predictions (its SavedModel "
+        "through service.preprocessing), and fail when agreement is below 99.9%% (PNG) or "
+        "99%% (JPEG): the train/serve-skew guard. Progress goes to stderr.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--url", default=DEFAULT_URL, help="gateway REST address (/v1/classify)")
+    where.add_argument(
+        "--grpc", metavar="ADDRESS", default=None, help="gRPC Predict (gateway or TF Serving)"
+    )
+    p.add_argument("--model", default=None, help="default: the server's default model")
+    pin = p.add_mutually_exclusive_group()
+    pin.add_argument("--version", type=int, default=None, help="default: what answers first")
+    pin.add_argument("--label", default=None, help="a version label, e.g. canary")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="image folder (class subfolders, or flat); default: Fashion-MNIST's test set",
+    )
+    p.add_argument(
+        "--data-dir", type=Path, default=settings.fashion_mnist_dir, help="Fashion-MNIST IDX folder"
+    )
+    p.add_argument("--limit", type=int, default=0, help="the first N images (0 = all)")
+    p.add_argument(
+        "--model-repository",
+        type=Path,
+        default=settings.model_repository,
+        help="where the version's SavedModel is read for the offline side",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("reports/verify"),
+        help="report.json and the images of the worst disagreements",
+    )
+    p.add_argument("--show", type=int, default=10, help="disagreements listed per encoding")
+    p.set_defaults(handler=_verify)
+
+
+def _verify(args: argparse.Namespace, settings: Settings) -> int:
+    from service.verify import load_images, run_verify
+    from service.verify_clients import GrpcServer, RestServer
+
+    images = load_images(args.data, args.data_dir, args.limit)
+    server = GrpcServer(args.grpc) if args.grpc else RestServer(args.url)
+    try:
+        report = run_verify(
+            server,
+            repository=args.model_repository,
+            images=images,
+            model=args.model,
+            version=args.version,
+            label=args.label,
+            output=args.output,
+            show=args.show,
+        )
+    finally:
+        server.close()
+    return 0 if report.passed else 1

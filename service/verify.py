@@ -1,0 +1,408 @@
+"""`cnnserve verify`: does the live server answer what the offline evaluation measured?
+
+The guard against train/serve skew. Each test image is encoded (PNG, lossless, and JPEG
+at quality 90, what clients send) and classified by the live server, pinned to one
+version; the same version's SavedModel signature classifies the source pixels offline
+through :mod:`service.preprocessing` with the preprocessing its training recorded.
+Top-1 agreement between the two must reach 99.9% for PNG (the pixels are the same, so
+only a skew can disagree) and 99% for JPEG (compression moves a few borderline images).
+Disagreements are listed worst first (the offline model's margin for its own answer over
+the server's) and their images saved.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image
+
+from service.errors import DatasetError
+from service.preprocessing import (
+    PreprocessSpec,
+    decode,
+    preprocess_array,
+    preprocess_bytes,
+    to_rgb,
+)
+from service.repository import read_card, read_labels, read_repository
+from service.training.data import IMAGE_SUFFIXES, load_fashion_mnist, load_image_folder
+from service.verify_clients import PROBE, GrpcServer, RestServer, Served
+
+ENCODINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "png": ("PNG", {}),
+    "jpeg": ("JPEG", {"quality": 90}),
+}
+THRESHOLDS = {"png": 0.999, "jpeg": 0.99}
+BATCH = 16  # images per request
+CONCURRENCY = 4  # requests in flight
+_MAX_PIXELS = 100_000_000
+
+
+@dataclass
+class TestImages:
+    """Source images (decoded pixels) and their true class names (None: unknown)."""
+
+    pixels: list[npt.NDArray[np.uint8]]
+    classes: list[str | None]
+    names: list[str]
+
+
+def load_images(data: Path | None, fashion_mnist_dir: Path, limit: int) -> TestImages:
+    """Fashion-MNIST's test set (``data`` None), a folder of class folders, or a flat
+    folder of images; the first ``limit`` (0 = all)."""
+    if data is None:
+        _, test = load_fashion_mnist(fashion_mnist_dir)
+        count = len(test) if limit <= 0 else min(limit, len(test))
+        assert test.pixels is not None
+        return TestImages(
+            pixels=[test.pixels[i] for i in range(count)],
+            classes=[test.class_names[int(test.labels[i])] for i in range(count)],
+            names=[f"t10k-{i}" for i in range(count)],
+        )
+    if not data.is_dir():
+        raise DatasetError(f"image folder {data} does not exist")
+    if any(p.is_dir() and not p.name.startswith(".") for p in data.iterdir()):
+        folder = load_image_folder(data)
+        assert folder.paths is not None
+        paths = folder.paths
+        classes: list[str | None] = [folder.class_names[int(y)] for y in folder.labels]
+    else:
+        paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        classes = [None] * len(paths)
+    if limit > 0:
+        paths, classes = paths[:limit], classes[:limit]
+    if not paths:
+        raise DatasetError(f"{data} holds no images ({sorted(IMAGE_SUFFIXES)})")
+    pixels = [
+        np.asarray(to_rgb(decode(p.read_bytes(), max_pixels=_MAX_PIXELS)), dtype=np.uint8)
+        for p in paths
+    ]
+    return TestImages(pixels, classes, [str(p.relative_to(data)) for p in paths])
+
+
+def encode(pixels: npt.NDArray[np.uint8], encoding: str) -> bytes:
+    fmt, options = ENCODINGS[encoding]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt, **options)
+    return out.getvalue()
+
+
+# --- the two sides ------------------------------------------------------------------------
+
+
+def training_spec(card: dict[str, Any]) -> PreprocessSpec:
+    """The preprocessing the version was trained with: the training config's record when
+    the card has one, else the card's declared preprocessing."""
+    recorded = card.get("training", {}).get("preprocess") or card.get("preprocessing") or {}
+    return PreprocessSpec.from_card(recorded)
+
+
+class Offline:
+    """The version's SavedModel serving signature, in this process (TensorFlow)."""
+
+    def __init__(self, version_dir: Path, spec: PreprocessSpec, batch: int = 128) -> None:
+        from service.training.evaluate import load_signature
+
+        self._predict = load_signature(version_dir)
+        self.spec = spec
+        self._batch = batch
+
+    def _run(self, inputs: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float32]:
+        out = [
+            self._predict(np.stack(inputs[i : i + self._batch]))
+            for i in range(0, len(inputs), self._batch)
+        ]
+        return np.concatenate(out)
+
+    def on_pixels(self, images: TestImages) -> npt.NDArray[np.float32]:
+        """What the offline evaluation measures: the source pixels, never encoded."""
+        return self._run([preprocess_array(p, self.spec) for p in images.pixels])
+
+    def on_bytes(self, encoded: Sequence[bytes]) -> npt.NDArray[np.float32]:
+        """The very bytes the server got, decoded here: isolates the server's side from
+        what the encoding itself changes."""
+        return self._run(
+            [preprocess_bytes(data, self.spec, max_pixels=_MAX_PIXELS) for data in encoded]
+        )
+
+
+# --- the comparison -------------------------------------------------------------------------
+
+
+@dataclass
+class EncodingResult:
+    encoding: str
+    served: list[int] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    agreement: float = 0.0
+    # Served against offline on the same encoded bytes: below 100% only by server skew.
+    agreement_same_bytes: float = 0.0
+    accuracy_served: float | None = None
+    threshold: float = 0.0
+    disagreements: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.agreement >= self.threshold
+
+
+class Progress:
+    """One line on stderr every ``period`` seconds: images done, rate."""
+
+    def __init__(self, total: int, what: str, out: TextIO, period: float = 2.0) -> None:
+        self.total, self.what, self.out, self.period = total, what, out, period
+        self.done = 0
+        self.started = self.last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, count: int) -> None:
+        with self._lock:
+            self.done += count
+            now = time.monotonic()
+            if now - self.last >= self.period or self.done == self.total:
+                self.last = now
+                rate = self.done / max(now - self.started, 1e-9)
+                print(
+                    f"verify: {self.what} {self.done}/{self.total} images ({rate:.0f}/s)",
+                    file=self.out,
+                    flush=True,
+                )
+
+
+def serve_all(
+    server: RestServer | GrpcServer,
+    images: TestImages,
+    encoding: str,
+    model: str,
+    version: int,
+    progress_out: TextIO,
+) -> tuple[list[int], list[float], list[bytes]]:
+    encoded = [encode(p, encoding) for p in images.pixels]
+    progress = Progress(len(encoded), encoding, progress_out)
+    chunks = [range(i, min(i + BATCH, len(encoded))) for i in range(0, len(encoded), BATCH)]
+
+    def run(chunk: range) -> Served:
+        answered_model, answered_version, served = server.classify(
+            [encoded[i] for i in chunk], model, version
+        )
+        if (answered_model, answered_version) != (model, version):
+            raise DatasetError(
+                f"asked {model} version {version}, answered by {answered_model} "
+                f"version {answered_version}"
+            )
+        progress.add(len(chunk))
+        return served
+
+    with ThreadPoolExecutor(CONCURRENCY) as pool:
+        results = [row for served in pool.map(run, chunks) for row in served]
+    return [c for c, _ in results], [s for _, s in results], encoded
+
+
+def compare(
+    encoding: str,
+    offline: npt.NDArray[np.float32],
+    served: list[int],
+    scores: list[float],
+    truth: list[int | None],
+    labels: list[str],
+    names: list[str],
+) -> EncodingResult:
+    offline_top = offline.argmax(axis=1)
+    served_top = np.asarray(served)
+    agree = offline_top == served_top
+    known = [i for i, t in enumerate(truth) if t is not None]
+    result = EncodingResult(
+        encoding, served, scores, float(agree.mean()), threshold=THRESHOLDS[encoding]
+    )
+    if known:
+        result.accuracy_served = float(np.mean([served[i] == truth[i] for i in known]))
+    for i in np.flatnonzero(~agree):
+        o, s = int(offline_top[i]), int(served_top[i])
+        result.disagreements.append(
+            {
+                "index": int(i),
+                "image": names[i],
+                "true": labels[truth[i]] if truth[i] is not None else None,  # type: ignore[index]
+                "offline": labels[o],
+                "offline_score": float(offline[i, o]),
+                "served": labels[s] if s < len(labels) else str(s),
+                "served_score": float(scores[i]),
+                "margin": float(offline[i, o] - offline[i, s]) if s < offline.shape[1] else 1.0,
+            }
+        )
+    result.disagreements.sort(key=lambda d: -d["margin"])
+    return result
+
+
+@dataclass
+class Report:
+    model: str
+    version: int
+    server: str
+    images: int
+    accuracy_offline: float | None
+    results: list[EncodingResult]
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            "server": self.server,
+            "images": self.images,
+            "accuracy_offline": self.accuracy_offline,
+            "seconds": round(self.seconds, 1),
+            "passed": self.passed,
+            "encodings": {
+                r.encoding: {
+                    "agreement": r.agreement,
+                    "agreement_same_bytes": r.agreement_same_bytes,
+                    "threshold": r.threshold,
+                    "passed": r.passed,
+                    "accuracy_served": r.accuracy_served,
+                    "disagreements": len(r.disagreements),
+                    "worst": r.disagreements[:20],
+                }
+                for r in self.results
+            },
+        }
+
+
+def _percent(value: float | None) -> str:
+    return "n/a (no known classes)" if value is None else f"{value:.2%}"
+
+
+def print_report(report: Report, out: TextIO, show: int) -> None:
+    print(
+        f"verify {report.model} version {report.version} at {report.server}: "
+        f"{report.images} images, {report.seconds:.1f}s",
+        file=out,
+    )
+    print(f"  accuracy offline: {_percent(report.accuracy_offline)}", file=out)
+    for r in report.results:
+        verdict = "ok" if r.passed else "FAIL"
+        print(
+            f"  {r.encoding:<4}  accuracy served {_percent(r.accuracy_served)}  agreement "
+            f"{r.agreement:.2%} (>= {r.threshold:.1%}: {verdict}; "
+            f"{len(r.disagreements)} disagree)",
+            file=out,
+        )
+        print(
+            f"        offline on the same {r.encoding.upper()} bytes agrees "
+            f"{r.agreement_same_bytes:.2%}"
+            + (
+                ": the encoding, not the server, moves these answers"
+                if not r.passed and r.agreement_same_bytes >= r.threshold
+                else ""
+            ),
+            file=out,
+        )
+        for d in r.disagreements[:show]:
+            print(
+                f"    {d['image']}: offline {d['offline']} ({d['offline_score']:.3f}), served "
+                f"{d['served']} ({d['served_score']:.3f}), true {d['true']}",
+                file=out,
+            )
+
+
+def save_disagreements(
+    report: Report, encoded: dict[str, list[bytes]], output: Path, count: int
+) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    for r in report.results:
+        suffix = "png" if r.encoding == "png" else "jpg"
+        for rank, d in enumerate(r.disagreements[:count]):
+            safe = "".join(c if c.isalnum() else "_" for c in f"{d['offline']}-vs-{d['served']}")
+            path = output / f"{r.encoding}-{rank:02d}-image{d['index']}-{safe}.{suffix}"
+            path.write_bytes(encoded[r.encoding][d["index"]])
+            d["saved"] = str(path)
+    (output / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+
+def run_verify(
+    server: RestServer | GrpcServer,
+    *,
+    repository: Path,
+    images: TestImages,
+    model: str | None,
+    version: int | None,
+    label: str | None,
+    output: Path | None,
+    show: int = 10,
+    out: TextIO | None = None,
+    progress_out: TextIO | None = None,
+) -> Report:
+    """Verify; the report goes to ``out`` (stdout), progress to ``progress_out`` (stderr)."""
+    out = out or sys.stdout
+    progress_out = progress_out or sys.stderr
+    started = time.monotonic()
+    if label is not None:
+        version = server.label_version(model, label)
+        print(f"verify: label {label!r} is version {version}", file=progress_out)
+    if model is None or version is None:
+        model, version, _ = server.classify([PROBE], model, version)
+        print(f"verify: the server answers with {model} version {version}", file=progress_out)
+    version_dir = _version_dir(repository, model, version)
+    card = read_card(version_dir)
+    spec = training_spec(card)
+    print(
+        f"verify: offline predictions of {version_dir} ({spec.resize_method} resize)",
+        file=progress_out,
+    )
+    model_offline = Offline(version_dir, spec)
+    offline = model_offline.on_pixels(images)
+    labels = read_labels(version_dir, offline.shape[1])
+    index = {name: i for i, name in enumerate(labels)}
+    truth = [index.get(c) if c is not None else None for c in images.classes]
+    known = [i for i, t in enumerate(truth) if t is not None]
+    accuracy_offline = (
+        float(np.mean([offline[i].argmax() == truth[i] for i in known])) if known else None
+    )
+    results, encoded = [], {}
+    for encoding in ENCODINGS:
+        served, scores, encoded[encoding] = serve_all(
+            server, images, encoding, model, version, progress_out
+        )
+        result = compare(encoding, offline, served, scores, truth, labels, images.names)
+        same_bytes = model_offline.on_bytes(encoded[encoding]).argmax(axis=1)
+        result.agreement_same_bytes = float(np.mean(same_bytes == np.asarray(served)))
+        results.append(result)
+    report = Report(
+        model,
+        version,
+        server.url,
+        len(images.pixels),
+        accuracy_offline,
+        results,
+        time.monotonic() - started,
+    )
+    if output is not None:
+        save_disagreements(report, encoded, output, show)
+    print_report(report, out, show)
+    return report
+
+
+def _version_dir(repository: Path, model: str, version: int) -> Path:
+    base = next((c.base_path for c in read_repository(repository) if c.name == model), None)
+    path = (base or repository / model) / str(version)
+    if not path.is_dir():
+        raise DatasetError(
+            f"{path} does not exist: verify compares with the version's SavedModel; point "
+            "--model-repository at the repository the server was deployed from"
+        )
+    return path

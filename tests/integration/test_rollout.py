@@ -1,0 +1,254 @@
+"""Safe rollout against real servers: `cnnserve promote` under continuous requests (the
+file and TF Serving's HandleReloadConfigRequest), the canary split by client key, and
+`cnnserve verify` passing on a faithful server and failing on a skewed one."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import shutil
+import threading
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from google.protobuf import text_format
+from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+from tensorflow_serving.config import model_server_config_pb2
+
+from service.cli import main
+from tests.helpers.images import encode, gradient
+from tests.helpers.models import publish_tiny, write_models_config
+from tests.helpers.server import ROOT, Server, eventually, running_server
+
+pytestmark = pytest.mark.slow
+
+PNG = encode(gradient(), "PNG")
+RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
+B64 = {
+    "signature_name": "predict_image_bytes",
+    "instances": [{"b64": base64.b64encode(PNG).decode()}],
+}
+DEFAULT_VERSION = ROOT / "model_repository" / "fashion_mnist" / "1"
+
+CONFIG = """\
+# Rollout test: this comment must survive every promotion.
+model_config_list {
+  config {
+    name: "m"
+    base_path: "/models/m"
+    model_platform: "tensorflow"
+    model_version_policy { specific { versions: 1 } }
+    version_labels { key: "stable" value: 1 }
+    version_labels { key: "canary" value: 1 }  # moved by cnnserve promote
+  }
+}
+"""
+
+
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def cnnserve(*args: str) -> Done:
+    """`cnnserve ARGS` in this process (TensorFlow is imported once, not per command);
+    stdout and stderr as a person would see them."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return Done(code, out.getvalue(), err.getvalue())
+
+
+def promote(repo: Path, label: str, *args: str) -> Done:
+    """`cnnserve promote m 2 --label LABEL` on ``repo``."""
+    return cnnserve("promote", "m", "2", "--label", label, "--model-repository", str(repo), *args)
+
+
+def two_versions(tmp_path: Path) -> Path:
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1)
+    publish_tiny(repo, "m", seed=2)
+    (repo / "models.config").write_text(CONFIG)
+    return repo
+
+
+class Traffic:
+    """Threads sending unlabelled and labelled requests, by every route, until stopped;
+    every non-200 is a failure. ``seen[kind]`` holds the versions that answered."""
+
+    KINDS = ("unlabelled", "stable", "canary", "predict_canary", "status_stable")
+
+    def __init__(self, server: Server, threads: int = 3) -> None:
+        self.server = server
+        self.failures: list[str] = []
+        self.seen: dict[str, set[int]] = defaultdict(set)
+        self.count = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _one(self, client: httpx.Client, kind: str) -> None:
+        if kind == "predict_canary":
+            r = client.post("/v1/models/m/labels/canary:predict", json=B64)
+        elif kind == "status_stable":
+            r = client.get("/v1/models/m/labels/stable")
+        else:
+            params = {} if kind == "unlabelled" else {"label": kind}
+            r = client.post("/v1/classify", params=params, **RAW)  # type: ignore[arg-type]
+        if r.status_code != 200:
+            self.failures.append(f"{kind}: {r.status_code} {r.text}")
+        elif kind == "status_stable":
+            self.seen[kind].add(int(r.json()["model_version_status"][0]["version"]))
+        elif "version" in r.json():
+            self.seen[kind].add(r.json()["version"])
+        self.count += 1
+
+    def _run(self, offset: int) -> None:
+        with self.server.client() as client:
+            i = offset
+            while not self._stop.is_set():
+                self._one(client, self.KINDS[i % len(self.KINDS)])
+                i += 1
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def test_promote_moves_labels_under_load_without_a_failed_request(tmp_path: Path) -> None:
+    repo = two_versions(tmp_path)
+    with running_server(repo, args=("--poll-seconds", "0.2")) as server, Traffic(server) as load:
+        eventually(lambda: load.count > 20)
+        done = promote(repo, "canary", "--url", server.url)
+        assert done.returncode == 0, done.stderr
+        assert "step 1/3 (load): serve versions 1, 2" in done.stdout
+        assert "m version 2 is AVAILABLE" in done.stdout
+        eventually(lambda: 2 in load.seen["canary"])
+        assert load.seen["stable"] == {1}
+
+        done = promote(repo, "stable", "--url", server.url)
+        assert done.returncode == 0, done.stderr
+        assert "step 3/3 (drop): drop version 1" in done.stdout
+
+        def v1_unloaded() -> bool:
+            status = httpx.get(f"{server.url}/v1/models/m").json()["model_version_status"]
+            return {s["version"]: s["state"] for s in status}.get("1") == "END"
+
+        eventually(v1_unloaded)
+        before = load.count
+        eventually(lambda: load.count > before + 20)
+    assert load.failures == []
+    assert load.seen["stable"] == {1, 2} and load.seen["status_stable"] == {1, 2}
+    assert load.seen["canary"] == {1, 2} and 2 in load.seen["unlabelled"]
+    text = (repo / "models.config").read_text()
+    assert "# Rollout test: this comment must survive every promotion." in text
+    assert "# moved by cnnserve promote" in text
+    assert "model_version_policy { specific { versions: 2 } }" in text
+
+
+def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path) -> None:
+    repo = two_versions(tmp_path)
+    env = {"CNNSERVE_RELOAD_CONFIG_RPC": "true", "CNNSERVE_CANARY_PERCENT": "25"}
+    with running_server(repo, grpc_port=0, env=env, args=("--poll-seconds", "0")) as server:
+        # One step, as TF Serving users try first: refused, the label's version is not loaded.
+        one_step = text_format.Parse(
+            CONFIG.replace("versions: 1 }", "versions: 1 versions: 2 }").replace(
+                'key: "canary" value: 1', 'key: "canary" value: 2'
+            ),
+            model_server_config_pb2.ModelServerConfig(),
+        )
+        with server.channel() as channel:
+            stub = model_service_pb2_grpc.ModelServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.HandleReloadConfigRequest(
+                    model_management_pb2.ReloadConfigRequest(config=one_step), timeout=30
+                )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not currently available" in (refused.value.details() or "")
+        assert (repo / "models.config").read_text() == CONFIG
+
+        done = promote(repo, "canary", "--tfserving", server.grpc_target)
+        assert done.returncode == 0, done.stderr
+        with server.client() as client:
+            status = client.get("/v1/models/m/labels/canary").json()
+            assert status["model_version_status"][0]["version"] == "2"
+            r = client.post("/v1/classify", params={"label": "canary"}, **RAW)  # type: ignore[arg-type]
+            assert r.json()["version"] == 2
+            assert "# moved by cnnserve promote" in (repo / "models.config").read_text()
+
+            # The split: 25% of unlabelled requests to canary (2), the rest to stable (1),
+            # one side per X-Client-Key.
+            def version(key: str) -> int:
+                headers = {"x-client-key": key, "content-type": "image/png"}
+                r = client.post("/v1/classify", headers=headers, content=PNG)
+                assert r.status_code == 200, r.text
+                return int(r.json()["version"])
+
+            first = {f"user-{i}": version(f"user-{i}") for i in range(200)}
+            share = sum(v == 2 for v in first.values()) / len(first)
+            assert set(first.values()) == {1, 2}
+            assert 0.25 - 0.14 < share < 0.25 + 0.14  # 4.5 sigma for n = 200
+            assert all(version(k) == v for k, v in list(first.items())[:40])
+
+
+def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
+    repo = two_versions(tmp_path)
+    done = promote(repo, "canary", "--url", "http://127.0.0.1:9", "--timeout", "5")
+    assert done.returncode == 3, done.stderr
+    assert "Step 1 is applied; the label was not moved" in done.stderr
+    text = (repo / "models.config").read_text()
+    assert "versions: 1 versions: 2" in text and 'key: "canary" value: 1' in text
+
+
+def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(DEFAULT_VERSION, repo / "fashion_mnist" / "1")
+    shutil.copytree(DEFAULT_VERSION, repo / "fashion_mnist" / "2")
+    card_path = repo / "fashion_mnist" / "2" / "assets.extra" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["preprocessing"]["resize_method"] = "nearest"  # the server resizes differently
+    card_path.write_text(json.dumps(card))
+    write_models_config(
+        repo,
+        'config { name: "fashion_mnist" base_path: "/models/fashion_mnist" '
+        'model_platform: "tensorflow" '
+        "model_version_policy { specific { versions: 1 versions: 2 } } }",
+    )
+    with running_server(repo, grpc_port=0, args=("--poll-seconds", "0")) as server:
+        common = ("--url", server.url, "--model", "fashion_mnist", "--limit", "200")
+        common += ("--model-repository", str(repo))
+        good = cnnserve("verify", *common, "--version", "1", "--output", str(tmp_path / "good"))
+        assert good.returncode == 0, good.stdout + good.stderr
+        assert "png   accuracy served" in good.stdout and "agreement 100.00%" in good.stdout
+        assert "verify: png 200/200 images" in good.stderr  # progress on stderr
+        skewed = cnnserve("verify", *common, "--version", "2", "--output", str(tmp_path / "bad"))
+        assert skewed.returncode == 1, skewed.stdout + skewed.stderr
+        assert "FAIL" in skewed.stdout
+        report = json.loads((tmp_path / "bad" / "report.json").read_text())
+        assert not report["passed"] and report["encodings"]["png"]["agreement"] < 0.999
+        worst = report["encodings"]["png"]["worst"][0]
+        assert Path(worst["saved"]).is_file()
+        # TF Serving's Predict on the bytes signature, as against a TF Serving itself.
+        over_grpc = cnnserve(
+            "verify", "--grpc", server.grpc_target, "--model", "fashion_mnist", "--label",
+            "none", "--limit", "50", "--model-repository", str(repo),
+        )  # fmt: skip
+        assert over_grpc.returncode == 2 and "no version label 'none'" in over_grpc.stderr
+        over_grpc = cnnserve(
+            "verify", "--grpc", server.grpc_target, "--model", "fashion_mnist", "--version",
+            "2", "--limit", "50", "--model-repository", str(repo), "--output", str(tmp_path),
+        )  # fmt: skip
+        assert over_grpc.returncode == 1 and "at " + server.grpc_target in over_grpc.stdout

@@ -1,0 +1,238 @@
+"""`cnnserve promote`'s config edits: surgical (comments kept), validated, in safe steps."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+
+from service.config_edit import (
+    find_model,
+    merge_config,
+    set_labels,
+    set_specific_versions,
+    validate,
+    write_atomically,
+)
+from service.errors import ConfigError, PromotionError
+from service.promotion import plan, promote
+from service.repository import read_repository
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "model_repository" / "models.config"
+
+CANARY_FILE = """\
+# Our models. This comment must survive every edit.
+model_config_list {
+  config {
+    name: "other"   # a second model, never touched
+    base_path: "/models/other"
+    model_platform: "tensorflow"
+  }
+  config {
+    name: "m"
+    base_path: "/models/m"
+    model_platform: "tensorflow"
+    # Pinned versions; see the runbook.
+    model_version_policy {
+      specific {
+        versions: 1
+      }
+    }
+    version_labels { key: "stable" value: 1 }  # the one customers get
+    version_labels { key: "canary" value: 1 }
+  }
+}
+"""
+
+
+def configs(text: str, tmp_path: Path) -> dict[str, tuple[str, tuple[int, ...], dict[str, int]]]:
+    return {c.name: (c.policy, c.versions, dict(c.labels)) for c in validate(text, tmp_path)}
+
+
+def comments(text: str) -> list[str]:
+    return [line.split("#", 1)[1] for line in text.splitlines() if "#" in line]
+
+
+def test_edits_touch_only_the_entries_that_change(tmp_path: Path) -> None:
+    text = set_specific_versions(CANARY_FILE, "m", [1, 2])
+    assert "        versions: 1\n        versions: 2\n" in text
+    text = set_labels(text, "m", {"stable": 1, "canary": 2})
+    assert 'version_labels { key: "canary" value: 2 }' in text
+    assert 'version_labels { key: "stable" value: 1 }  # the one customers get' in text
+    assert comments(text) == comments(CANARY_FILE)
+    # The other model and every line outside m's policy and labels are unchanged.
+    assert text.splitlines()[:12] == CANARY_FILE.splitlines()[:12]
+    assert configs(text, tmp_path) == {
+        "other": ("latest", (), {}),
+        "m": ("specific", (1, 2), {"stable": 1, "canary": 2}),
+    }
+
+
+def test_a_one_line_config_stays_on_one_line(tmp_path: Path) -> None:
+    one = (
+        'model_config_list {\nconfig { name: "m" base_path: "/models/m" '
+        'model_platform: "tensorflow" model_version_policy { latest { num_versions: 1 } } }\n}\n'
+    )
+    text = set_labels(set_specific_versions(one, "m", [1, 2]), "m", {"stable": 2})
+    assert text.count("\n") == one.count("\n")
+    assert (
+        "model_version_policy { specific { versions: 1 versions: 2 } } "
+        'version_labels { key: "stable" value: 2 } }' in text
+    )
+    assert configs(text, tmp_path)["m"] == ("specific", (1, 2), {"stable": 2})
+
+
+def test_the_committed_default_config_gets_a_multi_line_specific_policy(tmp_path: Path) -> None:
+    original = DEFAULT_CONFIG.read_text()
+    text = set_specific_versions(original, "fashion_mnist", [1, 2])
+    assert "    model_version_policy {\n      specific {\n        versions: 1\n" in text
+    assert comments(text) == comments(original)
+    assert configs(text, tmp_path)["fashion_mnist"] == ("specific", (1, 2), {})
+
+
+def test_the_scanner_is_not_fooled_by_braces_in_strings_and_comments(tmp_path: Path) -> None:
+    tricky = CANARY_FILE.replace("# Our models.", '# Our models { config { name: "m" } }').replace(
+        'name: "other"', 'name: "other}{ \\"m\\""'
+    )
+    entry = find_model(tricky, "m")
+    assert tricky[entry.start : entry.end].startswith('config {\n    name: "m"')
+    with pytest.raises(ConfigError, match="no config"):
+        find_model(tricky, "missing")
+
+
+def test_promote_canary_then_stable_steps_and_their_intermediate_configs(tmp_path: Path) -> None:
+    steps = plan(CANARY_FILE, tmp_path, "m", 2, "canary", on_disk=[1, 2])
+    assert [(s.name, s.changed) for s in steps] == [
+        ("load", True),
+        ("label", True),
+        ("drop", False),
+    ]
+    # Step 1 serves version 2 and moves no label: TF Serving accepts it as is.
+    assert configs(steps[0].text, tmp_path)["m"] == (
+        "specific",
+        (1, 2),
+        {"stable": 1, "canary": 1},
+    )
+    assert configs(steps[1].text, tmp_path)["m"] == (
+        "specific",
+        (1, 2),
+        {"stable": 1, "canary": 2},
+    )
+    # Version 1 stays: stable still points at it.
+    assert steps[2].text == steps[1].text
+
+    steps = plan(steps[-1].text, tmp_path, "m", 2, "stable", on_disk=[1, 2])
+    assert [(s.name, s.changed) for s in steps] == [
+        ("load", False),
+        ("label", True),
+        ("drop", True),
+    ]
+    assert configs(steps[1].text, tmp_path)["m"] == (
+        "specific",
+        (1, 2),
+        {"stable": 2, "canary": 2},
+    )
+    assert configs(steps[2].text, tmp_path)["m"] == ("specific", (2,), {"stable": 2, "canary": 2})
+    assert "versions: 1" not in steps[2].text.split('name: "m"')[1]
+    assert comments(steps[2].text) == comments(CANARY_FILE)
+
+
+def test_a_latest_policy_becomes_specific_only_when_it_does_not_serve_the_version(
+    tmp_path: Path,
+) -> None:
+    latest = DEFAULT_CONFIG.read_text()
+    # latest 1 of {1, 2} serves 2: only the label is added.
+    steps = plan(latest, tmp_path, "fashion_mnist", 2, "canary", on_disk=[1, 2])
+    assert [s.changed for s in steps] == [False, True, False]
+    # Version 1 is not served by latest 1: the policy pins {2, 1}.
+    steps = plan(steps[-1].text, tmp_path, "fashion_mnist", 1, "stable", on_disk=[1, 2])
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == (
+        "specific",
+        (1, 2),
+        {"canary": 2},
+    )
+    assert configs(steps[-1].text, tmp_path)["fashion_mnist"] == (
+        "specific",
+        (1, 2),
+        {"canary": 2, "stable": 1},
+    )
+
+
+def test_promote_applies_each_step_and_waits_before_moving_the_label() -> None:
+    steps = plan(CANARY_FILE, Path("/r"), "m", 2, "canary", on_disk=[1, 2])
+    events: list[str] = []
+    promote(
+        steps,
+        model="m",
+        version=2,
+        apply=lambda text: events.append("apply " + configs_labels(text)),
+        wait=lambda model, version: events.append(f"wait {model} {version}"),
+        dry_run=False,
+        out=io.StringIO(),
+    )
+    assert events == ["apply canary=1", "wait m 2", "apply canary=2"]
+
+
+def configs_labels(text: str) -> str:
+    (m,) = [c for c in validate(text, Path("/r")) if c.name == "m"]
+    return f"canary={m.labels['canary']}"
+
+
+def test_dry_run_prints_each_intermediate_config_and_applies_nothing() -> None:
+    out = io.StringIO()
+    one_label = set_labels(CANARY_FILE, "m", {"stable": 1})
+    steps = plan(one_label, Path("/r"), "m", 2, "stable", on_disk=[1, 2])
+    promote(steps, model="m", version=2, apply=pytest.fail, wait=None, dry_run=True, out=out)
+    printed = out.getvalue()
+    assert printed.count("--- models.config after step") == 3
+    assert "step 1/3 (load): serve versions 1, 2" in printed
+    assert "step 2/3 (label): label 'stable' → version 2 (was 1)" in printed
+    assert "step 3/3 (drop): drop version 1 (no label points at it); serve 2" in printed
+    assert printed.rstrip().endswith(steps[2].text.rstrip())
+
+
+def test_bad_requests_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no model 'nope'"):
+        plan(CANARY_FILE, tmp_path, "nope", 2, "canary", on_disk=[1, 2])
+    with pytest.raises(PromotionError, match="label"):
+        plan(CANARY_FILE, tmp_path, "m", 2, "can ary", on_disk=[1, 2])
+    with pytest.raises(ConfigError):
+        validate(CANARY_FILE.replace("versions: 1", "versions: x"), tmp_path)
+
+
+def test_merge_keeps_comments_when_only_policies_and_labels_change(tmp_path: Path) -> None:
+    new = set_labels(set_specific_versions(CANARY_FILE, "m", [1, 2]), "m", {"stable": 2})
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    as_sent = text_format.MessageToString(
+        text_format.Parse(new, model_server_config_pb2.ModelServerConfig())
+    )
+    merged = merge_config(CANARY_FILE, as_sent, tmp_path)
+    assert merged == new
+    # A different set of models replaces the file whole.
+    only_m = as_sent.split("config {", 2)
+    replaced = "model_config_list {\n  config {" + only_m[2]
+    assert merge_config(CANARY_FILE, replaced, tmp_path) == replaced
+
+
+def test_write_atomically_replaces_the_file_in_one_step(tmp_path: Path) -> None:
+    path = tmp_path / "models.config"
+    path.write_text(CANARY_FILE)
+    path.chmod(0o640)
+    write_atomically(path, set_labels(CANARY_FILE, "m", {"stable": 1}))
+    assert [p.name for p in tmp_path.iterdir()] == ["models.config"]
+    assert (path.stat().st_mode & 0o777) == 0o640
+    assert [dict(c.labels) for c in read_repository(tmp_path)] == [{}, {"stable": 1}]
+
+
+def test_the_reload_config_rpc_is_off_unless_enabled(tmp_path: Path) -> None:
+    from service.config import Settings
+    from service.dataplane import DataPlane
+    from service.errors import MethodNotAllowed
+
+    plane = DataPlane(Settings(model_repository=tmp_path), registry=None, decode_pool=None)  # type: ignore[arg-type]
+    with pytest.raises(MethodNotAllowed, match="CNNSERVE_RELOAD_CONFIG_RPC"):
+        asyncio.run(plane.reload_config(CANARY_FILE))
