@@ -32,6 +32,7 @@ from service.api.http import dataplane
 from service.errors import ModelNotReady, NotFound
 from service.repository import ASSETS_EXTRA
 from service.routing import LoadedVersion, VersionState, listing
+from service.runtimes.card import FLOAT_PRECISION
 from service.samples import Sample, samples_for
 
 router = APIRouter(tags=["demo"])
@@ -95,7 +96,18 @@ async def model_card(request: Request, model: str, version: int) -> dict[str, An
     in its assets.extra (confusion matrix, training curves)."""
     target = _served(request, model, version)
     images = await asyncio.to_thread(asset_images, target.path)
-    return {"model": target.model, "version": target.version, "card": target.card, "images": images}
+    # Which artifact answers, so nobody has to guess whether int8 or a fallback serves.
+    serving = {
+        "runtime": target.runtime.name,
+        "precision": target.runtime.info.extra.get("precision", FLOAT_PRECISION),
+    }
+    return {
+        "model": target.model,
+        "version": target.version,
+        "card": target.card,
+        "images": images,
+        "serving": serving,
+    }
 
 
 @router.get("/demo/models/{model}/versions/{version}/assets/{name}")

@@ -72,6 +72,9 @@ def test_the_card_and_its_images(server: Server, repo: Path) -> None:
         assert (answer["model"], answer["version"]) == ("tiny", 1)
         assert answer["card"]["labels"] == ["cat", "dog", "bird"]
         assert answer["images"] == ["curves.png"]  # the link is not listed
+        # Which artifact answers: a float model, by LiteRT (converted, verified) or TF.
+        assert answer["serving"]["precision"] == "float32"
+        assert answer["serving"]["runtime"] in {"litert", "tensorflow"}
         image = client.get(f"{VERSION}/assets/curves.png")
         assert image.status_code == 200
         assert image.headers["content-type"] == "image/png"

@@ -319,6 +319,11 @@ function cardSections(answer) {
     parts.push(el("p", { text: "This version has no model_card.json." }));
   }
   if (trainedOnFashionMnist(card)) parts.push(el("p", { class: "note", text: FASHION_NOTE }));
+  if (answer.serving) {
+    parts.push(el("h3", { text: "Served by" }), definitions([
+      ["runtime", answer.serving.runtime], ["precision", answer.serving.precision],
+    ]));
+  }
   const arch = card.architecture;
   if (arch) {
     parts.push(el("h3", { text: "Architecture" }), definitions([
@@ -348,6 +353,7 @@ function cardSections(answer) {
       ["split", ev.split && `${ev.split} (${num(ev.examples)} images)`],
       ["accuracy", pct(ev.accuracy)], ["macro precision", pct(ev.macro_precision)],
       ["macro recall", pct(ev.macro_recall)], ["macro F1", pct(ev.macro_f1)],
+      ["mAP", ev.mean_average_precision == null ? null : pct(ev.mean_average_precision)],
     ]));
     if (ev.per_class) parts.push(el("h3", { text: "Per class" }), perClassTable(ev.per_class));
   }
