@@ -104,6 +104,35 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+class LoopLag:
+    """How late the event loop runs a timer: the wait every request of this worker pays
+    at each await, beyond its own work. When the loop is saturated (more HTTP than one
+    core parses) requests queue here, before they reach any batcher, so the guard sheds
+    on this too. Measured by a task that sleeps ``PERIOD`` and notes its overshoot, as a
+    moving average that follows a change within a few periods."""
+
+    PERIOD = 0.01
+    WEIGHT = 0.3
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._measure(), name="loop-lag")
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _measure(self) -> None:
+        while True:
+            begin = time.monotonic()
+            await asyncio.sleep(self.PERIOD)
+            late = max(0.0, time.monotonic() - begin - self.PERIOD)
+            self.seconds += self.WEIGHT * (late - self.seconds)
+
+
 @dataclass(frozen=True)
 class Admission:
     """What RequestGuard refuses before a route runs."""
@@ -112,6 +141,9 @@ class Admission:
     body_read_timeout_seconds: float = 30.0
     max_concurrent_requests: int = 1_000_000
     keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
+    # Shed when the event loop runs this late (seconds); None = never.
+    queue_wait_budget_seconds: float | None = None
+    lag: LoopLag = field(default_factory=LoopLag)
 
 
 class RequestGuard:
@@ -176,13 +208,22 @@ class RequestGuard:
                 keys.check(presented_key(auth, api_key))
             except Unauthenticated as exc:
                 return exc
-        if self._active >= self.admission.max_concurrent_requests and path not in PROBE_PATHS:
-            metrics.observe_shed("", "concurrency")
-            return Overloaded(
-                f"this worker is handling {self._active} requests, its limit; retry after the "
-                f"Retry-After delay ({Overloaded.retry_after} s)",
-                reason="concurrency",
-            )
+        if path not in PROBE_PATHS and path not in self.quiet_paths:
+            budget = self.admission.queue_wait_budget_seconds
+            if self._active >= self.admission.max_concurrent_requests:
+                reason, why = "concurrency", f"is handling {self._active} requests, its limit"
+            elif budget is not None and self.admission.lag.seconds > budget:
+                lag = self.admission.lag.seconds
+                reason, why = "event_loop", f"is {lag * 1e3:.0f} ms behind"
+            else:
+                reason = ""
+            if reason:
+                metrics.observe_shed("", reason)
+                return Overloaded(
+                    f"this server {why}; retry after the Retry-After delay "
+                    f"({Overloaded.retry_after} s) or send to another replica",
+                    reason=reason,
+                )
         limit = self.admission.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
