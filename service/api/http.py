@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,9 @@ TIMEOUT_HEADER = "x-request-timeout"
 REQUEST_ID_HEADER = "x-request-id"
 # JSON bodies larger than this are parsed on a thread, not on the event loop.
 LARGE_JSON_BYTES = 256 * 1024
+# Loop lag sheds only while this many requests are in progress: one slow request, or a
+# stall of the process, is not overload.
+LAG_MIN_ACTIVE = 4
 # Paths that never count against the concurrency limit: probes must answer under load.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -108,15 +112,20 @@ class LoopLag:
     """How late the event loop runs a timer: the wait every request of this worker pays
     at each await, beyond its own work. When the loop is saturated (more HTTP than one
     core parses) requests queue here, before they reach any batcher, so the guard sheds
-    on this too. Measured by a task that sleeps ``PERIOD`` and notes its overshoot, as a
-    moving average that follows a change within a few periods."""
+    on this too. A task sleeps ``PERIOD`` and notes its overshoot; ``seconds`` is the
+    least of the last ``WINDOW`` overshoots, so a saturated loop (late every time) counts
+    and a one-off stall (a collection, a model load, a noisy neighbour) does not."""
 
     PERIOD = 0.01
-    WEIGHT = 0.3
+    WINDOW = 5
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self._late: deque[float] = deque([0.0], maxlen=self.WINDOW)
         self._task: asyncio.Task[None] | None = None
+
+    @property
+    def seconds(self) -> float:
+        return min(self._late)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._measure(), name="loop-lag")
@@ -129,8 +138,7 @@ class LoopLag:
         while True:
             begin = time.monotonic()
             await asyncio.sleep(self.PERIOD)
-            late = max(0.0, time.monotonic() - begin - self.PERIOD)
-            self.seconds += self.WEIGHT * (late - self.seconds)
+            self._late.append(max(0.0, time.monotonic() - begin - self.PERIOD))
 
 
 @dataclass(frozen=True)
@@ -212,7 +220,11 @@ class RequestGuard:
             budget = self.admission.queue_wait_budget_seconds
             if self._active >= self.admission.max_concurrent_requests:
                 reason, why = "concurrency", f"is handling {self._active} requests, its limit"
-            elif budget is not None and self.admission.lag.seconds > budget:
+            elif (
+                budget is not None
+                and self._active >= LAG_MIN_ACTIVE
+                and self.admission.lag.seconds > budget
+            ):
                 lag = self.admission.lag.seconds
                 reason, why = "event_loop", f"is {lag * 1e3:.0f} ms behind"
             else:
