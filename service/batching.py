@@ -276,6 +276,12 @@ class DynamicBatcher:
             timings["inference"] = max(item.inference_seconds for item in items)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+    def admit(self, n: int, deadline: float | None) -> None:
+        """Raise Overloaded now if ``n`` images submitted now would be refused: callers
+        ask before decoding, so a request that would be shed costs no decode."""
+        if self._state == "running":
+            self._admit(min(n, self._capacity), monotonic(), deadline)
+
     def _admit(self, n: int, now: float, deadline: float | None) -> None:
         """Refuse ``n`` images at once if the work ahead cannot clear in time."""
         reason = None

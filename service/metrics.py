@@ -44,12 +44,12 @@ VERSION_STATES: Final = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END")
 MODEL_EVENTS: Final = ("loaded", "load_failed", "unloaded")
 UNMATCHED_ROUTE: Final = "unmatched"
 # Why a request was refused at admission (503 overloaded): the item cap of the batch
-# queue, the seconds of work queued ahead over the queue-wait budget, or over what is
-# left of the request's deadline; too many requests in one worker; an event loop running
-# later than the budget (HTTP saturating the worker's core); a TF Serving backend that
-# refused it.
+# queue; the seconds of inference queued ahead over the queue-wait budget, or over what
+# is left of the request's deadline; the seconds of decoding queued ahead over the
+# budget; too many requests in one worker; a TF Serving backend that refused it.
 SHED_REASONS: Final = (
-    "queue_full", "queue_budget", "deadline", "concurrency", "event_loop", "backend",
+    "queue_full", "queue_budget", "deadline", "decode_queue", "concurrency",
+    "backend",
 )  # fmt: skip
 
 # A request is decoded in ~1-20 ms and inferred in ~5-200 ms on a CPU; queueing adds up
@@ -109,7 +109,7 @@ IN_FLIGHT = Gauge(
 OVERLOAD_REJECTIONS = Counter(
     "cnnserve_overload_rejections",
     "Requests refused at admission (503 overloaded), by reason: queue_full, queue_budget, "
-    "deadline, concurrency and event_loop (model empty: refused before routing), backend.",
+    "deadline, decode_queue, concurrency (model empty: refused before routing), backend.",
     ["model", "reason"],
 )
 INFERENCE_SECONDS_PER_IMAGE = Gauge(

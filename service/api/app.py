@@ -60,7 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dataplane = DataPlane(settings, registry, pool, readiness)
         grpc_server = await start_grpc(settings, app.state.dataplane, keys)  # None if disabled
         restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds)
-        admission.lag.start()
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_after_loading)
@@ -68,7 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            admission.lag.stop()
             restore()
             publishing.cancel()
             readiness.publish(False)
@@ -93,7 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_read_timeout_seconds=settings.body_read_timeout_seconds,
         max_concurrent_requests=settings.max_concurrent_requests,
         keys=keys,
-        queue_wait_budget_seconds=settings.queue_wait_budget_seconds,
     )
     app.add_middleware(
         RequestGuard, admission=admission, quiet_paths=frozenset({settings.metrics_path})

@@ -9,7 +9,6 @@ import json
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,9 +44,6 @@ TIMEOUT_HEADER = "x-request-timeout"
 REQUEST_ID_HEADER = "x-request-id"
 # JSON bodies larger than this are parsed on a thread, not on the event loop.
 LARGE_JSON_BYTES = 256 * 1024
-# Loop lag sheds only while this many requests are in progress: one slow request, or a
-# stall of the process, is not overload.
-LAG_MIN_ACTIVE = 4
 # Paths that never count against the concurrency limit: probes must answer under load.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
@@ -108,39 +104,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
-class LoopLag:
-    """How late the event loop runs a timer: the wait every request of this worker pays
-    at each await, beyond its own work. When the loop is saturated (more HTTP than one
-    core parses) requests queue here, before they reach any batcher, so the guard sheds
-    on this too. A task sleeps ``PERIOD`` and notes its overshoot; ``seconds`` is the
-    least of the last ``WINDOW`` overshoots, so a saturated loop (late every time) counts
-    and a one-off stall (a collection, a model load, a noisy neighbour) does not."""
-
-    PERIOD = 0.01
-    WINDOW = 5
-
-    def __init__(self) -> None:
-        self._late: deque[float] = deque([0.0], maxlen=self.WINDOW)
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def seconds(self) -> float:
-        return min(self._late)
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._measure(), name="loop-lag")
-
-    def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-
-    async def _measure(self) -> None:
-        while True:
-            begin = time.monotonic()
-            await asyncio.sleep(self.PERIOD)
-            self._late.append(max(0.0, time.monotonic() - begin - self.PERIOD))
-
-
 @dataclass(frozen=True)
 class Admission:
     """What RequestGuard refuses before a route runs."""
@@ -149,9 +112,6 @@ class Admission:
     body_read_timeout_seconds: float = 30.0
     max_concurrent_requests: int = 1_000_000
     keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
-    # Shed when the event loop runs this late (seconds); None = never.
-    queue_wait_budget_seconds: float | None = None
-    lag: LoopLag = field(default_factory=LoopLag)
 
 
 class RequestGuard:
@@ -216,26 +176,14 @@ class RequestGuard:
                 keys.check(presented_key(auth, api_key))
             except Unauthenticated as exc:
                 return exc
-        if path not in PROBE_PATHS and path not in self.quiet_paths:
-            budget = self.admission.queue_wait_budget_seconds
-            if self._active >= self.admission.max_concurrent_requests:
-                reason, why = "concurrency", f"is handling {self._active} requests, its limit"
-            elif (
-                budget is not None
-                and self._active >= LAG_MIN_ACTIVE
-                and self.admission.lag.seconds > budget
-            ):
-                lag = self.admission.lag.seconds
-                reason, why = "event_loop", f"is {lag * 1e3:.0f} ms behind"
-            else:
-                reason = ""
-            if reason:
-                metrics.observe_shed("", reason)
-                return Overloaded(
-                    f"this server {why}; retry after the Retry-After delay "
-                    f"({Overloaded.retry_after} s) or send to another replica",
-                    reason=reason,
-                )
+        busy = self._active >= self.admission.max_concurrent_requests
+        if busy and path not in PROBE_PATHS and path not in self.quiet_paths:
+            metrics.observe_shed("", "concurrency")
+            return Overloaded(
+                f"this worker is handling {self._active} requests, its limit; retry after "
+                f"the Retry-After delay ({Overloaded.retry_after} s) or send to another replica",
+                reason="concurrency",
+            )
         limit = self.admission.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
