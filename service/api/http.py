@@ -68,7 +68,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_cnnserve(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, CnnserveError)
-        if exc.http_status >= 500:
+        if exc.http_status >= 500 and not isinstance(exc, Overloaded):  # sheds: a metric
             log.warning(
                 "request %s failed: %s: %s", request_id(request), exc.code, exc.log_message()
             )

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers.server import Server, running_server
+
+# Hypothesis budgets: short in CI (the default), long for `make fuzz`.
+settings.register_profile("ci", max_examples=25, print_blob=True)
+settings.register_profile("fuzz", max_examples=2000, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
