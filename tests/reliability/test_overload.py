@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import re
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -80,13 +79,15 @@ def test_four_times_overload_is_shed_fast_and_recovers(server: Server) -> None:
 
     admitted, shed = overload.of(200), overload.of(503)
     report = (
-        f"unloaded p50 {quantile(unloaded.of(200), 0.5) * 1e3:.1f} ms p99 {unloaded_p99 * 1e3:.1f} ms; "
+        f"unloaded p50 {quantile(unloaded.of(200), 0.5) * 1e3:.1f} ms "
+        f"p99 {unloaded_p99 * 1e3:.1f} ms; "
         f"capacity {capacity.rate():.0f}/s at {BASE_CONNECTIONS} connections; overload at "
         f"{4 * BASE_CONNECTIONS}: goodput {overload.rate():.0f}/s, admitted p50 "
         f"{quantile(admitted, 0.5) * 1e3:.1f} p99 {quantile(admitted, 0.99) * 1e3:.1f} ms, "
         f"{len(shed)} shed, 503 p50 {quantile(shed, 0.5) * 1e3:.1f} p99 "
         f"{quantile(shed, 0.99) * 1e3:.1f} ms; rss {rss_before >> 20} -> {rss_after >> 20} MiB; "
-        f"after: p50 {quantile(after.of(200), 0.5) * 1e3:.1f} ms; shed by reason {shed_counts(server)}"
+        f"after: p50 {quantile(after.of(200), 0.5) * 1e3:.1f} ms; "
+        f"shed by reason {shed_counts(server)}"
     )
     print(report)
     assert overload.statuses() <= {200, 503}, report
