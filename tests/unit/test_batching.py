@@ -488,25 +488,24 @@ class Costly(Gate):
         return ids(batch)
 
 
-def test_admission_sheds_by_seconds_of_work_queued_not_by_count(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # Inference is timed on a moved clock: 10 ms per image, so 4 images are 40 ms of work.
+@pytest.fixture
+def costly(monkeypatch: pytest.MonkeyPatch) -> Costly:
+    """Inference timed on a moved clock: 10 ms per image, so 4 images are 40 ms of work."""
     clock = [0.0]
     monkeypatch.setattr(batching, "perf_counter", lambda: clock[0])
-    predict = Costly(clock, 0.010)
+    return Costly(clock, 0.010)
+
+
+def test_admission_sheds_by_seconds_of_work_queued_not_by_count(costly: Costly) -> None:
+    predict = costly
     recorder = Recorder()
     cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.045)
 
     async def scenario() -> None:
         async with DynamicBatcher(predict, cfg, observer=recorder) as batcher:
             assert batcher.seconds_per_image is None  # nothing measured: the item cap only
-            assert (await batcher.submit(images(1, 2, 3, 4), deadline=None)).tolist() == [
-                1,
-                2,
-                3,
-                4,
-            ]
+            first = await batcher.submit(images(1, 2, 3, 4), deadline=None)
+            assert first.tolist() == [1, 2, 3, 4]
             assert batcher.seconds_per_image == pytest.approx(0.010)
             assert recorder.costs == [pytest.approx(0.010)]
             predict.block_first = True
@@ -530,13 +529,11 @@ def test_admission_sheds_by_seconds_of_work_queued_not_by_count(
 
 
 def test_admission_sheds_when_the_deadline_cannot_be_met(
-    monkeypatch: pytest.MonkeyPatch,
+    costly: Costly, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    clock = [0.0]
-    monkeypatch.setattr(batching, "perf_counter", lambda: clock[0])
     now = [1000.0]
     monkeypatch.setattr(batching, "monotonic", lambda: now[0])
-    predict = Costly(clock, 0.010)
+    predict = costly
     recorder = Recorder()
     cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=10.0)
 
