@@ -295,6 +295,15 @@ class DynamicBatcher:
                     f"~{ahead * 1e3:.0f} ms of work is queued (budget {self._budget * 1e3:.0f} ms)"
                 )
             elif deadline is not None and ahead + n * self._per_image > deadline - now:
+                own = n * self._per_image
+                if deadline <= now or own >= deadline - now:
+                    # Not overload: even an idle server could not answer in time.
+                    self._observer.on_expired(1)
+                    raise DeadlineExceeded(
+                        f"the request deadline passed before it could be served: its "
+                        f"inference takes ~{own * 1e3:.1f} ms, more than the "
+                        f"{max(0.0, deadline - now) * 1e3:.1f} ms it had left; allow more time"
+                    )
                 reason = "deadline"
                 why = f"~{ahead * 1e3:.0f} ms of work is queued, more than the deadline leaves"
         if reason is None:
