@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, running_server
-from tests.reliability.load import load, post, quantile
+from tests.helpers.load import load, post, quantile
 
 BUDGET = 0.05  # the default queue-wait budget
 BASE_CONNECTIONS = 16  # about where goodput stops growing here
