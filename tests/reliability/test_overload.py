@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, running_server
 from tests.helpers.load import load, post, quantile
+from tests.helpers.server import Server, running_server
 
 BUDGET = 0.05  # the default queue-wait budget
 BASE_CONNECTIONS = 16  # about where goodput stops growing here
