@@ -85,6 +85,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         responses=error_responses(),
     )
+    # FastAPIOffline serves /docs itself and leaves FastAPI's docs_url None (its routes
+    # are already set up, so this only records where they are: the demo page links it).
+    app.docs_url = "/docs"
     app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
     admission = Admission(
         max_body_bytes=settings.max_body_bytes,
