@@ -10,7 +10,8 @@ backlog of small ones.
 Admission is by latency budget, not only by count. The batcher keeps a moving average
 of measured inference seconds per image; a request is refused at once (Overloaded, a
 503 with Retry-After) when the images queued or in inference ahead of it would take
-longer than ``queue_wait_budget_seconds`` to clear (reason ``queue_budget``), or longer
+longer than ``queue_wait_budget_seconds`` to clear (reason ``queue_budget``; never
+while less than one batch is ahead), or longer
 than what is left of its deadline together with its own images (reason ``deadline``):
 queued behind that much work it would only time out later, holding memory meanwhile.
 The queue is also bounded in items (max_enqueued_batches full batches, reason
@@ -289,7 +290,10 @@ class DynamicBatcher:
             reason, why = "queue_full", f"{self._depth} inputs are queued"
         elif self._per_image is not None:
             ahead = self.seconds_ahead()
-            if self._budget is not None and ahead > self._budget:
+            # Less than a batch ahead is always admitted: it rides in the next batch, and
+            # refusing it would turn a slow moment (a model loading beside) into errors.
+            backlog = self._depth + self._in_flight >= self.config.max_batch_size
+            if self._budget is not None and backlog and ahead > self._budget:
                 reason = "queue_budget"
                 why = (
                     f"~{ahead * 1e3:.0f} ms of work is queued (budget {self._budget * 1e3:.0f} ms)"

@@ -152,7 +152,8 @@ class DataPlane:
     def _admit_decode(self, model: str, n: int) -> None:
         """Shed at once when the images waiting for the decode pool would take longer
         than the queue-wait budget to decode (no lock: the event loop's own counter)."""
-        if self._decode_cost is None:
+        # Less than a batch of images waiting is always admitted (as in the batcher).
+        if self._decode_cost is None or self._decoding < self.settings.max_batch_size:
             return
         ahead = self._decoding * self._decode_cost / self._decode_threads
         budget = self.settings.queue_wait_budget_seconds

@@ -555,3 +555,23 @@ def test_admission_sheds_when_the_deadline_cannot_be_met(
             assert recorder.reasons == ["deadline"]
 
     run(scenario())
+
+
+def test_less_than_a_batch_ahead_is_always_admitted(costly: Costly) -> None:
+    # A budget of 1 ms, far below one image's 10 ms: only the one-batch floor admits.
+    cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.001)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(costly, cfg) as batcher:
+            await batcher.submit(images(1), deadline=None)  # measures 10 ms per image
+            costly.block_first = True
+            running = spawn(batcher, 2, 3)  # 20 ms in inference, 2 images < a batch of 4
+            await costly.blocked()
+            queued = [spawn(batcher, 4), spawn(batcher, 5)]  # 2, then 3 images ahead: < 4
+            await until(lambda: batcher.queue_depth == 2)
+            with pytest.raises(Overloaded):  # now a full batch (2 + 2) is ahead
+                await batcher.submit(images(6), deadline=None)
+            costly.release.set()
+            assert await gather([running, *queued]) == [[2, 3], [4], [5]]
+
+    run(scenario())
