@@ -152,8 +152,9 @@ class DataPlane:
     def _admit_decode(self, model: str, n: int) -> None:
         """Shed at once when the images waiting for the decode pool would take longer
         than the queue-wait budget to decode (no lock: the event loop's own counter)."""
-        # Less than a batch of images waiting is always admitted (as in the batcher).
-        if self._decode_cost is None or self._decoding < self.settings.max_batch_size:
+        # Fewer images waiting than threads to decode them are always admitted: none of
+        # them waits for a thread, however slow the moment.
+        if self._decode_cost is None or self._decoding < self._decode_threads:
             return
         ahead = self._decoding * self._decode_cost / self._decode_threads
         budget = self.settings.queue_wait_budget_seconds
@@ -340,11 +341,13 @@ class DataPlane:
 def _timed_decode(
     data: bytes, spec: PreprocessSpec, max_pixels: int
 ) -> tuple[npt.NDArray[np.uint8], float]:
-    """On a decode thread: the image, and the seconds its decoding took (not counting
-    the wait for a thread)."""
-    began = time.perf_counter()
+    """On a decode thread: the image, and the CPU seconds its decoding took. CPU time,
+    not wall time: under overload the decode threads wait for the GIL behind the event
+    loop, and counting that wait as work would shed more, which loads the loop more
+    (a storm of 503s feeding itself)."""
+    began = time.thread_time()
     image = preprocess_bytes(data, spec, max_pixels=max_pixels)
-    return image, time.perf_counter() - began
+    return image, time.thread_time() - began
 
 
 def _encoded_images(inputs: Mapping[str, Any]) -> bool:

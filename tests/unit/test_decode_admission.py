@@ -27,8 +27,7 @@ def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(dataplane, "_timed_decode", fake_decode)
     pool = ThreadPoolExecutor(1)
-    settings = Settings(queue_wait_budget_seconds=0.05, max_batch_size=2)  # floor: 2 images
-    plane = DataPlane(settings, None, pool)  # type: ignore[arg-type]
+    plane = DataPlane(Settings(queue_wait_budget_seconds=0.05), None, pool)  # type: ignore[arg-type]
     admitted: list[int] = []
     target = SimpleNamespace(
         model="m", spec=PreprocessSpec(), batcher=SimpleNamespace(admit=lambda n, d: None)
