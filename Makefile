@@ -15,8 +15,8 @@ TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --se --epochs 36 --ba
 	--optimizer adamw --lr 0.002 --weight-decay 0.02 --schedule cosine \
 	--rotation 0 --zoom 0 --shift 0.1 --seed 0
 
-.PHONY: install system-deps run test test-e2e test-load wrk bench loadtest lint format proto \
-	proto-check train clean
+.PHONY: install system-deps run test test-e2e test-load test-reliability fuzz wrk bench \
+	loadtest lint format proto proto-check train clean
 
 install: $(STAMP)
 
@@ -41,8 +41,25 @@ system-deps:
 run: install
 	$(VENV)/bin/cnnserve serve
 
+# Everything but tests/reliability and tests/load (make test-reliability, make test-load;
+# .ci/run runs all three).
 test: install system-deps proto-check
-	$(PY) -m pytest -m 'not load'
+	$(PY) -m pytest -m 'not load and not reliability'
+
+# Overload, hostile input, auth/TLS, broken versions, shutdown, short fuzzing: real
+# servers driven hard (a few minutes on 2 cores).
+test-reliability: install system-deps
+	$(PY) -m pytest -m reliability tests/reliability
+
+# Longer fuzzing: hypothesis's `fuzz` profile (2,000 examples per property), then
+# atheris (libFuzzer) on image decoding for FUZZ_SECONDS, when atheris installs.
+FUZZ_SECONDS ?= 120
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m reliability tests/reliability/test_fuzz.py
+	@if $(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris; then \
+		mkdir -p reports/fuzz && cd reports/fuzz && \
+		$(abspath $(PY)) $(abspath tests/reliability/fuzz_decode.py) -max_total_time=$(FUZZ_SECONDS); \
+	else echo "atheris does not install here; hypothesis fuzzing only"; fi
 
 # Only the browser tests (also part of `make test`); screenshots land in reports/e2e/.
 test-e2e: install system-deps

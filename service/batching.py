@@ -5,10 +5,19 @@ max_batch_size images are queued or when the oldest request has waited
 batch_timeout_micros, whichever comes first: the timeout caps the latency a lone
 request pays for the throughput of a full batch. Cutting only starts once a batch
 thread is free, so under load requests pile up into larger batches instead of a
-backlog of small ones. The queue is bounded (max_enqueued_batches full batches):
-past that we answer Overloaded at once, because a request queued behind more work
-than the server can finish in time would only time out later, holding memory meanwhile.
-Deadlines are checked when a batch is cut, so expired requests never cost inference.
+backlog of small ones.
+
+Admission is by latency budget, not only by count. The batcher keeps a moving average
+of measured inference seconds per image; a request is refused at once (Overloaded, a
+503 with Retry-After) when the images queued or in inference ahead of it would take
+longer than ``queue_wait_budget_seconds`` to clear (reason ``queue_budget``; never
+while less than one batch is ahead), or longer
+than what is left of its deadline together with its own images (reason ``deadline``):
+queued behind that much work it would only time out later, holding memory meanwhile.
+The queue is also bounded in items (max_enqueued_batches full batches, reason
+``queue_full``), a hard cap that holds before the first measurement. The check is a few
+arithmetic operations on the event loop, with no lock. Deadlines are checked again when
+a batch is cut, so expired requests never cost inference.
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ from service.errors import (
 )
 
 Array = npt.NDArray[Any]
+# Weight of the newest batch in the moving average of seconds per image: the estimate
+# follows a change of load or machine within ~10 batches, and one slow batch (a GC
+# pause, a noisy neighbour) moves it by a fifth of the difference only.
+COST_WEIGHT = 0.2
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,8 @@ class BatchingConfig:
     batch_timeout_micros: int
     max_enqueued_batches: int
     num_batch_threads: int
+    # Seconds of queued inference a newcomer may wait behind; None = the item cap only.
+    queue_wait_budget_seconds: float | None = None
 
     def __post_init__(self) -> None:
         least = min(self.max_batch_size, self.max_enqueued_batches, self.num_batch_threads)
@@ -66,6 +81,7 @@ class BatchingConfig:
             batch_timeout_micros=settings.batch_timeout_micros,
             max_enqueued_batches=settings.max_enqueued_batches,
             num_batch_threads=settings.num_batch_threads,
+            queue_wait_budget_seconds=settings.queue_wait_budget_seconds,
         )
 
 
@@ -77,8 +93,11 @@ class BatchObserver(Protocol):
     ) -> None:
         """A batch of ``size`` images ran; one wait per request (or chunk) in it."""
 
-    def on_rejected(self) -> None:
-        """A submission was refused because the queue was full."""
+    def on_rejected(self, reason: str) -> None:
+        """A submission was refused at admission: queue_full, queue_budget or deadline."""
+
+    def on_cost(self, seconds_per_image: float) -> None:
+        """The moving average of inference seconds per image changed."""
 
     def on_expired(self, count: int) -> None:
         """``count`` requests (or chunks) failed with DeadlineExceeded."""
@@ -93,7 +112,8 @@ class NullObserver:
     def on_batch(
         self, size: int, queue_wait_seconds: list[float], inference_seconds: float
     ) -> None: ...
-    def on_rejected(self) -> None: ...
+    def on_rejected(self, reason: str) -> None: ...
+    def on_cost(self, seconds_per_image: float) -> None: ...
     def on_expired(self, count: int) -> None: ...
     def on_queue_depth(self, depth: int) -> None: ...
 
@@ -137,6 +157,9 @@ class DynamicBatcher:
         self._observer: BatchObserver = observer or NullObserver()
         self._capacity = config.queue_capacity
         self._timeout = config.batch_timeout_micros / 1e6
+        self._budget = config.queue_wait_budget_seconds
+        # Moving average of inference seconds per image; None until a batch was timed.
+        self._per_image: float | None = None
         self._queue: deque[_Item] = deque()
         self._depth = 0
         self._in_flight = 0
@@ -154,6 +177,17 @@ class DynamicBatcher:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def seconds_per_image(self) -> float | None:
+        return self._per_image
+
+    def seconds_ahead(self) -> float:
+        """Estimated seconds until the images queued or in inference now have run."""
+        if self._per_image is None:
+            return 0.0
+        threads = self.config.num_batch_threads
+        return (self._depth + self._in_flight) * self._per_image / threads
 
     async def start(self) -> None:
         if self._state != "new":
@@ -215,12 +249,7 @@ class DynamicBatcher:
         if deadline is not None and deadline <= now:
             self._observer.on_expired(1)
             raise DeadlineExceeded("the request deadline passed before it was queued")
-        if self._depth + n > self._capacity:
-            self._observer.on_rejected()
-            raise Overloaded(
-                f"server is at capacity ({self._depth} inputs queued for model {self.name}); "
-                f"retry after the Retry-After delay ({Overloaded.retry_after} s)"
-            )
+        self._admit(n, now, deadline)
         loop = asyncio.get_running_loop()
         size = self.config.max_batch_size
         items = [
@@ -247,6 +276,57 @@ class DynamicBatcher:
             timings["queue_wait"] = max(item.queue_wait for item in items)
             timings["inference"] = max(item.inference_seconds for item in items)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def admit(self, n: int, deadline: float | None) -> None:
+        """Raise Overloaded now if ``n`` images submitted now would be refused: callers
+        ask before decoding, so a request that would be shed costs no decode."""
+        if self._state == "running":
+            self._admit(min(n, self._capacity), monotonic(), deadline)
+
+    def _admit(self, n: int, now: float, deadline: float | None) -> None:
+        """Refuse ``n`` images at once if the work ahead cannot clear in time."""
+        reason = None
+        if self._depth + n > self._capacity:
+            reason, why = "queue_full", f"{self._depth} inputs are queued"
+        elif self._per_image is not None:
+            ahead = self.seconds_ahead()
+            # Less than a batch ahead is always admitted: it rides in the next batch, and
+            # refusing it would turn a slow moment (a model loading beside) into errors.
+            backlog = self._depth + self._in_flight >= self.config.max_batch_size
+            if self._budget is not None and backlog and ahead > self._budget:
+                reason = "queue_budget"
+                why = (
+                    f"~{ahead * 1e3:.0f} ms of work is queued (budget {self._budget * 1e3:.0f} ms)"
+                )
+            elif deadline is not None and ahead + n * self._per_image > deadline - now:
+                own = n * self._per_image
+                if deadline <= now or own >= deadline - now:
+                    # Not overload: even an idle server could not answer in time.
+                    self._observer.on_expired(1)
+                    raise DeadlineExceeded(
+                        f"the request deadline passed before it could be served: its "
+                        f"inference takes ~{own * 1e3:.1f} ms, more than the "
+                        f"{max(0.0, deadline - now) * 1e3:.1f} ms it had left; allow more time"
+                    )
+                reason = "deadline"
+                why = f"~{ahead * 1e3:.0f} ms of work is queued, more than the deadline leaves"
+        if reason is None:
+            return
+        self._observer.on_rejected(reason)
+        raise Overloaded(
+            f"server is at capacity for model {self.name} ({why}); retry after the "
+            f"Retry-After delay ({Overloaded.retry_after} s) or send to another replica",
+            reason=reason,
+        )
+
+    def _note_cost(self, size: int, seconds: float) -> None:
+        """Fold one batch's measured seconds per image into the moving average."""
+        sample = seconds / size
+        previous = self._per_image
+        self._per_image = (
+            sample if previous is None else previous + COST_WEIGHT * (sample - previous)
+        )
+        self._observer.on_cost(self._per_image)
 
     def _abandon(self, items: list[_Item]) -> None:
         """Take a finished or given-up request's chunks out of the queue."""
@@ -358,6 +438,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result(output[offset : offset + n])
                 offset += n
+            self._note_cost(size, seconds)
             self._observer.on_batch(size, [item.queue_wait for item in items], seconds)
         finally:
             self._in_flight -= size

@@ -317,6 +317,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except ValidationError as exc:
         print(f"cnnserve serve: {_settings_problem(exc, _flag)}", file=sys.stderr)
         return 2
+    try:
+        settings.keys()  # an unreadable key file stops start-up here, in one line
+    except ValueError as exc:
+        print(f"cnnserve serve: {exc}", file=sys.stderr)
+        return 2
     return int(serve(settings))
 
 

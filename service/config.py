@@ -78,14 +78,68 @@ class Settings(BaseSettings):
     # --- batching (names and meaning as TF Serving's BatchingParameters) ---------------
     max_batch_size: int = Field(32, ge=1, le=1024)
     batch_timeout_micros: int = Field(1000, ge=0, le=10_000_000)
-    max_enqueued_batches: int = Field(16, ge=1)
+    max_enqueued_batches: int = Field(
+        16, ge=1, description="Hard cap on the queue, in batches (the latency budget sheds first)."
+    )
     num_batch_threads: int = Field(1, ge=1, le=64)
+    queue_wait_budget_seconds: float = Field(
+        0.05,
+        gt=0,
+        le=60,
+        description="Admission: refuse a request (503) at once when the inference queued ahead "
+        "of it would take longer than this (seconds of work, from measured per-image time).",
+    )
 
     # --- request limits ----------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(64, ge=1)
     request_timeout_seconds: float = Field(10.0, gt=0, description="Default request deadline.")
+    max_concurrent_requests: int = Field(
+        512,
+        ge=1,
+        description="Requests one worker handles at once; more are refused (503) at once.",
+    )
+    max_connections: int = Field(
+        2048, ge=1, description="Open HTTP connections per worker (uvicorn limit_concurrency)."
+    )
+    body_read_timeout_seconds: float = Field(
+        30.0, gt=0, description="A request body must arrive within this (else 408)."
+    )
+    keep_alive_seconds: int = Field(
+        5, ge=1, description="Idle keep-alive HTTP connections are closed after this."
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM: seconds in-flight REST and gRPC requests get to finish.",
+    )
+    shutdown_delay_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="On SIGTERM: seconds to keep serving with readiness 503 before the "
+        "listeners close, so load balancers stop sending first.",
+    )
+
+    # --- security -------------------------------------------------------------------------
+    api_keys: str = Field(
+        "",
+        repr=False,
+        description="Comma-separated API keys; when any is set, requests need one "
+        "(Authorization: Bearer <key> or X-API-Key; gRPC metadata authorization).",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="File of API keys (one a line, or comma-separated), e.g. a mounted secret.",
+    )
+    metrics_require_key: bool = Field(
+        False, description="With API keys on, /metrics needs a key too (default: open)."
+    )
+    tls_certfile: Path | None = Field(
+        None, description="PEM certificate chain: REST and gRPC serve TLS (with tls_keyfile)."
+    )
+    tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
 
     # --- observability ------------------------------------------------------------------
     metrics_path: str = Field(
@@ -113,6 +167,22 @@ class Settings(BaseSettings):
     def inference_threads(self) -> int:
         """Threads per inference: the setting, or the cores shared among the workers."""
         return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+    def keys(self) -> frozenset[str]:
+        """The API keys in effect (empty: authentication off); read once at start-up."""
+        raw = self.api_keys
+        if self.api_keys_file is not None:
+            try:
+                raw += "," + self.api_keys_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"api_keys_file {self.api_keys_file}: {exc.strerror}") from None
+        return frozenset(k.strip() for k in raw.replace("\n", ",").split(",") if k.strip())
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("tls_certfile and tls_keyfile go together; set both or neither")
+        return self
 
     @model_validator(mode="after")
     def _ports_distinct(self) -> Settings:

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service import metrics
+from service.batching import COST_WEIGHT
 from service.config import Settings
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, SERVING_SIGNATURE
 from service.errors import (
@@ -26,9 +27,10 @@ from service.errors import (
     DeadlineExceeded,
     InvalidRequest,
     MethodNotAllowed,
+    Overloaded,
     TooManyImages,
 )
-from service.preprocessing import preprocess_bytes
+from service.preprocessing import PreprocessSpec, preprocess_bytes
 from service.readiness import WorkerReadiness
 from service.registry import LoadedVersion, Registry, VersionStatus
 from service.requestlog import note_target, note_timings
@@ -82,6 +84,11 @@ class DataPlane:
         self.registry = registry
         self._pool = decode_pool
         self._readiness = readiness or WorkerReadiness(None, 1)
+        # Admission to the decode pool, as the batcher's to inference: images waiting or
+        # decoding, and a moving average of decode seconds per image (None: unmeasured).
+        self._decoding = 0
+        self._decode_cost: float | None = None
+        self._decode_threads = max(1, decode_pool._max_workers)
 
     # --- health ---------------------------------------------------------------------
 
@@ -116,14 +123,19 @@ class DataPlane:
         limit = self.settings.max_images_per_request
         if len(images) > limit:
             raise TooManyImages(f"{len(images)} images in one request; the limit is {limit}")
+        self._admit_decode(target.model, len(images))
+        target.batcher.admit(len(images), deadline)  # shed before paying for decoding
         loop = asyncio.get_running_loop()
         max_pixels = self.settings.max_image_pixels
-        decode = functools.partial(preprocess_bytes, spec=target.spec, max_pixels=max_pixels)
+        decode = functools.partial(_timed_decode, spec=target.spec, max_pixels=max_pixels)
         futures = [loop.run_in_executor(self._pool, decode, data) for data in images]
+        self._decoding += len(images)
         try:
-            decoded = await asyncio.wait_for(
+            results = await asyncio.wait_for(
                 asyncio.gather(*futures), max(0.0, deadline - time.monotonic())
             )
+            decoded = [image for image, _ in results]
+            self._note_decode_cost(sum(seconds for _, seconds in results) / len(results))
         except TimeoutError:
             metrics.observe_deadline_expired(target.model)
             raise DeadlineExceeded("the request deadline passed while decoding images") from None
@@ -134,7 +146,33 @@ class DataPlane:
             name = names[bad] if bad < len(names) else None
             which = f"image {bad}" + (f" ({name!r})" if name else "")
             raise type(exc)(f"{which}: {exc.message}", detail=exc.detail) from None
+        finally:
+            self._decoding -= len(images)
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
+
+    def _admit_decode(self, model: str, n: int) -> None:
+        """Shed at once when the images waiting for the decode pool would take longer
+        than the queue-wait budget to decode (no lock: the event loop's own counter)."""
+        # Fewer images waiting than threads to decode them are always admitted: none of
+        # them waits for a thread, however slow the moment.
+        if self._decode_cost is None or self._decoding < self._decode_threads:
+            return
+        ahead = self._decoding * self._decode_cost / self._decode_threads
+        budget = self.settings.queue_wait_budget_seconds
+        if ahead > budget:
+            metrics.observe_shed(model, "decode_queue")
+            raise Overloaded(
+                f"server is at capacity (~{ahead * 1e3:.0f} ms of images wait to be decoded; "
+                f"budget {budget * 1e3:.0f} ms); retry after the Retry-After delay "
+                f"({Overloaded.retry_after} s) or send to another replica",
+                reason="decode_queue",
+            )
+
+    def _note_decode_cost(self, seconds: float) -> None:
+        previous = self._decode_cost
+        self._decode_cost = (
+            seconds if previous is None else previous + COST_WEIGHT * (seconds - previous)
+        )
 
     async def classify(
         self,
@@ -333,6 +371,18 @@ class DataPlane:
         format); raises InvalidRequest for a signature this version does not serve."""
         signature = self.signature(target, name)
         return sorted(target.runtime.signature_defs().signature_def[signature].inputs)
+
+
+def _timed_decode(
+    data: bytes, spec: PreprocessSpec, max_pixels: int
+) -> tuple[npt.NDArray[np.uint8], float]:
+    """On a decode thread: the image, and the CPU seconds its decoding took. CPU time,
+    not wall time: under overload the decode threads wait for the GIL behind the event
+    loop, and counting that wait as work would shed more, which loads the loop more
+    (a storm of 503s feeding itself)."""
+    began = time.thread_time()
+    image = preprocess_bytes(data, spec, max_pixels=max_pixels)
+    return image, time.thread_time() - began
 
 
 def _encoded_images(inputs: Mapping[str, Any]) -> bool:

@@ -14,7 +14,9 @@ in ``detail``, which is logged with the request id and never sent.
     │   ├── PayloadTooLarge       413  RESOURCE_EXHAUSTED payload_too_large
     │   ├── TooManyImages         413  INVALID_ARGUMENT   too_many_images
     │   ├── MethodNotAllowed      405  UNIMPLEMENTED      method_not_allowed
+    │   ├── RequestTimeout        408  DEADLINE_EXCEEDED  request_timeout
     │   └── UnsupportedMediaType  415  INVALID_ARGUMENT   unsupported_media_type
+    ├── Unauthenticated           401  UNAUTHENTICATED    unauthenticated
     ├── NotFound                  404  NOT_FOUND          not_found
     │   ├── ModelNotFound         404  NOT_FOUND          model_not_found
     │   └── VersionNotFound       404  NOT_FOUND          version_not_found
@@ -101,9 +103,25 @@ class MethodNotAllowed(InvalidRequest):
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
 
 
+class RequestTimeout(InvalidRequest):
+    """The client sent its body too slowly (CNNSERVE_BODY_READ_TIMEOUT_SECONDS)."""
+
+    code = "request_timeout"
+    http_status = 408
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class UnsupportedMediaType(InvalidRequest):
     code = "unsupported_media_type"
     http_status = 415
+
+
+class Unauthenticated(CnnserveError):
+    """No API key, or one the server does not know (CNNSERVE_API_KEYS)."""
+
+    code = "unauthenticated"
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class NotFound(CnnserveError):
@@ -121,10 +139,19 @@ class VersionNotFound(NotFound):
 
 
 class Overloaded(CnnserveError):
+    """Shed at admission: the work ahead cannot finish in time. ``reason`` (one of
+    ``SHED_REASONS``) labels the shed-count metric."""
+
     code = "overloaded"
     http_status = 503
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retry_after = 1
+
+    def __init__(
+        self, message: str, *, detail: str | None = None, reason: str = "queue_full"
+    ) -> None:
+        super().__init__(message, detail=detail)
+        self.reason = reason
 
 
 class DeadlineExceeded(CnnserveError):

@@ -7,6 +7,7 @@ that talk to a real server.
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -40,10 +41,10 @@ def serve_command(repository: Path, port: int, grpc_port: int = 0, *args: str) -
     ]
 
 
-def http_status(url: str) -> int | None:
+def http_status(url: str, context: ssl.SSLContext | None = None) -> int | None:
     """The status ``url`` answers with; None when nothing answers."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
             status: int = response.status
             return status
     except urllib.error.HTTPError as exc:
@@ -53,7 +54,11 @@ def http_status(url: str) -> int | None:
 
 
 def wait_for(
-    url: str, process: subprocess.Popen[bytes], status: int = 200, timeout: float = 120
+    url: str,
+    process: subprocess.Popen[bytes],
+    status: int = 200,
+    timeout: float = 120,
+    context: ssl.SSLContext | None = None,
 ) -> None:
     """Poll ``url`` until it answers ``status``; fail at once if ``process`` exits.
 
@@ -64,7 +69,7 @@ def wait_for(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
-        last = http_status(url)
+        last = http_status(url, context)
         if last == status:
             return
         time.sleep(0.05)

@@ -43,6 +43,14 @@ STAGES: Final = ("decode", "queue_wait", "inference", "encode")
 VERSION_STATES: Final = ("START", "LOADING", "AVAILABLE", "UNLOADING", "END")
 MODEL_EVENTS: Final = ("loaded", "load_failed", "unloaded")
 UNMATCHED_ROUTE: Final = "unmatched"
+# Why a request was refused at admission (503 overloaded): the item cap of the batch
+# queue; the seconds of inference queued ahead over the queue-wait budget, or over what
+# is left of the request's deadline; the seconds of decoding queued ahead over the
+# budget; too many requests in one worker; a TF Serving backend that refused it.
+SHED_REASONS: Final = (
+    "queue_full", "queue_budget", "deadline", "decode_queue", "concurrency",
+    "backend",
+)  # fmt: skip
 
 # A request is decoded in ~1-20 ms and inferred in ~5-200 ms on a CPU; queueing adds up
 # to batch_timeout; 10 s is the default deadline. Half a millisecond resolves a fast
@@ -100,8 +108,16 @@ IN_FLIGHT = Gauge(
 )
 OVERLOAD_REJECTIONS = Counter(
     "cnnserve_overload_rejections",
-    "Requests refused at once because the batch queue was full (503 overloaded).",
-    ["model"],
+    "Requests refused at admission (503 overloaded), by reason: queue_full, queue_budget, "
+    "deadline, decode_queue, concurrency (model empty: refused before routing), backend.",
+    ["model", "reason"],
+)
+INFERENCE_SECONDS_PER_IMAGE = Gauge(
+    "cnnserve_inference_seconds_per_image",
+    "Moving average of inference seconds per image, what admission multiplies by the "
+    "images queued (max over workers).",
+    ["model", "version"],
+    multiprocess_mode="livemax",
 )
 DEADLINE_EXPIRATIONS = Counter(
     "cnnserve_deadline_expirations",
@@ -216,6 +232,13 @@ def observe_predictions(
 # --- batching ----------------------------------------------------------------------
 
 
+def observe_shed(model: str, reason: str) -> None:
+    """A request refused at admission outside a batcher (``model`` empty: before routing)."""
+    if reason not in SHED_REASONS:
+        raise ValueError(f"reason must be one of {SHED_REASONS}, got {reason!r}")
+    OVERLOAD_REJECTIONS.labels(model, reason).inc()
+
+
 def observe_deadline_expired(model: str) -> None:
     """A request whose deadline passed outside the batcher (while its images decoded)."""
     DEADLINE_EXPIRATIONS.labels(model).inc()
@@ -231,8 +254,9 @@ class BatcherMetrics:
         self._wait = STAGE_DURATION.labels(model, "queue_wait")
         self._inference = STAGE_DURATION.labels(model, "inference")
         self._depth = QUEUE_DEPTH.labels(model, v)
-        self._rejected = OVERLOAD_REJECTIONS.labels(model)
+        self._rejected = {r: OVERLOAD_REJECTIONS.labels(model, r) for r in SHED_REASONS[:3]}
         self._expired = DEADLINE_EXPIRATIONS.labels(model)
+        self._per_image = INFERENCE_SECONDS_PER_IMAGE.labels(model, v)
         # Series exist from the start, so rates and ratios read 0 rather than nothing.
         self._depth.set(0)
         QUEUE_CAPACITY.labels(model, v).set(capacity)
@@ -246,8 +270,11 @@ class BatcherMetrics:
             # Every request in the batch waited for the whole inference.
             self._inference.observe(inference_seconds)
 
-    def on_rejected(self) -> None:
-        self._rejected.inc()
+    def on_rejected(self, reason: str = "queue_full") -> None:
+        self._rejected[reason].inc()
+
+    def on_cost(self, seconds_per_image: float) -> None:
+        self._per_image.set(seconds_per_image)
 
     def on_expired(self, count: int) -> None:
         self._expired.inc(count)

@@ -33,6 +33,16 @@ class WorkerReadiness:
         self._directory = directory if workers > 1 else None
         self._workers = workers
         self._own = None if self._directory is None else self._directory / f"{os.getpid()}"
+        self._draining = False
+
+    def drain(self) -> None:
+        """Shutting down: from now on this worker, and so the server, reports not ready."""
+        self._draining = True
+        self.publish(False)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @classmethod
     def from_environment(cls, workers: int) -> WorkerReadiness:
@@ -43,13 +53,16 @@ class WorkerReadiness:
     def publish(self, ready: bool) -> None:
         if self._own is None:
             return
-        if ready:
+        if ready and not self._draining:
             self._own.touch()
         else:
             self._own.unlink(missing_ok=True)
 
     def all_ready(self) -> bool:
-        """Whether every worker has published ready (always true for one process)."""
+        """Whether every worker has published ready (always true for one process that is
+        not draining)."""
+        if self._draining:
+            return False
         if self._directory is None:
             return True
         votes = [

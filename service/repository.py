@@ -98,7 +98,7 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
     return {
         int(p.name): p
         for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+        if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0
     }
 
 

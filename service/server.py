@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -39,7 +40,11 @@ def serve(settings: Settings) -> int:
         "port": settings.port,
         "log_level": "info",
         "access_log": False,  # the gateway writes its own JSON access log
-        "timeout_graceful_shutdown": 10,
+        "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_seconds,
+        "ssl_certfile": settings.tls_certfile,
+        "ssl_keyfile": settings.tls_keyfile,
     }
     with _metrics_directory():
         if settings.workers == 1:
@@ -115,4 +120,6 @@ def _remove_orphans() -> None:
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
+    # SIGTERM is the orderly stop (after draining): success. Others keep the shell's
+    # 128 + signal convention.
+    raise SystemExit(0 if signum == signal.SIGTERM else 128 + signum)

@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from types import FrameType
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service import __version__, metrics
 from service.api import demo, rest, tfserving_rest
+from service.api.auth import ApiKeys
 from service.api.grpc_server import start_grpc, stop_grpc
-from service.api.http import RequestGuard, install_error_handlers
+from service.api.http import Admission, RequestGuard, install_error_handlers
 from service.api.schemas import error_responses, openapi_without_validation_errors
 from service.config import Settings
 from service.dataplane import DataPlane
@@ -38,6 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:  # a worker process started by uvicorn: a fresh interpreter
         setup_logging()
         settings = Settings()
+    keys = ApiKeys(
+        settings.keys(),
+        metrics_path=settings.metrics_path,
+        protect_metrics=settings.metrics_require_key,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -50,7 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         readiness = WorkerReadiness.from_environment(settings.workers)
         app.state.dataplane = DataPlane(settings, registry, pool, readiness)
-        grpc_server = await start_grpc(settings, app.state.dataplane)  # None if disabled
+        grpc_server = await start_grpc(settings, app.state.dataplane, keys)  # None if disabled
+        restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds)
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_after_loading)
@@ -58,9 +68,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            restore()
             publishing.cancel()
             readiness.publish(False)
-            await stop_grpc(grpc_server)
+            await stop_grpc(grpc_server, settings.shutdown_grace_seconds)
             if not loading.done():
                 loading.cancel()
             await registry.stop()
@@ -78,10 +89,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
     app.state.docs_url = DOCS_URL
-    app.add_middleware(
-        RequestGuard,
+    admission = Admission(
         max_body_bytes=settings.max_body_bytes,
-        quiet_paths=frozenset({settings.metrics_path}),
+        body_read_timeout_seconds=settings.body_read_timeout_seconds,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        keys=keys,
+    )
+    app.add_middleware(
+        RequestGuard, admission=admission, quiet_paths=frozenset({settings.metrics_path})
     )
     install_error_handlers(app)
     app.include_router(rest.router)
@@ -122,6 +137,37 @@ def ready_line(registry: Registry, settings: Settings) -> str:
         f"ready: serving {', '.join(served)}; REST http://{settings.host}:{settings.port} "
         f"(API docs at /docs), {grpc}"
     )
+
+
+def _drain_on_sigterm(readiness: WorkerReadiness, delay: float) -> Callable[[], None]:
+    """Chain a SIGTERM handler in front of uvicorn's: readiness (REST and gRPC health)
+    turns 503 at once, and ``delay`` seconds later uvicorn's graceful shutdown starts
+    (stop accepting, finish in-flight work within the grace period, exit). Returns the
+    function that puts the previous handler back. A no-op off the main thread (the
+    in-process app of tests), where signal handlers cannot be set."""
+    previous = signal.getsignal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        readiness.drain()
+        log.info("SIGTERM: readiness is 503 now; shutting down in %g s", delay)
+        if callable(previous):
+            if delay:
+                loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, frame)
+            else:
+                previous(signum, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread
+        return lambda: None
+
+    def restore() -> None:
+        with contextlib.suppress(ValueError):
+            if signal.getsignal(signal.SIGTERM) is on_sigterm:
+                signal.signal(signal.SIGTERM, previous)
+
+    return restore
 
 
 def _after_loading(task: asyncio.Task[None]) -> None:

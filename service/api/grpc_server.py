@@ -21,6 +21,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from service.api.auth import ApiKeys, GrpcApiKeyInterceptor
 from service.api.grpc_servicers import (
     HealthServicer,
     ImageClassifierServicer,
@@ -62,11 +63,18 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_grpc(settings: Settings, plane: DataPlane) -> Any:
-    """Bind and start the gRPC server; None when ``grpc_port`` is 0 (disabled)."""
+async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None = None) -> Any:
+    """Bind and start the gRPC server; None when ``grpc_port`` is 0 (disabled). With API
+    keys, calls other than health need one; with a certificate, the port speaks TLS;
+    calls beyond ``max_concurrent_requests`` get RESOURCE_EXHAUSTED at once."""
     if not settings.grpc_port:
         return None
-    server = grpc.aio.server(options=server_options(settings))
+    interceptors = [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
+    server = grpc.aio.server(
+        options=server_options(settings),
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=settings.max_concurrent_requests,
+    )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionServicer(plane), server
     )
@@ -80,14 +88,20 @@ async def start_grpc(settings: Settings, plane: DataPlane) -> Any:
     )
     address = _address(settings.host, settings.grpc_port)
     try:
-        bound = server.add_insecure_port(address)
+        if settings.tls_certfile is not None and settings.tls_keyfile is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_keyfile.read_bytes(), settings.tls_certfile.read_bytes())]
+            )
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:
         bound = 0
         log.error("cannot bind gRPC to %s: %s", address, exc)
     if not bound:
         raise RuntimeError(f"gRPC cannot listen on {address}; is the port in use?")
     await server.start()
-    log.info("gRPC listening on %s", address)
+    log.info("gRPC listening on %s%s", address, " (TLS)" if settings.tls_certfile else "")
     return server
 
 

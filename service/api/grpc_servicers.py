@@ -27,6 +27,7 @@ from service.errors import (
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
+    Overloaded,
     grpc_status,
 )
 from service.proto_gen import cnnserve_v1_pb2
@@ -73,7 +74,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
             return answer
         except CnnserveError as exc:
             error = exc
-            if exc.http_status >= 500:
+            if exc.http_status >= 500 and not isinstance(exc, Overloaded):  # sheds: a metric
                 log.warning("%s failed: %s: %s", method.__name__, exc.code, exc.log_message())
         except Exception:
             log.exception("%s: unexpected error", method.__name__)

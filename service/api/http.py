@@ -1,13 +1,16 @@
-"""HTTP plumbing shared by the REST routers: the one error mapping, body limits,
-request ids, request metrics and access log, and small request helpers."""
+"""HTTP plumbing shared by the REST routers: the one error mapping, admission (API
+keys, concurrency, body size and read time), request ids, request metrics and access
+log, and small request helpers."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +22,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
+from service.api.auth import API_KEY_HEADER, ApiKeys, presented_key
 from service.dataplane import DataPlane
 from service.errors import (
     CnnserveError,
@@ -26,7 +30,10 @@ from service.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
+    RequestTimeout,
+    Unauthenticated,
 )
 from service.requestlog import RequestRecord, finish, note_timings, recording
 
@@ -37,6 +44,10 @@ TIMEOUT_HEADER = "x-request-timeout"
 # Keeps a client on one side of the canary split (hashed; never logged or counted).
 CLIENT_KEY_HEADER = "x-client-key"
 REQUEST_ID_HEADER = "x-request-id"
+# JSON bodies larger than this are parsed on a thread, not on the event loop.
+LARGE_JSON_BYTES = 256 * 1024
+# Paths that never count against the concurrency limit: probes must answer under load.
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def error_response(error: CnnserveError) -> JSONResponse:
@@ -44,6 +55,8 @@ def error_response(error: CnnserveError) -> JSONResponse:
     headers = {}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthenticated):
+        headers["WWW-Authenticate"] = 'Bearer realm="cnnserve"'
     return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
 
 
@@ -57,7 +70,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_cnnserve(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, CnnserveError)
-        if exc.http_status >= 500:
+        if exc.http_status >= 500 and not isinstance(exc, Overloaded):  # sheds: a metric
             log.warning(
                 "request %s failed: %s: %s", request_id(request), exc.code, exc.log_message()
             )
@@ -93,19 +106,32 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_unexpected)
 
 
+@dataclass(frozen=True)
+class Admission:
+    """What RequestGuard refuses before a route runs."""
+
+    max_body_bytes: int
+    body_read_timeout_seconds: float = 30.0
+    max_concurrent_requests: int = 1_000_000
+    keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
+
+
 class RequestGuard:
-    """Pure ASGI middleware: gives each request an id (honouring X-Request-ID), refuses
-    bodies over the limit (from Content-Length before reading a byte, or while streaming
-    a chunked body; never buffers more than the limit), and closes each request's
-    :class:`RequestRecord` (metrics, access log) once it is answered. Requests to
-    ``quiet_paths`` (the metrics scrape) are neither counted nor logged."""
+    """Pure ASGI middleware: gives each request an id (honouring X-Request-ID); refuses,
+    before a route runs, requests without a valid API key (401), over the worker's
+    concurrency limit (503 + Retry-After; probes exempt), and bodies over the limit (from
+    Content-Length before reading a byte, or while streaming a chunked body; never
+    buffers more than the limit) or slower than the body read timeout (408); and closes
+    each request's :class:`RequestRecord` (metrics, access log) once it is answered.
+    Requests to ``quiet_paths`` (the metrics scrape) are neither counted nor logged."""
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, quiet_paths: frozenset[str] = frozenset()
+        self, app: ASGIApp, *, admission: Admission, quiet_paths: frozenset[str] = frozenset()
     ) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.admission = admission
         self.quiet_paths = quiet_paths
+        self._active = 0  # requests of this worker being handled (event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,33 +154,70 @@ class RequestGuard:
 
         try:
             with recording(record):
-                await self._guarded(scope, receive, send_with_id, headers, rid)
+                refusal = self._refusal(scope["path"], headers)
+                if refusal is not None:
+                    await error_response(refusal)(scope, receive, send_with_id)
+                    return
+                self._active += 1
+                try:
+                    await self._guarded(scope, receive, send_with_id)
+                finally:
+                    self._active -= 1
         finally:
             if scope["path"] not in self.quiet_paths:
                 record.route = route_template(scope)
                 finish(record, status)
 
-    async def _guarded(
-        self, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], rid: str
-    ) -> None:
-        limit = self.max_body_bytes
-        too_large = PayloadTooLarge(
-            f"request body is larger than {limit} bytes; send a smaller image "
-            "(or raise CNNSERVE_MAX_BODY_BYTES)"
-        )
+    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> CnnserveError | None:
+        """Why a request is refused before a route runs, if it is."""
+        keys = self.admission.keys
+        if keys.enabled and not keys.is_open(path):
+            auth = headers.get(b"authorization", b"").decode("latin-1") or None
+            api_key = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1") or None
+            try:
+                keys.check(presented_key(auth, api_key))
+            except Unauthenticated as exc:
+                return exc
+        busy = self._active >= self.admission.max_concurrent_requests
+        if busy and path not in PROBE_PATHS and path not in self.quiet_paths:
+            metrics.observe_shed("", "concurrency")
+            return Overloaded(
+                f"this worker is handling {self._active} requests, its limit; retry after "
+                f"the Retry-After delay ({Overloaded.retry_after} s) or send to another replica",
+                reason="concurrency",
+            )
+        limit = self.admission.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await error_response(too_large)(scope, receive, send)
-            return
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body is larger than {self.admission.max_body_bytes} bytes; send a "
+            "smaller image (or raise CNNSERVE_MAX_BODY_BYTES)"
+        )
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.admission.max_body_bytes
+        timeout = self.admission.body_read_timeout_seconds
         received = 0
+        until: float | None = None
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, until
+            if until is None:  # the clock starts when the route first reads the body
+                until = time.monotonic() + timeout
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, until - time.monotonic()))
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {timeout:g} s; send it at once"
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise too_large
+                    raise self._too_large()
             return message
 
         await self.app(scope, limited_receive, send)
@@ -195,10 +258,17 @@ def dataplane(request: Request) -> DataPlane:
 
 
 async def read_json(request: Request) -> Any:
+    body = await request.body()
     try:
-        return json.loads(await request.body())
+        if len(body) > LARGE_JSON_BYTES:
+            return await asyncio.to_thread(json.loads, body)
+        return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequest(
+            "request body is JSON nested too deeply to parse; send a flat object"
+        ) from None
 
 
 def request_timeout(request: Request) -> float | None:

@@ -51,7 +51,7 @@ def _status_body(statuses: list[VersionStatus]) -> ModelStatusResponse:
 
 
 def _version(raw: str) -> int:
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # "¹".isdigit() is True; int() refuses it
         raise InvalidRequest(f"version must be a positive integer, got {raw!r}")
     return int(raw)
 

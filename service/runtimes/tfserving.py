@@ -140,7 +140,9 @@ class TFServingClient:
             )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return Overloaded(
-                "the model backend (TF Serving) is overloaded; retry shortly", detail=detail
+                "the model backend (TF Serving) is overloaded; retry shortly",
+                detail=detail,
+                reason="backend",
             )
         if code == grpc.StatusCode.NOT_FOUND:
             return NotFound(f"the model backend (TF Serving) has no such model: {details}")

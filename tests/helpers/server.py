@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 import subprocess
 import tempfile
 import time
@@ -20,11 +21,17 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class Server:
     def __init__(
-        self, process: subprocess.Popen[bytes], port: int, log: Path, grpc_port: int = 0
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        log: Path,
+        grpc_port: int = 0,
+        tls_ca: Path | None = None,
     ) -> None:
         self.process = process
         self.port = port
-        self.url = f"http://127.0.0.1:{port}"
+        self.tls_ca = tls_ca
+        self.url = f"{'https' if tls_ca else 'http'}://127.0.0.1:{port}"
         self.log = log
         self.grpc_port = grpc_port
         self.grpc_target = f"127.0.0.1:{grpc_port}"
@@ -38,12 +45,17 @@ class Server:
         stop(self.process)
 
     def client(self, **kwargs: object) -> httpx.Client:
+        if self.tls_ca is not None:
+            kwargs.setdefault("verify", ssl.create_default_context(cafile=str(self.tls_ca)))
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
     def wait(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> None:
         """Poll until ``path`` answers ``status`` (readiness, not a fixed sleep)."""
         try:
-            wait_for(self.url + path, self.process, status, timeout)
+            context = None
+            if self.tls_ca is not None:
+                context = ssl.create_default_context(cafile=str(self.tls_ca))
+            wait_for(self.url + path, self.process, status, timeout, context)
         except (RuntimeError, TimeoutError) as exc:
             raise type(exc)(f"{exc}:\n{self.log.read_text()}") from None
 
@@ -57,9 +69,11 @@ def running_server(
     args: tuple[str, ...] = (),
     grpc_port: int | None = None,
     port: int | None = None,
+    tls_ca: Path | None = None,
 ) -> Iterator[Server]:
     """``grpc_port``: None = gRPC off, 0 = a free port, else that port (``port`` alike:
-    None or 0 = a free port); a test restarting a server passes the ports it had."""
+    None or 0 = a free port); a test restarting a server passes the ports it had.
+    ``tls_ca``: the server speaks TLS (set CNNSERVE_TLS_* in ``env``); trust this CA."""
     port = port or free_port()
     if grpc_port == 0:
         grpc_port = next(p for p in iter(free_port, None) if p != port)
@@ -80,7 +94,7 @@ def running_server(
             stderr=subprocess.STDOUT,
             env=environment,
         )
-    server = Server(process, port, log, grpc_port or 0)
+    server = Server(process, port, log, grpc_port or 0, tls_ca)
     try:
         server.wait("/healthz")
         if wait_ready:

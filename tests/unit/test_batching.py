@@ -82,6 +82,8 @@ class Recorder:
     def __init__(self) -> None:
         self.batches: list[tuple[int, int, float]] = []
         self.rejected = 0
+        self.reasons: list[str] = []
+        self.costs: list[float] = []
         self.expired = 0
         self.depths: list[int] = []
 
@@ -90,8 +92,12 @@ class Recorder:
     ) -> None:
         self.batches.append((size, len(queue_wait_seconds), inference_seconds))
 
-    def on_rejected(self) -> None:
+    def on_rejected(self, reason: str) -> None:
         self.rejected += 1
+        self.reasons.append(reason)
+
+    def on_cost(self, seconds_per_image: float) -> None:
+        self.costs.append(seconds_per_image)
 
     def on_expired(self, count: int) -> None:
         self.expired += count
@@ -114,7 +120,7 @@ def test_config_from_settings_and_validation() -> None:
     settings = Settings(
         max_batch_size=8, batch_timeout_micros=250, max_enqueued_batches=3, num_batch_threads=2
     )
-    assert BatchingConfig.from_settings(settings) == BatchingConfig(8, 250, 3, 2)
+    assert BatchingConfig.from_settings(settings) == BatchingConfig(8, 250, 3, 2, 0.05)
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchingConfig(0, 0, 1, 1)
 
@@ -254,7 +260,7 @@ def test_full_queue_rejects_immediately_with_overloaded() -> None:
             await until(lambda: batcher.queue_depth == 4)
             with pytest.raises(Overloaded, match=r"at capacity.*Retry-After"):
                 await batcher.submit(images(5), deadline=None)
-            assert recorder.rejected == 1
+            assert recorder.reasons == ["queue_full"]
             assert batcher.queue_depth == 4
             with pytest.raises(TooManyImages):  # could never fit, so retrying is pointless
                 await batcher.submit(images(*range(5)), deadline=None)
@@ -460,5 +466,112 @@ def test_each_request_learns_its_own_queue_wait_and_inference_time(
         assert first_timings["queue_wait"] < 5.0  # its batch started before the wait
         assert first_timings["inference"] >= released - entered
         assert second_timings["queue_wait"] >= 5.0
+
+    run(scenario())
+
+
+class Costly(Gate):
+    """A Gate whose batches take ``seconds_per_image`` each on the batcher's moved clock."""
+
+    def __init__(self, clock: list[float], seconds_per_image: float) -> None:
+        super().__init__()
+        self.clock = clock
+        self.cost = seconds_per_image
+        self.block_first = False
+
+    def __call__(self, batch: Array, deadline: float | None = None) -> Array:
+        self.batches.append(batch[:, 0, 0, 0].tolist())
+        if self.block_first and not self.entered.is_set():
+            self.entered.set()
+            assert self.release.wait(WAIT)
+        self.clock[0] += self.cost * len(batch)
+        return ids(batch)
+
+
+@pytest.fixture
+def costly(monkeypatch: pytest.MonkeyPatch) -> Costly:
+    """Inference timed on a moved clock: 10 ms per image, so 4 images are 40 ms of work."""
+    clock = [0.0]
+    monkeypatch.setattr(batching, "perf_counter", lambda: clock[0])
+    return Costly(clock, 0.010)
+
+
+def test_admission_sheds_by_seconds_of_work_queued_not_by_count(costly: Costly) -> None:
+    predict = costly
+    recorder = Recorder()
+    cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.045)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(predict, cfg, observer=recorder) as batcher:
+            assert batcher.seconds_per_image is None  # nothing measured: the item cap only
+            first = await batcher.submit(images(1, 2, 3, 4), deadline=None)
+            assert first.tolist() == [1, 2, 3, 4]
+            assert batcher.seconds_per_image == pytest.approx(0.010)
+            assert recorder.costs == [pytest.approx(0.010)]
+            predict.block_first = True
+            running = spawn(batcher, 5, 6, 7, 8)  # 40 ms in inference
+            await predict.blocked()
+            queued = spawn(batcher, 9)  # 40 ms ahead of it: admitted
+            await until(lambda: batcher.queue_depth == 1)
+            assert batcher.seconds_ahead() == pytest.approx(0.050)
+            with pytest.raises(Overloaded, match="queued") as shed:
+                await batcher.submit(images(10), deadline=None)  # 50 ms ahead > 45 ms budget
+            assert shed.value.reason == "queue_budget"
+            # Far below the item cap (400), so only the seconds of work refused it.
+            assert batcher.queue_depth == 1 < cfg.queue_capacity
+            predict.release.set()
+            assert await gather([running, queued]) == [[5, 6, 7, 8], [9]]
+            # Load gone: admitted at once, at full speed.
+            assert (await batcher.submit(images(11), deadline=None)).tolist() == [11]
+            assert recorder.reasons == ["queue_budget"]
+
+    run(scenario())
+
+
+def test_admission_sheds_when_the_deadline_cannot_be_met(
+    costly: Costly, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
+    predict = costly
+    recorder = Recorder()
+    cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=10.0)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(predict, cfg, observer=recorder) as batcher:
+            await batcher.submit(images(1, 2, 3, 4), deadline=None)
+            predict.block_first = True
+            running = spawn(batcher, 5, 6, 7, 8)  # 40 ms of work ahead of what comes next
+            await predict.blocked()
+            # 40 ms ahead + 10 ms of its own > 30 ms left: refused now, not timed out later.
+            with pytest.raises(Overloaded) as shed:
+                await batcher.submit(images(9), deadline=now[0] + 0.030)
+            assert shed.value.reason == "deadline"
+            assert batcher.queue_depth == 0
+            patient = spawn(batcher, 10, deadline=now[0] + 1.0)
+            await until(lambda: batcher.queue_depth == 1)
+            predict.release.set()
+            assert await gather([running, patient]) == [[5, 6, 7, 8], [10]]
+            assert recorder.reasons == ["deadline"]
+
+    run(scenario())
+
+
+def test_less_than_a_batch_ahead_is_always_admitted(costly: Costly) -> None:
+    # A budget of 1 ms, far below one image's 10 ms: only the one-batch floor admits.
+    cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.001)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(costly, cfg) as batcher:
+            await batcher.submit(images(1), deadline=None)  # measures 10 ms per image
+            costly.block_first = True
+            running = spawn(batcher, 2, 3)  # 20 ms in inference, 2 images < a batch of 4
+            await costly.blocked()
+            queued = [spawn(batcher, 4), spawn(batcher, 5)]  # 2, then 3 images ahead: < 4
+            await until(lambda: batcher.queue_depth == 2)
+            with pytest.raises(Overloaded):  # now a full batch (2 + 2) is ahead
+                await batcher.submit(images(6), deadline=None)
+            costly.release.set()
+            assert await gather([running, *queued]) == [[2, 3], [4], [5]]
 
     run(scenario())

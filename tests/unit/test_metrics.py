@@ -36,6 +36,8 @@ def test_request_labels_are_checked_against_fixed_sets() -> None:
         metrics.observe_stage("m", "postprocess", 0.1)
     with pytest.raises(ValueError, match="event"):
         metrics.observe_model_event("m", "exploded")
+    with pytest.raises(ValueError, match="reason"):
+        metrics.observe_shed("", "bad luck")
 
 
 def test_request_is_counted_with_its_code_and_latency() -> None:
@@ -116,7 +118,10 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
     asyncio.run(asyncio.wait_for(scenario(), 10))
     assert value("cnnserve_batch_size_count", model="batchy") == 2
     assert value("cnnserve_batch_size_sum", model="batchy") == 4
-    assert value("cnnserve_overload_rejections_total", model="batchy") == 1
+    shed = "cnnserve_overload_rejections_total"
+    assert value(shed, model="batchy", reason="queue_full") == 1
+    assert value(shed, model="batchy", reason="queue_budget") == 0  # exists, reads 0
+    assert value("cnnserve_inference_seconds_per_image", model="batchy", version="1") > 0
     assert value("cnnserve_deadline_expirations_total", model="batchy") == 0
     assert value("cnnserve_queue_depth", model="batchy", version="1") == 0
     assert value("cnnserve_queue_capacity", model="batchy", version="1") == 2

@@ -1,0 +1,101 @@
+"""A small closed-loop HTTP/1.1 load generator on raw asyncio streams (127.0.0.1 only):
+cheap per request, so on a 2-core machine the server, not the client, is what saturates."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Outcome:
+    status: int
+    seconds: float
+    retry_after: str | None = None
+
+
+@dataclass
+class Run:
+    seconds: float
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def of(self, status: int) -> list[float]:
+        return sorted(o.seconds for o in self.outcomes if o.status == status)
+
+    def rate(self, status: int = 200) -> float:
+        return len(self.of(status)) / self.seconds
+
+    def statuses(self) -> set[int]:
+        return {o.status for o in self.outcomes}
+
+
+def quantile(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def post(path: str, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    )
+    return head.encode() + body
+
+
+async def _one(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> tuple[int, dict[str, str]]:
+    writer.write(request)
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("closed")
+    status = int(status_line.split()[1])
+    headers: dict[str, str] = {}
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers
+
+
+async def _client(port: int, request: bytes, until: float, run: Run) -> None:
+    reader = writer = None
+    while time.monotonic() < until:
+        if writer is None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert reader is not None
+        began = time.perf_counter()
+        try:
+            status, headers = await _one(reader, writer, request)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            writer.close()
+            writer = None
+            run.outcomes.append(Outcome(0, time.perf_counter() - began))
+            continue
+        run.outcomes.append(
+            Outcome(status, time.perf_counter() - began, headers.get("retry-after"))
+        )
+        if headers.get("connection", "").lower() == "close":
+            writer.close()
+            writer = None
+    if writer is not None:
+        writer.close()
+
+
+async def drive(port: int, request: bytes, connections: int, seconds: float) -> Run:
+    """``connections`` clients, each sending ``request`` again as soon as it is answered."""
+    run = Run(seconds)
+    until = time.monotonic() + seconds
+    await asyncio.gather(*(_client(port, request, until, run) for _ in range(connections)))
+    return run
+
+
+def load(port: int, request: bytes, connections: int, seconds: float) -> Run:
+    return asyncio.run(drive(port, request, connections, seconds))

@@ -1,0 +1,144 @@
+"""API keys on REST and gRPC, probes left open, keys never logged; TLS on both ports."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from tests.helpers.images import encode, gradient
+from tests.helpers.server import Server, running_server
+
+KEY = "s3cret-key-0123456789"
+FILE_KEY = "key-from-a-mounted-secret"
+PNG = encode(gradient(), "PNG")
+PNG_TYPE = {"content-type": "image/png"}
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    secret = tmp_path_factory.mktemp("secret") / "keys"
+    secret.write_text(f"{FILE_KEY}\n")
+    env = {
+        "CNNSERVE_API_KEYS": f"other-key,{KEY}",
+        "CNNSERVE_API_KEYS_FILE": str(secret),
+        "CNNSERVE_POLL_SECONDS": "0",
+    }
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        yield server
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Bearer wrong"}, 401),
+        ({"authorization": f"Basic {KEY}"}, 401),
+        ({"x-api-key": KEY[:-1]}, 401),
+        ({"authorization": f"Bearer {KEY}"}, 200),
+        ({"authorization": f"bearer {KEY}"}, 200),
+        ({"x-api-key": KEY}, 200),
+        ({"authorization": f"Bearer {FILE_KEY}"}, 200),
+    ],
+)
+def test_rest_requires_a_known_key(keyed: Server, headers: dict[str, str], status: int) -> None:
+    with keyed.client() as client:
+        response = client.post(
+            "/v1/classify", content=PNG, headers={"content-type": "image/png", **headers}
+        )
+    assert response.status_code == status, response.text
+    if status == 401:
+        assert response.json()["error"]["code"] == "unauthenticated"
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_probes_docs_metrics_and_the_demo_page_stay_open_but_its_data_does_not(
+    keyed: Server,
+) -> None:
+    with keyed.client() as client:
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/"):
+            assert client.get(path).status_code == 200, path
+        assert client.get("/demo/static/demo.js").status_code == 200
+        assert client.get("/demo/models").status_code == 401
+        assert client.get("/v1/models/tiny").status_code == 401
+        assert client.get("/demo/models", headers={"x-api-key": KEY}).status_code == 200
+        assert client.get("/v1/models/tiny", headers={"x-api-key": KEY}).status_code == 200
+
+
+def test_grpc_requires_the_key_in_metadata_but_health_does_not(keyed: Server) -> None:
+    request = cnnserve_v1_pb2.ClassifyRequest(image=PNG)
+    with keyed.channel() as channel:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        for metadata in ((), (("authorization", "Bearer nope"),)):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(request, metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answer = stub.Classify(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=30)
+        assert answer.model == "tiny"
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=10
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_keys_never_reach_the_log(keyed: Server) -> None:
+    with keyed.client() as client:
+        wrong = {**PNG_TYPE, "authorization": "Bearer wrong-guess-xyz"}
+        assert client.post("/v1/classify", headers=wrong, content=PNG).status_code == 401
+        right = {**PNG_TYPE, "authorization": f"Bearer {KEY}"}
+        assert client.post("/v1/classify", headers=right, content=PNG).status_code == 200
+    log = keyed.log.read_text()
+    assert "wrong-guess-xyz" not in log
+    assert KEY not in log and FILE_KEY not in log
+    assert "401" in log  # the refusal itself is in the access log, without the key
+
+
+def test_metrics_can_require_the_key(tiny_repo: Path) -> None:
+    env = {
+        "CNNSERVE_API_KEYS": KEY,
+        "CNNSERVE_METRICS_REQUIRE_KEY": "true",
+        "CNNSERVE_POLL_SECONDS": "0",
+    }
+    with running_server(tiny_repo, env=env) as server, server.client() as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"x-api-key": KEY}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    env = {
+        "CNNSERVE_TLS_CERTFILE": str(cert),
+        "CNNSERVE_TLS_KEYFILE": str(key),
+        "CNNSERVE_POLL_SECONDS": "0",
+    }
+    with running_server(tiny_repo, grpc_port=0, env=env, tls_ca=cert) as server:
+        assert server.url.startswith("https://")
+        with server.client() as client:
+            response = client.post("/v1/classify", content=PNG, headers=PNG_TYPE)
+            assert response.status_code == 200, response.text
+        credentials = grpc.ssl_channel_credentials(cert.read_bytes())
+        with grpc.secure_channel(server.grpc_target, credentials) as channel:
+            stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+            answer = stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=30)
+            assert answer.model == "tiny"
+        with grpc.insecure_channel(server.grpc_target) as plain:  # plaintext is refused
+            stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(plain)
+            with pytest.raises(grpc.RpcError):
+                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)

@@ -1,0 +1,226 @@
+"""Hostile and malformed requests: each gets a clear 4xx JSON error within bounded time,
+and the server stays ready."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import struct
+import time
+import zlib
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.helpers.images import encode, gradient
+from tests.helpers.server import Server
+
+BOUND = 10.0  # seconds any answer may take on a loaded 2-core machine (generous)
+PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR announces width x height, with one tiny IDAT: a bomb's header."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        PNG_SIG
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_header(width: int, height: int) -> bytes:
+    """A JPEG whose SOF0 announces width x height (the rest is a real small JPEG)."""
+    small = encode(gradient(16, 16), "JPEG")
+    at = small.index(b"\xff\xc0")
+    sof = bytearray(small[at : at + 10])
+    sof[5:7] = struct.pack(">H", height)
+    sof[7:9] = struct.pack(">H", width)
+    return small[:at] + bytes(sof) + small[at + 10 :]
+
+
+def bmp_header(width: int, height: int) -> bytes:
+    pixels = b"\0" * 64
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, len(pixels), 0, 0, 0, 0)
+    head = b"BM" + struct.pack("<IHHI", 14 + 40 + len(pixels), 0, 0, 54)
+    return head + info + pixels
+
+
+def tiff_header(width: int, height: int) -> bytes:
+    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),
+               (262, 3, 1, 1), (273, 4, 1, 8), (277, 3, 1, 1), (279, 4, 1, 16)]  # fmt: skip
+    ifd = struct.pack("<H", len(entries))
+    for tag, kind, count, value in entries:
+        ifd += struct.pack("<HHII", tag, kind, count, value)
+    return b"II*\0" + struct.pack("<I", 8 + 16) + b"\0" * 16 + ifd + b"\0\0\0\0"
+
+
+def many_frame_gif(frames: int = 3000) -> bytes:
+    tiles = [Image.new("P", (4, 4), i % 256) for i in range(frames)]
+    buf = io.BytesIO()
+    tiles[0].save(buf, "GIF", save_all=True, append_images=tiles[1:], duration=1)
+    return buf.getvalue()
+
+
+def nested_json(depth: int) -> bytes:
+    return b'{"image": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+PNG = encode(gradient(), "PNG")
+
+# name: (content type or None, body, statuses accepted)
+BODIES: dict[str, tuple[str | None, bytes, set[int]]] = {
+    "empty": ("image/png", b"", {400}),
+    "truncated png": ("image/png", PNG[: len(PNG) // 2], {400}),
+    "random bytes": ("image/jpeg", bytes(range(256)) * 40, {400}),
+    "random bytes, octet-stream": ("application/octet-stream", b"\x13\x37" * 999, {400}),
+    "text/plain": ("text/plain", b"hello", {415}),
+    "no content type": (None, PNG, {415}),
+    "svg": ("image/svg+xml", b'<svg xmlns="http://www.w3.org/2000/svg"/>', {415}),
+    "svg as png": ("image/png", b'<svg xmlns="http://www.w3.org/2000/svg"/>', {400}),
+    "pdf": ("application/pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", {415}),
+    "pdf as jpeg": ("image/jpeg", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n", {400}),
+    "html": ("text/html", b"<html><body>hi</body></html>", {415}),
+    "png bomb": ("image/png", png_header(100_000, 100_000), {413}),
+    "jpeg bomb": ("image/jpeg", jpeg_header(65_000, 65_000), {413}),
+    "bmp bomb": ("image/bmp", bmp_header(1_000_000, 1_000_000), {400, 413}),
+    "tiff bomb": ("image/tiff", tiff_header(200_000, 200_000), {400, 413}),
+    "gif with thousands of frames": ("image/gif", many_frame_gif(), {200}),
+    "absurd image count": (
+        "application/json",
+        json.dumps({"images": [base64.b64encode(PNG).decode()] * 5000}).encode(),
+        {413},
+    ),
+    "enormous json": ("application/json", b'{"image": "' + b"A" * (11 * 2**20) + b'"}', {413}),
+    "deeply nested json": ("application/json", nested_json(50_000), {400}),
+    "json not an object": ("application/json", b"[1, 2, 3]", {400}),
+    "json, image not a string": ("application/json", b'{"image": 12}', {400}),
+    "invalid json": ("application/json", b'{"image": ', {400}),
+    "json, not utf-8": ("application/json", b'{"image": "\xff\xfe"}', {400}),
+    "bad base64": ("application/json", b'{"image": "***not base64***"}', {400}),
+    "multipart without boundary": ("multipart/form-data", b"--x\r\n\r\n", {400}),
+    "multipart garbage": ("multipart/form-data; boundary=zz", b"\x00garbage--zz", {400}),
+    "multipart without image field": (
+        "multipart/form-data; boundary=zz",
+        b'--zz\r\nContent-Disposition: form-data; name="other"\r\n\r\nx\r\n--zz--\r\n',
+        {400},
+    ),
+}
+
+
+def assert_error(response: httpx.Response, statuses: set[int]) -> None:
+    assert response.status_code in statuses, response.text[:300]
+    if response.status_code >= 400:
+        body = response.json()
+        assert set(body) == {"error"}, body
+        assert body["error"]["code"] and body["error"]["message"], body
+
+
+@pytest.mark.parametrize("name", sorted(BODIES))
+def test_malformed_body_gets_a_clear_4xx_quickly(server: Server, name: str) -> None:
+    content_type, body, statuses = BODIES[name]
+    headers = {"content-type": content_type} if content_type else {}
+    with server.client() as client:
+        started = time.monotonic()
+        response = client.post("/v1/classify", content=body, headers=headers)
+        assert time.monotonic() - started < BOUND, name
+        assert_error(response, statuses)
+        assert client.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "top_k=0",
+        "top_k=-1",
+        "top_k=99999999999999999999999",
+        "top_k=abc",
+        "version=-3",
+        "version=1e400",
+        "version=99999999999999999999",
+        "model=..%2F..%2Fetc%2Fpasswd",
+        "model=" + "m" * 10_000,
+        "model=%00%ff",
+        "model=%F0%9F%90%8D",
+        "label=%0d%0aSet-Cookie:x",
+        "version=1&label=stable",
+    ],
+)
+def test_out_of_range_query_values_and_odd_model_names(server: Server, query: str) -> None:
+    with server.client() as client:
+        response = client.post(
+            f"/v1/classify?{query}", content=PNG, headers={"content-type": "image/png"}
+        )
+    assert_error(response, {400, 404})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/..%2F..%2Fetc",
+        "/v1/models/" + "x" * 5000,
+        "/v1/models/tiny/versions/-1",
+        "/v1/models/tiny/versions/abc",
+        "/v1/models/tiny/labels/%00",
+        "/v1/models/%F0%9F%90%8D/metadata",
+        "/v1/models/tiny/versions/%C2%B9",  # "¹": isdigit() but not int() (found by schemathesis)
+    ],
+)
+def test_odd_model_paths_get_404_or_400(server: Server, path: str) -> None:
+    with server.client() as client:
+        assert_error(client.get(path), {400, 404})
+
+
+def test_tfserving_predict_with_hostile_json(server: Server) -> None:
+    with server.client() as client:
+        for body, statuses in [
+            (nested_json(50_000), {400}),
+            (b'{"instances": [[[[1, 2]]]]}', {400}),
+            (b'{"instances": "x"}', {400}),
+            (b'{"inputs": {"a": 1, "b": 2}}', {400}),
+            (b'{"signature_name": "nope", "instances": [1]}', {400}),
+            (b'{"instances": [{"b64": "!!!"}], "signature_name": "predict_image_bytes"}', {400}),
+        ]:
+            response = client.post("/v1/models/tiny:predict", content=body)
+            assert_error(response, statuses)
+
+
+def test_slow_client_body_is_cut_off_with_408(server: Server) -> None:
+    """A client that announces a body and sends it a byte at a time gets 408 after the
+    body read timeout (1 s in this server), and the server keeps answering others."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: 1000\r\n\r\n"
+        )
+        sock.sendall(b"\x89")
+        started = time.monotonic()
+        with server.client() as client:  # others are served meanwhile
+            assert client.get("/readyz").status_code == 200
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            part = sock.recv(4096)
+            if not part:
+                break
+            answer += part
+        assert time.monotonic() - started < BOUND
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_timeout" in answer or b"\r\n\r\n" in answer
+
+
+def test_server_is_still_ready_and_correct_after_all_that(server: Server) -> None:
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+        response = client.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == "tiny"

@@ -1,0 +1,244 @@
+"""Hot swap, broken and deleted versions under sustained load; deadlines end to end;
+graceful shutdown. All against real servers; waits poll the server's state."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from tests.helpers.images import encode, gradient
+from tests.helpers.models import publish_tiny, simple_config, write_models_config
+from tests.helpers.server import Server, running_server
+
+PNG = encode(gradient(), "PNG")
+RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition never held")
+        time.sleep(0.05)
+
+
+class Load:
+    """Threads posting images until stopped; every answer's status and version noted."""
+
+    def __init__(self, server: Server, threads: int = 4) -> None:
+        self.server = server
+        self.failures: list[str] = []
+        self.versions: list[int] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with self.server.client() as client:
+            while not self._stop.is_set():
+                r = client.post("/v1/classify", **RAW)  # type: ignore[arg-type]
+                if r.status_code == 200:
+                    self.versions.append(r.json()["version"])
+                else:
+                    self.failures.append(f"{r.status_code} {r.text[:200]}")
+
+    @contextmanager
+    def running(self) -> Iterator[Load]:
+        for t in self._threads:
+            t.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            for t in self._threads:
+                t.join()
+
+
+def states(server: Server, model: str = "m") -> dict[str, dict[str, object]]:
+    body = httpx.get(f"{server.url}/v1/models/{model}", timeout=10).json()
+    return {s["version"]: s for s in body["model_version_status"]}
+
+
+def wrong_signature(folder: Path) -> None:
+    """A valid SavedModel whose serving signature takes no image."""
+    import tensorflow as tf
+
+    class Adder(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+        def add(self, x: tf.Tensor) -> dict[str, tf.Tensor]:
+            return {"y": x + 1.0}
+
+    module = Adder()
+    tf.saved_model.save(module, str(folder), signatures={"serving_default": module.add})
+
+
+def break_version(repo: Path, version: int, how: str) -> None:
+    """Write version ``version`` of model m broken in one way, beside and renamed in."""
+    source = repo / "m" / "1"
+    tmp = repo / "m" / f".tmp-{version}"
+    if how == "wrong signature":
+        wrong_signature(tmp)
+    else:
+        shutil.copytree(source, tmp)
+        if how == "bad saved_model.pb":
+            (tmp / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+        elif how == "missing variables":
+            shutil.rmtree(tmp / "variables")
+            for artifact in (tmp / "assets.extra").glob("*.tflite"):
+                artifact.unlink()
+        elif how == "unreadable artifact":
+            (tmp / "saved_model.pb").unlink()
+            (tmp / "saved_model.pb").mkdir()  # a folder where a file belongs: unreadable
+    tmp.rename(repo / "m" / str(version))
+
+
+BROKEN = ["bad saved_model.pb", "missing variables", "wrong signature", "unreadable artifact"]
+
+
+@contextmanager
+def serving_under_load(repo: Path) -> Iterator[tuple[Server, Load]]:
+    """Model m version 1 served (polling every 0.2 s) and under load once answering."""
+    publish_tiny(repo, "m", seed=1)
+    write_models_config(repo, simple_config("m"))
+    with (
+        running_server(repo, args=("--poll-seconds", "0.2")) as server,
+        Load(server).running() as load,
+    ):
+        wait_for(lambda: len(load.versions) > 10)
+        yield server, load
+
+
+def test_broken_versions_under_load_never_serve_and_nothing_fails(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    with serving_under_load(repo) as (server, load):
+        for version, how in enumerate(BROKEN, start=2):
+            break_version(repo, version, how)
+            wait_for(lambda v=str(version): states(server).get(v, {}).get("state") == "END")
+            status = states(server)[str(version)]["status"]
+            assert status["error_code"] != "OK" and status["error_message"], (how, status)  # type: ignore[index]
+        publish_tiny(repo, "m", seed=2)  # a good version after them all: swapped in
+        wait_for(lambda: 6 in load.versions)
+        served_at_end = load.versions[-1]
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert load.failures == []
+    assert set(load.versions) == {1, 6} and served_at_end == 6
+    failed = [line for line in metrics.splitlines() if 'event="load_failed"' in line]
+    assert failed and float(failed[0].split()[-1]) >= len(BROKEN), failed
+    log = server.log.read_text()
+    assert all(f"m version {v} failed to load" in log for v in range(2, 6)), log[-2000:]
+
+
+def test_deleted_serving_version_is_kept_until_a_replacement_is_available(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    with serving_under_load(repo) as (server, load):
+        shutil.rmtree(repo / "m" / "1")
+        seen = len(load.versions)
+        wait_for(lambda: len(load.versions) > seen + 20)  # polls pass; v1 still serves
+        assert states(server)["1"]["state"] == "AVAILABLE"
+        # Version 2, written beside and renamed in (publish_tiny would reuse number 1).
+        made = publish_tiny(repo.parent / "side", "m", seed=2)
+        shutil.copytree(made, repo / "m" / ".tmp-2")
+        (repo / "m" / ".tmp-2").rename(repo / "m" / "2")
+        wait_for(lambda: 2 in load.versions)
+        wait_for(lambda: "1" not in states(server) or states(server)["1"]["state"] == "END")
+    assert load.failures == []
+    assert set(load.versions) == {1, 2}
+
+
+@pytest.fixture(scope="module")
+def grpc_server(tiny_repo: Path) -> Iterator[Server]:
+    with running_server(tiny_repo, grpc_port=0, env={"CNNSERVE_POLL_SECONDS": "0"}) as server:
+        yield server
+
+
+def test_expired_deadlines_get_504_saying_so_and_never_run(grpc_server: Server) -> None:
+    def expired() -> float:
+        text = httpx.get(f"{grpc_server.url}/metrics").text
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("cnnserve_deadline_expirations_total{")
+        )
+
+    before = expired()
+    with grpc_server.client() as client:
+        r = client.post(
+            "/v1/classify", headers={**RAW["headers"], "x-request-timeout": "0.000001"}, content=PNG
+        )  # type: ignore[dict-item]
+        assert r.status_code == 504, r.text
+        assert r.json()["error"]["code"] == "deadline_exceeded"
+        assert "deadline passed" in r.json()["error"]["message"]
+        ok = client.post(
+            "/v1/classify", headers={**RAW["headers"], "x-request-timeout": "5"}, content=PNG
+        )  # type: ignore[dict-item]
+        assert ok.status_code == 200
+    with grpc_server.channel() as channel:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        with pytest.raises(grpc.RpcError) as late:
+            stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=0.0005)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: expired() > before, timeout=10)
+
+
+def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -> None:
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_SHUTDOWN_DELAY_SECONDS": "1.5",
+        "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "10",
+    }
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        rest: list[int] = []
+        grpc_codes: list[str] = []
+        stop = threading.Event()
+
+        def rest_load() -> None:
+            with server.client() as client:
+                while not stop.is_set():
+                    try:
+                        rest.append(client.post("/v1/classify", **RAW).status_code)  # type: ignore[arg-type]
+                    except httpx.TransportError:
+                        return  # the listener closed: not an accepted request
+
+        def grpc_load() -> None:
+            with server.channel() as channel:
+                stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+                while not stop.is_set():
+                    try:
+                        stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=10)
+                        grpc_codes.append("OK")
+                    except grpc.RpcError as exc:
+                        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                            return  # refused at the door once stopping: never accepted
+                        grpc_codes.append(exc.code().name)
+
+        threads = [threading.Thread(target=rest_load) for _ in range(2)]
+        threads.append(threading.Thread(target=grpc_load))
+        for t in threads:
+            t.start()
+        wait_for(lambda: len(rest) > 5 and len(grpc_codes) > 5)
+        server.process.send_signal(signal.SIGTERM)
+        with server.client() as probe:
+            wait_for(lambda: probe.get("/readyz").status_code == 503, timeout=5)
+            served_while_draining = len(rest)
+            with server.channel() as channel:
+                health = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=5
+                )
+                assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        code = server.process.wait(timeout=30)
+        stop.set()
+        for t in threads:
+            t.join()
+        assert code == 0
+        assert set(rest) == {200} and set(grpc_codes) == {"OK"}, (set(rest), set(grpc_codes))
+        assert len(rest) >= served_while_draining
