@@ -137,7 +137,6 @@ class DataPlane:
             decoded = [image for image, _ in results]
             self._note_decode_cost(sum(seconds for _, seconds in results) / len(results))
         except TimeoutError:
-            metrics.observe_deadline_expired(target.model)
             raise DeadlineExceeded("the request deadline passed while decoding images") from None
         except CnnserveError as exc:
             if len(images) == 1:

@@ -121,7 +121,8 @@ INFERENCE_SECONDS_PER_IMAGE = Gauge(
 )
 DEADLINE_EXPIRATIONS = Counter(
     "cnnserve_deadline_expirations",
-    "Requests (or max_batch_size chunks of one) whose deadline passed before inference.",
+    "Requests answered 504 deadline_exceeded, on either transport: their deadline passed "
+    "while queued, decoding, or waiting for the backend (expired work is never run).",
     ["model"],
 )
 MODEL_VERSIONS = Gauge(
@@ -192,6 +193,8 @@ def observe_request(
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
     REQUESTS.labels(protocol, route, model, version, str(code)).inc()
+    if str(code) == "504":
+        DEADLINE_EXPIRATIONS.labels(model).inc()
     REQUEST_DURATION.labels(protocol, route, model, version).observe(seconds)
 
 
@@ -239,11 +242,6 @@ def observe_shed(model: str, reason: str) -> None:
     OVERLOAD_REJECTIONS.labels(model, reason).inc()
 
 
-def observe_deadline_expired(model: str) -> None:
-    """A request whose deadline passed outside the batcher (while its images decoded)."""
-    DEADLINE_EXPIRATIONS.labels(model).inc()
-
-
 class BatcherMetrics:
     """A :class:`service.batching.BatchObserver` for one model version's batcher."""
 
@@ -255,7 +253,7 @@ class BatcherMetrics:
         self._inference = STAGE_DURATION.labels(model, "inference")
         self._depth = QUEUE_DEPTH.labels(model, v)
         self._rejected = {r: OVERLOAD_REJECTIONS.labels(model, r) for r in SHED_REASONS[:3]}
-        self._expired = DEADLINE_EXPIRATIONS.labels(model)
+        DEADLINE_EXPIRATIONS.labels(model)  # the series exists from the start, reading 0
         self._per_image = INFERENCE_SECONDS_PER_IMAGE.labels(model, v)
         # Series exist from the start, so rates and ratios read 0 rather than nothing.
         self._depth.set(0)
@@ -277,7 +275,8 @@ class BatcherMetrics:
         self._per_image.set(seconds_per_image)
 
     def on_expired(self, count: int) -> None:
-        self._expired.inc(count)
+        """Counted where the request is answered (observe_request: every 504 once, also
+        those that expired outside a batcher), not per dropped chunk here."""
 
     def on_queue_depth(self, depth: int) -> None:
         self._depth.set(depth)

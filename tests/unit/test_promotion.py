@@ -229,10 +229,13 @@ def test_write_atomically_replaces_the_file_in_one_step(tmp_path: Path) -> None:
 
 
 def test_the_reload_config_rpc_is_off_unless_enabled(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     from service.config import Settings
     from service.dataplane import DataPlane
     from service.errors import MethodNotAllowed
 
-    plane = DataPlane(Settings(model_repository=tmp_path), registry=None, decode_pool=None)  # type: ignore[arg-type]
-    with pytest.raises(MethodNotAllowed, match="CNNSERVE_RELOAD_CONFIG_RPC"):
-        asyncio.run(plane.reload_config(CANARY_FILE))
+    with ThreadPoolExecutor(1) as pool:
+        plane = DataPlane(Settings(model_repository=tmp_path), registry=None, decode_pool=pool)  # type: ignore[arg-type]
+        with pytest.raises(MethodNotAllowed, match="CNNSERVE_RELOAD_CONFIG_RPC"):
+            asyncio.run(plane.reload_config(CANARY_FILE))
