@@ -128,10 +128,7 @@ ANSWERED = _answered()
 def test_documented_answers_are_the_servers(
     server: Server, where: str, command: str, answer: str
 ) -> None:
-    try:
-        shown = json.loads(answer)
-    except json.JSONDecodeError:
-        pytest.skip(f"{where}: the answer is abbreviated for reading")
+    shown = json.loads(answer)  # the docs show whole answers, so this test can check them
     done = subprocess.run(
         ["bash", "-c", localize(command, server)], cwd=ROOT, capture_output=True, text=True
     )
