@@ -81,6 +81,8 @@ class DataPlane:
         readiness: WorkerReadiness | None = None,
     ) -> None:
         self.settings = settings
+        # False once the server is stopping: gRPC calls are refused with UNAVAILABLE.
+        self.accepting_calls = True
         self.registry = registry
         self._pool = decode_pool
         self._readiness = readiness or WorkerReadiness(None, 1)

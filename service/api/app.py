@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             restore()
             publishing.cancel()
             readiness.publish(False)
-            await stop_grpc(grpc_server, settings.shutdown_grace_seconds)
+            await stop_grpc(grpc_server, settings.shutdown_grace_seconds, app.state.dataplane)
             if not loading.done():
                 loading.cancel()
             await registry.stop()

@@ -7,6 +7,7 @@ same data plane, batchers and registry as its REST routes. Servicers live in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -105,7 +106,21 @@ async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None 
     return server
 
 
-async def stop_grpc(server: Any, grace_seconds: float = 5.0) -> None:
-    """Refuse new calls and give running ones ``grace_seconds`` to finish."""
-    if server is not None:
-        await server.stop(grace_seconds)
+# How long new calls are refused with UNAVAILABLE before the server itself stops.
+REFUSAL_WINDOW_SECONDS = 0.5
+
+
+async def stop_grpc(
+    server: Any, grace_seconds: float = 5.0, plane: DataPlane | None = None
+) -> None:
+    """Refuse new calls and give running ones ``grace_seconds`` to finish.
+
+    First our handlers refuse new calls with UNAVAILABLE (retry elsewhere) for a short
+    window: gRPC's own stop() answers calls that reached it but no handler yet with
+    CANCELLED (grpc/grpc#41785), which clients do not read as "try another replica"."""
+    if server is None:
+        return
+    if plane is not None:
+        plane.accepting_calls = False
+        await asyncio.sleep(min(REFUSAL_WINDOW_SECONDS, grace_seconds))
+    await server.stop(grace_seconds)

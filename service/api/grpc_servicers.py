@@ -28,6 +28,7 @@ from service.errors import (
     InvalidRequest,
     MethodNotAllowed,
     Overloaded,
+    Unavailable,
     grpc_status,
 )
 from service.proto_gen import cnnserve_v1_pb2
@@ -43,7 +44,7 @@ from service.tfserving_proto import (
 
 log = logging.getLogger(__name__)
 
-S = TypeVar("S")
+S = TypeVar("S", bound="_Adapter")
 Handler = Callable[[S, Any, Any], Awaitable[Any]]
 
 SIGNATURE_DEF = "signature_def"
@@ -69,6 +70,8 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
         try:
             with recorded(RequestRecord(rid, "grpc", "POST", route)):
+                if not self._plane.accepting_calls:
+                    raise Unavailable("the server is shutting down; retry on another replica")
                 answer = await method(self, request, context)
             context.set_trailing_metadata(trailers)
             return answer
