@@ -50,6 +50,7 @@ from service.routing import (
 )
 from service.runtimes import create_runtime
 from service.runtimes.base import Runtime
+from service.runtimes.tfserving import UNREACHABLE
 from service.sources import Scan, VersionSource, create_source
 
 log = logging.getLogger(__name__)
@@ -222,10 +223,7 @@ class Registry:
         except ModelNotReady as exc:
             name = model if model is not None else self.default_model
             if name in self._unreachable:
-                raise BackendUnavailable(
-                    "the model backend (TF Serving) cannot be reached; retry shortly",
-                    detail=exc.message,
-                ) from None
+                raise BackendUnavailable(UNREACHABLE, detail=exc.message) from None
             raise
 
     def statuses(

@@ -13,7 +13,14 @@ from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
 from service import metrics
-from service.api.http import client_key, dataplane, encoded_response, read_json, request_timeout
+from service.api.http import (
+    JSON,
+    client_key,
+    dataplane,
+    encoded_response,
+    read_json,
+    request_timeout,
+)
 from service.api.schemas import ClassifyResponse, Health, ImageResult, Prediction, Readiness
 from service.dataplane import ClassifyResult
 from service.errors import InvalidRequest, UnsupportedMediaType
@@ -160,7 +167,7 @@ async def readyz(request: Request) -> Response:
     """200 only when every configured model has an AVAILABLE, warmed version."""
     ready = dataplane(request).ready()
     body = Readiness(ready=ready).model_dump_json()
-    return Response(body, status_code=200 if ready else 503, media_type="application/json")
+    return Response(body, status_code=200 if ready else 503, media_type=JSON)
 
 
 async def prometheus_metrics() -> Response:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import abc
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +58,15 @@ class Runtime(abc.ABC):
         self.version_dir = version_dir
         self.threads = threads
         self._info: ModelInfo | None = None
-        if card is not None:  # the loader read it already: once per load, not per reader
-            self.__dict__["card"] = card
+        # The loader passes the card it read (once per load, not once per reader).
+        self._card = card
 
-    @cached_property
+    @property
     def card(self) -> Mapping[str, Any]:
         """The version's model card ({} for foreign SavedModels), read at most once."""
-        return read_card(self.version_dir)
+        if self._card is None:
+            self._card = read_card(self.version_dir)
+        return self._card
 
     @property
     def ready(self) -> bool:

@@ -94,6 +94,8 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 1),
     ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
+# What clients are told while TF Serving cannot be reached (its address goes to the log).
+UNREACHABLE = "the model backend (TF Serving) cannot be reached; retry shortly"
 # GetModelStatus/GetModelMetadata are small; a scan must not hang for a full request timeout.
 CONTROL_TIMEOUT = 5.0
 
@@ -130,9 +132,7 @@ class TFServingClient:
         code, details = exc.code(), exc.details() or ""
         detail = f"TF Serving at {self.address}: {method}: {code.name}: {details}"
         if code == grpc.StatusCode.UNAVAILABLE:
-            return BackendUnavailable(
-                "the model backend (TF Serving) cannot be reached; retry shortly", detail=detail
-            )
+            return BackendUnavailable(UNREACHABLE, detail=detail)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(
                 "the request deadline passed while the model backend (TF Serving) ran it",
