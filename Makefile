@@ -73,8 +73,9 @@ test-load: install system-deps wrk
 wrk:
 	@command -v wrk >/dev/null || $(MAKE) --no-print-directory system-deps APT_PACKAGES=wrk
 
-# Sweep of the gateway with wrk beside its physical limit and the tutorial-style
-# reference server; JSON + PNG in reports/. More options: BENCH_ARGS='--workers 1,2 ...'.
+# Sweep of the gateway with wrk beside its physical limit and the two reference servers
+# (tutorial-style, batching TF); JSON + PNG in reports/. More options: BENCH_ARGS='--workers
+# 1,2 ...'; the issue's measurement: docs/performance.md, "Reproducing the issue's measurement".
 bench: install wrk
 	$(VENV)/bin/cnnserve bench $(BENCH_ARGS)
 

@@ -2,8 +2,10 @@
 
 - Fashion-MNIST test images (Debian's dataset-fashion-mnist), re-encoded at 28×28 and
   224×224, each as PNG and as JPEG: what the model was trained on;
-- photo-like JPEGs (smooth colour fields with grain and edges) at 224×224 and 1280×720:
-  what a phone or a product page sends, where decoding and resizing cost the most.
+- photo-like JPEGs (smooth colour fields with grain and edges, drawn by
+  :func:`service.bench.photos.photo`, as `cnnserve bench --payload photos` sends) at
+  224×224 and 1280×720: what a phone or a product page sends, where decoding and
+  resizing cost the most.
 
 Weights for the image kinds and the request encodings are strings such as
 ``"raw:6,multipart:2,json:2"``.
@@ -17,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image
+
+from service.bench.photos import photo
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_KINDS = ("fmnist28", "fmnist224", "photo224", "photo720p")
@@ -62,21 +66,6 @@ def fashion_mnist(count: int, directory: Path = FASHION_MNIST_DIR) -> list[Image
     _, test = load_fashion_mnist(directory)
     assert test.pixels is not None
     return [Image.fromarray(p) for p in test.pixels[:count]]
-
-
-def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
-    """A photo-like picture: a smooth colour field, a few soft shapes, sensor grain."""
-    field = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
-    img = Image.fromarray(field, "RGB").resize((width, height), Image.Resampling.BICUBIC)
-    draw = ImageDraw.Draw(img)
-    for _ in range(6):
-        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        r = int(rng.integers(min(width, height) // 12, min(width, height) // 3))
-        fill = tuple(int(v) for v in rng.integers(0, 256, 3))
-        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-    img = img.filter(ImageFilter.GaussianBlur(2))
-    grain = rng.normal(0, 6, (height, width, 3))
-    return Image.fromarray(np.clip(np.asarray(img) + grain, 0, 255).astype(np.uint8), "RGB")
 
 
 def build(

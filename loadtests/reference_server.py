@@ -7,6 +7,9 @@ answers ``POST /v1/classify`` with a raw image body, so the bench puts the same 
 both servers.
 
     python loadtests/reference_server.py --model-dir model_repository/fashion_mnist/1
+
+``batching_reference_server.py`` beside it reuses the loading, decoding, answer and
+command line below, and batches the TensorFlow calls.
 """
 
 from __future__ import annotations
@@ -29,12 +32,33 @@ MODEL_DIR_ENV = "REFERENCE_MODEL_DIR"
 state: dict[str, Any] = {}
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+def load_model() -> None:
     model_dir = Path(os.environ[MODEL_DIR_ENV])
     state["model"] = tf.saved_model.load(str(model_dir))
     labels = model_dir / "assets.extra" / "labels.txt"
     state["labels"] = labels.read_text().splitlines() if labels.exists() else []
+
+
+def decode(body: bytes) -> np.ndarray:
+    image = Image.open(io.BytesIO(body)).convert("RGB").resize((224, 224))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def predict(batch: np.ndarray) -> np.ndarray:
+    model = state["model"].signatures["serving_default"]
+    return model(image=tf.constant(batch))["probabilities"].numpy()
+
+
+def answer(probabilities: np.ndarray) -> dict[str, object]:
+    best = int(np.argmax(probabilities))
+    labels = state["labels"]
+    label = labels[best] if best < len(labels) else str(best)
+    return {"label": label, "class_id": best, "score": float(probabilities[best])}
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    load_model()
     yield
 
 
@@ -48,18 +72,12 @@ def healthz() -> dict[str, str]:
 
 @app.post("/v1/classify")
 async def classify(request: Request) -> dict[str, object]:
-    image = Image.open(io.BytesIO(await request.body())).convert("RGB").resize((224, 224))
-    x = np.expand_dims(np.asarray(image, dtype=np.uint8), 0)
-    model = state["model"].signatures["serving_default"]
-    probabilities = model(image=tf.constant(x))["probabilities"].numpy()[0]
-    best = int(np.argmax(probabilities))
-    labels = state["labels"]
-    label = labels[best] if best < len(labels) else str(best)
-    return {"label": label, "class_id": best, "score": float(probabilities[best])}
+    x = np.expand_dims(decode(await request.body()), 0)
+    return answer(predict(x)[0])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(app_name: str = "reference_server:app", description: str = __doc__) -> None:
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -68,7 +86,7 @@ def main() -> None:
     # The module is imported again by each uvicorn worker; the variable tells it the model.
     os.environ[MODEL_DIR_ENV] = str(args.model_dir.resolve())
     uvicorn.run(
-        "reference_server:app",
+        app_name,
         app_dir=str(Path(__file__).parent),
         host=args.host,
         port=args.port,

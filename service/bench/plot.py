@@ -15,8 +15,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     series = [(run["config"], run["points"]) for run in data["runs"]]
-    if data.get("reference"):
-        series.append(("reference (tutorial-style)", data["reference"]["points"]))
+    series += [(peer["label"], peer["points"]) for peer in data.get("peers", []) if peer["points"]]
     for i, (label, points) in enumerate(series):
         color = f"C{i}"
         rps = [p["requests_per_s"] for p in points]

@@ -2,8 +2,13 @@
 
 Each point records req/s, latency percentiles, errors by status, the server's CPU and
 peak RSS, the batch size the server formed, and the physical limit beside it
-(:mod:`service.bench.limits`). The tutorial-style reference server
-(``loadtests/reference_server.py``) takes the same load in the same run.
+(:mod:`service.bench.limits`). The peers under ``loadtests/`` (the tutorial-style
+server, one TensorFlow call per request, and the batching TensorFlow server) take the
+same load in the same run, and the report ends with the gateway's req/s over each
+peer's at each concurrency.
+
+The load is one image (``--payload fashion``) or the photo mix (``--payload photos``,
+:mod:`service.bench.photos`): every request a random one of 200 JPEGs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from service.bench.limits import cost_at, decode_cost, inference_costs, limit
+from service.bench.photos import photo_mix
 from service.bench.process import Usage, started
 from service.bench.wrk import Load, run_wrk
 from service.config import Settings
@@ -74,6 +80,38 @@ class ServerConfig:
         return f"{self.workers}w {self.batching.label()}"
 
 
+@dataclass(frozen=True)
+class Payload:
+    """The request bodies (one or many JPEGs) and how the report names them."""
+
+    name: str
+    images: list[bytes] = field(repr=False)
+    description: str
+
+
+PAYLOADS = ("photos", "fashion")
+
+
+def make_payload(name: str, fashion_mnist_dir: Path) -> Payload:
+    if name == "photos":
+        mix = photo_mix()
+        return Payload(name, mix.images, mix.describe())
+    if name == "fashion":
+        image = sample_image(fashion_mnist_dir)
+        return Payload(name, [image], f"224x224 JPEG, {len(image)} bytes, raw body (image/jpeg)")
+    raise ValueError(f"unknown payload {name!r}; use {', '.join(PAYLOADS)}")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A server the gateway is compared with (a script under loadtests/)."""
+
+    key: str  # reference | batching_reference
+    label: str
+    script: Path
+    workers: int
+
+
 @dataclass
 class Plan:
     repository: Path
@@ -83,11 +121,13 @@ class Plan:
     seconds: float = 10.0
     warmup_seconds: float = 2.0
     limit_seconds: float = 3.0
-    reference: Path | None = None
-    reference_workers: int = 1
+    peers: list[Peer] = field(default_factory=list)
     url: str | None = None  # drive a running gateway instead of starting one
     server_pid: int | None = None  # its pid, for CPU and RSS (optional)
-    image: bytes = field(default=b"", repr=False)
+    payload: Payload = field(default_factory=lambda: Payload("none", [], ""), repr=False)
+    # Before measuring: the gateway's top-5 on a few payload images against TensorFlow's
+    # (:func:`service.bench.mobilenet.check_answers`); the run fails when they differ.
+    check_answers: int = 0
 
 
 def sample_image(fashion_mnist_dir: Path) -> bytes:
@@ -144,7 +184,7 @@ def _measure_gateway(
     costs: dict[str, Any],
     progress: Progress,
 ) -> dict[str, Any]:
-    classify = Load("/v1/classify", body=costs["image_path"])
+    classify = Load("/v1/classify", bodies=costs["bodies"])
     top = max(plan.concurrency)
     run_wrk(url, classify, connections=top, seconds=plan.warmup_seconds)
     http = _point(url, Load("/healthz"), top, plan.limit_seconds, pid)
@@ -211,22 +251,26 @@ def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[st
     """Measure every point of ``plan``; returns the report (see docs/performance.md)."""
     started_at = time.time()
     with tempfile.TemporaryDirectory(prefix="cnnserve-bench-") as tmp:
-        image_path = Path(tmp) / "image.jpg"
-        image_path.write_bytes(plan.image)
+        bodies = tuple(_write_bodies(plan.payload, Path(tmp) / "bodies"))
         max_batch = max(c.batching.max_batch_size for c in plan.configs)
         progress(f"limits: decode + resize and inference alone ({plan.version_dir})")
         runtime, inference = inference_costs(
             plan.version_dir, settings, max_batch=max_batch, seconds=plan.limit_seconds
         )
         costs: dict[str, Any] = {
-            "image_path": image_path,
-            "decode_s": decode_cost(plan.image, plan.version_dir, settings, plan.limit_seconds),
+            "bodies": bodies,
+            "decode_s": decode_cost(
+                plan.payload.images, plan.version_dir, settings, plan.limit_seconds
+            ),
             "inference_s": inference,
         }
+        answers = None
         runs = []
         for i, config in enumerate(plan.configs, 1):
             progress(f"[{i}/{len(plan.configs)}] gateway {config.label()}")
             if plan.url:
+                if plan.check_answers and answers is None:
+                    answers = _check_answers(plan, plan.url, settings, progress)
                 runs.append(
                     _measure_gateway(
                         plan, config, plan.url, plan.server_pid, settings, costs, progress
@@ -238,19 +282,24 @@ def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[st
             cmd = serve_command(plan.repository, port, 0, "--poll-seconds", "0")
             log = Path(tmp) / f"gateway-{i}.log"
             with started(cmd, env=_gateway_env(config), ready_url=url + "/readyz", log=log) as pid:
+                if plan.check_answers and answers is None:
+                    answers = _check_answers(plan, url, settings, progress)
                 runs.append(_measure_gateway(plan, config, url, pid, settings, costs, progress))
-        reference = None
-        if plan.reference is not None:
+        peers = []
+        for peer in plan.peers:
             try:
-                reference = _measure_reference(plan, plan.reference_workers, image_path, progress)
+                peers.append(_measure_peer(plan, peer, bodies, progress))
             except RuntimeError as exc:  # the gateway's numbers still count
-                progress(f"reference server failed: {exc}")
-                reference = {"server": str(plan.reference), "error": str(exc), "points": []}
+                progress(f"{peer.label} failed: {exc}")
+                peers.append(_peer_record(peer) | {"error": str(exc), "points": []})
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         "cores": _cores(),
-        "image": f"224x224 JPEG, {len(plan.image)} bytes, raw body (image/jpeg)",
+        "payload": plan.payload.name,
+        "image": plan.payload.description,
+        "median_image_bytes": int(np.median([len(x) for x in plan.payload.images])),
         "seconds_per_point": plan.seconds,
+        "answers": answers,
         "limits": {
             "decode_ms": round(costs["decode_s"] * 1e3, 3),
             "inference_ms_per_image": {
@@ -259,36 +308,94 @@ def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[st
             "runtime": runtime,
         },
         "runs": runs,
-        "reference": reference,
+        "peers": peers,
+        "side_by_side": side_by_side(runs, peers),
     }
 
 
-def _measure_reference(
-    plan: Plan, workers: int, image_path: Path, progress: Progress
+def _write_bodies(payload: Payload, folder: Path) -> list[Path]:
+    folder.mkdir(parents=True)
+    paths = [folder / f"body-{i:03d}.jpg" for i in range(len(payload.images))]
+    for path, data in zip(paths, payload.images, strict=True):
+        path.write_bytes(data)
+    return paths
+
+
+def _check_answers(plan: Plan, url: str, settings: Settings, progress: Progress) -> dict[str, Any]:
+    from service.bench.mobilenet import check_answers
+
+    images = plan.payload.images[: plan.check_answers]
+    answers = check_answers(url, plan.version_dir, images, settings)
+    progress(
+        f"answers: the gateway's top-{answers['top_k']} on {answers['images']} images equal "
+        f"TensorFlow's (identical order on {answers['top5_identical']}, max score difference "
+        f"{answers['max_score_diff']:.2g} <= {answers['tolerance']:g})"
+    )
+    return answers
+
+
+def side_by_side(runs: list[dict[str, Any]], peers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each gateway setting and concurrency: its req/s over each peer's, measured in
+    the same run (None where a peer served nothing)."""
+    rows = []
+    for run in runs:
+        for point in run["points"]:
+            c = point["connections"]
+            row: dict[str, Any] = {
+                "config": run["config"],
+                "connections": c,
+                "gateway_rps": point["requests_per_s"],
+            }
+            for peer in peers:
+                theirs = next((p for p in peer["points"] if p["connections"] == c), None)
+                rps = theirs["requests_per_s"] if theirs else 0.0
+                row[f"{peer['key']}_rps"] = rps
+                row[f"vs_{peer['key']}"] = (
+                    round(point["requests_per_s"] / rps, 2) if rps > 0 else None
+                )
+            rows.append(row)
+    return rows
+
+
+def _peer_record(peer: Peer) -> dict[str, Any]:
+    return {
+        "key": peer.key,
+        "label": peer.label,
+        "server": str(peer.script),
+        "workers": peer.workers,
+    }
+
+
+def _measure_peer(
+    plan: Plan, peer: Peer, bodies: tuple[Path, ...], progress: Progress
 ) -> dict[str, Any]:
-    assert plan.reference is not None
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable,
-        str(plan.reference),
+        str(peer.script),
         "--model-dir",
         str(plan.version_dir),
         "--port",
         str(port),
         "--workers",
-        str(workers),
+        str(peer.workers),
     ]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    progress(f"reference server ({plan.reference.name}, {workers} worker(s))")
-    load = Load("/v1/classify", body=image_path)
+    progress(f"{peer.label} ({peer.script.name}, {peer.workers} worker(s))")
+    load = Load("/v1/classify", bodies=bodies)
     points = []
-    with tempfile.TemporaryDirectory(prefix="cnnserve-ref-") as tmp:
-        log = Path(tmp) / "reference.log"
+    with tempfile.TemporaryDirectory(prefix="cnnserve-peer-") as tmp:
+        log = Path(tmp) / f"{peer.key}.log"
         with started(cmd, env=env, ready_url=url + "/healthz", log=log) as pid:
             run_wrk(url, load, connections=max(plan.concurrency), seconds=plan.warmup_seconds)
             for c in plan.concurrency:
                 point = _point(url, load, c, plan.seconds, pid)
+                point["served_batch"] = point.pop("header_batch", 1.0)
+                if point.get("server_cpu_s") and point["ok"]:
+                    point["cpu_ms_per_request"] = round(
+                        point["server_cpu_s"] * 1e3 / point["ok"], 3
+                    )
                 points.append(point)
-                progress(_line("reference", point))
-    return {"server": str(plan.reference), "workers": workers, "points": points}
+                progress(_line(peer.key, point))
+    return _peer_record(peer) | {"points": points}

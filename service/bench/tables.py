@@ -19,6 +19,10 @@ def _cpu_ms(p: dict[str, Any]) -> str:
     return f"{p['server_cpu_s'] * 1e3 / p['ok']:.3f}"
 
 
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
 def sweep_table(data: dict[str, Any]) -> str:
     rows = [
         "| server | conn | req/s | p50 ms | p90 ms | p99 ms | p99.9 ms | errors | batch "
@@ -35,14 +39,13 @@ def sweep_table(data: dict[str, Any]) -> str:
                 f"| {p.get('server_rss_mb', '–')} | {p['limit_rps']:.0f} | {p['efficiency']:.0%} "
                 f"| {_pct(p.get('cpu_efficiency'))} |"
             )
-    reference = data.get("reference")
-    if reference:
-        for p in reference["points"]:
+    for peer in data.get("peers", []):
+        for p in peer["points"]:
             rows.append(
-                f"| reference ({reference['workers']}w) | {p['connections']} "
+                f"| {peer['key']} ({peer['workers']}w) | {p['connections']} "
                 f"| {p['requests_per_s']:.0f} | {p['p50_ms']:.1f} | {p['p90_ms']:.1f} "
-                f"| {p['p99_ms']:.1f} | {p['p99.9_ms']:.1f} | {_errors(p)} | 1 "
-                f"| {p.get('server_cores', '–')} | {_cpu_ms(p)} "
+                f"| {p['p99_ms']:.1f} | {p['p99.9_ms']:.1f} | {_errors(p)} "
+                f"| {p.get('served_batch', 1):g} | {p.get('server_cores', '–')} | {_cpu_ms(p)} "
                 f"| {p.get('server_rss_mb', '–')} | – | – | – |"
             )
     return "\n".join(rows)
@@ -69,4 +72,23 @@ def limits_table(data: dict[str, Any]) -> str:
             f"| inference ({limits['runtime']}), batch {batch} | {ms:.3f} ms CPU/image "
             f"| {cores * 1e3 / ms:.0f} img/s |"
         )
+    return "\n".join(rows)
+
+
+def side_by_side_table(data: dict[str, Any]) -> str:
+    """The gateway's req/s over each peer's, per setting and concurrency (same run)."""
+    peers = [peer for peer in data.get("peers", []) if peer["points"]]
+    if not peers or not data.get("side_by_side"):
+        return ""
+    head = "".join(f" | {peer['key']} req/s | gateway ÷ {peer['key']}" for peer in peers)
+    rows = [
+        f"| side by side: gateway | conn | gateway req/s{head} |",
+        "|---|---|---" + "|---|---" * len(peers) + "|",
+    ]
+    for row in data["side_by_side"]:
+        cells = "".join(
+            f" | {row[peer['key'] + '_rps']:.0f} | {_ratio(row['vs_' + peer['key']])}"
+            for peer in peers
+        )
+        rows.append(f"| {row['config']} | {row['connections']} | {row['gateway_rps']:.0f}{cells} |")
     return "\n".join(rows)

@@ -21,23 +21,39 @@ from typing import Any
 
 PERCENTILES = ("50", "90", "99", "99.9")
 
-# One Lua state per wrk thread: each counts statuses in `statuses`; done() runs in the
-# main state and collects them with thread:get (wrk copies tables between states).
+# One Lua state per wrk thread: each counts statuses in `statuses` (and the batch sizes a
+# peer reports in an X-Batch-Size header); done() runs in the main state and collects them
+# with thread:get (wrk copies tables between states).
 LUA = """
 wrk.method = "{method}"
 {setup_body}
 local threads = {{}}
-function setup(thread) table.insert(threads, thread) end
-function init(args) statuses = {{}} end
+function setup(thread)
+  table.insert(threads, thread)
+  thread:set("id", #threads)
+end
+function init(args)
+  statuses = {{}}
+  batch_sum, batch_count = 0, 0
+{init_body}
+end
 function response(status, headers, body)
   statuses[status] = (statuses[status] or 0) + 1
+  local batch = headers["x-batch-size"] or headers["X-Batch-Size"]
+  if batch then
+    batch_sum = batch_sum + tonumber(batch)
+    batch_count = batch_count + 1
+  end
 end
 function done(summary, latency, requests)
   local counts = {{}}
+  local batch_sum, batch_count = 0, 0
   for _, t in ipairs(threads) do
     for status, n in pairs(t:get("statuses")) do
       counts[status] = (counts[status] or 0) + n
     end
+    batch_sum = batch_sum + t:get("batch_sum")
+    batch_count = batch_count + t:get("batch_count")
   end
   local by_status = {{}}
   for status, n in pairs(counts) do
@@ -52,19 +68,35 @@ function done(summary, latency, requests)
   f:write(string.format(
     '{{"requests": %d, "duration_us": %d, "bytes": %d, ' ..
     '"errors": {{"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}}, ' ..
-    '"statuses": {{%s}}, "latency_us": {{"mean": %.1f, "max": %d, "percentiles": {{%s}}}}}}',
+    '"statuses": {{%s}}, "latency_us": {{"mean": %.1f, "max": %d, "percentiles": {{%s}}}}, ' ..
+    '"batch_header": {{"sum": %d, "count": %d}}}}',
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
-    table.concat(by_status, ", "), latency.mean, latency.max, table.concat(pct, ", ")))
+    table.concat(by_status, ", "), latency.mean, latency.max, table.concat(pct, ", "),
+    batch_sum, batch_count))
   f:close()
 end
 """
 
-POST_BODY = """
-wrk.headers["Content-Type"] = "{content_type}"
-local f = io.open("{path}", "rb")
-wrk.body = f:read("*all")
-f:close()
+# POST bodies: every file is read once in init() and formatted into a whole request;
+# request() sends a random one, so connections carry varied bodies (each thread seeds
+# its own generator with its number, so threads do not send the same sequence).
+POST_BODIES = """
+local paths = {{{paths}}}
+local prepared = {{}}
+function request()
+  return prepared[math.random(#prepared)]
+end
+"""
+
+POST_INIT = """
+  math.randomseed(id)
+  for i, path in ipairs(paths) do
+    local f = io.open(path, "rb")
+    local body = f:read("*all")
+    f:close()
+    prepared[i] = wrk.format("POST", nil, {{["Content-Type"] = "{content_type}"}}, body)
+  end
 """
 
 
@@ -77,17 +109,23 @@ def wrk_binary() -> str:
 
 @dataclass(frozen=True)
 class Load:
-    """What wrk sends: GET ``path``, or POST the file ``body`` with ``content_type``."""
+    """What wrk sends: GET ``path``, or POST one of the files ``bodies`` per request (a
+    random one each time) with ``content_type``."""
 
     path: str
-    body: Path | None = None
+    bodies: tuple[Path, ...] = ()
     content_type: str = "image/jpeg"
 
     def script(self, out: Path) -> str:
-        if self.body is None:
-            return LUA.format(method="GET", setup_body="", out=out)
-        body = POST_BODY.format(content_type=self.content_type, path=self.body)
-        return LUA.format(method="POST", setup_body=body, out=out)
+        if not self.bodies:
+            return LUA.format(method="GET", setup_body="", init_body="", out=out)
+        paths = ", ".join(json.dumps(str(p)) for p in self.bodies)
+        return LUA.format(
+            method="POST",
+            setup_body=POST_BODIES.format(paths=paths),
+            init_body=POST_INIT.format(content_type=self.content_type),
+            out=out,
+        )
 
 
 def run_wrk(url: str, load: Load, *, connections: int, seconds: float) -> dict[str, Any]:
@@ -144,4 +182,12 @@ def summarize(raw: dict[str, Any], *, wrk_cpu_s: float, wall_s: float) -> dict[s
         "statuses": statuses,
         "seconds": round(duration, 2),
         "generator_cores": round(wrk_cpu_s / wall_s, 2) if wall_s else 0.0,
-    }
+    } | _header_batch(raw)
+
+
+def _header_batch(raw: dict[str, Any]) -> dict[str, float]:
+    """The mean batch size a server reported in X-Batch-Size headers, when it did."""
+    batch = raw.get("batch_header") or {}
+    if not batch.get("count"):
+        return {}
+    return {"header_batch": round(batch["sum"] / batch["count"], 2)}
