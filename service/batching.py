@@ -89,9 +89,10 @@ class BatchObserver(Protocol):
     """Where the metrics module hears about batches; called on the event loop."""
 
     def on_batch(
-        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+        self, size: int, queue_wait_seconds: list[float], inference_seconds: float, outputs: Array
     ) -> None:
-        """A batch of ``size`` images ran; one wait per request (or chunk) in it."""
+        """A batch of ``size`` images ran; one wait per request (or chunk) in it; what the
+        model answered for the whole batch."""
 
     def on_rejected(self, reason: str) -> None:
         """A submission was refused at admission: queue_full, queue_budget or deadline."""
@@ -110,7 +111,7 @@ class NullObserver:
     """The default: metrics off."""
 
     def on_batch(
-        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+        self, size: int, queue_wait_seconds: list[float], inference_seconds: float, outputs: Array
     ) -> None: ...
     def on_rejected(self, reason: str) -> None: ...
     def on_cost(self, seconds_per_image: float) -> None: ...
@@ -439,7 +440,7 @@ class DynamicBatcher:
                     item.future.set_result(output[offset : offset + n])
                 offset += n
             self._note_cost(size, seconds)
-            self._observer.on_batch(size, [item.queue_wait for item in items], seconds)
+            self._observer.on_batch(size, [item.queue_wait for item in items], seconds, output)
         finally:
             self._in_flight -= size
             self._slots.release()

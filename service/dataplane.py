@@ -198,7 +198,7 @@ class DataPlane:
             batch = await self.decode(images, target, deadline, names)
             timings = {"decode": time.perf_counter() - started}
             probabilities = await target.predict(batch, deadline, timings)
-        self._observe(target, probabilities, timings)
+        self._observe(target, timings)
         return ClassifyResult(
             model=target.model,
             version=target.version,
@@ -250,7 +250,7 @@ class DataPlane:
             timings = {"decode": time.perf_counter() - started}
             probabilities = await target.predict(batch, deadline, timings)
         outputs = {info.output_name: probabilities}
-        self._observe(target, probabilities, timings)
+        self._observe(target, timings)
         return PredictResult(
             model=target.model, version=target.version, outputs=outputs, timings=timings
         )
@@ -292,12 +292,9 @@ class DataPlane:
         return target
 
     @staticmethod
-    def _observe(
-        target: LoadedVersion, probabilities: npt.NDArray[np.float32], timings: dict[str, float]
-    ) -> None:
-        # queue_wait and inference are observed by the batcher, per batch.
+    def _observe(target: LoadedVersion, timings: dict[str, float]) -> None:
+        # queue_wait, inference and the predicted classes are observed by the batcher.
         metrics.observe_stage(target.model, "decode", timings["decode"])
-        metrics.observe_predictions(target.model, target.version, target.labels, probabilities)
         note_timings(timings)
 
     @staticmethod

@@ -245,8 +245,10 @@ def observe_shed(model: str, reason: str) -> None:
 class BatcherMetrics:
     """A :class:`service.batching.BatchObserver` for one model version's batcher."""
 
-    def __init__(self, model: str, version: int, capacity: int) -> None:
+    def __init__(self, model: str, version: int, capacity: int, labels: Sequence[str] = ()) -> None:
         self._model = model
+        self._version = version
+        self._labels = labels
         v = str(version)
         self._batch = BATCH_SIZE.labels(model)
         self._wait = STAGE_DURATION.labels(model, "queue_wait")
@@ -260,9 +262,15 @@ class BatcherMetrics:
         QUEUE_CAPACITY.labels(model, v).set(capacity)
 
     def on_batch(
-        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+        self,
+        size: int,
+        queue_wait_seconds: list[float],
+        inference_seconds: float,
+        outputs: npt.NDArray[Any],
     ) -> None:
         self._batch.observe(size)
+        # Per batch rather than per request: the counts are the same, the cost a batch's.
+        observe_predictions(self._model, self._version, self._labels, outputs)
         for wait in queue_wait_seconds:
             self._wait.observe(wait)
             # Every request in the batch waited for the whole inference.

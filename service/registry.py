@@ -353,7 +353,7 @@ class Registry:
         model, version = key
         config = BatchingConfig.from_settings(self._settings)
         metrics.announce_version(model, version, prepared.labels)
-        observer = metrics.BatcherMetrics(model, version, config.queue_capacity)
+        observer = metrics.BatcherMetrics(model, version, config.queue_capacity, prepared.labels)
         batcher = DynamicBatcher(
             prepared.runtime.predict, config, observer=observer, name=f"{model}/{version}"
         )

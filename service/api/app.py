@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A broken models.config stops start-up here, as it stops TF Serving.
         load_models_config(settings.model_repository)
-        configure_access_log(settings.access_log)
+        stop_access_log = configure_access_log(settings.access_log)
         metrics.register_this_process()
         registry = Registry(settings)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await registry.stop()
             pool.shutdown(wait=False, cancel_futures=True)
             metrics.forget_this_process()
+            stop_access_log()
 
     # /docs and /redoc from assets the gateway serves itself (no CDN: air-gapped hosts).
     app = FastAPIOffline(
@@ -95,18 +96,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_concurrent_requests=settings.max_concurrent_requests,
         keys=keys,
     )
-    app.add_middleware(
-        RequestGuard, admission=admission, quiet_paths=frozenset({settings.metrics_path})
-    )
     install_error_handlers(app)
-    app.include_router(rest.router)
-    app.include_router(tfserving_rest.router)
-    if settings.demo_page:
-        app.include_router(demo.router)
+    routers = [rest.router, tfserving_rest.router, *([demo.router] if settings.demo_page else [])]
+    for router in routers:
+        app.include_router(router)
     if settings.metrics_path:
         app.add_api_route(
             settings.metrics_path, rest.prometheus_metrics, methods=["GET"], tags=["health"]
         )
+    app.add_middleware(
+        RequestGuard,
+        admission=admission,
+        quiet_paths=frozenset({settings.metrics_path}),
+        routes=[route for router in routers for route in router.routes],
+    )
     return app
 
 

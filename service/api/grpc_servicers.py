@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -32,7 +31,7 @@ from service.errors import (
     grpc_status,
 )
 from service.proto_gen import cnnserve_v1_pb2
-from service.requestlog import RequestRecord, recorded
+from service.requestlog import RequestRecord, new_request_id, recorded
 from service.tfserving_proto import (
     config_text,
     model_spec,
@@ -65,7 +64,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
     @functools.wraps(method)
     async def handler(self: S, request: Any, context: Any) -> Any:
         sent = dict(context.invocation_metadata() or ())
-        rid = str(sent.get(REQUEST_ID_KEY, ""))[:128] or uuid.uuid4().hex
+        rid = str(sent.get(REQUEST_ID_KEY, ""))[:128] or new_request_id()
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
         trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
         try:

@@ -8,8 +8,7 @@ import asyncio
 import json
 import logging
 import time
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -35,7 +34,13 @@ from service.errors import (
     RequestTimeout,
     Unauthenticated,
 )
-from service.requestlog import RequestRecord, finish, note_timings, recording
+from service.requestlog import (
+    RequestRecord,
+    finish,
+    new_request_id,
+    note_timings,
+    recording,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +70,22 @@ def request_id(request: Request) -> str | None:
     return rid
 
 
+def answer_error(exc: Exception, rid: str | None) -> JSONResponse:
+    """The answer to an exception a request raised, logged when it is the server's fault:
+    what every route's error handlers and the fast path (service.api.fastpath) send."""
+    if not isinstance(exc, CnnserveError):
+        log.error("request %s: unexpected error", rid, exc_info=exc)
+        return error_response(InternalError("unexpected"))
+    if exc.http_status >= 500 and not isinstance(exc, Overloaded):  # sheds: a metric
+        log.warning("request %s failed: %s: %s", rid, exc.code, exc.log_message())
+    return error_response(exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception to the JSON error body once, for every route."""
 
     async def on_cnnserve(request: Request, exc: Exception) -> JSONResponse:
-        assert isinstance(exc, CnnserveError)
-        if exc.http_status >= 500 and not isinstance(exc, Overloaded):  # sheds: a metric
-            log.warning(
-                "request %s failed: %s: %s", request_id(request), exc.code, exc.log_message()
-            )
-        return error_response(exc)
+        return answer_error(exc, request_id(request))
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -97,8 +108,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(error)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("request %s: unexpected error", request_id(request))
-        return error_response(InternalError("unexpected"))
+        return answer_error(exc, request_id(request))
 
     app.add_exception_handler(CnnserveError, on_cnnserve)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -126,11 +136,17 @@ class RequestGuard:
     Requests to ``quiet_paths`` (the metrics scrape) are neither counted nor logged."""
 
     def __init__(
-        self, app: ASGIApp, *, admission: Admission, quiet_paths: frozenset[str] = frozenset()
+        self,
+        app: ASGIApp,
+        *,
+        admission: Admission,
+        quiet_paths: frozenset[str] = frozenset(),
+        routes: Sequence[BaseRoute] = (),
     ) -> None:
         self.app = app
         self.admission = admission
         self.quiet_paths = quiet_paths
+        self.routes = routes  # to name the route of a request refused before routing
         self._active = 0  # requests of this worker being handled (event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -138,7 +154,7 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         record = RequestRecord(rid, "rest", scope["method"])
         status = 500  # what the client gets if the app raises before answering
@@ -165,7 +181,7 @@ class RequestGuard:
                     self._active -= 1
         finally:
             if scope["path"] not in self.quiet_paths:
-                record.route = route_template(scope)
+                record.route = route_template(scope, self.routes)
                 finish(record, status)
 
     def _refusal(self, path: str, headers: dict[bytes, bytes]) -> CnnserveError | None:
@@ -223,13 +239,14 @@ class RequestGuard:
         await self.app(scope, limited_receive, send)
 
 
-def route_template(scope: Scope) -> str:
+def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     """The matched route's template (``/v1/models/{model}``), never the raw path, so the
-    route label stays bounded whatever clients request."""
+    route label stays bounded whatever clients request. A request refused before routing
+    (body too large, no API key) is matched against ``routes``: FastAPI's included
+    routers are not plain routes that could be matched from the app."""
     route = scope.get("route")
-    if route is None:  # refused before routing (body too large), or no route matched
-        router = getattr(scope.get("app"), "router", None)
-        for candidate in getattr(router, "routes", ()):
+    if route is None:
+        for candidate in routes:
             if candidate.matches(scope)[0] is Match.FULL:
                 route = candidate
                 break

@@ -28,6 +28,7 @@ from service.preprocessing import SUPPORTED_HUMAN, SUPPORTED_MEDIA_TYPES
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+CLASSIFY_PATH = "/v1/classify"
 
 CLASSIFY_BODY: dict[str, Any] = {
     "requestBody": {
@@ -100,6 +101,12 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
     )
 
 
+def classify_response(result: ClassifyResult, *, several: bool) -> Response:
+    """The answer to /v1/classify (the route's and the fast path's): ``results`` when the
+    client sent a list, else ``predictions``."""
+    return encoded_response(result.model, result.timings, lambda: _classify_body(result, several))
+
+
 def _classify_body(result: ClassifyResult, several: bool) -> ClassifyResponse:
     rows = [
         [Prediction(label=p.label, class_id=p.class_id, score=p.score) for p in preds]
@@ -115,7 +122,7 @@ def _classify_body(result: ClassifyResult, several: bool) -> ClassifyResponse:
 
 
 @router.post(
-    "/v1/classify",
+    CLASSIFY_PATH,
     tags=["classify"],
     openapi_extra=CLASSIFY_BODY,
     response_model=ClassifyResponse,
@@ -134,7 +141,9 @@ async def classify(
         str | None, Query(description="a version label such as stable or canary")
     ] = None,
 ) -> Response:
-    """Classify one image (answer `predictions`) or several (answer `results`)."""
+    """Classify one image (answer `predictions`) or several (answer `results`).
+
+    A raw image body with plain query values is answered by service.api.fastpath."""
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
     images, several, names = await read_images(request)
@@ -148,7 +157,7 @@ async def classify(
         names=names,
         client_key=client_key(request),
     )
-    return encoded_response(result.model, result.timings, lambda: _classify_body(result, several))
+    return classify_response(result, several=several)
 
 
 @router.get("/healthz", tags=["health"], response_model=Health)

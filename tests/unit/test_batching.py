@@ -88,7 +88,11 @@ class Recorder:
         self.depths: list[int] = []
 
     def on_batch(
-        self, size: int, queue_wait_seconds: list[float], inference_seconds: float
+        self,
+        size: int,
+        queue_wait_seconds: list[float],
+        inference_seconds: float,
+        outputs: npt.NDArray[Any],
     ) -> None:
         self.batches.append((size, len(queue_wait_seconds), inference_seconds))
 
