@@ -20,6 +20,7 @@ from fastapi_offline import FastAPIOffline
 from service import __version__, metrics
 from service.api import demo, rest, tfserving_rest
 from service.api.auth import ApiKeys
+from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import Admission, RequestGuard, install_error_handlers
 from service.api.schemas import error_responses, openapi_without_validation_errors
@@ -104,6 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_api_route(
             settings.metrics_path, rest.prometheus_metrics, methods=["GET"], tags=["health"]
         )
+    # Added first, so it runs inside RequestGuard (the last added is the outermost).
+    app.add_middleware(ClassifyFastPath)
     app.add_middleware(
         RequestGuard,
         admission=admission,
