@@ -96,32 +96,34 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Generated protobuf code is committed; proto-check fails when it drifts from proto/.
+# Generated protobuf code is committed; proto-check fails when it drifts from its sources.
 # proto/ is mapped onto service/proto_gen so generated imports read
 # `from service.proto_gen import x_pb2` (protoc's flat `import x_pb2` would not resolve).
 # gRPC stubs (*_pb2_grpc.py) only for the files that define a service.
+# service/proto_gen/{tensorflow,tensorflow_serving,xla}: TF Serving's API protos as modules
+# that do not import TensorFlow, regenerated from the installed (pinned) tensorflow and
+# tensorflow-serving-api by proto/vendor_tf.py (its docstring says why).
 PROTO_FILES := $(wildcard proto/*.proto)
 GRPC_PROTO_FILES := $(shell grep -l '^service ' $(PROTO_FILES))
 PROTOC := $(PY) -m grpc_tools.protoc -Iservice/proto_gen=proto
 define protoc
 	$(PROTOC) --python_out=$(1) --pyi_out=$(1) $(PROTO_FILES) && \
-	$(PROTOC) --grpc_python_out=$(1) $(GRPC_PROTO_FILES)
+	$(PROTOC) --grpc_python_out=$(1) $(GRPC_PROTO_FILES) && \
+	$(PY) proto/vendor_tf.py $(1)
 endef
 
 proto: install
+	rm -rf service/proto_gen/tensorflow service/proto_gen/tensorflow_serving service/proto_gen/xla
 	$(call protoc,.)
 
 proto-check: install
 	@tmp=$$(mktemp -d); \
 	$(call protoc,$$tmp) && \
-	for f in $$tmp/service/proto_gen/*; do \
-		diff -q $$f service/proto_gen/$$(basename $$f) >/dev/null || \
-		{ echo "service/proto_gen/$$(basename $$f) is stale: run 'make proto'"; rm -rf $$tmp; exit 1; }; \
-	done; \
-	for f in service/proto_gen/*_pb2*; do \
-		test -e $$tmp/service/proto_gen/$$(basename $$f) || \
-		{ echo "$$f has no .proto in proto/: delete it or restore its source"; rm -rf $$tmp; exit 1; }; \
-	done; rm -rf $$tmp
+	cp service/proto_gen/__init__.py $$tmp/service/proto_gen/ && \
+	if ! diff -r -q -x __pycache__ $$tmp/service/proto_gen service/proto_gen; then \
+		echo "service/proto_gen is stale or has files without a source: run 'make proto'"; \
+		rm -rf $$tmp; exit 1; \
+	fi; rm -rf $$tmp
 
 # Retrain the default model: publishes the next version of model_repository/fashion_mnist.
 # Resumable: rerun the same command after an interruption.

@@ -122,8 +122,9 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
 def _reload_tfserving(client: Any, text: str) -> None:
     """HandleReloadConfigRequest with the whole ModelServerConfig of ``text``."""
     from google.protobuf import text_format
-    from tensorflow_serving.apis import model_management_pb2
-    from tensorflow_serving.config import model_server_config_pb2
+
+    from service.proto_gen.tensorflow_serving.apis import model_management_pb2
+    from service.proto_gen.tensorflow_serving.config import model_server_config_pb2
 
     config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
     request = model_management_pb2.ReloadConfigRequest(config=config)

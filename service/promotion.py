@@ -189,9 +189,8 @@ class TFServingStatus:
         self.timeout = timeout
 
     def __call__(self, model: str, version: int) -> None:
-        from tensorflow_serving.apis import get_model_status_pb2
-
         from service.errors import BackendUnavailable, NotFound
+        from service.proto_gen.tensorflow_serving.apis import get_model_status_pb2
         from service.tfserving_proto import model_spec
 
         deadline = time.monotonic() + self.timeout

@@ -14,10 +14,10 @@ from typing import Any, Literal, TypeVar, cast
 
 import numpy.typing as npt
 from google.protobuf import message, text_format
-from tensorflow_serving.config import model_server_config_pb2
 
 from service.errors import ConfigError, ModelLoadError
 from service.proto_gen import tfserving_config_pb2
+from service.proto_gen.tensorflow_serving.config import model_server_config_pb2
 from service.warmup import warmup_inputs
 
 MODELS_CONFIG = "models.config"

@@ -5,10 +5,9 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2
-
 from service.errors import ModelLoadError
+from service.proto_gen.tensorflow.core.protobuf import saved_model_pb2
+from service.proto_gen.tensorflow_serving.apis import get_model_metadata_pb2
 
 # TF Serving hides the internal init signature from clients; so do we.
 _INTERNAL = "__saved_model_init_op"

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 from google.protobuf import text_format
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 
 from service.errors import InvalidRequest
+from service.proto_gen.tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from service.proto_gen.tensorflow_serving.apis import get_model_status_pb2, model_pb2
 
 # DataType enum → (numpy dtype, TensorProto field holding its values when not packed).
 _NUMERIC: dict[int, tuple[np.dtype[Any], str]] = {
@@ -107,7 +107,7 @@ def to_tensor_proto(array: npt.NDArray[Any], *, packed: bool) -> Any:
         raise TypeError(f"no TensorProto dtype for {dtype}")
     enum = _DTYPE_ENUM[dtype]
     proto = tensor_pb2.TensorProto(
-        dtype=enum,
+        dtype=cast(types_pb2.DataType, enum),  # the pyi types enums as their wrapper
         tensor_shape=tensor_shape_pb2.TensorShapeProto(
             dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=int(d)) for d in array.shape]
         ),

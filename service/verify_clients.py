@@ -63,20 +63,26 @@ class GrpcServer:
 
     def __init__(self, address: str) -> None:
         import grpc
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        from service.proto_gen.tensorflow_serving.apis import prediction_service_pb2_grpc
 
         self.url = address
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
-        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        self._stub = prediction_service_pb2_grpc.PredictionServiceStub(  # type: ignore[no-untyped-call]
+            self._channel
+        )
 
     def label_version(self, model: str | None, label: str) -> int:
-        from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+        from service.proto_gen.tensorflow_serving.apis import (
+            get_model_status_pb2,
+            model_service_pb2_grpc,
+        )
 
         if not model:
             raise DatasetError("--grpc needs --model (gRPC has no default model)")
-        stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        stub = model_service_pb2_grpc.ModelServiceStub(self._channel)  # type: ignore[no-untyped-call]
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = model
         request.model_spec.version_label = label
@@ -87,9 +93,12 @@ class GrpcServer:
     def classify(
         self, images: Sequence[bytes], model: str | None, version: int | None
     ) -> tuple[str, int, Served]:
-        from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
-        from tensorflow_serving.apis import predict_pb2
-
+        from service.proto_gen.tensorflow.core.framework import (
+            tensor_pb2,
+            tensor_shape_pb2,
+            types_pb2,
+        )
+        from service.proto_gen.tensorflow_serving.apis import predict_pb2
         from service.tfserving_proto import to_ndarray
 
         if not model:

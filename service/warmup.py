@@ -1,10 +1,10 @@
 """TF Serving warmup records (``assets.extra/tf_serving_warmup_requests``).
 
 The file is a TFRecord of ``tensorflow.serving.PredictionLog`` messages, read with
-TensorFlow's own record reader (which checks the CRCs) and TF Serving's protos, so a
-file TF Serving refuses is refused here too. TensorFlow is already imported by every
-worker (signature metadata and the serving protos need it), so there is nothing to
-save by decoding the wire format by hand.
+:mod:`service.tfrecord` (which checks the CRCs as TensorFlow's reader does) and TF
+Serving's protos, so a file TF Serving refuses is refused here too. No TensorFlow: a
+worker serving a LiteRT artifact never imports it (the protos are service.proto_gen's
+TF-free copies, the tensors are decoded by :mod:`service.tfserving_proto`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy.typing as npt
-import tensorflow as tf
 from google.protobuf.message import DecodeError
-from tensorflow_serving.apis import prediction_log_pb2
 
 from service.contract import SERVING_SIGNATURE
+from service.errors import InvalidRequest
+from service.proto_gen.tensorflow_serving.apis import prediction_log_pb2
+from service.tfrecord import TFRecordError, read_records
+from service.tfserving_proto import to_ndarray
 
 
 class WarmupFormatError(ValueError):
@@ -34,14 +36,14 @@ def warmup_inputs(path: Path) -> list[dict[str, npt.NDArray[Any]]]:
         return []
     requests: list[dict[str, npt.NDArray[Any]]] = []
     try:
-        for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+        for record in read_records(path):
             log = prediction_log_pb2.PredictionLog.FromString(record)
             if log.WhichOneof("log_type") != "predict_log":
                 continue
             request = log.predict_log.request
             if (request.model_spec.signature_name or SERVING_SIGNATURE) != SERVING_SIGNATURE:
                 continue
-            requests.append({name: tf.make_ndarray(t) for name, t in request.inputs.items()})
-    except (tf.errors.OpError, DecodeError, TypeError, ValueError) as exc:
+            requests.append({name: to_ndarray(t, name) for name, t in request.inputs.items()})
+    except (TFRecordError, DecodeError, InvalidRequest) as exc:
         raise WarmupFormatError(f"{path}: {exc}") from None
     return requests

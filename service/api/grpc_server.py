@@ -15,12 +15,6 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from tensorflow_serving.apis import (
-    model_service_pb2,
-    model_service_pb2_grpc,
-    prediction_service_pb2,
-    prediction_service_pb2_grpc,
-)
 
 from service.api.auth import ApiKeys, GrpcApiKeyInterceptor
 from service.api.grpc_servicers import (
@@ -32,6 +26,12 @@ from service.api.grpc_servicers import (
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from service.proto_gen.tensorflow_serving.apis import (
+    model_service_pb2,
+    model_service_pb2_grpc,
+    prediction_service_pb2,
+    prediction_service_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +76,12 @@ async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None 
         interceptors=interceptors,
         maximum_concurrent_rpcs=settings.max_concurrent_requests,
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         PredictionServicer(plane), server
     )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelServicer(plane), server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ModelServicer(plane), server
+    )
     cnnserve_v1_pb2_grpc.add_ImageClassifierServicer_to_server(  # type: ignore[no-untyped-call]
         ImageClassifierServicer(plane), server
     )

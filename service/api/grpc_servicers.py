@@ -16,7 +16,6 @@ from typing import Any, ClassVar, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, model_management_pb2, predict_pb2
 
 from service.contract import SERVING_SIGNATURE
 from service.dataplane import ClassifyResult, DataPlane
@@ -31,6 +30,11 @@ from service.errors import (
     grpc_status,
 )
 from service.proto_gen import cnnserve_v1_pb2
+from service.proto_gen.tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    model_management_pb2,
+    predict_pb2,
+)
 from service.requestlog import RequestRecord, new_request_id, recorded
 from service.tfserving_proto import (
     config_text,

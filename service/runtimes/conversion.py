@@ -144,7 +144,8 @@ def _warmup_inputs(version_dir: Path, input_name: str, spec: InputSpec) -> list[
     if not path.is_file():
         return []
     import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
+
+    from service.proto_gen.tensorflow_serving.apis import prediction_log_pb2
 
     found: list[Batch] = []
     try:

@@ -25,13 +25,6 @@ from typing import Any
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import (
-    get_model_metadata_pb2,
-    get_model_status_pb2,
-    model_service_pb2_grpc,
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
 
 from service.contract import SERVING_SIGNATURE
 from service.errors import (
@@ -43,6 +36,13 @@ from service.errors import (
     ModelLoadError,
     NotFound,
     Overloaded,
+)
+from service.proto_gen.tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
 )
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import TensorDesc, describe, to_model_input
@@ -107,8 +107,8 @@ class TFServingClient:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
-        models = model_service_pb2_grpc.ModelServiceStub(self._channel)
+        predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        models = model_service_pb2_grpc.ModelServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._methods = {
             "Predict": predict.Predict,
             "GetModelMetadata": predict.GetModelMetadata,

@@ -21,7 +21,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 from PIL import Image
-from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 
 from service.contract import (
     BYTES_INPUT_NAME,
@@ -31,6 +30,7 @@ from service.contract import (
     SERVING_SIGNATURE,
 )
 from service.preprocessing import PreprocessSpec
+from service.proto_gen.tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from service.publishing import publish_version
 from service.runtimes.conversion import convert_litert as convert_litert  # re-export: lived here
 from service.training.architectures import NORMALIZATION

@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "service.signatures": 1,
     "service.warmup": 1,
     "service.tfserving_proto": 1,
+    "service.tfrecord": 1,
     "service.errors": 0,
     "service.config": 0,
     "service.contract": 0,
