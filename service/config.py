@@ -93,6 +93,13 @@ class Settings(BaseSettings):
     # --- request limits ----------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
+    inline_decode_max_pixels: int = Field(
+        500_000,
+        ge=0,
+        description="A lone image with at most this many pixels to decode (after JPEG's "
+        "reduced-scale decoding) is decoded on the event loop, larger ones and lists on the "
+        "decode threads; 0 = always on the decode threads.",
+    )
     max_images_per_request: int = Field(64, ge=1)
     request_timeout_seconds: float = Field(10.0, gt=0, description="Default request deadline.")
     max_concurrent_requests: int = Field(

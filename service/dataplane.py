@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from PIL import Image
 
 from service import metrics
 from service.batching import COST_WEIGHT
@@ -30,7 +31,12 @@ from service.errors import (
     Overloaded,
     TooManyImages,
 )
-from service.preprocessing import PreprocessSpec, preprocess_bytes
+from service.preprocessing import (
+    PreprocessSpec,
+    open_image,
+    preprocess_bytes,
+    preprocess_opened,
+)
 from service.readiness import WorkerReadiness
 from service.registry import LoadedVersion, Registry, VersionStatus
 from service.requestlog import note_target, note_timings
@@ -118,19 +124,37 @@ class DataPlane:
         deadline: float,
         names: Sequence[str | None] = (),
     ) -> npt.NDArray[np.uint8]:
-        """Decode and resize every image in the decode pool; a bad one fails the request
-        with a message that says which (index, and ``names[i]`` when given)."""
+        """Decode and resize every image; a bad one fails the request with a message that
+        says which (index, and ``names[i]`` when given).
+
+        A lone small image is decoded right here on the event loop: two thread hand-offs
+        (to a decode thread and back) cost more CPU than decoding a 224×224 JPEG, and
+        with a worker per core the loop's core has nothing better to do. What is small
+        is judged from the header (pixels to decode, after JPEG's reduced-scale
+        decoding), so a tiny file that unpacks into a large image still goes to the
+        decode threads. Lists and large images are decoded there, in parallel."""
         if not images:
             raise InvalidRequest("no image in the request; send one as the 'image' field or body")
         limit = self.settings.max_images_per_request
         if len(images) > limit:
             raise TooManyImages(f"{len(images)} images in one request; the limit is {limit}")
+        spec, max_pixels = target.spec, self.settings.max_image_pixels
+        work: list[bytes] | list[Image.Image] = list(images)
+        if len(images) == 1:
+            opened = open_image(images[0], max_pixels=max_pixels, target=spec.size)
+            width, height = opened.size
+            if width * height <= self.settings.inline_decode_max_pixels:
+                target.batcher.admit(1, deadline)  # shed before paying for decoding
+                image = preprocess_opened(opened, spec)
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded("the request deadline passed while decoding images")
+                return image[None]
+            work = [opened]
         self._admit_decode(target.model, len(images))
         target.batcher.admit(len(images), deadline)  # shed before paying for decoding
         loop = asyncio.get_running_loop()
-        max_pixels = self.settings.max_image_pixels
-        decode = functools.partial(_timed_decode, spec=target.spec, max_pixels=max_pixels)
-        futures = [loop.run_in_executor(self._pool, decode, data) for data in images]
+        decode = functools.partial(_timed_decode, spec=spec, max_pixels=max_pixels)
+        futures = [loop.run_in_executor(self._pool, decode, item) for item in work]
         self._decoding += len(images)
         try:
             results = await asyncio.wait_for(
@@ -372,14 +396,18 @@ class DataPlane:
 
 
 def _timed_decode(
-    data: bytes, spec: PreprocessSpec, max_pixels: int
+    data: bytes | Image.Image, spec: PreprocessSpec, max_pixels: int
 ) -> tuple[npt.NDArray[np.uint8], float]:
-    """On a decode thread: the image, and the CPU seconds its decoding took. CPU time,
-    not wall time: under overload the decode threads wait for the GIL behind the event
-    loop, and counting that wait as work would shed more, which loads the loop more
-    (a storm of 503s feeding itself)."""
+    """On a decode thread: the image (bytes, or already opened by
+    :func:`service.preprocessing.open_image`), and the CPU seconds its decoding took.
+    CPU time, not wall time: under overload the decode threads wait for the GIL behind
+    the event loop, and counting that wait as work would shed more, which loads the loop
+    more (a storm of 503s feeding itself)."""
     began = time.thread_time()
-    image = preprocess_bytes(data, spec, max_pixels=max_pixels)
+    if isinstance(data, Image.Image):
+        image = preprocess_opened(data, spec)
+    else:
+        image = preprocess_bytes(data, spec, max_pixels=max_pixels)
     return image, time.thread_time() - began
 
 

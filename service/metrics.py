@@ -17,6 +17,7 @@ variable (tests, the in-process app) metrics live in the default in-memory regis
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -185,6 +186,15 @@ TOP1_CONFIDENCE = Histogram(
 # --- requests (any transport) -------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=8192)
+def _series(metric: Any, labels: tuple[str, ...]) -> Any:
+    """A labelled series, looked up once: prometheus-client's ``labels()`` validates and
+    locks on every call, which the per-request metrics paid several times per request.
+    Label sets are bounded (see above) and series are never removed, so the cache holds
+    every series at most once."""
+    return metric.labels(*labels)
+
+
 def observe_request(
     protocol: str, route: str, model: str, version: str, code: int | str, seconds: float
 ) -> None:
@@ -192,21 +202,22 @@ def observe_request(
     ``model``/``version`` are what the registry resolved, or empty when nothing was."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    REQUESTS.labels(protocol, route, model, version, str(code)).inc()
-    if str(code) == "504":
-        DEADLINE_EXPIRATIONS.labels(model).inc()
-    REQUEST_DURATION.labels(protocol, route, model, version).observe(seconds)
+    code = str(code)
+    _series(REQUESTS, (protocol, route, model, version, code)).inc()
+    if code == "504":
+        _series(DEADLINE_EXPIRATIONS, (model,)).inc()
+    _series(REQUEST_DURATION, (protocol, route, model, version)).observe(seconds)
 
 
 def observe_stage(model: str, stage: str, seconds: float) -> None:
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-    STAGE_DURATION.labels(model, stage).observe(seconds)
+    _series(STAGE_DURATION, (model, stage)).observe(seconds)
 
 
 @contextlib.contextmanager
 def in_flight(model: str) -> Iterator[None]:
-    gauge = IN_FLIGHT.labels(model)
+    gauge = _series(IN_FLIGHT, (model,))
     gauge.inc()
     try:
         yield

@@ -61,6 +61,11 @@ class PreprocessSpec:
     color: Literal["RGB"] = "RGB"
     library: str = "Pillow"
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height), Pillow's order."""
+        return self.width, self.height
+
     def to_card(self) -> dict[str, Any]:
         card = asdict(self)
         card["alpha"] = "composited on white"
@@ -80,8 +85,12 @@ class PreprocessSpec:
         )
 
 
-def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None) -> Image.Image:
-    """Open encoded bytes, refusing bombs before any pixel is decoded.
+def open_image(
+    data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None
+) -> Image.Image:
+    """Read an image's header, refusing bombs before any pixel is decoded; :func:`load`
+    decodes it. Cheap (no pixels), so it can run where the request arrives; the image's
+    ``size`` is then what decoding will produce, i.e. its cost.
 
     ``target`` (width, height) lets JPEG decode at a reduced DCT scale that is still
     at least the target size, which makes large photos several times cheaper.
@@ -109,11 +118,21 @@ def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = Non
         raise InvalidImage("the image has no pixels")
     if target is not None and img.format == "JPEG":
         img.draft("RGB", target)
+    return img
+
+
+def load(img: Image.Image) -> Image.Image:
+    """Decode the pixels of an image from :func:`open_image`."""
     try:
         img.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImage(f"could not decode the image: {exc}") from None
     return img
+
+
+def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None) -> Image.Image:
+    """Encoded bytes → a decoded image (:func:`open_image`, then :func:`load`)."""
+    return load(open_image(data, max_pixels=max_pixels, target=target))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -157,7 +176,12 @@ def resize(img: Image.Image, spec: PreprocessSpec) -> UInt8Image:
 
 def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> UInt8Image:
     """Encoded image bytes → RGB uint8 [H, W, 3] as the model expects."""
-    return resize(decode(data, max_pixels=max_pixels, target=(spec.width, spec.height)), spec)
+    return preprocess_opened(open_image(data, max_pixels=max_pixels, target=spec.size), spec)
+
+
+def preprocess_opened(img: Image.Image, spec: PreprocessSpec) -> UInt8Image:
+    """An image from :func:`open_image` (opened with ``target=spec.size``) → model input."""
+    return resize(load(img), spec)
 
 
 def preprocess_array(array: npt.NDArray[Any], spec: PreprocessSpec) -> UInt8Image:
