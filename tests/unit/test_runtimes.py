@@ -15,7 +15,7 @@ import pytest
 from service.errors import InvalidRequest, ModelLoadError
 from service.runtimes import conversion, create_runtime
 from service.runtimes.base import Runtime
-from service.runtimes.litert import SIZES_PER_THREAD, LiteRTRuntime
+from service.runtimes.litert import CHUNK_SIZES, LiteRTRuntime
 from service.runtimes.tensorflow import TensorFlowRuntime
 from tests.helpers.models import publish_tiny
 
@@ -109,15 +109,16 @@ def test_predictions_are_probabilities_and_litert_matches_tensorflow(
 def test_changing_batch_sizes_keep_correct_answers(
     tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
 ) -> None:
-    # 1, 5, 32 as the batcher sends them, then more distinct sizes than the per-thread
-    # interpreter pool holds, then back to 1 (an evicted and resized interpreter).
-    sizes = [1, 5, 32, 2, 3, 1]
-    assert len(set(sizes)) > SIZES_PER_THREAD
+    # Sizes as the batcher sends them: chunk sizes, sums of several (5 = 4 + 1,
+    # 15 = 8 + 4 + 2 + 1), more than the largest chunk (32 = 4 x 8), and back to 1.
+    sizes = [1, 5, 32, 2, 15, 3, 1]
     for i, n in enumerate(sizes):
         batch = _images(n, seed=i)
         got = lite_rt.predict(batch)
         assert got.shape == (n, 3)
         np.testing.assert_allclose(got, tf_rt.predict(batch), atol=1e-4)
+    # One interpreter per chunk size on this thread, none resized.
+    assert sorted(lite_rt._local.runners) == sorted(CHUNK_SIZES)
 
 
 @pytest.mark.parametrize("kind", ["tensorflow", "litert"])
