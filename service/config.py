@@ -105,7 +105,8 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         512,
         ge=1,
-        description="Requests one worker handles at once; more are refused (503) at once.",
+        description="Requests one worker handles at once (REST and gRPC together); more are "
+        "refused (503 / RESOURCE_EXHAUSTED) before their body is read.",
     )
     max_connections: int = Field(
         2048, ge=1, description="Open HTTP connections per worker (uvicorn limit_concurrency)."

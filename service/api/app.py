@@ -24,6 +24,7 @@ from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import Admission, RequestGuard, install_error_handlers
 from service.api.schemas import error_responses, openapi_without_validation_errors
+from service.concurrency import ConcurrencyLimit
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.logs import setup_logging
@@ -43,6 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:  # a worker process started by uvicorn: a fresh interpreter
         setup_logging()
         settings = Settings()
+    # One limit per worker, shared by REST and gRPC (service.concurrency).
+    concurrency = ConcurrencyLimit(settings.max_concurrent_requests)
     keys = ApiKeys(
         settings.keys(),
         metrics_path=settings.metrics_path,
@@ -59,7 +62,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
         readiness = WorkerReadiness.from_environment(settings.workers)
-        app.state.dataplane = DataPlane(settings, registry, pool, readiness)
+        app.state.dataplane = DataPlane(settings, registry, pool, readiness, concurrency)
         grpc_server = await start_grpc(settings, app.state.dataplane, keys)  # None if disabled
         restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds)
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
@@ -94,7 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     admission = Admission(
         max_body_bytes=settings.max_body_bytes,
         body_read_timeout_seconds=settings.body_read_timeout_seconds,
-        max_concurrent_requests=settings.max_concurrent_requests,
+        concurrency=concurrency,
         keys=keys,
     )
     install_error_handlers(app)

@@ -75,7 +75,13 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
             with recorded(RequestRecord(rid, "grpc", "POST", route)):
                 if not self._plane.accepting_calls:
                     raise Unavailable("the server is shutting down; retry on another replica")
-                answer = await method(self, request, context)
+                concurrency = self._plane.concurrency
+                if not concurrency.try_acquire():
+                    raise concurrency.refusal()
+                try:
+                    answer = await method(self, request, context)
+                finally:
+                    concurrency.release()
             context.set_trailing_metadata(trailers)
             return answer
         except CnnserveError as exc:

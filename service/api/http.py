@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.api.auth import API_KEY_HEADER, ApiKeys, presented_key
+from service.concurrency import ConcurrencyLimit
 from service.dataplane import DataPlane
 from service.errors import (
     CnnserveError,
@@ -122,14 +123,15 @@ class Admission:
 
     max_body_bytes: int
     body_read_timeout_seconds: float = 30.0
-    max_concurrent_requests: int = 1_000_000
+    concurrency: ConcurrencyLimit = field(default_factory=lambda: ConcurrencyLimit(10**6))
     keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
 
 
 class RequestGuard:
     """Pure ASGI middleware: gives each request an id (honouring X-Request-ID); refuses,
     before a route runs, requests without a valid API key (401), over the worker's
-    concurrency limit (503 + Retry-After; probes exempt), and bodies over the limit (from
+    concurrency limit (service.concurrency; 503 + Retry-After; probes and the metrics
+    scrape exempt), and bodies over the limit (from
     Content-Length before reading a byte, or while streaming a chunked body; never
     buffers more than the limit) or slower than the body read timeout (408); and closes
     each request's :class:`RequestRecord` (metrics, access log) once it is answered.
@@ -147,7 +149,6 @@ class RequestGuard:
         self.admission = admission
         self.quiet_paths = quiet_paths
         self.routes = routes  # to name the route of a request refused before routing
-        self._active = 0  # requests of this worker being handled (event loop only)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -170,22 +171,27 @@ class RequestGuard:
 
         try:
             with recording(record):
-                refusal = self._refusal(scope["path"], headers)
+                path = scope["path"]
+                limited = path not in PROBE_PATHS and path not in self.quiet_paths
+                refusal = self._refusal(path, headers, limited)
                 if refusal is not None:
                     await error_response(refusal)(scope, receive, send_with_id)
                     return
-                self._active += 1
                 try:
                     await self._guarded(scope, receive, send_with_id)
                 finally:
-                    self._active -= 1
+                    if limited:
+                        self.admission.concurrency.release()
         finally:
             if scope["path"] not in self.quiet_paths:
                 record.route = route_template(scope, self.routes)
                 finish(record, status)
 
-    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> CnnserveError | None:
-        """Why a request is refused before a route runs, if it is."""
+    def _refusal(
+        self, path: str, headers: dict[bytes, bytes], limited: bool
+    ) -> CnnserveError | None:
+        """Why a request is refused before a route runs, if it is; a request that is not
+        refused and is ``limited`` holds a place in the concurrency limit."""
         keys = self.admission.keys
         if keys.enabled and not keys.is_open(path):
             auth = headers.get(b"authorization", b"").decode("latin-1") or None
@@ -194,18 +200,12 @@ class RequestGuard:
                 keys.check(presented_key(auth, api_key))
             except Unauthenticated as exc:
                 return exc
-        busy = self._active >= self.admission.max_concurrent_requests
-        if busy and path not in PROBE_PATHS and path not in self.quiet_paths:
-            metrics.observe_shed("", "concurrency")
-            return Overloaded(
-                f"this worker is handling {self._active} requests, its limit; retry after "
-                f"the Retry-After delay ({Overloaded.retry_after} s) or send to another replica",
-                reason="concurrency",
-            )
         limit = self.admission.max_body_bytes
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return self._too_large()
+        if limited and not self.admission.concurrency.try_acquire():
+            return self.admission.concurrency.refusal()
         return None
 
     def _too_large(self) -> PayloadTooLarge:

@@ -6,20 +6,24 @@ full speed returns as soon as load drops. Bounds are generous: the machine is sh
 from __future__ import annotations
 
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
 from tests.helpers.load import load, post, quantile
-from tests.helpers.server import Server, running_server
+from tests.helpers.server import Server, eventually, running_server
 
 BUDGET = 0.05  # the default queue-wait budget
 BASE_CONNECTIONS = 16  # about where goodput stops growing here
 SECONDS = 4.0
+PNG_TYPE = {"content-type": "image/png"}
 REQUEST = post("/v1/classify", encode(gradient(), "PNG"), "image/png")
 
 
@@ -105,3 +109,48 @@ def test_four_times_overload_is_shed_fast_and_recovers(server: Server) -> None:
     assert rss_after - rss_before < 64 * 2**20, report
     assert after.statuses() == {200}
     assert quantile(after.of(200), 0.5) <= 3 * quantile(unloaded.of(200), 0.5) + 0.02, report
+
+
+def test_requests_over_the_concurrency_limit_are_refused_before_their_body(
+    tiny_repo_litert: Path,
+) -> None:
+    """Two requests whose body has not arrived hold the worker's two places (a limit of
+    2): a third is refused at once, over REST and gRPC alike, probes still answer, and
+    the places are free again once the two are answered."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_MAX_CONCURRENT_REQUESTS": "2"}
+    png = encode(gradient(), "PNG")
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(png)}\r\n\r\n"
+    ).encode()
+    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
+        holders = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        try:
+            for sock in holders:
+                sock.sendall(head)  # headers only: admitted, waiting for the body
+            with server.client() as client:
+
+                def classify() -> httpx.Response:
+                    return client.post("/v1/classify", content=png, headers=PNG_TYPE)
+
+                eventually(lambda: classify().status_code == 503, timeout=30)
+                r = classify()
+                assert r.status_code == 503 and r.headers["retry-after"]
+                assert r.json()["error"]["code"] == "overloaded"
+                assert "its limit" in r.json()["error"]["message"]
+                assert client.get("/readyz").status_code == 200
+                assert client.get("/healthz").status_code == 200
+                assert client.get("/metrics").status_code == 200
+                with server.channel() as channel:
+                    stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)  # type: ignore[no-untyped-call]
+                    with pytest.raises(grpc.RpcError) as shed:
+                        stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=10)
+                    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                for sock in holders:
+                    sock.sendall(png)
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                assert classify().status_code == 200
+                assert shed_counts(server).get("concurrency", 0) >= 2
+        finally:
+            for sock in holders:
+                sock.close()

@@ -37,6 +37,7 @@ LAYERS: dict[str, int] = {
     "service.preprocessing": 1,
     "service.metrics": 1,
     "service.requestlog": 1,
+    "service.concurrency": 1,
     "service.readiness": 1,
     "service.signatures": 1,
     "service.warmup": 1,
