@@ -12,22 +12,19 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
-import logging.handlers
 import os
 import queue
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TextIO
 
 from service import metrics
 from service.errors import CnnserveError
-
-ACCESS_LOGGER = "cnnserve.access"
-access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 @dataclass
@@ -105,28 +102,21 @@ def note_timings(timings: Mapping[str, float]) -> None:
         record.timings.update(timings)
 
 
-class _Line:
-    """An access-log line's fields, serialised only when a handler writes it (on the
-    log thread, not the request's)."""
-
-    __slots__ = ("fields",)
-
-    def __init__(self, fields: Mapping[str, object]) -> None:
-        self.fields = fields
-
-    def __str__(self) -> str:
-        return json.dumps(self.fields, separators=(",", ":"))
-
-
 def finish(record: RequestRecord, code: int | str) -> None:
-    """The request was answered with ``code``: metrics and the access-log line."""
+    """The request was answered with ``code``: metrics, and its access-log line queued."""
     seconds = time.perf_counter() - record.started
     metrics.observe_request(
         record.protocol, record.route, record.model, record.version, code, seconds
     )
-    if access_log.isEnabledFor(logging.INFO):
-        line = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    writer = _writer
+    if writer is not None:
+        writer.put(time.time(), record, code, seconds)
+
+
+def _line(at: float, record: RequestRecord, code: int | str, seconds: float) -> str:
+    return json.dumps(
+        {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at)),
             "request_id": record.request_id,
             "protocol": record.protocol,
             "method": record.method,
@@ -136,40 +126,77 @@ def finish(record: RequestRecord, code: int | str) -> None:
             "version": int(record.version) if record.version else None,
             "duration_ms": round(seconds * 1e3, 3),
             "timings_ms": {k: round(v * 1e3, 3) for k, v in record.timings.items()},
-        }
-        access_log.info("%s", _Line(line))
+        },
+        separators=(",", ":"),
+    )
 
 
-class _Handoff(logging.handlers.QueueHandler):
-    """Puts the record on the queue as it is: the stock QueueHandler formats it first,
-    on the caller's thread, which is the event loop here."""
+# How often the log thread writes what requests queued: one write per period.
+FLUSH_SECONDS = 0.05
+_Entry = tuple[float, RequestRecord, int | str, float]
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+
+class _LineWriter:
+    """The access log's thread: every FLUSH_SECONDS it turns the queued requests into
+    JSON lines and writes them to ``stream`` in one write; the last ones when stopped.
+
+    A request only queues a tuple (its record is not touched after it is finished):
+    the JSON encoding, the logging module's record, and the write to a pipe that may be
+    slow to drain all stay off the request path."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._entries: queue.SimpleQueue[_Entry] = queue.SimpleQueue()
+        self._stream = stream
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+
+    def put(self, at: float, record: RequestRecord, code: int | str, seconds: float) -> None:
+        self._entries.put((at, record, code, seconds))
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(FLUSH_SECONDS):
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        lines = []
+        while True:
+            try:
+                lines.append(_line(*self._entries.get_nowait()))
+            except queue.Empty:
+                break
+        if lines:
+            try:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # stdout closed or gone: nowhere to write
+                pass
+
+
+_writer: _LineWriter | None = None
 
 
 def configure_access_log(enabled: bool) -> Callable[[], None]:
-    """JSON lines on stdout, one per request, whatever the root logger's format; worker
-    processes started by uvicorn get no root configuration, so this does not rely on it.
-
-    Lines are serialised and written by a log thread: the JSON encoding and the write to
-    a pipe that may be slow to drain stay off the event loop (together ~4% of a worker's
-    CPU, paid in request latency). Returns the function that writes what is still queued
-    and stops the thread (called at shutdown)."""
-    access_log.propagate = False
-    access_log.setLevel(logging.INFO if enabled else logging.WARNING)
-    if not enabled or access_log.handlers:
+    """JSON lines on stdout, one per request (see :class:`_LineWriter`), when
+    ``enabled``. Returns the function that writes what is still queued and stops the
+    log thread (called at shutdown)."""
+    global _writer
+    if not enabled or _writer is not None:
         return lambda: None
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(lines, handler)
-    handoff = _Handoff(lines)
-    access_log.addHandler(handoff)
-    listener.start()
+    writer = _writer = _LineWriter(sys.stdout)
+    writer.start()
 
     def stop() -> None:
-        access_log.removeHandler(handoff)
-        listener.stop()  # writes every line already queued
+        global _writer
+        if _writer is writer:
+            _writer = None
+        writer.stop()  # writes every line already queued
 
     return stop

@@ -1,0 +1,44 @@
+"""The access log: one JSON line per finished request, written by a log thread."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from service.requestlog import RequestRecord, configure_access_log, finish, new_request_id
+
+
+def test_lines_are_written_off_the_request_thread_in_order_and_flushed_at_stop(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stop = configure_access_log(True)
+    try:
+        ids = [new_request_id() for _ in range(50)]
+        for i, rid in enumerate(ids):
+            record = RequestRecord(rid, "rest", "POST", route="/v1/classify")
+            record.model, record.version = "m", "3"
+            record.timings["decode"] = 0.0012
+            finish(record, 200 if i % 2 else 503)
+    finally:
+        stop()  # writes what is still queued
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["request_id"] for line in lines] == ids
+    assert lines[0]["status"] == 503 and lines[1]["status"] == 200
+    assert lines[0]["model"] == "m" and lines[0]["version"] == 3
+    assert lines[0]["timings_ms"] == {"decode": 1.2}
+    assert not [t for t in threading.enumerate() if t.name == "access-log"]
+
+
+def test_disabled_access_log_writes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    stop = configure_access_log(False)
+    finish(RequestRecord(new_request_id(), "grpc", "POST"), 200)
+    stop()
+    assert capsys.readouterr().out == ""
+
+
+def test_request_ids_are_unique_and_uuid_sized() -> None:
+    ids = {new_request_id() for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
