@@ -144,9 +144,9 @@ class _LineWriter:
     the JSON encoding, the logging module's record, and the write to a pipe that may be
     slow to drain all stay off the request path."""
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO | None = None) -> None:
         self._entries: queue.SimpleQueue[_Entry] = queue.SimpleQueue()
-        self._stream = stream
+        self._stream = stream  # None: whatever sys.stdout is when lines are written
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
 
@@ -173,9 +173,10 @@ class _LineWriter:
             except queue.Empty:
                 break
         if lines:
+            stream = self._stream or sys.stdout
             try:
-                self._stream.write("\n".join(lines) + "\n")
-                self._stream.flush()
+                stream.write("\n".join(lines) + "\n")
+                stream.flush()
             except (OSError, ValueError):  # stdout closed or gone: nowhere to write
                 pass
 
@@ -190,7 +191,7 @@ def configure_access_log(enabled: bool) -> Callable[[], None]:
     global _writer
     if not enabled or _writer is not None:
         return lambda: None
-    writer = _writer = _LineWriter(sys.stdout)
+    writer = _writer = _LineWriter()
     writer.start()
 
     def stop() -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -230,28 +229,25 @@ def test_processes_are_summed_and_dead_ones_leave_the_gauges(
 # --- request records ---------------------------------------------------------------------
 
 
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[dict[str, object]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(record.getMessage()))
-
-
 @pytest.fixture
-def access_lines() -> Iterator[list[dict[str, object]]]:
-    requestlog.configure_access_log(True)
-    handler = Lines()
-    requestlog.access_log.addHandler(handler)
+def access_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> Iterator[Callable[[], list[dict[str, object]]]]:
+    """Call it to stop the access log (writing what is queued) and read its lines."""
+    stop = requestlog.configure_access_log(True)
+
+    def lines() -> list[dict[str, object]]:
+        stop()
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
     try:
-        yield handler.lines
+        yield lines
     finally:
-        requestlog.access_log.removeHandler(handler)
+        stop()
 
 
 def test_a_record_collects_what_the_core_notes_and_is_closed_once(
-    access_lines: list[dict[str, object]],
+    access_lines: Callable[[], list[dict[str, object]]],
 ) -> None:
     route = "/tensorflow.serving.PredictionService/Predict"
     labels = {"protocol": "grpc", "route": route, "model": "rec", "version": "5"}
@@ -265,7 +261,7 @@ def test_a_record_collects_what_the_core_notes_and_is_closed_once(
         raise DeadlineExceeded("too late")
     requestlog.note_target("elsewhere", 1)  # outside any record: ignored
     assert value("cnnserve_requests_total", **labels, code="504") == before + 1
-    (line,) = access_lines
+    (line,) = access_lines()
     assert line["request_id"] == "id-7" and line["status"] == 504
     assert (line["model"], line["version"], line["route"]) == ("rec", 5, route)
     assert line["timings_ms"] == {"decode": 2.0}
