@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -36,6 +37,14 @@ from service.requestlog import configure_access_log
 log = logging.getLogger(__name__)
 
 READINESS_PERIOD_SECONDS = 0.25
+# How long a thread may hold the GIL while another waits (CPython's default: 5 ms). The
+# event loop, the batch thread and the decode threads take turns many times per
+# request; with the default, a batch thread whose inference returned (LiteRT releases
+# the GIL while it computes) could wait up to 5 ms behind a busy event loop to deliver
+# its results. Measured under overload (2 workers, photo mix, wrk retrying every 503 at
+# once, 3 rounds): admitted p99 at 128 connections 120 -> 91 ms, goodput at 512
+# connections 844 -> 1,016 req/s; unchanged at 32 connections.
+GIL_SWITCH_INTERVAL_SECONDS = 0.0005
 DOCS_URL = "/docs"  # Swagger UI; FastAPIOffline serves it itself (app.docs_url stays None)
 
 
@@ -56,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A broken models.config stops start-up here, as it stops TF Serving.
         load_models_config(settings.model_repository)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         stop_access_log = configure_access_log(settings.access_log)
         metrics.register_this_process()
         registry = Registry(settings)
@@ -82,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             pool.shutdown(wait=False, cancel_futures=True)
             metrics.forget_this_process()
             stop_access_log()
+            sys.setswitchinterval(switch_interval)
 
     # /docs and /redoc from assets the gateway serves itself (no CDN: air-gapped hosts).
     app = FastAPIOffline(
