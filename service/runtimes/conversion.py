@@ -24,8 +24,10 @@ import numpy.typing as npt
 
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.errors import InvalidRequest, ModelLoadError
+from service.repository import read_warmup
 from service.runtimes.base import Batch, InputSpec
 from service.runtimes.card import to_model_input
+from service.warmup import WarmupFormatError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,6 @@ log = logging.getLogger(__name__)
 LITERT_TOLERANCE = 1e-4
 ARTIFACT = "model.tflite"
 VERIFICATION = "verification.json"
-WARMUP_PATH = Path("assets.extra") / "tf_serving_warmup_requests"
 
 Reference = Callable[[Batch], npt.NDArray[np.float32]]
 
@@ -139,27 +140,15 @@ def _read_record(path: Path) -> dict[str, Any] | None:
 
 
 def _warmup_inputs(version_dir: Path, input_name: str, spec: InputSpec) -> list[Batch]:
-    """Model inputs of the version's serving_default warmup records, if any."""
-    path = version_dir / WARMUP_PATH
-    if not path.is_file():
-        return []
-    import tensorflow as tf
-
-    from service.proto_gen.tensorflow_serving.apis import prediction_log_pb2
-
-    found: list[Batch] = []
+    """Model inputs of the version's serving_default warmup records, if any (read by
+    the same reader that warms a loading version)."""
     try:
-        for raw in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
-            entry = prediction_log_pb2.PredictionLog.FromString(raw)
-            request = entry.predict_log.request
-            if request.model_spec.signature_name not in ("", SERVING_SIGNATURE):
-                continue
-            if input_name in request.inputs:
-                found.append(to_model_input(tf.make_ndarray(request.inputs[input_name]), spec))
-    except (InvalidRequest, ValueError, tf.errors.OpError) as exc:
+        requests = read_warmup(version_dir)
+        return [to_model_input(r[input_name], spec) for r in requests if input_name in r]
+    except (WarmupFormatError, InvalidRequest) as exc:
         # Warmup records only add samples; the random ones still verify the conversion.
-        log.warning("%s: skipping warmup records for verification: %s", path, exc)
-    return found
+        log.warning("%s: skipping warmup records for verification: %s", version_dir, exc)
+        return []
 
 
 def cached_artifact(version_dir: Path, cache_dir: Path) -> Path:
