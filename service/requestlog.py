@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TextIO
 
 from service import metrics
 from service.errors import CnnserveError
@@ -138,15 +137,15 @@ _Entry = tuple[float, RequestRecord, int | str, float]
 
 class _LineWriter:
     """The access log's thread: every FLUSH_SECONDS it turns the queued requests into
-    JSON lines and writes them to ``stream`` in one write; the last ones when stopped.
+    JSON lines and writes them to stdout (sys.stdout as it is then: a replaced or
+    captured stream too) in one write; the last ones when stopped.
 
     A request only queues a tuple (its record is not touched after it is finished):
     the JSON encoding, the logging module's record, and the write to a pipe that may be
     slow to drain all stay off the request path."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self) -> None:
         self._entries: queue.SimpleQueue[_Entry] = queue.SimpleQueue()
-        self._stream = stream  # None: whatever sys.stdout is when lines are written
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
 
@@ -173,10 +172,9 @@ class _LineWriter:
             except queue.Empty:
                 break
         if lines:
-            stream = self._stream or sys.stdout
             try:
-                stream.write("\n".join(lines) + "\n")
-                stream.flush()
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
             except (OSError, ValueError):  # stdout closed or gone: nowhere to write
                 pass
 
