@@ -1,50 +1,185 @@
-"""How many requests one worker handles at once, REST and gRPC together.
+"""How many requests one worker handles at once, REST and gRPC together, and how fast
+it refuses the rest.
 
 A request over the limit is refused at once, before its body is read (503 +
-Retry-After, gRPC RESOURCE_EXHAUSTED). The limit is a fixed cap
-(``max_concurrent_requests``): the batcher's and the decode pool's admission, which
-measure the seconds of work queued ahead, decide what is overload; this cap bounds
-what a worker holds (memory, open bodies) whatever those measure.
+Retry-After, gRPC RESOURCE_EXHAUSTED). The limit adapts to the latency budget
+(``queue_wait_budget_seconds``, plus what a request alone takes, learnt from windows in
+which requests came one at a time): after each window of answers (0.1 s and 16 answers
+at least) it moves in proportion to budget / p99 of the window's answers: down when
+they were slower (from what the window held, by a fifth at most), up when they were
+faster and the limit was full (by a quarter at most). It never goes below a quarter
+of a batch (``max_batch_size``; so a few slow requests, a long list each, are not
+taken for a queue) nor above the configured cap (``max_concurrent_requests``), which
+bounds what a worker holds (memory, open bodies) whatever the latency says. The
+event loop's lag (how late a 10 ms timer fires) is added to the window's p99: a new
+request waits that long before anything times it. This extends the batcher's admission
+(seconds of inference queued) to everything a request waits for in a worker: under
+overload most of the wait is for the event loop and the CPU, which the batch queue
+does not see.
 
-A limit adapted by Little's law (measured throughput × a latency target) was tried and
-measured against the batcher's budget alone (docs/failure-modes.md): under clients that
-retry a 503 at once it did not raise goodput or lower admitted latency at 4× the
-saturating load, and sized to the bare budget it halved goodput, since every refusal
-still costs the event loop a request's parsing and the refused come straight back.
+Refusals themselves are paced. A client that retries a 503 at once, ignoring
+Retry-After, comes straight back; a refusal costs the event loop ~0.06 ms, so a few
+dozen such clients would otherwise take the CPU from the admitted requests (measured:
+goodput at 4x the saturating load fell to ~45% with the limit sized to the budget and
+unpaced refusals; docs/failure-modes.md). Each worker answers at most
+``max_refusals_per_second`` refusals; beyond that a refusal waits its turn (no CPU is
+spent while it waits), so a burst of refusals is answered at once and a storm of them
+takes a bounded share of the worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+
 from service import metrics
+from service.config import Settings
 from service.errors import Overloaded
+
+WINDOW_SECONDS = 0.1
+WINDOW_ANSWERS = 16
+MAX_CUT = 0.8  # a window cuts the limit to no less than this share of what it held
+LAG_INTERVAL = 0.01  # how often the event loop's lag is sampled
+MAX_RAISE = 1.25  # a window raises the limit by at most a quarter
+ALONE_WEIGHT = 0.1  # moving average of what a request alone takes
 
 
 class ConcurrencyLimit:
-    """The worker's in-flight count against its cap (event loop only: no lock)."""
+    """The worker's in-flight count against its limit (event loop only: no lock).
 
-    def __init__(self, limit: int) -> None:
-        if limit < 1:
-            raise ValueError(f"the concurrency limit must be at least 1, got {limit}")
-        self.limit = limit
+    With ``budget`` None the limit is the fixed ``cap``; with a budget it adapts, as the
+    module says, between ``floor`` and ``cap``."""
+
+    def __init__(
+        self,
+        cap: int,
+        *,
+        budget: float | None = None,
+        floor: int = 1,
+        refusals_per_second: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if cap < 1:
+            raise ValueError(f"the concurrency limit must be at least 1, got {cap}")
+        self.cap = cap
+        self.limit = cap
         self.in_flight = 0
+        self._budget = budget
+        self._floor = max(1, min(floor, cap))
+        self._clock = clock
+        self._refusal_interval = 1.0 / refusals_per_second if refusals_per_second > 0 else 0.0
+        self._next_refusal = 0.0
+        # The current window: answer times, the most requests held, whether it refused.
+        self._window_end = clock() + WINDOW_SECONDS
+        self._answers: list[float] = []
+        self._held = 0
+        self._full = False
+        self._alone = 0.0  # what a request alone takes (moving average; 0 = not seen)
+        self._lag = 0.0  # the event loop's lag summed over the window's samples
+        self._lag_samples = 0
 
-    def try_acquire(self) -> bool:
-        """Take a place, unless the worker is at its limit."""
+    def try_acquire(self) -> float | None:
+        """Take a place, unless the worker is at its limit: the time it was taken (hand
+        it to :meth:`release`), or None."""
         if self.in_flight >= self.limit:
-            return False
+            self._full = True
+            return None
         self.in_flight += 1
-        return True
+        if self.in_flight > self._held:
+            self._held = self.in_flight
+        return self._clock()
 
-    def release(self) -> None:
+    def release(self, taken: float) -> None:
         """An admitted request is answered (whatever the status)."""
         self.in_flight -= 1
+        if self._budget is None:
+            return
+        now = self._clock()
+        self._answers.append(now - taken)
+        if now >= self._window_end and len(self._answers) >= WINDOW_ANSWERS:
+            self._adapt(now)
+
+    def _adapt(self, now: float) -> None:
+        assert self._budget is not None
+        answers = sorted(self._answers)
+        if self._held <= 1:  # every answer was a request alone: nothing queued
+            p50 = answers[len(answers) // 2]
+            self._alone += ALONE_WEIGHT * (p50 - self._alone) if self._alone else p50
+        else:
+            self.limit = next_limit(
+                self.limit,
+                held=self._held,
+                full=self._full,
+                # What a new request waits for the loop before anything times it.
+                p99=answers[min(len(answers) - 1, int(len(answers) * 0.99))]
+                + self._lag / max(1, self._lag_samples),
+                target=self._budget + self._alone,
+                floor=self._floor,
+                cap=self.cap,
+            )
+            metrics.set_concurrency_limit(self.limit)
+        self._answers = []
+        self._lag = 0.0
+        self._lag_samples = 0
+        self._held = self.in_flight
+        self._full = False
+        self._window_end = now + WINDOW_SECONDS
+
+    async def watch_event_loop(self) -> None:
+        """Sample the event loop's lag (how late a timer fires) until cancelled: under
+        load a request waits that long before its handler starts, which the answer
+        times in :meth:`release` do not see."""
+        while True:
+            started = self._clock()
+            await asyncio.sleep(LAG_INTERVAL)
+            self._lag += max(0.0, self._clock() - started - LAG_INTERVAL)
+            self._lag_samples += 1
 
     def refusal(self) -> Overloaded:
         """What a request refused by :meth:`try_acquire` is told (and counted as)."""
         metrics.observe_shed("", "concurrency")
         return Overloaded(
-            f"this worker is handling {self.in_flight} requests, its limit "
-            f"(CNNSERVE_MAX_CONCURRENT_REQUESTS); retry after the Retry-After delay "
+            f"this worker is handling {self.in_flight} requests, its limit now "
+            f"(CNNSERVE_MAX_CONCURRENT_REQUESTS caps it; it adapts to "
+            f"CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS); retry after the Retry-After delay "
             f"({Overloaded.retry_after} s) or send to another replica",
             reason="concurrency",
         )
+
+    async def pace_refusal(self) -> None:
+        """Wait for this refusal's turn: at most ``refusals_per_second`` are answered."""
+        if not self._refusal_interval:
+            return
+        now = self._clock()
+        turn = max(now, self._next_refusal)
+        self._next_refusal = turn + self._refusal_interval
+        if turn > now:
+            await asyncio.sleep(turn - now)
+
+
+def next_limit(
+    limit: int, *, held: int, full: bool, p99: float, target: float, floor: int, cap: int
+) -> int:
+    """The limit after a window, in proportion to target / p99 of its answers: cut when
+    over the target (from what the window held, if that was less than the limit; by at
+    most a fifth), raised when within it and the limit was full (by one at least, a
+    quarter at most), else kept; between ``floor`` and ``cap``."""
+    if p99 > target:
+        return max(floor, int(min(limit, held) * max(MAX_CUT, target / p99)))
+    if full:
+        return min(cap, max(limit + 1, int(limit * min(MAX_RAISE, target / p99))))
+    return limit
+
+
+def worker_limit(
+    settings: Settings, clock: Callable[[], float] = time.monotonic
+) -> ConcurrencyLimit:
+    """The limit a serving worker shares between REST and gRPC."""
+    return ConcurrencyLimit(
+        settings.max_concurrent_requests,
+        budget=settings.queue_wait_budget_seconds,
+        floor=max(1, settings.max_batch_size // 4),
+        refusals_per_second=settings.max_refusals_per_second,
+        clock=clock,
+    )

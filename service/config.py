@@ -105,11 +105,24 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         512,
         ge=1,
-        description="Requests one worker handles at once (REST and gRPC together); more are "
-        "refused (503 / RESOURCE_EXHAUSTED) before their body is read.",
+        description="Cap on the requests one worker handles at once (REST and gRPC "
+        "together); below it the limit adapts to the queue-wait budget; more are refused "
+        "(503 / RESOURCE_EXHAUSTED) before their body is read.",
+    )
+    max_refusals_per_second: float = Field(
+        1000.0,
+        ge=0,
+        description="503s one worker answers per second at most; more wait their turn, so "
+        "clients retrying at once cannot take the CPU from admitted requests (0 = unpaced).",
     )
     max_connections: int = Field(
         2048, ge=1, description="Open HTTP connections per worker (uvicorn limit_concurrency)."
+    )
+    header_read_timeout_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="A request's headers must arrive within this of the connection opening "
+        "or of the request's first byte (else 408 and the connection is closed).",
     )
     body_read_timeout_seconds: float = Field(
         30.0, gt=0, description="A request body must arrive within this (else 408)."

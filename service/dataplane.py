@@ -21,7 +21,7 @@ from PIL import Image
 
 from service import metrics
 from service.batching import COST_WEIGHT
-from service.concurrency import ConcurrencyLimit
+from service.concurrency import ConcurrencyLimit, worker_limit
 from service.config import Settings
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, SERVING_SIGNATURE
 from service.errors import (
@@ -91,7 +91,7 @@ class DataPlane:
         self.settings = settings
         # Requests in this worker, against its limit (REST's RequestGuard and gRPC's
         # handlers share it).
-        self.concurrency = concurrency or ConcurrencyLimit(settings.max_concurrent_requests)
+        self.concurrency = concurrency or worker_limit(settings)
         # False once the server is stopping: gRPC calls are refused with UNAVAILABLE.
         self.accepting_calls = True
         self.registry = registry

@@ -113,6 +113,17 @@ OVERLOAD_REJECTIONS = Counter(
     "deadline, decode_queue, concurrency (model empty: refused before routing), backend.",
     ["model", "reason"],
 )
+CONCURRENCY_LIMIT = Gauge(
+    "cnnserve_concurrency_limit",
+    "Requests a worker admits at once now (adapted to the latency budget; summed over "
+    "workers); more are refused with reason concurrency.",
+    multiprocess_mode="livesum",
+)
+HEADER_TIMEOUTS = Counter(
+    "cnnserve_header_timeouts",
+    "Connections closed with a 408 because a request's headers did not arrive within "
+    "CNNSERVE_HEADER_READ_TIMEOUT_SECONDS (idle after connecting, or slowloris).",
+)
 INFERENCE_SECONDS_PER_IMAGE = Gauge(
     "cnnserve_inference_seconds_per_image",
     "Moving average of inference seconds per image, what admission multiplies by the "
@@ -251,6 +262,17 @@ def observe_shed(model: str, reason: str) -> None:
     if reason not in SHED_REASONS:
         raise ValueError(f"reason must be one of {SHED_REASONS}, got {reason!r}")
     OVERLOAD_REJECTIONS.labels(model, reason).inc()
+
+
+def set_concurrency_limit(limit: int) -> None:
+    """The worker's concurrency limit, as :class:`service.concurrency.ConcurrencyLimit`
+    adapts it."""
+    CONCURRENCY_LIMIT.set(limit)
+
+
+def observe_header_timeout() -> None:
+    """A connection timed out before its request's headers (service.api.http_protocol)."""
+    HEADER_TIMEOUTS.inc()
 
 
 class BatcherMetrics:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -24,8 +25,9 @@ from service.api.auth import ApiKeys
 from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import Admission, RequestGuard, install_error_handlers
+from service.api.http_protocol import HEADER_TIMEOUT_STATE
 from service.api.schemas import error_responses, openapi_without_validation_errors
-from service.concurrency import ConcurrencyLimit
+from service.concurrency import worker_limit
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.logs import setup_logging
@@ -54,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         setup_logging()
         settings = Settings()
     # One limit per worker, shared by REST and gRPC (service.concurrency).
-    concurrency = ConcurrencyLimit(settings.max_concurrent_requests)
+    concurrency = worker_limit(settings)
     keys = ApiKeys(
         settings.keys(),
         metrics_path=settings.metrics_path,
@@ -62,13 +64,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # A broken models.config stops start-up here, as it stops TF Serving.
         load_models_config(settings.model_repository)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         stop_access_log = configure_access_log(settings.access_log)
         metrics.register_this_process()
+        metrics.set_concurrency_limit(concurrency.limit)
         registry = Registry(settings)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
@@ -80,11 +83,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_after_loading)
         publishing = asyncio.create_task(_publish_readiness(registry, readiness, settings))
+        watching = asyncio.create_task(concurrency.watch_event_loop(), name="loop-lag")
         try:
-            yield
+            # Lifespan state: uvicorn hands it to every connection's protocol.
+            yield {HEADER_TIMEOUT_STATE: settings.header_read_timeout_seconds}
         finally:
             restore()
             publishing.cancel()
+            watching.cancel()
             readiness.publish(False)
             await stop_grpc(grpc_server, settings.shutdown_grace_seconds, app.state.dataplane)
             if not loading.done():

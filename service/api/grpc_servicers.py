@@ -71,17 +71,18 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         rid = str(sent.get(REQUEST_ID_KEY, ""))[:128] or new_request_id()
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
         trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
+        concurrency = self._plane.concurrency
         try:
             with recorded(RequestRecord(rid, "grpc", "POST", route)):
                 if not self._plane.accepting_calls:
                     raise Unavailable("the server is shutting down; retry on another replica")
-                concurrency = self._plane.concurrency
-                if not concurrency.try_acquire():
+                taken = concurrency.try_acquire()
+                if taken is None:
                     raise concurrency.refusal()
                 try:
                     answer = await method(self, request, context)
                 finally:
-                    concurrency.release()
+                    concurrency.release(taken)
             context.set_trailing_metadata(trailers)
             return answer
         except CnnserveError as exc:
@@ -93,6 +94,8 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
             error = InternalError("unexpected")
         if error.retry_after is not None:
             trailers += (("retry-after", str(error.retry_after)),)
+        if error.http_status == 503:  # come back later: paced (service.concurrency)
+            await concurrency.pace_refusal()
         await context.abort(grpc_status(error), error.public_message(), trailers)
 
     return handler

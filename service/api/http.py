@@ -158,6 +158,7 @@ class RequestGuard:
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or new_request_id()
         scope.setdefault("state", {})["request_id"] = rid
         record = RequestRecord(rid, "rest", scope["method"])
+        concurrency = self.admission.concurrency
         status = 500  # what the client gets if the app raises before answering
 
         async def send_with_id(message: Message) -> None:
@@ -167,31 +168,35 @@ class RequestGuard:
                 sent = message.get("headers", [])
                 if not any(name.lower() == b"x-request-id" for name, _ in sent):
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
+                if status == 503:  # come back later: paced (service.concurrency)
+                    await concurrency.pace_refusal()
             await send(message)
 
         try:
             with recording(record):
                 path = scope["path"]
                 limited = path not in PROBE_PATHS and path not in self.quiet_paths
-                refusal = self._refusal(path, headers, limited)
+                refusal = self._refusal(path, headers)
+                taken = None
+                if refusal is None and limited:
+                    taken = concurrency.try_acquire()
+                    if taken is None:
+                        refusal = concurrency.refusal()
                 if refusal is not None:
                     await error_response(refusal)(scope, receive, send_with_id)
                     return
                 try:
                     await self._guarded(scope, receive, send_with_id)
                 finally:
-                    if limited:
-                        self.admission.concurrency.release()
+                    if taken is not None:
+                        concurrency.release(taken)
         finally:
             if scope["path"] not in self.quiet_paths:
                 record.route = route_template(scope, self.routes)
                 finish(record, status)
 
-    def _refusal(
-        self, path: str, headers: dict[bytes, bytes], limited: bool
-    ) -> CnnserveError | None:
-        """Why a request is refused before a route runs, if it is; a request that is not
-        refused and is ``limited`` holds a place in the concurrency limit."""
+    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> CnnserveError | None:
+        """Why a request is refused before a route runs (the concurrency limit aside)."""
         keys = self.admission.keys
         if keys.enabled and not keys.is_open(path):
             auth = headers.get(b"authorization", b"").decode("latin-1") or None
@@ -204,8 +209,6 @@ class RequestGuard:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
             return self._too_large()
-        if limited and not self.admission.concurrency.try_acquire():
-            return self.admission.concurrency.refusal()
         return None
 
     def _too_large(self) -> PayloadTooLarge:

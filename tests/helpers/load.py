@@ -99,3 +99,26 @@ async def drive(port: int, request: bytes, connections: int, seconds: float) -> 
 
 def load(port: int, request: bytes, connections: int, seconds: float) -> Run:
     return asyncio.run(drive(port, request, connections, seconds))
+
+
+async def _once(port: int, request: bytes, run: Run) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    began = time.perf_counter()
+    try:
+        status, headers = await _one(reader, writer, request)
+        run.outcomes.append(
+            Outcome(status, time.perf_counter() - began, headers.get("retry-after"))
+        )
+    finally:
+        writer.close()
+
+
+def burst(port: int, request: bytes, connections: int) -> Run:
+    """``connections`` clients sending ``request`` once each, all at the same moment."""
+
+    async def drive_once() -> Run:
+        run = Run(0.0)
+        await asyncio.gather(*(_once(port, request, run) for _ in range(connections)))
+        return run
+
+    return asyncio.run(drive_once())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.launch import free_port, serve_command, stop, wait_for
 
@@ -48,6 +49,17 @@ class Server:
         if self.tls_ca is not None:
             kwargs.setdefault("verify", ssl.create_default_context(cafile=str(self.tls_ca)))
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
+
+    def metric(self, name: str) -> float:
+        """The sum of every sample named ``name`` on /metrics (over labels and workers)."""
+        with self.client() as client:
+            body = client.get("/metrics").text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(body)
+            for sample in family.samples
+            if sample.name == name
+        )
 
     def wait(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> None:
         """Poll until ``path`` answers ``status`` (readiness, not a fixed sleep)."""

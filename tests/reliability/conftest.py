@@ -25,8 +25,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_repo: Path) -> Iterator[Server]:
-    """One server (REST and gRPC, poll off) shared by a module's tests; short body
-    read timeout so slow-client tests finish fast."""
-    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_BODY_READ_TIMEOUT_SECONDS": "1"}
+    """One server (REST and gRPC, poll off) shared by a module's tests; short header and
+    body read timeouts so slow-client tests finish fast."""
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_BODY_READ_TIMEOUT_SECONDS": "1",
+        "CNNSERVE_HEADER_READ_TIMEOUT_SECONDS": "1",
+    }
     with running_server(tiny_repo, grpc_port=0, env=env) as started:
         yield started

@@ -218,6 +218,62 @@ def test_slow_client_body_is_cut_off_with_408(server: Server) -> None:
     assert b"request_timeout" in answer or b"\r\n\r\n" in answer
 
 
+def read_answer(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection."""
+    answer = b""
+    while part := sock.recv(4096):
+        answer += part
+    return answer
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"",  # connects and sends nothing
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Ty",  # slowloris: headers stall
+    ],
+    ids=["idle-connection", "stalled-headers"],
+)
+def test_headers_that_do_not_arrive_in_time_get_408_and_the_connection_closed(
+    server: Server, sent: bytes
+) -> None:
+    """A connection must deliver a request's headers within the header read timeout
+    (1 s in this server): otherwise a 408 JSON error and the connection closes, so idle
+    or slowloris connections cannot hold the worker's connection slots."""
+    before = server.metric("cnnserve_header_timeouts_total")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(sent)
+        started = time.monotonic()
+        with server.client() as client:  # others are served meanwhile
+            assert client.get("/readyz").status_code == 200
+        answer = read_answer(sock)  # returns once the server closes
+        assert time.monotonic() - started < BOUND
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert "headers did not arrive" in json.loads(body)["error"]["message"]
+    assert server.metric("cnnserve_header_timeouts_total") == before + 1
+
+
+def test_a_kept_alive_connection_gets_the_header_timeout_for_each_request(
+    server: Server,
+) -> None:
+    """After a full request and answer, the next request on the same connection that
+    stalls in its headers is cut off too (uvicorn's keep-alive timeout stops once any
+    byte arrives)."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(request)
+        first = b""
+        while b"\r\n\r\n" not in first:
+            first += sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        answer = read_answer(sock)
+    assert b"HTTP/1.1 408" in answer, answer[:300]
+
+
 def test_server_is_still_ready_and_correct_after_all_that(server: Server) -> None:
     with server.client() as client:
         assert client.get("/readyz").status_code == 200

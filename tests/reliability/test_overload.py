@@ -17,7 +17,7 @@ import pytest
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
-from tests.helpers.load import load, post, quantile
+from tests.helpers.load import burst, load, post, quantile
 from tests.helpers.server import Server, eventually, running_server
 
 BUDGET = 0.05  # the default queue-wait budget
@@ -154,3 +154,37 @@ def test_requests_over_the_concurrency_limit_are_refused_before_their_body(
         finally:
             for sock in holders:
                 sock.close()
+
+
+def test_refusals_are_paced_so_instant_retries_cannot_take_the_worker(
+    tiny_repo_litert: Path,
+) -> None:
+    """With the worker full, a burst of requests is refused at no more than
+    CNNSERVE_MAX_REFUSALS_PER_SECOND: each 503 waits its turn. Only a lower bound on
+    time is asserted (a slow machine can only make it slower)."""
+    rate = 40.0
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1",
+        "CNNSERVE_MAX_REFUSALS_PER_SECOND": str(rate),
+    }
+    png = encode(gradient(), "PNG")
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(png)}\r\n\r\n"
+    ).encode()
+    connections = 12
+    request = post("/v1/classify", png, "image/png")
+    with (
+        running_server(tiny_repo_litert, env=env) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as holder,
+    ):
+        holder.sendall(head)  # headers only: holds the worker's one place
+        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
+        outcomes = burst(server.port, request, connections)
+        assert outcomes.statuses() == {503}
+        answered = outcomes.of(503)
+        # The burst's last refusal waited for the turns of the ones before it.
+        assert answered[-1] >= (connections - 2) / rate, answered
+        holder.sendall(png)
+        assert holder.recv(65536).startswith(b"HTTP/1.1 200")

@@ -1,21 +1,134 @@
-"""The worker's concurrency limit (REST and gRPC share one)."""
+"""The worker's concurrency limit (REST and gRPC share one): a fixed cap, the adaptation
+to the latency budget on a moved clock, and the pacing of refusals."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from service.concurrency import ConcurrencyLimit
+from service import concurrency as module
+from service.concurrency import ConcurrencyLimit, next_limit, worker_limit
+from service.config import Settings
 from service.errors import Overloaded
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_the_limit_admits_up_to_its_cap_and_frees_places() -> None:
     limit = ConcurrencyLimit(3)
-    assert [limit.try_acquire() for _ in range(4)] == [True, True, True, False]
+    taken = [limit.try_acquire() for _ in range(4)]
+    assert [t is not None for t in taken] == [True, True, True, False]
     refusal = limit.refusal()
     assert isinstance(refusal, Overloaded) and refusal.reason == "concurrency"
     assert refusal.retry_after and "3 requests" in refusal.message
     assert "CNNSERVE_MAX_CONCURRENT_REQUESTS" in refusal.message
-    limit.release()
-    assert limit.try_acquire() and not limit.try_acquire()
+    first = taken[0]
+    assert first is not None
+    limit.release(first)
+    assert limit.try_acquire() is not None and limit.try_acquire() is None
     with pytest.raises(ValueError):
         ConcurrencyLimit(0)
+
+
+def test_a_window_over_the_target_cuts_the_limit_in_proportion() -> None:
+    common = {"full": True, "target": 0.05, "floor": 8, "cap": 512}
+    # From what the window held when that was below the limit, not from the cap.
+    assert next_limit(512, held=64, p99=0.06, **common) == int(64 * 0.05 / 0.06)
+    assert next_limit(53, held=64, p99=0.5, **common) == int(53 * 0.8)  # a fifth at most
+    assert next_limit(9, held=64, p99=0.5, **common) == 8  # never below the floor
+
+
+def test_a_window_within_the_target_raises_a_full_limit_only() -> None:
+    common = {"held": 80, "p99": 0.01, "target": 0.05, "floor": 8, "cap": 100}
+    assert next_limit(80, full=False, **common) == 80
+    assert next_limit(80, full=True, **common) == 100  # a quarter at most
+    assert next_limit(10, full=True, **{**common, "p99": 0.049}) == 11  # at least one
+    assert next_limit(40, full=True, **{**common, "p99": 0.045}) == 44  # in proportion
+    assert next_limit(99, full=True, **common) == 100  # never above the cap
+
+
+def rounds(limit: ConcurrencyLimit, clock: Clock, held: int, seconds: float, n: int) -> None:
+    """``n`` rounds of ``held`` requests at once, each answered after ``seconds``."""
+    for _ in range(n):
+        taken = [limit.try_acquire() for _ in range(held)]
+        clock.now += seconds
+        for t in taken:
+            if t is not None:
+                limit.release(t)
+
+
+def test_the_limit_follows_the_latency_of_answers() -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit(512, budget=0.05, floor=8, clock=clock)
+    rounds(limit, clock, held=64, seconds=0.04, n=10)
+    assert limit.limit == 512  # within the budget and never full: untouched
+    rounds(limit, clock, held=64, seconds=0.2, n=10)
+    assert 8 <= limit.limit < 64  # answers slower than the budget: fewer admitted
+    rounds(limit, clock, held=600, seconds=1.0, n=30)
+    assert limit.limit == 8  # never below the floor
+    rounds(limit, clock, held=600, seconds=0.01, n=300)
+    assert limit.limit == 512  # fast answers and refusals: back to the cap
+
+
+def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:
+    """Requests that are slow on their own (a large image, a long list) are not
+    queueing: the limit is cut only by what goes beyond that."""
+    clock = Clock()
+    limit = ConcurrencyLimit(100, budget=0.05, floor=8, clock=clock)
+    rounds(limit, clock, held=1, seconds=0.2, n=40)  # alone: 200 ms each
+    rounds(limit, clock, held=40, seconds=0.24, n=5)  # 240 ms <= 50 + 200: no cut
+    assert limit.limit == 100
+    rounds(limit, clock, held=40, seconds=0.5, n=5)
+    assert limit.limit < 40
+
+
+def test_without_a_budget_the_limit_is_the_fixed_cap() -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit(10, clock=clock)
+    rounds(limit, clock, held=20, seconds=5.0, n=10)
+    assert limit.limit == 10
+
+
+def test_a_worker_limit_follows_the_settings() -> None:
+    settings = Settings(
+        max_concurrent_requests=256,
+        queue_wait_budget_seconds=0.02,
+        max_batch_size=16,
+        max_refusals_per_second=500,
+    )
+    clock = Clock()
+    limit = worker_limit(settings, clock)
+    assert (limit.cap, limit.limit) == (256, 256)
+    rounds(limit, clock, held=300, seconds=1.0, n=40)
+    assert limit.limit == 4  # the floor is a quarter of a batch
+
+
+def test_refusals_beyond_the_rate_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+
+    monkeypatch.setattr(module.asyncio, "sleep", sleep)
+    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)
+
+    async def refuse(times: int) -> None:
+        for _ in range(times):
+            await limit.pace_refusal()
+
+    asyncio.run(refuse(3))  # a burst at one instant: the first at once, then every 10 ms
+    assert waits == pytest.approx([0.01, 0.02])
+    clock.now += 1.0  # the turns have passed: answered at once again
+    asyncio.run(refuse(1))
+    assert len(waits) == 2
+    unpaced = ConcurrencyLimit(1, clock=clock)
+    asyncio.run(unpaced.pace_refusal())
+    assert len(waits) == 2
