@@ -43,45 +43,55 @@ def timeout_answer(seconds: float) -> bytes:
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol):
-    """What uvicorn runs per connection (``http=`` in service.server)."""
+    """What uvicorn runs per connection (``http=`` in service.server).
+
+    One timer per connection, not per request: a request only notes when its headers
+    are due; the timer, when it fires, closes the connection if the headers it waits for
+    are late, re-arms for a request whose headers are not due yet, and lapses if none is
+    awaited (the next request arms it again)."""
 
     _header_timer: asyncio.TimerHandle | None = None
+    _headers_due: float | None = None
+    _header_seconds: float = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm()  # the first request's headers are due from now
+        self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
+        self._expect_headers()  # the first request's headers are due from now
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._header_timer is None:  # a later request on the connection began
-            self._arm()
+        self._expect_headers()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        self._headers_due = None
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
-
-    def _arm(self) -> None:
-        seconds = self.app_state.get(HEADER_TIMEOUT_STATE)
-        if seconds:
-            self._header_timer = self.loop.call_later(seconds, self._timed_out, seconds)
-
-    def _disarm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        super().connection_lost(exc)
 
-    def _timed_out(self, seconds: float) -> None:
-        self._header_timer = None
-        if self.transport.is_closing():
+    def _expect_headers(self) -> None:
+        if not self._header_seconds:
             return
-        busy = self.cycle is not None and not self.cycle.response_complete
-        if busy:  # a request is being answered; the next one's headers lag: just close
+        self._headers_due = self.loop.time() + self._header_seconds
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_at(self._headers_due, self._check)
+
+    def _check(self) -> None:
+        self._header_timer = None
+        due = self._headers_due
+        if due is None or self.transport.is_closing():
+            return
+        if self.loop.time() < due:  # a later request's headers: not due yet
+            self._header_timer = self.loop.call_at(due, self._check)
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A request is being answered and the next one's headers lag: close after it.
             self.cycle.keep_alive = False
             return
         metrics.observe_header_timeout()
-        self.transport.write(timeout_answer(seconds))
+        self.transport.write(timeout_answer(self._header_seconds))
         self.transport.close()

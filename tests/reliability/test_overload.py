@@ -159,9 +159,10 @@ def test_requests_over_the_concurrency_limit_are_refused_before_their_body(
 def test_refusals_are_paced_so_instant_retries_cannot_take_the_worker(
     tiny_repo_litert: Path,
 ) -> None:
-    """With the worker full, a burst of requests is refused at no more than
-    CNNSERVE_MAX_REFUSALS_PER_SECOND: each 503 waits its turn. Only a lower bound on
-    time is asserted (a slow machine can only make it slower)."""
+    """With the worker full, a burst of requests beyond the refusal bucket (50 ms worth)
+    is refused at no more than CNNSERVE_MAX_REFUSALS_PER_SECOND: each 503 waits its
+    turn. Only a lower bound on time is asserted (a slow machine can only make it
+    slower)."""
     rate = 40.0
     env = {
         "CNNSERVE_POLL_SECONDS": "0",
@@ -185,6 +186,7 @@ def test_refusals_are_paced_so_instant_retries_cannot_take_the_worker(
         assert outcomes.statuses() == {503}
         answered = outcomes.of(503)
         # The burst's last refusal waited for the turns of the ones before it.
+        # The burst is one refusal here (40/s x 50 ms < 1), and eventually() used some.
         assert answered[-1] >= (connections - 2) / rate, answered
         holder.sendall(png)
         assert holder.recv(65536).startswith(b"HTTP/1.1 200")

@@ -67,8 +67,8 @@ def rounds(limit: ConcurrencyLimit, clock: Clock, held: int, seconds: float, n: 
 def test_the_limit_follows_the_latency_of_answers() -> None:
     clock = Clock()
     limit = ConcurrencyLimit(512, budget=0.05, floor=8, clock=clock)
-    rounds(limit, clock, held=64, seconds=0.04, n=10)
-    assert limit.limit == 512  # within the budget and never full: untouched
+    rounds(limit, clock, held=64, seconds=0.03, n=10)
+    assert limit.limit == 512  # within the worker's share of the budget: untouched
     rounds(limit, clock, held=64, seconds=0.2, n=10)
     assert 8 <= limit.limit < 64  # answers slower than the budget: fewer admitted
     rounds(limit, clock, held=600, seconds=1.0, n=30)
@@ -83,7 +83,7 @@ def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:
     clock = Clock()
     limit = ConcurrencyLimit(100, budget=0.05, floor=8, clock=clock)
     rounds(limit, clock, held=1, seconds=0.2, n=40)  # alone: 200 ms each
-    rounds(limit, clock, held=40, seconds=0.24, n=5)  # 240 ms <= 50 + 200: no cut
+    rounds(limit, clock, held=40, seconds=0.23, n=5)  # 230 ms <= 0.7 * 50 + 200: no cut
     assert limit.limit == 100
     rounds(limit, clock, held=40, seconds=0.5, n=5)
     assert limit.limit < 40
@@ -110,7 +110,7 @@ def test_a_worker_limit_follows_the_settings() -> None:
     assert limit.limit == 4  # the floor is a quarter of a batch
 
 
-def test_refusals_beyond_the_rate_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refusals_beyond_a_burst_wait_their_turn(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = Clock()
     waits: list[float] = []
 
@@ -118,17 +118,20 @@ def test_refusals_beyond_the_rate_wait_their_turn(monkeypatch: pytest.MonkeyPatc
         waits.append(seconds)
 
     monkeypatch.setattr(module.asyncio, "sleep", sleep)
-    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)
+    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)  # a burst of 5
 
     async def refuse(times: int) -> None:
         for _ in range(times):
             await limit.pace_refusal()
 
-    asyncio.run(refuse(3))  # a burst at one instant: the first at once, then every 10 ms
+    asyncio.run(refuse(7))  # at one instant: the burst at once, then one every 10 ms
     assert waits == pytest.approx([0.01, 0.02])
-    clock.now += 1.0  # the turns have passed: answered at once again
-    asyncio.run(refuse(1))
+    clock.now += 1.0  # the bucket has refilled: answered at once again
+    asyncio.run(refuse(5))
     assert len(waits) == 2
+    clock.now += 0.02  # two tokens accrued, the third is owed
+    asyncio.run(refuse(3))
+    assert waits[2:] == pytest.approx([0.01])
     unpaced = ConcurrencyLimit(1, clock=clock)
     asyncio.run(unpaced.pace_refusal())
-    assert len(waits) == 2
+    assert len(waits) == 3
