@@ -18,8 +18,10 @@ inference queued) to everything a request waits for in a worker: under overload 
 of the wait is for the event loop and the CPU, which the batch queue does not see.
 
 Refusals themselves are paced. A client that retries a 503 at once, ignoring
-Retry-After, comes straight back; a refusal costs the event loop ~0.06 ms, so a few
-dozen such clients would otherwise take the CPU from the admitted requests (measured:
+Retry-After, comes straight back; a refusal costs the event loop ~0.04 ms even when
+answered as the headers are parsed (service.api.http_protocol; ~0.07 ms through the
+app), so a few dozen such clients would otherwise take the CPU from the admitted
+requests (measured:
 goodput at 4x the saturating load fell to ~45% with the limit sized to the budget and
 unpaced refusals; docs/failure-modes.md). Each worker answers at most
 ``max_refusals_per_second`` refusals (a token bucket; a burst of 50 ms worth is
@@ -39,10 +41,13 @@ from service.errors import Overloaded
 
 WINDOW_SECONDS = 0.1
 # The share of the budget a worker's own answers may take at p99: the rest is for what it
-# cannot time (the kernel's socket queues, the client). Measured at 4x the saturating load
-# (2 workers, default model, wrk retrying at once, a probe beside it): the probe's p99
-# was 61-154 ms aiming at the whole budget and 47-57 ms aiming at 0.7 of it.
-BUDGET_SHARE = 0.7
+# cannot time (the kernel's socket queues, the client). 2 workers, default model, wrk
+# retrying at once, a probe beside it: at 4x the saturating load the probe's p99 was
+# 61-154 ms aiming at the whole of a 50 ms budget, 47-57 ms at 0.7 of it; but 0.7 x 50 ms
+# sat so close to the saturating load's own p99 (25-36 ms) that the bench's 32
+# connections were refused 0.5-31% of the time. With the default budget at 80 ms and
+# 0.6 of it (48 ms): none refused at 32, probe p99 59-61 ms at 4x, 57-68 ms at 16x.
+BUDGET_SHARE = 0.6
 WINDOW_ANSWERS = 16
 MAX_CUT = 0.8  # a window cuts the limit to no less than this share of what it held
 REFUSAL_BURST_SECONDS = 0.05  # refusals answered at once: this many seconds' worth
@@ -156,17 +161,24 @@ class ConcurrencyLimit:
             reason="concurrency",
         )
 
-    async def pace_refusal(self) -> None:
-        """Wait for this refusal's turn: a burst of refusals is answered at once, beyond
-        it at most ``refusals_per_second`` are (each waiting for its token)."""
+    def refusal_delay(self) -> float:
+        """Seconds this refusal waits for its turn (and takes it): 0 within a burst,
+        beyond it each waits for its token, at ``refusals_per_second``."""
         if not self._rate:
-            return
+            return 0.0
         now = self._clock()
         refilled = self._tokens + (now - self._tokens_at) * self._rate
         self._tokens = min(self._burst, refilled) - 1
         self._tokens_at = now
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
-            await asyncio.sleep(-self._tokens / self._rate)
+            return -self._tokens / self._rate
+        return 0.0
+
+    async def pace_refusal(self) -> None:
+        """Wait for this refusal's turn (:meth:`refusal_delay`)."""
+        delay = self.refusal_delay()
+        if delay:
+            await asyncio.sleep(delay)
 
 
 def next_limit(

@@ -42,7 +42,7 @@ def serve(settings: Settings) -> int:
         "access_log": False,  # the gateway writes its own JSON access log
         "timeout_graceful_shutdown": math.ceil(settings.shutdown_grace_seconds),
         "limit_concurrency": settings.max_connections,
-        "http": "service.api.http_protocol:HeaderTimeoutProtocol",
+        "http": "service.api.http_protocol:GatewayHttpProtocol",
         "timeout_keep_alive": settings.keep_alive_seconds,
         "ssl_certfile": settings.tls_certfile,
         "ssl_keyfile": settings.tls_keyfile,

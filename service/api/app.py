@@ -24,8 +24,8 @@ from service.api import demo, rest, tfserving_rest
 from service.api.auth import ApiKeys
 from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
-from service.api.http import Admission, RequestGuard, install_error_handlers
-from service.api.http_protocol import HEADER_TIMEOUT_STATE
+from service.api.http import Admission, EarlyRefusal, RequestGuard, install_error_handlers
+from service.api.http_protocol import EARLY_REFUSAL_STATE, HEADER_TIMEOUT_STATE
 from service.api.schemas import error_responses, openapi_without_validation_errors
 from service.concurrency import worker_limit
 from service.config import Settings
@@ -63,6 +63,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         protect_metrics=settings.metrics_require_key,
     )
 
+    admission = Admission(
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout_seconds=settings.body_read_timeout_seconds,
+        concurrency=concurrency,
+        keys=keys,
+    )
+    routers = [rest.router, tfserving_rest.router, *([demo.router] if settings.demo_page else [])]
+    guarded_routes = [route for router in routers for route in router.routes]
+    quiet_paths = frozenset({settings.metrics_path})
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         # A broken models.config stops start-up here, as it stops TF Serving.
@@ -86,7 +96,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         watching = asyncio.create_task(concurrency.watch_event_loop(), name="loop-lag")
         try:
             # Lifespan state: uvicorn hands it to every connection's protocol.
-            yield {HEADER_TIMEOUT_STATE: settings.header_read_timeout_seconds}
+            yield {
+                HEADER_TIMEOUT_STATE: settings.header_read_timeout_seconds,
+                EARLY_REFUSAL_STATE: EarlyRefusal(admission, quiet_paths, guarded_routes),
+            }
         finally:
             restore()
             publishing.cancel()
@@ -112,14 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
     app.state.docs_url = DOCS_URL
-    admission = Admission(
-        max_body_bytes=settings.max_body_bytes,
-        body_read_timeout_seconds=settings.body_read_timeout_seconds,
-        concurrency=concurrency,
-        keys=keys,
-    )
     install_error_handlers(app)
-    routers = [rest.router, tfserving_rest.router, *([demo.router] if settings.demo_page else [])]
     for router in routers:
         app.include_router(router)
     if settings.metrics_path:
@@ -129,10 +135,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added first, so it runs inside RequestGuard (the last added is the outermost).
     app.add_middleware(ClassifyFastPath)
     app.add_middleware(
-        RequestGuard,
-        admission=admission,
-        quiet_paths=frozenset({settings.metrics_path}),
-        routes=[route for router in routers for route in router.routes],
+        RequestGuard, admission=admission, quiet_paths=quiet_paths, routes=guarded_routes
     )
     return app
 

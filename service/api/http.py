@@ -242,6 +242,69 @@ class RequestGuard:
         await self.app(scope, limited_receive, send)
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A request refused as soon as its headers were parsed: the answer's headers (less
+    the status line and the server's own) and body, how long it waits for its turn
+    (service.concurrency's pace), and its record (closed once it is answered)."""
+
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    delay: float
+    record: RequestRecord
+
+    def answered(self) -> None:
+        finish(self.record, 503)
+
+
+class EarlyRefusal:
+    """What RequestGuard would answer a request its worker has no place for (503
+    ``overloaded``, Retry-After, X-Request-ID, the same metrics and access-log line), for
+    the HTTP protocol (service.api.http_protocol) to send as soon as the headers are
+    parsed, before uvicorn builds the request's ASGI scope and task: ~0.009 ms of CPU
+    against ~0.066 ms through the app, measured with every request refused. Probes and
+    the metrics scrape are never refused; RequestGuard still decides for the rest."""
+
+    def __init__(
+        self, admission: Admission, quiet_paths: frozenset[str], routes: Sequence[BaseRoute]
+    ) -> None:
+        self.admission = admission
+        self.quiet_paths = quiet_paths
+        self.routes = routes
+        self._templates: dict[tuple[str, str], str] = {}  # (method, path) -> route label
+
+    def __call__(
+        self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]
+    ) -> Refused | None:
+        concurrency = self.admission.concurrency
+        if concurrency.in_flight < concurrency.limit or path in PROBE_PATHS:
+            return None
+        if path in self.quiet_paths:
+            return None
+        rid = next((v for k, v in headers if k == b"x-request-id"), b"")[:128]
+        request_id = rid.decode("latin-1") or new_request_id()
+        record = RequestRecord(request_id, "rest", method, self._route(method, path))
+        error = concurrency.refusal()
+        body = json.dumps(error.to_dict(), ensure_ascii=False, separators=(",", ":")).encode()
+        answer = [
+            (b"content-length", str(len(body)).encode()),
+            (b"content-type", JSON.encode()),
+            (b"retry-after", str(error.retry_after).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        return Refused(answer, body, concurrency.refusal_delay(), record)
+
+    def _route(self, method: str, path: str) -> str:
+        template = self._templates.get((method, path))
+        if template is None:
+            scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+            template = route_template(scope, self.routes)
+            if len(self._templates) >= 1024:  # raw paths are the client's: stay bounded
+                self._templates.clear()
+            self._templates[(method, path)] = template
+        return template
+
+
 def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:
     """The matched route's template (``/v1/models/{model}``), never the raw path, so the
     route label stays bounded whatever clients request. A request refused before routing

@@ -9,9 +9,16 @@ everyone else out. Here a request's headers must be complete within
 byte; if not, the client gets a 408 (``request_timeout``) and the connection is closed.
 The body has its own timeout (RequestGuard, ``body_read_timeout_seconds``).
 
-The timeout reaches the protocol through the app's lifespan state (ASGI "state", which
-uvicorn hands to every connection), so that it comes from the one Settings object in
-single-process and multi-worker runs alike.
+Under overload, a request its worker has no place for is refused here, as soon as its
+headers are parsed (:class:`service.api.http.EarlyRefusal` decides and writes the
+answer's headers and body, the same as RequestGuard's), without an ASGI scope, task or
+middleware: a seventh of the CPU of a refusal through the app, which is what lets the
+worker answer refusals at a pace that keeps them fast. Reading pauses until the answer
+(paced) is sent; the refused body is then read and dropped, and the connection goes on.
+
+Both reach the protocol through the app's lifespan state (ASGI "state", which uvicorn
+hands to every connection), so that they come from the one Settings object and the
+worker's one concurrency limit in single-process and multi-worker runs alike.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import json
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
+from service.api.http import EarlyRefusal, Refused
 from service.errors import RequestTimeout
 
-# The key in the lifespan state (service.api.app) that carries the timeout in seconds.
+# The keys in the lifespan state (service.api.app): the header timeout in seconds, and
+# the worker's EarlyRefusal.
 HEADER_TIMEOUT_STATE = "cnnserve.header_read_timeout_seconds"
+EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
 
 
 def timeout_answer(seconds: float) -> bytes:
@@ -42,7 +52,7 @@ def timeout_answer(seconds: float) -> bytes:
     return head.encode() + body
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
+class GatewayHttpProtocol(HttpToolsProtocol):
     """What uvicorn runs per connection (``http=`` in service.server).
 
     One timer per connection, not per request: a request only notes when its headers
@@ -53,25 +63,80 @@ class HeaderTimeoutProtocol(HttpToolsProtocol):
     _header_timer: asyncio.TimerHandle | None = None
     _headers_due: float | None = None
     _header_seconds: float = 0.0
+    _early_refusal: EarlyRefusal | None = None
+    _dropping = False  # the current request was refused here: its body is dropped
+    _refusal: tuple[Refused, bool, asyncio.TimerHandle] | None = None  # not yet sent
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
+        self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
         self._expect_headers()  # the first request's headers are due from now
 
     def on_message_begin(self) -> None:
+        if self._refusal is not None:  # a pipelined request: answer the refused one first
+            self._send_refusal()
+        self._dropping = False
         super().on_message_begin()
         self._expect_headers()
 
     def on_headers_complete(self) -> None:
         self._headers_due = None
+        # Refused here only when no earlier request on the connection is still being
+        # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
+        idle = self.cycle is None or self.cycle.response_complete
+        if self._early_refusal is not None and idle:
+            method = self.parser.get_method().decode("ascii")
+            path = self.url.partition(b"?")[0].decode("latin-1")
+            refused = self._early_refusal(method, path, self.headers)
+            if refused is not None:
+                self._refuse(refused)
+                return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._dropping:
+            super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        if not self._dropping:
+            super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._refusal is not None:
+            refused, _, timer = self._refusal
+            timer.cancel()
+            self._refusal = None
+            refused.answered()  # counted and logged, though the client left
         super().connection_lost(exc)
+
+    def _refuse(self, refused: Refused) -> None:
+        self._dropping = True
+        keep_alive = self.parser.should_keep_alive()
+        self.flow.pause_reading()  # nothing more is read until the answer is sent
+        timer = self.loop.call_later(refused.delay, self._send_refusal)
+        self._refusal = (refused, keep_alive, timer)
+
+    def _send_refusal(self) -> None:
+        assert self._refusal is not None
+        refused, keep_alive, timer = self._refusal
+        timer.cancel()
+        self._refusal = None
+        content = [STATUS_LINE[503]]
+        for name, value in [*self.server_state.default_headers, *refused.headers]:
+            content.extend([name, b": ", value, b"\r\n"])
+        if not keep_alive:
+            content.append(b"connection: close\r\n")
+        content.extend([b"\r\n", refused.body])
+        self.transport.write(b"".join(content))
+        refused.answered()
+        if keep_alive:
+            self.on_response_complete()  # reads on (the body is dropped), keep-alive
+        else:
+            self.transport.close()
 
     def _expect_headers(self) -> None:
         if not self._header_seconds:

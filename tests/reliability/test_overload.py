@@ -5,6 +5,7 @@ full speed returns as soon as load drops. Bounds are generous: the machine is sh
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -20,7 +21,7 @@ from tests.helpers.images import encode, gradient
 from tests.helpers.load import burst, load, post, quantile
 from tests.helpers.server import Server, eventually, running_server
 
-BUDGET = 0.05  # the default queue-wait budget
+BUDGET = 0.08  # the default queue-wait budget
 BASE_CONNECTIONS = 16  # about where goodput stops growing here
 SECONDS = 4.0
 PNG_TYPE = {"content-type": "image/png"}
@@ -96,12 +97,12 @@ def test_four_times_overload_is_shed_fast_and_recovers(server: Server) -> None:
     print(report)
     assert overload.statuses() <= {200, 503}, report
     assert all(o.retry_after for o in overload.outcomes if o.status == 503)
-    # The issue's targets are goodput >= 70% of capacity and admitted p99 <= 2x unloaded
-    # + budget; these clients retry a 503 at once (as wrk does) from the same two shared
-    # cores, so the bounds here are looser: shedding must keep the server useful and
-    # its latency bounded, not match a quiet machine's numbers.
-    assert overload.rate() >= 0.3 * capacity.rate(), report
-    assert quantile(admitted, 0.99) <= 4 * unloaded_p99 + BUDGET + 1.0, report
+    # The targets are goodput >= 70% of capacity and admitted p99 <= 2x unloaded +
+    # budget (measured here: ~100% and ~35 ms against ~55 ms); these clients retry a 503
+    # at once (as wrk does) from the same two shared cores, so the bounds leave room for
+    # a noisy machine: half the capacity, and 100 ms over the target.
+    assert overload.rate() >= 0.5 * capacity.rate(), report
+    assert quantile(admitted, 0.99) <= 2 * unloaded_p99 + BUDGET + 0.1, report
     if shed:
         assert quantile(shed, 0.5) <= 0.25, report
         assert sum(shed_counts(server).values()) >= len(shed)
@@ -188,5 +189,60 @@ def test_refusals_are_paced_so_instant_retries_cannot_take_the_worker(
         # The burst's last refusal waited for the turns of the ones before it.
         # The burst is one refusal here (40/s x 50 ms < 1), and eventually() used some.
         assert answered[-1] >= (connections - 2) / rate, answered
+        holder.sendall(png)
+        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def read_response(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length from ``sock``: (head, body, the bytes
+    read past it)."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest[:length], rest[length:]
+
+
+def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_connection_goes_on(
+    tiny_repo_litert: Path,
+) -> None:
+    """Refused as soon as its headers are parsed (service.api.http_protocol), a request
+    gets RequestGuard's answer: 503, Retry-After, its own X-Request-ID, the JSON error;
+    its body is dropped and the same connection serves the next request; a pipelined
+    request after a refused one is answered after it, in order."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1"}
+    png = encode(gradient(), "PNG")
+    request = post("/v1/classify", png, "image/png", {"X-Request-ID": "refused-1"})
+    probe = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with (
+        running_server(tiny_repo_litert, env=env) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as holder,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as client,
+    ):
+        holder.sendall(request.split(b"\r\n\r\n")[0] + b"\r\n\r\n")  # holds the place
+        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
+        shed_before = shed_counts(server).get("concurrency", 0)
+
+        client.sendall(request)
+        head, body, rest = read_response(client)
+        assert head.startswith(b"HTTP/1.1 503"), head
+        assert b"retry-after: 1" in head.lower() and b"x-request-id: refused-1" in head.lower()
+        assert b"content-type: application/json" in head.lower()
+        error = json.loads(body)["error"]
+        assert error["code"] == "overloaded" and "its limit" in error["message"]
+
+        client.sendall(probe)  # the same connection, after the dropped body
+        head, _, rest = read_response(client, rest)
+        assert head.startswith(b"HTTP/1.1 200"), head
+
+        client.sendall(request + probe)  # pipelined: the refusal first, then the probe
+        first, _, rest = read_response(client, rest)
+        second, _, _ = read_response(client, rest)
+        assert first.startswith(b"HTTP/1.1 503") and second.startswith(b"HTTP/1.1 200")
+        assert shed_counts(server).get("concurrency", 0) >= shed_before + 2
+
         holder.sendall(png)
         assert holder.recv(65536).startswith(b"HTTP/1.1 200")

@@ -124,7 +124,7 @@ def test_config_from_settings_and_validation() -> None:
     settings = Settings(
         max_batch_size=8, batch_timeout_micros=250, max_enqueued_batches=3, num_batch_threads=2
     )
-    assert BatchingConfig.from_settings(settings) == BatchingConfig(8, 250, 3, 2, 0.05)
+    assert BatchingConfig.from_settings(settings) == BatchingConfig(8, 250, 3, 2, 0.08)
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchingConfig(0, 0, 1, 1)
 

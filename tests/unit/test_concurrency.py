@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from service import concurrency as module
-from service.concurrency import ConcurrencyLimit, next_limit, worker_limit
+from service.concurrency import BUDGET_SHARE, ConcurrencyLimit, next_limit, worker_limit
 from service.config import Settings
 from service.errors import Overloaded
 
@@ -67,7 +67,7 @@ def rounds(limit: ConcurrencyLimit, clock: Clock, held: int, seconds: float, n: 
 def test_the_limit_follows_the_latency_of_answers() -> None:
     clock = Clock()
     limit = ConcurrencyLimit(512, budget=0.05, floor=8, clock=clock)
-    rounds(limit, clock, held=64, seconds=0.03, n=10)
+    rounds(limit, clock, held=64, seconds=0.9 * BUDGET_SHARE * 0.05, n=10)
     assert limit.limit == 512  # within the worker's share of the budget: untouched
     rounds(limit, clock, held=64, seconds=0.2, n=10)
     assert 8 <= limit.limit < 64  # answers slower than the budget: fewer admitted
@@ -83,7 +83,7 @@ def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:
     clock = Clock()
     limit = ConcurrencyLimit(100, budget=0.05, floor=8, clock=clock)
     rounds(limit, clock, held=1, seconds=0.2, n=40)  # alone: 200 ms each
-    rounds(limit, clock, held=40, seconds=0.23, n=5)  # 230 ms <= 0.7 * 50 + 200: no cut
+    rounds(limit, clock, held=40, seconds=0.2 + 0.9 * BUDGET_SHARE * 0.05, n=5)  # no cut
     assert limit.limit == 100
     rounds(limit, clock, held=40, seconds=0.5, n=5)
     assert limit.limit < 40
