@@ -77,17 +77,6 @@ def test_the_limit_follows_the_latency_of_answers() -> None:
     assert limit.limit == 512  # fast answers and refusals: back to the cap
 
 
-def test_one_slow_window_does_not_cut_the_limit_two_in_a_row_do() -> None:
-    clock = Clock()
-    limit = ConcurrencyLimit(512, budget=0.05, floor=8, clock=clock)
-    rounds(limit, clock, held=64, seconds=0.01, n=10)  # fast windows
-    rounds(limit, clock, held=64, seconds=0.06, n=1)  # one slow window (a pause)
-    rounds(limit, clock, held=64, seconds=0.01, n=20)
-    assert limit.limit == 512
-    rounds(limit, clock, held=64, seconds=0.2, n=3)  # slow windows in a row: a queue
-    assert limit.limit < 64
-
-
 def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:
     """Requests that are slow on their own (a large image, a long list) are not
     queueing: the limit is cut only by what goes beyond that."""
