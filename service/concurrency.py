@@ -103,19 +103,26 @@ class ConcurrencyLimit:
         """Take a place, unless the worker is at its limit: the time it was taken (hand
         it to :meth:`release`), or None. A window closes here, at the first arrival
         after it is due, so that the answers of requests let in together fall in one."""
-        if self.in_flight >= self.limit:
-            self._full = True
+        if not self.admits():
             return None
         now = self._clock()
         if now >= self._window_end and len(self._answers) >= WINDOW_ANSWERS:
             self._adapt(now)
-            if self.in_flight >= self.limit:
-                self._full = True
+            if not self.admits():
                 return None
         self.in_flight += 1
         if self.in_flight > self._held:
             self._held = self.in_flight
         return now
+
+    def admits(self) -> bool:
+        """Whether a request arriving now gets a place; when not, the window notes that
+        the limit was full (what lets :func:`next_limit` raise it). For a refusal decided
+        before :meth:`try_acquire` (service.api.http.EarlyRefusal) as for its own."""
+        if self.in_flight < self.limit:
+            return True
+        self._full = True
+        return False
 
     def release(self, taken: float) -> None:
         """An admitted request is answered (whatever the status)."""

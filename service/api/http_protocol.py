@@ -24,12 +24,11 @@ worker's one concurrency limit in single-process and multi-worker runs alike.
 from __future__ import annotations
 
 import asyncio
-import json
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
-from service.api.http import EarlyRefusal, Refused
+from service.api.http import EarlyRefusal, Refused, error_response
 from service.errors import RequestTimeout
 
 # The keys in the lifespan state (service.api.app): the header timeout in seconds, and
@@ -38,18 +37,11 @@ HEADER_TIMEOUT_STATE = "cnnserve.header_read_timeout_seconds"
 EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
 
 
-def timeout_answer(seconds: float) -> bytes:
-    """The whole 408 response, connection closing."""
-    error = RequestTimeout(
+def timeout_error(seconds: float) -> RequestTimeout:
+    return RequestTimeout(
         f"the request headers did not arrive within {seconds:g} s of the connection or of "
         "the request's first byte; send them at once"
     )
-    body = json.dumps(error.to_dict()).encode()
-    head = (
-        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -125,17 +117,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         refused, keep_alive, timer = self._refusal
         timer.cancel()
         self._refusal = None
-        content = [STATUS_LINE[503]]
-        for name, value in [*self.server_state.default_headers, *refused.headers]:
-            content.extend([name, b": ", value, b"\r\n"])
-        if not keep_alive:
-            content.append(b"connection: close\r\n")
-        content.extend([b"\r\n", refused.body])
-        self.transport.write(b"".join(content))
+        self._answer(503, refused.headers, refused.body, keep_alive)
         refused.answered()
         if keep_alive:
             self.on_response_complete()  # reads on (the body is dropped), keep-alive
-        else:
+
+    def _answer(
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool
+    ) -> None:
+        """Write a whole response the app did not make (with the server's own headers,
+        as uvicorn writes them); close the connection after it unless ``keep_alive``."""
+        content = [STATUS_LINE[status]]
+        for name, value in [*self.server_state.default_headers, *headers]:
+            content.extend([name, b": ", value, b"\r\n"])
+        if not keep_alive:
+            content.append(b"connection: close\r\n")
+        content.extend([b"\r\n", body])
+        self.transport.write(b"".join(content))
+        if not keep_alive:
             self.transport.close()
 
     def _expect_headers(self) -> None:
@@ -158,5 +157,5 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             return
         metrics.observe_header_timeout()
-        self.transport.write(timeout_answer(self._header_seconds))
-        self.transport.close()
+        answer = error_response(timeout_error(self._header_seconds))
+        self._answer(408, answer.raw_headers, bytes(answer.body), keep_alive=False)

@@ -77,6 +77,26 @@ def test_the_limit_follows_the_latency_of_answers() -> None:
     assert limit.limit == 512  # fast answers and refusals: back to the cap
 
 
+def test_refusals_decided_before_acquiring_count_as_a_full_limit() -> None:
+    """A request refused before try_acquire (the HTTP protocol's early refusal asks
+    admits()) marks the window full, so fast answers raise a cut limit again."""
+    clock = Clock()
+    limit = ConcurrencyLimit(512, budget=0.05, floor=8, clock=clock)
+    rounds(limit, clock, held=64, seconds=0.5, n=10)
+    cut = limit.limit
+    assert cut < 64
+    for _ in range(30):  # fill the limit, the next one refused early; answers are fast
+        taken = []
+        while limit.admits():
+            t = limit.try_acquire()
+            assert t is not None
+            taken.append(t)
+        clock.now += 0.01
+        for t in taken:
+            limit.release(t)
+    assert limit.limit > cut
+
+
 def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:
     """Requests that are slow on their own (a large image, a long list) are not
     queueing: the limit is cut only by what goes beyond that."""
