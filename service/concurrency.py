@@ -32,7 +32,11 @@ goodput at 4x the saturating load fell to ~45% with the limit sized to the budge
 unpaced refusals; docs/failure-modes.md). Each worker answers at most
 ``max_refusals_per_second`` refusals (a token bucket; a burst of 50 ms worth is
 answered at once); beyond that a refusal waits its turn (no CPU is spent while it
-waits), so a storm of them takes a bounded share of the worker.
+waits), so a storm of them takes a bounded share of the worker. Only a client retrying
+at once waits (known per connection: :class:`ConnectionRefusals`); any other refusal is
+answered at once and its token taken from the spinning clients' turns, so a client
+that waits before retrying, or one turned away after an answered request, is told in a
+millisecond however many others spin.
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ REFUSAL_BURST_SECONDS = 0.05  # refusals answered at once: this many seconds' wo
 LAG_INTERVAL = 0.01  # how often the event loop's lag is sampled
 MAX_RAISE = 1.25  # a window raises the limit by at most a quarter
 ALONE_WEIGHT = 0.1  # moving average of what a request alone takes
+# A client whose next request on a connection comes sooner than this after a refusal is
+# retrying at once (Retry-After is a second): only its refusals wait for the pace.
+RETRY_AT_ONCE_SECONDS = 0.01
+# Refusals answered without waiting may owe tokens up to this many seconds' worth: the
+# wait they add to the spinning clients' stays within Retry-After (1 s).
+MAX_REFUSAL_DEBT_SECONDS = 1.0
 
 
 class ConcurrencyLimit:
@@ -178,24 +188,60 @@ class ConcurrencyLimit:
             reason="concurrency",
         )
 
-    def refusal_delay(self) -> float:
-        """Seconds this refusal waits for its turn (and takes it): 0 within a burst,
-        beyond it each waits for its token, at ``refusals_per_second``."""
+    def refusal_delay(self, retrying: bool = True) -> float:
+        """Seconds this refusal waits for its turn: 0 within a burst, beyond it each waits
+        for its token, at ``refusals_per_second``. A refusal of a client not known to be
+        ``retrying`` at once (:class:`ConnectionRefusals`) never waits: it takes its
+        token all the same, owing it if need be, so that the clients that spin wait for
+        it instead, and the worker still answers about ``refusals_per_second``. What it
+        may owe is bounded (:data:`MAX_REFUSAL_DEBT_SECONDS`) so that refusals which do
+        not wait, however many, never make a spinning client wait longer than that."""
         if not self._rate:
             return 0.0
         now = self._clock()
-        refilled = self._tokens + (now - self._tokens_at) * self._rate
-        self._tokens = min(self._burst, refilled) - 1
+        tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
         self._tokens_at = now
+        if not retrying:
+            self._tokens = min(tokens, max(tokens - 1, -self._rate * MAX_REFUSAL_DEBT_SECONDS))
+            return 0.0
+        self._tokens = tokens - 1
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
             return -self._tokens / self._rate
         return 0.0
 
     async def pace_refusal(self) -> None:
-        """Wait for this refusal's turn (:meth:`refusal_delay`)."""
+        """Wait for this refusal's turn (:meth:`refusal_delay`), for refusals made where
+        the client's connection is not known (RequestGuard's, gRPC's: a channel's
+        concurrent calls would look like retries): taken as retrying at once."""
         delay = self.refusal_delay()
         if delay:
             await asyncio.sleep(delay)
+
+
+class ConnectionRefusals:
+    """Whether a client connection is retrying a refusal at once: its previous request
+    was refused and this one came within :data:`RETRY_AT_ONCE_SECONDS` of that answer.
+    Only such refusals wait for the worker's pace (:meth:`ConcurrencyLimit.refusal_delay`):
+    a client that waits at all before retrying, or one refused after an answered
+    request, gets its 503 at once, and the clients that spin queue behind one another
+    (their retries are what would take the CPU). One per connection (the HTTP protocol,
+    service.api.http_protocol); its clock is the event loop's."""
+
+    __slots__ = ("_refused_at",)
+
+    def __init__(self) -> None:
+        self._refused_at: float | None = None
+
+    def retrying(self, now: float) -> bool:
+        return self._refused_at is not None and now - self._refused_at < RETRY_AT_ONCE_SECONDS
+
+    def refused(self, now: float) -> None:
+        """The refusal's answer was sent at ``now``."""
+        self._refused_at = now
+
+    def passed(self) -> None:
+        """A request went on to the app (admitted or not limited)."""
+        self._refused_at = None
 
 
 def next_limit(

@@ -274,8 +274,15 @@ class EarlyRefusal:
         self._templates: dict[tuple[str, str], str] = {}  # (method, path) -> route label
 
     def __call__(
-        self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        retrying: bool = True,
     ) -> Refused | None:
+        """The refusal to send (after its delay), or None to let the request on.
+        ``retrying``: whether the client is retrying a refusal at once
+        (service.concurrency.ConnectionRefusals); only then is the answer paced."""
         concurrency = self.admission.concurrency
         if not is_limited(path, self.quiet_paths) or concurrency.admits():
             return None
@@ -283,7 +290,8 @@ class EarlyRefusal:
         record = RequestRecord(rid, "rest", method, self._route(method, path))
         answer = error_response(concurrency.refusal())
         headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
-        return Refused(headers_out, bytes(answer.body), concurrency.refusal_delay(), record)
+        delay = concurrency.refusal_delay(retrying)
+        return Refused(headers_out, bytes(answer.body), delay, record)
 
     def _route(self, method: str, path: str) -> str:
         template = self._templates.get((method, path))

@@ -101,24 +101,32 @@ def load(port: int, request: bytes, connections: int, seconds: float) -> Run:
     return asyncio.run(drive(port, request, connections, seconds))
 
 
-async def _once(port: int, request: bytes, run: Run) -> None:
+async def _once(port: int, request: bytes, runs: list[Run]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    began = time.perf_counter()
     try:
-        status, headers = await _one(reader, writer, request)
-        run.outcomes.append(
-            Outcome(status, time.perf_counter() - began, headers.get("retry-after"))
-        )
+        for run in runs:
+            began = time.perf_counter()
+            status, headers = await _one(reader, writer, request)
+            run.outcomes.append(
+                Outcome(status, time.perf_counter() - began, headers.get("retry-after"))
+            )
     finally:
         writer.close()
 
 
 def burst(port: int, request: bytes, connections: int) -> Run:
     """``connections`` clients sending ``request`` once each, all at the same moment."""
+    return bursts(port, request, connections, 1)[0]
 
-    async def drive_once() -> Run:
-        run = Run(0.0)
-        await asyncio.gather(*(_once(port, request, run) for _ in range(connections)))
-        return run
 
-    return asyncio.run(drive_once())
+def bursts(port: int, request: bytes, connections: int, times: int) -> list[Run]:
+    """``connections`` clients, all at the same moment, each sending ``request``
+    ``times`` times on its connection, again as soon as it is answered (retrying at
+    once): one Run per round."""
+
+    async def drive_rounds() -> list[Run]:
+        runs = [Run(0.0) for _ in range(times)]
+        await asyncio.gather(*(_once(port, request, runs) for _ in range(connections)))
+        return runs
+
+    return asyncio.run(drive_rounds())

@@ -8,7 +8,14 @@ import asyncio
 import pytest
 
 from service import concurrency as module
-from service.concurrency import BUDGET_SHARE, ConcurrencyLimit, next_limit, worker_limit
+from service.concurrency import (
+    BUDGET_SHARE,
+    RETRY_AT_ONCE_SECONDS,
+    ConcurrencyLimit,
+    ConnectionRefusals,
+    next_limit,
+    worker_limit,
+)
 from service.config import Settings
 from service.errors import Overloaded
 
@@ -155,3 +162,29 @@ def test_refusals_beyond_a_burst_wait_their_turn(monkeypatch: pytest.MonkeyPatch
     unpaced = ConcurrencyLimit(1, clock=clock)
     asyncio.run(unpaced.pace_refusal())
     assert len(waits) == 3
+
+
+def test_only_clients_retrying_at_once_wait_for_the_pace() -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)  # a burst of 5
+    assert [limit.refusal_delay() for _ in range(5)] == [0.0] * 5  # the burst is spent
+    # A client not retrying at once is answered now, its token owed...
+    assert [limit.refusal_delay(retrying=False) for _ in range(50)] == [0.0] * 50
+    # ...by the spinning clients: the next of them waits for 51 tokens.
+    assert limit.refusal_delay() == pytest.approx(0.51)
+    # What the ones not waiting may owe is a second's worth: a spinner waits no longer.
+    assert [limit.refusal_delay(retrying=False) for _ in range(500)] == [0.0] * 500
+    assert limit.refusal_delay() == pytest.approx(1.01)
+    clock.now += 10.0  # refilled: the burst again
+    assert [limit.refusal_delay(retrying=False) for _ in range(5)] == [0.0] * 5
+    assert limit.refusal_delay() == pytest.approx(0.01)
+
+
+def test_a_connection_is_retrying_at_once_only_right_after_a_refusal() -> None:
+    connection = ConnectionRefusals()
+    assert not connection.retrying(0.0)  # a new connection
+    connection.refused(1.0)
+    assert connection.retrying(1.0 + RETRY_AT_ONCE_SECONDS / 2)
+    assert not connection.retrying(1.0 + RETRY_AT_ONCE_SECONDS)  # it waited
+    connection.passed()  # its next request went on: the refusal is forgotten
+    assert not connection.retrying(1.0)
