@@ -17,7 +17,9 @@ the load reached 97-121 ms). A cut needing two slow windows in a row was tried a
 the hiccups too, and dropped: it let the limit overshoot (admitted p99 at 4x 60-153 ms
 against 58-67 ms without it). Nor does it go above the configured cap
 (``max_concurrent_requests``), which bounds what a
-worker holds (memory, open bodies) whatever the latency says. The event loop's
+worker holds (memory, open bodies) whatever the latency says; up to the cap, a worker
+at its limit may borrow the places its sibling workers leave unused (service.siblings:
+which worker a connection lands on is the kernel's choice). The event loop's
 lag (how late a 10 ms timer fires) is added to the window's p99: a new request waits
 that long before anything times it. This extends the batcher's admission (seconds of
 inference queued) to everything a request waits for in a worker: under overload most
@@ -48,6 +50,7 @@ from collections.abc import Callable
 from service import metrics
 from service.config import Settings
 from service.errors import Overloaded
+from service.siblings import Siblings
 
 WINDOW_SECONDS = 0.1
 # The share of the budget a worker's own answers may take at p99: the rest is for what it
@@ -86,6 +89,7 @@ class ConcurrencyLimit:
         floor: int = 1,
         refusals_per_second: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        siblings: Siblings | None = None,
     ) -> None:
         if cap < 1:
             raise ValueError(f"the concurrency limit must be at least 1, got {cap}")
@@ -95,6 +99,9 @@ class ConcurrencyLimit:
         self._budget = budget
         self._floor = max(1, min(floor, cap))
         self._clock = clock
+        self._siblings = siblings
+        if siblings is not None:
+            siblings.publish(0, self.limit)
         # Refusals are paced by a token bucket: ``_rate`` a second, bursts of ``_burst``.
         self._rate = refusals_per_second
         self._burst = max(1.0, refusals_per_second * REFUSAL_BURST_SECONDS)
@@ -123,20 +130,35 @@ class ConcurrencyLimit:
         self.in_flight += 1
         if self.in_flight > self._held:
             self._held = self.in_flight
+        if self._siblings is not None:
+            self._siblings.publish(self.in_flight, self.limit)
+            if self.in_flight > self.limit:
+                metrics.observe_borrowed_place()
         return now
 
     def admits(self) -> bool:
-        """Whether a request arriving now gets a place; when not, the window notes that
-        the limit was full (what lets :func:`next_limit` raise it). For a refusal decided
-        before :meth:`try_acquire` (service.api.http.EarlyRefusal) as for its own."""
+        """Whether a request arriving now gets a place: under this worker's limit, or,
+        at it, a place the replica's other workers leave unused (service.siblings), up
+        to the cap. At the limit the window notes that it was full (what lets
+        :func:`next_limit` raise it). For a refusal decided before :meth:`try_acquire`
+        (service.api.http.EarlyRefusal) as for its own."""
         if self.in_flight < self.limit:
             return True
         self._full = True
+        siblings = self._siblings
+        if siblings is None:
+            return False
+        now = self._clock()
+        if self.in_flight < self.cap and siblings.spare(now) > 0:
+            return True
+        siblings.refused(now)
         return False
 
     def release(self, taken: float) -> None:
         """An admitted request is answered (whatever the status)."""
         self.in_flight -= 1
+        if self._siblings is not None:
+            self._siblings.publish(self.in_flight, self.limit)
         if self._budget is not None:
             self._answers.append(self._clock() - taken)
 
@@ -160,12 +182,20 @@ class ConcurrencyLimit:
                 cap=self.cap,
             )
             metrics.set_concurrency_limit(self.limit)
+            if self._siblings is not None:
+                self._siblings.publish(self.in_flight, self.limit)
         self._answers = []
         self._lag = 0.0
         self._lag_samples = 0
         self._held = self.in_flight
         self._full = False
         self._window_end = now + WINDOW_SECONDS
+
+    def leave(self) -> None:
+        """The worker stops: its places are no longer the replica's to borrow."""
+        if self._siblings is not None:
+            self._siblings.leave()
+            self._siblings = None
 
     async def watch_event_loop(self) -> None:
         """Sample the event loop's lag (how late a timer fires) until cancelled: under
@@ -268,4 +298,5 @@ def worker_limit(
         floor=max(1, settings.max_batch_size // 2),
         refusals_per_second=settings.max_refusals_per_second,
         clock=clock,
+        siblings=Siblings.from_environment(settings.workers),
     )

@@ -119,6 +119,11 @@ CONCURRENCY_LIMIT = Gauge(
     "workers); more are refused with reason concurrency.",
     multiprocess_mode="livesum",
 )
+BORROWED_PLACES = Counter(
+    "cnnserve_concurrency_borrowed",
+    "Requests admitted over their worker's own concurrency limit, on places its sibling "
+    "workers left unused (connections are split between workers unevenly).",
+)
 HEADER_TIMEOUTS = Counter(
     "cnnserve_header_timeouts",
     "Connections closed with a 408 because a request's headers did not arrive within "
@@ -268,6 +273,12 @@ def set_concurrency_limit(limit: int) -> None:
     """The worker's concurrency limit, as :class:`service.concurrency.ConcurrencyLimit`
     adapts it."""
     CONCURRENCY_LIMIT.set(limit)
+
+
+def observe_borrowed_place() -> None:
+    """A worker at its concurrency limit admitted a request on a sibling's unused place
+    (service.siblings)."""
+    BORROWED_PLACES.inc()
 
 
 def observe_header_timeout() -> None:

@@ -16,6 +16,7 @@ import uvicorn
 
 from service.config import Settings
 from service.readiness import READINESS_DIR_ENV, process_alive
+from service.siblings import SIBLINGS_DIR_ENV
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,14 @@ def serve(settings: Settings) -> int:
             # Workers vote for readiness in the run's folder (service.readiness).
             votes = Path(os.environ[MULTIPROC_ENV]) / "readiness"  # not *.db: not a metric file
             votes.mkdir()
-            worker_env = {**_settings_env(settings), READINESS_DIR_ENV: str(votes)}
+            # And share their unused places (service.siblings).
+            siblings = Path(os.environ[MULTIPROC_ENV]) / "siblings"
+            siblings.mkdir()
+            worker_env = {
+                **_settings_env(settings),
+                READINESS_DIR_ENV: str(votes),
+                SIBLINGS_DIR_ENV: str(siblings),
+            }
             with _environment(worker_env):
                 uvicorn.run(
                     "service.api.app:create_app",

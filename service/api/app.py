@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             restore()
             publishing.cancel()
             watching.cancel()
+            concurrency.leave()
             readiness.publish(False)
             await stop_grpc(grpc_server, settings.shutdown_grace_seconds, app.state.dataplane)
             if not loading.done():

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.siblings import COLUMNS, TABLE
 from tests.helpers.images import encode, gradient
 from tests.helpers.monitoring import (
     DASHBOARD,
@@ -150,6 +152,18 @@ def test_request_id_is_made_up_when_missing(server: Server) -> None:
     r = httpx.get(server.url + "/healthz")
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
     assert access_line(server, r.headers["x-request-id"])["route"] == "/healthz"
+
+
+def test_workers_share_their_places_in_the_runs_table(server: Server) -> None:
+    """Each worker took a slot in the table service.siblings keeps in the run's folder
+    and published its concurrency limit there: what a worker at its own limit borrows
+    from. The table's sum is what the summed limit gauge says."""
+    table = np.fromfile(metrics_dir(server) / "siblings" / TABLE, dtype=np.int64)
+    in_flight, limits, _ = table.reshape(-1, COLUMNS).T
+    assert (limits > 0).sum() == WORKERS, table
+    assert in_flight.sum() == 0  # the scrape below is not a limited request
+    gauge = frozenset[tuple[str, str]]()
+    assert samples(server)[("cnnserve_concurrency_limit", gauge)] == limits.sum()
 
 
 def test_worker_processes_are_summed_and_labels_stay_bounded(loaded: Server) -> None:

@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "service.requestlog": 1,
     "service.concurrency": 1,
     "service.readiness": 1,
+    "service.siblings": 1,
     "service.signatures": 1,
     "service.warmup": 1,
     "service.tfserving_proto": 1,

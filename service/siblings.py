@@ -1,0 +1,110 @@
+"""The places a replica's workers leave unused, so that a worker at its own concurrency
+limit may borrow them.
+
+With ``--workers N`` the kernel hands each new connection to whichever worker accepts
+it first, and a keep-alive connection stays with that worker. Each worker's
+concurrency limit (service.concurrency) counts only its own requests, so at the load
+the replica serves at full speed the split decides who is refused: 32 connections
+split 17/15 between two workers whose limits had adapted to 16 each got 221 refusals
+in 8 s while the other worker had a place free; split 16/16, none (measured, 2
+workers, default model, wrk photo mix).
+
+Each worker publishes its in-flight count, its limit and when it last refused a
+request in one slot of a small table shared by the replica (a memory-mapped file in the
+run's folder, which ``cnnserve serve`` creates); a worker takes the first slot whose
+lock file it can lock, and the kernel releases the lock when the worker exits. A worker
+at its own limit still admits a request while the replica has places left: the sum of
+its workers' limits less what they hold, where a worker that refused a request in the
+last :data:`LEND_AFTER_SECONDS` has nothing to lend. Without that rule, under overload
+a worker would borrow the place a sibling freed a moment before that sibling's next
+request took it back, and the replica held more than its limits (measured: at 4x the
+load the limits fell to their floor and goodput by a quarter). A worker that dies leaves
+its last numbers until its replacement takes the slot (uvicorn restarts it within
+seconds) and clears it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+
+SIBLINGS_DIR_ENV = "CNNSERVE_SIBLINGS_DIR"
+TABLE = "table"  # the shared table's file name in the folder
+COLUMNS = 3  # per slot: in flight, limit, when it last refused (ns, CLOCK_MONOTONIC)
+# A worker that refused within this long is full, whatever its count says this instant
+# (one concurrency window: service.concurrency.WINDOW_SECONDS).
+LEND_AFTER_SECONDS = 0.1
+
+log = logging.getLogger(__name__)
+
+
+class Siblings:
+    """One worker's slot in the replica's table, and the table's sums."""
+
+    def __init__(self, directory: Path, slots: int) -> None:
+        size = slots * COLUMNS * 8  # int64
+        fd = os.open(directory / TABLE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:  # the first worker sizes it (zeros)
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self._table = np.frombuffer(self._map, dtype=np.int64).reshape(slots, COLUMNS)
+        self._lock = -1
+        for index in range(slots):
+            lock = os.open(directory / f"slot-{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(lock)
+                continue
+            self._lock = lock
+            self.slot = index
+            self._own = self._table[index]
+            self._own[:] = 0  # a dead predecessor's numbers
+            return
+        raise RuntimeError(f"all {slots} worker slots in {directory} are taken")
+
+    @classmethod
+    def from_environment(cls, workers: int) -> Siblings | None:
+        """The table of the run ``cnnserve serve`` started; None for a single process
+        (nothing to borrow from) or when the table cannot be had (then a worker keeps to
+        its own limit, as before)."""
+        folder = os.environ.get(SIBLINGS_DIR_ENV)
+        if workers < 2 or not folder:
+            return None
+        try:
+            # Room for replacements that start before a dying worker has let go.
+            return cls(Path(folder), 2 * workers)
+        except (OSError, RuntimeError) as exc:
+            log.warning("workers will not borrow unused places: %s", exc)
+            return None
+
+    def publish(self, in_flight: int, limit: int) -> None:
+        self._own[0] = in_flight
+        self._own[1] = limit
+
+    def refused(self, now: float) -> None:
+        """This worker refused a request at ``now`` (time.monotonic(), the same clock in
+        every process): it has nothing to lend for a while."""
+        self._own[2] = int(now * 1e9)
+
+    def spare(self, now: float) -> int:
+        """Places the replica has left at ``now``: the sum of the workers' limits less
+        what they hold, counting none free in a worker that refused lately."""
+        free = self._table[:, 1] - self._table[:, 0]
+        lending = self._table[:, 2] < int((now - LEND_AFTER_SECONDS) * 1e9)
+        return int(np.where(lending, free, np.minimum(free, 0)).sum())
+
+    def leave(self) -> None:
+        """This worker stops: its slot holds nothing and is free for another."""
+        if self._lock >= 0:
+            self._own[:] = 0
+            os.close(self._lock)
+            self._lock = -1

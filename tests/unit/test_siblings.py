@@ -1,0 +1,110 @@
+"""Workers share their unused places through a table in the run's folder
+(service.siblings): real files, real locks, a real second process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from service.concurrency import ConcurrencyLimit
+from service.siblings import COLUMNS, LEND_AFTER_SECONDS, SIBLINGS_DIR_ENV, TABLE, Siblings
+
+BORROWED = "cnnserve_concurrency_borrowed_total"
+
+
+def test_each_worker_takes_its_own_slot_and_sees_the_replica_sums(tmp_path: Path) -> None:
+    first, second = Siblings(tmp_path, 4), Siblings(tmp_path, 4)
+    assert first.slot != second.slot
+    now = time.monotonic()
+    first.publish(in_flight=16, limit=16)
+    second.publish(in_flight=12, limit=16)
+    assert first.spare(now) == second.spare(now) == 4
+    first.publish(in_flight=18, limit=16)  # borrowed two
+    assert second.spare(now) == 2
+    first.leave()  # gone: its places are no longer there, nor its requests
+    assert second.spare(now) == 4
+    third = Siblings(tmp_path, 4)  # takes the freed slot
+    assert third.slot == first.slot and third.spare(now) == 4
+
+
+def test_a_worker_that_refused_lately_has_nothing_to_lend(tmp_path: Path) -> None:
+    busy, other = Siblings(tmp_path, 2), Siblings(tmp_path, 2)
+    busy.publish(in_flight=16, limit=16)
+    other.publish(in_flight=15, limit=16)  # a place free this instant...
+    other.refused(100.0)  # ...but it turned a request away: it is full in truth
+    assert busy.spare(100.0 + LEND_AFTER_SECONDS / 2) == 0
+    other.publish(in_flight=17, limit=16)  # what it holds over its limit still counts
+    assert busy.spare(100.0 + LEND_AFTER_SECONDS / 2) == -1
+    other.publish(in_flight=15, limit=16)
+    assert busy.spare(100.0 + 2 * LEND_AFTER_SECONDS) == 1  # it has not refused since
+
+
+def test_with_every_slot_taken_a_worker_keeps_to_its_own_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    held = [Siblings(tmp_path, 4) for _ in range(4)]
+    with pytest.raises(RuntimeError, match="slots"):
+        Siblings(tmp_path, 4)
+    monkeypatch.setenv(SIBLINGS_DIR_ENV, str(tmp_path))
+    assert Siblings.from_environment(workers=2) is None  # 2 x 2 slots, all taken
+    held[0].leave()
+    assert Siblings.from_environment(workers=2) is not None
+    assert Siblings.from_environment(workers=1) is None  # one process: nothing to borrow
+    monkeypatch.delenv(SIBLINGS_DIR_ENV)
+    assert Siblings.from_environment(workers=2) is None  # not started by cnnserve serve
+
+
+def test_a_dead_workers_slot_is_freed_by_the_kernel_and_cleared_by_the_next(
+    tmp_path: Path,
+) -> None:
+    child = (
+        "import sys, os\n"
+        "from pathlib import Path\n"
+        "from service.siblings import Siblings\n"
+        "s = Siblings(Path(sys.argv[1]), 2)\n"
+        "s.publish(5, 16)\n"
+        "print(s.slot, flush=True)\n"
+        "os._exit(0)\n"  # no leave(): as if it died
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    dead_slot = int(out.stdout)
+    left = np.fromfile(tmp_path / TABLE, dtype=np.int64).reshape(2, COLUMNS)
+    assert left[dead_slot].tolist() == [5, 16, 0]  # its numbers stay in the table...
+    replacement = Siblings(tmp_path, 2)  # ...until its replacement takes the free slot
+    assert replacement.slot == dead_slot and replacement.spare(time.monotonic()) == 0
+
+
+def test_a_worker_at_its_limit_borrows_what_its_sibling_leaves_up_to_the_cap(
+    tmp_path: Path,
+) -> None:
+    busy = ConcurrencyLimit(4, siblings=Siblings(tmp_path, 2))
+    idle = ConcurrencyLimit(4, siblings=Siblings(tmp_path, 2))
+    busy.limit = idle.limit = 2  # as if both had adapted to 2
+    idle.release(idle.try_acquire() or 0.0)  # publishes its limit
+    borrowed = REGISTRY.get_sample_value(BORROWED) or 0.0
+    taken = [busy.try_acquire() for _ in range(4)]
+    assert None not in taken  # 2 of its own, 2 borrowed from the idle worker
+    assert REGISTRY.get_sample_value(BORROWED) == borrowed + 2
+    assert busy.try_acquire() is None  # its cap
+    assert idle.try_acquire() is not None  # a worker's own places are always its own
+    assert idle.try_acquire() is not None
+    busy.release(taken.pop())
+    busy.release(taken.pop())
+    assert busy.try_acquire() is None  # at its limit, and the replica is full
+    busy.leave()
+    idle.leave()
+
+
+def test_without_siblings_a_worker_keeps_to_its_limit() -> None:
+    alone = ConcurrencyLimit(4)
+    alone.limit = 2
+    assert alone.try_acquire() is not None and alone.try_acquire() is not None
+    assert alone.try_acquire() is None
