@@ -73,6 +73,7 @@ RETRY_AT_ONCE_SECONDS = 0.01
 # Refusals answered without waiting may owe tokens up to this many seconds' worth: the
 # wait they add to the spinning clients' stays within Retry-After (1 s).
 MAX_REFUSAL_DEBT_SECONDS = 1.0
+MAX_PEERS = 4096  # gRPC connections whose refusals are remembered (ConcurrencyLimit.peer)
 
 
 class ConcurrencyLimit:
@@ -100,6 +101,7 @@ class ConcurrencyLimit:
         self._floor = max(1, min(floor, cap))
         self._clock = clock
         self._siblings = siblings
+        self._peers: dict[str, ConnectionRefusals] = {}
         if siblings is not None:
             siblings.publish(0, self.limit)
         # Refusals are paced by a token bucket: ``_rate`` a second, bursts of ``_burst``.
@@ -239,13 +241,24 @@ class ConcurrencyLimit:
             return -self._tokens / self._rate
         return 0.0
 
-    async def pace_refusal(self) -> None:
-        """Wait for this refusal's turn (:meth:`refusal_delay`), for refusals made where
-        the client's connection is not known (RequestGuard's, gRPC's: a channel's
-        concurrent calls would look like retries): taken as retrying at once."""
-        delay = self.refusal_delay()
+    async def pace_refusal(self, retrying: bool = True) -> None:
+        """Wait for this refusal's turn (:meth:`refusal_delay`). Where the client's
+        connection is not known (RequestGuard's refusals) it is taken as retrying."""
+        delay = self.refusal_delay(retrying)
         if delay:
             await asyncio.sleep(delay)
+
+    def peer(self, name: str) -> ConnectionRefusals:
+        """The refusal record of the connection a transport names ``name`` (gRPC's
+        ``context.peer()``: one per client connection, whatever calls it carries; a
+        channel's concurrent calls refused together count as retrying). Bounded: all
+        are forgotten when :data:`MAX_PEERS` are known."""
+        record = self._peers.get(name)
+        if record is None:
+            if len(self._peers) >= MAX_PEERS:
+                self._peers.clear()
+            record = self._peers[name] = ConnectionRefusals()
+        return record
 
 
 class ConnectionRefusals:
@@ -255,7 +268,8 @@ class ConnectionRefusals:
     a client that waits at all before retrying, or one refused after an answered
     request, gets its 503 at once, and the clients that spin queue behind one another
     (their retries are what would take the CPU). One per connection (the HTTP protocol,
-    service.api.http_protocol); its clock is the event loop's."""
+    service.api.http_protocol; gRPC's by peer, :meth:`ConcurrencyLimit.peer`); its
+    clock is the event loop's."""
 
     __slots__ = ("_refused_at",)
 

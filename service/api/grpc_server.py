@@ -66,15 +66,20 @@ def _address(host: str, port: int) -> str:
 
 async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None = None) -> Any:
     """Bind and start the gRPC server; None when ``grpc_port`` is 0 (disabled). With API
-    keys, calls other than health need one; with a certificate, the port speaks TLS;
-    calls beyond ``max_concurrent_requests`` get RESOURCE_EXHAUSTED at once."""
+    keys, calls other than health need one; with a certificate, the port speaks TLS.
+
+    Admission is the worker's concurrency limit (service.concurrency), shared with REST.
+    gRPC's own cap on calls in progress is only a backstop on what calls hold: it counts
+    health checks and refused calls waiting for their turn too, and refuses beyond it in
+    its core (RESOURCE_EXHAUSTED, a health check included), so it is twice
+    ``max_concurrent_requests``: room for the admitted calls and as many refused ones."""
     if not settings.grpc_port:
         return None
     interceptors = [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
     server = grpc.aio.server(
         options=server_options(settings),
         interceptors=interceptors,
-        maximum_concurrent_rpcs=settings.max_concurrent_requests,
+        maximum_concurrent_rpcs=2 * settings.max_concurrent_requests,
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         PredictionServicer(plane), server

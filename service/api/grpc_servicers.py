@@ -72,6 +72,9 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
         trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
         concurrency = self._plane.concurrency
+        connection = concurrency.peer(context.peer())
+        loop = asyncio.get_running_loop()
+        retrying = connection.retrying(loop.time())
         try:
             with recorded(RequestRecord(rid, "grpc", "POST", route)):
                 if not self._plane.accepting_calls:
@@ -79,6 +82,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
                 taken = concurrency.try_acquire()
                 if taken is None:
                     raise concurrency.refusal()
+                connection.passed()
                 try:
                     answer = await method(self, request, context)
                 finally:
@@ -95,7 +99,8 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         if error.retry_after is not None:
             trailers += (("retry-after", str(error.retry_after)),)
         if error.http_status == 503:  # come back later: paced (service.concurrency)
-            await concurrency.pace_refusal()
+            await concurrency.pace_refusal(retrying)
+            connection.refused(loop.time())
         await context.abort(grpc_status(error), error.public_message(), trailers)
 
     return handler

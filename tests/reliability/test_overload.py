@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -193,6 +194,62 @@ def test_only_clients_retrying_at_once_wait_for_the_refusal_pace(
         assert retried.of(503)[half] >= (half - 1) / rate, retried.of(503)
         holder.sendall(png)
         assert holder.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> None:
+    """The same over gRPC, where a connection is a channel (``context.peer()``): each
+    channel's first RESOURCE_EXHAUSTED comes at once with the refusal bucket spent, a
+    channel retrying at once waits its turn, and more refused calls wait than the
+    worker has places without gRPC's own cap refusing them (or a health check)."""
+    rate = 4.0
+    places = 16  # gRPC's own cap on calls in progress is twice this: the 20 calls fit
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": str(places),
+        "CNNSERVE_MAX_REFUSALS_PER_SECOND": str(rate),
+    }
+    png = encode(gradient(), "PNG")
+    request = post("/v1/classify", png, "image/png")
+    channels = 20
+    times: list[list[float]] = [[], []]
+
+    def client(channel: grpc.Channel) -> None:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)  # type: ignore[no-untyped-call]
+        for answered in times:
+            began = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as shed:
+                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=30)
+            answered.append(time.perf_counter() - began)
+            assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
+        holders = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(places)]
+        for holder in holders:  # headers only: each holds a place
+            holder.sendall(request.split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
+        # A connection each (channels to one target share one by default).
+        own = [("grpc.use_local_subchannel_pool", 1)]
+        opened = [grpc.insecure_channel(server.grpc_target, options=own) for _ in range(channels)]
+        try:
+            for channel in opened:  # connected before the burst
+                grpc.channel_ready_future(channel).result(timeout=30)
+            threads = [threading.Thread(target=client, args=(c,)) for c in opened]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+        finally:
+            for channel in opened:
+                channel.close()
+        first, retried = sorted(times[0]), sorted(times[1])
+        assert len(first) == len(retried) == channels, times
+        assert first[-1] < (channels - 1) / rate / 2, first
+        half = channels // 2
+        assert retried[half] >= (half - 1) / rate, retried
+        for holder in holders:
+            holder.sendall(png)
+            assert holder.recv(65536).startswith(b"HTTP/1.1 200")
+            holder.close()
 
 
 def read_response(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:

@@ -188,3 +188,13 @@ def test_a_connection_is_retrying_at_once_only_right_after_a_refusal() -> None:
     assert not connection.retrying(1.0 + RETRY_AT_ONCE_SECONDS)  # it waited
     connection.passed()  # its next request went on: the refusal is forgotten
     assert not connection.retrying(1.0)
+
+
+def test_grpc_peers_are_remembered_by_name_and_forgotten_in_bulk() -> None:
+    limit = ConcurrencyLimit(1)
+    first = limit.peer("ipv4:127.0.0.1:5000")
+    first.refused(1.0)
+    assert limit.peer("ipv4:127.0.0.1:5000") is first
+    for port in range(module.MAX_PEERS):  # clients' names: the table stays bounded
+        limit.peer(f"ipv4:127.0.0.1:{6000 + port}")
+    assert not limit.peer("ipv4:127.0.0.1:5000").retrying(1.0)  # forgotten: a new record
