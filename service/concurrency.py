@@ -31,7 +31,7 @@ answered as the headers are parsed (service.api.http_protocol; ~0.07 ms through 
 app), so a few dozen such clients would otherwise take the CPU from the admitted
 requests (measured:
 goodput at 4x the saturating load fell to ~45% with the limit sized to the budget and
-unpaced refusals; docs/failure-modes.md). Each worker answers at most
+unpaced refusals; docs/failure-modes.md). Each worker answers about
 ``max_refusals_per_second`` refusals (a token bucket; a burst of 50 ms worth is
 answered at once); beyond that a refusal waits its turn (no CPU is spent while it
 waits), so a storm of them takes a bounded share of the worker. Only a client retrying
