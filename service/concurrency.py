@@ -68,7 +68,9 @@ LAG_INTERVAL = 0.01  # how often the event loop's lag is sampled
 MAX_RAISE = 1.25  # a window raises the limit by at most a quarter
 ALONE_WEIGHT = 0.1  # moving average of what a request alone takes
 # A client whose next request on a connection comes sooner than this after a refusal is
-# retrying at once (Retry-After is a second): only its refusals wait for the pace.
+# retrying at once (Retry-After is a second): only its refusals wait for the pace. The
+# default of settings.retry_at_once_seconds: a round trip on a local network and the
+# client's turnaround, with room for a loaded host.
 RETRY_AT_ONCE_SECONDS = 0.01
 # Refusals answered without waiting may owe tokens up to this many seconds' worth: the
 # wait they add to the spinning clients' stays within Retry-After (1 s).
@@ -89,6 +91,7 @@ class ConcurrencyLimit:
         budget: float | None = None,
         floor: int = 1,
         refusals_per_second: float = 0.0,
+        retry_at_once: float = RETRY_AT_ONCE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         siblings: Siblings | None = None,
     ) -> None:
@@ -102,6 +105,7 @@ class ConcurrencyLimit:
         self._clock = clock
         self._siblings = siblings
         self._peers: dict[str, ConnectionRefusals] = {}
+        self._retry_at_once = retry_at_once
         if siblings is not None:
             siblings.publish(0, self.limit)
         # Refusals are paced by a token bucket: ``_rate`` a second, bursts of ``_burst``.
@@ -257,13 +261,17 @@ class ConcurrencyLimit:
         if record is None:
             if len(self._peers) >= MAX_PEERS:
                 self._peers.clear()
-            record = self._peers[name] = ConnectionRefusals()
+            record = self._peers[name] = self.connection()
         return record
+
+    def connection(self) -> ConnectionRefusals:
+        """A new connection's refusal record (the HTTP protocol makes one per connection)."""
+        return ConnectionRefusals(self._retry_at_once)
 
 
 class ConnectionRefusals:
     """Whether a client connection is retrying a refusal at once: its previous request
-    was refused and this one came within :data:`RETRY_AT_ONCE_SECONDS` of that answer.
+    was refused and this one came within ``window`` seconds of that answer.
     Only such refusals wait for the worker's pace (:meth:`ConcurrencyLimit.refusal_delay`):
     a client that waits at all before retrying, or one refused after an answered
     request, gets its 503 at once, and the clients that spin queue behind one another
@@ -271,13 +279,14 @@ class ConnectionRefusals:
     service.api.http_protocol; gRPC's by peer, :meth:`ConcurrencyLimit.peer`); its
     clock is the event loop's."""
 
-    __slots__ = ("_refused_at",)
+    __slots__ = ("_refused_at", "_window")
 
-    def __init__(self) -> None:
+    def __init__(self, window: float = RETRY_AT_ONCE_SECONDS) -> None:
         self._refused_at: float | None = None
+        self._window = window
 
     def retrying(self, now: float) -> bool:
-        return self._refused_at is not None and now - self._refused_at < RETRY_AT_ONCE_SECONDS
+        return self._refused_at is not None and now - self._refused_at < self._window
 
     def refused(self, now: float) -> None:
         """The refusal's answer was sent at ``now``."""
@@ -311,6 +320,7 @@ def worker_limit(
         budget=settings.queue_wait_budget_seconds,
         floor=max(1, settings.max_batch_size // 2),
         refusals_per_second=settings.max_refusals_per_second,
+        retry_at_once=settings.retry_at_once_seconds,
         clock=clock,
         siblings=Siblings.from_environment(settings.workers),
     )

@@ -113,8 +113,17 @@ class Settings(BaseSettings):
     max_refusals_per_second: float = Field(
         1000.0,
         ge=0,
-        description="503s one worker answers per second at most; more wait their turn, so "
-        "clients retrying at once cannot take the CPU from admitted requests (0 = unpaced).",
+        description="503s one worker answers per second, about; beyond that the refusals of "
+        "clients retrying at once wait their turn, so they cannot take the CPU from admitted "
+        "requests (0 = unpaced).",
+    )
+    retry_at_once_seconds: float = Field(
+        0.01,
+        gt=0,
+        le=1.0,
+        description="A client whose next request on a connection comes within this long of "
+        "its 503 is retrying at once: only such refusals wait for the pace. Raise it to a "
+        "few round trips for clients far away.",
     )
     max_connections: int = Field(
         2048, ge=1, description="Open HTTP connections per worker (uvicorn limit_concurrency)."

@@ -66,7 +66,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
-        self._refusals = ConnectionRefusals()
+        self._refusals = (
+            ConnectionRefusals()
+            if self._early_refusal is None
+            else self._early_refusal.admission.concurrency.connection()
+        )
         self._expect_headers()  # the first request's headers are due from now
 
     def on_message_begin(self) -> None:

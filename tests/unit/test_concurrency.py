@@ -198,3 +198,10 @@ def test_grpc_peers_are_remembered_by_name_and_forgotten_in_bulk() -> None:
     for port in range(module.MAX_PEERS):  # clients' names: the table stays bounded
         limit.peer(f"ipv4:127.0.0.1:{6000 + port}")
     assert not limit.peer("ipv4:127.0.0.1:5000").retrying(1.0)  # forgotten: a new record
+
+
+def test_how_soon_a_retry_counts_as_at_once_is_a_setting() -> None:
+    limit = worker_limit(Settings(retry_at_once_seconds=0.5), Clock())
+    for connection in (limit.connection(), limit.peer("ipv4:127.0.0.1:5000")):
+        connection.refused(1.0)
+        assert connection.retrying(1.4) and not connection.retrying(1.5)
