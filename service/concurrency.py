@@ -293,7 +293,8 @@ class ConnectionRefusals:
         self._refused_at = now
 
     def passed(self) -> None:
-        """A request went on to the app (admitted or not limited)."""
+        """A request on the connection was admitted (a probe, which is not limited, does
+        not count: it says nothing of how the client retries)."""
         self._refused_at = None
 
 

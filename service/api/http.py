@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.api.auth import API_KEY_HEADER, ApiKeys, presented_key
-from service.concurrency import ConcurrencyLimit
+from service.concurrency import ConcurrencyLimit, ConnectionRefusals
 from service.dataplane import DataPlane
 from service.errors import (
     CnnserveError,
@@ -54,6 +54,10 @@ REQUEST_ID_HEADER = "x-request-id"
 LARGE_JSON_BYTES = 256 * 1024
 # Paths that never count against the concurrency limit: probes must answer under load.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+# The ASGI scope key under which the HTTP protocol (service.api.http_protocol) hands the
+# app its connection's refusal record and whether the request came as a retry at once:
+# a 503 the app makes is paced by the same rule as one the protocol makes.
+CONNECTION_REFUSALS = "cnnserve.connection_refusals"
 
 
 def error_response(error: CnnserveError) -> JSONResponse:
@@ -160,6 +164,9 @@ class RequestGuard:
         record = RequestRecord(rid, "rest", scope["method"])
         concurrency = self.admission.concurrency
         status = 500  # what the client gets if the app raises before answering
+        arrival: tuple[ConnectionRefusals | None, bool]
+        arrival = scope.get(CONNECTION_REFUSALS, (None, True))  # (None: another server)
+        connection, retrying = arrival
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -169,7 +176,9 @@ class RequestGuard:
                 if not any(name.lower() == b"x-request-id" for name, _ in sent):
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503:  # come back later: paced (service.concurrency)
-                    await concurrency.pace_refusal()
+                    await concurrency.pace_refusal(retrying)
+                    if connection is not None:
+                        connection.refused(asyncio.get_running_loop().time())
             await send(message)
 
         try:
@@ -182,6 +191,8 @@ class RequestGuard:
                     taken = concurrency.try_acquire()
                     if taken is None:
                         refusal = concurrency.refusal()
+                    elif connection is not None:
+                        connection.passed()  # admitted: its earlier refusal is forgotten
                 if refusal is not None:
                     await error_response(refusal)(scope, receive, send_with_id)
                     return

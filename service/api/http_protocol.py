@@ -30,7 +30,7 @@ import asyncio
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
-from service.api.http import EarlyRefusal, Refused, error_response
+from service.api.http import CONNECTION_REFUSALS, EarlyRefusal, Refused, error_response
 from service.concurrency import ConnectionRefusals
 from service.errors import RequestTimeout
 
@@ -85,15 +85,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = self.cycle is None or self.cycle.response_complete
+        retrying = self._refusals.retrying(self.loop.time())
         if self._early_refusal is not None and idle:
             method = self.parser.get_method().decode("ascii")
             path = self.url.partition(b"?")[0].decode("latin-1")
-            retrying = self._refusals.retrying(self.loop.time())
             refused = self._early_refusal(method, path, self.headers, retrying)
             if refused is not None:
                 self._refuse(refused)
                 return
-        self._refusals.passed()
+        # RequestGuard admits it (and the connection's refusal is forgotten) or refuses
+        # it, paced by the same rule.
+        self.scope[CONNECTION_REFUSALS] = (self._refusals, retrying)  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:

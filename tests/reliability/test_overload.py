@@ -17,6 +17,7 @@ import grpc
 import httpx
 import pytest
 
+from service.concurrency import MAX_REFUSAL_DEBT_SECONDS
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
 from tests.helpers.load import burst, bursts, load, post, quantile
@@ -194,6 +195,49 @@ def test_only_clients_retrying_at_once_wait_for_the_refusal_pace(
         # about half the others (a retry the client sent late counts as not spinning).
         half = connections // 2
         assert retried.of(503)[half] >= (half - 1) / rate, retried.of(503)
+        holder.sendall(png)
+        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_503_the_app_makes_is_paced_by_its_connection_too(tiny_repo_litert: Path) -> None:
+    """A request pipelined behind another on its connection is refused by RequestGuard,
+    not by the HTTP protocol (an answer must not overtake the one before it): with the
+    refusal bucket deep in debt its 503 still comes at once, and the one after it on
+    the same connection, retried at once, waits for the pace."""
+    rate = 4.0
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1",
+        "CNNSERVE_MAX_REFUSALS_PER_SECOND": str(rate),
+        "CNNSERVE_RETRY_AT_ONCE_SECONDS": "0.5",  # see the test above
+    }
+    png = encode(gradient(), "PNG")
+    request = post("/v1/classify", png, "image/png")
+    probe = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with (
+        running_server(tiny_repo_litert, env=env) as server,
+        socket.create_connection(("127.0.0.1", server.port)) as holder,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as client,
+    ):
+        holder.sendall(request.split(b"\r\n\r\n")[0] + b"\r\n\r\n")  # holds the place
+        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
+        # Refusals not waiting: their tokens owed, up to a second's worth (the cap).
+        assert burst(server.port, request, 12).statuses() == {503}
+        times = []
+        rest = b""
+        for _ in range(2):
+            began = time.perf_counter()
+            client.sendall(probe + request)  # the classify waits behind the probe: the app's
+            head, _, rest = read_response(client, rest)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            head, body, rest = read_response(client, rest)
+            times.append(time.perf_counter() - began)
+            assert head.startswith(b"HTTP/1.1 503"), head
+            assert json.loads(body)["error"]["code"] == "overloaded"
+        # The first: not a retry, answered at once although paced it would wait for the
+        # second owed. The second came at once after it: it waits for the pace.
+        owed = MAX_REFUSAL_DEBT_SECONDS
+        assert times[0] < owed / 2 < owed <= times[1], times
         holder.sendall(png)
         assert holder.recv(65536).startswith(b"HTTP/1.1 200")
 
