@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,9 @@ BUDGET = 0.08  # the default queue-wait budget
 BASE_CONNECTIONS = 16  # about where goodput stops growing here
 SECONDS = 4.0
 PNG_TYPE = {"content-type": "image/png"}
-REQUEST = post("/v1/classify", encode(gradient(), "PNG"), "image/png")
+PNG = encode(gradient(), "PNG")
+REQUEST = post("/v1/classify", PNG, "image/png")
+PROBE = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +56,38 @@ def shed_counts(server: Server) -> dict[str, float]:
             assert reason
             counts[reason.group(1)] = counts.get(reason.group(1), 0) + float(line.split()[-1])
     return counts
+
+
+def paced(rate: float, places: int = 1) -> dict[str, str]:
+    """Settings for a worker of ``places`` whose refusals are paced at ``rate`` a second
+    (a bucket of one), counting a retry as at once within 0.5 s: a retry sent at once
+    may reach a loaded machine's server late."""
+    return {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": str(places),
+        "CNNSERVE_MAX_REFUSALS_PER_SECOND": str(rate),
+        "CNNSERVE_RETRY_AT_ONCE_SECONDS": "0.5",
+    }
+
+
+@contextmanager
+def full_worker(repo: Path, env: dict[str, str], places: int = 1) -> Iterator[Server]:
+    """A running server (REST and gRPC) whose ``places`` are held by requests whose
+    body has not come, refusing; at the end the held requests are answered."""
+    with running_server(repo, grpc_port=0, env=env) as server:
+        holders = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(places)]
+        try:
+            head, _, body = REQUEST.partition(b"\r\n\r\n")
+            for holder in holders:  # headers only: each holds a place
+                holder.sendall(head + b"\r\n\r\n")
+            eventually(lambda: burst(server.port, REQUEST, 1).statuses() == {503}, timeout=30)
+            yield server
+            for holder in holders:
+                holder.sendall(body)
+                assert holder.recv(65536).startswith(b"HTTP/1.1 200")
+        finally:
+            for holder in holders:
+                holder.close()
 
 
 def test_four_times_overload_is_shed_fast_and_recovers(server: Server) -> None:
@@ -167,36 +202,16 @@ def test_only_clients_retrying_at_once_wait_for_the_refusal_pace(
     are refused at no more than CNNSERVE_MAX_REFUSALS_PER_SECOND, each waiting its turn.
     Bounds are far apart: a lower bound on the retries' wait, and for the first answers
     half of what the pace would have made the last of them wait."""
-    rate = 4.0  # a bucket of one refusal
-    env = {
-        "CNNSERVE_POLL_SECONDS": "0",
-        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1",
-        "CNNSERVE_MAX_REFUSALS_PER_SECOND": str(rate),
-        # A retry sent at once may reach a loaded machine's server late: count it anyway.
-        "CNNSERVE_RETRY_AT_ONCE_SECONDS": "0.5",
-    }
-    png = encode(gradient(), "PNG")
-    head = (
-        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-        f"Content-Length: {len(png)}\r\n\r\n"
-    ).encode()
+    rate = 4.0
     connections = 12
-    request = post("/v1/classify", png, "image/png")
-    with (
-        running_server(tiny_repo_litert, env=env) as server,
-        socket.create_connection(("127.0.0.1", server.port)) as holder,
-    ):
-        holder.sendall(head)  # headers only: holds the worker's one place
-        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
-        first, retried = bursts(server.port, request, connections, 2)
+    with full_worker(tiny_repo_litert, paced(rate)) as server:
+        first, retried = bursts(server.port, REQUEST, connections, 2)
         assert first.statuses() == retried.statuses() == {503}
         assert first.of(503)[-1] < (connections - 1) / rate / 2, first.of(503)
         # The retries queue behind one another: the middle one waited for the turns of
         # about half the others (a retry the client sent late counts as not spinning).
         half = connections // 2
         assert retried.of(503)[half] >= (half - 1) / rate, retried.of(503)
-        holder.sendall(png)
-        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_a_503_the_app_makes_is_paced_by_its_connection_too(tiny_repo_litert: Path) -> None:
@@ -204,30 +219,17 @@ def test_a_503_the_app_makes_is_paced_by_its_connection_too(tiny_repo_litert: Pa
     not by the HTTP protocol (an answer must not overtake the one before it): with the
     refusal bucket deep in debt its 503 still comes at once, and the one after it on
     the same connection, retried at once, waits for the pace."""
-    rate = 4.0
-    env = {
-        "CNNSERVE_POLL_SECONDS": "0",
-        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1",
-        "CNNSERVE_MAX_REFUSALS_PER_SECOND": str(rate),
-        "CNNSERVE_RETRY_AT_ONCE_SECONDS": "0.5",  # see the test above
-    }
-    png = encode(gradient(), "PNG")
-    request = post("/v1/classify", png, "image/png")
-    probe = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
     with (
-        running_server(tiny_repo_litert, env=env) as server,
-        socket.create_connection(("127.0.0.1", server.port)) as holder,
+        full_worker(tiny_repo_litert, paced(rate=4.0)) as server,
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as client,
     ):
-        holder.sendall(request.split(b"\r\n\r\n")[0] + b"\r\n\r\n")  # holds the place
-        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
         # Refusals not waiting: their tokens owed, up to a second's worth (the cap).
-        assert burst(server.port, request, 12).statuses() == {503}
+        assert burst(server.port, REQUEST, 12).statuses() == {503}
         times = []
         rest = b""
         for _ in range(2):
             began = time.perf_counter()
-            client.sendall(probe + request)  # the classify waits behind the probe: the app's
+            client.sendall(PROBE + REQUEST)  # the classify waits behind the probe: the app's
             head, _, rest = read_response(client, rest)
             assert head.startswith(b"HTTP/1.1 200"), head
             head, body, rest = read_response(client, rest)
@@ -238,8 +240,6 @@ def test_a_503_the_app_makes_is_paced_by_its_connection_too(tiny_repo_litert: Pa
         # second owed. The second came at once after it: it waits for the pace.
         owed = MAX_REFUSAL_DEBT_SECONDS
         assert times[0] < owed / 2 < owed <= times[1], times
-        holder.sendall(png)
-        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
 
 
 def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> None:
@@ -249,15 +249,6 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
     worker has places without gRPC's own cap refusing them (or a health check)."""
     rate = 4.0
     places = 16  # gRPC's own cap on calls in progress is twice this: the 20 calls fit
-    env = {
-        "CNNSERVE_POLL_SECONDS": "0",
-        "CNNSERVE_MAX_CONCURRENT_REQUESTS": str(places),
-        "CNNSERVE_MAX_REFUSALS_PER_SECOND": str(rate),
-        # A retry sent at once may reach a loaded machine's server late: count it anyway.
-        "CNNSERVE_RETRY_AT_ONCE_SECONDS": "0.5",
-    }
-    png = encode(gradient(), "PNG")
-    request = post("/v1/classify", png, "image/png")
     channels = 20
     times: list[list[float]] = [[], []]
 
@@ -266,15 +257,11 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
         for answered in times:
             began = time.perf_counter()
             with pytest.raises(grpc.RpcError) as shed:
-                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=30)
+                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=30)
             answered.append(time.perf_counter() - began)
             assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
-        holders = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(places)]
-        for holder in holders:  # headers only: each holds a place
-            holder.sendall(request.split(b"\r\n\r\n")[0] + b"\r\n\r\n")
-        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
+    with full_worker(tiny_repo_litert, paced(rate, places), places) as server:
         # A connection each (channels to one target share one by default).
         own = [("grpc.use_local_subchannel_pool", 1)]
         opened = [grpc.insecure_channel(server.grpc_target, options=own) for _ in range(channels)]
@@ -289,15 +276,11 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
         finally:
             for channel in opened:
                 channel.close()
-        first, retried = sorted(times[0]), sorted(times[1])
-        assert len(first) == len(retried) == channels, times
-        assert first[-1] < (channels - 1) / rate / 2, first
-        half = channels // 2
-        assert retried[half] >= (half - 1) / rate, retried
-        for holder in holders:
-            holder.sendall(png)
-            assert holder.recv(65536).startswith(b"HTTP/1.1 200")
-            holder.close()
+    first, retried = sorted(times[0]), sorted(times[1])
+    assert len(first) == len(retried) == channels, times
+    assert first[-1] < (channels - 1) / rate / 2, first
+    half = channels // 2
+    assert retried[half] >= (half - 1) / rate, retried
 
 
 def read_response(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:
@@ -321,16 +304,12 @@ def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_c
     its body is dropped and the same connection serves the next request; a pipelined
     request after a refused one is answered after it, in order."""
     env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1"}
-    png = encode(gradient(), "PNG")
-    request = post("/v1/classify", png, "image/png", {"X-Request-ID": "refused-1"})
-    probe = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = post("/v1/classify", PNG, "image/png", {"X-Request-ID": "refused-1"})
+    probe = PROBE
     with (
-        running_server(tiny_repo_litert, env=env) as server,
-        socket.create_connection(("127.0.0.1", server.port)) as holder,
+        full_worker(tiny_repo_litert, env) as server,
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as client,
     ):
-        holder.sendall(request.split(b"\r\n\r\n")[0] + b"\r\n\r\n")  # holds the place
-        eventually(lambda: burst(server.port, request, 1).statuses() == {503}, timeout=30)
         shed_before = shed_counts(server).get("concurrency", 0)
 
         client.sendall(request)
@@ -350,6 +329,3 @@ def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_c
         second, _, _ = read_response(client, rest)
         assert first.startswith(b"HTTP/1.1 503") and second.startswith(b"HTTP/1.1 200")
         assert shed_counts(server).get("concurrency", 0) >= shed_before + 2
-
-        holder.sendall(png)
-        assert holder.recv(65536).startswith(b"HTTP/1.1 200")
