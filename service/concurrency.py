@@ -106,8 +106,7 @@ class ConcurrencyLimit:
         self._siblings = siblings
         self._peers: dict[str, ConnectionRefusals] = {}
         self._retry_at_once = retry_at_once
-        if siblings is not None:
-            siblings.publish(0, self.limit)
+        self._publish()
         # Refusals are paced by a token bucket: ``_rate`` a second, bursts of ``_burst``.
         self._rate = refusals_per_second
         self._burst = max(1.0, refusals_per_second * REFUSAL_BURST_SECONDS)
@@ -136,10 +135,9 @@ class ConcurrencyLimit:
         self.in_flight += 1
         if self.in_flight > self._held:
             self._held = self.in_flight
-        if self._siblings is not None:
-            self._siblings.publish(self.in_flight, self.limit)
-            if self.in_flight > self.limit:
-                metrics.observe_borrowed_place()
+        self._publish()
+        if self.in_flight > self.limit:  # only a borrowed place lets it past the limit
+            metrics.observe_borrowed_place()
         return now
 
     def admits(self) -> bool:
@@ -163,8 +161,7 @@ class ConcurrencyLimit:
     def release(self, taken: float) -> None:
         """An admitted request is answered (whatever the status)."""
         self.in_flight -= 1
-        if self._siblings is not None:
-            self._siblings.publish(self.in_flight, self.limit)
+        self._publish()
         if self._budget is not None:
             self._answers.append(self._clock() - taken)
 
@@ -188,14 +185,18 @@ class ConcurrencyLimit:
                 cap=self.cap,
             )
             metrics.set_concurrency_limit(self.limit)
-            if self._siblings is not None:
-                self._siblings.publish(self.in_flight, self.limit)
+            self._publish()
         self._answers = []
         self._lag = 0.0
         self._lag_samples = 0
         self._held = self.in_flight
         self._full = False
         self._window_end = now + WINDOW_SECONDS
+
+    def _publish(self) -> None:
+        """Tell the sibling workers (service.siblings) what this one holds and allows."""
+        if self._siblings is not None:
+            self._siblings.publish(self.in_flight, self.limit)
 
     def leave(self) -> None:
         """The worker stops: its places are no longer the replica's to borrow."""
@@ -246,8 +247,9 @@ class ConcurrencyLimit:
         return 0.0
 
     async def pace_refusal(self, retrying: bool = True) -> None:
-        """Wait for this refusal's turn (:meth:`refusal_delay`). Where the client's
-        connection is not known (RequestGuard's refusals) it is taken as retrying."""
+        """Wait for this refusal's turn (:meth:`refusal_delay`). A caller that cannot
+        tell whether the client is retrying at once (no connection record) takes it as
+        retrying, the safe side."""
         delay = self.refusal_delay(retrying)
         if delay:
             await asyncio.sleep(delay)

@@ -289,7 +289,7 @@ class EarlyRefusal:
         method: str,
         path: str,
         headers: Sequence[tuple[bytes, bytes]],
-        retrying: bool = True,
+        retrying: bool,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
