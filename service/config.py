@@ -91,6 +91,16 @@ class Settings(BaseSettings):
         "the concurrency limit keeps a worker's p99 within 0.6 of it. Sized to a 100 ms p99.",
     )
 
+    inline_inference_max_seconds: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="A version's batches run on the event loop rather than a batch thread "
+        "when the runtime computes on the calling thread alone (LiteRT with one thread) "
+        "and a full batch is estimated (measured seconds per image × max_batch_size) to "
+        "take at most this long; 0 = always on the batch threads.",
+    )
+
     # --- request limits ----------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)

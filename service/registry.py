@@ -355,7 +355,11 @@ class Registry:
         metrics.announce_version(model, version, prepared.labels)
         observer = metrics.BatcherMetrics(model, version, config.queue_capacity, prepared.labels)
         batcher = DynamicBatcher(
-            prepared.runtime.predict, config, observer=observer, name=f"{model}/{version}"
+            prepared.runtime.predict,
+            config,
+            observer=observer,
+            name=f"{model}/{version}",
+            inline=prepared.runtime.computes_on_caller,
         )
         try:
             await batcher.start()

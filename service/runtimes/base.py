@@ -2,7 +2,8 @@
 
 A runtime owns one model version. Nothing heavy happens in ``__init__``: ``load()``
 reads and prepares the model (and may take seconds), ``predict()`` runs one batch and
-is called from batch threads (never from the event loop), ``unload()`` frees it.
+is called from batch threads (or, for a runtime that says it computes on the calling
+thread alone, short batches from the event loop: service.batching), ``unload()`` frees it.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ class Runtime(abc.ABC):
         if self._card is None:
             self._card = read_card(self.version_dir)
         return self._card
+
+    @property
+    def computes_on_caller(self) -> bool:
+        """``predict`` computes on the calling thread alone (no thread pool of its own,
+        no waiting on anything but the CPU), so a short batch may run on the event loop."""
+        return False
 
     @property
     def ready(self) -> bool:

@@ -77,6 +77,11 @@ class LiteRTRuntime(Runtime):
         self._content: bytes | None = None
         self._local = threading.local()
 
+    @property
+    def computes_on_caller(self) -> bool:
+        # One interpreter thread: XNNPACK computes on the thread that invokes.
+        return (self.threads or 1) == 1
+
     def _new_runner(self) -> Any:
         from ai_edge_litert.interpreter import Interpreter
 

@@ -124,9 +124,11 @@ def test_config_from_settings_and_validation() -> None:
     settings = Settings(
         max_batch_size=8, batch_timeout_micros=250, max_enqueued_batches=3, num_batch_threads=2
     )
-    assert BatchingConfig.from_settings(settings) == BatchingConfig(8, 250, 3, 2, 0.08)
+    assert BatchingConfig.from_settings(settings) == BatchingConfig(8, 250, 3, 2, 0.08, 0.02)
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchingConfig(0, 0, 1, 1)
+    with pytest.raises(ValueError, match="inline_max_seconds"):
+        BatchingConfig(1, 0, 1, 1, inline_max_seconds=-1.0)
 
 
 def test_full_batch_is_cut_at_max_batch_size_without_waiting_for_the_timeout() -> None:
@@ -577,5 +579,70 @@ def test_less_than_a_batch_ahead_is_always_admitted(costly: Costly) -> None:
                 await batcher.submit(images(6), deadline=None)
             costly.release.set()
             assert await gather([running, *queued]) == [[2, 3], [4], [5]]
+
+    run(scenario())
+
+
+class Threads:
+    """A predict that notes which thread ran each batch and how big it was."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, batch: Array, deadline: float | None = None) -> Array:
+        self.calls.append((threading.get_ident(), len(batch)))
+        time.sleep(0.001 * len(batch))  # a model that costs at least 1 ms per image
+        return ids(batch)
+
+
+@pytest.mark.parametrize(
+    ("inline", "inline_max_seconds", "on_loop"),
+    # 0.003: each batch (2 images) would fit, a full one (4) does not.
+    [(True, 10.0, True), (False, 10.0, False), (True, 0.0, False), (True, 0.003, False)],
+)
+def test_short_batches_run_on_the_event_loop_only_when_allowed(
+    inline: bool, inline_max_seconds: float, on_loop: bool
+) -> None:
+    """The first batch (nothing measured yet) always goes to a batch thread; later ones
+    run on the loop's own thread only for a runtime that computes on the caller and
+    while a full batch is estimated within the bound."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        predict = Threads()
+        cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=inline_max_seconds)
+        async with DynamicBatcher(predict, cfg, inline=inline) as batcher:
+            for value in range(3):
+                assert (await batcher.submit(images(value, value), deadline=None)).tolist() == [
+                    value,
+                    value,
+                ]
+        return predict.calls
+
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+    calls = run(scenario())
+    assert [size for _, size in calls] == [2, 2, 2]
+    assert calls[0][0] != loop_thread
+    assert all((thread == loop_thread) is on_loop for thread, _ in calls[1:])
+
+
+def test_a_batch_on_the_event_loop_answers_errors_and_deadlines_as_on_a_thread() -> None:
+    """Errors raised by predict on the loop reach the waiters as InternalError, and the
+    next batch still runs."""
+    failing = {"now": False}
+
+    def predict(batch: Array, deadline: float | None = None) -> Array:
+        if failing["now"]:
+            raise RuntimeError("boom")
+        return ids(batch)
+
+    async def scenario() -> None:
+        cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=10.0)
+        async with DynamicBatcher(predict, cfg, inline=True) as batcher:
+            assert (await batcher.submit(images(1), deadline=None)).tolist() == [1]
+            failing["now"] = True
+            with pytest.raises(InternalError, match="boom"):
+                await batcher.submit(images(2), deadline=None)
+            failing["now"] = False
+            assert (await batcher.submit(images(3), deadline=None)).tolist() == [3]
 
     run(scenario())

@@ -246,3 +246,13 @@ def test_auto_falls_back_to_tensorflow_when_conversion_does_not_verify(
     monkeypatch.setattr(conversion, "convert_saved_model", lambda _: pytest.fail("reconverted"))
     with pytest.raises(ModelLoadError, match="refusing"):
         LiteRTRuntime(plain, cache_dir=tmp_path).load()
+
+
+def test_only_a_one_thread_litert_computes_on_the_caller(
+    tf_rt: TensorFlowRuntime, shipped: Path, tmp_path: Path
+) -> None:
+    """What lets the batcher run short batches on the event loop (service.batching)."""
+    assert LiteRTRuntime(shipped, cache_dir=tmp_path).computes_on_caller  # 0 = one thread
+    assert LiteRTRuntime(shipped, cache_dir=tmp_path, threads=1).computes_on_caller
+    assert not LiteRTRuntime(shipped, cache_dir=tmp_path, threads=2).computes_on_caller
+    assert not tf_rt.computes_on_caller
