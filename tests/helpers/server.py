@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -123,3 +125,22 @@ def eventually(predicate: Callable[[], bool], timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("condition never held")
         time.sleep(0.05)
+
+
+def read_response(
+    sock: socket.socket, buffered: bytes = b"", *, head_request: bool = False
+) -> tuple[bytes, bytes, bytes]:
+    """One HTTP/1.1 response with a Content-Length from ``sock``: (head, body, the bytes
+    read past it). The answer to a HEAD request (``head_request``) has no body."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        part = sock.recv(65536)
+        if not part:
+            raise ConnectionError(f"connection closed mid-response: {data[:200]!r}")
+        data += part
+    head, _, rest = data.partition(b"\r\n\r\n")
+    found = re.search(rb"content-length: (\d+)", head.lower())
+    length = 0 if head_request or found is None else int(found.group(1))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return head, rest[:length], rest[length:]

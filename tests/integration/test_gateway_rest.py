@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from PIL import Image
 
 from service.preprocessing import PreprocessSpec, preprocess_bytes
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, running_server
+from tests.helpers.server import Server, read_response, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -428,3 +430,40 @@ def test_openapi_documents_the_api(server: Server) -> None:
     assert "/v1/classify" in spec["paths"]
     content = spec["paths"]["/v1/classify"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "image/jpeg", "application/json"} <= set(content)
+
+
+def test_one_connection_keeps_http_semantics_with_head_and_body_written_together(
+    server: Server,
+) -> None:
+    """Responses leave with head and body in one write (service.api.http_protocol's
+    JoinedWrites); what HTTP/1.1 clients rely on still holds on one keep-alive
+    connection: a HEAD answer (a head and no body), pipelined requests answered in
+    order, and Expect: 100-continue answered before the client sends the body."""
+    png = encode(gradient(), "PNG")
+    post = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: %d\r\n" % len(png)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"HEAD /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, body, rest = read_response(sock, head_request=True)
+        # FastAPI's GET routes do not take HEAD (405); either way a head with no body.
+        assert head[:12] in (b"HTTP/1.1 200", b"HTTP/1.1 405") and body == b"" == rest, head
+        assert b"content-length: " in head.lower()
+
+        sock.sendall(post + b"\r\n" + png + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, classified, rest = read_response(sock)
+        second, health, rest = read_response(sock, rest)
+        assert first.startswith(b"HTTP/1.1 200") and second.startswith(b"HTTP/1.1 200")
+        assert json.loads(classified)["model"] == "tiny"
+        assert "status" in json.loads(health) and rest == b""
+
+        sock.sendall(post + b"Expect: 100-continue\r\n\r\n")  # the headers alone
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(65536)
+        assert interim.startswith(b"HTTP/1.1 100 Continue"), interim
+        sock.sendall(png)
+        final, classified, _ = read_response(sock, interim.partition(b"\r\n\r\n")[2])
+        assert final.startswith(b"HTTP/1.1 200"), final
+        assert json.loads(classified)["predictions"]

@@ -22,7 +22,7 @@ from service.concurrency import MAX_REFUSAL_DEBT_SECONDS
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
 from tests.helpers.load import burst, bursts, load, post, quantile
-from tests.helpers.server import Server, eventually, running_server
+from tests.helpers.server import Server, eventually, read_response, running_server
 
 BUDGET = 0.08  # the default queue-wait budget
 BASE_CONNECTIONS = 16  # about where goodput stops growing here
@@ -281,19 +281,6 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
     assert first[-1] < (channels - 1) / rate / 2, first
     half = channels // 2
     assert retried[half] >= (half - 1) / rate, retried
-
-
-def read_response(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:
-    """One HTTP/1.1 response with a Content-Length from ``sock``: (head, body, the bytes
-    read past it)."""
-    data = buffered
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(re.search(rb"content-length: (\d+)", head.lower()).group(1))  # type: ignore[union-attr]
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return head, rest[:length], rest[length:]
 
 
 def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_connection_goes_on(
