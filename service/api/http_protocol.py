@@ -83,8 +83,9 @@ class JoinedWrites:
 
     def flush(self) -> None:
         held = self._held
-        if held is not None:
-            self._held = None
+        self._held = None
+        # On the next turn the client may have gone: a closed transport refuses writes.
+        if held is not None and not self._transport.is_closing():
             self._transport.write(held)
 
     def close(self) -> None:

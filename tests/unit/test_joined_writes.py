@@ -26,8 +26,10 @@ class Recording:
     def abort(self) -> None:
         self.calls.append("abort")
 
+    closing = False
+
     def is_closing(self) -> bool:
-        return False
+        return self.closing
 
 
 def joined() -> tuple[JoinedWrites, Recording]:
@@ -89,5 +91,16 @@ def test_close_sends_the_held_head_first_and_abort_drops_it() -> None:
         await asyncio.sleep(0)
         assert transport.calls == ["abort"]
         assert writes.is_closing() is False  # the rest is the transport's own
+
+    asyncio.run(scenario())
+
+
+def test_a_held_head_is_dropped_if_the_client_left_before_the_next_turn() -> None:
+    async def scenario() -> None:
+        writes, transport = joined()
+        writes.write(HEAD)
+        transport.closing = True  # the connection was lost meanwhile
+        await asyncio.sleep(0)
+        assert transport.calls == []
 
     asyncio.run(scenario())
