@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests.helpers.browser import chromium_path
-from tests.helpers.server import ROOT, Server, running_server
+from tests.helpers.models import publish_tiny, simple_config, write_models_config
+from tests.helpers.server import ROOT, Server, eventually, running_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -67,7 +69,9 @@ class Watched:
         self.page.screenshot(path=SCREENSHOTS / f"{name}.png", full_page=True)
 
 
-def open_page(browser: Browser, server: Server, viewport: dict[str, int]) -> Iterator[Watched]:
+def open_page(
+    browser: Browser, server: Server, viewport: dict[str, int], samples: int | None = 6
+) -> Iterator[Watched]:
     context = browser.new_context(viewport=viewport)  # type: ignore[arg-type]
     page = context.new_page()
     watched = Watched(page, server.url)
@@ -75,7 +79,8 @@ def open_page(browser: Browser, server: Server, viewport: dict[str, int]) -> Ite
     page.on("pageerror", lambda e: watched.problems.append(f"uncaught: {e}"))
     page.on("request", lambda r: watched.on_request(r.url))
     page.goto(server.url + "/")
-    expect(page.locator("#samples li")).to_have_count(6)
+    if samples is not None:
+        expect(page.locator("#samples li")).to_have_count(samples)
     yield watched
     context.close()
     assert watched.problems == []
@@ -234,3 +239,40 @@ def test_drop_and_paste_on_a_chosen_version(desktop: Watched) -> None:
     expect(page.locator("#preview-caption")).to_contain_text("pasted.png")
     assert len(asked) == 2
     assert all("model=fashion_mnist&version=1" in url for url in asked), asked
+
+
+def test_a_version_loaded_while_the_page_is_open_shows_once_it_answers(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """Hot reload under an open page: it read the model's versions when it opened; when
+    another version answers than the one its choice ("newest") meant, it reads them
+    again, so the version list and everything asked per version (samples, the card)
+    follow the new version without reloading the page."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1)
+    write_models_config(repo, simple_config("m"))
+    with (
+        running_server(repo, args=("--poll-seconds", "0.2")) as server,
+        contextmanager(open_page)(browser, server, DESKTOP, samples=None) as watched,
+        server.client() as client,
+    ):
+        page = watched.page
+        expect(page.locator("#version option")).to_have_text(["newest", "version 1"])
+        page.get_by_label("Choose an image").set_input_files(TEST_IMAGE)
+        expect(page.locator("#status")).to_have_text("m, version 1")
+
+        publish_tiny(repo, "m", seed=2)
+
+        def newest_is_2() -> bool:
+            answer = client.post(
+                "/v1/classify",
+                content=TEST_IMAGE.read_bytes(),
+                headers={"content-type": "image/png"},
+            )
+            return bool(answer.status_code == 200 and answer.json()["version"] == 2)
+
+        eventually(newest_is_2)
+        page.get_by_label("Choose an image").set_input_files(TEST_IMAGE)
+        expect(page.locator("#status")).to_have_text("m, version 2")
+        expect(page.locator("#version option", has_text="version 2")).to_have_count(1)
+        expect(page.locator("#version")).to_have_value("")  # still "newest"

@@ -112,6 +112,7 @@ function currentVersion() {
 function fillVersions() {
   const model = currentModel();
   const select = $("version");
+  const previous = select.value;
   select.replaceChildren(el("option", { value: "", text: "newest" }));
   if (model) {
     const numbers = el("optgroup", { label: "Versions" });
@@ -124,6 +125,9 @@ function fillVersions() {
       select.append(group);
     }
   }
+  // Keep the reader's choice when the list is refreshed; one that is gone means newest.
+  select.value = previous;
+  if (select.value !== previous) select.value = "";
   select.disabled = !model;
 }
 
@@ -267,6 +271,11 @@ async function classify(blob, name) {
     if (run !== state.run) return; // a newer image was chosen meanwhile
     showPredictions(answer);
     showTiming(parseServerTiming(response.headers.get("Server-Timing")), performance.now() - started);
+    // Another version answered than the page thinks the choice means: a version was
+    // loaded or unloaded, or a label moved, since the list was read. Read it again.
+    if (model && answer.model === model.name && answer.version !== currentVersion()) {
+      loadModels().catch(report);
+    }
   } catch (err) {
     if (run !== state.run) return;
     $("status").textContent = "";
@@ -411,7 +420,10 @@ function wire() {
   });
   $("model").addEventListener("change", () => { fillVersions(); versionChanged().catch(report); });
   $("version").addEventListener("change", () => versionChanged().catch(report));
-  $("file").addEventListener("change", (e) => classifyFile(e.target.files[0]));
+  $("file").addEventListener("change", (e) => {
+    classifyFile(e.target.files[0]);
+    e.target.value = ""; // choosing the same file again is a new request, not "no change"
+  });
 
   const drop = $("drop");
   drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
