@@ -81,6 +81,9 @@ def prepare_runtime(
         spec = preprocess_spec(card, info, path)
         loaded = time.perf_counter()
         warm_up(runtime, info, path)
+        # Requests run on the batcher's thread or the event loop, never on this one
+        # (a pool thread that lives on): what warming made for it would only take memory.
+        runtime.leave_thread()
     except BaseException:
         runtime.unload()
         raise

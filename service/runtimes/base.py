@@ -104,5 +104,10 @@ class Runtime(abc.ABC):
 
         return signature_def_map(self.version_dir)
 
+    def leave_thread(self) -> None:
+        """Free what this runtime holds for the calling thread alone (a thread that will
+        not predict again, e.g. the one that loaded and warmed it); nothing by default."""
+        return None
+
     def unload(self) -> None:
         self._info = None

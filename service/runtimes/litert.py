@@ -131,6 +131,10 @@ class LiteRTRuntime(Runtime):
             runner = runners[size] = self._new_runner()
         return runner
 
+    def leave_thread(self) -> None:
+        # The thread's interpreters (each with its own packed weights and arena).
+        self._local.__dict__.pop("runners", None)
+
     def predict(self, batch: Batch, deadline: float | None = None) -> Probabilities:
         info = self.info
         x = to_model_input(batch, info.input)

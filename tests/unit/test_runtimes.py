@@ -256,3 +256,21 @@ def test_only_a_one_thread_litert_computes_on_the_caller(
     assert LiteRTRuntime(shipped, cache_dir=tmp_path, threads=1).computes_on_caller
     assert not LiteRTRuntime(shipped, cache_dir=tmp_path, threads=2).computes_on_caller
     assert not tf_rt.computes_on_caller
+
+
+def test_a_thread_that_loaded_and_warmed_litert_keeps_no_interpreters(
+    shipped: Path, tmp_path: Path
+) -> None:
+    """prepare_runtime runs on a pool thread that never predicts again: its interpreters
+    (packed weights, arenas) are freed once warm-up is done, and a later predict on the
+    same thread still works (it makes them again)."""
+    from service.loading import prepare_runtime
+
+    prepared = prepare_runtime(LiteRTRuntime(shipped, cache_dir=tmp_path), shipped)
+    rt = prepared.runtime
+    assert isinstance(rt, LiteRTRuntime)
+    assert getattr(rt._local, "runners", None) is None
+    out = rt.predict(_images(2, seed=0))
+    assert out.shape[0] == 2 and sorted(rt._local.runners) == [2]
+    rt.leave_thread()
+    assert getattr(rt._local, "runners", None) is None
