@@ -246,13 +246,18 @@ class ConcurrencyLimit:
             return -self._tokens / self._rate
         return 0.0
 
-    async def pace_refusal(self, retrying: bool = True) -> None:
-        """Wait for this refusal's turn (:meth:`refusal_delay`). A caller that cannot
+    async def pace_refusal(
+        self, retrying: bool = True, connection: ConnectionRefusals | None = None
+    ) -> None:
+        """Wait for this refusal's turn (:meth:`refusal_delay`), then note on the client's
+        ``connection`` record, if known, that it was refused now. A caller that cannot
         tell whether the client is retrying at once (no connection record) takes it as
         retrying, the safe side."""
         delay = self.refusal_delay(retrying)
         if delay:
             await asyncio.sleep(delay)
+        if connection is not None:
+            connection.refused(asyncio.get_running_loop().time())
 
     def peer(self, name: str) -> ConnectionRefusals:
         """The refusal record of the connection a transport names ``name`` (gRPC's

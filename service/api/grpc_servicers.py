@@ -73,8 +73,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
         concurrency = self._plane.concurrency
         connection = concurrency.peer(context.peer())
-        loop = asyncio.get_running_loop()
-        retrying = connection.retrying(loop.time())
+        retrying = connection.retrying(asyncio.get_running_loop().time())
         try:
             with recorded(RequestRecord(rid, "grpc", "POST", route)):
                 if not self._plane.accepting_calls:
@@ -99,8 +98,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         if error.retry_after is not None:
             trailers += (("retry-after", str(error.retry_after)),)
         if error.http_status == 503:  # come back later: paced (service.concurrency)
-            await concurrency.pace_refusal(retrying)
-            connection.refused(loop.time())
+            await concurrency.pace_refusal(retrying, connection)
         await context.abort(grpc_status(error), error.public_message(), trailers)
 
     return handler

@@ -176,9 +176,7 @@ class RequestGuard:
                 if not any(name.lower() == b"x-request-id" for name, _ in sent):
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503:  # come back later: paced (service.concurrency)
-                    await concurrency.pace_refusal(retrying)
-                    if connection is not None:
-                        connection.refused(asyncio.get_running_loop().time())
+                    await concurrency.pace_refusal(retrying, connection)
             await send(message)
 
         try:

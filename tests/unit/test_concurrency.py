@@ -163,6 +163,15 @@ def test_refusals_beyond_a_burst_wait_their_turn(monkeypatch: pytest.MonkeyPatch
     asyncio.run(unpaced.pace_refusal())
     assert len(waits) == 3
 
+    async def refused_on_connection() -> bool:
+        # A minute's retry window: a loaded host's pause cannot make it miss.
+        roomy = ConcurrencyLimit(1, clock=clock, retry_at_once=60.0)
+        connection = roomy.connection()
+        await roomy.pace_refusal(False, connection)  # the answer goes out: noted
+        return connection.retrying(asyncio.get_running_loop().time())
+
+    assert asyncio.run(refused_on_connection())
+
 
 def test_only_clients_retrying_at_once_wait_for_the_pace() -> None:
     clock = Clock()
