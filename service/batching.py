@@ -283,21 +283,35 @@ class DynamicBatcher:
             _Item(inputs[i : i + size], loop.create_future(), deadline, now)
             for i in range(0, n, size)
         ]
+        idle = not self._queue
         self._queue.extend(items)
         self._set_depth(n)
-        self._arrived.set()
-        waiter = asyncio.gather(*(item.future for item in items))
+        # The scheduler needs waking only when there is something new to decide: a first
+        # request (its timeout starts), a full batch, or the oldest one's timeout passed
+        # (the loop was busy). Waking it for every arrival cost a task step and a
+        # re-armed wait (~20 µs) per request for nothing.
+        if (
+            idle
+            or self._depth >= self.config.max_batch_size
+            or self._queue[0].enqueued + self._timeout <= now
+        ):
+            self._arrived.set()
+        # A timer that fails the chunks at the deadline, rather than wait_for(gather(..)):
+        # a request is nearly always one chunk, and those wrappers cost ~10 µs of the
+        # event loop's time per request (~1% of it).
+        timer = None
+        if deadline is not None:
+            timer = loop.call_later(max(0.0, deadline - monotonic()), _expire, items)
         try:
-            if deadline is None:
-                parts = await waiter
-            else:
-                parts = await asyncio.wait_for(waiter, max(0.0, deadline - monotonic()))
+            parts = [await item.future for item in items]
         except TimeoutError:
             self._observer.on_expired(1)
             raise DeadlineExceeded(
                 "the request deadline passed while it waited for a batch"
             ) from None
         finally:
+            if timer is not None:
+                timer.cancel()
             self._abandon(items)
         if timings is not None:
             timings["queue_wait"] = max(item.queue_wait for item in items)
@@ -361,6 +375,9 @@ class DynamicBatcher:
         for item in items:
             if not item.future.done():
                 item.future.cancel()
+            elif not item.future.cancelled():
+                # Read: a failed chunk after the first is not "never retrieved".
+                item.future.exception()
             if item.queued:
                 # Bounded by the queue capacity, and only on the give-up path.
                 self._queue.remove(item)
@@ -400,7 +417,8 @@ class DynamicBatcher:
                 wait = None
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), wait)
+                async with asyncio.timeout(wait):  # cheaper than wait_for: no task
+                    await self._arrived.wait()
 
     def _cut(self) -> list[_Item]:
         now = monotonic()
@@ -485,3 +503,11 @@ class DynamicBatcher:
         begin = perf_counter()
         output = self._predict(batch, deadline)
         return output, perf_counter() - begin
+
+
+def _expire(items: list[_Item]) -> None:
+    """A request's deadline passed: its chunks still waiting fail with TimeoutError (the
+    batcher skips done futures, so their images are never run)."""
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(TimeoutError())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -324,6 +325,32 @@ def test_submit_does_not_wait_past_its_deadline() -> None:
 
     run(scenario())
     assert gate.batches == [[0], [1]]
+
+
+def test_a_split_request_past_its_deadline_gives_up_every_chunk_quietly() -> None:
+    """A request split into chunks shares one deadline: when it passes, every chunk still
+    queued is dropped (never run, its queue slots freed) and nothing is left for the
+    loop to report as an exception never retrieved."""
+    gate = Gate()
+    unhandled: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
+        async with DynamicBatcher(gate, config(2, 0)) as batcher:
+            first = spawn(batcher, 0)
+            await gate.blocked()
+            split = spawn(batcher, 90, 91, 92, 93, 94, deadline=time.monotonic() + 0.05)
+            with pytest.raises(DeadlineExceeded):
+                await split
+            assert batcher.queue_depth == 0
+            gate.release.set()
+            assert await gather([first, spawn(batcher, 1)]) == [[0], [1]]
+        del split
+        gc.collect()  # a never-retrieved exception is reported when its future is freed
+
+    run(scenario())
+    assert gate.batches == [[0], [1]]
+    assert unhandled == []
 
 
 def test_cancelled_waiters_do_not_break_anything() -> None:
