@@ -110,7 +110,11 @@ def install_error_handlers(app: FastAPI) -> None:
             error = MethodNotAllowed(f"{request.method} is not allowed on {path}; see /docs")
         else:
             error = InvalidRequest(str(exc.detail))
-        return error_response(error)
+        response = error_response(error)
+        if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+            # RFC 9110: a 405 says which methods the resource takes (the router knows).
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         return answer_error(exc, request_id(request))
@@ -162,6 +166,11 @@ class RequestGuard:
         rid = client_request_id(headers.get(b"x-request-id", b""))
         scope.setdefault("state", {})["request_id"] = rid
         record = RequestRecord(rid, "rest", scope["method"])
+        if scope["method"] == "HEAD":
+            # HEAD is GET without the body (RFC 9110), and FastAPI's routes answer GET
+            # only: the app sees GET, the server leaves the body out by its own scope's
+            # method (uvicorn's), and the access log still says HEAD.
+            scope = {**scope, "method": "GET"}
         concurrency = self.admission.concurrency
         status = 500  # what the client gets if the app raises before answering
         arrival: tuple[ConnectionRefusals | None, bool]

@@ -177,13 +177,6 @@ async def readyz(request: Request) -> Response:
     return Response(body, status_code=200 if ready else 503, media_type=JSON)
 
 
-# Probes may ask with HEAD (RFC 9110: a server answering GET should answer HEAD): the
-# same answer, its body left out by the server. Kept out of the OpenAPI document, which
-# describes the API, not the probes' method.
-for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
-    router.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
-
-
 async def prometheus_metrics() -> Response:
     """Prometheus exposition of every worker process's metrics (path: CNNSERVE_METRICS_PATH)."""
     body, content_type = await asyncio.to_thread(metrics.render)

@@ -468,13 +468,28 @@ def test_one_connection_keeps_http_semantics_with_head_and_body_written_together
         assert json.loads(classified)["predictions"]
 
 
-def test_probes_answer_head_as_they_answer_get(server: Server) -> None:
-    """Load balancers may probe with HEAD: the GET answer's status and headers, no body,
-    and no HEAD operations in the API's OpenAPI document."""
+def test_every_get_route_answers_head_as_it_answers_get(server: Server) -> None:
+    """HEAD is GET without the body (RFC 9110): probes, model status, metrics, the demo
+    page and a GET route's errors alike; a path without GET says which methods it takes;
+    the API's OpenAPI document lists no HEAD operations."""
+    paths = [
+        "/healthz",
+        "/readyz",
+        "/v1/models/tiny",
+        "/v1/models/tiny/metadata",
+        "/metrics",
+        "/",
+        "/v1/models/nosuchmodel",  # 404 with its JSON error
+    ]
     with server.client() as client:
-        for path in ("/healthz", "/readyz"):
+        for path in paths:
             got, head = client.get(path), client.head(path)
-            assert head.status_code == got.status_code == 200, (path, head.status_code)
-            assert head.content == b"" and head.headers["content-length"] == str(len(got.content))
-        paths = client.get("/openapi.json").json()["paths"]
-        assert all("head" not in paths[p] for p in ("/healthz", "/readyz"))
+            assert head.status_code == got.status_code, (path, head.status_code, got.status_code)
+            assert head.content == b"", path
+            assert head.headers["content-type"] == got.headers["content-type"], path
+            if path != "/metrics":  # its body grows with each request counted
+                assert head.headers["content-length"] == str(len(got.content)), path
+        post_only = client.head("/v1/classify")
+        assert post_only.status_code == 405 and "POST" in post_only.headers["allow"]
+        spec = client.get("/openapi.json").json()["paths"]
+        assert all("head" not in operations for operations in spec.values())
