@@ -311,7 +311,10 @@ class EarlyRefusal:
         answer = error_response(concurrency.refusal())
         headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
         delay = concurrency.refusal_delay(retrying)
-        return Refused(headers_out, bytes(answer.body), delay, record)
+        # An answer to HEAD has no body (its Content-Length still says the GET one's):
+        # a body would read as the start of the next answer on the connection.
+        body = b"" if method == "HEAD" else bytes(answer.body)
+        return Refused(headers_out, body, delay, record)
 
     def _route(self, method: str, path: str) -> str:
         template = self._templates.get((method, path))

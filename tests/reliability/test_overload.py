@@ -315,4 +315,11 @@ def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_c
         first, _, rest = read_response(client, rest)
         second, _, _ = read_response(client, rest)
         assert first.startswith(b"HTTP/1.1 503") and second.startswith(b"HTTP/1.1 200")
-        assert shed_counts(server).get("concurrency", 0) >= shed_before + 2
+
+        # HEAD, refused the same way, gets the head alone: the next answer still parses.
+        client.sendall(b"HEAD /v1/models/tiny HTTP/1.1\r\nHost: x\r\n\r\n" + probe)
+        first, body, rest = read_response(client, rest, head_request=True)
+        second, _, _ = read_response(client, rest)
+        assert first.startswith(b"HTTP/1.1 503") and body == b"", first
+        assert second.startswith(b"HTTP/1.1 200"), second
+        assert shed_counts(server).get("concurrency", 0) >= shed_before + 3
