@@ -317,6 +317,7 @@ class EarlyRefusal:
         return Refused(headers_out, body, delay, record)
 
     def _route(self, method: str, path: str) -> str:
+        method = "GET" if method == "HEAD" else method  # answered as GET (RequestGuard)
         template = self._templates.get((method, path))
         if template is None:
             scope = {"type": "http", "method": method, "path": path, "root_path": ""}

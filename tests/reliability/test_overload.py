@@ -323,3 +323,5 @@ def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_c
         assert first.startswith(b"HTTP/1.1 503") and body == b"", first
         assert second.startswith(b"HTTP/1.1 200"), second
         assert shed_counts(server).get("concurrency", 0) >= shed_before + 3
+        text = httpx.get(server.url + "/metrics", timeout=10).text  # counted by its route
+        assert re.search(r'cnnserve_requests_total\{[^}]*route="/v1/models/\{model\}"', text)
