@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="A request's headers must arrive within this of the connection opening "
         "or of the request's first byte (else 408 and the connection is closed).",
     )
+    max_header_bytes: int = Field(
+        65536,
+        ge=1024,
+        description="A request's line and headers may take at most this many bytes (else "
+        "431 and the connection is closed): what a client can make a worker hold.",
+    )
     body_read_timeout_seconds: float = Field(
         30.0, gt=0, description="A request body must arrive within this (else 408)."
     )

@@ -12,6 +12,7 @@ in ``detail``, which is logged with the request id and never sent.
     │   ├── InvalidImage          400  INVALID_ARGUMENT   invalid_image
     │   ├── ImageTooLarge         413  INVALID_ARGUMENT   image_too_large
     │   ├── PayloadTooLarge       413  RESOURCE_EXHAUSTED payload_too_large
+    │   ├── HeadersTooLarge       431  RESOURCE_EXHAUSTED headers_too_large
     │   ├── TooManyImages         413  INVALID_ARGUMENT   too_many_images
     │   ├── MethodNotAllowed      405  UNIMPLEMENTED      method_not_allowed
     │   ├── RequestTimeout        408  DEADLINE_EXCEEDED  request_timeout
@@ -89,6 +90,14 @@ class ImageTooLarge(InvalidRequest):
 class PayloadTooLarge(InvalidRequest):
     code = "payload_too_large"
     http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class HeadersTooLarge(InvalidRequest):
+    """A request's headers (with its request line) over CNNSERVE_MAX_HEADER_BYTES."""
+
+    code = "headers_too_large"
+    http_status = 431
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 

@@ -124,6 +124,11 @@ BORROWED_PLACES = Counter(
     "Requests admitted over their worker's own concurrency limit, on places its sibling "
     "workers left unused (connections are split between workers unevenly).",
 )
+HEADERS_TOO_LARGE = Counter(
+    "cnnserve_headers_too_large",
+    "Connections closed with a 431 because a request's line and headers went over "
+    "CNNSERVE_MAX_HEADER_BYTES.",
+)
 HEADER_TIMEOUTS = Counter(
     "cnnserve_header_timeouts",
     "Connections closed with a 408 because a request's headers did not arrive within "
@@ -279,6 +284,11 @@ def observe_borrowed_place() -> None:
     """A worker at its concurrency limit admitted a request on a sibling's unused place
     (service.siblings)."""
     BORROWED_PLACES.inc()
+
+
+def observe_headers_too_large() -> None:
+    """A connection sent more header bytes than allowed (service.api.http_protocol)."""
+    HEADERS_TOO_LARGE.inc()
 
 
 def observe_header_timeout() -> None:

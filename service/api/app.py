@@ -25,7 +25,11 @@ from service.api.auth import ApiKeys
 from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import Admission, EarlyRefusal, RequestGuard, install_error_handlers
-from service.api.http_protocol import EARLY_REFUSAL_STATE, HEADER_TIMEOUT_STATE
+from service.api.http_protocol import (
+    EARLY_REFUSAL_STATE,
+    HEADER_LIMIT_STATE,
+    HEADER_TIMEOUT_STATE,
+)
 from service.api.schemas import error_responses, openapi_without_validation_errors
 from service.concurrency import worker_limit
 from service.config import Settings
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Lifespan state: uvicorn hands it to every connection's protocol.
             yield {
                 HEADER_TIMEOUT_STATE: settings.header_read_timeout_seconds,
+                HEADER_LIMIT_STATE: settings.max_header_bytes,
                 EARLY_REFUSAL_STATE: EarlyRefusal(admission, quiet_paths, guarded_routes),
             }
         finally:

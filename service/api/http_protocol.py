@@ -10,6 +10,14 @@ everyone else out. Here a request's headers must be complete within
 byte; if not, the client gets a 408 (``request_timeout``) and the connection is closed.
 The body has its own timeout (RequestGuard, ``body_read_timeout_seconds``).
 
+httptools holds a request's line and headers in memory until they end, with no bound
+of its own: one client streaming header bytes grew a worker by 300 MB in 0.6 s. Here
+they may take ``max_header_bytes``; beyond that the client gets a 431
+(``headers_too_large``) and the connection is closed. Only data that arrived while the
+same request's headers were open is counted, so a body is never mistaken for headers
+(when a read holds the end of one request and the start of the next, the bound may be
+passed by up to that read).
+
 Under overload, a request its worker has no place for is refused here, as soon as its
 headers are parsed (:class:`service.api.http.EarlyRefusal` decides and writes the
 answer's headers and body, the same as RequestGuard's), without an ASGI scope, task or
@@ -40,12 +48,21 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service import metrics
 from service.api.http import CONNECTION_REFUSALS, EarlyRefusal, Refused, error_response
 from service.concurrency import ConnectionRefusals
-from service.errors import RequestTimeout
+from service.errors import HeadersTooLarge, RequestTimeout
 
 # The keys in the lifespan state (service.api.app): the header timeout in seconds, and
 # the worker's EarlyRefusal.
 HEADER_TIMEOUT_STATE = "cnnserve.header_read_timeout_seconds"
+HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
+DEFAULT_MAX_HEADER_BYTES = 65536  # without the app's state (another server's lifespan)
 EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
+
+
+def headers_too_large(limit: int) -> HeadersTooLarge:
+    return HeadersTooLarge(
+        f"the request line and headers are over {limit} bytes; send fewer or shorter "
+        "headers (the limit is CNNSERVE_MAX_HEADER_BYTES)"
+    )
 
 
 def timeout_error(seconds: float) -> RequestTimeout:
@@ -113,11 +130,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _header_seconds: float = 0.0
     _early_refusal: EarlyRefusal | None = None
     _dropping = False  # the current request was refused here: its body is dropped
+    _max_header_bytes = DEFAULT_MAX_HEADER_BYTES
+    _in_headers = False  # the current request's line and headers have not ended yet
+    _header_bytes = 0  # of them, counted from whole reads inside them
+    _requests = 0  # requests begun on the connection: tells a read inside one request
+    _in_message = False  # between a request's first byte and its end
     _refusal: tuple[Refused, bool, asyncio.TimerHandle] | None = None  # not yet sent
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, JoinedWrites(transport, self.loop)))
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
+        self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
         self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
         self._refusals = (
             ConnectionRefusals()
@@ -130,11 +153,29 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._refusal is not None:  # a pipelined request: answer the refused one first
             self._send_refusal()
         self._dropping = False
+        self._in_headers, self._header_bytes = True, 0
+        self._in_message = True
+        self._requests += 1
         super().on_message_begin()
         self._expect_headers()
 
+    def data_received(self, data: bytes) -> None:
+        # All of a read is header bytes if it began inside this request's headers, or
+        # between requests and a request's headers are still open after it.
+        inside: int | None = self._requests
+        if not self._in_headers:
+            inside = None if self._in_message else self._requests + 1
+        super().data_received(data)
+        if self.transport.is_closing():  # a parse error was answered, or the client left
+            return
+        if self._in_headers and self._requests == inside:
+            self._header_bytes += len(data)
+            if self._header_bytes > self._max_header_bytes:
+                self._headers_too_large()
+
     def on_headers_complete(self) -> None:
         self._headers_due = None
+        self._in_headers = False
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = self.cycle is None or self.cycle.response_complete
@@ -156,6 +197,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if not self._dropping:
             super().on_message_complete()
 
@@ -202,6 +244,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self.transport.write(b"".join(content))
         if not keep_alive:
             self.transport.close()
+
+    def _headers_too_large(self) -> None:
+        self._in_headers = False  # counted once; nothing more is read
+        metrics.observe_headers_too_large()
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined request is being answered: no 431 in the middle of its answer;
+            # read no more, and close once it is sent.
+            self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return
+        answer = error_response(headers_too_large(self._max_header_bytes))
+        self._answer(431, answer.raw_headers, bytes(answer.body), keep_alive=False)
 
     def _expect_headers(self) -> None:
         if not self._header_seconds:

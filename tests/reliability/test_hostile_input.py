@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import random
 import socket
 import struct
 import time
@@ -16,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server
+from tests.helpers.server import Server, read_response
 
 BOUND = 10.0  # seconds any answer may take on a loaded 2-core machine (generous)
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -272,6 +273,73 @@ def test_a_kept_alive_connection_gets_the_header_timeout_for_each_request(
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHo")
         answer = read_answer(sock)
     assert b"HTTP/1.1 408" in answer, answer[:300]
+
+
+HEADER_LIMIT = 65536  # CNNSERVE_MAX_HEADER_BYTES's default, which this server keeps
+
+
+@pytest.mark.parametrize(
+    "filler",
+    [
+        b"".join(b"X-Filler-%05d: %s\r\n" % (i, b"a" * 1000) for i in range(70)),
+        b"X-One-Huge-Header: " + b"b" * (HEADER_LIMIT + 100),
+    ],
+    ids=["many-headers", "one-huge-header"],
+)
+def test_headers_over_the_limit_get_431_and_the_connection_closed(
+    server: Server, filler: bytes
+) -> None:
+    """A request's line and headers may take CNNSERVE_MAX_HEADER_BYTES: a client that
+    sends more (before the headers even end) gets a 431 JSON error at once, well before
+    the header timeout, and the connection closes."""
+    before = server.metric("cnnserve_headers_too_large_total")
+    sent = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + filler  # no blank line: still open
+    assert HEADER_LIMIT < len(sent) < HEADER_LIMIT + 8192
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(sent)
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"connection: close" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "headers_too_large" and "CNNSERVE_MAX_HEADER_BYTES" in error["message"]
+    assert server.metric("cnnserve_headers_too_large_total") == before + 1
+
+
+def test_a_client_streaming_headers_is_cut_off_not_buffered(server: Server) -> None:
+    """httptools keeps header bytes until the headers end: without the limit a worker
+    took all 20 MB below (and grew by as much) and waited for more. Now the connection
+    closes after the limit, so the sender cannot get its 20 MB through."""
+    line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        with pytest.raises(OSError):  # reset or broken pipe once the server has closed
+            for _ in range(20 * 1024 * 1024 // (len(line) * 16)):
+                sock.sendall(line * 16)
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def test_large_headers_under_the_limit_and_large_bodies_pass(server: Server) -> None:
+    """Not every big request is hostile: 60 KB of headers (a long cookie) is answered,
+    and a large body pipelined with the next request on its connection is never counted
+    as header bytes."""
+    with server.client() as client:
+        r = client.get("/healthz", headers={"cookie": "c" * 60_000})
+        assert r.status_code == 200, r.text
+    noise = Image.frombytes("RGB", (512, 512), random.Random(0).randbytes(512 * 512 * 3))
+    big = encode(noise, "PNG")
+    assert len(big) > 4 * HEADER_LIMIT
+    post = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(big)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(post + big + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, _, rest = read_response(sock)
+        second, _, _ = read_response(sock, rest)
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert second.startswith(b"HTTP/1.1 200"), second
 
 
 def test_server_is_still_ready_and_correct_after_all_that(server: Server) -> None:
