@@ -18,6 +18,14 @@ same request's headers were open is counted, so a body is never mistaken for hea
 (when a read holds the end of one request and the start of the next, the bound may be
 passed by up to that read).
 
+Pipelined requests (sent before the answers to earlier ones) wait in uvicorn's queue,
+which has no bound either: uvicorn resumes reading after every answer and parses all
+that arrived, so one connection pipelining tiny requests without reading the answers
+grew a worker from 101 MB to 1 GB in seconds. Here at most ``MAX_PIPELINED`` parsed
+requests wait behind the one being answered: the rest of what arrived is held, unparsed,
+reading stays paused, and both go on as answers go out. A deep-pipelining client is
+slowed, never refused.
+
 Under overload, a request its worker has no place for is refused here, as soon as its
 headers are parsed (:class:`service.api.http.EarlyRefusal` decides and writes the
 answer's headers and body, the same as RequestGuard's), without an ASGI scope, task or
@@ -43,6 +51,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
@@ -56,6 +65,23 @@ HEADER_TIMEOUT_STATE = "cnnserve.header_read_timeout_seconds"
 HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
 DEFAULT_MAX_HEADER_BYTES = 65536  # without the app's state (another server's lifespan)
 EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
+
+
+# Parsed requests that may wait behind the one being answered on a connection, and the
+# most bytes parsed at once (what one parse can add to that queue is bounded by it).
+MAX_PIPELINED = 16
+FEED_BYTES = 32768  # a photo request (~10 KiB) is parsed in one go
+
+
+class HeldFlow(FlowControl):
+    """uvicorn's flow control, except that reading stays paused while the protocol holds
+    data back (uvicorn resumes reading after each answer and on each body read)."""
+
+    held = False
+
+    def resume_reading(self) -> None:
+        if not self.held:
+            super().resume_reading()
 
 
 def headers_too_large(limit: int) -> HeadersTooLarge:
@@ -135,10 +161,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _header_bytes = 0  # of them, counted from whole reads inside them
     _requests = 0  # requests begun on the connection: tells a read inside one request
     _in_message = False  # between a request's first byte and its end
+    _held: bytearray | None = None  # arrived, not parsed: the pipeline is full
+    flow: HeldFlow
     _refusal: tuple[Refused, bool, asyncio.TimerHandle] | None = None  # not yet sent
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, JoinedWrites(transport, self.loop)))
+        self.flow = HeldFlow(self.transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
         self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
@@ -160,18 +189,49 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._expect_headers()
 
     def data_received(self, data: bytes) -> None:
+        if self._held is not None:  # arrived before reading paused: parsed later, in order
+            self._held += data
+            return
+        if len(data) <= FEED_BYTES and not self.pipeline:  # the usual case: one parse
+            self._parse(data)
+        else:
+            self._feed(data)
+
+    def _feed(self, data: bytes | bytearray) -> None:
+        """Parse ``data`` a slice at a time while the pipeline has room; hold the rest."""
+        view = memoryview(data)
+        while view and not self.transport.is_closing():
+            if len(self.pipeline) >= MAX_PIPELINED:
+                self._held = bytearray(view)
+                self.flow.held = True
+                self.flow.pause_reading()
+                return
+            self._parse(view[:FEED_BYTES])
+            view = view[FEED_BYTES:]
+
+    def _parse(self, data: bytes | memoryview) -> None:
         # All of a read is header bytes if it began inside this request's headers, or
         # between requests and a request's headers are still open after it.
         inside: int | None = self._requests
         if not self._in_headers:
             inside = None if self._in_message else self._requests + 1
-        super().data_received(data)
+        super().data_received(data)  # type: ignore[arg-type]  # httptools takes any buffer
         if self.transport.is_closing():  # a parse error was answered, or the client left
             return
         if self._in_headers and self._requests == inside:
             self._header_bytes += len(data)
             if self._header_bytes > self._max_header_bytes:
                 self._headers_too_large()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # the next pipelined request starts
+        if self._held is None or self.transport.is_closing():
+            return
+        held, self._held = self._held, None
+        self.flow.held = False
+        self._feed(held)  # holds again what the pipeline has no room for
+        if self._held is None:
+            self.flow.resume_reading()
 
     def on_headers_complete(self) -> None:
         self._headers_due = None
@@ -202,6 +262,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._held = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import random
 import socket
 import struct
@@ -340,6 +341,40 @@ def test_large_headers_under_the_limit_and_large_bodies_pass(server: Server) -> 
         second, _, _ = read_response(sock, rest)
     assert first.startswith(b"HTTP/1.1 200"), first
     assert second.startswith(b"HTTP/1.1 200"), second
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and its children (the server's workers)."""
+    pids = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(child) for child in f.read().split()]
+    total = 0
+    for each in pids:
+        with open(f"/proc/{each}/status") as f:
+            total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return total * 1024
+
+
+def test_deep_pipelining_is_held_back_not_buffered(server: Server) -> None:
+    """A connection pipelining ~29,000 requests without reading the answers: the server
+    parses a few ahead of the one it answers and leaves the rest unread (uvicorn alone
+    parsed them all: ~80 MB here, 1 GB for 13 MB of requests), then answers every one,
+    in order, as the client reads."""
+    one = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    count = (1 << 20) // len(one)
+    before = tree_rss(server.process.pid)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(one * count)  # the kernel's buffers take it: nothing is read back
+        answered, grown = 0, 0
+        while answered < count:
+            part = sock.recv(1 << 16)
+            assert part, f"closed after {answered} of {count} answers"
+            answered += part.count(b"HTTP/1.1 200 OK")
+            if not grown and answered >= 100:  # uvicorn would have parsed it all by now
+                grown = tree_rss(server.process.pid) - before
+    assert answered == count
+    assert grown < 30 * 1024 * 1024, f"the server grew by {grown / 2**20:.0f} MB"
 
 
 def test_server_is_still_ready_and_correct_after_all_that(server: Server) -> None:
