@@ -147,8 +147,8 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(
         65536,
         ge=1024,
-        description="A request's line and headers may take at most this many bytes (else "
-        "431 and the connection is closed): what a client can make a worker hold.",
+        description="A request's line and headers still unfinished after this many bytes "
+        "get a 431 and the connection is closed: what a client can make a worker hold.",
     )
     body_read_timeout_seconds: float = Field(
         30.0, gt=0, description="A request body must arrive within this (else 408)."

@@ -14,9 +14,10 @@ httptools holds a request's line and headers in memory until they end, with no b
 of its own: one client streaming header bytes grew a worker by 300 MB in 0.6 s. Here
 they may take ``max_header_bytes``; beyond that the client gets a 431
 (``headers_too_large``) and the connection is closed. Only data that arrived while the
-same request's headers were open is counted, so a body is never mistaken for headers
-(when a read holds the end of one request and the start of the next, the bound may be
-passed by up to that read).
+same request's headers were open is counted, so a body is never mistaken for headers;
+the bound is on what is held, not an exact header size: a header block that arrives
+complete in one read (at most 256 KiB) passes, and when a read holds the end of one
+request and the start of the next, the count may lag by up to that read.
 
 Pipelined requests (sent before the answers to earlier ones) wait in uvicorn's queue,
 which has no bound either: uvicorn resumes reading after every answer and parses all
