@@ -142,5 +142,8 @@ def read_response(
     found = re.search(rb"content-length: (\d+)", head.lower())
     length = 0 if head_request or found is None else int(found.group(1))
     while len(rest) < length:
-        rest += sock.recv(65536)
+        part = sock.recv(65536)
+        if not part:  # fail, not spin, when the server closes mid-body
+            raise ConnectionError(f"connection closed mid-body: {head[:200]!r}")
+        rest += part
     return head, rest[:length], rest[length:]

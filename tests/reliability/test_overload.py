@@ -313,7 +313,7 @@ def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_c
 
         client.sendall(request + probe)  # pipelined: the refusal first, then the probe
         first, _, rest = read_response(client, rest)
-        second, _, _ = read_response(client, rest)
+        second, _, rest = read_response(client, rest)
         assert first.startswith(b"HTTP/1.1 503") and second.startswith(b"HTTP/1.1 200")
 
         # HEAD, refused the same way, gets the head alone: the next answer still parses.
