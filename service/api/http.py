@@ -166,11 +166,11 @@ class RequestGuard:
         rid = client_request_id(headers.get(b"x-request-id", b""))
         scope.setdefault("state", {})["request_id"] = rid
         record = RequestRecord(rid, "rest", scope["method"])
-        if scope["method"] == "HEAD":
-            # HEAD is GET without the body (RFC 9110), and FastAPI's routes answer GET
-            # only: the app sees GET, the server leaves the body out by its own scope's
-            # method (uvicorn's), and the access log still says HEAD.
-            scope = {**scope, "method": "GET"}
+        routed = routed_method(scope["method"])
+        if routed != scope["method"]:
+            # The server leaves HEAD's body out by its own scope's method (uvicorn's);
+            # the access log still says HEAD.
+            scope = {**scope, "method": routed}
         concurrency = self.admission.concurrency
         status = 500  # what the client gets if the app raises before answering
         arrival: tuple[ConnectionRefusals | None, bool]
@@ -317,7 +317,7 @@ class EarlyRefusal:
         return Refused(headers_out, body, delay, record)
 
     def _route(self, method: str, path: str) -> str:
-        method = "GET" if method == "HEAD" else method  # answered as GET (RequestGuard)
+        method = routed_method(method)
         template = self._templates.get((method, path))
         if template is None:
             scope = {"type": "http", "method": method, "path": path, "root_path": ""}
@@ -332,6 +332,12 @@ def is_limited(path: str, quiet_paths: frozenset[str]) -> bool:
     """Whether a request to ``path`` counts against the concurrency limit: probes must
     answer under load, and the metrics scrape (``quiet_paths``) is not a request."""
     return path not in PROBE_PATHS and path not in quiet_paths
+
+
+def routed_method(method: str) -> str:
+    """The method the app routes a request by: HEAD is GET without the body (RFC 9110),
+    and FastAPI's routes answer GET only."""
+    return "GET" if method == "HEAD" else method
 
 
 def client_request_id(sent: bytes) -> str:

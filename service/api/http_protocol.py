@@ -58,13 +58,15 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from service import metrics
 from service.api.http import CONNECTION_REFUSALS, EarlyRefusal, Refused, error_response
 from service.concurrency import ConnectionRefusals
+from service.config import Settings
 from service.errors import HeadersTooLarge, RequestTimeout
 
 # The keys in the lifespan state (service.api.app): the header timeout in seconds, and
 # the worker's EarlyRefusal.
 HEADER_TIMEOUT_STATE = "cnnserve.header_read_timeout_seconds"
 HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
-DEFAULT_MAX_HEADER_BYTES = 65536  # without the app's state (another server's lifespan)
+# Without the app's state (another server's lifespan): the setting's own default.
+DEFAULT_MAX_HEADER_BYTES: int = Settings.model_fields["max_header_bytes"].default
 EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
 
 
@@ -239,7 +241,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_headers = False
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
-        idle = self.cycle is None or self.cycle.response_complete
+        idle = not self._answering()
         retrying = self._refusals.retrying(self.loop.time())
         if self._early_refusal is not None and idle:
             method = self.parser.get_method().decode("ascii")
@@ -307,10 +309,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not keep_alive:
             self.transport.close()
 
+    def _answering(self) -> bool:
+        """Whether a request's answer is still being written (uvicorn's cycle)."""
+        return self.cycle is not None and not self.cycle.response_complete
+
     def _headers_too_large(self) -> None:
         self._in_headers = False  # counted once; nothing more is read
         metrics.observe_headers_too_large()
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self._answering():
             # A pipelined request is being answered: no 431 in the middle of its answer;
             # read no more, and close once it is sent.
             self.cycle.keep_alive = False
@@ -334,7 +340,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self.loop.time() < due:  # a later request's headers: not due yet
             self._header_timer = self.loop.call_at(due, self._check)
             return
-        if self.cycle is not None and not self.cycle.response_complete:
+        if self._answering():
             # A request is being answered and the next one's headers lag: close after it.
             self.cycle.keep_alive = False
             return
