@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
-from collections.abc import Iterator, Sequence
-from typing import Any
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO, TypeVar
 
 from PIL import Image
 
@@ -15,21 +16,63 @@ from service.errors import DatasetError
 
 # (class id, score) of each image in a batch.
 Served = list[tuple[int, float]]
+T = TypeVar("T")
+
+# A request the server shed (503 / RESOURCE_EXHAUSTED: its queue was past the latency
+# budget) says nothing about skew: it is sent again after the server's Retry-After, so a
+# busy server (or verify's own requests in flight) does not fail the check. Bounded, so
+# a server that sheds everything still ends the run with its answer.
+RETRIES = 8
+MAX_RETRY_WAIT = 5.0
+
+
+class Shed(Exception):
+    """The server refused a request for load; worth sending again after `wait` s."""
+
+    def __init__(self, answer: str, wait: float) -> None:
+        super().__init__(answer)
+        self.answer = answer
+        self.wait = wait
+
+
+def with_retries(call: Callable[[], T], notices: TextIO) -> T:
+    """Run `call`, sending it again after each Shed up to RETRIES times; each wait is
+    told on `notices`."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return call()
+        except Shed as shed:
+            if attempt == RETRIES:
+                raise DatasetError(
+                    f"the server kept refusing for load ({RETRIES + 1} tries): {shed.answer}"
+                ) from None
+            print(
+                f"verify: the server shed a request ({shed.answer[:120]}); "
+                f"sending it again in {shed.wait:g} s",
+                file=notices,
+                flush=True,
+            )
+            time.sleep(shed.wait)
+    raise AssertionError("unreachable")
 
 
 class RestServer:
     """POST /v1/classify with several images per request (multipart), top_k=1."""
 
-    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, url: str, headers: dict[str, str] | None = None, notices: TextIO = sys.stderr
+    ) -> None:
         import httpx
 
         self.url = url.rstrip("/")
+        self.notices = notices
         self._client = httpx.Client(base_url=self.url, timeout=60, headers=headers or {})
 
     def label_version(self, model: str | None, label: str) -> int:
         model = model or self.classify([PROBE], model, None)[0]
-        response = self._client.get(f"/v1/models/{model}/labels/{label}")
-        _check(response.status_code, response.text)
+        response = with_retries(
+            lambda: _checked(self._client.get(f"/v1/models/{model}/labels/{label}")), self.notices
+        )
         return int(response.json()["model_version_status"][0]["version"])
 
     def classify(
@@ -43,8 +86,10 @@ class RestServer:
         files = [
             ("image", (f"{i}", data, "application/octet-stream")) for i, data in enumerate(images)
         ]
-        response = self._client.post("/v1/classify", params=params, files=files)
-        _check(response.status_code, response.text)
+        response = with_retries(
+            lambda: _checked(self._client.post("/v1/classify", params=params, files=files)),
+            self.notices,
+        )
         body = response.json()
         rows = body.get("results") or [{"predictions": body["predictions"]}]
         served = [
@@ -61,12 +106,13 @@ class GrpcServer:
     """TF Serving's PredictionService.Predict on the encoded-bytes signature, so the
     check also runs against a TF Serving itself (whose graph then decodes)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, notices: TextIO = sys.stderr) -> None:
         import grpc
 
         from service.proto_gen.tensorflow_serving.apis import prediction_service_pb2_grpc
 
         self.url = address
+        self.notices = notices
         self._channel = grpc.insecure_channel(
             address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         )
@@ -86,8 +132,7 @@ class GrpcServer:
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = model
         request.model_spec.version_label = label
-        with _grpc_errors():
-            answer = stub.GetModelStatus(request, timeout=30)
+        answer = with_retries(lambda: _grpc_call(stub.GetModelStatus, request, 30), self.notices)
         return int(answer.model_version_status[0].version)
 
     def classify(
@@ -117,8 +162,7 @@ class GrpcServer:
                 string_val=list(images),
             )
         )
-        with _grpc_errors():
-            answer = self._stub.Predict(request, timeout=60)
+        answer = with_retries(lambda: _grpc_call(self._stub.Predict, request, 60), self.notices)
         probabilities = to_ndarray(answer.outputs[OUTPUT_NAME], OUTPUT_NAME)
         top = probabilities.argmax(axis=1)
         served = [(int(c), float(probabilities[i, c])) for i, c in enumerate(top)]
@@ -128,19 +172,38 @@ class GrpcServer:
         self._channel.close()
 
 
-@contextlib.contextmanager
-def _grpc_errors() -> Iterator[None]:
+def _grpc_call(method: Callable[..., T], request: Any, timeout: float) -> T:
     import grpc
 
     try:
-        yield
+        return method(request, timeout=timeout)
     except grpc.RpcError as exc:
-        raise DatasetError(f"the server answered {exc.code().name}: {exc.details()}") from None
+        answer = f"the server answered {exc.code().name}: {exc.details()}"
+        trailers = dict(exc.trailing_metadata() or ())
+        if "retry-after" in trailers:  # shed for load, not a message too large
+            raise Shed(answer, _wait(trailers["retry-after"])) from None
+        raise DatasetError(answer) from None
 
 
-def _check(status: int, body: str) -> None:
-    if status != 200:
-        raise DatasetError(f"the server answered {status}: {body[:300]}")
+def _checked(response: Any) -> Any:
+    """The httpx response if it is a 200; Shed for a 503/429 with Retry-After;
+    DatasetError otherwise."""
+    if response.status_code == 200:
+        return response
+    answer = f"the server answered {response.status_code}: {response.text[:300]}"
+    if response.status_code in (429, 503) and "retry-after" in response.headers:
+        raise Shed(answer, _wait(response.headers.get("retry-after")))
+    raise DatasetError(answer)
+
+
+def _wait(retry_after: str) -> float:
+    """Seconds to wait from a Retry-After in its delay-seconds form (1 s when it is an
+    HTTP date or odd), at most MAX_RETRY_WAIT."""
+    try:
+        seconds = float(retry_after)
+    except ValueError:
+        return 1.0
+    return min(seconds, MAX_RETRY_WAIT) if seconds >= 0 else 1.0  # nan fails too
 
 
 def _probe() -> bytes:
