@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         "take at most this long; 0 = always on the batch threads.",
     )
 
+    direct_classify: bool = Field(
+        True,
+        description="A raw-body POST /v1/classify that is admitted at once is answered by "
+        "the HTTP protocol without the ASGI stack (service.api.direct_classify): the same "
+        "answer for less CPU. false = every request through the ASGI app.",
+    )
+
     # --- request limits ----------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -22,10 +22,12 @@ from fastapi_offline import FastAPIOffline
 from service import __version__, metrics
 from service.api import demo, rest, tfserving_rest
 from service.api.auth import ApiKeys
+from service.api.direct_classify import DirectClassify
 from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import Admission, EarlyRefusal, RequestGuard, install_error_handlers
 from service.api.http_protocol import (
+    DIRECT_CLASSIFY_STATE,
     EARLY_REFUSAL_STATE,
     HEADER_LIMIT_STATE,
     HEADER_TIMEOUT_STATE,
@@ -104,6 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 HEADER_TIMEOUT_STATE: settings.header_read_timeout_seconds,
                 HEADER_LIMIT_STATE: settings.max_header_bytes,
                 EARLY_REFUSAL_STATE: EarlyRefusal(admission, quiet_paths, guarded_routes),
+                **(
+                    {DIRECT_CLASSIFY_STATE: DirectClassify(admission, app.state.dataplane)}
+                    if settings.direct_classify
+                    else {}
+                ),
             }
         finally:
             restore()

@@ -12,11 +12,17 @@ validation and messages. What it answers is what the route answers: the same dat
 call, the same response model and serialisation (``rest.classify_response``), the same
 error mapping (``http.answer_error``); tests/integration/test_fastpath.py compares the
 two byte for byte.
+
+Under uvicorn with the gateway's HTTP protocol, most such requests never reach the app:
+the protocol answers them itself (service.api.direct_classify, cheaper again). This
+middleware answers those it leaves: pipelined behind another request, chunked, with
+``Expect: 100-continue``, or with the direct path turned off.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from urllib.parse import parse_qsl
 
 from starlette.requests import Request
@@ -66,9 +72,9 @@ class ClassifyFastPath:
             result = await plane.classify(
                 [image],
                 model=query.get("model"),
-                version=_int(query.get("version")),
+                version=query_int(query.get("version")),
                 label=query.get("label"),
-                k=_int(query.get("top_k")),
+                k=query_int(query.get("top_k")),
                 deadline=deadline,
                 client_key=client_key(request),
             )
@@ -81,27 +87,40 @@ class ClassifyFastPath:
     @staticmethod
     def _taken(scope: Scope) -> dict[str, str] | None:
         """The query parameters, when this request is one the fast path answers."""
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != CLASSIFY_PATH:
+        if scope["type"] != "http":
             return None
-        content_type = b""
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value
-                break
-        media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
-        if media not in RAW_TYPES:
-            return None
-        query: dict[str, str] = {}
-        raw = scope.get("query_string", b"")
-        for key, value in parse_qsl(raw.decode("latin-1"), keep_blank_values=True):
-            if key in query:
-                return None  # repeated: the route decides which one counts
-            if key in _INTEGER_PARAMS and not _INTEGER.fullmatch(value):
-                return None  # the route's validation says what is wrong with it
-            if key in _INTEGER_PARAMS or key in _TEXT_PARAMS:
-                query[key] = value
-        return query
+        return raw_classify_query(
+            scope["method"], scope["path"], scope["headers"], scope.get("query_string", b"")
+        )
 
 
-def _int(value: str | None) -> int | None:
+def raw_classify_query(
+    method: str, path: str, headers: Sequence[tuple[bytes, bytes]], query_string: bytes
+) -> dict[str, str] | None:
+    """The query parameters of a raw-body ``POST /v1/classify`` whose query values can be
+    taken at face value; None for any other request (the route answers it). What the
+    fast path here and the HTTP protocol's direct path (service.api.direct_classify)
+    take."""
+    if method != "POST" or path != CLASSIFY_PATH:
+        return None
+    content_type = b""
+    for name, sent in headers:
+        if name == b"content-type":
+            content_type = sent
+            break
+    media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
+    if media not in RAW_TYPES:
+        return None
+    query: dict[str, str] = {}
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if key in query:
+            return None  # repeated: the route decides which one counts
+        if key in _INTEGER_PARAMS and not _INTEGER.fullmatch(value):
+            return None  # the route's validation says what is wrong with it
+        if key in _INTEGER_PARAMS or key in _TEXT_PARAMS:
+            query[key] = value
+    return query
+
+
+def query_int(value: str | None) -> int | None:
     return None if value is None else int(value)

@@ -250,9 +250,7 @@ class RequestGuard:
                 async with asyncio.timeout_at(until):
                     message = await receive()
             except TimeoutError:
-                raise RequestTimeout(
-                    f"the request body did not arrive within {timeout:g} s; send it at once"
-                ) from None
+                raise body_timeout_error(timeout) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
@@ -328,6 +326,10 @@ class EarlyRefusal:
         return template
 
 
+def body_timeout_error(seconds: float) -> RequestTimeout:
+    return RequestTimeout(f"the request body did not arrive within {seconds:g} s; send it at once")
+
+
 def is_limited(path: str, quiet_paths: frozenset[str]) -> bool:
     """Whether a request to ``path`` counts against the concurrency limit: probes must
     answer under load, and the metrics scrape (``quiet_paths``) is not a request."""
@@ -395,7 +397,11 @@ async def read_json(request: Request) -> Any:
 
 
 def request_timeout(request: Request) -> float | None:
-    raw = request.headers.get(TIMEOUT_HEADER)
+    return parse_timeout(request.headers.get(TIMEOUT_HEADER))
+
+
+def parse_timeout(raw: str | None) -> float | None:
+    """The X-Request-Timeout header's seconds, if sent."""
     if raw is None:
         return None
     try:
@@ -409,5 +415,9 @@ def server_timing(timings: dict[str, float]) -> str:
 
 
 def client_key(request: Request) -> str | None:
-    """The request's X-Client-Key header (at most 256 characters), or None."""
-    return request.headers.get(CLIENT_KEY_HEADER, "")[:256] or None
+    return parse_client_key(request.headers.get(CLIENT_KEY_HEADER, ""))
+
+
+def parse_client_key(raw: str) -> str | None:
+    """The X-Client-Key header (at most 256 characters), or None."""
+    return raw[:256] or None

@@ -56,6 +56,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from service import metrics
+from service.api.direct_classify import CLIENT_CLOSED, DirectClassify, DirectRequest
 from service.api.http import CONNECTION_REFUSALS, EarlyRefusal, Refused, error_response
 from service.concurrency import ConnectionRefusals
 from service.config import Settings
@@ -68,6 +69,8 @@ HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
 # Without the app's state (another server's lifespan): the setting's own default.
 DEFAULT_MAX_HEADER_BYTES: int = Settings.model_fields["max_header_bytes"].default
 EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
+# The worker's DirectClassify (absent: every request goes the ASGI way).
+DIRECT_CLASSIFY_STATE = "cnnserve.direct_classify"
 
 
 # Parsed requests that may wait behind the one being answered on a connection, and the
@@ -167,6 +170,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _held: bytearray | None = None  # arrived, not parsed: the pipeline is full
     flow: HeldFlow
     _refusal: tuple[Refused, bool, asyncio.TimerHandle] | None = None  # not yet sent
+    _direct: DirectClassify | None = None
+    _receiving: DirectRequest | None = None  # a direct request whose body is arriving
+    _body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, JoinedWrites(transport, self.loop)))
@@ -174,6 +180,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
         self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
+        self._direct = self.app_state.get(DIRECT_CLASSIFY_STATE)
         self._refusals = (
             ConnectionRefusals()
             if self._early_refusal is None
@@ -221,6 +228,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().data_received(data)  # type: ignore[arg-type]  # httptools takes any buffer
         if self.transport.is_closing():  # a parse error was answered, or the client left
             return
+        if self._receiving is not None and self._body_timer is None:
+            # A direct request's body is still to come (the usual one came in this read).
+            assert self._direct is not None
+            self._body_timer = self.loop.call_later(
+                self._direct.admission.body_read_timeout_seconds,
+                self._body_late,
+                self._receiving,
+            )
         if self._in_headers and self._requests == inside:
             self._header_bytes += len(data)
             if self._header_bytes > self._max_header_bytes:
@@ -243,12 +258,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = not self._answering()
         retrying = self._refusals.retrying(self.loop.time())
-        if self._early_refusal is not None and idle:
+        if idle and (self._early_refusal is not None or self._direct is not None):
             method = self.parser.get_method().decode("ascii")
-            path = self.url.partition(b"?")[0].decode("latin-1")
-            refused = self._early_refusal(method, path, self.headers, retrying)
-            if refused is not None:
-                self._refuse(refused)
+            path, _, query = self.url.partition(b"?")
+            if self._early_refusal is not None:
+                refused = self._early_refusal(
+                    method, path.decode("latin-1"), self.headers, retrying
+                )
+                if refused is not None:
+                    self._refuse(refused)
+                    return
+            if self._direct is not None and self._take_direct(method, path, query, retrying):
                 return
         # RequestGuard admits it (and the connection's refusal is forgotten) or refuses
         # it, paced by the same rule.
@@ -256,19 +276,92 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_body(self, body: bytes) -> None:
-        if not self._dropping:
+        if self._receiving is not None:
+            self._receiving.chunks.append(body)
+        elif not self._dropping:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
         self._in_message = False
-        if not self._dropping:
+        if self._receiving is not None:
+            self._start_direct()
+        elif not self._dropping:
             super().on_message_complete()
+
+    # --- the direct path (service.api.direct_classify) ---------------------------------
+
+    def _take_direct(self, method: str, path: bytes, query: bytes, retrying: bool) -> bool:
+        """Hand the request to the direct path if it takes it (its body then arrives
+        in :meth:`on_body`), as uvicorn would have made it a request cycle."""
+        assert self._direct is not None
+        parser = self.parser
+        if self.pipeline or self.root_path or b"%" in path or parser.should_upgrade():
+            return False  # the ASGI way: queued behind another, or a path to unquote
+        limit = self.limit_concurrency  # uvicorn's own (its plain-text 503)
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            return False
+        request = self._direct.take(
+            method,
+            path.decode("latin-1"),
+            query,
+            self.headers,
+            keep_alive=parser.get_http_version() != "1.0" and parser.should_keep_alive(),
+            connection=self._refusals,
+            retrying=retrying,
+        )
+        if request is None:
+            return False
+        # In the cycle's slot: pipelining behind it, a shutdown or a disconnect read and
+        # set the same fields as on uvicorn's request cycle.
+        self.cycle = request  # type: ignore[assignment]
+        self._receiving = request
+        return True
+
+    def _start_direct(self) -> None:
+        request, self._receiving = self._receiving, None
+        assert request is not None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        task = self.loop.create_task(self._run_direct(request))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    async def _run_direct(self, request: DirectRequest) -> None:
+        assert self._direct is not None
+        status = 500  # if cancelled (a shutdown past its grace period)
+        try:
+            status, headers, body = await self._direct.answer(request)
+            request.response_complete = True
+            if not request.disconnected and not self.transport.is_closing():
+                self._answer(status, headers, body, request.keep_alive)
+        finally:
+            self._direct.done(request, status)
+        self.on_response_complete()  # the next pipelined request, or keep-alive
+
+    def _body_late(self, request: DirectRequest) -> None:
+        self._body_timer = None
+        if self._receiving is not request or self.transport.is_closing():
+            return
+        assert self._direct is not None
+        self._receiving = None
+        request.response_complete = True
+        status, headers, body = self._direct.timed_out(request)
+        self._answer(status, headers, body, keep_alive=False)
+        self._direct.done(request, status)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._held = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        if self._receiving is not None:  # left before sending all of a direct body
+            assert self._direct is not None
+            self._direct.done(self._receiving, CLIENT_CLOSED)
+            self._receiving = None
         if self._refusal is not None:
             refused, _, timer = self._refusal
             timer.cancel()

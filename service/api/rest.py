@@ -141,7 +141,8 @@ async def classify(
 ) -> Response:
     """Classify one image (answer `predictions`) or several (answer `results`).
 
-    A raw image body with plain query values is answered by service.api.fastpath."""
+    A raw image body with plain query values is answered by service.api.direct_classify
+    (or, when that leaves it, service.api.fastpath), the same way."""
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
     images, several, names = await read_images(request)

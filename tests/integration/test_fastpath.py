@@ -1,6 +1,9 @@
-"""The fast path for raw-body POST /v1/classify answers exactly as the FastAPI route does.
+"""The fast paths for raw-body POST /v1/classify answer exactly as the FastAPI route does:
+the HTTP protocol's direct path (service.api.direct_classify, on by default) and the
+ASGI fast path (service.api.fastpath, what answers with the direct path off, and
+pipelined requests).
 
-A repeated query parameter sends the same request to the route (the fast path leaves
+A repeated query parameter sends the same request to the route (both fast paths leave
 repeated parameters to the route's validation), so each case is asked both ways of one
 real server and the answers compared byte for byte."""
 
@@ -21,9 +24,12 @@ PNG = encode(gradient(), "PNG")
 JPEG = encode(gradient(90, 70), "JPEG")
 
 
-@pytest.fixture(scope="module")
-def server(tiny_repo_litert: Path) -> Iterator[Server]:
-    env = {"CNNSERVE_MAX_BODY_BYTES": "100000"}
+@pytest.fixture(scope="module", params=["direct", "asgi"])
+def server(tiny_repo_litert: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    env = {
+        "CNNSERVE_MAX_BODY_BYTES": "100000",
+        "CNNSERVE_DIRECT_CLASSIFY": str(request.param == "direct").lower(),
+    }
     with running_server(tiny_repo_litert, env=env, args=("--poll-seconds", "0")) as srv:
         yield srv
 

@@ -1,0 +1,198 @@
+"""``POST /v1/classify`` with one raw image, answered by the HTTP protocol itself.
+
+The request that carries the load cost the gateway ~300 µs of CPU beyond decoding and
+inference, half of it the ASGI stack around the app (uvicorn's request cycle and its
+messages, the middleware, Starlette's request and response objects) rather than the
+work the request asks for. Here the HTTP protocol (service.api.http_protocol) hands
+such a request, once its headers are parsed, to :class:`DirectClassify` instead of
+building an ASGI scope and task: its body is collected as it is parsed, then one task
+runs the same data-plane call and writes the same answer as the fast path and the
+route (``rest.classify_response``, ``http.answer_error``), with the same request id,
+metrics, access-log line, 503 pacing and body read timeout.
+
+It takes only what it admits at once: a raw-body request whose query values it can
+take at face value (service.api.fastpath.raw_classify_query), with a Content-Length
+within the body limit, a valid API key when keys are set, no ``Expect: 100-continue``,
+on an idle connection, with a place under the worker's concurrency limit. Anything
+else (a refusal RequestGuard answers, a chunked or pipelined request, multipart) goes
+the ASGI way, so every refusal keeps one implementation.
+tests/integration/test_fastpath.py compares its answers with the route's byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.api.auth import API_KEY_HEADER, presented_key
+from service.api.fastpath import query_int, raw_classify_query
+from service.api.http import (
+    CLIENT_KEY_HEADER,
+    REQUEST_ID_HEADER,
+    TIMEOUT_HEADER,
+    Admission,
+    answer_error,
+    body_timeout_error,
+    client_request_id,
+    parse_client_key,
+    parse_timeout,
+)
+from service.api.rest import CLASSIFY_PATH, classify_response
+from service.concurrency import ConnectionRefusals
+from service.dataplane import DataPlane
+from service.errors import Unauthenticated
+from service.requestlog import RequestRecord, finish, recording
+
+Headers = list[tuple[bytes, bytes]]
+# The status logged for a request whose client left before sending all of its body
+# (nginx's "client closed request"): neither the client's fault nor the server's.
+CLIENT_CLOSED = 499
+_TIMEOUT = TIMEOUT_HEADER.encode()
+_CLIENT_KEY = CLIENT_KEY_HEADER.encode()
+_REQUEST_ID = REQUEST_ID_HEADER.encode()
+_API_KEY = API_KEY_HEADER.encode()
+
+
+class _NoEvent:
+    """uvicorn sets its request cycle's ``message_event`` on a disconnect; nothing here
+    waits on one."""
+
+    def set(self) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class DirectRequest:
+    """One request on its way through the direct path. It stands in the protocol's
+    ``cycle`` slot, so uvicorn's own bookkeeping (pipelining behind it, a graceful
+    shutdown, a disconnect) reads and sets the same fields as on its request cycle."""
+
+    query: dict[str, str]
+    headers: Headers
+    taken: float  # the concurrency place (ConcurrencyLimit.try_acquire)
+    record: RequestRecord
+    connection: ConnectionRefusals
+    retrying: bool
+    keep_alive: bool
+    chunks: list[bytes] = field(default_factory=list)
+    response_complete: bool = False
+    disconnected: bool = False
+    message_event: _NoEvent = field(default_factory=_NoEvent)
+    finished: bool = False
+
+    @property
+    def body(self) -> bytes:
+        return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+
+    def header(self, name: bytes) -> str | None:
+        value = _find(self.headers, name)
+        return None if value is None else value.decode("latin-1")
+
+
+# An answer: status, headers (less the server's own), body.
+Answer = tuple[int, Headers, bytes]
+
+
+class DirectClassify:
+    """What the HTTP protocol asks (:meth:`take`, :meth:`answer`, :meth:`abandon`); one
+    per worker, in the app's lifespan state (service.api.app)."""
+
+    def __init__(self, admission: Admission, plane: DataPlane) -> None:
+        self.admission = admission
+        self.plane = plane
+
+    def take(
+        self,
+        method: str,
+        path: str,
+        query_string: bytes,
+        headers: Headers,
+        *,
+        keep_alive: bool,
+        connection: ConnectionRefusals,
+        retrying: bool,
+    ) -> DirectRequest | None:
+        """A request this path answers, its concurrency place taken; or None for the
+        ASGI way (which answers or refuses it as always)."""
+        query = raw_classify_query(method, path, headers, query_string)
+        if query is None or not self._admitted(headers):
+            return None
+        taken = self.admission.concurrency.try_acquire()
+        if taken is None:
+            return None  # RequestGuard refuses it, paced as every refusal is
+        connection.passed()  # admitted: its earlier refusal is forgotten
+        rid = client_request_id(_find(headers, _REQUEST_ID) or b"")
+        record = RequestRecord(rid, "rest", method, CLASSIFY_PATH)
+        return DirectRequest(query, headers, taken, record, connection, retrying, keep_alive)
+
+    def _admitted(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Whether RequestGuard would let it on: a body length known and within the
+        limit, a valid key when keys are set, no interim 100 to send."""
+        length = _find(headers, b"content-length")
+        if length is None or not length.isdigit() or int(length) > self.admission.max_body_bytes:
+            return False
+        if _find(headers, b"transfer-encoding") is not None or _find(headers, b"expect"):
+            return False
+        keys = self.admission.keys
+        if keys.enabled:
+            authorization = _find(headers, b"authorization")
+            api_key = _find(headers, _API_KEY)
+            presented = presented_key(
+                authorization.decode("latin-1") if authorization else None,
+                api_key.decode("latin-1") if api_key else None,
+            )
+            try:
+                keys.check(presented)
+            except Unauthenticated:
+                return False
+        return True
+
+    async def answer(self, request: DirectRequest) -> Answer:
+        """The answer to a request whose body has arrived; never raises."""
+        plane = self.plane
+        query = request.query
+        rid = request.record.request_id
+        with recording(request.record):
+            try:
+                deadline = plane.deadline(parse_timeout(request.header(_TIMEOUT)))
+                result = await plane.classify(
+                    [request.body],
+                    model=query.get("model"),
+                    version=query_int(query.get("version")),
+                    label=query.get("label"),
+                    k=query_int(query.get("top_k")),
+                    deadline=deadline,
+                    client_key=parse_client_key(request.header(_CLIENT_KEY) or ""),
+                )
+                response = classify_response(result, several=False)
+            except Exception as exc:  # mapped once, as every route's errors are
+                response = answer_error(exc, rid)
+                if response.status_code == 503:  # come back later: paced
+                    await self.admission.concurrency.pace_refusal(
+                        request.retrying, request.connection
+                    )
+        headers = [*response.raw_headers, (_REQUEST_ID, rid.encode())]
+        return response.status_code, headers, bytes(response.body)
+
+    def timed_out(self, request: DirectRequest) -> Answer:
+        """The answer to a request whose body did not arrive within the read timeout."""
+        rid = request.record.request_id
+        response = answer_error(body_timeout_error(self.admission.body_read_timeout_seconds), rid)
+        headers = [*response.raw_headers, (_REQUEST_ID, rid.encode())]
+        return response.status_code, headers, bytes(response.body)
+
+    def done(self, request: DirectRequest, status: int) -> None:
+        """The request is answered (or its client left): its place back, its record
+        closed. Once per request, whichever way it ends."""
+        if request.finished:
+            return
+        request.finished = True
+        self.admission.concurrency.release(request.taken)
+        finish(request.record, status)
+
+
+def _find(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
