@@ -23,6 +23,7 @@ in ``detail``, which is logged with the request id and never sent.
     │   └── VersionNotFound       404  NOT_FOUND          version_not_found
     ├── Overloaded                503  RESOURCE_EXHAUSTED overloaded    (+ Retry-After)
     ├── DeadlineExceeded          504  DEADLINE_EXCEEDED  deadline_exceeded
+    ├── ClientClosedRequest       499  CANCELLED          client_closed_request (no one reads it)
     ├── Unavailable               503  UNAVAILABLE        unavailable
     │   ├── ModelNotReady         503  UNAVAILABLE        model_not_ready
     │   └── BackendUnavailable    503  UNAVAILABLE        backend_unavailable
@@ -167,6 +168,16 @@ class DeadlineExceeded(CnnserveError):
     code = "deadline_exceeded"
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class ClientClosedRequest(CnnserveError):
+    """The client left before sending its whole request: nginx's 499, in the metrics and
+    access log only (there is no one to answer), and no error log line: a client that
+    hangs up is not the server's fault."""
+
+    code = "client_closed_request"
+    http_status = 499
+    grpc_code = grpc.StatusCode.CANCELLED
 
 
 class Unavailable(CnnserveError):

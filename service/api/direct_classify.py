@@ -40,13 +40,12 @@ from service.api.http import (
 from service.api.rest import CLASSIFY_PATH, classify_response
 from service.concurrency import ConnectionRefusals
 from service.dataplane import DataPlane
-from service.errors import Unauthenticated
+from service.errors import ClientClosedRequest, Unauthenticated
 from service.requestlog import RequestRecord, finish, recording
 
 Headers = list[tuple[bytes, bytes]]
-# The status logged for a request whose client left before sending all of its body
-# (nginx's "client closed request"): neither the client's fault nor the server's.
-CLIENT_CLOSED = 499
+# The status logged for a request whose client left before sending all of its body.
+CLIENT_CLOSED = ClientClosedRequest.http_status
 _TIMEOUT = TIMEOUT_HEADER.encode()
 _CLIENT_KEY = CLIENT_KEY_HEADER.encode()
 _REQUEST_ID = REQUEST_ID_HEADER.encode()

@@ -25,6 +25,7 @@ from service.api.auth import API_KEY_HEADER, ApiKeys, presented_key
 from service.concurrency import ConcurrencyLimit, ConnectionRefusals
 from service.dataplane import DataPlane
 from service.errors import (
+    ClientClosedRequest,
     CnnserveError,
     InternalError,
     InvalidRequest,
@@ -240,9 +241,10 @@ class RequestGuard:
         timeout = self.admission.body_read_timeout_seconds
         received = 0
         until: float | None = None
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received, until
+            nonlocal received, until, complete
             if until is None:  # the clock starts when the route first reads the body
                 until = asyncio.get_running_loop().time() + timeout
             try:
@@ -255,6 +257,10 @@ class RequestGuard:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise self._too_large()
+                complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not complete:
+                # Not the server's fault: a 499 in the log, not a 500 and a traceback.
+                raise client_left() from None
             return message
 
         await self.app(scope, limited_receive, send)
@@ -324,6 +330,10 @@ class EarlyRefusal:
                 self._templates.clear()
             self._templates[(method, path)] = template
         return template
+
+
+def client_left() -> ClientClosedRequest:
+    return ClientClosedRequest("the client closed the connection before sending the whole body")
 
 
 def body_timeout_error(seconds: float) -> RequestTimeout:

@@ -144,12 +144,14 @@ def _served_errors() -> list[type[errors.CnnserveError]]:
         return [cls, *(c for sub in cls.__subclasses__() for c in walk(sub))]
 
     offline = (errors.DatasetError, errors.ExportError, errors.ConfigError, errors.PromotionError)
+    # Logged and counted only: the client that left reads no answer.
+    unanswered = (errors.ClientClosedRequest,)
     return [
         c
         for c in walk(errors.CnnserveError)
         if c is not errors.CnnserveError
         and c.__module__ == errors.__name__
-        and not issubclass(c, offline)
+        and not issubclass(c, offline + unanswered)
     ]
 
 

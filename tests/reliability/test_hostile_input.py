@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, read_response
+from tests.helpers.server import Server, eventually, read_response
 
 BOUND = 10.0  # seconds any answer may take on a loaded 2-core machine (generous)
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -218,6 +218,45 @@ def test_slow_client_body_is_cut_off_with_408(server: Server) -> None:
         assert time.monotonic() - started < BOUND
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_timeout" in answer or b"\r\n\r\n" in answer
+
+
+def closed_early(server: Server) -> float:
+    """Requests logged as 499 (the client left before its body was whole)."""
+    with server.client() as client:
+        body = client.get("/metrics").text
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in body.splitlines()
+        if line.startswith("cnnserve_requests_total{") and 'code="499"' in line
+    )
+
+
+@pytest.mark.parametrize(
+    ("content_type", "path", "start"),
+    [
+        (b"image/png", b"/v1/classify", PNG_SIG),  # the HTTP protocol's direct path
+        (b"multipart/form-data; boundary=x", b"/v1/classify", b"--x\r\n"),  # the route
+        (b"application/json", b"/v1/models/tiny:predict", b'{"instances": ['),
+    ],
+    ids=["raw", "multipart", "json"],
+)
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_500(
+    server: Server, content_type: bytes, path: bytes, start: bytes
+) -> None:
+    """Hanging up mid-body is the client's doing: logged and counted as 499, with no
+    error log line (it was a 500 and a traceback, which a client could repeat at will
+    to flood the log and the error-rate alerts); the server stays ready."""
+    before = closed_early(server)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(
+            b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
+            + b"\r\nContent-Length: 100000\r\n\r\n" + start
+        )  # fmt: skip
+        # Hung up: the server reads what was sent, then the end of the connection.
+    eventually(lambda: closed_early(server) == before + 1, timeout=BOUND)
+    assert "unexpected error" not in server.log.read_text()
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
 
 
 def read_answer(sock: socket.socket) -> bytes:
