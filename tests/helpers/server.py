@@ -52,15 +52,16 @@ class Server:
             kwargs.setdefault("verify", ssl.create_default_context(cafile=str(self.tls_ca)))
         return httpx.Client(base_url=self.url, timeout=30, **kwargs)  # type: ignore[arg-type]
 
-    def metric(self, name: str) -> float:
-        """The sum of every sample named ``name`` on /metrics (over labels and workers)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of every sample named ``name`` on /metrics whose labels include
+        ``labels`` (over the other labels and the workers)."""
         with self.client() as client:
             body = client.get("/metrics").text
         return sum(
             sample.value
             for family in text_string_to_metric_families(body)
             for sample in family.samples
-            if sample.name == name
+            if sample.name == name and labels.items() <= sample.labels.items()
         )
 
     def wait(self, path: str = "/readyz", status: int = 200, timeout: float = 60) -> None:
