@@ -76,8 +76,8 @@ class DirectRequest:
     chunks: list[bytes] = field(default_factory=list)
     response_complete: bool = False
     disconnected: bool = False
-    message_event: _NoEvent = field(default_factory=_NoEvent)
     finished: bool = False
+    message_event = _NoEvent()  # not a field: one for all
 
     @property
     def body(self) -> bytes:
@@ -93,8 +93,8 @@ Answer = tuple[int, Headers, bytes]
 
 
 class DirectClassify:
-    """What the HTTP protocol asks (:meth:`take`, :meth:`answer`, :meth:`abandon`); one
-    per worker, in the app's lifespan state (service.api.app)."""
+    """What the HTTP protocol asks (:meth:`take`, :meth:`answer`, :meth:`timed_out`,
+    :meth:`done`); one per worker, in the app's lifespan state (service.api.app)."""
 
     def __init__(self, admission: Admission, plane: DataPlane) -> None:
         self.admission = admission
