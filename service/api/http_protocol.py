@@ -80,13 +80,14 @@ FEED_BYTES = 32768  # a photo request (~10 KiB) is parsed in one go
 
 
 class HeldFlow(FlowControl):
-    """uvicorn's flow control, except that reading stays paused while the protocol holds
-    data back (uvicorn resumes reading after each answer and on each body read)."""
+    """uvicorn's flow control, holding what arrived but may not be parsed yet (the
+    pipeline is full): reading stays paused while anything is held (uvicorn resumes
+    reading after each answer and on each body read)."""
 
-    held = False
+    held: bytearray | None = None
 
     def resume_reading(self) -> None:
-        if not self.held:
+        if self.held is None:
             super().resume_reading()
 
 
@@ -167,7 +168,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _header_bytes = 0  # of them, counted from whole reads inside them
     _requests = 0  # requests begun on the connection: tells a read inside one request
     _in_message = False  # between a request's first byte and its end
-    _held: bytearray | None = None  # arrived, not parsed: the pipeline is full
     flow: HeldFlow
     _refusal: tuple[Refused, bool, asyncio.TimerHandle] | None = None  # not yet sent
     _direct: DirectClassify | None = None
@@ -199,8 +199,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._expect_headers()
 
     def data_received(self, data: bytes) -> None:
-        if self._held is not None:  # arrived before reading paused: parsed later, in order
-            self._held += data
+        if self.flow.held is not None:  # arrived before reading paused: parsed later, in order
+            self.flow.held += data
             return
         if len(data) <= FEED_BYTES and not self.pipeline:  # the usual case: one parse
             self._parse(data)
@@ -212,8 +212,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         view = memoryview(data)
         while view and not self.transport.is_closing():
             if len(self.pipeline) >= MAX_PIPELINED:
-                self._held = bytearray(view)
-                self.flow.held = True
+                self.flow.held = bytearray(view)
                 self.flow.pause_reading()
                 return
             self._parse(view[:FEED_BYTES])
@@ -243,12 +242,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # the next pipelined request starts
-        if self._held is None or self.transport.is_closing():
+        held = self.flow.held
+        if held is None or self.transport.is_closing():
             return
-        held, self._held = self._held, None
-        self.flow.held = False
+        self.flow.held = None
         self._feed(held)  # holds again what the pipeline has no room for
-        if self._held is None:
+        if self.flow.held is None:
             self.flow.resume_reading()
 
     def on_headers_complete(self) -> None:
@@ -351,7 +350,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._direct.done(request, status)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._held = None
+        self.flow.held = None
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
