@@ -69,9 +69,9 @@ MAX_RAISE = 1.25  # a window raises the limit by at most a quarter
 ALONE_WEIGHT = 0.1  # moving average of what a request alone takes
 # A client whose next request on a connection comes sooner than this after a refusal is
 # retrying at once (Retry-After is a second): only its refusals wait for the pace. The
-# default of settings.retry_at_once_seconds: a round trip on a local network and the
-# client's turnaround, with room for a loaded host.
-RETRY_AT_ONCE_SECONDS = 0.01
+# setting's default (a round trip on a local network and the client's turnaround, with
+# room for a loaded host), for limits made without a Settings object.
+RETRY_AT_ONCE_SECONDS: float = Settings.model_fields["retry_at_once_seconds"].default
 # Refusals answered without waiting may owe tokens up to this many seconds' worth: the
 # wait they add to the spinning clients' stays within Retry-After (1 s).
 MAX_REFUSAL_DEBT_SECONDS = 1.0
