@@ -21,10 +21,10 @@ tests/integration/test_fastpath.py compares its answers with the route's byte fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from service.api.auth import API_KEY_HEADER, presented_key
+from starlette.responses import Response
+
 from service.api.fastpath import query_int, raw_classify_query
 from service.api.http import (
     CLIENT_KEY_HEADER,
@@ -34,13 +34,14 @@ from service.api.http import (
     answer_error,
     body_timeout_error,
     client_request_id,
+    header_value,
     parse_client_key,
     parse_timeout,
 )
 from service.api.rest import CLASSIFY_PATH, classify_response
 from service.concurrency import ConnectionRefusals
 from service.dataplane import DataPlane
-from service.errors import ClientClosedRequest, Unauthenticated
+from service.errors import ClientClosedRequest
 from service.requestlog import RequestRecord, finish, recording
 
 Headers = list[tuple[bytes, bytes]]
@@ -49,7 +50,6 @@ CLIENT_CLOSED = ClientClosedRequest.http_status
 _TIMEOUT = TIMEOUT_HEADER.encode()
 _CLIENT_KEY = CLIENT_KEY_HEADER.encode()
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
-_API_KEY = API_KEY_HEADER.encode()
 
 
 class _NoEvent:
@@ -84,7 +84,7 @@ class DirectRequest:
         return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
 
     def header(self, name: bytes) -> str | None:
-        value = _find(self.headers, name)
+        value = header_value(self.headers, name)
         return None if value is None else value.decode("latin-1")
 
 
@@ -120,31 +120,19 @@ class DirectClassify:
         if taken is None:
             return None  # RequestGuard refuses it, paced as every refusal is
         connection.passed()  # admitted: its earlier refusal is forgotten
-        rid = client_request_id(_find(headers, _REQUEST_ID) or b"")
+        rid = client_request_id(header_value(headers, _REQUEST_ID) or b"")
         record = RequestRecord(rid, "rest", method, CLASSIFY_PATH)
         return DirectRequest(query, headers, taken, record, connection, retrying, keep_alive)
 
-    def _admitted(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
-        """Whether RequestGuard would let it on: a body length known and within the
-        limit, a valid key when keys are set, no interim 100 to send."""
-        length = _find(headers, b"content-length")
-        if length is None or not length.isdigit() or int(length) > self.admission.max_body_bytes:
+    def _admitted(self, headers: Headers) -> bool:
+        """Whether RequestGuard would let it on (its own check: a valid key when keys are
+        set, a body within the limit), with a body length known and no interim 100 to
+        send."""
+        sent = dict(headers)  # as RequestGuard reads them
+        length = sent.get(b"content-length")
+        if length is None or not length.isdigit() or b"transfer-encoding" in sent:
             return False
-        if _find(headers, b"transfer-encoding") is not None or _find(headers, b"expect"):
-            return False
-        keys = self.admission.keys
-        if keys.enabled:
-            authorization = _find(headers, b"authorization")
-            api_key = _find(headers, _API_KEY)
-            presented = presented_key(
-                authorization.decode("latin-1") if authorization else None,
-                api_key.decode("latin-1") if api_key else None,
-            )
-            try:
-                keys.check(presented)
-            except Unauthenticated:
-                return False
-        return True
+        return not sent.get(b"expect") and self.admission.refusal(CLASSIFY_PATH, sent) is None
 
     async def answer(self, request: DirectRequest) -> Answer:
         """The answer to a request whose body has arrived; never raises."""
@@ -170,15 +158,13 @@ class DirectClassify:
                     await self.admission.concurrency.pace_refusal(
                         request.retrying, request.connection
                     )
-        headers = [*response.raw_headers, (_REQUEST_ID, rid.encode())]
-        return response.status_code, headers, bytes(response.body)
+        return _with_id(response, rid)
 
     def timed_out(self, request: DirectRequest) -> Answer:
         """The answer to a request whose body did not arrive within the read timeout."""
         rid = request.record.request_id
-        response = answer_error(body_timeout_error(self.admission.body_read_timeout_seconds), rid)
-        headers = [*response.raw_headers, (_REQUEST_ID, rid.encode())]
-        return response.status_code, headers, bytes(response.body)
+        seconds = self.admission.body_read_timeout_seconds
+        return _with_id(answer_error(body_timeout_error(seconds), rid), rid)
 
     def done(self, request: DirectRequest, status: int) -> None:
         """The request is answered (or its client left): its place back, its record
@@ -190,8 +176,7 @@ class DirectClassify:
         finish(request.record, status)
 
 
-def _find(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    for key, value in headers:
-        if key == name:
-            return value
-    return None
+def _with_id(response: Response, rid: str) -> Answer:
+    """A response as the protocol writes it, with the request id RequestGuard adds."""
+    headers = [*response.raw_headers, (_REQUEST_ID, rid.encode())]
+    return response.status_code, headers, bytes(response.body)

@@ -33,6 +33,7 @@ from service.api.http import (
     answer_error,
     client_key,
     dataplane,
+    header_value,
     request_id,
     request_timeout,
 )
@@ -103,11 +104,7 @@ def raw_classify_query(
     take."""
     if method != "POST" or path != CLASSIFY_PATH:
         return None
-    content_type = b""
-    for name, sent in headers:
-        if name == b"content-type":
-            content_type = sent
-            break
+    content_type = header_value(headers, b"content-type") or b""
     media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
     if media not in RAW_TYPES:
         return None

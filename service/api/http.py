@@ -135,6 +135,28 @@ class Admission:
     concurrency: ConcurrencyLimit = field(default_factory=lambda: ConcurrencyLimit(10**6))
     keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
 
+    def refusal(self, path: str, headers: dict[bytes, bytes]) -> CnnserveError | None:
+        """Why a request is refused before a route runs (the concurrency limit aside):
+        RequestGuard's check, and the direct path's (service.api.direct_classify)."""
+        keys = self.keys
+        if keys.enabled and not keys.is_open(path):
+            auth = headers.get(b"authorization", b"").decode("latin-1") or None
+            api_key = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1") or None
+            try:
+                keys.check(presented_key(auth, api_key))
+            except Unauthenticated as exc:
+                return exc
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return self.too_large()
+        return None
+
+    def too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body is larger than {self.max_body_bytes} bytes; send a "
+            "smaller image (or raise CNNSERVE_MAX_BODY_BYTES)"
+        )
+
 
 class RequestGuard:
     """Pure ASGI middleware: gives each request an id (honouring X-Request-ID); refuses,
@@ -193,7 +215,7 @@ class RequestGuard:
             with recording(record):
                 path = scope["path"]
                 limited = is_limited(path, self.quiet_paths)
-                refusal = self._refusal(path, headers)
+                refusal = self.admission.refusal(path, headers)
                 taken = None
                 if refusal is None and limited:
                     taken = concurrency.try_acquire()
@@ -213,28 +235,6 @@ class RequestGuard:
             if scope["path"] not in self.quiet_paths:
                 record.route = route_template(scope, self.routes)
                 finish(record, status)
-
-    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> CnnserveError | None:
-        """Why a request is refused before a route runs (the concurrency limit aside)."""
-        keys = self.admission.keys
-        if keys.enabled and not keys.is_open(path):
-            auth = headers.get(b"authorization", b"").decode("latin-1") or None
-            api_key = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1") or None
-            try:
-                keys.check(presented_key(auth, api_key))
-            except Unauthenticated as exc:
-                return exc
-        limit = self.admission.max_body_bytes
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return self._too_large()
-        return None
-
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(
-            f"request body is larger than {self.admission.max_body_bytes} bytes; send a "
-            "smaller image (or raise CNNSERVE_MAX_BODY_BYTES)"
-        )
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.admission.max_body_bytes
@@ -256,7 +256,7 @@ class RequestGuard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise self._too_large()
+                    raise self.admission.too_large()
                 complete = not message.get("more_body", False)
             elif message["type"] == "http.disconnect" and not complete:
                 # Not the server's fault: a 499 in the log, not a 500 and a traceback.
@@ -310,7 +310,7 @@ class EarlyRefusal:
         concurrency = self.admission.concurrency
         if not is_limited(path, self.quiet_paths) or concurrency.admits():
             return None
-        rid = client_request_id(next((v for k, v in headers if k == b"x-request-id"), b""))
+        rid = client_request_id(header_value(headers, b"x-request-id") or b"")
         record = RequestRecord(rid, "rest", method, self._route(method, path))
         answer = error_response(concurrency.refusal())
         headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
@@ -338,6 +338,14 @@ def client_left() -> ClientClosedRequest:
 
 def body_timeout_error(seconds: float) -> RequestTimeout:
     return RequestTimeout(f"the request body did not arrive within {seconds:g} s; send it at once")
+
+
+def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower case) in an ASGI header list."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
 
 
 def is_limited(path: str, quiet_paths: frozenset[str]) -> bool:

@@ -259,11 +259,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         retrying = self._refusals.retrying(self.loop.time())
         if idle and (self._early_refusal is not None or self._direct is not None):
             method = self.parser.get_method().decode("ascii")
-            path, _, query = self.url.partition(b"?")
+            raw_path, _, query = self.url.partition(b"?")
+            path = raw_path.decode("latin-1")
             if self._early_refusal is not None:
-                refused = self._early_refusal(
-                    method, path.decode("latin-1"), self.headers, retrying
-                )
+                refused = self._early_refusal(method, path, self.headers, retrying)
                 if refused is not None:
                     self._refuse(refused)
                     return
@@ -289,19 +288,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # --- the direct path (service.api.direct_classify) ---------------------------------
 
-    def _take_direct(self, method: str, path: bytes, query: bytes, retrying: bool) -> bool:
+    def _take_direct(self, method: str, path: str, query: bytes, retrying: bool) -> bool:
         """Hand the request to the direct path if it takes it (its body then arrives
         in :meth:`on_body`), as uvicorn would have made it a request cycle."""
         assert self._direct is not None
         parser = self.parser
-        if self.pipeline or self.root_path or b"%" in path or parser.should_upgrade():
+        if self.pipeline or self.root_path or "%" in path or parser.should_upgrade():
             return False  # the ASGI way: queued behind another, or a path to unquote
         limit = self.limit_concurrency  # uvicorn's own (its plain-text 503)
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             return False
         request = self._direct.take(
             method,
-            path.decode("latin-1"),
+            path,
             query,
             self.headers,
             keep_alive=parser.get_http_version() != "1.0" and parser.should_keep_alive(),
