@@ -10,6 +10,7 @@ import json
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from contextlib import closing
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -86,11 +87,8 @@ def test_a_shed_request_is_sent_again_after_retry_after(
     script, url = rest
     configure(script, shed=3, status=status)
     notices = io.StringIO()
-    client = RestServer(url, notices=notices)
-    try:
+    with closing(RestServer(url, notices=notices)) as client:
         assert client.classify([PROBE], None, None) == ("m", 3, [(7, 0.9)])
-    finally:
-        client.close()
     assert script.calls == 4
     assert notices.getvalue().count("sending it again in 0 s") == 3
 
@@ -100,12 +98,11 @@ def test_a_server_that_keeps_shedding_ends_the_run_with_its_answer(
 ) -> None:
     script, url = rest
     configure(script, shed=1_000)
-    client = RestServer(url, notices=io.StringIO())
-    try:
-        with pytest.raises(DatasetError, match=r"kept refusing for load .*503.*at capacity"):
-            client.classify([PROBE], None, None)
-    finally:
-        client.close()
+    with (
+        closing(RestServer(url, notices=io.StringIO())) as client,
+        pytest.raises(DatasetError, match=r"kept refusing for load .*503.*at capacity"),
+    ):
+        client.classify([PROBE], None, None)
     assert script.calls == RETRIES + 1
 
 
@@ -115,12 +112,11 @@ def test_other_refusals_are_not_retried(
 ) -> None:
     script, url = rest
     configure(script, shed=1, status=status, retry_after=retry_after)
-    client = RestServer(url, notices=io.StringIO())
-    try:
-        with pytest.raises(DatasetError, match=f"answered {status}"):
-            client.classify([PROBE], None, None)
-    finally:
-        client.close()
+    with (
+        closing(RestServer(url, notices=io.StringIO())) as client,
+        pytest.raises(DatasetError, match=f"answered {status}"),
+    ):
+        client.classify([PROBE], None, None)
     assert script.calls == 1
 
 
