@@ -10,3 +10,5 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 def setup_logging(*, verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
+    # httpx logs every request at INFO: `cnnserve verify` sends thousands.
+    logging.getLogger("httpx").setLevel(logging.NOTSET if verbose else logging.WARNING)

@@ -2,10 +2,13 @@
 
 The guard against train/serve skew. Each test image is encoded (PNG, lossless, and JPEG
 at quality 90, what clients send) and classified by the live server, pinned to one
-version; the same version's SavedModel signature classifies the source pixels offline
-through :mod:`service.preprocessing` with the preprocessing its training recorded.
-Top-1 agreement between the two must reach 99.9% for PNG (the pixels are the same, so
-only a skew can disagree) and 99% for JPEG (compression moves a few borderline images).
+version; the same version's SavedModel signature classifies the very same bytes offline
+through :mod:`service.preprocessing` with the preprocessing its training recorded. Top-1
+agreement between the two must reach 99.9% for PNG and 99% for JPEG (room for another
+JPEG decoder, as a TF Serving's in-graph one): only a skew between serving and training
+can make them disagree. Agreement with the offline answers on the source pixels, never
+encoded, is reported beside it: for JPEG it also counts what compression itself moves,
+which is the model's sensitivity, not the server's fault, so it does not fail the run.
 Disagreements are listed worst first (the offline model's margin for its own answer over
 the server's) and their images saved.
 """
@@ -145,9 +148,11 @@ class EncodingResult:
     encoding: str
     served: list[int] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    # Served against offline on the same encoded bytes: below 100% only by a skew.
     agreement: float = 0.0
-    # Served against offline on the same encoded bytes: below 100% only by server skew.
-    agreement_same_bytes: float = 0.0
+    # Served against offline on the source pixels: for a lossy encoding this also counts
+    # the answers the encoding itself moves.
+    agreement_source: float = 0.0
     accuracy_served: float | None = None
     threshold: float = 0.0
     disagreements: list[dict[str, Any]] = field(default_factory=list)
@@ -212,18 +217,26 @@ def serve_all(
 def compare(
     encoding: str,
     offline: npt.NDArray[np.float32],
+    on_source: npt.NDArray[np.float32],
     served: list[int],
     scores: list[float],
     truth: list[int | None],
     labels: list[str],
     names: list[str],
 ) -> EncodingResult:
+    """``offline``: the offline model on the bytes the server got; ``on_source``: on the
+    source pixels."""
     offline_top = offline.argmax(axis=1)
     served_top = np.asarray(served)
     agree = offline_top == served_top
     known = [i for i, t in enumerate(truth) if t is not None]
     result = EncodingResult(
-        encoding, served, scores, float(agree.mean()), threshold=THRESHOLDS[encoding]
+        encoding,
+        served,
+        scores,
+        float(agree.mean()),
+        float(np.mean(on_source.argmax(axis=1) == served_top)),
+        threshold=THRESHOLDS[encoding],
     )
     if known:
         result.accuracy_served = float(np.mean([served[i] == truth[i] for i in known]))
@@ -271,7 +284,7 @@ class Report:
             "encodings": {
                 r.encoding: {
                     "agreement": r.agreement,
-                    "agreement_same_bytes": r.agreement_same_bytes,
+                    "agreement_source_pixels": r.agreement_source,
                     "threshold": r.threshold,
                     "passed": r.passed,
                     "accuracy_served": r.accuracy_served,
@@ -298,16 +311,16 @@ def print_report(report: Report, out: TextIO, show: int) -> None:
         verdict = "ok" if r.passed else "FAIL"
         print(
             f"  {r.encoding:<4}  accuracy served {_percent(r.accuracy_served)}  agreement "
-            f"{r.agreement:.2%} (>= {r.threshold:.1%}: {verdict}; "
-            f"{len(r.disagreements)} disagree)",
+            f"{r.agreement:.2%} with offline on the same bytes (>= {r.threshold:.1%}: "
+            f"{verdict}; {len(r.disagreements)} disagree)",
             file=out,
         )
         print(
-            f"        offline on the same {r.encoding.upper()} bytes agrees "
-            f"{r.agreement_same_bytes:.2%}"
+            f"        with offline on the source pixels {r.agreement_source:.2%}"
             + (
-                ": the encoding, not the server, moves these answers"
-                if not r.passed and r.agreement_same_bytes >= r.threshold
+                f" (what {r.encoding.upper()} itself changes: the model's sensitivity to "
+                "the encoding, not a skew)"
+                if r.agreement_source < r.agreement
                 else ""
             ),
             file=out,
@@ -378,10 +391,10 @@ def run_verify(
         served, scores, encoded[encoding] = serve_all(
             server, images, encoding, model, version, progress_out
         )
-        result = compare(encoding, offline, served, scores, truth, labels, images.names)
-        same_bytes = model_offline.on_bytes(encoded[encoding]).argmax(axis=1)
-        result.agreement_same_bytes = float(np.mean(same_bytes == np.asarray(served)))
-        results.append(result)
+        same_bytes = model_offline.on_bytes(encoded[encoding])
+        results.append(
+            compare(encoding, same_bytes, offline, served, scores, truth, labels, images.names)
+        )
     report = Report(
         model,
         version,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pydantic import ValidationError
 
 from service.cli import build_parser, main
 from service.config import Settings
+from service.logs import setup_logging
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -159,3 +161,15 @@ def test_publishing_an_unconfigured_model_prints_the_block_to_add(
     block = err.split("model_config_list { ... }:\n", 1)[1]
     write_models_config(tmp_path, simple_config("fashion_mnist") + "\n" + block)
     assert [c.name for c in read_repository(tmp_path)] == ["fashion_mnist", "flowers"]
+
+
+def test_httpx_request_lines_only_in_verbose_mode() -> None:
+    # `cnnserve verify` sends thousands of requests; httpx logs each at INFO.
+    httpx_log = logging.getLogger("httpx")
+    try:
+        setup_logging(verbose=False)
+        assert httpx_log.level == logging.WARNING  # whatever the root logger's level
+        setup_logging(verbose=True)
+        assert httpx_log.level == logging.NOTSET  # the root's level again
+    finally:
+        httpx_log.setLevel(logging.NOTSET)

@@ -1,0 +1,60 @@
+"""`cnnserve verify`'s verdict: a skew fails it, what an encoding moves does not."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import numpy.typing as npt
+
+from service.verify import EncodingResult, Report, compare, print_report
+
+LABELS = ["a", "b", "c"]
+
+
+def probabilities(tops: list[int]) -> npt.NDArray[np.float32]:
+    out = np.full((len(tops), 3), 0.1, np.float32)
+    out[np.arange(len(tops)), tops] = 0.8
+    return out
+
+
+def result(
+    encoding: str, same_bytes: list[int], source: list[int], served: list[int]
+) -> EncodingResult:
+    return compare(
+        encoding,
+        probabilities(same_bytes),
+        probabilities(source),
+        served,
+        [0.8] * len(served),
+        [None] * len(served),
+        LABELS,
+        [f"image{i}" for i in range(len(served))],
+    )
+
+
+def test_answers_the_encoding_moves_are_reported_but_do_not_fail() -> None:
+    served = [0] * 100
+    source = [0] * 95 + [1] * 5  # JPEG moved 5 of 100 answers on both sides alike
+    r = result("jpeg", served, source, served)
+    assert r.passed and r.agreement == 1.0 and r.agreement_source == 0.95
+    assert r.disagreements == []
+    out = io.StringIO()
+    print_report(Report("m", 1, "url", 100, None, [r], 1.0), out, show=5)
+    text = out.getvalue()
+    assert "agreement 100.00% with offline on the same bytes (>= 99.0%: ok" in text
+    assert "source pixels 95.00% (what JPEG itself changes" in text
+
+
+def test_a_skew_on_the_same_bytes_fails_and_lists_the_images() -> None:
+    same_bytes = [0] * 100
+    served = [0] * 98 + [2] * 2  # the server answers differently on the same bytes
+    r = result("png", same_bytes, same_bytes, served)
+    assert not r.passed and r.agreement == 0.98
+    assert [d["index"] for d in r.disagreements] == [98, 99]
+    assert r.disagreements[0]["offline"] == "a" and r.disagreements[0]["served"] == "c"
+    report = Report("m", 1, "url", 100, None, [r], 1.0)
+    assert not report.passed and report.to_dict()["encodings"]["png"]["agreement"] == 0.98
+    out = io.StringIO()
+    print_report(report, out, show=5)
+    assert "FAIL" in out.getvalue() and "image98" in out.getvalue()
