@@ -84,6 +84,8 @@ class Registry:
         self._source = source or create_source(settings, runtime_factory)
         self._table = RoutingTable(split=TrafficSplit(settings.canary_percent / 100))
         self._held: set[tuple[str, str, int]] = set()  # (model, label, version) logged
+        # Per model, the (served, wanted) versions last logged as kept: logged once.
+        self._kept: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
         self._failed: dict[VersionKey, Fingerprint] = {}
@@ -291,6 +293,7 @@ class Registry:
     def _to_unload(self, scan: Scan) -> list[VersionKey]:
         configs = {c.name: c for c in scan.configs}
         keys = []
+        kept = {}
         for model, served in self._table.served.items():
             if model not in configs:
                 keys += [(model, v) for v in served]
@@ -302,12 +305,15 @@ class Registry:
             if wanted & served.keys():
                 keys += [(model, v) for v in served if v not in wanted]
             elif any(v not in wanted for v in served):
-                log.warning(
-                    "model %s: keeping version(s) %s until a wanted version (%s) is available",
-                    model,
-                    listing(sorted(served)),
-                    listing(sorted(wanted)),
-                )
+                kept[model] = (tuple(sorted(served)), tuple(sorted(wanted)))
+                if self._kept.get(model) != kept[model]:  # log once, not every poll
+                    log.warning(
+                        "model %s: keeping version(s) %s until a wanted version (%s) is available",
+                        model,
+                        listing(sorted(served)),
+                        listing(sorted(wanted)),
+                    )
+        self._kept = kept
         return keys
 
     async def _load(self, key: VersionKey, scan: Scan) -> None:

@@ -91,14 +91,20 @@ def resolve_base_path(repository: Path, name: str, base_path: str) -> Path:
     return path if path.is_absolute() else repository / path
 
 
+# TF Serving's version numbers are int64: a folder named beyond that is not a version
+# (as there, it is ignored), and could not be named in a gRPC ModelSpec or status.
+MAX_VERSION = 2**63 - 1
+
+
 def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """Published versions: positive integer folder names (temp folders are hidden)."""
+    """Published versions: folders named by an integer in 1..2^63-1 (temp folders are
+    hidden)."""
     if not model_dir.is_dir():
         return {}
     return {
         int(p.name): p
         for p in model_dir.iterdir()
-        if p.is_dir() and p.name.isascii() and p.name.isdigit() and int(p.name) > 0
+        if p.name.isascii() and p.name.isdigit() and 0 < int(p.name) <= MAX_VERSION and p.is_dir()
     }
 
 

@@ -59,6 +59,9 @@ class Runtime(abc.ABC):
         self.version_dir = version_dir
         self.threads = threads
         self._info: ModelInfo | None = None
+        # A TF Serving SignatureDefMap, set by load (read from the SavedModel once: the
+        # folder may be deleted while the version keeps serving).
+        self._signatures: Any = None
         # The loader passes the card it read (once per load, not once per reader).
         self._card = card
 
@@ -99,10 +102,10 @@ class Runtime(abc.ABC):
 
     def signature_defs(self) -> Any:
         """The model's public signatures, a TF Serving ``SignatureDefMap`` (for metadata):
-        read from the SavedModel on disk; a remote runtime asks its server instead."""
-        from service.signatures import signature_def_map
-
-        return signature_def_map(self.version_dir)
+        read from the SavedModel when it loaded; a remote runtime asked its server."""
+        if self._signatures is None:
+            raise RuntimeError(f"{self.name} runtime for {self.version_dir} is not loaded")
+        return self._signatures
 
     def leave_thread(self) -> None:
         """Free what this runtime holds for the calling thread alone (a thread that will
@@ -111,3 +114,4 @@ class Runtime(abc.ABC):
 
     def unload(self) -> None:
         self._info = None
+        self._signatures = None

@@ -26,6 +26,7 @@ from service.runtimes.card import (
     to_model_input,
     verified_litert,
 )
+from service.signatures import read_signatures
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,8 @@ class LiteRTRuntime(Runtime):
         return interpreter.get_signature_runner(SERVING_SIGNATURE)
 
     def load(self) -> ModelInfo:
+        # The artifact is served, but a corrupt SavedModel beside it fails the load too.
+        signatures = read_signatures(self.version_dir)
         artifact = litert_artifact(self.version_dir, self.cache_dir, self.card)
         try:
             self._content = artifact.read_bytes()
@@ -110,6 +113,7 @@ class LiteRTRuntime(Runtime):
         )
         self.artifact = artifact
         self._local = threading.local()
+        self._signatures = signatures
         self._info = info
         log.info(
             "loaded %s with litert (%s) from %s",

@@ -18,6 +18,7 @@ from service.contract import SERVING_SIGNATURE
 from service.errors import ModelLoadError
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import TensorDesc, describe, to_model_input
+from service.signatures import read_signatures
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class TensorFlowRuntime(Runtime):
     def load(self) -> ModelInfo:
         if not (self.version_dir / "saved_model.pb").is_file():
             raise ModelLoadError(f"{self.version_dir} is not a SavedModel (no saved_model.pb)")
+        # Before TensorFlow: a clear refusal of a corrupt folder, and the metadata kept.
+        public = read_signatures(self.version_dir)
         import tensorflow as tf
 
         _set_intra_op_threads(self.threads)
@@ -87,6 +90,7 @@ class TensorFlowRuntime(Runtime):
                 f"{self.version_dir}: unusable {SERVING_SIGNATURE}: {exc}"
             ) from exc
         self._loaded, self._fn = loaded, fn  # the function needs its SavedModel kept alive
+        self._signatures = public
         self._info = info
         log.info(
             "loaded %s with tensorflow: %s %s → %d classes",

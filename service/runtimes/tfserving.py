@@ -172,7 +172,6 @@ class TFServingRuntime(Runtime):
         self._client = client
         self._model = model
         self._version = version
-        self._signatures: Any = None
 
     def load(self) -> ModelInfo:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
@@ -220,11 +219,5 @@ class TFServingRuntime(Runtime):
             raise InternalError(f"TF Serving answered an unreadable tensor: {exc}") from None
         return np.asarray(out, dtype=np.float32)
 
-    def signature_defs(self) -> Any:
-        if self._signatures is None:
-            raise RuntimeError(f"{self._model}/{self._version} is not loaded")
-        return self._signatures
-
     def unload(self) -> None:
-        self._signatures = None  # the channel is shared; the source closes it
-        super().unload()
+        super().unload()  # the channel is shared; the source closes it

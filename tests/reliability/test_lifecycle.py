@@ -15,6 +15,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
@@ -69,6 +70,18 @@ def states(server: Server, model: str = "m") -> dict[str, dict[str, object]]:
     return {s["version"]: s for s in body["model_version_status"]}
 
 
+def grpc_model_status(server: Server, model: str = "m") -> dict[int, str]:
+    """Model ``model``'s versions and states over TF Serving's gRPC GetModelStatus."""
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = model
+    with server.channel() as channel:
+        response = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+            request, timeout=10
+        )
+    name = get_model_status_pb2.ModelVersionStatus.State.Name
+    return {s.version: name(s.state) for s in response.model_version_status}
+
+
 def wrong_signature(folder: Path) -> None:
     """A valid SavedModel whose serving signature takes no image."""
     import tensorflow as tf
@@ -90,28 +103,41 @@ def break_version(repo: Path, version: int, how: str) -> None:
         wrong_signature(tmp)
     else:
         shutil.copytree(source, tmp)
+        # Version 1 ships a verified LiteRT artifact, which is what serves: the
+        # SavedModel beside it must be checked all the same.
         if how == "bad saved_model.pb":
             (tmp / "saved_model.pb").write_bytes(b"this is not a SavedModel")
+        elif how == "truncated saved_model.pb":
+            pb = (source / "saved_model.pb").read_bytes()
+            (tmp / "saved_model.pb").write_bytes(pb[:100])
         elif how == "missing variables":
             shutil.rmtree(tmp / "variables")
-            for artifact in (tmp / "assets.extra").glob("*.tflite"):
-                artifact.unlink()
+        elif how == "missing variables shard":
+            for shard in (tmp / "variables").glob("variables.data-*"):
+                shard.unlink()
         elif how == "unreadable artifact":
             (tmp / "saved_model.pb").unlink()
             (tmp / "saved_model.pb").mkdir()  # a folder where a file belongs: unreadable
     tmp.rename(repo / "m" / str(version))
 
 
-BROKEN = ["bad saved_model.pb", "missing variables", "wrong signature", "unreadable artifact"]
+BROKEN = [
+    "bad saved_model.pb",
+    "truncated saved_model.pb",
+    "missing variables",
+    "missing variables shard",
+    "wrong signature",
+    "unreadable artifact",
+]
 
 
 @contextmanager
 def serving_under_load(repo: Path) -> Iterator[tuple[Server, Load]]:
     """Model m version 1 served (polling every 0.2 s) and under load once answering."""
-    publish_tiny(repo, "m", seed=1)
+    publish_tiny(repo, "m", seed=1, with_litert=True)
     write_models_config(repo, simple_config("m"))
     with (
-        running_server(repo, args=("--poll-seconds", "0.2")) as server,
+        running_server(repo, grpc_port=0, args=("--poll-seconds", "0.2")) as server,
         Load(server).running() as load,
     ):
         wait_for(lambda: len(load.versions) > 10)
@@ -126,16 +152,23 @@ def test_broken_versions_under_load_never_serve_and_nothing_fails(tmp_path: Path
             wait_for(lambda v=str(version): states(server).get(v, {}).get("state") == "END")
             status = states(server)[str(version)]["status"]
             assert status["error_code"] != "OK" and status["error_message"], (how, status)  # type: ignore[index]
+        # A folder named beyond int64 is not a version (TF Serving ignores it too).
+        beyond = repo / "m" / str(2**64)
+        shutil.copytree(repo / "m" / "1", beyond)
+        good = len(BROKEN) + 2
         publish_tiny(repo, "m", seed=2)  # a good version after them all: swapped in
-        wait_for(lambda: 6 in load.versions)
+        wait_for(lambda: good in load.versions)
         served_at_end = load.versions[-1]
+        assert str(2**64) not in states(server)
         metrics = httpx.get(f"{server.url}/metrics").text
+        grpc_status = grpc_model_status(server)
     assert load.failures == []
-    assert set(load.versions) == {1, 6} and served_at_end == 6
+    assert set(load.versions) == {1, good} and served_at_end == good
+    assert grpc_status[good] == "AVAILABLE" and 2**64 not in grpc_status
     failed = [line for line in metrics.splitlines() if 'event="load_failed"' in line]
     assert failed and float(failed[0].split()[-1]) >= len(BROKEN), failed
     log = server.log.read_text()
-    assert all(f"m version {v} failed to load" in log for v in range(2, 6)), log[-2000:]
+    assert all(f"m version {v} failed to load" in log for v in range(2, good)), log[-2000:]
 
 
 def test_deleted_serving_version_is_kept_until_a_replacement_is_available(tmp_path: Path) -> None:

@@ -93,3 +93,11 @@ def test_concurrent_exports_get_distinct_versions(tmp_path: Path) -> None:
     assert sorted(versions) == ["1", "2", "3", "4"]
     writers = {(tmp_path / v / "saved_model.pb").read_text() for v in versions}
     assert writers == {"writer0", "writer1", "writer2", "writer3"}
+
+
+def test_only_int64_positive_folder_names_are_versions(tmp_path: Path) -> None:
+    # TF Serving parses version folders as int64 and ignores the rest.
+    for name in ("0", "1", "12", str(2**63 - 1), str(2**63), "99999999999999999999", "-3", "a1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "7").write_text("a file, not a version")
+    assert sorted(version_dirs(tmp_path)) == [1, 12, 2**63 - 1]

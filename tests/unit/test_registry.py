@@ -380,3 +380,27 @@ def test_a_broken_models_config_is_fatal_at_start(tmp_path: Path) -> None:
     registry = Registry(settings(tmp_path, tmp_path))
     with pytest.raises(ConfigError, match="nme"):
         run_with(registry, registry.start)
+
+
+def test_a_deleted_serving_folder_keeps_serving_with_its_metadata_and_is_logged_once(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, simple_config("m"))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        shutil.rmtree(repo / "m" / "1")
+        with caplog.at_level(logging.WARNING, logger="service.registry"):
+            for _ in range(5):
+                await registry.poll_once()
+        kept = [r for r in caplog.records if "keeping version(s)" in r.getMessage()]
+        assert len(kept) == 1, caplog.text  # once, not once per poll
+        target = registry.resolve("m")
+        assert target.version == 1 and states(registry, "m") == {1: VersionState.AVAILABLE}
+        # Metadata comes from what was read at load, not from the deleted folder.
+        assert "serving_default" in target.runtime.signature_defs().signature_def
+
+    run_with(registry, scenario)

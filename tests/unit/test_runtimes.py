@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -207,6 +208,57 @@ def test_a_folder_that_is_not_a_saved_model_is_refused(kind: str, tmp_path: Path
         with pytest.raises(ModelLoadError, match=str(folder)):
             rt.load()
         assert not rt.ready
+
+
+def _break(folder: Path, how: str) -> None:
+    if how == "truncated saved_model.pb":
+        pb = folder / "saved_model.pb"
+        pb.write_bytes(pb.read_bytes()[:100])
+    elif how == "saved_model.pb without the serving signature":
+        from service.proto_gen.tensorflow.core.protobuf import saved_model_pb2
+
+        saved = saved_model_pb2.SavedModel.FromString((folder / "saved_model.pb").read_bytes())
+        del saved.meta_graphs[0].signature_def["serving_default"]
+        (folder / "saved_model.pb").write_bytes(saved.SerializeToString())
+    elif how == "no variables":
+        shutil.rmtree(folder / "variables")
+    elif how == "no variables data shard":
+        for shard in (folder / "variables").glob("variables.data-*"):
+            shard.unlink()
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated saved_model.pb",
+        "saved_model.pb without the serving signature",
+        "no variables",
+        "no variables data shard",
+    ],
+)
+def test_a_corrupt_saved_model_beside_a_verified_artifact_is_refused(
+    how: str, shipped: Path, tmp_path: Path
+) -> None:
+    # The artifact alone could serve, but TF Serving would refuse the folder: so do we.
+    folder = tmp_path / "1"
+    shutil.copytree(shipped, folder)
+    _break(folder, how)
+    rt = LiteRTRuntime(folder, cache_dir=tmp_path / "cache")
+    with pytest.raises(ModelLoadError, match=str(folder)):
+        rt.load()
+    assert not rt.ready
+
+
+def test_signatures_are_read_at_load_and_outlive_the_folder(shipped: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "1"
+    shutil.copytree(shipped, folder)
+    rt = LiteRTRuntime(folder, cache_dir=tmp_path / "cache")
+    rt.load()
+    shutil.rmtree(folder)  # deleted while it serves: metadata must still answer
+    assert set(rt.signature_defs().signature_def) == {"serving_default", "predict_image_bytes"}
+    rt.unload()
+    with pytest.raises(RuntimeError, match="not loaded"):
+        rt.signature_defs()
 
 
 def test_a_wrong_batch_is_an_invalid_request(
