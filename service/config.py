@@ -218,6 +218,14 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def grpc_max_message_bytes(self) -> int:
+        """gRPC's message limit: the body limit, or a full request of 224×224 images as
+        float32 in typed fields (the largest form a client may legitimately send), plus
+        protobuf framing and the other fields."""
+        images = self.max_images_per_request * 224 * 224 * 3 * 4
+        return max(self.max_body_bytes, images) + 1024 * 1024
+
+    @property
     def inference_threads(self) -> int:
         """Threads per inference: the setting, or the cores shared among the workers."""
         return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)

@@ -270,8 +270,7 @@ class DataPlane:
             started = time.perf_counter()
             if signature == BYTES_SIGNATURE:
                 raw = self._only_input(inputs, BYTES_INPUT_NAME, signature)
-                items = [bytes(x) for x in np.asarray(raw, dtype=object).reshape(-1)]
-                batch = await self.decode(items, target, deadline)
+                batch = await self.decode(_encoded_items(raw), target, deadline)
             else:
                 value = self._only_input(inputs, info.input_name, signature)
                 batch = self._image_tensor(value, target)
@@ -312,6 +311,8 @@ class DataPlane:
         When none can answer, a configured model is still noted (its 503s and 404s
         belong to it); a name that is not configured is not, so clients cannot add
         label values."""
+        if version is not None and version < 1:  # every API alike (TF Serving's rule)
+            raise InvalidRequest(f"version must be a positive integer, got {version}")
         try:
             target = self.registry.resolve(
                 model, version, label, split=split, client_key=client_key
@@ -421,9 +422,31 @@ def _timed_decode(
 
 
 def _encoded_images(inputs: Mapping[str, Any]) -> bool:
-    """Whether a Predict's only input holds encoded files (bytes), not pixels."""
+    """Whether a Predict's only input holds encoded files (bytes), not pixels: REST's
+    decoded {"b64": ...} values, or a gRPC DT_STRING tensor."""
     if len(inputs) != 1:
         return False
     value = next(iter(inputs.values()))
-    items = value if isinstance(value, list) else [value]
+    if isinstance(value, np.ndarray):
+        items = list(value.reshape(-1)) if value.dtype == object else []
+    else:
+        items = value if isinstance(value, list) else [value]
     return bool(items) and all(isinstance(item, bytes) for item in items)
+
+
+def _encoded_items(raw: Any) -> list[bytes]:
+    """The files a Predict on the bytes signature sends; anything but bytes is refused
+    (``bytes(12)`` would be twelve zero bytes, ``bytes(1.5)`` a TypeError)."""
+    if isinstance(raw, np.ndarray) and raw.dtype != object:
+        raise InvalidRequest(
+            f"{BYTES_SIGNATURE} takes encoded image files (a DT_STRING tensor), not a "
+            f"{raw.dtype} tensor; send pixels to {SERVING_SIGNATURE}"
+        )
+    items = list(np.asarray(raw, dtype=object).reshape(-1)) if not isinstance(raw, bytes) else [raw]
+    for i, item in enumerate(items):
+        if not isinstance(item, bytes):
+            raise InvalidRequest(
+                f'{BYTES_SIGNATURE} takes encoded image files ({{"b64": ...}} over REST, '
+                f"DT_STRING over gRPC); value {i} is a {type(item).__name__}"
+            )
+    return items

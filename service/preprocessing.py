@@ -99,10 +99,15 @@ def open_image(
         raise InvalidImage("the image is empty (0 bytes); send a JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own limit is checked below, once the header is read; Pillow's own
+            # refusal is only a backstop (at twice Image.MAX_IMAGE_PIXELS).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"image has too many pixels to decode safely: {exc}") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLarge(
+            f"image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the limit is "
+            f"{max_pixels}"
+        ) from None
     except UnidentifiedImageError:
         raise InvalidImage(
             f"could not decode the image: not a {SUPPORTED_HUMAN} file (or it is corrupt)"

@@ -12,6 +12,7 @@ of the dtype, where one value stands for a tensor filled with it and none for ze
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -48,17 +49,24 @@ def dtype_name(enum: int) -> str:
     return str(types_pb2.DataType.Name(enum)) if enum in types_pb2.DataType.values() else "?"
 
 
-def _shape(proto: Any) -> tuple[int, ...]:
+def _shape(proto: Any, what: str, max_values: int | None) -> tuple[int, ...]:
     if proto.tensor_shape.unknown_rank:
         raise InvalidRequest("a tensor has an unknown rank; give its shape")
     dims = tuple(int(d.size) for d in proto.tensor_shape.dim)
     if any(d < 0 for d in dims):
         raise InvalidRequest(f"a tensor has a negative dimension in shape {list(dims)}")
+    # Before anything is allocated: one value (or none) may stand for the whole shape.
+    size = math.prod(dims)
+    if max_values is not None and size > max_values:
+        raise InvalidRequest(
+            f"{what} has shape {list(dims)}: {size:,} values, more than the {max_values:,} "
+            "a request may carry"
+        )
     return dims
 
 
 def _fill(values: npt.NDArray[Any], shape: tuple[int, ...], what: str) -> npt.NDArray[Any]:
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     if len(values) == size:
         return values.reshape(shape)
     if len(values) == 1:  # TF's shorthand: one value fills the tensor
@@ -66,10 +74,11 @@ def _fill(values: npt.NDArray[Any], shape: tuple[int, ...], what: str) -> npt.ND
     raise InvalidRequest(f"{what}: {len(values)} values for shape {list(shape)} ({size} values)")
 
 
-def to_ndarray(proto: Any, name: str = "tensor") -> npt.NDArray[Any]:
-    """The numpy array of a TensorProto; DT_STRING gives an object array of bytes."""
-    shape = _shape(proto)
+def to_ndarray(proto: Any, name: str = "tensor", max_values: int | None = None) -> npt.NDArray[Any]:
+    """The numpy array of a TensorProto; DT_STRING gives an object array of bytes.
+    ``max_values`` bounds the shape's size (a client's tensor; None for a trusted one)."""
     what = f"input {name!r}"
+    shape = _shape(proto, what, max_values)
     if proto.dtype == types_pb2.DT_STRING:
         strings = np.empty(len(proto.string_val), dtype=object)
         strings[:] = list(proto.string_val)

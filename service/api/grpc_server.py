@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.auth import ApiKeys, GrpcApiKeyInterceptor
+from service.api.grpc_malformed import MalformedRequestInterceptor
 from service.api.grpc_servicers import (
     HealthServicer,
     ImageClassifierServicer,
@@ -41,14 +42,10 @@ SERVICES = (
     model_service_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name,
     cnnserve_v1_pb2.DESCRIPTOR.services_by_name["ImageClassifier"].full_name,
 )
-# Images are resized to this by default; the message limit is sized for a full request
-# of them as float32 in typed fields, the largest form a client may legitimately send.
-_IMAGE_BYTES = 224 * 224 * 3 * 4
 
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
-    largest = max(settings.max_body_bytes, settings.max_images_per_request * _IMAGE_BYTES)
-    limit = largest + 1024 * 1024  # protobuf framing and the other fields
+    limit = settings.grpc_max_message_bytes
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
@@ -75,7 +72,10 @@ async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None 
     ``max_concurrent_requests``: room for the admitted calls and as many refused ones."""
     if not settings.grpc_port:
         return None
-    interceptors = [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
+    interceptors: list[Any] = (
+        [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
+    )
+    interceptors.append(MalformedRequestInterceptor())  # last: inside authentication
     server = grpc.aio.server(
         options=server_options(settings),
         interceptors=interceptors,

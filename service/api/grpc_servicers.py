@@ -137,8 +137,11 @@ class PredictionServicer(_Adapter):
         ref = read_model_spec(request.model_spec)
         until = deadline(self._plane, context)
         # Off the event loop: a float image batch in typed fields is millions of values.
+        # No more values than the largest message could carry, one byte each: TF's
+        # shorthand (one value fills the shape) must not turn 60 bytes into gigabytes.
+        most = self._plane.settings.grpc_max_message_bytes
         inputs = await asyncio.to_thread(
-            lambda: {name: to_ndarray(tensor, name) for name, tensor in request.inputs.items()}
+            lambda: {name: to_ndarray(t, name, most) for name, t in request.inputs.items()}
         )
         result = await self._plane.predict(
             inputs,

@@ -406,12 +406,14 @@ async def read_json(request: Request) -> Any:
         if len(body) > LARGE_JSON_BYTES:
             return await asyncio.to_thread(json.loads, body)
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
+        # JSONDecodeError, and an integer past Python's 4,300-digit conversion limit.
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise InvalidRequest(
-            "request body is JSON nested too deeply to parse; send a flat object"
-        ) from None
+        raise InvalidRequest(TOO_DEEP) from None
+
+
+TOO_DEEP = "request body is JSON nested too deeply to parse; send a flat object"
 
 
 def request_timeout(request: Request) -> float | None:

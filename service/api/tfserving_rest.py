@@ -16,7 +16,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from google.protobuf import json_format
 
-from service.api.http import client_key, dataplane, encoded_response, read_json, request_timeout
+from service.api.http import (
+    TOO_DEEP,
+    client_key,
+    dataplane,
+    encoded_response,
+    read_json,
+    request_timeout,
+)
 from service.api.schemas import (
     ModelMetadataResponse,
     ModelSpec,
@@ -105,8 +112,15 @@ async def label_metadata(request: Request, model: str, label: str) -> ModelMetad
     return _metadata(request, model, None, label)
 
 
+def _decoded(value: Any) -> Any:
+    """``value`` with every {"b64": "..."} replaced by its bytes."""
+    try:
+        return _decode_b64(value)
+    except RecursionError:  # json.loads nests deeper than this recursion can follow
+        raise InvalidRequest(TOO_DEEP) from None
+
+
 def _decode_b64(value: Any) -> Any:
-    """Replace every {"b64": "..."} with its bytes, recursively."""
     if isinstance(value, dict):
         if set(value) == {"b64"}:
             try:
@@ -126,7 +140,7 @@ def _parse_predict(body: Any, input_names: list[str]) -> tuple[dict[str, Any], b
             'predict body needs exactly one of "instances" (row) or "inputs" (columnar)'
         )
     if "instances" in body:
-        instances = _decode_b64(body["instances"])
+        instances = _decoded(body["instances"])
         if not isinstance(instances, list) or not instances:
             raise InvalidRequest('"instances" must be a non-empty list')
         if all(isinstance(i, dict) and not isinstance(i, bytes) for i in instances):
@@ -139,7 +153,7 @@ def _parse_predict(body: Any, input_names: list[str]) -> tuple[dict[str, Any], b
                 f"this signature has inputs {input_names}; name them in each instance"
             )
         return {input_names[0]: instances}, True
-    inputs = _decode_b64(body["inputs"])
+    inputs = _decoded(body["inputs"])
     if isinstance(inputs, dict):
         return inputs, False
     if len(input_names) != 1:

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -301,6 +301,70 @@ def test_error_codes(channel: grpc.Channel, predict_stub: Any) -> None:
     assert "internal error" not in details
     # Still serving after all of that.
     assert classifier.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=30).model
+
+
+def shaped(dtype: int, dims: list[int], **values: list[Any]) -> Any:
+    """A TensorProto with ``dims`` and only the ``values`` given (TF's shorthands)."""
+    proto = tensor_pb2.TensorProto(dtype=dtype)  # type: ignore[arg-type]
+    for d in dims:
+        proto.tensor_shape.dim.add(size=d)
+    for field, items in values.items():
+        getattr(proto, field).extend(items)
+    return proto
+
+
+def test_hostile_messages_and_tensors_are_invalid_argument(
+    server: Server, channel: grpc.Channel, predict_stub: Any
+) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    # Bytes that are no protobuf message at all (found by a red-team pass: UNKNOWN with
+    # protobuf's words and a traceback per call before).
+    for method in (
+        "/tensorflow.serving.PredictionService/Predict",
+        "/tensorflow.serving.ModelService/GetModelStatus",
+        "/cnnserve.v1.ImageClassifier/Classify",
+        "/grpc.health.v1.Health/Check",
+    ):
+        raw = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        code, message = code_of(raw, b"\xff\xff\xff\xff", timeout=10)
+        assert code == invalid and "not a valid" in message, (method, message)
+    # Shapes far beyond any message, in a few bytes (one value, or none, fills them):
+    # refused before anything is allocated.
+    for tensor in (
+        shaped(types_pb2.DT_UINT8, [2**62]),
+        shaped(types_pb2.DT_UINT8, [2**32, 2**32], int_val=[1]),
+        shaped(types_pb2.DT_DOUBLE, [2000, 224, 224, 3], double_val=[1.0]),
+        shaped(types_pb2.DT_STRING, [2**40], string_val=[b"x"]),
+    ):
+        code, message = code_of(predict_stub.Predict, predict_request({"image": tensor}))
+        assert code == invalid and "values, more than" in message, message
+    # The bytes signature takes files: a number is refused, not turned into zero bytes.
+    code, message = code_of(
+        predict_stub.Predict,
+        predict_request(
+            {"image_bytes": shaped(types_pb2.DT_FLOAT, [2], float_val=[1.0, 2.0])},
+            signature_name="predict_image_bytes",
+        ),
+    )
+    assert code == invalid and "DT_STRING" in message
+    # Encoded files without a signature name go to the bytes signature, as over REST.
+    png = encode(gradient(), "PNG")
+    files = shaped(types_pb2.DT_STRING, [2], string_val=[png, png])
+    answer = predict_stub.Predict(predict_request({"image": files}), timeout=30)
+    assert probabilities(answer).shape == (2, 3)
+    # Version 0 is a bad request on every API (404 on some before).
+    classifier = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+    code, message = code_of(
+        classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=png, version=0)
+    )
+    assert code == invalid and "positive integer" in message
+    with server.client() as client:
+        r = client.post(
+            "/v1/classify?version=0", content=png, headers={"content-type": "image/png"}
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+    log = server.log.read_text()
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
 
 
 def test_reflection_lists_every_service(channel: grpc.Channel) -> None:

@@ -106,6 +106,13 @@ BODIES: dict[str, tuple[str | None, bytes, set[int]]] = {
     "enormous json": ("application/json", b'{"image": "' + b"A" * (11 * 2**20) + b'"}', {413}),
     "deeply nested json": ("application/json", nested_json(50_000), {400}),
     "json not an object": ("application/json", b"[1, 2, 3]", {400}),
+    # Past Python's 4,300-digit int conversion limit: a ValueError that reached the
+    # catch-all (found by a red-team pass).
+    "json, integer of 5,000 digits": (
+        "application/json",
+        b'{"image": 1' + b"0" * 5000 + b"}",
+        {400},
+    ),
     "json, image not a string": ("application/json", b'{"image": 12}', {400}),
     "invalid json": ("application/json", b'{"image": ', {400}),
     "json, not utf-8": ("application/json", b'{"image": "\xff\xfe"}', {400}),
@@ -137,6 +144,7 @@ def test_malformed_body_gets_a_clear_4xx_quickly(server: Server, name: str) -> N
         response = client.post("/v1/classify", content=body, headers=headers)
         assert time.monotonic() - started < BOUND, name
         assert_error(response, statuses)
+        assert "DOS attack" not in response.text  # our words and limit, not Pillow's
         assert client.get("/readyz").status_code == 200
 
 
@@ -148,6 +156,7 @@ def test_malformed_body_gets_a_clear_4xx_quickly(server: Server, name: str) -> N
         "top_k=99999999999999999999999",
         "top_k=abc",
         "version=-3",
+        "version=0",
         "version=1e400",
         "version=99999999999999999999",
         "model=..%2F..%2Fetc%2Fpasswd",
@@ -192,6 +201,13 @@ def test_tfserving_predict_with_hostile_json(server: Server) -> None:
             (b'{"inputs": {"a": 1, "b": 2}}', {400}),
             (b'{"signature_name": "nope", "instances": [1]}', {400}),
             (b'{"instances": [{"b64": "!!!"}], "signature_name": "predict_image_bytes"}', {400}),
+            # Deeper than the b64 pass could follow, shallower than json.loads refuses.
+            (b'{"instances": ' + b"[" * 700 + b"]" * 700 + b"}", {400}),
+            # The bytes signature takes files: not strings, numbers or nulls (500s before).
+            (b'{"signature_name": "predict_image_bytes", "instances": ["abc"]}', {400}),
+            (b'{"signature_name": "predict_image_bytes", "instances": [1.5, 5]}', {400}),
+            (b'{"signature_name": "predict_image_bytes", "instances": [null]}', {400}),
+            (b'{"signature_name": "predict_image_bytes", "inputs": "abc"}', {400}),
         ]:
             response = client.post("/v1/models/tiny:predict", content=body)
             assert_error(response, statuses)
