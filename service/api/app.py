@@ -27,6 +27,7 @@ from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.http import Admission, EarlyRefusal, RequestGuard, install_error_handlers
 from service.api.http_protocol import (
+    BODY_TIMEOUT_STATE,
     DIRECT_CLASSIFY_STATE,
     EARLY_REFUSAL_STATE,
     HEADER_LIMIT_STATE,
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # Lifespan state: uvicorn hands it to every connection's protocol.
             yield {
                 HEADER_TIMEOUT_STATE: settings.header_read_timeout_seconds,
+                BODY_TIMEOUT_STATE: settings.body_read_timeout_seconds,
                 HEADER_LIMIT_STATE: settings.max_header_bytes,
                 EARLY_REFUSAL_STATE: EarlyRefusal(admission, quiet_paths, guarded_routes),
                 **(

@@ -65,6 +65,9 @@ from service.errors import HeadersTooLarge, RequestTimeout
 # The keys in the lifespan state (service.api.app): the header timeout in seconds, and
 # the worker's EarlyRefusal.
 HEADER_TIMEOUT_STATE = "cnnserve.header_read_timeout_seconds"
+BODY_TIMEOUT_STATE = "cnnserve.body_read_timeout_seconds"
+# Without the app's state: the setting's own default.
+DEFAULT_BODY_SECONDS: float = Settings.model_fields["body_read_timeout_seconds"].default
 HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
 # Without the app's state (another server's lifespan): the setting's own default.
 DEFAULT_MAX_HEADER_BYTES: int = Settings.model_fields["max_header_bytes"].default
@@ -173,12 +176,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _direct: DirectClassify | None = None
     _receiving: DirectRequest | None = None  # a direct request whose body is arriving
     _body_timer: asyncio.TimerHandle | None = None
+    _body_seconds = DEFAULT_BODY_SECONDS
+    _unread_timer: asyncio.TimerHandle | None = None  # the rest of an answered body
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, JoinedWrites(transport, self.loop)))
         self.flow = HeldFlow(self.transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
+        self._body_seconds = self.app_state.get(BODY_TIMEOUT_STATE) or DEFAULT_BODY_SECONDS
         self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
         self._direct = self.app_state.get(DIRECT_CLASSIFY_STATE)
         self._refusals = (
@@ -242,8 +248,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # the next pipelined request starts
+        if self.transport.is_closing():
+            return
+        # Answered before its body was in (a 404, 401, 413 or 503 at the headers): what
+        # is left is read and dropped, but uvicorn's keep-alive timer is cancelled by
+        # every read and armed again only after an answer, so a client dribbling it (or
+        # stopping) would hold the connection with no timer at all.
+        unread = self._in_message and self._receiving is None and not self._answering()
+        if unread and self._unread_timer is None:
+            self._unread_timer = self.loop.call_later(self._body_seconds, self._unread_late)
         held = self.flow.held
-        if held is None or self.transport.is_closing():
+        if held is None:
             return
         self.flow.held = None
         self._feed(held)  # holds again what the pipeline has no room for
@@ -281,10 +296,25 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        if self._unread_timer is not None:
+            # The answered request's body is in: now idle, so keep-alive's timeout runs.
+            self._unread_timer.cancel()
+            self._unread_timer = None
+            if not self._answering() and not self.pipeline:
+                self._unset_keepalive_if_required()
+                self.timeout_keep_alive_task = self.loop.call_later(
+                    self.timeout_keep_alive, self.timeout_keep_alive_handler
+                )
         if self._receiving is not None:
             self._start_direct()
         elif not self._dropping:
             super().on_message_complete()
+
+    def _unread_late(self) -> None:
+        """The rest of an answered request's body did not come in time: close."""
+        self._unread_timer = None
+        if self._in_message and not self.transport.is_closing():
+            self.transport.close()
 
     # --- the direct path (service.api.direct_classify) ---------------------------------
 
@@ -356,6 +386,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._body_timer is not None:
             self._body_timer.cancel()
             self._body_timer = None
+        if self._unread_timer is not None:
+            self._unread_timer.cancel()
+            self._unread_timer = None
         if self._receiving is not None:  # left before sending all of a direct body
             assert self._direct is not None
             self._direct.done(self._receiving, CLIENT_CLOSED)
