@@ -50,6 +50,7 @@ median of the pairs' ratios, higher in 6 of 8; CPU per request -2%).
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, cast
 
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -153,6 +154,30 @@ class JoinedWrites:
         return getattr(self._transport, name)
 
 
+# The end of a header block (CRLF or bare LF lines), or an Upgrade header in it (its
+# name begins one byte into the match).
+_UPGRADE_OR_END = re.compile(rb"\r?\n\r?\n|\nupgrade[ \t]*:", re.IGNORECASE)
+
+
+def without_upgrade(data: bytes | memoryview) -> bytes | memoryview:
+    """``data`` (which begins inside a header block) with the block's Upgrade headers
+    renamed to X-Upgrd, so that the request is parsed as a plain HTTP/1.1 one.
+
+    The gateway upgrades to nothing (no websockets, no h2c), and RFC 9110 lets a server
+    ignore Upgrade; but httptools takes whatever follows such a request's headers for
+    the new protocol's bytes, so uvicorn ran it with an empty body and dropped what was
+    pipelined after it (every ``curl --http2`` to http:// sends ``Upgrade: h2c``). An
+    Upgrade header split between two reads is not seen: that request goes as before."""
+    found = _UPGRADE_OR_END.search(data)
+    if found is None or not found.group().endswith(b":"):
+        return data
+    edited = bytearray(data)
+    while found is not None and found.group().endswith(b":"):
+        edited[found.start() + 1 : found.start() + 8] = b"x-upgrd"  # "upgrade": 7 bytes
+        found = _UPGRADE_OR_END.search(edited, found.end())
+    return bytes(edited)
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """What uvicorn runs per connection (``http=`` in service.server).
 
@@ -230,6 +255,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         inside: int | None = self._requests
         if not self._in_headers:
             inside = None if self._in_message else self._requests + 1
+        if inside is not None:  # the read begins with (the rest of) a header block
+            data = without_upgrade(data)
         super().data_received(data)  # type: ignore[arg-type]  # httptools takes any buffer
         if self.transport.is_closing():  # a parse error was answered, or the client left
             return

@@ -308,6 +308,39 @@ def test_the_rest_of_an_answered_body_must_come_in_time(
         assert time.monotonic() - started < BOUND and rest == b""
 
 
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (b"image/png", PNG),  # the HTTP protocol's direct path
+        (
+            b"multipart/form-data; boundary=zz",
+            b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + PNG + b"\r\n--zz--\r\n",
+        ),  # the ASGI route
+    ],
+    ids=["raw", "multipart"],
+)
+def test_an_upgrade_header_is_ignored_and_the_body_kept(
+    server: Server, content_type: bytes, body: bytes
+) -> None:
+    """`curl --http2` to http:// asks for h2c; the gateway upgrades to nothing and
+    answers the request as HTTP/1.1, body included (the body was lost before: a 400
+    "the image is empty", and the request pipelined behind it dropped)."""
+    request = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+        b"Content-Type: " + content_type + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+    ) + body
+    plain = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(request + plain)  # and one pipelined behind it
+        answers = read_answer(sock)
+    first, _, rest = answers.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), answers[:300]
+    assert b'"predictions"' in rest and b"HTTP/1.1 200" in rest, answers[-300:]
+    assert "Unsupported upgrade" not in server.log.read_text()
+
+
 def test_a_connection_goes_on_after_an_early_answer_whose_body_came(server: Server) -> None:
     """The body of an answered request, sent in full, is dropped and the connection
     serves the next request; idle after that, keep-alive's timeout closes it."""
