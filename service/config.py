@@ -145,6 +145,13 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         2048, ge=1, description="Open HTTP connections per worker (uvicorn limit_concurrency)."
     )
+    max_health_watches: int = Field(
+        100,
+        ge=1,
+        description="Open gRPC health Watch streams per worker; more are refused "
+        "(RESOURCE_EXHAUSTED). Watch needs no API key, and each stream holds one of gRPC's "
+        "places for calls in progress for as long as the client likes.",
+    )
     header_read_timeout_seconds: float = Field(
         10.0,
         gt=0,

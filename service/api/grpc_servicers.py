@@ -269,6 +269,7 @@ class HealthServicer:
     def __init__(self, plane: DataPlane, services: Sequence[str]) -> None:
         self._plane = plane
         self._services = ["", *services]
+        self._watching = 0  # open Watch streams
 
     def _status(self, service: str) -> int:
         if service not in self._services:
@@ -290,10 +291,23 @@ class HealthServicer:
         return response
 
     async def Watch(self, request: Any, context: Any) -> AsyncIterator[Any]:
-        last = None
-        while True:
-            status = self._status(request.service)
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
-            await asyncio.sleep(WATCH_PERIOD_SECONDS)
+        # Bounded: open to anyone (no key), and each stream holds one of gRPC's places
+        # for calls in progress; 3,000 of them shut every call out, Predict and Check too.
+        most = self._plane.settings.max_health_watches
+        if self._watching >= most:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{most} health Watch streams are open on this worker, the most it keeps "
+                "(CNNSERVE_MAX_HEALTH_WATCHES); use Check, or close a Watch",
+            )
+        self._watching += 1
+        try:
+            last = None
+            while True:
+                status = self._status(request.service)
+                if status != last:
+                    yield health_pb2.HealthCheckResponse(status=status)
+                    last = status
+                await asyncio.sleep(WATCH_PERIOD_SECONDS)
+        finally:
+            self._watching -= 1

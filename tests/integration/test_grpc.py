@@ -62,7 +62,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(repository: Path) -> Iterator[Server]:
     with running_server(
-        repository, wait_ready=False, grpc_port=0, args=("--poll-seconds", "0.2")
+        repository,
+        wait_ready=False,
+        grpc_port=0,
+        args=("--poll-seconds", "0.2"),
+        env={"CNNSERVE_MAX_HEALTH_WATCHES": "3"},
     ) as srv:
         for version in (1, 2):  # metadata answers once the version is served
             srv.wait(f"/v1/models/tiny/versions/{version}/metadata")
@@ -407,6 +411,43 @@ def test_health_follows_readiness(server: Server, repository: Path, channel: grp
         assert client.get("/readyz").status_code == 200
     listed = health.List(health_pb2.HealthListRequest(), timeout=5).statuses
     assert listed["cnnserve.v1.ImageClassifier"].status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_watches_are_bounded_and_never_shut_calls_out(
+    server: Server, channel: grpc.Channel, predict_stub: Any
+) -> None:
+    """Watch needs no key and holds a place for calls in progress while it lasts: past
+    CNNSERVE_MAX_HEALTH_WATCHES (3 here) a Watch is refused, Predict and Check still
+    answer, and a closed Watch frees its place (a red-team pass shut every call out
+    with 3,000 Watch streams before)."""
+    health = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="")
+    watches = [health.Watch(request, timeout=60) for _ in range(3)]
+    try:
+        for watch in watches:
+            next(watch)  # open and answering
+        refused = health.Watch(request, timeout=10)
+        code, message = code_of(next, refused)
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Watch" in message
+        assert health.Check(request, timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        assert probabilities(
+            predict_stub.Predict(predict_request({"image": pixels(1)}), timeout=30)
+        ).shape == (1, 3)
+        watches.pop().cancel()
+        again = health.Watch(request, timeout=60)
+        deadline = time.monotonic() + 30  # the cancelled stream's place is freed on the server
+        while True:
+            try:
+                next(again)
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert time.monotonic() < deadline, "a closed Watch never freed its place"
+                again = health.Watch(request, timeout=60)
+        watches.append(again)
+    finally:
+        for watch in watches:
+            watch.cancel()
 
 
 def listeners(port: int) -> int:
