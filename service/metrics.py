@@ -134,6 +134,11 @@ HEADER_TIMEOUTS = Counter(
     "Connections closed with a 408 because a request's headers did not arrive within "
     "CNNSERVE_HEADER_READ_TIMEOUT_SECONDS (idle after connecting, or slowloris).",
 )
+MALFORMED_REQUESTS = Counter(
+    "cnnserve_malformed_requests",
+    "Connections closed with a 400 because what arrived was not HTTP/1.1 the parser "
+    "could read (a bad request line, header or body framing).",
+)
 INFERENCE_SECONDS_PER_IMAGE = Gauge(
     "cnnserve_inference_seconds_per_image",
     "Moving average of inference seconds per image, what admission multiplies by the "
@@ -294,6 +299,11 @@ def observe_headers_too_large() -> None:
 def observe_header_timeout() -> None:
     """A connection timed out before its request's headers (service.api.http_protocol)."""
     HEADER_TIMEOUTS.inc()
+
+
+def observe_malformed_request() -> None:
+    """A connection sent bytes the HTTP parser refused (service.api.http_protocol)."""
+    MALFORMED_REQUESTS.inc()
 
 
 class BatcherMetrics:

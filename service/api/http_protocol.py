@@ -50,18 +50,26 @@ median of the pairs' ratios, higher in 6 of 8; CPU per request -2%).
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from typing import Any, cast
 
+import httptools
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from service import metrics
 from service.api.direct_classify import CLIENT_CLOSED, DirectClassify, DirectRequest
 from service.api.http import CONNECTION_REFUSALS, EarlyRefusal, Refused, error_response
 from service.concurrency import ConnectionRefusals
 from service.config import Settings
-from service.errors import HeadersTooLarge, RequestTimeout
+from service.errors import HeadersTooLarge, InvalidRequest, RequestTimeout
+
+log = logging.getLogger(__name__)
 
 # The keys in the lifespan state (service.api.app): the header timeout in seconds, and
 # the worker's EarlyRefusal.
@@ -203,6 +211,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _body_timer: asyncio.TimerHandle | None = None
     _body_seconds = DEFAULT_BODY_SECONDS
     _unread_timer: asyncio.TimerHandle | None = None  # the rest of an answered body
+    _unreadable = False  # the parser refused what arrived: the connection is done
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(cast(asyncio.Transport, JoinedWrites(transport, self.loop)))
@@ -230,6 +239,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._expect_headers()
 
     def data_received(self, data: bytes) -> None:
+        if self._unreadable:  # after a parse error nothing more is read
+            return
         if self.flow.held is not None:  # arrived before reading paused: parsed later, in order
             self.flow.held += data
             return
@@ -250,6 +261,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             view = view[FEED_BYTES:]
 
     def _parse(self, data: bytes | memoryview) -> None:
+        if self._unreadable:  # a parse error earlier in this read (_feed)
+            return
         # All of a read is header bytes if it began inside this request's headers, or
         # between requests and a request's headers are still open after it.
         inside: int | None = self._requests
@@ -257,7 +270,25 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             inside = None if self._in_message else self._requests + 1
         if inside is not None:  # the read begins with (the rest of) a header block
             data = without_upgrade(data)
-        super().data_received(data)  # type: ignore[arg-type]  # httptools takes any buffer
+        # uvicorn's data_received, but a parse error is ours to answer (_malformed).
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)  # any buffer (a memoryview slice too)
+        except httptools.HttpParserCallbackError as exc:  # e.g. a target uvicorn cannot parse
+            cause = exc.__context__
+            if cause is not None and not isinstance(cause, httptools.HttpParserError):
+                log.error("an HTTP parser callback failed", exc_info=cause)  # ours, not theirs
+            self._malformed("its request line or a header cannot be read")
+            return
+        except httptools.HttpParserError as exc:
+            reason = str(exc) or type(exc).__name__
+            if "PRI" in reason:  # HTTP/2's connection preface
+                reason = "HTTP/2 is not spoken on this port: send HTTP/1.1 (gRPC has its own)"
+            self._malformed(reason)
+            return
+        except httptools.HttpParserUpgrade:  # CONNECT, or an Upgrade split between reads
+            self._malformed("CONNECT and protocol upgrades are not supported")
+            return
         if self.transport.is_closing():  # a parse error was answered, or the client left
             return
         if self._receiving is not None and self._body_timer is None:
@@ -463,6 +494,39 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def _answering(self) -> bool:
         """Whether a request's answer is still being written (uvicorn's cycle)."""
         return self.cycle is not None and not self.cycle.response_complete
+
+    def _malformed(self, reason: str) -> None:
+        """What arrived is not HTTP/1.1 the parser can read: a JSON 400 and the
+        connection closed (uvicorn wrote a plain-text 400 and a WARNING for each, which
+        any client could repeat to flood the log). A request still being answered
+        keeps its answer: the 400 is not written over it; the connection closes after."""
+        self._unreadable = True
+        metrics.observe_malformed_request()
+        log.debug("malformed HTTP request: %s", reason)
+        self.flow.pause_reading()
+        if self._refusal is not None:  # an earlier request's 503 goes first
+            self._send_refusal()
+        cycle = self.cycle
+        if (
+            self._in_message
+            and self._receiving is None
+            and not self.pipeline
+            and isinstance(cycle, RequestResponseCycle)
+            and not cycle.response_started
+        ):
+            # Its app waits for the rest of a body the parser cannot read: the app is
+            # told the client left (a 499 in its log), the client gets the 400.
+            cycle.disconnected = True
+            cycle.message_event.set()
+        elif self._answering() or self.pipeline:  # the last request's answer closes it
+            self.cycle.keep_alive = False
+            return
+        if self.transport.is_closing():
+            return
+        answer = error_response(
+            InvalidRequest(f"malformed HTTP/1.1 request ({reason}); check the client")
+        )
+        self._answer(400, answer.raw_headers, bytes(answer.body), keep_alive=False)
 
     def _headers_too_large(self) -> None:
         self._in_headers = False  # counted once; nothing more is read

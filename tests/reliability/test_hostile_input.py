@@ -341,6 +341,51 @@ def test_an_upgrade_header_is_ignored_and_the_body_kept(
     assert "Unsupported upgrade" not in server.log.read_text()
 
 
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # HTTP/2 with prior knowledge
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+        # The route waits for this body: it is told the client left, the client gets the 400.
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+        b"boundary=z\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n--z\r\nzz\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x00Header: 1\r\n\r\n",
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    ],
+    ids=["method", "version", "http2-preface", "two-lengths", "chunk-size", "nul", "connect"],
+)
+def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(
+    server: Server, sent: bytes
+) -> None:
+    """What the HTTP parser refuses gets our JSON error (uvicorn wrote a plain-text 400
+    and a WARNING per request, which any client could repeat to flood the log)."""
+    before = server.metric("cnnserve_malformed_requests_total")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(sent)
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head, answer[:300]
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request" and "malformed HTTP/1.1 request" in error["message"]
+    assert server.metric("cnnserve_malformed_requests_total") == before + 1
+    assert "Invalid HTTP request" not in server.log.read_text()
+
+
+def test_garbage_pipelined_behind_a_request_does_not_take_its_answer(server: Server) -> None:
+    """The request before the garbage is answered, in order, then the connection closes
+    (uvicorn wrote its 400 in place of the first request's answer)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(PNG) + PNG + b"FOO / HTTP/1.1\r\n\r\n"
+        )
+        answer = read_answer(sock)
+    assert answer.startswith(b"HTTP/1.1 200") and b'"predictions"' in answer, answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1
+
+
 def test_a_connection_goes_on_after_an_early_answer_whose_body_came(server: Server) -> None:
     """The body of an answered request, sent in full, is dropped and the connection
     serves the next request; idle after that, keep-alive's timeout closes it."""
