@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -57,6 +58,17 @@ class _RequestIds:
 
 
 new_request_id = _RequestIds()
+
+# A client's request id is echoed and logged as it came: visible ASCII only (no spaces,
+# control or non-ASCII bytes, which were echoed re-encoded and reached the log).
+_CLIENT_ID = re.compile(rb"[\x21-\x7e]+")
+
+
+def client_request_id(sent: bytes) -> str:
+    """The client's request id (its first 128 characters) when it is visible ASCII,
+    else a fresh id."""
+    sent = sent[:128]
+    return sent.decode("ascii") if _CLIENT_ID.fullmatch(sent) else new_request_id()
 
 
 _current: ContextVar[RequestRecord | None] = ContextVar("cnnserve_request", default=None)

@@ -33,7 +33,6 @@ from service.api.http import (
     Admission,
     answer_error,
     body_timeout_error,
-    client_request_id,
     header_value,
     parse_client_key,
     parse_timeout,
@@ -42,7 +41,7 @@ from service.api.rest import CLASSIFY_PATH, classify_response
 from service.concurrency import ConnectionRefusals
 from service.dataplane import DataPlane
 from service.errors import ClientClosedRequest
-from service.requestlog import RequestRecord, finish, recording
+from service.requestlog import RequestRecord, client_request_id, finish, recording
 
 Headers = list[tuple[bytes, bytes]]
 # The status logged for a request whose client left before sending all of its body.

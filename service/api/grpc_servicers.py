@@ -35,7 +35,7 @@ from service.proto_gen.tensorflow_serving.apis import (
     model_management_pb2,
     predict_pb2,
 )
-from service.requestlog import RequestRecord, new_request_id, recorded
+from service.requestlog import RequestRecord, client_request_id, recorded
 from service.tfserving_proto import (
     config_text,
     model_spec,
@@ -68,7 +68,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
     @functools.wraps(method)
     async def handler(self: S, request: Any, context: Any) -> Any:
         sent = dict(context.invocation_metadata() or ())
-        rid = str(sent.get(REQUEST_ID_KEY, ""))[:128] or new_request_id()
+        rid = client_request_id(str(sent.get(REQUEST_ID_KEY, "")).encode("utf-8"))
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
         trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
         concurrency = self._plane.concurrency

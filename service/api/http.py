@@ -38,8 +38,8 @@ from service.errors import (
 )
 from service.requestlog import (
     RequestRecord,
+    client_request_id,
     finish,
-    new_request_id,
     note_timings,
     recording,
 )
@@ -358,11 +358,6 @@ def routed_method(method: str) -> str:
     """The method the app routes a request by: HEAD is GET without the body (RFC 9110),
     and FastAPI's routes answer GET only."""
     return "GET" if method == "HEAD" else method
-
-
-def client_request_id(sent: bytes) -> str:
-    """The client's X-Request-ID (at most 128 characters), or a fresh id."""
-    return sent.decode("latin-1")[:128] or new_request_id()
 
 
 def route_template(scope: Scope, routes: Sequence[BaseRoute] = ()) -> str:

@@ -7,7 +7,13 @@ import threading
 
 import pytest
 
-from service.requestlog import RequestRecord, configure_access_log, finish, new_request_id
+from service.requestlog import (
+    RequestRecord,
+    client_request_id,
+    configure_access_log,
+    finish,
+    new_request_id,
+)
 
 
 def test_lines_are_written_off_the_request_thread_in_order_and_flushed_at_stop(
@@ -42,3 +48,12 @@ def test_request_ids_are_unique_and_uuid_sized() -> None:
     ids = {new_request_id() for _ in range(10_000)}
     assert len(ids) == 10_000
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_a_client_request_id_is_kept_only_as_visible_ascii() -> None:
+    # It is echoed and logged as it came: no spaces, control or non-ASCII bytes.
+    assert client_request_id(b"trace-abc_1.2:3/x") == "trace-abc_1.2:3/x"
+    assert client_request_id(b"a" * 300) == "a" * 128
+    for sent in (b"", b"caf\xc3\xa9", b"a b", b"x\r\ny", b"\x00"):
+        fresh = client_request_id(sent)
+        assert len(fresh) == 32 and int(fresh, 16) >= 0, sent
