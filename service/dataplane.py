@@ -126,6 +126,13 @@ class DataPlane:
 
     # --- classification ---------------------------------------------------------------
 
+    def check_image_count(self, count: int) -> None:
+        """TooManyImages past ``max_images_per_request``: checked before each image is
+        decoded (or even unpacked from base64) where the count is known first."""
+        limit = self.settings.max_images_per_request
+        if count > limit:
+            raise TooManyImages(f"{count} images in one request; the limit is {limit}")
+
     async def decode(
         self,
         images: Sequence[bytes],
@@ -144,9 +151,7 @@ class DataPlane:
         decode threads. Lists and large images are decoded there, in parallel."""
         if not images:
             raise InvalidRequest("no image in the request; send one as the 'image' field or body")
-        limit = self.settings.max_images_per_request
-        if len(images) > limit:
-            raise TooManyImages(f"{len(images)} images in one request; the limit is {limit}")
+        self.check_image_count(len(images))
         spec, max_pixels = target.spec, self.settings.max_image_pixels
         work: list[bytes] | list[Image.Image] = list(images)
         if len(images) == 1:
@@ -351,11 +356,7 @@ class DataPlane:
                 f"image tensor has shape {list(array.shape)}; expected [N, {spec.height}, "
                 f"{spec.width}, 3] (RGB, uint8 0-255)"
             )
-        if array.shape[0] > self.settings.max_images_per_request:
-            raise TooManyImages(
-                f"{array.shape[0]} images in one request; the limit is "
-                f"{self.settings.max_images_per_request}"
-            )
+        self.check_image_count(array.shape[0])
         if array.dtype == np.uint8:
             return array
         if array.dtype.kind not in "iuf" or (array.size and (array.min() < 0 or array.max() > 255)):

@@ -80,6 +80,7 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         files = form.getlist("image")
         if not files:
             raise InvalidRequest("multipart request has no 'image' field; send the file as 'image'")
+        dataplane(request).check_image_count(len(files))
         images = [
             await item.read() if isinstance(item, UploadFile) else item.encode() for item in files
         ]
@@ -90,6 +91,7 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         if isinstance(body, dict) and "image" in body:
             return [_b64(body["image"], "'image'")], False, []
         if isinstance(body, dict) and isinstance(body.get("images"), list):
+            dataplane(request).check_image_count(len(body["images"]))  # before base64
             return [_b64(v, f"'images[{i}]'") for i, v in enumerate(body["images"])], True, []
         raise InvalidRequest('JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
     if content_type in SUPPORTED_MEDIA_TYPES or content_type == "application/octet-stream":
