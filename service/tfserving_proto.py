@@ -55,12 +55,14 @@ def _shape(proto: Any, what: str, max_values: int | None) -> tuple[int, ...]:
     dims = tuple(int(d.size) for d in proto.tensor_shape.dim)
     if any(d < 0 for d in dims):
         raise InvalidRequest(f"a tensor has a negative dimension in shape {list(dims)}")
-    # Before anything is allocated: one value (or none) may stand for the whole shape.
-    size = math.prod(dims)
-    if max_values is not None and size > max_values:
+    # Before anything is allocated: one value (or none) may stand for the whole shape,
+    # and a dimension of 0 does not make the others harmless (numpy refuses the shape).
+    if max_values is not None and (
+        math.prod(dims) > max_values or max(dims, default=0) > max_values
+    ):
         raise InvalidRequest(
-            f"{what} has shape {list(dims)}: {size:,} values, more than the {max_values:,} "
-            "a request may carry"
+            f"{what} has shape {list(dims)}: more values, or a longer dimension, than the "
+            f"{max_values:,} values a request may carry"
         )
     return dims
 
@@ -99,7 +101,10 @@ def to_ndarray(proto: Any, name: str = "tensor", max_values: int | None = None) 
         return np.zeros(shape, dtype=dtype)
     if dtype.kind in "iu":
         # Through int64 with a range check: numpy would wrap 300 into a uint8 silently.
-        wide = np.fromiter(raw, dtype=np.uint64 if dtype.kind == "u" else np.int64, count=len(raw))
+        # uint8 and uint16 travel in int_val (int32, so -1 can arrive); only uint64's own
+        # field may hold values past int64.
+        wide_type = np.uint64 if dtype == np.uint64 else np.int64
+        wide = np.fromiter(raw, dtype=wide_type, count=len(raw))
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise InvalidRequest(f"{what}: values outside the {dtype} range {info.min}..{info.max}")

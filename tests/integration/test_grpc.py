@@ -339,9 +339,10 @@ def test_hostile_messages_and_tensors_are_invalid_argument(
         shaped(types_pb2.DT_UINT8, [2**32, 2**32], int_val=[1]),
         shaped(types_pb2.DT_DOUBLE, [2000, 224, 224, 3], double_val=[1.0]),
         shaped(types_pb2.DT_STRING, [2**40], string_val=[b"x"]),
+        shaped(types_pb2.DT_FLOAT, [0, 2**62, 2**62]),  # no values, but numpy refuses it
     ):
         code, message = code_of(predict_stub.Predict, predict_request({"image": tensor}))
-        assert code == invalid and "values, more than" in message, message
+        assert code == invalid and "a request may carry" in message, message
     # The bytes signature takes files: a number is refused, not turned into zero bytes.
     code, message = code_of(
         predict_stub.Predict,

@@ -51,11 +51,18 @@ def test_to_ndarray_agrees_with_tensorflow(proto: Any) -> None:
         (typed(tf.float32, (2, 2), float_val=[1.0, 2.0]), "2 values for shape"),
         (typed(tf.uint8, (4,), tensor_content=b"abc"), "3 values for shape"),
         (typed(tf.complex64, (1,), scomplex_val=[1.0, 0.0]), "DT_COMPLEX64"),
+        # Found by fuzzing: uint8 travels in int_val (int32), so -1 can arrive.
+        (typed(tf.uint8, (1,), int_val=[-1]), "range"),
+        (typed(tf.uint16, (2,), int_val=[3, -5]), "range"),
+        # Beyond what a request may carry (here 1,000 values), before any allocation:
+        # one value filling 2**62, and no values at all in a shape numpy refuses.
+        (typed(tf.uint8, (2**62,), int_val=[1]), "may carry"),
+        (typed(tf.float32, (0, 2**62, 2**62)), "may carry"),
     ],
 )
 def test_to_ndarray_refuses_malformed_tensors(proto: Any, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        to_ndarray(proto, "image")
+        to_ndarray(proto, "image", max_values=1000)
 
 
 @pytest.mark.parametrize("packed", [True, False])
