@@ -14,10 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tensorflow.core.framework import tensor_pb2
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from service.errors import CnnserveError
 from service.preprocessing import PreprocessSpec, preprocess_bytes
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server
 
@@ -164,6 +172,47 @@ def test_any_predict_tensor(server: Server, tensor: object, name: str, signature
             stub.Predict(request, timeout=30)
         except grpc.RpcError as error:
             assert error.code() in GRPC_CLEAN, (error.code(), error.details())
+
+
+int64s = st.integers(-(2**63), 2**63 - 1) | st.sampled_from([0, 1, 2, 2**31])
+names = st.text(max_size=12) | st.sampled_from(["tiny", "tiny/1", "..", ""])
+
+
+@settings(deadline=None, suppress_health_check=SERVER_CHECKS)
+@given(
+    name=names,
+    version=st.none() | int64s,
+    label=st.none() | st.text(max_size=10) | st.sampled_from(["stable", "canary"]),
+    top_k=st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1, 3, 5]),
+)
+def test_any_model_spec_on_every_grpc_method(
+    server: Server, name: str, version: int | None, label: str | None, top_k: int
+) -> None:
+    spec = model_pb2.ModelSpec(name=name)
+    if version is not None:
+        spec.version.value = version
+    elif label is not None:
+        spec.version_label = label
+    classify = cnnserve_v1_pb2.ClassifyRequest(image=SEEDS[0], model=name, top_k=top_k)
+    if version is not None:
+        classify.version = version
+    elif label is not None:
+        classify.version_label = label
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest(
+        model_spec=spec, metadata_field=["signature_def"]
+    )
+    with server.channel() as channel:
+        calls = [
+            (model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus,
+             get_model_status_pb2.GetModelStatusRequest(model_spec=spec)),
+            (prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata, metadata),
+            (cnnserve_v1_pb2_grpc.ImageClassifierStub(channel).Classify, classify),
+        ]  # fmt: skip
+        for call, request in calls:
+            try:
+                call(request, timeout=30)
+            except grpc.RpcError as error:
+                assert error.code() in GRPC_CLEAN, (call, error.code(), error.details())
 
 
 @settings(deadline=None, suppress_health_check=SERVER_CHECKS)
