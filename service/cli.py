@@ -309,7 +309,7 @@ def _add_serve(
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
-    from service.server import serve
+    from service.server import serve, startup_problem
 
     # Validated exactly as settings from the environment are (model_copy would skip that).
     overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
@@ -323,6 +323,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"cnnserve serve: {exc}", file=sys.stderr)
         return 2
+    problem = startup_problem(settings)
+    if problem is not None:
+        print(f"cnnserve serve: {problem}", file=sys.stderr)
+        return 3
     return int(serve(settings))
 
 

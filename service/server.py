@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,35 @@ def _settings_env(settings: Settings) -> dict[str, str]:
         for name, value in settings.model_dump().items()
         if value is not None
     }
+
+
+def startup_problem(settings: Settings) -> str | None:
+    """What would stop start-up, found before any worker starts (each worker would
+    otherwise print its own traceback, and with several the supervisor exits 0): an
+    unreadable models.config, or a gRPC port in use. The REST port needs no check:
+    uvicorn binds it once, in this process, and says so in one line."""
+    from service.errors import ConfigError
+    from service.repository import read_repository
+
+    try:
+        read_repository(settings.model_repository)
+    except ConfigError as exc:
+        return f"{exc} (the model repository is --model-repository, CNNSERVE_MODEL_REPOSITORY)"
+    if settings.grpc_port:
+        # Workers share the gRPC port (SO_REUSEPORT), so a second server's workers would
+        # share it too and split the connections between two servers: only a free port
+        # will do. A plain bind fails while anything listens there.
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
+            try:
+                probe.bind((settings.host, settings.grpc_port))
+            except OSError as exc:
+                return (
+                    f"gRPC cannot listen on {settings.host}:{settings.grpc_port} ({exc.strerror}); "
+                    "another server uses it? (--grpc-port, CNNSERVE_GRPC_PORT; 0 turns gRPC off)"
+                )
+    return None
 
 
 def serve(settings: Settings) -> int:

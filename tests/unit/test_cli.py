@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,23 @@ def test_httpx_request_lines_only_in_verbose_mode() -> None:
         assert httpx_log.level == logging.NOTSET  # the root's level again
     finally:
         httpx_log.setLevel(logging.NOTSET)
+
+
+def test_serve_stops_in_one_line_before_any_worker_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Each worker printed a traceback (and with several the supervisor exited 0).
+    assert main(["serve", "--model-repository", str(tmp_path / "none"), "--workers", "2"]) == 3
+    err = capsys.readouterr().err
+    assert "models.config does not exist" in err and "Traceback" not in err
+    # A gRPC port another server's workers hold (shared, as ours share it): with several
+    # workers a second server joined it and split its connections.
+    repository = Path(__file__).resolve().parents[2] / "model_repository"
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["serve", "--model-repository", str(repository), "--grpc-port", str(port)]
+        assert main([*args, "--workers", "2", "--port", "9"]) == 3
+    assert "gRPC cannot listen" in capsys.readouterr().err
