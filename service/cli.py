@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from service.cli_data import add_data, add_experiments
 from service.cli_rollout import add_promote, add_verify
+from service.cli_types import at_least, fraction
 from service.config import Settings
 from service.errors import CnnserveError, DatasetError, PromotionError
 from service.logs import setup_logging
@@ -51,8 +52,9 @@ def _add_train(
         "--dataset",
         action="append",
         default=None,
+        # %(default).0s prints nothing: it only stops the formatter adding "(default: None)".
         help=f"'fashion_mnist' or a folder of class folders; repeat to merge sources "
-        f"(default: {train.dataset})",
+        f"(default: {train.dataset})%(default).0s",
     )
     p.add_argument(
         "--class-map", type=Path, default=None, help="'source_class -> class' rules, one a line"
@@ -69,7 +71,13 @@ def _add_train(
         default=settings.model_repository,
         help="model repository to publish into",
     )
-    p.add_argument("--model-name", default="fashion_mnist", help="model folder in the repository")
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="model folder in the repository (default: fashion_mnist when Fashion-MNIST is "
+        "among the datasets; required otherwise, so that other classes never become the next "
+        "version of the served Fashion-MNIST model)",
+    )
     p.add_argument(
         "--work-dir", type=Path, default=Path(".train"), help="checkpoints (resume on rerun)"
     )
@@ -97,8 +105,10 @@ def _add_train(
         choices=["nearest", "bilinear", "bicubic", "lanczos", "box"],
         help="how images are resized to the model's input (the gateway does the same)",
     )
-    p.add_argument("--epochs", type=int, default=train.epochs, help="maximum epochs")
-    p.add_argument("--batch-size", type=int, default=train.batch_size, help="images per step")
+    p.add_argument("--epochs", type=at_least(1), default=train.epochs, help="maximum epochs")
+    p.add_argument(
+        "--batch-size", type=at_least(1), default=train.batch_size, help="images per step"
+    )
     p.add_argument("--optimizer", choices=get_args(Optimizer), default=train.optimizer)
     p.add_argument("--lr", type=float, default=train.learning_rate, help="learning rate")
     p.add_argument("--momentum", type=float, default=train.momentum, help="SGD momentum")
@@ -144,7 +154,10 @@ def _add_train(
         help="test share (folder datasets only)",
     )
     p.add_argument(
-        "--limit", type=int, default=train.limit, help="use the first N training images (0 = all)"
+        "--limit",
+        type=at_least(0),
+        default=train.limit,
+        help="use the first N training images (0 = all)",
     )
     p.add_argument("--seed", type=int, default=train.seed, help="random seed")
     p.add_argument(
@@ -154,6 +167,15 @@ def _add_train(
 
 
 def _train(args: argparse.Namespace, settings: Settings) -> int:
+    if args.model_name is None:  # before TensorFlow is imported: a mistake costs nothing
+        if args.dataset and "fashion_mnist" not in args.dataset:
+            print(
+                "cnnserve train: name the model these classes are for with --model-name "
+                "(the default, fashion_mnist, is the served Fashion-MNIST model)",
+                file=sys.stderr,
+            )
+            return 2
+        args.model_name = "fashion_mnist"
     from service.preprocessing import PreprocessSpec
     from service.training.config import ArchConfig, AugmentConfig, TrainConfig
     from service.training.train import train
@@ -250,11 +272,20 @@ def _add_evaluate(
     p.add_argument("version_dir", type=Path, help="e.g. model_repository/fashion_mnist/1")
     p.add_argument("--data-dir", type=Path, default=None, help="override the card's dataset folder")
     p.add_argument("--output", type=Path, default=None, help="write report.json and PNG plots here")
-    p.add_argument("--latency-runs", type=int, default=50)
+    p.add_argument("--latency-runs", type=at_least(1), default=50)
     p.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    card = args.version_dir / "assets.extra" / "model_card.json"
+    if not ((args.version_dir / "saved_model.pb").is_file() and card.is_file()):
+        print(
+            f"cnnserve evaluate: {args.version_dir} is not a version published by cnnserve "
+            "(a SavedModel with assets.extra/model_card.json), e.g. "
+            "model_repository/fashion_mnist/1",
+            file=sys.stderr,
+        )
+        return 2
     from service.training.evaluate import evaluate_version
 
     report = evaluate_version(
@@ -552,15 +583,17 @@ def _add_compress(
     # Spelled out (as ARCHITECTURE_NAMES): service.runtimes.card's MIN_TOP1_AGREEMENT and
     # MAX_ACCURACY_DROP; importing it would load TensorFlow for `--help`. A test checks.
     int8 = p.add_argument_group("int8")
-    int8.add_argument("--representative-samples", type=int, default=200)
+    int8.add_argument("--representative-samples", type=at_least(1), default=200)
     int8.add_argument("--min-agreement", type=float, default=0.98, help="top-1 vs float model")
     int8.add_argument("--max-accuracy-drop", type=float, default=0.01, help="fraction, 0.01 = 1 pt")
     tune = p.add_argument_group("prune and distill (training)")
-    tune.add_argument("--limit", type=int, default=0, help="use the first N training images")
-    tune.add_argument("--epochs", type=int, default=2)
-    tune.add_argument("--batch-size", type=int, default=64)
+    tune.add_argument(
+        "--limit", type=at_least(0), default=0, help="use the first N training images"
+    )
+    tune.add_argument("--epochs", type=at_least(1), default=2)
+    tune.add_argument("--batch-size", type=at_least(1), default=64)
     tune.add_argument("--lr", type=float, default=None, help="default 1e-4 prune, 2e-3 distill")
-    tune.add_argument("--sparsity", type=float, default=0.5, help="prune: target sparsity")
+    tune.add_argument("--sparsity", type=fraction, default=0.5, help="prune: target sparsity")
     tune.add_argument("--teacher", type=int, default=None, help="distill: teacher version")
     tune.add_argument("--student-arch", choices=ARCHITECTURE_NAMES, default="efficient_cnn")
     tune.add_argument("--student-width", type=float, default=0.5)

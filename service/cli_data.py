@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from service.cli_types import at_least
 from service.config import Settings
 
 
@@ -37,12 +38,16 @@ def add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings:
     p.add_argument("--class-map", type=Path, default=None, help="'source_class -> class' rules")
     p.add_argument("--output", type=Path, required=True, help="folder for the report")
     p.add_argument("--fix", type=Path, default=None, help="reviewed label_issues.csv to apply")
-    p.add_argument("--folds", type=int, default=cfg.folds, help="k of the k-fold predictions")
-    p.add_argument("--epochs", type=int, default=cfg.epochs, help="epochs per fold")
+    p.add_argument(
+        "--folds", type=at_least(2), default=cfg.folds, help="k of the k-fold predictions"
+    )
+    p.add_argument("--epochs", type=at_least(1), default=cfg.epochs, help="epochs per fold")
     p.add_argument(
         "--hash-distance", type=int, default=cfg.hash_distance, help="near duplicate: pHash bits"
     )
-    p.add_argument("--limit", type=int, default=cfg.limit, help="first N images only (0 = all)")
+    p.add_argument(
+        "--limit", type=at_least(0), default=cfg.limit, help="first N images only (0 = all)"
+    )
     p.add_argument("--seed", type=int, default=cfg.seed)
     p.set_defaults(handler=_audit)
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.cli_types import at_least
 from service.config import Settings
 from service.errors import CnnserveError, NoServer, PromotionError
 
@@ -145,9 +146,10 @@ def add_verify(
         "verify",
         help="check that a live server answers what the offline evaluation measured",
         description="Send the test set through the live API as PNG and as JPEG (quality 90), "
-        "compare served top-1 with the same version's offline predictions (its SavedModel "
-        "through service.preprocessing), and fail when agreement is below 99.9%% (PNG) or "
-        "99%% (JPEG): the train/serve-skew guard. Progress goes to stderr.",
+        "compare served top-1 with the same version's offline predictions on the same bytes "
+        "(its SavedModel through service.preprocessing), and fail (exit 1) when agreement is "
+        "below 99.9% (PNG) or 99% (JPEG): the train/serve-skew guard. No answer from the "
+        "server is exit 2. Progress goes to stderr.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     where = p.add_mutually_exclusive_group()
@@ -168,7 +170,7 @@ def add_verify(
     p.add_argument(
         "--data-dir", type=Path, default=settings.fashion_mnist_dir, help="Fashion-MNIST IDX folder"
     )
-    p.add_argument("--limit", type=int, default=0, help="the first N images (0 = all)")
+    p.add_argument("--limit", type=at_least(0), default=0, help="the first N images (0 = all)")
     p.add_argument(
         "--model-repository",
         type=Path,

@@ -47,7 +47,7 @@ def with_retries(call: Callable[[], T], notices: TextIO) -> T:
                     f"the server kept refusing for load ({RETRIES + 1} tries): {shed.answer}"
                 ) from None
             print(
-                f"verify: the server shed a request ({shed.answer[:120]}); "
+                f"verify: the server shed a request ({shed.answer}); "
                 f"sending it again in {shed.wait:g} s",
                 file=notices,
                 flush=True,
@@ -64,14 +64,28 @@ class RestServer:
     ) -> None:
         import httpx
 
+        if not url.startswith(("http://", "https://")):
+            raise DatasetError(f"--url {url!r} needs its scheme, e.g. http://localhost:8000")
         self.url = url.rstrip("/")
         self.notices = notices
         self._client = httpx.Client(base_url=self.url, timeout=60, headers=headers or {})
 
+    def _send(self, method: str, path: str, **kwargs: Any) -> Any:
+        """One request, checked (:func:`_checked`); no answer at all is a DatasetError
+        naming the server, not a traceback (and not the exit status of a skew)."""
+        import httpx
+
+        try:
+            return _checked(self._client.request(method, path, **kwargs))
+        except httpx.TransportError as exc:
+            raise DatasetError(
+                f"no answer from {self.url}: {exc}; is the server running?"
+            ) from None
+
     def label_version(self, model: str | None, label: str) -> int:
         model = model or self.classify([PROBE], model, None)[0]
         response = with_retries(
-            lambda: _checked(self._client.get(f"/v1/models/{model}/labels/{label}")), self.notices
+            lambda: self._send("GET", f"/v1/models/{model}/labels/{label}"), self.notices
         )
         return int(response.json()["model_version_status"][0]["version"])
 
@@ -87,7 +101,7 @@ class RestServer:
             ("image", (f"{i}", data, "application/octet-stream")) for i, data in enumerate(images)
         ]
         response = with_retries(
-            lambda: _checked(self._client.post("/v1/classify", params=params, files=files)),
+            lambda: self._send("POST", "/v1/classify", params=params, files=files),
             self.notices,
         )
         body = response.json()

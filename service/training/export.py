@@ -132,6 +132,9 @@ def build_card(
 ) -> dict[str, Any]:
     spec = cfg.preprocess
     classes = result.splits.train.class_names
+    # The config as run: the class count comes from the data, not the config's default.
+    run = cfg.to_card()
+    run["arch"] = {**run["arch"], "num_classes": len(classes)}
     history = result.history
     return {
         "schema_version": 1,
@@ -164,12 +167,11 @@ def build_card(
             ),
         },
         "architecture": {
-            **{k: v for k, v in cfg.to_card()["arch"].items()},
-            "num_classes": len(classes),
+            **run["arch"],
             "parameters": int(result.model.count_params()),
         },
         "training": {
-            **cfg.to_card(),
+            **run,
             "seconds": round(result.seconds, 1),
             "epochs_run": len(history.get("loss", [])),
             "history": history,

@@ -145,6 +145,8 @@ def test_model_card_is_complete(published: Path) -> None:
     )
     assert set(evaluation["latency_tensorflow"]) >= {"batch_1", "batch_32"}
     assert card["training"]["epochs_run"] == 2
+    # The config as run: 3 classes from the data (the config's default, 10, was recorded).
+    assert card["training"]["arch"]["num_classes"] == card["architecture"]["num_classes"] == 3
     assert card["dataset"]["train_sha256"] != card["dataset"]["test_sha256"]
     assert card["command"].startswith("cnnserve train --dataset")
     assert card["library_versions"]["tensorflow"].startswith("2.")

@@ -194,3 +194,41 @@ def test_serve_stops_in_one_line_before_any_worker_starts(
         args = ["serve", "--model-repository", str(repository), "--grpc-port", str(port)]
         assert main([*args, "--workers", "2", "--port", "9"]) == 3
     assert "gRPC cannot listen" in capsys.readouterr().err
+
+
+def test_training_only_on_folders_needs_a_model_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The default model name is the served Fashion-MNIST model: other classes published
+    # there would become its next version (and be served by `latest`).
+    args = ["train", "--dataset", str(tmp_path), "--repository", str(tmp_path / "repo")]
+    assert main(args) == 2
+    assert "--model-name" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--epochs", "0"],
+        ["train", "--limit", "-5"],
+        ["train", "--batch-size", "0"],
+        ["compress", "--sparsity", "1.5"],
+        ["evaluate", "x", "--latency-runs", "0"],
+        ["data", "audit", "--output", "x", "--folds", "1"],
+        ["verify", "--limit", "-1"],
+    ],
+)
+def test_out_of_range_numbers_are_refused_before_any_work(argv: list[str]) -> None:
+    # They became a TensorFlow traceback, an untrained version, or a numpy error
+    # after fine-tuning had run.
+    with pytest.raises(SystemExit) as exited:
+        build_parser(Settings()).parse_args(argv)
+    assert exited.value.code == 2
+
+
+def test_evaluate_on_a_folder_that_is_no_version_is_one_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["evaluate", "model_repository"]) == 2
+    assert "not a version published by cnnserve" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -187,3 +188,17 @@ def test_grpc_resource_exhausted_is_retried_only_when_it_says_when(
         client.close()
         server.stop(None)
     assert servicer.script.calls == calls
+
+
+def test_no_server_or_no_scheme_is_one_clear_error_not_a_traceback() -> None:
+    # A server that is down is not a skew: DatasetError (exit 2), not httpx's traceback.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, never listening: refused
+        with (
+            closing(RestServer(f"http://127.0.0.1:{port}")) as server,
+            pytest.raises(DatasetError, match=r"no answer from http://127\.0\.0\.1"),
+        ):
+            server.classify([b"x"], None, None)
+    with pytest.raises(DatasetError, match="needs its scheme"):
+        RestServer("localhost:8000")
