@@ -237,9 +237,25 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _say_if_unserved(repository: Path, model: str) -> None:
-    """A model that models.config does not name is never served: say what to add."""
+    """A model that models.config does not name is never served: a repository without
+    the file gets one naming it (nothing to clobber); otherwise say what to add."""
     from service.repository import read_repository
 
+    block = (
+        "  config {\n"
+        f'    name: "{model}"\n'
+        f'    base_path: "/models/{model}"\n'
+        '    model_platform: "tensorflow"\n'
+        "    model_version_policy { latest { num_versions: 1 } }\n"
+        "  }"
+    )
+    path = repository / "models.config"
+    if not path.exists():
+        written = path.with_name(".models.config.tmp")
+        written.write_text(f"model_config_list {{\n{block}\n}}\n")
+        written.replace(path)  # atomic: a server polling the folder reads all or nothing
+        print(f"cnnserve: wrote {path}, which serves {model!r}", file=sys.stderr)
+        return
     try:
         served = {config.name for config in read_repository(repository)}
     except CnnserveError:
@@ -247,14 +263,8 @@ def _say_if_unserved(repository: Path, model: str) -> None:
     if model in served:
         return
     print(
-        f"cnnserve: {model!r} is not in {repository / 'models.config'}, so no server loads it;"
-        " add this block inside model_config_list { ... }:\n"
-        "  config {\n"
-        f'    name: "{model}"\n'
-        f'    base_path: "/models/{model}"\n'
-        '    model_platform: "tensorflow"\n'
-        "    model_version_policy { latest { num_versions: 1 } }\n"
-        "  }",
+        f"cnnserve: {model!r} is not in {path}, so no server loads it;"
+        f" add this block inside model_config_list {{ ... }}:\n{block}",
         file=sys.stderr,
     )
 

@@ -162,6 +162,12 @@ def test_publishing_an_unconfigured_model_prints_the_block_to_add(
     block = err.split("model_config_list { ... }:\n", 1)[1]
     write_models_config(tmp_path, simple_config("fashion_mnist") + "\n" + block)
     assert [c.name for c in read_repository(tmp_path)] == ["fashion_mnist", "flowers"]
+    # A repository without models.config (a scratch one) gets one serving the model.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    _say_if_unserved(scratch, "flowers")
+    assert "wrote" in capsys.readouterr().err
+    assert [c.name for c in read_repository(scratch)] == ["flowers"]
 
 
 def test_httpx_request_lines_only_in_verbose_mode() -> None:
