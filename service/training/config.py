@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -106,6 +106,12 @@ class TrainConfig:
     @property
     def datasets(self) -> tuple[str, ...]:
         return (self.dataset, *self.extra_datasets)
+
+    def as_run(self, num_classes: int) -> TrainConfig:
+        """The config with the class count the data gave (the config's own is a default):
+        what config.json and the model card record, so a published version and its run
+        in the work directory are recognised as one."""
+        return replace(self, arch=replace(self.arch, num_classes=num_classes))
 
     def to_card(self) -> dict[str, Any]:
         card = asdict(self)

@@ -132,9 +132,7 @@ def build_card(
 ) -> dict[str, Any]:
     spec = cfg.preprocess
     classes = result.splits.train.class_names
-    # The config as run: the class count comes from the data, not the config's default.
-    run = cfg.to_card()
-    run["arch"] = {**run["arch"], "num_classes": len(classes)}
+    run = cfg.as_run(len(classes)).to_card()
     history = result.history
     return {
         "schema_version": 1,

@@ -124,7 +124,8 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     arch = ArchConfig(**{**asdict(cfg.arch), "num_classes": len(splits.train.class_names)})
     run_dir = work_dir / cfg.fingerprint()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_card(), indent=2))  # `experiments`
+    as_run = cfg.as_run(arch.num_classes).to_card()
+    (run_dir / "config.json").write_text(json.dumps(as_run, indent=2))  # `experiments`
     final_path, history_path = run_dir / "final.keras", run_dir / "history.json"
     if final_path.exists() and history_path.exists():
         log.info("reusing finished fit in %s", run_dir)
