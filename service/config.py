@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         "decode threads; 0 = always on the decode threads.",
     )
     max_images_per_request: int = Field(64, ge=1)
+    max_request_pixels: int = Field(
+        100_000_000,
+        ge=1,
+        description="Pixels all the images of one request may decode to together (from "
+        "their headers, after JPEG's reduced-scale decoding); more is 413 image_too_large. "
+        "Bounds the CPU one small request can cost.",
+    )
     request_timeout_seconds: float = Field(10.0, gt=0, description="Default request deadline.")
     max_concurrent_requests: int = Field(
         512,

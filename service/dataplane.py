@@ -27,6 +27,7 @@ from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, SERVING_SIGNATUR
 from service.errors import (
     CnnserveError,
     DeadlineExceeded,
+    ImageTooLarge,
     InvalidRequest,
     MethodNotAllowed,
     Overloaded,
@@ -164,6 +165,8 @@ class DataPlane:
                     raise DeadlineExceeded("the request deadline passed while decoding images")
                 return image[None]
             work = [opened]
+        else:
+            work = self._open_all(images, spec, names)
         self._admit_decode(target.model, len(images))
         target.batcher.admit(len(images), deadline)  # shed before paying for decoding
         loop = asyncio.get_running_loop()
@@ -182,12 +185,36 @@ class DataPlane:
             if len(images) == 1:
                 raise
             bad = next(i for i, f in enumerate(futures) if f.done() and f.exception() is exc)
-            name = names[bad] if bad < len(names) else None
-            which = f"image {bad}" + (f" ({name!r})" if name else "")
-            raise type(exc)(f"{which}: {exc.message}", detail=exc.detail) from None
+            raise _naming(exc, bad, names) from None
         finally:
             self._decoding -= len(images)
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
+
+    def _open_all(
+        self, images: Sequence[bytes], spec: PreprocessSpec, names: Sequence[str | None]
+    ) -> list[Image.Image]:
+        """Every image's header, read here (tens of µs each), and the pixels they will
+        decode to in all bounded by ``max_request_pixels``: each image may be under the
+        per-image limit while their sum is not (64 GIFs of 42 bytes, each declaring a
+        6000×6000 screen, cost 4 s of CPU)."""
+        opened, total = [], 0
+        for i, data in enumerate(images):
+            try:
+                image = open_image(
+                    data, max_pixels=self.settings.max_image_pixels, target=spec.size
+                )
+            except CnnserveError as exc:
+                raise _naming(exc, i, names) from None
+            width, height = image.size
+            total += width * height
+            opened.append(image)
+        limit = self.settings.max_request_pixels
+        if total > limit:
+            raise ImageTooLarge(
+                f"the {len(images)} images decode to {total} pixels in all; the limit for "
+                f"one request is {limit}"
+            )
+        return opened
 
     def _admit_decode(self, model: str, n: int) -> None:
         """Shed at once when the images waiting for the decode pool would take longer
@@ -404,6 +431,13 @@ class DataPlane:
         format); raises InvalidRequest for a signature this version does not serve."""
         signature = self.signature(target, name)
         return sorted(target.runtime.signature_defs().signature_def[signature].inputs)
+
+
+def _naming(exc: CnnserveError, index: int, names: Sequence[str | None]) -> CnnserveError:
+    """``exc`` again, its message saying which image of a list it is about."""
+    name = names[index] if index < len(names) else None
+    which = f"image {index}" + (f" ({name!r})" if name else "")
+    return type(exc)(f"{which}: {exc.message}", detail=exc.detail)
 
 
 def _timed_decode(

@@ -67,6 +67,13 @@ def tiff_header(width: int, height: int) -> bytes:
     return b"II*\0" + struct.pack("<I", 8 + 16) + b"\0" * 16 + ifd + b"\0\0\0\0"
 
 
+def screen_gif(width: int, height: int) -> bytes:
+    """A ~30-byte GIF whose logical screen is width x height: under the per-image pixel
+    limit, it still costs a fraction of a second to decode into that screen."""
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    return b"GIF89a" + screen + b"," + struct.pack("<HHHHB", 0, 0, 1, 1, 0) + b"\x02\x02D\x01\x00;"
+
+
 def many_frame_gif(frames: int = 3000) -> bytes:
     tiles = [Image.new("P", (4, 4), i % 256) for i in range(frames)]
     buf = io.BytesIO()
@@ -105,6 +112,13 @@ BODIES: dict[str, tuple[str | None, bytes, set[int]]] = {
     ),
     "enormous json": ("application/json", b'{"image": "' + b"A" * (11 * 2**20) + b'"}', {413}),
     "deeply nested json": ("application/json", nested_json(50_000), {400}),
+    # Each under the per-image limit (36 of 40 Mpx), together over the request's 100 Mpx:
+    # 64 of them in 9 KB cost 4 s of CPU before (found by a red-team pass).
+    "tiny gifs decoding to huge screens": (
+        "application/json",
+        json.dumps({"images": [base64.b64encode(screen_gif(6000, 6000)).decode()] * 3}).encode(),
+        {413},
+    ),
     "json not an object": ("application/json", b"[1, 2, 3]", {400}),
     # Past Python's 4,300-digit int conversion limit: a ValueError that reached the
     # catch-all (found by a red-team pass).

@@ -28,8 +28,8 @@ def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.Mon
 
     monkeypatch.setattr(dataplane, "_timed_decode", fake_decode)
     pool = ThreadPoolExecutor(1)
-    # Lone images are opened (header only) before the pool: they are real ones here, and
-    # never small enough to be decoded inline.
+    # Images are opened (header only) before the pool: they are real ones here, and never
+    # small enough to be decoded inline.
     settings = Settings(queue_wait_budget_seconds=0.05, inline_decode_max_pixels=0)
     plane = DataPlane(settings, None, pool)  # type: ignore[arg-type]
     png = encode(gradient(), "PNG")
@@ -43,9 +43,9 @@ def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.Mon
         deadline = time.monotonic() + 30
         await plane.decode([png], target, deadline)  # type: ignore[arg-type]  # measures 20 ms
         blocker = asyncio.get_running_loop().run_in_executor(pool, gate.wait, 5)
-        first = asyncio.create_task(plane.decode([b"a", b"b"], target, deadline))  # type: ignore[arg-type]
+        first = asyncio.create_task(plane.decode([png, png], target, deadline))  # type: ignore[arg-type]
         await until(lambda: plane._decoding == 2)
-        second = asyncio.create_task(plane.decode([b"c", b"d"], target, deadline))  # type: ignore[arg-type]
+        second = asyncio.create_task(plane.decode([png, png], target, deadline))  # type: ignore[arg-type]
         await until(lambda: plane._decoding == 4)  # 40 ms were ahead of it: admitted
         with pytest.raises(Overloaded, match="decoded") as shed:
             await plane.decode([png], target, deadline)  # type: ignore[arg-type]  # 80 ms ahead
