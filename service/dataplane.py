@@ -36,7 +36,6 @@ from service.errors import (
 from service.preprocessing import (
     PreprocessSpec,
     open_image,
-    preprocess_bytes,
     preprocess_opened,
 )
 from service.readiness import WorkerReadiness
@@ -149,12 +148,12 @@ class DataPlane:
         with a worker per core the loop's core has nothing better to do. What is small
         is judged from the header (pixels to decode, after JPEG's reduced-scale
         decoding), so a tiny file that unpacks into a large image still goes to the
-        decode threads. Lists and large images are decoded there, in parallel."""
+        decode threads. Lists and large images are decoded there, in parallel, once
+        every header was read here (:meth:`_open_all`)."""
         if not images:
             raise InvalidRequest("no image in the request; send one as the 'image' field or body")
         self.check_image_count(len(images))
         spec, max_pixels = target.spec, self.settings.max_image_pixels
-        work: list[bytes] | list[Image.Image] = list(images)
         if len(images) == 1:
             opened = open_image(images[0], max_pixels=max_pixels, target=spec.size)
             width, height = opened.size
@@ -166,11 +165,11 @@ class DataPlane:
                 return image[None]
             work = [opened]
         else:
-            work = self._open_all(images, spec, names)
+            work = self._open_all(images, spec, max_pixels, names)
         self._admit_decode(target.model, len(images))
         target.batcher.admit(len(images), deadline)  # shed before paying for decoding
         loop = asyncio.get_running_loop()
-        decode = functools.partial(_timed_decode, spec=spec, max_pixels=max_pixels)
+        decode = functools.partial(_timed_decode, spec=spec)
         futures = [loop.run_in_executor(self._pool, decode, item) for item in work]
         self._decoding += len(images)
         try:
@@ -191,7 +190,11 @@ class DataPlane:
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
 
     def _open_all(
-        self, images: Sequence[bytes], spec: PreprocessSpec, names: Sequence[str | None]
+        self,
+        images: Sequence[bytes],
+        spec: PreprocessSpec,
+        max_pixels: int,
+        names: Sequence[str | None],
     ) -> list[Image.Image]:
         """Every image's header, read here (tens of µs each), and the pixels they will
         decode to in all bounded by ``max_request_pixels``: each image may be under the
@@ -200,9 +203,7 @@ class DataPlane:
         opened, total = [], 0
         for i, data in enumerate(images):
             try:
-                image = open_image(
-                    data, max_pixels=self.settings.max_image_pixels, target=spec.size
-                )
+                image = open_image(data, max_pixels=max_pixels, target=spec.size)
             except CnnserveError as exc:
                 raise _naming(exc, i, names) from None
             width, height = image.size
@@ -440,19 +441,14 @@ def _naming(exc: CnnserveError, index: int, names: Sequence[str | None]) -> Cnns
     return type(exc)(f"{which}: {exc.message}", detail=exc.detail)
 
 
-def _timed_decode(
-    data: bytes | Image.Image, spec: PreprocessSpec, max_pixels: int
-) -> tuple[npt.NDArray[np.uint8], float]:
-    """On a decode thread: the image (bytes, or already opened by
-    :func:`service.preprocessing.open_image`), and the CPU seconds its decoding took.
-    CPU time, not wall time: under overload the decode threads wait for the GIL behind
-    the event loop, and counting that wait as work would shed more, which loads the loop
-    more (a storm of 503s feeding itself)."""
+def _timed_decode(opened: Image.Image, spec: PreprocessSpec) -> tuple[npt.NDArray[np.uint8], float]:
+    """On a decode thread: the image (opened by :func:`service.preprocessing.open_image`
+    on the event loop), and the CPU seconds its decoding took. CPU time, not wall time:
+    under overload the decode threads wait for the GIL behind the event loop, and
+    counting that wait as work would shed more, which loads the loop more (a storm of
+    503s feeding itself)."""
     began = time.thread_time()
-    if isinstance(data, Image.Image):
-        image = preprocess_opened(data, spec)
-    else:
-        image = preprocess_bytes(data, spec, max_pixels=max_pixels)
+    image = preprocess_opened(opened, spec)
     return image, time.thread_time() - began
 
 

@@ -305,13 +305,13 @@ class Registry:
             if wanted & served.keys():
                 keys += [(model, v) for v in served if v not in wanted]
             elif any(v not in wanted for v in served):
-                kept[model] = (tuple(sorted(served)), tuple(sorted(wanted)))
-                if self._kept.get(model) != kept[model]:  # log once, not every poll
+                now = kept[model] = (tuple(sorted(served)), tuple(sorted(wanted)))
+                if self._kept.get(model) != now:  # log once, not every poll
                     log.warning(
                         "model %s: keeping version(s) %s until a wanted version (%s) is available",
                         model,
-                        listing(sorted(served)),
-                        listing(sorted(wanted)),
+                        listing(now[0]),
+                        listing(now[1]),
                     )
         self._kept = kept
         return keys

@@ -121,6 +121,7 @@ def _decoded(value: Any) -> Any:
 
 
 def _decode_b64(value: Any) -> Any:
+    """Replace every {"b64": "..."} with its bytes, recursively."""
     if isinstance(value, dict):
         if set(value) == {"b64"}:
             try:

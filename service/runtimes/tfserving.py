@@ -169,7 +169,7 @@ class TFServingRuntime(Runtime):
 
     def __init__(self, client: TFServingClient, model: str, version: int, path: Path) -> None:
         super().__init__(path)  # the card, if this machine sees the folder
-        self._client = client
+        self._client = client  # shared by the source's versions: it closes it, not unload
         self._model = model
         self._version = version
 
@@ -218,6 +218,3 @@ class TFServingRuntime(Runtime):
         except InvalidRequest as exc:  # a malformed answer is the server's fault, not ours
             raise InternalError(f"TF Serving answered an unreadable tensor: {exc}") from None
         return np.asarray(out, dtype=np.float32)
-
-    def unload(self) -> None:
-        super().unload()  # the channel is shared; the source closes it

@@ -12,14 +12,14 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from service.training.architectures import build
-from service.training.config import ArchConfig, TrainConfig
+from service.training.config import TrainConfig
 from service.training.data import Splits, balanced_class_weight, oversample
 from service.training.pipeline import augment_layers, batches
 from service.training.radam import RAdam  # also registers it for reloading checkpoints
@@ -121,11 +121,10 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     if cfg.limit:
         keep = np.arange(min(cfg.limit, len(splits.train)), dtype=np.int64)
         splits.train = splits.train.subset(keep, "train")
-    arch = ArchConfig(**{**asdict(cfg.arch), "num_classes": len(splits.train.class_names)})
+    as_run = cfg.as_run(len(splits.train.class_names))
     run_dir = work_dir / cfg.fingerprint()
     run_dir.mkdir(parents=True, exist_ok=True)
-    as_run = cfg.as_run(arch.num_classes).to_card()
-    (run_dir / "config.json").write_text(json.dumps(as_run, indent=2))  # `experiments`
+    (run_dir / "config.json").write_text(json.dumps(as_run.to_card(), indent=2))  # `experiments`
     final_path, history_path = run_dir / "final.keras", run_dir / "history.json"
     if final_path.exists() and history_path.exists():
         log.info("reusing finished fit in %s", run_dir)
@@ -144,7 +143,7 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         augment=augment_layers(cfg.augment, cfg.seed),
     )
     val_ds = batches(splits.validation, cfg.preprocess, cfg.batch_size)
-    model = build(arch)
+    model = build(as_run.arch)
     model.compile(
         optimizer=_optimizer(cfg, steps),
         loss="sparse_categorical_crossentropy",

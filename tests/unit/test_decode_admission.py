@@ -23,7 +23,7 @@ from tests.helpers.images import encode, gradient
 
 def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every image "takes" 20 ms to decode (as measured on the decode thread).
-    def fake_decode(data: object, spec: PreprocessSpec, max_pixels: int) -> tuple[Any, float]:
+    def fake_decode(opened: object, spec: PreprocessSpec) -> tuple[Any, float]:
         return np.zeros((224, 224, 3), np.uint8), 0.020
 
     monkeypatch.setattr(dataplane, "_timed_decode", fake_decode)
