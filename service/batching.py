@@ -34,7 +34,8 @@ workers, 32 connections, 4 rounds): the default model (0.3 ms per image) on the 
 the loop up to 3 or 10 ms -8% to -12%. The bound also caps how long the loop stalls
 (what it delays, reading, timers, probes, waits at most that long, and the event-loop
 lag the concurrency limit watches sees it). Before the first batch was timed, batches
-go to the thread.
+go to the thread. Once on the loop, a version's batches return to the thread only past
+INLINE_HYSTERESIS times the bound, so an estimate near it does not split them.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ Array = npt.NDArray[Any]
 # follows a change of load or machine within ~10 batches, and one slow batch (a GC
 # pause, a noisy neighbour) moves it by a fifth of the difference only.
 COST_WEIGHT = 0.2
+# Once a version's batches run on the event loop, they go back to a batch thread only
+# when a full batch is estimated past this multiple of the bound. The estimate is wall
+# time and moves with load: the default model on a host where a full batch came to
+# 17-26 ms against the 20 ms bound went back and forth between the loop and the thread
+# batch by batch, the worst of both (see the module's doc).
+INLINE_HYSTERESIS = 1.5
 
 
 @dataclass(frozen=True)
@@ -187,6 +194,7 @@ class DynamicBatcher:
         self._budget = config.queue_wait_budget_seconds
         # Moving average of inference seconds per image; None until a batch was timed.
         self._per_image: float | None = None
+        self._looping = False  # where the last batch ran (INLINE_HYSTERESIS)
         self._queue: deque[_Item] = deque()
         self._depth = 0
         self._in_flight = 0
@@ -493,9 +501,13 @@ class DynamicBatcher:
             self._slots.release()
 
     def _on_loop(self) -> bool:
-        """Whether batches run on the event loop (see the module's doc)."""
+        """Whether the next batch runs on the event loop (see the module's doc)."""
         per_image = self._per_image
-        return per_image is not None and per_image * self.config.max_batch_size <= self._inline_max
+        if per_image is None:
+            return False
+        bound = self._inline_max * (INLINE_HYSTERESIS if self._looping else 1.0)
+        self._looping = per_image * self.config.max_batch_size <= bound
+        return self._looping
 
     def _infer(self, parts: list[Array], deadline: float | None) -> tuple[Array, float]:
         """On a batch thread or the event loop: the one copy into a batch, then the model."""

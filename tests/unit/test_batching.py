@@ -652,6 +652,32 @@ def test_short_batches_run_on_the_event_loop_only_when_allowed(
     assert all((thread == loop_thread) is on_loop for thread, _ in calls[1:])
 
 
+def test_batches_leave_the_event_loop_only_well_past_the_bound() -> None:
+    """An estimate near the bound does not send a version's batches back and forth:
+    once on the loop they return to a thread only past INLINE_HYSTERESIS times it, and
+    come back when the estimate is within the bound again."""
+
+    async def scenario() -> list[bool]:
+        # A full batch is 4 images; the bound 5 ms, so 1.25 ms per image is the edge.
+        cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=0.005)
+        seen = []
+        async with DynamicBatcher(ids, cfg, inline=True) as batcher:
+
+            def settle(per_image: float) -> None:
+                for _ in range(60):  # the moving average converges
+                    batcher._note_cost(4, 4 * per_image)
+                seen.append(batcher._on_loop())
+
+            settle(0.001)  # 4 ms: on the loop
+            settle(0.0015)  # 6 ms: past the bound, within 1.5 of it: stays
+            settle(0.0025)  # 10 ms: past 7.5 ms: a thread
+            settle(0.0015)  # 6 ms: not within the bound: stays on the thread
+            settle(0.001)  # back on the loop
+        return seen
+
+    assert run(scenario()) == [True, True, False, False, True]
+
+
 def test_a_batch_on_the_event_loop_answers_errors_and_deadlines_as_on_a_thread() -> None:
     """Errors raised by predict on the loop reach the waiters as InternalError, and the
     next batch still runs."""
