@@ -12,7 +12,7 @@ from typing import Any
 
 from service.cli_types import at_least
 from service.config import Settings
-from service.errors import CnnserveError, NoServer, PromotionError
+from service.errors import BackendUnavailable, CnnserveError, NoServer, PromotionError
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_NO_SERVER = 3
@@ -75,7 +75,14 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         from service.runtimes.tfserving import TFServingClient
 
         client = TFServingClient(args.tfserving, timeout=30.0)
-        on_disk |= set(client.available(args.model))
+        try:
+            on_disk |= set(client.available(args.model))
+        except BackendUnavailable:
+            client.close()
+            raise PromotionError(
+                f"TF Serving at {args.tfserving} cannot be reached: is it running, and is "
+                "that its gRPC port (--tfserving host:port, 8500 by default)?"
+            ) from None
     elif args.version not in on_disk:
         raise PromotionError(
             f"version {args.version} of {args.model} is not published in "
@@ -132,7 +139,9 @@ def _reload_tfserving(client: Any, text: str) -> None:
     try:
         answer = client.call("HandleReloadConfigRequest", request)
     except CnnserveError as exc:
-        raise PromotionError(f"TF Serving refused the config: {exc.log_message()}") from None
+        raise PromotionError(
+            f"TF Serving at {client.address} did not take the config: {exc.log_message()}"
+        ) from None
     if answer.status.error_code:
         raise PromotionError(
             f"TF Serving at {client.address} refused the config: {answer.status.error_message}"

@@ -28,7 +28,7 @@ from typing import Any, TextIO
 import httpx
 
 from service.config_edit import set_labels, set_specific_versions, validate
-from service.errors import ConfigError, NoServer, PromotionError
+from service.errors import NoServer, PromotionError
 from service.repository import ModelConfig, version_dirs
 
 # How often a wait for AVAILABLE asks, and for how long by default.
@@ -99,10 +99,12 @@ def plan(
 
 
 def _config(text: str, repository: Path, model: str) -> ModelConfig:
-    for config in validate(text, repository):
+    configs = validate(text, repository)
+    for config in configs:
         if config.name == model:
             return config
-    raise ConfigError(f"models.config has no model {model!r}")
+    names = ", ".join(sorted(c.name for c in configs)) or "none"
+    raise PromotionError(f"models.config has no model {model!r} (models there: {names})")
 
 
 def _listing(versions: Iterable[int]) -> str:

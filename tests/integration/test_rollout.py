@@ -22,6 +22,7 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from service.cli import main
+from service.launch import free_port
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, write_models_config
 from tests.helpers.server import ROOT, Server, eventually, running_server
@@ -211,6 +212,24 @@ def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     assert "Step 1 is applied; the label was not moved" in done.stderr
     text = (repo / "models.config").read_text()
     assert "versions: 1 versions: 2" in text and 'key: "canary" value: 1' in text
+
+
+def test_promote_names_what_it_could_not_find_and_writes_nothing(tmp_path: Path) -> None:
+    """A model name typo lists the models there; a TF Serving that does not answer is
+    named by its address. Either way models.config is untouched."""
+    repo = two_versions(tmp_path)
+    before = (repo / "models.config").read_text()
+
+    typo = cnnserve("promote", "mm", "2", "--label", "canary", "--model-repository", str(repo))
+    assert typo.returncode == 1
+    assert "no model 'mm' (models there: m)" in typo.stderr
+
+    address = f"127.0.0.1:{free_port()}"
+    down = promote(repo, "canary", "--tfserving", address, "--timeout", "5")
+    assert down.returncode == 1
+    assert f"TF Serving at {address} cannot be reached" in down.stderr
+    assert "Traceback" not in typo.stderr + down.stderr
+    assert (repo / "models.config").read_text() == before
 
 
 def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: Path) -> None:

@@ -194,7 +194,7 @@ def test_dry_run_prints_each_intermediate_config_and_applies_nothing() -> None:
 
 
 def test_bad_requests_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="no model 'nope'"):
+    with pytest.raises(PromotionError, match=r"no model 'nope' \(models there: m, other\)"):
         plan(CANARY_FILE, tmp_path, "nope", 2, "canary", on_disk=[1, 2])
     with pytest.raises(PromotionError, match="label"):
         plan(CANARY_FILE, tmp_path, "m", 2, "can ary", on_disk=[1, 2])
