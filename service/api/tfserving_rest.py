@@ -33,7 +33,13 @@ from service.api.schemas import (
     VersionStatusError,
 )
 from service.dataplane import PredictResult
-from service.errors import InvalidRequest
+from service.errors import (
+    CnnserveError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    NotImplementedApi,
+)
 from service.registry import VersionStatus
 
 router = APIRouter(tags=["tensorflow-serving"])
@@ -66,6 +72,38 @@ def _version(raw: str) -> int:
 STATUS = {"response_model": ModelStatusResponse}
 METADATA = {"response_model": ModelMetadataResponse}
 PREDICT = {"response_model": PredictResponse, "response_model_exclude_none": True}
+
+
+# TF Serving's REST API has :classify and :regress beside :predict. They take
+# tf.Example input, which an image model has no signature for. These routes make a
+# wrong verb or method say so; without them the status routes below took the path
+# ("m:classify" as a model name) and answered 405 Allow: GET or 404 model_not_found.
+_VERBS = ("predict", "classify", "regress")
+
+
+def _wrong_verb(request: Request, verb: str) -> CnnserveError:
+    path = request.url.path
+    if verb in ("classify", "regress"):
+        return NotImplementedApi(
+            f"cnnserve does not offer TF Serving's :{verb} (tf.Example input); POST "
+            "images to :predict, or an image file to /v1/classify"
+        )
+    if verb in _VERBS:
+        return MethodNotAllowed(f"{request.method} is not allowed on {path}: POST", allow="POST")
+    return NotFound(f"no route {request.method} {path}; the API is listed at /docs")
+
+
+@router.get("/v1/models/{model}:{verb}", include_in_schema=False)
+async def model_verb_get(request: Request, model: str, verb: str) -> ModelStatusResponse:
+    if verb not in _VERBS:  # a model name with a colon, as before these routes
+        return _status_body(dataplane(request).model_status(f"{model}:{verb}"))
+    raise _wrong_verb(request, verb)
+
+
+@router.get("/v1/models/{model}/versions/{version}:{verb}", include_in_schema=False)
+@router.get("/v1/models/{model}/labels/{label}:{verb}", include_in_schema=False)
+async def target_verb_get(request: Request, verb: str) -> Response:
+    raise _wrong_verb(request, verb)
 
 
 @router.get("/v1/models/{model}", **STATUS)  # type: ignore[arg-type]
@@ -214,3 +252,10 @@ async def version_predict(request: Request, model: str, version: str) -> Respons
 @router.post("/v1/models/{model}/labels/{label}:predict", **PREDICT)  # type: ignore[arg-type]
 async def label_predict(request: Request, model: str, label: str) -> Response:
     return await _predict(request, model, None, label)
+
+
+@router.post("/v1/models/{model}:{verb}", include_in_schema=False)
+@router.post("/v1/models/{model}/versions/{version}:{verb}", include_in_schema=False)
+@router.post("/v1/models/{model}/labels/{label}:{verb}", include_in_schema=False)
+async def other_verb(request: Request, verb: str) -> Response:
+    raise _wrong_verb(request, verb)

@@ -304,6 +304,28 @@ def test_error_paths(
         assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
 
 
+def test_tf_serving_verbs_other_than_predict_say_what_to_do(server: Server) -> None:
+    """:classify and :regress (tf.Example input) are 501 with the way to send images;
+    GET on :predict is 405 Allow: POST; an unknown verb is no route. Before, the model
+    status route took these paths: 405 Allow: GET, or 404 model_not_found."""
+    with server.client() as client:
+        for path in (
+            "/v1/models/tiny:classify",
+            "/v1/models/tiny/versions/1:regress",
+            "/v1/models/tiny/labels/stable:classify",
+        ):
+            message = _error(client.post(path, json={"examples": []}), 501, "not_implemented")
+            assert ":predict" in message and "/v1/classify" in message, path
+        for path in ("/v1/models/tiny:predict", "/v1/models/tiny/versions/1:predict"):
+            wrong = client.get(path)
+            _error(wrong, 405, "method_not_allowed")
+            assert wrong.headers["allow"] == "POST", path
+        _error(client.post("/v1/models/tiny:frobnicate", json={}), 404, "not_found")
+        # A GET with another verb still reads as a model name with a colon in it.
+        _error(client.get("/v1/models/tiny:frobnicate"), 404, "model_not_found")
+        assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
+
+
 def test_tf_serving_status_and_metadata(server: Server) -> None:
     with server.client() as client:
         status = client.get("/v1/models/tiny").json()
