@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from service.bench import advisor
 from service.bench.limits import cost_at, limit
 from service.bench.sweep import Batching
 from service.bench.wrk import summarize
+from tests.helpers.server import ROOT
 
 WRK_JSON = {
     "requests": 1010,
@@ -82,3 +84,30 @@ def test_batching_parse_and_environment() -> None:
     }
     with pytest.raises(ValueError, match="max_batch:timeout_us:threads"):
         Batching.parse("32:1000")
+
+
+def test_decode_alone_is_the_fastest_of_fresh_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each measurement is a real decode in its own process; the limit takes the
+    fastest, and a process that fails says why instead of giving a number."""
+    from service.bench import limits
+    from service.config import Settings
+    from tests.helpers.images import encode, gradient
+
+    version = ROOT / "model_repository" / "fashion_mnist" / "1"
+    images = [encode(gradient(224, 224), "JPEG"), encode(gradient(300, 200), "PNG")]
+    seen: list[float] = []
+    measure = limits._decode_in_process
+
+    def recorded(*args: Any) -> float:
+        seen.append(measure(*args))
+        return seen[-1]
+
+    monkeypatch.setattr(limits, "_decode_in_process", recorded)
+    cost = limits.decode_cost(images, version, Settings(), seconds=0.3)
+    assert len(seen) == limits.DECODE_PROCESSES
+    assert cost == min(seen) and 0 < cost < 0.5
+
+    with pytest.raises(RuntimeError, match="decode measurement failed"):
+        measure(tmp_path / "missing", version, 10**6, 0.1, 0)
