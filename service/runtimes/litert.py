@@ -30,13 +30,15 @@ from service.signatures import read_signatures
 
 log = logging.getLogger(__name__)
 
-# A batch runs as chunks of these sizes (largest first: 13 = 8 + 4 + 1), each on an
+# A batch runs as chunks of these sizes (largest first: 13 = 4 + 4 + 4 + 1), each on an
 # interpreter allocated once for it. Resizing an interpreter (allocate_tensors and
 # XNNPACK's re-preparation) costs about a batch-1 inference, and a batcher forms batches
-# of every size; measured per image on a 2-core EPYC (`cnnserve bench --runtime-table`),
-# LiteRT is no cheaper beyond batch 4-8 (default model 0.25 ms at 1-8, 0.34 at 32;
-# MobileNetV3-Small 0.88 at 2-4, 0.92 at 8, 1.11 at 32), so larger chunks buy nothing.
-CHUNK_SIZES = (8, 4, 2, 1)
+# of every size; measured per image alone, LiteRT is no cheaper beyond batch 4 (2-core
+# EPYC: default model 0.25 ms at 1-8, 0.34 at 32; MobileNetV3-Small 0.88 at 2-4, 0.92
+# at 8, 1.11 at 32. 2-core Xeon: MobileNetV3-Small 1.43 at 2, 1.40 at 4, 1.52 at 8,
+# 1.58 at 32), so larger chunks buy nothing. End to end on that Xeon, chunks of 4
+# instead of 8 served MobileNetV3-Small 12% more req/s (docs/performance.md).
+CHUNK_SIZES = (4, 2, 1)
 
 
 def litert_artifact(version_dir: Path, cache_dir: Path, card: Mapping[str, Any]) -> Path:

@@ -111,7 +111,7 @@ def test_changing_batch_sizes_keep_correct_answers(
     tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
 ) -> None:
     # Sizes as the batcher sends them: chunk sizes, sums of several (5 = 4 + 1,
-    # 15 = 8 + 4 + 2 + 1), more than the largest chunk (32 = 4 x 8), and back to 1.
+    # 15 = 4 + 4 + 4 + 2 + 1), many of the largest chunk (32 = 8 x 4), and back to 1.
     sizes = [1, 5, 32, 2, 15, 3, 1]
     for i, n in enumerate(sizes):
         batch = _images(n, seed=i)
