@@ -14,7 +14,7 @@ in ``detail``, which is logged with the request id and never sent.
     │   ├── PayloadTooLarge       413  RESOURCE_EXHAUSTED payload_too_large
     │   ├── HeadersTooLarge       431  RESOURCE_EXHAUSTED headers_too_large
     │   ├── TooManyImages         413  INVALID_ARGUMENT   too_many_images
-    │   ├── MethodNotAllowed      405  UNIMPLEMENTED      method_not_allowed (+ Allow)
+    │   ├── MethodNotAllowed      405  UNIMPLEMENTED      method_not_allowed
     │   ├── NotImplementedApi     501  UNIMPLEMENTED      not_implemented
     │   ├── RequestTimeout        408  DEADLINE_EXCEEDED  request_timeout
     │   └── UnsupportedMediaType  415  INVALID_ARGUMENT   unsupported_media_type
@@ -112,10 +112,6 @@ class MethodNotAllowed(InvalidRequest):
     code = "method_not_allowed"
     http_status = 405
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
-
-    def __init__(self, message: str, *, allow: str | None = None) -> None:
-        super().__init__(message)
-        self.allow = allow  # the methods the resource takes: REST's Allow header
 
 
 class NotImplementedApi(InvalidRequest):

@@ -68,8 +68,6 @@ def error_response(error: CnnserveError) -> JSONResponse:
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="cnnserve"'
-    if isinstance(error, MethodNotAllowed) and error.allow:
-        headers["Allow"] = error.allow
     return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
 
 
@@ -110,14 +108,14 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404:
             error = NotFound(f"no route {request.method} {path}; the API is listed at /docs")
         elif exc.status_code == 405:
-            # RFC 9110: a 405 says which methods the resource takes (the router knows).
-            allow = (exc.headers or {}).get("Allow")
-            error = MethodNotAllowed(
-                f"{request.method} is not allowed on {path}; see /docs", allow=allow
-            )
+            error = MethodNotAllowed(f"{request.method} is not allowed on {path}; see /docs")
         else:
             error = InvalidRequest(str(exc.detail))
-        return error_response(error)
+        response = error_response(error)
+        if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
+            # RFC 9110: a 405 says which methods the resource takes (the router knows).
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         return answer_error(exc, request_id(request))

@@ -15,6 +15,7 @@ import grpc
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from google.protobuf import json_format
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.http import (
     TOO_DEEP,
@@ -33,13 +34,7 @@ from service.api.schemas import (
     VersionStatusError,
 )
 from service.dataplane import PredictResult
-from service.errors import (
-    CnnserveError,
-    InvalidRequest,
-    MethodNotAllowed,
-    NotFound,
-    NotImplementedApi,
-)
+from service.errors import InvalidRequest, NotImplementedApi
 from service.registry import VersionStatus
 
 router = APIRouter(tags=["tensorflow-serving"])
@@ -81,29 +76,30 @@ PREDICT = {"response_model": PredictResponse, "response_model_exclude_none": Tru
 _VERBS = ("predict", "classify", "regress")
 
 
-def _wrong_verb(request: Request, verb: str) -> CnnserveError:
-    path = request.url.path
+def _wrong_verb(verb: str) -> Exception:
     if verb in ("classify", "regress"):
         return NotImplementedApi(
             f"cnnserve does not offer TF Serving's :{verb} (tf.Example input); POST "
             "images to :predict, or an image file to /v1/classify"
         )
-    if verb in _VERBS:
-        return MethodNotAllowed(f"{request.method} is not allowed on {path}: POST", allow="POST")
-    return NotFound(f"no route {request.method} {path}; the API is listed at /docs")
+    # What the router itself would answer, mapped where its answers are (service.api.http):
+    # another method on :predict, or a verb there is no route for.
+    if verb == "predict":
+        return StarletteHTTPException(405, headers={"Allow": "POST"})
+    return StarletteHTTPException(404)
 
 
 @router.get("/v1/models/{model}:{verb}", include_in_schema=False)
 async def model_verb_get(request: Request, model: str, verb: str) -> ModelStatusResponse:
     if verb not in _VERBS:  # a model name with a colon, as before these routes
         return _status_body(dataplane(request).model_status(f"{model}:{verb}"))
-    raise _wrong_verb(request, verb)
+    raise _wrong_verb(verb)
 
 
 @router.get("/v1/models/{model}/versions/{version}:{verb}", include_in_schema=False)
 @router.get("/v1/models/{model}/labels/{label}:{verb}", include_in_schema=False)
-async def target_verb_get(request: Request, verb: str) -> Response:
-    raise _wrong_verb(request, verb)
+async def target_verb_get(verb: str) -> Response:
+    raise _wrong_verb(verb)
 
 
 @router.get("/v1/models/{model}", **STATUS)  # type: ignore[arg-type]
@@ -257,5 +253,5 @@ async def label_predict(request: Request, model: str, label: str) -> Response:
 @router.post("/v1/models/{model}:{verb}", include_in_schema=False)
 @router.post("/v1/models/{model}/versions/{version}:{verb}", include_in_schema=False)
 @router.post("/v1/models/{model}/labels/{label}:{verb}", include_in_schema=False)
-async def other_verb(request: Request, verb: str) -> Response:
-    raise _wrong_verb(request, verb)
+async def other_verb(verb: str) -> Response:
+    raise _wrong_verb(verb)

@@ -58,7 +58,7 @@ def _rewrite_one(model: Any, graph: Any, codes: list[int]) -> bool:
         if first == p:
             continue
         affine = ops[first:p]
-        variable = [_variable_input(model, graph, op) for op in affine]
+        variable = [_value_input(model, graph, codes, op) for op in affine]
         chain = [op.outputs[0] for op in affine]  # the pool read chain[-1]
         final = pool.outputs[0]
         # The pool reads what the first affine op read; the affine ops then run on the
@@ -97,12 +97,8 @@ def _affine(model: Any, graph: Any, codes: list[int], op: Any, consumer: Any) ->
     out = op.outputs[0]
     if out in graph.outputs or sum(list(other.inputs).count(out) for other in graph.operators) != 1:
         return False
-    if codes[consumer.opcodeIndex] == _AVERAGE_POOL_2D:
-        if consumer.inputs[0] != out:
-            return False
-    elif _variable_input(model, graph, consumer) < 0 or (
-        consumer.inputs[_variable_input(model, graph, consumer)] != out
-    ):
+    read = _value_input(model, graph, codes, consumer)
+    if read < 0 or consumer.inputs[read] != out:
         return False
     value = graph.tensors[op.inputs[variable]]
     const = graph.tensors[op.inputs[1 - variable]]
@@ -113,6 +109,14 @@ def _affine(model: Any, graph: Any, codes: list[int], op: Any, consumer: Any) ->
     if any(d != 1 for d in shape[:-1]):
         return False
     return not shape or shape[-1] in (1, channels)
+
+
+def _value_input(model: Any, graph: Any, codes: list[int], op: Any) -> int:
+    """Which input an op of the run works on: a pool's first, a MUL's or ADD's computed
+    one (-1: none)."""
+    if codes[op.opcodeIndex] == _AVERAGE_POOL_2D:
+        return 0
+    return _variable_input(model, graph, op)
 
 
 def _variable_input(model: Any, graph: Any, op: Any) -> int:
