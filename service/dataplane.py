@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image
 
 from service import metrics
 from service.batching import COST_WEIGHT
@@ -34,6 +33,7 @@ from service.errors import (
     TooManyImages,
 )
 from service.preprocessing import (
+    Opened,
     PreprocessSpec,
     open_image,
     preprocess_opened,
@@ -195,7 +195,7 @@ class DataPlane:
         spec: PreprocessSpec,
         max_pixels: int,
         names: Sequence[str | None],
-    ) -> list[Image.Image]:
+    ) -> list[Opened]:
         """Every image's header, read here (tens of µs each), and the pixels they will
         decode to in all bounded by ``max_request_pixels``: each image may be under the
         per-image limit while their sum is not (64 GIFs of 42 bytes, each declaring a
@@ -441,7 +441,7 @@ def _naming(exc: CnnserveError, index: int, names: Sequence[str | None]) -> Cnns
     return type(exc)(f"{which}: {exc.message}", detail=exc.detail)
 
 
-def _timed_decode(opened: Image.Image, spec: PreprocessSpec) -> tuple[npt.NDArray[np.uint8], float]:
+def _timed_decode(opened: Opened, spec: PreprocessSpec) -> tuple[npt.NDArray[np.uint8], float]:
     """On a decode thread: the image (opened by :func:`service.preprocessing.open_image`
     on the event loop), and the CPU seconds its decoding took. CPU time, not wall time:
     under overload the decode threads wait for the GIL behind the event loop, and

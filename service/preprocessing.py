@@ -17,6 +17,7 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
+from service.jpeg import PlainJpeg, open_plain
 
 ResizeMethod = Literal["nearest", "bilinear", "bicubic", "lanczos", "box"]
 
@@ -46,6 +47,8 @@ SUPPORTED_MEDIA_TYPES = frozenset(
 SUPPORTED_HUMAN = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 UInt8Image = npt.NDArray[np.uint8]
+# What :func:`open_image` returns: a header read, pixels not yet decoded.
+Opened = Image.Image | PlainJpeg
 
 
 @dataclass(frozen=True)
@@ -85,16 +88,26 @@ class PreprocessSpec:
         )
 
 
-def open_image(
-    data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None
-) -> Image.Image:
-    """Read an image's header, refusing bombs before any pixel is decoded; :func:`load`
-    decodes it. Cheap (no pixels), so it can run where the request arrives; the image's
-    ``size`` is then what decoding will produce, i.e. its cost.
+def open_image(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None) -> Opened:
+    """Read an image's header, refusing bombs before any pixel is decoded;
+    :func:`preprocess_opened` decodes it. Cheap (no pixels), so it can run where the
+    request arrives; the result's ``size`` is then what decoding will produce, i.e. its
+    cost.
 
     ``target`` (width, height) lets JPEG decode at a reduced DCT scale that is still
-    at least the target size, which makes large photos several times cheaper.
+    at least the target size, which makes large photos several times cheaper. A plain
+    JPEG comes back as a :class:`~service.jpeg.PlainJpeg` (decoded without Pillow, to
+    the same pixels), anything else as a Pillow image.
     """
+    plain = open_plain(data, target)
+    if plain is not None and plain.full_size[0] * plain.full_size[1] <= max_pixels:
+        return plain
+    return _open_with_pillow(data, max_pixels=max_pixels, target=target)
+
+
+def _open_with_pillow(
+    data: bytes, *, max_pixels: int, target: tuple[int, int] | None
+) -> Image.Image:
     if not data:
         raise InvalidImage("the image is empty (0 bytes); send a JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
@@ -136,8 +149,8 @@ def load(img: Image.Image) -> Image.Image:
 
 
 def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None) -> Image.Image:
-    """Encoded bytes → a decoded image (:func:`open_image`, then :func:`load`)."""
-    return load(open_image(data, max_pixels=max_pixels, target=target))
+    """Encoded bytes → a decoded Pillow image (header, then pixels)."""
+    return load(_open_with_pillow(data, max_pixels=max_pixels, target=target))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -184,9 +197,23 @@ def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> U
     return preprocess_opened(open_image(data, max_pixels=max_pixels, target=spec.size), spec)
 
 
-def preprocess_opened(img: Image.Image, spec: PreprocessSpec) -> UInt8Image:
+def preprocess_opened(opened: Opened, spec: PreprocessSpec) -> UInt8Image:
     """An image from :func:`open_image` (opened with ``target=spec.size``) → model input."""
-    return resize(load(img), spec)
+    if isinstance(opened, PlainJpeg):
+        pixels = opened.decode()
+        if pixels is None:  # libjpeg-turbo objected: Pillow's leniency or its error
+            return preprocess_opened(_pillow_fallback(opened, spec), spec)
+        if pixels.ndim == 2:
+            return resize(Image.fromarray(pixels, "L"), spec)
+        if pixels.shape[:2] == (spec.height, spec.width):
+            return pixels
+        return resize(Image.fromarray(pixels, "RGB"), spec)
+    return resize(load(opened), spec)
+
+
+def _pillow_fallback(opened: PlainJpeg, spec: PreprocessSpec) -> Image.Image:
+    width, height = opened.full_size
+    return _open_with_pillow(opened.data, max_pixels=width * height, target=spec.size)
 
 
 def preprocess_array(array: npt.NDArray[Any], spec: PreprocessSpec) -> UInt8Image:

@@ -1,0 +1,127 @@
+"""Plain JPEGs skip Pillow (service/jpeg.py): the pixels must be Pillow's, bit for bit,
+and every file it should not take must still go through Pillow."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from PIL import Image
+
+from service.errors import ImageTooLarge, InvalidImage
+from service.jpeg import PlainJpeg, open_plain
+from service.preprocessing import (
+    PreprocessSpec,
+    _open_with_pillow,
+    open_image,
+    preprocess_bytes,
+    resize,
+)
+
+SPEC = PreprocessSpec()
+BIG = 10**9
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth colour with grain: every DCT coefficient and both chroma planes matter."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR))
+    grain = rng.integers(-24, 24, (height, width, 3))
+    return Image.fromarray(np.clip(smooth.astype(int) + grain, 0, 255).astype(np.uint8))
+
+
+def jpeg(img: Image.Image, **options: object) -> bytes:
+    out = io.BytesIO()
+    img.save(out, "JPEG", **options)
+    return out.getvalue()
+
+
+def through_pillow(data: bytes) -> npt.NDArray[np.uint8]:
+    """What preprocessing gave before this module: Pillow's header, draft and decode."""
+    return resize(_open_with_pillow(data, max_pixels=BIG, target=SPEC.size).copy(), SPEC)
+
+
+@pytest.mark.parametrize(
+    "size", [(224, 224), (225, 223), (31, 17), (100, 300), (448, 448), (449, 900), (1800, 1800)]
+)
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"quality": 90},
+        {"quality": 75, "subsampling": 0},  # 4:4:4
+        {"quality": 75, "subsampling": 1},  # 4:2:2
+        {"quality": 40, "subsampling": 2},  # 4:2:0
+        {"progressive": True},
+        {"optimize": True},
+        {"restart_marker_blocks": 1},
+    ],
+    ids=["q90", "444", "422", "420", "progressive", "optimized", "restarts"],
+)
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_plain_jpegs_decode_to_pillows_pixels(
+    size: tuple[int, int], options: dict[str, object], mode: str
+) -> None:
+    data = jpeg(photo(*size).convert(mode), **options)
+    opened = open_image(data, max_pixels=BIG, target=SPEC.size)
+    assert isinstance(opened, PlainJpeg)
+    # The reduced scale is Pillow's: the size a decode will cost is the same.
+    assert opened.size == _open_with_pillow(data, max_pixels=BIG, target=SPEC.size).size
+    served = preprocess_bytes(data, SPEC, max_pixels=BIG)
+    np.testing.assert_array_equal(served, through_pillow(data))
+
+
+def test_a_jpeg_with_exif_goes_through_pillow_and_is_turned_upright() -> None:
+    img = photo(224, 160)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    data = jpeg(img, exif=exif, quality=95)
+    assert open_plain(data, SPEC.size) is None
+    assert isinstance(open_image(data, max_pixels=BIG, target=SPEC.size), Image.Image)
+    assert preprocess_bytes(data, PreprocessSpec(height=224, width=160), max_pixels=BIG).shape == (
+        224,
+        160,
+        3,
+    )
+
+
+def test_cmyk_goes_through_pillow() -> None:
+    data = jpeg(photo(64, 64).convert("CMYK"))
+    assert open_plain(data, SPEC.size) is None
+    served = preprocess_bytes(data, SPEC, max_pixels=BIG)
+    np.testing.assert_array_equal(served, through_pillow(data))
+
+
+def test_files_that_are_not_plain_jpegs_are_left_to_pillow() -> None:
+    png = io.BytesIO()
+    photo(32, 32).save(png, "PNG")
+    good = jpeg(photo(64, 64))
+    for data in (b"", png.getvalue(), good[:2], good[:40], b"\xff\xd8\xff" + b"\x00" * 64):
+        assert open_plain(data, SPEC.size) is None
+
+
+def test_a_truncated_jpeg_gets_pillows_error() -> None:
+    data = jpeg(photo(224, 224))
+    cut = data[: len(data) // 2]
+    assert isinstance(open_image(cut, max_pixels=BIG, target=SPEC.size), PlainJpeg)
+    with pytest.raises(InvalidImage, match="could not decode the image"):
+        preprocess_bytes(cut, SPEC, max_pixels=BIG)
+
+
+def test_a_recoverable_defect_is_decoded_as_pillow_decodes_it() -> None:
+    # Bytes inserted before a marker: libjpeg-turbo warns ("extraneous bytes"), which
+    # the fast path refuses; Pillow decodes the file anyway, and so must we.
+    data = jpeg(photo(224, 224), restart_marker_blocks=4)
+    rst = data.index(b"\xff\xd0")
+    damaged = data[:rst] + b"\x12\x34" + data[rst:]
+    np.testing.assert_array_equal(
+        preprocess_bytes(damaged, SPEC, max_pixels=BIG), through_pillow(damaged)
+    )
+
+
+def test_the_pixel_limit_holds_on_the_fast_path() -> None:
+    data = jpeg(photo(300, 200))
+    with pytest.raises(ImageTooLarge, match="300x200 = 60000 pixels; the limit is 59999"):
+        open_image(data, max_pixels=59_999, target=SPEC.size)
