@@ -30,15 +30,16 @@ from service.signatures import read_signatures
 
 log = logging.getLogger(__name__)
 
-# A batch runs as chunks of these sizes (largest first: 13 = 4 + 4 + 4 + 1), each on an
-# interpreter allocated once for it. Resizing an interpreter (allocate_tensors and
-# XNNPACK's re-preparation) costs about a batch-1 inference, and a batcher forms batches
-# of every size; measured per image alone, LiteRT is no cheaper beyond batch 4 (2-core
-# EPYC: default model 0.25 ms at 1-8, 0.34 at 32; MobileNetV3-Small 0.88 at 2-4, 0.92
-# at 8, 1.11 at 32. 2-core Xeon: MobileNetV3-Small 1.43 at 2, 1.40 at 4, 1.52 at 8,
-# 1.58 at 32), so larger chunks buy nothing. End to end on that Xeon, chunks of 4
-# instead of 8 served MobileNetV3-Small 12% more req/s (docs/performance.md).
-CHUNK_SIZES = (4, 2, 1)
+# A batch runs as chunks of at most MAX_CHUNK images (13 = 4 + 4 + 4 + 1) on one
+# interpreter per thread, which its signature runner resizes whenever a chunk's size
+# changes: a resize costs ~0.02 ms, while an interpreter per chunk size (as before) held
+# a copy of the packed weights each, and a batch of 7 (4 + 2 + 1) read three copies.
+# Alone, on batch sizes as a batcher forms them (3-11, 2-core Xeon), MobileNetV3-Small
+# cost 1.83-1.86 ms per image with an interpreter per size and 1.61-1.66 with one;
+# the default model 0.48-0.51 either way. Per image, LiteRT is no cheaper beyond
+# batch 4 (MobileNetV3-Small 1.40 at 4, 1.52 at 8, 1.58 at 32 there), so larger chunks
+# buy nothing (docs/performance.md).
+MAX_CHUNK = 4
 
 
 def litert_artifact(version_dir: Path, cache_dir: Path, card: Mapping[str, Any]) -> Path:
@@ -125,39 +126,33 @@ class LiteRTRuntime(Runtime):
         )
         return info
 
-    def _runner(self, size: int) -> Any:
-        """This thread's signature runner allocated for ``size`` (one of CHUNK_SIZES).
-        Interpreters are not thread-safe, so each batch thread has its own (a
-        threading.local): at most len(CHUNK_SIZES) per thread, each never resized."""
-        runners: dict[int, Any] | None = getattr(self._local, "runners", None)
-        if runners is None:
-            runners = self._local.runners = {}
-        runner = runners.get(size)
+    def _runner(self) -> Any:
+        """This thread's signature runner. Interpreters are not thread-safe, so each
+        thread that predicts has its own (a threading.local)."""
+        runner = getattr(self._local, "runner", None)
         if runner is None:
-            runner = runners[size] = self._new_runner()
+            runner = self._local.runner = self._new_runner()
         return runner
 
     def leave_thread(self) -> None:
-        # The thread's interpreters (each with its own packed weights and arena).
-        self._local.__dict__.pop("runners", None)
+        # The thread's interpreter (its packed weights and arena).
+        self._local.__dict__.pop("runner", None)
 
     def predict(self, batch: Batch, deadline: float | None = None) -> Probabilities:
         info = self.info
         x = to_model_input(batch, info.input)
-        outputs = []
-        start = 0
-        while start < len(x):
-            size = next(c for c in CHUNK_SIZES if c <= len(x) - start)
-            chunk = x[start : start + size]
-            outputs.append(self._runner(size)(**{info.input_name: chunk})[info.output_name])
-            start += size
+        runner = self._runner()
+        outputs = [
+            runner(**{info.input_name: x[start : start + MAX_CHUNK]})[info.output_name]
+            for start in range(0, len(x), MAX_CHUNK)
+        ]
         if not outputs:
             return np.zeros((0, info.num_classes), np.float32)
         out = outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
         return np.asarray(out, dtype=np.float32)
 
     def unload(self) -> None:
-        # Dropping the threading.local frees every thread's interpreters at once.
+        # Dropping the threading.local frees every thread's interpreter at once.
         self._local = threading.local()
         self._content = None
         super().unload()

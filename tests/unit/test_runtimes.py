@@ -16,7 +16,7 @@ import pytest
 from service.errors import InvalidRequest, ModelLoadError
 from service.runtimes import conversion, create_runtime
 from service.runtimes.base import Runtime
-from service.runtimes.litert import CHUNK_SIZES, LiteRTRuntime
+from service.runtimes.litert import MAX_CHUNK, LiteRTRuntime
 from service.runtimes.tensorflow import TensorFlowRuntime
 from tests.helpers.models import publish_tiny
 
@@ -110,16 +110,18 @@ def test_predictions_are_probabilities_and_litert_matches_tensorflow(
 def test_changing_batch_sizes_keep_correct_answers(
     tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
 ) -> None:
-    # Sizes as the batcher sends them: chunk sizes, sums of several (5 = 4 + 1,
-    # 15 = 4 + 4 + 4 + 2 + 1), many of the largest chunk (32 = 8 x 4), and back to 1.
+    # Sizes as the batcher sends them: below a chunk, chunks and a remainder (5 = 4 + 1,
+    # 15 = 4 + 4 + 4 + 3), many chunks (32 = 8 x 4), and back to 1: one interpreter,
+    # resized between chunks of different sizes, must answer each with its own input.
+    assert MAX_CHUNK == 4
     sizes = [1, 5, 32, 2, 15, 3, 1]
     for i, n in enumerate(sizes):
         batch = _images(n, seed=i)
         got = lite_rt.predict(batch)
         assert got.shape == (n, 3)
         np.testing.assert_allclose(got, tf_rt.predict(batch), atol=1e-4)
-    # One interpreter per chunk size on this thread, none resized.
-    assert sorted(lite_rt._local.runners) == sorted(CHUNK_SIZES)
+    # One interpreter on this thread, whatever the sizes.
+    assert lite_rt._local.runner is not None and not hasattr(lite_rt._local, "runners")
 
 
 @pytest.mark.parametrize("kind", ["tensorflow", "litert"])
@@ -321,8 +323,8 @@ def test_a_thread_that_loaded_and_warmed_litert_keeps_no_interpreters(
     prepared = prepare_runtime(LiteRTRuntime(shipped, cache_dir=tmp_path), shipped)
     rt = prepared.runtime
     assert isinstance(rt, LiteRTRuntime)
-    assert getattr(rt._local, "runners", None) is None
+    assert getattr(rt._local, "runner", None) is None
     out = rt.predict(_images(2, seed=0))
-    assert out.shape[0] == 2 and sorted(rt._local.runners) == [2]
+    assert out.shape[0] == 2 and rt._local.runner is not None
     rt.leave_thread()
-    assert getattr(rt._local, "runners", None) is None
+    assert getattr(rt._local, "runner", None) is None
