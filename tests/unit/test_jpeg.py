@@ -125,3 +125,17 @@ def test_the_pixel_limit_holds_on_the_fast_path() -> None:
     data = jpeg(photo(300, 200))
     with pytest.raises(ImageTooLarge, match="300x200 = 60000 pixels; the limit is 59999"):
         open_image(data, max_pixels=59_999, target=SPEC.size)
+
+
+def test_threads_decoding_at_once_each_get_their_own_pixels() -> None:
+    # The decode pool runs several at once with the GIL released: a handle or buffer
+    # shared between calls would mix images up.
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = [jpeg(photo(224, 224, seed=i)) for i in range(8)]
+    alone = [preprocess_bytes(f, SPEC, max_pixels=BIG) for f in files]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            together = list(pool.map(lambda f: preprocess_bytes(f, SPEC, max_pixels=BIG), files))
+            for a, b in zip(alone, together, strict=True):
+                np.testing.assert_array_equal(a, b)
