@@ -30,16 +30,18 @@ from service.signatures import read_signatures
 
 log = logging.getLogger(__name__)
 
-# A batch runs as chunks of at most MAX_CHUNK images (13 = 4 + 4 + 4 + 1) on one
+# A batch runs as chunks of at most MAX_CHUNK images (7 = 2 + 2 + 2 + 1) on one
 # interpreter per thread, which its signature runner resizes whenever a chunk's size
 # changes: a resize costs ~0.02 ms, while an interpreter per chunk size (as before) held
 # a copy of the packed weights each, and a batch of 7 (4 + 2 + 1) read three copies.
 # Alone, on batch sizes as a batcher forms them (3-11, 2-core Xeon), MobileNetV3-Small
-# cost 1.83-1.86 ms per image with an interpreter per size and 1.61-1.66 with one;
-# the default model 0.48-0.51 either way. Per image, LiteRT is no cheaper beyond
-# batch 4 (MobileNetV3-Small 1.40 at 4, 1.52 at 8, 1.58 at 32 there), so larger chunks
-# buy nothing (docs/performance.md).
-MAX_CHUNK = 4
+# cost 1.83-1.86 ms per image with an interpreter per size, 1.61-1.66 with one in chunks
+# of up to 4 and 1.58-1.60 in chunks of up to 2; the default model 0.48-0.51 in all.
+# At one fixed size, LiteRT costs about the same per image from 2 to 16 there (1.47-1.54
+# ms), so bigger chunks buy nothing. End to end, chunks of up to 2 served
+# MobileNetV3-Small 5% more than chunks of up to 4, the default model the same
+# (docs/performance.md).
+MAX_CHUNK = 2
 
 
 def litert_artifact(version_dir: Path, cache_dir: Path, card: Mapping[str, Any]) -> Path:

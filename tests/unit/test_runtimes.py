@@ -110,11 +110,10 @@ def test_predictions_are_probabilities_and_litert_matches_tensorflow(
 def test_changing_batch_sizes_keep_correct_answers(
     tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
 ) -> None:
-    # Sizes as the batcher sends them: below a chunk, chunks and a remainder (5 = 4 + 1,
-    # 15 = 4 + 4 + 4 + 3), many chunks (32 = 8 x 4), and back to 1: one interpreter,
-    # resized between chunks of different sizes, must answer each with its own input.
-    assert MAX_CHUNK == 4
-    sizes = [1, 5, 32, 2, 15, 3, 1]
+    # Sizes as the batcher sends them: below a chunk, a chunk, chunks and a remainder,
+    # many chunks, and back to 1: one interpreter, resized between chunks of different
+    # sizes, must answer each with its own input.
+    sizes = [1, MAX_CHUNK + 1, 32, MAX_CHUNK, 4 * MAX_CHUNK - 1, 3, 1]
     for i, n in enumerate(sizes):
         batch = _images(n, seed=i)
         got = lite_rt.predict(batch)
