@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 # A converted artifact may differ from the SavedModel by float rounding, nothing more.
 LITERT_TOLERANCE = 1e-4
+# Part of the cache key: raised whenever what convert() makes changes (2: average
+# pooling before the normalization), so a cache filled by an older cnnserve converts
+# again once instead of serving the slower graph for ever.
+CONVERSION_REVISION = 2
 ARTIFACT = "model.tflite"
 VERIFICATION = "verification.json"
 
@@ -116,8 +120,9 @@ def convert_litert(
 
 
 def cache_key(version_dir: Path) -> str:
-    """sha256 of saved_model.pb and the variables index: same graph and weights, same key."""
-    digest = hashlib.sha256()
+    """sha256 of saved_model.pb, the variables index and CONVERSION_REVISION: same graph,
+    weights and conversion, same key."""
+    digest = hashlib.sha256(f"cnnserve conversion {CONVERSION_REVISION}\0".encode())
     for name in ("saved_model.pb", "variables/variables.index"):
         path = version_dir / name
         digest.update(name.encode() + b"\0")

@@ -171,6 +171,21 @@ def test_litert_converts_once_into_the_cache(
     np.testing.assert_allclose(second.predict(batch), reference.predict(batch), atol=1e-4)
 
 
+def test_a_newer_conversion_revision_converts_again(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A cache filled before a change to what conversion makes (a graph rewrite) must not
+    # keep serving the older graph.
+    old = LiteRTRuntime(plain, cache_dir=tmp_path)
+    old.load()
+    monkeypatch.setattr(conversion, "CONVERSION_REVISION", conversion.CONVERSION_REVISION + 1)
+    new = LiteRTRuntime(plain, cache_dir=tmp_path)
+    new.load()
+    assert old.artifact is not None and new.artifact is not None
+    assert new.artifact.parent != old.artifact.parent and new.artifact.is_file()
+    assert new.artifact.parent.name == conversion.cache_key(plain)
+
+
 def test_a_float_input_model_gets_pixels_scaled_to_unit_range(
     float_model: Path, tmp_path: Path
 ) -> None:
