@@ -28,6 +28,9 @@ _SOS, _APP1 = 0xDA, 0xE1
 _EXIF = b"Exif\x00\x00"
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a length
 _COLOURS = {"YCbCr": "RGB", "Gray": "GRAY"}  # header colour space → decoded as
+# Segments walked before the scan at most; a camera's or an encoder's JPEG has 5-20. A
+# file of thousands of tiny segments is left to Pillow, which walks them once anyway.
+_MAX_SEGMENTS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +84,11 @@ def open_plain(data: bytes, target: tuple[int, int] | None) -> PlainJpeg | None:
 
 def _has_exif(data: bytes) -> bool:
     """Whether an APP1 Exif segment comes before the scan (or the header cannot be
-    walked: then Pillow reads it). Tens of bytes per segment, no pixel data."""
+    walked in _MAX_SEGMENTS segments: then Pillow reads it). No pixel data is read."""
     i, end = 2, len(data)
-    while i + 4 <= end:
+    for _ in range(_MAX_SEGMENTS):
+        if i + 4 > end:
+            break
         if data[i] != 0xFF:
             return True
         marker = data[i + 1]

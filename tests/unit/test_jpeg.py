@@ -139,3 +139,17 @@ def test_threads_decoding_at_once_each_get_their_own_pixels() -> None:
             together = list(pool.map(lambda f: preprocess_bytes(f, SPEC, max_pixels=BIG), files))
             for a, b in zip(alone, together, strict=True):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_a_header_of_many_segments_is_left_to_pillow() -> None:
+    # Thousands of tiny segments before the scan: the fast path's header walk stops
+    # early (it runs where the request arrived) and Pillow decodes the file.
+    data = jpeg(photo(64, 64))
+    comments = b"\xff\xfe\x00\x03x" * 5000
+    padded = data[:2] + comments + data[2:]
+    assert open_plain(padded, SPEC.size) is None
+    np.testing.assert_array_equal(
+        preprocess_bytes(padded, SPEC, max_pixels=BIG), preprocess_bytes(data, SPEC, max_pixels=BIG)
+    )
+    few = data[:2] + b"\xff\xfe\x00\x03x" * 10 + data[2:]
+    assert isinstance(open_plain(few, SPEC.size), PlainJpeg)
