@@ -35,7 +35,11 @@ the loop up to 3 or 10 ms -8% to -12%. The bound also caps how long the loop sta
 (what it delays, reading, timers, probes, waits at most that long, and the event-loop
 lag the concurrency limit watches sees it). Before the first batch was timed, batches
 go to the thread. Once on the loop, a version's batches return to the thread only past
-INLINE_HYSTERESIS times the bound, so an estimate near it does not split them.
+INLINE_HYSTERESIS times the bound, so an estimate near it does not split them. That
+estimate is of CPU time (the computing thread's), not wall time: with workers and a
+load generator sharing the cores, a batch the OS preempted took longer by the wait, the
+same on the loop or a thread, and a few of those had sent the default model's batches to
+the thread now and then (9% of its inference time there, its weights in two interpreters).
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from time import monotonic, perf_counter
+from time import monotonic, perf_counter, thread_time
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -194,6 +198,8 @@ class DynamicBatcher:
         self._budget = config.queue_wait_budget_seconds
         # Moving average of inference seconds per image; None until a batch was timed.
         self._per_image: float | None = None
+        # The same in CPU time of the computing thread: where batches run (_on_loop).
+        self._cpu_per_image: float | None = None
         self._looping = False  # where the last batch ran (INLINE_HYSTERESIS)
         self._queue: deque[_Item] = deque()
         self._depth = 0
@@ -368,13 +374,11 @@ class DynamicBatcher:
             reason=reason,
         )
 
-    def _note_cost(self, size: int, seconds: float) -> None:
-        """Fold one batch's measured seconds per image into the moving average."""
-        sample = seconds / size
-        previous = self._per_image
-        self._per_image = (
-            sample if previous is None else previous + COST_WEIGHT * (sample - previous)
-        )
+    def _note_cost(self, size: int, seconds: float, cpu_seconds: float) -> None:
+        """Fold one batch's measured seconds per image (wall and CPU) into the moving
+        averages."""
+        self._per_image = _moving(self._per_image, seconds / size)
+        self._cpu_per_image = _moving(self._cpu_per_image, cpu_seconds / size)
         self._observer.on_cost(self._per_image)
 
     def _abandon(self, items: list[_Item]) -> None:
@@ -470,9 +474,9 @@ class DynamicBatcher:
                 deadlines = [item.deadline for item in items]
                 latest = None if None in deadlines else max(d for d in deadlines if d is not None)
                 if self._on_loop():
-                    output, seconds = self._infer(parts, latest)
+                    output, seconds, cpu_seconds = self._infer(parts, latest)
                 else:
-                    output, seconds = await loop.run_in_executor(
+                    output, seconds, cpu_seconds = await loop.run_in_executor(
                         self._executor, self._infer, parts, latest
                     )
                 if not isinstance(output, np.ndarray) or output.ndim == 0 or len(output) != size:
@@ -494,7 +498,7 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_result(output[offset : offset + n])
                 offset += n
-            self._note_cost(size, seconds)
+            self._note_cost(size, seconds, cpu_seconds)
             self._observer.on_batch(size, [item.queue_wait for item in items], seconds, output)
         finally:
             self._in_flight -= size
@@ -502,19 +506,24 @@ class DynamicBatcher:
 
     def _on_loop(self) -> bool:
         """Whether the next batch runs on the event loop (see the module's doc)."""
-        per_image = self._per_image
+        per_image = self._cpu_per_image
         if per_image is None:
             return False
         bound = self._inline_max * (INLINE_HYSTERESIS if self._looping else 1.0)
         self._looping = per_image * self.config.max_batch_size <= bound
         return self._looping
 
-    def _infer(self, parts: list[Array], deadline: float | None) -> tuple[Array, float]:
-        """On a batch thread or the event loop: the one copy into a batch, then the model."""
+    def _infer(self, parts: list[Array], deadline: float | None) -> tuple[Array, float, float]:
+        """On a batch thread or the event loop: the one copy into a batch, then the model;
+        its output, and the seconds it took in wall and in this thread's CPU time."""
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        begin = perf_counter()
+        begin, cpu = perf_counter(), thread_time()
         output = self._predict(batch, deadline)
-        return output, perf_counter() - begin
+        return output, perf_counter() - begin, thread_time() - cpu
+
+
+def _moving(previous: float | None, sample: float) -> float:
+    return sample if previous is None else previous + COST_WEIGHT * (sample - previous)
 
 
 def _expire(items: list[_Item]) -> None:

@@ -618,7 +618,10 @@ class Threads:
 
     def __call__(self, batch: Array, deadline: float | None = None) -> Array:
         self.calls.append((threading.get_ident(), len(batch)))
-        time.sleep(0.001 * len(batch))  # a model that costs at least 1 ms per image
+        # A model that costs at least 1 ms of this thread's CPU per image.
+        until = time.thread_time() + 0.001 * len(batch)
+        while time.thread_time() < until:
+            pass
         return ids(batch)
 
 
@@ -665,7 +668,7 @@ def test_batches_leave_the_event_loop_only_well_past_the_bound() -> None:
 
             def settle(per_image: float) -> None:
                 for _ in range(60):  # the moving average converges
-                    batcher._note_cost(4, 4 * per_image)
+                    batcher._note_cost(4, 4 * per_image, 4 * per_image)
                 seen.append(batcher._on_loop())
 
             settle(0.001)  # 4 ms: on the loop
@@ -676,6 +679,28 @@ def test_batches_leave_the_event_loop_only_well_past_the_bound() -> None:
         return seen
 
     assert run(scenario()) == [True, True, False, False, True]
+
+
+def test_where_batches_run_follows_cpu_time_not_time_lost_to_preemption() -> None:
+    """A batch whose thread the OS preempted took longer in wall time only: that must
+    not send a version's batches off the loop (the admission estimate, in wall time,
+    still sees it)."""
+
+    async def scenario() -> tuple[bool, bool, float]:
+        cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=0.005)
+        async with DynamicBatcher(ids, cfg, inline=True) as batcher:
+            for _ in range(60):
+                batcher._note_cost(4, 0.004, 0.004)  # 1 ms per image: on the loop
+            settled = batcher._on_loop()
+            for _ in range(60):  # 4 ms of CPU each, but 40 ms on the clock
+                batcher._note_cost(4, 0.040, 0.004)
+            per_image = batcher.seconds_per_image
+            assert per_image is not None
+            return settled, batcher._on_loop(), per_image
+
+    settled, preempted, wall = run(scenario())
+    assert settled and preempted
+    assert wall == pytest.approx(0.010, rel=1e-3)
 
 
 def test_a_batch_on_the_event_loop_answers_errors_and_deadlines_as_on_a_thread() -> None:
