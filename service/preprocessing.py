@@ -203,11 +203,9 @@ def preprocess_opened(opened: Opened, spec: PreprocessSpec) -> UInt8Image:
         pixels = opened.decode()
         if pixels is None:  # libjpeg-turbo objected: Pillow's leniency or its error
             return preprocess_opened(_pillow_fallback(opened, spec), spec)
-        if pixels.ndim == 2:
-            return resize(Image.fromarray(pixels, "L"), spec)
-        if pixels.shape[:2] == (spec.height, spec.width):
-            return pixels
-        return resize(Image.fromarray(pixels, "RGB"), spec)
+        if pixels.ndim == 3 and pixels.shape[:2] == (spec.height, spec.width):
+            return pixels  # already the model's input: no round trip through Pillow
+        return resize(Image.fromarray(pixels), spec)  # grey → "L", [H, W, 3] → "RGB"
     return resize(load(opened), spec)
 
 

@@ -42,9 +42,11 @@ def _timed(fn: Any, seconds: float, min_runs: int = 5) -> list[float]:
     return times
 
 
-# Decoding the same JPEGs alone takes ~0.23 or 0.31-0.42 ms each on one host, steady
-# within a process and decided by where Pillow's and libjpeg's row buffers fall in its
-# heap (and by moves between cores). Measured in the bench's own process, the limit
+# Decoding the same JPEGs through Pillow alone took ~0.23 or 0.31-0.42 ms each on one
+# host, steady within a process and decided by where Pillow's and libjpeg's row buffers
+# fall in its heap (and by moves between cores). Plain JPEGs no longer go through
+# Pillow (service/jpeg.py) and measure the same in every process; other payloads still
+# do. Measured in the bench's own process, the limit
 # then came out ~0.17 ms per request too high or not, run by run (efficiency 76% or
 # 103% for the same server), so it is the fastest of a few fresh, pinned processes
 # (about half of them came out slow there, so 5 miss the fast state 1 time in 32).
