@@ -174,11 +174,13 @@ class _Item:
 
 
 class DynamicBatcher:
-    """Batches concurrent ``submit`` calls into calls of a synchronous ``predict``."""
+    """Batches concurrent ``submit`` calls into calls of a synchronous ``predict``, which
+    gets the batch as its requests' inputs, in order, and answers for all their rows
+    (``Runtime.predict_parts``: a runtime copies them into its own input)."""
 
     def __init__(
         self,
-        predict: Callable[[Array, float | None], Array],
+        predict: Callable[[list[Array], float | None], Array],
         config: BatchingConfig,
         *,
         observer: BatchObserver | None = None,
@@ -514,11 +516,11 @@ class DynamicBatcher:
         return self._looping
 
     def _infer(self, parts: list[Array], deadline: float | None) -> tuple[Array, float, float]:
-        """On a batch thread or the event loop: the one copy into a batch, then the model;
-        its output, and the seconds it took in wall and in this thread's CPU time."""
-        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        """On a batch thread or the event loop: the model on the requests' inputs; its
+        output, and the seconds it took in wall and in this thread's CPU time (copying
+        the inputs into the model's included)."""
         begin, cpu = perf_counter(), thread_time()
-        output = self._predict(batch, deadline)
+        output = self._predict(parts, deadline)
         return output, perf_counter() - begin, thread_time() - cpu
 
 

@@ -361,7 +361,7 @@ class Registry:
         metrics.announce_version(model, version, prepared.labels)
         observer = metrics.BatcherMetrics(model, version, config.queue_capacity, prepared.labels)
         batcher = DynamicBatcher(
-            prepared.runtime.predict,
+            prepared.runtime.predict_parts,
             config,
             observer=observer,
             name=f"{model}/{version}",

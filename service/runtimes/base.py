@@ -9,7 +9,7 @@ thread alone, short batches from the event loop: service.batching), ``unload()``
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,14 @@ class Runtime(abc.ABC):
         ``deadline`` (time.monotonic) is the latest any request in the batch still wants
         an answer; in-process runtimes finish in milliseconds and ignore it, a remote one
         gives its call no longer than that."""
+
+    def predict_parts(self, parts: Sequence[Batch], deadline: float | None = None) -> Probabilities:
+        """``predict`` on ``parts`` one after another on axis 0 (the batcher's requests,
+        in order): the answers for all their rows. A runtime that copies its input into
+        buffers of its own anyway takes the parts as they are (LiteRT); by default they
+        are concatenated into one batch."""
+        batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return self.predict(batch, deadline)
 
     def signature_defs(self) -> Any:
         """The model's public signatures, a TF Serving ``SignatureDefMap`` (for metadata):

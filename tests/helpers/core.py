@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from service.config import Settings
 from service.registry import Registry
@@ -46,3 +48,14 @@ async def until(condition: Callable[[], bool]) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition never held")
+
+
+Array = npt.NDArray[Any]
+
+
+def whole(
+    predict: Callable[[Array, float | None], Array],
+) -> Callable[[list[Array], float | None], Array]:
+    """A batcher's predict made from one on a whole batch: the requests' parts
+    concatenated first, as Runtime.predict_parts does by default."""
+    return lambda parts, deadline: predict(np.concatenate(parts), deadline)

@@ -24,7 +24,7 @@ from service.errors import (
     Overloaded,
     TooManyImages,
 )
-from tests.helpers.core import until
+from tests.helpers.core import until, whole
 
 Array = npt.NDArray[Any]
 
@@ -141,11 +141,28 @@ def test_full_batch_is_cut_at_max_batch_size_without_waiting_for_the_timeout() -
 
     async def scenario() -> list[list[int]]:
         # A 10 s timeout: only reaching max_batch_size can cut within the run() limit.
-        async with DynamicBatcher(predict, config(4, 10_000_000)) as batcher:
+        async with DynamicBatcher(whole(predict), config(4, 10_000_000)) as batcher:
             return await gather([spawn(batcher, v) for v in (1, 2, 3, 4)])
 
     assert run(scenario()) == [[1], [2], [3], [4]]
     assert seen == [4]
+
+
+def test_predict_gets_each_requests_inputs_as_they_came() -> None:
+    # No batch is made before predict: a runtime copies the parts into its own input
+    # (Runtime.predict_parts), so the batcher passes each request's array, in order.
+    seen: list[list[list[int]]] = []
+
+    def predict(parts: list[Array], deadline: float | None = None) -> Array:
+        seen.append([part[:, 0, 0, 0].tolist() for part in parts])
+        return np.concatenate([ids(part) for part in parts])
+
+    async def scenario() -> list[list[int]]:
+        async with DynamicBatcher(predict, config(6, 10_000_000)) as batcher:
+            return await gather([spawn(batcher, 1), spawn(batcher, 2, 3, 4), spawn(batcher, 5, 6)])
+
+    assert run(scenario()) == [[1], [2, 3, 4], [5, 6]]
+    assert seen == [[[1], [2, 3, 4], [5, 6]]]
 
 
 def test_partial_batch_is_cut_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,7 +176,7 @@ def test_partial_batch_is_cut_after_the_timeout(monkeypatch: pytest.MonkeyPatch)
         return ids(batch)
 
     async def scenario() -> None:
-        async with DynamicBatcher(predict, config(8, 60_000_000)) as batcher:
+        async with DynamicBatcher(whole(predict), config(8, 60_000_000)) as batcher:
             waiting = [spawn(batcher, 1), spawn(batcher, 2, 3)]
             await until(lambda: batcher.queue_depth == 3)
             for _ in range(100):  # the loop runs on; a 60 s timeout has not passed
@@ -177,7 +194,7 @@ def test_zero_timeout_takes_whatever_is_queued_when_a_thread_frees() -> None:
     gate = Gate()
 
     async def scenario() -> None:
-        async with DynamicBatcher(gate, config(8, 0)) as batcher:
+        async with DynamicBatcher(whole(gate), config(8, 0)) as batcher:
             first = spawn(batcher, 1)
             await gate.blocked()  # cut alone, though max_batch_size is 8
             rest = [spawn(batcher, 2), spawn(batcher, 3, 4), spawn(batcher, 5)]
@@ -196,7 +213,7 @@ def test_each_request_gets_exactly_its_rows_and_batches_never_exceed_the_limit()
     requests = [(1,), (2, 3, 4), (5, 6), (7,), (8, 9, 10), (11, 12, 13, 14), (15,)]
 
     async def scenario() -> list[list[int]]:
-        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+        async with DynamicBatcher(whole(gate), config(4, 0)) as batcher:
             first = spawn(batcher, 0)
             await gate.blocked()
             tasks = [spawn(batcher, *r) for r in requests]
@@ -213,7 +230,7 @@ def test_request_larger_than_max_batch_size_is_split_and_rejoined_in_order() -> 
     gate = Gate()
 
     async def scenario() -> list[int]:
-        async with DynamicBatcher(gate, config(4, 1000)) as batcher:
+        async with DynamicBatcher(whole(gate), config(4, 1000)) as batcher:
             gate.release.set()
             result = await batcher.submit(images(*range(10)), deadline=None)
             return [int(v) for v in result]
@@ -233,7 +250,7 @@ def test_predict_error_reaches_every_waiter_and_the_next_batch_still_works() -> 
         return ids(batch)
 
     async def scenario() -> None:
-        async with DynamicBatcher(predict, config(4, 10_000_000)) as batcher:
+        async with DynamicBatcher(whole(predict), config(4, 10_000_000)) as batcher:
             tasks = [spawn(batcher, 1), spawn(batcher, 13, 2), spawn(batcher, 3)]
             results = await asyncio.gather(*tasks, return_exceptions=True)
             assert all(isinstance(r, InternalError) and r.__cause__ is failure for r in results)
@@ -247,7 +264,7 @@ def test_predict_error_reaches_every_waiter_and_the_next_batch_still_works() -> 
 
 def test_wrong_output_length_is_an_internal_error_for_the_batch() -> None:
     async def scenario() -> None:
-        async with DynamicBatcher(lambda b, _: ids(b)[:1], config(2, 0)) as batcher:
+        async with DynamicBatcher(whole(lambda b, _: ids(b)[:1]), config(2, 0)) as batcher:
             with pytest.raises(InternalError, match="predict returned ndarray"):
                 await batcher.submit(images(1, 2), deadline=None)
 
@@ -260,7 +277,7 @@ def test_full_queue_rejects_immediately_with_overloaded() -> None:
 
     async def scenario() -> None:
         # Capacity: 2 batches of 2 = 4 queued images.
-        async with DynamicBatcher(gate, config(2, 0, 2), observer=recorder) as batcher:
+        async with DynamicBatcher(whole(gate), config(2, 0, 2), observer=recorder) as batcher:
             first = spawn(batcher, 0)
             await gate.blocked()
             queued = [spawn(batcher, 1, 2), spawn(batcher, 3), spawn(batcher, 4)]
@@ -290,7 +307,7 @@ def test_deadline_expired_in_the_queue_is_dropped_before_inference(
     recorder = Recorder()
 
     async def scenario() -> None:
-        async with DynamicBatcher(gate, config(4, 0), observer=recorder) as batcher:
+        async with DynamicBatcher(whole(gate), config(4, 0), observer=recorder) as batcher:
             first = spawn(batcher, 0)
             await gate.blocked()
             late = spawn(batcher, 99, deadline=now[0] + 1.0)
@@ -311,7 +328,7 @@ def test_submit_does_not_wait_past_its_deadline() -> None:
     gate = Gate()
 
     async def scenario() -> None:
-        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+        async with DynamicBatcher(whole(gate), config(4, 0)) as batcher:
             first = spawn(batcher, 0)
             await gate.blocked()
             with pytest.raises(DeadlineExceeded):
@@ -336,7 +353,7 @@ def test_a_split_request_past_its_deadline_gives_up_every_chunk_quietly() -> Non
 
     async def scenario() -> None:
         asyncio.get_running_loop().set_exception_handler(lambda _, ctx: unhandled.append(ctx))
-        async with DynamicBatcher(gate, config(2, 0)) as batcher:
+        async with DynamicBatcher(whole(gate), config(2, 0)) as batcher:
             first = spawn(batcher, 0)
             await gate.blocked()
             split = spawn(batcher, 90, 91, 92, 93, 94, deadline=time.monotonic() + 0.05)
@@ -357,7 +374,7 @@ def test_cancelled_waiters_do_not_break_anything() -> None:
     gate = Gate()
 
     async def scenario() -> None:
-        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+        async with DynamicBatcher(whole(gate), config(4, 0)) as batcher:
             running = spawn(batcher, 0)
             await gate.blocked()
             queued = spawn(batcher, 99)
@@ -379,7 +396,7 @@ def test_stop_fails_queued_waiters_lets_running_batches_finish_and_rejects_new_w
     gate = Gate()
 
     async def scenario() -> None:
-        batcher = DynamicBatcher(gate, config(4, 0))
+        batcher = DynamicBatcher(whole(gate), config(4, 0))
         with pytest.raises(ModelNotReady):  # not started yet
             await batcher.submit(images(1), deadline=None)
         await batcher.start()
@@ -412,7 +429,7 @@ def test_batch_threads_run_batches_concurrently(threads: int) -> None:
         return ids(batch)
 
     async def scenario() -> list[Any]:
-        async with DynamicBatcher(predict, config(1, 0, 4, threads)) as batcher:
+        async with DynamicBatcher(whole(predict), config(1, 0, 4, threads)) as batcher:
             tasks = [spawn(batcher, 1), spawn(batcher, 2)]
             return await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -427,7 +444,7 @@ def test_observer_hears_about_each_batch() -> None:
     recorder = Recorder()
 
     async def scenario() -> None:
-        async with DynamicBatcher(ids, config(4, 10_000_000), observer=recorder) as batcher:
+        async with DynamicBatcher(whole(ids), config(4, 10_000_000), observer=recorder) as batcher:
             await gather([spawn(batcher, 1, 2), spawn(batcher, 3, 4)])
 
     run(scenario())
@@ -439,7 +456,7 @@ def test_observer_hears_about_each_batch() -> None:
 
 def test_empty_request_is_invalid() -> None:
     async def scenario() -> None:
-        async with DynamicBatcher(ids, config()) as batcher:
+        async with DynamicBatcher(whole(ids), config()) as batcher:
             with pytest.raises(InvalidRequest):
                 await batcher.submit(np.zeros((0, 2, 2, 3), np.uint8), deadline=None)
 
@@ -452,7 +469,7 @@ def test_a_batch_is_given_the_latest_deadline_of_its_requests() -> None:
 
     async def scenario() -> None:
         gate = Gate()
-        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+        async with DynamicBatcher(whole(gate), config(4, 0)) as batcher:
             first = asyncio.create_task(batcher.submit(images(1), deadline=None))
             await gate.blocked()
             far = time.monotonic() + 60
@@ -481,7 +498,7 @@ def test_each_request_learns_its_own_queue_wait_and_inference_time(
         gate = Gate()
         first_timings: dict[str, float] = {}
         second_timings: dict[str, float] = {}
-        async with DynamicBatcher(gate, config(4, 0)) as batcher:
+        async with DynamicBatcher(whole(gate), config(4, 0)) as batcher:
             first = asyncio.create_task(
                 batcher.submit(images(1), deadline=None, timings=first_timings)
             )
@@ -535,7 +552,7 @@ def test_admission_sheds_by_seconds_of_work_queued_not_by_count(costly: Costly) 
     cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.045)
 
     async def scenario() -> None:
-        async with DynamicBatcher(predict, cfg, observer=recorder) as batcher:
+        async with DynamicBatcher(whole(predict), cfg, observer=recorder) as batcher:
             assert batcher.seconds_per_image is None  # nothing measured: the item cap only
             first = await batcher.submit(images(1, 2, 3, 4), deadline=None)
             assert first.tolist() == [1, 2, 3, 4]
@@ -571,7 +588,7 @@ def test_admission_sheds_when_the_deadline_cannot_be_met(
     cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=10.0)
 
     async def scenario() -> None:
-        async with DynamicBatcher(predict, cfg, observer=recorder) as batcher:
+        async with DynamicBatcher(whole(predict), cfg, observer=recorder) as batcher:
             await batcher.submit(images(1, 2, 3, 4), deadline=None)
             predict.block_first = True
             running = spawn(batcher, 5, 6, 7, 8)  # 40 ms of work ahead of what comes next
@@ -595,7 +612,7 @@ def test_less_than_a_batch_ahead_is_always_admitted(costly: Costly) -> None:
     cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.001)
 
     async def scenario() -> None:
-        async with DynamicBatcher(costly, cfg) as batcher:
+        async with DynamicBatcher(whole(costly), cfg) as batcher:
             await batcher.submit(images(1), deadline=None)  # measures 10 ms per image
             costly.block_first = True
             running = spawn(batcher, 2, 3)  # 20 ms in inference, 2 images < a batch of 4
@@ -640,7 +657,7 @@ def test_short_batches_run_on_the_event_loop_only_when_allowed(
     async def scenario() -> list[tuple[int, int]]:
         predict = Threads()
         cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=inline_max_seconds)
-        async with DynamicBatcher(predict, cfg, inline=inline) as batcher:
+        async with DynamicBatcher(whole(predict), cfg, inline=inline) as batcher:
             for value in range(3):
                 assert (await batcher.submit(images(value, value), deadline=None)).tolist() == [
                     value,
@@ -664,7 +681,7 @@ def test_batches_leave_the_event_loop_only_well_past_the_bound() -> None:
         # A full batch is 4 images; the bound 5 ms, so 1.25 ms per image is the edge.
         cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=0.005)
         seen = []
-        async with DynamicBatcher(ids, cfg, inline=True) as batcher:
+        async with DynamicBatcher(whole(ids), cfg, inline=True) as batcher:
 
             def settle(per_image: float) -> None:
                 for _ in range(60):  # the moving average converges
@@ -688,7 +705,7 @@ def test_where_batches_run_follows_cpu_time_not_time_lost_to_preemption() -> Non
 
     async def scenario() -> tuple[bool, bool, float]:
         cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=0.005)
-        async with DynamicBatcher(ids, cfg, inline=True) as batcher:
+        async with DynamicBatcher(whole(ids), cfg, inline=True) as batcher:
             for _ in range(60):
                 batcher._note_cost(4, 0.004, 0.004)  # 1 ms per image: on the loop
             settled = batcher._on_loop()
@@ -715,7 +732,7 @@ def test_a_batch_on_the_event_loop_answers_errors_and_deadlines_as_on_a_thread()
 
     async def scenario() -> None:
         cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=10.0)
-        async with DynamicBatcher(predict, cfg, inline=True) as batcher:
+        async with DynamicBatcher(whole(predict), cfg, inline=True) as batcher:
             assert (await batcher.submit(images(1), deadline=None)).tolist() == [1]
             failing["now"] = True
             with pytest.raises(InternalError, match="boom"):

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service import metrics, requestlog
 from service.batching import BatchingConfig, DynamicBatcher
 from service.errors import DeadlineExceeded, Overloaded
-from tests.helpers.core import until
+from tests.helpers.core import until, whole
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -104,7 +104,7 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
             asyncio.run_coroutine_threadsafe(release.wait(), loop).result(5)
             return batch[:, :1].astype(np.float32)
 
-        async with DynamicBatcher(predict, config, observer=observer) as batcher:
+        async with DynamicBatcher(whole(predict), config, observer=observer) as batcher:
             first = asyncio.create_task(batcher.submit(np.ones((2, 3)), deadline=None))
             await started.wait()  # the first batch is on the thread; the queue is empty
             queued = asyncio.create_task(batcher.submit(np.ones((2, 3)), deadline=None))

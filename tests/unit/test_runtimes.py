@@ -8,15 +8,18 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from service.errors import InvalidRequest, ModelLoadError
+from service.repository import read_card
 from service.runtimes import conversion, create_runtime
 from service.runtimes.base import Runtime
-from service.runtimes.litert import MAX_CHUNK, LiteRTRuntime
+from service.runtimes.card import verified_litert
+from service.runtimes.litert import MAX_CHUNK, LiteRTRuntime, _Interpreter
 from service.runtimes.tensorflow import TensorFlowRuntime
 from tests.helpers.models import publish_tiny
 
@@ -120,7 +123,46 @@ def test_changing_batch_sizes_keep_correct_answers(
         assert got.shape == (n, 3)
         np.testing.assert_allclose(got, tf_rt.predict(batch), atol=1e-4)
     # One interpreter on this thread, whatever the sizes.
-    assert lite_rt._local.runner is not None and not hasattr(lite_rt._local, "runners")
+    assert lite_rt._local.interpreter is not None and not hasattr(lite_rt._local, "runner")
+
+
+@pytest.mark.parametrize("kind", ["tensorflow", "litert"])
+def test_parts_are_answered_as_their_concatenation(
+    kind: str, tf_rt: TensorFlowRuntime, lite_rt: LiteRTRuntime
+) -> None:
+    # The batcher's requests as it hands them over: parts of several sizes whose rows
+    # straddle LiteRT's chunks (it copies them into its input piece by piece), answered
+    # row for row as the batch they make. TensorFlow concatenates them (the default).
+    rt: Runtime = tf_rt if kind == "tensorflow" else lite_rt
+    parts = [_images(n, seed=10 + i) for i, n in enumerate([1, MAX_CHUNK + 1, 1, 1, 2, 1])]
+    whole = rt.predict(np.concatenate(parts))
+    got = rt.predict_parts(parts)
+    assert got.shape == whole.shape == (sum(map(len, parts)), 3)
+    np.testing.assert_array_equal(got, whole)
+    np.testing.assert_array_equal(rt.predict_parts(parts[1:2]), rt.predict(parts[1]))
+    # Checked as a batch is: a wrong shape is the client's error. (The batcher puts
+    # only requests of one shape and dtype in a batch.)
+    with pytest.raises(InvalidRequest, match="shape"):
+        rt.predict_parts([_images(1, size=32)])
+
+
+def test_litert_serves_a_signature_only_through_the_main_graph(shipped: Path) -> None:
+    """The serving signature is run through the main graph's one input and output (the
+    public tensor API). cnnserve's artifacts have one signature, the main graph; one
+    whose signature names other tensors (another graph's) is refused with what to do."""
+    interpreter = _Interpreter(verified_litert(shipped, read_card(shipped)).read_bytes(), 1)
+    runner = interpreter.interpreter.get_signature_runner("serving_default")
+    interpreter.check_signature(runner)  # the real artifact: its main graph
+
+    class Elsewhere:  # a signature whose tensors are not the main graph's
+        def get_input_details(self) -> dict[str, Any]:
+            return {"images": {"index": 1_000}}
+
+        def get_output_details(self) -> dict[str, Any]:
+            return runner.get_output_details()
+
+    with pytest.raises(ValueError, match="not the main graph's one input"):
+        interpreter.check_signature(Elsewhere())
 
 
 @pytest.mark.parametrize("kind", ["tensorflow", "litert"])
@@ -337,8 +379,8 @@ def test_a_thread_that_loaded_and_warmed_litert_keeps_no_interpreters(
     prepared = prepare_runtime(LiteRTRuntime(shipped, cache_dir=tmp_path), shipped)
     rt = prepared.runtime
     assert isinstance(rt, LiteRTRuntime)
-    assert getattr(rt._local, "runner", None) is None
+    assert getattr(rt._local, "interpreter", None) is None
     out = rt.predict(_images(2, seed=0))
-    assert out.shape[0] == 2 and rt._local.runner is not None
+    assert out.shape[0] == 2 and rt._local.interpreter is not None
     rt.leave_thread()
-    assert getattr(rt._local, "runner", None) is None
+    assert getattr(rt._local, "interpreter", None) is None
