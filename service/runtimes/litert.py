@@ -126,6 +126,8 @@ class LiteRTRuntime(Runtime):
         )
         self.artifact = artifact
         self._local = threading.local()
+        # The loading thread's own: warm-up predicts on it next (then leave_thread).
+        self._local.interpreter = interpreter
         self._signatures = signatures
         self._info = info
         log.info(
