@@ -90,6 +90,7 @@ class LiteRTRuntime(Runtime):
         self.cache_dir = cache_dir
         self.artifact: Path | None = None
         self._content: bytes | None = None
+        self._tensors = (0, 0)  # the served input and output tensors (set by load)
         self._local = threading.local()
 
     @property
@@ -101,7 +102,7 @@ class LiteRTRuntime(Runtime):
         content = self._content
         if content is None:
             raise RuntimeError(f"litert runtime for {self.version_dir} is not loaded")
-        return _Interpreter(content, self.threads or 1)
+        return _Interpreter(_open(content, self.threads), *self._tensors)
 
     def load(self) -> ModelInfo:
         # The artifact is served, but a corrupt SavedModel beside it fails the load too.
@@ -109,15 +110,22 @@ class LiteRTRuntime(Runtime):
         artifact = litert_artifact(self.version_dir, self.cache_dir, self.card)
         try:
             self._content = artifact.read_bytes()
-            interpreter = self._new_interpreter()
-            runner = interpreter.interpreter.get_signature_runner(SERVING_SIGNATURE)
-            inputs = {k: _desc(v) for k, v in runner.get_input_details().items()}
-            outputs = {k: _desc(v) for k, v in runner.get_output_details().items()}
-            interpreter.check_signature(runner)
+            opened = _open(self._content, self.threads)
+            runner = opened.get_signature_runner(SERVING_SIGNATURE)
+            given, answered = runner.get_input_details(), runner.get_output_details()
+            inputs = {k: _desc(v) for k, v in given.items()}
+            outputs = {k: _desc(v) for k, v in answered.items()}
         except Exception as exc:  # a truncated or foreign file fails in many ways
             self._content = None
             raise ModelLoadError(f"{self.version_dir}: cannot open {artifact}: {exc}") from exc
         info = describe(inputs, outputs, self.card, self.version_dir)
+        try:
+            self._tensors = _main_graph_tensors(
+                opened, given[info.input_name]["index"], answered[info.output_name]["index"]
+            )
+        except ValueError as exc:
+            self._content = None
+            raise ModelLoadError(f"{self.version_dir}: {artifact}: {exc}") from None
         info.extra["artifact"] = str(artifact)
         # The shipped artifact carries the card's precision; a cache conversion is float.
         shipped = verified_litert(self.version_dir, self.card)
@@ -127,7 +135,7 @@ class LiteRTRuntime(Runtime):
         self.artifact = artifact
         self._local = threading.local()
         # The loading thread's own: warm-up predicts on it next (then leave_thread).
-        self._local.interpreter = interpreter
+        self._local.interpreter = _Interpreter(opened, *self._tensors)
         self._signatures = signatures
         self._info = info
         log.info(
@@ -170,35 +178,40 @@ class LiteRTRuntime(Runtime):
         super().unload()
 
 
+def _open(content: bytes, threads: int) -> Any:
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_content=content, num_threads=threads or 1)
+
+
+def _main_graph_tensors(interpreter: Any, given: int, answered: int) -> tuple[int, int]:
+    """The serving signature's input and output tensors, which must be the main graph's:
+    the public tensor API (``tensor``, ``get_tensor``) reaches only that graph. So they
+    are in every artifact cnnserve converts or exports (one signature)."""
+    main_inputs = [d["index"] for d in interpreter.get_input_details()]
+    main_outputs = [d["index"] for d in interpreter.get_output_details()]
+    if main_inputs != [given] or answered not in main_outputs:
+        raise ValueError(
+            f"its {SERVING_SIGNATURE!r} signature is not the main graph's; convert the "
+            "SavedModel with cnnserve (or delete the artifact so that it is converted "
+            "on load)"
+        )
+    return given, answered
+
+
 class _Interpreter:
     """One thread's LiteRT interpreter, its input tensor sized for the last chunk run."""
 
-    def __init__(self, content: bytes, threads: int) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_content=content, num_threads=threads)
-        (given,) = self.interpreter.get_input_details()
-        (answered,) = self.interpreter.get_output_details()
-        self._input_index: int = given["index"]
-        self._output_index: int = answered["index"]
-        self._image_shape = tuple(int(d) for d in given["shape"][1:])
+    def __init__(self, interpreter: Any, given: int, answered: int) -> None:
+        self.interpreter = interpreter
+        self._input_index = given
+        self._output_index = answered
+        (detail,) = (d for d in interpreter.get_input_details() if d["index"] == given)
+        self._image_shape = tuple(int(d) for d in detail["shape"][1:])
         self._rows = 0  # the input's batch size once allocated; 0 before
         # A numpy view of the input tensor, made anew per chunk: the interpreter refuses
         # to invoke while a view of its buffers is alive.
-        self._input = self.interpreter.tensor(self._input_index)
-
-    def check_signature(self, runner: Any) -> None:
-        """The serving signature must be the main graph's input and output, which the
-        public tensor API (`tensor`, `get_tensor`) reaches: so it is in every artifact
-        cnnserve converts or exports (one signature, one input, one output)."""
-        given = [d["index"] for d in runner.get_input_details().values()]
-        answered = [d["index"] for d in runner.get_output_details().values()]
-        if given != [self._input_index] or answered != [self._output_index]:
-            raise ValueError(
-                f"its {SERVING_SIGNATURE!r} signature is not the main graph's one input "
-                "and one output; convert the SavedModel with cnnserve (or delete the "
-                "artifact so that it is converted on load)"
-            )
+        self._input = interpreter.tensor(given)
 
     def run(self, chunk: list[Batch]) -> Batch:
         """The model on ``chunk``'s rows in order, each piece copied into the input."""

@@ -8,7 +8,6 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -19,7 +18,7 @@ from service.repository import read_card
 from service.runtimes import conversion, create_runtime
 from service.runtimes.base import Runtime
 from service.runtimes.card import verified_litert
-from service.runtimes.litert import MAX_CHUNK, LiteRTRuntime, _Interpreter
+from service.runtimes.litert import MAX_CHUNK, LiteRTRuntime, _main_graph_tensors, _open
 from service.runtimes.tensorflow import TensorFlowRuntime
 from tests.helpers.models import publish_tiny
 
@@ -147,22 +146,59 @@ def test_parts_are_answered_as_their_concatenation(
 
 
 def test_litert_serves_a_signature_only_through_the_main_graph(shipped: Path) -> None:
-    """The serving signature is run through the main graph's one input and output (the
+    """The serving signature is run through the main graph's input and output (the
     public tensor API). cnnserve's artifacts have one signature, the main graph; one
     whose signature names other tensors (another graph's) is refused with what to do."""
-    interpreter = _Interpreter(verified_litert(shipped, read_card(shipped)).read_bytes(), 1)
-    runner = interpreter.interpreter.get_signature_runner("serving_default")
-    interpreter.check_signature(runner)  # the real artifact: its main graph
+    opened = _open(verified_litert(shipped, read_card(shipped)).read_bytes(), 1)
+    runner = opened.get_signature_runner("serving_default")
+    (given,) = [d["index"] for d in runner.get_input_details().values()]
+    (answered,) = [d["index"] for d in runner.get_output_details().values()]
+    assert _main_graph_tensors(opened, given, answered) == (given, answered)
+    elsewhere = 1 + max(d["index"] for d in opened.get_tensor_details())
+    with pytest.raises(ValueError, match="not the main graph's; convert the SavedModel"):
+        _main_graph_tensors(opened, elsewhere, answered)
+    with pytest.raises(ValueError, match="not the main graph's"):
+        _main_graph_tensors(opened, given, elsewhere)
 
-    class Elsewhere:  # a signature whose tensors are not the main graph's
-        def get_input_details(self) -> dict[str, Any]:
-            return {"images": {"index": 1_000}}
 
-        def get_output_details(self) -> dict[str, Any]:
-            return runner.get_output_details()
+def _write_two_output_model(path: Path) -> None:
+    """A foreign SavedModel with two outputs: logits, and the probabilities served."""
+    import keras
+    import tensorflow as tf
 
-    with pytest.raises(ValueError, match="not the main graph's one input"):
-        interpreter.check_signature(Elsewhere())
+    inp = keras.Input((32, 32, 3), dtype="uint8")
+    pooled = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inp))
+    logits = keras.layers.Dense(4)(pooled)
+    model = keras.Model(inp, logits)
+
+    def serve(images: tf.Tensor) -> dict[str, tf.Tensor]:
+        out = model(images)
+        return {"logits": out, "probabilities": tf.nn.softmax(out)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default", serve, [tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="images")]
+    )
+    archive.write_out(str(path), verbose=False)
+
+
+def test_litert_serves_the_probabilities_of_a_signature_with_several_outputs(
+    root: Path, tmp_path: Path
+) -> None:
+    version = root / "two_outputs" / "1"
+    _write_two_output_model(version)
+    lite = LiteRTRuntime(version, cache_dir=tmp_path)
+    reference = TensorFlowRuntime(version)
+    assert lite.load().output_name == reference.load().output_name == "probabilities"
+    try:
+        parts = [_images(n, seed=20 + n, size=32) for n in (1, 2, 2)]
+        got = lite.predict_parts(parts)
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(got, reference.predict(np.concatenate(parts)), atol=1e-5)
+    finally:
+        lite.unload()
+        reference.unload()
 
 
 @pytest.mark.parametrize("kind", ["tensorflow", "litert"])
