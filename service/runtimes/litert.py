@@ -50,7 +50,7 @@ MAX_CHUNK = 2
 # concatenation read images decoded a while before, out of the caches: ~25 µs per image
 # there (thread CPU time in the workers) against ~7 alone. End to end, the default
 # model's CPU per request went down ~3% (lower in 6 of 8 alternating pairs);
-# MobileNetV3-Small, 8x the inference per image, showed no difference.
+# MobileNetV3-Small, ~3x the inference per image, showed no difference.
 
 
 def litert_artifact(version_dir: Path, cache_dir: Path, card: Mapping[str, Any]) -> Path:
