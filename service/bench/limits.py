@@ -45,8 +45,10 @@ def _timed(fn: Any, seconds: float, min_runs: int = 5) -> list[float]:
 # Decoding the same JPEGs through Pillow alone took ~0.23 or 0.31-0.42 ms each on one
 # host, steady within a process and decided by where Pillow's and libjpeg's row buffers
 # fall in its heap (and by moves between cores). Plain JPEGs no longer go through
-# Pillow (service/jpeg.py) and measure the same in every process; other payloads still
-# do. Measured in the bench's own process, the limit
+# Pillow (service/jpeg.py), but their decode still depends on the process, less so
+# (0.163-0.201 ms over 6 processes on a Xeon): libjpeg-turbo writes rows that start on a
+# 32-byte boundary with non-temporal stores, and where numpy's output buffer lands
+# decides that (docs/performance.md). Measured in the bench's own process, the limit
 # then came out ~0.17 ms per request too high or not, run by run (efficiency 76% or
 # 103% for the same server), so it is the fastest of a few fresh, pinned processes
 # (about half of them came out slow there, so 5 miss the fast state 1 time in 32).

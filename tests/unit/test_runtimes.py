@@ -116,13 +116,15 @@ def test_changing_batch_sizes_keep_correct_answers(
     # many chunks, and back to 1: one interpreter, resized between chunks of different
     # sizes, must answer each with its own input.
     sizes = [1, MAX_CHUNK + 1, 32, MAX_CHUNK, 4 * MAX_CHUNK - 1, 3, 1]
+    interpreters = []  # the objects, kept: an id could be reused
     for i, n in enumerate(sizes):
         batch = _images(n, seed=i)
         got = lite_rt.predict(batch)
         assert got.shape == (n, 3)
         np.testing.assert_allclose(got, tf_rt.predict(batch), atol=1e-4)
-    # One interpreter on this thread, whatever the sizes.
-    assert lite_rt._local.interpreter is not None and not hasattr(lite_rt._local, "runner")
+        interpreters.append(lite_rt._local.interpreter)
+    # One interpreter on this thread, the same whatever the sizes.
+    assert all(each is interpreters[0] for each in interpreters)
 
 
 @pytest.mark.parametrize("kind", ["tensorflow", "litert"])
