@@ -148,7 +148,7 @@ def test_train_defaults_are_the_training_configs() -> None:
 def test_publishing_an_unconfigured_model_prints_the_block_to_add(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from service.cli import _say_if_unserved
+    from service.cli_train import _say_if_unserved
     from service.repository import read_repository
     from tests.helpers.models import simple_config, write_models_config
 

@@ -16,6 +16,8 @@ LAYERS: dict[str, int] = {
     "service.cli": 3,
     "service.cli_data": 3,
     "service.cli_rollout": 3,
+    "service.cli_train": 3,
+    "service.cli_bench": 3,
     "service.server": 3,
     "service.launch": 3,
     "service.bench": 3,

@@ -1,0 +1,191 @@
+"""`cnnserve bench`: the load sweep beside the physical limit (parser and handler).
+Kept apart from :mod:`service.cli` so that each module stays one job; ``cli`` adds it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from service.config import Settings
+from service.errors import DatasetError
+
+
+def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="sweep load on the gateway with wrk, beside its physical limit",
+        description="Starts the gateway for each workers x batching setting (or drives "
+        "--url) and runs wrk at each concurrency level posting 224x224 JPEGs; measures "
+        "HTTP, decode + resize and inference alone for the physical limit; runs the "
+        "tutorial-style and the batching TensorFlow reference servers under the same load; "
+        "writes JSON and a PNG, the gateway's req/s over each peer's, and recommends "
+        "batching settings for --slo-p99-ms.",
+    )
+    p.add_argument("--model-repository", type=Path, default=settings.model_repository)
+    p.add_argument("--model", default="fashion_mnist")
+    p.add_argument("--version", type=int, default=None, help="default: newest")
+    p.add_argument(
+        "--model-kind",
+        choices=("repository", "mobilenet_v3_small"),
+        default="repository",
+        help="repository: --model from --model-repository; mobilenet_v3_small: build "
+        "keras.applications.MobileNetV3Small (weights=None, seeded, 1000 classes, uint8 "
+        "input, float LiteRT) into a temporary repository and check the gateway's answers "
+        "against TensorFlow's before measuring",
+    )
+    p.add_argument(
+        "--payload",
+        choices=("fashion", "photos"),
+        default="fashion",
+        help="fashion: one upscaled Fashion-MNIST JPEG; photos: a random one of 200 "
+        "photo-like 224x224 JPEGs (~10 KiB) per request",
+    )
+    p.add_argument("--concurrency", default="1,8,32,64", help="wrk connections per point")
+    p.add_argument("--workers", default=str(settings.workers), help="worker counts, e.g. 1,2")
+    p.add_argument(
+        "--batching",
+        default=None,
+        help="settings to sweep as max_batch_size:batch_timeout_micros:num_batch_threads, "
+        "comma-separated (default: the current settings)",
+    )
+    p.add_argument("--seconds", type=float, default=10.0, help="per point")
+    p.add_argument("--warmup-seconds", type=float, default=3.0, help="per server")
+    p.add_argument("--limit-seconds", type=float, default=3.0, help="per limit measurement")
+    p.add_argument("--url", default=None, help="drive this running gateway instead")
+    p.add_argument("--server-pid", type=int, default=None, help="its pid, for CPU and RSS")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=Path("loadtests/reference_server.py"),
+        help="tutorial-style server to compare with",
+    )
+    p.add_argument(
+        "--batching-reference",
+        type=Path,
+        default=Path("loadtests/batching_reference_server.py"),
+        help="batching TensorFlow server to compare with",
+    )
+    p.add_argument(
+        "--reference-workers",
+        type=int,
+        default=None,
+        help="for both reference servers; default: the most swept workers",
+    )
+    p.add_argument("--no-batching-reference", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="neither reference server")
+    p.add_argument("--slo-p99-ms", type=float, default=100.0, help="for the batching advisor")
+    p.add_argument(
+        "--runtime-table", action="store_true", help="also time each runtime (batch sizes below)"
+    )
+    p.add_argument("--batch-sizes", default="1,8,32", help="for --runtime-table")
+    p.add_argument("--output", type=Path, default=Path("reports/bench.json"), help="PNG beside")
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from service.bench.runtime_table import machine
+
+    if args.model_kind == "repository":
+        return _bench_on(args, settings, args.model_repository, args.model)
+    if args.url:
+        print("cnnserve bench: --model-kind builds a model; it cannot drive --url", file=sys.stderr)
+        return 2
+    from service.bench import mobilenet
+
+    with tempfile.TemporaryDirectory(prefix="cnnserve-bench-model-") as tmp:
+        print(f"building {mobilenet.MODEL_NAME} on {machine()}", file=sys.stderr)
+        version_dir = mobilenet.build_repository(Path(tmp))
+        return _bench_on(args, settings, version_dir.parents[1], mobilenet.MODEL_NAME)
+
+
+def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, model: str) -> int:
+    from service.bench import advisor, sweep, tables, write_json
+    from service.bench.plot import plot
+    from service.bench.runtime_table import bench_runtimes, machine
+    from service.repository import version_dirs
+
+    versions = version_dirs(repository / model)
+    if not versions:
+        raise DatasetError(f"no published version of {model} in {repository}")
+    version = args.version or max(versions)
+    batchings = (
+        [sweep.Batching.parse(b) for b in args.batching.split(",")]
+        if args.batching
+        else [sweep.Batching.of(settings)]
+    )
+    workers = [int(w) for w in args.workers.split(",")]
+    if args.url and len(workers) * len(batchings) > 1:
+        print(
+            "cnnserve bench: with --url the server's settings are fixed; give one --workers "
+            "and at most one --batching (they only label the run)",
+            file=sys.stderr,
+        )
+        return 2
+    peers = []
+    for key, label, script, off in (
+        ("reference", "reference (tutorial-style, TF per request)", args.reference, False),
+        (
+            "batching_reference",
+            "batching reference (TF, batch 32)",
+            args.batching_reference,
+            args.no_batching_reference,
+        ),
+    ):
+        if args.no_reference or off:
+            continue
+        if not script.exists():
+            print(f"cnnserve bench: no reference server at {script}; skipped", file=sys.stderr)
+            continue
+        peers.append(sweep.Peer(key, label, script, args.reference_workers or max(workers)))
+    plan = sweep.Plan(
+        repository=repository,
+        version_dir=versions[version],
+        concurrency=[int(c) for c in args.concurrency.split(",")],
+        configs=[sweep.ServerConfig(w, b) for w in workers for b in batchings],
+        seconds=args.seconds,
+        warmup_seconds=args.warmup_seconds,
+        limit_seconds=args.limit_seconds,
+        peers=peers,
+        url=args.url,
+        server_pid=args.server_pid,
+        payload=sweep.make_payload(args.payload, settings.fashion_mnist_dir),
+        check_answers=8 if args.model_kind != "repository" else 0,
+    )
+    print(f"bench {model}/{version} on {machine()}", file=sys.stderr)
+    data = {
+        "machine": machine(),
+        "model": f"{model}/{version}",
+        "model_kind": args.model_kind,
+        "command": "cnnserve " + shlex.join(args.argv),
+        **sweep.run(plan, settings),
+    }
+    if args.runtime_table:
+        data["runtimes"] = [
+            row
+            for threads in sorted({1, os.cpu_count() or 1})
+            for row in bench_runtimes(
+                versions[version],
+                cache_dir=settings.cache_dir,
+                batch_sizes=[int(x) for x in args.batch_sizes.split(",")],
+                seconds=args.limit_seconds,
+                threads=threads,
+            )
+        ]
+    data["advice"] = advisor.recommend(data["runs"], args.slo_p99_ms)
+    write_json(args.output, data)
+    png = args.output.with_suffix(".png")
+    plot(data, png)
+    print(tables.sweep_table(data))
+    print()
+    print(tables.limits_table(data))
+    print()
+    if side := tables.side_by_side_table(data):
+        print(side)
+        print()
+    print(advisor.describe(data["advice"]))
+    print(f"written to {args.output} and {png}", file=sys.stderr)
+    return 0
