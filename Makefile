@@ -52,13 +52,14 @@ test-reliability: install system-deps
 	$(PY) -m pytest -m reliability tests/reliability
 
 # Longer fuzzing: hypothesis's `fuzz` profile (2,000 examples per property), then
-# atheris (libFuzzer) on image decoding for FUZZ_SECONDS, when atheris installs.
+# atheris (libFuzzer) on image decoding for FUZZ_SECONDS, when atheris installs, from a
+# seed corpus of small valid images (kept and grown in reports/fuzz/corpus).
 FUZZ_SECONDS ?= 120
 fuzz: install
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -m reliability tests/reliability/test_fuzz.py
 	@if $(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris; then \
 		mkdir -p reports/fuzz && cd reports/fuzz && \
-		$(abspath $(PY)) $(abspath tests/reliability/fuzz_decode.py) -max_total_time=$(FUZZ_SECONDS); \
+		$(abspath $(PY)) $(abspath tests/reliability/fuzz_decode.py) corpus -max_total_time=$(FUZZ_SECONDS); \
 	else echo "atheris does not install here; hypothesis fuzzing only"; fi
 
 # Only the browser tests (also part of `make test`); screenshots land in reports/e2e/.
