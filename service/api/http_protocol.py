@@ -512,6 +512,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             and self._receiving is None
             and not self.pipeline
             and isinstance(cycle, RequestResponseCycle)
+            and cycle.more_body  # the broken message is its own, not one begun after it
             and not cycle.response_started
         ):
             # Its app waits for the rest of a body the parser cannot read: the app is

@@ -387,16 +387,42 @@ def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(
     assert "Invalid HTTP request" not in server.log.read_text()
 
 
-def test_garbage_pipelined_behind_a_request_does_not_take_its_answer(server: Server) -> None:
-    """The request before the garbage is answered, in order, then the connection closes
-    (uvicorn wrote its 400 in place of the first request's answer)."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
-        sock.sendall(
+PNG_JSON = json.dumps({"image": base64.b64encode(PNG).decode()}).encode()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "answered"),
+    [
+        (  # the raw-body route, answered by the HTTP protocol
             b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(PNG) + PNG + b"FOO / HTTP/1.1\r\n\r\n"
-        )
+            b"Content-Length: %d\r\n\r\n" % len(PNG) + PNG,
+            b'"predictions"',
+        ),
+        (  # routes of the app
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(PNG_JSON) + PNG_JSON,
+            b'"predictions"',
+        ),
+        (b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", b'"ready"'),
+        (b"GET /v1/models/tiny HTTP/1.1\r\nHost: x\r\n\r\n", b'"AVAILABLE"'),
+    ],
+    ids=["direct-classify", "json-classify", "readyz", "model-status"],
+)
+@pytest.mark.parametrize(
+    "garbage",
+    [b"FOO / HTTP/1.1\r\n\r\n", b"GARBAGE\r\n\r\n"],
+    ids=["bad-method", "not-http"],
+)
+def test_garbage_pipelined_behind_a_request_does_not_take_its_answer(
+    server: Server, request_bytes: bytes, answered: bytes, garbage: bytes
+) -> None:
+    """The request before the garbage, arriving in the same read, is answered, then the
+    connection closes (uvicorn wrote its 400 in place of the first request's answer; and
+    the app's routes were told their client had left, so they answered nothing)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(request_bytes + garbage)
         answer = read_answer(sock)
-    assert answer.startswith(b"HTTP/1.1 200") and b'"predictions"' in answer, answer[:300]
+    assert answer.startswith(b"HTTP/1.1 200") and answered in answer, answer[:300]
     assert answer.count(b"HTTP/1.1 ") == 1
 
 
