@@ -44,6 +44,22 @@ from typing import ClassVar
 import grpc
 
 HIDDEN_MESSAGE = "internal error; the server logged the details"
+# Messages echo what the client sent (a model name, a label, a signature). gRPC sends
+# the message as the grpc-message trailer, percent-encoded (up to 12 bytes a character),
+# and its core refuses metadata over 16 KiB, turning a 17,000-character model name's
+# NOT_FOUND into RESOURCE_EXHAUSTED "Stream removed". A bound keeps the status, and any
+# client's echo out of the logs' way.
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message``, or its start and end around a note of what was left out: the start
+    says what is wrong, the end usually what to do (the models there are, …)."""
+    if len(message) <= limit:
+        return message
+    head, tail = limit * 2 // 3, limit // 3
+    left_out = len(message) - head - tail
+    return f"{message[:head]} … ({left_out} characters left out) … {message[-tail:]}"
 
 
 class CnnserveError(Exception):
@@ -58,6 +74,7 @@ class CnnserveError(Exception):
     expose_message: ClassVar[bool] = True
 
     def __init__(self, message: str, *, detail: str | None = None) -> None:
+        message = bounded(message)
         super().__init__(message)
         self.message = message
         self.detail = detail

@@ -13,10 +13,15 @@ import struct
 import time
 import zlib
 
+import grpc
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from service.tfserving_proto import to_tensor_proto
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, eventually, read_response
 
@@ -225,6 +230,51 @@ def test_tfserving_predict_with_hostile_json(server: Server) -> None:
         ]:
             response = client.post("/v1/models/tiny:predict", content=body)
             assert_error(response, statuses)
+
+
+HUGE = "x" * 17_000  # past gRPC's 16 KiB metadata limit once echoed in grpc-message
+
+
+@pytest.mark.parametrize(
+    ("field", "code"),
+    [
+        ("model", grpc.StatusCode.NOT_FOUND),
+        ("label", grpc.StatusCode.NOT_FOUND),
+        ("signature", grpc.StatusCode.INVALID_ARGUMENT),
+        ("input", grpc.StatusCode.INVALID_ARGUMENT),
+        ("classify-model", grpc.StatusCode.NOT_FOUND),
+    ],
+)
+def test_huge_names_over_grpc_keep_their_status(
+    server: Server, field: str, code: grpc.StatusCode
+) -> None:
+    """An error echoing a 17,000-character name still reaches the client as its own
+    status (it came as RESOURCE_EXHAUSTED "Stream removed": the message overflowed the
+    trailer's limit), with the start and end of the message."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = HUGE if field == "model" else "tiny"
+    if field == "label":
+        request.model_spec.version_label = HUGE
+    if field == "signature":
+        request.model_spec.signature_name = HUGE
+    request.inputs[HUGE if field == "input" else "image"].CopyFrom(
+        to_tensor_proto(np.zeros((1, 224, 224, 3), np.uint8), packed=True)
+    )
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as raised:
+        if field == "classify-model":
+            stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+            stub.Classify(cnnserve_v1_pb2.ClassifyRequest(model=HUGE, image=PNG), timeout=BOUND)
+        else:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+                request, timeout=BOUND
+            )
+    assert raised.value.code() == code, raised.value.details()
+    assert "characters left out" in raised.value.details()
+    with server.client() as client:  # REST, same bound
+        response = client.post(f"/v1/classify?model={HUGE}", content=PNG,
+                               headers={"content-type": "image/png"})  # fmt: skip
+    assert response.status_code == 404
+    assert len(response.json()["error"]["message"]) < 1100
 
 
 def test_slow_client_body_is_cut_off_with_408(server: Server) -> None:

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from service import errors
-from service.errors import CnnserveError
+from service.errors import MAX_MESSAGE_CHARS, CnnserveError, ModelNotFound
 
 
 def _all_errors(cls: type[CnnserveError] = CnnserveError) -> list[type[CnnserveError]]:
@@ -45,3 +45,12 @@ def test_internal_details_are_kept_from_clients_and_given_to_the_log() -> None:
 def test_5xx_that_tell_the_client_what_to_do_show_their_message(error: CnnserveError) -> None:
     assert error.public_message() == error.message
     assert error.detail is None or error.detail not in error.public_message()
+
+
+def test_a_message_echoing_a_huge_client_value_keeps_its_start_and_end() -> None:
+    error = ModelNotFound(f"no model named {'x' * 17_000!r}; models: ['tiny']")
+    message = error.public_message()
+    assert len(message) <= MAX_MESSAGE_CHARS + 60
+    assert message.startswith("no model named 'xxx") and message.endswith("models: ['tiny']")
+    assert "characters left out" in message
+    assert ModelNotFound("short").public_message() == "short"
