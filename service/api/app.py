@@ -141,6 +141,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # tracer or meter provider is set (~4 µs each time); the gateway's telemetry is
         # its Prometheus metrics and access log.
         telemetry={"tracing": False, "metrics": False, "logs": False},
+        # A trailing slash gets the JSON 404, not Starlette's 307 to a Location built
+        # from the Host header (with an empty body): behind a cache that is a redirect
+        # any client could plant; TF Serving does not redirect either.
+        redirect_slashes=False,
     )
     app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
     app.state.docs_url = DOCS_URL

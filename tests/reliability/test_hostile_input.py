@@ -211,6 +211,17 @@ def test_odd_model_paths_get_404_or_400(server: Server, path: str) -> None:
         assert_error(client.get(path), {400, 404})
 
 
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/v1/classify/", "/v1/models/tiny/", "/readyz/"])
+def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_host_header(
+    server: Server, method: str, path: str
+) -> None:
+    with server.client() as client:
+        response = client.request(method, path, headers={"host": "evil.example"})
+    assert_error(response, {404, 405})
+    assert "location" not in response.headers
+
+
 def test_tfserving_predict_with_hostile_json(server: Server) -> None:
     with server.client() as client:
         for body, statuses in [
