@@ -72,6 +72,11 @@ class CnnserveError(Exception):
     retry_after: ClassVar[int | None] = None
     # Whether clients see ``message``; when False they get HIDDEN_MESSAGE instead.
     expose_message: ClassVar[bool] = True
+    # Whether answering it writes a WARNING: only for the server's own faults. What a
+    # client causes (bad input, an API it calls that is not served, its deadline, a
+    # shed) is counted in the metrics and the access log: a warning each would let any
+    # client flood the log.
+    server_fault: ClassVar[bool] = True
 
     def __init__(self, message: str, *, detail: str | None = None) -> None:
         message = bounded(message)
@@ -93,6 +98,7 @@ class CnnserveError(Exception):
 
 class InvalidRequest(CnnserveError):
     code = "bad_request"
+    server_fault = False
     http_status = 400
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -156,12 +162,14 @@ class Unauthenticated(CnnserveError):
     """No API key, or one the server does not know (CNNSERVE_API_KEYS)."""
 
     code = "unauthenticated"
+    server_fault = False
     http_status = 401
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class NotFound(CnnserveError):
     code = "not_found"
+    server_fault = False
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
 
@@ -179,6 +187,7 @@ class Overloaded(CnnserveError):
     ``SHED_REASONS``) labels the shed-count metric."""
 
     code = "overloaded"
+    server_fault = False
     http_status = 503
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retry_after = 1
@@ -192,6 +201,7 @@ class Overloaded(CnnserveError):
 
 class DeadlineExceeded(CnnserveError):
     code = "deadline_exceeded"
+    server_fault = False
     http_status = 504
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -202,6 +212,7 @@ class ClientClosedRequest(CnnserveError):
     hangs up is not the server's fault."""
 
     code = "client_closed_request"
+    server_fault = False
     http_status = 499
     grpc_code = grpc.StatusCode.CANCELLED
 

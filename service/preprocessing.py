@@ -29,6 +29,15 @@ _RESAMPLE: dict[str, Image.Resampling] = {
     "box": Image.Resampling.BOX,
 }
 
+# Pillow warns, on stderr, about what a client's file holds: corrupt EXIF, truncated
+# reads, images over its own decompression-bomb threshold (ours is checked once the
+# header is read; Pillow's refusal is only a backstop, at twice Image.MAX_IMAGE_PIXELS).
+# A client could fill the log with them. Filtered once for the process, not around
+# each decode: catch_warnings changes the filters of every thread, and decoding runs on
+# several.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+
 # Pillow format names we accept, and the words a person reads in an error.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 SUPPORTED_MEDIA_TYPES = frozenset(
@@ -111,11 +120,7 @@ def _open_with_pillow(
     if not data:
         raise InvalidImage("the image is empty (0 bytes); send a JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
-        with warnings.catch_warnings():
-            # Our own limit is checked below, once the header is read; Pillow's own
-            # refusal is only a backstop (at twice Image.MAX_IMAGE_PIXELS).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError:
         raise ImageTooLarge(
             f"image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the limit is "

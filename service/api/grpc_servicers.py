@@ -25,7 +25,6 @@ from service.errors import (
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
-    Overloaded,
     Unavailable,
     grpc_status,
 )
@@ -90,7 +89,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
             return answer
         except CnnserveError as exc:
             error = exc
-            if exc.http_status >= 500 and not isinstance(exc, Overloaded):  # sheds: a metric
+            if exc.server_fault:
                 log.warning("%s failed: %s: %s", method.__name__, exc.code, exc.log_message())
         except Exception:
             log.exception("%s: unexpected error", method.__name__)

@@ -31,7 +31,6 @@ from service.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
-    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     Unauthenticated,
@@ -82,7 +81,7 @@ def answer_error(exc: Exception, rid: str | None) -> JSONResponse:
     if not isinstance(exc, CnnserveError):
         log.error("request %s: unexpected error", rid, exc_info=exc)
         return error_response(InternalError("unexpected"))
-    if exc.http_status >= 500 and not isinstance(exc, Overloaded):  # sheds: a metric
+    if exc.server_fault:
         log.warning("request %s failed: %s: %s", rid, exc.code, exc.log_message())
     return error_response(exc)
 

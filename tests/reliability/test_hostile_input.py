@@ -222,6 +222,44 @@ def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_host_header(
     assert "location" not in response.headers
 
 
+def corrupt_exif_jpeg() -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(
+        out, "JPEG", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\xff"
+    )
+    return out.getvalue()
+
+
+def test_what_clients_cause_writes_no_warning(server: Server) -> None:
+    """Bad multipart bodies (python-multipart's WARNING each), a JPEG with corrupt EXIF
+    (Pillow's UserWarning on stderr, answered 200), the TF Serving APIs that are not
+    served (501) and deadlines that pass (504) are the client's doing: counted and in
+    the access log, but none writes a warning a client could repeat to flood the log."""
+    before = len(server.log.read_bytes())
+    with server.client() as client:
+        for _ in range(3):
+            response = client.post(
+                "/v1/classify",
+                content=b"--b\r\nContent-Disposition: form-data; name=image\r\n\r\nxx--",
+                headers={"content-type": "multipart/form-data; boundary=zz"},
+            )
+            assert_error(response, {400})
+            response = client.post(
+                "/v1/classify", content=corrupt_exif_jpeg(), headers={"content-type": "image/jpeg"}
+            )
+            assert response.status_code == 200, response.text
+            assert_error(client.post("/v1/models/tiny:classify", json={"examples": []}), {501})
+            response = client.post(
+                "/v1/classify",
+                content=PNG,
+                headers={"content-type": "image/png", "x-request-timeout": "0.000001"},
+            )
+            assert_error(response, {504})
+        assert client.get("/readyz").status_code == 200
+    written = server.log.read_bytes()[before:].decode()
+    assert "WARNING" not in written and "Warning" not in written, written
+
+
 def test_tfserving_predict_with_hostile_json(server: Server) -> None:
     with server.client() as client:
         for body, statuses in [
