@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -147,9 +148,9 @@ class DataPlane:
         timeout = (
             self.settings.request_timeout_seconds if timeout_seconds is None else timeout_seconds
         )
-        if not timeout > 0:
+        if not 0 < timeout < math.inf:  # nan and inf too: inf would turn the deadline off
             raise InvalidRequest(
-                f"request timeout must be a positive number of seconds, got {timeout}"
+                f"request timeout must be a positive, finite number of seconds, got {timeout}"
             )
         return time.monotonic() + timeout
 
@@ -408,6 +409,12 @@ class DataPlane:
         except ValueError:
             raise InvalidRequest("the image tensor is ragged; every image must be HxWx3") from None
         expected = (spec.height, spec.width, 3)
+        if array.dtype.kind in "OSU":  # files, named to the tensor signature
+            raise InvalidRequest(
+                f"signature {SERVING_SIGNATURE!r} takes decoded pixels [N, {spec.height}, "
+                f"{spec.width}, 3] (uint8 RGB); send encoded images (JPEG, PNG, …) to "
+                f"signature_name {BYTES_SIGNATURE!r}, or leave signature_name out"
+            )
         if array.ndim != 4 or array.shape[1:] != expected:
             raise InvalidRequest(
                 f"image tensor has shape {list(array.shape)}; expected [N, {spec.height}, "
@@ -416,6 +423,8 @@ class DataPlane:
         self.check_image_count(array.shape[0])
         if array.dtype == np.uint8:
             return array
+        if array.dtype.kind == "b":
+            raise InvalidRequest("image values must be numbers 0-255 (uint8 RGB), not booleans")
         if array.dtype.kind not in "iuf" or (array.size and (array.min() < 0 or array.max() > 255)):
             raise InvalidRequest("image values must be integers 0-255 (uint8 RGB)")
         if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):

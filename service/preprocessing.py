@@ -122,9 +122,9 @@ def _open_with_pillow(
     try:
         img = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except Image.DecompressionBombError:
+        # Pillow's own threshold (twice Image.MAX_IMAGE_PIXELS) means nothing to a client.
         raise ImageTooLarge(
-            f"image has more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels; the limit is "
-            f"{max_pixels}"
+            f"image has far more pixels than the limit of {max_pixels}; send it smaller"
         ) from None
     except UnidentifiedImageError:
         raise InvalidImage(

@@ -86,7 +86,8 @@ def to_ndarray(proto: Any, name: str = "tensor", max_values: int | None = None) 
         strings[:] = list(proto.string_val)
         return _fill(strings, shape, what)
     if proto.dtype not in _NUMERIC:
-        supported = ", ".join(sorted(types_pb2.DataType.Name(e) for e in _NUMERIC))
+        others = set(_NUMERIC) - {types_pb2.DT_UINT8, types_pb2.DT_BOOL}  # bools: no pixels
+        supported = ", ".join(sorted(types_pb2.DataType.Name(e) for e in others))
         raise InvalidRequest(
             f"{what} has dtype {dtype_name(proto.dtype)}; send DT_UINT8 images, another "
             f"numeric type ({supported}) or DT_STRING encoded images"

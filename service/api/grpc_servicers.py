@@ -243,6 +243,8 @@ class ImageClassifierServicer(_Adapter):
 
     @mapped_errors
     async def ClassifyBatch(self, request: Any, context: Any) -> Any:
+        if not request.images:  # the core's words are REST's ('image' field or body)
+            raise InvalidRequest("ClassifyBatch has no images; send them in its 'images' field")
         result = await self._classify(list(request.images), request, context)
         return cnnserve_v1_pb2.ClassifyBatchResponse(
             model=result.model,

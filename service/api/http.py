@@ -401,13 +401,31 @@ async def read_json(request: Request) -> Any:
             return await asyncio.to_thread(json.loads, body)
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        # JSONDecodeError, and an integer past Python's 4,300-digit conversion limit.
+        if "int_max_str_digits" in str(exc):  # Python's words name an interpreter setting
+            raise InvalidRequest(
+                "request body has an integer of thousands of digits; pixel values are 0-255"
+            ) from None
         raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidRequest(TOO_DEEP) from None
 
 
 TOO_DEEP = "request body is JSON nested too deeply to parse; send a flat object"
+
+
+def base64_hint(value: object) -> str:
+    """Why a string the client sent as base64 did not decode, in words it can act on."""
+    if not isinstance(value, str):
+        return "send a base64 string"
+    if value.startswith("data:"):
+        return "send the base64 alone, without the 'data:…;base64,' prefix"
+    if any(c in value for c in " \r\n\t"):
+        return "remove the line breaks and spaces (`base64 -w0` writes none)"
+    if any(c in value for c in "-_"):
+        return "use the standard alphabet (+ and /), not the URL-safe one (- and _)"
+    if len(value) % 4:
+        return "its length is not a multiple of 4: is '=' padding missing, or is it cut off?"
+    return "it holds characters outside the base64 alphabet"
 
 
 def request_timeout(request: Request) -> float | None:

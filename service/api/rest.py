@@ -11,10 +11,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from service import metrics
 from service.api.http import (
     JSON,
+    base64_hint,
     client_key,
     dataplane,
     encoded_response,
@@ -23,7 +25,7 @@ from service.api.http import (
 )
 from service.api.schemas import ClassifyResponse, Health, Readiness
 from service.dataplane import ClassifyResult
-from service.errors import InvalidRequest, UnsupportedMediaType
+from service.errors import InvalidRequest, TooManyImages, UnsupportedMediaType
 from service.preprocessing import SUPPORTED_HUMAN, SUPPORTED_MEDIA_TYPES
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ def _b64(value: Any, what: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest(f"{what} is not valid base64") from None
+        raise InvalidRequest(f"{what} is not valid base64: {base64_hint(value)}") from None
 
 
 async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | None]]:
@@ -76,11 +78,26 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
     (for error messages that say which image was bad)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form()
+        plane = dataplane(request)
+        limit = plane.settings.max_images_per_request
+        try:
+            form = await request.form(max_files=limit, max_fields=limit)
+        except HTTPException as exc:  # Starlette's words for python-multipart's refusal
+            if str(exc.detail).startswith("Too many"):
+                raise TooManyImages(
+                    f"more than {limit} files or fields in one request; the limit is {limit} images"
+                ) from None
+            raise InvalidRequest(
+                f"the multipart body cannot be read ({exc.detail}); send multipart/form-data "
+                "with the boundary its Content-Type names, the file in field 'image'"
+            ) from None
         files = form.getlist("image")
         if not files:
-            raise InvalidRequest("multipart request has no 'image' field; send the file as 'image'")
-        dataplane(request).check_image_count(len(files))
+            raise InvalidRequest(
+                "multipart request has no complete 'image' field; send the file as field "
+                "'image', and end the body with the closing boundary (--BOUNDARY--)"
+            )
+        plane.check_image_count(len(files))
         images = [
             await item.read() if isinstance(item, UploadFile) else item.encode() for item in files
         ]
@@ -88,6 +105,8 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         return images, len(images) > 1, names
     if content_type == "application/json":
         body = await read_json(request)
+        if isinstance(body, dict) and "image" in body and "images" in body:
+            raise InvalidRequest("send either 'image' (one) or 'images' (a list), not both")
         if isinstance(body, dict) and "image" in body:
             return [_b64(body["image"], "'image'")], False, []
         if isinstance(body, dict) and isinstance(body.get("images"), list):

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.http import (
     TOO_DEEP,
+    base64_hint,
     client_key,
     dataplane,
     encoded_response,
@@ -161,7 +162,9 @@ def _decode_b64(value: Any) -> Any:
             try:
                 return base64.b64decode(value["b64"], validate=True)
             except (binascii.Error, ValueError, TypeError):
-                raise InvalidRequest('a {"b64": ...} value is not valid base64') from None
+                raise InvalidRequest(
+                    f'a {{"b64": ...}} value is not valid base64: {base64_hint(value["b64"])}'
+                ) from None
         return {k: _decode_b64(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_decode_b64(v) for v in value]

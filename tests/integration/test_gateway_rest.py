@@ -272,6 +272,24 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         "bad_request",
         ("x-request-timeout",),
     ),
+    (
+        "infinite-timeout",  # would turn the deadline off
+        "POST",
+        "/v1/classify",
+        {"content": PNG, "headers": _png_headers(**{"x-request-timeout": "inf"})},
+        400,
+        "bad_request",
+        ("finite",),
+    ),
+    (
+        "json-classify-both-image-fields",
+        "POST",
+        "/v1/classify",
+        {"json": {"image": "aGk=", "images": ["aGk="]}},
+        400,
+        "bad_request",
+        ("'image'", "'images'"),
+    ),
     ("no-route", "GET", "/v1/nothing", {}, 404, "not_found", ("/docs",)),
     ("wrong-method", "GET", "/v1/classify", {}, 405, "method_not_allowed", ()),
 ]

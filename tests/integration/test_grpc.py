@@ -274,8 +274,16 @@ def test_error_codes(channel: grpc.Channel, predict_stub: Any) -> None:
     assert code == not_found
     code, message = code_of(predict, predict_request({"image": np.zeros((1, 28, 28, 1), np.uint8)}))
     assert code == invalid and "224" in message
-    code, _ = code_of(predict, predict_request({"image": tf.make_tensor_proto([b"x"])}))
+    code, message = code_of(predict, predict_request({"image": tf.make_tensor_proto([b"x"])}))
     assert code == invalid
+    strings = predict_request({"image": tf.make_tensor_proto([b"x"])})
+    strings.model_spec.signature_name = "serving_default"  # named: not routed to the bytes one
+    code, message = code_of(predict, strings)
+    assert code == invalid and "predict_image_bytes" in message, message
+    code, message = code_of(predict, predict_request({"image": pixels(1) > 100}))
+    assert code == invalid and "not booleans" in message, message
+    code, message = code_of(predict, predict_request({"image": pixels(1).astype(np.float16)}))
+    assert code == invalid and "DT_BOOL" not in message and message.count("DT_UINT8") == 1
     code, message = code_of(predict, predict_request({"image": pixels(1).astype(np.float32) / 7}))
     assert code == invalid and "0-255" in message
     code, _ = code_of(predict, predict_request({"pixels": pixels(1)}))
@@ -289,8 +297,8 @@ def test_error_codes(channel: grpc.Channel, predict_stub: Any) -> None:
         classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=b"x", model="nope")
     )
     assert code == not_found
-    code, _ = code_of(classifier.ClassifyBatch, cnnserve_v1_pb2.ClassifyBatchRequest())
-    assert code == invalid
+    code, message = code_of(classifier.ClassifyBatch, cnnserve_v1_pb2.ClassifyBatchRequest())
+    assert code == invalid and "'images' field" in message
     png = encode(gradient(), "PNG")
     code, _ = code_of(classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=png, top_k=9))
     assert code == invalid

@@ -260,6 +260,69 @@ def test_what_clients_cause_writes_no_warning(server: Server) -> None:
     assert "WARNING" not in written and "Warning" not in written, written
 
 
+def multipart(count: int, *, close: bool = True, boundary: str = "b") -> bytes:
+    part = (
+        b"--b\r\nContent-Disposition: form-data; name=image; filename=x.png\r\n"
+        b"Content-Type: image/png\r\n\r\n" + PNG + b"\r\n"
+    )
+    return part * count + (b"--b--\r\n" if close else b"")
+
+
+@pytest.mark.parametrize(
+    ("body", "boundary", "status", "words"),
+    [
+        (multipart(65), "b", 413, "the limit is 64"),
+        (multipart(1001), "b", 413, "the limit is 64"),  # was 400 "Maximum … is 1000"
+        (multipart(1, close=False), "b", 400, "closing boundary"),
+        (multipart(1)[:-40], "b", 400, "closing boundary"),  # cut mid-part
+        (multipart(1), "zz", 400, "boundary"),
+    ],
+    ids=["65-files", "1001-files", "unclosed", "cut-off", "other-boundary"],
+)
+def test_multipart_refusals_say_what_to_fix(
+    server: Server, body: bytes, boundary: str, status: int, words: str
+) -> None:
+    with server.client() as client:
+        response = client.post(
+            "/v1/classify",
+            content=body,
+            headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+        )
+    assert_error(response, {status})
+    assert words in response.json()["error"]["message"], response.text
+
+
+B64 = base64.b64encode(PNG).decode()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"json": {"image": "data:image/png;base64," + B64}}, "'data:"),
+        ({"json": {"image": B64[:60] + "\n" + B64[60:]}}, "line breaks"),
+        ({"json": {"image": base64.urlsafe_b64encode(b"\xfb\xff" * 30).decode()}}, "URL-safe"),
+        ({"json": {"image": B64[:-1]}}, "multiple of 4"),
+        ({"content": b'{"image": 1' + b"0" * 5000 + b"}"}, "thousands of digits"),
+        ({"content": png_header(20_000, 20_000)}, "the limit of"),
+    ],
+    ids=["data-url", "line-breaks", "url-safe", "cut-off", "huge-integer", "pillow-bomb"],
+)
+def test_refusals_name_what_to_change_not_internals(
+    server: Server, kwargs: dict[str, object], words: str
+) -> None:
+    """Each says what to change in words of the API, not of a library (Python's
+    sys.set_int_max_str_digits, Pillow's 178956970-pixel threshold)."""
+    sent = kwargs.get("content", b"{")
+    json_body = "json" in kwargs or (isinstance(sent, bytes) and sent.startswith(b"{"))
+    headers = {"content-type": "application/json" if json_body else "image/png"}
+    with server.client() as client:
+        response = client.post("/v1/classify", headers=headers, **kwargs)  # type: ignore[arg-type]
+    assert_error(response, {400, 413})
+    message = response.json()["error"]["message"]
+    assert words in message, message
+    assert "sys." not in message and "178956970" not in message
+
+
 def test_tfserving_predict_with_hostile_json(server: Server) -> None:
     with server.client() as client:
         for body, statuses in [
