@@ -131,6 +131,8 @@ class DirectClassify:
         length = sent.get(b"content-length")
         if length is None or not length.isdigit() or b"transfer-encoding" in sent:
             return False
+        if b"content-encoding" in sent:  # decompressed (or refused) on the ASGI way
+            return False
         return not sent.get(b"expect") and self.admission.refusal(CLASSIFY_PATH, sent) is None
 
     async def answer(self, request: DirectRequest) -> Answer:

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.api.auth import API_KEY_HEADER, ApiKeys, presented_key
+from service.api.content_coding import GunzipReceive, coding_refusal, is_gzip, without_coding
 from service.concurrency import ConcurrencyLimit, ConnectionRefusals
 from service.dataplane import DataPlane
 from service.errors import (
@@ -148,6 +149,8 @@ class Admission:
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return self.too_large()
+        if b"content-encoding" in headers or b"transfer-encoding" in headers:
+            return coding_refusal(headers)
         return None
 
     def too_large(self) -> PayloadTooLarge:
@@ -226,7 +229,7 @@ class RequestGuard:
                     await error_response(refusal)(scope, receive, send_with_id)
                     return
                 try:
-                    await self._guarded(scope, receive, send_with_id)
+                    await self._guarded(scope, headers, receive, send_with_id)
                 finally:
                     if taken is not None:
                         concurrency.release(taken)
@@ -235,7 +238,9 @@ class RequestGuard:
                 record.route = route_template(scope, self.routes)
                 finish(record, status)
 
-    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _guarded(
+        self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send
+    ) -> None:
         limit = self.admission.max_body_bytes
         timeout = self.admission.body_read_timeout_seconds
         received = 0
@@ -262,6 +267,12 @@ class RequestGuard:
                 raise client_left() from None
             return message
 
+        if is_gzip(headers):  # decompressed as it arrives, held to the same limit
+            scope = {**scope, "headers": without_coding(scope["headers"])}
+            await self.app(
+                scope, GunzipReceive(limited_receive, limit, self.admission.too_large), send
+            )
+            return
         await self.app(scope, limited_receive, send)
 
 

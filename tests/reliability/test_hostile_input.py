@@ -4,6 +4,7 @@ and the server stays ready."""
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import json
 import os
@@ -321,6 +322,69 @@ def test_refusals_name_what_to_change_not_internals(
     message = response.json()["error"]["message"]
     assert words in message, message
     assert "sys." not in message and "178956970" not in message
+
+
+def test_gzip_bodies_are_answered_as_the_plain_ones(server: Server) -> None:
+    """Content-Encoding: gzip, as TF Serving's REST API takes it (the compressed bytes
+    reached the decoders before: 400 "not valid JSON" or "invalid image")."""
+    pixels = np.asarray(gradient(224, 224)).tolist()
+    predict = json.dumps({"instances": [pixels]}).encode()
+    gz = {"content-encoding": "gzip"}
+    with server.client() as client:
+        for path, body, kind in [
+            ("/v1/models/tiny:predict", predict, "application/json"),
+            ("/v1/classify", PNG, "image/png"),
+            ("/v1/classify", json.dumps({"image": B64}).encode(), "application/json"),
+        ]:
+            plain = client.post(path, content=body, headers={"content-type": kind})
+            assert plain.status_code == 200, plain.text
+            for packed in (
+                gzip.compress(body),
+                gzip.compress(body[:99]) + gzip.compress(body[99:]),
+            ):
+                answer = client.post(path, content=packed, headers={"content-type": kind, **gz})
+                assert answer.status_code == 200, answer.text
+                assert answer.json() == plain.json()
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "status", "words"),
+    [
+        ({"content-encoding": "br"}, PNG, 415, "Content-Encoding 'br'"),
+        ({"content-encoding": "deflate"}, zlib.compress(PNG), 415, "gzip"),
+        ({"content-encoding": "gzip"}, gzip.compress(b"\0" * 20_000_000), 413, "larger than"),
+        ({"content-encoding": "gzip"}, gzip.compress(PNG)[:-20], 400, "ends early"),
+        ({"content-encoding": "gzip"}, PNG, 400, "not valid gzip"),
+        ({"content-encoding": "gzip"}, gzip.compress(PNG) + b"junk", 400, "not valid gzip"),
+    ],
+    ids=["brotli", "deflate", "bomb", "cut-off", "not-gzip", "trailing-junk"],
+)
+def test_bodies_that_cannot_be_decompressed_are_refused(
+    server: Server, headers: dict[str, str], body: bytes, status: int, words: str
+) -> None:
+    with server.client() as client:
+        response = client.post(
+            "/v1/classify", content=body, headers={"content-type": "image/png", **headers}
+        )
+        assert client.get("/readyz").status_code == 200
+    assert_error(response, {status})
+    assert words in response.json()["error"]["message"], response.text
+
+
+def test_a_transfer_coding_other_than_chunked_is_501(server: Server) -> None:
+    """RFC 9112: a server that does not understand a transfer coding answers 501 (it
+    was ignored: the body was taken as it came, still compressed)."""
+    packed = gzip.compress(PNG)
+    chunked = b"%x\r\n" % len(packed) + packed + b"\r\n0\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n" + chunked
+        )
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501"), answer[:300]
+    assert b"Transfer-Encoding" in body
 
 
 def test_tfserving_predict_with_hostile_json(server: Server) -> None:
