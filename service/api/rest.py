@@ -115,9 +115,13 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         raise InvalidRequest('JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
     if content_type in SUPPORTED_MEDIA_TYPES or content_type == "application/octet-stream":
         return [await request.body()], False, []
-    shown = content_type or "none"
+    shown = (
+        f"unsupported content type '{content_type}'"
+        if content_type
+        else "the request has no Content-Type header"
+    )
     raise UnsupportedMediaType(
-        f"unsupported content type '{shown}'; send an image ({SUPPORTED_HUMAN}) as the raw "
+        f"{shown}; send an image ({SUPPORTED_HUMAN}) as the raw "
         "body with its image/* type, as multipart field 'image', or base64 in JSON"
     )
 

@@ -60,7 +60,8 @@ def _status_body(statuses: list[VersionStatus]) -> ModelStatusResponse:
 
 
 def _version(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit()):  # "¹".isdigit() is True; int() refuses it
+    # "¹".isdigit() is True but int() refuses it; 0 is refused as the query's is.
+    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:
         raise InvalidRequest(f"version must be a positive integer, got {raw!r}")
     return int(raw)
 

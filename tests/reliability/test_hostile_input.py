@@ -212,6 +212,24 @@ def test_odd_model_paths_get_404_or_400(server: Server, path: str) -> None:
         assert_error(client.get(path), {400, 404})
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/tiny/versions/0",
+        "/v1/models/tiny/versions/0/metadata",
+        "/v1/models/tiny/versions/00",
+        "/v1/classify?version=0",
+    ],
+)
+def test_version_0_is_a_400_on_every_path(server: Server, path: str) -> None:
+    with server.client() as client:
+        if "classify" in path:
+            response = client.post(path, content=PNG, headers={"content-type": "image/png"})
+        else:
+            response = client.get(path)
+    assert_error(response, {400})
+
+
 @pytest.mark.parametrize("method", ["GET", "POST"])
 @pytest.mark.parametrize("path", ["/v1/classify/", "/v1/models/tiny/", "/readyz/"])
 def test_a_trailing_slash_is_a_json_404_not_a_redirect_to_the_host_header(
