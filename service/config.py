@@ -68,7 +68,8 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="Percent of unlabelled requests sent to the version labelled canary (sticky "
-        "per X-Client-Key); the rest go to stable. 0 = off: the newest version, as TF Serving.",
+        "per X-Client-Key); the rest go to stable. 0 = off: all go to stable, or without a "
+        "stable label to the newest version, as in TF Serving.",
     )
     reload_config_rpc: bool = Field(
         False,

@@ -5,7 +5,8 @@ to a new version takes two config changes in order, and a third to let go of wha
 no longer needed:
 
 1. *load*: the version policy serves the version (a ``specific`` policy gets it added;
-   ``latest``/``all`` policies that do not cover it become ``specific``), and the
+   a ``latest`` policy becomes ``specific``, since the next version published would
+   unload a labelled one; an ``all`` policy that does not cover it too), and the
    version is waited for until AVAILABLE;
 2. *label*: the label points at the version;
 3. *drop*: the version the label pointed at before leaves a ``specific`` policy when no
@@ -60,13 +61,16 @@ def plan(
     steps = []
 
     wanted = config.wanted_versions(on_disk)
-    if version in wanted:
+    if version in wanted and config.policy != "latest":
         after_load = text
         summary = f"version {version} is already served by the {config.policy} policy"
     else:
+        # A label pins its version: under a latest policy the next version published
+        # would unload it (and the label would point at nothing served).
         keep = sorted(wanted | {version})
         after_load = set_specific_versions(text, model, keep)
-        summary = f"serve versions {_listing(keep)} (add {version} to a specific policy)"
+        why = f"add {version}" if version not in wanted else "a latest policy would unload it"
+        summary = f"serve versions {_listing(keep)} as a specific policy ({why})"
     steps.append(Step("load", summary, after_load, after_load != text))
     config = _config(after_load, repository, model)
 

@@ -138,9 +138,10 @@ class RoutingTable:
     ) -> LoadedVersion:
         """The version a request names: by number, by label, or else the default one.
 
-        The default is the newest AVAILABLE version (TF Serving's rule), unless the traffic
-        split is on: then it is the ``stable`` version, or for a ``split`` request (an
-        inference, not a metadata read) the ``canary`` one for the configured share."""
+        The default is the ``stable`` version when that label is set and served, else the
+        newest AVAILABLE version (TF Serving's rule): publishing or loading a canary
+        beside ``stable`` moves no traffic. With the traffic split on, a ``split``
+        request (an inference, not a metadata read) goes to ``canary`` for its share."""
         config = self.config(model)
         served = self.served.get(config.name, {})
         if version is not None and label is not None:
@@ -156,13 +157,13 @@ class RoutingTable:
                 f"model {config.name!r} has no available version yet"
                 f"{self._hint(config.name)}; retry shortly"
             )
-        if self.split.canary_share > 0:
+        if split and self.split.canary_share > 0:
             canary = config.labels.get(CANARY_LABEL)
-            if split and canary in served and self.split.to_canary(config.name, client_key):
+            if canary in served and self.split.to_canary(config.name, client_key):
                 return served[canary]  # type: ignore[index]
-            stable = config.labels.get(STABLE_LABEL)
-            if stable in served:
-                return served[stable]  # type: ignore[index]
+        stable = config.labels.get(STABLE_LABEL)
+        if stable in served:
+            return served[stable]  # type: ignore[index]
         return served[max(served)]
 
     def statuses(

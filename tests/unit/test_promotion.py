@@ -139,23 +139,22 @@ def test_promote_canary_then_stable_steps_and_their_intermediate_configs(tmp_pat
     assert comments(steps[2].text) == comments(CANARY_FILE)
 
 
-def test_a_latest_policy_becomes_specific_only_when_it_does_not_serve_the_version(
-    tmp_path: Path,
-) -> None:
+def test_a_label_on_a_latest_policy_pins_its_version(tmp_path: Path) -> None:
     latest = DEFAULT_CONFIG.read_text()
-    # latest 1 of {1, 2} serves 2: only the label is added.
+    # latest 1 of {1, 2} serves 2, but publishing 3 would unload it: the policy pins {2}.
     steps = plan(latest, tmp_path, "fashion_mnist", 2, "canary", on_disk=[1, 2])
-    assert [s.changed for s in steps] == [False, True, False]
-    # Version 1 is not served by latest 1: the policy pins {2, 1}.
+    assert [s.changed for s in steps] == [True, True, False]
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == ("specific", (2,), {})
+    # Version 1 is added to the pinned policy.
     steps = plan(steps[-1].text, tmp_path, "fashion_mnist", 1, "stable", on_disk=[1, 2])
     assert configs(steps[0].text, tmp_path)["fashion_mnist"] == (
         "specific",
-        (1, 2),
+        (2, 1),
         {"canary": 2},
     )
     assert configs(steps[-1].text, tmp_path)["fashion_mnist"] == (
         "specific",
-        (1, 2),
+        (2, 1),
         {"canary": 2, "stable": 1},
     )
 

@@ -95,6 +95,24 @@ def test_unlabelled_requests_split_between_stable_and_canary(
     run_with(registry, scenario)
 
 
+def test_without_a_split_unlabelled_requests_stay_on_stable(template: Path, tmp_path: Path) -> None:
+    """Loading a canary beside stable moves no traffic (deployment.md's steps 1-2): the
+    newest version is the default only when no stable label is served."""
+    repo = repository(tmp_path, template, 3)
+    write_models_config(repo, config([1, 2, 3], {"stable": 1, "canary": 2}))
+    registry = Registry(settings(repo, tmp_path))  # canary_percent 0: no split
+
+    async def scenario() -> None:
+        await registry.start()
+        picks = {registry.resolve("m", split=True, client_key=f"k{i}").version for i in range(200)}
+        assert picks == {1}
+        write_models_config(repo, config([1, 2, 3], {"canary": 2}))
+        await registry.poll_once()
+        assert registry.resolve("m", split=True).version == 3  # TF Serving's rule
+
+    run_with(registry, scenario)
+
+
 class GatedFactory:
     """create_runtime that holds the load of one version until released."""
 
