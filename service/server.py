@@ -9,11 +9,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
 from service.readiness import READINESS_DIR_ENV, process_alive
@@ -37,31 +39,62 @@ def _settings_env(settings: Settings) -> dict[str, str]:
 
 
 def startup_problem(settings: Settings) -> str | None:
-    """What would stop start-up, found before any worker starts (each worker would
-    otherwise print its own traceback, and with several the supervisor exits 0): an
-    unreadable models.config, or a gRPC port in use. The REST port needs no check:
-    uvicorn binds it once, in this process, and says so in one line."""
+    """What would stop start-up, found before any worker starts, in one line (each
+    worker would otherwise print its own traceback, and with several the supervisor
+    exits 0): a repository that is not a folder, an unreadable models.config, a port in
+    use, TLS files that cannot be loaded."""
     from service.errors import ConfigError
     from service.repository import read_repository
 
+    where = "(the model repository is --model-repository, CNNSERVE_MODEL_REPOSITORY)"
+    if settings.model_repository.exists() and not settings.model_repository.is_dir():
+        return f"{settings.model_repository} is a file, not a folder {where}"
     try:
         read_repository(settings.model_repository)
     except ConfigError as exc:
-        return f"{exc} (the model repository is --model-repository, CNNSERVE_MODEL_REPOSITORY)"
-    if settings.grpc_port:
-        # Workers share the gRPC port (SO_REUSEPORT), so a second server's workers would
-        # share it too and split the connections between two servers: only a free port
-        # will do. A plain bind fails while anything listens there.
-        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is fine
-            try:
-                probe.bind((settings.host, settings.grpc_port))
-            except OSError as exc:
-                return (
-                    f"gRPC cannot listen on {settings.host}:{settings.grpc_port} ({exc.strerror}); "
-                    "another server uses it? (--grpc-port, CNNSERVE_GRPC_PORT; 0 turns gRPC off)"
-                )
+        return f"{exc} {where}"
+    # Workers share the gRPC port (SO_REUSEPORT), so a second server's workers would
+    # share it too and split the connections between two servers: only a free port will
+    # do. uvicorn's own bind of the REST port says neither which port nor what to do.
+    for port, what, flags in (
+        (settings.port, "REST", "--port, CNNSERVE_PORT"),
+        (settings.grpc_port, "gRPC", "--grpc-port, CNNSERVE_GRPC_PORT; 0 turns gRPC off"),
+    ):
+        problem = _port_problem(settings.host, port) if port else None
+        if problem:
+            return (
+                f"{what} cannot listen on {settings.host}:{port} ({problem}); another server "
+                f"uses it? ({flags})"
+            )
+    return _tls_problem(settings)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be bound on ``host`` now (a plain bind fails while anything
+    listens there; TIME_WAIT is fine), or None."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def _tls_problem(settings: Settings) -> str | None:
+    if not settings.tls_certfile or not settings.tls_keyfile:
+        return None
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.tls_certfile, settings.tls_keyfile
+        )
+    except (OSError, ssl.SSLError) as exc:
+        return (
+            f"TLS certificate {settings.tls_certfile} with key {settings.tls_keyfile} cannot "
+            f"be loaded ({exc.strerror or exc}); check CNNSERVE_TLS_CERTFILE and "
+            "CNNSERVE_TLS_KEYFILE"
+        )
     return None
 
 
@@ -96,13 +129,30 @@ def serve(settings: Settings) -> int:
                 SIBLINGS_DIR_ENV: str(siblings),
             }
             with _environment(worker_env):
-                uvicorn.run(
+                # uvicorn.run(workers=N), with the supervisor below.
+                config = uvicorn.Config(
                     "service.api.app:create_app",
                     factory=True,
                     workers=settings.workers,
                     **common,  # type: ignore[arg-type]
                 )
+                _Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, except that on SIGTERM it closes its
+    own copy of the listening socket before it stops the workers. The socket is the
+    parent's, shared with the workers; while the parent held it open, the kernel kept
+    accepting connections that no worker would take once they had closed theirs, and
+    reset them when the parent exited (clients hung for the whole grace period, then
+    failed). Now connections are refused as soon as the workers close their listeners,
+    as with one worker."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
 
 
 @contextlib.contextmanager

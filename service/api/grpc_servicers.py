@@ -309,6 +309,10 @@ class HealthServicer:
                 if status != last:
                     yield health_pb2.HealthCheckResponse(status=status)
                     last = status
+                if not self._plane.accepting_calls:
+                    # Shutting down: NOT_SERVING was sent; an open stream would hold the
+                    # shutdown for its whole grace period.
+                    return
                 await asyncio.sleep(WATCH_PERIOD_SECONDS)
         finally:
             self._watching -= 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -275,3 +276,54 @@ def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -
         assert code == 0
         assert set(rest) == {200} and set(grpc_codes) == {"OK"}, (set(rest), set(grpc_codes))
         assert len(rest) >= served_while_draining
+
+
+def test_sigterm_with_workers_refuses_new_connections_and_no_watch_holds_it(
+    tiny_repo: Path,
+) -> None:
+    """With several workers the listening socket is the supervisor's, shared with them:
+    while the supervisor held it, connections made after the workers closed theirs were
+    accepted by the kernel, never answered, and reset when the supervisor exited (after
+    the whole grace period). And an open health Watch stream held that grace period."""
+    env = {
+        "CNNSERVE_WORKERS": "2",
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_SHUTDOWN_DELAY_SECONDS": "0.5",
+        "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "120",  # far beyond the waits below
+    }
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        statuses: list[int] = []
+        watch_done = threading.Event()
+
+        def watch() -> None:
+            with server.channel() as channel:
+                stream = health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(), timeout=100
+                )
+                statuses.extend(reply.status for reply in stream)  # until the stream ends
+            watch_done.set()
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        wait_for(lambda: health_pb2.HealthCheckResponse.SERVING in statuses)
+        server.process.send_signal(signal.SIGTERM)
+
+        def refused() -> bool:
+            """A new connection is refused, or answered: never accepted and left."""
+            try:
+                with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+                    sock.settimeout(5)
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    answer = sock.recv(4096)
+            except ConnectionRefusedError:
+                return True
+            except ConnectionResetError:
+                return False  # closed under us as the listener went: try again
+            assert answer.startswith(b"HTTP/1.1 "), f"accepted, then no answer: {answer!r}"
+            return False
+
+        wait_for(refused, timeout=60)
+        assert server.process.wait(timeout=60) == 0  # the Watch did not hold the grace (120 s)
+        watcher.join(timeout=10)
+        assert watch_done.is_set()
+        assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING

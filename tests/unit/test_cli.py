@@ -198,8 +198,35 @@ def test_serve_stops_in_one_line_before_any_worker_starts(
         taken.listen()
         port = taken.getsockname()[1]
         args = ["serve", "--model-repository", str(repository), "--grpc-port", str(port)]
-        assert main([*args, "--workers", "2", "--port", "9"]) == 3
-    assert "gRPC cannot listen" in capsys.readouterr().err
+        with socket.socket() as free:  # a REST port nothing listens on
+            free.bind(("127.0.0.1", 0))
+            rest = str(free.getsockname()[1])
+        assert main([*args, "--workers", "2", "--port", rest]) == 3
+        assert "gRPC cannot listen" in capsys.readouterr().err
+        # The REST port in use: uvicorn's bind said neither which port nor what to do.
+        args = ["serve", "--model-repository", str(repository), "--port", str(port)]
+        assert main([*args, "--grpc-port", "0", "--workers", "2"]) == 3
+        assert f"REST cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    # A file where the repository should be: NotADirectoryError's traceback before.
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["serve", "--model-repository", str(afile)]) == 3
+    assert "is a file, not a folder" in capsys.readouterr().err
+
+
+def test_serve_names_tls_files_it_cannot_load(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CNNSERVE_TLS_CERTFILE", str(tmp_path / "missing.pem"))
+    monkeypatch.setenv("CNNSERVE_TLS_KEYFILE", str(tmp_path / "missing.key"))
+    repository = Path(__file__).resolve().parents[2] / "model_repository"
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
+    args = ["serve", "--model-repository", str(repository), "--grpc-port", "0", "--port", port]
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    assert "TLS certificate" in err and "missing.pem" in err and "Traceback" not in err
 
 
 def test_training_only_on_folders_needs_a_model_name(
