@@ -202,10 +202,12 @@ class DataPlane:
         decode = functools.partial(_timed_decode, spec=spec)
         futures = [loop.run_in_executor(self._pool, decode, item) for item in work]
         self._decoding += len(images)
+        gathered = asyncio.gather(*futures)
+        # Cancelled (the client left) or timed out, its error is read by no one: read it
+        # here, or asyncio logs "exception was never retrieved" at ERROR for each call.
+        gathered.add_done_callback(_read_outcome)
         try:
-            results = await asyncio.wait_for(
-                asyncio.gather(*futures), max(0.0, deadline - time.monotonic())
-            )
+            results = await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
             decoded = [image for image, _ in results]
             self._note_decode_cost(sum(seconds for _, seconds in results) / len(results))
         except TimeoutError:
@@ -488,6 +490,11 @@ def _timed_decode(opened: Opened, spec: PreprocessSpec) -> tuple[npt.NDArray[np.
     began = time.thread_time()
     image = preprocess_opened(opened, spec)
     return image, time.thread_time() - began
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _encoded_images(inputs: Mapping[str, Any]) -> bool:

@@ -26,6 +26,7 @@ in ``detail``, which is logged with the request id and never sent.
     ├── DeadlineExceeded          504  DEADLINE_EXCEEDED  deadline_exceeded
     ├── ClientClosedRequest       499  CANCELLED          client_closed_request (no one reads it)
     ├── Unavailable               503  UNAVAILABLE        unavailable
+    │   ├── ShuttingDown          503  UNAVAILABLE        unavailable   (not a warning)
     │   ├── ModelNotReady         503  UNAVAILABLE        model_not_ready
     │   └── BackendUnavailable    503  UNAVAILABLE        backend_unavailable
     └── InternalError             500  INTERNAL           internal       (message hidden)
@@ -222,6 +223,13 @@ class Unavailable(CnnserveError):
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
     retry_after = 1
+
+
+class ShuttingDown(Unavailable):
+    """A call refused while the server stops (SIGTERM): expected, so no warning each
+    (a client retrying against a stopping replica wrote ~100 a second)."""
+
+    server_fault = False
 
 
 class ModelNotReady(Unavailable):

@@ -10,6 +10,7 @@ A record holds names and numbers only: image bytes never reach the log.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.errors import CnnserveError
+from service.errors import ClientClosedRequest, CnnserveError
 
 
 @dataclass
@@ -95,6 +96,9 @@ def recorded(record: RequestRecord) -> Iterator[RequestRecord]:
         code = 200
     except CnnserveError as exc:
         code = exc.http_status
+        raise
+    except asyncio.CancelledError:  # the client cancelled the call: not a server error
+        code = ClientClosedRequest.http_status
         raise
     finally:
         finish(record, code)

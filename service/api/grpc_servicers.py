@@ -25,7 +25,7 @@ from service.errors import (
     InternalError,
     InvalidRequest,
     MethodNotAllowed,
-    Unavailable,
+    ShuttingDown,
     grpc_status,
 )
 from service.proto_gen import cnnserve_v1_pb2
@@ -76,7 +76,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         try:
             with recorded(RequestRecord(rid, "grpc", "POST", route)):
                 if not self._plane.accepting_calls:
-                    raise Unavailable("the server is shutting down; retry on another replica")
+                    raise ShuttingDown("the server is shutting down; retry on another replica")
                 taken = concurrency.try_acquire()
                 if taken is None:
                     raise concurrency.refusal()

@@ -405,6 +405,27 @@ def test_a_transfer_coding_other_than_chunked_is_501(server: Server) -> None:
     assert b"Transfer-Encoding" in body
 
 
+def test_a_call_the_client_cancels_is_a_499_not_a_500(server: Server) -> None:
+    """grpc cancels the handler of a call its client cancelled: that was recorded as a
+    500 (metrics, access log), and a cancelled multi-image decode logged asyncio's
+    "exception was never retrieved" at ERROR."""
+    route = "/cnnserve.v1.ImageClassifier/ClassifyBatch"
+    big = encode(gradient(1500, 1500), "PNG")  # decoding takes long enough to cancel into
+    before = len(server.log.read_bytes())
+    with server.channel() as channel:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        for attempt in range(30):
+            call = stub.ClassifyBatch.future(
+                cnnserve_v1_pb2.ClassifyBatchRequest(images=[big] * 8), timeout=BOUND
+            )
+            time.sleep(0.002 * (attempt % 10))
+            call.cancel()
+    eventually(lambda: server.metric("cnnserve_requests_total", route=route, code="499") > 0)
+    assert server.metric("cnnserve_requests_total", route=route, code="500") == 0
+    written = server.log.read_bytes()[before:].decode()
+    assert "never retrieved" not in written and "ERROR" not in written, written[-2000:]
+
+
 def test_tfserving_predict_with_hostile_json(server: Server) -> None:
     with server.client() as client:
         for body, statuses in [
