@@ -37,7 +37,7 @@ from service.errors import (
     ModelNotReady,
 )
 from service.loading import PreparedVersion, RuntimeFactory
-from service.repository import MODELS_CONFIG, Fingerprint, parse_models_config
+from service.repository import MODELS_CONFIG, Fingerprint, ModelConfig, parse_models_config
 from service.routing import (
     LoadedVersion,
     RoutingTable,
@@ -162,6 +162,21 @@ class Registry:
             configs = parse_models_config(text, repository)
         except ConfigError as exc:
             raise InvalidRequest(exc.message.replace(where, "config")) from None
+        # In a function of its own: a frame that holds the routing table (this one waits
+        # on the rescan below) would keep each version it unloads in use, and the unload
+        # would wait for it until the request timeout.
+        self._refuse_labels_on_unserved(configs)
+        path = repository / MODELS_CONFIG
+
+        def write() -> None:
+            current = path.read_text(encoding="utf-8") if path.exists() else ""
+            write_atomically(path, merge_config(current, text, repository))
+
+        async with self._lock:
+            await asyncio.to_thread(write)
+        await self.poll_once()
+
+    def _refuse_labels_on_unserved(self, configs: list[ModelConfig]) -> None:
         table = self._table
         for config in configs:
             served = table.served.get(config.name, {})
@@ -175,15 +190,6 @@ class Registry:
                         "add the version to the version policy first, wait until it is "
                         "AVAILABLE, then label it"
                     )
-        path = repository / MODELS_CONFIG
-
-        def write() -> None:
-            current = path.read_text(encoding="utf-8") if path.exists() else ""
-            write_atomically(path, merge_config(current, text, repository))
-
-        async with self._lock:
-            await asyncio.to_thread(write)
-        await self.poll_once()
 
     # --- routing: one table read per call ---------------------------------------------
 

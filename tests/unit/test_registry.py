@@ -404,3 +404,26 @@ def test_a_deleted_serving_folder_keeps_serving_with_its_metadata_and_is_logged_
         assert "serving_default" in target.runtime.signature_defs().signature_def
 
     run_with(registry, scenario)
+
+
+def test_a_reload_config_that_drops_a_version_does_not_wait_for_itself(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """HandleReloadConfigRequest's own frame held the routing table while it waited for
+    the rescan, so the version it dropped stayed "in use" until the request timeout
+    bounded the wait (10 s a call by default; here 30 s, so the bound below fails it)."""
+    repo = tmp_path / "repo"
+    for v in (1, 2):
+        add_version(repo, "m", v, template)
+    write_models_config(repo, config_entry("m", "specific { versions: 1 versions: 2 }"))
+    registry = Registry(settings(repo, tmp_path).model_copy(update={"reload_config_rpc": True}))
+
+    async def scenario() -> None:
+        await registry.start()
+        text = f"model_config_list {{ {config_entry('m', 'specific { versions: 2 }')} }}"
+        await asyncio.wait_for(registry.reload_config(text), 20)
+        assert states(registry, "m") == {1: VersionState.END, 2: VersionState.AVAILABLE}
+
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        run_with(registry, scenario)
+    assert "still in use" not in caplog.text
