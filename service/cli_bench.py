@@ -10,8 +10,28 @@ import sys
 import tempfile
 from pathlib import Path
 
+from service.cli_types import NON_NEGATIVE, POSITIVE, positive_ints
 from service.config import Settings
 from service.errors import DatasetError
+
+
+def batchings(text: str) -> str:
+    """--batching's settings, each checked as the sweep parses it (kept as text)."""
+    from service.bench.sweep import Batching
+
+    for item in text.split(","):
+        try:
+            batching = Batching.parse(item)
+            if min(batching.max_batch_size, batching.num_batch_threads) < 1:
+                raise ValueError(item)
+            if batching.batch_timeout_micros < 0:
+                raise ValueError(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: give max_batch_size:batch_timeout_micros:num_batch_threads, "
+                "e.g. 32:1000:1 (a batch size and threads of at least 1)"
+            ) from None
+    return text
 
 
 def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings) -> None:
@@ -44,17 +64,25 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         help="fashion: one upscaled Fashion-MNIST JPEG; photos: a random one of 200 "
         "photo-like 224x224 JPEGs (~10 KiB) per request",
     )
-    p.add_argument("--concurrency", default="1,8,32,64", help="wrk connections per point")
-    p.add_argument("--workers", default=str(settings.workers), help="worker counts, e.g. 1,2")
+    p.add_argument(
+        "--concurrency", type=positive_ints, default="1,8,32,64", help="wrk connections per point"
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_ints,
+        default=str(settings.workers),
+        help="worker counts, e.g. 1,2",
+    )
     p.add_argument(
         "--batching",
+        type=batchings,
         default=None,
         help="settings to sweep as max_batch_size:batch_timeout_micros:num_batch_threads, "
         "comma-separated (default: the current settings)",
     )
-    p.add_argument("--seconds", type=float, default=10.0, help="per point")
-    p.add_argument("--warmup-seconds", type=float, default=3.0, help="per server")
-    p.add_argument("--limit-seconds", type=float, default=3.0, help="per limit measurement")
+    p.add_argument("--seconds", type=POSITIVE, default=10.0, help="per point")
+    p.add_argument("--warmup-seconds", type=NON_NEGATIVE, default=3.0, help="per server")
+    p.add_argument("--limit-seconds", type=POSITIVE, default=3.0, help="per limit measurement")
     p.add_argument("--url", default=None, help="drive this running gateway instead")
     p.add_argument("--server-pid", type=int, default=None, help="its pid, for CPU and RSS")
     p.add_argument(
@@ -77,11 +105,13 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     )
     p.add_argument("--no-batching-reference", action="store_true")
     p.add_argument("--no-reference", action="store_true", help="neither reference server")
-    p.add_argument("--slo-p99-ms", type=float, default=100.0, help="for the batching advisor")
+    p.add_argument("--slo-p99-ms", type=POSITIVE, default=100.0, help="for the batching advisor")
     p.add_argument(
         "--runtime-table", action="store_true", help="also time each runtime (batch sizes below)"
     )
-    p.add_argument("--batch-sizes", default="1,8,32", help="for --runtime-table")
+    p.add_argument(
+        "--batch-sizes", type=positive_ints, default="1,8,32", help="for --runtime-table"
+    )
     p.add_argument("--output", type=Path, default=Path("reports/bench.json"), help="PNG beside")
     p.set_defaults(handler=_bench)
 
@@ -89,6 +119,13 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from service.bench.runtime_table import machine
 
+    if args.url and not _answers(args.url):
+        print(
+            f"cnnserve bench: no gateway answers at {args.url} (GET /healthz); start one "
+            "with `cnnserve serve`, or leave --url out and bench starts its own",
+            file=sys.stderr,
+        )
+        return 2
     if args.model_kind == "repository":
         return _bench_on(args, settings, args.model_repository, args.model)
     if args.url:
@@ -100,6 +137,15 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         print(f"building {mobilenet.MODEL_NAME} on {machine()}", file=sys.stderr)
         version_dir = mobilenet.build_repository(Path(tmp))
         return _bench_on(args, settings, version_dir.parents[1], mobilenet.MODEL_NAME)
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url.rstrip('/')}/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, model: str) -> int:

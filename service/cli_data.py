@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service.cli_types import at_least
+from service.cli_types import at_least, folder_or_new
 from service.config import Settings
 
 
@@ -36,7 +36,7 @@ def add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings:
     )
     p.add_argument("--data-dir", type=Path, default=settings.fashion_mnist_dir)
     p.add_argument("--class-map", type=Path, default=None, help="'source_class -> class' rules")
-    p.add_argument("--output", type=Path, required=True, help="folder for the report")
+    p.add_argument("--output", type=folder_or_new, required=True, help="folder for the report")
     p.add_argument("--fix", type=Path, default=None, help="reviewed label_issues.csv to apply")
     p.add_argument(
         "--folds", type=at_least(2), default=cfg.folds, help="k of the k-fold predictions"
@@ -113,7 +113,9 @@ def add_experiments(
     )
     p.add_argument("--model-repository", type=Path, default=settings.model_repository)
     p.add_argument("--work-dir", type=Path, default=Path(".train"))
-    p.add_argument("--output", type=Path, required=True, help="folder for report.md and PNGs")
+    p.add_argument(
+        "--output", type=folder_or_new, required=True, help="folder for report.md and PNGs"
+    )
     p.set_defaults(handler=_experiments)
 
 

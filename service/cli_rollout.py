@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli_types import at_least
+from service.cli_types import POSITIVE, at_least, folder_or_new
 from service.config import Settings
 from service.errors import BackendUnavailable, CnnserveError, NoServer, PromotionError
 
@@ -49,7 +49,7 @@ def add_promote(
     p.add_argument(
         "--url", default=DEFAULT_URL, help="gateway whose status is waited on (repository mode)"
     )
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for AVAILABLE")
+    p.add_argument("--timeout", type=POSITIVE, default=300.0, help="seconds to wait for AVAILABLE")
     p.add_argument(
         "--no-wait",
         action="store_true",
@@ -188,11 +188,11 @@ def add_verify(
     )
     p.add_argument(
         "--output",
-        type=Path,
+        type=folder_or_new,
         default=Path("reports/verify"),
         help="report.json and the images of the worst disagreements",
     )
-    p.add_argument("--show", type=int, default=10, help="disagreements listed per encoding")
+    p.add_argument("--show", type=at_least(0), default=10, help="disagreements listed per encoding")
     p.set_defaults(handler=_verify)
 
 

@@ -11,7 +11,17 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from service.cli_types import at_least, fraction
+from service.cli_types import (
+    NON_NEGATIVE,
+    POSITIVE,
+    RATE,
+    SHARE,
+    at_least,
+    folder_or_new,
+    fraction,
+    model_name,
+    number_in,
+)
 from service.config import Settings
 from service.errors import CnnserveError
 
@@ -58,12 +68,13 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     )
     p.add_argument(
         "--repository",
-        type=Path,
+        type=folder_or_new,
         default=settings.model_repository,
         help="model repository to publish into",
     )
     p.add_argument(
         "--model-name",
+        type=model_name,
         default=None,
         help="model folder in the repository (default: fashion_mnist when Fashion-MNIST is "
         "among the datasets; required otherwise, so that other classes never become the next "
@@ -74,19 +85,19 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     )
     p.add_argument("--arch", choices=ARCHITECTURE_NAMES, default=arch.name, help="architecture")
     p.add_argument(
-        "--width", type=float, default=arch.width_multiplier, help="channel width multiplier"
+        "--width", type=POSITIVE, default=arch.width_multiplier, help="channel width multiplier"
     )
-    p.add_argument("--depth", type=int, default=arch.depth, help="blocks per stage")
+    p.add_argument("--depth", type=at_least(1), default=arch.depth, help="blocks per stage")
     p.add_argument("--se", action="store_true", help="squeeze-and-excitation blocks")
     p.add_argument(
         "--dropout",
-        type=float,
+        type=RATE,
         default=None,
         help=f"dropout rate; {arch.dropout} ({SEED_CNN_DROPOUT} for seed_cnn) when not given",
     )
     p.add_argument(
         "--l2",
-        type=float,
+        type=NON_NEGATIVE,
         default=None,
         help=f"L2 on dense layers; {arch.weight_decay} ({SEED_CNN_L2} for seed_cnn) when not given",
     )
@@ -101,32 +112,32 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         "--batch-size", type=at_least(1), default=train.batch_size, help="images per step"
     )
     p.add_argument("--optimizer", choices=get_args(Optimizer), default=train.optimizer)
-    p.add_argument("--lr", type=float, default=train.learning_rate, help="learning rate")
-    p.add_argument("--momentum", type=float, default=train.momentum, help="SGD momentum")
+    p.add_argument("--lr", type=POSITIVE, default=train.learning_rate, help="learning rate")
+    p.add_argument("--momentum", type=RATE, default=train.momentum, help="SGD momentum")
     p.add_argument(
         "--weight-decay",
-        type=float,
+        type=NON_NEGATIVE,
         default=train.weight_decay,
         help="AdamW decoupled weight decay",
     )
     p.add_argument("--schedule", choices=get_args(Schedule), default=train.schedule)
     p.add_argument(
         "--patience",
-        type=int,
+        type=at_least(0),
         default=train.early_stopping_patience,
         help="early-stopping patience (epochs)",
     )
     p.add_argument("--no-augment", action="store_true", help="switch all augmentation off")
     p.add_argument(
         "--rotation",
-        type=float,
+        type=number_in(0, 180),
         default=aug.rotation_degrees,
         help="max rotation in degrees (0 = off)",
     )
     p.add_argument(
-        "--shift", type=float, default=aug.width_shift, help="max width/height shift fraction"
+        "--shift", type=RATE, default=aug.width_shift, help="max width/height shift fraction"
     )
-    p.add_argument("--zoom", type=float, default=aug.zoom, help="max zoom fraction")
+    p.add_argument("--zoom", type=RATE, default=aug.zoom, help="max zoom fraction")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips")
     p.add_argument("--balance", action="store_true", help="oversample minority classes")
     p.add_argument(
@@ -135,12 +146,10 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         default=train.class_weight,
         help="'balanced' weighs each class's loss by n / (classes * class count)",
     )
-    p.add_argument(
-        "--val-fraction", type=float, default=train.val_fraction, help="validation share"
-    )
+    p.add_argument("--val-fraction", type=RATE, default=train.val_fraction, help="validation share")
     p.add_argument(
         "--test-fraction",
-        type=float,
+        type=RATE,
         default=train.test_fraction,
         help="test share (folder datasets only)",
     )
@@ -152,7 +161,7 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     )
     p.add_argument("--seed", type=int, default=train.seed, help="random seed")
     p.add_argument(
-        "--latency-runs", type=int, default=50, help="timed batches for the latency report"
+        "--latency-runs", type=at_least(1), default=50, help="timed batches for the latency report"
     )
     p.set_defaults(handler=_train)
 
@@ -272,7 +281,9 @@ def add_evaluate(
     )
     p.add_argument("version_dir", type=Path, help="e.g. model_repository/fashion_mnist/1")
     p.add_argument("--data-dir", type=Path, default=None, help="override the card's dataset folder")
-    p.add_argument("--output", type=Path, default=None, help="write report.json and PNG plots here")
+    p.add_argument(
+        "--output", type=folder_or_new, default=None, help="write report.json and PNG plots here"
+    )
     p.add_argument("--latency-runs", type=at_least(1), default=50)
     p.set_defaults(handler=_evaluate)
 
@@ -315,30 +326,35 @@ def add_compress(
     p.add_argument("--method", choices=["int8", "prune", "distill"], required=True)
     p.add_argument("--data-dir", type=Path, default=None, help="override the card's dataset")
     p.add_argument(
-        "--test-limit", type=int, default=0, help="measure on the first N test images (0 = all)"
+        "--test-limit",
+        type=at_least(0),
+        default=0,
+        help="measure on the first N test images (0 = all)",
     )
-    p.add_argument("--latency-runs", type=int, default=50, help="timed batches per batch size")
+    p.add_argument(
+        "--latency-runs", type=at_least(1), default=50, help="timed batches per batch size"
+    )
     p.add_argument("--seed", type=int, default=0)
     # Spelled out (as ARCHITECTURE_NAMES): service.runtimes.card's MIN_TOP1_AGREEMENT and
     # MAX_ACCURACY_DROP; importing it would load TensorFlow for `--help`. A test checks.
     int8 = p.add_argument_group("int8")
     int8.add_argument("--representative-samples", type=at_least(1), default=200)
-    int8.add_argument("--min-agreement", type=float, default=0.98, help="top-1 vs float model")
-    int8.add_argument("--max-accuracy-drop", type=float, default=0.01, help="fraction, 0.01 = 1 pt")
+    int8.add_argument("--min-agreement", type=SHARE, default=0.98, help="top-1 vs float model")
+    int8.add_argument("--max-accuracy-drop", type=SHARE, default=0.01, help="fraction, 0.01 = 1 pt")
     tune = p.add_argument_group("prune and distill (training)")
     tune.add_argument(
         "--limit", type=at_least(0), default=0, help="use the first N training images"
     )
     tune.add_argument("--epochs", type=at_least(1), default=2)
     tune.add_argument("--batch-size", type=at_least(1), default=64)
-    tune.add_argument("--lr", type=float, default=None, help="default 1e-4 prune, 2e-3 distill")
+    tune.add_argument("--lr", type=POSITIVE, default=None, help="default 1e-4 prune, 2e-3 distill")
     tune.add_argument("--sparsity", type=fraction, default=0.5, help="prune: target sparsity")
     tune.add_argument("--teacher", type=int, default=None, help="distill: teacher version")
     tune.add_argument("--student-arch", choices=ARCHITECTURE_NAMES, default="efficient_cnn")
-    tune.add_argument("--student-width", type=float, default=0.5)
-    tune.add_argument("--student-depth", type=int, default=1)
-    tune.add_argument("--temperature", type=float, default=4.0)
-    tune.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label loss")
+    tune.add_argument("--student-width", type=POSITIVE, default=0.5)
+    tune.add_argument("--student-depth", type=at_least(1), default=1)
+    tune.add_argument("--temperature", type=POSITIVE, default=4.0)
+    tune.add_argument("--alpha", type=SHARE, default=0.1, help="weight of the hard-label loss")
     p.set_defaults(handler=_compress)
 
 

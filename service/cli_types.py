@@ -4,7 +4,9 @@ error (exit 2) before any work starts, not a traceback from deep inside a run.""
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable
+from pathlib import Path
 
 
 def at_least(low: int) -> Callable[[str], int]:
@@ -25,3 +27,62 @@ def fraction(text: str) -> float:
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
     return value
+
+
+def number_in(
+    low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """A number in [low, high] (an open end excluded)."""
+    left, right = "(" if low_open else "[", ")" if high_open else "]"
+
+    def number(text: str) -> float:
+        value = float(text)  # a ValueError is argparse's "invalid number value"
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if below or above or value != value:  # nan
+            if high == float("inf"):
+                bound = f"more than {low:g}" if low_open else f"at least {low:g}"
+            else:
+                bound = f"in {left}{low:g}, {high:g}{right}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    number.__name__ = "number"  # argparse names the type in "invalid <name> value"
+    return number
+
+
+POSITIVE = number_in(0, float("inf"), low_open=True, high_open=True)
+NON_NEGATIVE = number_in(0, float("inf"), high_open=True)
+RATE = number_in(0, 1, high_open=True)  # dropout, momentum, shifts: 0 <= x < 1
+SHARE = number_in(0, 1)  # a weight or a share that may be all or nothing
+
+
+def positive_ints(text: str) -> str:
+    """Comma-separated integers of at least 1 (kept as text: the caller splits it)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated whole numbers, e.g. 1,8,32; got {text!r}"
+        ) from None
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"each must be at least 1, got {text!r}")
+    return text
+
+
+def folder_or_new(text: str) -> Path:
+    """A folder to write into: existing or not, but not a file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder to write into")
+    return path
+
+
+def model_name(text: str) -> str:
+    """A model's folder name in the repository: letters, digits, '_', '-', '.', not
+    starting with '.' (so never a path: '../x' published outside the repository)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use letters, digits, '_', '-' or '.', starting with a letter or digit"
+        )
+    return text

@@ -265,3 +265,47 @@ def test_evaluate_on_a_folder_that_is_no_version_is_one_line(
 ) -> None:
     assert main(["evaluate", "model_repository"]) == 2
     assert "not a version published by cnnserve" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["train", "--dropout", "2"], "--dropout: must be in [0, 1)"),
+        (["train", "--lr", "-1"], "--lr: must be more than 0"),
+        (["train", "--width", "0"], "--width: must be more than 0"),
+        (["train", "--model-name", "../evil"], "--model-name: '../evil'"),
+        (["train", "--repository", "FILE"], "is a file; give a folder"),
+        (["evaluate", "model_repository/fashion_mnist/1", "--output", "FILE"], "is a file"),
+        (["experiments", "--output", "FILE"], "is a file"),
+        (["verify", "--output", "FILE"], "is a file"),
+        (["verify", "--show", "-2"], "--show: must be at least 0"),
+        (["compress", "--method", "int8", "--test-limit", "-4"], "must be at least 0"),
+        (["compress", "--method", "distill", "--temperature", "-1"], "--temperature"),
+        (["compress", "--method", "distill", "--alpha", "3"], "--alpha: must be in [0, 1]"),
+        (["bench", "--batching", "foo"], "e.g. 32:1000:1"),
+        (["bench", "--workers", "x"], "comma-separated whole numbers"),
+        (["bench", "--concurrency", "-4"], "each must be at least 1"),
+        (["bench", "--seconds", "-1"], "--seconds: must be more than 0"),
+        (["promote", "m", "1", "--label", "x", "--timeout", "-5"], "--timeout"),
+    ],
+)
+def test_values_out_of_range_stop_at_the_command_line(
+    argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each was a traceback after minutes of work, or silently accepted (a negative
+    learning rate trained and published a version)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(SystemExit) as stopped:
+        main([str(afile) if a == "FILE" else a for a in argv])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err, err
+
+
+def test_bench_without_a_gateway_at_its_url_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # nothing listens once closed
+    assert main(["bench", "--url", f"http://127.0.0.1:{port}"]) == 2
+    assert "no gateway answers" in capsys.readouterr().err
