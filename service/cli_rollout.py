@@ -213,6 +213,10 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
             output=args.output,
             show=args.show,
         )
+    except CnnserveError as exc:
+        # Exit 1 says "skew" to a CI gate; a setup that cannot be checked is not one.
+        print(f"cnnserve verify: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
     finally:
         server.close()
     return 0 if report.passed else 1

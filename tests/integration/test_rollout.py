@@ -266,6 +266,11 @@ def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: 
             "none", "--limit", "50", "--model-repository", str(repo),
         )  # fmt: skip
         assert over_grpc.returncode == 2 and "no version label 'none'" in over_grpc.stderr
+        # A repository it cannot read is not a skew: exit 2, not the gate's 1.
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        unread = cnnserve("verify", "--url", server.url, "--model-repository", str(empty))
+        assert unread.returncode == 2 and "models.config" in unread.stderr, unread.stderr
         over_grpc = cnnserve(
             "verify", "--grpc", server.grpc_target, "--model", "fashion_mnist", "--version",
             "2", "--limit", "50", "--model-repository", str(repo), "--output", str(tmp_path),
