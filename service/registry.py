@@ -84,6 +84,7 @@ class Registry:
         self._source = source or create_source(settings, runtime_factory)
         self._table = RoutingTable(split=TrafficSplit(settings.canary_percent / 100))
         self._held: set[tuple[str, str, int]] = set()  # (model, label, version) logged
+        self._versionless: set[str] = set()  # models logged as having nothing to serve
         # Per model, the (served, wanted) versions last logged as kept: logged once.
         self._kept: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         # Versions whose load failed, with the folder's fingerprint then: retried only
@@ -257,9 +258,33 @@ class Registry:
         self._install(scan)
         self._unreachable = scan.unknown
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
+        self._say_which_have_nothing_to_serve(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         self._install(scan)  # labels whose version just became AVAILABLE move now
         await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)
+
+    def _say_which_have_nothing_to_serve(self, scan: Scan) -> None:
+        """A configured model with no version its policy serves keeps the server unready;
+        say why, once per model until that changes (TF Serving logs "No versions of
+        servable … found")."""
+        versionless = {
+            config.name
+            for config in scan.configs
+            if config.name not in scan.unknown and not scan.wanted(config)
+        }
+        for config in scan.configs:
+            if config.name in versionless - self._versionless:
+                found = sorted(scan.versions.get(config.name, {}))
+                log.warning(
+                    "model %s: no version to serve (%s; policy %s); publish a numbered "
+                    "version folder under %s, or fix its base_path or version policy: the "
+                    "server is not ready until it has one",
+                    config.name,
+                    f"versions on disk: {found}" if found else "no numbered folders found",
+                    config.policy,
+                    config.base_path,
+                )
+        self._versionless = versionless
 
     def _install(self, scan: Scan) -> None:
         """Swap in the new configs, each label moving only once its version serves."""

@@ -427,3 +427,26 @@ def test_a_reload_config_that_drops_a_version_does_not_wait_for_itself(
     with caplog.at_level(logging.WARNING, logger="service.registry"):
         run_with(registry, scenario)
     assert "still in use" not in caplog.text
+
+
+def test_a_model_with_nothing_to_serve_is_logged_once(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """models.config naming a model without version folders kept the server unready
+    with no word why."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(
+        repo, config_entry("m", "latest { num_versions: 1 }") + config_entry("ghost", "latest {}")
+    )
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        await registry.poll_once()
+        assert not registry.is_ready()
+
+    with caplog.at_level(logging.WARNING, logger="service.registry"):
+        run_with(registry, scenario)
+    said = [r.getMessage() for r in caplog.records if "no version to serve" in r.getMessage()]
+    assert len(said) == 1 and "ghost" in said[0] and "no numbered folders" in said[0], said
