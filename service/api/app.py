@@ -148,7 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
     app.state.docs_url = DOCS_URL
-    install_error_handlers(app)
+    install_error_handlers(app, guarded_routes)
     for router in routers:
         app.include_router(router)
     if settings.metrics_path:

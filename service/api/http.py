@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -87,8 +88,30 @@ def answer_error(exc: Exception, rid: str | None) -> JSONResponse:
     return error_response(exc)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Map every exception to the JSON error body once, for every route."""
+def allowed_methods(routes: Sequence[BaseRoute], path: str) -> str | None:
+    """The methods ``path`` takes: those of the most specific routes matching it (the
+    most literal characters: ``{model}:predict`` over ``{model}``, which matches
+    ``m:predict`` too), HEAD with GET. The router named only its first match's: "GET"
+    for OPTIONS on ``m:predict``."""
+    matching = [
+        route
+        for route in routes
+        if isinstance(route, Route) and route.methods and route.path_regex.match(path)
+    ]
+    if not matching:
+        return None
+    literal = {id(route): len(re.sub(r"{[^}]*}", "", route.path)) for route in matching}
+    best = max(literal.values())
+    methods = {m for route in matching if literal[id(route)] == best for m in route.methods or ()}
+    if "GET" in methods:
+        methods.add("HEAD")  # answered as GET (RequestGuard)
+    return ", ".join(sorted(methods))
+
+
+def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> None:
+    """Map every exception to the JSON error body once, for every route. ``routes``: the
+    included routers' routes (``app.routes`` holds them as opaque included routers), for
+    the Allow header of a 405."""
 
     async def on_cnnserve(request: Request, exc: Exception) -> JSONResponse:
         return answer_error(exc, request_id(request))
@@ -112,9 +135,12 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             error = InvalidRequest(str(exc.detail))
         response = error_response(error)
-        if exc.status_code == 405 and exc.headers and "Allow" in exc.headers:
-            # RFC 9110: a 405 says which methods the resource takes (the router knows).
-            response.headers["Allow"] = exc.headers["Allow"]
+        if exc.status_code == 405:
+            # RFC 9110: a 405 says which methods the resource takes.
+            allow = allowed_methods(routes, path)
+            allow = allow or (exc.headers or {}).get("Allow")
+            if allow:
+                response.headers["Allow"] = allow
         return response
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -188,7 +214,8 @@ class RequestGuard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        rid = client_request_id(headers.get(b"x-request-id", b""))
+        # The first X-Request-ID, as the direct path reads it (dict() keeps the last).
+        rid = client_request_id(header_value(scope["headers"], b"x-request-id") or b"")
         scope.setdefault("state", {})["request_id"] = rid
         record = RequestRecord(rid, "rest", scope["method"])
         routed = routed_method(scope["method"])

@@ -45,6 +45,18 @@ def offline(repository: Path, images: list[bytes]) -> np.ndarray:
     return np.asarray(sig(image=tf.constant(pixels))["probabilities"].numpy())
 
 
+def test_the_first_of_two_request_ids_is_echoed_on_every_path(server: Server) -> None:
+    ids = [("x-request-id", "one"), ("x-request-id", "two")]
+    with server.client() as client:
+        for response in (
+            client.post("/v1/classify", content=encode(gradient(), "PNG"),
+                        headers=[("content-type", "image/png"), *ids]),  # the direct path
+            client.get("/v1/models/tiny", headers=ids),
+            client.get("/nope", headers=ids),
+        ):  # fmt: skip
+            assert response.headers.get_list("x-request-id") == ["one"], response.url
+
+
 def test_classify_raw_body_matches_the_saved_model(server: Server, repository: Path) -> None:
     png = encode(gradient(), "PNG")
     with server.client() as client:
@@ -338,6 +350,12 @@ def test_tf_serving_verbs_other_than_predict_say_what_to_do(server: Server) -> N
             wrong = client.get(path)
             _error(wrong, 405, "method_not_allowed")
             assert wrong.headers["allow"] == "POST", path
+            # Any other method names the same (the router named its first match: GET).
+            other = client.options(path)
+            _error(other, 405, "method_not_allowed")
+            assert other.headers["allow"] == "POST", path
+        for path, allow in (("/v1/models/tiny", "GET, HEAD"), ("/v1/classify", "POST")):
+            assert client.request("PUT", path).headers["allow"] == allow, path
         _error(client.post("/v1/models/tiny:frobnicate", json={}), 404, "not_found")
         # A GET with another verb still reads as a model name with a colon in it.
         _error(client.get("/v1/models/tiny:frobnicate"), 404, "model_not_found")
