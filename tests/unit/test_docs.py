@@ -36,3 +36,19 @@ def test_every_served_error_is_documented_with_its_statuses() -> None:
         assert cls.code in rows, f"{cls.__name__} ({cls.code}) is missing from {DOC.name}"
         assert rows[cls.code] == (cls.http_status, cls.grpc_code.name), cls.code
     assert set(rows) == {c.code for c in served}
+
+
+def test_every_setting_is_named_in_the_docs() -> None:
+    """Each Settings field is an environment variable a person can only use if the
+    docs name it (four were not)."""
+    from service.config import Settings
+
+    root = DOC.parents[1]
+    text = (root / "README.md").read_text() + "".join(
+        page.read_text() for page in (root / "docs").glob("*.md")
+    )
+    missing = [
+        f"CNNSERVE_{name.upper()}" for name in Settings.model_fields
+        if f"CNNSERVE_{name.upper()}" not in text
+    ]  # fmt: skip
+    assert missing == []
