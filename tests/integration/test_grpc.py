@@ -185,8 +185,8 @@ def test_version_label_and_output_filter(predict_stub: Any) -> None:
     }
     assert by_label["stable"].model_spec.version.value == 1
     assert by_label["canary"].model_spec.version.value == 2
-    newest = predict_stub.Predict(predict_request({"image": images}), timeout=30)
-    assert newest.model_spec.version.value == 2
+    unlabelled = predict_stub.Predict(predict_request({"image": images}), timeout=30)
+    assert unlabelled.model_spec.version.value == 1  # stable, not the newest
     request = predict_request({"image": images}, label="canary")
     request.output_filter.append("probabilities")
     filtered = predict_stub.Predict(request, timeout=30)
@@ -200,7 +200,7 @@ def test_get_model_metadata(predict_stub: Any) -> None:
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     request.model_spec.name = "tiny"
     response = predict_stub.GetModelMetadata(request, timeout=10)
-    assert response.model_spec.name == "tiny" and response.model_spec.version.value == 2
+    assert response.model_spec.name == "tiny" and response.model_spec.version.value == 1
     signatures = get_model_metadata_pb2.SignatureDefMap()
     assert response.metadata["signature_def"].Unpack(signatures)
     assert set(signatures.signature_def) == {"serving_default", "predict_image_bytes"}
@@ -236,7 +236,7 @@ def test_classify_and_classify_batch_equal_rest(server: Server, channel: grpc.Ch
     stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
     png, jpeg = encode(gradient(), "PNG"), encode(gradient(80, 60), "JPEG")
     one = stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png, top_k=2), timeout=30)
-    assert one.model == "tiny" and one.version == 2 and len(one.predictions) == 2
+    assert one.model == "tiny" and one.version == 1 and len(one.predictions) == 2
     with server.client() as client:
         rest = client.post(
             "/v1/classify",

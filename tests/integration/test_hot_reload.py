@@ -106,7 +106,7 @@ def test_version_labels_route_requests(tmp_path: Path) -> None:
         assert version(label="stable") == 1
         assert version(label="canary") == 2
         assert version(version=1) == 1
-        assert version() == 2  # the newest served version by default
+        assert version() == 1  # stable by default, not the newest (TF Serving's rule)
         status = client.get("/v1/models/m/labels/canary").json()["model_version_status"]
         assert [s["version"] for s in status] == ["2"]
 
