@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -257,7 +258,9 @@ def test_a_version_loaded_while_the_page_is_open_shows_once_it_answers(
         server.client() as client,
     ):
         page = watched.page
-        expect(page.locator("#version option")).to_have_text(["newest", "version 1"])
+        expect(page.locator("#version option")).to_have_text(
+            ["default: newest (version 1)", "version 1"]
+        )
         page.get_by_label("Choose an image").set_input_files(TEST_IMAGE)
         expect(page.locator("#status")).to_have_text("m, version 1")
 
@@ -274,5 +277,63 @@ def test_a_version_loaded_while_the_page_is_open_shows_once_it_answers(
         eventually(newest_is_2)
         page.get_by_label("Choose an image").set_input_files(TEST_IMAGE)
         expect(page.locator("#status")).to_have_text("m, version 2")
-        expect(page.locator("#version option", has_text="version 2")).to_have_count(1)
-        expect(page.locator("#version")).to_have_value("")  # still "newest"
+        expect(page.locator("#version option", has_text=re.compile("^version 2$"))).to_have_count(1)
+        expect(page.locator("#version option").first).to_have_text("default: newest (version 2)")
+        expect(page.locator("#version")).to_have_value("")  # still the default
+
+
+def test_the_default_choice_is_the_version_the_server_answers(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """With a stable label the server answers a request naming no version from stable,
+    not the newest: the page's default says so, and an answer from stable is not taken
+    for a changed repository (the page reread every list after each classification)."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1)
+    publish_tiny(repo, "m", seed=2)
+    write_models_config(
+        repo,
+        'config { name: "m" base_path: "/models/m" model_platform: "tensorflow" '
+        "model_version_policy { specific { versions: 1 versions: 2 } } "
+        'version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 2 } }',
+    )
+    with (
+        running_server(repo, args=("--poll-seconds", "0")) as server,
+        contextmanager(open_page)(browser, server, DESKTOP, samples=None) as watched,
+    ):
+        page = watched.page
+        expect(page.locator("#version option").first).to_have_text("default: stable (version 1)")
+        listed: list[str] = []
+        page.on("request", lambda r: listed.append(r.url) if "/demo/models" in r.url else None)
+        for _ in range(3):
+            page.get_by_label("Choose an image").set_input_files(TEST_IMAGE)
+            expect(page.locator("#status")).to_have_text("m, version 1")
+            page.locator("#status").evaluate("node => node.textContent = ''")
+        assert [url for url in listed if url.endswith("/demo/models")] == []
+
+
+def test_a_classification_error_stays_while_the_page_polls_for_versions(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """No version yet (a TF Serving backend that does not answer): the page polls for
+    versions every 2 s, and each poll cleared the classification's 503 and its
+    Retry-After within that time."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1)
+    write_models_config(repo, simple_config("m"))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        nowhere = f"127.0.0.1:{free.getsockname()[1]}"
+    args = ("--poll-seconds", "0.5", "--backend", "tfserving", "--tfserving-address", nowhere)
+    with (
+        running_server(repo, args=args, wait_ready=False) as server,
+        contextmanager(open_page)(browser, server, DESKTOP, samples=None) as watched,
+    ):
+        watched.expected_statuses.add(503)
+        page = watched.page
+        page.get_by_label("Choose an image").set_input_files(TEST_IMAGE)
+        expect(page.locator("#error")).to_contain_text("503")
+        with page.expect_response(lambda r: r.url.endswith("/demo/models"), timeout=15_000):
+            pass  # a poll after the error was shown, answered
+        page.wait_for_load_state("networkidle")
+        expect(page.locator("#error")).to_contain_text("503")

@@ -9,7 +9,7 @@ const STAGES = [["decode", "decode"], ["queue_wait", "queue"], ["inference", "in
   ["encode", "encode"]];
 const KEY_STORE = "cnnserve-demo-api-key";
 
-const state = { models: [], run: 0 };
+const state = { models: [], run: 0, errorFrom: null };
 
 function el(tag, props = {}, ...children) {
   const node = document.createElement(tag);
@@ -86,11 +86,15 @@ function showError(err) {
 function clearError() {
   $("error").hidden = true;
   $("error").replaceChildren();
+  state.errorFrom = null;
 }
 
-function report(err) {
+// ``from`` names what failed, so that a background refresh clears its own error only,
+// never a classification's (a 503 and its Retry-After vanished within 2 s).
+function report(err, from = "page") {
   if (err instanceof ApiError) showError(err);
   else showError(new ApiError(0, "page_error", String(err), null));
+  state.errorFrom = from;
 }
 
 // --- models, versions, labels -------------------------------------------------------
@@ -99,21 +103,41 @@ function currentModel() {
   return state.models.find((m) => m.name === $("model").value);
 }
 
-// The version a choice means: a number, a label's version, or the newest.
+// The version the server answers a request naming none: the one labelled stable when
+// it is served, else the newest (docs/serving.md).
+function defaultVersion(model) {
+  const stable = model.labels.stable;
+  return model.versions.includes(stable) ? stable : Math.max(...model.versions);
+}
+
+// The version a choice means: a number, a label's version, or the server's default.
 function currentVersion() {
   const model = currentModel();
   const choice = $("version").value;
   if (!model || model.versions.length === 0) return null;
   if (choice.startsWith("v:")) return Number(choice.slice(2));
   if (choice.startsWith("l:")) return model.labels[choice.slice(2)];
-  return Math.max(...model.versions);
+  return defaultVersion(model);
+}
+
+// The versions that may answer the current choice: with a traffic split on, a request
+// naming no version may go to canary.
+function answeringVersions() {
+  const model = currentModel();
+  const versions = [currentVersion()];
+  const canary = model && model.labels.canary;
+  if ($("version").value === "" && model && model.versions.includes(canary)) versions.push(canary);
+  return versions;
 }
 
 function fillVersions() {
   const model = currentModel();
   const select = $("version");
   const previous = select.value;
-  select.replaceChildren(el("option", { value: "", text: "newest" }));
+  const shown = !model || model.versions.length === 0 ? "default"
+    : model.versions.includes(model.labels.stable) ? `default: stable (version ${model.labels.stable})`
+    : `default: newest (version ${Math.max(...model.versions)})`;
+  select.replaceChildren(el("option", { value: "", text: shown }));
   if (model) {
     const numbers = el("optgroup", { label: "Versions" });
     for (const v of model.versions) numbers.append(el("option", { value: `v:${v}`, text: `version ${v}` }));
@@ -125,7 +149,7 @@ function fillVersions() {
       select.append(group);
     }
   }
-  // Keep the reader's choice when the list is refreshed; one that is gone means newest.
+  // Keep the reader's choice when the list is refreshed; one that is gone means the default.
   select.value = previous;
   if (select.value !== previous) select.value = "";
   select.disabled = !model;
@@ -145,12 +169,12 @@ async function loadModels() {
     $("metrics-link").hidden = !answer.links.metrics;
     if (answer.links.metrics) $("metrics-link").href = answer.links.metrics;
     fillVersions();
-    clearError();
+    if (state.errorFrom === "models") clearError();
     await versionChanged();
     // A model still loading has no version yet: look again until every one has.
     if (answer.models.some((m) => m.versions.length === 0)) setTimeout(loadModels, 2000);
   } catch (err) {
-    report(err);
+    report(err, "models");
     if (err.retryAfter) setTimeout(loadModels, Number(err.retryAfter) * 1000);
   }
 }
@@ -273,7 +297,7 @@ async function classify(blob, name) {
     showTiming(parseServerTiming(response.headers.get("Server-Timing")), performance.now() - started);
     // Another version answered than the page thinks the choice means: a version was
     // loaded or unloaded, or a label moved, since the list was read. Read it again.
-    if (model && answer.model === model.name && answer.version !== currentVersion()) {
+    if (model && answer.model === model.name && !answeringVersions().includes(answer.version)) {
       loadModels().catch(report);
     }
   } catch (err) {
