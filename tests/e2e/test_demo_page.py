@@ -337,3 +337,6 @@ def test_a_classification_error_stays_while_the_page_polls_for_versions(
             pass  # a poll after the error was shown, answered
         page.wait_for_load_state("networkidle")
         expect(page.locator("#error")).to_contain_text("503")
+        # The model card says there is no version yet (it read "Loading…" for good).
+        page.evaluate("location.hash = '#model-card'")
+        expect(page.locator("#card-body")).to_contain_text("m has no available version yet")

@@ -416,7 +416,16 @@ async function showCard() {
   const section = $("model-card");
   section.hidden = false;
   const path = versionPath();
-  if (!path) return;
+  if (!path) {
+    // Nothing to show yet: say so (it read "Loading…" for good); the version poll
+    // calls this again once one is available.
+    const model = currentModel();
+    $("card-title").textContent = "Model card";
+    $("card-body").replaceChildren(el("p", {
+      text: model ? `${model.name} has no available version yet.` : "No model is loaded yet.",
+    }));
+    return;
+  }
   try {
     const answer = await apiJson(`${path}/card`);
     $("card-title").textContent = `Model card: ${answer.model}, version ${answer.version}`;
