@@ -53,6 +53,11 @@ def test_the_page_and_its_files(server: Server) -> None:
             answer = client.get(f"/demo/static/{name}")
             assert answer.status_code == 200
             assert answer.headers["content-type"].startswith(media_type)
+            # Revalidated, not downloaded again (no-cache makes the browser ask each time).
+            etag = answer.headers["etag"]
+            again = client.get(f"/demo/static/{name}", headers={"if-none-match": etag})
+            assert again.status_code == 304 and again.content == b""
+            assert client.get(f"/demo/static/{name}", headers={"if-none-match": '"x"'}).content
         for name in ("index.html", "..%2Fdemo.py", "nope.js"):
             assert client.get(f"/demo/static/{name}").status_code == 404, name
 
