@@ -192,15 +192,22 @@ def load_fashion_mnist(directory: Path) -> tuple[ImageSet, ImageSet]:
 def load_image_folder(root: Path) -> ImageSet:
     """``root/<class name>/<image>``: class names sorted, one label per subfolder."""
     if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DatasetError(f"dataset folder {root} {what}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise DatasetError(f"{root} needs at least two class subfolders, found {len(class_dirs)}")
     paths: list[Path] = []
     labels: list[int] = []
     for label, class_dir in enumerate(class_dirs):
+        # Hidden names at any depth are not images of the class: macOS's "._x.jpg"
+        # AppleDouble files, .ipynb_checkpoints copies (a duplicate of every image).
         files = sorted(
-            p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p
+            for p in class_dir.rglob("*")
+            if p.is_file()
+            and p.suffix.lower() in IMAGE_SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
         )
         if not files:
             raise DatasetError(

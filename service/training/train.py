@@ -7,6 +7,7 @@ the same command, and a finished fit is kept so a failed export need not retrain
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -122,7 +123,13 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         keep = np.arange(min(cfg.limit, len(splits.train)), dtype=np.int64)
         splits.train = splits.train.subset(keep, "train")
     as_run = cfg.as_run(len(splits.train.class_names))
-    run_dir = work_dir / cfg.fingerprint()
+    # The run is the recipe and the data it fits: a folder whose images changed is a new
+    # run (keyed by the recipe alone, a finished fit on the old images was reused and
+    # published under the new data's card).
+    data = hashlib.sha256(
+        f"{splits.train.fingerprint()} {splits.validation.fingerprint()}".encode()
+    ).hexdigest()[:8]
+    run_dir = work_dir / f"{cfg.fingerprint()}-{data}"
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(as_run.to_card(), indent=2))  # `experiments`
     final_path, history_path = run_dir / "final.keras", run_dir / "history.json"

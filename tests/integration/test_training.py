@@ -212,3 +212,13 @@ def test_second_training_run_publishes_version_two(published: Path) -> None:
     assert main(args) == 0  # same config: reuses the finished fit, publishes anew
     assert (published.parent / "2" / "saved_model.pb").is_file()
     assert (published / "saved_model.pb").read_bytes() == before
+    assert len(list((root / "work").glob("*/history.json"))) == 1
+    # The same command on changed images is a new fit: the finished one was reused and
+    # published under a card that described the new data.
+    extra = root / "data" / "class_0" / "extra.png"
+    extra.write_bytes((root / "data" / "class_1" / "1.png").read_bytes())
+    try:
+        assert main(args) == 0
+    finally:
+        extra.unlink()
+    assert len(list((root / "work").glob("*/history.json"))) == 2

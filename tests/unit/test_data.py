@@ -60,6 +60,12 @@ def test_fashion_mnist_splits_are_deterministic_and_disjoint() -> None:
 def test_folder_dataset(tmp_path: Path) -> None:
     root = write_class_folders(tmp_path / "data", classes=3, per_class=6)
     (root / "class_0" / "notes.txt").write_text("not an image")
+    # Hidden names at any depth are no images of the class (they crashed training).
+    (root / "class_0" / "._0.jpg").write_bytes(b"Mac OS X AppleDouble")
+    (root / "class_1" / ".ipynb_checkpoints").mkdir()
+    (root / "class_1" / ".ipynb_checkpoints" / "1.png").write_bytes(
+        (root / "class_1" / "1.png").read_bytes()
+    )
     images = load_image_folder(root)
     assert images.class_names == ["class_0", "class_1", "class_2"]
     assert len(images) == 18 and np.bincount(images.labels).tolist() == [6, 6, 6]
@@ -119,3 +125,10 @@ def test_fingerprint_changes_with_labels() -> None:
         name="x", class_names=images.class_names, labels=1 - images.labels, pixels=images.pixels
     )
     assert images.fingerprint() != other.fingerprint()
+
+
+def test_a_file_given_as_dataset_folder_is_named_as_such(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        load_image_folder(afile)
