@@ -193,6 +193,13 @@ def add_verify(
         help="report.json and the images of the worst disagreements",
     )
     p.add_argument("--show", type=at_least(0), default=10, help="disagreements listed per encoding")
+    p.add_argument(
+        "--offline",
+        choices=("auto", "artifact", "savedmodel"),
+        default="auto",
+        help="the offline side: auto = the shipped LiteRT artifact when it is quantized "
+        "(what the gateway serves), else the SavedModel (what TF Serving serves)",
+    )
     p.set_defaults(handler=_verify)
 
 
@@ -212,6 +219,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
             label=args.label,
             output=args.output,
             show=args.show,
+            offline_model=args.offline,
         )
     except CnnserveError as exc:
         # Exit 1 says "skew" to a CI gate; a setup that cannot be checked is not one.

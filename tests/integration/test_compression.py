@@ -4,6 +4,8 @@ the gateway serves a quantized version (and says so) and refuses one that drifte
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import shutil
 import time
@@ -172,6 +174,27 @@ def test_gateway_serves_the_quantized_version_and_says_so(
     )
     log = server.log.read_text()
     assert "q version 1 is available (litert runtime, int8)" in log
+
+
+def test_verify_compares_a_quantized_version_with_the_artifact_that_serves(
+    int8_version: Path, tmp_path: Path, start_server: Callable[..., Server]
+) -> None:
+    """The offline side of `cnnserve verify` is the int8 artifact the gateway serves, not
+    the float SavedModel (whose answers differ by int8's rounding: a healthy int8
+    version agreed 99.2% and failed the 99.9% gate as "skew")."""
+    repo = tmp_path / "repo"
+    shutil.copytree(int8_version, repo / "q" / "1")
+    write_models_config(repo, simple_config("q"))
+    server = start_server(repo)
+    data = write_class_folders(tmp_path / "images", classes=3, per_class=8)
+    args = ["verify", "--url", server.url, "--model-repository", str(repo), "--data", str(data)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--output", str(tmp_path / "report")])
+    assert code == 0, out.getvalue() + err.getvalue()
+    assert "offline model: its int8 LiteRT artifact" in err.getvalue()
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["encodings"]["png"]["agreement"] == 1.0
 
 
 def test_gateway_refuses_a_quantized_version_that_drifted(
