@@ -9,29 +9,27 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.cli_types import NON_NEGATIVE, POSITIVE, positive_ints
 from service.config import Settings
 from service.errors import DatasetError
 
-
-def batchings(text: str) -> str:
-    """--batching's settings, each checked as the sweep parses it (kept as text)."""
+if TYPE_CHECKING:  # the sweep imports numpy and more: not for `--help`
     from service.bench.sweep import Batching
 
-    for item in text.split(","):
-        try:
-            batching = Batching.parse(item)
-            if min(batching.max_batch_size, batching.num_batch_threads) < 1:
-                raise ValueError(item)
-            if batching.batch_timeout_micros < 0:
-                raise ValueError(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{item!r}: give max_batch_size:batch_timeout_micros:num_batch_threads, "
-                "e.g. 32:1000:1 (a batch size and threads of at least 1)"
-            ) from None
-    return text
+
+def batchings(text: str) -> list[Batching]:
+    """--batching's settings, parsed (and checked) by the sweep's own parser."""
+    from service.bench.sweep import Batching
+
+    try:
+        return [Batching.parse(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give max_batch_size:batch_timeout_micros:num_batch_threads, "
+            "e.g. 32:1000:1 (a batch size and threads of at least 1)"
+        ) from None
 
 
 def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings) -> None:
@@ -158,12 +156,8 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
     if not versions:
         raise DatasetError(f"no published version of {model} in {repository}")
     version = args.version or max(versions)
-    batchings = (
-        [sweep.Batching.parse(b) for b in args.batching.split(",")]
-        if args.batching
-        else [sweep.Batching.of(settings)]
-    )
-    workers = [int(w) for w in args.workers.split(",")]
+    batchings = args.batching or [sweep.Batching.of(settings)]
+    workers: list[int] = args.workers
     if args.url and len(workers) * len(batchings) > 1:
         print(
             "cnnserve bench: with --url the server's settings are fixed; give one --workers "
@@ -190,7 +184,7 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
     plan = sweep.Plan(
         repository=repository,
         version_dir=versions[version],
-        concurrency=[int(c) for c in args.concurrency.split(",")],
+        concurrency=args.concurrency,
         configs=[sweep.ServerConfig(w, b) for w in workers for b in batchings],
         seconds=args.seconds,
         warmup_seconds=args.warmup_seconds,
@@ -216,7 +210,7 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
             for row in bench_runtimes(
                 versions[version],
                 cache_dir=settings.cache_dir,
-                batch_sizes=[int(x) for x in args.batch_sizes.split(",")],
+                batch_sizes=args.batch_sizes,
                 seconds=args.limit_seconds,
                 threads=threads,
             )

@@ -220,6 +220,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
             output=args.output,
             show=args.show,
             offline_model=args.offline,
+            cache_dir=settings.cache_dir,
         )
     except CnnserveError as exc:
         # Exit 1 says "skew" to a CI gate; a setup that cannot be checked is not one.

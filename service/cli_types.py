@@ -21,14 +21,6 @@ def at_least(low: int) -> Callable[[str], int]:
     return integer
 
 
-def fraction(text: str) -> float:
-    """A number strictly between 0 and 1."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
-
-
 def number_in(
     low: float, high: float, *, low_open: bool = False, high_open: bool = False
 ) -> Callable[[str], float]:
@@ -55,10 +47,11 @@ POSITIVE = number_in(0, float("inf"), low_open=True, high_open=True)
 NON_NEGATIVE = number_in(0, float("inf"), high_open=True)
 RATE = number_in(0, 1, high_open=True)  # dropout, momentum, shifts: 0 <= x < 1
 SHARE = number_in(0, 1)  # a weight or a share that may be all or nothing
+fraction = number_in(0, 1, low_open=True, high_open=True)  # strictly between: sparsity
 
 
-def positive_ints(text: str) -> str:
-    """Comma-separated integers of at least 1 (kept as text: the caller splits it)."""
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated integers of at least 1 (argparse applies it to a default too)."""
     try:
         values = [int(part) for part in text.split(",")]
     except ValueError:
@@ -67,7 +60,7 @@ def positive_ints(text: str) -> str:
         ) from None
     if min(values) < 1:
         raise argparse.ArgumentTypeError(f"each must be at least 1, got {text!r}")
-    return text
+    return values
 
 
 def folder_or_new(text: str) -> Path:

@@ -267,13 +267,12 @@ class Registry:
         """A configured model with no version its policy serves keeps the server unready;
         say why, once per model until that changes (TF Serving logs "No versions of
         servable … found")."""
-        versionless = {
-            config.name
-            for config in scan.configs
-            if config.name not in scan.unknown and not scan.wanted(config)
-        }
+        versionless = set()
         for config in scan.configs:
-            if config.name in versionless - self._versionless:
+            if config.name in scan.unknown or scan.wanted(config):
+                continue
+            versionless.add(config.name)
+            if config.name not in self._versionless:
                 found = sorted(scan.versions.get(config.name, {}))
                 log.warning(
                     "model %s: no version to serve (%s; policy %s); publish a numbered "

@@ -30,7 +30,6 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from service.config import Settings
 from service.errors import DatasetError
 from service.preprocessing import (
     PreprocessSpec,
@@ -123,13 +122,21 @@ class Offline:
     a healthy int8 version agreed 99.2% and failed the 99.9% gate)."""
 
     def __init__(
-        self, version_dir: Path, spec: PreprocessSpec, batch: int = 128, *, artifact: bool = False
+        self,
+        version_dir: Path,
+        spec: PreprocessSpec,
+        batch: int = 128,
+        *,
+        artifact_cache: Path | None = None,
+        card: dict[str, Any] | None = None,
     ) -> None:
-        if artifact:
+        """``artifact_cache``: run the LiteRT artifact (converted into this cache folder
+        when the version ships none) instead of the SavedModel."""
+        if artifact_cache is not None:
             from service.runtimes import create_runtime
 
             runtime = create_runtime(
-                "litert", version_dir, cache_dir=Settings().cache_dir, threads=0
+                "litert", version_dir, cache_dir=artifact_cache, threads=0, card=card
             )
             runtime.load()
             self._predict: Any = runtime.predict
@@ -370,6 +377,7 @@ def run_verify(
     server: RestServer | GrpcServer,
     *,
     repository: Path,
+    cache_dir: Path,
     images: TestImages,
     model: str | None,
     version: int | None,
@@ -380,7 +388,9 @@ def run_verify(
     progress_out: TextIO | None = None,
     offline_model: OfflineModel = "auto",
 ) -> Report:
-    """Verify; the report goes to ``out`` (stdout), progress to ``progress_out`` (stderr)."""
+    """Verify; the report goes to ``out`` (stdout), progress to ``progress_out`` (stderr).
+    ``cache_dir``: where an artifact the version does not ship is converted, for
+    ``--offline artifact`` (the settings' CNNSERVE_CACHE_DIR, as the server's)."""
     out = out or sys.stdout
     progress_out = progress_out or sys.stderr
     started = time.monotonic()
@@ -409,7 +419,9 @@ def run_verify(
     else:
         what = "the SavedModel"
     print(f"verify: offline model: {what}", file=progress_out)
-    model_offline = Offline(version_dir, spec, artifact=artifact)
+    model_offline = Offline(
+        version_dir, spec, artifact_cache=cache_dir if artifact else None, card=card
+    )
     offline = model_offline.on_pixels(images)
     labels = read_labels(version_dir, offline.shape[1])
     index = {name: i for i, name in enumerate(labels)}

@@ -129,10 +129,10 @@ class DirectClassify:
         send."""
         sent = dict(headers)  # as RequestGuard reads them
         length = sent.get(b"content-length")
-        if length is None or not length.isdigit() or b"transfer-encoding" in sent:
+        if length is None or not length.isdigit():
             return False
-        if b"content-encoding" in sent:  # decompressed (or refused) on the ASGI way
-            return False
+        if b"transfer-encoding" in sent or b"content-encoding" in sent:
+            return False  # coded bodies are decoded (or refused) on the ASGI way
         return not sent.get(b"expect") and self.admission.refusal(CLASSIFY_PATH, sent) is None
 
     async def answer(self, request: DirectRequest) -> Answer:

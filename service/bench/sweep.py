@@ -56,7 +56,12 @@ class Batching:
         parts = [int(p) for p in text.split(":")]
         if len(parts) != 3:
             raise ValueError(f"batching {text!r}: expected max_batch:timeout_us:threads")
-        return cls(*parts)
+        batching = cls(*parts)
+        if min(batching.max_batch_size, batching.num_batch_threads) < 1:
+            raise ValueError(f"batching {text!r}: a batch size and threads of at least 1")
+        if batching.batch_timeout_micros < 0:
+            raise ValueError(f"batching {text!r}: a timeout of at least 0")
+        return batching
 
     @classmethod
     def of(cls, settings: Settings) -> Batching:

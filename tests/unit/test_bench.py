@@ -84,6 +84,9 @@ def test_batching_parse_and_environment() -> None:
     }
     with pytest.raises(ValueError, match="max_batch:timeout_us:threads"):
         Batching.parse("32:1000")
+    for out_of_range in ("0:1000:1", "32:1000:0", "32:-1:1"):
+        with pytest.raises(ValueError, match="at least"):
+            Batching.parse(out_of_range)
 
 
 def test_decode_alone_is_the_fastest_of_fresh_processes(

@@ -134,9 +134,11 @@ function fillVersions() {
   const model = currentModel();
   const select = $("version");
   const previous = select.value;
-  const shown = !model || model.versions.length === 0 ? "default"
-    : model.versions.includes(model.labels.stable) ? `default: stable (version ${model.labels.stable})`
-    : `default: newest (version ${Math.max(...model.versions)})`;
+  let shown = "default";
+  if (model && model.versions.length) {
+    const which = model.versions.includes(model.labels.stable) ? "stable" : "newest";
+    shown = `default: ${which} (version ${defaultVersion(model)})`;
+  }
   select.replaceChildren(el("option", { value: "", text: shown }));
   if (model) {
     const numbers = el("optgroup", { label: "Versions" });
