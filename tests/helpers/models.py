@@ -79,10 +79,15 @@ def write_models_config(repository: Path, body: str) -> None:
     (repository / "models.config").write_text(f"model_config_list {{\n{body}\n}}\n")
 
 
-def simple_config(*names: str, policy: str = "latest { num_versions: 1 }") -> str:
+def simple_config(
+    *names: str, policy: str = "latest { num_versions: 1 }", labels: dict[str, int] | None = None
+) -> str:
+    label_text = "".join(
+        f' version_labels {{ key: "{k}" value: {v} }}' for k, v in (labels or {}).items()
+    )
     return "\n".join(
         f'config {{ name: "{n}" base_path: "/models/{n}" model_platform: "tensorflow" '
-        f"model_version_policy {{ {policy} }} }}"
+        f"model_version_policy {{ {policy} }}{label_text} }}"
         for n in names
     )
 

@@ -91,9 +91,11 @@ def test_version_labels_route_requests(tmp_path: Path) -> None:
     publish_tiny(repo, "m", seed=2)
     write_models_config(
         repo,
-        'config { name: "m" base_path: "/models/m" model_platform: "tensorflow" '
-        "model_version_policy { specific { versions: 1 versions: 2 } } "
-        'version_labels { key: "stable" value: 1 } version_labels { key: "canary" value: 2 } }',
+        simple_config(
+            "m",
+            policy="specific { versions: 1 versions: 2 }",
+            labels={"stable": 1, "canary": 2},
+        ),
     )
     with running_server(repo, args=("--poll-seconds", "0")) as server, server.client() as client:
 
