@@ -78,9 +78,10 @@ class CnnserveError(Exception):
     # shed) is counted in the metrics and the access log: a warning each would let any
     # client flood the log.
     server_fault: ClassVar[bool] = True
+    message_limit: ClassVar[int] = MAX_MESSAGE_CHARS
 
     def __init__(self, message: str, *, detail: str | None = None) -> None:
-        message = bounded(message)
+        message = bounded(message, self.message_limit)
         super().__init__(message)
         self.message = message
         self.detail = detail
@@ -265,6 +266,8 @@ class DatasetError(CnnserveError):
     """A training dataset that cannot be read; the CLI prints it and exits 2."""
 
     code = "dataset_error"
+    # Never sent to a client; room to list the files at fault, one a line.
+    message_limit = 8 * MAX_MESSAGE_CHARS
 
 
 class PromotionError(CnnserveError):

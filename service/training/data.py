@@ -11,14 +11,16 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from service.errors import DatasetError, InvalidImage
+from service.errors import DatasetError, InvalidImage, InvalidRequest
 from service.preprocessing import PreprocessSpec, UInt8Image, preprocess_array, preprocess_bytes
 
 log = logging.getLogger(__name__)
@@ -220,7 +222,51 @@ def load_image_folder(root: Path) -> ImageSet:
         class_names=[p.name for p in class_dirs],
         labels=np.asarray(labels, dtype=np.int64),
         paths=paths,
+        _hashes=_checked_hashes(root, paths),
     )
+
+
+# How many unreadable files a refusal names (the count says how many more).
+_BAD_FILES_SHOWN = 20
+
+
+def _checked_hashes(root: Path, paths: Sequence[Path]) -> list[str]:
+    """Each file's sha256, after decoding it as the gateway would; every file that does not
+    decode is named in one :class:`DatasetError`.
+
+    Checked here, as the folder is read, because inside the fit a bad file stopped
+    training mid-epoch with a tf.data traceback naming only the first one (and once hung
+    at shutdown), after minutes of work; evaluation after the fit would meet a bad test
+    image only then. Decoding threads release the GIL, so the check runs on every core.
+    """
+    # The gateway's decoder, checks and limits; a small output keeps the resize cheap
+    # (JPEGs decode scaled down, still reading every byte).
+    spec = PreprocessSpec(height=32, width=32)
+
+    def check(path: Path) -> tuple[str, str | None]:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            return "", f"cannot be read ({exc.strerror or exc})"
+        try:
+            preprocess_bytes(data, spec, max_pixels=_FOLDER_MAX_PIXELS)
+        except InvalidRequest as exc:  # undecodable, or more pixels than any photo
+            return hashlib.sha256(data).hexdigest(), exc.message
+        return hashlib.sha256(data).hexdigest(), None
+
+    if len(paths) >= 1000:
+        log.info("checking the %d images of %s", len(paths), root)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        results = list(pool.map(check, paths))
+    bad = [f"  {path}: {problem}" for path, (_, problem) in zip(paths, results, strict=True) if problem]
+    if bad:
+        more = len(bad) - _BAD_FILES_SHOWN
+        listing = "\n".join(bad[:_BAD_FILES_SHOWN] + ([f"  … and {more} more"] if more > 0 else []))
+        raise DatasetError(
+            f"{len(bad)} of the {len(paths)} files in {root} are not images the gateway can "
+            f"decode; fix or remove them:\n{listing}"
+        )
+    return [digest for digest, _ in results]
 
 
 # --- splitting -------------------------------------------------------------------------

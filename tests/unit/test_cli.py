@@ -71,6 +71,24 @@ def test_missing_dataset_is_a_clear_cli_error(
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("command", ["train --epochs 1 --model-name shoes --dataset", "data audit"])
+def test_a_corrupt_image_in_a_folder_dataset_stops_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    from tests.helpers.images import write_class_folders
+
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=4)
+    (root / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    where = ["--output", str(tmp_path / "out")] if command.startswith("data") else []
+    where = where or ["--work-dir", str(tmp_path / "w"), "--repository", str(tmp_path / "r")]
+    code = main([*command.split(), str(root), *where])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"1 of the 9 files in {root} are not images" in err
+    assert str(root / "class_1" / "broken.jpg") in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+
+
 def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CNNSERVE_PORT", "9001")
     monkeypatch.setenv("CNNSERVE_MAX_BATCH_SIZE", "8")

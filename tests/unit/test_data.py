@@ -73,6 +73,32 @@ def test_folder_dataset(tmp_path: Path) -> None:
     assert x.shape == (224, 224, 3)
 
 
+def test_undecodable_files_are_all_named_before_any_work(tmp_path: Path) -> None:
+    # A bad file used to stop the fit mid-epoch in tf.data, naming only the first one.
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=4)
+    good = (root / "class_0" / "1.png").read_bytes()
+    (root / "class_0" / "random.jpg").write_bytes(bytes(range(256)) * 4)
+    (root / "class_1" / "cut.png").write_bytes(good[: len(good) // 2])
+    (root / "class_1" / "empty.webp").write_bytes(b"")
+    with pytest.raises(DatasetError) as caught:
+        load_image_folder(root)
+    message = caught.value.message
+    assert message.startswith(f"3 of the 11 files in {root} are not images")
+    for name in ("class_0/random.jpg", "class_1/cut.png", "class_1/empty.webp"):
+        assert str(root / name) in message
+    assert "1.png:" not in message
+
+
+def test_a_long_list_of_bad_files_is_cut(tmp_path: Path) -> None:
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=1)
+    for i in range(25):
+        (root / "class_1" / f"bad{i:02d}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError) as caught:
+        load_image_folder(root)
+    lines = caught.value.message.splitlines()
+    assert len(lines) == 1 + 20 + 1 and lines[-1] == "  … and 5 more"
+
+
 def test_folder_dataset_needs_two_classes(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
     with pytest.raises(DatasetError, match="two class subfolders"):
