@@ -258,7 +258,9 @@ def _checked_hashes(root: Path, paths: Sequence[Path]) -> list[str]:
         log.info("checking the %d images of %s", len(paths), root)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         results = list(pool.map(check, paths))
-    bad = [f"  {path}: {problem}" for path, (_, problem) in zip(paths, results, strict=True) if problem]
+    bad = [
+        f"  {path}: {problem}" for path, (_, problem) in zip(paths, results, strict=True) if problem
+    ]
     if bad:
         more = len(bad) - _BAD_FILES_SHOWN
         listing = "\n".join(bad[:_BAD_FILES_SHOWN] + ([f"  … and {more} more"] if more > 0 else []))

@@ -1,8 +1,9 @@
 """The training loop: splits → pipelines → fit with callbacks → a trained Keras model.
 
 Fit is resumable: Keras' BackupAndRestore checkpoints every epoch into the work
-directory, so an interrupted run continues where it stopped when started again with
-the same command, and a finished fit is kept so a failed export need not retrain.
+directory, and :mod:`service.training.journal` the curves and the callbacks' state, so
+an interrupted run continues where it stopped when started again with the same
+command; a finished fit is kept so a failed export need not retrain.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 from service.training.architectures import build
 from service.training.config import TrainConfig
 from service.training.data import Splits, balanced_class_weight, oversample
+from service.training.journal import FitJournal
 from service.training.pipeline import augment_layers, batches
 from service.training.radam import RAdam  # also registers it for reloading checkpoints
 from service.training.sources import load_splits
@@ -157,26 +159,33 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         metrics=["accuracy"],
     )
     watch = OverfitWatch()
+    early = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True
+    )
+    plateau = (
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss",
+            factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience,
+            min_lr=cfg.min_learning_rate,
+        )
+        if cfg.schedule == "plateau"
+        else None
+    )
+    backup = run_dir / "backup"
+    journal = FitJournal(backup, early=early, plateau=plateau, watch=watch)
+    # Order matters at each epoch's end: the callbacks that change state (and the
+    # learning rate) first, then the weights' backup, then the journal of that state.
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup")),
-        keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=cfg.early_stopping_patience, restore_best_weights=True
-        ),
+        early,
+        *([plateau] if plateau is not None else []),
         watch,
+        keras.callbacks.BackupAndRestore(str(backup)),
+        journal,
         ProgressLog(cfg.epochs),
     ]
-    if cfg.schedule == "plateau":
-        callbacks.append(
-            keras.callbacks.ReduceLROnPlateau(
-                monitor="val_loss",
-                factor=cfg.plateau_factor,
-                patience=cfg.plateau_patience,
-                min_lr=cfg.min_learning_rate,
-            )
-        )
     weights = balanced_class_weight(splits.train.labels) if cfg.class_weight == "balanced" else None
-    started = time.monotonic()
-    fit = model.fit(
+    model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=cfg.epochs,
@@ -184,8 +193,8 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         verbose=0,
         class_weight=weights,
     )
-    seconds = time.monotonic() - started
-    history = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+    # The fit's own History starts at a resumed epoch; the journal holds them all.
+    history, seconds = journal.history(), journal.seconds()
     model.save(final_path)
     history_path.write_text(
         json.dumps({"history": history, "seconds": seconds, "warnings": watch.warnings})

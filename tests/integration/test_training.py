@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -222,3 +223,43 @@ def test_second_training_run_publishes_version_two(published: Path) -> None:
     finally:
         extra.unlink()
     assert len(list((root / "work").glob("*/history.json"))) == 2
+
+
+def test_an_interrupted_fit_resumes_with_its_whole_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.training import train as training
+    from service.training.config import ArchConfig, TrainConfig
+
+    data = write_class_folders(tmp_path / "data", classes=3, per_class=8)
+    cfg = TrainConfig(
+        dataset=str(data),
+        arch=ArchConfig(width_multiplier=0.25, depth=1),
+        epochs=4,
+        batch_size=8,
+        optimizer="adam",
+        learning_rate=0.003,
+        early_stopping_patience=10,
+        plateau_patience=1,
+        val_fraction=0.25,
+        test_fraction=0.2,
+    )
+    seen: list[dict[str, float]] = []
+    real = training.ProgressLog.on_epoch_end
+
+    def interrupted(self: keras.callbacks.Callback, epoch: int, logs: dict[str, float]) -> None:
+        real(self, epoch, logs)
+        seen.append(dict(logs))
+        if epoch == 1:  # after epoch 2's backup, as a Ctrl-C in epoch 3 would be
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.ProgressLog, "on_epoch_end", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(cfg, tmp_path / "work")
+    monkeypatch.undo()
+
+    result = training.train(cfg, tmp_path / "work")
+    # Before the journal the history began at the resumed epoch (2 of 4 epochs).
+    assert len(result.history["loss"]) == 4
+    assert result.history["val_loss"][:2] == pytest.approx([s["val_loss"] for s in seen])
+    assert result.history["learning_rate"][:2] == pytest.approx([s["learning_rate"] for s in seen])
