@@ -22,6 +22,16 @@ from service.errors import DatasetError
 
 # Card keys that describe a run's outcome or machine, not its recipe.
 _NOT_HYPER = {"history", "seconds", "epochs_run", "overfitting_warnings", "machine", "data_dir"}
+# The recipe's keys that decide which images the test (and validation) split holds.
+_DATA_KEYS = (
+    "dataset",
+    "extra_datasets",
+    "class_map",
+    "relabel",
+    "val_fraction",
+    "test_fraction",
+    "seed",
+)
 
 
 def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -38,6 +48,14 @@ def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _recipe_id(hyper: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(hyper, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _data_recipe(training: dict[str, Any]) -> str:
+    """Which data a run was split from: runs with equal recipes test on the same images
+    (while the folders are unchanged; published cards say for sure)."""
+    data = {k: training.get(k) for k in _DATA_KEYS}
+    data["extra_datasets"] = list(data["extra_datasets"] or [])
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _dir_mb(path: Path) -> float:
@@ -74,9 +92,12 @@ def published_runs(repository: Path) -> list[dict[str, Any]]:
         training, evaluation = card.get("training", {}), card.get("evaluation", {})
         latency = evaluation.get("latency_tensorflow", {}).get("batch_1", {}).get("p50_ms")
         hyper = _flatten(training)
+        test_sha = card.get("dataset", {}).get("test_sha256")
         runs.append(
             {
                 "run": f"{version_dir.parent.name}/{version_dir.name}",
+                "test_set": test_sha or f"recipe:{_data_recipe(training)}",
+                "data_recipe": _data_recipe(training),
                 "published": True,
                 "architecture": card.get("architecture", {}).get("name", "?"),
                 "parameters": card.get("architecture", {}).get("parameters"),
@@ -103,7 +124,8 @@ def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
         history_path = config_path.parent / "history.json"
         if not history_path.is_file():
             continue  # interrupted or still running
-        hyper = _flatten(json.loads(config_path.read_text()))
+        config = json.loads(config_path.read_text())
+        hyper = _flatten(config)
         if _recipe_id(hyper) in published:
             continue
         history = json.loads(history_path.read_text()).get("history", {})
@@ -111,6 +133,8 @@ def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
         runs.append(
             {
                 "run": f"work/{config_path.parent.name}",
+                "test_set": f"recipe:{_data_recipe(config)}",
+                "data_recipe": _data_recipe(config),
                 "published": False,
                 "architecture": hyper.get("arch.name", "?"),
                 "parameters": None,
@@ -181,6 +205,31 @@ def plot_per_class_f1(runs: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _groups(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Runs scored on the same images, each group best first. Accuracy on one test set
+    says nothing against accuracy on another (a 17-image folder model ranked above
+    Fashion-MNIST models), so runs are only ranked within a group. An unpublished run
+    joins the published runs split from the same data recipe."""
+    test_set_of_recipe: dict[str, str] = {}
+    for r in runs:
+        if r["published"]:
+            test_set_of_recipe.setdefault(r["data_recipe"], r["test_set"])
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        key = (
+            r["test_set"]
+            if r["published"]
+            else test_set_of_recipe.get(r["data_recipe"], r["test_set"])
+        )
+        grouped.setdefault(key, []).append(r)
+    groups = [
+        sorted(g, key=lambda r: (r["published"], r["accuracy"] or 0.0), reverse=True)
+        for g in grouped.values()
+    ]
+    # The group with the most published versions first (the model being worked on).
+    return sorted(groups, key=lambda g: (sum(r["published"] for r in g), len(g)), reverse=True)
+
+
 def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict[str, Any]:
     runs = published_runs(repository) if repository and repository.is_dir() else []
     if work_dir is not None and work_dir.is_dir():
@@ -189,29 +238,47 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
         raise DatasetError(
             f"no published versions in {repository} and no finished runs in {work_dir}"
         )
-    scored = [r for r in runs if r["accuracy"] is not None]
-    best = max(scored or runs, key=lambda r: (r["published"], r["accuracy"] or 0.0))
+    groups = _groups(runs)
+    best_of = {r["run"]: g[0] for g in groups for r in g}
+    best = groups[0][0]
     output.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, output / "curves.png")
     plot_per_class_f1(runs, output / "per_class_f1.png")
+    several = len(groups) > 1
     lines = [
         "# Experiments",
         "",
-        f"{len(runs)} run{'' if len(runs) == 1 else 's'}; best: **{best['run']}** (accuracy "
-        f"{_cell(best['accuracy'])}). Published versions are scored on their test split, "
-        "unpublished work-directory runs by their best validation accuracy.",
-        "",
-        "| run | architecture | params | sources | accuracy | macro F1 | mAP | latency ms "
-        "| size MB | differs from best |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in sorted(runs, key=lambda r: -(r["accuracy"] or 0.0)):
-        lines.append(
-            f"| {r['run']}{'' if r['published'] else ' (validation)'} | {r['architecture']} "
-            f"| {_cell(r['parameters'], '{:,}')} | {r['sources']} | {_cell(r['accuracy'])} "
-            f"| {_cell(r['macro_f1'])} | {_cell(r['map'])} | {_cell(r['latency_ms'], '{:.2f}')} "
-            f"| {_cell(r['size_mb'], '{:.1f}')} | {differences(r, best)} |"
+        f"{len(runs)} run{'' if len(runs) == 1 else 's'}"
+        + (
+            f" on {len(groups)} different test sets, each ranked on its own (accuracy on "
+            "different images does not compare)"
+            if several
+            else ""
         )
+        + ". Published versions are scored on their test split, unpublished work-directory "
+        "runs by their best validation accuracy.",
+    ]
+    for number, group in enumerate(groups, 1):
+        head = group[0]
+        lines.append("")
+        if several:
+            title = f"{head['sources']} (`{head['test_set'][:19]}`)"
+            lines += [f"## Test set {number}: {title}", ""]
+        lines += [
+            f"Best: **{head['run']}** (accuracy {_cell(head['accuracy'])}).",
+            "",
+            "| run | architecture | params | sources | accuracy | macro F1 | mAP | latency ms "
+            "| size MB | differs from best |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(group, key=lambda r: -(r["accuracy"] or 0.0)):
+            lines.append(
+                f"| {r['run']}{'' if r['published'] else ' (validation)'} | {r['architecture']} "
+                f"| {_cell(r['parameters'], '{:,}')} | {r['sources']} | {_cell(r['accuracy'])} "
+                f"| {_cell(r['macro_f1'])} | {_cell(r['map'])} "
+                f"| {_cell(r['latency_ms'], '{:.2f}')} | {_cell(r['size_mb'], '{:.1f}')} "
+                f"| {differences(r, head)} |"
+            )
     lines += [
         "",
         "![validation curves](curves.png)",
@@ -223,7 +290,18 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
     (output / "report.md").write_text("\n".join(lines) + "\n")
     data = {
         "best": best["run"],
-        "runs": [{**r, "differs_from_best": differences(r, best)} for r in runs],
+        "groups": [
+            {"test_set": g[0]["test_set"], "best": g[0]["run"], "runs": [r["run"] for r in g]}
+            for g in groups
+        ],
+        "runs": [
+            {
+                **r,
+                "best_of_test_set": best_of[r["run"]]["run"],
+                "differs_from_best": differences(r, best_of[r["run"]]),
+            }
+            for r in runs
+        ],
     }
     (output / "experiments.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     return data
