@@ -42,6 +42,8 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 _FOLDER_MAX_PIXELS = 100_000_000
 
 Labels = npt.NDArray[np.int64]
+# Fewer validation or test images of a class than this is warned about.
+MIN_HELD_OUT = 5
 
 
 @dataclass
@@ -130,9 +132,30 @@ class Splits:
     # (service.training.sources); recorded in the model card's "dataset".
     provenance: dict[str, object] = field(default_factory=dict)
 
+    def thin_classes(self) -> list[str]:
+        """Warnings for classes too small in a split to learn or to measure: none to
+        train on, or under MIN_HELD_OUT images to validate or test on (one image makes a
+        class's recall 0 or 100%)."""
+        found = []
+        for split in (self.train, self.validation, self.test):
+            counts = np.bincount(split.labels, minlength=len(split.class_names))
+            learnt = split is self.train
+            least, why = (
+                (1, "it cannot be learnt") if learnt else (MIN_HELD_OUT, "its scores are noise")
+            )
+            for name, count in zip(split.class_names, counts.tolist(), strict=True):
+                if count < least:
+                    found.append(
+                        f"class {name!r} has {count} image{'' if count == 1 else 's'} in the "
+                        f"{split.name} split ({why}); add images of it"
+                    )
+        return found
+
     def describe(self) -> dict[str, object]:
+        thin = self.thin_classes()
         return {
             **self.provenance,
+            **({"warnings": thin} if thin else {}),
             "train": len(self.train),
             "validation": len(self.validation),
             "test": len(self.test),

@@ -66,12 +66,15 @@ def classification_report(
     recall = np.divide(tp, support, out=np.zeros(n), where=support > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros(n), where=denom > 0)
+    # Macro means over the classes with test examples (as mAP): a class with none has no
+    # recall to measure, and counting its 0 would make the mean depend on the split.
+    present = support > 0
     report: dict[str, Any] = {
         "examples": len(labels),
         "accuracy": float(tp.sum() / max(1, len(labels))),
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_precision": _mean(precision[present]),
+        "macro_recall": _mean(recall[present]),
+        "macro_f1": _mean(f1[present]),
         "per_class": {
             name: {
                 "precision": float(precision[i]),
@@ -83,6 +86,10 @@ def classification_report(
         },
         "confusion_matrix": {"labels": class_names, "rows_true_cols_predicted": confusion.tolist()},
     }
+    if not present.all():
+        report["classes_without_examples"] = [
+            c for c, p in zip(class_names, present, strict=True) if not p
+        ]
     if probabilities is not None:
         ap = [average_precision(labels == i, probabilities[:, i]) for i in range(n)]
         for name, value in zip(class_names, ap, strict=True):
@@ -90,6 +97,10 @@ def classification_report(
         defined = [value for value in ap if value is not None]
         report["mean_average_precision"] = float(np.mean(defined)) if defined else None
     return report
+
+
+def _mean(values: npt.NDArray[np.float64]) -> float:
+    return float(values.mean()) if len(values) else 0.0
 
 
 def predict_probabilities(

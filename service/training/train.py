@@ -124,6 +124,8 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     if cfg.limit:
         keep = np.arange(min(cfg.limit, len(splits.train)), dtype=np.int64)
         splits.train = splits.train.subset(keep, "train")
+    for warning in splits.thin_classes():
+        log.warning("%s", warning)
     as_run = cfg.as_run(len(splits.train.class_names))
     # The run is the recipe and the data it fits: a folder whose images changed is a new
     # run (keyed by the recipe alone, a finished fit on the old images was reused and

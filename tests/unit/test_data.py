@@ -9,6 +9,7 @@ from service.errors import DatasetError
 from service.training.data import (
     FASHION_MNIST_CLASSES,
     ImageSet,
+    Splits,
     check_disjoint,
     load_fashion_mnist,
     load_image_folder,
@@ -158,3 +159,23 @@ def test_a_file_given_as_dataset_folder_is_named_as_such(tmp_path: Path) -> None
     afile.write_text("x")
     with pytest.raises(DatasetError, match="is a file, not a folder"):
         load_image_folder(afile)
+
+
+def test_classes_too_thin_to_learn_or_measure_are_warned_about() -> None:
+    def part(name: str, labels: list[int]) -> ImageSet:
+        pixels = np.zeros((len(labels), 4, 4), np.uint8)
+        return ImageSet(name, ["a", "b", "rare"], np.array(labels, np.int64), pixels=pixels)
+
+    splits = Splits(
+        train=part("train", [0, 1] * 20),
+        validation=part("validation", [0] * 5 + [1] * 5 + [2]),
+        test=part("test", [0] * 6 + [1] * 4),
+    )
+    warnings = splits.thin_classes()
+    assert warnings == [
+        "class 'rare' has 0 images in the train split (it cannot be learnt); add images of it",
+        "class 'rare' has 1 image in the validation split (its scores are noise); add images of it",
+        "class 'b' has 4 images in the test split (its scores are noise); add images of it",
+        "class 'rare' has 0 images in the test split (its scores are noise); add images of it",
+    ]
+    assert splits.describe()["warnings"] == warnings

@@ -57,3 +57,14 @@ def test_report_carries_per_class_ap_and_their_mean() -> None:
 def test_without_probabilities_the_report_has_no_map() -> None:
     report = classification_report(np.array([0, 1]), np.array([0, 1]), ["a", "b"])
     assert "mean_average_precision" not in report
+
+
+def test_macro_means_skip_classes_without_test_examples() -> None:
+    # "c" has no test image: its F1 of 0 used to count as a third of the macro mean.
+    report = classification_report(np.array([0, 0, 1, 1]), np.array([0, 0, 1, 2]), ["a", "b", "c"])
+    assert report["per_class"]["c"]["support"] == 0
+    assert report["macro_recall"] == pytest.approx((1 + 0.5) / 2)
+    assert report["macro_f1"] == pytest.approx((1 + 2 / 3) / 2)
+    assert report["classes_without_examples"] == ["c"]
+    full = classification_report(np.array([0, 1, 2]), np.array([0, 1, 2]), ["a", "b", "c"])
+    assert full["macro_f1"] == 1.0 and "classes_without_examples" not in full
