@@ -220,6 +220,15 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
     )
     result = train(cfg, args.work_dir)
+    already = published_run(args.repository / args.model_name, result.run_id)
+    if already is not None:
+        print(
+            f"cnnserve train: this fit (same recipe, same images) is already published as "
+            f"{already}; nothing new to publish",
+            file=sys.stderr,
+        )
+        print(already)
+        return 0
     from service.training.export import publish  # after fit: a failed import must not cost a fit
 
     command = "cnnserve " + shlex.join(args.argv)
@@ -234,6 +243,18 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     print(version_dir)
     _say_if_unserved(args.repository, args.model_name)
     return 0
+
+
+def published_run(model_dir: Path, run_id: str) -> Path | None:
+    """The version of ``model_dir`` whose card names the fit ``run_id``, if any."""
+    for card_path in sorted(model_dir.glob("*/assets.extra/model_card.json")):
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, ValueError):
+            continue  # not ours to judge here; the server reports unreadable versions
+        if card.get("training", {}).get("run_id") == run_id and card_path.parents[1].name.isdigit():
+            return card_path.parents[1]
+    return None
 
 
 def _say_if_unserved(repository: Path, model: str) -> None:

@@ -21,7 +21,15 @@ from matplotlib.figure import Figure
 from service.errors import DatasetError
 
 # Card keys that describe a run's outcome or machine, not its recipe.
-_NOT_HYPER = {"history", "seconds", "epochs_run", "overfitting_warnings", "machine", "data_dir"}
+_NOT_HYPER = {
+    "history",
+    "seconds",
+    "epochs_run",
+    "overfitting_warnings",
+    "machine",
+    "data_dir",
+    "run_id",
+}
 # The recipe's keys that decide which images the test (and validation) split holds.
 _DATA_KEYS = (
     "dataset",

@@ -174,6 +174,7 @@ def build_card(
             "epochs_run": len(history.get("loss", [])),
             "history": history,
             "overfitting_warnings": result.warnings,
+            "run_id": result.run_id,
             "machine": {
                 "cpus": os.cpu_count(),
                 "processor": platform.machine(),

@@ -38,6 +38,9 @@ class TrainResult:
     history: dict[str, list[float]]
     seconds: float
     warnings: list[str]
+    # The work folder's name: the recipe's and the data's hashes (the card keeps it, so a
+    # rerun of a published fit is recognised).
+    run_id: str = ""
 
 
 class OverfitWatch(keras.callbacks.Callback):  # type: ignore[misc]
@@ -141,7 +144,9 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         log.info("reusing finished fit in %s", run_dir)
         saved = json.loads(history_path.read_text())
         model = keras.models.load_model(final_path, safe_mode=False)
-        return TrainResult(model, splits, saved["history"], saved["seconds"], saved["warnings"])
+        return TrainResult(
+            model, splits, saved["history"], saved["seconds"], saved["warnings"], run_dir.name
+        )
 
     indices = oversample(splits.train.labels, cfg.seed) if cfg.balance else None
     steps = math.ceil((len(indices) if indices is not None else len(splits.train)) / cfg.batch_size)
@@ -201,4 +206,4 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     history_path.write_text(
         json.dumps({"history": history, "seconds": seconds, "warnings": watch.warnings})
     )
-    return TrainResult(model, splits, history, seconds, watch.warnings)
+    return TrainResult(model, splits, history, seconds, watch.warnings, run_dir.name)

@@ -178,7 +178,9 @@ def test_evaluate_reports_on_a_published_version(
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
 
 
-def test_second_training_run_publishes_version_two(published: Path) -> None:
+def test_a_rerun_publishes_nothing_new_and_changed_images_a_new_version(
+    published: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = published.parents[2]
     args = [
         "train",
@@ -210,8 +212,13 @@ def test_second_training_run_publishes_version_two(published: Path) -> None:
         "2",
     ]
     before = (published / "saved_model.pb").read_bytes()
-    assert main(args) == 0  # same config: reuses the finished fit, publishes anew
-    assert (published.parent / "2" / "saved_model.pb").is_file()
+    capsys.readouterr()
+    # The same command again: the finished fit is reused, and it is version 1 already
+    # (it used to be published again as an identical version 2).
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(published) and "already published as" in err
+    assert sorted(p.name for p in published.parent.iterdir()) == ["1"]
     assert (published / "saved_model.pb").read_bytes() == before
     assert len(list((root / "work").glob("*/history.json"))) == 1
     # The same command on changed images is a new fit: the finished one was reused and
@@ -223,6 +230,7 @@ def test_second_training_run_publishes_version_two(published: Path) -> None:
     finally:
         extra.unlink()
     assert len(list((root / "work").glob("*/history.json"))) == 2
+    assert (published.parent / "2" / "saved_model.pb").is_file()
 
 
 def test_an_interrupted_fit_resumes_with_its_whole_record(
