@@ -32,6 +32,7 @@ from service.errors import (
     MethodNotAllowed,
     Overloaded,
     TooManyImages,
+    VersionNotFound,
 )
 from service.preprocessing import (
     Opened,
@@ -69,6 +70,7 @@ class PredictResult:
     version: int
     outputs: dict[str, npt.NDArray[Any]]
     timings: dict[str, float] = field(default_factory=dict)
+    signature: str = SERVING_SIGNATURE  # the one that ran (files go to the bytes one)
 
 
 # Outputs wider than this many times k (ImageNet's 1,000 classes) are not fully sorted.
@@ -349,7 +351,11 @@ class DataPlane:
         outputs = {info.output_name: probabilities}
         self._observe(target, timings)
         return PredictResult(
-            model=target.model, version=target.version, outputs=outputs, timings=timings
+            model=target.model,
+            version=target.version,
+            outputs=outputs,
+            timings=timings,
+            signature=signature,
         )
 
     def route(
@@ -449,7 +455,28 @@ class DataPlane:
     def model_status(
         self, model: str, version: int | None = None, label: str | None = None
     ) -> list[VersionStatus]:
-        return self.registry.statuses(model, version, label)
+        statuses = self.registry.statuses(model, version, label)
+        if not statuses:
+            # TF Serving: NOT_FOUND "Could not find any versions of model"; an empty
+            # list read as a model that is fine, and pollers indexing [0] crashed.
+            raise VersionNotFound(
+                f"could not find any versions of model {model!r}: none is published in its "
+                "folder, or none that its version policy serves (the server log says which)"
+            )
+        return statuses
+
+    def refuse_tf_example_api(
+        self, api: str, model: str, version: int | None = None, label: str | None = None
+    ) -> InvalidRequest:
+        """TF Serving's Classify/Regress/MultiInference (tf.Example input) for a model: as
+        TF Serving, an unknown model or version is NOT_FOUND first; a served one has no
+        signature of that kind, INVALID_ARGUMENT."""
+        target = self._resolve(model, version, label)
+        return InvalidRequest(
+            f"{api}: {target.model} has no {api.lower()} signature (tf.Example input); its "
+            f"signatures take images: POST them to :predict ({SERVING_SIGNATURE}, or "
+            f"{BYTES_SIGNATURE} for encoded files), or an image file to /v1/classify"
+        )
 
     def metadata(
         self, model: str, version: int | None = None, label: str | None = None

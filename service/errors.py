@@ -138,6 +138,10 @@ class MethodNotAllowed(InvalidRequest):
     http_status = 405
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
 
+    def __init__(self, message: str, *, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.allow = allow  # the Allow header of a 405 (RFC 9110), when known here
+
 
 class NotImplementedApi(InvalidRequest):
     """A TF Serving API cnnserve does not offer: Classify and Regress (tf.Example input)."""
@@ -153,6 +157,13 @@ class RequestTimeout(InvalidRequest):
     code = "request_timeout"
     http_status = 408
     grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnknownVersionLabel(InvalidRequest):
+    """A label models.config does not define: INVALID_ARGUMENT, as TF Serving answers
+    ("Unrecognized servable version label"), not NOT_FOUND."""
+
+    code = "unknown_version_label"
 
 
 class UnsupportedMediaType(InvalidRequest):

@@ -22,6 +22,7 @@ from service.errors import (
     InvalidRequest,
     ModelNotFound,
     ModelNotReady,
+    UnknownVersionLabel,
     VersionNotFound,
 )
 from service.preprocessing import PreprocessSpec
@@ -261,7 +262,7 @@ def hold_labels(
 
 def _label_version(config: ModelConfig, label: str) -> int:
     if label not in config.labels:
-        raise VersionNotFound(
+        raise UnknownVersionLabel(
             f"model {config.name!r} has no version label {label!r}; "
             f"labels: {listing(sorted(config.labels))}"
         )

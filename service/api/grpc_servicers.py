@@ -17,14 +17,12 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from service.contract import SERVING_SIGNATURE
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
     DeadlineExceeded,
     InternalError,
     InvalidRequest,
-    MethodNotAllowed,
     ShuttingDown,
     grpc_status,
 )
@@ -153,9 +151,7 @@ class PredictionServicer(_Adapter):
             client_key=client_key(context),
         )
         response = predict_pb2.PredictResponse(
-            model_spec=model_spec(
-                result.model, result.version, ref.signature_name or SERVING_SIGNATURE
-            )
+            model_spec=model_spec(result.model, result.version, result.signature)
         )
         for name, value in result.outputs.items():
             response.outputs[name].CopyFrom(to_tensor_proto(value, packed=False))
@@ -179,24 +175,25 @@ class PredictionServicer(_Adapter):
         response.metadata[SIGNATURE_DEF].Pack(signatures)
         return response
 
+    # tf.Example APIs: an image model has no signature for them. TF Serving answers
+    # NOT_FOUND for a model it does not serve, then INVALID_ARGUMENT; so does this.
     @mapped_errors
     async def Classify(self, request: Any, context: Any) -> Any:
-        raise _unsupported("PredictionService.Classify")
+        raise self._tf_example_api("Classify", request.model_spec)
 
     @mapped_errors
     async def Regress(self, request: Any, context: Any) -> Any:
-        raise _unsupported("PredictionService.Regress")
+        raise self._tf_example_api("Regress", request.model_spec)
 
     @mapped_errors
     async def MultiInference(self, request: Any, context: Any) -> Any:
-        raise _unsupported("PredictionService.MultiInference")
+        if not request.tasks:
+            raise InvalidRequest("MultiInference: tasks is empty")
+        raise self._tf_example_api("MultiInference", request.tasks[0].model_spec)
 
-
-def _unsupported(method: str) -> MethodNotAllowed:
-    return MethodNotAllowed(
-        f"{method} (tf.Example input) is not supported; send images to Predict, or encoded "
-        "files to cnnserve.v1.ImageClassifier"
-    )
+    def _tf_example_api(self, api: str, spec: Any) -> InvalidRequest:
+        ref = read_model_spec(spec)
+        return self._plane.refuse_tf_example_api(api, str(ref.name), ref.version, ref.label)
 
 
 class ModelServicer(_Adapter):

@@ -5,6 +5,7 @@ log, and small request helpers."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import re
@@ -62,14 +63,32 @@ PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 CONNECTION_REFUSALS = "cnnserve.connection_refusals"
 
 
-def error_response(error: CnnserveError) -> JSONResponse:
-    """The JSON error body; RequestGuard adds X-Request-ID to it as to every response."""
-    headers = {}
+# TF Serving's REST API (its api_rest.md) answers errors as {"error": "<message>"}, and
+# clients written for it, typed ones above all, read that shape: its routes keep it. The
+# stable code travels in this header on every error answer, and in the body elsewhere.
+ERROR_CODE_HEADER = "X-Error-Code"
+_TF_SERVING_ROOT = "/v1/models"
+
+
+def speaks_tf_serving(path: str) -> bool:
+    """Whether ``path`` is under TF Serving's REST API, whose error body is its own."""
+    return path == _TF_SERVING_ROOT or path.startswith(_TF_SERVING_ROOT + "/")
+
+
+def error_response(error: CnnserveError, path: str = "") -> JSONResponse:
+    """The JSON error body for a request to ``path`` (empty when none was parsed);
+    RequestGuard adds X-Request-ID to it as to every response."""
+    headers = {ERROR_CODE_HEADER: error.code}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthenticated):
         headers["WWW-Authenticate"] = 'Bearer realm="cnnserve"'
-    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
+    if isinstance(error, MethodNotAllowed) and error.allow:
+        headers["Allow"] = error.allow
+    body: dict[str, Any] = error.to_dict()
+    if speaks_tf_serving(path):
+        body = {"error": error.public_message()}
+    return JSONResponse(body, status_code=error.http_status, headers=headers)
 
 
 def request_id(request: Request) -> str | None:
@@ -77,15 +96,16 @@ def request_id(request: Request) -> str | None:
     return rid
 
 
-def answer_error(exc: Exception, rid: str | None) -> JSONResponse:
-    """The answer to an exception a request raised, logged when it is the server's fault:
-    what every route's error handlers and the fast path (service.api.fastpath) send."""
+def answer_error(exc: Exception, rid: str | None, path: str = "") -> JSONResponse:
+    """The answer to an exception a request to ``path`` raised, logged when it is the
+    server's fault: what every route's error handlers and the fast path
+    (service.api.fastpath) send."""
     if not isinstance(exc, CnnserveError):
         log.error("request %s: unexpected error", rid, exc_info=exc)
-        return error_response(InternalError("unexpected"))
+        return error_response(InternalError("unexpected"), path)
     if exc.server_fault:
         log.warning("request %s failed: %s: %s", rid, exc.code, exc.log_message())
-    return error_response(exc)
+    return error_response(exc, path)
 
 
 def allowed_methods(routes: Sequence[BaseRoute], path: str) -> str | None:
@@ -114,7 +134,7 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
     the Allow header of a 405."""
 
     async def on_cnnserve(request: Request, exc: Exception) -> JSONResponse:
-        return answer_error(exc, request_id(request))
+        return answer_error(exc, request_id(request), request.scope["path"])
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -122,7 +142,7 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
             f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
             for e in exc.errors()
         )
-        return error_response(InvalidRequest(problems))
+        return error_response(InvalidRequest(problems), request.scope["path"])
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -134,7 +154,7 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
             error = MethodNotAllowed(f"{request.method} is not allowed on {path}; see /docs")
         else:
             error = InvalidRequest(str(exc.detail))
-        response = error_response(error)
+        response = error_response(error, request.scope["path"])
         if exc.status_code == 405:
             # RFC 9110: a 405 says which methods the resource takes.
             allow = allowed_methods(routes, path)
@@ -144,7 +164,7 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
         return response
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        return answer_error(exc, request_id(request))
+        return answer_error(exc, request_id(request), request.scope["path"])
 
     app.add_exception_handler(CnnserveError, on_cnnserve)
     app.add_exception_handler(RequestValidationError, on_validation)
@@ -253,7 +273,7 @@ class RequestGuard:
                     elif connection is not None:
                         connection.passed()  # admitted: its earlier refusal is forgotten
                 if refusal is not None:
-                    await error_response(refusal)(scope, receive, send_with_id)
+                    await error_response(refusal, path)(scope, receive, send_with_id)
                     return
                 try:
                     await self._guarded(scope, headers, receive, send_with_id)
@@ -349,7 +369,7 @@ class EarlyRefusal:
             return None
         rid = client_request_id(header_value(headers, b"x-request-id") or b"")
         record = RequestRecord(rid, "rest", method, self._route(method, path))
-        answer = error_response(concurrency.refusal())
+        answer = error_response(concurrency.refusal(), path)
         headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
         delay = concurrency.refusal_delay(retrying)
         # An answer to HEAD has no body (its Content-Length still says the GET one's):
@@ -451,19 +471,28 @@ async def read_json(request: Request) -> Any:
 TOO_DEEP = "request body is JSON nested too deeply to parse; send a flat object"
 
 
+_SPACE = re.compile(r"\s")
+
+
+def decode_base64(value: str) -> bytes:
+    """Standard base64 read as TF Serving reads it (Abseil's Base64Unescape): whitespace
+    skipped (MIME encoders break lines every 76 characters), '=' padding optional.
+    Raises ValueError (binascii.Error) for anything else; :func:`base64_hint` says why."""
+    text = "".join(value.split()) if _SPACE.search(value) else value
+    return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+
+
 def base64_hint(value: object) -> str:
     """Why a string the client sent as base64 did not decode, in words it can act on."""
     if not isinstance(value, str):
         return "send a base64 string"
     if value.startswith("data:"):
         return "send the base64 alone, without the 'data:…;base64,' prefix"
-    if any(c in value for c in " \r\n\t"):
-        return "remove the line breaks and spaces (`base64 -w0` writes none)"
     if any(c in value for c in "-_"):
         return "use the standard alphabet (+ and /), not the URL-safe one (- and _)"
-    if len(value) % 4:
-        return "its length is not a multiple of 4: is '=' padding missing, or is it cut off?"
-    return "it holds characters outside the base64 alphabet"
+    if len("".join(value.split()).rstrip("=")) % 4 == 1:
+        return "it is cut off (one character past a whole group of 4)"
+    return "it holds characters outside the base64 alphabet, or '=' inside it"
 
 
 def request_timeout(request: Request) -> float | None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 from typing import Annotated, Any
 
@@ -19,6 +17,7 @@ from service.api.http import (
     base64_hint,
     client_key,
     dataplane,
+    decode_base64,
     encoded_response,
     read_json,
     request_timeout,
@@ -67,8 +66,8 @@ def _b64(value: Any, what: str) -> bytes:
     if not isinstance(value, str):
         raise InvalidRequest(f"{what} must be a base64 string")
     try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(value)
+    except ValueError:  # binascii.Error is one
         raise InvalidRequest(f"{what} is not valid base64: {base64_hint(value)}") from None
 
 

@@ -88,6 +88,15 @@ class ErrorBody(BaseModel):
 # TF Serving's REST shapes (https://www.tensorflow.org/tfx/serving/api_rest).
 
 
+class TFServingErrorBody(BaseModel):
+    """TF Serving's error body, kept on its routes; the stable code is X-Error-Code."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"error": "no model named 'nope'; models: fashion_mnist"}]}
+    )
+    error: str = Field(description="what went wrong and what to do")
+
+
 class VersionStatusError(BaseModel):
     error_code: str
     error_message: str
@@ -155,15 +164,23 @@ def _served_errors() -> list[type[errors.CnnserveError]]:
     ]
 
 
-def error_responses() -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for every status the error table gives, listing its codes."""
+def error_responses(*, tf_serving: bool = False) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for every status the error table gives, listing its codes;
+    with ``tf_serving``, in TF Serving's error body (service.api.http.error_response)."""
     by_status: dict[int, list[str]] = {}
     for cls in _served_errors():
         by_status.setdefault(cls.http_status, []).append(cls.code)
+    where = "the X-Error-Code header" if tf_serving else "`error.code`"
     return {
         status: {
-            "model": ErrorBody,
-            "description": "error codes: " + ", ".join(f"`{c}`" for c in sorted(codes)),
+            "model": TFServingErrorBody if tf_serving else ErrorBody,
+            "description": f"{where}: " + ", ".join(f"`{c}`" for c in sorted(codes)),
+            "headers": {
+                "X-Error-Code": {
+                    "description": "the stable error code",
+                    "schema": {"type": "string"},
+                }
+            },
         }
         for status, codes in sorted(by_status.items())
     }

@@ -7,8 +7,6 @@ binary values, and TF Serving's state names in model_version_status.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
 import grpc
@@ -22,6 +20,7 @@ from service.api.http import (
     base64_hint,
     client_key,
     dataplane,
+    decode_base64,
     encoded_response,
     read_json,
     request_timeout,
@@ -33,12 +32,13 @@ from service.api.schemas import (
     ModelVersionStatus,
     PredictResponse,
     VersionStatusError,
+    error_responses,
 )
 from service.dataplane import PredictResult
-from service.errors import InvalidRequest, NotImplementedApi
+from service.errors import InvalidRequest, MethodNotAllowed
 from service.registry import VersionStatus
 
-router = APIRouter(tags=["tensorflow-serving"])
+router = APIRouter(tags=["tensorflow-serving"], responses=error_responses(tf_serving=True))
 
 _GRPC_CODE_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 
@@ -72,36 +72,45 @@ PREDICT = {"response_model": PredictResponse, "response_model_exclude_none": Tru
 
 
 # TF Serving's REST API has :classify and :regress beside :predict. They take
-# tf.Example input, which an image model has no signature for. These routes make a
-# wrong verb or method say so; without them the status routes below took the path
-# ("m:classify" as a model name) and answered 405 Allow: GET or 404 model_not_found.
+# tf.Example input, which an image model has no signature for: as TF Serving, a model it
+# does not serve is 404, one it serves 400 (DataPlane.refuse_tf_example_api). These
+# routes also make a wrong verb or method say so; without them the status routes below
+# took the path ("m:classify" as a model name) and answered 405 Allow: GET or 404.
 _VERBS = ("predict", "classify", "regress")
 
 
-def _wrong_verb(verb: str) -> Exception:
-    if verb in ("classify", "regress"):
-        return NotImplementedApi(
-            f"cnnserve does not offer TF Serving's :{verb} (tf.Example input); POST "
-            "images to :predict, or an image file to /v1/classify"
-        )
-    # What the router itself would answer, mapped where its answers are (service.api.http):
-    # another method on :predict, or a verb there is no route for.
-    if verb == "predict":
-        return StarletteHTTPException(405, headers={"Allow": "POST"})
+def _wrong_verb(request: Request, verb: str) -> Exception:
+    """Another method on a verb (all take POST), or a verb there is no route for (the
+    router's own 404, mapped where its answers are: service.api.http)."""
+    if verb in _VERBS:
+        message = f"{request.method} is not allowed on {request.scope['path']}; use POST"
+        return MethodNotAllowed(message, allow="POST")
     return StarletteHTTPException(404)
 
 
-@router.get("/v1/models/{model}:{verb}", include_in_schema=False)
-async def model_verb_get(request: Request, model: str, verb: str) -> ModelStatusResponse:
+# Every method but POST on a verb path is answered here with its own Allow: the router's
+# 405 would name the methods of every route the path matches (GET too, for these).
+_NOT_POST = ["GET", "OPTIONS", "PUT", "PATCH", "DELETE"]
+
+
+@router.api_route("/v1/models/{model}:{verb}", methods=_NOT_POST, include_in_schema=False)
+async def model_verb_other(request: Request, model: str, verb: str) -> ModelStatusResponse:
     if verb not in _VERBS:  # a model name with a colon, as before these routes
+        if request.method != "GET":
+            where = request.scope["path"]
+            raise MethodNotAllowed(f"{request.method} is not allowed on {where}", allow="GET, HEAD")
         return _status_body(dataplane(request).model_status(f"{model}:{verb}"))
-    raise _wrong_verb(verb)
+    raise _wrong_verb(request, verb)
 
 
-@router.get("/v1/models/{model}/versions/{version}:{verb}", include_in_schema=False)
-@router.get("/v1/models/{model}/labels/{label}:{verb}", include_in_schema=False)
-async def target_verb_get(verb: str) -> Response:
-    raise _wrong_verb(verb)
+@router.api_route(
+    "/v1/models/{model}/versions/{version}:{verb}", methods=_NOT_POST, include_in_schema=False
+)
+@router.api_route(
+    "/v1/models/{model}/labels/{label}:{verb}", methods=_NOT_POST, include_in_schema=False
+)
+async def target_verb_other(request: Request, verb: str) -> Response:
+    raise _wrong_verb(request, verb)
 
 
 @router.get("/v1/models/{model}", **STATUS)  # type: ignore[arg-type]
@@ -127,14 +136,21 @@ def _metadata(
     return ModelMetadataResponse(
         model_spec=ModelSpec(name=target.model, signature_name="", version=str(target.version)),
         metadata={
-            "signature_def": json_format.MessageToDict(signatures, preserving_proto_field_name=True)
+            # As TF Serving prints it (always_print_primitive_fields): clients read
+            # "unknown_rank": false and each dim's "name": "" without checking for them.
+            "signature_def": json_format.MessageToDict(
+                signatures,
+                preserving_proto_field_name=True,
+                always_print_fields_with_no_presence=True,
+            )
         },
     )
 
 
 @router.get("/v1/models/{model}/metadata", **METADATA)  # type: ignore[arg-type]
 async def model_metadata(request: Request, model: str) -> ModelMetadataResponse:
-    """Signature definitions of the newest served version (TF Serving GetModelMetadata)."""
+    """Signature definitions of the version an unversioned request goes to: the one
+    labelled `stable`, else the newest (TF Serving GetModelMetadata)."""
     return _metadata(request, model, None, None)
 
 
@@ -161,8 +177,8 @@ def _decode_b64(value: Any) -> Any:
     if isinstance(value, dict):
         if set(value) == {"b64"}:
             try:
-                return base64.b64decode(value["b64"], validate=True)
-            except (binascii.Error, ValueError, TypeError):
+                return decode_base64(value["b64"])
+            except (ValueError, TypeError):  # TypeError: not a string
                 raise InvalidRequest(
                     f'a {{"b64": ...}} value is not valid base64: {base64_hint(value["b64"])}'
                 ) from None
@@ -257,5 +273,14 @@ async def label_predict(request: Request, model: str, label: str) -> Response:
 @router.post("/v1/models/{model}:{verb}", include_in_schema=False)
 @router.post("/v1/models/{model}/versions/{version}:{verb}", include_in_schema=False)
 @router.post("/v1/models/{model}/labels/{label}:{verb}", include_in_schema=False)
-async def other_verb(verb: str) -> Response:
-    raise _wrong_verb(verb)
+async def other_verb(request: Request, verb: str) -> Response:
+    if verb not in ("classify", "regress"):
+        raise _wrong_verb(request, verb)
+    params = request.path_params
+    version = params.get("version")
+    raise dataplane(request).refuse_tf_example_api(
+        verb.capitalize(),
+        params["model"],
+        None if version is None else _version(version),
+        params.get("label"),
+    )

@@ -20,6 +20,7 @@ import numpy as np
 from service.contract import OUTPUT_NAME, SERVING_SIGNATURE
 from service.errors import InvalidRequest, ModelLoadError
 from service.runtimes.base import Batch, InputSpec, ModelInfo
+from service.tfserving_proto import dtype_name, tensor_dims
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,32 @@ class TensorDesc:
     shape: tuple[int | None, ...]
 
 
+def signature_tensors(
+    signature: Any,
+) -> tuple[dict[str, TensorDesc], dict[str, TensorDesc]]:
+    """The inputs and outputs of a SignatureDef proto as TensorDescs."""
+
+    def descs(infos: Any) -> dict[str, TensorDesc]:
+        return {n: TensorDesc(dtype_name(t.dtype), tensor_dims(t)) for n, t in infos.items()}
+
+    return descs(signature.inputs), descs(signature.outputs)
+
+
+def twin_mismatch(saved: ModelInfo, artifact: ModelInfo) -> str | None:
+    """How an artifact's signature differs from its SavedModel's (input dtype and size,
+    class count), or None when they match."""
+    a, b = saved.input, artifact.input
+    mine = (a.dtype, a.height, a.width, saved.num_classes)
+    theirs = (b.dtype, b.height, b.width, artifact.num_classes)
+    if mine == theirs:
+        return None
+    return (
+        f"the LiteRT artifact takes {b.dtype} {b.height}x{b.width} and gives "
+        f"{artifact.num_classes} classes, the SavedModel beside it {a.dtype} "
+        f"{a.height}x{a.width} and {saved.num_classes}: not its twin"
+    )
+
+
 def card_normalization(card: Mapping[str, Any] | None) -> tuple[float, float]:
     """(scale, offset) a float input expects: the card's, else [0, 1]."""
     norm = ((card or {}).get("preprocessing") or {}).get("normalization") or {}
@@ -64,6 +91,31 @@ def artifact_precision(card: Mapping[str, Any] | None) -> str:
     return str(litert_record(card).get("precision") or FLOAT_PRECISION)
 
 
+def saved_model_digest(version_dir: Path) -> str:
+    """sha256 over saved_model.pb and the variables index (which holds a checksum of
+    every weight): the SavedModel an artifact was made from, in a few reads of small
+    files."""
+    digest = hashlib.sha256()
+    for name in ("saved_model.pb", "variables/variables.index"):
+        path = version_dir / name
+        digest.update(name.encode() + b"\0")
+        if path.is_file():  # a SavedModel without variables has no index
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def foreign_artifact(record: Mapping[str, Any], version_dir: Path) -> str | None:
+    """Why the shipped artifact is not this SavedModel's twin (the card records whose it
+    is), or None. A version folder whose SavedModel was replaced kept serving the old
+    weights from the old artifact."""
+    recorded = record.get("saved_model_sha256")
+    if recorded is None:  # cards from before the record: the load's shape check stands
+        return None
+    if recorded != saved_model_digest(version_dir):
+        return "the LiteRT artifact was made from another SavedModel (saved_model_sha256 differs)"
+    return None
+
+
 def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path | None:
     """The exported .tflite when the card records that export verified it, else None.
 
@@ -74,14 +126,18 @@ def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path |
     """
     record = litert_record(card)
     path = version_dir / "assets.extra" / str(record.get("file") or "model.tflite")
+    foreign = foreign_artifact(record, version_dir)
     if artifact_precision(card) != FLOAT_PRECISION:
-        refusal = quantized_refusal(record, path)
+        refusal = foreign or quantized_refusal(record, path)
         if refusal is not None:
             raise ModelLoadError(f"{version_dir}: {refusal}; refusing to serve it")
         return path
-    if record.get("verified") is not True:
+    if record.get("verified") is not True or not path.is_file():
         return None
-    return path if path.is_file() else None
+    if foreign is not None:  # converted afresh from the SavedModel that is there
+        log.warning("%s: %s; not serving it", version_dir, foreign)
+        return None
+    return path
 
 
 def quantized_refusal(record: Mapping[str, Any], path: Path) -> str | None:

@@ -26,7 +26,7 @@ from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.errors import InvalidRequest, ModelLoadError
 from service.repository import read_warmup
 from service.runtimes.base import Batch, InputSpec
-from service.runtimes.card import to_model_input
+from service.runtimes.card import saved_model_digest, to_model_input
 from service.runtimes.graph_rewrite import pool_before_affine
 from service.warmup import WarmupFormatError
 
@@ -104,6 +104,8 @@ def convert_litert(
     )
     info: dict[str, Any] = {
         "file": target.name,
+        # What the artifact is a twin of: a load serves it only beside that SavedModel.
+        "saved_model_sha256": saved_model_digest(saved_model),
         "verified_samples": len(samples),
         "max_abs_diff": max_diff,
         "tolerance": LITERT_TOLERANCE,
@@ -122,13 +124,9 @@ def convert_litert(
 def cache_key(version_dir: Path) -> str:
     """sha256 of saved_model.pb, the variables index and CONVERSION_REVISION: same graph,
     weights and conversion, same key."""
-    digest = hashlib.sha256(f"cnnserve conversion {CONVERSION_REVISION}\0".encode())
-    for name in ("saved_model.pb", "variables/variables.index"):
-        path = version_dir / name
-        digest.update(name.encode() + b"\0")
-        if path.is_file():  # a SavedModel without variables has no index
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return hashlib.sha256(
+        f"cnnserve conversion {CONVERSION_REVISION}\0{saved_model_digest(version_dir)}".encode()
+    ).hexdigest()
 
 
 def _tf_version() -> str:

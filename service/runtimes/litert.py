@@ -23,7 +23,9 @@ from service.runtimes.card import (
     TensorDesc,
     artifact_precision,
     describe,
+    signature_tensors,
     to_model_input,
+    twin_mismatch,
     verified_litert,
 )
 from service.signatures import read_signatures
@@ -105,8 +107,14 @@ class LiteRTRuntime(Runtime):
         return _Interpreter(_open(content, self.threads), *self._tensors)
 
     def load(self) -> ModelInfo:
-        # The artifact is served, but a corrupt SavedModel beside it fails the load too.
+        # The artifact is served, but the SavedModel beside it is what the version is: a
+        # corrupt one, or one that is no image classifier, fails the load too.
         signatures = read_signatures(self.version_dir)
+        saved = describe(
+            *signature_tensors(signatures.signature_def[SERVING_SIGNATURE]),
+            self.card,
+            self.version_dir,
+        )
         artifact = litert_artifact(self.version_dir, self.cache_dir, self.card)
         try:
             self._content = artifact.read_bytes()
@@ -119,6 +127,10 @@ class LiteRTRuntime(Runtime):
             self._content = None
             raise ModelLoadError(f"{self.version_dir}: cannot open {artifact}: {exc}") from exc
         info = describe(inputs, outputs, self.card, self.version_dir)
+        mismatch = twin_mismatch(saved, info)
+        if mismatch is not None:
+            self._content = None
+            raise ModelLoadError(f"{self.version_dir}: {mismatch}")
         try:
             self._tensors = _main_graph_tensors(
                 opened, given[info.input_name]["index"], answered[info.output_name]["index"]

@@ -45,12 +45,10 @@ from service.proto_gen.tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
-from service.runtimes.card import TensorDesc, describe, to_model_input
+from service.runtimes.card import describe, signature_tensors, to_model_input
 from service.tfserving_proto import (
     available_versions,
-    dtype_name,
     model_spec,
-    tensor_dims,
     to_ndarray,
     to_tensor_proto,
 )
@@ -185,16 +183,8 @@ class TFServingRuntime(Runtime):
         if SERVING_SIGNATURE not in signatures.signature_def:
             known = sorted(signatures.signature_def)
             raise ModelLoadError(f"{where}: no {SERVING_SIGNATURE!r} signature (has {known})")
-        signature = signatures.signature_def[SERVING_SIGNATURE]
-
-        def tensors(infos: Any) -> dict[str, TensorDesc]:
-            return {n: TensorDesc(dtype_name(t.dtype), tensor_dims(t)) for n, t in infos.items()}
-
         info = describe(
-            tensors(signature.inputs),
-            tensors(signature.outputs),
-            self.card,
-            where,
+            *signature_tensors(signatures.signature_def[SERVING_SIGNATURE]), self.card, where
         )
         self._signatures = signatures
         self._info = info

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -106,12 +107,20 @@ def test_several_encodings_and_forms(server: Server, repository: Path) -> None:
     assert one_json.json()["predictions"] == single.json()["predictions"]
 
 
-def _error(response: object, status: int, code: str) -> str:
+def _error(response: httpx.Response, status: int, code: str) -> str:
+    """The message of an error answer, after checking its status and code: in the body's
+    ``error.code``, or TF Serving's ``{"error": "<message>"}`` under /v1/models; in the
+    X-Error-Code header on both."""
     r = response
-    assert r.status_code == status, r.text  # type: ignore[attr-defined]
-    body = r.json()  # type: ignore[attr-defined]
-    assert body["error"]["code"] == code, body
-    message: str = body["error"]["message"]
+    assert r.status_code == status, r.text
+    assert r.headers["x-error-code"] == code, r.headers
+    body = r.json()
+    if r.request.url.path.startswith("/v1/models"):
+        assert set(body) == {"error"} and isinstance(body["error"], str), body
+        message: str = body["error"]
+    else:
+        assert body["error"]["code"] == code, body
+        message = body["error"]["message"]
     assert message
     return message
 
@@ -226,8 +235,8 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         "POST",
         "/v1/classify",
         {**RAW, "params": {"label": "canary"}},
-        404,
-        "version_not_found",
+        400,
+        "unknown_version_label",
         (),
     ),
     (
@@ -335,18 +344,22 @@ def test_error_paths(
 
 
 def test_tf_serving_verbs_other_than_predict_say_what_to_do(server: Server) -> None:
-    """:classify and :regress (tf.Example input) are 501 with the way to send images;
-    GET on :predict is 405 Allow: POST; an unknown verb is no route. Before, the model
-    status route took these paths: 405 Allow: GET, or 404 model_not_found."""
+    """:classify and :regress (tf.Example input) are, as in TF Serving, 404 for a model
+    or version not served, else 400 (no such signature) with the way to send images;
+    GET on a verb is 405 Allow: POST; an unknown verb is no route. Before, the model
+    status route took these paths: 405 Allow: GET, or 404 model_not_found; then 501
+    for any model."""
     with server.client() as client:
-        for path in (
-            "/v1/models/tiny:classify",
-            "/v1/models/tiny/versions/1:regress",
-            "/v1/models/tiny/labels/stable:classify",
-        ):
-            message = _error(client.post(path, json={"examples": []}), 501, "not_implemented")
+        for path in ("/v1/models/tiny:classify", "/v1/models/tiny/versions/1:regress"):
+            message = _error(client.post(path, json={"examples": []}), 400, "bad_request")
             assert ":predict" in message and "/v1/classify" in message, path
-        for path in ("/v1/models/tiny:predict", "/v1/models/tiny/versions/1:predict"):
+        _error(client.post("/v1/models/nope:classify", json={}), 404, "model_not_found")
+        _error(client.post("/v1/models/tiny/versions/9:regress"), 404, "version_not_found")
+        for path in (
+            "/v1/models/tiny:predict",
+            "/v1/models/tiny/versions/1:predict",
+            "/v1/models/tiny:classify",
+        ):
             wrong = client.get(path)
             _error(wrong, 405, "method_not_allowed")
             assert wrong.headers["allow"] == "POST", path
@@ -384,6 +397,9 @@ def test_tf_serving_status_and_metadata(server: Server) -> None:
     image = sigs["serving_default"]["inputs"]["image"]
     assert image["dtype"] == "DT_UINT8"
     assert [d["size"] for d in image["tensor_shape"]["dim"]] == ["-1", "224", "224", "3"]
+    # Printed as TF Serving prints it: fields at their defaults included.
+    assert image["tensor_shape"]["unknown_rank"] is False
+    assert all(d["name"] == "" for d in image["tensor_shape"]["dim"])
 
 
 def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:

@@ -177,6 +177,39 @@ def test_bytes_signature_decodes_like_classify(predict_stub: Any) -> None:
     )
 
 
+def test_files_without_a_signature_name_echo_the_signature_that_ran(predict_stub: Any) -> None:
+    png = encode(gradient(), "PNG")
+    request = predict_request({"image_bytes": tf.make_tensor_proto([png])}, version=1)
+    response = predict_stub.Predict(request, timeout=30)
+    assert response.model_spec.signature_name == "predict_image_bytes"  # was serving_default
+
+
+def test_tf_example_apis_answer_as_tf_serving(predict_stub: Any) -> None:
+    """Classify/Regress/MultiInference: NOT_FOUND for what is not served, then
+    INVALID_ARGUMENT (no such signature) naming what to call; they were UNIMPLEMENTED
+    for any model."""
+    from tensorflow_serving.apis import classification_pb2, inference_pb2, regression_pb2
+
+    classify = classification_pb2.ClassificationRequest()
+    classify.model_spec.name = "tiny"
+    code, message = code_of(predict_stub.Classify, classify, timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and ":predict" in message
+    classify.model_spec.name = "nope"
+    assert code_of(predict_stub.Classify, classify, timeout=30)[0] == grpc.StatusCode.NOT_FOUND
+    regress = regression_pb2.RegressionRequest()
+    regress.model_spec.name = "tiny"
+    regress.model_spec.version.value = 9
+    assert code_of(predict_stub.Regress, regress, timeout=30)[0] == grpc.StatusCode.NOT_FOUND
+    multi = inference_pb2.MultiInferenceRequest()
+    assert code_of(predict_stub.MultiInference, multi, timeout=30)[0] == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    multi.tasks.add().model_spec.name = "tiny"
+    assert code_of(predict_stub.MultiInference, multi, timeout=30)[0] == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+
+
 def test_version_label_and_output_filter(predict_stub: Any) -> None:
     images = pixels(1)
     by_label = {
@@ -270,8 +303,8 @@ def test_error_codes(channel: grpc.Channel, predict_stub: Any) -> None:
     assert code == not_found and "tiny" in message
     code, _ = code_of(predict, predict_request({"image": pixels(1)}, version=9))
     assert code == not_found
-    code, _ = code_of(predict, predict_request({"image": pixels(1)}, label="beta"))
-    assert code == not_found
+    code, message = code_of(predict, predict_request({"image": pixels(1)}, label="beta"))
+    assert code == invalid and "no version label 'beta'" in message  # as TF Serving
     code, message = code_of(predict, predict_request({"image": np.zeros((1, 28, 28, 1), np.uint8)}))
     assert code == invalid and "224" in message
     code, message = code_of(predict, predict_request({"image": tf.make_tensor_proto([b"x"])}))
@@ -408,6 +441,13 @@ def test_health_follows_readiness(server: Server, repository: Path, channel: grp
     assert code == grpc.StatusCode.NOT_FOUND
     with server.client() as client:
         assert client.get("/readyz").status_code == 503
+        # As TF Serving: a model with no version is NOT_FOUND, not an empty list.
+        late = client.get("/v1/models/late")
+        assert late.status_code == 404 and "any versions" in late.json()["error"]
+    status_stub = model_service_pb2_grpc.ModelServiceStub(channel)
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "late"
+    assert code_of(status_stub.GetModelStatus, request, timeout=5)[0] == grpc.StatusCode.NOT_FOUND
     watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
     try:
         assert next(watch).status == not_serving

@@ -318,13 +318,12 @@ B64 = base64.b64encode(PNG).decode()
     ("kwargs", "words"),
     [
         ({"json": {"image": "data:image/png;base64," + B64}}, "'data:"),
-        ({"json": {"image": B64[:60] + "\n" + B64[60:]}}, "line breaks"),
         ({"json": {"image": base64.urlsafe_b64encode(b"\xfb\xff" * 30).decode()}}, "URL-safe"),
-        ({"json": {"image": B64[:-1]}}, "multiple of 4"),
+        ({"json": {"image": B64[:61]}}, "cut off"),
         ({"content": b'{"image": 1' + b"0" * 5000 + b"}"}, "thousands of digits"),
         ({"content": png_header(20_000, 20_000)}, "the limit of"),
     ],
-    ids=["data-url", "line-breaks", "url-safe", "cut-off", "huge-integer", "pillow-bomb"],
+    ids=["data-url", "url-safe", "cut-off", "huge-integer", "pillow-bomb"],
 )
 def test_refusals_name_what_to_change_not_internals(
     server: Server, kwargs: dict[str, object], words: str
@@ -340,6 +339,23 @@ def test_refusals_name_what_to_change_not_internals(
     message = response.json()["error"]["message"]
     assert words in message, message
     assert "sys." not in message and "178956970" not in message
+
+
+def test_base64_is_read_as_tf_serving_reads_it(server: Server) -> None:
+    """Line breaks (MIME encoders, Java's included) and missing '=' padding are accepted,
+    as Abseil's Base64Unescape behind TF Serving's REST API accepts them; they were
+    refused."""
+    mime = base64.encodebytes(PNG).decode()  # a line break every 76 characters
+    unpadded = B64.rstrip("=")
+    assert "\n" in mime[:-1] and unpadded != B64
+    with server.client() as client:
+        for text in (mime, unpadded):
+            assert client.post("/v1/classify", json={"image": text}).status_code == 200
+            predict = client.post(
+                "/v1/models/tiny:predict",
+                json={"signature_name": "predict_image_bytes", "instances": [{"b64": text}]},
+            )
+            assert predict.status_code == 200, predict.text
 
 
 def test_gzip_bodies_are_answered_as_the_plain_ones(server: Server) -> None:

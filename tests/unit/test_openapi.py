@@ -54,11 +54,19 @@ def test_every_error_status_of_the_table_is_documented_with_the_error_body(
         assert ref.endswith("/ErrorBody")
     ok = classify["200"]["content"]["application/json"]["schema"]["$ref"]
     assert ok.endswith("/ClassifyResponse")
+    # TF Serving's routes document its own body, {"error": "<message>"}.
+    predict = document["paths"]["/v1/models/{model}:predict"]["post"]["responses"]
+    for cls in served:
+        answer = predict[str(cls.http_status)]
+        assert f"`{cls.code}`" in answer["description"] and "X-Error-Code" in answer["headers"]
+        ref = answer["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/TFServingErrorBody")
 
 
 MODELS: list[type[BaseModel]] = [
     schemas.ClassifyResponse,
     schemas.ErrorBody,
+    schemas.TFServingErrorBody,
     schemas.Health,
     schemas.Readiness,
     schemas.ModelStatusResponse,
@@ -90,7 +98,13 @@ def _documented_answers() -> list[tuple[str, dict[str, Any]]]:
 
 @pytest.mark.parametrize(("where", "answer"), _documented_answers(), ids=lambda x: str(x)[:50])
 def test_documented_answers_match_the_schema(where: str, answer: dict[str, Any]) -> None:
-    for model in (schemas.ErrorBody, schemas.ClassifyResponse, schemas.ModelStatusResponse):
+    answers = (
+        schemas.ErrorBody,
+        schemas.TFServingErrorBody,
+        schemas.ClassifyResponse,
+        schemas.ModelStatusResponse,
+    )
+    for model in answers:
         try:
             model.model_validate(answer, strict=False)
         except ValidationError:

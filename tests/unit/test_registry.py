@@ -22,6 +22,7 @@ from service.errors import (
     ModelLoadError,
     ModelNotFound,
     ModelNotReady,
+    UnknownVersionLabel,
     VersionNotFound,
 )
 from service.registry import Registry, VersionState
@@ -246,7 +247,7 @@ def test_resolve_errors_name_what_exists(template: Path, tmp_path: Path) -> None
             registry.resolve("m", version=7)
         with pytest.raises(VersionNotFound, match="no version 7; versions: 1"):
             registry.statuses("m", version=7)
-        with pytest.raises(VersionNotFound, match="no version label 'beta'; labels: stable"):
+        with pytest.raises(UnknownVersionLabel, match="no version label 'beta'; labels: stable"):
             registry.resolve("m", label="beta")
         with pytest.raises(InvalidRequest):
             registry.resolve("m", version=1, label="stable")

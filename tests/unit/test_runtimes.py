@@ -345,6 +345,72 @@ def test_a_corrupt_saved_model_beside_a_verified_artifact_is_refused(
     assert not rt.ready
 
 
+def _swap_saved_model(folder: Path, source: Path) -> None:
+    """``folder``'s SavedModel replaced by ``source``'s; its artifact and card kept."""
+    (folder / "saved_model.pb").unlink()
+    shutil.rmtree(folder / "variables")
+    shutil.copy2(source / "saved_model.pb", folder / "saved_model.pb")
+    shutil.copytree(source / "variables", folder / "variables")
+
+
+def test_an_artifact_beside_another_saved_model_is_not_served(
+    shipped: Path, plain: Path, tmp_path: Path
+) -> None:
+    """A version folder whose SavedModel was replaced served the old weights from the
+    old artifact, even a SavedModel that is no image classifier."""
+    assert verified_litert(
+        shipped, json.loads((shipped / "assets.extra/model_card.json").read_text())
+    )
+    # Another image model: the artifact is not its twin, so it is converted afresh.
+    other = tmp_path / "other" / "1"
+    shutil.copytree(shipped, other)
+    _swap_saved_model(other, plain)
+    rt = LiteRTRuntime(other, cache_dir=tmp_path / "cache")
+    rt.load()
+    assert rt.artifact is not None and "assets.extra" not in str(rt.artifact)
+    images = _images(2)
+    reference = TensorFlowRuntime(plain)
+    reference.load()
+    np.testing.assert_allclose(rt.predict(images), reference.predict(images), atol=1e-4)
+    # A SavedModel that takes no image: refused, whatever artifact is beside it.
+    import keras
+    import tensorflow as tf
+
+    vector_in = keras.Input((10,), dtype="float32")
+    vectors = keras.Model(vector_in, keras.layers.Dense(3)(vector_in))
+    archive = keras.export.ExportArchive()
+    archive.track(vectors)
+    archive.add_endpoint(
+        "serving_default",
+        lambda x: {"scores": vectors(x)},
+        [tf.TensorSpec([None, 10], tf.float32, name="x")],
+    )
+    archive.write_out(str(tmp_path / "vectors"), verbose=False)
+    foreign = tmp_path / "foreign" / "1"
+    shutil.copytree(shipped, foreign)
+    _swap_saved_model(foreign, tmp_path / "vectors")
+    with pytest.raises(ModelLoadError, match=r"input 'x' is float32 \[None, 10\]"):
+        LiteRTRuntime(foreign, cache_dir=tmp_path / "cache").load()
+
+
+def test_an_artifact_of_another_shape_is_refused_without_a_record(
+    shipped: Path, float_model: Path, tmp_path: Path
+) -> None:
+    """Cards from before saved_model_sha256: the shapes still have to agree."""
+    folder = tmp_path / "1"
+    shutil.copytree(shipped, folder)
+    card_path = folder / "assets.extra" / "model_card.json"
+    card = json.loads(card_path.read_text())
+    del card["runtimes"]["litert"]["saved_model_sha256"]
+    card_path.write_text(json.dumps(card))
+    rt = LiteRTRuntime(folder, cache_dir=tmp_path / "cache")
+    rt.load()  # the SavedModel it was made from: served
+    rt.unload()
+    _swap_saved_model(folder, float_model)
+    with pytest.raises(ModelLoadError):
+        LiteRTRuntime(folder, cache_dir=tmp_path / "cache").load()
+
+
 def test_signatures_are_read_at_load_and_outlive_the_folder(shipped: Path, tmp_path: Path) -> None:
     folder = tmp_path / "1"
     shutil.copytree(shipped, folder)

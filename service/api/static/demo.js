@@ -44,11 +44,13 @@ async function api(url, options = {}) {
     throw new ApiError(0, "network", `could not reach the server (${err.message})`, null);
   }
   if (!response.ok) {
-    let code = "error";
+    let code = response.headers.get("X-Error-Code") || "error";
     let message = response.statusText || "request failed";
     try {
       const body = await response.json();
-      if (body && body.error) ({ code, message } = body.error);
+      // TF Serving's routes answer {"error": "<message>"}, the others {"error": {code, message}}.
+      if (body && typeof body.error === "string") message = body.error;
+      else if (body && body.error) ({ code, message } = body.error);
     } catch (_) { /* not JSON: keep the status text */ }
     throw new ApiError(response.status, code, message, response.headers.get("Retry-After"));
   }
