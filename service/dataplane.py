@@ -32,6 +32,7 @@ from service.errors import (
     MethodNotAllowed,
     Overloaded,
     TooManyImages,
+    VersionGone,
     VersionNotFound,
 )
 from service.preprocessing import (
@@ -297,7 +298,10 @@ class DataPlane:
             started = time.perf_counter()
             batch = await self.decode(images, target, deadline, names)
             timings = {"decode": time.perf_counter() - started}
-            probabilities = await target.predict(batch, deadline, timings)
+            pinned = version is not None or label is not None
+            target, probabilities = await self._infer(
+                target, batch, deadline, timings, pinned=pinned, client_key=client_key
+            )
         self._observe(target, timings)
         return ClassifyResult(
             model=target.model,
@@ -347,8 +351,11 @@ class DataPlane:
                         f"output_filter names {name!r}; the output is {info.output_name!r}"
                     )
             timings = {"decode": time.perf_counter() - started}
-            probabilities = await target.predict(batch, deadline, timings)
-        outputs = {info.output_name: probabilities}
+            pinned = version is not None or label is not None
+            target, probabilities = await self._infer(
+                target, batch, deadline, timings, pinned=pinned, client_key=client_key
+            )
+        outputs = {target.runtime.info.output_name: probabilities}
         self._observe(target, timings)
         return PredictResult(
             model=target.model,
@@ -357,6 +364,32 @@ class DataPlane:
             timings=timings,
             signature=signature,
         )
+
+    async def _infer(
+        self,
+        target: LoadedVersion,
+        batch: Any,
+        deadline: float,
+        timings: dict[str, float],
+        *,
+        pinned: bool,
+        client_key: str | None,
+    ) -> tuple[LoadedVersion, Any]:
+        """``target``'s answer; when the model backend dropped that version before this
+        gateway noticed (TF Serving unloads on its own poll) and the request named none,
+        the version the routes give after a rescan, if it takes the same input."""
+        shape = (target.runtime.info.input, target.runtime.info.num_classes)
+        try:
+            return target, await target.predict(batch, deadline, timings)
+        except VersionGone:
+            if pinned:
+                raise
+            await self.registry.refreshed()  # the gone version may unload meanwhile
+            again = self.route(target.model, client_key=client_key)
+            now = again.runtime.info
+            if again is target or (now.input, now.num_classes) != shape:
+                raise
+            return again, await again.predict(batch, deadline, timings)
 
     def route(
         self,

@@ -195,6 +195,12 @@ class VersionNotFound(NotFound):
     code = "version_not_found"
 
 
+class VersionGone(VersionNotFound):
+    """The model backend (TF Serving) no longer serves a version the gateway routed to:
+    it unloads on its own poll, the gateway learns on its next. A request that named no
+    version is routed again (service.dataplane); one that named it gets this 404."""
+
+
 class Overloaded(CnnserveError):
     """Shed at admission: the work ahead cannot finish in time. ``reason`` (one of
     ``SHED_REASONS``) labels the shed-count metric."""
@@ -250,6 +256,9 @@ class ModelNotReady(Unavailable):
 
 class BackendUnavailable(Unavailable):
     code = "backend_unavailable"
+    # Logged once per change by the source's poll (service.sources), and counted in
+    # cnnserve_backend_up: a warning per request flooded the log (3,420 lines in 13 s).
+    server_fault = False
 
 
 class InternalError(CnnserveError):

@@ -189,6 +189,13 @@ MODEL_WARMUP_DURATION = Histogram(
     ["model"],
     buckets=LOAD_BUCKETS,
 )
+BACKEND_UP = Gauge(
+    "cnnserve_backend_up",
+    "--backend tfserving: 1 while the last poll reached TF Serving, 0 while it cannot "
+    "(requests then get 503 backend_unavailable; readiness is 503).",
+    [],
+    multiprocess_mode="livemin",
+)
 VERSION_LABELS = Gauge(
     "cnnserve_version_label",
     "1 for the version each version label (stable, canary) of a model points at, so "
@@ -396,6 +403,10 @@ def observe_labels(model: str, previous: Mapping[str, int], current: Mapping[str
             VERSION_LABELS.labels(model, label, str(version)).set(0)
     for label, version in current.items():
         VERSION_LABELS.labels(model, label, str(version)).set(1)
+
+
+def observe_backend(up: bool) -> None:
+    BACKEND_UP.set(1 if up else 0)
 
 
 def observe_model_event(model: str, event: str) -> None:

@@ -92,6 +92,9 @@ class Registry:
         self._failed: dict[VersionKey, Fingerprint] = {}
         self._lock = asyncio.Lock()  # one poll (or stop) at a time
         self._poll_task: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Future[None] | None = None  # a shared rescan (refreshed)
+        self._unloading: set[VersionKey] = set()  # retiring in the background
+        self._background: set[asyncio.Future[None]] = set()
         self._started = False  # the first load pass is done
         # Models the last scan could not list (TF Serving unreachable): they keep their
         # routes, but the gateway is not ready, so a load balancer stops sending it traffic.
@@ -108,7 +111,7 @@ class Registry:
         """
         scan = await asyncio.to_thread(self._source.scan)
         async with self._lock:
-            await self._reconcile(scan)
+            await self._retire(await self._reconcile(scan), wait_for_requests=True)
         self._started = True
         if self._settings.poll_seconds > 0:
             self._poll_task = asyncio.create_task(self._poll_forever(), name="registry-poll")
@@ -120,6 +123,7 @@ class Registry:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
+        await asyncio.gather(*self._background, return_exceptions=True)
         async with self._lock:
             keys = [(m, v) for m, versions in self._table.served.items() for v in versions]
             await self._retire(self._take_out(keys), wait_for_requests=False)
@@ -129,15 +133,18 @@ class Registry:
         while True:
             await asyncio.sleep(self._settings.poll_seconds)
             try:
-                await self.poll_once()
+                await self.poll_once(wait_for_unloads=False)
             except Exception:
                 # A poll must never end polling: the next one may find things fixed.
                 log.exception("polling the model repository failed")
 
-    async def poll_once(self) -> None:
+    async def poll_once(self, *, wait_for_unloads: bool = True) -> None:
         """Rescan the repository; load newly wanted versions, then unload unwanted ones.
 
-        Returns once both are done (tests call it instead of waiting for the poller).
+        Returns once both are done (tests call it instead of waiting for the poller);
+        ``wait_for_unloads=False`` returns once the routes are new, the versions that left
+        them unloading in the background as their last requests finish (the poller: a
+        rescan asked for meanwhile, :meth:`refreshed`, must not wait on them).
         """
         try:
             scan = await asyncio.to_thread(self._source.scan)
@@ -145,8 +152,26 @@ class Registry:
             log.error("ignoring models.config change, current models keep serving: %s", exc)
             return
         async with self._lock:
-            if not self._stopped:
-                await self._reconcile(scan)
+            if self._stopped:
+                return
+            retiring = await self._reconcile(scan)
+            if wait_for_unloads:
+                await self._retire(retiring, wait_for_requests=True)
+                return
+            # Not reloaded while their unload runs (the next poll after it does).
+            self._unloading |= {r.key for r in retiring}
+        task = asyncio.ensure_future(self._retire(retiring, wait_for_requests=True))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(lambda _: self._unloading.difference_update(r.key for r in retiring))
+
+    async def refreshed(self) -> None:
+        """A rescan now, shared by every caller that asks while one runs: requests that
+        found their version gone at the backend wait on one, not one each, and only until
+        the routes are new (not for the version they hold to unload)."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self.poll_once(wait_for_unloads=False))
+        await asyncio.shield(self._refresh)
 
     async def reload_config(self, text: str) -> None:
         """TF Serving's HandleReloadConfigRequest: apply a whole ModelServerConfig.
@@ -251,7 +276,9 @@ class Registry:
         metrics.observe_version_state(key[0], key[1], state.name)
         self._table = self._table.with_state(key, status)
 
-    async def _reconcile(self, scan: Scan) -> None:
+    async def _reconcile(self, scan: Scan) -> list[_Retiring]:
+        """Load what ``scan`` wants and route to it; returns the versions that left the
+        routes, for the caller to retire."""
         # New config first: new models show as not ready, removed ones stop resolving.
         configured = {c.name for c in scan.configs}
         metrics.observe_configured(self._table.configs, configured)
@@ -261,7 +288,7 @@ class Registry:
         self._say_which_have_nothing_to_serve(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         self._install(scan)  # labels whose version just became AVAILABLE move now
-        await self._retire(self._take_out(self._to_unload(scan)), wait_for_requests=True)
+        return self._take_out(self._to_unload(scan))
 
     def _say_which_have_nothing_to_serve(self, scan: Scan) -> None:
         """A configured model with no version its policy serves keeps the server unready;
@@ -316,7 +343,11 @@ class Registry:
             served = self._table.served.get(config.name, {})
             for version in sorted(scan.wanted(config)):
                 key = (config.name, version)
-                if version not in served and self._failed.get(key) != scan.fingerprints[key]:
+                if (
+                    version not in served
+                    and key not in self._unloading
+                    and self._failed.get(key) != scan.fingerprints[key]
+                ):
                     keys.append(key)
         return keys
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from service import metrics
 from service.config import Settings
 from service.errors import CnnserveError
 from service.loading import PreparedVersion, RuntimeFactory, prepare_runtime, prepare_version
@@ -129,7 +130,9 @@ class TFServingSource:
         return Scan(configs, versions, fingerprints, frozenset(unknown))
 
     def _note(self, problem: CnnserveError | None) -> None:
-        """Log a change of reachability once, not on every poll."""
+        """Log a change of reachability once, not on every poll (nor every request:
+        their 503s are counted, not logged)."""
+        metrics.observe_backend(problem is None)
         if problem is not None and self._reachable:
             log.warning("%s; current versions keep their routes meanwhile", problem.log_message())
         elif problem is None and not self._reachable:

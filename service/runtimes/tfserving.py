@@ -36,6 +36,7 @@ from service.errors import (
     ModelLoadError,
     NotFound,
     Overloaded,
+    VersionGone,
 )
 from service.proto_gen.tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -200,7 +201,14 @@ class TFServingRuntime(Runtime):
         )
         request.inputs[info.input_name].CopyFrom(to_tensor_proto(x, packed=True))
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
-        response = self._client.call("Predict", request, timeout)
+        try:
+            response = self._client.call("Predict", request, timeout)
+        except NotFound as exc:
+            raise VersionGone(
+                f"version {self._version} of model {self._model!r} is no longer served by the "
+                "model backend; see GET /v1/models/" + self._model,
+                detail=exc.log_message(),
+            ) from None
         if info.output_name not in response.outputs:
             raise InternalError(f"TF Serving answered no {info.output_name!r} output")
         try:
