@@ -130,12 +130,20 @@ def test_gateway_forwards_to_tf_serving_and_survives_its_restarts(
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
         assert address not in failed.value.details()  # type: ignore[attr-defined]
         gateway.wait("/readyz", status=503)  # the next poll finds TF Serving gone
+        with gateway.client() as client:
+            assert "cnnserve_backend_up 0.0" in client.get("/metrics").text
+            for _ in range(20):  # counted, not logged one by one (a flood before)
+                assert client.post("/v1/classify", **IMAGE).status_code == 503  # type: ignore[arg-type]
+        log = gateway.log.read_text()
+        assert log.count("backend_unavailable") < 5 and log.count("cannot be reached") <= 2
 
     with backend(repository, backend_port):
         gateway.wait("/readyz")  # ready again on a poll, no restart of the gateway
         again = answers_again(gateway)  # same gateway process, no restart
         assert again.status_code == 200, again.text
         assert again.json() == via_gateway.json()
+        with gateway.client() as client:
+            assert "cnnserve_backend_up 1.0" in client.get("/metrics").text
     assert gateway.process.poll() is None
 
 
