@@ -108,6 +108,8 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
             steps,
             model=args.model,
             version=args.version,
+            label=args.label,
+            original=text,
             apply=apply,
             wait=wait,
             dry_run=args.dry_run,

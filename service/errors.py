@@ -296,6 +296,10 @@ class PromotionError(CnnserveError):
     code = "promotion_failed"
 
 
+class VersionFailedToLoad(PromotionError):
+    """The version `cnnserve promote` waited for failed to load; the load step is undone."""
+
+
 class NoServer(PromotionError):
     """No server answered while `cnnserve promote` waited for a version to be AVAILABLE."""
 

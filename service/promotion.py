@@ -24,17 +24,25 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import httpx
 
 from service.config_edit import set_labels, set_specific_versions, validate
-from service.errors import NoServer, PromotionError
+from service.errors import NoServer, PromotionError, VersionFailedToLoad
 from service.repository import ModelConfig, version_dirs
 
 # How often a wait for AVAILABLE asks, and for how long by default.
 WAIT_PERIOD_SECONDS = 0.25
 DEFAULT_WAIT_SECONDS = 300.0
+# A gateway's workers each reload models.config on their own poll, and any one of them
+# answers a status request: a step counts as done once this many answers in a row, each
+# on a new connection, agree (with two workers, one never asked: 2 x 2^-8 = 0.8%).
+SETTLED_ANSWERS = 8
+# A failure the first answer already shows may be left from before this promotion (the
+# server retries a failed version once its folder changes, on its next poll): believed
+# once it has stood this long.
+STALE_FAILURE_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -124,7 +132,16 @@ def published_versions(config_text: str, repository: Path, model: str) -> list[i
 # --- applying the steps ---------------------------------------------------------------------
 
 Apply = Callable[[str], None]
-WaitAvailable = Callable[[str, int], None]
+
+
+class Waiter(Protocol):
+    """What promote waits on: a gateway, or a TF Serving."""
+
+    def available(self, model: str, version: int) -> None:
+        """Return once ``version`` is AVAILABLE; PromotionError when it failed to load."""
+
+    def labelled(self, model: str, label: str, version: int) -> None:
+        """Return once ``label`` resolves to ``version`` wherever requests are answered."""
 
 
 def promote(
@@ -132,14 +149,19 @@ def promote(
     *,
     model: str,
     version: int,
+    label: str,
+    original: str,
     apply: Apply,
-    wait: WaitAvailable | None,
+    wait: Waiter | None,
     dry_run: bool,
     out: TextIO,
 ) -> None:
-    """Apply each changed step; between load and label, wait until the version is
-    AVAILABLE (``wait`` None: do not wait, the caller said so). ``--dry-run`` prints every
-    intermediate config instead."""
+    """Apply each changed step; after load, wait until the version is AVAILABLE, and
+    after label, until the label resolves to it everywhere, so that the drop (and the
+    caller's next command, `verify --label`) meets a server that has moved (``wait``
+    None: do not wait, the caller said so). A version that does not load undoes the load
+    step (``original``: models.config before it), so no broken version stays in the
+    policy. ``--dry-run`` prints every intermediate config instead."""
     for number, step in enumerate(steps, 1):
         print(f"step {number}/{len(steps)} ({step.name}): {step.summary}", file=out)
         if dry_run:
@@ -149,58 +171,128 @@ def promote(
             continue
         if step.changed:
             apply(step.text)
-        if step.name == "load" and wait is not None:
+        if wait is None:
+            continue
+        if step.name == "load":
             print(f"waiting until {model} version {version} is AVAILABLE ...", file=out)
-            wait(model, version)
+            try:
+                wait.available(model, version)
+            except VersionFailedToLoad:  # not when no server answers or it is slow
+                if step.changed:
+                    apply(original)
+                    print("step 1 undone: models.config is as it was before", file=out)
+                raise
             print(f"{model} version {version} is AVAILABLE", file=out)
+        elif step.name == "label" and step.changed:
+            print(f"waiting until label {label!r} is version {version} everywhere ...", file=out)
+            wait.labelled(model, label, version)
+
+
+class _Failure:
+    """A version's load failure as the waits see it: believed at once when it appears
+    during the wait, after STALE_FAILURE_SECONDS when the first answer already showed it
+    (left from an earlier attempt, retried on the server's next poll)."""
+
+    def __init__(self) -> None:
+        self._first: str | None = None
+        self._seen_other = False
+        self._since = time.monotonic()
+
+    def check(self, model: str, version: int, state: str, error: str) -> None:
+        failed = state == "END" and bool(error)
+        if failed and self._first is None and not self._seen_other:  # the first answer
+            self._first = error
+            self._since = time.monotonic()
+            return
+        if not failed:
+            self._seen_other = True
+            self._first = None
+            return
+        if self._first is None or error != self._first or self._stale_for_long():
+            raise VersionFailedToLoad(f"{model} version {version} failed to load: {error}")
+
+    def _stale_for_long(self) -> bool:
+        return time.monotonic() - self._since >= STALE_FAILURE_SECONDS
 
 
 class GatewayStatus:
-    """Waits on a gateway's TF-Serving-style status route (GET /v1/models/m/versions/v)."""
+    """Waits on a gateway's TF-Serving-style status routes, each answer on a new
+    connection (any of its workers may answer; all must have moved)."""
 
     def __init__(self, url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise PromotionError(f"--url {url!r} needs its scheme, e.g. http://127.0.0.1:8000")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.headers = headers or {}
 
-    def __call__(self, model: str, version: int) -> None:
-        route = f"{self.url}/v1/models/{model}/versions/{version}"
+    def _get(self, path: str) -> httpx.Response:
+        try:
+            return httpx.get(f"{self.url}{path}", timeout=5, headers=self.headers)
+        except httpx.HTTPError as exc:
+            raise NoServer(f"no gateway answers at {self.url} ({exc})") from None
+
+    def available(self, model: str, version: int) -> None:
+        route = f"/v1/models/{model}/versions/{version}"
         deadline = time.monotonic() + self.timeout
-        state = "not seen yet"
+        state, agreeing, failure = "not seen yet", 0, _Failure()
         while True:
-            try:
-                response = httpx.get(route, timeout=5, headers=self.headers)
-            except httpx.HTTPError as exc:
-                raise NoServer(f"no gateway answers at {self.url} ({exc})") from None
+            response = self._get(route)
             if response.status_code == 200:
                 status = response.json()["model_version_status"][0]
                 state = status["state"]
-                if state == "AVAILABLE":
-                    return
                 error = status.get("status", {}).get("error_message", "")
-                if state == "END" and error:
-                    raise PromotionError(f"{model} version {version} failed to load: {error}")
+                failure.check(model, version, state, error)
+                agreeing = agreeing + 1 if state == "AVAILABLE" else 0
+                if agreeing >= SETTLED_ANSWERS:
+                    return
+                if agreeing:
+                    continue  # ask again at once: another worker may answer
             elif response.status_code != 404:  # 404: the gateway has not polled yet
                 raise PromotionError(
-                    f"{route} answered {response.status_code}: {response.text[:200]}"
+                    f"{self.url}{route} answered {response.status_code}: {response.text[:200]}"
                 )
+            else:
+                agreeing = 0
             _wait_or_time_out(deadline, model, version, state, self.timeout)
+
+    def labelled(self, model: str, label: str, version: int) -> None:
+        route = f"/v1/models/{model}/labels/{label}"
+        deadline = time.monotonic() + self.timeout
+        agreeing, seen = 0, "not seen yet"
+        while agreeing < SETTLED_ANSWERS:
+            response = self._get(route)
+            moved = False
+            if response.status_code == 200:
+                seen = response.json()["model_version_status"][0]["version"]
+                moved = seen == str(version)
+            agreeing = agreeing + 1 if moved else 0
+            if moved:
+                continue
+            if time.monotonic() > deadline:
+                raise PromotionError(
+                    f"label {label!r} of {model} still answers version {seen} after "
+                    f"{self.timeout:.0f}s (models.config says {version}): is every worker "
+                    "polling this repository? Check the server's log"
+                )
+            time.sleep(WAIT_PERIOD_SECONDS)
 
 
 class TFServingStatus:
-    """Waits on a TF Serving's ModelService.GetModelStatus."""
+    """Waits on a TF Serving's ModelService.GetModelStatus (one process: a reloaded
+    config there is applied when HandleReloadConfigRequest answers)."""
 
     def __init__(self, client: Any, timeout: float) -> None:
         self.client = client  # service.runtimes.tfserving.TFServingClient
         self.timeout = timeout
 
-    def __call__(self, model: str, version: int) -> None:
+    def available(self, model: str, version: int) -> None:
         from service.errors import BackendUnavailable, NotFound
         from service.proto_gen.tensorflow_serving.apis import get_model_status_pb2
         from service.tfserving_proto import model_spec
 
         deadline = time.monotonic() + self.timeout
-        state = "not seen yet"
+        state, failure = "not seen yet", _Failure()
         request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_spec(model, version))
         while True:
             try:
@@ -213,11 +305,11 @@ class TFServingStatus:
                 state = get_model_status_pb2.ModelVersionStatus.State.Name(status.state)
                 if state == "AVAILABLE":
                     return
-                if state == "END" and status.status.error_message:
-                    raise PromotionError(
-                        f"{model} version {version} failed to load: {status.status.error_message}"
-                    )
+                failure.check(model, version, state, status.status.error_message)
             _wait_or_time_out(deadline, model, version, state, self.timeout)
+
+    def labelled(self, model: str, label: str, version: int) -> None:
+        """TF Serving applied the label when it answered the reload."""
 
 
 def _wait_or_time_out(deadline: float, model: str, version: int, state: str, limit: float) -> None:

@@ -16,7 +16,7 @@ from service.config_edit import (
     validate,
     write_atomically,
 )
-from service.errors import ConfigError, PromotionError
+from service.errors import ConfigError, PromotionError, VersionFailedToLoad
 from service.promotion import plan, promote
 from service.repository import read_repository
 
@@ -159,6 +159,21 @@ def test_a_label_on_a_latest_policy_pins_its_version(tmp_path: Path) -> None:
     )
 
 
+class Recorder:
+    """A Waiter that records what promote waited for; ``fail`` makes the load fail."""
+
+    def __init__(self, events: list[str], fail: bool = False) -> None:
+        self.events, self.fail = events, fail
+
+    def available(self, model: str, version: int) -> None:
+        self.events.append(f"wait {model} {version}")
+        if self.fail:
+            raise VersionFailedToLoad(f"{model} version {version} failed to load: broken")
+
+    def labelled(self, model: str, label: str, version: int) -> None:
+        self.events.append(f"labelled {model} {label} {version}")
+
+
 def test_promote_applies_each_step_and_waits_before_moving_the_label() -> None:
     steps = plan(CANARY_FILE, Path("/r"), "m", 2, "canary", on_disk=[1, 2])
     events: list[str] = []
@@ -166,12 +181,65 @@ def test_promote_applies_each_step_and_waits_before_moving_the_label() -> None:
         steps,
         model="m",
         version=2,
+        label="canary",
+        original=CANARY_FILE,
         apply=lambda text: events.append("apply " + configs_labels(text)),
-        wait=lambda model, version: events.append(f"wait {model} {version}"),
+        wait=Recorder(events),
         dry_run=False,
         out=io.StringIO(),
     )
-    assert events == ["apply canary=1", "wait m 2", "apply canary=2"]
+    # The drop (if any) only once every worker answers the label with the new version.
+    assert events[:4] == ["apply canary=1", "wait m 2", "apply canary=2", "labelled m canary 2"]
+
+
+def test_a_version_that_does_not_load_undoes_the_load_step() -> None:
+    """It stayed in the policy (specific { ... 8 }) after every failed promote."""
+    steps = plan(CANARY_FILE, Path("/r"), "m", 3, "canary", on_disk=[1, 2, 3])
+    assert steps[0].changed
+    applied: list[str] = []
+    out = io.StringIO()
+    with pytest.raises(PromotionError, match="failed to load"):
+        promote(
+            steps,
+            model="m",
+            version=3,
+            label="canary",
+            original=CANARY_FILE,
+            apply=applied.append,
+            wait=Recorder([], fail=True),
+            dry_run=False,
+            out=out,
+        )
+    assert applied == [steps[0].text, CANARY_FILE]
+    assert "step 1 undone" in out.getvalue()
+
+
+def test_a_failure_left_from_before_is_believed_only_once_it_stands(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service import promotion
+
+    clock = [100.0]
+    monkeypatch.setattr(promotion.time, "monotonic", lambda: clock[0])
+    stale = promotion._Failure()
+    stale.check("m", 6, "END", "variables/ is missing")  # the first answer: maybe old
+    clock[0] += promotion.STALE_FAILURE_SECONDS - 1
+    stale.check("m", 6, "END", "variables/ is missing")
+    clock[0] += 2
+    with pytest.raises(PromotionError, match="variables/ is missing"):
+        stale.check("m", 6, "END", "variables/ is missing")
+    retried = promotion._Failure()
+    retried.check("m", 6, "END", "variables/ is missing")
+    retried.check("m", 6, "LOADING", "")  # the server retries the changed folder
+    retried.check("m", 6, "AVAILABLE", "")
+    fresh = promotion._Failure()
+    fresh.check("m", 4, "LOADING", "")
+    with pytest.raises(PromotionError, match="Wire format"):  # failed during the wait
+        fresh.check("m", 4, "END", "Wire format was corrupt")
+    other = promotion._Failure()
+    other.check("m", 4, "END", "old error")
+    with pytest.raises(PromotionError, match="new error"):  # a new attempt's failure
+        other.check("m", 4, "END", "new error")
 
 
 def configs_labels(text: str) -> str:
@@ -183,7 +251,17 @@ def test_dry_run_prints_each_intermediate_config_and_applies_nothing() -> None:
     out = io.StringIO()
     one_label = set_labels(CANARY_FILE, "m", {"stable": 1})
     steps = plan(one_label, Path("/r"), "m", 2, "stable", on_disk=[1, 2])
-    promote(steps, model="m", version=2, apply=pytest.fail, wait=None, dry_run=True, out=out)
+    promote(
+        steps,
+        model="m",
+        version=2,
+        label="stable",
+        original=one_label,
+        apply=pytest.fail,
+        wait=None,
+        dry_run=True,
+        out=out,
+    )
     printed = out.getvalue()
     assert printed.count("--- models.config after step") == 3
     assert "step 1/3 (load): serve versions 1, 2" in printed
