@@ -94,6 +94,8 @@ class Registry:
         self._poll_task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[None] | None = None  # a shared rescan (refreshed)
         self._unloading: set[VersionKey] = set()  # retiring in the background
+        self._has_served: set[str] = set()  # configured models that have had a version
+        self._ready_once = False  # every configured model had one at the same time
         self._background: set[asyncio.Future[None]] = set()
         self._started = False  # the first load pass is done
         # Models the last scan could not list (TF Serving unreachable): they keep their
@@ -228,13 +230,21 @@ class Registry:
         return list(self._table.configs)
 
     def is_ready(self) -> bool:
-        """The first load pass is done, every configured model has an AVAILABLE (hence
-        warmed) version, and the source could list them all on its last scan."""
+        """The first load pass is done, the source could list every model on its last
+        scan, and every configured model has an AVAILABLE (hence warmed) version; once
+        that was true, a model added later that is still loading or fails to load no
+        longer counts: the replica keeps serving the others (in a Deployment, one bad
+        models.config entry took every pod out of the Service), while every model it has
+        served must still have a version."""
+        if not self._started or self._stopped or self._unreachable:
+            return False
+        table = self._table
+        if table.all_available():
+            self._ready_once = True
+            return True
+        served = {m for m in table.configs if table.served.get(m)}
         return (
-            self._started
-            and not self._stopped
-            and not self._unreachable
-            and self._table.all_available()
+            self._ready_once and bool(served) and self._has_served & table.configs.keys() <= served
         )
 
     def labels_of(self, model: str) -> dict[str, int]:
@@ -288,6 +298,9 @@ class Registry:
         self._say_which_have_nothing_to_serve(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         self._install(scan)  # labels whose version just became AVAILABLE move now
+        # Models that served since they were configured (readiness keeps to them).
+        self._has_served &= configured
+        self._has_served |= {m for m in configured if self._table.served.get(m)}
         return self._take_out(self._to_unload(scan))
 
     def _say_which_have_nothing_to_serve(self, scan: Scan) -> None:
@@ -303,8 +316,8 @@ class Registry:
                 found = sorted(scan.versions.get(config.name, {}))
                 log.warning(
                     "model %s: no version to serve (%s; policy %s); publish a numbered "
-                    "version folder under %s, or fix its base_path or version policy: the "
-                    "server is not ready until it has one",
+                    "version folder under %s, or fix its base_path or version policy: its "
+                    "requests get 503 until it has one (and a server starting is not ready)",
                     config.name,
                     f"versions on disk: {found}" if found else "no numbered folders found",
                     config.policy,

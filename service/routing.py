@@ -154,9 +154,14 @@ class RoutingTable:
                 return served[version]
             raise self._not_served(config, version, label)
         if not served:
+            states = self.states.get(config.name, {}).values()
+            loading = any(s.state <= VersionState.LOADING for s in states)
+            failed = any(s.error_code for s in states)
+            # "Retry shortly" only while something loads: a failed version is retried
+            # only once its folder changes.
+            then = "; retry shortly" if loading or not failed else ""
             raise ModelNotReady(
-                f"model {config.name!r} has no available version yet"
-                f"{self._hint(config.name)}; retry shortly"
+                f"model {config.name!r} has no available version{self._hint(config.name)}{then}"
             )
         if split and self.split.canary_share > 0:
             canary = config.labels.get(CANARY_LABEL)
