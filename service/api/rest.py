@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
+from pydantic import BeforeValidator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -60,6 +61,15 @@ CLASSIFY_BODY: dict[str, Any] = {
         },
     }
 }
+
+
+def digits_only(value: Any) -> Any:
+    """A query integer as written: digits, nothing else. Python's int() and pydantic took
+    "1_0" as 10 and "1.0" as 1, so a typo still ran against some version."""
+    text = str(value)
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError("must be a whole number written with digits 0-9")
+    return value
 
 
 def _b64(value: Any, what: str) -> bytes:
@@ -153,12 +163,16 @@ def _classify_body(result: ClassifyResult, several: bool) -> ClassifyResponse:
 async def classify(
     request: Request,
     top_k: Annotated[
-        int | None, Query(description="classes to return, 1..classes (default 5 or fewer)")
+        int | None,
+        BeforeValidator(digits_only),
+        Query(description="classes to return, 1..classes (default 5 or fewer)"),
     ] = None,
     model: Annotated[
         str | None, Query(description="model name; default: first in models.config")
     ] = None,
-    version: Annotated[int | None, Query(description="a served version number")] = None,
+    version: Annotated[
+        int | None, BeforeValidator(digits_only), Query(description="a served version number")
+    ] = None,
     label: Annotated[
         str | None, Query(description="a version label such as stable or canary")
     ] = None,

@@ -231,6 +231,24 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         (),
     ),
     (
+        "version-as-float",  # int() and pydantic took "1.0" as 1 and "1_0" as 10
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"version": "1.0"}},
+        400,
+        "bad_request",
+        ("digits",),
+    ),
+    (
+        "top-k-underscore",
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"top_k": "1_0"}},
+        400,
+        "bad_request",
+        ("digits",),
+    ),
+    (
         "unknown-label",
         "POST",
         "/v1/classify",
@@ -341,6 +359,16 @@ def test_error_paths(
         assert response.headers.get_list("x-request-id") == [f"err-{code}"]
         # The server is still healthy after it.
         assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
+
+
+def test_an_empty_model_parameter_means_the_default_model(server: Server) -> None:
+    """As an empty gRPC model field does (it was a 404 "no model named ''")."""
+    with server.client() as client:
+        for route in ("direct", "json"):
+            sent = RAW if route == "direct" else {"json": {"image": base64.b64encode(PNG).decode()}}
+            answer = client.post("/v1/classify", params={"model": ""}, **sent)  # type: ignore[arg-type]
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model"] == "tiny"
 
 
 def test_tf_serving_verbs_other_than_predict_say_what_to_do(server: Server) -> None:
