@@ -342,3 +342,28 @@ def test_a_classification_error_stays_while_the_page_polls_for_versions(
         # The model card says there is no version yet (it read "Loading…" for good).
         page.evaluate("location.hash = '#model-card'")
         expect(page.locator("#card-body")).to_contain_text("m has no available version yet")
+
+
+def test_with_api_keys_the_whole_card_opens_with_the_key(browser: Browser) -> None:
+    """The card's JSON link was a plain link: no Authorization header, a 401 page."""
+    env = {"CNNSERVE_API_KEYS": "secret"}
+    with running_server(ROOT / "model_repository", env=env) as keyed:
+        opened = open_page(browser, keyed, DESKTOP, samples=None)
+        watched = next(opened)
+        watched.expected_statuses.add(401)
+        page = watched.page
+        key = page.get_by_label("API key")
+        key.fill("secret")
+        key.press("Enter")
+        expect(page.locator("#model option")).to_have_count(1)
+        page.get_by_role("link", name="Model card").click()
+        link = page.get_by_role("link", name="The whole card as JSON")
+        expect(link).to_be_visible()
+        with page.context.expect_page() as popup:
+            link.click()
+        shown = popup.value
+        shown.wait_for_load_state()
+        card = json.loads(shown.locator("body").inner_text())
+        assert card["card"]["labels"][9] == "Ankle boot" and card["version"] == 1
+        with pytest.raises(StopIteration):
+            next(opened)  # closes the page, checking it logged no unexpected problem

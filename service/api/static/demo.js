@@ -402,7 +402,17 @@ function cardSections(answer) {
     figures.append(el("figure", {}, img, el("figcaption", { class: "hint", text: title })));
   }
   if (answer.images.length) parts.push(el("h3", { text: "Plots" }), figures);
-  parts.push(el("p", {}, el("a", { href: `${versionPath()}/card`, text: "The whole card as JSON" })));
+  const whole = el("a", { href: `${versionPath()}/card`, text: "The whole card as JSON" });
+  // A plain link sends no Authorization header: with a key, fetch it and show that.
+  whole.addEventListener("click", (event) => {
+    if (!$("api-key").value.trim()) return;
+    event.preventDefault();
+    api(whole.href)
+      .then((response) => response.blob())
+      .then((blob) => window.open(URL.createObjectURL(blob), "_blank"))
+      .catch(report);
+  });
+  parts.push(el("p", {}, whole));
   return parts;
 }
 
