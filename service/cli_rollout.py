@@ -12,7 +12,13 @@ from typing import Any
 
 from service.cli_types import POSITIVE, at_least, folder_or_new
 from service.config import Settings
-from service.errors import BackendUnavailable, CnnserveError, NoServer, PromotionError
+from service.errors import (
+    BackendUnavailable,
+    CnnserveError,
+    DatasetError,
+    NoServer,
+    PromotionError,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 EXIT_NO_SERVER = 3
@@ -226,7 +232,9 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
         )
     except CnnserveError as exc:
         # Exit 1 says "skew" to a CI gate; a setup that cannot be checked is not one.
-        print(f"cnnserve verify: {exc.code}: {exc.message}", file=sys.stderr)
+        # (DatasetError is verify's "cannot check": its code would only mislead.)
+        code = "" if isinstance(exc, DatasetError) else f"{exc.code}: "
+        print(f"cnnserve verify: {code}{exc.message}", file=sys.stderr)
         return 2
     finally:
         server.close()
