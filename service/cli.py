@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Literal, get_args, get_origin
+from typing import Literal, NoReturn, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -102,8 +102,24 @@ def _variable(name: str) -> str:
     return f"CNNSERVE_{name.upper()}"
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A bad flag is one line naming where help is, not the usage block above it (the
+    message was lost under ~15 lines); subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# After Ctrl-C: what the interrupted command left and how to go on.
+_AFTER_INTERRUPT = {
+    "train": "rerun the same command to resume from the last finished epoch",
+    "compress": "nothing was published; rerun the same command",
+    "promote": "models.config holds the steps already printed; rerun the same command",
+}
+
+
 def build_parser(settings: Settings) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _OneLineErrors(
         prog="cnnserve",
         description="Train CNN image classifiers into a TF Serving model repository and serve it.",
     )
@@ -134,6 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     try:
         return int(args.handler(args, settings))
+    except KeyboardInterrupt:
+        after = _AFTER_INTERRUPT.get(args.command)
+        print(
+            f"cnnserve {args.command}: interrupted" + (f"; {after}" if after else ""),
+            file=sys.stderr,
+        )
+        return 130
     except DatasetError as exc:
         print(f"cnnserve: {exc.message}", file=sys.stderr)
         return 2

@@ -327,3 +327,31 @@ def test_bench_without_a_gateway_at_its_url_says_so(capsys: pytest.CaptureFixtur
         port = free.getsockname()[1]  # nothing listens once closed
     assert main(["bench", "--url", f"http://127.0.0.1:{port}"]) == 2
     assert "no gateway answers" in capsys.readouterr().err
+
+
+def test_a_bad_flag_is_one_line_naming_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--epochs", "0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "cnnserve train: error: argument --epochs: must be at least 1, got 0 "
+        "(see cnnserve train --help)\n"
+    )
+
+
+def test_ctrl_c_is_one_line_saying_how_to_go_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import service.cli_train
+
+    def interrupted(*_: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(service.cli_train, "_train", interrupted)
+    assert main(["train", "--work-dir", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "cnnserve train: interrupted; rerun the same command to resume from the last finished epoch\n"
+    )
