@@ -180,12 +180,16 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from service.training.config import ArchConfig, AugmentConfig, TrainConfig
     from service.training.train import train
 
-    datasets = args.dataset or [TrainConfig().dataset]
+    # Absolute in the card: `evaluate`/`compress` read these again, from anywhere.
+    datasets = [
+        d if d == "fashion_mnist" else str(Path(d).resolve())
+        for d in args.dataset or [TrainConfig().dataset]
+    ]
     cfg = TrainConfig(
         dataset=datasets[0],
         extra_datasets=tuple(datasets[1:]),
-        class_map=args.class_map,
-        relabel=args.relabel,
+        class_map=args.class_map.resolve() if args.class_map else None,
+        relabel=args.relabel.resolve() if args.relabel else None,
         class_weight=args.class_weight,
         data_dir=args.data_dir,
         arch=ArchConfig.for_arch(
@@ -301,7 +305,13 @@ def add_evaluate(
         "never modified; the report goes to stdout (JSON) and, with --output, to a folder.",
     )
     p.add_argument("version_dir", type=Path, help="e.g. model_repository/fashion_mnist/1")
-    p.add_argument("--data-dir", type=Path, default=None, help="override the card's dataset folder")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="override the card's dataset folder (Fashion-MNIST's IDX folder, or the folder "
+        "a one-folder version was trained on)",
+    )
     p.add_argument(
         "--output", type=folder_or_new, default=None, help="write report.json and PNG plots here"
     )
@@ -345,7 +355,13 @@ def add_compress(
     p.add_argument("--model", default="fashion_mnist")
     p.add_argument("--version", type=int, default=None, help="source version (default: newest)")
     p.add_argument("--method", choices=["int8", "prune", "distill"], required=True)
-    p.add_argument("--data-dir", type=Path, default=None, help="override the card's dataset")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="override the card's dataset folder (Fashion-MNIST's IDX folder, or the folder "
+        "a one-folder version was trained on)",
+    )
     p.add_argument(
         "--test-limit",
         type=at_least(0),

@@ -9,6 +9,7 @@ so the report describes exactly what the gateway serves.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,10 +22,13 @@ import numpy.typing as npt
 from matplotlib.figure import Figure
 
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
+from service.errors import DatasetError
 from service.preprocessing import PreprocessSpec
 from service.training.data import ImageSet, Splits
 from service.training.pipeline import batches
 from service.training.sources import load_splits
+
+log = logging.getLogger(__name__)
 
 Predict = Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.float32]]
 
@@ -219,11 +223,22 @@ def load_signature(version_dir: Path) -> Predict:
 
 def card_splits(card: dict[str, Any], data_dir: Path | None) -> Splits:
     """The splits a version was trained and tested on, as its card's training section
-    records them (``data_dir`` overrides the recorded dataset folder)."""
+    records them. ``data_dir`` overrides the recorded dataset folder: Fashion-MNIST's IDX
+    folder, or the folder of a version trained on one folder (cards record the path as
+    given, relative paths included before they were made absolute)."""
     training = card["training"]
     optional = {k: Path(training[k]) for k in ("class_map", "relabel") if training.get(k)}
+    datasets = [training["dataset"], *training.get("extra_datasets", [])]
+    if data_dir is not None and datasets != ["fashion_mnist"]:
+        if len(datasets) > 1:
+            raise DatasetError(
+                "--data-dir replaces one dataset folder; this version merged "
+                f"{len(datasets)} sources ({', '.join(datasets)}): run from where their "
+                "paths hold"
+            )
+        datasets = [str(data_dir)]
     return load_splits(
-        [training["dataset"], *training.get("extra_datasets", [])],
+        datasets,
         data_dir=data_dir or Path(training["data_dir"]),
         **optional,
         val_fraction=training["val_fraction"],
@@ -245,6 +260,12 @@ def evaluate_version(
     report["test_split_matches_card"] = report["test_split_sha256"] == card.get("dataset", {}).get(
         "test_sha256"
     )
+    if not report["test_split_matches_card"]:
+        log.warning(
+            "the test split differs from the one %s was evaluated on at export (images "
+            "added, removed or relabelled since): these figures are not the card's",
+            version_dir,
+        )
     report["latency"] = latency(predict, spec, latency_runs)
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)

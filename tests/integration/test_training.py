@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import keras
@@ -168,7 +169,10 @@ def test_litert_artifact_reproduces_the_saved_model(published: Path) -> None:
 
 
 def test_evaluate_reports_on_a_published_version(
-    published: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    published: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     assert main(["evaluate", str(published), "--output", str(tmp_path), "--latency-runs", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -176,6 +180,24 @@ def test_evaluate_reports_on_a_published_version(
     assert report["test_split_matches_card"] is True
     assert report["accuracy"] == pytest.approx(card["evaluation"]["accuracy"])
     assert (tmp_path / "confusion_matrix.png").stat().st_size > 1000
+    # The folder moved: --data-dir names it (it only replaced Fashion-MNIST's folder).
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(published.parents[2] / "data", moved)
+    assert main(["evaluate", str(published), "--data-dir", str(moved), "--latency-runs", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_split_matches_card"] is True
+    from service.training.evaluate import card_splits
+
+    tested = card_splits(card, moved).test.paths
+    assert tested is not None
+    tested[0].unlink()  # changed data: said, not only in the JSON
+    with caplog.at_level(logging.WARNING, logger="service.training.evaluate"):
+        assert (
+            main(["evaluate", str(published), "--data-dir", str(moved), "--latency-runs", "2"]) == 0
+        )
+    assert json.loads(capsys.readouterr().out)["test_split_matches_card"] is False
+    assert "test split differs" in caplog.text
 
 
 def test_a_rerun_publishes_nothing_new_and_changed_images_a_new_version(

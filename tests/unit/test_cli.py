@@ -351,7 +351,7 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(
     monkeypatch.setattr(service.cli_train, "_train", interrupted)
     assert main(["train", "--work-dir", str(tmp_path)]) == 130
     err = capsys.readouterr().err
-    assert (
-        err
-        == "cnnserve train: interrupted; rerun the same command to resume from the last finished epoch\n"
+    assert err == (
+        "cnnserve train: interrupted; rerun the same command to resume from the last "
+        "finished epoch\n"
     )
