@@ -131,6 +131,8 @@ class Splits:
     # Multi-source runs: what each source brought and how labels were changed
     # (service.training.sources); recorded in the model card's "dataset".
     provenance: dict[str, object] = field(default_factory=dict)
+    dropped_copies: int = 0  # identical images under one label beyond the first
+    dropped_conflicting_labels: int = 0  # identical images under different labels
 
     def thin_classes(self) -> list[str]:
         """Warnings for classes too small in a split to learn or to measure: none to
@@ -160,6 +162,8 @@ class Splits:
             "validation": len(self.validation),
             "test": len(self.test),
             "dropped_cross_split_duplicates": self.dropped_duplicates,
+            "dropped_duplicate_copies": self.dropped_copies,
+            "dropped_conflicting_labels": self.dropped_conflicting_labels,
             "train_sha256": self.train.fingerprint(),
             "validation_sha256": self.validation.fingerprint(),
             "test_sha256": self.test.fingerprint(),
@@ -297,6 +301,45 @@ def _checked_hashes(root: Path, paths: Sequence[Path]) -> list[str]:
 # --- splitting -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class OneCopyEach:
+    """Which images to keep so that each content is there once: the first copy of an
+    image held several times under one label, and no copy of an image held under
+    different labels (nobody can say which is right; `cnnserve data audit` lists them).
+    Identical copies land in one split (splits come from the content hash), so they were
+    all kept: one test image scored twice, once wrong by construction."""
+
+    keep: npt.NDArray[np.bool_]
+    copies: int  # extra copies under the same label, dropped
+    conflicting: int  # images dropped because their copies disagree on the label
+
+    @classmethod
+    def of(cls, hashes: Sequence[str], labels: Labels) -> OneCopyEach:
+        first: dict[str, int] = {}
+        conflicted: set[str] = set()
+        for i, (digest, label) in enumerate(zip(hashes, labels.tolist(), strict=True)):
+            if digest not in first:
+                first[digest] = i
+            elif labels[first[digest]] != label:
+                conflicted.add(digest)
+        keep = np.array(
+            [first[d] == i and d not in conflicted for i, d in enumerate(hashes)], dtype=bool
+        )
+        conflicting = sum(d in conflicted for d in hashes)
+        return cls(keep, len(hashes) - int(keep.sum()) - conflicting, conflicting)
+
+    def say(self, where: str) -> None:
+        if self.copies:
+            log.warning("%s: dropped %d extra copies of identical images", where, self.copies)
+        if self.conflicting:
+            log.warning(
+                "%s: dropped %d images whose identical copies carry different labels (see "
+                "`cnnserve data audit`)",
+                where,
+                self.conflicting,
+            )
+
+
 def _bucket(content_hash: str, seed: int) -> float:
     """A stable number in [0, 1) per image content and seed."""
     digest = hashlib.sha256(f"{seed}:{content_hash}".encode()).digest()
@@ -345,6 +388,7 @@ def make_splits(
     Fashion-MNIST keeps its official test set; validation is carved from the training
     set, and training images identical to a test image are dropped (and counted).
     """
+    copies = conflicting = 0  # Fashion-MNIST's official sets are kept as published
     if str(source) == "fashion_mnist":
         train_full, test = load_fashion_mnist(data_dir)
         train_full, dropped = _drop_known(train_full, set(test.hashes()))
@@ -354,6 +398,10 @@ def make_splits(
         test = test.subset(np.arange(len(test), dtype=np.int64), "test")
     else:
         everything = load_image_folder(Path(source))
+        once = OneCopyEach.of(everything.hashes(), everything.labels)
+        once.say(str(source))
+        everything = everything.subset(np.flatnonzero(once.keep).astype(np.int64), everything.name)
+        copies, conflicting = once.copies, once.conflicting
         fractions = (1 - val_fraction - test_fraction, val_fraction, test_fraction)
         train, val, test = split_by_hash(
             everything, fractions, ("train", "validation", "test"), seed
@@ -365,7 +413,14 @@ def make_splits(
     check_disjoint(train, val, test)
     if dropped:
         log.warning("dropped %d training images identical to test images", dropped)
-    return Splits(train=train, validation=val, test=test, dropped_duplicates=dropped)
+    return Splits(
+        train=train,
+        validation=val,
+        test=test,
+        dropped_duplicates=dropped,
+        dropped_copies=copies,
+        dropped_conflicting_labels=conflicting,
+    )
 
 
 def oversample(labels: Labels, seed: int) -> npt.NDArray[np.int64]:

@@ -39,6 +39,7 @@ import numpy.typing as npt
 from service.errors import DatasetError
 from service.training.data import (
     ImageSet,
+    OneCopyEach,
     Splits,
     _bucket,
     check_disjoint,
@@ -167,6 +168,8 @@ class Merged:
     provenance: dict[str, object]
     dropped: int
     relabelled: int = 0
+    copies: int = 0  # see service.training.data.OneCopyEach
+    conflicting: int = 0
 
 
 def merge(
@@ -217,9 +220,9 @@ def merge(
         for i, h in enumerate(hashes):
             position.setdefault(h, []).append(i)
         for h, name in corrections.items():
-            for i in position.get(h, []):
+            for i in position.get(h, []):  # counted when the label changes, not matches
+                applied += int(label[i] != classes.index(name))
                 label[i] = classes.index(name)
-                applied += 1
             not_found += h not in position
         if not_found:
             log.warning("%d label corrections match no image of these sources", not_found)
@@ -244,7 +247,20 @@ def merge(
         ],
     }
     dropped = int((~keep).sum())
-    return Merged(images, np.where(keep, split, -1), source, provenance, dropped, applied)
+    kept = np.flatnonzero(keep)
+    once = OneCopyEach.of([hashes[i] for i in kept], label[kept])
+    keep[kept[~once.keep]] = False
+    once.say("merged sources")
+    return Merged(
+        images,
+        np.where(keep, split, -1),
+        source,
+        provenance,
+        dropped,
+        applied,
+        copies=once.copies,
+        conflicting=once.conflicting,
+    )
 
 
 def load_splits(
@@ -303,7 +319,15 @@ def load_splits(
     if merged.dropped:
         log.warning("dropped %d copies of images held by a more held-out split", merged.dropped)
     train, validation, test = parts
-    return Splits(train, validation, test, merged.dropped, provenance)
+    return Splits(
+        train,
+        validation,
+        test,
+        merged.dropped,
+        provenance,
+        dropped_copies=merged.copies,
+        dropped_conflicting_labels=merged.conflicting,
+    )
 
 
 def counts_table(provenance: dict[str, object], classes: list[str]) -> str:

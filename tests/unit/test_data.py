@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,18 @@ def test_classes_too_thin_to_learn_or_measure_are_warned_about() -> None:
         "class 'rare' has 0 images in the test split (its scores are noise); add images of it",
     ]
     assert splits.describe()["warnings"] == warnings
+
+
+def test_identical_images_are_kept_once_and_never_under_two_labels(tmp_path: Path) -> None:
+    """Copies land in one split (the hash decides), so they were all kept: one test
+    image scored twice, once wrong whatever the model says."""
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=10)
+    picture = (root / "class_0" / "1.png").read_bytes()
+    (root / "class_0" / "again.png").write_bytes(picture)  # same label: one copy kept
+    (root / "class_1" / "also.png").write_bytes((root / "class_0" / "3.png").read_bytes())
+    splits = make_splits(root, data_dir=tmp_path, val_fraction=0.2, test_fraction=0.2, seed=0)
+    every = [h for s in (splits.train, splits.validation, splits.test) for h in s.hashes()]
+    assert len(every) == len(set(every)) == 22 - 1 - 2
+    assert (splits.dropped_copies, splits.dropped_conflicting_labels) == (1, 2)
+    conflicting = hashlib.sha256((root / "class_1" / "also.png").read_bytes()).hexdigest()
+    assert conflicting not in every
