@@ -133,7 +133,15 @@ class Settings(BaseSettings):
         ge=1,
         description="Cap on the requests one worker handles at once (REST and gRPC "
         "together); below it the limit adapts to the queue-wait budget; more are refused "
-        "(503 / RESOURCE_EXHAUSTED) before their body is read.",
+        "(503 / RESOURCE_EXHAUSTED), before their body is read when the worker is full as "
+        "their headers come.",
+    )
+    admit_at: Literal["body", "headers"] = Field(
+        "body",
+        description="When a REST request with a body takes its place under the concurrency "
+        "limit: once its body is in (a client slow to send it holds none: 40 stalled "
+        "uploads shut a worker out otherwise), or as its headers are parsed (it then "
+        "holds its place while its body comes, as long as the body read timeout).",
     )
     max_refusals_per_second: float = Field(
         1000.0,

@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         body_read_timeout_seconds=settings.body_read_timeout_seconds,
         concurrency=concurrency,
         keys=keys,
+        admit_at_headers=settings.admit_at == "headers",
     )
     routers = [rest.router, tfserving_rest.router, *([demo.router] if settings.demo_page else [])]
     guarded_routes = [route for router in routers for route in router.routes]

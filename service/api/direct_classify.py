@@ -33,6 +33,7 @@ from service.api.http import (
     Admission,
     answer_error,
     body_timeout_error,
+    error_response,
     header_value,
     parse_client_key,
     parse_timeout,
@@ -67,11 +68,13 @@ class DirectRequest:
 
     query: dict[str, str]
     headers: Headers
-    taken: float  # the concurrency place (ConcurrencyLimit.try_acquire)
     record: RequestRecord
     connection: ConnectionRefusals
     retrying: bool
     keep_alive: bool
+    # The concurrency place (ConcurrencyLimit.try_acquire), taken once the body is in:
+    # a client slow to send it holds no place and its wait is no answer time.
+    taken: float | None = None
     chunks: list[bytes] = field(default_factory=list)
     response_complete: bool = False
     disconnected: bool = False
@@ -115,13 +118,18 @@ class DirectClassify:
         query = raw_classify_query(method, path, headers, query_string)
         if query is None or not self._admitted(headers):
             return None
-        taken = self.admission.concurrency.try_acquire()
-        if taken is None:
-            return None  # RequestGuard refuses it, paced as every refusal is
-        connection.passed()  # admitted: its earlier refusal is forgotten
+        concurrency = self.admission.concurrency
+        taken = None
+        if self.admission.admit_at_headers:
+            taken = concurrency.try_acquire()
+            if taken is None:
+                return None  # RequestGuard refuses it, paced as every refusal is
+            connection.passed()
+        elif not concurrency.admits():
+            return None
         rid = client_request_id(header_value(headers, _REQUEST_ID) or b"")
         record = RequestRecord(rid, "rest", method, CLASSIFY_PATH)
-        return DirectRequest(query, headers, taken, record, connection, retrying, keep_alive)
+        return DirectRequest(query, headers, record, connection, retrying, keep_alive, taken)
 
     def _admitted(self, headers: Headers) -> bool:
         """Whether RequestGuard would let it on (its own check: a valid key when keys are
@@ -140,7 +148,14 @@ class DirectClassify:
         plane = self.plane
         query = request.query
         rid = request.record.request_id
+        concurrency = self.admission.concurrency
         with recording(request.record):
+            if request.taken is None:  # its place once its body is in (Settings.admit_at)
+                request.taken = concurrency.try_acquire()
+                if request.taken is None:  # the places went while its body came
+                    await concurrency.pace_refusal(request.retrying, request.connection)
+                    return _with_id(error_response(concurrency.refusal(), CLASSIFY_PATH), rid)
+                request.connection.passed()  # admitted: its earlier refusal is forgotten
             try:
                 deadline = plane.deadline(parse_timeout(request.header(_TIMEOUT)))
                 result = await plane.classify(
@@ -173,7 +188,8 @@ class DirectClassify:
         if request.finished:
             return
         request.finished = True
-        self.admission.concurrency.release(request.taken)
+        if request.taken is not None:
+            self.admission.concurrency.release(request.taken)
         finish(request.record, status)
 
 

@@ -34,6 +34,7 @@ from service.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     RequestTimeout,
     Unauthenticated,
@@ -180,6 +181,9 @@ class Admission:
     body_read_timeout_seconds: float = 30.0
     concurrency: ConcurrencyLimit = field(default_factory=lambda: ConcurrencyLimit(10**6))
     keys: ApiKeys = field(default_factory=lambda: ApiKeys(()))
+    # Settings.admit_at: a request with a body takes its place as its headers are parsed
+    # (True) or once its body is in (False).
+    admit_at_headers: bool = False
 
     def refusal(self, path: str, headers: dict[bytes, bytes]) -> CnnserveError | None:
         """Why a request is refused before a route runs (the concurrency limit aside):
@@ -260,23 +264,39 @@ class RequestGuard:
                     await concurrency.pace_refusal(retrying, connection)
             await send(message)
 
+        taken: float | None = None
+
+        def take_place() -> None:
+            """The worker's place for this request, or its 503: for a request with a
+            body, once the body is in (a client slow to send it held a place, and its
+            wait counted as answer time: 40 stalled uploads shut a worker out)."""
+            nonlocal taken
+            taken = concurrency.try_acquire()
+            if taken is None:
+                raise concurrency.refusal()
+            if connection is not None:
+                connection.passed()  # admitted: its earlier refusal is forgotten
+
         try:
             with recording(record):
                 path = scope["path"]
                 limited = is_limited(path, self.quiet_paths)
                 refusal = self.admission.refusal(path, headers)
-                taken = None
-                if refusal is None and limited:
-                    taken = concurrency.try_acquire()
-                    if taken is None:
-                        refusal = concurrency.refusal()
-                    elif connection is not None:
-                        connection.passed()  # admitted: its earlier refusal is forgotten
+                with_body = not self.admission.admit_at_headers and (
+                    b"transfer-encoding" in headers
+                    or headers.get(b"content-length", b"0") not in (b"", b"0")
+                )
+                if refusal is None and limited and not with_body:
+                    try:
+                        take_place()
+                    except Overloaded as exc:
+                        refusal = exc
                 if refusal is not None:
                     await error_response(refusal, path)(scope, receive, send_with_id)
                     return
+                body_in = take_place if limited and with_body else None
                 try:
-                    await self._guarded(scope, headers, receive, send_with_id)
+                    await self._guarded(scope, headers, receive, send_with_id, body_in)
                 finally:
                     if taken is not None:
                         concurrency.release(taken)
@@ -286,7 +306,12 @@ class RequestGuard:
                 finish(record, status)
 
     async def _guarded(
-        self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send
+        self,
+        scope: Scope,
+        headers: dict[bytes, bytes],
+        receive: Receive,
+        send: Send,
+        body_in: Callable[[], None] | None,
     ) -> None:
         limit = self.admission.max_body_bytes
         timeout = self.admission.body_read_timeout_seconds
@@ -309,6 +334,8 @@ class RequestGuard:
                 if received > limit:
                     raise self.admission.too_large()
                 complete = not message.get("more_body", False)
+                if complete and body_in is not None:
+                    body_in()  # its place now, or the 503 (raised to the route)
             elif message["type"] == "http.disconnect" and not complete:
                 # Not the server's fault: a 499 in the log, not a 500 and a traceback.
                 raise client_left() from None

@@ -73,7 +73,9 @@ def paced(rate: float, places: int = 1) -> dict[str, str]:
 @contextmanager
 def full_worker(repo: Path, env: dict[str, str], places: int = 1) -> Iterator[Server]:
     """A running server (REST and gRPC) whose ``places`` are held by requests whose
-    body has not come, refusing; at the end the held requests are answered."""
+    body has not come (CNNSERVE_ADMIT_AT=headers: such a request holds its place),
+    refusing; at the end the held requests are answered."""
+    env = {**env, "CNNSERVE_ADMIT_AT": "headers"}
     with running_server(repo, grpc_port=0, env=env) as server:
         holders = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(places)]
         try:
@@ -152,10 +154,15 @@ def test_four_times_overload_is_shed_fast_and_recovers(server: Server) -> None:
 def test_requests_over_the_concurrency_limit_are_refused_before_their_body(
     tiny_repo_litert: Path,
 ) -> None:
-    """Two requests whose body has not arrived hold the worker's two places (a limit of
-    2): a third is refused at once, over REST and gRPC alike, probes still answer, and
-    the places are free again once the two are answered."""
-    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_MAX_CONCURRENT_REQUESTS": "2"}
+    """Admitted at their headers (CNNSERVE_ADMIT_AT=headers), two requests whose body has
+    not arrived hold the worker's two places (a limit of 2): a third is refused at once,
+    over REST and gRPC alike, probes still answer, and the places are free again once
+    the two are answered."""
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "2",
+        "CNNSERVE_ADMIT_AT": "headers",
+    }
     png = encode(gradient(), "PNG")
     head = (
         f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -191,6 +198,40 @@ def test_requests_over_the_concurrency_limit_are_refused_before_their_body(
                 assert shed_counts(server).get("concurrency", 0) >= 2
         finally:
             for sock in holders:
+                sock.close()
+
+
+def test_stalled_uploads_hold_no_place_by_default(tiny_repo_litert: Path) -> None:
+    """Requests that sent their headers and one byte of body take no place until the
+    body is in: 20 of them beside a limit of 4 refuse nothing, on the direct path (raw
+    body) and the app's (multipart) alike, gRPC included, and the adaptive limit does
+    not count their wait (a review shut a worker out with ~40 such sockets every 30 s,
+    its limit cut from 1,024 to its floor, while /readyz said 200)."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_MAX_CONCURRENT_REQUESTS": "4"}
+    png = encode(gradient(), "PNG")
+    heads = [
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        b"Content-Length: 100\r\n\r\nx",
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100\r\n\r\n--",
+    ]
+    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+        try:
+            for i, sock in enumerate(stalled):
+                sock.sendall(heads[i % 2])
+            with server.client() as client:
+                for _ in range(10):
+                    one = client.post("/v1/classify", content=png, headers=PNG_TYPE)
+                    assert one.status_code == 200, one.text
+                    form = client.post("/v1/classify", files={"image": ("a.png", png)})
+                    assert form.status_code == 200, form.text
+                with server.channel() as channel:
+                    stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)  # type: ignore[no-untyped-call]
+                    assert stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=10)
+                assert shed_counts(server).get("concurrency", 0) == 0
+        finally:
+            for sock in stalled:
                 sock.close()
 
 
