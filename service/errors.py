@@ -252,6 +252,9 @@ class ShuttingDown(Unavailable):
 
 class ModelNotReady(Unavailable):
     code = "model_not_ready"
+    # The registry logs why once (a failed load, nothing to serve); a warning per
+    # refused request flooded the log (5,049 lines in 5 s from one client).
+    server_fault = False
 
 
 class BackendUnavailable(Unavailable):

@@ -155,13 +155,16 @@ class RoutingTable:
             raise self._not_served(config, version, label)
         if not served:
             states = self.states.get(config.name, {}).values()
-            loading = any(s.state <= VersionState.LOADING for s in states)
-            failed = any(s.error_code for s in states)
-            # "Retry shortly" only while something loads: a failed version is retried
-            # only once its folder changes.
-            then = "; retry shortly" if loading or not failed else ""
-            raise ModelNotReady(
-                f"model {config.name!r} has no available version{self._hint(config.name)}{then}"
+            if any(s.state <= VersionState.LOADING for s in states):
+                raise ModelNotReady(
+                    f"model {config.name!r} has no available version yet"
+                    f"{self._hint(config.name)}; retry shortly"
+                )
+            # Nothing loading: no version found, or every one failed (retried only once
+            # its folder changes). NOT_FOUND, as TF Serving and the status route answer;
+            # a 503 with Retry-After had clients retry every second for good.
+            raise VersionNotFound(
+                f"model {config.name!r} has no version to serve{self._hint(config.name)}"
             )
         if split and self.split.canary_share > 0:
             canary = config.labels.get(CANARY_LABEL)

@@ -29,7 +29,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
-from service.api.http import dataplane
+from service.api.http import dataplane, path_version
 from service.errors import ModelNotReady, NotFound
 from service.repository import ASSETS_EXTRA
 from service.routing import LoadedVersion, VersionState, listing
@@ -103,7 +103,7 @@ async def models(request: Request) -> dict[str, Any]:
 
 
 @router.get("/demo/models/{model}/versions/{version}/card")
-async def model_card(request: Request, model: str, version: int) -> dict[str, Any]:
+async def model_card(request: Request, model: str, version: str) -> dict[str, Any]:
     """The version's model_card.json ({} when it has none) and the names of the PNGs
     in its assets.extra (confusion matrix, training curves)."""
     target = _served(request, model, version)
@@ -123,7 +123,7 @@ async def model_card(request: Request, model: str, version: int) -> dict[str, An
 
 
 @router.get("/demo/models/{model}/versions/{version}/assets/{name}")
-async def asset(request: Request, model: str, version: int, name: str) -> FileResponse:
+async def asset(request: Request, model: str, version: str, name: str) -> FileResponse:
     """One PNG of the version's assets.extra, by its name in the folder's listing."""
     target = _served(request, model, version)
     images = await asyncio.to_thread(asset_images, target.path)
@@ -136,7 +136,7 @@ async def asset(request: Request, model: str, version: int, name: str) -> FileRe
 
 
 @router.get("/demo/models/{model}/versions/{version}/samples")
-async def samples(request: Request, model: str, version: int) -> dict[str, Any]:
+async def samples(request: Request, model: str, version: str) -> dict[str, Any]:
     """Sample images to try: Fashion-MNIST test images for a model trained on them, else
     the version's warmup images; each with its true class when known."""
     found = await _samples(request, model, version)
@@ -150,19 +150,23 @@ async def samples(request: Request, model: str, version: int) -> dict[str, Any]:
     }
 
 
-@router.get("/demo/models/{model}/versions/{version}/samples/{index:int}.png")
-async def sample(request: Request, model: str, version: int, index: int) -> Response:
+@router.get("/demo/models/{model}/versions/{version}/samples/{name}.png")
+async def sample(request: Request, model: str, version: str, name: str) -> Response:
     found = await _samples(request, model, version)
+    # Digits, not Starlette's int convertor: int() of a 4,301-digit name raised (a 500).
+    index = int(name) if name.isascii() and name.isdigit() and len(name) < 6 else -1
     if not 0 <= index < len(found):
-        raise NotFound(f"no sample {index}; this version has {len(found)} (0 to {len(found) - 1})")
+        raise NotFound(f"no sample {name!r}; this version has {len(found)} (0 to {len(found) - 1})")
     return Response(found[index].png, media_type="image/png")
 
 
-def _served(request: Request, model: str, version: int) -> LoadedVersion:
-    return dataplane(request).registry.resolve(model, version)
+def _served(request: Request, model: str, version: str) -> LoadedVersion:
+    """The version a demo route names in its path, read as the TF Serving routes read
+    one (digits only: "1.0" answered version 1, and 0 or -1 were 404s)."""
+    return dataplane(request).registry.resolve(model, path_version(version))
 
 
-async def _samples(request: Request, model: str, version: int) -> tuple[Sample, ...]:
+async def _samples(request: Request, model: str, version: str) -> tuple[Sample, ...]:
     target = _served(request, model, version)
     directory = dataplane(request).settings.fashion_mnist_dir
     return await asyncio.to_thread(samples_for, target.path, target.card, directory)

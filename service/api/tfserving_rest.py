@@ -22,6 +22,7 @@ from service.api.http import (
     dataplane,
     decode_base64,
     encoded_response,
+    path_version,
     read_json,
     request_timeout,
 )
@@ -60,10 +61,7 @@ def _status_body(statuses: list[VersionStatus]) -> ModelStatusResponse:
 
 
 def _version(raw: str) -> int:
-    # "¹".isdigit() is True but int() refuses it; 0 is refused as the query's is.
-    if not (raw.isascii() and raw.isdigit()) or int(raw) == 0:
-        raise InvalidRequest(f"version must be a positive integer, got {raw!r}")
-    return int(raw)
+    return path_version(raw)
 
 
 STATUS = {"response_model": ModelStatusResponse}

@@ -30,8 +30,11 @@ def test_not_ready_until_a_version_is_available(tmp_path: Path) -> None:
         assert client.get("/healthz").status_code == 200
         assert client.get("/readyz").status_code == 503
         r = client.post("/v1/classify", **RAW)  # type: ignore[arg-type]
-        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
-        assert "retry-after" in r.headers
+        # Nothing to load: NOT_FOUND as TF Serving and the status route say, not a 503
+        # that has clients retry every second for good.
+        assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
+        assert "no version to serve" in r.json()["error"]["message"]
+        assert "retry-after" not in r.headers
         publish_tiny(repo, "m")
         server.wait("/readyz", 200)
         assert client.post("/v1/classify", **RAW).json()["version"] == 1  # type: ignore[arg-type]

@@ -11,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, running_server
 
@@ -53,7 +54,7 @@ def test_rest_requires_a_known_key(keyed: Server, headers: dict[str, str], statu
         )
     assert response.status_code == status, response.text
     if status == 401:
-        assert response.json()["error"]["code"] == "unauthenticated"
+        assert error_of(response)[0] == "unauthenticated"
         assert response.headers["www-authenticate"].startswith("Bearer")
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from service.concurrency import MAX_REFUSAL_DEBT_SECONDS
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.load import burst, bursts, load, post, quantile
 from tests.helpers.server import Server, eventually, read_response, running_server
@@ -181,8 +182,8 @@ def test_requests_over_the_concurrency_limit_are_refused_before_their_body(
                 eventually(lambda: classify().status_code == 503, timeout=30)
                 r = classify()
                 assert r.status_code == 503 and r.headers["retry-after"]
-                assert r.json()["error"]["code"] == "overloaded"
-                assert "its limit" in r.json()["error"]["message"]
+                assert error_of(r)[0] == "overloaded"
+                assert "its limit" in error_of(r)[1]
                 assert client.get("/readyz").status_code == 200
                 assert client.get("/healthz").status_code == 200
                 assert client.get("/metrics").status_code == 200

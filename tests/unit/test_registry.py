@@ -351,7 +351,7 @@ def test_models_added_to_the_config_are_loaded_on_poll(template: Path, tmp_path:
         await registry.poll_once()
         assert registry.model_names() == ["a", "b"] and registry.default_model == "a"
         assert registry.is_ready()
-        with pytest.raises(ModelNotReady, match="no version found to serve"):
+        with pytest.raises(VersionNotFound, match="no version found to serve"):
             registry.resolve("b")
         assert registry.statuses("b") == []
 
