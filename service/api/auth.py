@@ -14,6 +14,7 @@ error says only that a key was missing or unknown.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
@@ -22,6 +23,10 @@ from typing import Any
 import grpc
 
 from service.errors import Unauthenticated
+from service.requestlog import RequestRecord, client_request_id, recorded
+
+# gRPC metadata carrying a request id (as service.api.grpc_servicers reads it).
+REQUEST_ID_KEY = "x-request-id"
 
 BEARER = "bearer "
 API_KEY_HEADER = "x-api-key"
@@ -101,18 +106,24 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 presented_key(metadata.get("authorization"), metadata.get(API_KEY_HEADER))
             )
         except Unauthenticated as exc:
-            return _refusal(handler, exc)
+            return _refusal(handler, exc, str(details.method), metadata)
         return handler
 
 
-def _refusal(handler: Any, error: Unauthenticated) -> Any:
-    """A handler of the same streaming shape as ``handler`` that aborts with ``error``."""
+def _refusal(handler: Any, error: Unauthenticated, route: str, metadata: dict[str, Any]) -> Any:
+    """A handler of the same streaming shape as ``handler`` that aborts with ``error``,
+    counted, logged and tagged as every call is (REST's 401s are): refused over gRPC,
+    key guessing left no trace."""
+    rid = client_request_id(str(metadata.get(REQUEST_ID_KEY, "")).encode("utf-8"))
 
     async def abort(request: Any, context: Any) -> Any:
-        await context.abort(error.grpc_code, error.public_message())
+        record = RequestRecord(rid, "grpc", "POST", route)
+        with contextlib.suppress(Unauthenticated), recorded(record):
+            raise error
+        await context.abort(error.grpc_code, error.public_message(), ((REQUEST_ID_KEY, rid),))
 
     async def abort_stream(request: Any, context: Any) -> Any:
-        await context.abort(error.grpc_code, error.public_message())
+        await abort(request, context)
         yield  # pragma: no cover  (makes this an async generator)
 
     kwargs = {

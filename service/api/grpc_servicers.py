@@ -17,6 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
+from service.api.auth import REQUEST_ID_KEY
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
@@ -48,7 +49,6 @@ S = TypeVar("S", bound="_Adapter")
 Handler = Callable[[S, Any, Any], Awaitable[Any]]
 
 SIGNATURE_DEF = "signature_def"
-REQUEST_ID_KEY = "x-request-id"
 CLIENT_KEY_KEY = "x-client-key"
 # How often Health.Watch looks at readiness (a stream per watcher; cheap).
 WATCH_PERIOD_SECONDS = 0.5

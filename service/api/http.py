@@ -161,7 +161,10 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
             allow = allowed_methods(routes, path)
             allow = allow or (exc.headers or {}).get("Allow")
             if allow:
-                response.headers["Allow"] = allow
+                methods = {m.strip() for m in allow.split(",")}
+                if "GET" in methods:  # HEAD is answered as GET on every path (RequestGuard)
+                    methods.add("HEAD")
+                response.headers["Allow"] = ", ".join(sorted(methods))
         return response
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:

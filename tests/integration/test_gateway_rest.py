@@ -595,3 +595,15 @@ def test_every_get_route_answers_head_as_it_answers_get(server: Server) -> None:
         assert post_only.status_code == 405 and "POST" in post_only.headers["allow"]
         spec = client.get("/openapi.json").json()["paths"]
         assert all("head" not in operations for operations in spec.values())
+
+
+def test_every_405_names_head_beside_get(server: Server) -> None:
+    """/metrics and /docs named GET alone, though HEAD is answered on every GET path."""
+    with server.client() as client:
+        for path in ("/metrics", "/docs", "/v1/models/tiny"):
+            answer = client.post(path)
+            assert answer.status_code == 405, path
+            assert {"GET", "HEAD"} <= set(answer.headers["allow"].split(", ")), path
+            assert client.head(path).status_code == 200, path
+        # A stray Content-Encoding on a request without a body decodes nothing: no 415.
+        assert client.get("/readyz", headers={"content-encoding": "br"}).status_code == 200

@@ -7,13 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, running_server
+from tests.helpers.server import Server, eventually, running_server
 
 KEY = "s3cret-key-0123456789"
 FILE_KEY = "key-from-a-mounted-secret"
@@ -77,8 +78,18 @@ def test_grpc_requires_the_key_in_metadata_but_health_does_not(keyed: Server) ->
         stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
         for metadata in ((), (("authorization", "Bearer nope"),)):
             with pytest.raises(grpc.RpcError) as refused:
-                stub.Classify(request, metadata=metadata, timeout=30)
+                stub.Classify(request, metadata=(*metadata, ("x-request-id", "guess")), timeout=30)
             assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # Tagged, counted and in the access log, as REST's 401s (no trace before).
+            assert ("x-request-id", "guess") in refused.value.trailing_metadata()
+        route = 'route="/cnnserve.v1.ImageClassifier/Classify"'
+        scraped = httpx.get(keyed.url + "/metrics", timeout=10).text
+        assert any(
+            route in line and 'code="401"' in line and 'protocol="grpc"' in line
+            for line in scraped.splitlines()
+        ), scraped
+        # The access log is written off the request path: the line comes soon after.
+        eventually(lambda: '"request_id":"guess"' in keyed.log.read_text(), timeout=10)
         answer = stub.Classify(request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=30)
         assert answer.model == "tiny"
         health = health_pb2_grpc.HealthStub(channel).Check(
