@@ -417,7 +417,8 @@ class DataPlane:
         label values."""
         if version is not None and version < 1:  # every API alike (TF Serving's rule)
             raise InvalidRequest(f"version must be a positive integer, got {version}")
-        model = model or None  # "?model=" means the default, as an empty gRPC field does
+        # "?model=" means the default, as an empty gRPC field does; "?label=" no label.
+        model, label = model or None, label or None
         try:
             target = self.registry.resolve(
                 model, version, label, split=split, client_key=client_key

@@ -114,8 +114,9 @@ def raw_classify_query(
             return None  # repeated: the route decides which one counts
         if key in _INTEGER_PARAMS and not _INTEGER.fullmatch(value):
             return None  # the route's validation says what is wrong with it
-        if key in _INTEGER_PARAMS or key in _TEXT_PARAMS:
-            query[key] = value
+        if key not in _INTEGER_PARAMS and key not in _TEXT_PARAMS:
+            return None  # the route refuses what it does not know (a typo)
+        query[key] = value
     return query
 
 

@@ -140,7 +140,8 @@ def install_error_handlers(app: FastAPI, routes: Sequence[BaseRoute] = ()) -> No
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: "
+            + str(e.get("msg", "")).removeprefix("Value error, ")  # pydantic's, for ValueError
             for e in exc.errors()
         )
         return error_response(InvalidRequest(problems), request.scope["path"])
@@ -501,14 +502,18 @@ async def read_json(request: Request) -> Any:
 TOO_DEEP = "request body is JSON nested too deeply to parse; send a flat object"
 
 
-_SPACE = re.compile(r"\s")
+_SPACE = re.compile(r"[ \t\n\r\f\v]")  # ASCII whitespace, as Abseil skips
+_SECONDS = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?")
+
+
+_BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 
 
 def decode_base64(value: str) -> bytes:
     """Standard base64 read as TF Serving reads it (Abseil's Base64Unescape): whitespace
     skipped (MIME encoders break lines every 76 characters), '=' padding optional.
     Raises ValueError (binascii.Error) for anything else; :func:`base64_hint` says why."""
-    text = "".join(value.split()) if _SPACE.search(value) else value
+    text = _SPACE.sub("", value) if _SPACE.search(value) else value
     return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 
@@ -520,9 +525,12 @@ def base64_hint(value: object) -> str:
         return "send the base64 alone, without the 'data:…;base64,' prefix"
     if any(c in value for c in "-_"):
         return "use the standard alphabet (+ and /), not the URL-safe one (- and _)"
-    if len("".join(value.split()).rstrip("=")) % 4 == 1:
-        return "it is cut off (one character past a whole group of 4)"
-    return "it holds characters outside the base64 alphabet, or '=' inside it"
+    text = _SPACE.sub("", value)
+    if text.rstrip("=").strip(_BASE64_ALPHABET):
+        return "it holds characters outside the base64 alphabet (A-Z, a-z, 0-9, + and /)"
+    if "=" in text.rstrip("="):
+        return "it has '=' before its end ('=' pads only the end)"
+    return "it is cut off (one character past a whole group of 4)"
 
 
 # TF Serving's versions are int64.
@@ -545,10 +553,10 @@ def parse_timeout(raw: str | None) -> float | None:
     """The X-Request-Timeout header's seconds, if sent."""
     if raw is None:
         return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidRequest(f"{TIMEOUT_HEADER} must be seconds as a number, got {raw!r}") from None
+    # Plain decimals: float() also took "1_0" (10 s) and " 5 ".
+    if not _SECONDS.fullmatch(raw):
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be seconds as a number, got {raw!r}")
+    return float(raw)
 
 
 def server_timing(timings: dict[str, float]) -> str:

@@ -63,6 +63,9 @@ CLASSIFY_BODY: dict[str, Any] = {
 }
 
 
+CLASSIFY_PARAMS = frozenset({"top_k", "model", "version", "label"})
+
+
 def digits_only(value: Any) -> Any:
     """A query integer as written: digits, nothing else. Python's int() and pydantic took
     "1_0" as 10 and "1.0" as 1, so a typo still ran against some version."""
@@ -181,6 +184,12 @@ async def classify(
 
     A raw image body with plain query values is answered by service.api.direct_classify
     (or, when that leaves it, service.api.fastpath), the same way."""
+    unknown = sorted(set(request.query_params) - CLASSIFY_PARAMS)
+    if unknown:  # "?versoin=2" answered by the default version, silently
+        raise InvalidRequest(
+            f"unknown query parameter {unknown[0]!r}; /v1/classify takes "
+            f"{', '.join(sorted(CLASSIFY_PARAMS))}"
+        )
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
     images, several, names = await read_images(request)

@@ -98,7 +98,9 @@ async def _app(scope: object, receive: object, send: object) -> None:
     ("method", "path", "content_type", "query", "taken"),
     [
         ("POST", "/v1/classify", b"image/jpeg", b"", True),
-        ("POST", "/v1/classify", b"IMAGE/PNG; x=y", b"top_k=2&model=a&other=1&other=2", True),
+        ("POST", "/v1/classify", b"IMAGE/PNG; x=y", b"top_k=2&model=a", True),
+        # An unknown parameter is the route's to refuse (a typo was ignored before).
+        ("POST", "/v1/classify", b"image/png", b"top_k=2&other=1", False),
         ("POST", "/v1/classify", b"multipart/form-data; boundary=x", b"", False),
         ("POST", "/v1/classify", b"application/json", b"", False),
         ("POST", "/v1/classify", b"", b"", False),

@@ -318,7 +318,16 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         {"content": PNG, "headers": _png_headers(**{"x-request-timeout": "inf"})},
         400,
         "bad_request",
-        ("finite",),
+        ("seconds as a number",),
+    ),
+    (
+        "timeout-with-underscore",  # float() took "1_0" as 10 s
+        "POST",
+        "/v1/classify",
+        {"content": PNG, "headers": _png_headers(**{"x-request-timeout": "1_0"})},
+        400,
+        "bad_request",
+        ("seconds as a number",),
     ),
     (
         "json-classify-both-image-fields",
@@ -361,14 +370,25 @@ def test_error_paths(
         assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
 
 
-def test_an_empty_model_parameter_means_the_default_model(server: Server) -> None:
-    """As an empty gRPC model field does (it was a 404 "no model named ''")."""
+def test_an_empty_model_or_label_parameter_means_none_given(server: Server) -> None:
+    """As an empty gRPC field does (a 404 "no model named ''" and a 400 "no version
+    label ''" before)."""
     with server.client() as client:
         for route in ("direct", "json"):
             sent = RAW if route == "direct" else {"json": {"image": base64.b64encode(PNG).decode()}}
-            answer = client.post("/v1/classify", params={"model": ""}, **sent)  # type: ignore[arg-type]
-            assert answer.status_code == 200, answer.text
-            assert answer.json()["model"] == "tiny"
+            for params in ({"model": ""}, {"label": ""}, {"version": 1, "label": ""}):
+                answer = client.post("/v1/classify", params=params, **sent)  # type: ignore[arg-type]
+                assert answer.status_code == 200, (params, answer.text)
+                assert answer.json()["model"] == "tiny"
+
+
+def test_an_unknown_query_parameter_is_refused_not_ignored(server: Server) -> None:
+    """A typo ("?lable=canary", "?versoin=2") was answered by the default version."""
+    with server.client() as client:
+        for sent in (RAW, {"json": {"image": base64.b64encode(PNG).decode()}}):
+            answer = client.post("/v1/classify", params={"versoin": 2}, **sent)  # type: ignore[arg-type]
+            message = _error(answer, 400, "bad_request")
+            assert "'versoin'" in message and "version" in message
 
 
 def test_tf_serving_verbs_other_than_predict_say_what_to_do(server: Server) -> None:
