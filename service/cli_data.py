@@ -123,5 +123,8 @@ def _experiments(args: argparse.Namespace, settings: Settings) -> int:
     from service.training.experiments import report
 
     data = report(args.model_repository, args.work_dir, args.output)
-    sys.stdout.write(f"{len(data['runs'])} runs, best {data['best']}: {args.output}/report.md\n")
+    groups = data["groups"]
+    best = ", ".join(g["best"] for g in groups)
+    sets = f" on {len(groups)} test sets, the best of each" if len(groups) > 1 else ", best"
+    sys.stdout.write(f"{len(data['runs'])} runs{sets}: {best}; {args.output}/report.md\n")
     return 0

@@ -332,15 +332,23 @@ def write_fix(data: Dataset, reviewed: Path, output: Path) -> Path:
         raise DatasetError(f"{reviewed} needs the columns sha256 and corrected_label")
     known = set(data.hashes)
     corrections: dict[str, str] = {}
+    problems: list[str] = []  # every row's, not only the first one's
     for number, row in enumerate(rows, 2):
         label = (row.get("corrected_label") or "").strip()
         if not label:
             continue
+        digest = (row.get("sha256") or "").strip()
         if label not in data.classes:
-            raise DatasetError(f"{reviewed}:{number}: {label!r} is not a class of this dataset")
-        if row["sha256"] not in known:
-            raise DatasetError(f"{reviewed}:{number}: no image of these sources has that sha256")
-        corrections[row["sha256"]] = label
+            problems.append(f"{reviewed}:{number}: {label!r} is not a class of this dataset")
+        elif not digest:
+            problems.append(f"{reviewed}:{number}: the sha256 column is empty")
+        elif digest not in known:
+            problems.append(f"{reviewed}:{number}: no image of these sources has that sha256")
+        else:
+            corrections[digest] = label
+    if problems:
+        classes = ", ".join(data.classes)
+        raise DatasetError("\n".join([*problems, f"(the classes: {classes})"]))
     output.mkdir(parents=True, exist_ok=True)
     path = output / "relabel.json"
     path.write_text(

@@ -155,9 +155,20 @@ class Splits:
 
     def describe(self) -> dict[str, object]:
         thin = self.thin_classes()
+        per_class = {
+            split.name: dict(
+                zip(
+                    split.class_names,
+                    np.bincount(split.labels, minlength=len(split.class_names)).tolist(),
+                    strict=True,
+                )
+            )
+            for split in (self.train, self.validation, self.test)
+        }
         return {
             **self.provenance,
             **({"warnings": thin} if thin else {}),
+            "per_class": per_class,
             "train": len(self.train),
             "validation": len(self.validation),
             "test": len(self.test),
@@ -228,22 +239,35 @@ def load_image_folder(root: Path) -> ImageSet:
         raise DatasetError(f"{root} needs at least two class subfolders, found {len(class_dirs)}")
     paths: list[Path] = []
     labels: list[int] = []
+    skipped: list[Path] = []
     for label, class_dir in enumerate(class_dirs):
         # Hidden names at any depth are not images of the class: macOS's "._x.jpg"
         # AppleDouble files, .ipynb_checkpoints copies (a duplicate of every image).
-        files = sorted(
+        visible = [
             p
             for p in class_dir.rglob("*")
             if p.is_file()
-            and p.suffix.lower() in IMAGE_SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-        )
+        ]
+        files = sorted(p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES)
+        skipped += [p for p in visible if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not files:
             raise DatasetError(
                 f"class folder {class_dir} holds no images ({sorted(IMAGE_SUFFIXES)})"
             )
         paths.extend(files)
         labels.extend([label] * len(files))
+    if skipped:  # a .jfif or .heic would vanish from the data unsaid
+        shown = ", ".join(str(p.relative_to(root)) for p in sorted(skipped)[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning(
+            "%s: skipped %d file(s) without an image extension (%s): %s%s",
+            root,
+            len(skipped),
+            " ".join(sorted(IMAGE_SUFFIXES)),
+            shown,
+            more,
+        )
     return ImageSet(
         name=root.name,
         class_names=[p.name for p in class_dirs],

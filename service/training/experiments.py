@@ -30,6 +30,8 @@ _NOT_HYPER = {
     "data_dir",
     "run_id",
 }
+# What names a compression (its measured figures are outcomes, not recipe).
+_COMPRESSION_KEYS = {"method", "source_version", "target_sparsity", "teacher_version"}
 # The recipe's keys that decide which images the test (and validation) split holds.
 _DATA_KEYS = (
     "dataset",
@@ -98,8 +100,20 @@ def published_runs(repository: Path) -> list[dict[str, Any]]:
             continue
         card = json.loads(card_path.read_text())
         training, evaluation = card.get("training", {}), card.get("evaluation", {})
-        latency = evaluation.get("latency_tensorflow", {}).get("batch_1", {}).get("p50_ms")
+        # A compressed version is measured on the artifact that serves it (LiteRT).
+        timed = evaluation.get("latency_tensorflow") or evaluation.get("latency_litert") or {}
+        latency = timed.get("batch_1", {}).get("p50_ms")
         hyper = _flatten(training)
+        # How a compressed version differs from its source: an int8 or a pruned one had
+        # the source's recipe to the letter and read as the same run.
+        compression = card.get("compression") or {}
+        hyper.update(
+            {
+                f"compression.{k}": v
+                for k, v in compression.items()
+                if k in _COMPRESSION_KEYS and not isinstance(v, dict | list)
+            }
+        )
         test_sha = card.get("dataset", {}).get("test_sha256")
         runs.append(
             {
@@ -177,11 +191,13 @@ def _cell(value: Any, pattern: str = "{:.4f}") -> str:
 def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
     fig = Figure(figsize=(11, 4))
     acc_ax, loss_ax = fig.subplots(1, 2)
-    for run in runs:
+    for number, run in enumerate(runs):
+        # Matplotlib's 10 colours repeat: each further ten runs get another line style.
+        style = ("-", "--", ":", "-.")[number // 10 % 4]
         for key, ax in (("val_accuracy", acc_ax), ("val_loss", loss_ax)):
             values = run["history"].get(key)
             if values:
-                ax.plot(range(1, len(values) + 1), values, label=run["run"])
+                ax.plot(range(1, len(values) + 1), values, style, label=run["run"])
     for ax, name in ((acc_ax, "validation accuracy"), (loss_ax, "validation loss")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
@@ -293,7 +309,13 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
         "",
         "![per-class F1](per_class_f1.png)",
         "",
-        f"Best run's recipe: `{json.dumps(best['hyper'], sort_keys=True, default=str)}`",
+        *(
+            f"Best recipe on test set {n}: "
+            f"`{json.dumps(g[0]['hyper'], sort_keys=True, default=str)}`"
+            if several
+            else f"Best run's recipe: `{json.dumps(g[0]['hyper'], sort_keys=True, default=str)}`"
+            for n, g in enumerate(groups, 1)
+        ),
     ]
     (output / "report.md").write_text("\n".join(lines) + "\n")
     data = {

@@ -85,10 +85,15 @@ class FitJournal(keras.callbacks.Callback):  # type: ignore[misc]
         ):
             self.folder.mkdir(parents=True, exist_ok=True)
             _write_atomically(self.folder / BEST_WEIGHTS, _saver(early.best_weights))
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        if "learning_rate" not in logs and self.model is not None:
+            # Only the plateau schedule's callback logs it; a cosine run's card had none.
+            rate = self.model.optimizer.learning_rate
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(rate))
         self.entries.append(
             {
                 "epoch": epoch,
-                "logs": {k: float(v) for k, v in (logs or {}).items()},
+                "logs": logs,
                 "seconds": self.seconds(),
                 "early_stopping": {
                     "wait": early.wait,

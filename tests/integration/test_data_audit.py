@@ -96,7 +96,7 @@ def test_summary_links_its_pictures_and_progress_was_shown(audited: Audited) -> 
 
 
 def test_fix_turns_reviewed_rows_into_corrections_training_applies(
-    audited: Audited, tmp_path: Path
+    audited: Audited, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     rows = audited.rows("label_issues.csv")
     planted = {str(p) for p in audited.mislabelled}
@@ -130,5 +130,15 @@ def test_fix_turns_reviewed_rows_into_corrections_training_applies(
         assert labels[row["sha256"]] == row["corrected_label"]
     assert all(p.read_bytes() == data for p, data in before.items())  # sources untouched
 
-    reviewed_csv.write_text("sha256,corrected_label\n" + f"{rows[0]['sha256']},no_such_class\n")
+    # Every bad row is named at once (it stopped at the first).
+    reviewed_csv.write_text(
+        "sha256,corrected_label\n"
+        + f"{rows[0]['sha256']},no_such_class\n"
+        + f"{'0' * 64},{rows[0]['suggested_label']}\n"
+        + f",{rows[0]['suggested_label']}\n"
+    )
     assert main(args) == 2
+    err = capsys.readouterr().err
+    assert ":2: 'no_such_class' is not a class" in err
+    assert ":3: no image of these sources has that sha256" in err
+    assert ":4: the sha256 column is empty" in err

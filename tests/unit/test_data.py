@@ -59,7 +59,7 @@ def test_fashion_mnist_splits_are_deterministic_and_disjoint() -> None:
     assert 0.08 < len(a.validation) / 60_000 < 0.12
 
 
-def test_folder_dataset(tmp_path: Path) -> None:
+def test_folder_dataset(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = write_class_folders(tmp_path / "data", classes=3, per_class=6)
     (root / "class_0" / "notes.txt").write_text("not an image")
     # Hidden names at any depth are no images of the class (they crashed training).
@@ -68,9 +68,12 @@ def test_folder_dataset(tmp_path: Path) -> None:
     (root / "class_1" / ".ipynb_checkpoints" / "1.png").write_bytes(
         (root / "class_1" / "1.png").read_bytes()
     )
-    images = load_image_folder(root)
+    with caplog.at_level("WARNING"):
+        images = load_image_folder(root)
     assert images.class_names == ["class_0", "class_1", "class_2"]
     assert len(images) == 18 and np.bincount(images.labels).tolist() == [6, 6, 6]
+    assert "skipped 1 file(s) without an image extension" in caplog.text  # notes.txt, said
+    assert "class_0/notes.txt" in caplog.text
     x = images.model_input(0, __import__("service.preprocessing").preprocessing.PreprocessSpec())
     assert x.shape == (224, 224, 3)
 
@@ -180,6 +183,7 @@ def test_classes_too_thin_to_learn_or_measure_are_warned_about() -> None:
         "class 'rare' has 0 images in the test split (its scores are noise); add images of it",
     ]
     assert splits.describe()["warnings"] == warnings
+    assert splits.describe()["per_class"]["validation"] == {"a": 5, "b": 5, "rare": 1}
 
 
 def test_identical_images_are_kept_once_and_never_under_two_labels(tmp_path: Path) -> None:
