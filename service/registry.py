@@ -35,6 +35,7 @@ from service.errors import (
     ConfigError,
     InvalidRequest,
     ModelNotReady,
+    VersionNotFound,
 )
 from service.loading import PreparedVersion, RuntimeFactory
 from service.repository import MODELS_CONFIG, Fingerprint, ModelConfig, parse_models_config
@@ -264,9 +265,9 @@ class Registry:
         source (TF Serving) cannot be reached says so, rather than "still loading"."""
         try:
             return self._table.resolve(model, version, label, split=split, client_key=client_key)
-        except ModelNotReady as exc:
+        except (ModelNotReady, VersionNotFound) as exc:
             name = model if model is not None else self.default_model
-            if name in self._unreachable:
+            if name in self._unreachable and not self._table.served.get(name):
                 raise BackendUnavailable(UNREACHABLE, detail=exc.message) from None
             raise
 
