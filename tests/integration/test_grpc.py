@@ -373,6 +373,14 @@ def test_hostile_messages_and_tensors_are_invalid_argument(
         raw = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
         code, message = code_of(raw, b"\xff\xff\xff\xff", timeout=10)
         assert code == invalid and "not a valid" in message, (method, message)
+    # Counted as every call is (they left no trace in the metrics or the access log).
+    with server.client() as client:
+        scraped = client.get("/metrics").text
+    route = 'route="/grpc.health.v1.Health/Check"'  # counted only when malformed
+    assert any(
+        route in line and 'code="400"' in line and 'protocol="grpc"' in line
+        for line in scraped.splitlines()
+    ), scraped
     # Shapes far beyond any message, in a few bytes (one value, or none, fills them):
     # refused before anything is allocated.
     for tensor in (
