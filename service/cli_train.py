@@ -294,6 +294,17 @@ def _say_if_unserved(repository: Path, model: str) -> None:
     )
 
 
+def _add_card_data_dir(p: argparse.ArgumentParser) -> None:
+    """evaluate's and compress's way to find a version's data elsewhere than its card says."""
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="override the card's dataset folder (Fashion-MNIST's IDX folder, or the folder "
+        "a one-folder version was trained on)",
+    )
+
+
 def add_evaluate(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
 ) -> None:
@@ -305,13 +316,7 @@ def add_evaluate(
         "never modified; the report goes to stdout (JSON) and, with --output, to a folder.",
     )
     p.add_argument("version_dir", type=Path, help="e.g. model_repository/fashion_mnist/1")
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="override the card's dataset folder (Fashion-MNIST's IDX folder, or the folder "
-        "a one-folder version was trained on)",
-    )
+    _add_card_data_dir(p)
     p.add_argument(
         "--output", type=folder_or_new, default=None, help="write report.json and PNG plots here"
     )
@@ -355,13 +360,7 @@ def add_compress(
     p.add_argument("--model", default="fashion_mnist")
     p.add_argument("--version", type=int, default=None, help="source version (default: newest)")
     p.add_argument("--method", choices=["int8", "prune", "distill"], required=True)
-    p.add_argument(
-        "--data-dir",
-        type=Path,
-        default=None,
-        help="override the card's dataset folder (Fashion-MNIST's IDX folder, or the folder "
-        "a one-folder version was trained on)",
-    )
+    _add_card_data_dir(p)
     p.add_argument(
         "--test-limit",
         type=at_least(0),

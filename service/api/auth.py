@@ -14,7 +14,6 @@ error says only that a key was missing or unknown.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable
@@ -22,11 +21,8 @@ from typing import Any
 
 import grpc
 
+from service.api.grpc_calls import refuse_call
 from service.errors import Unauthenticated
-from service.requestlog import RequestRecord, client_request_id, recorded
-
-# gRPC metadata carrying a request id (as service.api.grpc_servicers reads it).
-REQUEST_ID_KEY = "x-request-id"
 
 BEARER = "bearer "
 API_KEY_HEADER = "x-api-key"
@@ -106,21 +102,17 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 presented_key(metadata.get("authorization"), metadata.get(API_KEY_HEADER))
             )
         except Unauthenticated as exc:
-            return _refusal(handler, exc, str(details.method), metadata)
+            return _refusal(handler, exc, str(details.method))
         return handler
 
 
-def _refusal(handler: Any, error: Unauthenticated, route: str, metadata: dict[str, Any]) -> Any:
+def _refusal(handler: Any, error: Unauthenticated, route: str) -> Any:
     """A handler of the same streaming shape as ``handler`` that aborts with ``error``,
     counted, logged and tagged as every call is (REST's 401s are): refused over gRPC,
     key guessing left no trace."""
-    rid = client_request_id(str(metadata.get(REQUEST_ID_KEY, "")).encode("utf-8"))
 
     async def abort(request: Any, context: Any) -> Any:
-        record = RequestRecord(rid, "grpc", "POST", route)
-        with contextlib.suppress(Unauthenticated), recorded(record):
-            raise error
-        await context.abort(error.grpc_code, error.public_message(), ((REQUEST_ID_KEY, rid),))
+        await refuse_call(context, error, route)
 
     async def abort_stream(request: Any, context: Any) -> Any:
         await abort(request, context)

@@ -9,7 +9,6 @@ which the method answers with InvalidRequest's status before running.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,9 +16,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.api.auth import REQUEST_ID_KEY
+from service.api.grpc_calls import refuse_call
 from service.errors import InvalidRequest
-from service.requestlog import RequestRecord, client_request_id, recorded
 
 
 class _Malformed:
@@ -30,15 +28,13 @@ class _Malformed:
 
 
 async def _refuse(request: _Malformed, context: Any, route: str) -> None:
-    """INVALID_ARGUMENT, counted, logged and tagged as every call is (it left no trace)."""
-    error = InvalidRequest(
-        f"the request is not a valid {request.message_type} message (malformed protobuf)"
+    await refuse_call(
+        context,
+        InvalidRequest(
+            f"the request is not a valid {request.message_type} message (malformed protobuf)"
+        ),
+        route,
     )
-    sent = dict(context.invocation_metadata() or ())
-    rid = client_request_id(str(sent.get(REQUEST_ID_KEY, "")).encode("utf-8"))
-    with contextlib.suppress(InvalidRequest), recorded(RequestRecord(rid, "grpc", "POST", route)):
-        raise error
-    await context.abort(error.grpc_code, error.public_message(), ((REQUEST_ID_KEY, rid),))
 
 
 def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from service.api.auth import REQUEST_ID_KEY
+from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
@@ -33,7 +33,7 @@ from service.proto_gen.tensorflow_serving.apis import (
     model_management_pb2,
     predict_pb2,
 )
-from service.requestlog import RequestRecord, client_request_id, recorded
+from service.requestlog import RequestRecord, recorded
 from service.tfserving_proto import (
     config_text,
     model_spec,
@@ -64,8 +64,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
 
     @functools.wraps(method)
     async def handler(self: S, request: Any, context: Any) -> Any:
-        sent = dict(context.invocation_metadata() or ())
-        rid = client_request_id(str(sent.get(REQUEST_ID_KEY, "")).encode("utf-8"))
+        rid = call_request_id(dict(context.invocation_metadata() or ()))
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
         trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
         concurrency = self._plane.concurrency

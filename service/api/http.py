@@ -112,8 +112,8 @@ def answer_error(exc: Exception, rid: str | None, path: str = "") -> JSONRespons
 def allowed_methods(routes: Sequence[BaseRoute], path: str) -> str | None:
     """The methods ``path`` takes: those of the most specific routes matching it (the
     most literal characters: ``{model}:predict`` over ``{model}``, which matches
-    ``m:predict`` too), HEAD with GET. The router named only its first match's: "GET"
-    for OPTIONS on ``m:predict``."""
+    ``m:predict`` too); the 405 handler adds HEAD beside GET. The router named only its
+    first match's: "GET" for OPTIONS on ``m:predict``."""
     matching = [
         route
         for route in routes
@@ -124,8 +124,6 @@ def allowed_methods(routes: Sequence[BaseRoute], path: str) -> str | None:
     literal = {id(route): len(re.sub(r"{[^}]*}", "", route.path)) for route in matching}
     best = max(literal.values())
     methods = {m for route in matching if literal[id(route)] == best for m in route.methods or ()}
-    if "GET" in methods:
-        methods.add("HEAD")  # answered as GET (RequestGuard)
     return ", ".join(sorted(methods))
 
 
@@ -513,7 +511,7 @@ def decode_base64(value: str) -> bytes:
     """Standard base64 read as TF Serving reads it (Abseil's Base64Unescape): whitespace
     skipped (MIME encoders break lines every 76 characters), '=' padding optional.
     Raises ValueError (binascii.Error) for anything else; :func:`base64_hint` says why."""
-    text = _SPACE.sub("", value) if _SPACE.search(value) else value
+    text = _SPACE.sub("", value)
     return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
 
 

@@ -60,10 +60,6 @@ def _status_body(statuses: list[VersionStatus]) -> ModelStatusResponse:
     )
 
 
-def _version(raw: str) -> int:
-    return path_version(raw)
-
-
 STATUS = {"response_model": ModelStatusResponse}
 METADATA = {"response_model": ModelMetadataResponse}
 PREDICT = {"response_model": PredictResponse, "response_model_exclude_none": True}
@@ -119,7 +115,7 @@ async def model_status(request: Request, model: str) -> ModelStatusResponse:
 
 @router.get("/v1/models/{model}/versions/{version}", **STATUS)  # type: ignore[arg-type]
 async def version_status(request: Request, model: str, version: str) -> ModelStatusResponse:
-    return _status_body(dataplane(request).model_status(model, _version(version)))
+    return _status_body(dataplane(request).model_status(model, path_version(version)))
 
 
 @router.get("/v1/models/{model}/labels/{label}", **STATUS)  # type: ignore[arg-type]
@@ -154,7 +150,7 @@ async def model_metadata(request: Request, model: str) -> ModelMetadataResponse:
 
 @router.get("/v1/models/{model}/versions/{version}/metadata", **METADATA)  # type: ignore[arg-type]
 async def version_metadata(request: Request, model: str, version: str) -> ModelMetadataResponse:
-    return _metadata(request, model, _version(version), None)
+    return _metadata(request, model, path_version(version), None)
 
 
 @router.get("/v1/models/{model}/labels/{label}/metadata", **METADATA)  # type: ignore[arg-type]
@@ -260,7 +256,7 @@ async def predict(request: Request, model: str) -> Response:
 
 @router.post("/v1/models/{model}/versions/{version}:predict", **PREDICT)  # type: ignore[arg-type]
 async def version_predict(request: Request, model: str, version: str) -> Response:
-    return await _predict(request, model, _version(version), None)
+    return await _predict(request, model, path_version(version), None)
 
 
 @router.post("/v1/models/{model}/labels/{label}:predict", **PREDICT)  # type: ignore[arg-type]
@@ -279,6 +275,6 @@ async def other_verb(request: Request, verb: str) -> Response:
     raise dataplane(request).refuse_tf_example_api(
         verb.capitalize(),
         params["model"],
-        None if version is None else _version(version),
+        None if version is None else path_version(version),
         params.get("label"),
     )

@@ -139,11 +139,10 @@ class LiteRTRuntime(Runtime):
             self._content = None
             raise ModelLoadError(f"{self.version_dir}: {artifact}: {exc}") from None
         info.extra["artifact"] = str(artifact)
-        # The shipped artifact carries the card's precision; a cache conversion is float.
-        shipped = verified_litert(self.version_dir, self.card)
-        info.extra["precision"] = (
-            artifact_precision(self.card) if shipped == artifact else FLOAT_PRECISION
-        )
+        # The shipped artifact (in the version's folder) carries the card's precision; a
+        # cache conversion is float.
+        shipped = artifact.is_relative_to(self.version_dir)
+        info.extra["precision"] = artifact_precision(self.card) if shipped else FLOAT_PRECISION
         self.artifact = artifact
         self._local = threading.local()
         # The loading thread's own: warm-up predicts on it next (then leave_thread).

@@ -134,28 +134,9 @@ class Splits:
     dropped_copies: int = 0  # identical images under one label beyond the first
     dropped_conflicting_labels: int = 0  # identical images under different labels
 
-    def thin_classes(self) -> list[str]:
-        """Warnings for classes too small in a split to learn or to measure: none to
-        train on, or under MIN_HELD_OUT images to validate or test on (one image makes a
-        class's recall 0 or 100%)."""
-        found = []
-        for split in (self.train, self.validation, self.test):
-            counts = np.bincount(split.labels, minlength=len(split.class_names))
-            learnt = split is self.train
-            least, why = (
-                (1, "it cannot be learnt") if learnt else (MIN_HELD_OUT, "its scores are noise")
-            )
-            for name, count in zip(split.class_names, counts.tolist(), strict=True):
-                if count < least:
-                    found.append(
-                        f"class {name!r} has {count} image{'' if count == 1 else 's'} in the "
-                        f"{split.name} split ({why}); add images of it"
-                    )
-        return found
-
-    def describe(self) -> dict[str, object]:
-        thin = self.thin_classes()
-        per_class = {
+    def per_class(self) -> dict[str, dict[str, int]]:
+        """Images per class, per split (split name → class → count)."""
+        return {
             split.name: dict(
                 zip(
                     split.class_names,
@@ -165,10 +146,31 @@ class Splits:
             )
             for split in (self.train, self.validation, self.test)
         }
+
+    def thin_classes(self) -> list[str]:
+        """Warnings for classes too small in a split to learn or to measure: none to
+        train on, or under MIN_HELD_OUT images to validate or test on (one image makes a
+        class's recall 0 or 100%)."""
+        found = []
+        for split_name, counts in self.per_class().items():
+            learnt = split_name == self.train.name
+            least, why = (
+                (1, "it cannot be learnt") if learnt else (MIN_HELD_OUT, "its scores are noise")
+            )
+            for name, count in counts.items():
+                if count < least:
+                    found.append(
+                        f"class {name!r} has {count} image{'' if count == 1 else 's'} in the "
+                        f"{split_name} split ({why}); add images of it"
+                    )
+        return found
+
+    def describe(self) -> dict[str, object]:
+        thin = self.thin_classes()
         return {
             **self.provenance,
             **({"warnings": thin} if thin else {}),
-            "per_class": per_class,
+            "per_class": self.per_class(),
             "train": len(self.train),
             "validation": len(self.validation),
             "test": len(self.test),

@@ -115,11 +115,12 @@ def published_runs(repository: Path) -> list[dict[str, Any]]:
             }
         )
         test_sha = card.get("dataset", {}).get("test_sha256")
+        data = _data_recipe(training)
         runs.append(
             {
                 "run": f"{version_dir.parent.name}/{version_dir.name}",
-                "test_set": test_sha or f"recipe:{_data_recipe(training)}",
-                "data_recipe": _data_recipe(training),
+                "test_set": test_sha or f"recipe:{data}",
+                "data_recipe": data,
                 "published": True,
                 "architecture": card.get("architecture", {}).get("name", "?"),
                 "parameters": card.get("architecture", {}).get("parameters"),
@@ -152,11 +153,12 @@ def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
             continue
         history = json.loads(history_path.read_text()).get("history", {})
         val = history.get("val_accuracy") or [None]
+        data = _data_recipe(config)
         runs.append(
             {
                 "run": f"work/{config_path.parent.name}",
-                "test_set": f"recipe:{_data_recipe(config)}",
-                "data_recipe": _data_recipe(config),
+                "test_set": f"recipe:{data}",
+                "data_recipe": data,
                 "published": False,
                 "architecture": hyper.get("arch.name", "?"),
                 "parameters": None,
