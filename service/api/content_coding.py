@@ -22,15 +22,19 @@ _PLAIN = (b"", b"identity")
 _GZIP_WBITS = 16 + zlib.MAX_WBITS  # a gzip header and trailer around the deflate stream
 
 
+def has_body(headers: dict[bytes, bytes]) -> bool:
+    """Whether a request announces a body (chunked, or a length above 0)."""
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"") not in (
+        b"",
+        b"0",
+    )
+
+
 def coding_refusal(headers: dict[bytes, bytes]) -> CnnserveError | None:
     """Why a request's codings cannot be read (None when they can). A request without a
     body has nothing to decode: a stray Content-Encoding on a probe is not a 415."""
     coding = headers.get(b"content-encoding")
-    bodiless = b"transfer-encoding" not in headers and headers.get(b"content-length") in (
-        None,
-        b"0",
-    )
-    if coding is not None and not bodiless and coding.strip().lower() not in GZIP + _PLAIN:
+    if coding is not None and has_body(headers) and coding.strip().lower() not in GZIP + _PLAIN:
         shown = coding.decode("latin-1")[:64]
         return UnsupportedMediaType(
             f"Content-Encoding {shown!r} is not supported; send the body uncompressed or "

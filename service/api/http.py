@@ -24,7 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
 from service.api.auth import API_KEY_HEADER, ApiKeys, presented_key
-from service.api.content_coding import GunzipReceive, coding_refusal, is_gzip, without_coding
+from service.api.content_coding import (
+    GunzipReceive,
+    coding_refusal,
+    has_body,
+    is_gzip,
+    without_coding,
+)
 from service.concurrency import ConcurrencyLimit, ConnectionRefusals
 from service.dataplane import DataPlane
 from service.errors import (
@@ -284,10 +290,7 @@ class RequestGuard:
                 path = scope["path"]
                 limited = is_limited(path, self.quiet_paths)
                 refusal = self.admission.refusal(path, headers)
-                with_body = not self.admission.admit_at_headers and (
-                    b"transfer-encoding" in headers
-                    or headers.get(b"content-length", b"0") not in (b"", b"0")
-                )
+                with_body = not self.admission.admit_at_headers and has_body(headers)
                 if refusal is None and limited and not with_body:
                     try:
                         take_place()
