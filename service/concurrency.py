@@ -140,6 +140,14 @@ class ConcurrencyLimit:
             metrics.observe_borrowed_place()
         return now
 
+    def admit(self, connection: ConnectionRefusals | None) -> float | None:
+        """:meth:`try_acquire` for a request on ``connection`` (if known), whose earlier
+        refusal is forgotten once it is admitted (it is no longer retrying at once)."""
+        taken = self.try_acquire()
+        if taken is not None and connection is not None:
+            connection.passed()
+        return taken
+
     def admits(self) -> bool:
         """Whether a request arriving now gets a place: under this worker's limit, or,
         at it, a place the replica's other workers leave unused (service.siblings), up

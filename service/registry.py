@@ -241,7 +241,6 @@ class Registry:
             return False
         table = self._table
         if table.all_available():
-            self._ready_once = True
             return True
         served = {m for m in table.configs if table.served.get(m)}
         return (
@@ -302,6 +301,8 @@ class Registry:
         # Models that served since they were configured (readiness keeps to them).
         self._has_served &= configured
         self._has_served |= {m for m in configured if self._table.served.get(m)}
+        if not self._unreachable and self._table.all_available():
+            self._ready_once = True
         return self._take_out(self._to_unload(scan))
 
     def _say_which_have_nothing_to_serve(self, scan: Scan) -> None:

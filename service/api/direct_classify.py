@@ -121,10 +121,9 @@ class DirectClassify:
         concurrency = self.admission.concurrency
         taken = None
         if self.admission.admit_at_headers:
-            taken = concurrency.try_acquire()
+            taken = concurrency.admit(connection)
             if taken is None:
                 return None  # RequestGuard refuses it, paced as every refusal is
-            connection.passed()
         elif not concurrency.admits():
             return None
         rid = client_request_id(header_value(headers, _REQUEST_ID) or b"")
@@ -151,11 +150,10 @@ class DirectClassify:
         concurrency = self.admission.concurrency
         with recording(request.record):
             if request.taken is None:  # its place once its body is in (Settings.admit_at)
-                request.taken = concurrency.try_acquire()
+                request.taken = concurrency.admit(request.connection)
                 if request.taken is None:  # the places went while its body came
                     await concurrency.pace_refusal(request.retrying, request.connection)
                     return _with_id(error_response(concurrency.refusal(), CLASSIFY_PATH), rid)
-                request.connection.passed()  # admitted: its earlier refusal is forgotten
             try:
                 deadline = plane.deadline(parse_timeout(request.header(_TIMEOUT)))
                 result = await plane.classify(

@@ -74,10 +74,9 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
             with recorded(RequestRecord(rid, "grpc", "POST", route)):
                 if not self._plane.accepting_calls:
                     raise ShuttingDown("the server is shutting down; retry on another replica")
-                taken = concurrency.try_acquire()
+                taken = concurrency.admit(connection)
                 if taken is None:
                     raise concurrency.refusal()
-                connection.passed()
                 try:
                     answer = await method(self, request, context)
                 finally:

@@ -279,11 +279,9 @@ class RequestGuard:
             body, once the body is in (a client slow to send it held a place, and its
             wait counted as answer time: 40 stalled uploads shut a worker out)."""
             nonlocal taken
-            taken = concurrency.try_acquire()
+            taken = concurrency.admit(connection)
             if taken is None:
                 raise concurrency.refusal()
-            if connection is not None:
-                connection.passed()  # admitted: its earlier refusal is forgotten
 
         try:
             with recording(record):
@@ -484,12 +482,16 @@ def dataplane(request: Request) -> DataPlane:
     return plane
 
 
-async def read_json(request: Request) -> Any:
+async def read_json(
+    request: Request, object_hook: Callable[[dict[str, Any]], Any] | None = None
+) -> Any:
+    """The body as JSON; ``object_hook`` as json.loads takes it (it runs as the objects
+    are parsed: no second walk over a large body)."""
     body = await request.body()
     try:
         if len(body) > LARGE_JSON_BYTES:
-            return await asyncio.to_thread(json.loads, body)
-        return json.loads(body)
+            return await asyncio.to_thread(json.loads, body, object_hook=object_hook)
+        return json.loads(body, object_hook=object_hook)
     except (ValueError, UnicodeDecodeError) as exc:
         if "int_max_str_digits" in str(exc):  # Python's words name an interpreter setting
             raise InvalidRequest(

@@ -199,6 +199,18 @@ def test_a_connection_is_retrying_at_once_only_right_after_a_refusal() -> None:
     assert not connection.retrying(1.0)
 
 
+def test_an_admitted_request_clears_its_connections_refusal() -> None:
+    limit = ConcurrencyLimit(1)
+    connection = limit.connection()
+    connection.refused(10.0)
+    taken = limit.admit(connection)
+    assert taken is not None and not connection.retrying(10.0)
+    connection.refused(11.0)
+    assert limit.admit(connection) is None and connection.retrying(11.0)  # still refused
+    limit.release(taken)
+    assert limit.admit(None) is not None  # a caller without a connection record
+
+
 def test_grpc_peers_are_remembered_by_name_and_forgotten_in_bulk() -> None:
     limit = ConcurrencyLimit(1)
     first = limit.peer("ipv4:127.0.0.1:5000")

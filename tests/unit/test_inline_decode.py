@@ -4,6 +4,7 @@ decode threads; the pixels are the same either way."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
@@ -81,3 +82,21 @@ def test_lists_and_a_zero_threshold_use_the_decode_threads() -> None:
     batch, submitted = decode([a], inline_decode_max_pixels=0)
     assert submitted == 1
     np.testing.assert_array_equal(batch, expected([a]))
+
+
+def test_json_pixel_lists_become_arrays_off_the_event_loop() -> None:
+    """A 10 MB predict body of pixel lists takes ~0.2 s to convert: not on the loop,
+    where every other request of the worker would wait for it; arrays (gRPC's) stay."""
+    from service.dataplane import _off_loop_if_lists
+
+    def where(value: Any) -> int:
+        return threading.get_ident()
+
+    async def scenario() -> tuple[int, int, int]:
+        loop_thread = threading.get_ident()
+        as_list = await _off_loop_if_lists(where, [[1, 2]])
+        as_array = await _off_loop_if_lists(where, np.zeros((1, 2)))
+        return loop_thread, as_list, as_array
+
+    loop_thread, as_list, as_array = asyncio.run(scenario())
+    assert as_list != loop_thread and as_array == loop_thread
