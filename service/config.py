@@ -257,11 +257,24 @@ class Settings(BaseSettings):
         """The API keys in effect (empty: authentication off); read once at start-up."""
         raw = self.api_keys
         if self.api_keys_file is not None:
-            try:
-                raw += "," + self.api_keys_file.read_text(encoding="utf-8")
+            try:  # -sig: an editor's byte-order mark is not part of the first key
+                raw += "," + self.api_keys_file.read_text(encoding="utf-8-sig")
             except OSError as exc:
                 raise ValueError(f"api_keys_file {self.api_keys_file}: {exc.strerror}") from None
-        return frozenset(k.strip() for k in raw.replace("\n", ",").split(",") if k.strip())
+        keys = frozenset(k.strip() for k in raw.replace("\n", ",").split(",") if k.strip())
+        if not keys and (self.api_keys or self.api_keys_file is not None):
+            # A secret mounted empty, or "," in the variable: serving without keys would
+            # open what the operator meant to close.
+            source = (
+                f"api_keys_file {self.api_keys_file}"
+                if self.api_keys_file is not None
+                else "api_keys"
+            )
+            raise ValueError(
+                f"{source} is set but holds no key; authentication would be off. Give at "
+                "least one key, or unset it to serve without keys"
+            )
+        return keys
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

@@ -82,12 +82,28 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
+class _EncryptedKey(Exception):
+    """The TLS key asked for a passphrase."""
+
+
+def _no_passphrase() -> str:
+    raise _EncryptedKey
+
+
 def _tls_problem(settings: Settings) -> str | None:
     if not settings.tls_certfile or not settings.tls_keyfile:
         return None
     try:
+        # A passphrase callback that refuses: without one OpenSSL prompts on the terminal
+        # (start-up hung there), and gRPC cannot take an encrypted key anyway.
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            settings.tls_certfile, settings.tls_keyfile
+            settings.tls_certfile, settings.tls_keyfile, password=_no_passphrase
+        )
+    except _EncryptedKey:
+        return (
+            f"TLS key {settings.tls_keyfile} is encrypted (it asks for a passphrase); give "
+            "CNNSERVE_TLS_KEYFILE an unencrypted key, e.g. from `openssl pkey -in "
+            f"{settings.tls_keyfile} -out key.pem`, kept in a secret"
         )
     except (OSError, ssl.SSLError) as exc:
         return (

@@ -96,7 +96,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         readiness = WorkerReadiness.from_environment(settings.workers)
         app.state.dataplane = DataPlane(settings, registry, pool, readiness, concurrency)
         grpc_server = await start_grpc(settings, app.state.dataplane, keys)  # None if disabled
-        restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds)
+        stopping_calls: list[asyncio.Task[None]] = []
+
+        def stop_calls() -> None:
+            """gRPC stops accepting and drains beside REST, within the same grace."""
+            if not stopping_calls:
+                stopping_calls.append(
+                    asyncio.create_task(
+                        stop_grpc(grpc_server, settings.shutdown_grace_seconds, app.state.dataplane)
+                    )
+                )
+
+        restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds, stop_calls)
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(registry.start(), name="registry-start")
         loading.add_done_callback(_after_loading)
@@ -121,7 +132,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             watching.cancel()
             concurrency.leave()
             readiness.publish(False)
-            await stop_grpc(grpc_server, settings.shutdown_grace_seconds, app.state.dataplane)
+            stop_calls()  # begun on SIGTERM, else now
+            await stopping_calls[0]
             if not loading.done():
                 loading.cancel()
             await registry.stop()
@@ -193,18 +205,23 @@ def ready_line(registry: Registry, settings: Settings) -> str:
     )
 
 
-def _drain_on_sigterm(readiness: WorkerReadiness, delay: float) -> Callable[[], None]:
+def _drain_on_sigterm(
+    readiness: WorkerReadiness, delay: float, stop_calls: Callable[[], None]
+) -> Callable[[], None]:
     """Chain a SIGTERM handler in front of uvicorn's: readiness (REST and gRPC health)
     turns 503 at once, and ``delay`` seconds later uvicorn's graceful shutdown starts
-    (stop accepting, finish in-flight work within the grace period, exit). Returns the
-    function that puts the previous handler back. A no-op off the main thread (the
-    in-process app of tests), where signal handlers cannot be set."""
+    (stop accepting, finish in-flight work within the grace period, exit) and, beside
+    it, ``stop_calls`` (gRPC's: it waited for REST's drain before, and took new calls
+    meanwhile, so a shutdown took two grace periods). Returns the function that puts
+    the previous handler back. A no-op off the main thread (the in-process app of
+    tests), where signal handlers cannot be set."""
     previous = signal.getsignal(signal.SIGTERM)
     loop = asyncio.get_running_loop()
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         readiness.drain()
         log.info("SIGTERM: readiness is 503 now; shutting down in %g s", delay)
+        loop.call_soon_threadsafe(loop.call_later, delay, stop_calls)
         if callable(previous):
             if delay:
                 loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, frame)

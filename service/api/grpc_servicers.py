@@ -92,7 +92,9 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
             error = InternalError("unexpected")
         if error.retry_after is not None:
             trailers += (("retry-after", str(error.retry_after)),)
-        if error.http_status == 503:  # come back later: paced (service.concurrency)
+        # Come back later: paced (service.concurrency); but a stopping server answers at
+        # once, before its listener goes (a paced answer was cancelled by the stop).
+        if error.http_status == 503 and not isinstance(error, ShuttingDown):
             await concurrency.pace_refusal(retrying, connection)
         await context.abort(grpc_status(error), error.public_message(), trailers)
 

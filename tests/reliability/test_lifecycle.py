@@ -328,3 +328,39 @@ def test_sigterm_with_workers_refuses_new_connections_and_no_watch_holds_it(
         watcher.join(timeout=10)
         assert watch_done.is_set()
         assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_sigterm_stops_grpc_beside_rest_not_after_it(tiny_repo: Path) -> None:
+    """gRPC waited for REST's drain before it stopped: while one upload was still in
+    flight, new gRPC calls were taken and run, and the exit took two grace periods."""
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_SHUTDOWN_DELAY_SECONDS": "0.5",
+        "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "30",
+    }
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        head = (
+            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(PNG)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as upload:
+            upload.sendall(head + PNG[:10])  # in flight: its body is still coming
+            with server.client() as probe:
+                wait_for(lambda: probe.post("/v1/classify", **RAW).status_code == 200)  # type: ignore[arg-type]
+            server.process.send_signal(signal.SIGTERM)
+
+            def grpc_refused() -> bool:
+                with server.channel() as channel:
+                    stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+                    try:
+                        stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                        return True
+                    return False
+
+            wait_for(grpc_refused, timeout=10)  # the REST upload is still in flight
+            upload.sendall(PNG[10:])
+            answer = upload.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        assert server.process.wait(timeout=20) == 0  # within one grace (30 s), not two

@@ -23,6 +23,26 @@ def test_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:
         Settings(api_keys_file=tmp_path / "missing").keys()
 
 
+def test_a_key_setting_that_holds_no_key_stops_start_up(tmp_path: Path) -> None:
+    """An unpopulated secret or a stray comma must not serve without keys, silently."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n \n")
+    for settings in (
+        Settings(api_keys=","),
+        Settings(api_keys=" "),
+        Settings(api_keys_file=empty),
+    ):
+        with pytest.raises(ValueError, match="holds no key; authentication would be off"):
+            settings.keys()
+    assert Settings(api_keys="a", api_keys_file=empty).keys() == {"a"}
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_key(tmp_path: Path) -> None:
+    secret = tmp_path / "keys"
+    secret.write_bytes(b"\xef\xbb\xbfalpha\r\nbeta\r\n")  # as Windows editors save it
+    assert Settings(api_keys_file=secret).keys() == {"alpha", "beta"}
+
+
 def test_tls_needs_both_files(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match="tls_certfile and tls_keyfile"):
         Settings(tls_certfile=tmp_path / "cert.pem")

@@ -77,3 +77,23 @@ def test_the_heap_is_frozen_after_a_good_start_only() -> None:
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_an_encrypted_tls_key_is_named_not_prompted_for(tmp_path: Path) -> None:
+    """OpenSSL asked for the passphrase on the terminal, and start-up hung there."""
+    from service.config import Settings
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-days", "1", "-subj", "/CN=x",
+         "-keyout", str(key), "-out", str(cert), "-passout", "pass:secret"],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    problem = server._tls_problem(Settings(tls_certfile=cert, tls_keyfile=key))
+    assert problem is not None and "is encrypted" in problem and "openssl pkey" in problem
+    plain = tmp_path / "plain.pem"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-passin", "pass:secret", "-out", str(plain)],
+        check=True, capture_output=True,
+    )
+    assert server._tls_problem(Settings(tls_certfile=cert, tls_keyfile=plain)) is None
