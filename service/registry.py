@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ class Registry:
         self._versionless: set[str] = set()  # models logged as having nothing to serve
         # Per model, the (served, wanted) versions last logged as kept: logged once.
         self._kept: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._gone_logged: set[VersionKey] = set()  # kept without a folder, logged once
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
         self._failed: dict[VersionKey, Fingerprint] = {}
@@ -376,7 +378,9 @@ class Registry:
                 continue
             if model in scan.unknown:  # unreachable source: keep serving what we serve
                 continue
-            wanted = scan.wanted(configs[model])
+            wanted = scan.wanted(configs[model]) | self._named_but_gone(
+                configs[model], served.keys(), scan
+            )
             # Availability first: unwanted versions go only once a wanted one serves.
             if wanted & served.keys():
                 keys += [(model, v) for v in served if v not in wanted]
@@ -391,6 +395,27 @@ class Registry:
                     )
         self._kept = kept
         return keys
+
+    def _named_but_gone(self, config: ModelConfig, served: Iterable[int], scan: Scan) -> set[int]:
+        """Served versions that a specific policy names but whose folder went: kept (the
+        policy still asks for them, and labels may route to them; unloaded, their
+        requests got 404 until the folder came back). Under latest or all, deleting a
+        folder is how TF Serving rolls back or retires a version, and it still does."""
+        if config.policy != "specific":
+            return set()
+        on_disk = scan.versions.get(config.name, {})
+        gone = {v for v in served if v in config.versions and v not in on_disk}
+        for version in gone - {v for m, v in self._gone_logged if m == config.name}:
+            log.warning(
+                "model %s: the folder of version %d is gone; it stays loaded while "
+                "models.config names it (take it out of the policy to unload it)",
+                config.name,
+                version,
+            )
+        self._gone_logged = {k for k in self._gone_logged if k[0] != config.name} | {
+            (config.name, v) for v in gone
+        }
+        return gone
 
     async def _load(self, key: VersionKey, scan: Scan) -> None:
         model, version = key

@@ -407,6 +407,42 @@ def test_a_deleted_serving_folder_keeps_serving_with_its_metadata_and_is_logged_
     run_with(registry, scenario)
 
 
+def test_a_version_a_specific_policy_names_stays_when_its_folder_goes(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """specific {1, 2} with stable=1: deleting 1's folder unloaded it at once although
+    2 served, and every request for the stable label got 404 until it came back."""
+    repo = tmp_path / "repo"
+    for v in (1, 2):
+        add_version(repo, "m", v, template)
+    write_models_config(
+        repo,
+        simple_config(
+            "m", policy="specific { versions: 1 versions: 2 }", labels={"stable": 1, "canary": 2}
+        ),
+    )
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        shutil.rmtree(repo / "m" / "1")
+        with caplog.at_level(logging.WARNING, logger="service.registry"):
+            for _ in range(3):
+                await registry.poll_once()
+        gone = [r for r in caplog.records if "the folder of version 1 is gone" in r.getMessage()]
+        assert len(gone) == 1, caplog.text
+        assert registry.resolve("m", label="stable").version == 1
+        assert states(registry, "m") == {1: VersionState.AVAILABLE, 2: VersionState.AVAILABLE}
+        # Taken out of the policy, it goes (the label moved with it).
+        write_models_config(
+            repo, simple_config("m", policy="specific { versions: 2 }", labels={"stable": 2})
+        )
+        await registry.poll_once()
+        assert states(registry, "m") == {1: VersionState.END, 2: VersionState.AVAILABLE}
+
+    run_with(registry, scenario)
+
+
 def test_a_reload_config_that_drops_a_version_does_not_wait_for_itself(
     template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
