@@ -196,6 +196,13 @@ BACKEND_UP = Gauge(
     [],
     multiprocess_mode="livemin",
 )
+MODELS_CONFIG_OK = Gauge(
+    "cnnserve_models_config_ok",
+    "1 while the last poll could read models.config, 0 while a change to it is refused "
+    "(the models of the last good one keep serving; the log says why).",
+    [],
+    multiprocess_mode="livemin",
+)
 VERSION_LABELS = Gauge(
     "cnnserve_version_label",
     "1 for the version each version label (stable, canary) of a model points at, so "
@@ -407,6 +414,10 @@ def observe_labels(model: str, previous: Mapping[str, int], current: Mapping[str
 
 def observe_backend(up: bool) -> None:
     BACKEND_UP.set(1 if up else 0)
+
+
+def observe_models_config(ok: bool) -> None:
+    MODELS_CONFIG_OK.set(1 if ok else 0)
 
 
 def observe_model_event(model: str, event: str) -> None:

@@ -90,6 +90,7 @@ class Registry:
         # Per model, the (served, wanted) versions last logged as kept: logged once.
         self._kept: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._gone_logged: set[VersionKey] = set()  # kept without a folder, logged once
+        self._config_error = ""  # the models.config problem last logged
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
         self._failed: dict[VersionKey, Fingerprint] = {}
@@ -115,6 +116,7 @@ class Registry:
         for TF Serving; later polls log it and keep serving.
         """
         scan = await asyncio.to_thread(self._source.scan)
+        metrics.observe_models_config(True)
         async with self._lock:
             await self._retire(await self._reconcile(scan), wait_for_requests=True)
         self._started = True
@@ -154,8 +156,15 @@ class Registry:
         try:
             scan = await asyncio.to_thread(self._source.scan)
         except (ConfigError, OSError) as exc:
-            log.error("ignoring models.config change, current models keep serving: %s", exc)
+            metrics.observe_models_config(False)
+            if str(exc) != self._config_error:  # once per change, not every poll
+                self._config_error = str(exc)
+                log.error("ignoring models.config change, current models keep serving: %s", exc)
             return
+        metrics.observe_models_config(True)
+        if self._config_error:
+            self._config_error = ""
+            log.info("models.config reads again")
         async with self._lock:
             if self._stopped:
                 return
