@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from service.errors import ModelLoadError
 from service.preprocessing import PreprocessSpec
-from service.repository import read_card, read_labels, read_warmup
+from service.repository import load_card, read_labels, read_warmup
 from service.runtimes.base import ModelInfo, Runtime
 from service.warmup import WarmupFormatError
 
@@ -61,8 +61,9 @@ def prepare_version(
     """Create, load and warm the runtime of one version folder. Blocking (seconds)."""
     started = time.perf_counter()
     # Creating the runtime may convert and verify a LiteRT artifact: part of the load.
-    # The card is read here once; the runtime and the steps below share it.
-    card = read_card(path)
+    # The card is read here once; the runtime and the steps below share it. A corrupt one
+    # fails the load (load_card), as one with unusable preprocessing does.
+    card = load_card(path)
     runtime = runtime_factory(runtime_name, path, cache_dir=cache_dir, threads=threads, card=card)
     return prepare_runtime(runtime, path, started=started)
 
@@ -142,7 +143,9 @@ def warmup_batches(path: Path, info: ModelInfo) -> list[npt.NDArray[Any]]:
 
 
 def warm_up(runtime: Runtime, info: ModelInfo, path: Path) -> None:
-    """Replay the warmup batches; a wrong answer shape fails the load as in TF Serving."""
+    """Replay the warmup batches; a wrong answer shape fails the load as in TF Serving,
+    and so does a non-finite score: a damaged artifact or weights answer NaN for every
+    request, which no client can tell from a model's answer."""
     for batch in warmup_batches(path, info):
         try:
             out = runtime.predict(batch)
@@ -152,4 +155,9 @@ def warm_up(runtime: Runtime, info: ModelInfo, path: Path) -> None:
             raise ModelLoadError(
                 f"{path}: warm-up returned shape {list(out.shape)} for {len(batch)} images; "
                 f"expected [{len(batch)}, {info.num_classes}]"
+            )
+        if not np.isfinite(out).all():
+            raise ModelLoadError(
+                f"{path}: warm-up returned non-finite scores (NaN or infinity) with the "
+                f"{runtime.name} runtime; the model's weights or artifact are damaged"
             )

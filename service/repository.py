@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -113,7 +114,7 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
 VersionPolicy = Literal["latest", "specific", "all"]
 # Stats that change when a version folder is rewritten; a failed load is retried only
 # when they differ (TF Serving never retries; a fixed folder should not need a restart).
-Fingerprint = tuple[int, ...]
+Fingerprint = tuple[int | str, ...]
 
 
 @dataclass(frozen=True)
@@ -173,21 +174,51 @@ def read_repository(repository: Path) -> list[ModelConfig]:
 
 
 def version_fingerprint(version_dir: Path) -> Fingerprint:
-    """mtimes and sizes of the folder and what a rewrite touches; 0 for what is missing."""
-    stats: list[int] = []
-    for path in (
-        version_dir,
-        version_dir / "saved_model.pb",
-        version_dir / "variables",
-        version_dir / ASSETS_EXTRA,
-    ):
+    """Relative path, size and mtime of the folder and of every file and folder in it, in
+    name order ((0, 0) for a folder that is missing).
+
+    Every file counts: a version that failed for its labels.txt (or any file inside
+    assets.extra/ or variables/) is retried once that file is fixed in place, which a
+    folder's own mtime does not show. A version folder holds a handful of files, so this
+    is a few stats per poll; the walk stops after MAX_FINGERPRINT_ENTRIES entries (a
+    folder that large is not a version anyone fixes one file at a time).
+    """
+    try:
+        st = version_dir.stat()
+    except OSError:
+        return (0, 0)
+    stats: list[int | str] = [st.st_mtime_ns, st.st_size]
+    for relative, entry in _walk(version_dir):
         try:
-            st = path.stat()
-        except OSError:
-            stats += [0, 0]
+            st = entry.stat(follow_symlinks=True)
+        except OSError:  # gone or dangling since listed: still a change to notice
+            stats += [relative, 0, 0]
         else:
-            stats += [st.st_mtime_ns, st.st_size]
+            stats += [relative, st.st_mtime_ns, st.st_size]
     return tuple(stats)
+
+
+MAX_FINGERPRINT_ENTRIES = 256
+
+
+def _walk(folder: Path) -> list[tuple[str, os.DirEntry[str]]]:
+    """Entries under ``folder`` (its subfolders too, not through links), by relative
+    path, at most MAX_FINGERPRINT_ENTRIES."""
+    found: list[tuple[str, os.DirEntry[str]]] = []
+    pending = [("", folder)]
+    while pending and len(found) < MAX_FINGERPRINT_ENTRIES:
+        prefix, current = pending.pop()
+        try:
+            with os.scandir(current) as entries:
+                listed = sorted(entries, key=lambda e: e.name)
+        except OSError:
+            continue
+        for entry in listed[: MAX_FINGERPRINT_ENTRIES - len(found)]:
+            relative = prefix + entry.name
+            found.append((relative, entry))
+            if entry.is_dir(follow_symlinks=False):
+                pending.append((relative + "/", Path(entry.path)))
+    return sorted(found, key=lambda item: item[0])
 
 
 # --- what a version folder carries beside the SavedModel --------------------------------
@@ -201,7 +232,8 @@ def read_labels(version_dir: Path, num_classes: int) -> list[str]:
     """
     path = version_dir / ASSETS_EXTRA / LABELS_FILE
     try:
-        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        # utf-8-sig: a BOM (as Windows editors write) is not part of the first label.
+        lines = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
     except FileNotFoundError:
         return [str(i) for i in range(num_classes)]
     except (OSError, UnicodeDecodeError) as exc:
@@ -216,20 +248,36 @@ def read_labels(version_dir: Path, num_classes: int) -> list[str]:
     return lines
 
 
-def read_card(version_dir: Path) -> dict[str, Any]:
+def load_card(version_dir: Path) -> dict[str, Any]:
     """The version's model_card.json, or {} when it has none (foreign SavedModels).
 
-    An unreadable card is logged and ignored: it must not make a servable model unservable.
+    A card that is there but cannot be read, is not JSON or not a JSON object raises
+    ModelLoadError: the preprocessing, labels and artifact records a load follows come
+    from it, and defaults in their place would be silently wrong for a model whose card
+    differs from them.
     """
     path = version_dir / ASSETS_EXTRA / CARD_FILE
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable model card %s: %s", path, exc)
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ModelLoadError(f"{path}: unreadable model card: {exc}") from None
+    if not isinstance(card, dict):
+        kind = type(card).__name__
+        raise ModelLoadError(f"{path}: the model card is a JSON {kind}, not an object")
+    return card
+
+
+def read_card(version_dir: Path) -> dict[str, Any]:
+    """:func:`load_card` for readers that only show or consult a card (status pages,
+    verify, benchmarks): an unreadable one is logged and read as {} instead of raising.
+    Loading a version uses load_card, so such a version never serves."""
+    try:
+        return load_card(version_dir)
+    except ModelLoadError as exc:
+        log.warning("ignoring %s", exc)
         return {}
-    return card if isinstance(card, dict) else {}
 
 
 def read_warmup(version_dir: Path) -> list[dict[str, npt.NDArray[Any]]]:

@@ -71,3 +71,20 @@ def _check_variables(meta_graph: meta_graph_pb2.MetaGraphDef, version_dir: Path)
             f"{version_dir}: variables/ does not hold every variables.data shard "
             f"(found {sorted(m.group(0) for m in shards)})"
         )
+    _check_shards_readable([folder / m.group(0) for m in shards], version_dir)
+
+
+def _check_shards_readable(paths: list[Path], version_dir: Path) -> None:
+    """Every data shard opens and reads, and they are not all empty (a graph with
+    variables has weights somewhere): TF Serving, which restores them, would fail
+    otherwise. Whether their bytes are the exported ones is the card's record to check
+    (service.runtimes.card.damaged_variables); this costs one read per shard."""
+    total = 0
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                total += len(f.read(1))
+        except OSError as exc:
+            raise ModelLoadError(f"{version_dir}: cannot read {path.name}: {exc}") from None
+    if total == 0:
+        raise ModelLoadError(f"{version_dir}: the variables data shards are empty (truncated)")

@@ -18,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
-from service.repository import read_card
+from service.repository import load_card
 
 Batch = npt.NDArray[Any]
 Probabilities = npt.NDArray[np.float32]
@@ -67,9 +67,10 @@ class Runtime(abc.ABC):
 
     @property
     def card(self) -> Mapping[str, Any]:
-        """The version's model card ({} for foreign SavedModels), read at most once."""
+        """The version's model card ({} for foreign SavedModels), read at most once;
+        ModelLoadError when it is there but unreadable (it is read while loading)."""
         if self._card is None:
-            self._card = read_card(self.version_dir)
+            self._card = load_card(self.version_dir)
         return self._card
 
     @property

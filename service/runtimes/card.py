@@ -104,6 +104,28 @@ def saved_model_digest(version_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of one file, read in blocks (an artifact or a weights shard, megabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def variables_data_digest(version_dir: Path) -> str:
+    """sha256 over the variables data shards (names and bytes, in name order).
+
+    saved_model_digest stops at the index: a truncated or overwritten shard keeps it, and
+    the LiteRT runtime never reads the shards, so only this shows the damage. The default
+    model's one shard is ~2 MB: a few milliseconds per load.
+    """
+    digest = hashlib.sha256()
+    for path in sorted((version_dir / "variables").glob("variables.data-*")):
+        digest.update(path.name.encode() + b"\0" + file_digest(path).encode())
+    return digest.hexdigest()
+
+
 def foreign_artifact(record: Mapping[str, Any], version_dir: Path) -> str | None:
     """Why the shipped artifact is not this SavedModel's twin (the card records whose it
     is), or None. A version folder whose SavedModel was replaced kept serving the old
@@ -116,19 +138,49 @@ def foreign_artifact(record: Mapping[str, Any], version_dir: Path) -> str | None
     return None
 
 
+def damaged_artifact(record: Mapping[str, Any], path: Path) -> str | None:
+    """Why the artifact is not the file export verified, or None: its recorded sha256
+    differs, or (cards from before that record) its size, which only shows truncation."""
+    recorded = record.get("sha256")
+    if isinstance(recorded, str):
+        if file_digest(path) != recorded:
+            return f"{path.name} is not the artifact export verified (sha256 differs)"
+    elif isinstance(record.get("bytes"), int) and path.stat().st_size != record["bytes"]:
+        return f"{path.name} is {path.stat().st_size} bytes, export wrote {record['bytes']}"
+    return None
+
+
+def damaged_variables(record: Mapping[str, Any], version_dir: Path) -> str | None:
+    """Why the variables data shards are not the exported ones, or None (also when the
+    card predates the record). The graph and index match here (foreign_artifact), so a
+    difference is damage, not another model: the version is refused, not converted."""
+    recorded = record.get("variables_data_sha256")
+    if isinstance(recorded, str) and recorded != variables_data_digest(version_dir):
+        return (
+            "the variables data shards are not the ones exported (variables_data_sha256 "
+            "differs): truncated or damaged"
+        )
+    return None
+
+
 def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path | None:
     """The exported .tflite when the card records that export verified it, else None.
 
     A quantized artifact (``precision`` other than float32) is accepted only when its
     recorded, measured top-1 agreement and accuracy delta meet the thresholds the card
     states and the file is the one measured (sha256); otherwise the version is refused
-    with ModelLoadError, never served from a fallback that would pose as it.
+    with ModelLoadError, never served from a fallback that would pose as it. A float one
+    whose file or weights differ from what the card records (damaged_*) is refused
+    too: its answers would be garbage (NaN), and a damaged copy is the operator's to fix.
     """
     record = litert_record(card)
     path = version_dir / "assets.extra" / str(record.get("file") or "model.tflite")
     foreign = foreign_artifact(record, version_dir)
     if artifact_precision(card) != FLOAT_PRECISION:
-        refusal = foreign or quantized_refusal(record, path)
+        # quantized_refusal checks the artifact's sha256 already.
+        refusal = (
+            foreign or quantized_refusal(record, path) or damaged_variables(record, version_dir)
+        )
         if refusal is not None:
             raise ModelLoadError(f"{version_dir}: {refusal}; refusing to serve it")
         return path
@@ -137,6 +189,9 @@ def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path |
     if foreign is not None:  # converted afresh from the SavedModel that is there
         log.warning("%s: %s; not serving it", version_dir, foreign)
         return None
+    damage = damaged_artifact(record, path) or damaged_variables(record, version_dir)
+    if damage is not None:
+        raise ModelLoadError(f"{version_dir}: {damage}; refusing to serve it")
     return path
 
 

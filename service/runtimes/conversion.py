@@ -26,7 +26,11 @@ from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.errors import InvalidRequest, ModelLoadError
 from service.repository import read_warmup
 from service.runtimes.base import Batch, InputSpec
-from service.runtimes.card import saved_model_digest, to_model_input
+from service.runtimes.card import (
+    saved_model_digest,
+    to_model_input,
+    variables_data_digest,
+)
 from service.runtimes.graph_rewrite import pool_before_affine
 from service.warmup import WarmupFormatError
 
@@ -106,6 +110,8 @@ def convert_litert(
         "file": target.name,
         # What the artifact is a twin of: a load serves it only beside that SavedModel.
         "saved_model_sha256": saved_model_digest(saved_model),
+        # The weights a load checks are still there (the artifact does not read them).
+        "variables_data_sha256": variables_data_digest(saved_model),
         "verified_samples": len(samples),
         "max_abs_diff": max_diff,
         "tolerance": LITERT_TOLERANCE,
@@ -114,6 +120,8 @@ def convert_litert(
     if info["verified"]:
         atomic_write(target, content)
         info["bytes"] = len(content)
+        # What a load checks before serving it: a damaged copy answers NaN.
+        info["sha256"] = hashlib.sha256(content).hexdigest()
     else:
         log.warning(
             "LiteRT conversion differs by %.3g > %.0e; not kept", max_diff, LITERT_TOLERANCE
@@ -122,10 +130,16 @@ def convert_litert(
 
 
 def cache_key(version_dir: Path) -> str:
-    """sha256 of saved_model.pb, the variables index and CONVERSION_REVISION: same graph,
-    weights and conversion, same key."""
+    """sha256 of saved_model.pb, the variables index and data shards, and
+    CONVERSION_REVISION: same graph, weights and conversion, same key.
+
+    The shards count too: with the index alone, a folder whose shard was truncated or
+    overwritten found the conversion of its intact self and served it; now it misses,
+    and the conversion (TensorFlow reads and checks every weight) refuses it.
+    """
+    parts = (saved_model_digest(version_dir), variables_data_digest(version_dir))
     return hashlib.sha256(
-        f"cnnserve conversion {CONVERSION_REVISION}\0{saved_model_digest(version_dir)}".encode()
+        f"cnnserve conversion {CONVERSION_REVISION}\0{parts[0]}\0{parts[1]}".encode()
     ).hexdigest()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ModelLoadError
-from service.repository import read_card
+from service.repository import load_card
 from service.runtimes.base import Runtime
 from service.runtimes.card import FLOAT_PRECISION, artifact_precision
 
@@ -39,7 +39,7 @@ def create_runtime(
     from service.runtimes.litert import LiteRTRuntime, litert_artifact
     from service.runtimes.tensorflow import TensorFlowRuntime
 
-    card = read_card(version_dir) if card is None else card
+    card = load_card(version_dir) if card is None else card
     if name == "tensorflow":
         return TensorFlowRuntime(version_dir, threads=threads, card=card)
     if name == "litert":
@@ -49,7 +49,7 @@ def create_runtime(
     try:
         litert_artifact(version_dir, cache_dir, card)
     except ModelLoadError as exc:
-        if artifact_precision(read_card(version_dir)) != FLOAT_PRECISION:
+        if artifact_precision(card) != FLOAT_PRECISION:
             # The version *is* its quantized artifact: serving the float SavedModel in its
             # place would pose as it, so the refusal stands.
             raise

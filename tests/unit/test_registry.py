@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from service import metrics
 from service.errors import (
     ConfigError,
     InvalidRequest,
@@ -26,7 +28,16 @@ from service.errors import (
     VersionNotFound,
 )
 from service.registry import Registry, VersionState
-from service.repository import ModelConfig, read_labels, read_repository, read_warmup
+from service.repository import (
+    MAX_FINGERPRINT_ENTRIES,
+    ModelConfig,
+    load_card,
+    read_card,
+    read_labels,
+    read_repository,
+    read_warmup,
+    version_fingerprint,
+)
 from service.runtimes import create_runtime
 from service.runtimes.base import Runtime
 from service.warmup import WarmupFormatError
@@ -146,6 +157,51 @@ def test_labels_file_or_class_indices(template: Path, tmp_path: Path) -> None:
     assert read_labels(bare, 3) == ["0", "1", "2"]
     with pytest.raises(ModelLoadError, match=r"3 labels .* 4 classes"):
         read_labels(template, 4)
+    # A byte order mark (Windows editors write one) is not part of the first label.
+    labels = bare / "assets.extra" / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n", encoding="utf-8-sig")
+    assert labels.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_labels(bare, 3) == ["cat", "dog", "bird"]
+
+
+def test_a_present_card_must_be_readable(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = add_version(tmp_path, "m", 1, template)
+    card = folder / "assets.extra" / "model_card.json"
+    assert load_card(folder)["name"] == "m"
+    for broken in ('{"name": "m", "preprocessing": ', "[1, 2]", b"\xff\xfe{}"):
+        card.write_bytes(broken if isinstance(broken, bytes) else broken.encode())
+        with pytest.raises(ModelLoadError, match=r"model_card\.json: .*(unreadable|not an object)"):
+            load_card(folder)
+        # Readers that only show a card (status and demo pages, verify) still get one.
+        with caplog.at_level(logging.WARNING, logger="service.repository"):
+            assert read_card(folder) == {}
+        assert "ignoring" in caplog.text
+    card.unlink()
+    assert load_card(folder) == {}  # foreign SavedModels have none
+
+
+def test_the_fingerprint_covers_every_file_of_a_version(template: Path, tmp_path: Path) -> None:
+    folder = add_version(tmp_path, "m", 1, template)
+    before = version_fingerprint(folder)
+    assert version_fingerprint(folder) == before  # nothing changed: no retry
+    # A file fixed in place: the folders' own stats do not change.
+    labels = folder / "assets.extra" / "labels.txt"
+    labels.write_text("cat\ndog\nbird\n")
+    after_labels = version_fingerprint(folder)
+    assert after_labels != before
+    (shard,) = (folder / "variables").glob("variables.data-*")
+    stamp = shard.stat()
+    os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))
+    assert version_fingerprint(folder) != after_labels
+    assert version_fingerprint(tmp_path / "missing") == (0, 0)
+    # Bounded: a folder of thousands of files costs at most MAX_FINGERPRINT_ENTRIES stats.
+    crowd = folder / "assets.extra" / "crowd"
+    crowd.mkdir()
+    for i in range(MAX_FINGERPRINT_ENTRIES * 2):
+        (crowd / f"{i:05d}").touch()
+    assert len(version_fingerprint(folder)) <= 2 + 3 * MAX_FINGERPRINT_ENTRIES
 
 
 def test_warmup_reader_replays_serving_default_and_refuses_corrupt_files(
@@ -334,7 +390,9 @@ def test_hot_reload_keeps_every_request_and_survives_a_broken_version(
 
 
 @pytest.mark.slow
-def test_models_added_to_the_config_are_loaded_on_poll(template: Path, tmp_path: Path) -> None:
+def test_models_added_to_the_config_are_loaded_on_poll(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     repo = tmp_path / "repo"
     add_version(repo, "a", 1, template)
     write_models_config(repo, simple_config("a"))
@@ -361,10 +419,20 @@ def test_models_added_to_the_config_are_loaded_on_poll(template: Path, tmp_path:
         assert registry.resolve("b").labels == ["0", "1", "2"]
         assert registry.resolve(None).labels == ["cat", "dog", "bird"]
 
-        # A models.config broken mid-flight is ignored; what was served still is.
+        # A models.config broken mid-flight is ignored; what was served still is. Said
+        # once, not every poll, and in a gauge.
+        good = (repo / "models.config").read_text()
         (repo / "models.config").write_text("model_config_list { config { nme: 'a' } }")
-        await registry.poll_once()
-        assert registry.model_names() == ["a", "b"] and registry.is_ready()
+        with caplog.at_level(logging.INFO, logger="service.registry"):
+            for _ in range(3):
+                await registry.poll_once()
+            assert registry.model_names() == ["a", "b"] and registry.is_ready()
+            assert metrics.REGISTRY.get_sample_value("cnnserve_models_config_ok") == 0
+            (repo / "models.config").write_text(good)
+            await registry.poll_once()
+        assert caplog.text.count("ignoring models.config change") == 1, caplog.text
+        assert "models.config reads again" in caplog.text
+        assert metrics.REGISTRY.get_sample_value("cnnserve_models_config_ok") == 1
 
         # Removing a model unloads it.
         write_models_config(repo, simple_config("a"))
@@ -487,3 +555,45 @@ def test_a_model_with_nothing_to_serve_is_logged_once(
         run_with(registry, scenario)
     said = [r.getMessage() for r in caplog.records if "no version to serve" in r.getMessage()]
     assert len(said) == 1 and "ghost" in said[0] and "no numbered folders" in said[0], said
+
+
+@pytest.mark.slow
+def test_a_version_fixed_in_place_is_retried_and_a_bad_card_fails_its_load(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def failures() -> float:
+        labels = {"model": "m", "event": "load_failed"}
+        return REGISTRY.get_sample_value("cnnserve_model_events_total", labels) or 0.0
+
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, simple_config("m", policy="all {}"))
+    registry = Registry(settings(repo, tmp_path), runtime_factory=CountingFactory())
+
+    async def scenario() -> None:
+        await registry.start()
+        # Version 2 ships a card that is not JSON: refused, not served with defaults.
+        v2 = add_version(repo, "m", 2, template)
+        (v2 / "assets.extra" / "model_card.json").write_text('{"preprocessing": ')
+        # Version 3 ships two labels for three classes.
+        v3 = add_version(repo, "m", 3, template)
+        labels = v3 / "assets.extra" / "labels.txt"
+        labels.write_text("cat\ndog\n")
+        failed = failures()
+        with caplog.at_level(logging.ERROR, logger="service.registry"):
+            await registry.poll_once()
+        assert failures() == failed + 2
+        status = registry.statuses("m", version=2)[0]
+        assert status.state == VersionState.END and "unreadable model card" in status.error_message
+        assert "version 2 failed to load" in caplog.text
+        assert "2 labels" in registry.statuses("m", version=3)[0].error_message
+        # Fixed in place (the folders' own stats unchanged): retried and served.
+        shutil.copy(template / "assets.extra" / "labels.txt", labels)
+        await registry.poll_once()
+        assert states(registry, "m")[3] == VersionState.AVAILABLE
+        assert registry.resolve("m", version=3).labels == ["cat", "dog", "bird"]
+        assert states(registry, "m")[2] == VersionState.END
+
+    run_with(registry, scenario)

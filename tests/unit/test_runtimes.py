@@ -321,6 +321,15 @@ def _break(folder: Path, how: str) -> None:
     elif how == "no variables data shard":
         for shard in (folder / "variables").glob("variables.data-*"):
             shard.unlink()
+    elif how == "empty variables data shard":
+        for shard in (folder / "variables").glob("variables.data-*"):
+            shard.write_bytes(b"")
+    elif how == "truncated variables data shard":
+        for shard in (folder / "variables").glob("variables.data-*"):
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif how == "garbage variables data shard":  # same size: only the bytes differ
+        for shard in (folder / "variables").glob("variables.data-*"):
+            shard.write_bytes(_damaged(shard.read_bytes()))
 
 
 @pytest.mark.parametrize(
@@ -330,6 +339,9 @@ def _break(folder: Path, how: str) -> None:
         "saved_model.pb without the serving signature",
         "no variables",
         "no variables data shard",
+        "empty variables data shard",
+        "truncated variables data shard",
+        "garbage variables data shard",
     ],
 )
 def test_a_corrupt_saved_model_beside_a_verified_artifact_is_refused(
@@ -488,3 +500,85 @@ def test_a_thread_that_loaded_and_warmed_litert_keeps_no_interpreters(
     assert out.shape[0] == 2 and rt._local.interpreter is not None
     rt.leave_thread()
     assert getattr(rt._local, "interpreter", None) is None
+
+
+def _damaged(data: bytes) -> bytes:
+    """``data`` with 400 bytes in its middle set to 0xFF (a NaN as float32), same size:
+    what a bad copy or disk leaves, and what the card's sizes cannot show."""
+    middle = len(data) // 2
+    return data[:middle] + b"\xff" * 400 + data[middle + 400 :]
+
+
+def _card_without(folder: Path, *fields: str) -> None:
+    """Drop ``fields`` from the card's litert record: a card written before them."""
+    path = folder / "assets.extra" / "model_card.json"
+    card = json.loads(path.read_text())
+    for name in fields:
+        del card["runtimes"]["litert"][name]
+    path.write_text(json.dumps(card))
+
+
+def test_export_records_the_digests_a_load_checks(shipped: Path) -> None:
+    from service.runtimes.card import file_digest, variables_data_digest
+
+    record = read_card(shipped)["runtimes"]["litert"]
+    assert record["sha256"] == file_digest(shipped / "assets.extra" / "model.tflite")
+    assert record["variables_data_sha256"] == variables_data_digest(shipped)
+
+
+def test_a_damaged_artifact_is_refused_by_its_recorded_digest(
+    shipped: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "61"
+    shutil.copytree(shipped, folder)
+    artifact = folder / "assets.extra" / "model.tflite"
+    artifact.write_bytes(_damaged(artifact.read_bytes()))
+    with pytest.raises(ModelLoadError, match=r"model\.tflite is not the artifact export verified"):
+        LiteRTRuntime(folder, cache_dir=tmp_path / "cache").load()
+    # auto serves the SavedModel instead (which is intact), with TensorFlow.
+    rt = create_runtime("auto", folder, cache_dir=tmp_path / "cache", threads=1)
+    assert isinstance(rt, TensorFlowRuntime)
+    # Without the digest (older cards), a truncated artifact still differs in size.
+    _card_without(folder, "sha256")
+    artifact.write_bytes(_damaged(artifact.read_bytes())[:-100])
+    with pytest.raises(ModelLoadError, match=r"model\.tflite is \d+ bytes, export wrote"):
+        LiteRTRuntime(folder, cache_dir=tmp_path / "cache").load()
+
+
+def test_non_finite_warm_up_answers_fail_the_load(shipped: Path, tmp_path: Path) -> None:
+    """The safety net for what no record catches: a card without the artifact's digest
+    beside a same-size damaged artifact loads, but answers NaN; warm-up refuses it."""
+    from service.loading import prepare_version
+
+    folder = tmp_path / "61"
+    shutil.copytree(shipped, folder)
+    _card_without(folder, "sha256")
+    artifact = folder / "assets.extra" / "model.tflite"
+    artifact.write_bytes(_damaged(artifact.read_bytes()))
+    rt = LiteRTRuntime(folder, cache_dir=tmp_path / "cache")
+    rt.load()  # nothing recorded shows the damage
+    assert np.isnan(rt.predict(_images(1))).all()
+    rt.unload()
+    with pytest.raises(ModelLoadError, match="non-finite scores"):
+        prepare_version(
+            folder,
+            runtime_factory=create_runtime,
+            runtime_name="litert",
+            cache_dir=tmp_path / "cache",
+            threads=1,
+        )
+
+
+def test_a_damaged_data_shard_misses_the_conversion_cache(plain: Path, tmp_path: Path) -> None:
+    """A version converted into the cache, whose shard is then overwritten, must not
+    find its intact self's conversion there: the cache key covers the shards, and the
+    conversion (TensorFlow restores every weight) refuses the damaged one."""
+    folder = tmp_path / "1"
+    shutil.copytree(plain, folder)
+    key = conversion.cache_key(folder)
+    LiteRTRuntime(folder, cache_dir=tmp_path / "cache").load()
+    (shard,) = (folder / "variables").glob("variables.data-*")
+    shard.write_bytes(_damaged(shard.read_bytes()))
+    assert conversion.cache_key(folder) != key
+    with pytest.raises(ModelLoadError, match=str(folder)):
+        LiteRTRuntime(folder, cache_dir=tmp_path / "cache").load()

@@ -31,7 +31,7 @@ from service.errors import DatasetError, ExportError
 from service.preprocessing import PreprocessSpec
 from service.publishing import publish_version
 from service.repository import version_dirs
-from service.runtimes.card import saved_model_digest
+from service.runtimes.card import saved_model_digest, variables_data_digest
 from service.training.architectures import build
 from service.training.config import ArchConfig
 from service.training.data import ImageSet, Splits
@@ -369,6 +369,7 @@ def publish_compressed(
                     # The SavedModel written above (a second export of one Keras model
                     # need not be byte-identical to the one converted).
                     "saved_model_sha256": saved_model_digest(tmp),
+                    "variables_data_sha256": variables_data_digest(tmp),
                 },
             },
             "compression": compression,
