@@ -122,10 +122,8 @@ def _refusal(handler: Any, error: Unauthenticated, route: str) -> Any:
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)
+    # Request-streaming whatever the method's shape: refused without waiting for a
+    # message (a call that never sent one waited, holding a place in gRPC's call cap).
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(abort, **kwargs)

@@ -1,14 +1,22 @@
-"""A request that is not a valid protobuf message: INVALID_ARGUMENT, like any bad input.
+"""A unary call's request message, read with a bound: a message that is not valid
+protobuf is INVALID_ARGUMENT, like any bad input, and one that does not arrive within
+CNNSERVE_BODY_READ_TIMEOUT_SECONDS is DEADLINE_EXCEEDED (request_timeout), as REST's
+slow bodies get 408.
 
 Left to grpc.aio, a message its deserializer cannot parse is answered UNKNOWN, quoting
-protobuf's own error, and logged with a traceback, so any client could fill the log.
-This interceptor (the last, so authentication still answers first) makes each
-unary-request method's deserializer tolerant: a malformed message becomes a marker,
-which the method answers with InvalidRequest's status before running.
+protobuf's own error, and logged with a traceback, so any client could fill the log; and
+a call that sends its headers but never its message waits for it as long as the
+connection lives, holding one of the places of gRPC's cap on calls in progress (1,024
+such calls, without a key, shut out every call, health checks included). This
+interceptor (the last, so authentication still answers first) serves each
+unary-request method as a request-streaming one that reads the first message itself:
+its deserializer is tolerant (a malformed message becomes a marker, answered with
+InvalidRequest's status before the method runs) and the read has a timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -17,7 +25,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from service.api.grpc_calls import refuse_call
-from service.errors import InvalidRequest
+from service.errors import InvalidRequest, RequestTimeout
 
 
 class _Malformed:
@@ -51,19 +59,39 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-def _unary(behavior: Callable[..., Awaitable[Any]], route: str) -> Callable[..., Awaitable[Any]]:
-    async def checked(request: Any, context: Any) -> Any:
-        if isinstance(request, _Malformed):
-            await _refuse(request, context, route)
+async def _first_message(context: Any, route: str, timeout: float) -> Any:
+    """The call's request message, or its refusal (the call ends with it)."""
+    try:
+        request = await asyncio.wait_for(context.read(), timeout)
+    except TimeoutError:
+        await refuse_call(
+            context,
+            RequestTimeout(f"the request message did not arrive within {timeout:g} s"),
+            route,
+        )
+    if request is grpc.aio.EOF:
+        ended = InvalidRequest("the call ended without a request message")
+        await refuse_call(context, ended, route)
+    if isinstance(request, _Malformed):
+        await _refuse(request, context, route)
+    return request
+
+
+def _unary(
+    behavior: Callable[..., Awaitable[Any]], route: str, timeout: float
+) -> Callable[..., Awaitable[Any]]:
+    async def checked(requests: Any, context: Any) -> Any:
+        request = await _first_message(context, route, timeout)
         return await behavior(request, context)
 
     return checked
 
 
-def _unary_stream(behavior: Callable[..., Any], route: str) -> Callable[..., AsyncIterator[Any]]:
-    async def checked(request: Any, context: Any) -> AsyncIterator[Any]:
-        if isinstance(request, _Malformed):
-            await _refuse(request, context, route)
+def _unary_stream(
+    behavior: Callable[..., Any], route: str, timeout: float
+) -> Callable[..., AsyncIterator[Any]]:
+    async def checked(requests: Any, context: Any) -> AsyncIterator[Any]:
+        request = await _first_message(context, route, timeout)
         result = behavior(request, context)
         if inspect.isasyncgen(result):
             async for item in result:
@@ -75,7 +103,8 @@ def _unary_stream(behavior: Callable[..., Any], route: str) -> Callable[..., Asy
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, read_timeout: float) -> None:
+        self._read_timeout = read_timeout
         # Per method (only methods that exist: a handler was found), its handler and
         # the wrapped one: a method's handler is the same object on every call.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
@@ -89,16 +118,18 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         method = str(details.method)
         known = self._wrapped.get(method)
         if known is None or known[0] is not handler:
-            known = self._wrapped[method] = (handler, _wrap(handler, method))
+            known = self._wrapped[method] = (handler, _wrap(handler, method, self._read_timeout))
         return known[1]
 
 
-def _wrap(handler: Any, route: str) -> Any:
+def _wrap(handler: Any, route: str, timeout: float) -> Any:
     kwargs = {
         "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.response_streaming:
-        stream = _unary_stream(handler.unary_stream, route)
-        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
-    return grpc.unary_unary_rpc_method_handler(_unary(handler.unary_unary, route), **kwargs)
+        stream = _unary_stream(handler.unary_stream, route, timeout)
+        return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(
+        _unary(handler.unary_unary, route, timeout), **kwargs
+    )

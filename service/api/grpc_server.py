@@ -75,7 +75,9 @@ async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None 
     interceptors: list[Any] = (
         [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
     )
-    interceptors.append(MalformedRequestInterceptor())  # last: inside authentication
+    interceptors.append(  # last: inside authentication
+        MalformedRequestInterceptor(settings.body_read_timeout_seconds)
+    )
     server = grpc.aio.server(
         options=server_options(settings),
         interceptors=interceptors,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +156,46 @@ def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path) -> None:
             stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(plain)
             with pytest.raises(grpc.RpcError):
                 stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
+
+
+def _stalled_classify(server: Server, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.RpcError:
+    """A Classify call that sends its headers and never its message (the stream stays
+    open): what one such call held, 1,024 of them held every place of gRPC's cap."""
+    never = threading.Event()
+
+    def no_message() -> Iterator[cnnserve_v1_pb2.ClassifyRequest]:
+        never.wait(60)
+        return
+        yield  # an iterator that blocks, then ends
+
+    with server.channel() as channel:
+        call = channel.stream_unary(
+            "/cnnserve.v1.ImageClassifier/Classify",
+            request_serializer=cnnserve_v1_pb2.ClassifyRequest.SerializeToString,
+            response_deserializer=cnnserve_v1_pb2.ClassifyResponse.FromString,
+        )
+        try:
+            call(no_message(), timeout=30, metadata=metadata)
+        except grpc.RpcError as exc:
+            return exc
+        finally:
+            never.set()
+    raise AssertionError("a call without a message was answered")
+
+
+def test_a_call_without_its_message_is_refused_without_a_key_at_once(keyed: Server) -> None:
+    started = time.monotonic()
+    error = _stalled_classify(keyed)
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED, error
+    assert time.monotonic() - started < 20  # not the client's own 30 s deadline
+
+
+def test_a_call_without_its_message_times_out_like_a_slow_body(tiny_repo: Path) -> None:
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_BODY_READ_TIMEOUT_SECONDS": "1"}
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        error = _stalled_classify(server)
+        assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
+        assert "did not arrive within 1 s" in (error.details() or "")
+        with server.channel() as channel:  # and calls that send theirs are served
+            stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+            assert stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=30).model
