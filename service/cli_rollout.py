@@ -77,12 +77,14 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         raise PromotionError(f"cannot read {path}: {exc.strerror}") from None
     on_disk = set(published_versions(text, args.model_repository, args.model))
     client: Any = None
+    serving: set[int] | None = None
     if args.tfserving:
         from service.runtimes.tfserving import TFServingClient
 
         client = TFServingClient(args.tfserving, timeout=30.0)
         try:
-            on_disk |= set(client.available(args.model))
+            serving = set(client.available(args.model))
+            on_disk |= serving
         except BackendUnavailable:
             client.close()
             raise PromotionError(
@@ -94,7 +96,11 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
             f"version {args.version} of {args.model} is not published in "
             f"{args.model_repository} (versions there: {sorted(on_disk) or 'none'})"
         )
-    steps = plan(text, args.model_repository, args.model, args.version, args.label, on_disk)
+    else:
+        serving = GatewayStatus(args.url, args.timeout).serving(args.model)
+    steps = plan(
+        text, args.model_repository, args.model, args.version, args.label, on_disk, serving
+    )
 
     def apply(new_text: str) -> None:
         if client is not None:

@@ -54,12 +54,21 @@ class Step:
 
 
 def plan(
-    text: str, repository: Path, model: str, version: int, label: str, on_disk: Iterable[int]
+    text: str,
+    repository: Path,
+    model: str,
+    version: int,
+    label: str,
+    on_disk: Iterable[int],
+    serving: Iterable[int] | None = None,
 ) -> list[Step]:
     """The three configs of a promotion of ``model`` ``version`` to ``label``.
 
     ``on_disk``: the model's published versions (what a ``latest``/``all`` policy serves
-    among). Every step's text is validated as TF Serving would parse it.
+    among). ``serving``: the versions a server reports AVAILABLE, when one answered: what
+    a ``latest`` policy pins is what it serves, not the newest folders (a broken newest
+    version is not served and must not be pinned; the one still serving must stay).
+    Every step's text is validated as TF Serving would parse it.
     """
     if version <= 0:
         raise PromotionError(f"version must be a positive integer, got {version}")
@@ -69,6 +78,8 @@ def plan(
     steps = []
 
     wanted = config.wanted_versions(on_disk)
+    if config.policy == "latest" and serving is not None:
+        wanted = set(serving)
     if version in wanted and config.policy != "latest":
         after_load = text
         summary = f"version {version} is already served by the {config.policy} policy"
@@ -231,6 +242,18 @@ class GatewayStatus:
             return httpx.get(f"{self.url}{path}", timeout=5, headers=self.headers)
         except httpx.HTTPError as exc:
             raise NoServer(f"no gateway answers at {self.url} ({exc})") from None
+
+    def serving(self, model: str) -> set[int] | None:
+        """The versions of ``model`` the gateway reports AVAILABLE; None when no gateway
+        answers (or it does not know the model yet)."""
+        try:
+            response = self._get(f"/v1/models/{model}")
+        except NoServer:
+            return None
+        if response.status_code != 200:
+            return None
+        statuses = response.json().get("model_version_status", [])
+        return {int(s["version"]) for s in statuses if s.get("state") == "AVAILABLE"}
 
     def available(self, model: str, version: int) -> None:
         route = f"/v1/models/{model}/versions/{version}"

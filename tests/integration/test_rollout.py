@@ -205,6 +205,33 @@ def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path)
             assert all(version(k) == v for k, v in list(first.items())[:40])
 
 
+def test_promote_on_a_latest_policy_pins_what_the_gateway_serves(tmp_path: Path) -> None:
+    """Newest folder broken, so latest 1 serves 2: promoting 1 pinned {1, 3}, which
+    unloaded the serving 2 and left the broken 3 in the policy."""
+    repo = two_versions(tmp_path)
+    (repo / "models.config").write_text(
+        CONFIG.replace("specific { versions: 1 }", "latest { num_versions: 1 }")
+        .replace('version_labels { key: "stable" value: 1 }\n', "")
+        .replace('version_labels { key: "canary" value: 1 }  # moved by cnnserve promote\n', "")
+    )
+    with running_server(repo, args=("--poll-seconds", "0.2")) as server:
+        broken = repo / "m" / ".3.tmp"
+        shutil.copytree(repo / "m" / "2", broken)
+        (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+        broken.rename(repo / "m" / "3")
+        with server.client() as client:
+            eventually(lambda: client.get("/v1/models/m/versions/3").json()[
+                "model_version_status"][0]["state"] == "END")  # fmt: skip
+        done = cnnserve(
+            "promote", "m", "1", "--label", "canary", "--model-repository", str(repo),
+            "--url", server.url,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        text = (repo / "models.config").read_text()
+        assert "specific { versions: 1 versions: 2 }" in text, text
+        assert 'key: "canary" value: 1' in text
+
+
 def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     repo = two_versions(tmp_path)
     done = promote(repo, "canary", "--url", "http://127.0.0.1:9", "--timeout", "5")

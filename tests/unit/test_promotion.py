@@ -159,6 +159,19 @@ def test_a_label_on_a_latest_policy_pins_its_version(tmp_path: Path) -> None:
     )
 
 
+def test_a_latest_policy_pins_what_the_server_serves_not_the_newest_folders(
+    tmp_path: Path,
+) -> None:
+    """{20, 21, 22} on disk, 22 broken, so latest 1 serves 21: promoting 20 pinned
+    {20, 22}, which unloaded the serving 21 and kept the broken 22 in the policy."""
+    latest = DEFAULT_CONFIG.read_text()
+    steps = plan(latest, tmp_path, "fashion_mnist", 20, "canary", [20, 21, 22], serving=[21])
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == ("specific", (20, 21), {})
+    # No server answered: the folders are all there is to go by.
+    steps = plan(latest, tmp_path, "fashion_mnist", 20, "canary", [20, 21, 22])
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == ("specific", (20, 22), {})
+
+
 class Recorder:
     """A Waiter that records what promote waited for; ``fail`` makes the load fail."""
 
