@@ -327,14 +327,22 @@ class Registry:
             versionless.add(config.name)
             if config.name not in self._versionless:
                 found = sorted(scan.versions.get(config.name, {}))
+                # The versions it serves are kept (said by _to_unload): only a model
+                # serving none has its requests refused.
+                refused = (
+                    "the version it serves is kept until one is"
+                    if self._table.served.get(config.name)
+                    else "its requests are refused until it has one (and a server starting "
+                    "is not ready)"
+                )
                 log.warning(
                     "model %s: no version to serve (%s; policy %s); publish a numbered "
-                    "version folder under %s, or fix its base_path or version policy: its "
-                    "requests get 503 until it has one (and a server starting is not ready)",
+                    "version folder under %s, or fix its base_path or version policy: %s",
                     config.name,
                     f"versions on disk: {found}" if found else "no numbered folders found",
                     config.policy,
                     config.base_path,
+                    refused,
                 )
         self._versionless = versionless
 

@@ -467,6 +467,9 @@ def test_a_deleted_serving_folder_keeps_serving_with_its_metadata_and_is_logged_
                 await registry.poll_once()
         kept = [r for r in caplog.records if "keeping version(s)" in r.getMessage()]
         assert len(kept) == 1, caplog.text  # once, not once per poll
+        # Not "its requests are refused": they are served by the kept version.
+        said = [r.getMessage() for r in caplog.records if "no version to serve" in r.getMessage()]
+        assert len(said) == 1 and "the version it serves is kept" in said[0], said
         target = registry.resolve("m")
         assert target.version == 1 and states(registry, "m") == {1: VersionState.AVAILABLE}
         # Metadata comes from what was read at load, not from the deleted folder.
