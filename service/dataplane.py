@@ -38,6 +38,7 @@ from service.errors import (
 from service.preprocessing import (
     Opened,
     PreprocessSpec,
+    decode_cost,
     open_image,
     preprocess_opened,
 )
@@ -46,6 +47,10 @@ from service.registry import LoadedVersion, Registry, VersionStatus
 from service.requestlog import note_target, note_timings
 
 DEFAULT_TOP_K = 5
+# A lone image is decoded on the event loop only from a file this small (DataPlane.
+# _decodes_inline); a module constant, not a setting: it bounds what one request can
+# hold the loop for, not a trade-off to tune.
+INLINE_DECODE_MAX_BYTES = 256 * 1024
 
 T = TypeVar("T")
 
@@ -191,8 +196,7 @@ class DataPlane:
         spec, max_pixels = target.spec, self.settings.max_image_pixels
         if len(images) == 1:
             opened = open_image(images[0], max_pixels=max_pixels, target=spec.size)
-            width, height = opened.size
-            if width * height <= self.settings.inline_decode_max_pixels:
+            if self._decodes_inline(images[0], opened):
                 target.batcher.admit(1, deadline)  # shed before paying for decoding
                 image = preprocess_opened(opened, spec)
                 if time.monotonic() > deadline:
@@ -225,6 +229,15 @@ class DataPlane:
         finally:
             self._decoding -= len(images)
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
+
+    def _decodes_inline(self, data: bytes, opened: Opened) -> bool:
+        """Whether a lone image is cheap enough to decode on the event loop: few pixels
+        to decode (a progressive JPEG's scans counted, :func:`decode_cost`) in a small
+        file. Pillow walks some files' chunks in Python as it decodes (a PNG's after its
+        image data), so a big file of few pixels could still hold the loop for seconds;
+        a photo is 20-200 KB."""
+        cheap = decode_cost(opened) <= self.settings.inline_decode_max_pixels
+        return cheap and len(data) <= INLINE_DECODE_MAX_BYTES
 
     def _open_all(
         self,

@@ -17,7 +17,15 @@ import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.jpeg import PlainJpeg, open_plain
+from service.jpeg import (
+    MAX_LAYOUT_SEGMENTS,
+    MAX_SCANS,
+    Layout,
+    PlainJpeg,
+    is_jpeg,
+    open_plain,
+    read_layout,
+)
 
 ResizeMethod = Literal["nearest", "bilinear", "bicubic", "lanczos", "box"]
 
@@ -54,6 +62,19 @@ SUPPORTED_MEDIA_TYPES = frozenset(
     }
 )
 SUPPORTED_HUMAN = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pillow reads a PNG's chunks one by one in Python (~2.5 µs each): those before the
+# image data when its header is read (on the event loop), the rest when it is decoded.
+# A 10 MB file of 874,000 empty chunks held the loop for 2.5 s. Encoders write a handful
+# of chunks before IDAT, and split the data into IDATs of 8-64 KiB (libpng: 8 KiB, 1,280
+# for a 10 MiB body), so these limits refuse only made-up files.
+MAX_PNG_HEADER_CHUNKS = 256
+MAX_PNG_CHUNKS = 4096
+# Decoding cost of a progressive JPEG: each scan passes over the full-resolution
+# coefficients, and an encoder's ~10 scans cost about one full-resolution decode.
+_TYPICAL_SCANS = 10
+_MOST_REDUCTION = 64  # JPEG's 1/8 scale: the most pixels one decoded pixel stands for
 
 UInt8Image = npt.NDArray[np.uint8]
 # What :func:`open_image` returns: a header read, pixels not yet decoded.
@@ -108,10 +129,70 @@ def open_image(data: bytes, *, max_pixels: int, target: tuple[int, int] | None =
     JPEG comes back as a :class:`~service.jpeg.PlainJpeg` (decoded without Pillow, to
     the same pixels), anything else as a Pillow image.
     """
-    plain = open_plain(data, target)
+    plain = None
+    if is_jpeg(data):
+        plain = open_plain(data, target, _jpeg_layout(data))
+    elif data.startswith(PNG_SIGNATURE):
+        _check_png_chunks(data)
     if plain is not None and plain.full_size[0] * plain.full_size[1] <= max_pixels:
         return plain
     return _open_with_pillow(data, max_pixels=max_pixels, target=target)
+
+
+def _jpeg_layout(data: bytes) -> Layout:
+    """The JPEG's layout, refused when no encoder would have written it."""
+    layout = read_layout(data)
+    if layout.scans > MAX_SCANS:
+        raise InvalidImage(
+            f"the JPEG has more than {MAX_SCANS} scans (an encoder writes 1 to ~20), which "
+            "would take seconds to decode; re-save it as a baseline or ordinary progressive JPEG"
+        )
+    if layout.segments > MAX_LAYOUT_SEGMENTS:
+        raise InvalidImage(
+            f"the JPEG has more than {MAX_LAYOUT_SEGMENTS} marker segments (an encoder writes "
+            "under 50); re-save it with an ordinary encoder"
+        )
+    return layout
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG of more chunks than MAX_PNG_HEADER_CHUNKS before its image data or
+    MAX_PNG_CHUNKS in all (a walk of chunk headers, at most MAX_PNG_CHUNKS steps);
+    anything else wrong with it is Pillow's to find."""
+    i, end, chunks, in_header = len(PNG_SIGNATURE), len(data), 0, True
+    while i + 8 <= end:
+        chunks += 1
+        kind = data[i + 4 : i + 8]
+        in_header = in_header and kind != b"IDAT"
+        if chunks > (MAX_PNG_HEADER_CHUNKS if in_header else MAX_PNG_CHUNKS):
+            where = "before its image data" if in_header else "in all"
+            raise InvalidImage(
+                f"the PNG has more than {chunks - 1} chunks {where} (an encoder writes a "
+                "handful, and image data in chunks of 8 KiB or more); re-save it with an "
+                "ordinary encoder"
+            )
+        if kind == b"IEND":
+            return
+        i += 12 + int.from_bytes(data[i : i + 4], "big")  # length, type, data, CRC
+
+
+def decode_cost(opened: Opened) -> int:
+    """What decoding ``opened`` costs, in pixels of a baseline decode: the pixels it
+    decodes to, except for a progressive JPEG, whose every scan passes over the
+    full-resolution image whatever its reduced scale. Decides where it is decoded
+    (service.dataplane), not whether."""
+    width, height = opened.size
+    if isinstance(opened, PlainJpeg):
+        if not opened.layout.progressive:
+            return width * height
+        full_width, full_height = opened.full_size
+        scans = opened.layout.scans
+        return max(width * height, full_width * full_height * scans // _TYPICAL_SCANS)
+    if opened.format == "JPEG" and opened.info.get("progressive"):
+        # Pillow's draft hides the full size and the scans were not kept: the most they
+        # can be (a 1/8 scale, MAX_SCANS), i.e. decoded on the threads unless tiny.
+        return width * height * _MOST_REDUCTION * MAX_SCANS // _TYPICAL_SCANS
+    return width * height
 
 
 def _open_with_pillow(
@@ -161,6 +242,15 @@ def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = Non
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB (or L, which :func:`resize` turns into RGB for a third of
     the cost): EXIF orientation applied, alpha composited on white."""
+    # Some files decode but cannot be converted (a palette PNG whose tRNS has more
+    # entries than its PLTE: "palette index out of range"): still the client's file.
+    try:
+        return _to_rgb(img)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise InvalidImage(f"could not convert the image to RGB: {exc}") from None
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
     # In place: without an orientation tag there is nothing to do, and the default
     # (a copy of every image) cost ~3% of a worker's CPU under load.
     ImageOps.exif_transpose(img, in_place=True)

@@ -4,8 +4,10 @@ decode threads; the pixels are the same either way."""
 from __future__ import annotations
 
 import asyncio
+import struct
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
@@ -69,6 +71,44 @@ def test_lone_images_are_decoded_inline_unless_large(
     image: Image.Image, fmt: str, threads: int
 ) -> None:
     data = encode(image, fmt)
+    batch, submitted = decode([data])
+    assert submitted == threads
+    np.testing.assert_array_equal(batch, expected([data]))
+
+
+def scan_bomb(size: int, repeats: int) -> bytes:
+    """The reviewer's progressive JPEG whose last scan is repeated (5600², 300 repeats:
+    decoded to 700x700 at 1/8 scale, yet 20 s on the event loop)."""
+    data = encode(Image.new("L", (size, size), 128), "JPEG", progressive=True, quality=10)
+    dht, eoi = data.rfind(b"\xff\xc4"), data.rfind(b"\xff\xd9")
+    return data[:eoi] + data[dht:eoi] * repeats + b"\xff\xd9"
+
+
+def padded_png(image: Image.Image, extra: int) -> bytes:
+    """``image`` as a PNG with one ancillary chunk of ``extra`` bytes after its data."""
+    png = encode(image, "PNG")
+    iend = png.index(b"IEND") - 4
+    body = b"abCd" + b"\x00" * extra
+    chunk = struct.pack(">I", extra) + body + struct.pack(">I", zlib.crc32(body))
+    return png[:iend] + chunk + png[iend:]
+
+
+@pytest.mark.parametrize(
+    ("data", "threads"),
+    [
+        # 3000x3000 decoded at 1/8 (375x375 = 140,625 pixels), each of its scans a pass
+        # over 9,000,000: to a decode thread, where a baseline one stays inline
+        (encode(gradient(3000, 3000), "JPEG", progressive=True), 1),
+        (encode(gradient(3000, 3000), "JPEG"), 0),
+        (scan_bomb(2000, 40), 1),  # 40 repeats: under the scan limit, still costly
+        (encode(gradient(224, 224), "JPEG", progressive=True), 0),  # a small one is cheap
+        # 16 pixels in a 300 KB file: Pillow reads what follows the pixels as it decodes
+        (padded_png(gradient(4, 4), 300_000), 1),
+        (padded_png(gradient(4, 4), 100_000), 0),
+    ],
+    ids=["progressive", "baseline", "scan-bomb", "progressive-224", "big-file", "padded-file"],
+)
+def test_costly_files_of_few_pixels_use_the_decode_threads(data: bytes, threads: int) -> None:
     batch, submitted = decode([data])
     assert submitted == threads
     np.testing.assert_array_equal(batch, expected([data]))

@@ -4,6 +4,7 @@ and every file it should not take must still go through Pillow."""
 from __future__ import annotations
 
 import io
+import time
 
 import numpy as np
 import numpy.typing as npt
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.jpeg import PlainJpeg, open_plain
+from service.jpeg import MAX_LAYOUT_SEGMENTS, MAX_SCANS, PlainJpeg, open_plain, read_layout
 from service.preprocessing import (
     PreprocessSpec,
     _open_with_pillow,
@@ -142,10 +143,10 @@ def test_threads_decoding_at_once_each_get_their_own_pixels() -> None:
 
 
 def test_a_header_of_many_segments_is_left_to_pillow() -> None:
-    # Thousands of tiny segments before the scan: the fast path's header walk stops
+    # Hundreds of tiny segments before the scan: the fast path's header walk stops
     # early (it runs where the request arrived) and Pillow decodes the file.
     data = jpeg(photo(64, 64))
-    comments = b"\xff\xfe\x00\x03x" * 5000
+    comments = b"\xff\xfe\x00\x03x" * 400
     padded = data[:2] + comments + data[2:]
     assert open_plain(padded, SPEC.size) is None
     np.testing.assert_array_equal(
@@ -153,3 +154,52 @@ def test_a_header_of_many_segments_is_left_to_pillow() -> None:
     )
     few = data[:2] + b"\xff\xfe\x00\x03x" * 10 + data[2:]
     assert isinstance(open_plain(few, SPEC.size), PlainJpeg)
+
+
+def test_thousands_of_segments_are_refused() -> None:
+    # Each would be a Python step of Pillow's header walk, on the event loop.
+    data = jpeg(photo(64, 64))
+    padded = data[:2] + b"\xff\xfe\x00\x03x" * (MAX_LAYOUT_SEGMENTS + 1) + data[2:]
+    with pytest.raises(InvalidImage, match=f"more than {MAX_LAYOUT_SEGMENTS} marker segments"):
+        open_image(padded, max_pixels=BIG, target=SPEC.size)
+
+
+def scan_bomb(repeats: int, size: int = 1600) -> bytes:
+    """A progressive grey JPEG whose last scan (and its Huffman table) is repeated: each
+    copy is another pass over every coefficient (the reviewer's file: 5600², 300)."""
+    data = jpeg(Image.new("L", (size, size), 128), progressive=True, quality=10)
+    dht, eoi = data.rfind(b"\xff\xc4"), data.rfind(b"\xff\xd9")
+    return data[:eoi] + data[dht:eoi] * repeats + b"\xff\xd9"
+
+
+@pytest.mark.parametrize(
+    ("options", "scans", "progressive"),
+    [({}, 1, False), ({"progressive": True}, 10, True), ({"restart_marker_blocks": 1}, 1, False)],
+    ids=["baseline", "progressive", "restarts"],
+)
+def test_the_layout_counts_an_encoders_scans(
+    options: dict[str, object], scans: int, progressive: bool
+) -> None:
+    layout = read_layout(jpeg(photo(300, 200), **options))
+    assert (layout.scans, layout.progressive) == (scans, progressive)
+
+
+def test_markers_inside_segments_and_after_the_image_are_not_scans() -> None:
+    # An Exif thumbnail is a whole JPEG inside APP1, and cameras append a second image
+    # after EOI (MPF): neither is decoded, so neither counts.
+    data = jpeg(photo(64, 64))
+    thumbnail = jpeg(photo(32, 32), progressive=True) * 20
+    app1 = b"\xff\xe1" + (len(thumbnail) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + thumbnail
+    wrapped = data[:2] + app1 + data[2:] + jpeg(photo(32, 32), progressive=True) * 20
+    assert read_layout(wrapped).scans == 1
+    served = preprocess_bytes(wrapped, SPEC, max_pixels=BIG)
+    np.testing.assert_array_equal(served, preprocess_bytes(data, SPEC, max_pixels=BIG))
+
+
+def test_a_scan_bomb_is_refused_before_decoding() -> None:
+    started = time.monotonic()
+    with pytest.raises(InvalidImage, match=f"more than {MAX_SCANS} scans.*re-save it"):
+        open_image(scan_bomb(300), max_pixels=BIG, target=SPEC.size)
+    assert time.monotonic() - started < 0.1  # refused from the markers, not decoded
+    opened = open_image(scan_bomb(MAX_SCANS - 10), max_pixels=BIG, target=SPEC.size)
+    assert isinstance(opened, PlainJpeg) and opened.layout.scans <= MAX_SCANS

@@ -1,11 +1,24 @@
 from __future__ import annotations
 
+import struct
+import time
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.preprocessing import PreprocessSpec, preprocess_array, preprocess_bytes
+from service.preprocessing import (
+    MAX_PNG_CHUNKS,
+    MAX_PNG_HEADER_CHUNKS,
+    PNG_SIGNATURE,
+    PreprocessSpec,
+    decode_cost,
+    open_image,
+    preprocess_array,
+    preprocess_bytes,
+)
 from tests.helpers.images import encode, gradient
 
 SPEC = PreprocessSpec()
@@ -119,3 +132,79 @@ def test_spec_round_trips_through_the_card() -> None:
 def test_bad_arrays_are_refused(shape: tuple[int, ...]) -> None:
     with pytest.raises(InvalidImage):
         preprocess_array(np.zeros(shape, np.uint8), SPEC)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def palette_png(palette_entries: int, alpha_entries: int) -> bytes:
+    """A 4x4 palette PNG written by hand: Pillow's encoder would not write a tRNS chunk
+    longer than the palette."""
+    header = struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0)  # 8-bit palette
+    return (
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"PLTE", b"\x00\x80\xff" * palette_entries)
+        + png_chunk(b"tRNS", b"\x00" * alpha_entries)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 4 * 5))  # 4 rows: filter byte + 4
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_a_palette_png_is_composited_on_white() -> None:
+    out = preprocess_bytes(palette_png(2, 2), SPEC, max_pixels=BIG)
+    assert (out == 255).all()  # index 0, fully transparent
+
+
+@pytest.mark.parametrize("alpha_entries", [257, 300])
+def test_a_trns_chunk_longer_than_any_palette_is_invalid_not_a_crash(alpha_entries: int) -> None:
+    # Pillow decodes the file, then its conversion to RGBA raises ValueError("palette
+    # index out of range"): a 500 before.
+    with pytest.raises(InvalidImage, match="could not convert the image to RGB"):
+        preprocess_bytes(palette_png(2, alpha_entries), SPEC, max_pixels=BIG)
+
+
+def with_chunks(png: bytes, before: int, after: int) -> bytes:
+    """``png`` with empty ancillary chunks before its first IDAT and after its last."""
+    idat, iend = png.index(b"IDAT") - 4, png.index(b"IEND") - 4
+    empty = png_chunk(b"abCd", b"")
+    return png[:idat] + empty * before + png[idat:iend] + empty * after + png[iend:]
+
+
+def test_a_png_of_many_chunks_is_refused_before_pillow_reads_them() -> None:
+    png = encode(gradient(4, 4), "PNG")
+    # What an encoder might write passes: a few metadata chunks, a split image.
+    ordinary = with_chunks(png, 20, 20)
+    served = preprocess_bytes(ordinary, SPEC, max_pixels=BIG)
+    np.testing.assert_array_equal(served, preprocess_bytes(png, SPEC, max_pixels=BIG))
+    with pytest.raises(InvalidImage, match=f"more than {MAX_PNG_HEADER_CHUNKS} chunks before"):
+        open_image(with_chunks(png, MAX_PNG_HEADER_CHUNKS, 0), max_pixels=BIG)
+    with pytest.raises(InvalidImage, match=f"more than {MAX_PNG_CHUNKS} chunks in all"):
+        open_image(with_chunks(png, 0, MAX_PNG_CHUNKS), max_pixels=BIG)
+    # The reviewer's file: 874,000 empty chunks (10 MB) took 2.2 s to open.
+    started = time.monotonic()
+    with pytest.raises(InvalidImage):
+        open_image(with_chunks(png, 874_000, 0), max_pixels=BIG)
+    assert time.monotonic() - started < 0.1
+
+
+def progressive(width: int, height: int) -> bytes:
+    return encode(gradient(width, height), "JPEG", progressive=True)
+
+
+def test_a_progressive_jpegs_cost_counts_every_scan_at_full_resolution() -> None:
+    baseline = open_image(encode(gradient(2400, 2400), "JPEG"), max_pixels=BIG, target=SPEC.size)
+    assert baseline.size == (300, 300) and decode_cost(baseline) == 300 * 300
+    # Decoded to 300x300 as well, but each of its 10 scans passes over 2400x2400.
+    opened = open_image(progressive(2400, 2400), max_pixels=BIG, target=SPEC.size)
+    assert opened.size == (300, 300) and decode_cost(opened) == 2400 * 2400
+    small = open_image(progressive(224, 224), max_pixels=BIG, target=SPEC.size)
+    assert decode_cost(small) == 224 * 224
+    # Through Pillow (an Exif segment), whose draft hides the full size: the most it
+    # can be, so it is decoded on the decode threads.
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    data = encode(gradient(224, 224), "JPEG", progressive=True, exif=exif)
+    with_exif = open_image(data, max_pixels=BIG, target=SPEC.size)
+    assert isinstance(with_exif, Image.Image) and decode_cost(with_exif) > 100 * 224 * 224
