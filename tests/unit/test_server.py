@@ -94,6 +94,7 @@ def test_an_encrypted_tls_key_is_named_not_prompted_for(tmp_path: Path) -> None:
     plain = tmp_path / "plain.pem"
     subprocess.run(
         ["openssl", "pkey", "-in", str(key), "-passin", "pass:secret", "-out", str(plain)],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     )
     assert server._tls_problem(Settings(tls_certfile=cert, tls_keyfile=plain)) is None
