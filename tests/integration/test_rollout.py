@@ -220,8 +220,14 @@ def test_promote_on_a_latest_policy_pins_what_the_gateway_serves(tmp_path: Path)
         (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
         broken.rename(repo / "m" / "3")
         with server.client() as client:
-            eventually(lambda: client.get("/v1/models/m/versions/3").json()[
-                "model_version_status"][0]["state"] == "END")  # fmt: skip
+
+            def failed() -> bool:  # a 404 until a poll has seen the folder
+                answer = client.get("/v1/models/m/versions/3")
+                return answer.status_code == 200 and (
+                    answer.json()["model_version_status"][0]["state"] == "END"
+                )
+
+            eventually(failed)
         done = cnnserve(
             "promote", "m", "1", "--label", "canary", "--model-repository", str(repo),
             "--url", server.url,
