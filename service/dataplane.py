@@ -149,6 +149,10 @@ class DataPlane:
 
     # --- health ---------------------------------------------------------------------
 
+    def stopping(self) -> bool:
+        """The server is stopping: new gRPC calls are refused, running ones drain."""
+        return not self.accepting_calls
+
     def ready(self) -> bool:
         """This process is ready and so is every sibling worker (see service.readiness)."""
         return self.registry.is_ready() and self._readiness.all_ready()

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from service import metrics
-from service.errors import ClientClosedRequest, CnnserveError
+from service.errors import ClientClosedRequest, CnnserveError, Unavailable
 
 
 @dataclass
@@ -86,9 +86,13 @@ def recording(record: RequestRecord) -> Iterator[RequestRecord]:
 
 
 @contextmanager
-def recorded(record: RequestRecord) -> Iterator[RequestRecord]:
+def recorded(
+    record: RequestRecord, stopping: Callable[[], bool] = lambda: False
+) -> Iterator[RequestRecord]:
     """For transports without a status of their own to read (gRPC): make ``record``
-    current, then close it with 200, the error's HTTP status, or 500."""
+    current, then close it with 200, the error's HTTP status, or 500. A cancelled call
+    is the client's 499, unless the server was ``stopping``: then its stop cancelled it,
+    past the grace period (a 503, Unavailable's)."""
     code = 500
     try:
         with recording(record):
@@ -97,8 +101,8 @@ def recorded(record: RequestRecord) -> Iterator[RequestRecord]:
     except CnnserveError as exc:
         code = exc.http_status
         raise
-    except asyncio.CancelledError:  # the client cancelled the call: not a server error
-        code = ClientClosedRequest.http_status
+    except asyncio.CancelledError:  # not a server error
+        code = Unavailable.http_status if stopping() else ClientClosedRequest.http_status
         raise
     finally:
         finish(record, code)

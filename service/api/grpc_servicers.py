@@ -71,7 +71,7 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         connection = concurrency.peer(context.peer())
         retrying = connection.retrying(asyncio.get_running_loop().time())
         try:
-            with recorded(RequestRecord(rid, "grpc", "POST", route)):
+            with recorded(RequestRecord(rid, "grpc", "POST", route), self._plane.stopping):
                 if not self._plane.accepting_calls:
                     raise ShuttingDown("the server is shutting down; retry on another replica")
                 taken = concurrency.admit(connection)

@@ -265,3 +265,23 @@ def test_a_record_collects_what_the_core_notes_and_is_closed_once(
     assert line["request_id"] == "id-7" and line["status"] == 504
     assert (line["model"], line["version"], line["route"]) == ("rec", 5, route)
     assert line["timings_ms"] == {"decode": 2.0}
+
+
+def test_a_call_cancelled_by_the_servers_stop_is_not_the_clients_499() -> None:
+    """Calls still running when gRPC's stop ran out of grace were logged as 499 (the
+    client closed), which sent people looking at the clients."""
+    route = "/cnnserve.v1.ImageClassifier/Classify"
+    labels = {"protocol": "grpc", "route": route, "model": "", "version": ""}
+    before = {
+        code: value("cnnserve_requests_total", **labels, code=code) for code in ("499", "503")
+    }
+    for stopping, code in ((False, "499"), (True, "503")):
+        with (
+            pytest.raises(asyncio.CancelledError),
+            requestlog.recorded(
+                requestlog.RequestRecord("id", "grpc", "POST", route=route),
+                stopping.__bool__,
+            ),
+        ):
+            raise asyncio.CancelledError
+        assert value("cnnserve_requests_total", **labels, code=code) == before[code] + 1
