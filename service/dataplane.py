@@ -138,7 +138,6 @@ class DataPlane:
         self.concurrency = concurrency or worker_limit(settings)
         # False once the server is stopping: gRPC calls are refused with UNAVAILABLE.
         self.accepting_calls = True
-        self.last_refusal_at = 0.0  # event-loop time of the last call refused as stopping
         self.registry = registry
         self._pool = decode_pool
         self._readiness = readiness or WorkerReadiness(None, 1)

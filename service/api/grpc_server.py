@@ -115,34 +115,21 @@ async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None 
     return server
 
 
-# How long new calls are refused with UNAVAILABLE before the server itself stops: at
-# least the first, then until none was refused for the second, at most the third.
+# How long new calls are refused with UNAVAILABLE before the server itself stops.
 REFUSAL_WINDOW_SECONDS = 0.5
-QUIET_SECONDS = 0.1
-MAX_REFUSAL_WINDOW_SECONDS = 3.0
 
 
 async def stop_grpc(
     server: Any, grace_seconds: float = 5.0, plane: DataPlane | None = None
 ) -> None:
-    """Refuse new calls and give running ones ``grace_seconds`` (in all) to finish.
+    """Refuse new calls and give running ones ``grace_seconds`` to finish.
 
-    First our handlers refuse new calls with UNAVAILABLE (retry elsewhere) for a window:
-    gRPC's own stop() answers calls that reached it but no handler yet with CANCELLED
-    (grpc/grpc#41785), which clients do not read as "try another replica". Under load
-    the event loop reaches calls late, so a fixed half second left some (13 of 16
-    busy threads' last calls): the window lasts until no call was refused for
-    QUIET_SECONDS, within MAX_REFUSAL_WINDOW_SECONDS and the grace period."""
+    First our handlers refuse new calls with UNAVAILABLE (retry elsewhere) for a short
+    window: gRPC's own stop() answers calls that reached it but no handler yet with
+    CANCELLED (grpc/grpc#41785), which clients do not read as "try another replica"."""
     if server is None:
         return
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     if plane is not None:
         plane.accepting_calls = False
-        longest = min(MAX_REFUSAL_WINDOW_SECONDS, grace_seconds)
-        await asyncio.sleep(min(REFUSAL_WINDOW_SECONDS, longest))
-        while (
-            loop.time() - started < longest and loop.time() - plane.last_refusal_at < QUIET_SECONDS
-        ):
-            await asyncio.sleep(QUIET_SECONDS / 2)
-    await server.stop(max(0.0, grace_seconds - (loop.time() - started)))
+        await asyncio.sleep(min(REFUSAL_WINDOW_SECONDS, grace_seconds))
+    await server.stop(grace_seconds)

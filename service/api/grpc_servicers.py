@@ -73,7 +73,6 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
         try:
             with recorded(RequestRecord(rid, "grpc", "POST", route), self._plane.stopping):
                 if not self._plane.accepting_calls:
-                    self._plane.last_refusal_at = asyncio.get_running_loop().time()
                     raise ShuttingDown("the server is shutting down; retry on another replica")
                 taken = concurrency.admit(connection)
                 if taken is None:
