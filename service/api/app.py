@@ -199,8 +199,11 @@ def ready_line(registry: Registry, settings: Settings) -> str:
         version = registry.resolve(name, None, None)
         served.append(f"{name} version {version.version} ({version.runtime.name})")
     grpc = f"gRPC {settings.host}:{settings.grpc_port}" if settings.grpc_port else "gRPC off"
+    scheme = "https" if settings.tls_certfile else "http"
+    if settings.tls_certfile and settings.grpc_port:
+        grpc += " (TLS)"
     return (
-        f"ready: serving {', '.join(served)}; REST http://{settings.host}:{settings.port} "
+        f"ready: serving {', '.join(served)}; REST {scheme}://{settings.host}:{settings.port} "
         f"(API docs at /docs), {grpc}"
     )
 

@@ -144,6 +144,9 @@ def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path) -> None:
     }
     with running_server(tiny_repo, grpc_port=0, env=env, tls_ca=cert) as server:
         assert server.url.startswith("https://")
+        ready = [line for line in server.log.read_text().splitlines() if "ready: serving" in line]
+        assert ready and f"REST https://127.0.0.1:{server.port}" in ready[0], ready
+        assert "(TLS)" in ready[0]
         with server.client() as client:
             response = client.post("/v1/classify", content=PNG, headers=PNG_TYPE)
             assert response.status_code == 200, response.text
