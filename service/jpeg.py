@@ -51,9 +51,13 @@ _MARKERS = frozenset({*range(0x01, 0xD0), *range(0xD8, 0xFF)})  # the same bytes
 # the 40 Mpx pixel limit to ~1.5 s of a decode thread (~0.55 ms a scan per Mpx), twice
 # that when libjpeg-turbo objects to the repeats and Pillow decodes the file again.
 MAX_SCANS = 64
-# Marker segments walked in all: a header's 5-20, and a DHT and an SOS per scan. A file
+# Small marker segments walked: a header's 5-20, and a DHT and an SOS per scan. A file
 # of thousands of tiny segments would cost a Python step each wherever it is read.
+# Segments of SMALL_SEGMENT bytes or more do not count: their number is bounded by the
+# body's size, and metadata comes in such segments (Photoshop's extended XMP: hundreds
+# of 64 KB APP1s in a 35 MB file, which gRPC takes).
 MAX_LAYOUT_SEGMENTS = 512
+SMALL_SEGMENT = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +67,7 @@ class Layout:
     # SOS segments before EOI; the walk stops once over MAX_SCANS, or at the first of a
     # sequential (not progressive) frame
     scans: int
-    segments: int  # marker segments walked; stops once over MAX_LAYOUT_SEGMENTS
+    segments: int  # small marker segments walked; stops once over MAX_LAYOUT_SEGMENTS
     progressive: bool  # a progressive frame: every scan passes over the full image
     # The header, to the first scan, is one this module decodes: no Exif segment (an
     # orientation to apply), marker after marker, in at most _MAX_SEGMENTS segments.
@@ -138,10 +142,10 @@ def read_layout(data: bytes) -> Layout:
     MAX_LAYOUT_SEGMENTS steps and, for a progressive JPEG, one search through the
     entropy-coded data (~7 µs for 17 KB, ~100 µs for 220 KB). A sequential one ends at
     its first scan (~2 µs)."""
-    scans = segments = 0
+    scans = segments = small = 0
     progressive, plain = False, True
     i, end = 2, len(data)
-    while scans <= MAX_SCANS and segments <= MAX_LAYOUT_SEGMENTS:
+    while scans <= MAX_SCANS and small <= MAX_LAYOUT_SEGMENTS:
         if i + 1 >= end or data[i] != 0xFF or data[i + 1] not in _MARKERS:
             # Entropy-coded data; in the header fill bytes (FF FF) or junk
             plain = plain and (scans > 0 or data[i : i + 2] == b"\xff\xff")
@@ -158,8 +162,11 @@ def read_layout(data: bytes) -> Layout:
         ):
             plain = False
         if marker in _STANDALONE:
+            small += 1
             i += 2
             continue
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
+        small += length < SMALL_SEGMENT
         if marker == _SOS:
             scans += 1
             if not progressive:
@@ -169,5 +176,5 @@ def read_layout(data: bytes) -> Layout:
                 break
         elif marker in _PROGRESSIVE_FRAMES:
             progressive = True
-        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
-    return Layout(scans, segments, progressive, plain_header=plain and scans > 0)
+        i += 2 + length
+    return Layout(scans, small, progressive, plain_header=plain and scans > 0)

@@ -20,6 +20,7 @@ from service.errors import ImageTooLarge, InvalidImage
 from service.jpeg import (
     MAX_LAYOUT_SEGMENTS,
     MAX_SCANS,
+    SMALL_SEGMENT,
     Layout,
     PlainJpeg,
     is_jpeg,
@@ -65,12 +66,16 @@ SUPPORTED_HUMAN = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pillow reads a PNG's chunks one by one in Python (~2.5 µs each): those before the
-# image data when its header is read (on the event loop), the rest when it is decoded.
-# A 10 MB file of 874,000 empty chunks held the loop for 2.5 s. Encoders write a handful
-# of chunks before IDAT, and split the data into IDATs of 8-64 KiB (libpng: 8 KiB, 1,280
-# for a 10 MiB body), so these limits refuse only made-up files.
+# image data when its header is read (on the event loop), the rest when it is decoded
+# (up to IEND, or an APNG's next frame). A 10 MB file of 874,000 empty chunks held the
+# loop for 2.5 s. Encoders write a handful of chunks before IDAT and split the data into
+# IDATs of 4-64 KiB (FFmpeg 4 KiB, libpng 8 KiB): only chunks under SMALL_PNG_CHUNK
+# bytes count towards MAX_PNG_CHUNKS, so a large PNG (35 MB over gRPC: 4,328 IDATs) is
+# never refused for its size, and neither is a long APNG (whose later frames Pillow
+# never reads), while a file of tiny chunks is.
 MAX_PNG_HEADER_CHUNKS = 256
 MAX_PNG_CHUNKS = 4096
+SMALL_PNG_CHUNK = 1024
 # Decoding cost of a progressive JPEG: each scan passes over the full-resolution
 # coefficients, and an encoder's ~10 scans cost about one full-resolution decode.
 _TYPICAL_SCANS = 10
@@ -149,31 +154,38 @@ def _jpeg_layout(data: bytes) -> Layout:
         )
     if layout.segments > MAX_LAYOUT_SEGMENTS:
         raise InvalidImage(
-            f"the JPEG has more than {MAX_LAYOUT_SEGMENTS} marker segments (an encoder writes "
-            "under 50); re-save it with an ordinary encoder"
+            f"the JPEG has more than {MAX_LAYOUT_SEGMENTS} marker segments of under "
+            f"{SMALL_SEGMENT} bytes (an encoder writes under 50); re-save it with an "
+            "ordinary encoder"
         )
     return layout
 
 
 def _check_png_chunks(data: bytes) -> None:
-    """Refuse a PNG of more chunks than MAX_PNG_HEADER_CHUNKS before its image data or
-    MAX_PNG_CHUNKS in all (a walk of chunk headers, at most MAX_PNG_CHUNKS steps);
-    anything else wrong with it is Pillow's to find."""
-    i, end, chunks, in_header = len(PNG_SIGNATURE), len(data), 0, True
+    """Refuse a PNG of more chunks than MAX_PNG_HEADER_CHUNKS before its image data, or
+    of more than MAX_PNG_CHUNKS small ones among those Pillow reads (a walk of chunk
+    headers); anything else wrong with it is Pillow's to find."""
+    i, end, chunks, small, in_header = len(PNG_SIGNATURE), len(data), 0, 0, True
     while i + 8 <= end:
         chunks += 1
+        length = int.from_bytes(data[i : i + 4], "big")
         kind = data[i + 4 : i + 8]
+        if kind == b"IEND" or (kind == b"fcTL" and not in_header):
+            return  # the end, or an APNG's next frame: Pillow reads no further
         in_header = in_header and kind != b"IDAT"
-        if chunks > (MAX_PNG_HEADER_CHUNKS if in_header else MAX_PNG_CHUNKS):
-            where = "before its image data" if in_header else "in all"
+        small += length < SMALL_PNG_CHUNK
+        if in_header and chunks > MAX_PNG_HEADER_CHUNKS:
             raise InvalidImage(
-                f"the PNG has more than {chunks - 1} chunks {where} (an encoder writes a "
-                "handful, and image data in chunks of 8 KiB or more); re-save it with an "
-                "ordinary encoder"
+                f"the PNG has more than {MAX_PNG_HEADER_CHUNKS} chunks before its image "
+                "data (an encoder writes a handful); re-save it with an ordinary encoder"
             )
-        if kind == b"IEND":
-            return
-        i += 12 + int.from_bytes(data[i : i + 4], "big")  # length, type, data, CRC
+        if small > MAX_PNG_CHUNKS:
+            raise InvalidImage(
+                f"the PNG has more than {MAX_PNG_CHUNKS} chunks of under {SMALL_PNG_CHUNK} "
+                "bytes (encoders write image data in chunks of 4 KiB or more); re-save it "
+                "with an ordinary encoder"
+            )
+        i += 12 + length  # length, type, data, CRC
 
 
 def decode_cost(opened: Opened) -> int:

@@ -12,7 +12,14 @@ import pytest
 from PIL import Image
 
 from service.errors import ImageTooLarge, InvalidImage
-from service.jpeg import MAX_LAYOUT_SEGMENTS, MAX_SCANS, PlainJpeg, open_plain, read_layout
+from service.jpeg import (
+    MAX_LAYOUT_SEGMENTS,
+    MAX_SCANS,
+    SMALL_SEGMENT,
+    PlainJpeg,
+    open_plain,
+    read_layout,
+)
 from service.preprocessing import (
     PreprocessSpec,
     _open_with_pillow,
@@ -162,6 +169,17 @@ def test_thousands_of_segments_are_refused() -> None:
     padded = data[:2] + b"\xff\xfe\x00\x03x" * (MAX_LAYOUT_SEGMENTS + 1) + data[2:]
     with pytest.raises(InvalidImage, match=f"more than {MAX_LAYOUT_SEGMENTS} marker segments"):
         open_image(padded, max_pixels=BIG, target=SPEC.size)
+
+
+def test_many_large_metadata_segments_are_not_refused() -> None:
+    """Photoshop's extended XMP comes in 64 KB APP1s, hundreds in a file that gRPC
+    takes (35 MB): counted, they refused a file that decodes as ever."""
+    data = jpeg(photo(64, 64))
+    xmp = b"\xff\xe1" + (2 + SMALL_SEGMENT).to_bytes(2, "big") + b"x" * SMALL_SEGMENT
+    padded = data[:2] + xmp * (MAX_LAYOUT_SEGMENTS + 10) + data[2:]
+    np.testing.assert_array_equal(
+        preprocess_bytes(padded, SPEC, max_pixels=BIG), preprocess_bytes(data, SPEC, max_pixels=BIG)
+    )
 
 
 def scan_bomb(repeats: int, size: int = 1600) -> bytes:
