@@ -174,21 +174,23 @@ def read_repository(repository: Path) -> list[ModelConfig]:
 
 
 def version_fingerprint(version_dir: Path) -> Fingerprint:
-    """Relative path, size and mtime of the folder and of every file and folder in it, in
-    name order ((0, 0) for a folder that is missing).
+    """Relative path, size and mtime of the folder, of each entry in it and of each
+    entry in the folders a load reads (variables/, assets.extra/), in name order
+    ((0, 0) for a folder that is missing).
 
-    Every file counts: a version that failed for its labels.txt (or any file inside
-    assets.extra/ or variables/) is retried once that file is fixed in place, which a
-    folder's own mtime does not show. A version folder holds a handful of files, so this
-    is a few stats per poll; the walk stops after MAX_FINGERPRINT_ENTRIES entries (a
-    folder that large is not a version anyone fixes one file at a time).
+    A version that failed for its labels.txt (or any file a load reads) is retried once
+    that file is fixed in place, which a folder's own mtime does not show. Other folders
+    count by their own entry only: a version folder's docs/ of hundreds of files cost a
+    sorted walk every poll, in every worker (6x the idle CPU for 50 such versions), and
+    filled the cap before assets.extra/ was reached. At most MAX_FINGERPRINT_ENTRIES
+    entries a folder.
     """
     try:
         st = version_dir.stat()
     except OSError:
         return (0, 0)
     stats: list[int | str] = [st.st_mtime_ns, st.st_size]
-    for relative, entry in _walk(version_dir):
+    for relative, entry in _entries(version_dir):
         try:
             st = entry.stat(follow_symlinks=True)
         except OSError:  # gone or dangling since listed: still a change to notice
@@ -199,26 +201,24 @@ def version_fingerprint(version_dir: Path) -> Fingerprint:
 
 
 MAX_FINGERPRINT_ENTRIES = 256
+LOADED_FOLDERS = ("assets.extra", "variables")  # what a load reads besides the .pb files
 
 
-def _walk(folder: Path) -> list[tuple[str, os.DirEntry[str]]]:
-    """Entries under ``folder`` (its subfolders too, not through links), by relative
-    path, at most MAX_FINGERPRINT_ENTRIES."""
-    found: list[tuple[str, os.DirEntry[str]]] = []
-    pending = [("", folder)]
-    while pending and len(found) < MAX_FINGERPRINT_ENTRIES:
-        prefix, current = pending.pop()
-        try:
-            with os.scandir(current) as entries:
-                listed = sorted(entries, key=lambda e: e.name)
-        except OSError:
-            continue
-        for entry in listed[: MAX_FINGERPRINT_ENTRIES - len(found)]:
-            relative = prefix + entry.name
-            found.append((relative, entry))
-            if entry.is_dir(follow_symlinks=False):
-                pending.append((relative + "/", Path(entry.path)))
+def _entries(folder: Path) -> list[tuple[str, os.DirEntry[str]]]:
+    """The entries of ``folder`` and of its LOADED_FOLDERS, by relative path."""
+    found = _listing(folder, "")
+    for name in LOADED_FOLDERS:
+        found += _listing(folder / name, name + "/")
     return sorted(found, key=lambda item: item[0])
+
+
+def _listing(folder: Path, prefix: str) -> list[tuple[str, os.DirEntry[str]]]:
+    try:
+        with os.scandir(folder) as entries:
+            listed = sorted(entries, key=lambda e: e.name)
+    except OSError:
+        return []
+    return [(prefix + e.name, e) for e in listed[:MAX_FINGERPRINT_ENTRIES]]
 
 
 # --- what a version folder carries beside the SavedModel --------------------------------
@@ -258,7 +258,7 @@ def load_card(version_dir: Path) -> dict[str, Any]:
     """
     path = version_dir / ASSETS_EXTRA / CARD_FILE
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
+        card = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError

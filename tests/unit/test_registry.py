@@ -178,6 +178,9 @@ def test_a_present_card_must_be_readable(
         with caplog.at_level(logging.WARNING, logger="service.repository"):
             assert read_card(folder) == {}
         assert "ignoring" in caplog.text
+    # A byte order mark (Windows editors write one) is not a broken card.
+    card.write_text('{"name": "m"}', encoding="utf-8-sig")
+    assert load_card(folder) == {"name": "m"}
     card.unlink()
     assert load_card(folder) == {}  # foreign SavedModels have none
 
@@ -196,12 +199,20 @@ def test_the_fingerprint_covers_every_file_of_a_version(template: Path, tmp_path
     os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 1_000_000_000))
     assert version_fingerprint(folder) != after_labels
     assert version_fingerprint(tmp_path / "missing") == (0, 0)
-    # Bounded: a folder of thousands of files costs at most MAX_FINGERPRINT_ENTRIES stats.
-    crowd = folder / "assets.extra" / "crowd"
-    crowd.mkdir()
+    # Other folders count by their own entry: a docs/ of hundreds of files filled the
+    # cap before assets.extra/ was reached (and cost a walk every poll).
+    docs = folder / "docs"
+    docs.mkdir()
+    for i in range(MAX_FINGERPRINT_ENTRIES + 50):
+        (docs / f"{i:05d}").touch()
+    crowded = version_fingerprint(folder)
+    assert len(crowded) < 3 * 40  # the version's own dozen entries, docs/ as one
+    labels.write_text("cat\ndog\nbird\nfish\n")
+    assert version_fingerprint(folder) != crowded
+    # Bounded: a loaded folder of thousands of files costs at most the cap in stats.
     for i in range(MAX_FINGERPRINT_ENTRIES * 2):
-        (crowd / f"{i:05d}").touch()
-    assert len(version_fingerprint(folder)) <= 2 + 3 * MAX_FINGERPRINT_ENTRIES
+        (folder / "assets.extra" / f"extra-{i:05d}").touch()
+    assert len(version_fingerprint(folder)) <= 2 + 3 * 3 * MAX_FINGERPRINT_ENTRIES
 
 
 def test_warmup_reader_replays_serving_default_and_refuses_corrupt_files(
