@@ -144,9 +144,6 @@ def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path) -> None:
     }
     with running_server(tiny_repo, grpc_port=0, env=env, tls_ca=cert) as server:
         assert server.url.startswith("https://")
-        ready = [line for line in server.log.read_text().splitlines() if "ready: serving" in line]
-        assert ready and f"REST https://127.0.0.1:{server.port}" in ready[0], ready
-        assert "(TLS)" in ready[0]
         with server.client() as client:
             response = client.post("/v1/classify", content=PNG, headers=PNG_TYPE)
             assert response.status_code == 200, response.text
@@ -159,6 +156,13 @@ def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path) -> None:
             stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(plain)
             with pytest.raises(grpc.RpcError):
                 stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
+
+        def ready_lines() -> list[str]:  # the log is flushed as the access log is written
+            return [line for line in server.log.read_text().splitlines() if "ready:" in line]
+
+        eventually(lambda: bool(ready_lines()))
+        assert f"REST https://127.0.0.1:{server.port}" in ready_lines()[0], ready_lines()
+        assert "(TLS)" in ready_lines()[0]
 
 
 def _stalled_classify(server: Server, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.RpcError:
