@@ -97,7 +97,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
             f"{args.model_repository} (versions there: {sorted(on_disk) or 'none'})"
         )
     else:
-        serving = GatewayStatus(args.url, args.timeout).serving(args.model)
+        serving = GatewayStatus(args.url, args.timeout, _auth(settings)).serving(args.model)
     steps = plan(
         text, args.model_repository, args.model, args.version, args.label, on_disk, serving
     )
@@ -113,7 +113,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         wait = (
             TFServingStatus(client, args.timeout)
             if client is not None
-            else GatewayStatus(args.url, args.timeout)
+            else GatewayStatus(args.url, args.timeout, _auth(settings))
         )
     try:
         promote(
@@ -222,7 +222,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from service.verify_clients import GrpcServer, RestServer
 
     images = load_images(args.data, args.data_dir, args.limit)
-    server = GrpcServer(args.grpc) if args.grpc else RestServer(args.url)
+    server = GrpcServer(args.grpc) if args.grpc else RestServer(args.url, _auth(settings))
     try:
         report = run_verify(
             server,
@@ -245,3 +245,10 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         server.close()
     return 0 if report.passed else 1
+
+
+def _auth(settings: Settings) -> dict[str, str]:
+    """The gateway's own API key (CNNSERVE_API_KEYS or its file, as the server reads
+    them) for the commands that call its REST API: with keys on, every call was a 401."""
+    keys = settings.keys()
+    return {"authorization": f"Bearer {min(keys)}"} if keys else {}

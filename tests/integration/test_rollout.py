@@ -238,6 +238,19 @@ def test_promote_on_a_latest_policy_pins_what_the_gateway_serves(tmp_path: Path)
         assert 'key: "canary" value: 1' in text
 
 
+def test_promote_uses_the_gateways_own_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With API keys on, promote's status calls were 401s: it waited in vain. It reads
+    the key as the server does (CNNSERVE_API_KEYS or the key file)."""
+    repo = two_versions(tmp_path)
+    env = {"CNNSERVE_API_KEYS": "rollout-key"}
+    with running_server(repo, args=("--poll-seconds", "0.2"), env=env) as server:
+        monkeypatch.setenv("CNNSERVE_API_KEYS", "rollout-key")
+        done = promote(repo, "canary", "--url", server.url, "--timeout", "60")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "m version 2 is AVAILABLE" in done.stdout
+        assert 'key: "canary" value: 2' in (repo / "models.config").read_text()
+
+
 def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     repo = two_versions(tmp_path)
     done = promote(repo, "canary", "--url", "http://127.0.0.1:9", "--timeout", "5")
