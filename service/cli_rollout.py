@@ -250,5 +250,8 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
 def _auth(settings: Settings) -> dict[str, str]:
     """The gateway's own API key (CNNSERVE_API_KEYS or its file, as the server reads
     them) for the commands that call its REST API: with keys on, every call was a 401."""
-    keys = settings.keys()
+    try:
+        keys = settings.keys()
+    except ValueError as exc:  # an unreadable key file, or one that holds no key
+        raise PromotionError(str(exc)) from None
     return {"authorization": f"Bearer {min(keys)}"} if keys else {}
