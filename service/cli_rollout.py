@@ -77,6 +77,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         raise PromotionError(f"cannot read {path}: {exc.strerror}") from None
     on_disk = set(published_versions(text, args.model_repository, args.model))
     client: Any = None
+    gateway: GatewayStatus | None = None
     serving: set[int] | None = None
     if args.tfserving:
         from service.runtimes.tfserving import TFServingClient
@@ -97,7 +98,8 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
             f"{args.model_repository} (versions there: {sorted(on_disk) or 'none'})"
         )
     else:
-        serving = GatewayStatus(args.url, args.timeout, _auth(settings)).serving(args.model)
+        gateway = GatewayStatus(args.url, args.timeout, _auth(settings))
+        serving = gateway.serving(args.model)
     steps = plan(
         text, args.model_repository, args.model, args.version, args.label, on_disk, serving
     )
@@ -110,11 +112,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
 
     wait: Any = None
     if not args.no_wait:
-        wait = (
-            TFServingStatus(client, args.timeout)
-            if client is not None
-            else GatewayStatus(args.url, args.timeout, _auth(settings))
-        )
+        wait = TFServingStatus(client, args.timeout) if client is not None else gateway
     try:
         promote(
             steps,

@@ -145,8 +145,10 @@ def damaged_artifact(record: Mapping[str, Any], path: Path) -> str | None:
     if isinstance(recorded, str):
         if file_digest(path) != recorded:
             return f"{path.name} is not the artifact export verified (sha256 differs)"
-    elif isinstance(record.get("bytes"), int) and path.stat().st_size != record["bytes"]:
-        return f"{path.name} is {path.stat().st_size} bytes, export wrote {record['bytes']}"
+    elif isinstance(record.get("bytes"), int):
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            return f"{path.name} is {size} bytes, export wrote {record['bytes']}"
     return None
 
 
