@@ -75,6 +75,12 @@ RETRY_AT_ONCE_SECONDS: float = Settings.model_fields["retry_at_once_seconds"].de
 # Refusals answered without waiting may owe tokens up to this many seconds' worth: the
 # wait they add to the spinning clients' stays within Retry-After (1 s).
 MAX_REFUSAL_DEBT_SECONDS = 1.0
+# A worker borrows its siblings' unused places up to this many times its own limit: the
+# limit is what its own event loop answers within the budget, and places borrowed do not
+# make that loop faster. Unbounded, a client whose 128 connections the kernel split
+# 118/10 had the first worker hold all 118 (its limit cut to 16, its sibling's at 512,
+# never full): every answer took ~100 ms and none was refused, at 4x the load.
+BORROW_FACTOR = 2
 MAX_PEERS = 4096  # gRPC connections whose refusals are remembered (ConcurrencyLimit.peer)
 
 
@@ -105,6 +111,7 @@ class ConcurrencyLimit:
         self._clock = clock
         self._siblings = siblings
         self._peers: dict[str, ConnectionRefusals] = {}
+        self._moving = False  # the last refusal found room in a sibling worker
         self._retry_at_once = retry_at_once
         self._publish()
         # Refusals are paced by a token bucket: ``_rate`` a second, bursts of ``_burst``.
@@ -151,9 +158,10 @@ class ConcurrencyLimit:
     def admits(self) -> bool:
         """Whether a request arriving now gets a place: under this worker's limit, or,
         at it, a place the replica's other workers leave unused (service.siblings), up
-        to the cap. At the limit the window notes that it was full (what lets
-        :func:`next_limit` raise it). For a refusal decided before :meth:`try_acquire`
-        (service.api.http.EarlyRefusal) as for its own."""
+        to :data:`BORROW_FACTOR` times its limit and the cap. At the limit the window
+        notes that it was full (what lets :func:`next_limit` raise it). For a refusal
+        decided before :meth:`try_acquire` (service.api.http.EarlyRefusal) as for its
+        own; a refusal while a sibling has room moves its client (:meth:`refusal`)."""
         if self.in_flight < self.limit:
             return True
         self._full = True
@@ -161,9 +169,11 @@ class ConcurrencyLimit:
         if siblings is None:
             return False
         now = self._clock()
-        if self.in_flight < self.cap and siblings.spare(now) > 0:
+        room = siblings.spare(now) > 0
+        if room and self.in_flight < min(self.cap, BORROW_FACTOR * self.limit):
             return True
         siblings.refused(now)
+        self._moving = room
         return False
 
     def release(self, taken: float) -> None:
@@ -223,14 +233,23 @@ class ConcurrencyLimit:
             self._lag_samples += 1
 
     def refusal(self) -> Overloaded:
-        """What a request refused by :meth:`try_acquire` is told (and counted as)."""
+        """What a request refused by :meth:`try_acquire` is told (and counted as).
+        Refused while a sibling worker has room, the client is moved: its HTTP
+        connection is closed after the 503, and its next one may land on that sibling
+        (the kernel gives a new connection to whichever worker accepts first, most
+        often one that is not busy). A keep-alive connection otherwise stays where it
+        landed: a client that opened its connections at once saw them split 118/10."""
         metrics.observe_shed("", "concurrency")
+        moving, self._moving = self._moving, False
+        if moving:
+            metrics.observe_moved_connection()
         return Overloaded(
             f"this worker is handling {self.in_flight} requests, its limit now "
             f"(CNNSERVE_MAX_CONCURRENT_REQUESTS caps it; it adapts to "
             f"CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS); retry after the Retry-After delay "
             f"({Overloaded.retry_after} s) or send to another replica",
             reason="concurrency",
+            move=moving,
         )
 
     def refusal_delay(self, retrying: bool = True) -> float:

@@ -212,10 +212,18 @@ class Overloaded(CnnserveError):
     retry_after = 1
 
     def __init__(
-        self, message: str, *, detail: str | None = None, reason: str = "queue_full"
+        self,
+        message: str,
+        *,
+        detail: str | None = None,
+        reason: str = "queue_full",
+        move: bool = False,
     ) -> None:
         super().__init__(message, detail=detail)
         self.reason = reason
+        # Close the HTTP connection after the answer: another worker of the replica has
+        # room (service.concurrency.ConcurrencyLimit.refusal).
+        self.move = move
 
 
 class DeadlineExceeded(CnnserveError):

@@ -124,6 +124,11 @@ BORROWED_PLACES = Counter(
     "Requests admitted over their worker's own concurrency limit, on places its sibling "
     "workers left unused (connections are split between workers unevenly).",
 )
+MOVED_CONNECTIONS = Counter(
+    "cnnserve_concurrency_moved_connections",
+    "HTTP connections closed after a 503 because another worker of the replica had room: "
+    "the client's next connection may land there (connections are split unevenly).",
+)
 HEADERS_TOO_LARGE = Counter(
     "cnnserve_headers_too_large",
     "Connections closed with a 431 because a request's line and headers went over "
@@ -303,6 +308,12 @@ def observe_borrowed_place() -> None:
     """A worker at its concurrency limit admitted a request on a sibling's unused place
     (service.siblings)."""
     BORROWED_PLACES.inc()
+
+
+def observe_moved_connection() -> None:
+    """A refused client's connection is closed so that it may land on a sibling worker
+    (service.concurrency)."""
+    MOVED_CONNECTIONS.inc()
 
 
 def observe_headers_too_large() -> None:

@@ -21,6 +21,13 @@ request took it back, and the replica held more than its limits (measured: at 4x
 load the limits fell to their floor and goodput by a quarter). A worker that dies leaves
 its last numbers until its replacement takes the slot (uvicorn restarts it within
 seconds) and clears it.
+
+A worker borrows up to twice its own limit (service.concurrency.BORROW_FACTOR): a
+client that opened 128 connections at once found 118 of them on one worker, which
+borrowed its sibling's 500 unused places and answered all 118 in ~100 ms, refusing
+none. Past that, while a sibling has room, its refusals close the connection: the
+client's next connection lands on whichever worker accepts it first, most often the
+one that is not busy.
 """
 
 from __future__ import annotations

@@ -92,6 +92,8 @@ def error_response(error: CnnserveError, path: str = "") -> JSONResponse:
         headers["WWW-Authenticate"] = 'Bearer realm="cnnserve"'
     if isinstance(error, MethodNotAllowed) and error.allow:
         headers["Allow"] = error.allow
+    if isinstance(error, Overloaded) and error.move:
+        headers["Connection"] = "close"  # uvicorn and the HTTP protocol close after it
     body: dict[str, Any] = error.to_dict()
     if speaks_tf_serving(path):
         body = {"error": error.public_message()}

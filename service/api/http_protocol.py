@@ -59,6 +59,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, cast
 
 import httptools
@@ -141,10 +142,17 @@ class JoinedWrites:
     goes through here, so the order on the wire is the order written.
     """
 
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        defer_close: Callable[[], bool] | None = None,
+    ) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
+        # Asked before closing: True when the protocol closes later (a lingering close).
+        self._defer_close = defer_close
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         held = self._held
@@ -165,6 +173,8 @@ class JoinedWrites:
             self._transport.write(held)
 
     def close(self) -> None:
+        if self._defer_close is not None and self._defer_close():
+            return
         self.flush()
         self._transport.close()
 
@@ -218,6 +228,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _header_bytes = 0  # of them, counted from whole reads inside them
     _requests = 0  # requests begun on the connection: tells a read inside one request
     _in_message = False  # between a request's first byte and its end
+    _close_at_end = False  # close once the answered request's body is in (_linger)
+    _no_linger = False  # the next close is at once (a timeout, a shutdown, a lingering end)
     # A chunk header was parsed and no body byte since: any byte that comes before one
     # is in the trailer section (only the last chunk, of size 0, has no data).
     _after_last_chunk = False
@@ -233,7 +245,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _unreadable = False  # the parser refused what arrived: the connection is done
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(cast(asyncio.Transport, JoinedWrites(transport, self.loop)))
+        writes = JoinedWrites(transport, self.loop, self._linger)
+        super().connection_made(cast(asyncio.Transport, writes))
         self.flow = HeldFlow(self.transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
@@ -406,12 +419,45 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._start_direct()
         elif not self._dropping:
             super().on_message_complete()
+        elif self._close_at_end:  # answered, closing: its body is in (_linger)
+            self._no_linger = True
+            self.transport.close()
 
     def _unread_late(self) -> None:
         """The rest of an answered request's body did not come in time: close."""
         self._unread_timer = None
         if self._in_message and not self.transport.is_closing():
+            self._no_linger = True
             self.transport.close()
+
+    def _linger(self) -> bool:
+        """Whether to put off closing the connection (asked by its transport's close):
+        a request was answered, and the connection is to close after it (the client
+        asked to, as urllib always does, or the answer says so), while its body is still
+        coming. Closed with the body unread, the kernel resets the connection and the
+        client may lose the answer itself (a 404 or a 503 to a 4 MB upload came out as
+        "connection reset by peer"). So the rest is read and dropped, and the connection
+        closes when it is in, or when it is late (``CNNSERVE_BODY_READ_TIMEOUT_SECONDS``
+        from the answer), as nginx's lingering close does."""
+        if (
+            self._no_linger
+            or self._unreadable
+            or not self._in_message
+            or self._in_headers
+            or self._receiving is not None
+            or self._answering()
+        ):
+            return False
+        self._no_linger = True  # the next close is the last
+        self._dropping = self._close_at_end = True
+        if self._unread_timer is None:
+            self._unread_timer = self.loop.call_later(self._body_seconds, self._unread_late)
+        self.flow.resume_reading()
+        return True
+
+    def shutdown(self) -> None:
+        self._no_linger = True  # the server stops: closed now, as uvicorn does
+        super().shutdown()
 
     # --- the direct path (service.api.direct_classify) ---------------------------------
 
@@ -458,6 +504,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         try:
             status, headers, body = await self._direct.answer(request)
             request.response_complete = True
+            if status == 503 and _closes(headers):  # a refusal moving its client
+                request.keep_alive = False
             if not request.disconnected and not self.transport.is_closing():
                 self._answer(status, headers, body, request.keep_alive)
         finally:
@@ -472,6 +520,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._receiving = None
         request.response_complete = True
         status, headers, body = self._direct.timed_out(request)
+        self._no_linger = True  # its body is what is late
         self._answer(status, headers, body, keep_alive=False)
         self._direct.done(request, status)
 
@@ -509,6 +558,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         refused, keep_alive, timer = self._refusal
         timer.cancel()
         self._refusal = None
+        # Closing after it (the client asked to, or a refusal moving its client to
+        # another worker: service.concurrency) once its body is in (_linger).
+        keep_alive = keep_alive and not _closes(refused.headers)
         self._answer(503, refused.headers, refused.body, keep_alive)
         self._refusals.refused(self.loop.time())
         refused.answered()
@@ -523,7 +575,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         content = [STATUS_LINE[status]]
         for name, value in [*self.server_state.default_headers, *headers]:
             content.extend([name, b": ", value, b"\r\n"])
-        if not keep_alive:
+        if not keep_alive and not _closes(headers):
             content.append(b"connection: close\r\n")
         content.extend([b"\r\n", body])
         self.transport.write(b"".join(content))
@@ -578,6 +630,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _headers_too_large(self) -> None:
         self._in_headers = False  # counted once; nothing more is read
+        self._no_linger = True
         metrics.observe_headers_too_large()
         if self._answering():
             # A pipelined request is being answered: no 431 in the middle of its answer;
@@ -610,3 +663,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         metrics.observe_header_timeout()
         answer = error_response(timeout_error(self._header_seconds))
         self._answer(408, answer.raw_headers, bytes(answer.body), keep_alive=False)
+
+
+def _closes(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's headers say the connection closes after it (a refusal that
+    moves its client to another worker: service.concurrency)."""
+    return any(name.lower() == b"connection" and v.lower() == b"close" for name, v in headers)

@@ -11,6 +11,7 @@ import os
 import random
 import socket
 import struct
+import threading
 import time
 import zlib
 
@@ -638,8 +639,13 @@ def read_answer(sock: socket.socket) -> bytes:
             b"Transfer-Encoding: chunked\r\n\r\n",
             b"415",
         ),
+        (  # closing after the answer: its body is still read first, within the timeout
+            b"POST /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            b"Content-Length: 100000\r\n\r\n",
+            b"404",
+        ),
     ],
-    ids=["404", "healthz-with-body", "415-chunked"],
+    ids=["404", "healthz-with-body", "415-chunked", "404-connection-close"],
 )
 def test_the_rest_of_an_answered_body_must_come_in_time(
     server: Server, request_head: bytes, status: bytes
@@ -657,6 +663,36 @@ def test_the_rest_of_an_answered_body_must_come_in_time(
         started = time.monotonic()
         rest = read_answer(sock)  # returns once the server closes (recv times out if not)
         assert time.monotonic() - started < BOUND and rest == b""
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        (b"/nope", b"404"),
+        (b"/v1/classify?top_k=abc", b"400"),
+        (b"/v1/models/nope:predict", b"400"),  # not JSON: refused at the headers
+    ],
+    ids=["unknown-path", "bad-query", "predict-not-json"],
+)
+def test_an_early_answer_to_a_client_closing_its_connection_is_not_reset(
+    server: Server, path: bytes, status: bytes
+) -> None:
+    """Answered before its 4 MB body is in, a client that asked to close (urllib always
+    does) gets the whole answer, then the end of the connection: the server reads the
+    body first. Closed with it unread, the kernel reset the connection and the client
+    saw "connection reset by peer" instead of its 404."""
+    body = bytes(4 << 20)
+    request = (
+        b"POST %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: image/png\r\nContent-Length: %d\r\n\r\n" % (path, len(body))
+    ) + body
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(request,))
+        sender.start()  # the answer comes while most of the body is still unsent
+        answer = read_answer(sock)  # a reset would raise here
+        sender.join(timeout=BOUND)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert b"connection: close" in answer.lower()
 
 
 @pytest.mark.parametrize(

@@ -367,3 +367,124 @@ def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_c
         assert shed_counts(server).get("concurrency", 0) >= shed_before + 3
         text = httpx.get(server.url + "/metrics", timeout=10).text  # counted by its route
         assert re.search(r'cnnserve_requests_total\{[^}]*route="/v1/models/\{model\}"', text)
+
+
+def test_a_refusal_to_a_client_closing_its_connection_is_read_whole_not_reset(
+    tiny_repo_litert: Path,
+) -> None:
+    """A client that sends ``Connection: close`` (urllib does, on every request) and is
+    refused as its headers are parsed gets the whole 503 and then the end of the
+    connection: the server reads its body before closing. Closed with the body unread,
+    the kernel reset the connection and the client saw no 503 at all."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1"}
+    body = bytes(4 << 20)  # refused at its headers: never decoded
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: image/png\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    with full_worker(tiny_repo_litert, env) as server:
+        for body_later in (True, False):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+                if body_later:  # the 503 comes first, then the client sends its body
+                    client.sendall(head)
+                    answer, _, rest = read_response(client)
+                    client.sendall(body)
+                else:  # all at once: the server refuses with most of it unread
+                    sender = threading.Thread(target=client.sendall, args=(head + body,))
+                    sender.start()
+                    answer, _, rest = read_response(client)
+                    sender.join(timeout=30)
+                assert answer.startswith(b"HTTP/1.1 503"), answer
+                assert b"connection: close" in answer.lower()
+                while part := client.recv(65536):  # a reset would raise here
+                    rest += part
+                assert rest == b""
+
+
+def _refused_or_served(port: int, *, body_later: bool = False) -> tuple[bytes, bytes]:
+    """REQUEST on a new connection: (the answer's head, what followed on the connection
+    until the server closed it, or b"open" if it stayed open). ``body_later``: send the
+    headers, and the body only once a refusal at the headers has come (b"" if none came
+    in 2 s: the request holds a place on a worker with room)."""
+    head, _, body = REQUEST.partition(b"\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        if body_later:
+            sock.sendall(head + b"\r\n\r\n")
+            sock.settimeout(2.0)
+            try:
+                early = sock.recv(65536)
+            except TimeoutError:
+                return b"", b"open"
+            sock.settimeout(30)
+            sock.sendall(body)  # after the 503: closing with it unread would reset
+            answer, _, rest = read_response(sock, early)
+        else:
+            sock.sendall(REQUEST)
+            answer, _, rest = read_response(sock)
+        if b"connection: close" not in answer.lower():
+            return answer, b"open"
+        while part := sock.recv(65536):  # a reset here would raise
+            rest += part
+        return answer, rest
+
+
+def test_a_worker_at_its_limit_sends_refused_clients_to_a_sibling_with_room(
+    tiny_repo_litert: Path,
+) -> None:
+    """The kernel splits connections between workers as they are accepted, and keep-alive
+    holds them there: a client that opened its connections at once could find one worker
+    refusing while the other had room. A refusal while a sibling has room closes the
+    connection after the 503 (read whole, never reset, even when the body comes after
+    the refusal) so that the client's next connection may land on the sibling; once
+    every worker is full, refusals keep the connection."""
+    env = {
+        "CNNSERVE_WORKERS": "2",
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1",
+        "CNNSERVE_MAX_REFUSALS_PER_SECOND": "0",
+        "CNNSERVE_ADMIT_AT": "headers",  # a request whose body has not come holds its place
+    }
+    head = REQUEST.partition(b"\r\n\r\n")[0]
+    holders: list[socket.socket] = []
+    with running_server(tiny_repo_litert, env=env) as server:
+        try:
+            holders.append(socket.create_connection(("127.0.0.1", server.port)))
+            holders[0].sendall(head + b"\r\n\r\n")  # holds a place on one worker
+            moved: list[tuple[bytes, bytes]] = []
+
+            def refused_on_the_full_worker(body_later: bool) -> bool:
+                answer, after = _refused_or_served(server.port, body_later=body_later)
+                if answer.startswith(b"HTTP/1.1 503"):
+                    moved.append((answer, after))
+                    return True
+                # It landed on the other worker (b"": held there, its body never sent).
+                assert answer == b"" or answer.startswith(b"HTTP/1.1 200"), answer
+                return False
+
+            eventually(lambda: refused_on_the_full_worker(False), timeout=60)
+            eventually(lambda: refused_on_the_full_worker(True), timeout=60)
+            for answer, after in moved:
+                assert b"connection: close" in answer.lower(), answer
+                assert b"retry-after: 1" in answer.lower()
+                assert after == b"", after  # closed after the whole 503: nothing else
+
+            def both_full() -> bool:
+                # Another holder lands on either worker: on the free one it holds it.
+                holder = socket.create_connection(("127.0.0.1", server.port))
+                holder.sendall(head + b"\r\n\r\n")
+                holders.append(holder)
+                answer, after = _refused_or_served(server.port)
+                return after == b"open" and answer.startswith(b"HTTP/1.1 503")
+
+            eventually(both_full, timeout=60)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                for _ in range(2):  # no room anywhere: the refusal keeps the connection
+                    sock.sendall(REQUEST)
+                    answer, _, _ = read_response(sock)
+                    assert answer.startswith(b"HTTP/1.1 503")
+                    assert b"connection: close" not in answer.lower()
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+            assert re.search(r"^cnnserve_concurrency_moved_connections_total [1-9]", metrics, re.M)
+        finally:
+            for holder in holders:
+                holder.close()

@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
-from service.concurrency import ConcurrencyLimit
+from service.api.http import error_response
+from service.concurrency import BORROW_FACTOR, ConcurrencyLimit
 from service.siblings import COLUMNS, LEND_AFTER_SECONDS, SIBLINGS_DIR_ENV, TABLE, Siblings
 
 BORROWED = "cnnserve_concurrency_borrowed_total"
+MOVED = "cnnserve_concurrency_moved_connections_total"
 
 
 def test_each_worker_takes_its_own_slot_and_sees_the_replica_sums(tmp_path: Path) -> None:
@@ -108,3 +110,30 @@ def test_without_siblings_a_worker_keeps_to_its_limit() -> None:
     alone.limit = 2
     assert alone.try_acquire() is not None and alone.try_acquire() is not None
     assert alone.try_acquire() is None
+
+
+def test_a_worker_borrows_up_to_twice_its_limit_and_moves_refused_clients_to_room(
+    tmp_path: Path,
+) -> None:
+    busy = ConcurrencyLimit(64, siblings=Siblings(tmp_path, 2))
+    idle = ConcurrencyLimit(64, siblings=Siblings(tmp_path, 2))
+    busy.limit, idle.limit = 4, 12  # the busy worker's answers are slower: a lower limit
+    idle.release(idle.try_acquire() or 0.0)  # publishes its limit
+    moved = REGISTRY.get_sample_value(MOVED) or 0.0
+    # Its own 4 and 4 borrowed (BORROW_FACTOR x its limit), though the idle one leaves
+    # 12: places borrowed do not make its event loop faster.
+    taken = [busy.try_acquire() for _ in range(BORROW_FACTOR * 4)]
+    assert None not in taken
+    assert not busy.admits()
+    refusal = busy.refusal()  # the sibling has room: the client is sent there
+    assert refusal.move and REGISTRY.get_sample_value(MOVED) == moved + 1
+    response = error_response(refusal, "/v1/classify")
+    assert response.status_code == 503 and response.headers["connection"] == "close"
+    assert busy.try_acquire() is None and busy.refusal().move  # each refusal decides anew
+    held = [idle.try_acquire() for _ in range(12)]  # the sibling fills up and refuses
+    assert None not in held and idle.try_acquire() is None
+    assert busy.try_acquire() is None
+    refusal = busy.refusal()
+    assert not refusal.move and "connection" not in error_response(refusal).headers
+    busy.leave()
+    idle.leave()
