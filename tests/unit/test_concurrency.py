@@ -10,6 +10,7 @@ import pytest
 from service import concurrency as module
 from service.concurrency import (
     BUDGET_SHARE,
+    INITIAL_FLOORS,
     RETRY_AT_ONCE_SECONDS,
     ConcurrencyLimit,
     ConnectionRefusals,
@@ -74,8 +75,9 @@ def rounds(limit: ConcurrencyLimit, clock: Clock, held: int, seconds: float, n: 
 def test_the_limit_follows_the_latency_of_answers() -> None:
     clock = Clock()
     limit = ConcurrencyLimit(512, budget=0.05, floor=8, clock=clock)
-    rounds(limit, clock, held=64, seconds=0.9 * BUDGET_SHARE * 0.05, n=10)
-    assert limit.limit == 512  # within the worker's share of the budget: untouched
+    assert limit.limit == INITIAL_FLOORS * 8  # it starts low, not at the cap
+    rounds(limit, clock, held=64, seconds=0.9 * BUDGET_SHARE * 0.05, n=100)
+    assert limit.limit >= 64  # full, within the worker's share of the budget: raised
     rounds(limit, clock, held=64, seconds=0.2, n=10)
     assert 8 <= limit.limit < 64  # answers slower than the budget: fewer admitted
     rounds(limit, clock, held=600, seconds=1.0, n=30)
@@ -110,8 +112,8 @@ def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:
     clock = Clock()
     limit = ConcurrencyLimit(100, budget=0.05, floor=8, clock=clock)
     rounds(limit, clock, held=1, seconds=0.2, n=40)  # alone: 200 ms each
-    rounds(limit, clock, held=40, seconds=0.2 + 0.9 * BUDGET_SHARE * 0.05, n=5)  # no cut
-    assert limit.limit == 100
+    rounds(limit, clock, held=40, seconds=0.2 + 0.9 * BUDGET_SHARE * 0.05, n=5)
+    assert limit.limit > INITIAL_FLOORS * 8  # within the target: raised, not cut
     rounds(limit, clock, held=40, seconds=0.5, n=5)
     assert limit.limit < 40
 
@@ -132,7 +134,7 @@ def test_a_worker_limit_follows_the_settings() -> None:
     )
     clock = Clock()
     limit = worker_limit(settings, clock)
-    assert (limit.cap, limit.limit) == (256, 256)
+    assert (limit.cap, limit.limit) == (256, 16)  # starting at twice its floor
     rounds(limit, clock, held=300, seconds=1.0, n=40)
     assert limit.limit == 8  # the floor is half a batch
 
