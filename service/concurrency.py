@@ -247,8 +247,6 @@ class ConcurrencyLimit:
         landed: a client that opened its connections at once saw them split 118/10."""
         metrics.observe_shed("", "concurrency")
         moving, self._moving = self._moving, False
-        if moving:
-            metrics.observe_moved_connection()
         return Overloaded(
             f"this worker is handling {self.in_flight} requests, its limit now "
             f"(CNNSERVE_MAX_CONCURRENT_REQUESTS caps it; it adapts to "

@@ -94,6 +94,9 @@ def error_response(error: CnnserveError, path: str = "") -> JSONResponse:
         headers["Allow"] = error.allow
     if isinstance(error, Overloaded) and error.move:
         headers["Connection"] = "close"  # uvicorn and the HTTP protocol close after it
+        metrics.observe_moved_connection()  # counted here: gRPC connections are not moved
+    if isinstance(error, RequestTimeout):
+        headers["Connection"] = "close"  # the body is late: the connection is done
     body: dict[str, Any] = error.to_dict()
     if speaks_tf_serving(path):
         body = {"error": error.public_message()}

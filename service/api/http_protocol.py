@@ -153,8 +153,11 @@ class JoinedWrites:
         self._held: bytes | None = None
         # Asked before closing: True when the protocol closes later (a lingering close).
         self._defer_close = defer_close
+        self.status = b""  # the status of the last response head written
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if data[:9] == b"HTTP/1.1 ":
+            self.status = bytes(data[9:12])
         held = self._held
         if held is not None:
             self._held = None
@@ -245,8 +248,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _unreadable = False  # the parser refused what arrived: the connection is done
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        writes = JoinedWrites(transport, self.loop, self._linger)
-        super().connection_made(cast(asyncio.Transport, writes))
+        self._writes = JoinedWrites(transport, self.loop, self._linger)
+        super().connection_made(cast(asyncio.Transport, self._writes))
         self.flow = HeldFlow(self.transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
@@ -441,6 +444,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         from the answer), as nginx's lingering close does."""
         if (
             self._no_linger
+            or self._writes.status == b"408"  # the body is what was late
             or self._unreadable
             or not self._in_message
             or self._in_headers
@@ -582,6 +586,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not keep_alive:
             self.transport.close()
 
+    def _answered(self) -> bool:
+        """Whether the request in progress has had its whole answer (uvicorn's cycle)."""
+        return self.cycle is not None and self.cycle.response_complete
+
     def _answering(self) -> bool:
         """Whether a request's answer is still being written (uvicorn's cycle)."""
         return self.cycle is not None and not self.cycle.response_complete
@@ -624,6 +632,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             return
         if self.transport.is_closing():
+            return
+        if self._in_message and not self._in_headers and (self._dropping or self._answered()):
+            # The body of a request already answered: an error now would be an answer
+            # nobody asked for. The connection just closes.
+            self._no_linger = True
+            self.transport.close()
             return
         answer = error_response(error)
         self._answer(status, answer.raw_headers, bytes(answer.body), keep_alive=False)

@@ -4,6 +4,7 @@ and the server stays ready."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import io
 import json
@@ -14,6 +15,7 @@ import struct
 import threading
 import time
 import zlib
+from pathlib import Path
 
 import grpc
 import httpx
@@ -26,7 +28,7 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.tfserving_proto import to_tensor_proto
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, eventually, read_response
+from tests.helpers.server import Server, eventually, read_response, running_server
 
 BOUND = 10.0  # seconds any answer may take on a loaded 2-core machine (generous)
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -586,6 +588,60 @@ def test_slow_client_body_is_cut_off_with_408(server: Server) -> None:
         assert time.monotonic() - started < BOUND
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_timeout" in answer or b"\r\n\r\n" in answer
+
+
+@pytest.mark.parametrize("closing", [b"", b"Connection: close\r\n"], ids=["keep-alive", "close"])
+def test_a_408_for_a_late_body_closes_the_connection_at_once(
+    tiny_repo_litert: Path, closing: bytes
+) -> None:
+    """A body still dribbling when the read timeout ends it gets its 408 on the ASGI route
+    (chunked) and the connection closes then: the rest is not waited for a second time
+    (it was, for another whole timeout, however the client had asked to end)."""
+    timeout = 4.0
+    env = {"CNNSERVE_BODY_READ_TIMEOUT_SECONDS": str(timeout)}
+    with (
+        running_server(tiny_repo_litert, env=env) as slow,
+        socket.create_connection(("127.0.0.1", slow.port), timeout=BOUND) as sock,
+    ):
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            + closing
+            + b"Transfer-Encoding: chunked\r\n\r\n"
+        )
+        sock.settimeout(0.25)
+        answer, answered_at = b"", None
+        while True:  # a chunk a quarter second, until the server closes
+            with contextlib.suppress(OSError):
+                sock.sendall(b"1\r\na\r\n")
+            try:
+                part = sock.recv(4096)
+            except TimeoutError:
+                continue
+            if not part:
+                break
+            answer += part
+            answered_at = answered_at or time.monotonic()
+        closed_at = time.monotonic()
+    assert answer.startswith(b"HTTP/1.1 408") and b"connection: close" in answer.lower()
+    assert answered_at is not None and closed_at - answered_at < timeout / 2, answer[:300]
+
+
+@pytest.mark.parametrize("closing", [b"", b"Connection: close\r\n"], ids=["keep-alive", "close"])
+def test_a_malformed_rest_of_an_answered_body_gets_no_second_answer(
+    server: Server, closing: bytes
+) -> None:
+    """Answered before its body was in (a 404), a request whose dropped body then turns
+    out malformed ends the connection; no 400 follows the 404, an answer nobody asked
+    for."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(
+            b"POST /nope HTTP/1.1\r\nHost: x\r\n" + closing + b"Transfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nabcde\r\n"
+        )
+        head, _, rest = read_response(sock)
+        assert head.startswith(b"HTTP/1.1 404"), head
+        sock.sendall(b"zz-not-hex\r\n")
+        assert rest + read_answer(sock) == b""
 
 
 def closed_early(server: Server) -> float:
