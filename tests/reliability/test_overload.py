@@ -443,6 +443,7 @@ def test_a_worker_at_its_limit_sends_refused_clients_to_a_sibling_with_room(
         "CNNSERVE_MAX_CONCURRENT_REQUESTS": "1",
         "CNNSERVE_MAX_REFUSALS_PER_SECOND": "0",
         "CNNSERVE_ADMIT_AT": "headers",  # a request whose body has not come holds its place
+        "CNNSERVE_BODY_READ_TIMEOUT_SECONDS": "300",  # and holds it for the whole test
     }
     head = REQUEST.partition(b"\r\n\r\n")[0]
     holders: list[socket.socket] = []
