@@ -156,13 +156,14 @@ class JoinedWrites:
         self.status = b""  # the status of the last response head written
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        if data[:9] == b"HTTP/1.1 ":
+        head = data[:9] == b"HTTP/1.1 "
+        if head:
             self.status = bytes(data[9:12])
         held = self._held
         if held is not None:
             self._held = None
             self._transport.write(held + data)
-        elif data[:9] == b"HTTP/1.1 " and data[9:10] != b"1" and data[-4:] == b"\r\n\r\n":
+        elif head and data[9:10] != b"1" and data[-4:] == b"\r\n\r\n":
             self._held = bytes(data)
             self._loop.call_soon(self.flush)
         else:
@@ -423,7 +424,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         elif not self._dropping:
             super().on_message_complete()
         elif self._close_at_end:  # answered, closing: its body is in (_linger)
-            self._no_linger = True
             self.transport.close()
 
     def _unread_late(self) -> None:
@@ -524,8 +524,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._receiving = None
         request.response_complete = True
         status, headers, body = self._direct.timed_out(request)
-        self._no_linger = True  # its body is what is late
-        self._answer(status, headers, body, keep_alive=False)
+        self._answer(status, headers, body, keep_alive=False)  # a 408: not lingered
         self._direct.done(request, status)
 
     def connection_lost(self, exc: Exception | None) -> None:
