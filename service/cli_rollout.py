@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.cli_types import POSITIVE, at_least, folder_or_new
+from service.cli_types import POSITIVE, at_least, folder_or_new, pem_certificates
 from service.config import Settings
 from service.errors import (
     BackendUnavailable,
@@ -55,6 +55,7 @@ def add_promote(
     p.add_argument(
         "--url", default=DEFAULT_URL, help="gateway whose status is waited on (repository mode)"
     )
+    add_ca_cert(p, "an https:// --url")
     p.add_argument("--timeout", type=POSITIVE, default=300.0, help="seconds to wait for AVAILABLE")
     p.add_argument(
         "--no-wait",
@@ -98,7 +99,7 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
             f"{args.model_repository} (versions there: {sorted(on_disk) or 'none'})"
         )
     else:
-        gateway = GatewayStatus(args.url, args.timeout, _auth(settings))
+        gateway = GatewayStatus(args.url, args.timeout, _auth(settings), ca_cert=args.ca_cert)
         serving = gateway.serving(args.model)
     steps = plan(
         text, args.model_repository, args.model, args.version, args.label, on_disk, serving
@@ -178,6 +179,12 @@ def add_verify(
     where.add_argument(
         "--grpc", metavar="ADDRESS", default=None, help="gRPC Predict (gateway or TF Serving)"
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="--grpc over TLS (REST's follows --url's scheme)",
+    )
+    add_ca_cert(p, "an https:// --url and --tls")
     p.add_argument("--model", default=None, help="default: the server's default model")
     pin = p.add_mutually_exclusive_group()
     pin.add_argument("--version", type=int, default=None, help="default: what answers first")
@@ -220,7 +227,16 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from service.verify_clients import GrpcServer, RestServer
 
     images = load_images(args.data, args.data_dir, args.limit)
-    server = GrpcServer(args.grpc) if args.grpc else RestServer(args.url, _auth(settings))
+    if args.tls and not args.grpc:
+        print(
+            "cnnserve verify: --tls is for --grpc (REST's follows --url's scheme)", file=sys.stderr
+        )
+        return 2
+    server: GrpcServer | RestServer
+    if args.grpc:
+        server = GrpcServer(args.grpc, metadata=_auth(settings), tls=args.tls, ca_cert=args.ca_cert)
+    else:
+        server = RestServer(args.url, _auth(settings), ca_cert=args.ca_cert)
     try:
         report = run_verify(
             server,
@@ -245,9 +261,21 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.passed else 1
 
 
+def add_ca_cert(p: argparse.ArgumentParser, used_for: str) -> None:
+    p.add_argument(
+        "--ca-cert",
+        type=pem_certificates,
+        default=None,
+        metavar="PEM",
+        help=f"certificates to trust for {used_for}, e.g. a gateway's self-signed "
+        "CNNSERVE_TLS_CERTFILE (default: the system's roots)",
+    )
+
+
 def _auth(settings: Settings) -> dict[str, str]:
     """The gateway's own API key (CNNSERVE_API_KEYS or its file, as the server reads
-    them) for the commands that call its REST API: with keys on, every call was a 401."""
+    them) for the commands that call its API (REST header, gRPC metadata): with keys
+    on, every call was a 401 / UNAUTHENTICATED."""
     try:
         keys = settings.keys()
     except ValueError as exc:  # an unreadable key file, or one that holds no key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,6 +70,18 @@ def folder_or_new(text: str) -> Path:
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; give a folder to write into")
     return path
+
+
+def pem_certificates(text: str) -> Path:
+    """A file of PEM certificates to trust (a client's --ca-cert): read and parsed here,
+    so a wrong path or a key given for a certificate is one line, not a TLS error later."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=text)
+    except ssl.SSLError:
+        raise argparse.ArgumentTypeError(f"{text}: no PEM certificate in it") from None
+    except OSError as exc:  # missing, unreadable
+        raise argparse.ArgumentTypeError(f"{text}: {exc.strerror}") from None
+    return Path(text)
 
 
 def model_name(text: str) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 
+from service.client_trust import https_verify
 from service.config_edit import set_labels, set_specific_versions, validate
 from service.errors import NoServer, PromotionError, VersionFailedToLoad
 from service.repository import ModelConfig, version_dirs
@@ -230,16 +231,26 @@ class GatewayStatus:
     """Waits on a gateway's TF-Serving-style status routes, each answer on a new
     connection (any of its workers may answer; all must have moved)."""
 
-    def __init__(self, url: str, timeout: float, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        timeout: float,
+        headers: dict[str, str] | None = None,
+        *,
+        ca_cert: Path | None = None,
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise PromotionError(f"--url {url!r} needs its scheme, e.g. http://127.0.0.1:8000")
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.headers = headers or {}
+        self._verify = https_verify(ca_cert)
 
     def _get(self, path: str) -> httpx.Response:
         try:
-            return httpx.get(f"{self.url}{path}", timeout=5, headers=self.headers)
+            return httpx.get(
+                f"{self.url}{path}", timeout=5, headers=self.headers, verify=self._verify
+            )
         except httpx.HTTPError as exc:
             raise NoServer(f"no gateway answers at {self.url} ({exc})") from None
 

@@ -7,10 +7,12 @@ import io
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from PIL import Image
 
+from service.client_trust import grpc_credentials, https_verify
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, OUTPUT_NAME
 from service.errors import DatasetError
 
@@ -60,7 +62,12 @@ class RestServer:
     """POST /v1/classify with several images per request (multipart), top_k=1."""
 
     def __init__(
-        self, url: str, headers: dict[str, str] | None = None, notices: TextIO = sys.stderr
+        self,
+        url: str,
+        headers: dict[str, str] | None = None,
+        notices: TextIO = sys.stderr,
+        *,
+        ca_cert: Path | None = None,
     ) -> None:
         import httpx
 
@@ -68,7 +75,9 @@ class RestServer:
             raise DatasetError(f"--url {url!r} needs its scheme, e.g. http://localhost:8000")
         self.url = url.rstrip("/")
         self.notices = notices
-        self._client = httpx.Client(base_url=self.url, timeout=60, headers=headers or {})
+        self._client = httpx.Client(
+            base_url=self.url, timeout=60, headers=headers or {}, verify=https_verify(ca_cert)
+        )
 
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         """One request, checked (:func:`_checked`); no answer at all is a DatasetError
@@ -120,16 +129,29 @@ class GrpcServer:
     """TF Serving's PredictionService.Predict on the encoded-bytes signature, so the
     check also runs against a TF Serving itself (whose graph then decodes)."""
 
-    def __init__(self, address: str, notices: TextIO = sys.stderr) -> None:
+    def __init__(
+        self,
+        address: str,
+        notices: TextIO = sys.stderr,
+        *,
+        metadata: dict[str, str] | None = None,
+        tls: bool = False,
+        ca_cert: Path | None = None,
+    ) -> None:
         import grpc
 
         from service.proto_gen.tensorflow_serving.apis import prediction_service_pb2_grpc
 
         self.url = address
         self.notices = notices
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
+        # gRPC metadata keys are lower case (an API key's "authorization").
+        self._metadata = tuple((key.lower(), value) for key, value in (metadata or {}).items())
+        options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if tls:
+            credentials = grpc_credentials(ca_cert)
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
         self._stub = prediction_service_pb2_grpc.PredictionServiceStub(  # type: ignore[no-untyped-call]
             self._channel
         )
@@ -146,7 +168,10 @@ class GrpcServer:
         request = get_model_status_pb2.GetModelStatusRequest()
         request.model_spec.name = model
         request.model_spec.version_label = label
-        answer = with_retries(lambda: _grpc_call(stub.GetModelStatus, request, 30), self.notices)
+        answer = with_retries(
+            lambda: _grpc_call(stub.GetModelStatus, request, 30, self._metadata, self.url),
+            self.notices,
+        )
         return int(answer.model_version_status[0].version)
 
     def classify(
@@ -176,7 +201,10 @@ class GrpcServer:
                 string_val=list(images),
             )
         )
-        answer = with_retries(lambda: _grpc_call(self._stub.Predict, request, 60), self.notices)
+        answer = with_retries(
+            lambda: _grpc_call(self._stub.Predict, request, 60, self._metadata, self.url),
+            self.notices,
+        )
         probabilities = to_ndarray(answer.outputs[OUTPUT_NAME], OUTPUT_NAME)
         top = probabilities.argmax(axis=1)
         served = [(int(c), float(probabilities[i, c])) for i, c in enumerate(top)]
@@ -186,16 +214,27 @@ class GrpcServer:
         self._channel.close()
 
 
-def _grpc_call(method: Callable[..., T], request: Any, timeout: float) -> T:
+def _grpc_call(
+    method: Callable[..., T],
+    request: Any,
+    timeout: float,
+    metadata: tuple[tuple[str, str], ...],
+    address: str,
+) -> T:
     import grpc
 
     try:
-        return method(request, timeout=timeout)
+        return method(request, timeout=timeout, metadata=metadata)
     except grpc.RpcError as exc:
         answer = f"the server answered {exc.code().name}: {exc.details()}"
         trailers = dict(exc.trailing_metadata() or ())
         if "retry-after" in trailers:  # shed for load, not a message too large
             raise Shed(answer, _wait(trailers["retry-after"])) from None
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:  # no connection: a TLS mismatch too
+            raise DatasetError(
+                f"no answer from {address} ({exc.details()}): is the server running, and "
+                "does it serve TLS (--tls, --ca-cert) or not?"
+            ) from None
         raise DatasetError(answer) from None
 
 

@@ -119,6 +119,18 @@ def running_server(
         server.stop()
 
 
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key (openssl), for a server speaking TLS."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def eventually(predicate: Callable[[], bool], timeout: float = 60) -> None:
     """Poll a condition on a server (its state, not the clock) until it holds."""
     deadline = time.monotonic() + timeout

@@ -25,7 +25,7 @@ from service.cli import main
 from service.launch import free_port
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, write_models_config
-from tests.helpers.server import ROOT, Server, eventually, running_server
+from tests.helpers.server import ROOT, Server, eventually, running_server, self_signed
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,10 @@ def cnnserve(*args: str) -> Done:
     stdout and stderr as a person would see them."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's one-line errors
+            code = int(exc.code or 0)
     return Done(code, out.getvalue(), err.getvalue())
 
 
@@ -246,6 +249,62 @@ def test_promote_uses_the_gateways_own_key(tmp_path: Path, monkeypatch: pytest.M
     with running_server(repo, args=("--poll-seconds", "0.2"), env=env) as server:
         monkeypatch.setenv("CNNSERVE_API_KEYS", "rollout-key")
         done = promote(repo, "canary", "--url", server.url, "--timeout", "60")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "m version 2 is AVAILABLE" in done.stdout
+        assert 'key: "canary" value: 2' in (repo / "models.config").read_text()
+
+
+def test_verify_and_promote_reach_a_gateway_with_keys_and_tls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With API keys and TLS on, `verify` (REST and gRPC) and `promote` send the
+    gateway's own key (gRPC's as metadata: it had sent none) and trust the certificate
+    given as --ca-cert. Without it, without --tls, or without the key: one clear error,
+    exit 2 (verify's "cannot check"), never the gate's 1 or a traceback."""
+    repo = two_versions(tmp_path)
+    shutil.copytree(DEFAULT_VERSION, repo / "fashion_mnist" / "1")
+    fashion = (
+        '  config { name: "fashion_mnist" base_path: "/models/fashion_mnist" '
+        'model_platform: "tensorflow" }\n'
+    )
+    (repo / "models.config").write_text(CONFIG[: CONFIG.rindex("}")] + fashion + "}\n")
+    cert, key = self_signed(tmp_path)
+    env = {
+        "CNNSERVE_API_KEYS": "rollout-key",
+        "CNNSERVE_TLS_CERTFILE": str(cert),
+        "CNNSERVE_TLS_KEYFILE": str(key),
+    }
+    args = ("--poll-seconds", "0.2")
+    with running_server(repo, grpc_port=0, args=args, env=env, tls_ca=cert) as server:
+        monkeypatch.setenv("CNNSERVE_API_KEYS", "rollout-key")
+        common = ("--model", "fashion_mnist", "--limit", "20", "--model-repository", str(repo))
+        common += ("--output", str(tmp_path / "verify"))
+        trusted = ("--ca-cert", str(cert))
+        rest = cnnserve("verify", "--url", server.url, *trusted, *common)
+        assert rest.returncode == 0, rest.stdout + rest.stderr
+        assert "agreement 100.00%" in rest.stdout
+        grpc_target = ("--grpc", server.grpc_target)
+        over_grpc = cnnserve("verify", *grpc_target, "--tls", *trusted, *common)
+        assert over_grpc.returncode == 0, over_grpc.stdout + over_grpc.stderr
+        assert "agreement 100.00%" in over_grpc.stdout
+
+        untrusted = cnnserve("verify", "--url", server.url, *common)
+        assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        plaintext = cnnserve("verify", *grpc_target, *trusted, *common)
+        assert plaintext.returncode == 2, plaintext.stdout + plaintext.stderr
+        assert f"no answer from {server.grpc_target}" in plaintext.stderr
+        assert "--tls" in plaintext.stderr
+        not_a_cert = cnnserve("verify", *grpc_target, "--tls", "--ca-cert", str(key), *common)
+        assert not_a_cert.returncode == 2 and "no PEM certificate in it" in not_a_cert.stderr
+        rest_tls = cnnserve("verify", "--url", server.url, "--tls", *trusted, *common)
+        assert rest_tls.returncode == 2 and "--tls is for --grpc" in rest_tls.stderr
+        monkeypatch.delenv("CNNSERVE_API_KEYS")
+        keyless = cnnserve("verify", *grpc_target, "--tls", *trusted, *common)
+        assert keyless.returncode == 2 and "UNAUTHENTICATED" in keyless.stderr
+        assert "Traceback" not in untrusted.stderr + plaintext.stderr + keyless.stderr
+
+        monkeypatch.setenv("CNNSERVE_API_KEYS", "rollout-key")
+        done = promote(repo, "canary", "--url", server.url, *trusted, "--timeout", "60")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "m version 2 is AVAILABLE" in done.stdout
         assert 'key: "canary" value: 2' in (repo / "models.config").read_text()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, eventually, running_server
+from tests.helpers.server import Server, eventually, running_server, self_signed
 
 KEY = "s3cret-key-0123456789"
 FILE_KEY = "key-from-a-mounted-secret"
@@ -122,17 +121,6 @@ def test_metrics_can_require_the_key(tiny_repo: Path) -> None:
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"x-api-key": KEY}).status_code == 200
         assert client.get("/readyz").status_code == 200
-
-
-def self_signed(folder: Path) -> tuple[Path, Path]:
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
 
 
 def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ LAYERS: dict[str, int] = {
     "service.publishing": 1,
     "service.config_edit": 1,
     "service.promotion": 1,
+    "service.client_trust": 1,  # verify and promote trusting a server's TLS certificate
     "service.preprocessing": 1,
     "service.metrics": 1,
     "service.requestlog": 1,
