@@ -15,7 +15,7 @@ TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --se --epochs 36 --ba
 	--optimizer adamw --lr 0.002 --weight-decay 0.02 --schedule cosine \
 	--rotation 0 --zoom 0 --shift 0.1 --seed 0
 
-.PHONY: install system-deps run test test-e2e test-load test-reliability fuzz wrk bench \
+.PHONY: install system-deps run test test-e2e test-load test-reliability fuzz wrk bench bench-overload \
 	loadtest lint format proto proto-check train clean
 
 install: $(STAMP)
@@ -79,6 +79,11 @@ wrk:
 # 1,2 ...'; the issue's measurement: docs/performance.md, "Reproducing the issue's measurement".
 bench: install wrk
 	$(VENV)/bin/cnnserve bench $(BENCH_ARGS)
+
+# The overload check (docs/failure-modes.md): wrk alone at 32 connections (capacity), then
+# 4x and 16x with a polite probe, a client retrying at once, readiness polls and memory.
+bench-overload: install wrk
+	$(VENV)/bin/cnnserve bench --overload 32,128,512 $(BENCH_ARGS)
 
 # Locust, headless, with pass/fail thresholds (docs/performance.md). Reads HOST,
 # GRPC_HOST, PROTOCOL (rest|grpc|mixed), USERS, SPAWN_RATE, DURATION, TARGET_RPS,

@@ -40,6 +40,11 @@ estimate is of CPU time (the computing thread's), not wall time: with workers an
 load generator sharing the cores, a batch the OS preempted took longer by the wait, the
 same on the loop or a thread, and a few of those had sent the default model's batches to
 the thread now and then (9% of its inference time there, its weights in two interpreters).
+While the worker refuses requests for load (``shedding``: service.concurrency), batches
+go to the thread whatever the estimate: a refusal arriving during a batch on the loop
+waited for it (a polite client's 503 p50 10-19 ms at 4x the load against ~2 ms; goodput
+8-13% lower under overload, docs/failure-modes.md "Batches off the loop while
+shedding").
 """
 
 from __future__ import annotations
@@ -186,12 +191,15 @@ class DynamicBatcher:
         observer: BatchObserver | None = None,
         name: str = "model",
         inline: bool = False,
+        shedding: Callable[[], bool] | None = None,
     ) -> None:
         """``inline``: ``predict`` computes on the calling thread alone, so batches may run
         on the event loop while a full one is estimated within ``config.inline_max_seconds``
-        (see the module's doc)."""
+        and ``shedding`` (the worker is refusing requests for load) is false (see the
+        module's doc)."""
         self._predict = predict
         self._inline_max = config.inline_max_seconds if inline else 0.0
+        self._shedding = shedding
         self.config = config
         self.name = name
         self._observer: BatchObserver = observer or NullObserver()
@@ -509,7 +517,7 @@ class DynamicBatcher:
     def _on_loop(self) -> bool:
         """Whether the next batch runs on the event loop (see the module's doc)."""
         per_image = self._cpu_per_image
-        if per_image is None:
+        if per_image is None or (self._shedding is not None and self._shedding()):
             return False
         bound = self._inline_max * (INLINE_HYSTERESIS if self._looping else 1.0)
         self._looping = per_image * self.config.max_batch_size <= bound

@@ -110,7 +110,19 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     p.add_argument(
         "--batch-sizes", type=positive_ints, default="1,8,32", help="for --runtime-table"
     )
-    p.add_argument("--output", type=Path, default=Path("reports/bench.json"), help="PNG beside")
+    p.add_argument(
+        "--overload",
+        type=positive_ints,
+        default=None,
+        metavar="LEVELS",
+        help="instead of the sweep, check the overload targets (docs/failure-modes.md): "
+        "wrk alone at the first level (capacity), then at each further level with a polite "
+        "probe, a client retrying at once, readiness polls and the server's memory beside "
+        "it, e.g. 32,128,512 (writes --output, default reports/overload.json)",
+    )
+    p.add_argument(
+        "--output", type=Path, default=None, help="default reports/bench.json; PNG beside"
+    )
     p.set_defaults(handler=_bench)
 
 
@@ -156,6 +168,8 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
     if not versions:
         raise DatasetError(f"no published version of {model} in {repository}")
     version = args.version or max(versions)
+    if args.overload:
+        return _overload(args, settings, repository, model)
     batchings = args.batching or [sweep.Batching.of(settings)]
     workers: list[int] = args.workers
     if args.url and len(workers) * len(batchings) > 1:
@@ -216,8 +230,9 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
             )
         ]
     data["advice"] = advisor.recommend(data["runs"], args.slo_p99_ms)
-    write_json(args.output, data)
-    png = args.output.with_suffix(".png")
+    output = args.output or Path("reports/bench.json")
+    write_json(output, data)
+    png = output.with_suffix(".png")
     plot(data, png)
     print(tables.sweep_table(data))
     print()
@@ -227,5 +242,59 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
         print(side)
         print()
     print(advisor.describe(data["advice"]))
-    print(f"written to {args.output} and {png}", file=sys.stderr)
+    print(f"written to {output} and {png}", file=sys.stderr)
+    return 0
+
+
+def _overload(args: argparse.Namespace, settings: Settings, repository: Path, model: str) -> int:
+    from service.bench import overload, write_json
+    from service.bench.photos import photo_mix
+    from service.bench.plot import plot_overload
+    from service.bench.runtime_table import machine
+    from service.bench.tables import overload_table
+
+    if len(args.overload) < 2:
+        print(
+            "cnnserve bench: --overload needs the capacity level and at least one more, "
+            "e.g. 32,128",
+            file=sys.stderr,
+        )
+        return 2
+    if len(args.workers) > 1 or args.batching:
+        print(
+            "cnnserve bench: --overload checks one server: one --workers, no --batching",
+            file=sys.stderr,
+        )
+        return 2
+    mix = photo_mix()
+    plan = overload.Plan(
+        repository=repository,
+        model=model,
+        levels=args.overload,
+        images=mix.images,
+        image_description=mix.describe(),
+        workers=args.workers[0],
+        seconds=args.seconds,
+        warmup_seconds=args.warmup_seconds,
+        url=args.url,
+        server_pid=args.server_pid,
+    )
+    print(f"bench --overload {model} on {machine()}", file=sys.stderr)
+    data = {
+        "machine": machine(),
+        "model": model,
+        "command": "cnnserve " + shlex.join(args.argv),
+        **overload.run(plan, settings, lambda line: print(line, file=sys.stderr, flush=True)),
+    }
+    output = args.output or Path("reports/overload.json")
+    write_json(output, data)
+    png = output.with_suffix(".png")
+    plot_overload(data, png)
+    print(overload_table(data))
+    met = [t["met"] for t in data["targets"]]
+    print(
+        f"\ntargets met: {met.count(True)} of {len(met)}"
+        + (f" ({met.count(None)} not measured)" if None in met else "")
+    )
+    print(f"written to {output} and {png}", file=sys.stderr)
     return 0

@@ -86,6 +86,9 @@ MAX_REFUSAL_DEBT_SECONDS = 1.0
 # 118/10 had the first worker hold all 118 (its limit cut to 16, its sibling's at 512,
 # never full): every answer took ~100 ms and none was refused, at 4x the load.
 BORROW_FACTOR = 2
+# A worker that refused a request this recently is shedding load (:meth:`ConcurrencyLimit.
+# shedding`): the Retry-After it told, so one quiet moment does not end it.
+SHEDDING_SECONDS = 1.0
 MAX_PEERS = 4096  # gRPC connections whose refusals are remembered (ConcurrencyLimit.peer)
 
 
@@ -118,6 +121,7 @@ class ConcurrencyLimit:
         self._siblings = siblings
         self._peers: dict[str, ConnectionRefusals] = {}
         self._moving = False  # the last refusal found room in a sibling worker
+        self._shed_at = -SHEDDING_SECONDS  # when admits() last said no (clock's time)
         self._retry_at_once = retry_at_once
         self._publish()
         # Refusals are paced by a token bucket: ``_rate`` a second, bursts of ``_burst``.
@@ -171,16 +175,24 @@ class ConcurrencyLimit:
         if self.in_flight < self.limit:
             return True
         self._full = True
+        now = self._clock()
         siblings = self._siblings
         if siblings is None:
+            self._shed_at = now
             return False
-        now = self._clock()
         room = siblings.spare(now) > 0
         if room and self.in_flight < min(self.cap, BORROW_FACTOR * self.limit):
             return True
         siblings.refused(now)
         self._moving = room
+        self._shed_at = now
         return False
+
+    def shedding(self) -> bool:
+        """Whether this worker refused a request within :data:`SHEDDING_SECONDS`: the
+        batcher then keeps its batches off the event loop, so that refusals are answered
+        at once rather than after a batch (service.batching)."""
+        return self._clock() - self._shed_at < SHEDDING_SECONDS
 
     def release(self, taken: float) -> None:
         """An admitted request is answered (whatever the status)."""

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +81,12 @@ class Registry:
         *,
         runtime_factory: RuntimeFactory = create_runtime,
         source: VersionSource | None = None,
+        shedding: Callable[[], bool] | None = None,
     ) -> None:
+        """``shedding``: whether the worker is refusing requests for load (its batchers
+        then keep batches off the event loop: service.batching)."""
         self._settings = settings
+        self._shedding = shedding
         self._source = source or create_source(settings, runtime_factory)
         self._table = RoutingTable(split=TrafficSplit(settings.canary_percent / 100))
         self._held: set[tuple[str, str, int]] = set()  # (model, label, version) logged
@@ -484,6 +488,7 @@ class Registry:
             observer=observer,
             name=f"{model}/{version}",
             inline=prepared.runtime.computes_on_caller,
+            shedding=self._shedding,
         )
         try:
             await batcher.start()

@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop_access_log = configure_access_log(settings.access_log)
         metrics.register_this_process()
         metrics.set_concurrency_limit(concurrency.limit)
-        registry = Registry(settings)
+        registry = Registry(settings, shedding=concurrency.shedding)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
         readiness = WorkerReadiness.from_environment(settings.workers)

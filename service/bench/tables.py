@@ -92,3 +92,30 @@ def side_by_side_table(data: dict[str, Any]) -> str:
         )
         rows.append(f"| {row['config']} | {row['connections']} | {row['gateway_rps']:.0f}{cells} |")
     return "\n".join(rows)
+
+
+def overload_table(data: dict[str, Any]) -> str:
+    """The overload check (:mod:`service.bench.overload`): each level, then each target."""
+    unloaded, capacity = data["unloaded"], data["capacity"]
+    lines = [
+        f"unloaded probe: p50 {unloaded['p50_ms']} ms, p99 {unloaded['p99_ms']} ms; capacity "
+        f"({capacity['connections']} connections): {capacity['requests_per_s']:.0f} req/s",
+        "",
+        "| connections | goodput | statuses (wrk) | probe p50 / p99 (200s) | 503 p50 polite / "
+        "spinning | not ready | RSS first → last |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for level in data["levels"]:
+        wrk, probe, rss = level["wrk"], level["probe_200"], level["rss_mb"]
+        lines.append(
+            f"| {level['connections']} | {wrk['requests_per_s']:.0f} req/s "
+            f"({level['goodput_share']:.0%}) | {wrk['statuses']} | {probe['p50_ms']} / "
+            f"{probe['p99_ms']} ms | {level['probe_503_p50_ms']} / "
+            f"{level['spinner_503_p50_ms']} ms | {level['readiness']['not_ready']} of "
+            f"{level['readiness']['polls']} | {rss['first']} → {rss['last']} MiB |"
+        )
+    lines += ["", "| connections | target | met | measured |", "|---|---|---|---|"]
+    for t in data["targets"]:
+        met = {True: "yes", False: "NO", None: "–"}[t["met"]]
+        lines.append(f"| {t['connections']} | {t['target']} | {met} | {t['measured']} |")
+    return "\n".join(lines)

@@ -5,9 +5,11 @@ checked for shape, never for speed."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,21 +18,29 @@ from tests.helpers.server import ROOT
 pytestmark = [pytest.mark.load, pytest.mark.slow]
 
 
-def test_tiny_sweep_writes_json_and_png(tiny_repo: Path, tmp_path: Path) -> None:
-    output = tmp_path / "bench.json"
-    result = subprocess.run(
+def bench(tiny_repo: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """`cnnserve bench` on the tiny model, as a person runs it."""
+    return subprocess.run(
         [
             *(sys.executable, "-m", "service.cli", "bench"),
-            *("--model-repository", str(tiny_repo), "--model", "tiny"),
-            *("--concurrency", "1,2", "--workers", "1", "--batching", "4:500:1"),
-            *("--payload", "photos"),
-            *("--seconds", "1", "--warmup-seconds", "1", "--limit-seconds", "0.5"),
-            *("--slo-p99-ms", "60000", "--output", str(output)),
+            *("--model-repository", str(tiny_repo), "--model", "tiny", "--workers", "1"),
+            *args,
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=240,
+        env=os.environ | (env or {}),
+    )
+
+
+def test_tiny_sweep_writes_json_and_png(tiny_repo: Path, tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    result = bench(
+        tiny_repo,
+        *("--concurrency", "1,2", "--batching", "4:500:1", "--payload", "photos"),
+        *("--seconds", "1", "--warmup-seconds", "1", "--limit-seconds", "0.5"),
+        *("--slo-p99-ms", "60000", "--output", str(output)),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(output.read_text())
@@ -61,3 +71,34 @@ def test_tiny_sweep_writes_json_and_png(tiny_repo: Path, tmp_path: Path) -> None
     assert "| server | conn | req/s" in result.stdout
     assert "| side by side: gateway |" in result.stdout
     assert "[1/1] gateway" in result.stderr  # progress while it runs
+
+
+def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path) -> None:
+    """`cnnserve bench --overload` on a worker capped at 2 requests: at 16 connections it
+    sheds, and the report has every level's target rows, the clients' timelines, the
+    readiness polls and the server's memory, as JSON, a table and a PNG."""
+    output = tmp_path / "overload.json"
+    result = bench(
+        tiny_repo,
+        *("--overload", "2,16", "--seconds", "2", "--warmup-seconds", "1"),
+        *("--output", str(output)),
+        env={"CNNSERVE_MAX_CONCURRENT_REQUESTS": "2"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(output.read_text())
+    assert data["capacity"]["connections"] == 2 and data["capacity"]["ok"] > 0
+    assert data["unloaded"]["p99_ms"] > 0
+    (level,) = data["levels"]
+    assert level["connections"] == 16
+    assert set(level["wrk"]["statuses"]) == {"200", "503"}  # shed, and nothing else
+    assert level["readiness"]["polls"] > 0 and level["readiness"]["not_ready"] == 0
+    assert level["rss_mb"]["first"] > 0 and level["timeline"]["probe"]
+    assert level["recovery"]["statuses"] == [200]
+    rows = {t["target"]: t for t in data["targets"]}
+    assert len(rows) == 8 and {t["connections"] for t in data["targets"]} == {16}
+    assert rows["only 200s and 503s"]["met"] is True
+    assert rows["readiness kept"]["met"] is True
+    assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| connections | target | met | measured |" in result.stdout
+    assert "targets met:" in result.stdout
+    assert "overload: wrk at 16 connections" in result.stderr  # progress while it runs

@@ -672,6 +672,28 @@ def test_short_batches_run_on_the_event_loop_only_when_allowed(
     assert all((thread == loop_thread) is on_loop for thread, _ in calls[1:])
 
 
+def test_batches_leave_the_event_loop_while_the_worker_sheds() -> None:
+    """While the worker refuses requests for load, batches go to the batch thread (a
+    refusal must not wait for a batch on the loop), and come back once it stops."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        predict = Threads()
+        shedding = [False]
+        cfg = BatchingConfig(4, 0, 4, 1, inline_max_seconds=10.0)
+        async with DynamicBatcher(
+            whole(predict), cfg, inline=True, shedding=lambda: shedding[0]
+        ) as batcher:
+            for value, shed in ((0, False), (1, False), (2, True), (3, True), (4, False)):
+                shedding[0] = shed
+                await batcher.submit(images(value, value), deadline=None)
+        return predict.calls
+
+    loop_thread = threading.get_ident()
+    calls = run(scenario())
+    on_loop = [thread == loop_thread for thread, _ in calls]
+    assert on_loop == [False, True, False, False, True]  # the first: nothing measured
+
+
 def test_batches_leave_the_event_loop_only_well_past_the_bound() -> None:
     """An estimate near the bound does not send a version's batches back and forth:
     once on the loop they return to a thread only past INLINE_HYSTERESIS times it, and

@@ -106,6 +106,23 @@ def test_refusals_decided_before_acquiring_count_as_a_full_limit() -> None:
     assert limit.limit > cut
 
 
+def test_a_worker_is_shedding_for_a_retry_after_once_it_refuses() -> None:
+    """shedding() (what keeps batches off the event loop) holds from a refusal for
+    SHEDDING_SECONDS, a refusal asked through admits() alone included, and ends when
+    the worker has refused nothing that long."""
+    clock = Clock()
+    limit = ConcurrencyLimit(1, clock=clock)
+    assert not limit.shedding()
+    taken = limit.try_acquire()
+    assert taken is not None and not limit.shedding()  # admitted: not shedding
+    assert not limit.admits() and limit.shedding()
+    limit.release(taken)
+    clock.now += module.SHEDDING_SECONDS * 0.9
+    assert limit.shedding()
+    clock.now += module.SHEDDING_SECONDS * 0.2
+    assert not limit.shedding()
+
+
 def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:
     """Requests that are slow on their own (a large image, a long list) are not
     queueing: the limit is cut only by what goes beyond that."""

@@ -1,0 +1,415 @@
+"""`cnnserve bench --overload`: what one replica does at several times the load it
+serves, against the overload targets of docs/failure-modes.md.
+
+One server (or ``--url``), the photo mix as raw bodies, then in turn:
+
+1. **unloaded**: the probe alone, for its latency with nothing else running;
+2. **capacity**: wrk alone at the first level (the saturating one, ``cnnserve bench``'s
+   32 connections by default), for the goodput the others are measured against;
+3. **each overload level**: wrk at that many connections, retrying every 503 at once,
+   and beside it the probe (clients that pause before sending again, as ``Retry-After``
+   asks: their admitted latency and their 503s), a spinner (a client retrying every
+   503 at once, as wrk does: its 503s), readiness polled on new connections the way a
+   kubelet does, and the server's resident memory; then a second with the load gone.
+
+Each target is met or not, with the numbers; the run reports, it does not gate (the
+spinner's 503s are paced by design, :mod:`service.concurrency`, and this box's noise
+moves the rest). Every client here is Python on the same machine as the server: what
+the clients see includes the wait for a core, as any client's on a loaded box would.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from service.bench.process import process_tree, rss_bytes, started
+from service.bench.wrk import Load, run_wrk
+from service.config import Settings
+from service.launch import free_port, serve_command
+
+Progress = Callable[[str], None]
+
+PROBE_THREADS = 2
+# The probe's pause after each answer: longer than the server's "retrying at once"
+# window (retry_at_once_seconds, 10 ms), as a client waiting before it retries is.
+PROBE_PAUSE = 0.02
+READINESS_EVERY = 0.1
+READINESS_TIMEOUT = 1.0  # a kubelet probe's default timeout
+RECOVERY_SECONDS = 1.0
+# The first half second of a level is left out of its latencies: the limit adapts from
+# the capacity level's within a few windows (0.1 s each).
+SETTLE_SECONDS = 0.5
+FEW_MS = 10.0  # "answered in a few ms"
+GOODPUT_SHARE = 0.7
+RSS_GROWTH = 1.1  # "flat": the last sample within this of the first
+CLIENT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    at: float  # seconds since the run began, when the request was sent
+    status: int  # 0: no answer (refused, reset, timed out)
+    ms: float
+
+
+@dataclass
+class Client:
+    """Requests on one keep-alive connection (reopened after a close or an error) until
+    stopped: POST a random body of ``bodies`` (GET when there are none), then wait
+    ``pause`` seconds (a 503's too), or reconnect for each request with ``fresh``."""
+
+    url: str
+    path: str
+    bodies: list[bytes]
+    pause: float
+    origin: float
+    fresh: bool = False
+    timeout: float = CLIENT_TIMEOUT
+    samples: list[Sample] = field(default_factory=list)
+
+    def run(self, stop: threading.Event) -> None:
+        parts = urlsplit(self.url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        rng = random.Random(id(self))
+        try:
+            while not stop.is_set():
+                sent = time.monotonic()
+                status = self._one(connection, rng)
+                self.samples.append(
+                    Sample(sent - self.origin, status, (time.monotonic() - sent) * 1e3)
+                )
+                if self.fresh or status == 0:
+                    connection.close()
+                if self.pause:
+                    stop.wait(self.pause)
+        finally:
+            connection.close()
+
+    def _one(self, connection: http.client.HTTPConnection, rng: random.Random) -> int:
+        try:
+            if self.bodies:
+                body = rng.choice(self.bodies)
+                headers = {"content-type": "image/jpeg"}
+                connection.request("POST", self.path, body=body, headers=headers)
+            else:
+                connection.request("GET", self.path)
+            response = connection.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            return 0
+
+
+@contextmanager
+def running(clients: list[Client]) -> Iterator[None]:
+    stop = threading.Event()
+    threads = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in clients]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
+class Memory:
+    """The server's resident memory (its process tree), sampled every half second."""
+
+    def __init__(self, pid: int | None, origin: float) -> None:
+        self.pid, self.origin = pid, origin
+        self.samples: list[tuple[float, float]] = []  # (seconds since origin, MiB)
+
+    def run(self, stop: threading.Event) -> None:
+        if self.pid is None:
+            return
+        pids = process_tree(self.pid)
+        while True:
+            self.samples.append((time.monotonic() - self.origin, rss_bytes(pids) / 2**20))
+            if stop.wait(0.5):
+                return
+
+
+@dataclass(frozen=True)
+class Plan:
+    repository: Path
+    model: str
+    levels: list[int]  # the capacity level first, then the overload levels
+    images: list[bytes] = field(repr=False)
+    image_description: str
+    workers: int
+    seconds: float = 10.0
+    warmup_seconds: float = 3.0
+    url: str | None = None
+    server_pid: int | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank), None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def _latencies(samples: list[Sample], start: float, end: float, status: int) -> list[float]:
+    return [s.ms for s in samples if start <= s.at < end and s.status == status]
+
+
+def run(plan: Plan, settings: Settings, progress: Progress) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="cnnserve-overload-") as tmp:
+        bodies = []
+        for i, data in enumerate(plan.images):
+            path = Path(tmp) / f"body-{i:03d}.jpg"
+            path.write_bytes(data)
+            bodies.append(path)
+        if plan.url:
+            return _measure(plan, plan.url, plan.server_pid, tuple(bodies), settings, progress)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        cmd = serve_command(plan.repository, port, 0, "--poll-seconds", "0")
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CNNSERVE_WORKERS": str(plan.workers)}
+        log = Path(tmp) / "gateway.log"
+        with started(cmd, env=os.environ | env, ready_url=url + "/readyz", log=log) as pid:
+            return _measure(plan, url, pid, tuple(bodies), settings, progress)
+
+
+def _measure(
+    plan: Plan,
+    url: str,
+    pid: int | None,
+    bodies: tuple[Path, ...],
+    settings: Settings,
+    progress: Progress,
+) -> dict[str, Any]:
+    path = f"/v1/classify?model={plan.model}"
+    load = Load(path, bodies=bodies)
+    origin = time.monotonic()
+    capacity, *overloads = plan.levels
+    progress(f"warm-up: wrk at {capacity} connections, {plan.warmup_seconds:g} s")
+    run_wrk(url, load, connections=capacity, seconds=plan.warmup_seconds)
+
+    def probe() -> list[Client]:
+        return [Client(url, path, plan.images, PROBE_PAUSE, origin) for _ in range(PROBE_THREADS)]
+
+    progress(f"unloaded: the probe alone, {plan.seconds:g} s")
+    unloaded_clients = probe()
+    with running(unloaded_clients):
+        time.sleep(plan.seconds)
+    alone = [s.ms for c in unloaded_clients for s in c.samples if s.status == 200]
+    unloaded = {"p50_ms": _ms(percentile(alone, 50)), "p99_ms": _ms(percentile(alone, 99))}
+    progress(f"  probe p50 {unloaded['p50_ms']} ms, p99 {unloaded['p99_ms']} ms")
+
+    progress(f"capacity: wrk at {capacity} connections, {plan.seconds:g} s")
+    saturating = run_wrk(url, load, connections=capacity, seconds=plan.seconds)
+    progress(f"  {saturating['requests_per_s']:.0f} req/s, statuses {saturating['statuses']}")
+
+    levels = []
+    for connections in overloads:
+        progress(f"overload: wrk at {connections} connections, {plan.seconds:g} s, beside it")
+        progress("  the probe, a spinner, readiness polls and the server's memory")
+        level = _overload(plan, url, path, load, connections, pid, origin)
+        level["goodput_share"] = round(
+            level["wrk"]["requests_per_s"] / max(saturating["requests_per_s"], 1e-9), 3
+        )
+        levels.append(level)
+        progress(_line(level))
+    budget_ms = settings.queue_wait_budget_seconds * 1e3
+    return {
+        "url": url,
+        "model": plan.model,
+        "workers": plan.workers,
+        "image": plan.image_description,
+        "seconds_per_level": plan.seconds,
+        "budget_ms": budget_ms,
+        "unloaded": unloaded,
+        "capacity": {"connections": capacity, **saturating},
+        "levels": levels,
+        "targets": targets(unloaded, levels, budget_ms),
+    }
+
+
+def _overload(
+    plan: Plan,
+    url: str,
+    path: str,
+    load: Load,
+    connections: int,
+    pid: int | None,
+    origin: float,
+) -> dict[str, Any]:
+    polite = [Client(url, path, plan.images, PROBE_PAUSE, origin) for _ in range(PROBE_THREADS)]
+    spinner = Client(url, path, plan.images, 0.0, origin)
+    readiness = Client(url, "/readyz", [], READINESS_EVERY, origin, True, READINESS_TIMEOUT)
+    memory = Memory(pid, origin)
+    stop_memory = threading.Event()
+    sampler = threading.Thread(target=memory.run, args=(stop_memory,), daemon=True)
+    with running([*polite, spinner, readiness]):
+        sampler.start()
+        began = time.monotonic() - origin
+        try:
+            result = run_wrk(url, load, connections=connections, seconds=plan.seconds)
+        finally:
+            ended = time.monotonic() - origin
+            stop_memory.set()
+            sampler.join()
+        time.sleep(RECOVERY_SECONDS)
+    probe = [s for c in polite for s in c.samples]
+    during = (began + SETTLE_SECONDS, ended)
+    after = (ended, ended + RECOVERY_SECONDS)
+    statuses: dict[str, int] = {}
+    for s in probe + spinner.samples:
+        if began <= s.at < ended:
+            statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
+    admitted = _latencies(probe, *during, 200)
+    recovered = [s for s in probe if after[0] <= s.at < after[1]]
+    ready = [s for s in readiness.samples if began <= s.at < ended]
+    rss = [mib for at, mib in memory.samples if began <= at <= ended]
+    return {
+        "connections": connections,
+        "began_s": round(began, 2),
+        "ended_s": round(ended, 2),
+        "wrk": result,
+        "clients_statuses": statuses,
+        "probe_200": {
+            "count": len(admitted),
+            "p50_ms": _ms(percentile(admitted, 50)),
+            "p99_ms": _ms(percentile(admitted, 99)),
+        },
+        "probe_503_p50_ms": _ms(percentile(_latencies(probe, *during, 503), 50)),
+        "probe_503_count": len(_latencies(probe, *during, 503)),
+        "spinner_503_p50_ms": _ms(percentile(_latencies(spinner.samples, *during, 503), 50)),
+        "spinner_503_p90_ms": _ms(percentile(_latencies(spinner.samples, *during, 503), 90)),
+        "spinner_503_count": len(_latencies(spinner.samples, *during, 503)),
+        "readiness": {
+            "polls": len(ready),
+            "not_ready": sum(1 for s in ready if s.status != 200),
+        },
+        "rss_mb": {
+            "first": round(rss[0], 1) if rss else None,
+            "last": round(rss[-1], 1) if rss else None,
+            "peak": round(max(rss), 1) if rss else None,
+        },
+        "recovery": {
+            "statuses": sorted({s.status for s in recovered}),
+            "p50_ms": _ms(percentile([s.ms for s in recovered if s.status == 200], 50)),
+        },
+        "timeline": {
+            "probe": [[round(s.at, 3), s.status, round(s.ms, 2)] for s in probe],
+            "spinner": [[round(s.at, 3), s.status, round(s.ms, 2)] for s in spinner.samples],
+            "readiness": [[round(s.at, 3), s.status, round(s.ms, 2)] for s in readiness.samples],
+        },
+    }
+
+
+def _line(level: dict[str, Any]) -> str:
+    wrk = level["wrk"]
+    return (
+        f"  {wrk['requests_per_s']:.0f} req/s ({level['goodput_share']:.0%} of capacity), "
+        f"statuses {wrk['statuses']}, probe p99 {level['probe_200']['p99_ms']} ms, "
+        f"503 p50: polite {level['probe_503_p50_ms']} ms, spinning "
+        f"{level['spinner_503_p50_ms']} ms"
+    )
+
+
+def targets(
+    unloaded: dict[str, Any], levels: list[dict[str, Any]], budget_ms: float
+) -> list[dict[str, Any]]:
+    """Each level's targets: met (True/False; None when nothing measured it), with the
+    numbers that decided it."""
+    return [
+        {"connections": level["connections"], "target": name, "met": met, "measured": measured}
+        for level in levels
+        for name, met, measured in _level_targets(unloaded, level, budget_ms)
+    ]
+
+
+def _level_targets(
+    unloaded: dict[str, Any], level: dict[str, Any], budget_ms: float
+) -> list[tuple[str, bool | None, str]]:
+    rows: list[tuple[str, bool | None, str]] = []
+    wrk = level["wrk"]
+    answered = set(wrk["statuses"]) | set(level["clients_statuses"])
+    socket_errors = {k: v for k, v in wrk["errors"].items() if not k.isdigit()}
+    bound = None
+    if unloaded["p99_ms"] is not None:
+        bound = round(2 * unloaded["p99_ms"] + budget_ms, 1)
+    p99 = level["probe_200"]["p99_ms"]
+    rss = level["rss_mb"]
+    recovery = level["recovery"]
+    rows.append(
+        (
+            "only 200s and 503s",
+            answered <= {"200", "503"} and not socket_errors,
+            f"statuses {sorted(answered)}, socket errors {socket_errors or 'none'}",
+        )
+    )
+    rows.append(
+        (
+            f"goodput >= {GOODPUT_SHARE:.0%} of capacity",
+            level["goodput_share"] >= GOODPUT_SHARE,
+            f"{level['goodput_share']:.0%}",
+        )
+    )
+    rows.append(
+        (
+            "admitted p99 <= 2 x unloaded p99 + budget",
+            None if p99 is None or bound is None else p99 <= bound,
+            f"{p99} ms against {bound} ms",
+        )
+    )
+    for who, key in (("polite", "probe_503_p50_ms"), ("spinning", "spinner_503_p50_ms")):
+        value = level[key]
+        rows.append(
+            (
+                f"503 p50 <= {FEW_MS:g} ms ({who} client)",
+                None if value is None else value <= FEW_MS,
+                "no 503" if value is None else f"{value} ms",
+            )
+        )
+    rows.append(
+        (
+            "readiness kept",
+            level["readiness"]["polls"] > 0 and not level["readiness"]["not_ready"],
+            f"{level['readiness']['not_ready']} of {level['readiness']['polls']} polls not 200",
+        )
+    )
+    rows.append(
+        (
+            "resident memory flat",
+            None if rss["first"] is None else rss["last"] <= rss["first"] * RSS_GROWTH,
+            "not measured (no pid)"
+            if rss["first"] is None
+            else f"{rss['first']} → {rss['last']} MiB (peak {rss['peak']})",
+        )
+    )
+    recovered_p50 = recovery["p50_ms"]
+    full_speed = None
+    if recovered_p50 is not None and unloaded["p50_ms"] is not None:
+        full_speed = recovery["statuses"] == [200] and recovered_p50 <= 2 * unloaded["p50_ms"]
+    rows.append(
+        (
+            f"full speed within {RECOVERY_SECONDS:g} s of the load's end",
+            full_speed,
+            f"statuses {recovery['statuses']}, p50 {recovered_p50} ms "
+            f"(unloaded {unloaded['p50_ms']} ms)",
+        )
+    )
+    return rows
