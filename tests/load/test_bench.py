@@ -93,7 +93,7 @@ def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path) -> 
     assert set(level["wrk"]["statuses"]) == {"200", "503"}  # shed, and nothing else
     assert level["readiness"]["polls"] > 0 and level["readiness"]["not_ready"] == 0
     assert level["rss_mb"]["first"] > 0 and level["timeline"]["probe"]
-    assert level["recovery"]["statuses"] == [200]
+    assert level["recovery"]["ok"] > level["recovery"]["answers"] / 2  # served again
     rows = {t["target"]: t for t in data["targets"]}
     assert len(rows) == 8 and {t["connections"] for t in data["targets"]} == {16}
     assert rows["only 200s and 503s"]["met"] is True

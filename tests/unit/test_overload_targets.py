@@ -20,7 +20,7 @@ def level(**changes: Any) -> dict[str, Any]:
         "spinner_503_p50_ms": 20.0,
         "readiness": {"polls": 50, "not_ready": 0},
         "rss_mb": {"first": 300.0, "last": 305.0, "peak": 310.0},
-        "recovery": {"statuses": [200], "p50_ms": 4.0},
+        "recovery": {"statuses": [200, 503], "answers": 80, "ok": 79, "p50_ms": 4.0},
     }
     return base | changes
 
@@ -47,9 +47,9 @@ def test_each_target_fails_on_its_own_number() -> None:
     assert not verdicts(level(readiness={"polls": 50, "not_ready": 1}))["readiness kept"]
     grown = {"first": 300.0, "last": 340.0, "peak": 340.0}
     assert not verdicts(level(rss_mb=grown))["resident memory flat"]
-    slow = {"statuses": [200], "p50_ms": 6.5}
+    slow = {"statuses": [200], "answers": 80, "ok": 80, "p50_ms": 6.5}
     assert not verdicts(level(recovery=slow))["full speed within 1 s of the load's end"]
-    refused = {"statuses": [200, 503], "p50_ms": 4.0}
+    refused = {"statuses": [200, 503], "answers": 80, "ok": 75, "p50_ms": 4.0}
     assert not verdicts(level(recovery=refused))["full speed within 1 s of the load's end"]
 
 
