@@ -118,7 +118,9 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         help="instead of the sweep, check the overload targets (docs/failure-modes.md): "
         "wrk alone at the first level (capacity), then at each further level with a polite "
         "probe, a client retrying at once, readiness polls and the server's memory beside "
-        "it, e.g. 32,128,512 (writes --output, default reports/overload.json)",
+        "it, e.g. 32,128,512 (writes --output, default reports/overload.json; the photo "
+        "mix; --workers, --seconds, --warmup-seconds, --url, --server-pid and --version "
+        "apply, the sweep's other options do not)",
     )
     p.add_argument(
         "--output", type=Path, default=None, help="default reports/bench.json; PNG beside"
@@ -168,6 +170,8 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
     if not versions:
         raise DatasetError(f"no published version of {model} in {repository}")
     version = args.version or max(versions)
+    if version not in versions:
+        raise DatasetError(f"no version {version} of {model} in {repository}")
     if args.overload:
         return _overload(args, settings, repository, model)
     batchings = args.batching or [sweep.Batching.of(settings)]
@@ -253,12 +257,16 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
     from service.bench.runtime_table import machine
     from service.bench.tables import overload_table
 
-    if len(args.overload) < 2:
+    capacity, *overloads = args.overload
+    if not overloads or min(overloads) <= capacity:
         print(
-            "cnnserve bench: --overload needs the capacity level and at least one more, "
-            "e.g. 32,128",
+            "cnnserve bench: --overload needs the capacity level first and at least one "
+            f"higher one, e.g. 32,128 (got {','.join(map(str, args.overload))})",
             file=sys.stderr,
         )
+        return 2
+    if args.server_pid is not None and not Path(f"/proc/{args.server_pid}").exists():
+        print(f"cnnserve bench: no process {args.server_pid} (--server-pid)", file=sys.stderr)
         return 2
     if len(args.workers) > 1 or args.batching:
         print(
@@ -278,6 +286,7 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
         warmup_seconds=args.warmup_seconds,
         url=args.url,
         server_pid=args.server_pid,
+        version=args.version,
     )
     print(f"bench --overload {model} on {machine()}", file=sys.stderr)
     data = {

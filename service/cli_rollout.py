@@ -71,6 +71,10 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
     from service.promotion import GatewayStatus, TFServingStatus, plan, promote, published_versions
     from service.repository import MODELS_CONFIG
 
+    if args.ca_cert is not None and (args.tfserving or not args.url.startswith("https://")):
+        raise PromotionError(
+            "--ca-cert is for an https:// --url (--tfserving speaks plaintext gRPC)"
+        )
     path = args.model_repository / MODELS_CONFIG
     try:
         text = path.read_text(encoding="utf-8")
@@ -184,7 +188,7 @@ def add_verify(
         action="store_true",
         help="--grpc over TLS (REST's follows --url's scheme)",
     )
-    add_ca_cert(p, "an https:// --url and --tls")
+    add_ca_cert(p, "an https:// --url or --grpc (implies --tls)")
     p.add_argument("--model", default=None, help="default: the server's default model")
     pin = p.add_mutually_exclusive_group()
     pin.add_argument("--version", type=int, default=None, help="default: what answers first")
@@ -226,17 +230,23 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from service.verify import load_images, run_verify
     from service.verify_clients import GrpcServer, RestServer
 
-    images = load_images(args.data, args.data_dir, args.limit)
-    if args.tls and not args.grpc:
-        print(
-            "cnnserve verify: --tls is for --grpc (REST's follows --url's scheme)", file=sys.stderr
-        )
+    misuse = _verify_misuse(args)
+    if misuse:
+        print(f"cnnserve verify: {misuse}", file=sys.stderr)
         return 2
+    try:
+        headers = _auth(settings)
+    except PromotionError as exc:  # an unreadable key file: cannot check, not a skew
+        print(f"cnnserve verify: {exc.message}", file=sys.stderr)
+        return 2
+    images = load_images(args.data, args.data_dir, args.limit)
     server: GrpcServer | RestServer
     if args.grpc:
-        server = GrpcServer(args.grpc, metadata=_auth(settings), tls=args.tls, ca_cert=args.ca_cert)
+        # A certificate to trust says TLS as plainly as --tls does.
+        tls = args.tls or args.ca_cert is not None
+        server = GrpcServer(args.grpc, metadata=headers, tls=tls, ca_cert=args.ca_cert)
     else:
-        server = RestServer(args.url, _auth(settings), ca_cert=args.ca_cert)
+        server = RestServer(args.url, headers, ca_cert=args.ca_cert)
     try:
         report = run_verify(
             server,
@@ -261,6 +271,15 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if report.passed else 1
 
 
+def _verify_misuse(args: argparse.Namespace) -> str:
+    """Options that would be silently ignored together, told before any work starts."""
+    if args.tls and not args.grpc:
+        return "--tls is for --grpc (REST's follows --url's scheme)"
+    if args.ca_cert is not None and not args.grpc and not args.url.startswith("https://"):
+        return f"--ca-cert is for an https:// --url or --grpc (got --url {args.url})"
+    return ""
+
+
 def add_ca_cert(p: argparse.ArgumentParser, used_for: str) -> None:
     p.add_argument(
         "--ca-cert",
@@ -268,7 +287,7 @@ def add_ca_cert(p: argparse.ArgumentParser, used_for: str) -> None:
         default=None,
         metavar="PEM",
         help=f"certificates to trust for {used_for}, e.g. a gateway's self-signed "
-        "CNNSERVE_TLS_CERTFILE (default: the system's roots)",
+        "CNNSERVE_TLS_CERTFILE (REST: added to httpx's roots; gRPC: instead of its own)",
     )
 
 

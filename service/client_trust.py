@@ -1,6 +1,6 @@
 """How the command-line clients of a live server (`cnnserve verify`, `cnnserve promote`)
-trust its TLS certificate: the system's roots, or with ``--ca-cert`` a PEM file as well
-(a gateway's self-signed certificate, a private CA's)."""
+trust its TLS certificate: the usual roots (httpx's bundle for REST, gRPC's own), or with
+``--ca-cert`` a PEM file as well (a gateway's self-signed certificate, a private CA's)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,28 @@ if TYPE_CHECKING:
 
 
 def https_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
-    """httpx's ``verify``: its default roots, or the system's plus ``ca_cert``."""
+    """httpx's ``verify``: its default roots (certifi's bundle), plus ``ca_cert``."""
     if ca_cert is None:
         return True
-    context = ssl.create_default_context()
+    import certifi  # httpx's own roots: a --ca-cert adds to them, it does not swap them
+
+    context = ssl.create_default_context(cafile=certifi.where())
     context.load_verify_locations(cafile=str(ca_cert))
     return context
+
+
+def tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a client's connection error (an untrusted certificate, a
+    plaintext server), if that is what it was: worth a hint at --ca-cert, not "is the
+    server running?"."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ssl.SSLError):
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def grpc_credentials(ca_cert: Path | None) -> grpc.ChannelCredentials:

@@ -28,7 +28,7 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 
-from service.client_trust import https_verify
+from service.client_trust import https_verify, tls_failure
 from service.config_edit import set_labels, set_specific_versions, validate
 from service.errors import NoServer, PromotionError, VersionFailedToLoad
 from service.repository import ModelConfig, version_dirs
@@ -248,11 +248,25 @@ class GatewayStatus:
 
     def _get(self, path: str) -> httpx.Response:
         try:
-            return httpx.get(
+            response = httpx.get(
                 f"{self.url}{path}", timeout=5, headers=self.headers, verify=self._verify
             )
         except httpx.HTTPError as exc:
+            # A gateway that answers but is not trusted is there: saying "no gateway"
+            # would have planned without what it serves and written step 1.
+            if (failure := tls_failure(exc)) is not None:
+                raise PromotionError(
+                    f"{self.url} answered, but not over a TLS connection this command "
+                    f"trusts ({failure}): give its certificate with --ca-cert"
+                ) from None
             raise NoServer(f"no gateway answers at {self.url} ({exc})") from None
+        if response.status_code in (401, 403):
+            raise PromotionError(
+                f"{self.url}{path} answered {response.status_code}: promote sends the key "
+                "the server reads (CNNSERVE_API_KEYS or CNNSERVE_API_KEYS_FILE); set it "
+                "in this command's environment too"
+            )
+        return response
 
     def serving(self, model: str) -> set[int] | None:
         """The versions of ``model`` the gateway reports AVAILABLE; None when no gateway

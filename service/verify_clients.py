@@ -12,7 +12,7 @@ from typing import Any, TextIO, TypeVar
 
 from PIL import Image
 
-from service.client_trust import grpc_credentials, https_verify
+from service.client_trust import grpc_credentials, https_verify, tls_failure
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, OUTPUT_NAME
 from service.errors import DatasetError
 
@@ -87,6 +87,11 @@ class RestServer:
         try:
             return _checked(self._client.request(method, path, **kwargs))
         except httpx.TransportError as exc:
+            if (failure := tls_failure(exc)) is not None:
+                raise DatasetError(
+                    f"{self.url} answered, but not over a TLS connection this command "
+                    f"trusts ({failure}): give its certificate with --ca-cert"
+                ) from None
             raise DatasetError(
                 f"no answer from {self.url}: {exc}; is the server running?"
             ) from None

@@ -21,8 +21,10 @@ the clients see includes the wait for a core, as any client's on a loaded box wo
 from __future__ import annotations
 
 import http.client
+import math
 import os
 import random
+import ssl
 import tempfile
 import threading
 import time
@@ -78,11 +80,21 @@ class Client:
     fresh: bool = False
     timeout: float = CLIENT_TIMEOUT
     samples: list[Sample] = field(default_factory=list)
+    _target: str = ""
 
     def run(self, stop: threading.Event) -> None:
         parts = urlsplit(self.url)
-        host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        host = parts.hostname or "127.0.0.1"
+        self._target = parts.path.rstrip("/") + self.path  # a prefix in --url, as wrk keeps
+        connection: http.client.HTTPConnection
+        if parts.scheme == "https":
+            # Measuring, not trusting: wrk does not verify a certificate either.
+            unverified = ssl._create_unverified_context()
+            connection = http.client.HTTPSConnection(
+                host, parts.port or 443, timeout=self.timeout, context=unverified
+            )
+        else:
+            connection = http.client.HTTPConnection(host, parts.port or 80, timeout=self.timeout)
         rng = random.Random(id(self))
         try:
             while not stop.is_set():
@@ -103,9 +115,9 @@ class Client:
             if self.bodies:
                 body = rng.choice(self.bodies)
                 headers = {"content-type": "image/jpeg"}
-                connection.request("POST", self.path, body=body, headers=headers)
+                connection.request("POST", self._target, body=body, headers=headers)
             else:
-                connection.request("GET", self.path)
+                connection.request("GET", self._target)
             response = connection.getresponse()
             response.read()
             return response.status
@@ -156,6 +168,7 @@ class Plan:
     warmup_seconds: float = 3.0
     url: str | None = None
     server_pid: int | None = None
+    version: int | None = None  # None: the model's default routing
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -163,7 +176,7 @@ def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def _ms(value: float | None) -> float | None:
@@ -201,6 +214,8 @@ def _measure(
     progress: Progress,
 ) -> dict[str, Any]:
     path = f"/v1/classify?model={plan.model}"
+    if plan.version is not None:
+        path += f"&version={plan.version}"
     load = Load(path, bodies=bodies)
     origin = time.monotonic()
     capacity, *overloads = plan.levels
@@ -227,9 +242,9 @@ def _measure(
         progress(f"overload: wrk at {connections} connections, {plan.seconds:g} s, beside it")
         progress("  the probe, a spinner, readiness polls and the server's memory")
         level = _overload(plan, url, path, load, connections, pid, origin)
-        level["goodput_share"] = round(
-            level["wrk"]["requests_per_s"] / max(saturating["requests_per_s"], 1e-9), 3
-        )
+        capacity_rps = saturating["requests_per_s"]
+        share = level["wrk"]["requests_per_s"] / capacity_rps if capacity_rps else 0.0
+        level["goodput_share"] = round(share, 3)
         levels.append(level)
         progress(_line(level))
     budget_ms = settings.queue_wait_budget_seconds * 1e3
@@ -265,11 +280,14 @@ def _overload(
     with running([*polite, readiness]):
         sampler.start()
         began = time.monotonic() - origin
+        ended = began
         try:
             with running([spinner]):  # the spinner is load too: it stops with wrk
-                result = run_wrk(url, load, connections=connections, seconds=plan.seconds)
+                try:
+                    result = run_wrk(url, load, connections=connections, seconds=plan.seconds)
+                finally:  # not once the spinner's last (paced) 503 is in
+                    ended = time.monotonic() - origin
         finally:
-            ended = time.monotonic() - origin
             stop_memory.set()
             sampler.join()
         time.sleep(RECOVERY_SECONDS)
@@ -283,7 +301,7 @@ def _overload(
     admitted = _latencies(probe, *during, 200)
     recovered = [s for s in probe if after[0] <= s.at < after[1]]
     ready = [s for s in readiness.samples if began <= s.at < ended]
-    rss = [mib for at, mib in memory.samples if began <= at <= ended]
+    rss = [mib for at, mib in memory.samples if began <= at <= ended and mib > 0]
     return {
         "connections": connections,
         "began_s": round(began, 2),

@@ -107,12 +107,13 @@ def overload_table(data: dict[str, Any]) -> str:
     ]
     for level in data["levels"]:
         wrk, probe, rss = level["wrk"], level["probe_200"], level["rss_mb"]
+        memory = "not measured" if rss["first"] is None else f"{rss['first']} → {rss['last']} MiB"
         lines.append(
             f"| {level['connections']} | {wrk['requests_per_s']:.0f} req/s "
             f"({level['goodput_share']:.0%}) | {wrk['statuses']} | {probe['p50_ms']} / "
             f"{probe['p99_ms']} ms | {level['probe_503_p50_ms']} / "
             f"{level['spinner_503_p50_ms']} ms | {level['readiness']['not_ready']} of "
-            f"{level['readiness']['polls']} | {rss['first']} → {rss['last']} MiB |"
+            f"{level['readiness']['polls']} | {memory} |"
         )
     lines += ["", "| connections | target | met | measured |", "|---|---|---|---|"]
     for t in data["targets"]:

@@ -290,7 +290,8 @@ def test_verify_and_promote_reach_a_gateway_with_keys_and_tls(
 
         untrusted = cnnserve("verify", "--url", server.url, *common)
         assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
-        plaintext = cnnserve("verify", *grpc_target, *trusted, *common)
+        assert "give its certificate with --ca-cert" in untrusted.stderr
+        plaintext = cnnserve("verify", *grpc_target, *common)
         assert plaintext.returncode == 2, plaintext.stdout + plaintext.stderr
         assert f"no answer from {server.grpc_target}" in plaintext.stderr
         assert "--tls" in plaintext.stderr
@@ -298,11 +299,29 @@ def test_verify_and_promote_reach_a_gateway_with_keys_and_tls(
         assert not_a_cert.returncode == 2 and "no PEM certificate in it" in not_a_cert.stderr
         rest_tls = cnnserve("verify", "--url", server.url, "--tls", *trusted, *common)
         assert rest_tls.returncode == 2 and "--tls is for --grpc" in rest_tls.stderr
+        plain_url = f"http://127.0.0.1:{server.port}"
+        pointless = cnnserve("verify", "--url", plain_url, *trusted, *common)
+        assert pointless.returncode == 2 and "--ca-cert is for an https://" in pointless.stderr
+        implied = cnnserve("verify", *grpc_target, *trusted, *common)  # --ca-cert: TLS
+        assert implied.returncode == 0, implied.stdout + implied.stderr
+        monkeypatch.setenv("CNNSERVE_API_KEYS_FILE", str(tmp_path / "missing"))
+        no_file = cnnserve("verify", *grpc_target, *trusted, *common)
+        assert no_file.returncode == 2 and "missing" in no_file.stderr  # not the gate's 1
+        monkeypatch.delenv("CNNSERVE_API_KEYS_FILE")
         monkeypatch.delenv("CNNSERVE_API_KEYS")
         keyless = cnnserve("verify", *grpc_target, "--tls", *trusted, *common)
         assert keyless.returncode == 2 and "UNAUTHENTICATED" in keyless.stderr
         assert "Traceback" not in untrusted.stderr + plaintext.stderr + keyless.stderr
 
+        before = (repo / "models.config").read_text()
+        untrusting = promote(repo, "canary", "--url", server.url, "--timeout", "60")
+        assert untrusting.returncode == 1 and "--ca-cert" in untrusting.stderr
+        monkeypatch.setenv("CNNSERVE_API_KEYS", "not-the-key")
+        wrong_key = promote(repo, "canary", "--url", server.url, *trusted, "--timeout", "60")
+        assert wrong_key.returncode == 1 and "401" in wrong_key.stderr
+        assert "CNNSERVE_API_KEYS" in wrong_key.stderr
+        # Neither was taken for "no gateway": nothing was written.
+        assert (repo / "models.config").read_text() == before
         monkeypatch.setenv("CNNSERVE_API_KEYS", "rollout-key")
         done = promote(repo, "canary", "--url", server.url, *trusted, "--timeout", "60")
         assert done.returncode == 0, done.stdout + done.stderr

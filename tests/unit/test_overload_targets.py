@@ -64,3 +64,8 @@ def test_percentile_is_a_nearest_rank() -> None:
     assert percentile([5.0], 99) == 5.0
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0 and percentile(values, 99) == 99.0
+    # The rank rounds up: the median of five is the third, their p90 the largest (a
+    # rounding to even had read both one rank low).
+    five = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert percentile(five, 50) == 3.0 and percentile(five, 90) == 5.0
+    assert percentile([float(v) for v in range(1, 52)], 99) == 51.0
