@@ -23,15 +23,18 @@ def https_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
     return context
 
 
-def tls_failure(exc: BaseException) -> ssl.SSLError | None:
-    """The TLS error behind a client's connection error (an untrusted certificate, a
-    plaintext server), if that is what it was: worth a hint at --ca-cert, not "is the
-    server running?"."""
+def untrusted(url: str, exc: BaseException) -> str | None:
+    """What to tell when a client's connection error was a TLS one (an untrusted
+    certificate, a plaintext server): the server answered, so not "is it running?"
+    but a hint at --ca-cert. None when it was not."""
     seen: set[int] = set()
     cause: BaseException | None = exc
     while cause is not None and id(cause) not in seen:
         if isinstance(cause, ssl.SSLError):
-            return cause
+            return (
+                f"{url} answered, but not over a TLS connection this command trusts "
+                f"({cause}): give its certificate with --ca-cert"
+            )
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     return None

@@ -177,14 +177,12 @@ class ConcurrencyLimit:
         self._full = True
         now = self._clock()
         siblings = self._siblings
-        if siblings is None:
-            self._shed_at = now
-            return False
-        room = siblings.spare(now) > 0
-        if room and self.in_flight < min(self.cap, BORROW_FACTOR * self.limit):
-            return True
-        siblings.refused(now)
-        self._moving = room
+        if siblings is not None:
+            room = siblings.spare(now) > 0
+            if room and self.in_flight < min(self.cap, BORROW_FACTOR * self.limit):
+                return True
+            siblings.refused(now)
+            self._moving = room
         self._shed_at = now
         return False
 

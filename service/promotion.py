@@ -28,7 +28,7 @@ from typing import Any, Protocol, TextIO
 
 import httpx
 
-from service.client_trust import https_verify, tls_failure
+from service.client_trust import https_verify, untrusted
 from service.config_edit import set_labels, set_specific_versions, validate
 from service.errors import NoServer, PromotionError, VersionFailedToLoad
 from service.repository import ModelConfig, version_dirs
@@ -254,11 +254,8 @@ class GatewayStatus:
         except httpx.HTTPError as exc:
             # A gateway that answers but is not trusted is there: saying "no gateway"
             # would have planned without what it serves and written step 1.
-            if (failure := tls_failure(exc)) is not None:
-                raise PromotionError(
-                    f"{self.url} answered, but not over a TLS connection this command "
-                    f"trusts ({failure}): give its certificate with --ca-cert"
-                ) from None
+            if (message := untrusted(self.url, exc)) is not None:
+                raise PromotionError(message) from None
             raise NoServer(f"no gateway answers at {self.url} ({exc})") from None
         if response.status_code in (401, 403):
             raise PromotionError(

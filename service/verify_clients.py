@@ -12,7 +12,7 @@ from typing import Any, TextIO, TypeVar
 
 from PIL import Image
 
-from service.client_trust import grpc_credentials, https_verify, tls_failure
+from service.client_trust import grpc_credentials, https_verify, untrusted
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, OUTPUT_NAME
 from service.errors import DatasetError
 
@@ -87,11 +87,8 @@ class RestServer:
         try:
             return _checked(self._client.request(method, path, **kwargs))
         except httpx.TransportError as exc:
-            if (failure := tls_failure(exc)) is not None:
-                raise DatasetError(
-                    f"{self.url} answered, but not over a TLS connection this command "
-                    f"trusts ({failure}): give its certificate with --ca-cert"
-                ) from None
+            if (message := untrusted(self.url, exc)) is not None:
+                raise DatasetError(message) from None
             raise DatasetError(
                 f"no answer from {self.url}: {exc}; is the server running?"
             ) from None
@@ -174,7 +171,7 @@ class GrpcServer:
         request.model_spec.name = model
         request.model_spec.version_label = label
         answer = with_retries(
-            lambda: _grpc_call(stub.GetModelStatus, request, 30, self._metadata, self.url),
+            lambda: self._call(stub.GetModelStatus, request, 30),
             self.notices,
         )
         return int(answer.model_version_status[0].version)
@@ -207,7 +204,7 @@ class GrpcServer:
             )
         )
         answer = with_retries(
-            lambda: _grpc_call(self._stub.Predict, request, 60, self._metadata, self.url),
+            lambda: self._call(self._stub.Predict, request, 60),
             self.notices,
         )
         probabilities = to_ndarray(answer.outputs[OUTPUT_NAME], OUTPUT_NAME)
@@ -215,32 +212,27 @@ class GrpcServer:
         served = [(int(c), float(probabilities[i, c])) for i, c in enumerate(top)]
         return answer.model_spec.name, int(answer.model_spec.version.value), served
 
+    def _call(self, method: Callable[..., T], request: Any, timeout: float) -> T:
+        """One call with the key's metadata; a refusal for load is Shed, anything else
+        a DatasetError naming what answered (or did not)."""
+        import grpc
+
+        try:
+            return method(request, timeout=timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            answer = f"the server answered {exc.code().name}: {exc.details()}"
+            trailers = dict(exc.trailing_metadata() or ())
+            if "retry-after" in trailers:  # shed for load, not a message too large
+                raise Shed(answer, _wait(trailers["retry-after"])) from None
+            if exc.code() == grpc.StatusCode.UNAVAILABLE:  # no connection: a TLS mismatch too
+                raise DatasetError(
+                    f"no answer from {self.url} ({exc.details()}): is the server running, and "
+                    "does it serve TLS (--tls, --ca-cert) or not?"
+                ) from None
+            raise DatasetError(answer) from None
+
     def close(self) -> None:
         self._channel.close()
-
-
-def _grpc_call(
-    method: Callable[..., T],
-    request: Any,
-    timeout: float,
-    metadata: tuple[tuple[str, str], ...],
-    address: str,
-) -> T:
-    import grpc
-
-    try:
-        return method(request, timeout=timeout, metadata=metadata)
-    except grpc.RpcError as exc:
-        answer = f"the server answered {exc.code().name}: {exc.details()}"
-        trailers = dict(exc.trailing_metadata() or ())
-        if "retry-after" in trailers:  # shed for load, not a message too large
-            raise Shed(answer, _wait(trailers["retry-after"])) from None
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:  # no connection: a TLS mismatch too
-            raise DatasetError(
-                f"no answer from {address} ({exc.details()}): is the server running, and "
-                "does it serve TLS (--tls, --ca-cert) or not?"
-            ) from None
-        raise DatasetError(answer) from None
 
 
 def _checked(response: Any) -> Any:

@@ -20,6 +20,7 @@ the clients see includes the wait for a core, as any client's on a loaded box wo
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import math
 import os
@@ -28,6 +29,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,8 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.bench.process import process_tree, rss_bytes, started
-from service.bench.wrk import Load, run_wrk
+from service.bench.process import Usage, started
+from service.bench.wrk import Load, run_wrk, write_bodies
 from service.config import Settings
 from service.launch import free_port, serve_command
 
@@ -139,23 +141,6 @@ def running(clients: list[Client]) -> Iterator[None]:
             thread.join()
 
 
-class Memory:
-    """The server's resident memory (its process tree), sampled every half second."""
-
-    def __init__(self, pid: int | None, origin: float) -> None:
-        self.pid, self.origin = pid, origin
-        self.samples: list[tuple[float, float]] = []  # (seconds since origin, MiB)
-
-    def run(self, stop: threading.Event) -> None:
-        if self.pid is None:
-            return
-        pids = process_tree(self.pid)
-        while True:
-            self.samples.append((time.monotonic() - self.origin, rss_bytes(pids) / 2**20))
-            if stop.wait(0.5):
-                return
-
-
 @dataclass(frozen=True)
 class Plan:
     repository: Path
@@ -189,20 +174,16 @@ def _latencies(samples: list[Sample], start: float, end: float, status: int) -> 
 
 def run(plan: Plan, settings: Settings, progress: Progress) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cnnserve-overload-") as tmp:
-        bodies = []
-        for i, data in enumerate(plan.images):
-            path = Path(tmp) / f"body-{i:03d}.jpg"
-            path.write_bytes(data)
-            bodies.append(path)
+        bodies = write_bodies(plan.images, Path(tmp) / "bodies")
         if plan.url:
-            return _measure(plan, plan.url, plan.server_pid, tuple(bodies), settings, progress)
+            return _measure(plan, plan.url, plan.server_pid, bodies, settings, progress)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         cmd = serve_command(plan.repository, port, 0, "--poll-seconds", "0")
         env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CNNSERVE_WORKERS": str(plan.workers)}
         log = Path(tmp) / "gateway.log"
         with started(cmd, env=os.environ | env, ready_url=url + "/readyz", log=log) as pid:
-            return _measure(plan, url, pid, tuple(bodies), settings, progress)
+            return _measure(plan, url, pid, bodies, settings, progress)
 
 
 def _measure(
@@ -222,11 +203,8 @@ def _measure(
     progress(f"warm-up: wrk at {capacity} connections, {plan.warmup_seconds:g} s")
     run_wrk(url, load, connections=capacity, seconds=plan.warmup_seconds)
 
-    def probe() -> list[Client]:
-        return [Client(url, path, plan.images, PROBE_PAUSE, origin) for _ in range(PROBE_THREADS)]
-
     progress(f"unloaded: the probe alone, {plan.seconds:g} s")
-    unloaded_clients = probe()
+    unloaded_clients = _probe(url, path, plan.images, origin)
     with running(unloaded_clients):
         time.sleep(plan.seconds)
     alone = [s.ms for c in unloaded_clients for s in c.samples if s.status == 200]
@@ -262,6 +240,11 @@ def _measure(
     }
 
 
+def _probe(url: str, path: str, images: list[bytes], origin: float) -> list[Client]:
+    """The polite clients: each pauses after every answer, its 503s too."""
+    return [Client(url, path, images, PROBE_PAUSE, origin) for _ in range(PROBE_THREADS)]
+
+
 def _overload(
     plan: Plan,
     url: str,
@@ -271,53 +254,42 @@ def _overload(
     pid: int | None,
     origin: float,
 ) -> dict[str, Any]:
-    polite = [Client(url, path, plan.images, PROBE_PAUSE, origin) for _ in range(PROBE_THREADS)]
+    polite = _probe(url, path, plan.images, origin)
     spinner = Client(url, path, plan.images, 0.0, origin)
     readiness = Client(url, "/readyz", [], READINESS_EVERY, origin, True, READINESS_TIMEOUT)
-    memory = Memory(pid, origin)
-    stop_memory = threading.Event()
-    sampler = threading.Thread(target=memory.run, args=(stop_memory,), daemon=True)
+    usage = Usage(pid) if pid is not None else None
     with running([*polite, readiness]):
-        sampler.start()
         began = time.monotonic() - origin
-        ended = began
-        try:
-            with running([spinner]):  # the spinner is load too: it stops with wrk
-                try:
-                    result = run_wrk(url, load, connections=connections, seconds=plan.seconds)
-                finally:  # not once the spinner's last (paced) 503 is in
-                    ended = time.monotonic() - origin
-        finally:
-            stop_memory.set()
-            sampler.join()
+        with usage.measure() if usage else contextlib.nullcontext(), running([spinner]):
+            result = run_wrk(url, load, connections=connections, seconds=plan.seconds)
+            ended = time.monotonic() - origin  # not once the spinner's last (paced) 503 is in
         time.sleep(RECOVERY_SECONDS)
     probe = [s for c in polite for s in c.samples]
     during = (began + SETTLE_SECONDS, ended)
     after = (ended, ended + RECOVERY_SECONDS)
-    statuses: dict[str, int] = {}
-    for s in probe + spinner.samples:
-        if began <= s.at < ended:
-            statuses[str(s.status)] = statuses.get(str(s.status), 0) + 1
+    statuses = Counter(str(s.status) for s in probe + spinner.samples if began <= s.at < ended)
     admitted = _latencies(probe, *during, 200)
+    refused = _latencies(probe, *during, 503)
+    spun = _latencies(spinner.samples, *during, 503)
     recovered = [s for s in probe if after[0] <= s.at < after[1]]
     ready = [s for s in readiness.samples if began <= s.at < ended]
-    rss = [mib for at, mib in memory.samples if began <= at <= ended and mib > 0]
+    rss = [b / 2**20 for b in usage.rss if b > 0] if usage else []
     return {
         "connections": connections,
         "began_s": round(began, 2),
         "ended_s": round(ended, 2),
         "wrk": result,
-        "clients_statuses": statuses,
+        "clients_statuses": dict(statuses),
         "probe_200": {
             "count": len(admitted),
             "p50_ms": _ms(percentile(admitted, 50)),
             "p99_ms": _ms(percentile(admitted, 99)),
         },
-        "probe_503_p50_ms": _ms(percentile(_latencies(probe, *during, 503), 50)),
-        "probe_503_count": len(_latencies(probe, *during, 503)),
-        "spinner_503_p50_ms": _ms(percentile(_latencies(spinner.samples, *during, 503), 50)),
-        "spinner_503_p90_ms": _ms(percentile(_latencies(spinner.samples, *during, 503), 90)),
-        "spinner_503_count": len(_latencies(spinner.samples, *during, 503)),
+        "probe_503_p50_ms": _ms(percentile(refused, 50)),
+        "probe_503_count": len(refused),
+        "spinner_503_p50_ms": _ms(percentile(spun, 50)),
+        "spinner_503_p90_ms": _ms(percentile(spun, 90)),
+        "spinner_503_count": len(spun),
         "readiness": {
             "polls": len(ready),
             "not_ready": sum(1 for s in ready if s.status != 200),

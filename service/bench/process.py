@@ -61,19 +61,24 @@ def rss_bytes(pids: list[int]) -> int:
 
 @dataclass
 class Usage:
-    """CPU seconds and peak RSS of a process tree over one interval (a ``with`` block)."""
+    """CPU seconds and resident memory (sampled every half second) of a process tree
+    over one interval (a ``with`` block)."""
 
     root: int
     cpu_s: float = 0.0
     wall_s: float = 0.0
-    peak_rss: int = 0
+    rss: list[int] = field(default_factory=list)  # bytes, from the block's start
     _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def peak_rss(self) -> int:
+        return max(self.rss, default=0)
 
     @contextmanager
     def measure(self) -> Iterator[Usage]:
         pids = process_tree(self.root)
         cpu0, t0 = cpu_seconds(pids), time.monotonic()
-        self.peak_rss = rss_bytes(pids)
+        self.rss = [rss_bytes(pids)]
         self._stop.clear()
         sampler = threading.Thread(target=self._sample, args=(pids,), daemon=True)
         sampler.start()
@@ -87,7 +92,7 @@ class Usage:
 
     def _sample(self, pids: list[int]) -> None:
         while not self._stop.wait(0.5):
-            self.peak_rss = max(self.peak_rss, rss_bytes(pids))
+            self.rss.append(rss_bytes(pids))
 
     def as_dict(self) -> dict[str, float]:
         return {

@@ -30,7 +30,7 @@ from PIL import Image
 from service.bench.limits import cost_at, decode_cost, inference_costs, limit
 from service.bench.photos import photo_mix
 from service.bench.process import Usage, started
-from service.bench.wrk import Load, run_wrk
+from service.bench.wrk import Load, run_wrk, write_bodies
 from service.config import Settings
 from service.launch import free_port, serve_command
 
@@ -256,7 +256,7 @@ def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[st
     """Measure every point of ``plan``; returns the report (see docs/performance.md)."""
     started_at = time.time()
     with tempfile.TemporaryDirectory(prefix="cnnserve-bench-") as tmp:
-        bodies = tuple(_write_bodies(plan.payload, Path(tmp) / "bodies"))
+        bodies = write_bodies(plan.payload.images, Path(tmp) / "bodies")
         max_batch = max(c.batching.max_batch_size for c in plan.configs)
         progress(f"limits: decode + resize and inference alone ({plan.version_dir})")
         runtime, inference = inference_costs(
@@ -316,14 +316,6 @@ def run(plan: Plan, settings: Settings, progress: Progress = _stderr) -> dict[st
         "peers": peers,
         "side_by_side": side_by_side(runs, peers),
     }
-
-
-def _write_bodies(payload: Payload, folder: Path) -> list[Path]:
-    folder.mkdir(parents=True)
-    paths = [folder / f"body-{i:03d}.jpg" for i in range(len(payload.images))]
-    for path, data in zip(paths, payload.images, strict=True):
-        path.write_bytes(data)
-    return paths
 
 
 def _check_answers(plan: Plan, url: str, settings: Settings, progress: Progress) -> dict[str, Any]:

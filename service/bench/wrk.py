@@ -128,6 +128,15 @@ class Load:
         )
 
 
+def write_bodies(images: list[bytes], folder: Path) -> tuple[Path, ...]:
+    """The request bodies as files in ``folder`` (made here), for :class:`Load`."""
+    folder.mkdir(parents=True)
+    paths = tuple(folder / f"body-{i:03d}.jpg" for i in range(len(images)))
+    for path, data in zip(paths, images, strict=True):
+        path.write_bytes(data)
+    return paths
+
+
 def run_wrk(url: str, load: Load, *, connections: int, seconds: float) -> dict[str, Any]:
     """One wrk run; returns req/s, latency percentiles (ms), errors, statuses, wrk's CPU."""
     threads = max(1, min(2, connections))
