@@ -10,11 +10,14 @@ import shutil
 import signal
 import socket
 import ssl
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
@@ -131,7 +134,13 @@ def serve(settings: Settings) -> int:
         if settings.workers == 1:
             from service.api.app import create_app
 
-            uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
+            _run_one(
+                GatewayConfig(
+                    create_app(settings),
+                    handshake_timeout=settings.header_read_timeout_seconds,
+                    **common,
+                )
+            )
         else:
             # Workers vote for readiness in the run's folder (service.readiness).
             votes = Path(os.environ[MULTIPROC_ENV]) / "readiness"  # not *.db: not a metric file
@@ -146,14 +155,64 @@ def serve(settings: Settings) -> int:
             }
             with _environment(worker_env):
                 # uvicorn.run(workers=N), with the supervisor below.
-                config = uvicorn.Config(
+                config = GatewayConfig(
                     "service.api.app:create_app",
                     factory=True,
                     workers=settings.workers,
-                    **common,  # type: ignore[arg-type]
+                    handshake_timeout=settings.header_read_timeout_seconds,
+                    **common,
                 )
                 _Supervisor(config, sockets=[config.bind_socket()]).run()
     return 0
+
+
+class GatewayConfig(uvicorn.Config):
+    """uvicorn's configuration, except that the event loop it makes bounds a TLS
+    handshake by ``handshake_timeout`` (the header read timeout: a request's headers are
+    due that long after the connection opens, and on a TLS port the handshake comes
+    first). uvicorn passes no handshake timeout to the loop, which then waits 60 s: a
+    client that opened connections and sent nothing held each that long, where a
+    plaintext one is answered 408 after the header timeout. A worker process gets it
+    pickled, the subclass included."""
+
+    def __init__(self, app: Any, *, handshake_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self.handshake_timeout = handshake_timeout
+
+    def get_loop_factory(self) -> Callable[[], Any] | None:
+        make_loop = super().get_loop_factory()
+        if make_loop is None or self.ssl_certfile is None:
+            return make_loop
+        seconds = self.handshake_timeout
+
+        def bounded() -> Any:
+            return bound_handshakes(make_loop(), seconds)
+
+        return bounded
+
+
+def bound_handshakes(loop: Any, seconds: float) -> Any:
+    """``loop``, whose TLS servers give up a handshake after ``seconds`` (uvloop's and
+    asyncio's loops take it as ``ssl_handshake_timeout``; uvicorn cannot pass it)."""
+    create_server: Callable[..., Awaitable[Any]] = loop.create_server
+
+    async def create_bounded_server(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", seconds)
+        return await create_server(*args, **kwargs)
+
+    loop.create_server = create_bounded_server
+    return loop
+
+
+def _run_one(config: GatewayConfig) -> None:
+    """uvicorn.run for one worker, with ``config`` as it is (uvicorn.run builds its own)."""
+    config.load_app()
+    server = uvicorn.Server(config)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 class _Supervisor(Multiprocess):

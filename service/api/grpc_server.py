@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import Any
 
 import grpc
@@ -54,6 +55,13 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
         # Let a gateway in front (the tfserving backend) keep its connection alive.
         ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+        # A connection must finish its TLS handshake and send HTTP/2's opening SETTINGS
+        # within the header read timeout, as a REST request its headers (gRPC's own
+        # defaults: 120 s with TLS, 60 s without, what a silent client held a socket).
+        (
+            "grpc.server_handshake_timeout_ms",
+            math.ceil(settings.header_read_timeout_seconds * 1000),
+        ),
     ]
 
 

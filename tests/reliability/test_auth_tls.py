@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -123,14 +125,39 @@ def test_metrics_can_require_the_key(tiny_repo: Path) -> None:
         assert client.get("/readyz").status_code == 200
 
 
-def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path) -> None:
+def _silent_connection_lasts(port: int) -> float:
+    """Seconds until the server closes a connection on which the client sends nothing
+    (what it reads meanwhile, e.g. gRPC's opening SETTINGS frame, is dropped)."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(SILENT_LIMIT)
+        while sock.recv(4096):
+            pass
+    return time.monotonic() - started
+
+
+# Far under the defaults a silent connection held a socket before (60 s for a TLS
+# handshake on REST, 120 s on gRPC, 60 s for HTTP/2's SETTINGS), far over the 1 s timeout.
+SILENT_LIMIT = 30
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path, workers: int) -> None:
     cert, key = self_signed(tmp_path)
     env = {
         "CNNSERVE_TLS_CERTFILE": str(cert),
         "CNNSERVE_TLS_KEYFILE": str(key),
         "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_HEADER_READ_TIMEOUT_SECONDS": "1",
+        "CNNSERVE_WORKERS": str(workers),
     }
     with running_server(tiny_repo, grpc_port=0, env=env, tls_ca=cert) as server:
+        # A client that opens a connection and never starts its handshake is dropped
+        # after the header read timeout, on both ports, with one worker as with several.
+        with ThreadPoolExecutor(4) as pool:
+            ports = [server.port, server.port, server.grpc_port, server.grpc_port]
+            lasted = list(pool.map(_silent_connection_lasts, ports))
+        assert all(0.5 < seconds < SILENT_LIMIT for seconds in lasted), lasted
         assert server.url.startswith("https://")
         with server.client() as client:
             response = client.post("/v1/classify", content=PNG, headers=PNG_TYPE)
@@ -186,8 +213,14 @@ def test_a_call_without_its_message_is_refused_without_a_key_at_once(keyed: Serv
 
 
 def test_a_call_without_its_message_times_out_like_a_slow_body(tiny_repo: Path) -> None:
-    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_BODY_READ_TIMEOUT_SECONDS": "1"}
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_BODY_READ_TIMEOUT_SECONDS": "1",
+        "CNNSERVE_HEADER_READ_TIMEOUT_SECONDS": "1",
+    }
     with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        # Nor does a plaintext gRPC connection that never sends HTTP/2's preface last.
+        assert 0.5 < _silent_connection_lasts(server.grpc_port) < SILENT_LIMIT
         error = _stalled_classify(server)
         assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED, error
         assert "did not arrive within 1 s" in (error.details() or "")
