@@ -184,6 +184,13 @@ class Settings(BaseSettings):
     body_read_timeout_seconds: float = Field(
         30.0, gt=0, description="A request body must arrive within this (else 408)."
     )
+    send_timeout_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="A client that takes none of an answer's bytes for this long (the "
+        "connection's send buffer full all the while) is disconnected, as nginx's "
+        "send_timeout.",
+    )
     keep_alive_seconds: int = Field(
         5, ge=1, description="Idle keep-alive HTTP connections are closed after this."
     )

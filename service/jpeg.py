@@ -9,7 +9,8 @@ with Pillow: the same library, settings (accurate DCT, fancy upsampling) and red
 scale as :func:`PIL.JpegImagePlugin.JpegImageFile.draft`, checked bit for bit against
 Pillow in tests/unit/test_jpeg.py.
 
-Left to Pillow: files with an Exif segment (an orientation to apply), colour spaces
+Left to Pillow: files with an Exif segment or an XMP one naming an orientation other
+than 1 (an orientation to apply: ImageOps.exif_transpose reads both), colour spaces
 other than YCbCr and grey (CMYK, YCCK, Adobe RGB transforms), and anything
 libjpeg-turbo only warns about (a recoverable error is decoded by Pillow, which
 tolerates it, and a broken file gets Pillow's error message).
@@ -33,6 +34,9 @@ import simplejpeg
 _SOI = b"\xff\xd8\xff"  # what Pillow's JPEG plugin accepts as a JPEG
 _SOS, _APP1 = 0xDA, 0xE1
 _EXIF = b"Exif\x00\x00"
+_XMP = b"http://ns.adobe.com/xap/1.0/\x00"  # the APP1 Pillow reads as info["xmp"]
+# Image.getexif's own pattern for an orientation in XMP, applied when no Exif gives one.
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # markers without a length
 _COLOURS = {"YCbCr": "RGB", "Gray": "GRAY"}  # header colour space → decoded as
 # Segments before the scan that the fast path takes; a camera's or an encoder's JPEG has
@@ -69,8 +73,9 @@ class Layout:
     scans: int
     segments: int  # small marker segments walked; stops once over MAX_LAYOUT_SEGMENTS
     progressive: bool  # a progressive frame: every scan passes over the full image
-    # The header, to the first scan, is one this module decodes: no Exif segment (an
-    # orientation to apply), marker after marker, in at most _MAX_SEGMENTS segments.
+    # The header, to the first scan, is one this module decodes: no Exif segment nor an
+    # XMP one naming an orientation (one to apply), marker after marker, in at most
+    # _MAX_SEGMENTS segments.
     plain_header: bool = True
 
 
@@ -157,9 +162,7 @@ def read_layout(data: bytes) -> Layout:
         if marker == _EOI or i + 4 > end:
             break  # anything after EOI (a camera's second image) is not decoded
         segments += 1
-        if scans == 0 and (
-            segments > _MAX_SEGMENTS or (marker == _APP1 and data[i + 4 : i + 10] == _EXIF)
-        ):
+        if scans == 0 and (segments > _MAX_SEGMENTS or (marker == _APP1 and _orients(data, i))):
             plain = False
         if marker in _STANDALONE:
             small += 1
@@ -178,3 +181,17 @@ def read_layout(data: bytes) -> Layout:
             progressive = True
         i += 2 + length
     return Layout(scans, small, progressive, plain_header=plain and scans > 0)
+
+
+def _orients(data: bytes, i: int) -> bool:
+    """Whether the APP1 segment at ``i`` may turn the image: Exif (whatever its tags), or
+    XMP naming an orientation other than 1. Pillow keeps the last XMP segment only, so
+    one naming an orientation an earlier or later one overrides still goes to Pillow,
+    which is never wrong, only slower."""
+    if data.startswith(_EXIF, i + 4):
+        return True
+    if not data.startswith(_XMP, i + 4):
+        return False
+    end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    found = _XMP_ORIENTATION.search(data, i + 4 + len(_XMP), end)
+    return found is not None and found[2] != b"1"

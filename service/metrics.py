@@ -139,6 +139,11 @@ HEADER_TIMEOUTS = Counter(
     "Connections closed with a 408 because a request's headers did not arrive within "
     "CNNSERVE_HEADER_READ_TIMEOUT_SECONDS (idle after connecting, or slowloris).",
 )
+SEND_TIMEOUTS = Counter(
+    "cnnserve_send_timeouts",
+    "Connections dropped because the client took none of an answer's bytes within "
+    "CNNSERVE_SEND_TIMEOUT_SECONDS (its send buffer full all the while).",
+)
 MALFORMED_REQUESTS = Counter(
     "cnnserve_malformed_requests",
     "Connections closed with a 400 because what arrived was not HTTP/1.1 the parser "
@@ -324,6 +329,11 @@ def observe_headers_too_large() -> None:
 def observe_header_timeout() -> None:
     """A connection timed out before its request's headers (service.api.http_protocol)."""
     HEADER_TIMEOUTS.inc()
+
+
+def observe_send_timeout() -> None:
+    """A connection was dropped: its client stopped reading (service.api.http_protocol)."""
+    SEND_TIMEOUTS.inc()
 
 
 def observe_malformed_request() -> None:

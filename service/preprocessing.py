@@ -8,6 +8,7 @@ RGB uint8 ``[height, width, 3]``; normalization lives inside the model graph.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -16,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from service import libtiff
 from service.errors import ImageTooLarge, InvalidImage
 from service.jpeg import (
     MAX_LAYOUT_SEGMENTS,
@@ -46,6 +48,18 @@ _RESAMPLE: dict[str, Image.Resampling] = {
 # several.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL(\.|$)")
+# libtiff writes its own complaints about a file (a strip without an end code, a bad
+# fax code word: dozens a file) straight to stderr, past Python's warnings; and Pillow's
+# TIFF reader logs an absurd samples-per-pixel value at ERROR before refusing the file
+# (its other plugins log only at DEBUG, what each chunk of a file holds).
+libtiff.silence()
+logging.getLogger("PIL").setLevel(logging.CRITICAL)
+
+# Pillow's own exceptions for a bad file say what is wrong with it in words a client can
+# act on. Its plugins raise any other kind too on a hostile one (TypeError for a tag of
+# the wrong type, OverflowError, IndexError, KeyError, struct.error, ZeroDivisionError):
+# Python's words for a reader that tripped over the file, still the file's fault.
+_WORDED = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 # Pillow format names we accept, and the words a person reads in an error.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
@@ -223,8 +237,10 @@ def _open_with_pillow(
         raise InvalidImage(
             f"could not decode the image: not a {SUPPORTED_HUMAN} file (or it is corrupt)"
         ) from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(f"could not decode the image: {exc}") from None
+    except MemoryError:
+        raise  # the server's trouble, not the file's
+    except Exception as exc:
+        raise _unreadable(exc, "could not decode the image") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageTooLarge(
@@ -241,9 +257,25 @@ def load(img: Image.Image) -> Image.Image:
     """Decode the pixels of an image from :func:`open_image`."""
     try:
         img.load()
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise InvalidImage(f"could not decode the image: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # Image.DecompressionBombError (a frame past the header's) too
+        raise _unreadable(exc, "could not decode the image") from None
     return img
+
+
+def _unreadable(exc: Exception, failed: str) -> InvalidImage:
+    """The client's error for what Pillow raised on its file, ``failed`` saying at what.
+
+    Used only around Pillow's calls on a client's bytes, where whatever it raises is the
+    file's doing; a blanket ``except`` higher up would answer the server's own bugs with
+    a 400. MemoryError is not the file's: callers re-raise it before calling this."""
+    if isinstance(exc, _WORDED):
+        return InvalidImage(f"{failed}: {exc}")
+    return InvalidImage(
+        f"{failed}: the file is malformed ({type(exc).__name__}: {exc}); "
+        "re-save it with an ordinary encoder"
+    )
 
 
 def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None) -> Image.Image:
@@ -255,11 +287,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode to RGB (or L, which :func:`resize` turns into RGB for a third of
     the cost): EXIF orientation applied, alpha composited on white."""
     # Some files decode but cannot be converted (a palette PNG whose tRNS has more
-    # entries than its PLTE: "palette index out of range"): still the client's file.
+    # entries than its PLTE: "palette index out of range"; EXIF that exif_transpose
+    # trips over): still the client's file.
     try:
         return _to_rgb(img)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImage(f"could not convert the image to RGB: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _unreadable(exc, "could not convert the image to RGB") from None
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -32,6 +32,7 @@ from service.api.http_protocol import (
     EARLY_REFUSAL_STATE,
     HEADER_LIMIT_STATE,
     HEADER_TIMEOUT_STATE,
+    SEND_TIMEOUT_STATE,
 )
 from service.api.schemas import error_responses, openapi_without_validation_errors
 from service.concurrency import worker_limit
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield {
                 HEADER_TIMEOUT_STATE: settings.header_read_timeout_seconds,
                 BODY_TIMEOUT_STATE: settings.body_read_timeout_seconds,
+                SEND_TIMEOUT_STATE: settings.send_timeout_seconds,
                 HEADER_LIMIT_STATE: settings.max_header_bytes,
                 EARLY_REFUSAL_STATE: EarlyRefusal(admission, quiet_paths, guarded_routes),
                 **(

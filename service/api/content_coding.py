@@ -62,6 +62,12 @@ def without_coding(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
     return [(k, v) for k, v in headers if k not in (b"content-encoding", b"content-length")]
 
 
+# Concatenated gzip members a body may have: each costs a decompressor and a copy of
+# what follows it, on the event loop; 10 MB of empty 20-byte members took 1.8 s of CPU
+# (one member of the same size: 0.03 s). Gzip tools write one.
+MAX_GZIP_MEMBERS = 16
+
+
 class GunzipReceive:
     """An ASGI ``receive`` whose request bodies are ``receive``'s, gunzipped, at most
     ``limit`` bytes of them (``too_large()`` is raised past it). Concatenated gzip
@@ -75,6 +81,7 @@ class GunzipReceive:
         self.too_large = too_large
         self._inflate = zlib.decompressobj(_GZIP_WBITS)
         self._out = 0
+        self._members = 1
 
     async def __call__(self) -> Message:
         message = await self.receive()
@@ -101,9 +108,18 @@ class GunzipReceive:
                 if self._inflate.eof:  # the next member, if any, starts a new stream
                     data = self._inflate.unused_data + data
                     if data:
-                        self._inflate = zlib.decompressobj(_GZIP_WBITS)
+                        self._next_member()
         except zlib.error as exc:
             raise InvalidRequest(
                 f"the body is not valid gzip (Content-Encoding: gzip): {exc}"
             ) from None
         return b"".join(pieces)
+
+    def _next_member(self) -> None:
+        self._members += 1
+        if self._members > MAX_GZIP_MEMBERS:
+            raise InvalidRequest(
+                f"the gzip body has more than {MAX_GZIP_MEMBERS} members; compress it "
+                "as one (Content-Encoding: gzip)"
+            )
+        self._inflate = zlib.decompressobj(_GZIP_WBITS)

@@ -35,6 +35,7 @@ from service.api.http import (
     body_timeout_error,
     error_response,
     header_value,
+    joined_headers,
     parse_client_key,
     parse_timeout,
 )
@@ -134,7 +135,7 @@ class DirectClassify:
         """Whether RequestGuard would let it on (its own check: a valid key when keys are
         set, a body within the limit), with a body length known and no interim 100 to
         send."""
-        sent = dict(headers)  # as RequestGuard reads them
+        sent = joined_headers(headers)  # as RequestGuard reads them
         length = sent.get(b"content-length")
         if length is None or not length.isdigit():
             return False

@@ -250,8 +250,8 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        # The first X-Request-ID, as the direct path reads it (dict() keeps the last).
+        headers = joined_headers(scope["headers"])
+        # The first X-Request-ID, as the direct path reads it (not the joined values).
         rid = client_request_id(header_value(scope["headers"], b"x-request-id") or b"")
         scope.setdefault("state", {})["request_id"] = rid
         record = RequestRecord(rid, "rest", scope["method"])
@@ -266,6 +266,14 @@ class RequestGuard:
         arrival = scope.get(CONNECTION_REFUSALS, (None, True))  # (None: another server)
         connection, retrying = arrival
 
+        taken: float | None = None
+
+        def release_place() -> None:
+            nonlocal taken
+            if taken is not None:
+                concurrency.release(taken)
+                taken = None
+
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
@@ -275,9 +283,11 @@ class RequestGuard:
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503:  # come back later: paced (service.concurrency)
                     await concurrency.pace_refusal(retrying, connection)
+                # The answer is made (every route's is whole before it starts): the place
+                # goes before the sends, which wait while the client's buffer is full
+                # (33 clients that pipelined requests and never read held every place).
+                release_place()
             await send(message)
-
-        taken: float | None = None
 
         def take_place() -> None:
             """The worker's place for this request, or its 503: for a request with a
@@ -306,8 +316,7 @@ class RequestGuard:
                 try:
                     await self._guarded(scope, headers, receive, send_with_id, body_in)
                 finally:
-                    if taken is not None:
-                        concurrency.release(taken)
+                    release_place()
         finally:
             if scope["path"] not in self.quiet_paths:
                 record.route = route_template(scope, self.routes)
@@ -430,6 +439,18 @@ def client_left() -> ClientClosedRequest:
 
 def body_timeout_error(seconds: float) -> RequestTimeout:
     return RequestTimeout(f"the request body did not arrive within {seconds:g} s; send it at once")
+
+
+def joined_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+    """An ASGI header list as a dict, a field sent on several lines joined into one
+    comma-separated value, as RFC 9110 5.3 reads it: dict() kept the last line, so
+    ``Content-Encoding: br`` then ``Content-Encoding: gzip`` passed the coding check as
+    gzip, and a second gzip line left the body compressed once more than decoded."""
+    joined: dict[bytes, bytes] = {}
+    for name, value in headers:
+        earlier = joined.get(name)
+        joined[name] = value if earlier is None else earlier + b", " + value
+    return joined
 
 
 def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -85,6 +85,8 @@ HEADER_TIMEOUT_STATE = "cnnserve.header_read_timeout_seconds"
 BODY_TIMEOUT_STATE = "cnnserve.body_read_timeout_seconds"
 # Without the app's state: the setting's own default.
 DEFAULT_BODY_SECONDS: float = Settings.model_fields["body_read_timeout_seconds"].default
+SEND_TIMEOUT_STATE = "cnnserve.send_timeout_seconds"
+DEFAULT_SEND_SECONDS: float = Settings.model_fields["send_timeout_seconds"].default
 HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
 # Without the app's state (another server's lifespan): the setting's own default.
 DEFAULT_MAX_HEADER_BYTES: int = Settings.model_fields["max_header_bytes"].default
@@ -109,6 +111,10 @@ class HeldFlow(FlowControl):
     def resume_reading(self) -> None:
         if self.held is None:
             super().resume_reading()
+
+
+class UnsupportedVersion(httptools.HttpParserError):
+    """A request line with an HTTP version other than 1.0 and 1.1 (or none: HTTP/0.9)."""
 
 
 def headers_too_large(limit: int) -> HeadersTooLarge:
@@ -156,6 +162,12 @@ class JoinedWrites:
         self.status = b""  # the status of the last response head written
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._transport.is_closing():
+            # The client left (or stopped reading and was dropped) while an answer was
+            # waiting for the send buffer to drain; uvicorn marks only the newest
+            # pipelined request disconnected, and uvloop raises on a closed transport.
+            self._held = None
+            return
         head = data[:9] == b"HTTP/1.1 "
         if head:
             self.status = bytes(data[9:12])
@@ -193,23 +205,30 @@ class JoinedWrites:
 # The end of a header block (CRLF or bare LF lines), or an Upgrade header in it (its
 # name begins one byte into the match).
 _UPGRADE_OR_END = re.compile(rb"\r?\n\r?\n|\nupgrade[ \t]*:", re.IGNORECASE)
+_UPGRADE = re.compile(rb"upgrade[ \t]*:", re.IGNORECASE)
+_RENAMED = b"x-upgrd"  # as long as "upgrade"
 
 
-def without_upgrade(data: bytes | memoryview) -> bytes | memoryview:
+def without_upgrade(data: bytes | memoryview, line_start: bool = False) -> bytes | memoryview:
     """``data`` (which begins inside a header block) with the block's Upgrade headers
     renamed to X-Upgrd, so that the request is parsed as a plain HTTP/1.1 one.
 
     The gateway upgrades to nothing (no websockets, no h2c), and RFC 9110 lets a server
     ignore Upgrade; but httptools takes whatever follows such a request's headers for
     the new protocol's bytes, so uvicorn ran it with an empty body and dropped what was
-    pipelined after it (every ``curl --http2`` to http:// sends ``Upgrade: h2c``). An
-    Upgrade header split between two reads is not seen: that request goes as before."""
+    pipelined after it (every ``curl --http2`` to http:// sends ``Upgrade: h2c``).
+    ``line_start``: the read before ended a header line, so an Upgrade header may open
+    this one. An Upgrade header whose name is split between two reads is not seen: that
+    request goes as before."""
+    first = line_start and _UPGRADE.match(data) is not None
     found = _UPGRADE_OR_END.search(data)
-    if found is None or not found.group().endswith(b":"):
+    if not first and (found is None or not found.group().endswith(b":")):
         return data
     edited = bytearray(data)
+    if first:
+        edited[: len(_RENAMED)] = _RENAMED
     while found is not None and found.group().endswith(b":"):
-        edited[found.start() + 1 : found.start() + 8] = b"x-upgrd"  # "upgrade": 7 bytes
+        edited[found.start() + 1 : found.start() + 1 + len(_RENAMED)] = _RENAMED
         found = _UPGRADE_OR_END.search(edited, found.end())
     return bytes(edited)
 
@@ -247,6 +266,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _body_seconds = DEFAULT_BODY_SECONDS
     _unread_timer: asyncio.TimerHandle | None = None  # the rest of an answered body
     _unreadable = False  # the parser refused what arrived: the connection is done
+    _send_seconds = DEFAULT_SEND_SECONDS
+    _send_timer: asyncio.TimerHandle | None = None  # armed while the send buffer is full
+    _line_start = False  # the last read inside a header block ended a line
+    _client_done = False  # the client half-closed after whole requests: answer, then close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._writes = JoinedWrites(transport, self.loop, self._linger)
@@ -255,6 +278,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
         self._body_seconds = self.app_state.get(BODY_TIMEOUT_STATE) or DEFAULT_BODY_SECONDS
+        self._send_seconds = self.app_state.get(SEND_TIMEOUT_STATE) or DEFAULT_SEND_SECONDS
         self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
         self._direct = self.app_state.get(DIRECT_CLASSIFY_STATE)
         self._refusals = (
@@ -306,7 +330,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self._in_headers:
             inside = None if self._in_message else self._requests + 1
         if inside is not None:  # the read begins with (the rest of) a header block
-            data = without_upgrade(data)
+            data = without_upgrade(data, self._in_headers and self._line_start)
+        self._line_start = data[-1:] == b"\n"
         trailing = self._after_last_chunk and self._in_message
         bodies, request = self._bodies, self._requests
         # uvicorn's data_received, but a parse error is ours to answer (_malformed).
@@ -317,7 +342,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cause = exc.__context__
             if cause is not None and not isinstance(cause, httptools.HttpParserError):
                 log.error("an HTTP parser callback failed", exc_info=cause)  # ours, not theirs
-            self._malformed("its request line or a header cannot be read")
+            if isinstance(cause, UnsupportedVersion):
+                self._malformed(str(cause))
+            else:
+                self._malformed("its request line or a header cannot be read")
             return
         except httptools.HttpParserError as exc:
             reason = str(exc) or type(exc).__name__
@@ -352,6 +380,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()  # the next pipelined request starts
         if self.transport.is_closing():
             return
+        if self._client_done and self._nothing_to_answer():  # the client half-closed
+            self.transport.close()
+            return
         # Answered before its body was in (a 404, 401, 413 or 503 at the headers): what
         # is left is read and dropped, but uvicorn's keep-alive timer is cancelled by
         # every read and armed again only after an answer, so a client dribbling it (or
@@ -370,6 +401,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._headers_due = None
         self._in_headers = False
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):  # llhttp takes HTTP/2.0 and a line without one
+            raise UnsupportedVersion(
+                f"HTTP/{version} is not spoken on this port, send HTTP/1.1"
+            )
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = not self._answering()
@@ -527,7 +563,55 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._answer(status, headers, body, keep_alive=False)  # a 408: not lingered
         self._direct.done(request, status)
 
+    # --- clients that stop reading, or stop sending ------------------------------------
+
+    def pause_writing(self) -> None:
+        """The send buffer is full: the client has this long to take some of it. An
+        answer waiting to be written holds its connection (and, before its body was
+        handed over, its place: service.api.http.RequestGuard) for as long as the client
+        likes otherwise: 33 clients that pipelined requests and never read shut a worker
+        out with 503s for as long as they stayed."""
+        super().pause_writing()
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self._send_seconds, self._send_late)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_late(self) -> None:
+        self._send_timer = None
+        if not self.transport.is_closing():
+            metrics.observe_send_timeout()
+            log.debug("a client took none of its answer in %g s: disconnected", self._send_seconds)
+            self.transport.abort()  # a close would wait for the buffer to drain
+
+    def eof_received(self) -> bool:  # type: ignore[override]
+        """The client will send nothing more. After whole requests (a client may
+        half-close once it has sent one, RFC 9112 9.6) the connection stays open until
+        they are answered, then closes; the transport closed it at once before, and the
+        answer to a request already run was lost (logged 200). Inside a request, which
+        can no longer end: closed, the client left (a 499)."""
+        if self._in_message or self._receiving is not None or self._nothing_to_answer():
+            return False
+        self._client_done = True
+        return True
+
+    def _nothing_to_answer(self) -> bool:
+        """No request on the connection waits for (the rest of) its answer."""
+        return (
+            not self._answering()
+            and not self.pipeline
+            and self.flow.held is None
+            and self._refusal is None
+        )
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         self.flow.held = None
         if self._header_timer is not None:
             self._header_timer.cancel()

@@ -21,7 +21,9 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
@@ -29,6 +31,7 @@ from service.tfserving_proto import to_tensor_proto
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, eventually, read_response, running_server
+from tests.unit.test_hostile_tiffs import CRAFTED, corrupt_group4, lzw_cut_short
 
 BOUND = 10.0  # seconds any answer may take on a loaded 2-core machine (generous)
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -338,6 +341,33 @@ def test_what_clients_cause_writes_no_warning(server: Server) -> None:
     assert "WARNING" not in written and "Warning" not in written, written
 
 
+def test_crafted_tiffs_are_invalid_images_on_both_apis_and_leave_the_log_alone(
+    server: Server,
+) -> None:
+    """TIFFs whose tags have the wrong type raised TypeError or OverflowError in Pillow
+    (500 / INTERNAL with a traceback), and libtiff wrote lines about broken strips to the
+    server's stderr for each request (found by a review)."""
+    before = len(server.log.read_bytes())
+    with server.client() as client, server.channel() as channel:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        for data in [*CRAFTED.values(), lzw_cut_short()]:
+            response = client.post(
+                "/v1/classify", content=data, headers={"content-type": "image/tiff"}
+            )
+            assert response.status_code == 400, response.text
+            assert error_of(response)[0] == "invalid_image"
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=data), timeout=BOUND)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        response = client.post(
+            "/v1/classify", content=corrupt_group4(), headers={"content-type": "image/tiff"}
+        )
+        assert response.status_code == 200, response.text  # Pillow decodes what it can
+    written = server.log.read_bytes()[before:].decode()
+    for said in ("Traceback", "LZWDecode", "Fax4Decode", "ERROR", "WARNING"):
+        assert said not in written, written
+
+
 def multipart(count: int, *, close: bool = True, boundary: str = "b") -> bytes:
     part = (
         b"--b\r\nContent-Disposition: form-data; name=image; filename=x.png\r\n"
@@ -464,20 +494,54 @@ def test_bodies_that_cannot_be_decompressed_are_refused(
     assert words in error_of(response)[1], response.text
 
 
-def test_a_transfer_coding_other_than_chunked_is_501(server: Server) -> None:
+@pytest.mark.parametrize(
+    "coding",
+    [b"Transfer-Encoding: gzip, chunked", b"Transfer-Encoding: gzip\r\nTransfer-Encoding: chunked"],
+    ids=["one-line", "two-lines"],
+)
+def test_a_transfer_coding_other_than_chunked_is_501(server: Server, coding: bytes) -> None:
     """RFC 9112: a server that does not understand a transfer coding answers 501 (it
-    was ignored: the body was taken as it came, still compressed)."""
+    was ignored: the body was taken as it came, still compressed). A field on two lines
+    is the comma-joined list (RFC 9110 5.3): the last line alone passed before."""
     packed = gzip.compress(PNG)
     chunked = b"%x\r\n" % len(packed) + packed + b"\r\n0\r\n\r\n"
     with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
         sock.sendall(
             b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            b"Transfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n" + chunked
+            + coding
+            + b"\r\nConnection: close\r\n\r\n"
+            + chunked
         )
         answer = read_answer(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 501"), answer[:300]
     assert b"Transfer-Encoding" in body
+
+
+@pytest.mark.parametrize(
+    "codings",
+    [(b"br", b"gzip"), (b"gzip", b"gzip"), (b"gzip", b"identity")],
+    ids=["br-then-gzip", "gzip-twice", "gzip-then-identity"],
+)
+def test_a_content_coding_on_several_lines_is_read_as_their_list(
+    server: Server, codings: tuple[bytes, bytes]
+) -> None:
+    """Two Content-Encoding lines are one list of codings, which the gateway does not
+    decode: a 415, as on one line (the last line alone was read before: ``br`` then
+    ``gzip`` was served as gzip, and compressed bytes reached the image decoders)."""
+    packed = gzip.compress(PNG)
+    lines = b"".join(b"Content-Encoding: " + coding + b"\r\n" for coding in codings)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            + lines
+            + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(packed)
+            + packed
+        )
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 415"), answer[:300]
+    assert json.loads(body)["error"]["code"] == "unsupported_media_type"
 
 
 def test_a_call_the_client_cancels_is_a_499_not_a_500(server: Server) -> None:
@@ -565,6 +629,100 @@ def test_huge_names_over_grpc_keep_their_status(
                                headers={"content-type": "image/png"})  # fmt: skip
     assert response.status_code == 404
     assert len(error_of(response)[1]) < 1100
+
+
+def test_a_huge_health_service_name_is_not_found_with_the_name_trimmed(server: Server) -> None:
+    """Health.Check echoed the whole name: at 17,000 characters the trailer overflowed
+    and the client got RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"."""
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as raised:
+        health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=HUGE), timeout=BOUND
+        )
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
+    details = raised.value.details()
+    assert details.startswith("unknown service 'xxx") and "characters left out" in details
+    assert len(details) < 1100
+
+
+def test_booleans_among_pixel_values_are_a_400(server: Server) -> None:
+    """numpy reads JSON's true beside numbers as 1: a zero image with one true was
+    answered 200; only an all-boolean image was refused."""
+    zeros = np.zeros((224, 224, 3), int).tolist()
+    one_true = [[[True if (y, x, c) == (5, 7, 1) else 0 for c in range(3)]
+                 for x in range(224)] for y in range(224)]  # fmt: skip
+    floats = np.zeros((224, 224, 3)).tolist()
+    floats[223][223][2] = False
+    with server.client() as client:
+        for body in (
+            {"instances": [one_true]},
+            {"instances": [zeros, one_true]},
+            {"inputs": {"image": [floats]}},
+            {"inputs": [np.zeros((224, 224, 3), bool).tolist()]},
+            {"signature_name": "predict_image_bytes", "instances": [True]},
+        ):
+            response = client.post("/v1/models/tiny:predict", json=body)
+            assert_error(response, {400})
+            assert "boolean" in error_of(response)[1], response.text
+        # A string holding the words is no boolean.
+        fine = client.post(
+            "/v1/models/tiny:predict", json={"signature_name": "", "instances": [zeros]}
+        )
+        assert fine.status_code == 200, fine.text
+
+
+def peak_rss(pid: int) -> int:
+    """The peak resident bytes of a process since :func:`reset_peak_rss`."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+
+
+def reset_peak_rss(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (proc(5))
+
+
+def declaring(dtype: int, dims: list[int], **values: list[object]) -> predict_pb2.PredictRequest:
+    """A Predict of one tensor of shape ``dims`` holding only the ``values`` given: TF's
+    shorthand, where one value fills the shape."""
+    tensor = tensor_pb2.TensorProto(
+        dtype=dtype,  # type: ignore[arg-type]
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in dims]
+        ),
+        **values,
+    )
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "tiny"
+    strings = dtype == types_pb2.DT_STRING
+    request.model_spec.signature_name = "predict_image_bytes" if strings else ""
+    request.inputs["image_bytes" if strings else "image"].CopyFrom(tensor)
+    return request
+
+
+@pytest.mark.parametrize(
+    ("request_", "count"),
+    [
+        (declaring(types_pb2.DT_STRING, [39_000_000], string_val=[b"x"]), 39_000_000),
+        (declaring(types_pb2.DT_DOUBLE, [262, 224, 224, 3], double_val=[1.0]), 262),
+    ],
+    ids=["39M files from one string", "262 images from one double"],
+)
+def test_a_few_bytes_declaring_many_images_are_refused_before_anything_is_built(
+    server: Server, request_: predict_pb2.PredictRequest, count: int
+) -> None:
+    """69 bytes declaring 39 million files (one string fills the shape) held the worker
+    for seconds and left it ~600 MB larger; one double filled 315 MB. The count is read
+    from the shape, before any array is built."""
+    assert request_.ByteSize() < 100
+    pid = server.process.pid
+    reset_peak_rss(pid)
+    before = peak_rss(pid)
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as raised:
+        prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request_, timeout=BOUND)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == f"{count} images in one request; the limit is 64"
+    grown = peak_rss(pid) - before
+    assert grown < 50 * 2**20, f"the worker's peak grew by {grown / 2**20:.0f} MB"
 
 
 def test_slow_client_body_is_cut_off_with_408(server: Server) -> None:
@@ -801,8 +959,21 @@ def test_an_upgrade_header_is_ignored_and_the_body_kept(
         b"boundary=z\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n--z\r\nzz\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad\x00Header: 1\r\n\r\n",
         b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        # Versions the parser reads but the gateway does not speak (they were answered).
+        b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n",
+        b"GET /healthz\r\n\r\n",
     ],
-    ids=["method", "version", "http2-preface", "two-lengths", "chunk-size", "nul", "connect"],
+    ids=[
+        "method",
+        "version",
+        "http2-preface",
+        "two-lengths",
+        "chunk-size",
+        "nul",
+        "connect",
+        "http-2.0-line",
+        "http-0.9-line",
+    ],
 )
 def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(
     server: Server, sent: bytes
@@ -1069,6 +1240,80 @@ def test_deep_pipelining_is_held_back_not_buffered(server: Server) -> None:
                 grown = tree_rss(server.process.pid) - before
     assert answered == count
     assert grown < 30 * 1024 * 1024, f"the server grew by {grown / 2**20:.0f} MB"
+
+
+MULTIPART_PNG = (
+    b'--zz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+    b"Content-Type: image/png\r\n\r\n" + PNG + b"\r\n--zz--\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [(b"image/png", PNG), (b"multipart/form-data; boundary=zz", MULTIPART_PNG)],
+    ids=["raw", "multipart"],  # the HTTP protocol's direct path, the ASGI route
+)
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+    server: Server, content_type: bytes, body: bytes
+) -> None:
+    """A client may shut down its sending side once its request is sent (RFC 9112
+    9.6): the request is answered, then the connection closed. The transport closed at
+    the client's FIN before: the classification ran, was logged 200, and was lost."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(
+            b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"  # and one pipelined behind it
+        )  # fmt: skip
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_answer(sock)  # until the server closes
+    first, _, rest = answer.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert b'"predictions"' in rest and rest.count(b"HTTP/1.1 200") == 1, answer[-300:]
+
+
+def test_clients_that_never_read_their_answers_hold_no_place_and_are_dropped(
+    tiny_repo: Path,
+) -> None:
+    """Clients that pipeline requests and never read the answers: each answer waits for
+    the client's full buffer. It held its worker's place while it waited (the place
+    went only after the last send), so a few such clients shut everyone out with 503s
+    for as long as they stayed; and nothing ever dropped them. Now the place goes as
+    the answer starts, and a client that takes nothing for CNNSERVE_SEND_TIMEOUT_SECONDS
+    is disconnected, without a traceback for the answers it left unsent."""
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "4",  # the places: fewer than the clients
+        "CNNSERVE_SEND_TIMEOUT_SECONDS": "3",
+    }
+    request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 200  # MBs of answers
+    with running_server(tiny_repo, env=env) as server, contextlib.ExitStack() as stack:
+        stalled = []
+        for _ in range(6):
+            sock = stack.enter_context(socket.socket())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(request)
+            stalled.append(sock)
+        statuses = []
+        give_up = time.monotonic() + 60
+        with server.client() as client:
+            # Classify until the server drops the stalled clients: all that time they
+            # were stalled (the send timeout says so), and nobody else was refused.
+            while server.metric("cnnserve_send_timeouts_total") < len(stalled):
+                assert time.monotonic() < give_up, "the stalled clients were never dropped"
+                response = client.post(
+                    "/v1/classify", content=PNG, headers={"content-type": "image/png"}
+                )
+                statuses.append(response.status_code)
+        assert statuses and set(statuses) == {200}, statuses
+        for sock in stalled:  # what the kernel held, then the end: dropped
+            sock.settimeout(BOUND)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(1 << 16):
+                    pass
+        log = server.log.read_text()
+        assert "Traceback" not in log and "Exception in ASGI" not in log, log[-2000:]
 
 
 def test_server_is_still_ready_and_correct_after_all_that(server: Server) -> None:

@@ -95,6 +95,45 @@ def test_a_jpeg_with_exif_goes_through_pillow_and_is_turned_upright() -> None:
     )
 
 
+def xmp(orientation: str) -> bytes:
+    """An XMP packet giving ``orientation`` as Adobe's tiff: namespace does: an
+    attribute, or an element when given as one (``<tiff:Orientation>6</…>``)."""
+    if orientation.startswith("<"):
+        description = f"<rdf:Description>{orientation}</rdf:Description>"
+    else:
+        description = f'<rdf:Description tiff:Orientation="{orientation}"/>'
+    return (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
+        '02/22-rdf-syntax-ns#" xmlns:tiff="http://ns.adobe.com/tiff/1.0/">'
+        f"{description}</rdf:RDF></x:xmpmeta>"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    "orientation", ["2", "3", "4", "5", "6", "7", "8", "<tiff:Orientation>6</tiff:Orientation>"]
+)
+def test_an_orientation_given_only_in_xmp_is_applied_as_pillow_applies_it(
+    orientation: str,
+) -> None:
+    # ImageOps.exif_transpose takes an orientation from XMP when there is no Exif: the
+    # fast path served such a photo unturned (found by a review).
+    img = photo(224, 160)
+    data = jpeg(img, quality=95, xmp=xmp(orientation))
+    served = preprocess_bytes(data, SPEC, max_pixels=BIG)
+    np.testing.assert_array_equal(served, through_pillow(data))
+    unturned = preprocess_bytes(jpeg(img, quality=95), SPEC, max_pixels=BIG)
+    assert not np.array_equal(served, unturned)
+
+
+@pytest.mark.parametrize("orientation", ["1", "<tiff:Orientation>1</tiff:Orientation>"])
+def test_xmp_without_a_turn_keeps_the_fast_path(orientation: str) -> None:
+    data = jpeg(photo(224, 160), quality=95, xmp=xmp(orientation))
+    assert isinstance(open_image(data, max_pixels=BIG, target=SPEC.size), PlainJpeg)
+    np.testing.assert_array_equal(
+        preprocess_bytes(data, SPEC, max_pixels=BIG), through_pillow(data)
+    )
+
+
 def test_cmyk_goes_through_pillow() -> None:
     data = jpeg(photo(64, 64).convert("CMYK"))
     assert open_plain(data, SPEC.size) is None

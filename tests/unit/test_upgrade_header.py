@@ -25,3 +25,14 @@ def test_the_body_and_requests_without_upgrade_are_untouched() -> None:
         assert without_upgrade(data) == data
     view = memoryview(b"GET / HTTP/1.1\r\n\r\n")
     assert without_upgrade(view) is view  # nothing copied when there is nothing to do
+
+
+def test_an_upgrade_header_opening_a_read_is_renamed_when_the_last_read_ended_a_line() -> None:
+    """The header block split between reads right before ``Upgrade:`` (no newline in
+    this read before it): renamed all the same; the body that follows is kept."""
+    rest = b"Upgrade: websocket\r\nContent-Length: 3\r\n\r\nabc"
+    assert without_upgrade(rest, line_start=True) == (
+        b"x-upgrd: websocket\r\nContent-Length: 3\r\n\r\nabc"
+    )
+    # Mid-line (the read before ended inside a header value), it is part of that value.
+    assert without_upgrade(rest, line_start=False) == rest
