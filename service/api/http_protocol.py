@@ -403,9 +403,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_headers = False
         version = self.parser.get_http_version()
         if version not in ("1.1", "1.0"):  # llhttp takes HTTP/2.0 and a line without one
-            raise UnsupportedVersion(
-                f"HTTP/{version} is not spoken on this port, send HTTP/1.1"
-            )
+            raise UnsupportedVersion(f"HTTP/{version} is not spoken on this port, send HTTP/1.1")
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = not self._answering()
