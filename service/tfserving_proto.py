@@ -49,42 +49,86 @@ def dtype_name(enum: int) -> str:
     return str(types_pb2.DataType.Name(enum)) if enum in types_pb2.DataType.values() else "?"
 
 
-def _shape(proto: Any, what: str, max_values: int | None) -> tuple[int, ...]:
+def declared_images(proto: Any) -> int:
+    """How many images a Predict input declares, read from its shape alone, before any
+    value is: every string of a DT_STRING tensor is one encoded file, and a pixel tensor
+    [N, H, W, 3] holds N. Other ranks count none here (the image check refuses them by
+    their shape). TF's shorthand lets a 69-byte message declare 39 million files."""
+    dims = [int(d.size) for d in proto.tensor_shape.dim]
+    if any(d < 0 for d in dims):
+        return 0  # refused by to_ndarray
+    if proto.dtype == types_pb2.DT_STRING:
+        return math.prod(dims)
+    return dims[0] if len(dims) == 4 else 0
+
+
+def _shape(proto: Any, what: str, max_bytes: int | None) -> tuple[int, ...]:
     if proto.tensor_shape.unknown_rank:
         raise InvalidRequest("a tensor has an unknown rank; give its shape")
     dims = tuple(int(d.size) for d in proto.tensor_shape.dim)
     if any(d < 0 for d in dims):
         raise InvalidRequest(f"a tensor has a negative dimension in shape {list(dims)}")
-    # Before anything is allocated: one value (or none) may stand for the whole shape,
-    # and a dimension of 0 does not make the others harmless (numpy refuses the shape).
-    if max_values is not None and (
-        math.prod(dims) > max_values or max(dims, default=0) > max_values
-    ):
+    # Before anything is allocated: every value sent takes a byte at least, and a
+    # dimension of 0 does not make the others harmless (numpy refuses the shape).
+    if max_bytes is not None and (math.prod(dims) > max_bytes or max(dims, default=0) > max_bytes):
         raise InvalidRequest(
             f"{what} has shape {list(dims)}: more values, or a longer dimension, than the "
-            f"{max_values:,} values a request may carry"
+            f"{max_bytes:,} bytes a request may carry"
         )
     return dims
 
 
-def _fill(values: npt.NDArray[Any], shape: tuple[int, ...], what: str) -> npt.NDArray[Any]:
+def _check_fill(shape: tuple[int, ...], dtype: np.dtype[Any], what: str, limit: int | None) -> None:
+    """A tensor built from one value (or none) costs its whole size in memory, not what
+    was sent: bounded in bytes (a string is an 8-byte reference), as the message is.
+    Counting values let one double fill 315 MB, one string 39 million references."""
+    need = math.prod(shape) * dtype.itemsize
+    if limit is not None and need > limit:
+        raise InvalidRequest(
+            f"{what} has shape {list(shape)}: filled from one value or none, it takes "
+            f"{need:,} bytes as {dtype}, more than the {limit:,} bytes a request may carry"
+        )
+
+
+def _fill(
+    values: npt.NDArray[Any], shape: tuple[int, ...], what: str, limit: int | None
+) -> npt.NDArray[Any]:
     size = math.prod(shape)
     if len(values) == size:
         return values.reshape(shape)
     if len(values) == 1:  # TF's shorthand: one value fills the tensor
+        _check_fill(shape, values.dtype, what, limit)
         return np.full(shape, values[0], dtype=values.dtype)
     raise InvalidRequest(f"{what}: {len(values)} values for shape {list(shape)} ({size} values)")
 
 
-def to_ndarray(proto: Any, name: str = "tensor", max_values: int | None = None) -> npt.NDArray[Any]:
+def _unpacked(
+    content: bytes, dtype: np.dtype[Any], shape: tuple[int, ...], what: str
+) -> npt.NDArray[Any]:
+    """tensor_content's values: all of them, exactly. TF reads one value as filling the
+    tensor only in the typed fields, and refuses packed bytes of another size (one byte
+    filled a whole [1,224,224,3] image here)."""
+    size = math.prod(shape)
+    if len(content) % dtype.itemsize:
+        raise InvalidRequest(f"{what}: tensor_content is not a whole number of {dtype}")
+    count = len(content) // dtype.itemsize
+    if count != size:
+        raise InvalidRequest(
+            f"{what}: tensor_content holds {len(content):,} bytes, {count:,} {dtype} values; "
+            f"shape {list(shape)} takes {size:,} values ({size * dtype.itemsize:,} bytes)"
+        )
+    return np.frombuffer(content, dtype=dtype).reshape(shape)
+
+
+def to_ndarray(proto: Any, name: str = "tensor", max_bytes: int | None = None) -> npt.NDArray[Any]:
     """The numpy array of a TensorProto; DT_STRING gives an object array of bytes.
-    ``max_values`` bounds the shape's size (a client's tensor; None for a trusted one)."""
+    ``max_bytes`` bounds what it may allocate (a client's tensor; None for a trusted one)."""
     what = f"input {name!r}"
-    shape = _shape(proto, what, max_values)
+    shape = _shape(proto, what, max_bytes)
     if proto.dtype == types_pb2.DT_STRING:
         strings = np.empty(len(proto.string_val), dtype=object)
         strings[:] = list(proto.string_val)
-        return _fill(strings, shape, what)
+        return _fill(strings, shape, what, max_bytes)
     if proto.dtype not in _NUMERIC:
         others = set(_NUMERIC) - {types_pb2.DT_UINT8, types_pb2.DT_BOOL}  # bools: no pixels
         supported = ", ".join(sorted(types_pb2.DataType.Name(e) for e in others))
@@ -94,11 +138,10 @@ def to_ndarray(proto: Any, name: str = "tensor", max_values: int | None = None) 
         )
     dtype, field = _NUMERIC[proto.dtype]
     if proto.tensor_content:
-        if len(proto.tensor_content) % dtype.itemsize:
-            raise InvalidRequest(f"{what}: tensor_content is not a whole number of {dtype}")
-        return _fill(np.frombuffer(proto.tensor_content, dtype=dtype), shape, what)
+        return _unpacked(proto.tensor_content, dtype, shape, what)
     raw = getattr(proto, field)
     if not len(raw):
+        _check_fill(shape, dtype, what, max_bytes)
         return np.zeros(shape, dtype=dtype)
     if dtype.kind in "iu":
         # Through int64 with a range check: numpy would wrap 300 into a uint8 silently.
@@ -109,8 +152,8 @@ def to_ndarray(proto: Any, name: str = "tensor", max_values: int | None = None) 
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise InvalidRequest(f"{what}: values outside the {dtype} range {info.min}..{info.max}")
-        return _fill(wide.astype(dtype), shape, what)
-    return _fill(np.fromiter(raw, dtype=dtype, count=len(raw)), shape, what)
+        return _fill(wide.astype(dtype), shape, what, max_bytes)
+    return _fill(np.fromiter(raw, dtype=dtype, count=len(raw)), shape, what, max_bytes)
 
 
 def to_tensor_proto(array: npt.NDArray[Any], *, packed: bool) -> Any:

@@ -25,6 +25,7 @@ from service.errors import (
     InternalError,
     InvalidRequest,
     ShuttingDown,
+    bounded,
     grpc_status,
 )
 from service.proto_gen import cnnserve_v1_pb2
@@ -36,6 +37,7 @@ from service.proto_gen.tensorflow_serving.apis import (
 from service.requestlog import RequestRecord, recorded
 from service.tfserving_proto import (
     config_text,
+    declared_images,
     model_spec,
     read_model_spec,
     status_response,
@@ -134,12 +136,7 @@ class PredictionServicer(_Adapter):
         ref = read_model_spec(request.model_spec)
         until = deadline(self._plane, context)
         # Off the event loop: a float image batch in typed fields is millions of values.
-        # No more values than the largest message could carry, one byte each: TF's
-        # shorthand (one value fills the shape) must not turn 60 bytes into gigabytes.
-        most = self._plane.settings.grpc_max_message_bytes
-        inputs = await asyncio.to_thread(
-            lambda: {name: to_ndarray(t, name, most) for name, t in request.inputs.items()}
-        )
+        inputs = await asyncio.to_thread(self._arrays, request.inputs)
         result = await self._plane.predict(
             inputs,
             model=ref.name,
@@ -156,6 +153,18 @@ class PredictionServicer(_Adapter):
         for name, value in result.outputs.items():
             response.outputs[name].CopyFrom(to_tensor_proto(value, packed=False))
         return response
+
+    def _arrays(self, tensors: Any) -> dict[str, Any]:
+        """The request's tensors as arrays. TF's shorthand (one value fills the shape)
+        must not turn 69 bytes into gigabytes: the images a shape declares are counted
+        before anything is built, and no tensor may take more bytes than the largest
+        message could carry."""
+        most = self._plane.settings.grpc_max_message_bytes
+        arrays: dict[str, Any] = {}
+        for name, tensor in tensors.items():
+            self._plane.check_image_count(declared_images(tensor))
+            arrays[name] = to_ndarray(tensor, name, most)
+        return arrays
 
     @mapped_errors
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
@@ -279,7 +288,10 @@ class HealthServicer:
     async def Check(self, request: Any, context: Any) -> Any:
         status = self._status(request.service)
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            # Bounded as every echoed name is: past gRPC's 16 KiB trailer limit the
+            # client got RESOURCE_EXHAUSTED, not NOT_FOUND.
+            message = bounded(f"unknown service {request.service!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, message)
         return health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: Any, context: Any) -> Any:

@@ -423,6 +423,25 @@ def test_tf_serving_verbs_other_than_predict_say_what_to_do(server: Server) -> N
         assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
 
 
+def test_an_empty_model_version_or_label_in_a_verb_path_says_which(server: Server) -> None:
+    """The status routes took these paths (":predict" as a name or label) and answered a
+    POST 405 Allow: GET, HEAD, as though the method were wrong."""
+    with server.client() as client:
+        for path, part in (
+            ("/v1/models/:predict", "model name"),
+            ("/v1/models/tiny/versions/:predict", "version"),
+            ("/v1/models/tiny/labels/:predict", "version label"),
+            ("/v1/models/tiny/labels/:classify", "version label"),
+        ):
+            answer = client.post(path, json={"instances": [1]})
+            message = _error(answer, 400, "bad_request")
+            assert f"the {part} in {path} is empty" in message, message
+            assert "allow" not in answer.headers, path
+        _error(client.post("/v1/models/:frobnicate", json={}), 404, "not_found")
+        # GET still reads the path as the status of a model named ":predict".
+        _error(client.get("/v1/models/:predict"), 404, "model_not_found")
+
+
 def test_tf_serving_status_and_metadata(server: Server) -> None:
     with server.client() as client:
         status = client.get("/v1/models/tiny").json()

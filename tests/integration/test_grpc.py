@@ -382,16 +382,27 @@ def test_hostile_messages_and_tensors_are_invalid_argument(
         for line in scraped.splitlines()
     ), scraped
     # Shapes far beyond any message, in a few bytes (one value, or none, fills them):
-    # refused before anything is allocated.
-    for tensor in (
-        shaped(types_pb2.DT_UINT8, [2**62]),
-        shaped(types_pb2.DT_UINT8, [2**32, 2**32], int_val=[1]),
-        shaped(types_pb2.DT_DOUBLE, [2000, 224, 224, 3], double_val=[1.0]),
-        shaped(types_pb2.DT_STRING, [2**40], string_val=[b"x"]),
-        shaped(types_pb2.DT_FLOAT, [0, 2**62, 2**62]),  # no values, but numpy refuses it
+    # refused before anything is allocated, by the images they declare where they are
+    # image tensors, else by the bytes they would take.
+    for tensor, words in (
+        (shaped(types_pb2.DT_UINT8, [2**62]), "a request may carry"),
+        (shaped(types_pb2.DT_UINT8, [2**32, 2**32], int_val=[1]), "a request may carry"),
+        (shaped(types_pb2.DT_DOUBLE, [2000, 224, 224, 3], double_val=[1.0]), "2000 images"),
+        (shaped(types_pb2.DT_STRING, [2**40], string_val=[b"x"]), f"{2**40} images"),
+        (shaped(types_pb2.DT_FLOAT, [0, 2**62, 2**62]), "a request may carry"),  # numpy refuses
+        # 64 images, but 77 MB of doubles from one value: more than a message carries.
+        (shaped(types_pb2.DT_DOUBLE, [64, 224, 224, 3], double_val=[1.0]), "bytes as float64"),
     ):
         code, message = code_of(predict_stub.Predict, predict_request({"image": tensor}))
-        assert code == invalid and "a request may carry" in message, message
+        assert code == invalid and words in message, message
+    # TF fills a tensor from one value in the typed fields only: packed bytes must be
+    # all of it (one byte answered 200, a constant image).
+    for dtype, content in ((types_pb2.DT_UINT8, b"\x07"), (types_pb2.DT_FLOAT, bytes(4))):
+        tensor = shaped(dtype, [1, 224, 224, 3])
+        tensor.tensor_content = content
+        code, message = code_of(predict_stub.Predict, predict_request({"image": tensor}))
+        assert code == invalid and "takes 150,528 values" in message, message
+        assert f"holds {len(content)} bytes" in message, message
     # The bytes signature takes files: a number is refused, not turned into zero bytes.
     code, message = code_of(
         predict_stub.Predict,

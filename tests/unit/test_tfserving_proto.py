@@ -11,7 +11,7 @@ from tensorflow.core.framework import tensor_pb2
 from tensorflow_serving.apis import model_pb2
 
 from service.errors import InvalidRequest
-from service.tfserving_proto import read_model_spec, to_ndarray, to_tensor_proto
+from service.tfserving_proto import declared_images, read_model_spec, to_ndarray, to_tensor_proto
 
 
 def typed(dtype: tf.DType, shape: tuple[int, ...], **values: Any) -> Any:
@@ -49,20 +49,42 @@ def test_to_ndarray_agrees_with_tensorflow(proto: Any) -> None:
     [
         (typed(tf.uint8, (2,), int_val=[1, 300]), "range"),
         (typed(tf.float32, (2, 2), float_val=[1.0, 2.0]), "2 values for shape"),
-        (typed(tf.uint8, (4,), tensor_content=b"abc"), "3 values for shape"),
+        (typed(tf.uint8, (4,), tensor_content=b"abc"), "holds 3 bytes, 3 uint8 values"),
+        # TF fills a tensor from one value only in the typed fields: one packed byte
+        # answered as a whole constant image.
+        (typed(tf.uint8, (1, 4, 4, 3), tensor_content=b"\x07"), "takes 48 values"),
+        (typed(tf.float32, (2, 3), tensor_content=bytes(4)), "1 float32 values; shape"),
         (typed(tf.complex64, (1,), scomplex_val=[1.0, 0.0]), "DT_COMPLEX64"),
         # Found by fuzzing: uint8 travels in int_val (int32), so -1 can arrive.
         (typed(tf.uint8, (1,), int_val=[-1]), "range"),
         (typed(tf.uint16, (2,), int_val=[3, -5]), "range"),
-        # Beyond what a request may carry (here 1,000 values), before any allocation:
+        # Beyond what a request may carry (here 1,000 bytes), before any allocation:
         # one value filling 2**62, and no values at all in a shape numpy refuses.
         (typed(tf.uint8, (2**62,), int_val=[1]), "may carry"),
         (typed(tf.float32, (0, 2**62, 2**62)), "may carry"),
+        # Fewer values than bytes, more bytes than the limit once filled: counted in
+        # bytes (a string by its 8-byte reference), not values.
+        (typed(tf.float64, (200,), double_val=[1.0]), "1,600 bytes as float64"),
+        (typed(tf.float32, (300,)), "1,200 bytes as float32"),
+        (typed(tf.string, (200,), string_val=[b"x"]), "1,600 bytes as object"),
     ],
 )
 def test_to_ndarray_refuses_malformed_tensors(proto: Any, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
-        to_ndarray(proto, "image", max_values=1000)
+        to_ndarray(proto, "image", max_bytes=1000)
+
+
+@pytest.mark.parametrize(
+    ("proto", "images"),
+    [
+        (typed(tf.string, (39_000_000,), string_val=[b"x"]), 39_000_000),  # each one a file
+        (typed(tf.string, (2, 3)), 6),
+        (typed(tf.float64, (262, 224, 224, 3), double_val=[1.0]), 262),
+        (typed(tf.uint8, (224, 224, 3)), 0),  # no batch: its shape is refused, not counted
+    ],
+)
+def test_declared_images_reads_the_shape_alone(proto: Any, images: int) -> None:
+    assert declared_images(proto) == images
 
 
 @pytest.mark.parametrize("packed", [True, False])
