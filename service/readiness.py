@@ -6,6 +6,14 @@ siblings still answer 503. So each worker publishes its own readiness as a file 
 after its pid in a folder the parent process creates for the run, and a worker reports
 ready only when N live workers have published. A worker that dies takes its vote with
 it (its pid is no longer alive), and uvicorn's replacement votes once it has loaded.
+
+Once the replica was whole, it stays ready while a worker is replaced: uvicorn respawns
+a worker that died, and restarts them all one at a time on SIGHUP. The replacement finds
+its siblings serving (:meth:`WorkerReadiness.replica_serving`) and takes no connection
+until it has loaded (service.api.app), so every worker that answers serves; counting
+votes then took the whole replica out of its load balancer (/readyz 503 on every
+worker) while one worker loaded, and the replacement answered requests with 503
+``model_not_ready`` meanwhile.
 """
 
 from __future__ import annotations
@@ -14,6 +22,10 @@ import os
 from pathlib import Path
 
 READINESS_DIR_ENV = "CNNSERVE_READINESS_DIR"
+# In the folder while the supervisor replaces the workers one at a time (SIGHUP): each
+# new worker is serving before an old one gets SIGTERM, so the old one's stop is not
+# the replica's, and it does not turn /readyz 503 for the probes it still answers.
+RESTARTING = "restarting"
 
 
 def process_alive(pid: int) -> bool:
@@ -34,6 +46,7 @@ class WorkerReadiness:
         self._workers = workers
         self._own = None if self._directory is None else self._directory / f"{os.getpid()}"
         self._draining = False
+        self._whole_once = False  # every worker was ready at once, or this one joined later
 
     def drain(self) -> None:
         """Shutting down: from now on this worker, and so the server, reports not ready."""
@@ -62,10 +75,25 @@ class WorkerReadiness:
         """Whether every worker has published ready (always true for one process that is
         not draining)."""
         if self._draining:
-            return False
-        if self._directory is None:
+            return self._directory is not None and (self._directory / RESTARTING).exists()
+        if self._directory is None or self._whole_once:
             return True
-        votes = [
+        self._whole_once = len(self._votes()) >= self._workers
+        return self._whole_once
+
+    def replica_serving(self) -> bool:
+        """Whether another live worker of the run has published ready: this one joins a
+        replica that serves already (it replaces a worker), and is ready from then on
+        whenever it serves itself."""
+        if self._directory is None:
+            return False
+        own = str(os.getpid())
+        if any(vote.name != own for vote in self._votes()):
+            self._whole_once = True
+        return self._whole_once
+
+    def _votes(self) -> list[Path]:
+        assert self._directory is not None
+        return [
             p for p in self._directory.iterdir() if p.name.isdigit() and process_alive(int(p.name))
         ]
-        return len(votes) >= self._workers

@@ -89,7 +89,8 @@ class Registry:
         self._shedding = shedding
         self._source = source or create_source(settings, runtime_factory)
         self._table = RoutingTable(split=TrafficSplit(settings.canary_percent / 100))
-        self._held: set[tuple[str, str, int]] = set()  # (model, label, version) logged
+        # (model, label, version, whether it failed) of labels held back, as logged.
+        self._held: set[tuple[str, str, int, bool]] = set()
         self._versionless: set[str] = set()  # models logged as having nothing to serve
         # Per model, the (served, wanted) versions last logged as kept: logged once.
         self._kept: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -312,6 +313,7 @@ class Registry:
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
         self._say_which_have_nothing_to_serve(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
+        await self._fall_back(scan)
         self._install(scan)  # labels whose version just became AVAILABLE move now
         # Models that served since they were configured (readiness keeps to them).
         self._has_served &= configured
@@ -319,6 +321,39 @@ class Registry:
         if not self._unreachable and self._table.all_available():
             self._ready_once = True
         return self._take_out(self._to_unload(scan))
+
+    async def _fall_back(self, scan: Scan) -> None:
+        """A model under a ``latest`` policy that serves nothing because each version the
+        policy wants failed to load gets the newest older version on disk that loads,
+        tried one at a time. A running worker keeps the version it served when a newer
+        one fails (availability first); a worker that starts afresh has none to keep:
+        after a broken publish, a worker uvicorn respawned (or a restarted server)
+        served nothing, its requests got 404 and /readyz 503, while its siblings served
+        the older version. TF Serving would serve nothing here; the gateway serves what
+        a running server would, and says so. It stays until a wanted version loads
+        (:meth:`_to_unload` keeps it, as any served version no longer wanted)."""
+        for config in scan.configs:
+            model = config.name
+            if config.policy != "latest" or model in scan.unknown or self._table.served.get(model):
+                continue
+            wanted = scan.wanted(config)
+            if not wanted or any((model, v) not in self._failed for v in wanted):
+                continue  # nothing on disk, or a wanted version not tried (or loading)
+            older = sorted(set(scan.versions.get(model, {})) - wanted, reverse=True)
+            for version in older:
+                key = (model, version)
+                if self._failed.get(key) == scan.fingerprints[key] or key in self._unloading:
+                    continue
+                await self._load(key, scan)
+                if self._table.served.get(model):
+                    log.warning(
+                        "model %s: serving version %d, the newest that loads, because "
+                        "version(s) %s failed to load (it serves until one of them does)",
+                        model,
+                        version,
+                        listing(sorted(wanted)),
+                    )
+                    break
 
     def _say_which_have_nothing_to_serve(self, scan: Scan) -> None:
         """A configured model with no version its policy serves keeps the server unready;
@@ -359,8 +394,22 @@ class Registry:
             before = previous.get(config.name)
             routed, waiting = hold_labels(config, before, served, scan.wanted(config))
             for label, old, new in waiting:
-                held.add((config.name, label, new))
-                if (config.name, label, new) not in self._held:  # log once, not every poll
+                failed = (config.name, new) in self._failed
+                held.add((config.name, label, new, failed))
+                if (config.name, label, new, failed) in self._held:  # once, not every poll
+                    continue
+                if failed:
+                    # Not retried until its folder changes: the label stays for good.
+                    log.warning(
+                        "model %s: label %r stays on version %d: version %d failed to "
+                        "load (its status says why); fix or replace that version folder, "
+                        "or point the label back",
+                        config.name,
+                        label,
+                        old,
+                        new,
+                    )
+                else:
                     log.info(
                         "model %s: label %r stays on version %d until version %d is available",
                         config.name,

@@ -21,7 +21,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
-from service.readiness import READINESS_DIR_ENV, process_alive
+from service.readiness import READINESS_DIR_ENV, RESTARTING, process_alive
 from service.siblings import SIBLINGS_DIR_ENV
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # variable is set would pick its in-memory value store.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_PREFIX = "cnnserve-metrics-"
+WORKER_START_SECONDS = 300
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:
@@ -159,6 +160,10 @@ def serve(settings: Settings) -> int:
                     "service.api.app:create_app",
                     factory=True,
                     workers=settings.workers,
+                    # What a new worker has to start (imports, loading the models) when it
+                    # replaces one on SIGHUP: it listens once loaded (service.api.app);
+                    # past this the restart is given up and the old worker kept.
+                    timeout_worker_healthcheck=WORKER_START_SECONDS,
                     handshake_timeout=settings.header_read_timeout_seconds,
                     **common,
                 )
@@ -228,6 +233,16 @@ class _Supervisor(Multiprocess):
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
+
+    def restart_all(self) -> None:
+        """uvicorn's rolling restart (SIGHUP), with the workers told that a SIGTERM now
+        is a replacement's, not the replica's stop (service.readiness.RESTARTING)."""
+        marker = Path(os.environ[READINESS_DIR_ENV]) / RESTARTING
+        marker.touch()
+        try:
+            super().restart_all()
+        finally:
+            marker.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -96,6 +96,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = registry
         readiness = WorkerReadiness.from_environment(settings.workers)
         app.state.dataplane = DataPlane(settings, registry, pool, readiness, concurrency)
+        # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
+        loading = asyncio.create_task(registry.start(), name="registry-start")
+        loading.add_done_callback(_after_loading)
+        if readiness.replica_serving():
+            # A replacement worker (respawned, or SIGHUP): its siblings serve, so it
+            # listens (gRPC here, REST once the lifespan has started) only once it can
+            # answer; it took connections at once and answered them 503 before.
+            log.info("the other workers serve: listening once the models are loaded")
+            await asyncio.wait([loading])
         grpc_server = await start_grpc(settings, app.state.dataplane, keys)  # None if disabled
         stopping_calls: list[asyncio.Task[None]] = []
 
@@ -109,9 +118,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 )
 
         restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds, stop_calls)
-        # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
-        loading = asyncio.create_task(registry.start(), name="registry-start")
-        loading.add_done_callback(_after_loading)
         publishing = asyncio.create_task(_publish_readiness(registry, readiness, settings))
         watching = asyncio.create_task(concurrency.watch_event_loop(), name="loop-lag")
         try:

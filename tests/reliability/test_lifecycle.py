@@ -190,6 +190,57 @@ def test_deleted_serving_version_is_kept_until_a_replacement_is_available(tmp_pa
     assert set(load.versions) == {1, 2}
 
 
+def workers_of(server: Server) -> set[int]:
+    """The pids of the server's worker processes (children of the supervisor)."""
+    pid = server.process.pid
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    return children
+
+
+def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once(
+    tmp_path: Path,
+) -> None:
+    """SIGHUP restarts every worker (uvicorn's reload) after version 2 was published
+    broken. The running workers kept version 1; new ones had nothing to keep: they tried
+    version 2 only (latest, 1 version) and served nothing, their requests 404 and the
+    replica's /readyz 503; and while loading, they took connections and answered 503.
+    Now a new worker whose siblings serve listens only once loaded, falls back to the
+    newest version that loads, and the replica stays ready: nothing fails throughout."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1, with_litert=True)
+    write_models_config(repo, simple_config("m"))
+    env = {"CNNSERVE_WORKERS": "2"}
+    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
+        break_version(repo, 2, "bad saved_model.pb")
+        wait_for(lambda: states(server).get("2", {}).get("state") == "END")
+        before = workers_of(server)
+        answers: list[str] = []
+        stop = threading.Event()
+
+        def probe() -> None:  # a new connection each time: no kept-alive one to lose
+            while not stop.is_set():
+                ready = httpx.get(f"{server.url}/readyz", timeout=30)
+                answer = httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW)  # type: ignore[arg-type]
+                version = answer.json().get("version") if answer.status_code == 200 else None
+                answers.append(f"ready {ready.status_code}, {answer.status_code} v{version}")
+
+        prober = threading.Thread(target=probe)
+        prober.start()
+        try:
+            wait_for(lambda: len(answers) > 5)
+            server.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(workers_of(server) - before) == 2)  # both replaced
+            wait_for(lambda: server.log.read_text().count("serving version 1, the newest") == 2)
+            seen = len(answers)
+            wait_for(lambda: len(answers) > seen + 10)  # and served by the new ones
+        finally:
+            stop.set()
+            prober.join()
+    assert set(answers) == {"ready 200, 200 v1"}, sorted(set(answers))
+
+
 @pytest.fixture(scope="module")
 def grpc_server(tiny_repo: Path) -> Iterator[Server]:
     with running_server(tiny_repo, grpc_port=0, env={"CNNSERVE_POLL_SECONDS": "0"}) as server:

@@ -6,27 +6,52 @@ import subprocess
 import sys
 from pathlib import Path
 
-from service.readiness import WorkerReadiness
+from service.readiness import RESTARTING, WorkerReadiness
 
 
-def test_ready_only_when_every_live_worker_has_voted(tmp_path: Path) -> None:
+def live_process() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                            stdin=subprocess.PIPE)  # fmt: skip
+
+
+def test_ready_once_every_live_worker_has_voted_then_while_one_is_replaced(
+    tmp_path: Path,
+) -> None:
     me = WorkerReadiness(tmp_path, workers=2)
+    assert not me.replica_serving()  # the first start: every worker listens at once
     assert not me.all_ready()
     me.publish(True)
     assert not me.all_ready()  # the sibling has not loaded yet
 
-    sibling = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
-                               stdin=subprocess.PIPE)  # fmt: skip
+    sibling = live_process()
     try:
         (tmp_path / str(sibling.pid)).touch()
         assert me.all_ready()
-        me.publish(False)  # e.g. shutting down
-        assert not me.all_ready()
-        me.publish(True)
     finally:
         sibling.communicate(b"")
-    # A dead worker's vote does not count (uvicorn's replacement must load first).
-    assert not me.all_ready()
+    # The sibling died: its replacement listens only once loaded, so the replica,
+    # whose answering workers all serve, stays ready meanwhile.
+    assert me.all_ready()
+
+
+def test_a_replacement_joins_a_serving_replica(tmp_path: Path) -> None:
+    sibling = live_process()
+    try:
+        (tmp_path / str(sibling.pid)).touch()  # a worker that serves
+        replacement = WorkerReadiness(tmp_path, workers=2)
+        assert replacement.replica_serving() and replacement.all_ready()
+    finally:
+        sibling.communicate(b"")
+
+
+def test_a_draining_worker_is_not_ready_unless_the_workers_are_being_replaced(
+    tmp_path: Path,
+) -> None:
+    me = WorkerReadiness(tmp_path, workers=2)
+    me.drain()
+    assert not me.all_ready()  # the server stops: probes see it first
+    (tmp_path / RESTARTING).touch()  # SIGHUP: its replacement serves already
+    assert me.all_ready()
 
 
 def test_one_process_needs_no_votes(tmp_path: Path) -> None:

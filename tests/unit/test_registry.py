@@ -611,3 +611,63 @@ def test_a_version_fixed_in_place_is_retried_and_a_bad_card_fails_its_load(
         assert states(registry, "m")[2] == VersionState.END
 
     run_with(registry, scenario)
+
+
+def broken_version(repo: Path, version: int, template: Path) -> None:
+    path = add_version(repo, "m", version, template)
+    (path / "saved_model.pb").write_bytes(b"not a SavedModel")
+
+
+def test_a_fresh_start_after_a_broken_publish_serves_the_newest_version_that_loads(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """latest {1} with version 3 broken and 2 good: a running worker keeps what it
+    served; a fresh one (a worker respawned, a restart) had nothing to keep and served
+    nothing. It falls back to 2, not to 1, and says so; a good 4 replaces it."""
+    repo = tmp_path / "repo"
+    for version in (1, 2):
+        add_version(repo, "m", version, template)
+    broken_version(repo, 3, template)
+    write_models_config(repo, simple_config("m"))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        with caplog.at_level(logging.WARNING, logger="service.registry"):
+            await registry.start()
+        assert registry.resolve("m").version == 2 and registry.is_ready()
+        assert states(registry, "m") == {2: VersionState.AVAILABLE, 3: VersionState.END}
+        assert "serving version 2, the newest that loads, because version(s) 3" in caplog.text
+        await registry.poll_once()  # 3 is not retried, 2 stays
+        assert registry.resolve("m").version == 2
+        add_version(repo, "m", 4, template)
+        await registry.poll_once()
+        assert registry.resolve("m").version == 4
+        assert states(registry, "m")[2] == VersionState.END
+
+    run_with(registry, scenario)
+
+
+def test_a_label_moved_to_a_version_that_failed_is_a_warning(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The label stays on the old version for good (a failed version is not retried
+    until its folder changes): said once as a warning, not as "until it is available"."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    broken_version(repo, 2, template)
+    policy = "specific { versions: 1 versions: 2 }"
+    write_models_config(repo, simple_config("m", policy=policy, labels={"canary": 1}))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        write_models_config(repo, simple_config("m", policy=policy, labels={"canary": 2}))
+        with caplog.at_level(logging.INFO, logger="service.registry"):
+            for _ in range(3):
+                await registry.poll_once()
+        held = [r for r in caplog.records if "label 'canary' stays on version 1" in r.getMessage()]
+        assert len(held) == 1 and held[0].levelno == logging.WARNING, caplog.text
+        assert "version 2 failed to load" in held[0].getMessage()
+        assert registry.resolve("m", label="canary").version == 1
+
+    run_with(registry, scenario)
