@@ -111,6 +111,10 @@ class _OneLineErrors(argparse.ArgumentParser):
 
 
 # After Ctrl-C: what the interrupted command left and how to go on.
+# Exit codes for a command stopped by the file system (OSError), where 1 means something
+# else: verify's 1 is "the server disagrees", 2 "cannot check".
+_OS_ERROR_EXIT = {"verify": 2}
+
 _AFTER_INTERRUPT = {
     "train": "rerun the same command to resume from the last finished epoch",
     "compress": "nothing was published; rerun the same command",
@@ -166,6 +170,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CnnserveError as exc:
         print(f"cnnserve: {exc.code}: {exc.message}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the machine said no: a read-only folder, a full disk
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"cnnserve {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return _OS_ERROR_EXIT.get(args.command, 1)
 
 
 if __name__ == "__main__":

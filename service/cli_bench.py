@@ -129,8 +129,6 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    from service.bench.runtime_table import machine
-
     if args.url and not _answers(args.url):
         print(
             f"cnnserve bench: no gateway answers at {args.url} (GET /healthz); start one "
@@ -138,12 +136,23 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    from service.bench.process import ServerDidNotStart
+
+    try:
+        return _bench_models(args, settings)
+    except ServerDidNotStart as exc:  # its own reason is in the log's tail, printed
+        print(f"cnnserve bench: a server did not start: {exc}", file=sys.stderr)
+        return 1
+
+
+def _bench_models(args: argparse.Namespace, settings: Settings) -> int:
     if args.model_kind == "repository":
         return _bench_on(args, settings, args.model_repository, args.model)
     if args.url:
         print("cnnserve bench: --model-kind builds a model; it cannot drive --url", file=sys.stderr)
         return 2
     from service.bench import mobilenet
+    from service.bench.runtime_table import machine
 
     with tempfile.TemporaryDirectory(prefix="cnnserve-bench-model-") as tmp:
         print(f"building {mobilenet.MODEL_NAME} on {machine()}", file=sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from service.config import Settings
 from service.errors import (
     BackendUnavailable,
     CnnserveError,
+    ConfigError,
     DatasetError,
     NoServer,
     PromotionError,
@@ -69,7 +71,7 @@ def add_promote(
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
     from service.config_edit import write_atomically
     from service.promotion import GatewayStatus, TFServingStatus, plan, promote, published_versions
-    from service.repository import MODELS_CONFIG
+    from service.repository import MODELS_CONFIG, read_config_text
 
     if args.ca_cert is not None and (args.tfserving or not args.url.startswith("https://")):
         raise PromotionError(
@@ -77,9 +79,9 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         )
     path = args.model_repository / MODELS_CONFIG
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PromotionError(f"cannot read {path}: {exc.strerror}") from None
+        text = read_config_text(path)
+    except ConfigError as exc:  # missing, unreadable, not UTF-8
+        raise PromotionError(exc.message) from None
     on_disk = set(published_versions(text, args.model_repository, args.model))
     client: Any = None
     gateway: GatewayStatus | None = None
@@ -230,7 +232,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from service.verify import load_images, run_verify
     from service.verify_clients import GrpcServer, RestServer
 
-    misuse = _verify_misuse(args)
+    misuse = _verify_misuse(args) or _unwritable(args.output)
     if misuse:
         print(f"cnnserve verify: {misuse}", file=sys.stderr)
         return 2
@@ -277,6 +279,18 @@ def _verify_misuse(args: argparse.Namespace) -> str:
         return "--tls is for --grpc (REST's follows --url's scheme)"
     if args.ca_cert is not None and not args.grpc and not args.url.startswith("https://"):
         return f"--ca-cert is for an https:// --url or --grpc (got --url {args.url})"
+    return ""
+
+
+def _unwritable(folder: Path) -> str:
+    """Why the report cannot be written to ``folder``, found before the check runs (it
+    ran to the end, then lost its results to a traceback), or ""."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"cannot write the report to {folder}: {exc.strerror or exc}; give --output"
     return ""
 
 

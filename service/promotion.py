@@ -263,7 +263,25 @@ class GatewayStatus:
                 "the server reads (CNNSERVE_API_KEYS or CNNSERVE_API_KEYS_FILE); set it "
                 "in this command's environment too"
             )
+        self._check_gateway(path, response)
         return response
+
+    def _check_gateway(self, path: str, response: httpx.Response) -> None:
+        """Whatever else answered is not a gateway (TF Serving's REST status routes): a
+        web server's 404 page was read as "not polled yet", and promote planned without
+        what was served, pinned a broken version and waited out its timeout."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        key = "model_version_status" if response.status_code == 200 else "error"
+        if not isinstance(body, dict) or key not in body:
+            raise PromotionError(
+                f"{self.url}{path} answered {response.status_code} "
+                f"({response.headers.get('content-type', 'no content type')}), not as a "
+                "cnnserve gateway or TF Serving would: is --url the REST address of the "
+                "gateway serving this repository?"
+            )
 
     def serving(self, model: str) -> set[int] | None:
         """The versions of ``model`` the gateway reports AVAILABLE; None when no gateway

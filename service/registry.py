@@ -39,7 +39,13 @@ from service.errors import (
     VersionNotFound,
 )
 from service.loading import PreparedVersion, RuntimeFactory
-from service.repository import MODELS_CONFIG, Fingerprint, ModelConfig, parse_models_config
+from service.repository import (
+    MODELS_CONFIG,
+    Fingerprint,
+    ModelConfig,
+    parse_models_config,
+    read_config_text,
+)
 from service.routing import (
     LoadedVersion,
     RoutingTable,
@@ -214,7 +220,8 @@ class Registry:
         path = repository / MODELS_CONFIG
 
         def write() -> None:
-            current = path.read_text(encoding="utf-8") if path.exists() else ""
+            # What is on disk may be unreadable (not UTF-8): a ConfigError, not a 500.
+            current = read_config_text(path) if path.exists() else ""
             write_atomically(path, merge_config(current, text, repository))
 
         async with self._lock:

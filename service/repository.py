@@ -35,12 +35,29 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", bound=message.Message)
 
 
-def parse_text_proto(path: Path, message_type: type[M]) -> M:
-    """Parse a text-protobuf file strictly: unknown fields and wrong types fail."""
+def read_config_text(path: Path) -> str:
+    """A config file's text. One that is missing, cannot be read (permissions, a folder
+    in its place) or is not UTF-8 text raises ConfigError naming it and the problem, as
+    one that does not parse does: every caller handles that one (the poller keeps the
+    models serving, start-up says it in one line, the CLIs too)."""
     try:
-        return cast(M, text_format.Parse(path.read_text(), message_type()))
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder, not a file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read: {exc.strerror or exc}") from None
+
+
+def parse_text_proto(path: Path, message_type: type[M]) -> M:
+    """Parse a text-protobuf file strictly: unknown fields and wrong types fail; a file
+    that cannot be read fails as :func:`read_config_text` says."""
+    text = read_config_text(path)
+    try:
+        return cast(M, text_format.Parse(text, message_type()))
     except text_format.ParseError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -81,13 +98,16 @@ def load_monitoring_config(repository: Path) -> tfserving_config_pb2.MonitoringC
 
 
 def resolve_base_path(repository: Path, name: str, base_path: str) -> Path:
-    """`/models/<name>` (written for the TF Serving container) means `<repository>/<name>`;
-    other absolute paths are used as they are, relative ones are repository-relative."""
+    """A path under `/models` (written for the TF Serving container, which has the
+    repository mounted there) is the same path under the repository: `/models/<name>`
+    is `<repository>/<name>`, `/models/team/shoes` is `<repository>/team/shoes`, as TF
+    Serving reads them. An empty one is `<repository>/<name>`; other absolute paths are
+    used as they are, relative ones are repository-relative."""
+    if not base_path:
+        return repository / name
     posix = PurePosixPath(base_path)
-    if base_path in ("", f"/models/{name}") or (
-        posix.is_absolute() and posix.parts[:2] == ("/", "models")
-    ):
-        return repository / (posix.name or name)
+    if posix.is_absolute() and posix.parts[:2] == ("/", "models"):
+        return repository.joinpath(*posix.parts[2:])
     path = Path(base_path)
     return path if path.is_absolute() else repository / path
 
@@ -174,29 +194,30 @@ def read_repository(repository: Path) -> list[ModelConfig]:
 
 
 def version_fingerprint(version_dir: Path) -> Fingerprint:
-    """Relative path, size and mtime of the folder, of each entry in it and of each
+    """Relative path, size, mtime and mode of the folder, of each entry in it and of each
     entry in the folders a load reads (variables/, assets.extra/), in name order
     ((0, 0) for a folder that is missing).
 
     A version that failed for its labels.txt (or any file a load reads) is retried once
-    that file is fixed in place, which a folder's own mtime does not show. Other folders
-    count by their own entry only: a version folder's docs/ of hundreds of files cost a
-    sorted walk every poll, in every worker (6x the idle CPU for 50 such versions), and
-    filled the cap before assets.extra/ was reached. At most MAX_FINGERPRINT_ENTRIES
-    entries a folder.
+    that file is fixed in place, which a folder's own mtime does not show; one that
+    failed for permissions is retried once they are fixed (chmod changes the mode and
+    ctime, not the size or mtime). Other folders count by their own entry only: a
+    version folder's docs/ of hundreds of files cost a sorted walk every poll, in every
+    worker (6x the idle CPU for 50 such versions), and filled the cap before
+    assets.extra/ was reached. At most MAX_FINGERPRINT_ENTRIES entries a folder.
     """
     try:
         st = version_dir.stat()
     except OSError:
         return (0, 0)
-    stats: list[int | str] = [st.st_mtime_ns, st.st_size]
+    stats: list[int | str] = [st.st_mtime_ns, st.st_size, st.st_mode]
     for relative, entry in _entries(version_dir):
         try:
             st = entry.stat(follow_symlinks=True)
         except OSError:  # gone or dangling since listed: still a change to notice
-            stats += [relative, 0, 0]
+            stats += [relative, 0, 0, 0]
         else:
-            stats += [relative, st.st_mtime_ns, st.st_size]
+            stats += [relative, st.st_mtime_ns, st.st_size, st.st_mode]
     return tuple(stats)
 
 

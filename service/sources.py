@@ -26,7 +26,7 @@ from service.repository import (
     version_dirs,
     version_fingerprint,
 )
-from service.routing import VersionKey
+from service.routing import VersionKey, listing
 from service.runtimes.tfserving import TFServingClient, TFServingRuntime
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,15 @@ class Scan:
         return config.wanted_versions(self.versions.get(config.name, {}))
 
 
+@dataclass(frozen=True)
+class _Listing:
+    """One model folder as a scan listed it."""
+
+    base_path: Path
+    versions: dict[int, Path]
+    fingerprints: dict[int, Fingerprint]
+
+
 class VersionSource(Protocol):
     def scan(self) -> Scan:
         """Read models.config and list versions; blocking. A models.config that cannot be
@@ -65,16 +74,54 @@ class DiskSource:
     def __init__(self, settings: Settings, runtime_factory: RuntimeFactory) -> None:
         self._settings = settings
         self._runtime_factory = runtime_factory
+        # Each model's last listing: its base path, versions and their fingerprints.
+        self._seen: dict[str, _Listing] = {}
+        self._unlisted: dict[str, str] = {}  # model → the listing problem last logged
 
     def scan(self) -> Scan:
         configs = read_repository(self._settings.model_repository)
-        versions = {c.name: version_dirs(c.base_path) for c in configs}
-        fingerprints = {
-            (name, v): version_fingerprint(path)
-            for name, found in versions.items()
-            for v, path in found.items()
-        }
-        return Scan(configs, versions, fingerprints)
+        seen = {config.name: self._list(config) for config in configs}
+        self._seen = seen
+        self._unlisted = {m: p for m, p in self._unlisted.items() if m in seen}
+        return Scan(
+            configs,
+            {name: folder.versions for name, folder in seen.items()},
+            {
+                (name, v): fingerprint
+                for name, folder in seen.items()
+                for v, fingerprint in folder.fingerprints.items()
+            },
+        )
+
+    def _list(self, config: ModelConfig) -> _Listing:
+        """The versions of one model's folder. One that cannot be listed (permissions,
+        an I/O error) keeps the versions it had when last listed, unchanged: it neither
+        stops the other models' reloads nor counts as a models.config problem, nor does
+        it unload or retry its own versions (a warning, once per change, says so)."""
+        try:
+            found = version_dirs(config.base_path)
+        except OSError as exc:
+            last = self._seen.get(config.name)
+            kept = last if last is not None and last.base_path == config.base_path else None
+            problem = str(exc)
+            if self._unlisted.get(config.name) != problem:
+                self._unlisted[config.name] = problem
+                log.warning(
+                    "model %s: cannot list the versions in %s (%s); %s until it can be",
+                    config.name,
+                    config.base_path,
+                    problem,
+                    f"its versions as last seen ({listing(sorted(kept.versions))}) are kept"
+                    if kept is not None and kept.versions
+                    else "it has no known version",
+                )
+            return kept if kept is not None else _Listing(config.base_path, {}, {})
+        if self._unlisted.pop(config.name, None) is not None:
+            log.info(
+                "model %s: the versions in %s can be listed again", config.name, config.base_path
+            )
+        prints = {v: version_fingerprint(path) for v, path in found.items()}
+        return _Listing(config.base_path, found, prints)
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         return prepare_version(

@@ -101,6 +101,11 @@ class Usage:
         }
 
 
+class ServerDidNotStart(RuntimeError):
+    """A server the bench started exited or never became ready; the message ends with
+    its log's tail (what it said about why)."""
+
+
 @contextmanager
 def started(cmd: list[str], *, env: dict[str, str], ready_url: str, log: Path) -> Iterator[int]:
     """Run ``cmd`` until the block ends (SIGTERM, then SIGKILL); yields its pid once
@@ -112,7 +117,7 @@ def started(cmd: list[str], *, env: dict[str, str], ready_url: str, log: Path) -
             wait_for(ready_url, process, timeout=180)
         except (RuntimeError, TimeoutError) as exc:
             tail = log.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{' '.join(cmd[:4])}…: {exc}\n{tail}") from None
+            raise ServerDidNotStart(f"{' '.join(cmd[:4])}…: {exc}\n{tail}") from None
         yield process.pid
     finally:
         stop(process)

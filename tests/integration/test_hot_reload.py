@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -129,3 +130,43 @@ def test_several_workers(tmp_path: Path) -> None:
         assert [r.status_code for r in results] == [200] * 20, [r.text for r in results]
         assert probes == [200] * 10
         assert len({tuple(p["score"] for p in r.json()["predictions"]) for r in results}) == 1
+
+
+def test_unreadable_models_config_and_model_folder_leave_the_rest_serving(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    for model in ("a", "b"):
+        publish_tiny(repo, model)
+    write_models_config(repo, simple_config("a", "b"))
+    config = repo / "models.config"
+    good = config.read_bytes()
+    with running_server(repo, args=("--poll-seconds", "0.2")) as server, server.client() as client:
+
+        def served(model: str) -> dict[str, str]:
+            status = client.get(f"/v1/models/{model}").json()["model_version_status"]
+            return {s["version"]: s["state"] for s in status}
+
+        def log_lines(text: str) -> int:
+            return server.log.read_text().count(text)
+
+        # A models.config that is not UTF-8: one line, the gauge at 0, the models serve.
+        config.write_bytes(good.replace(b'"b"', b'"\xe9"'))
+        eventually(lambda: server.metric("cnnserve_models_config_ok") == 0)
+        time.sleep(1)  # several polls: the problem is said once, not on each
+        assert log_lines("is not UTF-8 text") == 1
+        assert log_lines("polling the model repository failed") == 0
+        assert log_lines("Traceback") == 0
+        assert client.post("/v1/classify", **RAW).json()["version"] == 1  # type: ignore[arg-type]
+        config.write_bytes(good)
+        eventually(lambda: server.metric("cnnserve_models_config_ok") == 1)
+
+        # b's folder cannot be listed (an entry whose stat fails, as root too): b keeps
+        # its version, a still reloads, and it is no models.config problem.
+        (repo / "b" / "7").symlink_to("/" + "x" * 300)  # ENAMETOOLONG
+        publish_tiny(repo, "a", seed=2)
+        eventually(lambda: served("a").get("2") == "AVAILABLE")
+        time.sleep(1)
+        assert served("b") == {"1": "AVAILABLE"}
+        assert server.metric("cnnserve_models_config_ok") == 1
+        assert log_lines(f"cannot list the versions in {repo / 'b'}") == 1
+        assert log_lines("ignoring models.config change") == 1  # the UTF-8 one only
+        assert client.get("/readyz").status_code == 200

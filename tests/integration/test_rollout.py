@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
+import http.server
 import io
 import json
 import shutil
@@ -336,6 +338,26 @@ def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     assert "Step 1 is applied; the label was not moved" in done.stderr
     text = (repo / "models.config").read_text()
     assert "versions: 1 versions: 2" in text and 'key: "canary" value: 1' in text
+
+
+def test_promote_against_a_url_that_is_no_gateway_writes_nothing(tmp_path: Path) -> None:
+    """A web server that is not the gateway (its 404 page): read as "the gateway has not
+    polled yet" before, promote planned without what was served, wrote step 1 and waited
+    out its timeout. It stops before writing, naming --url."""
+    repo = two_versions(tmp_path)
+    before = (repo / "models.config").read_text()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as web:
+        threading.Thread(target=web.serve_forever, daemon=True).start()
+        try:
+            url = f"http://127.0.0.1:{web.server_address[1]}"
+            done = promote(repo, "canary", "--url", url, "--timeout", "60")
+        finally:
+            web.shutdown()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "not as a cnnserve gateway or TF Serving would" in done.stderr, done.stderr
+    assert "is --url the REST address" in done.stderr and "Traceback" not in done.stderr
+    assert (repo / "models.config").read_text() == before
 
 
 def test_promote_names_what_it_could_not_find_and_writes_nothing(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import subprocess
 import sys
@@ -355,3 +356,43 @@ def test_ctrl_c_is_one_line_saying_how_to_go_on(
         "cnnserve train: interrupted; rerun the same command to resume from the last "
         "finished epoch\n"
     )
+
+
+def test_the_file_system_saying_no_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A read-only repository or a full disk under promote (models.config stayed whole:
+    the write is atomic) was a traceback."""
+    import errno
+
+    import service.config_edit
+
+    def disk_full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(service.config_edit, "write_atomically", disk_full)
+    repo = tmp_path / "repo"  # a copy: were the patch to miss, the real one stays
+    repo.mkdir()
+    shutil.copy(ROOT / "model_repository" / "models.config", repo)
+    (repo / "fashion_mnist").symlink_to(ROOT / "model_repository" / "fashion_mnist")
+    code = main(["promote", "fashion_mnist", "1", "--label", "stable", "--no-wait",
+                 "--model-repository", str(repo)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert err.strip().splitlines()[-1] == (
+        f"cnnserve promote: No space left on device ({repo / 'models.config'})"
+    )
+    assert "Traceback" not in err
+
+
+def test_verify_checks_its_output_folder_before_any_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """It ran the whole check, then lost the results to a traceback writing report.json
+    (exit 1, which means "the server disagrees")."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    code = main(["verify", "--url", "http://127.0.0.1:9", "--output", str(a_file / "report")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.startswith(f"cnnserve verify: cannot write the report to {a_file / 'report'}")

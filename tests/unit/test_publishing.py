@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from service.publishing import TMP_PREFIX, publish_version
+from service import publishing
+from service.publishing import STALE_TMP_SECONDS, TMP_PREFIX, publish_version
 from service.repository import version_dirs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,7 +61,10 @@ def test_a_killed_export_leaves_no_version_and_is_cleaned_up(tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-c", KILLED_EXPORT, str(tmp_path)], cwd=ROOT)
     assert proc.returncode == -9
     assert version_dirs(tmp_path) == {}
-    assert [p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir()] == [True]
+    [leftover] = tmp_path.iterdir()
+    # Named by its host and pid: only a publisher on the same host judges the pid.
+    assert leftover.name.startswith(f"{TMP_PREFIX}{publishing._host()}-")
+    assert leftover.name.split("-")[-2] != str(os.getpid())  # the killed child's pid
     # The next export removes the dead one's leftovers and takes version 1.
     assert publish_version(tmp_path, _write_marker("next")).name == "1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
@@ -101,3 +107,67 @@ def test_only_int64_positive_folder_names_are_versions(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a version")
     assert sorted(version_dirs(tmp_path)) == [1, 12, 2**63 - 1]
+
+
+def test_a_stray_entry_named_like_the_next_version_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "1").touch()  # not a version, but no folder can be renamed onto it
+    assert publish_version(tmp_path, _write_marker("one")).name == "2"
+    (tmp_path / "3").touch()
+    (tmp_path / "4").mkdir()  # an empty (half-copied) version folder: not replaced
+    assert publish_version(tmp_path, _write_marker("two")).name == "5"
+    assert (tmp_path / "1").is_file() and (tmp_path / "3").is_file()
+    assert list((tmp_path / "4").iterdir()) == []
+    # A file that takes the chosen number between the choice and the rename: skipped too.
+    real = publishing._next_number
+    raced = False
+
+    def next_number(model_dir: Path) -> int:
+        nonlocal raced
+        if raced:
+            return real(model_dir)
+        raced = True
+        (model_dir / "6").touch()
+        return 6
+
+    monkeypatch.setattr(publishing, "_next_number", next_number)
+    assert publish_version(tmp_path, _write_marker("three")).name == "7"
+    assert (tmp_path / "6").is_file()
+    assert (tmp_path / "7" / "saved_model.pb").read_text() == "three"
+
+
+def _dead_pid() -> int:
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(child.stdout)
+
+
+def test_only_exports_known_dead_or_a_day_old_are_cleaned_up(tmp_path: Path) -> None:
+    # A shared volume (ReadWriteMany): another host's pid says nothing about this one's.
+    host, dead, alive = publishing._host(), _dead_pid(), os.getpid()
+    day_old = time.time() - STALE_TMP_SECONDS - 60
+    folders = {
+        f"{TMP_PREFIX}{host}-{dead}-aaaaaaaa": False,  # killed here
+        f"{TMP_PREFIX}{host}-{alive}-bbbbbbbb": True,  # in progress here
+        f"{TMP_PREFIX}other-host.example-{dead}-cccccccc": True,  # in progress elsewhere?
+        f"{TMP_PREFIX}{dead}-dddddddd": True,  # old name: which host, nobody knows
+        f"{TMP_PREFIX}not-ours": True,
+    }
+    old = {
+        f"{TMP_PREFIX}other-host.example-{alive}-eeeeeeee": False,  # a day old: dead
+        f"{TMP_PREFIX}{alive}-ffffffff": False,
+        f"{TMP_PREFIX}{host}-{alive}-99999999": False,
+    }
+    for name in {**folders, **old}:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "saved_model.pb").write_text("half")
+    for name in old:
+        os.utime(tmp_path / name, (day_old, day_old))
+    assert publish_version(tmp_path, _write_marker("next")).name == "1"
+    kept = {p.name for p in tmp_path.iterdir()} - {"1"}
+    assert kept == {name for name, keep in {**folders, **old}.items() if keep}

@@ -1,0 +1,180 @@
+"""Reading the model repository: config files that cannot be read, base paths under
+/models, and the fingerprint that decides when a failed version is retried."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service import metrics
+from service.config import Settings
+from service.errors import ConfigError, ModelLoadError
+from service.registry import Registry, VersionState
+from service.repository import (
+    load_batching_parameters,
+    read_config_text,
+    read_repository,
+    resolve_base_path,
+    version_fingerprint,
+)
+from service.runtimes import create_runtime
+from service.runtimes.base import Runtime
+from service.server import startup_problem
+from tests.helpers.core import run_with, settings
+from tests.helpers.models import publish_tiny, simple_config, write_models_config
+
+# --- a models.config that cannot be read -----------------------------------------------
+
+
+def _not_utf8(path: Path) -> None:
+    path.write_bytes(b"model_config_list { config { name: '\xff\xfe' } }\n")
+
+
+def _folder(path: Path) -> None:
+    path.mkdir()
+
+
+def _unreadable(path: Path) -> None:
+    path.write_text("model_config_list {}\n")
+    path.chmod(0)  # as root this does not stop reads: the test patches read_text too
+
+
+UNREADABLE = [
+    pytest.param(_not_utf8, "is not UTF-8 text", id="not-utf8"),
+    pytest.param(_folder, "is a folder", id="folder"),
+    pytest.param(_unreadable, "cannot be read: Permission denied", id="chmod-000"),
+]
+
+
+@pytest.fixture
+def no_reads_of_mode_0(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path.read_text refuses a file with no permission bits, whoever runs the tests."""
+    original = Path.read_text
+
+    def read_text(self: Path, *args: Any, **kwargs: Any) -> str:
+        if self.is_file() and stat.S_IMODE(self.stat().st_mode) == 0:
+            raise PermissionError(13, "Permission denied", str(self))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+
+
+@pytest.mark.usefixtures("no_reads_of_mode_0")
+@pytest.mark.parametrize(("spoil", "problem"), UNREADABLE)
+def test_a_config_file_that_cannot_be_read_is_a_config_error_naming_it(
+    tmp_path: Path, spoil: Any, problem: str
+) -> None:
+    spoil(tmp_path / "models.config")
+    with pytest.raises(ConfigError, match=problem) as info:
+        read_repository(tmp_path)
+    with pytest.raises(ConfigError, match=problem):  # for the CLIs that edit the text
+        read_config_text(tmp_path / "models.config")
+    assert str(tmp_path / "models.config") in str(info.value)
+    spoil(tmp_path / "batching.config")  # every text-proto file reads the same way
+    with pytest.raises(ConfigError, match=problem):
+        load_batching_parameters(tmp_path)
+
+
+@pytest.mark.usefixtures("no_reads_of_mode_0")
+@pytest.mark.parametrize(("spoil", "problem"), UNREADABLE)
+def test_start_up_names_an_unreadable_models_config_in_one_line(
+    tmp_path: Path, spoil: Any, problem: str
+) -> None:
+    spoil(tmp_path / "models.config")
+    # `cnnserve serve` prints this line and exits 3 (a traceback and exit 1 before).
+    line = startup_problem(Settings(model_repository=tmp_path))
+    assert line is not None and "\n" not in line
+    assert problem in line and str(tmp_path / "models.config") in line
+
+
+# --- base paths -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base_path", "expected"),
+    [
+        ("/models/team/shoes", "repo/team/shoes"),
+        ("/models/a/b/c", "repo/a/b/c"),
+        ("/models/m", "repo/m"),
+        ("/models/other", "repo/other"),
+        ("", "repo/m"),
+        ("/models", "repo"),
+        ("rel/m", "repo/rel/m"),
+        ("/srv/models/m", "/srv/models/m"),
+    ],
+)
+def test_a_base_path_under_models_keeps_every_folder(base_path: str, expected: str) -> None:
+    # TF Serving with the repository mounted at /models reads /models/team/shoes.
+    assert resolve_base_path(Path("repo"), "m", base_path) == Path(expected)
+
+
+def test_a_nested_base_path_is_not_mistaken_for_a_sibling(tmp_path: Path) -> None:
+    (tmp_path / "shoes" / "1").mkdir(parents=True)  # another model's folder
+    (tmp_path / "models.config").write_text(
+        "model_config_list { config { name: 'shoes' base_path: '/models/team/shoes' } }\n"
+    )
+    [config] = read_repository(tmp_path)
+    assert config.base_path == tmp_path / "team" / "shoes"
+
+
+# --- the fingerprint of a failed version ------------------------------------------------
+
+
+def test_the_fingerprint_changes_with_permissions(tmp_path: Path) -> None:
+    version = tmp_path / "1"
+    (version / "variables").mkdir(parents=True)
+    pb = version / "saved_model.pb"
+    pb.write_bytes(b"pb")
+    shard = version / "variables" / "variables.data-00000-of-00001"
+    shard.write_bytes(b"data")
+    readable = version_fingerprint(version)
+    for path in (pb, shard, version / "variables", version):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        path.chmod(0)
+        assert version_fingerprint(version) != readable, path
+        path.chmod(mode)
+        assert version_fingerprint(version) == readable, path
+
+
+class ModeCheckingFactory:
+    """create_runtime, refusing a saved_model.pb its owner may not read (what the load
+    meets when the server does not run as root, which tests may)."""
+
+    def __call__(self, name: str, version_dir: Path, **kwargs: Any) -> Runtime:
+        if not (version_dir / "saved_model.pb").stat().st_mode & stat.S_IRUSR:
+            raise ModelLoadError(f"{version_dir / 'saved_model.pb'}: Permission denied")
+        return create_runtime(name, version_dir, **kwargs)
+
+
+def test_a_version_that_failed_for_its_permissions_is_retried_once_they_are_fixed(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m")
+    write_models_config(repo, simple_config("m", policy="all {}"))
+    registry = Registry(settings(repo, tmp_path), runtime_factory=ModeCheckingFactory())
+
+    def failures() -> float:
+        labels = {"model": "m", "event": "load_failed"}
+        return metrics.REGISTRY.get_sample_value("cnnserve_model_events_total", labels) or 0.0
+
+    async def scenario() -> None:
+        await registry.start()
+        v2 = repo / "m" / "2"
+        shutil.copytree(repo / "m" / "1", v2)
+        (v2 / "saved_model.pb").chmod(0o200)
+        failed = failures()
+        await registry.poll_once()
+        assert registry.statuses("m", version=2)[0].state == VersionState.END
+        await registry.poll_once()  # nothing changed: not retried every poll
+        assert failures() == failed + 1
+        (v2 / "saved_model.pb").chmod(0o644)  # the size and mtime stay as they were
+        await registry.poll_once()
+        assert registry.statuses("m", version=2)[0].state == VersionState.AVAILABLE
+        assert failures() == failed + 1
+
+    run_with(registry, scenario)
