@@ -270,6 +270,8 @@ class GatewayStatus:
         """Whatever else answered is not a gateway (TF Serving's REST status routes): a
         web server's 404 page was read as "not polled yet", and promote planned without
         what was served, pinned a broken version and waited out its timeout."""
+        if response.status_code >= 500:  # busy or restarting (a proxy's page, too): retried
+            return
         try:
             body = response.json()
         except ValueError:

@@ -120,17 +120,31 @@ class Registry:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, config_may_fail: bool = False) -> None:
         """Load everything models.config wants, then poll in the background.
 
         A models.config that cannot be read is fatal here (raises ConfigError), as it is
-        for TF Serving; later polls log it and keep serving.
+        for TF Serving; later polls log it and keep serving. With ``config_may_fail`` (a
+        worker replacing one, whose siblings serve) it is not: the worker serves nothing
+        until a poll reads it, rather than stop the whole server.
         """
-        scan = await asyncio.to_thread(self._source.scan)
-        metrics.observe_models_config(True)
-        async with self._lock:
-            await self._retire(await self._reconcile(scan), wait_for_requests=True)
-        self._started = True
+        try:
+            scan = await asyncio.to_thread(self._source.scan)
+        except ConfigError as exc:
+            if not config_may_fail:
+                raise
+            metrics.observe_models_config(False)
+            self._config_error = str(exc)
+            log.error(
+                "ignoring models.config, nothing is served by this worker until it reads "
+                "again (the other workers keep serving): %s",
+                exc,
+            )
+        else:
+            metrics.observe_models_config(True)
+            async with self._lock:
+                await self._retire(await self._reconcile(scan), wait_for_requests=True)
+            self._started = True
         if self._settings.poll_seconds > 0:
             self._poll_task = asyncio.create_task(self._poll_forever(), name="registry-poll")
 
@@ -180,6 +194,7 @@ class Registry:
             if self._stopped:
                 return
             retiring = await self._reconcile(scan)
+            self._started = True  # (after a start that could not read models.config)
             if wait_for_unloads:
                 await self._retire(retiring, wait_for_requests=True)
                 return

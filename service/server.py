@@ -160,10 +160,6 @@ def serve(settings: Settings) -> int:
                     "service.api.app:create_app",
                     factory=True,
                     workers=settings.workers,
-                    # What a new worker has to start (imports, loading the models) when it
-                    # replaces one on SIGHUP: it listens once loaded (service.api.app);
-                    # past this the restart is given up and the old worker kept.
-                    timeout_worker_healthcheck=WORKER_START_SECONDS,
                     handshake_timeout=settings.header_read_timeout_seconds,
                     **common,
                 )
@@ -239,9 +235,16 @@ class _Supervisor(Multiprocess):
         is a replacement's, not the replica's stop (service.readiness.RESTARTING)."""
         marker = Path(os.environ[READINESS_DIR_ENV]) / RESTARTING
         marker.touch()
+        # What a new worker has to start (imports, loading the models): it listens once
+        # loaded (service.api.app); past this the restart is given up and the old worker
+        # kept. Only here: the same setting is how long a worker's ping may take before
+        # it is thought hung, which must stay short.
+        ping = self.config.timeout_worker_healthcheck
+        self.config.timeout_worker_healthcheck = WORKER_START_SECONDS
         try:
             super().restart_all()
         finally:
+            self.config.timeout_worker_healthcheck = ping
             marker.unlink(missing_ok=True)
 
 

@@ -84,8 +84,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        # A broken models.config stops start-up here, as it stops TF Serving.
-        load_models_config(settings.model_repository)
+        readiness = WorkerReadiness.from_environment(settings.workers)
+        # A worker that replaces one (respawned, SIGHUP): its siblings serve.
+        replacing = readiness.replica_serving()
+        # A broken models.config stops start-up here, as it stops TF Serving; not a
+        # replacement's: uvicorn stops the whole server when a new worker fails to start.
+        if not replacing:
+            load_models_config(settings.model_repository)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         stop_access_log = configure_access_log(settings.access_log)
@@ -94,12 +99,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry(settings, shedding=concurrency.shedding)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
         app.state.registry = registry
-        readiness = WorkerReadiness.from_environment(settings.workers)
         app.state.dataplane = DataPlane(settings, registry, pool, readiness, concurrency)
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
-        loading = asyncio.create_task(registry.start(), name="registry-start")
+        loading = asyncio.create_task(
+            registry.start(config_may_fail=replacing), name="registry-start"
+        )
         loading.add_done_callback(_after_loading)
-        if readiness.replica_serving():
+        if replacing:
             # A replacement worker (respawned, or SIGHUP): its siblings serve, so it
             # listens (gRPC here, REST once the lifespan has started) only once it can
             # answer; it took connections at once and answered them 503 before.

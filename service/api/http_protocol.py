@@ -99,6 +99,9 @@ DIRECT_CLASSIFY_STATE = "cnnserve.direct_classify"
 # most bytes parsed at once (what one parse can add to that queue is bounded by it).
 MAX_PIPELINED = 16
 FEED_BYTES = 32768  # a photo request (~10 KiB) is parsed in one go
+# At shutdown, a connection accepted but without a request yet has this long to begin
+# one (its client connected to send it: most do within a millisecond).
+FIRST_REQUEST_GRACE_SECONDS = 1.0
 
 
 class HeldFlow(FlowControl):
@@ -153,12 +156,15 @@ class JoinedWrites:
         transport: asyncio.Transport,
         loop: asyncio.AbstractEventLoop,
         defer_close: Callable[[], bool] | None = None,
+        closing: Callable[[], None] | None = None,
     ) -> None:
         self._transport = transport
         self._loop = loop
         self._held: bytes | None = None
         # Asked before closing: True when the protocol closes later (a lingering close).
         self._defer_close = defer_close
+        # Told after closing: the transport then waits for its buffer to drain.
+        self._closing = closing
         self.status = b""  # the status of the last response head written
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -193,6 +199,8 @@ class JoinedWrites:
             return
         self.flush()
         self._transport.close()
+        if self._closing is not None:
+            self._closing()
 
     def abort(self) -> None:
         self._held = None
@@ -270,9 +278,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _send_timer: asyncio.TimerHandle | None = None  # armed while the send buffer is full
     _line_start = False  # the last read inside a header block ended a line
     _client_done = False  # the client half-closed after whole requests: answer, then close
+    _shutting_down = False  # the server stops: answer what was begun, then close
+    _grace_timer: asyncio.TimerHandle | None = None  # for a first request, at shutdown
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self._writes = JoinedWrites(transport, self.loop, self._linger)
+        self._writes = JoinedWrites(transport, self.loop, self._linger, self._closing_unsent)
+        self._tls = transport.get_extra_info("sslcontext") is not None
         super().connection_made(cast(asyncio.Transport, self._writes))
         self.flow = HeldFlow(self.transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
@@ -380,7 +391,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()  # the next pipelined request starts
         if self.transport.is_closing():
             return
-        if self._client_done and self._nothing_to_answer():  # the client half-closed
+        if (self._client_done or self._shutting_down) and self._nothing_to_answer():
+            # The client half-closed, or the server stops: the last answer is out.
+            self._no_linger = self._no_linger or self._shutting_down
             self.transport.close()
             return
         # Answered before its body was in (a 404, 401, 413 or 503 at the headers): what
@@ -494,8 +507,26 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         return True
 
     def shutdown(self) -> None:
-        self._no_linger = True  # the server stops: closed now, as uvicorn does
+        """The server stops: an idle connection is closed now, as uvicorn does, except
+        one accepted as the listener closed, before its first request arrived: its
+        client is sending it, and closed with it unread, the kernel reset the connection
+        ("connection reset by peer": the request lost, during a rolling restart of the
+        workers too). It gets :data:`FIRST_REQUEST_GRACE_SECONDS` to begin one, which is
+        answered, and then the connection closes."""
+        if self._requests == 0 and not self.transport.is_closing():
+            self._shutting_down = True
+            self._grace_timer = self.loop.call_later(
+                FIRST_REQUEST_GRACE_SECONDS, self._close_unused
+            )
+            return
+        self._no_linger = True
         super().shutdown()
+
+    def _close_unused(self) -> None:
+        self._grace_timer = None
+        if self._requests == 0 and not self.transport.is_closing():
+            self._no_linger = True
+            self.transport.close()
 
     # --- the direct path (service.api.direct_classify) ---------------------------------
 
@@ -579,19 +610,31 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._send_timer.cancel()
             self._send_timer = None
 
+    def _closing_unsent(self) -> None:
+        """The connection closes with answers still in its send buffer: a close waits
+        for them to drain, so a client that does not read would hold the connection for
+        good (the keep-alive timeout, `Connection: close` or a half-close closed it
+        after its buffer had filled): it has the send timeout to take them."""
+        unsent = self.transport.get_write_buffer_size()
+        if unsent and self._send_timer is None:
+            self._send_timer = self.loop.call_later(self._send_seconds, self._send_late)
+
     def _send_late(self) -> None:
-        self._send_timer = None
-        if not self.transport.is_closing():
-            metrics.observe_send_timeout()
-            log.debug("a client took none of its answer in %g s: disconnected", self._send_seconds)
-            self.transport.abort()  # a close would wait for the buffer to drain
+        self._send_timer = None  # (connection_lost cancels it: the connection is still here)
+        metrics.observe_send_timeout()
+        log.debug("a client took none of its answer in %g s: disconnected", self._send_seconds)
+        self.transport.abort()  # a close would wait for the buffer to drain
 
     def eof_received(self) -> bool:  # type: ignore[override]
         """The client will send nothing more. After whole requests (a client may
         half-close once it has sent one, RFC 9112 9.6) the connection stays open until
         they are answered, then closes; the transport closed it at once before, and the
         answer to a request already run was lost (logged 200). Inside a request, which
-        can no longer end: closed, the client left (a 499)."""
+        can no longer end: closed, the client left (a 499). Over TLS the TLS layer shuts
+        the connection down whatever this returns (uvloop warned, per connection, that
+        True has no effect): closed as before."""
+        if self._tls:  # the TLS layer shuts the connection down whatever is returned
+            return False
         if self._in_message or self._receiving is not None or self._nothing_to_answer():
             return False
         self._client_done = True
@@ -607,6 +650,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._grace_timer is not None:
+            self._grace_timer.cancel()
+            self._grace_timer = None
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None

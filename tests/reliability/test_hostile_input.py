@@ -1289,11 +1289,14 @@ def test_clients_that_never_read_their_answers_hold_no_place_and_are_dropped(
     request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 200  # MBs of answers
     with running_server(tiny_repo, env=env) as server, contextlib.ExitStack() as stack:
         stalled = []
-        for _ in range(6):
+        # The last one asks to close after its last answer: a close waits for the send
+        # buffer to drain, and its timer was not allowed to end it.
+        closing = request + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        for sent in [request] * 6 + [closing]:
             sock = stack.enter_context(socket.socket())
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", server.port))
-            sock.sendall(request)
+            sock.sendall(sent)
             stalled.append(sock)
         statuses = []
         give_up = time.monotonic() + 60

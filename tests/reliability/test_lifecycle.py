@@ -3,6 +3,8 @@ graceful shutdown. All against real servers; waits poll the server's state."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -196,7 +198,15 @@ def workers_of(server: Server) -> set[int]:
     children: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         children |= {int(c) for c in (task / "children").read_text().split()}
-    return children
+    # Not multiprocessing's resource tracker, a child of the supervisor too.
+    return {c for c in children if b"resource_tracker" not in _cmdline(c)}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b"resource_tracker"
 
 
 def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once(
@@ -221,8 +231,12 @@ def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once
 
         def probe() -> None:  # a new connection each time: no kept-alive one to lose
             while not stop.is_set():
-                ready = httpx.get(f"{server.url}/readyz", timeout=30)
-                answer = httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW)  # type: ignore[arg-type]
+                try:
+                    ready = httpx.get(f"{server.url}/readyz", timeout=30)
+                    answer = httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW)  # type: ignore[arg-type]
+                except httpx.HTTPError as exc:  # e.g. a connection reset as a worker stopped
+                    answers.append(f"{type(exc).__name__}: {exc}")
+                    continue
                 version = answer.json().get("version") if answer.status_code == 200 else None
                 answers.append(f"ready {ready.status_code}, {answer.status_code} v{version}")
 
@@ -239,6 +253,72 @@ def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once
             stop.set()
             prober.join()
     assert set(answers) == {"ready 200, 200 v1"}, sorted(set(answers))
+
+
+def test_a_worker_dying_while_models_config_is_broken_does_not_stop_the_server(
+    tmp_path: Path,
+) -> None:
+    """The running workers ignore a broken models.config and keep serving; the worker
+    that replaces one that died could not read it at start-up, failed to start, and
+    uvicorn stopped the whole server. Now it starts, serves nothing until models.config
+    reads again (its siblings serve), then serves like them."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1, with_litert=True)
+    write_models_config(repo, simple_config("m"))
+    good = (repo / "models.config").read_text()
+    env = {"CNNSERVE_WORKERS": "2"}
+    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
+        (repo / "models.config").write_text(good.replace("config {", "config { oops: 1", 1))
+        wait_for(lambda: server.log.read_text().count("ignoring models.config change") == 2)
+        before = workers_of(server)
+        os.kill(min(before), signal.SIGKILL)
+        wait_for(lambda: "nothing is served by this worker" in server.log.read_text())
+        assert server.process.poll() is None, server.log.read_text()[-2000:]
+        (repo / "models.config").write_text(good)
+        wait_for(lambda: len(workers_of(server) - before) == 1)
+
+        def all_serve() -> bool:  # new connections: the kernel picks the worker
+            return all(
+                httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
+                for _ in range(20)
+            )
+
+        wait_for(all_serve)
+
+
+def accepted_by(pids: set[int], client: socket.socket) -> bool:
+    """Whether one of ``pids`` holds the server side of ``client``'s connection (the
+    kernel's table names the socket; the process's descriptors show who accepted it)."""
+    port = client.getsockname()[1]
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].split(":")[1], 16) == port:  # its remote end is our socket
+            inodes.add(f"socket:[{fields[9]}]")
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return True
+    return False
+
+
+def test_a_connection_accepted_as_shutdown_begins_gets_its_answer(tiny_repo: Path) -> None:
+    """A client that connected just before the server stopped sends its request a moment
+    later: the connection was closed with the request unread, which the kernel answers
+    with a reset ("connection reset by peer", seen during a rolling restart). It gets a
+    moment to begin its request, which is answered; then the connection closes."""
+    with running_server(tiny_repo, env={"CNNSERVE_POLL_SECONDS": "0"}) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            wait_for(lambda: accepted_by({server.process.pid}, sock))
+            server.process.send_signal(signal.SIGTERM)
+            wait_for(lambda: "Shutting down" in server.log.read_text())
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while part := sock.recv(65536):
+                answer += part
+        assert server.process.wait(timeout=30) == 0
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
 
 
 @pytest.fixture(scope="module")

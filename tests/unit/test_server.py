@@ -98,3 +98,32 @@ def test_an_encrypted_tls_key_is_named_not_prompted_for(tmp_path: Path) -> None:
         capture_output=True,
     )
     assert server._tls_problem(Settings(tls_certfile=cert, tls_keyfile=plain)) is None
+
+
+def test_only_a_rolling_restart_gives_a_new_worker_long_to_start(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """uvicorn's timeout_worker_healthcheck is both how long a new worker may take to be
+    ready on SIGHUP (loading the models: long) and how long a worker's ping may take
+    before it is thought hung (short: set for good at 300 s, one stopped worker held up
+    the supervisor, its respawns and its SIGTERM for minutes)."""
+    from uvicorn.supervisors import Multiprocess
+
+    from service.readiness import READINESS_DIR_ENV, RESTARTING
+    from service.server import WORKER_START_SECONDS, GatewayConfig, _Supervisor
+
+    during: list[tuple[int, bool]] = []
+
+    def restart_all(self: Multiprocess) -> None:
+        during.append((self.config.timeout_worker_healthcheck, (tmp_path / RESTARTING).exists()))
+
+    monkeypatch.setattr(Multiprocess, "restart_all", restart_all)
+    monkeypatch.setenv(READINESS_DIR_ENV, str(tmp_path))
+    config = GatewayConfig(
+        "service.api.app:create_app", factory=True, workers=2, handshake_timeout=1
+    )
+    short = config.timeout_worker_healthcheck
+    _Supervisor(config, sockets=[]).restart_all()
+    assert during == [(WORKER_START_SECONDS, True)]
+    assert config.timeout_worker_healthcheck == short < 30
+    assert not (tmp_path / RESTARTING).exists()
