@@ -75,7 +75,7 @@ class WorkerReadiness:
         """Whether every worker has published ready (always true for one process that is
         not draining)."""
         if self._draining:
-            return self._directory is not None and (self._directory / RESTARTING).exists()
+            return self.restarting()
         if self._directory is None or self._whole_once:
             return True
         self._whole_once = len(self._votes()) >= self._workers
@@ -91,6 +91,11 @@ class WorkerReadiness:
         if any(vote.name != own for vote in self._votes()):
             self._whole_once = True
         return self._whole_once
+
+    def restarting(self) -> bool:
+        """Whether the supervisor is replacing the workers one at a time (SIGHUP): a new
+        worker that cannot start then keeps the old one in service."""
+        return self._directory is not None and (self._directory / RESTARTING).exists()
 
     def _votes(self) -> list[Path]:
         assert self._directory is not None

@@ -87,9 +87,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         readiness = WorkerReadiness.from_environment(settings.workers)
         # A worker that replaces one (respawned, SIGHUP): its siblings serve.
         replacing = readiness.replica_serving()
-        # A broken models.config stops start-up here, as it stops TF Serving; not a
-        # replacement's: uvicorn stops the whole server when a new worker fails to start.
-        if not replacing:
+        # A broken models.config stops start-up here, as it stops TF Serving; not that of
+        # a worker respawned after one died: uvicorn stops the whole server when such a
+        # worker fails to start. It serves nothing until a poll reads the file (so only
+        # with polling on). On SIGHUP a new worker that fails keeps the old one serving.
+        config_may_fail = replacing and not readiness.restarting() and settings.poll_seconds > 0
+        if not config_may_fail:
             load_models_config(settings.model_repository)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
@@ -102,7 +105,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.dataplane = DataPlane(settings, registry, pool, readiness, concurrency)
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(
-            registry.start(config_may_fail=replacing), name="registry-start"
+            registry.start(config_may_fail=config_may_fail), name="registry-start"
         )
         loading.add_done_callback(_after_loading)
         if replacing:

@@ -280,6 +280,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _client_done = False  # the client half-closed after whole requests: answer, then close
     _shutting_down = False  # the server stops: answer what was begun, then close
     _grace_timer: asyncio.TimerHandle | None = None  # for a first request, at shutdown
+    _lost = False  # connection_lost was called
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._writes = JoinedWrites(transport, self.loop, self._linger, self._closing_unsent)
@@ -436,6 +437,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # it, paced by the same rule.
         self.scope[CONNECTION_REFUSALS] = (self._refusals, retrying)  # type: ignore[literal-required]
         super().on_headers_complete()
+        if self._shutting_down:  # its answer says the connection closes after it
+            self.cycle.keep_alive = False
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._after_last_chunk:
@@ -491,6 +494,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         from the answer), as nginx's lingering close does."""
         if (
             self._no_linger
+            or self._lost
             or self._writes.status == b"408"  # the body is what was late
             or self._unreadable
             or not self._in_message
@@ -523,8 +527,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().shutdown()
 
     def _close_unused(self) -> None:
+        """The grace is over: closed unless a request is being answered (one begun and
+        not whole yet, a byte a time, would hold the shutdown for its whole grace)."""
         self._grace_timer = None
-        if self._requests == 0 and not self.transport.is_closing():
+        if not self._answering() and not self.pipeline and not self.transport.is_closing():
             self._no_linger = True
             self.transport.close()
 
@@ -545,7 +551,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             path,
             query,
             self.headers,
-            keep_alive=parser.get_http_version() != "1.0" and parser.should_keep_alive(),
+            keep_alive=parser.get_http_version() != "1.0"
+            and parser.should_keep_alive()
+            and not self._shutting_down,
             connection=self._refusals,
             retrying=retrying,
         )
@@ -615,6 +623,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         for them to drain, so a client that does not read would hold the connection for
         good (the keep-alive timeout, `Connection: close` or a half-close closed it
         after its buffer had filled): it has the send timeout to take them."""
+        if self._lost:  # uvicorn closes the transport again as the connection is lost
+            return
         unsent = self.transport.get_write_buffer_size()
         if unsent and self._send_timer is None:
             self._send_timer = self.loop.call_later(self._send_seconds, self._send_late)
@@ -650,6 +660,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True  # no timer may be armed from here on
         if self._grace_timer is not None:
             self._grace_timer.cancel()
             self._grace_timer = None

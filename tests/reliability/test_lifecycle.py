@@ -286,6 +286,28 @@ def test_a_worker_dying_while_models_config_is_broken_does_not_stop_the_server(
         wait_for(all_serve)
 
 
+def test_sighup_with_a_broken_models_config_keeps_the_workers_that_serve(
+    tmp_path: Path,
+) -> None:
+    """A rolling restart whose new workers cannot read models.config: each fails to
+    start, and uvicorn keeps the old worker and gives up the restart (a new worker that
+    started with nothing to serve replaced every good one: all requests 503)."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1, with_litert=True)
+    write_models_config(repo, simple_config("m"))
+    good = (repo / "models.config").read_text()
+    env = {"CNNSERVE_WORKERS": "2"}
+    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
+        (repo / "models.config").write_text(good.replace("config {", "config { oops: 1", 1))
+        wait_for(lambda: server.log.read_text().count("ignoring models.config change") == 2)
+        before = workers_of(server)
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "aborting the restart" in server.log.read_text())
+        assert workers_of(server) == before
+        for _ in range(10):  # new connections: either worker
+            assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
+
+
 def accepted_by(pids: set[int], client: socket.socket) -> bool:
     """Whether one of ``pids`` holds the server side of ``client``'s connection (the
     kernel's table names the socket; the process's descriptors show who accepted it)."""
@@ -308,17 +330,26 @@ def test_a_connection_accepted_as_shutdown_begins_gets_its_answer(tiny_repo: Pat
     later: the connection was closed with the request unread, which the kernel answers
     with a reset ("connection reset by peer", seen during a rolling restart). It gets a
     moment to begin its request, which is answered; then the connection closes."""
-    with running_server(tiny_repo, env={"CNNSERVE_POLL_SECONDS": "0"}) as server:
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-            wait_for(lambda: accepted_by({server.process.pid}, sock))
-            server.process.send_signal(signal.SIGTERM)
-            wait_for(lambda: "Shutting down" in server.log.read_text())
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-            answer = b""
-            while part := sock.recv(65536):
-                answer += part
-        assert server.process.wait(timeout=30) == 0
-    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "120"}
+    with (
+        running_server(tiny_repo, env=env) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as dribbler,
+    ):
+        wait_for(lambda: accepted_by({server.process.pid}, sock))
+        wait_for(lambda: accepted_by({server.process.pid}, dribbler))
+        server.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Shutting down" in server.log.read_text())
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        # One that sends a byte and no more is closed when the grace ends: it held the
+        # shutdown for the whole of CNNSERVE_SHUTDOWN_GRACE_SECONDS (120 s here).
+        dribbler.sendall(b"G")
+        answer = b""
+        while part := sock.recv(65536):
+            answer += part
+        assert server.process.wait(timeout=60) == 0
+    head = answer.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head, answer[:300]
 
 
 @pytest.fixture(scope="module")

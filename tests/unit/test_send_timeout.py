@@ -46,6 +46,11 @@ def test_a_close_with_answers_unsent_is_dropped_after_the_send_timeout() -> None
         closing._send_late()  # what the timer runs, the transport closing meanwhile
         assert unsent.aborted and closing._send_timer is None
 
+        lost = protocol(Transport(unsent=14_000), loop)
+        lost._lost = True  # uvicorn closes the transport again in connection_lost
+        lost._closing_unsent()
+        assert lost._send_timer is None  # no timer for a connection that is gone
+
         drained = Transport(unsent=0)  # nothing left: the close completes on its own
         done = protocol(drained, loop)
         done._closing_unsent()
