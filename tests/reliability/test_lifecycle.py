@@ -255,6 +255,26 @@ def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once
     assert set(answers) == {"ready 200, 200 v1"}, sorted(set(answers))
 
 
+def restore(path: Path, text: str) -> None:
+    path.write_text(text)
+
+
+@contextmanager
+def two_workers_on_a_broken_config(tmp_path: Path) -> Iterator[tuple[Server, Callable[[], None]]]:
+    """Two workers serving model m, whose models.config then breaks (both ignore it and
+    serve on); yields the server and what puts the good models.config back."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1, with_litert=True)
+    write_models_config(repo, simple_config("m"))
+    config = repo / "models.config"
+    good = config.read_text()
+    env = {"CNNSERVE_WORKERS": "2"}
+    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
+        config.write_text(good.replace("config {", "config { oops: 1", 1))
+        wait_for(lambda: server.log.read_text().count("ignoring models.config change") == 2)
+        yield server, lambda: restore(config, good)
+
+
 def test_a_worker_dying_while_models_config_is_broken_does_not_stop_the_server(
     tmp_path: Path,
 ) -> None:
@@ -262,19 +282,12 @@ def test_a_worker_dying_while_models_config_is_broken_does_not_stop_the_server(
     that replaces one that died could not read it at start-up, failed to start, and
     uvicorn stopped the whole server. Now it starts, serves nothing until models.config
     reads again (its siblings serve), then serves like them."""
-    repo = tmp_path / "repo"
-    publish_tiny(repo, "m", seed=1, with_litert=True)
-    write_models_config(repo, simple_config("m"))
-    good = (repo / "models.config").read_text()
-    env = {"CNNSERVE_WORKERS": "2"}
-    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
-        (repo / "models.config").write_text(good.replace("config {", "config { oops: 1", 1))
-        wait_for(lambda: server.log.read_text().count("ignoring models.config change") == 2)
+    with two_workers_on_a_broken_config(tmp_path) as (server, fix):
         before = workers_of(server)
         os.kill(min(before), signal.SIGKILL)
         wait_for(lambda: "nothing is served by this worker" in server.log.read_text())
         assert server.process.poll() is None, server.log.read_text()[-2000:]
-        (repo / "models.config").write_text(good)
+        fix()
         wait_for(lambda: len(workers_of(server) - before) == 1)
 
         def all_serve() -> bool:  # new connections: the kernel picks the worker
@@ -292,14 +305,7 @@ def test_sighup_with_a_broken_models_config_keeps_the_workers_that_serve(
     """A rolling restart whose new workers cannot read models.config: each fails to
     start, and uvicorn keeps the old worker and gives up the restart (a new worker that
     started with nothing to serve replaced every good one: all requests 503)."""
-    repo = tmp_path / "repo"
-    publish_tiny(repo, "m", seed=1, with_litert=True)
-    write_models_config(repo, simple_config("m"))
-    good = (repo / "models.config").read_text()
-    env = {"CNNSERVE_WORKERS": "2"}
-    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
-        (repo / "models.config").write_text(good.replace("config {", "config { oops: 1", 1))
-        wait_for(lambda: server.log.read_text().count("ignoring models.config change") == 2)
+    with two_workers_on_a_broken_config(tmp_path) as (server, _):
         before = workers_of(server)
         server.process.send_signal(signal.SIGHUP)
         wait_for(lambda: "aborting the restart" in server.log.read_text())
