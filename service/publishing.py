@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from service.errors import ExportError
+from service.readiness import process_alive
 from service.repository import MAX_VERSION
 
 TMP_PREFIX = ".export-"
@@ -58,16 +59,6 @@ def _writer(name: str) -> tuple[str | None, int] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _remove_stale_tmp(model_dir: Path) -> None:
     """Delete temp folders of exports that died (killed mid-export): those written on this
     host by a process that is gone, and any (whatever host, old names too) left for
@@ -83,7 +74,7 @@ def _remove_stale_tmp(model_dir: Path) -> None:
         except OSError:  # gone meanwhile
             continue
         writer_host, pid = writer
-        if age > STALE_TMP_SECONDS or (writer_host == host and not _alive(pid)):
+        if age > STALE_TMP_SECONDS or (writer_host == host and not process_alive(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 

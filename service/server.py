@@ -119,7 +119,7 @@ def _tls_problem(settings: Settings) -> str | None:
 
 
 def serve(settings: Settings) -> int:
-    common = {
+    common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": "info",
@@ -130,18 +130,13 @@ def serve(settings: Settings) -> int:
         "timeout_keep_alive": settings.keep_alive_seconds,
         "ssl_certfile": settings.tls_certfile,
         "ssl_keyfile": settings.tls_keyfile,
+        "handshake_timeout": settings.header_read_timeout_seconds,  # GatewayConfig's
     }
     with _metrics_directory():
         if settings.workers == 1:
             from service.api.app import create_app
 
-            _run_one(
-                GatewayConfig(
-                    create_app(settings),
-                    handshake_timeout=settings.header_read_timeout_seconds,
-                    **common,
-                )
-            )
+            _run_one(GatewayConfig(create_app(settings), **common))
         else:
             # Workers vote for readiness in the run's folder (service.readiness).
             votes = Path(os.environ[MULTIPROC_ENV]) / "readiness"  # not *.db: not a metric file
@@ -160,7 +155,6 @@ def serve(settings: Settings) -> int:
                     "service.api.app:create_app",
                     factory=True,
                     workers=settings.workers,
-                    handshake_timeout=settings.header_read_timeout_seconds,
                     **common,
                 )
                 _Supervisor(config, sockets=[config.bind_socket()]).run()

@@ -661,22 +661,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True  # no timer may be armed from here on
-        if self._grace_timer is not None:
-            self._grace_timer.cancel()
-            self._grace_timer = None
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        timers = (
+            self._grace_timer,
+            self._send_timer,
+            self._header_timer,
+            self._body_timer,
+            self._unread_timer,
+        )
+        for timer in timers:
+            if timer is not None:
+                timer.cancel()
+        self._grace_timer = self._send_timer = self._header_timer = None
+        self._body_timer = self._unread_timer = None
         self.flow.held = None
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-        if self._unread_timer is not None:
-            self._unread_timer.cancel()
-            self._unread_timer = None
         if self._receiving is not None:  # left before sending all of a direct body
             assert self._direct is not None
             self._direct.done(self._receiving, CLIENT_CLOSED)
