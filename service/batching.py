@@ -14,6 +14,11 @@ longer than ``queue_wait_budget_seconds`` to clear (reason ``queue_budget``; nev
 while less than one batch is ahead), or longer
 than what is left of its deadline together with its own images (reason ``deadline``):
 queued behind that much work it would only time out later, holding memory meanwhile.
+One whose own images alone are expected to outlast its deadline gets DeadlineExceeded at
+once, but only while a batch confirmed the estimate lately (ESTIMATE_FRESH_SECONDS): an
+estimate left over from a slow moment refused every short deadline, so nothing ran to
+measure that the moment was over. One batch moves the estimate by a bounded step
+(OUTLIER_FACTOR), so a single slow answer cannot poison it.
 The queue is also bounded in items (max_enqueued_batches full batches, reason
 ``queue_full``), a hard cap that holds before the first measurement. The check is a few
 arithmetic operations on the event loop, with no lock. Deadlines are checked again when
@@ -76,8 +81,21 @@ from service.errors import (
 Array = npt.NDArray[Any]
 # Weight of the newest batch in the moving average of seconds per image: the estimate
 # follows a change of load or machine within ~10 batches, and one slow batch (a GC
-# pause, a noisy neighbour) moves it by a fifth of the difference only.
+# pause, a noisy neighbour) moves it by a fifth of the difference only, and by a fifth
+# of the estimate at most (OUTLIER_FACTOR).
 COST_WEIGHT = 0.2
+# A batch's seconds per image count for at most this multiple of the estimate, so one
+# batch moves it up by a fifth at most (COST_WEIGHT x (2 - 1)). Unbounded, one answer
+# delayed 0.6 s (a TF Serving behind a stalled proxy) took the default model's estimate
+# from 15 to 373 ms per image, and every request with a deadline under that was refused.
+# A lasting slowdown still takes it up x1.2 a batch: x10 in 13 batches.
+OUTLIER_FACTOR = 2.0
+# An estimate that no batch confirmed for this long refuses no request for its own
+# inference time: it may describe a slowness that is over, and refusing every request
+# with a deadline under it left nothing to run and say so (still refused 5 s after a
+# backend was fast again, in a review). Such a request runs and re-measures; a faster
+# measure then replaces the estimate rather than moving it by COST_WEIGHT.
+ESTIMATE_FRESH_SECONDS = 1.0
 # Once a version's batches run on the event loop, they go back to a batch thread only
 # when a full batch is estimated past this multiple of the bound. The estimate is wall
 # time and moves with load: the default model on a host where a full batch came to
@@ -132,7 +150,9 @@ class BatchObserver(Protocol):
         model answered for the whole batch."""
 
     def on_rejected(self, reason: str) -> None:
-        """A submission was refused at admission: queue_full, queue_budget or deadline."""
+        """A submission was refused at admission: queue_full, queue_budget or deadline;
+        or a request's batch was refused for load further on (a backend's shed:
+        ``backend``), once per request (or chunk) it failed."""
 
     def on_cost(self, seconds_per_image: float) -> None:
         """The moving average of inference seconds per image changed."""
@@ -210,6 +230,7 @@ class DynamicBatcher:
         self._per_image: float | None = None
         # The same in CPU time of the computing thread: where batches run (_on_loop).
         self._cpu_per_image: float | None = None
+        self._measured_at: float | None = None  # when a batch last confirmed them
         self._looping = False  # where the last batch ran (INLINE_HYSTERESIS)
         self._queue: deque[_Item] = deque()
         self._depth = 0
@@ -363,16 +384,7 @@ class DynamicBatcher:
                 why = (
                     f"~{ahead * 1e3:.0f} ms of work is queued (budget {self._budget * 1e3:.0f} ms)"
                 )
-            elif deadline is not None and ahead + n * self._per_image > deadline - now:
-                own = n * self._per_image
-                if deadline <= now or own >= deadline - now:
-                    # Not overload: even an idle server could not answer in time.
-                    self._observer.on_expired(1)
-                    raise DeadlineExceeded(
-                        f"the request deadline passed before it could be served: its "
-                        f"inference takes ~{own * 1e3:.1f} ms, more than the "
-                        f"{max(0.0, deadline - now) * 1e3:.1f} ms it had left; allow more time"
-                    )
+            elif deadline is not None and self._late(n * self._per_image, now, deadline, ahead):
                 reason = "deadline"
                 why = f"~{ahead * 1e3:.0f} ms of work is queued, more than the deadline leaves"
         if reason is None:
@@ -384,11 +396,40 @@ class DynamicBatcher:
             reason=reason,
         )
 
+    def _late(self, own: float, now: float, deadline: float, ahead: float) -> bool:
+        """Whether a request whose images take ``own`` seconds, submitted now, would miss
+        ``deadline`` behind ``ahead`` seconds of work. DeadlineExceeded when the deadline
+        passed, or when its own inference alone is expected to outlast it (not overload:
+        even an idle server could not answer in time) and a batch confirmed the estimate
+        lately."""
+        left = deadline - now
+        if left <= 0:
+            self._observer.on_expired(1)
+            raise DeadlineExceeded("the request deadline passed before it was queued")
+        if not self._confirmed(now):
+            return ahead > left  # its own images run, and re-measure (ESTIMATE_FRESH_SECONDS)
+        if own >= left:
+            self._observer.on_expired(1)
+            raise DeadlineExceeded(
+                f"the request was refused at once: its inference is expected to take "
+                f"~{own * 1e3:.1f} ms, more than the {left * 1e3:.1f} ms left before its "
+                "deadline; allow more time"
+            )
+        return ahead + own > left
+
+    def _confirmed(self, now: float) -> bool:
+        """Whether a batch measured the cost estimate within ESTIMATE_FRESH_SECONDS."""
+        measured = self._measured_at
+        return measured is not None and now - measured <= ESTIMATE_FRESH_SECONDS
+
     def _note_cost(self, size: int, seconds: float, cpu_seconds: float) -> None:
         """Fold one batch's measured seconds per image (wall and CPU) into the moving
         averages."""
-        self._per_image = _moving(self._per_image, seconds / size)
-        self._cpu_per_image = _moving(self._cpu_per_image, cpu_seconds / size)
+        now = monotonic()
+        fresh = self._confirmed(now)
+        self._per_image = _moving(self._per_image, seconds / size, fresh)
+        self._cpu_per_image = _moving(self._cpu_per_image, cpu_seconds / size, fresh)
+        self._measured_at = now
         self._observer.on_cost(self._per_image)
 
     def _abandon(self, items: list[_Item]) -> None:
@@ -494,6 +535,12 @@ class DynamicBatcher:
                     raise TypeError(f"predict returned {got} for a batch of {size}")
             except Exception as exc:
                 error = exc
+                if isinstance(exc, Overloaded):
+                    # Shed further on (a TF Serving backend's RESOURCE_EXHAUSTED): counted
+                    # as a refusal of each request in the batch, by its reason.
+                    for item in items:
+                        if not item.future.done():
+                            self._observer.on_rejected(exc.reason)
                 if not isinstance(exc, CnnserveError):
                     error = InternalError(f"inference failed on a batch of {size}: {exc!r}")
                     error.__cause__ = exc
@@ -532,8 +579,13 @@ class DynamicBatcher:
         return output, perf_counter() - begin, thread_time() - cpu
 
 
-def _moving(previous: float | None, sample: float) -> float:
-    return sample if previous is None else previous + COST_WEIGHT * (sample - previous)
+def _moving(previous: float | None, sample: float, fresh: bool) -> float:
+    """The moving average with one more sample, counted for at most OUTLIER_FACTOR times
+    the average; a faster sample replaces an average no batch confirmed lately
+    (``fresh`` False: see ESTIMATE_FRESH_SECONDS)."""
+    if previous is None or (not fresh and sample < previous):
+        return sample
+    return previous + COST_WEIGHT * (min(sample, OUTLIER_FACTOR * previous) - previous)
 
 
 def _expire(items: list[_Item]) -> None:

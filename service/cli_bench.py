@@ -11,7 +11,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from service.cli_rollout import add_ca_cert
 from service.cli_types import NON_NEGATIVE, POSITIVE, positive_ints
+from service.client_trust import api_key_headers, https_verify, untrusted
 from service.config import Settings
 from service.errors import DatasetError
 
@@ -81,7 +83,13 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     p.add_argument("--seconds", type=POSITIVE, default=10.0, help="per point")
     p.add_argument("--warmup-seconds", type=NON_NEGATIVE, default=3.0, help="per server")
     p.add_argument("--limit-seconds", type=POSITIVE, default=3.0, help="per limit measurement")
-    p.add_argument("--url", default=None, help="drive this running gateway instead")
+    p.add_argument(
+        "--url",
+        default=None,
+        help="drive this running gateway instead (with the key of CNNSERVE_API_KEYS or "
+        "CNNSERVE_API_KEYS_FILE, as the gateways bench starts itself read it)",
+    )
+    add_ca_cert(p, "an https:// --url (wrk itself does not check certificates)")
     p.add_argument("--server-pid", type=int, default=None, help="its pid, for CPU and RSS")
     p.add_argument(
         "--reference",
@@ -129,20 +137,59 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    if args.url and not _answers(args.url):
-        print(
-            f"cnnserve bench: no gateway answers at {args.url} (GET /healthz); start one "
-            "with `cnnserve serve`, or leave --url out and bench starts its own",
-            file=sys.stderr,
-        )
-        return 2
     from service.bench.process import ServerDidNotStart
+    from service.bench.wrk import KeyRefused
 
+    problem = _setup_problem(args, settings)
+    if problem:
+        print(f"cnnserve bench: {problem}", file=sys.stderr)
+        return 2
     try:
         return _bench_models(args, settings)
     except ServerDidNotStart as exc:  # its own reason is in the log's tail, printed
         print(f"cnnserve bench: a server did not start: {exc}", file=sys.stderr)
         return 1
+    except KeyRefused as exc:
+        print(f"cnnserve bench: {exc}", file=sys.stderr)
+        return 1
+
+
+def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
+    """Why bench cannot run, told before any measurement (they take minutes): a key it
+    cannot read, a --url gateway that does not answer it or refuses its key; "" when
+    there is none."""
+    try:
+        headers = api_key_headers(settings)  # the key wrk sends (bench.wrk.key_headers)
+    except ValueError as exc:
+        return str(exc)
+    if args.ca_cert is not None and not (args.url or "").startswith("https://"):
+        return f"--ca-cert is for an https:// --url (got --url {args.url})"
+    if not args.url:
+        return ""
+    import httpx
+
+    url = args.url.rstrip("/")
+    try:
+        with httpx.Client(timeout=5, headers=headers, verify=https_verify(args.ca_cert)) as client:
+            health = client.get(f"{url}/healthz").status_code
+            # A route that needs the key: a wrong one shows now, not as 401s in the report.
+            keyed = client.get(f"{url}/v1/models/{args.model}").status_code
+    except httpx.HTTPError as exc:
+        health, keyed = 0, 0
+        if (told := untrusted(url, exc)) is not None:
+            return told
+    if health != 200:
+        return (
+            f"no gateway answers at {url} (GET /healthz); start one with `cnnserve serve`, "
+            "or leave --url out and bench starts its own"
+        )
+    if keyed in (401, 403):
+        sent = "the key of" if headers else "no key: there is none in"
+        return (
+            f"{url} answered {keyed} to {sent} this command's CNNSERVE_API_KEYS or "
+            "CNNSERVE_API_KEYS_FILE; give bench the gateway's key there"
+        )
+    return ""
 
 
 def _bench_models(args: argparse.Namespace, settings: Settings) -> int:
@@ -158,15 +205,6 @@ def _bench_models(args: argparse.Namespace, settings: Settings) -> int:
         print(f"building {mobilenet.MODEL_NAME} on {machine()}", file=sys.stderr)
         version_dir = mobilenet.build_repository(Path(tmp))
         return _bench_on(args, settings, version_dir.parents[1], mobilenet.MODEL_NAME)
-
-
-def _answers(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(f"{url.rstrip('/')}/healthz", timeout=5).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, model: str) -> int:
@@ -230,6 +268,15 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
         "command": "cnnserve " + shlex.join(args.argv),
         **sweep.run(plan, settings),
     }
+    measured = [point for run in data["runs"] for point in run["points"]]
+    if not any(point["ok"] for point in measured):
+        statuses = {s for point in measured for s in point["statuses"]}
+        print(
+            "cnnserve bench: no request to the gateway succeeded (statuses: "
+            f"{', '.join(sorted(statuses)) or 'none, no answer'}); nothing written",
+            file=sys.stderr,
+        )
+        return 1
     if args.runtime_table:
         data["runtimes"] = [
             row
@@ -304,6 +351,13 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
         "command": "cnnserve " + shlex.join(args.argv),
         **overload.run(plan, settings, lambda line: print(line, file=sys.stderr, flush=True)),
     }
+    runs = [data["capacity"], *(level["wrk"] for level in data["levels"])]
+    if not any(run["ok"] for run in runs):
+        print(
+            "cnnserve bench: no request to the gateway succeeded; nothing written",
+            file=sys.stderr,
+        )
+        return 1
     output = args.output or Path("reports/overload.json")
     write_json(output, data)
     png = output.with_suffix(".png")

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli_types import POSITIVE, at_least, folder_or_new, pem_certificates
+from service.client_trust import api_key_headers
 from service.config import Settings
 from service.errors import (
     BackendUnavailable,
@@ -310,7 +311,6 @@ def _auth(settings: Settings) -> dict[str, str]:
     them) for the commands that call its API (REST header, gRPC metadata): with keys
     on, every call was a 401 / UNAUTHENTICATED."""
     try:
-        keys = settings.keys()
+        return api_key_headers(settings)
     except ValueError as exc:  # an unreadable key file, or one that holds no key
         raise PromotionError(str(exc)) from None
-    return {"authorization": f"Bearer {min(keys)}"} if keys else {}

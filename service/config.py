@@ -11,12 +11,15 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_AUTO_WORKERS = 8
 # Where Debian's dataset-fashion-mnist puts the IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+API_KEYS_VAR = "CNNSERVE_API_KEYS"
+API_KEYS_FILE_VAR = "CNNSERVE_API_KEYS_FILE"
 
 RuntimeName = Literal["auto", "tensorflow", "litert"]
 BackendName = Literal["embedded", "tfserving"]
@@ -216,7 +219,14 @@ class Settings(BaseSettings):
     )
     api_keys_file: Path | None = Field(
         None,
-        description="File of API keys (one a line, or comma-separated), e.g. a mounted secret.",
+        description="File of API keys (one a line, or comma-separated; lines starting with "
+        "# are comments), e.g. a mounted secret; every worker reads it again when it changes.",
+    )
+    api_keys_poll_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How often each worker checks api_keys_file for a change (a rotated "
+        "secret): all workers use the new keys within this; 0 = read only at start.",
     )
     metrics_require_key: bool = Field(
         False, description="With API keys on, /metrics needs a key too (default: open)."
@@ -262,27 +272,29 @@ class Settings(BaseSettings):
         return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     def keys(self) -> frozenset[str]:
-        """The API keys in effect (empty: authentication off); read once at start-up."""
-        raw = self.api_keys
+        """The API keys in effect (empty: authentication off), from the variable and the
+        file; raises ValueError naming the variable at fault (the CLI's check at start)."""
+        keys = self.env_keys()
         if self.api_keys_file is not None:
-            try:  # -sig: an editor's byte-order mark is not part of the first key
-                raw += "," + self.api_keys_file.read_text(encoding="utf-8-sig")
-            except OSError as exc:
-                raise ValueError(f"api_keys_file {self.api_keys_file}: {exc.strerror}") from None
-        keys = frozenset(k.strip() for k in raw.replace("\n", ",").split(",") if k.strip())
-        if not keys and (self.api_keys or self.api_keys_file is not None):
-            # A secret mounted empty, or "," in the variable: serving without keys would
-            # open what the operator meant to close.
-            source = (
-                f"api_keys_file {self.api_keys_file}"
-                if self.api_keys_file is not None
-                else "api_keys"
-            )
-            raise ValueError(
-                f"{source} is set but holds no key; authentication would be off. Give at "
-                "least one key, or unset it to serve without keys"
-            )
+            keys |= read_key_file(self.api_keys_file)
         return keys
+
+    def env_keys(self) -> frozenset[str]:
+        """The keys of CNNSERVE_API_KEYS (read once: the environment does not change)."""
+        keys = _parse_keys(self.api_keys.replace("\n", ","), API_KEYS_VAR, line=None)
+        if not keys and self.api_keys:
+            # "," in the variable: serving without keys would open what the operator
+            # meant to close.
+            raise ValueError(_no_key_message(API_KEYS_VAR))
+        return keys
+
+    @field_validator("api_keys_file", "tls_certfile", "tls_keyfile", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # Helm templates write `CNNSERVE_API_KEYS_FILE=`: no file, not the path "." (it
+        # read as "Is a directory"). Not env_ignore_empty for every field: an empty
+        # CNNSERVE_METRICS_PATH means "no endpoint", not the default.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -295,3 +307,58 @@ class Settings(BaseSettings):
         if self.grpc_port and self.port and self.grpc_port == self.port:
             raise ValueError(f"port and grpc_port are both {self.port}; pick two ports")
         return self
+
+
+def read_key_file(path: Path) -> frozenset[str]:
+    """The keys of an API key file; ValueError naming CNNSERVE_API_KEYS_FILE, the file
+    and the line at fault (never a key) when it cannot be read, holds no key or holds
+    one no client could send. Read at start (the CLI's check, each worker) and on every
+    change (service.api.auth)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{API_KEYS_FILE_VAR} {path}: {exc.strerror or exc}") from None
+    try:  # -sig: an editor's byte-order mark is not part of the first key
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"{API_KEYS_FILE_VAR} {path} line {line}: not UTF-8 text; keys are visible "
+            "ASCII characters"
+        ) from None
+    keys: frozenset[str] = frozenset()
+    for number, line_text in enumerate(text.splitlines(), 1):
+        if not line_text.lstrip().startswith("#"):  # a comment, not keys
+            keys |= _parse_keys(line_text, f"{API_KEYS_FILE_VAR} {path}", line=number)
+    if not keys:
+        # A secret mounted empty (or half written): serving without its keys would
+        # open what the operator meant to close.
+        raise ValueError(_no_key_message(f"{API_KEYS_FILE_VAR} {path}"))
+    return keys
+
+
+def _parse_keys(text: str, source: str, *, line: int | None) -> frozenset[str]:
+    """The comma-separated keys of ``text`` (a line of ``source``'s, or all of it),
+    blanks around them dropped. A key is visible ASCII without spaces: what an HTTP
+    header and gRPC metadata carry unchanged. A key holding anything else is refused
+    by its position, never echoed (a comment line without its #, "clé" that no header
+    could present, a pasted key with a tab in it)."""
+    keys = []
+    for position, item in enumerate(text.split(","), 1):
+        key = item.strip()
+        if key and not all("!" <= c <= "~" for c in key):
+            where = f"line {line}" if line is not None else f"key {position} (comma-separated)"
+            raise ValueError(
+                f"{source} {where}: a key must be visible ASCII characters without spaces "
+                "(comments are lines starting with #); the key is not shown"
+            )
+        if key:
+            keys.append(key)
+    return frozenset(keys)
+
+
+def _no_key_message(source: str) -> str:
+    return (
+        f"{source} is set but holds no key; authentication would be off. Give at least "
+        "one key, or unset it to serve without keys"
+    )

@@ -138,6 +138,9 @@ class DataPlane:
         self.concurrency = concurrency or worker_limit(settings)
         # False once the server is stopping: gRPC calls are refused with UNAVAILABLE.
         self.accepting_calls = True
+        # True once the gRPC server stops (also in a rolling restart, where calls are
+        # not refused): open health Watch streams end.
+        self.closing_calls = False
         self.registry = registry
         self._pool = decode_pool
         self._readiness = readiness or WorkerReadiness(None, 1)
@@ -156,6 +159,11 @@ class DataPlane:
     def ready(self) -> bool:
         """This process is ready and so is every sibling worker (see service.readiness)."""
         return self.registry.is_ready() and self._readiness.all_ready()
+
+    def replaced(self) -> bool:
+        """The workers are being replaced one at a time (SIGHUP): a worker stopping now
+        has a successor serving on its ports, not a replica going away."""
+        return self._readiness.restarting()
 
     def deadline(self, timeout_seconds: float | None) -> float:
         """Absolute monotonic deadline from a client timeout (or the default)."""

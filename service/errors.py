@@ -19,6 +19,7 @@ in ``detail``, which is logged with the request id and never sent.
     │   ├── RequestTimeout        408  DEADLINE_EXCEEDED  request_timeout
     │   └── UnsupportedMediaType  415  INVALID_ARGUMENT   unsupported_media_type
     ├── Unauthenticated           401  UNAUTHENTICATED    unauthenticated
+    │   └── ApiKeysUnavailable    503  UNAVAILABLE        api_keys_unavailable (+ Retry-After)
     ├── NotFound                  404  NOT_FOUND          not_found
     │   ├── ModelNotFound         404  NOT_FOUND          model_not_found
     │   └── VersionNotFound       404  NOT_FOUND          version_not_found
@@ -178,6 +179,19 @@ class Unauthenticated(CnnserveError):
     server_fault = False
     http_status = 401
     grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ApiKeysUnavailable(Unauthenticated):
+    """The key a request presents cannot be checked: this worker has not read
+    CNNSERVE_API_KEYS_FILE (it could not at its start). Fails closed, retryably: a 503,
+    not a 401 telling a client its good key is wrong. Under Unauthenticated because it is
+    the answer of the same check, which every transport handles as that. Logged once by
+    the key file's poll (service.api.auth), not per request."""
+
+    code = "api_keys_unavailable"
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    retry_after = 10  # the key file's default poll period
 
 
 class NotFound(CnnserveError):

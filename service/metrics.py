@@ -52,6 +52,9 @@ SHED_REASONS: Final = (
     "queue_full", "queue_budget", "deadline", "decode_queue", "concurrency",
     "backend",
 )  # fmt: skip
+# Those a batcher reports (service.batching.BatchObserver.on_rejected): its admission's,
+# and a backend's shed of a batch it sent.
+BATCHER_SHED_REASONS: Final = ("queue_full", "queue_budget", "deadline", "backend")
 
 # A request is decoded in ~1-20 ms and inferred in ~5-200 ms on a CPU; queueing adds up
 # to batch_timeout; 10 s is the default deadline. Half a millisecond resolves a fast
@@ -213,6 +216,15 @@ MODELS_CONFIG_OK = Gauge(
     [],
     multiprocess_mode="livemin",
 )
+API_KEYS_FILE_OK = Gauge(
+    "cnnserve_api_keys_file_ok",
+    "With CNNSERVE_API_KEYS_FILE: 1 while the worker's last read of it was good, 0 while "
+    "it cannot be read (the keys read before stay; a worker that never read it refuses "
+    "requests that need a key, 503 api_keys_unavailable; the log says why). Min over "
+    "workers.",
+    [],
+    multiprocess_mode="livemin",
+)
 VERSION_LABELS = Gauge(
     "cnnserve_version_label",
     "1 for the version each version label (stable, canary) of a model points at, so "
@@ -353,7 +365,7 @@ class BatcherMetrics:
         self._wait = STAGE_DURATION.labels(model, "queue_wait")
         self._inference = STAGE_DURATION.labels(model, "inference")
         self._depth = QUEUE_DEPTH.labels(model, v)
-        self._rejected = {r: OVERLOAD_REJECTIONS.labels(model, r) for r in SHED_REASONS[:3]}
+        self._rejected = {r: OVERLOAD_REJECTIONS.labels(model, r) for r in BATCHER_SHED_REASONS}
         DEADLINE_EXPIRATIONS.labels(model)  # the series exists from the start, reading 0
         self._per_image = INFERENCE_SECONDS_PER_IMAGE.labels(model, v)
         # Series exist from the start, so rates and ratios read 0 rather than nothing.
@@ -439,6 +451,10 @@ def observe_backend(up: bool) -> None:
 
 def observe_models_config(ok: bool) -> None:
     MODELS_CONFIG_OK.set(1 if ok else 0)
+
+
+def observe_api_keys_file(ok: bool) -> None:
+    API_KEYS_FILE_OK.set(1 if ok else 0)
 
 
 def observe_model_event(model: str, event: str) -> None:

@@ -18,7 +18,9 @@ worker) while one worker loaded, and the replacement answered requests with 503
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 READINESS_DIR_ENV = "CNNSERVE_READINESS_DIR"
@@ -47,6 +49,7 @@ class WorkerReadiness:
         self._own = None if self._directory is None else self._directory / f"{os.getpid()}"
         self._draining = False
         self._whole_once = False  # every worker was ready at once, or this one joined later
+        self._published: str | None = None  # what its vote says (None: no vote)
 
     def drain(self) -> None:
         """Shutting down: from now on this worker, and so the server, reports not ready."""
@@ -63,13 +66,24 @@ class WorkerReadiness:
         folder = os.environ.get(READINESS_DIR_ENV)
         return cls(Path(folder) if folder else None, workers)
 
-    def publish(self, ready: bool) -> None:
+    def publish(self, ready: bool, serving: Iterable[str] = ()) -> None:
+        """This worker's vote: present while it is ready, naming the models it serves
+        (what a worker replacing a sibling must serve before it listens)."""
         if self._own is None:
             return
         if ready and not self._draining:
-            self._own.touch()
+            text = "\n".join(sorted(serving))
+            if text != self._published:
+                self._own.write_text(text)
+                self._published = text
+            else:
+                self._own.touch()
+            # Whether the replica was whole is noted here, not only when a probe asks:
+            # a worker no probe had reached before a sibling died said 503.
+            self.all_ready()
         else:
             self._own.unlink(missing_ok=True)
+            self._published = None
 
     def all_ready(self) -> bool:
         """Whether every worker has published ready (always true for one process that is
@@ -91,6 +105,19 @@ class WorkerReadiness:
         if any(vote.name != own for vote in self._votes()):
             self._whole_once = True
         return self._whole_once
+
+    def served_by_others(self) -> set[str]:
+        """The models the other live workers of the run serve, as their votes say (none
+        when no other worker is ready now)."""
+        if self._directory is None:
+            return set()
+        own = str(os.getpid())
+        served: set[str] = set()
+        for vote in self._votes():
+            if vote.name != own:
+                with contextlib.suppress(OSError):  # its worker stopped meanwhile
+                    served.update(vote.read_text().split())
+        return served
 
     def restarting(self) -> bool:
         """Whether the supervisor is replacing the workers one at a time (SIGHUP): a new

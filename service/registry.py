@@ -268,6 +268,11 @@ class Registry:
     def model_names(self) -> list[str]:
         return list(self._table.configs)
 
+    def served_models(self) -> set[str]:
+        """The configured models with a version serving."""
+        table = self._table
+        return {name for name in table.configs if table.served.get(name)}
+
     def is_ready(self) -> bool:
         """The first load pass is done, the source could list every model on its last
         scan, and every configured model has an AVAILABLE (hence warmed) version; once
@@ -521,13 +526,14 @@ class Registry:
         except Exception as exc:
             self._failed[key] = scan.fingerprints[key]
             code, message = _describe_failure(exc)
-            # Expected failures are one line; anything else gets its traceback in the log.
+            # Expected failures are one line (a file the server may not read among them:
+            # an operator's to fix, not a bug); anything else gets its traceback.
             log.error(
                 "%s version %d failed to load: %s",
                 model,
                 version,
                 message,
-                exc_info=not isinstance(exc, CnnserveError),
+                exc_info=not isinstance(exc, CnnserveError | OSError),
             )
             self._set_state(key, VersionState.END, code, message)
             metrics.observe_model_event(model, "load_failed")
@@ -650,6 +656,12 @@ def _set_from_any_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) 
 
 def _describe_failure(exc: BaseException) -> tuple[int, str]:
     """gRPC code number and a one-line message for a failed load (no traceback)."""
+    if isinstance(exc, OSError):
+        # A file of the version the server cannot read (permissions, a folder where a
+        # file belongs, I/O errors): the version is damaged as any other (INTERNAL, as
+        # ModelLoadError), not an unknown failure.
+        where = f" {exc.filename}" if exc.filename else ""
+        return int(grpc.StatusCode.INTERNAL.value[0]), f"cannot read{where}: {exc.strerror or exc}"
     code = exc.grpc_code if isinstance(exc, CnnserveError) else grpc.StatusCode.UNKNOWN
     text = exc.message if isinstance(exc, CnnserveError) else f"{type(exc).__name__}: {exc}"
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)

@@ -201,13 +201,24 @@ def bound_handshakes(loop: Any, seconds: float) -> Any:
 
 
 def _run_one(config: GatewayConfig) -> None:
-    """uvicorn.run for one worker, with ``config`` as it is (uvicorn.run builds its own)."""
+    """uvicorn.run for one worker, with ``config`` as it is (uvicorn.run builds its own).
+    SIGHUP, with several workers a rolling restart, has nothing to restart here: it is
+    said and ignored (its default action ended the process at once, in-flight requests
+    lost, no drain, no log line)."""
     config.load_app()
+    signal.signal(signal.SIGHUP, _one_worker_hangup)
     server = uvicorn.Server(config)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+
+
+def _one_worker_hangup(signum: int, frame: object) -> None:
+    log.warning(
+        "SIGHUP: one worker, nothing to restart (CNNSERVE_WORKERS=2 or more restarts "
+        "them one at a time); models.config and the API key file are re-read by polling"
+    )
 
 
 class _Supervisor(Multiprocess):

@@ -11,13 +11,14 @@ availability-first reload, routing) is the registry's, the same for both.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from service import metrics
 from service.config import Settings
-from service.errors import CnnserveError
+from service.errors import CnnserveError, DeadlineExceeded, Overloaded
 from service.loading import PreparedVersion, RuntimeFactory, prepare_runtime, prepare_version
 from service.repository import (
     Fingerprint,
@@ -30,6 +31,10 @@ from service.routing import VersionKey, listing
 from service.runtimes.tfserving import TFServingClient, TFServingRuntime
 
 log = logging.getLogger(__name__)
+
+# A TF Serving too busy to answer a poll is said so in the log at most this often: under
+# load its polls can be refused every other time.
+BUSY_LOG_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,12 @@ class TFServingSource:
 
     The gateway reads models.config to know the model names (TF Serving has no call that
     lists them); TF Serving applies the same config, so the version policies agree.
+
+    A poll TF Serving refused for load (RESOURCE_EXHAUSTED), or one that timed out right
+    after a poll it answered, finds it busy, not gone: the model keeps the versions it
+    listed last, and readiness and ``cnnserve_backend_up`` stay as they were (a peer
+    under load made the gateway's readiness flap). Two timed-out polls in a row, or any
+    other failure, and the model's versions are unknown: TF Serving is unreachable.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -148,6 +159,10 @@ class TFServingSource:
         self.client = TFServingClient(settings.tfserving_address, settings.request_timeout_seconds)
         self._scans = 0
         self._reachable = True
+        # TF Serving answered every poll of the last scan (a refusal for load is an answer).
+        self._answered = False
+        self._listed: dict[str, list[int]] = {}  # model → the versions it listed last
+        self._busy_logged = -BUSY_LOG_SECONDS  # monotonic time of the last "busy" line
         if settings.poll_seconds <= 0:
             log.warning(
                 "poll_seconds is 0: TF Serving's versions are read once, at start; a TF "
@@ -159,15 +174,23 @@ class TFServingSource:
         self._scans += 1
         versions: dict[str, dict[int, Path]] = {}
         unknown: set[str] = set()
+        listed: dict[str, list[int]] = {}
         problem: CnnserveError | None = None
+        answered = True
         for config in configs:
             try:
                 found = self.client.available(config.name)
             except CnnserveError as exc:
-                unknown.add(config.name)
-                problem = exc
-                continue
+                answered = answered and isinstance(exc, Overloaded)
+                last = self._listed.get(config.name)
+                if last is None or not self._busy(exc):
+                    unknown.add(config.name)
+                    problem = exc
+                    continue
+                found = last
+            listed[config.name] = found
             versions[config.name] = {v: config.base_path / str(v) for v in found}
+        self._listed, self._answered = listed, answered
         self._note(problem)
         # A remote load that failed is retried on the next scan: the usual cause, TF
         # Serving restarting, is gone by then, and there is no folder whose change to wait for.
@@ -175,6 +198,22 @@ class TFServingSource:
             (m, v): (self._scans,) for m, found in versions.items() for v in found
         }
         return Scan(configs, versions, fingerprints, frozenset(unknown))
+
+    def _busy(self, error: CnnserveError) -> bool:
+        """Whether a poll's failure means TF Serving is loaded rather than gone (see the
+        class's doc); says so in the log once in a while (BUSY_LOG_SECONDS)."""
+        loaded = isinstance(error, Overloaded)
+        if not (loaded or (isinstance(error, DeadlineExceeded) and self._answered)):
+            return False
+        now = time.monotonic()
+        if now - self._busy_logged >= BUSY_LOG_SECONDS:
+            self._busy_logged = now
+            log.info(
+                "TF Serving is busy; its models keep the versions it listed last, and "
+                "readiness stays (%s)",
+                error.detail or error.message,
+            )
+        return True
 
     def _note(self, problem: CnnserveError | None) -> None:
         """Log a change of reachability once, not on every poll (nor every request:

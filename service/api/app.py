@@ -21,7 +21,7 @@ from fastapi_offline import FastAPIOffline
 
 from service import __version__, metrics
 from service.api import demo, rest, tfserving_rest
-from service.api.auth import ApiKeys
+from service.api.auth import ApiKeys, KeyFileWatch
 from service.api.direct_classify import DirectClassify
 from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
@@ -65,11 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings = Settings()
     # One limit per worker, shared by REST and gRPC (service.concurrency).
     concurrency = worker_limit(settings)
-    keys = ApiKeys(
-        settings.keys(),
-        metrics_path=settings.metrics_path,
-        protect_metrics=settings.metrics_require_key,
-    )
+    keys, key_file = _api_keys(settings)
 
     admission = Admission(
         max_body_bytes=settings.max_body_bytes,
@@ -94,6 +90,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         config_may_fail = replacing and not readiness.restarting() and settings.poll_seconds > 0
         if not config_may_fail:
             load_models_config(settings.model_repository)
+        if key_file is not None:
+            # The key file alike: a worker that replaces one that died starts without it
+            # and refuses what needs a key (503) until a check reads it; it failed to
+            # start, and uvicorn respawned it in a loop, a traceback each time.
+            key_file.load(
+                may_fail=replacing
+                and not readiness.restarting()
+                and settings.api_keys_poll_seconds > 0
+            )
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         stop_access_log = configure_access_log(settings.access_log)
@@ -114,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # answer; it took connections at once and answered them 503 before.
             log.info("the other workers serve: listening once the models are loaded")
             await asyncio.wait([loading])
+            await _until_it_serves(registry, readiness, settings.poll_seconds)
         grpc_server = await start_grpc(settings, app.state.dataplane, keys)  # None if disabled
         stopping_calls: list[asyncio.Task[None]] = []
 
@@ -129,6 +135,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds, stop_calls)
         publishing = asyncio.create_task(_publish_readiness(registry, readiness, settings))
         watching = asyncio.create_task(concurrency.watch_event_loop(), name="loop-lag")
+        following = (
+            asyncio.create_task(key_file.follow(settings.api_keys_poll_seconds), name="keys")
+            if key_file is not None and settings.api_keys_poll_seconds > 0
+            else None
+        )
         try:
             # Lifespan state: uvicorn hands it to every connection's protocol.
             yield {
@@ -147,6 +158,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             restore()
             publishing.cancel()
             watching.cancel()
+            if following is not None:
+                following.cancel()
             concurrency.leave()
             readiness.publish(False)
             stop_calls()  # begun on SIGTERM, else now
@@ -193,6 +206,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _api_keys(settings: Settings) -> tuple[ApiKeys, KeyFileWatch | None]:
+    """The worker's keys, and what follows the key file when there is one (read as the
+    lifespan starts). The CLI checked both sources before any worker started."""
+    env_keys = settings.env_keys()
+    keys = ApiKeys(
+        env_keys, metrics_path=settings.metrics_path, protect_metrics=settings.metrics_require_key
+    )
+    if settings.api_keys_file is None:
+        return keys, None
+    keys.fail_closed(env_keys)  # until the lifespan has read the file
+    return keys, KeyFileWatch(settings.api_keys_file, env_keys, keys)
+
+
 async def _publish_readiness(
     registry: Registry, readiness: WorkerReadiness, settings: Settings
 ) -> None:
@@ -202,7 +228,7 @@ async def _publish_readiness(
     announced = False
     while True:
         ready = registry.is_ready()
-        readiness.publish(ready)
+        readiness.publish(ready, registry.served_models())
         if ready and not announced:
             log.info("%s", ready_line(registry, settings))
             announced = True
@@ -223,6 +249,47 @@ def ready_line(registry: Registry, settings: Settings) -> str:
         f"ready: serving {', '.join(served)}; REST {scheme}://{settings.host}:{settings.port} "
         f"(API docs at /docs), {grpc}"
     )
+
+
+async def _until_it_serves(registry: Registry, readiness: WorkerReadiness, poll: float) -> None:
+    """A replacement worker that loaded fewer models than its siblings serve (the
+    serving version's folder deleted since they loaded it, a broken publish with nothing
+    older to fall back to) waits, not listening, until its polls load them or no
+    sibling serves them any more: it listened, answered its share of their requests
+    404, and flapped the replica's /readyz. A SIGTERM (the server stops) ends the wait;
+    uvicorn then shuts down as soon as start-up returns."""
+
+    def missing() -> set[str]:
+        return readiness.served_by_others() - registry.served_models()
+
+    if poll <= 0 or not missing():
+        return
+    stopped = asyncio.Event()
+    previous = signal.getsignal(signal.SIGTERM)
+    loop = asyncio.get_running_loop()
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(stopped.set)
+        if callable(previous):
+            previous(signum, frame)
+
+    try:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    except ValueError:  # not the main thread (the in-process app of tests)
+        return
+    log.warning(
+        "this worker cannot serve %s, which its siblings serve (see the load errors "
+        "above): not listening until a poll loads it",
+        ", ".join(sorted(missing())),
+    )
+    try:
+        while not stopped.is_set() and missing():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopped.wait(), poll)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not stopped.is_set():
+        log.info("this worker serves what its siblings serve: listening")
 
 
 def _drain_on_sigterm(

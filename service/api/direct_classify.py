@@ -29,15 +29,14 @@ from service.api.fastpath import query_int, raw_classify_query
 from service.api.http import (
     CLIENT_KEY_HEADER,
     REQUEST_ID_HEADER,
-    TIMEOUT_HEADER,
     Admission,
     answer_error,
     body_timeout_error,
     error_response,
+    header_timeout,
     header_value,
     joined_headers,
     parse_client_key,
-    parse_timeout,
 )
 from service.api.rest import CLASSIFY_PATH, classify_response
 from service.concurrency import ConnectionRefusals
@@ -48,7 +47,6 @@ from service.requestlog import RequestRecord, client_request_id, finish, recordi
 Headers = list[tuple[bytes, bytes]]
 # The status logged for a request whose client left before sending all of its body.
 CLIENT_CLOSED = ClientClosedRequest.http_status
-_TIMEOUT = TIMEOUT_HEADER.encode()
 _CLIENT_KEY = CLIENT_KEY_HEADER.encode()
 _REQUEST_ID = REQUEST_ID_HEADER.encode()
 
@@ -156,7 +154,7 @@ class DirectClassify:
                     await concurrency.pace_refusal(request.retrying, request.connection)
                     return _with_id(error_response(concurrency.refusal(), CLASSIFY_PATH), rid)
             try:
-                deadline = plane.deadline(parse_timeout(request.header(_TIMEOUT)))
+                deadline = plane.deadline(header_timeout(request.headers))
                 result = await plane.classify(
                     [request.body],
                     model=query.get("model"),

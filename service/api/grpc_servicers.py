@@ -62,8 +62,20 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
 
     Every call is also a request record (metrics and the JSON access log, as for REST),
     with the RPC's full name as its route and the client's ``x-request-id`` metadata (or
-    a fresh id) returned in the trailing metadata."""
+    a fresh id) returned in the trailing metadata, and takes a place under the worker's
+    concurrency limit (service.concurrency) or is refused."""
+    return _mapped(method, limited=True)
 
+
+def status_call(method: Handler[S]) -> Handler[S]:
+    """As :func:`mapped_errors`, but outside the concurrency limit: a model's status or
+    metadata is answered from memory in microseconds, and gateways and probes poll it
+    (TF Serving does not shed these calls; a cnnserve shedding them under load made the
+    gateway in front of it, polling GetModelStatus, flap unready)."""
+    return _mapped(method, limited=False)
+
+
+def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
     @functools.wraps(method)
     async def handler(self: S, request: Any, context: Any) -> Any:
         rid = call_request_id(dict(context.invocation_metadata() or ()))
@@ -76,13 +88,16 @@ def mapped_errors(method: Handler[S]) -> Handler[S]:
             with recorded(RequestRecord(rid, "grpc", "POST", route), self._plane.stopping):
                 if not self._plane.accepting_calls:
                     raise ShuttingDown("the server is shutting down; retry on another replica")
-                taken = concurrency.admit(connection)
-                if taken is None:
-                    raise concurrency.refusal()
+                taken = None
+                if limited:
+                    taken = concurrency.admit(connection)
+                    if taken is None:
+                        raise concurrency.refusal()
                 try:
                     answer = await method(self, request, context)
                 finally:
-                    concurrency.release(taken)
+                    if taken is not None:
+                        concurrency.release(taken)
             context.set_trailing_metadata(trailers)
             return answer
         except CnnserveError as exc:
@@ -166,7 +181,7 @@ class PredictionServicer(_Adapter):
             arrays[name] = to_ndarray(tensor, name, most)
         return arrays
 
-    @mapped_errors
+    @status_call
     async def GetModelMetadata(self, request: Any, context: Any) -> Any:
         ref = read_model_spec(request.model_spec)
         fields = list(request.metadata_field)
@@ -210,7 +225,7 @@ class ModelServicer(_Adapter):
 
     service = "tensorflow.serving.ModelService"
 
-    @mapped_errors
+    @status_call
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
         ref = read_model_spec(request.model_spec)
         return status_response(self._plane.model_status(str(ref.name), ref.version, ref.label))
@@ -318,9 +333,10 @@ class HealthServicer:
                 if status != last:
                     yield health_pb2.HealthCheckResponse(status=status)
                     last = status
-                if not self._plane.accepting_calls:
-                    # Shutting down: NOT_SERVING was sent; an open stream would hold the
-                    # shutdown for its whole grace period.
+                if self._plane.closing_calls:
+                    # The gRPC server stops (NOT_SERVING was sent, unless a successor
+                    # takes over in a rolling restart): an open stream would hold the
+                    # stop for its whole grace period.
                     return
                 await asyncio.sleep(WATCH_PERIOD_SECONDS)
         finally:

@@ -64,6 +64,7 @@ REQUEST_ID_HEADER = "x-request-id"
 LARGE_JSON_BYTES = 256 * 1024
 # Paths that never count against the concurrency limit: probes must answer under load.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+MODELS_PREFIX = "/v1/models/"  # TF Serving's REST API: GET is a model's status or metadata
 # The ASGI scope key under which the HTTP protocol (service.api.http_protocol) hands the
 # app its connection's refusal record and whether the request came as a retry at once:
 # a 503 the app makes is paced by the same rule as one the protocol makes.
@@ -88,7 +89,7 @@ def error_response(error: CnnserveError, path: str = "") -> JSONResponse:
     headers = {ERROR_CODE_HEADER: error.code}
     if error.retry_after is not None:
         headers["Retry-After"] = str(error.retry_after)
-    if isinstance(error, Unauthenticated):
+    if isinstance(error, Unauthenticated) and error.http_status == 401:  # not its 503
         headers["WWW-Authenticate"] = 'Bearer realm="cnnserve"'
     if isinstance(error, MethodNotAllowed) and error.allow:
         headers["Allow"] = error.allow
@@ -301,7 +302,7 @@ class RequestGuard:
         try:
             with recording(record):
                 path = scope["path"]
-                limited = is_limited(path, self.quiet_paths)
+                limited = is_limited(scope["method"], path, self.quiet_paths)
                 refusal = self.admission.refusal(path, headers)
                 with_body = not self.admission.admit_at_headers and has_body(headers)
                 if refusal is None and limited and not with_body:
@@ -409,7 +410,7 @@ class EarlyRefusal:
         ``retrying``: whether the client is retrying a refusal at once
         (service.concurrency.ConnectionRefusals); only then is the answer paced."""
         concurrency = self.admission.concurrency
-        if not is_limited(path, self.quiet_paths) or concurrency.admits():
+        if not is_limited(method, path, self.quiet_paths) or concurrency.admits():
             return None
         rid = client_request_id(header_value(headers, b"x-request-id") or b"")
         record = RequestRecord(rid, "rest", method, self._route(method, path))
@@ -461,10 +462,15 @@ def header_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes |
     return None
 
 
-def is_limited(path: str, quiet_paths: frozenset[str]) -> bool:
+def is_limited(method: str, path: str, quiet_paths: frozenset[str]) -> bool:
     """Whether a request to ``path`` counts against the concurrency limit: probes must
-    answer under load, and the metrics scrape (``quiet_paths``) is not a request."""
-    return path not in PROBE_PATHS and path not in quiet_paths
+    answer under load, the metrics scrape (``quiet_paths``) is not a request, and a
+    model's status or metadata (a GET under ``/v1/models/``) is answered from memory in
+    microseconds; gateways and probes poll it, and TF Serving does not shed it (gRPC's
+    GetModelStatus alike: service.api.grpc_servicers.status_call)."""
+    if path in PROBE_PATHS or path in quiet_paths:
+        return False
+    return not (method in ("GET", "HEAD") and path.startswith(MODELS_PREFIX))
 
 
 def routed_method(method: str) -> str:
@@ -575,17 +581,31 @@ def path_version(raw: str) -> int:
 
 
 def request_timeout(request: Request) -> float | None:
-    return parse_timeout(request.headers.get(TIMEOUT_HEADER))
+    return header_timeout(request.headers.raw)
+
+
+def header_timeout(headers: Sequence[tuple[bytes, bytes]]) -> float | None:
+    """The X-Request-Timeout header's seconds in an ASGI header list, if sent. Sent on
+    several lines, it is their values comma-joined (RFC 9110 5.3), as if sent in one:
+    no number, so a 400 either way (the first line was taken before, silently)."""
+    name = TIMEOUT_HEADER.encode()
+    lines = [value for key, value in headers if key == name]
+    return parse_timeout(b", ".join(lines).decode("latin-1") if lines else None)
 
 
 def parse_timeout(raw: str | None) -> float | None:
     """The X-Request-Timeout header's seconds, if sent."""
     if raw is None:
         return None
-    # Plain decimals: float() also took "1_0" (10 s) and " 5 ".
-    if not _SECONDS.fullmatch(raw):
-        raise InvalidRequest(f"{TIMEOUT_HEADER} must be seconds as a number, got {raw!r}")
-    return float(raw)
+    # Whitespace around a field value is not part of it (RFC 9110 5.5): the HTTP parser
+    # drops it in front, not behind ("0.5 " was a 400). Within, plain decimals only:
+    # float() also took "1_0" (10 s).
+    value = raw.strip(" \t")
+    if not _SECONDS.fullmatch(value):
+        raise InvalidRequest(
+            f"{TIMEOUT_HEADER} must be seconds as a number, one value, got {raw!r}"
+        )
+    return float(value)
 
 
 def server_timing(timings: dict[str, float]) -> str:

@@ -99,8 +99,9 @@ DIRECT_CLASSIFY_STATE = "cnnserve.direct_classify"
 # most bytes parsed at once (what one parse can add to that queue is bounded by it).
 MAX_PIPELINED = 16
 FEED_BYTES = 32768  # a photo request (~10 KiB) is parsed in one go
-# At shutdown, a connection accepted but without a request yet has this long to begin
-# one (its client connected to send it: most do within a millisecond).
+# At shutdown, a connection with nothing to answer has this long to begin a request (a
+# client that connected, or kept the connection alive, to send one: most do within a
+# millisecond).
 FIRST_REQUEST_GRACE_SECONDS = 1.0
 
 
@@ -511,13 +512,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         return True
 
     def shutdown(self) -> None:
-        """The server stops: an idle connection is closed now, as uvicorn does, except
-        one accepted as the listener closed, before its first request arrived: its
-        client is sending it, and closed with it unread, the kernel reset the connection
-        ("connection reset by peer": the request lost, during a rolling restart of the
-        workers too). It gets :data:`FIRST_REQUEST_GRACE_SECONDS` to begin one, which is
-        answered, and then the connection closes."""
-        if self._requests == 0 and not self.transport.is_closing():
+        """The server stops: a connection with nothing to answer gets
+        :data:`FIRST_REQUEST_GRACE_SECONDS` to begin a request, which is answered with
+        ``connection: close``, and then it closes. uvicorn closed it at once, but its
+        client may be sending its next request: one accepted as the listener closed,
+        or kept alive between two of a busy client's requests. Closed with a request
+        unread, the kernel resets the connection ("connection reset by peer", "broken
+        pipe": the request lost, in every rolling restart of the workers too)."""
+        if not self._answering() and not self.pipeline and not self.transport.is_closing():
             self._shutting_down = True
             self._grace_timer = self.loop.call_later(
                 FIRST_REQUEST_GRACE_SECONDS, self._close_unused

@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from service.bench.process import Usage, started
-from service.bench.wrk import Load, run_wrk, write_bodies
+from service.bench.wrk import Load, key_headers, run_wrk, write_bodies
 from service.config import Settings
 from service.launch import free_port, serve_command
 
@@ -81,6 +81,9 @@ class Client:
     origin: float
     fresh: bool = False
     timeout: float = CLIENT_TIMEOUT
+    # The API key wrk sends too (service.bench.wrk.key_headers): a gateway with keys on
+    # answered these clients 401, and the probe's numbers were of refusals.
+    headers: dict[str, str] = field(default_factory=key_headers)
     samples: list[Sample] = field(default_factory=list)
     _target: str = ""
 
@@ -116,10 +119,10 @@ class Client:
         try:
             if self.bodies:
                 body = rng.choice(self.bodies)
-                headers = {"content-type": "image/jpeg"}
+                headers = {**self.headers, "content-type": "image/jpeg"}
                 connection.request("POST", self._target, body=body, headers=headers)
             else:
-                connection.request("GET", self._target)
+                connection.request("GET", self._target, headers=self.headers)
             response = connection.getresponse()
             response.read()
             return response.status

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import ssl
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from PIL import Image
 from service.bench.limits import cost_at, decode_cost, inference_costs, limit
 from service.bench.photos import photo_mix
 from service.bench.process import Usage, started
-from service.bench.wrk import Load, run_wrk, write_bodies
+from service.bench.wrk import Load, key_headers, run_wrk, write_bodies
 from service.config import Settings
 from service.launch import free_port, serve_command
 
@@ -154,7 +155,11 @@ def served_batches(url: str, metrics_path: str) -> tuple[float, float]:
     """(images, batches) the server has run so far, from its Prometheus endpoint."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url + metrics_path, timeout=10) as response:
+    # The key, for CNNSERVE_METRICS_REQUIRE_KEY; measuring, not trusting: as wrk, no
+    # certificate check (a self-signed --url gateway failed here, after its checks).
+    request = urllib.request.Request(url + metrics_path, headers=key_headers())
+    unverified = ssl._create_unverified_context() if url.startswith("https://") else None
+    with urllib.request.urlopen(request, timeout=10, context=unverified) as response:
         text = response.read().decode()
     total = count = 0.0
     for family in text_string_to_metric_families(text):

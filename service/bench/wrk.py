@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ PERCENTILES = ("50", "90", "99", "99.9")
 # with thread:get (wrk copies tables between states).
 LUA = """
 wrk.method = "{method}"
+{headers}
 {setup_body}
 local threads = {{}}
 function setup(thread)
@@ -95,9 +97,13 @@ POST_INIT = """
     local f = io.open(path, "rb")
     local body = f:read("*all")
     f:close()
-    prepared[i] = wrk.format("POST", nil, {{["Content-Type"] = "{content_type}"}}, body)
+    prepared[i] = wrk.format("POST", nil, {{["Content-Type"] = "{content_type}"{headers}}}, body)
   end
 """
+
+
+class KeyRefused(RuntimeError):
+    """The server answered 401 or 403: the numbers would measure refusals."""
 
 
 def wrk_binary() -> str:
@@ -116,14 +122,28 @@ class Load:
     bodies: tuple[Path, ...] = ()
     content_type: str = "image/jpeg"
 
-    def script(self, out: Path) -> str:
+    def script(self, out: Path, headers: Mapping[str, str] | None = None) -> str:
+        """The Lua script; ``headers`` go with every request (an API key)."""
+        headers = headers or {}
+        # Keys are visible ASCII (service.config): JSON's escapes are Lua's there.
+        pairs = [(json.dumps(name), json.dumps(value)) for name, value in headers.items()]
         if not self.bodies:
-            return LUA.format(method="GET", setup_body="", init_body="", out=out)
+            return LUA.format(
+                method="GET",
+                headers="\n".join(f"wrk.headers[{n}] = {v}" for n, v in pairs),
+                setup_body="",
+                init_body="",
+                out=out,
+            )
         paths = ", ".join(json.dumps(str(p)) for p in self.bodies)
         return LUA.format(
             method="POST",
+            headers="",  # wrk.format() with a table of its own leaves wrk.headers out
             setup_body=POST_BODIES.format(paths=paths),
-            init_body=POST_INIT.format(content_type=self.content_type),
+            init_body=POST_INIT.format(
+                content_type=self.content_type,
+                headers="".join(f", [{n}] = {v}" for n, v in pairs),
+            ),
             out=out,
         )
 
@@ -137,13 +157,25 @@ def write_bodies(images: list[bytes], folder: Path) -> tuple[Path, ...]:
     return paths
 
 
+def key_headers() -> dict[str, str]:
+    """The API key of the command's own environment (CNNSERVE_API_KEYS or its file), as
+    `verify` and `promote` send it: the gateways bench starts read the same environment,
+    and a --url gateway with keys answered every request 401. Read for each run, so a
+    rotated key file is followed."""
+    from service.client_trust import api_key_headers
+    from service.config import Settings
+
+    return api_key_headers(Settings())
+
+
 def run_wrk(url: str, load: Load, *, connections: int, seconds: float) -> dict[str, Any]:
-    """One wrk run; returns req/s, latency percentiles (ms), errors, statuses, wrk's CPU."""
+    """One wrk run; returns req/s, latency percentiles (ms), errors, statuses, wrk's CPU.
+    Raises KeyRefused when the server answered 401 or 403."""
     threads = max(1, min(2, connections))
-    with tempfile.TemporaryDirectory(prefix="cnnserve-wrk-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cnnserve-wrk-") as tmp:  # 0700: the key
         out = Path(tmp) / "result.json"
         script = Path(tmp) / "load.lua"
-        script.write_text(load.script(out))
+        script.write_text(load.script(out, key_headers()))
         cmd = [
             wrk_binary(),
             "-t",
@@ -167,6 +199,13 @@ def run_wrk(url: str, load: Load, *, connections: int, seconds: float) -> dict[s
         if process.returncode != 0 or not out.exists():
             raise RuntimeError(f"wrk failed ({process.returncode}): {stderr.strip()}")
         raw = json.loads(out.read_text())
+    refused = {s: n for s, n in raw["statuses"].items() if str(s) in ("401", "403")}
+    if refused:
+        raise KeyRefused(
+            f"{url.rstrip('/')}{load.path} answered {_counts(refused)} of {raw['requests']} "
+            "requests: bench sends the first key of its own CNNSERVE_API_KEYS or "
+            "CNNSERVE_API_KEYS_FILE; give it one the gateway knows"
+        )
     return summarize(raw, wrk_cpu_s=usage.ru_utime + usage.ru_stime, wall_s=wall) | {
         "wrk": f"wrk -t {threads} -c {connections} -d {max(1, round(seconds))}s",
     }
@@ -200,3 +239,7 @@ def _header_batch(raw: dict[str, Any]) -> dict[str, float]:
     if not batch.get("count"):
         return {}
     return {"header_batch": round(batch["sum"] / batch["count"], 2)}
+
+
+def _counts(statuses: Mapping[str, int]) -> str:
+    return " and ".join(f"{status} to {n}" for status, n in sorted(statuses.items()))

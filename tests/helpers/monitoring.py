@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import http.server
 import itertools
 import json
 import re
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from tests.helpers.http_stub import QuietHandler, http_stub
 
 DOCKER = Path(__file__).resolve().parents[2] / "docker"
 PROMETHEUS = DOCKER / "prometheus"
@@ -81,7 +81,7 @@ def fake_tfserving_metrics(model: str) -> Iterator[str]:
     more call per scrape; yields its host:port for Prometheus' targets."""
     scrapes = itertools.count(1)
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             body = tfserving_exposition(next(scrapes), model).encode()
             self.send_response(200)
@@ -90,14 +90,5 @@ def fake_tfserving_metrics(model: str) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_stub(Handler) as url:
+        yield url.removeprefix("http://")

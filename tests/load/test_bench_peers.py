@@ -10,11 +10,9 @@ import json
 import os
 import statistics
 import sys
-import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from service.config import Settings
 from service.launch import free_port
 from service.repository import read_card, version_dirs
 from service.training.evaluate import load_signature
+from tests.helpers.http_stub import QuietHandler, http_stub
 from tests.helpers.loadtests import LOADTESTS, load_module
 from tests.helpers.server import Server
 
@@ -50,7 +49,7 @@ def body_recorder() -> Iterator[tuple[str, list[str]]]:
     """A tiny HTTP server that answers 200 and records the sha256 of every POST body."""
     seen: list[str] = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             seen.append(hashlib.sha256(body).hexdigest())
@@ -59,17 +58,8 @@ def body_recorder() -> Iterator[tuple[str, list[str]]]:
             self.end_headers()
             self.wfile.write(b"{}")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_stub(Handler) as url:
+        yield url, seen
 
 
 def test_wrk_sends_a_random_body_of_the_set_per_request(

@@ -103,6 +103,27 @@ def test_grpc_requires_the_key_in_metadata_but_health_does_not(keyed: Server) ->
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_a_key_sent_twice_is_refused_on_both_transports_in_either_order(keyed: Server) -> None:
+    """REST refused two Authorization headers; gRPC took the last value, so which key
+    counted depended on how each proxy on the way merged them."""
+    good, bad = ("authorization", f"Bearer {KEY}"), ("authorization", "Bearer wrong")
+    twice = [(bad, good), (good, bad), (good, good), (("x-api-key", "wrong"), ("x-api-key", KEY))]
+    request = cnnserve_v1_pb2.ClassifyRequest(image=PNG)
+    with keyed.channel() as channel, keyed.client() as client:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        for metadata in twice:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(request, metadata=metadata, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+            assert "send the API key once" in (refused.value.details() or "")
+            answer = client.post(
+                "/v1/classify", content=PNG, headers=[*PNG_TYPE.items(), *metadata]
+            )
+            assert answer.status_code == 401, metadata
+        # One of each header is no repetition: Authorization wins, as on REST.
+        assert stub.Classify(request, metadata=(good, ("x-api-key", "wrong")), timeout=30).model
+
+
 def test_keys_never_reach_the_log(keyed: Server) -> None:
     with keyed.client() as client:
         wrong = {**PNG_TYPE, "authorization": "Bearer wrong-guess-xyz"}

@@ -255,6 +255,121 @@ def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once
     assert set(answers) == {"ready 200, 200 v1"}, sorted(set(answers))
 
 
+def test_a_rolling_restart_under_load_fails_no_request(tmp_path: Path) -> None:
+    """SIGHUP replaces the workers one at a time while clients keep their connections
+    busy: REST on kept-alive connections, gRPC on one channel. The old worker refused
+    gRPC calls for half a second ("shutting down; retry on another replica": ~30 calls
+    failed, though its successor already listened), and closed kept-alive connections
+    between two requests (the next one lost: broken pipe)."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1, with_litert=True)
+    write_models_config(repo, simple_config("m"))
+    env = {"CNNSERVE_WORKERS": "2", "CNNSERVE_POLL_SECONDS": "0"}
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+
+    def rest_load(server: Server) -> None:
+        client = server.client()
+        while not stop.is_set():
+            try:
+                r = client.post("/v1/classify", **RAW)  # type: ignore[arg-type]
+            except httpx.TransportError as exc:
+                failures.append(f"REST {type(exc).__name__}: {exc}")
+                client.close()
+                client = server.client()
+                continue
+            answered[0] += 1
+            if r.status_code != 200:
+                failures.append(f"REST {r.status_code} {r.text[:200]}")
+        client.close()
+
+    def grpc_load(stub: cnnserve_v1_pb2_grpc.ImageClassifierStub) -> None:
+        while not stop.is_set():
+            try:
+                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG, model="m"), timeout=30)
+                answered[0] += 1
+            except grpc.RpcError as exc:
+                failures.append(f"gRPC {exc.code().name} {exc.details()}")  # type: ignore[attr-defined]
+
+    with (
+        running_server(repo, grpc_port=0, env=env) as server,
+        server.channel() as channel,
+    ):
+        log_of = server.log
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        threads = [threading.Thread(target=rest_load, args=(server,)) for _ in range(4)]
+        threads += [threading.Thread(target=grpc_load, args=(stub,)) for _ in range(2)]
+        before = workers_of(server)
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: answered[0] > 20)
+            server.process.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(workers_of(server) - before) == 2)  # both replaced
+            wait_for(lambda: not workers_of(server) & before)  # and the old ones gone
+            seen = answered[0]
+            wait_for(lambda: answered[0] > seen + 20)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    # gRPC's own stop can still fail a call racing it: CANCELLED for one its core took in
+    # but no handler yet (grpc/grpc#41785), and once in a suite run UNAVAILABLE
+    # "Cancelling all calls" (the core's, at its stop). At most the calls in flight on
+    # the channel at that moment, where the refusal window failed ~30.
+    raced = ("gRPC CANCELLED", "gRPC UNAVAILABLE Cancelling all calls")
+    unexplained = [f for f in failures if not f.startswith(raced)]
+    assert not unexplained, (unexplained, log_of.read_text()[-6000:])
+    assert len(failures) <= 4, failures
+
+
+def test_sighup_with_one_worker_is_said_and_ignored(tiny_repo: Path) -> None:
+    """SIGHUP's default action ended a one-worker server at once: requests in flight
+    lost, no drain, no log line. With one worker there is nothing to restart."""
+    with running_server(tiny_repo, env={"CNNSERVE_POLL_SECONDS": "0"}) as server:
+        server.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: one worker" in server.log.read_text())
+        assert server.process.poll() is None
+        assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("then", ["a version appears", "SIGTERM"])
+def test_a_worker_respawned_after_the_serving_folder_went_waits_for_a_version(
+    tmp_path: Path, then: str
+) -> None:
+    """The serving version's folder is deleted (the workers keep it in memory), then a
+    worker dies: its replacement could load nothing, listened anyway, and answered its
+    share of new connections 404 (its /readyz 503: the replica flapped). Now it waits,
+    not listening, until a version it can load appears; a SIGTERM meanwhile still stops
+    the server."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1, with_litert=True)
+    write_models_config(repo, simple_config("m"))
+    env = {"CNNSERVE_WORKERS": "2"}
+    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
+        kept = tmp_path / "kept"
+        shutil.copytree(repo / "m" / "1", kept)
+        shutil.rmtree(repo / "m" / "1")
+        wait_for(lambda: server.log.read_text().count("keeping version") >= 2)
+        before = workers_of(server)
+        os.kill(min(before), signal.SIGKILL)
+        wait_for(lambda: "this worker cannot serve m" in server.log.read_text())
+        for _ in range(20):  # new connections: only the worker that serves takes them
+            assert httpx.get(f"{server.url}/readyz", timeout=30).status_code == 200
+            assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
+        if then == "SIGTERM":
+            server.process.send_signal(signal.SIGTERM)
+            assert server.process.wait(timeout=60) == 0
+            return
+        shutil.copytree(kept, repo / "m" / ".tmp-2")
+        (repo / "m" / ".tmp-2").rename(repo / "m" / "2")
+        wait_for(lambda: "serves what its siblings serve: listening" in server.log.read_text())
+        assert len(workers_of(server)) == 2
+        for _ in range(20):
+            assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
+
+
 def restore(path: Path, text: str) -> None:
     path.write_text(text)
 
@@ -331,31 +446,44 @@ def accepted_by(pids: set[int], client: socket.socket) -> bool:
     return False
 
 
+def read_to_close(sock: socket.socket) -> bytes:
+    answer = b""
+    while part := sock.recv(65536):
+        answer += part
+    return answer
+
+
 def test_a_connection_accepted_as_shutdown_begins_gets_its_answer(tiny_repo: Path) -> None:
     """A client that connected just before the server stopped sends its request a moment
-    later: the connection was closed with the request unread, which the kernel answers
-    with a reset ("connection reset by peer", seen during a rolling restart). It gets a
-    moment to begin its request, which is answered; then the connection closes."""
+    later, as does one between two requests on a kept-alive connection: the connection
+    was closed with the request unread, which the kernel answers with a reset
+    ("connection reset by peer", "broken pipe", seen in every rolling restart under
+    load). Each gets a moment to begin its request, which is answered; then the
+    connection closes."""
     env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "120"}
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     with (
         running_server(tiny_repo, env=env) as server,
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as kept,
         socket.create_connection(("127.0.0.1", server.port), timeout=30) as dribbler,
     ):
+        kept.sendall(request)
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")  # kept alive, idle now
         wait_for(lambda: accepted_by({server.process.pid}, sock))
         wait_for(lambda: accepted_by({server.process.pid}, dribbler))
         server.process.send_signal(signal.SIGTERM)
         wait_for(lambda: "Shutting down" in server.log.read_text())
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(request)
+        kept.sendall(request)
         # One that sends a byte and no more is closed when the grace ends: it held the
         # shutdown for the whole of CNNSERVE_SHUTDOWN_GRACE_SECONDS (120 s here).
         dribbler.sendall(b"G")
-        answer = b""
-        while part := sock.recv(65536):
-            answer += part
+        answers = [read_to_close(sock), read_to_close(kept)]
         assert server.process.wait(timeout=60) == 0
-    head = answer.partition(b"\r\n\r\n")[0]
-    assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head, answer[:300]
+    for answer in answers:
+        head = answer.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 200") and b"connection: close" in head, answer[:300]
 
 
 @pytest.fixture(scope="module")

@@ -187,6 +187,10 @@ def test_requests_over_the_concurrency_limit_are_refused_before_their_body(
                 assert client.get("/readyz").status_code == 200
                 assert client.get("/healthz").status_code == 200
                 assert client.get("/metrics").status_code == 200
+                # A model's status and metadata are answered from memory, as TF Serving
+                # does under any load: a gateway polling them turned unready.
+                assert client.get("/v1/models/tiny").status_code == 200
+                assert client.get("/v1/models/tiny/metadata").status_code == 200
                 with server.channel() as channel:
                     stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)  # type: ignore[no-untyped-call]
                     with pytest.raises(grpc.RpcError) as shed:
@@ -359,14 +363,14 @@ def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_c
         assert first.startswith(b"HTTP/1.1 503") and second.startswith(b"HTTP/1.1 200")
 
         # HEAD, refused the same way, gets the head alone: the next answer still parses.
-        client.sendall(b"HEAD /v1/models/tiny HTTP/1.1\r\nHost: x\r\n\r\n" + probe)
+        client.sendall(b"HEAD /v1/classify HTTP/1.1\r\nHost: x\r\n\r\n" + probe)
         first, body, rest = read_response(client, rest, head_request=True)
         second, _, _ = read_response(client, rest)
         assert first.startswith(b"HTTP/1.1 503") and body == b"", first
         assert second.startswith(b"HTTP/1.1 200"), second
         assert shed_counts(server).get("concurrency", 0) >= shed_before + 3
         text = httpx.get(server.url + "/metrics", timeout=10).text  # counted by its route
-        assert re.search(r'cnnserve_requests_total\{[^}]*route="/v1/models/\{model\}"', text)
+        assert re.search(r'cnnserve_requests_total\{code="503"[^}]*route="/v1/classify"', text)
 
 
 def test_a_refusal_to_a_client_closing_its_connection_is_read_whole_not_reset(

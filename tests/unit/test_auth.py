@@ -1,4 +1,5 @@
-"""API keys: parsing from settings, constant-time check of every key, open paths."""
+"""API keys: parsing from settings, constant-time check of every key, open paths, the
+key file followed as it changes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.api.auth import ApiKeys, presented_key
+from service.cli import main
 from service.config import Settings
 from service.errors import Unauthenticated
 
@@ -19,22 +21,25 @@ def test_keys_come_from_the_variable_and_the_file(tmp_path: Path) -> None:
     settings = Settings(api_keys=" key-a ,key-b,,", api_keys_file=secret)
     assert settings.keys() == {"key-a", "key-b", "from-file-1", "from-file-2", "from-file-3"}
     assert "key-a" not in repr(settings)  # keys stay out of reprs (and so of tracebacks)
-    with pytest.raises(ValueError, match="api_keys_file"):
+    with pytest.raises(ValueError, match=r"^CNNSERVE_API_KEYS_FILE .*missing: No such file"):
         Settings(api_keys_file=tmp_path / "missing").keys()
 
 
 def test_a_key_setting_that_holds_no_key_stops_start_up(tmp_path: Path) -> None:
-    """An unpopulated secret or a stray comma must not serve without keys, silently."""
+    """An unpopulated secret or a stray comma must not serve without keys, silently.
+    An empty file is refused beside keys of the variable too: a worker started later
+    reads it as a reload does, and a reload takes an empty file for a half-written one
+    (the workers would disagree otherwise)."""
     empty = tmp_path / "empty"
-    empty.write_text("\n \n")
+    empty.write_text("\n \n# only a comment\n")
     for settings in (
         Settings(api_keys=","),
         Settings(api_keys=" "),
         Settings(api_keys_file=empty),
+        Settings(api_keys="a", api_keys_file=empty),
     ):
         with pytest.raises(ValueError, match="holds no key; authentication would be off"):
             settings.keys()
-    assert Settings(api_keys="a", api_keys_file=empty).keys() == {"a"}
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_key(tmp_path: Path) -> None:
@@ -76,3 +81,83 @@ def test_open_paths() -> None:
     for path in ("/v1/classify", "/demo/models", "/v1/models/m"):
         assert not keys.is_open(path)
     assert not ApiKeys(["k"], metrics_path="/metrics", protect_metrics=True).is_open("/metrics")
+
+
+def test_comment_lines_are_not_keys(tmp_path: Path) -> None:
+    """A comment with a comma in it became two keys, words and spaces included."""
+    secret = tmp_path / "keys"
+    secret.write_text("# production keys, rotate quarterly\n  # another, indented\nk-1, k-2\n")
+    assert Settings(api_keys_file=secret).keys() == {"k-1", "k-2"}
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("good\nproduction keys, rotate quarterly\n", 2),  # a comment without its #
+        ("clé\n", 1),  # accepted, and then no UTF-8 header could present it
+        ("good\nhalf\tkey\n", 2),
+        ("good\n\nkey\x7f\n", 3),
+    ],
+)
+def test_a_key_no_client_could_send_stops_start_up_without_showing_it(
+    tmp_path: Path, text: str, line: int
+) -> None:
+    secret = tmp_path / "keys"
+    secret.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError) as refused:
+        Settings(api_keys_file=secret).keys()
+    message = str(refused.value)
+    assert message.startswith(f"CNNSERVE_API_KEYS_FILE {secret} line {line}: ")
+    assert "visible ASCII" in message and "\n" not in message
+    for word in ("quarterly", "clé", "half", "key\x7f"):
+        assert word not in message
+
+
+def test_the_variable_follows_the_same_rule_by_position() -> None:
+    for value, position in (("good,clé", 2), ("a b", 1), ("x,,y z", 3)):
+        with pytest.raises(ValueError) as refused:
+            Settings(api_keys=value).keys()
+        message = str(refused.value)
+        assert message.startswith(f"CNNSERVE_API_KEYS key {position} (comma-separated): ")
+        assert "clé" not in message and "y z" not in message
+    assert Settings(api_keys=" a ,b\nc").keys() == {"a", "b", "c"}
+
+
+def test_a_key_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    """The message was Python's "'utf-8' codec can't decode byte 0xff…", naming neither
+    the setting nor the file."""
+    secret = tmp_path / "keys"
+    secret.write_bytes(b"good\nbad\xff\n")
+    with pytest.raises(ValueError) as refused:
+        Settings(api_keys_file=secret).keys()
+    assert str(refused.value) == (
+        f"CNNSERVE_API_KEYS_FILE {secret} line 2: not UTF-8 text; keys are visible ASCII characters"
+    )
+
+
+def test_serve_stops_in_one_line_naming_the_variable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before any worker starts (exit 2), one line; "'utf-8' codec can't decode byte
+    0xff" named neither the variable nor the file."""
+    secret = tmp_path / "keys"
+    secret.write_bytes(b"\xffkey\n")
+    monkeypatch.setenv("CNNSERVE_API_KEYS_FILE", str(secret))
+    assert main(["serve", "--model-repository", str(tmp_path), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"cnnserve serve: CNNSERVE_API_KEYS_FILE {secret} line 1: not UTF-8 text; keys are "
+        "visible ASCII characters\n"
+    )
+
+
+def test_an_empty_variable_is_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helm templates leave `CNNSERVE_API_KEYS_FILE=`: it was the path "." ("Is a
+    directory"); an empty CNNSERVE_METRICS_PATH still means no endpoint."""
+    for name in ("API_KEYS_FILE", "TLS_CERTFILE", "TLS_KEYFILE", "API_KEYS", "METRICS_PATH"):
+        monkeypatch.setenv(f"CNNSERVE_{name}", "")
+    settings = Settings()
+    assert settings.api_keys_file is None
+    assert settings.tls_certfile is None and settings.tls_keyfile is None
+    assert settings.keys() == frozenset()  # keys off, as before
+    assert settings.metrics_path == ""

@@ -763,3 +763,103 @@ def test_a_batch_on_the_event_loop_answers_errors_and_deadlines_as_on_a_thread()
             assert (await batcher.submit(images(3), deadline=None)).tolist() == [3]
 
     run(scenario())
+
+
+def test_one_slow_batch_moves_the_estimate_by_a_bounded_step(costly: Costly) -> None:
+    """A backend's hiccup (one answer 0.6 s late where batches take 10 ms per image)
+    moves the estimate up by a fifth at most, not most of the way to the outlier."""
+
+    async def scenario() -> list[float]:
+        async with DynamicBatcher(whole(costly), config()) as batcher:
+            await batcher.submit(images(1), deadline=None)
+            costly.cost = 0.600
+            await batcher.submit(images(2), deadline=None)
+            slow = batcher.seconds_per_image
+            costly.cost = 0.010
+            await batcher.submit(images(3), deadline=None)
+            assert slow is not None and batcher.seconds_per_image is not None
+            return [slow, batcher.seconds_per_image]
+
+    slow, after = run(scenario())
+    assert slow == pytest.approx(0.012)  # 10 ms + a fifth of it; 128 ms unbounded
+    assert after < slow
+
+
+def test_an_estimate_no_batch_confirmed_lately_refuses_no_short_deadline(
+    costly: Costly, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests whose own inference the estimate says outlasts their deadline get a 504 at
+    once while batches confirm it; once none has for ESTIMATE_FRESH_SECONDS, one runs,
+    and its faster measure ends the refusals at once (they went on for good: nothing
+    ran to correct the estimate)."""
+    now = [1000.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(costly), config(), observer=recorder) as batcher:
+            costly.cost = 0.300  # a slow moment: 300 ms per image, measured
+            await batcher.submit(images(1), deadline=None)
+            costly.cost = 0.010  # over; but nothing with a short deadline runs to see it
+            with pytest.raises(DeadlineExceeded):
+                await batcher.submit(images(2), deadline=now[0] + 0.100)
+            assert recorder.expired == 1 and costly.batches == [[1]]
+            now[0] += 5.0  # no batch since (a review found them refused 5 s later)
+            answer = await batcher.submit(images(3), deadline=now[0] + 0.100)
+            assert answer.tolist() == [3]  # ran, and measured 10 ms
+            assert batcher.seconds_per_image == pytest.approx(0.010)
+            for value in (4, 5, 6):  # full speed from here on
+                assert (await batcher.submit(images(value), deadline=now[0] + 0.1)).tolist() == [
+                    value
+                ]
+            assert recorder.expired == 1 and recorder.rejected == 0
+
+    run(scenario())
+
+
+def test_a_deadline_refused_for_its_own_inference_is_not_said_to_have_passed(
+    costly: Costly, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
+
+    async def scenario() -> str:
+        async with DynamicBatcher(whole(costly), config()) as batcher:
+            await batcher.submit(images(1, 2), deadline=None)  # 10 ms per image
+            with pytest.raises(DeadlineExceeded) as refused:
+                await batcher.submit(images(3, 4, 5), deadline=now[0] + 0.025)
+            return refused.value.message
+
+    message = run(scenario())
+    assert "expected to take ~30.0 ms, more than the 25.0 ms left before its deadline" in message
+    assert "passed" not in message  # it had not: 25 ms were left
+
+
+def test_a_backend_shed_is_counted_for_each_request_of_the_batch() -> None:
+    """A batch the runtime refused for load (TF Serving's RESOURCE_EXHAUSTED, reason
+    backend) fails its requests with that 503 and is counted as their refusal."""
+    gate = Gate()
+    recorder = Recorder()
+    shedding = [False]
+
+    def predict(batch: Array, deadline: float | None = None) -> Array:
+        if shedding[0]:
+            raise Overloaded("the model backend (TF Serving) is overloaded", reason="backend")
+        return gate(batch, deadline)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(predict), config(), observer=recorder) as batcher:
+            first = spawn(batcher, 1)
+            await gate.blocked()
+            queued = [spawn(batcher, 2), spawn(batcher, 3, 4)]  # one batch of two requests
+            await until(lambda: batcher.queue_depth == 3)
+            shedding[0] = True  # from the next batch on
+            gate.release.set()
+            assert (await first).tolist() == [1]
+            for task in queued:
+                with pytest.raises(Overloaded) as shed:
+                    await task
+                assert shed.value.reason == "backend"
+            assert recorder.reasons == ["backend", "backend"]
+
+    run(scenario())

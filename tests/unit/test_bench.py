@@ -1,7 +1,11 @@
-"""`cnnserve bench`'s arithmetic, on canned numbers: wrk's JSON, the limit, the advisor."""
+"""`cnnserve bench`'s arithmetic, on canned numbers: wrk's JSON, the limit, the advisor;
+and what wrk sends a gateway with API keys."""
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +14,9 @@ import pytest
 from service.bench import advisor
 from service.bench.limits import cost_at, limit
 from service.bench.sweep import Batching
-from service.bench.wrk import summarize
+from service.bench.wrk import KeyRefused, Load, run_wrk, summarize
+from service.cli import main
+from tests.helpers.http_stub import QuietHandler, http_stub
 from tests.helpers.server import ROOT
 
 WRK_JSON = {
@@ -114,3 +120,109 @@ def test_decode_alone_is_the_fastest_of_fresh_processes(
 
     with pytest.raises(RuntimeError, match="decode measurement failed"):
         measure(tmp_path / "missing", version, 10**6, 0.1, 0)
+
+
+GATEWAY_KEY = "bench-key-0123"
+
+
+@contextmanager
+def keyed_server() -> Iterator[tuple[str, list[str]]]:
+    """A local HTTP server answering 200 to requests bearing GATEWAY_KEY, else 401;
+    yields its URL and the Authorization headers it got."""
+    seen: list[str] = []
+
+    class Handler(QuietHandler):
+        protocol_version = "HTTP/1.1"
+
+        def _answer(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            seen.append(self.headers.get("authorization") or "")
+            ok = self.headers.get("authorization") == f"Bearer {GATEWAY_KEY}"
+            self.send_response(200 if ok else 401)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = _answer
+
+    with http_stub(Handler) as url:
+        yield url, seen
+
+
+needs_wrk = pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+
+
+@needs_wrk
+def test_wrk_sends_the_key_of_the_commands_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against a gateway with keys every request was a 401 (and bench exited 0)."""
+    monkeypatch.setenv("CNNSERVE_API_KEYS", f"other-key,{GATEWAY_KEY}")
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+    body = tmp_path / "body.jpg"
+    body.write_bytes(b"\xff\xd8 not really a jpeg")
+    with keyed_server() as (url, seen):
+        for load in (Load("/healthz"), Load("/v1/classify", bodies=(body,))):
+            result = run_wrk(url, load, connections=1, seconds=1)
+            assert result["ok"] > 0 and set(result["statuses"]) == {"200"}, result
+    assert set(seen) == {f"Bearer {GATEWAY_KEY}"}  # the least key, the one verify sends
+
+
+def test_the_overload_probes_and_the_batch_count_send_the_key_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beside wrk, `bench --overload`'s own clients (the polite probe, readiness) and the
+    sweep's read of /metrics sent no key: 401s measured as the gateway's answers."""
+    import threading
+
+    from service.bench.overload import Client
+    from service.bench.sweep import served_batches
+
+    monkeypatch.setenv("CNNSERVE_API_KEYS", GATEWAY_KEY)
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+    with keyed_server() as (url, seen):
+        stop = threading.Event()
+        for client in (
+            Client(url, "/v1/classify", [b"x"], 0.0, 0.0),
+            Client(url, "/readyz", [], 0.0, 0.0),
+        ):
+            runner = threading.Thread(target=client.run, args=(stop,))
+            runner.start()
+            while not client.samples:
+                stop.wait(0.01)
+            stop.set()
+            runner.join()
+            stop.clear()
+            assert {s.status for s in client.samples} == {200}, client.samples
+        assert served_batches(url, "/metrics") == (0.0, 0.0)  # a 401 raised HTTPError
+    assert seen and set(seen) == {f"Bearer {GATEWAY_KEY}"}
+
+
+@needs_wrk
+def test_wrk_stops_on_a_refused_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNNSERVE_API_KEYS", "not-the-gateways")
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+    with keyed_server() as (url, _), pytest.raises(KeyRefused) as refused:
+        run_wrk(url, Load("/healthz"), connections=1, seconds=1)
+    message = str(refused.value)
+    assert message.startswith(f"{url}/healthz answered 401 to ")
+    assert "CNNSERVE_API_KEYS" in message and "not-the-gateways" not in message
+
+
+def test_bench_fails_when_no_request_succeeded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every request failed, and bench wrote its report and exited 0."""
+    from service.bench import sweep
+
+    def refused_everything(plan: Any, settings: Any) -> dict[str, Any]:
+        point = {"ok": 0, "statuses": {"415": 20}}
+        return {"runs": [{"points": [point, point]}]}
+
+    monkeypatch.setattr(sweep, "run", refused_everything)
+    monkeypatch.setattr(sweep, "make_payload", lambda name, folder: None)
+    output = tmp_path / "bench.json"
+    repository = ROOT / "model_repository"
+    args = ["bench", "--model-repository", str(repository), "--output", str(output)]
+    assert main([*args, "--no-reference"]) == 1
+    assert "no request to the gateway succeeded (statuses: 415)" in capsys.readouterr().err
+    assert not output.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,30 @@ def test_one_process_needs_no_votes(tmp_path: Path) -> None:
     alone.publish(True)
     assert alone.all_ready() and not any(tmp_path.iterdir())
     assert WorkerReadiness(None, workers=4).all_ready()
+
+
+def test_the_replica_was_whole_even_if_no_probe_asked_this_worker(tmp_path: Path) -> None:
+    """A worker no probe had reached while both served said 503 once its sibling died:
+    whether the replica was whole was noted only when a probe asked."""
+    me = WorkerReadiness(tmp_path, workers=2)
+    sibling = live_process()
+    try:
+        (tmp_path / str(sibling.pid)).touch()
+        me.publish(True)  # its periodic vote; no all_ready() call in between
+    finally:
+        sibling.communicate(b"")
+    assert me.all_ready()
+
+
+def test_a_vote_names_the_models_its_worker_serves(tmp_path: Path) -> None:
+    me = WorkerReadiness(tmp_path, workers=2)
+    sibling = live_process()
+    try:
+        (tmp_path / str(sibling.pid)).write_text("a\nb")
+        assert me.served_by_others() == {"a", "b"}
+        me.publish(True, ["c"])
+        assert me.served_by_others() == {"a", "b"}  # not its own
+        assert (tmp_path / str(os.getpid())).read_text() == "c"
+    finally:
+        sibling.communicate(b"")
+    assert me.served_by_others() == set()  # a dead worker's vote does not count

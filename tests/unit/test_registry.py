@@ -671,3 +671,44 @@ def test_a_label_moved_to_a_version_that_failed_is_a_warning(
         assert registry.resolve("m", label="canary").version == 1
 
     run_with(registry, scenario)
+
+
+class UnreadableFactory:
+    """create_runtime for a version one of whose files the server may not read."""
+
+    def __call__(self, name: str, version_dir: Path, **kwargs: Any) -> Runtime:
+        denied = version_dir / "saved_model.pb"
+        raise PermissionError(13, "Permission denied", str(denied))
+
+
+def test_an_unreadable_version_is_one_line_and_internal(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A version with a file the server may not read (chmod 000, which root ignores:
+    hence the factory) was reported UNKNOWN "PermissionError: …" with a 35-line
+    traceback, as if cnnserve had a bug; other damaged versions are one line."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, simple_config("m"))
+    registry = Registry(settings(repo, tmp_path), runtime_factory=UnreadableFactory())
+
+    async def scenario() -> None:
+        await registry.start()
+
+    with caplog.at_level(logging.ERROR, logger="service.registry"):
+        run_with(registry, scenario)
+    (status,) = registry.statuses("m")
+    assert status.state == VersionState.END
+    assert status.error_code == grpc_code("INTERNAL"), status
+    assert (
+        status.error_message
+        == f"cannot read {repo / 'm' / '1' / 'saved_model.pb'}: Permission denied"
+    )
+    failed = [r for r in caplog.records if "failed to load" in r.getMessage()]
+    assert len(failed) == 1 and not failed[0].exc_info, caplog.text
+
+
+def grpc_code(name: str) -> int:
+    import grpc
+
+    return int(getattr(grpc.StatusCode, name).value[0])

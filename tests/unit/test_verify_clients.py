@@ -12,7 +12,6 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import closing
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
@@ -27,6 +26,7 @@ from service.proto_gen.tensorflow_serving.apis import (
 )
 from service.tfserving_proto import to_tensor_proto
 from service.verify_clients import PROBE, RETRIES, GrpcServer, RestServer
+from tests.helpers.http_stub import QuietHandler, http_stub
 
 ANSWER = {"model": "m", "version": 3, "predictions": [{"class_id": 7, "score": 0.9}]}
 
@@ -49,7 +49,7 @@ class Script:
 def rest() -> Iterator[tuple[Script, str]]:
     script = Script(0)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers["Content-Length"]))
             refused = script.next_refusal()
@@ -64,17 +64,8 @@ def rest() -> Iterator[tuple[Script, str]]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield script, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_stub(Handler) as url:
+        yield script, url
 
 
 def configure(script: Script, shed: int, status: int = 503, retry_after: str | None = "0") -> None:

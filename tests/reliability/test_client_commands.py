@@ -1,0 +1,93 @@
+"""`cnnserve bench` and `cnnserve verify` against a gateway with API keys and TLS: the
+key of their own environment, --ca-cert, and what they say when the scheme is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.server import ROOT, Server, running_server, self_signed
+
+KEY = "client-commands-key"
+
+
+def cnnserve(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
+    # This test's environment, without settings of its own: only the key given here.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if key is not None:
+        env["CNNSERVE_API_KEYS"] = key
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def bench(server: Server, *args: str, key: str | None = KEY) -> subprocess.CompletedProcess[str]:
+    return cnnserve(
+        "bench", "--url", server.url, "--model", "tiny", "--payload", "photos",
+        "--concurrency", "2", "--seconds", "1", "--warmup-seconds", "0",
+        "--limit-seconds", "0.1", "--no-reference", "--workers", "1", *args, key=key,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_bench_drives_a_gateway_with_keys(tiny_repo: Path, tmp_path: Path) -> None:
+    """Every request was a 401, and bench exited 0 with a report of refusals."""
+    env = {"CNNSERVE_API_KEYS": f"other,{KEY}", "CNNSERVE_POLL_SECONDS": "0"}
+    output = tmp_path / "bench.json"
+    repository = ("--model-repository", str(tiny_repo), "--output", str(output))
+    with running_server(tiny_repo, env=env) as server:
+        done = bench(server, *repository)
+        assert done.returncode == 0, done.stderr[-3000:]
+        [point] = [p for run in json.loads(output.read_text())["runs"] for p in run["points"]]
+        assert set(point["statuses"]) == {"200"} and point["ok"] > 0, point
+        for key in ("wrong", None):  # a key the gateway does not know, and none
+            refused = bench(server, *repository, key=key)
+            assert refused.returncode == 2, refused.stderr[-3000:]
+            [line] = refused.stderr.splitlines()
+            assert line.startswith(f"cnnserve bench: {server.url} answered 401 to ")
+            assert "CNNSERVE_API_KEYS" in line
+
+
+def test_bench_and_verify_on_tls(tiny_repo: Path, tmp_path: Path) -> None:
+    """bench said "no gateway answers" of a gateway on TLS with its own certificate;
+    verify told to give --ca-cert when given it (the port spoke no TLS), and "is the
+    server running?" of a TLS port given http://."""
+    cert, key = self_signed(tmp_path)
+    env = {
+        "CNNSERVE_API_KEYS": KEY,
+        "CNNSERVE_TLS_CERTFILE": str(cert),
+        "CNNSERVE_TLS_KEYFILE": str(key),
+        "CNNSERVE_POLL_SECONDS": "0",
+    }
+    with running_server(tiny_repo, env=env, tls_ca=cert) as server:
+        untrusting = bench(server, key="wrong")
+        assert untrusting.returncode == 2
+        assert "give its certificate with --ca-cert" in untrusting.stderr
+        # Trusted: bench reaches the gateway, which refuses the key (401, not "no gateway").
+        trusting = bench(server, "--ca-cert", str(cert), key="wrong")
+        assert trusting.returncode == 2 and " answered 401 to " in trusting.stderr
+        plain_url = f"http://127.0.0.1:{server.port}"
+        output = ("--output", str(tmp_path / "verify"), "--limit", "2")
+        told = cnnserve("verify", "--url", plain_url, "--model", "tiny", *output)
+        assert told.returncode == 2
+        assert "if that port speaks TLS, use https://" in told.stderr, told.stderr
+        assert "is the server running" not in told.stderr
+    with running_server(tiny_repo, env={"CNNSERVE_POLL_SECONDS": "0"}) as plain:
+        https_url = f"https://127.0.0.1:{plain.port}"
+        trusted = ("--ca-cert", str(cert))
+        told = cnnserve("verify", "--url", https_url, "--model", "tiny", *trusted, *output)
+        assert told.returncode == 2
+        assert "does not speak TLS" in told.stderr and "use http://" in told.stderr
+        assert "--ca-cert" not in told.stderr
