@@ -9,7 +9,7 @@ import shlex
 import sys
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.cli_rollout import add_ca_cert
 from service.cli_types import NON_NEGATIVE, POSITIVE, positive_ints
@@ -207,6 +207,20 @@ def _bench_models(args: argparse.Namespace, settings: Settings) -> int:
         return _bench_on(args, settings, version_dir.parents[1], mobilenet.MODEL_NAME)
 
 
+def _nothing_succeeded(runs: list[dict[str, Any]]) -> bool:
+    """Whether no request of these wrk runs succeeded, said in one line: a report of
+    refusals alone would pose as the gateway's numbers."""
+    if any(run["ok"] for run in runs):
+        return False
+    statuses = {status for run in runs for status in run["statuses"]}
+    print(
+        "cnnserve bench: no request to the gateway succeeded (statuses: "
+        f"{', '.join(sorted(statuses)) or 'none, no answer'}); nothing written",
+        file=sys.stderr,
+    )
+    return True
+
+
 def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, model: str) -> int:
     from service.bench import advisor, sweep, tables, write_json
     from service.bench.plot import plot
@@ -268,14 +282,7 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
         "command": "cnnserve " + shlex.join(args.argv),
         **sweep.run(plan, settings),
     }
-    measured = [point for run in data["runs"] for point in run["points"]]
-    if not any(point["ok"] for point in measured):
-        statuses = {s for point in measured for s in point["statuses"]}
-        print(
-            "cnnserve bench: no request to the gateway succeeded (statuses: "
-            f"{', '.join(sorted(statuses)) or 'none, no answer'}); nothing written",
-            file=sys.stderr,
-        )
+    if _nothing_succeeded([point for run in data["runs"] for point in run["points"]]):
         return 1
     if args.runtime_table:
         data["runtimes"] = [
@@ -351,12 +358,7 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
         "command": "cnnserve " + shlex.join(args.argv),
         **overload.run(plan, settings, lambda line: print(line, file=sys.stderr, flush=True)),
     }
-    runs = [data["capacity"], *(level["wrk"] for level in data["levels"])]
-    if not any(run["ok"] for run in runs):
-        print(
-            "cnnserve bench: no request to the gateway succeeded; nothing written",
-            file=sys.stderr,
-        )
+    if _nothing_succeeded([data["capacity"], *(level["wrk"] for level in data["levels"])]):
         return 1
     output = args.output or Path("reports/overload.json")
     write_json(output, data)

@@ -101,8 +101,7 @@ class WorkerReadiness:
         whenever it serves itself."""
         if self._directory is None:
             return False
-        own = str(os.getpid())
-        if any(vote.name != own for vote in self._votes()):
+        if self._others():
             self._whole_once = True
         return self._whole_once
 
@@ -111,18 +110,20 @@ class WorkerReadiness:
         when no other worker is ready now)."""
         if self._directory is None:
             return set()
-        own = str(os.getpid())
         served: set[str] = set()
-        for vote in self._votes():
-            if vote.name != own:
-                with contextlib.suppress(OSError):  # its worker stopped meanwhile
-                    served.update(vote.read_text().split())
+        for vote in self._others():
+            with contextlib.suppress(OSError):  # its worker stopped meanwhile
+                served.update(vote.read_text().split())
         return served
 
     def restarting(self) -> bool:
         """Whether the supervisor is replacing the workers one at a time (SIGHUP): a new
         worker that cannot start then keeps the old one in service."""
         return self._directory is not None and (self._directory / RESTARTING).exists()
+
+    def _others(self) -> list[Path]:
+        """The votes of the live workers other than this one."""
+        return [vote for vote in self._votes() if vote != self._own]
 
     def _votes(self) -> list[Path]:
         assert self._directory is not None

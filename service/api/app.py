@@ -47,6 +47,7 @@ from service.requestlog import configure_access_log
 log = logging.getLogger(__name__)
 
 READINESS_PERIOD_SECONDS = 0.25
+SignalHandler = Callable[[int, FrameType | None], None]
 # How long a thread may hold the GIL while another waits (CPython's default: 5 ms). The
 # event loop, the batch thread and the decode threads take turns many times per
 # request; with the default, a batch thread whose inference returned (LiteRT releases
@@ -87,18 +88,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # a worker respawned after one died: uvicorn stops the whole server when such a
         # worker fails to start. It serves nothing until a poll reads the file (so only
         # with polling on). On SIGHUP a new worker that fails keeps the old one serving.
-        config_may_fail = replacing and not readiness.restarting() and settings.poll_seconds > 0
+        respawned = replacing and not readiness.restarting()
+        config_may_fail = respawned and settings.poll_seconds > 0
         if not config_may_fail:
             load_models_config(settings.model_repository)
         if key_file is not None:
             # The key file alike: a worker that replaces one that died starts without it
             # and refuses what needs a key (503) until a check reads it; it failed to
             # start, and uvicorn respawned it in a loop, a traceback each time.
-            key_file.load(
-                may_fail=replacing
-                and not readiness.restarting()
-                and settings.api_keys_poll_seconds > 0
-            )
+            key_file.load(may_fail=respawned and settings.api_keys_poll_seconds > 0)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         stop_access_log = configure_access_log(settings.access_log)
@@ -265,17 +263,18 @@ async def _until_it_serves(registry: Registry, readiness: WorkerReadiness, poll:
     if poll <= 0 or not missing():
         return
     stopped = asyncio.Event()
-    previous = signal.getsignal(signal.SIGTERM)
     loop = asyncio.get_running_loop()
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(stopped.set)
-        if callable(previous):
-            previous(signum, frame)
+    def ending_the_wait(previous: Any) -> SignalHandler:
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            loop.call_soon_threadsafe(stopped.set)
+            if callable(previous):
+                previous(signum, frame)
 
-    try:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    except ValueError:  # not the main thread (the in-process app of tests)
+        return on_sigterm
+
+    restore = _before_sigterm(ending_the_wait)
+    if restore is None:  # the in-process app of tests: no wait it could not end
         return
     log.warning(
         "this worker cannot serve %s, which its siblings serve (see the load errors "
@@ -287,7 +286,7 @@ async def _until_it_serves(registry: Registry, readiness: WorkerReadiness, poll:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopped.wait(), poll)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore()
     if not stopped.is_set():
         log.info("this worker serves what its siblings serve: listening")
 
@@ -302,27 +301,39 @@ def _drain_on_sigterm(
     meanwhile, so a shutdown took two grace periods). Returns the function that puts
     the previous handler back. A no-op off the main thread (the in-process app of
     tests), where signal handlers cannot be set."""
-    previous = signal.getsignal(signal.SIGTERM)
     loop = asyncio.get_running_loop()
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        readiness.drain()
-        log.info("SIGTERM: readiness is 503 now; shutting down in %g s", delay)
-        loop.call_soon_threadsafe(loop.call_later, delay, stop_calls)
-        if callable(previous):
-            if delay:
-                loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, frame)
-            else:
-                previous(signum, frame)
+    def draining(previous: Any) -> SignalHandler:
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            readiness.drain()
+            log.info("SIGTERM: readiness is 503 now; shutting down in %g s", delay)
+            loop.call_soon_threadsafe(loop.call_later, delay, stop_calls)
+            if callable(previous):
+                if delay:
+                    loop.call_soon_threadsafe(loop.call_later, delay, previous, signum, frame)
+                else:
+                    previous(signum, frame)
 
+        return on_sigterm
+
+    return _before_sigterm(draining) or (lambda: None)
+
+
+def _before_sigterm(chained: Callable[[Any], SignalHandler]) -> Callable[[], None] | None:
+    """Set ``chained(previous)`` as the SIGTERM handler, in front of the one in place
+    (uvicorn's), which it calls in its turn. Returns the function that puts the previous
+    one back (unless another was set since), or None off the main thread, where signal
+    handlers cannot be set."""
+    previous = signal.getsignal(signal.SIGTERM)
+    handler = chained(previous)
     try:
-        signal.signal(signal.SIGTERM, on_sigterm)
+        signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread
-        return lambda: None
+        return None
 
     def restore() -> None:
         with contextlib.suppress(ValueError):
-            if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            if signal.getsignal(signal.SIGTERM) is handler:
                 signal.signal(signal.SIGTERM, previous)
 
     return restore
