@@ -164,6 +164,15 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         2048, ge=1, description="Open HTTP connections per worker (uvicorn limit_concurrency)."
     )
+    grpc_max_concurrent_streams: int = Field(
+        0,
+        ge=0,
+        le=65_536,
+        description="Calls one gRPC connection may have in progress at a worker (HTTP/2 "
+        "MAX_CONCURRENT_STREAMS; 0 = max_batch_size: one connection can fill a batch); "
+        "a client's further calls on it wait in the client, not in the server's queue "
+        "ahead of other clients' calls. A health Watch holds one while it lasts.",
+    )
     max_health_watches: int = Field(
         100,
         ge=1,
@@ -265,6 +274,11 @@ class Settings(BaseSettings):
         protobuf framing and the other fields."""
         images = self.max_images_per_request * 224 * 224 * 3 * 4
         return max(self.max_body_bytes, images) + 1024 * 1024
+
+    @property
+    def grpc_streams_per_connection(self) -> int:
+        """``grpc_max_concurrent_streams``, a batch when unset (0)."""
+        return self.grpc_max_concurrent_streams or self.max_batch_size
 
     @property
     def inference_threads(self) -> int:

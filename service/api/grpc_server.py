@@ -62,6 +62,17 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
             "grpc.server_handshake_timeout_ms",
             math.ceil(settings.header_read_timeout_seconds * 1000),
         ),
+        # What one connection may hold. grpc.aio takes calls from its core one at a time
+        # on the event loop, so a client keeping 128 calls in flight on one connection
+        # queued them all ahead of every other client's, where no admission sees them
+        # (a polite client's call waited 100-330 ms). With the limit advertised, the
+        # client keeps its excess calls itself.
+        ("grpc.max_concurrent_streams", settings.grpc_streams_per_connection),
+        # Count streams as HTTP/2 does, not until the core frees them: counting the
+        # freed-but-not-yet-released ones too, the server reset with REFUSED_STREAM the
+        # calls a client sent within the limit it was told (UNAVAILABLE to it, 14% of a
+        # spinning client's calls in one run).
+        ("grpc.http.overload_protection", 0),
     ]
 
 

@@ -10,6 +10,7 @@ import re
 import socket
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.concurrency import MAX_REFUSAL_DEBT_SECONDS
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
@@ -327,6 +329,64 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
     assert first[-1] < (channels - 1) / rate / 2, first
     half = channels // 2
     assert retried[half] >= (half - 1) / rate, retried
+
+
+def test_a_grpc_connection_holds_its_streams_at_most_and_keeps_the_rest_itself(
+    tiny_repo_litert: Path,
+) -> None:
+    """CNNSERVE_GRPC_MAX_CONCURRENT_STREAMS bounds what one gRPC connection holds at a
+    worker: its client keeps the calls beyond it (they wait there, not in the server's
+    queue ahead of other clients' calls: a client spinning 128 calls on one connection
+    held a polite client's call 100-330 ms), sends one as soon as one of its calls ends,
+    and calls within the limit are never reset however fast they come and go (gRPC's
+    default counting reset some REFUSED_STREAM: UNAVAILABLE to the client)."""
+    streams = 2
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_GRPC_MAX_CONCURRENT_STREAMS": str(streams)}
+    check = health_pb2.HealthCheckRequest(service="")
+    serving = health_pb2.HealthCheckResponse.SERVING
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+    with (
+        running_server(tiny_repo_litert, grpc_port=0, env=env) as server,
+        grpc.insecure_channel(server.grpc_target, options=own) as busy,
+        grpc.insecure_channel(server.grpc_target, options=own) as other,
+    ):
+        health = health_pb2_grpc.HealthStub(busy)  # type: ignore[no-untyped-call]
+        watches = [health.Watch(check, timeout=60) for _ in range(streams)]
+        try:
+            for watch in watches:
+                assert next(watch).status == serving  # each holds one of the streams
+            with pytest.raises(grpc.RpcError) as waited:
+                health.Check(check, timeout=1)
+            assert waited.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            other_health = health_pb2_grpc.HealthStub(other)  # type: ignore[no-untyped-call]
+            assert other_health.Check(check, timeout=5).status == serving
+            queued = health.Check.future(check, timeout=30)
+            watches.pop().cancel()
+            assert queued.result().status == serving
+        finally:
+            for watch in watches:
+                watch.cancel()
+
+        # Calls ending and starting back to back on one connection, more kept in flight
+        # than it may hold: every one answered.
+        codes: Counter[grpc.StatusCode] = Counter()
+        in_flight: deque[grpc.Future] = deque()
+
+        def settle(call: grpc.Future) -> None:
+            try:
+                call.result()
+                codes[grpc.StatusCode.OK] += 1
+            except grpc.RpcError as error:
+                codes[error.code()] += 1
+
+        stub = health_pb2_grpc.HealthStub(busy)  # type: ignore[no-untyped-call]
+        for _ in range(1500):
+            if len(in_flight) >= 16:
+                settle(in_flight.popleft())
+            in_flight.append(stub.Check.future(check, timeout=30))
+        while in_flight:
+            settle(in_flight.popleft())
+    assert codes == {grpc.StatusCode.OK: 1500}, codes
 
 
 def test_a_request_refused_at_its_headers_is_answered_like_any_refusal_and_the_connection_goes_on(
