@@ -244,6 +244,12 @@ class Settings(BaseSettings):
         None, description="PEM certificate chain: REST and gRPC serve TLS (with tls_keyfile)."
     )
     tls_keyfile: Path | None = Field(None, description="PEM private key of tls_certfile.")
+    tls_poll_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="How often each worker checks tls_certfile and tls_keyfile for a change "
+        "(a renewed certificate): new connections use it within this; 0 = read only at start.",
+    )
 
     # --- observability ------------------------------------------------------------------
     metrics_path: str = Field(

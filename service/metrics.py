@@ -225,6 +225,21 @@ API_KEYS_FILE_OK = Gauge(
     [],
     multiprocess_mode="livemin",
 )
+TLS_FILES_OK = Gauge(
+    "cnnserve_tls_files_ok",
+    "With TLS on: 1 while the worker's last check of CNNSERVE_TLS_CERTFILE and "
+    "CNNSERVE_TLS_KEYFILE loaded them, 0 while a changed pair does not load (new "
+    "connections keep the pair loaded before; the log says why). Min over workers.",
+    [],
+    multiprocess_mode="livemin",
+)
+TLS_EXPIRY = Gauge(
+    "cnnserve_tls_certificate_expiry_timestamp_seconds",
+    "With TLS on: when the certificate served to new connections expires (Unix time). "
+    "Min over workers.",
+    [],
+    multiprocess_mode="livemin",
+)
 VERSION_LABELS = Gauge(
     "cnnserve_version_label",
     "1 for the version each version label (stable, canary) of a model points at, so "
@@ -455,6 +470,14 @@ def observe_models_config(ok: bool) -> None:
 
 def observe_api_keys_file(ok: bool) -> None:
     API_KEYS_FILE_OK.set(1 if ok else 0)
+
+
+def observe_tls_files(*, ok: bool) -> None:
+    TLS_FILES_OK.set(1 if ok else 0)
+
+
+def observe_tls_expiry(timestamp: float) -> None:
+    TLS_EXPIRY.set(timestamp)
 
 
 def observe_model_event(model: str, event: str) -> None:

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
@@ -86,36 +85,12 @@ def _port_problem(host: str, port: int) -> str | None:
     return None
 
 
-class _EncryptedKey(Exception):
-    """The TLS key asked for a passphrase."""
-
-
-def _no_passphrase() -> str:
-    raise _EncryptedKey
-
-
 def _tls_problem(settings: Settings) -> str | None:
     if not settings.tls_certfile or not settings.tls_keyfile:
         return None
-    try:
-        # A passphrase callback that refuses: without one OpenSSL prompts on the terminal
-        # (start-up hung there), and gRPC cannot take an encrypted key anyway.
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            settings.tls_certfile, settings.tls_keyfile, password=_no_passphrase
-        )
-    except _EncryptedKey:
-        return (
-            f"TLS key {settings.tls_keyfile} is encrypted (it asks for a passphrase); give "
-            "CNNSERVE_TLS_KEYFILE an unencrypted key, e.g. from `openssl pkey -in "
-            f"{settings.tls_keyfile} -out key.pem`, kept in a secret"
-        )
-    except (OSError, ssl.SSLError) as exc:
-        return (
-            f"TLS certificate {settings.tls_certfile} with key {settings.tls_keyfile} cannot "
-            f"be loaded ({exc.strerror or exc}); check CNNSERVE_TLS_CERTFILE and "
-            "CNNSERVE_TLS_KEYFILE"
-        )
-    return None
+    from service.api.tls_files import load_problem  # not .tls: see its docstring
+
+    return load_problem(settings.tls_certfile, settings.tls_keyfile)
 
 
 def serve(settings: Settings) -> int:
@@ -173,6 +148,14 @@ class GatewayConfig(uvicorn.Config):
     def __init__(self, app: Any, *, handshake_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self.handshake_timeout = handshake_timeout
+
+    def load(self) -> None:
+        """uvicorn's, and the worker's TLS context noted for the certificate's reload
+        (service.api.tls)."""
+        super().load()
+        from service.api.tls import serve_rest_with
+
+        serve_rest_with(self.ssl)
 
     def get_loop_factory(self) -> Callable[[], Any] | None:
         make_loop = super().get_loop_factory()

@@ -35,6 +35,7 @@ from service.api.http_protocol import (
     SEND_TIMEOUT_STATE,
 )
 from service.api.schemas import error_responses, openapi_without_validation_errors
+from service.api.tls import CertificateWatch
 from service.concurrency import worker_limit
 from service.config import Settings
 from service.dataplane import DataPlane
@@ -97,6 +98,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # and refuses what needs a key (503) until a check reads it; it failed to
             # start, and uvicorn respawned it in a loop, a traceback each time.
             key_file.load(may_fail=respawned and settings.api_keys_poll_seconds > 0)
+        else:  # nothing to read, nothing wrong (unset, the gauge read 0: an alert's "failed")
+            metrics.observe_api_keys_file(True)
+        tls = (
+            CertificateWatch(settings.tls_certfile, settings.tls_keyfile)
+            if settings.tls_certfile is not None and settings.tls_keyfile is not None
+            else None
+        )
+        if tls is not None:
+            tls.start()
+        else:
+            metrics.observe_tls_files(ok=True)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         stop_access_log = configure_access_log(settings.access_log)
@@ -118,7 +130,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("the other workers serve: listening once the models are loaded")
             await asyncio.wait([loading])
             await _until_it_serves(registry, readiness, settings.poll_seconds)
-        grpc_server = await start_grpc(settings, app.state.dataplane, keys)  # None if disabled
+        # None if disabled.
+        grpc_server = await start_grpc(settings, app.state.dataplane, keys, tls)
         stopping_calls: list[asyncio.Task[None]] = []
 
         def stop_calls() -> None:
@@ -136,6 +149,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         following = (
             asyncio.create_task(key_file.follow(settings.api_keys_poll_seconds), name="keys")
             if key_file is not None and settings.api_keys_poll_seconds > 0
+            else None
+        )
+        renewing = (
+            asyncio.create_task(tls.follow(settings.tls_poll_seconds), name="tls")
+            if tls is not None and settings.tls_poll_seconds > 0
             else None
         )
         try:
@@ -156,8 +174,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             restore()
             publishing.cancel()
             watching.cancel()
-            if following is not None:
-                following.cancel()
+            for task in (following, renewing):
+                if task is not None:
+                    task.cancel()
             concurrency.leave()
             readiness.publish(False)
             stop_calls()  # begun on SIGTERM, else now

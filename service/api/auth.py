@@ -124,7 +124,7 @@ class ApiKeys:
 Fingerprint = tuple[int, int, int, int]
 
 
-def _fingerprint(path: Path) -> Fingerprint:
+def fingerprint(path: Path) -> Fingerprint:
     """What changes when the file's content may have: its stat, through the symlinks (a
     secret's rotation points them at another file)."""
     st = os.stat(path)
@@ -150,7 +150,7 @@ class KeyFileWatch:
         A read that fails is logged and kept to, or with ``may_fail=False`` raises
         ValueError."""
         try:
-            seen = _fingerprint(self._path)
+            seen = fingerprint(self._path)
             if seen == self._read and not self._problem:
                 return
             keys = read_key_file(self._path)

@@ -25,6 +25,7 @@ from service.api.grpc_servicers import (
     ModelServicer,
     PredictionServicer,
 )
+from service.api.tls import CertificateWatch
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
@@ -80,9 +81,15 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None = None) -> Any:
+async def start_grpc(
+    settings: Settings,
+    plane: DataPlane,
+    keys: ApiKeys | None = None,
+    tls: CertificateWatch | None = None,
+) -> Any:
     """Bind and start the gRPC server; None when ``grpc_port`` is 0 (disabled). With API
-    keys, calls other than health need one; with a certificate, the port speaks TLS.
+    keys, calls other than health need one; with ``tls`` (the certificate followed), the
+    port speaks TLS.
 
     Admission is the worker's concurrency limit (service.concurrency), shared with REST.
     gRPC's own cap on calls in progress is only a backstop on what calls hold: it counts
@@ -117,11 +124,8 @@ async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None 
     )
     address = _address(settings.host, settings.grpc_port)
     try:
-        if settings.tls_certfile is not None and settings.tls_keyfile is not None:
-            credentials = grpc.ssl_server_credentials(
-                [(settings.tls_keyfile.read_bytes(), settings.tls_certfile.read_bytes())]
-            )
-            bound = server.add_secure_port(address, credentials)
+        if tls is not None:
+            bound = server.add_secure_port(address, tls.grpc_credentials())
         else:
             bound = server.add_insecure_port(address)
     except RuntimeError as exc:
@@ -130,7 +134,7 @@ async def start_grpc(settings: Settings, plane: DataPlane, keys: ApiKeys | None 
     if not bound:
         raise RuntimeError(f"gRPC cannot listen on {address}; is the port in use?")
     await server.start()
-    log.info("gRPC listening on %s%s", address, " (TLS)" if settings.tls_certfile else "")
+    log.info("gRPC listening on %s%s", address, " (TLS)" if tls is not None else "")
     return server
 
 

@@ -4,6 +4,7 @@ processes and the real Prometheus server scraping it."""
 from __future__ import annotations
 
 import base64
+import calendar
 import json
 import re
 import time
@@ -221,7 +222,37 @@ def test_every_dashboard_panel_and_recording_rule_has_data(loaded: Server, tmp_p
         empty = [
             name for name, expr in queries.items() if not prometheus.wait_for_data(expr, deadline)
         ]
+        # Alerts on files the gateway reads stay quiet on one that reads none: their
+        # gauges read 0 while unset, and CnnserveApiKeysFileUnreadable was pending on
+        # every gateway without a key file.
+        states = alert_states(prometheus.url, after=time.time(), deadline=deadline)
     assert not empty, f"no data for: {empty}"
+    for name in FILE_ALERTS:
+        assert states[name] == "inactive", states
+
+
+# Alerts on the files a gateway reads (models.config, the API key file, TLS).
+FILE_ALERTS = (
+    "CnnserveModelsConfigRefused",
+    "CnnserveApiKeysFileUnreadable",
+    "CnnserveTlsFilesUnreadable",
+    "CnnserveTlsCertificateExpiresSoon",
+)
+
+
+def alert_states(url: str, *, after: float, deadline: float) -> dict[str, str]:
+    """Each alert rule's state, once every one was evaluated after ``after`` (Unix time)."""
+    while True:
+        body = httpx.get(f"{url}/api/v1/rules", params={"type": "alert"}, timeout=10).json()
+        rules = [rule for group in body["data"]["groups"] for rule in group["rules"]]
+        evaluated = [
+            calendar.timegm(time.strptime(rule["lastEvaluation"][:19], "%Y-%m-%dT%H:%M:%S"))
+            for rule in rules
+        ]
+        if rules and min(evaluated) > after + 1:  # second precision here: one to spare
+            return {rule["name"]: rule["state"] for rule in rules}
+        assert time.monotonic() < deadline, "the alert rules were never evaluated"
+        time.sleep(0.2)
 
 
 def test_one_worker_metrics_path_is_configurable_and_leaves_no_files(repository: Path) -> None:

@@ -263,3 +263,101 @@ def test_a_call_without_its_message_times_out_like_a_slow_body(tiny_repo: Path) 
         with server.channel() as channel:  # and calls that send theirs are served
             stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
             assert stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=30).model
+
+
+def _secret_files(folder: Path, cert: Path, key: Path) -> tuple[Path, Path]:
+    """A Kubernetes secret's mount: tls.crt and tls.key link into ``..data``, a link to
+    the folder of the current version, which an update swaps in one rename."""
+    version = folder / f"..{cert.parent.name}"
+    version.mkdir()
+    (version / "tls.crt").write_bytes(cert.read_bytes())
+    (version / "tls.key").write_bytes(key.read_bytes())
+    swap = folder / "..data_tmp"
+    swap.symlink_to(version.name)
+    swap.replace(folder / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(f"..data/{name}")
+    return folder / "tls.crt", folder / "tls.key"
+
+
+def _served_certificate(port: int) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port), timeout=10))
+
+
+def _grpc_trusts(server: Server, ca: Path) -> bool:
+    """A new gRPC connection trusting only ``ca`` completes a health check."""
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own
+    credentials = grpc.ssl_channel_credentials(ca.read_bytes())
+    with grpc.secure_channel(server.grpc_target, credentials, options=options) as channel:
+        try:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_renewed_certificate_is_served_without_a_restart(
+    tiny_repo: Path, tmp_path: Path, workers: int
+) -> None:
+    """A certificate renewed in its secret (cert-manager) reaches new REST and gRPC
+    connections within CNNSERVE_TLS_POLL_SECONDS, with one worker as with several (it
+    took a restart; with several workers a SIGHUP). A pair that does not load (the new
+    certificate beside the old key) is not used: the last good one stays, one warning
+    says why, cnnserve_tls_files_ok is 0. The served certificate's expiry is a metric."""
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    (tmp_path / "bad").mkdir()
+    old_cert, old_key = self_signed(tmp_path / "old")
+    new_cert, new_key = self_signed(tmp_path / "new")
+    (tmp_path / "bad" / "cert.pem").write_bytes(new_cert.read_bytes())
+    (tmp_path / "bad" / "key.pem").write_bytes(old_key.read_bytes())
+    mount = tmp_path / "secret"
+    mount.mkdir()
+    cert, key = _secret_files(mount, old_cert, old_key)
+    env = {
+        "CNNSERVE_TLS_CERTFILE": str(cert),
+        "CNNSERVE_TLS_KEYFILE": str(key),
+        "CNNSERVE_TLS_POLL_SECONDS": "0.2",
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_WORKERS": str(workers),
+    }
+    old_der = ssl.PEM_cert_to_DER_cert(old_cert.read_text())
+    new_der = ssl.PEM_cert_to_DER_cert(new_cert.read_text())
+
+    def gauges(ca: Path) -> dict[str, float]:
+        context = ssl.create_default_context(cafile=str(ca))
+        with server.client(verify=context) as client:
+            text = client.get("/metrics").text
+        return {
+            line.split()[0]: float(line.split()[1])
+            for line in text.splitlines()
+            if line.startswith("cnnserve_tls_")
+        }
+
+    with running_server(tiny_repo, grpc_port=0, env=env, tls_ca=old_cert) as server:
+        assert _served_certificate(server.port) == old_der
+        assert _grpc_trusts(server, old_cert)
+        expiry = gauges(old_cert)["cnnserve_tls_certificate_expiry_timestamp_seconds"]
+        assert 0 < expiry - time.time() <= 86400 + 60  # self_signed's one day
+
+        _secret_files(mount, tmp_path / "bad" / "cert.pem", tmp_path / "bad" / "key.pem")
+        eventually(lambda: gauges(old_cert)["cnnserve_tls_files_ok"] == 0)
+        log = server.log.read_text()
+        assert log.count("cannot be loaded") <= workers, log  # once per worker, not per check
+        assert "new connections keep the certificate read before" in log
+        assert _served_certificate(server.port) == old_der
+        assert _grpc_trusts(server, old_cert)
+
+        _secret_files(mount, new_cert, new_key)
+        # Every worker: connections land on either.
+        eventually(lambda: all(_served_certificate(server.port) == new_der for _ in range(8)))
+        eventually(lambda: _grpc_trusts(server, new_cert))
+        assert not _grpc_trusts(server, old_cert)
+        eventually(lambda: gauges(new_cert)["cnnserve_tls_files_ok"] == 1)
+        renewed = gauges(new_cert)["cnnserve_tls_certificate_expiry_timestamp_seconds"]
+        assert renewed >= expiry
+        with server.client(verify=ssl.create_default_context(cafile=str(new_cert))) as client:
+            assert client.post("/v1/classify", content=PNG, headers=PNG_TYPE).status_code == 200
+        assert "TLS certificate" in server.log.read_text() and "reloaded" in server.log.read_text()

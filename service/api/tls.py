@@ -1,0 +1,167 @@
+"""The TLS certificate, followed while serving.
+
+A renewed certificate (cert-manager's renewal, a Kubernetes secret's update, files
+replaced by hand) is used for new connections on both ports within
+``tls_poll_seconds``, without a restart: REST's context (uvicorn's, in this worker)
+loads the files again, and gRPC's credentials hand the new pair to its next handshake.
+Connections already open keep the certificate they began with. A pair that does not
+load (a certificate without its key, a file half written) is not used: the last good
+one stays, one warning says why, ``cnnserve_tls_files_ok`` is 0. The certificate's
+expiry is a metric (``cnnserve_tls_certificate_expiry_timestamp_seconds``), and a read
+within :data:`EXPIRY_WARNING_DAYS` of it is a warning in the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from service import metrics
+from service.api.auth import Fingerprint, fingerprint
+from service.api.tls_files import FILES, load_problem, not_after
+
+log = logging.getLogger(__name__)
+
+EXPIRY_WARNING_DAYS = 14  # cert-manager renews at 2/3 of a 90-day life: 30 days before
+
+# uvicorn's context for REST in this process (service.server.GatewayConfig.load sets it:
+# uvicorn makes it from the file names, and the app never sees the Config).
+_rest_context: ssl.SSLContext | None = None
+
+
+def serve_rest_with(context: ssl.SSLContext | None) -> None:
+    """Note the SSLContext uvicorn serves REST with in this worker process."""
+    global _rest_context
+    _rest_context = context
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """A certificate and key that loaded together, as read."""
+
+    cert: bytes
+    key: bytes
+    seen: tuple[Fingerprint, Fingerprint]
+
+
+class CertificateWatch:
+    """Keeps REST and gRPC to the certificate files as they change (see the module)."""
+
+    def __init__(self, certfile: Path, keyfile: Path) -> None:
+        self._certfile = certfile
+        self._keyfile = keyfile
+        self._seen: tuple[Fingerprint, Fingerprint] | None = None  # when last used
+        self._problem = ""  # the last one logged; "" once the files load
+        self._pair: _Pair | None = None  # in use
+        self._next_grpc: grpc.ServerCertificateConfiguration | None = None
+
+    def start(self) -> None:
+        """Read the pair as the worker starts (blocking); ValueError if it does not load."""
+        pair = self._read()
+        if isinstance(pair, str):
+            raise ValueError(pair)
+        self._use(pair)
+
+    def grpc_credentials(self) -> grpc.ServerCredentials:
+        """gRPC's credentials: the pair in use, then each pair :meth:`follow` loads (gRPC
+        asks before each new connection's handshake)."""
+        if self._pair is None:
+            raise RuntimeError("start() first")
+        return grpc.dynamic_ssl_server_credentials(
+            self._grpc_configuration(self._pair), self._take_grpc_configuration
+        )
+
+    def _take_grpc_configuration(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC's threads; None keeps the pair it has.
+        configuration, self._next_grpc = self._next_grpc, None
+        return configuration
+
+    @staticmethod
+    def _grpc_configuration(pair: _Pair) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration([(pair.key, pair.cert)])
+
+    def _fingerprints(self) -> tuple[Fingerprint, Fingerprint]:
+        return fingerprint(self._certfile), fingerprint(self._keyfile)
+
+    def _read(self) -> _Pair | str:
+        """The pair as the files hold it, checked to load together, or why not. Blocking."""
+        try:
+            seen = self._fingerprints()
+            cert, key = self._certfile.read_bytes(), self._keyfile.read_bytes()
+        except OSError as exc:
+            return (
+                f"TLS files cannot be read ({exc.strerror or exc}: {exc.filename}); check {FILES}"
+            )
+        problem = load_problem(self._certfile, self._keyfile)
+        if problem:
+            return problem
+        try:
+            if self._fingerprints() != seen:
+                return "the TLS files changed while they were read"
+        except OSError as exc:
+            return f"TLS file {exc.filename} cannot be read ({exc.strerror or exc}); check {FILES}"
+        return _Pair(cert, key, seen)
+
+    def check(self) -> _Pair | None:
+        """The pair to use if the files changed and load, else None (a problem is logged
+        once and kept to the last good pair). Blocking: call it in a thread."""
+        try:
+            if self._fingerprints() == self._seen and not self._problem:
+                return None
+        except OSError:
+            pass  # said by _read
+        pair = self._read()
+        if isinstance(pair, str):
+            metrics.observe_tls_files(ok=False)
+            if pair != self._problem:
+                self._problem = pair
+                log.warning("%s; new connections keep the certificate read before", pair)
+            return None
+        return pair
+
+    def _use(self, pair: _Pair) -> None:
+        """Serve ``pair`` to new connections (on the event loop: REST's context is the
+        loop's, and OpenSSL's contexts are not for changing while another thread uses
+        them)."""
+        again = self._pair is not None
+        if again and _rest_context is not None:
+            problem = load_problem(self._certfile, self._keyfile, _rest_context)
+            if problem:  # changed since it was read: the next check reads it again
+                metrics.observe_tls_files(ok=False)
+                self._problem = problem
+                log.warning("%s", problem)
+                return
+        if again:
+            self._next_grpc = self._grpc_configuration(pair)
+            log.info("TLS certificate %s reloaded: new connections use it", self._certfile)
+        self._pair, self._seen, self._problem = pair, pair.seen, ""
+        metrics.observe_tls_files(ok=True)
+        expires = not_after(pair.cert)
+        if expires is not None:
+            metrics.observe_tls_expiry(expires)
+            days = (expires - time.time()) / 86400
+            if days < EXPIRY_WARNING_DAYS:
+                log.warning(
+                    "TLS certificate %s %s; renew it (new connections use the renewed "
+                    "files within CNNSERVE_TLS_POLL_SECONDS)",
+                    self._certfile,
+                    f"expired {-days:.1f} days ago" if days < 0 else f"expires in {days:.1f} days",
+                )
+
+    async def follow(self, period: float) -> None:
+        """Check the files every ``period`` seconds, for good (cancel to stop)."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                pair = await asyncio.to_thread(self.check)
+                if pair is not None:
+                    self._use(pair)
+            except Exception:
+                # A check must never end checking: the next one may find it fixed.
+                log.exception("checking the TLS files failed; checking again in %s s", period)
