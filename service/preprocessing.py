@@ -309,6 +309,13 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.uint32)
         shift = 8 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 0
         return Image.fromarray((arr >> shift).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        # 32-bit float greyscale (TIFF): 0..1, as float images mostly are, or 0..255
+        # (convert() clips to 0..255, and made a 0..1 image black); NaN is black.
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0)
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode

@@ -95,9 +95,7 @@ class CertificateWatch:
             seen = self._fingerprints()
             cert, key = self._certfile.read_bytes(), self._keyfile.read_bytes()
         except OSError as exc:
-            return (
-                f"TLS files cannot be read ({exc.strerror or exc}: {exc.filename}); check {FILES}"
-            )
+            return _unreadable(exc)
         problem = load_problem(self._certfile, self._keyfile)
         if problem:
             return problem
@@ -105,7 +103,7 @@ class CertificateWatch:
             if self._fingerprints() != seen:
                 return "the TLS files changed while they were read"
         except OSError as exc:
-            return f"TLS file {exc.filename} cannot be read ({exc.strerror or exc}); check {FILES}"
+            return _unreadable(exc)
         return _Pair(cert, key, seen)
 
     def check(self) -> _Pair | None:
@@ -165,3 +163,7 @@ class CertificateWatch:
             except Exception:
                 # A check must never end checking: the next one may find it fixed.
                 log.exception("checking the TLS files failed; checking again in %s s", period)
+
+
+def _unreadable(exc: OSError) -> str:
+    return f"TLS file {exc.filename} cannot be read ({exc.strerror or exc}); check {FILES}"

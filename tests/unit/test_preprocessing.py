@@ -57,6 +57,17 @@ def test_sixteen_bit_png_keeps_its_range() -> None:
     assert out[:, -20:].min() == 255 and out[:, :20].max() == 0
 
 
+@pytest.mark.parametrize("scale", [1.0, 255.0])
+def test_a_float_tiff_keeps_its_range_whether_0_to_1_or_0_to_255(scale: float) -> None:
+    """Mode F (32-bit float greyscale): 0..1 decoded black before (Pillow clips)."""
+    arr = np.tile(np.linspace(0, 1, 224, dtype=np.float32), (224, 1)) * scale
+    arr[0, 0] = np.nan  # black, not a crash
+    out = preprocess_bytes(encode(Image.fromarray(arr, "F"), "TIFF"), SPEC, max_pixels=BIG)
+    expected = np.round(np.nan_to_num(arr / scale) * 255).astype(np.uint8)
+    np.testing.assert_allclose(out[:, :, 0], expected, atol=1)
+    assert (out[:, :, 0] == out[:, :, 2]).all()
+
+
 def test_alpha_is_composited_on_white() -> None:
     transparent = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     out = preprocess_bytes(encode(transparent, "PNG"), SPEC, max_pixels=BIG)
