@@ -18,6 +18,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -115,13 +116,14 @@ class CertificateWatch:
         except OSError:
             pass  # said by _read
         pair = self._read()
-        if isinstance(pair, str):
-            metrics.observe_tls_files(ok=False)
-            if pair != self._problem:
-                self._problem = pair
-                log.warning("%s; new connections keep the certificate read before", pair)
-            return None
-        return pair
+        problem = pair if isinstance(pair, str) else _expired(self._certfile, pair)
+        if isinstance(pair, _Pair) and not problem:
+            return pair
+        metrics.observe_tls_files(ok=False)
+        if problem != self._problem:
+            self._problem = problem
+            log.warning("%s; new connections keep the certificate read before", problem)
+        return None
 
     def _use(self, pair: _Pair) -> None:
         """Serve ``pair`` to new connections (on the event loop: REST's context is the
@@ -167,3 +169,13 @@ class CertificateWatch:
 
 def _unreadable(exc: OSError) -> str:
     return f"TLS file {exc.filename} cannot be read ({exc.strerror or exc}); check {FILES}"
+
+
+def _expired(certfile: Path, pair: _Pair) -> str:
+    """Why a changed pair must not replace the one in use: its certificate has expired
+    (a renewal gone wrong; the one in use may still be valid). "" if it has not."""
+    expires = not_after(pair.cert)
+    if expires is None or expires > time.time():
+        return ""
+    when = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
+    return f"TLS certificate {certfile} expired at {when}"

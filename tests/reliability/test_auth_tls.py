@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -281,6 +282,23 @@ def _secret_files(folder: Path, cert: Path, key: Path) -> tuple[Path, Path]:
     return folder / "tls.crt", folder / "tls.key"
 
 
+def _expired_pair(folder: Path) -> tuple[Path, Path]:
+    """A certificate and its key whose validity ended yesterday."""
+    folder.mkdir()
+    cert, key, request = folder / "cert.pem", folder / "key.pem", folder / "request.csr"
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(request)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        ["openssl", "x509", "-req", "-in", str(request), "-signkey", str(key), "-days", "-1",
+         "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 def _served_certificate(port: int) -> bytes:
     return ssl.PEM_cert_to_DER_cert(ssl.get_server_certificate(("127.0.0.1", port), timeout=10))
 
@@ -304,8 +322,9 @@ def test_a_renewed_certificate_is_served_without_a_restart(
     """A certificate renewed in its secret (cert-manager) reaches new REST and gRPC
     connections within CNNSERVE_TLS_POLL_SECONDS, with one worker as with several (it
     took a restart; with several workers a SIGHUP). A pair that does not load (the new
-    certificate beside the old key) is not used: the last good one stays, one warning
-    says why, cnnserve_tls_files_ok is 0. The served certificate's expiry is a metric."""
+    certificate beside the old key), or one whose certificate has expired, is not used:
+    the last good one stays, one warning says why, cnnserve_tls_files_ok is 0. The served
+    certificate's expiry is a metric."""
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
     (tmp_path / "bad").mkdir()
@@ -342,8 +361,15 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         expiry = gauges(old_cert)["cnnserve_tls_certificate_expiry_timestamp_seconds"]
         assert 0 < expiry - time.time() <= 86400 + 60  # self_signed's one day
 
-        _secret_files(mount, tmp_path / "bad" / "cert.pem", tmp_path / "bad" / "key.pem")
+        # A renewal gone wrong: a certificate that has expired replaces none.
+        expired = _expired_pair(tmp_path / "expired")
+        _secret_files(mount, *expired)
         eventually(lambda: gauges(old_cert)["cnnserve_tls_files_ok"] == 0)
+        eventually(lambda: "expired at" in server.log.read_text())
+        assert _served_certificate(server.port) == old_der
+
+        _secret_files(mount, tmp_path / "bad" / "cert.pem", tmp_path / "bad" / "key.pem")
+        eventually(lambda: "cannot be loaded" in server.log.read_text())
         log = server.log.read_text()
         assert log.count("cannot be loaded") <= workers, log  # once per worker, not per check
         assert "new connections keep the certificate read before" in log
