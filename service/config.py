@@ -15,6 +15,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MAX_AUTO_WORKERS = 8
+# The fewest calls one gRPC connection may have in progress by default: room for the
+# health Watch a client may keep on it, with batch size 1 too.
+MIN_GRPC_STREAMS = 8
 # Where Debian's dataset-fashion-mnist puts the IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -169,10 +172,23 @@ class Settings(BaseSettings):
         ge=0,
         le=65_536,
         description="Calls one gRPC connection may have in progress at a worker (HTTP/2 "
-        "MAX_CONCURRENT_STREAMS; 0 = max_batch_size: one connection can fill a batch); "
-        "a client's further calls on it wait in the client, not in the server's queue "
-        "ahead of other clients' calls. A health Watch holds one while it lasts.",
+        "MAX_CONCURRENT_STREAMS); a client's further calls on it wait in the client, not "
+        "in the server's queue ahead of other clients' calls. 0 = what the worker infers "
+        "at once (max_batch_size x num_batch_threads), at least 8. A health Watch holds "
+        "one while it lasts, so 1 is refused: a client checking health over its "
+        "connection could send nothing else.",
     )
+
+    @field_validator("grpc_max_concurrent_streams")
+    @classmethod
+    def _room_beside_a_watch(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError(
+                "1 leaves no room beside a health Watch (gRPC clients that check health "
+                "keep one open on each connection): use 2 or more, or 0 for the default"
+            )
+        return value
+
     max_health_watches: int = Field(
         100,
         ge=1,
@@ -283,8 +299,10 @@ class Settings(BaseSettings):
 
     @property
     def grpc_streams_per_connection(self) -> int:
-        """``grpc_max_concurrent_streams``, a batch when unset (0)."""
-        return self.grpc_max_concurrent_streams or self.max_batch_size
+        """``grpc_max_concurrent_streams``, or when unset (0) the images the worker
+        infers at once, at least :data:`MIN_GRPC_STREAMS`."""
+        inferred = self.max_batch_size * self.num_batch_threads
+        return self.grpc_max_concurrent_streams or max(MIN_GRPC_STREAMS, inferred)
 
     @property
     def inference_threads(self) -> int:

@@ -514,8 +514,11 @@ PROCESSES_DIR: Final = "processes"  # not *.db: prometheus-client reads only tho
 
 
 def register_this_process() -> None:
-    """At a worker's start: note its pid, so that its live gauges can be dropped once it is
-    gone (from our own record; prometheus-client's file names are its private business)."""
+    """Note this process's pid, so that its live gauges can be dropped once it is gone
+    (from our own record; prometheus-client's file names are its private business).
+    Done as the module is imported: that makes the files (an unlabelled gauge's value is
+    made with the metric, at 0), and a worker that died before its app started (a TLS
+    pair that does not load) left its zeros in every "min over workers" for good."""
     directory = multiprocess_dir()
     if directory is not None:
         (directory / PROCESSES_DIR).mkdir(exist_ok=True)
@@ -538,3 +541,6 @@ def forget_this_process() -> None:
     directory = multiprocess_dir()
     if directory is not None:
         mark_process_dead(os.getpid(), str(directory))  # type: ignore[no-untyped-call]
+
+
+register_this_process()

@@ -112,7 +112,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
         stop_access_log = configure_access_log(settings.access_log)
-        metrics.register_this_process()
         metrics.set_concurrency_limit(concurrency.limit)
         registry = Registry(settings, shedding=concurrency.shedding)
         pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")

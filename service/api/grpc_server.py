@@ -72,7 +72,9 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # Count streams as HTTP/2 does, not until the core frees them: counting the
         # freed-but-not-yet-released ones too, the server reset with REFUSED_STREAM the
         # calls a client sent within the limit it was told (UNAVAILABLE to it, 14% of a
-        # spinning client's calls in one run).
+        # spinning client's calls in one run). Without a stream limit (gRPC's default, and
+        # ours before) that counting never applied; HTTP/2 rapid reset has its own guards
+        # in gRPC's core (pings on RST_STREAM, reads per turn).
         ("grpc.http.overload_protection", 0),
     ]
 

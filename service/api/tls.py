@@ -31,15 +31,37 @@ log = logging.getLogger(__name__)
 
 EXPIRY_WARNING_DAYS = 14  # cert-manager renews at 2/3 of a 90-day life: 30 days before
 
-# uvicorn's context for REST in this process (service.server.GatewayConfig.load sets it:
-# uvicorn makes it from the file names, and the app never sees the Config).
-_rest_context: ssl.SSLContext | None = None
+# REST's contexts in this process: uvicorn's, which its server was started with
+# (service.server.GatewayConfig.load notes it), and the one new connections get. A
+# renewal never changes a context in use: loading a pair into uvicorn's kept the old
+# certificate for clients of the other key type (RSA beside a new EC one: OpenSSL keeps
+# a slot per type), and a load that failed half-way left it with a certificate and no
+# key. It builds a new context, and uvicorn's hands each new connection to it as the
+# client's hello is read (OpenSSL asks the SNI callback with SNI or without).
+_rest_started: ssl.SSLContext | None = None
+_rest_serving: ssl.SSLContext | None = None
 
 
 def serve_rest_with(context: ssl.SSLContext | None) -> None:
     """Note the SSLContext uvicorn serves REST with in this worker process."""
-    global _rest_context
-    _rest_context = context
+    global _rest_started, _rest_serving
+    _rest_started = _rest_serving = context
+    if context is not None:
+        context.sni_callback = _to_serving_context
+
+
+def _to_serving_context(
+    connection: ssl.SSLObject | ssl.SSLSocket, server_name: str | None, context: ssl.SSLContext
+) -> None:
+    serving = _rest_serving
+    if serving is not None and serving is not context:
+        connection.context = serving
+
+
+def _serve_rest(context: ssl.SSLContext) -> None:
+    global _rest_serving
+    if _rest_started is not None:
+        _rest_serving = context
 
 
 @dataclass(frozen=True)
@@ -49,6 +71,7 @@ class _Pair:
     cert: bytes
     key: bytes
     seen: tuple[Fingerprint, Fingerprint]
+    rest: ssl.SSLContext  # loaded with it, for REST's new connections
 
 
 class CertificateWatch:
@@ -97,7 +120,8 @@ class CertificateWatch:
             cert, key = self._certfile.read_bytes(), self._keyfile.read_bytes()
         except OSError as exc:
             return _unreadable(exc)
-        problem = load_problem(self._certfile, self._keyfile)
+        rest = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        problem = load_problem(self._certfile, self._keyfile, rest)
         if problem:
             return problem
         try:
@@ -105,7 +129,7 @@ class CertificateWatch:
                 return "the TLS files changed while they were read"
         except OSError as exc:
             return _unreadable(exc)
-        return _Pair(cert, key, seen)
+        return _Pair(cert, key, seen, rest)
 
     def check(self) -> _Pair | None:
         """The pair to use if the files changed and load, else None (a problem is logged
@@ -126,24 +150,22 @@ class CertificateWatch:
         return None
 
     def _use(self, pair: _Pair) -> None:
-        """Serve ``pair`` to new connections (on the event loop: REST's context is the
-        loop's, and OpenSSL's contexts are not for changing while another thread uses
-        them)."""
-        again = self._pair is not None
-        if again and _rest_context is not None:
-            problem = load_problem(self._certfile, self._keyfile, _rest_context)
-            if problem:  # changed since it was read: the next check reads it again
-                metrics.observe_tls_files(ok=False)
-                self._problem = problem
-                log.warning("%s", problem)
-                return
-        if again:
+        """Serve ``pair`` to new connections (on the event loop, where REST's connections
+        are made)."""
+        if self._pair is not None:
+            _serve_rest(pair.rest)
             self._next_grpc = self._grpc_configuration(pair)
             log.info("TLS certificate %s reloaded: new connections use it", self._certfile)
         self._pair, self._seen, self._problem = pair, pair.seen, ""
         metrics.observe_tls_files(ok=True)
         expires = not_after(pair.cert)
-        if expires is not None:
+        if expires is None:
+            log.warning(
+                "cannot read when TLS certificate %s expires: "
+                "cnnserve_tls_certificate_expiry_timestamp_seconds stays as it was",
+                self._certfile,
+            )
+        else:
             metrics.observe_tls_expiry(expires)
             days = (expires - time.time()) / 86400
             if days < EXPIRY_WARNING_DAYS:

@@ -74,7 +74,10 @@ def not_after(pem: bytes) -> float | None:
         tag, start, end = times[1]
         text = der[start:end].decode("ascii")
         layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}[tag]
-        return datetime.strptime(text, layout).replace(tzinfo=UTC).timestamp()
+        when = datetime.strptime(text, layout).replace(tzinfo=UTC)
+        if tag == 0x17 and when.year >= 2050:  # RFC 5280: UTCTime's 50-99 are 1950-1999
+            when = when.replace(year=when.year - 100)
+        return when.timestamp()
     except (binascii.Error, StopIteration, IndexError, KeyError, ValueError):
         return None
 

@@ -160,3 +160,19 @@ def read_response(
             raise ConnectionError(f"connection closed mid-body: {head[:200]!r}")
         rest += part
     return head, rest[:length], rest[length:]
+
+
+def workers_of(server: Server) -> set[int]:
+    """The pids of the server's worker processes (children of the supervisor that
+    multiprocessing spawned; not its resource tracker)."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
+        children |= {int(c) for c in (task / "children").read_text().split()}
+    return {c for c in children if b"spawn_main" in _cmdline(c)}
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # gone meanwhile
+        return b""

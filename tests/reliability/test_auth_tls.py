@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -20,7 +22,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, eventually, running_server, self_signed
+from tests.helpers.secrets import MountedSecret
+from tests.helpers.server import Server, eventually, running_server, self_signed, workers_of
 
 KEY = "s3cret-key-0123456789"
 FILE_KEY = "key-from-a-mounted-secret"
@@ -266,20 +269,9 @@ def test_a_call_without_its_message_times_out_like_a_slow_body(tiny_repo: Path) 
             assert stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=30).model
 
 
-def _secret_files(folder: Path, cert: Path, key: Path) -> tuple[Path, Path]:
-    """A Kubernetes secret's mount: tls.crt and tls.key link into ``..data``, a link to
-    the folder of the current version, which an update swaps in one rename."""
-    version = folder / f"..{cert.parent.name}"
-    version.mkdir()
-    (version / "tls.crt").write_bytes(cert.read_bytes())
-    (version / "tls.key").write_bytes(key.read_bytes())
-    swap = folder / "..data_tmp"
-    swap.symlink_to(version.name)
-    swap.replace(folder / "..data")
-    for name in ("tls.crt", "tls.key"):
-        if not (folder / name).is_symlink():
-            (folder / name).symlink_to(f"..data/{name}")
-    return folder / "tls.crt", folder / "tls.key"
+def _pair(cert: Path, key: Path) -> dict[str, bytes]:
+    """A TLS secret's files (cert-manager's names)."""
+    return {"tls.crt": cert.read_bytes(), "tls.key": key.read_bytes()}
 
 
 def _expired_pair(folder: Path) -> tuple[Path, Path]:
@@ -297,6 +289,35 @@ def _expired_pair(folder: Path) -> tuple[Path, Path]:
         check=True, capture_output=True,
     )  # fmt: skip
     return cert, key
+
+
+def _ec_self_signed(folder: Path) -> tuple[Path, Path]:
+    """As self_signed, with an EC key (self_signed's is RSA)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-keyout", str(key), "-out", str(cert), "-subj",
+         "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+def _rsa_only_client_served(port: int) -> bool:
+    """Whether a TLS 1.2 client that takes RSA certificates only completes a handshake."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("aRSA")
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw),
+        ):
+            return True
+    except (ssl.SSLError, OSError):
+        return False
 
 
 def _served_certificate(port: int) -> bytes:
@@ -321,20 +342,19 @@ def test_a_renewed_certificate_is_served_without_a_restart(
 ) -> None:
     """A certificate renewed in its secret (cert-manager) reaches new REST and gRPC
     connections within CNNSERVE_TLS_POLL_SECONDS, with one worker as with several (it
-    took a restart; with several workers a SIGHUP). A pair that does not load (the new
-    certificate beside the old key), or one whose certificate has expired, is not used:
-    the last good one stays, one warning says why, cnnserve_tls_files_ok is 0. The served
-    certificate's expiry is a metric."""
+    took a restart; with several workers a SIGHUP), whatever its key type. A pair that
+    does not load (the new certificate beside the old key), or one whose certificate has
+    expired, is not used: the last good one stays, one warning says why,
+    cnnserve_tls_files_ok is 0. A worker respawned meanwhile cannot start (uvicorn loads
+    the files) until a good pair is in place, and its failed starts leave nothing in the
+    gauges. The served certificate's expiry is a metric."""
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
-    (tmp_path / "bad").mkdir()
-    old_cert, old_key = self_signed(tmp_path / "old")
-    new_cert, new_key = self_signed(tmp_path / "new")
-    (tmp_path / "bad" / "cert.pem").write_bytes(new_cert.read_bytes())
-    (tmp_path / "bad" / "key.pem").write_bytes(old_key.read_bytes())
-    mount = tmp_path / "secret"
-    mount.mkdir()
-    cert, key = _secret_files(mount, old_cert, old_key)
+    old_cert, old_key = self_signed(tmp_path / "old")  # RSA
+    new_cert, new_key = _ec_self_signed(tmp_path / "new")  # another key type
+    (tmp_path / "secret").mkdir()
+    secret = MountedSecret(tmp_path / "secret", _pair(old_cert, old_key))
+    cert, key = secret.folder / "tls.crt", secret.folder / "tls.key"
     env = {
         "CNNSERVE_TLS_CERTFILE": str(cert),
         "CNNSERVE_TLS_KEYFILE": str(key),
@@ -357,30 +377,40 @@ def test_a_renewed_certificate_is_served_without_a_restart(
 
     with running_server(tiny_repo, grpc_port=0, env=env, tls_ca=old_cert) as server:
         assert _served_certificate(server.port) == old_der
+        assert _rsa_only_client_served(server.port)
         assert _grpc_trusts(server, old_cert)
         expiry = gauges(old_cert)["cnnserve_tls_certificate_expiry_timestamp_seconds"]
         assert 0 < expiry - time.time() <= 86400 + 60  # self_signed's one day
 
         # A renewal gone wrong: a certificate that has expired replaces none.
         expired = _expired_pair(tmp_path / "expired")
-        _secret_files(mount, *expired)
+        secret.rotate(_pair(*expired))
         eventually(lambda: gauges(old_cert)["cnnserve_tls_files_ok"] == 0)
         eventually(lambda: "expired at" in server.log.read_text())
         assert _served_certificate(server.port) == old_der
 
-        _secret_files(mount, tmp_path / "bad" / "cert.pem", tmp_path / "bad" / "key.pem")
+        secret.rotate(_pair(new_cert, old_key))
         eventually(lambda: "cannot be loaded" in server.log.read_text())
         log = server.log.read_text()
         assert log.count("cannot be loaded") <= workers, log  # once per worker, not per check
         assert "new connections keep the certificate read before" in log
         assert _served_certificate(server.port) == old_der
         assert _grpc_trusts(server, old_cert)
+        if workers > 1:
+            os.kill(min(workers_of(server)), signal.SIGKILL)
+            eventually(lambda: "ssl.SSLError" in server.log.read_text())  # its start failed
 
-        _secret_files(mount, new_cert, new_key)
+        secret.rotate(_pair(new_cert, new_key))
         # Every worker: connections land on either.
         eventually(lambda: all(_served_certificate(server.port) == new_der for _ in range(8)))
+        # The old certificate is gone for every client: an RSA-only one was still served
+        # it (loaded into the same context, the EC pair took a slot of its own).
+        assert not any(_rsa_only_client_served(server.port) for _ in range(8))
         eventually(lambda: _grpc_trusts(server, new_cert))
         assert not _grpc_trusts(server, old_cert)
+        # Every worker's: the respawned worker's failed starts' zeros are gone with them.
+        if workers > 1:
+            eventually(lambda: len(workers_of(server)) == workers)
         eventually(lambda: gauges(new_cert)["cnnserve_tls_files_ok"] == 1)
         renewed = gauges(new_cert)["cnnserve_tls_certificate_expiry_timestamp_seconds"]
         assert renewed >= expiry

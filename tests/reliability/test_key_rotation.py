@@ -17,7 +17,7 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.secrets import MountedSecret
-from tests.helpers.server import Server, eventually, running_server
+from tests.helpers.server import Server, eventually, running_server, workers_of
 
 PNG = encode(gradient(), "PNG")
 PERIOD = "0.2"  # CNNSERVE_API_KEYS_POLL_SECONDS
@@ -31,21 +31,6 @@ def statuses(server: Server, key: str, count: int = 12) -> set[int]:
         httpx.get(f"{server.url}/v1/models/tiny", headers=headers, timeout=30).status_code
         for _ in range(count)
     }
-
-
-def workers_of(server: Server) -> set[int]:
-    """The pids of the server's worker processes (not multiprocessing's tracker)."""
-    children: set[int] = set()
-    for task in Path(f"/proc/{server.process.pid}/task").iterdir():
-        children |= {int(c) for c in (task / "children").read_text().split()}
-    return {c for c in children if b"spawn_main" in _cmdline(c)}
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # gone meanwhile
-        return b""
 
 
 def keyed_server(tiny_repo: Path, secret: MountedSecret) -> AbstractContextManager[Server]:

@@ -24,7 +24,7 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, simple_config, write_models_config
-from tests.helpers.server import Server, running_server
+from tests.helpers.server import Server, running_server, workers_of
 
 PNG = encode(gradient(), "PNG")
 RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
@@ -190,23 +190,6 @@ def test_deleted_serving_version_is_kept_until_a_replacement_is_available(tmp_pa
         wait_for(lambda: "1" not in states(server) or states(server)["1"]["state"] == "END")
     assert load.failures == []
     assert set(load.versions) == {1, 2}
-
-
-def workers_of(server: Server) -> set[int]:
-    """The pids of the server's worker processes (children of the supervisor)."""
-    pid = server.process.pid
-    children: set[int] = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children |= {int(c) for c in (task / "children").read_text().split()}
-    # Not multiprocessing's resource tracker, a child of the supervisor too.
-    return {c for c in children if b"resource_tracker" not in _cmdline(c)}
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:  # gone meanwhile
-        return b"resource_tracker"
 
 
 def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once(

@@ -133,8 +133,7 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
 
 WRITER = """
 import sys
-from service import metrics
-metrics.register_this_process()
+from service import metrics  # notes this process as it is imported
 metrics.observe_request("rest", "/v1/classify", "mp", "1", 200, 0.01)
 metrics.IN_FLIGHT.labels("mp").set(int(sys.argv[1]))
 metrics.observe_version_state("mp", 1, "AVAILABLE")

@@ -52,3 +52,27 @@ def test_expiry_is_read_as_openssl_reads_it(tmp_path: Path, days: int) -> None:
 )
 def test_what_is_no_certificate_has_no_expiry(pem: bytes) -> None:
     assert not_after(pem) is None
+
+
+def test_a_utctime_year_from_50_is_of_the_1900s(tmp_path: Path) -> None:
+    """RFC 5280: UTCTime's two-digit years 50-99 are 1950-1999 (strptime's %y: 2050-2068)."""
+    key, request = tmp_path / "key.pem", tmp_path / "request.csr"
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=x", "-keyout", str(key), "-out", str(request)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (tmp_path / "index.txt").touch()
+    (tmp_path / "serial").write_text("01\n")
+    (tmp_path / "ca.cnf").write_text(
+        "[ca]\ndefault_ca=d\n[d]\ndatabase=index.txt\nnew_certs_dir=.\nserial=serial\n"
+        "default_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n"
+    )
+    cert = tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", str(key),
+         "-in", str(request), "-startdate", "590101000000Z", "-enddate", "600102000000Z",
+         "-out", str(cert)],
+        check=True, capture_output=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert not_after(cert.read_bytes()) == _openssl_end_date(cert) < 0  # 1960
