@@ -28,6 +28,11 @@ READINESS_DIR_ENV = "CNNSERVE_READINESS_DIR"
 # new worker is serving before an old one gets SIGTERM, so the old one's stop is not
 # the replica's, and it does not turn /readyz 503 for the probes it still answers.
 RESTARTING = "restarting"
+# In the folder once any worker saw every worker ready at once: the replica was whole.
+# Each worker noting it for itself left one that had not looked since its sibling's vote
+# came saying 503 when that sibling died (its periodic look runs every 0.25 s; a CI run
+# killed the sibling first).
+WHOLE = "whole"
 
 
 def process_alive(pid: int) -> bool:
@@ -92,7 +97,9 @@ class WorkerReadiness:
             return self.restarting()
         if self._directory is None or self._whole_once:
             return True
-        self._whole_once = len(self._votes()) >= self._workers
+        if (self._directory / WHOLE).exists() or len(self._votes()) >= self._workers:
+            (self._directory / WHOLE).touch()
+            self._whole_once = True
         return self._whole_once
 
     def replica_serving(self) -> bool:

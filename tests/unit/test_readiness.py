@@ -75,6 +75,20 @@ def test_the_replica_was_whole_even_if_no_probe_asked_this_worker(tmp_path: Path
     assert me.all_ready()
 
 
+def test_the_replica_was_whole_if_any_worker_saw_it_whole(tmp_path: Path) -> None:
+    """A worker whose last look came before its sibling's vote said 503 when that
+    sibling died, though the sibling had seen both ready (a CI run killed it first)."""
+    me = WorkerReadiness(tmp_path, workers=2)
+    me.publish(True)  # alone so far: not whole
+    sibling = live_process()
+    try:
+        (tmp_path / str(sibling.pid)).touch()  # its vote, then its own look: whole
+        WorkerReadiness(tmp_path, workers=2).all_ready()  # the sibling's view
+    finally:
+        sibling.communicate(b"")
+    assert me.all_ready()  # it never looked while both were ready
+
+
 def test_a_vote_names_the_models_its_worker_serves(tmp_path: Path) -> None:
     me = WorkerReadiness(tmp_path, workers=2)
     sibling = live_process()
