@@ -80,7 +80,6 @@ class CertificateWatch:
     def __init__(self, certfile: Path, keyfile: Path) -> None:
         self._certfile = certfile
         self._keyfile = keyfile
-        self._seen: tuple[Fingerprint, Fingerprint] | None = None  # when last used
         self._problem = ""  # the last one logged; "" once the files load
         self._pair: _Pair | None = None  # in use
         self._next_grpc: grpc.ServerCertificateConfiguration | None = None
@@ -135,7 +134,8 @@ class CertificateWatch:
         """The pair to use if the files changed and load, else None (a problem is logged
         once and kept to the last good pair). Blocking: call it in a thread."""
         try:
-            if self._fingerprints() == self._seen and not self._problem:
+            in_use = self._pair.seen if self._pair is not None else None
+            if self._fingerprints() == in_use and not self._problem:
                 return None
         except OSError:
             pass  # said by _read
@@ -156,7 +156,7 @@ class CertificateWatch:
             _serve_rest(pair.rest)
             self._next_grpc = self._grpc_configuration(pair)
             log.info("TLS certificate %s reloaded: new connections use it", self._certfile)
-        self._pair, self._seen, self._problem = pair, pair.seen, ""
+        self._pair, self._problem = pair, ""
         metrics.observe_tls_files(ok=True)
         expires = not_after(pair.cert)
         if expires is None:
