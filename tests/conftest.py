@@ -9,9 +9,19 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import server as server_helpers
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import tiny_repository
 from tests.helpers.server import Server, running_server
+
+
+@pytest.fixture(scope="session", autouse=True)
+def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Servers' logs go to this run's temporary folder, not /tmp for good."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("server-logs")
+        patch.setattr(server_helpers, "LOG_DIR", folder)
+        yield folder
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.launch import free_port, serve_command, stop, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where servers write their logs: tests/conftest.py points it into pytest's own temporary
+# folder, which pytest prunes (it keeps the last three runs); /tmp collected ~900 logs.
+LOG_DIR = Path(tempfile.gettempdir())
 
 
 class Server:
@@ -92,7 +95,7 @@ def running_server(
     port = port or free_port()
     if grpc_port == 0:
         grpc_port = next(p for p in iter(free_port, None) if p != port)
-    log = Path(tempfile.gettempdir()) / f"cnnserve-server-{port}.log"
+    log = LOG_DIR / f"cnnserve-server-{port}.log"
     # One worker unless a test asks for more (--workers wins over the variable): the
     # default, one per core, would start a model copy per core for every test server.
     environment = {
