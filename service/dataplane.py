@@ -32,6 +32,7 @@ from service.errors import (
     MethodNotAllowed,
     Overloaded,
     TooManyImages,
+    UnknownSignature,
     VersionGone,
     VersionNotFound,
 )
@@ -375,11 +376,7 @@ class DataPlane:
             else:
                 value = self._only_input(inputs, info.input_name, signature)
                 batch = await _off_loop_if_lists(lambda v: self._image_tensor(v, target), value)
-            for name in output_filter:  # checked before inference, not after paying for it
-                if name != info.output_name:
-                    raise InvalidRequest(
-                        f"output_filter names {name!r}; the output is {info.output_name!r}"
-                    )
+            _check_output_filter(output_filter, info.output_name)
             timings = {"decode": time.perf_counter() - started}
             pinned = version is not None or label is not None
             target, probabilities = await self._infer(
@@ -556,7 +553,7 @@ class DataPlane:
         signature = name or SERVING_SIGNATURE
         if signature not in (SERVING_SIGNATURE, BYTES_SIGNATURE):
             known = ", ".join(sorted(target.runtime.signature_defs().signature_def))
-            raise InvalidRequest(f"unknown signature_name {signature!r}; this model has: {known}")
+            raise UnknownSignature(f"unknown signature_name {signature!r}; this model has: {known}")
         return signature
 
     def signature_inputs(self, target: LoadedVersion, name: str = "") -> list[str]:
@@ -564,6 +561,16 @@ class DataPlane:
         format); raises InvalidRequest for a signature this version does not serve."""
         signature = self.signature(target, name)
         return sorted(target.runtime.signature_defs().signature_def[signature].inputs)
+
+
+def _check_output_filter(output_filter: Sequence[str], output: str) -> None:
+    """Before inference, not after paying for it; a name twice is TF Serving's
+    INVALID_ARGUMENT "duplicate output tensor alias" (it was answered)."""
+    for name in output_filter:
+        if name != output:
+            raise InvalidRequest(f"output_filter names {name!r}; the output is {output!r}")
+    if len(output_filter) > len(set(output_filter)):
+        raise InvalidRequest(f"duplicate output tensor alias in output_filter: {output!r}")
 
 
 def _naming(exc: CnnserveError, index: int, names: Sequence[str | None]) -> CnnserveError:

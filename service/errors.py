@@ -167,6 +167,15 @@ class UnknownVersionLabel(InvalidRequest):
     code = "unknown_version_label"
 
 
+class UnknownSignature(InvalidRequest):
+    """A Predict names a signature the version does not serve. FAILED_PRECONDITION over
+    gRPC, as TF Serving's predict_util.cc answers ("Serving signature key ... not found");
+    400 over REST, as its JSON parsing answers there."""
+
+    code = "unknown_signature"
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class UnsupportedMediaType(InvalidRequest):
     code = "unsupported_media_type"
     http_status = 415

@@ -178,13 +178,14 @@ class RoutingTable:
     def statuses(
         self, model: str, version: int | None = None, label: str | None = None
     ) -> list[VersionStatus]:
-        """GetModelStatus: every version tried since start, or the one asked for."""
+        """GetModelStatus: every version tried since start, newest first (TF Serving's
+        order: clients read the first as the newest), or the one asked for."""
         config = self.config(model)
         states = self.states.get(config.name, {})
         if label is not None:
             version = _label_version(config, label)
         if version is None:
-            return [states[v] for v in sorted(states)]
+            return [states[v] for v in sorted(states, reverse=True)]
         if version not in states:
             raise VersionNotFound(
                 f"model {config.name!r} has no version {version}; versions: "

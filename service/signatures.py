@@ -1,5 +1,5 @@
-"""A version's SavedModel, read once when it loads: its public signatures (for metadata,
-REST and gRPC) and the checks that a corrupt folder fails its load instead of serving.
+"""A version's SavedModel, read once when it loads: its signatures (for metadata, REST
+and gRPC) and the checks that a corrupt folder fails its load instead of serving.
 
 A version served from its LiteRT artifact never runs the SavedModel, so without these
 checks a truncated ``saved_model.pb`` or a missing ``variables/`` would go unnoticed
@@ -19,16 +19,17 @@ from service.errors import ModelLoadError
 from service.proto_gen.tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from service.proto_gen.tensorflow_serving.apis import get_model_metadata_pb2
 
-# TF Serving hides the internal init signature from clients; so do we.
-_INTERNAL = "__saved_model_init_op"
 _VARIABLE_OPS = frozenset({"VarHandleOp", "VariableV2", "Variable"})
 _SHARD = re.compile(r"variables\.data-(\d{5})-of-(\d{5})")
 
 
 def read_signatures(version_dir: Path) -> get_model_metadata_pb2.SignatureDefMap:
-    """The version's public signatures; ModelLoadError when ``saved_model.pb`` cannot be
-    read or parsed, has no serving graph or no ``serving_default`` signature, or its
-    graph has variables whose checkpoint files are missing."""
+    """The version's signatures, every one as TF Serving's metadata lists them (its
+    get_model_metadata_impl.cc copies the graph's map, a TF2 export's
+    ``__saved_model_init_op`` too: it was left out here). ModelLoadError when
+    ``saved_model.pb`` cannot be read or parsed, has no serving graph or no
+    ``serving_default`` signature, or its graph has variables whose checkpoint files are
+    missing."""
     saved = saved_model_pb2.SavedModel()
     try:
         saved.ParseFromString((version_dir / "saved_model.pb").read_bytes())
@@ -40,10 +41,7 @@ def read_signatures(version_dir: Path) -> get_model_metadata_pb2.SignatureDefMap
     )
     if meta_graph is None:
         raise ModelLoadError(f"{version_dir}: saved_model.pb has no graph tagged 'serve'")
-    result = get_model_metadata_pb2.SignatureDefMap()
-    for key, sig in meta_graph.signature_def.items():
-        if key != _INTERNAL:
-            result.signature_def[key].CopyFrom(sig)
+    result = get_model_metadata_pb2.SignatureDefMap(signature_def=meta_graph.signature_def)
     if SERVING_SIGNATURE not in result.signature_def:
         raise ModelLoadError(
             f"{version_dir}: saved_model.pb has no {SERVING_SIGNATURE!r} signature "

@@ -460,7 +460,7 @@ def test_tf_serving_status_and_metadata(server: Server) -> None:
         meta = client.get("/v1/models/tiny/metadata").json()
     assert meta["model_spec"] == {"name": "tiny", "signature_name": "", "version": "1"}
     sigs = meta["metadata"]["signature_def"]["signature_def"]
-    assert set(sigs) == {"serving_default", "predict_image_bytes"}
+    assert set(sigs) == {"serving_default", "predict_image_bytes", "__saved_model_init_op"}
     image = sigs["serving_default"]["inputs"]["image"]
     assert image["dtype"] == "DT_UINT8"
     assert [d["size"] for d in image["tensor_shape"]["dim"]] == ["-1", "224", "224", "3"]
@@ -505,7 +505,7 @@ def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:
         _error(
             client.post("/v1/models/tiny:predict", json={"signature_name": "x", "instances": [1]}),
             400,
-            "bad_request",
+            "unknown_signature",
         )
         _error(client.post("/v1/models/tiny:predict", json={"foo": 1}), 400, "bad_request")
         _error(

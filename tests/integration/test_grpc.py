@@ -227,6 +227,15 @@ def test_version_label_and_output_filter(predict_stub: Any) -> None:
     request.output_filter[:] = ["logits"]
     code, message = code_of(predict_stub.Predict, request, timeout=30)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "probabilities" in message
+    # TF Serving's answers: a name twice, a signature the model lacks (it was answered,
+    # and INVALID_ARGUMENT).
+    request.output_filter[:] = ["probabilities", "probabilities"]
+    code, message = code_of(predict_stub.Predict, request, timeout=30)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "duplicate" in message
+    request.output_filter[:] = []
+    request.model_spec.signature_name = "nope"
+    code, message = code_of(predict_stub.Predict, request, timeout=30)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "serving_default" in message
 
 
 def test_get_model_metadata(predict_stub: Any) -> None:
@@ -236,7 +245,12 @@ def test_get_model_metadata(predict_stub: Any) -> None:
     assert response.model_spec.name == "tiny" and response.model_spec.version.value == 1
     signatures = get_model_metadata_pb2.SignatureDefMap()
     assert response.metadata["signature_def"].Unpack(signatures)
-    assert set(signatures.signature_def) == {"serving_default", "predict_image_bytes"}
+    # Every signature of the graph, as TF Serving lists them (the init op was left out).
+    assert set(signatures.signature_def) == {
+        "serving_default",
+        "predict_image_bytes",
+        "__saved_model_init_op",
+    }
     image = signatures.signature_def["serving_default"].inputs["image"]
     assert image.dtype == tf.uint8.as_datatype_enum
     assert [d.size for d in image.tensor_shape.dim] == [-1, 224, 224, 3]
@@ -253,9 +267,10 @@ def test_get_model_status(channel: grpc.Channel) -> None:
     request.model_spec.name = "tiny"
     response = stub.GetModelStatus(request, timeout=10)
     available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    # Newest first, as TF Serving lists them (clients read [0] as the newest).
     assert [(s.version, s.state) for s in response.model_version_status] == [
-        (1, available),
         (2, available),
+        (1, available),
     ]
     assert all(s.status.error_code == 0 for s in response.model_version_status)
     request.model_spec.version_label = "canary"

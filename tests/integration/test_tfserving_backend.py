@@ -110,7 +110,7 @@ def test_gateway_forwards_to_tf_serving_and_survives_its_restarts(
         assert via_gateway.json()["predictions"][0]["label"] in {"cat", "dog", "bird"}
         assert status["model_version_status"][0]["state"] == "AVAILABLE"
         sigs = metadata["metadata"]["signature_def"]["signature_def"]
-        assert set(sigs) == {"serving_default", "predict_image_bytes"}
+        assert set(sigs) == {"serving_default", "predict_image_bytes", "__saved_model_init_op"}
         images = np.random.default_rng(0).integers(0, 256, (3, 224, 224, 3), np.uint8)
         np.testing.assert_allclose(predict(gateway, images), predict(tfs, images), atol=1e-6)
 
@@ -181,3 +181,38 @@ def test_a_version_the_backend_dropped_is_routed_around(tmp_path: Path) -> None:
         answer = client.post("/v1/classify", **IMAGE)  # type: ignore[arg-type]
         assert answer.status_code == 200, answer.text
         assert answer.json()["version"] == 2
+
+
+def test_a_gateway_in_front_of_a_gateway_sees_the_backend_go(tmp_path: Path) -> None:
+    """A cnnserve gateway is a TF Serving to the next one. With its own backend down it
+    said its versions were AVAILABLE (while its Predicts failed), so the gateway in front
+    stayed ready and sent every request into 503s. Its status now answers UNAVAILABLE,
+    which the gateway in front reads as a backend that cannot be reached."""
+    from tests.helpers.models import publish_tiny, simple_config, write_models_config
+
+    repo = tmp_path / "repo"
+    write_models_config(repo, simple_config("tiny"))
+    publish_tiny(repo, "tiny", seed=0)
+    backend_port, middle_port = free_port(), free_port()
+
+    def gateway_to(port: int, grpc_port: int | None) -> AbstractContextManager[Server]:
+        args = ("--backend", "tfserving", "--tfserving-address", f"127.0.0.1:{port}")
+        return running_server(repo, grpc_port=grpc_port, args=(*args, "--poll-seconds", "0.2"))
+
+    with (
+        running_server(repo, grpc_port=backend_port) as tf_serving,
+        gateway_to(backend_port, middle_port) as middle,
+        gateway_to(middle_port, None) as front,
+        middle.client() as client,
+    ):
+        assert client.get("/v1/models/tiny").json()["model_version_status"][0]["state"] == (
+            "AVAILABLE"
+        )
+        tf_serving.process.kill()
+        tf_serving.process.wait()
+        middle.wait("/readyz", status=503)
+        status = client.get("/v1/models/tiny")
+        assert status.status_code == 503, status.text
+        assert status.headers["x-error-code"] == "backend_unavailable"
+        assert "cannot be reached" in status.json()["error"]
+        front.wait("/readyz", status=503)
