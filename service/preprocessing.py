@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from service import libtiff
 from service.errors import ImageTooLarge, InvalidImage
@@ -302,13 +302,16 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     # (a copy of every image) cost ~3% of a worker's CPU under load.
     ImageOps.exif_transpose(img, in_place=True)
     mode = img.mode
+    if mode in _WIDE_GREY:
+        img = _wide_grey(img)
+        mode = img.mode
+    elif mode in ("1", "L", "RGB") and "transparency" in img.info:
+        # A PNG's tRNS chunk keys one colour transparent: the same picture as one with an
+        # alpha channel, so composited on white like it (Pillow's conversion honours it).
+        img = img.convert("RGBA" if mode == "RGB" else "LA")
+        mode = img.mode
     if mode in ("RGB", "L"):
         return img
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        # 16/32-bit greyscale: keep the top 8 bits instead of clipping at 255.
-        arr = np.asarray(img, dtype=np.uint32)
-        shift = 8 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 0
-        return Image.fromarray((arr >> shift).astype(np.uint8), "L").convert("RGB")
     if mode == "F":
         # 32-bit float greyscale (TIFF): 0..1, as float images mostly are, or 0..255
         # (convert() clips to 0..255, and made a 0..1 image black); NaN is black.
@@ -324,6 +327,58 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+# Pillow's modes for greyscale wider than 8 bits: "I" (signed 32-bit) holds every TIFF
+# of 32-bit or signed 16-bit samples, "I;16*" unsigned 16-bit (or 12-bit) ones.
+_WIDE_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+_SIGNED_INTEGER = 2  # TIFF SampleFormat: 1 unsigned integer, 2 signed, 3 float
+
+
+def _wide_grey(img: Image.Image) -> Image.Image:
+    """A 16/32-bit greyscale image → "RGB" of its samples' top 8 bits, or "LA" when a
+    PNG's tRNS chunk keys one 16-bit value transparent."""
+    samples = np.asarray(img)
+    grey = Image.fromarray(_top_byte(samples, *_sample_type(img)), "L")
+    key = img.info.get("transparency")
+    if not isinstance(key, int):
+        return grey.convert("RGB")
+    # Compared at 16 bits: Pillow's own conversion to "LA" would clip the grey at 255.
+    alpha = Image.fromarray(np.where(samples == key, 0, 255).astype(np.uint8), "L")
+    return Image.merge("LA", (grey, alpha))
+
+
+def _sample_type(img: Image.Image) -> tuple[int, bool]:
+    """(bits, signed) of a wide greyscale image's samples as its file stores them, which
+    Pillow's mode does not say: "I" is a TIFF's int16, int32 or uint32 alike."""
+    tags = getattr(img, "tag_v2", None)  # a TIFF's tags
+    if tags is not None:
+        bits = _first(tags.get(TiffImagePlugin.BITSPERSAMPLE))
+        sample_format = _first(tags.get(TiffImagePlugin.SAMPLEFORMAT))
+        if bits is not None:
+            return bits, sample_format == _SIGNED_INTEGER
+    if img.mode.startswith("I;16"):
+        return 16, False  # a PNG's 16-bit greyscale: unsigned, always
+    return 32, True  # what Pillow's "I" is
+
+
+def _first(value: Any) -> int | None:
+    """A TIFF tag's first value: Pillow gives a tuple for one value per sample."""
+    if isinstance(value, tuple):
+        value = value[0] if value else None
+    return value if isinstance(value, int) else None
+
+
+def _top_byte(samples: npt.NDArray[Any], bits: int, signed: bool) -> UInt8Image:
+    """The top 8 bits of ``bits``-bit samples, decided by their type, not their values: a
+    32-bit image whose brightest pixel is 255 is near black, as a viewer shows it."""
+    if signed:
+        samples = np.maximum(samples, 0)  # below zero is below black
+    elif samples.dtype == np.int32:
+        samples = samples.view(np.uint32)  # Pillow's "I" holds uint32's top half as negative
+    shift = max(bits - 8 - int(signed), 0)  # a signed sample's top bit is its sign
+    top: UInt8Image = np.minimum(samples >> shift, 255).astype(np.uint8)
+    return top
 
 
 def resize(img: Image.Image, spec: PreprocessSpec) -> UInt8Image:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from pydantic import BeforeValidator
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -93,7 +95,13 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         plane = dataplane(request)
         limit = plane.settings.max_images_per_request
         try:
-            form = await request.form(max_files=limit, max_fields=limit)
+            # An image sent without a filename is a field, held in memory whole, and
+            # Starlette refuses fields over 1 MiB: held to the body's own limit instead.
+            form = await request.form(
+                max_files=limit,
+                max_fields=limit,
+                max_part_size=plane.settings.max_body_bytes,
+            )
         except HTTPException as exc:  # Starlette's words for python-multipart's refusal
             if str(exc.detail).startswith("Too many"):
                 raise TooManyImages(
@@ -110,8 +118,10 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
                 "'image', and end the body with the closing boundary (--BOUNDARY--)"
             )
         plane.check_image_count(len(files))
+        charset = _form_charset(request)
         images = [
-            await item.read() if isinstance(item, UploadFile) else item.encode() for item in files
+            await item.read() if isinstance(item, UploadFile) else _field_bytes(item, charset)
+            for item in files
         ]
         names = [item.filename if isinstance(item, UploadFile) else None for item in files]
         return images, len(images) > 1, names
@@ -136,6 +146,38 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         f"{shown}; send an image ({SUPPORTED_HUMAN}) as the raw "
         "body with its image/* type, as multipart field 'image', or base64 in JSON"
     )
+
+
+def _form_charset(request: Request) -> str:
+    """The codec Starlette decodes multipart fields with (MultiPartParser.parse): the
+    Content-Type's charset, UTF-8 when it names none, latin-1 when Python knows no such
+    codec."""
+    _, params = parse_options_header(request.headers.get("content-type"))
+    try:
+        return codecs.lookup(params.get(b"charset", b"utf-8").decode("latin-1")).name
+    except LookupError:
+        return "latin-1"
+
+
+def _field_bytes(text: str, charset: str) -> bytes:
+    """The bytes of an 'image' part sent without a filename (curl's ``-F image=<f.png``),
+    which Starlette hands over as text: decoded in ``charset`` when they are valid in it,
+    else as latin-1, whose characters 0-255 are the bytes themselves. The inverse, so an
+    image is classified as it would be with a filename."""
+    try:
+        raw = text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode(charset)  # a character over 255: only the charset made it
+    try:
+        from_charset = raw.decode(charset)
+    except (UnicodeDecodeError, LookupError):  # LookupError: a codec not for text
+        # Not valid in the charset, so what Starlette decoded as latin-1: every image
+        # (a PNG starts with 0x89, a JPEG with 0xFF, neither valid UTF-8). A UTF-8 text
+        # of characters 128-255 alone reads the same; it is no image either way.
+        return raw
+    # Valid in the charset: had these been the bytes, Starlette would have decoded them
+    # so; if that is not the text it gave, the charset made the text.
+    return raw if from_charset == text else text.encode(charset)
 
 
 def classify_response(result: ClassifyResult, *, several: bool) -> Response:

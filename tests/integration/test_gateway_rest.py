@@ -107,6 +107,34 @@ def test_several_encodings_and_forms(server: Server, repository: Path) -> None:
     assert one_json.json()["predictions"] == single.json()["predictions"]
 
 
+def test_an_image_part_without_a_filename_is_the_same_image(server: Server) -> None:
+    """curl's ``-F image=<file.png`` sends no filename: Starlette hands such a part over
+    as text, decoded as latin-1 (an image is not valid UTF-8), and it was re-encoded as
+    UTF-8, a corrupt file (400). Over 1 MiB it was refused as a field too large."""
+    png, jpeg = encode(gradient(), "PNG"), encode(gradient(80, 60), "JPEG")
+    noise = np.random.default_rng(3).integers(0, 256, (640, 640, 3), np.uint8)
+    big = encode(Image.fromarray(noise, "RGB"), "PNG")
+    assert len(big) > 1024 * 1024
+    with server.client() as client:
+        for data, kind in ((png, "image/png"), (jpeg, "image/jpeg"), (big, "image/png")):
+            named = client.post("/v1/classify", files={"image": ("a", data, kind)})
+            unnamed = client.post("/v1/classify", files={"image": (None, data, kind)})
+            assert named.status_code == 200, named.text
+            assert unnamed.status_code == 200, unnamed.text
+            assert unnamed.json() == named.json()
+        both_named = client.post(
+            "/v1/classify",
+            files=[("image", ("a", png, "image/png")), ("image", ("b", jpeg, "image/jpeg"))],
+        )
+        second_unnamed = client.post(
+            "/v1/classify",
+            files=[("image", ("a", png, "image/png")), ("image", (None, jpeg, "image/jpeg"))],
+        )
+    assert both_named.status_code == 200, both_named.text
+    assert second_unnamed.status_code == 200, second_unnamed.text
+    assert second_unnamed.json() == both_named.json()
+
+
 def _error(response: httpx.Response, status: int, code: str) -> str:
     """The message of an error answer, after checking its status and code: in the body's
     ``error.code``, or TF Serving's ``{"error": "<message>"}`` under /v1/models; in the
@@ -386,7 +414,7 @@ def test_an_unknown_query_parameter_is_refused_not_ignored(server: Server) -> No
     """A typo ("?lable=canary", "?versoin=2") was answered by the default version."""
     with server.client() as client:
         for sent in (RAW, {"json": {"image": base64.b64encode(PNG).decode()}}):
-            answer = client.post("/v1/classify", params={"versoin": 2}, **sent)  # type: ignore[arg-type]
+            answer = client.post("/v1/classify", params={"versoin": 2}, **sent)
             message = _error(answer, 400, "bad_request")
             assert "'versoin'" in message and "version" in message
 

@@ -57,6 +57,76 @@ def test_sixteen_bit_png_keeps_its_range() -> None:
     assert out[:, -20:].min() == 255 and out[:, :20].max() == 0
 
 
+def grey_tiff(samples: np.ndarray, bits: int | None = None) -> bytes:
+    """An uncompressed little-endian greyscale TIFF of ``samples`` in their own type
+    (Pillow writes only uint16 and int32 ones); ``bits`` and pre-packed uint8 rows for a
+    depth numpy has no type for."""
+    height = samples.shape[0]
+    width = samples.shape[1] * 8 // bits if bits else samples.shape[1]
+    data = samples.astype(samples.dtype.newbyteorder("<")).tobytes()
+    entries = [  # tag, type (3 short, 4 long), value
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, bits or samples.dtype.itemsize * 8),  # BitsPerSample
+        (259, 3, 1),  # no compression
+        (262, 3, 1),  # BlackIsZero
+        (273, 4, 8 + 2 + 10 * 12 + 4),  # the strip, after the header and the IFD
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, len(data)),
+        (339, 3, 2 if samples.dtype.kind == "i" else 1),  # SampleFormat: signed or not
+    ]
+    ifd = struct.pack("<H", len(entries)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1) + struct.pack("<I" if kind == 4 else "<H2x", value)
+        for tag, kind, value in entries
+    )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + data
+
+
+ONE_ROW = PreprocessSpec(height=1, width=6, resize_method="nearest")
+TOP_BYTES = np.array([[0, 1, 127, 128, 200, 255]], np.int64)
+
+
+@pytest.mark.parametrize(("dtype", "shift"), [(np.int16, 7), (np.int32, 23), (np.uint32, 24)])
+def test_an_integer_tiff_keeps_the_top_8_bits_of_its_own_type(dtype: type, shift: int) -> None:
+    """Shifted by 8 and cut to the low byte before, whatever the type: a 32-bit TIFF came
+    out scrambled, a signed 16-bit one at half brightness. (A signed type's top bit is
+    its sign: its top 8 bits of magnitude are under it.)"""
+    low_bits = (1 << shift) - 1  # all set, so that only the top byte may count
+    samples: np.ndarray = (TOP_BYTES << shift | low_bits).astype(dtype)
+    out = preprocess_bytes(grey_tiff(samples), ONE_ROW, max_pixels=BIG)
+    np.testing.assert_array_equal(out[:, :, 0], TOP_BYTES)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int32])
+def test_a_signed_tiffs_negative_samples_are_black(dtype: type) -> None:
+    info = np.iinfo(dtype)
+    samples: np.ndarray = np.array([[info.min, -(1 << 8), -1, 0, info.max, info.max]], dtype)
+    out = preprocess_bytes(grey_tiff(samples), ONE_ROW, max_pixels=BIG)
+    np.testing.assert_array_equal(out[0, :, 0], [0, 0, 0, 0, 255, 255])
+
+
+def test_a_32_bit_tiffs_brightness_depends_on_its_type_not_its_brightest_pixel() -> None:
+    """A 32-bit image whose brightest sample is 255 was left unshifted, one whose
+    brightest is 256 shifted by 8: a jump of 256 times in brightness."""
+    dim, dimmer = (
+        preprocess_bytes(grey_tiff(np.array([row], np.int32)), ONE_ROW, max_pixels=BIG)
+        for row in ([0, 64, 128, 255, 255, 255], [0, 64, 128, 255, 255, 256])
+    )
+    np.testing.assert_array_equal(dim, dimmer)
+    assert dim.max() == 0  # under 2**23: nothing in the top 8 bits of an int32
+
+
+def test_a_12_bit_tiff_keeps_its_top_8_bits() -> None:
+    twelve_bit = [0, 1 << 4, 127 << 4, 128 << 4 | 15, 200 << 4 | 15, 4095]
+    packed = bytearray()  # two samples in three bytes, first sample in the high bits
+    for first, second in zip(twelve_bit[::2], twelve_bit[1::2], strict=True):
+        packed += bytes([first >> 4, (first & 15) << 4 | second >> 8, second & 255])
+    data = grey_tiff(np.frombuffer(bytes(packed), np.uint8).reshape(1, -1), bits=12)
+    out = preprocess_bytes(data, ONE_ROW, max_pixels=BIG)
+    np.testing.assert_array_equal(out[0, :, 0], [0, 1, 127, 128, 200, 255])
+
+
 @pytest.mark.parametrize("scale", [1.0, 255.0])
 def test_a_float_tiff_keeps_its_range_whether_0_to_1_or_0_to_255(scale: float) -> None:
     """Mode F (32-bit float greyscale): 0..1 decoded black before (Pillow clips)."""
@@ -79,6 +149,41 @@ def test_palette_with_transparency() -> None:
     img.putpalette([0, 0, 0] * 256)
     out = preprocess_bytes(encode(img, "GIF", transparency=0), SPEC, max_pixels=BIG)
     assert (out == 255).all()
+
+
+def keyed_and_alpha(form: str) -> tuple[bytes, bytes]:
+    """The same picture twice: one colour keyed transparent by a PNG tRNS chunk, and
+    as an alpha channel (LA)."""
+    grey = np.random.default_rng(2).integers(0, 256, (28, 28), np.uint8)
+    grey[5:20, 3:12] = 0  # the transparent colour
+    alpha = np.where(grey == 0, 0, 255).astype(np.uint8)
+    with_alpha = encode(Image.fromarray(np.dstack([grey, alpha]), "LA"), "PNG")
+    if form == "L":
+        return encode(Image.fromarray(grey, "L"), "PNG", transparency=0), with_alpha
+    if form == "RGB":
+        rgb = Image.fromarray(grey, "L").convert("RGB")
+        return encode(rgb, "PNG", transparency=(0, 0, 0)), with_alpha
+    if form == "16-bit":
+        wide = Image.fromarray(grey.astype(np.uint16) * 257)
+        return encode(wide, "PNG", transparency=0), with_alpha
+    # form == "1": two levels, 0 transparent and 255
+    two = np.where(grey > 0, 255, 0).astype(np.uint8)
+    bilevel = Image.fromarray(two, "L").convert("1")
+    return (
+        encode(bilevel, "PNG", transparency=0),
+        encode(Image.fromarray(np.dstack([two, alpha]), "LA"), "PNG"),
+    )
+
+
+@pytest.mark.parametrize("form", ["L", "RGB", "16-bit", "1"])
+def test_a_png_trns_colour_is_composited_on_white_like_an_alpha_channel(form: str) -> None:
+    """Ignored before: the transparent colour reached the model as it is (black here),
+    while the same picture with an alpha channel was white there."""
+    keyed, with_alpha = keyed_and_alpha(form)
+    assert "transparency" in Image.open(io.BytesIO(keyed)).info  # a tRNS chunk, not alpha
+    out = preprocess_bytes(keyed, SPEC, max_pixels=BIG)
+    np.testing.assert_array_equal(out, preprocess_bytes(with_alpha, SPEC, max_pixels=BIG))
+    assert (out[100:150, 50:80] == 255).all()  # where it is transparent
 
 
 def test_cmyk_jpeg() -> None:
