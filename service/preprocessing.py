@@ -218,7 +218,7 @@ def decode_cost(opened: Opened) -> int:
         # Pillow's draft hides the full size and the scans were not kept: the most they
         # can be (a 1/8 scale, MAX_SCANS), i.e. decoded on the threads unless tiny.
         return width * height * _MOST_REDUCTION * MAX_SCANS // _TYPICAL_SCANS
-    return width * height
+    return max(width * height, _tiled_pixels(opened))
 
 
 def _open_with_pillow(
@@ -248,9 +248,29 @@ def _open_with_pillow(
         )
     if width == 0 or height == 0:
         raise InvalidImage("the image has no pixels")
+    tiled = _tiled_pixels(img)
+    if tiled > max_pixels:
+        raise ImageTooLarge(
+            f"the TIFF's tiles hold {tiled} pixels to decode for its {width}x{height}; the "
+            f"limit is {max_pixels}: re-save it untiled or with ordinary tiles (256x256)"
+        )
     if target is not None and img.format == "JPEG":
         img.draft("RGB", target)
     return img
+
+
+def _tiled_pixels(img: Image.Image) -> int:
+    """The pixels a tiled TIFF's tiles hold (libtiff decodes whole tiles, and allocates
+    one whole: a 158-byte file of 64x64 pixels in a 16384x16384 tile took 1 GB and a
+    second on the event loop, its header counted 4,096 pixels); 0 for other images."""
+    tags = getattr(img, "tag_v2", None)
+    tile_width = _first(tags.get(TiffImagePlugin.TILEWIDTH)) if tags is not None else None
+    tile_length = _first(tags.get(TiffImagePlugin.TILELENGTH)) if tags is not None else None
+    if not tile_width or not tile_length or tile_width < 0 or tile_length < 0:
+        return 0
+    width, height = img.size
+    tiles = -(-width // tile_width) * -(-height // tile_length)
+    return tiles * tile_width * tile_length
 
 
 def load(img: Image.Image) -> Image.Image:
@@ -260,8 +280,12 @@ def load(img: Image.Image) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:  # Image.DecompressionBombError (a frame past the header's) too
-        raise _unreadable(exc, "could not decode the image") from None
-    return img
+        error = _unreadable(exc, "could not decode the image")
+    else:
+        return img
+    # Raised out here, the client's error does not carry Pillow's: its traceback holds
+    # the decoder, which holds the half-decoded pixels for as long as the error lives.
+    raise error
 
 
 def _unreadable(exc: Exception, failed: str) -> InvalidImage:
@@ -402,7 +426,12 @@ def preprocess_bytes(data: bytes, spec: PreprocessSpec, *, max_pixels: int) -> U
 
 
 def preprocess_opened(opened: Opened, spec: PreprocessSpec) -> UInt8Image:
-    """An image from :func:`open_image` (opened with ``target=spec.size``) → model input."""
+    """An image from :func:`open_image` (opened with ``target=spec.size``) → model input.
+    A Pillow image is closed after, whatever happened: its decoded pixels go at once. A
+    failed decode's traceback keeps the image's frame, and on a decode thread that
+    traceback sits in a reference cycle (future, exception, the awaiting frame), which
+    only the cycle collector frees: four truncated 5000x5000 PNGs in one request kept
+    344 MB after their 400, a few small TIFFs declaring huge tiles a gigabyte each."""
     if isinstance(opened, PlainJpeg):
         pixels = opened.decode()
         if pixels is None:  # libjpeg-turbo objected: Pillow's leniency or its error
@@ -410,7 +439,10 @@ def preprocess_opened(opened: Opened, spec: PreprocessSpec) -> UInt8Image:
         if pixels.ndim == 3 and pixels.shape[:2] == (spec.height, spec.width):
             return pixels  # already the model's input: no round trip through Pillow
         return resize(Image.fromarray(pixels), spec)  # grey → "L", [H, W, 3] → "RGB"
-    return resize(load(opened), spec)
+    try:
+        return resize(load(opened), spec)
+    finally:
+        opened.close()
 
 
 def _pillow_fallback(opened: PlainJpeg, spec: PreprocessSpec) -> Image.Image:

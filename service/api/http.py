@@ -521,10 +521,18 @@ async def read_json(
     are parsed: no second walk over a large body)."""
     body = await request.body()
     try:
+        # UTF-8 only (RFC 8259, and TF Serving's parser): json.loads also reads UTF-16
+        # and -32 bytes, which the byte searches over the body (booleans) cannot see.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send JSON as UTF-8"
+        ) from None
+    try:
         if len(body) > LARGE_JSON_BYTES:
-            return await asyncio.to_thread(json.loads, body, object_hook=object_hook)
-        return json.loads(body, object_hook=object_hook)
-    except (ValueError, UnicodeDecodeError) as exc:
+            return await asyncio.to_thread(json.loads, text, object_hook=object_hook)
+        return json.loads(text, object_hook=object_hook)
+    except ValueError as exc:
         if "int_max_str_digits" in str(exc):  # Python's words name an interpreter setting
             raise InvalidRequest(
                 "request body has an integer of thousands of digits; pixel values are 0-255"

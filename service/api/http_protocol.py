@@ -776,7 +776,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._no_linger = True
             self.transport.close()
             return
-        answer = error_response(error)
+        # The request line read, TF Serving's routes answer in TF Serving's body.
+        path = self.url.partition(b"?")[0].decode("latin-1") if self._in_message else ""
+        answer = error_response(error, path)
         self._answer(status, answer.raw_headers, bytes(answer.body), keep_alive=False)
 
     def _headers_too_large(self) -> None:

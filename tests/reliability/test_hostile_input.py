@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -166,6 +167,13 @@ BODIES: dict[str, tuple[str | None, bytes, set[int]]] = {
     "tiny gifs decoding to huge screens": (
         "application/json",
         json.dumps({"images": [base64.b64encode(screen_gif(6000, 6000)).decode()] * 3}).encode(),
+        {413},
+    ),
+    # Two of 37 KB, 56 scans each over 3000x3000: counted as 375x375 (their 1/8 scale),
+    # the request was admitted (a reviewer: 62 such in 10 MB, ~230 s of CPU).
+    "progressive jpegs whose scans add up": (
+        "application/json",
+        json.dumps({"images": [base64.b64encode(jpeg_scan_bomb(3000, 50)).decode()] * 2}).encode(),
         {413},
     ),
     "json not an object": ("application/json", b"[1, 2, 3]", {400}),
@@ -594,7 +602,7 @@ HUGE = "x" * 17_000  # past gRPC's 16 KiB metadata limit once echoed in grpc-mes
     [
         ("model", grpc.StatusCode.NOT_FOUND),
         ("label", grpc.StatusCode.INVALID_ARGUMENT),  # an unknown label, as TF Serving
-        ("signature", grpc.StatusCode.INVALID_ARGUMENT),
+        ("signature", grpc.StatusCode.FAILED_PRECONDITION),  # as TF Serving
         ("input", grpc.StatusCode.INVALID_ARGUMENT),
         ("classify-model", grpc.StatusCode.NOT_FOUND),
     ],
@@ -663,6 +671,17 @@ def test_booleans_among_pixel_values_are_a_400(server: Server) -> None:
             response = client.post("/v1/models/tiny:predict", json=body)
             assert_error(response, {400})
             assert "boolean" in error_of(response)[1], response.text
+        # The same JSON as UTF-16 or -32 (json.loads reads them): the boolean search over
+        # the body's bytes missed them, and it was answered 200. JSON is UTF-8.
+        text = json.dumps({"instances": [one_true]})
+        for encoding in ("utf-16", "utf-16-le", "utf-32"):
+            response = client.post(
+                "/v1/models/tiny:predict",
+                content=text.encode(encoding),
+                headers={"content-type": "application/json"},
+            )
+            assert_error(response, {400})  # without a BOM, UTF-16 is UTF-8 of NULs: no JSON
+            assert encoding == "utf-16-le" or "UTF-8" in error_of(response)[1], response.text
         # A string holding the words is no boolean.
         fine = client.post(
             "/v1/models/tiny:predict", json={"signature_name": "", "instances": [zeros]}
@@ -992,6 +1011,28 @@ def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(
     assert "Invalid HTTP request" not in server.log.read_text()
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+    ids=["two-lengths", "chunk-size"],
+)
+def test_malformed_http_on_a_tf_serving_route_gets_tf_servings_body(
+    server: Server, framing: bytes
+) -> None:
+    """Everything under /v1/models answers TF Serving's {"error": "..."}: a framing error
+    found after its request line got cnnserve's own body."""
+    sent = b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\n" + framing
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(sent)
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"x-error-code: bad_request" in head, answer
+    assert "malformed HTTP/1.1 request" in json.loads(body)["error"]
+
+
 PNG_JSON = json.dumps({"image": base64.b64encode(PNG).decode()}).encode()
 
 
@@ -1219,6 +1260,27 @@ def tree_rss(pid: int) -> int:
         with open(f"/proc/{each}/status") as f:
             total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return total * 1024
+
+
+def test_images_that_fail_to_decode_in_a_list_leave_no_memory_behind(
+    tiny_repo: Path, start_server: Callable[..., Server]
+) -> None:
+    """Four truncated 4500x4500 PNGs in one request (a few KB each; every one decodes most
+    of its 61 MB before the cut): each request's 400 left ~250 MB in the worker until
+    Python's cycle collector happened to run (a failed decode's traceback sits in a
+    cycle with its future), gigabytes after a few such requests."""
+    whole = encode(Image.new("RGB", (4500, 4500)), "PNG")
+    cut = whole[: len(whole) * 9 // 10]
+    parts = [("image", (f"{i}.png", cut, "image/png")) for i in range(4)]
+    server = start_server(tiny_repo)  # its own: the memory it leaves is no other test's
+    before = tree_rss(server.process.pid)
+    with server.client() as client:
+        for _ in range(4):
+            response = client.post("/v1/classify", files=parts)
+            assert response.status_code == 400, response.text
+            assert error_of(response)[0] == "invalid_image"
+    grown = tree_rss(server.process.pid) - before
+    assert grown < 300 * 2**20, f"{grown / 2**20:.0f} MB kept after the 400s"
 
 
 def test_deep_pipelining_is_held_back_not_buffered(server: Server) -> None:

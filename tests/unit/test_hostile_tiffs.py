@@ -7,14 +7,21 @@ import logging
 import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from service.errors import CnnserveError, InvalidImage
-from service.preprocessing import PreprocessSpec, open_image, preprocess_bytes, preprocess_opened
+from service.errors import CnnserveError, ImageTooLarge, InvalidImage
+from service.preprocessing import (
+    PreprocessSpec,
+    decode_cost,
+    open_image,
+    preprocess_bytes,
+    preprocess_opened,
+)
 from tests.helpers.images import encode, gradient
 
 SPEC = PreprocessSpec()
@@ -188,3 +195,33 @@ def test_pillow_logs_nothing_about_a_clients_file(caplog: pytest.LogCaptureFixtu
     with caplog.at_level(logging.DEBUG), pytest.raises(InvalidImage):
         preprocess_bytes(too_many_samples(), SPEC, max_pixels=BIG)
     assert caplog.records == []
+
+
+def tiled_tiff(width: int, height: int, tile: int) -> bytes:
+    """A deflate TIFF of ``width``x``height`` RGBA pixels in tiles of ``tile``x``tile``,
+    one tile's data given (a few bytes: libtiff allocates the tile before reading it)."""
+    data = zlib.compress(b"\x80" * 64)
+    entries = [
+        (256, LONG, 1, width), (257, LONG, 1, height), (258, SHORT, 1, 8), (259, SHORT, 1, 8),
+        (262, SHORT, 1, 2), (277, SHORT, 1, 4), (284, SHORT, 1, 1),
+        (322, LONG, 1, tile), (323, LONG, 1, tile), (324, LONG, 1, 0), (325, LONG, 1, len(data)),
+    ]  # fmt: skip
+    offset = 8 + 2 + 12 * len(entries) + 4  # the data follows the only IFD
+    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, kind, count, value in entries:
+        value = offset if tag == 324 else value
+        layout = "<HHIHH" if kind == SHORT else "<HHII"
+        out += struct.pack(layout, tag, kind, count, value, *([0] if kind == SHORT else []))
+    return out + b"\0\0\0\0" + data
+
+
+def test_a_tile_far_larger_than_its_image_is_refused_from_the_header() -> None:
+    """64x64 pixels in a 16384x16384 tile, 158 bytes: libtiff took 1 GB and a second to
+    fail it, on the event loop (its header said 4,096 pixels: decoded inline)."""
+    huge = tiled_tiff(64, 64, 16384)
+    with pytest.raises(ImageTooLarge, match="tiles"):
+        open_image(huge, max_pixels=40_000_000, target=SPEC.size)
+    # Under the limit, the tiles are what decoding costs (decoded off the loop).
+    opened = open_image(tiled_tiff(64, 64, 2048), max_pixels=40_000_000, target=SPEC.size)
+    assert decode_cost(opened) == 2048 * 2048
+    assert decode_cost(open_image(tiled_tiff(300, 300, 256), max_pixels=BIG)) == 4 * 256 * 256
