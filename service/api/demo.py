@@ -30,7 +30,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, Response
 
 from service.api.http import dataplane, path_version
-from service.errors import ModelNotReady, NotFound
+from service.errors import BackendUnavailable, ModelNotReady, NotFound
 from service.repository import ASSETS_EXTRA
 from service.routing import LoadedVersion, VersionState, listing
 from service.runtimes.card import FLOAT_PRECISION
@@ -87,9 +87,11 @@ async def models(request: Request) -> dict[str, Any]:
         raise ModelNotReady("the model repository has not been read yet; retry shortly")
     listed = []
     for name in names:
-        versions = sorted(
-            s.version for s in registry.statuses(name) if s.state == VersionState.AVAILABLE
-        )
+        try:
+            statuses = registry.statuses(name)
+        except BackendUnavailable:  # its TF Serving cannot be reached: nothing to serve
+            statuses = []
+        versions = sorted(s.version for s in statuses if s.state == VersionState.AVAILABLE)
         labels = {k: v for k, v in sorted(registry.labels_of(name).items()) if v in versions}
         listed.append({"name": name, "versions": versions, "labels": labels})
     return {
