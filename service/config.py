@@ -130,7 +130,8 @@ class Settings(BaseSettings):
         100_000_000,
         ge=1,
         description="Pixels all the images of one request may decode to together (from "
-        "their headers, after JPEG's reduced-scale decoding); more is 413 image_too_large. "
+        "their headers, after JPEG's reduced-scale decoding; a tiled TIFF's whole tiles, and a "
+        "progressive JPEG's scans past ten over its full size); more is 413 image_too_large. "
         "Bounds the CPU one small request can cost.",
     )
     request_timeout_seconds: float = Field(10.0, gt=0, description="Default request deadline.")

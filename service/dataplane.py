@@ -36,13 +36,13 @@ from service.errors import (
     VersionGone,
     VersionNotFound,
 )
-from service.jpeg import PlainJpeg
 from service.preprocessing import (
     Opened,
     PreprocessSpec,
     decode_cost,
     open_image,
     preprocess_opened,
+    request_cost,
 )
 from service.readiness import WorkerReadiness
 from service.registry import LoadedVersion, Registry, VersionStatus
@@ -261,7 +261,7 @@ class DataPlane:
         names: Sequence[str | None],
     ) -> list[Opened]:
         """Every image's header, read here (tens of µs each), and the pixels they will
-        decode to (a plain progressive JPEG's scans counted) in all bounded by
+        decode to (:func:`~service.preprocessing.request_cost`) in all bounded by
         ``max_request_pixels``: each image may be under the
         per-image limit while their sum is not (64 GIFs of 42 bytes, each declaring a
         6000×6000 screen, cost 4 s of CPU)."""
@@ -272,11 +272,7 @@ class DataPlane:
             except CnnserveError as exc:
                 raise _naming(exc, i, names) from None
             opened.append(image)
-            # A plain progressive JPEG counts every scan over its full size (64 scans of
-            # 6300x6300 in 160 KB decode for 3.4 s, counted as 788x788 before: 62 of them
-            # passed the limit); other images their pixels.
-            width, height = image.size
-            total += decode_cost(image) if isinstance(image, PlainJpeg) else width * height
+            total += request_cost(data, image)
         limit = self.settings.max_request_pixels
         if total > limit:
             raise ImageTooLarge(
@@ -557,8 +553,11 @@ class DataPlane:
         it: the image tensor one, or the encoded-bytes one."""
         signature = name or SERVING_SIGNATURE
         if signature not in (SERVING_SIGNATURE, BYTES_SIGNATURE):
-            known = ", ".join(sorted(target.runtime.signature_defs().signature_def))
-            raise UnknownSignature(f"unknown signature_name {signature!r}; this model has: {known}")
+            # The ones a Predict can run: not the graph's init op, which metadata lists.
+            known = ", ".join(sorted({SERVING_SIGNATURE, BYTES_SIGNATURE}))
+            raise UnknownSignature(
+                f"unknown signature_name {signature!r}; this model serves: {known}"
+            )
         return signature
 
     def signature_inputs(self, target: LoadedVersion, name: str = "") -> list[str]:

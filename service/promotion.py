@@ -292,6 +292,13 @@ class GatewayStatus:
             response = self._get(f"/v1/models/{model}")
         except NoServer:
             return None
+        if response.status_code >= 500:
+            # A gateway whose TF Serving cannot be reached answers 503: what is served
+            # is unknown, and planning without it could pin a broken newest version.
+            raise PromotionError(
+                f"{self.url}/v1/models/{model} answered {response.status_code} "
+                f"({response.text[:200]}): what it serves is unknown; rerun once it answers"
+            )
         if response.status_code != 200:
             return None
         statuses = response.json().get("model_version_status", [])
@@ -313,12 +320,16 @@ class GatewayStatus:
                     return
                 if agreeing:
                     continue  # ask again at once: another worker may answer
-            elif response.status_code != 404:  # 404: the gateway has not polled yet
+            elif response.status_code == 404 or response.status_code >= 500:
+                # 404: the gateway has not polled yet; 5xx: its TF Serving cannot be
+                # reached for now (503), or it restarts: both may pass within the wait.
+                agreeing = 0
+                if response.status_code >= 500:
+                    state = f"the gateway answered {response.status_code}"
+            else:
                 raise PromotionError(
                     f"{self.url}{route} answered {response.status_code}: {response.text[:200]}"
                 )
-            else:
-                agreeing = 0
             _wait_or_time_out(deadline, model, version, state, self.timeout)
 
     def labelled(self, model: str, label: str, version: int) -> None:

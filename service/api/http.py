@@ -528,6 +528,8 @@ async def read_json(
         raise InvalidRequest(
             f"request body is not UTF-8 ({exc.reason} at byte {exc.start}); send JSON as UTF-8"
         ) from None
+    if text.startswith("\ufeff"):  # json.loads' words name Python's codec
+        raise InvalidRequest("request body starts with a byte order mark; send JSON without it")
     try:
         if len(body) > LARGE_JSON_BYTES:
             return await asyncio.to_thread(json.loads, text, object_hook=object_hook)

@@ -776,10 +776,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._no_linger = True
             self.transport.close()
             return
-        # The request line read, TF Serving's routes answer in TF Serving's body.
-        path = self.url.partition(b"?")[0].decode("latin-1") if self._in_message else ""
-        answer = error_response(error, path)
+        answer = error_response(error, self._current_path())
         self._answer(status, answer.raw_headers, bytes(answer.body), keep_alive=False)
+
+    def _current_path(self) -> str:
+        """The path of the request being read, once its line was: TF Serving's routes
+        answer in TF Serving's body, also what the protocol refuses (it was ours)."""
+        return self.url.partition(b"?")[0].decode("latin-1") if self._in_message else ""
 
     def _headers_too_large(self) -> None:
         self._in_headers = False  # counted once; nothing more is read
@@ -791,7 +794,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             self.flow.pause_reading()
             return
-        answer = error_response(headers_too_large(self._max_header_bytes))
+        answer = error_response(headers_too_large(self._max_header_bytes), self._current_path())
         self._answer(431, answer.raw_headers, bytes(answer.body), keep_alive=False)
 
     def _expect_headers(self) -> None:
@@ -814,7 +817,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             return
         metrics.observe_header_timeout()
-        answer = error_response(timeout_error(self._header_seconds))
+        answer = error_response(timeout_error(self._header_seconds), self._current_path())
         self._answer(408, answer.raw_headers, bytes(answer.body), keep_alive=False)
 
 

@@ -111,6 +111,12 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
                 f"the multipart body cannot be read ({exc.detail}); send multipart/form-data "
                 "with the boundary its Content-Type names, the file in field 'image'"
             ) from None
+        except UnicodeError as exc:  # a charset Python knows but cannot decode with
+            # ("undefined"): Starlette falls back to latin-1 from two errors, not this one
+            raise InvalidRequest(
+                f"the multipart body's charset cannot decode its fields ({exc}); send "
+                "charset=utf-8, or none"
+            ) from None
         files = form.getlist("image")
         if not files:
             raise InvalidRequest(
@@ -170,7 +176,7 @@ def _field_bytes(text: str, charset: str) -> bytes:
         return text.encode(charset)  # a character over 255: only the charset made it
     try:
         from_charset = raw.decode(charset)
-    except (UnicodeDecodeError, LookupError):  # LookupError: a codec not for text
+    except (UnicodeError, LookupError):  # LookupError: a codec not for text
         # Not valid in the charset, so what Starlette decoded as latin-1: every image
         # (a PNG starts with 0x89, a JPEG with 0xFF, neither valid UTF-8). A UTF-8 text
         # of characters 128-255 alone reads the same; it is no image either way.

@@ -188,6 +188,8 @@ def test_a_gateway_in_front_of_a_gateway_sees_the_backend_go(tmp_path: Path) -> 
     said its versions were AVAILABLE (while its Predicts failed), so the gateway in front
     stayed ready and sent every request into 503s. Its status now answers UNAVAILABLE,
     which the gateway in front reads as a backend that cannot be reached."""
+    from service.errors import PromotionError
+    from service.promotion import GatewayStatus
     from tests.helpers.models import publish_tiny, simple_config, write_models_config
 
     repo = tmp_path / "repo"
@@ -216,3 +218,12 @@ def test_a_gateway_in_front_of_a_gateway_sees_the_backend_go(tmp_path: Path) -> 
         assert status.headers["x-error-code"] == "backend_unavailable"
         assert "cannot be reached" in status.json()["error"]
         front.wait("/readyz", status=503)
+
+        # promote, pointed at the middle gateway: its plan stops (it planned without what
+        # is served, the guard against pinning a broken newest version), its wait waits
+        # (it failed at once on a passing outage).
+        status_of = GatewayStatus(middle.url, timeout=1.0)
+        with pytest.raises(PromotionError, match="what it serves is unknown"):
+            status_of.serving("tiny")
+        with pytest.raises(PromotionError, match="the gateway answered 503"):
+            status_of.available("tiny", 1)  # waited its timeout, saying why

@@ -120,10 +120,12 @@ def png_of_empty_chunks(count: int) -> bytes:
     return png[:idat] + png_chunk(b"abCd", b"") * count + png[idat:]
 
 
-def jpeg_scan_bomb(size: int, repeats: int) -> bytes:
+def jpeg_scan_bomb(size: int, repeats: int, exif: bytes = b"") -> bytes:
     """A progressive JPEG whose last scan is repeated: decoded at 1/8 scale it looked
-    small enough to decode on the event loop, which it held for 20 s (5600², 300)."""
-    data = encode(Image.new("L", (size, size), 128), "JPEG", progressive=True, quality=10)
+    small enough to decode on the event loop, which it held for 20 s (5600², 300).
+    ``exif``: an Exif segment, which makes Pillow open it."""
+    grey = Image.new("L", (size, size), 128)
+    data = encode(grey, "JPEG", progressive=True, quality=10, exif=exif)
     dht, eoi = data.rfind(b"\xff\xc4"), data.rfind(b"\xff\xd9")
     return data[:eoi] + data[dht:eoi] * repeats + b"\xff\xd9"
 
@@ -133,6 +135,15 @@ def nested_json(depth: int) -> bytes:
 
 
 PNG = encode(gradient(), "PNG")
+
+
+def exif_segment() -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 1  # Orientation: as stored
+    return exif.tobytes()
+
+
+EXIF = exif_segment()
 
 # name: (content type or None, body, statuses accepted)
 BODIES: dict[str, tuple[str | None, bytes, set[int]]] = {
@@ -169,12 +180,26 @@ BODIES: dict[str, tuple[str | None, bytes, set[int]]] = {
         json.dumps({"images": [base64.b64encode(screen_gif(6000, 6000)).decode()] * 3}).encode(),
         {413},
     ),
-    # Two of 37 KB, 56 scans each over 3000x3000: counted as 375x375 (their 1/8 scale),
-    # the request was admitted (a reviewer: 62 such in 10 MB, ~230 s of CPU).
+    # Three of 37 KB, 56 scans each over 3000x3000: counted as 375x375 (their 1/8 scale),
+    # the request was admitted (a reviewer: 62 such in 10 MB, ~230 s of CPU); with an
+    # Exif segment Pillow opens them, and they were still counted so.
     "progressive jpegs whose scans add up": (
         "application/json",
-        json.dumps({"images": [base64.b64encode(jpeg_scan_bomb(3000, 50)).decode()] * 2}).encode(),
+        json.dumps({"images": [base64.b64encode(jpeg_scan_bomb(3000, 50)).decode()] * 3}).encode(),
         {413},
+    ),
+    "progressive jpegs with exif whose scans add up": (
+        "application/json",
+        json.dumps(
+            {"images": [base64.b64encode(jpeg_scan_bomb(3000, 50, EXIF)).decode()] * 3}
+        ).encode(),
+        {413},
+    ),
+    # Ordinary progressive photos (10 scans) count their reduced size: 64 pass.
+    "many ordinary progressive jpegs": (
+        "application/json",
+        json.dumps({"images": [base64.b64encode(jpeg_scan_bomb(3000, 4)).decode()] * 64}).encode(),
+        {200},
     ),
     "json not an object": ("application/json", b"[1, 2, 3]", {400}),
     # Past Python's 4,300-digit int conversion limit: a ValueError that reached the
@@ -384,6 +409,10 @@ def multipart(count: int, *, close: bool = True, boundary: str = "b") -> bytes:
     return part * count + (b"--b--\r\n" if close else b"")
 
 
+# An image sent without a filename: a form field, which Starlette decodes as text.
+FIELD_PART = b"--b\r\nContent-Disposition: form-data; name=image\r\n\r\n" + PNG + b"\r\n--b--\r\n"
+
+
 @pytest.mark.parametrize(
     ("body", "boundary", "status", "words"),
     [
@@ -392,8 +421,10 @@ def multipart(count: int, *, close: bool = True, boundary: str = "b") -> bytes:
         (multipart(1, close=False), "b", 400, "closing boundary"),
         (multipart(1)[:-40], "b", 400, "closing boundary"),  # cut mid-part
         (multipart(1), "zz", 400, "boundary"),
+        # A codec Python knows but that decodes nothing: a 500 and a traceback logged.
+        (FIELD_PART, "b; charset=undefined", 400, "charset=utf-8"),
     ],
-    ids=["65-files", "1001-files", "unclosed", "cut-off", "other-boundary"],
+    ids=["65-files", "1001-files", "unclosed", "cut-off", "other-boundary", "undefined-charset"],
 )
 def test_multipart_refusals_say_what_to_fix(
     server: Server, body: bytes, boundary: str, status: int, words: str
@@ -1012,25 +1043,28 @@ def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(
 
 
 @pytest.mark.parametrize(
-    "framing",
+    ("framing", "status", "code"),
     [
-        b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
-        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+        (b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", 400, "bad_request"),
+        (b"Transfer-Encoding: chunked\r\n\r\nzz\r\n", 400, "bad_request"),
+        (b"X-Big: " + b"a" * 100_000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"X-Slow: a", 408, "request_timeout"),  # the rest of the headers never comes
     ],
-    ids=["two-lengths", "chunk-size"],
+    ids=["two-lengths", "chunk-size", "huge-header", "header-timeout"],
 )
-def test_malformed_http_on_a_tf_serving_route_gets_tf_servings_body(
-    server: Server, framing: bytes
+def test_what_the_protocol_refuses_on_a_tf_serving_route_gets_tf_servings_body(
+    server: Server, framing: bytes, status: int, code: str
 ) -> None:
-    """Everything under /v1/models answers TF Serving's {"error": "..."}: a framing error
-    found after its request line got cnnserve's own body."""
+    """Everything under /v1/models answers TF Serving's {"error": "..."}: what the HTTP
+    protocol refused after the request line (framing, headers) got cnnserve's own body."""
     sent = b"POST /v1/models/tiny:predict HTTP/1.1\r\nHost: x\r\n" + framing
     with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
         sock.sendall(sent)
         answer = read_answer(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400") and b"x-error-code: bad_request" in head, answer
-    assert "malformed HTTP/1.1 request" in json.loads(body)["error"]
+    assert head.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+    assert b"x-error-code: " + code.encode() in head, answer[:300]
+    assert isinstance(json.loads(body)["error"], str), body
 
 
 PNG_JSON = json.dumps({"image": base64.b64encode(PNG).decode()}).encode()
