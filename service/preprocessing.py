@@ -233,7 +233,8 @@ def request_cost(data: bytes, opened: Opened) -> int:
         cost = max(cost, _tiled_pixels(opened))
     if not is_jpeg(data):
         return cost
-    layout = read_layout(data)
+    # A plain JPEG keeps the layout open_image read; Pillow's does not (read again).
+    layout = opened.layout if isinstance(opened, PlainJpeg) else read_layout(data)
     if not layout.progressive or layout.scans <= _TYPICAL_SCANS:
         return cost
     if isinstance(opened, PlainJpeg):
@@ -288,9 +289,11 @@ def _tiled_pixels(img: Image.Image) -> int:
     """The pixels a tiled TIFF's tiles hold (libtiff decodes whole tiles, and allocates
     one whole: a 158-byte file of 64x64 pixels in a 16384x16384 tile took 1 GB and a
     second on the event loop, its header counted 4,096 pixels); 0 for other images."""
-    tags = getattr(img, "tag_v2", None)
-    tile_width = _first(tags.get(TiffImagePlugin.TILEWIDTH)) if tags is not None else None
-    tile_length = _first(tags.get(TiffImagePlugin.TILELENGTH)) if tags is not None else None
+    tags = getattr(img, "tag_v2", None)  # a TIFF's tags
+    if tags is None:
+        return 0
+    tile_width = _first(tags.get(TiffImagePlugin.TILEWIDTH))
+    tile_length = _first(tags.get(TiffImagePlugin.TILELENGTH))
     if not tile_width or not tile_length or tile_width < 0 or tile_length < 0:
         return 0
     width, height = img.size

@@ -320,12 +320,12 @@ class GatewayStatus:
                     return
                 if agreeing:
                     continue  # ask again at once: another worker may answer
-            elif response.status_code == 404 or response.status_code >= 500:
-                # 404: the gateway has not polled yet; 5xx: its TF Serving cannot be
-                # reached for now (503), or it restarts: both may pass within the wait.
+            elif response.status_code == 404:  # the gateway has not polled yet
                 agreeing = 0
-                if response.status_code >= 500:
-                    state = f"the gateway answered {response.status_code}"
+            elif response.status_code >= 500:
+                # Its TF Serving cannot be reached for now (503), or it restarts: either
+                # may pass within the wait.
+                agreeing, state = 0, f"the gateway answered {response.status_code}"
             else:
                 raise PromotionError(
                     f"{self.url}{route} answered {response.status_code}: {response.text[:200]}"
