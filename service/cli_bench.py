@@ -230,7 +230,7 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
     versions = version_dirs(repository / model)
     if not versions:
         raise DatasetError(f"no published version of {model} in {repository}")
-    version = args.version or max(versions)
+    version = max(versions) if args.version is None else args.version
     if version not in versions:
         raise DatasetError(f"no version {version} of {model} in {repository}")
     if args.overload:

@@ -228,8 +228,8 @@ def set_specific_versions(text: str, model: str, versions: Iterable[int]) -> str
     written in the style of the block it replaces.
     """
     wanted = sorted(set(versions))
-    if not wanted or min(wanted) <= 0:
-        raise ConfigError(f"a specific version policy needs positive versions, got {wanted}")
+    if not wanted or min(wanted) < 0:
+        raise ConfigError(f"a specific version policy needs versions of 0 or more, got {wanted}")
     config = find_model(text, model)
     policy = config.field("model_version_policy")
     specific = policy.field("specific") if policy is not None else None

@@ -443,8 +443,10 @@ class DataPlane:
         When none can answer, a configured model is still noted (its 503s and 404s
         belong to it); a name that is not configured is not, so clients cannot add
         label values."""
-        if version is not None and version < 1:  # every API alike (TF Serving's rule)
-            raise InvalidRequest(f"version must be a positive integer, got {version}")
+        # TF Serving serves a version 0 folder; a negative number (only gRPC can send
+        # one) is a NOT_FOUND there, a bad request here on every API alike.
+        if version is not None and version < 0:
+            raise InvalidRequest(f"version must be 0 or more, got {version}")
         # "?model=" means the default, as an empty gRPC field does; "?label=" no label.
         model, label = model or None, label or None
         try:

@@ -71,8 +71,8 @@ def plan(
     version is not served and must not be pinned; the one still serving must stay).
     Every step's text is validated as TF Serving would parse it.
     """
-    if version <= 0:
-        raise PromotionError(f"version must be a positive integer, got {version}")
+    if version < 0:
+        raise PromotionError(f"version must be 0 or more, got {version}")
     if not label or not all(c.isalnum() or c in "_-" for c in label):
         raise PromotionError(f"label {label!r}: use letters, digits, '_' or '-'")
     config = _config(text, repository, model)

@@ -84,9 +84,9 @@ def _next_number(model_dir: Path) -> int:
     taken = (
         int(p.name)
         for p in model_dir.iterdir()
-        if p.name.isascii() and p.name.isdigit() and 0 < int(p.name) <= MAX_VERSION
+        if p.name.isascii() and p.name.isdigit() and int(p.name) <= MAX_VERSION
     )
-    return max(taken, default=0) + 1
+    return max(taken, default=0) + 1  # the first is 1, as TF Serving's examples have it
 
 
 def rename_into_place(tmp: Path, model_dir: Path) -> int:

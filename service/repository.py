@@ -118,14 +118,14 @@ MAX_VERSION = 2**63 - 1
 
 
 def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """Published versions: folders named by an integer in 1..2^63-1 (temp folders are
-    hidden)."""
+    """Published versions: folders named by an integer in 0..2^63-1, as TF Serving reads
+    them (version 0 too; temp folders are hidden)."""
     if not model_dir.is_dir():
         return {}
     return {
         int(p.name): p
         for p in model_dir.iterdir()
-        if p.name.isascii() and p.name.isdigit() and 0 < int(p.name) <= MAX_VERSION and p.is_dir()
+        if p.name.isascii() and p.name.isdigit() and int(p.name) <= MAX_VERSION and p.is_dir()
     }
 
 
@@ -173,9 +173,9 @@ def _model_config(repository: Path, proto: Any) -> ModelConfig:
     if policy == "specific" and not versions:
         raise ConfigError(f"{where}: a specific version policy needs at least one version")
     labels = {str(k): int(v) for k, v in proto.version_labels.items()}
-    bad = sorted(k for k, v in labels.items() if v <= 0 or not k)
+    bad = sorted(k for k, v in labels.items() if v < 0 or not k)
     if bad:
-        raise ConfigError(f"{where}: version_labels {bad} need a name and a positive version")
+        raise ConfigError(f"{where}: version_labels {bad} need a name and a version of 0 or more")
     return ModelConfig(
         name=proto.name,
         base_path=resolve_base_path(repository, proto.name, proto.base_path),

@@ -195,8 +195,8 @@ def read_model_spec(spec: Any, *, name_required: bool = True) -> ModelRef:
         raise InvalidRequest("model_spec.name is required")
     choice = spec.WhichOneof("version_choice")
     version = int(spec.version.value) if choice == "version" else None
-    if version is not None and version <= 0:
-        raise InvalidRequest(f"model_spec.version must be a positive integer, got {version}")
+    if version is not None and version < 0:
+        raise InvalidRequest(f"model_spec.version must be 0 or more, got {version}")
     label = str(spec.version_label) if choice == "version_label" else None
     return ModelRef(spec.name or None, version, label, str(spec.signature_name))
 

@@ -583,10 +583,11 @@ _MAX_VERSION = 2**63 - 1
 
 
 def path_version(raw: str) -> int:
-    """A version number as a URL path writes it: digits only ("1.0" and "¹" are not),
-    positive and within int64 (a 4,301-digit one raised from int() as a 500)."""
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or not 0 < int(raw) <= _MAX_VERSION:
-        raise InvalidRequest(f"version must be a positive integer (int64), got {raw!r}")
+    """A version number as a URL path writes it: digits only ("1.0" and "¹" are not; 0 is
+    a version, as in TF Serving), within int64 (a 4,301-digit one raised from int() as a
+    500)."""
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > _MAX_VERSION:
+        raise InvalidRequest(f"version must be a whole number within int64, got {raw!r}")
     return int(raw)
 
 

@@ -432,17 +432,22 @@ def test_hostile_messages_and_tensors_are_invalid_argument(
     files = shaped(types_pb2.DT_STRING, [2], string_val=[png, png])
     answer = predict_stub.Predict(predict_request({"image": files}), timeout=30)
     assert probabilities(answer).shape == (2, 3)
-    # Version 0 is a bad request on every API (404 on some before).
+    # Version 0 is a version (TF Serving serves a "0" folder): this model has none. A
+    # negative one is a bad request.
     classifier = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
     code, message = code_of(
         classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=png, version=0)
     )
-    assert code == invalid and "positive integer" in message
+    assert code == grpc.StatusCode.NOT_FOUND and "0" in message
+    code, message = code_of(
+        classifier.Classify, cnnserve_v1_pb2.ClassifyRequest(image=png, version=-1)
+    )
+    assert code == invalid and "0 or more" in message
     with server.client() as client:
         r = client.post(
             "/v1/classify?version=0", content=png, headers={"content-type": "image/png"}
         )
-        assert r.status_code == 400 and r.json()["error"]["code"] == "bad_request"
+        assert r.status_code == 404 and r.json()["error"]["code"] == "version_not_found"
     log = server.log.read_text()
     assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
 

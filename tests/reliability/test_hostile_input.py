@@ -250,7 +250,6 @@ def test_malformed_body_gets_a_clear_4xx_quickly(server: Server, name: str) -> N
         "top_k=99999999999999999999999",
         "top_k=abc",
         "version=-3",
-        "version=0",
         "version=1e400",
         "version=99999999999999999999",
         "model=..%2F..%2Fetc%2Fpasswd",
@@ -290,11 +289,26 @@ def test_odd_model_paths_get_404_or_400(server: Server, path: str) -> None:
 @pytest.mark.parametrize(
     "path",
     [
+        # 0 is a version, as in TF Serving: this model has no such folder.
         "/v1/models/tiny/versions/0",
         "/v1/models/tiny/versions/0/metadata",
         "/v1/models/tiny/versions/00",
         "/v1/classify?version=0",
         "/demo/models/tiny/versions/0/card",
+    ],
+)
+def test_version_0_is_a_version_the_model_does_not_have(server: Server, path: str) -> None:
+    with server.client() as client:
+        if "classify" in path:
+            response = client.post(path, content=PNG, headers={"content-type": "image/png"})
+        else:
+            response = client.get(path)
+    assert_error(response, {404})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
         "/demo/models/tiny/versions/-1/card",
         "/demo/models/tiny/versions/1.0/card",  # was version 1's card
         # int() refuses 4,301 digits: a 500 and two tracebacks before (a hostile review).
@@ -304,9 +318,7 @@ def test_odd_model_paths_get_404_or_400(server: Server, path: str) -> None:
         "/v1/models/tiny/versions/99999999999999999999",  # past int64
     ],
 )
-def test_versions_that_are_no_positive_int64_are_a_400_on_every_path(
-    server: Server, path: str
-) -> None:
+def test_versions_that_are_no_int64_are_a_400_on_every_path(server: Server, path: str) -> None:
     with server.client() as client:
         if "classify" in path:
             response = client.post(path, content=PNG, headers={"content-type": "image/png"})

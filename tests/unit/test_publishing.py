@@ -101,12 +101,18 @@ def test_concurrent_exports_get_distinct_versions(tmp_path: Path) -> None:
     assert writers == {"writer0", "writer1", "writer2", "writer3"}
 
 
-def test_only_int64_positive_folder_names_are_versions(tmp_path: Path) -> None:
-    # TF Serving parses version folders as int64 and ignores the rest.
+def test_only_int64_folder_names_are_versions(tmp_path: Path) -> None:
+    # TF Serving parses version folders as int64 (0 too) and ignores the rest.
     for name in ("0", "1", "12", str(2**63 - 1), str(2**63), "99999999999999999999", "-3", "a1"):
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a version")
-    assert sorted(version_dirs(tmp_path)) == [1, 12, 2**63 - 1]
+    assert sorted(version_dirs(tmp_path)) == [0, 1, 12, 2**63 - 1]
+
+
+def test_the_version_after_a_version_0_is_1(tmp_path: Path) -> None:
+    (tmp_path / "0").mkdir()
+    published = publish_version(tmp_path, lambda tmp: (tmp / "saved_model.pb").write_text("x"))
+    assert published.name == "1"
 
 
 def test_a_stray_entry_named_like_the_next_version_is_skipped(

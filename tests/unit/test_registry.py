@@ -139,7 +139,7 @@ def test_read_repository_types_every_config(tmp_path: Path) -> None:
     [
         (config_entry("m", "specific { }"), "at least one version"),
         (config_entry("m", "all {}").replace('"tensorflow"', '"pytorch"'), "model_platform"),
-        (config_entry("m", "all {}", {"bad": 0}), "positive version"),
+        (config_entry("m", "all {}", {"bad": -1}), "version of 0 or more"),
         (config_entry("m", "latest { num_version: 1 }"), "num_version"),
     ],
 )

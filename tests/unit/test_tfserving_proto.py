@@ -110,6 +110,8 @@ def test_model_spec_names_a_version_or_a_label() -> None:
     with pytest.raises(InvalidRequest, match="name"):
         read_model_spec(model_pb2.ModelSpec())
     spec = model_pb2.ModelSpec(name="m")
-    spec.version.value = 0
-    with pytest.raises(InvalidRequest, match="positive"):
+    spec.version.value = 0  # a set wrapper holding 0 names version 0, as in TF Serving
+    assert read_model_spec(spec).version == 0
+    spec.version.value = -1
+    with pytest.raises(InvalidRequest, match="0 or more"):
         read_model_spec(spec)

@@ -117,7 +117,7 @@ def _fit(
 def compress_distill(source: Source, options: DistillOptions, *, command: str) -> tuple[Path, str]:
     """Publish the next version; returns it and the printable summary of the effects."""
     versions = version_dirs(source.model_dir)
-    teacher_version = options.teacher_version or source.version
+    teacher_version = source.version if options.teacher_version is None else options.teacher_version
     if teacher_version not in versions:
         raise DatasetError(f"no teacher version {teacher_version} in {source.model_dir}")
     teacher = tf.saved_model.load(str(versions[teacher_version]))
