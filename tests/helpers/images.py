@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,27 @@ def encode(img: Image.Image, fmt: str, **params: Any) -> bytes:
     buf = io.BytesIO()
     img.save(buf, fmt, **params)
     return buf.getvalue()
+
+
+# TIFF field types of single-valued entries, and the tags that point at the image data.
+SHORT, LONG = 3, 4
+DATA_OFFSET_TAGS = {273, 324}  # StripOffsets, TileOffsets
+
+
+def tiff(entries: list[tuple[int, int, int]], data: bytes = b"") -> bytes:
+    """A little-endian TIFF of one IFD, then ``data``: each entry a (tag, SHORT or LONG,
+    value) of one value; StripOffsets and TileOffsets point at the data whatever their
+    value. What tests need that Pillow will not write (other sample types, tiles, headers
+    that lie)."""
+    offset = 8 + 2 + 12 * len(entries) + 4
+    ifd = b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + struct.pack(
+            "<I" if kind == LONG else "<H2x", offset if tag in DATA_OFFSET_TAGS else value
+        )
+        for tag, kind, value in entries
+    )
+    return b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + struct.pack("<I", 0) + data
 
 
 def gradient(width: int = 64, height: int = 48) -> Image.Image:

@@ -30,7 +30,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.tfserving_proto import to_tensor_proto
 from tests.helpers.errors import error_of
-from tests.helpers.images import encode, gradient
+from tests.helpers.images import LONG, SHORT, encode, gradient, tiff
 from tests.helpers.server import Server, eventually, read_response, running_server
 from tests.unit.test_hostile_tiffs import CRAFTED, corrupt_group4, lzw_cut_short
 
@@ -73,12 +73,9 @@ def bmp_header(width: int, height: int) -> bytes:
 
 
 def tiff_header(width: int, height: int) -> bytes:
-    entries = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1),
-               (262, 3, 1, 1), (273, 4, 1, 8), (277, 3, 1, 1), (279, 4, 1, 16)]  # fmt: skip
-    ifd = struct.pack("<H", len(entries))
-    for tag, kind, count, value in entries:
-        ifd += struct.pack("<HHII", tag, kind, count, value)
-    return b"II*\0" + struct.pack("<I", 8 + 16) + b"\0" * 16 + ifd + b"\0\0\0\0"
+    entries = [(256, LONG, width), (257, LONG, height), (258, SHORT, 8), (259, SHORT, 1),
+               (262, SHORT, 1), (273, LONG, 0), (277, SHORT, 1), (279, LONG, 16)]  # fmt: skip
+    return tiff(entries, b"\0" * 16)
 
 
 def screen_gif(width: int, height: int) -> bytes:

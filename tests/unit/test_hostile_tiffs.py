@@ -22,7 +22,7 @@ from service.preprocessing import (
     preprocess_bytes,
     preprocess_opened,
 )
-from tests.helpers.images import encode, gradient
+from tests.helpers.images import encode, gradient, tiff
 
 SPEC = PreprocessSpec()
 BIG = 10**9
@@ -202,17 +202,11 @@ def tiled_tiff(width: int, height: int, tile: int) -> bytes:
     one tile's data given (a few bytes: libtiff allocates the tile before reading it)."""
     data = zlib.compress(b"\x80" * 64)
     entries = [
-        (256, LONG, 1, width), (257, LONG, 1, height), (258, SHORT, 1, 8), (259, SHORT, 1, 8),
-        (262, SHORT, 1, 2), (277, SHORT, 1, 4), (284, SHORT, 1, 1),
-        (322, LONG, 1, tile), (323, LONG, 1, tile), (324, LONG, 1, 0), (325, LONG, 1, len(data)),
+        (256, LONG, width), (257, LONG, height), (258, SHORT, 8), (259, SHORT, 8),
+        (262, SHORT, 2), (277, SHORT, 4), (284, SHORT, 1),
+        (322, LONG, tile), (323, LONG, tile), (324, LONG, 0), (325, LONG, len(data)),
     ]  # fmt: skip
-    offset = 8 + 2 + 12 * len(entries) + 4  # the data follows the only IFD
-    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
-    for tag, kind, count, value in entries:
-        value = offset if tag == 324 else value
-        layout = "<HHIHH" if kind == SHORT else "<HHII"
-        out += struct.pack(layout, tag, kind, count, value, *([0] if kind == SHORT else []))
-    return out + b"\0\0\0\0" + data
+    return tiff(entries, data)
 
 
 def test_a_tile_far_larger_than_its_image_is_refused_from_the_header() -> None:

@@ -21,7 +21,7 @@ from service.preprocessing import (
     preprocess_array,
     preprocess_bytes,
 )
-from tests.helpers.images import encode, gradient
+from tests.helpers.images import LONG, SHORT, encode, gradient, tiff
 
 SPEC = PreprocessSpec()
 BIG = 10**9
@@ -64,23 +64,21 @@ def grey_tiff(samples: np.ndarray, bits: int | None = None) -> bytes:
     height = samples.shape[0]
     width = samples.shape[1] * 8 // bits if bits else samples.shape[1]
     data = samples.astype(samples.dtype.newbyteorder("<")).tobytes()
-    entries = [  # tag, type (3 short, 4 long), value
-        (256, 4, width),
-        (257, 4, height),
-        (258, 3, bits or samples.dtype.itemsize * 8),  # BitsPerSample
-        (259, 3, 1),  # no compression
-        (262, 3, 1),  # BlackIsZero
-        (273, 4, 8 + 2 + 10 * 12 + 4),  # the strip, after the header and the IFD
-        (277, 3, 1),
-        (278, 4, height),
-        (279, 4, len(data)),
-        (339, 3, 2 if samples.dtype.kind == "i" else 1),  # SampleFormat: signed or not
-    ]
-    ifd = struct.pack("<H", len(entries)) + b"".join(
-        struct.pack("<HHI", tag, kind, 1) + struct.pack("<I" if kind == 4 else "<H2x", value)
-        for tag, kind, value in entries
+    return tiff(
+        [
+            (256, LONG, width),
+            (257, LONG, height),
+            (258, SHORT, bits or samples.dtype.itemsize * 8),  # BitsPerSample
+            (259, SHORT, 1),  # no compression
+            (262, SHORT, 1),  # BlackIsZero
+            (273, LONG, 0),  # the strip: the data
+            (277, SHORT, 1),
+            (278, LONG, height),
+            (279, LONG, len(data)),
+            (339, SHORT, 2 if samples.dtype.kind == "i" else 1),  # SampleFormat: signed or not
+        ],
+        data,
     )
-    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + data
 
 
 ONE_ROW = PreprocessSpec(height=1, width=6, resize_method="nearest")
