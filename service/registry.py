@@ -39,6 +39,7 @@ from service.errors import (
     VersionNotFound,
 )
 from service.loading import PreparedVersion, RuntimeFactory
+from service.periodic import every
 from service.repository import (
     MODELS_CONFIG,
     Fingerprint,
@@ -162,13 +163,11 @@ class Registry:
         await asyncio.to_thread(self._source.close)
 
     async def _poll_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._settings.poll_seconds)
-            try:
-                await self.poll_once(wait_for_unloads=False)
-            except Exception:
-                # A poll must never end polling: the next one may find things fixed.
-                log.exception("polling the model repository failed")
+        await every(
+            self._settings.poll_seconds,
+            lambda: self.poll_once(wait_for_unloads=False),
+            "polling the model repository",
+        )
 
     async def poll_once(self, *, wait_for_unloads: bool = True) -> None:
         """Rescan the repository; load newly wanted versions, then unload unwanted ones.

@@ -39,6 +39,7 @@ from service import metrics
 from service.api.grpc_calls import refuse_call
 from service.config import API_KEYS_FILE_VAR, read_key_file
 from service.errors import ApiKeysUnavailable, Unauthenticated
+from service.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -186,13 +187,7 @@ class KeyFileWatch:
 
     async def follow(self, period: float) -> None:
         """Check the file every ``period`` seconds, for good (cancel to stop)."""
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await asyncio.to_thread(self.load)
-            except Exception:
-                # A check must never end checking: the next one may find it fixed.
-                log.exception("checking %s failed", self._path)
+        await every(period, lambda: asyncio.to_thread(self.load), f"checking {self._path}")
 
 
 def presented_key(authorization: str | None, api_key: str | None) -> str | None:

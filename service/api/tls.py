@@ -26,6 +26,7 @@ import grpc
 from service import metrics
 from service.api.auth import Fingerprint, fingerprint
 from service.api.tls_files import FILES, load_problem, not_after
+from service.periodic import every
 
 log = logging.getLogger(__name__)
 
@@ -178,15 +179,12 @@ class CertificateWatch:
 
     async def follow(self, period: float) -> None:
         """Check the files every ``period`` seconds, for good (cancel to stop)."""
-        while True:
-            await asyncio.sleep(period)
-            try:
-                pair = await asyncio.to_thread(self.check)
-                if pair is not None:
-                    self._use(pair)
-            except Exception:
-                # A check must never end checking: the next one may find it fixed.
-                log.exception("checking the TLS files failed; checking again in %s s", period)
+        await every(period, self._check_and_use, "checking the TLS files")
+
+    async def _check_and_use(self) -> None:
+        pair = await asyncio.to_thread(self.check)
+        if pair is not None:
+            self._use(pair)
 
 
 def _unreadable(exc: OSError) -> str:
