@@ -242,11 +242,12 @@ def _refusal(handler: Any, error: Unauthenticated, route: str) -> Any:
     key guessing left no trace."""
 
     async def abort(request: Any, context: Any) -> Any:
-        await refuse_call(context, error, route)
+        refuse_call(context, error, route)
 
     async def abort_stream(request: Any, context: Any) -> Any:
-        await abort(request, context)
-        yield  # pragma: no cover  (makes this an async generator)
+        refuse_call(context, error, route)
+        return
+        yield  # makes this an async generator
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,

@@ -8,6 +8,8 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
+import grpc
+
 from service.errors import CnnserveError
 from service.requestlog import RequestRecord, client_request_id, recorded
 
@@ -20,10 +22,35 @@ def call_request_id(metadata: Mapping[str, Any]) -> str:
     return client_request_id(str(metadata.get(REQUEST_ID_KEY, "")).encode("utf-8"))
 
 
-async def refuse_call(context: Any, error: CnnserveError, route: str) -> None:
-    """Abort the call with ``error`` after recording it (metrics, access log) as a
-    servicer's answer would be; its request id goes back in the trailers."""
+def end_call(
+    context: Any, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()
+) -> None:
+    """End the call with ``code`` and ``details`` as its handler returns, which it must
+    do at once (a unary one returning None, a streaming one ending its stream).
+
+    Not ``context.abort``: gRPC keeps the AbortError it raises on the call's state, and
+    that error's traceback holds the handler's frames, whose locals hold the call's state
+    and the request: a reference cycle, so every refused call kept its request message
+    until Python's cycle collector ran (ten refused 35 MB Predicts: +570 MB in a
+    worker)."""
+    context.set_code(code)
+    context.set_details(details)
+    if trailers:
+        context.set_trailing_metadata(trailers)
+
+
+def record_call(context: Any, error: CnnserveError, route: str) -> str:
+    """Count, log and tag ``error`` as the answer of a call no servicer ran (metrics,
+    access log); returns the call's request id."""
     rid = call_request_id(dict(context.invocation_metadata() or ()))
     with contextlib.suppress(CnnserveError), recorded(RequestRecord(rid, "grpc", "POST", route)):
         raise error
-    await context.abort(error.grpc_code, error.public_message(), ((REQUEST_ID_KEY, rid),))
+    error.with_traceback(None)  # it held this frame, which holds it
+    return rid
+
+
+def refuse_call(context: Any, error: CnnserveError, route: str) -> None:
+    """End the call with ``error`` (see :func:`end_call`: return at once) after recording
+    it as a servicer's answer would be; its request id goes back in the trailers."""
+    rid = record_call(context, error, route)
+    end_call(context, error.grpc_code, error.public_message(), ((REQUEST_ID_KEY, rid),))

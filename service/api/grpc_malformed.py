@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.api.grpc_calls import refuse_call
+from service.api.grpc_calls import record_call, refuse_call
 from service.errors import (
     ClientClosedRequest,
     CnnserveError,
@@ -41,8 +41,8 @@ class _Malformed:
         self.message_type = message_type
 
 
-async def _refuse(request: _Malformed, context: Any, route: str) -> None:
-    await refuse_call(
+def _refuse(request: _Malformed, context: Any, route: str) -> None:
+    refuse_call(
         context,
         InvalidRequest(
             f"the request is not a valid {request.message_type} message (malformed protobuf)"
@@ -65,33 +65,59 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
-async def _first_message(context: Any, route: str, timeout: float) -> Any:
-    """The call's request message, or its refusal (the call ends with it)."""
+# How long a call whose stream ended without a message waits to learn whether it was
+# cancelled (see _first_message): a few event-loop turns are enough; this is ample.
+CANCELLATION_GRACE_SECONDS = 0.1
+
+CANCELLED = (
+    "the call was cancelled before its request was read: by its client, or by gRPC "
+    "refusing its message (over the size limit, or not decompressible)"
+)
+
+
+async def _first_message(context: Any, route: str, timeout: float) -> Any | None:
+    """The call's request message; None once the call is refused (return at once)."""
     try:
-        request = await asyncio.wait_for(context.read(), timeout)
+        async with asyncio.timeout(timeout):  # wait_for would swallow a cancellation
+            request = await context.read()
+        if request is grpc.aio.EOF:
+            # The stream ended without a message: a client half-closing it, or a call
+            # cancelled (by its client, or by gRPC refusing the message), which grpc.aio
+            # tells this task a moment after the read by cancelling it (its
+            # context.cancelled() never says so). Answered at once, a cancelled call was
+            # counted as the client's 400, and its answer failed with a traceback in the
+            # log whenever the cancellation came first.
+            await asyncio.sleep(CANCELLATION_GRACE_SECONDS)
     except TimeoutError:
-        await refuse_call(
+        refuse_call(
             context,
             RequestTimeout(f"the request message did not arrive within {timeout:g} s"),
             route,
         )
+        return None
+    except asyncio.CancelledError:  # gRPC's core ended the call: a deadline, or not
+        record_call(context, _ended(context, ClientClosedRequest(CANCELLED)), route)
+        raise
     if request is grpc.aio.EOF:
-        await refuse_call(context, _ended(context), route)
+        refuse_call(context, _ended(context, InvalidRequest(NO_MESSAGE)), route)
+        return None
     if isinstance(request, _Malformed):
-        await _refuse(request, context, route)
+        _refuse(request, context, route)
+        return None
     return request
 
 
-def _ended(context: Any) -> CnnserveError:
+NO_MESSAGE = "the call ended without a request message"
+
+
+def _ended(context: Any, otherwise: CnnserveError) -> CnnserveError:
     """Why a call ended before its request message was read: its deadline passed (under
     load a call can wait that long for the event loop: 542 in one overload run were
-    counted as the client's 400) or its client cancelled it; else the client sent none."""
+    counted as the client's 400); else ``otherwise``."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         return DeadlineExceeded("the call's deadline passed before its request was read")
-    if context.cancelled():
-        return ClientClosedRequest("the client cancelled the call before its request was read")
-    return InvalidRequest("the call ended without a request message")
+    return otherwise
 
 
 def _unary(
@@ -99,6 +125,8 @@ def _unary(
 ) -> Callable[..., Awaitable[Any]]:
     async def checked(requests: Any, context: Any) -> Any:
         request = await _first_message(context, route, timeout)
+        if request is None:
+            return None
         return await behavior(request, context)
 
     return checked
@@ -109,6 +137,8 @@ def _unary_stream(
 ) -> Callable[..., AsyncIterator[Any]]:
     async def checked(requests: Any, context: Any) -> AsyncIterator[Any]:
         request = await _first_message(context, route, timeout)
+        if request is None:
+            return
         result = behavior(request, context)
         if inspect.isasyncgen(result):
             async for item in result:

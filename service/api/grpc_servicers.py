@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id
+from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id, end_call
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
@@ -101,7 +101,7 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
             context.set_trailing_metadata(trailers)
             return answer
         except CnnserveError as exc:
-            error = exc
+            error = exc.with_traceback(None)  # it held this frame, which holds it: a cycle
             if exc.server_fault:
                 log.warning("%s failed: %s: %s", method.__name__, exc.code, exc.log_message())
         except Exception:
@@ -113,7 +113,8 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         # once, before its listener goes (a paced answer was cancelled by the stop).
         if error.http_status == 503 and not isinstance(error, ShuttingDown):
             await concurrency.pace_refusal(retrying, connection)
-        await context.abort(grpc_status(error), error.public_message(), trailers)
+        end_call(context, grpc_status(error), error.public_message(), trailers)
+        return None
 
     return handler
 
@@ -306,7 +307,8 @@ class HealthServicer:
             # Bounded as every echoed name is: past gRPC's 16 KiB trailer limit the
             # client got RESOURCE_EXHAUSTED, not NOT_FOUND.
             message = bounded(f"unknown service {request.service!r}")
-            await context.abort(grpc.StatusCode.NOT_FOUND, message)
+            end_call(context, grpc.StatusCode.NOT_FOUND, message)
+            return None
         return health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: Any, context: Any) -> Any:
@@ -320,11 +322,13 @@ class HealthServicer:
         # for calls in progress; 3,000 of them shut every call out, Predict and Check too.
         most = self._plane.settings.max_health_watches
         if self._watching >= most:
-            await context.abort(
+            end_call(
+                context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{most} health Watch streams are open on this worker, the most it keeps "
                 "(CNNSERVE_MAX_HEALTH_WATCHES); use Check, or close a Watch",
             )
+            return
         self._watching += 1
         try:
             last = None

@@ -601,6 +601,30 @@ def test_a_call_the_client_cancels_is_a_499_not_a_500(server: Server) -> None:
     assert "never retrieved" not in written and "ERROR" not in written, written[-2000:]
 
 
+def test_messages_grpc_itself_refuses_are_no_bad_requests_and_leave_the_log_alone(
+    server: Server,
+) -> None:
+    """gRPC's core refuses a message over the size limit (as sent, or once gzip is
+    undone) before any handler reads it, and ends the call: the handler's read just ends.
+    That was counted as the client's 400, and answering a call the core had ended logged
+    ExecuteBatchError with a traceback (4 calls in 10 with gzip, from any client)."""
+    route = "/cnnserve.v1.ImageClassifier/Classify"
+    before = len(server.log.read_bytes())
+    bad = server.metric("cnnserve_requests_total", route=route, code="400")
+    gone = server.metric("cnnserve_requests_total", route=route, code="499")
+    too_big = cnnserve_v1_pb2.ClassifyRequest(image=b"\0" * 45_000_000)  # limit: ~40 MB
+    with server.channel() as channel:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        for compression in [grpc.Compression.NoCompression, grpc.Compression.Gzip] * 3:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(too_big, timeout=BOUND, compression=compression)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    eventually(lambda: server.metric("cnnserve_requests_total", route=route, code="499") > gone)
+    assert server.metric("cnnserve_requests_total", route=route, code="400") == bad
+    written = server.log.read_bytes()[before:].decode()
+    assert "Traceback" not in written and "ExecuteBatchError" not in written, written[-2000:]
+
+
 def test_tfserving_predict_with_hostile_json(server: Server) -> None:
     with server.client() as client:
         for body, statuses in [
