@@ -59,7 +59,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import httptools
@@ -440,6 +440,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         if self._shutting_down:  # its answer says the connection closes after it
             self.cycle.keep_alive = False
+        if self.expect_100_continue:
+            self.cycle.send = _closing_unless_continued(self.cycle)  # type: ignore[method-assign,assignment]
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._after_last_chunk:
@@ -689,7 +691,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, refused: Refused) -> None:
         self._dropping = True
-        keep_alive = self.parser.should_keep_alive()
+        # A client waiting for "100 Continue" may never send the body: the connection
+        # closes after the answer (_closing_unless_continued says why).
+        keep_alive = self.parser.should_keep_alive() and not self.expect_100_continue
         self.flow.pause_reading()  # nothing more is read until the answer is sent
         timer = self.loop.call_later(refused.delay, self._send_refusal)
         self._refusal = (refused, keep_alive, timer)
@@ -819,6 +823,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         metrics.observe_header_timeout()
         answer = error_response(timeout_error(self._header_seconds), self._current_path())
         self._answer(408, answer.raw_headers, bytes(answer.body), keep_alive=False)
+
+
+def _closing_unless_continued(cycle: RequestResponseCycle) -> Callable[[Any], Awaitable[None]]:
+    """``cycle.send``, closing the connection after an answer that starts before the
+    client, which sent ``Expect: 100-continue``, was told to continue (a 413 or 415 at
+    the headers): the client may never send the body, and may send its next request
+    instead, which was read as the rest of that body (lost, then the connection closed
+    after 30 s). RFC 9110 10.1.1: a server answering before the content is in says
+    whether it closes; this one does."""
+    send = cycle.send
+
+    async def closing(message: Any) -> None:
+        if message["type"] == "http.response.start" and cycle.waiting_for_100_continue:
+            cycle.keep_alive = False  # "connection: close"; the rest read if it comes
+        await send(message)
+
+    return closing
 
 
 def _closes(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -956,6 +956,35 @@ def test_the_rest_of_an_answered_body_must_come_in_time(
 
 
 @pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b"Content-Type: image/png\r\nContent-Length: 20000000", b"413"),  # over the limit
+        (b"Content-Type: text/plain\r\nContent-Length: 2000", b"415"),
+    ],
+    ids=["413", "415"],
+)
+@pytest.mark.parametrize("expect", [True, False], ids=["expect-100-continue", "no-expect"])
+def test_an_answer_before_100_continue_closes_the_connection(
+    server: Server, content: bytes, status: bytes, expect: bool
+) -> None:
+    """A client that sent ``Expect: 100-continue`` and gets its answer before being
+    told to continue may never send the body, and may send its next request instead.
+    That request was read as the rest of the body (lost) on a connection kept alive; the
+    answer now says it closes (RFC 9110 10.1.1), and the connection does. Without
+    Expect, the body is coming: kept alive, it is read and dropped."""
+    head = b"POST /v1/classify HTTP/1.1\r\nHost: x\r\n" + content + b"\r\n"
+    head += b"Expect: 100-continue\r\n\r\n" if expect else b"\r\n"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(head)
+        answer, _, _ = read_response(sock)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+        assert (b"connection: close" in answer.lower()) == expect, answer
+        if expect:  # what the client sends next is not taken as its body, nor answered
+            sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_answer(sock) == b""
+
+
+@pytest.mark.parametrize(
     ("path", "status"),
     [
         (b"/nope", b"404"),
