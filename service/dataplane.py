@@ -482,6 +482,15 @@ class DataPlane:
         except ValueError:
             raise InvalidRequest("the image tensor is ragged; every image must be HxWx3") from None
         expected = (spec.height, spec.width, 3)
+        if array.dtype.kind == "O" and not _all_text(array):
+            # numpy keeps what is no number as objects: null, {}, an integer past int64
+            # (their refusal said "send encoded images", as for files).
+            for value in array.flat:
+                if _not_a_pixel(value):
+                    raise InvalidRequest(
+                        f"image values must be integers 0-255 (uint8 RGB); got {_shown(value)}"
+                    )
+            array = array.astype(np.float64)
         if array.dtype.kind in "OSU":  # files, named to the tensor signature
             raise InvalidRequest(
                 f"signature {SERVING_SIGNATURE!r} takes decoded pixels [N, {spec.height}, "
@@ -638,3 +647,19 @@ def _encoded_items(raw: Any) -> list[bytes]:
                 f"DT_STRING over gRPC); value {i} is a {type(item).__name__}"
             )
     return items
+
+
+def _all_text(array: npt.NDArray[Any]) -> bool:
+    return all(isinstance(v, str | bytes) for v in array.flat)
+
+
+def _not_a_pixel(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return True
+    return not 0 <= value <= 255  # NaN too
+
+
+def _shown(value: object) -> str:
+    """A value of a request, as an error message quotes it (bounded)."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -120,14 +120,45 @@ def _unpacked(
     return np.frombuffer(content, dtype=dtype).reshape(shape)
 
 
+def _string_list(content: bytes, count: int, what: str) -> list[bytes]:
+    """A DT_STRING tensor's strings packed as TensorFlow packs them in tensor_content
+    (Tensor::AsProtoTensorContent; TF Serving reads them): ``count`` varint lengths, then
+    the strings one after another, nothing left over."""
+    lengths, at = [], 0
+    for _ in range(count):
+        length = shift = 0
+        while True:
+            if at >= len(content) or shift > 28:
+                raise InvalidRequest(f"{what}: tensor_content is not {count} packed strings")
+            byte = content[at]
+            at += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                break
+        lengths.append(length)
+    if at + sum(lengths) != len(content):
+        raise InvalidRequest(f"{what}: tensor_content is not {count} packed strings")
+    strings = []
+    for length in lengths:
+        strings.append(bytes(content[at : at + length]))
+        at += length
+    return strings
+
+
 def to_ndarray(proto: Any, name: str = "tensor", max_bytes: int | None = None) -> npt.NDArray[Any]:
     """The numpy array of a TensorProto; DT_STRING gives an object array of bytes.
     ``max_bytes`` bounds what it may allocate (a client's tensor; None for a trusted one)."""
     what = f"input {name!r}"
     shape = _shape(proto, what, max_bytes)
     if proto.dtype == types_pb2.DT_STRING:
-        strings = np.empty(len(proto.string_val), dtype=object)
-        strings[:] = list(proto.string_val)
+        values = (
+            _string_list(proto.tensor_content, math.prod(shape), what)
+            if proto.tensor_content
+            else list(proto.string_val)
+        )
+        strings = np.empty(len(values), dtype=object)
+        strings[:] = values
         return _fill(strings, shape, what, max_bytes)
     if proto.dtype not in _NUMERIC:
         others = set(_NUMERIC) - {types_pb2.DT_UINT8, types_pb2.DT_BOOL}  # bools: no pixels

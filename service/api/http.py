@@ -586,6 +586,8 @@ def path_version(raw: str) -> int:
     """A version number as a URL path writes it: digits only ("1.0" and "¹" are not; 0 is
     a version, as in TF Serving), within int64 (a 4,301-digit one raised from int() as a
     500)."""
+    if raw[:1] == "-" and raw[1:].isascii() and raw[1:].isdigit():
+        raise InvalidRequest(f"version must be 0 or more, got {raw}")
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > _MAX_VERSION:
         raise InvalidRequest(f"version must be a whole number within int64, got {raw!r}")
     return int(raw)

@@ -117,7 +117,11 @@ class HeldFlow(FlowControl):
             super().resume_reading()
 
 
-class UnsupportedVersion(httptools.HttpParserError):
+class Unreadable(httptools.HttpParserError):
+    """A request refused as malformed in these words (raised in a parser callback)."""
+
+
+class UnsupportedVersion(Unreadable):
     """A request line with an HTTP version other than 1.0 and 1.1 (or none: HTTP/0.9)."""
 
 
@@ -355,7 +359,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cause = exc.__context__
             if cause is not None and not isinstance(cause, httptools.HttpParserError):
                 log.error("an HTTP parser callback failed", exc_info=cause)  # ours, not theirs
-            if isinstance(cause, UnsupportedVersion):
+            if isinstance(cause, Unreadable):
                 self._malformed(str(cause))
             else:
                 self._malformed("its request line or a header cannot be read")
@@ -419,6 +423,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         version = self.parser.get_http_version()
         if version not in ("1.1", "1.0"):  # llhttp takes HTTP/2.0 and a line without one
             raise UnsupportedVersion(f"HTTP/{version} is not spoken on this port, send HTTP/1.1")
+        if version == "1.1":
+            # RFC 9112 3.2: exactly one; a proxy and the server behind it may each read
+            # another of several.
+            hosts = sum(name == b"host" for name, _ in self.headers)
+            if hosts != 1:
+                raise Unreadable(f"an HTTP/1.1 request needs one Host header, not {hosts}")
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = not self._answering()

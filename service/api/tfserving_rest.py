@@ -36,6 +36,7 @@ from service.api.schemas import (
     VersionStatusError,
     error_responses,
 )
+from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, INPUT_NAME
 from service.dataplane import PredictResult
 from service.errors import InvalidRequest, MethodNotAllowed
 from service.registry import VersionStatus
@@ -201,6 +202,16 @@ def _b64_value(value: dict[str, Any]) -> Any:
         ) from None
 
 
+def _other_signature_hint(names: set[str]) -> str:
+    """Inputs of the other signature, named to this one: say how to reach it."""
+    if names != {BYTES_INPUT_NAME}:
+        return ""
+    return (
+        f"; {BYTES_INPUT_NAME!r} is the input of signature {BYTES_SIGNATURE!r}: add "
+        f'"signature_name": "{BYTES_SIGNATURE}", or name it {INPUT_NAME!r}'
+    )
+
+
 def _parse_predict(body: Any, input_names: list[str]) -> tuple[dict[str, Any], bool]:
     """(named inputs, row format?) from a TF Serving REST predict body."""
     if not isinstance(body, dict) or ("instances" in body) == ("inputs" in body):
@@ -214,7 +225,10 @@ def _parse_predict(body: Any, input_names: list[str]) -> tuple[dict[str, Any], b
         if all(isinstance(i, dict) and not isinstance(i, bytes) for i in instances):
             names = set().union(*(i.keys() for i in instances))
             if names != set(input_names) or any(set(i) != names for i in instances):
-                raise InvalidRequest(f"every instance needs exactly the inputs {input_names}")
+                raise InvalidRequest(
+                    f"every instance needs exactly the inputs {input_names}"
+                    + _other_signature_hint(names)
+                )
             return {n: [i[n] for i in instances] for n in input_names}, True
         if len(input_names) != 1:
             raise InvalidRequest(

@@ -646,6 +646,39 @@ def test_tfserving_predict_with_hostile_json(server: Server) -> None:
             assert_error(response, statuses)
 
 
+@pytest.mark.parametrize(
+    ("odd", "shown"),
+    [("null", "None"), ("{}", "{}"), ("18446744073709551616", "18446744073709551616")],
+)
+def test_pixels_that_are_no_numbers_are_named(server: Server, odd: str, shown: str) -> None:
+    """numpy keeps null, {} and integers past int64 as objects: the refusal said to send
+    encoded images to the bytes signature, as for files."""
+    row = ",".join(["[1,2,3]"] * 223 + [f"[1,2,{odd}]"])
+    image = ",".join([f"[{row}]"] * 224)
+    with server.client() as client:
+        response = client.post("/v1/models/tiny:predict", content=f'{{"instances": [[{image}]]}}')
+    assert_error(response, {400})
+    assert (
+        response.json()["error"] == f"image values must be integers 0-255 (uint8 RGB); got {shown}"
+    )
+
+
+def test_refusals_of_odd_versions_and_inputs_say_what_to_send(server: Server) -> None:
+    b64 = {"b64": base64.b64encode(PNG).decode()}
+    with server.client() as client:
+        negative = client.post("/v1/models/tiny/versions/-1:predict", json={"instances": [1]})
+        # The bytes signature's input, without its signature_name.
+        misnamed = client.post(
+            "/v1/models/tiny:predict", json={"instances": [{"image_bytes": b64}]}
+        )
+        renamed = client.post("/v1/models/tiny:predict", json={"instances": [{"image": b64}]})
+    assert_error(negative, {400})
+    assert negative.json()["error"] == "version must be 0 or more, got -1"
+    assert_error(misnamed, {400})
+    assert '"signature_name": "predict_image_bytes"' in misnamed.json()["error"]
+    assert renamed.status_code == 200, renamed.text  # as the hint says
+
+
 HUGE = "x" * 17_000  # past gRPC's 16 KiB metadata limit once echoed in grpc-message
 
 
@@ -1062,6 +1095,9 @@ def test_an_upgrade_header_is_ignored_and_the_body_kept(
         # Versions the parser reads but the gateway does not speak (they were answered).
         b"GET /healthz HTTP/2.0\r\nHost: x\r\n\r\n",
         b"GET /healthz\r\n\r\n",
+        # RFC 9112 3.2: an HTTP/1.1 request has one Host (both were answered 200).
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
     ],
     ids=[
         "method",
@@ -1073,6 +1109,8 @@ def test_an_upgrade_header_is_ignored_and_the_body_kept(
         "connect",
         "http-2.0-line",
         "http-0.9-line",
+        "no-host",
+        "two-hosts",
     ],
 )
 def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(

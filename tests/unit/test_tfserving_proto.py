@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow.core.framework import tensor_pb2
+from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import model_pb2
 
 from service.errors import InvalidRequest
@@ -115,3 +115,26 @@ def test_model_spec_names_a_version_or_a_label() -> None:
     spec.version.value = -1
     with pytest.raises(InvalidRequest, match="0 or more"):
         read_model_spec(spec)
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while n >= 0x80:
+        out += bytes([n & 0x7F | 0x80])
+        n >>= 7
+    return out + bytes([n])
+
+
+def test_strings_packed_in_tensor_content_are_read_as_tensorflow_reads_them() -> None:
+    """TensorFlow's own packed form of a string tensor (varint lengths, then the
+    strings), which TF Serving reads: it was refused as "0 values for shape [3]"."""
+    strings = [b"\x89PNG...", b"", b"x" * 300]
+    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING)
+    proto.tensor_shape.dim.add(size=3)
+    proto.tensor_content = b"".join(_varint(len(s)) for s in strings) + b"".join(strings)
+    assert list(tf.io.parse_tensor(proto.SerializeToString(), tf.string).numpy()) == strings
+    assert list(to_ndarray(proto, "image_bytes", 10**6)) == strings
+    for broken in (proto.tensor_content[:-1], proto.tensor_content + b"x", b"\xff" * 8):
+        proto.tensor_content = broken
+        with pytest.raises(InvalidRequest, match="not 3 packed strings"):
+            to_ndarray(proto, "image_bytes", 10**6)
