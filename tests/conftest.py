@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import models as model_helpers
 from tests.helpers import server as server_helpers
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import tiny_repository
@@ -21,6 +22,16 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         folder = tmp_path_factory.mktemp("server-logs")
         patch.setattr(server_helpers, "LOG_DIR", folder)
+        yield folder
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_model_exports(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The exports publish_tiny copies (one per distinct version) live in this run's
+    temporary folder too."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("tiny-models")
+        patch.setattr(model_helpers, "BUILD_DIR", folder)
         yield folder
 
 
