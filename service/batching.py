@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -347,8 +348,13 @@ class DynamicBatcher:
         timer = None
         if deadline is not None:
             timer = loop.call_later(max(0.0, deadline - monotonic()), _expire, items)
+        parts: list[Array] = []
         try:
-            parts = [await item.future for item in items]
+            while len(parts) < len(items):  # no loop variable: see the finally
+                parts.append(await items[len(parts)].future)
+            if timings is not None:
+                timings["queue_wait"] = max(item.queue_wait for item in items)
+                timings["inference"] = max(item.inference_seconds for item in items)
         except TimeoutError:
             self._observer.on_expired(1)
             raise DeadlineExceeded(
@@ -358,9 +364,11 @@ class DynamicBatcher:
             if timer is not None:
                 timer.cancel()
             self._abandon(items)
-        if timings is not None:
-            timings["queue_wait"] = max(item.queue_wait for item in items)
-            timings["inference"] = max(item.inference_seconds for item in items)
+            # An error raised by a future holds this frame in its traceback, and this
+            # frame held the future: a cycle that kept the request's arrays, and the
+            # callers' frames (the version that answered, which then waited 10 s to
+            # unload after leaving routing), until Python's cycle collector ran.
+            items.clear()
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def admit(self, n: int, deadline: float | None) -> None:
@@ -468,6 +476,10 @@ class DynamicBatcher:
             task = loop.create_task(self._run_batch(items))
             self._batches.add(task)
             task.add_done_callback(self._batches.discard)
+            # Not kept until the next batch: a failed batch's futures hold their errors,
+            # whose tracebacks hold the requests' frames, the version that ran them among
+            # them (left routing, it waited 10 s to unload: no batch came to replace it).
+            del items, task
 
     async def _next_batch(self) -> list[_Item]:
         """Wait for the cut condition (a thread is already free), then cut."""
@@ -534,19 +546,15 @@ class DynamicBatcher:
                     got = f"{type(output).__name__} {getattr(output, 'shape', '')}"
                     raise TypeError(f"predict returned {got} for a batch of {size}")
             except Exception as exc:
-                error = exc
                 if isinstance(exc, Overloaded):
                     # Shed further on (a TF Serving backend's RESOURCE_EXHAUSTED): counted
                     # as a refusal of each request in the batch, by its reason.
                     for item in items:
                         if not item.future.done():
                             self._observer.on_rejected(exc.reason)
-                if not isinstance(exc, CnnserveError):
-                    error = InternalError(f"inference failed on a batch of {size}: {exc!r}")
-                    error.__cause__ = exc
                 for item in items:
                     if not item.future.done():
-                        item.future.set_exception(error)
+                        item.future.set_exception(_failure(exc, size))
                 return
             offset = 0
             for item in items:
@@ -586,6 +594,18 @@ def _moving(previous: float | None, sample: float, fresh: bool) -> float:
     if previous is None or (not fresh and sample < previous):
         return sample
     return previous + COST_WEIGHT * (min(sample, OUTLIER_FACTOR * previous) - previous)
+
+
+def _failure(exc: Exception, size: int) -> CnnserveError:
+    """What each request of a failed batch gets: its own error, without the batch's
+    traceback. One error shared by the batch's requests took every one's frames into its
+    traceback as each awaited it, and that traceback held the runner's frame, which held
+    the requests: all kept until Python's cycle collector ran."""
+    if isinstance(exc, CnnserveError):
+        return copy.copy(exc)
+    error = InternalError(f"inference failed on a batch of {size}: {exc!r}")
+    error.__cause__ = exc.with_traceback(None)
+    return error
 
 
 def _expire(items: list[_Item]) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -863,3 +865,42 @@ def test_a_backend_shed_is_counted_for_each_request_of_the_batch() -> None:
             assert recorder.reasons == ["backend", "backend"]
 
     run(scenario())
+
+
+class Held:
+    """Stands for what a request's caller holds (the version it resolved, its arrays)."""
+
+
+def test_a_failed_request_lets_go_of_what_it_held_without_the_cycle_collector() -> None:
+    """An error set on a request's future, awaited, took the frames it passed through
+    into its traceback while one of them held the future: a cycle, so the caller's
+    frame (the version that answered: it waited 10 s to unload after leaving routing;
+    the request's arrays) was kept until Python's cycle collector ran."""
+    held: list[weakref.ref[Held]] = []
+
+    def failing(batch: Array, deadline: float | None) -> Array:
+        raise ModelNotReady("the model backend refused it")
+
+    async def caller(batcher: DynamicBatcher) -> None:
+        mine = Held()  # a local of the caller's frame, as the resolved version is
+        held.append(weakref.ref(mine))
+        await batcher.submit(np.zeros((2, 3), np.float32), deadline=None)
+
+    async def scenario() -> list[Held | None]:
+        async with DynamicBatcher(whole(failing), config()) as batcher:
+            for _ in range(3):
+                try:
+                    await caller(batcher)
+                except ModelNotReady:
+                    pass  # not kept: pytest.raises would keep the error, and its frames
+            # Freed while the batcher runs on, no batch coming (a few loop turns).
+            with contextlib.suppress(AssertionError):  # "never held": said below
+                await until(lambda: all(ref() is None for ref in held))
+            return [ref() for ref in held]
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert run(scenario()) == [None] * 3
+    finally:
+        gc.enable()
