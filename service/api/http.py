@@ -309,7 +309,7 @@ class RequestGuard:
                     try:
                         take_place()
                     except Overloaded as exc:
-                        refusal = exc
+                        refusal = exc.with_traceback(None)  # it held this frame: a cycle
                 if refusal is not None:
                     await error_response(refusal, path)(scope, receive, send_with_id)
                     return
