@@ -443,8 +443,8 @@ class DataPlane:
         When none can answer, a configured model is still noted (its 503s and 404s
         belong to it); a name that is not configured is not, so clients cannot add
         label values."""
-        # TF Serving serves a version 0 folder; a negative number (only gRPC can send
-        # one) is a NOT_FOUND there, a bad request here on every API alike.
+        # TF Serving serves a version 0 folder; a negative number is a NOT_FOUND there
+        # (over gRPC; REST's paths take digits only), a bad request here on every API.
         if version is not None and version < 0:
             raise InvalidRequest(f"version must be 0 or more, got {version}")
         # "?model=" means the default, as an empty gRPC field does; "?label=" no label.

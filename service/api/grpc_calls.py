@@ -53,4 +53,7 @@ def refuse_call(context: Any, error: CnnserveError, route: str) -> None:
     """End the call with ``error`` (see :func:`end_call`: return at once) after recording
     it as a servicer's answer would be; its request id goes back in the trailers."""
     rid = record_call(context, error, route)
-    end_call(context, error.grpc_code, error.public_message(), ((REQUEST_ID_KEY, rid),))
+    trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
+    if error.retry_after is not None:  # as a servicer's refusal, and REST's Retry-After
+        trailers += (("retry-after", str(error.retry_after)),)
+    end_call(context, error.grpc_code, error.public_message(), trailers)

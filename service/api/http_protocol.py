@@ -272,7 +272,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _bodies = 0  # body pieces parsed on the connection: tells a read that held one
     _trailer_bytes = 0  # of the current request's trailer section, from whole reads
     flow: HeldFlow
-    _refusal: tuple[Refused, bool, asyncio.TimerHandle] | None = None  # not yet sent
+    _refusal: tuple[Refused, bool, int | None, asyncio.TimerHandle] | None = None  # unsent
     _direct: DirectClassify | None = None
     _receiving: DirectRequest | None = None  # a direct request whose body is arriving
     _body_timer: asyncio.TimerHandle | None = None
@@ -693,7 +693,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._direct.done(self._receiving, CLIENT_CLOSED)
             self._receiving = None
         if self._refusal is not None:
-            refused, _, timer = self._refusal
+            refused, _, _, timer = self._refusal
             timer.cancel()
             self._refusal = None
             refused.answered()  # counted and logged, though the client left
@@ -701,21 +701,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _refuse(self, refused: Refused) -> None:
         self._dropping = True
-        # A client waiting for "100 Continue" may never send the body: the connection
-        # closes after the answer (_closing_unless_continued says why).
-        keep_alive = self.parser.should_keep_alive() and not self.expect_100_continue
+        keep_alive = self.parser.should_keep_alive()
         self.flow.pause_reading()  # nothing more is read until the answer is sent
         timer = self.loop.call_later(refused.delay, self._send_refusal)
-        self._refusal = (refused, keep_alive, timer)
+        # A client waiting for "100 Continue" may never send the body.
+        awaiting = self._requests if self.expect_100_continue else None
+        self._refusal = (refused, keep_alive, awaiting, timer)
 
     def _send_refusal(self) -> None:
         assert self._refusal is not None
-        refused, keep_alive, timer = self._refusal
+        refused, keep_alive, awaiting, timer = self._refusal
         timer.cancel()
         self._refusal = None
         # Closing after it (the client asked to, or a refusal moving its client to
-        # another worker: service.concurrency) once its body is in (_linger).
-        keep_alive = keep_alive and not _closes(refused.headers)
+        # another worker: service.concurrency) once its body is in (_linger); also
+        # while a body its client was not told to send is owed
+        # (_closing_unless_continued says why).
+        owed = awaiting == self._requests and self._in_message
+        keep_alive = keep_alive and not owed and not _closes(refused.headers)
         self._answer(503, refused.headers, refused.body, keep_alive)
         self._refusals.refused(self.loop.time())
         refused.answered()
@@ -845,7 +848,11 @@ def _closing_unless_continued(cycle: RequestResponseCycle) -> Callable[[Any], Aw
     send = cycle.send
 
     async def closing(message: Any) -> None:
-        if message["type"] == "http.response.start" and cycle.waiting_for_100_continue:
+        if (
+            message["type"] == "http.response.start"
+            and cycle.waiting_for_100_continue
+            and cycle.more_body  # still owed (a client may send it without waiting)
+        ):
             cycle.keep_alive = False  # "connection: close"; the rest read if it comes
         await send(message)
 

@@ -1018,6 +1018,31 @@ def test_an_answer_before_100_continue_closes_the_connection(
 
 
 @pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b"Content-Type: text/plain\r\nContent-Length: 10", b"415"),
+        (b"Content-Length: 0", b"404"),
+    ],
+    ids=["415", "404-no-body"],
+)
+def test_an_expect_100_continue_request_whose_body_came_keeps_its_connection(
+    server: Server, content: bytes, status: bytes
+) -> None:
+    """RFC 9110 lets a client send the body without waiting for 100 Continue: answered
+    early, nothing is owed, so the connection stays (it closed, dropping the request
+    pipelined behind)."""
+    path = b"/nope" if status == b"404" else b"/v1/classify"
+    request = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+    request += content + b"\r\n\r\n" + (b"x" * 10 if b"10" in content else b"")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(request + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, _, rest = read_response(sock)
+        second, body, _ = read_response(sock, rest)
+    assert first.startswith(b"HTTP/1.1 " + status) and b"connection: close" not in first.lower()
+    assert second.startswith(b"HTTP/1.1 200") and b"alive" in body, second
+
+
+@pytest.mark.parametrize(
     ("path", "status"),
     [
         (b"/nope", b"404"),

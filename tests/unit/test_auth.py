@@ -161,3 +161,45 @@ def test_an_empty_variable_is_no_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.tls_certfile is None and settings.tls_keyfile is None
     assert settings.keys() == frozenset()  # keys off, as before
     assert settings.metrics_path == ""
+
+
+def test_a_grpc_call_refused_while_keys_cannot_be_checked_says_when_to_retry() -> None:
+    """A worker whose key file never read answers 503 with Retry-After over REST; over
+    gRPC the same refusal (UNAVAILABLE) carried only the request id."""
+    import asyncio
+
+    import grpc
+
+    from service.api.auth import GrpcApiKeyInterceptor
+    from service.api.grpc_malformed import MalformedRequestInterceptor
+    from service.proto_gen.tensorflow_serving.apis import (
+        get_model_status_pb2,
+        model_service_pb2_grpc,
+    )
+
+    async def scenario() -> tuple[grpc.StatusCode, dict[str, str]]:
+        keys = ApiKeys(["k1"])
+        keys.fail_closed(frozenset())  # the file never read: no key checks out
+        interceptors = [GrpcApiKeyInterceptor(keys), MalformedRequestInterceptor(5.0)]
+        server = grpc.aio.server(interceptors=interceptors)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            model_service_pb2_grpc.ModelServiceServicer(), server
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = model_service_pb2_grpc.ModelServiceStub(channel).GetModelStatus(
+                    get_model_status_pb2.GetModelStatusRequest(),
+                    metadata=[("x-api-key", "k1")],
+                    timeout=10,
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await call
+                return refused.value.code(), dict(refused.value.trailing_metadata() or ())
+        finally:
+            await server.stop(None)
+
+    code, trailers = asyncio.run(scenario())
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert trailers.get("retry-after", "").isdigit() and "x-request-id" in trailers
