@@ -22,6 +22,7 @@ def server_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         folder = tmp_path_factory.mktemp("server-logs")
         patch.setattr(server_helpers, "LOG_DIR", folder)
+        patch.setattr(server_helpers, "CACHE_DIR", tmp_path_factory.mktemp("server-cache"))
         yield folder
 
 

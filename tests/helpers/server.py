@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Where servers write their logs: tests/conftest.py points it into pytest's own temporary
 # folder, which pytest prunes (it keeps the last three runs); /tmp collected ~900 logs.
 LOG_DIR = Path(tempfile.gettempdir())
+# The servers' cache (LiteRT conversions), also pointed there by tests/conftest.py: a
+# test run's conversions stayed in the user's ~/.cache/cnnserve (800 of them).
+CACHE_DIR: Path | None = None
 
 
 class Server:
@@ -99,6 +102,7 @@ def running_server(
     # One worker unless a test asks for more (--workers wins over the variable): the
     # default, one per core, would start a model copy per core for every test server.
     environment = {
+        **({"CNNSERVE_CACHE_DIR": str(CACHE_DIR)} if CACHE_DIR is not None else {}),
         **os.environ,
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "CNNSERVE_WORKERS": "1",
