@@ -39,20 +39,28 @@ def end_call(
         context.set_trailing_metadata(trailers)
 
 
-def record_call(context: Any, error: CnnserveError, route: str) -> str:
+def record_call(
+    context: Any, error: CnnserveError, route: str, started: float | None = None
+) -> str:
     """Count, log and tag ``error`` as the answer of a call no servicer ran (metrics,
-    access log); returns the call's request id."""
+    access log), which began at ``started`` (``time.perf_counter``; by default now);
+    returns the call's request id."""
     rid = call_request_id(dict(context.invocation_metadata() or ()))
-    with contextlib.suppress(CnnserveError), recorded(RequestRecord(rid, "grpc", "POST", route)):
+    record = RequestRecord(rid, "grpc", "POST", route)
+    if started is not None:
+        record.started = started
+    with contextlib.suppress(CnnserveError), recorded(record):
         raise error
     error.with_traceback(None)  # it held this frame, which holds it
     return rid
 
 
-def refuse_call(context: Any, error: CnnserveError, route: str) -> None:
+def refuse_call(
+    context: Any, error: CnnserveError, route: str, started: float | None = None
+) -> None:
     """End the call with ``error`` (see :func:`end_call`: return at once) after recording
     it as a servicer's answer would be; its request id goes back in the trailers."""
-    rid = record_call(context, error, route)
+    rid = record_call(context, error, route, started)
     trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
     if error.retry_after is not None:  # as a servicer's refusal, and REST's Retry-After
         trailers += (("retry-after", str(error.retry_after)),)

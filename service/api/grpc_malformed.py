@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -41,13 +42,14 @@ class _Malformed:
         self.message_type = message_type
 
 
-def _refuse(request: _Malformed, context: Any, route: str) -> None:
+def _refuse(request: _Malformed, context: Any, route: str, started: float) -> None:
     refuse_call(
         context,
         InvalidRequest(
             f"the request is not a valid {request.message_type} message (malformed protobuf)"
         ),
         route,
+        started,
     )
 
 
@@ -77,6 +79,7 @@ CANCELLED = (
 
 async def _first_message(context: Any, route: str, timeout: float) -> Any | None:
     """The call's request message; None once the call is refused (return at once)."""
+    started = time.perf_counter()  # the access log's duration: the wait included
     try:
         async with asyncio.timeout(timeout):  # wait_for would swallow a cancellation
             request = await context.read()
@@ -93,16 +96,17 @@ async def _first_message(context: Any, route: str, timeout: float) -> Any | None
             context,
             RequestTimeout(f"the request message did not arrive within {timeout:g} s"),
             route,
+            started,
         )
         return None
     except asyncio.CancelledError:  # gRPC's core ended the call: a deadline, or not
-        record_call(context, _ended(context, ClientClosedRequest(CANCELLED)), route)
+        record_call(context, _ended(context, ClientClosedRequest(CANCELLED)), route, started)
         raise
     if request is grpc.aio.EOF:
-        refuse_call(context, _ended(context, InvalidRequest(NO_MESSAGE)), route)
+        refuse_call(context, _ended(context, InvalidRequest(NO_MESSAGE)), route, started)
         return None
     if isinstance(request, _Malformed):
-        _refuse(request, context, route)
+        _refuse(request, context, route, started)
         return None
     return request
 

@@ -76,6 +76,7 @@ def test_a_call_ended_before_its_message_is_answered_for_why(
 ) -> None:
     labels = {"protocol": "grpc", "route": ROUTE, "model": "", "version": ""}
     requests = counted("cnnserve_requests_total", **labels, code=status)
+    waited = counted("cnnserve_request_duration_seconds_sum", **labels)
     expired = counted("cnnserve_deadline_expirations_total", model="")
     call = EndedCall(remaining)
     if cancelled:  # nothing to answer: the call is gone
@@ -87,5 +88,7 @@ def test_a_call_ended_before_its_message_is_answered_for_why(
     assert counted("cnnserve_requests_total", **labels, code=status) == requests + 1
     late = 1 if status == "504" else 0
     assert counted("cnnserve_deadline_expirations_total", model="") == expired + late
+    if not cancelled:  # the grace waited for a cancellation counts as the call's time
+        assert counted("cnnserve_request_duration_seconds_sum", **labels) - waited >= 0.09
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         assert "deadline passed before its request was read" in call.details
