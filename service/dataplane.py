@@ -35,6 +35,7 @@ from service.errors import (
     UnknownSignature,
     VersionGone,
     VersionNotFound,
+    bounded,
 )
 from service.preprocessing import (
     Opened,
@@ -487,8 +488,9 @@ class DataPlane:
             # (their refusal said "send encoded images", as for files).
             for value in array.flat:
                 if _not_a_pixel(value):
+                    shown = bounded(repr(value), 40)
                     raise InvalidRequest(
-                        f"image values must be integers 0-255 (uint8 RGB); got {_shown(value)}"
+                        f"image values must be integers 0-255 (uint8 RGB); got {shown}"
                     )
             array = array.astype(np.float64)
         if array.dtype.kind in "OSU":  # files, named to the tensor signature
@@ -657,9 +659,3 @@ def _not_a_pixel(value: object) -> bool:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return True
     return not 0 <= value <= 255  # NaN too
-
-
-def _shown(value: object) -> str:
-    """A value of a request, as an error message quotes it (bounded)."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

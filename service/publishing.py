@@ -20,7 +20,7 @@ from pathlib import Path
 
 from service.errors import ExportError
 from service.readiness import process_alive
-from service.repository import MAX_VERSION
+from service.repository import MAX_VERSION, version_number
 
 TMP_PREFIX = ".export-"
 # A temp folder left this long is an export that died, wherever it ran: no export takes
@@ -81,11 +81,7 @@ def _remove_stale_tmp(model_dir: Path) -> None:
 def _next_number(model_dir: Path) -> int:
     """One past the highest number any entry is named by, folder or not: a stray file
     named "1" is not a version, but the rename could not take its name either."""
-    taken = (
-        int(p.name)
-        for p in model_dir.iterdir()
-        if p.name.isascii() and p.name.isdigit() and int(p.name) <= MAX_VERSION
-    )
+    taken = (n for p in model_dir.iterdir() if (n := version_number(p.name)) is not None)
     return max(taken, default=0) + 1  # the first is 1, as TF Serving's examples have it
 
 

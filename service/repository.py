@@ -117,16 +117,21 @@ def resolve_base_path(repository: Path, name: str, base_path: str) -> Path:
 MAX_VERSION = 2**63 - 1
 
 
+def version_number(name: str) -> int | None:
+    """The version a folder name or URL path segment writes: ASCII digits only ("1.0" and
+    "¹" are not) naming an int64, 0 included (TF Serving's rule); else None. The length
+    is checked first: int() of 4,301 digits raises."""
+    if not (name.isascii() and name.isdigit()) or len(name) > 19 or int(name) > MAX_VERSION:
+        return None
+    return int(name)
+
+
 def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """Published versions: folders named by an integer in 0..2^63-1, as TF Serving reads
-    them (version 0 too; temp folders are hidden)."""
+    """Published versions: folders named by a version number (temp folders are hidden)."""
     if not model_dir.is_dir():
         return {}
-    return {
-        int(p.name): p
-        for p in model_dir.iterdir()
-        if p.name.isascii() and p.name.isdigit() and int(p.name) <= MAX_VERSION and p.is_dir()
-    }
+    numbered = ((version_number(p.name), p) for p in model_dir.iterdir())
+    return {number: p for number, p in numbered if number is not None and p.is_dir()}
 
 
 # --- what models.config asks for ---------------------------------------------------------

@@ -61,7 +61,13 @@ def refuse_call(
     """End the call with ``error`` (see :func:`end_call`: return at once) after recording
     it as a servicer's answer would be; its request id goes back in the trailers."""
     rid = record_call(context, error, route, started)
+    end_call(context, error.grpc_code, error.public_message(), error_trailers(rid, error))
+
+
+def error_trailers(rid: str, error: CnnserveError) -> tuple[tuple[str, str], ...]:
+    """A refused call's trailing metadata: its request id, and ``retry-after`` when the
+    error has one (REST's Retry-After)."""
     trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
-    if error.retry_after is not None:  # as a servicer's refusal, and REST's Retry-After
+    if error.retry_after is not None:
         trailers += (("retry-after", str(error.retry_after)),)
-    end_call(context, error.grpc_code, error.public_message(), trailers)
+    return trailers

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id, end_call
+from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id, end_call, error_trailers
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
@@ -80,7 +80,6 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
     async def handler(self: S, request: Any, context: Any) -> Any:
         rid = call_request_id(dict(context.invocation_metadata() or ()))
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
-        trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
         concurrency = self._plane.concurrency
         connection = concurrency.peer(context.peer())
         retrying = connection.retrying(asyncio.get_running_loop().time())
@@ -98,7 +97,7 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
                 finally:
                     if taken is not None:
                         concurrency.release(taken)
-            context.set_trailing_metadata(trailers)
+            context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             return answer
         except CnnserveError as exc:
             error = exc.with_traceback(None)  # it held this frame, which holds it: a cycle
@@ -107,13 +106,11 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         except Exception:
             log.exception("%s: unexpected error", method.__name__)
             error = InternalError("unexpected")
-        if error.retry_after is not None:
-            trailers += (("retry-after", str(error.retry_after)),)
         # Come back later: paced (service.concurrency); but a stopping server answers at
         # once, before its listener goes (a paced answer was cancelled by the stop).
         if error.http_status == 503 and not isinstance(error, ShuttingDown):
             await concurrency.pace_refusal(retrying, connection)
-        end_call(context, grpc_status(error), error.public_message(), trailers)
+        end_call(context, grpc_status(error), error.public_message(), error_trailers(rid, error))
         return None
 
     return handler

@@ -45,6 +45,7 @@ from service.errors import (
     RequestTimeout,
     Unauthenticated,
 )
+from service.repository import version_number
 from service.requestlog import (
     RequestRecord,
     client_request_id,
@@ -578,19 +579,15 @@ def base64_hint(value: object) -> str:
     return "it is cut off (one character past a whole group of 4)"
 
 
-# TF Serving's versions are int64.
-_MAX_VERSION = 2**63 - 1
-
-
 def path_version(raw: str) -> int:
-    """A version number as a URL path writes it: digits only ("1.0" and "¹" are not; 0 is
-    a version, as in TF Serving), within int64 (a 4,301-digit one raised from int() as a
-    500)."""
+    """A version number as a URL path writes it (:func:`~service.repository.
+    version_number`: a 4,301-digit one raised from int() as a 500), or a 400."""
     if raw[:1] == "-" and raw[1:].isascii() and raw[1:].isdigit():
         raise InvalidRequest(f"version must be 0 or more, got {raw}")
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 19 or int(raw) > _MAX_VERSION:
+    number = version_number(raw)
+    if number is None:
         raise InvalidRequest(f"version must be a whole number within int64, got {raw!r}")
-    return int(raw)
+    return number
 
 
 def request_timeout(request: Request) -> float | None:

@@ -103,7 +103,9 @@ def test_concurrent_exports_get_distinct_versions(tmp_path: Path) -> None:
 
 def test_only_int64_folder_names_are_versions(tmp_path: Path) -> None:
     # TF Serving parses version folders as int64 (0 too) and ignores the rest.
-    for name in ("0", "1", "12", str(2**63 - 1), str(2**63), "99999999999999999999", "-3", "a1"):
+    # 250 digits: fine as a file name, and past int64 as well (4,301 raised from int()).
+    names = ("0", "1", "12", str(2**63 - 1), str(2**63), "9" * 20, "9" * 250, "-3", "a1")
+    for name in names:
         (tmp_path / name).mkdir()
     (tmp_path / "7").write_text("a file, not a version")
     assert sorted(version_dirs(tmp_path)) == [0, 1, 12, 2**63 - 1]
