@@ -32,7 +32,10 @@ from service.errors import (
     DeadlineExceeded,
     InvalidRequest,
     RequestTimeout,
+    ShuttingDown,
 )
+
+Stopping = Callable[[], bool]
 
 
 class _Malformed:
@@ -77,8 +80,19 @@ CANCELLED = (
 )
 
 
-async def _first_message(context: Any, route: str, timeout: float) -> Any | None:
-    """The call's request message; None once the call is refused (return at once)."""
+STOPPED = "the server stopped before the call's request was read; retry on another replica"
+
+
+def _never() -> bool:
+    return False
+
+
+async def _first_message(
+    context: Any, route: str, timeout: float, stopping: Callable[[], bool] = _never
+) -> Any | None:
+    """The call's request message; None once the call is refused (return at once).
+    ``stopping`` says whether the server is stopping: a call its stop cancels is then
+    the server's 503, not the client's 499."""
     started = time.perf_counter()  # the access log's duration: the wait included
     try:
         async with asyncio.timeout(timeout):  # wait_for would swallow a cancellation
@@ -99,8 +113,9 @@ async def _first_message(context: Any, route: str, timeout: float) -> Any | None
             started,
         )
         return None
-    except asyncio.CancelledError:  # gRPC's core ended the call: a deadline, or not
-        record_call(context, _ended(context, ClientClosedRequest(CANCELLED)), route, started)
+    except asyncio.CancelledError:  # gRPC's core ended the call: a deadline, a stop, or not
+        why = ShuttingDown(STOPPED) if stopping() else ClientClosedRequest(CANCELLED)
+        record_call(context, _ended(context, why), route, started)
         raise
     if request is grpc.aio.EOF:
         refuse_call(context, _ended(context, InvalidRequest(NO_MESSAGE)), route, started)
@@ -125,10 +140,10 @@ def _ended(context: Any, otherwise: CnnserveError) -> CnnserveError:
 
 
 def _unary(
-    behavior: Callable[..., Awaitable[Any]], route: str, timeout: float
+    behavior: Callable[..., Awaitable[Any]], route: str, timeout: float, stopping: Stopping
 ) -> Callable[..., Awaitable[Any]]:
     async def checked(requests: Any, context: Any) -> Any:
-        request = await _first_message(context, route, timeout)
+        request = await _first_message(context, route, timeout, stopping)
         if request is None:
             return None
         return await behavior(request, context)
@@ -137,10 +152,10 @@ def _unary(
 
 
 def _unary_stream(
-    behavior: Callable[..., Any], route: str, timeout: float
+    behavior: Callable[..., Any], route: str, timeout: float, stopping: Stopping
 ) -> Callable[..., AsyncIterator[Any]]:
     async def checked(requests: Any, context: Any) -> AsyncIterator[Any]:
-        request = await _first_message(context, route, timeout)
+        request = await _first_message(context, route, timeout, stopping)
         if request is None:
             return
         result = behavior(request, context)
@@ -154,8 +169,9 @@ def _unary_stream(
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, read_timeout: float) -> None:
+    def __init__(self, read_timeout: float, stopping: Stopping = _never) -> None:
         self._read_timeout = read_timeout
+        self._stopping = stopping
         # Per method (only methods that exist: a handler was found), its handler and
         # the wrapped one: a method's handler is the same object on every call.
         self._wrapped: dict[str, tuple[Any, Any]] = {}
@@ -169,18 +185,21 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         method = str(details.method)
         known = self._wrapped.get(method)
         if known is None or known[0] is not handler:
-            known = self._wrapped[method] = (handler, _wrap(handler, method, self._read_timeout))
+            known = self._wrapped[method] = (
+                handler,
+                _wrap(handler, method, self._read_timeout, self._stopping),
+            )
         return known[1]
 
 
-def _wrap(handler: Any, route: str, timeout: float) -> Any:
+def _wrap(handler: Any, route: str, timeout: float, stopping: Stopping) -> Any:
     kwargs = {
         "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.response_streaming:
-        stream = _unary_stream(handler.unary_stream, route, timeout)
+        stream = _unary_stream(handler.unary_stream, route, timeout, stopping)
         return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
     return grpc.stream_unary_rpc_method_handler(
-        _unary(handler.unary_unary, route, timeout), **kwargs
+        _unary(handler.unary_unary, route, timeout, stopping), **kwargs
     )

@@ -104,7 +104,9 @@ async def start_grpc(
         [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
     )
     interceptors.append(  # last: inside authentication
-        MalformedRequestInterceptor(settings.body_read_timeout_seconds)
+        MalformedRequestInterceptor(
+            settings.body_read_timeout_seconds, stopping=lambda: plane.closing_calls
+        )
     )
     server = grpc.aio.server(
         options=server_options(settings),

@@ -51,10 +51,10 @@ def counted(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-async def first_message(call: EndedCall, cancelled: bool) -> Any:
+async def first_message(call: EndedCall, cancelled: bool, stopping: bool = False) -> Any:
     """What _first_message answers, its task cancelled once the read ended if
-    ``cancelled`` (as grpc.aio cancels it)."""
-    task = asyncio.create_task(_first_message(call, ROUTE, 5.0))
+    ``cancelled`` (as grpc.aio cancels it; as its stop does if ``stopping``)."""
+    task = asyncio.create_task(_first_message(call, ROUTE, 5.0, lambda: stopping))
     if cancelled:
         await call.read_ended.wait()
         task.cancel()
@@ -62,17 +62,22 @@ async def first_message(call: EndedCall, cancelled: bool) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("remaining", "cancelled", "code", "status"),
+    ("remaining", "cancelled", "stopping", "code", "status"),
     [
-        (0.0, False, grpc.StatusCode.DEADLINE_EXCEEDED, "504"),  # what grpc.aio shows
-        (0.0, True, None, "504"),  # gRPC's core cancels a call past its deadline
-        (3.0, True, None, "499"),
-        (3.0, False, grpc.StatusCode.INVALID_ARGUMENT, "400"),
-        (None, False, grpc.StatusCode.INVALID_ARGUMENT, "400"),  # no deadline at all
+        (0.0, False, False, grpc.StatusCode.DEADLINE_EXCEEDED, "504"),  # what grpc.aio shows
+        (0.0, True, False, None, "504"),  # gRPC's core cancels a call past its deadline
+        (3.0, True, False, None, "499"),
+        (3.0, True, True, None, "503"),  # the server's stop cancelled it: not the client
+        (3.0, False, False, grpc.StatusCode.INVALID_ARGUMENT, "400"),
+        (None, False, False, grpc.StatusCode.INVALID_ARGUMENT, "400"),  # no deadline at all
     ],
 )
 def test_a_call_ended_before_its_message_is_answered_for_why(
-    remaining: float | None, cancelled: bool, code: grpc.StatusCode | None, status: str
+    remaining: float | None,
+    cancelled: bool,
+    stopping: bool,
+    code: grpc.StatusCode | None,
+    status: str,
 ) -> None:
     labels = {"protocol": "grpc", "route": ROUTE, "model": "", "version": ""}
     requests = counted("cnnserve_requests_total", **labels, code=status)
@@ -81,7 +86,7 @@ def test_a_call_ended_before_its_message_is_answered_for_why(
     call = EndedCall(remaining)
     if cancelled:  # nothing to answer: the call is gone
         with pytest.raises(asyncio.CancelledError):
-            asyncio.run(first_message(call, cancelled))
+            asyncio.run(first_message(call, cancelled, stopping))
     else:
         assert asyncio.run(first_message(call, cancelled)) is None  # refused: return
     assert call.code == code
