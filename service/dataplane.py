@@ -493,6 +493,11 @@ class DataPlane:
                         f"image values must be integers 0-255 (uint8 RGB); got {shown}"
                     )
             array = array.astype(np.float64)
+        if array.dtype.kind in "SU" and (text := _text_among_numbers(value)) is not None:
+            # numpy turned the numbers into strings too: name the string, not files
+            raise InvalidRequest(
+                f"image values must be integers 0-255 (uint8 RGB); got {bounded(repr(text), 40)}"
+            )
         if array.dtype.kind in "OSU":  # files, named to the tensor signature
             raise InvalidRequest(
                 f"signature {SERVING_SIGNATURE!r} takes decoded pixels [N, {spec.height}, "
@@ -653,6 +658,25 @@ def _encoded_items(raw: Any) -> list[bytes]:
 
 def _all_text(array: npt.NDArray[Any]) -> bool:
     return all(isinstance(v, str | bytes) for v in array.flat)
+
+
+def _text_among_numbers(value: Any) -> str | bytes | None:
+    """The first string in nested lists that hold numbers too (pixel values with a
+    string among them); None when there is no number (files) or no string."""
+    text: str | bytes | None = None
+    number = False
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list | tuple):
+            stack.extend(reversed(item))
+        elif isinstance(item, str | bytes):
+            text = item if text is None else text
+        elif isinstance(item, int | float):
+            number = True
+        if number and text is not None:
+            return text
+    return None
 
 
 def _not_a_pixel(value: object) -> bool:

@@ -648,11 +648,17 @@ def test_tfserving_predict_with_hostile_json(server: Server) -> None:
 
 @pytest.mark.parametrize(
     ("odd", "shown"),
-    [("null", "None"), ("{}", "{}"), ("18446744073709551616", "18446744073709551616")],
+    [
+        ("null", "None"),
+        ("{}", "{}"),
+        ("18446744073709551616", "18446744073709551616"),
+        ('"7"', "'7'"),
+    ],
 )
 def test_pixels_that_are_no_numbers_are_named(server: Server, odd: str, shown: str) -> None:
-    """numpy keeps null, {} and integers past int64 as objects: the refusal said to send
-    encoded images to the bytes signature, as for files."""
+    """numpy keeps null, {} and integers past int64 as objects, and turns every value
+    into a string when one is: the refusal said to send encoded images to the bytes
+    signature, as for files."""
     row = ",".join(["[1,2,3]"] * 223 + [f"[1,2,{odd}]"])
     image = ",".join([f"[{row}]"] * 224)
     with server.client() as client:
