@@ -150,8 +150,11 @@ class Settings(BaseSettings):
         "uploads shut a worker out otherwise), or as its headers are parsed (it then "
         "holds its place while its body comes, as long as the body read timeout).",
     )
+    # 500, not 1,000: a refusal costs the worker ~0.2 ms with the kernel's share, and at
+    # 1,000 a second per worker goodput at 4x the load was 61-70% of capacity (under the
+    # 70% target); at 500, 81-91% (docs/failure-modes.md "The refusal pace").
     max_refusals_per_second: float = Field(
-        1000.0,
+        500.0,
         ge=0,
         description="503s one worker answers per second, about; beyond that the refusals of "
         "clients retrying at once wait their turn, so they cannot take the CPU from admitted "
