@@ -533,10 +533,8 @@ class DataPlane:
 
     # --- status and metadata -----------------------------------------------------------
 
-    def model_status(
-        self, model: str, version: int | None = None, label: str | None = None
-    ) -> list[VersionStatus]:
-        statuses = self.registry.statuses(model, version, label)
+    def model_status(self, model: str, version: int | None = None) -> list[VersionStatus]:
+        statuses = self.registry.statuses(model, version)
         if not statuses:
             # TF Serving: NOT_FOUND "Could not find any versions of model"; an empty
             # list read as a model that is fine, and pollers indexing [0] crashed.

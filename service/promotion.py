@@ -276,7 +276,10 @@ class GatewayStatus:
             body = response.json()
         except ValueError:
             body = None
-        key = "model_version_status" if response.status_code == 200 else "error"
+        if response.status_code != 200:
+            key = "error"
+        else:
+            key = "model_spec" if path.endswith("/metadata") else "model_version_status"
         if not isinstance(body, dict) or key not in body:
             raise PromotionError(
                 f"{self.url}{path} answered {response.status_code} "
@@ -333,14 +336,16 @@ class GatewayStatus:
             _wait_or_time_out(deadline, model, version, state, self.timeout)
 
     def labelled(self, model: str, label: str, version: int) -> None:
-        route = f"/v1/models/{model}/labels/{label}"
+        # The version a label names is in its metadata's model_spec, as TF Serving's
+        # (its status by label lists every version).
+        route = f"/v1/models/{model}/labels/{label}/metadata"
         deadline = time.monotonic() + self.timeout
         agreeing, seen = 0, "not seen yet"
         while agreeing < SETTLED_ANSWERS:
             response = self._get(route)
             moved = False
             if response.status_code == 200:
-                seen = response.json()["model_version_status"][0]["version"]
+                seen = str(response.json()["model_spec"].get("version", "none"))
                 moved = seen == str(version)
             agreeing = agreeing + 1 if moved else 0
             if moved:

@@ -312,15 +312,13 @@ class Registry:
                 raise BackendUnavailable(UNREACHABLE, detail=exc.message) from None
             raise
 
-    def statuses(
-        self, model: str, version: int | None = None, label: str | None = None
-    ) -> list[VersionStatus]:
+    def statuses(self, model: str, version: int | None = None) -> list[VersionStatus]:
         """See :meth:`RoutingTable.statuses`. While the model's source (TF Serving) cannot
         be reached there is no status to give: a gateway polling this one as its TF
         Serving saw versions AVAILABLE that every Predict failed, and stayed ready."""
         if model in self._unreachable:
             raise BackendUnavailable(UNREACHABLE)
-        return self._table.statuses(model, version, label)
+        return self._table.statuses(model, version)
 
     # --- loading and unloading (on the event loop, under the lock) --------------------
 

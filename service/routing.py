@@ -175,15 +175,14 @@ class RoutingTable:
             return served[stable]  # type: ignore[index]
         return served[max(served)]
 
-    def statuses(
-        self, model: str, version: int | None = None, label: str | None = None
-    ) -> list[VersionStatus]:
+    def statuses(self, model: str, version: int | None = None) -> list[VersionStatus]:
         """GetModelStatus: every version tried since start, newest first (TF Serving's
-        order: clients read the first as the newest), or the one asked for."""
+        order: clients read the first as the newest), or the one asked for. There is no
+        status by label: TF Serving's GetModelStatus reads only a version number and
+        lists every version for a label (get_model_status_impl.cc); a label's version is
+        what metadata by label answers (its model_spec)."""
         config = self.config(model)
         states = self.states.get(config.name, {})
-        if label is not None:
-            version = _label_version(config, label)
         if version is None:
             return [states[v] for v in sorted(states, reverse=True)]
         if version not in states:

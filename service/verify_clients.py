@@ -95,10 +95,13 @@ class RestServer:
 
     def label_version(self, model: str | None, label: str) -> int:
         model = model or self.classify([PROBE], model, None)[0]
+        # The label's version is in its metadata's model_spec (TF Serving's status by
+        # label lists every version, newest first).
         response = with_retries(
-            lambda: self._send("GET", f"/v1/models/{model}/labels/{label}"), self.notices
+            lambda: self._send("GET", f"/v1/models/{model}/labels/{label}/metadata"),
+            self.notices,
         )
-        return int(response.json()["model_version_status"][0]["version"])
+        return int(response.json()["model_spec"]["version"])
 
     def classify(
         self, images: Sequence[bytes], model: str | None, version: int | None
@@ -159,22 +162,20 @@ class GrpcServer:
         )
 
     def label_version(self, model: str | None, label: str) -> int:
-        from service.proto_gen.tensorflow_serving.apis import (
-            get_model_status_pb2,
-            model_service_pb2_grpc,
-        )
+        from service.proto_gen.tensorflow_serving.apis import get_model_metadata_pb2
 
         if not model:
             raise DatasetError("--grpc needs --model (gRPC has no default model)")
-        stub = model_service_pb2_grpc.ModelServiceStub(self._channel)  # type: ignore[no-untyped-call]
-        request = get_model_status_pb2.GetModelStatusRequest()
+        # GetModelMetadata resolves the label (its model_spec has the version);
+        # TF Serving's GetModelStatus ignores a label and lists every version.
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         request.model_spec.name = model
         request.model_spec.version_label = label
         answer = with_retries(
-            lambda: self._call(stub.GetModelStatus, request, 30),
+            lambda: self._call(self._stub.GetModelMetadata, request, 30),
             self.notices,
         )
-        return int(answer.model_version_status[0].version)
+        return int(answer.model_spec.version.value)
 
     def classify(
         self, images: Sequence[bytes], model: str | None, version: int | None

@@ -225,8 +225,10 @@ class ModelServicer(_Adapter):
 
     @status_call
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
-        ref = read_model_spec(request.model_spec)
-        return status_response(self._plane.model_status(str(ref.name), ref.version, ref.label))
+        # TF Serving's GetModelStatus reads the version number only: a version_label,
+        # known or not, lists every version; no name is a model with no versions.
+        ref = read_model_spec(request.model_spec, name_required=False)
+        return status_response(self._plane.model_status(str(ref.name or ""), ref.version))
 
     @mapped_errors
     async def HandleReloadConfigRequest(self, request: Any, context: Any) -> Any:

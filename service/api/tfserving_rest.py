@@ -137,6 +137,17 @@ async def empty_label_verb(request: Request, verb: str) -> Response:
     raise _empty(request, verb, "version label")
 
 
+@router.get("/v1/models", include_in_schema=False)
+@router.get("/v1/models/", include_in_schema=False)
+async def no_model_status(request: Request) -> Response:
+    """TF Serving's 400 "Missing model name in request." (its status route takes an
+    optional name); there is no listing of models."""
+    raise InvalidRequest(
+        f"missing model name in request: GET /v1/models/<model> for its versions' status, "
+        f"/v1/models/<model>/metadata for its signatures (asked: {request.scope['path']})"
+    )
+
+
 @router.get("/v1/models/{model}", **STATUS)  # type: ignore[arg-type]
 async def model_status(request: Request, model: str) -> ModelStatusResponse:
     """Every served version of a model with its state (TF Serving GetModelStatus)."""
@@ -150,7 +161,9 @@ async def version_status(request: Request, model: str, version: str) -> ModelSta
 
 @router.get("/v1/models/{model}/labels/{label}", **STATUS)  # type: ignore[arg-type]
 async def label_status(request: Request, model: str, label: str) -> ModelStatusResponse:
-    return _status_body(dataplane(request).model_status(model, label=label))
+    """Every version, as TF Serving answers it: its status ignores a label (a label's
+    version is in `.../labels/<label>/metadata`)."""
+    return _status_body(dataplane(request).model_status(model))
 
 
 def _metadata(
@@ -237,6 +250,10 @@ def _parse_predict(body: Any, input_names: list[str]) -> tuple[dict[str, Any], b
         return {input_names[0]: instances}, True
     inputs = body["inputs"]
     if isinstance(inputs, dict):
+        if set(input_names) <= set(inputs):
+            # TF Serving reads the signature's inputs from the object and ignores other
+            # keys (json_tensor.cc, FillTensorMapFromInputsMap): a 200 there, not a 400
+            return {n: inputs[n] for n in input_names}, False
         return inputs, False
     if len(input_names) != 1:
         raise InvalidRequest(f'this signature has inputs {input_names}; give "inputs" as an object')

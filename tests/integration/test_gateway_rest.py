@@ -485,6 +485,9 @@ def test_tf_serving_status_and_metadata(server: Server) -> None:
         assert client.get("/v1/models/tiny/versions/1").status_code == 200
         _error(client.get("/v1/models/tiny/versions/9"), 404, "version_not_found")
         _error(client.get("/v1/models/other"), 404, "model_not_found")
+        # TF Serving: 400 "Missing model name in request." (it was our 404 no route)
+        for path in ("/v1/models", "/v1/models/"):
+            _error(client.get(path), 400, "bad_request")
         meta = client.get("/v1/models/tiny/metadata").json()
     assert meta["model_spec"] == {"name": "tiny", "signature_name": "", "version": "1"}
     sigs = meta["metadata"]["signature_def"]["signature_def"]
@@ -505,6 +508,11 @@ def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:
         row = client.post("/v1/models/tiny:predict", json={"instances": [pixels.tolist()]})
         col = client.post(
             "/v1/models/tiny/versions/1:predict", json={"inputs": {"image": [pixels.tolist()]}}
+        )
+        # Keys the signature does not take are ignored in the columnar format, as in TF
+        # Serving (the row format's instances must name exactly its inputs there too).
+        extra = client.post(
+            "/v1/models/tiny:predict", json={"inputs": {"image": [pixels.tolist()], "x": [1]}}
         )
         b64 = client.post(
             "/v1/models/tiny:predict",
@@ -548,6 +556,8 @@ def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:
     assert row.status_code == 200, row.text
     np.testing.assert_allclose(row.json()["predictions"][0], expected, atol=1e-4)
     np.testing.assert_allclose(col.json()["outputs"][0], expected, atol=1e-4)
+    assert extra.status_code == 200, extra.text
+    np.testing.assert_allclose(extra.json()["outputs"][0], expected, atol=1e-4)
     assert b64.status_code == 200, b64.text
     np.testing.assert_allclose(b64.json()["predictions"][0], expected, atol=1e-4)
     assert unnamed.status_code == 200, unnamed.text

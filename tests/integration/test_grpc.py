@@ -273,11 +273,18 @@ def test_get_model_status(channel: grpc.Channel) -> None:
         (1, available),
     ]
     assert all(s.status.error_code == 0 for s in response.model_version_status)
-    request.model_spec.version_label = "canary"
-    assert [s.version for s in stub.GetModelStatus(request, timeout=10).model_version_status] == [2]
+    # As TF Serving's GetModelStatus: a version_label, known or not, is not read
+    # (every version); the label's version is what GetModelMetadata answers.
+    for label in ("canary", "nope", ""):
+        request.model_spec.version_label = label
+        answer = stub.GetModelStatus(request, timeout=10)
+        assert [s.version for s in answer.model_version_status] == [2, 1]
     request.model_spec.name = "nope"
     code, message = code_of(stub.GetModelStatus, request, timeout=10)
     assert code == grpc.StatusCode.NOT_FOUND and "tiny" in message
+    request.model_spec.name = ""  # TF Serving: no versions of model "" (NOT_FOUND)
+    code, _ = code_of(stub.GetModelStatus, request, timeout=10)
+    assert code == grpc.StatusCode.NOT_FOUND
 
 
 def test_classify_and_classify_batch_equal_rest(server: Server, channel: grpc.Channel) -> None:

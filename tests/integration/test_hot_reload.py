@@ -113,8 +113,12 @@ def test_version_labels_route_requests(tmp_path: Path) -> None:
         assert version(label="canary") == 2
         assert version(version=1) == 1
         assert version() == 1  # stable by default, not the newest (TF Serving's rule)
-        status = client.get("/v1/models/m/labels/canary").json()["model_version_status"]
-        assert [s["version"] for s in status] == ["2"]
+        metadata = client.get("/v1/models/m/labels/canary/metadata").json()
+        assert metadata["model_spec"]["version"] == "2"
+        # TF Serving's status ignores a label, a known one or not: every version
+        for label in ("canary", "nope"):
+            status = client.get(f"/v1/models/m/labels/{label}").json()["model_version_status"]
+            assert [s["version"] for s in status] == ["2", "1"]
 
 
 def test_several_workers(tmp_path: Path) -> None:

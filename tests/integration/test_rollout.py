@@ -189,8 +189,8 @@ def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path)
         done = promote(repo, "canary", "--tfserving", server.grpc_target)
         assert done.returncode == 0, done.stderr
         with server.client() as client:
-            status = client.get("/v1/models/m/labels/canary").json()
-            assert status["model_version_status"][0]["version"] == "2"
+            metadata = client.get("/v1/models/m/labels/canary/metadata").json()
+            assert metadata["model_spec"]["version"] == "2"
             r = client.post("/v1/classify", params={"label": "canary"}, **RAW)  # type: ignore[arg-type]
             assert r.json()["version"] == 2
             assert "# moved by cnnserve promote" in (repo / "models.config").read_text()

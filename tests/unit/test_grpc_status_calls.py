@@ -35,7 +35,7 @@ class Plane:
     def stopping(self) -> bool:
         return False
 
-    def model_status(self, model: str, version: int | None, label: str | None) -> Any:
+    def model_status(self, model: str, version: int | None) -> Any:
         return [VersionStatus(1, VersionState.AVAILABLE)]
 
     def metadata(self, model: str, version: int | None, label: str | None) -> Any:
