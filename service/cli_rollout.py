@@ -70,14 +70,30 @@ def add_promote(
 
 
 def _promote(args: argparse.Namespace, settings: Settings) -> int:
-    from service.config_edit import write_atomically
-    from service.promotion import GatewayStatus, TFServingStatus, plan, promote, published_versions
-    from service.repository import MODELS_CONFIG, read_config_text
+    from service.config_edit import editing
 
     if args.ca_cert is not None and (args.tfserving or not args.url.startswith("https://")):
         raise PromotionError(
             "--ca-cert is for an https:// --url (--tfserving speaks plaintext gRPC)"
         )
+    if not args.model_repository.is_dir():
+        raise PromotionError(f"model repository {args.model_repository} is not a folder")
+    # Steps are planned from the file as read and written minutes apart: two promotes
+    # at once each wrote its own plan over the other's (a label lost, both exit 0).
+    with editing(args.model_repository) as mine:
+        if not mine:
+            raise PromotionError(
+                f"another cnnserve promote is changing {args.model_repository}; rerun this "
+                "one once it has finished"
+            )
+        return _promote_locked(args, settings)
+
+
+def _promote_locked(args: argparse.Namespace, settings: Settings) -> int:
+    from service.config_edit import write_atomically
+    from service.promotion import GatewayStatus, TFServingStatus, plan, promote, published_versions
+    from service.repository import MODELS_CONFIG, read_config_text
+
     path = args.model_repository / MODELS_CONFIG
     try:
         text = read_config_text(path)
@@ -112,10 +128,24 @@ def _promote(args: argparse.Namespace, settings: Settings) -> int:
         text, args.model_repository, args.model, args.version, args.label, on_disk, serving
     )
 
+    written = [text]  # what the file should hold now: as read, then as last written
+
     def apply(new_text: str) -> None:
+        # A hand edit while a step waited would be overwritten by the next step's text,
+        # planned from the file as it was.
+        try:
+            now = read_config_text(path)
+        except ConfigError as exc:
+            raise PromotionError(exc.message) from None
+        if now != written[-1]:
+            raise PromotionError(
+                f"{path} changed while this promote waited (someone else edited it); "
+                "nothing more was written: rerun the command to plan from the file as it is"
+            )
         if client is not None:
             _reload_tfserving(client, new_text)
         write_atomically(path, new_text)
+        written.append(new_text)
         print(f"wrote {path}", file=sys.stderr)
 
     wait: Any = None

@@ -13,10 +13,12 @@ server polling the file never reads half of it.
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import os
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -356,3 +358,21 @@ def write_atomically(path: Path, text: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def editing(directory: Path) -> Iterator[bool]:
+    """Hold the folder's edit lock (flock on the folder itself: models.config is replaced
+    by a rename, so a lock on the file would not outlive the first write, and no lock
+    file is left in a repository TF Serving reads). Yields False, holding nothing, when
+    another process holds it."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock

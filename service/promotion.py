@@ -241,6 +241,10 @@ class GatewayStatus:
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise PromotionError(f"--url {url!r} needs its scheme, e.g. http://127.0.0.1:8000")
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL as exc:  # not an httpx.HTTPError: it was a traceback
+            raise PromotionError(f"--url {url!r} is not a URL ({exc})") from None
         self.url = url.rstrip("/")
         self.timeout = timeout
         self.headers = headers or {}

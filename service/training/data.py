@@ -239,18 +239,23 @@ def load_image_folder(root: Path) -> ImageSet:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise DatasetError(f"{root} needs at least two class subfolders, found {len(class_dirs)}")
+    for class_dir in class_dirs:
+        check_class_name(class_dir.name, f"class folder {class_dir}")
     paths: list[Path] = []
     labels: list[int] = []
     skipped: list[Path] = []
+    no_files: list[Path] = []
     for label, class_dir in enumerate(class_dirs):
         # Hidden names at any depth are not images of the class: macOS's "._x.jpg"
         # AppleDouble files, .ipynb_checkpoints copies (a duplicate of every image).
-        visible = [
+        entries = [
             p
             for p in class_dir.rglob("*")
-            if p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+            if not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
         ]
+        visible = [p for p in entries if p.is_file()]
+        # A broken link, a pipe, a link loop: no image to read, and they vanished unsaid.
+        no_files += [p for p in entries if not p.is_file() and not p.is_dir()]
         files = sorted(p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES)
         skipped += [p for p in visible if p.suffix.lower() not in IMAGE_SUFFIXES]
         if not files:
@@ -260,15 +265,20 @@ def load_image_folder(root: Path) -> ImageSet:
         paths.extend(files)
         labels.extend([label] * len(files))
     if skipped:  # a .jfif or .heic would vanish from the data unsaid
-        shown = ", ".join(str(p.relative_to(root)) for p in sorted(skipped)[:5])
-        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         log.warning(
-            "%s: skipped %d file(s) without an image extension (%s): %s%s",
+            "%s: skipped %d file(s) without an image extension (%s): %s",
             root,
             len(skipped),
             " ".join(sorted(IMAGE_SUFFIXES)),
-            shown,
-            more,
+            _shown(root, skipped),
+        )
+    if no_files:
+        log.warning(
+            "%s: skipped %d entr(ies) that are no readable files (broken links, pipes, "
+            "link loops): %s",
+            root,
+            len(no_files),
+            _shown(root, no_files),
         )
     return ImageSet(
         name=root.name,
@@ -276,6 +286,33 @@ def load_image_folder(root: Path) -> ImageSet:
         labels=np.asarray(labels, dtype=np.int64),
         paths=paths,
         _hashes=_checked_hashes(root, paths),
+    )
+
+
+def _shown(root: Path, paths: Sequence[Path], count: int = 5) -> str:
+    shown = ", ".join(str(p.relative_to(root)) for p in sorted(paths)[:count])
+    return shown + (f" and {len(paths) - count} more" if len(paths) > count else "")
+
+
+def check_class_name(name: str, where: str) -> None:
+    """A class name must come back whole from labels.txt (one name a line, read with
+    splitlines and stripped: a folder named "do\ng" published a version the gateway
+    could not load) and be UTF-8 (a folder name that is not was a traceback)."""
+    if not name.strip():
+        problem = "is empty or only spaces"
+    elif name != name.strip():
+        problem = "begins or ends with spaces"
+    elif len(name.splitlines()) != 1:
+        problem = "holds a line break"
+    else:
+        try:
+            name.encode("utf-8")
+            return
+        except UnicodeEncodeError:
+            problem = "is not valid UTF-8"
+    raise DatasetError(
+        f"{where}: the class name {name!r} {problem}; labels.txt keeps one name a line, "
+        "so rename it (or map it to another name with --class-map)"
     )
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from service.training.architectures import build
 from service.training.config import TrainConfig
-from service.training.data import Splits, balanced_class_weight, oversample
+from service.training.data import Splits, balanced_class_weight, check_class_name, oversample
 from service.training.journal import FitJournal
 from service.training.pipeline import augment_layers, batches
 from service.training.radam import RAdam  # also registers it for reloading checkpoints
@@ -124,6 +124,8 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         test_fraction=cfg.test_fraction,
         seed=cfg.seed,
     )
+    for name in splits.train.class_names:  # folders are checked as read; --class-map's too
+        check_class_name(name, "the dataset's classes")
     if cfg.limit:
         keep = np.arange(min(cfg.limit, len(splits.train)), dtype=np.int64)
         splits.train = splits.train.subset(keep, "train")

@@ -23,7 +23,9 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
+from service import promotion
 from service.cli import main
+from service.config_edit import editing
 from service.launch import free_port
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, write_models_config
@@ -422,3 +424,42 @@ def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: 
             "2", "--limit", "50", "--model-repository", str(repo), "--output", str(tmp_path),
         )  # fmt: skip
         assert over_grpc.returncode == 1 and "at " + server.grpc_target in over_grpc.stdout
+
+
+def test_promotes_of_one_repository_take_turns(tmp_path: Path) -> None:
+    """Each plans its steps from the file as read and writes them minutes apart: two at
+    once each wrote its own plan over the other's (a label lost, both exit 0)."""
+    repo = two_versions(tmp_path)
+    before = (repo / "models.config").read_text()
+    with editing(repo) as mine:
+        assert mine
+        done = promote(repo, "canary", "--no-wait")
+    assert done.returncode == 1, done.stderr
+    assert "another cnnserve promote is changing" in done.stderr
+    assert (repo / "models.config").read_text() == before
+    assert promote(repo, "canary", "--no-wait").returncode == 0  # the lock went with it
+
+
+def test_an_edit_while_promote_waits_is_not_overwritten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = two_versions(tmp_path)
+    config = repo / "models.config"
+
+    def available(self: object, model: str, version: int) -> None:
+        config.write_text(config.read_text() + "# a hand edit\n")
+
+    monkeypatch.setattr(promotion.GatewayStatus, "serving", lambda self, model: {1, 2})
+    monkeypatch.setattr(promotion.GatewayStatus, "available", available)
+    done = promote(repo, "canary", "--timeout", "5")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "changed while this promote waited" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert config.read_text().endswith("# a hand edit\n")  # kept, nothing written after
+
+
+def test_promote_refuses_a_url_that_does_not_parse(tmp_path: Path) -> None:
+    repo = two_versions(tmp_path)
+    done = promote(repo, "canary", "--url", "http://[::1")
+    assert done.returncode == 1 and "is not a URL" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,41 @@ def test_a_long_list_of_bad_files_is_cut(tmp_path: Path) -> None:
         load_image_folder(root)
     lines = caught.value.message.splitlines()
     assert len(lines) == 1 + 20 + 1 and lines[-1] == "  … and 5 more"
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("do\ng", "holds a line break"),
+        ("a\u2028b", "holds a line break"),  # str.splitlines splits there too
+        ("cat ", "begins or ends with spaces"),
+        ("   ", "empty or only spaces"),
+        ("ca\udcfft", "not valid UTF-8"),  # os.fsdecode of the byte 0xff
+    ],
+)
+def test_class_names_labels_txt_cannot_keep_are_refused(
+    tmp_path: Path, name: str, problem: str
+) -> None:
+    """labels.txt keeps one name a line, read back with splitlines and stripped: a
+    folder named "do\ng" published a version the gateway could not load."""
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=2)
+    (root / "class_1").rename(root / name)
+    with pytest.raises(DatasetError, match=problem) as caught:
+        load_image_folder(root)
+    assert "rename" in caught.value.message
+
+
+def test_entries_that_are_no_files_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=3)
+    (root / "class_0" / "dangling.png").symlink_to(tmp_path / "gone.png")
+    os.mkfifo(root / "class_1" / "pipe.png")
+    with caplog.at_level("WARNING"):
+        images = load_image_folder(root)
+    assert len(images) == 6
+    assert "skipped 2 entr(ies) that are no readable files" in caplog.text
+    assert "class_0/dangling.png" in caplog.text and "class_1/pipe.png" in caplog.text
 
 
 def test_folder_dataset_needs_two_classes(tmp_path: Path) -> None:
