@@ -137,8 +137,14 @@ def _listing(versions: Iterable[int]) -> str:
 
 def published_versions(config_text: str, repository: Path, model: str) -> list[int]:
     """The versions of ``model`` in its folder on this disk (empty when it is not here,
-    e.g. a TF Serving's own volume)."""
-    return sorted(version_dirs(_config(config_text, repository, model).base_path))
+    e.g. a TF Serving's own volume): numbered folders holding a SavedModel (an empty
+    one was promoted with --no-wait, and pinned in place of the version served)."""
+    folders = version_dirs(_config(config_text, repository, model).base_path)
+    return sorted(
+        v
+        for v, folder in folders.items()
+        if (folder / "saved_model.pb").is_file() or (folder / "saved_model.pbtxt").is_file()
+    )
 
 
 # --- applying the steps ---------------------------------------------------------------------

@@ -463,3 +463,16 @@ def test_promote_refuses_a_url_that_does_not_parse(tmp_path: Path) -> None:
     done = promote(repo, "canary", "--url", "http://[::1")
     assert done.returncode == 1 and "is not a URL" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_empty_version_folder_is_not_promoted(tmp_path: Path) -> None:
+    repo = two_versions(tmp_path)
+    (repo / "m" / "3").mkdir()  # a copy not made yet, or a failed one
+    before = (repo / "models.config").read_text()
+    done = cnnserve(
+        "promote", "m", "3", "--label", "canary", "--model-repository", str(repo), "--no-wait"
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "version 3 of m is not published" in done.stderr
+    assert "versions there: [1, 2]" in done.stderr
+    assert (repo / "models.config").read_text() == before
