@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.cli_rollout import add_ca_cert
+from service.cli_rollout import add_ca_cert, unwritable_folder
 from service.cli_types import NON_NEGATIVE, POSITIVE, positive_ints
 from service.client_trust import api_key_headers, https_verify, untrusted
 from service.config import Settings
@@ -155,9 +155,14 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
-    """Why bench cannot run, told before any measurement (they take minutes): a key it
-    cannot read, a --url gateway that does not answer it or refuses its key; "" when
-    there is none."""
+    """Why bench cannot run, told before any measurement (they take minutes): an --output
+    it cannot write, a key it cannot read, a --url gateway that does not answer it or
+    refuses its key; "" when there is none."""
+    output = _output(args)
+    if output.is_dir():
+        return f"--output {output} is a folder; give the report's file name"
+    if unwritable := unwritable_folder(output.parent):
+        return unwritable
     try:
         headers = api_key_headers(settings)  # the key wrk sends (bench.wrk.key_headers)
     except ValueError as exc:
@@ -174,6 +179,8 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
             health = client.get(f"{url}/healthz").status_code
             # A route that needs the key: a wrong one shows now, not as 401s in the report.
             keyed = client.get(f"{url}/v1/models/{args.model}").status_code
+    except httpx.InvalidURL as exc:  # not an HTTPError
+        return f"--url {args.url!r} is not a URL: {exc}"
     except httpx.HTTPError as exc:
         health, keyed = 0, 0
         if (told := untrusted(url, exc)) is not None:
@@ -190,6 +197,12 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
             "CNNSERVE_API_KEYS_FILE; give bench the gateway's key there"
         )
     return ""
+
+
+def _output(args: argparse.Namespace) -> Path:
+    """Where the report goes (its PNG beside it)."""
+    default = "reports/overload.json" if args.overload else "reports/bench.json"
+    return args.output or Path(default)
 
 
 def _bench_models(args: argparse.Namespace, settings: Settings) -> int:
@@ -297,7 +310,7 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
             )
         ]
     data["advice"] = advisor.recommend(data["runs"], args.slo_p99_ms)
-    output = args.output or Path("reports/bench.json")
+    output = _output(args)
     write_json(output, data)
     png = output.with_suffix(".png")
     plot(data, png)
@@ -360,7 +373,7 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
     }
     if _nothing_succeeded([data["capacity"], *(level["wrk"] for level in data["levels"])]):
         return 1
-    output = args.output or Path("reports/overload.json")
+    output = _output(args)
     write_json(output, data)
     png = output.with_suffix(".png")
     plot_overload(data, png)

@@ -263,7 +263,7 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     from service.verify import load_images, run_verify
     from service.verify_clients import GrpcServer, RestServer
 
-    misuse = _verify_misuse(args) or _unwritable(args.output)
+    misuse = _verify_misuse(args) or unwritable_folder(args.output)
     if misuse:
         print(f"cnnserve verify: {misuse}", file=sys.stderr)
         return 2
@@ -313,7 +313,7 @@ def _verify_misuse(args: argparse.Namespace) -> str:
     return ""
 
 
-def _unwritable(folder: Path) -> str:
+def unwritable_folder(folder: Path) -> str:
     """Why the report cannot be written to ``folder``, found before the check runs (it
     ran to the end, then lost its results to a traceback), or ""."""
     try:

@@ -75,9 +75,12 @@ class RestServer:
             raise DatasetError(f"--url {url!r} needs its scheme, e.g. http://localhost:8000")
         self.url = url.rstrip("/")
         self.notices = notices
-        self._client = httpx.Client(
-            base_url=self.url, timeout=60, headers=headers or {}, verify=https_verify(ca_cert)
-        )
+        try:
+            self._client = httpx.Client(
+                base_url=self.url, timeout=60, headers=headers or {}, verify=https_verify(ca_cert)
+            )
+        except httpx.InvalidURL as exc:  # not an HTTPError: no handler of those sees it
+            raise DatasetError(f"--url {url!r} is not a URL: {exc}") from None
 
     def _send(self, method: str, path: str, **kwargs: Any) -> Any:
         """One request, checked (:func:`_checked`); no answer at all is a DatasetError

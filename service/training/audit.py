@@ -315,7 +315,8 @@ def run_audit(data: Dataset, output: Path, cfg: AuditConfig, progress: Progress)
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]], columns: list[str]) -> None:
-    with path.open("w", newline="") as fh:
+    # UTF-8 whatever the locale: --fix reads the reviewed copy back as UTF-8.
+    with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -326,8 +327,15 @@ def write_fix(data: Dataset, reviewed: Path, output: Path) -> Path:
     → ``output/relabel.json``, which `cnnserve train --relabel` applies by sha256."""
     if not reviewed.is_file():
         raise DatasetError(f"reviewed corrections {reviewed} do not exist")
-    with reviewed.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with reviewed.open(newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as exc:  # a spreadsheet's own format or another encoding
+        raise DatasetError(
+            f"reviewed corrections {reviewed} are not UTF-8 text ({exc}); save them as CSV (UTF-8)"
+        ) from None
+    except csv.Error as exc:
+        raise DatasetError(f"reviewed corrections {reviewed} are not a CSV file: {exc}") from None
     if rows and not {"sha256", "corrected_label"} <= set(rows[0]):
         raise DatasetError(f"{reviewed} needs the columns sha256 and corrected_label")
     known = set(data.hashes)

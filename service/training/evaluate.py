@@ -22,8 +22,9 @@ import numpy.typing as npt
 from matplotlib.figure import Figure
 
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
-from service.errors import DatasetError
+from service.errors import DatasetError, ModelLoadError
 from service.preprocessing import PreprocessSpec
+from service.repository import load_card
 from service.training.data import ImageSet, Splits
 from service.training.pipeline import batches
 from service.training.sources import load_splits
@@ -247,13 +248,45 @@ def card_splits(card: dict[str, Any], data_dir: Path | None) -> Splits:
     )
 
 
+def class_mismatch(model: list[str], data: list[str]) -> str:
+    """What keeps ``data``'s class ids from meaning ``model``'s ("" when nothing): a class
+    id is the class's place in the list, so a folder more, less or renamed shifts the ids
+    after it (scored against the wrong outputs, or past the last one)."""
+    if model == data:
+        return ""
+
+    def names(classes: list[str]) -> str:
+        return ", ".join(repr(c) for c in classes)
+
+    missing = [c for c in model if c not in data]
+    extra = [c for c in data if c not in model]
+    if not missing and not extra:
+        return f"the same classes in another order ({names(data)}; the model's: {names(model)})"
+    told = []
+    if missing:
+        told.append(f"missing {names(missing)}")
+    if extra:
+        told.append(f"extra {names(extra)}")
+    return "; ".join(told)
+
+
 def evaluate_version(
     version_dir: Path, *, data_dir: Path | None, output: Path | None, latency_runs: int
 ) -> dict[str, Any]:
     """Re-evaluate a published version on the test split its card records."""
-    card = json.loads((version_dir / "assets.extra" / "model_card.json").read_text())
+    try:
+        card = load_card(version_dir)
+    except ModelLoadError as exc:  # the user's file to fix, not a failed load: exit 2
+        raise DatasetError(exc.message) from None
     spec = PreprocessSpec.from_card(card["preprocessing"])
     splits = card_splits(card, data_dir)
+    labels = card.get("labels")  # every card export writes has them
+    problem = class_mismatch(labels, splits.test.class_names) if labels is not None else ""
+    if problem:
+        raise DatasetError(
+            f"the test data's classes differ from {version_dir}'s (its card's labels): "
+            f"{problem}; give --data-dir a folder of exactly the classes it was trained on"
+        )
     predict = load_signature(version_dir)
     report, _ = evaluate_predictions(predict, splits.test, spec)
     report["test_split_sha256"] = splits.test.fingerprint()

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 
-from service.errors import DatasetError
+from service.errors import DatasetError, ModelLoadError
+from service.repository import load_card
+
+log = logging.getLogger(__name__)
 
 # Card keys that describe a run's outcome or machine, not its recipe.
 _NOT_HYPER = {
@@ -98,7 +102,11 @@ def published_runs(repository: Path) -> list[dict[str, Any]]:
         version_dir = card_path.parents[1]
         if not version_dir.name.isdigit():
             continue
-        card = json.loads(card_path.read_text())
+        try:
+            card = load_card(version_dir)
+        except ModelLoadError as exc:  # one damaged card must not hide every other run
+            log.warning("%s; left out of the report", exc.message)
+            continue
         training, evaluation = card.get("training", {}), card.get("evaluation", {})
         # A compressed version is measured on the artifact that serves it (LiteRT).
         timed = evaluation.get("latency_tensorflow") or evaluation.get("latency_litert") or {}

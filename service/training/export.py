@@ -230,6 +230,19 @@ def publish(
         )
         (extra / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
 
-    version_dir = publish_version(repository / model_name, write)
+    model_dir = repository / model_name
+    try:
+        version_dir = publish_version(model_dir, write)
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as exc:
+        # TensorFlow's own writes (SavedModel, warmup records) fail with its OpError, not
+        # OSError: as an OSError the CLI tells it in one line, as it does Python's writes.
+        # Its message is "<file>; <reason>", the file in the temp folder just removed.
+        reason = exc.message.rpartition("; ")[2]
+        full = isinstance(exc, tf.errors.ResourceExhaustedError)
+        raise OSError(
+            f"cannot write a version into {model_dir}: {reason}; "
+            f"{'free space there' if full else 'allow writing there'} or choose another "
+            "--repository"
+        ) from exc
     log.info("published %s", version_dir)
     return version_dir

@@ -88,8 +88,17 @@ def read_class_map(path: Path) -> dict[str, str]:
     """``source_class -> class`` rules; blank lines and ``#`` comments are skipped."""
     if not path.is_file():
         raise DatasetError(f"class map {path} does not exist")
+    try:
+        # -sig: a BOM an editor put first would otherwise start the first class's name.
+        content = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"class map {path} is not UTF-8 text ({exc}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read class map {path}: {exc.strerror or exc}") from None
     rules: dict[str, str] = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(content.splitlines(), 1):
         text = line.split("#", 1)[0].strip()
         if not text:
             continue
@@ -108,7 +117,13 @@ def read_relabel(path: Path) -> dict[str, str]:
         raise DatasetError(f"cannot read label corrections {path}: {exc}") from None
     if not isinstance(data, dict) or data.get("format") != RELABEL_FORMAT:
         raise DatasetError(f"{path} is not a corrections file from `cnnserve data audit --fix`")
-    return {str(k): str(v) for k, v in data["corrections"].items()}
+    corrections = data.get("corrections")
+    if not isinstance(corrections, dict):
+        raise DatasetError(
+            f'{path} has no "corrections" object (sha256 -> class); write it again with '
+            "`cnnserve data audit --fix`"
+        )
+    return {str(k): str(v) for k, v in corrections.items()}
 
 
 def target_classes(sources: Sequence[Source], class_map: dict[str, str] | None) -> list[str]:

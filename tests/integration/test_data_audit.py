@@ -17,7 +17,7 @@ from service.cli import main
 from service.training.audit import AuditConfig
 from service.training.data import _bucket
 from service.training.sources import SPLIT_NAMES, load_splits
-from tests.helpers.images import write_noisy_class_folders
+from tests.helpers.images import write_class_folders, write_noisy_class_folders
 
 pytestmark = pytest.mark.slow
 
@@ -142,3 +142,17 @@ def test_fix_turns_reviewed_rows_into_corrections_training_applies(
     assert ":2: 'no_such_class' is not a class" in err
     assert ":3: no image of these sources has that sha256" in err
     assert ":4: the sha256 column is empty" in err
+
+
+def test_fix_names_a_reviewed_file_that_is_not_utf8(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A spreadsheet saved in its own format (or UTF-16) was a UnicodeDecodeError traceback."""
+    data = write_class_folders(tmp_path / "data", classes=2, per_class=4)
+    reviewed = tmp_path / "reviewed.csv"
+    reviewed.write_bytes("sha256,corrected_label\n".encode("utf-16"))
+    args = ["data", "audit", str(data), "--output", str(tmp_path / "out"), "--fix", str(reviewed)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cnnserve: reviewed corrections {reviewed} are not UTF-8 text ("), err
+    assert err.endswith("; save them as CSV (UTF-8)\n") and err.count("\n") == 1, err

@@ -121,3 +121,26 @@ def test_experiments_compares_versions_and_unpublished_runs(trained: Path) -> No
     assert "## Test set 1: " in report and "## Test set 2: " in report
     for png in ("curves.png", "per_class_f1.png"):
         assert f"]({png})" in report and (out / png).stat().st_size > 5000
+
+
+def test_a_card_that_is_not_json_is_left_out_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It stopped the whole report with a JSONDecodeError traceback."""
+    repo = tmp_path / "repo"
+    for version, text in (
+        ("1", '{"training":\n'),  # cut short
+        ("2", json.dumps({"training": {"dataset": "shop"}, "evaluation": {"accuracy": 0.5}})),
+    ):
+        extra = repo / "tiny" / version / "assets.extra"
+        extra.mkdir(parents=True)
+        (extra / "model_card.json").write_text(text)
+    out = tmp_path / "report"
+    args = ["experiments", "--model-repository", str(repo), "--work-dir", str(tmp_path / "none")]
+    assert main([*args, "--output", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("1 runs, best: tiny/2;")
+    damaged = repo / "tiny" / "1" / "assets.extra" / "model_card.json"
+    assert f"{damaged}: unreadable model card" in caplog.text
+    assert [r["run"] for r in json.loads((out / "experiments.json").read_text())["runs"]] == [
+        "tiny/2"
+    ]

@@ -293,3 +293,33 @@ def test_an_interrupted_fit_resumes_with_its_whole_record(
     assert len(result.history["loss"]) == 4
     assert result.history["val_loss"][:2] == pytest.approx([s["val_loss"] for s in seen])
     assert result.history["learning_rate"][:2] == pytest.approx([s["learning_rate"] for s in seen])
+
+
+def test_a_full_disk_while_publishing_is_one_line_and_no_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """TensorFlow's writes fail with its own ResourceExhaustedError, no OSError: it was a
+    traceback (the version stayed unpublished, as it must)."""
+    import service.training.export
+
+    def disk_full(model: keras.Model, spec: PreprocessSpec, path: Path) -> None:
+        raise tf.errors.ResourceExhaustedError(
+            None, None, f"{path}/saved_model.pb; No space left on device"
+        )
+
+    monkeypatch.setattr(service.training.export, "write_saved_model", disk_full)
+    data = write_class_folders(tmp_path / "data", classes=2, per_class=10)
+    repo = tmp_path / "repo"
+    code = main(["train", "--dataset", str(data), "--repository", str(repo),
+                 "--model-name", "tiny", "--work-dir", str(tmp_path / "work"),
+                 "--width", "0.25", "--depth", "1", "--epochs", "1", "--batch-size", "8",
+                 "--val-fraction", "0.25", "--test-fraction", "0.25",
+                 "--latency-runs", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"cnnserve train: cannot write a version into {repo / 'tiny'}: No space left on "
+        "device; free space there or choose another --repository"
+    )
+    assert list((repo / "tiny").iterdir()) == []  # neither a version nor its temp folder

@@ -226,3 +226,29 @@ def test_bench_fails_when_no_request_succeeded(
     assert main([*args, "--no-reference"]) == 1
     assert "no request to the gateway succeeded (statuses: 415)" in capsys.readouterr().err
     assert not output.exists()
+
+
+@pytest.mark.parametrize("where", ["under a file", "a folder"])
+def test_bench_checks_its_output_before_measuring(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The whole sweep ran, then its results were lost to a traceback writing --output."""
+    from service.bench import sweep
+
+    def measured(plan: Any, settings: Any) -> dict[str, Any]:
+        raise AssertionError("measured before checking --output")
+
+    monkeypatch.setattr(sweep, "run", measured)
+    monkeypatch.setattr(sweep, "make_payload", lambda name, folder: None)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    output = a_file / "bench.json" if where == "under a file" else tmp_path
+    args = ["bench", "--model-repository", str(ROOT / "model_repository"), "--no-reference"]
+    assert main([*args, "--output", str(output)]) == 2
+    err = capsys.readouterr().err
+    told = (
+        f"cannot write the report to {a_file}: "
+        if where == "under a file"
+        else f"--output {tmp_path} is a folder"
+    )
+    assert err.startswith(f"cnnserve bench: {told}") and err.count("\n") == 1, err

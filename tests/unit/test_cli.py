@@ -330,6 +330,13 @@ def test_bench_without_a_gateway_at_its_url_says_so(capsys: pytest.CaptureFixtur
     assert "no gateway answers" in capsys.readouterr().err
 
 
+def test_bench_with_a_url_that_does_not_parse_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    # httpx.InvalidURL is no httpx.HTTPError: it was a traceback.
+    assert main(["bench", "--url", "http://[::1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "cnnserve bench: --url 'http://[::1' is not a URL: Invalid port: ':1'\n"
+
+
 def test_a_bad_flag_is_one_line_naming_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["train", "--epochs", "0"])

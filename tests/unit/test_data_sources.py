@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from service.training.sources import (
     load_splits,
     merge,
     read_class_map,
+    read_relabel,
 )
 from tests.helpers.images import renamed_class_folders, write_class_folders
 
@@ -83,6 +85,34 @@ def test_a_malformed_class_map_names_its_line(tmp_path: Path) -> None:
     path.write_text("a -> b\nc => d\n")
     with pytest.raises(DatasetError, match=r"map.txt:2"):
         read_class_map(path)
+
+
+def test_a_class_map_that_is_not_utf8_is_named_not_a_traceback(tmp_path: Path) -> None:
+    # A UnicodeDecodeError traceback (saved in a legacy encoding, or a binary file).
+    path = tmp_path / "map.txt"
+    path.write_bytes("cat -> cat\nchat -> cat\n".encode("utf-16"))
+    with pytest.raises(
+        DatasetError,
+        match=rf"class map {re.escape(str(path))} is not UTF-8 text .*save it as UTF-8",
+    ):
+        read_class_map(path)
+    # A BOM an editor wrote is no part of the first class's name.
+    path.write_bytes("cat -> kitten\n".encode("utf-8-sig"))
+    assert read_class_map(path) == {"cat": "kitten"}
+
+
+@pytest.mark.parametrize("corrections", [None, ["sha", "class_1"]])
+def test_a_relabel_file_without_its_corrections_is_named(
+    tmp_path: Path, corrections: object
+) -> None:
+    # A KeyError (or AttributeError) traceback.
+    path = tmp_path / "relabel.json"
+    data = {"format": RELABEL_FORMAT}
+    path.write_text(
+        json.dumps(data if corrections is None else {**data, "corrections": corrections})
+    )
+    with pytest.raises(DatasetError, match=re.escape(f'{path} has no "corrections" object')):
+        read_relabel(path)
 
 
 def _pixels(seed: int, n: int) -> np.ndarray:

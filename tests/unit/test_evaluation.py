@@ -1,11 +1,22 @@
-"""Per-class average precision and mAP in the classification report."""
+"""Per-class average precision and mAP in the classification report; `cnnserve evaluate`'s
+refusals of data and cards it cannot score with."""
 
 from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from service.cli import main
 from service.training.evaluate import average_precision, classification_report
+from tests.helpers.images import write_class_folders
+from tests.helpers.models import publish_tiny
+
+CLASSES = ["class_0", "class_1", "class_2"]
 
 
 def test_average_precision_by_hand() -> None:
@@ -68,3 +79,79 @@ def test_macro_means_skip_classes_without_test_examples() -> None:
     assert report["classes_without_examples"] == ["c"]
     full = classification_report(np.array([0, 1, 2]), np.array([0, 1, 2]), ["a", "b", "c"])
     assert full["macro_f1"] == 1.0 and "classes_without_examples" not in full
+
+
+def _version_trained_on(tmp_path: Path, labels: list[str]) -> tuple[Path, Path]:
+    """A published version (random weights) whose card says it was trained on a folder
+    of class_0..class_2; returns the version and that folder."""
+    data = write_class_folders(tmp_path / "data", classes=3, per_class=6)
+    version = publish_tiny(tmp_path / "repo", "m", labels=labels)
+    path = version / "assets.extra" / "model_card.json"
+    card = json.loads(path.read_text())
+    split = {"val_fraction": 0.2, "test_fraction": 0.5, "seed": 0}
+    card["training"] = {"dataset": str(data), "data_dir": str(tmp_path), **split}
+    path.write_text(json.dumps(card))
+    return version, data
+
+
+def _add_class(data: Path, name: str) -> None:
+    # Other pixels than class_0's: identical copies under two labels would be dropped.
+    write_class_folders(data.parent / "more", classes=1, per_class=6, size=24)
+    (data.parent / "more" / "class_0").rename(data / name)
+
+
+@pytest.mark.parametrize(
+    ("labels", "change", "told"),
+    [
+        # Every id shifted, the last past the model's outputs (an IndexError traceback).
+        pytest.param(
+            CLASSES, lambda d: _add_class(d, "a_new"), "extra 'a_new'", id="one more, first"
+        ),
+        # The ids after it meant other classes (exit 0, misaligned).
+        pytest.param(
+            CLASSES, lambda d: shutil.rmtree(d / "class_1"), "missing 'class_1'", id="one less"
+        ),
+        # An accuracy of 0 with exit 0.
+        pytest.param(
+            CLASSES,
+            lambda d: (d / "class_2").rename(d / "kitten"),
+            "missing 'class_2'; extra 'kitten'",
+            id="renamed",
+        ),
+        pytest.param(
+            ["class_1", "class_0", "class_2"],
+            lambda d: None,
+            "the same classes in another order",
+            id="reordered",
+        ),
+    ],
+)
+def test_evaluate_refuses_data_whose_classes_are_not_the_models(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    labels: list[str],
+    change: Callable[[Path], None],
+    told: str,
+) -> None:
+    version, data = _version_trained_on(tmp_path, labels)
+    change(data)
+    code = main(["evaluate", str(version), "--data-dir", str(data), "--latency-runs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("cnnserve: the test data's classes differ from ") and told in last, last
+
+
+def test_evaluate_names_a_model_card_that_is_not_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version, _ = _version_trained_on(tmp_path, CLASSES)
+    card = version / "assets.extra" / "model_card.json"
+    card.write_text('{"labels":\n')  # cut short
+    assert main(["evaluate", str(version), "--latency-runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == f"cnnserve: {card}: unreadable model card: Expecting value: line 2 column 1 (char 11)\n"
+    )

@@ -193,3 +193,9 @@ def test_no_server_or_no_scheme_is_one_clear_error_not_a_traceback() -> None:
             server.classify([b"x"], None, None)
     with pytest.raises(DatasetError, match="needs its scheme"):
         RestServer("localhost:8000")
+
+
+def test_a_url_that_does_not_parse_is_one_clear_error() -> None:
+    # httpx.InvalidURL is no httpx.HTTPError: it was a traceback.
+    with pytest.raises(DatasetError, match=r"^--url 'http://\[::1' is not a URL: Invalid port"):
+        RestServer("http://[::1")
