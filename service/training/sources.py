@@ -139,6 +139,13 @@ def target_classes(sources: Sequence[Source], class_map: dict[str, str] | None) 
                 )
         return list(first)
     # The first source names the classes; the map translates the others (and may add one).
+    known = {c for source in sources for c in source.pool.class_names}
+    if unused := [c for c in class_map if c not in known]:  # a typo did nothing, unsaid
+        log.warning(
+            "class map rule(s) for %s match no class of any source (classes: %s)",
+            ", ".join(repr(c) for c in unused),
+            ", ".join(sorted(known)),
+        )
     targets = set(class_map.values()) | {class_map.get(c, c) for c in sources[0].pool.class_names}
     names: list[str] = []
     for source in sources:

@@ -74,6 +74,16 @@ def test_an_unmapped_class_is_refused(two_sources: tuple[Path, Path, Path]) -> N
         load_splits([str(a), str(b)], data_dir=Path("/x"), class_map=rules, **SPLIT)
 
 
+def test_a_rule_for_no_class_is_named(
+    two_sources: tuple[Path, Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b, rules = two_sources
+    rules.write_text(rules.read_text() + "tow -> class_2\n")  # a typo did nothing, unsaid
+    with caplog.at_level("WARNING"):
+        load_splits([str(a), str(b)], data_dir=Path("/x"), class_map=rules, **SPLIT)
+    assert "class map rule(s) for 'tow' match no class of any source" in caplog.text
+
+
 def test_sources_naming_different_classes_need_a_map(two_sources: tuple[Path, Path, Path]) -> None:
     a, b, _ = two_sources
     with pytest.raises(DatasetError, match="--class-map"):
