@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -189,6 +190,23 @@ def build_card(
     }
 
 
+def publish_written(model_dir: Path, write: Callable[[Path], None]) -> Path:
+    """:func:`publish_version`, with TensorFlow's failed writes (SavedModel, warmup
+    records: its OpError, not OSError) raised as an OSError the CLI tells in one line, as
+    it does Python's (a full disk was a traceback; the version stays unpublished)."""
+    try:
+        return publish_version(model_dir, write)
+    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as exc:
+        # Its message is "<file>; <reason>", the file in the temp folder just removed.
+        reason = exc.message.rpartition("; ")[2]
+        full = isinstance(exc, tf.errors.ResourceExhaustedError)
+        raise OSError(
+            f"cannot write a version into {model_dir}: {reason}; "
+            f"{'free space there' if full else 'allow writing there'} or choose another "
+            "--repository"
+        ) from exc
+
+
 def publish(
     result: TrainResult,
     cfg: TrainConfig,
@@ -230,19 +248,6 @@ def publish(
         )
         (extra / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
 
-    model_dir = repository / model_name
-    try:
-        version_dir = publish_version(model_dir, write)
-    except (tf.errors.ResourceExhaustedError, tf.errors.PermissionDeniedError) as exc:
-        # TensorFlow's own writes (SavedModel, warmup records) fail with its OpError, not
-        # OSError: as an OSError the CLI tells it in one line, as it does Python's writes.
-        # Its message is "<file>; <reason>", the file in the temp folder just removed.
-        reason = exc.message.rpartition("; ")[2]
-        full = isinstance(exc, tf.errors.ResourceExhaustedError)
-        raise OSError(
-            f"cannot write a version into {model_dir}: {reason}; "
-            f"{'free space there' if full else 'allow writing there'} or choose another "
-            "--repository"
-        ) from exc
+    version_dir = publish_written(repository / model_name, write)
     log.info("published %s", version_dir)
     return version_dir

@@ -323,3 +323,16 @@ def test_a_full_disk_while_publishing_is_one_line_and_no_version(
         "device; free space there or choose another --repository"
     )
     assert list((repo / "tiny").iterdir()) == []  # neither a version nor its temp folder
+
+
+def test_publish_written_tells_tensorflows_denied_write_as_an_os_error(tmp_path: Path) -> None:
+    """The publishing step train and compress share."""
+    from service.training.export import publish_written
+
+    def denied(tmp: Path) -> None:
+        (tmp / "part").write_text("x")
+        raise tf.errors.PermissionDeniedError(None, None, f"{tmp}/x.pb; Permission denied")
+
+    with pytest.raises(OSError, match="Permission denied; allow writing there"):
+        publish_written(tmp_path / "m", denied)
+    assert list((tmp_path / "m").iterdir()) == []

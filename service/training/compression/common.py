@@ -4,8 +4,9 @@ publishing the result as the next version.
 A method reads a published version (:class:`Source`), produces a LiteRT artifact (and,
 for prune/distill, a new Keras model), and hands both to :func:`publish_compressed`,
 which measures the effects on the runtime that serves each version (size, test accuracy,
-throughput at batch 1 and 32) and publishes through :func:`publish_version`: a new
-version appears complete or not at all, and the source version is never modified.
+throughput at batch 1 and 32) and publishes through
+:func:`~service.training.export.publish_written`: a new version appears complete or not
+at all, and the source version is never modified.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import numpy.typing as npt
 from service.contract import INPUT_NAME, OUTPUT_NAME, SERVING_SIGNATURE
 from service.errors import DatasetError, ExportError
 from service.preprocessing import PreprocessSpec
-from service.publishing import publish_version
 from service.repository import version_dirs
 from service.runtimes.card import saved_model_digest, variables_data_digest
 from service.training.architectures import build
@@ -42,6 +42,7 @@ from service.training.evaluate import (
     load_signature,
     paired_latency,
 )
+from service.training.export import publish_written
 
 log = logging.getLogger(__name__)
 
@@ -377,6 +378,6 @@ def publish_compressed(
         }
         (extra / "model_card.json").write_text(json.dumps(card, indent=2) + "\n")
 
-    version_dir = publish_version(source.model_dir, write)
+    version_dir = publish_written(source.model_dir, write)
     log.info("published %s", version_dir)
     return version_dir
