@@ -580,7 +580,13 @@ class DataPlane:
         """Input names of the signature a Predict names (for parsing TF Serving's row
         format); raises InvalidRequest for a signature this version does not serve."""
         signature = self.signature(target, name)
-        return sorted(target.runtime.signature_defs().signature_def[signature].inputs)
+        defs = target.runtime.signature_defs().signature_def
+        if signature in defs:  # a lookup of a missing key would add it to the model's map
+            return sorted(defs[signature].inputs)
+        # A backend's model without the bytes signature: the gateway decodes for it.
+        return [
+            BYTES_INPUT_NAME if signature == BYTES_SIGNATURE else target.runtime.info.input_name
+        ]
 
 
 def _check_output_filter(output_filter: Sequence[str], output: str) -> None:

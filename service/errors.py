@@ -30,6 +30,7 @@ in ``detail``, which is logged with the request id and never sent.
     │   ├── ShuttingDown          503  UNAVAILABLE        unavailable   (not a warning)
     │   ├── ModelNotReady         503  UNAVAILABLE        model_not_ready
     │   └── BackendUnavailable    503  UNAVAILABLE        backend_unavailable
+    ├── BackendError              502  INTERNAL           backend_error
     └── InternalError             500  INTERNAL           internal       (message hidden)
         ├── ModelLoadError        500  INTERNAL           model_load_failed
         ├── ExportError           500  INTERNAL           export_failed
@@ -292,6 +293,19 @@ class BackendUnavailable(Unavailable):
     code = "backend_unavailable"
     # Logged once per change by the source's poll (service.sources), and counted in
     # cnnserve_backend_up: a warning per request flooded the log (3,420 lines in 13 s).
+    server_fault = False
+
+
+class BackendError(CnnserveError):
+    """The model backend (TF Serving) failed a call in a way no retry mends, or answered
+    what this version cannot answer (other columns, non-finite scores): it serves
+    another model than the repository's version, or it broke. 502, as a proxy answers
+    for a bad upstream; the message names the fault, the address stays in the log."""
+
+    code = "backend_error"
+    http_status = 502
+    # Logged once per distinct fault by the runtime (service.runtimes.tfserving) and
+    # counted in cnnserve_requests{code="502"}: a warning per request flooded the log.
     server_fault = False
 
 

@@ -25,19 +25,21 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from service.contract import SERVING_SIGNATURE
 from service.errors import (
+    BackendError,
     BackendUnavailable,
     CnnserveError,
     DeadlineExceeded,
-    InternalError,
     InvalidRequest,
     ModelLoadError,
     NotFound,
     Overloaded,
     VersionGone,
 )
+from service.proto_gen.tensorflow.core.framework import types_pb2
 from service.proto_gen.tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -49,6 +51,7 @@ from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import describe, signature_tensors, to_model_input
 from service.tfserving_proto import (
     available_versions,
+    dtype_name,
     model_spec,
     to_ndarray,
     to_tensor_proto,
@@ -77,6 +80,10 @@ SERVICE_CONFIG = {
         }
     ]
 }
+# The largest answer taken: 10,000 classes for a batch of 256 is 10 MB of float32.
+RECEIVE_LIMIT = 64 * 1024 * 1024
+# What scores may travel as: the model's output, never fed back as pixels.
+SCORE_DTYPES = frozenset({types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE})
 CHANNEL_OPTIONS = [
     # Reconnect soon after TF Serving is back; gRPC's default backoff grows to 120 s.
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -88,13 +95,15 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 0),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", RECEIVE_LIMIT),
     ("grpc.max_send_message_length", -1),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
 ]
 # What clients are told while TF Serving cannot be reached (its address goes to the log).
 UNREACHABLE = "the model backend (TF Serving) cannot be reached; retry shortly"
+# Distinct backend faults a version logs; past these it only counts them (the metrics).
+MAX_LOGGED_FAULTS = 32
 # GetModelStatus/GetModelMetadata are small; a scan must not hang for a full request timeout.
 CONTROL_TIMEOUT = 5.0
 
@@ -137,6 +146,13 @@ class TFServingClient:
                 "the request deadline passed while the model backend (TF Serving) ran it",
                 detail=detail,
             )
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            # This channel's own receive limit, not TF Serving's load: no retry mends it.
+            return BackendError(
+                "the model backend (TF Serving) answered more than the gateway takes "
+                f"({RECEIVE_LIMIT >> 20} MiB)",
+                detail=detail,
+            )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return Overloaded(
                 "the model backend (TF Serving) is overloaded; retry shortly",
@@ -146,8 +162,17 @@ class TFServingClient:
         if code == grpc.StatusCode.NOT_FOUND:
             return NotFound(f"the model backend (TF Serving) has no such model: {details}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return InvalidRequest(f"the model backend (TF Serving) refused the request: {details}")
-        return InternalError(f"TF Serving: {method} failed", detail=detail)
+            # The gateway built this call from input it had checked against the version's
+            # signature: a refusal means TF Serving's model is not the one described.
+            return BackendError(
+                f"the model backend (TF Serving) refused the gateway's {method} "
+                "(INVALID_ARGUMENT): its model does not take what this version's signature "
+                "says; the gateway's log has its words",
+                detail=detail,
+            )
+        return BackendError(
+            f"the model backend (TF Serving) failed a {method} call: {code.name}", detail=detail
+        )
 
     def available(self, model: str) -> list[int]:
         """The model's versions TF Serving reports AVAILABLE; [] for a model it lacks."""
@@ -171,6 +196,7 @@ class TFServingRuntime(Runtime):
         self._client = client  # shared by the source's versions: it closes it, not unload
         self._model = model
         self._version = version
+        self._faults: set[str] = set()  # the backend faults already logged
 
     def load(self) -> ModelInfo:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
@@ -179,7 +205,11 @@ class TFServingRuntime(Runtime):
         response = self._client.call("GetModelMetadata", request, CONTROL_TIMEOUT)
         where = Path(self._client.address) / self._model / str(self._version)
         signatures = get_model_metadata_pb2.SignatureDefMap()
-        if not response.metadata["signature_def"].Unpack(signatures):
+        try:
+            unpacked = response.metadata["signature_def"].Unpack(signatures)
+        except DecodeError as exc:
+            raise ModelLoadError(f"{where}: GetModelMetadata answered garbage: {exc}") from None
+        if not unpacked:
             raise ModelLoadError(f"{where}: GetModelMetadata answered no signature_def")
         if SERVING_SIGNATURE not in signatures.signature_def:
             known = sorted(signatures.signature_def)
@@ -209,10 +239,50 @@ class TFServingRuntime(Runtime):
                 "model backend; see GET /v1/models/" + self._model,
                 detail=exc.log_message(),
             ) from None
-        if info.output_name not in response.outputs:
-            raise InternalError(f"TF Serving answered no {info.output_name!r} output")
+        except BackendError as exc:
+            raise self._reported(exc) from None
+        return self._scores(response, len(x), info)
+
+    def _scores(self, response: Any, rows: int, info: ModelInfo) -> Probabilities:
+        """The answer's scores, checked on every call, as TF Serving's model can change
+        under the gateway (a 5-column answer was served with 10 labels, NaN as a score,
+        a 1-D answer was a 500 with a traceback per request)."""
+        name, classes = info.output_name, info.num_classes
+        if name not in response.outputs:
+            raise self._bad(f"no {name!r} output (it has {sorted(response.outputs)})")
+        proto = response.outputs[name]
+        if proto.dtype not in SCORE_DTYPES:
+            raise self._bad(f"{name!r} as {dtype_name(proto.dtype)}, not float scores")
+        shape = [d.size for d in proto.tensor_shape.dim]
+        if len(shape) == 2 and shape[0] == rows and shape[1] != classes:
+            # Said without the batch's size: one log line however the batches vary.
+            raise self._bad(f"{shape[1]} scores per image where the model has {classes} classes")
+        if proto.tensor_shape.unknown_rank or shape != [rows, classes]:
+            raise self._bad(f"{name!r} of shape {shape} for {rows} images of {classes} classes")
         try:
-            out = to_ndarray(response.outputs[info.output_name], info.output_name)
-        except InvalidRequest as exc:  # a malformed answer is the server's fault, not ours
-            raise InternalError(f"TF Serving answered an unreadable tensor: {exc}") from None
-        return np.asarray(out, dtype=np.float32)
+            # The shape is known good, so this allocates what it announces, no more.
+            out = np.asarray(to_ndarray(proto, name), dtype=np.float32)
+        except InvalidRequest as exc:
+            raise self._bad(f"an unreadable {name!r} tensor ({exc.message})") from None
+        if not np.isfinite(out).all():
+            raise self._bad(f"non-finite {name!r} scores (NaN or infinity)", "its model is broken")
+        return out
+
+    def _bad(
+        self, answer: str, why: str = "it serves another model than this repository's version"
+    ) -> BackendError:
+        error = BackendError(
+            f"the model backend (TF Serving) answered {answer} for version {self._version} of "
+            f"model {self._model!r}: {why}",
+            detail=f"TF Serving at {self._client.address}",
+        )
+        return self._reported(error)
+
+    def _reported(self, error: BackendError) -> BackendError:
+        """``error``, logged the first time this version meets it (the metrics count
+        every request: cnnserve_requests{code="502"})."""
+        text = error.message
+        if text not in self._faults and len(self._faults) < MAX_LOGGED_FAULTS:
+            self._faults.add(text)
+            log.warning("%s (%s); further answers like it are not logged", text, error.detail)
+        return error

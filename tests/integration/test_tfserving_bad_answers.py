@@ -1,0 +1,260 @@
+"""The gateway in front of a TF Serving that answers what the version cannot answer.
+
+A real gRPC server in this process plays a TF Serving whose model is not the
+repository's (other columns, other output, integer scores), that is broken (NaN
+scores, a 1-D answer, INTERNAL) or that refuses the gateway's call. Each must be a
+502 ``backend_error`` over REST, TF Serving's REST and gRPC, named once in the log, and
+never a 200 with the repository's labels on the wrong scores, nor a 500 and a
+traceback per request. The gateway stays ready: the fault is the backend's.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import any_pb2
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from tests.helpers.images import encode, gradient
+from tests.helpers.server import Server, running_server
+
+pytestmark = pytest.mark.slow
+
+PNG = encode(gradient(), "PNG")
+
+
+class FakeTFServing(
+    prediction_service_pb2_grpc.PredictionServiceServicer,
+    model_service_pb2_grpc.ModelServiceServicer,
+):
+    """Version 1 of "tiny" with the repository's own signatures; ``mode`` says how
+    Predict answers."""
+
+    def __init__(self, signatures: Any, classes: int) -> None:
+        self.signatures = signatures
+        self.classes = classes
+        self.mode = "ok"
+        self.predicts = 0
+        self._lock = threading.Lock()
+
+    def GetModelStatus(self, request: Any, context: Any) -> Any:
+        response = get_model_status_pb2.GetModelStatusResponse()
+        status = response.model_version_status.add()
+        status.version = 1
+        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        return response
+
+    def GetModelMetadata(self, request: Any, context: Any) -> Any:
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = request.model_spec.name
+        response.model_spec.version.value = 1
+        packed = any_pb2.Any()
+        packed.Pack(self.signatures)
+        response.metadata["signature_def"].CopyFrom(packed)
+        return response
+
+    def Predict(self, request: Any, context: Any) -> Any:
+        with self._lock:
+            self.predicts += 1
+        rows = request.inputs["image"].tensor_shape.dim[0].size
+        mode = self.mode
+        if mode.isupper():  # a gRPC status code's name
+            context.abort(getattr(grpc.StatusCode, mode), f"the fake TF Serving says {mode}")
+        columns = int(mode.split(":")[1]) if mode.startswith("columns:") else self.classes
+        scores = np.full((rows, columns), 1 / columns, dtype=np.float32)
+        if mode == "nan":
+            scores[:, 0] = np.nan
+        elif mode == "rank 1":
+            scores = scores[:, 0]
+        elif mode == "rank 3":
+            scores = scores[:, :, None]
+        elif mode == "integers":
+            scores = scores.astype(np.int32)
+        elif mode == "huge":  # past the gateway's 64 MiB receive limit
+            scores = np.zeros((rows, 17 * 1024 * 1024), dtype=np.float32)
+        response = predict_pb2.PredictResponse()
+        name = "logits" if mode == "other output" else "probabilities"
+        response.outputs[name].CopyFrom(tf.make_tensor_proto(scores))
+        return response
+
+
+def repository_signatures(repository: Path) -> Any:
+    saved = saved_model_pb2.SavedModel()
+    saved.ParseFromString((repository / "tiny" / "1" / "saved_model.pb").read_bytes())
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    for name, signature in saved.meta_graphs[0].signature_def.items():
+        if not name.startswith("__"):
+            signatures.signature_def[name].CopyFrom(signature)
+    return signatures
+
+
+@contextmanager
+def started(servicer: FakeTFServing) -> Iterator[int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
+    model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(grace=None)
+
+
+def in_front(repository: Path, port: int) -> AbstractContextManager[Server]:
+    args = ("--backend", "tfserving", "--tfserving-address", f"127.0.0.1:{port}")
+    return running_server(repository, grpc_port=0, args=args)
+
+
+@pytest.fixture(scope="module")
+def fake(tiny_repo: Path) -> Iterator[tuple[FakeTFServing, int]]:
+    signatures = repository_signatures(tiny_repo)
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    with started(servicer) as port:
+        yield servicer, port
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_repo: Path, fake: tuple[FakeTFServing, int]) -> Iterator[Server]:
+    with in_front(tiny_repo, fake[1]) as server:
+        yield server
+
+
+def classify(gateway: Server) -> httpx.Response:
+    with gateway.client() as client:
+        return client.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+
+
+def test_a_good_answer_is_served(gateway: Server, fake: tuple[FakeTFServing, int]) -> None:
+    fake[0].mode = "ok"
+    response = classify(gateway)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["label"] in {"cat", "dog", "bird"}
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        ("columns:5", "5 scores per image where the model has 3 classes"),
+        ("columns:11", "11 scores per image where the model has 3 classes"),
+        ("rank 1", "of shape [1] for 1 images"),
+        ("rank 3", "of shape [1, 3, 1]"),
+        ("nan", "non-finite"),
+        ("integers", "as int32, not float scores"),
+        ("other output", "no 'probabilities' output"),
+        ("huge", "more than the gateway takes"),
+        ("INTERNAL", "failed a Predict call: INTERNAL"),
+        ("FAILED_PRECONDITION", "failed a Predict call: FAILED_PRECONDITION"),
+        ("INVALID_ARGUMENT", "refused the gateway's Predict (INVALID_ARGUMENT)"),
+    ],
+)
+def test_a_bad_answer_is_a_502_named_once_in_the_log(
+    gateway: Server, fake: tuple[FakeTFServing, int], mode: str, said: str
+) -> None:
+    servicer, port = fake
+    image_input = servicer.signatures.signature_def["serving_default"].inputs["image"]
+    image = np.zeros([d.size for d in image_input.tensor_shape.dim][1:], dtype=np.uint8)
+    servicer.mode = mode
+    before = servicer.predicts
+    try:
+        for _ in range(3):
+            response = classify(gateway)
+            assert response.status_code == 502, response.text
+            error = response.json()["error"]
+            assert error["code"] == "backend_error"
+            assert said in error["message"]
+            assert str(port) not in error["message"]  # the address is the operator's
+        with gateway.client() as client:
+            body = {"instances": [image.tolist()]}
+            tf_rest = client.post("/v1/models/tiny:predict", json=body)
+            assert tf_rest.status_code == 502, tf_rest.text
+            assert said in tf_rest.json()["error"]
+            assert client.get("/readyz").status_code == 200
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "tiny"
+        request.inputs["image"].CopyFrom(tf.make_tensor_proto(image[None]))
+        with gateway.channel() as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.Predict(request, timeout=30)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+        assert said in failed.value.details()  # type: ignore[attr-defined]
+    finally:
+        servicer.mode = "ok"
+    assert servicer.predicts - before >= 5  # every request asked: nothing cached
+    log = gateway.log.read_text()
+    assert log.count(said) == 1, log[-3000:]  # once, with the address, for the operator
+    assert "Traceback" not in log
+    assert gateway.metric("cnnserve_requests_total", code="502") >= 5
+    assert classify(gateway).status_code == 200  # full service once the backend mends
+
+
+def test_the_answer_codes_say_whose_fault_it_is() -> None:
+    """The translation, for the codes a real TF Serving gives: what no retry mends is
+    the backend's (502); load is a 503 to retry; a missing version a 404."""
+    from service.errors import BackendError, NotFound, Overloaded
+    from service.runtimes.tfserving import TFServingClient
+
+    class Failed(grpc.RpcError):
+        def __init__(self, code: grpc.StatusCode, details: str) -> None:
+            self._code, self._details = code, details
+
+        def code(self) -> grpc.StatusCode:
+            return self._code
+
+        def details(self) -> str:
+            return self._details
+
+    client = TFServingClient("127.0.0.1:9", timeout=1)
+    try:
+        translate = client._translate
+        assert isinstance(translate("Predict", Failed(grpc.StatusCode.UNKNOWN, "")), BackendError)
+        assert isinstance(
+            translate("Predict", Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full")),
+            Overloaded,
+        )
+        assert isinstance(translate("Predict", Failed(grpc.StatusCode.NOT_FOUND, "")), NotFound)
+    finally:
+        client.close()
+
+
+def test_a_signature_the_backend_lacks_is_not_added_to_its_metadata(tiny_repo: Path) -> None:
+    """TF Serving's model without the bytes signature: the gateway decodes the files
+    and runs serving_default; the lookup of the signature's inputs added an empty
+    predict_image_bytes to the metadata it shows (a protobuf map inserts on lookup)."""
+    signatures = repository_signatures(tiny_repo)
+    del signatures.signature_def["predict_image_bytes"]
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    with (
+        started(servicer) as port,
+        in_front(tiny_repo, port) as server,
+        server.client() as client,
+    ):
+        body = {
+            "signature_name": "predict_image_bytes",
+            "instances": [{"b64": base64.b64encode(PNG).decode()}],
+        }
+        response = client.post("/v1/models/tiny:predict", json=body)
+        assert response.status_code == 200, response.text
+        metadata = client.get("/v1/models/tiny/metadata").json()
+    assert sorted(metadata["metadata"]["signature_def"]["signature_def"]) == ["serving_default"]
