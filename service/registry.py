@@ -476,6 +476,13 @@ class Registry:
                 continue
             if model in scan.unknown:  # unreachable source: keep serving what we serve
                 continue
+            if not self._source.keeps_unlisted:
+                # TF Serving stopped listing it AVAILABLE (unloaded, LOADING again, END):
+                # it cannot be served, so it goes now; routes and readiness follow.
+                listed = scan.versions.get(model, {})
+                gone = [v for v in served if v not in listed]
+                keys += [(model, v) for v in gone]
+                served = {v: loaded for v, loaded in served.items() if v in listed}
             wanted = scan.wanted(configs[model]) | self._named_but_gone(
                 configs[model], served.keys(), scan
             )

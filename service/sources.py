@@ -62,6 +62,11 @@ class _Listing:
 
 
 class VersionSource(Protocol):
+    # Whether a loaded version can go on serving once a scan no longer lists it: one in
+    # this process's memory can (its folder deleted, kept until a replacement serves);
+    # one TF Serving stopped listing AVAILABLE cannot (its Predicts fail).
+    keeps_unlisted: bool
+
     def scan(self) -> Scan:
         """Read models.config and list versions; blocking. A models.config that cannot be
         read raises ConfigError (or OSError)."""
@@ -75,6 +80,8 @@ class VersionSource(Protocol):
 
 class DiskSource:
     """Version folders of the model repository, loaded by an in-process runtime."""
+
+    keeps_unlisted = True
 
     def __init__(self, settings: Settings, runtime_factory: RuntimeFactory) -> None:
         self._settings = settings
@@ -153,6 +160,8 @@ class TFServingSource:
     under load made the gateway's readiness flap). Two timed-out polls in a row, or any
     other failure, and the model's versions are unknown: TF Serving is unreachable.
     """
+
+    keeps_unlisted = False
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

@@ -52,14 +52,14 @@ class FakeTFServing(
         self.signatures = signatures
         self.classes = classes
         self.mode = "ok"
+        self.states = [(1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
         self.predicts = 0
         self._lock = threading.Lock()
 
     def GetModelStatus(self, request: Any, context: Any) -> Any:
         response = get_model_status_pb2.GetModelStatusResponse()
-        status = response.model_version_status.add()
-        status.version = 1
-        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        for version, state in self.states:
+            response.model_version_status.add(version=version, state=state)
         return response
 
     def GetModelMetadata(self, request: Any, context: Any) -> Any:
@@ -121,6 +121,7 @@ def started(servicer: FakeTFServing) -> Iterator[int]:
 
 def in_front(repository: Path, port: int) -> AbstractContextManager[Server]:
     args = ("--backend", "tfserving", "--tfserving-address", f"127.0.0.1:{port}")
+    args += ("--poll-seconds", "0.2")
     return running_server(repository, grpc_port=0, args=args)
 
 
@@ -258,3 +259,26 @@ def test_a_signature_the_backend_lacks_is_not_added_to_its_metadata(tiny_repo: P
         assert response.status_code == 200, response.text
         metadata = client.get("/v1/models/tiny/metadata").json()
     assert sorted(metadata["metadata"]["signature_def"]["signature_def"]) == ["serving_default"]
+
+
+@pytest.mark.parametrize("state", ["LOADING", "UNLOADING", "END", None])
+def test_a_version_the_backend_no_longer_lists_available_stops_serving(
+    gateway: Server, fake: tuple[FakeTFServing, int], state: str | None
+) -> None:
+    """TF Serving unloads the version (or reloads it): the gateway's next poll drops it,
+    readiness turns 503 and the status lists no AVAILABLE version; it kept the version
+    as if it held it in memory (a version only TF Serving can run), ready and AVAILABLE."""
+    servicer = fake[0]
+    states = servicer.states
+    codes = get_model_status_pb2.ModelVersionStatus.State
+    servicer.states = [] if state is None else [(1, codes.Value(state))]
+    try:
+        gateway.wait("/readyz", 503, timeout=30)
+        with gateway.client() as client:
+            versions = client.get("/v1/models/tiny").json()["model_version_status"]
+            assert all(v["state"] != "AVAILABLE" for v in versions), versions
+            assert classify(gateway).status_code in {404, 503}
+    finally:
+        servicer.states = states
+    gateway.wait("/readyz", 200, timeout=30)
+    assert classify(gateway).status_code == 200
