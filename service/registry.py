@@ -106,6 +106,9 @@ class Registry:
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
         self._failed: dict[VersionKey, Fingerprint] = {}
+        # The failure last logged per version: a TF Serving version is retried every poll
+        # (no folder to watch), and the same failure was an error line every poll.
+        self._failure_logged: dict[VersionKey, str] = {}
         self._lock = asyncio.Lock()  # one poll (or stop) at a time
         self._poll_task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[None] | None = None  # a shared rescan (refreshed)
@@ -339,6 +342,7 @@ class Registry:
         self._install(scan)
         self._unreachable = scan.unknown
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
+        self._failure_logged = {k: m for k, m in self._failure_logged.items() if k[0] in configured}
         self._say_which_have_nothing_to_serve(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         await self._fall_back(scan)
@@ -527,22 +531,33 @@ class Registry:
         path = scan.versions[model][version]
         self._set_state(key, VersionState.START)
         self._set_state(key, VersionState.LOADING)
-        log.info("loading %s version %d from %s", model, version, path)
+        retried = key in self._failure_logged and self._source.retries_every_scan
+        log.log(
+            logging.DEBUG if retried else logging.INFO,
+            "loading %s version %d from %s",
+            model,
+            version,
+            path,
+        )
         try:
             prepared = await asyncio.to_thread(self._source.prepare, key, path)
             loaded = await self._serve(key, path, prepared)
         except Exception as exc:
             self._failed[key] = scan.fingerprints[key]
             code, message = _describe_failure(exc)
-            # Expected failures are one line (a file the server may not read among them:
-            # an operator's to fix, not a bug); anything else gets its traceback.
-            log.error(
-                "%s version %d failed to load: %s",
-                model,
-                version,
-                message,
-                exc_info=not isinstance(exc, CnnserveError | OSError),
-            )
+            if retried and self._failure_logged.get(key) == message:
+                log.debug("%s version %d still fails to load: %s", model, version, message)
+            else:
+                # Expected failures are one line (a file the server may not read among
+                # them: an operator's to fix, not a bug); anything else its traceback.
+                log.error(
+                    "%s version %d failed to load: %s",
+                    model,
+                    version,
+                    message,
+                    exc_info=not isinstance(exc, CnnserveError | OSError),
+                )
+                self._failure_logged[key] = message
             self._set_state(key, VersionState.END, code, message)
             metrics.observe_model_event(model, "load_failed")
             return
@@ -551,6 +566,7 @@ class Registry:
         precision = _precision(loaded.runtime)
         metrics.observe_runtime(model, version, loaded.runtime.name, precision, loaded=True)
         self._failed.pop(key, None)
+        self._failure_logged.pop(key, None)
         self._table = self._table.with_served(loaded)  # from here on it takes requests
         self._set_state(key, VersionState.AVAILABLE)
         log.info(

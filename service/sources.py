@@ -66,6 +66,9 @@ class VersionSource(Protocol):
     # this process's memory can (its folder deleted, kept until a replacement serves);
     # one TF Serving stopped listing AVAILABLE cannot (its Predicts fail).
     keeps_unlisted: bool
+    # Whether a failed load is retried on every scan (no folder to watch for a change),
+    # so the same failure again is not news; a folder's is retried once it changed.
+    retries_every_scan: bool
 
     def scan(self) -> Scan:
         """Read models.config and list versions; blocking. A models.config that cannot be
@@ -82,6 +85,7 @@ class DiskSource:
     """Version folders of the model repository, loaded by an in-process runtime."""
 
     keeps_unlisted = True
+    retries_every_scan = False
 
     def __init__(self, settings: Settings, runtime_factory: RuntimeFactory) -> None:
         self._settings = settings
@@ -162,6 +166,7 @@ class TFServingSource:
     """
 
     keeps_unlisted = False
+    retries_every_scan = True
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings

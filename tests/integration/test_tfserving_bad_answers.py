@@ -34,7 +34,7 @@ from tensorflow_serving.apis import (
 )
 
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, running_server
+from tests.helpers.server import Server, eventually, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -54,6 +54,8 @@ class FakeTFServing(
         self.mode = "ok"
         self.states = [(1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
         self.predicts = 0
+        self.garbage_metadata = False
+        self.metadata_calls = 0
         self._lock = threading.Lock()
 
     def GetModelStatus(self, request: Any, context: Any) -> Any:
@@ -66,8 +68,12 @@ class FakeTFServing(
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = request.model_spec.name
         response.model_spec.version.value = 1
+        with self._lock:
+            self.metadata_calls += 1
         packed = any_pb2.Any()
         packed.Pack(self.signatures)
+        if self.garbage_metadata:
+            packed.value = b"\xff\xff\xff garbage"
         response.metadata["signature_def"].CopyFrom(packed)
         return response
 
@@ -119,10 +125,10 @@ def started(servicer: FakeTFServing) -> Iterator[int]:
         server.stop(grace=None)
 
 
-def in_front(repository: Path, port: int) -> AbstractContextManager[Server]:
+def in_front(repository: Path, port: int, *, ready: bool = True) -> AbstractContextManager[Server]:
     args = ("--backend", "tfserving", "--tfserving-address", f"127.0.0.1:{port}")
     args += ("--poll-seconds", "0.2")
-    return running_server(repository, grpc_port=0, args=args)
+    return running_server(repository, wait_ready=ready, grpc_port=0, args=args)
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +288,23 @@ def test_a_version_the_backend_no_longer_lists_available_stops_serving(
         servicer.states = states
     gateway.wait("/readyz", 200, timeout=30)
     assert classify(gateway).status_code == 200
+
+
+def test_a_version_failing_to_load_from_the_backend_is_logged_once(tiny_repo: Path) -> None:
+    """TF Serving answers metadata that does not parse: the version fails to load, is
+    retried every poll (no folder to watch), said once in the log without a traceback
+    (a DecodeError traceback every poll before), and loads once the answer is good."""
+    signatures = repository_signatures(tiny_repo)
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    servicer.garbage_metadata = True
+    with started(servicer) as port, in_front(tiny_repo, port, ready=False) as server:
+        eventually(lambda: servicer.metadata_calls >= 5, timeout=30)
+        with server.client() as client:
+            status = client.get("/v1/models/tiny").json()["model_version_status"][0]
+        assert status["state"] == "END" and "garbage" in status["status"]["error_message"]
+        servicer.garbage_metadata = False
+        server.wait("/readyz", 200, timeout=30)
+        log = server.log.read_text()
+    assert log.count("failed to load") == 1, log[-3000:]
+    assert "Traceback" not in log
