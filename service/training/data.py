@@ -245,14 +245,12 @@ def load_image_folder(root: Path) -> ImageSet:
     labels: list[int] = []
     skipped: list[Path] = []
     no_files: list[Path] = []
+    not_read: dict[Path, str] = {}
     for label, class_dir in enumerate(class_dirs):
-        # Hidden names at any depth are not images of the class: macOS's "._x.jpg"
-        # AppleDouble files, .ipynb_checkpoints copies (a duplicate of every image).
-        entries = [
-            p
-            for p in class_dir.rglob("*")
-            if not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-        ]
+        entries, unreadable = _class_entries(class_dir)
+        if class_dir in unreadable:
+            raise DatasetError(f"class folder {class_dir} cannot be read: {unreadable[class_dir]}")
+        not_read.update(unreadable)
         visible = [p for p in entries if p.is_file()]
         # A broken link, a pipe, a link loop: no image to read, and they vanished unsaid.
         no_files += [p for p in entries if not p.is_file() and not p.is_dir()]
@@ -280,6 +278,14 @@ def load_image_folder(root: Path) -> ImageSet:
             len(no_files),
             _shown(root, no_files),
         )
+    if not_read:  # rglob passed over them in silence, and their images with them
+        log.warning(
+            "%s: skipped %d subfolder(s) that cannot be read (%s): %s",
+            root,
+            len(not_read),
+            "; ".join(sorted(set(not_read.values()))),
+            _shown(root, list(not_read)),
+        )
     return ImageSet(
         name=root.name,
         class_names=[p.name for p in class_dirs],
@@ -287,6 +293,30 @@ def load_image_folder(root: Path) -> ImageSet:
         paths=paths,
         _hashes=_checked_hashes(root, paths),
     )
+
+
+def _class_entries(class_dir: Path) -> tuple[list[Path], dict[Path, str]]:
+    """What a class folder holds at any depth, and the folders that could not be read
+    (with why). Hidden names are not images of the class: macOS's "._x.jpg" AppleDouble
+    files, .ipynb_checkpoints copies (a duplicate of every image). Linked subfolders
+    are followed (rglob passed over them unsaid), each real folder once: a link loop
+    ends."""
+    entries: list[Path] = []
+    unreadable: dict[Path, str] = {}
+    seen: set[str] = set()
+
+    def failed(exc: OSError) -> None:
+        unreadable[Path(exc.filename)] = exc.strerror or str(exc)
+
+    for folder, dirs, files in os.walk(class_dir, onerror=failed, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # reached again through a link: a loop, or a second way in
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        entries += [Path(folder, name) for name in files if not name.startswith(".")]
+    return entries, unreadable
 
 
 def _shown(root: Path, paths: Sequence[Path], count: int = 5) -> str:

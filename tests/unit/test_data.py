@@ -140,6 +140,18 @@ def test_entries_that_are_no_files_are_named(
     assert "class_0/dangling.png" in caplog.text and "class_1/pipe.png" in caplog.text
 
 
+def test_linked_subfolders_are_followed_and_a_link_loop_ends(tmp_path: Path) -> None:
+    """A class folder made of links to where the images live (rglob passed over linked
+    subfolders unsaid); a link back up to the class folder is read once, not forever."""
+    elsewhere = write_class_folders(tmp_path / "elsewhere", classes=2, per_class=4)
+    root = write_class_folders(tmp_path / "data", classes=2, per_class=2)
+    (root / "class_0" / "more").symlink_to(elsewhere / "class_0", target_is_directory=True)
+    (root / "class_1" / "loop").symlink_to(root / "class_1", target_is_directory=True)
+    images = load_image_folder(root)
+    assert np.bincount(images.labels).tolist() == [6, 2]
+    assert any("more" in p.parts for p in images.paths)
+
+
 def test_folder_dataset_needs_two_classes(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
     with pytest.raises(DatasetError, match="two class subfolders"):
