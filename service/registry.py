@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import weakref
 from collections.abc import Callable, Iterable
@@ -31,6 +32,7 @@ from service.batching import BatchingConfig, DynamicBatcher
 from service.config import Settings
 from service.config_edit import merge_config, write_atomically
 from service.errors import (
+    BackendError,
     BackendUnavailable,
     CnnserveError,
     ConfigError,
@@ -120,6 +122,7 @@ class Registry:
         # Models the last scan could not list (TF Serving unreachable): they keep their
         # routes, but the gateway is not ready, so a load balancer stops sending it traffic.
         self._unreachable: frozenset[str] = frozenset()
+        self._unreachable_because: CnnserveError | None = None
         self._stopped = False
 
     # --- lifecycle ------------------------------------------------------------------
@@ -312,7 +315,7 @@ class Registry:
         except (ModelNotReady, VersionNotFound) as exc:
             name = model if model is not None else self.default_model
             if name in self._unreachable and not self._table.served.get(name):
-                raise BackendUnavailable(UNREACHABLE, detail=exc.message) from None
+                raise self._source_problem(exc.message) from None
             raise
 
     def statuses(self, model: str, version: int | None = None) -> list[VersionStatus]:
@@ -320,8 +323,17 @@ class Registry:
         be reached there is no status to give: a gateway polling this one as its TF
         Serving saw versions AVAILABLE that every Predict failed, and stayed ready."""
         if model in self._unreachable:
-            raise BackendUnavailable(UNREACHABLE)
+            raise self._source_problem()
         return self._table.statuses(model, version)
+
+    def _source_problem(self, detail: str | None = None) -> CnnserveError:
+        """What a request meets while its model's source cannot list its versions: a
+        TF Serving that failed the poll (INTERNAL, ...) says so, 502, rather than "cannot
+        be reached"; one that could not be reached is a 503 to retry."""
+        problem = self._unreachable_because
+        if isinstance(problem, BackendError):
+            return copy.copy(problem)
+        return BackendUnavailable(UNREACHABLE, detail=detail)
 
     # --- loading and unloading (on the event loop, under the lock) --------------------
 
@@ -340,7 +352,7 @@ class Registry:
         configured = {c.name for c in scan.configs}
         metrics.observe_configured(self._table.configs, configured)
         self._install(scan)
-        self._unreachable = scan.unknown
+        self._unreachable, self._unreachable_because = scan.unknown, scan.problem
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
         self._failure_logged = {k: m for k, m in self._failure_logged.items() if k[0] in configured}
         self._say_which_have_nothing_to_serve(scan)

@@ -47,6 +47,8 @@ class Scan:
     fingerprints: dict[VersionKey, Fingerprint]
     # Models whose versions could not be listed this time: leave them as they are.
     unknown: frozenset[str] = field(default_factory=frozenset)
+    # Why they could not be: what their requests are told.
+    problem: CnnserveError | None = None
 
     def wanted(self, config: ModelConfig) -> set[int]:
         return config.wanted_versions(self.versions.get(config.name, {}))
@@ -211,7 +213,7 @@ class TFServingSource:
         fingerprints: dict[VersionKey, Fingerprint] = {
             (m, v): (self._scans,) for m, found in versions.items() for v in found
         }
-        return Scan(configs, versions, fingerprints, frozenset(unknown))
+        return Scan(configs, versions, fingerprints, frozenset(unknown), problem)
 
     def _busy(self, error: CnnserveError) -> bool:
         """Whether a poll's failure means TF Serving is loaded rather than gone (see the

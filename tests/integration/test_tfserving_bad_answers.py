@@ -55,10 +55,13 @@ class FakeTFServing(
         self.states = [(1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
         self.predicts = 0
         self.garbage_metadata = False
+        self.status_error: grpc.StatusCode | None = None
         self.metadata_calls = 0
         self._lock = threading.Lock()
 
     def GetModelStatus(self, request: Any, context: Any) -> Any:
+        if self.status_error is not None:
+            context.abort(self.status_error, "the fake TF Serving fails")
         response = get_model_status_pb2.GetModelStatusResponse()
         for version, state in self.states:
             response.model_version_status.add(version=version, state=state)
@@ -308,3 +311,24 @@ def test_a_version_failing_to_load_from_the_backend_is_logged_once(tiny_repo: Pa
         log = server.log.read_text()
     assert log.count("failed to load") == 1, log[-3000:]
     assert "Traceback" not in log
+
+
+def test_a_backend_failing_its_status_polls_is_a_502_not_unreachable(tiny_repo: Path) -> None:
+    """TF Serving answers GetModelStatus INTERNAL from the start: the gateway is not
+    ready, and its requests and status say the backend failed (502), not that it
+    "cannot be reached" (503, retry shortly), which sent operators after the network."""
+    signatures = repository_signatures(tiny_repo)
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    servicer.status_error = grpc.StatusCode.INTERNAL
+    with started(servicer) as port, in_front(tiny_repo, port, ready=False) as server:
+        with server.client() as client:
+            eventually(lambda: classify(server).status_code != 503, timeout=30)
+            for response in (classify(server), client.get("/v1/models/tiny")):
+                assert response.status_code == 502, response.text
+                assert "failed a GetModelStatus call: INTERNAL" in response.text
+                assert str(port) not in response.text
+            assert client.get("/readyz").status_code == 503
+        servicer.status_error = None
+        server.wait("/readyz", 200, timeout=30)
+        assert classify(server).status_code == 200
