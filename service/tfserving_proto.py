@@ -146,10 +146,13 @@ def _string_list(content: bytes, count: int, what: str) -> list[bytes]:
     return strings
 
 
-def to_ndarray(proto: Any, name: str = "tensor", max_bytes: int | None = None) -> npt.NDArray[Any]:
+def to_ndarray(
+    proto: Any, name: str = "tensor", max_bytes: int | None = None, *, role: str = "input"
+) -> npt.NDArray[Any]:
     """The numpy array of a TensorProto; DT_STRING gives an object array of bytes.
-    ``max_bytes`` bounds what it may allocate (a client's tensor; None for a trusted one)."""
-    what = f"input {name!r}"
+    ``max_bytes`` bounds what it may allocate (a client's tensor; None for a trusted one);
+    ``role`` names the tensor in errors (a backend's answer is an "output")."""
+    what = f"{role} {name!r}"
     shape = _shape(proto, what, max_bytes)
     if proto.dtype == types_pb2.DT_STRING:
         values = (

@@ -102,8 +102,8 @@ CHANNEL_OPTIONS = [
 ]
 # What clients are told while TF Serving cannot be reached (its address goes to the log).
 UNREACHABLE = "the model backend (TF Serving) cannot be reached; retry shortly"
-# Distinct backend faults a version logs; past these it only counts them (the metrics).
-MAX_LOGGED_FAULTS = 32
+# A version's backend fault of one kind is logged at most once in this many seconds.
+RELOG_SECONDS = 60
 # GetModelStatus/GetModelMetadata are small; a scan must not hang for a full request timeout.
 CONTROL_TIMEOUT = 5.0
 
@@ -162,12 +162,16 @@ class TFServingClient:
         if code == grpc.StatusCode.NOT_FOUND:
             return NotFound(f"the model backend (TF Serving) has no such model: {details}")
         if code == grpc.StatusCode.INVALID_ARGUMENT:
-            # The gateway built this call from input it had checked against the version's
-            # signature: a refusal means TF Serving's model is not the one described.
+            # The gateway built the Predict from input it had checked against the
+            # version's signature: a refusal means TF Serving's model is not that one.
+            why = (
+                "its model does not take what this version's signature says"
+                if method == "Predict"
+                else "the gateway and TF Serving disagree on the API"
+            )
             return BackendError(
                 f"the model backend (TF Serving) refused the gateway's {method} "
-                "(INVALID_ARGUMENT): its model does not take what this version's signature "
-                "says; the gateway's log has its words",
+                f"(INVALID_ARGUMENT): {why}; the gateway's log has its words",
                 detail=detail,
             )
         return BackendError(
@@ -196,14 +200,15 @@ class TFServingRuntime(Runtime):
         self._client = client  # shared by the source's versions: it closes it, not unload
         self._model = model
         self._version = version
-        self._faults: set[str] = set()  # the backend faults already logged
+        self._faults: dict[str, float] = {}  # kind of backend fault → when last logged
 
     def load(self) -> ModelInfo:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=model_spec(self._model, self._version), metadata_field=["signature_def"]
         )
         response = self._client.call("GetModelMetadata", request, CONTROL_TIMEOUT)
-        where = Path(self._client.address) / self._model / str(self._version)
+        # Clients read load failures in the version's status: not TF Serving's address.
+        where = Path("TF Serving") / self._model / str(self._version)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         try:
             unpacked = response.metadata["signature_def"].Unpack(signatures)
@@ -219,7 +224,12 @@ class TFServingRuntime(Runtime):
         )
         self._signatures = signatures
         self._info = info
-        log.info("%s is served by TF Serving at %s", where, self._client.address)
+        log.info(
+            "%s version %d is served by TF Serving at %s",
+            self._model,
+            self._version,
+            self._client.address,
+        )
         return info
 
     def predict(self, batch: Batch, deadline: float | None = None) -> Probabilities:
@@ -246,43 +256,75 @@ class TFServingRuntime(Runtime):
     def _scores(self, response: Any, rows: int, info: ModelInfo) -> Probabilities:
         """The answer's scores, checked on every call, as TF Serving's model can change
         under the gateway (a 5-column answer was served with 10 labels, NaN as a score,
-        a 1-D answer was a 500 with a traceback per request)."""
+        a 1-D answer was a 500 with a traceback per request, an answer with a shape and
+        no values was all zeros). Messages leave the batch's size out where they can:
+        one line in the log however the batches vary."""
         name, classes = info.output_name, info.num_classes
         if name not in response.outputs:
-            raise self._bad(f"no {name!r} output (it has {sorted(response.outputs)})")
+            raise self._bad(None, f"no {name!r} output (it has {sorted(response.outputs)})")
         proto = response.outputs[name]
         if proto.dtype not in SCORE_DTYPES:
-            raise self._bad(f"{name!r} as {dtype_name(proto.dtype)}, not float scores")
+            raise self._bad(None, f"{name!r} as {dtype_name(proto.dtype)}, not float scores")
         shape = [d.size for d in proto.tensor_shape.dim]
         if len(shape) == 2 and shape[0] == rows and shape[1] != classes:
-            # Said without the batch's size: one log line however the batches vary.
-            raise self._bad(f"{shape[1]} scores per image where the model has {classes} classes")
+            raise self._bad(
+                None, f"{shape[1]} scores per image where the model has {classes} classes"
+            )
         if proto.tensor_shape.unknown_rank or shape != [rows, classes]:
-            raise self._bad(f"{name!r} of shape {shape} for {rows} images of {classes} classes")
+            shown = ["N" if i == 0 and d == rows else str(d) for i, d in enumerate(shape)]
+            kind = None if shown[:1] == ["N"] else "rows"  # other row counts: one kind
+            raise self._bad(
+                kind, f"{name!r} of shape [{', '.join(shown)}] where [N, {classes}] is expected"
+            )
+        field = "float_val" if proto.dtype == types_pb2.DT_FLOAT else "double_val"
+        if not proto.tensor_content and len(getattr(proto, field)) != rows * classes:
+            # TF reads fewer typed values as a fill (the last repeated); a model's answer
+            # is never written so, and an empty one was served as all-zero scores.
+            raise self._bad(
+                "values", f"{len(getattr(proto, field))} {field} values for {classes} per image"
+            )
         try:
             # The shape is known good, so this allocates what it announces, no more.
-            out = np.asarray(to_ndarray(proto, name), dtype=np.float32)
+            raw = to_ndarray(proto, name, role="output")
         except InvalidRequest as exc:
-            raise self._bad(f"an unreadable {name!r} tensor ({exc.message})") from None
-        if not np.isfinite(out).all():
-            raise self._bad(f"non-finite {name!r} scores (NaN or infinity)", "its model is broken")
+            raise self._bad(
+                "unreadable", f"an unreadable {name!r} tensor ({exc.message})"
+            ) from None
+        if not np.isfinite(raw).all():
+            raise self._bad(
+                None, f"non-finite {name!r} scores (NaN or infinity)", "its model is broken"
+            )
+        out = np.asarray(raw, dtype=np.float32)
+        if not np.isfinite(out).all():  # float64 scores past float32's range
+            raise self._bad(None, f"{name!r} scores beyond float32's range", "its model is broken")
         return out
 
     def _bad(
-        self, answer: str, why: str = "it serves another model than this repository's version"
+        self,
+        kind: str | None,
+        answer: str,
+        why: str = "it serves another model than this repository's version",
     ) -> BackendError:
         error = BackendError(
             f"the model backend (TF Serving) answered {answer} for version {self._version} of "
             f"model {self._model!r}: {why}",
             detail=f"TF Serving at {self._client.address}",
         )
-        return self._reported(error)
+        return self._reported(error, kind)
 
-    def _reported(self, error: BackendError) -> BackendError:
-        """``error``, logged the first time this version meets it (the metrics count
-        every request: cnnserve_requests{code="502"})."""
-        text = error.message
-        if text not in self._faults and len(self._faults) < MAX_LOGGED_FAULTS:
-            self._faults.add(text)
-            log.warning("%s (%s); further answers like it are not logged", text, error.detail)
+    def _reported(self, error: BackendError, kind: str | None = None) -> BackendError:
+        """``error``, logged when this version first meets its kind of fault, and again
+        at most once a RELOG_SECONDS while it lasts, with TF Serving's latest words (the
+        metrics count every request: cnnserve_requests{code="502"}). The kind is the
+        message (which leaves the batch's size out), or a name for those that vary."""
+        kind = kind or error.message
+        now = time.monotonic()
+        if now - self._faults.get(kind, -RELOG_SECONDS) >= RELOG_SECONDS:
+            self._faults[kind] = now
+            log.warning(
+                "%s (%s); answers like it in the next %d s are not logged",
+                error.message,
+                error.detail,
+                RELOG_SECONDS,
+            )
         return error

@@ -39,6 +39,7 @@ from tests.helpers.server import Server, eventually, running_server
 pytestmark = pytest.mark.slow
 
 PNG = encode(gradient(), "PNG")
+NOT_LOGGED = "answers like it in the next"
 
 
 class FakeTFServing(
@@ -99,9 +100,17 @@ class FakeTFServing(
             scores = scores.astype(np.int32)
         elif mode == "huge":  # past the gateway's 64 MiB receive limit
             scores = np.zeros((rows, 17 * 1024 * 1024), dtype=np.float32)
+        elif mode == "beyond float32":
+            scores = np.full((rows, columns), 1e300)
         response = predict_pb2.PredictResponse()
         name = "logits" if mode == "other output" else "probabilities"
-        response.outputs[name].CopyFrom(tf.make_tensor_proto(scores))
+        tensor = response.outputs[name]
+        tensor.CopyFrom(tf.make_tensor_proto(scores))
+        if mode in ("no values", "one value"):  # a shape, and TF's fill of the rest
+            tensor.ClearField("tensor_content")
+            tensor.float_val.extend([0.5] if mode == "one value" else [])
+        elif mode == "short content":
+            tensor.tensor_content = tensor.tensor_content[:-4]
         return response
 
 
@@ -166,8 +175,12 @@ def test_a_good_answer_is_served(gateway: Server, fake: tuple[FakeTFServing, int
     [
         ("columns:5", "5 scores per image where the model has 3 classes"),
         ("columns:11", "11 scores per image where the model has 3 classes"),
-        ("rank 1", "of shape [1] for 1 images"),
-        ("rank 3", "of shape [1, 3, 1]"),
+        ("rank 1", "of shape [N] where [N, 3] is expected"),
+        ("rank 3", "of shape [N, 3, 1] where [N, 3] is expected"),
+        ("no values", "0 float_val values for 3 per image"),
+        ("one value", "1 float_val values for 3 per image"),
+        ("short content", "an unreadable 'probabilities' tensor (output 'probabilities'"),
+        ("beyond float32", "scores beyond float32's range"),
         ("nan", "non-finite"),
         ("integers", "as int32, not float scores"),
         ("other output", "no 'probabilities' output"),
@@ -185,6 +198,8 @@ def test_a_bad_answer_is_a_502_named_once_in_the_log(
     image = np.zeros([d.size for d in image_input.tensor_shape.dim][1:], dtype=np.uint8)
     servicer.mode = mode
     before = servicer.predicts
+    log_before = gateway.log.read_text()
+    logged = log_before.count(NOT_LOGGED)
     try:
         for _ in range(3):
             response = classify(gateway)
@@ -194,7 +209,7 @@ def test_a_bad_answer_is_a_502_named_once_in_the_log(
             assert said in error["message"]
             assert str(port) not in error["message"]  # the address is the operator's
         with gateway.client() as client:
-            body = {"instances": [image.tolist()]}
+            body = {"instances": [image.tolist()] * 2}  # another batch size: one log line
             tf_rest = client.post("/v1/models/tiny:predict", json=body)
             assert tf_rest.status_code == 502, tf_rest.text
             assert said in tf_rest.json()["error"]
@@ -212,7 +227,14 @@ def test_a_bad_answer_is_a_502_named_once_in_the_log(
         servicer.mode = "ok"
     assert servicer.predicts - before >= 5  # every request asked: nothing cached
     log = gateway.log.read_text()
-    assert log.count(said) == 1, log[-3000:]  # once, with the address, for the operator
+    # One line a kind of fault (whatever the batch size), with the address, for the
+    # operator; a fault whose kind was logged a moment ago is not logged again.
+    same_kind = mode == "one value" and "float_val values for" in log_before
+    lines = 0 if same_kind else 1
+    assert log.count(NOT_LOGGED) - logged == lines, log[-3000:]
+    assert log.count(said) == lines, log[-3000:]
+    if lines:
+        assert "127.0.0.1:" in log.split(said)[-1].splitlines()[0]
     assert "Traceback" not in log
     assert gateway.metric("cnnserve_requests_total", code="502") >= 5
     assert classify(gateway).status_code == 200  # full service once the backend mends
@@ -287,6 +309,9 @@ def test_a_version_the_backend_no_longer_lists_available_stops_serving(
             versions = client.get("/v1/models/tiny").json()["model_version_status"]
             assert all(v["state"] != "AVAILABLE" for v in versions), versions
             assert classify(gateway).status_code in {404, 503}
+        log = gateway.log.read_text()
+        assert "TF Serving lists no version AVAILABLE for it" in log
+        assert "publish a numbered version folder" not in log  # a folder would not help
     finally:
         servicer.states = states
     gateway.wait("/readyz", 200, timeout=30)
@@ -306,6 +331,7 @@ def test_a_version_failing_to_load_from_the_backend_is_logged_once(tiny_repo: Pa
         with server.client() as client:
             status = client.get("/v1/models/tiny").json()["model_version_status"][0]
         assert status["state"] == "END" and "garbage" in status["status"]["error_message"]
+        assert str(port) not in status["status"]["error_message"]  # the operator's, not theirs
         servicer.garbage_metadata = False
         server.wait("/readyz", 200, timeout=30)
         log = server.log.read_text()
