@@ -46,7 +46,10 @@ def add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings:
         "--hash-distance", type=int, default=cfg.hash_distance, help="near duplicate: pHash bits"
     )
     p.add_argument(
-        "--limit", type=at_least(0), default=cfg.limit, help="first N images only (0 = all)"
+        "--limit",
+        type=at_least(0),
+        default=cfg.limit,
+        help="N images drawn from every source and split, for a quick look (0 = all)",
     )
     p.add_argument("--seed", type=int, default=cfg.seed)
     p.set_defaults(handler=_audit)

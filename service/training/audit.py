@@ -55,7 +55,7 @@ class AuditConfig:
     hash_distance: int = 4
     pixel_distance: float = 6.0
     top: int = 24  # suspects shown in the gallery
-    limit: int = 0  # audit only the first N images (0 = all)
+    limit: int = 0  # audit N images drawn from every source and split (0 = all)
     seed: int = 0
     val_fraction: float = 0.1
     test_fraction: float = 0.1
@@ -92,24 +92,29 @@ def load(
         for part in src.parts()
         for i in range(len(part))
     ]
-    count = min(cfg.limit, len(ids)) if cfg.limit else len(ids)
+    picked = np.arange(len(ids))
+    if cfg.limit and cfg.limit < len(ids):
+        # Drawn from the whole: the first N were all of the first source's training
+        # images, so a leak into the test split or another source could not show.
+        picked = np.sort(np.random.default_rng(cfg.seed).choice(len(ids), cfg.limit, False))
+    hashes = merged.images.hashes()
     return Dataset(
-        pixels=_small_pixels(merged, count),
-        labels=merged.images.labels[:count],
+        pixels=_small_pixels(merged, picked),
+        labels=merged.images.labels[picked],
         classes=merged.images.class_names,
-        ids=ids[:count],
-        hashes=merged.images.hashes()[:count],
-        split=[SPLIT_NAMES[s] if s >= 0 else "dropped" for s in merged.split[:count].tolist()],
+        ids=[ids[i] for i in picked.tolist()],
+        hashes=[hashes[i] for i in picked.tolist()],
+        split=[SPLIT_NAMES[s] if s >= 0 else "dropped" for s in merged.split[picked].tolist()],
         provenance=merged.provenance,
     )
 
 
-def _small_pixels(merged: Merged, count: int) -> npt.NDArray[np.uint8]:
+def _small_pixels(merged: Merged, picked: npt.NDArray[np.intp]) -> npt.NDArray[np.uint8]:
     images = merged.images
     if images.pixels is not None and images.pixels.ndim == 3:
-        return images.pixels[:count]  # Fashion-MNIST: native 28×28 grey
+        return images.pixels[picked]  # Fashion-MNIST: native 28×28 grey
     spec = PreprocessSpec(height=THUMB, width=THUMB)
-    return np.stack([images.model_input(i, spec) for i in range(count)])
+    return np.stack([images.model_input(i, spec) for i in picked.tolist()])
 
 
 # --- class balance ---------------------------------------------------------------------
@@ -211,7 +216,9 @@ def _pair(data: Dataset, i: int, j: int, kind: str, bits: int, mad: float) -> di
         "b_index": j,
         "split_a": data.split[i],
         "split_b": data.split[j],
-        "cross_split": data.split[i] != data.split[j],
+        # A copy training dropped is in no split: no leak, whatever its twin's split.
+        "cross_split": "dropped" not in (data.split[i], data.split[j])
+        and data.split[i] != data.split[j],
         "label_a": data.classes[data.labels[i]],
         "label_b": data.classes[data.labels[j]],
         "hash_bits": bits,

@@ -82,7 +82,13 @@ def write_summary(report: dict[str, Any], path: Path) -> None:
         "# Data audit",
         "",
         f"{report['images']} images, {len(bal['classes'])} classes, audited "
-        f"{report['created_at']}. Numbers in `audit.json`.",
+        f"{report['created_at']}. Numbers in `audit.json`."
+        + (
+            f" A sample (`--limit {report['config']['limit']}`) of every source and split: "
+            "duplicates and label issues among the rest are not looked for."
+            if report["config"].get("limit") == report["images"]
+            else ""
+        ),
         "",
         "## Class balance",
         "",
