@@ -199,6 +199,50 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
     return ""
 
 
+def _unserved(args: argparse.Namespace, settings: Settings, model: str, version: int) -> str:
+    """Why the --url gateway cannot be measured as serving ``version`` (what the report
+    names and takes its limits from; wrk asks for it by number), or ""."""
+    import httpx
+
+    url = args.url.rstrip("/")
+    with httpx.Client(
+        timeout=5, headers=api_key_headers(settings), verify=https_verify(args.ca_cert)
+    ) as client:
+        try:
+            answer = client.get(f"{url}/v1/models/{model}")
+        except httpx.HTTPError:
+            return ""  # reachable a moment ago (_setup_problem): the measurement will say
+    if answer.status_code != 200:
+        return f"{url} does not serve model {model!r} ({answer.status_code}); give --model"
+    served = sorted(
+        int(v["version"])
+        for v in answer.json().get("model_version_status", [])
+        if v.get("state") == "AVAILABLE"
+    )
+    if version in served:
+        return ""
+    return (
+        f"{url} does not serve version {version} of {model} (it serves {served}); give "
+        "--version one of those (by default bench takes the newest in --model-repository)"
+    )
+
+
+def _not_configured(repository: Path, model: str, version: int) -> str:
+    """Why a gateway bench starts on ``repository`` would not serve ``version``, or ""."""
+    from service.repository import read_repository, version_dirs
+
+    config = next((c for c in read_repository(repository) if c.name == model), None)
+    if config is None:
+        return f"{repository}/models.config does not configure model {model!r}; give --model"
+    served = sorted(config.wanted_versions(version_dirs(repository / model)))
+    if version in served:
+        return ""
+    return (
+        f"{repository}/models.config serves versions {served} of {model} ({config.policy}), "
+        f"not {version}: give --version one of those"
+    )
+
+
 def _output(args: argparse.Namespace) -> Path:
     """Where the report goes (its PNG beside it)."""
     default = "reports/overload.json" if args.overload else "reports/bench.json"
@@ -256,6 +300,14 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
             "and at most one --batching (they only label the run)",
             file=sys.stderr,
         )
+        return 2
+    unserved = (
+        _unserved(args, settings, model, version)
+        if args.url
+        else _not_configured(repository, model, version)
+    )
+    if unserved:
+        print(f"cnnserve bench: {unserved}", file=sys.stderr)
         return 2
     peers = []
     for key, label, script, off in (

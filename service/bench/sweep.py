@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import numpy as np
 from PIL import Image
@@ -185,6 +186,14 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def classify_path(plan: Plan) -> str:
+    """What wrk posts to: the version this bench reports and takes its limits from, by
+    number. The default route answered with whatever the gateway served (a --url
+    gateway's labelled version 1, while the report said version 2)."""
+    model, version = plan.version_dir.parent.name, plan.version_dir.name
+    return f"/v1/classify?{urlencode({'model': model, 'version': version})}"
+
+
 def _measure_gateway(
     plan: Plan,
     config: ServerConfig,
@@ -194,7 +203,7 @@ def _measure_gateway(
     costs: dict[str, Any],
     progress: Progress,
 ) -> dict[str, Any]:
-    classify = Load("/v1/classify", bodies=costs["bodies"])
+    classify = Load(classify_path(plan), bodies=costs["bodies"])
     top = max(plan.concurrency)
     run_wrk(url, classify, connections=top, seconds=plan.warmup_seconds)
     http = _point(url, Load("/healthz"), top, plan.limit_seconds, pid)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.models import publish_tiny
 from tests.helpers.server import ROOT, Server, running_server, self_signed
 
 KEY = "client-commands-key"
@@ -58,6 +59,29 @@ def test_bench_drives_a_gateway_with_keys(tiny_repo: Path, tmp_path: Path) -> No
             [line] = refused.stderr.splitlines()
             assert line.startswith(f"cnnserve bench: {server.url} answered 401 to ")
             assert "CNNSERVE_API_KEYS" in line
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_bench_measures_the_version_it_reports(tiny_repo: Path, tmp_path: Path) -> None:
+    """bench --url reported the newest version of its --model-repository and took its
+    limits from it, while wrk's requests went to whatever the gateway's default route
+    served: a gateway on version 1 was reported as version 2 at 27% efficiency."""
+    local = tmp_path / "repo"
+    shutil.copytree(tiny_repo, local)
+    publish_tiny(local, "tiny", seed=1)  # version 2, which the gateway has not
+    output = tmp_path / "bench.json"
+    repository = ("--model-repository", str(local), "--output", str(output))
+    with running_server(tiny_repo, env={"CNNSERVE_API_KEYS": KEY}) as server:
+        told = bench(server, *repository)
+        assert told.returncode == 2, told.stderr[-3000:]
+        assert "does not serve version 2 of tiny (it serves [1])" in told.stderr
+        assert not output.exists()
+        done = bench(server, *repository, "--version", "1")
+        assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["model"] == "tiny/1"
+    [point] = [p for run in report["runs"] for p in run["points"]]
+    assert set(point["statuses"]) == {"200"} and point["ok"] > 0, point
 
 
 def test_bench_and_verify_on_tls(tiny_repo: Path, tmp_path: Path) -> None:

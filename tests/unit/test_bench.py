@@ -13,7 +13,7 @@ import pytest
 
 from service.bench import advisor
 from service.bench.limits import cost_at, limit
-from service.bench.sweep import Batching
+from service.bench.sweep import Batching, Plan, classify_path
 from service.bench.wrk import KeyRefused, Load, run_wrk, summarize
 from service.cli import main
 from tests.helpers.http_stub import QuietHandler, http_stub
@@ -252,3 +252,28 @@ def test_bench_checks_its_output_before_measuring(
         else f"--output {tmp_path} is a folder"
     )
     assert err.startswith(f"cnnserve bench: {told}") and err.count("\n") == 1, err
+
+
+def test_a_running_gateway_is_asked_for_the_version_the_report_names(tmp_path: Path) -> None:
+    """wrk's requests name the model and version the report is about, on a --url
+    gateway and on one bench starts alike."""
+    for url in ("http://127.0.0.1:1", None):
+        plan = Plan(tmp_path, tmp_path / "my model" / "2", [1], [], url=url)
+        assert classify_path(plan) == "/v1/classify?model=my+model&version=2"
+
+
+def test_bench_names_a_version_the_gateway_it_starts_would_not_serve(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--version 1 of a repository whose policy serves the newest: its gateway would
+    answer every pinned request 404, after minutes of measuring."""
+    repository = tmp_path / "repo"
+    shutil.copytree(ROOT / "model_repository", repository)
+    model = repository / "fashion_mnist"
+    shutil.copytree(model / "1", model / "2")
+    output = tmp_path / "bench.json"
+    args = ["bench", "--model-repository", str(repository), "--output", str(output)]
+    assert main([*args, "--version", "1", "--no-reference"]) == 2
+    err = capsys.readouterr().err
+    assert "serves versions [2] of fashion_mnist (latest), not 1" in err, err
+    assert not output.exists()
