@@ -402,6 +402,7 @@ def run_verify(
         print(f"verify: the server answers with {model} version {version}", file=progress_out)
     version_dir = _version_dir(repository, model, version)
     card = read_card(version_dir)
+    _check_same_model(server, model, version, version_dir, card)
     spec = training_spec(card)
     print(
         f"verify: offline predictions of {version_dir} ({spec.resize_method} resize)",
@@ -452,6 +453,29 @@ def run_verify(
         save_disagreements(report, encoded, output, show)
     print_report(report, out, show)
     return report
+
+
+def _check_same_model(
+    server: RestServer | GrpcServer,
+    model: str,
+    version: int,
+    version_dir: Path,
+    card: dict[str, Any],
+) -> None:
+    """Refuse to judge a server that serves another model under the same name and
+    number (a different repository): the comparison would read as a train/serve skew
+    (25% agreement, exit 1) that no serving fault caused. Known when the server shows
+    its card (cnnserve's REST demo route); else the comparison speaks for itself."""
+    served = server.served_card(model, version) if isinstance(server, RestServer) else None
+    if not served:
+        return
+    ours, theirs = card.get("created_at"), served.get("created_at")
+    if ours and theirs and ours != theirs:
+        raise DatasetError(
+            f"{server.url} serves another {model} version {version} than {version_dir} (its "
+            f"model card was created {theirs}, this one {ours}); point --model-repository "
+            "at the repository the server serves"
+        )
 
 
 def _version_dir(repository: Path, model: str, version: int) -> Path:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
+from urllib.parse import quote
 
 from PIL import Image
 
@@ -95,6 +96,24 @@ class RestServer:
             raise DatasetError(
                 f"no answer from {self.url}: {exc}; is the server running?"
             ) from None
+
+    def served_card(self, model: str, version: int) -> dict[str, Any] | None:
+        """The model card the server serves for the version (its demo route), or None
+        when it cannot tell (no such route: another server, or TF Serving)."""
+        import httpx
+
+        path = f"/demo/models/{quote(model, safe='')}/versions/{version}/card"
+        try:
+            response = self._client.get(path)
+        except httpx.HTTPError:
+            return None
+        if response.status_code != 200:
+            return None
+        try:
+            card = response.json().get("card")
+        except (ValueError, AttributeError):
+            return None
+        return card if isinstance(card, dict) else None
 
     def label_version(self, model: str | None, label: str) -> int:
         model = model or self.classify([PROBE], model, None)[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.models import publish_tiny
+from tests.helpers.models import publish_tiny, simple_config, write_models_config
 from tests.helpers.server import ROOT, Server, running_server, self_signed
 
 KEY = "client-commands-key"
@@ -82,6 +82,31 @@ def test_bench_measures_the_version_it_reports(tiny_repo: Path, tmp_path: Path) 
     assert report["model"] == "tiny/1"
     [point] = [p for run in report["runs"] for p in run["points"]]
     assert set(point["statuses"]) == {"200"} and point["ok"] > 0, point
+
+
+def test_verify_refuses_to_judge_another_model_than_the_served_one(tmp_path: Path) -> None:
+    """A server on another repository's version 1 (its card created at another time):
+    verify compared the two models, reported 25% agreement and exited 1, the exit of a
+    train/serve skew, which no serving fault caused. Now it says so, exit 2."""
+    served, local = tmp_path / "served", tmp_path / "local"
+    for repo, created in (
+        (served, "2026-01-01T00:00:00+00:00"),
+        (local, "2026-02-02T00:00:00+00:00"),
+    ):
+        publish_tiny(repo, "tiny")
+        write_models_config(repo, simple_config("tiny"))
+        card_path = repo / "tiny" / "1" / "assets.extra" / "model_card.json"
+        card_path.write_text(
+            json.dumps(json.loads(card_path.read_text()) | {"created_at": created})
+        )
+    common = ("--model", "tiny", "--limit", "2", "--output", str(tmp_path / "verify"))
+    with running_server(served, env={"CNNSERVE_API_KEYS": KEY}) as server:
+        other = cnnserve("verify", "--url", server.url, "--model-repository", str(local), *common)
+        assert other.returncode == 2, other.stdout + other.stderr
+        assert "serves another tiny version 1 than" in other.stderr
+        assert "point --model-repository at the repository the server serves" in other.stderr
+        same = cnnserve("verify", "--url", server.url, "--model-repository", str(served), *common)
+        assert "serves another" not in same.stderr, same.stderr
 
 
 def test_bench_and_verify_on_tls(tiny_repo: Path, tmp_path: Path) -> None:
