@@ -15,6 +15,7 @@ from service.cli_bench import add_bench
 from service.cli_data import add_data, add_experiments
 from service.cli_rollout import add_promote, add_verify
 from service.cli_train import add_compress, add_evaluate, add_train
+from service.cli_types import DefaultsHelp
 from service.config import Settings
 from service.errors import CnnserveError, DatasetError, PromotionError
 from service.logs import setup_logging
@@ -47,7 +48,7 @@ def _add_serve(
         description="Serve every model of models.config: REST (and /docs) on --port, gRPC on "
         "--grpc-port. Each flag is also the environment variable CNNSERVE_<NAME>; defaults "
         "shown are the values in effect.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     for name in SERVE_FLAGS:
         field = Settings.model_fields[name]

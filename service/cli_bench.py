@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.cli_rollout import add_ca_cert, unwritable_folder
-from service.cli_types import NON_NEGATIVE, POSITIVE, positive_ints
+from service.cli_types import NON_NEGATIVE, POSITIVE, DefaultsHelp, positive_ints
 from service.client_trust import api_key_headers, https_verify, untrusted
 from service.config import Settings
 from service.errors import DatasetError
@@ -44,6 +44,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         "tutorial-style and the batching TensorFlow reference servers under the same load; "
         "writes JSON and a PNG, the gateway's req/s over each peer's, and recommends "
         "batching settings for --slo-p99-ms.",
+        formatter_class=DefaultsHelp,
     )
     p.add_argument("--model-repository", type=Path, default=settings.model_repository)
     p.add_argument("--model", default="fashion_mnist")

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from service.cli_types import at_least, folder_or_new
+from service.cli_types import DefaultsHelp, at_least, folder_or_new
 from service.config import Settings
 
 
@@ -28,7 +28,7 @@ def add_data(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings:
         "(confident learning on out-of-fold predictions of a small CNN). Writes summary.md, "
         "audit.json, CSVs and PNGs to --output; source files are never modified. With --fix, "
         "turns a reviewed label_issues.csv into OUTPUT/relabel.json for `train --relabel`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument("dataset", help="'fashion_mnist' or a folder of class folders")
     p.add_argument(

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from service.cli_types import POSITIVE, at_least, folder_or_new, pem_certificates
+from service.cli_types import POSITIVE, DefaultsHelp, at_least, folder_or_new, pem_certificates
 from service.client_trust import api_key_headers
 from service.config import Settings
 from service.errors import (
@@ -38,7 +38,7 @@ def add_promote(
         "the label, then drop the version the label left if nothing needs it. models.config "
         "is edited in place (comments kept) and replaced atomically; with --tfserving each "
         "step is also sent to that TF Serving (HandleReloadConfigRequest).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument("model", help="model name in models.config")
     p.add_argument("version", type=int, help="the version the label moves to")
@@ -209,7 +209,7 @@ def add_verify(
         "(its SavedModel through service.preprocessing), and fail (exit 1) when agreement is "
         "below 99.9% (PNG) or 99% (JPEG): the train/serve-skew guard. No answer from the "
         "server is exit 2. Progress goes to stderr.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--url", default=DEFAULT_URL, help="gateway REST address (/v1/classify)")

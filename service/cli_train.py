@@ -16,6 +16,7 @@ from service.cli_types import (
     POSITIVE,
     RATE,
     SHARE,
+    DefaultsHelp,
     at_least,
     folder_or_new,
     fraction,
@@ -47,7 +48,7 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         help="train a model and publish it as the next version in the repository",
         description="Train on Fashion-MNIST or a folder of class folders, evaluate on the "
         "held-out test split, and publish a versioned SavedModel atomically.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelp,
     )
     p.add_argument(
         "--dataset",
@@ -111,7 +112,9 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     p.add_argument(
         "--batch-size", type=at_least(1), default=train.batch_size, help="images per step"
     )
-    p.add_argument("--optimizer", choices=get_args(Optimizer), default=train.optimizer)
+    p.add_argument(
+        "--optimizer", choices=get_args(Optimizer), default=train.optimizer, help="optimizer"
+    )
     p.add_argument("--lr", type=POSITIVE, default=train.learning_rate, help="learning rate")
     p.add_argument("--momentum", type=RATE, default=train.momentum, help="SGD momentum")
     p.add_argument(
@@ -120,7 +123,12 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         default=train.weight_decay,
         help="AdamW decoupled weight decay",
     )
-    p.add_argument("--schedule", choices=get_args(Schedule), default=train.schedule)
+    p.add_argument(
+        "--schedule",
+        choices=get_args(Schedule),
+        default=train.schedule,
+        help="learning-rate schedule",
+    )
     p.add_argument(
         "--patience",
         type=at_least(0),

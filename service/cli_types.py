@@ -10,6 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that says each option's default, except where there is none to say (None,
+    a flag's False) or its help already says it: "(default: None)" was noise."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An integer of at least ``low``."""
 

@@ -201,6 +201,7 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
         callbacks=callbacks,
         verbose=0,
         class_weight=weights,
+        shuffle=False,  # the pipeline shuffles; Keras warned of its ignored default each run
     )
     # The fit's own History starts at a resumed epoch; the journal holds them all.
     history, seconds = journal.history(), journal.seconds()

@@ -403,3 +403,16 @@ def test_verify_checks_its_output_folder_before_any_work(
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith(f"cnnserve verify: cannot write the report to {a_file / 'report'}")
+
+
+@pytest.mark.parametrize("command", ["train", "bench", "verify", "promote"])
+def test_help_says_defaults_and_no_none(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`train --help` named no default for --optimizer or --schedule, bench's none at all,
+    and others said "(default: None)" of options that have none."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert text.count("(default: ") >= 3
+    if command == "train":
+        assert "optimizer (default: sgd)" in text and "(default: plateau)" in text
