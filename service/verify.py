@@ -323,7 +323,10 @@ class Report:
 
 
 def _percent(value: float | None) -> str:
-    return "n/a (no known classes)" if value is None else f"{value:.2%}"
+    if value is None:
+        # Agreement still holds (the same bytes, both ways); accuracy needs labels.
+        return "n/a (no image is of a class the model knows: give --data with its classes)"
+    return f"{value:.2%}"
 
 
 def print_report(report: Report, out: TextIO, show: int) -> None:

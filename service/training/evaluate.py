@@ -238,14 +238,22 @@ def card_splits(card: dict[str, Any], data_dir: Path | None) -> Splits:
                 "paths hold"
             )
         datasets = [str(data_dir)]
-    return load_splits(
-        datasets,
-        data_dir=data_dir or Path(training["data_dir"]),
-        **optional,
-        val_fraction=training["val_fraction"],
-        test_fraction=training["test_fraction"],
-        seed=training["seed"],
-    )
+    try:
+        return load_splits(
+            datasets,
+            data_dir=data_dir or Path(training["data_dir"]),
+            **optional,
+            val_fraction=training["val_fraction"],
+            test_fraction=training["test_fraction"],
+            seed=training["seed"],
+        )
+    except DatasetError as exc:
+        if data_dir is not None or "does not exist" not in exc.message:
+            raise
+        raise DatasetError(
+            f"{exc.message}: that is where the model card says this version's data was; "
+            "give --data-dir where it is now"
+        ) from None
 
 
 def class_mismatch(model: list[str], data: list[str]) -> str:

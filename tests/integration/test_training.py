@@ -336,3 +336,17 @@ def test_publish_written_tells_tensorflows_denied_write_as_an_os_error(tmp_path:
     with pytest.raises(OSError, match="Permission denied; allow writing there"):
         publish_written(tmp_path / "m", denied)
     assert list((tmp_path / "m").iterdir()) == []
+
+
+def test_evaluate_names_data_dir_when_the_cards_folder_is_gone(
+    published: Path, tmp_path: Path
+) -> None:
+    """The folder a version was trained on moved: "does not exist" alone did not say
+    that the path is the card's, nor how to give the new one."""
+    from service.errors import DatasetError
+    from service.training.evaluate import card_splits
+
+    card = json.loads((published / "assets.extra" / "model_card.json").read_text())
+    card["training"]["dataset"] = str(tmp_path / "gone")
+    with pytest.raises(DatasetError, match="give --data-dir where it is now"):
+        card_splits(card, None)
