@@ -252,9 +252,26 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         command=command,
         latency_runs=args.latency_runs,
     )
+    _say_test_accuracy(version_dir)
     print(version_dir)
     _say_if_unserved(args.repository, args.model_name)
     return 0
+
+
+def _say_test_accuracy(version_dir: Path) -> None:
+    """The held-out score, on stderr, so a fit ends with how good it is (it was only in
+    the card, for `cnnserve evaluate` to show); stdout keeps the folder alone."""
+    from service.repository import read_card
+
+    evaluation = read_card(version_dir).get("evaluation", {})
+    if "accuracy" in evaluation and "examples" in evaluation:
+        print(
+            f"cnnserve train: test accuracy {evaluation['accuracy']:.2%} on "
+            f"{evaluation['examples']:,} held-out images (macro F1 "
+            f"{evaluation.get('macro_f1', float('nan')):.3f}); `cnnserve evaluate "
+            f"{version_dir}` for per-class scores and the confusion matrix",
+            file=sys.stderr,
+        )
 
 
 def published_run(model_dir: Path, run_id: str) -> Path | None:

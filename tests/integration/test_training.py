@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -66,7 +68,10 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--latency-runs",
         "2",
     ]
-    assert main(args) == 0
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        assert main(args) == 0
+    (root / "stderr.txt").write_text(said.getvalue())
     return root / "repo" / "tiny" / "1"
 
 
@@ -350,3 +355,12 @@ def test_evaluate_names_data_dir_when_the_cards_folder_is_gone(
     card["training"]["dataset"] = str(tmp_path / "gone")
     with pytest.raises(DatasetError, match="give --data-dir where it is now"):
         card_splits(card, None)
+
+
+def test_a_fit_ends_with_its_test_accuracy(published: Path) -> None:
+    """The held-out score was only in the card: a fit ended with a folder name."""
+    card = json.loads((published / "assets.extra" / "model_card.json").read_text())
+    err = (published.parents[2] / "stderr.txt").read_text()
+    accuracy = card["evaluation"]["accuracy"]
+    assert f"test accuracy {accuracy:.2%} on {card['evaluation']['examples']} held-out" in err
+    assert f"cnnserve evaluate {published}" in err
