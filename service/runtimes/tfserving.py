@@ -141,6 +141,12 @@ class TFServingClient:
         detail = f"TF Serving at {self.address}: {method}: {code.name}: {details}"
         if code == grpc.StatusCode.UNAVAILABLE:
             return BackendUnavailable(UNREACHABLE, detail=detail)
+        if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
+            # TF Serving stopping with the call in flight: another try may find it (or a
+            # sibling replica) up, unlike a failure no retry mends (BackendError).
+            return BackendUnavailable(
+                "the model backend (TF Serving) dropped the call; retry shortly", detail=detail
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(
                 "the request deadline passed while the model backend (TF Serving) ran it",

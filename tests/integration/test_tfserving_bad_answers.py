@@ -243,7 +243,7 @@ def test_a_bad_answer_is_a_502_named_once_in_the_log(
 def test_the_answer_codes_say_whose_fault_it_is() -> None:
     """The translation, for the codes a real TF Serving gives: what no retry mends is
     the backend's (502); load is a 503 to retry; a missing version a 404."""
-    from service.errors import BackendError, NotFound, Overloaded
+    from service.errors import BackendError, BackendUnavailable, NotFound, Overloaded
     from service.runtimes.tfserving import TFServingClient
 
     class Failed(grpc.RpcError):
@@ -265,6 +265,9 @@ def test_the_answer_codes_say_whose_fault_it_is() -> None:
             Overloaded,
         )
         assert isinstance(translate("Predict", Failed(grpc.StatusCode.NOT_FOUND, "")), NotFound)
+        for dropped in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
+            error = translate("Predict", Failed(dropped, "server shutting down"))
+            assert isinstance(error, BackendUnavailable) and "retry" in error.message
     finally:
         client.close()
 
