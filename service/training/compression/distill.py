@@ -110,7 +110,7 @@ def _fit(
     data = batches(train, source.spec, options.batch_size, shuffle_seed=options.seed).map(
         with_teacher
     )
-    fit = model.fit(data, epochs=options.epochs, verbose=0)
+    fit = model.fit(data, epochs=options.epochs, verbose=0, shuffle=False)
     return model, {k: [float(v) for v in vs] for k, vs in fit.history.items()}
 
 

@@ -161,7 +161,7 @@ def compress_prune(source: Source, options: PruneOptions, *, command: str) -> tu
         steps,
         len(train),
     )
-    fit = model.fit(data, epochs=options.epochs, callbacks=[pruning], verbose=0)
+    fit = model.fit(data, epochs=options.epochs, callbacks=[pruning], verbose=0, shuffle=False)
     pruning.finish()
     sparsity = sparsity_of(kernels)
     params = sum(int(np.prod(k.shape)) for k in kernels)
