@@ -169,6 +169,12 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     )
     p.add_argument("--seed", type=int, default=train.seed, help="random seed")
     p.add_argument(
+        "--no-demo-samples",
+        action="store_true",
+        help="publish no test images with the version (the demo page's samples for a model "
+        "not trained on Fashion-MNIST: one per class, at most 6)",
+    )
+    p.add_argument(
         "--latency-runs", type=at_least(1), default=50, help="timed batches for the latency report"
     )
     p.set_defaults(handler=_train)
@@ -251,6 +257,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         model_name=args.model_name,
         command=command,
         latency_runs=args.latency_runs,
+        demo_samples=not args.no_demo_samples,
     )
     _say_test_accuracy(version_dir)
     print(version_dir)

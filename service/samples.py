@@ -5,6 +5,9 @@ trained on or carries, so none are committed as files.
   official test image of each of a few classes, read from the head of the IDX files in
   ``fashion_mnist_dir`` (the Debian package ``dataset-fashion-mnist``), with their true
   class.
+- A version ``cnnserve train`` published from other data carries a few of its test
+  split's images, one per class, with their class (``assets.extra/demo_samples/``,
+  written at publish; ``--no-demo-samples`` leaves them out).
 - Any other version gets the distinct images of its own warmup records
   (``assets.extra/tf_serving_warmup_requests``), leaving out uniform ones (the
   placeholder grey images ``cnnserve train`` writes tell a person nothing).
@@ -19,6 +22,7 @@ import functools
 import gzip
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from service.repository import read_warmup, version_fingerprint
+from service.repository import ASSETS_EXTRA, read_warmup, version_fingerprint
 from service.training.data import FASHION_MNIST_CLASSES
 from service.warmup import WarmupFormatError
 
@@ -38,6 +42,12 @@ log = logging.getLogger(__name__)
 SAMPLE_COUNT = 6
 FASHION_MNIST_ABOUT = "From the Fashion-MNIST test set (never seen in training)."
 WARMUP_ABOUT = "From this version's warmup requests."
+PUBLISHED_ABOUT = "From this version's test split (never seen in training)."
+# In a version's assets.extra: the PNGs and an index of them (file, label, source).
+SAMPLES_FOLDER = "demo_samples"
+SAMPLES_INDEX = "samples.json"
+# A published sample's PNG is read only up to this size (a folder anyone may edit).
+MAX_SAMPLE_BYTES = 4 * 1024 * 1024
 # Test images read to find SAMPLE_COUNT classes (the first 20 already hold all ten).
 FASHION_MNIST_SCAN = 200
 IDX_IMAGES, IDX_LABELS = 0x0803, 0x0801
@@ -74,7 +84,41 @@ def _cached(
         found = fashion_mnist_samples(fashion_mnist_dir)
         if found:
             return found
-    return warmup_samples(version_dir)
+    return published_samples(version_dir) or warmup_samples(version_dir)
+
+
+def write_samples(folder: Path, samples: list[tuple[npt.NDArray[np.uint8], str, str]]) -> None:
+    """``(pixels, label, source)`` as ``folder``'s PNGs and their index, for
+    :func:`published_samples` to read back."""
+    folder.mkdir()
+    index = []
+    for number, (pixels, label, source) in enumerate(samples):
+        name = f"{number}.png"
+        (folder / name).write_bytes(png(pixels))
+        index.append({"file": name, "label": label, "source": source})
+    (folder / SAMPLES_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def published_samples(version_dir: Path, count: int = SAMPLE_COUNT) -> tuple[Sample, ...]:
+    """The samples publishing wrote into the version (:func:`write_samples`); () when it
+    has none, and when they cannot be read (logged)."""
+    folder = version_dir / ASSETS_EXTRA / SAMPLES_FOLDER
+    if not (folder / SAMPLES_INDEX).is_file():
+        return ()
+    found = []
+    try:
+        entries = json.loads((folder / SAMPLES_INDEX).read_text(encoding="utf-8"))
+        for entry in entries[:count]:
+            path = folder / Path(str(entry["file"])).name  # its own folder only
+            with path.open("rb") as fh:
+                data = fh.read(MAX_SAMPLE_BYTES + 1)
+            if len(data) > MAX_SAMPLE_BYTES or not data.startswith(b"\x89PNG"):
+                raise ValueError(f"{path} is not a PNG of at most {MAX_SAMPLE_BYTES} bytes")
+            found.append(Sample(str(entry["label"]), str(entry["source"]), PUBLISHED_ABOUT, data))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("no published samples for the demo page from %s: %s", folder, exc)
+        return ()
+    return tuple(found)
 
 
 def fashion_mnist_samples(directory: Path, count: int = SAMPLE_COUNT) -> tuple[Sample, ...]:

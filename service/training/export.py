@@ -20,6 +20,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import numpy.typing as npt
 import tensorflow as tf
 from PIL import Image
 
@@ -34,8 +35,10 @@ from service.preprocessing import PreprocessSpec
 from service.proto_gen.tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from service.publishing import publish_version
 from service.runtimes.conversion import convert_litert as convert_litert  # re-export: lived here
+from service.samples import SAMPLE_COUNT, SAMPLES_FOLDER, write_samples
 from service.training.architectures import NORMALIZATION
 from service.training.config import TrainConfig
+from service.training.data import ImageSet
 from service.training.evaluate import (
     evaluate_predictions,
     latency,
@@ -104,6 +107,23 @@ def warmup_records(model_name: str, spec: PreprocessSpec) -> list[bytes]:
         ).SerializeToString()
     )
     return records
+
+
+def demo_sample_images(
+    test: ImageSet, spec: PreprocessSpec, count: int = SAMPLE_COUNT
+) -> list[tuple[npt.NDArray[np.uint8], str, str]]:
+    """The first test image of each of the first ``count`` classes met, as the model
+    sees it, with its class: the demo page offered only blank warmup images for a model
+    trained on a folder."""
+    chosen: dict[int, int] = {}
+    for index, label in enumerate(test.labels.tolist()):
+        chosen.setdefault(label, index)
+        if len(chosen) == count:
+            break
+    return [
+        (test.model_input(i, spec), test.class_names[label], f"test split image {i}")
+        for label, i in chosen.items()
+    ]
 
 
 def write_warmup(path: Path, records: list[bytes]) -> None:
@@ -215,8 +235,10 @@ def publish(
     model_name: str,
     command: str,
     latency_runs: int = 50,
+    demo_samples: bool = True,
 ) -> Path:
-    """Export, evaluate on the test split and publish the next version of ``model_name``."""
+    """Export, evaluate on the test split and publish the next version of ``model_name``;
+    ``demo_samples``: a few test images go with it, for the demo page."""
     spec = cfg.preprocess
     classes = result.splits.train.class_names
 
@@ -238,6 +260,8 @@ def publish(
         plot_confusion(evaluation, extra / "confusion_matrix.png", f"{model_name} (test split)")
         plot_curves(result.history, extra / "training_curves.png", f"{model_name}: {cfg.arch.name}")
         write_warmup(extra / "tf_serving_warmup_requests", warmup_records(model_name, spec))
+        if demo_samples and cfg.dataset != "fashion_mnist":  # those come from its IDX files
+            write_samples(extra / SAMPLES_FOLDER, demo_sample_images(result.splits.test, spec))
         card = build_card(
             result,
             cfg,

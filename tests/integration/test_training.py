@@ -364,3 +364,15 @@ def test_a_fit_ends_with_its_test_accuracy(published: Path) -> None:
     accuracy = card["evaluation"]["accuracy"]
     assert f"test accuracy {accuracy:.2%} on {card['evaluation']['examples']} held-out" in err
     assert f"cnnserve evaluate {published}" in err
+
+
+def test_a_version_carries_demo_samples_of_its_test_split(published: Path) -> None:
+    """The demo page offered a model trained on a folder only its blank warmup images:
+    nothing to try. Publishing writes one test image of each class, with its class."""
+    from service.samples import PUBLISHED_ABOUT, samples_for
+
+    card = json.loads((published / "assets.extra" / "model_card.json").read_text())
+    found = samples_for(published, card, published / "no-fashion-mnist-here")
+    assert sorted(s.label for s in found) == ["class_0", "class_1", "class_2"]
+    assert all(s.about == PUBLISHED_ABOUT and s.png.startswith(b"\x89PNG") for s in found)
+    assert all(s.source.startswith("test split image ") for s in found)

@@ -32,6 +32,7 @@ from service.errors import DatasetError, ExportError
 from service.preprocessing import PreprocessSpec
 from service.repository import version_dirs
 from service.runtimes.card import saved_model_digest, variables_data_digest
+from service.samples import SAMPLES_FOLDER
 from service.training.architectures import build
 from service.training.config import ArchConfig
 from service.training.data import ImageSet, Splits
@@ -350,6 +351,8 @@ def publish_compressed(
             src = source.version_dir / EXTRA / name
             if src.is_file():
                 shutil.copy2(src, extra / name)
+        if (samples := source.version_dir / EXTRA / SAMPLES_FOLDER).is_dir():
+            shutil.copytree(samples, extra / SAMPLES_FOLDER)  # the demo page's, as before
         (extra / artifact_name).write_bytes(content)
         card = {
             **source.card,
