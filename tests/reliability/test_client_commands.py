@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import server as server_helpers
 from tests.helpers.models import publish_tiny, simple_config, write_models_config
 from tests.helpers.server import ROOT, Server, running_server, self_signed
 
@@ -22,6 +23,8 @@ def cnnserve(*args: str, key: str | None = KEY) -> subprocess.CompletedProcess[s
     # This test's environment, without settings of its own: only the key given here.
     env = {k: v for k, v in os.environ.items() if not k.startswith("CNNSERVE_")}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if server_helpers.CACHE_DIR is not None:  # conversions in the test run's folder, not ~
+        env["CNNSERVE_CACHE_DIR"] = str(server_helpers.CACHE_DIR)
     if key is not None:
         env["CNNSERVE_API_KEYS"] = key
     return subprocess.run(
