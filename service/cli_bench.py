@@ -8,6 +8,7 @@ import os
 import shlex
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from service.config import Settings
 from service.errors import DatasetError
 
 if TYPE_CHECKING:  # the sweep imports numpy and more: not for `--help`
+    import httpx
+
     from service.bench.sweep import Batching
 
 
@@ -176,7 +179,7 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
 
     url = args.url.rstrip("/")
     try:
-        with httpx.Client(timeout=5, headers=headers, verify=https_verify(args.ca_cert)) as client:
+        with _gateway_client(args, headers) as client:
             health = client.get(f"{url}/healthz").status_code
             # A route that needs the key: a wrong one shows now, not as 401s in the report.
             keyed = client.get(f"{url}/v1/models/{args.model}").status_code
@@ -200,15 +203,20 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
     return ""
 
 
+def _gateway_client(args: argparse.Namespace, headers: dict[str, str]) -> httpx.Client:
+    """A client for bench's checks of the --url gateway (its key, its certificate)."""
+    import httpx
+
+    return httpx.Client(timeout=5, headers=headers, verify=https_verify(args.ca_cert))
+
+
 def _unserved(args: argparse.Namespace, settings: Settings, model: str, version: int) -> str:
     """Why the --url gateway cannot be measured as serving ``version`` (what the report
     names and takes its limits from; wrk asks for it by number), or ""."""
     import httpx
 
     url = args.url.rstrip("/")
-    with httpx.Client(
-        timeout=5, headers=api_key_headers(settings), verify=https_verify(args.ca_cert)
-    ) as client:
+    with _gateway_client(args, api_key_headers(settings)) as client:
         try:
             answer = client.get(f"{url}/v1/models/{model}")
         except httpx.HTTPError:
@@ -228,14 +236,15 @@ def _unserved(args: argparse.Namespace, settings: Settings, model: str, version:
     )
 
 
-def _not_configured(repository: Path, model: str, version: int) -> str:
-    """Why a gateway bench starts on ``repository`` would not serve ``version``, or ""."""
-    from service.repository import read_repository, version_dirs
+def _not_configured(repository: Path, model: str, version: int, on_disk: Iterable[int]) -> str:
+    """Why a gateway bench starts on ``repository`` would not serve ``version`` of the
+    versions ``on_disk``, or ""."""
+    from service.repository import read_repository
 
     config = next((c for c in read_repository(repository) if c.name == model), None)
     if config is None:
         return f"{repository}/models.config does not configure model {model!r}; give --model"
-    served = sorted(config.wanted_versions(version_dirs(repository / model)))
+    served = sorted(config.wanted_versions(on_disk))
     if version in served:
         return ""
     return (
@@ -305,7 +314,7 @@ def _bench_on(args: argparse.Namespace, settings: Settings, repository: Path, mo
     unserved = (
         _unserved(args, settings, model, version)
         if args.url
-        else _not_configured(repository, model, version)
+        else _not_configured(repository, model, version, versions)
     )
     if unserved:
         print(f"cnnserve bench: {unserved}", file=sys.stderr)

@@ -408,13 +408,15 @@ class Registry:
             if config.name in scan.unknown or scan.wanted(config):
                 continue
             versionless.add(config.name)
-            if config.name not in self._versionless and not self._source.keeps_unlisted:
+            if config.name in self._versionless:  # said already
+                continue
+            if not self._source.keeps_unlisted:
                 log.warning(
                     "model %s: TF Serving lists no version AVAILABLE for it; its requests "
                     "are refused, and the server is not ready, until it does",
                     config.name,
                 )
-            elif config.name not in self._versionless:
+            else:
                 found = sorted(scan.versions.get(config.name, {}))
                 # The versions it serves are kept (said by _to_unload): only a model
                 # serving none has its requests refused.

@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,12 +129,8 @@ def fashion_mnist_samples(directory: Path, count: int = SAMPLE_COUNT) -> tuple[S
     except (OSError, EOFError, ValueError) as exc:
         log.warning("no Fashion-MNIST samples for the demo page: %s", exc)
         return ()
-    chosen: dict[int, int] = {}
-    for index, label in enumerate(labels.tolist()):
-        if label not in chosen and 0 <= label < len(FASHION_MNIST_CLASSES):
-            chosen[label] = index
-        if len(chosen) == count:
-            break
+    known = (y if 0 <= y < len(FASHION_MNIST_CLASSES) else None for y in labels.tolist())
+    chosen = first_of_each_class(known, count)
     return tuple(
         Sample(
             FASHION_MNIST_CLASSES[label],
@@ -144,6 +140,18 @@ def fashion_mnist_samples(directory: Path, count: int = SAMPLE_COUNT) -> tuple[S
         )
         for label, index in chosen.items()
     )
+
+
+def first_of_each_class(labels: Iterable[int | None], count: int) -> dict[int, int]:
+    """Class → the index of its first image, for the first ``count`` classes met (None:
+    an image of no class to show)."""
+    chosen: dict[int, int] = {}
+    for index, label in enumerate(labels):
+        if label is not None:
+            chosen.setdefault(label, index)
+            if len(chosen) == count:
+                break
+    return chosen
 
 
 def _idx_head(directory: Path, stem: str, magic: int, limit: int) -> npt.NDArray[np.uint8]:

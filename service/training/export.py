@@ -35,7 +35,7 @@ from service.preprocessing import PreprocessSpec
 from service.proto_gen.tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
 from service.publishing import publish_version
 from service.runtimes.conversion import convert_litert as convert_litert  # re-export: lived here
-from service.samples import SAMPLE_COUNT, SAMPLES_FOLDER, write_samples
+from service.samples import SAMPLE_COUNT, SAMPLES_FOLDER, first_of_each_class, write_samples
 from service.training.architectures import NORMALIZATION
 from service.training.config import TrainConfig
 from service.training.data import ImageSet
@@ -115,11 +115,7 @@ def demo_sample_images(
     """The first test image of each of the first ``count`` classes met, as the model
     sees it, with its class: the demo page offered only blank warmup images for a model
     trained on a folder."""
-    chosen: dict[int, int] = {}
-    for index, label in enumerate(test.labels.tolist()):
-        chosen.setdefault(label, index)
-        if len(chosen) == count:
-            break
+    chosen = first_of_each_class(test.labels.tolist(), count)
     return [
         (test.model_input(i, spec), test.class_names[label], f"test split image {i}")
         for label, i in chosen.items()
