@@ -5,7 +5,8 @@ work directory that was not published (``config.json`` + ``history.json``, writt
 :func:`service.training.train.train`) becomes one row: architecture, the hyper-parameters
 that differ from the best run, data sources, accuracy, macro F1, mAP when the card has it,
 latency and size. Written to the output folder as ``report.md``, ``experiments.json``,
-``curves.png`` (validation curves overlaid) and ``per_class_f1.png`` (a heat map).
+``curves.png`` (validation curves overlaid) and ``per_class_f1.png`` (a heat map of the
+published versions' per-class F1, when there are any).
 """
 
 from __future__ import annotations
@@ -148,6 +149,34 @@ def published_runs(repository: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def _read_object(path: Path) -> dict[str, Any] | None:
+    """A run's JSON record, or None (with a warning) when it is unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        log.warning("%s cannot be read (%s); its run is left out of the report", path, exc)
+        return None
+    if not isinstance(value, dict):
+        log.warning("%s holds no JSON object; its run is left out of the report", path)
+        return None
+    return value
+
+
+def _curves(history: Any) -> dict[str, list[float | None]]:
+    """The per-epoch series of a recorded history; anything else in it is ignored."""
+
+    def number(value: Any) -> bool:
+        return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+    if not isinstance(history, dict):
+        return {}
+    return {
+        key: values
+        for key, values in history.items()
+        if isinstance(values, list) and all(number(v) for v in values)
+    }
+
+
 def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
     """Finished fits whose recipe no published version shares (validation numbers only)."""
     runs = []
@@ -155,12 +184,14 @@ def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
         history_path = config_path.parent / "history.json"
         if not history_path.is_file():
             continue  # interrupted or still running
-        config = json.loads(config_path.read_text())
+        config, recorded = _read_object(config_path), _read_object(history_path)
+        if config is None or recorded is None:
+            continue  # one damaged run must not hide every other run
         hyper = _flatten(config)
         if _recipe_id(hyper) in published:
             continue
-        history = json.loads(history_path.read_text()).get("history", {})
-        val = history.get("val_accuracy") or [None]
+        history = _curves(recorded.get("history"))
+        val = history.get("val_accuracy") or []
         data = _data_recipe(config)
         runs.append(
             {
@@ -212,7 +243,8 @@ def plot_curves(runs: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.lines:  # a run without curves (a card with no history) draws none
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -277,7 +309,13 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
     best = groups[0][0]
     output.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, output / "curves.png")
-    plot_per_class_f1(runs, output / "per_class_f1.png")
+    # Only published versions have per-class scores: with none, an empty heat map.
+    per_class = any(r["per_class_f1"] for r in runs)
+    heat_map = output / "per_class_f1.png"
+    if per_class:
+        plot_per_class_f1(runs, heat_map)
+    else:
+        heat_map.unlink(missing_ok=True)  # an earlier report's map is not this one's
     several = len(groups) > 1
     lines = [
         "# Experiments",
@@ -317,8 +355,7 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
         "",
         "![validation curves](curves.png)",
         "",
-        "![per-class F1](per_class_f1.png)",
-        "",
+        *(["![per-class F1](per_class_f1.png)", ""] if per_class else []),
         *(
             f"Best recipe on test set {n}: "
             f"`{json.dumps(g[0]['hyper'], sort_keys=True, default=str)}`"

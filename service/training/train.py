@@ -20,6 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from service.config_edit import write_atomically
 from service.training.architectures import build
 from service.training.config import TrainConfig
 from service.training.data import Splits, balanced_class_weight, check_class_name, oversample
@@ -112,6 +113,24 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optim
     )
 
 
+def _finished_fit(
+    run_dir: Path, final_path: Path, history_path: Path, splits: Splits
+) -> TrainResult | None:
+    """The fit a previous run finished in ``run_dir``, or None (fit again) when its files
+    cannot be read back: a damaged record must cost a refit, not the command."""
+    try:
+        saved = json.loads(history_path.read_text())
+        history, seconds, warnings = saved["history"], float(saved["seconds"]), saved["warnings"]
+        if not isinstance(history, dict) or not isinstance(warnings, list):
+            raise ValueError("unexpected layout")
+        model = keras.models.load_model(final_path, safe_mode=False)
+    except Exception as exc:  # any damage: JSON, keys, types, a truncated .keras archive
+        log.warning("cannot reuse the finished fit in %s (%s); fitting again", run_dir, exc)
+        return None
+    log.info("reusing finished fit in %s", run_dir)
+    return TrainResult(model, splits, history, seconds, warnings, run_dir.name)
+
+
 def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     """Fit a model; resumes from ``work_dir`` when a run with this config was interrupted."""
     keras.utils.set_random_seed(cfg.seed)
@@ -143,12 +162,9 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     (run_dir / "config.json").write_text(json.dumps(as_run.to_card(), indent=2))  # `experiments`
     final_path, history_path = run_dir / "final.keras", run_dir / "history.json"
     if final_path.exists() and history_path.exists():
-        log.info("reusing finished fit in %s", run_dir)
-        saved = json.loads(history_path.read_text())
-        model = keras.models.load_model(final_path, safe_mode=False)
-        return TrainResult(
-            model, splits, saved["history"], saved["seconds"], saved["warnings"], run_dir.name
-        )
+        reused = _finished_fit(run_dir, final_path, history_path, splits)
+        if reused is not None:
+            return reused
 
     indices = oversample(splits.train.labels, cfg.seed) if cfg.balance else None
     steps = math.ceil((len(indices) if indices is not None else len(splits.train)) / cfg.batch_size)
@@ -206,7 +222,9 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     # The fit's own History starts at a resumed epoch; the journal holds them all.
     history, seconds = journal.history(), journal.seconds()
     model.save(final_path)
-    history_path.write_text(
-        json.dumps({"history": history, "seconds": seconds, "warnings": watch.warnings})
+    # Last, and whole or not at all: a history.json marks the fit as finished.
+    write_atomically(
+        history_path,
+        json.dumps({"history": history, "seconds": seconds, "warnings": watch.warnings}),
     )
     return TrainResult(model, splits, history, seconds, watch.warnings, run_dir.name)

@@ -144,3 +144,37 @@ def test_a_card_that_is_not_json_is_left_out_and_named(
     assert [r["run"] for r in json.loads((out / "experiments.json").read_text())["runs"]] == [
         "tiny/2"
     ]
+
+
+def test_a_damaged_work_run_is_left_out_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cut-short config.json or history.json stopped the report with a traceback."""
+    work = tmp_path / "work"
+    good = {"arch": {"name": "lenet5"}, "dataset": "shop", "epochs": 3}
+    records = {
+        "cut-config": ('{"arch": {"na', json.dumps({"history": {"val_accuracy": [0.3]}})),
+        "cut-history": (json.dumps({**good, "epochs": 4}), '{"history": {"val_acc'),
+        "list-history": (json.dumps({**good, "epochs": 5}), "[1, 2]"),
+        # Odd series are dropped, the rest of the run kept.
+        "odd-series": (
+            json.dumps({**good, "epochs": 6}),
+            json.dumps({"history": {"val_accuracy": [0.25, None, 0.5], "val_loss": "x"}}),
+        ),
+    }
+    for name, (config, history) in records.items():
+        (work / name).mkdir(parents=True)
+        (work / name / "config.json").write_text(config)
+        (work / name / "history.json").write_text(history)
+    out = tmp_path / "report"
+    args = ["experiments", "--model-repository", str(tmp_path / "repo"), "--work-dir", str(work)]
+    assert main([*args, "--output", str(out)]) == 0
+    assert capsys.readouterr().out.startswith("1 runs, best: work/odd-series;")
+    for name, file in (("cut-config", "config"), ("cut-history", "history")):
+        assert f"{work / name / file}.json cannot be read" in caplog.text
+    assert f"{work / 'list-history' / 'history.json'} holds no JSON object" in caplog.text
+    (run,) = json.loads((out / "experiments.json").read_text())["runs"]
+    assert run["accuracy"] == 0.5 and set(run["history"]) == {"val_accuracy"}
+    report = (out / "report.md").read_text()
+    assert "curves.png" in report and "per_class_f1" not in report  # no empty heat map
+    assert not (out / "per_class_f1.png").exists()

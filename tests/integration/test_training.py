@@ -300,6 +300,40 @@ def test_an_interrupted_fit_resumes_with_its_whole_record(
     assert result.history["learning_rate"][:2] == pytest.approx([s["learning_rate"] for s in seen])
 
 
+def test_a_damaged_finished_fit_is_fitted_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A finished fit whose record cannot be read back (a cut-short history.json, a
+    truncated final.keras) stopped every later run of the same command with a traceback."""
+    from service.training import train as training
+    from service.training.config import ArchConfig, TrainConfig
+
+    data = write_class_folders(tmp_path / "data", classes=2, per_class=8)
+    cfg = TrainConfig(
+        dataset=str(data),
+        arch=ArchConfig(width_multiplier=0.25, depth=1),
+        epochs=2,
+        batch_size=8,
+        optimizer="adam",
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
+    caplog.set_level(logging.INFO, logger="service.training.train")
+    training.train(cfg, tmp_path / "work")
+    (run_dir,) = (tmp_path / "work").iterdir()
+    for damaged, text in (("history.json", '{"history": {"lo'), ("final.keras", "PK\x03")):
+        (run_dir / damaged).write_text(text)
+        caplog.clear()
+        result = training.train(cfg, tmp_path / "work")
+        assert f"cannot reuse the finished fit in {run_dir}" in caplog.text, damaged
+        assert len(result.history["loss"]) == 2
+        assert (run_dir / damaged).read_bytes() != text.encode()  # written anew
+        assert json.loads((run_dir / "history.json").read_text())["history"]["loss"]
+    caplog.clear()
+    training.train(cfg, tmp_path / "work")  # the refit's record is reused again
+    assert "reusing finished fit" in caplog.text and "cannot reuse" not in caplog.text
+
+
 def test_a_full_disk_while_publishing_is_one_line_and_no_version(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
