@@ -230,7 +230,8 @@ def add_verify(
         "--data",
         type=Path,
         default=None,
-        help="image folder (class subfolders, or flat); default: Fashion-MNIST's test set",
+        help="image folder (class subfolders, or flat); default: the version's test split, "
+        "as its model card records it (Fashion-MNIST's test set for a Fashion-MNIST model)",
     )
     p.add_argument(
         "--data-dir", type=Path, default=settings.fashion_mnist_dir, help="Fashion-MNIST IDX folder"
@@ -260,7 +261,7 @@ def add_verify(
 
 
 def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    from service.verify import load_images, run_verify
+    from service.verify import TestImages, card_test_images, load_images, run_verify
     from service.verify_clients import GrpcServer, RestServer
 
     misuse = _verify_misuse(args) or unwritable_folder(args.output)
@@ -272,7 +273,16 @@ def _verify(args: argparse.Namespace, settings: Settings) -> int:
     except PromotionError as exc:  # an unreadable key file: cannot check, not a skew
         print(f"cnnserve verify: {exc.message}", file=sys.stderr)
         return 2
-    images = load_images(args.data, args.data_dir, args.limit)
+    if args.data is not None:
+        given = load_images(args.data, args.data_dir, args.limit)  # a bad folder fails first
+
+        def images(card: dict[str, Any]) -> TestImages:
+            return given
+    else:
+
+        def images(card: dict[str, Any]) -> TestImages:
+            return card_test_images(card, args.data_dir, args.limit)
+
     server: GrpcServer | RestServer
     if args.grpc:
         # A certificate to trust says TLS as plainly as --tls does.

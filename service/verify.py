@@ -20,7 +20,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from service.errors import DatasetError
+from service.errors import DatasetError, InvalidImage
 from service.preprocessing import (
     PreprocessSpec,
     decode,
@@ -40,7 +40,12 @@ from service.preprocessing import (
 )
 from service.repository import read_card, read_labels, read_repository
 from service.runtimes.card import FLOAT_PRECISION, artifact_precision
-from service.training.data import IMAGE_SUFFIXES, load_fashion_mnist, load_image_folder
+from service.training.data import (
+    IMAGE_SUFFIXES,
+    ImageSet,
+    load_fashion_mnist,
+    load_image_folder,
+)
 from service.verify_clients import PROBE, GrpcServer, RestServer, Served
 
 ENCODINGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -93,6 +98,61 @@ def load_images(data: Path | None, fashion_mnist_dir: Path, limit: int) -> TestI
         for p in paths
     ]
     return TestImages(pixels, classes, [str(p.relative_to(data)) for p in paths])
+
+
+def card_test_images(card: dict[str, Any], fashion_mnist_dir: Path, limit: int) -> TestImages:
+    """The test split the version's card records (what `cnnserve evaluate` scores), the
+    first ``limit`` (0 = all): Fashion-MNIST's test set for a Fashion-MNIST model, the held-out
+    images of the folders a folder-trained one was split from. Fashion-MNIST's images are
+    not of a folder model's classes: its accuracy read "n/a" and its agreement measured
+    the model on images it was never meant to see."""
+    from service.training.evaluate import card_splits
+
+    training = card.get("training")
+    datasets = (
+        [training.get("dataset"), *training.get("extra_datasets", [])]
+        if isinstance(training, dict)
+        else ["fashion_mnist"]  # a card without its recipe: the default model's data
+    )
+    if datasets == ["fashion_mnist"]:
+        return load_images(None, fashion_mnist_dir, limit)
+    gone = [d for d in datasets if not (isinstance(d, str) and Path(d).is_dir())]
+    if gone:
+        raise DatasetError(
+            f"this version was tested on images from {', '.join(map(str, gone))}, which is "
+            "not a folder here (its model card's record); give --data a folder of images of "
+            "its classes"
+        )
+    try:
+        test = card_splits(card, None).test
+    except (KeyError, TypeError) as exc:  # a card written by hand, or by something else
+        raise DatasetError(
+            f"this version's model card does not record its test split ({exc!r}); give "
+            "--data a folder of images of its classes"
+        ) from None
+    count = len(test) if limit <= 0 else min(limit, len(test))
+    sources = [_source(test, i) for i in range(count)]
+    return TestImages(
+        pixels=[pixels for pixels, _ in sources],
+        classes=[test.class_names[int(test.labels[i])] for i in range(count)],
+        names=[name for _, name in sources],
+    )
+
+
+def _source(images: ImageSet, index: int) -> tuple[npt.NDArray[np.uint8], str]:
+    """One image of a split as its source pixels, and its name (its file where it has one)."""
+    if images.pixels is not None:
+        return images.pixels[index], f"{images.name}-{index}"
+    if images.parts is not None and images.part_index is not None:
+        part, inner = images.part_index[index]
+        return _source(images.parts[int(part)], int(inner))
+    assert images.paths is not None
+    path = images.paths[index]
+    try:
+        decoded = to_rgb(decode(path.read_bytes(), max_pixels=_MAX_PIXELS))
+    except (OSError, InvalidImage) as exc:
+        raise DatasetError(f"{path}: {getattr(exc, 'message', exc)}") from None
+    return np.asarray(decoded, dtype=np.uint8), str(path)
 
 
 def encode(pixels: npt.NDArray[np.uint8], encoding: str) -> bytes:
@@ -381,7 +441,7 @@ def run_verify(
     *,
     repository: Path,
     cache_dir: Path,
-    images: TestImages,
+    images: Callable[[dict[str, Any]], TestImages],
     model: str | None,
     version: int | None,
     label: str | None,
@@ -392,6 +452,7 @@ def run_verify(
     offline_model: OfflineModel = "auto",
 ) -> Report:
     """Verify; the report goes to ``out`` (stdout), progress to ``progress_out`` (stderr).
+    ``images``: the test images, given the version's model card (:func:`card_test_images`).
     ``cache_dir``: where an artifact the version does not ship is converted, for
     ``--offline artifact`` (the settings' CNNSERVE_CACHE_DIR, as the server's)."""
     out = out or sys.stdout
@@ -406,6 +467,7 @@ def run_verify(
     version_dir = _version_dir(repository, model, version)
     card = read_card(version_dir)
     _check_same_model(server, model, version, version_dir, card)
+    test_images = images(card)
     spec = training_spec(card)
     print(
         f"verify: offline predictions of {version_dir} ({spec.resize_method} resize)",
@@ -426,10 +488,10 @@ def run_verify(
     model_offline = Offline(
         version_dir, spec, artifact_cache=cache_dir if artifact else None, card=card
     )
-    offline = model_offline.on_pixels(images)
+    offline = model_offline.on_pixels(test_images)
     labels = read_labels(version_dir, offline.shape[1])
     index = {name: i for i, name in enumerate(labels)}
-    truth = [index.get(c) if c is not None else None for c in images.classes]
+    truth = [index.get(c) if c is not None else None for c in test_images.classes]
     known = [i for i, t in enumerate(truth) if t is not None]
     accuracy_offline = (
         float(np.mean([offline[i].argmax() == truth[i] for i in known])) if known else None
@@ -437,17 +499,17 @@ def run_verify(
     results, encoded = [], {}
     for encoding in ENCODINGS:
         served, scores, encoded[encoding] = serve_all(
-            server, images, encoding, model, version, progress_out
+            server, test_images, encoding, model, version, progress_out
         )
         same_bytes = model_offline.on_bytes(encoded[encoding])
         results.append(
-            compare(encoding, same_bytes, offline, served, scores, truth, labels, images.names)
+            compare(encoding, same_bytes, offline, served, scores, truth, labels, test_images.names)
         )
     report = Report(
         model,
         version,
         server.url,
-        len(images.pixels),
+        len(test_images.pixels),
         accuracy_offline,
         results,
         time.monotonic() - started,

@@ -196,6 +196,35 @@ def test_verify_compares_a_quantized_version_with_the_artifact_that_serves(
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["encodings"]["png"]["agreement"] == 1.0
 
+    # Without --data: the version's own test split, rebuilt from the folder its card
+    # records. It used to send Fashion-MNIST's images, of no class this model knows.
+    args = ["verify", "--url", server.url, "--model-repository", str(repo)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--output", str(tmp_path / "own")])
+    assert code == 0, out.getvalue() + err.getvalue()
+    report = json.loads((tmp_path / "own" / "report.json").read_text())
+    recorded = card(repo / "q" / "1")
+    assert report["images"] == recorded["dataset"]["test"] > 0
+    assert report["accuracy_offline"] is not None
+    assert report["encodings"]["png"]["agreement"] == 1.0
+    # Its folder gone: one line and exit 2 ("cannot check"), not a traceback or a skew.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(repo, damaged)
+    edited = card(damaged / "q" / "1")
+    edited["training"]["dataset"] = str(tmp_path / "gone")
+    (damaged / "q" / "1" / "assets.extra" / "model_card.json").write_text(json.dumps(edited))
+    args = ["verify", "--url", server.url, "--model-repository", str(damaged)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([*args, "--output", str(tmp_path / "gone-report")])
+    assert code == 2, out.getvalue() + err.getvalue()
+    assert err.getvalue().strip().splitlines()[-1] == (
+        f"cnnserve verify: this version was tested on images from {tmp_path / 'gone'}, which "
+        "is not a folder here (its model card's record); give --data a folder of images of "
+        "its classes"
+    )
+
 
 def test_gateway_refuses_a_quantized_version_that_drifted(
     int8_version: Path, tmp_path: Path, start_server: Callable[..., Server]
