@@ -226,7 +226,10 @@ class ModelServicer(_Adapter):
     @status_call
     async def GetModelStatus(self, request: Any, context: Any) -> Any:
         # TF Serving's GetModelStatus reads the version number only: a version_label,
-        # known or not, lists every version; no name is a model with no versions.
+        # known or not, lists every version; no name is a model with no versions. No
+        # model_spec at all is its INVALID_ARGUMENT, not a model named "".
+        if not request.HasField("model_spec"):
+            raise InvalidRequest("Missing ModelSpec: set model_spec.name")
         ref = read_model_spec(request.model_spec, name_required=False)
         return status_response(self._plane.model_status(str(ref.name or ""), ref.version))
 

@@ -285,6 +285,11 @@ def test_get_model_status(channel: grpc.Channel) -> None:
     request.model_spec.name = ""  # TF Serving: no versions of model "" (NOT_FOUND)
     code, _ = code_of(stub.GetModelStatus, request, timeout=10)
     assert code == grpc.StatusCode.NOT_FOUND
+    # No model_spec at all: TF Serving's "Missing ModelSpec" (it was NOT_FOUND here).
+    code, message = code_of(
+        stub.GetModelStatus, get_model_status_pb2.GetModelStatusRequest(), timeout=10
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message.startswith("Missing ModelSpec")
 
 
 def test_classify_and_classify_batch_equal_rest(server: Server, channel: grpc.Channel) -> None:
