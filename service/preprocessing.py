@@ -282,7 +282,22 @@ def _open_with_pillow(
         )
     if target is not None and img.format == "JPEG":
         img.draft("RGB", target)
+    _scale_grey_key(img)
     return img
+
+
+# Pillow scales a 2- or 4-bit greyscale PNG's samples to 0..255 (x85, x17) but keeps its
+# tRNS key at the file's depth: a 2-bit file's key 1 named no pixel instead of grey 85.
+_LOW_BIT_GREY_SCALE = {"L;2": 85, "L;4": 17}
+
+
+def _scale_grey_key(img: Image.Image) -> None:
+    key, tiles = img.info.get("transparency"), getattr(img, "tile", None)  # before load
+    if img.format != "PNG" or not isinstance(key, int) or not tiles:
+        return
+    scale = _LOW_BIT_GREY_SCALE.get(str(tiles[0].args))  # the samples' raw mode
+    if scale is not None:
+        img.info["transparency"] = key * scale
 
 
 def _tiled_pixels(img: Image.Image) -> int:
@@ -386,13 +401,17 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 # of 32-bit or signed 16-bit samples, "I;16*" unsigned 16-bit (or 12-bit) ones.
 _WIDE_GREY = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
 _SIGNED_INTEGER = 2  # TIFF SampleFormat: 1 unsigned integer, 2 signed, 3 float
+_PHOTOMETRIC, _MIN_IS_WHITE = 262, 0  # TIFF PhotometricInterpretation: 0 WhiteIsZero
 
 
 def _wide_grey(img: Image.Image) -> Image.Image:
     """A 16/32-bit greyscale image → "RGB" of its samples' top 8 bits, or "LA" when a
     PNG's tRNS chunk keys one 16-bit value transparent."""
     samples = np.asarray(img)
-    grey = Image.fromarray(_top_byte(samples, *_sample_type(img)), "L")
+    top = _top_byte(samples, *_sample_type(img))
+    if _min_is_white(img):
+        top = 255 - top  # Pillow inverts an 8-bit "white is zero" TIFF, not a wider one
+    grey = Image.fromarray(top, "L")
     key = img.info.get("transparency")
     if not isinstance(key, int):
         return grey.convert("RGB")
@@ -413,6 +432,12 @@ def _sample_type(img: Image.Image) -> tuple[int, bool]:
     if img.mode.startswith("I;16"):
         return 16, False  # a PNG's 16-bit greyscale: unsigned, always
     return 32, True  # what Pillow's "I" is
+
+
+def _min_is_white(img: Image.Image) -> bool:
+    """A TIFF whose PhotometricInterpretation says 0 is white (a scanner's, a fax's)."""
+    tags = getattr(img, "tag_v2", None)
+    return tags is not None and _first(tags.get(_PHOTOMETRIC)) == _MIN_IS_WHITE
 
 
 def _first(value: Any) -> int | None:

@@ -30,7 +30,7 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.tfserving_proto import to_tensor_proto
 from tests.helpers.errors import error_of
-from tests.helpers.images import LONG, SHORT, encode, gradient, tiff
+from tests.helpers.images import LONG, SHORT, encode, gradient, png_chunk, tiff
 from tests.helpers.server import Server, eventually, read_response, running_server
 from tests.unit.test_hostile_tiffs import CRAFTED, corrupt_group4, lzw_cut_short
 
@@ -40,18 +40,12 @@ PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 def png_header(width: int, height: int) -> bytes:
     """A PNG whose IHDR announces width x height, with one tiny IDAT: a bomb's header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         PNG_SIG
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -90,10 +84,6 @@ def many_frame_gif(frames: int = 3000) -> bytes:
     buf = io.BytesIO()
     tiles[0].save(buf, "GIF", save_all=True, append_images=tiles[1:], duration=1)
     return buf.getvalue()
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def palette_png_with_long_trns() -> bytes:

@@ -21,7 +21,7 @@ from service.preprocessing import (
     preprocess_array,
     preprocess_bytes,
 )
-from tests.helpers.images import LONG, SHORT, encode, gradient, tiff
+from tests.helpers.images import LONG, SHORT, encode, gradient, png_chunk, tiff
 
 SPEC = PreprocessSpec()
 BIG = 10**9
@@ -57,10 +57,10 @@ def test_sixteen_bit_png_keeps_its_range() -> None:
     assert out[:, -20:].min() == 255 and out[:, :20].max() == 0
 
 
-def grey_tiff(samples: np.ndarray, bits: int | None = None) -> bytes:
+def grey_tiff(samples: np.ndarray, bits: int | None = None, photometric: int = 1) -> bytes:
     """An uncompressed little-endian greyscale TIFF of ``samples`` in their own type
     (Pillow writes only uint16 and int32 ones); ``bits`` and pre-packed uint8 rows for a
-    depth numpy has no type for."""
+    depth numpy has no type for; ``photometric`` 0 for white-is-zero."""
     height = samples.shape[0]
     width = samples.shape[1] * 8 // bits if bits else samples.shape[1]
     data = samples.astype(samples.dtype.newbyteorder("<")).tobytes()
@@ -70,7 +70,7 @@ def grey_tiff(samples: np.ndarray, bits: int | None = None) -> bytes:
             (257, LONG, height),
             (258, SHORT, bits or samples.dtype.itemsize * 8),  # BitsPerSample
             (259, SHORT, 1),  # no compression
-            (262, SHORT, 1),  # BlackIsZero
+            (262, SHORT, photometric),  # PhotometricInterpretation
             (273, LONG, 0),  # the strip: the data
             (277, SHORT, 1),
             (278, LONG, height),
@@ -93,6 +93,14 @@ def test_an_integer_tiff_keeps_the_top_8_bits_of_its_own_type(dtype: type, shift
     low_bits = (1 << shift) - 1  # all set, so that only the top byte may count
     samples: np.ndarray = (TOP_BYTES << shift | low_bits).astype(dtype)
     out = preprocess_bytes(grey_tiff(samples), ONE_ROW, max_pixels=BIG)
+    np.testing.assert_array_equal(out[:, :, 0], TOP_BYTES)
+
+
+def test_a_16_bit_white_is_zero_tiff_is_not_decoded_as_its_negative() -> None:
+    """Pillow inverts an 8-bit "white is zero" TIFF (a scanner's, a fax's), not a 16-bit
+    one (wider ones it does not open): it reached the model as its negative."""
+    samples = ((255 - TOP_BYTES) << 8 | 0xFF).astype(np.uint16)
+    out = preprocess_bytes(grey_tiff(samples, photometric=0), ONE_ROW, max_pixels=BIG)
     np.testing.assert_array_equal(out[:, :, 0], TOP_BYTES)
 
 
@@ -149,6 +157,24 @@ def test_palette_with_transparency() -> None:
     assert (out == 255).all()
 
 
+def low_bit_grey_png(levels: np.ndarray, bits: int, key: int) -> bytes:
+    """A 1/2/4-bit greyscale PNG (Pillow writes none) of ``levels``, ``key`` keyed
+    transparent by its tRNS chunk."""
+    height, width = levels.shape
+    rows = b"".join(
+        b"\0" + np.packbits(np.unpackbits(row[:, None], axis=1)[:, 8 - bits :]).tobytes()
+        for row in levels.astype(np.uint8)
+    )
+    header = struct.pack(">IIBBBBB", width, height, bits, 0, 0, 0, 0)
+    return (
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"tRNS", struct.pack(">H", key))
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
+
+
 def keyed_and_alpha(form: str) -> tuple[bytes, bytes]:
     """The same picture twice: one colour keyed transparent by a PNG tRNS chunk, and
     as an alpha channel (LA)."""
@@ -164,6 +190,16 @@ def keyed_and_alpha(form: str) -> tuple[bytes, bytes]:
     if form == "16-bit":
         wide = Image.fromarray(grey.astype(np.uint16) * 257)
         return encode(wide, "PNG", transparency=0), with_alpha
+    if form in ("2-bit", "4-bit"):
+        # Level 1 keyed transparent: neither black nor white, where the key's depth shows.
+        bits = int(form[0])
+        levels = grey >> (8 - bits)
+        levels[5:20, 3:12] = 1
+        alpha = np.where(levels == 1, 0, 255).astype(np.uint8)
+        scaled = (levels * (255 // ((1 << bits) - 1))).astype(np.uint8)
+        return low_bit_grey_png(levels, bits, key=1), encode(
+            Image.fromarray(np.dstack([scaled, alpha]), "LA"), "PNG"
+        )
     # form == "1": two levels, 0 transparent and 255
     two = np.where(grey > 0, 255, 0).astype(np.uint8)
     bilevel = Image.fromarray(two, "L").convert("1")
@@ -173,10 +209,11 @@ def keyed_and_alpha(form: str) -> tuple[bytes, bytes]:
     )
 
 
-@pytest.mark.parametrize("form", ["L", "RGB", "16-bit", "1"])
+@pytest.mark.parametrize("form", ["L", "RGB", "16-bit", "1", "2-bit", "4-bit"])
 def test_a_png_trns_colour_is_composited_on_white_like_an_alpha_channel(form: str) -> None:
     """Ignored before: the transparent colour reached the model as it is (black here),
-    while the same picture with an alpha channel was white there."""
+    while the same picture with an alpha channel was white there. (A 2- or 4-bit file's
+    key was compared with samples Pillow scales to 0..255: only black or white keys hit.)"""
     keyed, with_alpha = keyed_and_alpha(form)
     assert "transparency" in Image.open(io.BytesIO(keyed)).info  # a tRNS chunk, not alpha
     out = preprocess_bytes(keyed, SPEC, max_pixels=BIG)
@@ -248,10 +285,6 @@ def test_spec_round_trips_through_the_card() -> None:
 def test_bad_arrays_are_refused(shape: tuple[int, ...]) -> None:
     with pytest.raises(InvalidImage):
         preprocess_array(np.zeros(shape, np.uint8), SPEC)
-
-
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def palette_png(palette_entries: int, alpha_entries: int) -> bytes:
