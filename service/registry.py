@@ -444,9 +444,11 @@ class Registry:
         for config in scan.configs:
             served = self._table.served.get(config.name, {})
             before = previous.get(config.name)
-            routed, waiting = hold_labels(config, before, served, scan.wanted(config))
+            on_disk = scan.versions.get(config.name, {})
+            routed, waiting = hold_labels(config, before, served, on_disk)
             for label, old, new in waiting:
                 failed = (config.name, new) in self._failed
+                absent = new not in on_disk
                 held.add((config.name, label, new, failed))
                 if (config.name, label, new, failed) in self._held:  # once, not every poll
                     continue
@@ -463,11 +465,13 @@ class Registry:
                     )
                 else:
                     log.info(
-                        "model %s: label %r stays on version %d until version %d is available",
+                        "model %s: label %r stays on version %d until version %d is "
+                        "available%s",
                         config.name,
                         label,
                         old,
                         new,
+                        f" (no folder {config.base_path / str(new)} yet)" if absent else "",
                     )
             installed.append(routed)
             metrics.observe_labels(config.name, before.labels if before else {}, routed.labels)

@@ -246,23 +246,25 @@ class RoutingTable:
 
 
 def hold_labels(
-    config: ModelConfig, before: ModelConfig | None, served: Iterable[int], wanted: Iterable[int]
+    config: ModelConfig, before: ModelConfig | None, served: Iterable[int], on_disk: Iterable[int]
 ) -> tuple[ModelConfig, list[tuple[str, int, int]]]:
     """Availability first, for labels too: a label moved to a version that the policy
-    serves (``wanted``) but that is not ``served`` yet keeps pointing at the version it
-    served until then. TF Serving refuses such a config; here a config edited in one step
-    is safe too. A label on a version the policy does not serve moves at once (and
+    serves but that is not ``served`` yet keeps pointing at the version it served until
+    then, whether that version is loading or its folder is not there yet (a config
+    shipped before the model it names: a ConfigMap and a sync job). TF Serving refuses
+    such a config; here a config edited in one step is safe too. A label on a version
+    the policy would not serve even once its folder is ``on_disk`` moves at once (and
     answers 404, saying so): waiting for it would wait forever.
 
     Returns the config to route by and the held labels as (label, old, new)."""
-    serving, policy = set(served), set(wanted)
+    serving, present = set(served), set(on_disk)
     labels = dict(config.labels)
     waiting = []
     for label, version in config.labels.items():
         old = before.labels.get(label) if before is not None else None
         if old is None or old == version or version in serving:
             continue
-        if version in policy and old in serving:
+        if version in config.wanted_versions(present | {version}) and old in serving:
             labels[label] = old
             waiting.append((label, old, version))
     return (replace(config, labels=labels) if waiting else config), waiting

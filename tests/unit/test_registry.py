@@ -673,6 +673,47 @@ def test_a_label_moved_to_a_version_that_failed_is_a_warning(
     run_with(registry, scenario)
 
 
+def test_a_label_moved_before_its_version_is_published_stays_until_it_serves(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """models.config moved `stable` to version 2 and listed it, one edit, before version
+    2's folder came (a ConfigMap and a sync job): stable's requests got 404 until the
+    folder came, then 503 while it loaded. The label now waits on version 1."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(
+        repo, simple_config("m", policy="specific { versions: 1 }", labels={"stable": 1})
+    )
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        moved = simple_config(
+            "m", policy="specific { versions: 1 versions: 2 }", labels={"stable": 2}
+        )
+        write_models_config(repo, moved)
+        with caplog.at_level(logging.INFO, logger="service.registry"):
+            await registry.poll_once()
+            assert registry.resolve("m", label="stable").version == 1
+            assert (
+                f"label 'stable' stays on version 1 until version 2 is available (no folder {repo / 'm' / '2'} yet)"
+                in caplog.text
+            )
+            add_version(repo, "m", 2, template)
+            await registry.poll_once()
+        assert registry.resolve("m", label="stable").version == 2
+        # A label on a version the policy would not serve even with its folder: at once.
+        write_models_config(
+            repo,
+            simple_config("m", policy="specific { versions: 1 versions: 2 }", labels={"stable": 7}),
+        )
+        await registry.poll_once()
+        with pytest.raises(VersionNotFound, match=r"label 'stable' \(version 7\)"):
+            registry.resolve("m", label="stable")
+
+    run_with(registry, scenario)
+
+
 class UnreadableFactory:
     """create_runtime for a version one of whose files the server may not read."""
 
