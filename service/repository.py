@@ -127,11 +127,35 @@ def version_number(name: str) -> int | None:
 
 
 def version_dirs(model_dir: Path) -> dict[int, Path]:
-    """Published versions: folders named by a version number (temp folders are hidden)."""
+    """Published versions: folders named by a version number (temp folders are hidden).
+    Two folders of one number ("16" and "0016") are one version: its plain name wins,
+    else the first by name, and the other is named in a warning (once). The folder's
+    order on disk decided before, silently, and a restart could pick the other one."""
     if not model_dir.is_dir():
         return {}
-    numbered = ((version_number(p.name), p) for p in model_dir.iterdir())
-    return {number: p for number, p in numbered if number is not None and p.is_dir()}
+    found: dict[int, list[Path]] = {}
+    for path in model_dir.iterdir():
+        number = version_number(path.name)
+        if number is not None and path.is_dir():
+            found.setdefault(number, []).append(path)
+    chosen = {}
+    for number, paths in found.items():
+        paths.sort(key=lambda p: (p.name != str(number), p.name))
+        chosen[number] = paths[0]
+        if len(paths) > 1 and (ignored := tuple(paths[1:])) not in _TOLD_SAME_NUMBER:
+            _TOLD_SAME_NUMBER.add(ignored)
+            log.warning(
+                "%s: folders %s also name version %d; %s is served as it, the others are "
+                "ignored: rename or remove them",
+                model_dir,
+                ", ".join(p.name for p in ignored),
+                number,
+                paths[0].name,
+            )
+    return chosen
+
+
+_TOLD_SAME_NUMBER: set[tuple[Path, ...]] = set()
 
 
 # --- what models.config asks for ---------------------------------------------------------

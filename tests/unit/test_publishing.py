@@ -111,6 +111,25 @@ def test_only_int64_folder_names_are_versions(tmp_path: Path) -> None:
     assert sorted(version_dirs(tmp_path)) == [0, 1, 12, 2**63 - 1]
 
 
+def test_folders_of_one_number_are_one_version_told_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """"16" and "0016" both name version 16: the folders' order on disk chose one,
+    silently (a broken "16" beside a good "0016" was never tried, never named)."""
+    for name in ("0016", "016", "16", "07", "007"):
+        (tmp_path / name).mkdir()
+    for _ in range(2):
+        found = version_dirs(tmp_path)
+        assert {v: p.name for v, p in found.items()} == {16: "16", 7: "007"}
+    told = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert sorted(told) == [
+        f"{tmp_path}: folders 0016, 016 also name version 16; 16 is served as it, the "
+        "others are ignored: rename or remove them",
+        f"{tmp_path}: folders 07 also name version 7; 007 is served as it, the others are "
+        "ignored: rename or remove them",
+    ]
+
+
 def test_the_version_after_a_version_0_is_1(tmp_path: Path) -> None:
     (tmp_path / "0").mkdir()
     published = publish_version(tmp_path, lambda tmp: (tmp / "saved_model.pb").write_text("x"))
