@@ -696,7 +696,8 @@ def test_a_label_moved_before_its_version_is_published_stays_until_it_serves(
             await registry.poll_once()
             assert registry.resolve("m", label="stable").version == 1
             assert (
-                f"label 'stable' stays on version 1 until version 2 is available (no folder {repo / 'm' / '2'} yet)"
+                "label 'stable' stays on version 1 until version 2 is available "
+                f"(no folder {repo / 'm' / '2'} yet)"
                 in caplog.text
             )
             add_version(repo, "m", 2, template)
