@@ -465,8 +465,7 @@ class Registry:
                     )
                 else:
                     log.info(
-                        "model %s: label %r stays on version %d until version %d is "
-                        "available%s",
+                        "model %s: label %r stays on version %d until version %d is available%s",
                         config.name,
                         label,
                         old,

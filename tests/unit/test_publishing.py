@@ -114,7 +114,7 @@ def test_only_int64_folder_names_are_versions(tmp_path: Path) -> None:
 def test_folders_of_one_number_are_one_version_told_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """"16" and "0016" both name version 16: the folders' order on disk chose one,
+    """ "16" and "0016" both name version 16: the folders' order on disk chose one,
     silently (a broken "16" beside a good "0016" was never tried, never named)."""
     for name in ("0016", "016", "16", "07", "007"):
         (tmp_path / name).mkdir()

@@ -697,8 +697,7 @@ def test_a_label_moved_before_its_version_is_published_stays_until_it_serves(
             assert registry.resolve("m", label="stable").version == 1
             assert (
                 "label 'stable' stays on version 1 until version 2 is available "
-                f"(no folder {repo / 'm' / '2'} yet)"
-                in caplog.text
+                f"(no folder {repo / 'm' / '2'} yet)" in caplog.text
             )
             add_version(repo, "m", 2, template)
             await registry.poll_once()
