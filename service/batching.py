@@ -164,6 +164,9 @@ class BatchObserver(Protocol):
     def on_queue_depth(self, depth: int) -> None:
         """The number of queued images changed."""
 
+    def on_stopped(self) -> None:
+        """The batcher stopped (its version unloads): its queue is gone."""
+
 
 class NullObserver:
     """The default: metrics off."""
@@ -175,6 +178,7 @@ class NullObserver:
     def on_cost(self, seconds_per_image: float) -> None: ...
     def on_expired(self, count: int) -> None: ...
     def on_queue_depth(self, depth: int) -> None: ...
+    def on_stopped(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -291,6 +295,7 @@ class DynamicBatcher:
         await asyncio.gather(*self._batches, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False)
+        self._observer.on_stopped()
 
     async def __aenter__(self) -> DynamicBatcher:
         await self.start()

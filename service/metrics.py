@@ -100,7 +100,8 @@ QUEUE_DEPTH = Gauge(
 )
 QUEUE_CAPACITY = Gauge(
     "cnnserve_queue_capacity",
-    "Images the batch queue holds before requests are refused (503), summed over workers.",
+    "Images the batch queue holds before requests are refused (503), summed over workers; "
+    "0 once the version unloads.",
     ["model", "version"],
     multiprocess_mode="livesum",
 )
@@ -155,7 +156,7 @@ MALFORMED_REQUESTS = Counter(
 INFERENCE_SECONDS_PER_IMAGE = Gauge(
     "cnnserve_inference_seconds_per_image",
     "Moving average of inference seconds per image, what admission multiplies by the "
-    "images queued (max over workers).",
+    "images queued (max over workers); 0 once the version unloads.",
     ["model", "version"],
     multiprocess_mode="livemax",
 )
@@ -385,7 +386,8 @@ class BatcherMetrics:
         self._per_image = INFERENCE_SECONDS_PER_IMAGE.labels(model, v)
         # Series exist from the start, so rates and ratios read 0 rather than nothing.
         self._depth.set(0)
-        QUEUE_CAPACITY.labels(model, v).set(capacity)
+        self._capacity = QUEUE_CAPACITY.labels(model, v)
+        self._capacity.set(capacity)
 
     def on_batch(
         self,
@@ -414,6 +416,14 @@ class BatcherMetrics:
 
     def on_queue_depth(self, depth: int) -> None:
         self._depth.set(depth)
+
+    def on_stopped(self) -> None:
+        # An unloaded version's queue holds nothing: its capacity and cost kept reading
+        # what they last were, a version long gone still on the dashboard's queue panel.
+        # (Set, not removed: worker processes share their values through files.)
+        self._capacity.set(0)
+        self._per_image.set(0)
+        self._depth.set(0)
 
 
 # --- model lifecycle ---------------------------------------------------------------

@@ -89,6 +89,7 @@ class Recorder:
         self.costs: list[float] = []
         self.expired = 0
         self.depths: list[int] = []
+        self.stopped = False
 
     def on_batch(
         self,
@@ -111,6 +112,9 @@ class Recorder:
 
     def on_queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
+
+    def on_stopped(self) -> None:
+        self.stopped = True
 
 
 def spawn(

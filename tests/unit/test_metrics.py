@@ -94,6 +94,7 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
     )
     observer = metrics.BatcherMetrics("batchy", 1, config.queue_capacity)
     release = asyncio.Event()
+    capacity, per_image = "cnnserve_queue_capacity", "cnnserve_inference_seconds_per_image"
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
@@ -113,6 +114,8 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
                 await batcher.submit(np.ones((1, 3)), deadline=None)
             release.set()
             await asyncio.gather(first, queued)
+            assert value(per_image, model="batchy", version="1") > 0
+            assert value(capacity, model="batchy", version="1") == 2
 
     asyncio.run(asyncio.wait_for(scenario(), 10))
     assert value("cnnserve_batch_size_count", model="batchy") == 2
@@ -120,10 +123,11 @@ def test_batcher_reports_batches_queue_and_rejections() -> None:
     shed = "cnnserve_overload_rejections_total"
     assert value(shed, model="batchy", reason="queue_full") == 1
     assert value(shed, model="batchy", reason="queue_budget") == 0  # exists, reads 0
-    assert value("cnnserve_inference_seconds_per_image", model="batchy", version="1") > 0
     assert value("cnnserve_deadline_expirations_total", model="batchy") == 0
     assert value("cnnserve_queue_depth", model="batchy", version="1") == 0
-    assert value("cnnserve_queue_capacity", model="batchy", version="1") == 2
+    # Stopped (its version unloaded): no queue. They read what they last were before.
+    assert value(capacity, model="batchy", version="1") == 0
+    assert value(per_image, model="batchy", version="1") == 0
     stage = {"model": "batchy"}
     assert value("cnnserve_stage_duration_seconds_count", **stage, stage="queue_wait") == 2
     assert value("cnnserve_stage_duration_seconds_count", **stage, stage="inference") == 2
