@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         ge=0,
         description="Repository poll period (TF Serving's file_system_poll_wait_seconds); 0 = off.",
     )
+    load_timeout_seconds: float = Field(
+        600.0,
+        ge=0,
+        description="A version not loaded and warmed within this is reported failed, so a "
+        "read that hangs (a stuck network file system) stops holding up every later "
+        "reload; 0 = wait for ever.",
+    )
     intra_op_threads: int = Field(0, ge=0, description="Threads per inference; 0 = cores/workers.")
     canary_percent: float = Field(
         0.0,

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from service.errors import (
     CnnserveError,
     ConfigError,
     InvalidRequest,
+    ModelLoadError,
     ModelNotReady,
     VersionNotFound,
 )
@@ -563,7 +565,7 @@ class Registry:
             path,
         )
         try:
-            prepared = await asyncio.to_thread(self._source.prepare, key, path)
+            prepared = await self._prepare(key, path)
             loaded = await self._serve(key, path, prepared)
         except Exception as exc:
             self._failed[key] = scan.fingerprints[key]
@@ -599,6 +601,23 @@ class Registry:
             loaded.runtime.name,
             precision,
         )
+
+    async def _prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
+        """Load and warm a version on a thread, within ``load_timeout_seconds``: polls
+        wait for each load, so one that hangs (a read of a stuck network file system)
+        held up every later version of every model. A thread cannot be stopped: one past
+        the timeout is left to finish, and what it loads is unloaded then."""
+        work = asyncio.get_running_loop().run_in_executor(None, self._source.prepare, key, path)
+        timeout = self._settings.load_timeout_seconds
+        try:
+            return await asyncio.wait_for(asyncio.shield(work), timeout or None)
+        except TimeoutError:
+            work.add_done_callback(_unload_late)
+            raise ModelLoadError(
+                f"{key[0]} version {key[1]} did not load within {timeout:g} s "
+                f"(CNNSERVE_LOAD_TIMEOUT_SECONDS), reading {path}: a file read that hangs "
+                "(a stuck network file system?); it is tried again once its folder changes"
+            ) from None
 
     async def _serve(self, key: VersionKey, path: Path, prepared: PreparedVersion) -> LoadedVersion:
         """Start the batcher of a loaded, warmed runtime."""
@@ -699,6 +718,12 @@ def _set_from_any_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) 
     """Finalizer callback: the last reference may be dropped on any thread."""
     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
         loop.call_soon_threadsafe(event.set)
+
+
+def _unload_late(work: asyncio.Future[PreparedVersion]) -> None:
+    """A load that finished after its timeout: nothing serves it, so its memory goes."""
+    if not work.cancelled() and work.exception() is None:
+        threading.Thread(target=work.result().runtime.unload, daemon=True).start()
 
 
 def _describe_failure(exc: BaseException) -> tuple[int, str]:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -710,6 +711,65 @@ def test_a_label_moved_before_its_version_is_published_stays_until_it_serves(
         await registry.poll_once()
         with pytest.raises(VersionNotFound, match=r"label 'stable' \(version 7\)"):
             registry.resolve("m", label="stable")
+
+    run_with(registry, scenario)
+
+
+class HangingFactory:
+    """create_runtime whose load of version 2 hangs until released (a read of a stuck
+    network file system), recording what was unloaded."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.unloaded: list[Path] = []
+        self.late_unloaded = threading.Event()
+
+    def __call__(self, name: str, version_dir: Path, **kwargs: Any) -> Runtime:
+        if version_dir.name == "2":
+            assert self.release.wait(30)
+        runtime = create_runtime(name, version_dir, **kwargs)
+        real_unload = runtime.unload
+
+        def unload() -> None:
+            self.unloaded.append(version_dir)
+            real_unload()
+            if version_dir.name == "2":
+                self.late_unloaded.set()
+
+        runtime.unload = unload  # type: ignore[method-assign]
+        return runtime
+
+
+def test_a_load_that_hangs_times_out_and_later_versions_still_load(
+    template: Path, tmp_path: Path
+) -> None:
+    """Every poll waited for each load: one that never returned (a FIFO in place of a
+    card, standing in for a hung network read) held up every later version, of every
+    model, with no word, until a restart."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, simple_config("m"))
+    factory = HangingFactory()
+    patient = settings(repo, tmp_path)
+    registry = Registry(patient, runtime_factory=factory)
+
+    async def scenario() -> None:
+        await registry.start()
+        # A short timeout for the hanging load only: a real one can take longer than it.
+        registry._settings = patient.model_copy(update={"load_timeout_seconds": 0.5})
+        add_version(repo, "m", 2, template)
+        await registry.poll_once()
+        registry._settings = patient
+        status = registry.statuses("m", version=2)[0]
+        assert status.state == VersionState.END
+        assert "did not load within 0.5 s (CNNSERVE_LOAD_TIMEOUT_SECONDS)" in status.error_message
+        assert registry.resolve("m").version == 1  # still served
+        add_version(repo, "m", 3, template)
+        await registry.poll_once()
+        assert registry.resolve("m").version == 3
+        factory.release.set()  # the hung read returns: what it loaded is unloaded
+        assert await asyncio.to_thread(factory.late_unloaded.wait, 60)
+        assert registry.resolve("m").version == 3
 
     run_with(registry, scenario)
 
