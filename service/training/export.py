@@ -46,6 +46,7 @@ from service.training.evaluate import (
     plot_confusion,
     plot_curves,
 )
+from service.training.graph_decode import decode_for_model
 from service.training.train import TrainResult
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,9 @@ def write_saved_model(model: keras.Model, spec: PreprocessSpec, path: Path) -> N
         return {OUTPUT_NAME: model(image, training=False)}
 
     def decode_one(data: tf.Tensor) -> tf.Tensor:
-        # Plain TF Serving clients sending JPEG/PNG: TF's decoder and an antialiased
-        # bilinear resize approximate the gateway's Pillow path (the card says so).
-        img = tf.io.decode_image(data, channels=3, expand_animations=False)
-        img = tf.image.resize(img, (spec.height, spec.width), method="bilinear", antialias=True)
-        return tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
+        # Plain TF Serving clients sending files: TF's decoders approximate the gateway's
+        # Pillow path (the card says so).
+        return decode_for_model(data, spec)
 
     def serve_bytes(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
         images = tf.map_fn(
@@ -166,8 +165,10 @@ def build_card(
             BYTES_SIGNATURE: {
                 "inputs": {BYTES_INPUT_NAME: {"dtype": "string", "shape": [-1]}},
                 "outputs": {OUTPUT_NAME: {"dtype": "float32", "shape": [-1, len(classes)]}},
-                "note": "decodes with tf.io.decode_image and resizes with antialiased bilinear "
-                "in the graph: close to, not bit-equal with, the gateway's Pillow path",
+                "note": "decodes with TF's decoders in the graph (EXIF orientation applied, "
+                "transparency composited on white) and resizes with the card's method, "
+                "antialiased: close to, not bit-equal with, the gateway's Pillow path; "
+                "no TIFF (see docs/serving.md)",
             },
         },
         "preprocessing": {
