@@ -92,3 +92,22 @@ def test_files_the_graph_cannot_decode_are_refused_not_a_crash() -> None:
     for data in (animated.getvalue(), b"not an image", encode(gradient(), "TIFF")):
         with pytest.raises(tf.errors.InvalidArgumentError):
             in_graph(tf.constant(data))
+
+
+def test_the_committed_default_model_carries_it() -> None:
+    """Re-exported with the in-graph decoder: a sample turned on its side and tagged
+    with EXIF orientation 8 gets the gateway's answer from TF Serving's signature."""
+    from pathlib import Path
+
+    version = Path(__file__).parents[2] / "model_repository" / "fashion_mnist" / "1"
+    loaded = tf.saved_model.load(str(version))
+    sample = Image.open(version.parents[2] / "docs" / "samples" / "ankle_boot.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 8  # shown turned 90° counter-clockwise: stored turned clockwise
+    data = encode(sample.transpose(Image.Transpose.ROTATE_270), "JPEG", quality=95, exif=exif)
+    by_bytes = loaded.signatures["predict_image_bytes"](image_bytes=tf.constant([data]))
+    pixels = preprocess_bytes(data, SPEC, max_pixels=10**8)[None]
+    by_pixels = loaded.signatures["serving_default"](image=tf.constant(pixels))
+    graph, gateway = by_bytes["probabilities"].numpy()[0], by_pixels["probabilities"].numpy()[0]
+    assert graph.argmax() == gateway.argmax() == 9  # Ankle boot
+    np.testing.assert_allclose(graph, gateway, atol=0.02)
