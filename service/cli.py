@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Literal, NoReturn, get_args, get_origin
@@ -143,6 +145,9 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # No argv: the console script or `python -m service.cli`, so this process is the
+    # command's own (tests pass argv and share theirs).
+    own_process = argv is None
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         settings = Settings()
@@ -153,6 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(settings).parse_args(argv)
     args.argv = argv
     setup_logging(verbose=args.verbose)
+    if own_process and args.command != "serve":  # serve has its own graceful SIGTERM
+        # A SIGTERM (a CI runner's, `timeout`'s) stops as Ctrl-C does: temporary folders
+        # removed and one line, where it killed the process and left them behind.
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.handler(args, settings))
     except KeyboardInterrupt:
@@ -161,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"cnnserve {args.command}: interrupted" + (f"; {after}" if after else ""),
             file=sys.stderr,
         )
+        if own_process:
+            # Freeing an interrupted fit's tf.data iterators deadlocks in TF (a prefetch
+            # thread pool's teardown): train printed the line above and hung for good.
+            # Everything to clean up has been (the with-blocks ran on the way here).
+            _exit_now(130)
         return 130
     except DatasetError as exc:
         print(f"cnnserve: {exc.message}", file=sys.stderr)
@@ -175,6 +189,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"cnnserve {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
         return _OS_ERROR_EXIT.get(args.command, 1)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without the interpreter's teardown (see the caller)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ import contextlib
 import io
 import json
 import logging
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import keras
@@ -410,3 +414,41 @@ def test_a_version_carries_demo_samples_of_its_test_split(published: Path) -> No
     assert sorted(s.label for s in found) == ["class_0", "class_1", "class_2"]
     assert all(s.about == PUBLISHED_ABOUT and s.png.startswith(b"\x89PNG") for s in found)
     assert all(s.source.startswith("test split image ") for s in found)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_train_stopped_mid_fit_exits_at_once(tmp_path: Path, stop: signal.Signals) -> None:
+    """Ctrl-C during an epoch printed "interrupted" and then hung for good (freeing the
+    fit's tf.data iterators deadlocks in TF); a SIGTERM killed it without the line."""
+    command = [
+        sys.executable, "-m", "service.cli", "train", "--dataset", "fashion_mnist",
+        "--limit", "600", "--repository", str(tmp_path / "repo"),
+        "--work-dir", str(tmp_path / "work"), "--model-name", "tiny", "--arch", "lenet5",
+        "--epochs", "200", "--patience", "200", "--batch-size", "64", "--latency-runs", "1",
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]
+    )
+    assert process.stderr is not None
+    try:
+        ends = []  # when epochs 1 and 2 ended
+        for line in process.stderr:
+            if line.startswith(("epoch 1/200", "epoch 2/200")):
+                ends.append(time.monotonic())
+                if len(ends) == 2:
+                    break
+        else:
+            raise AssertionError(f"train ended before its second epoch: {process.wait()}")
+        # Half an epoch in, where the fit's input pipeline is busy (at an epoch's end it
+        # exited): the moment to stop it, not a synchronization.
+        time.sleep((ends[1] - ends[0]) / 2)
+        process.send_signal(stop)
+        code = process.wait(timeout=60)  # it hung here for good
+        rest = process.stderr.read()
+        assert code == 130, rest
+    finally:
+        process.kill()
+    assert rest.strip().splitlines()[-1] == (
+        "cnnserve train: interrupted; rerun the same command to resume from the last finished epoch"
+    )
+    assert not list(tmp_path.glob("repo/*/*/saved_model.pb"))  # nothing published
