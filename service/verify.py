@@ -65,6 +65,7 @@ class TestImages:
     pixels: list[npt.NDArray[np.uint8]]
     classes: list[str | None]
     names: list[str]
+    source: str = ""  # where they are from, said on stderr
 
 
 def load_images(data: Path | None, fashion_mnist_dir: Path, limit: int) -> TestImages:
@@ -109,13 +110,20 @@ def card_test_images(card: dict[str, Any], fashion_mnist_dir: Path, limit: int) 
     from service.training.evaluate import card_splits
 
     training = card.get("training")
-    datasets = (
-        [training.get("dataset"), *training.get("extra_datasets", [])]
-        if isinstance(training, dict)
-        else ["fashion_mnist"]  # a card without its recipe: the default model's data
-    )
+    if not isinstance(training, dict):
+        # No recipe (no card, or one written elsewhere): images to compare the server
+        # and the offline model on all the same, said so (they may be of no class it knows).
+        images = load_images(None, fashion_mnist_dir, limit)
+        images.source = (
+            "Fashion-MNIST's test set: this version's model card does not record its "
+            "test split (give --data a folder of images of its classes)"
+        )
+        return images
+    datasets = [training.get("dataset"), *training.get("extra_datasets", [])]
     if datasets == ["fashion_mnist"]:
-        return load_images(None, fashion_mnist_dir, limit)
+        images = load_images(None, fashion_mnist_dir, limit)
+        images.source = "Fashion-MNIST's test set, this version's test split"
+        return images
     gone = [d for d in datasets if not (isinstance(d, str) and Path(d).is_dir())]
     if gone:
         raise DatasetError(
@@ -136,6 +144,7 @@ def card_test_images(card: dict[str, Any], fashion_mnist_dir: Path, limit: int) 
         pixels=[pixels for pixels, _ in sources],
         classes=[test.class_names[int(test.labels[i])] for i in range(count)],
         names=[name for _, name in sources],
+        source=f"this version's test split of {', '.join(datasets)} (its model card's record)",
     )
 
 
@@ -468,6 +477,8 @@ def run_verify(
     card = read_card(version_dir)
     _check_same_model(server, model, version, version_dir, card)
     test_images = images(card)
+    if test_images.source:
+        print(f"verify: test images: {test_images.source}", file=progress_out)
     spec = training_spec(card)
     print(
         f"verify: offline predictions of {version_dir} ({spec.resize_method} resize)",

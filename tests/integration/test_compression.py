@@ -203,6 +203,7 @@ def test_verify_compares_a_quantized_version_with_the_artifact_that_serves(
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main([*args, "--output", str(tmp_path / "own")])
     assert code == 0, out.getvalue() + err.getvalue()
+    assert "verify: test images: this version's test split of " in err.getvalue()
     report = json.loads((tmp_path / "own" / "report.json").read_text())
     recorded = card(repo / "q" / "1")
     assert report["images"] == recorded["dataset"]["test"] > 0

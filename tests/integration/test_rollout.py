@@ -401,6 +401,9 @@ def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: 
         assert good.returncode == 0, good.stdout + good.stderr
         assert "png   accuracy served" in good.stdout and "agreement 100.00%" in good.stdout
         assert "verify: png 200/200 images" in good.stderr  # progress on stderr
+        assert "verify: test images: Fashion-MNIST's test set, this version's test split" in (
+            good.stderr
+        )
         skewed = cnnserve("verify", *common, "--version", "2", "--output", str(tmp_path / "bad"))
         assert skewed.returncode == 1, skewed.stdout + skewed.stderr
         assert "FAIL" in skewed.stdout

@@ -58,3 +58,17 @@ def test_a_skew_on_the_same_bytes_fails_and_lists_the_images() -> None:
     out = io.StringIO()
     print_report(report, out, show=5)
     assert "FAIL" in out.getvalue() and "image98" in out.getvalue()
+
+
+def test_a_card_without_its_recipe_gets_images_said_to_be_off_its_record() -> None:
+    """A version with no card (or one written elsewhere) was sent Fashion-MNIST's test
+    set without a word: for a folder model, images of no class it knows."""
+    from service.config import Settings
+    from service.verify import card_test_images
+
+    for card in ({}, {"training": None}, {"training": []}):
+        images = card_test_images(card, Settings().fashion_mnist_dir, limit=3)
+        assert len(images.pixels) == 3
+        assert images.source.startswith(
+            "Fashion-MNIST's test set: this version's model card does not record its test split"
+        )
