@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.cli_rollout import add_ca_cert, unwritable_folder
-from service.cli_types import NON_NEGATIVE, POSITIVE, DefaultsHelp, positive_ints
+from service.cli_types import NON_NEGATIVE, POSITIVE, DefaultsHelp, model_name, positive_ints
 from service.client_trust import api_key_headers, https_verify, untrusted
 from service.config import Settings
 from service.errors import DatasetError
@@ -50,7 +50,7 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         formatter_class=DefaultsHelp,
     )
     p.add_argument("--model-repository", type=Path, default=settings.model_repository)
-    p.add_argument("--model", default="fashion_mnist")
+    p.add_argument("--model", type=model_name, default="fashion_mnist")
     p.add_argument("--version", type=int, default=None, help="default: newest")
     p.add_argument(
         "--model-kind",

@@ -389,7 +389,7 @@ def add_compress(
         "card. The source version is never modified.",
     )
     p.add_argument("--model-repository", type=Path, default=settings.model_repository)
-    p.add_argument("--model", default="fashion_mnist")
+    p.add_argument("--model", type=model_name, default="fashion_mnist")
     p.add_argument("--version", type=int, default=None, help="source version (default: newest)")
     p.add_argument("--method", choices=["int8", "prune", "distill"], required=True)
     _add_card_data_dir(p)

@@ -286,8 +286,20 @@ def evaluate_version(
         card = load_card(version_dir)
     except ModelLoadError as exc:  # the user's file to fix, not a failed load: exit 2
         raise DatasetError(exc.message) from None
-    spec = PreprocessSpec.from_card(card["preprocessing"])
-    splits = card_splits(card, data_dir)
+    lacking = [k for k in ("preprocessing", "training") if not isinstance(card.get(k), dict)]
+    if lacking:
+        raise DatasetError(
+            f"{version_dir}: its model card has no {' or '.join(lacking)} section (a "
+            "version `cnnserve train` exported has both): evaluate re-runs what it records"
+        )
+    try:
+        spec = PreprocessSpec.from_card(card["preprocessing"])
+        splits = card_splits(card, data_dir)
+    except (KeyError, TypeError, ValueError) as exc:  # a card edited by hand
+        raise DatasetError(
+            f"{version_dir}: its model card's preprocessing or training section is not "
+            f"as cnnserve writes it ({type(exc).__name__}: {exc})"
+        ) from None
     labels = card.get("labels")  # every card export writes has them
     problem = class_mismatch(labels, splits.test.class_names) if labels is not None else ""
     if problem:

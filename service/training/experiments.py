@@ -97,56 +97,71 @@ def _sources(training: dict[str, Any]) -> str:
     return text
 
 
+def _section(card: dict[str, Any], key: str) -> dict[str, Any]:
+    """A card's section, {} when it is missing or not an object (a card edited by hand:
+    a null section stopped the whole report with a traceback)."""
+    value = card.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def published_runs(repository: Path) -> list[dict[str, Any]]:
     runs = []
     for card_path in sorted(repository.glob("*/*/assets.extra/model_card.json")):
         version_dir = card_path.parents[1]
         if not version_dir.name.isdigit():
             continue
+        # One damaged card must not hide every other run.
         try:
-            card = load_card(version_dir)
-        except ModelLoadError as exc:  # one damaged card must not hide every other run
+            runs.append(_published_run(version_dir, load_card(version_dir)))
+        except ModelLoadError as exc:
             log.warning("%s; left out of the report", exc.message)
-            continue
-        training, evaluation = card.get("training", {}), card.get("evaluation", {})
-        # A compressed version is measured on the artifact that serves it (LiteRT).
-        timed = evaluation.get("latency_tensorflow") or evaluation.get("latency_litert") or {}
-        latency = timed.get("batch_1", {}).get("p50_ms")
-        hyper = _flatten(training)
-        # How a compressed version differs from its source: an int8 or a pruned one had
-        # the source's recipe to the letter and read as the same run.
-        compression = card.get("compression") or {}
-        hyper.update(
-            {
-                f"compression.{k}": v
-                for k, v in compression.items()
-                if k in _COMPRESSION_KEYS and not isinstance(v, dict | list)
-            }
-        )
-        test_sha = card.get("dataset", {}).get("test_sha256")
-        data = _data_recipe(training)
-        runs.append(
-            {
-                "run": f"{version_dir.parent.name}/{version_dir.name}",
-                "test_set": test_sha or f"recipe:{data}",
-                "data_recipe": data,
-                "published": True,
-                "architecture": card.get("architecture", {}).get("name", "?"),
-                "parameters": card.get("architecture", {}).get("parameters"),
-                "sources": _sources(training),
-                "accuracy": evaluation.get("accuracy"),
-                "macro_f1": evaluation.get("macro_f1"),
-                "map": _map(evaluation),
-                "latency_ms": latency,
-                "size_mb": round(_dir_mb(version_dir), 2),
-                "metric_split": "test",
-                "per_class_f1": {k: v["f1"] for k, v in evaluation.get("per_class", {}).items()},
-                "history": training.get("history", {}),
-                "hyper": hyper,
-                "recipe": _recipe_id(hyper),
-            }
-        )
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # edited by hand
+            log.warning(
+                "%s: the model card is not as cnnserve writes it (%s: %s); left out of the report",
+                card_path,
+                type(exc).__name__,
+                exc,
+            )
     return runs
+
+
+def _published_run(version_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
+    training, evaluation = _section(card, "training"), _section(card, "evaluation")
+    # A compressed version is measured on the artifact that serves it (LiteRT).
+    timed = evaluation.get("latency_tensorflow") or evaluation.get("latency_litert") or {}
+    latency = timed.get("batch_1", {}).get("p50_ms")
+    hyper = _flatten(training)
+    # How a compressed version differs from its source: an int8 or a pruned one had
+    # the source's recipe to the letter and read as the same run.
+    compression = _section(card, "compression")
+    hyper.update(
+        {
+            f"compression.{k}": v
+            for k, v in compression.items()
+            if k in _COMPRESSION_KEYS and not isinstance(v, dict | list)
+        }
+    )
+    test_sha = _section(card, "dataset").get("test_sha256")
+    data = _data_recipe(training)
+    return {
+        "run": f"{version_dir.parent.name}/{version_dir.name}",
+        "test_set": test_sha or f"recipe:{data}",
+        "data_recipe": data,
+        "published": True,
+        "architecture": _section(card, "architecture").get("name", "?"),
+        "parameters": _section(card, "architecture").get("parameters"),
+        "sources": _sources(training),
+        "accuracy": evaluation.get("accuracy"),
+        "macro_f1": evaluation.get("macro_f1"),
+        "map": _map(evaluation),
+        "latency_ms": latency,
+        "size_mb": round(_dir_mb(version_dir), 2),
+        "metric_split": "test",
+        "per_class_f1": {k: v["f1"] for k, v in evaluation.get("per_class", {}).items()},
+        "history": _curves(training.get("history")),
+        "hyper": hyper,
+        "recipe": _recipe_id(hyper),
+    }
 
 
 def _read_object(path: Path) -> dict[str, Any] | None:

@@ -128,9 +128,12 @@ def test_a_card_that_is_not_json_is_left_out_and_named(
 ) -> None:
     """It stopped the whole report with a JSONDecodeError traceback."""
     repo = tmp_path / "repo"
+    sections = ("training", "evaluation", "architecture", "dataset", "compression")
     for version, text in (
         ("1", '{"training":\n'),  # cut short
         ("2", json.dumps({"training": {"dataset": "shop"}, "evaluation": {"accuracy": 0.5}})),
+        ("3", json.dumps(dict.fromkeys(sections))),  # null sections: read as empty
+        ("4", json.dumps({"evaluation": {"per_class": {"cat": 0.5}}})),  # not as written
     ):
         extra = repo / "tiny" / version / "assets.extra"
         extra.mkdir(parents=True)
@@ -138,12 +141,13 @@ def test_a_card_that_is_not_json_is_left_out_and_named(
     out = tmp_path / "report"
     args = ["experiments", "--model-repository", str(repo), "--work-dir", str(tmp_path / "none")]
     assert main([*args, "--output", str(out)]) == 0
-    assert capsys.readouterr().out.startswith("1 runs, best: tiny/2;")
+    assert capsys.readouterr().out.startswith("2 runs on 2 test sets, the best of each: tiny/2")
     damaged = repo / "tiny" / "1" / "assets.extra" / "model_card.json"
     assert f"{damaged}: unreadable model card" in caplog.text
-    assert [r["run"] for r in json.loads((out / "experiments.json").read_text())["runs"]] == [
-        "tiny/2"
-    ]
+    odd = repo / "tiny" / "4" / "assets.extra" / "model_card.json"
+    assert f"{odd}: the model card is not as cnnserve writes it (TypeError" in caplog.text
+    runs = json.loads((out / "experiments.json").read_text())["runs"]
+    assert sorted(r["run"] for r in runs) == ["tiny/2", "tiny/3"]
 
 
 def test_a_damaged_work_run_is_left_out_and_named(

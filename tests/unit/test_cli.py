@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -287,12 +288,40 @@ def test_evaluate_on_a_folder_that_is_no_version_is_one_line(
 
 
 @pytest.mark.parametrize(
+    ("card", "words"),
+    [
+        ({}, "its model card has no preprocessing or training section"),
+        ({"preprocessing": {}, "training": []}, "its model card has no training section"),
+        (
+            {"preprocessing": {"resize_method": "bogus"}, "training": {}},
+            "its model card's preprocessing or training section is not as cnnserve writes it",
+        ),
+    ],
+)
+def test_evaluate_on_a_card_without_its_sections_is_one_line(
+    card: dict[str, object], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A card that is JSON but lacks a section (or holds one of another type) was a
+    KeyError or AttributeError traceback."""
+    version = tmp_path / "m" / "1"
+    (version / "assets.extra").mkdir(parents=True)
+    (version / "saved_model.pb").write_bytes(b"")
+    (version / "assets.extra" / "model_card.json").write_text(json.dumps(card))
+    assert main(["evaluate", str(version)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"cnnserve: {version}: {words}") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize(
     ("argv", "words"),
     [
         (["train", "--dropout", "2"], "--dropout: must be in [0, 1)"),
         (["train", "--lr", "-1"], "--lr: must be more than 0"),
         (["train", "--width", "0"], "--width: must be more than 0"),
         (["train", "--model-name", "../evil"], "--model-name: '../evil'"),
+        # compress published into another repository through its --model.
+        (["compress", "--method", "int8", "--model", "../repoB/toy"], "--model: '../repoB/toy'"),
+        (["bench", "--model", "../x"], "--model: '../x'"),
         (["train", "--repository", "FILE"], "is a file; give a folder"),
         (["evaluate", "model_repository/fashion_mnist/1", "--output", "FILE"], "is a file"),
         (["experiments", "--output", "FILE"], "is a file"),
