@@ -248,3 +248,20 @@ def test_gateway_refuses_a_quantized_version_that_drifted(
         assert "top-1" in status["status"]["error_message"]
         assert client.get("/readyz").status_code == 503
         assert "cnnserve_model_runtime_info{" not in client.get("/metrics").text
+
+
+def test_int8_on_a_damaged_savedmodel_is_one_line(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The conversion runs in a child process, whose whole traceback (~20 lines) was the
+    error; its last line says why."""
+    damaged = tmp_path / "repo"
+    shutil.copytree(repo / "tiny" / "1", damaged / "tiny" / "1")
+    (damaged / "tiny" / "1" / "saved_model.pb").write_bytes(b"garbage")
+    args = ["compress", "--model-repository", str(damaged), "--model", "tiny", "--method", "int8"]
+    assert main([*args, "--test-limit", "2", "--latency-runs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"cnnserve: export_failed: int8 conversion of {damaged / 'tiny' / '1'}")
+    assert err.strip().endswith("Wire format was corrupt.")
+    assert sorted(p.name for p in (damaged / "tiny").iterdir()) == ["1"]  # nothing published

@@ -94,9 +94,12 @@ def convert_int8(saved_model: Path, samples: npt.NDArray[np.uint8]) -> bytes:
             check=False,
         )
         if done.returncode != 0 or not out_path.is_file():
-            raise ExportError(
-                f"int8 conversion of {saved_model} failed: {done.stderr.strip()[-2000:]}"
-            )
+            # The child's last line says why (its exception); the rest of its traceback
+            # is for --verbose, not for the one line a failure gets.
+            log.debug("int8 conversion's output:\n%s", done.stderr)
+            lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+            why = lines[-1] if lines else f"exit status {done.returncode}"
+            raise ExportError(f"int8 conversion of {saved_model} failed: {why}")
         return out_path.read_bytes()
 
 
