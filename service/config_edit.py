@@ -340,7 +340,10 @@ def validate(text: str, repository: Path) -> list[ModelConfig]:
 
 
 def write_atomically(path: Path, text: str) -> None:
-    """Write beside ``path`` and rename over it: readers see the old file or the new one."""
+    """Write beside ``path`` and rename over it: readers see the old file or the new one.
+    A linked ``path`` is written where it points (the rename replaced the link itself
+    with a file, and its target kept the old text)."""
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     try:
         with tmp.open("w", encoding="utf-8") as out:

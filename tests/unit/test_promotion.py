@@ -318,6 +318,21 @@ def test_write_atomically_replaces_the_file_in_one_step(tmp_path: Path) -> None:
     assert [dict(c.labels) for c in read_repository(tmp_path)] == [{}, {"stable": 1}]
 
 
+def test_write_atomically_writes_a_linked_file_where_it_points(tmp_path: Path) -> None:
+    """promote replaced a linked models.config with a file: the link was lost and its
+    target (where the operator keeps the config) kept the old text."""
+    kept = tmp_path / "configs" / "models.config"
+    kept.parent.mkdir()
+    kept.write_text(CANARY_FILE)
+    link = tmp_path / "repo" / "models.config"
+    link.parent.mkdir()
+    link.symlink_to(kept)
+    write_atomically(link, set_labels(CANARY_FILE, "m", {"stable": 1}))
+    assert link.is_symlink() and link.resolve() == kept
+    assert [dict(c.labels) for c in read_repository(link.parent)] == [{}, {"stable": 1}]
+    assert sorted(p.name for p in kept.parent.iterdir()) == ["models.config"]
+
+
 def test_the_reload_config_rpc_is_off_unless_enabled(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
