@@ -246,8 +246,10 @@ def load_image_folder(root: Path) -> ImageSet:
     skipped: list[Path] = []
     no_files: list[Path] = []
     not_read: dict[Path, str] = {}
+    crossing: list[Path] = []
     for label, class_dir in enumerate(class_dirs):
-        entries, unreadable = _class_entries(class_dir)
+        entries, unreadable, leading_out = _class_entries(class_dir)
+        crossing += leading_out
         if class_dir in unreadable:
             raise DatasetError(f"class folder {class_dir} cannot be read: {unreadable[class_dir]}")
         not_read.update(unreadable)
@@ -278,6 +280,26 @@ def load_image_folder(root: Path) -> ImageSet:
             len(no_files),
             _shown(root, no_files),
         )
+    if crossing:
+        log.warning(
+            "%s: skipped %d linked folder(s) that lead out of their class folder (to the "
+            "dataset, above it, or into another class): %s",
+            root,
+            len(crossing),
+            _shown(root, crossing),
+        )
+    loose = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
+    if loose:  # an image beside the class folders has no class: it vanished unsaid
+        log.warning(
+            "%s: skipped %d image(s) outside any class folder: %s",
+            root,
+            len(loose),
+            _shown(root, loose),
+        )
     if not_read:  # rglob passed over them in silence, and their images with them
         log.warning(
             "%s: skipped %d subfolder(s) that cannot be read (%s): %s",
@@ -295,28 +317,45 @@ def load_image_folder(root: Path) -> ImageSet:
     )
 
 
-def _class_entries(class_dir: Path) -> tuple[list[Path], dict[Path, str]]:
-    """What a class folder holds at any depth, and the folders that could not be read
-    (with why). Hidden names are not images of the class: macOS's "._x.jpg" AppleDouble
-    files, .ipynb_checkpoints copies (a duplicate of every image). Linked subfolders
-    are followed (rglob passed over them unsaid), each real folder once: a link loop
-    ends."""
+def _class_entries(class_dir: Path) -> tuple[list[Path], dict[Path, str], list[Path]]:
+    """What a class folder holds at any depth, the folders that could not be read (with
+    why), and the linked folders not followed because they lead out of the class: to the
+    dataset folder, above it, or into another class's folder (`cat/all -> ..` labelled
+    every image "cat", and only a count of conflicting copies said anything). Hidden
+    names are not images of the class: macOS's "._x.jpg" AppleDouble files,
+    .ipynb_checkpoints copies (a duplicate of every image). Other linked subfolders are
+    followed (rglob passed over them unsaid), each real folder once: a link loop ends."""
     entries: list[Path] = []
     unreadable: dict[Path, str] = {}
+    crossing: list[Path] = []
     seen: set[str] = set()
+    own = os.path.realpath(class_dir)
+    dataset = os.path.dirname(own)
 
     def failed(exc: OSError) -> None:
         unreadable[Path(exc.filename)] = exc.strerror or str(exc)
+
+    def outside(real: str) -> bool:
+        mine = real == own or real.startswith(own + os.sep)
+        return not mine and (
+            real == dataset
+            or real.startswith(dataset + os.sep)
+            or dataset.startswith(real + os.sep)
+        )
 
     for folder, dirs, files in os.walk(class_dir, onerror=failed, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen:  # reached again through a link: a loop, or a second way in
             dirs.clear()
             continue
+        if outside(real):
+            crossing.append(Path(folder))
+            dirs.clear()
+            continue
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         entries += [Path(folder, name) for name in files if not name.startswith(".")]
-    return entries, unreadable
+    return entries, unreadable, crossing
 
 
 def _shown(root: Path, paths: Sequence[Path], count: int = 5) -> str:

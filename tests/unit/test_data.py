@@ -152,6 +152,26 @@ def test_linked_subfolders_are_followed_and_a_link_loop_ends(tmp_path: Path) -> 
     assert any("more" in p.parts for p in images.paths)
 
 
+def test_links_out_of_a_class_and_images_outside_classes_are_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`cat/all -> ..` put every image of every class under "cat" (only a count of
+    conflicting copies said anything); images beside the class folders vanished unsaid."""
+    root = write_class_folders(tmp_path / "data", classes=3, per_class=2)
+    (root / "class_0" / "all").symlink_to(root, target_is_directory=True)
+    (root / "class_0" / "up").symlink_to(tmp_path, target_is_directory=True)
+    (root / "class_1" / "other").symlink_to(root / "class_2", target_is_directory=True)
+    (root / "stray.png").write_bytes(next((root / "class_2").iterdir()).read_bytes())
+    with caplog.at_level("WARNING"):
+        images = load_image_folder(root)
+    assert np.bincount(images.labels).tolist() == [2, 2, 2]
+    assert (
+        "skipped 3 linked folder(s) that lead out of their class folder (to the dataset, "
+        "above it, or into another class): class_0/all, class_0/up, class_1/other"
+    ) in caplog.text
+    assert "skipped 1 image(s) outside any class folder: stray.png" in caplog.text
+
+
 def test_folder_dataset_needs_two_classes(tmp_path: Path) -> None:
     (tmp_path / "only").mkdir()
     with pytest.raises(DatasetError, match="two class subfolders"):
