@@ -333,7 +333,8 @@ def write_fix(data: Dataset, reviewed: Path, output: Path) -> Path:
     """Reviewed corrections (rows of `label_issues.csv` whose `corrected_label` is filled)
     → ``output/relabel.json``, which `cnnserve train --relabel` applies by sha256."""
     if not reviewed.is_file():
-        raise DatasetError(f"reviewed corrections {reviewed} do not exist")
+        what = "are a folder; give the CSV file" if reviewed.is_dir() else "do not exist"
+        raise DatasetError(f"reviewed corrections {reviewed} {what}")
     try:
         with reviewed.open(newline="", encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
@@ -347,6 +348,7 @@ def write_fix(data: Dataset, reviewed: Path, output: Path) -> Path:
         raise DatasetError(f"{reviewed} needs the columns sha256 and corrected_label")
     known = set(data.hashes)
     corrections: dict[str, str] = {}
+    row_of: dict[str, int] = {}
     problems: list[str] = []  # every row's, not only the first one's
     for number, row in enumerate(rows, 2):
         label = (row.get("corrected_label") or "").strip()
@@ -359,8 +361,14 @@ def write_fix(data: Dataset, reviewed: Path, output: Path) -> Path:
             problems.append(f"{reviewed}:{number}: the sha256 column is empty")
         elif digest not in known:
             problems.append(f"{reviewed}:{number}: no image of these sources has that sha256")
+        elif corrections.get(digest, label) != label:  # the last row won, unsaid
+            problems.append(
+                f"{reviewed}:{number}: corrects the image of row {row_of[digest]} to "
+                f"{label!r}, that row to {corrections[digest]!r}; keep one"
+            )
         else:
             corrections[digest] = label
+            row_of.setdefault(digest, number)
     if problems:
         classes = ", ".join(data.classes)
         raise DatasetError("\n".join([*problems, f"(the classes: {classes})"]))

@@ -136,12 +136,25 @@ def test_fix_turns_reviewed_rows_into_corrections_training_applies(
         + f"{rows[0]['sha256']},no_such_class\n"
         + f"{'0' * 64},{rows[0]['suggested_label']}\n"
         + f",{rows[0]['suggested_label']}\n"
+        # One image corrected two ways: the last row won, unsaid.
+        + f"{rows[1]['sha256']},{rows[1]['suggested_label']}\n"
+        + f"{rows[1]['sha256']},{rows[1]['given_label']}\n"
     )
     assert main(args) == 2
     err = capsys.readouterr().err
     assert ":2: 'no_such_class' is not a class" in err
     assert ":3: no image of these sources has that sha256" in err
     assert ":4: the sha256 column is empty" in err
+    assert (
+        f":6: corrects the image of row 5 to {rows[1]['given_label']!r}, that row to "
+        f"{rows[1]['suggested_label']!r}; keep one"
+    ) in err
+    # A folder for the reviewed file: said so (it read "do not exist").
+    folder = ["data", "audit", str(audited.data), "--output", str(fixed), "--fix", str(tmp_path)]
+    assert main(folder) == 2
+    assert f"reviewed corrections {tmp_path} are a folder; give the CSV file" in (
+        capsys.readouterr().err
+    )
 
 
 def test_fix_names_a_reviewed_file_that_is_not_utf8(
