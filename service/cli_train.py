@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -70,7 +71,7 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     p.add_argument(
         "--repository",
         type=folder_or_new,
-        default=settings.model_repository,
+        default=str(settings.model_repository),  # a string: checked by its type too
         help="model repository to publish into",
     )
     p.add_argument(
@@ -190,6 +191,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             )
             return 2
         args.model_name = "fashion_mnist"
+    if problem := unpublishable(args.repository / args.model_name):
+        print(f"cnnserve train: {problem}; choose another --repository", file=sys.stderr)
+        return 2
     from service.preprocessing import PreprocessSpec
     from service.training.config import ArchConfig, AugmentConfig, TrainConfig
     from service.training.train import train
@@ -375,6 +379,19 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def unpublishable(model_dir: Path) -> str:
+    """Why a version cannot be published into ``model_dir``, found before the work (a
+    read-only repository was said after the whole fit), or "". Nothing is created."""
+    existing = model_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot publish into {model_dir}: {existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):  # a read-only mount, a folder not ours
+        return f"cannot publish into {model_dir}: {existing} is not writable"
+    return ""
+
+
 def add_compress(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], settings: Settings
 ) -> None:
@@ -388,7 +405,7 @@ def add_compress(
         "publish the result atomically as the next version with the figures in its model "
         "card. The source version is never modified.",
     )
-    p.add_argument("--model-repository", type=Path, default=settings.model_repository)
+    p.add_argument("--model-repository", type=folder_or_new, default=str(settings.model_repository))
     p.add_argument("--model", type=model_name, default="fashion_mnist")
     p.add_argument("--version", type=int, default=None, help="source version (default: newest)")
     p.add_argument("--method", choices=["int8", "prune", "distill"], required=True)
@@ -427,6 +444,9 @@ def add_compress(
 
 
 def _compress(args: argparse.Namespace, settings: Settings) -> int:
+    if problem := unpublishable(args.model_repository / args.model):
+        print(f"cnnserve compress: {problem}; choose another --model-repository", file=sys.stderr)
+        return 2
     from service.training.compression import compress
 
     version_dir, summary = compress(args, command="cnnserve " + shlex.join(args.argv))

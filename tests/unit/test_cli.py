@@ -445,3 +445,29 @@ def test_help_says_defaults_and_no_none(command: str, capsys: pytest.CaptureFixt
     assert text.count("(default: ") >= 3
     if command == "train":
         assert "optimizer (default: sgd)" in text and "(default: plateau)" in text
+
+
+def test_a_repository_that_cannot_be_published_into_is_refused_before_the_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """CNNSERVE_MODEL_REPOSITORY naming a file (the flag's check skipped a default), or a
+    path under a file, was found after the whole fit."""
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    monkeypatch.setenv("CNNSERVE_MODEL_REPOSITORY", str(a_file))
+    for command in (["train"], ["compress", "--method", "int8"]):
+        with pytest.raises(SystemExit) as exited:
+            main(command)
+        assert exited.value.code == 2
+        assert f"{a_file} is a file; give a folder" in capsys.readouterr().err
+    monkeypatch.delenv("CNNSERVE_MODEL_REPOSITORY")
+    under = a_file / "repo"
+    assert main(["train", "--repository", str(under)]) == 2
+    assert capsys.readouterr().err == (
+        f"cnnserve train: cannot publish into {under / 'fashion_mnist'}: {a_file} is a file; "
+        "choose another --repository\n"
+    )
+    assert main(["compress", "--method", "int8", "--model-repository", str(under)]) == 2
+    assert f"cnnserve compress: cannot publish into {under / 'fashion_mnist'}" in (
+        capsys.readouterr().err
+    )
