@@ -26,7 +26,7 @@ from service.errors import (
     VersionNotFound,
 )
 from service.preprocessing import PreprocessSpec
-from service.repository import ModelConfig
+from service.repository import ModelConfig, version_dirs
 from service.runtimes.base import Batch, Probabilities, Runtime
 
 VersionKey = tuple[str, int]  # (model, version)
@@ -197,6 +197,13 @@ class RoutingTable:
         status = self.states.get(config.name, {}).get(version)
         if status is not None and status.state in (VersionState.START, VersionState.LOADING):
             return ModelNotReady(f"{what} of model {config.name!r} is still loading; retry shortly")
+        if status is None and _published_since(config, version):
+            # Another worker of this replica may list it AVAILABLE already: each polls on
+            # its own, and NOT_FOUND is final to TF Serving's clients.
+            return ModelNotReady(
+                f"{what} of model {config.name!r} was published moments ago and is not "
+                "loaded here yet; retry shortly"
+            )
         failed = " (it failed to load)" if status is not None and status.error_code else ""
         available = sorted(self.served.get(config.name, {}))
         return VersionNotFound(
@@ -268,6 +275,14 @@ def hold_labels(
             labels[label] = old
             waiting.append((label, old, version))
     return (replace(config, labels=labels) if waiting else config), waiting
+
+
+def _published_since(config: ModelConfig, version: int) -> bool:
+    """Whether ``version``'s folder is there and the policy serves it, though this
+    worker's last poll did not see it (a stat and a listing, on the 404 path only)."""
+    if not (config.base_path / str(version)).is_dir():
+        return False
+    return version in config.wanted_versions(version_dirs(config.base_path))
 
 
 def _label_version(config: ModelConfig, label: str) -> int:

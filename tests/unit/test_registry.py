@@ -715,6 +715,32 @@ def test_a_label_moved_before_its_version_is_published_stays_until_it_serves(
     run_with(registry, scenario)
 
 
+def test_a_version_published_since_the_last_poll_is_not_ready_not_missing(
+    template: Path, tmp_path: Path
+) -> None:
+    """Each worker polls on its own: a client that saw version 2 AVAILABLE (from a
+    sibling) and asked this worker for it got 404, which TF Serving's clients take as
+    final. A version the policy would not serve is still a 404."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, simple_config("m"))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        add_version(repo, "m", 2, template)  # not polled yet
+        with pytest.raises(ModelNotReady, match="published moments ago"):
+            registry.resolve("m", version=2)
+        with pytest.raises(VersionNotFound):
+            registry.resolve("m", version=7)
+        await registry.poll_once()
+        assert registry.resolve("m", version=2).version == 2
+        with pytest.raises(VersionNotFound):  # latest {1}: 1 left, and stays a 404
+            registry.resolve("m", version=1)
+
+    run_with(registry, scenario)
+
+
 class HangingFactory:
     """create_runtime whose load of version 2 hangs until released (a read of a stuck
     network file system), recording what was unloaded."""
