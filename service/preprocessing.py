@@ -77,6 +77,7 @@ SUPPORTED_MEDIA_TYPES = frozenset(
     }
 )
 SUPPORTED_HUMAN = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pillow reads a PNG's chunks one by one in Python (~2.5 µs each): those before the
@@ -260,6 +261,12 @@ def _open_with_pillow(
             f"image has far more pixels than the limit of {max_pixels}; send it smaller"
         ) from None
     except UnidentifiedImageError:
+        if data[:4] in _TIFF_MAGIC:  # a TIFF all right: its layout is what Pillow lacks
+            raise InvalidImage(
+                "could not decode the TIFF: it is corrupt, or its layout (samples per "
+                "pixel, bits, sample format) is not one the decoder reads, e.g. 16-bit grey "
+                "with alpha; re-save it as 8-bit RGB(A) or grey, or as PNG"
+            ) from None
         raise InvalidImage(
             f"could not decode the image: not a {SUPPORTED_HUMAN} file (or it is corrupt)"
         ) from None

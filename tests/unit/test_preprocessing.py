@@ -104,6 +104,29 @@ def test_a_16_bit_white_is_zero_tiff_is_not_decoded_as_its_negative() -> None:
     np.testing.assert_array_equal(out[:, :, 0], TOP_BYTES)
 
 
+def test_a_tiff_of_a_layout_pillow_lacks_is_said_to_be_one() -> None:
+    """16-bit grey with alpha: Pillow cannot open it, and the client read "not a … TIFF
+    file (or it is corrupt)" about a TIFF it had just saved."""
+    data = b"\x00\x10" * 4
+    la16 = tiff(
+        [
+            (256, LONG, 2),
+            (257, LONG, 1),
+            (258, SHORT, 16),
+            (259, SHORT, 1),
+            (262, SHORT, 1),
+            (273, LONG, 0),
+            (277, SHORT, 2),  # grey and alpha
+            (278, LONG, 1),
+            (279, LONG, len(data)),
+            (338, SHORT, 2),  # ExtraSamples: unassociated alpha
+        ],
+        data,
+    )
+    with pytest.raises(InvalidImage, match=r"TIFF: it is corrupt, or its layout .* as PNG$"):
+        preprocess_bytes(la16, SPEC, max_pixels=BIG)
+
+
 @pytest.mark.parametrize("dtype", [np.int16, np.int32])
 def test_a_signed_tiffs_negative_samples_are_black(dtype: type) -> None:
     info = np.iinfo(dtype)
