@@ -194,10 +194,16 @@ class RoutingTable:
 
     def _not_served(self, config: ModelConfig, version: int, label: str | None) -> CnnserveError:
         what = f"version {version}" if label is None else f"label {label!r} (version {version})"
-        status = self.states.get(config.name, {}).get(version)
+        known = self.states.get(config.name, {})
+        status = known.get(version)
         if status is not None and status.state in (VersionState.START, VersionState.LOADING):
             return ModelNotReady(f"{what} of model {config.name!r} is still loading; retry shortly")
-        if status is None and _published_since(config, version):
+        # Only past every version this worker knows: the disk is read on no other 404.
+        if (
+            status is None
+            and version > max(known, default=-1)
+            and _published_since(config, version)
+        ):
             # Another worker of this replica may list it AVAILABLE already: each polls on
             # its own, and NOT_FOUND is final to TF Serving's clients.
             return ModelNotReady(
