@@ -187,6 +187,11 @@ class ModelConfig:
             return present & set(self.versions)
         return set(sorted(present)[-self.num_versions :]) if present else set()
 
+    def would_serve(self, version: int, on_disk: Iterable[int]) -> bool:
+        """Whether the policy serves ``version`` once its folder is among ``on_disk``
+        (whether it is there yet or not)."""
+        return version in self.wanted_versions({*on_disk, version})
+
 
 def _model_config(repository: Path, proto: Any) -> ModelConfig:
     """ModelConfig of one proto entry (typed Any: the TF Serving protos have no stubs)."""

@@ -277,7 +277,7 @@ def hold_labels(
         old = before.labels.get(label) if before is not None else None
         if old is None or old == version or version in serving:
             continue
-        if version in config.wanted_versions(present | {version}) and old in serving:
+        if config.would_serve(version, present) and old in serving:
             labels[label] = old
             waiting.append((label, old, version))
     return (replace(config, labels=labels) if waiting else config), waiting
@@ -288,7 +288,7 @@ def _published_since(config: ModelConfig, version: int) -> bool:
     worker's last poll did not see it (a stat and a listing, on the 404 path only)."""
     if not (config.base_path / str(version)).is_dir():
         return False
-    return version in config.wanted_versions(version_dirs(config.base_path))
+    return config.would_serve(version, version_dirs(config.base_path))
 
 
 def _label_version(config: ModelConfig, label: str) -> int:

@@ -5,10 +5,10 @@ Serving runs for clients that send it encoded files (the gateway decodes with
 It follows the gateway's preprocessing where TF's ops can: EXIF orientation applied (a
 JPEG's, PNG's or WebP's, read from the bytes in the graph), transparency (a PNG's alpha
 channel or tRNS colour, a WebP's alpha) composited on white, and the resize method the
-model card records. Without them a phone photo
-(EXIF orientation 6) or a cut-out on a transparent background reached the model turned
-or on the colour its transparent pixels happen to hold, and TF Serving answered another
-class than the gateway for the same bytes. What it cannot follow is in docs/serving.md.
+model card records. Without them a phone photo (EXIF orientation 6) or a cut-out on a
+transparent background reached the model turned or on the colour its transparent pixels
+happen to hold, and TF Serving answered another class than the gateway for the same
+bytes. What it cannot follow is in docs/serving.md.
 """
 
 from __future__ import annotations
