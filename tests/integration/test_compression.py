@@ -4,8 +4,6 @@ the gateway serves a quantized version (and says so) and refuses one that drifte
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 import time
@@ -19,6 +17,7 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from service.cli import main
+from tests.helpers.cli import cnnserve
 from tests.helpers.images import encode, gradient, write_class_folders
 from tests.helpers.models import simple_config, write_models_config
 from tests.helpers.server import Server
@@ -188,22 +187,18 @@ def test_verify_compares_a_quantized_version_with_the_artifact_that_serves(
     server = start_server(repo)
     data = write_class_folders(tmp_path / "images", classes=3, per_class=8)
     args = ["verify", "--url", server.url, "--model-repository", str(repo), "--data", str(data)]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*args, "--output", str(tmp_path / "report")])
-    assert code == 0, out.getvalue() + err.getvalue()
-    assert "offline model: its int8 LiteRT artifact" in err.getvalue()
+    done = cnnserve(*args, "--output", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "offline model: its int8 LiteRT artifact" in done.stderr
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["encodings"]["png"]["agreement"] == 1.0
 
     # Without --data: the version's own test split, rebuilt from the folder its card
     # records. It used to send Fashion-MNIST's images, of no class this model knows.
     args = ["verify", "--url", server.url, "--model-repository", str(repo)]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*args, "--output", str(tmp_path / "own")])
-    assert code == 0, out.getvalue() + err.getvalue()
-    assert "verify: test images: this version's test split of " in err.getvalue()
+    done = cnnserve(*args, "--output", str(tmp_path / "own"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verify: test images: this version's test split of " in done.stderr
     report = json.loads((tmp_path / "own" / "report.json").read_text())
     recorded = card(repo / "q" / "1")
     assert report["images"] == recorded["dataset"]["test"] > 0
@@ -216,11 +211,9 @@ def test_verify_compares_a_quantized_version_with_the_artifact_that_serves(
     edited["training"]["dataset"] = str(tmp_path / "gone")
     (damaged / "q" / "1" / "assets.extra" / "model_card.json").write_text(json.dumps(edited))
     args = ["verify", "--url", server.url, "--model-repository", str(damaged)]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*args, "--output", str(tmp_path / "gone-report")])
-    assert code == 2, out.getvalue() + err.getvalue()
-    assert err.getvalue().strip().splitlines()[-1] == (
+    done = cnnserve(*args, "--output", str(tmp_path / "gone-report"))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
         f"cnnserve verify: this version was tested on images from {tmp_path / 'gone'}, which "
         "is not a folder here (its model card's record); give --data a folder of images of "
         "its classes"

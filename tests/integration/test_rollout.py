@@ -5,15 +5,12 @@ file and TF Serving's HandleReloadConfigRequest), the canary split by client key
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
 import http.server
-import io
 import json
 import shutil
 import threading
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -24,9 +21,9 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from service import promotion
-from service.cli import main
 from service.config_edit import editing
 from service.launch import free_port
+from tests.helpers.cli import Done, cnnserve
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, write_models_config
 from tests.helpers.server import ROOT, Server, eventually, running_server, self_signed
@@ -54,25 +51,6 @@ model_config_list {
   }
 }
 """
-
-
-@dataclass
-class Done:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def cnnserve(*args: str) -> Done:
-    """`cnnserve ARGS` in this process (TensorFlow is imported once, not per command);
-    stdout and stderr as a person would see them."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:  # argparse's one-line errors
-            code = int(exc.code or 0)
-    return Done(code, out.getvalue(), err.getvalue())
 
 
 def promote(repo: Path, label: str, *args: str) -> Done:

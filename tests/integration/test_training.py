@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import keras
 import numpy as np
@@ -21,6 +22,7 @@ from tensorflow_serving.apis import prediction_log_pb2
 
 from service.cli import main
 from service.preprocessing import PreprocessSpec, preprocess_bytes
+from service.training.config import ArchConfig, TrainConfig
 from tests.helpers.images import encode, gradient, write_class_folders
 
 pytestmark = pytest.mark.slow
@@ -264,23 +266,30 @@ def test_a_rerun_publishes_nothing_new_and_changed_images_a_new_version(
     assert (published.parent / "2" / "saved_model.pb").is_file()
 
 
+def tiny_fit(data: Path, **changes: Any) -> TrainConfig:
+    """A fit of a quarter-width, one-block model on ``data``: seconds, not minutes."""
+    base: dict[str, Any] = {
+        "dataset": str(data),
+        "arch": ArchConfig(width_multiplier=0.25, depth=1),
+        "batch_size": 8,
+        "optimizer": "adam",
+        "val_fraction": 0.25,
+    }
+    return TrainConfig(**{**base, **changes})
+
+
 def test_an_interrupted_fit_resumes_with_its_whole_record(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from service.training import train as training
-    from service.training.config import ArchConfig, TrainConfig
 
     data = write_class_folders(tmp_path / "data", classes=3, per_class=8)
-    cfg = TrainConfig(
-        dataset=str(data),
-        arch=ArchConfig(width_multiplier=0.25, depth=1),
+    cfg = tiny_fit(
+        data,
         epochs=4,
-        batch_size=8,
-        optimizer="adam",
         learning_rate=0.003,
         early_stopping_patience=10,
         plateau_patience=1,
-        val_fraction=0.25,
         test_fraction=0.2,
     )
     seen: list[dict[str, float]] = []
@@ -310,18 +319,9 @@ def test_a_damaged_finished_fit_is_fitted_again(
     """A finished fit whose record cannot be read back (a cut-short history.json, a
     truncated final.keras) stopped every later run of the same command with a traceback."""
     from service.training import train as training
-    from service.training.config import ArchConfig, TrainConfig
 
     data = write_class_folders(tmp_path / "data", classes=2, per_class=8)
-    cfg = TrainConfig(
-        dataset=str(data),
-        arch=ArchConfig(width_multiplier=0.25, depth=1),
-        epochs=2,
-        batch_size=8,
-        optimizer="adam",
-        val_fraction=0.25,
-        test_fraction=0.25,
-    )
+    cfg = tiny_fit(data, epochs=2, test_fraction=0.25)
     caplog.set_level(logging.INFO, logger="service.training.train")
     training.train(cfg, tmp_path / "work")
     (run_dir,) = (tmp_path / "work").iterdir()
