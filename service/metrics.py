@@ -206,7 +206,7 @@ MODEL_WARMUP_DURATION = Histogram(
 BACKEND_UP = Gauge(
     "cnnserve_backend_up",
     "--backend tfserving: 1 while the last poll reached TF Serving, 0 while it cannot "
-    "(requests then get 503 backend_unavailable; readiness is 503).",
+    "(requests then get 503 backend_unavailable; readiness is 503). Embedded: 1.",
     [],
     multiprocess_mode="livemin",
 )

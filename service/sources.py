@@ -95,6 +95,9 @@ class DiskSource:
         # Each model's last listing: its base path, versions and their fingerprints.
         self._seen: dict[str, _Listing] = {}
         self._unlisted: dict[str, str] = {}  # model → the listing problem last logged
+        # The backend is this process: up while it answers, so an alert on
+        # cnnserve_backend_up == 0 needs no exception for embedded gateways.
+        metrics.observe_backend(True)
 
     def scan(self) -> Scan:
         configs = read_repository(self._settings.model_repository)

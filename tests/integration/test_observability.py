@@ -167,6 +167,12 @@ def test_workers_share_their_places_in_the_runs_table(server: Server) -> None:
     assert samples(server)[("cnnserve_concurrency_limit", gauge)] == limits.sum()
 
 
+def test_an_embedded_gateways_backend_reads_up(server: Server) -> None:
+    """Its runtime is in the process: cnnserve_backend_up is 1 (it read 0, which the
+    backend-down alert would take for a TF Serving out of reach)."""
+    assert samples(server)[("cnnserve_backend_up", frozenset())] == 1
+
+
 def test_worker_processes_are_summed_and_labels_stay_bounded(loaded: Server) -> None:
     before = samples(loaded)
     with loaded.client() as client:

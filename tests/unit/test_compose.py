@@ -49,6 +49,8 @@ REQUIRED_TFSERVING_FLAGS = {
     "batching_parameters_file",
     "monitoring_config_file",
     "enable_model_warmup",
+    # A models.config with version labels must not stop TF Serving's start-up.
+    "allow_version_labels_for_unavailable_models",
 }
 
 
@@ -174,6 +176,7 @@ def test_tf_serving_flags_are_tf_servings_and_its_configs_parse(name: str) -> No
     assert not unknown, f"TF Serving defines no flag {unknown}"
     assert set(flags) >= REQUIRED_TFSERVING_FLAGS
     assert flags["enable_batching"] == flags["enable_model_warmup"] == "true"
+    assert flags["allow_version_labels_for_unavailable_models"] == "true"
     for flag, expected in TFSERVING_FILE_FLAGS.items():
         path = host_path(service, flags[flag])
         assert path.name == expected and path.parent == REPOSITORY, (flag, path)

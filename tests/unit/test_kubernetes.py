@@ -137,6 +137,8 @@ def test_deployments_roll_safely_and_run_locked_down() -> None:
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
         hpa = find(objects, "HorizontalPodAutoscaler", name)
         assert hpa["spec"]["scaleTargetRef"]["name"] == name
+        # The HPA owns the count: a `replicas` here would be re-applied by every label move.
+        assert "replicas" not in spec
         assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
         assert hpa["spec"]["minReplicas"] >= 2
         pdb = find(objects, "PodDisruptionBudget", name)
@@ -228,6 +230,9 @@ def test_gpu_overlay_puts_tf_serving_on_a_gpu() -> None:
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
     gateway = container(rendered(K8S / "overlays" / "gpu"), "gateway")
     assert "nvidia.com/gpu" not in gateway["resources"]["limits"]
+    # One GPU pod to start with: the HPA's floor, which would otherwise scale it to 2.
+    hpa = find(rendered(K8S / "overlays" / "gpu"), "HorizontalPodAutoscaler", "tfserving")
+    assert hpa["spec"]["minReplicas"] == 1
 
 
 def test_request_rate_overlay_scales_on_the_adapters_metric() -> None:
