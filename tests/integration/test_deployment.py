@@ -21,7 +21,7 @@ from dockerfile_parse import DockerfileParser
 
 from service.launch import free_port, wait_for
 from tests.helpers.deployment import DOCKERFILE, REPOSITORY, ROOT, load_compose
-from tests.helpers.server import stop
+from tests.helpers.server import eventually, self_signed, stop
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +147,33 @@ def test_tf_serving_healthcheck_sees_an_available_model(image: Image) -> None:
     start = time.monotonic()
     assert run_check(closed, image.env) != 0
     assert time.monotonic() - start < 10
+
+
+def test_healthcheck_follows_the_image_to_tls_and_api_keys(tmp_path: Path) -> None:
+    """A gateway serving TLS (and requiring API keys) is healthy once ready: the
+    HEALTHCHECK speaks https when CNNSERVE_TLS_CERTFILE is set (over http it could never
+    pass: the container stayed unhealthy for good), and /readyz needs no key."""
+    cert, key = self_signed(tmp_path)
+    env = {
+        "CNNSERVE_TLS_CERTFILE": str(cert),
+        "CNNSERVE_TLS_KEYFILE": str(key),
+        "CNNSERVE_API_KEYS": "a-key-the-probe-does-not-have",
+    }
+    gateway = Image(tmp_path, env=env)
+    healthcheck = dockerfile_command("HEALTHCHECK")
+    try:
+        url = f"https://127.0.0.1:{gateway.port}"
+
+        def ready() -> bool:
+            assert gateway.process.poll() is None, gateway.log.read_text()
+            try:
+                return httpx.get(url + "/readyz", verify=False).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        eventually(ready, timeout=120)
+        assert run_check(healthcheck, gateway.env) == 0
+        assert httpx.get(url + "/v1/models/fashion_mnist", verify=False).status_code == 401
+    finally:
+        stop(gateway.process)
+    assert run_check(healthcheck, gateway.env) != 0, "healthy after the server stopped"

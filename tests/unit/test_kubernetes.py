@@ -247,3 +247,24 @@ def test_request_rate_overlay_scales_on_the_adapters_metric() -> None:
     assert series == f"{metrics.REQUESTS._name}_total"
     renamed = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${1}", r"\1"), series)
     assert metric["pods"]["metric"]["name"] == renamed
+
+
+def test_only_gateways_and_prometheus_reach_tf_serving() -> None:
+    """TF Serving checks no keys: its NetworkPolicy admits the gateway pods on the gRPC
+    port the gateway dials and the monitoring namespace on the metrics port, nothing else."""
+    objects = rendered(BASE)
+    policy = find(objects, "NetworkPolicy", "tfserving")
+    tfserving = find(objects, "Deployment", "tfserving")["spec"]["template"]["metadata"]
+    gateway = find(objects, "Deployment", "gateway")["spec"]["template"]["metadata"]
+    assert policy["spec"]["podSelector"]["matchLabels"] == tfserving["labels"]
+    ports = {p["name"]: p["containerPort"] for p in container(objects, "tfserving")["ports"]}
+    rules = {rule["ports"][0]["port"]: rule["from"] for rule in policy["spec"]["ingress"]}
+    assert set(rules) == set(ports)
+    ((from_gateway,),) = [rules["grpc"]]
+    assert from_gateway["podSelector"]["matchLabels"] == gateway["labels"]
+    args = build_parser(Settings()).parse_args(container(objects, "gateway")["args"])
+    assert int(args.tfserving_address.split(":")[1]) == ports["grpc"]
+    annotations = tfserving["annotations"]
+    assert int(annotations["prometheus.io/port"]) == ports["http"]
+    ((from_monitoring,),) = [rules["http"]]
+    assert "namespaceSelector" in from_monitoring
