@@ -7,12 +7,13 @@ what needs it; nothing imports a module-level instance.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.cpus import usable_cpus
 
 MAX_AUTO_WORKERS = 8
 # The fewest calls one gRPC connection may have in progress by default: room for the
@@ -53,7 +54,8 @@ class Settings(BaseSettings):
         0,
         ge=0,
         le=64,
-        description=f"Worker processes, one model copy each; 0 = one per core, at most "
+        description=f"Worker processes, one model copy each; 0 = one per usable core (affinity, "
+        f"capped by the cgroup CPU quota), at most "
         f"{MAX_AUTO_WORKERS}.",
     )
 
@@ -297,7 +299,7 @@ class Settings(BaseSettings):
         # One process per core: a Python worker saturates about one core on decoding and
         # HTTP. Capped because each worker holds its own copy of TensorFlow and the models.
         if self.workers == 0:
-            self.workers = min(os.cpu_count() or 1, MAX_AUTO_WORKERS)
+            self.workers = min(usable_cpus(), MAX_AUTO_WORKERS)
         return self
 
     @property
@@ -318,7 +320,7 @@ class Settings(BaseSettings):
     @property
     def inference_threads(self) -> int:
         """Threads per inference: the setting, or the cores shared among the workers."""
-        return self.intra_op_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.intra_op_threads or max(1, usable_cpus() // self.workers)
 
     def keys(self) -> frozenset[str]:
         """The API keys in effect (empty: authentication off), from the variable and the

@@ -7,7 +7,6 @@ import contextlib
 import functools
 import gc
 import logging
-import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +37,7 @@ from service.api.schemas import error_responses, openapi_without_validation_erro
 from service.api.tls import CertificateWatch
 from service.concurrency import worker_limit
 from service.config import Settings
+from service.cpus import usable_cpus
 from service.dataplane import DataPlane
 from service.logs import setup_logging
 from service.readiness import WorkerReadiness
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         stop_access_log = configure_access_log(settings.access_log)
         metrics.set_concurrency_limit(concurrency.limit)
         registry = Registry(settings, shedding=concurrency.shedding)
-        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="decode")
+        pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="decode")
         app.state.registry = registry
         app.state.dataplane = DataPlane(settings, registry, pool, readiness, concurrency)
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
