@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import MAX_AUTO_WORKERS, Settings
+from service.config import Settings
 from service.cpus import usable_cpus
 
 AFFINITY = len(os.sched_getaffinity(0))
@@ -42,11 +42,9 @@ def test_a_quota_above_the_cores_leaves_the_cores(tmp_path: Path) -> None:
     assert usable_cpus(cgroup(tmp_path, {"cpu.max": "6400000 100000"})) == AFFINITY
 
 
-def test_workers_and_threads_follow_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_inference_threads_share_the_usable_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers: tests/unit/test_server.py."""
     monkeypatch.setattr("service.config.usable_cpus", lambda: 2)
-    settings = Settings(workers=0)
-    assert settings.workers == 2
-    assert settings.inference_threads == 1
+    assert Settings(workers=2).inference_threads == 1
     monkeypatch.setattr("service.config.usable_cpus", lambda: 64)
-    assert Settings(workers=0).workers == MAX_AUTO_WORKERS
     assert Settings(workers=2).inference_threads == 32

@@ -45,9 +45,9 @@ def test_workers_default_to_one_per_core(monkeypatch: pytest.MonkeyPatch) -> Non
     from service.config import MAX_AUTO_WORKERS, Settings
 
     monkeypatch.delenv("CNNSERVE_WORKERS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr("service.config.usable_cpus", lambda: 2)
     assert Settings().workers == 2  # the 2-core machine the performance budget is for
-    monkeypatch.setattr(os, "cpu_count", lambda: 96)
+    monkeypatch.setattr("service.config.usable_cpus", lambda: 96)
     assert Settings().workers == MAX_AUTO_WORKERS
     assert Settings(workers=3).workers == 3
 
