@@ -80,6 +80,12 @@ RETRY_AT_ONCE_SECONDS: float = Settings.model_fields["retry_at_once_seconds"].de
 # Refusals answered without waiting may owe tokens up to this many seconds' worth: the
 # wait they add to the spinning clients' stays within Retry-After (1 s).
 MAX_REFUSAL_DEBT_SECONDS = 1.0
+# No refusal waits longer than this for its turn, however many spinning clients queue
+# (past ~1,000 of them on a worker at the default pace, refusals then go faster than the
+# pace). Unbounded, clients that gave up on a held 503 and came back on new connections
+# left their places in the queue: refusals waited 100 s, their 503s logged long after
+# the shed counter had counted them, for clients long gone.
+MAX_REFUSAL_WAIT_SECONDS = 2.0
 # A worker borrows its siblings' unused places up to this many times its own limit: the
 # limit is what its own event loop answers within the budget, and places borrowed do not
 # make that loop faster. Unbounded, a client whose 128 connections the kernel split
@@ -273,7 +279,8 @@ class ConcurrencyLimit:
         token all the same, owing it if need be, so that the clients that spin wait for
         it instead, and the worker still answers about ``refusals_per_second``. What it
         may owe is bounded (:data:`MAX_REFUSAL_DEBT_SECONDS`) so that refusals which do
-        not wait, however many, never make a spinning client wait longer than that."""
+        not wait, however many, never make a spinning client wait longer than that; no
+        wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`."""
         if not self._rate:
             return 0.0
         now = self._clock()
@@ -282,7 +289,7 @@ class ConcurrencyLimit:
         if not retrying:
             self._tokens = min(tokens, max(tokens - 1, -self._rate * MAX_REFUSAL_DEBT_SECONDS))
             return 0.0
-        self._tokens = tokens - 1
+        self._tokens = max(tokens - 1, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
             return -self._tokens / self._rate
         return 0.0

@@ -11,6 +11,7 @@ from service import concurrency as module
 from service.concurrency import (
     BUDGET_SHARE,
     INITIAL_FLOORS,
+    MAX_REFUSAL_WAIT_SECONDS,
     RETRY_AT_ONCE_SECONDS,
     ConcurrencyLimit,
     ConnectionRefusals,
@@ -206,6 +207,19 @@ def test_only_clients_retrying_at_once_wait_for_the_pace() -> None:
     clock.now += 10.0  # refilled: the burst again
     assert [limit.refusal_delay(retrying=False) for _ in range(5)] == [0.0] * 5
     assert limit.refusal_delay() == pytest.approx(0.01)
+
+
+def test_no_refusal_waits_longer_than_the_cap() -> None:
+    """Spinning clients that give up on their held 503 and come back leave their turns
+    in the queue: without a cap each newcomer waited behind all of them (100 s seen)."""
+    clock = Clock()
+    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)
+    delays = [limit.refusal_delay() for _ in range(10_000)]
+    assert max(delays) == pytest.approx(MAX_REFUSAL_WAIT_SECONDS)
+    assert delays[104] == pytest.approx(1.0)  # the pace: 100 a second after the burst
+    assert delays == sorted(delays) and delays[-1] == delays[1000]  # then flat at the cap
+    clock.now += MAX_REFUSAL_WAIT_SECONDS + 0.05  # the queue drained: the burst again
+    assert limit.refusal_delay() == 0.0
 
 
 def test_a_connection_is_retrying_at_once_only_right_after_a_refusal() -> None:
