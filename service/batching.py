@@ -144,11 +144,12 @@ class BatchingConfig:
 class BatchObserver(Protocol):
     """Where the metrics module hears about batches; called on the event loop."""
 
-    def on_batch(
-        self, size: int, queue_wait_seconds: list[float], inference_seconds: float, outputs: Array
-    ) -> None:
-        """A batch of ``size`` images ran; one wait per request (or chunk) in it; what the
-        model answered for the whole batch."""
+    def on_batch(self, size: int, outputs: Array) -> None:
+        """A batch of ``size`` images ran; what the model answered for the whole batch."""
+
+    def on_answered(self, queue_wait_seconds: float, inference_seconds: float) -> None:
+        """A request's every chunk was answered: its queue wait and inference (of its
+        slowest chunk), once per request however many batches it took."""
 
     def on_rejected(self, reason: str) -> None:
         """A submission was refused at admission: queue_full, queue_budget or deadline;
@@ -171,9 +172,8 @@ class BatchObserver(Protocol):
 class NullObserver:
     """The default: metrics off."""
 
-    def on_batch(
-        self, size: int, queue_wait_seconds: list[float], inference_seconds: float, outputs: Array
-    ) -> None: ...
+    def on_batch(self, size: int, outputs: Array) -> None: ...
+    def on_answered(self, queue_wait_seconds: float, inference_seconds: float) -> None: ...
     def on_rejected(self, reason: str) -> None: ...
     def on_cost(self, seconds_per_image: float) -> None: ...
     def on_expired(self, count: int) -> None: ...
@@ -357,9 +357,12 @@ class DynamicBatcher:
         try:
             while len(parts) < len(items):  # no loop variable: see the finally
                 parts.append(await items[len(parts)].future)
+            queue_wait = max(item.queue_wait for item in items)
+            inference = max(item.inference_seconds for item in items)
+            self._observer.on_answered(queue_wait, inference)
             if timings is not None:
-                timings["queue_wait"] = max(item.queue_wait for item in items)
-                timings["inference"] = max(item.inference_seconds for item in items)
+                timings["queue_wait"] = queue_wait
+                timings["inference"] = inference
         except TimeoutError:
             self._observer.on_expired(1)
             raise DeadlineExceeded(
@@ -569,7 +572,7 @@ class DynamicBatcher:
                     item.future.set_result(output[offset : offset + n])
                 offset += n
             self._note_cost(size, seconds, cpu_seconds)
-            self._observer.on_batch(size, [item.queue_wait for item in items], seconds, output)
+            self._observer.on_batch(size, output)
         finally:
             self._in_flight -= size
             self._slots.release()

@@ -389,20 +389,16 @@ class BatcherMetrics:
         self._capacity = QUEUE_CAPACITY.labels(model, v)
         self._capacity.set(capacity)
 
-    def on_batch(
-        self,
-        size: int,
-        queue_wait_seconds: list[float],
-        inference_seconds: float,
-        outputs: npt.NDArray[Any],
-    ) -> None:
+    def on_batch(self, size: int, outputs: npt.NDArray[Any]) -> None:
         self._batch.observe(size)
         # Per batch rather than per request: the counts are the same, the cost a batch's.
         observe_predictions(self._model, self._version, self._labels, outputs)
-        for wait in queue_wait_seconds:
-            self._wait.observe(wait)
-            # Every request in the batch waited for the whole inference.
-            self._inference.observe(inference_seconds)
+
+    def on_answered(self, queue_wait_seconds: float, inference_seconds: float) -> None:
+        # Once per request (a request of several chunks was observed once per chunk, and
+        # the stage means no longer added up to the request mean).
+        self._wait.observe(queue_wait_seconds)
+        self._inference.observe(inference_seconds)
 
     def on_rejected(self, reason: str = "queue_full") -> None:
         self._rejected[reason].inc()

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service import metrics
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.siblings import COLUMNS, TABLE
 from tests.helpers.images import encode, gradient
 from tests.helpers.monitoring import (
@@ -270,3 +272,30 @@ def test_one_worker_metrics_path_is_configurable_and_leaves_no_files(repository:
         directory = metrics_dir(srv)
         assert any(directory.glob("*.db"))
     assert not directory.exists()
+
+
+def test_each_answered_request_is_one_observation_of_every_stage(tiny_repo: Path) -> None:
+    """REST and gRPC answers alike: decode, queue wait, inference and encode each count
+    the request once (gRPC answers had no encode stage, so the stage means no longer
+    added up to the request mean once gRPC traffic was served)."""
+    png = encode(gradient(), "PNG")
+    with running_server(tiny_repo, grpc_port=0) as srv, srv.channel() as channel:
+        before = samples(srv)
+        with srv.client() as client:
+            for _ in range(3):
+                r = client.post("/v1/classify", content=png, headers={"content-type": "image/png"})
+                assert r.status_code == 200, r.text
+        classifier = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        for _ in range(4):
+            classifier.Classify(cnnserve_v1_pb2.ClassifyRequest(image=png), timeout=30)
+        classifier.ClassifyBatch(cnnserve_v1_pb2.ClassifyBatchRequest(images=[png] * 2), timeout=30)
+        after = samples(srv)
+
+    def count(stage: str) -> float:
+        key = (
+            "cnnserve_stage_duration_seconds_count",
+            frozenset({"model": "tiny", "stage": stage}.items()),
+        )
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert {stage: count(stage) for stage in metrics.STAGES} == dict.fromkeys(metrics.STAGES, 8)

@@ -83,7 +83,8 @@ class Gate:
 
 class Recorder:
     def __init__(self) -> None:
-        self.batches: list[tuple[int, int, float]] = []
+        self.batches: list[int] = []
+        self.answered: list[tuple[float, float]] = []
         self.rejected = 0
         self.reasons: list[str] = []
         self.costs: list[float] = []
@@ -91,14 +92,11 @@ class Recorder:
         self.depths: list[int] = []
         self.stopped = False
 
-    def on_batch(
-        self,
-        size: int,
-        queue_wait_seconds: list[float],
-        inference_seconds: float,
-        outputs: npt.NDArray[Any],
-    ) -> None:
-        self.batches.append((size, len(queue_wait_seconds), inference_seconds))
+    def on_batch(self, size: int, outputs: npt.NDArray[Any]) -> None:
+        self.batches.append(size)
+
+    def on_answered(self, queue_wait_seconds: float, inference_seconds: float) -> None:
+        self.answered.append((queue_wait_seconds, inference_seconds))
 
     def on_rejected(self, reason: str) -> None:
         self.rejected += 1
@@ -454,10 +452,23 @@ def test_observer_hears_about_each_batch() -> None:
             await gather([spawn(batcher, 1, 2), spawn(batcher, 3, 4)])
 
     run(scenario())
-    assert len(recorder.batches) == 1
-    size, waits, seconds = recorder.batches[0]
-    assert (size, waits) == (4, 2)
-    assert seconds >= 0
+    assert recorder.batches == [4]
+    assert len(recorder.answered) == 2  # one wait and inference time per request
+    assert all(wait >= 0 and seconds >= 0 for wait, seconds in recorder.answered)
+
+
+def test_a_request_of_several_chunks_is_answered_once() -> None:
+    """Its stages are observed once, as the request's: per chunk, a 40-image request
+    at batch size 32 counted two queue waits and two inferences."""
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(ids), config(2), observer=recorder) as batcher:
+            await gather([spawn(batcher, 1, 2, 3, 4, 5)])
+
+    run(scenario())
+    assert recorder.batches == [2, 2, 1]
+    assert len(recorder.answered) == 1
 
 
 def test_empty_request_is_invalid() -> None:
