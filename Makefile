@@ -87,7 +87,8 @@ bench-overload: install wrk
 
 # Locust, headless, with pass/fail thresholds (docs/performance.md). Reads HOST,
 # GRPC_HOST, PROTOCOL (rest|grpc|mixed), USERS, SPAWN_RATE, DURATION, TARGET_RPS,
-# MAX_P99_MS, MAX_FAIL_RATIO, PROCESSES, IMAGE_MIX, ENCODING_MIX (defaults in
+# MAX_P99_MS, MAX_FAIL_RATIO, PROCESSES, IMAGE_MIX, ENCODING_MIX, MODEL,
+# MODEL_REPOSITORY, API_KEY, GRPC_TLS, GRPC_CA, REQUEST_TIMEOUT (defaults in
 # loadtests/run.py). With no HOST it starts a local server and stops it after; exits
 # non-zero with a one-line reason when a threshold is broken. Reports: loadtests/reports/.
 loadtest: install system-deps

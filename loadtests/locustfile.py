@@ -8,19 +8,29 @@
   224×224, PNG and JPEG) and photo-like JPEGs (224×224, 1280×720) as a raw body,
   multipart or base64 JSON, in the proportions ``--image-mix`` / ``--encoding-mix`` set
   (loadtests/payloads.py). Each encoding is its own row in the stats.
-- ``GrpcUser`` calls TF Serving's ``PredictionService/Predict`` through the official
-  stubs (uint8 pixels, [1,224,224,3]) and ``cnnserve.v1.ImageClassifier/Classify``
-  (encoded image bytes); every call is reported to locust as a request.
+- ``GrpcUser`` calls TF Serving's ``PredictionService/Predict`` through stubs of TF
+  Serving's own protos (uint8 pixels, [1,224,224,3]; service/proto_gen, checked against
+  tensorflow-serving-api's, without its TensorFlow import) and
+  ``cnnserve.v1.ImageClassifier/Classify`` (encoded image bytes); every call is reported
+  to locust as a request. Each user has its own connection, as separate clients would
+  (a server's workers share a port: one shared connection loaded one of them).
 
-When the run ends, achieved req/s, p99 and the failure ratio from locust's own total
-stats are checked against ``--target-rps``, ``--max-p99-ms`` and ``--max-fail-ratio``;
-the process exits 1 with a one-line reason when one is broken, else 0.
+``--api-key`` sends a key (REST ``Authorization: Bearer``, gRPC ``authorization``
+metadata); ``--grpc-tls`` (with ``--grpc-ca`` for a private CA) speaks TLS on the gRPC
+port (REST follows the host's https://). A request gets ``--request-timeout`` seconds.
+
+When the run ends, the successful answers per second of the whole run, p99 and the
+failure ratio from locust's own total stats are checked against ``--target-rps``,
+``--max-p99-ms`` and ``--max-fail-ratio``; so is that every kind of user made requests
+and no task raised. The process exits 1 with a one-line reason when one is broken, else
+0; with ``--csv``, the verdict is also written to ``<prefix>_verdict.json``.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -33,12 +43,13 @@ import payloads
 from locust import FastHttpUser, User, events, task
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
-from thresholds import Outcome, Thresholds, summary, verdict
+from thresholds import Outcome, Thresholds, bound, ratio, summary, verdict
 
 # Before any channel exists: gRPC's own threads would otherwise block locust's greenlets.
 grpc.experimental.gevent.init_gevent()
 
 _pool: dict[str, list[payloads.Payload]] = {}
+_run: dict[str, float] = {}  # when the load started and stopped (time.time())
 
 
 @events.init_command_line_parser.add_listener
@@ -49,10 +60,16 @@ def _options(parser: Any) -> None:
     group.add_argument("--image-mix", default=payloads.DEFAULT_IMAGE_MIX)
     group.add_argument("--encoding-mix", default=payloads.DEFAULT_ENCODING_MIX)
     group.add_argument("--fashion-mnist-dir", default=str(payloads.FASHION_MNIST_DIR))
-    group.add_argument("--target-rps", type=float, default=0.0, env_var="LOCUST_TARGET_RPS")
-    group.add_argument("--max-p99-ms", type=float, default=0.0, env_var="LOCUST_MAX_P99_MS")
+    group.add_argument("--target-rps", type=bound, default=0.0, env_var="LOCUST_TARGET_RPS")
+    group.add_argument("--max-p99-ms", type=bound, default=0.0, env_var="LOCUST_MAX_P99_MS")
     group.add_argument(
-        "--max-fail-ratio", type=float, default=0.01, env_var="LOCUST_MAX_FAIL_RATIO"
+        "--max-fail-ratio", type=ratio, default=0.01, env_var="LOCUST_MAX_FAIL_RATIO"
+    )
+    group.add_argument("--api-key", default="", env_var="LOCUST_API_KEY")
+    group.add_argument("--grpc-tls", action="store_true", env_var="LOCUST_GRPC_TLS")
+    group.add_argument("--grpc-ca", default="", env_var="LOCUST_GRPC_CA")
+    group.add_argument(
+        "--request-timeout", type=bound, default=8.0, env_var="LOCUST_REQUEST_TIMEOUT"
     )
 
 
@@ -66,9 +83,18 @@ def _picker(environment: Environment, seed: int) -> payloads.Picker:
 class RestUser(FastHttpUser):
     """POST /v1/classify with the configured image and encoding mix."""
 
+    def __init__(self, environment: Environment) -> None:
+        # Before the client is made: a hung server's requests end as failures within the
+        # run's --stop-timeout, rather than after locust's 60 s, unrecorded.
+        timeout = environment.parsed_options.request_timeout or None
+        self.network_timeout = self.connection_timeout = timeout
+        super().__init__(environment)
+
     def on_start(self) -> None:
+        options = self.environment.parsed_options
         self.picker = _picker(self.environment, seed=id(self))
-        self.model = self.environment.parsed_options.model
+        self.model = options.model
+        self.auth = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
 
     @task
     def classify(self) -> None:
@@ -82,11 +108,24 @@ class RestUser(FastHttpUser):
             kwargs = {"files": {"image": ("image", image.data, image.content_type)}}
         else:
             kwargs = {"json": {"image": base64.b64encode(image.data).decode()}}
+        if self.auth:
+            kwargs["headers"] = {**kwargs.get("headers", {}), **self.auth}
         with self.client.post(path, name=name, catch_response=True, **kwargs) as response:
+            # Nothing here may raise: locust records neither a success nor a failure for
+            # a block that raises (a refused connection, no answer, has no text).
             if response.status_code != 200:
-                response.failure(f"HTTP {response.status_code}: {response.text[:200]}")
-            elif not response.json().get("predictions"):
+                detail = (response.text or "")[:200] or repr(response.error)
+                response.failure(f"HTTP {response.status_code}: {detail}")
+            elif not _has_predictions(response.text):
                 response.failure("answer has no predictions")
+
+
+def _has_predictions(text: str | None) -> bool:
+    try:
+        answer = json.loads(text or "")
+    except ValueError:
+        return False
+    return isinstance(answer, dict) and bool(answer.get("predictions"))
 
 
 class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
@@ -120,30 +159,46 @@ def _prepare(environment: Environment, **_: Any) -> None:
     """Before the load starts, so no user stalls the others: build the payloads (in
     each process that runs users), and import the TF Serving stubs, which pull in
     TensorFlow (seconds), only when gRPC users will run."""
+    if environment.host:  # "http://gw:8000/" made every path "//v1/classify"
+        environment.host = environment.host.rstrip("/")
+        for cls in environment.user_classes:
+            cls.host = environment.host
     if environment.parsed_options is None or isinstance(environment.runner, MasterRunner):
         return
     _picker(environment, seed=0)
-    if any(cls.__name__ == "GrpcUser" for cls in environment.user_classes):
-        import tensorflow_serving.apis.predict_pb2  # noqa: F401
-    # This blocked the event loop for seconds: refresh its clock, or the --run-time timer
-    # set next would count from before and fire at once.
+    # This blocked the event loop: refresh its clock, or the --run-time timer set next
+    # would count from before and fire at once.
     gevent.get_hub().loop.update_now()
 
 
+@events.test_start.add_listener
+def _started(**_: Any) -> None:
+    _run["start"] = time.time()
+
+
+@events.test_stop.add_listener
+def _stopped(**_: Any) -> None:
+    _run["stop"] = time.time()
+
+
 class GrpcUser(User):
-    """TF Serving Predict (official stubs) and cnnserve.v1 Classify on the gRPC port."""
+    """TF Serving Predict (TF Serving's protos) and cnnserve.v1 Classify on the gRPC port."""
 
     def on_start(self) -> None:
-        from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
-
         from service.preprocessing import PreprocessSpec, preprocess_bytes
         from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+        from service.proto_gen.tensorflow_serving.apis import (
+            predict_pb2,
+            prediction_service_pb2_grpc,
+        )
         from service.tfserving_proto import model_spec, to_tensor_proto
 
         options = self.environment.parsed_options
         self.picker = _picker(self.environment, seed=id(self))
+        self.timeout = options.request_timeout or None
+        self.metadata = [("authorization", f"Bearer {options.api_key}")] if options.api_key else []
         self.channel = grpc.intercept_channel(
-            grpc.insecure_channel(options.grpc_host), LocustInterceptor(self.environment)
+            _channel(options), LocustInterceptor(self.environment)
         )
         self.predict_stub = prediction_service_pb2_grpc.PredictionServiceStub(self.channel)
         self.classify_stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(self.channel)
@@ -164,13 +219,24 @@ class GrpcUser(User):
     def predict(self) -> None:
         request = self.predict_requests[self.picker.random.randrange(len(self.predict_requests))]
         with contextlib.suppress(grpc.RpcError):  # the interceptor reported it
-            self.predict_stub.Predict(request, timeout=30)
+            self.predict_stub.Predict(request, timeout=self.timeout, metadata=self.metadata)
 
     @task
     def classify(self) -> None:
         request = self.classify_request(image=self.picker.image().data, model=self.model)
         with contextlib.suppress(grpc.RpcError):
-            self.classify_stub.Classify(request, timeout=30)
+            self.classify_stub.Classify(request, timeout=self.timeout, metadata=self.metadata)
+
+
+def _channel(options: Any) -> grpc.Channel:
+    """This user's own connection (a local subchannel pool: channels to one target
+    otherwise share one), plain or TLS."""
+    settings = [("grpc.use_local_subchannel_pool", 1)]
+    if not options.grpc_tls:
+        return grpc.insecure_channel(options.grpc_host, options=settings)
+    ca = Path(options.grpc_ca).read_bytes() if options.grpc_ca else None
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+    return grpc.secure_channel(options.grpc_host, credentials, options=settings)
 
 
 @events.quitting.add_listener
@@ -181,17 +247,47 @@ def _check_thresholds(environment: Environment, **_: Any) -> None:
         return
     options = environment.parsed_options
     total = environment.stats.total
+    # Over the whole run: locust's own rate ends at the last answer, so a server that
+    # stopped answering midway kept its earlier rate.
+    seconds = _run.get("stop", time.time()) - _run.get("start", total.start_time)
     outcome = Outcome(
-        rps=total.total_rps,
+        rps=(total.num_requests - total.num_failures) / max(seconds, 1e-9),
         p99_ms=total.get_response_time_percentile(0.99) or 0.0,
         fail_ratio=total.fail_ratio,
         requests=total.num_requests,
+        errors=_errors(environment),
     )
     bounds = Thresholds(options.target_rps, options.max_p99_ms, options.max_fail_ratio)
     reason = verdict(outcome, bounds)
+    line = f"{summary(outcome)}; bounds {bounds.describe()}"
     if reason:
-        sys.stderr.write(f"loadtest FAILED: {reason} ({summary(outcome)})\n")
+        sys.stderr.write(f"loadtest FAILED: {reason} ({line})\n")
         environment.process_exit_code = 1
     else:
-        sys.stderr.write(f"loadtest PASSED: {summary(outcome)}\n")
+        sys.stderr.write(f"loadtest PASSED: {line}\n")
         environment.process_exit_code = 0
+    if options.csv_prefix:
+        with open(f"{options.csv_prefix}_verdict.json", "w") as f:
+            json.dump({"passed": not reason, "reason": reason, **vars(outcome),
+                       "bounds": vars(bounds)}, f, indent=2)  # fmt: skip
+
+
+# The request_type each kind of user reports under.
+_REQUEST_TYPES = {"RestUser": "POST", "GrpcUser": "grpc"}
+
+
+def _errors(environment: Environment) -> tuple[str, ...]:
+    """Failures no request row shows: tasks that raised, a kind of user with no request
+    (its server or port dead, while the other kind's answers passed the run)."""
+    errors = []
+    exceptions = environment.runner.exceptions if environment.runner is not None else {}
+    raised = sum(e["count"] for e in exceptions.values())
+    if raised:
+        first = next(iter(exceptions.values()))["msg"]
+        errors.append(f"{raised} task errors (first: {first[:120]})")
+    made = {e.method for e in environment.stats.entries.values() if e.num_requests}
+    for cls in environment.user_classes:
+        kind = _REQUEST_TYPES.get(cls.__name__)
+        if kind is not None and kind not in made:
+            errors.append(f"{cls.__name__} made no request")
+    return tuple(errors)

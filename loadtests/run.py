@@ -2,8 +2,10 @@
 
 Every option falls back to the variable `make loadtest` documents (HOST, GRPC_HOST,
 PROTOCOL, USERS, SPAWN_RATE, DURATION, TARGET_RPS, MAX_P99_MS, MAX_FAIL_RATIO,
-PROCESSES). The exit status is locust's: 0 when every threshold held, 1 with a one-line
-reason when one did not. CSV and HTML reports go to loadtests/reports/.
+PROCESSES, MODEL, MODEL_REPOSITORY, API_KEY, GRPC_TLS, GRPC_CA, REQUEST_TIMEOUT). The exit
+status is locust's: 0 when every threshold held, 1 with a one-line reason when one did
+not; 2 for options it cannot use. CSV and HTML reports and the verdict
+(locust-<protocol>_verdict.json) go to loadtests/reports/.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from thresholds import bound, ratio
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 USER_CLASSES = {"rest": ["RestUser"], "grpc": ["GrpcUser"], "mixed": ["RestUser", "GrpcUser"]}
@@ -29,7 +33,9 @@ def _env(name: str, default: str) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--host", default=_env("HOST", ""), help="REST base URL; empty = start one")
+    p.add_argument(
+        "--host", default=_env("HOST", ""), help="REST base URL (HOST); empty = start a server"
+    )
     p.add_argument(
         "--grpc-host", default=_env("GRPC_HOST", ""), help="gRPC host:port (default HOST's, :8500)"
     )
@@ -37,9 +43,38 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--users", type=int, default=int(_env("USERS", "32")))
     p.add_argument("--spawn-rate", type=float, default=float(_env("SPAWN_RATE", "8")))
     p.add_argument("--duration", default=_env("DURATION", "30s"))
-    p.add_argument("--target-rps", type=float, default=float(_env("TARGET_RPS", "0")))
-    p.add_argument("--max-p99-ms", type=float, default=float(_env("MAX_P99_MS", "0")))
-    p.add_argument("--max-fail-ratio", type=float, default=float(_env("MAX_FAIL_RATIO", "0.01")))
+    p.add_argument(
+        "--target-rps",
+        type=bound,
+        default=_env("TARGET_RPS", "0"),
+        help="successful answers per second at least (TARGET_RPS; 0 = off)",
+    )
+    p.add_argument(
+        "--max-p99-ms",
+        type=bound,
+        default=_env("MAX_P99_MS", "0"),
+        help="p99 latency at most, in ms (MAX_P99_MS; 0 = off)",
+    )
+    p.add_argument(
+        "--max-fail-ratio",
+        type=ratio,
+        default=_env("MAX_FAIL_RATIO", "0.01"),
+        help="failed requests at most, 0 to 1 (MAX_FAIL_RATIO)",
+    )
+    p.add_argument("--api-key", default=_env("API_KEY", ""), help="sent as a Bearer key")
+    p.add_argument(
+        "--grpc-tls",
+        action="store_true",
+        default=_env("GRPC_TLS", "") not in ("", "0", "false"),
+        help="TLS on the gRPC port (GRPC_TLS)",
+    )
+    p.add_argument("--grpc-ca", default=_env("GRPC_CA", ""), help="CA file for --grpc-tls")
+    p.add_argument(
+        "--request-timeout",
+        type=bound,
+        default=_env("REQUEST_TIMEOUT", "8"),
+        help="seconds a request may take before it counts as failed (REQUEST_TIMEOUT)",
+    )
     p.add_argument("--processes", type=int, default=int(_env("PROCESSES", "1")))
     p.add_argument("--image-mix", default=_env("IMAGE_MIX", ""), help="see payloads.py")
     p.add_argument("--encoding-mix", default=_env("ENCODING_MIX", ""), help="see payloads.py")
@@ -62,11 +97,19 @@ def local_server(repository: str) -> Iterator[tuple[str, str]]:
     with tempfile.NamedTemporaryFile(prefix="cnnserve-loadtest-", suffix=".log") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
         try:
-            wait_for(f"http://127.0.0.1:{port}/readyz", process, timeout=180)
+            try:
+                wait_for(f"http://127.0.0.1:{port}/readyz", process, timeout=180)
+            except (RuntimeError, TimeoutError) as exc:
+                tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-5:]
+                raise ServerFailed(f"the local server did not start ({exc}):", tail) from None
             sys.stderr.write(f"loadtest: started a local server on :{port} (gRPC :{grpc_port})\n")
             yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
         finally:
             stop(process)
+
+
+class ServerFailed(Exception):
+    """The local server did not become ready; its log's last lines say why."""
 
 
 def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[str]:
@@ -97,6 +140,8 @@ def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[
         str(args.max_p99_ms),
         "--max-fail-ratio",
         str(args.max_fail_ratio),
+        "--request-timeout",
+        str(args.request_timeout),
         "--csv",
         str(prefix),
         "--html",
@@ -105,9 +150,16 @@ def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[
         "--stop-timeout",
         "10",
     ]
-    for option, value in (("--image-mix", args.image_mix), ("--encoding-mix", args.encoding_mix)):
+    for option, value in (
+        ("--image-mix", args.image_mix),
+        ("--encoding-mix", args.encoding_mix),
+        ("--api-key", args.api_key),
+        ("--grpc-ca", args.grpc_ca),
+    ):
         if value:
             cmd += [option, value]
+    if args.grpc_tls:
+        cmd.append("--grpc-tls")
     if args.processes != 1:
         cmd += ["--processes", str(args.processes)]
     return cmd + args.extra + USER_CLASSES[args.protocol]
@@ -120,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     if args.host:
-        grpc_host = args.grpc_host or f"{urlsplit(args.host).hostname}:8500"
-        return subprocess.call(locust_command(args, args.host, grpc_host), env=env)
-    with local_server(args.model_repository) as (host, grpc_host):
+        host = args.host.rstrip("/")
+        grpc_host = args.grpc_host or f"{urlsplit(host).netloc.rsplit(':', 1)[0]}:8500"
         return subprocess.call(locust_command(args, host, grpc_host), env=env)
+    try:
+        with local_server(args.model_repository) as (host, grpc_host):
+            return subprocess.call(locust_command(args, host, grpc_host), env=env)
+    except ServerFailed as exc:
+        message, tail = exc.args
+        sys.stderr.write("loadtest FAILED: " + "\n  ".join([message, *tail]) + "\n")
+        return 1
 
 
 if __name__ == "__main__":

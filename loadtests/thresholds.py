@@ -6,6 +6,8 @@ locust's own total stats when the run ends.
 
 from __future__ import annotations
 
+import argparse
+import math
 from dataclasses import dataclass
 
 
@@ -15,13 +17,40 @@ class Thresholds:
     max_p99_ms: float = 0.0  # 0 = no bound
     max_fail_ratio: float = 0.01
 
+    def describe(self) -> str:
+        """The bounds in effect, for the verdict line (a bound left at 0 is off)."""
+        rps = f"{self.target_rps:g}" if self.target_rps else "off"
+        p99 = f"{self.max_p99_ms:g}" if self.max_p99_ms else "off"
+        return f"TARGET_RPS {rps}, MAX_P99_MS {p99}, MAX_FAIL_RATIO {self.max_fail_ratio:g}"
+
+
+def bound(text: str) -> float:
+    """An argparse type for a bound: a finite number >= 0 (NaN passed every check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a finite number >= 0 (0 = off)")
+    return value
+
+
+def ratio(text: str) -> float:
+    """An argparse type for the failure ratio: a number from 0 to 1."""
+    value = bound(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a ratio is from 0 to 1 (0.01 = 1%)")
+    return value
+
 
 @dataclass(frozen=True)
 class Outcome:
-    rps: float
+    rps: float  # successful answers per second of the whole run
     p99_ms: float
     fail_ratio: float
     requests: int
+    # What no answer can show: tasks that raised, users that made no request at all.
+    errors: tuple[str, ...] = ()
 
 
 def verdict(outcome: Outcome, bounds: Thresholds) -> str | None:
@@ -29,6 +58,7 @@ def verdict(outcome: Outcome, bounds: Thresholds) -> str | None:
     broken = []
     if outcome.requests == 0:
         broken.append("no request completed")
+    broken.extend(outcome.errors)
     if bounds.target_rps and outcome.rps < bounds.target_rps:
         broken.append(f"{outcome.rps:.1f} req/s < TARGET_RPS {bounds.target_rps:g}")
     if bounds.max_p99_ms and outcome.p99_ms > bounds.max_p99_ms:

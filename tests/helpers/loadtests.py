@@ -32,6 +32,10 @@ RUNNER_VARIABLES = frozenset(
         "MODEL_REPOSITORY",
         "IMAGE_MIX",
         "ENCODING_MIX",
+        "API_KEY",
+        "GRPC_TLS",
+        "GRPC_CA",
+        "REQUEST_TIMEOUT",
     ]
 )
 
