@@ -70,6 +70,8 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     )
     p.add_argument(
         "--repository",
+        "--model-repository",  # the spelling of every other command
+        dest="repository",
         type=folder_or_new,
         default=str(settings.model_repository),  # a string: checked by its type too
         help="model repository to publish into",

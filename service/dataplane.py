@@ -517,7 +517,7 @@ class DataPlane:
         if array.dtype.kind not in "iuf" or (array.size and (array.min() < 0 or array.max() > 255)):
             raise InvalidRequest("image values must be integers 0-255 (uint8 RGB)")
         if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-            raise InvalidRequest("image values must be whole numbers 0-255 (uint8 RGB)")
+            raise InvalidRequest("image values must be integers 0-255 (uint8 RGB); got a fraction")
         return array.astype(np.uint8)
 
     async def reload_config(self, text: str) -> None:

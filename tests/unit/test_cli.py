@@ -45,6 +45,15 @@ def test_dataset_repeats_to_merge_sources() -> None:
     assert build_parser(Settings()).parse_args(["train"]).dataset is None  # fashion_mnist
 
 
+def test_train_takes_the_repository_as_every_command_spells_it(tmp_path: Path) -> None:
+    """--model-repository, as serve, promote, verify and compress take it (train's
+    --repository alone made a user who copied one command's flag into another fail)."""
+    parser = build_parser(Settings())
+    for flag in ("--repository", "--model-repository"):
+        args = parser.parse_args(["train", flag, str(tmp_path)])
+        assert Path(args.repository) == tmp_path
+
+
 def test_architecture_names_match_the_registry() -> None:
     from service.training.architectures import ARCHITECTURES
     from service.training.config import ARCHITECTURE_NAMES

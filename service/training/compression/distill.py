@@ -147,7 +147,7 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         f"  student     {comparison.after.evaluation['accuracy']:.2%} with the teacher, "
         f"{baseline_eval['accuracy']:.2%} trained alone ({options.student_arch}, "
         f"{student.count_params():,} parameters vs the teacher's "
-        f"{source.card.get('architecture', {}).get('parameters', '?')})"
+        f"{_count(source.card.get('architecture', {}).get('parameters'))})"
     )
     arch = {
         **asdict(
@@ -198,3 +198,8 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         card_updates={"architecture": arch, "training": training},
     )
     return version_dir, "\n".join(summary)
+
+
+def _count(value: object) -> str:
+    """A parameter count as the student's is printed (30,778), or '?' when unknown."""
+    return f"{value:,}" if isinstance(value, int) else "?"
