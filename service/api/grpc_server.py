@@ -26,6 +26,7 @@ from service.api.grpc_servicers import (
     PredictionServicer,
 )
 from service.api.tls import CertificateWatch
+from service.concurrency import MAX_REFUSAL_WAIT_SECONDS
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
@@ -83,6 +84,17 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def call_cap(settings: Settings) -> int:
+    """gRPC's cap on calls in progress in a worker: the calls admission admits, the
+    refused ones waiting their turn (at most MAX_REFUSAL_WAIT_SECONDS of the refusal
+    pace; at least as many as admitted) and the health Watches. Twice the limit, as it
+    was, let gRPC's core refuse most refusals itself when the limit was set low (a limit
+    of 2: 222 of 231 RESOURCE_EXHAUSTED in no metric)."""
+    admitted = settings.max_concurrent_requests
+    waiting = math.ceil(settings.max_refusals_per_second * MAX_REFUSAL_WAIT_SECONDS)
+    return admitted + max(admitted, waiting) + settings.max_health_watches
+
+
 async def start_grpc(
     settings: Settings,
     plane: DataPlane,
@@ -96,8 +108,8 @@ async def start_grpc(
     Admission is the worker's concurrency limit (service.concurrency), shared with REST.
     gRPC's own cap on calls in progress is only a backstop on what calls hold: it counts
     health checks and refused calls waiting for their turn too, and refuses beyond it in
-    its core (RESOURCE_EXHAUSTED, a health check included), so it is twice
-    ``max_concurrent_requests``: room for the admitted calls and as many refused ones."""
+    its core (RESOURCE_EXHAUSTED, a health check included), where cnnserve neither sees
+    nor counts them: :func:`call_cap` leaves room for all that admission lets in."""
     if not settings.grpc_port:
         return None
     interceptors: list[Any] = (
@@ -111,7 +123,7 @@ async def start_grpc(
     server = grpc.aio.server(
         options=server_options(settings),
         interceptors=interceptors,
-        maximum_concurrent_rpcs=2 * settings.max_concurrent_requests,
+        maximum_concurrent_rpcs=call_cap(settings),
     )
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
         PredictionServicer(plane), server

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.api.grpc_server import server_options
+from service.api.grpc_server import call_cap, server_options
+from service.concurrency import MAX_REFUSAL_WAIT_SECONDS
 from service.config import Settings
 
 
@@ -26,3 +27,21 @@ def test_a_connection_holds_what_the_worker_infers_at_once_by_default() -> None:
 def test_one_stream_is_refused_for_the_watch_beside_it() -> None:
     with pytest.raises(ValidationError, match="health Watch"):
         Settings(grpc_max_concurrent_streams=1)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        Settings(),
+        Settings(max_concurrent_requests=2),
+        Settings(max_concurrent_requests=2, max_refusals_per_second=0),
+    ],
+)
+def test_grpcs_own_cap_is_above_all_that_admission_lets_in(settings: Settings) -> None:
+    """Calls admitted, refusals waiting their turn (at most MAX_REFUSAL_WAIT_SECONDS of
+    the pace) and health Watches all fit below gRPC's core cap, so its uncounted
+    RESOURCE_EXHAUSTED is only a backstop (at twice a limit of 2, it answered most)."""
+    waiting = settings.max_refusals_per_second * MAX_REFUSAL_WAIT_SECONDS
+    cap = call_cap(settings)
+    assert cap >= settings.max_concurrent_requests + waiting + settings.max_health_watches
+    assert cap >= 2 * settings.max_concurrent_requests + settings.max_health_watches
