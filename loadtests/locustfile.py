@@ -45,6 +45,8 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 from thresholds import Outcome, Thresholds, bound, ratio, summary, verdict
 
+from service.contract import BYTES_SIGNATURE
+
 # Before any channel exists: gRPC's own threads would otherwise block locust's greenlets.
 grpc.experimental.gevent.init_gevent()
 
@@ -102,7 +104,11 @@ class RestUser(FastHttpUser):
         path = f"/v1/classify?model={self.model}"
         name = f"/v1/classify [{encoding}]"
         kwargs: dict[str, Any]
-        if encoding == "raw":
+        if encoding == "tfserving":
+            path = name = f"/v1/models/{self.model}:predict"
+            instance = {"b64": base64.b64encode(image.data).decode()}
+            kwargs = {"json": {"signature_name": BYTES_SIGNATURE, "instances": [instance]}}
+        elif encoding == "raw":
             kwargs = {"data": image.data, "headers": {"Content-Type": image.content_type}}
         elif encoding == "multipart":
             kwargs = {"files": {"image": ("image", image.data, image.content_type)}}

@@ -8,7 +8,9 @@
   resizing cost the most.
 
 Weights for the image kinds and the request encodings are strings such as
-``"raw:6,multipart:2,json:2"``.
+``"raw:6,multipart:2,json:2"``. Encodings: the raw body, multipart and base64 JSON of
+``/v1/classify``, and ``tfserving``: TF Serving's REST ``:predict`` with the file as
+``{"b64": …}`` on the ``predict_image_bytes`` signature (what TF Serving clients send).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from service.bench.photos import photo
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_KINDS = ("fmnist28", "fmnist224", "photo224", "photo720p")
-ENCODINGS = ("raw", "multipart", "json")
+ENCODINGS = ("raw", "multipart", "json", "tfserving")
 DEFAULT_IMAGE_MIX = "fmnist28:3,fmnist224:3,photo224:3,photo720p:1"
 DEFAULT_ENCODING_MIX = "raw:6,multipart:2,json:2"
 

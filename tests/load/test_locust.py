@@ -92,8 +92,11 @@ def test_keys_reach_both_protocols_and_a_trailing_slash_is_dropped(
         *("--host", server.url + "/", "--grpc-host", server.grpc_target, "--protocol", "mixed"),
         *("--model", "tiny", "--users", "2", "--spawn-rate", "2", "--duration", "3s"),
         *("--api-key", "k1", "--max-fail-ratio", "0", "--reports", str(tmp_path)),
+        *("--encoding-mix", "raw:1,tfserving:1"),  # TF Serving's REST :predict too
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    rows = stats_rows(tmp_path, "mixed")
+    assert int(rows["/v1/models/tiny:predict"]["Request Count"]) > 0
     verdict = json.loads((tmp_path / "locust-mixed_verdict.json").read_text())
     assert verdict["passed"] is True and verdict["requests"] > 0
 
