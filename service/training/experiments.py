@@ -233,7 +233,10 @@ def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
 
 
 def differences(run: dict[str, Any], best: dict[str, Any]) -> str:
-    keys = sorted(set(run["hyper"]) | set(best["hyper"]))
+    """The settings a run sets otherwise than the best run. A setting one of them does not
+    record (a card written before it existed) is left out: its value then is unknown, and
+    it read as a difference (class_weight=none beside the default model's card)."""
+    keys = sorted(set(run["hyper"]) & set(best["hyper"]))
     changed = [
         f"{k}={run['hyper'].get(k)}" for k in keys if run["hyper"].get(k) != best["hyper"].get(k)
     ]

@@ -182,3 +182,14 @@ def test_a_damaged_work_run_is_left_out_and_named(
     report = (out / "report.md").read_text()
     assert "curves.png" in report and "per_class_f1" not in report  # no empty heat map
     assert not (out / "per_class_f1.png").exists()
+
+
+def test_a_setting_one_card_does_not_record_is_no_difference() -> None:
+    """An older card lacks settings added since (class_weight, extra_datasets): their
+    value then is unknown, not a difference from the best run."""
+    from service.training.experiments import differences
+
+    best = {"hyper": {"lr": 0.002, "epochs": 36}}
+    run = {"hyper": {"lr": 0.01, "epochs": 36, "class_weight": "none", "extra_datasets": []}}
+    assert differences(run, best) == "lr=0.01"
+    assert differences(best, best) == "—"
