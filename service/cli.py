@@ -17,7 +17,7 @@ from service.cli_bench import add_bench
 from service.cli_data import add_data, add_experiments
 from service.cli_rollout import add_promote, add_verify
 from service.cli_train import add_compress, add_evaluate, add_train
-from service.cli_types import DefaultsHelp
+from service.cli_types import DefaultsHelp, say_defaults
 from service.config import Settings
 from service.errors import CnnserveError, DatasetError, PromotionError
 from service.logs import setup_logging
@@ -141,6 +141,7 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     add_experiments(sub, settings)
     add_promote(sub, settings)
     add_verify(sub, settings)
+    say_defaults(parser)
     return parser
 
 

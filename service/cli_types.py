@@ -21,6 +21,22 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def say_defaults(parser: argparse.ArgumentParser) -> None:
+    """Give every option without help text its default as help, in ``parser`` and its
+    subcommands: argparse prints no default for an option without help, so `compress
+    --help` showed --model as if it had to be given (it is fashion_mnist)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in set(action.choices.values()):
+                say_defaults(subparser)
+        elif (
+            action.option_strings
+            and action.help is None
+            and action.default not in (None, False, argparse.SUPPRESS)
+        ):
+            action.help = "(default: %(default)s)"
+
+
 def at_least(low: int) -> Callable[[str], int]:
     """An integer of at least ``low``."""
 

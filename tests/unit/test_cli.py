@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -480,3 +481,29 @@ def test_a_repository_that_cannot_be_published_into_is_refused_before_the_work(
     assert f"cnnserve compress: cannot publish into {under / 'fashion_mnist'}" in (
         capsys.readouterr().err
     )
+
+
+def test_every_option_with_a_default_says_it_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse prints no default for an option without help text: compress --help
+    showed --model as if it had to be given."""
+    parser = build_parser(Settings())
+
+    def options(p: argparse.ArgumentParser) -> list[tuple[str, argparse.Action]]:
+        found = []
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    found += [(f"{name} {o}", a) for o, a in options(sub)]
+            elif action.option_strings:
+                found.append((action.option_strings[-1], action))
+        return found
+
+    silent = [
+        name
+        for name, action in options(parser)
+        if action.default not in (None, False, argparse.SUPPRESS) and not action.help
+    ]
+    assert not silent, silent
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compress", "--help"])
+    assert "(default: fashion_mnist)" in capsys.readouterr().out
