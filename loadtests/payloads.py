@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def build(
     rng = np.random.default_rng(0)
     images = fashion_mnist(fashion_count, directory)
     if not images:  # no dataset: greyscale stand-ins keep the 28×28 sizes in the mix
+        warnings.warn(
+            f"no Fashion-MNIST test images in {directory} (Debian's dataset-fashion-mnist, "
+            "or --fashion-mnist-dir): the fmnist kinds send greyscale stand-ins",
+            stacklevel=2,
+        )
         images = [photo(28, 28, rng).convert("L") for _ in range(8)]
     for img in images:
         for fmt, mime in (("PNG", "image/png"), ("JPEG", "image/jpeg")):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -64,3 +65,9 @@ def test_mix_weights_are_checked_and_followed() -> None:
     picker = payloads.Picker(pool, "photo224:1", "json:1")
     assert {picker.image().kind for _ in range(20)} == {"photo224"}
     assert {picker.encoding() for _ in range(20)} == {"json"}
+
+
+def test_a_missing_dataset_is_said_not_silently_replaced(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="no Fashion-MNIST test images"):
+        pool = payloads.build(fashion_count=1, photos=2, directory=tmp_path)
+    assert pool["fmnist28"]  # the stand-ins keep the kind in the mix
