@@ -123,8 +123,9 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
     p.add_argument(
         "--weight-decay",
         type=NON_NEGATIVE,
-        default=train.weight_decay,
-        help="AdamW decoupled weight decay",
+        default=None,
+        help=f"decoupled weight decay of adamw and radam ({train.weight_decay} when not "
+        "given); sgd and adam take none (use --l2)",
     )
     p.add_argument(
         "--schedule",
@@ -196,6 +197,22 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     if problem := unpublishable(args.repository / args.model_name):
         print(f"cnnserve train: {problem}; choose another --repository", file=sys.stderr)
         return 2
+    if args.balance and args.class_weight == "balanced":
+        print(
+            "cnnserve train: --balance (oversampling) and --class-weight balanced each even "
+            "out the classes; together the minority counted many times over: choose one",
+            file=sys.stderr,
+        )
+        return 2
+    if args.optimizer in ("sgd", "adam"):
+        if args.weight_decay:  # the card recorded it; the optimizer never applied it
+            print(
+                f"cnnserve train: --weight-decay is for adamw and radam (decoupled); "
+                f"{args.optimizer} takes none: use --l2, or --optimizer adamw",
+                file=sys.stderr,
+            )
+            return 2
+        args.weight_decay = 0.0
     from service.preprocessing import PreprocessSpec
     from service.training.config import ArchConfig, AugmentConfig, TrainConfig
     from service.training.train import train
@@ -234,7 +251,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         optimizer=args.optimizer,
         learning_rate=args.lr,
         momentum=args.momentum,
-        weight_decay=args.weight_decay,
+        weight_decay=(
+            TrainConfig().weight_decay if args.weight_decay is None else args.weight_decay
+        ),
         schedule=args.schedule,
         early_stopping_patience=args.patience,
         val_fraction=args.val_fraction,

@@ -85,7 +85,7 @@ class TrainConfig:
     momentum: float = 0.9
     beta_1: float = 0.9
     beta_2: float = 0.999
-    weight_decay: float = 1e-4  # decoupled, AdamW only
+    weight_decay: float = 1e-4  # decoupled: AdamW and RAdam (0 for SGD and Adam)
     schedule: Schedule = "plateau"
     early_stopping_patience: int = 5
     plateau_factor: float = 0.5

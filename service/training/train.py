@@ -107,7 +107,10 @@ def _optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optim
     if cfg.optimizer == "adam":
         return keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
     if cfg.optimizer == "radam":
-        return RAdam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+        # Decoupled decay as AdamW's (it was left out: the card said 1e-4, none applied).
+        return RAdam(
+            lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, weight_decay=cfg.weight_decay or None
+        )
     return keras.optimizers.AdamW(
         lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2, weight_decay=cfg.weight_decay
     )

@@ -507,3 +507,20 @@ def test_every_option_with_a_default_says_it_in_help(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         parser.parse_args(["compress", "--help"])
     assert "(default: fashion_mnist)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--optimizer", "sgd", "--weight-decay", "0.01"], "--weight-decay is for adamw and radam"),
+        (["--optimizer", "adam", "--weight-decay", "0.01"], "use --l2"),
+        (["--balance", "--class-weight", "balanced"], "choose one"),
+    ],
+)
+def test_train_refuses_settings_it_would_not_apply_as_recorded(
+    argv: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before any data is read: sgd and adam never applied --weight-decay (the
+    card said they did); --balance with balanced class weights evened the classes twice."""
+    code = main(["train", "--repository", str(tmp_path / "repo"), *argv])
+    assert code == 2 and words in capsys.readouterr().err

@@ -74,3 +74,15 @@ def test_config_round_trips() -> None:
     again = RAdam.from_config(optimizer.get_config())
     assert (again.beta_1, again.beta_2, again.epsilon, again.threshold) == (0.8, 0.99, 1e-6, 5.0)
     assert keras.optimizers.deserialize(keras.optimizers.serialize(optimizer)).beta_2 == 0.99
+
+
+def test_train_gives_radam_the_decay_its_card_records() -> None:
+    """--optimizer radam recorded weight_decay 1e-4 and applied none."""
+    from service.training.config import TrainConfig
+    from service.training.train import _optimizer
+
+    optimizer = _optimizer(TrainConfig(optimizer="radam", weight_decay=0.05), steps_per_epoch=10)
+    assert isinstance(optimizer, RAdam) and optimizer.weight_decay == 0.05
+    weights = keras.Variable(np.ones(3, np.float32))
+    optimizer.apply([keras.ops.zeros(3)], [weights])  # no gradient: only the decay moves it
+    assert np.all(keras.ops.convert_to_numpy(weights) < 1.0)
