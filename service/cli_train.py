@@ -169,7 +169,7 @@ def add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         "--limit",
         type=at_least(0),
         default=train.limit,
-        help="use the first N training images (0 = all)",
+        help="use N training images, drawn at random with --seed (0 = all)",
     )
     p.add_argument("--seed", type=int, default=train.seed, help="random seed")
     p.add_argument(
@@ -435,7 +435,7 @@ def add_compress(
         "--test-limit",
         type=at_least(0),
         default=0,
-        help="measure on the first N test images (0 = all)",
+        help="measure on N test images drawn at random, the same N each run (0 = all)",
     )
     p.add_argument(
         "--latency-runs", type=at_least(1), default=50, help="timed batches per batch size"
@@ -449,7 +449,10 @@ def add_compress(
     int8.add_argument("--max-accuracy-drop", type=SHARE, default=0.01, help="fraction, 0.01 = 1 pt")
     tune = p.add_argument_group("prune and distill (training)")
     tune.add_argument(
-        "--limit", type=at_least(0), default=0, help="use the first N training images"
+        "--limit",
+        type=at_least(0),
+        default=0,
+        help="fine-tune on N training images drawn at random, the same N each run (0 = all)",
     )
     tune.add_argument("--epochs", type=at_least(1), default=2)
     tune.add_argument("--batch-size", type=at_least(1), default=64)

@@ -45,6 +45,7 @@ from service.training.data import (
     ImageSet,
     load_fashion_mnist,
     load_image_folder,
+    stratified,
 )
 from service.verify_clients import PROBE, GrpcServer, RestServer, Served
 
@@ -70,7 +71,9 @@ class TestImages:
 
 def load_images(data: Path | None, fashion_mnist_dir: Path, limit: int) -> TestImages:
     """Fashion-MNIST's test set (``data`` None), a folder of class folders, or a flat
-    folder of images; the first ``limit`` (0 = all)."""
+    folder of images; ``limit`` of them (0 = all): Fashion-MNIST's first (its test set is
+    in no class order), a folder's drawn at random, the same each run (read class by
+    class, its first N were its first classes only)."""
     if data is None:
         _, test = load_fashion_mnist(fashion_mnist_dir)
         count = len(test) if limit <= 0 else min(limit, len(test))
@@ -90,8 +93,9 @@ def load_images(data: Path | None, fashion_mnist_dir: Path, limit: int) -> TestI
     else:
         paths = sorted(p for p in data.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         classes = [None] * len(paths)
-    if limit > 0:
-        paths, classes = paths[:limit], classes[:limit]
+    if 0 < limit < len(paths):
+        drawn = stratified(np.array([str(c) for c in classes]), limit, seed=0)
+        paths, classes = [paths[i] for i in drawn], [classes[i] for i in drawn]
     if not paths:
         raise DatasetError(f"{data} holds no images ({sorted(IMAGE_SUFFIXES)})")
     pixels = [
@@ -102,9 +106,10 @@ def load_images(data: Path | None, fashion_mnist_dir: Path, limit: int) -> TestI
 
 
 def card_test_images(card: dict[str, Any], fashion_mnist_dir: Path, limit: int) -> TestImages:
-    """The test split the version's card records (what `cnnserve evaluate` scores), the
-    first ``limit`` (0 = all): Fashion-MNIST's test set for a Fashion-MNIST model, the held-out
-    images of the folders a folder-trained one was split from. Fashion-MNIST's images are
+    """The test split the version's card records (what `cnnserve evaluate` scores),
+    ``limit`` of its images (0 = all; see :func:`load_images`): Fashion-MNIST's test
+    set for a Fashion-MNIST model, the held-out images of the folders a folder-trained
+    one was split from. Fashion-MNIST's images are
     not of a folder model's classes: its accuracy read "n/a" and its agreement measured
     the model on images it was never meant to see."""
     from service.training.evaluate import card_splits
@@ -138,7 +143,8 @@ def card_test_images(card: dict[str, Any], fashion_mnist_dir: Path, limit: int) 
             f"this version's model card does not record its test split ({exc!r}); give "
             "--data a folder of images of its classes"
         ) from None
-    count = len(test) if limit <= 0 else min(limit, len(test))
+    test = test.sample(limit, seed=0)  # a folder split is in class order: not its first N
+    count = len(test)
     sources = [_source(test, i) for i in range(count)]
     return TestImages(
         pixels=[pixels for pixels, _ in sources],

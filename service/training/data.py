@@ -114,6 +114,14 @@ class ImageSet:
             part_index=self.part_index[indices] if self.part_index is not None else None,
         )
 
+    def sample(self, limit: int, seed: int) -> ImageSet:
+        """``limit`` images drawn at random from every class in proportion
+        (:func:`stratified`), or all of them: the first N of a folder dataset, read class
+        by class, were one or two classes."""
+        if not limit or limit >= len(self):
+            return self
+        return self.subset(stratified(self.labels, limit, seed), self.name)
+
     def fingerprint(self) -> str:
         """One hash for the whole set (images, labels and class names, in order)."""
         digest = hashlib.sha256("\n".join(self.class_names).encode())
@@ -567,6 +575,20 @@ def oversample(labels: Labels, seed: int) -> npt.NDArray[np.int64]:
             members = np.flatnonzero(labels == cls)
             picks.append(rng.choice(members, size=target - count, replace=True))
     return np.concatenate(picks).astype(np.int64)
+
+
+def stratified(labels: npt.NDArray[np.generic], limit: int, seed: int) -> npt.NDArray[np.int64]:
+    """Indices of ``limit`` items drawn at random, each class in proportion to its size
+    (a plain random draw of 9 from 3 classes of 12 left one out), in their order; the
+    same for the same seed. Each class's items are shuffled and spread evenly over
+    [0, 1); the ``limit`` lowest positions are kept."""
+    rng = np.random.default_rng(seed)
+    position = np.empty(len(labels))
+    for value in np.unique(labels):
+        members = np.flatnonzero(labels == value)
+        order = rng.permutation(len(members))
+        position[members[order]] = (np.arange(len(members)) + rng.random()) / len(members)
+    return np.sort(np.argsort(position, kind="stable")[:limit]).astype(np.int64)
 
 
 def balanced_class_weight(labels: Labels) -> dict[int, float]:

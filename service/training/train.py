@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 
 from service.config_edit import write_atomically
 from service.training.architectures import build
@@ -149,8 +148,7 @@ def train(cfg: TrainConfig, work_dir: Path) -> TrainResult:
     for name in splits.train.class_names:  # folders are checked as read; --class-map's too
         check_class_name(name, "the dataset's classes")
     if cfg.limit:
-        keep = np.arange(min(cfg.limit, len(splits.train)), dtype=np.int64)
-        splits.train = splits.train.subset(keep, "train")
+        splits.train = splits.train.sample(cfg.limit, cfg.seed)
     for warning in splits.thin_classes():
         log.warning("%s", warning)
     as_run = cfg.as_run(len(splits.train.class_names))

@@ -267,3 +267,30 @@ def test_identical_images_are_kept_once_and_never_under_two_labels(tmp_path: Pat
     assert (splits.dropped_copies, splits.dropped_conflicting_labels) == (1, 2)
     conflicting = hashlib.sha256((root / "class_1" / "also.png").read_bytes()).hexdigest()
     assert conflicting not in every
+
+
+def test_a_sample_is_drawn_from_every_class_not_the_first() -> None:
+    """--limit and --test-limit: a folder dataset is read class by class, and its first
+    N images were its first classes only."""
+    labels = np.repeat(np.arange(3), 60).astype(np.int64)  # class order, as folders
+    images = ImageSet(
+        name="test",
+        class_names=["a", "b", "c"],
+        labels=labels,
+        pixels=np.arange(180 * 4, dtype=np.uint8).reshape(180, 2, 2) % 251,
+    )
+    drawn = images.sample(30, seed=0)
+    assert len(drawn) == 30 and drawn.name == "test"
+    counts = np.bincount(drawn.labels, minlength=3)
+    assert counts.min() >= 9 and counts.max() <= 11, counts  # each class in proportion
+    again = images.sample(30, seed=0)
+    assert drawn.hashes() == again.hashes()  # the same images each run
+    assert images.sample(0, seed=0) is images and images.sample(500, seed=0) is images
+
+
+def test_verify_draws_a_folders_images_from_every_class(tmp_path: Path) -> None:
+    from service.verify import load_images
+
+    folder = write_class_folders(tmp_path / "data", classes=3, per_class=12)
+    images = load_images(folder, tmp_path, limit=9)
+    assert len(images.pixels) == 9 and len(set(images.classes)) == 3

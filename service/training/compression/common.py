@@ -104,18 +104,13 @@ def load_source(
         raise DatasetError(
             f"{version_dir}: no usable model card with training data: {exc}"
         ) from None
-    test = splits.test
-    if test_limit and test_limit < len(test):
-        test = test.subset(np.arange(test_limit, dtype=np.int64), "test")
+    test = splits.test.sample(test_limit, seed=0)
     spec = PreprocessSpec.from_card(card["preprocessing"])
     return Source(version_dir, number, card, spec, splits, test)
 
 
 def training_images(source: Source, limit: int) -> ImageSet:
-    train = source.splits.train
-    if limit and limit < len(train):
-        return train.subset(np.arange(limit, dtype=np.int64), "train")
-    return train
+    return source.splits.train.sample(limit, seed=0)
 
 
 def arch_config(card: dict[str, Any]) -> ArchConfig:
