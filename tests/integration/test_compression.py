@@ -144,6 +144,23 @@ def test_distill_reports_the_student_next_to_its_baseline(
     assert "trained alone" in out
 
 
+def test_a_teacher_of_other_classes_is_refused(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its outputs would be read as the source's classes: the student learns wrong labels."""
+    other = tmp_path / "repo"
+    shutil.copytree(repo, other)
+    teacher = other / "tiny" / "9"
+    shutil.copytree(other / "tiny" / "1", teacher)
+    card_path = teacher / "assets.extra" / "model_card.json"
+    record = json.loads(card_path.read_text())
+    record["labels"] = list(reversed(record["labels"]))
+    card_path.write_text(json.dumps(record))
+    args = ["compress", "--model-repository", str(other), "--model", "tiny", "--version", "1"]
+    code = main([*args, "--method", "distill", "--teacher", "9", "--epochs", "1"])
+    assert code != 0 and "other classes" in capsys.readouterr().err
+
+
 def test_the_source_version_was_never_modified(repo: Path, int8_version: Path) -> None:
     assert SOURCE_DIGEST and tree_digest(repo / "tiny" / "1") == SOURCE_DIGEST
     assert not list((repo / "tiny").glob(".export-*"))

@@ -109,3 +109,30 @@ def test_distillation_loss_is_zero_only_when_the_student_matches_the_teacher() -
     # alpha = 1 is plain cross-entropy on the labels in column 0.
     hard = keras.ops.convert_to_numpy(distillation_loss(4.0, 1.0)(y_true, other))
     np.testing.assert_allclose(hard, -np.log([0.2, 0.8]), rtol=1e-5)
+
+
+def test_distillation_loss_is_hintons_for_a_confident_teacher() -> None:
+    """Computed from probabilities, it equals the loss from logits (float64) also when
+    classes are far below 1e-7, as a well-trained teacher's are (a floor at 1e-7 was off
+    by 6 on such logits)."""
+    import keras
+
+    from service.training.compression.distill import distillation_loss
+
+    def softmax(z: Any, t: float = 1.0) -> Any:
+        e = np.exp((z - z.max(-1, keepdims=True)) / t)
+        return e / e.sum(-1, keepdims=True)
+
+    rng = np.random.default_rng(0)
+    teacher_logits = rng.normal(0, 1, (8, 10)) + 25 * np.eye(10)[rng.integers(0, 10, 8)]
+    student_logits = rng.normal(0, 3, (8, 10))
+    labels = rng.integers(0, 10, 8)
+    t, alpha = 4.0, 0.1
+    pt, ps = softmax(teacher_logits, t), softmax(student_logits, t)
+    kl = (pt * (np.log(pt) - np.log(ps))).sum(-1)
+    hard = -np.log(softmax(student_logits)[np.arange(8), labels])
+    expected = alpha * hard + (1 - alpha) * t**2 * kl
+    assert softmax(teacher_logits).min() < 1e-9  # the case the floor distorted
+    y_true = np.concatenate([labels[:, None], softmax(teacher_logits)], 1).astype(np.float32)
+    loss = distillation_loss(t, alpha)(y_true, softmax(student_logits).astype(np.float32))
+    assert np.allclose(keras.ops.convert_to_numpy(loss), expected, rtol=1e-3, atol=1e-3)

@@ -27,7 +27,7 @@ from keras import ops
 
 from service.contract import SERVING_SIGNATURE
 from service.errors import DatasetError
-from service.repository import version_dirs
+from service.repository import load_card, version_dirs
 from service.training.architectures import build
 from service.training.compression.common import (
     Source,
@@ -44,7 +44,10 @@ from service.training.pipeline import batches
 log = logging.getLogger(__name__)
 
 ARTIFACT = "model.tflite"
-EPSILON = 1e-7
+# The floor under probabilities before their log: float32's smallest normal number. A
+# confident teacher has classes far below 1e-7 (38% of the default model's), and a floor
+# there gave them one softened mass and the student no gradient on them.
+EPSILON = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,13 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
     teacher_version = source.version if options.teacher_version is None else options.teacher_version
     if teacher_version not in versions:
         raise DatasetError(f"no teacher version {teacher_version} in {source.model_dir}")
+    teacher_card = load_card(versions[teacher_version])
+    if teacher_version != source.version and teacher_card.get("labels") != source.class_names:
+        raise DatasetError(
+            f"teacher version {teacher_version} has other classes than version "
+            f"{source.version} ({teacher_card.get('labels')} vs {source.class_names}): "
+            "its outputs would teach the wrong labels"
+        )
     teacher = tf.saved_model.load(str(versions[teacher_version]))
     teacher_fn = teacher.signatures[SERVING_SIGNATURE]
     log.info(
@@ -136,6 +146,13 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         return lambda x: np.asarray(model(x, training=False), dtype=np.float32)
 
     baseline_eval, _ = evaluate_predictions(keras_predict(baseline), source.test, source.spec)
+    teacher_eval = None  # the source's figures below, when the source is the teacher
+    if teacher_version != source.version:
+
+        def teacher_predict(x: Any) -> Any:
+            return teacher_fn(image=tf.constant(x))["probabilities"].numpy()
+
+        teacher_eval, _ = evaluate_predictions(teacher_predict, source.test, source.spec)
 
     content, record = float_artifact(student, source)
 
@@ -147,7 +164,7 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         f"  student     {comparison.after.evaluation['accuracy']:.2%} with the teacher, "
         f"{baseline_eval['accuracy']:.2%} trained alone ({options.student_arch}, "
         f"{student.count_params():,} parameters vs the teacher's "
-        f"{_count(source.card.get('architecture', {}).get('parameters'))})"
+        f"{_count(teacher_card.get('architecture', {}).get('parameters'))})"
     )
     arch = {
         **asdict(
@@ -183,7 +200,9 @@ def compress_distill(source: Source, options: DistillOptions, *, command: str) -
         "student_accuracy": comparison.after.evaluation["accuracy"],
         "student_without_teacher_accuracy": baseline_eval["accuracy"],
         "student_without_teacher_history": baseline_history,
-        "teacher_accuracy": comparison.before.evaluation["accuracy"],
+        # The teacher's own, on the same test images (it was the source's: another model
+        # when --teacher names another version).
+        "teacher_accuracy": (teacher_eval or comparison.before.evaluation)["accuracy"],
         **figures,
     }
     version_dir = publish_compressed(
