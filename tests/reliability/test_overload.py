@@ -295,8 +295,10 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
     channel's first RESOURCE_EXHAUSTED comes at once with the refusal bucket spent, a
     channel retrying at once waits its turn, and more refused calls wait than the
     worker has places without gRPC's own cap refusing them (or a health check)."""
-    rate = 4.0
-    places = 16  # gRPC's own cap on calls in progress is twice this: the 20 calls fit
+    # Fast enough that the middle retry's turn comes within MAX_REFUSAL_WAIT_SECONDS
+    # (with the first answers' owed tokens ahead of it: (8 + 9) / 8 s, capped at 2).
+    rate = 8.0
+    places = 16  # gRPC's own cap (call_cap) is far above the 20 calls
     channels = 20
     times: list[list[float]] = [[], []]
 
