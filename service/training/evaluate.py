@@ -2,8 +2,9 @@
 confusion matrix, latency.
 
 The same code scores a model at export time (its numbers go into the model card) and
-a published version later (`cnnserve evaluate`), always through the serving signature,
-so the report describes exactly what the gateway serves.
+a published version later (`cnnserve evaluate`), through the serving signature, or the
+quantized LiteRT artifact where the version ships one (the gateway serves that), so the
+report describes what the gateway serves.
 """
 
 from __future__ import annotations
@@ -127,6 +128,22 @@ def predict_all(
     """Predicted and true labels of every image, fed through the shared preprocessing."""
     labels, probabilities = predict_probabilities(predict, images, spec, batch_size)
     return labels, np.argmax(probabilities, axis=1).astype(np.int64)
+
+
+def litert_predict(content: bytes, threads: int = 1) -> Predict:
+    """A predict function over a LiteRT flatbuffer (the embedded runtime's path)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    runners: dict[int, Any] = {}
+
+    def predict(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
+        runner = runners.get(len(x))
+        if runner is None:
+            interpreter = Interpreter(model_content=content, num_threads=threads)
+            runner = runners[len(x)] = interpreter.get_signature_runner(SERVING_SIGNATURE)
+        return np.asarray(runner(image=x)["probabilities"], dtype=np.float32)
+
+    return predict
 
 
 def evaluate_predictions(
@@ -278,6 +295,26 @@ def class_mismatch(model: list[str], data: list[str]) -> str:
     return "; ".join(told)
 
 
+def served_predict(version_dir: Path, card: dict[str, Any]) -> Predict:
+    """What the embedded gateway serves a version with: its quantized LiteRT artifact
+    when it ships one (an int8 version keeps its source's float SavedModel beside it:
+    that was scored, the source's figures reported as the int8 version's), else the
+    SavedModel's serving signature (a float artifact answers as it does, verified at
+    export)."""
+    from service.runtimes.card import FLOAT_PRECISION, artifact_precision, verified_litert
+
+    if artifact_precision(card) == FLOAT_PRECISION:
+        return load_signature(version_dir)
+    try:
+        path = verified_litert(version_dir, card)
+    except ModelLoadError as exc:  # the gateway refuses it: say so, score nothing
+        raise DatasetError(exc.message) from None
+    assert path is not None  # a quantized record always names its file
+    log.info("scoring %s's %s LiteRT artifact (what the gateway serves)", version_dir,
+             artifact_precision(card))  # fmt: skip
+    return litert_predict(path.read_bytes())
+
+
 def evaluate_version(
     version_dir: Path, *, data_dir: Path | None, output: Path | None, latency_runs: int
 ) -> dict[str, Any]:
@@ -307,7 +344,7 @@ def evaluate_version(
             f"the test data's classes differ from {version_dir}'s (its card's labels): "
             f"{problem}; give --data-dir a folder of exactly the classes it was trained on"
         )
-    predict = load_signature(version_dir)
+    predict = served_predict(version_dir, card)
     report, _ = evaluate_predictions(predict, splits.test, spec)
     report["test_split_sha256"] = splits.test.fingerprint()
     report["test_split_matches_card"] = report["test_split_sha256"] == card.get("dataset", {}).get(

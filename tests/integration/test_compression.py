@@ -116,6 +116,36 @@ def test_int8_publishes_a_quantized_version(int8_version: Path, repo: Path) -> N
         assert isinstance(compression[key], float)
 
 
+def test_evaluate_scores_the_quantized_artifact_the_gateway_serves(
+    int8_version: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An int8 version keeps its source's float SavedModel beside model_int8.tflite:
+    evaluate scored that, and reported the source's figures as the int8 version's."""
+    capsys.readouterr()
+    assert main(["evaluate", str(int8_version), "--latency-runs", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    measured = card(int8_version)["evaluation"]  # compress measured the int8 artifact
+    assert report["test_split_matches_card"] is True
+    # Every figure as measured on the artifact (mAP shows int8's coarser score steps).
+    shared = sorted(k for k, v in measured.items() if isinstance(v, float) and k in report)
+    assert shared and {k: report[k] for k in shared} == {k: measured[k] for k in shared}
+
+
+def test_evaluate_refuses_an_artifact_the_gateway_would_refuse(
+    int8_version: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged model_int8.tflite is not served (the card's sha256): evaluate says so
+    rather than scoring the float SavedModel beside it as the version."""
+    copy = tmp_path / "2"
+    shutil.copytree(int8_version, copy)
+    artifact = copy / "assets.extra" / "model_int8.tflite"
+    data = artifact.read_bytes()
+    artifact.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    capsys.readouterr()
+    assert main(["evaluate", str(copy), "--latency-runs", "2"]) == 2
+    assert "refusing to serve it" in capsys.readouterr().err
+
+
 def test_prune_reaches_its_sparsity_and_reports(
     repo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -37,9 +37,9 @@ from service.training.architectures import build
 from service.training.config import ArchConfig
 from service.training.data import ImageSet, Splits
 from service.training.evaluate import (
-    Predict,
     card_splits,
     evaluate_predictions,
+    litert_predict,
     load_signature,
     paired_latency,
 )
@@ -169,22 +169,6 @@ def float_artifact(model: keras.Model, source: Source) -> tuple[bytes, dict[str,
         content = target.read_bytes()
     record.pop("file", None)
     return content, {**record, "precision": "float32"}
-
-
-def litert_predict(content: bytes, threads: int = 1) -> Predict:
-    """A predict function over a LiteRT flatbuffer (the embedded runtime's path)."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    runners: dict[int, Any] = {}
-
-    def predict(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        runner = runners.get(len(x))
-        if runner is None:
-            interpreter = Interpreter(model_content=content, num_threads=threads)
-            runner = runners[len(x)] = interpreter.get_signature_runner(SERVING_SIGNATURE)
-        return np.asarray(runner(image=x)["probabilities"], dtype=np.float32)
-
-    return predict
 
 
 @dataclass
