@@ -127,7 +127,10 @@ def published_runs(repository: Path) -> list[dict[str, Any]]:
 
 def _published_run(version_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
     training, evaluation = _section(card, "training"), _section(card, "evaluation")
-    # A compressed version is measured on the artifact that serves it (LiteRT).
+    # A compressed version is measured on the artifact that serves it (LiteRT), a trained
+    # one on TensorFlow: the runtime goes with the figure (side by side in one column, an
+    # int8 copy read 7x faster than its source, where on one runtime it was 2x slower).
+    runtime = "TF" if evaluation.get("latency_tensorflow") else "LiteRT"
     timed = evaluation.get("latency_tensorflow") or evaluation.get("latency_litert") or {}
     latency = timed.get("batch_1", {}).get("p50_ms")
     hyper = _flatten(training)
@@ -155,6 +158,7 @@ def _published_run(version_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
         "macro_f1": evaluation.get("macro_f1"),
         "map": _map(evaluation),
         "latency_ms": latency,
+        "latency_runtime": runtime if latency is not None else None,
         "size_mb": round(_dir_mb(version_dir), 2),
         "metric_split": "test",
         "per_class_f1": {k: v["f1"] for k, v in evaluation.get("per_class", {}).items()},
@@ -221,6 +225,7 @@ def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
                 "macro_f1": None,
                 "map": None,
                 "latency_ms": None,
+                "latency_runtime": None,
                 "size_mb": None,
                 "metric_split": "validation",
                 "per_class_f1": {},
@@ -241,6 +246,13 @@ def differences(run: dict[str, Any], best: dict[str, Any]) -> str:
         f"{k}={run['hyper'].get(k)}" for k in keys if run["hyper"].get(k) != best["hyper"].get(k)
     ]
     return ", ".join(changed) if changed else "—"
+
+
+def _latency(run: dict[str, Any]) -> str:
+    """Batch-1 p50 and the runtime it was timed on: figures of two runtimes do not compare."""
+    if run["latency_ms"] is None:
+        return "—"
+    return f"{run['latency_ms']:.2f} ({run['latency_runtime']})"
 
 
 def _cell(value: Any, pattern: str = "{:.4f}") -> str:
@@ -366,7 +378,7 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
                 f"| {r['run']}{'' if r['published'] else ' (validation)'} | {r['architecture']} "
                 f"| {_cell(r['parameters'], '{:,}')} | {r['sources']} | {_cell(r['accuracy'])} "
                 f"| {_cell(r['macro_f1'])} | {_cell(r['map'])} "
-                f"| {_cell(r['latency_ms'], '{:.2f}')} | {_cell(r['size_mb'], '{:.1f}')} "
+                f"| {_latency(r)} | {_cell(r['size_mb'], '{:.1f}')} "
                 f"| {differences(r, head)} |"
             )
     lines += [

@@ -115,7 +115,10 @@ def test_experiments_compares_versions_and_unpublished_runs(trained: Path) -> No
     assert runs["work/unpublished"]["accuracy"] == 0.5
     assert runs["tiny/1"]["sources"] == "shop + street (class map) (relabelled)"
     assert runs["tiny/1"]["size_mb"] > 0 and runs["tiny/1"]["latency_ms"] > 0
+    # The runtime it was timed on goes with it: TF and LiteRT figures do not compare.
+    assert runs["tiny/1"]["latency_runtime"] == "TF"
     report = (out / "report.md").read_text()
+    assert f"| {runs['tiny/1']['latency_ms']:.2f} (TF) |" in report
     assert "| tiny/1 |" in report and "| work/unpublished (validation) |" in report
     assert "on 2 different test sets" in report
     assert "## Test set 1: " in report and "## Test set 2: " in report
