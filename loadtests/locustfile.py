@@ -162,9 +162,8 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc]
 
 @events.init.add_listener
 def _prepare(environment: Environment, **_: Any) -> None:
-    """Before the load starts, so no user stalls the others: build the payloads (in
-    each process that runs users), and import the TF Serving stubs, which pull in
-    TensorFlow (seconds), only when gRPC users will run."""
+    """Before the load starts, so no user stalls the others: the host without a trailing
+    slash, and the payloads built (in each process that runs users)."""
     if environment.host:  # "http://gw:8000/" made every path "//v1/classify"
         environment.host = environment.host.rstrip("/")
         for cls in environment.user_classes:
@@ -292,6 +291,9 @@ def _errors(environment: Environment) -> tuple[str, ...]:
         first = next(iter(exceptions.values()))["msg"]
         errors.append(f"{raised} task errors (first: {first[:120]})")
     made = {e.method for e in environment.stats.entries.values() if e.num_requests}
+    users = getattr(environment.parsed_options, "num_users", None) or 0
+    if users < len(environment.user_classes):
+        return tuple(errors)  # fewer users than kinds: locust starts only some kinds
     for cls in environment.user_classes:
         kind = _REQUEST_TYPES.get(cls.__name__)
         if kind is not None and kind not in made:

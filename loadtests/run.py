@@ -108,6 +108,12 @@ def local_server(repository: str) -> Iterator[tuple[str, str]]:
             stop(process)
 
 
+def default_grpc_host(url: str) -> str:
+    """The REST URL's host on TF Serving's gRPC port (an IPv6 address in brackets)."""
+    name = urlsplit(url).hostname or "127.0.0.1"
+    return f"[{name}]:8500" if ":" in name else f"{name}:8500"
+
+
 class ServerFailed(Exception):
     """The local server did not become ready; its log's last lines say why."""
 
@@ -173,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.host:
         host = args.host.rstrip("/")
-        grpc_host = args.grpc_host or f"{urlsplit(host).netloc.rsplit(':', 1)[0]}:8500"
+        grpc_host = args.grpc_host or default_grpc_host(host)
         return subprocess.call(locust_command(args, host, grpc_host), env=env)
     try:
         with local_server(args.model_repository) as (host, grpc_host):

@@ -236,7 +236,12 @@ def add_verify(
     p.add_argument(
         "--data-dir", type=Path, default=settings.fashion_mnist_dir, help="Fashion-MNIST IDX folder"
     )
-    p.add_argument("--limit", type=at_least(0), default=0, help="the first N images (0 = all)")
+    p.add_argument(
+        "--limit",
+        type=at_least(0),
+        default=0,
+        help="N images (0 = all): Fashion-MNIST's first, a folder's a stratified sample",
+    )
     p.add_argument(
         "--model-repository",
         type=Path,

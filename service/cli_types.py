@@ -32,7 +32,9 @@ def say_defaults(parser: argparse.ArgumentParser) -> None:
         elif (
             action.option_strings
             and action.help is None
-            and action.default not in (None, False, argparse.SUPPRESS)
+            and action.default is not None
+            and action.default is not False  # a flag's; 0 (== False) is a default to say
+            and action.default is not argparse.SUPPRESS
         ):
             action.help = "(default: %(default)s)"
 

@@ -82,7 +82,8 @@ REQUEST_DURATION = Histogram(
 STAGE_DURATION = Histogram(
     "cnnserve_stage_duration_seconds",
     "Latency of one stage of a request: decode, queue_wait, inference, encode. "
-    "One observation per request, so the stage means add up to the request mean.",
+    "One observation per answered request, so the stage means add up to the request mean "
+    "(a request whose deadline passed in the queue has no queue_wait or inference).",
     ["model", "stage"],
     buckets=LATENCY_BUCKETS,
 )

@@ -23,9 +23,12 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from service import metrics
 from service.errors import ClientClosedRequest, CnnserveError, Unavailable
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -119,6 +122,17 @@ def note_timings(timings: Mapping[str, float]) -> None:
     record = _current.get()
     if record is not None:
         record.timings.update(timings)
+
+
+def timed_encode(model: str, build: Callable[[], T]) -> tuple[T, float]:
+    """Build an answer (REST's JSON, gRPC's message), timed as the request's encode
+    stage: in the metrics and the access log; the seconds for Server-Timing."""
+    started = time.perf_counter()
+    answer = build()
+    seconds = time.perf_counter() - started
+    metrics.observe_stage(model, "encode", seconds)
+    note_timings({"encode": seconds})
+    return answer, seconds
 
 
 def finish(record: RequestRecord, code: int | str) -> None:

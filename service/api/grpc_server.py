@@ -86,10 +86,12 @@ def _address(host: str, port: int) -> str:
 
 def call_cap(settings: Settings) -> int:
     """gRPC's cap on calls in progress in a worker: the calls admission admits, the
-    refused ones waiting their turn (at most MAX_REFUSAL_WAIT_SECONDS of the refusal
-    pace; at least as many as admitted) and the health Watches. Twice the limit, as it
+    refused ones waiting their turn at the refusal pace (MAX_REFUSAL_WAIT_SECONDS of
+    it; at least as many as admitted) and the health Watches. Twice the limit, as it
     was, let gRPC's core refuse most refusals itself when the limit was set low (a limit
-    of 2: 222 of 231 RESOURCE_EXHAUSTED in no metric)."""
+    of 2: 222 of 231 RESOURCE_EXHAUSTED in no metric). More calls than this spinning on
+    one worker (each waits up to the 2 s cap, however many) still meet the core's
+    refusal, uncounted: a client fleet of that size needs more workers or replicas."""
     admitted = settings.max_concurrent_requests
     waiting = math.ceil(settings.max_refusals_per_second * MAX_REFUSAL_WAIT_SECONDS)
     return admitted + max(admitted, waiting) + settings.max_health_watches
@@ -109,7 +111,7 @@ async def start_grpc(
     gRPC's own cap on calls in progress is only a backstop on what calls hold: it counts
     health checks and refused calls waiting for their turn too, and refuses beyond it in
     its core (RESOURCE_EXHAUSTED, a health check included), where cnnserve neither sees
-    nor counts them: :func:`call_cap` leaves room for all that admission lets in."""
+    nor counts them: :func:`call_cap` leaves room for what admission holds at its pace."""
     if not settings.grpc_port:
         return None
     interceptors: list[Any] = (

@@ -11,14 +11,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2
 
-from service import metrics
 from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id, end_call, error_trailers
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
@@ -36,7 +34,7 @@ from service.proto_gen.tensorflow_serving.apis import (
     model_management_pb2,
     predict_pb2,
 )
-from service.requestlog import RequestRecord, note_timings, recorded
+from service.requestlog import RequestRecord, recorded, timed_encode
 from service.tfserving_proto import (
     config_text,
     declared_images,
@@ -49,19 +47,15 @@ from service.tfserving_proto import (
 
 log = logging.getLogger(__name__)
 
+
 R = TypeVar("R")
 
 
 def encoded(model: str, build: Callable[[], R]) -> R:
-    """Build an answer's message, timed as the encode stage (metrics and the access
-    log), as REST's encoded_response times its JSON: gRPC answers had no encode stage,
+    """Build an answer's message, timed as the encode stage as REST's JSON is (gRPC
+    serialises it afterwards, in its core: not timed). gRPC answers had no encode stage,
     and the stage means stopped adding up once any gRPC traffic was served."""
-    started = time.perf_counter()
-    message = build()
-    seconds = time.perf_counter() - started
-    metrics.observe_stage(model, "encode", seconds)
-    note_timings({"encode": seconds})
-    return message
+    return timed_encode(model, build)[0]
 
 
 S = TypeVar("S", bound="_Adapter")

@@ -9,7 +9,6 @@ import base64
 import json
 import logging
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,8 +49,8 @@ from service.requestlog import (
     RequestRecord,
     client_request_id,
     finish,
-    note_timings,
     recording,
+    timed_encode,
 )
 
 log = logging.getLogger(__name__)
@@ -501,11 +500,9 @@ def encoded_response(
     """Build and serialise an answer (its pydantic model, the type /openapi.json shows),
     timed as the encode stage (metrics, access log and the Server-Timing header, beside
     the data plane's stages)."""
-    started = time.perf_counter()
-    response = Response(build().model_dump_json(exclude_none=True), media_type=JSON)
-    encode = time.perf_counter() - started
-    metrics.observe_stage(model, "encode", encode)
-    note_timings({"encode": encode})
+    response, encode = timed_encode(
+        model, lambda: Response(build().model_dump_json(exclude_none=True), media_type=JSON)
+    )
     response.headers["Server-Timing"] = server_timing({**timings, "encode": encode})
     return response
 

@@ -100,8 +100,13 @@ class TrainConfig:
     extra_datasets: tuple[str, ...] = ()
     class_map: Path | None = None
     relabel: Path | None = None
-    limit: int = 0  # use only the first N training images (quick runs); 0 = all
+    limit: int = 0  # use N training images, a stratified sample (quick runs); 0 = all
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        # SGD and Adam take no decoupled decay: recorded as 0, what they apply.
+        if self.optimizer in ("sgd", "adam") and self.weight_decay:
+            object.__setattr__(self, "weight_decay", 0.0)
 
     @property
     def datasets(self) -> tuple[str, ...]:
@@ -123,13 +128,17 @@ class TrainConfig:
 
     def fingerprint(self) -> str:
         card = self.to_card()
-        for key in _ADDED_LATER:  # at their defaults they leave older fingerprints unchanged
-            if card[key] == _ADDED_LATER[key]:
+        for key in ADDED_LATER:  # at their defaults they leave older fingerprints unchanged
+            if card[key] == ADDED_LATER[key]:
                 del card[key]
+        if self.optimizer == "radam" and self.weight_decay:
+            # RAdam applies its decay since 12-04: a finished fit from before (none
+            # applied) is another run, not one to reuse under a card that says it was.
+            card["radam_decay"] = "decoupled"
         return hashlib.sha256(json.dumps(card, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_ADDED_LATER: dict[str, Any] = {
+ADDED_LATER: dict[str, Any] = {
     "class_weight": "none",
     "extra_datasets": [],
     "class_map": None,

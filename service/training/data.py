@@ -115,7 +115,7 @@ class ImageSet:
         )
 
     def sample(self, limit: int, seed: int) -> ImageSet:
-        """``limit`` images drawn at random from every class in proportion
+        """``limit`` images drawn at random, each class in proportion
         (:func:`stratified`), or all of them: the first N of a folder dataset, read class
         by class, were one or two classes."""
         if not limit or limit >= len(self):
@@ -579,9 +579,10 @@ def oversample(labels: Labels, seed: int) -> npt.NDArray[np.int64]:
 
 def stratified(labels: npt.NDArray[np.generic], limit: int, seed: int) -> npt.NDArray[np.int64]:
     """Indices of ``limit`` items drawn at random, each class in proportion to its size
-    (a plain random draw of 9 from 3 classes of 12 left one out), in their order; the
-    same for the same seed. Each class's items are shuffled and spread evenly over
-    [0, 1); the ``limit`` lowest positions are kept."""
+    (a plain random draw of 9 from 3 classes of 12 left one out; a class whose share is
+    under one item may still be left out), in their order; the same for the same seed.
+    Each class's items are shuffled and spread evenly over [0, 1); the ``limit`` lowest
+    positions are kept."""
     rng = np.random.default_rng(seed)
     position = np.empty(len(labels))
     for value in np.unique(labels):

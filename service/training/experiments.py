@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 
 from service.errors import DatasetError, ModelLoadError
 from service.repository import load_card
+from service.training.config import ADDED_LATER
 
 log = logging.getLogger(__name__)
 
@@ -238,14 +239,19 @@ def work_runs(work_dir: Path, published: set[str]) -> list[dict[str, Any]]:
 
 
 def differences(run: dict[str, Any], best: dict[str, Any]) -> str:
-    """The settings a run sets otherwise than the best run. A setting one of them does not
-    record (a card written before it existed) is left out: its value then is unknown, and
-    it read as a difference (class_weight=none beside the default model's card)."""
-    keys = sorted(set(run["hyper"]) & set(best["hyper"]))
-    changed = [
-        f"{k}={run['hyper'].get(k)}" for k in keys if run["hyper"].get(k) != best["hyper"].get(k)
-    ]
+    """The settings a run sets otherwise than the best run. A setting a card written before
+    it existed lacks had the value it had then (config.ADDED_LATER: class_weight=none
+    beside the default model's card was no difference); one neither explains is unknown,
+    left out."""
+    ran, top = _with_later(run["hyper"]), _with_later(best["hyper"])
+    keys = sorted(set(ran) & set(top))
+    changed = [f"{k}={ran[k]}" for k in keys if ran[k] != top[k]]
     return ", ".join(changed) if changed else "—"
+
+
+def _with_later(hyper: dict[str, Any]) -> dict[str, Any]:
+    """A run's settings with those added since its card was written, at their values then."""
+    return {**ADDED_LATER, **hyper}
 
 
 def _latency(run: dict[str, Any]) -> str:

@@ -295,8 +295,9 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
     channel's first RESOURCE_EXHAUSTED comes at once with the refusal bucket spent, a
     channel retrying at once waits its turn, and more refused calls wait than the
     worker has places without gRPC's own cap refusing them (or a health check)."""
-    # Fast enough that the middle retry's turn comes within MAX_REFUSAL_WAIT_SECONDS
-    # (with the first answers' owed tokens ahead of it: (8 + 9) / 8 s, capped at 2).
+    # Fast enough that the bound on the middle retry, (half - 1) / rate = 1.125 s, stays
+    # under MAX_REFUSAL_WAIT_SECONDS (2 s): behind the first answers' owed tokens the
+    # later retries reach that cap, which still waits longer than the bound.
     rate = 8.0
     places = 16  # gRPC's own cap (call_cap) is far above the 20 calls
     channels = 20

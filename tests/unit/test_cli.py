@@ -501,7 +501,7 @@ def test_every_option_with_a_default_says_it_in_help(capsys: pytest.CaptureFixtu
     silent = [
         name
         for name, action in options(parser)
-        if action.default not in (None, False, argparse.SUPPRESS) and not action.help
+        if action.default is not None and action.default is not False and not action.help
     ]
     assert not silent, silent
     with pytest.raises(SystemExit):

@@ -37,7 +37,7 @@ def test_one_stream_is_refused_for_the_watch_beside_it() -> None:
         Settings(max_concurrent_requests=2, max_refusals_per_second=0),
     ],
 )
-def test_grpcs_own_cap_is_above_all_that_admission_lets_in(settings: Settings) -> None:
+def test_grpcs_own_cap_is_above_what_admission_holds_at_its_pace(settings: Settings) -> None:
     """Calls admitted, refusals waiting their turn (at most MAX_REFUSAL_WAIT_SECONDS of
     the pace) and health Watches all fit below gRPC's core cap, so its uncounted
     RESOURCE_EXHAUSTED is only a backstop (at twice a limit of 2, it answered most)."""

@@ -86,3 +86,20 @@ def test_train_gives_radam_the_decay_its_card_records() -> None:
     weights = keras.Variable(np.ones(3, np.float32))
     optimizer.apply([keras.ops.zeros(3)], [weights])  # no gradient: only the decay moves it
     assert np.all(keras.ops.convert_to_numpy(weights) < 1.0)
+
+
+def test_a_radam_fit_from_before_its_decay_is_not_reused() -> None:
+    """Finished fits are found by the config's fingerprint: a radam run trained before
+    the decay was applied must not be published under a card that says it was."""
+    import hashlib
+    import json
+
+    from service.training.config import ADDED_LATER, TrainConfig
+
+    cfg = TrainConfig(optimizer="radam", weight_decay=1e-4)
+    before = {k: v for k, v in cfg.to_card().items() if ADDED_LATER.get(k, object()) != v}
+    old = hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    assert cfg.fingerprint() != old
+    # SGD and Adam apply no decoupled decay: recorded as 0.
+    assert TrainConfig(optimizer="sgd", weight_decay=1e-4).weight_decay == 0.0
+    assert TrainConfig(optimizer="adamw", weight_decay=1e-4).weight_decay == 1e-4
