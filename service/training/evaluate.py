@@ -295,7 +295,7 @@ def class_mismatch(model: list[str], data: list[str]) -> str:
     return "; ".join(told)
 
 
-def served_predict(version_dir: Path, card: dict[str, Any]) -> Predict:
+def served_predict(version_dir: Path, card: dict[str, Any]) -> tuple[Predict, str]:
     """What the embedded gateway serves a version with: its quantized LiteRT artifact
     when it ships one (an int8 version keeps its source's float SavedModel beside it:
     that was scored, the source's figures reported as the int8 version's), else the
@@ -303,16 +303,16 @@ def served_predict(version_dir: Path, card: dict[str, Any]) -> Predict:
     export)."""
     from service.runtimes.card import FLOAT_PRECISION, artifact_precision, verified_litert
 
-    if artifact_precision(card) == FLOAT_PRECISION:
-        return load_signature(version_dir)
+    precision = artifact_precision(card)
+    if precision == FLOAT_PRECISION:
+        return load_signature(version_dir), "tensorflow"
     try:
         path = verified_litert(version_dir, card)
     except ModelLoadError as exc:  # the gateway refuses it: say so, score nothing
         raise DatasetError(exc.message) from None
     assert path is not None  # a quantized record always names its file
-    log.info("scoring %s's %s LiteRT artifact (what the gateway serves)", version_dir,
-             artifact_precision(card))  # fmt: skip
-    return litert_predict(path.read_bytes())
+    log.info("scoring %s's %s LiteRT artifact (what the gateway serves)", version_dir, precision)
+    return litert_predict(path.read_bytes()), f"litert {precision}"
 
 
 def evaluate_version(
@@ -344,8 +344,9 @@ def evaluate_version(
             f"the test data's classes differ from {version_dir}'s (its card's labels): "
             f"{problem}; give --data-dir a folder of exactly the classes it was trained on"
         )
-    predict = served_predict(version_dir, card)
+    predict, runtime = served_predict(version_dir, card)
     report, _ = evaluate_predictions(predict, splits.test, spec)
+    report["runtime"] = runtime  # what was scored and timed
     report["test_split_sha256"] = splits.test.fingerprint()
     report["test_split_matches_card"] = report["test_split_sha256"] == card.get("dataset", {}).get(
         "test_sha256"

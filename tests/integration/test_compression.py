@@ -125,6 +125,7 @@ def test_evaluate_scores_the_quantized_artifact_the_gateway_serves(
     assert main(["evaluate", str(int8_version), "--latency-runs", "2"]) == 0
     report = json.loads(capsys.readouterr().out)
     measured = card(int8_version)["evaluation"]  # compress measured the int8 artifact
+    assert report["runtime"] == "litert int8"
     assert report["test_split_matches_card"] is True
     # Every figure as measured on the artifact (mAP shows int8's coarser score steps).
     shared = sorted(k for k, v in measured.items() if isinstance(v, float) and k in report)
