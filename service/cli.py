@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Literal, NoReturn, get_args, get_origin
 
@@ -159,23 +160,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(settings).parse_args(argv)
     args.argv = argv
     setup_logging(verbose=args.verbose)
+    interrupt = _Interrupt(args.command)
     if own_process and args.command != "serve":  # serve has its own graceful SIGTERM
         # A SIGTERM (a CI runner's, `timeout`'s) stops as Ctrl-C does: temporary folders
         # removed and one line, where it killed the process and left them behind.
-        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
     try:
         return int(args.handler(args, settings))
     except KeyboardInterrupt:
-        after = _AFTER_INTERRUPT.get(args.command)
-        print(
-            f"cnnserve {args.command}: interrupted" + (f"; {after}" if after else ""),
-            file=sys.stderr,
-        )
         if own_process:
             # Freeing an interrupted fit's tf.data iterators deadlocks in TF (a prefetch
-            # thread pool's teardown): train printed the line above and hung for good.
+            # thread pool's teardown): train printed the line and hung for good.
             # Everything to clean up has been (the with-blocks ran on the way here).
-            _exit_now(130)
+            interrupt.exit()
+        print(_interrupted(args.command), file=sys.stderr)
         return 130
     except DatasetError as exc:
         print(f"cnnserve: {exc.message}", file=sys.stderr)
@@ -192,8 +191,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _OS_ERROR_EXIT.get(args.command, 1)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _interrupted(command: str) -> str:
+    after = _AFTER_INTERRUPT.get(command)
+    return f"cnnserve {command}: interrupted" + (f"; {after}" if after else "")
+
+
+# Seconds an interrupted command may take to unwind (its with-blocks remove temporary
+# folders) before it exits all the same.
+UNWIND_SECONDS = 5.0
+
+
+class _Interrupt:
+    """SIGINT and SIGTERM of an offline command: KeyboardInterrupt, so the with-blocks
+    on the way out remove what they made, then exit 130 with one line. Unwinding may
+    free an interrupted fit's tf.data iterators, which can deadlock in TF's teardown (a
+    SIGTERM half an epoch in hung CI for a minute): a timer exits anyway after
+    :data:`UNWIND_SECONDS`."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        self._once = threading.Lock()
+
+    def __call__(self, signum: int, frame: object) -> None:
+        timer = threading.Timer(UNWIND_SECONDS, self.exit)
+        timer.daemon = True
+        timer.start()
+        raise KeyboardInterrupt
+
+    def exit(self) -> NoReturn:
+        self._once.acquire()  # the timer and the unwound main thread: one line, one exit
+        print(_interrupted(self.command), file=sys.stderr)
+        _exit_now(130)
 
 
 def _exit_now(code: int) -> NoReturn:

@@ -4,6 +4,7 @@ import argparse
 import json
 import logging
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -524,3 +525,36 @@ def test_train_refuses_settings_it_would_not_apply_as_recorded(
     card said they did); --balance with balanced class weights evened the classes twice."""
     code = main(["train", "--repository", str(tmp_path / "repo"), *argv])
     assert code == 2 and words in capsys.readouterr().err
+
+
+def test_an_interrupted_command_whose_unwinding_hangs_exits_all_the_same() -> None:
+    """Unwinding an interrupted fit can deadlock in TF's teardown of its tf.data
+    iterators (a SIGTERM hung a CI run for a minute): the handler's timer exits 130 with
+    the command's one line however the unwinding goes."""
+    script = (
+        "import signal, threading, time\n"
+        "from service.cli import _Interrupt\n"
+        "signal.signal(signal.SIGTERM, _Interrupt('train'))\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        "    lock = threading.Lock()\n"
+        "    lock.acquire()\n"
+        "    lock.acquire()  # a teardown that never returns\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[2],
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 130
+    finally:
+        process.kill()
+    assert process.stderr is not None
+    assert process.stderr.read().strip().splitlines()[-1].startswith("cnnserve train: interrupted")
