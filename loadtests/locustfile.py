@@ -121,9 +121,23 @@ class RestUser(FastHttpUser):
             # a block that raises (a refused connection, no answer, has no text).
             if response.status_code != 200:
                 detail = (response.text or "")[:200] or repr(response.error)
+                if _timed_out(response.error):
+                    detail = f"{TIMED_OUT} ({detail})"
                 response.failure(f"HTTP {response.status_code}: {detail}")
             elif not _has_predictions(response.text):
                 response.failure("answer has no predictions")
+
+
+# In a failure's message: the request had no answer within --request-timeout. A hung
+# server makes few such failures (one per user per timeout) beside many answers before
+# it hung, so the failure ratio alone passed it: any of them fails the run.
+TIMED_OUT = "no answer within --request-timeout"
+
+
+def _timed_out(error: object) -> bool:
+    # geventhttpclient wraps it: RetriesExceeded(..., original=timed out).
+    named = isinstance(error, TimeoutError) or "timeout" in type(error).__name__.lower()
+    return named or "timed out" in str(error)
 
 
 def _has_predictions(text: str | None) -> bool:
@@ -237,7 +251,7 @@ def _channel(options: Any) -> grpc.Channel:
     """This user's own connection (a local subchannel pool: channels to one target
     otherwise share one), plain or TLS."""
     settings = [("grpc.use_local_subchannel_pool", 1)]
-    if not options.grpc_tls:
+    if not (options.grpc_tls or options.grpc_ca):  # a CA is for TLS: it implies it
         return grpc.insecure_channel(options.grpc_host, options=settings)
     ca = Path(options.grpc_ca).read_bytes() if options.grpc_ca else None
     credentials = grpc.ssl_channel_credentials(root_certificates=ca)
@@ -290,12 +304,22 @@ def _errors(environment: Environment) -> tuple[str, ...]:
     if raised:
         first = next(iter(exceptions.values()))["msg"]
         errors.append(f"{raised} task errors (first: {first[:120]})")
-    made = {e.method for e in environment.stats.entries.values() if e.num_requests}
+    timeouts = sum(
+        e.occurrences
+        for e in environment.stats.errors.values()
+        if TIMED_OUT in str(e.error) or "DEADLINE_EXCEEDED" in str(e.error)
+    )
+    if timeouts:
+        seconds = environment.parsed_options.request_timeout
+        errors.append(f"{timeouts} requests had no answer within {seconds:g} s (a hung server?)")
+    answered = {
+        e.method for e in environment.stats.entries.values() if e.num_requests > e.num_failures
+    }
     users = getattr(environment.parsed_options, "num_users", None) or 0
-    if users < len(environment.user_classes):
-        return tuple(errors)  # fewer users than kinds: locust starts only some kinds
+    if users < len(environment.user_classes):  # locust starts only some kinds
+        errors.append(f"{users} users cannot run {len(environment.user_classes)} kinds of user")
     for cls in environment.user_classes:
         kind = _REQUEST_TYPES.get(cls.__name__)
-        if kind is not None and kind not in made:
-            errors.append(f"{cls.__name__} made no request")
+        if kind is not None and kind not in answered:
+            errors.append(f"{cls.__name__} had no successful answer")
     return tuple(errors)

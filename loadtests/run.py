@@ -11,15 +11,17 @@ not; 2 for options it cannot use. CSV and HTML reports and the verdict
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from payloads import ENCODINGS, IMAGE_KINDS, parse_mix
 from thresholds import bound, ratio
 
 HERE = Path(__file__).resolve().parent
@@ -31,16 +33,61 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _flag(name: str) -> bool:
+    return _env(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _count(text: str) -> int:
+    """A whole number >= 1 (USERS, PROCESSES: argparse's message, not a traceback)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 1 or more")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A request timeout: a finite number of seconds above 0 (0 waited for good)."""
+    value = bound(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give seconds above 0")
+    return value
+
+
+def _mix(allowed: tuple[str, ...]) -> Callable[[str], str]:
+    def checked(text: str) -> str:
+        if text:
+            try:
+                parse_mix(text, allowed)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return checked
+
+
+def _url(text: str) -> str:
+    """HOST: empty (start a server) or an http(s):// URL with a host."""
+    if text and (urlsplit(text).scheme not in ("http", "https") or not urlsplit(text).hostname):
+        raise argparse.ArgumentTypeError(f"{text!r}: give http://host:port or https://host:port")
+    return text
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--host", default=_env("HOST", ""), help="REST base URL (HOST); empty = start a server"
+        "--host",
+        type=_url,
+        default=_env("HOST", ""),
+        help="REST base URL (HOST); empty = start a server",
     )
     p.add_argument(
         "--grpc-host", default=_env("GRPC_HOST", ""), help="gRPC host:port (default HOST's, :8500)"
     )
     p.add_argument("--protocol", choices=sorted(USER_CLASSES), default=_env("PROTOCOL", "rest"))
-    p.add_argument("--users", type=int, default=int(_env("USERS", "32")))
+    p.add_argument("--users", type=_count, default=_env("USERS", "32"))
     p.add_argument("--spawn-rate", type=float, default=float(_env("SPAWN_RATE", "8")))
     p.add_argument("--duration", default=_env("DURATION", "30s"))
     p.add_argument(
@@ -65,24 +112,35 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--grpc-tls",
         action="store_true",
-        default=_env("GRPC_TLS", "") not in ("", "0", "false"),
-        help="TLS on the gRPC port (GRPC_TLS)",
+        default=_flag("GRPC_TLS"),
+        help="TLS on the gRPC port (GRPC_TLS; REST follows HOST's https://, its "
+        "certificate not checked)",
     )
-    p.add_argument("--grpc-ca", default=_env("GRPC_CA", ""), help="CA file for --grpc-tls")
+    p.add_argument(
+        "--grpc-ca", default=_env("GRPC_CA", ""), help="CA file for the gRPC port (implies TLS)"
+    )
     p.add_argument(
         "--request-timeout",
-        type=bound,
+        type=_seconds,
         default=_env("REQUEST_TIMEOUT", "8"),
         help="seconds a request may take before it counts as failed (REQUEST_TIMEOUT)",
     )
-    p.add_argument("--processes", type=int, default=int(_env("PROCESSES", "1")))
-    p.add_argument("--image-mix", default=_env("IMAGE_MIX", ""), help="see payloads.py")
-    p.add_argument("--encoding-mix", default=_env("ENCODING_MIX", ""), help="see payloads.py")
+    p.add_argument("--processes", type=_count, default=_env("PROCESSES", "1"))
+    p.add_argument(
+        "--image-mix", type=_mix(IMAGE_KINDS), default=_env("IMAGE_MIX", ""), help="payloads.py"
+    )
+    p.add_argument(
+        "--encoding-mix", type=_mix(ENCODINGS), default=_env("ENCODING_MIX", ""), help="payloads.py"
+    )
     p.add_argument("--model", default=_env("MODEL", "fashion_mnist"))
     p.add_argument("--model-repository", default=_env("MODEL_REPOSITORY", "model_repository"))
     p.add_argument("--reports", type=Path, default=HERE / "reports", help="CSV and HTML here")
     p.add_argument("extra", nargs="*", help="more locust options (after --)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.protocol == "mixed" and args.users < len(USER_CLASSES["mixed"]):
+        p.error("--protocol mixed runs two kinds of user: give --users 2 or more")
+    args.grpc_tls = args.grpc_tls or bool(args.grpc_ca)
+    return args
 
 
 @contextmanager
@@ -154,7 +212,9 @@ def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[
         f"{prefix}.html",
         "--only-summary",
         "--stop-timeout",
-        "10",
+        # Room for the requests in flight at the end to time out, recorded as failures
+        # (killed at the stop, a hung server's last requests were never counted).
+        f"{max(10.0, args.request_timeout + 2):g}",
     ]
     for option, value in (
         ("--image-mix", args.image_mix),
@@ -173,6 +233,10 @@ def locust_command(args: argparse.Namespace, host: str, grpc_host: str) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    # An earlier run's verdict must not stand for this one, which may reach none.
+    args.reports.mkdir(parents=True, exist_ok=True)
+    verdict = args.reports / f"locust-{args.protocol}_verdict.json"
+    verdict.unlink(missing_ok=True)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -187,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServerFailed as exc:
         message, tail = exc.args
         sys.stderr.write("loadtest FAILED: " + "\n  ".join([message, *tail]) + "\n")
+        verdict.write_text(json.dumps({"passed": False, "reason": message}, indent=2))
         return 1
 
 

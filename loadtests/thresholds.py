@@ -58,6 +58,8 @@ def verdict(outcome: Outcome, bounds: Thresholds) -> str | None:
     broken = []
     if outcome.requests == 0:
         broken.append("no request completed")
+    elif outcome.fail_ratio >= 1:  # a ratio bound of 1 passed it
+        broken.append("no successful answer")
     broken.extend(outcome.errors)
     if bounds.target_rps and outcome.rps < bounds.target_rps:
         broken.append(f"{outcome.rps:.1f} req/s < TARGET_RPS {bounds.target_rps:g}")

@@ -41,7 +41,10 @@ RUNNER_VARIABLES = frozenset(
 
 
 def load_module(name: str) -> ModuleType:
-    """loadtests/<name>.py as a module (registered under ``loadtests_<name>``)."""
+    """loadtests/<name>.py as a module (registered under ``loadtests_<name>``); its
+    folder on sys.path, as locust puts it, for the neighbours it imports by name."""
+    if str(LOADTESTS) not in sys.path:
+        sys.path.append(str(LOADTESTS))
     spec = importlib.util.spec_from_file_location(f"loadtests_{name}", LOADTESTS / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

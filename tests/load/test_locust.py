@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.launch import free_port
 from tests.helpers.loadtests import run_loadtest
-from tests.helpers.server import Server
+from tests.helpers.server import Server, eventually, workers_of
 
 pytestmark = [pytest.mark.load, pytest.mark.slow]
 
@@ -110,7 +114,44 @@ def test_a_bound_that_means_nothing_is_refused(option: tuple[str, str]) -> None:
 
 
 def test_a_local_server_that_does_not_start_says_why(tmp_path: Path) -> None:
-    result = run_loadtest("--model-repository", str(tmp_path / "nowhere"), timeout=120)
+    earlier = tmp_path / "locust-rest_verdict.json"
+    earlier.write_text('{"passed": true}')  # an earlier run's: it must not stand
+    result = run_loadtest(
+        "--model-repository", str(tmp_path / "nowhere"), "--reports", str(tmp_path), timeout=120
+    )
     assert result.returncode == 1, result.stderr[-3000:]
+    assert json.loads(earlier.read_text())["passed"] is False
     assert "the local server did not start" in result.stderr
     assert "models.config" in result.stderr  # the server's own reason
+
+
+def test_a_server_that_hangs_midway_fails_the_run(
+    tiny_repo: Path, start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """Its answers before it hung kept the failure ratio low (one timeout per user per
+    REQUEST_TIMEOUT): any request without an answer in time fails the run."""
+    server = start_server(tiny_repo)
+    frozen: list[int] = []
+
+    def freeze_once_answering() -> None:
+        eventually(lambda: 'route="/v1/classify"' in httpx.get(server.url + "/metrics").text)
+        for pid in [server.process.pid, *workers_of(server)]:
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+
+    freezer = threading.Thread(target=freeze_once_answering)
+    freezer.start()
+    try:
+        result = run_loadtest(
+            *("--host", server.url, "--model", "tiny", "--users", "2", "--spawn-rate", "2"),
+            *("--duration", "6s", "--request-timeout", "1", "--max-fail-ratio", "0.5"),
+            *("--reports", str(tmp_path)),
+        )
+    finally:
+        freezer.join(timeout=60)
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    assert frozen, "the server never answered"
+    assert result.returncode == 1, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if "loadtest FAILED" in line]
+    assert "had no answer within 1 s" in line

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.load
 
 thresholds = load_module("thresholds")
 payloads = load_module("payloads")
+run = load_module("run")
 
 
 def outcome(rps: float = 1200, p99: float = 80, fail: float = 0.0, n: int = 1000) -> object:
@@ -71,3 +72,39 @@ def test_a_missing_dataset_is_said_not_silently_replaced(tmp_path: Path) -> None
     with pytest.warns(UserWarning, match="no Fashion-MNIST test images"):
         pool = payloads.build(fashion_count=1, photos=2, directory=tmp_path)
     assert pool["fmnist28"]  # the stand-ins keep the kind in the mix
+
+
+def test_a_run_where_nothing_succeeded_fails_whatever_the_ratio_bound() -> None:
+    outcome = thresholds.Outcome(rps=0.0, p99_ms=3.0, fail_ratio=1.0, requests=11523)
+    reason = thresholds.verdict(outcome, thresholds.Thresholds(max_fail_ratio=1.0))
+    assert reason == "no successful answer"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "words"),
+    [
+        (["--host", "127.0.0.1:8000"], {}, "give http://host:port"),
+        (["--encoding-mix", "raw:1,tfservng:1"], {}, "unknown 'tfservng'"),
+        ([], {"USERS": "abc"}, "not a whole number"),
+        (["--protocol", "mixed", "--users", "1"], {}, "--users 2 or more"),
+        (["--request-timeout", "0"], {}, "above 0"),
+    ],
+)
+def test_options_it_cannot_use_exit_2(
+    argv: list[str], env: dict[str, str], words: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    for name in ("HOST", "USERS", "PROTOCOL", "ENCODING_MIX", "REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        run.parse(argv)
+    assert exited.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_a_grpc_ca_implies_tls(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRPC_TLS", raising=False)
+    assert run.parse(["--grpc-ca", "ca.pem"]).grpc_tls is True
+    monkeypatch.setenv("GRPC_TLS", "No")
+    assert run.parse([]).grpc_tls is False
