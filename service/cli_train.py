@@ -204,15 +204,14 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.optimizer in ("sgd", "adam"):
-        if args.weight_decay:  # the card recorded it; the optimizer never applied it
-            print(
-                f"cnnserve train: --weight-decay is for adamw and radam (decoupled); "
-                f"{args.optimizer} takes none: use --l2, or --optimizer adamw",
-                file=sys.stderr,
-            )
-            return 2
-        args.weight_decay = 0.0
+    # The card recorded it; sgd and adam never applied it (TrainConfig records 0 for them).
+    if args.optimizer in ("sgd", "adam") and args.weight_decay:
+        print(
+            f"cnnserve train: --weight-decay is for adamw and radam (decoupled); "
+            f"{args.optimizer} takes none: use --l2, or --optimizer adamw",
+            file=sys.stderr,
+        )
+        return 2
     from service.preprocessing import PreprocessSpec
     from service.training.config import ArchConfig, AugmentConfig, TrainConfig
     from service.training.train import train

@@ -109,9 +109,9 @@ def card_test_images(card: dict[str, Any], fashion_mnist_dir: Path, limit: int) 
     """The test split the version's card records (what `cnnserve evaluate` scores),
     ``limit`` of its images (0 = all; see :func:`load_images`): Fashion-MNIST's test
     set for a Fashion-MNIST model, the held-out images of the folders a folder-trained
-    one was split from. Fashion-MNIST's images are
-    not of a folder model's classes: its accuracy read "n/a" and its agreement measured
-    the model on images it was never meant to see."""
+    one was split from. Fashion-MNIST's images are not of a folder model's classes: its
+    accuracy read "n/a" and its agreement measured the model on images it was never
+    meant to see."""
     from service.training.evaluate import card_splits
 
     training = card.get("training")

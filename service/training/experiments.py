@@ -147,13 +147,14 @@ def _published_run(version_dir: Path, card: dict[str, Any]) -> dict[str, Any]:
     )
     test_sha = _section(card, "dataset").get("test_sha256")
     data = _data_recipe(training)
+    architecture = _section(card, "architecture")
     return {
         "run": f"{version_dir.parent.name}/{version_dir.name}",
         "test_set": test_sha or f"recipe:{data}",
         "data_recipe": data,
         "published": True,
-        "architecture": _section(card, "architecture").get("name", "?"),
-        "parameters": _section(card, "architecture").get("parameters"),
+        "architecture": architecture.get("name", "?"),
+        "parameters": architecture.get("parameters"),
         "sources": _sources(training),
         "accuracy": evaluation.get("accuracy"),
         "macro_f1": evaluation.get("macro_f1"),

@@ -64,6 +64,14 @@ def add_version(
     return path
 
 
+def serving_one_version(template: Path, tmp_path: Path) -> Path:
+    """A repository whose models.config serves model "m", its version 1 on disk."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, simple_config("m"))
+    return repo
+
+
 def config_entry(name: str, policy: str, labels: dict[str, int] | None = None) -> str:
     label_text = " ".join(
         f'version_labels {{ key: "{k}" value: {v} }}' for k, v in (labels or {}).items()
@@ -328,9 +336,7 @@ def test_resolve_errors_name_what_exists(template: Path, tmp_path: Path) -> None
 def test_hot_reload_keeps_every_request_and_survives_a_broken_version(
     template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    repo = tmp_path / "repo"
-    add_version(repo, "m", 1, template)
-    write_models_config(repo, simple_config("m"))
+    repo = serving_one_version(template, tmp_path)
     factory = CountingFactory()
     registry = Registry(settings(repo, tmp_path), runtime_factory=factory)
     failures: list[str] = []
@@ -466,9 +472,7 @@ def test_a_broken_models_config_is_fatal_at_start(tmp_path: Path) -> None:
 def test_a_deleted_serving_folder_keeps_serving_with_its_metadata_and_is_logged_once(
     template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    repo = tmp_path / "repo"
-    add_version(repo, "m", 1, template)
-    write_models_config(repo, simple_config("m"))
+    repo = serving_one_version(template, tmp_path)
     registry = Registry(settings(repo, tmp_path))
 
     async def scenario() -> None:
@@ -721,9 +725,7 @@ def test_a_version_published_since_the_last_poll_is_not_ready_not_missing(
     """Each worker polls on its own: a client that saw version 2 AVAILABLE (from a
     sibling) and asked this worker for it got 404, which TF Serving's clients take as
     final. A version the policy would not serve is still a 404."""
-    repo = tmp_path / "repo"
-    add_version(repo, "m", 1, template)
-    write_models_config(repo, simple_config("m"))
+    repo = serving_one_version(template, tmp_path)
     registry = Registry(settings(repo, tmp_path))
 
     async def scenario() -> None:
@@ -772,9 +774,7 @@ def test_a_load_that_hangs_times_out_and_later_versions_still_load(
     """Every poll waited for each load: one that never returned (a FIFO in place of a
     card, standing in for a hung network read) held up every later version, of every
     model, with no word, until a restart."""
-    repo = tmp_path / "repo"
-    add_version(repo, "m", 1, template)
-    write_models_config(repo, simple_config("m"))
+    repo = serving_one_version(template, tmp_path)
     factory = HangingFactory()
     patient = settings(repo, tmp_path)
     registry = Registry(patient, runtime_factory=factory)
@@ -814,9 +814,7 @@ def test_an_unreadable_version_is_one_line_and_internal(
     """A version with a file the server may not read (chmod 000, which root ignores:
     hence the factory) was reported UNKNOWN "PermissionError: …" with a 35-line
     traceback, as if cnnserve had a bug; other damaged versions are one line."""
-    repo = tmp_path / "repo"
-    add_version(repo, "m", 1, template)
-    write_models_config(repo, simple_config("m"))
+    repo = serving_one_version(template, tmp_path)
     registry = Registry(settings(repo, tmp_path), runtime_factory=UnreadableFactory())
 
     async def scenario() -> None:
