@@ -81,9 +81,11 @@ bench: install wrk
 	$(VENV)/bin/cnnserve bench $(BENCH_ARGS)
 
 # The overload check (docs/failure-modes.md): wrk alone at 32 connections (capacity), then
-# 4x and 16x with a polite probe, a client retrying at once, readiness polls and memory.
+# 4x and 16x with a polite probe, a client retrying at once, readiness polls and memory;
+# then the same over gRPC (32, 128 and 512 Classify calls in flight, 16 a connection).
 bench-overload: install wrk
 	$(VENV)/bin/cnnserve bench --overload 32,128,512 $(BENCH_ARGS)
+	$(VENV)/bin/cnnserve bench --overload 32,128,512 --protocol grpc $(BENCH_ARGS)
 
 # Locust, headless, with pass/fail thresholds (docs/performance.md). Reads HOST,
 # GRPC_HOST, PROTOCOL (rest|grpc|mixed), USERS, SPAWN_RATE, DURATION, TARGET_RPS,

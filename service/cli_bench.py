@@ -130,9 +130,23 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         help="instead of the sweep, check the overload targets (docs/failure-modes.md): "
         "wrk alone at the first level (capacity), then at each further level with a polite "
         "probe, a client retrying at once, readiness polls and the server's memory beside "
-        "it, e.g. 32,128,512 (writes --output, default reports/overload.json; the photo "
+        "it, e.g. 32,128,512 (writes --output, default reports/overload.json, or "
+        "overload-grpc.json with --protocol grpc; the photo "
         "mix; --workers, --seconds, --warmup-seconds, --url, --server-pid and --version "
         "apply, the sweep's other options do not)",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("rest", "grpc"),
+        default="rest",
+        help="for --overload: grpc sends ImageClassifier Classify calls, a level being "
+        "that many calls in flight, 16 a connection (readiness is polled over REST)",
+    )
+    p.add_argument(
+        "--grpc-target",
+        default=None,
+        metavar="HOST:PORT",
+        help="the --url gateway's gRPC port, for --overload --protocol grpc (plaintext)",
     )
     p.add_argument(
         "--output", type=Path, default=None, help="default reports/bench.json; PNG beside"
@@ -162,6 +176,10 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
     """Why bench cannot run, told before any measurement (they take minutes): an --output
     it cannot write, a key it cannot read, a --url gateway that does not answer it or
     refuses its key; "" when there is none."""
+    if args.protocol == "grpc" and not args.overload:
+        return "--protocol grpc is for --overload (the sweep drives REST with wrk)"
+    if args.protocol == "grpc" and args.url and not args.grpc_target:
+        return "--overload --protocol grpc with --url needs --grpc-target HOST:PORT, its gRPC port"
     output = _output(args)
     if output.is_dir():
         return f"--output {output} is a folder; give the report's file name"
@@ -255,7 +273,12 @@ def _not_configured(repository: Path, model: str, version: int, on_disk: Iterabl
 
 def _output(args: argparse.Namespace) -> Path:
     """Where the report goes (its PNG beside it)."""
-    default = "reports/overload.json" if args.overload else "reports/bench.json"
+    if args.overload:
+        default = (
+            "reports/overload-grpc.json" if args.protocol == "grpc" else "reports/overload.json"
+        )
+    else:
+        default = "reports/bench.json"
     return args.output or Path(default)
 
 
@@ -425,8 +448,10 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
         url=args.url,
         server_pid=args.server_pid,
         version=args.version,
+        protocol=args.protocol,
+        grpc_target=args.grpc_target,
     )
-    print(f"bench --overload {model} on {machine()}", file=sys.stderr)
+    print(f"bench --overload {model} ({args.protocol}) on {machine()}", file=sys.stderr)
     data = {
         "machine": machine(),
         "model": model,

@@ -202,6 +202,15 @@ class Settings(BaseSettings):
             )
         return value
 
+    grpc_listeners: int = Field(
+        16,
+        ge=1,
+        le=64,
+        description="gRPC servers per worker on the gRPC port (SO_REUSEPORT), each taking "
+        "the calls of the connections the kernel gives it. grpc.aio takes a server's calls "
+        "one per turn of the event loop, so with one, calls over many connections waited "
+        "in gRPC's core, unseen by admission, behind every other connection's.",
+    )
     max_health_watches: int = Field(
         100,
         ge=1,

@@ -130,7 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.wait([loading])
             await _until_it_serves(registry, readiness, settings.poll_seconds)
         # None if disabled.
-        grpc_server = await start_grpc(settings, app.state.dataplane, keys, tls)
+        grpc_servers = await start_grpc(settings, app.state.dataplane, keys, tls)
         stopping_calls: list[asyncio.Task[None]] = []
 
         def stop_calls() -> None:
@@ -138,7 +138,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if not stopping_calls:
                 stopping_calls.append(
                     asyncio.create_task(
-                        stop_grpc(grpc_server, settings.shutdown_grace_seconds, app.state.dataplane)
+                        stop_grpc(
+                            grpc_servers, settings.shutdown_grace_seconds, app.state.dataplane
+                        )
                     )
                 )
 

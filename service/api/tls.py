@@ -83,7 +83,6 @@ class CertificateWatch:
         self._keyfile = keyfile
         self._problem = ""  # the last one logged; "" once the files load
         self._pair: _Pair | None = None  # in use
-        self._next_grpc: grpc.ServerCertificateConfiguration | None = None
 
     def start(self) -> None:
         """Read the pair as the worker starts (blocking); ValueError if it does not load."""
@@ -93,18 +92,24 @@ class CertificateWatch:
         self._use(pair)
 
     def grpc_credentials(self) -> grpc.ServerCredentials:
-        """gRPC's credentials: the pair in use, then each pair :meth:`follow` loads (gRPC
-        asks before each new connection's handshake)."""
+        """gRPC's credentials for one server (a listener): the pair in use, then each pair
+        :meth:`follow` loads (gRPC asks before each new connection's handshake). Each
+        listener has its own, so that each is handed every new pair (one handed out once
+        renewed one listener and left the others with the old certificate)."""
         if self._pair is None:
             raise RuntimeError("start() first")
-        return grpc.dynamic_ssl_server_credentials(
-            self._grpc_configuration(self._pair), self._take_grpc_configuration
-        )
+        handed = self._pair
 
-    def _take_grpc_configuration(self) -> grpc.ServerCertificateConfiguration | None:
-        # Called by gRPC's threads; None keeps the pair it has.
-        configuration, self._next_grpc = self._next_grpc, None
-        return configuration
+        def take() -> grpc.ServerCertificateConfiguration | None:
+            # Called by gRPC's threads; None keeps the pair it has.
+            nonlocal handed
+            pair = self._pair
+            if pair is None or pair is handed:
+                return None
+            handed = pair
+            return self._grpc_configuration(pair)
+
+        return grpc.dynamic_ssl_server_credentials(self._grpc_configuration(handed), take)
 
     @staticmethod
     def _grpc_configuration(pair: _Pair) -> grpc.ServerCertificateConfiguration:
@@ -155,7 +160,6 @@ class CertificateWatch:
         are made)."""
         if self._pair is not None:
             _serve_rest(pair.rest)
-            self._next_grpc = self._grpc_configuration(pair)
             log.info("TLS certificate %s reloaded: new connections use it", self._certfile)
         self._pair, self._problem = pair, ""
         metrics.observe_tls_files(ok=True)

@@ -12,6 +12,10 @@ One server (or ``--url``), the photo mix as raw bodies, then in turn:
    503 at once, as wrk does: its 503s), readiness polled on new connections the way a
    kubelet does, and the server's resident memory; then a second with the load gone.
 
+With ``protocol="grpc"`` the load, the probe and the spinner make ImageClassifier
+Classify calls instead (:mod:`service.bench.grpc_load`): a level is that many calls in
+flight, 16 a connection; readiness is still polled over REST, as a kubelet does.
+
 Each target is met or not, with the numbers; the run reports, it does not gate (the
 spinner's 503s are paced by design, :mod:`service.concurrency`, and this box's noise
 moves the rest). Every client here is Python on the same machine as the server: what
@@ -30,13 +34,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from service.bench import grpc_load
 from service.bench.process import Usage, started
 from service.bench.wrk import Load, key_headers, run_wrk, write_bodies
 from service.config import Settings
@@ -131,7 +136,7 @@ class Client:
 
 
 @contextmanager
-def running(clients: list[Client]) -> Iterator[None]:
+def running(clients: Sequence[Client | grpc_load.GrpcClient]) -> Iterator[None]:
     stop = threading.Event()
     threads = [threading.Thread(target=c.run, args=(stop,), daemon=True) for c in clients]
     for thread in threads:
@@ -157,6 +162,43 @@ class Plan:
     url: str | None = None
     server_pid: int | None = None
     version: int | None = None  # None: the model's default routing
+    protocol: str = "rest"  # or "grpc"
+    grpc_target: str | None = None  # host:port, with url; else the server started's
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What a run sends, by protocol: the load at a level (wrk's or gRPC's), the polite
+    and the spinning clients beside it."""
+
+    describe: Callable[[int], str]  # a level, in words
+    load: Callable[[int, float], dict[str, Any]]  # (level, seconds) -> run_wrk's numbers
+    client: Callable[[float], Client | grpc_load.GrpcClient]  # pause -> a client
+
+    @staticmethod
+    def rest(url: str, path: str, bodies: tuple[Path, ...], plan: Plan, origin: float) -> Traffic:
+        load = Load(path, bodies=bodies)
+        return Traffic(
+            describe=lambda level: f"wrk at {level} connections",
+            load=lambda level, seconds: run_wrk(url, load, connections=level, seconds=seconds),
+            client=lambda pause: Client(url, path, plan.images, pause, origin),
+        )
+
+    @staticmethod
+    def grpc(target: str, bodies: tuple[Path, ...], plan: Plan, origin: float) -> Traffic:
+        model, version = plan.model, plan.version
+        return Traffic(
+            describe=lambda level: (
+                f"gRPC load at {level} calls in flight "
+                f"({grpc_load.connections_for(level)} connections)"
+            ),
+            load=lambda level, seconds: grpc_load.run_load(
+                target, model, version, bodies, calls=level, seconds=seconds
+            ),
+            client=lambda pause: grpc_load.GrpcClient(
+                target, model, version, plan.images, pause, origin
+            ),
+        )
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -179,19 +221,24 @@ def run(plan: Plan, settings: Settings, progress: Progress) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cnnserve-overload-") as tmp:
         bodies = write_bodies(plan.images, Path(tmp) / "bodies")
         if plan.url:
-            return _measure(plan, plan.url, plan.server_pid, bodies, settings, progress)
+            return _measure(
+                plan, plan.url, plan.grpc_target, plan.server_pid, bodies, settings, progress
+            )
         port = free_port()
+        grpc_port = free_port() if plan.protocol == "grpc" else 0
         url = f"http://127.0.0.1:{port}"
-        cmd = serve_command(plan.repository, port, 0, "--poll-seconds", "0")
+        cmd = serve_command(plan.repository, port, grpc_port, "--poll-seconds", "0")
         env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CNNSERVE_WORKERS": str(plan.workers)}
         log = Path(tmp) / "gateway.log"
+        target = f"127.0.0.1:{grpc_port}"
         with started(cmd, env=os.environ | env, ready_url=url + "/readyz", log=log) as pid:
-            return _measure(plan, url, pid, bodies, settings, progress)
+            return _measure(plan, url, target, pid, bodies, settings, progress)
 
 
 def _measure(
     plan: Plan,
     url: str,
+    grpc_target: str | None,
     pid: int | None,
     bodies: tuple[Path, ...],
     settings: Settings,
@@ -200,29 +247,34 @@ def _measure(
     path = f"/v1/classify?model={plan.model}"
     if plan.version is not None:
         path += f"&version={plan.version}"
-    load = Load(path, bodies=bodies)
     origin = time.monotonic()
+    if plan.protocol == "grpc":
+        if grpc_target is None:
+            raise ValueError("a gRPC overload check needs the gRPC target")
+        traffic = Traffic.grpc(grpc_target, bodies, plan, origin)
+    else:
+        traffic = Traffic.rest(url, path, bodies, plan, origin)
     capacity, *overloads = plan.levels
-    progress(f"warm-up: wrk at {capacity} connections, {plan.warmup_seconds:g} s")
-    run_wrk(url, load, connections=capacity, seconds=plan.warmup_seconds)
+    progress(f"warm-up: {traffic.describe(capacity)}, {plan.warmup_seconds:g} s")
+    traffic.load(capacity, plan.warmup_seconds)
 
     progress(f"unloaded: the probe alone, {plan.seconds:g} s")
-    unloaded_clients = _probe(url, path, plan.images, origin)
+    unloaded_clients = _probe(traffic)
     with running(unloaded_clients):
         time.sleep(plan.seconds)
     alone = [s.ms for c in unloaded_clients for s in c.samples if s.status == 200]
     unloaded = {"p50_ms": _ms(percentile(alone, 50)), "p99_ms": _ms(percentile(alone, 99))}
     progress(f"  probe p50 {unloaded['p50_ms']} ms, p99 {unloaded['p99_ms']} ms")
 
-    progress(f"capacity: wrk at {capacity} connections, {plan.seconds:g} s")
-    saturating = run_wrk(url, load, connections=capacity, seconds=plan.seconds)
+    progress(f"capacity: {traffic.describe(capacity)}, {plan.seconds:g} s")
+    saturating = traffic.load(capacity, plan.seconds)
     progress(f"  {saturating['requests_per_s']:.0f} req/s, statuses {saturating['statuses']}")
 
     levels = []
     for connections in overloads:
-        progress(f"overload: wrk at {connections} connections, {plan.seconds:g} s, beside it")
+        progress(f"overload: {traffic.describe(connections)}, {plan.seconds:g} s, beside it")
         progress("  the probe, a spinner, readiness polls and the server's memory")
-        level = _overload(plan, url, path, load, connections, pid, origin)
+        level = _overload(plan, url, traffic, connections, pid, origin)
         capacity_rps = saturating["requests_per_s"]
         share = level["wrk"]["requests_per_s"] / capacity_rps if capacity_rps else 0.0
         level["goodput_share"] = round(share, 3)
@@ -231,6 +283,8 @@ def _measure(
     budget_ms = settings.queue_wait_budget_seconds * 1e3
     return {
         "url": url,
+        "protocol": plan.protocol,
+        "level_unit": "calls in flight" if plan.protocol == "grpc" else "connections",
         "model": plan.model,
         "workers": plan.workers,
         "image": plan.image_description,
@@ -243,28 +297,27 @@ def _measure(
     }
 
 
-def _probe(url: str, path: str, images: list[bytes], origin: float) -> list[Client]:
+def _probe(traffic: Traffic) -> list[Client | grpc_load.GrpcClient]:
     """The polite clients: each pauses after every answer, its 503s too."""
-    return [Client(url, path, images, PROBE_PAUSE, origin) for _ in range(PROBE_THREADS)]
+    return [traffic.client(PROBE_PAUSE) for _ in range(PROBE_THREADS)]
 
 
 def _overload(
     plan: Plan,
     url: str,
-    path: str,
-    load: Load,
+    traffic: Traffic,
     connections: int,
     pid: int | None,
     origin: float,
 ) -> dict[str, Any]:
-    polite = _probe(url, path, plan.images, origin)
-    spinner = Client(url, path, plan.images, 0.0, origin)
+    polite = _probe(traffic)
+    spinner = traffic.client(0.0)
     readiness = Client(url, "/readyz", [], READINESS_EVERY, origin, True, READINESS_TIMEOUT)
     usage = Usage(pid) if pid is not None else None
     with running([*polite, readiness]):
         began = time.monotonic() - origin
         with usage.measure() if usage else contextlib.nullcontext(), running([spinner]):
-            result = run_wrk(url, load, connections=connections, seconds=plan.seconds)
+            result = traffic.load(connections, plan.seconds)
             ended = time.monotonic() - origin  # not once the spinner's last (paced) 503 is in
         time.sleep(RECOVERY_SECONDS)
     probe = [s for c in polite for s in c.samples]

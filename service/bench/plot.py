@@ -64,7 +64,8 @@ def plot_overload(data: dict[str, Any], path: Path) -> None:
     labelled: set[str] = set()
     for level in data["levels"]:
         ax.axvspan(level["began_s"], level["ended_s"], color="0.9")
-        ax.text(level["began_s"] + 0.1, 0.97, f"{level['connections']} connections",
+        unit = data.get("level_unit", "connections")
+        ax.text(level["began_s"] + 0.1, 0.97, f"{level['connections']} {unit}",
                 fontsize=8, va="top", transform=ax.get_xaxis_transform())  # fmt: skip
         for who in ("probe", "spinner"):
             for status in (200, 503):
@@ -83,5 +84,8 @@ def plot_overload(data: dict[str, Any], path: Path) -> None:
                     label=None if label in labelled else label)  # fmt: skip
             labelled.add(label)
     ax.axhline(data["budget_ms"], color="k", linestyle=":", label="queue-wait budget")
-    title = f"cnnserve bench --overload: {data.get('model', '')}, {data['workers']} worker(s)"
+    title = (
+        f"cnnserve bench --overload ({data.get('protocol', 'rest')}): {data.get('model', '')}, "
+        f"{data['workers']} worker(s)"
+    )
     _save(fig, ax, path, xlabel="seconds", title=title, legend="lower right")

@@ -97,11 +97,13 @@ def side_by_side_table(data: dict[str, Any]) -> str:
 def overload_table(data: dict[str, Any]) -> str:
     """The overload check (:mod:`service.bench.overload`): each level, then each target."""
     unloaded, capacity = data["unloaded"], data["capacity"]
+    unit = data.get("level_unit", "connections")
+    load = "gRPC load" if data.get("protocol") == "grpc" else "wrk"
     lines = [
         f"unloaded probe: p50 {unloaded['p50_ms']} ms, p99 {unloaded['p99_ms']} ms; capacity "
-        f"({capacity['connections']} connections): {capacity['requests_per_s']:.0f} req/s",
+        f"({capacity['connections']} {unit}): {capacity['requests_per_s']:.0f} req/s",
         "",
-        "| connections | goodput | statuses (wrk) | probe p50 / p99 (200s) | 503 p50 polite / "
+        f"| {unit} | goodput | statuses ({load}) | probe p50 / p99 (200s) | 503 p50 polite / "
         "spinning | not ready | RSS first → last |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -115,7 +117,7 @@ def overload_table(data: dict[str, Any]) -> str:
             f"{level['spinner_503_p50_ms']} ms | {level['readiness']['not_ready']} of "
             f"{level['readiness']['polls']} | {memory} |"
         )
-    lines += ["", "| connections | target | met | measured |", "|---|---|---|---|"]
+    lines += ["", f"| {unit} | target | met | measured |", "|---|---|---|---|"]
     for t in data["targets"]:
         met = {True: "yes", False: "NO", None: "–"}[t["met"]]
         lines.append(f"| {t['connections']} | {t['target']} | {met} | {t['measured']} |")

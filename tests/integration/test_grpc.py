@@ -31,6 +31,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from service.config import Settings
 from service.preprocessing import PreprocessSpec, preprocess_bytes
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
@@ -562,11 +563,13 @@ def listeners(port: int) -> int:
 
 
 def test_several_workers_share_the_grpc_port(repository: Path) -> None:
-    """Each uvicorn worker binds the gRPC port (SO_REUSEPORT); the kernel spreads calls."""
+    """Each uvicorn worker binds the gRPC port with each of its listeners (SO_REUSEPORT);
+    the kernel spreads connections over them."""
     args = ("--workers", "2", "--poll-seconds", "0")
+    expected = 2 * Settings().grpc_listeners
     with running_server(repository, wait_ready=False, grpc_port=0, args=args) as srv:
         deadline = time.monotonic() + 120
-        while listeners(srv.grpc_port) < 2:
+        while listeners(srv.grpc_port) < expected:
             assert time.monotonic() < deadline and srv.process.poll() is None, srv.log.read_text()
             time.sleep(0.1)
         versions = set()
@@ -580,7 +583,7 @@ def test_several_workers_share_the_grpc_port(repository: Path) -> None:
                     assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc  # type: ignore[attr-defined]
                     time.sleep(0.1)
         assert versions == {1}
-        assert listeners(srv.grpc_port) == 2 and "Traceback" not in srv.log.read_text()
+        assert listeners(srv.grpc_port) == expected and "Traceback" not in srv.log.read_text()
 
 
 def test_calls_are_counted_and_tagged_like_rest(server: Server, predict_stub: Any) -> None:

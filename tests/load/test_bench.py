@@ -73,15 +73,17 @@ def test_tiny_sweep_writes_json_and_png(tiny_repo: Path, tmp_path: Path) -> None
     assert "[1/1] gateway" in result.stderr  # progress while it runs
 
 
-def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path) -> None:
-    """`cnnserve bench --overload` on a worker capped at 2 requests: at 16 connections it
-    sheds, and the report has every level's target rows, the clients' timelines, the
-    readiness polls and the server's memory, as JSON, a table and a PNG."""
+@pytest.mark.parametrize("protocol", ["rest", "grpc"])
+def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path, protocol: str) -> None:
+    """`cnnserve bench --overload` on a worker capped at 2 requests: at 16 connections
+    (or calls in flight, over gRPC) it sheds, and the report has every level's target
+    rows, the clients' timelines, the readiness polls and the server's memory, as JSON,
+    a table and a PNG."""
     output = tmp_path / "overload.json"
     result = bench(
         tiny_repo,
         *("--overload", "2,16", "--seconds", "2", "--warmup-seconds", "1"),
-        *("--output", str(output)),
+        *("--output", str(output), "--protocol", protocol),
         env={"CNNSERVE_MAX_CONCURRENT_REQUESTS": "2"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,6 +101,23 @@ def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path) -> 
     assert rows["only 200s and 503s"]["met"] is True
     assert rows["readiness kept"]["met"] is True
     assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| connections | target | met | measured |" in result.stdout
+    unit = "calls in flight" if protocol == "grpc" else "connections"
+    assert data["protocol"] == protocol and data["level_unit"] == unit
+    assert f"| {unit} | target | met | measured |" in result.stdout
     assert "targets met:" in result.stdout
-    assert "overload: wrk at 16 connections" in result.stderr  # progress while it runs
+    load = "gRPC load at 16 calls in flight (1 connections)" if protocol == "grpc" else "wrk"
+    assert f"overload: {load}" in result.stderr  # progress while it runs
+
+
+def test_grpc_is_for_the_overload_check_and_another_gateways_needs_its_port(
+    tiny_repo: Path,
+) -> None:
+    """Refused before anything is started or measured."""
+    result = bench(
+        tiny_repo, "--overload", "2,16", "--protocol", "grpc", "--url", "http://127.0.0.1:9"
+    )
+    assert result.returncode == 2
+    assert "needs --grpc-target HOST:PORT" in result.stderr
+    result = bench(tiny_repo, "--protocol", "grpc")
+    assert result.returncode == 2
+    assert "--protocol grpc is for --overload" in result.stderr

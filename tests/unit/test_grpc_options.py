@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.api.grpc_server import call_cap, server_options
+from service.api.grpc_server import call_cap, listener_cap, server_options
 from service.concurrency import MAX_REFUSAL_WAIT_SECONDS
 from service.config import Settings
 
@@ -45,3 +45,25 @@ def test_grpcs_own_cap_is_above_what_admission_holds_at_its_pace(settings: Setti
     cap = call_cap(settings)
     assert cap >= settings.max_concurrent_requests + waiting + settings.max_health_watches
     assert cap >= 2 * settings.max_concurrent_requests + settings.max_health_watches
+
+
+@pytest.mark.parametrize("listeners", [1, 2, 3, 16, 64])
+def test_each_listener_holds_twice_an_even_share_of_the_cap(listeners: int) -> None:
+    """The worker's listeners share its cap, each twice an even share (the kernel spreads
+    connections by a hash, not evenly), never more than the whole."""
+    settings = Settings(grpc_listeners=listeners)
+    cap, share = call_cap(settings), listener_cap(settings)
+    assert share <= cap
+    assert listeners * share >= min(2, listeners) * cap
+    assert share == cap or share < cap * 2 / listeners + 1
+
+
+@pytest.mark.parametrize(
+    ("workers", "listeners", "shared"), [(1, 1, 0), (1, 16, 1), (2, 1, 1), (4, 16, 1)]
+)
+def test_the_port_is_shared_only_by_several_listeners(
+    workers: int, listeners: int, shared: int
+) -> None:
+    """One listener alone must fail its bind on a port in use, not share it."""
+    options = dict(server_options(Settings(workers=workers, grpc_listeners=listeners)))
+    assert options["grpc.so_reuseport"] == shared
