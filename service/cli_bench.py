@@ -180,6 +180,13 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
         return "--protocol grpc is for --overload (the sweep drives REST with wrk)"
     if args.protocol == "grpc" and args.url and not args.grpc_target:
         return "--overload --protocol grpc with --url needs --grpc-target HOST:PORT, its gRPC port"
+    if args.grpc_target and (args.protocol != "grpc" or not args.url):
+        return "--grpc-target is the --url gateway's gRPC port, for --overload --protocol grpc"
+    if args.protocol == "grpc" and args.url and args.url.startswith("https://"):
+        return (
+            "--protocol grpc drives plaintext gRPC, and a gateway serving https:// speaks "
+            "TLS on its gRPC port too; measure its REST side, or one without TLS"
+        )
     output = _output(args)
     if output.is_dir():
         return f"--output {output} is a folder; give the report's file name"

@@ -101,9 +101,11 @@ def call_cap(settings: Settings) -> int:
 def listener_cap(settings: Settings) -> int:
     """One listener's share of :func:`call_cap`, twice an even share: the kernel spreads
     connections over the listeners unevenly (by a hash), and a listener whose share ran
-    out would refuse in the core while the worker had room."""
+    out would refuse in the core while the worker had room. At least room for all the
+    worker's health Watches beside a full connection (many listeners: each share small)."""
     cap = call_cap(settings)
-    return min(cap, math.ceil(2 * cap / settings.grpc_listeners))
+    floor = settings.max_health_watches + settings.grpc_streams_per_connection
+    return min(cap, max(math.ceil(2 * cap / settings.grpc_listeners), floor))
 
 
 async def start_grpc(
@@ -120,9 +122,9 @@ async def start_grpc(
     the kernel gives it. grpc.aio takes a server's calls from its core one at a time, one
     per turn of the event loop: on a busy loop calls over many connections queued there
     ahead of every other client's, where admission could neither see nor refuse them
-    (one server, 8 connections x 16 calls: a polite client's calls 180-200 ms at the
-    median; 16 listeners: ~40 ms, the excess refused in ~7 ms). A call now waits behind
-    its own listener's connections only.
+    (one server, 8 connections x 16 calls: a polite client's p99 ~220 ms, its refusals
+    ~45 ms; 16 listeners: ~90 ms and ~6 ms; medians of `cnnserve bench --overload
+    --protocol grpc` runs). A call now waits behind its own listener's connections only.
 
     Admission is the worker's concurrency limit (service.concurrency), shared with REST.
     gRPC's own cap on calls in progress is only a backstop on what calls hold: it counts
@@ -131,14 +133,20 @@ async def start_grpc(
     nor counts them: :func:`call_cap` leaves room for what admission holds at its pace."""
     if not settings.grpc_port:
         return None
-    interceptors: list[Any] = (
-        [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
-    )
-    interceptors.append(  # last: inside authentication
-        MalformedRequestInterceptor(
-            settings.body_read_timeout_seconds, stopping=lambda: plane.closing_calls
+
+    def interceptors() -> list[Any]:
+        # A listener's own: the malformed-request interceptor keeps the handlers it
+        # wrapped, and each server has handlers of its own.
+        chain: list[Any] = (
+            [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
         )
-    )
+        chain.append(  # last: inside authentication
+            MalformedRequestInterceptor(
+                settings.body_read_timeout_seconds, stopping=lambda: plane.closing_calls
+            )
+        )
+        return chain
+
     servicers = (
         PredictionServicer(plane),
         ModelServicer(plane),
@@ -146,12 +154,17 @@ async def start_grpc(
         HealthServicer(plane, SERVICES),
     )
     address = _address(settings.host, settings.grpc_port)
-    servers = [
-        _listener(settings, interceptors, servicers, address, tls)
-        for _ in range(settings.grpc_listeners)
-    ]
-    for server in servers:
-        await server.start()
+    servers: list[Any] = []
+    try:
+        for _ in range(settings.grpc_listeners):
+            server = _listener(settings, interceptors(), servicers, address, tls)
+            await server.start()
+            servers.append(server)
+    except BaseException:
+        # None left listening: a bound listener nobody serves would be given a share of
+        # the port's new connections.
+        await asyncio.gather(*(server.stop(None) for server in servers))
+        raise
     log.info("gRPC listening on %s%s", address, " (TLS)" if tls is not None else "")
     return servers
 

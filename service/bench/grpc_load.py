@@ -9,8 +9,10 @@ as JSON, shaped like :func:`service.bench.wrk.summarize`'s. :class:`GrpcClient` 
 probe and the spinner beside it: one call at a time on a connection of its own.
 
 Statuses are HTTP's where gRPC's code has one here (OK 200, RESOURCE_EXHAUSTED 503,
-DEADLINE_EXCEEDED 504); any other code is counted under its name, so that the "only 200s
-and 503s" target sees it.
+DEADLINE_EXCEEDED 504, UNAUTHENTICATED 401, PERMISSION_DENIED 403); any other code is
+counted under its name, so that the "only 200s and 503s" target sees it. A gateway that
+refuses the key fails the run at once (:class:`~service.bench.wrk.KeyRefused`), as wrk's
+does.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ _HTTP_LIKE = {
     grpc.StatusCode.OK: "200",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "503",
     grpc.StatusCode.DEADLINE_EXCEEDED: "504",
+    grpc.StatusCode.UNAUTHENTICATED: "401",
+    grpc.StatusCode.PERMISSION_DENIED: "403",
 }
 # No answer, as a refused or reset HTTP connection is status 0 to the REST clients.
 _NO_ANSWER = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
@@ -138,6 +142,15 @@ def run_load(
     if done.returncode != 0:
         raise RuntimeError(f"the gRPC load failed ({done.returncode}): {done.stderr.strip()}")
     result: dict[str, Any] = json.loads(done.stdout)
+    refused = {s: n for s, n in result["statuses"].items() if s in ("401", "403")}
+    if refused:
+        from service.bench.wrk import KeyRefused
+
+        raise KeyRefused(
+            f"gRPC {target} refused {sum(refused.values())} of {result['requests']} Classify "
+            "calls (UNAUTHENTICATED or PERMISSION_DENIED): bench sends the first key of its "
+            "own CNNSERVE_API_KEYS or CNNSERVE_API_KEYS_FILE; give it one the gateway knows"
+        )
     return result
 
 
@@ -156,11 +169,10 @@ async def _load(
         for channel in channels:
             await asyncio.wait_for(channel.channel_ready(), CLIENT_TIMEOUT)
         began = time.monotonic()
-        end = began + seconds
 
         async def keep_one_in_flight(channel: grpc.aio.Channel) -> None:
             classify = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel).Classify  # type: ignore[no-untyped-call]
-            while time.monotonic() < end:
+            while True:
                 request = _request(model, version, rng.choice(images))
                 sent = time.monotonic()
                 try:
@@ -168,14 +180,21 @@ async def _load(
                     status = "200"
                 except grpc.aio.AioRpcError as exc:
                     status = status_of(exc.code())
-                if time.monotonic() < end:  # as wrk, only what is answered within the run
-                    statuses[status] = statuses.get(status, 0) + 1
-                    if status == "200":
-                        answered.append((time.monotonic() - sent) * 1e3)
+                statuses[status] = statuses.get(status, 0) + 1
+                if status == "200":
+                    answered.append((time.monotonic() - sent) * 1e3)
 
-        await asyncio.gather(
-            *(keep_one_in_flight(channels[i // CALLS_PER_CONNECTION]) for i in range(calls))
-        )
+        # As wrk: stopped when the time is up, the calls in flight given up (draining
+        # them, paced refusals took up to 2 s more, counted as load after the run).
+        tasks = [
+            asyncio.create_task(keep_one_in_flight(channels[i // CALLS_PER_CONNECTION]))
+            for i in range(calls)
+        ]
+        await asyncio.sleep(seconds)
+        ended = time.monotonic()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         for channel in channels:
             await channel.close()
@@ -197,6 +216,9 @@ async def _load(
         "statuses": statuses,
         "seconds": seconds,
         "load": f"gRPC Classify, {calls} calls in flight over {len(channels)} connections",
+        # When the load ran, on the monotonic clock every process shares: not this
+        # process's start-up, connecting or ending.
+        "window_monotonic": [began, ended],
     }
 
 

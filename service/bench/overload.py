@@ -319,6 +319,8 @@ def _overload(
         with usage.measure() if usage else contextlib.nullcontext(), running([spinner]):
             result = traffic.load(connections, plan.seconds)
             ended = time.monotonic() - origin  # not once the spinner's last (paced) 503 is in
+        if "window_monotonic" in result:  # a load from a process of its own: when it ran
+            began, ended = (moment - origin for moment in result.pop("window_monotonic"))
         time.sleep(RECOVERY_SECONDS)
     probe = [s for c in polite for s in c.samples]
     during = (began + SETTLE_SECONDS, ended)

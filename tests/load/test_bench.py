@@ -121,3 +121,10 @@ def test_grpc_is_for_the_overload_check_and_another_gateways_needs_its_port(
     result = bench(tiny_repo, "--protocol", "grpc")
     assert result.returncode == 2
     assert "--protocol grpc is for --overload" in result.stderr
+    result = bench(tiny_repo, "--overload", "2,16", "--grpc-target", "127.0.0.1:9")
+    assert result.returncode == 2
+    assert "--grpc-target is the --url gateway's gRPC port" in result.stderr
+    https = ("--url", "https://127.0.0.1:9", "--grpc-target", "127.0.0.1:9")
+    result = bench(tiny_repo, "--overload", "2,16", "--protocol", "grpc", *https)
+    assert result.returncode == 2
+    assert "plaintext gRPC" in result.stderr

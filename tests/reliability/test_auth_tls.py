@@ -409,7 +409,7 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         assert not any(_rsa_only_client_served(server.port) for _ in range(8))
         # Every gRPC listener of every worker: the kernel spreads connections over them
         # (one listener was handed the new pair, the others kept the old).
-        connections = 4 * workers * Settings().grpc_listeners
+        connections = 8 * workers * Settings().grpc_listeners  # one missed: under 1%
         eventually(lambda: all(_grpc_trusts(server, new_cert) for _ in range(connections)))
         assert not any(_grpc_trusts(server, old_cert) for _ in range(connections))
         # Every worker's: the respawned worker's failed starts' zeros are gone with them.

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from service.bench import advisor
+from service.bench import advisor, grpc_load
 from service.bench.limits import cost_at, limit
 from service.bench.sweep import Batching, Plan, classify_path
 from service.bench.wrk import KeyRefused, Load, run_wrk, summarize
@@ -277,3 +279,29 @@ def test_bench_names_a_version_the_gateway_it_starts_would_not_serve(
     err = capsys.readouterr().err
     assert "serves versions [2] of fashion_mnist (latest), not 1" in err, err
     assert not output.exists()
+
+
+def test_a_grpc_load_refused_its_key_fails_like_wrks(tmp_path: Path) -> None:
+    """`bench --overload --protocol grpc` against a gateway that refuses the key raises
+    KeyRefused, as wrk's run does, instead of reporting UNAUTHENTICATED as answers."""
+
+    def refuse(request: bytes, context: grpc.ServicerContext) -> bytes:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "an API key is required")
+        raise AssertionError("abort raises")
+
+    class Refusing(grpc.GenericRpcHandler):
+        def service(self, details: Any) -> Any:
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((Refusing(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    body = tmp_path / "image.jpg"
+    body.write_bytes(b"\xff\xd8 not decoded here")
+    try:
+        with pytest.raises(KeyRefused, match="UNAUTHENTICATED") as refused:
+            grpc_load.run_load(f"127.0.0.1:{port}", "m", None, (body,), calls=2, seconds=0.5)
+    finally:
+        server.stop(None)
+    assert "CNNSERVE_API_KEYS" in str(refused.value)
