@@ -33,6 +33,7 @@ from service.api.http_protocol import (
     HEADER_TIMEOUT_STATE,
     SEND_TIMEOUT_STATE,
 )
+from service.api.redoc import add_redoc
 from service.api.schemas import error_responses, openapi_without_validation_errors
 from service.api.tls import CertificateWatch
 from service.concurrency import worker_limit
@@ -193,6 +194,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # /docs and /redoc from assets the gateway serves itself (no CDN: air-gapped hosts).
     app = FastAPIOffline(
         docs_url=DOCS_URL,
+        redoc_url=None,  # service.api.redoc's, without the CDN logo
         title="cnnserve",
         version=__version__,
         description="Image classification over REST, with TF Serving-compatible endpoints.",
@@ -208,6 +210,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
+    add_redoc(app)
     app.state.docs_url = DOCS_URL
     install_error_handlers(app, guarded_routes)
     for router in routers:

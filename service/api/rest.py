@@ -49,8 +49,10 @@ CLASSIFY_BODY: dict[str, Any] = {
                     "required": ["image"],
                 }
             },
-            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            **{
+                f"image/{kind}": {"schema": {"type": "string", "format": "binary"}}
+                for kind in ("jpeg", "png", "webp", "bmp", "gif", "tiff")
+            },
             "application/json": {
                 "schema": {
                     "type": "object",

@@ -14,6 +14,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from service import errors
+from service.api.auth import OPEN_PATHS, OPEN_PREFIXES
 
 
 class Prediction(BaseModel):
@@ -174,7 +175,8 @@ def error_responses(*, tf_serving: bool = False) -> dict[int | str, dict[str, An
     return {
         status: {
             "model": TFServingErrorBody if tf_serving else ErrorBody,
-            "description": f"{where}: " + ", ".join(f"`{c}`" for c in sorted(codes)),
+            # A code several errors share (their messages differ) once.
+            "description": f"{where}: " + ", ".join(f"`{c}`" for c in sorted(set(codes))),
             "headers": {
                 "X-Error-Code": {
                     "description": "the stable error code",
@@ -186,17 +188,36 @@ def error_responses(*, tf_serving: bool = False) -> dict[int | str, dict[str, An
     }
 
 
+# How a key is sent when the gateway has API keys (service.api.auth); Swagger UI's
+# Authorize button sends it on "Try it out" (without the schemes it had none, and every
+# call from the docs page of a keyed gateway was answered 401).
+SECURITY_SCHEMES = {
+    "bearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "an API key, when the gateway has them (CNNSERVE_API_KEYS)",
+    },
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
 def openapi_without_validation_errors(app: FastAPI) -> dict[str, Any]:
     """The app's OpenAPI document without FastAPI's automatic 422 answers: request
-    validation errors are answered 400 `bad_request` (service.api.http), as documented."""
+    validation errors are answered 400 `bad_request` (service.api.http), as documented.
+    Operations a keyed gateway guards name the key schemes (either one, or none when the
+    gateway has no keys)."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
-        for path in schema.get("paths", {}).values():
+        for route, path in schema.get("paths", {}).items():
+            guarded = route not in OPEN_PATHS and not route.startswith(OPEN_PREFIXES)
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+                if guarded:
+                    operation["security"] = [{"bearer": []}, {"apiKey": []}, {}]
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
+        schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
         app.openapi_schema = schema
     return app.openapi_schema

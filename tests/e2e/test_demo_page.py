@@ -136,6 +136,8 @@ def test_an_svg_upload_shows_the_415_message(desktop: Watched, tmp_path: Path) -
     page = desktop.page
     page.get_by_label("Choose an image").set_input_files(svg)
     error = page.get_by_role("alert")
+    # First what a person can do, in the page's words; then the API's, for developers.
+    expect(error).to_contain_text("That file is not an image this service reads")
     expect(error).to_contain_text("415 unsupported_media_type")
     expect(error).to_contain_text("unsupported content type 'image/svg+xml'")
     expect(page.locator("#predictions .prediction")).to_have_count(0)

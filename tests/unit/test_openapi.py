@@ -128,3 +128,34 @@ def test_docs_page_needs_no_external_host(client: TestClient) -> None:
             assert client.get(url).status_code == 200, url
     redoc = client.get("/redoc")
     assert redoc.status_code == 200 and "cdn." not in redoc.text
+    script = re.search(r'src="([^"]+redoc[^"]*\.js)"', redoc.text)
+    assert script and client.get(script.group(1)).status_code == 200, redoc.text
+    # The bundle's one outside request, Redocly's logo, is never sent: images from the
+    # gateway only (a reader's browser on an air-gapped host tried cdn.redoc.ly).
+    assert "cdn.redoc.ly" in client.get(script.group(1)).text
+    assert redoc.headers["content-security-policy"] == "img-src 'self' data: blob:"
+
+
+def test_a_keyed_gateways_operations_name_the_key_schemes(document: dict[str, Any]) -> None:
+    """Swagger UI's Authorize button sends the key on "Try it out" (a keyed gateway
+    answered every call from its docs page 401); probes and the docs stay open."""
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["bearer"] == {**schemes["bearer"], "type": "http", "scheme": "bearer"}
+    assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    either = [{"bearer": []}, {"apiKey": []}, {}]  # {}: a gateway without keys
+    assert document["paths"]["/v1/classify"]["post"]["security"] == either
+    assert document["paths"]["/v1/models/{model}:predict"]["post"]["security"] == either
+    for open_path in ("/healthz", "/readyz"):
+        for operation in document["paths"][open_path].values():
+            assert "security" not in operation
+
+
+def test_each_error_code_is_listed_once_and_every_image_type_is_a_raw_body(
+    document: dict[str, Any],
+) -> None:
+    classify = document["paths"]["/v1/classify"]["post"]
+    for status, answer in classify["responses"].items():
+        codes = re.findall(r"`([a-z_]+)`", answer["description"])
+        assert len(codes) == len(set(codes)), (status, codes)
+    raw = {kind for kind in classify["requestBody"]["content"] if kind.startswith("image/")}
+    assert raw == {f"image/{k}" for k in ("jpeg", "png", "webp", "bmp", "gif", "tiff")}

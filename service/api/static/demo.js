@@ -69,10 +69,21 @@ async function apiImage(url, img) {
 
 // --- errors, as the API states them -------------------------------------------------
 
+// What a person at the page can do about the errors an upload meets, in words of the
+// page rather than the API's (those, for API clients, follow below it).
+const IN_PLAIN_WORDS = {
+  unsupported_media_type: "That file is not an image this service reads: choose a JPEG, PNG, WebP, BMP, GIF or TIFF file.",
+  invalid_image: "That image could not be read: the file may be damaged or cut short. Try another file.",
+  image_too_large: "That image has more pixels than this server accepts: choose a smaller one.",
+  payload_too_large: "That file is larger than this server accepts: choose a smaller one.",
+  overloaded: "The server is busy right now.",
+};
+
 function showError(err) {
   const box = $("error");
   box.replaceChildren();
   const status = err.status ? `${err.status} ` : "";
+  if (IN_PLAIN_WORDS[err.code]) box.append(el("p", { class: "plain", text: IN_PLAIN_WORDS[err.code] }));
   box.append(el("p", {}, el("strong", { text: `${status}${err.code}` }), `: ${err.message}`));
   if (err.retryAfter !== null && err.retryAfter !== undefined) {
     box.append(el("p", { class: "retry", text: `The server asks to retry in ${err.retryAfter} s.` }));
