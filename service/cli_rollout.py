@@ -157,7 +157,6 @@ def _promote_locked(args: argparse.Namespace, settings: Settings) -> int:
             model=args.model,
             version=args.version,
             label=args.label,
-            original=text,
             apply=apply,
             wait=wait,
             dry_run=args.dry_run,

@@ -351,7 +351,12 @@ def write_atomically(path: Path, text: str) -> None:
             out.flush()
             os.fsync(out.fileno())
         if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
+            was = path.stat()
+            os.chmod(tmp, was.st_mode & 0o7777)
+            # And its owner, where this user may set it (root may: promote run as root
+            # left a 640 models.config the image's user 10001 could no longer read).
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, was.st_uid, was.st_gid)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

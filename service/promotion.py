@@ -52,6 +52,9 @@ class Step:
     summary: str  # one line a person reads
     text: str  # the whole models.config after this step
     changed: bool  # False: the config already was like this
+    # The load step's: models.config to go back to if the version does not load (None:
+    # leave it as it is).
+    undo: str | None = None
 
 
 def plan(
@@ -81,9 +84,17 @@ def plan(
     wanted = config.wanted_versions(on_disk)
     if config.policy == "latest" and serving is not None:
         wanted = set(serving)
+    undo: str | None = text  # before the load step
     if version in wanted and config.policy != "latest":
         after_load = text
         summary = f"version {version} is already served by the {config.policy} policy"
+        # Perhaps put there by an earlier promote of it, interrupted or run with
+        # --no-wait: if it does not load, take it out again, unless a label points at
+        # it or it is all the policy serves.
+        undo = None
+        others = sorted(wanted - {version})
+        if config.policy == "specific" and others and version not in config.labels.values():
+            undo = set_specific_versions(text, model, others)
     else:
         # A label pins its version: under a latest policy the next version published
         # would unload it (and the label would point at nothing served).
@@ -91,7 +102,7 @@ def plan(
         after_load = set_specific_versions(text, model, keep)
         why = f"add {version}" if version not in wanted else "a latest policy would unload it"
         summary = f"serve versions {_listing(keep)} as a specific policy ({why})"
-    steps.append(Step("load", summary, after_load, after_load != text))
+    steps.append(Step("load", summary, after_load, after_load != text, undo))
     config = _config(after_load, repository, model)
 
     previous = config.labels.get(label)
@@ -168,7 +179,6 @@ def promote(
     model: str,
     version: int,
     label: str,
-    original: str,
     apply: Apply,
     wait: Waiter | None,
     dry_run: bool,
@@ -178,7 +188,7 @@ def promote(
     after label, until the label resolves to it everywhere, so that the drop (and the
     caller's next command, `verify --label`) meets a server that has moved (``wait``
     None: do not wait, the caller said so). A version that does not load undoes the load
-    step (``original``: models.config before it), so no broken version stays in the
+    step (the config it names, :attr:`Step.undo`), so no broken version stays in the
     policy. ``--dry-run`` prints every intermediate config instead."""
     for number, step in enumerate(steps, 1):
         print(f"step {number}/{len(steps)} ({step.name}): {step.summary}", file=out)
@@ -196,9 +206,22 @@ def promote(
             try:
                 wait.available(model, version)
             except VersionFailedToLoad:  # not when no server answers or it is slow
-                if step.changed:
-                    apply(original)
+                if step.changed and step.undo is not None:
+                    apply(step.undo)
                     print("step 1 undone: models.config is as it was before", file=out)
+                elif step.undo is not None and step.undo != step.text:
+                    apply(step.undo)
+                    print(
+                        f"version {version} taken out of the policy again (an earlier promote "
+                        "had put it there): no broken version stays in models.config",
+                        file=out,
+                    )
+                else:
+                    print(
+                        f"version {version} stays in models.config's policy (a label points "
+                        "at it, or it is all the policy serves): take it out by hand",
+                        file=out,
+                    )
                 raise
             print(f"{model} version {version} is AVAILABLE", file=out)
         elif step.name == "label" and step.changed:

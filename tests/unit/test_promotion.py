@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from service.config_edit import (
     write_atomically,
 )
 from service.errors import ConfigError, PromotionError, VersionFailedToLoad
-from service.promotion import plan, promote
+from service.promotion import Step, plan, promote
 from service.repository import read_repository
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "model_repository" / "models.config"
@@ -195,7 +196,6 @@ def test_promote_applies_each_step_and_waits_before_moving_the_label() -> None:
         model="m",
         version=2,
         label="canary",
-        original=CANARY_FILE,
         apply=lambda text: events.append("apply " + configs_labels(text)),
         wait=Recorder(events),
         dry_run=False,
@@ -217,7 +217,6 @@ def test_a_version_that_does_not_load_undoes_the_load_step() -> None:
             model="m",
             version=3,
             label="canary",
-            original=CANARY_FILE,
             apply=applied.append,
             wait=Recorder([], fail=True),
             dry_run=False,
@@ -225,6 +224,42 @@ def test_a_version_that_does_not_load_undoes_the_load_step() -> None:
         )
     assert applied == [steps[0].text, CANARY_FILE]
     assert "step 1 undone" in out.getvalue()
+
+
+def failed_promote(steps: list[Step], version: int, applied: list[str]) -> str:
+    out = io.StringIO()
+    with pytest.raises(PromotionError, match="failed to load"):
+        promote(
+            steps,
+            model="m",
+            version=version,
+            label="canary",
+            apply=applied.append,
+            wait=Recorder([], fail=True),
+            dry_run=False,
+            out=out,
+        )
+    return out.getvalue()
+
+
+def test_a_rerun_after_an_interrupted_promote_takes_the_broken_version_out_again() -> None:
+    """An interrupted promote of a broken version left it in the policy (step 1 applied);
+    the rerun the message asks for found it "already served", failed, and left it there
+    for good."""
+    interrupted = set_specific_versions(CANARY_FILE, "m", [1, 3])
+    steps = plan(interrupted, Path("/r"), "m", 3, "canary", on_disk=[1, 2, 3])
+    assert not steps[0].changed and "already served" in steps[0].summary
+    applied: list[str] = []
+    printed = failed_promote(steps, 3, applied)
+    assert applied == [set_specific_versions(interrupted, "m", [1])]
+    assert "version 3 taken out of the policy again" in printed
+    # Not when a label points at it, or when it is all the policy serves: said, not done.
+    labelled = set_labels(interrupted, "m", {"stable": 1, "canary": 3})
+    for text, version in ((labelled, 3), (set_specific_versions(CANARY_FILE, "m", [4]), 4)):
+        applied.clear()
+        steps = plan(text, Path("/r"), "m", version, "canary", on_disk=[1, 2, 3, 4])
+        assert "take it out by hand" in failed_promote(steps, version, applied)
+        assert applied == []
 
 
 def test_a_failure_left_from_before_is_believed_only_once_it_stands(
@@ -269,7 +304,6 @@ def test_dry_run_prints_each_intermediate_config_and_applies_nothing() -> None:
         model="m",
         version=2,
         label="stable",
-        original=one_label,
         apply=pytest.fail,
         wait=None,
         dry_run=True,
@@ -316,6 +350,20 @@ def test_write_atomically_replaces_the_file_in_one_step(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["models.config"]
     assert (path.stat().st_mode & 0o777) == 0o640
     assert [dict(c.labels) for c in read_repository(tmp_path)] == [{}, {"stable": 1}]
+
+
+def test_write_atomically_keeps_the_files_owner(tmp_path: Path) -> None:
+    """promote run as root gave a 640 models.config to root: the image's user (10001)
+    could no longer read it."""
+    if os.geteuid() != 0:
+        pytest.skip("only root may give a file to another user")
+    path = tmp_path / "models.config"
+    path.write_text(CANARY_FILE)
+    path.chmod(0o640)
+    os.chown(path, 10001, 10001)
+    write_atomically(path, set_labels(CANARY_FILE, "m", {"stable": 1}))
+    assert (path.stat().st_uid, path.stat().st_gid) == (10001, 10001)
+    assert (path.stat().st_mode & 0o777) == 0o640
 
 
 def test_write_atomically_writes_a_linked_file_where_it_points(tmp_path: Path) -> None:
