@@ -206,20 +206,20 @@ def promote(
             try:
                 wait.available(model, version)
             except VersionFailedToLoad:  # not when no server answers or it is slow
-                if step.changed and step.undo is not None:
-                    apply(step.undo)
-                    print("step 1 undone: models.config is as it was before", file=out)
-                elif step.undo is not None and step.undo != step.text:
-                    apply(step.undo)
+                if step.undo is None:
                     print(
-                        f"version {version} taken out of the policy again (an earlier promote "
-                        "had put it there): no broken version stays in models.config",
+                        f"version {version} stays in models.config's policy (a label points "
+                        "at it, it is all the policy serves, or the policy serves every "
+                        "version): take it out by hand",
                         file=out,
                     )
                 else:
+                    apply(step.undo)
                     print(
-                        f"version {version} stays in models.config's policy (a label points "
-                        "at it, or it is all the policy serves): take it out by hand",
+                        "step 1 undone: models.config is as it was before"
+                        if step.changed
+                        else f"version {version} taken out of the policy again (an earlier "
+                        "promote had put it there): no broken version stays in models.config",
                         file=out,
                     )
                 raise

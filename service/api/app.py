@@ -209,7 +209,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # any client could plant; TF Serving does not redirect either.
         redirect_slashes=False,
     )
-    app.openapi = functools.partial(openapi_without_validation_errors, app)  # type: ignore[method-assign]
+    app.openapi = functools.partial(openapi_without_validation_errors, app, keys.is_open)  # type: ignore[method-assign]
     add_redoc(app)
     app.state.docs_url = DOCS_URL
     install_error_handlers(app, guarded_routes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -147,11 +148,19 @@ async def start_grpc(
         )
         return chain
 
-    servicers = (
-        PredictionServicer(plane),
-        ModelServicer(plane),
-        ImageClassifierServicer(plane),
-        HealthServicer(plane, SERVICES),
+    # Created once, shared by the listeners: health Watches and everything else are
+    # counted per worker, not per listener.
+    servicers: Servicers = (
+        (
+            prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server,
+            PredictionServicer(plane),
+        ),
+        (model_service_pb2_grpc.add_ModelServiceServicer_to_server, ModelServicer(plane)),
+        (
+            cnnserve_v1_pb2_grpc.add_ImageClassifierServicer_to_server,
+            ImageClassifierServicer(plane),
+        ),
+        (health_pb2_grpc.add_HealthServicer_to_server, HealthServicer(plane, SERVICES)),
     )
     address = _address(settings.host, settings.grpc_port)
     servers: list[Any] = []
@@ -169,31 +178,25 @@ async def start_grpc(
     return servers
 
 
+# Each servicer with the generated function that adds it to a server.
+Servicers = tuple[tuple[Callable[[Any, Any], None], Any], ...]
+
+
 def _listener(
     settings: Settings,
     interceptors: list[Any],
-    servicers: tuple[Any, ...],
+    servicers: Servicers,
     address: str,
     tls: CertificateWatch | None,
 ) -> Any:
-    """One gRPC server on ``address``, serving the worker's servicers (shared, so health
-    Watches and everything else are counted per worker, not per listener)."""
-    prediction, model, classifier, health = servicers
+    """One gRPC server on ``address``, serving the worker's ``servicers``."""
     server = grpc.aio.server(
         options=server_options(settings),
         interceptors=interceptors,
         maximum_concurrent_rpcs=listener_cap(settings),
     )
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        prediction, server
-    )
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        model, server
-    )
-    cnnserve_v1_pb2_grpc.add_ImageClassifierServicer_to_server(  # type: ignore[no-untyped-call]
-        classifier, server
-    )
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for add_to_server, servicer in servicers:
+        add_to_server(servicer, server)
     reflection.enable_server_reflection(
         [*SERVICES, grpc_health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )

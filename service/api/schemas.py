@@ -7,6 +7,7 @@ is documented with the one error body, and FastAPI's unused 422 is not.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,7 +15,6 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from service import errors
-from service.api.auth import OPEN_PATHS, OPEN_PREFIXES
 
 
 class Prediction(BaseModel):
@@ -201,17 +201,20 @@ SECURITY_SCHEMES = {
 }
 
 
-def openapi_without_validation_errors(app: FastAPI) -> dict[str, Any]:
+def openapi_without_validation_errors(
+    app: FastAPI, is_open: Callable[[str], bool]
+) -> dict[str, Any]:
     """The app's OpenAPI document without FastAPI's automatic 422 answers: request
     validation errors are answered 400 `bad_request` (service.api.http), as documented.
-    Operations a keyed gateway guards name the key schemes (either one, or none when the
+    Operations a keyed gateway guards (not ``is_open``: the gateway's own check,
+    service.api.auth.ApiKeys.is_open) name the key schemes (either one, or none when the
     gateway has no keys)."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title, version=app.version, description=app.description, routes=app.routes
         )
         for route, path in schema.get("paths", {}).items():
-            guarded = route not in OPEN_PATHS and not route.startswith(OPEN_PREFIXES)
+            guarded = not is_open(route)
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
                 if guarded:

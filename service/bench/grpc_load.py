@@ -32,12 +32,12 @@ from typing import Any
 
 import grpc
 
+from service.bench.overload import CLIENT_TIMEOUT, Sample, percentile
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 
 # A connection's share of the load: half the server's default streams a connection (a
 # batch, 32), as a client keeping many calls in flight opens several connections.
 CALLS_PER_CONNECTION = 16
-CLIENT_TIMEOUT = 10.0
 # A connection of its own per channel (channels to one target share one by default).
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 _HTTP_LIKE = {
@@ -88,11 +88,9 @@ class GrpcClient:
     images: list[bytes]
     pause: float
     origin: float
-    samples: list[Any] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
 
     def run(self, stop: threading.Event) -> None:
-        from service.bench.overload import Sample
-
         metadata = key_metadata()
         rng = random.Random(id(self))
         with grpc.insecure_channel(self.target, options=OWN_CONNECTION) as channel:
@@ -198,7 +196,6 @@ async def _load(
     finally:
         for channel in channels:
             await channel.close()
-    from service.bench.overload import percentile
 
     def pct(q: float) -> float | None:
         value = percentile(answered, q)

@@ -38,14 +38,16 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from service.bench import grpc_load
 from service.bench.process import Usage, started
 from service.bench.wrk import Load, key_headers, run_wrk, write_bodies
 from service.config import Settings
 from service.launch import free_port, serve_command
+
+if TYPE_CHECKING:  # it builds on this module (Sample, percentile): imported where used
+    from service.bench import grpc_load
 
 Progress = Callable[[str], None]
 
@@ -186,6 +188,8 @@ class Traffic:
 
     @staticmethod
     def grpc(target: str, bodies: tuple[Path, ...], plan: Plan, origin: float) -> Traffic:
+        from service.bench import grpc_load
+
         model, version = plan.model, plan.version
         return Traffic(
             describe=lambda level: (

@@ -62,9 +62,9 @@ def plot_overload(data: dict[str, Any], path: Path) -> None:
         ("spinner", 200): ("C2", "spinner: 200"),
     }
     labelled: set[str] = set()
+    unit = data.get("level_unit", "connections")
     for level in data["levels"]:
         ax.axvspan(level["began_s"], level["ended_s"], color="0.9")
-        unit = data.get("level_unit", "connections")
         ax.text(level["began_s"] + 0.1, 0.97, f"{level['connections']} {unit}",
                 fontsize=8, va="top", transform=ax.get_xaxis_transform())  # fmt: skip
         for who in ("probe", "spinner"):

@@ -145,9 +145,15 @@ def test_a_keyed_gateways_operations_name_the_key_schemes(document: dict[str, An
     either = [{"bearer": []}, {"apiKey": []}, {}]  # {}: a gateway without keys
     assert document["paths"]["/v1/classify"]["post"]["security"] == either
     assert document["paths"]["/v1/models/{model}:predict"]["post"]["security"] == either
-    for open_path in ("/healthz", "/readyz"):
+    for open_path in ("/healthz", "/readyz", "/metrics"):  # the scrape: open by default
         for operation in document["paths"][open_path].values():
             assert "security" not in operation
+    # The gateway's own check decides: with CNNSERVE_METRICS_REQUIRE_KEY the scrape needs it.
+    guarded = create_app(
+        Settings(model_repository=ROOT / "model_repository", metrics_require_key=True)
+    )
+    scrape = TestClient(guarded).get("/openapi.json").json()["paths"]["/metrics"]["get"]
+    assert scrape["security"] == either
 
 
 def test_each_error_code_is_listed_once_and_every_image_type_is_a_raw_body(
