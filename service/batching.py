@@ -14,6 +14,12 @@ longer than ``queue_wait_budget_seconds`` to clear (reason ``queue_budget``; nev
 while less than one batch is ahead), or longer
 than what is left of its deadline together with its own images (reason ``deadline``):
 queued behind that much work it would only time out later, holding memory meanwhile.
+Callers ask before they decode (:meth:`DynamicBatcher.reserve`), and the images admitted
+so are counted ahead of later requests until they are queued: a request of 32 images
+decodes for tens of ms, and uncounted, sixteen of them passed admission together, all
+reached the queue at once past the budget, and most were refused there with their
+decoding already paid for (goodput fell to a fifth of what the same requests got at a
+quarter of the load; docs/failure-modes.md "Requests of many images").
 One whose own images alone are expected to outlast its deadline gets DeadlineExceeded at
 once, but only while a batch confirmed the estimate lately (ESTIMATE_FRESH_SECONDS): an
 estimate left over from a slow moment refused every short deadline, so nothing ran to
@@ -97,6 +103,21 @@ OUTLIER_FACTOR = 2.0
 # backend was fast again, in a review). Such a request runs and re-measures; a faster
 # measure then replaces the estimate rather than moving it by COST_WEIGHT.
 ESTIMATE_FRESH_SECONDS = 1.0
+# Admission's estimates of a wait (images ahead times seconds per image) are corrected
+# by how long such waits lately took (Correction): for batches the estimate leaves out
+# what slows them between them (an event loop busy reading and decoding other requests,
+# which the batch threads wait for; the cores shared with decoding), and requests of 32
+# images at 4x waited a median 126-173 ms where the budget's 80 was foreseen. Only a
+# wait foreseen at MIN_FORESEEN_SECONDS or more counts; the correction is bounded by
+# MAX_WAIT_FACTOR either way, and dropped when nothing confirmed it for
+# ESTIMATE_FRESH_SECONDS (the load went away).
+MIN_FORESEEN_SECONDS = 0.010
+MAX_WAIT_FACTOR = 10.0
+# A batcher whose admission refused a request this recently keeps its batches off the
+# event loop (as service.concurrency's SHEDDING_SECONDS does for the worker's refusals):
+# a batch on the loop held the next refusals for its whole length (requests of 32 images
+# at 4x: the 1-image client's 503 p50 21 ms against 6).
+SHEDDING_SECONDS = 1.0
 # Once a version's batches run on the event loop, they go back to a batch thread only
 # when a full batch is estimated past this multiple of the bound. The estimate is wall
 # time and moves with load: the default model on a host where a full batch came to
@@ -191,6 +212,7 @@ class _Item:
     enqueued: float
     queued: bool = True
     started: float = 0.0  # when its batch went to the runtime
+    foreseen: float = 0.0  # the wait admission estimated, before its Correction
     inference_seconds: float = 0.0
 
     @property
@@ -236,10 +258,14 @@ class DynamicBatcher:
         # The same in CPU time of the computing thread: where batches run (_on_loop).
         self._cpu_per_image: float | None = None
         self._measured_at: float | None = None  # when a batch last confirmed them
-        self._looping = False  # where the last batch ran (INLINE_HYSTERESIS)
+        self._waits = Correction()  # requests' waits against what the estimate foresaw
+        self._looping = False  # whether batches fit the bound (INLINE_HYSTERESIS)
+        self._ran_on_loop = False  # where the last batch ran
+        self._refused_at = -SHEDDING_SECONDS  # monotonic() of admission's last refusal
         self._queue: deque[_Item] = deque()
         self._depth = 0
         self._in_flight = 0
+        self._reserved = 0  # admitted before decoding, not queued yet (Reservation)
         self._state = "new"
         self._arrived = asyncio.Event()
         self._slots = asyncio.Semaphore(config.num_batch_threads)
@@ -259,12 +285,27 @@ class DynamicBatcher:
     def seconds_per_image(self) -> float | None:
         return self._per_image
 
-    def seconds_ahead(self) -> float:
-        """Estimated seconds until the images queued or in inference now have run."""
+    @property
+    def reserved(self) -> int:
+        """Images admitted before decoding (:meth:`reserve`) and not queued yet."""
+        return self._reserved
+
+    def seconds_ahead(self, reserved: bool = False) -> float:
+        """Estimated seconds until the images queued or in inference now have run, and
+        with ``reserved`` those admitted and still decoding, which will be queued first:
+        their inference, corrected by how long requests lately waited against that."""
+        return self._foreseen(reserved) * self._waits.factor(monotonic())
+
+    def _foreseen(self, reserved: bool) -> float:
+        """The images ahead times the estimated inference seconds per image."""
         if self._per_image is None:
             return 0.0
-        threads = self.config.num_batch_threads
-        return (self._depth + self._in_flight) * self._per_image / threads
+        # Batches on the event loop run one at a time, whatever the threads.
+        threads = 1 if self._ran_on_loop else self.config.num_batch_threads
+        return self._images_ahead(reserved) * self._per_image / threads
+
+    def _images_ahead(self, reserved: bool) -> int:
+        return self._depth + self._in_flight + (self._reserved if reserved else 0)
 
     async def start(self) -> None:
         if self._state != "new":
@@ -330,8 +371,9 @@ class DynamicBatcher:
         self._admit(n, now, deadline)
         loop = asyncio.get_running_loop()
         size = self.config.max_batch_size
+        foreseen = self._foreseen(False)
         items = [
-            _Item(inputs[i : i + size], loop.create_future(), deadline, now)
+            _Item(inputs[i : i + size], loop.create_future(), deadline, now, foreseen=foreseen)
             for i in range(0, n, size)
         ]
         idle = not self._queue
@@ -379,22 +421,30 @@ class DynamicBatcher:
             items.clear()
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def admit(self, n: int, deadline: float | None) -> None:
-        """Raise Overloaded now if ``n`` images submitted now would be refused: callers
-        ask before decoding, so a request that would be shed costs no decode."""
+    def check(self, n: int, deadline: float | None) -> None:
+        """Raise Overloaded (or DeadlineExceeded) now if ``n`` images submitted now, behind
+        those queued, running and reserved, would be refused."""
         if self._state == "running":
-            self._admit(min(n, self._capacity), monotonic(), deadline)
+            self._admit(min(n, self._capacity), monotonic(), deadline, reserved=True)
 
-    def _admit(self, n: int, now: float, deadline: float | None) -> None:
-        """Refuse ``n`` images at once if the work ahead cannot clear in time."""
+    def reserve(self) -> Reservation:
+        """An empty reservation: :meth:`Reservation.admit` checks a request's images
+        before they are decoded and counts them ahead of later requests until
+        :meth:`Reservation.release` (as they are queued, or the request fails)."""
+        return Reservation(self)
+
+    def _admit(self, n: int, now: float, deadline: float | None, reserved: bool = False) -> None:
+        """Refuse ``n`` images at once if the work ahead cannot clear in time; with
+        ``reserved``, images admitted and still decoding are ahead too."""
         reason = None
-        if self._depth + n > self._capacity:
-            reason, why = "queue_full", f"{self._depth} inputs are queued"
+        queued = self._depth + (self._reserved if reserved else 0)
+        if queued + n > self._capacity:
+            reason, why = "queue_full", f"{queued} inputs are queued"
         elif self._per_image is not None:
-            ahead = self.seconds_ahead()
+            ahead = self.seconds_ahead(reserved)
             # Less than a batch ahead is always admitted: it rides in the next batch, and
             # refusing it would turn a slow moment (a model loading beside) into errors.
-            backlog = self._depth + self._in_flight >= self.config.max_batch_size
+            backlog = self._images_ahead(reserved) >= self.config.max_batch_size
             if self._budget is not None and backlog and ahead > self._budget:
                 reason = "queue_budget"
                 why = (
@@ -405,6 +455,7 @@ class DynamicBatcher:
                 why = f"~{ahead * 1e3:.0f} ms of work is queued, more than the deadline leaves"
         if reason is None:
             return
+        self._refused_at = now
         self._observer.on_rejected(reason)
         raise Overloaded(
             f"server is at capacity for model {self.name} ({why}); retry after the "
@@ -435,8 +486,7 @@ class DynamicBatcher:
 
     def _confirmed(self, now: float) -> bool:
         """Whether a batch measured the cost estimate within ESTIMATE_FRESH_SECONDS."""
-        measured = self._measured_at
-        return measured is not None and now - measured <= ESTIMATE_FRESH_SECONDS
+        return _fresh(now, self._measured_at)
 
     def _note_cost(self, size: int, seconds: float, cpu_seconds: float) -> None:
         """Fold one batch's measured seconds per image (wall and CPU) into the moving
@@ -537,6 +587,8 @@ class DynamicBatcher:
         started = monotonic()
         size = sum(len(item.inputs) for item in items)
         self._in_flight += size
+        for item in items:
+            self._waits.note(started - item.enqueued, item.foreseen, started)
         try:
             loop = asyncio.get_running_loop()
             parts = [item.inputs for item in items]
@@ -579,12 +631,24 @@ class DynamicBatcher:
 
     def _on_loop(self) -> bool:
         """Whether the next batch runs on the event loop (see the module's doc)."""
+        self._ran_on_loop = self._fits_loop() and not self._refusing()
+        return self._ran_on_loop
+
+    def _fits_loop(self) -> bool:
         per_image = self._cpu_per_image
-        if per_image is None or (self._shedding is not None and self._shedding()):
+        if per_image is None:
             return False
         bound = self._inline_max * (INLINE_HYSTERESIS if self._looping else 1.0)
         self._looping = per_image * self.config.max_batch_size <= bound
         return self._looping
+
+    def _refusing(self) -> bool:
+        """Whether the worker (``shedding``) or this batcher's admission refused a
+        request lately: refusals are answered at once only while no batch holds the
+        event loop."""
+        if monotonic() - self._refused_at < SHEDDING_SECONDS:
+            return True
+        return self._shedding is not None and self._shedding()
 
     def _infer(self, parts: list[Array], deadline: float | None) -> tuple[Array, float, float]:
         """On a batch thread or the event loop: the model on the requests' inputs; its
@@ -593,6 +657,67 @@ class DynamicBatcher:
         begin, cpu = perf_counter(), thread_time()
         output = self._predict(parts, deadline)
         return output, perf_counter() - begin, thread_time() - cpu
+
+
+class Correction:
+    """How long waits took against what admission foresaw for them: a factor for its
+    next estimates (see MIN_FORESEEN_SECONDS), a moving average as the cost is."""
+
+    def __init__(self) -> None:
+        self._factor = 1.0
+        self._at: float | None = None  # monotonic() of the last wait noted
+
+    def factor(self, now: float) -> float:
+        return self._factor if _fresh(now, self._at) else 1.0
+
+    def note(self, took: float, foreseen: float, now: float) -> None:
+        if foreseen < MIN_FORESEEN_SECONDS:
+            return
+        ratio = min(max(took / foreseen, 1 / MAX_WAIT_FACTOR), MAX_WAIT_FACTOR)
+        fresh = _fresh(now, self._at)
+        self._factor = self._factor + COST_WEIGHT * (ratio - self._factor) if fresh else ratio
+        self._at = now
+
+
+class Reservation:
+    """A request's images admitted before they are decoded (:meth:`DynamicBatcher.reserve`).
+
+    Until released they count as work ahead of the requests admitted after them, as they
+    will be queued first. Release it as the images are queued (nothing may await between
+    the two, or a request admitted then would not see them) or when the request fails;
+    as a context manager it is released on the way out whatever happens."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher = batcher
+        self.images = 0
+
+    def admit(self, n: int, deadline: float | None) -> None:
+        """Raise Overloaded now if ``n`` images submitted now, behind those reserved,
+        would be refused; else hold them. A request that would be shed costs no decode."""
+        batcher = self._batcher
+        if batcher._state != "running":
+            return  # submit says why it cannot serve
+        batcher.check(n, deadline)
+        n = min(n, batcher._capacity)
+        self.images += n
+        batcher._reserved += n
+
+    def release(self) -> None:
+        self._batcher._reserved -= self.images
+        self.images = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
+
+
+def _fresh(now: float, measured: float | None) -> bool:
+    """Whether a measure taken at ``measured`` is within ESTIMATE_FRESH_SECONDS of now."""
+    return measured is not None and now - measured <= ESTIMATE_FRESH_SECONDS
 
 
 def _moving(previous: float | None, sample: float, fresh: bool) -> float:

@@ -202,6 +202,14 @@ class Settings(BaseSettings):
             )
         return value
 
+    grpc_max_connection_age_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A gRPC connection is asked to close (GOAWAY) after this long, and "
+        "closed send_timeout seconds later with what it still holds: clients reconnect, "
+        "so replicas added since share the load, and a client that takes none of its "
+        "answers (an HTTP/2 window left at 0) holds its calls no longer. 0: never.",
+    )
     grpc_listeners: int = Field(
         16,
         ge=1,

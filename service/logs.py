@@ -15,3 +15,13 @@ def setup_logging(*, verbose: bool = False) -> None:
     # python-multipart writes a WARNING for each malformed body a client sends; the
     # client gets its 400 and the access log has the request.
     logging.getLogger("python_multipart").setLevel(logging.NOTSET if verbose else logging.ERROR)
+    if not verbose:
+        logging.getLogger("grpc._cython.cygrpc").addFilter(_unsent_answers)
+
+
+def _unsent_answers(record: logging.LogRecord) -> bool:
+    """grpc.aio logs at ERROR, with a traceback, each call whose answer could not be sent
+    because its client left (or its connection was closed with the answer still held):
+    200-400 tracebacks when a client holding that many calls disconnects. The client's
+    doing, not the server's; the access log has each call."""
+    return not record.getMessage().startswith("ExecuteBatchError raised in core")

@@ -40,6 +40,9 @@ _NUMERIC: dict[int, tuple[np.dtype[Any], str]] = {
     types_pb2.DT_BOOL: (np.dtype(np.bool_), "bool_val"),
 }
 _DTYPE_ENUM = {dtype: enum for enum, (dtype, _) in _NUMERIC.items()}
+# More dimensions than any served input takes (images are 4-D, encoded images 1-D) and
+# far fewer than numpy's 64, past which building the array raised a ValueError (a 500).
+MAX_RANK = 8
 
 
 def dtype_name(enum: int) -> str:
@@ -65,6 +68,11 @@ def declared_images(proto: Any) -> int:
 def _shape(proto: Any, what: str, max_bytes: int | None) -> tuple[int, ...]:
     if proto.tensor_shape.unknown_rank:
         raise InvalidRequest("a tensor has an unknown rank; give its shape")
+    if len(proto.tensor_shape.dim) > MAX_RANK:
+        raise InvalidRequest(
+            f"{what} has {len(proto.tensor_shape.dim)} dimensions; at most {MAX_RANK} are "
+            "taken (images are [batch, height, width, channels], encoded images [batch])"
+        )
     dims = tuple(int(d.size) for d in proto.tensor_shape.dim)
     if any(d < 0 for d in dims):
         raise InvalidRequest(f"a tensor has a negative dimension in shape {list(dims)}")

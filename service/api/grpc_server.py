@@ -79,6 +79,23 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # ours before) that counting never applied; HTTP/2 rapid reset has its own guards
         # in gRPC's core (pings on RST_STREAM, reads per turn).
         ("grpc.http.overload_protection", 0),
+        *_connection_age(settings),
+    ]
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, Any]]:
+    """A peer that never opens its HTTP/2 flow-control window, or stops reading, holds
+    its answered calls (gRPC's core counts them in progress until sent): 220 connections
+    x 32 such calls refused most other clients' calls, health checks included, for as
+    long as they stayed. The connection's age bounds that, and the grace (REST's send
+    timeout) is what a call still in progress then gets to finish. (Keepalive pings do
+    not: the server sent none to a peer holding an unacknowledged ping, grpcio 1.85.)"""
+    age = settings.grpc_max_connection_age_seconds
+    if not age:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", math.ceil(age * 1000)),
+        ("grpc.max_connection_age_grace_ms", math.ceil(settings.send_timeout_seconds * 1000)),
     ]
 
 

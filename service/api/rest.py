@@ -242,6 +242,7 @@ async def classify(
         )
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
+    plane.check_room(model, version, label, deadline, client_key(request))
     images, several, names = await read_images(request)
     result = await plane.classify(
         images,

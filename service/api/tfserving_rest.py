@@ -290,6 +290,7 @@ async def _predict(
 ) -> Response:
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
+    plane.check_room(model, version, label, deadline, client_key(request))
     body = await read_json(request, object_hook=_b64_value)
     signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
     if not isinstance(signature_name, str):

@@ -644,6 +644,137 @@ def test_less_than_a_batch_ahead_is_always_admitted(costly: Costly) -> None:
     run(scenario())
 
 
+def test_images_admitted_before_decoding_count_ahead_until_queued(costly: Costly) -> None:
+    # 10 ms per image, 1 thread, a budget of 50 ms: what decodes now is queued first.
+    recorder = Recorder()
+    cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.050)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(costly), cfg, observer=recorder) as batcher:
+            await batcher.submit(images(1), deadline=None)  # measures 10 ms per image
+            with batcher.reserve() as first, batcher.reserve() as second:
+                first.admit(4, None)  # nothing ahead
+                second.admit(2, None)  # 40 ms ahead, still decoding: within the budget
+                assert batcher.reserved == 6
+                assert batcher.seconds_ahead(reserved=True) == pytest.approx(0.060)
+                with pytest.raises(Overloaded) as shed, batcher.reserve() as third:
+                    third.admit(1, None)  # 60 ms decoding ahead of it
+                assert shed.value.reason == "queue_budget" and batcher.reserved == 6
+                # The reserved are behind a request that decoded already: its submit
+                # counts only what is queued or running.
+                assert await batcher.submit(images(7), deadline=None) == [7]
+                first.release()  # queued (or failed): no longer ahead as decoding work
+                assert batcher.reserved == 2
+                with batcher.reserve() as fourth:
+                    fourth.admit(1, None)
+            assert batcher.reserved == 0  # released on the way out, whatever happened
+            assert recorder.reasons == ["queue_budget"]
+
+    run(scenario())
+
+
+def test_a_reservation_counts_against_the_queue_cap() -> None:
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(ids), config(max_enqueued_batches=2)) as batcher:
+            with batcher.reserve() as held:
+                held.admit(8, None)  # the queue's 2 x 4 images, decoding
+                with pytest.raises(Overloaded) as shed:
+                    batcher.reserve().admit(1, None)
+                assert shed.value.reason == "queue_full"
+            assert batcher.reserved == 0
+
+    run(scenario())
+
+
+def test_waits_longer_than_foreseen_correct_the_estimate_until_they_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
+    waits = batching.Correction()
+    assert waits.factor(now[0]) == 1.0
+    waits.note(0.002, 0.001, now[0])  # under MIN_FORESEEN_SECONDS: too small to tell
+    assert waits.factor(now[0]) == 1.0
+    waits.note(0.160, 0.080, now[0])  # twice as long as foreseen
+    assert waits.factor(now[0]) == 2.0
+    waits.note(0.080, 0.080, now[0])  # then as foreseen: moves by COST_WEIGHT
+    assert waits.factor(now[0]) == pytest.approx(2.0 + batching.COST_WEIGHT * (1.0 - 2.0))
+    waits.note(100.0, 0.080, now[0])  # one stall counts for MAX_WAIT_FACTOR at most
+    assert waits.factor(now[0]) <= batching.MAX_WAIT_FACTOR
+    now[0] += batching.ESTIMATE_FRESH_SECONDS + 0.1  # no wait confirmed it since
+    assert waits.factor(now[0]) == 1.0
+
+
+def test_admission_counts_the_waits_requests_had_against_the_estimate(costly: Costly) -> None:
+    # 10 ms per image on one thread, budget 50 ms: 4 images ahead (40 ms) are admitted
+    # until requests are seen waiting twice what was foreseen for them.
+    cfg = BatchingConfig(4, 0, 100, 1, queue_wait_budget_seconds=0.050)
+
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(costly), cfg) as batcher:
+            await batcher.submit(images(1), deadline=None)  # measures 10 ms per image
+            with batcher.reserve() as held:
+                held.admit(4, None)
+                batcher.check(1, None)  # 40 ms foreseen ahead: admitted
+                now = batching.monotonic()
+                batcher._waits.note(0.100, 0.050, now)  # a request waited 100 ms for 50
+                with pytest.raises(Overloaded) as shed:
+                    batcher.check(1, None)  # 40 ms foreseen is 80 ms, corrected
+                assert shed.value.reason == "queue_budget"
+
+    run(scenario())
+
+
+def test_batches_on_the_event_loop_are_foreseen_one_at_a_time() -> None:
+    # Two batch threads, but a version whose batches run on the event loop runs them one
+    # after another: the images ahead take twice what two threads would.
+    async def scenario() -> None:
+        predict = Threads()
+        cfg = BatchingConfig(4, 0, 4, 2, inline_max_seconds=10.0)
+        async with DynamicBatcher(whole(predict), cfg, inline=True) as batcher:
+            await batcher.submit(images(1, 1), deadline=None)  # measured, on a thread
+            with batcher.reserve() as held:
+                held.admit(4, None)
+                on_thread = batcher.seconds_ahead(reserved=True)
+            await batcher.submit(images(2, 2), deadline=None)  # on the loop now
+            with batcher.reserve() as held:
+                held.admit(4, None)
+                on_loop = batcher.seconds_ahead(reserved=True)
+            per_image = batcher.seconds_per_image
+            assert per_image is not None
+            assert on_thread == pytest.approx(4 * per_image / 2, rel=0.5)
+            assert on_loop == pytest.approx(4 * per_image, rel=0.01)
+
+    run(scenario())
+
+
+def test_batches_leave_the_event_loop_while_its_own_admission_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refusals by the batcher's admission (queue_budget, deadline) keep its batches off
+    the loop as the worker's do: a 503 must not wait for a batch on the loop."""
+    now = [50.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
+
+    async def scenario() -> list[tuple[int, int]]:
+        predict = Threads()
+        cfg = BatchingConfig(4, 0, 1, 1, inline_max_seconds=10.0)
+        async with DynamicBatcher(whole(predict), cfg, inline=True) as batcher:
+            await batcher.submit(images(0), deadline=None)  # measured: on a thread
+            await batcher.submit(images(1), deadline=None)  # on the loop
+            with pytest.raises(Overloaded), batcher.reserve() as held:
+                held.admit(4, None)  # the queue's whole 4 images
+                held.admit(1, None)  # queue_full
+            await batcher.submit(images(2), deadline=None)  # refused lately: a thread
+            now[0] += batching.SHEDDING_SECONDS + 0.1
+            await batcher.submit(images(3), deadline=None)  # back on the loop
+        return predict.calls
+
+    loop_thread = threading.get_ident()
+    on_loop = [thread == loop_thread for thread, _ in run(scenario())]
+    assert on_loop == [False, True, False, True]
+
+
 class Threads:
     """A predict that notes which thread ran each batch and how big it was."""
 

@@ -213,6 +213,27 @@ def test_httpx_request_lines_only_in_verbose_mode() -> None:
         httpx_log.setLevel(logging.NOTSET)
 
 
+def test_grpc_tracebacks_for_answers_a_client_left_are_not_logged() -> None:
+    # grpc.aio logs one at ERROR, with a traceback, per call whose client left before
+    # its answer was sent: hundreds when a client holding many disconnects.
+    cygrpc = logging.getLogger("grpc._cython.cygrpc")
+    left = cygrpc.makeRecord(
+        cygrpc.name,
+        logging.ERROR,
+        __file__,
+        1,
+        "ExecuteBatchError raised in core by servicer method [%s]",
+        ("/x/Y",),
+        None,
+    )
+    other = cygrpc.makeRecord(cygrpc.name, logging.ERROR, __file__, 1, "other", (), None)
+    try:
+        setup_logging(verbose=False)
+        assert not cygrpc.filter(left) and cygrpc.filter(other)
+    finally:
+        cygrpc.filters.clear()
+
+
 def test_serve_stops_in_one_line_before_any_worker_starts(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

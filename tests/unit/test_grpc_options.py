@@ -80,6 +80,16 @@ def test_the_port_is_shared_only_by_several_listeners(
     assert options["grpc.so_reuseport"] == shared
 
 
+def test_connections_are_closed_at_their_age_after_the_send_timeout() -> None:
+    options = dict(
+        server_options(Settings(grpc_max_connection_age_seconds=60, send_timeout_seconds=5))
+    )
+    assert options["grpc.max_connection_age_ms"] == 60_000
+    assert options["grpc.max_connection_age_grace_ms"] == 5_000
+    never = dict(server_options(Settings(grpc_max_connection_age_seconds=0)))
+    assert "grpc.max_connection_age_ms" not in never
+
+
 def test_a_listener_that_fails_to_start_leaves_none_listening(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -37,11 +37,10 @@ class CountingPool(ThreadPoolExecutor):
 def decode(images: list[bytes], **settings: Any) -> tuple[np.ndarray, int]:
     pool = CountingPool()
     plane = DataPlane(Settings(**settings), None, pool)  # type: ignore[arg-type]
-    target = SimpleNamespace(
-        model="m", spec=PreprocessSpec(), batcher=SimpleNamespace(admit=lambda n, d: None)
-    )
+    target = SimpleNamespace(model="m", spec=PreprocessSpec())
+    held = SimpleNamespace(admit=lambda n, d: None)  # the batcher admits all
     try:
-        batch = asyncio.run(plane.decode(images, target, time.monotonic() + 30))  # type: ignore[arg-type]
+        batch = asyncio.run(plane.decode(images, target, time.monotonic() + 30, held))  # type: ignore[arg-type]
     finally:
         pool.shutdown()
     return batch, pool.submitted

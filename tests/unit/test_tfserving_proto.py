@@ -67,6 +67,9 @@ def test_to_ndarray_agrees_with_tensorflow(proto: Any) -> None:
         (typed(tf.float64, (200,), double_val=[1.0]), "1,600 bytes as float64"),
         (typed(tf.float32, (300,)), "1,200 bytes as float32"),
         (typed(tf.string, (200,), string_val=[b"x"]), "1,600 bytes as object"),
+        # Past numpy's 64 dimensions building the array raised ValueError (a 500).
+        (typed(tf.uint8, (1,) * 65, int_val=[7]), "65 dimensions; at most 8"),
+        (typed(tf.string, (1,) * 9, string_val=[b"x"]), "9 dimensions"),
     ],
 )
 def test_to_ndarray_refuses_malformed_tensors(proto: Any, message: str) -> None:

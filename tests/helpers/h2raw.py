@@ -1,0 +1,108 @@
+"""A gRPC client on a bare socket, framing HTTP/2 by hand: a peer that gRPC's own
+clients cannot play (one that never opens its flow-control window, never reads, never
+answers a ping)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+DATA, HEADERS, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x4, 0x6, 0x7
+END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
+INITIAL_WINDOW_SIZE = 0x4
+
+
+@dataclass
+class Frame:
+    type: int
+    flags: int
+    stream: int
+    payload: bytes
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream)
+        + payload
+    )
+
+
+def _literal(name: str, value: str) -> bytes:
+    """HPACK: a literal field without indexing, its name a literal too (both < 127 bytes)."""
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+def call_headers(path: str, authority: str) -> bytes:
+    fields = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", path),
+        (":authority", authority),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
+    return b"".join(_literal(name, value) for name, value in fields)
+
+
+class RawGrpc:
+    """One HTTP/2 connection to a plaintext gRPC port, opened with an initial
+    flow-control window of ``window`` for the server's answers."""
+
+    def __init__(self, port: int, window: int = 65535) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.port = port
+        self._buffer = b""
+        self._next_stream = 1
+        settings = struct.pack(">HI", INITIAL_WINDOW_SIZE, window)
+        self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings))
+
+    def call(self, path: str, message: bytes = b"") -> int:
+        """Send one unary call (``message`` serialized); its stream id."""
+        stream, self._next_stream = self._next_stream, self._next_stream + 2
+        block = call_headers(path, f"127.0.0.1:{self.port}")
+        body = b"\x00" + struct.pack(">I", len(message)) + message
+        self.sock.sendall(
+            frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, body)
+        )
+        return stream
+
+    def read(self, until: float) -> Frame | None:
+        """The next frame, or None once the server closed the connection; TimeoutError
+        past ``until`` (time.monotonic())."""
+        while len(self._buffer) < 9 or len(self._buffer) < 9 + _length(self._buffer):
+            left = until - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame from the server in time")
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(65536)
+            except ConnectionResetError:
+                return None
+            if not chunk:
+                return None
+            self._buffer += chunk
+        size = _length(self._buffer)
+        head, payload = self._buffer[:9], self._buffer[9 : 9 + size]
+        self._buffer = self._buffer[9 + size :]
+        stream = struct.unpack(">I", head[5:9])[0] & 0x7FFFFFFF
+        return Frame(head[3], head[4], stream, payload)
+
+    def answer(self, got: Frame, *, pings: bool) -> None:
+        """Acknowledge the server's SETTINGS (a peer that does not is closed by gRPC's
+        settings timeout, whatever else it does) and, with ``pings``, its PINGs."""
+        if got.type == SETTINGS and not got.flags & ACK:
+            self.sock.sendall(frame(SETTINGS, ACK, 0))
+        elif got.type == PING and not got.flags & ACK and pings:
+            self.sock.sendall(frame(PING, ACK, 0, got.payload))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _length(buffer: bytes) -> int:
+    return int.from_bytes(buffer[:3], "big")
