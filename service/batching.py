@@ -107,13 +107,13 @@ ESTIMATE_FRESH_SECONDS = 1.0
 # by how long such waits lately took (Correction): for batches the estimate leaves out
 # what slows them between them (an event loop busy reading and decoding other requests,
 # which the batch threads wait for; the cores shared with decoding), and requests of 32
-# images at 4x waited a median 126-173 ms where the budget's 80 was foreseen. Only a
-# wait foreseen at MIN_FORESEEN_SECONDS or more counts; the correction is bounded by
-# MAX_WAIT_FACTOR either way, and dropped when nothing confirmed it for
+# images at 4x waited a median 126-173 ms where the budget's 80 was foreseen. One wait
+# per batch counts, when MIN_FORESEEN_SECONDS or more was foreseen; the correction is
+# bounded by MAX_WAIT_FACTOR either way, and dropped when nothing confirmed it for
 # ESTIMATE_FRESH_SECONDS (the load went away).
 MIN_FORESEEN_SECONDS = 0.010
 MAX_WAIT_FACTOR = 10.0
-# A batcher whose admission refused a request this recently keeps its batches off the
+# A batcher whose admission refused a request for load this recently keeps its batches off the
 # event loop (as service.concurrency's SHEDDING_SECONDS does for the worker's refusals):
 # a batch on the loop held the next refusals for its whole length (requests of 32 images
 # at 4x: the 1-image client's 503 p50 21 ms against 6).
@@ -455,7 +455,8 @@ class DynamicBatcher:
                 why = f"~{ahead * 1e3:.0f} ms of work is queued, more than the deadline leaves"
         if reason is None:
             return
-        self._refused_at = now
+        if reason != "deadline":  # one client's tight deadlines are no load
+            self._refused_at = now
         self._observer.on_rejected(reason)
         raise Overloaded(
             f"server is at capacity for model {self.name} ({why}); retry after the "
@@ -587,8 +588,11 @@ class DynamicBatcher:
         started = monotonic()
         size = sum(len(item.inputs) for item in items)
         self._in_flight += size
-        for item in items:
-            self._waits.note(started - item.enqueued, item.foreseen, started)
+        # The batch's longest-waiting request that had something foreseen ahead of it.
+        waited = [item for item in items if item.foreseen >= MIN_FORESEEN_SECONDS]
+        if waited:
+            first = waited[0]  # FIFO: the first queued waited longest
+            self._waits.note(started - first.enqueued, first.foreseen, started)
         try:
             loop = asyncio.get_running_loop()
             parts = [item.inputs for item in items]
@@ -671,11 +675,17 @@ class Correction:
         return self._factor if _fresh(now, self._at) else 1.0
 
     def note(self, took: float, foreseen: float, now: float) -> None:
+        """One wait: one per batch (its requests waited together) or decoded list, so
+        that a batch of 32 one-image requests moves it no more than one request of 32."""
         if foreseen < MIN_FORESEEN_SECONDS:
             return
-        ratio = min(max(took / foreseen, 1 / MAX_WAIT_FACTOR), MAX_WAIT_FACTOR)
+        current = self.factor(now)
+        # As for the cost (OUTLIER_FACTOR): one stall (a GC pause, a slow answer) moves
+        # the factor up by a fifth at most; unbounded, one batch took it from 1 to 10.
+        ratio = min(took / foreseen, OUTLIER_FACTOR * current, MAX_WAIT_FACTOR)
+        ratio = max(ratio, 1 / MAX_WAIT_FACTOR)
         fresh = _fresh(now, self._at)
-        self._factor = self._factor + COST_WEIGHT * (ratio - self._factor) if fresh else ratio
+        self._factor = current + COST_WEIGHT * (ratio - current) if fresh else ratio
         self._at = now
 
 

@@ -64,6 +64,12 @@ def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.Mon
     assert admitted == [2, 2]
 
 
+def idle_plane(settings: Settings) -> DataPlane:
+    """A data plane for checks that decode nothing (its pool is shut down at once)."""
+    with ThreadPoolExecutor(1) as pool:
+        return DataPlane(settings, None, pool)  # type: ignore[arg-type]
+
+
 class Refusing:
     """A reservation whose batcher has no room."""
 
@@ -74,7 +80,7 @@ class Refusing:
 def test_a_list_is_refused_before_its_images_headers_are_read() -> None:
     # Reading 32 headers cost a loaded event loop more than the refusal: not bytes
     # that are no image at all are read once the request is refused.
-    plane = DataPlane(Settings(), None, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    plane = idle_plane(Settings())
     target = SimpleNamespace(model="m", spec=PreprocessSpec())
     with pytest.raises(Overloaded):
         asyncio.run(plane.decode([b"no image", b"none"], target, time.monotonic() + 30, Refusing()))  # type: ignore[arg-type]
@@ -83,7 +89,7 @@ def test_a_list_is_refused_before_its_images_headers_are_read() -> None:
 def test_decoding_slower_than_its_estimate_sheds_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
     # 10 ms of CPU per image on 1 thread; 4 images decoding are 40 ms ahead: admitted
     # with a 50 ms budget, until decoding is seen taking twice what was foreseen.
-    plane = DataPlane(Settings(queue_wait_budget_seconds=0.05), None, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    plane = idle_plane(Settings(queue_wait_budget_seconds=0.05))
     plane._decode_cost, plane._decoding = 0.010, 4
     plane._admit_decode("m", 1)
     now = time.monotonic()
@@ -94,7 +100,7 @@ def test_decoding_slower_than_its_estimate_sheds_sooner(monkeypatch: pytest.Monk
 
 
 def test_room_is_checked_on_the_version_that_would_answer() -> None:
-    plane = DataPlane(Settings(), None, ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    plane = idle_plane(Settings())
     checked: list[int] = []
 
     class Full:
