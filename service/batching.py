@@ -679,13 +679,15 @@ class Correction:
         that a batch of 32 one-image requests moves it no more than one request of 32."""
         if foreseen < MIN_FORESEEN_SECONDS:
             return
-        current = self.factor(now)
-        # As for the cost (OUTLIER_FACTOR): one stall (a GC pause, a slow answer) moves
-        # the factor up by a fifth at most; unbounded, one batch took it from 1 to 10.
-        ratio = min(took / foreseen, OUTLIER_FACTOR * current, MAX_WAIT_FACTOR)
-        ratio = max(ratio, 1 / MAX_WAIT_FACTOR)
-        fresh = _fresh(now, self._at)
-        self._factor = current + COST_WEIGHT * (ratio - current) if fresh else ratio
+        ratio = min(max(took / foreseen, 1 / MAX_WAIT_FACTOR), MAX_WAIT_FACTOR)
+        # Moved as the cost is (_moving): one stall (a GC pause, a slow answer) moves it
+        # up by a fifth at most; one sample per request took it from 1 to 10 in a batch.
+        # A factor nothing confirmed lately is 1 again, so the sample replaces it within
+        # OUTLIER_FACTOR of 1.
+        if _fresh(now, self._at):
+            self._factor = _moving(self._factor, ratio, fresh=True)
+        else:
+            self._factor = min(ratio, OUTLIER_FACTOR)
         self._at = now
 
 
