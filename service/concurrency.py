@@ -65,6 +65,7 @@ WINDOW_ANSWERS = 16
 MAX_CUT = 0.8  # a window cuts the limit to no less than this share of what it held
 REFUSAL_BURST_SECONDS = 0.05  # refusals answered at once: this many seconds' worth
 LAG_INTERVAL = 0.01  # how often the event loop's lag is sampled
+LAG_WEIGHT = 0.2  # the lag's moving average (ConcurrencyLimit.lag): ~5 samples, ~50 ms
 MAX_RAISE = 1.25  # a window raises the limit by at most a quarter
 # An adapting limit starts at this many times its floor (a batch, by default), not at the
 # cap: from the cap, a client opening 128 connections at once had them all admitted and
@@ -143,6 +144,7 @@ class ConcurrencyLimit:
         self._alone = 0.0  # what a request alone takes (moving average; 0 = not seen)
         self._lag = 0.0  # the event loop's lag summed over the window's samples
         self._lag_samples = 0
+        self.lag = 0.0  # the event loop's lag, a moving average of its samples
 
     def try_acquire(self) -> float | None:
         """Take a place, unless the worker is at its limit: the time it was taken (hand
@@ -251,8 +253,11 @@ class ConcurrencyLimit:
         while True:
             started = self._clock()
             await asyncio.sleep(LAG_INTERVAL)
-            self._lag += max(0.0, self._clock() - started - LAG_INTERVAL)
+            lag = max(0.0, self._clock() - started - LAG_INTERVAL)
+            self._lag += lag
             self._lag_samples += 1
+            self.lag += LAG_WEIGHT * (lag - self.lag)
+            metrics.set_event_loop_lag(self.lag)
 
     def refusal(self) -> Overloaded:
         """What a request refused by :meth:`try_acquire` is told (and counted as).

@@ -124,6 +124,12 @@ CONCURRENCY_LIMIT = Gauge(
     "workers); more are refused with reason concurrency.",
     multiprocess_mode="livesum",
 )
+EVENT_LOOP_LAG = Gauge(
+    "cnnserve_event_loop_lag_seconds",
+    "How late a worker's event loop runs a 10 ms timer, a moving average over ~50 ms (max "
+    "over workers): what a request arriving now waits before its handler starts.",
+    multiprocess_mode="livemax",
+)
 BORROWED_PLACES = Counter(
     "cnnserve_concurrency_borrowed",
     "Requests admitted over their worker's own concurrency limit, on places its sibling "
@@ -336,6 +342,11 @@ def set_concurrency_limit(limit: int) -> None:
     """The worker's concurrency limit, as :class:`service.concurrency.ConcurrencyLimit`
     adapts it."""
     CONCURRENCY_LIMIT.set(limit)
+
+
+def set_event_loop_lag(seconds: float) -> None:
+    """The worker's event-loop lag (:attr:`service.concurrency.ConcurrencyLimit.lag`)."""
+    EVENT_LOOP_LAG.set(seconds)
 
 
 def observe_borrowed_place() -> None:

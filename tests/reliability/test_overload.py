@@ -34,6 +34,7 @@ BASE_CONNECTIONS = 16  # about where goodput stops growing here
 SECONDS = 4.0
 PNG_TYPE = {"content-type": "image/png"}
 PNG = encode(gradient(), "PNG")
+LARGE_PNG = encode(gradient(640, 480), "PNG")  # 2 KB, 3-5 ms to decode and resize
 REQUEST = post("/v1/classify", PNG, "image/png")
 PROBE = b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -630,8 +631,15 @@ def test_four_times_grpc_overload_is_shed_fast_and_recovers(
     reach admission at once rather than wait in gRPC's core behind every other
     connection's: with one gRPC listener a worker (grpc.aio takes one call a turn of the
     event loop) its median call took ~85 ms here and admission refused none of the
-    load, against ~15-25 ms now."""
-    (tmp_path / "image.png").write_bytes(PNG)
+    load, against ~15-25 ms now.
+
+    The calls carry a 640x480 PNG (3-5 ms of decoding each), so that 4x the calls is 4x
+    the load for the server: with a 64x48 one the load's own Python process, on the same
+    cores, barely sent more than the tiny model serves (0-142 refusals a run). Decoded on
+    the event loop, as images of up to 500,000 pixels were, these calls waited in gRPC's
+    core and none was refused (the polite client's p99 110-616 ms): the decode threads'
+    backlog is what admission counts."""
+    (tmp_path / "image.png").write_bytes(LARGE_PNG)
     bodies = (tmp_path / "image.png",)
     env = {
         "CNNSERVE_POLL_SECONDS": "0",
@@ -642,7 +650,8 @@ def test_four_times_grpc_overload_is_shed_fast_and_recovers(
         target = server.grpc_target
 
         def polite_clients() -> list[GrpcClient]:  # as the bench's probe: two, pausing
-            return [GrpcClient(target, "tiny", None, [PNG], 0.02, time.monotonic()) for _ in "ab"]
+            now = time.monotonic()
+            return [GrpcClient(target, "tiny", None, [LARGE_PNG], 0.02, now) for _ in "ab"]
 
         def polite(seconds: float) -> list[Sample]:
             clients = polite_clients()

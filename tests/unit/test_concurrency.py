@@ -4,6 +4,7 @@ to the latency budget on a moved clock, and the pacing of refusals."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -122,6 +123,32 @@ def test_a_worker_is_shedding_for_a_retry_after_once_it_refuses() -> None:
     assert limit.shedding()
     clock.now += module.SHEDDING_SECONDS * 0.2
     assert not limit.shedding()
+
+
+def test_the_event_loops_lag_is_a_moving_average_of_how_late_its_timer_fires() -> None:
+    """lag (cnnserve_event_loop_lag_seconds: what a request arriving now waits before its
+    handler starts) rises while the loop is held and falls back once it is free: a real
+    loop, held by a coroutine that blocks it."""
+    limit = ConcurrencyLimit(1)
+
+    async def scenario() -> tuple[float, float]:
+        watching = asyncio.create_task(limit.watch_event_loop())
+        try:
+            await asyncio.sleep(0.05)
+            assert limit.lag < 0.05  # nothing held it (a loaded host may delay timers)
+            for _ in range(8):  # held 30 ms, eight times: each timer ~20 ms late
+                await asyncio.sleep(0)
+                time.sleep(0.03)
+            held = limit.lag
+            while limit.lag > 0.003:  # pytest-timeout ends a loop that never recovers
+                await asyncio.sleep(0.01)
+            return held, limit.lag
+        finally:
+            watching.cancel()
+
+    held, after = asyncio.run(scenario())
+    assert held > 0.005, held
+    assert after <= 0.003
 
 
 def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:

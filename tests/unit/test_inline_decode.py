@@ -63,8 +63,10 @@ def solid(width: int, height: int) -> Image.Image:
         (gradient(1600, 1200), "JPEG", 0),
         # a tiny file that unpacks into 4,000,000 pixels: to a decode thread
         (solid(2000, 2000), "PNG", 1),
+        # 307,200 pixels, 3-5 ms: held the loop while calls waited unseen in gRPC's core
+        (gradient(640, 480), "PNG", 1),
     ],
-    ids=["jpeg-224", "png-small", "jpeg-reduced-scale", "png-large-small-file"],
+    ids=["jpeg-224", "png-small", "jpeg-reduced-scale", "png-large-small-file", "png-640x480"],
 )
 def test_lone_images_are_decoded_inline_unless_large(
     image: Image.Image, fmt: str, threads: int
