@@ -698,7 +698,17 @@ def _encoded_items(raw: Any) -> list[bytes]:
             f"{BYTES_SIGNATURE} takes encoded image files (a DT_STRING tensor), not a "
             f"{raw.dtype} tensor; send pixels to {SERVING_SIGNATURE}"
         )
-    items = list(np.asarray(raw, dtype=object).reshape(-1)) if not isinstance(raw, bytes) else [raw]
+    if isinstance(raw, bytes):
+        return [raw]
+    files = np.asarray(raw, dtype=object)
+    if files.ndim > 1:
+        # As TF Serving, whose input is [batch]: a [1, 1, ..., 1] tensor (or 40 nested
+        # lists around one file) was read as one file.
+        raise InvalidRequest(
+            f"{BYTES_SIGNATURE} takes a list of encoded image files, shape [batch]; got "
+            f"shape {list(files.shape)}"
+        )
+    items = list(files.reshape(-1))
     for i, item in enumerate(items):
         if not isinstance(item, bytes):
             raise InvalidRequest(

@@ -544,6 +544,15 @@ def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:
             "unknown_signature",
         )
         _error(client.post("/v1/models/tiny:predict", json={"foo": 1}), 400, "bad_request")
+        # Files are a list [batch], as TF Serving's input: 40 lists around one are refused.
+        nested: object = {"b64": base64.b64encode(png).decode()}
+        for _ in range(40):
+            nested = [nested]
+        deep = client.post(
+            "/v1/models/tiny:predict",
+            json={"signature_name": "predict_image_bytes", "inputs": nested},
+        )
+        assert "shape [batch]" in _error(deep, 400, "bad_request"), deep.text
         _error(
             client.post(
                 "/v1/models/tiny:predict",

@@ -440,8 +440,17 @@ def test_hostile_messages_and_tensors_are_invalid_argument(
         ),
     )
     assert code == invalid and "DT_STRING" in message
-    # Encoded files without a signature name go to the bytes signature, as over REST.
+    # Files are a list [batch], as TF Serving's input: a [1]*8 tensor is no image.
     png = encode(gradient(), "PNG")
+    code, message = code_of(
+        predict_stub.Predict,
+        predict_request(
+            {"image_bytes": shaped(types_pb2.DT_STRING, [1] * 8, string_val=[png])},
+            signature_name="predict_image_bytes",
+        ),
+    )
+    assert code == invalid and "shape [batch]" in message, message
+    # Encoded files without a signature name go to the bytes signature, as over REST.
     files = shaped(types_pb2.DT_STRING, [2], string_val=[png, png])
     answer = predict_stub.Predict(predict_request({"image": files}), timeout=30)
     assert probabilities(answer).shape == (2, 3)
