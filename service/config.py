@@ -127,8 +127,9 @@ class Settings(BaseSettings):
     # --- request limits ----------------------------------------------------------------
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(40_000_000, ge=1)
-    # 150,000: every photo JPEG at its reduced scale (1600x1200 decodes to 400x300) and a
-    # 224x224 upload of any format, ~1.5 ms of the loop at most. At 500,000 a 640x480 PNG
+    # 150,000 (and a file of at most 64 KiB, service.dataplane.INLINE_DECODE_MAX_BYTES):
+    # a 224x224 upload of any usual format, ~1-1.5 ms of the loop at most. At 500,000 (and
+    # 256 KiB) a 640x480 PNG
     # (3-5 ms) held the loop for each request, and while it did new requests waited where
     # admission cannot see them (gRPC's core, the sockets): over gRPC, 4x the calls got no
     # refusal (docs/failure-modes.md, "Mid-size images on the event loop").

@@ -4,9 +4,9 @@ to the latency budget on a moved clock, and the pacing of refusals."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
+from prometheus_client import REGISTRY
 
 from service import concurrency as module
 from service.concurrency import (
@@ -127,28 +127,33 @@ def test_a_worker_is_shedding_for_a_retry_after_once_it_refuses() -> None:
 
 def test_the_event_loops_lag_is_a_moving_average_of_how_late_its_timer_fires() -> None:
     """lag (cnnserve_event_loop_lag_seconds: what a request arriving now waits before its
-    handler starts) rises while the loop is held and falls back once it is free: a real
-    loop, held by a coroutine that blocks it."""
-    limit = ConcurrencyLimit(1)
+    handler starts) moves a fifth of the way to each sample, and the gauge shows it. On a
+    moved clock: each 10 ms timer is read as 20 ms late, then as on time."""
+    clock = Clock()
+    step = [0.03]
 
-    async def scenario() -> tuple[float, float]:
+    def moving() -> float:
+        clock.now += step[0]
+        return clock.now
+
+    limit = ConcurrencyLimit(1, clock=moving)
+
+    async def samples(n: int) -> None:
         watching = asyncio.create_task(limit.watch_event_loop())
         try:
-            await asyncio.sleep(0.05)
-            assert limit.lag < 0.05  # nothing held it (a loaded host may delay timers)
-            for _ in range(8):  # held 30 ms, eight times: each timer ~20 ms late
-                await asyncio.sleep(0)
-                time.sleep(0.03)
-            held = limit.lag
-            while limit.lag > 0.003:  # pytest-timeout ends a loop that never recovers
-                await asyncio.sleep(0.01)
-            return held, limit.lag
+            while limit._lag_samples < n:
+                await asyncio.sleep(0.005)
         finally:
             watching.cancel()
 
-    held, after = asyncio.run(scenario())
-    assert held > 0.005, held
-    assert after <= 0.003
+    asyncio.run(samples(5))
+    late = limit._lag_samples
+    assert limit.lag == pytest.approx(0.02 * (1 - (1 - module.LAG_WEIGHT) ** late))
+    assert REGISTRY.get_sample_value("cnnserve_event_loop_lag_seconds") == limit.lag
+    held, step[0] = limit.lag, module.LAG_INTERVAL
+    asyncio.run(samples(late + 5))
+    on_time = limit._lag_samples - late
+    assert limit.lag == pytest.approx(held * (1 - module.LAG_WEIGHT) ** on_time)
 
 
 def test_what_a_request_alone_takes_is_added_to_the_budget() -> None:

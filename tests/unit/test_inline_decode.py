@@ -60,6 +60,7 @@ def solid(width: int, height: int) -> Image.Image:
         (gradient(224, 224), "JPEG", 0),  # the common upload: decoded where it arrived
         (gradient(60, 40), "PNG", 0),
         # 1600x1200 JPEG decodes at a quarter scale (400x300 = 120,000 pixels): inline
+        # from a small file (40 KiB)
         (gradient(1600, 1200), "JPEG", 0),
         # a tiny file that unpacks into 4,000,000 pixels: to a decode thread
         (solid(2000, 2000), "PNG", 1),
@@ -85,6 +86,14 @@ def scan_bomb(size: int, repeats: int) -> bytes:
     return data[:eoi] + data[dht:eoi] * repeats + b"\xff\xd9"
 
 
+def photo_jpeg(width: int, height: int) -> bytes:
+    """A JPEG as large as a photo of that size (noise over a gradient), not a smooth
+    gradient's few KiB."""
+    noise = np.random.default_rng(0).integers(0, 60, (height, width, 3))
+    pixels = np.asarray(gradient(width, height), np.int64) * 3 // 4 + noise
+    return encode(Image.fromarray(pixels.astype(np.uint8)), "JPEG", quality=85)
+
+
 def padded_png(image: Image.Image, extra: int) -> bytes:
     """``image`` as a PNG with one ancillary chunk of ``extra`` bytes after its data."""
     png = encode(image, "PNG")
@@ -97,17 +106,30 @@ def padded_png(image: Image.Image, extra: int) -> bytes:
 @pytest.mark.parametrize(
     ("data", "threads"),
     [
-        # 3000x3000 decoded at 1/8 (375x375 = 140,625 pixels), each of its scans a pass
-        # over 9,000,000: to a decode thread, where a baseline one stays inline
-        (encode(gradient(3000, 3000), "JPEG", progressive=True), 1),
-        (encode(gradient(3000, 3000), "JPEG"), 0),
+        # 1792x1792 decoded at 1/8 (224x224 = 50,176 pixels), each of its scans a pass
+        # over 3,211,264: to a decode thread, where a baseline one (60 KiB) stays inline
+        (encode(gradient(1792, 1792), "JPEG", progressive=True), 1),
+        (encode(gradient(1792, 1792), "JPEG"), 0),
         (scan_bomb(2000, 40), 1),  # 40 repeats: under the scan limit, still costly
         (encode(gradient(224, 224), "JPEG", progressive=True), 0),  # a small one is cheap
         # 16 pixels in a 300 KB file: Pillow reads what follows the pixels as it decodes
         (padded_png(gradient(4, 4), 300_000), 1),
-        (padded_png(gradient(4, 4), 100_000), 0),
+        (padded_png(gradient(4, 4), 50_000), 0),
+        # a JPEG reads all its data whatever its reduced scale: 1024x768 photo-like in
+        # ~250 KiB, 512x384 pixels, ~4 ms (inline at 256 KiB before)
+        (photo_jpeg(1024, 768), 1),
+        (photo_jpeg(224, 224), 0),  # ~17 KiB
     ],
-    ids=["progressive", "baseline", "scan-bomb", "progressive-224", "big-file", "padded-file"],
+    ids=[
+        "progressive",
+        "baseline",
+        "scan-bomb",
+        "progressive-224",
+        "big-file",
+        "padded-file",
+        "photo-1024x768",
+        "photo-224",
+    ],
 )
 def test_costly_files_of_few_pixels_use_the_decode_threads(data: bytes, threads: int) -> None:
     batch, submitted = decode([data])
