@@ -129,10 +129,10 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     # 150,000 (and a file of at most 64 KiB, service.dataplane.INLINE_DECODE_MAX_BYTES):
     # a 224x224 upload of any usual format, ~1-1.5 ms of the loop at most. At 500,000 (and
-    # 256 KiB) a 640x480 PNG
-    # (3-5 ms) held the loop for each request, and while it did new requests waited where
-    # admission cannot see them (gRPC's core, the sockets): over gRPC, 4x the calls got no
-    # refusal (docs/failure-modes.md, "Mid-size images on the event loop").
+    # 256 KiB) a 640x480 PNG (3-5 ms) held the loop for each request, and while it did new
+    # requests waited where admission cannot see them (gRPC's core, the sockets): over
+    # gRPC, 4x the calls got no refusal (docs/failure-modes.md, "Mid-size images on the
+    # event loop").
     inline_decode_max_pixels: int = Field(
         150_000,
         ge=0,
