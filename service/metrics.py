@@ -137,8 +137,9 @@ BORROWED_PLACES = Counter(
 )
 MOVED_CONNECTIONS = Counter(
     "cnnserve_concurrency_moved_connections",
-    "HTTP connections closed after a 503 because another worker of the replica had room: "
-    "the client's next connection may land there (connections are split unevenly).",
+    "HTTP connections closed after a 503 because another worker of the replica had room, "
+    "or after a 200 while another worker held no request: the client's next connection "
+    "may land there (connections are split unevenly).",
 )
 HEADERS_TOO_LARGE = Counter(
     "cnnserve_headers_too_large",
@@ -356,8 +357,8 @@ def observe_borrowed_place() -> None:
 
 
 def observe_moved_connection() -> None:
-    """A refused client's connection is closed so that it may land on a sibling worker
-    (service.concurrency)."""
+    """A client's connection is closed after its answer so that it may land on a sibling
+    worker (service.concurrency)."""
     MOVED_CONNECTIONS.inc()
 
 

@@ -27,7 +27,10 @@ client that opened 128 connections at once found 118 of them on one worker, whic
 borrowed its sibling's 500 unused places and answered all 118 in ~100 ms, refusing
 none. Past that, while a sibling has room, its refusals close the connection: the
 client's next connection lands on whichever worker accepts it first, most often the
-one that is not busy.
+one that is not busy. Below its limit a worker refuses nothing, however unevenly the
+connections fell: one holding two requests or more while a sibling holds none closes an
+answered connection after its 200 (:meth:`Siblings.idle`, at most once a second), so a
+client whose few busy connections all landed on one worker is spread too.
 """
 
 from __future__ import annotations
@@ -110,6 +113,15 @@ class Siblings:
         free = self._table[:, 1] - self._table[:, 0]
         lending = self._table[:, 2] < int((now - LEND_AFTER_SECONDS) * 1e9)
         return int(np.where(lending, free, np.minimum(free, 0)).sum())
+
+    def idle(self, now: float) -> bool:
+        """Whether another worker (a slot in use: a limit published) holds no request
+        at ``now`` and has not refused one lately."""
+        table = self._table
+        quiet = table[:, 2] < int((now - LEND_AFTER_SECONDS) * 1e9)
+        idle = (table[:, 1] > 0) & (table[:, 0] == 0) & quiet
+        idle[self.slot] = False
+        return bool(idle.any())
 
     def leave(self) -> None:
         """This worker stops: its slot holds nothing and is free for another."""

@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 
 from starlette.responses import Response
 
+from service import metrics
 from service.api.fastpath import query_int, raw_classify_query
 from service.api.http import (
     CLIENT_KEY_HEADER,
+    MOVE_HEADER,
     REQUEST_ID_HEADER,
     Admission,
     answer_error,
@@ -171,6 +173,11 @@ class DirectClassify:
                     await self.admission.concurrency.pace_refusal(
                         request.retrying, request.connection
                     )
+                    return _with_id(response, rid)
+            if concurrency.moves_answered():
+                metrics.observe_moved_connection()
+                status, headers, body = _with_id(response, rid)
+                return status, [*headers, MOVE_HEADER], body
         return _with_id(response, rid)
 
     def timed_out(self, request: DirectRequest) -> Answer:

@@ -69,6 +69,9 @@ MODELS_PREFIX = "/v1/models/"  # TF Serving's REST API: GET is a model's status 
 # app its connection's refusal record and whether the request came as a retry at once:
 # a 503 the app makes is paced by the same rule as one the protocol makes.
 CONNECTION_REFUSALS = "cnnserve.connection_refusals"
+# Added to an answer whose connection is to close so that its client's next connection
+# may land on an idle sibling worker (service.concurrency.ConcurrencyLimit.moves_answered).
+MOVE_HEADER = (b"connection", b"close")
 
 
 # TF Serving's REST API (its api_rest.md) answers errors as {"error": "<message>"}, and
@@ -284,6 +287,9 @@ class RequestGuard:
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503:  # come back later: paced (service.concurrency)
                     await concurrency.pace_refusal(retrying, connection)
+                elif taken is not None and concurrency.moves_answered():
+                    message["headers"] = [*message.get("headers", []), MOVE_HEADER]
+                    metrics.observe_moved_connection()
                 # The answer is made (every route's is whole before it starts): the place
                 # goes before the sends, which wait while the client's buffer is full
                 # (33 clients that pipelined requests and never read held every place).

@@ -595,7 +595,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         try:
             status, headers, body = await self._direct.answer(request)
             request.response_complete = True
-            if status == 503 and _closes(headers):  # a refusal moving its client
+            if _closes(headers):  # an answer moving its client (service.concurrency)
                 request.keep_alive = False
             if not request.disconnected and not self.transport.is_closing():
                 self._answer(status, headers, body, request.keep_alive)

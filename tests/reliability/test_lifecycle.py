@@ -3,7 +3,6 @@ graceful shutdown. All against real servers; waits poll the server's state."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
@@ -24,7 +23,7 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, simple_config, write_models_config
-from tests.helpers.server import Server, running_server, workers_of
+from tests.helpers.server import Server, accepted_by, running_server, workers_of
 
 PNG = encode(gradient(), "PNG")
 RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
@@ -410,23 +409,6 @@ def test_sighup_with_a_broken_models_config_keeps_the_workers_that_serve(
         assert workers_of(server) == before
         for _ in range(10):  # new connections: either worker
             assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
-
-
-def accepted_by(pids: set[int], client: socket.socket) -> bool:
-    """Whether one of ``pids`` holds the server side of ``client``'s connection (the
-    kernel's table names the socket; the process's descriptors show who accepted it)."""
-    port = client.getsockname()[1]
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[2].split(":")[1], 16) == port:  # its remote end is our socket
-            inodes.add(f"socket:[{fields[9]}]")
-    for pid in pids:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            with contextlib.suppress(OSError):
-                if os.readlink(fd) in inodes:
-                    return True
-    return False
 
 
 def read_to_close(sock: socket.socket) -> bytes:

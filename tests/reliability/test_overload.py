@@ -27,7 +27,14 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.load import burst, bursts, load, post, quantile
-from tests.helpers.server import Server, eventually, read_response, running_server
+from tests.helpers.server import (
+    Server,
+    accepted_by,
+    eventually,
+    read_response,
+    running_server,
+    workers_of,
+)
 
 BUDGET = 0.08  # the default queue-wait budget
 BASE_CONNECTIONS = 16  # about where goodput stops growing here
@@ -620,6 +627,58 @@ def test_a_worker_at_its_limit_sends_refused_clients_to_a_sibling_with_room(
         finally:
             for holder in holders:
                 holder.close()
+
+
+def _two_on_one_worker(server: Server) -> tuple[socket.socket, socket.socket]:
+    """Two connections the same worker accepted (the kernel's choice: opened until two
+    share one), the others closed."""
+    workers = workers_of(server)
+    opened: list[socket.socket] = []
+    try:
+        while True:
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            for other in opened:
+                if any(accepted_by({pid}, sock) and accepted_by({pid}, other) for pid in workers):
+                    opened.remove(other)
+                    return other, sock
+            opened.append(sock)
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(multipart([encode(gradient(), "JPEG")] * MANY), id="multipart-via-app"),
+        pytest.param(post("/v1/classify", LARGE_PNG, "image/png"), id="raw-image-direct"),
+    ],
+)
+def test_a_busy_worker_moves_an_answered_connection_to_an_idle_sibling(
+    tiny_repo_litert: Path, request_bytes: bytes
+) -> None:
+    """Keep-alive holds a connection on the worker that accepted it: 4 connections split
+    0/4 had one worker answer them all while the other idled. A worker answering a
+    request while it holds another and a sibling holds none closes the answered
+    connection after its 200 (once a second at most), so that the client's next
+    connection may land on the idle sibling; the other connection goes on."""
+    env = {"CNNSERVE_WORKERS": "2", "CNNSERVE_POLL_SECONDS": "0"}
+    with running_server(tiny_repo_litert, env=env) as server:
+        eventually(lambda: len(workers_of(server)) == 2)
+        first, second = _two_on_one_worker(server)
+        with first, second:
+            # Both in flight at once: the second is in before the first is answered.
+            first.sendall(request_bytes)
+            second.sendall(request_bytes)
+            heads = [read_response(sock)[0] for sock in (first, second)]
+            assert all(head.startswith(b"HTTP/1.1 200") for head in heads), heads
+            closing = [b"connection: close" in head.lower() for head in heads]
+            assert closing.count(True) == 1, heads  # one moved, within the second
+            moved, kept = (first, second) if closing[0] else (second, first)
+            assert moved.recv(65536) == b""  # closed after its whole answer
+            kept.sendall(request_bytes)  # the other connection goes on
+            assert read_response(kept)[0].startswith(b"HTTP/1.1 200")
+        assert server.metric("cnnserve_concurrency_moved_connections_total") == 1
 
 
 def test_four_times_grpc_overload_is_shed_fast_and_recovers(

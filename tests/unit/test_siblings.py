@@ -13,7 +13,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from service.api.http import error_response
-from service.concurrency import BORROW_FACTOR, ConcurrencyLimit
+from service.concurrency import (
+    BORROW_FACTOR,
+    MOVE_CHECK_SECONDS,
+    MOVE_INTERVAL_SECONDS,
+    ConcurrencyLimit,
+)
 from service.siblings import COLUMNS, LEND_AFTER_SECONDS, SIBLINGS_DIR_ENV, TABLE, Siblings
 
 BORROWED = "cnnserve_concurrency_borrowed_total"
@@ -138,3 +143,42 @@ def test_a_worker_borrows_up_to_twice_its_limit_and_moves_refused_clients_to_roo
     assert not refusal.move and "connection" not in error_response(refusal).headers
     busy.leave()
     idle.leave()
+
+
+def test_a_busy_worker_moves_an_answered_connection_while_a_sibling_holds_none(
+    tmp_path: Path,
+) -> None:
+    """On a moved clock: a worker holding two requests moves the connection of the one
+    it answers while its sibling holds none and has not refused lately; once per
+    MOVE_INTERVAL_SECONDS, and the table is read once per MOVE_CHECK_SECONDS."""
+    now = [1000.0]
+    table = Siblings(tmp_path, 2)
+    busy = ConcurrencyLimit(64, siblings=table, clock=lambda: now[0])
+    sibling_table = Siblings(tmp_path, 2)
+    sibling = ConcurrencyLimit(64, siblings=sibling_table, clock=lambda: now[0])
+    first = busy.try_acquire()
+    assert first is not None
+    assert not busy.moves_answered()  # the only request it holds: nothing to even out
+    assert busy.try_acquire() is not None
+    assert busy.moves_answered()
+    assert not busy.moves_answered()  # moved one this second
+    now[0] += MOVE_INTERVAL_SECONDS
+    held = sibling.try_acquire()
+    assert held is not None
+    assert not busy.moves_answered()  # the sibling holds a request
+    sibling.release(held)
+    assert not busy.moves_answered()  # the table was read a moment ago
+    now[0] += MOVE_CHECK_SECONDS
+    sibling_table.refused(now[0])  # it turned a request away: not idle, whatever it holds
+    assert not busy.moves_answered()
+    now[0] += LEND_AFTER_SECONDS + MOVE_CHECK_SECONDS
+    assert busy.moves_answered()
+    busy.release(first)
+    now[0] += MOVE_INTERVAL_SECONDS
+    assert not busy.moves_answered()  # one request left
+    sibling.leave()
+    now[0] += MOVE_INTERVAL_SECONDS
+    assert busy.try_acquire() is not None
+    assert not busy.moves_answered()  # a slot left empty is no idle worker
+    busy.leave()
+    assert not ConcurrencyLimit(4).moves_answered()  # one process: no sibling
