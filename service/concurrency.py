@@ -122,6 +122,7 @@ class ConcurrencyLimit:
         retry_at_once: float = RETRY_AT_ONCE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         siblings: Siblings | None = None,
+        serving: bool = True,
     ) -> None:
         if cap < 1:
             raise ValueError(f"the concurrency limit must be at least 1, got {cap}")
@@ -138,6 +139,7 @@ class ConcurrencyLimit:
         self._move_next = 0.0  # when an answered connection may be moved next (clock's time)
         self._shed_at = -SHEDDING_SECONDS  # when admits() last said no (clock's time)
         self._retry_at_once = retry_at_once
+        self._serving = serving
         self._publish()
         # Refusals are paced by a token bucket: ``_rate`` a second, bursts of ``_burst``.
         self._rate = refusals_per_second
@@ -208,8 +210,10 @@ class ConcurrencyLimit:
         sibling worker that holds no request: a keep-alive connection stays where the
         kernel put it, and 4 connections of 32-image requests split 0/4 had one worker
         serve them all while the other idled (38 answers a second against ~60 split
-        2/2). At most once per :data:`MOVE_INTERVAL_SECONDS`, so connections split
-        evenly are not churned by a sibling's idle moments."""
+        2/2). At most once per :data:`MOVE_INTERVAL_SECONDS`: that bounds the churn of
+        connections split evenly, whose siblings are idle for moments. The caller
+        decides whether the connection loses nothing by closing
+        (service.api.http.moves)."""
         siblings = self._siblings
         if siblings is None or self.in_flight < MOVE_HELD:
             return False
@@ -264,10 +268,21 @@ class ConcurrencyLimit:
         self._full = False
         self._window_end = now + WINDOW_SECONDS
 
+    def set_serving(self, serving: bool) -> None:
+        """Whether this worker takes connections: until it does (a replacement loading
+        its models listens only once it can answer) and from when its listeners close,
+        its slot in the siblings' table reads as empty, so that no sibling borrows its
+        places or moves clients towards it (it read as idle, holding nothing)."""
+        self._serving = serving
+        self._publish()
+
     def _publish(self) -> None:
         """Tell the sibling workers (service.siblings) what this one holds and allows."""
         if self._siblings is not None:
-            self._siblings.publish(self.in_flight, self.limit)
+            if self._serving:
+                self._siblings.publish(self.in_flight, self.limit)
+            else:
+                self._siblings.publish(0, 0)
 
     def leave(self) -> None:
         """The worker stops: its places are no longer the replica's to borrow."""
@@ -404,7 +419,8 @@ def next_limit(
 def worker_limit(
     settings: Settings, clock: Callable[[], float] = time.monotonic
 ) -> ConcurrencyLimit:
-    """The limit a serving worker shares between REST and gRPC."""
+    """The limit a serving worker shares between REST and gRPC; not published to its
+    siblings until the worker says it serves (:meth:`ConcurrencyLimit.set_serving`)."""
     return ConcurrencyLimit(
         settings.max_concurrent_requests,
         budget=settings.queue_wait_budget_seconds,
@@ -413,4 +429,5 @@ def worker_limit(
         retry_at_once=settings.retry_at_once_seconds,
         clock=clock,
         siblings=Siblings.from_environment(settings.workers),
+        serving=False,
     )

@@ -138,7 +138,7 @@ BORROWED_PLACES = Counter(
 MOVED_CONNECTIONS = Counter(
     "cnnserve_concurrency_moved_connections",
     "HTTP connections closed after a 503 because another worker of the replica had room, "
-    "or after a 200 while another worker held no request: the client's next connection "
+    "or after a success while another worker held no request: the client's next connection "
     "may land there (connections are split unevenly).",
 )
 HEADERS_TOO_LARGE = Counter(

@@ -28,9 +28,10 @@ borrowed its sibling's 500 unused places and answered all 118 in ~100 ms, refusi
 none. Past that, while a sibling has room, its refusals close the connection: the
 client's next connection lands on whichever worker accepts it first, most often the
 one that is not busy. Below its limit a worker refuses nothing, however unevenly the
-connections fell: one holding two requests or more while a sibling holds none closes an
-answered connection after its 200 (:meth:`Siblings.idle`, at most once a second), so a
-client whose few busy connections all landed on one worker is spread too.
+connections fell: one holding two requests or more while a sibling holds none closes a
+connection after a success (:meth:`Siblings.idle`, at most once a second), so a client
+whose few busy connections all landed on one worker is spread too. A worker that does
+not serve (not listening yet, or any more) publishes an empty slot.
 """
 
 from __future__ import annotations
@@ -115,12 +116,14 @@ class Siblings:
         return int(np.where(lending, free, np.minimum(free, 0)).sum())
 
     def idle(self, now: float) -> bool:
-        """Whether another worker (a slot in use: a limit published) holds no request
-        at ``now`` and has not refused one lately."""
+        """Whether another worker that serves (its slot holds a limit: see
+        ConcurrencyLimit.set_serving) holds no request at ``now`` and has not refused
+        one lately. A worker killed with none in flight reads as idle until its
+        replacement takes its slot (seconds: uvicorn respawns it at once)."""
         table = self._table
         quiet = table[:, 2] < int((now - LEND_AFTER_SECONDS) * 1e9)
         idle = (table[:, 1] > 0) & (table[:, 0] == 0) & quiet
-        idle[self.slot] = False
+        idle[self.slot] = False  # (a caller holds requests; not idle in any case)
         return bool(idle.any())
 
     def leave(self) -> None:

@@ -137,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         def stop_calls() -> None:
             """gRPC stops accepting and drains beside REST, within the same grace."""
             if not stopping_calls:
+                concurrency.set_serving(False)  # its listeners close now
                 stopping_calls.append(
                     asyncio.create_task(
                         stop_grpc(
@@ -158,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if tls is not None and settings.tls_poll_seconds > 0
             else None
         )
+        concurrency.set_serving(True)  # REST listens once this startup is over
         try:
             # Lifespan state: uvicorn hands it to every connection's protocol.
             yield {

@@ -21,15 +21,14 @@ tests/integration/test_fastpath.py compares its answers with the route's byte fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.responses import Response
 
-from service import metrics
 from service.api.fastpath import query_int, raw_classify_query
 from service.api.http import (
     CLIENT_KEY_HEADER,
-    MOVE_HEADER,
     REQUEST_ID_HEADER,
     Admission,
     answer_error,
@@ -38,6 +37,7 @@ from service.api.http import (
     header_timeout,
     header_value,
     joined_headers,
+    moves,
     parse_client_key,
 )
 from service.api.rest import CLASSIFY_PATH, classify_response
@@ -173,12 +173,12 @@ class DirectClassify:
                     await self.admission.concurrency.pace_refusal(
                         request.retrying, request.connection
                     )
-                    return _with_id(response, rid)
-            if concurrency.moves_answered():
-                metrics.observe_moved_connection()
-                status, headers, body = _with_id(response, rid)
-                return status, [*headers, MOVE_HEADER], body
         return _with_id(response, rid)
+
+    def moves(self, status: int, movable: Callable[[], bool]) -> bool:
+        """:func:`service.api.http.moves` for a request answered here (its place is
+        still held until :meth:`done`)."""
+        return moves(status, movable, self.admission.concurrency)
 
     def timed_out(self, request: DirectRequest) -> Answer:
         """The answer to a request whose body did not arrive within the read timeout."""

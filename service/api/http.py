@@ -69,8 +69,11 @@ MODELS_PREFIX = "/v1/models/"  # TF Serving's REST API: GET is a model's status 
 # app its connection's refusal record and whether the request came as a retry at once:
 # a 503 the app makes is paced by the same rule as one the protocol makes.
 CONNECTION_REFUSALS = "cnnserve.connection_refusals"
-# Added to an answer whose connection is to close so that its client's next connection
+# The ASGI scope key under which the HTTP protocol hands the app a callable saying
+# whether closing the connection after the answer now being made would lose nothing
+# (service.api.http_protocol); MOVE_HEADER closes it so that the client's next connection
 # may land on an idle sibling worker (service.concurrency.ConcurrencyLimit.moves_answered).
+CONNECTION_MOVABLE = "cnnserve.connection_movable"
 MOVE_HEADER = (b"connection", b"close")
 
 
@@ -227,6 +230,21 @@ class Admission:
         )
 
 
+def _never() -> bool:
+    return False
+
+
+def moves(status: int, movable: Callable[[], bool], concurrency: ConcurrencyLimit) -> bool:
+    """Whether the connection of a request answered now with ``status`` (its place
+    still held) closes after the answer, so that the client's next connection may land
+    on an idle sibling worker (:meth:`ConcurrencyLimit.moves_answered`): a success
+    only, on a connection ``movable`` says loses nothing by it; counted if so."""
+    if 200 <= status < 300 and movable() and concurrency.moves_answered():
+        metrics.observe_moved_connection()
+        return True
+    return False
+
+
 class RequestGuard:
     """Pure ASGI middleware: gives each request an id (honouring X-Request-ID); refuses,
     before a route runs, requests without a valid API key (401), over the worker's
@@ -269,6 +287,7 @@ class RequestGuard:
         arrival: tuple[ConnectionRefusals | None, bool]
         arrival = scope.get(CONNECTION_REFUSALS, (None, True))  # (None: another server)
         connection, retrying = arrival
+        movable: Callable[[], bool] = scope.get(CONNECTION_MOVABLE, _never)
 
         taken: float | None = None
 
@@ -287,9 +306,8 @@ class RequestGuard:
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503:  # come back later: paced (service.concurrency)
                     await concurrency.pace_refusal(retrying, connection)
-                elif taken is not None and concurrency.moves_answered():
+                elif taken is not None and moves(status, movable, concurrency):
                     message["headers"] = [*message.get("headers", []), MOVE_HEADER]
-                    metrics.observe_moved_connection()
                 # The answer is made (every route's is whole before it starts): the place
                 # goes before the sends, which wait while the client's buffer is full
                 # (33 clients that pipelined requests and never read held every place).

@@ -72,7 +72,14 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from service import metrics
 from service.api.direct_classify import CLIENT_CLOSED, DirectClassify, DirectRequest
-from service.api.http import CONNECTION_REFUSALS, EarlyRefusal, Refused, error_response
+from service.api.http import (
+    CONNECTION_MOVABLE,
+    CONNECTION_REFUSALS,
+    MOVE_HEADER,
+    EarlyRefusal,
+    Refused,
+    error_response,
+)
 from service.concurrency import ConnectionRefusals
 from service.config import Settings
 from service.errors import CnnserveError, HeadersTooLarge, InvalidRequest, RequestTimeout
@@ -447,6 +454,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # RequestGuard admits it (and the connection's refusal is forgotten) or refuses
         # it, paced by the same rule.
         self.scope[CONNECTION_REFUSALS] = (self._refusals, retrying)  # type: ignore[literal-required]
+        self.scope[CONNECTION_MOVABLE] = self._movable_cycle  # type: ignore[literal-required]
         super().on_headers_complete()
         if self._shutting_down:  # its answer says the connection closes after it
             self.cycle.keep_alive = False
@@ -595,6 +603,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         try:
             status, headers, body = await self._direct.answer(request)
             request.response_complete = True
+            if self._direct.moves(status, lambda: self._movable(request.keep_alive)):
+                headers = [*headers, MOVE_HEADER]
             if _closes(headers):  # an answer moving its client (service.concurrency)
                 request.keep_alive = False
             if not request.disconnected and not self.transport.is_closing():
@@ -663,6 +673,25 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return False
         self._client_done = True
         return True
+
+    def _movable(self, keep_alive: bool) -> bool:
+        """Whether closing the connection after the answer now being made would lose
+        nothing: it would stay open otherwise (``keep_alive``: not HTTP/1.0, no
+        ``Connection: close``, the server not stopping), and no other request is on it
+        (none pipelined behind, none begun: closing with one unread reset the
+        connection, and the client could lose the answer itself)."""
+        return (
+            keep_alive
+            and not self._shutting_down
+            and not self.pipeline
+            and not self._in_message
+            and self.flow.held is None
+            and not self.transport.is_closing()
+        )
+
+    def _movable_cycle(self) -> bool:
+        """:meth:`_movable` for the request uvicorn's cycle is answering (the app's)."""
+        return self.cycle is not None and self._movable(self.cycle.keep_alive)
 
     def _nothing_to_answer(self) -> bool:
         """No request on the connection waits for (the rest of) its answer."""

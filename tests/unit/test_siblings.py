@@ -182,3 +182,27 @@ def test_a_busy_worker_moves_an_answered_connection_while_a_sibling_holds_none(
     assert not busy.moves_answered()  # a slot left empty is no idle worker
     busy.leave()
     assert not ConcurrencyLimit(4).moves_answered()  # one process: no sibling
+
+
+def test_a_worker_that_does_not_serve_yet_or_any_more_lends_nothing_and_is_not_idle(
+    tmp_path: Path,
+) -> None:
+    """A replacement worker listens only once its models are loaded, and a stopping
+    one's listeners close: meanwhile it holds nothing, but no client can reach it."""
+    now = [1000.0]
+    busy = ConcurrencyLimit(64, siblings=Siblings(tmp_path, 2), clock=lambda: now[0])
+    starting = ConcurrencyLimit(
+        64, siblings=Siblings(tmp_path, 2), clock=lambda: now[0], serving=False
+    )
+    busy.limit = 1
+    assert busy.try_acquire() is not None
+    assert busy.try_acquire() is None  # nothing to borrow from a worker that does not serve
+    starting.set_serving(True)
+    assert busy.try_acquire() is not None  # it serves: its places are lent
+    assert busy.moves_answered()  # and it is idle
+    now[0] += MOVE_INTERVAL_SECONDS
+    starting.set_serving(False)  # its listeners closed
+    assert not busy.moves_answered()
+    assert busy.try_acquire() is None
+    busy.leave()
+    starting.leave()
