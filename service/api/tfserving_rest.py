@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.http import (
     LARGE_JSON_BYTES,
     base64_hint,
+    check_room,
     client_key,
     dataplane,
     decode_base64,
@@ -290,7 +291,7 @@ async def _predict(
 ) -> Response:
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
-    plane.check_room(model, version, label, deadline, client_key(request))
+    await check_room(request, model, version, label, deadline, parses=True)
     body = await read_json(request, object_hook=_b64_value)
     signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
     if not isinstance(signature_name, str):

@@ -23,7 +23,13 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, simple_config, write_models_config
-from tests.helpers.server import Server, accepted_by, running_server, workers_of
+from tests.helpers.server import (
+    Server,
+    accepted_by,
+    read_response,
+    running_server,
+    workers_of,
+)
 
 PNG = encode(gradient(), "PNG")
 RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
@@ -484,6 +490,38 @@ def test_expired_deadlines_get_504_saying_so_and_never_run(grpc_server: Server) 
             stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=0.0005)
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_for(lambda: expired() > before, timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "body"),
+    [
+        ("/v1/classify", "multipart/form-data; boundary=b", b"no multipart at all"),
+        ("/v1/models/tiny:predict", "application/json", b"{no JSON at all"),
+    ],
+    ids=["multipart", "predict-json"],
+)
+def test_a_deadline_that_passed_while_the_body_came_is_answered_before_it_is_parsed(
+    grpc_server: Server, path: str, content_type: str, body: bytes
+) -> None:
+    """A body the route parses before it knows its images (multipart, JSON) is checked
+    again once it is in, before parsing: its request's deadline passed meanwhile, it
+    gets the 504 unparsed (these bodies are no multipart or JSON at all: parsed, they
+    were a 400)."""
+    with grpc_server.client() as client:
+        assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        f"X-Request-Timeout: 0.2\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", grpc_server.port), timeout=30) as sock:
+        sock.sendall(head)
+        sent = time.monotonic()
+        while time.monotonic() < sent + 0.5:  # the deadline passes: the clock is the test
+            time.sleep(0.05)
+        sock.sendall(body)
+        answer, content, _ = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 504"), answer
+    assert b"x-error-code: deadline_exceeded" in answer.lower(), (answer, content)
 
 
 def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -> None:
