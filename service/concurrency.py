@@ -281,8 +281,8 @@ class ConcurrencyLimit:
         if self._siblings is not None:
             if self._serving:
                 self._siblings.publish(self.in_flight, self.limit)
-            else:
-                self._siblings.publish(0, 0)
+            else:  # no places to lend; what it holds over its limit still counts
+                self._siblings.publish(max(0, self.in_flight - self.limit), 0)
 
     def leave(self) -> None:
         """The worker stops: its places are no longer the replica's to borrow."""

@@ -679,13 +679,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         nothing: it would stay open otherwise (``keep_alive``: not HTTP/1.0, no
         ``Connection: close``, the server not stopping), and no other request is on it
         (none pipelined behind, none begun: closing with one unread reset the
-        connection, and the client could lose the answer itself)."""
+        connection, and the client could lose the answer itself). Nor while writing is
+        paused: the answer would wait for the client's buffer to drain, and a request
+        arriving meanwhile would be dropped by the close (unpaused, the answer and the
+        close are written without a turn of the event loop between them)."""
         return (
             keep_alive
             and not self._shutting_down
+            and not self._client_done
             and not self.pipeline
             and not self._in_message
             and self.flow.held is None
+            and not self.flow.write_paused
             and not self.transport.is_closing()
         )
 

@@ -89,6 +89,13 @@ def _b64(value: Any, what: str) -> bytes:
         raise InvalidRequest(f"{what} is not valid base64: {base64_hint(value)}") from None
 
 
+def multipart_boundary(request: Request) -> bool:
+    """Whether the request is multipart with a boundary (without one it is a 400 before
+    its body is read)."""
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    return kind == b"multipart/form-data" and bool(params.get(b"boundary"))
+
+
 def media_type(request: Request) -> str:
     """The Content-Type's media type, lower case, without its parameters."""
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -110,6 +117,9 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
                 max_fields=limit,
                 max_part_size=plane.settings.max_body_bytes,
             )
+            # The whole body, read for the room check (service.api.http.check_room), is
+            # not held while the request waits for its answer: its parts are.
+            vars(request).pop("_body", None)
         except HTTPException as exc:  # Starlette's words for python-multipart's refusal
             if str(exc.detail).startswith("Too many"):
                 raise TooManyImages(
@@ -248,9 +258,9 @@ async def classify(
         )
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
-    # A type the route refuses (415) is refused before its body is read; a raw image
-    # is not parsed.
-    parses = media_type(request) in ("multipart/form-data", "application/json")
+    # A type the route refuses (415) is refused before its body is read, as is a
+    # multipart body without a boundary (400); a raw image is not parsed.
+    parses = media_type(request) == "application/json" or multipart_boundary(request)
     await check_room(request, model, version, label, deadline, parses=parses)
     images, several, names = await read_images(request)
     result = await plane.classify(

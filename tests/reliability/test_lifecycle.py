@@ -515,9 +515,9 @@ def test_a_deadline_that_passed_while_the_body_came_is_answered_before_it_is_par
     ).encode()
     with socket.create_connection(("127.0.0.1", grpc_server.port), timeout=30) as sock:
         sock.sendall(head)
-        sent = time.monotonic()
-        while time.monotonic() < sent + 0.5:  # the deadline passes: the clock is the test
-            time.sleep(0.05)
+        # The deadline passes (the clock is what is tested; with a margin for a loaded
+        # host to start the route late, when the deadline's clock starts).
+        time.sleep(1.5)
         sock.sendall(body)
         answer, content, _ = read_response(sock)
     assert answer.startswith(b"HTTP/1.1 504"), answer
