@@ -43,6 +43,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 SIBLINGS_DIR_ENV = "CNNSERVE_SIBLINGS_DIR"
 TABLE = "table"  # the shared table's file name in the folder
@@ -112,8 +113,7 @@ class Siblings:
         """Places the replica has left at ``now``: the sum of the workers' limits less
         what they hold, counting none free in a worker that refused lately."""
         free = self._table[:, 1] - self._table[:, 0]
-        lending = self._table[:, 2] < int((now - LEND_AFTER_SECONDS) * 1e9)
-        return int(np.where(lending, free, np.minimum(free, 0)).sum())
+        return int(np.where(self._quiet(now), free, np.minimum(free, 0)).sum())
 
     def idle(self, now: float) -> bool:
         """Whether another worker that serves (its slot holds a limit: see
@@ -121,10 +121,14 @@ class Siblings:
         one lately. A worker killed with none in flight reads as idle until its
         replacement takes its slot (seconds: uvicorn respawns it at once)."""
         table = self._table
-        quiet = table[:, 2] < int((now - LEND_AFTER_SECONDS) * 1e9)
-        idle = (table[:, 1] > 0) & (table[:, 0] == 0) & quiet
+        idle = (table[:, 1] > 0) & (table[:, 0] == 0) & self._quiet(now)
         idle[self.slot] = False  # (a caller holds requests; not idle in any case)
         return bool(idle.any())
+
+    def _quiet(self, now: float) -> npt.NDArray[np.bool_]:
+        """Per slot: whether its worker refused no request in the last
+        :data:`LEND_AFTER_SECONDS` before ``now``."""
+        return self._table[:, 2] < int((now - LEND_AFTER_SECONDS) * 1e9)
 
     def leave(self) -> None:
         """This worker stops: its slot holds nothing and is free for another."""

@@ -21,7 +21,6 @@ tests/integration/test_fastpath.py compares its answers with the route's byte fo
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from starlette.responses import Response
@@ -37,7 +36,6 @@ from service.api.http import (
     header_timeout,
     header_value,
     joined_headers,
-    moves,
     parse_client_key,
 )
 from service.api.rest import CLASSIFY_PATH, classify_response
@@ -174,11 +172,6 @@ class DirectClassify:
                         request.retrying, request.connection
                     )
         return _with_id(response, rid)
-
-    def moves(self, status: int, movable: Callable[[], bool]) -> bool:
-        """:func:`service.api.http.moves` for a request answered here (its place is
-        still held until :meth:`done`)."""
-        return moves(status, movable, self.admission.concurrency)
 
     def timed_out(self, request: DirectRequest) -> Answer:
         """The answer to a request whose body did not arrive within the read timeout."""

@@ -79,6 +79,7 @@ from service.api.http import (
     EarlyRefusal,
     Refused,
     error_response,
+    moves,
 )
 from service.concurrency import ConnectionRefusals
 from service.config import Settings
@@ -603,7 +604,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         try:
             status, headers, body = await self._direct.answer(request)
             request.response_complete = True
-            if self._direct.moves(status, lambda: self._movable(request.keep_alive)):
+            # Its place is still held (released by done()), as moves() asks.
+            concurrency = self._direct.admission.concurrency
+            if moves(status, lambda: self._movable(request.keep_alive), concurrency):
                 headers = [*headers, MOVE_HEADER]
             if _closes(headers):  # an answer moving its client (service.concurrency)
                 request.keep_alive = False

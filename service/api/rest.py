@@ -89,23 +89,22 @@ def _b64(value: Any, what: str) -> bytes:
         raise InvalidRequest(f"{what} is not valid base64: {base64_hint(value)}") from None
 
 
-def multipart_boundary(request: Request) -> bool:
-    """Whether the request is multipart with a boundary (without one it is a 400 before
-    its body is read)."""
+def _parses_body(request: Request) -> bool:
+    """Whether :func:`read_images` parses the body before it knows the images: JSON, or
+    multipart with a boundary (without one it is a 400 before the body is read). A type
+    the route refuses (415) is refused before its body is read; a raw image is not
+    parsed."""
     kind, params = parse_options_header(request.headers.get("content-type"))
-    return kind == b"multipart/form-data" and bool(params.get(b"boundary"))
-
-
-def media_type(request: Request) -> str:
-    """The Content-Type's media type, lower case, without its parameters."""
-    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return kind == b"application/json" or (
+        kind == b"multipart/form-data" and bool(params.get(b"boundary"))
+    )
 
 
 async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | None]]:
     """The images of a /v1/classify request, whatever the encoding, whether the client
     sent a list (answered with `results`) rather than one image, and multipart file names
     (for error messages that say which image was bad)."""
-    content_type = media_type(request)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         plane = dataplane(request)
         limit = plane.settings.max_images_per_request
@@ -258,10 +257,7 @@ async def classify(
         )
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
-    # A type the route refuses (415) is refused before its body is read, as is a
-    # multipart body without a boundary (400); a raw image is not parsed.
-    parses = media_type(request) == "application/json" or multipart_boundary(request)
-    await check_room(request, model, version, label, deadline, parses=parses)
+    await check_room(request, model, version, label, deadline, parses=_parses_body(request))
     images, several, names = await read_images(request)
     result = await plane.classify(
         images,
