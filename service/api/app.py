@@ -24,6 +24,7 @@ from service.api.auth import ApiKeys, KeyFileWatch
 from service.api.direct_classify import DirectClassify
 from service.api.fastpath import ClassifyFastPath
 from service.api.grpc_server import start_grpc, stop_grpc
+from service.api.header_room import HeaderRoomCheck
 from service.api.http import Admission, EarlyRefusal, RequestGuard, install_error_handlers
 from service.api.http_protocol import (
     BODY_TIMEOUT_STATE,
@@ -167,7 +168,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 BODY_TIMEOUT_STATE: settings.body_read_timeout_seconds,
                 SEND_TIMEOUT_STATE: settings.send_timeout_seconds,
                 HEADER_LIMIT_STATE: settings.max_header_bytes,
-                EARLY_REFUSAL_STATE: EarlyRefusal(admission, quiet_paths, guarded_routes),
+                EARLY_REFUSAL_STATE: EarlyRefusal(
+                    admission,
+                    quiet_paths,
+                    guarded_routes,
+                    HeaderRoomCheck(admission, app.state.dataplane),
+                ),
                 **(
                     {DIRECT_CLASSIFY_STATE: DirectClassify(admission, app.state.dataplane)}
                     if settings.direct_classify

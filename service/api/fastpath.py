@@ -108,6 +108,12 @@ def raw_classify_query(
     media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
     if media not in RAW_TYPES:
         return None
+    return face_value_query(query_string)
+
+
+def face_value_query(query_string: bytes) -> dict[str, str] | None:
+    """/v1/classify's query parameters when each can be taken at face value (known, sent
+    once, integers as plain digits); None when the route's validation has a say."""
     query: dict[str, str] = {}
     for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
         if key in query:

@@ -223,11 +223,21 @@ class Admission:
             return coding_refusal(headers)
         return None
 
+    def refused_bytes(self, content_length: bytes | None) -> int:
+        """What a refused request's body costs to drop, for the refusal pace
+        (service.concurrency.refusal_tokens): its announced length, within the limit."""
+        return min(body_length(content_length), self.max_body_bytes)
+
     def too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"request body is larger than {self.max_body_bytes} bytes; send a "
             "smaller image (or raise CNNSERVE_MAX_BODY_BYTES)"
         )
+
+
+def body_length(content_length: bytes | None) -> int:
+    """The body length a Content-Length value announces; 0 for none (or not plain)."""
+    return int(content_length) if content_length and content_length.isdigit() else 0
 
 
 def _never() -> bool:
@@ -305,7 +315,8 @@ class RequestGuard:
                 if not any(name.lower() == b"x-request-id" for name, _ in sent):
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503:  # come back later: paced (service.concurrency)
-                    await concurrency.pace_refusal(retrying, connection)
+                    dropped = self.admission.refused_bytes(headers.get(b"content-length"))
+                    await concurrency.pace_refusal(retrying, connection, dropped)
                 elif taken is not None and moves(status, movable, concurrency):
                     message["headers"] = [*message.get("headers", []), MOVE_HEADER]
                 # The answer is made (every route's is whole before it starts): the place
@@ -396,15 +407,21 @@ class RequestGuard:
 class Refused:
     """A request refused as soon as its headers were parsed: the answer's headers (less
     the status line and the server's own) and body, how long it waits for its turn
-    (service.concurrency's pace), and its record (closed once it is answered)."""
+    (service.concurrency's pace), its record (closed once it is answered) and status."""
 
     headers: list[tuple[bytes, bytes]]
     body: bytes
     delay: float
     record: RequestRecord
+    status: int = 503
 
     def answered(self) -> None:
-        finish(self.record, 503)
+        finish(self.record, self.status)
+
+
+# The room check a route makes before reading the body, made from a request's method,
+# path, query string and headers (service.api.header_room): the error, or None.
+RoomCheck = Callable[[str, str, bytes, Sequence[tuple[bytes, bytes]]], CnnserveError | None]
 
 
 class EarlyRefusal:
@@ -412,39 +429,58 @@ class EarlyRefusal:
     ``overloaded``, Retry-After, X-Request-ID, the same metrics and access-log line), for
     the HTTP protocol (service.api.http_protocol) to send as soon as the headers are
     parsed, before uvicorn builds the request's ASGI scope and task: ~0.037 ms of server
-    CPU against ~0.066 ms through the app, measured with every request refused. Probes
-    and the metrics scrape are never refused; RequestGuard still decides for the rest."""
+    CPU against ~0.066 ms through the app, measured with every request refused. With a
+    ``room`` check, also what the route's first room check would answer a request whose
+    body it parses (service.api.header_room). Probes and the metrics scrape are never
+    refused; RequestGuard and the routes still decide for the rest."""
 
     def __init__(
-        self, admission: Admission, quiet_paths: frozenset[str], routes: Sequence[BaseRoute]
+        self,
+        admission: Admission,
+        quiet_paths: frozenset[str],
+        routes: Sequence[BaseRoute],
+        room: RoomCheck | None = None,
     ) -> None:
         self.admission = admission
         self.quiet_paths = quiet_paths
         self.routes = routes
+        self.room = room
         self._templates: dict[tuple[str, str], str] = {}  # (method, path) -> route label
 
     def __call__(
         self,
         method: str,
         path: str,
+        query_string: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         retrying: bool,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
-        (service.concurrency.ConnectionRefusals); only then is the answer paced."""
+        (service.concurrency.ConnectionRefusals); only then is a 503 paced."""
         concurrency = self.admission.concurrency
-        if not is_limited(method, path, self.quiet_paths) or concurrency.admits():
+        if not is_limited(method, path, self.quiet_paths):
             return None
+        if not concurrency.admits():
+            error: CnnserveError = concurrency.refusal()
+        elif self.room is None or (room := self.room(method, path, query_string, headers)) is None:
+            return None
+        else:
+            error = room
         rid = client_request_id(header_value(headers, b"x-request-id") or b"")
         record = RequestRecord(rid, "rest", method, self._route(method, path))
-        answer = error_response(concurrency.refusal(), path)
+        answer = error_response(error, path)
         headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
-        delay = concurrency.refusal_delay(retrying)
+        status = error.http_status
+        # A client waiting for "100 Continue" sends no body to a refusal (it is closed).
+        expects = header_value(headers, b"expect") is not None
+        length = None if expects else header_value(headers, b"content-length")
+        dropped = self.admission.refused_bytes(length)
+        delay = concurrency.refusal_delay(retrying, dropped) if status == 503 else 0.0
         # An answer to HEAD has no body (its Content-Length still says the GET one's):
         # a body would read as the start of the next answer on the connection.
         body = b"" if method == "HEAD" else bytes(answer.body)
-        return Refused(headers_out, body, delay, record)
+        return Refused(headers_out, body, delay, record, status)
 
     def _route(self, method: str, path: str) -> str:
         method = routed_method(method)

@@ -446,7 +446,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             raw_path, _, query = self.url.partition(b"?")
             path = raw_path.decode("latin-1")
             if self._early_refusal is not None:
-                refused = self._early_refusal(method, path, self.headers, retrying)
+                refused = self._early_refusal(method, path, query, self.headers, retrying)
                 if refused is not None:
                     self._refuse(refused)
                     return
@@ -756,8 +756,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # (_closing_unless_continued says why).
         owed = awaiting == self._requests and self._in_message
         keep_alive = keep_alive and not owed and not _closes(refused.headers)
-        self._answer(503, refused.headers, refused.body, keep_alive)
-        self._refusals.refused(self.loop.time())
+        self._answer(refused.status, refused.headers, refused.body, keep_alive)
+        if refused.status == 503:  # paced, as the app paces them (service.concurrency)
+            self._refusals.refused(self.loop.time())
         refused.answered()
         if keep_alive:
             self.on_response_complete()  # reads on (the body is dropped), keep-alive

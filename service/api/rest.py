@@ -89,12 +89,12 @@ def _b64(value: Any, what: str) -> bytes:
         raise InvalidRequest(f"{what} is not valid base64: {base64_hint(value)}") from None
 
 
-def _parses_body(request: Request) -> bool:
-    """Whether :func:`read_images` parses the body before it knows the images: JSON, or
-    multipart with a boundary (without one it is a 400 before the body is read). A type
-    the route refuses (415) is refused before its body is read; a raw image is not
-    parsed."""
-    kind, params = parse_options_header(request.headers.get("content-type"))
+def parses_body(content_type: str | bytes | None) -> bool:
+    """Whether :func:`read_images` parses a body of ``content_type`` before it knows the
+    images: JSON, or multipart with a boundary (without one it is a 400 before the body
+    is read). A type the route refuses (415) is refused before its body is read; a raw
+    image is not parsed."""
+    kind, params = parse_options_header(content_type)
     return kind == b"application/json" or (
         kind == b"multipart/form-data" and bool(params.get(b"boundary"))
     )
@@ -257,7 +257,14 @@ async def classify(
         )
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
-    await check_room(request, model, version, label, deadline, parses=_parses_body(request))
+    await check_room(
+        request,
+        model,
+        version,
+        label,
+        deadline,
+        parses=parses_body(request.headers.get("content-type")),
+    )
     images, several, names = await read_images(request)
     result = await plane.classify(
         images,

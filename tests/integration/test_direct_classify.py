@@ -9,25 +9,19 @@ answers equal the route's byte for byte is tests/integration/test_fastpath.py.""
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
 
-from service.api.app import create_app
 from service.api.direct_classify import DirectClassify, DirectRequest
-from service.api.http_protocol import GatewayHttpProtocol
 from service.config import Settings
-from service.launch import free_port
 from tests.helpers.images import encode, gradient
+from tests.helpers.in_process import connect, serving_in_process
 from tests.helpers.server import read_response
 
 pytestmark = pytest.mark.slow
@@ -55,9 +49,7 @@ class InProcess:
     spy: Spy
 
     def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return connect(self.port)
 
     def wait_idle(self) -> None:
         """Until no request holds a place (the test's requests are all answered)."""
@@ -86,37 +78,14 @@ def server() -> Iterator[InProcess]:
         body_read_timeout_seconds=BODY_TIMEOUT,
         max_body_bytes=100_000,
     )
-    port = free_port()
-    config = uvicorn.Config(
-        create_app(settings),
-        host="127.0.0.1",
-        port=port,
-        http=GatewayHttpProtocol,
-        log_level="warning",
-        access_log=False,
-    )
-    runner = uvicorn.Server(config)
-    runner.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    thread = threading.Thread(target=lambda: asyncio.run(runner.serve()), daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the in-process server did not get ready"
-            time.sleep(0.05)
-        # The spy learns the worker's DirectClassify from a first request.
-        with InProcess(port, spy).connect() as sock:
-            sock.sendall(raw_request())
-            assert b" 200 " in read_response(sock)[0]
-        yield InProcess(port, spy)
+        with serving_in_process(settings) as port:
+            # The spy learns the worker's DirectClassify from a first request.
+            with InProcess(port, spy).connect() as sock:
+                sock.sendall(raw_request())
+                assert b" 200 " in read_response(sock)[0]
+            yield InProcess(port, spy)
     finally:
-        runner.should_exit = True
-        thread.join(timeout=30)
         DirectClassify.answer = original  # type: ignore[method-assign]
 
 
