@@ -33,9 +33,9 @@ requests (measured:
 goodput at 4x the saturating load fell to ~45% with the limit sized to the budget and
 unpaced refusals; docs/failure-modes.md). Each worker answers about
 ``max_refusals_per_second`` refusals (a token bucket; a burst of 50 ms worth is
-answered at once; a refusal whose body is read to be dropped counts one more per
-:data:`REFUSAL_BODY_BYTES` of it, as its bytes cost the CPU the refusal does); beyond
-that a refusal waits its turn (no CPU is spent while it
+answered at once; the body of a refused request counts one more per
+:data:`REFUSAL_BODY_BYTES` as it is read, :meth:`ConcurrencyLimit.charge_body`, as its
+bytes cost the CPU the refusal does); beyond that a refusal waits its turn (no CPU is spent while it
 waits), so a storm of them takes a bounded share of the worker. Only a client retrying
 at once waits (known per connection: :class:`ConnectionRefusals`); any other refusal is
 answered at once and its token taken from the spinning clients' turns, so a client
@@ -106,10 +106,10 @@ MOVE_HELD = 2
 MOVE_INTERVAL_SECONDS = 1.0
 MOVE_CHECK_SECONDS = 0.1
 MAX_PEERS = 4096  # gRPC connections whose refusals are remembered (ConcurrencyLimit.peer)
-# A refused request's body is read to be dropped (keep-alive goes on), and its bytes cost
-# the worker as much as the refusal itself once they are this many: answered as the
-# headers are parsed, 0.06-0.09 ms of CPU with an 18 KB body against 0.20-0.29 ms with
-# a 580 KB one (1 worker, wrk, every request refused): ~0.3 us a KB beside 0.06 ms.
+# A refused request's body is read (to be dropped, so that keep-alive goes on), and its
+# bytes cost the worker as much as the refusal itself once they are this many: answered
+# as the headers are parsed, 0.06-0.09 ms of CPU with an 18 KB body against 0.20-0.29 ms
+# with a 580 KB one (1 worker, wrk, every request refused): ~0.3 us a KB beside 0.06 ms.
 REFUSAL_BODY_BYTES = 200_000
 
 
@@ -328,12 +328,9 @@ class ConcurrencyLimit:
             move=moving,
         )
 
-    def refusal_delay(self, retrying: bool = True, body_bytes: int = 0) -> float:
+    def refusal_delay(self, retrying: bool = True) -> float:
         """Seconds this refusal waits for its turn: 0 within a burst, beyond it each waits
-        for its token, at ``refusals_per_second``; a refusal whose body is read to be
-        dropped takes a token more per :data:`REFUSAL_BODY_BYTES` of it, so that the pace
-        bounds the CPU refusals take, whatever the clients send (:func:`refusal_tokens`).
-        A refusal of a client not known to be
+        for its token, at ``refusals_per_second``. A refusal of a client not known to be
         ``retrying`` at once (:class:`ConnectionRefusals`) never waits: it takes its
         token all the same, owing it if need be, so that the clients that spin wait for
         it instead, and the worker still answers about ``refusals_per_second``. What it
@@ -345,26 +342,40 @@ class ConcurrencyLimit:
         now = self._clock()
         tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
         self._tokens_at = now
-        cost = refusal_tokens(body_bytes)
         if not retrying:
-            self._tokens = min(tokens, max(tokens - cost, -self._rate * MAX_REFUSAL_DEBT_SECONDS))
+            self._owe(tokens, 1.0)
             return 0.0
-        self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
+        self._tokens = max(tokens - 1, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
             return -self._tokens / self._rate
         return 0.0
 
+    def charge_body(self, body_bytes: int) -> None:
+        """The bytes of a body whose request was refused (503), as they are read (by the
+        app, or to be dropped: keep-alive goes on): a token of the pace per
+        :data:`REFUSAL_BODY_BYTES`, taken from the spinning clients' turns as a refusal
+        answered at once takes its own, so that the pace bounds the CPU refusals take
+        whatever their bodies weigh. Only bytes that came are charged: a length announced
+        and not sent costs nothing."""
+        if self._rate and body_bytes > 0:
+            now = self._clock()
+            tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
+            self._tokens_at = now
+            self._owe(tokens, body_bytes / REFUSAL_BODY_BYTES)
+
+    def _owe(self, tokens: float, cost: float) -> None:
+        """Take ``cost`` from ``tokens`` (refilled to now) without waiting, owing it if
+        need be, at most :data:`MAX_REFUSAL_DEBT_SECONDS` worth."""
+        self._tokens = min(tokens, max(tokens - cost, -self._rate * MAX_REFUSAL_DEBT_SECONDS))
+
     async def pace_refusal(
-        self,
-        retrying: bool = True,
-        connection: ConnectionRefusals | None = None,
-        body_bytes: int = 0,
+        self, retrying: bool = True, connection: ConnectionRefusals | None = None
     ) -> None:
         """Wait for this refusal's turn (:meth:`refusal_delay`), then note on the client's
         ``connection`` record, if known, that it was refused now. A caller that cannot
         tell whether the client is retrying at once (no connection record) takes it as
         retrying, the safe side."""
-        delay = self.refusal_delay(retrying, body_bytes)
+        delay = self.refusal_delay(retrying)
         if delay:
             await asyncio.sleep(delay)
         if connection is not None:
@@ -414,13 +425,6 @@ class ConnectionRefusals:
         """A request on the connection was admitted (a probe, which is not limited, does
         not count: it says nothing of how the client retries)."""
         self._refused_at = None
-
-
-def refusal_tokens(body_bytes: int) -> float:
-    """What a refusal costs the pace (:meth:`ConcurrencyLimit.refusal_delay`), in
-    refusals of a small body: one, and one more per :data:`REFUSAL_BODY_BYTES` of the
-    body read to be dropped."""
-    return 1.0 + max(0, body_bytes) / REFUSAL_BODY_BYTES
 
 
 def next_limit(

@@ -173,8 +173,8 @@ class Settings(BaseSettings):
         ge=0,
         description="503s one worker answers per second, about; beyond that the refusals of "
         "clients retrying at once wait their turn, so they cannot take the CPU from admitted "
-        "requests (0 = unpaced). A refused body, read to be dropped, counts one 503 more "
-        "per 200 KB.",
+        "requests (0 = unpaced). A refused request's body, read to be dropped, counts one "
+        "503 more per 200 KB that came.",
     )
     retry_at_once_seconds: float = Field(
         0.01,

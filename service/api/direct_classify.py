@@ -84,10 +84,6 @@ class DirectRequest:
     def body(self) -> bytes:
         return self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
 
-    @property
-    def body_bytes(self) -> int:
-        return sum(map(len, self.chunks))
-
     def header(self, name: bytes) -> str | None:
         value = header_value(self.headers, name)
         return None if value is None else value.decode("latin-1")
@@ -155,9 +151,7 @@ class DirectClassify:
             if request.taken is None:  # its place once its body is in (Settings.admit_at)
                 request.taken = concurrency.admit(request.connection)
                 if request.taken is None:  # the places went while its body came
-                    await concurrency.pace_refusal(
-                        request.retrying, request.connection, request.body_bytes
-                    )
+                    await concurrency.pace_refusal(request.retrying, request.connection)
                     return _with_id(error_response(concurrency.refusal(), CLASSIFY_PATH), rid)
             try:
                 deadline = plane.deadline(header_timeout(request.headers))
@@ -175,7 +169,7 @@ class DirectClassify:
                 response = answer_error(exc, rid)
                 if response.status_code == 503:  # come back later: paced
                     await self.admission.concurrency.pace_refusal(
-                        request.retrying, request.connection, request.body_bytes
+                        request.retrying, request.connection
                     )
         return _with_id(response, rid)
 

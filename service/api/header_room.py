@@ -22,8 +22,9 @@ same check in the route.
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from service.api.fastpath import face_value_query, query_int
@@ -72,8 +73,9 @@ def target(method: str, path: str, query_string: bytes, headers: Headers) -> Tar
 
 
 class HeaderRoomCheck:
-    """For service.api.http.EarlyRefusal: the error the route's first room check would
-    raise for a request, decided from its line and headers; None to let it on."""
+    """For service.api.http.EarlyRefusal: for a request the route would check the same
+    way, the check to make (the error the route's first room check would raise, or
+    None); None for any other request."""
 
     def __init__(self, admission: Admission, plane: DataPlane) -> None:
         self.admission = admission
@@ -81,17 +83,28 @@ class HeaderRoomCheck:
 
     def __call__(
         self, method: str, path: str, query_string: bytes, headers: Headers
-    ) -> CnnserveError | None:
+    ) -> Callable[[], CnnserveError | None] | None:
         room = target(method, path, query_string, headers)
         if room is None or self.admission.refusal(path, joined_headers(headers)) is not None:
+            return None
+        key = parse_client_key((header_value(headers, _CLIENT_KEY) or b"").decode("latin-1"))
+        if self._split and room.version is None and not room.label and key is None:
+            # The canary split draws the version at random for each such look-up: one
+            # drawn here could refuse the request where the route's draw would not.
             return None
         try:
             deadline = self.plane.deadline(header_timeout(headers))
         except CnnserveError:
             return None  # the route's 400 says what is wrong with it
-        key = parse_client_key((header_value(headers, _CLIENT_KEY) or b"").decode("latin-1"))
+        return functools.partial(self._check, room, deadline, key)
+
+    @property
+    def _split(self) -> bool:
+        return self.plane.settings.canary_percent > 0
+
+    def _check(self, room: Target, deadline: float, key: str | None) -> CnnserveError | None:
         try:
             self.plane.check_room(room.model, room.version, room.label, deadline, key)
         except CnnserveError as exc:
-            return exc
+            return exc.with_traceback(None)  # it held this frame, which holds it: a cycle
         return None

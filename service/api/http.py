@@ -223,21 +223,11 @@ class Admission:
             return coding_refusal(headers)
         return None
 
-    def refused_bytes(self, content_length: bytes | None) -> int:
-        """What a refused request's body costs to drop, for the refusal pace
-        (service.concurrency.refusal_tokens): its announced length, within the limit."""
-        return min(body_length(content_length), self.max_body_bytes)
-
     def too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(
             f"request body is larger than {self.max_body_bytes} bytes; send a "
             "smaller image (or raise CNNSERVE_MAX_BODY_BYTES)"
         )
-
-
-def body_length(content_length: bytes | None) -> int:
-    """The body length a Content-Length value announces; 0 for none (or not plain)."""
-    return int(content_length) if content_length and content_length.isdigit() else 0
 
 
 def _never() -> bool:
@@ -315,8 +305,7 @@ class RequestGuard:
                 if not any(name.lower() == b"x-request-id" for name, _ in sent):
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503:  # come back later: paced (service.concurrency)
-                    dropped = self.admission.refused_bytes(headers.get(b"content-length"))
-                    await concurrency.pace_refusal(retrying, connection, dropped)
+                    await concurrency.pace_refusal(retrying, connection)
                 elif taken is not None and moves(status, movable, concurrency):
                     message["headers"] = [*message.get("headers", []), MOVE_HEADER]
                 # The answer is made (every route's is whole before it starts): the place
@@ -419,9 +408,14 @@ class Refused:
         finish(self.record, self.status)
 
 
-# The room check a route makes before reading the body, made from a request's method,
-# path, query string and headers (service.api.header_room): the error, or None.
-RoomCheck = Callable[[str, str, bytes, Sequence[tuple[bytes, bytes]]], CnnserveError | None]
+# The room check a route makes before reading the body (service.api.header_room): from a
+# request's method, path, query string and headers, None when the route would decide
+# otherwise, else the check to make (the error, or None), run with the request's record
+# current.
+RoomCheck = Callable[
+    [str, str, bytes, Sequence[tuple[bytes, bytes]]],
+    Callable[[], CnnserveError | None] | None,
+]
 
 
 class EarlyRefusal:
@@ -461,26 +455,35 @@ class EarlyRefusal:
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
+        error: CnnserveError | None
         if not concurrency.admits():
-            error: CnnserveError = concurrency.refusal()
-        elif self.room is None or (room := self.room(method, path, query_string, headers)) is None:
+            error = concurrency.refusal()
+            record = self._record(method, path, headers)
+        elif self.room is None or (check := self.room(method, path, query_string, headers)) is None:
             return None
         else:
-            error = room
-        rid = client_request_id(header_value(headers, b"x-request-id") or b"")
-        record = RequestRecord(rid, "rest", method, self._route(method, path))
+            # Its own record: what the check learns (the model and version that would
+            # answer) is the request's, not that of the last one answered on the loop.
+            record = self._record(method, path, headers)
+            with recording(record):
+                error = check()
+        if error is None:
+            return None
+        rid = record.request_id
         answer = error_response(error, path)
         headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
         status = error.http_status
-        # A client waiting for "100 Continue" sends no body to a refusal (it is closed).
-        expects = header_value(headers, b"expect") is not None
-        length = None if expects else header_value(headers, b"content-length")
-        dropped = self.admission.refused_bytes(length)
-        delay = concurrency.refusal_delay(retrying, dropped) if status == 503 else 0.0
+        delay = concurrency.refusal_delay(retrying) if status == 503 else 0.0
         # An answer to HEAD has no body (its Content-Length still says the GET one's):
         # a body would read as the start of the next answer on the connection.
         body = b"" if method == "HEAD" else bytes(answer.body)
         return Refused(headers_out, body, delay, record, status)
+
+    def _record(
+        self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]
+    ) -> RequestRecord:
+        rid = client_request_id(header_value(headers, b"x-request-id") or b"")
+        return RequestRecord(rid, "rest", method, self._route(method, path))
 
     def _route(self, method: str, path: str) -> str:
         method = routed_method(method)

@@ -294,6 +294,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _shutting_down = False  # the server stops: answer what was begun, then close
     _grace_timer: asyncio.TimerHandle | None = None  # for a first request, at shutdown
     _lost = False  # connection_lost was called
+    _body_bytes = 0  # of the current request's body, parsed so far
+    _charging = False  # the current request was refused: its body's bytes cost the pace
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._writes = JoinedWrites(transport, self.loop, self._linger, self._closing_unsent)
@@ -317,6 +319,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._refusal is not None:  # a pipelined request: answer the refused one first
             self._send_refusal()
         self._dropping = False
+        self._body_bytes, self._charging = 0, False
         self._in_headers, self._header_bytes = True, 0
         self._after_last_chunk, self._trailer_bytes = False, 0
         self._in_message = True
@@ -402,6 +405,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._trailers_too_large()
 
     def on_response_complete(self) -> None:
+        if self._writes.status == b"503" and not self.pipeline:
+            self._refused_body()  # (a pipelined request's bytes are the next one's)
         super().on_response_complete()  # the next pipelined request starts
         if self.transport.is_closing():
             return
@@ -475,6 +480,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         self._after_last_chunk = False
         self._bodies += 1
+        if self._charging:
+            self._charge(len(body))
+        else:
+            self._body_bytes += len(body)
         if self._receiving is not None:
             self._receiving.chunks.append(body)
         elif not self._dropping:
@@ -755,13 +764,29 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # while a body its client was not told to send is owed
         # (_closing_unless_continued says why).
         owed = awaiting == self._requests and self._in_message
-        keep_alive = keep_alive and not owed and not _closes(refused.headers)
+        keep_alive = (
+            keep_alive and not owed and not _closes(refused.headers) and not self._shutting_down
+        )
         self._answer(refused.status, refused.headers, refused.body, keep_alive)
         if refused.status == 503:  # paced, as the app paces them (service.concurrency)
             self._refusals.refused(self.loop.time())
+            self._refused_body()
         refused.answered()
         if keep_alive:
             self.on_response_complete()  # reads on (the body is dropped), keep-alive
+
+    def _refused_body(self) -> None:
+        """The current request was answered 503: its body's bytes, those read so far and
+        those still to come (dropped), are charged to the refusal pace
+        (ConcurrencyLimit.charge_body): reading them costs the worker as the refusal
+        does, and a 580 KB body three times as much."""
+        if not self._charging:
+            self._charging = True
+            self._charge(self._body_bytes)
+
+    def _charge(self, body_bytes: int) -> None:
+        if self._early_refusal is not None:
+            self._early_refusal.admission.concurrency.charge_body(body_bytes)
 
     def _answer(
         self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, keep_alive: bool

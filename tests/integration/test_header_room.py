@@ -70,9 +70,16 @@ def server() -> Iterator[InProcess]:
         check_room(self, *args, **kwargs)
 
     def decided(self: HeaderRoomCheck, method: str, path: str, *rest: Any) -> Any:
-        error: CnnserveError | None = decide(self, method, path, *rest)
-        counts.decided.append((path, None if error is None else error.code))
-        return error
+        check = decide(self, method, path, *rest)
+        if check is None:
+            return None
+
+        def noted() -> CnnserveError | None:
+            error = check()
+            counts.decided.append((path, None if error is None else error.code))
+            return error
+
+        return noted
 
     DataPlane.check_room = counted  # type: ignore[method-assign]
     HeaderRoomCheck.__call__ = decided  # type: ignore[method-assign]

@@ -242,22 +242,27 @@ def test_only_clients_retrying_at_once_wait_for_the_pace() -> None:
     assert limit.refusal_delay() == pytest.approx(0.01)
 
 
-def test_a_refused_body_read_to_be_dropped_costs_the_pace_its_bytes() -> None:
+def test_a_refused_body_costs_the_pace_its_bytes_as_they_come() -> None:
     """A 580 KB body cost a refusal at the headers 0.2-0.29 ms of CPU against 0.06-0.09
     ms for 18 KB: paced by count alone, spinning clients of big bodies took four times
     the CPU the pace allows small ones."""
     clock = Clock()
     limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)  # a burst of 5
     assert [limit.refusal_delay() for _ in range(5)] == [0.0] * 5  # the burst is spent
-    # Three bodies' worth of bytes: four tokens, 40 ms at 100 a second.
-    assert limit.refusal_delay(body_bytes=3 * REFUSAL_BODY_BYTES) == pytest.approx(0.04)
-    assert limit.refusal_delay() == pytest.approx(0.05)  # the next waits behind it
-    # Not retrying at once: answered now, its four tokens owed by the spinning clients.
-    assert limit.refusal_delay(False, body_bytes=3 * REFUSAL_BODY_BYTES) == 0.0
-    assert limit.refusal_delay() == pytest.approx(0.10)
-    clock.now += 10.0  # refilled
-    # A negative length (none comes from a header) counts as no body.
-    assert limit.refusal_delay(body_bytes=-5) == 0.0
+    # Three bodies' worth of bytes came: three tokens owed, so the next refusal waits 40 ms.
+    limit.charge_body(REFUSAL_BODY_BYTES)
+    limit.charge_body(2 * REFUSAL_BODY_BYTES)
+    assert limit.refusal_delay() == pytest.approx(0.04)
+    limit.charge_body(0)  # nothing came: nothing owed
+    assert limit.refusal_delay() == pytest.approx(0.05)
+    # Owed as a refusal answered at once owes its token: a second's worth at most.
+    limit.charge_body(10**12)
+    assert limit.refusal_delay() == pytest.approx(1.01)
+    clock.now += 10.0  # refilled: the burst again
+    assert limit.refusal_delay() == 0.0
+    unpaced = ConcurrencyLimit(1, clock=clock)
+    unpaced.charge_body(10**9)
+    assert unpaced.refusal_delay() == 0.0
 
 
 def test_no_refusal_waits_longer_than_the_cap() -> None:

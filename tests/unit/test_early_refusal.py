@@ -1,16 +1,21 @@
 """What the HTTP protocol answers as a request's headers are parsed
-(service.api.http.EarlyRefusal): its status, and the turn it takes from the refusal pace,
-weighted by the body it drops; on a moved clock."""
+(service.api.http.EarlyRefusal): its status, its turn of the refusal pace, and its
+record; on a moved clock."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import pytest
 
+from service.api.header_room import HeaderRoomCheck
 from service.api.http import Admission, EarlyRefusal, Refused
-from service.concurrency import REFUSAL_BODY_BYTES, ConcurrencyLimit
+from service.concurrency import ConcurrencyLimit
+from service.config import Settings
+from service.dataplane import DataPlane
 from service.errors import CnnserveError, DeadlineExceeded, Overloaded
-
-MAX_BODY = 10 * REFUSAL_BODY_BYTES
+from service.requestlog import RequestRecord, note_target, recording
 
 
 class Clock:
@@ -20,50 +25,95 @@ class Clock:
         return self.now
 
 
-def full_worker(room: CnnserveError | None = None) -> tuple[EarlyRefusal, ConcurrencyLimit]:
-    """A worker whose one place is taken, pacing 100 refusals a second (a burst of 5,
-    spent here), and a room check answering ``room``."""
+def paced() -> ConcurrencyLimit:
+    """A worker pacing 100 refusals a second, its burst of 5 spent: the next 503 waits
+    10 ms."""
     limit = ConcurrencyLimit(1, refusals_per_second=100, clock=Clock())
-    assert limit.try_acquire() is not None
     for _ in range(5):
         assert limit.refusal_delay() == 0.0
-    admission = Admission(max_body_bytes=MAX_BODY, concurrency=limit)
-    return EarlyRefusal(admission, frozenset(), (), lambda *_: room), limit
+    return limit
 
 
-def refuse(early: EarlyRefusal, *headers: tuple[bytes, bytes]) -> Refused:
-    refused = early("POST", "/v1/classify", b"", [(b"host", b"x"), *headers], True)
+def early(limit: ConcurrencyLimit, check: Callable[[], CnnserveError | None]) -> EarlyRefusal:
+    return EarlyRefusal(
+        Admission(max_body_bytes=1 << 20, concurrency=limit), frozenset(), (), lambda *_: check
+    )
+
+
+def refuse(refusal: EarlyRefusal) -> Refused:
+    refused = refusal("POST", "/v1/classify", b"", [(b"content-length", b"600000")], True)
     assert refused is not None
     return refused
 
 
-def test_a_refusal_takes_a_turn_per_body_it_drops() -> None:
-    early, _ = full_worker()
-    length = str(3 * REFUSAL_BODY_BYTES).encode()
-    # One turn for the refusal, three for its body: 40 ms at 100 a second.
-    assert refuse(early, (b"content-length", length)).delay == pytest.approx(0.04)
-    assert refuse(early).delay == pytest.approx(0.05)  # no body: one turn more
-    # Waiting for "100 Continue", the client sends no body to a refusal.
-    expecting = refuse(early, (b"content-length", length), (b"expect", b"100-continue"))
-    assert expecting.delay == pytest.approx(0.06)
-    # A length past the body limit costs what the limit allows, no more.
-    huge = refuse(early, (b"content-length", b"9" * 30)).delay
-    assert huge == pytest.approx(0.06 + (1 + MAX_BODY / REFUSAL_BODY_BYTES) / 100)
-
-
 def test_the_room_checks_answer_keeps_its_status_and_only_a_503_is_paced() -> None:
-    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=Clock())
-    for _ in range(5):
-        limit.refusal_delay()  # the burst is spent: the next 503 waits 10 ms
-    admission = Admission(max_body_bytes=MAX_BODY, concurrency=limit)
-    late = EarlyRefusal(admission, frozenset(), (), lambda *_: DeadlineExceeded("too late"))
-    refused = refuse(late, (b"content-length", b"600000"))
+    limit = paced()
+    refused = refuse(early(limit, lambda: DeadlineExceeded("too late")))
     assert (refused.status, refused.delay) == (504, 0.0)
     assert b"deadline_exceeded" in refused.body
     assert limit.refusal_delay() == pytest.approx(0.01)  # the 504 took no turn
-    busy = EarlyRefusal(admission, frozenset(), (), lambda *_: Overloaded("busy"))
-    assert refuse(busy).status == 503
-    free = EarlyRefusal(admission, frozenset(), (), lambda *_: None)
-    assert free("POST", "/v1/classify", b"", [], True) is None  # room: the request goes on
+    busy = early(limit, lambda: Overloaded("busy"))
+    # Its turn, and no more: the body it announces costs the pace only as it comes.
+    assert (refuse(busy).status, refuse(busy).delay) == (503, pytest.approx(0.03))
+    assert early(limit, lambda: None)("POST", "/v1/classify", b"", [], True) is None
     # Probes are never refused, whatever the room check would say.
     assert busy("GET", "/readyz", b"", [], True) is None
+
+
+def test_the_room_check_runs_with_the_requests_own_record() -> None:
+    """What the check learns (the model and version that would answer) goes on the
+    refused request's record, not on whichever record was current on the loop (on
+    asyncio's loop, the last request answered on it)."""
+
+    def check() -> CnnserveError | None:
+        note_target("fashion_mnist", 3)
+        return Overloaded("busy")
+
+    answered = RequestRecord("earlier", "rest", "POST")
+    with recording(answered):
+        refused = refuse(early(paced(), check))
+    assert (refused.record.model, refused.record.version) == ("fashion_mnist", "3")
+    assert (answered.model, answered.version) == ("", "")
+
+
+class Plane:
+    """What HeaderRoomCheck asks of the data plane: its settings, deadlines, and the
+    room check (recorded)."""
+
+    def __init__(self, canary_percent: float) -> None:
+        self.settings = Settings(canary_percent=canary_percent)
+        self.checked: list[tuple[str | None, int | None, str | None, str | None]] = []
+
+    def deadline(self, timeout: float | None) -> float:
+        return 1e9
+
+    def check_room(
+        self, model: str | None, version: int | None, label: str | None, _: float, key: str | None
+    ) -> None:
+        self.checked.append((model, version, label, key))
+
+
+@pytest.mark.parametrize(
+    ("query", "key", "with_split"),
+    [
+        (b"", None, False),  # the split draws at random: the route's draw decides
+        (b"version=2", None, True),
+        (b"label=stable", None, True),
+        (b"", b"client-7", True),  # a client key keeps the client on one side
+    ],
+)
+def test_an_unkeyed_request_under_a_canary_split_is_left_to_the_route(
+    query: bytes, key: bytes | None, with_split: bool
+) -> None:
+    headers = [(b"content-type", b"application/json")]
+    if key is not None:
+        headers.append((b"x-client-key", key))
+    admission = Admission(max_body_bytes=1 << 20)
+    for percent, checked in ((10.0, with_split), (0.0, True)):
+        plane = Plane(percent)
+        check = HeaderRoomCheck(admission, cast(DataPlane, plane))(
+            "POST", "/v1/classify", query, headers
+        )
+        assert (check is not None) == checked, (percent, query, key)
+        if check is not None:
+            assert check() is None and len(plane.checked) == 1

@@ -1,0 +1,93 @@
+"""A refused request's body costs the refusal pace the bytes that came, read to be dropped
+(service.api.http_protocol → ConcurrencyLimit.charge_body): not the length announced.
+
+The real app and uvicorn with the gateway's protocol run in this process, a worker of one
+place (CNNSERVE_MAX_CONCURRENT_REQUESTS=1, taken as the headers are parsed), held by a
+request whose body never comes; the charges are counted by a spy."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.concurrency import ConcurrencyLimit
+from service.config import Settings
+from tests.helpers.in_process import connect, serving_in_process
+from tests.helpers.server import eventually, read_response
+
+pytestmark = pytest.mark.slow
+
+BODY = 450_000
+
+
+def head(length: int, content_type: bytes = b"image/png") -> bytes:
+    return (
+        b"POST /v1/classify HTTP/1.1\r\nhost: x\r\ncontent-type: " + content_type + b"\r\n"
+        b"content-length: " + str(length).encode() + b"\r\n\r\n"
+    )
+
+
+@pytest.fixture(scope="module")
+def charged() -> Iterator[tuple[int, list[int]]]:
+    """The server's port, and the bytes charged so far (one entry a charge)."""
+    charges: list[int] = []
+    original = ConcurrencyLimit.charge_body
+
+    def spy(self: ConcurrencyLimit, body_bytes: int) -> None:
+        charges.append(body_bytes)
+        original(self, body_bytes)
+
+    ConcurrencyLimit.charge_body = spy  # type: ignore[method-assign]
+    settings = Settings(
+        model_repository=Path(__file__).resolve().parents[2] / "model_repository",
+        grpc_port=0,
+        poll_seconds=0,
+        max_concurrent_requests=1,
+        admit_at="headers",
+        body_read_timeout_seconds=20,
+    )
+    try:
+        with serving_in_process(settings) as port, connect(port) as holder:
+            holder.sendall(head(1000))  # its place taken, its body never sent
+            yield port, charges
+    finally:
+        ConcurrencyLimit.charge_body = original  # type: ignore[method-assign]
+
+
+def refused(sock: socket.socket, length: int, content_type: bytes = b"image/png") -> bytes:
+    sock.sendall(head(length, content_type))
+    answer, _, rest = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 503 "), answer
+    assert rest == b""
+    return answer
+
+
+@pytest.mark.parametrize("content_type", [b"image/png", b"multipart/form-data; boundary=b"])
+def test_a_refused_body_is_charged_as_it_is_dropped(
+    charged: tuple[int, list[int]], content_type: bytes
+) -> None:
+    port, charges = charged
+    before = len(charges)
+    with connect(port) as sock:
+        refused(sock, BODY, content_type)
+        sock.sendall(b"\0" * BODY)  # dropped: the connection goes on
+        eventually(lambda: sum(charges[before:]) == BODY, timeout=10)
+        refused(sock, 10)  # (the next request on it)
+        sock.sendall(b"\0" * 10)
+        eventually(lambda: sum(charges[before:]) == BODY + 10, timeout=10)
+
+
+def test_a_length_announced_and_not_sent_costs_nothing(charged: tuple[int, list[int]]) -> None:
+    port, charges = charged
+    before = len(charges)
+    with connect(port) as sock:
+        refused(sock, 10 * BODY)
+        sock.sendall(b"\0" * 1000)
+        eventually(lambda: sum(charges[before:]) == 1000, timeout=10)
+    # The client left: what it announced and never sent was charged nothing.
+    with connect(port) as sock:  # (a request answered after it: the server went on)
+        refused(sock, 0)
+    assert sum(charges[before:]) == 1000
