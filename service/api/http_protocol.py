@@ -179,6 +179,7 @@ class JoinedWrites:
         # Told after closing: the transport then waits for its buffer to drain.
         self._closing = closing
         self.status = b""  # the status of the last response head written
+        self.answered = b""  # the same, until the protocol reads it (on_response_complete)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._transport.is_closing():
@@ -189,7 +190,7 @@ class JoinedWrites:
             return
         head = data[:9] == b"HTTP/1.1 "
         if head:
-            self.status = bytes(data[9:12])
+            self.status = self.answered = bytes(data[9:12])
         held = self._held
         if held is not None:
             self._held = None
@@ -405,8 +406,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._trailers_too_large()
 
     def on_response_complete(self) -> None:
-        if self._writes.status == b"503" and not self.pipeline:
-            self._refused_body()  # (a pipelined request's bytes are the next one's)
+        # Read once: an answer never written (its client gone) leaves none to read. The
+        # body counted is the answered request's unless another has begun behind it.
+        answered, self._writes.answered = self._writes.answered, b""
+        if answered == b"503" and not self.pipeline and not self._in_headers:
+            self._refused_body()
         super().on_response_complete()  # the next pipelined request starts
         if self.transport.is_closing():
             return
@@ -776,10 +780,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.on_response_complete()  # reads on (the body is dropped), keep-alive
 
     def _refused_body(self) -> None:
-        """The current request was answered 503: its body's bytes, those read so far and
-        those still to come (dropped), are charged to the refusal pace
-        (ConcurrencyLimit.charge_body): reading them costs the worker as the refusal
-        does, and a 580 KB body three times as much."""
+        """The current request was answered 503 (any 503: all are paced, as RequestGuard
+        paces them): its body's bytes, those read so far and those still to come
+        (dropped), are charged to the refusal pace (ConcurrencyLimit.charge_body):
+        reading them costs the worker as the refusal does, and a 580 KB body three
+        times as much."""
         if not self._charging:
             self._charging = True
             self._charge(self._body_bytes)

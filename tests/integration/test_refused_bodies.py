@@ -47,14 +47,22 @@ def charged() -> Iterator[tuple[int, list[int]]]:
         poll_seconds=0,
         max_concurrent_requests=1,
         admit_at="headers",
-        body_read_timeout_seconds=20,
+        body_read_timeout_seconds=3600,  # the holder's body never comes
     )
     try:
         with serving_in_process(settings) as port, connect(port) as holder:
             holder.sendall(head(1000))  # its place taken, its body never sent
+            eventually(lambda: held(port))
             yield port, charges
     finally:
         ConcurrencyLimit.charge_body = original  # type: ignore[method-assign]
+
+
+def held(port: int) -> bool:
+    """Whether the worker's one place is taken: a request without a body is refused."""
+    with connect(port) as sock:
+        sock.sendall(head(0))
+        return read_response(sock)[0].startswith(b"HTTP/1.1 503 ")
 
 
 def refused(sock: socket.socket, length: int, content_type: bytes = b"image/png") -> bytes:
@@ -91,3 +99,35 @@ def test_a_length_announced_and_not_sent_costs_nothing(charged: tuple[int, list[
     with connect(port) as sock:  # (a request answered after it: the server went on)
         refused(sock, 0)
     assert sum(charges[before:]) == 1000
+
+
+def test_a_body_sent_with_its_head_is_charged_too(charged: tuple[int, list[int]]) -> None:
+    """Parsed with the head, before the refusal was answered."""
+    port, charges = charged
+    before = len(charges)
+    with connect(port) as sock:
+        sock.sendall(head(BODY) + b"\0" * BODY)
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 503 ")
+        eventually(lambda: sum(charges[before:]) == BODY, timeout=10)
+
+
+def test_a_503_answered_by_the_app_charges_its_own_body_not_the_next(
+    charged: tuple[int, list[int]],
+) -> None:
+    """Pipelined behind a probe, the request reaches RequestGuard (the protocol answers
+    only a request with nothing answered before it), whose 503 leaves its body unread; a
+    request begun behind it is not charged for it."""
+    port, charges = charged
+    before = len(charges)
+    probe = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+    with connect(port) as sock:
+        sock.sendall(probe + head(BODY) + b"\0" * BODY)
+        first, _, rest = read_response(sock)
+        assert first.startswith(b"HTTP/1.1 200 "), first
+        answer, _, _ = read_response(sock, rest)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        eventually(lambda: sum(charges[before:]) == BODY, timeout=10)
+        held_on = len(charges)
+        sock.sendall(probe)  # answered 200: nothing charged for it
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+    assert sum(charges[held_on:]) == 0
