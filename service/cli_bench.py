@@ -140,7 +140,8 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         choices=("rest", "grpc"),
         default="rest",
         help="for --overload: grpc sends ImageClassifier Classify calls, a level being "
-        "that many calls in flight, 16 a connection (readiness is polled over REST)",
+        "that many calls in flight, 16 a connection at most over 8 at least (readiness is "
+        "polled over REST)",
     )
     p.add_argument(
         "--grpc-target",

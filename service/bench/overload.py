@@ -14,7 +14,8 @@ One server (or ``--url``), the photo mix as raw bodies, then in turn:
 
 With ``protocol="grpc"`` the load, the probe and the spinner make ImageClassifier
 Classify calls instead (:mod:`service.bench.grpc_load`): a level is that many calls in
-flight, 16 a connection; readiness is still polled over REST, as a kubelet does.
+flight, 16 a connection at most over 8 at least; readiness is still polled over REST, as a
+kubelet does.
 
 Each target is met or not, with the numbers; the run reports, it does not gate (the
 spinner's 503s are paced by design, :mod:`service.concurrency`, and this box's noise

@@ -305,3 +305,12 @@ def test_a_grpc_load_refused_its_key_fails_like_wrks(tmp_path: Path) -> None:
     finally:
         server.stop(None)
     assert "CNNSERVE_API_KEYS" in str(refused.value)
+
+
+def test_grpc_load_spreads_its_calls_over_enough_connections_to_reach_every_worker() -> None:
+    """The capacity level's 32 calls came on 2 connections, both on one worker in about
+    half the runs (connections stay with the worker the kernel gave them to)."""
+    assert grpc_load.connections_for(32) == grpc_load.MIN_CONNECTIONS == 8
+    assert grpc_load.connections_for(128) == 8  # 16 a connection
+    assert grpc_load.connections_for(512) == 32
+    assert grpc_load.connections_for(3) == 3  # a connection each, none idle
