@@ -105,7 +105,7 @@ def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path, pro
     assert data["protocol"] == protocol and data["level_unit"] == unit
     assert f"| {unit} | target | met | measured |" in result.stdout
     assert "targets met:" in result.stdout
-    load = "gRPC load at 16 calls in flight (1 connections)" if protocol == "grpc" else "wrk"
+    load = "gRPC load at 16 calls in flight (8 connections)" if protocol == "grpc" else "wrk"
     assert f"overload: {load}" in result.stderr  # progress while it runs
 
 
