@@ -35,12 +35,12 @@ unpaced refusals; docs/failure-modes.md). Each worker answers about
 ``max_refusals_per_second`` refusals (a token bucket; a burst of 50 ms worth is
 answered at once; the body of a refused request counts one more per
 :data:`REFUSAL_BODY_BYTES` as it is read, :meth:`ConcurrencyLimit.charge_body`, as its
-bytes cost the CPU the refusal does); beyond that a refusal waits its turn (no CPU is spent while it
-waits), so a storm of them takes a bounded share of the worker. Only a client retrying
-at once waits (known per connection: :class:`ConnectionRefusals`); any other refusal is
-answered at once and its token taken from the spinning clients' turns, so a client
-that waits before retrying, or one turned away after an answered request, is told in a
-millisecond however many others spin.
+bytes cost the CPU the refusal does); beyond that a refusal waits its turn (no CPU is
+spent while it waits), so a storm of them takes a bounded share of the worker. Only a
+client retrying at once waits (known per connection: :class:`ConnectionRefusals`); any
+other refusal is answered at once and its token taken from the spinning clients'
+turns, so a client that waits before retrying, or one turned away after an answered
+request, is told in a millisecond however many others spin.
 """
 
 from __future__ import annotations
@@ -339,9 +339,7 @@ class ConcurrencyLimit:
         wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`."""
         if not self._rate:
             return 0.0
-        now = self._clock()
-        tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
-        self._tokens_at = now
+        tokens = self._refilled()
         if not retrying:
             self._owe(tokens, 1.0)
             return 0.0
@@ -358,10 +356,14 @@ class ConcurrencyLimit:
         whatever their bodies weigh. Only bytes that came are charged: a length announced
         and not sent costs nothing."""
         if self._rate and body_bytes > 0:
-            now = self._clock()
-            tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
-            self._tokens_at = now
-            self._owe(tokens, body_bytes / REFUSAL_BODY_BYTES)
+            self._owe(self._refilled(), body_bytes / REFUSAL_BODY_BYTES)
+
+    def _refilled(self) -> float:
+        """The bucket's tokens now: what it held, plus what accrued since, up to a burst."""
+        now = self._clock()
+        tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        return tokens
 
     def _owe(self, tokens: float, cost: float) -> None:
         """Take ``cost`` from ``tokens`` (refilled to now) without waiting, owing it if
