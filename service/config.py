@@ -218,13 +218,15 @@ class Settings(BaseSettings):
         "answers (an HTTP/2 window left at 0) holds its calls no longer. 0: never.",
     )
     grpc_listeners: int = Field(
-        16,
+        64,
         ge=1,
         le=64,
         description="gRPC servers per worker on the gRPC port (SO_REUSEPORT), each taking "
         "the calls of the connections the kernel gives it. grpc.aio takes a server's calls "
         "one per turn of the event loop, so with one, calls over many connections waited "
-        "in gRPC's core, unseen by admission, behind every other connection's.",
+        "in gRPC's core, unseen by admission, behind every other connection's; the kernel "
+        "hashes connections onto listeners, so the more there are, the fewer clients "
+        "share one (16 left a polite client behind a spinning one's calls in some runs).",
     )
     max_health_watches: int = Field(
         100,
