@@ -23,6 +23,14 @@ from service.launch import free_port
 @contextmanager
 def serving_in_process(settings: Settings) -> Iterator[int]:
     """Serve ``settings``' app on a free port until the block ends; its port, once ready."""
+    with server_in_process(settings) as (port, _):
+        yield port
+
+
+@contextmanager
+def server_in_process(settings: Settings) -> Iterator[tuple[int, uvicorn.Server]]:
+    """:func:`serving_in_process`, with the uvicorn server too (its ``should_exit`` stops
+    it as a signal would)."""
     port = free_port()
     config = uvicorn.Config(
         create_app(settings),
@@ -46,7 +54,7 @@ def serving_in_process(settings: Settings) -> Iterator[int]:
                 pass
             assert time.monotonic() < deadline, "the in-process server did not get ready"
             time.sleep(0.05)
-        yield port
+        yield port, runner
     finally:
         runner.should_exit = True
         thread.join(timeout=30)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from service.api import http_protocol
 from service.concurrency import ConcurrencyLimit
 from service.config import Settings
-from tests.helpers.in_process import connect, serving_in_process
+from tests.helpers.in_process import connect, server_in_process, serving_in_process
 from tests.helpers.server import eventually, read_response
 
 pytestmark = pytest.mark.slow
@@ -41,14 +43,7 @@ def charged() -> Iterator[tuple[int, list[int]]]:
         original(self, body_bytes)
 
     ConcurrencyLimit.charge_body = spy  # type: ignore[method-assign]
-    settings = Settings(
-        model_repository=Path(__file__).resolve().parents[2] / "model_repository",
-        grpc_port=0,
-        poll_seconds=0,
-        max_concurrent_requests=1,
-        admit_at="headers",
-        body_read_timeout_seconds=3600,  # the holder's body never comes
-    )
+    settings = one_place(body_read_timeout_seconds=3600)  # the holder's body never comes
     try:
         with serving_in_process(settings) as port, connect(port) as holder:
             holder.sendall(head(1000))  # its place taken, its body never sent
@@ -56,6 +51,18 @@ def charged() -> Iterator[tuple[int, list[int]]]:
             yield port, charges
     finally:
         ConcurrencyLimit.charge_body = original  # type: ignore[method-assign]
+
+
+def one_place(**settings: Any) -> Settings:
+    """A worker of one place, taken as the headers are parsed."""
+    return Settings(
+        model_repository=Path(__file__).resolve().parents[2] / "model_repository",
+        grpc_port=0,
+        poll_seconds=0,
+        max_concurrent_requests=1,
+        admit_at="headers",
+        **settings,
+    )
 
 
 def held(port: int) -> bool:
@@ -131,3 +138,36 @@ def test_a_503_answered_by_the_app_charges_its_own_body_not_the_next(
         sock.sendall(probe)  # answered 200: nothing charged for it
         assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
     assert sum(charges[held_on:]) == 0
+
+
+def test_a_refusal_as_the_server_stops_closes_its_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection idle when the server began to stop may still send a request (its
+    client did not know yet): refused as its headers are parsed, the answer says
+    ``connection: close`` and the connection closes after it, whatever keep-alive asked."""
+    monkeypatch.setattr(http_protocol, "FIRST_REQUEST_GRACE_SECONDS", 60.0)
+    with server_in_process(one_place()) as (port, runner), connect(port) as holder:
+        holder.sendall(head(10))  # its place taken until its body comes
+        eventually(lambda: held(port))
+        with connect(port) as idle:
+            probe = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n"
+            idle.sendall(probe)  # accepted and answered: kept alive, idle
+            assert read_response(idle)[0].startswith(b"HTTP/1.1 200 ")
+            runner.should_exit = True
+            eventually(lambda: not listening(port))  # the connections were told
+            idle.sendall(head(5) + b"\0" * 5)
+            answer, _, rest = read_response(idle)
+            assert answer.startswith(b"HTTP/1.1 503 "), answer
+            assert b"connection: close" in answer.lower()
+            assert rest == b"" and idle.recv(1) == b""  # closed after it
+        holder.sendall(b"\0" * 10)  # answered (not an image), so the server can stop
+        assert read_response(holder)[0].startswith(b"HTTP/1.1 400 ")
+
+
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return False
+    return True
