@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import queue
+import random
 import re
 import sys
 import threading
@@ -41,6 +42,7 @@ class RequestRecord:
     version: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    draw: float | None = None  # see request_draw
 
 
 class _RequestIds:
@@ -116,6 +118,18 @@ def note_target(model: str, version: int | None) -> None:
     record = _current.get()
     if record is not None:
         record.model, record.version = model, "" if version is None else str(version)
+
+
+def request_draw() -> float:
+    """A uniform draw in [0, 1), one per request: every look-up a request makes (its
+    room checks, then its inference) lands on the same side of the canary split. Fresh
+    outside a request."""
+    record = _current.get()
+    if record is None:
+        return random.random()
+    if record.draw is None:
+        record.draw = random.random()
+    return record.draw
 
 
 def note_timings(timings: Mapping[str, float]) -> None:

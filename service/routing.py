@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,7 @@ from service.errors import (
 )
 from service.preprocessing import PreprocessSpec
 from service.repository import ModelConfig, version_dirs
+from service.requestlog import request_draw
 from service.runtimes.base import Batch, Probabilities, Runtime
 
 VersionKey = tuple[str, int]  # (model, version)
@@ -82,8 +82,9 @@ class TrafficSplit:
     """A share of unlabelled requests for the ``canary`` version, the rest for ``stable``.
 
     A client key (a header) hashes to a fixed point in [0, 1), so one client keeps
-    seeing one version while the share stays put; requests without a key are drawn at
-    random. The hash is keyed by model and stable across processes (not ``hash()``).
+    seeing one version while the share stays put; a request without a key is drawn at
+    random, once (its room checks and its inference agree). The hash is keyed by model
+    and stable across processes (not ``hash()``).
     """
 
     canary_share: float = 0.0  # 0..1; 0 = off
@@ -95,7 +96,7 @@ class TrafficSplit:
             digest = hashlib.blake2b(f"{model}\0{client_key}".encode(), digest_size=8).digest()
             point = int.from_bytes(digest, "big") / 2**64
         else:
-            point = random.random()
+            point = request_draw()
         return point < self.canary_share
 
 

@@ -89,8 +89,9 @@ class HeaderRoomCheck:
             return None
         key = parse_client_key((header_value(headers, _CLIENT_KEY) or b"").decode("latin-1"))
         if self._split and room.version is None and not room.label and key is None:
-            # The canary split draws the version at random for each such look-up: one
-            # drawn here could refuse the request where the route's draw would not.
+            # The canary split draws such a request's version once, on the record the
+            # route makes (requestlog.request_draw): one drawn here, on the refusal's
+            # record, could refuse the request where the route's draw would not.
             return None
         try:
             deadline = self.plane.deadline(header_timeout(headers))

@@ -14,6 +14,7 @@ import pytest
 
 from service import metrics
 from service.registry import Registry
+from service.requestlog import RequestRecord, recording
 from service.routing import TrafficSplit
 from service.runtimes import create_runtime
 from service.runtimes.base import Runtime
@@ -60,6 +61,20 @@ def test_the_split_share_is_within_statistical_bounds_keyed_or_not() -> None:
     assert low < keyed < high and low < drawn < high
     assert not any(TrafficSplit(0.0).to_canary("m", f"c{i}") for i in range(1000))
     assert all(TrafficSplit(1.0).to_canary("m", f"c{i}") for i in range(1000))
+
+
+def test_a_request_without_a_key_is_drawn_once() -> None:
+    """Its room checks and its inference look the version up apart: all on one side,
+    while requests still split by the share."""
+    split = TrafficSplit(0.5)
+    sides = []
+    for i in range(2000):
+        with recording(RequestRecord(request_id=f"r{i}", protocol="http", method="POST")):
+            first = split.to_canary("m", None)
+            assert all(split.to_canary("m", None) == first for _ in range(5))
+            sides.append(first)
+    low, high = bounds(len(sides), 0.5)
+    assert low < sum(sides) / len(sides) < high
 
 
 def test_a_client_key_sticks_to_one_side() -> None:
