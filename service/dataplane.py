@@ -414,9 +414,17 @@ class DataPlane:
         info = target.runtime.info
         if not signature_name and _encoded_images(inputs):
             # TF Serving clients send {"b64": ...} files without naming the bytes
-            # signature; the image tensor cannot hold them, so route them there.
+            # signature; the image tensor cannot hold them, so route them there: named
+            # as either signature's input (a row of {"zzz": ...} was refused, the same
+            # files under "inputs" served).
+            name = next(iter(inputs))
+            if name not in (info.input_name, BYTES_INPUT_NAME):
+                raise InvalidRequest(
+                    f"encoded image files go in input {info.input_name!r} (or "
+                    f"{BYTES_INPUT_NAME!r}, signature {BYTES_SIGNATURE!r}); got {name!r}"
+                )
             signature = BYTES_SIGNATURE
-            inputs = {BYTES_INPUT_NAME: next(iter(inputs.values()))}
+            inputs = {BYTES_INPUT_NAME: inputs[name]}
         with metrics.in_flight(target.model), target.batcher.reserve() as held:
             started = time.perf_counter()
             # JSON's nested lists become arrays off the event loop (a 10 MB body of pixel
@@ -682,7 +690,9 @@ async def _off_loop_if_lists(convert: Callable[[Any], T], value: Any) -> T:
 
 def _encoded_images(inputs: Mapping[str, Any]) -> bool:
     """Whether a Predict's only input holds encoded files (bytes), not pixels: REST's
-    decoded {"b64": ...} values, or a gRPC DT_STRING tensor."""
+    decoded {"b64": ...} values, or a gRPC DT_STRING tensor. Any file among its values
+    counts: a list of files and a null is refused by :func:`_encoded_items`, naming the
+    null (read as pixels, the refusal quoted a kilobyte of the file)."""
     if len(inputs) != 1:
         return False
     value = next(iter(inputs.values()))
@@ -690,7 +700,7 @@ def _encoded_images(inputs: Mapping[str, Any]) -> bool:
         items = list(value.reshape(-1)) if value.dtype == object else []
     else:
         items = value if isinstance(value, list) else [value]
-    return bool(items) and all(isinstance(item, bytes) for item in items)
+    return any(isinstance(item, bytes) for item in items)
 
 
 def _encoded_items(raw: Any) -> list[bytes]:
@@ -717,9 +727,27 @@ def _encoded_items(raw: Any) -> list[bytes]:
         if not isinstance(item, bytes):
             raise InvalidRequest(
                 f'{BYTES_SIGNATURE} takes encoded image files ({{"b64": ...}} over REST, '
-                f"DT_STRING over gRPC); value {i} is a {type(item).__name__}"
+                f"DT_STRING over gRPC); value {i} is {_json_kind(item)}"
             )
     return items
+
+
+def _json_kind(value: Any) -> str:
+    """What a decoded JSON value is, in JSON's words (``NoneType`` told REST clients
+    little)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return 'a string (files are sent as {"b64": ...})'
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
 
 
 def _all_text(array: npt.NDArray[Any]) -> bool:

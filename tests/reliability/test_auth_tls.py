@@ -112,7 +112,7 @@ def test_grpc_requires_the_key_in_metadata_but_health_does_not(keyed: Server) ->
 
 def test_a_key_sent_twice_is_refused_on_both_transports_in_either_order(keyed: Server) -> None:
     """REST refused two Authorization headers; gRPC took the last value, so which key
-    counted depended on how each proxy on the way merged them."""
+    counted depended on how each proxy on the way merged them. Both say why."""
     good, bad = ("authorization", f"Bearer {KEY}"), ("authorization", "Bearer wrong")
     twice = [(bad, good), (good, bad), (good, good), (("x-api-key", "wrong"), ("x-api-key", KEY))]
     request = cnnserve_v1_pb2.ClassifyRequest(image=PNG)
@@ -127,6 +127,8 @@ def test_a_key_sent_twice_is_refused_on_both_transports_in_either_order(keyed: S
                 "/v1/classify", content=PNG, headers=[*PNG_TYPE.items(), *metadata]
             )
             assert answer.status_code == 401, metadata
+            # Said as over gRPC: "not valid" sent the client after a key that was right.
+            assert "holds 2 values" in answer.json()["error"]["message"], metadata
         # One of each header is no repetition: Authorization wins, as on REST.
         assert stub.Classify(request, metadata=(good, ("x-api-key", "wrong")), timeout=30).model
 

@@ -670,6 +670,17 @@ def test_refusals_of_odd_versions_and_inputs_say_what_to_send(server: Server) ->
             "/v1/models/tiny:predict", json={"instances": [{"image_bytes": b64}]}
         )
         renamed = client.post("/v1/models/tiny:predict", json={"instances": [{"image": b64}]})
+        # Files under a name neither signature has: refused, as the same row is.
+        unnamed = client.post("/v1/models/tiny:predict", json={"inputs": {"zzz": [b64]}})
+        columns = client.post("/v1/models/tiny:predict", json={"inputs": {"image_bytes": [b64]}})
+        # A file and a null: the null is named; the file was quoted as pixel values.
+        holed = client.post("/v1/models/tiny:predict", json={"instances": [b64, None]})
+    assert_error(unnamed, {400})
+    assert "got 'zzz'" in unnamed.json()["error"]
+    assert columns.status_code == 200, columns.text
+    assert_error(holed, {400})
+    assert holed.json()["error"].endswith("value 1 is null"), holed.text
+    assert len(holed.json()["error"]) < 200
     assert_error(negative, {400})
     assert negative.json()["error"] == "version must be 0 or more, got -1"
     assert_error(misnamed, {400})
