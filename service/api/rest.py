@@ -150,6 +150,13 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         return images, len(images) > 1, names
     if content_type == "application/json":
         body = await read_json(request)
+        fields = set(body) if isinstance(body, dict) else set()
+        if fields & {"image", "images"} and (extra := sorted(fields - {"image", "images"})):
+            # {"image": ..., "model": "other"} was answered by the default model
+            raise InvalidRequest(
+                f"unknown field {extra[0]!r} in the JSON body, which takes 'image' or "
+                "'images'; give model, version, label and top_k as query parameters"
+            )
         if isinstance(body, dict) and "image" in body and "images" in body:
             raise InvalidRequest("send either 'image' (one) or 'images' (a list), not both")
         if isinstance(body, dict) and "image" in body:
@@ -255,6 +262,7 @@ async def classify(
             f"unknown query parameter {unknown[0]!r}; /v1/classify takes "
             f"{', '.join(sorted(CLASSIFY_PARAMS))}"
         )
+    _once_each(request.query_params.multi_items())
     plane = dataplane(request)
     deadline = plane.deadline(request_timeout(request))
     await check_room(
@@ -277,6 +285,17 @@ async def classify(
         client_key=client_key(request),
     )
     return classify_response(result, several=several)
+
+
+def _once_each(items: list[tuple[str, str]]) -> None:
+    """Each parameter at most once: "?top_k=1&top_k=3" was answered with the last, where
+    a proxy or a cache in front may read the first (a repeated header is a 400 too)."""
+    seen = set()
+    for key, _ in items:
+        if key in seen:
+            count = sum(k == key for k, _ in items)
+            raise InvalidRequest(f"query parameter {key!r} is given {count} times; give it once")
+        seen.add(key)
 
 
 @router.get("/healthz", tags=["health"], response_model=Health)

@@ -256,6 +256,32 @@ def test_out_of_range_query_values_and_odd_model_names(server: Server, query: st
 
 
 @pytest.mark.parametrize(
+    ("query", "content", "content_type", "said"),
+    [
+        # The route answered the last value; a proxy in front may read the first.
+        ("top_k=1&top_k=3", PNG, "image/png", "query parameter 'top_k' is given 2 times"),
+        ("model=tiny&model=x", PNG, "image/png", "query parameter 'model' is given 2 times"),
+        # The body's own model was never read: the default model answered.
+        (
+            "",
+            json.dumps({"image": base64.b64encode(PNG).decode(), "model": "x"}).encode(),
+            "application/json",
+            "unknown field 'model' in the JSON body",
+        ),
+    ],
+)
+def test_what_the_route_would_not_read_is_a_400_not_ignored(
+    server: Server, query: str, content: bytes, content_type: str, said: str
+) -> None:
+    with server.client() as client:
+        response = client.post(
+            f"/v1/classify?{query}", content=content, headers={"content-type": content_type}
+        )
+    assert_error(response, {400})
+    assert said in response.json()["error"]["message"], response.text
+
+
+@pytest.mark.parametrize(
     "path",
     [
         "/v1/models/..%2F..%2Fetc",
