@@ -380,6 +380,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode in _WIDE_GREY:
         img = _wide_grey(img)
         mode = img.mode
+    elif mode == "L" and _sample_type(img) == (8, True):
+        # A TIFF of int8 samples: Pillow reads their bytes as unsigned, so -5 was 251,
+        # near white, where an int16's -5 is black.
+        img = Image.fromarray(_top_byte(np.asarray(img).view(np.int8), 8, True), "L")
     elif mode in ("1", "L", "RGB") and "transparency" in img.info:
         # A PNG's tRNS chunk keys one colour transparent: the same picture as one with an
         # alpha channel, so composited on white like it (Pillow's conversion honours it).
@@ -397,6 +401,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "P":
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
+    if mode == "La":
+        img = img.convert("LA")  # Pillow converts grey with associated alpha to LA only
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -428,14 +434,17 @@ def _wide_grey(img: Image.Image) -> Image.Image:
 
 
 def _sample_type(img: Image.Image) -> tuple[int, bool]:
-    """(bits, signed) of a wide greyscale image's samples as its file stores them, which
-    Pillow's mode does not say: "I" is a TIFF's int16, int32 or uint32 alike."""
+    """(bits, signed) of a greyscale image's samples as its file stores them, which
+    Pillow's mode does not say: "I" is a TIFF's int16, int32 or uint32 alike, "L" its
+    uint8 and int8."""
     tags = getattr(img, "tag_v2", None)  # a TIFF's tags
     if tags is not None:
         bits = _first(tags.get(TiffImagePlugin.BITSPERSAMPLE))
         sample_format = _first(tags.get(TiffImagePlugin.SAMPLEFORMAT))
         if bits is not None:
             return bits, sample_format == _SIGNED_INTEGER
+    if img.mode == "L":
+        return 8, False
     if img.mode.startswith("I;16"):
         return 16, False  # a PNG's 16-bit greyscale: unsigned, always
     return 32, True  # what Pillow's "I" is
@@ -461,7 +470,10 @@ def _top_byte(samples: npt.NDArray[Any], bits: int, signed: bool) -> UInt8Image:
         samples = np.maximum(samples, 0)  # below zero is below black
     elif samples.dtype == np.int32:
         samples = samples.view(np.uint32)  # Pillow's "I" holds uint32's top half as negative
-    shift = max(bits - 8 - int(signed), 0)  # a signed sample's top bit is its sign
+    shift = bits - 8 - int(signed)  # a signed sample's top bit is its sign
+    if shift < 0:  # int8: 7 bits of magnitude, widened to 8
+        samples = samples.astype(np.int16) << -shift
+        shift = 0
     top: UInt8Image = np.minimum(samples >> shift, 255).astype(np.uint8)
     return top
 

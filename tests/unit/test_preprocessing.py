@@ -81,6 +81,26 @@ def grey_tiff(samples: np.ndarray, bits: int | None = None, photometric: int = 1
     )
 
 
+def grey_alpha_tiff(data: bytes, *, width: int, bits: int, associated: bool) -> bytes:
+    """An uncompressed one-row TIFF of grey and alpha samples, the alpha premultiplied
+    (``associated``) or not."""
+    return tiff(
+        [
+            (256, LONG, width),
+            (257, LONG, 1),
+            (258, SHORT, bits),
+            (259, SHORT, 1),
+            (262, SHORT, 1),
+            (273, LONG, 0),
+            (277, SHORT, 2),  # grey and alpha
+            (278, LONG, 1),
+            (279, LONG, len(data)),
+            (338, SHORT, 1 if associated else 2),  # ExtraSamples
+        ],
+        data,
+    )
+
+
 ONE_ROW = PreprocessSpec(height=1, width=6, resize_method="nearest")
 TOP_BYTES = np.array([[0, 1, 127, 128, 200, 255]], np.int64)
 
@@ -107,22 +127,7 @@ def test_a_16_bit_white_is_zero_tiff_is_not_decoded_as_its_negative() -> None:
 def test_a_tiff_of_a_layout_pillow_lacks_is_said_to_be_one() -> None:
     """16-bit grey with alpha: Pillow cannot open it, and the client read "not a … TIFF
     file (or it is corrupt)" about a TIFF it had just saved."""
-    data = b"\x00\x10" * 4
-    la16 = tiff(
-        [
-            (256, LONG, 2),
-            (257, LONG, 1),
-            (258, SHORT, 16),
-            (259, SHORT, 1),
-            (262, SHORT, 1),
-            (273, LONG, 0),
-            (277, SHORT, 2),  # grey and alpha
-            (278, LONG, 1),
-            (279, LONG, len(data)),
-            (338, SHORT, 2),  # ExtraSamples: unassociated alpha
-        ],
-        data,
-    )
+    la16 = grey_alpha_tiff(b"\x00\x10" * 4, width=2, bits=16, associated=False)
     with pytest.raises(InvalidImage, match=r"TIFF: it is corrupt, or its layout .* as PNG$"):
         preprocess_bytes(la16, SPEC, max_pixels=BIG)
 
@@ -133,6 +138,27 @@ def test_a_signed_tiffs_negative_samples_are_black(dtype: type) -> None:
     samples: np.ndarray = np.array([[info.min, -(1 << 8), -1, 0, info.max, info.max]], dtype)
     out = preprocess_bytes(grey_tiff(samples), ONE_ROW, max_pixels=BIG)
     np.testing.assert_array_equal(out[0, :, 0], [0, 0, 0, 0, 255, 255])
+
+
+def test_an_int8_tiff_is_read_signed() -> None:
+    """Pillow reads an int8 TIFF's bytes as unsigned: -5 came out as 251, near white, where
+    an int16's -5 is black. Its 7 bits of magnitude are widened to 8."""
+    samples = np.array([[-128, -5, -1, 0, 64, 127]], np.int8)
+    out = preprocess_bytes(grey_tiff(samples), ONE_ROW, max_pixels=BIG)
+    np.testing.assert_array_equal(out[0, :, 0], [0, 0, 0, 0, 128, 254])
+    unsigned = preprocess_bytes(grey_tiff(samples.view(np.uint8)), ONE_ROW, max_pixels=BIG)
+    np.testing.assert_array_equal(unsigned[0, :, 0], samples.view(np.uint8)[0])
+
+
+def test_grey_with_associated_alpha_is_composited_like_any_alpha() -> None:
+    """Pillow opens a TIFF of grey and associated (premultiplied) alpha as "La", which it
+    converts to "LA" only: "could not convert the image to RGB" before."""
+    grey, alpha = 100, 128  # premultiplied: 199 at half opacity
+    la = grey_alpha_tiff(bytes([grey, alpha]) * 6, width=6, bits=8, associated=True)
+    out = preprocess_bytes(la, ONE_ROW, max_pixels=BIG)
+    on_white = Image.new("LA", (6, 1), (199, alpha))
+    expected = preprocess_bytes(encode(on_white, "PNG"), ONE_ROW, max_pixels=BIG)
+    np.testing.assert_allclose(out, expected, atol=1)
 
 
 def test_a_32_bit_tiffs_brightness_depends_on_its_type_not_its_brightest_pixel() -> None:
