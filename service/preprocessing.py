@@ -365,7 +365,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     # trips over): still the client's file.
     try:
         return _to_rgb(img)
-    except MemoryError:
+    except (MemoryError, InvalidImage):
         raise
     except Exception as exc:
         error = _unreadable(exc, "could not convert the image to RGB")
@@ -399,6 +399,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             values = values * 255.0
         return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")
     if mode == "P":
+        if img.palette is None:  # a PNG of palette indices without its PLTE chunk
+            raise InvalidImage(
+                "the image is a palette image without its palette (a PNG needs a PLTE "
+                "chunk before its data); re-save it with an ordinary encoder"
+            )
         img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
         mode = img.mode
     if mode == "La":

@@ -193,6 +193,21 @@ def test_a_float_tiff_keeps_its_range_whether_0_to_1_or_0_to_255(scale: float) -
     assert (out[:, :, 0] == out[:, :, 2]).all()
 
 
+def test_a_palette_png_without_its_palette_is_refused() -> None:
+    """Pillow opens it, and its indices came out black: a confident answer about an
+    image no viewer shows (libpng refuses it)."""
+    header = struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0)  # 4x4, 8-bit palette indices
+    rows = b"".join(b"\0" + bytes([1] * 4) for _ in range(4))
+    data = (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
+    )
+    with pytest.raises(InvalidImage, match=r"^the image is a palette image without its palette"):
+        preprocess_bytes(data, SPEC, max_pixels=BIG)
+
+
 def test_alpha_is_composited_on_white() -> None:
     transparent = Image.new("RGBA", (10, 10), (255, 0, 0, 0))
     out = preprocess_bytes(encode(transparent, "PNG"), SPEC, max_pixels=BIG)
