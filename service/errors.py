@@ -177,6 +177,15 @@ class UnknownSignature(InvalidRequest):
     grpc_code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class LabelOnUnavailableVersion(InvalidRequest):
+    """A config that moves a label to a version not AVAILABLE: FAILED_PRECONDITION, as
+    TF Serving's server_core.cc answers ("Request to assign label to version ..., which
+    is not currently available for inference")."""
+
+    code = "label_on_unavailable_version"
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class UnsupportedMediaType(InvalidRequest):
     code = "unsupported_media_type"
     http_status = 415

@@ -38,6 +38,7 @@ from service.errors import (
     CnnserveError,
     ConfigError,
     InvalidRequest,
+    LabelOnUnavailableVersion,
     ModelLoadError,
     ModelNotReady,
     VersionNotFound,
@@ -258,7 +259,7 @@ class Registry:
             for label, version in sorted(config.labels.items()):
                 moved = before is None or before.labels.get(label) != version
                 if moved and version not in served:
-                    raise InvalidRequest(
+                    raise LabelOnUnavailableVersion(
                         f"request to assign label {label!r} to version {version} of model "
                         f"{config.name!r}, which is not currently available for inference; "
                         "add the version to the version policy first, wait until it is "

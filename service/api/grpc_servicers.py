@@ -253,7 +253,10 @@ class ModelServicer(_Adapter):
         """Apply the whole ModelServerConfig (written to models.config); answers OK once
         this process has reloaded it. Off unless CNNSERVE_RELOAD_CONFIG_RPC is true."""
         await self._plane.reload_config(config_text(request.config))
-        return model_management_pb2.ReloadConfigResponse()
+        # TF Serving always sets the status (model_service_impl.cc), OK included.
+        answer = model_management_pb2.ReloadConfigResponse()
+        answer.status.SetInParent()  # error_code OK, its default
+        return answer
 
 
 class ImageClassifierServicer(_Adapter):

@@ -162,12 +162,22 @@ def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path)
                 stub.HandleReloadConfigRequest(
                     model_management_pb2.ReloadConfigRequest(config=one_step), timeout=30
                 )
-        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # as TF Serving
         assert "not currently available" in (refused.value.details() or "")
         assert (repo / "models.config").read_text() == CONFIG
 
         done = promote(repo, "canary", "--tfserving", server.grpc_target)
         assert done.returncode == 0, done.stderr
+        # The config as it now is, again: answered with its status set, OK (TF Serving
+        # always sets it; it was left unset).
+        again = text_format.Parse(
+            (repo / "models.config").read_text(), model_server_config_pb2.ModelServerConfig()
+        )
+        with server.channel() as channel:
+            answer = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+                model_management_pb2.ReloadConfigRequest(config=again), timeout=30
+            )
+        assert answer.HasField("status") and answer.status.error_code == 0
         with server.client() as client:
             metadata = client.get("/v1/models/m/labels/canary/metadata").json()
             assert metadata["model_spec"]["version"] == "2"
