@@ -260,8 +260,8 @@ def test_out_of_range_query_values_and_odd_model_names(server: Server, query: st
     ("query", "content", "content_type", "said"),
     [
         # The route answered the last value; a proxy in front may read the first.
-        ("top_k=1&top_k=3", PNG, "image/png", "query parameter 'top_k' is given 2 times"),
-        ("model=tiny&model=x", PNG, "image/png", "query parameter 'model' is given 2 times"),
+        ("top_k=1&top_k=3", PNG, "image/png", "query parameter 'top_k' is given 2 different"),
+        ("model=tiny&model=x", PNG, "image/png", "query parameter 'model' is given 2 different"),
         # The body's own model was never read: the default model answered.
         (
             "",
