@@ -196,6 +196,12 @@ def cached_artifact(version_dir: Path, cache_dir: Path) -> Path:
     return artifact
 
 
+class FilesChanged(ModelLoadError):
+    """The folder's files changed while they were converted (a copy still going on):
+    what was converted is of no one state of the folder, so it is neither cached nor
+    served, and no other runtime stands in for it."""
+
+
 def _refusal(version_dir: Path, record: dict[str, Any]) -> str:
     return (
         f"{version_dir}: LiteRT conversion differs from the SavedModel by "
@@ -241,6 +247,15 @@ def _convert_and_verify(version_dir: Path, folder: Path) -> dict[str, Any]:
         "tensorflow": _tf_version(),
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if cache_key(version_dir) != folder.name:
+        # Filed under the key read before, the conversion of other files was found by
+        # any later folder of the first files: a truncated shard served, an intact
+        # model refused (an outside review, copying files in during a conversion).
+        raise FilesChanged(
+            f"{version_dir}: its files changed while they were converted (still being "
+            "copied?); it is loaded again once they change no more. Publish a version "
+            "by renaming its complete folder into place"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     if record["verified"]:
         # Artifact first: a verification record never points at a missing file.

@@ -36,6 +36,7 @@ def create_runtime(
     LiteRT artifact, so call it where you would call ``load()``: off the event loop.
     ``card`` is the version's model card when the caller has read it (else read here).
     """
+    from service.runtimes.conversion import FilesChanged
     from service.runtimes.litert import LiteRTRuntime, litert_artifact
     from service.runtimes.tensorflow import TensorFlowRuntime
 
@@ -48,13 +49,17 @@ def create_runtime(
         raise ValueError(f"unknown runtime {name!r}; expected one of {', '.join(RUNTIME_NAMES)}")
     try:
         litert_artifact(version_dir, cache_dir, card)
+    except FilesChanged:
+        raise  # TensorFlow would read them as they are now: still changing
     except ModelLoadError as exc:
         if artifact_precision(card) != FLOAT_PRECISION:
             # The version *is* its quantized artifact: serving the float SavedModel in its
             # place would pose as it, so the refusal stands.
             raise
         log.warning(
-            "%s: no verified LiteRT artifact, serving with TensorFlow: %s", version_dir, exc
+            "%s: no verified LiteRT artifact, loading it with TensorFlow instead: %s",
+            version_dir,
+            exc,
         )
         return TensorFlowRuntime(version_dir, threads=threads, card=card)
     # The artifact is now shipped or cached, so LiteRTRuntime.load() only reads it.

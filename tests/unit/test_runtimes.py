@@ -8,6 +8,7 @@ import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -469,7 +470,7 @@ def test_auto_falls_back_to_tensorflow_when_conversion_does_not_verify(
     with caplog.at_level(logging.WARNING):
         rt = create_runtime("auto", plain, cache_dir=tmp_path, threads=1)
     assert isinstance(rt, TensorFlowRuntime)
-    assert "serving with TensorFlow" in caplog.text and "refusing" in caplog.text
+    assert "loading it with TensorFlow instead" in caplog.text and "refusing" in caplog.text
     folder = tmp_path / conversion.cache_key(plain)
     assert not (folder / conversion.ARTIFACT).exists()  # never kept, never served
     # The refusal is cached: a second worker does not convert again to learn the same.
@@ -586,3 +587,32 @@ def test_a_damaged_data_shard_misses_the_conversion_cache(plain: Path, tmp_path:
     assert conversion.cache_key(folder) != key
     with pytest.raises(ModelLoadError, match=str(folder)):
         LiteRTRuntime(folder, cache_dir=tmp_path / "cache").load()
+
+
+def test_files_changed_during_the_conversion_are_neither_cached_nor_served(
+    plain: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder copied in while it was converted: the conversion was filed under the key
+    of the files first read, and a later folder of those files (a truncated shard) was
+    served what another state of the folder converted to (an outside review)."""
+    folder = tmp_path / "1"
+    shutil.copytree(plain, folder)
+    (shard,) = (folder / "variables").glob("variables.data-*")
+    intact = shard.read_bytes()
+    shard.write_bytes(intact[: len(intact) // 2])  # the copy is still going on
+    key = conversion.cache_key(folder)
+    load = TensorFlowRuntime.load
+
+    def copy_finishes_meanwhile(self: TensorFlowRuntime) -> Any:
+        shard.write_bytes(intact)  # as the conversion starts reading
+        return load(self)
+
+    monkeypatch.setattr(TensorFlowRuntime, "load", copy_finishes_meanwhile)
+    # Through the factory: no stand-in runtime reads the folder as it now is either.
+    with pytest.raises(conversion.FilesChanged, match="changed while they were converted"):
+        create_runtime("auto", folder, cache_dir=tmp_path / "cache", threads=1)
+    assert not (tmp_path / "cache" / key).exists()
+    monkeypatch.setattr(TensorFlowRuntime, "load", load)
+    # Once the files stay put, the folder converts and serves as usual.
+    runtime = create_runtime("auto", folder, cache_dir=tmp_path / "cache", threads=1)
+    assert isinstance(runtime, LiteRTRuntime)
