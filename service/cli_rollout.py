@@ -124,8 +124,18 @@ def _promote_locked(args: argparse.Namespace, settings: Settings) -> int:
     else:
         gateway = GatewayStatus(args.url, args.timeout, _auth(settings), ca_cert=args.ca_cert)
         serving = gateway.serving(args.model)
+    # Only a promote that waits for a server needs one to say what it serves: with
+    # --no-wait the caller said none serves the repository.
+    unknown = None if gateway is None or args.no_wait else gateway.unreachable
     steps = plan(
-        text, args.model_repository, args.model, args.version, args.label, on_disk, serving
+        text,
+        args.model_repository,
+        args.model,
+        args.version,
+        args.label,
+        on_disk,
+        serving,
+        unknown,
     )
 
     written = [text]  # what the file should hold now: as read, then as last written

@@ -65,6 +65,7 @@ def plan(
     label: str,
     on_disk: Iterable[int],
     serving: Iterable[int] | None = None,
+    unknown: str | None = None,
 ) -> list[Step]:
     """The three configs of a promotion of ``model`` ``version`` to ``label``.
 
@@ -72,6 +73,9 @@ def plan(
     among). ``serving``: the versions a server reports AVAILABLE, when one answered: what
     a ``latest`` policy pins is what it serves, not the newest folders (a broken newest
     version is not served and must not be pinned; the one still serving must stay).
+    ``unknown``: why ``serving`` is None when a server should have said it (none
+    answered at the address given): a ``latest`` policy is then not pinned from the
+    newest folders, which could drop the version a server elsewhere serves.
     Every step's text is validated as TF Serving would parse it.
     """
     if version < 0:
@@ -84,6 +88,15 @@ def plan(
     wanted = config.wanted_versions(on_disk)
     if config.policy == "latest" and serving is not None:
         wanted = set(serving)
+    elif config.policy == "latest" and unknown is not None:
+        # A mistyped --url: pinning versions 1 and a broken 3 unloaded the 2 being
+        # served by the gateway that polls the file (an outside review).
+        raise PromotionError(
+            f"{unknown}: what {model}'s latest policy serves is unknown, and pinning the "
+            f"newest folders ({_listing(sorted(wanted))}) could unload the version a server "
+            "serves. Check --url (the gateway's REST address), or pass --no-wait when no "
+            "server serves this repository; nothing was written"
+        )
     undo: str | None = text  # before the load step
     if version in wanted and config.policy != "latest":
         after_load = text
@@ -276,6 +289,7 @@ class GatewayStatus:
             raise PromotionError(f"--url {url!r} is not a URL ({exc})") from None
         self.url = url.rstrip("/")
         self.timeout = timeout
+        self.unreachable: str | None = None  # why serving() could not say, when none answered
         self.headers = headers or {}
         self._verify = https_verify(ca_cert)
 
@@ -326,7 +340,8 @@ class GatewayStatus:
         answers (or it does not know the model yet)."""
         try:
             response = self._get(f"/v1/models/{model}")
-        except NoServer:
+        except NoServer as exc:
+            self.unreachable = exc.message
             return None
         if response.status_code >= 500:
             # A gateway whose TF Serving cannot be reached answers 503: what is served

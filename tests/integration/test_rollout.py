@@ -330,6 +330,26 @@ def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     assert "versions: 1 versions: 2" in text and 'key: "canary" value: 1' in text
 
 
+def test_promote_on_a_latest_policy_without_a_server_writes_nothing(tmp_path: Path) -> None:
+    """A mistyped --url: what the latest policy serves is unknown, and the newest folders
+    pinned in its place unloaded the version a gateway elsewhere served (an outside
+    review). It stops before writing, unless --no-wait says no server serves the files."""
+    repo = two_versions(tmp_path)
+    latest = (
+        CONFIG.replace("specific { versions: 1 }", "latest { num_versions: 1 }")
+        .replace('version_labels { key: "stable" value: 1 }\n', "")
+        .replace('version_labels { key: "canary" value: 1 }  # moved by cnnserve promote\n', "")
+    )
+    (repo / "models.config").write_text(latest)
+    done = promote(repo, "canary", "--url", "http://127.0.0.1:9", "--timeout", "5")
+    assert done.returncode not in (0, 3), done.stderr
+    assert "could unload the version a server serves" in done.stderr
+    assert "nothing was written" in done.stderr and "Traceback" not in done.stderr
+    assert (repo / "models.config").read_text() == latest
+    assert promote(repo, "canary", "--url", "http://127.0.0.1:9", "--no-wait").returncode == 0
+    assert 'key: "canary" value: 2' in (repo / "models.config").read_text()
+
+
 def test_promote_against_a_url_that_is_no_gateway_writes_nothing(tmp_path: Path) -> None:
     """A web server that is not the gateway (its 404 page): read as "the gateway has not
     polled yet" before, promote planned without what was served, wrote step 1 and waited
