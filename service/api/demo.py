@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 
 from service.api.http import dataplane, path_version
 from service.errors import BackendUnavailable, ModelNotReady, NotFound
@@ -36,6 +37,7 @@ from service.routing import LoadedVersion, VersionState, listing
 from service.runtimes.card import FLOAT_PRECISION
 from service.samples import Sample, samples_for
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["demo"])
 
 STATIC = Path(__file__).parent / "static"
@@ -125,7 +127,7 @@ async def model_card(request: Request, model: str, version: str) -> dict[str, An
 
 
 @router.get("/demo/models/{model}/versions/{version}/assets/{name}")
-async def asset(request: Request, model: str, version: str, name: str) -> FileResponse:
+async def asset(request: Request, model: str, version: str, name: str) -> Response:
     """One PNG of the version's assets.extra, by its name in the folder's listing."""
     target = _served(request, model, version)
     images = await asyncio.to_thread(asset_images, target.path)
@@ -134,7 +136,18 @@ async def asset(request: Request, model: str, version: str, name: str) -> FileRe
             f"version {target.version} of model {target.model!r} has no image {name!r} in "
             f"{ASSETS_EXTRA}; images: {listing(images)}"
         )
-    return FileResponse(target.path / ASSETS_EXTRA / name, media_type="image/png")
+    path = target.path / ASSETS_EXTRA / name
+    try:
+        # Read before answering: FileResponse sent its 200 and length, then met the
+        # unreadable file (a traceback, and a connection closed on an empty body).
+        data = await asyncio.to_thread(path.read_bytes)
+    except OSError as exc:
+        log.warning("cannot read %s: %s", path, exc.strerror or exc)
+        raise NotFound(
+            f"version {target.version} of model {target.model!r}: its image {name!r} cannot "
+            "be read on the server (its log says why)"
+        ) from None
+    return Response(data, media_type="image/png")
 
 
 @router.get("/demo/models/{model}/versions/{version}/samples")

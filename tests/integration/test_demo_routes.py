@@ -14,6 +14,7 @@ import pytest
 from service.api.app import create_app
 from service.config import Settings
 from tests.helpers.images import encode, gradient
+from tests.helpers.in_process import serving_in_process
 from tests.helpers.models import tiny_repository
 from tests.helpers.server import Server, running_server
 
@@ -141,3 +142,23 @@ def test_the_setting_turns_the_page_off(tmp_path: Path, enabled: bool) -> None:
     expected = 200 if enabled else 404
     for path in ("/", "/demo/static/demo.js"):
         assert asyncio.run(status(path)) == expected, path
+
+
+def test_an_image_the_server_cannot_read_is_a_404_not_a_cut_off_200(
+    repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FileResponse sent 200 and the length, then met the unreadable file: a traceback
+    in the log and an empty body on a closed connection (an outside review, chmod 000)."""
+    read_bytes = Path.read_bytes
+
+    def unreadable(path: Path) -> bytes:
+        if path.name == "curves.png":
+            raise PermissionError(13, "Permission denied")
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", unreadable)
+    settings = Settings(model_repository=repo, grpc_port=0, poll_seconds=0)
+    with serving_in_process(settings) as port:
+        answer = httpx.get(f"http://127.0.0.1:{port}{VERSION}/assets/curves.png")
+    assert answer.status_code == 404, answer.text
+    assert "cannot be read on the server" in answer.json()["error"]["message"]
