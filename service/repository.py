@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -225,6 +226,42 @@ def read_repository(repository: Path) -> list[ModelConfig]:
     """Every model models.config configures, in file order: the first is the default."""
     config = load_models_config(repository)
     return [_model_config(repository, c) for c in config.model_config_list.config]
+
+
+class ModelsConfigReader:
+    """:func:`read_repository` for a poll: models.config is parsed again only when its
+    stat changes (an edit in place, a rename over it, a chmod). A 50 MB file that parses
+    was parsed on every poll, in every worker: 3 s of CPU in 10, and requests' p99 from
+    10 to 71 ms (an outside review). A refusal is kept too, and raised again."""
+
+    def __init__(self) -> None:
+        self._last: tuple[tuple[int, ...], list[ModelConfig] | ConfigError] | None = None
+
+    def read(self, repository: Path) -> list[ModelConfig]:
+        try:
+            st = (repository / MODELS_CONFIG).stat()
+        except OSError:
+            return read_repository(repository)  # its error says what is wrong
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+        if self._last is not None and self._last[0] == key:
+            result = self._last[1]
+            if isinstance(result, ConfigError):
+                raise result.with_traceback(None)  # not the frames of every poll since
+            return result
+        # A file changed within the clock's tick of this read could change again with
+        # the same stat (file times are coarse): kept only once it is older than that.
+        settled = time.time() - max(st.st_mtime, st.st_ctime) > SETTLED_SECONDS
+        try:
+            configs = read_repository(repository)
+        except ConfigError as exc:
+            self._last = (key, exc) if settled else None
+            raise
+        self._last = (key, configs) if settled else None
+        return configs
+
+
+# How old models.config's stat must be for ModelsConfigReader to trust it unchanged.
+SETTLED_SECONDS = 1.0
 
 
 def version_fingerprint(version_dir: Path) -> Fingerprint:

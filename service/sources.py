@@ -23,7 +23,7 @@ from service.loading import PreparedVersion, RuntimeFactory, prepare_runtime, pr
 from service.repository import (
     Fingerprint,
     ModelConfig,
-    read_repository,
+    ModelsConfigReader,
     version_dirs,
     version_fingerprint,
 )
@@ -92,6 +92,7 @@ class DiskSource:
     def __init__(self, settings: Settings, runtime_factory: RuntimeFactory) -> None:
         self._settings = settings
         self._runtime_factory = runtime_factory
+        self._config = ModelsConfigReader()
         # Each model's last listing: its base path, versions and their fingerprints.
         self._seen: dict[str, _Listing] = {}
         self._unlisted: dict[str, str] = {}  # model → the listing problem last logged
@@ -100,7 +101,7 @@ class DiskSource:
         metrics.observe_backend(True)
 
     def scan(self) -> Scan:
-        configs = read_repository(self._settings.model_repository)
+        configs = self._config.read(self._settings.model_repository)
         seen = {config.name: self._list(config) for config in configs}
         self._seen = seen
         self._unlisted = {m: p for m, p in self._unlisted.items() if m in seen}
@@ -175,6 +176,7 @@ class TFServingSource:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
+        self._config = ModelsConfigReader()
         self.client = TFServingClient(settings.tfserving_address, settings.request_timeout_seconds)
         self._scans = 0
         self._reachable = True
@@ -189,7 +191,7 @@ class TFServingSource:
             )
 
     def scan(self) -> Scan:
-        configs = read_repository(self._settings.model_repository)
+        configs = self._config.read(self._settings.model_repository)
         self._scans += 1
         versions: dict[str, dict[int, Path]] = {}
         unknown: set[str] = set()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -11,10 +12,12 @@ from typing import Any
 import pytest
 
 from service import metrics
+from service import repository as repository_module
 from service.config import Settings
 from service.errors import ConfigError, ModelLoadError
 from service.registry import Registry, VersionState
 from service.repository import (
+    ModelsConfigReader,
     load_batching_parameters,
     read_config_text,
     read_repository,
@@ -178,3 +181,44 @@ def test_a_version_that_failed_for_its_permissions_is_retried_once_they_are_fixe
         assert failures() == failed + 1
 
     run_with(registry, scenario)
+
+
+# --- models.config parsed again only when it changes ----------------------------------
+
+
+def test_a_poll_parses_models_config_again_only_when_it_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 50 MB models.config that parses was parsed on every poll, in every worker."""
+    parsed: list[Path] = []
+
+    def counted(repository: Path) -> Any:
+        parsed.append(repository)
+        return read_repository(repository)
+
+    monkeypatch.setattr(repository_module, "read_repository", counted)
+    path = tmp_path / "models.config"
+
+    def rewrite(text: str) -> None:  # in place, its mtime another whatever the clock's tick
+        before = path.stat().st_mtime_ns
+        path.write_text(text)
+        os.utime(path, ns=(before - 10**9, before - 10**9))
+
+    write_models_config(tmp_path, simple_config("a"))
+    reader = ModelsConfigReader()
+    # Written within the clock's tick of the read: the same stat may hide a change.
+    monkeypatch.setattr(repository_module, "SETTLED_SECONDS", 1e9)
+    assert [c.name for c in reader.read(tmp_path)] == ["a"]
+    assert [c.name for c in reader.read(tmp_path)] == ["a"]
+    assert len(parsed) == 2
+    # Settled: parsed once until it changes, in place and of the same size.
+    monkeypatch.setattr(repository_module, "SETTLED_SECONDS", -1.0)
+    reader.read(tmp_path)
+    assert [c.name for c in reader.read(tmp_path)] == ["a"] and len(parsed) == 3
+    rewrite(path.read_text().replace('"a"', '"b"').replace("/a", "/b"))
+    assert [c.name for c in reader.read(tmp_path)] == ["b"] and len(parsed) == 4
+    rewrite("not a config")
+    for _ in range(2):  # a refusal is kept too, raised again
+        with pytest.raises(ConfigError):
+            reader.read(tmp_path)
+    assert len(parsed) == 5
