@@ -22,7 +22,7 @@ import copy
 import logging
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +103,7 @@ class Registry:
         self._table = RoutingTable(split=TrafficSplit(settings.canary_percent / 100))
         # (model, label, version, whether it failed) of labels held back, as logged.
         self._held: set[tuple[str, str, int, bool]] = set()
+        self._dangling: set[tuple[str, str, int]] = set()  # labels on no serving version, warned
         self._versionless: set[str] = set()  # models logged as having nothing to serve
         # Per model, the (served, wanted) versions last logged as kept: logged once.
         self._kept: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -444,6 +445,7 @@ class Registry:
         """Swap in the new configs, each label moving only once its version serves."""
         previous = self._table.configs
         installed, held = [], set()
+        dangling: set[tuple[str, str, int]] = set()
         for config in scan.configs:
             served = self._table.served.get(config.name, {})
             before = previous.get(config.name)
@@ -475,10 +477,49 @@ class Registry:
                         new,
                         f" (no folder {config.base_path / str(new)} yet)" if absent else "",
                     )
+            dangling |= self._warn_dangling(routed, served, on_disk, {w[0] for w in waiting})
             installed.append(routed)
             metrics.observe_labels(config.name, before.labels if before else {}, routed.labels)
         self._held = held
+        self._dangling = dangling
         self._table = self._table.with_configs(installed)
+
+    def _warn_dangling(
+        self,
+        config: ModelConfig,
+        served: Mapping[int, LoadedVersion],
+        on_disk: Mapping[int, Path],
+        held: set[str],
+    ) -> set[tuple[str, str, int]]:
+        """Labels that point at a version that will not serve: no folder, a policy that
+        does not serve it, or a failed load (a version loading is no news). Their
+        requests get 404; said once as a warning (it was said nowhere, and
+        cnnserve_version_label showed the label as set)."""
+        dangling = set()
+        for label, version in sorted(config.labels.items()):
+            if version in served or label in held:
+                continue
+            failed = (config.name, version) in self._failed
+            if version not in on_disk:
+                why = f"has no folder {config.base_path / str(version)}"
+            elif not config.would_serve(version, set(on_disk)):
+                why = "is not served by the version policy"
+            elif failed:
+                why = "failed to load (its status says why)"
+            else:
+                continue  # loading
+            key = (config.name, label, version)
+            dangling.add(key)
+            if key not in self._dangling:
+                log.warning(
+                    "model %s: label %r points at version %d, which %s: requests for the "
+                    "label get 404 until it serves",
+                    config.name,
+                    label,
+                    version,
+                    why,
+                )
+        return dangling
 
     def _to_load(self, scan: Scan) -> list[VersionKey]:
         keys = []

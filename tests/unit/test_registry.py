@@ -678,6 +678,32 @@ def test_a_label_moved_to_a_version_that_failed_is_a_warning(
     run_with(registry, scenario)
 
 
+def test_a_label_on_a_version_that_will_not_serve_is_a_warning_once(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its requests get 404; nothing said so (an outside review: `canary: 42` on a
+    specific policy of version 1, cnnserve_version_label showing it set)."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    broken_version(repo, 2, template)
+    policy = "specific { versions: 1 versions: 2 }"
+    labels = {"stable": 1, "canary": 42, "broken": 2}
+    write_models_config(repo, simple_config("m", policy=policy, labels=labels))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        with caplog.at_level(logging.WARNING, logger="service.registry"):
+            await registry.start()
+            for _ in range(2):
+                await registry.poll_once()
+        said = [r.getMessage() for r in caplog.records if "points at version" in r.getMessage()]
+        assert len(said) == 2, said  # once each, not every poll; stable serves
+        assert any("'canary' points at version 42, which has no folder" in m for m in said)
+        assert any("'broken' points at version 2, which failed to load" in m for m in said)
+
+    run_with(registry, scenario)
+
+
 def test_a_label_moved_before_its_version_is_published_stays_until_it_serves(
     template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
