@@ -139,6 +139,16 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
         number = version_number(path.name)
         if number is not None and path.is_dir():
             found.setdefault(number, []).append(path)
+        elif number is not None and path not in _TOLD_NOT_FOLDER:
+            # A file, a link to nothing or a link loop: ignored, as before, but said
+            # (it was said nowhere, where an empty folder is a version that fails).
+            _TOLD_NOT_FOLDER.add(path)
+            log.warning(
+                "%s names version %d but is not a folder (a file, or a link to none); "
+                "it is ignored: publish a version as a folder",
+                path,
+                number,
+            )
     chosen = {}
     for number, paths in found.items():
         paths.sort(key=lambda p: (p.name != str(number), p.name))
@@ -157,6 +167,7 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
 
 
 _TOLD_SAME_NUMBER: set[tuple[Path, ...]] = set()
+_TOLD_NOT_FOLDER: set[Path] = set()
 
 
 # --- what models.config asks for ---------------------------------------------------------

@@ -130,6 +130,25 @@ def test_folders_of_one_number_are_one_version_told_once(
     ]
 
 
+def test_an_entry_named_as_a_version_that_is_no_folder_is_told_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file, a link to nothing, a link loop: ignored, and said nowhere (an outside
+    review), where an empty folder is a version that fails to load."""
+    (tmp_path / "8").write_text("hi")
+    (tmp_path / "9").symlink_to(tmp_path / "9")
+    (tmp_path / "11").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "10").mkdir()
+    for _ in range(2):
+        assert list(version_dirs(tmp_path)) == [10]
+    told = sorted(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert told == [
+        f"{tmp_path / name} names version {name} but is not a folder (a file, or a link to "
+        "none); it is ignored: publish a version as a folder"
+        for name in ("11", "8", "9")
+    ]
+
+
 def test_the_version_after_a_version_0_is_1(tmp_path: Path) -> None:
     (tmp_path / "0").mkdir()
     published = publish_version(tmp_path, lambda tmp: (tmp / "saved_model.pb").write_text("x"))
