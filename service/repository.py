@@ -74,7 +74,9 @@ def check_models_config(config: Any, where: Path | str) -> None:
     if config.WhichOneof("config") != "model_config_list":
         raise ConfigError(f"{where}: needs a model_config_list")
     names = [c.name for c in config.model_config_list.config]
-    if not names or len(set(names)) != len(names) or not all(names):
+    if not names:
+        raise ConfigError(f"{where}: model_config_list configures no model; add a config {{ }}")
+    if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"{where}: model names must be unique and non-empty")
 
 

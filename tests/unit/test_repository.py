@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -222,3 +223,17 @@ def test_a_poll_parses_models_config_again_only_when_it_changed(
         with pytest.raises(ConfigError):
             reader.read(tmp_path)
     assert len(parsed) == 5
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        ("", "configures no model; add a config { }"),
+        ('config { name: "a" } config { name: "a" }', "model names must be unique"),
+    ],
+)
+def test_a_models_config_without_models_says_so(tmp_path: Path, body: str, said: str) -> None:
+    """An empty model_config_list was told its names must be unique and non-empty."""
+    write_models_config(tmp_path, body)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        read_repository(tmp_path)
