@@ -366,6 +366,14 @@ def load_card(version_dir: Path) -> dict[str, Any]:
         card = json.loads(path.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         return {}
+    except PermissionError as exc:
+        try:  # the version folder itself, when it is the one that may not be read
+            os.listdir(version_dir)
+        except OSError as folder:
+            raise ModelLoadError(
+                f"{version_dir}: cannot read the version folder: {folder.strerror or folder}"
+            ) from None
+        raise ModelLoadError(f"{path}: unreadable model card: {exc}") from None
     except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
         raise ModelLoadError(f"{path}: unreadable model card: {exc}") from None
     if not isinstance(card, dict):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -63,16 +64,21 @@ def startup_problem(settings: Settings) -> str | None:
         (settings.port, "REST", "--port, CNNSERVE_PORT"),
         (settings.grpc_port, "gRPC", "--grpc-port, CNNSERVE_GRPC_PORT; 0 turns gRPC off"),
     ):
-        problem = _port_problem(settings.host, port) if port else None
-        if problem:
-            return (
-                f"{what} cannot listen on {settings.host}:{port} ({problem}); another server "
-                f"uses it? ({flags})"
-            )
+        failed = _port_problem(settings.host, port) if port else None
+        if failed is None:
+            continue
+        listen = f"{what} cannot listen on {settings.host}:{port} ({failed.strerror or failed})"
+        if failed.errno == errno.EADDRINUSE:
+            return f"{listen}; another server uses it? ({flags})"
+        if failed.errno == errno.EACCES:
+            return f"{listen}; ports below 1024 need privileges: use another ({flags})"
+        # An address this machine does not have, or a name that does not resolve: the
+        # port was not the problem ("another server uses it?" sent people after one).
+        return f"{listen}; is it an address of this machine? (--host, CNNSERVE_HOST)"
     return _tls_problem(settings)
 
 
-def _port_problem(host: str, port: int) -> str | None:
+def _port_problem(host: str, port: int) -> OSError | None:
     """Why ``port`` cannot be bound on ``host`` now (a plain bind fails while anything
     listens there; TIME_WAIT is fine), or None."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -81,7 +87,7 @@ def _port_problem(host: str, port: int) -> str | None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            return exc.strerror or str(exc)
+            return exc
     return None
 
 

@@ -258,7 +258,13 @@ def test_serve_stops_in_one_line_before_any_worker_starts(
         # The REST port in use: uvicorn's bind said neither which port nor what to do.
         args = ["serve", "--model-repository", str(repository), "--port", str(port)]
         assert main([*args, "--grpc-port", "0", "--workers", "2"]) == 3
-        assert f"REST cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"REST cannot listen on 127.0.0.1:{port}" in err and "another server" in err
+    # An address this machine lacks: the port is not the problem (it asked for a server).
+    args = ["serve", "--model-repository", str(repository), "--host", "999.1.1.1"]
+    assert main([*args, "--grpc-port", "0"]) == 3
+    err = capsys.readouterr().err
+    assert "is it an address of this machine? (--host" in err and "another server" not in err
     # A file where the repository should be: NotADirectoryError's traceback before.
     afile = tmp_path / "afile"
     afile.write_text("x")

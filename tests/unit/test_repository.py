@@ -237,3 +237,24 @@ def test_a_models_config_without_models_says_so(tmp_path: Path, body: str, said:
     write_models_config(tmp_path, body)
     with pytest.raises(ConfigError, match=re.escape(said)):
         read_repository(tmp_path)
+
+
+def test_a_version_folder_that_may_not_be_read_is_named_not_its_card(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder set to chmod 000 was blamed on its model_card.json (an outside review;
+    simulated: the tests may run as root, whom permissions do not stop)."""
+    version = tmp_path / "3"
+    (version / "assets.extra").mkdir(parents=True)
+
+    def denied(*args: Any, **kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(ModelLoadError, match="unreadable model card"):
+        repository_module.load_card(version)
+    monkeypatch.setattr(repository_module.os, "listdir", denied)
+    with pytest.raises(
+        ModelLoadError, match=f"^{re.escape(str(version))}: cannot read the version"
+    ):
+        repository_module.load_card(version)
