@@ -101,6 +101,14 @@ class ApiKeys:
         state = self._state  # once: a reload swaps it meanwhile
         if not state.digests and state.complete:
             return
+        if presented and "," in presented:
+            # No key has a comma (they are configured comma-separated): a header sent
+            # twice (joined, RFC 9110 5.3) or a list, where "not valid" sent a client with
+            # the right key after it, and which one counted would depend on the proxies.
+            raise Unauthenticated(
+                f"the API key sent holds {presented.count(',') + 1} values (a header sent "
+                "more than once, or a list); send the API key once"
+            )
         if presented:
             digest = _digest(presented)
             matched = False

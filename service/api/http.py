@@ -213,7 +213,7 @@ class Admission:
             auth = headers.get(b"authorization", b"").decode("latin-1") or None
             api_key = headers.get(API_KEY_HEADER.encode(), b"").decode("latin-1") or None
             try:
-                keys.check(presented_key(_once("Authorization", auth), _once("X-API-Key", api_key)))
+                keys.check(presented_key(auth, api_key))
             except Unauthenticated as exc:
                 return exc
         length = headers.get(b"content-length")
@@ -503,23 +503,6 @@ def client_left() -> ClientClosedRequest:
 
 def body_timeout_error(seconds: float) -> RequestTimeout:
     return RequestTimeout(f"the request body did not arrive within {seconds:g} s; send it at once")
-
-
-def _once(name: str, value: str | None) -> str | None:
-    """A key header's value, refused when it holds several: no key has a comma (they are
-    configured comma-separated), so one here is a header sent twice (joined_headers) or a
-    list. Which one counted would depend on how each proxy on the way merged them."""
-    if value is not None and "," in value and (name != "Authorization" or _bearer(value)):
-        raise Unauthenticated(
-            f"the {name} header holds {value.count(',') + 1} values (sent more than once, "
-            "or as a list); send the API key once"
-        )
-    return value
-
-
-def _bearer(authorization: str) -> bool:
-    """A key sent as ``Bearer``: other schemes' credentials (Digest's) hold commas."""
-    return authorization[:6].lower() == "bearer"
 
 
 def joined_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
