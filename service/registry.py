@@ -499,12 +499,11 @@ class Registry:
         for label, version in sorted(config.labels.items()):
             if version in served or label in held:
                 continue
-            failed = (config.name, version) in self._failed
             if version not in on_disk:
                 why = f"has no folder {config.base_path / str(version)}"
             elif not config.would_serve(version, set(on_disk)):
                 why = "is not served by the version policy"
-            elif failed:
+            elif (config.name, version) in self._failed:
                 why = "failed to load (its status says why)"
             else:
                 continue  # loading
