@@ -135,6 +135,10 @@ class TrainConfig:
             # RAdam applies its decay since 12-04: a finished fit from before (none
             # applied) is another run, not one to reuse under a card that says it was.
             card["radam_decay"] = "decoupled"
+        if self.weight_decay:
+            # Since 12-05 the decay spares biases and normalisation variables: a finished
+            # fit that decayed them is another run.
+            card["decay_spares"] = "1-d variables"
         return hashlib.sha256(json.dumps(card, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -103,3 +103,33 @@ def test_a_radam_fit_from_before_its_decay_is_not_reused() -> None:
     # SGD and Adam apply no decoupled decay: recorded as 0.
     assert TrainConfig(optimizer="sgd", weight_decay=1e-4).weight_decay == 0.0
     assert TrainConfig(optimizer="adamw", weight_decay=1e-4).weight_decay == 1e-4
+
+
+def test_decoupled_decay_spares_biases_and_normalisation() -> None:
+    """AdamW and RAdam shrank BatchNorm's gamma and beta and every bias toward 0 as
+    they shrank the kernels: only kernels (2-D and up) are decayed."""
+    from service.training.config import TrainConfig
+    from service.training.train import _optimizer
+
+    model = keras.Sequential(
+        [
+            keras.Input((4, 4, 1)),
+            keras.layers.Conv2D(2, 3),
+            keras.layers.BatchNormalization(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(3),
+        ]
+    )
+    for name in ("adamw", "radam"):
+        for v in model.trainable_variables:
+            v.assign(np.ones(v.shape, np.float32))
+        cfg = TrainConfig(optimizer=name, weight_decay=0.5, learning_rate=1.0)
+        optimizer = _optimizer(cfg, steps_per_epoch=10, model=model)
+        grads = [keras.ops.zeros(v.shape) for v in model.trainable_variables]
+        optimizer.apply(grads, model.trainable_variables)  # no gradient: only decay moves
+        after = {v.path: keras.ops.convert_to_numpy(v) for v in model.trainable_variables}
+        decayed = {path for path, value in after.items() if np.all(value < 1.0)}
+        kept = {path for path, value in after.items() if np.all(value == 1.0)}
+        assert decayed == {v.path for v in model.trainable_variables if len(v.shape) > 1}, name
+        assert kept == {v.path for v in model.trainable_variables if len(v.shape) == 1}, name
+        assert len(kept) == 4, name  # conv bias, gamma, beta, dense bias
