@@ -407,6 +407,12 @@ class DynamicBatcher:
                 timings["inference"] = inference
         except TimeoutError:
             self._observer.on_expired(1)
+            if any(not item.queued for item in items):
+                # Cut into a batch: the runtime cannot be stopped mid-batch, so the
+                # answer comes at the deadline and the batch's result is dropped.
+                raise DeadlineExceeded(
+                    "the request deadline passed while its batch ran; allow more time"
+                ) from None
             raise DeadlineExceeded(
                 "the request deadline passed while it waited for a batch"
             ) from None
@@ -754,8 +760,9 @@ def _failure(exc: Exception, size: int) -> CnnserveError:
 
 
 def _expire(items: list[_Item]) -> None:
-    """A request's deadline passed: its chunks still waiting fail with TimeoutError (the
-    batcher skips done futures, so their images are never run)."""
+    """A request's deadline passed: its chunks not yet answered fail with TimeoutError.
+    The batcher skips done futures, so the images of chunks still queued are never run;
+    a chunk whose batch runs is answered now, not when the batch ends."""
     for item in items:
         if not item.future.done():
             item.future.set_exception(TimeoutError())

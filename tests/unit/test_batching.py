@@ -328,6 +328,25 @@ def test_deadline_expired_in_the_queue_is_dropped_before_inference(
     assert recorder.expired == 1
 
 
+def test_a_deadline_passing_while_its_batch_runs_is_answered_then_and_says_so() -> None:
+    """Its 504 said it 'waited for a batch' though its images were being run."""
+    gate = Gate()
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(gate), config(4, 0), observer=recorder) as batcher:
+            running = asyncio.create_task(
+                batcher.submit(images(7), deadline=time.monotonic() + 0.2)
+            )
+            await gate.blocked()  # its batch is in the runtime
+            with pytest.raises(DeadlineExceeded, match="while its batch ran"):
+                await running  # answered at its deadline: the gate is still closed
+            gate.release.set()
+
+    run(scenario())
+    assert gate.batches == [[7]] and recorder.expired == 1
+
+
 def test_submit_does_not_wait_past_its_deadline() -> None:
     gate = Gate()
 
