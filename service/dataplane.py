@@ -175,8 +175,9 @@ class DataPlane:
         has a successor serving on its ports, not a replica going away."""
         return self._readiness.restarting()
 
-    def deadline(self, timeout_seconds: float | None) -> float:
-        """Absolute monotonic deadline from a client timeout (or the default)."""
+    def deadline(self, timeout_seconds: float | None, since: float | None = None) -> float:
+        """Absolute monotonic deadline from a client timeout (or the default), counted
+        from ``since`` (a monotonic time: when the request arrived) or now."""
         timeout = (
             self.settings.request_timeout_seconds if timeout_seconds is None else timeout_seconds
         )
@@ -184,7 +185,7 @@ class DataPlane:
             raise InvalidRequest(
                 f"request timeout must be a positive, finite number of seconds, got {timeout}"
             )
-        return time.monotonic() + timeout
+        return (time.monotonic() if since is None else since) + timeout
 
     # --- classification ---------------------------------------------------------------
 

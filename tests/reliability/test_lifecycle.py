@@ -497,8 +497,9 @@ def test_expired_deadlines_get_504_saying_so_and_never_run(grpc_server: Server) 
     [
         ("/v1/classify", "multipart/form-data; boundary=b", b"no multipart at all"),
         ("/v1/models/tiny:predict", "application/json", b"{no JSON at all"),
+        ("/v1/classify", "image/png", PNG),
     ],
-    ids=["multipart", "predict-json"],
+    ids=["multipart", "predict-json", "raw-image"],
 )
 def test_a_deadline_that_passed_while_the_body_came_is_answered_before_it_is_parsed(
     grpc_server: Server, path: str, content_type: str, body: bytes
@@ -506,7 +507,8 @@ def test_a_deadline_that_passed_while_the_body_came_is_answered_before_it_is_par
     """A body the route parses before it knows its images (multipart, JSON) is checked
     again once it is in, before parsing: its request's deadline passed meanwhile, it
     gets the 504 unparsed (these bodies are no multipart or JSON at all: parsed, they
-    were a 400)."""
+    were a 400). A raw image, which the HTTP protocol answers itself, counts its
+    deadline from its headers too: from its body's end, it was run and answered 200."""
     with grpc_server.client() as client:
         assert client.post("/v1/classify", **RAW).status_code == 200  # type: ignore[arg-type]
     head = (
