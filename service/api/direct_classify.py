@@ -38,6 +38,7 @@ from service.api.http import (
     header_value,
     joined_headers,
     parse_client_key,
+    server_stopped,
 )
 from service.api.rest import CLASSIFY_PATH, classify_response
 from service.concurrency import ConnectionRefusals
@@ -183,6 +184,12 @@ class DirectClassify:
         rid = request.record.request_id
         seconds = self.admission.body_read_timeout_seconds
         return _with_id(answer_error(body_timeout_error(seconds), rid), rid)
+
+    def stopped(self, request: DirectRequest) -> Answer:
+        """The answer to a request the server's stop cut short (its grace period ended
+        before the body came or the answer was made)."""
+        rid = request.record.request_id
+        return _with_id(error_response(server_stopped(), CLASSIFY_PATH), rid)
 
     def done(self, request: DirectRequest, status: int) -> None:
         """The request is answered (or its client left): its place back, its record

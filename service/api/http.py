@@ -11,6 +11,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +43,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
+    ShuttingDown,
     Unauthenticated,
 )
 from service.repository import version_number
@@ -102,8 +104,8 @@ def error_response(error: CnnserveError, path: str = "") -> JSONResponse:
     if isinstance(error, Overloaded) and error.move:
         headers["Connection"] = "close"  # uvicorn and the HTTP protocol close after it
         metrics.observe_moved_connection()  # counted here: gRPC connections are not moved
-    if isinstance(error, RequestTimeout):
-        headers["Connection"] = "close"  # the body is late: the connection is done
+    if isinstance(error, RequestTimeout | ShuttingDown):
+        headers["Connection"] = "close"  # the body is late, or the server stops
     body: dict[str, Any] = error.to_dict()
     if speaks_tf_serving(path):
         body = {"error": error.public_message()}
@@ -297,14 +299,14 @@ class RequestGuard:
                 concurrency.release(taken)
                 taken = None
 
-        async def send_with_id(message: Message) -> None:
+        async def send_with_id(message: Message, paced: bool = True) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
                 sent = message.get("headers", [])
                 if not any(name.lower() == b"x-request-id" for name, _ in sent):
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
-                if status == 503:  # come back later: paced (service.concurrency)
+                if status == 503 and paced:  # come back later: paced (service.concurrency)
                     await concurrency.pace_refusal(retrying, connection)
                 elif taken is not None and moves(status, movable, concurrency):
                     message["headers"] = [*message.get("headers", []), MOVE_HEADER]
@@ -340,6 +342,13 @@ class RequestGuard:
                 body_in = take_place if limited and with_body else None
                 try:
                     await self._guarded(scope, headers, receive, send_with_id, body_in)
+                except asyncio.CancelledError:
+                    if status != 500 or not stopped_midway():
+                        raise
+                    # Answered, not re-raised: uvicorn sent its plain-text 500 and logged
+                    # a traceback for each request its stop cut short.
+                    stopped = error_response(server_stopped(), path)
+                    await stopped(scope, receive, partial(send_with_id, paced=False))
                 finally:
                     release_place()
         finally:
@@ -499,6 +508,24 @@ class EarlyRefusal:
 
 def client_left() -> ClientClosedRequest:
     return ClientClosedRequest("the client closed the connection before sending the whole body")
+
+
+def server_stopped() -> ShuttingDown:
+    """The answer to a request the server's stop cut short: its shutdown grace period
+    (CNNSERVE_SHUTDOWN_GRACE_SECONDS) ended before the request's body came or its
+    answer was made."""
+    return ShuttingDown(
+        "the server stopped before it could answer (its shutdown grace period ended); "
+        "retry on another replica"
+    )
+
+
+def stopped_midway() -> bool:
+    """Whether the running task is cancelled from outside: only the server's stop
+    cancels a request's task (uvicorn's, once its grace period ends), and a cancelled
+    task of the request's own raises CancelledError too, with this task not cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def body_timeout_error(seconds: float) -> RequestTimeout:

@@ -71,7 +71,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from service import metrics
-from service.api.direct_classify import CLIENT_CLOSED, DirectClassify, DirectRequest
+from service.api.direct_classify import CLIENT_CLOSED, Answer, DirectClassify, DirectRequest
 from service.api.http import (
     CONNECTION_MOVABLE,
     CONNECTION_REFUSALS,
@@ -80,6 +80,7 @@ from service.api.http import (
     Refused,
     error_response,
     moves,
+    stopped_midway,
 )
 from service.concurrency import ConnectionRefusals
 from service.config import Settings
@@ -294,6 +295,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _client_done = False  # the client half-closed after whole requests: answer, then close
     _shutting_down = False  # the server stops: answer what was begun, then close
     _grace_timer: asyncio.TimerHandle | None = None  # for a first request, at shutdown
+    _stop_timer: asyncio.TimerHandle | None = None  # a direct body's, at shutdown
     _lost = False  # connection_lost was called
     _body_bytes = 0  # of the current request's body, parsed so far
     _charging = False  # the current request was refused: its body's bytes cost the pace
@@ -560,6 +562,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             )
             return
         self._no_linger = True
+        grace = self.config.timeout_graceful_shutdown
+        if self._receiving is not None and grace is not None:
+            # A direct body still coming when the grace ends is answered then: it has no
+            # task for uvicorn to cancel, and the process left it unanswered, unlogged.
+            self._stop_timer = self.loop.call_later(grace, self._body_stopped, self._receiving)
         super().shutdown()
 
     def _close_unused(self) -> None:
@@ -613,9 +620,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     async def _run_direct(self, request: DirectRequest) -> None:
         assert self._direct is not None
-        status = 500  # if cancelled (a shutdown past its grace period)
+        status = 500  # if cancelled other than by the server's stop
         try:
-            status, headers, body = await self._direct.answer(request)
+            try:
+                status, headers, body = await self._direct.answer(request)
+            except asyncio.CancelledError:
+                if not stopped_midway():
+                    raise
+                # uvicorn's stop, its grace period over: answered, not dropped unlogged.
+                status, headers, body = self._direct.stopped(request)
+                request.keep_alive = False
             request.response_complete = True
             # Its place is still held (released by done()), as moves() asks.
             concurrency = self._direct.admission.concurrency
@@ -631,13 +645,27 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _body_late(self, request: DirectRequest) -> None:
         self._body_timer = None
+        assert self._direct is not None
+        self._cut_short(request, self._direct.timed_out)  # a 408: not lingered
+
+    def _body_stopped(self, request: DirectRequest) -> None:
+        self._stop_timer = None
+        assert self._direct is not None
+        self._cut_short(request, self._direct.stopped)
+
+    def _cut_short(self, request: DirectRequest, answer: Callable[[DirectRequest], Answer]) -> None:
+        """Answer a direct request whose body is still coming, and close."""
         if self._receiving is not request or self.transport.is_closing():
             return
         assert self._direct is not None
         self._receiving = None
+        for timer in (self._body_timer, self._stop_timer):
+            if timer is not None:
+                timer.cancel()
+        self._body_timer = self._stop_timer = None
         request.response_complete = True
-        status, headers, body = self._direct.timed_out(request)
-        self._answer(status, headers, body, keep_alive=False)  # a 408: not lingered
+        status, headers, body = answer(request)
+        self._answer(status, headers, body, keep_alive=False)
         self._direct.done(request, status)
 
     # --- clients that stop reading, or stop sending ------------------------------------
@@ -731,12 +759,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._header_timer,
             self._body_timer,
             self._unread_timer,
+            self._stop_timer,
         )
         for timer in timers:
             if timer is not None:
                 timer.cancel()
         self._grace_timer = self._send_timer = self._header_timer = None
-        self._body_timer = self._unread_timer = None
+        self._body_timer = self._unread_timer = self._stop_timer = None
         self.flow.held = None
         if self._receiving is not None:  # left before sending all of a direct body
             assert self._direct is not None

@@ -3,6 +3,7 @@ graceful shutdown. All against real servers; waits poll the server's state."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -665,3 +666,42 @@ def test_sigterm_stops_grpc_beside_rest_not_after_it(tiny_repo: Path) -> None:
             answer = upload.recv(65536)
             assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
         assert server.process.wait(timeout=20) == 0  # within one grace (30 s), not two
+
+
+def test_uploads_still_coming_when_the_grace_ends_get_a_503_not_a_500(tiny_repo: Path) -> None:
+    """An upload whose body was still coming when the shutdown's grace period ended got
+    uvicorn's plain-text 500 and a traceback in the log (multipart: the ASGI way), or
+    was dropped with no answer and no access-log line (a raw image: the direct path)."""
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_SHUTDOWN_DELAY_SECONDS": "0.2",
+        "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "1",
+    }
+    multipart = b"--b\r\nContent-Disposition: form-data; name=image; filename=a.png\r\n\r\n"
+    bodies = {"image/png": PNG, "multipart/form-data; boundary=b": multipart + PNG}
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        uploads = []
+        for content_type, body in bodies.items():
+            sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            head = (
+                f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                f"X-Request-ID: upload-{len(uploads)}\r\nContent-Length: {len(body) + 10}\r\n\r\n"
+            ).encode()
+            sock.sendall(head + body)  # 10 bytes short: its body is still coming
+            uploads.append(sock)
+        with server.client() as probe:
+            wait_for(lambda: probe.post("/v1/classify", **RAW).status_code == 200)  # type: ignore[arg-type]
+        server.process.send_signal(signal.SIGTERM)
+        for sock in uploads:
+            with sock:
+                answer, content, _ = read_response(sock)
+            assert answer.startswith(b"HTTP/1.1 503 "), (answer, content)
+            assert b"connection: close" in answer.lower()
+            error = json.loads(content)["error"]
+            assert error["code"] == "unavailable", error
+            assert "grace period ended" in error["message"], error
+        assert server.process.wait(timeout=60) == 0
+    log = server.log.read_text()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log, log
+    for n in range(len(bodies)):
+        assert f'"request_id":"upload-{n}"' in log and '"status":503' in log, log
