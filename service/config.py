@@ -386,15 +386,24 @@ class Settings(BaseSettings):
         return self
 
 
+MAX_KEY_FILE_BYTES = 1024 * 1024
+
+
 def read_key_file(path: Path) -> frozenset[str]:
     """The keys of an API key file; ValueError naming CNNSERVE_API_KEYS_FILE, the file
     and the line at fault (never a key) when it cannot be read, holds no key or holds
     one no client could send. Read at start (the CLI's check, each worker) and on every
     change (service.api.auth)."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            data = file.read(MAX_KEY_FILE_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"{API_KEYS_FILE_VAR} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:  # /dev/zero, a disk image: not a key file
+        raise ValueError(
+            f"{API_KEYS_FILE_VAR} {path}: larger than {MAX_KEY_FILE_BYTES // 1024} KiB; "
+            "a key file holds API keys, one or a few per line"
+        )
     try:  # -sig: an editor's byte-order mark is not part of the first key
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -404,7 +413,10 @@ def read_key_file(path: Path) -> frozenset[str]:
             "ASCII characters"
         ) from None
     keys: frozenset[str] = frozenset()
-    for number, line_text in enumerate(text.splitlines(), 1):
+    # Lines end at \n (\r\n's \r is blank around a key): splitlines() also ended them
+    # at \v, \f, \x1c-\x1e, \x85 and U+2028/9, and "Secret\vpw" gave two keys, "pw"
+    # one, where a key holding them is refused.
+    for number, line_text in enumerate(text.split("\n"), 1):
         if not line_text.lstrip().startswith("#"):  # a comment, not keys
             keys |= _parse_keys(line_text, f"{API_KEYS_FILE_VAR} {path}", line=number)
     if not keys:
@@ -422,7 +434,7 @@ def _parse_keys(text: str, source: str, *, line: int | None) -> frozenset[str]:
     could present, a pasted key with a tab in it)."""
     keys = []
     for position, item in enumerate(text.split(","), 1):
-        key = item.strip()
+        key = item.strip(" \t\r\n")  # only these: a key ending in \v is refused, not cut
         if key and not all("!" <= c <= "~" for c in key):
             where = f"line {line}" if line is not None else f"key {position} (comma-separated)"
             raise ValueError(

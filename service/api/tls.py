@@ -25,7 +25,7 @@ import grpc
 
 from service import metrics
 from service.api.auth import Fingerprint, fingerprint
-from service.api.tls_files import FILES, load_problem, not_after
+from service.api.tls_files import FILES, load_problem, validity
 from service.periodic import every
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class CertificateWatch:
         except OSError:
             pass  # said by _read
         pair = self._read()
-        problem = pair if isinstance(pair, str) else _expired(self._certfile, pair)
+        problem = pair if isinstance(pair, str) else _not_valid_now(self._certfile, pair)
         if isinstance(pair, _Pair) and not problem:
             return pair
         metrics.observe_tls_files(ok=False)
@@ -163,7 +163,15 @@ class CertificateWatch:
             log.info("TLS certificate %s reloaded: new connections use it", self._certfile)
         self._pair, self._problem = pair, ""
         metrics.observe_tls_files(ok=True)
-        expires = not_after(pair.cert)
+        times = validity(pair.cert)
+        if times is not None and times[0] > time.time():
+            log.warning(
+                "TLS certificate %s is not valid until %s: clients refuse it until then "
+                "(check the issuer's clock and this machine's)",
+                self._certfile,
+                _utc(times[0]),
+            )
+        expires = None if times is None else times[1]
         if expires is None:
             log.warning(
                 "cannot read when TLS certificate %s expires: "
@@ -195,11 +203,24 @@ def _unreadable(exc: OSError) -> str:
     return f"TLS file {exc.filename} cannot be read ({exc.strerror or exc}); check {FILES}"
 
 
-def _expired(certfile: Path, pair: _Pair) -> str:
-    """Why a changed pair must not replace the one in use: its certificate has expired
-    (a renewal gone wrong; the one in use may still be valid). "" if it has not."""
-    expires = not_after(pair.cert)
-    if expires is None or expires > time.time():
+def _not_valid_now(certfile: Path, pair: _Pair) -> str:
+    """Why a changed pair must not replace the one in use: its certificate has expired,
+    or is not valid yet (a renewal gone wrong, or issued by a clock ahead: clients
+    refuse it either way, and the one in use may still be valid). "" if it is valid."""
+    times = validity(pair.cert)
+    if times is None:
         return ""
-    when = datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
-    return f"TLS certificate {certfile} expired at {when}"
+    begins, ends = times
+    now = time.time()
+    if ends <= now:
+        return f"TLS certificate {certfile} expired at {_utc(ends)}"
+    if begins > now:
+        return (
+            f"TLS certificate {certfile} is not valid until {_utc(begins)} (check the "
+            "issuer's clock and this machine's); it is used once it is"
+        )
+    return ""
+
+
+def _utc(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")

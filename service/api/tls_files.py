@@ -57,8 +57,16 @@ _PEM_CERTIFICATE = re.compile(
 
 def not_after(pem: bytes) -> float | None:
     """When the first certificate of a PEM chain (the server's own) expires, as a Unix
-    time; None if it cannot be read. The standard library loads certificates but has no
-    public reader of their dates: this walks the few DER elements in front of them."""
+    time; None if it cannot be read."""
+    times = validity(pem)
+    return None if times is None else times[1]
+
+
+def validity(pem: bytes) -> tuple[float, float] | None:
+    """When the first certificate of a PEM chain (the server's own) begins and ends to
+    be valid (notBefore, notAfter), as Unix times; None if it cannot be read. The
+    standard library loads certificates but has no public reader of their dates: this
+    walks the few DER elements in front of them."""
     found = _PEM_CERTIFICATE.search(pem)
     if found is None:
         return None
@@ -70,16 +78,20 @@ def not_after(pem: bytes) -> float | None:
         if fields and fields[0][0] == 0xA0:  # [0] version, when not v1
             fields = fields[1:]
         _, start, end = fields[3]  # serial, signature, issuer, validity
-        times = list(_elements(der, start, end))
-        tag, start, end = times[1]
-        text = der[start:end].decode("ascii")
-        layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}[tag]
-        when = datetime.strptime(text, layout).replace(tzinfo=UTC)
-        if tag == 0x17 and when.year >= 2050:  # RFC 5280: UTCTime's 50-99 are 1950-1999
-            when = when.replace(year=when.year - 100)
-        return when.timestamp()
+        begins, ends = list(_elements(der, start, end))[:2]
+        return _time(der, *begins), _time(der, *ends)
     except (binascii.Error, StopIteration, IndexError, KeyError, ValueError):
         return None
+
+
+def _time(der: bytes, tag: int, start: int, end: int) -> float:
+    """A DER UTCTime or GeneralizedTime as a Unix time."""
+    text = der[start:end].decode("ascii")
+    layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}[tag]
+    when = datetime.strptime(text, layout).replace(tzinfo=UTC)
+    if tag == 0x17 and when.year >= 2050:  # RFC 5280: UTCTime's 50-99 are 1950-1999
+        when = when.replace(year=when.year - 100)
+    return when.timestamp()
 
 
 def _elements(der: bytes, start: int, end: int) -> Iterator[tuple[int, int, int]]:

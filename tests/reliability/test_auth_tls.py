@@ -296,6 +296,31 @@ def _expired_pair(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def _future_pair(folder: Path) -> tuple[Path, Path]:
+    """A certificate and its key valid only from 2099 (`openssl x509` cannot set
+    notBefore: `openssl ca` with a throwaway database can)."""
+    folder.mkdir()
+    cert, key, request = folder / "cert.pem", folder / "key.pem", folder / "request.csr"
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(request)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (folder / "index.txt").touch()
+    (folder / "serial").write_text("01\n")
+    (folder / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\n"
+        "serial = serial\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
+    )
+    subprocess.run(
+        ["openssl", "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", str(key),
+         "-in", str(request), "-out", str(cert), "-startdate", "20991231000000Z",
+         "-enddate", "21000101000000Z"],
+        check=True, capture_output=True, cwd=folder,
+    )  # fmt: skip
+    return cert, key
+
+
 def _ec_self_signed(folder: Path) -> tuple[Path, Path]:
     """As self_signed, with an EC key (self_signed's is RSA)."""
     cert, key = folder / "cert.pem", folder / "key.pem"
@@ -393,6 +418,11 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         secret.rotate(_pair(*expired))
         eventually(lambda: gauges(old_cert)["cnnserve_tls_files_ok"] == 0)
         eventually(lambda: "expired at" in server.log.read_text())
+        assert _served_certificate(server.port) == old_der
+        # Nor one not valid yet: clients refused it as they refuse an expired one.
+        secret.rotate(_pair(*_future_pair(tmp_path / "future")))
+        eventually(lambda: "is not valid until 2099-12-31" in server.log.read_text())
+        assert gauges(old_cert)["cnnserve_tls_files_ok"] == 0
         assert _served_certificate(server.port) == old_der
 
         secret.rotate(_pair(new_cert, old_key))

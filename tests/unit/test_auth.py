@@ -113,6 +113,33 @@ def test_a_key_no_client_could_send_stops_start_up_without_showing_it(
         assert word not in message
 
 
+@pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_a_key_with_a_line_separator_inside_is_refused_not_split(
+    tmp_path: Path, separator: str
+) -> None:
+    """splitlines() ended lines at these too: "Secret-Part-One<VT>pw" gave two keys,
+    "pw" one of them, and the server started."""
+    secret = tmp_path / "keys"
+    secret.write_text(f"good\nSecret-Part-One{separator}pw\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=f"^CNNSERVE_API_KEYS_FILE {secret} line 2: "):
+        Settings(api_keys_file=secret).keys()
+    secret.write_text(f"good{separator}\n", encoding="utf-8")  # nor cut off at its end
+    with pytest.raises(ValueError, match="line 1: a key must be visible ASCII"):
+        Settings(api_keys_file=secret).keys()
+    secret.write_text("k-1\r\nk-2\r\n")  # CRLF lines are lines
+    assert Settings(api_keys_file=secret).keys() == {"k-1", "k-2"}
+
+
+def test_a_key_file_is_not_read_without_bound(tmp_path: Path) -> None:
+    """CNNSERVE_API_KEYS_FILE=/dev/zero was read until memory ran out."""
+    secret = tmp_path / "keys"
+    secret.write_bytes(b"k" * (2 * 1024 * 1024))
+    with pytest.raises(ValueError, match=r"larger than 1024 KiB; a key file holds API keys"):
+        Settings(api_keys_file=secret).keys()
+    with pytest.raises(ValueError, match=r"^CNNSERVE_API_KEYS_FILE /dev/zero: larger than"):
+        Settings(api_keys_file=Path("/dev/zero")).keys()
+
+
 def test_the_variable_follows_the_same_rule_by_position() -> None:
     for value, position in (("good,clé", 2), ("a b", 1), ("x,,y z", 3)):
         with pytest.raises(ValueError) as refused:
