@@ -77,6 +77,9 @@ class ApiKeys:
         self.open_paths = (
             OPEN_PATHS if protect_metrics or not metrics_path else OPEN_PATHS | {metrics_path}
         )
+        # Checked before the open prefixes: a metrics path under one (/docs/metrics) was
+        # served without a key with CNNSERVE_METRICS_REQUIRE_KEY on.
+        self._guarded = metrics_path if protect_metrics and metrics_path else None
 
     @property
     def enabled(self) -> bool:
@@ -93,6 +96,8 @@ class ApiKeys:
         self._state = _KeySet(tuple(_digest(k) for k in keys), complete=False)
 
     def is_open(self, path: str) -> bool:
+        if path == self._guarded:
+            return False
         return path in self.open_paths or path.startswith(OPEN_PREFIXES)
 
     def check(self, presented: str | None) -> None:

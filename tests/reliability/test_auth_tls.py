@@ -174,7 +174,11 @@ SILENT_LIMIT = 30
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path, workers: int) -> None:
+def test_tls_on_rest_and_grpc(
+    tiny_repo: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server's own default, not the one this process took on importing service.
+    monkeypatch.delenv("GRPC_VERBOSITY", raising=False)
     cert, key = self_signed(tmp_path)
     env = {
         "CNNSERVE_TLS_CERTFILE": str(cert),
@@ -216,6 +220,12 @@ def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path, workers: int) -> 
             stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(plain)
             with pytest.raises(grpc.RpcError):
                 stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
+        for _ in range(5):  # plain HTTP to the gRPC port: no log line each (gRPC's INFO)
+            with socket.create_connection(("127.0.0.1", server.grpc_port), timeout=30) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.suppress(OSError):
+                    while sock.recv(4096):
+                        pass
 
         def ready_lines() -> list[str]:  # the log is flushed as the access log is written
             return [line for line in server.log.read_text().splitlines() if "ready:" in line]
@@ -223,6 +233,7 @@ def test_tls_on_rest_and_grpc(tiny_repo: Path, tmp_path: Path, workers: int) -> 
         eventually(lambda: bool(ready_lines()))
         assert f"REST https://127.0.0.1:{server.port}" in ready_lines()[0], ready_lines()
         assert "(TLS)" in ready_lines()[0]
+        assert "Handshake failed" not in server.log.read_text()
 
 
 def _stalled_classify(server: Server, metadata: tuple[tuple[str, str], ...] = ()) -> grpc.RpcError:

@@ -230,3 +230,14 @@ def test_a_grpc_call_refused_while_keys_cannot_be_checked_says_when_to_retry() -
     code, trailers = asyncio.run(scenario())
     assert code == grpc.StatusCode.UNAVAILABLE
     assert trailers.get("retry-after", "").isdigit() and "x-request-id" in trailers
+
+
+def test_a_protected_metrics_path_under_an_open_prefix_needs_a_key() -> None:
+    """CNNSERVE_METRICS_PATH=/docs/metrics was open (under /docs/) with
+    CNNSERVE_METRICS_REQUIRE_KEY on."""
+    from service.api.auth import ApiKeys
+
+    keys = ApiKeys(["k"], metrics_path="/docs/metrics", protect_metrics=True)
+    assert not keys.is_open("/docs/metrics") and keys.is_open("/docs/oauth2-redirect")
+    assert keys.is_open("/healthz")
+    assert ApiKeys(["k"], metrics_path="/docs/metrics").is_open("/docs/metrics")
