@@ -336,6 +336,9 @@ def _drain_on_sigterm(
 
     def draining(previous: Any) -> SignalHandler:
         def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            if readiness.draining:  # a second SIGTERM: the shutdown under way goes on
+                log.info("SIGTERM again: already shutting down")
+                return
             readiness.drain()
             log.info("SIGTERM: readiness is 503 now; shutting down in %g s", delay)
             loop.call_soon_threadsafe(loop.call_later, delay, stop_calls)

@@ -45,9 +45,27 @@ def load_problem(
     except (OSError, ssl.SSLError) as exc:
         return (
             f"TLS certificate {certfile} with key {keyfile} cannot be loaded "
-            f"({exc.strerror or exc}); check {FILES}"
+            f"({exc.strerror or exc}{_which_file(certfile, keyfile)}); check {FILES}"
         )
     return None
+
+
+def _which_file(certfile: Path, keyfile: Path) -> str:
+    """Which of the two is not what it should be, when one is not PEM of its kind
+    (OpenSSL's "PEM lib" named neither: a DER or PKCS#12 file, an empty one, the two
+    swapped), as "; ..." to add to the reason; "" when both look right (a mismatch)."""
+    try:
+        cert, key = certfile.read_bytes(), keyfile.read_bytes()
+    except OSError:
+        return ""  # the reason already says which cannot be read
+    wrong = []
+    if not _PEM_CERTIFICATE.search(cert):
+        wrong.append(f"{certfile} holds no PEM certificate")
+    if not re.search(rb"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----", key):
+        wrong.append(f"{keyfile} holds no PEM private key")
+    if not wrong:
+        return ""
+    return "; " + " and ".join(wrong) + " (PEM text is expected: -----BEGIN ...)"
 
 
 _PEM_CERTIFICATE = re.compile(

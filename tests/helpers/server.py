@@ -139,6 +139,31 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
+def dated_certificate(folder: Path, begins: str, ends: str) -> tuple[Path, Path]:
+    """A self-signed certificate valid from ``begins`` to ``ends`` (openssl's
+    YYMMDDHHMMSSZ or YYYYMMDDHHMMSSZ) and its key, in ``folder`` (made). `openssl x509`
+    cannot set notBefore: `openssl ca` with a throwaway database can."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cert, key, request = folder / "cert.pem", folder / "key.pem", folder / "request.csr"
+    subprocess.run(
+        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(request)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (folder / "index.txt").touch()
+    (folder / "serial").write_text("01\n")
+    (folder / "ca.cnf").write_text(
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\n"
+        "serial = serial\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
+    )
+    subprocess.run(
+        ["openssl", "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", str(key),
+         "-in", str(request), "-out", str(cert), "-startdate", begins, "-enddate", ends],
+        check=True, capture_output=True, cwd=folder,
+    )  # fmt: skip
+    return cert, key
+
+
 def eventually(predicate: Callable[[], bool], timeout: float = 60) -> None:
     """Poll a condition on a server (its state, not the clock) until it holds."""
     deadline = time.monotonic() + timeout

@@ -23,7 +23,14 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.secrets import MountedSecret
-from tests.helpers.server import Server, eventually, running_server, self_signed, workers_of
+from tests.helpers.server import (
+    Server,
+    dated_certificate,
+    eventually,
+    running_server,
+    self_signed,
+    workers_of,
+)
 
 KEY = "s3cret-key-0123456789"
 FILE_KEY = "key-from-a-mounted-secret"
@@ -307,31 +314,6 @@ def _expired_pair(folder: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def _future_pair(folder: Path) -> tuple[Path, Path]:
-    """A certificate and its key valid only from 2099 (`openssl x509` cannot set
-    notBefore: `openssl ca` with a throwaway database can)."""
-    folder.mkdir()
-    cert, key, request = folder / "cert.pem", folder / "key.pem", folder / "request.csr"
-    subprocess.run(
-        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(request)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    (folder / "index.txt").touch()
-    (folder / "serial").write_text("01\n")
-    (folder / "ca.cnf").write_text(
-        "[ca]\ndefault_ca = d\n[d]\ndatabase = index.txt\nnew_certs_dir = .\n"
-        "serial = serial\ndefault_md = sha256\npolicy = p\n[p]\ncommonName = supplied\n"
-    )
-    subprocess.run(
-        ["openssl", "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", str(key),
-         "-in", str(request), "-out", str(cert), "-startdate", "20991231000000Z",
-         "-enddate", "21000101000000Z"],
-        check=True, capture_output=True, cwd=folder,
-    )  # fmt: skip
-    return cert, key
-
-
 def _ec_self_signed(folder: Path) -> tuple[Path, Path]:
     """As self_signed, with an EC key (self_signed's is RSA)."""
     cert, key = folder / "cert.pem", folder / "key.pem"
@@ -431,7 +413,9 @@ def test_a_renewed_certificate_is_served_without_a_restart(
         eventually(lambda: "expired at" in server.log.read_text())
         assert _served_certificate(server.port) == old_der
         # Nor one not valid yet: clients refused it as they refuse an expired one.
-        secret.rotate(_pair(*_future_pair(tmp_path / "future")))
+        secret.rotate(
+            _pair(*dated_certificate(tmp_path / "future", "20991231000000Z", "21000101000000Z"))
+        )
         eventually(lambda: "is not valid until 2099-12-31" in server.log.read_text())
         assert gauges(old_cert)["cnnserve_tls_files_ok"] == 0
         assert _served_certificate(server.port) == old_der

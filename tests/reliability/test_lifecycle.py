@@ -567,6 +567,7 @@ def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -
         with server.client() as probe:
             wait_for(lambda: probe.get("/readyz").status_code == 503, timeout=5)
             served_while_draining = len(rest)
+            server.process.send_signal(signal.SIGTERM)  # a second: the shutdown goes on
             with server.channel() as channel:
                 health = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(), timeout=5
@@ -579,6 +580,9 @@ def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -
         assert code == 0
         assert set(rest) == {200} and set(grpc_codes) == {"OK"}, (set(rest), set(grpc_codes))
         assert len(rest) >= served_while_draining
+    log = server.log.read_text()
+    assert log.count("SIGTERM: readiness is 503 now") == 1, log
+    assert log.count("SIGTERM again: already shutting down") == 1, log
 
 
 def test_sigterm_with_workers_refuses_new_connections_and_no_watch_holds_it(

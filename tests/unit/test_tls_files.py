@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from service.api.tls_files import not_after
+from service.api.tls_files import load_problem, not_after, validity
+from tests.helpers.server import dated_certificate, self_signed
 
 
 def _certificate(folder: Path, days: int) -> Path:
@@ -56,23 +57,39 @@ def test_what_is_no_certificate_has_no_expiry(pem: bytes) -> None:
 
 def test_a_utctime_year_from_50_is_of_the_1900s(tmp_path: Path) -> None:
     """RFC 5280: UTCTime's two-digit years 50-99 are 1950-1999 (strptime's %y: 2050-2068)."""
-    key, request = tmp_path / "key.pem", tmp_path / "request.csr"
+    cert, _ = dated_certificate(tmp_path, "590101000000Z", "600102000000Z")
+    assert not_after(cert.read_bytes()) == _openssl_end_date(cert) < 0  # 1960
+
+
+def test_validity_reads_both_ends(tmp_path: Path) -> None:
+    cert, _ = dated_certificate(tmp_path, "20991231000000Z", "21000101000000Z")
+    begins = calendar.timegm((2099, 12, 31, 0, 0, 0))
+    assert validity(cert.read_bytes()) == (begins, begins + 86400)
+
+
+def test_a_pair_that_does_not_load_says_which_file_is_not_pem(tmp_path: Path) -> None:
+    """OpenSSL's "[SSL] PEM lib" named neither file: a DER certificate, an empty key and
+    the two swapped all read alike."""
+    cert, key = self_signed(tmp_path)
+    der = tmp_path / "cert.der"
     subprocess.run(
-        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-subj", "/CN=x", "-keyout", str(key), "-out", str(request)],
+        ["openssl", "x509", "-in", str(cert), "-outform", "DER", "-out", str(der)],
         check=True, capture_output=True,
     )  # fmt: skip
-    (tmp_path / "index.txt").touch()
-    (tmp_path / "serial").write_text("01\n")
-    (tmp_path / "ca.cnf").write_text(
-        "[ca]\ndefault_ca=d\n[d]\ndatabase=index.txt\nnew_certs_dir=.\nserial=serial\n"
-        "default_md=sha256\npolicy=p\n[p]\ncommonName=supplied\n"
+    empty = tmp_path / "empty.key"
+    empty.write_bytes(b"")
+    problem = load_problem(der, key)
+    assert (
+        problem
+        and f"{der} holds no PEM certificate" in problem
+        and str(key) + " holds" not in problem
     )
-    cert = tmp_path / "cert.pem"
-    subprocess.run(
-        ["openssl", "ca", "-batch", "-config", "ca.cnf", "-selfsign", "-keyfile", str(key),
-         "-in", str(request), "-startdate", "590101000000Z", "-enddate", "600102000000Z",
-         "-out", str(cert)],
-        check=True, capture_output=True, cwd=tmp_path,
-    )  # fmt: skip
-    assert not_after(cert.read_bytes()) == _openssl_end_date(cert) < 0  # 1960
+    problem = load_problem(cert, empty)
+    assert problem and f"{empty} holds no PEM private key" in problem
+    problem = load_problem(key, cert)  # swapped
+    assert (
+        problem and "holds no PEM certificate" in problem and "holds no PEM private key" in problem
+    )
+    other, _ = dated_certificate(tmp_path / "other", "20200101000000Z", "21000101000000Z")
+    problem = load_problem(other, key)  # both PEM, not a pair: no file blamed
+    assert problem and "holds no" not in problem
