@@ -213,7 +213,7 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
         return f"--url {args.url!r} is not a URL: {exc}"
     except httpx.HTTPError as exc:
         health, keyed = 0, 0
-        if (told := untrusted(url, exc)) is not None:
+        if (told := untrusted(url, exc, args.ca_cert)) is not None:
             return told
     if health != 200:
         return (

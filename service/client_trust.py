@@ -36,18 +36,25 @@ def https_verify(ca_cert: Path | None) -> ssl.SSLContext | bool:
     return context
 
 
-def untrusted(url: str, exc: BaseException) -> str | None:
+def untrusted(url: str, exc: BaseException, ca_cert: Path | None = None) -> str | None:
     """What to tell when a client's connection error was a TLS one (an untrusted
     certificate, a port that does not speak TLS, an http:// URL to one that does): the
-    server is there, so not "is it running?" but what to change. None when it was not."""
+    server is there, so not "is it running?" but what to change. None when it was not.
+    ``ca_cert``: the --ca-cert given, if one was."""
     causes = list(_causes(exc))
     for cause in causes:
         if isinstance(cause, ssl.SSLError):
             if cause.reason == "WRONG_VERSION_NUMBER":  # its answer was no TLS record
                 return f"{url} answered, but that port does not speak TLS ({cause}): use http://"
+            fix = (
+                "give its certificate with --ca-cert"
+                if ca_cert is None  # "give it" to a command given one was no help
+                else f"--ca-cert {ca_cert} does not vouch for it: give the certificate "
+                "it serves, or the CA's that signed it"
+            )
             return (
                 f"{url} answered, but not over a TLS connection this command trusts "
-                f"({cause}): give its certificate with --ca-cert"
+                f"({cause}): {fix}"
             )
     if url.startswith("http://") and any(_closed_unanswered(cause) for cause in causes):
         # A TLS port takes the request for a bad handshake and closes the connection.

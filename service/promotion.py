@@ -292,6 +292,7 @@ class GatewayStatus:
         self.unreachable: str | None = None  # why serving() could not say, when none answered
         self.headers = headers or {}
         self._verify = https_verify(ca_cert)
+        self._ca_cert = ca_cert
 
     def _get(self, path: str) -> httpx.Response:
         try:
@@ -301,7 +302,7 @@ class GatewayStatus:
         except httpx.HTTPError as exc:
             # A gateway that answers but is not trusted is there: saying "no gateway"
             # would have planned without what it serves and written step 1.
-            if (message := untrusted(self.url, exc)) is not None:
+            if (message := untrusted(self.url, exc, self._ca_cert)) is not None:
                 raise PromotionError(message) from None
             raise NoServer(f"no gateway answers at {self.url} ({exc})") from None
         if response.status_code in (401, 403):

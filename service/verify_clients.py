@@ -76,6 +76,7 @@ class RestServer:
             raise DatasetError(f"--url {url!r} needs its scheme, e.g. http://localhost:8000")
         self.url = url.rstrip("/")
         self.notices = notices
+        self._ca_cert = ca_cert
         try:
             self._client = httpx.Client(
                 base_url=self.url, timeout=60, headers=headers or {}, verify=https_verify(ca_cert)
@@ -91,7 +92,7 @@ class RestServer:
         try:
             return _checked(self._client.request(method, path, **kwargs))
         except httpx.TransportError as exc:
-            if (message := untrusted(self.url, exc)) is not None:
+            if (message := untrusted(self.url, exc, self._ca_cert)) is not None:
                 raise DatasetError(message) from None
             raise DatasetError(
                 f"no answer from {self.url}: {exc}; is the server running?"

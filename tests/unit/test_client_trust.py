@@ -3,16 +3,20 @@ real connections to local sockets, so the exceptions are httpx's own."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import pytest
 
 from service.client_trust import untrusted
+from tests.helpers.server import self_signed
 
 
 @contextmanager
@@ -90,3 +94,25 @@ def test_nothing_listening_is_no_tls_problem() -> None:
         pass
     url = f"http://127.0.0.1:{port}"
     assert untrusted(url, failure(url)) is None
+
+
+def test_an_untrusted_certificate_asks_for_another_ca_cert_when_one_was_given(
+    tmp_path: Path,
+) -> None:
+    """It said "give its certificate with --ca-cert" to a command given one."""
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def tls(conn: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # the client refuses the certificate
+            context.wrap_socket(conn, server_side=True).close()
+
+    with listening(tls) as port:
+        url = f"https://127.0.0.1:{port}"
+        exc = failure(url)  # the usual roots: the self-signed certificate is not in them
+    told = untrusted(url, exc)
+    assert told is not None and told.endswith("give its certificate with --ca-cert")
+    other = tmp_path / "other-ca.pem"
+    told = untrusted(url, exc, other)
+    assert told is not None and f"--ca-cert {other} does not vouch for it" in told
