@@ -185,7 +185,10 @@ class Settings(BaseSettings):
         "few round trips for clients far away.",
     )
     max_connections: int = Field(
-        2048, ge=1, description="Open HTTP connections per worker (uvicorn limit_concurrency)."
+        2048,
+        ge=1,
+        description="Open HTTP connections per worker: a request on one over it gets 503 "
+        "and its connection closes (probes and the metrics scrape are answered).",
     )
     grpc_max_concurrent_streams: int = Field(
         0,

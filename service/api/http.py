@@ -457,15 +457,21 @@ class EarlyRefusal:
         query_string: bytes,
         headers: Sequence[tuple[bytes, bytes]],
         retrying: bool,
+        connections: tuple[int, int] | None = None,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
-        (service.concurrency.ConnectionRefusals); only then is a 503 paced."""
+        (service.concurrency.ConnectionRefusals); only then is a 503 paced.
+        ``connections``: the worker's open HTTP connections and their limit, when they
+        are over it."""
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
         error: CnnserveError | None
-        if not concurrency.admits():
+        if connections is not None:
+            error = too_many_connections(*connections)
+            record = self._record(method, path, headers)
+        elif not concurrency.admits():
             error = concurrency.refusal()
             record = self._record(method, path, headers)
         elif self.room is None or (check := self.room(method, path, query_string, headers)) is None:
@@ -508,6 +514,20 @@ class EarlyRefusal:
 
 def client_left() -> ClientClosedRequest:
     return ClientClosedRequest("the client closed the connection before sending the whole body")
+
+
+def too_many_connections(open_now: int, limit: int) -> Overloaded:
+    """The answer to a request on a connection over the worker's limit: uvicorn's own
+    refusal was a plain-text 503, uncounted, that also refused the probes (a few
+    thousand silent connections turned /healthz 503, and the liveness probe with it)."""
+    metrics.observe_shed("", "connections")
+    return Overloaded(
+        f"this worker has {open_now} open HTTP connections, over its limit of {limit} "
+        "(CNNSERVE_MAX_CONNECTIONS); this connection closes: retry on a new one after "
+        f"the Retry-After delay ({Overloaded.retry_after} s), or send to another replica",
+        reason="connections",
+        move=True,  # closed after the answer: the connection is what is over the limit
+    )
 
 
 def server_stopped() -> ShuttingDown:

@@ -268,6 +268,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _headers_due: float | None = None
     _header_seconds: float = 0.0
     _early_refusal: EarlyRefusal | None = None
+    _max_connections: int | None = None  # CNNSERVE_MAX_CONNECTIONS, checked here
     _dropping = False  # the current request was refused here: its body is dropped
     _max_header_bytes = DEFAULT_MAX_HEADER_BYTES
     _in_headers = False  # the current request's line and headers have not ended yet
@@ -310,6 +311,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._body_seconds = self.app_state.get(BODY_TIMEOUT_STATE) or DEFAULT_BODY_SECONDS
         self._send_seconds = self.app_state.get(SEND_TIMEOUT_STATE) or DEFAULT_SEND_SECONDS
         self._early_refusal = self.app_state.get(EARLY_REFUSAL_STATE)
+        if self._early_refusal is not None:
+            # The connection limit is checked here (on_headers_complete), not by uvicorn:
+            # its refusal was a plain-text 503, uncounted, probes refused too, and it
+            # counted the connection being served (a limit of N served N - 1).
+            self._max_connections, self.limit_concurrency = self.limit_concurrency, None
         self._direct = self.app_state.get(DIRECT_CLASSIFY_STATE)
         self._refusals = (
             ConnectionRefusals()
@@ -457,7 +463,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             raw_path, _, query = self.url.partition(b"?")
             path = raw_path.decode("latin-1")
             if self._early_refusal is not None:
-                refused = self._early_refusal(method, path, query, self.headers, retrying)
+                limit, open_now = self._max_connections, len(self.connections)
+                over = (open_now, limit) if limit is not None and open_now > limit else None
+                refused = self._early_refusal(
+                    method, path, query, self.headers, retrying, connections=over
+                )
                 if refused is not None:
                     self._refuse(refused)
                     return

@@ -807,3 +807,43 @@ def test_four_times_grpc_overload_is_shed_fast_and_recovers(
     assert probes and set(probes) == {200}, probes
     assert {s.status for s in after} == {200}, report
     assert quantile(of(after, 200), 0.5) <= 3 * quantile(of(unloaded, 200), 0.5) + 0.02, report
+
+
+def test_connections_over_the_limit_get_a_json_503_and_probes_still_answer(
+    tiny_repo: Path,
+) -> None:
+    """Past CNNSERVE_MAX_CONNECTIONS uvicorn answered every request a plain-text 503,
+    uncounted, /healthz and /readyz too: a few thousand silent connections turned the
+    liveness probe 503. And a limit of N served N - 1."""
+    limit = 4
+    env = {"CNNSERVE_MAX_CONNECTIONS": str(limit), "CNNSERVE_POLL_SECONDS": "0"}
+    with running_server(tiny_repo, env=env) as server:
+        held: list[socket.socket] = []
+        try:
+            for _ in range(limit - 1):  # each answered once: accepted by the worker
+                sock = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+                held.append(sock)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(REQUEST)  # the limit's own connection: served
+                assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
+                held.append(sock)  # open, the limit is reached: one more is over it
+                with socket.create_connection(("127.0.0.1", server.port), timeout=30) as more:
+                    for probe in (b"/healthz", b"/readyz"):
+                        more.sendall(b"GET " + probe + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+                        assert read_response(more)[0].startswith(b"HTTP/1.1 200 "), probe
+                    more.sendall(REQUEST)
+                    head, body, _ = read_response(more)
+                held.remove(sock)
+            assert head.startswith(b"HTTP/1.1 503 "), head
+            lower = head.lower()
+            assert b"connection: close" in lower and b"retry-after: 1" in lower, head
+            error = json.loads(body)["error"]
+            assert error["code"] == "overloaded" and "CNNSERVE_MAX_CONNECTIONS" in error["message"]
+        finally:
+            for sock in held:
+                sock.close()
+        shed = server.metric("cnnserve_overload_rejections_total", model="", reason="connections")
+        assert shed == 1
+    assert "Exceeded concurrency limit" not in server.log.read_text()
