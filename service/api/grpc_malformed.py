@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -87,16 +88,64 @@ def _never() -> bool:
     return False
 
 
+# How long a call may wait for its request message while a listener is crowded with
+# calls waiting for theirs (see Waiting).
+CROWDED_READ_SECONDS = 1.0
+
+
+class Waiting:
+    """The calls of one listener waiting for their request message, and how long each
+    may wait: ``timeout``, or :data:`CROWDED_READ_SECONDS` while ``crowd`` or more wait.
+
+    A call waiting for its message holds a place of gRPC's cap on the listener's calls in
+    progress (its core refuses beyond it, health checks included). 400 connections
+    sending 32 calls' headers each and never a message held every place for the whole
+    timeout (30 s): every other client, health checks included, got RESOURCE_EXHAUSTED,
+    at ~0.3 s of the sender's work a burst. While crowded, the waits are cut short: the
+    places come back within a second, and holding them takes a cap's worth of new calls
+    every second. A call whose message is on its way is read in a turn or two of the
+    event loop, far under it."""
+
+    def __init__(self, timeout: float, crowd: int) -> None:
+        self.timeout = timeout
+        self.short = min(timeout, CROWDED_READ_SECONDS)
+        self.crowd = max(1, crowd)
+        self._calls: dict[asyncio.Timeout, float] = {}  # its timeout, when it began
+        self._crowded = False
+
+    def enter(self, scope: asyncio.Timeout, now: float) -> None:
+        calls = self._calls
+        calls[scope] = now
+        if not self._crowded and len(calls) >= self.crowd:
+            self._crowded = True
+            for waiter, began in calls.items():  # once an episode: not per call
+                waiter.reschedule(min(waiter.when() or math.inf, began + self.short))
+        scope.reschedule(now + (self.short if self._crowded else self.timeout))
+
+    def leave(self, scope: asyncio.Timeout) -> None:
+        calls = self._calls
+        calls.pop(scope, None)
+        if self._crowded and len(calls) < self.crowd // 2:
+            self._crowded = False  # the waits cut short stay short
+
+
 async def _first_message(
-    context: Any, route: str, timeout: float, stopping: Callable[[], bool] = _never
+    context: Any, route: str, waiting: Waiting, stopping: Callable[[], bool] = _never
 ) -> Any | None:
     """The call's request message; None once the call is refused (return at once).
     ``stopping`` says whether the server is stopping: a call its stop cancels is then
     the server's 503, not the client's 499."""
     started = time.perf_counter()  # the access log's duration: the wait included
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    scope = asyncio.timeout(None)
     try:
-        async with asyncio.timeout(timeout):  # wait_for would swallow a cancellation
-            request = await context.read()
+        async with scope:  # wait_for would swallow a cancellation
+            waiting.enter(scope, began)
+            try:
+                request = await context.read()
+            finally:
+                waiting.leave(scope)
         if request is grpc.aio.EOF:
             # The stream ended without a message: a client half-closing it, or a call
             # cancelled (by its client, or by gRPC refusing the message), which grpc.aio
@@ -106,9 +155,11 @@ async def _first_message(
             # log whenever the cancellation came first.
             await asyncio.sleep(CANCELLATION_GRACE_SECONDS)
     except TimeoutError:
+        allowed = (scope.when() or began) - began
+        cut = " (many calls were waiting for theirs)" if allowed < waiting.timeout else ""
         refuse_call(
             context,
-            RequestTimeout(f"the request message did not arrive within {timeout:g} s"),
+            RequestTimeout(f"the request message did not arrive within {allowed:.3g} s{cut}"),
             route,
             started,
         )
@@ -140,10 +191,10 @@ def _ended(context: Any, otherwise: CnnserveError) -> CnnserveError:
 
 
 def _unary(
-    behavior: Callable[..., Awaitable[Any]], route: str, timeout: float, stopping: Stopping
+    behavior: Callable[..., Awaitable[Any]], route: str, waiting: Waiting, stopping: Stopping
 ) -> Callable[..., Awaitable[Any]]:
     async def checked(requests: Any, context: Any) -> Any:
-        request = await _first_message(context, route, timeout, stopping)
+        request = await _first_message(context, route, waiting, stopping)
         if request is None:
             return None
         return await behavior(request, context)
@@ -152,10 +203,10 @@ def _unary(
 
 
 def _unary_stream(
-    behavior: Callable[..., Any], route: str, timeout: float, stopping: Stopping
+    behavior: Callable[..., Any], route: str, waiting: Waiting, stopping: Stopping
 ) -> Callable[..., AsyncIterator[Any]]:
     async def checked(requests: Any, context: Any) -> AsyncIterator[Any]:
-        request = await _first_message(context, route, timeout, stopping)
+        request = await _first_message(context, route, waiting, stopping)
         if request is None:
             return
         result = behavior(request, context)
@@ -169,8 +220,12 @@ def _unary_stream(
 
 
 class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, read_timeout: float, stopping: Stopping = _never) -> None:
-        self._read_timeout = read_timeout
+    def __init__(
+        self, read_timeout: float, stopping: Stopping = _never, crowd: int | None = None
+    ) -> None:
+        """``crowd``: how many calls of its listener waiting for their message make it
+        crowded (see :class:`Waiting`; None: never)."""
+        self._waiting = Waiting(read_timeout, crowd or 2**62)
         self._stopping = stopping
         # Per method (only methods that exist: a handler was found), its handler and
         # the wrapped one: a method's handler is the same object on every call.
@@ -187,19 +242,19 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[m
         if known is None or known[0] is not handler:
             known = self._wrapped[method] = (
                 handler,
-                _wrap(handler, method, self._read_timeout, self._stopping),
+                _wrap(handler, method, self._waiting, self._stopping),
             )
         return known[1]
 
 
-def _wrap(handler: Any, route: str, timeout: float, stopping: Stopping) -> Any:
+def _wrap(handler: Any, route: str, waiting: Waiting, stopping: Stopping) -> Any:
     kwargs = {
         "request_deserializer": _tolerant(handler.request_deserializer),
         "response_serializer": handler.response_serializer,
     }
     if handler.response_streaming:
-        stream = _unary_stream(handler.unary_stream, route, timeout, stopping)
+        stream = _unary_stream(handler.unary_stream, route, waiting, stopping)
         return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
     return grpc.stream_unary_rpc_method_handler(
-        _unary(handler.unary_unary, route, timeout, stopping), **kwargs
+        _unary(handler.unary_unary, route, waiting, stopping), **kwargs
     )

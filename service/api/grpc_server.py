@@ -165,7 +165,9 @@ async def start_grpc(
         )
         chain.append(  # last: inside authentication
             MalformedRequestInterceptor(
-                settings.body_read_timeout_seconds, stopping=lambda: plane.closing_calls
+                settings.body_read_timeout_seconds,
+                stopping=lambda: plane.closing_calls,
+                crowd=listener_cap(settings) // 2,
             )
         )
         return chain

@@ -5,13 +5,17 @@ good: its connection is closed now, its calls with it."""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.proto_gen import cnnserve_v1_pb2
 from tests.helpers.h2raw import DATA, GOAWAY, HEADERS, RawGrpc
 from tests.helpers.server import running_server
 
@@ -57,4 +61,73 @@ def test_a_peer_that_never_opens_its_window_is_closed_after_the_connection_age(
         # Answered (headers), but no answer's message could be sent: the window stayed 0.
         assert HEADERS in kinds and DATA not in kinds, kinds
         assert closed_after >= SECONDS
+        assert serving(server.grpc_target)
+
+
+CLASSIFY = "/cnnserve.v1.ImageClassifier/Classify"
+
+
+async def _stalled(target: str, connections: int, calls: int) -> tuple[list[Any], float]:
+    """``calls`` Classify calls on each of ``connections`` connections that send their
+    headers and never their message: their errors, and the seconds until the last
+    ended."""
+    never = asyncio.Event()
+
+    async def nothing() -> AsyncIterator[cnnserve_v1_pb2.ClassifyRequest]:
+        await never.wait()
+        yield cnnserve_v1_pb2.ClassifyRequest()  # never reached
+
+    async def outcome(call: Any) -> Any:
+        try:
+            await call
+        except grpc.aio.AioRpcError as exc:
+            return exc
+        raise AssertionError("a call without its message was answered")
+
+    own = [("grpc.use_local_subchannel_pool", 1)]  # a connection each
+    channels = [grpc.aio.insecure_channel(target, options=own) for _ in range(connections)]
+    started = time.monotonic()
+    try:
+        stalled = [
+            channel.stream_unary(
+                CLASSIFY,
+                request_serializer=cnnserve_v1_pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=cnnserve_v1_pb2.ClassifyResponse.FromString,
+            )(nothing(), timeout=60)
+            for channel in channels
+            for _ in range(calls)
+        ]
+        async with asyncio.timeout(20):  # the read timeout is 30 s
+            errors = await asyncio.gather(*(outcome(call) for call in stalled))
+        return errors, time.monotonic() - started
+    finally:
+        never.set()
+        for channel in channels:
+            await channel.close()
+
+
+def test_calls_that_never_send_their_message_do_not_shut_other_calls_out(
+    tiny_repo_litert: Path,
+) -> None:
+    """Such calls held places of gRPC's cap on calls in progress for the whole read
+    timeout (30 s): 400 connections' worth shut out every other call, health checks
+    included (RESOURCE_EXHAUSTED from gRPC's core). Once half the cap waits for its
+    messages, every wait is cut to a second. Here the cap is 10 calls (one listener)."""
+    env = {
+        "CNNSERVE_GRPC_LISTENERS": "1",
+        "CNNSERVE_MAX_CONCURRENT_REQUESTS": "4",
+        "CNNSERVE_MAX_REFUSALS_PER_SECOND": "2",
+        "CNNSERVE_MAX_HEALTH_WATCHES": "2",
+        "CNNSERVE_GRPC_MAX_CONCURRENT_STREAMS": "8",
+        "CNNSERVE_POLL_SECONDS": "0",
+    }
+    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
+        errors, seconds = asyncio.run(_stalled(server.grpc_target, 2, 8))
+        codes = [exc.code() for exc in errors]
+        # The cap was full: gRPC's core refused the calls over it.
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, errors
+        cut = [exc for exc in errors if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED]
+        assert len(cut) + codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(errors)
+        assert cut and all("many calls were waiting for theirs" in e.details() for e in cut)
+        assert seconds < 20  # not the read timeout (30 s): the places came back
         assert serving(server.grpc_target)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from service import metrics
-from service.api.grpc_malformed import _first_message
+from service.api.grpc_malformed import Waiting, _first_message
 
 ROUTE = "/cnnserve.v1.ImageClassifier/Classify"
 
@@ -54,7 +54,7 @@ def counted(name: str, **labels: str) -> float:
 async def first_message(call: EndedCall, cancelled: bool, stopping: bool = False) -> Any:
     """What _first_message answers, its task cancelled once the read ended if
     ``cancelled`` (as grpc.aio cancels it; as its stop does if ``stopping``)."""
-    task = asyncio.create_task(_first_message(call, ROUTE, 5.0, lambda: stopping))
+    task = asyncio.create_task(_first_message(call, ROUTE, Waiting(5.0, 100), lambda: stopping))
     if cancelled:
         await call.read_ended.wait()
         task.cancel()
@@ -97,3 +97,41 @@ def test_a_call_ended_before_its_message_is_answered_for_why(
         assert counted("cnnserve_request_duration_seconds_sum", **labels) - waited >= 0.09
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         assert "deadline passed before its request was read" in call.details
+
+
+class StalledCall(EndedCall):
+    """A call that sent its headers and never its message."""
+
+    def __init__(self) -> None:
+        super().__init__(remaining=60.0)
+        self.reading = asyncio.Event()
+
+    async def read(self) -> Any:
+        self.reading.set()
+        await asyncio.Event().wait()  # never
+
+
+def test_calls_waiting_for_their_message_wait_less_once_the_listener_is_crowded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls that never send their message held gRPC's places on calls in progress for
+    the whole read timeout (30 s): 400 connections' worth shut every other client out,
+    health checks included. From ``crowd`` waiting calls on, every wait is cut short."""
+    monkeypatch.setattr("service.api.grpc_malformed.CROWDED_READ_SECONDS", 0.05)
+    waiting = Waiting(30.0, crowd=4)
+
+    async def scenario() -> None:
+        calls = [StalledCall() for _ in range(4)]
+        tasks = [asyncio.create_task(_first_message(c, ROUTE, waiting)) for c in calls[:3]]
+        for call in calls[:3]:
+            await call.reading.wait()
+        await asyncio.sleep(0.5)  # ten short waits: under the crowd, nobody was cut short
+        assert not any(task.done() for task in tasks)
+        tasks.append(asyncio.create_task(_first_message(calls[3], ROUTE, waiting)))
+        async with asyncio.timeout(10):  # not the 30 s timeout
+            assert await asyncio.gather(*tasks) == [None] * 4
+        for call in calls:
+            assert call.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "(many calls were waiting for theirs)" in call.details, call.details
+
+    asyncio.run(scenario())
