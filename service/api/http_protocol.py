@@ -134,6 +134,15 @@ class UnsupportedVersion(Unreadable):
     """A request line with an HTTP version other than 1.0 and 1.1 (or none: HTTP/0.9)."""
 
 
+class TargetTooLong(Exception):
+    """A request target over what is parsed (raised in a parser callback)."""
+
+
+# httptools' URL parser keeps offsets in 16 bits: a longer target failed to parse, a
+# vague 400 ("its request line or a header cannot be read").
+MAX_TARGET_BYTES = 65_535
+
+
 def headers_too_large(limit: int) -> HeadersTooLarge:
     return HeadersTooLarge(
         f"the request line and headers are over {limit} bytes; send fewer or shorter "
@@ -379,7 +388,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cause = exc.__context__
             if cause is not None and not isinstance(cause, httptools.HttpParserError):
                 log.error("an HTTP parser callback failed", exc_info=cause)  # ours, not theirs
-            if isinstance(cause, Unreadable):
+            if isinstance(cause, TargetTooLong):
+                self._unreadable = True  # the parser stopped: nothing more is read
+                self._headers_too_large()
+            elif isinstance(cause, Unreadable):
                 self._malformed(str(cause))
             else:
                 self._malformed("its request line or a header cannot be read")
@@ -482,6 +494,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         if self.expect_100_continue:
             self.cycle.send = _closing_unless_continued(self.cycle)  # type: ignore[method-assign,assignment]
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        # Counted here too: a request line that arrives whole in one read is not counted
+        # against the header limit (see the module's doc).
+        if len(self.url) > min(self._max_header_bytes, MAX_TARGET_BYTES):
+            raise TargetTooLong
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._after_last_chunk:

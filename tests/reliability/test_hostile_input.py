@@ -1366,6 +1366,19 @@ def test_headers_over_the_limit_get_431_and_the_connection_closed(
     assert server.metric("cnnserve_headers_too_large_total") == before + 1
 
 
+def test_a_request_target_over_the_limit_in_one_read_gets_431(server: Server) -> None:
+    """A request line that arrives whole in one read is not counted as header bytes, and
+    httptools cannot parse a target over 64 KiB: the client got a vague 400 ("its
+    request line or a header cannot be read"). Under the limit it is answered."""
+    for length, status in ((60_000, b"200"), (70_000, b"431")):
+        line = b"GET /readyz?" + b"a" * length + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+            sock.sendall(line)
+            answer = read_answer(sock) if status == b"431" else read_response(sock)[0]
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+    assert_headers_too_large(answer, "CNNSERVE_MAX_HEADER_BYTES")
+
+
 def assert_headers_too_large(answer: bytes, said: str) -> None:
     """A 431 headers_too_large whose message says ``said``, closing the connection."""
     head, _, body = answer.partition(b"\r\n\r\n")
