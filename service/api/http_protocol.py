@@ -250,8 +250,8 @@ def without_upgrade(data: bytes | memoryview, line_start: bool = False) -> bytes
     the new protocol's bytes, so uvicorn ran it with an empty body and dropped what was
     pipelined after it (every ``curl --http2`` to http:// sends ``Upgrade: h2c``).
     ``line_start``: the read before ended a header line, so an Upgrade header may open
-    this one. An Upgrade header whose name is split between two reads is not seen: that
-    request goes as before."""
+    this one. A name split between two reads is held back (:func:`_upgrade_name_start`)
+    and parsed with the next read, whole."""
     first = line_start and _UPGRADE.match(data) is not None
     found = _UPGRADE_OR_END.search(data)
     if not first and (found is None or not found.group().endswith(b":")):
@@ -263,6 +263,25 @@ def without_upgrade(data: bytes | memoryview, line_start: bool = False) -> bytes
         edited[found.start() + 1 : found.start() + 1 + len(_RENAMED)] = _RENAMED
         found = _UPGRADE_OR_END.search(edited, found.end())
     return bytes(edited)
+
+
+_BLOCK_END = re.compile(rb"\n\r?\n")
+_NAME_START = re.compile(rb"(?:u|up|upg|upgr|upgra|upgrad|upgrade[ \t]*)\Z", re.IGNORECASE)
+
+
+def _upgrade_name_start(data: bytes | memoryview, line_start: bool) -> int:
+    """How many bytes at the end of ``data`` (inside a header block) may begin an
+    Upgrade header's name, its colon still to come: 0, or the last line's length."""
+    tail = bytes(data[-16:])
+    newline = tail.rfind(b"\n")
+    if newline < 0 and not (line_start and len(data) < 16):
+        return 0
+    fragment = tail[newline + 1 :]
+    if not fragment or not _NAME_START.match(fragment):
+        return 0
+    # Only inside headers still open: after a block's end come a body's bytes (its last
+    # one "U" would wait for a read that never comes) or a request we cannot place.
+    return 0 if _BLOCK_END.search(data) else len(fragment)
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -302,6 +321,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _send_seconds = DEFAULT_SEND_SECONDS
     _send_timer: asyncio.TimerHandle | None = None  # armed while the send buffer is full
     _line_start = False  # the last read inside a header block ended a line
+    _held_name = b""  # a header line's first bytes, held to be parsed with the next read
     _client_done = False  # the client half-closed after whole requests: answer, then close
     _shutting_down = False  # the server stops: answer what was begun, then close
     _grace_timer: asyncio.TimerHandle | None = None  # for a first request, at shutdown
@@ -376,7 +396,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not self._in_headers:
             inside = None if self._in_message else self._requests + 1
         if inside is not None:  # the read begins with (the rest of) a header block
-            data = without_upgrade(data, self._in_headers and self._line_start)
+            line_start = self._in_headers and self._line_start
+            if self._held_name:  # the start of a header line, held from the last read
+                data, line_start = self._held_name + bytes(data), True
+                self._held_name = b""
+            data = without_upgrade(data, line_start)
+            held = _upgrade_name_start(data, line_start)
+            if held:  # perhaps an Upgrade header's name, split between two reads
+                data, self._held_name = data[:-held], bytes(data[-held:])
         self._line_start = data[-1:] == b"\n"
         trailing = self._after_last_chunk and self._in_message
         bodies, request = self._bodies, self._requests

@@ -1164,6 +1164,33 @@ def test_an_upgrade_header_is_ignored_and_the_body_kept(
 
 
 @pytest.mark.parametrize(
+    ("name", "cut"),
+    [(b"Upgrade: h2c\r\n", 1), (b"Upgrade: h2c\r\n", 4), (b"upgrade: h2c\r\n", 7)],
+)  # fmt: skip
+def test_an_upgrade_header_split_between_reads_is_ignored_too(
+    server: Server, name: bytes, cut: int
+) -> None:
+    """An Upgrade header whose name was split between two reads reached the parser: the
+    body was lost (400 "the image is empty") and the connection closed."""
+    head = (
+        b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+        b"Content-Type: image/png\r\nContent-Length: %d\r\n" % len(PNG)
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(head + name[:cut])
+        time.sleep(0.05)  # two reads, most likely: nothing to wait on but the network
+        sock.sendall(name[cut:] + b"\r\n" + PNG + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, body, rest = read_response(sock)
+        assert first.startswith(b"HTTP/1.1 200"), (first, body)
+        assert b'"predictions"' in body
+        assert read_response(sock, rest)[0].startswith(b"HTTP/1.1 200")
+        # A body that begins like the name, right after its headers, is not held back.
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nU")
+        assert read_response(sock)[0].startswith(b"HTTP/1.1 4")
+
+
+@pytest.mark.parametrize(
     "sent",
     [
         b"FOO / HTTP/1.1\r\nHost: x\r\n\r\n",
