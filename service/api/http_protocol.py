@@ -427,6 +427,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             reason = str(exc) or type(exc).__name__
             if "PRI" in reason:  # HTTP/2's connection preface
                 reason = "HTTP/2 is not spoken on this port: send HTTP/1.1 (gRPC has its own)"
+            elif bytes(data[:2]) == b"\x16\x03":  # a TLS handshake record
+                reason = "a TLS handshake on a port that speaks plain HTTP: use http://"
             self._malformed(reason)
             return
         except httptools.HttpParserUpgrade:  # CONNECT, or an Upgrade split between reads

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -1238,6 +1239,24 @@ def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(
     assert error["code"] == "bad_request" and "malformed HTTP/1.1 request" in error["message"]
     assert server.metric("cnnserve_malformed_requests_total") == before + 1
     assert "Invalid HTTP request" not in server.log.read_text()
+
+
+def test_a_tls_handshake_on_the_plain_port_is_told_to_use_http(server: Server) -> None:
+    """It got "Invalid method encountered"."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    hello = ssl.MemoryBIO()
+    tls = context.wrap_bio(ssl.MemoryBIO(), hello, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()  # writes the ClientHello
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BOUND) as sock:
+        sock.sendall(hello.read())
+        answer = read_answer(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer[:300]
+    assert "a TLS handshake on a port that speaks plain HTTP: use http://" in (
+        json.loads(body)["error"]["message"]
+    )
 
 
 @pytest.mark.parametrize(
