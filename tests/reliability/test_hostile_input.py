@@ -1254,8 +1254,9 @@ def test_a_tls_handshake_on_the_plain_port_is_told_to_use_http(server: Server) -
         answer = read_answer(sock)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400"), answer[:300]
-    assert "a TLS handshake on a port that speaks plain HTTP: use http://" in (
-        json.loads(body)["error"]["message"]
+    assert (
+        "a TLS handshake on a port that speaks plain HTTP: use http://"
+        in (json.loads(body)["error"]["message"])
     )
 
 
