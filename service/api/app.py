@@ -42,6 +42,7 @@ from service.config import Settings
 from service.cpus import usable_cpus
 from service.dataplane import DataPlane
 from service.logs import setup_logging
+from service.memory import trim_memory
 from service.readiness import WorkerReadiness
 from service.registry import Registry
 from service.repository import load_models_config
@@ -150,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         restore = _drain_on_sigterm(readiness, settings.shutdown_delay_seconds, stop_calls)
         publishing = asyncio.create_task(_publish_readiness(registry, readiness, settings))
         watching = asyncio.create_task(concurrency.watch_event_loop(), name="loop-lag")
+        trimming = asyncio.create_task(trim_memory(), name="malloc-trim")
         following = (
             asyncio.create_task(key_file.follow(settings.api_keys_poll_seconds), name="keys")
             if key_file is not None and settings.api_keys_poll_seconds > 0
@@ -184,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             restore()
             publishing.cancel()
             watching.cancel()
+            trimming.cancel()
             for task in (following, renewing):
                 if task is not None:
                     task.cancel()

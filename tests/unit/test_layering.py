@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "service.requestlog": 1,
     "service.concurrency": 1,
     "service.readiness": 1,
+    "service.memory": 1,  # freed heap memory given back to the system
     "service.siblings": 1,
     "service.signatures": 1,
     "service.warmup": 1,
