@@ -84,6 +84,7 @@ from service.errors import (
     Overloaded,
     TooManyImages,
 )
+from service.runtimes.base import BatchDeadline
 
 Array = npt.NDArray[Any]
 # Weight of the newest batch in the moving average of seconds per image: the estimate
@@ -603,9 +604,14 @@ class DynamicBatcher:
             loop = asyncio.get_running_loop()
             parts = [item.inputs for item in items]
             try:
-                # The batch is worth computing until its most patient request gives up.
+                # The batch is worth computing until its most patient request gives up,
+                # or until all of them are gone (BatchDeadline: a remote call is cancelled).
                 deadlines = [item.deadline for item in items]
-                latest = None if None in deadlines else max(d for d in deadlines if d is not None)
+                latest = (
+                    None
+                    if None in deadlines
+                    else _watched(max(d for d in deadlines if d is not None), items)
+                )
                 if self._on_loop():
                     output, seconds, cpu_seconds = self._infer(parts, latest)
                 else:
@@ -745,6 +751,23 @@ def _moving(previous: float | None, sample: float, fresh: bool) -> float:
     if previous is None or (not fresh and sample < previous):
         return sample
     return previous + COST_WEIGHT * (min(sample, OUTLIER_FACTOR * previous) - previous)
+
+
+def _watched(latest: float, items: list[_Item]) -> BatchDeadline:
+    """The batch's deadline, abandoned once every item's future is done (answered at
+    its deadline, or given up by its client) before the batch's answer came."""
+    deadline = BatchDeadline(latest)
+    pending = len(items)
+
+    def one_done(_: object) -> None:
+        nonlocal pending
+        pending -= 1
+        if pending == 0:
+            deadline.abandon()
+
+    for item in items:
+        item.future.add_done_callback(one_done)
+    return deadline
 
 
 def _failure(exc: Exception, size: int) -> CnnserveError:

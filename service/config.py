@@ -150,6 +150,14 @@ class Settings(BaseSettings):
         "Bounds the CPU one small request can cost.",
     )
     request_timeout_seconds: float = Field(10.0, gt=0, description="Default request deadline.")
+    max_request_timeout_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="The longest deadline a client may ask for (X-Request-Timeout, a gRPC "
+        "deadline); longer ones are cut to it. A request holds what its batch holds "
+        "until it gives up: one stuck TF Serving call under a 90 s deadline held a "
+        "model's batches for 90 s.",
+    )
     max_concurrent_requests: int = Field(
         512,
         ge=1,
@@ -201,6 +209,24 @@ class Settings(BaseSettings):
         "one while it lasts, so 1 is refused: a client checking health over its "
         "connection could send nothing else.",
     )
+
+    @field_validator("tfserving_address")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        # "http://host:8500", "" and "host" (gRPC then tried port 443) started a gateway
+        # that stayed unready for good; "host:99999" connected to another port. gRPC's
+        # own name forms (dns:///host:port, unix:/path, ipv4:...) pass as they are.
+        if value.startswith(("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:")):
+            return value
+        host, colon, port = value.rpartition(":")
+        if "://" in value or not colon or not host or not port.isdigit():
+            raise ValueError(
+                f"{value!r} is not host:port (e.g. tfserving:8500, no scheme): TF "
+                "Serving's gRPC address"
+            )
+        if not 1 <= int(port) <= 65_535:
+            raise ValueError(f"{value!r}: the port must be 1 to 65535")
+        return value
 
     @field_validator("grpc_max_concurrent_streams")
     @classmethod

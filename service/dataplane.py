@@ -185,6 +185,10 @@ class DataPlane:
             raise InvalidRequest(
                 f"request timeout must be a positive, finite number of seconds, got {timeout}"
             )
+        settings = self.settings  # the default deadline is never cut
+        timeout = min(
+            timeout, max(settings.max_request_timeout_seconds, settings.request_timeout_seconds)
+        )
         return (time.monotonic() if since is None else since) + timeout
 
     # --- classification ---------------------------------------------------------------

@@ -620,7 +620,8 @@ class Registry:
                     "%s version %d failed to load: %s",
                     model,
                     version,
-                    message,
+                    # With what the status leaves out: a TF Serving backend's address.
+                    exc.log_message() if isinstance(exc, CnnserveError) else message,
                     exc_info=not isinstance(exc, CnnserveError | OSError),
                 )
                 self._failure_logged[key] = message

@@ -240,6 +240,8 @@ class TFServingSource:
         """Log a change of reachability once, not on every poll (nor every request:
         their 503s are counted, not logged)."""
         metrics.observe_backend(problem is None)
+        # Predicts fail at once meanwhile (TFServingClient.call), not after their deadline.
+        self.client.down = None if problem is None else problem.with_traceback(None)
         if problem is not None and self._reachable:
             log.warning("%s; current versions keep their routes meanwhile", problem.log_message())
         elif problem is None and not self._reachable:

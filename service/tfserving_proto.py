@@ -278,9 +278,14 @@ def status_response(statuses: Iterable[VersionStatusLike]) -> Any:
 
 
 def available_versions(response: Any) -> list[int]:
-    """Versions a GetModelStatusResponse reports AVAILABLE."""
+    """Versions a GetModelStatusResponse reports AVAILABLE (a negative one is no version
+    number: it was served as version -5, and a request naming none got a 400 for it)."""
     available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-    return sorted(int(s.version) for s in response.model_version_status if s.state == available)
+    return sorted(
+        int(s.version)
+        for s in response.model_version_status
+        if s.state == available and s.version >= 0
+    )
 
 
 def tensor_dims(info: Any) -> tuple[int | None, ...]:

@@ -9,7 +9,8 @@ thread alone, short batches from the event loop: service.batching), ``unload()``
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,41 @@ class ModelInfo:
     output_name: str = OUTPUT_NAME
     signature_name: str = SERVING_SIGNATURE
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BatchDeadline(float):
+    """A batch's deadline (time.monotonic), as the batcher hands it to ``predict``, that
+    also tells when every request of the batch is gone (expired, or its client left):
+    a remote runtime cancels its call then (:meth:`on_abandoned`). A call left running
+    held the model's batch thread for the most patient request's whole deadline, and
+    every other request of the model waited behind it (one stuck TF Serving call and a
+    client asking 90 s: 504s for everyone for 90 s)."""
+
+    _callbacks: list[Callable[[], object]]
+    _abandoned: bool
+    _lock: threading.Lock
+
+    def __new__(cls, when: float) -> BatchDeadline:
+        deadline = super().__new__(cls, when)
+        deadline._callbacks, deadline._abandoned = [], False
+        deadline._lock = threading.Lock()
+        return deadline
+
+    def on_abandoned(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` once every request is gone (now, if they are)."""
+        with self._lock:
+            if not self._abandoned:
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def abandon(self) -> None:
+        """Every request of the batch is gone (the batcher, on its event loop)."""
+        with self._lock:
+            self._abandoned, callbacks = True, self._callbacks
+            self._callbacks = []
+        for callback in callbacks:
+            callback()
 
 
 class Runtime(abc.ABC):

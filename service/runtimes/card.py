@@ -237,6 +237,11 @@ def _pick_output(outputs: Mapping[str, TensorDesc], where: Path) -> str:
     )
 
 
+# The largest input side served: a model asking for more would have every image resized
+# to gigabytes.
+MAX_SIDE = 16_384
+
+
 def describe(
     inputs: Mapping[str, TensorDesc],
     outputs: Mapping[str, TensorDesc],
@@ -261,10 +266,13 @@ def describe(
         or shape[3] != 3
         or shape[1] is None
         or shape[2] is None
+        or not (1 <= shape[1] <= MAX_SIDE and 1 <= shape[2] <= MAX_SIDE)
     ):
+        # 0 x 0 (a TF Serving backend's metadata) loaded, and every request was a 500.
         raise ModelLoadError(
             f"{where}: input {input_name!r} is {image.dtype} {list(shape)}; expected "
-            "uint8 or float32 [N, height, width, 3] with height and width known"
+            f"uint8 or float32 [N, height, width, 3] with height and width known, 1 to "
+            f"{MAX_SIDE}"
         )
     output_name = _pick_output(outputs, where)
     out = outputs[output_name]

@@ -17,6 +17,7 @@ channel reconnects by itself. Which versions TF Serving serves is the business o
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from service.contract import SERVING_SIGNATURE
 from service.errors import (
     BackendError,
     BackendUnavailable,
+    ClientClosedRequest,
     CnnserveError,
     DeadlineExceeded,
     InvalidRequest,
@@ -47,7 +49,7 @@ from service.proto_gen.tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
-from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
+from service.runtimes.base import Batch, BatchDeadline, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import describe, signature_tensors, to_model_input
 from service.tfserving_proto import (
     available_versions,
@@ -59,9 +61,10 @@ from service.tfserving_proto import (
 
 log = logging.getLogger(__name__)
 
-# gRPC retries a call that failed UNAVAILABLE, within the call's deadline. Safe: it means
-# the call did not reach a working server (connection refused or reset, server shutting
-# down), and none of these methods changes anything. Other codes are answers.
+# gRPC retries a control call (status, metadata) that failed UNAVAILABLE, within the
+# call's deadline: none changes anything. Not Predict: TF Serving answers UNAVAILABLE
+# when its batch queue is full, and three tries each tripled the load of a backend
+# already over it; its clients get a 503 and Retry-After instead.
 RETRY_POLICY = {
     "maxAttempts": 3,
     "initialBackoff": "0.05s",
@@ -73,7 +76,7 @@ SERVICE_CONFIG = {
     "methodConfig": [
         {
             "name": [
-                {"service": "tensorflow.serving.PredictionService"},
+                {"service": "tensorflow.serving.PredictionService", "method": "GetModelMetadata"},
                 {"service": "tensorflow.serving.ModelService"},
             ],
             "retryPolicy": RETRY_POLICY,
@@ -102,6 +105,9 @@ CHANNEL_OPTIONS = [
 ]
 # What clients are told while TF Serving cannot be reached (its address goes to the log).
 UNREACHABLE = "the model backend (TF Serving) cannot be reached; retry shortly"
+# What gRPC's client says of a call that never reached a server (connection refused,
+# reset or closed, no address), as opposed to TF Serving answering UNAVAILABLE itself.
+_TRANSPORT_WORDS = ("connect", "socket closed", "connection reset", "dns resolution", "goaway")
 # A version's backend fault of one kind is logged at most once in this many seconds.
 RELOG_SECONDS = 60
 # GetModelStatus/GetModelMetadata are small; a scan must not hang for a full request timeout.
@@ -115,6 +121,8 @@ class TFServingClient:
         self.address = address
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # What the last poll of TF Serving failed with, or None (see call).
+        self.down: CnnserveError | None = None
         predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)  # type: ignore[no-untyped-call]
         models = model_service_pb2_grpc.ModelServiceStub(self._channel)  # type: ignore[no-untyped-call]
         self._methods = {
@@ -124,13 +132,33 @@ class TFServingClient:
             "HandleReloadConfigRequest": models.HandleReloadConfigRequest,
         }
 
-    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """One call with a deadline (retried by the channel's policy within it).
+    def call(
+        self,
+        method: str,
+        request: Any,
+        timeout: float | None = None,
+        abandoned: BatchDeadline | None = None,
+    ) -> Any:
+        """One call with a deadline (a control call retried by the channel's policy
+        within it), cancelled once ``abandoned`` says nobody waits for its answer.
         ``wait_for_ready=False``: with TF Serving down the call fails at once rather
-        than waiting out its deadline."""
+        than waiting out its deadline. While the polls fail (TF Serving unreachable, or
+        failing them), a Predict fails at once with their error: it waited its whole
+        deadline on a backend that stopped without closing its connections."""
+        down = self.down
+        if method == "Predict" and down is not None:
+            raise copy.copy(down)
         stub = self._methods[method]
+        call = stub.future(request, timeout=timeout or self.timeout, wait_for_ready=False)
+        if abandoned is not None:
+            abandoned.on_abandoned(call.cancel)
         try:
-            return stub(request, timeout=timeout or self.timeout, wait_for_ready=False)
+            return call.result()
+        except grpc.FutureCancelledError:
+            raise ClientClosedRequest(
+                "every request of the batch gave up before the model backend answered",
+                detail=f"TF Serving at {self.address}: {method} cancelled",
+            ) from None
         except grpc.RpcError as exc:
             raise self._translate(method, exc) from None
 
@@ -139,24 +167,46 @@ class TFServingClient:
         (``detail``), except for the answers about their own request (404, 400)."""
         code, details = exc.code(), exc.details() or ""
         detail = f"TF Serving at {self.address}: {method}: {code.name}: {details}"
-        if code == grpc.StatusCode.UNAVAILABLE:
+        if code == grpc.StatusCode.UNAVAILABLE and (
+            method != "Predict" or any(w in details.lower() for w in _TRANSPORT_WORDS)
+        ):
             return BackendUnavailable(UNREACHABLE, detail=detail)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            # TF Serving answered it: its batch queue is full, or it is stopping.
+            return Overloaded(
+                "the model backend (TF Serving) refused the call for now (its queue is "
+                "full, or it is stopping); retry shortly",
+                detail=detail,
+                reason="backend",
+            )
         if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
             # TF Serving stopping with the call in flight: another try may find it (or a
             # sibling replica) up, unlike a failure no retry mends (BackendError).
             return BackendUnavailable(
                 "the model backend (TF Serving) dropped the call; retry shortly", detail=detail
             )
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED and method != "Predict":
+            return DeadlineExceeded(
+                f"the model backend (TF Serving) did not answer {method} in time", detail=detail
+            )
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return DeadlineExceeded(
                 "the request deadline passed while the model backend (TF Serving) ran it",
                 detail=detail,
             )
-        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"vs. {RECEIVE_LIMIT})" in details:
             # This channel's own receive limit, not TF Serving's load: no retry mends it.
             return BackendError(
                 "the model backend (TF Serving) answered more than the gateway takes "
                 f"({RECEIVE_LIMIT >> 20} MiB)",
+                detail=detail,
+            )
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+            return BackendError(
+                f"the model backend (TF Serving) refused the gateway's {method} as larger "
+                "than it takes (its gRPC receive limit: raise it with TF Serving's "
+                "--grpc_channel_arguments=grpc.max_receive_message_length=..., or lower "
+                "CNNSERVE_MAX_BATCH_SIZE)",
                 detail=detail,
             )
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -165,8 +215,8 @@ class TFServingClient:
                 detail=detail,
                 reason="backend",
             )
-        if code == grpc.StatusCode.NOT_FOUND:
-            return NotFound(f"the model backend (TF Serving) has no such model: {details}")
+        if code == grpc.StatusCode.NOT_FOUND:  # its words to the log, as for other codes
+            return NotFound("the model backend (TF Serving) has no such model", detail=detail)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             # The gateway built the Predict from input it had checked against the
             # version's signature: a refusal means TF Serving's model is not that one.
@@ -247,8 +297,9 @@ class TFServingRuntime(Runtime):
         )
         request.inputs[info.input_name].CopyFrom(to_tensor_proto(x, packed=True))
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+        abandoned = deadline if isinstance(deadline, BatchDeadline) else None
         try:
-            response = self._client.call("Predict", request, timeout)
+            response = self._client.call("Predict", request, timeout, abandoned)
         except NotFound as exc:
             raise VersionGone(
                 f"version {self._version} of model {self._model!r} is no longer served by the "

@@ -11,7 +11,9 @@ traceback per request. The gateway stays ready: the fault is the backend's.
 from __future__ import annotations
 
 import base64
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from contextlib import AbstractContextManager, contextmanager
@@ -33,6 +35,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, eventually, running_server
 
@@ -59,6 +62,8 @@ class FakeTFServing(
         self.status_error: grpc.StatusCode | None = None
         self.metadata_calls = 0
         self._lock = threading.Lock()
+        # mode "hang": a Predict waits until released or cancelled (which it records).
+        self.entered, self.release, self.cancelled = (threading.Event() for _ in range(3))
 
     def GetModelStatus(self, request: Any, context: Any) -> Any:
         if self.status_error is not None:
@@ -86,6 +91,13 @@ class FakeTFServing(
             self.predicts += 1
         rows = request.inputs["image"].tensor_shape.dim[0].size
         mode = self.mode
+        if mode == "hang":
+            self.entered.set()
+            while not self.release.wait(0.02):
+                if not context.is_active():
+                    self.cancelled.set()
+                    return predict_pb2.PredictResponse()
+            mode = "ok"
         if mode.isupper():  # a gRPC status code's name
             context.abort(getattr(grpc.StatusCode, mode), f"the fake TF Serving says {mode}")
         columns = int(mode.split(":")[1]) if mode.startswith("columns:") else self.classes
@@ -268,8 +280,104 @@ def test_the_answer_codes_say_whose_fault_it_is() -> None:
         for dropped in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
             error = translate("Predict", Failed(dropped, "server shutting down"))
             assert isinstance(error, BackendUnavailable) and "retry" in error.message
+        # UNAVAILABLE answered by TF Serving (its batch queue full) is load, counted as
+        # the backend's shed; one the connection gave is unreachable. Both said
+        # "cannot be reached" before.
+        full = "The batch scheduling queue to which this task was submitted is full"
+        error = translate("Predict", Failed(grpc.StatusCode.UNAVAILABLE, full))
+        assert isinstance(error, Overloaded) and error.reason == "backend"
+        for gone in ("failed to connect to all addresses", "Socket closed"):
+            error = translate("Predict", Failed(grpc.StatusCode.UNAVAILABLE, gone))
+            assert isinstance(error, BackendUnavailable) and "cannot be reached" in error.message
+        # Which side's receive limit: the gateway's own (64 MiB), or TF Serving's.
+        ours = translate(
+            "Predict",
+            Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max (70000000 vs. 67108864)"),
+        )
+        assert "answered more than the gateway takes" in ours.message
+        theirs = translate(
+            "Predict",
+            Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max (1204318 vs. 1000000)"),
+        )
+        assert "refused the gateway's Predict as larger than it takes" in theirs.message
+        # TF Serving's own words stay in the log, NOT_FOUND's too.
+        missing = translate("Predict", Failed(grpc.StatusCode.NOT_FOUND, "Servable not found"))
+        assert "Servable" not in missing.message and "Servable" in missing.log_message()
+        slow = translate("GetModelStatus", Failed(grpc.StatusCode.DEADLINE_EXCEEDED, ""))
+        assert (
+            slow.message == "the model backend (TF Serving) did not answer GetModelStatus in time"
+        )
     finally:
         client.close()
+
+
+def test_a_predict_fails_at_once_while_the_polls_fail() -> None:
+    """A TF Serving stopped with its connections open: the polls found it unreachable
+    in ~10 s, and requests still waited their whole deadline for ~50 s more."""
+    from service.errors import BackendUnavailable
+    from service.runtimes.tfserving import UNREACHABLE, TFServingClient
+
+    with socket.socket() as held:  # listens, never answers: a Predict would hang
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        client = TFServingClient(f"127.0.0.1:{held.getsockname()[1]}", timeout=30)
+        try:
+            client.down = BackendUnavailable(UNREACHABLE, detail="the polls time out")
+            started = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="cannot be reached"):
+                client.call("Predict", predict_pb2.PredictRequest(), timeout=30)
+            assert time.monotonic() - started < 5
+        finally:
+            client.close()
+
+
+def test_an_unavailable_predict_is_not_sent_again_and_is_a_503_to_retry(
+    gateway: Server, fake: tuple[FakeTFServing, int]
+) -> None:
+    """gRPC's retry policy sent every batch 3 times to a TF Serving that said its queue
+    was full, and clients were told it "cannot be reached"."""
+    servicer = fake[0]
+    servicer.mode = "UNAVAILABLE"
+    try:
+        before = servicer.predicts
+        response = classify(gateway)
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "overloaded"
+        assert response.headers["retry-after"] == "1"
+        assert servicer.predicts == before + 1
+        assert (
+            gateway.metric("cnnserve_overload_rejections_total", model="tiny", reason="backend")
+            >= 1
+        )
+    finally:
+        servicer.mode = "ok"
+
+
+def test_a_backend_call_nobody_waits_for_is_cancelled(
+    gateway: Server, fake: tuple[FakeTFServing, int]
+) -> None:
+    """A call stuck in TF Serving held the model's batch thread until the most patient
+    request's deadline, whoever had left: a gRPC client asking 60 s and cancelling after
+    a moment left every other request 504 for a minute. Now the call is cancelled once
+    every request of its batch is gone."""
+    servicer = fake[0]
+    for event in (servicer.entered, servicer.release, servicer.cancelled):
+        event.clear()
+    servicer.mode = "hang"
+    try:
+        with grpc.insecure_channel(gateway.grpc_target) as channel:
+            stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+            call = stub.Classify.future(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=60)
+            assert servicer.entered.wait(30)
+            call.cancel()
+        assert servicer.cancelled.wait(30), "the backend call ran on"
+        servicer.mode = "ok"
+        started = time.monotonic()
+        assert classify(gateway).status_code == 200
+        assert time.monotonic() - started < 30  # not behind the 60 s deadline
+    finally:
+        servicer.mode = "ok"
+        servicer.release.set()
 
 
 def test_a_signature_the_backend_lacks_is_not_added_to_its_metadata(tiny_repo: Path) -> None:

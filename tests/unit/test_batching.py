@@ -26,6 +26,7 @@ from service.errors import (
     Overloaded,
     TooManyImages,
 )
+from service.runtimes.base import BatchDeadline
 from tests.helpers.core import until, whole
 
 Array = npt.NDArray[Any]
@@ -341,10 +342,28 @@ def test_a_deadline_passing_while_its_batch_runs_is_answered_then_and_says_so() 
             await gate.blocked()  # its batch is in the runtime
             with pytest.raises(DeadlineExceeded, match="while its batch ran"):
                 await running  # answered at its deadline: the gate is still closed
+            await asyncio.sleep(0)  # the future's done callbacks run
+            # Nobody waits for the batch now: a remote runtime is told to cancel its call.
+            told: list[int] = []
+            deadline = gate.deadlines[0]
+            assert isinstance(deadline, BatchDeadline)
+            deadline.on_abandoned(lambda: told.append(1))
+            assert told == [1]
             gate.release.set()
 
     run(scenario())
     assert gate.batches == [[7]] and recorder.expired == 1
+
+
+def test_a_batch_deadline_calls_back_once_abandoned() -> None:
+    deadline = BatchDeadline(12.5)
+    assert deadline == 12.5 and deadline + 1 == 13.5  # a float for every runtime
+    told: list[str] = []
+    deadline.on_abandoned(lambda: told.append("before"))
+    assert told == []
+    deadline.abandon()
+    deadline.on_abandoned(lambda: told.append("after"))
+    assert told == ["before", "after"]
 
 
 def test_submit_does_not_wait_past_its_deadline() -> None:
