@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -212,43 +213,55 @@ MODEL_WARMUP_DURATION = Histogram(
     ["model"],
     buckets=LOAD_BUCKETS,
 )
-BACKEND_UP = Gauge(
+
+
+class _WrittenOnSet:
+    """An unlabelled "min over workers" gauge made when it is first set. Made with the
+    module, its value was 0 in every process from the start: a worker that was starting,
+    or failing to start in a loop (a TLS pair that does not load), pulled every min to 0,
+    and the alerts on them (CnnserveBackendDown pages) fired for nothing. A worker that
+    never sets it is left out of the min."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._args = (name, documentation)
+        self._gauge: Gauge | None = None
+        self._lock = threading.Lock()
+
+    def set(self, value: float) -> None:
+        if self._gauge is None:
+            with self._lock:
+                if self._gauge is None:
+                    self._gauge = Gauge(*self._args, multiprocess_mode="livemin")
+        self._gauge.set(value)
+
+
+BACKEND_UP = _WrittenOnSet(
     "cnnserve_backend_up",
     "--backend tfserving: 1 while the last poll reached TF Serving, 0 while it cannot "
     "(requests then get 503 backend_unavailable; readiness is 503). Embedded: 1.",
-    [],
-    multiprocess_mode="livemin",
 )
-MODELS_CONFIG_OK = Gauge(
+MODELS_CONFIG_OK = _WrittenOnSet(
     "cnnserve_models_config_ok",
     "1 while the last poll could read models.config, 0 while a change to it is refused "
     "(the models of the last good one keep serving; the log says why).",
-    [],
-    multiprocess_mode="livemin",
 )
-API_KEYS_FILE_OK = Gauge(
+API_KEYS_FILE_OK = _WrittenOnSet(
     "cnnserve_api_keys_file_ok",
     "With CNNSERVE_API_KEYS_FILE: 1 while the worker's last read of it was good, 0 while "
     "it cannot be read (the keys read before stay; a worker that never read it refuses "
     "requests that need a key, 503 api_keys_unavailable; the log says why). Min over "
     "workers.",
-    [],
-    multiprocess_mode="livemin",
 )
-TLS_FILES_OK = Gauge(
+TLS_FILES_OK = _WrittenOnSet(
     "cnnserve_tls_files_ok",
     "With TLS on: 1 while the worker's last check of CNNSERVE_TLS_CERTFILE and "
     "CNNSERVE_TLS_KEYFILE loaded them, 0 while a changed pair does not load (new "
     "connections keep the pair loaded before; the log says why). Min over workers.",
-    [],
-    multiprocess_mode="livemin",
 )
-TLS_EXPIRY = Gauge(
+TLS_EXPIRY = _WrittenOnSet(
     "cnnserve_tls_certificate_expiry_timestamp_seconds",
     "With TLS on: when the certificate served to new connections expires (Unix time). "
     "Min over workers.",
-    [],
-    multiprocess_mode="livemin",
 )
 VERSION_LABELS = Gauge(
     "cnnserve_version_label",

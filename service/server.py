@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import logging
 import math
@@ -129,6 +131,7 @@ def serve(settings: Settings) -> int:
                 **_settings_env(settings),
                 READINESS_DIR_ENV: str(votes),
                 SIBLINGS_DIR_ENV: str(siblings),
+                SUPERVISOR_ENV: str(os.getpid()),
             }
             with _environment(worker_env):
                 # uvicorn.run(workers=N), with the supervisor below.
@@ -157,7 +160,9 @@ class GatewayConfig(uvicorn.Config):
 
     def load(self) -> None:
         """uvicorn's, and the worker's TLS context noted for the certificate's reload
-        (service.api.tls)."""
+        (service.api.tls). A supervised worker first asks to be stopped with its
+        supervisor (:func:`die_with_supervisor`)."""
+        die_with_supervisor()
         super().load()
         from service.api.tls import serve_rest_with
 
@@ -173,6 +178,29 @@ class GatewayConfig(uvicorn.Config):
             return bound_handshakes(make_loop(), seconds)
 
         return bounded
+
+
+# The supervisor's pid, in its workers' environment.
+SUPERVISOR_ENV = "CNNSERVE_SUPERVISOR_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_supervisor() -> None:
+    """In a worker of a supervisor (``SUPERVISOR_ENV``): SIGTERM once the supervisor is
+    gone (Linux's parent-death signal), so the worker drains and exits. A supervisor
+    killed with SIGKILL left its workers serving, orphaned: nothing respawned them or
+    could restart them, the next server on the port could not listen, and the next
+    `cnnserve serve` removed their metrics folder (their /metrics a 500). Not in the
+    supervisor, nor with one worker, whose parent is whatever started the server."""
+    supervisor = os.environ.get(SUPERVISOR_ENV)
+    if supervisor is None or int(supervisor) == os.getpid():
+        return
+    libc = ctypes.util.find_library("c")
+    if libc is None or not hasattr(ctypes.CDLL(libc), "prctl"):
+        return  # not Linux: orphans as before
+    ctypes.CDLL(libc).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(supervisor):  # gone before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def bound_handshakes(loop: Any, seconds: float) -> Any:

@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from service.readiness import process_alive
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
 from tests.helpers.models import publish_tiny, simple_config, write_models_config
@@ -709,3 +710,23 @@ def test_uploads_still_coming_when_the_grace_ends_get_a_503_not_a_500(tiny_repo:
     assert "Exception in ASGI application" not in log and "Traceback" not in log, log
     for n in range(len(bodies)):
         assert f'"request_id":"upload-{n}"' in log and '"status":503' in log, log
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tiny_repo: Path) -> None:
+    """kill -9 of the supervisor left its workers serving, orphaned: nothing respawned
+    them, the next server could not listen on their port, and the next `cnnserve serve`
+    removed their metrics folder (their /metrics a 500). Now they drain and exit."""
+    env = {"CNNSERVE_WORKERS": "2", "CNNSERVE_POLL_SECONDS": "0"}
+    with running_server(tiny_repo, env=env) as server:
+        workers = workers_of(server)
+        assert len(workers) == 2
+        server.process.kill()
+        server.process.wait(timeout=30)
+
+        def gone() -> bool:
+            return not any(process_alive(pid) for pid in workers)
+
+        wait_for(gone, timeout=60)
+        with socket.socket() as again:  # the port is free for the next server
+            again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            again.bind(("127.0.0.1", server.port))

@@ -229,6 +229,36 @@ def test_processes_are_summed_and_dead_ones_leave_the_gauges(
     assert in_flight not in samples
 
 
+def test_a_process_that_never_set_a_min_over_workers_gauge_is_left_out_of_it(
+    writers: list[subprocess.Popen[str]], multiproc_dir: Path
+) -> None:
+    """The writers never set cnnserve_backend_up (as a worker still starting, or failing
+    to start in a loop): made at import, their 0 pulled the min to 0, and the
+    CnnserveBackendDown page fired for a backend that answered."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), metrics.MULTIPROC_ENV: str(multiproc_dir)}
+    setter = "from service import metrics; metrics.observe_backend(True); print('set')"
+    done = subprocess.run(
+        [sys.executable, "-c", setter], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.stdout == "set\n", done.stderr
+    # The setter exited: livemin keeps only live processes' values; the writers set none.
+    assert ("cnnserve_backend_up", ()) not in scrape()
+    keeper = subprocess.Popen(
+        [sys.executable, "-c", setter + "; import sys; sys.stdin.readline()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        assert keeper.stdout is not None and keeper.stdout.readline() == "set\n"
+        assert scrape()[("cnnserve_backend_up", ())] == 1  # the writers' nothing: no 0
+    finally:
+        keeper.kill()
+        keeper.wait()
+
+
 # --- request records ---------------------------------------------------------------------
 
 
