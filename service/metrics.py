@@ -215,7 +215,7 @@ MODEL_WARMUP_DURATION = Histogram(
 )
 
 
-class _WrittenOnSet:
+class WrittenOnSet:
     """An unlabelled "min over workers" gauge made when it is first set. Made with the
     module, its value was 0 in every process from the start: a worker that was starting,
     or failing to start in a loop (a TLS pair that does not load), pulled every min to 0,
@@ -223,6 +223,7 @@ class _WrittenOnSet:
     never sets it is left out of the min."""
 
     def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
         self._args = (name, documentation)
         self._gauge: Gauge | None = None
         self._lock = threading.Lock()
@@ -235,30 +236,30 @@ class _WrittenOnSet:
         self._gauge.set(value)
 
 
-BACKEND_UP = _WrittenOnSet(
+BACKEND_UP = WrittenOnSet(
     "cnnserve_backend_up",
     "--backend tfserving: 1 while the last poll reached TF Serving, 0 while it cannot "
     "(requests then get 503 backend_unavailable; readiness is 503). Embedded: 1.",
 )
-MODELS_CONFIG_OK = _WrittenOnSet(
+MODELS_CONFIG_OK = WrittenOnSet(
     "cnnserve_models_config_ok",
     "1 while the last poll could read models.config, 0 while a change to it is refused "
     "(the models of the last good one keep serving; the log says why).",
 )
-API_KEYS_FILE_OK = _WrittenOnSet(
+API_KEYS_FILE_OK = WrittenOnSet(
     "cnnserve_api_keys_file_ok",
     "With CNNSERVE_API_KEYS_FILE: 1 while the worker's last read of it was good, 0 while "
     "it cannot be read (the keys read before stay; a worker that never read it refuses "
     "requests that need a key, 503 api_keys_unavailable; the log says why). Min over "
     "workers.",
 )
-TLS_FILES_OK = _WrittenOnSet(
+TLS_FILES_OK = WrittenOnSet(
     "cnnserve_tls_files_ok",
     "With TLS on: 1 while the worker's last check of CNNSERVE_TLS_CERTFILE and "
     "CNNSERVE_TLS_KEYFILE loaded them, 0 while a changed pair does not load (new "
     "connections keep the pair loaded before; the log says why). Min over workers.",
 )
-TLS_EXPIRY = _WrittenOnSet(
+TLS_EXPIRY = WrittenOnSet(
     "cnnserve_tls_certificate_expiry_timestamp_seconds",
     "With TLS on: when the certificate served to new connections expires (Unix time). "
     "Min over workers.",

@@ -47,6 +47,8 @@ def exported_names() -> set[str]:
             names |= {f"{obj._name}_{suffix}" for suffix in ("bucket", "sum", "count")}
         elif isinstance(obj, Gauge):
             names.add(obj._name)
+        elif isinstance(obj, metrics.WrittenOnSet):  # a Gauge once a worker sets it
+            names.add(obj.name)
     return names
 
 
