@@ -605,18 +605,16 @@ class DynamicBatcher:
             parts = [item.inputs for item in items]
             try:
                 # The batch is worth computing until its most patient request gives up,
-                # or until all of them are gone (BatchDeadline: a remote call is cancelled).
+                # or, off the loop, until all of them are gone (BatchDeadline: a remote
+                # call is cancelled; a batch on the loop ends before any can go).
                 deadlines = [item.deadline for item in items]
-                latest = (
-                    None
-                    if None in deadlines
-                    else _watched(max(d for d in deadlines if d is not None), items)
-                )
+                latest = None if None in deadlines else max(d for d in deadlines if d is not None)
                 if self._on_loop():
                     output, seconds, cpu_seconds = self._infer(parts, latest)
                 else:
+                    watched = None if latest is None else _watched(latest, items)
                     output, seconds, cpu_seconds = await loop.run_in_executor(
-                        self._executor, self._infer, parts, latest
+                        self._executor, self._infer, parts, watched
                     )
                 if not isinstance(output, np.ndarray) or output.ndim == 0 or len(output) != size:
                     got = f"{type(output).__name__} {getattr(output, 'shape', '')}"

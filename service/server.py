@@ -195,10 +195,11 @@ def die_with_supervisor() -> None:
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if supervisor is None or int(supervisor) == os.getpid():
         return
-    libc = ctypes.util.find_library("c")
-    if libc is None or not hasattr(ctypes.CDLL(libc), "prctl"):
+    name = ctypes.util.find_library("c")
+    prctl = getattr(ctypes.CDLL(name), "prctl", None) if name is not None else None
+    if prctl is None:
         return  # not Linux: orphans as before
-    ctypes.CDLL(libc).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != int(supervisor):  # gone before the signal was asked for
         os.kill(os.getpid(), signal.SIGTERM)
 

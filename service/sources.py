@@ -179,7 +179,6 @@ class TFServingSource:
         self._config = ModelsConfigReader()
         self.client = TFServingClient(settings.tfserving_address, settings.request_timeout_seconds)
         self._scans = 0
-        self._reachable = True
         # TF Serving answered every poll of the last scan (a refusal for load is an answer).
         self._answered = False
         self._listed: dict[str, list[int]] = {}  # model → the versions it listed last
@@ -240,13 +239,13 @@ class TFServingSource:
         """Log a change of reachability once, not on every poll (nor every request:
         their 503s are counted, not logged)."""
         metrics.observe_backend(problem is None)
+        reachable = self.client.down is None
+        if problem is not None and reachable:
+            log.warning("%s; current versions keep their routes meanwhile", problem.log_message())
+        elif problem is None and not reachable:
+            log.info("TF Serving at %s answers again", self.client.address)
         # Predicts fail at once meanwhile (TFServingClient.call), not after their deadline.
         self.client.down = None if problem is None else problem.with_traceback(None)
-        if problem is not None and self._reachable:
-            log.warning("%s; current versions keep their routes meanwhile", problem.log_message())
-        elif problem is None and not self._reachable:
-            log.info("TF Serving at %s answers again", self.client.address)
-        self._reachable = problem is None
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         model, version = key

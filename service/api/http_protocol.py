@@ -685,9 +685,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             except asyncio.CancelledError:
                 if not stopped_midway():
                     raise
-                # uvicorn's stop, its grace period over: answered, not dropped unlogged.
+                # uvicorn's stop, its grace period over: answered, not dropped unlogged
+                # (with connection: close, which ends the keep-alive below).
                 status, headers, body = self._direct.stopped(request)
-                request.keep_alive = False
             request.response_complete = True
             # Its place is still held (released by done()), as moves() asks.
             concurrency = self._direct.admission.concurrency

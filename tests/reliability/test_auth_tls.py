@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -299,19 +300,9 @@ def _pair(cert: Path, key: Path) -> dict[str, bytes]:
 
 def _expired_pair(folder: Path) -> tuple[Path, Path]:
     """A certificate and its key whose validity ended yesterday."""
-    folder.mkdir()
-    cert, key, request = folder / "cert.pem", folder / "key.pem", folder / "request.csr"
-    subprocess.run(
-        ["openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(request)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(
-        ["openssl", "x509", "-req", "-in", str(request), "-signkey", str(key), "-days", "-1",
-         "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return cert, key
+    now = datetime.now(UTC)
+    begins, ends = (f"{now - timedelta(days=days):%Y%m%d%H%M%SZ}" for days in (2, 1))
+    return dated_certificate(folder, begins, ends)
 
 
 def _ec_self_signed(folder: Path) -> tuple[Path, Path]:
