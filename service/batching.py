@@ -487,7 +487,7 @@ class DynamicBatcher:
             self._observer.on_expired(1)
             raise DeadlineExceeded(
                 f"the request was refused at once: its inference is expected to take "
-                f"~{own * 1e3:.1f} ms, more than the {left * 1e3:.1f} ms left before its "
+                f"~{_milliseconds(own)}, more than the {_milliseconds(left)} left before its "
                 "deadline; allow more time"
             )
         return ahead + own > left
@@ -735,6 +735,13 @@ class Reservation:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.release()
+
+
+def _milliseconds(seconds: float) -> str:
+    """Seconds for a message, to a tenth of a ms; below that to two digits ("0.0 ms
+    left" read as none left, while some was)."""
+    ms = seconds * 1e3
+    return f"{ms:.1f} ms" if ms >= 0.1 else f"{ms:.2g} ms"
 
 
 def _fresh(now: float, measured: float | None) -> bool:

@@ -307,7 +307,7 @@ async def _until_it_serves(registry: Registry, readiness: WorkerReadiness, poll:
 
         return on_sigterm
 
-    restore = _before_sigterm(ending_the_wait)
+    restore = _before_signal(signal.SIGTERM, ending_the_wait)
     if restore is None:  # the in-process app of tests: no wait it could not end
         return
     log.warning(
@@ -332,8 +332,10 @@ def _drain_on_sigterm(
     turns 503 at once, and ``delay`` seconds later uvicorn's graceful shutdown starts
     (stop accepting, finish in-flight work within the grace period, exit) and, beside
     it, ``stop_calls`` (gRPC's: it waited for REST's drain before, and took new calls
-    meanwhile, so a shutdown took two grace periods). Returns the function that puts
-    the previous handler back. A no-op off the main thread (the in-process app of
+    meanwhile, so a shutdown took two grace periods). SIGINT (Ctrl-C) stops the same
+    way without the delay: REST closed at once while gRPC took new calls for ~2.6 s
+    and its health Watches ended without NOT_SERVING. Returns the function that puts
+    the previous handlers back. A no-op off the main thread (the in-process app of
     tests), where signal handlers cannot be set."""
     loop = asyncio.get_running_loop()
 
@@ -353,25 +355,47 @@ def _drain_on_sigterm(
 
         return on_sigterm
 
-    return _before_sigterm(draining) or (lambda: None)
+    def interrupted(previous: Any) -> SignalHandler:
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            if not readiness.draining:  # a second one is uvicorn's: stop without waiting
+                readiness.drain()
+                loop.call_soon_threadsafe(stop_calls)
+            if callable(previous):
+                previous(signum, frame)
+
+        return on_sigint
+
+    restores = [
+        _before_signal(signal.SIGTERM, draining),
+        _before_signal(signal.SIGINT, interrupted),
+    ]
+
+    def restore() -> None:
+        for each in restores:
+            if each is not None:
+                each()
+
+    return restore
 
 
-def _before_sigterm(chained: Callable[[Any], SignalHandler]) -> Callable[[], None] | None:
-    """Set ``chained(previous)`` as the SIGTERM handler, in front of the one in place
-    (uvicorn's), which it calls in its turn. Returns the function that puts the previous
-    one back (unless another was set since), or None off the main thread, where signal
-    handlers cannot be set."""
-    previous = signal.getsignal(signal.SIGTERM)
+def _before_signal(
+    signum: signal.Signals, chained: Callable[[Any], SignalHandler]
+) -> Callable[[], None] | None:
+    """Set ``chained(previous)`` as the handler of ``signum``, in front of the one in
+    place (uvicorn's), which it calls in its turn. Returns the function that puts the
+    previous one back (unless another was set since), or None off the main thread, where
+    signal handlers cannot be set."""
+    previous = signal.getsignal(signum)
     handler = chained(previous)
     try:
-        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signum, handler)
     except ValueError:  # not the main thread
         return None
 
     def restore() -> None:
         with contextlib.suppress(ValueError):
-            if signal.getsignal(signal.SIGTERM) is handler:
-                signal.signal(signal.SIGTERM, previous)
+            if signal.getsignal(signum) is handler:
+                signal.signal(signum, previous)
 
     return restore
 

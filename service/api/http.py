@@ -680,7 +680,7 @@ TOO_DEEP = "request body is JSON nested too deeply to parse; send a flat object"
 
 
 _SPACE = re.compile(r"[ \t\n\r\f\v]")  # ASCII whitespace, as Abseil skips
-_SECONDS = re.compile(r"[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?")
+_SECONDS = re.compile(r"\+?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?")
 
 
 _BASE64_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="

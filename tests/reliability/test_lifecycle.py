@@ -3,6 +3,7 @@ graceful shutdown. All against real servers; waits poll the server's state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -730,3 +731,58 @@ def test_workers_stop_when_their_supervisor_is_killed(tiny_repo: Path) -> None:
         with socket.socket() as again:  # the port is free for the next server
             again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             again.bind(("127.0.0.1", server.port))
+
+
+def test_sigint_stops_grpc_with_rest_and_ends_health_watches_not_serving(
+    tiny_repo: Path,
+) -> None:
+    """Ctrl-C (SIGINT) closed REST at once, but gRPC took new calls for ~2.6 s more and
+    an open health Watch ended without NOT_SERVING. It stops as SIGTERM does, at once:
+    no readiness delay, since a person at a terminal is waiting."""
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_SHUTDOWN_DELAY_SECONDS": "30",  # SIGINT does not wait for it
+        "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "30",
+    }
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        statuses: list[int] = []
+
+        def watch() -> None:
+            with server.channel() as channel:
+                stream = health_pb2_grpc.HealthStub(channel).Watch(
+                    health_pb2.HealthCheckRequest(), timeout=60
+                )
+                with contextlib.suppress(grpc.RpcError):  # ended by the server's stop
+                    statuses.extend(reply.status for reply in stream)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        wait_for(lambda: health_pb2.HealthCheckResponse.SERVING in statuses)
+        head = (
+            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(PNG)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as upload:
+            upload.sendall(head + PNG[:10])  # in flight: the shutdown waits for it
+            with server.client() as probe:
+                wait_for(lambda: probe.post("/v1/classify", **RAW).status_code == 200)  # type: ignore[arg-type]
+            server.process.send_signal(signal.SIGINT)
+            wait_for(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses, timeout=10)
+
+            def grpc_refused() -> bool:
+                with server.channel() as channel:
+                    stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+                    try:
+                        stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
+                    except grpc.RpcError as exc:
+                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                        return True
+                    return False
+
+            wait_for(grpc_refused, timeout=10)  # the REST upload is still in flight
+            upload.sendall(PNG[10:])
+            answer = upload.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+        server.process.wait(timeout=20)
+        watcher.join(timeout=10)
+        assert not watcher.is_alive()

@@ -60,3 +60,18 @@ def test_more_than_one_value_is_a_400_on_one_line_or_several(
     status, error = ask(server, lines, direct=direct)
     assert status == 400, error
     assert "x-request-timeout" in error["message"] and "one value" in error["message"]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "app"])
+def test_a_plus_sign_is_part_of_a_number(server: Server, direct: bool) -> None:
+    status, error = ask(server, [b"+5"], direct=direct)  # float() reads it; so do we
+    assert status == 200, error
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "app"])
+def test_a_deadline_too_short_for_any_work_does_not_say_none_was_left(
+    server: Server, direct: bool
+) -> None:
+    status, error = ask(server, [b"0.00005"], direct=direct)
+    assert status == 504, error
+    assert "0.0 ms" not in error["message"]  # 50 µs were left: "0.05 ms", or passed

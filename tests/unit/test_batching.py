@@ -1088,3 +1088,19 @@ def test_a_failed_request_lets_go_of_what_it_held_without_the_cycle_collector() 
         assert run(scenario()) == [None] * 3
     finally:
         gc.enable()
+
+
+def test_a_deadline_under_a_tenth_of_a_millisecond_is_not_printed_as_none_left(
+    costly: Costly, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
+
+    async def scenario() -> str:
+        async with DynamicBatcher(whole(costly), config()) as batcher:
+            await batcher.submit(images(1, 2), deadline=None)  # 10 ms per image
+            with pytest.raises(DeadlineExceeded) as refused:
+                await batcher.submit(images(3), deadline=now[0] + 0.00005)
+            return refused.value.message
+
+    assert "more than the 0.05 ms left" in run(scenario())
