@@ -24,7 +24,7 @@ from uvicorn.supervisors import Multiprocess
 
 from service.config import Settings
 from service.readiness import READINESS_DIR_ENV, RESTARTING, process_alive
-from service.siblings import SIBLINGS_DIR_ENV
+from service.siblings import SIBLINGS_DIR_ENV, clear_dead_slots
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +252,16 @@ class _Supervisor(Multiprocess):
         for sock in self.sockets:
             sock.close()
         super().terminate_all()
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's respawn of a worker that died, which also clears the dead worker's
+        slot in the siblings' table (service.siblings.clear_dead_slots)."""
+        before = {process.pid for process in self.processes}
+        super().keep_subprocess_alive()
+        gone = before - {process.pid for process in self.processes}
+        folder = os.environ.get(SIBLINGS_DIR_ENV)
+        if gone and folder:
+            clear_dead_slots(Path(folder), self.config.workers, {p for p in gone if p})
 
     def restart_all(self) -> None:
         """uvicorn's rolling restart (SIGHUP), with the workers told that a SIGTERM now

@@ -47,7 +47,8 @@ import numpy.typing as npt
 
 SIBLINGS_DIR_ENV = "CNNSERVE_SIBLINGS_DIR"
 TABLE = "table"  # the shared table's file name in the folder
-COLUMNS = 3  # per slot: in flight, limit, when it last refused (ns, CLOCK_MONOTONIC)
+# Per slot: in flight, limit, when it last refused (ns, CLOCK_MONOTONIC), the pid.
+COLUMNS = 4
 # A worker that refused within this long is full, whatever its count says this instant:
 # the Retry-After its refusals ask for. At 0.1 s (one concurrency window) a worker the
 # host stalled for longer lent its places under overload (1-81 borrowed in 12 s at 4x;
@@ -61,15 +62,8 @@ class Siblings:
     """One worker's slot in the replica's table, and the table's sums."""
 
     def __init__(self, directory: Path, slots: int) -> None:
-        size = slots * COLUMNS * 8  # int64
-        fd = os.open(directory / TABLE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size < size:  # the first worker sizes it (zeros)
-                os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
-        finally:
-            os.close(fd)
-        self._table = np.frombuffer(self._map, dtype=np.int64).reshape(slots, COLUMNS)
+        self._map = _mapped(directory, slots)
+        self._table = _rows(self._map)
         self._lock = -1
         for index in range(slots):
             lock = os.open(directory / f"slot-{index}.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -82,6 +76,7 @@ class Siblings:
             self.slot = index
             self._own = self._table[index]
             self._own[:] = 0  # a dead predecessor's numbers
+            self._own[3] = os.getpid()
             return
         raise RuntimeError(f"all {slots} worker slots in {directory} are taken")
 
@@ -94,8 +89,7 @@ class Siblings:
         if workers < 2 or not folder:
             return None
         try:
-            # Room for replacements that start before a dying worker has let go.
-            return cls(Path(folder), 2 * workers)
+            return cls(Path(folder), slots_for(workers))
         except (OSError, RuntimeError) as exc:
             log.warning("workers will not borrow unused places: %s", exc)
             return None
@@ -136,3 +130,42 @@ class Siblings:
             self._own[:] = 0
             os.close(self._lock)
             self._lock = -1
+
+
+def slots_for(workers: int) -> int:
+    """Room for replacements that start before a dying worker has let go."""
+    return 2 * workers
+
+
+def clear_dead_slots(directory: Path, workers: int, pids: set[int]) -> None:
+    """Clear the slots of these workers, which died (the supervisor saw them go): a
+    dead worker's numbers must not read as a sibling with places to lend, or one that
+    is idle. A slot a replacement took since holds the replacement's pid: kept."""
+    try:
+        mapped = _mapped(directory, slots_for(workers))
+    except OSError as exc:
+        log.warning("could not clear the slots of workers that died: %s", exc)
+        return
+    with mapped:
+        _clear(_rows(mapped), pids)
+
+
+def _clear(table: npt.NDArray[np.int64], pids: set[int]) -> None:
+    """(Its own function: the views of the map must be gone before the map closes.)"""
+    dead = np.isin(table[:, 3], list(pids))
+    table[dead, :3] = 0
+
+
+def _mapped(directory: Path, slots: int) -> mmap.mmap:
+    size = slots * COLUMNS * 8  # int64
+    fd = os.open(directory / TABLE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size < size:  # the first worker sizes it (zeros)
+            os.ftruncate(fd, size)
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+
+
+def _rows(mapped: mmap.mmap) -> npt.NDArray[np.int64]:
+    return np.frombuffer(mapped, dtype=np.int64).reshape(-1, COLUMNS)

@@ -19,7 +19,14 @@ from service.concurrency import (
     MOVE_INTERVAL_SECONDS,
     ConcurrencyLimit,
 )
-from service.siblings import COLUMNS, LEND_AFTER_SECONDS, SIBLINGS_DIR_ENV, TABLE, Siblings
+from service.siblings import (
+    COLUMNS,
+    LEND_AFTER_SECONDS,
+    SIBLINGS_DIR_ENV,
+    TABLE,
+    Siblings,
+    clear_dead_slots,
+)
 
 BORROWED = "cnnserve_concurrency_borrowed_total"
 MOVED = "cnnserve_concurrency_moved_connections_total"
@@ -76,17 +83,43 @@ def test_a_dead_workers_slot_is_freed_by_the_kernel_and_cleared_by_the_next(
         "from service.siblings import Siblings\n"
         "s = Siblings(Path(sys.argv[1]), 2)\n"
         "s.publish(5, 16)\n"
-        "print(s.slot, flush=True)\n"
+        "print(s.slot, os.getpid(), flush=True)\n"
         "os._exit(0)\n"  # no leave(): as if it died
     )
     out = subprocess.run(
         [sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True
     )
-    dead_slot = int(out.stdout)
+    dead_slot, dead_pid = map(int, out.stdout.split())
     left = np.fromfile(tmp_path / TABLE, dtype=np.int64).reshape(2, COLUMNS)
-    assert left[dead_slot].tolist() == [5, 16, 0]  # its numbers stay in the table...
+    assert left[dead_slot].tolist() == [5, 16, 0, dead_pid]  # its numbers stay in the table...
     replacement = Siblings(tmp_path, 2)  # ...until its replacement takes the free slot
     assert replacement.slot == dead_slot and replacement.spare(time.monotonic()) == 0
+
+
+def test_the_supervisor_clears_a_dead_workers_slot_before_any_replacement_starts(
+    tmp_path: Path,
+) -> None:
+    """While replacements failed to start, a dead worker's numbers read as a sibling
+    with places to lend and no request: its live sibling closed a kept-alive
+    connection every second to move its client there."""
+    live = Siblings(tmp_path, 4)  # slots_for(2 workers)
+    live.publish(2, 16)
+    child = (
+        "import sys, os\n"
+        "from pathlib import Path\n"
+        "from service.siblings import Siblings\n"
+        "Siblings(Path(sys.argv[1]), 4).publish(0, 16)\n"
+        "print(os.getpid(), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, check=True
+    )
+    now = time.monotonic()
+    assert live.idle(now) and live.spare(now) == 14 + 16  # the dead one still lends
+    clear_dead_slots(tmp_path, 2, {int(out.stdout), 999_999_999})
+    assert not live.idle(now) and live.spare(now) == 14
+    assert live._own.tolist()[:2] == [2, 16]  # another worker's slot is kept
 
 
 def test_a_worker_at_its_limit_borrows_what_its_sibling_leaves_up_to_the_cap(
