@@ -35,6 +35,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from service.readiness import process_alive
@@ -562,12 +563,25 @@ def register_this_process() -> None:
 def forget_dead_processes(directory: Path) -> None:
     """Drop the live gauges of worker processes that are gone (crashed and restarted by
     the supervisor, say), so in-flight and queue depth do not count them forever.
-    Their counters and histograms stay: totals must not go backwards."""
+    Their counters and histograms stay, totals must not go backwards, unless they hold
+    only zeros (a worker that died before it served): each such start left ~4 KB files
+    for good, and while a respawned worker failed in a loop every scrape read more."""
     folder = directory / PROCESSES_DIR
     for entry in folder.iterdir() if folder.is_dir() else ():
         if entry.name.isdigit() and not process_alive(int(entry.name)):
             mark_process_dead(int(entry.name), str(directory))  # type: ignore[no-untyped-call]
+            for written in directory.glob(f"*_{entry.name}.db"):
+                if _all_zero(written):
+                    written.unlink(missing_ok=True)
             entry.unlink(missing_ok=True)
+
+
+def _all_zero(path: Path) -> bool:
+    try:
+        values = MmapedDict.read_all_values_from_file(str(path))  # type: ignore[no-untyped-call]
+        return all(value == 0 for _key, value, _timestamp, _pos in values)
+    except (OSError, ValueError):  # unreadable: leave it to the collector's own error
+        return False
 
 
 def forget_this_process() -> None:

@@ -318,3 +318,40 @@ def test_a_call_cancelled_by_the_servers_stop_is_not_the_clients_499() -> None:
         ):
             raise asyncio.CancelledError
         assert value("cnnserve_requests_total", **labels, code=code) == before[code] + 1
+
+
+def test_a_dead_process_that_counted_nothing_leaves_no_files(
+    writers: list[subprocess.Popen[str]], multiproc_dir: Path
+) -> None:
+    """A worker that dies before it serves (a respawn failing to start, in a loop) left
+    its files of zeros for good: ~4 KB a start, and every scrape read them all."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), metrics.MULTIPROC_ENV: str(multiproc_dir)}
+    failed_start = subprocess.run(
+        [sys.executable, "-c", "from service import metrics; import os; print(os.getpid())"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid = failed_start.stdout.strip()
+    assert list(multiproc_dir.glob(f"*_{pid}.db"))  # import made its files
+    end(writers[0])  # one that counted requests
+    scrape()
+    assert not list(multiproc_dir.glob(f"*_{pid}.db"))
+    assert list(multiproc_dir.glob(f"counter_{writers[0].pid}.db"))  # its totals stay
+    assert (
+        scrape()[
+            (
+                "cnnserve_requests_total",
+                (
+                    ("code", "200"),
+                    ("model", "mp"),
+                    ("protocol", "rest"),
+                    ("route", "/v1/classify"),
+                    ("version", "1"),
+                ),
+            )
+        ]
+        == 2
+    )
