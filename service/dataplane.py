@@ -437,6 +437,11 @@ class DataPlane:
             if signature == BYTES_SIGNATURE:
                 raw = self._only_input(inputs, BYTES_INPUT_NAME, signature)
                 items = await _off_loop_if_lists(_encoded_items, raw)
+                if not items:  # (decode's own message names /v1/classify's fields)
+                    raise InvalidRequest(
+                        f"input {BYTES_INPUT_NAME!r} holds no image; send at least one "
+                        "encoded image file"
+                    )
                 batch = await self.decode(items, target, deadline, held)
             else:
                 value = self._only_input(inputs, info.input_name, signature)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -59,6 +60,12 @@ logging.getLogger("PIL").setLevel(logging.CRITICAL)
 # act on. Its plugins raise any other kind too on a hostile one (TypeError for a tag of
 # the wrong type, OverflowError, IndexError, KeyError, struct.error, ZeroDivisionError):
 # Python's words for a reader that tripped over the file, still the file's fault.
+# What Pillow raises when a codec returns a status and nothing else (ImageFile's
+# _get_oserror: its ERRORS table, or the bare number).
+_CODEC_STATUS = re.compile(
+    r"(?:de|en)coder error -?[0-9]+|decoding error|unknown error|"
+    r"image buffer overrun error|bad configuration"
+)
 _WORDED = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 # Pillow format names we accept, and the words a person reads in an error.
@@ -344,6 +351,13 @@ def _unreadable(exc: Exception, failed: str) -> InvalidImage:
     Used only around Pillow's calls on a client's bytes, where whatever it raises is the
     file's doing; a blanket ``except`` higher up would answer the server's own bugs with
     a 400. MemoryError is not the file's: callers re-raise it before calling this."""
+    if isinstance(exc, OSError) and _CODEC_STATUS.fullmatch(str(exc)):
+        # Pillow's codec status alone ("decoder error -2") says neither what is wrong
+        # nor what to do: libtiff's garbage LZW or deflate data, an unknown compression.
+        return InvalidImage(
+            f"{failed}: its pixel data is corrupt or compressed in a way the decoder does "
+            f"not read ({exc}); re-save it as PNG or JPEG"
+        )
     if isinstance(exc, _WORDED):
         return InvalidImage(f"{failed}: {exc}")
     return InvalidImage(
@@ -393,8 +407,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return img
     if mode == "F":
         # 32-bit float greyscale (TIFF): 0..1, as float images mostly are, or 0..255
-        # (convert() clips to 0..255, and made a 0..1 image black); NaN is black.
-        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0)
+        # (convert() clips to 0..255, and made a 0..1 image black); NaN is black. -inf
+        # too: left at float32's lowest, the x255 below overflowed (a numpy warning on
+        # the server's stderr for a client's file).
+        values = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=255.0, neginf=0.0)
         if values.size and values.max() <= 1.0:
             values = values * 255.0
         return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L")

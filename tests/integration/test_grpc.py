@@ -450,6 +450,15 @@ def test_hostile_messages_and_tensors_are_invalid_argument(
         ),
     )
     assert code == invalid and "shape [batch]" in message, message
+    # No file at all: said in the tensor's terms, not /v1/classify's fields.
+    code, message = code_of(
+        predict_stub.Predict,
+        predict_request(
+            {"image_bytes": shaped(types_pb2.DT_STRING, [0])},
+            signature_name="predict_image_bytes",
+        ),
+    )
+    assert code == invalid and "'image_bytes' holds no image" in message, message
     # Encoded files without a signature name go to the bytes signature, as over REST.
     files = shaped(types_pb2.DT_STRING, [2], string_val=[png, png])
     answer = predict_stub.Predict(predict_request({"image": files}), timeout=30)

@@ -33,9 +33,11 @@ def test_malloc_trim_gives_back_what_a_thread_freed() -> None:
     assert after < before - 100 * MB, (before, after)
 
 
-def test_trims_only_once_resident_memory_grew(monkeypatch: pytest.MonkeyPatch) -> None:
+def trims_for(readings_mb: list[int], monkeypatch: pytest.MonkeyPatch) -> int:
+    """How many trims trim_memory makes while resident memory reads these (MB), in turn:
+    at start, then at each period, and after each trim."""
     monkeypatch.setattr(memory, "TRIM_GROWTH_BYTES", 32 * MB)
-    readings = iter([100, 110, 140, 100, 120, 90, 125, 130, 130])  # MB, as read
+    readings = iter(readings_mb)
     trims: list[int] = []
     done = asyncio.Event()
 
@@ -43,7 +45,7 @@ def test_trims_only_once_resident_memory_grew(monkeypatch: pytest.MonkeyPatch) -
         value = next(readings, None)
         if value is None:
             done.set()
-            return 130 * MB
+            return readings_mb[0] * MB  # back at the start: no more trims
         return value * MB
 
     async def scenario() -> None:
@@ -52,6 +54,20 @@ def test_trims_only_once_resident_memory_grew(monkeypatch: pytest.MonkeyPatch) -
         task.cancel()
 
     asyncio.run(scenario())
+    return len(trims)
+
+
+def test_trims_only_once_resident_memory_grew(monkeypatch: pytest.MonkeyPatch) -> None:
     # 100 floor; 110 no; 140 trims (then reads 100); 120 no; 90 lowers the floor; 125
-    # trims (over 90 + 32; then reads 130); 130 no.
-    assert len(trims) == 2
+    # trims (over 90 + 32; then reads 95); 100 no.
+    assert trims_for([100, 110, 140, 100, 120, 90, 125, 95, 100], monkeypatch) == 2
+
+
+def test_a_trim_in_a_burst_does_not_make_the_burst_the_floor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A trim while large images were decoded read their peak (800 MB): what was freed
+    after stayed resident for good, since nothing grew 32 MB past that peak."""
+    # 100 floor; 800 trims (then reads 790: the burst goes on); 780 trims again (over
+    # 100 + 32; then reads 120); 125 no.
+    assert trims_for([100, 800, 790, 780, 120, 125], monkeypatch) == 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import struct
 import time
+import warnings
 import zlib
 
 import numpy as np
@@ -191,6 +192,29 @@ def test_a_float_tiff_keeps_its_range_whether_0_to_1_or_0_to_255(scale: float) -
     expected = np.round(np.nan_to_num(arr / scale) * 255).astype(np.uint8)
     np.testing.assert_allclose(out[:, :, 0], expected, atol=1)
     assert (out[:, :, 0] == out[:, :, 2]).all()
+
+
+def test_a_float_tiffs_infinities_are_read_without_a_warning() -> None:
+    """-inf overflowed the x255 scaling: a numpy RuntimeWarning on the server's stderr,
+    for a client's file. -inf is black, as NaN is."""
+    arr = np.full((4, 6), 0.5, np.float32)
+    arr[0, :3] = -np.inf  # the rest 0..1: scaled x255
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = preprocess_bytes(encode(Image.fromarray(arr, "F"), "TIFF"), ONE_ROW, max_pixels=BIG)
+    assert out.shape[-1] == 3
+
+
+def test_a_tiff_of_garbage_compressed_data_gets_a_message_to_act_on() -> None:
+    """Pillow's codec status alone ("decoder error -2") was the whole message."""
+    out = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(out, "TIFF", compression="tiff_lzw")
+    data = bytearray(out.getvalue())
+    data[8:68] = bytes((i * 37) & 0xFF for i in range(8, 68))  # the strip's LZW codes
+    with pytest.raises(InvalidImage) as refused:
+        preprocess_bytes(bytes(data), SPEC, max_pixels=BIG)
+    assert "corrupt or compressed in a way" in refused.value.message
+    assert "re-save it as PNG or JPEG" in refused.value.message
 
 
 def test_a_palette_png_without_its_palette_is_refused() -> None:
