@@ -150,6 +150,13 @@ def headers_too_large(limit: int) -> HeadersTooLarge:
     )
 
 
+def target_too_long() -> HeadersTooLarge:
+    return HeadersTooLarge(
+        f"the request target (the URL) is over {MAX_TARGET_BYTES} bytes, the most that is "
+        "parsed whatever CNNSERVE_MAX_HEADER_BYTES says; send the data in the body"
+    )
+
+
 def trailers_too_large(limit: int) -> HeadersTooLarge:
     return HeadersTooLarge(
         f"the trailer fields after the chunked body are over {limit} bytes; send none "
@@ -413,12 +420,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)  # any buffer (a memoryview slice too)
         except httptools.HttpParserCallbackError as exc:  # e.g. a target uvicorn cannot parse
             cause = exc.__context__
-            if cause is not None and not isinstance(cause, httptools.HttpParserError):
-                log.error("an HTTP parser callback failed", exc_info=cause)  # ours, not theirs
             if isinstance(cause, TargetTooLong):
                 self._unreadable = True  # the parser stopped: nothing more is read
-                self._headers_too_large()
-            elif isinstance(cause, Unreadable):
+                self._headers_too_large(target=True)
+                return
+            if cause is not None and not isinstance(cause, httptools.HttpParserError):
+                log.error("an HTTP parser callback failed", exc_info=cause)  # ours, not theirs
+            if isinstance(cause, Unreadable):
                 self._malformed(str(cause))
             else:
                 self._malformed("its request line or a header cannot be read")
@@ -956,7 +964,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         answer in TF Serving's body, also what the protocol refuses (it was ours)."""
         return self.url.partition(b"?")[0].decode("latin-1") if self._in_message else ""
 
-    def _headers_too_large(self) -> None:
+    def _headers_too_large(self, *, target: bool = False) -> None:
+        """431; ``target``: the request target (URL) alone passed the limit, which may be
+        MAX_TARGET_BYTES rather than the setting (then raising that would not help)."""
         self._in_headers = False  # counted once; nothing more is read
         self._no_linger = True
         metrics.observe_headers_too_large()
@@ -966,7 +976,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
             self.flow.pause_reading()
             return
-        answer = error_response(headers_too_large(self._max_header_bytes), self._current_path())
+        refused = (
+            target_too_long()
+            if target and self._max_header_bytes > MAX_TARGET_BYTES
+            else headers_too_large(self._max_header_bytes)
+        )
+        answer = error_response(refused, self._current_path())
         self._answer(431, answer.raw_headers, bytes(answer.body), keep_alive=False)
 
     def _expect_headers(self) -> None:
