@@ -18,7 +18,7 @@ from typing import Protocol
 
 from service import metrics
 from service.config import Settings
-from service.errors import CnnserveError, DeadlineExceeded, Overloaded
+from service.errors import BackendUnavailable, CnnserveError, DeadlineExceeded, Overloaded
 from service.loading import PreparedVersion, RuntimeFactory, prepare_runtime, prepare_version
 from service.repository import (
     Fingerprint,
@@ -238,14 +238,15 @@ class TFServingSource:
     def _note(self, problem: CnnserveError | None) -> None:
         """Log a change of reachability once, not on every poll (nor every request:
         their 503s are counted, not logged)."""
-        metrics.observe_backend(problem is None)
+        down = _unreachable(problem)
+        metrics.observe_backend(down is None)
         reachable = self.client.down is None
-        if problem is not None and reachable:
-            log.warning("%s; current versions keep their routes meanwhile", problem.log_message())
-        elif problem is None and not reachable:
+        if down is not None and reachable:
+            log.warning("%s; current versions keep their routes meanwhile", down.log_message())
+        elif down is None and not reachable:
             log.info("TF Serving at %s answers again", self.client.address)
         # Predicts fail at once meanwhile (TFServingClient.call), not after their deadline.
-        self.client.down = None if problem is None else problem.with_traceback(None)
+        self.client.down = down
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         model, version = key
@@ -253,6 +254,23 @@ class TFServingSource:
 
     def close(self) -> None:
         self.client.close()
+
+
+def _unreachable(problem: CnnserveError | None) -> BackendUnavailable | None:
+    """What Predicts fail with while the polls find TF Serving down: unreachable, or
+    silent past the poll's deadline, said as the 503 it is to a client. A timed-out
+    poll was handed on as it was, so every Predict got 504 "did not answer
+    GetModelStatus in time" (no Retry-After, counted as the request's own deadline)
+    while the status routes said 503. Any other failure (a model TF Serving does not
+    know) is an answer: Predicts to the models it serves go on."""
+    if isinstance(problem, BackendUnavailable):
+        return problem.with_traceback(None)
+    if isinstance(problem, DeadlineExceeded):
+        return BackendUnavailable(
+            "the model backend (TF Serving) does not answer; retry shortly",
+            detail=problem.detail or problem.message,
+        )
+    return None
 
 
 def create_source(settings: Settings, runtime_factory: RuntimeFactory) -> VersionSource:

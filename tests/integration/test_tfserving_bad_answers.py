@@ -469,3 +469,32 @@ def test_a_backend_failing_its_status_polls_is_a_502_not_unreachable(tiny_repo: 
         servicer.status_error = None
         server.wait("/readyz", 200, timeout=30)
         assert classify(server).status_code == 200
+
+
+def test_a_backend_whose_polls_time_out_is_a_503_to_retry_not_a_504(tiny_repo: Path) -> None:
+    """A TF Serving that stops answering (kill -STOP): once its polls timed out, every
+    request got 504 "did not answer GetModelStatus in time" at once, with no
+    Retry-After and counted as its own deadline, while the status routes said 503."""
+    signatures = repository_signatures(tiny_repo)
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    with started(servicer) as port, in_front(tiny_repo, port) as server, server.client() as client:
+        servicer.status_error = grpc.StatusCode.DEADLINE_EXCEEDED  # as a timed-out poll
+        eventually(lambda: client.get("/readyz").status_code == 503)
+        response = client.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+        assert response.status_code == 503, response.text
+        assert response.json()["error"]["code"] == "backend_unavailable"
+        assert response.headers["retry-after"] == "1"
+        with grpc.insecure_channel(server.grpc_target) as channel:
+            stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        servicer.status_error = None
+        eventually(lambda: client.get("/readyz").status_code == 200)
+        assert (
+            client.post(
+                "/v1/classify", content=PNG, headers={"content-type": "image/png"}
+            ).status_code
+            == 200
+        )
