@@ -25,6 +25,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 
@@ -68,6 +69,7 @@ from service.runtimes.tfserving import UNREACHABLE
 from service.sources import Scan, VersionSource, create_source
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 __all__ = ["LoadedVersion", "Registry", "VersionState", "VersionStatus"]
 
@@ -140,7 +142,7 @@ class Registry:
         until a poll reads it, rather than stop the whole server.
         """
         try:
-            scan = await asyncio.to_thread(self._source.scan)
+            scan = await on_daemon_thread(self._source.scan)
         except ConfigError as exc:
             if not config_may_fail:
                 raise
@@ -188,7 +190,7 @@ class Registry:
         rescan asked for meanwhile, :meth:`refreshed`, must not wait on them).
         """
         try:
-            scan = await asyncio.to_thread(self._source.scan)
+            scan = await on_daemon_thread(self._source.scan)
         except (ConfigError, OSError) as exc:
             metrics.observe_models_config(False)
             if str(exc) != self._config_error:  # once per change, not every poll
@@ -649,7 +651,7 @@ class Registry:
         wait for each load, so one that hangs (a read of a stuck network file system)
         held up every later version of every model. A thread cannot be stopped: one past
         the timeout is left to finish, and what it loads is unloaded then."""
-        work = asyncio.get_running_loop().run_in_executor(None, self._source.prepare, key, path)
+        work = on_daemon_thread(self._source.prepare, key, path)
         timeout = self._settings.load_timeout_seconds
         try:
             return await asyncio.wait_for(asyncio.shield(work), timeout or None)
@@ -760,6 +762,35 @@ def _set_from_any_thread(loop: asyncio.AbstractEventLoop, event: asyncio.Event) 
     """Finalizer callback: the last reference may be dropped on any thread."""
     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
         loop.call_soon_threadsafe(event.set)
+
+
+def on_daemon_thread(func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``func(*args)`` on a daemon thread of its own, for what reads the repository: a
+    read that hangs (a stuck network file system) must not hold the process at exit.
+    On the loop's default executor, SIGTERM logged "Finished server process" and the
+    worker lived on (15 min, until the read returned): asyncio.run waits for that
+    executor's threads, and the interpreter for every thread not a daemon."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():  # cancelled: nobody waits
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            outcome: tuple[T | None, BaseException | None] = (func(*args), None)
+        except BaseException as exc:  # handed to the waiter, as an executor would
+            outcome = (None, exc)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, *outcome)
+
+    threading.Thread(target=run, name=f"repository-{func.__name__}", daemon=True).start()
+    return future
 
 
 def _unload_late(work: asyncio.Future[PreparedVersion]) -> None:

@@ -786,3 +786,31 @@ def test_sigint_stops_grpc_with_rest_and_ends_health_watches_not_serving(
         server.process.wait(timeout=20)
         watcher.join(timeout=10)
         assert not watcher.is_alive()
+
+
+def test_sigterm_ends_the_process_while_a_load_hangs_on_a_read(
+    tiny_repo_litert: Path, tmp_path: Path
+) -> None:
+    """A version whose file read never returns (a FIFO in place of its labels, standing
+    in for a stuck network file system): after SIGTERM the worker logged "Finished
+    server process" and lived on until the read returned (15 min in an audit), since
+    the load ran on the event loop's default executor, which asyncio.run waits for."""
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repo_litert, repository)  # no conversion, whose lock v1 would wait on
+    hung = repository / "tiny" / "2"
+    shutil.copytree(repository / "tiny" / "1", hung)
+    (hung / "assets.extra" / "labels.txt").unlink()
+    os.mkfifo(hung / "assets.extra" / "labels.txt")
+    env = {
+        "CNNSERVE_LOAD_TIMEOUT_SECONDS": "1",
+        "CNNSERVE_SHUTDOWN_DELAY_SECONDS": "0",
+        "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    with running_server(repository, env=env) as server:  # ready: version 1, after 1 s
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            assert server.process.wait(timeout=60) == 0
+        finally:
+            with contextlib.suppress(OSError):  # let a hung reader go in any case
+                fd = os.open(hung / "assets.extra" / "labels.txt", os.O_WRONLY | os.O_NONBLOCK)
+                os.close(fd)
