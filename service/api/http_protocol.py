@@ -16,7 +16,8 @@ they may take ``max_header_bytes``; beyond that the client gets a 431
 (``headers_too_large``) and the connection is closed. Only data that arrived while the
 same request's headers were open is counted, so a body is never mistaken for headers;
 the bound is on what is held, not an exact header size: a header block that arrives
-complete in one read (at most 256 KiB) passes, and when a read holds the end of one
+complete in one read passes (reads are parsed 32 KiB at a time and the piece in which
+the headers end is not counted: up to 32 KiB over the limit), and when a read holds the end of one
 request and the start of the next, the count may lag by up to that read.
 
 A chunked body may end with trailer fields, which httptools hands over as headers, with

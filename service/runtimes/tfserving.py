@@ -8,7 +8,8 @@ those ``ModelService.GetModelStatus`` reports AVAILABLE, their signatures come f
 this machine sees the repository (else labels are the class indices).
 
 One channel per process, reused by every call; gRPC's own retry policy (the channel's
-service config) retries calls that failed UNAVAILABLE. gRPC errors are translated here,
+service config) retries control calls (status, metadata) that failed UNAVAILABLE; a
+Predict is sent once (RETRY_POLICY). gRPC errors are translated here,
 where they enter: TF Serving down is :class:`~service.errors.BackendUnavailable` (503;
 the address goes to the log, not to clients); nothing restarts when it comes back, the
 channel reconnects by itself. Which versions TF Serving serves is the business of

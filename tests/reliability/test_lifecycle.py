@@ -386,8 +386,8 @@ def test_a_worker_dying_while_models_config_is_broken_does_not_stop_the_server(
 ) -> None:
     """The running workers ignore a broken models.config and keep serving; the worker
     that replaces one that died could not read it at start-up, failed to start, and
-    uvicorn stopped the whole server. Now it starts, serves nothing until models.config
-    reads again (its siblings serve), then serves like them."""
+    uvicorn stopped the whole server. Now it starts but does not listen until
+    models.config reads again (its siblings serve), then serves like them."""
     with two_workers_on_a_broken_config(tmp_path) as (server, fix):
         before = workers_of(server)
         os.kill(min(before), signal.SIGKILL)
