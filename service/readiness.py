@@ -72,7 +72,7 @@ class WorkerReadiness:
         return cls(Path(folder) if folder else None, workers)
 
     def publish(self, ready: bool, serving: Iterable[str] = ()) -> None:
-        """This worker's vote: present while it is ready, naming the models it serves
+        """This worker's vote: present while it is ready, naming the versions it serves
         (what a worker replacing a sibling must serve before it listens)."""
         if self._own is None:
             return
@@ -113,8 +113,8 @@ class WorkerReadiness:
         return self._whole_once
 
     def served_by_others(self) -> set[str]:
-        """The models the other live workers of the run serve, as their votes say (none
-        when no other worker is ready now)."""
+        """The versions (``model/version``) the other live workers of the run serve, as
+        their votes say (none when no other worker is ready now)."""
         if self._directory is None:
             return set()
         served: set[str] = set()

@@ -279,10 +279,12 @@ class Registry:
     def model_names(self) -> list[str]:
         return list(self._table.configs)
 
-    def served_models(self) -> set[str]:
-        """The configured models with a version serving."""
+    def served_versions(self) -> set[str]:
+        """The versions serving of the configured models, as ``model/version``."""
         table = self._table
-        return {name for name in table.configs if table.served.get(name)}
+        return {
+            f"{name}/{version}" for name in table.configs for version in table.served.get(name, ())
+        }
 
     def is_ready(self) -> bool:
         """The first load pass is done, the source could list every model on its last

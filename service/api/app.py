@@ -260,7 +260,7 @@ async def _publish_readiness(
     announced = False
     while True:
         ready = registry.is_ready()
-        readiness.publish(ready, registry.served_models())
+        readiness.publish(ready, registry.served_versions())
         if ready and not announced:
             log.info("%s", ready_line(registry, settings))
             announced = True
@@ -284,15 +284,18 @@ def ready_line(registry: Registry, settings: Settings) -> str:
 
 
 async def _until_it_serves(registry: Registry, readiness: WorkerReadiness, poll: float) -> None:
-    """A replacement worker that loaded fewer models than its siblings serve (the
+    """A replacement worker that loaded fewer versions than its siblings serve (the
     serving version's folder deleted since they loaded it, a broken publish with nothing
     older to fall back to) waits, not listening, until its polls load them or no
     sibling serves them any more: it listened, answered its share of their requests
-    404, and flapped the replica's /readyz. A SIGTERM (the server stops) ends the wait;
-    uvicorn then shuts down as soon as start-up returns."""
+    404, and flapped the replica's /readyz. Versions, not only models: a version a
+    label names, kept in memory after its folder went, answered the label 404 from
+    every new worker after a SIGHUP (the rolling restart went through, since each new
+    worker served the model). A SIGTERM (the server stops) ends the wait; uvicorn then
+    shuts down as soon as start-up returns."""
 
     def missing() -> set[str]:
-        return readiness.served_by_others() - registry.served_models()
+        return readiness.served_by_others() - registry.served_versions()
 
     if poll <= 0 or not missing():
         return
@@ -313,7 +316,7 @@ async def _until_it_serves(registry: Registry, readiness: WorkerReadiness, poll:
     log.warning(
         "this worker cannot serve %s, which its siblings serve (see the load errors "
         "above): not listening until a poll loads it",
-        ", ".join(sorted(missing())),
+        ", ".join(" version ".join(key.rsplit("/", 1)) for key in sorted(missing())),
     )
     try:
         while not stopped.is_set() and missing():

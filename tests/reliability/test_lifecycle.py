@@ -325,6 +325,35 @@ def test_sighup_with_one_worker_is_said_and_ignored(tiny_repo: Path) -> None:
         assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
 
 
+def test_a_worker_respawned_after_a_labelled_versions_folder_went_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """A `specific` policy keeps a labelled version in memory after its folder went; a
+    replacement worker (respawned, or each new worker of a SIGHUP restart) served the
+    model, so it listened, and answered the label 404: after a SIGHUP, every canary
+    request for good. Now it waits, not listening, while its siblings serve the label."""
+    repo = tmp_path / "repo"
+    publish_tiny(repo, "m", seed=1, with_litert=True)
+    publish_tiny(repo, "m", seed=2, with_litert=True)  # version 2
+    write_models_config(
+        repo,
+        simple_config("m", policy="specific { versions: 1 versions: 2 }", labels={"canary": 2}),
+    )
+    env = {"CNNSERVE_WORKERS": "2"}
+    with running_server(repo, env=env, args=("--poll-seconds", "0.2")) as server:
+        shutil.rmtree(repo / "m" / "2")
+        wait_for(lambda: server.log.read_text().count("the folder of version 2 is gone") >= 2)
+        os.kill(min(workers_of(server)), signal.SIGKILL)
+        wait_for(lambda: "this worker cannot serve m version 2" in server.log.read_text())
+        for _ in range(20):  # new connections: only the worker that serves the label
+            answer = httpx.post(
+                f"{server.url}/v1/classify?model=m&label=canary",
+                timeout=30,
+                **RAW,  # type: ignore[arg-type]
+            )
+            assert answer.status_code == 200, answer.text
+
+
 @pytest.mark.parametrize("then", ["a version appears", "SIGTERM"])
 def test_a_worker_respawned_after_the_serving_folder_went_waits_for_a_version(
     tmp_path: Path, then: str
