@@ -20,8 +20,10 @@ from PIL import Image, ImageOps, TiffImagePlugin, UnidentifiedImageError
 
 from service import libtiff
 from service.errors import ImageTooLarge, InvalidImage
+from service.image_walks import check_gif, check_tiff
 from service.jpeg import (
     MAX_LAYOUT_SEGMENTS,
+    MAX_QUANT_TABLES,
     MAX_SCANS,
     SMALL_SEGMENT,
     Layout,
@@ -85,6 +87,7 @@ SUPPORTED_MEDIA_TYPES = frozenset(
 )
 SUPPORTED_HUMAN = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_GIF_SIGNATURES = (b"GIF87a", b"GIF89a")  # what Pillow's GIF plugin takes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pillow reads a PNG's chunks one by one in Python (~2.5 µs each): those before the
@@ -102,6 +105,9 @@ SMALL_PNG_CHUNK = 1024
 # coefficients, and an encoder's ~10 scans cost about one full-resolution decode.
 _TYPICAL_SCANS = 10
 _MOST_REDUCTION = 64  # JPEG's 1/8 scale: the most pixels one decoded pixel stands for
+# An uncompressed TIFF's strip or tile, decoded by Pillow in Python (~2.5 µs), as pixels
+# of a decode (~8 ns each: 150,000 pixels of PNG take ~1.2 ms), rounded up.
+_PIXELS_PER_TILE = 1024
 
 UInt8Image = npt.NDArray[np.uint8]
 # What :func:`open_image` returns: a header read, pixels not yet decoded.
@@ -161,6 +167,10 @@ def open_image(data: bytes, *, max_pixels: int, target: tuple[int, int] | None =
         plain = open_plain(data, target, _jpeg_layout(data))
     elif data.startswith(PNG_SIGNATURE):
         _check_png_chunks(data)
+    elif data[:4] in _TIFF_MAGIC:
+        check_tiff(data)
+    elif data.startswith(_GIF_SIGNATURES):
+        check_gif(data)
     if plain is not None and plain.full_size[0] * plain.full_size[1] <= max_pixels:
         return plain
     return _open_with_pillow(data, max_pixels=max_pixels, target=target)
@@ -179,6 +189,11 @@ def _jpeg_layout(data: bytes) -> Layout:
             f"the JPEG has more than {MAX_LAYOUT_SEGMENTS} marker segments of under "
             f"{SMALL_SEGMENT} bytes (an encoder writes under 50); re-save it with an "
             "ordinary encoder"
+        )
+    if layout.tables > MAX_QUANT_TABLES:
+        raise InvalidImage(
+            f"the JPEG defines more than {MAX_QUANT_TABLES} quantization tables before its "
+            "image data (an encoder writes 1 to 4); re-save it with an ordinary encoder"
         )
     return layout
 
@@ -226,7 +241,7 @@ def decode_cost(opened: Opened) -> int:
         # Pillow's draft hides the full size and the scans were not kept: the most they
         # can be (a 1/8 scale, MAX_SCANS), i.e. decoded on the threads unless tiny.
         return width * height * _MOST_REDUCTION * MAX_SCANS // _TYPICAL_SCANS
-    return max(width * height, _tiled_pixels(opened))
+    return max(width * height, _tiled_pixels(opened), _strips_cost(opened))
 
 
 def request_cost(data: bytes, opened: Opened) -> int:
@@ -312,6 +327,16 @@ def _scale_grey_key(img: Image.Image) -> None:
     scale = _LOW_BIT_GREY_SCALE.get(str(tiles[0].args))  # the samples' raw mode
     if scale is not None:
         img.info["transparency"] = key * scale
+
+
+def _strips_cost(img: Image.Image) -> int:
+    """What decoding an uncompressed TIFF's strips or tiles costs beyond its pixels: Pillow
+    decodes each in Python (2.3-2.7 µs: a 33 KB file of 8,192 one-row strips, 8,192
+    pixels, took 22 ms to decode after its 8 ms open), counted as _PIXELS_PER_TILE each,
+    so that a file of more than ~150 is decoded on the decode threads. A compressed TIFF
+    is one tile, given to libtiff whole."""
+    tiles = getattr(img, "tile", None) or ()  # an ImageFile's, before it is decoded
+    return len(tiles) * _PIXELS_PER_TILE if img.format == "TIFF" else 0
 
 
 def _tiled_pixels(img: Image.Image) -> int:

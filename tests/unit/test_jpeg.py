@@ -14,6 +14,7 @@ from PIL import Image
 from service.errors import ImageTooLarge, InvalidImage
 from service.jpeg import (
     MAX_LAYOUT_SEGMENTS,
+    MAX_QUANT_TABLES,
     MAX_SCANS,
     SMALL_SEGMENT,
     PlainJpeg,
@@ -260,3 +261,43 @@ def test_a_scan_bomb_is_refused_before_decoding() -> None:
     assert time.monotonic() - started < 0.1  # refused from the markers, not decoded
     opened = open_image(scan_bomb(MAX_SCANS - 10), max_pixels=BIG, target=SPEC.size)
     assert isinstance(opened, PlainJpeg) and opened.layout.scans <= MAX_SCANS
+
+
+def dqt(tables: int, precision: int = 0) -> bytes:
+    """One DQT segment of ``tables`` tables (8- or 16-bit values), ids 0-3 in turn."""
+    size = 64 * (precision + 1)
+    body = b"".join(bytes([precision << 4 | k % 4]) + bytes([1] * size) for k in range(tables))
+    return b"\xff\xdb" + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def test_thousands_of_quantization_tables_are_refused_before_pillow_reads_them() -> None:
+    """The audit's file: an Exif segment (so Pillow opens it) and 160 DQT segments of
+    1,008 tables (10 MB), which Pillow parses one by one: 0.5-0.7 s of the event loop."""
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    data = jpeg(photo(64, 64), exif=exif)
+    bomb = data[:2] + dqt(1008) * 160 + data[2:]
+    started = time.monotonic()
+    with pytest.raises(InvalidImage, match=f"more than {MAX_QUANT_TABLES} quantization tables"):
+        open_image(bomb, max_pixels=BIG, target=SPEC.size)
+    assert time.monotonic() - started < 0.05
+    # Small DQT segments, each under the small-segment limit, count too.
+    many = data[:2] + dqt(15) * (MAX_QUANT_TABLES // 15 + 1) + data[2:]
+    with pytest.raises(InvalidImage, match=r"quantization tables.*re-save it"):
+        open_image(many, max_pixels=BIG, target=SPEC.size)
+
+
+@pytest.mark.parametrize("precision", [0, 1], ids=["8-bit", "16-bit"])
+def test_an_encoders_quantization_tables_are_not_refused(precision: int) -> None:
+    # Four tables, each in its own segment and defined twice over (the file's own still
+    # follow, and are the ones used): the layout counts them all, far under the limit.
+    data = jpeg(photo(64, 64))
+    redefined = data[:2] + b"".join(dqt(1, precision) for _ in range(8)) + data[2:]
+    assert read_layout(redefined).tables == 10
+    np.testing.assert_array_equal(
+        preprocess_bytes(redefined, SPEC, max_pixels=BIG),
+        preprocess_bytes(data, SPEC, max_pixels=BIG),
+    )
+    sixteen_bit = jpeg(photo(64, 64), qtables=[[300] * 64, [400] * 64])
+    assert read_layout(sixteen_bit).tables == 2
+    assert preprocess_bytes(sixteen_bit, SPEC, max_pixels=BIG).shape == (224, 224, 3)
