@@ -134,6 +134,15 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
                 f"the multipart body's charset cannot decode its fields ({exc}); send "
                 "charset=utf-8, or none"
             ) from None
+        if extra := sorted(set(form.keys()) - {"image"}):
+            # -F model=other was answered by the default model, ignored in silence, where
+            # the same word in the JSON body or as an unknown query parameter is a 400
+            await form.close()
+            raise InvalidRequest(
+                f"unknown field {extra[0]!r} in the multipart body, which takes 'image' "
+                "(repeated for several); give model, version, label and top_k as query "
+                "parameters"
+            )
         files = form.getlist("image")
         if not files:
             raise InvalidRequest(

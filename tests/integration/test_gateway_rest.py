@@ -358,6 +358,15 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         ("seconds as a number",),
     ),
     (
+        "multipart-unknown-field",  # -F model=x was answered by the default model
+        "POST",
+        "/v1/classify",
+        {"files": [("image", ("a.png", PNG, "image/png"))], "data": {"model": "x"}},
+        400,
+        "bad_request",
+        ("unknown field 'model' in the multipart body", "query parameters"),
+    ),
+    (
         "json-classify-both-image-fields",
         "POST",
         "/v1/classify",
