@@ -8,6 +8,7 @@ wrong raises; the registry records the failure and keeps serving what it served.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ import numpy.typing as npt
 
 from service.errors import ModelLoadError
 from service.preprocessing import PreprocessSpec
-from service.repository import load_card, read_labels, read_warmup
+from service.repository import ASSETS_EXTRA, LABELS_FILE, load_card, read_labels, read_warmup
 from service.runtimes.base import ModelInfo, Runtime
 from service.warmup import WarmupFormatError
+
+log = logging.getLogger(__name__)
 
 
 class RuntimeFactory(Protocol):
@@ -79,6 +82,7 @@ def prepare_runtime(
     try:
         labels = read_labels(path, info.num_classes)
         card = runtime.card
+        _say_if_unlabelled(path)
         spec = preprocess_spec(card, info, path)
         loaded = time.perf_counter()
         warm_up(runtime, info, path)
@@ -96,6 +100,20 @@ def prepare_runtime(
         load_seconds=loaded - started,
         warmup_seconds=time.perf_counter() - loaded,
     )
+
+
+def _say_if_unlabelled(path: Path) -> None:
+    """A WARNING for a version served without class names, where its folder is seen: a
+    version copied in file by file was loaded once its variables were in, before its
+    assets.extra, and served indices ("label": "9") for good with no word of it."""
+    if path.is_dir() and not (path / ASSETS_EXTRA / LABELS_FILE).is_file():
+        log.warning(
+            "%s has no %s/%s: its answers name classes by index (0, 1, ...); publish "
+            "the file with the version (copy it under a temporary name, then rename it)",
+            path,
+            ASSETS_EXTRA,
+            LABELS_FILE,
+        )
 
 
 def preprocess_spec(card: Mapping[str, Any], info: ModelInfo, path: Path) -> PreprocessSpec:

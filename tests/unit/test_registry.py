@@ -173,6 +173,26 @@ def test_labels_file_or_class_indices(template: Path, tmp_path: Path) -> None:
     assert read_labels(bare, 3) == ["cat", "dog", "bird"]
 
 
+def test_a_version_served_without_labels_says_so(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Copied in file by file, a version loaded before its assets.extra arrived served
+    class indices for good, and nothing in the log said so."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template, labels=False)
+    write_models_config(repo, simple_config("m"))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        with caplog.at_level(logging.WARNING, logger="service.loading"):
+            await registry.start()
+        assert registry.resolve("m").labels == ["0", "1", "2"]
+
+    run_with(registry, scenario)
+    said = [r.getMessage() for r in caplog.records if r.name == "service.loading"]
+    assert len(said) == 1 and "has no assets.extra/labels.txt" in said[0], said
+
+
 def test_a_present_card_must_be_readable(
     template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
