@@ -49,11 +49,11 @@ UNMATCHED_ROUTE: Final = "unmatched"
 # Why a request was refused at admission (503 overloaded): the item cap of the batch
 # queue; the seconds of inference queued ahead over the queue-wait budget, or over what
 # is left of the request's deadline; the seconds of decoding queued ahead over the
-# budget; too many requests in one worker; too many open HTTP connections to it; a TF
-# Serving backend that refused it.
+# budget; too many requests in one worker; too many open HTTP connections to it; too
+# many request body bytes held by it; a TF Serving backend that refused it.
 SHED_REASONS: Final = (
     "queue_full", "queue_budget", "deadline", "decode_queue", "concurrency",
-    "connections", "backend",
+    "connections", "bodies", "backend",
 )  # fmt: skip
 # Those a batcher reports (service.batching.BatchObserver.on_rejected): its admission's,
 # and a backend's shed of a batch it sent.

@@ -27,6 +27,7 @@ from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.header_room import HeaderRoomCheck
 from service.api.http import Admission, EarlyRefusal, RequestGuard, install_error_handlers
 from service.api.http_protocol import (
+    BODY_BUDGET_STATE,
     BODY_TIMEOUT_STATE,
     DIRECT_CLASSIFY_STATE,
     EARLY_REFUSAL_STATE,
@@ -170,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 BODY_TIMEOUT_STATE: settings.body_read_timeout_seconds,
                 SEND_TIMEOUT_STATE: settings.send_timeout_seconds,
                 HEADER_LIMIT_STATE: settings.max_header_bytes,
+                BODY_BUDGET_STATE: settings.max_buffered_body_bytes,
                 EARLY_REFUSAL_STATE: EarlyRefusal(
                     admission,
                     quiet_paths,

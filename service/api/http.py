@@ -458,18 +458,23 @@ class EarlyRefusal:
         headers: Sequence[tuple[bytes, bytes]],
         retrying: bool,
         connections: tuple[int, int] | None = None,
+        bodies: tuple[int, int, int] | None = None,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
         (service.concurrency.ConnectionRefusals); only then is a 503 paced.
         ``connections``: the worker's open HTTP connections and their limit, when they
-        are over it."""
+        are over it. ``bodies``: the body bytes the worker holds, this request's, and
+        their budget, when taking it would go over."""
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
         error: CnnserveError | None
         if connections is not None:
             error = too_many_connections(*connections)
+            record = self._record(method, path, headers)
+        elif bodies is not None:
+            error = too_many_body_bytes(*bodies)
             record = self._record(method, path, headers)
         elif not concurrency.admits():
             error = concurrency.refusal()
@@ -527,6 +532,19 @@ def too_many_connections(open_now: int, limit: int) -> Overloaded:
         f"the Retry-After delay ({Overloaded.retry_after} s), or send to another replica",
         reason="connections",
         move=True,  # closed after the answer: the connection is what is over the limit
+    )
+
+
+def too_many_body_bytes(held: int, length: int, budget: int) -> Overloaded:
+    """The answer to a request whose body would put the worker's buffered bodies over
+    their budget: refused at its headers, its body read and dropped, never held."""
+    metrics.observe_shed("", "bodies")
+    return Overloaded(
+        f"this worker holds {held >> 20} MiB of request bodies not yet answered; this "
+        f"request's {length >> 10} KiB would pass its budget of {budget >> 20} MiB "
+        f"(CNNSERVE_MAX_BUFFERED_BODY_BYTES): retry after the Retry-After delay "
+        f"({Overloaded.retry_after} s), or send to another replica",
+        reason="bodies",
     )
 
 

@@ -17,8 +17,10 @@ from pathlib import Path
 
 import grpc
 import httpx
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from service.bench.grpc_load import GrpcClient, run_load
 from service.bench.overload import Sample, running
@@ -847,3 +849,33 @@ def test_connections_over_the_limit_get_a_json_503_and_probes_still_answer(
         shed = server.metric("cnnserve_overload_rejections_total", model="", reason="connections")
         assert shed == 1
     assert "Exceeded concurrency limit" not in server.log.read_text()
+
+
+def test_bodies_past_the_workers_budget_are_refused_at_their_headers(tiny_repo: Path) -> None:
+    """Uploads that wait for a place were all held whole: ~900 concurrent 1.4 MB photos
+    took a worker from 110 MB to 1.2 GB. Past CNNSERVE_MAX_BUFFERED_BODY_BYTES a request
+    is refused at its headers (503, reason bodies), its body never held; a small one
+    still fits, and the budget comes back once the held body is answered."""
+    noise = np.random.default_rng(0).integers(0, 256, (420, 420, 3), dtype=np.uint8)
+    big = encode(Image.fromarray(noise), "PNG")  # ~530 KB: two pass 1 MiB
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_MAX_BUFFERED_BODY_BYTES": str(1 << 20)}
+    with running_server(tiny_repo, env=env) as server, server.client() as client:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as held:
+            head = post("/v1/classify", big, "image/png")[: -len(big)]
+            held.sendall(head + big[:-1000])  # held by the worker, not answered
+
+            def refused() -> bool:
+                answer = client.post("/v1/classify", content=big, headers=PNG_TYPE)
+                return answer.status_code == 503
+
+            eventually(refused)  # once the worker holds the first body
+            answer = client.post("/v1/classify", content=big, headers=PNG_TYPE)
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+            error = answer.json()["error"]
+            assert error["code"] == "overloaded", error
+            assert "CNNSERVE_MAX_BUFFERED_BODY_BYTES" in error["message"], error
+            assert client.post("/v1/classify", content=PNG, headers=PNG_TYPE).status_code == 200
+            held.sendall(big[-1000:])
+            assert read_response(held)[0].startswith(b"HTTP/1.1 200 ")
+        assert client.post("/v1/classify", content=big, headers=PNG_TYPE).status_code == 200
+        assert shed_counts(server).get("bodies", 0) >= 2
