@@ -18,7 +18,7 @@ from service.contract import SERVING_SIGNATURE
 from service.errors import ModelLoadError
 from service.runtimes.base import Batch, ModelInfo, Probabilities, Runtime
 from service.runtimes.card import TensorDesc, describe, to_model_input
-from service.signatures import read_signatures
+from service.signatures import GraphTensor, read_signatures, signature_mismatch
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,41 @@ log = logging.getLogger(__name__)
 def _desc(spec: Any) -> TensorDesc:
     """TensorDesc of a tf.TensorSpec (typed Any: TensorFlow ships no type stubs)."""
     return TensorDesc(dtype=str(spec.dtype.name), shape=tuple(spec.shape.as_list()))
+
+
+def _graph_tensor(spec: Any) -> GraphTensor:
+    """GraphTensor of a tf.TensorSpec (None for an unknown rank)."""
+    dims = spec.shape.as_list() if spec.shape.rank is not None else None
+    return GraphTensor(int(spec.dtype.as_datatype_enum), None if dims is None else tuple(dims))
+
+
+def _function_mismatch(public: Any, signatures: Mapping[str, Any]) -> str | None:
+    """How a SignatureDef of ``saved_model.pb`` (what metadata advertises, what TF
+    Serving feeds) differs from the loaded function that serves it, or None.
+
+    ``tf.saved_model.load`` builds each signature's function from the object graph, never
+    from the SignatureDef, so a SignatureDef edited or written apart from its graph loaded
+    and advertised an input ("DT_FLOAT", "[-1,10]") that every request following it was
+    refused for, while the graph's went on serving /v1/classify. TF Serving, which feeds
+    the SignatureDef, would load it too and fail those requests at run time: refusing
+    the version is what keeps the metadata true."""
+    for name in sorted(public.signature_def):
+        fn = signatures.get(name)
+        if fn is None:  # e.g. __saved_model_init_op: no function to compare
+            continue
+        args, kwargs = fn.structured_input_signature
+        outputs = fn.structured_outputs
+        if args or not isinstance(outputs, Mapping):
+            continue  # unnamed: refused below for serving_default, unused otherwise
+        mismatch = signature_mismatch(
+            name,
+            public.signature_def[name],
+            {key: _graph_tensor(spec) for key, spec in kwargs.items()},
+            {key: _graph_tensor(spec) for key, spec in outputs.items()},
+        )
+        if mismatch is not None:
+            return mismatch
+    return None
 
 
 def _set_intra_op_threads(threads: int) -> None:
@@ -73,6 +108,9 @@ class TensorFlowRuntime(Runtime):
             )
         fn = signatures[SERVING_SIGNATURE]
         try:
+            mismatch = _function_mismatch(public, signatures)
+            if mismatch is not None:
+                raise ModelLoadError(f"{self.version_dir}: {mismatch}")
             args, kwargs = fn.structured_input_signature
             outputs = fn.structured_outputs
             if args or not isinstance(outputs, dict):
