@@ -50,10 +50,11 @@ UNMATCHED_ROUTE: Final = "unmatched"
 # queue; the seconds of inference queued ahead over the queue-wait budget, or over what
 # is left of the request's deadline; the seconds of decoding queued ahead over the
 # budget; too many requests in one worker; too many open HTTP connections to it; too
-# many request body bytes held by it; a TF Serving backend that refused it.
+# many request body bytes held by it; a new connection that waited too long to be
+# accepted; a TF Serving backend that refused it.
 SHED_REASONS: Final = (
     "queue_full", "queue_budget", "deadline", "decode_queue", "concurrency",
-    "connections", "bodies", "backend",
+    "connections", "bodies", "backlog", "backend",
 )  # fmt: skip
 # Those a batcher reports (service.batching.BatchObserver.on_rejected): its admission's,
 # and a backend's shed of a batch it sent.

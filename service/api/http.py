@@ -459,13 +459,15 @@ class EarlyRefusal:
         retrying: bool,
         connections: tuple[int, int] | None = None,
         bodies: tuple[int, int, int] | None = None,
+        waited: tuple[float, float] | None = None,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
         (service.concurrency.ConnectionRefusals); only then is a 503 paced.
         ``connections``: the worker's open HTTP connections and their limit, when they
         are over it. ``bodies``: the body bytes the worker holds, this request's, and
-        their budget, when taking it would go over."""
+        their budget, when taking it would go over. ``waited``: how long a new
+        connection waited for the worker to accept it, and the limit, when over it."""
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
@@ -475,6 +477,9 @@ class EarlyRefusal:
             record = self._record(method, path, headers)
         elif bodies is not None:
             error = too_many_body_bytes(*bodies)
+            record = self._record(method, path, headers)
+        elif waited is not None:
+            error = backlog_refusal(*waited)
             record = self._record(method, path, headers)
         elif not concurrency.admits():
             error = concurrency.refusal()
@@ -545,6 +550,24 @@ def too_many_body_bytes(held: int, length: int, budget: int) -> Overloaded:
         f"(CNNSERVE_MAX_BUFFERED_BODY_BYTES): retry after the Retry-After delay "
         f"({Overloaded.retry_after} s), or send to another replica",
         reason="bodies",
+    )
+
+
+def backlog_refusal(waited: float, limit: float) -> Overloaded:
+    """The answer to a new connection's first request that waited longer than ``limit``
+    for the worker to accept the connection: the worker is behind on its connections
+    (clients that open one per request, faster than it takes them), where admission's
+    own queues are short. Refused at once, this costs a fraction of an answer, so the
+    queue drains; taken, it waited seconds (a new connection per request at 2x capacity:
+    every request 200 after 1.6-4.2 s, readiness probes timing out)."""
+    metrics.observe_shed("", "backlog")
+    return Overloaded(
+        f"this connection waited {waited * 1e3:.0f} ms for the server to accept it, more "
+        f"than {limit * 1e3:.0f} ms (twice CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS): the "
+        f"server is at capacity; retry after the Retry-After delay "
+        f"({Overloaded.retry_after} s), on a kept-alive connection, or send to another "
+        "replica",
+        reason="backlog",
     )
 
 

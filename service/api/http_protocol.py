@@ -60,6 +60,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -100,6 +102,14 @@ SEND_TIMEOUT_STATE = "cnnserve.send_timeout_seconds"
 DEFAULT_SEND_SECONDS: float = Settings.model_fields["send_timeout_seconds"].default
 HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
 BODY_BUDGET_STATE = "cnnserve.max_buffered_body_bytes"
+# How long a new connection's first request may have waited for the worker to accept it
+# (the kernel's accept queue) and still be taken (service.api.http.backlog_refusal).
+ACCEPT_WAIT_STATE = "cnnserve.accept_wait_limit"
+# That limit in queue-wait budgets: what an admitted request may wait inside is the
+# budget; as long again outside, in the kernel, and its answer is late all the same.
+ACCEPT_WAIT_BUDGETS = 1
+_TCP_INFO_BYTES = 104  # struct tcp_info up to tcpi_rcv_space, Linux 2.6 on
+_LAST_DATA_RECV = 52  # its tcpi_last_data_recv: ms since the kernel last got data
 
 
 class BufferedBodies:
@@ -349,9 +359,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _lost = False  # connection_lost was called
     _body_bytes = 0  # of the current request's body, parsed so far
     _buffered = 0  # body bytes this connection holds in BUFFERED, until they are answered
+    _waited = 0.0  # seconds its first request had waited in the kernel when it was accepted
     _charging = False  # the current request was refused: its body's bytes cost the pace
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._accept_wait_limit: float | None = self.app_state.get(ACCEPT_WAIT_STATE)
+        if self._accept_wait_limit:
+            self._waited = kernel_wait(transport)
         self._writes = JoinedWrites(transport, self.loop, self._linger, self._closing_unsent)
         self._tls = transport.get_extra_info("sslcontext") is not None
         super().connection_made(cast(asyncio.Transport, self._writes))
@@ -539,6 +553,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     retrying,
                     connections=over,
                     bodies=self._bodies_over(),
+                    waited=self._accept_waited(),
                 )
                 if refused is not None:
                     self._refuse(refused)
@@ -554,6 +569,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         if self.expect_100_continue:
             self.cycle.send = _closing_unless_continued(self.cycle)  # type: ignore[method-assign,assignment]
+
+    def _accept_waited(self) -> tuple[float, float] | None:
+        """(seconds waited, limit) when this, a new connection's first request, waited
+        longer than the limit for the worker to accept the connection; else None."""
+        limit = self._accept_wait_limit
+        if self._requests != 1 or not limit or self._waited <= limit:
+            return None
+        return self._waited, limit
 
     def _bodies_over(self) -> tuple[int, int, int] | None:
         """(held, this request's declared length, budget) when taking this request's
@@ -713,6 +736,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
         if request is None:
             return False
+        if self._requests == 1:  # its deadline counts from when the kernel had it
+            request.arrived -= self._waited
         # In the cycle's slot: pipelining behind it, a shutdown or a disconnect read and
         # set the same fields as on uvicorn's request cycle.
         self.cycle = request  # type: ignore[assignment]
@@ -1079,3 +1104,20 @@ def _closes(headers: list[tuple[bytes, bytes]]) -> bool:
     """Whether an answer's headers say the connection closes after it (a refusal that
     moves its client to another worker: service.concurrency)."""
     return any(name.lower() == b"connection" and v.lower() == b"close" for name, v in headers)
+
+
+def kernel_wait(transport: asyncio.BaseTransport) -> float:
+    """Seconds since the kernel last received data on a just-accepted connection (its
+    request, or the handshake when none came yet), i.e. how long it waited in the
+    listening socket's queue for the worker to accept it: admission never saw that
+    queue, and a new connection per request at 2x capacity waited seconds there, all
+    answered 200, none refused, probes timing out (TCP_INFO's tcpi_last_data_recv,
+    ms; 0 where there is none)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
+    except (AttributeError, OSError):  # not TCP (a Unix socket), or no such option
+        return 0.0
+    if len(info) < _LAST_DATA_RECV + 4:
+        return 0.0
+    return int.from_bytes(info[_LAST_DATA_RECV : _LAST_DATA_RECV + 4], sys.byteorder) / 1e3

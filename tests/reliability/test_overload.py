@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -879,3 +880,38 @@ def test_bodies_past_the_workers_budget_are_refused_at_their_headers(tiny_repo: 
             assert read_response(held)[0].startswith(b"HTTP/1.1 200 ")
         assert client.post("/v1/classify", content=big, headers=PNG_TYPE).status_code == 200
         assert shed_counts(server).get("bodies", 0) >= 2
+
+
+def test_a_connection_the_worker_accepted_late_is_refused_at_once(tiny_repo: Path) -> None:
+    """A new connection per request, faster than a worker takes them: they waited in the
+    kernel's accept queue, where admission never looked, and were all answered 200
+    seconds later (none refused, probes timing out, deadlines ignored). A first request
+    that waited over the queue-wait budget to be accepted is refused at once (503,
+    reason backlog); probes are answered; a kept-alive connection is not refused for
+    it. The worker is stopped (SIGSTOP) while the requests arrive: their wait is
+    real, in the kernel, as under that load."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS": "0.05"}
+    with running_server(tiny_repo, env=env) as server:
+        kept = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        kept.sendall(REQUEST)
+        assert read_response(kept)[0].startswith(b"HTTP/1.1 200 ")
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            late = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            probe = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+            late.sendall(REQUEST)
+            probe.sendall(PROBE)
+            time.sleep(0.3)  # the stimulus, not a synchronization: time in the queue
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        head, body, _ = read_response(late)
+        assert head.startswith(b"HTTP/1.1 503 "), head
+        assert b"retry-after: 1" in head.lower()
+        error = json.loads(body)["error"]
+        assert error["code"] == "overloaded" and "waited" in error["message"], error
+        assert read_response(probe)[0].startswith(b"HTTP/1.1 200 ")
+        kept.sendall(REQUEST)  # not a new connection: its wait was its own
+        assert read_response(kept)[0].startswith(b"HTTP/1.1 200 ")
+        for sock in (late, probe, kept):
+            sock.close()
+        assert shed_counts(server).get("backlog") == 1
