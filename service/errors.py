@@ -329,6 +329,11 @@ class ModelLoadError(InternalError):
     code = "model_load_failed"
 
 
+class LoadTimedOut(ModelLoadError):
+    """A version's load outlasted CNNSERVE_LOAD_TIMEOUT_SECONDS: a read that hangs, which
+    may mend by itself (a network file system back), so it is tried again later."""
+
+
 class ExportError(InternalError):
     code = "export_failed"
 

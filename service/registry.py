@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import errno
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ from service.errors import (
     ConfigError,
     InvalidRequest,
     LabelOnUnavailableVersion,
-    ModelLoadError,
+    LoadTimedOut,
     ModelNotReady,
     VersionNotFound,
 )
@@ -114,6 +116,11 @@ class Registry:
         # Versions whose load failed, with the folder's fingerprint then: retried only
         # once the folder changes, not on every poll.
         self._failed: dict[VersionKey, Fingerprint] = {}
+        # Versions whose load failed for a cause that may pass by itself (a read that
+        # hung or failed with EIO, ESTALE...): when to try again, and the tries so far.
+        # Retried only when their folder changed, one stayed END for good after its
+        # network file system came back (TF Serving retries loads too).
+        self._retry_at: dict[VersionKey, tuple[float, int]] = {}
         # The failure last logged per version: a TF Serving version is retried every poll
         # (no folder to watch), and the same failure was an error line every poll.
         self._failure_logged: dict[VersionKey, str] = {}
@@ -362,6 +369,12 @@ class Registry:
         self._install(scan)
         self._unreachable, self._unreachable_because = scan.unknown, scan.problem
         self._failed = {k: f for k, f in self._failed.items() if k[0] in configured}
+        now = time.monotonic()
+        for key, (at, _tries) in list(self._retry_at.items()):
+            if key[0] not in configured:
+                del self._retry_at[key]
+            elif at <= now:  # as if its folder had changed: loaded again below
+                self._failed.pop(key, None)
         self._failure_logged = {k: m for k, m in self._failure_logged.items() if k[0] in configured}
         self._say_which_have_nothing_to_serve(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
@@ -615,6 +628,13 @@ class Registry:
         except Exception as exc:
             self._failed[key] = scan.fingerprints[key]
             code, message = _describe_failure(exc)
+            if _transient(exc):
+                tries = self._retry_at.get(key, (0.0, 0))[1] + 1
+                delay = min(RETRY_LOAD_MAX_SECONDS, RETRY_LOAD_SECONDS * 2 ** (tries - 1))
+                self._retry_at[key] = (time.monotonic() + delay, tries)
+                message += f" (tried again in {delay:g} s, or once its folder changes)"
+            else:
+                self._retry_at.pop(key, None)
             if retried and self._failure_logged.get(key) == message:
                 log.debug("%s version %d still fails to load: %s", model, version, message)
             else:
@@ -637,6 +657,7 @@ class Registry:
         precision = _precision(loaded.runtime)
         metrics.observe_runtime(model, version, loaded.runtime.name, precision, loaded=True)
         self._failed.pop(key, None)
+        self._retry_at.pop(key, None)
         self._failure_logged.pop(key, None)
         self._table = self._table.with_served(loaded)  # from here on it takes requests
         self._set_state(key, VersionState.AVAILABLE)
@@ -659,10 +680,10 @@ class Registry:
             return await asyncio.wait_for(asyncio.shield(work), timeout or None)
         except TimeoutError:
             work.add_done_callback(_unload_late)
-            raise ModelLoadError(
+            raise LoadTimedOut(
                 f"{key[0]} version {key[1]} did not load within {timeout:g} s "
                 f"(CNNSERVE_LOAD_TIMEOUT_SECONDS), reading {path}: a file read that hangs "
-                "(a stuck network file system?); it is tried again once its folder changes"
+                "(a stuck network file system?)"
             ) from None
 
     async def _serve(self, key: VersionKey, path: Path, prepared: PreparedVersion) -> LoadedVersion:
@@ -799,6 +820,26 @@ def _unload_late(work: asyncio.Future[PreparedVersion]) -> None:
     """A load that finished after its timeout: nothing serves it, so its memory goes."""
     if not work.cancelled() and work.exception() is None:
         threading.Thread(target=work.result().runtime.unload, daemon=True).start()
+
+
+# A load that failed for a cause that may pass (service.registry._transient) is tried
+# again after this long, doubled each time, up to the most.
+RETRY_LOAD_SECONDS = 30.0
+RETRY_LOAD_MAX_SECONDS = 600.0
+# OSErrors of a file system that may come back by itself, not of a file to mend.
+_TRANSIENT_ERRNOS = frozenset(
+    {errno.EIO, errno.ETIMEDOUT, errno.ESTALE, errno.EAGAIN, errno.EBUSY, errno.ENOLCK,
+     errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNRESET,
+     errno.ECONNREFUSED, errno.ENOMEM}
+)  # fmt: skip
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether a load failure may pass by itself (retried later, not only once the
+    folder changes)."""
+    if isinstance(exc, LoadTimedOut):
+        return True
+    return isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS
 
 
 def _describe_failure(exc: BaseException) -> tuple[int, str]:

@@ -8,6 +8,7 @@ scenarios are coroutines run with asyncio.run; concurrency is coordinated with e
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 from service import metrics
+from service import registry as registry_module
 from service.errors import (
     ConfigError,
     InvalidRequest,
@@ -883,3 +885,51 @@ def grpc_code(name: str) -> int:
     import grpc
 
     return int(getattr(grpc.StatusCode, name).value[0])
+
+
+class FlakyFactory:
+    """create_runtime for version 2, which fails with ``error`` the first time."""
+
+    def __init__(self, error: OSError) -> None:
+        self.error = error
+        self.calls = 0
+
+    def __call__(self, name: str, version_dir: Path, **kwargs: Any) -> Runtime:
+        if version_dir.name == "2":
+            self.calls += 1
+            if self.calls == 1:
+                raise self.error
+        return create_runtime(name, version_dir, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (OSError(errno.EIO, "Input/output error", "shard"), True),
+        (PermissionError(errno.EACCES, "Permission denied", "shard"), False),
+    ],
+    ids=["transient", "a-file-to-mend"],
+)
+def test_a_load_that_failed_for_a_passing_cause_is_tried_again_later(
+    template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError, retried: bool
+) -> None:
+    """Retried only once its folder changed, a version whose network file system came
+    back (EIO, a read that hung) stayed END for good while an older one served; TF
+    Serving retries loads. A failure a person must mend (permissions) waits for them."""
+    monkeypatch.setattr(registry_module, "RETRY_LOAD_SECONDS", 0.0)
+    repo = serving_one_version(template, tmp_path)
+    factory = FlakyFactory(error)
+    registry = Registry(settings(repo, tmp_path), runtime_factory=factory)
+
+    async def scenario() -> None:
+        await registry.start()
+        add_version(repo, "m", 2, template)
+        await registry.poll_once()
+        status = registry.statuses("m", version=2)[0]
+        assert status.state == VersionState.END
+        assert ("tried again in 0 s" in status.error_message) is retried
+        await registry.poll_once()  # the folder is as it was
+        assert registry.resolve("m").version == (2 if retried else 1)
+
+    run_with(registry, scenario)
+    assert factory.calls == (2 if retried else 1)
