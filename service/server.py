@@ -195,6 +195,7 @@ def die_with_supervisor() -> None:
     supervisor = os.environ.get(SUPERVISOR_ENV)
     if supervisor is None or int(supervisor) == os.getpid():
         return
+    signal.signal(signal.SIGHUP, _worker_hangup)
     name = ctypes.util.find_library("c")
     prctl = getattr(ctypes.CDLL(name), "prctl", None) if name is not None else None
     if prctl is None:
@@ -202,6 +203,18 @@ def die_with_supervisor() -> None:
     prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != int(supervisor):  # gone before the signal was asked for
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_hangup(signum: int, frame: object) -> None:
+    """SIGHUP sent to a worker rather than to the server: said and ignored. Its default
+    action ended the worker at once, in-flight requests lost, with no word from it (the
+    supervisor then logged only that a child died, and respawned it)."""
+    log.warning(
+        "SIGHUP to a worker (pid %d): ignored; send it to the server's own process (pid "
+        "%s) to restart the workers one at a time",
+        os.getpid(),
+        os.environ.get(SUPERVISOR_ENV, "?"),
+    )
 
 
 def bound_handshakes(loop: Any, seconds: float) -> Any:

@@ -325,6 +325,18 @@ def test_sighup_with_one_worker_is_said_and_ignored(tiny_repo: Path) -> None:
         assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
 
 
+def test_sighup_to_a_worker_is_said_and_ignored(tiny_repo: Path) -> None:
+    """With several workers, SIGHUP sent to a worker (not the server) ended it at once,
+    its requests lost, with no word from it."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_WORKERS": "2"}
+    with running_server(tiny_repo, env=env) as server:
+        before = workers_of(server)
+        os.kill(min(before), signal.SIGHUP)
+        wait_for(lambda: "SIGHUP to a worker" in server.log.read_text())
+        assert workers_of(server) == before
+        assert httpx.post(f"{server.url}/v1/classify", timeout=30, **RAW).status_code == 200  # type: ignore[arg-type]
+
+
 def test_a_worker_respawned_after_a_labelled_versions_folder_went_waits_for_it(
     tmp_path: Path,
 ) -> None:
