@@ -100,6 +100,9 @@ class Runtime(abc.ABC):
         self._signatures: Any = None
         # The loader passes the card it read (once per load, not once per reader).
         self._card = card
+        # Why this runtime serves in place of the one asked for (``auto`` without a
+        # verified LiteRT artifact), said once it has loaded (service.loading).
+        self.fallback_reason: str | None = None
 
     @property
     def card(self) -> Mapping[str, Any]:

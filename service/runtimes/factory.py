@@ -7,7 +7,6 @@ with TensorFlow and logs why, so a model is never unservable just for lack of a 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,6 @@ from service.errors import ModelLoadError
 from service.repository import load_card
 from service.runtimes.base import Runtime
 from service.runtimes.card import FLOAT_PRECISION, artifact_precision
-
-log = logging.getLogger(__name__)
 
 RUNTIME_NAMES = ("auto", "tensorflow", "litert")
 
@@ -56,11 +53,11 @@ def create_runtime(
             # The version *is* its quantized artifact: serving the float SavedModel in its
             # place would pose as it, so the refusal stands.
             raise
-        log.warning(
-            "%s: no verified LiteRT artifact, loading it with TensorFlow instead: %s",
-            version_dir,
-            exc,
-        )
-        return TensorFlowRuntime(version_dir, threads=threads, card=card)
+        # Said once TensorFlow has loaded it (service.loading): when the SavedModel
+        # itself is broken, its load error is the one line to read, not a warning about
+        # the artifact first ("made from another SavedModel" of a truncated one).
+        fallback = TensorFlowRuntime(version_dir, threads=threads, card=card)
+        fallback.fallback_reason = f"no verified LiteRT artifact ({exc})"
+        return fallback
     # The artifact is now shipped or cached, so LiteRTRuntime.load() only reads it.
     return LiteRTRuntime(version_dir, cache_dir=cache_dir, threads=threads, card=card)

@@ -933,3 +933,31 @@ def test_a_load_that_failed_for_a_passing_cause_is_tried_again_later(
 
     run_with(registry, scenario)
     assert factory.calls == (2 if retried else 1)
+
+
+def test_a_broken_savedmodel_under_auto_is_one_error_line(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated saved_model.pb logged a WARNING that the LiteRT artifact "was made
+    from another SavedModel" and that it was "loading it with TensorFlow instead", then
+    the ERROR: only the ERROR says what is wrong."""
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path).model_copy(update={"runtime": "auto"}))
+
+    async def scenario() -> None:
+        await registry.start()
+        broken = add_version(repo, "m", 2, template)
+        pb = broken / "saved_model.pb"
+        pb.write_bytes(pb.read_bytes()[:100])
+        with caplog.at_level(logging.WARNING):
+            await registry.poll_once()
+        assert registry.statuses("m", version=2)[0].state == VersionState.END
+
+    run_with(registry, scenario)
+    said = [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.WARNING
+        and ("version 2" in r.getMessage() or "/2:" in r.getMessage())
+    ]
+    assert [r.levelname for r in said] == ["ERROR"], [r.getMessage() for r in said]

@@ -470,7 +470,9 @@ def test_auto_falls_back_to_tensorflow_when_conversion_does_not_verify(
     with caplog.at_level(logging.WARNING):
         rt = create_runtime("auto", plain, cache_dir=tmp_path, threads=1)
     assert isinstance(rt, TensorFlowRuntime)
-    assert "loading it with TensorFlow instead" in caplog.text and "refusing" in caplog.text
+    # Said once TensorFlow has loaded it (service.loading), with why.
+    reason = rt.fallback_reason or ""
+    assert "no verified LiteRT artifact" in reason and "refusing" in caplog.text + reason
     folder = tmp_path / conversion.cache_key(plain)
     assert not (folder / conversion.ARTIFACT).exists()  # never kept, never served
     # The refusal is cached: a second worker does not convert again to learn the same.
