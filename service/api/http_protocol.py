@@ -622,10 +622,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._body_bytes += len(body)
         if self._receiving is not None:
             self._receiving.chunks.append(body)
-        elif not self._dropping:
-            super().on_body(body)
-        else:
+        elif self._dropping:
             return
+        else:
+            super().on_body(body)
+            if self.cycle.response_complete:  # answered already: uvicorn dropped it
+                return
         self._buffered += len(body)
         BUFFERED.held += len(body)
 
