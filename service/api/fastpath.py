@@ -34,8 +34,8 @@ from service.api.http import (
     client_key,
     dataplane,
     header_value,
+    request_deadline,
     request_id,
-    request_timeout,
 )
 from service.api.rest import CLASSIFY_PATH, classify_response
 from service.preprocessing import SUPPORTED_MEDIA_TYPES
@@ -68,7 +68,7 @@ class ClassifyFastPath:
         request = Request(scope, receive)
         try:
             plane = dataplane(request)
-            deadline = plane.deadline(request_timeout(request))
+            deadline = request_deadline(plane, request)
             image = await request.body()
             result = await plane.classify(
                 [image],

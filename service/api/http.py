@@ -71,6 +71,8 @@ MODELS_PREFIX = "/v1/models/"  # TF Serving's REST API: GET is a model's status 
 # app its connection's refusal record and whether the request came as a retry at once:
 # a 503 the app makes is paced by the same rule as one the protocol makes.
 CONNECTION_REFUSALS = "cnnserve.connection_refusals"
+# Scope key: when the request arrived (time.monotonic()), for its deadline.
+ARRIVED = "cnnserve.arrived"
 # The ASGI scope key under which the HTTP protocol hands the app a callable saying
 # whether closing the connection after the answer now being made would lose nothing
 # (service.api.http_protocol); MOVE_HEADER closes it so that the client's next connection
@@ -764,6 +766,15 @@ def path_version(raw: str) -> int:
 
 def request_timeout(request: Request) -> float | None:
     return header_timeout(request.headers.raw)
+
+
+def request_deadline(plane: DataPlane, request: Request) -> float:
+    """The request's deadline (X-Request-Timeout, or the default), counted from when it
+    arrived: its headers parsed, or, for a new connection's first request, when the
+    kernel had it (service.api.http_protocol sets ARRIVED). Counted from the route's
+    start, a request that waited 2 s to be accepted with X-Request-Timeout: 0.5 was run
+    and answered 200."""
+    return plane.deadline(request_timeout(request), request.scope.get(ARRIVED))
 
 
 def header_timeout(headers: Sequence[tuple[bytes, bytes]]) -> float | None:

@@ -62,6 +62,7 @@ import logging
 import re
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -76,6 +77,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from service import metrics
 from service.api.direct_classify import CLIENT_CLOSED, Answer, DirectClassify, DirectRequest
 from service.api.http import (
+    ARRIVED,
     CONNECTION_MOVABLE,
     CONNECTION_REFUSALS,
     MOVE_HEADER,
@@ -563,6 +565,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # RequestGuard admits it (and the connection's refusal is forgotten) or refuses
         # it, paced by the same rule.
         self.scope[CONNECTION_REFUSALS] = (self._refusals, retrying)  # type: ignore[literal-required]
+        waited = self._waited if self._requests == 1 else 0.0
+        self.scope[ARRIVED] = time.monotonic() - waited  # type: ignore[literal-required]
         self.scope[CONNECTION_MOVABLE] = self._movable_cycle  # type: ignore[literal-required]
         super().on_headers_complete()
         if self._shutting_down:  # its answer says the connection closes after it

@@ -24,7 +24,7 @@ from service.api.http import (
     decode_base64,
     encoded_response,
     read_json,
-    request_timeout,
+    request_deadline,
 )
 from service.api.schemas import ClassifyResponse, Health, Readiness
 from service.dataplane import ClassifyResult
@@ -273,7 +273,7 @@ async def classify(
         )
     _once_each(request.query_params.multi_items())
     plane = dataplane(request)
-    deadline = plane.deadline(request_timeout(request))
+    deadline = request_deadline(plane, request)
     await check_room(
         request,
         model,

@@ -26,7 +26,7 @@ from service.api.http import (
     encoded_response,
     path_version,
     read_json,
-    request_timeout,
+    request_deadline,
 )
 from service.api.schemas import (
     ModelMetadataResponse,
@@ -290,7 +290,7 @@ async def _predict(
     request: Request, model: str, version: int | None, label: str | None
 ) -> Response:
     plane = dataplane(request)
-    deadline = plane.deadline(request_timeout(request))
+    deadline = request_deadline(plane, request)
     await check_room(request, model, version, label, deadline, parses=True)
     body = await read_json(request, object_hook=_b64_value)
     signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""

@@ -915,3 +915,33 @@ def test_a_connection_the_worker_accepted_late_is_refused_at_once(tiny_repo: Pat
         for sock in (late, probe, kept):
             sock.close()
         assert shed_counts(server).get("backlog") == 1
+
+
+def test_a_deadline_counts_from_when_the_kernel_had_the_request(tiny_repo: Path) -> None:
+    """X-Request-Timeout: 0.2 on a new connection that waited longer than that to be
+    accepted was run and answered 200: its deadline counted from when the gateway first
+    read it. Now from when the kernel had it, raw image and multipart alike."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS": "5"}
+    timeout = {"X-Request-Timeout": "0.2"}
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + PNG + b"\r\n--b--\r\n"
+    )
+    sent = [
+        post("/v1/classify", PNG, "image/png", timeout),
+        post("/v1/classify", form, "multipart/form-data; boundary=b", timeout),
+    ]
+    with running_server(tiny_repo, env=env) as server:
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            socks = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in sent]
+            for sock, request in zip(socks, sent, strict=True):
+                sock.sendall(request)
+            time.sleep(0.4)  # the stimulus, not a synchronization: time in the queue
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        for sock in socks:
+            head, body, _ = read_response(sock)
+            sock.close()
+            assert head.startswith(b"HTTP/1.1 504 "), head
+            assert json.loads(body)["error"]["code"] == "deadline_exceeded"
