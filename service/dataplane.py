@@ -57,6 +57,19 @@ DEFAULT_TOP_K = 5
 # photo-like JPEGs took ~16 µs a KiB here (1024x768 in 255 KiB: 3.9 ms, though it
 # decodes to 512x384), so 64 KiB is ~1 ms; a 224x224 upload is 10-20 KiB.
 INLINE_DECODE_MAX_BYTES = 64 * 1024
+# Decode admission counts each image's work in pixels (_decode_work), not images: a
+# moving average of seconds per image, set by ordinary photos (~4 ms), let ten 6000x6000
+# deflate TIFFs of 243 KB (~0.8 s of CPU each) in at once after 40 JPEGs, and refused
+# them after large images; measured here, seconds per pixel of this work stay within
+# 9-24 ns over JPEG, PNG, WebP, GIF and TIFF of 28x28 to 6000x6000 (per pixel of
+# decode_cost alone, 4-300 ns: a JPEG decoded at 1/8 scale still reads all its data).
+# Its bytes count DECODE_BYTES_PER_PIXEL to a pixel where they outweigh its pixels, and
+# each image DECODE_PIXELS_PER_IMAGE more (converting and resizing to the model's size).
+DECODE_BYTES_PER_PIXEL = 2
+DECODE_PIXELS_PER_IMAGE = 4096
+# Seconds per pixel of work before any decoding was measured (the fast end of the above):
+# a burst of huge images on a fresh worker is not all admitted for want of a measure.
+UNMEASURED_DECODE_SECONDS_PER_PIXEL = 10e-9
 
 T = TypeVar("T")
 
@@ -151,9 +164,14 @@ class DataPlane:
         self._pool = decode_pool
         self._readiness = readiness or WorkerReadiness(None, 1)
         # Admission to the decode pool, as the batcher's to inference: images waiting or
-        # decoding, and a moving average of decode seconds per image (None: unmeasured).
+        # decoding, their work in pixels (_decode_work), and a moving average of decode
+        # seconds per pixel of that work (None: unmeasured).
         self._decoding = 0
-        self._decode_cost: float | None = None
+        self._decoding_work = 0
+        self._decode_per_pixel: float | None = None
+        # A moving average of the work per image admitted: a list's own, foreseen by its
+        # count before its headers are read (_admit_decode's first check).
+        self._work_per_image = 0.0
         # How long decoding took against what the CPU-time estimate foresaw: the threads
         # wait for the GIL behind the event loop (a request of 16 images took 208 ms
         # where ~25 were foreseen), so the estimate alone let far too many in.
@@ -228,24 +246,32 @@ class DataPlane:
         if len(images) == 1:
             opened = open_image(images[0], max_pixels=max_pixels, target=spec.size)
             held.admit(1, deadline)  # shed before paying for decoding
-            if self._decodes_inline(images[0], opened):
+            cost = decode_cost(opened)
+            if self._decodes_inline(images[0], cost):
                 image = preprocess_opened(opened, spec)
                 if time.monotonic() > deadline:
                     raise DeadlineExceeded("the request deadline passed while decoding images")
                 return image[None]
-            self._admit_decode(target.model, 1)
-            work = [opened]
+            work = _decode_work(images[0], cost)
+            self._admit_decode(target.model, work)
+            items = [opened]
         else:
-            # Shed before reading every header too: 32 images' headers cost a loaded
-            # worker's event loop ~13% of its time when most such requests were refused.
-            self._admit_decode(target.model, len(images))
+            # Shed before reading every header too, their work foreseen by their count:
+            # 32 images' headers cost a loaded worker's event loop ~13% of its time when
+            # most such requests were refused. Then again with the work the headers
+            # declare (checked after the headers alone, refusals in the band between the
+            # two left 10% less goodput to requests of 16 images at 4x).
+            self._admit_decode(target.model, int(len(images) * self._work_per_image))
             held.admit(len(images), deadline)
-            work = self._open_all(images, spec, max_pixels, names)
+            items, work = self._open_all(images, spec, max_pixels, names)
+            self._admit_decode(target.model, work)
+        self._work_per_image += COST_WEIGHT * (work / len(images) - self._work_per_image)
         loop = asyncio.get_running_loop()
         decode = functools.partial(_timed_decode, spec=spec)
-        began, foreseen = time.monotonic(), self._decode_ahead(len(images))
-        futures = [loop.run_in_executor(self._pool, decode, item) for item in work]
+        began, foreseen = time.monotonic(), self._decode_ahead(work)
+        futures = [loop.run_in_executor(self._pool, decode, item) for item in items]
         self._decoding += len(images)
+        self._decoding_work += work
         gathered = asyncio.gather(*futures)
         # Cancelled (the client left) or timed out, its error is read by no one: read it
         # here, or asyncio logs "exception was never retrieved" at ERROR for each call.
@@ -253,7 +279,7 @@ class DataPlane:
         try:
             results = await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic()))
             decoded = [image for image, _ in results]
-            self._note_decode_cost(sum(seconds for _, seconds in results) / len(results))
+            self._note_decode_speed(sum(seconds for _, seconds in results) / work)
             now = time.monotonic()
             self._decode_waits.note(now - began, foreseen, now)
         except TimeoutError:
@@ -265,6 +291,7 @@ class DataPlane:
             raise _naming(exc, bad, names) from None
         finally:
             self._decoding -= len(images)
+            self._decoding_work -= work
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
 
     def check_room(
@@ -289,16 +316,16 @@ class DataPlane:
             target = self.route(model, version, label, client_key)
         except CnnserveError:
             return
-        self._admit_decode(target.model, 1)
+        self._admit_decode(target.model)
         target.batcher.check(1, deadline)
 
-    def _decodes_inline(self, data: bytes, opened: Opened) -> bool:
+    def _decodes_inline(self, data: bytes, cost: int) -> bool:
         """Whether a lone image is cheap enough to decode on the event loop: few pixels
-        to decode (a progressive JPEG's scans counted, :func:`decode_cost`) in a small
-        file. Pillow walks some files' chunks in Python as it decodes (a PNG's after its
-        image data), so a big file of few pixels could still hold the loop for seconds;
-        and a JPEG's cost follows its bytes (:data:`INLINE_DECODE_MAX_BYTES`)."""
-        cheap = decode_cost(opened) <= self.settings.inline_decode_max_pixels
+        to decode (``cost``: a progressive JPEG's scans counted, :func:`decode_cost`) in
+        a small file. Pillow walks some files' chunks in Python as it decodes (a PNG's
+        after its image data), so a big file of few pixels could still hold the loop for
+        seconds; and a JPEG's cost follows its bytes (:data:`INLINE_DECODE_MAX_BYTES`)."""
+        cheap = cost <= self.settings.inline_decode_max_pixels
         return cheap and len(data) <= INLINE_DECODE_MAX_BYTES
 
     def _open_all(
@@ -307,13 +334,14 @@ class DataPlane:
         spec: PreprocessSpec,
         max_pixels: int,
         names: Sequence[str | None],
-    ) -> list[Opened]:
+    ) -> tuple[list[Opened], int]:
         """Every image's header, read here (tens of µs each), and the pixels they will
         decode to (:func:`~service.preprocessing.request_cost`) in all bounded by
         ``max_request_pixels``: each image may be under the
         per-image limit while their sum is not (64 GIFs of 42 bytes, each declaring a
-        6000×6000 screen, cost 4 s of CPU)."""
-        opened, total = [], 0
+        6000×6000 screen, cost 4 s of CPU); and their decode work in all
+        (:func:`_decode_work`, summed here without a call per image)."""
+        opened, total, work = [], 0, DECODE_PIXELS_PER_IMAGE * len(images)
         for i, data in enumerate(images):
             try:
                 image = open_image(data, max_pixels=max_pixels, target=spec.size)
@@ -321,42 +349,48 @@ class DataPlane:
                 raise _naming(exc, i, names) from None
             opened.append(image)
             total += request_cost(data, image)
+            work += max(decode_cost(image), len(data) // DECODE_BYTES_PER_PIXEL)
         limit = self.settings.max_request_pixels
         if total > limit:
             raise ImageTooLarge(
                 f"the {len(images)} images decode to {total} pixels in all; the limit for "
                 f"one request is {limit}"
             )
-        return opened
+        return opened, work
 
-    def _admit_decode(self, model: str, n: int) -> None:
-        """Shed at once when the images waiting for the decode pool would take longer
-        than the queue-wait budget to decode (no lock: the event loop's own counter)."""
+    def _admit_decode(self, model: str, work: int = 0) -> None:
+        """Shed at once when the images waiting for the decode pool, and ``work`` more
+        (pixels, :func:`_decode_work`: a request's own), would take longer than the
+        queue-wait budget to decode (no lock: the event loop's own counters). Without
+        ``work`` (a request whose images were not read yet), a check on the work
+        queued alone, which refuses no request the full check would admit."""
         # Fewer images waiting than threads to decode them are always admitted: none of
-        # them waits for a thread, however slow the moment.
-        if self._decode_cost is None or self._decoding < self._decode_threads:
+        # them waits for a thread, however slow the moment (a lone huge image is served).
+        if self._decoding < self._decode_threads:
             return
-        ahead = self._decode_ahead(0) * self._decode_waits.factor(time.monotonic())
+        per_pixel = self._decode_per_pixel or UNMEASURED_DECODE_SECONDS_PER_PIXEL
+        ahead = (self._decoding_work + work) * per_pixel / self._decode_threads
+        ahead *= self._decode_waits.factor(time.monotonic())
         budget = self.settings.queue_wait_budget_seconds
         if ahead > budget:
             metrics.observe_shed(model, "decode_queue")
             raise Overloaded(
-                f"server is at capacity (~{ahead * 1e3:.0f} ms of images wait to be decoded; "
+                f"server is at capacity (~{ahead * 1e3:.0f} ms of images would wait to be decoded; "
                 f"budget {budget * 1e3:.0f} ms); retry after the Retry-After delay "
                 f"({Overloaded.retry_after} s) or send to another replica",
                 reason="decode_queue",
             )
 
-    def _decode_ahead(self, n: int) -> float:
-        """Seconds of decoding (in the threads' CPU time) before ``n`` more images,
-        submitted now, are decoded."""
-        if self._decode_cost is None:
+    def _decode_ahead(self, work: int) -> float:
+        """Seconds of decoding (in the threads' CPU time) before ``work`` more pixels of
+        decode work (:func:`_decode_work`), submitted now, are decoded; 0 unmeasured."""
+        if self._decode_per_pixel is None:
             return 0.0
-        return (self._decoding + n) * self._decode_cost / self._decode_threads
+        return (self._decoding_work + work) * self._decode_per_pixel / self._decode_threads
 
-    def _note_decode_cost(self, seconds: float) -> None:
-        previous = self._decode_cost
-        self._decode_cost = (
+    def _note_decode_speed(self, seconds: float) -> None:
+        previous = self._decode_per_pixel
+        self._decode_per_pixel = (
             seconds if previous is None else previous + COST_WEIGHT * (seconds - previous)
         )
 
@@ -673,6 +707,13 @@ def _naming(exc: CnnserveError, index: int, names: Sequence[str | None]) -> Cnns
     name = names[index] if index < len(names) else None
     which = f"image {index}" + (f" ({name!r})" if name else "")
     return type(exc)(f"{which}: {exc.message}", detail=exc.detail)
+
+
+def _decode_work(data: bytes, cost: int) -> int:
+    """What decoding an image of ``data`` costs the decode threads, in pixels: its
+    ``cost`` (:func:`~service.preprocessing.decode_cost`), or its bytes where they
+    outweigh it (:data:`DECODE_BYTES_PER_PIXEL`), and a share per image."""
+    return max(cost, len(data) // DECODE_BYTES_PER_PIXEL) + DECODE_PIXELS_PER_IMAGE
 
 
 def _timed_decode(opened: Opened, spec: PreprocessSpec) -> tuple[npt.NDArray[np.uint8], float]:

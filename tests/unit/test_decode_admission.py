@@ -1,4 +1,5 @@
-"""The data plane's decode-pool admission: seconds of decoding queued, not items."""
+"""The data plane's decode-pool admission: seconds of decoding queued, not items: each
+image counted by its work (pixels from its header), at measured seconds per pixel."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from service import dataplane
 from service.config import Settings
 from service.dataplane import DataPlane
 from service.errors import ModelNotFound, Overloaded
-from service.preprocessing import PreprocessSpec
+from service.preprocessing import Opened, PreprocessSpec
 from tests.helpers.core import until
 from tests.helpers.images import encode, gradient
 
@@ -30,7 +32,7 @@ def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.Mon
     pool = ThreadPoolExecutor(1)
     # Images are opened (header only) before the pool: they are real ones here, and never
     # small enough to be decoded inline.
-    settings = Settings(queue_wait_budget_seconds=0.05, inline_decode_max_pixels=0)
+    settings = Settings(queue_wait_budget_seconds=0.09, inline_decode_max_pixels=0)
     plane = DataPlane(settings, None, pool)  # type: ignore[arg-type]
     png = encode(gradient(), "PNG")
     admitted: list[int] = []
@@ -45,9 +47,10 @@ def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.Mon
         first = asyncio.create_task(plane.decode([png, png], target, deadline, held))  # type: ignore[arg-type]
         await until(lambda: plane._decoding == 2)
         second = asyncio.create_task(plane.decode([png, png], target, deadline, held))  # type: ignore[arg-type]
-        await until(lambda: plane._decoding == 4)  # 40 ms were ahead of it: admitted
+        # 40 ms were ahead of it, 80 with its own: admitted
+        await until(lambda: plane._decoding == 4)
         with pytest.raises(Overloaded, match="decoded") as shed:
-            await plane.decode([png], target, deadline, held)  # type: ignore[arg-type]  # 80 ms ahead
+            await plane.decode([png], target, deadline, held)  # type: ignore[arg-type]  # 100 ms
         assert shed.value.reason == "decode_queue"
         gate.set()
         await blocker
@@ -87,15 +90,16 @@ def test_a_list_is_refused_before_its_images_headers_are_read() -> None:
 
 
 def test_decoding_slower_than_its_estimate_sheds_sooner(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 10 ms of CPU per image on 1 thread; 4 images decoding are 40 ms ahead: admitted
-    # with a 50 ms budget, until decoding is seen taking twice what was foreseen.
+    # 1 µs of CPU per pixel of work on 1 thread; 4 images of 10,000 decoding are 40 ms
+    # ahead: admitted with a 50 ms budget, until decoding is seen taking twice what was
+    # foreseen.
     plane = idle_plane(Settings(queue_wait_budget_seconds=0.05))
-    plane._decode_cost, plane._decoding = 0.010, 4
-    plane._admit_decode("m", 1)
+    plane._decode_per_pixel, plane._decoding, plane._decoding_work = 1e-6, 4, 40_000
+    plane._admit_decode("m")
     now = time.monotonic()
     plane._decode_waits.note(0.100, 0.050, now)
     with pytest.raises(Overloaded, match="decoded") as shed:
-        plane._admit_decode("m", 1)
+        plane._admit_decode("m")
     assert shed.value.reason == "decode_queue"
 
 
@@ -119,3 +123,175 @@ def test_room_is_checked_on_the_version_that_would_answer() -> None:
 
     plane.route = unknown  # type: ignore[method-assign,assignment]
     plane.check_room("x", None, None, time.monotonic() + 30)  # its own routing says so
+
+
+# A 64x48 image and a 4000x4000 one (16 million pixels in a 16 KB file): each decoded on
+# the decode threads (nothing is decoded inline here), where each "takes" what decoding
+# took as measured, 20 ns a pixel and 0.1 ms an image (0.16 ms and 0.32 s).
+SMALL = encode(gradient(), "PNG")
+HUGE = encode(Image.new("L", (4000, 4000)), "PNG")
+TARGET = SimpleNamespace(model="m", spec=PreprocessSpec())
+HELD = SimpleNamespace(admit=lambda n, d: None)  # the batcher admits all
+
+
+class Clock:
+    """The data plane's time.monotonic(), moved on by each decode's recorded seconds: the
+    fake decodes take none, and their waits would look far shorter than foreseen."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def measured(self, opened: Opened, spec: PreprocessSpec) -> tuple[Any, float]:
+        width, height = opened.size
+        seconds = 20e-9 * width * height + 1e-4
+        self.now += seconds  # only the one decode thread moves it
+        return np.zeros((spec.height, spec.width, 3), np.uint8), seconds
+
+
+class Worker:
+    """A data plane of one decode thread (the default 80 ms budget) whose thread can be
+    held busy, so that images submitted meanwhile wait in its queue."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.clock = Clock()
+        monkeypatch.setattr(dataplane, "_timed_decode", self.clock.measured)
+        monkeypatch.setattr(dataplane, "time", self.clock)
+        self.pool = ThreadPoolExecutor(1)
+        self.plane = DataPlane(Settings(inline_decode_max_pixels=0), None, self.pool)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+
+    async def decode(self, *images: bytes) -> Any:
+        deadline = self.clock.now + 30
+        return await self.plane.decode(list(images), TARGET, deadline, HELD)  # type: ignore[arg-type]
+
+    def submit(self, *images: bytes) -> asyncio.Task[Any]:
+        return asyncio.create_task(self.decode(*images))
+
+    def hold(self) -> asyncio.Future[bool]:
+        return asyncio.get_running_loop().run_in_executor(self.pool, self.gate.wait, 5)
+
+    async def refused(self, *images: bytes) -> None:
+        with pytest.raises(Overloaded, match="decoded") as shed:
+            await self.decode(*images)
+        assert shed.value.reason == "decode_queue"
+
+    def run(self, scenario: Any) -> None:
+        try:
+            asyncio.run(asyncio.wait_for(scenario, 10))
+        finally:
+            self.gate.set()
+            self.pool.shutdown()
+
+
+@pytest.mark.parametrize("history", [[SMALL] * 20, [HUGE] * 2], ids=["small", "huge"])
+def test_huge_images_are_counted_by_their_pixels_whatever_came_before(
+    monkeypatch: pytest.MonkeyPatch, history: list[bytes]
+) -> None:
+    # The audit's case: 40 ordinary images set a moving average of seconds per image
+    # that a 0.32 s image then counted as; all of a burst of huge ones were admitted.
+    # Counted by pixels, the second huge image waits for the first (0.32 s): refused,
+    # after small images as after huge ones; so is a small one behind it.
+    worker = Worker(monkeypatch)
+
+    async def scenario() -> None:
+        for image in history:
+            await worker.decode(image)
+        blocker = worker.hold()
+        first = worker.submit(HUGE)  # no image waits: admitted, however large
+        await until(lambda: worker.plane._decoding == 1)
+        await worker.refused(HUGE)
+        await worker.refused(SMALL)
+        await worker.refused(SMALL, SMALL)
+        worker.gate.set()
+        await blocker
+        assert len(await first) == 1
+        assert len(await worker.decode(SMALL)) == 1  # nothing waits: admitted
+        assert worker.plane._decoding == worker.plane._decoding_work == 0
+
+    worker.run(scenario())
+
+
+def test_small_images_behind_small_ones_are_admitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40 small images waiting are ~6 ms of decoding: far within the budget.
+    worker = Worker(monkeypatch)
+
+    async def scenario() -> None:
+        await worker.decode(SMALL)
+        blocker = worker.hold()
+        waiting = [worker.submit(SMALL) for _ in range(40)]
+        await until(lambda: worker.plane._decoding == 40)
+        worker.gate.set()
+        await blocker
+        assert [len(await task) for task in waiting] == [1] * 40
+
+    worker.run(scenario())
+
+
+def test_a_list_is_checked_again_with_the_pixels_its_headers_declare(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before its headers are read, a list is checked against the work queued alone (a
+    # small image: admitted); once read, its own 32 million pixels are counted too.
+    worker = Worker(monkeypatch)
+
+    async def scenario() -> None:
+        await worker.decode(SMALL)
+        blocker = worker.hold()
+        first = worker.submit(SMALL)
+        await until(lambda: worker.plane._decoding == 1)
+        await worker.refused(HUGE, HUGE)
+        second = worker.submit(SMALL, SMALL)  # its own 0.3 ms: admitted
+        await until(lambda: worker.plane._decoding == 3)
+        worker.gate.set()
+        await blocker
+        assert (len(await first), len(await second)) == (1, 2)
+
+    worker.run(scenario())
+
+
+def test_a_list_is_refused_on_the_queued_work_before_its_headers_are_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Bytes that are no image at all are refused for the load, not as bad images: the
+    # refusal costs no header read.
+    worker = Worker(monkeypatch)
+
+    async def scenario() -> None:
+        await worker.decode(SMALL)
+        blocker = worker.hold()
+        first = worker.submit(HUGE)
+        await until(lambda: worker.plane._decoding == 1)
+        await worker.refused(b"no image", b"none")
+        worker.gate.set()
+        await blocker
+        await first
+
+    worker.run(scenario())
+
+
+def test_before_any_decoding_is_measured_huge_images_still_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A fresh worker's first burst: counted at the unmeasured rate (10 ns a pixel).
+    worker = Worker(monkeypatch)
+
+    async def scenario() -> None:
+        blocker = worker.hold()
+        first = worker.submit(HUGE)
+        await until(lambda: worker.plane._decoding == 1)
+        await worker.refused(HUGE)
+        worker.gate.set()
+        await blocker
+        await first
+
+    worker.run(scenario())
+
+
+def test_decode_work_counts_bytes_where_they_outweigh_pixels() -> None:
+    # A JPEG decoded at 1/8 scale still reads all its data: 400 KB for 12,288 pixels.
+    per_image = dataplane.DECODE_PIXELS_PER_IMAGE
+    assert dataplane._decode_work(bytes(400_000), 12_288) == 200_000 + per_image
+    assert dataplane._decode_work(bytes(200_000), 36_000_000) == 36_000_000 + per_image
