@@ -32,7 +32,8 @@ import numpy.typing as npt
 import simplejpeg
 
 _SOI = b"\xff\xd8\xff"  # what Pillow's JPEG plugin accepts as a JPEG
-_SOS, _APP1, _DQT = 0xDA, 0xE1, 0xDB
+_SOS, _APP1, _DQT, _APP13 = 0xDA, 0xE1, 0xDB, 0xED
+_PHOTOSHOP = b"Photoshop 3.0\x00"  # the APP13 whose resource blocks Pillow parses
 _EXIF = b"Exif\x00\x00"
 _XMP = b"http://ns.adobe.com/xap/1.0/\x00"  # the APP1 Pillow reads as info["xmp"]
 # Image.getexif's own pattern for an orientation in XMP, applied when no Exif gives one.
@@ -68,6 +69,10 @@ SMALL_SEGMENT = 1024
 # large segments they come in are not among MAX_LAYOUT_SEGMENTS. An encoder writes 1-4
 # (at most 4 can be in use), rarely one again: 256 is a wide margin.
 MAX_QUANT_TABLES = 256
+# Photoshop resource blocks ("8BIM") in APP13 segments before the first scan: Pillow
+# parses each in Python as it opens the file (~0.6 µs, slicing: 160 segments of 12-byte
+# blocks, 10 MB, took 0.5 s); Photoshop writes tens. Counted by their signature.
+MAX_PHOTOSHOP_BLOCKS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +90,9 @@ class Layout:
     plain_header: bool = True
     # Quantization tables before the first scan; the walk stops once over MAX_QUANT_TABLES
     tables: int = 0
+    # Photoshop resource blocks before the first scan; it stops once over
+    # MAX_PHOTOSHOP_BLOCKS
+    photoshop_blocks: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,10 +163,15 @@ def read_layout(data: bytes) -> Layout:
     MAX_LAYOUT_SEGMENTS steps and, for a progressive JPEG, one search through the
     entropy-coded data (~7 µs for 17 KB, ~100 µs for 220 KB). A sequential one ends at
     its first scan (~2 µs)."""
-    scans = segments = small = tables = 0
+    scans = segments = small = tables = blocks = 0
     progressive, plain = False, True
     i, end = 2, len(data)
-    while scans <= MAX_SCANS and small <= MAX_LAYOUT_SEGMENTS and tables <= MAX_QUANT_TABLES:
+    while (
+        scans <= MAX_SCANS
+        and small <= MAX_LAYOUT_SEGMENTS
+        and tables <= MAX_QUANT_TABLES
+        and blocks <= MAX_PHOTOSHOP_BLOCKS
+    ):
         if i + 1 >= end or data[i] != 0xFF or data[i + 1] not in _MARKERS:
             # Entropy-coded data; in the header fill bytes (FF FF) or junk
             plain = plain and (scans > 0 or data[i : i + 2] == b"\xff\xff")
@@ -189,8 +202,17 @@ def read_layout(data: bytes) -> Layout:
             progressive = True
         elif marker == _DQT and scans == 0:
             tables += _quant_tables(data, i + 4, min(i + 2 + length, end))
+        elif marker == _APP13 and scans == 0 and data.startswith(_PHOTOSHOP, i + 4):
+            blocks += data.count(b"8BIM", i + 4, min(i + 2 + length, end))
         i += 2 + length
-    return Layout(scans, small, progressive, plain_header=plain and scans > 0, tables=tables)
+    return Layout(
+        scans,
+        small,
+        progressive,
+        plain_header=plain and scans > 0,
+        tables=tables,
+        photoshop_blocks=blocks,
+    )
 
 
 def _quant_tables(data: bytes, start: int, end: int) -> int:

@@ -23,6 +23,7 @@ from service.errors import ImageTooLarge, InvalidImage
 from service.image_walks import check_gif, check_tiff
 from service.jpeg import (
     MAX_LAYOUT_SEGMENTS,
+    MAX_PHOTOSHOP_BLOCKS,
     MAX_QUANT_TABLES,
     MAX_SCANS,
     SMALL_SEGMENT,
@@ -189,6 +190,11 @@ def _jpeg_layout(data: bytes) -> Layout:
             f"the JPEG has more than {MAX_LAYOUT_SEGMENTS} marker segments of under "
             f"{SMALL_SEGMENT} bytes (an encoder writes under 50); re-save it with an "
             "ordinary encoder"
+        )
+    if layout.photoshop_blocks > MAX_PHOTOSHOP_BLOCKS:
+        raise InvalidImage(
+            f"the JPEG has more than {MAX_PHOTOSHOP_BLOCKS} Photoshop resource blocks before "
+            "its image data (Photoshop writes tens); re-save it with an ordinary encoder"
         )
     if layout.tables > MAX_QUANT_TABLES:
         raise InvalidImage(

@@ -14,6 +14,7 @@ from PIL import Image
 from service.errors import ImageTooLarge, InvalidImage
 from service.jpeg import (
     MAX_LAYOUT_SEGMENTS,
+    MAX_PHOTOSHOP_BLOCKS,
     MAX_QUANT_TABLES,
     MAX_SCANS,
     SMALL_SEGMENT,
@@ -301,3 +302,27 @@ def test_an_encoders_quantization_tables_are_not_refused(precision: int) -> None
     sixteen_bit = jpeg(photo(64, 64), qtables=[[300] * 64, [400] * 64])
     assert read_layout(sixteen_bit).tables == 2
     assert preprocess_bytes(sixteen_bit, SPEC, max_pixels=BIG).shape == (224, 224, 3)
+
+
+def app13(blocks: int) -> bytes:
+    """One APP13 "Photoshop 3.0" segment of ``blocks`` empty 12-byte resource blocks."""
+    block = b"8BIM" + (0x0404).to_bytes(2, "big") + b"\0\0" + (0).to_bytes(4, "big")
+    body = b"Photoshop 3.0\0" + block * blocks
+    return b"\xff\xed" + (len(body) + 2).to_bytes(2, "big") + body
+
+
+def test_thousands_of_photoshop_resource_blocks_are_refused_before_pillow_reads_them() -> None:
+    """APP13 segments packed with 12-byte 8BIM blocks, which Pillow parses one by one as
+    it opens the file: 10 MB of them took ~0.5 s of the event loop."""
+    data = jpeg(photo(64, 64))
+    bomb = data[:2] + app13(5000) * 2 + data[2:]
+    started = time.monotonic()
+    with pytest.raises(InvalidImage, match=f"more than {MAX_PHOTOSHOP_BLOCKS} Photoshop"):
+        open_image(bomb, max_pixels=BIG, target=SPEC.size)
+    assert time.monotonic() - started < 0.05
+    ordinary = data[:2] + app13(30) + data[2:]  # what Photoshop writes: tens
+    assert read_layout(ordinary).photoshop_blocks == 30
+    np.testing.assert_array_equal(
+        preprocess_bytes(ordinary, SPEC, max_pixels=BIG),
+        preprocess_bytes(data, SPEC, max_pixels=BIG),
+    )
