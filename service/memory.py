@@ -4,13 +4,15 @@ glibc's allocator keeps memory freed inside its arenas (gRPC's threads each get 
 rather than return it: after bursts of hostile gRPC calls (400 connections of calls that
 never send their message) a worker's resident memory went 115 -> 434 MB and stayed there,
 of which malloc_trim(0) gave back 262 MB at once. A worker calls it every
-:data:`TRIM_SECONDS`, off the event loop."""
+:data:`TRIM_SECONDS`, off the event loop, after a full garbage collection
+(:func:`_collect_then`)."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import time
@@ -55,6 +57,17 @@ def resident_bytes() -> int | None:
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def _collect_then(trim: Callable[[], int]) -> None:
+    """A full garbage collection, then the trim: what a reference cycle holds (a closed
+    connection's protocol and the request bodies it kept) is freed only by a full
+    collection, which a worker rarely runs on its own. After bursts of uploads, workers
+    held 0.5-1.7 GB for minutes, 1.2 GB of it still allocated (so no trim could give it
+    back); gc.collect() freed it (1,147 -> 132 MB). A full collection takes a few ms
+    here (the heap loaded at start is frozen out of it), holding the GIL meanwhile."""
+    gc.collect()
+    trim()
+
+
 async def trim_memory(
     period: float = TRIM_SECONDS,
     trim: Callable[[], int] | None = None,
@@ -77,7 +90,7 @@ async def trim_memory(
             floor = min(floor, now)
             return
         started = time.perf_counter()
-        await asyncio.to_thread(trim)
+        await asyncio.to_thread(_collect_then, trim)
         after = resident()
         floor = after if floor is None or after is None else min(floor, after)
         log.debug(

@@ -119,7 +119,8 @@ IN_FLIGHT = Gauge(
 OVERLOAD_REJECTIONS = Counter(
     "cnnserve_overload_rejections",
     "Requests refused at admission (503 overloaded), by reason: queue_full, queue_budget, "
-    "deadline, decode_queue, concurrency (model empty: refused before routing), backend.",
+    "deadline, decode_queue, concurrency, connections, bodies, backlog (model empty: refused "
+    "before routing), backend.",
     ["model", "reason"],
 )
 CONCURRENCY_LIMIT = Gauge(

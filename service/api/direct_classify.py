@@ -197,6 +197,9 @@ class DirectClassify:
         if request.finished:
             return
         request.finished = True
+        # The body goes now, not with the protocol: a closed connection's protocol is in
+        # reference cycles, freed only by a full collection (service.memory).
+        request.chunks = []
         if request.taken is not None:
             self.admission.concurrency.release(request.taken)
         finish(request.record, status)

@@ -565,8 +565,8 @@ def backlog_refusal(waited: float, limit: float) -> Overloaded:
     metrics.observe_shed("", "backlog")
     return Overloaded(
         f"this connection waited {waited * 1e3:.0f} ms for the server to accept it, more "
-        f"than {limit * 1e3:.0f} ms (twice CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS): the "
-        f"server is at capacity; retry after the Retry-After delay "
+        f"than {limit * 1e3:.0f} ms (CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS), as others before "
+        f"it: the server is at capacity; retry after the Retry-After delay "
         f"({Overloaded.retry_after} s), on a kept-alive connection, or send to another "
         "replica",
         reason="backlog",

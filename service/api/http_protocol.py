@@ -110,8 +110,9 @@ ACCEPT_WAIT_STATE = "cnnserve.accept_wait_limit"
 # That limit in queue-wait budgets: what an admitted request may wait inside is the
 # budget; as long again outside, in the kernel, and its answer is late all the same.
 ACCEPT_WAIT_BUDGETS = 1
-_TCP_INFO_BYTES = 104  # struct tcp_info up to tcpi_rcv_space, Linux 2.6 on
+_TCP_INFO_BYTES = 136  # struct tcp_info up to tcpi_bytes_received (Linux 4.1 on)
 _LAST_DATA_RECV = 52  # its tcpi_last_data_recv: ms since the kernel last got data
+_BYTES_RECEIVED = 128  # its tcpi_bytes_received (u64)
 
 
 class BufferedBodies:
@@ -122,6 +123,35 @@ class BufferedBodies:
 
 
 BUFFERED = BufferedBodies()
+# How long new connections' requests must keep waiting over the limit to be accepted,
+# one after another, before they are refused: a worker behind on its connections, not
+# one stall (a load holding the event loop, a collection) that every connection queued
+# during it waited out (a test's request was refused after 156 ms of such a stall).
+# CoDel's interval.
+BACKLOG_SECONDS = 0.1
+
+
+class AcceptBacklog:
+    """Whether a worker is behind on accepting its connections (one per worker)."""
+
+    def __init__(self) -> None:
+        self._above_since: float | None = None  # first of the waits over the limit
+        self._last = 0.0  # the last wait over the limit
+
+    def behind(self, waited: float, limit: float, now: float) -> bool:
+        """Note a new connection's first request that waited ``waited`` seconds to be
+        accepted; whether such waits have stayed over ``limit`` for BACKLOG_SECONDS,
+        each no more than that after the one before."""
+        if waited <= limit:
+            self._above_since = None
+            return False
+        if self._above_since is None or now - self._last > BACKLOG_SECONDS:
+            self._above_since = now
+        self._last = now
+        return now - self._above_since >= BACKLOG_SECONDS
+
+
+BACKLOG = AcceptBacklog()
 # Without the app's state (another server's lifespan): the setting's own default.
 DEFAULT_MAX_HEADER_BYTES: int = Settings.model_fields["max_header_bytes"].default
 EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
@@ -361,6 +391,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _lost = False  # connection_lost was called
     _body_bytes = 0  # of the current request's body, parsed so far
     _buffered = 0  # body bytes this connection holds in BUFFERED, until they are answered
+    _declared = False  # the current request's Content-Length is counted in _buffered
     _waited = 0.0  # seconds its first request had waited in the kernel when it was accepted
     _charging = False  # the current request was refused: its body's bytes cost the pace
 
@@ -394,7 +425,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         if self._refusal is not None:  # a pipelined request: answer the refused one first
             self._send_refusal()
-        self._dropping = False
+        self._dropping = self._declared = False
         self._body_bytes, self._charging = 0, False
         self._in_headers, self._header_bytes = True, 0
         self._after_last_chunk, self._trailer_bytes = False, 0
@@ -560,8 +591,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 if refused is not None:
                     self._refuse(refused)
                     return
+            self._hold_declared()
             if self._direct is not None and self._take_direct(method, path, query, retrying):
                 return
+        self._hold_declared()
         # RequestGuard admits it (and the connection's refusal is forgotten) or refuses
         # it, paced by the same rule.
         self.scope[CONNECTION_REFUSALS] = (self._refusals, retrying)  # type: ignore[literal-required]
@@ -576,9 +609,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _accept_waited(self) -> tuple[float, float] | None:
         """(seconds waited, limit) when this, a new connection's first request, waited
-        longer than the limit for the worker to accept the connection; else None."""
+        longer than the limit for the worker to accept the connection while the worker
+        is behind on them (:class:`AcceptBacklog`); else None."""
         limit = self._accept_wait_limit
-        if self._requests != 1 or not limit or self._waited <= limit:
+        if self._requests != 1 or not limit:
+            return None
+        if not BACKLOG.behind(self._waited, limit, self.loop.time()):
             return None
         return self._waited, limit
 
@@ -594,6 +630,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         length = int(declared) if declared.isdigit() else 0
         held = BUFFERED.held
         return (held, length, budget) if held + length > budget and held else None
+
+    def _hold_declared(self) -> None:
+        """Count the body a request taken on declares (Content-Length) as held from now,
+        not as its bytes come: counted as they came, 100 uploads whose headers all came
+        before their bodies passed the budget 3.35 times (each worker at 450 MB held),
+        none refused. A chunked body is counted as it comes (on_body)."""
+        if self._declared or not self._body_budget:
+            return
+        declared = header_value(self.headers, b"content-length")
+        if declared is not None and declared.isdigit():
+            self._declared = True
+            self._buffered += int(declared)
+            BUFFERED.held += int(declared)
 
     def _release_buffered(self) -> None:
         """This connection's request bodies are answered (or it is gone): not held."""
@@ -632,6 +681,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             super().on_body(body)
             if self.cycle.response_complete:  # answered already: uvicorn dropped it
                 return
+        if self._declared:  # counted whole at its headers
+            return
         self._buffered += len(body)
         BUFFERED.held += len(body)
 
@@ -1114,8 +1165,8 @@ def _closes(headers: list[tuple[bytes, bytes]]) -> bool:
 
 def kernel_wait(transport: asyncio.BaseTransport) -> float:
     """Seconds since the kernel last received data on a just-accepted connection (its
-    request, or the handshake when none came yet), i.e. how long it waited in the
-    listening socket's queue for the worker to accept it: admission never saw that
+    request; 0 when none came yet), i.e. how long its request waited in the listening
+    socket's queue for the worker to accept it: admission never saw that
     queue, and a new connection per request at 2x capacity waited seconds there, all
     answered 200, none refused, probes timing out (TCP_INFO's tcpi_last_data_recv,
     ms; 0 where there is none)."""
@@ -1124,6 +1175,10 @@ def kernel_wait(transport: asyncio.BaseTransport) -> float:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES)
     except (AttributeError, OSError):  # not TCP (a Unix socket), or no such option
         return 0.0
-    if len(info) < _LAST_DATA_RECV + 4:
+    if len(info) < _BYTES_RECEIVED + 8:
+        return 0.0
+    if not int.from_bytes(info[_BYTES_RECEIVED : _BYTES_RECEIVED + 8], sys.byteorder):
+        # Nothing sent yet: the time since the handshake is a pool's connection opened
+        # ahead, not a request's wait (it was refused as one, its request sent later)
         return 0.0
     return int.from_bytes(info[_LAST_DATA_RECV : _LAST_DATA_RECV + 4], sys.byteorder) / 1e3

@@ -22,7 +22,7 @@ from service.api.direct_classify import DirectClassify, DirectRequest
 from service.config import Settings
 from tests.helpers.images import encode, gradient
 from tests.helpers.in_process import connect, serving_in_process
-from tests.helpers.server import read_response
+from tests.helpers.server import eventually, read_response
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +123,16 @@ def test_a_raw_image_with_plain_query_values_is_answered_directly(server: InProc
     assert direct and head.startswith(b"HTTP/1.1 200 ")
     assert b"x-request-id: " in head and b"server-timing: decode;dur=" in head
     assert body.count(b'"class_id"') == 2
+
+
+def test_an_answered_requests_body_is_let_go(server: InProcess) -> None:
+    """A closed connection's protocol is in reference cycles (freed only by a full
+    collection, which a worker rarely runs): the body its request held stayed with it,
+    and after bursts of uploads workers held 0.5-1.7 GB for minutes."""
+    direct, head, _ = answered_directly(server, raw_request())
+    assert direct and head.startswith(b"HTTP/1.1 200 ")
+    eventually(lambda: server.spy.answered[-1].finished)
+    assert server.spy.answered[-1].chunks == []
 
 
 @pytest.mark.parametrize(
