@@ -152,8 +152,9 @@ class AcceptBacklog:
 
 
 BACKLOG = AcceptBacklog()
-# Without the app's state (another server's lifespan): the setting's own default.
+# Without the app's state (another server's lifespan): the settings' own defaults.
 DEFAULT_MAX_HEADER_BYTES: int = Settings.model_fields["max_header_bytes"].default
+DEFAULT_MAX_BODY: int = Settings.model_fields["max_body_bytes"].default
 EARLY_REFUSAL_STATE = "cnnserve.early_refusal"
 # The worker's DirectClassify (absent: every request goes the ASGI way).
 DIRECT_CLASSIFY_STATE = "cnnserve.direct_classify"
@@ -627,7 +628,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if not budget:
             return None
         declared = header_value(self.headers, b"content-length") or b"0"
-        length = int(declared) if declared.isdigit() else 0
+        length = min(int(declared), self._max_body_bytes()) if declared.isdigit() else 0
         held = BUFFERED.held
         return (held, length, budget) if held + length > budget and held else None
 
@@ -640,9 +641,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         declared = header_value(self.headers, b"content-length")
         if declared is not None and declared.isdigit():
+            # At most what a body may be: a Content-Length of 10**12, refused 413 by the
+            # route, would count as held until its connection closed, every other upload
+            # refused meanwhile.
+            length = min(int(declared), self._max_body_bytes())
             self._declared = True
-            self._buffered += int(declared)
-            BUFFERED.held += int(declared)
+            self._buffered += length
+            BUFFERED.held += length
+
+    def _max_body_bytes(self) -> int:
+        refusal = self._early_refusal
+        return refusal.admission.max_body_bytes if refusal is not None else DEFAULT_MAX_BODY
 
     def _release_buffered(self) -> None:
         """This connection's request bodies are answered (or it is gone): not held."""

@@ -966,3 +966,25 @@ def test_a_deadline_counts_from_when_the_kernel_had_the_request(tiny_repo: Path)
             sock.close()
             assert head.startswith(b"HTTP/1.1 504 "), head
             assert json.loads(body)["error"]["code"] == "deadline_exceeded"
+
+
+def test_a_body_declared_past_the_limit_holds_no_more_than_the_limit(tiny_repo: Path) -> None:
+    """A Content-Length of 10**12 (answered 413) counted whole as held until its
+    connection closed: every other upload refused as over the body budget meanwhile."""
+    noise = np.random.default_rng(1).integers(0, 256, (300, 300, 3), dtype=np.uint8)
+    photo = encode(Image.fromarray(noise), "PNG")  # ~270 KB
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_MAX_BUFFERED_BODY_BYTES": str(4 << 20),
+        "CNNSERVE_MAX_BODY_BYTES": str(1 << 20),
+    }
+    with running_server(tiny_repo, env=env) as server, server.client() as client:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as huge:
+            huge.sendall(
+                b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                b"Content-Length: 1000000000000\r\n\r\n" + PNG
+            )
+            assert read_response(huge)[0].startswith(b"HTTP/1.1 413 ")
+            answer = client.post("/v1/classify", content=photo, headers=PNG_TYPE)
+            assert answer.status_code == 200, answer.text
+        assert shed_counts(server).get("bodies", 0) == 0
