@@ -161,8 +161,11 @@ class GatewayConfig(uvicorn.Config):
     def load(self) -> None:
         """uvicorn's, and the worker's TLS context noted for the certificate's reload
         (service.api.tls). A supervised worker first asks to be stopped with its
-        supervisor (:func:`die_with_supervisor`)."""
-        die_with_supervisor()
+        supervisor (:func:`die_with_supervisor`) and ignores SIGHUP sent to it."""
+        supervisor = os.environ.get(SUPERVISOR_ENV)
+        if supervisor is not None and int(supervisor) != os.getpid():
+            signal.signal(signal.SIGHUP, _worker_hangup)
+            die_with_supervisor(int(supervisor))
         super().load()
         from service.api.tls import serve_rest_with
 
@@ -185,23 +188,19 @@ SUPERVISOR_ENV = "CNNSERVE_SUPERVISOR_PID"
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_supervisor() -> None:
-    """In a worker of a supervisor (``SUPERVISOR_ENV``): SIGTERM once the supervisor is
-    gone (Linux's parent-death signal), so the worker drains and exits. A supervisor
-    killed with SIGKILL left its workers serving, orphaned: nothing respawned them or
-    could restart them, the next server on the port could not listen, and the next
-    `cnnserve serve` removed their metrics folder (their /metrics a 500). Not in the
+def die_with_supervisor(supervisor: int) -> None:
+    """In a worker of ``supervisor`` (its pid, ``SUPERVISOR_ENV``): SIGTERM once the
+    supervisor is gone (Linux's parent-death signal), so the worker drains and exits. A
+    supervisor killed with SIGKILL left its workers serving, orphaned: nothing respawned
+    them or could restart them, the next server on the port could not listen, and the
+    next `cnnserve serve` removed their metrics folder (their /metrics a 500). Not in the
     supervisor, nor with one worker, whose parent is whatever started the server."""
-    supervisor = os.environ.get(SUPERVISOR_ENV)
-    if supervisor is None or int(supervisor) == os.getpid():
-        return
-    signal.signal(signal.SIGHUP, _worker_hangup)
     name = ctypes.util.find_library("c")
     prctl = getattr(ctypes.CDLL(name), "prctl", None) if name is not None else None
     if prctl is None:
         return  # not Linux: orphans as before
     prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != int(supervisor):  # gone before the signal was asked for
+    if os.getppid() != supervisor:  # gone before the signal was asked for
         os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -27,7 +27,6 @@ from service.api.grpc_server import start_grpc, stop_grpc
 from service.api.header_room import HeaderRoomCheck
 from service.api.http import Admission, EarlyRefusal, RequestGuard, install_error_handlers
 from service.api.http_protocol import (
-    ACCEPT_WAIT_BUDGETS,
     ACCEPT_WAIT_STATE,
     BODY_BUDGET_STATE,
     BODY_TIMEOUT_STATE,
@@ -174,7 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 SEND_TIMEOUT_STATE: settings.send_timeout_seconds,
                 HEADER_LIMIT_STATE: settings.max_header_bytes,
                 BODY_BUDGET_STATE: settings.max_buffered_body_bytes,
-                ACCEPT_WAIT_STATE: ACCEPT_WAIT_BUDGETS * settings.queue_wait_budget_seconds,
+                ACCEPT_WAIT_STATE: settings.queue_wait_budget_seconds,
                 EARLY_REFUSAL_STATE: EarlyRefusal(
                     admission,
                     quiet_paths,

@@ -473,18 +473,8 @@ class EarlyRefusal:
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
-        error: CnnserveError | None
-        if connections is not None:
-            error = too_many_connections(*connections)
-            record = self._record(method, path, headers)
-        elif bodies is not None:
-            error = too_many_body_bytes(*bodies)
-            record = self._record(method, path, headers)
-        elif waited is not None:
-            error = backlog_refusal(*waited)
-            record = self._record(method, path, headers)
-        elif not concurrency.admits():
-            error = concurrency.refusal()
+        error: CnnserveError | None = _worker_refusal(concurrency, connections, bodies, waited)
+        if error is not None:
             record = self._record(method, path, headers)
         elif self.room is None or (check := self.room(method, path, query_string, headers)) is None:
             return None
@@ -526,6 +516,23 @@ class EarlyRefusal:
 
 def client_left() -> ClientClosedRequest:
     return ClientClosedRequest("the client closed the connection before sending the whole body")
+
+
+def _worker_refusal(
+    concurrency: ConcurrencyLimit,
+    connections: tuple[int, int] | None,
+    bodies: tuple[int, int, int] | None,
+    waited: tuple[float, float] | None,
+) -> Overloaded | None:
+    """Why the worker, whatever the request asks, refuses it (EarlyRefusal's arguments
+    say what is over its limit), or None."""
+    if connections is not None:
+        return too_many_connections(*connections)
+    if bodies is not None:
+        return too_many_body_bytes(*bodies)
+    if waited is not None:
+        return backlog_refusal(*waited)
+    return None if concurrency.admits() else concurrency.refusal()
 
 
 def too_many_connections(open_now: int, limit: int) -> Overloaded:

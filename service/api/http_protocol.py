@@ -105,11 +105,9 @@ DEFAULT_SEND_SECONDS: float = Settings.model_fields["send_timeout_seconds"].defa
 HEADER_LIMIT_STATE = "cnnserve.max_header_bytes"
 BODY_BUDGET_STATE = "cnnserve.max_buffered_body_bytes"
 # How long a new connection's first request may have waited for the worker to accept it
-# (the kernel's accept queue) and still be taken (service.api.http.backlog_refusal).
+# (the kernel's accept queue) and still be taken (service.api.http.backlog_refusal): the
+# queue-wait budget, what an admitted request may wait inside.
 ACCEPT_WAIT_STATE = "cnnserve.accept_wait_limit"
-# That limit in queue-wait budgets: what an admitted request may wait inside is the
-# budget; as long again outside, in the kernel, and its answer is late all the same.
-ACCEPT_WAIT_BUDGETS = 1
 _TCP_INFO_BYTES = 136  # struct tcp_info up to tcpi_bytes_received (Linux 4.1 on)
 _LAST_DATA_RECV = 52  # its tcpi_last_data_recv: ms since the kernel last got data
 _BYTES_RECEIVED = 128  # its tcpi_bytes_received (u64)
@@ -592,7 +590,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 if refused is not None:
                     self._refuse(refused)
                     return
-            self._hold_declared()
             if self._direct is not None and self._take_direct(method, path, query, retrying):
                 return
         self._hold_declared()
@@ -627,31 +624,33 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         budget = self._body_budget
         if not budget:
             return None
-        declared = header_value(self.headers, b"content-length") or b"0"
-        length = min(int(declared), self._max_body_bytes()) if declared.isdigit() else 0
+        length = self._declared_length() or 0
         held = BUFFERED.held
         return (held, length, budget) if held + length > budget and held else None
+
+    def _declared_length(self) -> int | None:
+        """The request's Content-Length, at most what a body may be (a Content-Length of
+        10**12, refused 413 by the route, counted as held until its connection closed,
+        every other upload refused meanwhile); None without one (chunked)."""
+        declared = header_value(self.headers, b"content-length")
+        if declared is None or not declared.isdigit():
+            return None
+        refusal = self._early_refusal
+        limit = refusal.admission.max_body_bytes if refusal is not None else DEFAULT_MAX_BODY
+        return min(int(declared), limit)
 
     def _hold_declared(self) -> None:
         """Count the body a request taken on declares (Content-Length) as held from now,
         not as its bytes come: counted as they came, 100 uploads whose headers all came
         before their bodies passed the budget 3.35 times (each worker at 450 MB held),
         none refused. A chunked body is counted as it comes (on_body)."""
-        if self._declared or not self._body_budget:
+        if not self._body_budget:
             return
-        declared = header_value(self.headers, b"content-length")
-        if declared is not None and declared.isdigit():
-            # At most what a body may be: a Content-Length of 10**12, refused 413 by the
-            # route, would count as held until its connection closed, every other upload
-            # refused meanwhile.
-            length = min(int(declared), self._max_body_bytes())
+        length = self._declared_length()
+        if length is not None:
             self._declared = True
             self._buffered += length
             BUFFERED.held += length
-
-    def _max_body_bytes(self) -> int:
-        refusal = self._early_refusal
-        return refusal.admission.max_body_bytes if refusal is not None else DEFAULT_MAX_BODY
 
     def _release_buffered(self) -> None:
         """This connection's request bodies are answered (or it is gone): not held."""
@@ -804,6 +803,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return False
         if self._requests == 1:  # its deadline counts from when the kernel had it
             request.arrived -= self._waited
+        self._hold_declared()
         # In the cycle's slot: pipelining behind it, a shutdown or a disconnect read and
         # set the same fields as on uvicorn's request cycle.
         self.cycle = request  # type: ignore[assignment]

@@ -679,6 +679,37 @@ def test_sigterm_with_workers_refuses_new_connections_and_no_watch_holds_it(
         assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+@contextmanager
+def upload_in_flight(server: Server) -> Iterator[None]:
+    """A raw-image upload whose body is still coming while the block runs (the server
+    answers others meanwhile); then its body, answered 200: a stop waits for it."""
+    head = (
+        f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {len(PNG)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as upload:
+        upload.sendall(head + PNG[:10])
+        with server.client() as probe:
+            wait_for(lambda: probe.post("/v1/classify", **RAW).status_code == 200)  # type: ignore[arg-type]
+        yield
+        upload.sendall(PNG[10:])
+        answer = upload.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def grpc_refused(server: Server) -> bool:
+    """Whether a new gRPC call is refused UNAVAILABLE (the server stopped taking calls);
+    False while it is served."""
+    with server.channel() as channel:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        try:
+            stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            return True
+        return False
+
+
 def test_sigterm_stops_grpc_beside_rest_not_after_it(tiny_repo: Path) -> None:
     """gRPC waited for REST's drain before it stopped: while one upload was still in
     flight, new gRPC calls were taken and run, and the exit took two grace periods."""
@@ -688,30 +719,9 @@ def test_sigterm_stops_grpc_beside_rest_not_after_it(tiny_repo: Path) -> None:
         "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "30",
     }
     with running_server(tiny_repo, grpc_port=0, env=env) as server:
-        head = (
-            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(PNG)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as upload:
-            upload.sendall(head + PNG[:10])  # in flight: its body is still coming
-            with server.client() as probe:
-                wait_for(lambda: probe.post("/v1/classify", **RAW).status_code == 200)  # type: ignore[arg-type]
+        with upload_in_flight(server):
             server.process.send_signal(signal.SIGTERM)
-
-            def grpc_refused() -> bool:
-                with server.channel() as channel:
-                    stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
-                    try:
-                        stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
-                    except grpc.RpcError as exc:
-                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-                        return True
-                    return False
-
-            wait_for(grpc_refused, timeout=10)  # the REST upload is still in flight
-            upload.sendall(PNG[10:])
-            answer = upload.recv(65536)
-            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            wait_for(lambda: grpc_refused(server), timeout=10)  # the upload still in flight
         assert server.process.wait(timeout=20) == 0  # within one grace (30 s), not two
 
 
@@ -799,31 +809,10 @@ def test_sigint_stops_grpc_with_rest_and_ends_health_watches_not_serving(
         watcher = threading.Thread(target=watch)
         watcher.start()
         wait_for(lambda: health_pb2.HealthCheckResponse.SERVING in statuses)
-        head = (
-            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-            f"Content-Length: {len(PNG)}\r\n\r\n"
-        ).encode()
-        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as upload:
-            upload.sendall(head + PNG[:10])  # in flight: the shutdown waits for it
-            with server.client() as probe:
-                wait_for(lambda: probe.post("/v1/classify", **RAW).status_code == 200)  # type: ignore[arg-type]
+        with upload_in_flight(server):
             server.process.send_signal(signal.SIGINT)
             wait_for(lambda: health_pb2.HealthCheckResponse.NOT_SERVING in statuses, timeout=10)
-
-            def grpc_refused() -> bool:
-                with server.channel() as channel:
-                    stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
-                    try:
-                        stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
-                    except grpc.RpcError as exc:
-                        assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
-                        return True
-                    return False
-
-            wait_for(grpc_refused, timeout=10)  # the REST upload is still in flight
-            upload.sendall(PNG[10:])
-            answer = upload.recv(65536)
-            assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+            wait_for(lambda: grpc_refused(server), timeout=10)  # the upload still in flight
         server.process.wait(timeout=20)
         watcher.join(timeout=10)
         assert not watcher.is_alive()

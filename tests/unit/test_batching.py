@@ -1004,9 +1004,11 @@ def test_an_estimate_no_batch_confirmed_lately_refuses_no_short_deadline(
     run(scenario())
 
 
-def test_a_deadline_refused_for_its_own_inference_is_not_said_to_have_passed(
-    costly: Costly, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def own_inference_refusal(
+    costly: Costly, monkeypatch: pytest.MonkeyPatch, count: int, left: float
+) -> str:
+    """The message refusing ``count`` images with ``left`` seconds before their deadline,
+    once a batch measured 10 ms per image (a clock that stands still)."""
     now = [1000.0]
     monkeypatch.setattr(batching, "monotonic", lambda: now[0])
 
@@ -1014,10 +1016,16 @@ def test_a_deadline_refused_for_its_own_inference_is_not_said_to_have_passed(
         async with DynamicBatcher(whole(costly), config()) as batcher:
             await batcher.submit(images(1, 2), deadline=None)  # 10 ms per image
             with pytest.raises(DeadlineExceeded) as refused:
-                await batcher.submit(images(3, 4, 5), deadline=now[0] + 0.025)
+                await batcher.submit(images(*range(3, 3 + count)), deadline=now[0] + left)
             return refused.value.message
 
-    message = run(scenario())
+    return run(scenario())
+
+
+def test_a_deadline_refused_for_its_own_inference_is_not_said_to_have_passed(
+    costly: Costly, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = own_inference_refusal(costly, monkeypatch, 3, 0.025)
     assert "expected to take ~30.0 ms, more than the 25.0 ms left before its deadline" in message
     assert "passed" not in message  # it had not: 25 ms were left
 
@@ -1093,14 +1101,5 @@ def test_a_failed_request_lets_go_of_what_it_held_without_the_cycle_collector() 
 def test_a_deadline_under_a_tenth_of_a_millisecond_is_not_printed_as_none_left(
     costly: Costly, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    now = [1000.0]
-    monkeypatch.setattr(batching, "monotonic", lambda: now[0])
-
-    async def scenario() -> str:
-        async with DynamicBatcher(whole(costly), config()) as batcher:
-            await batcher.submit(images(1, 2), deadline=None)  # 10 ms per image
-            with pytest.raises(DeadlineExceeded) as refused:
-                await batcher.submit(images(3), deadline=now[0] + 0.00005)
-            return refused.value.message
-
-    assert "more than the 0.05 ms left" in run(scenario())
+    message = own_inference_refusal(costly, monkeypatch, 1, 0.00005)
+    assert "more than the 0.05 ms left" in message

@@ -177,6 +177,19 @@ def writers(multiproc_dir: Path) -> Iterator[list[subprocess.Popen[str]]]:
             proc.wait()
 
 
+# The series each writer process counts 1 in (WRITER), as scrape() keys it.
+WRITTEN_REQUESTS = (
+    "cnnserve_requests_total",
+    (
+        ("code", "200"),
+        ("model", "mp"),
+        ("protocol", "rest"),
+        ("route", "/v1/classify"),
+        ("version", "1"),
+    ),
+)
+
+
 def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     body, content_type = metrics.render()
     assert content_type.startswith("text/plain")
@@ -196,16 +209,7 @@ def end(proc: subprocess.Popen[str]) -> None:
 def test_processes_are_summed_and_dead_ones_leave_the_gauges(
     writers: list[subprocess.Popen[str]], multiproc_dir: Path
 ) -> None:
-    requests = (
-        "cnnserve_requests_total",
-        (
-            ("code", "200"),
-            ("model", "mp"),
-            ("protocol", "rest"),
-            ("route", "/v1/classify"),
-            ("version", "1"),
-        ),
-    )
+    requests = WRITTEN_REQUESTS
     in_flight = ("cnnserve_in_flight_requests", (("model", "mp"),))
     available = (
         "cnnserve_model_versions",
@@ -340,18 +344,4 @@ def test_a_dead_process_that_counted_nothing_leaves_no_files(
     scrape()
     assert not list(multiproc_dir.glob(f"*_{pid}.db"))
     assert list(multiproc_dir.glob(f"counter_{writers[0].pid}.db"))  # its totals stay
-    assert (
-        scrape()[
-            (
-                "cnnserve_requests_total",
-                (
-                    ("code", "200"),
-                    ("model", "mp"),
-                    ("protocol", "rest"),
-                    ("route", "/v1/classify"),
-                    ("version", "1"),
-                ),
-            )
-        ]
-        == 2
-    )
+    assert scrape()[WRITTEN_REQUESTS] == 2
