@@ -417,7 +417,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._refusals = (
             ConnectionRefusals()
             if self._early_refusal is None
-            else self._early_refusal.admission.concurrency.connection()
+            else self._early_refusal.admission.concurrency.connection(
+                self.client[0] if self.client else None
+            )
         )
         self._expect_headers()  # the first request's headers are due from now
 
@@ -569,7 +571,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = not self._answering()
-        retrying = self._refusals.retrying(self.loop.time())
+        retrying = self._refusals.retrying(self.loop.time(), first=self._requests == 1)
         if idle and (self._early_refusal is not None or self._direct is not None):
             method = self.parser.get_method().decode("ascii")
             raw_path, _, query = self.url.partition(b"?")

@@ -101,8 +101,9 @@ def load(port: int, request: bytes, connections: int, seconds: float) -> Run:
     return asyncio.run(drive(port, request, connections, seconds))
 
 
-async def _once(port: int, request: bytes, runs: list[Run]) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def _once(port: int, request: bytes, runs: list[Run], host: str | None = None) -> None:
+    local = None if host is None else (host, 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
     try:
         for run in runs:
             began = time.perf_counter()
@@ -114,19 +115,36 @@ async def _once(port: int, request: bytes, runs: list[Run]) -> None:
         writer.close()
 
 
-def burst(port: int, request: bytes, connections: int) -> Run:
+def burst(port: int, request: bytes, connections: int, hosts: bool = False) -> Run:
     """``connections`` clients sending ``request`` once each, all at the same moment."""
-    return bursts(port, request, connections, 1)[0]
+    return bursts(port, request, connections, 1, hosts)[0]
 
 
-def bursts(port: int, request: bytes, connections: int, times: int) -> list[Run]:
+def bursts(
+    port: int, request: bytes, connections: int, times: int, hosts: bool = False
+) -> list[Run]:
     """``connections`` clients, all at the same moment, each sending ``request``
     ``times`` times on its connection, again as soon as it is answered (retrying at
-    once): one Run per round."""
+    once): one Run per round. ``hosts``: each client from a host of its own (a loopback
+    address, 127.0.0.2 on), as distinct clients are; else all from 127.0.0.1, as one
+    client's connections are (the server judges a new connection by its host's
+    refusals: service.concurrency.ConnectionRefusals)."""
 
     async def drive_rounds() -> list[Run]:
         runs = [Run(0.0) for _ in range(times)]
-        await asyncio.gather(*(_once(port, request, runs) for _ in range(connections)))
+        await asyncio.gather(
+            *(
+                _once(port, request, runs, loopback_host(i) if hosts else None)
+                for i in range(connections)
+            )
+        )
         return runs
 
     return asyncio.run(drive_rounds())
+
+
+def loopback_host(n: int) -> str:
+    """The ``n``-th loopback address from 127.0.0.2 (all of 127.0.0.0/8 is this host's
+    on Linux): a client host of its own."""
+    n += 2
+    return f"127.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"

@@ -300,6 +300,34 @@ def test_an_admitted_request_clears_its_connections_refusal() -> None:
     assert limit.admit(None) is not None  # a caller without a connection record
 
 
+def test_a_new_connections_first_request_is_judged_by_its_hosts_refusals() -> None:
+    # A client opening a connection per request comes back on a new one: its first
+    # request counts as a retry at once when its host was refused that recently.
+    limit = ConcurrencyLimit(1)
+    limit.connection("10.0.0.1").refused(1.0)
+    again = limit.connection("10.0.0.1")
+    assert again.retrying(1.0 + RETRY_AT_ONCE_SECONDS / 2, first=True)
+    assert not again.retrying(1.0 + RETRY_AT_ONCE_SECONDS, first=True)  # it waited
+    # The connection's later requests are its own (a probe answered first, say).
+    assert not again.retrying(1.0 + RETRY_AT_ONCE_SECONDS / 2)
+    # Another host, or a connection whose host is not known, is not.
+    assert not limit.connection("10.0.0.2").retrying(1.001, first=True)
+    assert not limit.connection().retrying(1.001, first=True)
+    # Admitted, a new connection of that host does not clear the host's refusal: its
+    # other connections may still be refused.
+    passed = limit.connection("10.0.0.1")
+    passed.passed()
+    assert limit.connection("10.0.0.1").retrying(1.001, first=True)
+
+
+def test_hosts_are_forgotten_in_bulk() -> None:
+    limit = ConcurrencyLimit(1)
+    limit.connection("10.0.0.1").refused(1.0)
+    for n in range(module.MAX_PEERS):  # clients' addresses: the table stays bounded
+        limit.connection(f"10.1.{n // 256}.{n % 256}").refused(1.0)
+    assert not limit.connection("10.0.0.1").retrying(1.0, first=True)
+
+
 def test_grpc_peers_are_remembered_by_name_and_forgotten_in_bulk() -> None:
     limit = ConcurrencyLimit(1)
     first = limit.peer("ipv4:127.0.0.1:5000")
