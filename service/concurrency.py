@@ -106,6 +106,14 @@ MOVE_HELD = 2
 MOVE_INTERVAL_SECONDS = 1.0
 MOVE_CHECK_SECONDS = 0.1
 MAX_PEERS = 4096  # gRPC connections whose refusals are remembered (ConcurrencyLimit.peer)
+# A new connection's first request judged a retry by its host's refusals (HostRefusals)
+# waits for the pace only while the wait is under this: a closed loop of up to ~250
+# clients a worker reconnecting at once is slowed to the pace (500 a second), and an
+# open loop's 503s wait no longer. 2 workers, wrk with `Connection: close` (closed loop)
+# and an open loop of 3,000 new connections a second (about twice what they serve):
+# with 0.25 s, 875 answered a second at 512 connections, open-loop 503s p90 370 ms;
+# with 0.5 s, 999 and 610 ms; unbounded (2 s, the pace's own), 1,166 and 2.1 s.
+HOST_WAIT_SECONDS = 0.5
 # A refused request's body is read (to be dropped, so that keep-alive goes on), and its
 # bytes cost the worker as much as the refusal itself once they are this many: answered
 # as the headers are parsed, 0.06-0.09 ms of CPU with an 18 KB body against 0.20-0.29 ms
@@ -144,7 +152,7 @@ class ConcurrencyLimit:
         self._peers: dict[str, ConnectionRefusals] = {}
         # When each client host (a connection's peer address) was last refused: what a
         # new connection's first request is judged by (ConnectionRefusals.retrying).
-        self._hosts: dict[str, float] = {}
+        self._hosts = HostRefusals(retry_at_once, self._host_waits)
         self._moving = False  # the last refusal found room in a sibling worker
         self._move_next = 0.0  # when an answered connection may be moved next (clock's time)
         self._shed_at = -SHEDDING_SECONDS  # when admits() last said no (clock's time)
@@ -331,7 +339,7 @@ class ConcurrencyLimit:
             move=moving,
         )
 
-    def refusal_delay(self, retrying: bool = True) -> float:
+    def refusal_delay(self, retrying: bool | None = True) -> float:
         """Seconds this refusal waits for its turn: 0 within a burst, beyond it each waits
         for its token, at ``refusals_per_second``. A refusal of a client not known to be
         ``retrying`` at once (:class:`ConnectionRefusals`) never waits: it takes its
@@ -339,8 +347,10 @@ class ConcurrencyLimit:
         it instead, and the worker still answers about ``refusals_per_second``. What it
         may owe is bounded (:data:`MAX_REFUSAL_DEBT_SECONDS`) so that refusals which do
         not wait, however many, never make a spinning client wait longer than that; no
-        wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`."""
-        if not self._rate:
+        wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`. ``retrying`` None: a
+        retry its wait would not slow (:class:`HostRefusals`), answered at once and
+        taking no turn (owed, its turns would keep the wait past the host's bound)."""
+        if not self._rate or retrying is None:
             return 0.0
         tokens = self._refilled()
         if not retrying:
@@ -374,7 +384,7 @@ class ConcurrencyLimit:
         self._tokens = min(tokens, max(tokens - cost, -self._rate * MAX_REFUSAL_DEBT_SECONDS))
 
     async def pace_refusal(
-        self, retrying: bool = True, connection: ConnectionRefusals | None = None
+        self, retrying: bool | None = True, connection: ConnectionRefusals | None = None
     ) -> None:
         """Wait for this refusal's turn (:meth:`refusal_delay`), then note on the client's
         ``connection`` record, if known, that it was refused now. A caller that cannot
@@ -405,6 +415,15 @@ class ConcurrencyLimit:
             return ConnectionRefusals(self._retry_at_once)
         return ConnectionRefusals(self._retry_at_once, host, self._hosts)
 
+    def _host_waits(self) -> bool:
+        """Whether a refusal judged by its host (:class:`HostRefusals`) waits for the
+        pace now: only while the pace's wait is under :data:`HOST_WAIT_SECONDS`."""
+        if not self._rate:
+            return False
+        now = self._clock()
+        tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
+        return (1 - tokens) / self._rate < HOST_WAIT_SECONDS
+
 
 class ConnectionRefusals:
     """Whether a client connection is retrying a refusal at once: its previous request
@@ -431,35 +450,68 @@ class ConnectionRefusals:
         self,
         window: float = RETRY_AT_ONCE_SECONDS,
         host: str | None = None,
-        hosts: dict[str, float] | None = None,
+        hosts: HostRefusals | None = None,
     ) -> None:
         self._refused_at: float | None = None
         self._window = window
         self._host = host
-        self._hosts = hosts  # when each host was last refused (shared by a worker's)
+        self._hosts = hosts
 
-    def retrying(self, now: float, first: bool = False) -> bool:
+    def retrying(self, now: float, first: bool = False) -> bool | None:
         """Whether a request arriving ``now`` is a refused client's retry at once;
-        ``first``: the connection's first request, judged by its host's refusals."""
+        ``first``: the connection's first request, judged by its host's refusals (None:
+        such a retry, which waiting would not slow: :class:`HostRefusals`)."""
         if self._refused_at is not None:
             return now - self._refused_at < self._window
         if not first or self._hosts is None or self._host is None:
             return False
-        at = self._hosts.get(self._host)
-        return at is not None and now - at < self._window
+        return self._hosts.retrying(self._host, now)
 
     def refused(self, now: float) -> None:
         """The refusal's answer was sent at ``now``."""
         self._refused_at = now
         if self._hosts is not None and self._host is not None:
-            if len(self._hosts) >= MAX_PEERS and self._host not in self._hosts:
-                self._hosts.clear()  # bounded: forgotten, as gRPC's peers are
-            self._hosts[self._host] = now
+            self._hosts.refused(self._host, now)
 
     def passed(self) -> None:
         """A request on the connection was admitted (a probe, which is not limited, does
         not count: it says nothing of how the client retries)."""
         self._refused_at = None
+
+
+class HostRefusals:
+    """When each client host was last refused (a worker's, bounded), for judging a new
+    connection's first request (:meth:`ConnectionRefusals.retrying`): a retry at once
+    when its host was refused within ``window``, and only while ``waits()`` says such
+    a refusal still waits for the pace. A client that reconnects for each request and
+    waits for its answer sends nothing while its 503 waits, so the pace slows it; one
+    that opens connections at its own rate, whatever the answers (open loop), is not
+    slowed, and its refusals would only pile up: at twice what 2 workers serve (3,000
+    new connections a second, each one request) 503s waited the full 2 s and held
+    connections were refused over CNNSERVE_MAX_CONNECTIONS. Past
+    :data:`HOST_WAIT_SECONDS` of wait, they are answered at once, taking no turn: owed,
+    their turns kept the wait past the bound for as long as they came (the closed
+    loop's too, which then went unpaced)."""
+
+    __slots__ = ("_at", "_waits", "_window")
+
+    def __init__(self, window: float, waits: Callable[[], bool]) -> None:
+        self._at: dict[str, float] = {}
+        self._window = window
+        self._waits = waits
+
+    def retrying(self, host: str, now: float) -> bool | None:
+        """True: ``host`` was refused within the window, and its refusal waits its turn;
+        None: refused within the window, but the wait is past the bound; else False."""
+        at = self._at.get(host)
+        if at is None or now - at >= self._window:
+            return False
+        return True if self._waits() else None
+
+    def refused(self, host: str, now: float) -> None:
+        if len(self._at) >= MAX_PEERS and host not in self._at:
+            self._at.clear()  # bounded: forgotten, as gRPC's peers are
+        self._at[host] = now
 
 
 def next_limit(

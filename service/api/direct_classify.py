@@ -71,7 +71,7 @@ class DirectRequest:
     headers: Headers
     record: RequestRecord
     connection: ConnectionRefusals
-    retrying: bool
+    retrying: bool | None
     keep_alive: bool
     # The concurrency place (ConcurrencyLimit.try_acquire), taken once the body is in:
     # a client slow to send it holds no place and its wait is no answer time.
@@ -116,7 +116,7 @@ class DirectClassify:
         *,
         keep_alive: bool,
         connection: ConnectionRefusals,
-        retrying: bool,
+        retrying: bool | None,
     ) -> DirectRequest | None:
         """A request this path answers, its concurrency place taken; or None for the
         ASGI way (which answers or refuses it as always)."""

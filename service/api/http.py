@@ -288,7 +288,7 @@ class RequestGuard:
             scope = {**scope, "method": routed}
         concurrency = self.admission.concurrency
         status = 500  # what the client gets if the app raises before answering
-        arrival: tuple[ConnectionRefusals | None, bool]
+        arrival: tuple[ConnectionRefusals | None, bool | None]
         arrival = scope.get(CONNECTION_REFUSALS, (None, True))  # (None: another server)
         connection, retrying = arrival
         movable: Callable[[], bool] = scope.get(CONNECTION_MOVABLE, _never)
@@ -458,7 +458,7 @@ class EarlyRefusal:
         path: str,
         query_string: bytes,
         headers: Sequence[tuple[bytes, bytes]],
-        retrying: bool,
+        retrying: bool | None,
         connections: tuple[int, int] | None = None,
         bodies: tuple[int, int, int] | None = None,
         waited: tuple[float, float] | None = None,

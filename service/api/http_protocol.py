@@ -780,7 +780,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # --- the direct path (service.api.direct_classify) ---------------------------------
 
-    def _take_direct(self, method: str, path: str, query: bytes, retrying: bool) -> bool:
+    def _take_direct(self, method: str, path: str, query: bytes, retrying: bool | None) -> bool:
         """Hand the request to the direct path if it takes it (its body then arrives
         in :meth:`on_body`), as uvicorn would have made it a request cycle."""
         assert self._direct is not None

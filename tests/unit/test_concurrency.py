@@ -216,14 +216,14 @@ def test_refusals_beyond_a_burst_wait_their_turn(monkeypatch: pytest.MonkeyPatch
     asyncio.run(unpaced.pace_refusal())
     assert len(waits) == 3
 
-    async def refused_on_connection() -> bool:
+    async def refused_on_connection() -> bool | None:
         # A minute's retry window: a loaded host's pause cannot make it miss.
         roomy = ConcurrencyLimit(1, clock=clock, retry_at_once=60.0)
         connection = roomy.connection()
         await roomy.pace_refusal(False, connection)  # the answer goes out: noted
         return connection.retrying(asyncio.get_running_loop().time())
 
-    assert asyncio.run(refused_on_connection())
+    assert asyncio.run(refused_on_connection()) is True
 
 
 def test_only_clients_retrying_at_once_wait_for_the_pace() -> None:
@@ -303,7 +303,7 @@ def test_an_admitted_request_clears_its_connections_refusal() -> None:
 def test_a_new_connections_first_request_is_judged_by_its_hosts_refusals() -> None:
     # A client opening a connection per request comes back on a new one: its first
     # request counts as a retry at once when its host was refused that recently.
-    limit = ConcurrencyLimit(1)
+    limit = ConcurrencyLimit(1, refusals_per_second=100.0, clock=Clock())
     limit.connection("10.0.0.1").refused(1.0)
     again = limit.connection("10.0.0.1")
     assert again.retrying(1.0 + RETRY_AT_ONCE_SECONDS / 2, first=True)
@@ -315,9 +315,29 @@ def test_a_new_connections_first_request_is_judged_by_its_hosts_refusals() -> No
     assert not limit.connection().retrying(1.001, first=True)
     # Admitted, a new connection of that host does not clear the host's refusal: its
     # other connections may still be refused.
-    passed = limit.connection("10.0.0.1")
-    passed.passed()
+    limit.connection("10.0.0.1").passed()
     assert limit.connection("10.0.0.1").retrying(1.001, first=True)
+
+
+def test_a_hosts_new_connections_wait_only_while_the_pace_is_short() -> None:
+    # An open loop of new connections is not slowed by waits: once the pace's wait
+    # passes HOST_WAIT_SECONDS, a refusal judged by its host is answered at once; a
+    # connection's own retry still waits.
+    clock = Clock()
+    limit = ConcurrencyLimit(1, refusals_per_second=100.0, clock=clock)
+    connection = limit.connection("10.0.0.1")
+    connection.refused(1.0)
+    while limit.refusal_delay() < module.HOST_WAIT_SECONDS:
+        pass
+    assert limit.connection("10.0.0.1").retrying(1.001, first=True) is None
+    assert connection.retrying(1.001) is True
+    # Answered at once, it takes no turn: owed, turns would keep the wait past the bound
+    # as long as such refusals came, the spinning clients' included.
+    before = limit.refusal_delay()
+    assert limit.refusal_delay(None) == 0.0
+    assert limit.refusal_delay() == pytest.approx(before + 1 / 100.0)
+    clock.now += 1.0  # the turns went by
+    assert limit.connection("10.0.0.1").retrying(1.001, first=True) is True
 
 
 def test_hosts_are_forgotten_in_bulk() -> None:
