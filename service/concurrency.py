@@ -37,7 +37,8 @@ answered at once; the body of a refused request counts one more per
 :data:`REFUSAL_BODY_BYTES` as it is read, :meth:`ConcurrencyLimit.charge_body`, as its
 bytes cost the CPU the refusal does); beyond that a refusal waits its turn (no CPU is
 spent while it waits), so a storm of them takes a bounded share of the worker. Only a
-client retrying at once waits (known per connection: :class:`ConnectionRefusals`); any
+client retrying at once waits (known per connection: :class:`ConnectionRefusals`; a new
+connection's first request by its address, :class:`HostRefusals`); any
 other refusal is answered at once and its token taken from the spinning clients'
 turns, so a client that waits before retrying, or one turned away after an answered
 request, is told in a millisecond however many others spin.
