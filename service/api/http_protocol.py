@@ -571,7 +571,12 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = not self._answering()
-        retrying = self._refusals.retrying(self.loop.time(), first=self._requests == 1)
+        # A new connection's first request came when the kernel had it, not when the
+        # worker accepted it: a client that reconnected at once after its 503 looked
+        # late by its wait in the accept queue, and its refusal went unpaced.
+        first = self._requests == 1
+        came = self.loop.time() - (self._waited if first else 0.0)
+        retrying = self._refusals.retrying(came, first=first)
         if idle and (self._early_refusal is not None or self._direct is not None):
             method = self.parser.get_method().decode("ascii")
             raw_path, _, query = self.url.partition(b"?")

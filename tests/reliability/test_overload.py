@@ -5,6 +5,7 @@ full speed returns as soon as load drops. Bounds are generous: the machine is sh
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import re
 import signal
@@ -358,6 +359,41 @@ def test_a_client_reconnecting_at_once_after_each_503_waits_for_the_pace(
         assert spent >= 7 / rate / 2, spent
         other = burst(server.port, request, 1, hosts=True)
         assert other.statuses() == {503} and other.of(503)[0] < 1 / rate / 2, other.outcomes
+
+
+def test_a_reconnect_is_timed_from_when_the_kernel_had_it(tiny_repo_litert: Path) -> None:
+    """A client's reconnect after its 503, sent at once, that waited in the accept queue
+    longer than the retry window (the worker stopped meanwhile, SIGSTOP) is still a
+    retry at once: timed from when it was accepted, it looked late, and an outside
+    audit's crowd of such clients, each from an address of its own, went unpaced (one
+    worker, 8x: 55-59% goodput against 92-97% from one address)."""
+    rate = 10.0  # paced(): a retry within 0.5 s counts as at once
+    request = post("/v1/classify", PNG, "image/png", {"Connection": "close"})
+    client = ("127.0.0.77", 0)  # an address no other request of this test comes from
+
+    def refused_from_client() -> float:
+        """Seconds from the request to its 503."""
+        with socket.create_connection(
+            ("127.0.0.1", server.port), 30, source_address=client
+        ) as sock:
+            began = time.perf_counter()
+            sock.sendall(request)
+            assert read_response(sock)[0].startswith(b"HTTP/1.1 503")
+            return time.perf_counter() - began
+
+    with full_worker(tiny_repo_litert, paced(rate)) as server:
+        # Other clients' first 503s, answered at once, owe the pace a second's turns.
+        assert burst(server.port, REQUEST, 12, hosts=True).statuses() == {503}
+        refused_from_client()  # its first: at once, owing a turn too
+        server.process.send_signal(signal.SIGSTOP)
+        try:  # its reconnect, sent at once, waits in the queue past the window
+            reconnect = concurrent.futures.ThreadPoolExecutor(1).submit(refused_from_client)
+            time.sleep(0.7)  # the stimulus, not a synchronization: time in the queue
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        # A retry: it waits for its turn (~0.4 s: the debt less what 0.7 s paid back);
+        # timed from its accept, it was answered at once.
+        assert reconnect.result(timeout=30) >= 0.7 + 0.1
 
 
 def test_a_503_the_app_makes_is_paced_by_its_connection_too(tiny_repo_litert: Path) -> None:
