@@ -373,11 +373,12 @@ class ConcurrencyLimit:
             self._owe(self._refilled(), body_bytes / REFUSAL_BODY_BYTES)
 
     def _refilled(self) -> float:
-        """The bucket's tokens now: what it held, plus what accrued since, up to a burst."""
+        """The bucket's tokens now: what it held, plus what accrued since, up to a burst
+        (kept: the bucket is refilled to now)."""
         now = self._clock()
-        tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
         self._tokens_at = now
-        return tokens
+        return self._tokens
 
     def _owe(self, tokens: float, cost: float) -> None:
         """Take ``cost`` from ``tokens`` (refilled to now) without waiting, owing it if
@@ -412,18 +413,12 @@ class ConcurrencyLimit:
     def connection(self, host: str | None = None) -> ConnectionRefusals:
         """A new connection's refusal record (the HTTP protocol makes one per connection),
         from the client ``host`` (its peer address) if known."""
-        if host is None:
-            return ConnectionRefusals(self._retry_at_once)
         return ConnectionRefusals(self._retry_at_once, host, self._hosts)
 
     def _host_waits(self) -> bool:
         """Whether a refusal judged by its host (:class:`HostRefusals`) waits for the
         pace now: only while the pace's wait is under :data:`HOST_WAIT_SECONDS`."""
-        if not self._rate:
-            return False
-        now = self._clock()
-        tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self._rate)
-        return (1 - tokens) / self._rate < HOST_WAIT_SECONDS
+        return bool(self._rate) and (1 - self._refilled()) / self._rate < HOST_WAIT_SECONDS
 
 
 class ConnectionRefusals:

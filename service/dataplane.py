@@ -331,8 +331,8 @@ class DataPlane:
         ``max_request_pixels``: each image may be under the
         per-image limit while their sum is not (64 GIFs of 42 bytes, each declaring a
         6000×6000 screen, cost 4 s of CPU); and their decode work in all
-        (:func:`_decode_work`, summed here without a call per image)."""
-        opened, total, work = [], 0, DECODE_PIXELS_PER_IMAGE * len(images)
+        (:func:`_decode_work`)."""
+        opened, total, work = [], 0, 0
         for i, data in enumerate(images):
             try:
                 image = open_image(data, max_pixels=max_pixels, target=spec.size)
@@ -340,7 +340,7 @@ class DataPlane:
                 raise _naming(exc, i, names) from None
             opened.append(image)
             total += request_cost(data, image)
-            work += max(decode_cost(image), len(data) // DECODE_BYTES_PER_PIXEL)
+            work += _decode_work(data, decode_cost(image))
         limit = self.settings.max_request_pixels
         if total > limit:
             raise ImageTooLarge(

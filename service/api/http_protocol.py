@@ -574,9 +574,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # A new connection's first request came when the kernel had it, not when the
         # worker accepted it: a client that reconnected at once after its 503 looked
         # late by its wait in the accept queue, and its refusal went unpaced.
-        first = self._requests == 1
-        came = self.loop.time() - (self._waited if first else 0.0)
-        retrying = self._refusals.retrying(came, first=first)
+        waited = self._first_waited()
+        retrying = self._refusals.retrying(self.loop.time() - waited, first=self._requests == 1)
         if idle and (self._early_refusal is not None or self._direct is not None):
             method = self.parser.get_method().decode("ascii")
             raw_path, _, query = self.url.partition(b"?")
@@ -603,7 +602,6 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # RequestGuard admits it (and the connection's refusal is forgotten) or refuses
         # it, paced by the same rule.
         self.scope[CONNECTION_REFUSALS] = (self._refusals, retrying)  # type: ignore[literal-required]
-        waited = self._waited if self._requests == 1 else 0.0
         self.scope[ARRIVED] = time.monotonic() - waited  # type: ignore[literal-required]
         self.scope[CONNECTION_MOVABLE] = self._movable_cycle  # type: ignore[literal-required]
         super().on_headers_complete()
@@ -611,6 +609,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         if self.expect_100_continue:
             self.cycle.send = _closing_unless_continued(self.cycle)  # type: ignore[method-assign,assignment]
+
+    def _first_waited(self) -> float:
+        """How long the current request waited in the kernel before the worker accepted
+        its connection: a new connection's first request only (0 for the others)."""
+        return self._waited if self._requests == 1 else 0.0
 
     def _accept_waited(self) -> tuple[float, float] | None:
         """(seconds waited, limit) when this, a new connection's first request, waited
@@ -808,8 +811,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
         if request is None:
             return False
-        if self._requests == 1:  # its deadline counts from when the kernel had it
-            request.arrived -= self._waited
+        request.arrived -= self._first_waited()  # its deadline: from when the kernel had it
         self._hold_declared()
         # In the cycle's slot: pipelining behind it, a shutdown or a disconnect read and
         # set the same fields as on uvicorn's request cycle.

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from types import SimpleNamespace
 from typing import Any
 
@@ -166,11 +168,22 @@ class Worker:
         deadline = self.clock.now + 30
         return await self.plane.decode(list(images), TARGET, deadline, HELD)  # type: ignore[arg-type]
 
-    def submit(self, *images: bytes) -> asyncio.Task[Any]:
-        return asyncio.create_task(self.decode(*images))
+    @asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        """The decode thread busy until the block ends (then freed, and waited for)."""
+        blocker = asyncio.get_running_loop().run_in_executor(self.pool, self.gate.wait, 5)
+        try:
+            yield
+        finally:
+            self.gate.set()
+            await blocker
 
-    def hold(self) -> asyncio.Future[bool]:
-        return asyncio.get_running_loop().run_in_executor(self.pool, self.gate.wait, 5)
+    async def queued(self, *images: bytes) -> asyncio.Task[Any]:
+        """A request of ``images`` submitted and admitted: its images wait in the queue."""
+        before = self.plane._decoding
+        task = asyncio.create_task(self.decode(*images))
+        await until(lambda: self.plane._decoding == before + len(images))
+        return task
 
     async def refused(self, *images: bytes) -> None:
         with pytest.raises(Overloaded, match="decoded") as shed:
@@ -198,14 +211,11 @@ def test_huge_images_are_counted_by_their_pixels_whatever_came_before(
     async def scenario() -> None:
         for image in history:
             await worker.decode(image)
-        blocker = worker.hold()
-        first = worker.submit(HUGE)  # no image waits: admitted, however large
-        await until(lambda: worker.plane._decoding == 1)
-        await worker.refused(HUGE)
-        await worker.refused(SMALL)
-        await worker.refused(SMALL, SMALL)
-        worker.gate.set()
-        await blocker
+        async with worker.held():
+            first = await worker.queued(HUGE)  # no image waits: admitted, however large
+            await worker.refused(HUGE)
+            await worker.refused(SMALL)
+            await worker.refused(SMALL, SMALL)
         assert len(await first) == 1
         assert len(await worker.decode(SMALL)) == 1  # nothing waits: admitted
         assert worker.plane._decoding == worker.plane._decoding_work == 0
@@ -219,11 +229,8 @@ def test_small_images_behind_small_ones_are_admitted(monkeypatch: pytest.MonkeyP
 
     async def scenario() -> None:
         await worker.decode(SMALL)
-        blocker = worker.hold()
-        waiting = [worker.submit(SMALL) for _ in range(40)]
-        await until(lambda: worker.plane._decoding == 40)
-        worker.gate.set()
-        await blocker
+        async with worker.held():
+            waiting = [await worker.queued(SMALL) for _ in range(40)]
         assert [len(await task) for task in waiting] == [1] * 40
 
     worker.run(scenario())
@@ -240,14 +247,10 @@ def test_a_requests_own_images_are_not_its_wait_but_the_next_ones(
 
     async def scenario() -> None:
         await worker.decode(SMALL)
-        blocker = worker.hold()
-        first = worker.submit(SMALL)
-        await until(lambda: worker.plane._decoding == 1)
-        second = worker.submit(HUGE, HUGE)
-        await until(lambda: worker.plane._decoding == 3)
-        await worker.refused(SMALL)
-        worker.gate.set()
-        await blocker
+        async with worker.held():
+            first = await worker.queued(SMALL)
+            second = await worker.queued(HUGE, HUGE)
+            await worker.refused(SMALL)
         assert (len(await first), len(await second)) == (1, 2)
 
     worker.run(scenario())
@@ -262,12 +265,9 @@ def test_a_list_is_refused_on_the_queued_work_before_its_headers_are_read(
 
     async def scenario() -> None:
         await worker.decode(SMALL)
-        blocker = worker.hold()
-        first = worker.submit(HUGE)
-        await until(lambda: worker.plane._decoding == 1)
-        await worker.refused(b"no image", b"none")
-        worker.gate.set()
-        await blocker
+        async with worker.held():
+            first = await worker.queued(HUGE)
+            await worker.refused(b"no image", b"none")
         await first
 
     worker.run(scenario())
@@ -280,12 +280,9 @@ def test_before_any_decoding_is_measured_huge_images_still_count(
     worker = Worker(monkeypatch)
 
     async def scenario() -> None:
-        blocker = worker.hold()
-        first = worker.submit(HUGE)
-        await until(lambda: worker.plane._decoding == 1)
-        await worker.refused(HUGE)
-        worker.gate.set()
-        await blocker
+        async with worker.held():
+            first = await worker.queued(HUGE)
+            await worker.refused(HUGE)
         await first
 
     worker.run(scenario())
