@@ -8,15 +8,18 @@ Retry-After, gRPC RESOURCE_EXHAUSTED). The limit adapts to the latency budget
 requests came one at a time). After each window of answers (0.1 s and 16 answers at
 least) the limit moves in proportion to target / p99 of the window's answers: down when
 they were slower (from what the window held, by a fifth at most), up when they were
-faster and the limit was full (by a quarter at most). It never goes below half a batch
-(``max_batch_size`` / 2): that many in flight wait about one batch's inference at most,
-which admission cannot shorten without shrinking batches (measured on a noisy 2-core
-host: with a quarter batch as the floor, host hiccups got up to 1.6% of `cnnserve
-bench`'s saturating 32 connections refused; with a whole batch, the admitted p99 at 4x
-the load reached 97-121 ms). A cut needing two slow windows in a row was tried against
-the hiccups too, and dropped: it let the limit overshoot (admitted p99 at 4x 60-153 ms
-against 58-67 ms without it). Nor does it go above the configured cap
-(``max_concurrent_requests``), which bounds what a
+faster and the limit was full (by a quarter at most). It never goes below the requests
+that carry half a batch of images (``max_batch_size`` / 2, divided by the images a
+request of the window carried on average): that many images in flight wait about one
+batch's inference at most, which admission cannot shorten without shrinking batches
+(measured on a noisy 2-core host: with a quarter batch as the floor, host hiccups got up
+to 1.6% of `cnnserve bench`'s saturating 32 connections refused; with a whole batch,
+the admitted p99 at 4x the load reached 97-121 ms). A cut needing two slow windows in a
+row was tried against the hiccups too, and dropped: it let the limit overshoot
+(admitted p99 at 4x 60-153 ms against 58-67 ms without it). Counted in requests whatever
+their images, the floor held 16 requests of 16 images (8 batches) in flight: at 4x such
+requests the limit never moved, and their admitted p99 was 143-170 ms (target ~110).
+Nor does it go above the configured cap (``max_concurrent_requests``), which bounds what a
 worker holds (memory, open bodies) whatever the latency says; up to the cap, a worker
 at its limit may borrow the places its sibling workers leave unused (service.siblings:
 which worker a connection lands on is the kernel's choice). The event loop's
@@ -126,7 +129,8 @@ class ConcurrencyLimit:
     """The worker's in-flight count against its limit (event loop only: no lock).
 
     With ``budget`` None the limit is the fixed ``cap``; with a budget it adapts, as the
-    module says, between ``floor`` and ``cap``."""
+    module says, between ``floor`` (in images: as many requests as carry that many) and
+    ``cap``."""
 
     def __init__(
         self,
@@ -145,7 +149,9 @@ class ConcurrencyLimit:
         self.cap = cap
         self.in_flight = 0
         self._budget = budget
-        self._floor = max(1, min(floor, cap))
+        # The floor is in images; in requests, it follows the images they carry.
+        self._floor_images = max(1, min(floor, cap))
+        self._floor = self._floor_images
         # Adapting, it starts low and rises while windows show room (MAX_RAISE a window).
         self.limit = cap if budget is None else min(cap, INITIAL_FLOORS * self._floor)
         self._clock = clock
@@ -168,6 +174,7 @@ class ConcurrencyLimit:
         # The current window: answer times, the most requests held, whether it refused.
         self._window_end = clock() + WINDOW_SECONDS
         self._answers: list[float] = []
+        self._images = 0  # the images the window's answered requests carried
         self._held = 0
         self._full = False
         self._alone = 0.0  # what a request alone takes (moving average; 0 = not seen)
@@ -252,20 +259,27 @@ class ConcurrencyLimit:
         at once rather than after a batch (service.batching)."""
         return self._clock() - self._shed_at < SHEDDING_SECONDS
 
-    def release(self, taken: float) -> None:
-        """An admitted request is answered (whatever the status)."""
+    def release(self, taken: float, images: int = 1) -> None:
+        """An admitted request is answered (whatever the status); it carried ``images``
+        (rows of a tensor alike; 1 when it named none)."""
         self.in_flight -= 1
         self._publish()
         if self._budget is not None:
             self._answers.append(self._clock() - taken)
+            self._images += max(1, images)
 
     def _adapt(self, now: float) -> None:
         assert self._budget is not None
         answers = sorted(self._answers)
-        if self._held <= 1:  # every answer was a request alone: nothing queued
+        # Every answer a request alone, nothing queued: what one takes alone. Unless the
+        # limit was full at one: then it must still rise (a window holding one request
+        # was only ever read as "alone", so a limit cut to 1 stayed there).
+        if self._held <= 1 and not self._full:
             p50 = answers[len(answers) // 2]
             self._alone += ALONE_WEIGHT * (p50 - self._alone) if self._alone else p50
         else:
+            per_request = self._images / len(answers)
+            self._floor = max(1, min(self.cap, int(self._floor_images / per_request)))
             # What a new request waits for the loop before anything times it.
             p99 = answers[min(len(answers) - 1, int(len(answers) * 0.99))]
             p99 += self._lag / max(1, self._lag_samples)
@@ -281,6 +295,7 @@ class ConcurrencyLimit:
             metrics.set_concurrency_limit(self.limit)
             self._publish()
         self._answers = []
+        self._images = 0
         self._lag = 0.0
         self._lag_samples = 0
         self._held = self.in_flight

@@ -47,7 +47,7 @@ from service.preprocessing import (
 )
 from service.readiness import WorkerReadiness
 from service.registry import LoadedVersion, Registry, VersionStatus
-from service.requestlog import note_target, note_timings
+from service.requestlog import note_images, note_target, note_timings
 
 DEFAULT_TOP_K = 5
 # A lone image is decoded on the event loop only from a file this small (DataPlane.
@@ -214,6 +214,7 @@ class DataPlane:
         limit = self.settings.max_images_per_request
         if count > limit:
             raise TooManyImages(f"{count} images in one request; the limit is {limit}")
+        note_images(count)
 
     async def decode(
         self,

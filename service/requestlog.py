@@ -43,6 +43,7 @@ class RequestRecord:
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     draw: float | None = None  # see request_draw
+    images: int = 1  # images (or tensor rows) it carries, once known: see note_images
 
 
 class _RequestIds:
@@ -118,6 +119,14 @@ def note_target(model: str, version: int | None) -> None:
     record = _current.get()
     if record is not None:
         record.model, record.version = model, "" if version is None else str(version)
+
+
+def note_images(count: int) -> None:
+    """How many images (or rows of a tensor) the current request carries: its weight in
+    the concurrency limit's floor (service.concurrency)."""
+    record = _current.get()
+    if record is not None:
+        record.images = count
 
 
 def request_draw() -> float:

@@ -95,7 +95,8 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         connection = concurrency.peer(context.peer())
         retrying = connection.retrying(asyncio.get_running_loop().time())
         try:
-            with recorded(RequestRecord(rid, "grpc", "POST", route), self._plane.stopping):
+            record = RequestRecord(rid, "grpc", "POST", route)
+            with recorded(record, self._plane.stopping):
                 if not self._plane.accepting_calls:
                     raise ShuttingDown("the server is shutting down; retry on another replica")
                 taken = None
@@ -107,7 +108,7 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
                     answer = await method(self, request, context)
                 finally:
                     if taken is not None:
-                        concurrency.release(taken)
+                        concurrency.release(taken, record.images)
             context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
             return answer
         except CnnserveError as exc:

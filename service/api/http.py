@@ -298,7 +298,7 @@ class RequestGuard:
         def release_place() -> None:
             nonlocal taken
             if taken is not None:
-                concurrency.release(taken)
+                concurrency.release(taken, record.images)
                 taken = None
 
         async def send_with_id(message: Message, paced: bool = True) -> None:

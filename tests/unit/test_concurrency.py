@@ -65,14 +65,17 @@ def test_a_window_within_the_target_raises_a_full_limit_only() -> None:
     assert next_limit(99, full=True, **common) == 100  # never above the cap
 
 
-def rounds(limit: ConcurrencyLimit, clock: Clock, held: int, seconds: float, n: int) -> None:
-    """``n`` rounds of ``held`` requests at once, each answered after ``seconds``."""
+def rounds(
+    limit: ConcurrencyLimit, clock: Clock, held: int, seconds: float, n: int, images: int = 1
+) -> None:
+    """``n`` rounds of ``held`` requests at once (of ``images`` each), each answered after
+    ``seconds``."""
     for _ in range(n):
         taken = [limit.try_acquire() for _ in range(held)]
         clock.now += seconds
         for t in taken:
             if t is not None:
-                limit.release(t)
+                limit.release(t, images)
 
 
 def test_the_limit_follows_the_latency_of_answers() -> None:
@@ -87,6 +90,30 @@ def test_the_limit_follows_the_latency_of_answers() -> None:
     assert limit.limit == 8  # never below the floor
     rounds(limit, clock, held=600, seconds=0.01, n=300)
     assert limit.limit == 512  # fast answers and refusals: back to the cap
+
+
+def test_the_floor_is_in_images_so_requests_of_many_go_below_it() -> None:
+    """Half a batch of images in flight is the floor: 16 requests of 16 images held 8
+    batches whatever their answers took. Requests of one image keep the floor they had."""
+    clock = Clock()
+    limit = ConcurrencyLimit(512, budget=0.05, floor=16, clock=clock)
+    rounds(limit, clock, held=64, seconds=1.0, n=40, images=16)
+    assert limit.limit == 1  # 16 images: one request is half a batch
+    rounds(limit, clock, held=64, seconds=1.0, n=40, images=4)
+    assert limit.limit == 4
+    rounds(limit, clock, held=64, seconds=1.0, n=40, images=1)
+    assert limit.limit == 16
+
+
+def test_a_limit_cut_to_one_rises_when_answers_are_fast() -> None:
+    """A window holding one request at a time is read as what a request alone takes,
+    unless the limit was full at one: then it rises as any full limit does."""
+    clock = Clock()
+    limit = ConcurrencyLimit(512, budget=0.05, floor=1, clock=clock)
+    rounds(limit, clock, held=64, seconds=1.0, n=40)
+    assert limit.limit == 1
+    rounds(limit, clock, held=64, seconds=0.005, n=100)
+    assert limit.limit > 4
 
 
 def test_refusals_decided_before_acquiring_count_as_a_full_limit() -> None:

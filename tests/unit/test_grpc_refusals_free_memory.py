@@ -15,17 +15,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
-import numpy as np
 import pytest
-import tensorflow as tf
 
-from service.api.grpc_servicers import PredictionServicer
 from service.concurrency import ConcurrencyLimit
 from service.errors import InvalidRequest
-from service.proto_gen.tensorflow_serving.apis import (
-    predict_pb2,
-    prediction_service_pb2_grpc,
-)
+from tests.helpers.predict_servicer import predict_request, predict_stub
 
 
 class Held:
@@ -68,31 +62,17 @@ def no_cycle_collector() -> Iterator[None]:
 
 
 async def refused_calls(plane: Plane, calls: int) -> list[grpc.StatusCode]:
-    server = grpc.aio.server()
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-        PredictionServicer(plane),  # type: ignore[arg-type]
-        server,
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "m"
-    request.inputs["image"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 8, 8, 3), np.uint8)))
     codes = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            for _ in range(calls):
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.Predict(request, timeout=10)
-                codes.append(refused.value.code())
+    async with predict_stub(plane) as stub:
+        for _ in range(calls):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Predict(predict_request(1), timeout=10)
+            codes.append(refused.value.code())
         # The handlers' tasks end just after their answers go: wait for that, boundedly.
         for _ in range(500):
             if not any(ref() is not None for ref in plane.held):
                 break
             await asyncio.sleep(0.01)
-    finally:
-        await server.stop(None)
     return codes
 
 

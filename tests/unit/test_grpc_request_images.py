@@ -1,0 +1,65 @@
+"""A gRPC call weighs the images it carries in the worker's concurrency limit (whose floor
+is counted in images, service.concurrency): what the servicer learns of them
+(DataPlane.check_image_count notes them on the call's record) reaches
+ConcurrencyLimit.release. On a real grpc.aio server with the servicer under test."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+
+from service.concurrency import ConcurrencyLimit
+from service.errors import InvalidRequest
+from service.requestlog import note_images
+from tests.helpers.predict_servicer import predict_request, predict_stub
+
+
+class Watched(ConcurrencyLimit):
+    def __init__(self) -> None:
+        super().__init__(8)
+        self.released: list[int] = []
+
+    def release(self, taken: float, images: int = 1) -> None:
+        self.released.append(images)
+        super().release(taken, images)
+
+
+class Plane:
+    """The part of the data plane Predict asks: it counts images as DataPlane does, and
+    refuses every request once they are counted."""
+
+    accepting_calls = True
+    settings = SimpleNamespace(grpc_max_message_bytes=1 << 22)
+
+    def __init__(self) -> None:
+        self.concurrency = Watched()
+
+    def stopping(self) -> bool:
+        return False
+
+    def deadline(self, remaining: float | None) -> float:
+        return 30.0
+
+    def check_image_count(self, count: int) -> None:
+        note_images(count)
+
+    async def predict(self, inputs: dict[str, Any], **options: Any) -> Any:
+        raise InvalidRequest("refused once its images are counted")
+
+
+async def call_with(plane: Plane, images: int) -> grpc.StatusCode:
+    async with predict_stub(plane) as stub:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Predict(predict_request(images), timeout=10)
+        return refused.value.code()
+
+
+def test_a_call_weighs_the_images_its_tensor_declares() -> None:
+    plane = Plane()
+    assert asyncio.run(call_with(plane, 5)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert asyncio.run(call_with(plane, 1)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert plane.concurrency.released == [5, 1]
