@@ -531,12 +531,13 @@ def next_limit(
     """The limit after a window, in proportion to target / p99 of its answers: cut when
     over the target (from what the window held, if that was less than the limit; by at
     most a fifth), raised when within it and the limit was full (by one at least, a
-    quarter at most), else kept; between ``floor`` and ``cap``."""
+    quarter at most), else kept; between ``floor`` and ``cap`` (a limit below a floor that
+    rose, as requests of many images gave way to single ones, goes up to it at once)."""
     if p99 > target:
-        return max(floor, int(min(limit, held) * max(MAX_CUT, target / p99)))
-    if full:
-        return min(cap, max(limit + 1, int(limit * min(MAX_RAISE, target / p99))))
-    return limit
+        limit = int(min(limit, held) * max(MAX_CUT, target / p99))
+    elif full:
+        limit = max(limit + 1, int(limit * min(MAX_RAISE, target / p99)))
+    return min(cap, max(floor, limit))
 
 
 def worker_limit(

@@ -103,6 +103,12 @@ def test_the_floor_is_in_images_so_requests_of_many_go_below_it() -> None:
     assert limit.limit == 4
     rounds(limit, clock, held=64, seconds=1.0, n=40, images=1)
     assert limit.limit == 16
+    rounds(limit, clock, held=64, seconds=1.0, n=40, images=16)
+    assert limit.limit == 1
+    # Single images again, answered fast: up to their floor at the first window of them
+    # (the one before still holds slow answers of 16 images), not by one a window.
+    rounds(limit, clock, held=64, seconds=0.005, n=33)
+    assert limit.limit >= 16
 
 
 def test_a_limit_cut_to_one_rises_when_answers_are_fast() -> None:
