@@ -19,14 +19,17 @@ row was tried against the hiccups too, and dropped: it let the limit overshoot
 (admitted p99 at 4x 60-153 ms against 58-67 ms without it). Counted in requests whatever
 their images, the floor held 16 requests of 16 images (8 batches) in flight: at 4x such
 requests the limit never moved, and their admitted p99 was 143-170 ms (target ~110).
-Nor does it go above the configured cap (``max_concurrent_requests``), which bounds what a
-worker holds (memory, open bodies) whatever the latency says; up to the cap, a worker
-at its limit may borrow the places its sibling workers leave unused (service.siblings:
-which worker a connection lands on is the kernel's choice). The event loop's
-lag (how late a 10 ms timer fires) is added to the window's p99: a new request waits
-that long before anything times it. This extends the batcher's admission (seconds of
-inference queued) to everything a request waits for in a worker: under overload most
-of the wait is for the event loop and the CPU, which the batch queue does not see.
+The floor in images, and the target of requests of several images, wait for what a
+request alone takes to be known (scaled up from the images those carried):
+:meth:`ConcurrencyLimit._several_alone`. Nor does it go above the configured cap
+(``max_concurrent_requests``), which bounds what a worker holds (memory, open bodies)
+whatever the latency says; up to the cap, a worker at its limit may borrow the places
+its sibling workers leave unused (service.siblings: which worker a connection lands on
+is the kernel's choice). The event loop's lag (how late a 10 ms timer fires) is added to
+the window's p99: a new request waits that long before anything times it. This extends
+the batcher's admission (seconds of inference queued) to everything a request waits for
+in a worker: under overload most of the wait is for the event loop and the CPU, which
+the batch queue does not see.
 
 Refusals themselves are paced. A client that retries a 503 at once, ignoring
 Retry-After, comes straight back; a refusal costs the event loop ~0.04 ms even when
@@ -178,6 +181,7 @@ class ConcurrencyLimit:
         self._held = 0
         self._full = False
         self._alone = 0.0  # what a request alone takes (moving average; 0 = not seen)
+        self._alone_images = 0.0  # the images those requests carried (moving average)
         self._lag = 0.0  # the event loop's lag summed over the window's samples
         self._lag_samples = 0
         self.lag = 0.0  # the event loop's lag, a moving average of its samples
@@ -271,15 +275,23 @@ class ConcurrencyLimit:
     def _adapt(self, now: float) -> None:
         assert self._budget is not None
         answers = sorted(self._answers)
+        per_request = self._images / len(answers)
         # Every answer a request alone, nothing queued: what one takes alone. Unless the
         # limit was full at one: then it must still rise (a window holding one request
         # was only ever read as "alone", so a limit cut to 1 stayed there).
         if self._held <= 1 and not self._full:
             p50 = answers[len(answers) // 2]
             self._alone += ALONE_WEIGHT * (p50 - self._alone) if self._alone else p50
+            self._alone_images += (
+                ALONE_WEIGHT * (per_request - self._alone_images)
+                if self._alone_images
+                else per_request
+            )
         else:
-            per_request = self._images / len(answers)
-            self._floor = max(1, min(self.cap, int(self._floor_images / per_request)))
+            self._floor, alone = self._floor_images, self._alone
+            if per_request > 1 and self._alone:
+                self._floor = max(1, min(self.cap, int(self._floor_images / per_request)))
+                alone = self._several_alone(per_request)
             # What a new request waits for the loop before anything times it.
             p99 = answers[min(len(answers) - 1, int(len(answers) * 0.99))]
             p99 += self._lag / max(1, self._lag_samples)
@@ -288,7 +300,7 @@ class ConcurrencyLimit:
                 held=self._held,
                 full=self._full,
                 p99=p99,
-                target=self._budget * BUDGET_SHARE + self._alone,
+                target=self._budget * BUDGET_SHARE + alone,
                 floor=self._floor,
                 cap=self.cap,
             )
@@ -301,6 +313,16 @@ class ConcurrencyLimit:
         self._held = self.in_flight
         self._full = False
         self._window_end = now + WINDOW_SECONDS
+
+    def _several_alone(self, per_request: float) -> float:
+        """What a request of ``per_request`` images (on average, more than one) takes
+        with nothing queued: what requests alone took, scaled up from the images those
+        carried (a request of one image learnt it, a list of many costs more). The floor
+        in images is only used once that is known: with it unknown (a worker never idle),
+        the target understated such requests, and the limit of 16-image requests
+        (default model, 1 worker) fell to 2-3 and refused 150-200 a second at 4
+        connections, where the worker served them all before."""
+        return self._alone * max(1.0, per_request / self._alone_images)
 
     def set_serving(self, serving: bool) -> None:
         """Whether this worker takes connections: until it does (a replacement loading

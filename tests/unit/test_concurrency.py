@@ -97,6 +97,7 @@ def test_the_floor_is_in_images_so_requests_of_many_go_below_it() -> None:
     batches whatever their answers took. Requests of one image keep the floor they had."""
     clock = Clock()
     limit = ConcurrencyLimit(512, budget=0.05, floor=16, clock=clock)
+    rounds(limit, clock, held=1, seconds=0.01, n=40, images=16)  # alone: 10 ms
     rounds(limit, clock, held=64, seconds=1.0, n=40, images=16)
     assert limit.limit == 1  # 16 images: one request is half a batch
     rounds(limit, clock, held=64, seconds=1.0, n=40, images=4)
@@ -109,6 +110,30 @@ def test_the_floor_is_in_images_so_requests_of_many_go_below_it() -> None:
     # (the one before still holds slow answers of 16 images), not by one a window.
     rounds(limit, clock, held=64, seconds=0.005, n=33)
     assert limit.limit >= 16
+
+
+def test_the_floor_in_images_waits_for_what_a_request_alone_takes() -> None:
+    """Never seen alone (a worker never idle), a request of many images keeps the floor
+    in requests: its target would leave out what it takes alone, and refuse at the load
+    the worker serves at full speed."""
+    clock = Clock()
+    limit = ConcurrencyLimit(512, budget=0.05, floor=16, clock=clock)
+    rounds(limit, clock, held=64, seconds=1.0, n=40, images=16)
+    assert limit.limit == 16
+
+
+def test_what_a_request_of_many_images_takes_alone_is_scaled_from_smaller_ones() -> None:
+    """Learnt from single images, what a request alone takes is scaled up by the images
+    a window's requests carry: 8 images answered in 60 ms are within a 50 ms budget's
+    share (30 ms) plus 8 x 5 ms, and the full limit rises."""
+    clock = Clock()
+    limit = ConcurrencyLimit(512, budget=0.05, floor=16, clock=clock)
+    rounds(limit, clock, held=1, seconds=0.005, n=40)  # alone: 5 ms, one image
+    start = limit.limit
+    rounds(limit, clock, held=start + 8, seconds=0.06, n=40, images=8)
+    assert limit.limit > start
+    rounds(limit, clock, held=64, seconds=0.2, n=40, images=8)
+    assert limit.limit < start
 
 
 def test_a_limit_cut_to_one_rises_when_answers_are_fast() -> None:
