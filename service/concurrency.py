@@ -152,11 +152,11 @@ class ConcurrencyLimit:
         self.cap = cap
         self.in_flight = 0
         self._budget = budget
-        # The floor is in images; in requests, it follows the images they carry.
+        # The floor is in images; in requests, each window divides it by the images its
+        # requests carried (_adapt).
         self._floor_images = max(1, min(floor, cap))
-        self._floor = self._floor_images
         # Adapting, it starts low and rises while windows show room (MAX_RAISE a window).
-        self.limit = cap if budget is None else min(cap, INITIAL_FLOORS * self._floor)
+        self.limit = cap if budget is None else min(cap, INITIAL_FLOORS * self._floor_images)
         self._clock = clock
         self._siblings = siblings
         self._peers: dict[str, ConnectionRefusals] = {}
@@ -280,17 +280,12 @@ class ConcurrencyLimit:
         # limit was full at one: then it must still rise (a window holding one request
         # was only ever read as "alone", so a limit cut to 1 stayed there).
         if self._held <= 1 and not self._full:
-            p50 = answers[len(answers) // 2]
-            self._alone += ALONE_WEIGHT * (p50 - self._alone) if self._alone else p50
-            self._alone_images += (
-                ALONE_WEIGHT * (per_request - self._alone_images)
-                if self._alone_images
-                else per_request
-            )
+            self._alone = _alone_average(self._alone, answers[len(answers) // 2])
+            self._alone_images = _alone_average(self._alone_images, per_request)
         else:
-            self._floor, alone = self._floor_images, self._alone
+            floor, alone = self._floor_images, self._alone
             if per_request > 1 and self._alone:
-                self._floor = max(1, min(self.cap, int(self._floor_images / per_request)))
+                floor = max(1, min(self.cap, int(self._floor_images / per_request)))
                 alone = self._several_alone(per_request)
             # What a new request waits for the loop before anything times it.
             p99 = answers[min(len(answers) - 1, int(len(answers) * 0.99))]
@@ -301,7 +296,7 @@ class ConcurrencyLimit:
                 full=self._full,
                 p99=p99,
                 target=self._budget * BUDGET_SHARE + alone,
-                floor=self._floor,
+                floor=floor,
                 cap=self.cap,
             )
             metrics.set_concurrency_limit(self.limit)
@@ -545,6 +540,11 @@ class HostRefusals:
         if len(self._at) >= MAX_PEERS and host not in self._at:
             self._at.clear()  # bounded: forgotten, as gRPC's peers are
         self._at[host] = now
+
+
+def _alone_average(average: float, sample: float) -> float:
+    """A moving average (:data:`ALONE_WEIGHT`) of windows of requests alone; 0 = none yet."""
+    return average + ALONE_WEIGHT * (sample - average) if average else sample
 
 
 def next_limit(
