@@ -44,7 +44,8 @@ answered at once; the body of a refused request counts one more per
 bytes cost the CPU the refusal does); beyond that a refusal waits its turn (no CPU is
 spent while it waits), so a storm of them takes a bounded share of the worker. Only a
 client retrying at once waits (known per connection: :class:`ConnectionRefusals`; a new
-connection's first request by its address, :class:`HostRefusals`); any
+connection's first request by its address, :class:`HostRefusals`, whichever of the
+replica's workers refused it: service.shared_hosts); any
 other refusal is answered at once and its token taken from the spinning clients'
 turns, so a client that waits before retrying, or one turned away after an answered
 request, is told in a millisecond however many others spin.
@@ -59,6 +60,7 @@ from collections.abc import Callable
 from service import metrics
 from service.config import Settings
 from service.errors import Overloaded
+from service.shared_hosts import SharedHosts
 from service.siblings import Siblings
 
 WINDOW_SECONDS = 0.1
@@ -145,6 +147,7 @@ class ConcurrencyLimit:
         retry_at_once: float = RETRY_AT_ONCE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
         siblings: Siblings | None = None,
+        shared_hosts: SharedHosts | None = None,
         serving: bool = True,
     ) -> None:
         if cap < 1:
@@ -162,7 +165,7 @@ class ConcurrencyLimit:
         self._peers: dict[str, ConnectionRefusals] = {}
         # When each client host (a connection's peer address) was last refused: what a
         # new connection's first request is judged by (ConnectionRefusals.retrying).
-        self._hosts = HostRefusals(retry_at_once, self._host_waits)
+        self._hosts = HostRefusals(retry_at_once, self._host_waits, shared_hosts)
         self._moving = False  # the last refusal found room in a sibling worker
         self._move_next = 0.0  # when an answered connection may be moved next (clock's time)
         self._shed_at = -SHEDDING_SECONDS  # when admits() last said no (clock's time)
@@ -521,22 +524,30 @@ class HostRefusals:
     their turns kept the wait past the bound for as long as they came (the closed
     loop's too, which then went unpaced)."""
 
-    __slots__ = ("_at", "_waits", "_window")
+    __slots__ = ("_at", "_shared", "_waits", "_window")
 
-    def __init__(self, window: float, waits: Callable[[], bool]) -> None:
+    def __init__(
+        self, window: float, waits: Callable[[], bool], shared: SharedHosts | None = None
+    ) -> None:
         self._at: dict[str, float] = {}
         self._window = window
         self._waits = waits
+        # With several workers, the replica's table (service.shared_hosts): a client's
+        # reconnect most often lands on another worker than the one that refused it.
+        self._shared = shared
 
     def retrying(self, host: str, now: float) -> bool | None:
         """True: ``host`` was refused within the window, and its refusal waits its turn;
         None: refused within the window, but the wait is past the bound; else False."""
-        at = self._at.get(host)
+        at = self._at.get(host) if self._shared is None else self._shared.refused_at(host)
         if at is None or now - at >= self._window:
             return False
         return True if self._waits() else None
 
     def refused(self, host: str, now: float) -> None:
+        if self._shared is not None:
+            self._shared.refused(host, now)
+            return
         if len(self._at) >= MAX_PEERS and host not in self._at:
             self._at.clear()  # bounded: forgotten, as gRPC's peers are
         self._at[host] = now
@@ -575,5 +586,6 @@ def worker_limit(
         retry_at_once=settings.retry_at_once_seconds,
         clock=clock,
         siblings=Siblings.from_environment(settings.workers),
+        shared_hosts=SharedHosts.from_environment(settings.workers),
         serving=False,
     )

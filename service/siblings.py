@@ -157,10 +157,14 @@ def _clear(table: npt.NDArray[np.int64], pids: set[int]) -> None:
 
 
 def _mapped(directory: Path, slots: int) -> mmap.mmap:
-    size = slots * COLUMNS * 8  # int64
-    fd = os.open(directory / TABLE, os.O_RDWR | os.O_CREAT, 0o600)
+    return mapped_file(directory / TABLE, slots * COLUMNS * 8)  # int64
+
+
+def mapped_file(path: Path, size: int) -> mmap.mmap:
+    """``size`` bytes of ``path`` mapped shared, created (zeros) by the first worker."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if os.fstat(fd).st_size < size:  # the first worker sizes it (zeros)
+        if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
         return mmap.mmap(fd, size)
     finally:

@@ -465,6 +465,74 @@ def test_a_reconnect_is_timed_from_when_the_kernel_had_it(tiny_repo_litert: Path
         assert reconnect.result(timeout=30) >= 0.7 + 0.1
 
 
+def test_a_reconnect_landing_on_another_worker_is_paced_as_a_retry_there(
+    tiny_repo_litert: Path,
+) -> None:
+    """With 2 workers a client's reconnect after its 503 most often lands on the other
+    worker, which knew nothing of the refusal and answered it at once, unpaced: an
+    outside audit's crowd of 256 HTTP/1.0 clients, each on an address of its own, was
+    refused ~1,600 times a second (the pace ~1,000) and 772-930 of them served a second
+    against 985-1,036 from one address. The workers share the addresses they refused:
+    the other worker paces it as a retry."""
+    rate = 5.0  # a turn (0.2 s) well under HOST_WAIT_SECONDS, past which none waits
+    env = {**paced(rate), "CNNSERVE_WORKERS": "2", "CNNSERVE_ADMIT_AT": "headers"}
+    head = REQUEST.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    client = ("127.0.0.78", 0)  # addresses no other request of this test comes from
+    other = ("127.0.0.79", 0)
+
+    def refused(sock: socket.socket) -> float:
+        """Seconds from the request to its 503."""
+        began = time.perf_counter()
+        sock.sendall(REQUEST)
+        answer = read_response(sock)[0]
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        return time.perf_counter() - began
+
+    with running_server(tiny_repo_litert, env=env) as server:
+        eventually(lambda: len(workers_of(server)) == 2)
+        first, second = sorted(workers_of(server))
+        held = [_connection_to(server, pid) for pid in (first, second)]
+        try:
+            for holder, pid in zip(held, (first, second), strict=True):
+                holder.sendall(head)  # holds the worker's one place
+
+                def full(pid: int = pid) -> bool:
+                    with _connection_to(server, pid) as sock:
+                        sock.sendall(REQUEST)
+                        return read_response(sock)[0].startswith(b"HTTP/1.1 503")
+
+                eventually(full, timeout=60)
+            # Opened first: finding a worker's connection takes the kernel's time.
+            on_first = _connection_to(server, first, client)
+            other_on_second = _connection_to(server, second, other)
+            again_on_second = _connection_to(server, second, client)
+            with on_first, other_on_second, again_on_second:
+                refused(other_on_second)  # another address's first: its token spent
+                refused(on_first)  # the client's first 503, from the first worker
+                # Its reconnect, sent at once, to the second worker: a retry, waiting
+                # for that worker's next turn (0.2 s; unshared, it came at once).
+                assert refused(again_on_second) >= 1 / rate / 2
+        finally:
+            for holder in held:
+                holder.close()
+
+
+def _connection_to(
+    server: Server, pid: int, source: tuple[str, int] = ("127.0.0.1", 0)
+) -> socket.socket:
+    """A connection from ``source`` that the worker ``pid`` accepted (the kernel picks
+    the worker: opened until that one does)."""
+    workers = workers_of(server)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        sock = socket.create_connection(("127.0.0.1", server.port), 30, source_address=source)
+        eventually(lambda: accepted_by(workers, sock), timeout=30)  # noqa: B023
+        if accepted_by({pid}, sock):
+            return sock
+        sock.close()
+    raise TimeoutError(f"no connection accepted by worker {pid}")
+
+
 def test_a_503_the_app_makes_is_paced_by_its_connection_too(tiny_repo_litert: Path) -> None:
     """A request pipelined behind another on its connection is refused by RequestGuard,
     not by the HTTP protocol (an answer must not overtake the one before it): with the

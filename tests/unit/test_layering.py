@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "service.readiness": 1,
     "service.memory": 1,  # freed heap memory given back to the system
     "service.siblings": 1,
+    "service.shared_hosts": 1,
     "service.signatures": 1,
     "service.warmup": 1,
     "service.tfserving_proto": 1,
