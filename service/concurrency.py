@@ -123,6 +123,12 @@ MAX_PEERS = 4096  # gRPC connections whose refusals are remembered (ConcurrencyL
 # with 0.25 s, 875 answered a second at 512 connections, open-loop 503s p90 370 ms;
 # with 0.5 s, 999 and 610 ms; unbounded (2 s, the pace's own), 1,166 and 2.1 s.
 HOST_WAIT_SECONDS = 0.5
+# What a refused gRPC call costs the worker against a refused HTTP request, in the
+# pace's tokens: grpc.aio takes ~0.4-0.6 ms of the event loop to start a handler and
+# end its call, against ~0.04-0.09 ms for an HTTP refusal. Counted as one, gRPC
+# clients retrying at once were refused at the pace, 500 a second, which took a
+# quarter of a core from the admitted calls.
+GRPC_REFUSAL_COST = 4.0
 # A refused request's body is read (to be dropped, so that keep-alive goes on), and its
 # bytes cost the worker as much as the refusal itself once they are this many: answered
 # as the headers are parsed, 0.06-0.09 ms of CPU with an 18 KB body against 0.20-0.29 ms
@@ -375,7 +381,7 @@ class ConcurrencyLimit:
             move=moving,
         )
 
-    def refusal_delay(self, retrying: bool | None = True) -> float:
+    def refusal_delay(self, retrying: bool | None = True, cost: float = 1.0) -> float:
         """Seconds this refusal waits for its turn: 0 within a burst, beyond it each waits
         for its token, at ``refusals_per_second``. A refusal of a client not known to be
         ``retrying`` at once (:class:`ConnectionRefusals`) never waits: it takes its
@@ -385,14 +391,16 @@ class ConcurrencyLimit:
         not wait, however many, never make a spinning client wait longer than that; no
         wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`. ``retrying`` None: a
         retry its wait would not slow (:class:`HostRefusals`), answered at once and
-        taking no turn (owed, its turns would keep the wait past the host's bound)."""
+        taking no turn (owed, its turns would keep the wait past the host's bound).
+        ``cost``: the tokens it takes, what it costs the worker against an HTTP refusal
+        (:data:`GRPC_REFUSAL_COST`)."""
         if not self._rate or retrying is None:
             return 0.0
         tokens = self._refilled()
         if not retrying:
-            self._owe(tokens, 1.0)
+            self._owe(tokens, cost)
             return 0.0
-        self._tokens = max(tokens - 1, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
+        self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
             return -self._tokens / self._rate
         return 0.0
@@ -421,13 +429,16 @@ class ConcurrencyLimit:
         self._tokens = min(tokens, max(tokens - cost, -self._rate * MAX_REFUSAL_DEBT_SECONDS))
 
     async def pace_refusal(
-        self, retrying: bool | None = True, connection: ConnectionRefusals | None = None
+        self,
+        retrying: bool | None = True,
+        connection: ConnectionRefusals | None = None,
+        cost: float = 1.0,
     ) -> None:
         """Wait for this refusal's turn (:meth:`refusal_delay`), then note on the client's
         ``connection`` record, if known, that it was refused now. A caller that cannot
         tell whether the client is retrying at once (no connection record) takes it as
         retrying, the safe side."""
-        delay = self.refusal_delay(retrying)
+        delay = self.refusal_delay(retrying, cost)
         if delay:
             await asyncio.sleep(delay)
         if connection is not None:

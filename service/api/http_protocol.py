@@ -1012,9 +1012,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         keep_alive = (
             keep_alive and not owed and not _closes(refused.headers) and not self._shutting_down
         )
-        self._answer(refused.status, refused.headers, refused.body, keep_alive)
         if refused.status == 503:  # paced, as the app paces them (service.concurrency)
+            # Noted before it is sent: the client's reconnect may reach a sibling worker,
+            # which reads the refusal of its address (service.shared_hosts), before this
+            # process runs again once the answer is written.
             self._refusals.refused(self.loop.time())
+        self._answer(refused.status, refused.headers, refused.body, keep_alive)
+        if refused.status == 503:
             self._refused_body()
         refused.answered()
         if keep_alive:

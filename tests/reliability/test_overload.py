@@ -243,7 +243,8 @@ def test_four_times_grpc_overload_of_many_image_lists_is_held_to_the_target(
     """The same load over gRPC (ClassifyBatch of 16 images, a connection per caller,
     retrying RESOURCE_EXHAUSTED at once): the images a call carries count against the
     concurrency limit's floor as over REST. Counted as one request each, 16 such calls
-    were all let in: admitted p99 174-201 ms (86-106 now)."""
+    were all let in: admitted p99 174-201 ms (67-106 now). Their refusals are paced by
+    what they cost (GRPC_REFUSAL_COST): counted as HTTP refusals, goodput fell short."""
     batch = cnnserve_v1_pb2.ClassifyBatchRequest(
         images=[encode(gradient(), "JPEG")] * MANY, model="tiny"
     )
@@ -285,7 +286,9 @@ def test_four_times_grpc_overload_of_many_image_lists_is_held_to_the_target(
     )
     print(report)
     assert unloaded.statuses() == {200} and overload.statuses() <= {200, 503}, report
-    assert overload.rate() >= 0.4 * capacity.rate(), report  # measured 64-72%
+    # The issue's target: measured 88-107%, and 52-72% while a refused call took one
+    # token of the refusal pace, as an HTTP refusal does, for several times its CPU.
+    assert overload.rate() >= 0.7 * capacity.rate(), report
     assert limit < 16, report
     assert quantile(admitted, 0.99) <= 2 * unloaded_p99 + BUDGET + 0.03, report
 

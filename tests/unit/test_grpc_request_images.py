@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from service.concurrency import ConcurrencyLimit
+from service.concurrency import GRPC_REFUSAL_COST, ConcurrencyLimit
 from service.errors import InvalidRequest
 from service.requestlog import note_images
 from tests.helpers.predict_servicer import predict_request, predict_stub
@@ -63,3 +63,23 @@ def test_a_call_weighs_the_images_its_tensor_declares() -> None:
     assert asyncio.run(call_with(plane, 5)) == grpc.StatusCode.INVALID_ARGUMENT
     assert asyncio.run(call_with(plane, 1)) == grpc.StatusCode.INVALID_ARGUMENT
     assert plane.concurrency.released == [5, 1]
+
+
+class Full(ConcurrencyLimit):
+    """A worker with no place left, whose refusals record the tokens they took."""
+
+    def __init__(self) -> None:
+        super().__init__(1, refusals_per_second=100.0)
+        self.costs: list[float] = []
+        assert self.try_acquire() is not None
+
+    def refusal_delay(self, retrying: bool | None = True, cost: float = 1.0) -> float:
+        self.costs.append(cost)
+        return super().refusal_delay(retrying, cost)
+
+
+def test_a_refused_call_takes_what_a_grpc_refusal_costs_from_the_pace() -> None:
+    plane = Plane()
+    plane.concurrency = Full()
+    assert asyncio.run(call_with(plane, 1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert plane.concurrency.costs == [GRPC_REFUSAL_COST]
