@@ -1,11 +1,13 @@
 """A gRPC call weighs the images it carries in the worker's concurrency limit (whose floor
 is counted in images, service.concurrency): what the servicer learns of them
 (DataPlane.check_image_count notes them on the call's record) reaches
-ConcurrencyLimit.release. On a real grpc.aio server with the servicer under test."""
+ConcurrencyLimit.release; and a refused call is paced by what it costs, within its
+deadline. On a real grpc.aio server with the servicer under test."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 from typing import Any
 
@@ -68,8 +70,10 @@ def test_a_call_weighs_the_images_its_tensor_declares() -> None:
 class Full(ConcurrencyLimit):
     """A worker with no place left, whose refusals record the tokens they took."""
 
-    def __init__(self) -> None:
-        super().__init__(1, refusals_per_second=100.0)
+    def __init__(self, rate: float = 100.0) -> None:
+        # A call within a second of its connection's refusal retries at once: the calls
+        # below come one after another, however slowly the machine runs them.
+        super().__init__(1, refusals_per_second=rate, retry_at_once=1.0)
         self.costs: list[float] = []
         assert self.try_acquire() is not None
 
@@ -83,3 +87,24 @@ def test_a_refused_call_takes_what_a_grpc_refusal_costs_from_the_pace() -> None:
     plane.concurrency = Full()
     assert asyncio.run(call_with(plane, 1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert plane.concurrency.costs == [GRPC_REFUSAL_COST]
+
+
+def test_a_paced_refusal_is_answered_within_the_calls_deadline() -> None:
+    """Paced, a client retrying at once would wait past a short deadline and be told
+    DEADLINE_EXCEEDED, a timeout, where RESOURCE_EXHAUSTED tells it to back off."""
+    plane = Plane()
+    plane.concurrency = Full(rate=1.0)  # a retry waits seconds for its turn
+
+    async def twice() -> list[tuple[grpc.StatusCode, float]]:
+        answers = []
+        async with predict_stub(plane) as stub:
+            for _ in range(2):
+                began = time.perf_counter()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Predict(predict_request(1), timeout=0.5)
+                answers.append((refused.value.code(), time.perf_counter() - began))
+        return answers
+
+    (first, _), (retry, waited) = asyncio.run(twice())
+    assert first == retry == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert waited >= 0.2  # it did wait: paced, within what the deadline left
