@@ -387,7 +387,9 @@ class ConcurrencyLimit:
             move=moving,
         )
 
-    def refusal_delay(self, retrying: bool | None = True, cost: float = 1.0) -> float:
+    def refusal_delay(
+        self, retrying: bool | None = True, cost: float = 1.0, within: float | None = None
+    ) -> float:
         """Seconds this refusal waits for its turn: 0 within a burst, beyond it each waits
         for its token, at ``refusals_per_second``. A refusal of a client not known to be
         ``retrying`` at once (:class:`ConnectionRefusals`) never waits: it takes its
@@ -399,7 +401,10 @@ class ConcurrencyLimit:
         retry its wait would not slow (:class:`HostRefusals`), answered at once and
         taking no turn (owed, its turns would keep the wait past the host's bound).
         ``cost``: the tokens it takes, what it costs the worker against an HTTP refusal
-        (:data:`GRPC_REFUSAL_COST`)."""
+        (:data:`GRPC_REFUSAL_COST`). ``within``: the seconds the client's deadline
+        leaves (gRPC's, X-Request-Timeout), if it has one: the refusal is answered
+        before it passes, its turn taken all the same (the client would wait that long
+        anyway, and be told of a timeout where it could be told to back off)."""
         if not self._rate or retrying is None:
             return 0.0
         tokens = self._refilled()
@@ -408,7 +413,8 @@ class ConcurrencyLimit:
             return 0.0
         self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
-            return -self._tokens / self._rate
+            delay = -self._tokens / self._rate
+            return delay if within is None else min(delay, max(0.0, DEADLINE_SHARE * within))
         return 0.0
 
     def charge_body(self, body_bytes: int) -> None:
@@ -444,12 +450,8 @@ class ConcurrencyLimit:
         """Wait for this refusal's turn (:meth:`refusal_delay`), then note on the client's
         ``connection`` record, if known, that it was refused now. A caller that cannot
         tell whether the client is retrying at once (no connection record) takes it as
-        retrying, the safe side. ``within``: the seconds the client's deadline leaves,
-        if it has one; the refusal is answered before it passes (the client would wait
-        that long all the same, and get a timeout where it could be told to back off)."""
-        delay = self.refusal_delay(retrying, cost)
-        if within is not None:
-            delay = min(delay, max(0.0, DEADLINE_SHARE * within))
+        retrying, the safe side."""
+        delay = self.refusal_delay(retrying, cost, within)
         if delay:
             await asyncio.sleep(delay)
         if connection is not None:

@@ -38,6 +38,7 @@ from service.api.http import (
     header_value,
     joined_headers,
     parse_client_key,
+    refusal_within,
     server_stopped,
 )
 from service.api.rest import CLASSIFY_PATH, classify_response
@@ -157,7 +158,9 @@ class DirectClassify:
             if request.taken is None:  # its place once its body is in (Settings.admit_at)
                 request.taken = concurrency.admit(request.connection)
                 if request.taken is None:  # the places went while its body came
-                    await concurrency.pace_refusal(request.retrying, request.connection)
+                    await concurrency.pace_refusal(
+                        request.retrying, request.connection, within=refusal_within(request.headers)
+                    )
                     return _with_id(error_response(concurrency.refusal(), CLASSIFY_PATH), rid)
             try:
                 deadline = plane.deadline(header_timeout(request.headers), request.arrived)
@@ -175,7 +178,7 @@ class DirectClassify:
                 response = answer_error(exc, rid)
                 if response.status_code == 503:  # come back later: paced
                     await self.admission.concurrency.pace_refusal(
-                        request.retrying, request.connection
+                        request.retrying, request.connection, within=refusal_within(request.headers)
                     )
         return _with_id(response, rid)
 

@@ -123,7 +123,7 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         # once, before its listener goes (a paced answer was cancelled by the stop).
         if error.http_status == 503 and not isinstance(error, ShuttingDown):
             await concurrency.pace_refusal(
-                retrying, connection, GRPC_REFUSAL_COST, context.time_remaining()
+                retrying, connection, GRPC_REFUSAL_COST, within=context.time_remaining()
             )
         end_call(context, grpc_status(error), error.public_message(), error_trailers(rid, error))
         return None

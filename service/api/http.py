@@ -309,7 +309,9 @@ class RequestGuard:
                 if not any(name.lower() == b"x-request-id" for name, _ in sent):
                     message["headers"] = [*sent, (b"x-request-id", rid.encode())]
                 if status == 503 and paced:  # come back later: paced (service.concurrency)
-                    await concurrency.pace_refusal(retrying, connection)
+                    await concurrency.pace_refusal(
+                        retrying, connection, within=refusal_within(scope["headers"])
+                    )
                 elif taken is not None and moves(status, movable, concurrency):
                     message["headers"] = [*message.get("headers", []), MOVE_HEADER]
                 # The answer is made (every route's is whole before it starts): the place
@@ -490,7 +492,11 @@ class EarlyRefusal:
         answer = error_response(error, path)
         headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
         status = error.http_status
-        delay = concurrency.refusal_delay(retrying) if status == 503 else 0.0
+        delay = (
+            concurrency.refusal_delay(retrying, within=refusal_within(headers))
+            if status == 503
+            else 0.0
+        )
         # An answer to HEAD has no body (its Content-Length still says the GET one's):
         # a body would read as the start of the next answer on the connection.
         body = b"" if method == "HEAD" else bytes(answer.body)
@@ -791,6 +797,16 @@ def header_timeout(headers: Sequence[tuple[bytes, bytes]]) -> float | None:
     name = TIMEOUT_HEADER.encode()
     lines = [value for key, value in headers if key == name]
     return parse_timeout(b", ".join(lines).decode("latin-1") if lines else None)
+
+
+def refusal_within(headers: Sequence[tuple[bytes, bytes]]) -> float | None:
+    """The seconds X-Request-Timeout gives a 503 to wait for its turn in the refusal
+    pace (service.concurrency.ConcurrencyLimit.refusal_delay); None when not sent, or
+    not a number (refused for load, the request is not judged on its header)."""
+    try:
+        return header_timeout(headers)
+    except InvalidRequest:
+        return None
 
 
 def parse_timeout(raw: str | None) -> float | None:

@@ -410,6 +410,27 @@ def test_only_clients_retrying_at_once_wait_for_the_refusal_pace(
         assert retried.of(503)[half] >= (half - 1) / rate, retried.of(503)
 
 
+def test_a_paced_503_comes_before_the_requests_timeout_passes(tiny_repo_litert: Path) -> None:
+    """A client retrying at once waits its turn for its 503, but not past its
+    X-Request-Timeout: it would be waiting still when it gave up, and be told of a
+    timeout rather than to back off (gRPC's refusals come within the call's deadline
+    likewise)."""
+    rate = 0.5  # a turn every 2 s: a retry waits for 1-2 s (MAX_REFUSAL_WAIT_SECONDS)
+    timed = post("/v1/classify", PNG, "image/png", {"X-Request-Timeout": "0.3"})
+    with (
+        full_worker(tiny_repo_litert, paced(rate)) as server,
+        socket.create_connection(("127.0.0.1", server.port), timeout=30) as client,
+    ):
+        times = []
+        for request in (REQUEST, timed, REQUEST):  # the later two: retries at once
+            began = time.perf_counter()
+            client.sendall(request)
+            assert read_response(client)[0].startswith(b"HTTP/1.1 503")
+            times.append(time.perf_counter() - began)
+    assert times[1] < 0.9, times  # 0.27 s: 0.9 of its timeout
+    assert times[2] >= 1 / rate / 2, times  # the same retry without it waits its turn
+
+
 def test_a_client_reconnecting_at_once_after_each_503_waits_for_the_pace(
     tiny_repo_litert: Path,
 ) -> None:

@@ -340,6 +340,16 @@ def test_a_refusal_takes_the_tokens_of_what_it_costs() -> None:
     assert limit.refusal_delay(cost=0.0) == pytest.approx(before + GRPC_REFUSAL_COST / 100)
 
 
+def test_a_refusal_waits_no_longer_than_its_clients_deadline_leaves() -> None:
+    clock = Clock()
+    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)  # a burst of 5
+    assert [limit.refusal_delay() for _ in range(5)] == [0.0] * 5
+    assert limit.refusal_delay(within=0.005) == pytest.approx(0.9 * 0.005)
+    assert limit.refusal_delay(within=-1.0) == 0.0  # passed already: at once
+    # Each took its turn all the same: the next waits behind both.
+    assert limit.refusal_delay(within=None) == pytest.approx(0.03)
+
+
 def test_no_refusal_waits_longer_than_the_cap() -> None:
     """Spinning clients that give up on their held 503 and come back leave their turns
     in the queue: without a cap each newcomer waited behind all of them (100 s seen)."""

@@ -77,9 +77,11 @@ class Full(ConcurrencyLimit):
         self.costs: list[float] = []
         assert self.try_acquire() is not None
 
-    def refusal_delay(self, retrying: bool | None = True, cost: float = 1.0) -> float:
+    def refusal_delay(
+        self, retrying: bool | None = True, cost: float = 1.0, within: float | None = None
+    ) -> float:
         self.costs.append(cost)
-        return super().refusal_delay(retrying, cost)
+        return super().refusal_delay(retrying, cost, within)
 
 
 def test_a_refused_call_takes_what_a_grpc_refusal_costs_from_the_pace() -> None:
