@@ -535,7 +535,8 @@ class ConnectionRefusals:
 
 
 class HostRefusals:
-    """When each client host was last refused (a worker's, bounded), for judging a new
+    """When each client host was last refused (by any of the replica's workers with a
+    shared table, service.shared_hosts; else this worker's, bounded), for judging a new
     connection's first request (:meth:`ConnectionRefusals.retrying`): a retry at once
     when its host was refused within ``window``, and only while ``waits()`` says such
     a refusal still waits for the pace. A client that reconnects for each request and
