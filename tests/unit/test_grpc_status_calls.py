@@ -54,6 +54,9 @@ class Context:
     def peer(self) -> str:
         return "ipv4:127.0.0.1:40000"
 
+    def time_remaining(self) -> float | None:
+        return None  # no deadline
+
     def set_trailing_metadata(self, trailers: Any) -> None:
         pass
 
