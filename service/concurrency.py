@@ -403,8 +403,9 @@ class ConcurrencyLimit:
         ``cost``: the tokens it takes, what it costs the worker against an HTTP refusal
         (:data:`GRPC_REFUSAL_COST`). ``within``: the seconds the client's deadline
         leaves (gRPC's, X-Request-Timeout), if it has one: the refusal is answered
-        before it passes, its turn taken all the same (the client would wait that long
-        anyway, and be told of a timeout where it could be told to back off)."""
+        before it passes (but not sooner than ``retry_at_once``), its turn taken all
+        the same (the client would wait that long anyway, and be told of a timeout where
+        it could be told to back off)."""
         if not self._rate or retrying is None:
             return 0.0
         tokens = self._refilled()
@@ -414,7 +415,12 @@ class ConcurrencyLimit:
         self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
             delay = -self._tokens / self._rate
-            return delay if within is None else min(delay, max(0.0, DEADLINE_SHARE * within))
+            if within is None:
+                return delay
+            # Never sooner than a retry counts as at once: a short deadline must not let
+            # a client spin faster than one that waits that long between requests, whose
+            # refusals are not paced either.
+            return min(delay, max(DEADLINE_SHARE * within, self._retry_at_once))
         return 0.0
 
     def charge_body(self, body_bytes: int) -> None:

@@ -342,12 +342,15 @@ def test_a_refusal_takes_the_tokens_of_what_it_costs() -> None:
 
 def test_a_refusal_waits_no_longer_than_its_clients_deadline_leaves() -> None:
     clock = Clock()
-    limit = ConcurrencyLimit(1, refusals_per_second=100, clock=clock)  # a burst of 5
-    assert [limit.refusal_delay() for _ in range(5)] == [0.0] * 5
-    assert limit.refusal_delay(within=0.005) == pytest.approx(0.9 * 0.005)
-    assert limit.refusal_delay(within=-1.0) == 0.0  # passed already: at once
-    # Each took its turn all the same: the next waits behind both.
-    assert limit.refusal_delay(within=None) == pytest.approx(0.03)
+    limit = ConcurrencyLimit(1, refusals_per_second=10, retry_at_once=0.01, clock=clock)
+    assert limit.refusal_delay() == 0.0  # the burst: one
+    assert limit.refusal_delay(within=0.05) == pytest.approx(0.9 * 0.05)  # not 0.1
+    # Never sooner than a retry counts as at once: a deadline of a millisecond must not
+    # let a client spin unpaced, faster than one that waits between requests.
+    assert limit.refusal_delay(within=0.001) == pytest.approx(0.01)
+    assert limit.refusal_delay(within=-1.0) == pytest.approx(0.01)  # passed already
+    # Each took its turn all the same: the next waits behind all.
+    assert limit.refusal_delay(within=None) == pytest.approx(0.4)
 
 
 def test_no_refusal_waits_longer_than_the_cap() -> None:

@@ -103,10 +103,11 @@ def test_a_paced_refusal_is_answered_within_the_calls_deadline() -> None:
             for _ in range(2):
                 began = time.perf_counter()
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await stub.Predict(predict_request(1), timeout=0.5)
+                    await stub.Predict(predict_request(1), timeout=1.5)
                 answers.append((refused.value.code(), time.perf_counter() - began))
         return answers
 
     (first, _), (retry, waited) = asyncio.run(twice())
     assert first == retry == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert waited >= 0.2  # it did wait: paced, within what the deadline left
+    # It did wait (2 s, the longest, with its deadline aside): by 0.9 of the 1.5 s.
+    assert waited >= 1.0
