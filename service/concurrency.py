@@ -132,6 +132,11 @@ HOST_WAIT_SECONDS = 0.5
 # connection queue their next calls behind it (at 16x, admitted p99 211-220 ms with 4,
 # 268-290 with 8, 142-198 with 1; goodput at 4x 101-107% with either, 52-71% with 1).
 GRPC_REFUSAL_COST = 4.0
+# And its request message's bytes, which gRPC reads and parses whole before any handler
+# runs: a bare grpc.aio server refusing every ClassifyBatch at once spent 0.28-0.30 ms
+# a call with 3 KB messages, 0.44-0.46 ms with 196 KB (~0.8 us a KB, more than twice
+# an HTTP body's): a token more per this many bytes.
+GRPC_REFUSAL_BYTES = 100_000
 # A paced refusal is answered by this share of what its client's deadline leaves, so
 # that the answer reaches it in time.
 DEADLINE_SHARE = 0.9
@@ -582,6 +587,12 @@ class HostRefusals:
         if len(self._at) >= MAX_PEERS and host not in self._at:
             self._at.clear()  # bounded: forgotten, as gRPC's peers are
         self._at[host] = now
+
+
+def grpc_refusal_cost(message_bytes: int) -> float:
+    """The tokens of the refusal pace a refused gRPC call takes: the call, and the bytes
+    of its request message (:data:`GRPC_REFUSAL_COST`, :data:`GRPC_REFUSAL_BYTES`)."""
+    return GRPC_REFUSAL_COST + message_bytes / GRPC_REFUSAL_BYTES
 
 
 def _alone_average(average: float, sample: float) -> float:

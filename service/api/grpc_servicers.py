@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id, end_call, error_trailers
-from service.concurrency import GRPC_REFUSAL_COST
+from service.concurrency import grpc_refusal_cost
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
@@ -123,7 +123,10 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         # once, before its listener goes (a paced answer was cancelled by the stop).
         if error.http_status == 503 and not isinstance(error, ShuttingDown):
             await concurrency.pace_refusal(
-                retrying, connection, GRPC_REFUSAL_COST, within=context.time_remaining()
+                retrying,
+                connection,
+                grpc_refusal_cost(request.ByteSize()),
+                within=context.time_remaining(),
             )
         end_call(context, grpc_status(error), error.public_message(), error_trailers(rid, error))
         return None

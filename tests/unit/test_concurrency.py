@@ -11,6 +11,7 @@ from prometheus_client import REGISTRY
 from service import concurrency as module
 from service.concurrency import (
     BUDGET_SHARE,
+    GRPC_REFUSAL_BYTES,
     GRPC_REFUSAL_COST,
     INITIAL_FLOORS,
     MAX_REFUSAL_WAIT_SECONDS,
@@ -18,6 +19,7 @@ from service.concurrency import (
     RETRY_AT_ONCE_SECONDS,
     ConcurrencyLimit,
     ConnectionRefusals,
+    grpc_refusal_cost,
     next_limit,
     worker_limit,
 )
@@ -334,6 +336,9 @@ def test_a_refusal_takes_the_tokens_of_what_it_costs() -> None:
     assert limit.refusal_delay(cost=GRPC_REFUSAL_COST) == pytest.approx(
         (2 * GRPC_REFUSAL_COST - 5) / 100
     )
+    # Its message's bytes cost it more, as a refused HTTP body's do.
+    assert grpc_refusal_cost(0) == GRPC_REFUSAL_COST
+    assert grpc_refusal_cost(2 * GRPC_REFUSAL_BYTES) == GRPC_REFUSAL_COST + 2
     # One not retrying at once owes its cost: the spinners' turns pay for it.
     before = limit.refusal_delay(cost=0.0)
     assert limit.refusal_delay(retrying=False, cost=GRPC_REFUSAL_COST) == 0.0

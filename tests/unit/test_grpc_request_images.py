@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
-from service.concurrency import GRPC_REFUSAL_COST, ConcurrencyLimit
+from service.concurrency import ConcurrencyLimit, grpc_refusal_cost
 from service.errors import InvalidRequest
 from service.requestlog import note_images
 from tests.helpers.predict_servicer import predict_request, predict_stub
@@ -88,7 +88,8 @@ def test_a_refused_call_takes_what_a_grpc_refusal_costs_from_the_pace() -> None:
     plane = Plane()
     plane.concurrency = Full()
     assert asyncio.run(call_with(plane, 1)) == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert plane.concurrency.costs == [GRPC_REFUSAL_COST]
+    # The call's cost, and its message's bytes: read and parsed before it was refused.
+    assert plane.concurrency.costs == [grpc_refusal_cost(predict_request(1).ByteSize())]
 
 
 def test_a_paced_refusal_is_answered_within_the_calls_deadline() -> None:
