@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
-from service.siblings import SIBLINGS_DIR_ENV, mapped_file
+from service.siblings import mapped_file, replica_folder
 
 HOSTS = "hosts"  # the table's file name in the siblings' folder
 SLOTS = 8192
@@ -52,11 +51,11 @@ class SharedHosts:
         """The table of the run ``cnnserve serve`` started; None for a single process
         (its own refusals are all there are) or when the table cannot be had (then each
         worker remembers its own, as before)."""
-        folder = os.environ.get(SIBLINGS_DIR_ENV)
-        if workers < 2 or not folder:
+        folder = replica_folder(workers)
+        if folder is None:
             return None
         try:
-            return cls(Path(folder))
+            return cls(folder)
         except OSError as exc:
             log.warning("workers will not share the client addresses they refused: %s", exc)
             return None
@@ -64,15 +63,13 @@ class SharedHosts:
     def refused_at(self, host: str) -> float | None:
         """When ``host`` was last refused by any worker (the event loop's clock), if
         it still holds its slot."""
-        key = _key(host)
-        slot = 2 * (key % SLOTS)
+        key, slot = _place(host)
         if self._table[slot] != key:
             return None
         return self._table[slot + 1] / _NS
 
     def refused(self, host: str, now: float) -> None:
-        key = _key(host)
-        slot = 2 * (key % SLOTS)
+        key, slot = _place(host)
         # The time first: a read between the two stores finds the slot's old key with
         # the new time (its former address paced once, at worst), never a new key with
         # a stale time.
@@ -84,3 +81,9 @@ def _key(host: str) -> int:
     """A non-zero 63-bit key for ``host``, the same in every process."""
     digest = hashlib.blake2b(host.encode(), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 1) or 1
+
+
+def _place(host: str) -> tuple[int, int]:
+    """``host``'s key, and the index of its slot's first number in the table."""
+    key = _key(host)
+    return key, 2 * (key % SLOTS)

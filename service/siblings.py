@@ -85,11 +85,11 @@ class Siblings:
         """The table of the run ``cnnserve serve`` started; None for a single process
         (nothing to borrow from) or when the table cannot be had (then a worker keeps to
         its own limit, as before)."""
-        folder = os.environ.get(SIBLINGS_DIR_ENV)
-        if workers < 2 or not folder:
+        folder = replica_folder(workers)
+        if folder is None:
             return None
         try:
-            return cls(Path(folder), slots_for(workers))
+            return cls(folder, slots_for(workers))
         except (OSError, RuntimeError) as exc:
             log.warning("workers will not borrow unused places: %s", exc)
             return None
@@ -130,6 +130,13 @@ class Siblings:
             self._own[:] = 0
             os.close(self._lock)
             self._lock = -1
+
+
+def replica_folder(workers: int) -> Path | None:
+    """The folder ``cnnserve serve`` made for the tables its workers share; None for a
+    single process (nothing to share) or a worker it did not start."""
+    folder = os.environ.get(SIBLINGS_DIR_ENV)
+    return Path(folder) if workers >= 2 and folder else None
 
 
 def slots_for(workers: int) -> int:
