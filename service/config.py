@@ -22,6 +22,9 @@ MIN_GRPC_STREAMS = 8
 # Where Debian's dataset-fashion-mnist puts the IDX files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+# gRPC's largest message limit (a C int).
+GRPC_MAX_MESSAGE_LIMIT = 2**31 - 1
+
 API_KEYS_VAR = "CNNSERVE_API_KEYS"
 API_KEYS_FILE_VAR = "CNNSERVE_API_KEYS_FILE"
 
@@ -30,7 +33,10 @@ BackendName = Literal["embedded", "tfserving"]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="ignore")
+    # No setting takes inf or nan: an infinite CNNSERVE_REQUEST_TIMEOUT_SECONDS started a
+    # server that answered every request without a deadline 400, the client's fault; an
+    # infinite read timeout turned the slow-client protection off.
+    model_config = SettingsConfigDict(env_prefix="CNNSERVE_", extra="ignore", allow_inf_nan=False)
 
     # --- where things are -------------------------------------------------------------
     model_repository: Path = Field(
@@ -360,6 +366,19 @@ class Settings(BaseSettings):
         # HTTP. Capped because each worker holds its own copy of TensorFlow and the models.
         if self.workers == 0:
             self.workers = min(usable_cpus(), MAX_AUTO_WORKERS)
+        return self
+
+    @model_validator(mode="after")
+    def _grpc_message_fits(self) -> Settings:
+        # gRPC takes its message limit as a C int: past it, start-up failed with an
+        # OverflowError traceback (max_images_per_request of 3,565 or more).
+        if self.grpc_max_message_bytes > GRPC_MAX_MESSAGE_LIMIT:
+            raise ValueError(
+                f"max_images_per_request ({self.max_images_per_request}) and max_body_bytes "
+                f"({self.max_body_bytes}) make gRPC messages of "
+                f"{self.grpc_max_message_bytes} bytes, past the {GRPC_MAX_MESSAGE_LIMIT} "
+                f"gRPC allows; lower them"
+            )
         return self
 
     @property

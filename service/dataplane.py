@@ -50,6 +50,7 @@ from service.registry import LoadedVersion, Registry, VersionStatus
 from service.requestlog import note_images, note_target, note_timings
 
 DEFAULT_TOP_K = 5
+PIXELS_SETTING = "CNNSERVE_MAX_IMAGE_PIXELS"  # named where an image is refused for its size
 # A lone image is decoded on the event loop only from a file this small (DataPlane.
 # _decodes_inline); a module constant, not a setting: it bounds what one request can
 # hold the loop for, not a trade-off to tune. A JPEG decoded at a reduced scale still
@@ -213,7 +214,10 @@ class DataPlane:
         decoded (or even unpacked from base64) where the count is known first."""
         limit = self.settings.max_images_per_request
         if count > limit:
-            raise TooManyImages(f"{count} images in one request; the limit is {limit}")
+            raise TooManyImages(
+                f"{count} images in one request; the limit is {limit} "
+                "(CNNSERVE_MAX_IMAGES_PER_REQUEST)"
+            )
         note_images(count)
 
     async def decode(
@@ -242,7 +246,9 @@ class DataPlane:
         self.check_image_count(len(images))
         spec, max_pixels = target.spec, self.settings.max_image_pixels
         if len(images) == 1:
-            opened = open_image(images[0], max_pixels=max_pixels, target=spec.size)
+            opened = open_image(
+                images[0], max_pixels=max_pixels, target=spec.size, limit_name=PIXELS_SETTING
+            )
             held.admit(1, deadline)  # shed before paying for decoding
             cost = decode_cost(opened)
             if self._decodes_inline(images[0], cost):
@@ -336,7 +342,9 @@ class DataPlane:
         opened, total, work = [], 0, 0
         for i, data in enumerate(images):
             try:
-                image = open_image(data, max_pixels=max_pixels, target=spec.size)
+                image = open_image(
+                    data, max_pixels=max_pixels, target=spec.size, limit_name=PIXELS_SETTING
+                )
             except CnnserveError as exc:
                 raise _naming(exc, i, names) from None
             opened.append(image)
@@ -346,7 +354,7 @@ class DataPlane:
         if total > limit:
             raise ImageTooLarge(
                 f"the {len(images)} images decode to {total} pixels in all; the limit for "
-                f"one request is {limit}"
+                f"one request is {limit} (CNNSERVE_MAX_REQUEST_PIXELS)"
             )
         return opened, work
 

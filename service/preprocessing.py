@@ -152,7 +152,13 @@ class PreprocessSpec:
         )
 
 
-def open_image(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = None) -> Opened:
+def open_image(
+    data: bytes,
+    *,
+    max_pixels: int,
+    target: tuple[int, int] | None = None,
+    limit_name: str = "",
+) -> Opened:
     """Read an image's header, refusing bombs before any pixel is decoded;
     :func:`preprocess_opened` decodes it. Cheap (no pixels), so it can run where the
     request arrives; the result's ``size`` is then what decoding will produce, i.e. its
@@ -174,7 +180,7 @@ def open_image(data: bytes, *, max_pixels: int, target: tuple[int, int] | None =
         check_gif(data)
     if plain is not None and plain.full_size[0] * plain.full_size[1] <= max_pixels:
         return plain
-    return _open_with_pillow(data, max_pixels=max_pixels, target=target)
+    return _open_with_pillow(data, max_pixels=max_pixels, target=target, limit_name=limit_name)
 
 
 def _jpeg_layout(data: bytes) -> Layout:
@@ -277,8 +283,10 @@ def request_cost(data: bytes, opened: Opened) -> int:
 
 
 def _open_with_pillow(
-    data: bytes, *, max_pixels: int, target: tuple[int, int] | None
+    data: bytes, *, max_pixels: int, target: tuple[int, int] | None, limit_name: str = ""
 ) -> Image.Image:
+    # The limit as the client is told it: with the setting that sets it, when one does.
+    limit = f"{max_pixels} ({limit_name})" if limit_name else str(max_pixels)
     if not data:
         raise InvalidImage("the image is empty (0 bytes); send a JPEG, PNG, WebP, BMP, GIF or TIFF")
     try:
@@ -286,7 +294,7 @@ def _open_with_pillow(
     except Image.DecompressionBombError:
         # Pillow's own threshold (twice Image.MAX_IMAGE_PIXELS) means nothing to a client.
         raise ImageTooLarge(
-            f"image has far more pixels than the limit of {max_pixels}; send it smaller"
+            f"image has far more pixels than the limit of {limit}; send it smaller"
         ) from None
     except UnidentifiedImageError:
         if data[:4] in _TIFF_MAGIC:  # a TIFF all right: its layout is what Pillow lacks
@@ -305,7 +313,7 @@ def _open_with_pillow(
     width, height = img.size
     if width * height > max_pixels:
         raise ImageTooLarge(
-            f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+            f"image is {width}x{height} = {width * height} pixels; the limit is {limit}"
         )
     if width == 0 or height == 0:
         raise InvalidImage("the image has no pixels")
@@ -313,7 +321,7 @@ def _open_with_pillow(
     if tiled > max_pixels:
         raise ImageTooLarge(
             f"the TIFF's tiles hold {tiled} pixels to decode for its {width}x{height}; the "
-            f"limit is {max_pixels}: re-save it untiled or with ordinary tiles (256x256)"
+            f"limit is {limit}: re-save it untiled or with ordinary tiles (256x256)"
         )
     if target is not None and img.format == "JPEG":
         img.draft("RGB", target)

@@ -204,10 +204,20 @@ class KeyFileWatch:
 
 
 def presented_key(authorization: str | None, api_key: str | None) -> str | None:
-    """The key a client sent, from ``Authorization: Bearer`` or ``X-API-Key``."""
+    """The key a client sent, from ``Authorization: Bearer`` or ``X-API-Key``. Sent in
+    both, the two must agree: a wrong ``X-API-Key`` beside a right bearer key was
+    ignored (and the other way round refused), so which one counted depended on the
+    header, and a proxy that reads the other would judge the request otherwise."""
+    bearer = None
     if authorization and authorization[: len(BEARER)].lower() == BEARER:
-        return authorization[len(BEARER) :].strip()
-    return api_key.strip() if api_key else None
+        bearer = authorization[len(BEARER) :].strip()
+    header = (api_key or "").strip() or None
+    if bearer is not None and header is not None and bearer != header:
+        raise Unauthenticated(
+            "two different API keys were sent ('Authorization: Bearer' and 'X-API-Key'); "
+            "send the key once"
+        )
+    return bearer if bearer is not None else header
 
 
 class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]

@@ -104,6 +104,8 @@ def raw_classify_query(
     take."""
     if method != "POST" or path != CLASSIFY_PATH:
         return None
+    if sum(key == b"content-type" for key, _ in headers) > 1:
+        return None  # the route refuses a second Content-Type
     content_type = header_value(headers, b"content-type") or b""
     media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
     if media not in RAW_TYPES:

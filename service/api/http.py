@@ -718,10 +718,11 @@ async def read_json(
         ) from None
     if text.startswith("\ufeff"):  # json.loads' words name Python's codec
         raise InvalidRequest("request body starts with a byte order mark; send JSON without it")
+    pairs_hook = _objects_of_unique_keys(object_hook)
     try:
         if len(body) > LARGE_JSON_BYTES:
-            return await asyncio.to_thread(json.loads, text, object_hook=object_hook)
-        return json.loads(text, object_hook=object_hook)
+            return await asyncio.to_thread(json.loads, text, object_pairs_hook=pairs_hook)
+        return json.loads(text, object_pairs_hook=pairs_hook)
     except ValueError as exc:
         if "int_max_str_digits" in str(exc):  # Python's words name an interpreter setting
             raise InvalidRequest(
@@ -733,6 +734,30 @@ async def read_json(
 
 
 TOO_DEEP = "request body is JSON nested too deeply to parse; send a flat object"
+
+
+def _objects_of_unique_keys(
+    object_hook: Callable[[dict[str, Any]], Any] | None,
+) -> Callable[[list[tuple[str, Any]]], Any]:
+    """json.loads' ``object_pairs_hook``: each object as a dict, then ``object_hook``;
+    a key twice in one object is refused. json.loads keeps the last value, TF Serving's
+    parser (RapidJSON) finds the first, and a proxy or filter in front may read either:
+    {"image": <bad>, "image": <png>} was answered 200, the other order 400."""
+
+    def build(pairs: list[tuple[str, Any]]) -> Any:
+        value = dict(pairs)
+        if len(value) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    raise InvalidRequest(
+                        f"request body has the key {key!r} more than once in one object; "
+                        "send each key once"
+                    )
+                seen.add(key)
+        return value if object_hook is None else object_hook(value)
+
+    return build
 
 
 _SPACE = re.compile(r"[ \t\n\r\f\v]")  # ASCII whitespace, as Abseil skips
@@ -818,9 +843,11 @@ def parse_timeout(raw: str | None) -> float | None:
     # float() also took "1_0" (10 s).
     value = raw.strip(" \t")
     if not _SECONDS.fullmatch(value):
-        raise InvalidRequest(
-            f"{TIMEOUT_HEADER} must be seconds as a number, one value, got {raw!r}"
-        )
+        # Header bytes come as latin-1: shown as the UTF-8 the client most likely sent
+        # ('５' read 'ï¼\x95'), and cut, as the header may be kilobytes long.
+        shown = raw.encode("latin-1", "replace").decode("utf-8", "backslashreplace")
+        cut = f"{shown[:100]!r}…" if len(shown) > 100 else repr(shown)
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be seconds as a number, one value, got {cut}")
     return float(value)
 
 

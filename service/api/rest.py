@@ -104,7 +104,14 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
     """The images of a /v1/classify request, whatever the encoding, whether the client
     sent a list (answered with `results`) rather than one image, and multipart file names
     (for error messages that say which image was bad)."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    sent = request.headers.getlist("content-type")
+    if len(sent) > 1:
+        # Which one counted would depend on the parser (the direct path and Starlette
+        # took the first): two lines of image/png and image/jpeg were answered 200.
+        raise InvalidRequest(
+            f"the request has {len(sent)} Content-Type headers; send one, the body's type"
+        )
+    content_type = (sent[0] if sent else "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         plane = dataplane(request)
         limit = plane.settings.max_images_per_request
@@ -122,7 +129,8 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         except HTTPException as exc:  # Starlette's words for python-multipart's refusal
             if str(exc.detail).startswith("Too many"):
                 raise TooManyImages(
-                    f"more than {limit} files or fields in one request; the limit is {limit} images"
+                    f"more than {limit} files or fields in one request; the limit is {limit} "
+                    "images (CNNSERVE_MAX_IMAGES_PER_REQUEST)"
                 ) from None
             raise InvalidRequest(
                 f"the multipart body cannot be read ({exc.detail}); send multipart/form-data "
@@ -176,11 +184,12 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         raise InvalidRequest('JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
     if content_type in SUPPORTED_MEDIA_TYPES or content_type == "application/octet-stream":
         return [await request.body()], False, []
-    shown = (
-        f"unsupported content type '{content_type}'"
-        if content_type
-        else "the request has no Content-Type header"
-    )
+    if content_type:
+        shown = f"unsupported content type '{content_type}'"
+    elif sent and sent[0].strip():  # ";;;===": a header that names no media type
+        shown = f"the Content-Type header {sent[0].strip()[:100]!r} names no media type"
+    else:
+        shown = "the request has no Content-Type header"
     raise UnsupportedMediaType(
         f"{shown}; send an image ({SUPPORTED_HUMAN}) as the raw "
         "body with its image/* type, as multipart field 'image', or base64 in JSON"

@@ -186,6 +186,27 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         ("image/svg+xml", "JPEG"),
     ),
     (
+        "no-media-type",  # it said the request had no Content-Type header
+        "POST",
+        "/v1/classify",
+        {"content": PNG, "headers": {"content-type": ";;;==="}},
+        415,
+        "unsupported_media_type",
+        ("';;;===' names no media type",),
+    ),
+    (
+        "two-content-types",  # the first counted: answered 200 as a PNG
+        "POST",
+        "/v1/classify",
+        {
+            "content": PNG,
+            "headers": [("content-type", "image/png"), ("content-type", "image/jpeg")],
+        },
+        400,
+        "bad_request",
+        ("2 Content-Type headers",),
+    ),
+    (
         "text-plain",
         "POST",
         "/v1/classify",
@@ -219,9 +240,17 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         {"content": encode(Image.new("L", (2000, 2000)), "PNG"), "headers": _png_headers()},
         413,
         "image_too_large",
-        (),
+        ("CNNSERVE_MAX_IMAGE_PIXELS",),
     ),
-    ("too-many-images", "POST", "/v1/classify", {"files": FIVE}, 413, "too_many_images", ()),
+    (
+        "too-many-images",
+        "POST",
+        "/v1/classify",
+        {"files": FIVE},
+        413,
+        "too_many_images",
+        ("CNNSERVE_MAX_IMAGES_PER_REQUEST",),
+    ),
     (
         "bad-base64",
         "POST",
@@ -395,7 +424,8 @@ def test_error_paths(
     words: tuple[str, ...],
 ) -> None:
     kwargs = {k: v() if callable(v) else v for k, v in kwargs.items()}
-    headers = {**kwargs.pop("headers", {}), "x-request-id": f"err-{code}"}
+    sent = kwargs.pop("headers", {})  # a dict, or a list of (name, value) for repeated names
+    headers = [*(sent.items() if isinstance(sent, dict) else sent), ("x-request-id", f"err-{code}")]
     with server.client() as client:
         response = client.request(method, path, headers=headers, **kwargs)
         message = _error(response, status, code)

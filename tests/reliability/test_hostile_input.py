@@ -666,6 +666,33 @@ def test_tfserving_predict_with_hostile_json(server: Server) -> None:
             assert_error(response, statuses)
 
 
+def test_a_json_key_sent_twice_is_a_400_whichever_value_comes_first(server: Server) -> None:
+    """json.loads kept the last value: {"image": <bad>, "image": <png>} was answered 200
+    and the other order 400, where TF Serving's parser and a filter in front of the
+    gateway may read the first."""
+    png = base64.b64encode(PNG).decode()
+    with server.client() as client:
+        for body in (
+            f'{{"image": "eHh4", "image": "{png}"}}',
+            f'{{"image": "{png}", "image": "eHh4"}}',
+        ):
+            response = client.post(
+                "/v1/classify", content=body, headers={"content-type": "application/json"}
+            )
+            assert_error(response, {400})
+            assert "'image' more than once" in response.json()["error"]["message"]
+        twice = f'{{"instances": [{{"b64": "{png}"}}], "signature_name": "x", '
+        for body in (
+            twice + '"signature_name": "predict_image_bytes"}',
+            f'{{"instances": [{{"b64": "{png}", "b64": "{png}"}}]}}',
+        ):
+            response = client.post("/v1/models/tiny:predict", content=body)
+            assert_error(response, {400})
+            assert "more than once in one object" in response.json()["error"]
+        one = {"instances": [{"b64": png}], "signature_name": "predict_image_bytes"}
+        assert client.post("/v1/models/tiny:predict", json=one).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("odd", "shown"),
     [
@@ -883,7 +910,9 @@ def test_a_few_bytes_declaring_many_images_are_refused_before_anything_is_built(
     with server.channel() as channel, pytest.raises(grpc.RpcError) as raised:
         prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request_, timeout=BOUND)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert raised.value.details() == f"{count} images in one request; the limit is 64"
+    assert raised.value.details() == (
+        f"{count} images in one request; the limit is 64 (CNNSERVE_MAX_IMAGES_PER_REQUEST)"
+    )
     grown = peak_rss(pid) - before
     assert grown < 50 * 2**20, f"the worker's peak grew by {grown / 2**20:.0f} MB"
 

@@ -63,6 +63,15 @@ def test_more_than_one_value_is_a_400_on_one_line_or_several(
 
 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "app"])
+def test_a_value_that_is_no_number_is_shown_as_sent_and_cut(server: Server, direct: bool) -> None:
+    """Header bytes are latin-1 to the parser: '５' (UTF-8) was shown as 'ï¼\x95'."""
+    status, error = ask(server, [" ５".encode()], direct=direct)
+    assert status == 400 and error["message"].endswith("got '５'"), error
+    status, error = ask(server, [b"x" * 4000], direct=direct)
+    assert status == 400 and len(error["message"]) < 300, error
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "app"])
 def test_a_plus_sign_is_part_of_a_number(server: Server, direct: bool) -> None:
     status, error = ask(server, [b"+5"], direct=direct)  # float() reads it; so do we
     assert status == 200, error

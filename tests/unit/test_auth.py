@@ -71,6 +71,11 @@ def test_presented_key_from_either_header() -> None:
     assert presented_key("bearer  abc ", None) == "abc"
     assert presented_key("Basic abc", "xyz") == "xyz"
     assert presented_key(None, None) is None
+    assert presented_key("Bearer abc", " abc") == "abc"  # both, the same key
+    assert presented_key("Bearer abc", "") == "abc"
+    for bearer, header in (("Bearer abc", "xyz"), ("Bearer xyz", "abc")):
+        with pytest.raises(Unauthenticated, match="two different API keys"):
+            presented_key(bearer, header)
 
 
 def test_open_paths() -> None:

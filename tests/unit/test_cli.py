@@ -118,6 +118,18 @@ def test_settings_refuse_unsafe_values(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CNNSERVE_GRPC_PORT")
     with pytest.raises(ValidationError):
         Settings(max_batch_size=0)
+    # An infinite timeout served every request without a deadline 400 (the client's
+    # fault), or turned the slow-client protection off.
+    for name in ("request_timeout_seconds", "header_read_timeout_seconds", "poll_seconds"):
+        for value in ("inf", "nan", "-inf"):
+            monkeypatch.setenv(f"CNNSERVE_{name.upper()}", value)
+            with pytest.raises(ValidationError, match="finite number"):
+                Settings()
+        monkeypatch.delenv(f"CNNSERVE_{name.upper()}")
+    # gRPC's message limit is a C int: this failed start-up with an OverflowError.
+    with pytest.raises(ValidationError, match="past the 2147483647 gRPC allows"):
+        Settings(max_images_per_request=4000)
+    assert Settings(max_images_per_request=3000).grpc_max_message_bytes < 2**31
 
 
 @pytest.fixture
@@ -154,6 +166,13 @@ def test_a_bad_environment_variable_is_a_one_line_error(
     assert main(["serve"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cnnserve: CNNSERVE_PORT: ") and "\n" not in err
+    monkeypatch.setenv("CNNSERVE_PORT", "8000")
+    monkeypatch.setenv("CNNSERVE_MAX_IMAGES_PER_REQUEST", "4000")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("cnnserve: CNNSERVE_MAX_IMAGES_PER_REQUEST (4000) and ") and "\n" not in err
+    )
 
 
 def test_serve_help_shows_the_defaults_in_effect(
