@@ -9,6 +9,7 @@ import errno
 import logging
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METRICS_DIR_PREFIX = "cnnserve-metrics-"
 WORKER_START_SECONDS = 300
+# How often the supervisor checks its workers are alive when no signal wakes it (uvicorn's).
+SUPERVISOR_TICK_SECONDS = 0.5
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:
@@ -115,11 +118,12 @@ def serve(settings: Settings) -> int:
         "ssl_keyfile": settings.tls_keyfile,
         "handshake_timeout": settings.header_read_timeout_seconds,  # GatewayConfig's
     }
+    forced = False
     with _metrics_directory():
         if settings.workers == 1:
             from service.api.app import create_app
 
-            _run_one(GatewayConfig(create_app(settings), **common))
+            forced = _run_one(GatewayConfig(create_app(settings), **common))
         else:
             # Workers vote for readiness in the run's folder (service.readiness).
             votes = Path(os.environ[MULTIPROC_ENV]) / "readiness"  # not *.db: not a metric file
@@ -142,6 +146,10 @@ def serve(settings: Settings) -> int:
                     **common,
                 )
                 _Supervisor(config, sockets=[config.bind_socket()]).run()
+    if forced:  # uvicorn's forced quit: a second SIGINT before the app took SIGINT
+        from service.api.app import stop_at_once
+
+        stop_at_once()
     return 0
 
 
@@ -230,11 +238,12 @@ def bound_handshakes(loop: Any, seconds: float) -> Any:
     return loop
 
 
-def _run_one(config: GatewayConfig) -> None:
+def _run_one(config: GatewayConfig) -> bool:
     """uvicorn.run for one worker, with ``config`` as it is (uvicorn.run builds its own).
     SIGHUP, with several workers a rolling restart, has nothing to restart here: it is
     said and ignored (its default action ended the process at once, in-flight requests
-    lost, no drain, no log line)."""
+    lost, no drain, no log line). Returns whether a second SIGINT cut the drain (the
+    app ends the process itself then, service.api.app.stop_at_once, once it started)."""
     config.load_app()
     signal.signal(signal.SIGHUP, _one_worker_hangup)
     server = uvicorn.Server(config)
@@ -242,6 +251,7 @@ def _run_one(config: GatewayConfig) -> None:
         server.run()
     if not server.started:
         sys.exit(STARTUP_FAILURE)
+    return bool(server.force_exit)
 
 
 def _one_worker_hangup(signum: int, frame: object) -> None:
@@ -259,6 +269,36 @@ class _Supervisor(Multiprocess):
     reset them when the parent exited (clients hung for the whole grace period, then
     failed). Now connections are refused as soon as the workers close their listeners,
     as with one worker."""
+
+    def run(self) -> None:
+        """uvicorn's loop, except that a signal wakes it at once (Python writes a byte to
+        the wakeup socket as it arrives). uvicorn looked at its signals every 0.5 s: a
+        SIGTERM to the whole process group (Ctrl-C's SIGINT, systemd's stop, `kill --
+        -PGID`) reached the workers first, which closed their listeners while this
+        process held its copy of the socket for up to 0.5 s more; connections the kernel
+        queued meanwhile were reset when it closed, their requests sent and lost (3 of 3
+        keep-alive clients that reconnected after their connection: close). A SIGTERM to
+        this process alone turned readiness 503 0.1-0.5 s late."""
+        log.info("Started parent process [%d]", os.getpid())
+        woken, wake = socket.socketpair()
+        woken.setblocking(False)
+        wake.setblocking(False)
+        previous = signal.set_wakeup_fd(wake.fileno())
+        try:
+            self.init_processes()
+            while not self.should_exit.is_set():
+                select.select([woken], [], [], SUPERVISOR_TICK_SECONDS)
+                with contextlib.suppress(BlockingIOError):
+                    woken.recv(4096)
+                self.handle_signals()
+                self.keep_subprocess_alive()
+        finally:
+            signal.set_wakeup_fd(previous)
+            woken.close()
+            wake.close()
+        self.terminate_all()
+        self.join_all()
+        log.info("Stopping parent process [%d]", os.getpid())
 
     def terminate_all(self) -> None:
         for sock in self.sockets:

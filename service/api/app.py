@@ -7,6 +7,7 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -364,9 +365,11 @@ def _drain_on_sigterm(
 
     def interrupted(previous: Any) -> SignalHandler:
         def on_sigint(signum: int, frame: FrameType | None) -> None:
-            if not readiness.draining:  # a second one is uvicorn's: stop without waiting
-                readiness.drain()
-                loop.call_soon_threadsafe(stop_calls)
+            if readiness.draining:
+                stop_at_once()
+            readiness.drain()
+            log.info("SIGINT: readiness is 503 now; shutting down (SIGINT again: at once)")
+            loop.call_soon_threadsafe(stop_calls)
             if callable(previous):
                 previous(signum, frame)
 
@@ -383,6 +386,18 @@ def _drain_on_sigterm(
                 each()
 
     return restore
+
+
+def stop_at_once() -> None:
+    """A second SIGINT (Ctrl-C again): the process ends now, saying so in its log and
+    its exit status. Passed on to uvicorn, its forced quit exited 0 as after a clean
+    drain, logged the traceback of the application's cancelled lifespan, and the
+    teardown of what the drain would have stopped (gRPC's server, the models) crashed
+    the interpreter now and then (SIGSEGV): nothing is left that the kernel does not
+    clean up (a server's metrics folder is swept at the next start)."""
+    log.warning("stopped at once (SIGINT twice): requests in flight were not answered")
+    logging.shutdown()
+    os._exit(128 + signal.SIGINT)
 
 
 def _before_signal(

@@ -818,6 +818,26 @@ def test_sigint_stops_grpc_with_rest_and_ends_health_watches_not_serving(
         assert not watcher.is_alive()
 
 
+def test_a_second_sigint_stops_at_once_and_says_so_in_its_exit_status(tiny_repo: Path) -> None:
+    """Ctrl-C twice cuts the drain (uvicorn's force quit): it exited 0, as after a clean
+    drain, with a traceback of the cancelled lifespan in the log."""
+    env = {"CNNSERVE_POLL_SECONDS": "0", "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "60"}
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        head = (
+            f"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(PNG)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as upload:
+            upload.sendall(head + PNG[:10])  # in flight: the drain waits for it
+            server.process.send_signal(signal.SIGINT)
+            wait_for(lambda: "SIGINT: readiness is 503" in server.log.read_text(), timeout=10)
+            server.process.send_signal(signal.SIGINT)
+            assert server.process.wait(timeout=20) == 128 + signal.SIGINT
+        written = server.log.read_text()
+        assert "stopped at once (SIGINT twice)" in written
+        assert "Traceback" not in written, written[-3000:]
+
+
 def test_sigterm_ends_the_process_while_a_load_hangs_on_a_read(
     tiny_repo_litert: Path, tmp_path: Path
 ) -> None:

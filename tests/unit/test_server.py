@@ -127,3 +127,32 @@ def test_only_a_rolling_restart_gives_a_new_worker_long_to_start(
     assert during == [(WORKER_START_SECONDS, True)]
     assert config.timeout_worker_healthcheck == short < 30
     assert not (tmp_path / RESTARTING).exists()
+
+
+def test_a_signal_wakes_the_supervisor_at_once() -> None:
+    """uvicorn's supervisor looked at its signals every 0.5 s: a SIGTERM to the whole
+    process group reached the workers first, which closed their listeners while the
+    supervisor held its copy of the socket; connections the kernel queued meanwhile
+    were reset when it closed, their requests sent and lost. With its tick at a minute,
+    a SIGTERM still ends its loop at once (a process of its own: signal handlers)."""
+    script = """
+import os, signal, sys, threading, time
+from service import server
+server.SUPERVISOR_TICK_SECONDS = 60
+supervisor = server._Supervisor(
+    server.GatewayConfig("service.api.app:create_app", factory=True, workers=1,
+                         handshake_timeout=1),
+    sockets=[],
+)
+supervisor.processes_num = 0  # the loop alone
+# uvicorn's own loop waited on this between its looks at the signals: a minute here.
+supervisor.should_exit.wait = lambda timeout=None: time.sleep(60)
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+started = time.monotonic()
+supervisor.run()
+print(time.monotonic() - started)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50, check=True
+    )
+    assert float(done.stdout.split()[-1]) < 30, done.stderr  # the tick is 60 s
