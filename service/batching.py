@@ -366,9 +366,6 @@ class DynamicBatcher:
                 f"{n} inputs in one request; this model queues at most {self._capacity}"
             )
         now = monotonic()
-        if deadline is not None and deadline <= now:
-            self._observer.on_expired(1)
-            raise DeadlineExceeded("the request deadline passed before it was queued")
         self._admit(n, now, deadline)
         loop = asyncio.get_running_loop()
         size = self.config.max_batch_size
@@ -442,7 +439,12 @@ class DynamicBatcher:
 
     def _admit(self, n: int, now: float, deadline: float | None, reserved: bool = False) -> None:
         """Refuse ``n`` images at once if the work ahead cannot clear in time; with
-        ``reserved``, images admitted and still decoding are ahead too."""
+        ``reserved``, images admitted and still decoding are ahead too. A request whose
+        deadline passed is refused first, whatever is known of the work (a new worker's
+        first request with a deadline already passed was decoded before it was refused)."""
+        if deadline is not None and deadline <= now:
+            self._observer.on_expired(1)
+            raise DeadlineExceeded("the request deadline passed before it was queued")
         reason = None
         queued = self._depth + (self._reserved if reserved else 0)
         if queued + n > self._capacity:
@@ -477,10 +479,7 @@ class DynamicBatcher:
         passed, or when its own inference alone is expected to outlast it (not overload:
         even an idle server could not answer in time) and a batch confirmed the estimate
         lately."""
-        left = deadline - now
-        if left <= 0:
-            self._observer.on_expired(1)
-            raise DeadlineExceeded("the request deadline passed before it was queued")
+        left = deadline - now  # > 0: _admit refused a passed deadline
         if not self._confirmed(now):
             return ahead > left  # its own images run, and re-measure (ESTIMATE_FRESH_SECONDS)
         if own >= left:

@@ -79,6 +79,8 @@ def prepare_runtime(
     ``started`` is when the load began (perf_counter), if before this call."""
     started = time.perf_counter() if started is None else started
     info = runtime.load()
+    if runtime.stale_artifact is not None:
+        log.warning("%s: %s; not serving it", path, runtime.stale_artifact)
     if runtime.fallback_reason is not None:
         log.warning("%s: %s; serving it with %s", path, runtime.fallback_reason, runtime.name)
     try:

@@ -103,6 +103,9 @@ class Runtime(abc.ABC):
         # Why this runtime serves in place of the one asked for (``auto`` without a
         # verified LiteRT artifact), said once it has loaded (service.loading).
         self.fallback_reason: str | None = None
+        # Why the artifact export verified is not served (service.runtimes.card.
+        # stale_artifact), said once it has loaded too.
+        self.stale_artifact: str | None = None
 
     @property
     def card(self) -> Mapping[str, Any]:

@@ -176,7 +176,7 @@ def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path |
     too: its answers would be garbage (NaN), and a damaged copy is the operator's to fix.
     """
     record = litert_record(card)
-    path = version_dir / "assets.extra" / str(record.get("file") or "model.tflite")
+    path = _artifact_path(version_dir, record)
     foreign = foreign_artifact(record, version_dir)
     if artifact_precision(card) != FLOAT_PRECISION:
         # quantized_refusal checks the artifact's sha256 already.
@@ -188,13 +188,30 @@ def verified_litert(version_dir: Path, card: Mapping[str, Any] | None) -> Path |
         return path
     if record.get("verified") is not True or not path.is_file():
         return None
-    if foreign is not None:  # converted afresh from the SavedModel that is there
-        log.warning("%s: %s; not serving it", version_dir, foreign)
+    if foreign is not None:  # converted afresh from the SavedModel there (stale_artifact)
         return None
     damage = damaged_artifact(record, path) or damaged_variables(record, version_dir)
     if damage is not None:
         raise ModelLoadError(f"{version_dir}: {damage}; refusing to serve it")
     return path
+
+
+def stale_artifact(version_dir: Path, card: Mapping[str, Any] | None) -> str | None:
+    """Why the float artifact export verified is not served: the SavedModel beside it is
+    another (:func:`foreign_artifact`), so :func:`verified_litert` passes it over. Said
+    by the loader once the version has loaded (service.loading): a broken SavedModel
+    also differs from the record, and its load error is the one line to read, not a
+    warning first that its artifact "was made from another SavedModel"."""
+    record = litert_record(card)
+    if artifact_precision(card) != FLOAT_PRECISION or record.get("verified") is not True:
+        return None
+    if not _artifact_path(version_dir, record).is_file():
+        return None
+    return foreign_artifact(record, version_dir)
+
+
+def _artifact_path(version_dir: Path, record: Mapping[str, Any]) -> Path:
+    return version_dir / "assets.extra" / str(record.get("file") or "model.tflite")
 
 
 def quantized_refusal(record: Mapping[str, Any], path: Path) -> str | None:

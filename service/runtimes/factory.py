@@ -7,6 +7,7 @@ with TensorFlow and logs why, so a model is never unservable just for lack of a 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from service.errors import ModelLoadError
 from service.repository import load_card
 from service.runtimes.base import Runtime
-from service.runtimes.card import FLOAT_PRECISION, artifact_precision
+from service.runtimes.card import FLOAT_PRECISION, artifact_precision, stale_artifact
 
 RUNTIME_NAMES = ("auto", "tensorflow", "litert")
 
@@ -33,17 +34,32 @@ def create_runtime(
     LiteRT artifact, so call it where you would call ``load()``: off the event loop.
     ``card`` is the version's model card when the caller has read it (else read here).
     """
-    from service.runtimes.conversion import FilesChanged
-    from service.runtimes.litert import LiteRTRuntime, litert_artifact
     from service.runtimes.tensorflow import TensorFlowRuntime
 
     card = load_card(version_dir) if card is None else card
     if name == "tensorflow":
         return TensorFlowRuntime(version_dir, threads=threads, card=card)
+    if name not in RUNTIME_NAMES:
+        raise ValueError(f"unknown runtime {name!r}; expected one of {', '.join(RUNTIME_NAMES)}")
+    runtime = _litert_or_fallback(
+        name, version_dir, cache_dir=cache_dir, threads=threads, card=card
+    )
+    with contextlib.suppress(OSError):  # an unreadable file: the load says so
+        runtime.stale_artifact = stale_artifact(version_dir, card)
+    return runtime
+
+
+def _litert_or_fallback(
+    name: str, version_dir: Path, *, cache_dir: Path, threads: int, card: Mapping[str, Any]
+) -> Runtime:
+    """``litert``'s runtime; or ``auto``'s: LiteRT with a verified artifact, else
+    TensorFlow."""
+    from service.runtimes.conversion import FilesChanged
+    from service.runtimes.litert import LiteRTRuntime, litert_artifact
+    from service.runtimes.tensorflow import TensorFlowRuntime
+
     if name == "litert":
         return LiteRTRuntime(version_dir, cache_dir=cache_dir, threads=threads, card=card)
-    if name != "auto":
-        raise ValueError(f"unknown runtime {name!r}; expected one of {', '.join(RUNTIME_NAMES)}")
     try:
         litert_artifact(version_dir, cache_dir, card)
     except FilesChanged:

@@ -711,6 +711,22 @@ def test_images_admitted_before_decoding_count_ahead_until_queued(costly: Costly
     run(scenario())
 
 
+def test_a_passed_deadline_is_refused_before_decoding_on_a_new_batcher_too() -> None:
+    """Before any batch measured the work, a reservation's check skipped the deadline:
+    a new worker's first request whose deadline had passed was decoded, then refused
+    "while decoding images"."""
+    recorder = Recorder()
+
+    async def scenario() -> None:
+        async with DynamicBatcher(whole(ids), config(), observer=recorder) as batcher:
+            assert batcher.seconds_per_image is None  # nothing measured yet
+            with pytest.raises(DeadlineExceeded, match="passed before it was queued"):
+                batcher.reserve().admit(1, time.monotonic() - 0.001)
+            assert recorder.expired == 1 and batcher.reserved == 0
+
+    run(scenario())
+
+
 def test_a_reservation_counts_against_the_queue_cap() -> None:
     async def scenario() -> None:
         async with DynamicBatcher(whole(ids), config(max_enqueued_batches=2)) as batcher:

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import logging
 import os
+import random
 import shutil
 import threading
 from pathlib import Path
@@ -961,3 +962,57 @@ def test_a_broken_savedmodel_under_auto_is_one_error_line(
         and ("version 2" in r.getMessage() or "/2:" in r.getMessage())
     ]
     assert [r.levelname for r in said] == ["ERROR"], [r.getMessage() for r in said]
+
+
+@pytest.mark.parametrize("damage", ["garbage saved_model.pb", "no variables"])
+def test_a_broken_savedmodel_beside_its_verified_artifact_is_one_error_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """Its card records the SavedModel the artifact was made from, which a broken one
+    no longer matches: a WARNING that the artifact "was made from another SavedModel"
+    came first, then the ERROR. The warning is said once a version loads, not before."""
+    template = publish_tiny(tmp_path / "template", "m", with_litert=True)
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path).model_copy(update={"runtime": "auto"}))
+
+    async def scenario() -> None:
+        await registry.start()
+        broken = add_version(repo, "m", 2, template)
+        if damage == "no variables":
+            shutil.rmtree(broken / "variables")
+        else:
+            (broken / "saved_model.pb").write_bytes(random.Random(0).randbytes(200_000))
+        with caplog.at_level(logging.WARNING):
+            await registry.poll_once()
+        assert registry.statuses("m", version=2)[0].state == VersionState.END
+
+    run_with(registry, scenario)
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.WARNING and "/2" in r.getMessage()
+    ]
+    assert len(said) == 1 and "failed to load" in said[0], said
+
+
+def test_an_artifact_beside_another_savedmodel_is_said_once_the_version_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    template = publish_tiny(tmp_path / "template", "m", with_litert=True)
+    other = publish_tiny(tmp_path / "other", "m", seed=1)
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path).model_copy(update={"runtime": "auto"}))
+
+    async def scenario() -> None:
+        await registry.start()
+        replaced = add_version(repo, "m", 2, template)
+        shutil.rmtree(replaced / "variables")
+        shutil.copytree(other / "variables", replaced / "variables")
+        shutil.copy2(other / "saved_model.pb", replaced / "saved_model.pb")
+        with caplog.at_level(logging.WARNING):
+            await registry.poll_once()
+        assert registry.resolve("m").version == 2  # converted afresh, served
+
+    run_with(registry, scenario)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum("was made from another SavedModel" in m for m in said) == 1, said
