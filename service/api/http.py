@@ -842,6 +842,8 @@ def parse_timeout(raw: str | None) -> float | None:
     # drops it in front, not behind ("0.5 " was a 400). Within, plain decimals only:
     # float() also took "1_0" (10 s).
     value = raw.strip(" \t")
+    if value.startswith("-") and _SECONDS.fullmatch(value[1:]):
+        raise InvalidRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {value}")
     if not _SECONDS.fullmatch(value):
         # Header bytes come as latin-1: shown as the UTF-8 the client most likely sent
         # ('５' read 'ï¼\x95'), and cut, as the header may be kilobytes long.
