@@ -199,7 +199,8 @@ class DataPlane:
         )
         if not 0 < timeout < math.inf:  # nan and inf too: inf would turn the deadline off
             raise InvalidRequest(
-                f"request timeout must be a positive, finite number of seconds, got {timeout}"
+                "the request's timeout (X-Request-Timeout, or a gRPC deadline) must be a "
+                f"positive, finite number of seconds, got {timeout:g}"
             )
         settings = self.settings  # the default deadline is never cut
         timeout = min(

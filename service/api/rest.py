@@ -28,8 +28,9 @@ from service.api.http import (
 )
 from service.api.schemas import ClassifyResponse, Health, Readiness
 from service.dataplane import ClassifyResult
-from service.errors import InvalidRequest, TooManyImages, UnsupportedMediaType
+from service.errors import InvalidRequest, TooManyImages, UnsupportedMediaType, bounded
 from service.preprocessing import SUPPORTED_HUMAN, SUPPORTED_MEDIA_TYPES
+from service.repository import version_number
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -76,7 +77,10 @@ def digits_only(value: Any) -> Any:
     "1_0" as 10 and "1.0" as 1, so a typo still ran against some version."""
     text = str(value)
     if not (text.isascii() and text.isdigit()):
-        raise ValueError("must be a whole number written with digits 0-9")
+        shown = bounded(repr(text), 40)
+        raise ValueError(f"must be a whole number written with digits 0-9, no sign, got {shown}")
+    if version_number(text) is None:  # past int64, as a path's version (path_version)
+        raise ValueError(f"must be a whole number within int64, got {bounded(text, 40)}")
     return value
 
 

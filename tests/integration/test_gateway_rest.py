@@ -297,6 +297,24 @@ ERROR_CASES: list[tuple[str, str, str, dict[str, Any], int, str, tuple[str, ...]
         ("digits",),
     ),
     (
+        "top-k-negative",  # said "digits 0-9", not what was wrong
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"top_k": "-1"}},
+        400,
+        "bad_request",
+        ("no sign, got '-1'",),
+    ),
+    (
+        "version-past-int64",  # a 404 here, a 400 in a path
+        "POST",
+        "/v1/classify",
+        {**RAW, "params": {"version": "1" * 23}},
+        400,
+        "bad_request",
+        ("within int64",),
+    ),
+    (
         "top-k-underscore",
         "POST",
         "/v1/classify",

@@ -69,6 +69,8 @@ def test_a_value_that_is_no_number_is_shown_as_sent_and_cut(server: Server, dire
     assert status == 400 and error["message"].endswith("got '５'"), error
     status, error = ask(server, [b"x" * 4000], direct=direct)
     assert status == 400 and len(error["message"]) < 300, error
+    status, error = ask(server, [b" 0"], direct=direct)  # "request timeout … got 0.0"
+    assert status == 400 and "(X-Request-Timeout" in error["message"], error
     status, error = ask(server, [b" -1"], direct=direct)  # said to be "no number" before
     assert status == 400 and "must be a positive number of seconds, got -1" in error["message"]
 
