@@ -622,6 +622,8 @@ class DataPlane:
             return array
         if array.dtype.kind == "b":
             raise InvalidRequest("image values must be numbers 0-255 (uint8 RGB), not booleans")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():  # NaN passes min/max
+            raise InvalidRequest("image values must be integers 0-255 (uint8 RGB); got NaN or inf")
         if array.dtype.kind not in "iuf" or (array.size and (array.min() < 0 or array.max() > 255)):
             raise InvalidRequest("image values must be integers 0-255 (uint8 RGB)")
         if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):

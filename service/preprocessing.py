@@ -398,7 +398,10 @@ def _unreadable(exc: Exception, failed: str) -> InvalidImage:
             f"not read ({exc}); re-save it as PNG or JPEG"
         )
     if isinstance(exc, _WORDED):
-        return InvalidImage(f"{failed}: {exc}")
+        # Pillow's words say what broke ("Truncated File Read"), not what to do.
+        return InvalidImage(
+            f"{failed}: {exc}; the file is cut off or corrupt: send it whole, or re-save it"
+        )
     return InvalidImage(
         f"{failed}: the file is malformed ({type(exc).__name__}: {exc}); "
         "re-save it with an ordinary encoder"

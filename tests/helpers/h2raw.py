@@ -10,7 +10,8 @@ import time
 from dataclasses import dataclass
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, SETTINGS, PING, GOAWAY = 0x0, 0x1, 0x4, 0x6, 0x7
+DATA, HEADERS, SETTINGS, PING, GOAWAY, CONTINUATION = 0x0, 0x1, 0x4, 0x6, 0x7, 0x9
+MAX_FRAME = 16384  # HTTP/2's default SETTINGS_MAX_FRAME_SIZE
 END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 INITIAL_WINDOW_SIZE = 0x4
 
@@ -33,11 +34,22 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
 
 
 def _literal(name: str, value: str) -> bytes:
-    """HPACK: a literal field without indexing, its name a literal too (both < 127 bytes)."""
-    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+    """HPACK: a literal field without indexing, its name a literal too (not Huffman)."""
+    return b"\x00" + _string(name.encode()) + _string(value.encode())
 
 
-def call_headers(path: str, authority: str) -> bytes:
+def _string(text: bytes) -> bytes:
+    """HPACK's string: its length as a 7-bit-prefix integer (RFC 7541 5.1), then it."""
+    if len(text) < 127:
+        return bytes([len(text)]) + text
+    rest, length = len(text) - 127, bytearray([127])
+    while rest >= 128:
+        length.append(rest % 128 + 128)
+        rest //= 128
+    return bytes(length) + bytes([rest]) + text
+
+
+def call_headers(path: str, authority: str, metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
     fields = [
         (":method", "POST"),
         (":scheme", "http"),
@@ -45,6 +57,7 @@ def call_headers(path: str, authority: str) -> bytes:
         (":authority", authority),
         ("content-type", "application/grpc"),
         ("te", "trailers"),
+        *metadata,
     ]
     return b"".join(_literal(name, value) for name, value in fields)
 
@@ -61,14 +74,25 @@ class RawGrpc:
         settings = struct.pack(">HI", INITIAL_WINDOW_SIZE, window)
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings))
 
-    def call(self, path: str, message: bytes = b"") -> int:
-        """Send one unary call (``message`` serialized); its stream id."""
+    def call(
+        self, path: str, message: bytes = b"", metadata: tuple[tuple[str, str], ...] = ()
+    ) -> int:
+        """Send one unary call (``message`` serialized, ``metadata`` among its headers;
+        a header block over a frame goes on in CONTINUATION frames); its stream id."""
         stream, self._next_stream = self._next_stream, self._next_stream + 2
-        block = call_headers(path, f"127.0.0.1:{self.port}")
-        body = b"\x00" + struct.pack(">I", len(message)) + message
-        self.sock.sendall(
-            frame(HEADERS, END_HEADERS, stream, block) + frame(DATA, END_STREAM, stream, body)
+        block = call_headers(path, f"127.0.0.1:{self.port}", metadata)
+        pieces = [block[i : i + MAX_FRAME] for i in range(0, len(block), MAX_FRAME)]
+        sent = b"".join(
+            frame(
+                HEADERS if i == 0 else CONTINUATION,
+                END_HEADERS if i == len(pieces) - 1 else 0,
+                stream,
+                piece,
+            )
+            for i, piece in enumerate(pieces)
         )
+        body = b"\x00" + struct.pack(">I", len(message)) + message
+        self.sock.sendall(sent + frame(DATA, END_STREAM, stream, body))
         return stream
 
     def read(self, until: float) -> Frame | None:

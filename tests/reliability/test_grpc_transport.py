@@ -17,11 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.proto_gen import cnnserve_v1_pb2
 from tests.helpers.h2raw import DATA, GOAWAY, HEADERS, RawGrpc
+from tests.helpers.images import encode, gradient
 from tests.helpers.server import running_server
 
 pytestmark = pytest.mark.reliability
 
 CHECK = "/grpc.health.v1.Health/Check"
+PNG = encode(gradient(), "PNG")
 CALLS = 8
 SECONDS = 1  # the connection age and the send timeout (its grace, and the ping's wait)
 MARGIN = 15.0  # what a loaded machine may add before the close is seen
@@ -130,4 +132,35 @@ def test_calls_that_never_send_their_message_do_not_shut_other_calls_out(
         assert len(cut) + codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == len(errors)
         assert cut and all("many calls were waiting for theirs" in e.details() for e in cut)
         assert seconds < 20  # not the read timeout (30 s): the places came back
+        assert serving(server.grpc_target)
+
+
+def test_metadata_over_the_header_limit_split_over_continuation_frames_is_refused(
+    tiny_repo_litert: Path,
+) -> None:
+    """gRPC's core holds a call's metadata to CNNSERVE_MAX_HEADER_BYTES only when its
+    header block comes in one frame: split over CONTINUATION frames, an x-request-id of
+    100 KB reached the servicer and the call was answered OK."""
+    env = {"CNNSERVE_POLL_SECONDS": "0"}
+    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
+        peer = RawGrpc(server.grpc_port)
+        try:
+            message = cnnserve_v1_pb2.ClassifyRequest(image=PNG).SerializeToString()
+            for metadata, status in (
+                ((("x-request-id", "r" * 100_000),), b"8"),  # RESOURCE_EXHAUSTED
+                ((("x-request-id", "r" * 100),), b"0"),  # the same call, small: OK
+            ):
+                stream = peer.call(CLASSIFY, message, metadata)
+                blocks = b""
+                until = time.monotonic() + MARGIN
+                while (got := peer.read(until)) is not None:
+                    peer.answer(got, pings=True)
+                    if got.stream == stream and got.type == HEADERS:
+                        blocks += got.payload
+                        if got.flags & 0x1:  # END_STREAM: the trailers
+                            break
+                # gRPC's core writes grpc-status as a plain literal (no Huffman).
+                assert b"grpc-status\x01" + status in blocks, blocks[:300]
+        finally:
+            peer.close()
         assert serving(server.grpc_target)

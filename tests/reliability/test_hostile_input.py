@@ -700,6 +700,7 @@ def test_a_json_key_sent_twice_is_a_400_whichever_value_comes_first(server: Serv
         ("{}", "{}"),
         ("18446744073709551616", "18446744073709551616"),
         ('"7"', "'7'"),
+        ("NaN", "NaN or inf"),  # passed the range check: "got a fraction"
     ],
 )
 def test_pixels_that_are_no_numbers_are_named(server: Server, odd: str, shown: str) -> None:

@@ -466,3 +466,12 @@ def test_a_progressive_jpegs_cost_counts_every_scan_at_full_resolution() -> None
     data = encode(gradient(224, 224), "JPEG", progressive=True, exif=exif)
     with_exif = open_image(data, max_pixels=BIG, target=SPEC.size)
     assert isinstance(with_exif, Image.Image) and decode_cost(with_exif) > 100 * 224 * 224
+
+
+def test_pillows_words_for_a_broken_file_come_with_what_to_do() -> None:
+    """A PNG signature then junk said only "Truncated File Read" (Pillow's words)."""
+    from service.errors import InvalidImage
+
+    with pytest.raises(InvalidImage) as refused:
+        open_image(PNG_SIGNATURE + b"junkjunkjunk", max_pixels=10**8)
+    assert refused.value.message.endswith("cut off or corrupt: send it whole, or re-save it")
