@@ -35,7 +35,7 @@ class Plane:
     refuses every request once they are counted."""
 
     accepting_calls = True
-    settings = SimpleNamespace(grpc_max_message_bytes=1 << 22)
+    settings = SimpleNamespace(grpc_max_message_bytes=1 << 22, max_header_bytes=65536)
 
     def __init__(self) -> None:
         self.concurrency = Watched()

@@ -27,6 +27,7 @@ class Plane:
     """The part of the data plane the servicers ask, with a full concurrency limit."""
 
     accepting_calls = True
+    settings = SimpleNamespace(max_header_bytes=65536)
 
     def __init__(self) -> None:
         self.concurrency = ConcurrencyLimit(1)
