@@ -176,6 +176,8 @@ def open_image(
         _check_png_chunks(data)
     elif data[:4] in _TIFF_MAGIC:
         check_tiff(data)
+    elif data.startswith(b"BM"):
+        _check_bmp_width(data)
     elif data.startswith(_GIF_SIGNATURES):
         check_gif(data)
     if plain is not None and plain.full_size[0] * plain.full_size[1] <= max_pixels:
@@ -208,6 +210,17 @@ def _jpeg_layout(data: bytes) -> Layout:
             "image data (an encoder writes 1 to 4); re-save it with an ordinary encoder"
         )
     return layout
+
+
+def _check_bmp_width(data: bytes) -> None:
+    """A BMP whose info header (40 bytes or more) declares a width of 0 or less: the
+    field is signed, and Pillow reads it unsigned, so -5 was refused 413 as an image of
+    4,294,967,291 columns, where the file is malformed. (A negative height is a
+    top-down image, valid.)"""
+    if len(data) >= 22 and int.from_bytes(data[14:18], "little") >= 40:
+        width = int.from_bytes(data[18:22], "little", signed=True)
+        if width <= 0:
+            raise InvalidImage(f"the BMP declares a width of {width}; re-save it")
 
 
 def _check_png_chunks(data: bytes) -> None:

@@ -475,3 +475,20 @@ def test_pillows_words_for_a_broken_file_come_with_what_to_do() -> None:
     with pytest.raises(InvalidImage) as refused:
         open_image(PNG_SIGNATURE + b"junkjunkjunk", max_pixels=10**8)
     assert refused.value.message.endswith("cut off or corrupt: send it whole, or re-save it")
+
+
+def test_a_bmp_declaring_no_width_is_malformed_not_too_large() -> None:
+    """BMP's width is signed; Pillow read -5 as 4,294,967,291 columns: a 413."""
+    import struct
+
+    from service.errors import InvalidImage
+
+    def bmp(width: int, height: int) -> bytes:
+        info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 24, 0, 0, 2835, 2835, 0, 0)
+        pixels = b"\0" * 64
+        return b"BM" + struct.pack("<IHHI", 54 + len(pixels), 0, 0, 54) + info + pixels
+
+    for width in (-5, 0):
+        with pytest.raises(InvalidImage, match=f"declares a width of {width}"):
+            open_image(bmp(width, 5), max_pixels=10**8)
+    assert open_image(bmp(5, -5), max_pixels=10**8).size == (5, 5)  # top-down: valid
