@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
@@ -388,7 +388,7 @@ def _drain_on_sigterm(
     return restore
 
 
-def stop_at_once() -> None:
+def stop_at_once() -> NoReturn:
     """A second SIGINT (Ctrl-C again): the process ends now, saying so in its log and
     its exit status. Passed on to uvicorn, its forced quit exited 0 as after a clean
     drain, logged the traceback of the application's cancelled lifespan, and the

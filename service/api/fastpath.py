@@ -33,7 +33,6 @@ from service.api.http import (
     answer_error,
     client_key,
     dataplane,
-    header_value,
     request_deadline,
     request_id,
 )
@@ -104,10 +103,10 @@ def raw_classify_query(
     take."""
     if method != "POST" or path != CLASSIFY_PATH:
         return None
-    if sum(key == b"content-type" for key, _ in headers) > 1:
-        return None  # the route refuses a second Content-Type
-    content_type = header_value(headers, b"content-type") or b""
-    media = content_type.split(b";", 1)[0].strip().lower().decode("latin-1")
+    types = [value for key, value in headers if key == b"content-type"]
+    if len(types) != 1:
+        return None  # the route refuses a second Content-Type, and a body of no type
+    media = types[0].split(b";", 1)[0].strip().lower().decode("latin-1")
     if media not in RAW_TYPES:
         return None
     return face_value_query(query_string)

@@ -45,6 +45,7 @@ from service.errors import (
     RequestTimeout,
     ShuttingDown,
     Unauthenticated,
+    bounded,
 )
 from service.repository import version_number
 from service.requestlog import (
@@ -848,8 +849,10 @@ def parse_timeout(raw: str | None) -> float | None:
         # Header bytes come as latin-1: shown as the UTF-8 the client most likely sent
         # ('５' read 'ï¼\x95'), and cut, as the header may be kilobytes long.
         shown = raw.encode("latin-1", "replace").decode("utf-8", "backslashreplace")
-        cut = f"{shown[:100]!r}…" if len(shown) > 100 else repr(shown)
-        raise InvalidRequest(f"{TIMEOUT_HEADER} must be seconds as a number, one value, got {cut}")
+        raise InvalidRequest(
+            f"{TIMEOUT_HEADER} must be seconds as a number, one value, got "
+            f"{bounded(repr(shown), 100)}"
+        )
     return float(value)
 
 

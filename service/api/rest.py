@@ -191,7 +191,7 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
     if content_type:
         shown = f"unsupported content type '{content_type}'"
     elif sent and sent[0].strip():  # ";;;===": a header that names no media type
-        shown = f"the Content-Type header {sent[0].strip()[:100]!r} names no media type"
+        shown = f"the Content-Type header {bounded(repr(sent[0].strip()), 100)} names no media type"
     else:
         shown = "the request has no Content-Type header"
     raise UnsupportedMediaType(
