@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 
 from service import metrics
-from service.api.grpc_calls import refuse_call
+from service.api.grpc_calls import refusal_handler
 from service.config import API_KEYS_FILE_VAR, read_key_file
 from service.errors import ApiKeysUnavailable, Unauthenticated
 from service.periodic import every
@@ -237,7 +237,7 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         try:
             self._keys.check(_metadata_key(details.invocation_metadata or ()))
         except Unauthenticated as exc:
-            return _refusal(handler, exc, str(details.method))
+            return refusal_handler(handler, exc, str(details.method))
         return handler
 
 
@@ -257,27 +257,3 @@ def _metadata_key(metadata: Iterable[tuple[str, Any]]) -> str | None:
     return presented_key(
         authorization[0] if authorization else None, api_key[0] if api_key else None
     )
-
-
-def _refusal(handler: Any, error: Unauthenticated, route: str) -> Any:
-    """A handler of the same streaming shape as ``handler`` that aborts with ``error``,
-    counted, logged and tagged as every call is (REST's 401s are): refused over gRPC,
-    key guessing left no trace."""
-
-    async def abort(request: Any, context: Any) -> Any:
-        refuse_call(context, error, route)
-
-    async def abort_stream(request: Any, context: Any) -> Any:
-        refuse_call(context, error, route)
-        return
-        yield  # makes this an async generator
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    # Request-streaming whatever the method's shape: refused without waiting for a
-    # message (a call that never sent one waited, holding a place in gRPC's call cap).
-    if handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
-    return grpc.stream_unary_rpc_method_handler(abort, **kwargs)

@@ -71,3 +71,27 @@ def error_trailers(rid: str, error: CnnserveError) -> tuple[tuple[str, str], ...
     if error.retry_after is not None:
         trailers += (("retry-after", str(error.retry_after)),)
     return trailers
+
+
+def refusal_handler(handler: Any, error: CnnserveError, route: str) -> Any:
+    """A handler of the same streaming shape as ``handler`` that aborts with ``error``,
+    counted, logged and tagged as every call is, as REST's refusals are (refused by an
+    interceptor with no record, key guessing over gRPC left no trace)."""
+
+    async def abort(request: Any, context: Any) -> Any:
+        refuse_call(context, error, route)
+
+    async def abort_stream(request: Any, context: Any) -> Any:
+        refuse_call(context, error, route)
+        return
+        yield  # makes this an async generator
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    # Request-streaming whatever the method's shape: refused without waiting for a
+    # message (a call that never sent one waited, holding a place in gRPC's call cap).
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort_stream, **kwargs)
+    return grpc.stream_unary_rpc_method_handler(abort, **kwargs)

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.api.auth import ApiKeys, GrpcApiKeyInterceptor
 from service.api.grpc_malformed import MalformedRequestInterceptor
+from service.api.grpc_metadata_limit import LastCallRelease, MetadataLimitInterceptor, bind_release
 from service.api.grpc_servicers import (
     HealthServicer,
     ImageClassifierServicer,
@@ -157,12 +158,12 @@ async def start_grpc(
     if not settings.grpc_port:
         return None
 
-    def interceptors() -> list[Any]:
+    def interceptors(release: LastCallRelease | None) -> list[Any]:
         # A listener's own: the malformed-request interceptor keeps the handlers it
         # wrapped, and each server has handlers of its own.
-        chain: list[Any] = (
-            [GrpcApiKeyInterceptor(keys)] if keys is not None and keys.enabled else []
-        )
+        chain: list[Any] = [MetadataLimitInterceptor(settings.max_header_bytes, release)]
+        if keys is not None and keys.enabled:
+            chain.append(GrpcApiKeyInterceptor(keys))
         chain.append(  # last: inside authentication
             MalformedRequestInterceptor(
                 settings.body_read_timeout_seconds,
@@ -190,7 +191,9 @@ async def start_grpc(
     servers: list[Any] = []
     try:
         for _ in range(settings.grpc_listeners):
-            server = _listener(settings, interceptors(), servicers, address, tls)
+            release = LastCallRelease.private()
+            server = _listener(settings, interceptors(release), servicers, address, tls)
+            bind_release(server, release)
             await server.start()
             servers.append(server)
     except BaseException:

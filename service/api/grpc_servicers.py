@@ -23,7 +23,6 @@ from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
     CnnserveError,
     DeadlineExceeded,
-    HeadersTooLarge,
     InternalError,
     InvalidRequest,
     ShuttingDown,
@@ -102,7 +101,6 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
             with recorded(record, self._plane.stopping):
                 if not self._plane.accepting_calls:
                     raise ShuttingDown("the server is shutting down; retry on another replica")
-                _check_metadata_size(metadata, self._plane.settings.max_header_bytes)
                 taken = None
                 if limited:
                     taken = concurrency.admit(connection)
@@ -135,19 +133,6 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         return None
 
     return handler
-
-
-def _check_metadata_size(metadata: Sequence[tuple[str, Any]], limit: int) -> None:
-    """HeadersTooLarge past ``limit``, counted as HTTP/2 counts a header list (name,
-    value and 32 bytes a field). gRPC's core holds a call's metadata to it only when the
-    header block comes in one frame: split over CONTINUATION frames, 1 MB of metadata
-    reached the servicers (an x-request-id of 1 MB, the access log's request id)."""
-    size = sum(len(name) + len(value) + 32 for name, value in metadata)
-    if size > limit:
-        raise HeadersTooLarge(
-            f"the call's metadata is {size} bytes, over CNNSERVE_MAX_HEADER_BYTES ({limit}); "
-            "send less"
-        )
 
 
 def client_key(context: Any) -> str | None:

@@ -95,6 +95,19 @@ class RawGrpc:
         self.sock.sendall(sent + frame(DATA, END_STREAM, stream, body))
         return stream
 
+    def flood(self, path: str, size: int) -> int:
+        """Open a call whose header block never ends: its HEADERS frame, then ``size``
+        bytes of CONTINUATION frames full of small entries, none with END_HEADERS (a
+        CONTINUATION flood); its stream id."""
+        stream, self._next_stream = self._next_stream, self._next_stream + 2
+        self.sock.sendall(frame(HEADERS, 0, stream, call_headers(path, f"127.0.0.1:{self.port}")))
+        entry = _literal("x-a", "b" * 10)
+        entries = entry * (MAX_FRAME // len(entry))
+        burst = frame(CONTINUATION, 0, stream, entries) * 64
+        for _ in range(0, size, len(burst)):
+            self.sock.sendall(burst)
+        return stream
+
     def read(self, until: float) -> Frame | None:
         """The next frame, or None once the server closed the connection; TimeoutError
         past ``until`` (time.monotonic())."""
