@@ -207,7 +207,9 @@ class Settings(BaseSettings):
         2048,
         ge=1,
         description="Open HTTP connections per worker: a request on one over it gets 503 "
-        "and its connection closes (probes and the metrics scrape are answered).",
+        "and its connection closes (probes and the metrics scrape are answered). gRPC "
+        "connections are held to it too: each gRPC listener to twice an even share, its "
+        "core closing one past that as it comes.",
     )
     grpc_max_concurrent_streams: int = Field(
         0,

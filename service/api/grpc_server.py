@@ -85,8 +85,19 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # ours before) that counting never applied; HTTP/2 rapid reset has its own guards
         # in gRPC's core (pings on RST_STREAM, reads per turn).
         ("grpc.http.overload_protection", 0),
+        ("grpc.max_allowed_incoming_connections", connection_cap(settings)),
         *_connection_age(settings),
     ]
+
+
+def connection_cap(settings: Settings) -> int:
+    """The gRPC connections one listener holds: twice an even share of
+    ``max_connections`` (REST's per worker; the kernel hashes connections onto the
+    listeners, not evenly). gRPC's core closes one past it as it comes (the client sees
+    UNAVAILABLE and reconnects, most often onto another listener). Unbounded before: a
+    peer held every connection it opened until the connection age (5 min), ~17 KB
+    each and a file descriptor, which REST's accepts need too."""
+    return math.ceil(2 * settings.max_connections / settings.grpc_listeners)
 
 
 def _connection_age(settings: Settings) -> list[tuple[str, Any]]:

@@ -67,6 +67,42 @@ def test_a_peer_that_never_opens_its_window_is_closed_after_the_connection_age(
         assert serving(server.grpc_target)
 
 
+def test_grpc_connections_past_a_listeners_share_are_closed_as_they_come(
+    tiny_repo_litert: Path,
+) -> None:
+    """gRPC connections were not bounded: a peer held each it opened until the
+    connection age (5 min), each with a file descriptor that REST's accepts need too.
+    Now a listener holds twice its even share of CNNSERVE_MAX_CONNECTIONS (one listener,
+    4: 8), and gRPC's core closes the next as it comes."""
+    env = {
+        "CNNSERVE_MAX_CONNECTIONS": "4",
+        "CNNSERVE_GRPC_LISTENERS": "1",
+        "CNNSERVE_POLL_SECONDS": "0",
+    }
+    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
+        peers = [RawGrpc(server.grpc_port) for _ in range(12)]
+        try:
+            # A held connection is sent the server's SETTINGS; a refused one is closed.
+            held = [peer.read(time.monotonic() + MARGIN) is not None for peer in peers]
+            assert held.count(True) == 8, held
+            with pytest.raises(grpc.RpcError) as refused:
+                serving(server.grpc_target)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            with server.client() as client:  # REST's connections are its own
+                assert client.get("/readyz").status_code == 200
+        finally:
+            for peer in peers:
+                peer.close()
+        eventually(lambda: _serves(server.grpc_target), timeout=MARGIN)
+
+
+def _serves(target: str) -> bool:
+    try:
+        return serving(target)
+    except grpc.RpcError:
+        return False
+
+
 CLASSIFY = "/cnnserve.v1.ImageClassifier/Classify"
 
 

@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.api import grpc_server
-from service.api.grpc_server import call_cap, listener_cap, server_options
+from service.api.grpc_server import call_cap, connection_cap, listener_cap, server_options
 from service.concurrency import MAX_REFUSAL_WAIT_SECONDS
 from service.config import Settings
 from service.dataplane import DataPlane
@@ -119,3 +119,16 @@ def test_a_listener_that_fails_to_start_leaves_none_listening(
     with socket.socket() as probe:  # nothing listens there any more
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize(
+    ("connections", "listeners", "each"), [(2048, 64, 64), (4, 1, 8), (5, 2, 5), (1, 64, 1)]
+)
+def test_each_listener_holds_twice_an_even_share_of_the_connections(
+    connections: int, listeners: int, each: int
+) -> None:
+    """gRPC connections are held to CNNSERVE_MAX_CONNECTIONS as REST's are, spread over
+    the listeners as the kernel spreads them (by a hash: twice an even share each)."""
+    settings = Settings(max_connections=connections, grpc_listeners=listeners)
+    assert connection_cap(settings) == each
+    assert dict(server_options(settings))["grpc.max_allowed_incoming_connections"] == each
