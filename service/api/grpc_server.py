@@ -51,6 +51,7 @@ SERVICES = (
 
 def server_options(settings: Settings) -> list[tuple[str, Any]]:
     limit = settings.grpc_max_message_bytes
+    header_ms = math.ceil(settings.header_read_timeout_seconds * 1000)
     return [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
@@ -68,10 +69,8 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         # A connection must finish its TLS handshake and send HTTP/2's opening SETTINGS
         # within the header read timeout, as a REST request its headers (gRPC's own
         # defaults: 120 s with TLS, 60 s without, what a silent client held a socket).
-        (
-            "grpc.server_handshake_timeout_ms",
-            math.ceil(settings.header_read_timeout_seconds * 1000),
-        ),
+        ("grpc.server_handshake_timeout_ms", header_ms),
+        *_pings(header_ms),
         # What one connection may hold. grpc.aio takes calls from its core one at a time
         # on the event loop, so a client keeping 128 calls in flight on one connection
         # queued them all ahead of every other client's, where no admission sees them
@@ -87,6 +86,29 @@ def server_options(settings: Settings) -> list[tuple[str, Any]]:
         ("grpc.http.overload_protection", 0),
         ("grpc.max_allowed_incoming_connections", connection_cap(settings)),
         *_connection_age(settings),
+    ]
+
+
+def _pings(every_ms: int) -> list[tuple[str, Any]]:
+    """Every connection is pinged every ``every_ms`` (the header read timeout), idle or
+    not, and closed when its peer does not answer within as long. A peer inside a header
+    block that never ends (a CONTINUATION flood) cannot answer: HTTP/2 allows no other
+    frame before the block's end. gRPC's core kept ~70 MB of each such connection (the
+    entries it parsed) for as long as the peer liked, past the connection age (20 held
+    floods of 8 MB each: 107 -> 1,576 MB); now for two header timeouts at most. Every
+    HTTP/2 peer answers pings itself (gRPC's clients, proxies): an idle connection is
+    kept."""
+    return [
+        # Its own SETTINGS acknowledged within as long, else closed (gRPC's default:
+        # 60 s): until the peer acknowledges them, the core does not hold it to the
+        # header list size they advertise, and a flood's entries piled up (~70 MB a
+        # connection; with them acknowledged, nothing grew).
+        ("grpc.http2.settings_timeout", every_ms),
+        ("grpc.keepalive_time_ms", every_ms),
+        ("grpc.keepalive_timeout_ms", every_ms),
+        ("grpc.http2.ping_timeout_ms", every_ms),  # what bounds the wait in this core
+        ("grpc.keepalive_permit_without_calls", 1),  # a header block is no call yet
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 

@@ -9,6 +9,7 @@ import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.proto_gen import cnnserve_v1_pb2
-from tests.helpers.h2raw import DATA, GOAWAY, HEADERS, RawGrpc
+from tests.helpers.h2raw import DATA, GOAWAY, HEADERS, PING, RawGrpc
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, eventually, running_server
 
@@ -238,6 +239,49 @@ def test_a_continuation_flood_is_refused_and_not_kept_by_its_listener(
         grown = resident[-1] - resident[1]
         assert grown < 300 * MB, [size // MB for size in resident]
         assert serving(server.grpc_target)
+
+
+def test_a_header_block_that_never_ends_is_closed_and_an_idle_connection_kept(
+    tiny_repo_litert: Path,
+) -> None:
+    """A peer inside a header block can send nothing else (HTTP/2), so it answers no
+    ping: gRPC's core held such a connection for as long as the peer liked (past the
+    connection age), ~70 MB of it while the server's SETTINGS were unacknowledged. Now
+    it is closed within two header timeouts (pinged each, answered within one; its
+    SETTINGS acknowledged within one), and a connection that answers is kept."""
+    env = {"CNNSERVE_HEADER_READ_TIMEOUT_SECONDS": "1", "CNNSERVE_POLL_SECONDS": "0"}
+    with running_server(tiny_repo_litert, grpc_port=0, env=env) as server:
+        acknowledged, silent, idle = (RawGrpc(server.grpc_port) for _ in range(3))
+        answering = ThreadPoolExecutor(1)
+        try:
+            for peer in (acknowledged, idle):
+                peer.answer(peer.read(time.monotonic() + MARGIN), pings=True)  # SETTINGS
+            pinged = answering.submit(_answer_pings, idle, 3)  # meanwhile, as a client does
+            acknowledged.flood(CLASSIFY, 1 << 20)
+            silent.flood(CLASSIFY, 1 << 20)
+            for peer in (acknowledged, silent):
+                until = time.monotonic() + 2 + MARGIN  # TimeoutError: held
+                while peer.read(until) is not None:
+                    pass
+            assert pinged.result(), "a connection answering its pings was closed"
+        finally:
+            for peer in (acknowledged, silent, idle):
+                peer.close()
+            answering.shutdown()
+        assert serving(server.grpc_target)
+
+
+def _answer_pings(peer: RawGrpc, pings: int) -> bool:
+    """Answer the server's pings until ``pings`` came; False if it closed the
+    connection first."""
+    until = time.monotonic() + pings + MARGIN
+    while pings:
+        got = peer.read(until)
+        if got is None:
+            return False
+        peer.answer(got, pings=True)
+        pings -= got.type == PING and not got.flags & 0x1
+    return True
 
 
 def _refused(server: Server, calls: int) -> bool:
