@@ -124,6 +124,7 @@ def _promote_locked(args: argparse.Namespace, settings: Settings) -> int:
     else:
         gateway = GatewayStatus(args.url, args.timeout, _auth(settings), ca_cert=args.ca_cert)
         serving = gateway.serving(args.model)
+        _check_served_here(args, serving, on_disk)
     # Only a promote that waits for a server needs one to say what it serves: with
     # --no-wait the caller said none serves the repository.
     unknown = None if gateway is None or args.no_wait else gateway.unreachable
@@ -184,6 +185,38 @@ def _promote_locked(args: argparse.Namespace, settings: Settings) -> int:
         if client is not None:
             client.close()
     return 0
+
+
+def _check_served_here(
+    args: argparse.Namespace, serving: set[int] | None, on_disk: set[int]
+) -> None:
+    """Refuse, before anything is written, a promote that would leave the repository's
+    config at odds with the gateway at --url (an outside review):
+
+    - ``--no-wait`` while it serves the model: every step applied without waiting, a
+      version that did not load stayed pinned and labelled (promote's undo needs the
+      wait), and a restart or a new replica then served nothing (503 for every request);
+    - none of the versions it serves in the repository: --model-repository is not the
+      one it serves (its versions were written into another repository's config, which
+      then served nothing of them), or they were all deleted since."""
+    if serving is None:
+        return
+    served = ", ".join(str(v) for v in sorted(serving)) or "none AVAILABLE"
+    if args.no_wait:
+        raise PromotionError(
+            f"a gateway at {args.url} serves {args.model} (versions: {served}): --no-wait is "
+            "for a repository no server serves (without the wait, a version that does not "
+            "load stays pinned and labelled). Promote without --no-wait, or pass the --url "
+            "of the gateway that serves this repository; nothing was written"
+        )
+    if serving and not serving & on_disk:
+        raise PromotionError(
+            f"the gateway at {args.url} serves versions {served} of {args.model}, none of "
+            f"which is in {args.model_repository} (versions there: "
+            f"{', '.join(str(v) for v in sorted(on_disk))}): is --model-repository the "
+            "repository it serves (or were those versions deleted)? Check it and --url; "
+            "nothing was written"
+        )
 
 
 def _reload_tfserving(client: Any, text: str) -> None:

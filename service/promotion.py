@@ -218,28 +218,37 @@ def promote(
             print(f"waiting until {model} version {version} is AVAILABLE ...", file=out)
             try:
                 wait.available(model, version)
-            except VersionFailedToLoad:  # not when no server answers or it is slow
-                if step.undo is None:
-                    print(
-                        f"version {version} stays in models.config's policy (a label points "
-                        "at it, it is all the policy serves, or the policy serves every "
-                        "version): take it out by hand",
-                        file=out,
-                    )
-                else:
-                    apply(step.undo)
-                    print(
-                        "step 1 undone: models.config is as it was before"
-                        if step.changed
-                        else f"version {version} taken out of the policy again (an earlier "
-                        "promote had put it there): no broken version stays in models.config",
-                        file=out,
-                    )
+            except NoServer:  # none answers: what it will serve is unknown, left to a rerun
+                raise
+            except PromotionError:  # failed to load, or not AVAILABLE in time
+                _undo_load(step, version, apply, out)
                 raise
             print(f"{model} version {version} is AVAILABLE", file=out)
         elif step.name == "label" and step.changed:
             print(f"waiting until label {label!r} is version {version} everywhere ...", file=out)
             wait.labelled(model, label, version)
+
+
+def _undo_load(step: Step, version: int, apply: Apply, out: TextIO) -> None:
+    """Take the version the wait did not see AVAILABLE out of the policy again: one that
+    failed, and one that did not load in time too (left in a specific policy, it took
+    every unlabelled request once it loaded: the newest version served answers them)."""
+    if step.undo is None:
+        print(
+            f"version {version} stays in models.config's policy (a label points at it, it "
+            "is all the policy serves, or the policy serves every version): take it out by "
+            "hand",
+            file=out,
+        )
+        return
+    apply(step.undo)
+    print(
+        "step 1 undone: models.config is as it was before"
+        if step.changed
+        else f"version {version} taken out of the policy again (an earlier promote had put "
+        "it there): no version that did not load stays in models.config",
+        file=out,
+    )
 
 
 class _Failure:

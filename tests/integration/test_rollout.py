@@ -53,6 +53,11 @@ model_config_list {
 """
 
 
+# --no-wait with a --url nothing answers at: a gateway a developer runs on the default
+# address serving a model of that name would refuse it.
+NO_SERVER = ("--no-wait", "--url", "http://127.0.0.1:9")
+
+
 def promote(repo: Path, label: str, *args: str) -> Done:
     """`cnnserve promote m 2 --label LABEL` on ``repo``."""
     return cnnserve("promote", "m", "2", "--label", label, "--model-repository", str(repo), *args)
@@ -321,6 +326,31 @@ def test_verify_and_promote_reach_a_gateway_with_keys_and_tls(
         assert 'key: "canary" value: 2' in (repo / "models.config").read_text()
 
 
+def test_promote_refuses_what_would_leave_the_config_at_odds_with_the_gateway(
+    tmp_path: Path,
+) -> None:
+    """Two ways an outside review left a repository that served nothing after a restart:
+    --no-wait while a gateway served the model (a version that did not load stayed
+    pinned and labelled: the undo needs the wait), and a --model-repository that is not
+    the one the gateway at --url serves (its versions were written into that config).
+    Both are refused before anything is written."""
+    repo = two_versions(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(repo / "m" / "2", other / "m" / "2")  # not version 1, which is served
+    (other / "models.config").write_text(CONFIG)
+    with running_server(repo, args=("--poll-seconds", "0.2")) as server:
+        no_wait = promote(repo, "canary", "--url", server.url, "--no-wait")
+        elsewhere = promote(other, "canary", "--url", server.url, "--timeout", "30")
+    assert no_wait.returncode == 1, no_wait.stdout + no_wait.stderr
+    assert f"a gateway at {server.url} serves m (versions: 1)" in no_wait.stderr
+    assert "--no-wait is for a repository no server serves" in no_wait.stderr
+    assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
+    assert f"serves versions 1 of m, none of which is in {other}" in elsewhere.stderr
+    assert "Traceback" not in no_wait.stderr + elsewhere.stderr
+    assert (repo / "models.config").read_text() == CONFIG
+    assert (other / "models.config").read_text() == CONFIG
+
+
 def test_promote_without_a_server_stops_after_step_one(tmp_path: Path) -> None:
     repo = two_versions(tmp_path)
     done = promote(repo, "canary", "--url", "http://127.0.0.1:9", "--timeout", "5")
@@ -444,11 +474,11 @@ def test_promotes_of_one_repository_take_turns(tmp_path: Path) -> None:
     before = (repo / "models.config").read_text()
     with editing(repo) as mine:
         assert mine
-        done = promote(repo, "canary", "--no-wait")
+        done = promote(repo, "canary", *NO_SERVER)
     assert done.returncode == 1, done.stderr
     assert "another cnnserve promote is changing" in done.stderr
     assert (repo / "models.config").read_text() == before
-    assert promote(repo, "canary", "--no-wait").returncode == 0  # the lock went with it
+    assert promote(repo, "canary", *NO_SERVER).returncode == 0  # the lock went with it
 
 
 def test_an_edit_while_promote_waits_is_not_overwritten(
@@ -481,7 +511,7 @@ def test_an_empty_version_folder_is_not_promoted(tmp_path: Path) -> None:
     (repo / "m" / "3").mkdir()  # a copy not made yet, or a failed one
     before = (repo / "models.config").read_text()
     done = cnnserve(
-        "promote", "m", "3", "--label", "canary", "--model-repository", str(repo), "--no-wait"
+        "promote", "m", "3", "--label", "canary", "--model-repository", str(repo), *NO_SERVER
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert "version 3 of m is not published" in done.stderr

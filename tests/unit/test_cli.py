@@ -469,7 +469,7 @@ def test_the_file_system_saying_no_is_one_line(
     shutil.copy(ROOT / "model_repository" / "models.config", repo)
     (repo / "fashion_mnist").symlink_to(ROOT / "model_repository" / "fashion_mnist")
     code = main(["promote", "fashion_mnist", "1", "--label", "stable", "--no-wait",
-                 "--model-repository", str(repo)])  # fmt: skip
+                 "--url", "http://127.0.0.1:9", "--model-repository", str(repo)])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 1, err
     assert err.strip().splitlines()[-1] == (

@@ -174,15 +174,18 @@ def test_a_latest_policy_pins_what_the_server_serves_not_the_newest_folders(
 
 
 class Recorder:
-    """A Waiter that records what promote waited for; ``fail`` makes the load fail."""
+    """A Waiter that records what promote waited for; ``fail`` makes the load fail,
+    ``slow`` the wait time out."""
 
-    def __init__(self, events: list[str], fail: bool = False) -> None:
-        self.events, self.fail = events, fail
+    def __init__(self, events: list[str], fail: bool = False, slow: bool = False) -> None:
+        self.events, self.fail, self.slow = events, fail, slow
 
     def available(self, model: str, version: int) -> None:
         self.events.append(f"wait {model} {version}")
         if self.fail:
             raise VersionFailedToLoad(f"{model} version {version} failed to load: broken")
+        if self.slow:
+            raise PromotionError(f"{model} version {version} is not AVAILABLE after 5s")
 
     def labelled(self, model: str, label: str, version: int) -> None:
         self.events.append(f"labelled {model} {label} {version}")
@@ -219,6 +222,27 @@ def test_a_version_that_does_not_load_undoes_the_load_step() -> None:
             label="canary",
             apply=applied.append,
             wait=Recorder([], fail=True),
+            dry_run=False,
+            out=out,
+        )
+    assert applied == [steps[0].text, CANARY_FILE]
+    assert "step 1 undone" in out.getvalue()
+
+
+def test_a_version_not_available_in_time_undoes_the_load_step() -> None:
+    """Left in a specific policy, it would take every unlabelled request once it loaded
+    (the newest version served answers them), with no label moved and no one waiting."""
+    steps = plan(CANARY_FILE, Path("/r"), "m", 3, "canary", on_disk=[1, 2, 3])
+    applied: list[str] = []
+    out = io.StringIO()
+    with pytest.raises(PromotionError, match="not AVAILABLE after"):
+        promote(
+            steps,
+            model="m",
+            version=3,
+            label="canary",
+            apply=applied.append,
+            wait=Recorder([], slow=True),
             dry_run=False,
             out=out,
         )
