@@ -434,7 +434,7 @@ class Registry:
             if not self._source.keeps_unlisted:
                 log.warning(
                     "model %s: TF Serving lists no version AVAILABLE for it; its requests "
-                    "are refused, and the server is not ready, until it does",
+                    "are refused until it does (and a server starting is not ready)",
                     config.name,
                 )
             else:

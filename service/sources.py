@@ -183,6 +183,7 @@ class TFServingSource:
         self._answered = False
         self._listed: dict[str, list[int]] = {}  # model → the versions it listed last
         self._busy_logged = -BUSY_LOG_SECONDS  # monotonic time of the last "busy" line
+        self._failing: str | None = None  # the poll failure last logged (not unreachable)
         if settings.poll_seconds <= 0:
             log.warning(
                 "poll_seconds is 0: TF Serving's versions are read once, at start; a TF "
@@ -237,14 +238,27 @@ class TFServingSource:
 
     def _note(self, problem: CnnserveError | None) -> None:
         """Log a change of reachability once, not on every poll (nor every request:
-        their 503s are counted, not logged)."""
+        their 503s are counted, not logged). A poll TF Serving answered with a failure
+        (INTERNAL, UNAUTHENTICATED, UNIMPLEMENTED, ...) is no better for the gateway: its
+        model is refused and readiness 503 as well, so ``cnnserve_backend_up`` is 0 and
+        one warning names the failure too (they were silent: an outside review found a
+        gateway unready for good, its alert never firing, its log empty)."""
         down = _unreachable(problem)
-        metrics.observe_backend(down is None)
+        failing = None if problem is None or down is not None else problem
+        metrics.observe_backend(problem is None)
         reachable = self.client.down is None
         if down is not None and reachable:
             log.warning("%s; current versions keep their routes meanwhile", down.log_message())
         elif down is None and not reachable:
             log.info("TF Serving at %s answers again", self.client.address)
+        said = None if failing is None else failing.log_message()
+        if said is not None and said != self._failing:
+            log.warning(
+                "%s; its models are refused, and readiness 503, until a poll succeeds", said
+            )
+        elif said is None and self._failing is not None and down is None:
+            log.info("TF Serving at %s answers its status polls again", self.client.address)
+        self._failing = said
         # Predicts fail at once meanwhile (TFServingClient.call), not after their deadline.
         self.client.down = down
 

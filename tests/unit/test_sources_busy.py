@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from service import metrics
-from service.errors import BackendUnavailable, CnnserveError, DeadlineExceeded, Overloaded
+from service.errors import (
+    BackendError,
+    BackendUnavailable,
+    CnnserveError,
+    DeadlineExceeded,
+    Overloaded,
+)
 from service.sources import TFServingSource
 from tests.helpers.core import settings
 from tests.helpers.models import simple_config, write_models_config
@@ -105,3 +111,28 @@ def test_unreachable_is_still_unreachable_and_busy_needs_a_listing(
     assert source.listed([1]) == ([1], frozenset())
     assert source.listed(down) == ([], frozenset({"m"}))
     assert backend_up() == 0
+
+
+def test_a_poll_answered_with_a_failure_counts_as_down_and_is_said_once(
+    source: Scripted, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TF Serving answers GetModelStatus UNAUTHENTICATED (a keyed cnnserve as backend),
+    INTERNAL, UNIMPLEMENTED ...: the model is refused and readiness 503 as when it is
+    unreachable, and this was silent (no line, cnnserve_backend_up 1: its alert never
+    fired). Said once while it lasts, and once when it ends; Predicts are not cut off."""
+    failed = BackendError(
+        "the model backend (TF Serving) failed a GetModelStatus call: UNAUTHENTICATED",
+        detail="TF Serving at 127.0.0.1:1: GetModelStatus: UNAUTHENTICATED: no key",
+    )
+    with caplog.at_level(logging.INFO, logger="service.sources"):
+        assert source.listed([1]) == ([1], frozenset())
+        for _ in range(3):
+            assert source.listed(failed) == ([], frozenset({"m"}))
+            assert backend_up() == 0
+            assert source.source.client.down is None  # an answer: not "unreachable"
+        assert source.listed([1]) == ([1], frozenset()) and backend_up() == 1
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert len(lines) == 2, lines
+    assert lines[0][0] == logging.WARNING and "UNAUTHENTICATED" in lines[0][1]
+    assert "readiness 503, until a poll succeeds" in lines[0][1]
+    assert lines[1] == (logging.INFO, "TF Serving at 127.0.0.1:1 answers its status polls again")
