@@ -49,7 +49,10 @@ from service.errors import (
 from service.loading import PreparedVersion, RuntimeFactory
 from service.periodic import every
 from service.repository import (
+    ASSETS_EXTRA,
+    LABELS_FILE,
     MODELS_CONFIG,
+    SETTLE_SECONDS,
     Fingerprint,
     ModelConfig,
     parse_models_config,
@@ -128,6 +131,7 @@ class Registry:
         self._poll_task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[None] | None = None  # a shared rescan (refreshed)
         self._unloading: set[VersionKey] = set()  # retiring in the background
+        self._settling_logged: set[VersionKey] = set()  # held back while copied in, said
         self._has_served: set[str] = set()  # configured models that have had a version
         self._ready_once = False  # every configured model had one at the same time
         self._background: set[asyncio.Future[None]] = set()
@@ -539,6 +543,7 @@ class Registry:
 
     def _to_load(self, scan: Scan) -> list[VersionKey]:
         keys = []
+        settling = set()
         for config in scan.configs:
             if config.name in scan.unknown:
                 continue
@@ -550,8 +555,33 @@ class Registry:
                     and key not in self._unloading
                     and self._failed.get(key) != scan.fingerprints[key]
                 ):
-                    keys.append(key)
+                    if self._settling(key, scan.versions[config.name][version]):
+                        settling.add(key)
+                    else:
+                        keys.append(key)
+        self._settling_logged &= settling
         return keys
+
+    def _settling(self, key: VersionKey, path: Path) -> bool:
+        """Whether the version's folder may still be being copied in (no labels.txt
+        yet, changed moments ago: service.repository.unsettled); said once a version."""
+        age = self._source.unsettled(path)
+        if age is None:
+            return False
+        if key not in self._settling_logged:
+            self._settling_logged.add(key)
+            log.info(
+                "%s version %d: %s changed %.1f s ago and has no %s/%s yet; loading it "
+                "once it is unchanged for %g s (a copy in progress? publish a version "
+                "whole: copy it under a temporary name, then rename it)",
+                *key,
+                path,
+                max(age, 0.0),
+                ASSETS_EXTRA,
+                LABELS_FILE,
+                SETTLE_SECONDS,
+            )
+        return True
 
     def _to_unload(self, scan: Scan) -> list[VersionKey]:
         configs = {c.name: c for c in scan.configs}

@@ -5,6 +5,7 @@ Only reading happens here; what is loaded in memory lives in the registry.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -303,6 +304,38 @@ def version_fingerprint(version_dir: Path) -> Fingerprint:
         else:
             stats += [relative, st.st_mtime_ns, st.st_size, st.st_mode]
     return tuple(stats)
+
+
+# A version folder without assets.extra/labels.txt is loaded only once nothing in it has
+# changed for this long (see unsettled).
+SETTLE_SECONDS = 5.0
+
+
+def unsettled(version_dir: Path) -> float | None:
+    """Seconds since ``version_dir`` last changed, when it has no assets.extra/labels.txt
+    and changed less than SETTLE_SECONDS ago (a copy still in progress?); else None.
+
+    Copied in file by file, a version was loaded as soon as its SavedModel was in, before
+    its assets.extra: it served class indices ("label": "1") and default preprocessing
+    for good, even once its labels.txt was there (an outside review: 3 s between the two
+    copies). A version whose labels are there already (an atomic rename, `cnnserve
+    train`) loads at once; one that never has any (a foreign SavedModel) waits the
+    settle time once. Changes are read from ctimes as well as mtimes: `cp -a` and rsync
+    give files their source's old mtime, but the ctime of that very change."""
+    if (version_dir / ASSETS_EXTRA / LABELS_FILE).is_file():
+        return None
+    try:
+        st = version_dir.stat()
+    except OSError:
+        return None
+    newest = max(st.st_mtime, st.st_ctime)
+    for _, entry in _entries(version_dir):
+        with contextlib.suppress(OSError):
+            st = entry.stat(follow_symlinks=False)
+            newest = max(newest, st.st_mtime, st.st_ctime)
+    age = time.time() - newest
+    # A clock ahead on a network file system: not held back for as long as it is ahead.
+    return age if -SETTLE_SECONDS < age < SETTLE_SECONDS else None
 
 
 MAX_FINGERPRINT_ENTRIES = 256

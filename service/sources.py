@@ -24,6 +24,7 @@ from service.repository import (
     Fingerprint,
     ModelConfig,
     ModelsConfigReader,
+    unsettled,
     version_dirs,
     version_fingerprint,
 )
@@ -78,6 +79,10 @@ class VersionSource(Protocol):
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         """One version, loaded and warmed; blocking (seconds). Raises on failure."""
+
+    def unsettled(self, path: Path) -> float | None:
+        """Seconds since the version's folder last changed while it may still be being
+        copied in (not loaded yet then), else None."""
 
     def close(self) -> None:
         """Release connections; the registry calls it once, when it stops."""
@@ -144,6 +149,9 @@ class DiskSource:
             )
         prints = {v: version_fingerprint(path) for v, path in found.items()}
         return _Listing(config.base_path, found, prints)
+
+    def unsettled(self, path: Path) -> float | None:
+        return unsettled(path)
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         return prepare_version(
@@ -261,6 +269,9 @@ class TFServingSource:
         self._failing = said
         # Predicts fail at once meanwhile (TFServingClient.call), not after their deadline.
         self.client.down = down
+
+    def unsettled(self, path: Path) -> float | None:
+        return None  # TF Serving loaded it: what it lists AVAILABLE is there
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         model, version = key

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service import metrics
+from service import metrics, repository
 from service import registry as registry_module
 from service.errors import (
     ConfigError,
@@ -65,6 +65,13 @@ def add_version(
     if not labels:
         (path / "assets.extra" / "labels.txt").unlink()
     return path
+
+
+@pytest.fixture
+def settled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Versions without labels.txt are loaded at once, as if their folder had settled
+    (service.repository.unsettled holds back one that changed moments ago)."""
+    monkeypatch.setattr(repository, "SETTLE_SECONDS", 0.0)
 
 
 def serving_one_version(template: Path, tmp_path: Path) -> Path:
@@ -177,7 +184,7 @@ def test_labels_file_or_class_indices(template: Path, tmp_path: Path) -> None:
 
 
 def test_a_version_served_without_labels_says_so(
-    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, settled: None
 ) -> None:
     """Copied in file by file, a version loaded before its assets.extra arrived served
     class indices for good, and nothing in the log said so."""
@@ -194,6 +201,45 @@ def test_a_version_served_without_labels_says_so(
     run_with(registry, scenario)
     said = [r.getMessage() for r in caplog.records if r.name == "service.loading"]
     assert len(said) == 1 and "has no assets.extra/labels.txt" in said[0], said
+
+
+def test_a_version_without_its_labels_yet_is_loaded_once_its_folder_settles(
+    template: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Copied in file by file (variables, saved_model.pb, then assets.extra 3 s later), a
+    version was loaded before its labels.txt arrived and served class indices for good
+    (an outside review). Now one without labels.txt waits until its folder has not
+    changed for SETTLE_SECONDS: loaded with its labels once they come, or without them
+    once nothing changed for that long (a SavedModel that has none)."""
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path))
+    monkeypatch.setattr(repository, "SETTLE_SECONDS", 3600.0)  # every change is recent
+
+    async def scenario() -> None:
+        await registry.start()
+        v2 = add_version(repo, "m", 2, template, labels=False)  # assets.extra not in yet
+        with caplog.at_level(logging.INFO, logger="service.registry"):
+            for _ in range(2):
+                await registry.poll_once()
+                assert registry.resolve("m").version == 1 and 2 not in states(registry, "m")
+        said = [r.getMessage() for r in caplog.records if "has no assets.extra" in r.getMessage()]
+        assert len(said) == 1 and "m version 2" in said[0], said  # once, not every poll
+        shutil.copy(template / "assets.extra" / "labels.txt", v2 / "assets.extra")  # it came
+        await registry.poll_once()
+        assert registry.resolve("m").version == 2
+        assert registry.resolve("m").labels == ["cat", "dog", "bird"]
+        add_version(repo, "m", 3, template, labels=False)  # one that never has labels
+        await registry.poll_once()
+        assert registry.resolve("m").version == 2
+        monkeypatch.setattr(repository, "SETTLE_SECONDS", 0.0)  # its folder settled
+        await registry.poll_once()
+        assert registry.resolve("m").version == 3
+        assert registry.resolve("m").labels == ["0", "1", "2"]
+
+    run_with(registry, scenario)
 
 
 def test_a_present_card_must_be_readable(
@@ -357,7 +403,7 @@ def test_resolve_errors_name_what_exists(template: Path, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_hot_reload_keeps_every_request_and_survives_a_broken_version(
-    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, settled: None
 ) -> None:
     repo = serving_one_version(template, tmp_path)
     factory = CountingFactory()
@@ -432,7 +478,7 @@ def test_hot_reload_keeps_every_request_and_survives_a_broken_version(
 
 @pytest.mark.slow
 def test_models_added_to_the_config_are_loaded_on_poll(
-    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, settled: None
 ) -> None:
     repo = tmp_path / "repo"
     add_version(repo, "a", 1, template)
