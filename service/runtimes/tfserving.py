@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -111,6 +111,12 @@ UNREACHABLE = "the model backend (TF Serving) cannot be reached; retry shortly"
 _TRANSPORT_WORDS = ("connect", "socket closed", "connection reset", "dns resolution", "goaway")
 # A version's backend fault of one kind is logged at most once in this many seconds.
 RELOG_SECONDS = 60
+# What a Predict TF Serving ended CANCELLED or ABORTED (stopping with it in flight) says.
+DROPPED = "the model backend (TF Serving) dropped the call; retry shortly"
+# A Predict's DEADLINE_EXCEEDED this long or more before its own deadline is the
+# backend's limit, not the request's deadline.
+EARLY_DEADLINE_SECONDS = 0.5
+Reported = TypeVar("Reported", bound=CnnserveError)
 # GetModelStatus/GetModelMetadata are small; a scan must not hang for a full request timeout.
 CONTROL_TIMEOUT = 5.0
 
@@ -183,9 +189,7 @@ class TFServingClient:
         if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED):
             # TF Serving stopping with the call in flight: another try may find it (or a
             # sibling replica) up, unlike a failure no retry mends (BackendError).
-            return BackendUnavailable(
-                "the model backend (TF Serving) dropped the call; retry shortly", detail=detail
-            )
+            return BackendUnavailable(DROPPED, detail=detail)
         if code == grpc.StatusCode.DEADLINE_EXCEEDED and method != "Predict":
             return DeadlineExceeded(
                 f"the model backend (TF Serving) did not answer {method} in time", detail=detail
@@ -299,6 +303,7 @@ class TFServingRuntime(Runtime):
         request.inputs[info.input_name].CopyFrom(to_tensor_proto(x, packed=True))
         timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
         abandoned = deadline if isinstance(deadline, BatchDeadline) else None
+        started = time.monotonic()
         try:
             response = self._client.call("Predict", request, timeout, abandoned)
         except NotFound as exc:
@@ -309,6 +314,24 @@ class TFServingRuntime(Runtime):
             ) from None
         except BackendError as exc:
             raise self._reported(exc) from None
+        except DeadlineExceeded as exc:
+            left = (timeout or self._client.timeout) - (time.monotonic() - started)
+            if left > EARLY_DEADLINE_SECONDS:
+                # Not this request's deadline: told so, it was a 504 "the request deadline
+                # passed" 6 ms into a 30 s one, and counted as the request's expiry.
+                raise self._reported(
+                    BackendError(
+                        "the model backend (TF Serving) answered DEADLINE_EXCEEDED before "
+                        "the request's deadline: a time limit of its own (or of a proxy "
+                        "before it) cut the call",
+                        detail=exc.detail,
+                    )
+                ) from None
+            raise
+        except BackendUnavailable as exc:
+            if exc.message == DROPPED:  # a poll's "unreachable" is logged by the poll
+                self._reported(exc)
+            raise
         return self._scores(response, len(x), info)
 
     def _scores(self, response: Any, rows: int, info: ModelInfo) -> Probabilities:
@@ -370,7 +393,7 @@ class TFServingRuntime(Runtime):
         )
         return self._reported(error, kind)
 
-    def _reported(self, error: BackendError, kind: str | None = None) -> BackendError:
+    def _reported(self, error: Reported, kind: str | None = None) -> Reported:
         """``error``, logged when this version first meets its kind of fault, and again
         at most once a RELOG_SECONDS while it lasts, with TF Serving's latest words (the
         metrics count every request: cnnserve_requests{code="502"}). The kind is the

@@ -36,6 +36,7 @@ from tensorflow_serving.apis import (
 )
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from service.runtimes.tfserving import DROPPED
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, eventually, running_server
 
@@ -200,6 +201,9 @@ def test_a_good_answer_is_served(gateway: Server, fake: tuple[FakeTFServing, int
         ("INTERNAL", "failed a Predict call: INTERNAL"),
         ("FAILED_PRECONDITION", "failed a Predict call: FAILED_PRECONDITION"),
         ("INVALID_ARGUMENT", "refused the gateway's Predict (INVALID_ARGUMENT)"),
+        # At once, not at the request's deadline: it was a 504 "the request deadline
+        # passed", counted as the request's own expiry.
+        ("DEADLINE_EXCEEDED", "answered DEADLINE_EXCEEDED before the request's deadline"),
     ],
 )
 def test_a_bad_answer_is_a_502_named_once_in_the_log(
@@ -250,6 +254,31 @@ def test_a_bad_answer_is_a_502_named_once_in_the_log(
     assert "Traceback" not in log
     assert gateway.metric("cnnserve_requests_total", code="502") >= 5
     assert classify(gateway).status_code == 200  # full service once the backend mends
+
+
+@pytest.mark.parametrize("mode", ["CANCELLED", "ABORTED"])
+def test_a_dropped_predict_is_a_503_to_retry_named_once_in_the_log(
+    gateway: Server, fake: tuple[FakeTFServing, int], mode: str
+) -> None:
+    """TF Serving stopping with the call in flight: another try may find it up. It left
+    no line in the log."""
+    servicer, _ = fake
+    logged = gateway.log.read_text().count(DROPPED)
+    servicer.mode = mode
+    try:
+        for _ in range(3):
+            response = classify(gateway)
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "backend_unavailable"
+    finally:
+        servicer.mode = "ok"
+    log = gateway.log.read_text()
+    # Logged once a minute at most, both modes alike (one kind of fault), with the
+    # address and TF Serving's words.
+    assert log.count(DROPPED) >= 1 and log.count(DROPPED) - logged <= 1
+    line = log.split(DROPPED)[-1].splitlines()[0]
+    assert "TF Serving at 127.0.0.1:" in line and ("CANCELLED" in line or "ABORTED" in line)
+    assert classify(gateway).status_code == 200
 
 
 def test_the_answer_codes_say_whose_fault_it_is() -> None:
