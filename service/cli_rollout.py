@@ -106,7 +106,8 @@ def _promote_locked(args: argparse.Namespace, settings: Settings) -> int:
     if args.tfserving:
         from service.runtimes.tfserving import TFServingClient
 
-        client = TFServingClient(args.tfserving, timeout=30.0)
+        # TLS as the gateway speaks it to TF Serving (CNNSERVE_TFSERVING_CA_FILE).
+        client = TFServingClient(args.tfserving, 30.0, settings.tfserving_ca_file)
         try:
             serving = set(client.available(args.model))
             on_disk |= serving

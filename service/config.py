@@ -7,6 +7,7 @@ what needs it; nothing imports a module-level instance.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     # --- models -----------------------------------------------------------------------
     backend: BackendName = Field("embedded", description="embedded runtime or a TF Serving.")
     tfserving_address: str = Field("127.0.0.1:8500", description="TF Serving gRPC host:port.")
+    tfserving_ca_file: Path | None = Field(
+        None,
+        description="PEM certificates that TF Serving's certificate must chain to: the "
+        "gateway then speaks TLS to it (TF Serving's --ssl_config_file). Unset: plaintext.",
+    )
     runtime: RuntimeName = Field(
         "auto", description="In-process runtime; auto picks the verified fast artifact."
     )
@@ -421,7 +427,23 @@ class Settings(BaseSettings):
             raise ValueError(_no_key_message(API_KEYS_VAR))
         return keys
 
-    @field_validator("api_keys_file", "tls_certfile", "tls_keyfile", mode="before")
+    @field_validator("tfserving_ca_file")
+    @classmethod
+    def _certificates(cls, value: Path | None) -> Path | None:
+        # Read at start-up: a wrong path or a key given for a certificate is one line,
+        # not a gateway unready for good behind "cannot be reached".
+        if value is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=str(value))
+            except ssl.SSLError:
+                raise ValueError(f"{value}: no PEM certificate in it") from None
+            except OSError as exc:
+                raise ValueError(f"{value}: {exc.strerror}") from None
+        return value
+
+    @field_validator(
+        "api_keys_file", "tls_certfile", "tls_keyfile", "tfserving_ca_file", mode="before"
+    )
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         # Helm templates write `CNNSERVE_API_KEYS_FILE=`: no file, not the path "." (it

@@ -185,7 +185,11 @@ class TFServingSource:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._config = ModelsConfigReader()
-        self.client = TFServingClient(settings.tfserving_address, settings.request_timeout_seconds)
+        self.client = TFServingClient(
+            settings.tfserving_address,
+            settings.request_timeout_seconds,
+            settings.tfserving_ca_file,
+        )
         self._scans = 0
         # TF Serving answered every poll of the last scan (a refusal for load is an answer).
         self._answered = False

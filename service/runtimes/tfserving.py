@@ -124,10 +124,16 @@ CONTROL_TIMEOUT = 5.0
 class TFServingClient:
     """Blocking unary calls to one TF Serving; thread-safe (one shared channel)."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, ca_file: Path | None = None) -> None:
+        """``ca_file``: TLS, TF Serving's certificate checked against these (PEM)."""
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.tls = ca_file is not None
+        if ca_file is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            trusted = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
+            self._channel = grpc.secure_channel(address, trusted, options=CHANNEL_OPTIONS)
         # What the last poll of TF Serving failed with, or None (see call).
         self.down: CnnserveError | None = None
         predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)  # type: ignore[no-untyped-call]
@@ -177,6 +183,9 @@ class TFServingClient:
         if code == grpc.StatusCode.UNAVAILABLE and (
             method != "Predict" or any(w in details.lower() for w in _TRANSPORT_WORDS)
         ):
+            if not self.tls and "socket closed" in details.lower():
+                # What a TF Serving that speaks TLS answers a plaintext client.
+                detail += " (if it speaks TLS, set CNNSERVE_TFSERVING_CA_FILE)"
             return BackendUnavailable(UNREACHABLE, detail=detail)
         if code == grpc.StatusCode.UNAVAILABLE:
             # TF Serving answered it: its batch queue is full, or it is stopping.

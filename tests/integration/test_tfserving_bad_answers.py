@@ -37,8 +37,9 @@ from tensorflow_serving.apis import (
 
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.runtimes.tfserving import DROPPED
+from tests.helpers.cli import cnnserve
 from tests.helpers.images import encode, gradient
-from tests.helpers.server import Server, eventually, running_server
+from tests.helpers.server import Server, eventually, running_server, self_signed
 
 pytestmark = pytest.mark.slow
 
@@ -138,11 +139,15 @@ def repository_signatures(repository: Path) -> Any:
 
 
 @contextmanager
-def started(servicer: FakeTFServing) -> Iterator[int]:
+def started(servicer: FakeTFServing, credentials: Any = None) -> Iterator[int]:
+    """The fake on a free port; with ``credentials``, speaking TLS."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     try:
         yield port
@@ -279,6 +284,30 @@ def test_a_dropped_predict_is_a_503_to_retry_named_once_in_the_log(
     line = log.split(DROPPED)[-1].splitlines()[0]
     assert "TF Serving at 127.0.0.1:" in line and ("CANCELLED" in line or "ABORTED" in line)
     assert classify(gateway).status_code == 200
+
+
+def test_a_backend_that_speaks_tls_is_reached_with_its_certificates(
+    tiny_repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TF Serving with --ssl_config_file: only a plaintext link existed (the gateway
+    found it "cannot be reached", its log saying only "Socket closed")."""
+    cert, key = self_signed(tmp_path)
+    signatures = repository_signatures(tiny_repo)
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    with started(servicer, credentials) as port:
+        env = {"CNNSERVE_TFSERVING_CA_FILE": str(cert)}
+        args = ("--backend", "tfserving", "--tfserving-address", f"127.0.0.1:{port}")
+        with running_server(tiny_repo, grpc_port=0, args=args, env=env) as gateway:
+            assert classify(gateway).status_code == 200
+        with running_server(tiny_repo, wait_ready=False, args=args) as plaintext:
+            eventually(lambda: "CNNSERVE_TFSERVING_CA_FILE" in plaintext.log.read_text())
+            with plaintext.client() as client:
+                assert client.get("/readyz").status_code == 503
+    monkeypatch.setenv("CNNSERVE_TFSERVING_CA_FILE", str(key))  # a key, not a certificate
+    bad = cnnserve("serve", "--model-repository", str(tiny_repo), *args)
+    assert bad.returncode == 2 and f"{key}: no PEM certificate in it" in bad.stderr, bad.stderr
 
 
 def test_the_answer_codes_say_whose_fault_it_is() -> None:
