@@ -107,10 +107,19 @@ def prepare_runtime(
 
 
 def _say_if_unlabelled(path: Path) -> None:
-    """A WARNING for a version served without class names, where its folder is seen: a
-    version copied in file by file was loaded once its variables were in, before its
-    assets.extra, and served indices ("label": "9") for good with no word of it."""
-    if path.is_dir() and not (path / ASSETS_EXTRA / LABELS_FILE).is_file():
+    """A WARNING for a version served without class names: one whose folder has no
+    labels.txt (a version copied in file by file was loaded before its assets.extra,
+    and served indices, "label": "9", for good with no word of it), and one whose folder
+    is not on this machine at all (TF Serving serves a version this gateway's repository
+    lacks: served with indices, the log naming a folder that does not exist)."""
+    if not path.exists():
+        log.warning(
+            "%s is not on this machine: its answers name classes by index (0, 1, ...) "
+            "and images are preprocessed by the model's input size alone; give the "
+            "gateway the repository TF Serving serves, at the same path",
+            path,
+        )
+    elif path.is_dir() and not (path / ASSETS_EXTRA / LABELS_FILE).is_file():
         log.warning(
             "%s has no %s/%s: its answers name classes by index (0, 1, ...); publish "
             "the file with the version (copy it under a temporary name, then rename it)",

@@ -310,6 +310,20 @@ def test_a_backend_that_speaks_tls_is_reached_with_its_certificates(
     assert bad.returncode == 2 and f"{key}: no PEM certificate in it" in bad.stderr, bad.stderr
 
 
+def test_a_version_the_repository_lacks_is_said_to_be_served_by_index(tiny_repo: Path) -> None:
+    """TF Serving lists a version 2 the gateway's repository does not hold: it was served
+    with class indices for labels, and the log named a folder that does not exist."""
+    signatures = repository_signatures(tiny_repo)
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    servicer.states = [(1, available), (2, available)]
+    with started(servicer) as port, in_front(tiny_repo, port) as gateway:
+        said = f"{tiny_repo / 'tiny' / '2'} is not on this machine"
+        eventually(lambda: said in gateway.log.read_text())
+        assert f"{tiny_repo / 'tiny' / '1'} is not on this machine" not in gateway.log.read_text()
+
+
 def test_the_answer_codes_say_whose_fault_it_is() -> None:
     """The translation, for the codes a real TF Serving gives: what no retry mends is
     the backend's (502); load is a 503 to retry; a missing version a 404."""
