@@ -132,6 +132,7 @@ class Registry:
         self._refresh: asyncio.Future[None] | None = None  # a shared rescan (refreshed)
         self._unloading: set[VersionKey] = set()  # retiring in the background
         self._settling_logged: set[VersionKey] = set()  # held back while copied in, said
+        self._reflected: set[VersionKey] = set()  # LOADING because TF Serving says so
         self._has_served: set[str] = set()  # configured models that have had a version
         self._ready_once = False  # every configured model had one at the same time
         self._background: set[asyncio.Future[None]] = set()
@@ -383,6 +384,7 @@ class Registry:
         self._say_which_have_nothing_to_serve(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         await self._fall_back(scan)
+        self._reflect_loading(scan)
         self._install(scan)  # labels whose version just became AVAILABLE move now
         # Models that served since they were configured (readiness keeps to them).
         self._has_served &= configured
@@ -390,6 +392,28 @@ class Registry:
         if not self._unreachable and self._table.all_available():
             self._ready_once = True
         return self._take_out(self._to_unload(scan))
+
+    def _reflect_loading(self, scan: Scan) -> None:
+        """Versions TF Serving is loading show LOADING here too, and a model serving none
+        of its versions answers 503 model_not_ready (retry) rather than 404 (a reload of
+        TF Serving's config, a model just added): they showed END, or nothing, and
+        requests got 404 version_not_found, which clients take as final (an outside
+        review). One that leaves TF Serving's list without being loaded here is END."""
+        reflected = set()
+        for key in scan.loading:
+            if key[1] in self._table.served.get(key[0], {}):
+                continue
+            reflected.add(key)
+            status = self._table.states.get(key[0], {}).get(key[1])
+            if status is None or status.state != VersionState.LOADING:
+                self._set_state(key, VersionState.LOADING)
+        for key in self._reflected - reflected:
+            status = self._table.states.get(key[0], {}).get(key[1])
+            if key[0] in scan.unknown:  # unreachable: as it was, until a poll answers
+                reflected.add(key)
+            elif status is not None and status.state == VersionState.LOADING:
+                self._set_state(key, VersionState.END)
+        self._reflected = reflected
 
     async def _fall_back(self, scan: Scan) -> None:
         """A model under a ``latest`` policy that serves nothing because each version the

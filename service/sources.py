@@ -50,6 +50,9 @@ class Scan:
     unknown: frozenset[str] = field(default_factory=frozenset)
     # Why they could not be: what their requests are told.
     problem: CnnserveError | None = None
+    # Versions loading elsewhere (TF Serving lists them START or LOADING), not wanted
+    # from this source yet: a model serving none is not ready, not missing.
+    loading: frozenset[VersionKey] = field(default_factory=frozenset)
 
     def wanted(self, config: ModelConfig) -> set[int]:
         return config.wanted_versions(self.versions.get(config.name, {}))
@@ -208,11 +211,12 @@ class TFServingSource:
         versions: dict[str, dict[int, Path]] = {}
         unknown: set[str] = set()
         listed: dict[str, list[int]] = {}
+        loading: set[VersionKey] = set()
         problem: CnnserveError | None = None
         answered = True
         for config in configs:
             try:
-                found = self.client.available(config.name)
+                found, coming = self.client.versions(config.name)
             except CnnserveError as exc:
                 answered = answered and isinstance(exc, Overloaded)
                 last = self._listed.get(config.name)
@@ -220,7 +224,8 @@ class TFServingSource:
                     unknown.add(config.name)
                     problem = exc
                     continue
-                found = last
+                found, coming = last, []
+            loading |= {(config.name, v) for v in coming if v not in found}
             listed[config.name] = found
             versions[config.name] = {v: config.base_path / str(v) for v in found}
         self._listed, self._answered = listed, answered
@@ -230,7 +235,9 @@ class TFServingSource:
         fingerprints: dict[VersionKey, Fingerprint] = {
             (m, v): (self._scans,) for m, found in versions.items() for v in found
         }
-        return Scan(configs, versions, fingerprints, frozenset(unknown), problem)
+        return Scan(
+            configs, versions, fingerprints, frozenset(unknown), problem, frozenset(loading)
+        )
 
     def _busy(self, error: CnnserveError) -> bool:
         """Whether a poll's failure means TF Serving is loaded rather than gone (see the

@@ -288,6 +288,17 @@ def available_versions(response: Any) -> list[int]:
     )
 
 
+def loading_versions(response: Any) -> list[int]:
+    """Versions a GetModelStatusResponse reports on their way to AVAILABLE (START or
+    LOADING): a model whose every version is loading there is not ready, not missing."""
+    status = get_model_status_pb2.ModelVersionStatus
+    return sorted(
+        int(s.version)
+        for s in response.model_version_status
+        if s.state in (status.START, status.LOADING) and s.version >= 0
+    )
+
+
 def tensor_dims(info: Any) -> tuple[int | None, ...]:
     """Shape of a TensorInfo, None for unknown (-1) dimensions."""
     return tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)

@@ -55,6 +55,7 @@ from service.runtimes.card import describe, signature_tensors, to_model_input
 from service.tfserving_proto import (
     available_versions,
     dtype_name,
+    loading_versions,
     model_spec,
     to_ndarray,
     to_tensor_proto,
@@ -250,11 +251,17 @@ class TFServingClient:
 
     def available(self, model: str) -> list[int]:
         """The model's versions TF Serving reports AVAILABLE; [] for a model it lacks."""
+        return self.versions(model)[0]
+
+    def versions(self, model: str) -> tuple[list[int], list[int]]:
+        """The model's versions TF Serving reports AVAILABLE, and those it is loading
+        (START, LOADING); both [] for a model it lacks."""
         request = get_model_status_pb2.GetModelStatusRequest(model_spec=model_spec(model))
         try:
-            return available_versions(self.call("GetModelStatus", request, CONTROL_TIMEOUT))
+            response = self.call("GetModelStatus", request, CONTROL_TIMEOUT)
         except NotFound:
-            return []
+            return [], []
+        return available_versions(response), loading_versions(response)
 
     def close(self) -> None:
         self._channel.close()

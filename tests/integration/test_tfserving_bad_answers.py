@@ -324,6 +324,40 @@ def test_a_version_the_repository_lacks_is_said_to_be_served_by_index(tiny_repo:
         assert f"{tiny_repo / 'tiny' / '1'} is not on this machine" not in gateway.log.read_text()
 
 
+def test_a_model_whose_versions_are_loading_is_not_ready_not_missing(tiny_repo: Path) -> None:
+    """TF Serving reloading its config, or loading a model just added: its versions are
+    LOADING there. They showed END (or nothing) here, and requests got 404
+    version_not_found, which clients take as final (an outside review)."""
+    signatures = repository_signatures(tiny_repo)
+    output = signatures.signature_def["serving_default"].outputs["probabilities"]
+    servicer = FakeTFServing(signatures, output.tensor_shape.dim[-1].size)
+    state = get_model_status_pb2.ModelVersionStatus
+    servicer.states = [(1, state.LOADING)]
+    with (
+        started(servicer) as port,
+        in_front(tiny_repo, port, ready=False) as gateway,
+        gateway.client() as client,
+    ):
+
+        def loading() -> bool:
+            status = client.get("/v1/models/tiny").json().get("model_version_status")
+            return status == [status[0]] and status[0]["state"] == "LOADING"
+
+        eventually(loading)
+        refused = classify(gateway)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["code"] == "model_not_ready"
+        assert "loading version 1" in refused.json()["error"]["message"]
+        servicer.states = [(1, state.AVAILABLE)]
+        gateway.wait("/readyz")
+        assert classify(gateway).status_code == 200
+        servicer.states = [(1, state.AVAILABLE), (2, state.LOADING)]
+        eventually(lambda: "LOADING" in client.get("/v1/models/tiny").text)
+        assert classify(gateway).json()["version"] == 1  # the loaded one answers
+        servicer.states = [(1, state.AVAILABLE)]  # 2 given up: END, not LOADING for good
+        eventually(lambda: "LOADING" not in client.get("/v1/models/tiny").text)
+
+
 def test_the_answer_codes_say_whose_fault_it_is() -> None:
     """The translation, for the codes a real TF Serving gives: what no retry mends is
     the backend's (502); load is a 503 to retry; a missing version a 404."""

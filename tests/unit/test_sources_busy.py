@@ -43,13 +43,13 @@ class Scripted:
     def __init__(self, source: TFServingSource) -> None:
         self.source = source
         self.script: list[Outcome] = []
-        source.client.available = self._available  # type: ignore[method-assign]
+        source.client.versions = self._versions  # type: ignore[method-assign]
 
-    def _available(self, model: str) -> list[int]:
+    def _versions(self, model: str) -> tuple[list[int], list[int]]:
         outcome = self.script.pop(0)
         if isinstance(outcome, CnnserveError):
             raise outcome
-        return outcome
+        return outcome, []
 
     def listed(self, outcome: Outcome) -> tuple[list[int], frozenset[str]]:
         """One scan whose poll gets ``outcome``: the versions of "m", the unknown models."""
