@@ -288,8 +288,9 @@ class Settings(BaseSettings):
         gt=0,
         description="A request's headers must arrive within this of the connection opening "
         "or of the request's first byte (else 408 and the connection is closed); a TLS "
-        "handshake (REST and gRPC) and a gRPC connection's HTTP/2 preface too. gRPC "
-        "connections are pinged this often and closed when unanswered within as long.",
+        "handshake (REST and gRPC) and a gRPC connection's HTTP/2 preface too. A gRPC peer "
+        "must acknowledge the server's SETTINGS within this, and a gRPC connection silent "
+        "this long is pinged.",
     )
     max_header_bytes: int = Field(
         65536,

@@ -134,18 +134,17 @@ def test_each_listener_holds_twice_an_even_share_of_the_connections(
     assert dict(server_options(settings))["grpc.max_allowed_incoming_connections"] == each
 
 
-def test_connections_are_pinged_and_must_answer_within_the_header_timeout() -> None:
-    """A peer stuck inside a header block cannot answer a ping (HTTP/2): pinged every
-    header timeout, idle or not, and given as long to answer and to acknowledge the
-    server's SETTINGS."""
+def test_settings_are_acknowledged_and_idle_connections_pinged_in_a_header_timeout() -> None:
+    """A peer stuck inside a header block cannot answer a ping (HTTP/2), nor acknowledge
+    SETTINGS. The ping timeout stays gRPC's own (60 s): it bounds the core's bandwidth
+    probes during an upload too, which wait behind the client's queued bytes."""
     options = dict(server_options(Settings(header_read_timeout_seconds=2.5)))
     for name in (
         "grpc.server_handshake_timeout_ms",
         "grpc.http2.settings_timeout",
         "grpc.keepalive_time_ms",
-        "grpc.keepalive_timeout_ms",
-        "grpc.http2.ping_timeout_ms",
     ):
         assert options[name] == 2500, name
+    assert "grpc.http2.ping_timeout_ms" not in options
     assert options["grpc.keepalive_permit_without_calls"] == 1
     assert options["grpc.http2.max_pings_without_data"] == 0
