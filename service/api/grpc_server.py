@@ -113,14 +113,22 @@ def _pings(every_ms: int) -> list[tuple[str, Any]]:
     ]
 
 
+# A small max_connections over many listeners left each one connection: a client's 20
+# connections met 3-4 refusals at random, two of them hashed onto one listener (an
+# outside review). With 4, a few connections are held whatever the hash.
+MIN_LISTENER_CONNECTIONS = 4
+
+
 def connection_cap(settings: Settings) -> int:
     """The gRPC connections one listener holds: twice an even share of
     ``max_connections`` (REST's per worker; the kernel hashes connections onto the
-    listeners, not evenly). gRPC's core closes one past it as it comes (the client sees
-    UNAVAILABLE and reconnects, most often onto another listener). Unbounded before: a
-    peer held every connection it opened until the connection age (5 min), ~17 KB
-    each and a file descriptor, which REST's accepts need too."""
-    return math.ceil(2 * settings.max_connections / settings.grpc_listeners)
+    listeners, not evenly), at least :data:`MIN_LISTENER_CONNECTIONS`. gRPC's core closes
+    one past it as it comes (the client sees UNAVAILABLE and reconnects, most often onto
+    another listener). Unbounded before: a peer held every connection it opened until
+    the connection age (5 min), ~17 KB each and a file descriptor, which REST's accepts
+    need too."""
+    even = math.ceil(2 * settings.max_connections / settings.grpc_listeners)
+    return max(even, MIN_LISTENER_CONNECTIONS)
 
 
 def _connection_age(settings: Settings) -> list[tuple[str, Any]]:

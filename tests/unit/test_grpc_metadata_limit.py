@@ -17,6 +17,7 @@ from service.api.grpc_metadata_limit import (
     LastCallRelease,
     MetadataLimitInterceptor,
     bind_release,
+    metadata_bytes,
     oversize,
 )
 from service.launch import free_port
@@ -29,6 +30,13 @@ def test_metadata_is_counted_as_http2_counts_a_header_list() -> None:
     refusal = oversize((("a", "b" * (LIMIT - 32)),), LIMIT)
     assert refusal is not None and refusal.code == "headers_too_large"
     assert f"is {LIMIT + 1} bytes, over CNNSERVE_MAX_HEADER_BYTES ({LIMIT})" in str(refusal)
+
+
+def test_a_binary_value_counts_as_its_base64() -> None:
+    """gRPC hands ``-bin`` values on decoded; HTTP/2 counted them in base64."""
+    assert metadata_bytes((("x-bin", b"\0" * 3000),)) == 5 + 4000 + 32
+    assert oversize((("x-bin", b"\0" * 3000),), LIMIT) is None
+    assert oversize((("x-bin", b"\0" * 3100),), LIMIT) is not None  # 4,136 + 37 bytes
 
 
 def test_a_flood_of_entries_is_refused_by_their_count() -> None:

@@ -122,13 +122,15 @@ def test_a_listener_that_fails_to_start_leaves_none_listening(
 
 
 @pytest.mark.parametrize(
-    ("connections", "listeners", "each"), [(2048, 64, 64), (4, 1, 8), (5, 2, 5), (1, 64, 1)]
+    ("connections", "listeners", "each"),
+    [(2048, 64, 64), (4, 1, 8), (5, 2, 5), (32, 64, 4), (1, 64, 4), (1, 1, 4)],
 )
 def test_each_listener_holds_twice_an_even_share_of_the_connections(
     connections: int, listeners: int, each: int
 ) -> None:
     """gRPC connections are held to CNNSERVE_MAX_CONNECTIONS as REST's are, spread over
-    the listeners as the kernel spreads them (by a hash: twice an even share each)."""
+    the listeners as the kernel spreads them (by a hash: twice an even share each, at
+    least 4: one each refused a client's few connections at random)."""
     settings = Settings(max_connections=connections, grpc_listeners=listeners)
     assert connection_cap(settings) == each
     assert dict(server_options(settings))["grpc.max_allowed_incoming_connections"] == each
