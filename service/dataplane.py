@@ -156,8 +156,9 @@ class DataPlane:
         # Requests in this worker, against its limit (REST's RequestGuard and gRPC's
         # handlers share it).
         self.concurrency = concurrency or worker_limit(settings)
-        # False once the server is stopping: gRPC calls are refused with UNAVAILABLE.
+        # False once the server is stopping: new gRPC calls are refused with UNAVAILABLE.
         self.accepting_calls = True
+        self._stopped_at: float | None = None  # the loop's time it stopped accepting
         # True once the gRPC server stops (also in a rolling restart, where calls are
         # not refused): open health Watch streams end.
         self.closing_calls = False
@@ -177,6 +178,21 @@ class DataPlane:
         self._decode_threads = max(1, decode_pool._max_workers)
 
     # --- health ---------------------------------------------------------------------
+
+    def stop_accepting_calls(self) -> None:
+        """Refuse gRPC calls that begin from now on (see :meth:`serves_call`)."""
+        self.accepting_calls = False
+        self._stopped_at = asyncio.get_running_loop().time()
+
+    def serves_call(self, began: float | None) -> bool:
+        """Whether a gRPC call that began at ``began`` (the loop's time; None: unknown)
+        is served: every call until the server stops accepting, then those that began
+        before, which drain within the grace. One whose message was still on its way
+        at SIGTERM (a slow upload) was refused as new once it came, 2.7 s into a 10 s
+        grace (an outside review)."""
+        if self.accepting_calls:
+            return True
+        return began is not None and self._stopped_at is not None and began < self._stopped_at
 
     def stopping(self) -> bool:
         """The server is stopping: new gRPC calls are refused, running ones drain."""

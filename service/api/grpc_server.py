@@ -302,6 +302,6 @@ async def stop_grpc(
     if plane is not None:
         plane.closing_calls = True
         if not plane.replaced():
-            plane.accepting_calls = False
+            plane.stop_accepting_calls()
             await asyncio.sleep(min(REFUSAL_WINDOW_SECONDS, grace_seconds))
     await asyncio.gather(*(server.stop(grace_seconds) for server in servers))

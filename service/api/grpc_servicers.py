@@ -17,7 +17,13 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
-from service.api.grpc_calls import REQUEST_ID_KEY, call_request_id, end_call, error_trailers
+from service.api.grpc_calls import (
+    CALL_BEGAN,
+    REQUEST_ID_KEY,
+    call_request_id,
+    end_call,
+    error_trailers,
+)
 from service.concurrency import grpc_refusal_cost
 from service.dataplane import ClassifyResult, DataPlane
 from service.errors import (
@@ -99,7 +105,7 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         try:
             record = RequestRecord(rid, "grpc", "POST", route)
             with recorded(record, self._plane.stopping):
-                if not self._plane.accepting_calls:
+                if not self._plane.serves_call(CALL_BEGAN.get()):
                     raise ShuttingDown("the server is shutting down; retry on another replica")
                 taken = None
                 if limited:

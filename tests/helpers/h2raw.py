@@ -79,21 +79,31 @@ class RawGrpc:
     ) -> int:
         """Send one unary call (``message`` serialized, ``metadata`` among its headers;
         a header block over a frame goes on in CONTINUATION frames); its stream id."""
+        stream = self.begin(path, metadata)
+        self.send(stream, message_frame(message), end=True)
+        return stream
+
+    def begin(self, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> int:
+        """Open a call: its headers only (its message to come by :meth:`send`)."""
         stream, self._next_stream = self._next_stream, self._next_stream + 2
         block = call_headers(path, f"127.0.0.1:{self.port}", metadata)
         pieces = [block[i : i + MAX_FRAME] for i in range(0, len(block), MAX_FRAME)]
-        sent = b"".join(
-            frame(
-                HEADERS if i == 0 else CONTINUATION,
-                END_HEADERS if i == len(pieces) - 1 else 0,
-                stream,
-                piece,
+        self.sock.sendall(
+            b"".join(
+                frame(
+                    HEADERS if i == 0 else CONTINUATION,
+                    END_HEADERS if i == len(pieces) - 1 else 0,
+                    stream,
+                    piece,
+                )
+                for i, piece in enumerate(pieces)
             )
-            for i, piece in enumerate(pieces)
         )
-        body = b"\x00" + struct.pack(">I", len(message)) + message
-        self.sock.sendall(sent + frame(DATA, END_STREAM, stream, body))
         return stream
+
+    def send(self, stream: int, data: bytes, *, end: bool) -> None:
+        """Part of a call's body (``end``: its last)."""
+        self.sock.sendall(frame(DATA, END_STREAM if end else 0, stream, data))
 
     def flood(self, path: str, size: int) -> int:
         """Open a call whose header block never ends: its HEADERS frame, then ``size``
@@ -139,6 +149,11 @@ class RawGrpc:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def message_frame(message: bytes) -> bytes:
+    """A serialized message as gRPC frames it in a call's body (uncompressed)."""
+    return b"\x00" + struct.pack(">I", len(message)) + message
 
 
 def _length(buffer: bytes) -> int:

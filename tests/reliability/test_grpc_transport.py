@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import signal
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,8 +18,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.proto_gen import cnnserve_v1_pb2
-from tests.helpers.h2raw import DATA, GOAWAY, HEADERS, PING, RawGrpc
+from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
+from tests.helpers.h2raw import DATA, GOAWAY, HEADERS, PING, RawGrpc, message_frame
 from tests.helpers.images import encode, gradient
 from tests.helpers.server import Server, eventually, running_server
 
@@ -199,15 +200,64 @@ def test_metadata_over_the_header_limit_split_over_continuation_frames_is_refuse
 
 def _answer_headers(peer: RawGrpc, stream: int) -> bytes:
     """The header blocks the server answered ``stream`` with, its trailers last."""
-    blocks = b""
+    return _answer(peer, stream)[0]
+
+
+def _answer(peer: RawGrpc, stream: int) -> tuple[bytes, bytes]:
+    """The header blocks the server answered ``stream`` with (its trailers last), and
+    the body (the answer's message, gRPC-framed)."""
+    blocks = body = b""
     until = time.monotonic() + MARGIN
     while (got := peer.read(until)) is not None:
         peer.answer(got, pings=True)
+        if got.stream == stream and got.type == DATA:
+            body += got.payload
         if got.stream == stream and got.type == HEADERS:
             blocks += got.payload
             if got.flags & 0x1:  # END_STREAM: the trailers
                 break
-    return blocks
+    return blocks, body
+
+
+def test_a_call_whose_message_is_still_coming_at_sigterm_is_served(tiny_repo: Path) -> None:
+    """A call begun before SIGTERM whose message was still on its way (a slow upload)
+    was refused as a new call once it came: UNAVAILABLE "the server is shutting down",
+    2.7 s into a 10 s grace (an outside review). It is served; new calls are refused."""
+    env = {
+        "CNNSERVE_POLL_SECONDS": "0",
+        "CNNSERVE_SHUTDOWN_DELAY_SECONDS": "0.5",
+        "CNNSERVE_SHUTDOWN_GRACE_SECONDS": "30",
+    }
+    body = message_frame(cnnserve_v1_pb2.ClassifyRequest(image=PNG).SerializeToString())
+    with running_server(tiny_repo, grpc_port=0, env=env) as server:
+        peer = RawGrpc(server.grpc_port)
+        try:
+            upload = peer.begin(CLASSIFY)
+            peer.send(upload, body[:10], end=False)
+            # A call after it on the connection, answered: the upload's handler began
+            # first (grpc.aio hands calls on in order).
+            assert b"grpc-status\x010" in _answer_headers(peer, peer.call(CHECK))
+            server.process.send_signal(signal.SIGTERM)
+            eventually(lambda: _refused_new_call(server), timeout=MARGIN)
+            peer.send(upload, body[10:], end=True)
+            _, answer = _answer(peer, upload)
+            assert answer[:1] == b"\x00", answer  # an answer's message: served
+            classified = cnnserve_v1_pb2.ClassifyResponse.FromString(answer[5:])
+            assert classified.predictions, classified
+        finally:
+            peer.close()
+        assert server.process.wait(timeout=60) == 0
+
+
+def _refused_new_call(server: Server) -> bool:
+    """Whether a new call is refused UNAVAILABLE: the server stopped taking calls."""
+    with server.channel() as channel:
+        stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)
+        try:
+            stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=5)
+        except grpc.RpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined,no-any-return]
+        return False
 
 
 FLOODS = 20

@@ -27,7 +27,10 @@ class Plane:
     """The part of the data plane the servicers ask, with a full concurrency limit."""
 
     accepting_calls = True
-    settings = SimpleNamespace(max_header_bytes=65536)
+    settings = SimpleNamespace()
+
+    def serves_call(self, began: float | None) -> bool:
+        return True
 
     def __init__(self) -> None:
         self.concurrency = ConcurrencyLimit(1)
