@@ -322,7 +322,7 @@ def unsettled(version_dir: Path) -> float | None:
     train`) loads at once; one that never has any (a foreign SavedModel) waits the
     settle time once. Changes are read from ctimes as well as mtimes: `cp -a` and rsync
     give files their source's old mtime, but the ctime of that very change."""
-    if (version_dir / ASSETS_EXTRA / LABELS_FILE).is_file():
+    if os.path.lexists(version_dir / ASSETS_EXTRA / LABELS_FILE):  # any file: its load says
         return None
     try:
         st = version_dir.stat()
