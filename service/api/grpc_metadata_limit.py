@@ -3,8 +3,10 @@ else looks at them, and what their listener keeps of them let go at once.
 
 gRPC's core holds a call's metadata to the limit only when its header block comes in
 one HEADERS frame. Split over CONTINUATION frames (a CONTINUATION flood: one header
-block that never ends), it passes the call on with hundreds of thousands of entries
-(372,820 of 14 bytes once ~6 MB had come, ~36 MB as the C array grpc.aio is handed).
+block that never ends) by a peer that has not acknowledged the server's SETTINGS, it
+passes the call on, when the connection ends, with hundreds of thousands of entries
+(372,820 of 14 bytes once ~6 MB had come, ~36 MB as the C array grpc.aio is handed;
+such a peer is closed after the header timeout now: grpc_server._pings).
 And grpc.aio keeps each listener's last call until that listener's next call arrives:
 its accept loop holds the call in a local while it waits. So every listener kept the
 last flood it saw: a worker of 64 listeners grew ~35 MB with each flooded connection
