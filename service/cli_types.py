@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import ssl
 from collections.abc import Callable
 from pathlib import Path
+
+from service.config import pem_certificates_problem
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
@@ -104,12 +105,9 @@ def folder_or_new(text: str) -> Path:
 def pem_certificates(text: str) -> Path:
     """A file of PEM certificates to trust (a client's --ca-cert): read and parsed here,
     so a wrong path or a key given for a certificate is one line, not a TLS error later."""
-    try:
-        ssl.create_default_context().load_verify_locations(cafile=text)
-    except ssl.SSLError:
-        raise argparse.ArgumentTypeError(f"{text}: no PEM certificate in it") from None
-    except OSError as exc:  # missing, unreadable
-        raise argparse.ArgumentTypeError(f"{text}: {exc.strerror}") from None
+    problem = pem_certificates_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return Path(text)
 
 

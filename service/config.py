@@ -433,13 +433,8 @@ class Settings(BaseSettings):
     def _certificates(cls, value: Path | None) -> Path | None:
         # Read at start-up: a wrong path or a key given for a certificate is one line,
         # not a gateway unready for good behind "cannot be reached".
-        if value is not None:
-            try:
-                ssl.create_default_context().load_verify_locations(cafile=str(value))
-            except ssl.SSLError:
-                raise ValueError(f"{value}: no PEM certificate in it") from None
-            except OSError as exc:
-                raise ValueError(f"{value}: {exc.strerror}") from None
+        if value is not None and (problem := pem_certificates_problem(value)) is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator(
@@ -463,6 +458,19 @@ class Settings(BaseSettings):
         if self.grpc_port and self.port and self.grpc_port == self.port:
             raise ValueError(f"port and grpc_port are both {self.port}; pick two ports")
         return self
+
+
+def pem_certificates_problem(path: Path | str) -> str | None:
+    """Why ``path`` is no file of PEM certificates to trust (missing, unreadable, a key
+    given for a certificate), or None. Checked where it is named (a setting, a client's
+    --ca-cert): one line there, not a TLS error later."""
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=str(path))
+    except ssl.SSLError:
+        return f"{path}: no PEM certificate in it"
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    return None
 
 
 MAX_KEY_FILE_BYTES = 1024 * 1024

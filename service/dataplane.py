@@ -156,9 +156,9 @@ class DataPlane:
         # Requests in this worker, against its limit (REST's RequestGuard and gRPC's
         # handlers share it).
         self.concurrency = concurrency or worker_limit(settings)
-        # False once the server is stopping: new gRPC calls are refused with UNAVAILABLE.
-        self.accepting_calls = True
-        self._stopped_at: float | None = None  # the loop's time it stopped accepting
+        # When the server stopped accepting gRPC calls (the loop's time; None: it has
+        # not): calls that begin after are refused with UNAVAILABLE.
+        self._stopped_at: float | None = None
         # True once the gRPC server stops (also in a rolling restart, where calls are
         # not refused): open health Watch streams end.
         self.closing_calls = False
@@ -181,7 +181,6 @@ class DataPlane:
 
     def stop_accepting_calls(self) -> None:
         """Refuse gRPC calls that begin from now on (see :meth:`serves_call`)."""
-        self.accepting_calls = False
         self._stopped_at = asyncio.get_running_loop().time()
 
     def serves_call(self, began: float | None) -> bool:
@@ -190,13 +189,12 @@ class DataPlane:
         before, which drain within the grace. One whose message was still on its way
         at SIGTERM (a slow upload) was refused as new once it came, 2.7 s into a 10 s
         grace (an outside review)."""
-        if self.accepting_calls:
-            return True
-        return began is not None and self._stopped_at is not None and began < self._stopped_at
+        stopped = self._stopped_at
+        return stopped is None or (began is not None and began < stopped)
 
     def stopping(self) -> bool:
         """The server is stopping: new gRPC calls are refused, running ones drain."""
-        return not self.accepting_calls
+        return self._stopped_at is not None
 
     def ready(self) -> bool:
         """This process is ready and so is every sibling worker (see service.readiness)."""

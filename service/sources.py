@@ -263,14 +263,14 @@ class TFServingSource:
         one warning names the failure too (they were silent: an outside review found a
         gateway unready for good, its alert never firing, its log empty)."""
         down = _unreachable(problem)
-        failing = None if problem is None or down is not None else problem
         metrics.observe_backend(problem is None)
         reachable = self.client.down is None
         if down is not None and reachable:
             log.warning("%s; current versions keep their routes meanwhile", down.log_message())
         elif down is None and not reachable:
             log.info("TF Serving at %s answers again", self.client.address)
-        said = None if failing is None else failing.log_message()
+        # Answered with a failure (not unreachable): said once, until it changes.
+        said = problem.log_message() if problem is not None and down is None else None
         if said is not None and said != self._failing:
             log.warning(
                 "%s; its models are refused, and readiness 503, until a poll succeeds", said

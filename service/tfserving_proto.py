@@ -280,22 +280,21 @@ def status_response(statuses: Iterable[VersionStatusLike]) -> Any:
 def available_versions(response: Any) -> list[int]:
     """Versions a GetModelStatusResponse reports AVAILABLE (a negative one is no version
     number: it was served as version -5, and a request naming none got a 400 for it)."""
-    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-    return sorted(
-        int(s.version)
-        for s in response.model_version_status
-        if s.state == available and s.version >= 0
-    )
+    return _versions_in(response, get_model_status_pb2.ModelVersionStatus.AVAILABLE)
 
 
 def loading_versions(response: Any) -> list[int]:
     """Versions a GetModelStatusResponse reports on their way to AVAILABLE (START or
     LOADING): a model whose every version is loading there is not ready, not missing."""
-    status = get_model_status_pb2.ModelVersionStatus
+    state = get_model_status_pb2.ModelVersionStatus
+    return _versions_in(response, state.START, state.LOADING)
+
+
+def _versions_in(response: Any, *states: int) -> list[int]:
     return sorted(
         int(s.version)
         for s in response.model_version_status
-        if s.state in (status.START, status.LOADING) and s.version >= 0
+        if s.state in states and s.version >= 0
     )
 
 

@@ -96,8 +96,7 @@ def status_call(method: Handler[S]) -> Handler[S]:
 def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
     @functools.wraps(method)
     async def handler(self: S, request: Any, context: Any) -> Any:
-        metadata = context.invocation_metadata() or ()
-        rid = call_request_id(dict(metadata))
+        rid = call_request_id(dict(context.invocation_metadata() or ()))
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
         concurrency = self._plane.concurrency
         connection = concurrency.peer(context.peer())

@@ -29,7 +29,6 @@ class Held:
 class Plane:
     """The part of the data plane Predict asks; its predict refuses every request."""
 
-    accepting_calls = True
     settings = SimpleNamespace(grpc_max_message_bytes=1 << 22)
 
     def serves_call(self, began: float | None) -> bool:

@@ -34,7 +34,6 @@ class Plane:
     """The part of the data plane Predict asks: it counts images as DataPlane does, and
     refuses every request once they are counted."""
 
-    accepting_calls = True
     settings = SimpleNamespace(grpc_max_message_bytes=1 << 22)
 
     def serves_call(self, began: float | None) -> bool:

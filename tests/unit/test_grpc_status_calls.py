@@ -26,7 +26,6 @@ from service.routing import VersionState, VersionStatus
 class Plane:
     """The part of the data plane the servicers ask, with a full concurrency limit."""
 
-    accepting_calls = True
     settings = SimpleNamespace()
 
     def serves_call(self, began: float | None) -> bool:
