@@ -17,6 +17,7 @@ from service.concurrency import ConcurrencyLimit
 from service.config import Settings
 from tests.helpers.images import encode, gradient
 from tests.helpers.in_process import serving_in_process
+from tests.helpers.server import eventually
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +52,14 @@ def served() -> Iterator[tuple[httpx.Client, list[int]]]:
 def weight_of(
     served: tuple[httpx.Client, list[int]], path: str, **kwargs: object
 ) -> tuple[int, int]:
-    """One POST to ``path``: its status, and the images its place was released with."""
+    """One POST to ``path``: its status, and the images its place was released with.
+    The place may be released just after the answer is sent (the raw-image path frees
+    it once its write returns): waited for, not read at once (a fresh-clone CI run read
+    it a moment early)."""
     client, released = served
     before = len(released)
     response = client.post(path, **kwargs)  # type: ignore[arg-type]
+    eventually(lambda: len(released) > before, timeout=10)
     assert len(released) == before + 1, response.text
     return response.status_code, released[-1]
 
