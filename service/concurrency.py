@@ -60,6 +60,7 @@ from collections.abc import Callable
 from service import metrics
 from service.config import Settings
 from service.errors import Overloaded
+from service.pace_check import PaceCheck
 from service.shared_hosts import SharedHosts
 from service.siblings import Siblings
 
@@ -194,6 +195,8 @@ class ConcurrencyLimit:
         self._burst = max(1.0, refusals_per_second * REFUSAL_BURST_SECONDS)
         self._tokens = self._burst
         self._tokens_at = clock()
+        # Whether holding refusals slows the clients retrying at once (service.pace_check).
+        self._check = PaceCheck(clock)
         # The current window: answer times, the most requests held, whether it refused.
         self._window_end = clock() + WINDOW_SECONDS
         self._answers: list[float] = []
@@ -402,7 +405,9 @@ class ConcurrencyLimit:
         it instead, and the worker still answers about ``refusals_per_second``. What it
         may owe is bounded (:data:`MAX_REFUSAL_DEBT_SECONDS`) so that refusals which do
         not wait, however many, never make a spinning client wait longer than that; no
-        wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`. ``retrying`` None: a
+        wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`, and none waits while the
+        worker's check finds that waiting does not slow the clients it holds (an open
+        loop: service.pace_check), which every refusal counts for. ``retrying`` None: a
         retry its wait would not slow (:class:`HostRefusals`), answered at once and
         taking no turn (owed, its turns would keep the wait past the host's bound).
         ``cost``: the tokens it takes, what it costs the worker against an HTTP refusal
@@ -411,11 +416,17 @@ class ConcurrencyLimit:
         before it passes (but not sooner than ``retry_at_once``), its turn taken all
         the same (the client would wait that long anyway, and be told of a timeout where
         it could be told to back off)."""
-        if not self._rate or retrying is None:
+        if not self._rate:
             return 0.0
         tokens = self._refilled()
-        if not retrying:
+        # Every refusal counts for the check: let go, a closed loop's clients may come
+        # back later than a retry counts as at once (their own loop busy), and an open
+        # loop's first requests on new connections are judged by their host.
+        holds = self._check.holds(cost, max(0.0, -tokens) / self._rate, retrying is not False)
+        if retrying is False:
             self._owe(tokens, cost)
+            return 0.0
+        if retrying is None or not holds:
             return 0.0
         self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token

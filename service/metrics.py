@@ -146,6 +146,19 @@ MOVED_CONNECTIONS = Counter(
     "or after a success while another worker held no request: the client's next connection "
     "may land there (connections are split unevenly).",
 )
+PACE_CHECKS = Counter(
+    "cnnserve_refusal_pace_checks",
+    "Checks of whether holding refusals slows the clients retrying them at once, by "
+    "verdict: closed_loop (they came back faster when let go: held) or open_loop (they did "
+    "not: answered at once for a while).",
+    ["verdict"],
+)
+REFUSALS_LET_GO = Gauge(
+    "cnnserve_refusal_pace_let_go",
+    "Workers answering the refusals of clients retrying at once without the pace's wait, "
+    "because holding them did not slow those clients (an open loop; summed over workers).",
+    multiprocess_mode="livesum",
+)
 HEADERS_TOO_LARGE = Counter(
     "cnnserve_headers_too_large",
     "Connections closed with a 431 because a request's line and headers went over "
@@ -378,6 +391,17 @@ def observe_moved_connection() -> None:
     """A client's connection is closed after its answer so that it may land on a sibling
     worker (service.concurrency)."""
     MOVED_CONNECTIONS.inc()
+
+
+def observe_pace_check(open_loop: bool) -> None:
+    """A worker checked whether holding refusals slows its spinning clients
+    (service.pace_check)."""
+    PACE_CHECKS.labels("open_loop" if open_loop else "closed_loop").inc()
+
+
+def set_refusals_let_go(let_go: bool) -> None:
+    """Whether this worker answers spinning clients' refusals at once (service.pace_check)."""
+    REFUSALS_LET_GO.set(1 if let_go else 0)
 
 
 def observe_headers_too_large() -> None:

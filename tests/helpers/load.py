@@ -1,5 +1,6 @@
-"""A small closed-loop HTTP/1.1 load generator on raw asyncio streams (127.0.0.1 only):
-cheap per request, so on a 2-core machine the server, not the client, is what saturates."""
+"""Small HTTP/1.1 load generators on raw asyncio streams (127.0.0.1 only), closed-loop
+and open-loop: cheap per request, so on a 2-core machine the server, not the client, is
+what saturates."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ class Outcome:
     status: int
     seconds: float
     retry_after: str | None = None
+    sent: float = 0.0  # seconds from the start of its run (open_loop)
 
 
 @dataclass
@@ -99,6 +101,58 @@ async def drive(port: int, request: bytes, connections: int, seconds: float) -> 
 
 def load(port: int, request: bytes, connections: int, seconds: float) -> Run:
     return asyncio.run(drive(port, request, connections, seconds))
+
+
+@dataclass
+class OpenRun(Run):
+    opened: int = 0  # connections opened
+
+
+def open_loop(port: int, request: bytes, rate: float, seconds: float) -> OpenRun:
+    """``request`` sent ``rate`` times a second for ``seconds`` whatever the answers take
+    (an open loop: k6's arrival-rate executors, vegeta), each on an idle keep-alive
+    connection if there is one, else on a new one."""
+
+    async def drive_open() -> OpenRun:
+        run = OpenRun(seconds)
+        idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        start = time.perf_counter()
+
+        async def one() -> None:
+            began = time.perf_counter()
+            if idle:
+                reader, writer = idle.pop()
+            else:
+                run.opened += 1
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                status, headers = await _one(reader, writer, request)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                run.outcomes.append(Outcome(0, time.perf_counter() - began, sent=began - start))
+                return
+            run.outcomes.append(
+                Outcome(
+                    status, time.perf_counter() - began, headers.get("retry-after"), began - start
+                )
+            )
+            if headers.get("connection", "").lower() == "close":
+                writer.close()
+            else:
+                idle.append((reader, writer))
+
+        tasks = []
+        for n in range(round(rate * seconds)):
+            ahead = start + n / rate - time.perf_counter()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            tasks.append(asyncio.create_task(one()))
+        await asyncio.gather(*tasks)
+        for _, writer in idle:
+            writer.close()
+        return run
+
+    return asyncio.run(drive_open())
 
 
 async def _once(port: int, request: bytes, runs: list[Run], host: str | None = None) -> None:

@@ -27,11 +27,11 @@ from PIL import Image
 
 from service.bench.grpc_load import GrpcClient, run_load
 from service.bench.overload import Sample, running
-from service.concurrency import MAX_REFUSAL_DEBT_SECONDS
+from service.concurrency import MAX_REFUSAL_DEBT_SECONDS, MAX_REFUSAL_WAIT_SECONDS
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
-from tests.helpers.load import Outcome, Run, burst, bursts, load, post, quantile
+from tests.helpers.load import Outcome, Run, burst, bursts, load, open_loop, post, quantile
 from tests.helpers.server import (
     Server,
     accepted_by,
@@ -453,6 +453,41 @@ def test_a_client_reconnecting_at_once_after_each_503_waits_for_the_pace(
         assert spent >= 7 / rate / 2, spent
         other = burst(server.port, request, 1, hosts=True)
         assert other.statuses() == {503} and other.of(503)[0] < 1 / rate / 2, other.outcomes
+
+
+def test_an_open_loop_is_let_go_once_holding_its_refusals_is_seen_not_to_slow_it(
+    tiny_repo_litert: Path,
+) -> None:
+    """A client that sends at its own rate whatever the answers take (an open loop:
+    k6's arrival-rate executors, vegeta) is not slowed by held refusals: it opens more
+    connections, and its 503s wait up to MAX_REFUSAL_WAIT_SECONDS. The pace's check
+    lets them go once it has seen that (service.pace_check): their 503s come at once.
+    Held, at three times the pace, they would wait ~2 s by the end; the bound is a
+    quarter of that."""
+    rate = 300.0
+    with full_worker(tiny_repo_litert, paced(rate)) as server:
+        run = open_loop(server.port, REQUEST, 3 * rate, 5.0)
+        assert run.statuses() == {503}
+        assert server.metric("cnnserve_refusal_pace_checks_total", verdict="open_loop") >= 1
+        late = [o.seconds for o in run.outcomes if o.sent >= 4.0]
+        assert quantile(late, 0.5) < MAX_REFUSAL_WAIT_SECONDS / 4, (quantile(late, 0.5), run.opened)
+
+
+def test_clients_retrying_at_once_are_held_again_once_let_go_shows_them_spinning(
+    tiny_repo_litert: Path,
+) -> None:
+    """Clients that resend at once as each 503 comes (a closed loop: wrk, a retry loop)
+    are held by the pace. Once their wait passes the check's threshold they are let go
+    for a window or two, come back faster than twice the rate held, and are held again:
+    no open-loop verdict, nothing let go at the end."""
+    rate = 300.0
+    with full_worker(tiny_repo_litert, paced(rate)) as server:
+        run = load(server.port, REQUEST, 150, 4.0)
+        assert run.statuses() == {503}
+        checks = "cnnserve_refusal_pace_checks_total"
+        assert server.metric(checks, verdict="closed_loop") >= 1
+        assert server.metric(checks, verdict="open_loop") == 0
+        assert server.metric("cnnserve_refusal_pace_let_go") == 0
 
 
 def test_a_reconnect_is_timed_from_when_the_kernel_had_it(tiny_repo_litert: Path) -> None:

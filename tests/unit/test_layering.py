@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "service.metrics": 1,
     "service.requestlog": 1,
     "service.concurrency": 1,
+    "service.pace_check": 1,
     "service.readiness": 1,
     "service.memory": 1,  # freed heap memory given back to the system
     "service.siblings": 1,

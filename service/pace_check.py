@@ -1,0 +1,197 @@
+"""Whether holding refusals slows the clients that retry them at once.
+
+The refusal pace (:class:`service.concurrency.ConcurrencyLimit`) holds the 503s of
+clients whose next request comes as soon as the last was refused. A closed loop (wrk,
+hey, a retry loop, a test harness that waits for each answer) then sends no faster than
+the pace answers it, and the worker's CPU stays with the admitted requests: one worker on
+a core of its own, 512 such connections, 622 served a second paced against 126 unpaced.
+
+A client that sends at its own rate whatever the answers take (an open loop: k6's
+arrival-rate executors, vegeta, producers fanning out) is not slowed. It opens another
+connection for each request a held one would have carried, thousands of them, and its
+503s wait up to the pace's longest wait. One worker on a core of its own, an open loop
+of keep-alive connections at 4x what it serves: held, 503s p50 30-160 ms and p90 2 s,
+3,900-5,700 connections opened in 10 s; let go, 6-7 ms and 18-230 ms, 1,000-2,000
+connections, for the same goodput.
+
+The two look the same while held (each connection sends its next request as soon as its
+503 comes), but not when let go: a closed loop comes back at once, many times faster; an
+open loop keeps its rate. So once the pace's wait has passed :data:`CHECK_WAIT_SECONDS`,
+the worker counts the refusals that arrive, held, in windows of :data:`BASELINE_SECONDS`
+until their rate stops falling (a closed loop slows as the pace takes hold of it) with
+:data:`RETRY_SHARE` of them or more known retries at once: that rate is the baseline.
+Then it answers refusals at once and counts them in windows of :data:`WINDOW_SECONDS`.
+The first is not judged (an open loop that waited for new connections sends what it
+kept). In the second, more than :data:`SPIN_FACTOR` times the baseline is a closed loop:
+the pace holds again, and the next check waits :data:`RECHECK_SECONDS`. Fewer is an open
+loop: answered at once for :data:`OPEN_SECONDS` while no window passes the factor, then
+held again and checked again. A mistake either way costs a window or two. Every refusal
+counts, not only those judged retries at once: let go, a closed loop whose own loop is
+busy comes back later than a retry counts as at once, and an open loop's first requests
+on new connections are judged by their host.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Callable
+
+from service import metrics
+
+log = logging.getLogger(__name__)
+
+# The pace's wait that starts a check: ~125 clients retrying at once on a worker at the
+# default pace (500 a second); fewer are held for no longer than a quarter of a second.
+CHECK_WAIT_SECONDS = 0.25
+# How long retries are counted, held, for the rate a check compares with; it is taken
+# once a window's is no less than this share of the window's before.
+BASELINE_SECONDS = 0.5
+STEADY_SHARE = 0.8
+# ...and once this share of them at least are known retries at once (which the pace
+# holds, or would: a new connection's by its host). A closed loop whose clients' own
+# loop is too busy to resend within the retry window is not held: it is let go already,
+# and letting it go tells nothing (512 connections of one Python process, let go after
+# an open loop, stayed let go: 98-114 served a second against 674-784).
+RETRY_SHARE = 0.5
+# Fewer refusals a second (in the pace's tokens) are not checked: too few to count in a
+# window, and too few to cost much held (at the default pace, a closed loop held sends
+# ~500 a second).
+MIN_RATE = 200.0
+# A window of refusals answered at once: long enough for ~40 at the least rate checked,
+# short enough that a closed loop let go spins for two at most (one worker, 128-512
+# connections: told within 20-80 ms of the second).
+WINDOW_SECONDS = 0.2
+# Refusals arriving this many times faster once answered at once: a closed loop (one
+# worker, 512 connections: ~13x the paced rate); an open loop's stay near 1x, up to ~2x
+# in the first window.
+SPIN_FACTOR = 2.0
+RECHECK_SECONDS = 10.0
+OPEN_SECONDS = 10.0
+# One log line per this long at most, whatever the checks find.
+LOG_INTERVAL_SECONDS = 60.0
+
+
+class _State(enum.Enum):
+    HOLDING = "holding"  # refusals wait for the pace
+    MEASURING = "measuring"  # held, their retries counted for the baseline
+    LETTING_GO = "letting_go"  # answered at once, their retries counted against it
+
+
+class PaceCheck:
+    """One worker's check (event loop only: no lock). :meth:`holds` is asked for each
+    refusal, with what it costs in the pace's tokens and the pace's wait now; its clock
+    is the pace's."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._state = _State.HOLDING
+        self._next_check = 0.0  # the clock's time from which a check may start
+        self._since = 0.0  # when the current measure or window began
+        self._count = 0.0  # the tokens of refusals counted since then
+        self._retries = 0.0  # those of them known as retries at once
+        self._baseline = 0.0  # tokens a second, held
+        self._previous: float | None = None  # the rate of the last window measured
+        self._open_until: float | None = None  # an open loop found: let go until then
+        self._windows = 0  # the windows let go so far
+        self._logged_at: float | None = None
+
+    def holds(self, cost: float, wait: float, retry: bool) -> bool:
+        """Whether this refusal may wait for the pace, if its client retries at once
+        (False: answer it at once, taking no turn). ``cost``: its tokens; ``wait``: the
+        pace's wait now, in seconds; ``retry``: whether its client is known to retry at
+        once (by its connection, or a new connection's by its host), as the pace holds."""
+        now = self._clock()
+        state = self._state
+        if state is _State.HOLDING:
+            if wait >= CHECK_WAIT_SECONDS and now >= self._next_check:
+                self._previous = None
+                self._begin(_State.MEASURING, now)
+            return True
+        elapsed = now - self._since
+        if state is _State.MEASURING:
+            if elapsed > 2 * BASELINE_SECONDS or wait < CHECK_WAIT_SECONDS:
+                # Refusals stopped for a while, or the overload passed: no baseline.
+                self._state = _State.HOLDING
+                return True
+            self._count += cost
+            if retry:
+                self._retries += cost
+            if elapsed < BASELINE_SECONDS:
+                return True
+            rate, previous = self._count / elapsed, self._previous
+            if (
+                previous is None
+                or rate < STEADY_SHARE * previous
+                or rate < MIN_RATE
+                or self._retries < RETRY_SHARE * self._count
+            ):
+                # A closed loop's retries slow down as the pace takes hold of them (each
+                # client cycles once a wait): the baseline is their rate once it has.
+                self._previous = rate
+                self._begin(_State.MEASURING, now)
+                return True
+            self._baseline = rate
+            self._open_until = None
+            self._windows = 0
+            self._begin(_State.LETTING_GO, now)
+            return False
+        if elapsed > 2 * WINDOW_SECONDS:  # refusals stopped for a while: nothing to tell
+            self._hold(next_check=now)
+            return True
+        self._count += cost
+        if self._windows and self._count > SPIN_FACTOR * self._baseline * WINDOW_SECONDS:
+            # A closed loop. Found once let go for an open loop, the baseline may be
+            # outgrown (the open loop's rate rose): measured again at once.
+            found_open = self._open_until is not None
+            self._verdict(now, open_loop=False, recheck=0.0 if found_open else RECHECK_SECONDS)
+            return True
+        if elapsed >= WINDOW_SECONDS:
+            self._windows += 1
+            if self._open_until is None and self._windows == 2:
+                self._verdict(now, open_loop=True)
+            elif self._open_until is not None and now >= self._open_until:
+                self._hold(next_check=now)  # let go its while: hold, check again
+                return True
+            self._begin(_State.LETTING_GO, now)
+        return False
+
+    def _begin(self, state: _State, now: float) -> None:
+        self._state = state
+        self._since = now
+        self._count = 0.0
+        self._retries = 0.0
+
+    def _hold(self, next_check: float) -> None:
+        if self._open_until is not None:
+            metrics.set_refusals_let_go(False)
+        self._state = _State.HOLDING
+        self._next_check = next_check
+        self._open_until = None
+
+    def _verdict(self, now: float, *, open_loop: bool, recheck: float = RECHECK_SECONDS) -> None:
+        metrics.observe_pace_check(open_loop)
+        if open_loop:
+            self._open_until = now + OPEN_SECONDS
+            metrics.set_refusals_let_go(True)
+        else:
+            self._hold(next_check=now + recheck)
+        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL_SECONDS:
+            return
+        self._logged_at = now
+        if open_loop:
+            log.info(
+                "refusals are answered at once for %.0f s: let go, they did not come faster "
+                "than the %.0f a second held (an open loop, which holding them only makes "
+                "open more connections)",
+                OPEN_SECONDS,
+                self._baseline,
+            )
+        else:
+            log.info(
+                "refusals wait for the pace: let go, they came over %.0f times faster than "
+                "the %.0f a second held (clients retrying at once); checked again in %.0f s",
+                SPIN_FACTOR,
+                self._baseline,
+                recheck,
+            )

@@ -1,0 +1,202 @@
+"""The pace check (service.pace_check) on a moved clock: refusals arriving at set rates,
+held or let go as a closed loop's and an open loop's would."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from prometheus_client import REGISTRY
+
+from service import pace_check
+from service.concurrency import ConcurrencyLimit
+from service.pace_check import (
+    BASELINE_SECONDS,
+    OPEN_SECONDS,
+    RECHECK_SECONDS,
+    WINDOW_SECONDS,
+    PaceCheck,
+)
+
+WAITING = 1.0  # the pace's wait while the overload lasts: past CHECK_WAIT_SECONDS
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def arrive(
+    check: PaceCheck,
+    clock: Clock,
+    rate: float,
+    seconds: float,
+    wait: float = WAITING,
+    retry: bool = True,
+) -> list[bool]:
+    """Refusals at ``rate`` a second for ``seconds``: what :meth:`PaceCheck.holds` said
+    to each (``retry``: whether their clients are known to retry at once)."""
+    answers = []
+    for _ in range(round(rate * seconds)):
+        clock.now += 1 / rate
+        answers.append(check.holds(1.0, wait, retry))
+    return answers
+
+
+def held_then_let_go(answers: list[bool]) -> bool:
+    """Whether ``answers`` are held (True) up to some refusal and let go (False) from it."""
+    return (
+        False in answers
+        and all(answers[: answers.index(False)])
+        and not any(answers[answers.index(False) :])
+    )
+
+
+def verdicts(kind: str) -> float:
+    value = REGISTRY.get_sample_value("cnnserve_refusal_pace_checks_total", {"verdict": kind})
+    return value or 0.0
+
+
+def let_go() -> float | None:
+    return REGISTRY.get_sample_value("cnnserve_refusal_pace_let_go")
+
+
+def test_a_closed_loop_let_go_comes_back_faster_and_is_held_again() -> None:
+    clock = Clock()
+    check = PaceCheck(clock)
+    closed = verdicts("closed_loop")
+    # Held at the pace: two windows at the same rate make the baseline, then let go.
+    assert held_then_let_go(arrive(check, clock, 500, 2 * BASELINE_SECONDS + 0.01))
+    # Let go, its clients spin ten times faster: the first window is not judged...
+    assert not any(arrive(check, clock, 5000, WINDOW_SECONDS))
+    # ...the second tells within 2 x 500 x 0.2 = 200 refusals, and the pace holds again.
+    second = arrive(check, clock, 5000, WINDOW_SECONDS)
+    assert True in second and second.index(True) <= 200 and all(second[second.index(True) :])
+    assert verdicts("closed_loop") == closed + 1
+    # Held as before, no check again for RECHECK_SECONDS, however long the wait.
+    assert all(arrive(check, clock, 500, RECHECK_SECONDS - 0.1))
+    # Then a check again: measured held, then let go.
+    assert held_then_let_go(arrive(check, clock, 500, 0.2 + 2 * BASELINE_SECONDS))
+
+
+def test_an_open_loop_let_go_keeps_its_rate_and_is_answered_at_once_for_a_while() -> None:
+    clock = Clock()
+    check = PaceCheck(clock)
+    opened = verdicts("open_loop")
+    assert held_then_let_go(arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01))
+    # Let go at the same rate (a first window up to the factor: what it kept, sent).
+    assert not any(arrive(check, clock, 3900, WINDOW_SECONDS))
+    assert not any(arrive(check, clock, 2000, WINDOW_SECONDS + 0.001))
+    assert verdicts("open_loop") == opened + 1 and let_go() == 1
+    # Answered at once for OPEN_SECONDS, then held again and checked again.
+    rest = arrive(check, clock, 2000, OPEN_SECONDS)
+    assert not any(rest[: -2 * round(2000 * WINDOW_SECONDS)]) and rest[-1] is True
+    assert let_go() == 0
+    assert held_then_let_go(arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01))
+
+
+def test_the_baseline_is_taken_once_the_pace_has_slowed_a_closed_loop() -> None:
+    """At the start of an overload a closed loop spins before the pace holds it: a
+    baseline taken then would be its unpaced rate, and let go it would look like an
+    open loop (512 connections of a Python client, let go for 10 s)."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    for rate in (5000, 2000, 900, 600):  # each window a fifth or more below the last
+        assert all(arrive(check, clock, rate, BASELINE_SECONDS))
+    assert all(arrive(check, clock, 550, BASELINE_SECONDS - 0.01))
+    assert arrive(check, clock, 550, 0.02)[-1] is False  # steady: let go
+    assert not any(arrive(check, clock, 5000, WINDOW_SECONDS))
+    assert True in arrive(check, clock, 5000, WINDOW_SECONDS)  # compared with ~550
+
+
+def test_refusals_the_pace_does_not_hold_make_no_baseline() -> None:
+    """Clients whose retries come later than a retry counts as at once (their own loop
+    busy) are not held: they are let go already, and a check would tell nothing. After
+    an open loop, 512 connections of one Python process spinning unpaced were taken for
+    one and left unpaced (98-114 served a second against 674-784)."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    assert all(arrive(check, clock, 5000, 3.0, retry=False))
+    # As the pace takes hold of them, half or more of them known retries: then checked.
+    assert held_then_let_go(arrive(check, clock, 2500, 3 * BASELINE_SECONDS + 0.01))
+
+
+def test_spinning_clients_let_go_with_an_open_loop_are_held_and_checked_at_once() -> None:
+    clock = Clock()
+    check = PaceCheck(clock)
+    closed = verdicts("closed_loop")
+    arrive(check, clock, 1000, 2 * BASELINE_SECONDS + 0.01)
+    arrive(check, clock, 1000, 2 * WINDOW_SECONDS + 0.01)
+    assert not any(arrive(check, clock, 1000, 1.0))  # let go: an open loop
+    # Clients retrying at once join it: the next window passes the factor.
+    joined = arrive(check, clock, 4000, WINDOW_SECONDS)
+    assert joined[-1] is True and verdicts("closed_loop") == closed + 1
+    # Checked again at once (the open loop's rate may have risen): measured, held.
+    assert all(arrive(check, clock, 4000, BASELINE_SECONDS - 0.01))
+
+
+@pytest.mark.parametrize(
+    ("rate", "wait"),
+    [(150, WAITING), (2000, 0.1)],
+    ids=["too few refusals to count", "a wait too short to cost"],
+)
+def test_no_check_below_its_thresholds(rate: float, wait: float) -> None:
+    clock = Clock()
+    check = PaceCheck(clock)
+    assert all(arrive(check, clock, rate, 5.0, wait))
+
+
+def test_a_check_ends_when_the_overload_or_its_refusals_stop() -> None:
+    clock = Clock()
+    check = PaceCheck(clock)
+    assert all(arrive(check, clock, 2000, BASELINE_SECONDS / 2))  # measuring
+    assert all(arrive(check, clock, 2000, 0.1, wait=0.0))  # the overload passed
+    arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01)  # measured again, let go
+    clock.now += 1.0  # no refusal for a while: nothing to tell
+    assert check.holds(1.0, WAITING, True) is True
+
+
+def test_a_verdict_is_logged_once_a_minute_at_most(caplog: pytest.LogCaptureFixture) -> None:
+    clock = Clock()
+    check = PaceCheck(clock)
+    with caplog.at_level(logging.INFO, logger=pace_check.__name__):
+        for _ in range(3):  # three open-loop verdicts within a minute
+            arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01)
+            arrive(check, clock, 2000, OPEN_SECONDS + 2 * WINDOW_SECONDS)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "answered at once" in lines[0] and "open loop" in lines[0]
+
+
+def test_the_pace_lets_an_open_loop_go_and_holds_a_closed_one() -> None:
+    """Through ConcurrencyLimit.refusal_delay: refusals of clients retrying at once wait
+    their turn until the check finds an open loop, then come at once, taking no turn;
+    clients not retrying at once count for the check too."""
+    clock = Clock()
+    limit = ConcurrencyLimit(1, refusals_per_second=500, clock=clock)
+
+    def delays(rate: float, seconds: float, retrying: bool = True) -> list[float]:
+        out = []
+        for _ in range(round(rate * seconds)):
+            clock.now += 1 / rate
+            out.append(limit.refusal_delay(retrying))
+        return out
+
+    held = delays(2000, 1.5)
+    assert max(held) > 0.5  # the wait grew past the check's threshold
+    delays(2000, 2 * WINDOW_SECONDS + 0.01)
+    assert set(delays(2000, 1.0)) == {0.0}  # an open loop: let go
+    # A closed loop let go whose clients come back later than a retry counts as at once
+    # (their own loop busy), ten times faster all the same: held again.
+    limit = ConcurrencyLimit(1, refusals_per_second=500, clock=clock)
+    delays(5000, 0.1)  # its clients' first refusals: the wait grows to ~1 s
+    for _ in range(5000):  # then held at the pace, measured, until let go
+        clock.now += 1 / 500
+        if limit.refusal_delay() == 0.0:
+            break
+    else:
+        pytest.fail("a closed loop held at the pace was never let go to be checked")
+    delays(5000, 2 * WINDOW_SECONDS, retrying=False)
+    assert min(delays(500, 1.5)) > 0.0
