@@ -490,6 +490,22 @@ def test_clients_retrying_at_once_are_held_again_once_let_go_shows_them_spinning
         assert server.metric("cnnserve_refusal_pace_let_go") == 0
 
 
+def test_clients_reconnecting_at_once_are_not_let_go_as_an_open_loop(
+    tiny_repo_litert: Path,
+) -> None:
+    """Clients opening a connection per request and resending at once after each 503
+    (``Connection: close``) are a closed loop whose rate, let go, is bounded by the
+    worker's accepts: their retries judged by their host past its bound (answered at
+    once already) made them look like an open loop, and they were let go (7-23 served a
+    second against 213-307, an outside audit). Never judged an open loop."""
+    rate = 300.0
+    request = post("/v1/classify", PNG, "image/png", {"Connection": "close"})
+    with full_worker(tiny_repo_litert, paced(rate)) as server:
+        run = load(server.port, request, 128, 4.0)
+        assert run.statuses() == {503}
+        assert server.metric("cnnserve_refusal_pace_checks_total", verdict="open_loop") == 0
+
+
 def test_a_reconnect_is_timed_from_when_the_kernel_had_it(tiny_repo_litert: Path) -> None:
     """A client's reconnect after its 503, sent at once, that waited in the accept queue
     longer than the retry window (the worker stopped meanwhile, SIGSTOP) is still a
