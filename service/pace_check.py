@@ -71,7 +71,8 @@ WINDOW_SECONDS = 0.2
 SPIN_FACTOR = 3.0
 RECHECK_SECONDS = 10.0
 OPEN_SECONDS = 10.0
-# One log line per this long at most, whatever the checks find.
+# One log line per verdict per this long at most: a worker flipping between the two
+# shows both (the counter shows how often).
 LOG_INTERVAL_SECONDS = 60.0
 
 
@@ -97,7 +98,7 @@ class PaceCheck:
         self._previous: float | None = None  # the rate of the last window measured
         self._open_until: float | None = None  # an open loop found: let go until then
         self._windows = 0  # the windows let go so far
-        self._logged_at: float | None = None
+        self._logged_at: dict[bool, float] = {}  # when each verdict (open loop?) was logged
 
     def holds(self, cost: float, wait: float, retry: bool) -> bool:
         """Whether this refusal may wait for the pace, if its client retries at once
@@ -190,9 +191,10 @@ class PaceCheck:
             metrics.set_refusals_let_go(True)
         else:
             self._hold(next_check=now + recheck)
-        if self._logged_at is not None and now - self._logged_at < LOG_INTERVAL_SECONDS:
+        logged = self._logged_at.get(open_loop)
+        if logged is not None and now - logged < LOG_INTERVAL_SECONDS:
             return
-        self._logged_at = now
+        self._logged_at[open_loop] = now
         if open_loop:
             log.info(
                 "refusals are answered at once for %.0f s: let go, they did not come faster "

@@ -159,15 +159,22 @@ def test_a_check_ends_when_the_overload_or_its_refusals_stop() -> None:
     assert check.holds(1.0, WAITING, True) is True
 
 
-def test_a_verdict_is_logged_once_a_minute_at_most(caplog: pytest.LogCaptureFixture) -> None:
+def test_each_verdict_is_logged_once_a_minute_at_most(caplog: pytest.LogCaptureFixture) -> None:
     clock = Clock()
     check = PaceCheck(clock)
     with caplog.at_level(logging.INFO, logger=pace_check.__name__):
         for _ in range(3):  # three open-loop verdicts within a minute
             arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01)
             arrive(check, clock, 2000, OPEN_SECONDS + 2 * WINDOW_SECONDS)
+        # Spinners join: a closed-loop verdict, logged too (one line a minute had hidden
+        # a worker flipping between the two).
+        arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01)
+        arrive(check, clock, 2000, WINDOW_SECONDS + 0.01)
+        arrive(check, clock, 20_000, WINDOW_SECONDS)
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 1 and "answered at once" in lines[0] and "open loop" in lines[0]
+    assert len(lines) == 2, lines
+    assert "answered at once" in lines[0] and "open loop" in lines[0]
+    assert "wait for the pace" in lines[1]
 
 
 def test_the_pace_lets_an_open_loop_go_and_holds_a_closed_one() -> None:
