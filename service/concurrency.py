@@ -408,7 +408,8 @@ class ConcurrencyLimit:
         not wait, however many, never make a spinning client wait longer than that; no
         wait is longer than :data:`MAX_REFUSAL_WAIT_SECONDS`, and none waits while the
         worker's check finds that waiting does not slow the clients it holds (an open
-        loop: service.pace_check), which every refusal counts for. ``retrying`` None: a
+        loop: service.pace_check), which every refusal but a host's retry counts for.
+        ``retrying`` None: a
         retry its wait would not slow (:class:`HostRefusals`), answered at once and
         taking no turn (owed, its turns would keep the wait past the host's bound).
         ``cost``: the tokens it takes, what it costs the worker against an HTTP refusal

@@ -67,25 +67,38 @@ async def _one(
     return status, headers
 
 
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    request: bytes,
+    run: Run,
+    began: float,
+    sent: float = 0.0,
+) -> bool:
+    """Send ``request`` and read its answer, its outcome added to ``run`` (timed from
+    ``began``; status 0 when the connection broke): whether the connection stays open."""
+    try:
+        status, headers = await _one(reader, writer, request)
+    except (ConnectionError, asyncio.IncompleteReadError):
+        writer.close()
+        run.outcomes.append(Outcome(0, time.perf_counter() - began, sent=sent))
+        return False
+    run.outcomes.append(
+        Outcome(status, time.perf_counter() - began, headers.get("retry-after"), sent)
+    )
+    if headers.get("connection", "").lower() == "close":
+        writer.close()
+        return False
+    return True
+
+
 async def _client(port: int, request: bytes, until: float, run: Run) -> None:
     reader = writer = None
     while time.monotonic() < until:
         if writer is None:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert reader is not None
-        began = time.perf_counter()
-        try:
-            status, headers = await _one(reader, writer, request)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            writer.close()
-            writer = None
-            run.outcomes.append(Outcome(0, time.perf_counter() - began))
-            continue
-        run.outcomes.append(
-            Outcome(status, time.perf_counter() - began, headers.get("retry-after"))
-        )
-        if headers.get("connection", "").lower() == "close":
-            writer.close()
+        if not await _exchange(reader, writer, request, run, time.perf_counter()):
             writer = None
     if writer is not None:
         writer.close()
@@ -125,20 +138,7 @@ def open_loop(port: int, request: bytes, rate: float, seconds: float) -> OpenRun
             else:
                 run.opened += 1
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                status, headers = await _one(reader, writer, request)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                writer.close()
-                run.outcomes.append(Outcome(0, time.perf_counter() - began, sent=began - start))
-                return
-            run.outcomes.append(
-                Outcome(
-                    status, time.perf_counter() - began, headers.get("retry-after"), began - start
-                )
-            )
-            if headers.get("connection", "").lower() == "close":
-                writer.close()
-            else:
+            if await _exchange(reader, writer, request, run, began, began - start):
                 idle.append((reader, writer))
 
         tasks = []
