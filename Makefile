@@ -84,7 +84,7 @@ bench: install wrk
 # 4x and 16x with a polite probe, a client retrying at once, readiness polls and memory;
 # then the same over gRPC (32, 128 and 512 Classify calls in flight, 16 a connection).
 bench-overload: install wrk
-	$(VENV)/bin/cnnserve bench --overload 32,128,512 $(BENCH_ARGS)
+	$(VENV)/bin/cnnserve bench --overload 32,128,512 --open-loop 4 $(BENCH_ARGS)
 	$(VENV)/bin/cnnserve bench --overload 32,128,512 --protocol grpc $(BENCH_ARGS)
 
 # Locust, headless, with pass/fail thresholds (docs/performance.md). Reads HOST,

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from service.cli_rollout import add_ca_cert, unwritable_folder
-from service.cli_types import NON_NEGATIVE, POSITIVE, DefaultsHelp, model_name, positive_ints
+from service.cli_types import (
+    NON_NEGATIVE,
+    POSITIVE,
+    DefaultsHelp,
+    model_name,
+    multiples,
+    positive_ints,
+)
 from service.client_trust import api_key_headers, https_verify, untrusted
 from service.config import Settings
 from service.errors import DatasetError
@@ -136,6 +143,17 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         "apply, the sweep's other options do not)",
     )
     p.add_argument(
+        "--open-loop",
+        type=multiples,
+        default=[],
+        metavar="MULTIPLES",
+        help="for --overload: after its levels, an open loop at each of these multiples of "
+        "the capacity measured, e.g. 4 (requests sent at that rate whatever the answers "
+        "take, as k6's arrival-rate executors and vegeta send, from a Python generator: "
+        "the report says whether it kept the rate; --overload may then be the capacity "
+        "level alone; REST only)",
+    )
+    p.add_argument(
         "--protocol",
         choices=("rest", "grpc"),
         default="rest",
@@ -179,6 +197,10 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
     refuses its key; "" when there is none."""
     if args.protocol == "grpc" and not args.overload:
         return "--protocol grpc is for --overload (the sweep drives REST with wrk)"
+    if args.open_loop and not args.overload:
+        return "--open-loop is for --overload, whose first level measures the capacity"
+    if args.open_loop and args.protocol == "grpc":
+        return "--open-loop sends REST requests; measure gRPC with --overload's levels"
     if args.protocol == "grpc" and args.url and not args.grpc_target:
         return "--overload --protocol grpc with --url needs --grpc-target HOST:PORT, its gRPC port"
     if args.grpc_target and (args.protocol != "grpc" or not args.url):
@@ -427,10 +449,10 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
     from service.bench.tables import overload_table
 
     capacity, *overloads = args.overload
-    if not overloads or min(overloads) <= capacity:
+    if (not overloads and not args.open_loop) or min(overloads, default=capacity + 1) <= capacity:
         print(
             "cnnserve bench: --overload needs the capacity level first and at least one "
-            f"higher one, e.g. 32,128 (got {','.join(map(str, args.overload))})",
+            f"higher one, e.g. 32,128, or --open-loop (got {','.join(map(str, args.overload))})",
             file=sys.stderr,
         )
         return 2
@@ -458,6 +480,7 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
         version=args.version,
         protocol=args.protocol,
         grpc_target=args.grpc_target,
+        open_loop=args.open_loop,
     )
     print(f"bench --overload {model} ({args.protocol}) on {machine()}", file=sys.stderr)
     data = {

@@ -4,9 +4,11 @@ error (exit 2) before any work starts, not a traceback from deep inside a run.""
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from service.config import pem_certificates_problem
 
@@ -81,17 +83,31 @@ SHARE = number_in(0, 1)  # a weight or a share that may be all or nothing
 fraction = number_in(0, 1, low_open=True, high_open=True)  # strictly between: sparsity
 
 
+N = TypeVar("N", int, float)
+
+
+def _comma_separated(
+    text: str, parse: Callable[[str], N], kind: str, fits: Callable[[N], bool], bound: str
+) -> list[N]:
+    try:
+        values = [parse(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated {kind}; got {text!r}") from None
+    if not all(fits(value) for value in values):
+        raise argparse.ArgumentTypeError(f"each must be {bound}, got {text!r}")
+    return values
+
+
+def multiples(text: str) -> list[float]:
+    """Comma-separated finite numbers above 1 (times a measured rate: 4 is 4x)."""
+    return _comma_separated(
+        text, float, "numbers, e.g. 2,4", lambda v: 1 < v < math.inf, "a finite number above 1"
+    )
+
+
 def positive_ints(text: str) -> list[int]:
     """Comma-separated integers of at least 1 (argparse applies it to a default too)."""
-    try:
-        values = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be comma-separated whole numbers, e.g. 1,8,32; got {text!r}"
-        ) from None
-    if min(values) < 1:
-        raise argparse.ArgumentTypeError(f"each must be at least 1, got {text!r}")
-    return values
+    return _comma_separated(text, int, "whole numbers, e.g. 1,8,32", lambda v: v >= 1, "at least 1")
 
 
 def folder_or_new(text: str) -> Path:

@@ -26,6 +26,7 @@ the clients see includes the wait for a core, as any client's on a loaded box wo
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import math
 import os
@@ -167,6 +168,9 @@ class Plan:
     version: int | None = None  # None: the model's default routing
     protocol: str = "rest"  # or "grpc"
     grpc_target: str | None = None  # host:port, with url; else the server started's
+    # Open-loop levels, after the others: these multiples of the capacity measured, in
+    # requests a second (REST only: service.bench.open_loop).
+    open_loop: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -177,14 +181,21 @@ class Traffic:
     describe: Callable[[int], str]  # a level, in words
     load: Callable[[int, float], dict[str, Any]]  # (level, seconds) -> run_wrk's numbers
     client: Callable[[float], Client | grpc_load.GrpcClient]  # pause -> a client
+    # (requests a second, seconds) -> the same numbers, for an open loop; None: none here
+    open_load: Callable[[float, float], dict[str, Any]] | None = None
 
     @staticmethod
     def rest(url: str, path: str, bodies: tuple[Path, ...], plan: Plan, origin: float) -> Traffic:
+        from service.bench import open_loop
+
         load = Load(path, bodies=bodies)
         return Traffic(
             describe=lambda level: f"wrk at {level} connections",
             load=lambda level, seconds: run_wrk(url, load, connections=level, seconds=seconds),
             client=lambda pause: Client(url, path, plan.images, pause, origin),
+            open_load=lambda rate, seconds: open_loop.run_load(
+                url, path, bodies, rate=rate, seconds=seconds
+            ),
         )
 
     @staticmethod
@@ -275,12 +286,36 @@ def _measure(
     saturating = traffic.load(capacity, plan.seconds)
     progress(f"  {saturating['requests_per_s']:.0f} req/s, statuses {saturating['statuses']}")
 
+    unit = "calls in flight" if plan.protocol == "grpc" else "connections"
+    capacity_rps = saturating["requests_per_s"]
+    runs: list[tuple[dict[str, Any], str, Callable[[], dict[str, Any]]]] = [
+        (
+            {"connections": connections, "label": f"{connections} {unit}"},
+            traffic.describe(connections),
+            functools.partial(traffic.load, connections, plan.seconds),
+        )
+        for connections in overloads
+    ]
+    for multiple in plan.open_loop:
+        if traffic.open_load is None:
+            raise ValueError(f"no open-loop load over {plan.protocol}")
+        rate = round(multiple * capacity_rps, 1)
+        runs.append(
+            (
+                {
+                    "connections": None,
+                    "label": f"open loop {multiple:g}x ({rate:.0f}/s)",
+                    "open_loop": {"multiple": multiple, "rate": rate},
+                },
+                f"an open loop at {multiple:g}x capacity, {rate:.0f} requests/s",
+                functools.partial(traffic.open_load, rate, plan.seconds),
+            )
+        )
     levels = []
-    for connections in overloads:
-        progress(f"overload: {traffic.describe(connections)}, {plan.seconds:g} s, beside it")
+    for identity, described, load in runs:
+        progress(f"overload: {described}, {plan.seconds:g} s, beside it")
         progress("  the probe, a spinner, readiness polls and the server's memory")
-        level = _overload(plan, url, traffic, connections, pid, origin)
-        capacity_rps = saturating["requests_per_s"]
+        level = identity | _overload(url, traffic, load, pid, origin)
         share = level["wrk"]["requests_per_s"] / capacity_rps if capacity_rps else 0.0
         level["goodput_share"] = round(share, 3)
         levels.append(level)
@@ -289,7 +324,7 @@ def _measure(
     return {
         "url": url,
         "protocol": plan.protocol,
-        "level_unit": "calls in flight" if plan.protocol == "grpc" else "connections",
+        "level_unit": unit,
         "model": plan.model,
         "workers": plan.workers,
         "image": plan.image_description,
@@ -308,13 +343,14 @@ def _probe(traffic: Traffic) -> list[Client | grpc_load.GrpcClient]:
 
 
 def _overload(
-    plan: Plan,
     url: str,
     traffic: Traffic,
-    connections: int,
+    load: Callable[[], dict[str, Any]],
     pid: int | None,
     origin: float,
 ) -> dict[str, Any]:
+    """One overload level: ``load`` with the probe, a spinner, readiness polls and the
+    server's memory beside it, then a second with the load gone."""
     polite = _probe(traffic)
     spinner = traffic.client(0.0)
     readiness = Client(url, "/readyz", [], READINESS_EVERY, origin, True, READINESS_TIMEOUT)
@@ -322,7 +358,7 @@ def _overload(
     with running([*polite, readiness]):
         began = time.monotonic() - origin
         with usage.measure() if usage else contextlib.nullcontext(), running([spinner]):
-            result = traffic.load(connections, plan.seconds)
+            result = load()
             ended = time.monotonic() - origin  # not once the spinner's last (paced) 503 is in
         if "window_monotonic" in result:  # a load from a process of its own: when it ran
             began, ended = (moment - origin for moment in result.pop("window_monotonic"))
@@ -338,7 +374,6 @@ def _overload(
     ready = [s for s in readiness.samples if began <= s.at < ended]
     rss = [b / 2**20 for b in usage.rss if b > 0] if usage else []
     return {
-        "connections": connections,
         "began_s": round(began, 2),
         "ended_s": round(ended, 2),
         "wrk": result,
@@ -383,6 +418,12 @@ def _line(level: dict[str, Any]) -> str:
         f"statuses {wrk['statuses']}, probe p99 {level['probe_200']['p99_ms']} ms, "
         f"503 p50: polite {level['probe_503_p50_ms']} ms, spinning "
         f"{level['spinner_503_p50_ms']} ms"
+        + (
+            f", the load's own {wrk['refused_p50_ms']} ms (p90 {wrk['refused_p90_ms']} ms); "
+            f"sent {wrk['sent_per_s']:.0f}/s on {wrk['connections_opened']} connections"
+            if "open_loop" in level
+            else ""
+        )
     )
 
 
@@ -392,7 +433,13 @@ def targets(
     """Each level's targets: met (True/False; None when nothing measured it), with the
     numbers that decided it."""
     return [
-        {"connections": level["connections"], "target": name, "met": met, "measured": measured}
+        {
+            "connections": level["connections"],  # None for an open loop
+            "level": level.get("label", f"{level['connections']} connections"),
+            "target": name,
+            "met": met,
+            "measured": measured,
+        }
         for level in levels
         for name, met, measured in _level_targets(unloaded, level, budget_ms)
     ]
@@ -457,6 +504,8 @@ def _level_targets(
             else f"{rss['first']} → {rss['last']} MiB (peak {rss['peak']})",
         )
     )
+    if "open_loop" in level:
+        rows += _open_loop_targets(wrk)
     recovered_p50 = recovery["p50_ms"]
     full_speed = None
     if recovered_p50 is not None and unloaded["p50_ms"] is not None:
@@ -472,3 +521,24 @@ def _level_targets(
         )
     )
     return rows
+
+
+def _open_loop_targets(load: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
+    """An open loop's own: its refusals answered in a few ms, and whether the generator
+    kept the rate (if not, the level measured a slower load than it says)."""
+    from service.bench.open_loop import LATE_MS, kept_rate
+
+    refused = load["refused_p50_ms"]
+    return [
+        (
+            f"503 p50 <= {FEW_MS:g} ms (open-loop load)",
+            None if refused is None else refused <= FEW_MS,
+            "no 503" if refused is None else f"{refused} ms (p90 {load['refused_p90_ms']} ms)",
+        ),
+        (
+            "the generator kept the rate",
+            kept_rate(load),
+            f"sent {load['sent_per_s']:.0f} of {load['rate']:.0f} a second, "
+            f"{load['late_share']:.1%} more than {LATE_MS:g} ms late",
+        ),
+    ]

@@ -65,7 +65,8 @@ def plot_overload(data: dict[str, Any], path: Path) -> None:
     unit = data.get("level_unit", "connections")
     for level in data["levels"]:
         ax.axvspan(level["began_s"], level["ended_s"], color="0.9")
-        ax.text(level["began_s"] + 0.1, 0.97, f"{level['connections']} {unit}",
+        name = level.get("label", f"{level['connections']} {unit}")
+        ax.text(level["began_s"] + 0.1, 0.97, name,
                 fontsize=8, va="top", transform=ax.get_xaxis_transform())  # fmt: skip
         for who in ("probe", "spinner"):
             for status in (200, 503):

@@ -111,7 +111,7 @@ def overload_table(data: dict[str, Any]) -> str:
         wrk, probe, rss = level["wrk"], level["probe_200"], level["rss_mb"]
         memory = "not measured" if rss["first"] is None else f"{rss['first']} → {rss['last']} MiB"
         lines.append(
-            f"| {level['connections']} | {wrk['requests_per_s']:.0f} req/s "
+            f"| {_level(level)} | {wrk['requests_per_s']:.0f} req/s "
             f"({level['goodput_share']:.0%}) | {wrk['statuses']} | {probe['p50_ms']} / "
             f"{probe['p99_ms']} ms | {level['probe_503_p50_ms']} / "
             f"{level['spinner_503_p50_ms']} ms | {level['readiness']['not_ready']} of "
@@ -120,5 +120,11 @@ def overload_table(data: dict[str, Any]) -> str:
     lines += ["", f"| {unit} | target | met | measured |", "|---|---|---|---|"]
     for t in data["targets"]:
         met = {True: "yes", False: "NO", None: "–"}[t["met"]]
-        lines.append(f"| {t['connections']} | {t['target']} | {met} | {t['measured']} |")
+        name = t.get("level", t["connections"])
+        lines.append(f"| {name} | {t['target']} | {met} | {t['measured']} |")
     return "\n".join(lines)
+
+
+def _level(level: dict[str, Any]) -> str:
+    """A level's name: its connections (calls), or what its open loop sent."""
+    return str(level.get("label", level["connections"]))

@@ -78,26 +78,33 @@ def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path, pro
     """`cnnserve bench --overload` on a worker capped at 2 requests: at 16 connections
     (or calls in flight, over gRPC) it sheds, and the report has every level's target
     rows, the clients' timelines, the readiness polls and the server's memory, as JSON,
-    a table and a PNG."""
+    a table and a PNG. Over REST, an open loop follows at 4x the capacity measured."""
     output = tmp_path / "overload.json"
     result = bench(
         tiny_repo,
         *("--overload", "2,16", "--seconds", "2", "--warmup-seconds", "1"),
         *("--output", str(output), "--protocol", protocol),
+        *(("--open-loop", "4") if protocol == "rest" else ()),
         env={"CNNSERVE_MAX_CONCURRENT_REQUESTS": "2"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(output.read_text())
     assert data["capacity"]["connections"] == 2 and data["capacity"]["ok"] > 0
     assert data["unloaded"]["p99_ms"] > 0
-    (level,) = data["levels"]
+    level, *opened = data["levels"]
+    if protocol == "rest":
+        check_open_loop_level(data, *opened)
+        assert f"| {opened[0]['label']} | the generator kept the rate |" in result.stdout
+        assert "overload: an open loop at 4x capacity" in result.stderr
+    else:
+        assert not opened
     assert level["connections"] == 16
     assert set(level["wrk"]["statuses"]) == {"200", "503"}  # shed, and nothing else
     assert level["readiness"]["polls"] > 0 and level["readiness"]["not_ready"] == 0
     assert level["rss_mb"]["first"] > 0 and level["timeline"]["probe"]
     assert level["recovery"]["ok"] > level["recovery"]["answers"] / 2  # served again
-    rows = {t["target"]: t for t in data["targets"]}
-    assert len(rows) == 8 and {t["connections"] for t in data["targets"]} == {16}
+    rows = {t["target"]: t for t in data["targets"] if t["connections"] == 16}
+    assert len(rows) == 8 and {t["level"] for t in rows.values()} == {level["label"]}
     assert rows["only 200s and 503s"]["met"] is True
     assert rows["readiness kept"]["met"] is True
     assert output.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -109,22 +116,47 @@ def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path, pro
     assert f"overload: {load}" in result.stderr  # progress while it runs
 
 
-def test_grpc_is_for_the_overload_check_and_another_gateways_needs_its_port(
+def check_open_loop_level(data: dict[str, Any], level: dict[str, Any]) -> None:
+    """Requests sent at four times the goodput measured, whatever the answers took:
+    judged on the load's own 503s and on whether the generator kept that rate, beside
+    the usual targets."""
+    rate = level["open_loop"]["rate"]
+    assert level["connections"] is None and level["open_loop"]["multiple"] == 4
+    assert rate == pytest.approx(4 * data["capacity"]["requests_per_s"], rel=0.01)
+    load = level["wrk"]
+    assert load["rate"] == rate and load["requests"] == round(rate * 2)
+    assert load["connections_opened"] >= 1 and set(load["statuses"]) <= {"200", "503"}
+    rows = {t["target"]: t for t in data["targets"] if t["level"] == level["label"]}
+    assert len(rows) == 10 and all(t["connections"] is None for t in rows.values())
+    assert rows["503 p50 <= 10 ms (open-loop load)"]["met"] in (True, False)
+    assert rows["the generator kept the rate"]["measured"].startswith("sent ")
+
+
+def test_options_for_another_mode_or_protocol_are_refused_before_measuring(
     tiny_repo: Path,
 ) -> None:
     """Refused before anything is started or measured."""
-    result = bench(
-        tiny_repo, "--overload", "2,16", "--protocol", "grpc", "--url", "http://127.0.0.1:9"
-    )
-    assert result.returncode == 2
-    assert "needs --grpc-target HOST:PORT" in result.stderr
-    result = bench(tiny_repo, "--protocol", "grpc")
-    assert result.returncode == 2
-    assert "--protocol grpc is for --overload" in result.stderr
-    result = bench(tiny_repo, "--overload", "2,16", "--grpc-target", "127.0.0.1:9")
-    assert result.returncode == 2
-    assert "--grpc-target is the --url gateway's gRPC port" in result.stderr
     https = ("--url", "https://127.0.0.1:9", "--grpc-target", "127.0.0.1:9")
-    result = bench(tiny_repo, "--overload", "2,16", "--protocol", "grpc", *https)
-    assert result.returncode == 2
-    assert "plaintext gRPC" in result.stderr
+    cases = [
+        (
+            ("--overload", "2,16", "--protocol", "grpc", "--url", "http://127.0.0.1:9"),
+            "needs --grpc-target HOST:PORT",
+        ),
+        (("--protocol", "grpc"), "--protocol grpc is for --overload"),
+        (
+            ("--overload", "2,16", "--grpc-target", "127.0.0.1:9"),
+            "--grpc-target is the --url gateway's gRPC port",
+        ),
+        (("--open-loop", "4"), "--open-loop is for --overload"),
+        (
+            ("--overload", "2", "--open-loop", "4", "--protocol", "grpc"),
+            "--open-loop sends REST requests",
+        ),
+        (("--overload", "2", "--open-loop", "1"), "each must be a finite number above 1"),
+        (("--overload", "2"), "at least one higher one, e.g. 32,128, or --open-loop"),
+        (("--overload", "2,16", "--protocol", "grpc", *https), "plaintext gRPC"),
+    ]
+    for args, said in cases:
+        result = bench(tiny_repo, *args)
+        assert result.returncode == 2, args
+        assert said in result.stderr, (args, result.stderr)

@@ -1,0 +1,303 @@
+"""The open-loop load of `cnnserve bench --overload --open-loop`: requests sent at a
+fixed rate whatever the answers take, as k6's arrival-rate executors, vegeta and wrk2
+send, where wrk and the gRPC load are closed loops (a connection's next request waits
+for its answer).
+
+The two call for different things from a server: holding a closed loop's refusals slows
+its retries, holding an open loop's saves nothing and makes it open connections
+(docs/failure-modes.md, "Open-loop load: refusals let go"). wrk cannot send an open
+loop, so :func:`run_load` starts this module in a process of its own (its event loop
+would otherwise share the probe's interpreter). It POSTs a random one of the bodies
+``rate`` times a second for ``seconds``, each on an idle keep-alive connection when
+there is one and else on a new one, as those generators do (their pool grows while
+answers are slow), over raw asyncio streams (uvloop where installed: a few thousand
+requests a second on one core), and prints JSON shaped like
+:func:`service.bench.wrk.summarize`'s, with what only an open loop has: the rate it
+kept, how late its sends were, the connections it opened and its 503s' latencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import resource
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from service.bench.overload import CLIENT_TIMEOUT, percentile
+
+# A send this far behind its moment means the generator, not the server, set the pace.
+LATE_MS = 10.0
+# How much of the rate it must keep for the level to be the open loop it says.
+KEPT_SHARE = 0.95
+
+
+class NoAnswer(Exception):
+    """The connection closed, broke or sent something that is not HTTP/1.1."""
+
+
+@dataclass
+class Tally:
+    """What the load counted: statuses (0: no answer), latencies by status, lateness."""
+
+    statuses: dict[str, int] = field(default_factory=dict)
+    ms: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    late_ms: list[float] = field(default_factory=list)
+    opened: int = 0
+
+    def add(self, status: str, ms: float) -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        self.ms.setdefault(status, []).append(ms)
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """One response read whole: its status, and whether the connection stays open."""
+    line = await reader.readline()
+    parts = line.split()
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise NoAnswer("closed" if not line else "not HTTP/1.1")
+    status = int(parts[1])
+    length, chunked, close = 0, False, parts[0] == b"HTTP/1.0"
+    while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+        name, _, value = header.partition(b":")
+        name, value = name.strip().lower(), value.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value
+        elif name == b"connection":
+            close = value == b"close"
+    if chunked:
+        while size := int((await reader.readline()).split(b";")[0], 16):
+            await reader.readexactly(size + 2)
+        while await reader.readline() not in (b"\r\n", b"\n", b""):
+            pass  # trailers
+    else:
+        await reader.readexactly(length)
+    return status, not close
+
+
+@dataclass
+class OpenLoop:
+    host: str
+    port: int
+    requests: list[bytes]  # whole HTTP/1.1 requests, one sent at random each time
+    rate: float
+    seconds: float
+    tls: ssl.SSLContext | None = None
+    tally: Tally = field(default_factory=Tally)
+    _idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
+
+    async def run(self) -> tuple[float, float]:
+        """Sends for ``seconds``, then waits for every answer (CLIENT_TIMEOUT at most
+        each): when the sending began and ended, on the monotonic clock."""
+        rng = random.Random(0)
+        count = round(self.rate * self.seconds)
+        tasks: set[asyncio.Task[None]] = set()
+        began = time.monotonic()
+        for n in range(count):
+            moment = began + n / self.rate
+            ahead = moment - time.monotonic()
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+            task = asyncio.create_task(self._one(rng.choice(self.requests), moment))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        ended = time.monotonic()
+        if tasks:
+            await asyncio.wait(tasks)
+        for _, writer in self._idle:
+            writer.close()
+        return began, ended
+
+    async def _one(self, request: bytes, moment: float) -> None:
+        self.tally.late_ms.append((time.monotonic() - moment) * 1e3)
+        sent = time.monotonic()
+        writer = None
+        try:
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                reader, writer = await self._connection()
+                writer.write(request)
+                status, keep = await _answer(reader)
+        except TimeoutError:
+            self._failed(writer, "timeout", sent)
+        except (OSError, NoAnswer, asyncio.IncompleteReadError, ValueError) as exc:
+            self._failed(writer, "connect" if writer is None else _kind(exc), sent)
+        else:
+            self.tally.add(str(status), (time.monotonic() - sent) * 1e3)
+            if keep:
+                self._idle.append((reader, writer))
+            else:
+                writer.close()
+
+    async def _connection(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while self._idle:
+            reader, writer = self._idle.pop()
+            if not reader.at_eof():  # the server closed idle ones it refused or timed out
+                return reader, writer
+            writer.close()
+        self.tally.opened += 1
+        return await asyncio.open_connection(self.host, self.port, ssl=self.tls)
+
+    def _failed(self, writer: asyncio.StreamWriter | None, kind: str, sent: float) -> None:
+        if writer is not None:
+            writer.close()
+        self.tally.error(kind)
+        self.tally.add("0", (time.monotonic() - sent) * 1e3)
+
+
+def _kind(exc: Exception) -> str:
+    return "read" if isinstance(exc, NoAnswer | asyncio.IncompleteReadError) else "write"
+
+
+def summary(loop: OpenLoop, began: float, ended: float, cores: float) -> dict[str, Any]:
+    """The tally → what a report shows (milliseconds, req/s), shaped like
+    :func:`service.bench.wrk.summarize`'s with the open loop's own numbers."""
+    tally = loop.tally
+    window = ended - began
+
+    def pct(status: str, q: float) -> float | None:
+        value = percentile(tally.ms.get(status, []), q)
+        return None if value is None else round(value, 2)
+
+    ok = sum(n for s, n in tally.statuses.items() if 200 <= int(s) < 400)
+    sent = sum(tally.statuses.values())
+    late = sum(1 for ms in tally.late_ms if ms > LATE_MS)
+    every = [ms for status, values in tally.ms.items() if status != "0" for ms in values]
+    return {
+        "requests": sent,
+        "ok": ok,
+        "requests_per_s": round(ok / loop.seconds, 1),
+        **{f"p{q}_ms": _round(percentile(every, q)) for q in (50, 90, 99)},
+        "errors": tally.errors | {s: n for s, n in tally.statuses.items() if s[0] not in "023"},
+        "statuses": {s: n for s, n in tally.statuses.items() if s != "0"},
+        "seconds": loop.seconds,
+        "rate": loop.rate,
+        "sent_per_s": round(sent / window, 1) if window else 0.0,
+        "late_share": round(late / sent, 4) if sent else 0.0,
+        "late_p99_ms": _round(percentile(tally.late_ms, 99)),
+        "connections_opened": tally.opened,
+        "ok_p50_ms": pct("200", 50),
+        "ok_p99_ms": pct("200", 99),
+        "refused_p50_ms": pct("503", 50),
+        "refused_p90_ms": pct("503", 90),
+        "refused_p99_ms": pct("503", 99),
+        "generator_cores": round(cores, 2),
+        "load": f"open loop, {loop.rate:g} requests/s",
+        "window_monotonic": [began, ended],
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def kept_rate(result: dict[str, Any]) -> bool:
+    """Whether the generator sent at the rate it was asked (on time, nearly all of it):
+    if not, the level measured a slower load than it says."""
+    kept: bool = (
+        result["sent_per_s"] >= KEPT_SHARE * result["rate"]
+        and result["late_share"] <= 1 - KEPT_SHARE
+    )
+    return kept
+
+
+def run_load(
+    url: str, path: str, bodies: tuple[Path, ...], *, rate: float, seconds: float
+) -> dict[str, Any]:
+    """``rate`` requests a second for ``seconds`` from a process of its own: what
+    :func:`service.bench.wrk.run_wrk` returns, for an open loop. Raises KeyRefused when
+    the server answered 401 or 403."""
+    cmd = [
+        sys.executable,
+        "-m",
+        __name__,
+        url.rstrip("/") + path,
+        *("--rate", str(rate), "--seconds", str(seconds)),
+        *map(str, bodies),
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=seconds + CLIENT_TIMEOUT + 60
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the open-loop load failed ({done.returncode}): {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    refused = {s: n for s, n in result["statuses"].items() if s in ("401", "403")}
+    if refused:
+        from service.bench.wrk import KeyRefused
+
+        raise KeyRefused(
+            f"{url.rstrip('/')}{path} answered {sum(refused.values())} of "
+            f"{result['requests']} requests 401 or 403: bench sends the first key of its own "
+            "CNNSERVE_API_KEYS or CNNSERVE_API_KEYS_FILE; give it one the gateway knows"
+        )
+    return result
+
+
+def requests_for(url: str, images: list[bytes], headers: dict[str, str]) -> list[bytes]:
+    """Each image as a whole POST to ``url`` (its path and query), ``headers`` added."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return [
+        (
+            f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: image/jpeg\r\n"
+            f"Content-Length: {len(image)}\r\n{extra}\r\n"
+        ).encode("latin-1")
+        + image
+        for image in images
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from service.bench.wrk import key_headers
+
+    parser = argparse.ArgumentParser(prog="python -m service.bench.open_loop")
+    parser.add_argument("url", help="http(s)://host:port/path?query to POST to")
+    parser.add_argument("bodies", nargs="+", type=Path)
+    parser.add_argument("--rate", type=float, required=True, help="requests a second")
+    parser.add_argument("--seconds", type=float, required=True)
+    args = parser.parse_args(argv)
+    # A pool that grows while answers are slow opens thousands of connections.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    parts = urlsplit(args.url)
+    tls = None
+    if parts.scheme == "https":
+        tls = ssl._create_unverified_context()  # measuring, not trusting: as wrk
+    images = [path.read_bytes() for path in args.bodies]
+    loop = OpenLoop(
+        parts.hostname or "127.0.0.1",
+        parts.port or (443 if tls else 80),
+        requests_for(args.url, images, key_headers()),
+        args.rate,
+        args.seconds,
+        tls,
+    )
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    cpu, wall = time.process_time(), time.monotonic()
+    began, ended = asyncio.run(loop.run())
+    cores = (time.process_time() - cpu) / (time.monotonic() - wall)
+    result = summary(loop, began, ended, cores)
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

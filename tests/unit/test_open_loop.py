@@ -1,0 +1,168 @@
+"""`cnnserve bench --overload --open-loop`'s generator (service.bench.open_loop) against
+a local HTTP server: the rate it keeps, what it reads back, the connections it opens,
+the key it sends; and the open-loop level's own targets."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.bench import open_loop
+from service.bench.overload import targets
+from service.bench.wrk import KeyRefused
+from tests.helpers.http_stub import QuietHandler, http_stub
+
+KEY = "open-loop-key-0123456789"
+
+
+def stub(answers: Any, seen: list[str]) -> type[QuietHandler]:
+    """Each request answered by the next of ``answers``: (status, chunked, close)."""
+    lock = threading.Lock()
+
+    class Handler(QuietHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            with lock:
+                seen.append(self.headers.get("authorization") or "")
+                status, chunked, close = next(answers)
+            body = b'{"error": {"code": "overloaded"}}' if status == 503 else b'{"ok": 1}'
+            self.send_response(status)
+            if close:
+                self.send_header("connection", "close")
+                self.close_connection = True
+            if chunked:
+                self.send_header("transfer-encoding", "chunked")
+                self.end_headers()
+                self.wfile.write(b"%x;x=y\r\n%s\r\n0\r\nTrailer: t\r\n\r\n" % (len(body), body))
+            else:
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+    return Handler
+
+
+def test_the_load_keeps_its_rate_and_reads_every_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """200s and 503s, chunked bodies with trailers and connections the server closes:
+    every request answered (none counted as no answer), sent at the rate asked, on
+    reused connections, the command's key on each."""
+    monkeypatch.setenv("CNNSERVE_API_KEYS", KEY)
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+    cycle = [(200, False, False), (503, True, False), (200, True, False), (503, False, True)]
+    seen: list[str] = []
+    body = tmp_path / "image.jpg"
+    body.write_bytes(b"\xff\xd8 not decoded here")
+    with http_stub(stub(itertools.cycle(cycle), seen)) as url:
+        result = open_loop.run_load(url, "/v1/classify?model=m", (body,), rate=200, seconds=1)
+    assert result["requests"] == 200 == len(seen)
+    assert result["statuses"] == {"200": 100, "503": 100}, result
+    assert result["ok"] == 100 and result["requests_per_s"] == 100.0
+    assert not {k: v for k, v in result["errors"].items() if k != "503"}, result["errors"]
+    assert result["refused_p50_ms"] is not None and result["ok_p99_ms"] is not None
+    # A quarter of the answers close their connection: the pool opens new ones for those,
+    # and reuses the rest (a connection each would be 200).
+    assert 50 <= result["connections_opened"] < 200, result
+    assert open_loop.kept_rate(result), result
+    assert set(seen) == {f"Bearer {KEY}"}
+    start, end = result["window_monotonic"]
+    assert 0.9 < end - start < 1.5
+
+
+def test_a_server_that_answers_nothing_is_counted_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections refused (nothing listening) are status 0, counted as connect errors,
+    and the run still ends."""
+    monkeypatch.setattr(open_loop, "CLIENT_TIMEOUT", 1.0)
+    loop = open_loop.OpenLoop("127.0.0.1", 9, [b"GET / HTTP/1.1\r\n\r\n"], rate=50, seconds=0.2)
+    began, ended = asyncio.run(loop.run())
+    result = open_loop.summary(loop, began, ended, cores=0.1)
+    assert result["requests"] == 10 and result["ok"] == 0 and result["statuses"] == {}
+    assert result["errors"] == {"connect": 10}
+
+
+def test_a_refused_key_stops_the_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNNSERVE_API_KEYS", "not-the-gateways")
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+    body = tmp_path / "image.jpg"
+    body.write_bytes(b"x")
+    with (
+        http_stub(stub(itertools.repeat((401, False, False)), [])) as url,
+        pytest.raises(KeyRefused) as refused,
+    ):
+        open_loop.run_load(url, "/v1/classify", (body,), rate=20, seconds=0.2)
+    assert "answered 4 of 4 requests 401 or 403" in str(refused.value)
+    assert "not-the-gateways" not in str(refused.value)
+
+
+def test_the_requests_carry_the_path_query_host_and_headers() -> None:
+    (request,) = open_loop.requests_for(
+        "http://127.0.0.1:8000/v1/classify?model=m&version=2", [b"JPEG"], {"x-api-key": "k"}
+    )
+    head, _, body = request.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v1/classify?model=m&version=2 HTTP/1.1"
+    assert {"Host: 127.0.0.1:8000", "Content-Length: 4", "x-api-key: k"} <= set(lines)
+    assert body == b"JPEG"
+
+
+UNLOADED = {"p50_ms": 3.0, "p99_ms": 5.0}
+
+
+def open_level(**load: Any) -> dict[str, Any]:
+    kept = {"rate": 4000.0, "sent_per_s": 3990.0, "late_share": 0.01}
+    return {
+        "connections": None,
+        "label": "open loop 4x (4000/s)",
+        "open_loop": {"multiple": 4.0, "rate": 4000.0},
+        "wrk": {
+            "statuses": {"200": 900, "503": 3000},
+            "errors": {"503": 3000},
+            "refused_p50_ms": 4.0,
+            "refused_p90_ms": 9.0,
+        }
+        | kept
+        | load,
+        "clients_statuses": {"200": 40},
+        "goodput_share": 0.9,
+        "probe_200": {"p99_ms": 60.0},
+        "probe_503_p50_ms": None,
+        "spinner_503_p50_ms": None,
+        "readiness": {"polls": 50, "not_ready": 0},
+        "rss_mb": {"first": 300.0, "last": 305.0, "peak": 310.0},
+        "recovery": {"statuses": [200], "answers": 80, "ok": 79, "p50_ms": 4.0},
+    }
+
+
+def verdicts(level: dict[str, Any]) -> dict[str, bool | None]:
+    rows = targets(UNLOADED, [level], budget_ms=80.0)
+    assert {row["level"] for row in rows} == {"open loop 4x (4000/s)"}
+    return {row["target"]: row["met"] for row in rows}
+
+
+def test_an_open_loop_level_is_judged_on_its_own_503s_and_on_the_rate_it_kept() -> None:
+    met = verdicts(open_level())
+    assert met["503 p50 <= 10 ms (open-loop load)"] is True
+    assert met["the generator kept the rate"] is True
+    assert not verdicts(open_level(refused_p50_ms=1997.0))["503 p50 <= 10 ms (open-loop load)"]
+    assert verdicts(open_level(refused_p50_ms=None))["503 p50 <= 10 ms (open-loop load)"] is None
+    # Behind by more than a twentieth, or late too often: a slower load than it says.
+    assert not verdicts(open_level(sent_per_s=3700.0))["the generator kept the rate"]
+    assert not verdicts(open_level(late_share=0.2))["the generator kept the rate"]
+
+
+def test_a_closed_level_has_no_open_loop_rows() -> None:
+    closed = open_level() | {"connections": 128, "label": "128 connections"}
+    del closed["open_loop"]
+    rows = targets(UNLOADED, [closed], budget_ms=80.0)
+    assert {row["connections"] for row in rows} == {128}
+    assert not any("open-loop" in row["target"] or "rate" in row["target"] for row in rows)
