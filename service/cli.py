@@ -29,6 +29,7 @@ SERVE_FLAGS = (
     "host",
     "port",
     "grpc_port",
+    "probe_port",
     "model_repository",
     "workers",
     "poll_seconds",

@@ -154,6 +154,14 @@ def add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser], settings
         "level alone; REST only)",
     )
     p.add_argument(
+        "--probe-url",
+        default=None,
+        metavar="URL",
+        help="for --overload with --url: where readiness is polled, as a kubelet probes it "
+        "(the gateway's CNNSERVE_PROBE_PORT, e.g. http://127.0.0.1:8002; the REST port is "
+        "polled beside it); default --url. A gateway bench starts has a probe port",
+    )
+    p.add_argument(
         "--protocol",
         choices=("rest", "grpc"),
         default="rest",
@@ -197,6 +205,8 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
     refuses its key; "" when there is none."""
     if args.protocol == "grpc" and not args.overload:
         return "--protocol grpc is for --overload (the sweep drives REST with wrk)"
+    if args.probe_url and not (args.overload and args.url):
+        return "--probe-url is for --overload with --url (a gateway bench starts has one)"
     if args.open_loop and not args.overload:
         return "--open-loop is for --overload, whose first level measures the capacity"
     if args.open_loop and args.protocol == "grpc":
@@ -481,6 +491,7 @@ def _overload(args: argparse.Namespace, settings: Settings, repository: Path, mo
         protocol=args.protocol,
         grpc_target=args.grpc_target,
         open_loop=args.open_loop,
+        probe_url=args.probe_url,
     )
     print(f"bench --overload {model} ({args.protocol}) on {machine()}", file=sys.stderr)
     data = {

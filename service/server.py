@@ -68,6 +68,7 @@ def startup_problem(settings: Settings) -> str | None:
     for port, what, flags in (
         (settings.port, "REST", "--port, CNNSERVE_PORT"),
         (settings.grpc_port, "gRPC", "--grpc-port, CNNSERVE_GRPC_PORT; 0 turns gRPC off"),
+        (settings.probe_port, "the probe port", "--probe-port, CNNSERVE_PROBE_PORT; 0 = none"),
     ):
         failed = _port_problem(settings.host, port) if port else None
         if failed is None:
@@ -123,7 +124,7 @@ def serve(settings: Settings) -> int:
         if settings.workers == 1:
             from service.api.app import create_app
 
-            forced = _run_one(GatewayConfig(create_app(settings), **common))
+            forced = _run_one(GatewayConfig(create_app(settings), **common), settings)
         else:
             # Workers vote for readiness in the run's folder (service.readiness).
             votes = Path(os.environ[MULTIPROC_ENV]) / "readiness"  # not *.db: not a metric file
@@ -145,7 +146,8 @@ def serve(settings: Settings) -> int:
                     workers=settings.workers,
                     **common,
                 )
-                _Supervisor(config, sockets=[config.bind_socket()]).run()
+                probes = _probe_sockets(settings)
+                _Supervisor(config, sockets=[config.bind_socket(), *probes]).run()
     if forced:  # uvicorn's forced quit: a second SIGINT before the app took SIGINT
         from service.api.app import stop_at_once
 
@@ -238,7 +240,31 @@ def bound_handshakes(loop: Any, seconds: float) -> Any:
     return loop
 
 
-def _run_one(config: GatewayConfig) -> bool:
+def _probe_sockets(settings: Settings) -> list[socket.socket]:
+    """The probe port's listening socket (none without one), served beside the REST
+    port's by the same workers (the app answers only the probes and the metrics scrape
+    there: service.api.http.RequestGuard). Its own accept queue: under a storm of new
+    connections the REST port's held a kubelet's probe for seconds."""
+    if not settings.probe_port:
+        return []
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.probe_port))
+    except OSError as exc:  # taken since startup_problem looked
+        sock.close()
+        log.error(
+            "the probe port cannot listen on %s:%d: %s", settings.host, settings.probe_port, exc
+        )
+        sys.exit(STARTUP_FAILURE)
+    # Not listening yet: each worker's loop listens once its app has started, as it
+    # does on the REST port (a probe before that is refused, not queued).
+    sock.set_inheritable(True)  # the workers' (uvicorn's bind_socket does the same)
+    return [sock]
+
+
+def _run_one(config: GatewayConfig, settings: Settings) -> bool:
     """uvicorn.run for one worker, with ``config`` as it is (uvicorn.run builds its own).
     SIGHUP, with several workers a rolling restart, has nothing to restart here: it is
     said and ignored (its default action ended the process at once, in-flight requests
@@ -247,8 +273,10 @@ def _run_one(config: GatewayConfig) -> bool:
     config.load_app()
     signal.signal(signal.SIGHUP, _one_worker_hangup)
     server = uvicorn.Server(config)
+    probes = _probe_sockets(settings)
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        # Without a probe port, uvicorn binds as it always did.
+        server.run(sockets=[config.bind_socket(), *probes] if probes else None)
     if not server.started:
         sys.exit(STARTUP_FAILURE)
     return bool(server.force_exit)

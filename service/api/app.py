@@ -35,6 +35,7 @@ from service.api.http_protocol import (
     EARLY_REFUSAL_STATE,
     HEADER_LIMIT_STATE,
     HEADER_TIMEOUT_STATE,
+    PROBE_PORT_STATE,
     SEND_TIMEOUT_STATE,
 )
 from service.api.redoc import add_redoc
@@ -175,6 +176,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 HEADER_LIMIT_STATE: settings.max_header_bytes,
                 BODY_BUDGET_STATE: settings.max_buffered_body_bytes,
                 ACCEPT_WAIT_STATE: settings.queue_wait_budget_seconds,
+                PROBE_PORT_STATE: settings.probe_port,
                 EARLY_REFUSAL_STATE: EarlyRefusal(
                     admission,
                     quiet_paths,
@@ -238,7 +240,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added first, so it runs inside RequestGuard (the last added is the outermost).
     app.add_middleware(ClassifyFastPath)
     app.add_middleware(
-        RequestGuard, admission=admission, quiet_paths=quiet_paths, routes=guarded_routes
+        RequestGuard,
+        admission=admission,
+        quiet_paths=quiet_paths,
+        routes=guarded_routes,
+        probe_port=settings.probe_port,
     )
     return app
 
@@ -282,9 +288,10 @@ def ready_line(registry: Registry, settings: Settings) -> str:
     scheme = "https" if settings.tls_certfile else "http"
     if settings.tls_certfile and settings.grpc_port:
         grpc += " (TLS)"
+    probes = f", probes on :{settings.probe_port}" if settings.probe_port else ""
     return (
         f"ready: serving {', '.join(served)}; REST {scheme}://{settings.host}:{settings.port} "
-        f"(API docs at /docs), {grpc}"
+        f"(API docs at /docs), {grpc}{probes}"
     )
 
 

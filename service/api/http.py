@@ -258,7 +258,9 @@ class RequestGuard:
     Content-Length before reading a byte, or while streaming a chunked body; never
     buffers more than the limit) or slower than the body read timeout (408); and closes
     each request's :class:`RequestRecord` (metrics, access log) once it is answered.
-    Requests to ``quiet_paths`` (the metrics scrape) are neither counted nor logged."""
+    Requests to ``quiet_paths`` (the metrics scrape) are neither counted nor logged. On
+    ``probe_port`` (CNNSERVE_PROBE_PORT), only the probes and ``quiet_paths`` are
+    answered: anything else is a 404 that names the port."""
 
     def __init__(
         self,
@@ -267,11 +269,13 @@ class RequestGuard:
         admission: Admission,
         quiet_paths: frozenset[str] = frozenset(),
         routes: Sequence[BaseRoute] = (),
+        probe_port: int = 0,
     ) -> None:
         self.app = app
         self.admission = admission
         self.quiet_paths = quiet_paths
         self.routes = routes  # to name the route of a request refused before routing
+        self.probe_port = probe_port
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -334,7 +338,7 @@ class RequestGuard:
             with recording(record):
                 path = scope["path"]
                 limited = is_limited(scope["method"], path, self.quiet_paths)
-                refusal = self.admission.refusal(path, headers)
+                refusal = self._off_probe_port(scope) or self.admission.refusal(path, headers)
                 with_body = not self.admission.admit_at_headers and has_body(headers)
                 if refusal is None and limited and not with_body:
                     try:
@@ -360,6 +364,20 @@ class RequestGuard:
             if scope["path"] not in self.quiet_paths:
                 record.route = route_template(scope, self.routes)
                 finish(record, status)
+
+    def _off_probe_port(self, scope: Scope) -> NotFound | None:
+        """The 404 of a request to the probe port that is neither a probe nor the
+        metrics scrape; None for the rest."""
+        server = scope.get("server")
+        if not self.probe_port or server is None or server[1] != self.probe_port:
+            return None
+        paths = sorted(PROBE_PATHS | self.quiet_paths)
+        if scope["path"] in paths:
+            return None
+        return NotFound(
+            f"port {self.probe_port} serves {', '.join(paths)} only (CNNSERVE_PROBE_PORT, "
+            "for probes and the metrics scrape); send other requests to the REST port"
+        )
 
     async def _guarded(
         self,

@@ -108,6 +108,9 @@ BODY_BUDGET_STATE = "cnnserve.max_buffered_body_bytes"
 # (the kernel's accept queue) and still be taken (service.api.http.backlog_refusal): the
 # queue-wait budget, what an admitted request may wait inside.
 ACCEPT_WAIT_STATE = "cnnserve.accept_wait_limit"
+# CNNSERVE_PROBE_PORT: its connections carry probes and scrapes only, never refused or
+# served here (the app answers them, and 404s anything else: RequestGuard).
+PROBE_PORT_STATE = "cnnserve.probe_port"
 _TCP_INFO_BYTES = 136  # struct tcp_info up to tcpi_bytes_received (Linux 4.1 on)
 _LAST_DATA_RECV = 52  # its tcpi_last_data_recv: ms since the kernel last got data
 _BYTES_RECEIVED = 128  # its tcpi_bytes_received (u64)
@@ -401,6 +404,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._writes = JoinedWrites(transport, self.loop, self._linger, self._closing_unsent)
         self._tls = transport.get_extra_info("sslcontext") is not None
         super().connection_made(cast(asyncio.Transport, self._writes))
+        probe_port = self.app_state.get(PROBE_PORT_STATE)
+        self._probe_only = (
+            bool(probe_port) and self.server is not None and (self.server[1] == probe_port)
+        )
         self.flow = HeldFlow(self.transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
@@ -576,7 +583,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # late by its wait in the accept queue, and its refusal went unpaced.
         waited = self._first_waited()
         retrying = self._refusals.retrying(self.loop.time() - waited, first=self._requests == 1)
-        if idle and (self._early_refusal is not None or self._direct is not None):
+        early = self._early_refusal is not None or self._direct is not None
+        if idle and early and not self._probe_only:
             method = self.parser.get_method().decode("ascii")
             raw_path, _, query = self.url.partition(b"?")
             path = raw_path.decode("latin-1")

@@ -10,7 +10,9 @@ One server (or ``--url``), the photo mix as raw bodies, then in turn:
    and beside it the probe (clients that pause before sending again, as ``Retry-After``
    asks: their admitted latency and their 503s), a spinner (a client retrying every
    503 at once, as wrk does: its 503s), readiness polled on new connections the way a
-   kubelet does, and the server's resident memory; then a second with the load gone.
+   kubelet does (on the probe port, CNNSERVE_PROBE_PORT, as docker/k8s probes it, and
+   on the REST port beside it), and the server's resident memory; then a second with
+   the load gone.
 
 With ``protocol="grpc"`` the load, the probe and the spinner make ImageClassifier
 Classify calls instead (:mod:`service.bench.grpc_load`): a level is that many calls in
@@ -38,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -171,6 +173,9 @@ class Plan:
     # Open-loop levels, after the others: these multiples of the capacity measured, in
     # requests a second (REST only: service.bench.open_loop).
     open_loop: list[float] = field(default_factory=list)
+    # Where readiness is polled, with url: the gateway's probe port (CNNSERVE_PROBE_PORT),
+    # as a kubelet of docker/k8s probes it; None: url. A server started here has one.
+    probe_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,11 +247,17 @@ def run(plan: Plan, settings: Settings, progress: Progress) -> dict[str, Any]:
             )
         port = free_port()
         grpc_port = free_port() if plan.protocol == "grpc" else 0
+        probe_port = next(p for p in iter(free_port, None) if p not in (port, grpc_port))
         url = f"http://127.0.0.1:{port}"
         cmd = serve_command(plan.repository, port, grpc_port, "--poll-seconds", "0")
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", "CNNSERVE_WORKERS": str(plan.workers)}
+        env = {
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "CNNSERVE_WORKERS": str(plan.workers),
+            "CNNSERVE_PROBE_PORT": str(probe_port),
+        }
         log = Path(tmp) / "gateway.log"
         target = f"127.0.0.1:{grpc_port}"
+        plan = replace(plan, probe_url=f"http://127.0.0.1:{probe_port}")
         with started(cmd, env=os.environ | env, ready_url=url + "/readyz", log=log) as pid:
             return _measure(plan, url, target, pid, bodies, settings, progress)
 
@@ -315,7 +326,7 @@ def _measure(
     for identity, described, load in runs:
         progress(f"overload: {described}, {plan.seconds:g} s, beside it")
         progress("  the probe, a spinner, readiness polls and the server's memory")
-        level = identity | _overload(url, traffic, load, pid, origin)
+        level = identity | _overload(url, plan.probe_url, traffic, load, pid, origin)
         share = level["wrk"]["requests_per_s"] / capacity_rps if capacity_rps else 0.0
         level["goodput_share"] = round(share, 3)
         levels.append(level)
@@ -344,18 +355,23 @@ def _probe(traffic: Traffic) -> list[Client | grpc_load.GrpcClient]:
 
 def _overload(
     url: str,
+    probe_url: str | None,
     traffic: Traffic,
     load: Callable[[], dict[str, Any]],
     pid: int | None,
     origin: float,
 ) -> dict[str, Any]:
     """One overload level: ``load`` with the probe, a spinner, readiness polls and the
-    server's memory beside it, then a second with the load gone."""
+    server's memory beside it, then a second with the load gone. Readiness is polled at
+    ``probe_url`` (a probe port) when there is one, and on the REST port beside it."""
     polite = _probe(traffic)
     spinner = traffic.client(0.0)
-    readiness = Client(url, "/readyz", [], READINESS_EVERY, origin, True, READINESS_TIMEOUT)
+    readiness, *rest_readiness = (
+        Client(where, "/readyz", [], READINESS_EVERY, origin, True, READINESS_TIMEOUT)
+        for where in ([probe_url, url] if probe_url and probe_url != url else [url])
+    )
     usage = Usage(pid) if pid is not None else None
-    with running([*polite, readiness]):
+    with running([*polite, readiness, *rest_readiness]):
         began = time.monotonic() - origin
         with usage.measure() if usage else contextlib.nullcontext(), running([spinner]):
             result = load()
@@ -372,6 +388,7 @@ def _overload(
     spun = _latencies(spinner.samples, *during, 503)
     recovered = [s for s in probe if after[0] <= s.at < after[1]]
     ready = [s for s in readiness.samples if began <= s.at < ended]
+    rest_ready = [s for c in rest_readiness for s in c.samples if began <= s.at < ended]
     rss = [b / 2**20 for b in usage.rss if b > 0] if usage else []
     return {
         "began_s": round(began, 2),
@@ -388,10 +405,9 @@ def _overload(
         "spinner_503_p50_ms": _ms(percentile(spun, 50)),
         "spinner_503_p90_ms": _ms(percentile(spun, 90)),
         "spinner_503_count": len(spun),
-        "readiness": {
-            "polls": len(ready),
-            "not_ready": sum(1 for s in ready if s.status != 200),
-        },
+        "readiness": {"url": readiness.url, **_polls(ready)},
+        # The REST port's, beside the probe port's: where a probe would have queued.
+        "readiness_rest_port": _polls(rest_ready) if rest_readiness else None,
         "rss_mb": {
             "first": round(rss[0], 1) if rss else None,
             "last": round(rss[-1], 1) if rss else None,
@@ -409,6 +425,16 @@ def _overload(
             "readiness": [[round(s.at, 3), s.status, round(s.ms, 2)] for s in readiness.samples],
         },
     }
+
+
+def _polls(samples: list[Sample]) -> dict[str, int]:
+    return {"polls": len(samples), "not_ready": sum(1 for s in samples if s.status != 200)}
+
+
+def _on_the_rest_port(polls: dict[str, int] | None) -> str:
+    if polls is None:
+        return ""
+    return f" (on the REST port: {polls['not_ready']} of {polls['polls']})"
 
 
 def _line(level: dict[str, Any]) -> str:
@@ -492,7 +518,8 @@ def _level_targets(
         (
             "readiness kept",
             level["readiness"]["polls"] > 0 and not level["readiness"]["not_ready"],
-            f"{level['readiness']['not_ready']} of {level['readiness']['polls']} polls not 200",
+            f"{level['readiness']['not_ready']} of {level['readiness']['polls']} polls not 200"
+            + _on_the_rest_port(level.get("readiness_rest_port")),
         )
     )
     rows.append(

@@ -53,6 +53,8 @@ class Image:
     ) -> None:
         self.port = free_port()
         self.grpc_port = next(p for p in iter(free_port, None) if p != self.port)
+        taken = (self.port, self.grpc_port)
+        self.probe_port = next(p for p in iter(free_port, None) if p not in taken)
         image_env = DockerfileParser(str(DOCKERFILE)).envs
         self.env = {
             **os.environ,
@@ -64,6 +66,7 @@ class Image:
             "CNNSERVE_HOST": "127.0.0.1",
             "CNNSERVE_PORT": str(self.port),
             "CNNSERVE_GRPC_PORT": str(self.grpc_port),
+            "CNNSERVE_PROBE_PORT": str(self.probe_port),
             "CNNSERVE_MODEL_REPOSITORY": str(REPOSITORY),
             "CNNSERVE_CACHE_DIR": str(tmp / "cache"),
             "CNNSERVE_WORKERS": "1",
@@ -106,10 +109,17 @@ def image() -> Iterator[Image]:
 
 
 def test_image_command_serves_the_repository_and_is_healthy(image: Image) -> None:
-    assert run_check(dockerfile_command("HEALTHCHECK"), image.env) == 0
-    # The Kubernetes probes' paths.
-    assert httpx.get(image.url + "/healthz").status_code == 200
-    assert httpx.get(image.url + "/readyz").status_code == 200
+    healthcheck = dockerfile_command("HEALTHCHECK")
+    assert run_check(healthcheck, image.env) == 0
+    # It asks the probe port (nothing listens on another), or the REST port without one.
+    assert run_check(healthcheck, image.env | {"CNNSERVE_PROBE_PORT": str(free_port())}) != 0
+    assert run_check(healthcheck, image.env | {"CNNSERVE_PROBE_PORT": "0"}) == 0
+    # The Kubernetes probes' paths and port; the REST port answers them too.
+    probes = f"http://127.0.0.1:{image.probe_port}"
+    for url in (probes, image.url):
+        assert httpx.get(url + "/healthz").status_code == 200
+        assert httpx.get(url + "/readyz").status_code == 200
+    assert httpx.post(probes + "/v1/classify").status_code == 404
     r = classify(image.url)
     assert r.status_code == 200 and r.json()["predictions"][0]["label"] == "Ankle boot"
 

@@ -101,6 +101,9 @@ def test_overload_check_reports_each_target(tiny_repo: Path, tmp_path: Path, pro
     assert level["connections"] == 16
     assert set(level["wrk"]["statuses"]) == {"200", "503"}  # shed, and nothing else
     assert level["readiness"]["polls"] > 0 and level["readiness"]["not_ready"] == 0
+    # Polled on the probe port of the gateway it started, as docker/k8s probes it, and
+    # on the REST port beside it.
+    assert level["readiness"]["url"] != data["url"] and level["readiness_rest_port"]["polls"]
     assert level["rss_mb"]["first"] > 0 and level["timeline"]["probe"]
     assert level["recovery"]["ok"] > level["recovery"]["answers"] / 2  # served again
     rows = {t["target"]: t for t in data["targets"] if t["connections"] == 16}
@@ -148,6 +151,10 @@ def test_options_for_another_mode_or_protocol_are_refused_before_measuring(
             "--grpc-target is the --url gateway's gRPC port",
         ),
         (("--open-loop", "4"), "--open-loop is for --overload"),
+        (
+            ("--overload", "2,16", "--probe-url", "http://127.0.0.1:9"),
+            "--probe-url is for --overload with --url",
+        ),
         (
             ("--overload", "2", "--open-loop", "4", "--protocol", "grpc"),
             "--open-loop sends REST requests",

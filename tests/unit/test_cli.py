@@ -153,10 +153,15 @@ def test_serve_flags_are_validated_like_the_environment(
     assert main(["serve", "--port", "9000", "--grpc-port", "9000"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "cnnserve serve: --port and --grpc-port are both 9000; pick two ports"
+    assert main(["serve", "--grpc-port", "9000", "--probe-port", "9000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cnnserve serve: --grpc-port and --probe-port are both 9000; pick two ports"
+    assert main(["serve", "--port", "9001", "--probe-port", "9002"]) == 0
+    assert served[-1].probe_port == 9002
     assert main(["serve", "--workers", "-1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cnnserve serve: --workers: ") and "\n" not in err
-    assert len(served) == 2  # nothing was served with a refused flag
+    assert len(served) == 3  # nothing was served with a refused flag
 
 
 def test_a_bad_environment_variable_is_a_one_line_error(
@@ -279,6 +284,12 @@ def test_serve_stops_in_one_line_before_any_worker_starts(
         assert main([*args, "--grpc-port", "0", "--workers", "2"]) == 3
         err = capsys.readouterr().err
         assert f"REST cannot listen on 127.0.0.1:{port}" in err and "another server" in err
+        # The probe port in use: said before any worker starts, with its flag.
+        args = ["serve", "--model-repository", str(repository), "--probe-port", str(port)]
+        assert main([*args, "--grpc-port", "0", "--port", rest, "--workers", "2"]) == 3
+        err = capsys.readouterr().err
+        assert f"the probe port cannot listen on 127.0.0.1:{port}" in err
+        assert "(--probe-port, CNNSERVE_PROBE_PORT; 0 = none)" in err
     # An address this machine lacks: the port is not the problem (it asked for a server).
     args = ["serve", "--model-repository", str(repository), "--host", "999.1.1.1"]
     assert main([*args, "--grpc-port", "0"]) == 3

@@ -222,6 +222,7 @@ def test_gateway_arguments_and_variables_are_ones_cnnserve_reads(name: str) -> N
         == {
             8000: "127.0.0.1:8000",
             8500: "127.0.0.1:8500",
+            8002: "127.0.0.1:8002",  # the image's CNNSERVE_PROBE_PORT
         }
     )
     if args.backend == "tfserving":

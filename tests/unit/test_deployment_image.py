@@ -98,8 +98,12 @@ def test_non_root_user_ports_and_settings() -> None:
     assert users and re.fullmatch(r"[1-9]\d*:[1-9]\d*", users[-1]), "numeric non-root"
     (expose,) = [i["value"].split() for i in runtime if i["instruction"] == "EXPOSE"]
     settings_env = DockerfileParser(str(DOCKERFILE)).envs
-    assert expose == [settings_env["CNNSERVE_PORT"], settings_env["CNNSERVE_GRPC_PORT"]]
-    assert expose == [str(Settings().port), str(Settings().grpc_port)]
+    ports = [settings_env[f"CNNSERVE_{p}"] for p in ("PORT", "GRPC_PORT", "PROBE_PORT")]
+    assert expose == ports
+    assert expose[:2] == [str(Settings().port), str(Settings().grpc_port)]
+    # The probes and the scrape on a port of their own (docker/k8s probes it; `make run`
+    # has none, the default).
+    assert int(settings_env["CNNSERVE_PROBE_PORT"]) and not Settings().probe_port
     fields = {f"CNNSERVE_{f.upper()}" for f in Settings.model_fields}
     ours = {k for k in settings_env if k.startswith("CNNSERVE_")}
     assert ours <= fields, f"not settings of service/config.py: {ours - fields}"

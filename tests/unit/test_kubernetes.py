@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import tensorflow as tf
 import yaml
+from dockerfile_parse import DockerfileParser
 
 from service import metrics
 from service.cli import build_parser
@@ -24,6 +25,7 @@ from service.repository import (
     load_monitoring_config,
 )
 from tests.helpers.deployment import (
+    DOCKERFILE,
     K8S,
     REPOSITORY,
     TFSERVING_FILE_FLAGS,
@@ -221,7 +223,15 @@ def test_gateway_arguments_variables_and_probes() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    assert ports == {"http": Settings().port, "grpc": Settings().grpc_port}
+    probes = int(env["CNNSERVE_PROBE_PORT"])
+    assert ports == {"http": Settings().port, "grpc": Settings().grpc_port, "probes": probes}
+    # Probes and the scrape on the probe port, not queued behind the REST port's
+    # connections; and the image has the same one.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == "probes", probe
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert int(annotations["prometheus.io/port"]) == probes
+    assert DockerfileParser(str(DOCKERFILE)).envs["CNNSERVE_PROBE_PORT"] == str(probes)
 
 
 def test_gpu_overlay_puts_tf_serving_on_a_gpu() -> None:
