@@ -326,7 +326,9 @@ def _measure(
     for identity, described, load in runs:
         progress(f"overload: {described}, {plan.seconds:g} s, beside it")
         progress("  the probe, a spinner, readiness polls and the server's memory")
+        checks = PaceChecks(plan.probe_url or url, settings.metrics_path)
         level = identity | _overload(url, plan.probe_url, traffic, load, pid, origin)
+        level["pace_checks"] = checks.since()
         share = level["wrk"]["requests_per_s"] / capacity_rps if capacity_rps else 0.0
         level["goodput_share"] = round(share, 3)
         levels.append(level)
@@ -427,6 +429,42 @@ def _overload(
     }
 
 
+class PaceChecks:
+    """The server's pace-check verdicts (cnnserve_refusal_pace_checks_total, by verdict:
+    whether it let an open loop's refusals go, service.pace_check) from its metrics, so
+    that a level's report says what the server made of its load; None where they cannot
+    be read (no metrics path, a key refused, a server without them)."""
+
+    def __init__(self, url: str, metrics_path: str) -> None:
+        self.url, self.path = url, metrics_path
+        self.before = self._read()
+
+    def _read(self) -> dict[str, float] | None:
+        from service.bench.sweep import scraped
+
+        if not self.path:
+            return None
+        try:
+            samples = scraped(self.url, self.path, "cnnserve_refusal_pace_checks")
+        except (OSError, ValueError):
+            return None
+        counts: dict[str, float] = {}
+        for sample in samples:
+            if sample.name.endswith("_total"):
+                verdict = sample.labels.get("verdict", "")
+                counts[verdict] = counts.get(verdict, 0.0) + sample.value
+        return counts
+
+    def since(self) -> dict[str, int] | None:
+        """Each verdict's count since this was made."""
+        after = self._read()
+        if self.before is None or after is None:
+            return None
+        # A verdict never given has no sample yet.
+        verdicts = sorted({"closed_loop", "open_loop", *after})
+        return {v: round(after.get(v, 0.0) - self.before.get(v, 0.0)) for v in verdicts}
+
+
 def _polls(samples: list[Sample]) -> dict[str, int]:
     return {"polls": len(samples), "not_ready": sum(1 for s in samples if s.status != 200)}
 
@@ -450,6 +488,7 @@ def _line(level: dict[str, Any]) -> str:
             if "open_loop" in level
             else ""
         )
+        + (f"; pace checks {level['pace_checks']}" if level.get("pace_checks") else "")
     )
 
 

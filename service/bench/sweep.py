@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import numpy as np
@@ -35,6 +35,9 @@ from service.bench.process import Usage, started
 from service.bench.wrk import Load, key_headers, run_wrk, write_bodies
 from service.config import Settings
 from service.launch import free_port, serve_command
+
+if TYPE_CHECKING:
+    from prometheus_client.samples import Sample
 
 Progress = Callable[[str], None]
 
@@ -152,8 +155,8 @@ def sample_image(fashion_mnist_dir: Path) -> bytes:
     return buf.getvalue()
 
 
-def served_batches(url: str, metrics_path: str) -> tuple[float, float]:
-    """(images, batches) the server has run so far, from its Prometheus endpoint."""
+def scraped(url: str, metrics_path: str, family: str) -> list[Sample]:
+    """The samples of the metric ``family`` on the server's Prometheus endpoint."""
     from prometheus_client.parser import text_string_to_metric_families
 
     # The key, for CNNSERVE_METRICS_REQUIRE_KEY; measuring, not trusting: as wrk, no
@@ -162,14 +165,19 @@ def served_batches(url: str, metrics_path: str) -> tuple[float, float]:
     unverified = ssl._create_unverified_context() if url.startswith("https://") else None
     with urllib.request.urlopen(request, timeout=10, context=unverified) as response:
         text = response.read().decode()
-    total = count = 0.0
-    for family in text_string_to_metric_families(text):
-        if family.name == "cnnserve_batch_size":
-            for sample in family.samples:
-                if sample.name.endswith("_sum"):
-                    total += sample.value
-                elif sample.name.endswith("_count"):
-                    count += sample.value
+    return [
+        sample
+        for found in text_string_to_metric_families(text)
+        if found.name == family
+        for sample in found.samples
+    ]
+
+
+def served_batches(url: str, metrics_path: str) -> tuple[float, float]:
+    """(images, batches) the server has run so far, from its Prometheus endpoint."""
+    samples = scraped(url, metrics_path, "cnnserve_batch_size")
+    total = sum(s.value for s in samples if s.name.endswith("_sum"))
+    count = sum(s.value for s in samples if s.name.endswith("_count"))
     return total, count
 
 

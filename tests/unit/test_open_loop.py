@@ -166,3 +166,30 @@ def test_a_closed_level_has_no_open_loop_rows() -> None:
     rows = targets(UNLOADED, [closed], budget_ms=80.0)
     assert {row["connections"] for row in rows} == {128}
     assert not any("open-loop" in row["target"] or "rate" in row["target"] for row in rows)
+
+
+def test_a_levels_pace_checks_are_the_verdicts_given_while_it_ran() -> None:
+    """Read from the server's metrics before and after (both verdicts, 0 for one never
+    given); None where the metrics cannot be read."""
+    from service.bench.overload import PaceChecks
+
+    given = b'cnnserve_refusal_pace_checks_total{verdict="open_loop"} 2.0\n'
+    # First no verdict yet (the labelled counter has no sample), then two.
+    bodies = itertools.chain([b""], itertools.repeat(given))
+
+    class Metrics(QuietHandler):
+        def do_GET(self) -> None:
+            body = (
+                b"# HELP cnnserve_refusal_pace_checks_total x\n"
+                b"# TYPE cnnserve_refusal_pace_checks_total counter\n" + next(bodies)
+            )
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    with http_stub(Metrics) as url:
+        checks = PaceChecks(url, "/metrics")
+        assert checks.since() == {"closed_loop": 0, "open_loop": 2}
+        assert PaceChecks(url, "/elsewhere").since() is None  # a 404
+    assert PaceChecks(url, "").since() is None  # no metrics path
