@@ -258,6 +258,29 @@ def _setup_problem(args: argparse.Namespace, settings: Settings) -> str:
             f"{url} answered {keyed} to {sent} this command's CNNSERVE_API_KEYS or "
             "CNNSERVE_API_KEYS_FILE; give bench the gateway's key there"
         )
+    return _probe_url_problem(args)
+
+
+def _probe_url_problem(args: argparse.Namespace) -> str:
+    """Why --probe-url is no gateway's /healthz (its readiness would read as not kept
+    all through the report), or ""."""
+    import httpx
+
+    if not args.probe_url:
+        return ""
+    url = args.probe_url.rstrip("/")
+    try:
+        with _gateway_client(args, {}) as client:
+            health = client.get(f"{url}/healthz").status_code
+    except httpx.InvalidURL as exc:
+        return f"--probe-url {args.probe_url!r} is not a URL: {exc}"
+    except httpx.HTTPError:
+        health = 0
+    if health != 200:
+        return (
+            f"nothing answers GET /healthz at --probe-url {url}: give the gateway's probe "
+            "port (CNNSERVE_PROBE_PORT), or leave --probe-url out to poll --url"
+        )
     return ""
 
 

@@ -4,7 +4,6 @@ error (exit 2) before any work starts, not a traceback from deep inside a run.""
 from __future__ import annotations
 
 import argparse
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -99,9 +98,10 @@ def _comma_separated(
 
 
 def multiples(text: str) -> list[float]:
-    """Comma-separated finite numbers above 1 (times a measured rate: 4 is 4x)."""
+    """Comma-separated numbers above 1, up to 1,000 (times a measured rate: 4 is 4x; past
+    that, a rate no generator sends, or an infinite one)."""
     return _comma_separated(
-        text, float, "numbers, e.g. 2,4", lambda v: 1 < v < math.inf, "a finite number above 1"
+        text, float, "numbers, e.g. 2,4", lambda v: 1 < v <= 1000, "above 1 and at most 1000"
     )
 
 

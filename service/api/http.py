@@ -366,17 +366,19 @@ class RequestGuard:
                 finish(record, status)
 
     def _off_probe_port(self, scope: Scope) -> NotFound | None:
-        """The 404 of a request to the probe port that is neither a probe nor the
-        metrics scrape; None for the rest."""
+        """The 404 of a request to the probe port that is not a GET (or HEAD) of a probe
+        or of the metrics; None for the rest. GET only: a metrics path set to an API
+        route's (/v1/classify) served that route there, unlimited and unlogged."""
         server = scope.get("server")
         if not self.probe_port or server is None or server[1] != self.probe_port:
             return None
-        paths = sorted(PROBE_PATHS | self.quiet_paths)
-        if scope["path"] in paths:
+        paths = sorted(path for path in PROBE_PATHS | self.quiet_paths if path)
+        if scope["path"] in paths and scope["method"] in ("GET", "HEAD"):
             return None
         return NotFound(
-            f"port {self.probe_port} serves {', '.join(paths)} only (CNNSERVE_PROBE_PORT, "
-            "for probes and the metrics scrape); send other requests to the REST port"
+            f"port {self.probe_port} serves GET {', '.join(paths)} only "
+            "(CNNSERVE_PROBE_PORT, for probes and the metrics scrape); send other requests "
+            "to the REST port"
         )
 
     async def _guarded(

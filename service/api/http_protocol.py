@@ -124,6 +124,17 @@ class BufferedBodies:
 
 
 BUFFERED = BufferedBodies()
+
+
+class ProbeConnections:
+    """The probe port's open connections in a worker: uvicorn counts them with the REST
+    port's, and CNNSERVE_MAX_CONNECTIONS is the REST port's (idle probe-port connections,
+    which need no key, made REST refuse requests: an outside audit)."""
+
+    open = 0
+
+
+PROBE_CONNECTIONS = ProbeConnections()
 # How long new connections' requests must keep waiting over the limit to be accepted,
 # one after another, before they are refused: a worker behind on its connections, not
 # one stall (a load holding the event loop, a collection) that every connection queued
@@ -396,6 +407,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _declared = False  # the current request's Content-Length is counted in _buffered
     _waited = 0.0  # seconds its first request had waited in the kernel when it was accepted
     _charging = False  # the current request was refused: its body's bytes cost the pace
+    _probe_only = False  # a connection to CNNSERVE_PROBE_PORT (set as it is made)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._accept_wait_limit: float | None = self.app_state.get(ACCEPT_WAIT_STATE)
@@ -408,6 +420,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._probe_only = (
             bool(probe_port) and self.server is not None and (self.server[1] == probe_port)
         )
+        if self._probe_only:
+            PROBE_CONNECTIONS.open += 1
         self.flow = HeldFlow(self.transport)
         self._header_seconds = self.app_state.get(HEADER_TIMEOUT_STATE) or 0.0
         self._max_header_bytes = self.app_state.get(HEADER_LIMIT_STATE) or DEFAULT_MAX_HEADER_BYTES
@@ -589,7 +603,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             raw_path, _, query = self.url.partition(b"?")
             path = raw_path.decode("latin-1")
             if self._early_refusal is not None:
-                limit, open_now = self._max_connections, len(self.connections)
+                limit = self._max_connections
+                open_now = len(self.connections) - PROBE_CONNECTIONS.open
                 over = (open_now, limit) if limit is not None and open_now > limit else None
                 refused = self._early_refusal(
                     method,
@@ -996,6 +1011,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             timer.cancel()
             self._refusal = None
             refused.answered()  # counted and logged, though the client left
+        if self._probe_only:
+            PROBE_CONNECTIONS.open -= 1
         super().connection_lost(exc)
 
     def _refuse(self, refused: Refused) -> None:

@@ -307,7 +307,9 @@ def _measure(
         )
         for connections in overloads
     ]
-    for multiple in plan.open_loop:
+    if plan.open_loop and capacity_rps <= 0:
+        progress("  no open loop: the capacity level served nothing to multiply")
+    for multiple in plan.open_loop if capacity_rps > 0 else []:
         if traffic.open_load is None:
             raise ValueError(f"no open-loop load over {plan.protocol}")
         rate = round(multiple * capacity_rps, 1)

@@ -161,7 +161,8 @@ def test_options_for_another_mode_or_protocol_are_refused_before_measuring(
             ("--overload", "2", "--open-loop", "4", "--protocol", "grpc"),
             "--open-loop sends REST requests",
         ),
-        (("--overload", "2", "--open-loop", "1"), "each must be a finite number above 1"),
+        (("--overload", "2", "--open-loop", "1"), "each must be above 1 and at most 1000"),
+        (("--overload", "2", "--open-loop", "1e308"), "each must be above 1 and at most 1000"),
         (("--overload", "2"), "at least one higher one, e.g. 32,128, or --open-loop"),
         (("--overload", "2,16", "--protocol", "grpc", *https), "plaintext gRPC"),
     ]

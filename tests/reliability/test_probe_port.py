@@ -77,9 +77,25 @@ def keyed(tiny_repo_litert: Path) -> Iterator[tuple[Server, int]]:
         "CNNSERVE_API_KEYS": KEY,
         "CNNSERVE_POLL_SECONDS": "0",
         "CNNSERVE_PROBE_PORT": str(probe_port),
+        "CNNSERVE_MAX_CONNECTIONS": "4",
     }
     with running_server(tiny_repo_litert, env=env) as server:
         yield server, probe_port
+
+
+@contextmanager
+def kept_open(port: int, count: int) -> Iterator[None]:
+    """``count`` keep-alive connections to ``port``, each answered once (so accepted),
+    idle while the block runs."""
+    connections = [http.client.HTTPConnection("127.0.0.1", port, timeout=10) for _ in range(count)]
+    try:
+        for connection in connections:
+            connection.request("GET", "/healthz")
+            connection.getresponse().read()
+        yield
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 def test_the_probe_port_answers_the_probes_and_the_scrape_and_nothing_else(
@@ -95,7 +111,8 @@ def test_the_probe_port_answers_the_probes_and_the_scrape_and_nothing_else(
         assert probes.get("/healthz").status_code == 200
         assert probes.head("/readyz").status_code == 200
         assert "cnnserve_requests_total" in probes.get("/metrics").text
-        for method, path in [("POST", "/v1/classify"), ("GET", "/docs"), ("GET", "/")]:
+        off = [("POST", "/v1/classify"), ("GET", "/docs"), ("GET", "/"), ("POST", "/readyz")]
+        for method, path in off:
             for headers in ({}, {"Authorization": f"Bearer {KEY}"}):
                 answer = probes.request(method, path, headers=headers, content=PNG)
                 assert answer.status_code == 404, (method, path, answer.text)
@@ -126,6 +143,20 @@ def on_cores_of_their_own(server: Server) -> Iterator[None]:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_connections_to_the_probe_port_leave_the_rest_ports_limit_alone(
+    keyed: tuple[Server, int],
+) -> None:
+    """CNNSERVE_MAX_CONNECTIONS (4 here) is the REST port's: idle connections to the
+    probe port, which needs no key, made REST refuse requests (an outside audit)."""
+    server, probe_port = keyed
+    headers = {"Authorization": f"Bearer {KEY}", "content-type": "image/png"}
+    with kept_open(probe_port, 8):
+        assert httpx.post(f"{server.url}/v1/classify", content=PNG, headers=headers).is_success
+    with kept_open(server.port, 8):  # the limit itself is on
+        refused = httpx.post(f"{server.url}/v1/classify", content=PNG, headers=headers)
+        assert refused.status_code == 503 and "open HTTP connections" in refused.text
+
+
 def test_probes_are_answered_at_once_while_an_open_loop_crowds_the_rest_port(
     tmp_path: Path,
 ) -> None:

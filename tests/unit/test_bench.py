@@ -4,6 +4,7 @@ and what wrk sends a gateway with API keys."""
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -314,3 +315,19 @@ def test_grpc_load_spreads_its_calls_over_enough_connections_to_reach_every_work
     assert grpc_load.connections_for(128) == 8  # 16 a connection
     assert grpc_load.connections_for(512) == 32
     assert grpc_load.connections_for(3) == 3  # a connection each, none idle
+
+
+def test_a_probe_url_that_answers_nothing_is_refused_before_measuring(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Measured anyway, the report blamed the gateway: readiness not kept, every poll."""
+    monkeypatch.setenv("CNNSERVE_API_KEYS", GATEWAY_KEY)
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+    with keyed_server() as (url, _), socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
+        nowhere = f"http://127.0.0.1:{unused.getsockname()[1]}"
+        args = ["bench", "--overload", "2,16", "--url", url, "--probe-url", nowhere]
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"nothing answers GET /healthz at --probe-url {nowhere}" in err
+    assert "CNNSERVE_PROBE_PORT" in err

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -65,7 +67,9 @@ def test_the_load_keeps_its_rate_and_reads_every_answer(
         result = open_loop.run_load(url, "/v1/classify?model=m", (body,), rate=200, seconds=1)
     assert result["requests"] == 200 == len(seen)
     assert result["statuses"] == {"200": 100, "503": 100}, result
-    assert result["ok"] == 100 and result["requests_per_s"] == 100.0
+    # Goodput: the 200s answered while it sent (the last ones may come just after).
+    assert result["ok"] == 100 and 95 <= result["requests_per_s"] <= 100.5, result
+    assert result["ok_after_window"] <= 5
     assert not {k: v for k, v in result["errors"].items() if k != "503"}, result["errors"]
     assert result["refused_p50_ms"] is not None and result["ok_p99_ms"] is not None
     # A quarter of the answers close their connection: the pool opens new ones for those,
@@ -85,9 +89,105 @@ def test_a_server_that_answers_nothing_is_counted_not_waited_on(
     monkeypatch.setattr(open_loop, "CLIENT_TIMEOUT", 1.0)
     loop = open_loop.OpenLoop("127.0.0.1", 9, [b"GET / HTTP/1.1\r\n\r\n"], rate=50, seconds=0.2)
     began, ended = asyncio.run(loop.run())
-    result = open_loop.summary(loop, began, ended, cores=0.1)
+    result = open_loop.summary(loop, began, ended)
     assert result["requests"] == 10 and result["ok"] == 0 and result["statuses"] == {}
-    assert result["errors"] == {"connect": 10}
+    assert result["errors"] == {"connect": 10} and result["connections_opened"] == 0
+
+
+def test_connections_the_server_closed_while_idle_are_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that resets a kept-alive connection as its next request comes (closing
+    it as idle at that moment): nothing is answered on it, and the request goes once
+    more on a new connection, as HTTP clients do. Under uvloop such requests were lost,
+    counted nowhere (an outside audit: 38 of 50)."""
+    monkeypatch.delenv("CNNSERVE_API_KEYS", raising=False)
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+
+    class Resetting(QuietHandler):
+        protocol_version = "HTTP/1.1"
+        answered = False  # on this connection (a handler per connection)
+
+        def do_POST(self) -> None:
+            if self.answered:
+                linger = struct.pack("ii", 1, 0)  # closed with a reset
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                self.close_connection = True
+                return
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+            self.answered = True
+
+    body = tmp_path / "image.jpg"
+    body.write_bytes(b"x")
+    with http_stub(Resetting) as url:
+        result = open_loop.run_load(url, "/", (body,), rate=50, seconds=1)
+    assert result["requests"] == 50 and result["statuses"] == {"200": 50}, result
+    assert result["errors"] == {}
+
+
+def test_answers_past_the_sending_window_are_not_goodput(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server answering 50 a second, one at a time, queues the rest of 100 a second
+    and answers them after the load stopped sending: goodput is what came meanwhile."""
+    monkeypatch.delenv("CNNSERVE_API_KEYS", raising=False)
+    monkeypatch.delenv("CNNSERVE_API_KEYS_FILE", raising=False)
+    one_at_a_time = threading.Lock()
+
+    class Slow(QuietHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length") or 0))
+            with one_at_a_time:
+                threading.Event().wait(0.02)
+                self.send_response(200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+    body = tmp_path / "image.jpg"
+    body.write_bytes(b"x")
+    with http_stub(Slow) as url:
+        result = open_loop.run_load(url, "/", (body,), rate=100, seconds=1)
+    assert result["ok"] == 100, result
+    assert 25 <= result["requests_per_s"] <= 60, result
+    assert result["ok_after_window"] >= 40
+
+
+OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+CLOSING = b"Connection: keep-alive, close\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "keep"),
+    [
+        (b"HTTP/1.1 100 Continue\r\n\r\n" + OK_2, 200, True),  # interim answers skipped
+        (b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\n\r\n", 304, True),  # no body
+        (b"HTTP/1.1 503 x\r\n" + CLOSING, 503, False),  # Connection is a list of tokens
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n", 200, False),
+        (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n", 200, True),
+    ],
+)
+def test_answers_are_read_as_http_says(answer: bytes, status: int, keep: bool) -> None:
+    """Each read whole, up to the next answer on the connection."""
+    assert asyncio.run(read_answer(answer + b"NEXT")) == (status, keep, b"NEXT")
+
+
+def test_an_answer_without_a_length_ends_with_its_connection() -> None:
+    assert asyncio.run(read_answer(b"HTTP/1.1 200 OK\r\n\r\nwhole body")) == (200, False, b"")
+
+
+async def read_answer(data: bytes) -> tuple[int, bool, bytes]:
+    """What open_loop._answer reads from ``data`` (then the connection's end), and
+    what it left."""
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    status, keep = await open_loop._answer(reader)
+    return status, keep, await reader.read()
 
 
 def test_a_refused_key_stops_the_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
