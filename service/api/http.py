@@ -474,6 +474,7 @@ class EarlyRefusal:
         self.routes = routes
         self.room = room
         self._templates: dict[tuple[str, str], str] = {}  # (method, path) -> route label
+        self._answers: dict[tuple[Any, ...], tuple[list[tuple[bytes, bytes]], bytes]] = {}
 
     def __call__(
         self,
@@ -510,8 +511,8 @@ class EarlyRefusal:
         if error is None:
             return None
         rid = record.request_id
-        answer = error_response(error, path)
-        headers_out = [*answer.raw_headers, (b"x-request-id", rid.encode())]
+        raw_headers, whole_body = self._answer(error, path)
+        headers_out = [*raw_headers, (b"x-request-id", rid.encode())]
         status = error.http_status
         delay = (
             concurrency.refusal_delay(retrying, within=refusal_within(headers))
@@ -520,8 +521,29 @@ class EarlyRefusal:
         )
         # An answer to HEAD has no body (its Content-Length still says the GET one's):
         # a body would read as the start of the next answer on the connection.
-        body = b"" if method == "HEAD" else bytes(answer.body)
+        body = b"" if method == "HEAD" else whole_body
         return Refused(headers_out, body, delay, record, status)
+
+    def _answer(self, error: CnnserveError, path: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+        """error_response's headers and body; a 503's made once for each message: under
+        an open loop a worker refuses thousands a second, most of them the same 503, and
+        building its JSON each time was ~5% of a refusal's CPU. (An Overloaded answer is
+        its class's, its message's, its path's shape's and whether it moves the client;
+        other errors are made each time.)"""
+        if not isinstance(error, Overloaded):
+            answer = error_response(error, path)
+            return list(answer.raw_headers), bytes(answer.body)
+        key = (type(error), error.message, speaks_tf_serving(path), error.move)
+        made = self._answers.get(key)
+        if made is None:
+            answer = error_response(error, path)
+            made = (list(answer.raw_headers), bytes(answer.body))
+            if len(self._answers) >= 256:  # messages carry counts: stay bounded
+                self._answers.clear()
+            self._answers[key] = made
+        elif error.move:
+            metrics.observe_moved_connection()  # error_response counts each move
+        return made
 
     def _record(
         self, method: str, path: str, headers: Sequence[tuple[bytes, bytes]]
