@@ -169,10 +169,25 @@ def finish(record: RequestRecord, code: int | str) -> None:
         writer.put(time.time(), record, code, seconds)
 
 
+# One encoder for every line (json.dumps with separators built one a call), and the
+# time's text once a second: under an open loop the log thread writes thousands of
+# lines a second, taking the GIL from the event loop.
+_ENCODE = json.JSONEncoder(separators=(",", ":")).encode
+_stamp: tuple[int, str] = (-1, "")
+
+
+def _time_text(at: float) -> str:
+    global _stamp
+    second = int(at)
+    if _stamp[0] != second:
+        _stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(second)))
+    return _stamp[1]
+
+
 def _line(at: float, record: RequestRecord, code: int | str, seconds: float) -> str:
-    return json.dumps(
+    return _ENCODE(
         {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at)),
+            "time": _time_text(at),
             "request_id": record.request_id,
             "protocol": record.protocol,
             "method": record.method,
@@ -182,8 +197,7 @@ def _line(at: float, record: RequestRecord, code: int | str, seconds: float) -> 
             "version": int(record.version) if record.version else None,
             "duration_ms": round(seconds * 1e3, 3),
             "timings_ms": {k: round(v * 1e3, 3) for k, v in record.timings.items()},
-        },
-        separators=(",", ":"),
+        }
     )
 
 

@@ -57,3 +57,17 @@ def test_a_client_request_id_is_kept_only_as_visible_ascii() -> None:
     for sent in (b"", b"caf\xc3\xa9", b"a b", b"x\r\ny", b"\x00"):
         fresh = client_request_id(sent)
         assert len(fresh) == 32 and int(fresh, 16) >= 0, sent
+
+
+def test_each_line_has_the_time_of_its_own_second() -> None:
+    """The time's text is made once a second (thousands of lines a second under an open
+    loop), never carried into the next second."""
+    import time
+
+    from service.requestlog import _line
+
+    record = RequestRecord("r", "rest", "GET", route="/readyz")
+    for at in (1_800_000_000.2, 1_800_000_000.9, 1_800_000_001.0, 1_799_999_999.5, 1.5):
+        line = json.loads(_line(at, record, 200, 0.001))
+        assert line["time"] == time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at))
+        assert (line["request_id"], line["status"], line["duration_ms"]) == ("r", 200, 1.0)
