@@ -486,6 +486,7 @@ class EarlyRefusal:
         connections: tuple[int, int] | None = None,
         bodies: tuple[int, int, int] | None = None,
         waited: tuple[float, float] | None = None,
+        queued: float = 0.0,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
@@ -493,7 +494,9 @@ class EarlyRefusal:
         ``connections``: the worker's open HTTP connections and their limit, when they
         are over it. ``bodies``: the body bytes the worker holds, this request's, and
         their budget, when taking it would go over. ``waited``: how long a new
-        connection waited for the worker to accept it, and the limit, when over it."""
+        connection waited for the worker to accept it, and the limit, when over it.
+        ``queued``: how long this request waited in the accept queue (a new connection's
+        first; else 0), for the pace's check."""
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
@@ -515,7 +518,7 @@ class EarlyRefusal:
         headers_out = [*raw_headers, (b"x-request-id", rid.encode())]
         status = error.http_status
         delay = (
-            concurrency.refusal_delay(retrying, within=refusal_within(headers))
+            concurrency.refusal_delay(retrying, within=refusal_within(headers), queued=queued)
             if status == 503
             else 0.0
         )

@@ -615,6 +615,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     connections=over,
                     bodies=self._bodies_over(),
                     waited=self._accept_waited(),
+                    queued=waited,
                 )
                 if refused is not None:
                     self._refuse(refused)

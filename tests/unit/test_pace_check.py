@@ -36,13 +36,15 @@ def arrive(
     seconds: float,
     wait: float = WAITING,
     retry: bool = True,
+    queued: float = 0.0,
 ) -> list[bool]:
     """Refusals at ``rate`` a second for ``seconds``: what :meth:`PaceCheck.holds` said
-    to each (``retry``: whether their clients are known to retry at once)."""
+    to each (``retry``: whether their clients are known to retry at once; ``queued``:
+    how long each waited in the accept queue)."""
     answers = []
     for _ in range(round(rate * seconds)):
         clock.now += 1 / rate
-        answers.append(check.holds(1.0, wait, retry))
+        answers.append(check.holds(1.0, wait, retry, queued))
     return answers
 
 
@@ -96,6 +98,38 @@ def test_an_open_loop_let_go_keeps_its_rate_and_is_answered_at_once_for_a_while(
     assert not any(rest[: -2 * round(2000 * WINDOW_SECONDS)]) and rest[-1] is True
     assert let_go() == 0
     assert held_then_let_go(arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01))
+
+
+def test_an_open_loop_let_go_is_not_judged_on_the_connections_it_queued_while_held() -> None:
+    """Held, an open loop opens connections faster than the worker accepts them; let go,
+    their first requests arrive as the worker drains the accept queue, faster than it
+    sends, and were counted: judged a closed loop and held again in 1 of 4 runs (503 p50
+    2 s). Once it is let go, a first request that waited in the queue does not count;
+    clients spinning on their connections still do."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    closed = verdicts("closed_loop")
+    arrive(check, clock, 1000, 2 * BASELINE_SECONDS + 0.01)
+    arrive(check, clock, 1000, 2 * WINDOW_SECONDS + 0.01)
+    assert not any(arrive(check, clock, 1000, 0.5))  # let go: an open loop
+    backlog = arrive(check, clock, 5000, 3 * WINDOW_SECONDS, queued=2.0)
+    assert not any(backlog) and verdicts("closed_loop") == closed
+    assert not any(arrive(check, clock, 1000, 0.5, queued=0.1))  # not long: counted
+    spinning = arrive(check, clock, 5000, WINDOW_SECONDS)  # the same rate, not queued
+    assert spinning[-1] is True and verdicts("closed_loop") == closed + 1
+
+
+def test_a_queued_first_request_counts_before_an_open_loop_is_found() -> None:
+    """Clients opening a connection per request and resending at once (wrk with
+    ``Connection: close``) queue in the accept queue too: until an open loop is found
+    their first requests count, and let go they are told from one."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    closed = verdicts("closed_loop")
+    arrive(check, clock, 600, 2 * BASELINE_SECONDS + 0.01, queued=1.0)
+    assert not any(arrive(check, clock, 3000, WINDOW_SECONDS, queued=1.0))  # unjudged
+    assert True in arrive(check, clock, 3000, WINDOW_SECONDS, queued=1.0)
+    assert verdicts("closed_loop") == closed + 1
 
 
 def test_the_baseline_is_taken_once_the_pace_has_slowed_a_closed_loop() -> None:
