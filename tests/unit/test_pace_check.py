@@ -12,6 +12,7 @@ from service import pace_check
 from service.concurrency import ConcurrencyLimit
 from service.pace_check import (
     BASELINE_SECONDS,
+    MAX_OPEN_SECONDS,
     OPEN_SECONDS,
     RECHECK_SECONDS,
     WINDOW_SECONDS,
@@ -98,6 +99,52 @@ def test_an_open_loop_let_go_keeps_its_rate_and_is_answered_at_once_for_a_while(
     assert not any(rest[: -2 * round(2000 * WINDOW_SECONDS)]) and rest[-1] is True
     assert let_go() == 0
     assert held_then_let_go(arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01))
+
+
+def found_open(check: PaceCheck, clock: Clock, rate: float) -> float:
+    """An open loop at ``rate`` from a held worker: measured, let go and judged open
+    (asserted); then how long, from the verdict, it was let go before held again."""
+    opened = verdicts("open_loop")
+    assert until(check, clock, rate, held=False) < 4 * BASELINE_SECONDS  # measured
+    arrive(check, clock, rate, 2 * WINDOW_SECONDS + 0.001)
+    assert verdicts("open_loop") == opened + 1
+    return until(check, clock, rate, held=True)
+
+
+def until(check: PaceCheck, clock: Clock, rate: float, held: bool) -> float:
+    """Seconds of refusals at ``rate`` until one is ``held`` (or not), a minute at most."""
+    began = clock.now
+    while check.holds(1.0, WAITING, True) is not held:
+        assert clock.now - began < 60.0
+        clock.now += 1 / rate
+    return clock.now - began
+
+
+def test_an_open_loop_found_again_and_again_is_let_go_longer_each_time() -> None:
+    """Each check costs an open loop what holding it does: one worker, 60 s at 4.1x,
+    5 checks opened 13,000-14,600 connections (503 p90 48-98 ms), 3 opened ~8,500."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    spans = [found_open(check, clock, 2000) for _ in range(5)]
+    expected = [OPEN_SECONDS, 2 * OPEN_SECONDS, 4 * OPEN_SECONDS, MAX_OPEN_SECONDS]
+    assert spans == pytest.approx([*expected, MAX_OPEN_SECONDS], abs=WINDOW_SECONDS)
+
+
+def test_the_let_go_is_short_again_after_a_closed_verdict_or_a_pause() -> None:
+    clock = Clock()
+    check = PaceCheck(clock)
+    assert found_open(check, clock, 2000) == pytest.approx(OPEN_SECONDS, abs=WINDOW_SECONDS)
+    assert found_open(check, clock, 2000) == pytest.approx(2 * OPEN_SECONDS, abs=WINDOW_SECONDS)
+    clock.now += 1.0  # the overload ended; a new one comes
+    assert found_open(check, clock, 2000) == pytest.approx(OPEN_SECONDS, abs=WINDOW_SECONDS)
+    # Found open (the next let-go would be twice as long), then clients retrying at
+    # once join it and are found: the open loop alone again is let go the first while.
+    closed = verdicts("closed_loop")
+    arrive(check, clock, 1000, 2 * BASELINE_SECONDS + 0.01)
+    assert not any(arrive(check, clock, 1000, 1.0))
+    joined = arrive(check, clock, 4000, WINDOW_SECONDS)
+    assert joined[-1] is True and verdicts("closed_loop") == closed + 1
+    assert found_open(check, clock, 1000) == pytest.approx(OPEN_SECONDS, abs=WINDOW_SECONDS)
 
 
 def test_an_open_loop_let_go_is_not_judged_on_the_connections_it_queued_while_held() -> None:
