@@ -367,7 +367,7 @@ def observe_shed(model: str, reason: str) -> None:
     """A request refused at admission outside a batcher (``model`` empty: before routing)."""
     if reason not in SHED_REASONS:
         raise ValueError(f"reason must be one of {SHED_REASONS}, got {reason!r}")
-    OVERLOAD_REJECTIONS.labels(model, reason).inc()
+    _series(OVERLOAD_REJECTIONS, (model, reason)).inc()
 
 
 def set_concurrency_limit(limit: int) -> None:

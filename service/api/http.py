@@ -239,6 +239,12 @@ def _never() -> bool:
     return False
 
 
+def closes(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether an answer's headers say the connection closes after it (a refusal that
+    moves its client to another worker: service.concurrency)."""
+    return any(name.lower() == b"connection" and v.lower() == b"close" for name, v in headers)
+
+
 def moves(status: int, movable: Callable[[], bool], concurrency: ConcurrencyLimit) -> bool:
     """Whether the connection of a request answered now with ``status`` (its place
     still held) closes after the answer, so that the client's next connection may land
@@ -437,6 +443,7 @@ class Refused:
     delay: float
     record: RequestRecord
     status: int = 503
+    closes: bool = False  # its headers say the connection closes after it (closes())
 
     def answered(self) -> None:
         finish(self.record, self.status)
@@ -474,7 +481,7 @@ class EarlyRefusal:
         self.routes = routes
         self.room = room
         self._templates: dict[tuple[str, str], str] = {}  # (method, path) -> route label
-        self._answers: dict[tuple[Any, ...], tuple[list[tuple[bytes, bytes]], bytes]] = {}
+        self._answers: dict[tuple[Any, ...], tuple[list[tuple[bytes, bytes]], bytes, bool]] = {}
 
     def __call__(
         self,
@@ -514,7 +521,7 @@ class EarlyRefusal:
         if error is None:
             return None
         rid = record.request_id
-        raw_headers, whole_body = self._answer(error, path)
+        raw_headers, whole_body, closing = self._answer(error, path)
         headers_out = [*raw_headers, (b"x-request-id", rid.encode())]
         status = error.http_status
         delay = (
@@ -525,22 +532,25 @@ class EarlyRefusal:
         # An answer to HEAD has no body (its Content-Length still says the GET one's):
         # a body would read as the start of the next answer on the connection.
         body = b"" if method == "HEAD" else whole_body
-        return Refused(headers_out, body, delay, record, status)
+        return Refused(headers_out, body, delay, record, status, closing)
 
-    def _answer(self, error: CnnserveError, path: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
-        """error_response's headers and body; a 503's made once for each message: under
+    def _answer(
+        self, error: CnnserveError, path: str
+    ) -> tuple[list[tuple[bytes, bytes]], bytes, bool]:
+        """error_response's headers, body and whether they close the connection
+        (:func:`closes`); a 503's made once for each message: under
         an open loop a worker refuses thousands a second, most of them the same 503, and
         building its JSON each time was ~5% of a refusal's CPU. (An Overloaded answer is
         its class's, its message's, its path's shape's and whether it moves the client;
         other errors are made each time.)"""
         if not isinstance(error, Overloaded):
             answer = error_response(error, path)
-            return list(answer.raw_headers), bytes(answer.body)
+            return list(answer.raw_headers), bytes(answer.body), closes(answer.raw_headers)
         key = (type(error), error.message, speaks_tf_serving(path), error.move)
         made = self._answers.get(key)
         if made is None:
             answer = error_response(error, path)
-            made = (list(answer.raw_headers), bytes(answer.body))
+            made = (list(answer.raw_headers), bytes(answer.body), closes(answer.raw_headers))
             if len(self._answers) >= 256:  # messages carry counts: stay bounded
                 self._answers.clear()
             self._answers[key] = made

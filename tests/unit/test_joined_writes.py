@@ -4,20 +4,22 @@ everything else as it was written and in the same order."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any
 
 from service.api.http_protocol import JoinedWrites
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
 
-class Recording:
-    """The few transport calls JoinedWrites makes, recorded in order."""
+class Recording(asyncio.Transport):
+    """The few transport calls JoinedWrites makes, recorded in order (the rest are
+    asyncio's base class's)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.calls: list[Any] = []
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.calls.append(bytes(data))
 
     def close(self) -> None:
@@ -35,7 +37,7 @@ class Recording:
 def joined() -> tuple[JoinedWrites, Recording]:
     transport = Recording()
     loop = asyncio.get_running_loop()
-    return JoinedWrites(cast(asyncio.Transport, transport), loop), transport
+    return JoinedWrites(transport, loop), transport
 
 
 def test_a_head_and_its_body_are_one_write() -> None:
