@@ -402,6 +402,7 @@ class ConcurrencyLimit:
         cost: float = 1.0,
         within: float | None = None,
         queued: float = 0.0,
+        first: bool = True,
     ) -> float:
         """Seconds this refusal waits for its turn: 0 within a burst, beyond it each waits
         for its token, at ``refusals_per_second``. A refusal of a client not known to be
@@ -422,7 +423,8 @@ class ConcurrencyLimit:
         before it passes (but not sooner than ``retry_at_once``), its turn taken all
         the same (the client would wait that long anyway, and be told of a timeout where
         it could be told to back off). ``queued``: how long a new connection's first
-        request waited in the accept queue (for the check: PaceCheck.holds)."""
+        request waited in the accept queue, and ``first``: whether the refusal is of
+        one (for the check: PaceCheck.holds)."""
         if not self._rate:
             return 0.0
         tokens = self._refilled()
@@ -435,7 +437,8 @@ class ConcurrencyLimit:
         # second against 213-307).
         if retrying is None:
             return 0.0
-        holds = self._check.holds(cost, max(0.0, -tokens) / self._rate, retrying, queued)
+        wait = max(0.0, -tokens) / self._rate
+        holds = self._check.holds(cost, wait, retrying, queued, first)
         if retrying is False:
             self._owe(tokens, cost)
             return 0.0

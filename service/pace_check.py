@@ -22,7 +22,8 @@ until their rate stops falling (a closed loop slows as the pace takes hold of it
 :data:`RETRY_SHARE` of them or more known retries at once: that rate is the baseline.
 Then it answers refusals at once and counts them in windows of :data:`WINDOW_SECONDS`.
 The first is not judged (an open loop that waited for new connections sends what it
-kept). In the second, more than :data:`SPIN_FACTOR` times the baseline is a closed loop:
+kept). In the second, more than :data:`SPIN_FACTOR` times the baseline is a closed loop
+(more than :data:`KEPT_SPIN_FACTOR` times if most came on connections kept from before):
 the pace holds again, and the next check waits :data:`RECHECK_SECONDS`. Fewer is an open
 loop: answered at once for :data:`OPEN_SECONDS` while no window passes the factor, then
 held again and checked again; each open verdict in a row lets go twice as long as the
@@ -70,6 +71,14 @@ WINDOW_SECONDS = 0.2
 # request, bounded by the worker's accepts: ~5x); an open loop's stay near 1x (up to
 # 1.8x seen in a window at 2x, which judged some open loops closed).
 SPIN_FACTOR = 3.0
+# ...unless most of them came on connections kept from before (not a new connection's
+# first request): then up to this. An open loop whose pool ran dry while held sent most
+# of its requests on new connections, answered at once past their host's bound and not
+# counted, so its baseline was about a third of its rate; let go, it sends on the
+# connections it opened, ~3x the baseline, and was judged closed and held again (503
+# p50 up to 2 s): 2 of 10 runs at 4.1x, 2 of 3 at 4.8x. Clients opening a connection
+# per request come back on new connections (2-5x); keep-alive ones on theirs, 9-21x.
+KEPT_SPIN_FACTOR = 6.0
 RECHECK_SECONDS = 10.0
 OPEN_SECONDS = 10.0
 # Each check costs an open loop what holding it does (one worker, an open loop at 4.1x
@@ -108,6 +117,7 @@ class PaceCheck:
         self._since = 0.0  # when the current measure or window began
         self._count = 0.0  # the tokens of refusals counted since then
         self._retries = 0.0  # those of them known as retries at once
+        self._new = 0.0  # those of them a new connection's first request (let go)
         self._baseline = 0.0  # tokens a second, held
         self._previous: float | None = None  # the rate of the last window measured
         self._open_until: float | None = None  # an open loop found: let go until then
@@ -116,13 +126,16 @@ class PaceCheck:
         self._windows = 0  # the windows let go so far
         self._logged_at: dict[bool, float] = {}  # when each verdict (open loop?) was logged
 
-    def holds(self, cost: float, wait: float, retry: bool, queued: float = 0.0) -> bool:
+    def holds(
+        self, cost: float, wait: float, retry: bool, queued: float = 0.0, first: bool = True
+    ) -> bool:
         """Whether this refusal may wait for the pace, if its client retries at once
         (False: answer it at once, taking no turn). ``cost``: its tokens; ``wait``: the
         pace's wait now, in seconds; ``retry``: whether its client is known to retry at
         once (by its connection, or a new connection's by its host), as the pace holds;
         ``queued``: how long it waited in the accept queue (a new connection's first
-        request; else 0)."""
+        request; else 0); ``first``: whether it is a new connection's first request (True
+        when not known: gRPC's calls, the app's 503s, the counting of old)."""
         now = self._clock()
         if now - self._last > 2 * WINDOW_SECONDS:  # a new overload: no open loop seen yet
             self._open_seconds = OPEN_SECONDS
@@ -166,7 +179,14 @@ class PaceCheck:
             return True
         if self._open_until is None or queued < QUEUED_SECONDS:
             self._count += cost
-        if self._windows and self._count > SPIN_FACTOR * self._baseline * WINDOW_SECONDS:
+            if first:
+                self._new += cost
+        held_window = self._baseline * WINDOW_SECONDS
+        if (
+            self._windows
+            and self._count > SPIN_FACTOR * held_window
+            and (2 * self._new >= self._count or self._count > KEPT_SPIN_FACTOR * held_window)
+        ):
             # A closed loop. Found once let go for an open loop, the baseline may be
             # outgrown (the open loop's rate rose): measured again at once.
             found_open = self._open_until is not None
@@ -198,6 +218,7 @@ class PaceCheck:
         self._since = now
         self._count = 0.0
         self._retries = 0.0
+        self._new = 0.0
 
     def _hold(self, next_check: float) -> None:
         if self._open_until is not None:

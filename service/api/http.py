@@ -494,6 +494,7 @@ class EarlyRefusal:
         bodies: tuple[int, int, int] | None = None,
         waited: tuple[float, float] | None = None,
         queued: float = 0.0,
+        first: bool = True,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
@@ -503,7 +504,8 @@ class EarlyRefusal:
         their budget, when taking it would go over. ``waited``: how long a new
         connection waited for the worker to accept it, and the limit, when over it.
         ``queued``: how long this request waited in the accept queue (a new connection's
-        first; else 0), for the pace's check."""
+        first; else 0), and ``first``: whether it is a new connection's first request,
+        for the pace's check."""
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
@@ -525,7 +527,9 @@ class EarlyRefusal:
         headers_out = [*raw_headers, (b"x-request-id", rid.encode())]
         status = error.http_status
         delay = (
-            concurrency.refusal_delay(retrying, within=refusal_within(headers), queued=queued)
+            concurrency.refusal_delay(
+                retrying, within=refusal_within(headers), queued=queued, first=first
+            )
             if status == 503
             else 0.0
         )

@@ -606,7 +606,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # worker accepted it: a client that reconnected at once after its 503 looked
         # late by its wait in the accept queue, and its refusal went unpaced.
         waited = self._first_waited()
-        retrying = self._refusals.retrying(self.loop.time() - waited, first=self._requests == 1)
+        first = self._requests == 1
+        retrying = self._refusals.retrying(self.loop.time() - waited, first=first)
         early = self._early_refusal is not None or self._direct is not None
         if idle and early and not self._probe_only:
             method = self.parser.get_method().decode("ascii")
@@ -626,6 +627,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     bodies=self._bodies_over(),
                     waited=self._accept_waited(),
                     queued=waited,
+                    first=first,
                 )
                 if refused is not None:
                     self._refuse(refused)

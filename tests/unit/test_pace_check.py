@@ -38,14 +38,16 @@ def arrive(
     wait: float = WAITING,
     retry: bool = True,
     queued: float = 0.0,
+    first: bool = True,
 ) -> list[bool]:
     """Refusals at ``rate`` a second for ``seconds``: what :meth:`PaceCheck.holds` said
     to each (``retry``: whether their clients are known to retry at once; ``queued``:
-    how long each waited in the accept queue)."""
+    how long each waited in the accept queue; ``first``: whether each is a new
+    connection's first request, True when not known)."""
     answers = []
     for _ in range(round(rate * seconds)):
         clock.now += 1 / rate
-        answers.append(check.holds(1.0, wait, retry, queued))
+        answers.append(check.holds(1.0, wait, retry, queued, first))
     return answers
 
 
@@ -145,6 +147,42 @@ def test_the_let_go_is_short_again_after_a_closed_verdict_or_a_pause() -> None:
     joined = arrive(check, clock, 4000, WINDOW_SECONDS)
     assert joined[-1] is True and verdicts("closed_loop") == closed + 1
     assert found_open(check, clock, 1000) == pytest.approx(OPEN_SECONDS, abs=WINDOW_SECONDS)
+
+
+def test_an_open_loop_whose_pool_ran_dry_while_held_is_let_go() -> None:
+    """Held, most of its requests came on new connections, answered at once and not
+    counted: the baseline is a third of its rate. Let go, it sends on the connections it
+    opened, ~3x the baseline: judged closed and held again (503 p50 up to 2 s) in 2 of 3
+    runs at 4.8x. On kept connections up to KEPT_SPIN_FACTOR is an open loop's."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    closed, opened = verdicts("closed_loop"), verdicts("open_loop")
+    arrive(check, clock, 1300, 2 * BASELINE_SECONDS + 0.01, first=False)
+    assert not any(arrive(check, clock, 4200, 2 * WINDOW_SECONDS + 0.01, first=False))
+    assert verdicts("open_loop") == opened + 1 and verdicts("closed_loop") == closed
+
+
+@pytest.mark.parametrize(
+    ("rate", "new_share"),
+    [(6500, 0.0), (2000, 0.75)],
+    ids=["keep-alive clients spinning", "clients opening a connection per request"],
+)
+def test_a_closed_loop_let_go_is_held_again_on_kept_or_new_connections(
+    rate: float, new_share: float
+) -> None:
+    """Keep-alive clients come back on their connections 9-21x as fast as held (13x
+    here); those that open a connection per request on new ones, 2-5x (4x here)."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    closed = verdicts("closed_loop")
+    arrive(check, clock, 500, 2 * BASELINE_SECONDS + 0.01, first=False)
+    arrive(check, clock, rate, WINDOW_SECONDS, first=False)  # the first: not judged
+    answers = []
+    for i in range(round(WINDOW_SECONDS * rate)):
+        clock.now += 1 / rate
+        first = i % 4 < round(4 * new_share)
+        answers.append(check.holds(1.0, WAITING, True, 0.0, first))
+    assert answers[-1] is True and verdicts("closed_loop") == closed + 1
 
 
 def test_an_open_loop_let_go_is_not_judged_on_the_connections_it_queued_while_held() -> None:
