@@ -22,7 +22,6 @@ import asyncio
 import json
 import math
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -146,14 +145,11 @@ def run_load(
         *(("--version", str(version)) if version is not None else ()),
         *map(str, bodies),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
-    if done.returncode != 0:
-        raise RuntimeError(f"the gRPC load failed ({done.returncode}): {done.stderr.strip()}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    refused = {s: n for s, n in result["statuses"].items() if s in ("401", "403")}
-    if refused:
-        from service.bench.wrk import KeyRefused
+    from service.bench.wrk import KeyRefused, generator_result, key_refusals
 
+    result = generator_result(cmd, seconds + 60, "gRPC load")
+    refused = key_refusals(result["statuses"])
+    if refused:
         raise KeyRefused(
             f"gRPC {target} refused {sum(refused.values())} of {result['requests']} Classify "
             "calls (UNAUTHENTICATED or PERMISSION_DENIED): bench sends the first key of its "

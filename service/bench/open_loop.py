@@ -25,7 +25,6 @@ import json
 import random
 import resource
 import ssl
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -297,16 +296,11 @@ def run_load(
         *("--rate", str(rate), "--seconds", str(seconds)),
         *map(str, bodies),
     ]
-    done = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=seconds + CLIENT_TIMEOUT + 60
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the open-loop load failed ({done.returncode}): {done.stderr.strip()}")
-    result: dict[str, Any] = json.loads(done.stdout)
-    refused = {s: n for s, n in result["statuses"].items() if s in ("401", "403")}
-    if refused:
-        from service.bench.wrk import KeyRefused
+    from service.bench.wrk import KeyRefused, generator_result, key_refusals
 
+    result = generator_result(cmd, seconds + CLIENT_TIMEOUT + 60, "open-loop load")
+    refused = key_refusals(result["statuses"])
+    if refused:
         raise KeyRefused(
             f"{url.rstrip('/')}{path} answered {sum(refused.values())} of "
             f"{result['requests']} requests 401 or 403: bench sends the first key of its own "

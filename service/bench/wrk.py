@@ -199,7 +199,7 @@ def run_wrk(url: str, load: Load, *, connections: int, seconds: float) -> dict[s
         if process.returncode != 0 or not out.exists():
             raise RuntimeError(f"wrk failed ({process.returncode}): {stderr.strip()}")
         raw = json.loads(out.read_text())
-    refused = {s: n for s, n in raw["statuses"].items() if str(s) in ("401", "403")}
+    refused = key_refusals(raw["statuses"])
     if refused:
         raise KeyRefused(
             f"{url.rstrip('/')}{load.path} answered {_counts(refused)} of {raw['requests']} "
@@ -209,6 +209,22 @@ def run_wrk(url: str, load: Load, *, connections: int, seconds: float) -> dict[s
     return summarize(raw, wrk_cpu_s=usage.ru_utime + usage.ru_stime, wall_s=wall) | {
         "wrk": f"wrk -t {threads} -c {connections} -d {max(1, round(seconds))}s",
     }
+
+
+def generator_result(cmd: list[str], timeout: float, what: str) -> dict[str, Any]:
+    """What a load generator run as a process of its own prints, as JSON
+    (service.bench.open_loop, service.bench.grpc_load); RuntimeError with its stderr,
+    naming ``what``, when it failed."""
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {what} failed ({done.returncode}): {done.stderr.strip()}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def key_refusals(statuses: Mapping[Any, int]) -> dict[str, int]:
+    """The 401s and 403s among a load's ``statuses``: the gateway refused the key."""
+    return {str(s): n for s, n in statuses.items() if str(s) in ("401", "403")}
 
 
 def summarize(raw: dict[str, Any], *, wrk_cpu_s: float, wall_s: float) -> dict[str, Any]:

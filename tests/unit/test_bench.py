@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -17,7 +18,14 @@ import pytest
 from service.bench import advisor, grpc_load
 from service.bench.limits import cost_at, limit
 from service.bench.sweep import Batching, Plan, classify_path
-from service.bench.wrk import KeyRefused, Load, run_wrk, summarize
+from service.bench.wrk import (
+    KeyRefused,
+    Load,
+    generator_result,
+    key_refusals,
+    run_wrk,
+    summarize,
+)
 from service.cli import main
 from tests.helpers.http_stub import QuietHandler, http_stub
 from tests.helpers.server import ROOT
@@ -331,3 +339,12 @@ def test_a_probe_url_that_answers_nothing_is_refused_before_measuring(
     err = capsys.readouterr().err
     assert f"nothing answers GET /healthz at --probe-url {nowhere}" in err
     assert "CNNSERVE_PROBE_PORT" in err
+
+
+def test_a_generator_process_that_fails_is_named_with_its_stderr() -> None:
+    ok = generator_result([sys.executable, "-c", "print('{\"statuses\": {}}')"], 30, "x load")
+    assert ok == {"statuses": {}}
+    fails = [sys.executable, "-c", "import sys; sys.exit('no server at 127.0.0.1:9')"]
+    with pytest.raises(RuntimeError, match=r"the x load failed \(1\): no server at 127.0.0.1:9"):
+        generator_result(fails, 30, "x load")
+    assert key_refusals({"200": 5, 401: 2, "403": 1, "503": 4}) == {"401": 2, "403": 1}
