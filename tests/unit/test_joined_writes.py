@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from service.api.http_protocol import JoinedWrites
+from service.api.http_protocol import HeldFlow, JoinedWrites
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
 
@@ -104,5 +104,29 @@ def test_a_held_head_is_dropped_if_the_client_left_before_the_next_turn() -> Non
         transport.closing = True  # the connection was lost meanwhile
         await asyncio.sleep(0)
         assert transport.calls == []
+
+    asyncio.run(scenario())
+
+
+def test_held_flow_waits_to_drain_only_while_writing_is_paused() -> None:
+    """HeldFlow makes a writable event only once writing pauses (one a connection was
+    ~0.85 KB); drain() waits while paused, and no other connection's does."""
+
+    async def scenario() -> None:
+        paused, other = HeldFlow(Recording()), HeldFlow(Recording())
+        await asyncio.wait_for(paused.drain(), 1.0)  # not paused: at once
+        paused.pause_writing()
+        waiting = asyncio.ensure_future(paused.drain())
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await asyncio.wait_for(other.drain(), 1.0)  # another connection: at once
+        paused.resume_writing()
+        await asyncio.wait_for(waiting, 1.0)
+        paused.pause_writing()  # and again
+        again = asyncio.ensure_future(paused.drain())
+        await asyncio.sleep(0)
+        assert not again.done()
+        paused.resume_writing()
+        await asyncio.wait_for(again, 1.0)
 
     asyncio.run(scenario())
