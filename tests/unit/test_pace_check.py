@@ -103,6 +103,14 @@ def test_an_open_loop_let_go_keeps_its_rate_and_is_answered_at_once_for_a_while(
     assert held_then_let_go(arrive(check, clock, 2000, 2 * BASELINE_SECONDS + 0.01))
 
 
+def open_loop_let_go(check: PaceCheck, clock: Clock, rate: float, seconds: float) -> None:
+    """An open loop at ``rate`` from a held worker: measured, let go for two windows,
+    then answered at once for ``seconds`` more (asserted)."""
+    arrive(check, clock, rate, 2 * BASELINE_SECONDS + 0.01)
+    arrive(check, clock, rate, 2 * WINDOW_SECONDS + 0.01)
+    assert not any(arrive(check, clock, rate, seconds))
+
+
 def found_open(check: PaceCheck, clock: Clock, rate: float) -> float:
     """An open loop at ``rate`` from a held worker: measured, let go and judged open
     (asserted); then how long, from the verdict, it was let go before held again."""
@@ -194,9 +202,7 @@ def test_an_open_loop_let_go_is_not_judged_on_the_connections_it_queued_while_he
     clock = Clock()
     check = PaceCheck(clock)
     closed = verdicts("closed_loop")
-    arrive(check, clock, 1000, 2 * BASELINE_SECONDS + 0.01)
-    arrive(check, clock, 1000, 2 * WINDOW_SECONDS + 0.01)
-    assert not any(arrive(check, clock, 1000, 0.5))  # let go: an open loop
+    open_loop_let_go(check, clock, 1000, 0.5)
     backlog = arrive(check, clock, 5000, 3 * WINDOW_SECONDS, queued=2.0)
     assert not any(backlog) and verdicts("closed_loop") == closed
     assert not any(arrive(check, clock, 1000, 0.5, queued=0.1))  # not long: counted
@@ -247,9 +253,7 @@ def test_spinning_clients_let_go_with_an_open_loop_are_held_and_checked_at_once(
     clock = Clock()
     check = PaceCheck(clock)
     closed = verdicts("closed_loop")
-    arrive(check, clock, 1000, 2 * BASELINE_SECONDS + 0.01)
-    arrive(check, clock, 1000, 2 * WINDOW_SECONDS + 0.01)
-    assert not any(arrive(check, clock, 1000, 1.0))  # let go: an open loop
+    open_loop_let_go(check, clock, 1000, 1.0)
     # Clients retrying at once join it: the next window passes the factor.
     joined = arrive(check, clock, 4000, WINDOW_SECONDS)
     assert joined[-1] is True and verdicts("closed_loop") == closed + 1
