@@ -147,7 +147,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 stopping_calls.append(
                     asyncio.create_task(
                         stop_grpc(
-                            grpc_servers, settings.shutdown_grace_seconds, app.state.dataplane
+                            grpc_servers,
+                            settings.shutdown_grace_seconds,
+                            app.state.dataplane,
+                            settings.grpc_port,
                         )
                     )
                 )

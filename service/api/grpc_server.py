@@ -27,6 +27,7 @@ from service.api.grpc_servicers import (
     ModelServicer,
     PredictionServicer,
 )
+from service.api.listeners import stop_listening
 from service.api.tls import CertificateWatch
 from service.concurrency import MAX_REFUSAL_WAIT_SECONDS
 from service.config import Settings
@@ -287,7 +288,10 @@ REFUSAL_WINDOW_SECONDS = 0.5
 
 
 async def stop_grpc(
-    servers: list[Any] | None, grace_seconds: float = 5.0, plane: DataPlane | None = None
+    servers: list[Any] | None,
+    grace_seconds: float = 5.0,
+    plane: DataPlane | None = None,
+    port: int = 0,
 ) -> None:
     """Refuse new calls and give running ones ``grace_seconds`` to finish.
 
@@ -304,4 +308,8 @@ async def stop_grpc(
         if not plane.replaced():
             plane.stop_accepting_calls()
             await asyncio.sleep(min(REFUSAL_WINDOW_SECONDS, grace_seconds))
+    if port:
+        # All of them before any stop's GOAWAY sends clients reconnecting: one landing
+        # on a listener of this worker not yet closed was reset (service.api.listeners).
+        stop_listening(port)
     await asyncio.gather(*(server.stop(grace_seconds) for server in servers))
