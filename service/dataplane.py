@@ -156,11 +156,8 @@ class DataPlane:
         # Requests in this worker, against its limit (REST's RequestGuard and gRPC's
         # handlers share it).
         self.concurrency = concurrency or worker_limit(settings)
-        # When the server stopped accepting gRPC calls (the loop's time; None: it has
-        # not): calls that begin after are refused with UNAVAILABLE.
-        self._stopped_at: float | None = None
-        # True once the gRPC server stops (also in a rolling restart, where calls are
-        # not refused): open health Watch streams end.
+        # True once the gRPC server stops: open health Watch streams end, and a call
+        # its stop ends is the server's 503 (see stopping).
         self.closing_calls = False
         self.registry = registry
         self._pool = decode_pool
@@ -179,31 +176,14 @@ class DataPlane:
 
     # --- health ---------------------------------------------------------------------
 
-    def stop_accepting_calls(self) -> None:
-        """Refuse gRPC calls that begin from now on (see :meth:`serves_call`)."""
-        self._stopped_at = asyncio.get_running_loop().time()
-
-    def serves_call(self, began: float | None) -> bool:
-        """Whether a gRPC call that began at ``began`` (the loop's time; None: unknown)
-        is served: every call until the server stops accepting, then those that began
-        before, which drain within the grace. One whose message was still on its way
-        at SIGTERM (a slow upload) was refused as new once it came, 2.7 s into a 10 s
-        grace (an outside review)."""
-        stopped = self._stopped_at
-        return stopped is None or (began is not None and began < stopped)
-
     def stopping(self) -> bool:
-        """The server is stopping: new gRPC calls are refused, running ones drain."""
-        return self._stopped_at is not None
+        """The gRPC server is stopping: running calls drain, and a call its stop ends
+        is the server's 503, not the client's 499."""
+        return self.closing_calls
 
     def ready(self) -> bool:
         """This process is ready and so is every sibling worker (see service.readiness)."""
         return self.registry.is_ready() and self._readiness.all_ready()
-
-    def replaced(self) -> bool:
-        """The workers are being replaced one at a time (SIGHUP): a worker stopping now
-        has a successor serving on its ports, not a replica going away."""
-        return self._readiness.restarting()
 
     def deadline(self, timeout_seconds: float | None, since: float | None = None) -> float:
         """Absolute monotonic deadline from a client timeout (or the default), counted

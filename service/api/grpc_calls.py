@@ -5,7 +5,6 @@ the refusal counted, logged and tagged as any other answer."""
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,12 +15,6 @@ from service.requestlog import RequestRecord, client_request_id, recorded
 
 # The call metadata that carries a request id, returned in the trailing metadata.
 REQUEST_ID_KEY = "x-request-id"
-# When the call began (the event loop's time), set by the malformed-request interceptor
-# in the call's task before its message is read: a call that began before the server
-# stopped is served, however long its message took to come (service.dataplane).
-CALL_BEGAN: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "cnnserve_call_began", default=None
-)
 
 
 def call_request_id(metadata: Mapping[str, Any]) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.api.grpc_calls import CALL_BEGAN, record_call, refuse_call
+from service.api.grpc_calls import record_call, refuse_call
 from service.errors import (
     ClientClosedRequest,
     CnnserveError,
@@ -138,7 +138,6 @@ async def _first_message(
     started = time.perf_counter()  # the access log's duration: the wait included
     loop = asyncio.get_running_loop()
     began = loop.time()
-    CALL_BEGAN.set(began)
     scope = asyncio.timeout(None)
     try:
         async with scope:  # wait_for would swallow a cancellation

@@ -283,31 +283,28 @@ def _listener(
     return server
 
 
-# How long new calls are refused with UNAVAILABLE before the server itself stops.
-REFUSAL_WINDOW_SECONDS = 0.5
-
-
 async def stop_grpc(
     servers: list[Any] | None,
     grace_seconds: float = 5.0,
     plane: DataPlane | None = None,
     port: int = 0,
 ) -> None:
-    """Refuse new calls and give running ones ``grace_seconds`` to finish.
+    """Stop taking calls and give running ones ``grace_seconds`` to finish.
 
-    First our handlers refuse new calls with UNAVAILABLE (retry elsewhere) for a short
-    window: gRPC's own stop() answers calls that reached it but no handler yet with
-    CANCELLED (grpc/grpc#41785), which clients do not read as "try another replica".
-    Not in a rolling restart: the worker's successor listens on the same port, and the
-    stop's GOAWAY sends the clients' next calls to it (refused, every call of that
-    window failed: ~30 in a restart of two workers under a light load)."""
+    gRPC's stop sends GOAWAY: clients send their next calls on a new connection (to the
+    worker's successor in a rolling restart, to another replica behind a balancer). A
+    call its core took in but had not handed to a handler yet is answered CANCELLED
+    (grpc/grpc#41785), which the retry policy of docs/grpc-service-config.json retries.
+    No refusal window comes first: our handlers refused new calls UNAVAILABLE "shutting
+    down; retry on another replica" for 0.5 s before the stop, but a client's next call
+    came on the same connection, to the same worker, until the GOAWAY. Behind a proxy
+    with two replicas, 8 callers on one connection lost 1,093-1,174 calls a SIGTERM that
+    way, with the retry policy or without; now none with it, and 3-5 (CANCELLED)
+    without."""
     if servers is None:
         return
     if plane is not None:
         plane.closing_calls = True
-        if not plane.replaced():
-            plane.stop_accepting_calls()
-            await asyncio.sleep(min(REFUSAL_WINDOW_SECONDS, grace_seconds))
     if port:
         # All of them before any stop's GOAWAY sends clients reconnecting: one landing
         # on a listener of this worker not yet closed was reset (service.api.listeners).

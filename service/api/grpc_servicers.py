@@ -18,7 +18,6 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from service.api.grpc_calls import (
-    CALL_BEGAN,
     REQUEST_ID_KEY,
     call_request_id,
     end_call,
@@ -104,8 +103,6 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         try:
             record = RequestRecord(rid, "grpc", "POST", route)
             with recorded(record, self._plane.stopping):
-                if not self._plane.serves_call(CALL_BEGAN.get()):
-                    raise ShuttingDown("the server is shutting down; retry on another replica")
                 taken = None
                 if limited:
                     taken = concurrency.admit(connection)

@@ -25,7 +25,12 @@ from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.readiness import process_alive
 from tests.helpers.errors import error_of
 from tests.helpers.images import encode, gradient
-from tests.helpers.models import publish_tiny, simple_config, write_models_config
+from tests.helpers.models import (
+    publish_tiny,
+    simple_config,
+    tiny_repository,
+    write_models_config,
+)
 from tests.helpers.server import (
     Server,
     accepted_by,
@@ -33,6 +38,7 @@ from tests.helpers.server import (
     running_server,
     workers_of,
 )
+from tests.helpers.tcp_proxy import tcp_proxy
 
 PNG = encode(gradient(), "PNG")
 RAW = {"content": PNG, "headers": {"content-type": "image/png"}}
@@ -246,14 +252,6 @@ def test_workers_restarted_after_a_broken_publish_serve_the_good_version_at_once
     assert set(answers) == {"ready 200, 200 v1"}, sorted(set(answers))
 
 
-def tiny_repository(tmp_path: Path) -> Path:
-    """A repository serving a tiny model "m" (version 1, with its LiteRT file)."""
-    repo = tmp_path / "repo"
-    publish_tiny(repo, "m", seed=1, with_litert=True)
-    write_models_config(repo, simple_config("m"))
-    return repo
-
-
 def classify_until(
     stub: cnnserve_v1_pb2_grpc.ImageClassifierStub,
     stop: threading.Event,
@@ -264,7 +262,7 @@ def classify_until(
     failures noted by status and details."""
     while not stop.is_set():
         try:
-            stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG, model="m"), timeout=30)
+            stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG, model="tiny"), timeout=30)
             answered[0] += 1
         except grpc.RpcError as exc:
             failures.append(f"gRPC {exc.code().name} {exc.details()}")  # type: ignore[attr-defined]
@@ -303,7 +301,7 @@ def test_a_rolling_restart_under_load_fails_no_request(tmp_path: Path) -> None:
     gRPC calls for half a second ("shutting down; retry on another replica": ~30 calls
     failed, though its successor already listened), and closed kept-alive connections
     between two requests (the next one lost: broken pipe)."""
-    repo = tiny_repository(tmp_path)
+    repo = tiny_repository(tmp_path, with_litert=True)
     env = {"CNNSERVE_WORKERS": "2", "CNNSERVE_POLL_SECONDS": "0"}
     failures: list[str] = []
     answered = [0]
@@ -360,7 +358,7 @@ def test_clients_with_the_documented_retry_policy_lose_no_call_in_rolling_restar
     grpc/grpc#41785): 24 callers, 173 calls in five rolling restarts without a retry
     policy; with the documented one (UNAVAILABLE and CANCELLED retried: these methods
     are idempotent), none in eight. Two rolling restarts here, none may fail."""
-    repo = tiny_repository(tmp_path)
+    repo = tiny_repository(tmp_path, with_litert=True)
     env = {"CNNSERVE_WORKERS": "2", "CNNSERVE_POLL_SECONDS": "0"}
     failures: list[str] = []
     answered = [0]
@@ -632,6 +630,59 @@ def test_a_deadline_that_passed_while_the_body_came_is_answered_before_it_is_par
     assert b"x-error-code: deadline_exceeded" in answer.lower(), (answer, content)
 
 
+def test_a_replica_stopping_behind_a_balancer_loses_no_call_of_retrying_clients(
+    tiny_repo_litert: Path,
+) -> None:
+    """Two replicas behind an L4 balancer; the client's one connection is on the first,
+    which gets SIGTERM. Its stop's GOAWAY sends the next calls to the other replica, and
+    the calls the stop ended (CANCELLED, grpc/grpc#41785) are retried by the documented
+    policy: none fails. Our handlers refused new calls UNAVAILABLE for 0.5 s before the
+    stop, on the same connection, to the same replica: 8 callers lost 1,093-1,174 calls
+    a SIGTERM, the retry policy's too."""
+    env = {"CNNSERVE_POLL_SECONDS": "0"}
+    failures: list[str] = []
+    answered = [0]
+    stop = threading.Event()
+    options = [
+        ("grpc.service_config", SERVICE_CONFIG.read_text()),
+        ("grpc.use_local_subchannel_pool", 1),  # its own connection, through the proxy
+    ]
+    with (
+        running_server(tiny_repo_litert, grpc_port=0, env=env) as first,
+        running_server(tiny_repo_litert, grpc_port=0, env=env) as second,
+        tcp_proxy([first.grpc_port, second.grpc_port]) as port,
+        grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel,
+    ):
+        grpc_load = (cnnserve_v1_pb2_grpc.ImageClassifierStub(channel), stop, answered, failures)
+        threads = [threading.Thread(target=classify_until, args=grpc_load) for _ in range(8)]
+        for t in threads:
+            t.start()
+        try:
+            wait_for(lambda: answered[0] > 100)
+            first.process.send_signal(signal.SIGTERM)
+            assert first.process.wait(timeout=60) == 0
+            seen = answered[0]
+            wait_for(lambda: answered[0] > seen + 100)  # served by the second
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert access_statuses(second.log.read_text(), "grpc") == {200}
+    assert not failures, (failures[:20], first.log.read_text()[-6000:])
+
+
+# How a call that no handler took ends at the server's stop: UNAVAILABLE once the
+# connection has gone (a new one finds no listener), CANCELLED for one gRPC's core had
+# taken in but not handed on yet (grpc/grpc#41785).
+NEVER_HANDLED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+def access_statuses(log: str, protocol: str) -> set[int]:
+    """The statuses of the access-log lines of ``protocol`` in a server's log."""
+    lines = (json.loads(line) for line in log.splitlines() if line.startswith('{"time"'))
+    return {line["status"] for line in lines if line["protocol"] == protocol}
+
+
 def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -> None:
     env = {
         "CNNSERVE_POLL_SECONDS": "0",
@@ -659,8 +710,8 @@ def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -
                         stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=10)
                         grpc_codes.append("OK")
                     except grpc.RpcError as exc:
-                        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                            return  # refused at the door once stopping: never accepted
+                        if exc.code() in NEVER_HANDLED:
+                            return  # the stop's: no handler took the call (see below)
                         grpc_codes.append(exc.code().name)
 
         threads = [threading.Thread(target=rest_load) for _ in range(2)]
@@ -686,6 +737,9 @@ def test_sigterm_turns_readiness_503_first_drains_and_exits_0(tiny_repo: Path) -
         assert set(rest) == {200} and set(grpc_codes) == {"OK"}, (set(rest), set(grpc_codes))
         assert len(rest) >= served_while_draining
     log = server.log.read_text()
+    # Every call a handler took was answered: the client's last call, if it failed, was
+    # one the stop ended before any handler had it (no line in the access log).
+    assert access_statuses(log, "grpc") == {200}, log[-4000:]
     assert log.count("SIGTERM: readiness is 503 now") == 1, log
     assert log.count("SIGTERM again: already shutting down") == 1, log
 

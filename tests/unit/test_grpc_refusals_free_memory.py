@@ -31,9 +31,6 @@ class Plane:
 
     settings = SimpleNamespace(grpc_max_message_bytes=1 << 22)
 
-    def serves_call(self, began: float | None) -> bool:
-        return True
-
     def __init__(self) -> None:
         self.concurrency = ConcurrencyLimit(8)
         self.held: list[weakref.ref[Held]] = []

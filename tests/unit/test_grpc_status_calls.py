@@ -28,9 +28,6 @@ class Plane:
 
     settings = SimpleNamespace()
 
-    def serves_call(self, began: float | None) -> bool:
-        return True
-
     def __init__(self) -> None:
         self.concurrency = ConcurrencyLimit(1)
         assert self.concurrency.try_acquire() is not None  # its one place is taken
