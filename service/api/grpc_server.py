@@ -210,7 +210,7 @@ async def start_grpc(
         chain.append(  # last: inside authentication
             MalformedRequestInterceptor(
                 settings.body_read_timeout_seconds,
-                stopping=lambda: plane.closing_calls,
+                stopping=plane.stopping,
                 crowd=listener_cap(settings) // 2,
             )
         )

@@ -30,7 +30,6 @@ from service.errors import (
     DeadlineExceeded,
     InternalError,
     InvalidRequest,
-    ShuttingDown,
     bounded,
     grpc_status,
 )
@@ -122,9 +121,8 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         except Exception:
             log.exception("%s: unexpected error", method.__name__)
             error = InternalError("unexpected")
-        # Come back later: paced (service.concurrency); but a stopping server answers at
-        # once, before its listener goes (a paced answer was cancelled by the stop).
-        if error.http_status == 503 and not isinstance(error, ShuttingDown):
+        # Come back later: paced (service.concurrency).
+        if error.http_status == 503:
             await concurrency.pace_refusal(
                 retrying,
                 connection,
@@ -373,7 +371,7 @@ class HealthServicer:
                 if status != last:
                     yield health_pb2.HealthCheckResponse(status=status)
                     last = status
-                if self._plane.closing_calls:
+                if self._plane.stopping():
                     # The gRPC server stops (NOT_SERVING was sent, unless a successor
                     # takes over in a rolling restart): an open stream would hold the
                     # stop for its whole grace period.

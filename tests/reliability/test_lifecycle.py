@@ -268,6 +268,29 @@ def classify_until(
             failures.append(f"gRPC {exc.code().name} {exc.details()}")  # type: ignore[attr-defined]
 
 
+@contextmanager
+def under_load(
+    threads: list[threading.Thread], stop: threading.Event, answered: list[int], first: int
+) -> Iterator[None]:
+    """Start the load ``threads``; once ``first`` answers came, run the block; then stop
+    the threads and wait for them."""
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: answered[0] > first)
+        yield
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
+def more_answers(answered: list[int], count: int) -> None:
+    """Wait until ``count`` more answers came."""
+    seen = answered[0]
+    wait_for(lambda: answered[0] > seen + count)
+
+
 def rolling_restarts(
     server: Server,
     threads: list[threading.Thread],
@@ -275,24 +298,16 @@ def rolling_restarts(
     answered: list[int],
     times: int = 1,
 ) -> None:
-    """Start the load ``threads``, then SIGHUP the server ``times``, one rolling restart
+    """Under the load of ``threads``, SIGHUP the server ``times``, one rolling restart
     after another: each until both workers are replaced, the old ones gone, and 20
-    more answers came; then stop the threads."""
-    for t in threads:
-        t.start()
-    try:
-        wait_for(lambda: answered[0] > 20)
+    more answers came."""
+    with under_load(threads, stop, answered, first=20):
         for _ in range(times):
             before = workers_of(server)
             server.process.send_signal(signal.SIGHUP)
             wait_for(lambda: len(workers_of(server) - before) == 2)  # noqa: B023
             wait_for(lambda: not workers_of(server) & before)  # noqa: B023
-            seen = answered[0]
-            wait_for(lambda: answered[0] > seen + 20)  # noqa: B023
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+            more_answers(answered, 20)
 
 
 def test_a_rolling_restart_under_load_fails_no_request(tmp_path: Path) -> None:
@@ -655,18 +670,10 @@ def test_a_replica_stopping_behind_a_balancer_loses_no_call_of_retrying_clients(
     ):
         grpc_load = (cnnserve_v1_pb2_grpc.ImageClassifierStub(channel), stop, answered, failures)
         threads = [threading.Thread(target=classify_until, args=grpc_load) for _ in range(8)]
-        for t in threads:
-            t.start()
-        try:
-            wait_for(lambda: answered[0] > 100)
+        with under_load(threads, stop, answered, first=100):
             first.process.send_signal(signal.SIGTERM)
             assert first.process.wait(timeout=60) == 0
-            seen = answered[0]
-            wait_for(lambda: answered[0] > seen + 100)  # served by the second
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
+            more_answers(answered, 100)  # served by the second
         assert access_statuses(second.log.read_text(), "grpc") == {200}
     assert not failures, (failures[:20], first.log.read_text()[-6000:])
 
