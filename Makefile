@@ -16,15 +16,29 @@ TRAIN_ARGS := --dataset fashion_mnist --arch efficient_cnn --se --epochs 36 --ba
 	--rotation 0 --zoom 0 --shift 0.1 --seed 0
 
 .PHONY: install system-deps run test test-e2e test-load test-reliability fuzz wrk bench bench-overload \
-	loadtest lint format proto proto-check train clean
+	loadtest lint format proto proto-check train clean lock
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The versions installed are constraints.txt's (the set the suite last passed with);
+# pyproject.toml holds the ranges. `make lock` resolves the ranges anew into it.
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,loadtest]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev,loadtest]'
 	@touch $(STAMP)
+
+# constraints.txt anew: a fresh environment installs pyproject.toml's ranges unconstrained
+# (the newest releases they allow) and its versions are written down, under the file's
+# own header. Run .ci/run before committing the result.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+	$(LOCK_VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev,loadtest]'
+	{ sed -n '/^#/p' constraints.txt; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable | grep -iv '^pip==' | sort -f; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt && rm -rf $(LOCK_VENV)
 
 # Debian packages the tests use (Fashion-MNIST's IDX files; prometheus and promtool for the
 # monitoring tests; chromium for the browser tests); installed only when missing.

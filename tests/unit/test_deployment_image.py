@@ -57,9 +57,20 @@ def pip_install(stage: list[dict[str, Any]]) -> list[str]:
     raise AssertionError("no pip install in the build stage")
 
 
+def makefile_install() -> list[str]:
+    """The arguments of `make install`'s pip install of the project (past the options
+    every pip call there takes)."""
+    found = re.search(
+        r"pip install .*?--disable-pip-version-check (.*-e '\.\[[a-z,]+\]')",
+        (ROOT / "Makefile").read_text(),
+    )
+    assert found, "make install no longer installs -e '.[...]'"
+    return shlex.split(found.group(1))
+
+
 def makefile_extras() -> set[str]:
     """The extras `make install` (and so `make test`) installs the project with."""
-    found = re.search(r"pip install .*-e '\.\[([a-z,]+)\]'", (ROOT / "Makefile").read_text())
+    found = re.fullmatch(r"\.\[([a-z,]+)\]", makefile_install()[-1])
     assert found, "make install no longer installs -e '.[...]'"
     return set(found.group(1).split(","))
 
@@ -80,7 +91,10 @@ def test_multi_stage_slim_runtime_without_build_tools() -> None:
 def test_image_installs_the_projects_runtime_dependencies_only() -> None:
     (build, _) = stages()
     args = pip_install(build)
-    targets = [a for a in args if not a.startswith("-")]
+    # The versions the tests ran with: the constraints `make install` passes too.
+    assert args[:2] == ["-c", "constraints.txt"], args
+    assert makefile_install()[:2] == ["-c", "constraints.txt"]
+    targets = [a for a in args[2:] if not a.startswith("-")]
     assert len(targets) == 1
     found = re.fullmatch(r"\.(?:\[([a-z,]+)\])?", targets[0])
     assert found, f"the image must install the project itself, not {targets[0]}"
@@ -89,7 +103,7 @@ def test_image_installs_the_projects_runtime_dependencies_only() -> None:
     # Whatever the image installs, the tests install too (same pyproject.toml).
     assert extras <= makefile_extras()
     assert extras <= set(PYPROJECT["project"].get("optional-dependencies", {}))
-    assert not any(a.startswith(("-r", "--requirement", "-c", "--constraint")) for a in args)
+    assert not any(a.startswith(("-r", "--requirement")) for a in args)
 
 
 def test_non_root_user_ports_and_settings() -> None:
@@ -127,6 +141,7 @@ def test_entrypoint_is_the_cnnserve_serve_the_tests_run() -> None:
     ("path", "sent"),
     [
         ("pyproject.toml", True),
+        ("constraints.txt", True),
         ("service/cli.py", True),
         ("service/proto_gen/cnnserve_v1_pb2.py", True),
         ("service/__pycache__/cli.cpython-311.pyc", False),
