@@ -4,9 +4,10 @@ the refusal counted, logged and tagged as any other answer."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -15,6 +16,10 @@ from service.requestlog import RequestRecord, client_request_id, recorded
 
 # The call metadata that carries a request id, returned in the trailing metadata.
 REQUEST_ID_KEY = "x-request-id"
+# What gRPC's own retries (a service config's retryPolicy) read of when to try again:
+# they do not read retry-after. Milliseconds; negative: not at all (gRPC's retry design,
+# A6).
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 def call_request_id(metadata: Mapping[str, Any]) -> str:
@@ -22,21 +27,35 @@ def call_request_id(metadata: Mapping[str, Any]) -> str:
     return client_request_id(str(metadata.get(REQUEST_ID_KEY, "")).encode("utf-8"))
 
 
-def end_call(
+async def end_call(
     context: Any, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()
-) -> None:
-    """End the call with ``code`` and ``details`` as its handler returns, which it must
-    do at once (a unary one returning None, a streaming one ending its stream).
+) -> NoReturn:
+    """End the call with ``code``, ``details`` and ``trailers``: gRPC's abort, which
+    answers with trailers alone and raises (its handler ends there).
 
-    Not ``context.abort``: gRPC keeps the AbortError it raises on the call's state, and
-    that error's traceback holds the handler's frames, whose locals hold the call's state
-    and the request: a reference cycle, so every refused call kept its request message
-    until Python's cycle collector ran (ten refused 35 MB Predicts: +570 MB in a
-    worker)."""
-    context.set_code(code)
-    context.set_details(details)
-    if trailers:
-        context.set_trailing_metadata(trailers)
+    Trailers alone, because gRPC's own retries (a service config's retryPolicy, such as
+    docs/grpc-service-config.json) give up on a call once its answer's headers came: a
+    status set on the context and returned (set_code) goes out as headers, an empty
+    message and trailers, so a model still loading (UNAVAILABLE) or an overload
+    (RESOURCE_EXHAUSTED with its pushback) was never retried, whatever the policy said.
+
+    gRPC keeps the AbortError on the call's state, and its traceback holds the handler's
+    frames, whose locals hold the call's state and the request: a reference cycle, so
+    every refused call kept its request message until Python's cycle collector ran (ten
+    refused 35 MB Predicts: +570 MB in a worker). So the error lets go of its traceback
+    (and of the error it was raised while handling) on the event loop's next turn: by
+    then gRPC has caught it (it goes up through no await). Not a done callback of the
+    call's: gRPC keeps that beside the call's state, itself a cycle."""
+    try:
+        await context.abort(code, details, trailers)
+    except BaseException as ended:
+        asyncio.get_running_loop().call_soon(_let_go, ended)
+        raise
+    raise AssertionError("gRPC's abort returned")  # it always raises
+
+
+def _let_go(ended: BaseException) -> None:
+    ended.__traceback__ = ended.__context__ = ended.__cause__ = None
 
 
 def record_call(
@@ -55,21 +74,31 @@ def record_call(
     return rid
 
 
-def refuse_call(
+async def refuse_call(
     context: Any, error: CnnserveError, route: str, started: float | None = None
-) -> None:
-    """End the call with ``error`` (see :func:`end_call`: return at once) after recording
-    it as a servicer's answer would be; its request id goes back in the trailers."""
+) -> NoReturn:
+    """End the call with ``error`` (see :func:`end_call`: it raises) after recording it
+    as a servicer's answer would be; its request id goes back in the trailers."""
     rid = record_call(context, error, route, started)
-    end_call(context, error.grpc_code, error.public_message(), error_trailers(rid, error))
+    await end_call(context, error.grpc_code, error.public_message(), error_trailers(rid, error))
 
 
 def error_trailers(rid: str, error: CnnserveError) -> tuple[tuple[str, str], ...]:
     """A refused call's trailing metadata: its request id, and ``retry-after`` when the
-    error has one (REST's Retry-After)."""
+    error has one (REST's Retry-After).
+
+    A ``RESOURCE_EXHAUSTED`` also says so to gRPC's retries (:data:`PUSHBACK_KEY`): an
+    overload's after its retry-after (a client whose policy retries it came back within
+    its backoff, 50 ms, adding load where there was none to spare), a call too large
+    never (it would be refused the same way each time). ``UNAVAILABLE`` has none: those
+    retries go to another connection or replica at once (docs/grpc-service-config.json),
+    and an unchecked API key's 10 s would outlast most calls' deadlines."""
     trailers: tuple[tuple[str, str], ...] = ((REQUEST_ID_KEY, rid),)
     if error.retry_after is not None:
         trailers += (("retry-after", str(error.retry_after)),)
+    if error.grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        pushback = -1 if error.retry_after is None else error.retry_after * 1000
+        trailers += ((PUSHBACK_KEY, str(pushback)),)
     return trailers
 
 
@@ -79,12 +108,11 @@ def refusal_handler(handler: Any, error: CnnserveError, route: str) -> Any:
     interceptor with no record, key guessing over gRPC left no trace)."""
 
     async def abort(request: Any, context: Any) -> Any:
-        refuse_call(context, error, route)
+        await refuse_call(context, error, route)
 
     async def abort_stream(request: Any, context: Any) -> Any:
-        refuse_call(context, error, route)
-        return
-        yield  # makes this an async generator
+        await refuse_call(context, error, route)
+        yield  # never reached: makes this an async generator
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,

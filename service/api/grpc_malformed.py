@@ -21,7 +21,7 @@ import inspect
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -46,8 +46,8 @@ class _Malformed:
         self.message_type = message_type
 
 
-def _refuse(request: _Malformed, context: Any, route: str, started: float) -> None:
-    refuse_call(
+async def _refuse(request: _Malformed, context: Any, route: str, started: float) -> NoReturn:
+    await refuse_call(
         context,
         InvalidRequest(
             f"the request is not a valid {request.message_type} message (malformed protobuf)"
@@ -131,8 +131,9 @@ class Waiting:
 
 async def _first_message(
     context: Any, route: str, waiting: Waiting, stopping: Callable[[], bool] = _never
-) -> Any | None:
-    """The call's request message; None once the call is refused (return at once).
+) -> Any:
+    """The call's request message; the call refused (gRPC's abort, which raises) when
+    none came or it did not parse.
     ``stopping`` says whether the server is stopping: a call its stop cancels is then
     the server's 503, not the client's 499."""
     started = time.perf_counter()  # the access log's duration: the wait included
@@ -157,23 +158,20 @@ async def _first_message(
     except TimeoutError:
         allowed = (scope.when() or began) - began
         cut = " (many calls were waiting for theirs)" if allowed < waiting.timeout else ""
-        refuse_call(
+        await refuse_call(
             context,
             RequestTimeout(f"the request message did not arrive within {allowed:.3g} s{cut}"),
             route,
             started,
         )
-        return None
     except asyncio.CancelledError:  # gRPC's core ended the call: a deadline, a stop, or not
         why = ShuttingDown(STOPPED) if stopping() else ClientClosedRequest(CANCELLED)
         record_call(context, _ended(context, why), route, started)
         raise
     if request is grpc.aio.EOF:
-        refuse_call(context, _ended(context, InvalidRequest(NO_MESSAGE)), route, started)
-        return None
+        await refuse_call(context, _ended(context, InvalidRequest(NO_MESSAGE)), route, started)
     if isinstance(request, _Malformed):
-        _refuse(request, context, route, started)
-        return None
+        await _refuse(request, context, route, started)
     return request
 
 
@@ -195,8 +193,6 @@ def _unary(
 ) -> Callable[..., Awaitable[Any]]:
     async def checked(requests: Any, context: Any) -> Any:
         request = await _first_message(context, route, waiting, stopping)
-        if request is None:
-            return None
         return await behavior(request, context)
 
     return checked
@@ -207,8 +203,6 @@ def _unary_stream(
 ) -> Callable[..., AsyncIterator[Any]]:
     async def checked(requests: Any, context: Any) -> AsyncIterator[Any]:
         request = await _first_message(context, route, waiting, stopping)
-        if request is None:
-            return
         result = behavior(request, context)
         if inspect.isasyncgen(result):
             async for item in result:

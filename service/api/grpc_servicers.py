@@ -129,8 +129,9 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
                 grpc_refusal_cost(request.ByteSize()),
                 within=context.time_remaining(),
             )
-        end_call(context, grpc_status(error), error.public_message(), error_trailers(rid, error))
-        return None
+        await end_call(
+            context, grpc_status(error), error.public_message(), error_trailers(rid, error)
+        )
 
     return handler
 
@@ -341,8 +342,7 @@ class HealthServicer:
             # Bounded as every echoed name is: past gRPC's 16 KiB trailer limit the
             # client got RESOURCE_EXHAUSTED, not NOT_FOUND.
             message = bounded(f"unknown service {request.service!r}")
-            end_call(context, grpc.StatusCode.NOT_FOUND, message)
-            return None
+            await end_call(context, grpc.StatusCode.NOT_FOUND, message)
         return health_pb2.HealthCheckResponse(status=status)
 
     async def List(self, request: Any, context: Any) -> Any:
@@ -356,13 +356,12 @@ class HealthServicer:
         # for calls in progress; 3,000 of them shut every call out, Predict and Check too.
         most = self._plane.settings.max_health_watches
         if self._watching >= most:
-            end_call(
+            await end_call(
                 context,
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{most} health Watch streams are open on this worker, the most it keeps "
                 "(CNNSERVE_MAX_HEALTH_WATCHES); use Check, or close a Watch",
             )
-            return
         self._watching += 1
         try:
             last = None

@@ -682,6 +682,45 @@ def test_grpc_refusals_are_paced_by_connection_too(tiny_repo_litert: Path) -> No
     assert retried[half] >= (half - 1) / rate, retried
 
 
+def test_grpc_retries_of_an_overload_wait_the_time_its_refusal_says(
+    tiny_repo_litert: Path,
+) -> None:
+    """A client whose retry policy retries RESOURCE_EXHAUSTED (a service config, as
+    docs/serving.md shows): the refusal says when to come back in what gRPC's retries
+    read (grpc-retry-pushback-ms, the retry-after's second), and the second attempt
+    comes that long after the first, not after the policy's 50 ms backoff."""
+    policy = {
+        "methodConfig": [
+            {
+                "name": [{"service": "cnnserve.v1.ImageClassifier"}],
+                "retryPolicy": {
+                    "maxAttempts": 2,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.05s",
+                    "backoffMultiplier": 1,
+                    "retryableStatusCodes": ["RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    }
+    # A fast pace: neither attempt waits for its turn (the retry is not at once anyway).
+    with full_worker(tiny_repo_litert, paced(1000.0)) as server:
+        before = sum(shed_counts(server).values())
+        options = [("grpc.service_config", json.dumps(policy))]
+        with grpc.insecure_channel(server.grpc_target, options=options) as channel:
+            stub = cnnserve_v1_pb2_grpc.ImageClassifierStub(channel)  # type: ignore[no-untyped-call]
+            began = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as shed:
+                stub.Classify(cnnserve_v1_pb2.ClassifyRequest(image=PNG), timeout=30)
+            took = time.perf_counter() - began
+        assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(shed.value.trailing_metadata() or ())
+        assert trailers["retry-after"] == "1"
+        assert trailers["grpc-retry-pushback-ms"] == "1000"
+        assert took >= 0.9, f"the retry came {took:.3f} s after the call began"
+        assert sum(shed_counts(server).values()) - before == 2  # both attempts refused
+
+
 def test_a_grpc_connection_holds_its_streams_at_most_and_keeps_the_rest_itself(
     tiny_repo_litert: Path,
 ) -> None:

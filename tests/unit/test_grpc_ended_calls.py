@@ -46,6 +46,13 @@ class EndedCall:
     def set_trailing_metadata(self, trailers: Any) -> None:
         pass
 
+    async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
+        self.code, self.details = code, details
+        raise grpc.aio.AbortError("Locally aborted.")
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
 
 def counted(name: str, **labels: str) -> float:
     return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
@@ -88,7 +95,8 @@ def test_a_call_ended_before_its_message_is_answered_for_why(
         with pytest.raises(asyncio.CancelledError):
             asyncio.run(first_message(call, cancelled, stopping))
     else:
-        assert asyncio.run(first_message(call, cancelled)) is None  # refused: return
+        with pytest.raises(grpc.aio.AbortError):  # refused: the handler ends there
+            asyncio.run(first_message(call, cancelled))
     assert call.code == code
     assert counted("cnnserve_requests_total", **labels, code=status) == requests + 1
     late = 1 if status == "504" else 0
@@ -129,7 +137,8 @@ def test_calls_waiting_for_their_message_wait_less_once_the_listener_is_crowded(
         assert not any(task.done() for task in tasks)
         tasks.append(asyncio.create_task(_first_message(calls[3], ROUTE, waiting)))
         async with asyncio.timeout(10):  # not the 30 s timeout
-            assert await asyncio.gather(*tasks) == [None] * 4
+            ended = await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(isinstance(e, grpc.aio.AbortError) for e in ended), ended
         for call in calls:
             assert call.code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert "(many calls were waiting for theirs)" in call.details, call.details

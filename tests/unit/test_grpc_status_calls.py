@@ -10,6 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import pytest
 
 from service.api.grpc_servicers import ModelServicer, PredictionServicer
 from service.concurrency import ConcurrencyLimit
@@ -66,6 +67,13 @@ class Context:
     def set_details(self, details: str) -> None:
         pass
 
+    async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
+        self.code = code
+        raise grpc.aio.AbortError("Locally aborted.")
+
+    def add_done_callback(self, callback: Any) -> None:
+        pass
+
 
 def call(servicer: Any, method: str, request: Any, context: Context | None = None) -> Any:
     return asyncio.run(getattr(servicer, method)(request, context or Context()))
@@ -94,5 +102,6 @@ def test_inference_calls_are_still_refused_at_the_limit() -> None:
     plane: Any = Plane()
     request = classification_pb2.ClassificationRequest(model_spec=SPEC)
     context = Context()
-    assert call(PredictionServicer(plane), "Classify", request, context) is None
+    with pytest.raises(grpc.aio.AbortError):
+        call(PredictionServicer(plane), "Classify", request, context)
     assert context.code == grpc.StatusCode.RESOURCE_EXHAUSTED
