@@ -37,21 +37,9 @@ class EndedCall:
     def invocation_metadata(self) -> tuple[()]:
         return ()
 
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        self.details = details
-
-    def set_trailing_metadata(self, trailers: Any) -> None:
-        pass
-
     async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
         self.code, self.details = code, details
         raise grpc.aio.AbortError("Locally aborted.")
-
-    def add_done_callback(self, callback: Any) -> None:
-        pass
 
 
 def counted(name: str, **labels: str) -> float:

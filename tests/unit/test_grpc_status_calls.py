@@ -61,18 +61,9 @@ class Context:
     def set_trailing_metadata(self, trailers: Any) -> None:
         pass
 
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.code = code
-
-    def set_details(self, details: str) -> None:
-        pass
-
     async def abort(self, code: grpc.StatusCode, details: str, trailers: Any = ()) -> None:
         self.code = code
         raise grpc.aio.AbortError("Locally aborted.")
-
-    def add_done_callback(self, callback: Any) -> None:
-        pass
 
 
 def call(servicer: Any, method: str, request: Any, context: Context | None = None) -> Any:
