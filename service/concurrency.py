@@ -378,14 +378,15 @@ class ConcurrencyLimit:
             metrics.set_event_loop_lag(self.lag)
             self._check.expire()
 
-    def refusal(self) -> Overloaded:
+    def refusal(self, *, deferred: bool = False) -> Overloaded:
         """What a request refused by :meth:`try_acquire` is told (and counted as).
         Refused while a sibling worker has room, the client is moved: its HTTP
         connection is closed after the 503, and its next one may land on that sibling
         (the kernel gives a new connection to whichever worker accepts first, most
         often one that is not busy). A keep-alive connection otherwise stays where it
-        landed: a client that opened its connections at once saw them split 118/10."""
-        metrics.observe_shed("", "concurrency")
+        landed: a client that opened its connections at once saw them split 118/10.
+        ``deferred``: counted at the end of the loop's turn (metrics.TurnTally)."""
+        metrics.observe_shed("", "concurrency", deferred=deferred)
         moving, self._moving = self._moving, False
         return Overloaded(
             f"this worker is handling {self.in_flight} requests, its limit now "

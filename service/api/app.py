@@ -208,6 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 loading.cancel()
             await registry.stop()
             pool.shutdown(wait=False, cancel_futures=True)
+            metrics.TURN.flush()  # refusals counted in the loop's last turn
             metrics.forget_this_process()
             stop_access_log()
             sys.setswitchinterval(switch_interval)

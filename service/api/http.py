@@ -446,7 +446,9 @@ class Refused:
     closes: bool = False  # its headers say the connection closes after it (closes())
 
     def answered(self) -> None:
-        finish(self.record, self.status)
+        # Counted at the turn's end: answered at the headers, refusals come by the
+        # thousand under an open loop (metrics.TurnTally).
+        finish(self.record, self.status, deferred=True)
 
 
 # The room check a route makes before reading the body (service.api.header_room): from a
@@ -593,19 +595,19 @@ def _worker_refusal(
     """Why the worker, whatever the request asks, refuses it (EarlyRefusal's arguments
     say what is over its limit), or None."""
     if connections is not None:
-        return too_many_connections(*connections)
+        return too_many_connections(*connections, deferred=True)
     if bodies is not None:
-        return too_many_body_bytes(*bodies)
+        return too_many_body_bytes(*bodies, deferred=True)
     if waited is not None:
-        return backlog_refusal(*waited)
-    return None if concurrency.admits() else concurrency.refusal()
+        return backlog_refusal(*waited, deferred=True)
+    return None if concurrency.admits() else concurrency.refusal(deferred=True)
 
 
-def too_many_connections(open_now: int, limit: int) -> Overloaded:
+def too_many_connections(open_now: int, limit: int, *, deferred: bool = False) -> Overloaded:
     """The answer to a request on a connection over the worker's limit: uvicorn's own
     refusal was a plain-text 503, uncounted, that also refused the probes (a few
     thousand silent connections turned /healthz 503, and the liveness probe with it)."""
-    metrics.observe_shed("", "connections")
+    metrics.observe_shed("", "connections", deferred=deferred)
     return Overloaded(
         f"this worker has {open_now} open HTTP connections, over its limit of {limit} "
         "(CNNSERVE_MAX_CONNECTIONS); this connection closes: retry on a new one after "
@@ -615,10 +617,12 @@ def too_many_connections(open_now: int, limit: int) -> Overloaded:
     )
 
 
-def too_many_body_bytes(held: int, length: int, budget: int) -> Overloaded:
+def too_many_body_bytes(
+    held: int, length: int, budget: int, *, deferred: bool = False
+) -> Overloaded:
     """The answer to a request whose body would put the worker's buffered bodies over
     their budget: refused at its headers, its body read and dropped, never held."""
-    metrics.observe_shed("", "bodies")
+    metrics.observe_shed("", "bodies", deferred=deferred)
     return Overloaded(
         f"this worker holds {held >> 20} MiB of request bodies not yet answered; this "
         f"request's {length >> 10} KiB would pass its budget of {budget >> 20} MiB "
@@ -628,14 +632,14 @@ def too_many_body_bytes(held: int, length: int, budget: int) -> Overloaded:
     )
 
 
-def backlog_refusal(waited: float, limit: float) -> Overloaded:
+def backlog_refusal(waited: float, limit: float, *, deferred: bool = False) -> Overloaded:
     """The answer to a new connection's first request that waited longer than ``limit``
     for the worker to accept the connection: the worker is behind on its connections
     (clients that open one per request, faster than it takes them), where admission's
     own queues are short. Refused at once, this costs a fraction of an answer, so the
     queue drains; taken, it waited seconds (a new connection per request at 2x capacity:
     every request 200 after 1.6-4.2 s, readiness probes timing out)."""
-    metrics.observe_shed("", "backlog")
+    metrics.observe_shed("", "backlog", deferred=deferred)
     return Overloaded(
         f"this connection waited {waited * 1e3:.0f} ms for the server to accept it, more "
         f"than {limit * 1e3:.0f} ms (CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS), as others before "

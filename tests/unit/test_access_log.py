@@ -9,6 +9,8 @@ import pytest
 
 from service.requestlog import (
     RequestRecord,
+    _line,
+    _time_text,
     client_request_id,
     configure_access_log,
     finish,
@@ -71,3 +73,53 @@ def test_each_line_has_the_time_of_its_own_second() -> None:
         line = json.loads(_line(at, record, 200, 0.001))
         assert line["time"] == time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(at))
         assert (line["request_id"], line["status"], line["duration_ms"]) == ("r", 200, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("request_id", "method", "route", "model", "version", "code", "timings", "seconds"),
+    [
+        ("e943a87544e2834d9cea000000002ecb", "POST", "/v1/classify", "", "", 503, {}, 0.000316),
+        (
+            'a"quote\\back/slash',
+            "GET",
+            "/v1/models/{model}",
+            "m",
+            "3",
+            200,
+            {"decode": 0.0012},
+            2.5,
+        ),
+        ("id", "POST", "Predict", "caf\u00e9 \u2603", "12", "RESOURCE_EXHAUSTED", {}, 0.0),
+        ("x", "HEAD", "(unmatched)", "m\n\t", "0", 404, {"infer": 1e-7, "encode": 12.0}, 1e-9),
+    ],
+)
+def test_a_line_is_the_json_the_record_says(
+    request_id: str,
+    method: str,
+    route: str,
+    model: str,
+    version: str,
+    code: int | str,
+    timings: dict[str, float],
+    seconds: float,
+) -> None:
+    # The line is written from a template (the log thread's CPU is the event loop's
+    # under an open loop): the very text json.dumps writes for the same fields.
+    record = RequestRecord(request_id, "grpc", method, route=route, model=model, version=version)
+    record.timings.update(timings)
+    at = 1_765_000_000.25
+    expected = {
+        "time": _time_text(at),
+        "request_id": request_id,
+        "protocol": "grpc",
+        "method": method,
+        "route": route,
+        "status": code,
+        "model": model or None,
+        "version": int(version) if version else None,
+        "duration_ms": round(seconds * 1e3, 3),
+        "timings_ms": {k: round(v * 1e3, 3) for k, v in timings.items()},
+    }
+    line = _line(at, record, code, seconds)
+    assert line == json.dumps(expected, separators=(",", ":"))
+    assert json.loads(line) == expected

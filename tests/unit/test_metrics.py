@@ -345,3 +345,79 @@ def test_a_dead_process_that_counted_nothing_leaves_no_files(
     assert not list(multiproc_dir.glob(f"*_{pid}.db"))
     assert list(multiproc_dir.glob(f"counter_{writers[0].pid}.db"))  # its totals stay
     assert scrape()[WRITTEN_REQUESTS] == 2
+
+
+def test_a_turns_refusals_are_written_when_the_turn_ends() -> None:
+    # The HTTP protocol's refusals at the headers are counted in the process and
+    # written once a loop turn (metrics.TurnTally): nothing before the turn ends,
+    # every one of them after, as the direct calls would have written them.
+    requests = {"protocol": "rest", "route": "/turn", "model": "", "version": ""}
+    shed = {"model": "", "reason": "backlog"}
+    before = (
+        value("cnnserve_requests_total", **requests, code="503"),
+        value("cnnserve_requests_total", **requests, code="504"),
+        value("cnnserve_overload_rejections_total", **shed),
+        value("cnnserve_request_duration_seconds_count", **requests),
+        value("cnnserve_request_duration_seconds_sum", **requests),
+    )
+    seen: list[tuple[float, ...]] = []
+
+    async def turn() -> None:
+        for seconds in (0.001, 0.002, 0.3):
+            metrics.observe_request("rest", "/turn", "", "", 503, seconds, deferred=True)
+            metrics.observe_shed("", "backlog", deferred=True)
+        metrics.observe_request("rest", "/turn", "", "", 504, 0.2, deferred=True)
+        seen.append(
+            (
+                value("cnnserve_requests_total", **requests, code="503"),
+                value("cnnserve_overload_rejections_total", **shed),
+            )
+        )
+        await asyncio.sleep(0)  # the turn ends
+
+    asyncio.run(turn())
+    assert seen == [before[0:1] + before[2:3]]  # nothing written within the turn
+    assert value("cnnserve_requests_total", **requests, code="503") == before[0] + 3
+    assert value("cnnserve_requests_total", **requests, code="504") == before[1] + 1
+    assert value("cnnserve_overload_rejections_total", **shed) == before[2] + 3
+    assert value("cnnserve_request_duration_seconds_count", **requests) == before[3] + 4
+    assert value("cnnserve_request_duration_seconds_sum", **requests) == pytest.approx(
+        before[4] + 0.503
+    )
+
+
+def test_deferred_counts_outside_a_running_loop_are_written_at_once() -> None:
+    labels = {"model": "", "reason": "bodies"}
+    before = value("cnnserve_overload_rejections_total", **labels)
+    metrics.observe_shed("", "bodies", deferred=True)
+    assert value("cnnserve_overload_rejections_total", **labels) == before + 1
+
+
+@pytest.mark.parametrize(
+    "values", [[0.0, 1e-6, 0.005, 0.0050001, 0.3, 7.0, 1e9], [0.02] * 5, [2.5], []]
+)
+def test_several_values_observed_at_once_fill_the_buckets_observe_would(
+    values: list[float],
+) -> None:
+    # metrics._observe_all reads prometheus-client's bucket bounds and values: held
+    # here to what observe() makes of the same values, bucket by bucket.
+    from prometheus_client import CollectorRegistry, Histogram
+
+    registry = CollectorRegistry()
+    one = Histogram("one_seconds", "x", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    all_ = Histogram("all_seconds", "x", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+    for v in values:
+        one.observe(v)
+    metrics._observe_all(all_, values)
+
+    def samples(name: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name.removeprefix(name), s.labels.get("le", "")): s.value
+            for family in registry.collect()
+            if family.name == name
+            for s in family.samples
+            if not s.name.endswith("_created")
+        }
+
+    assert samples("all_seconds") == samples("one_seconds")
+    assert len(samples("all_seconds")) == len(metrics.LATENCY_BUCKETS) + 3
