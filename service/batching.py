@@ -51,11 +51,15 @@ estimate is of CPU time (the computing thread's), not wall time: with workers an
 load generator sharing the cores, a batch the OS preempted took longer by the wait, the
 same on the loop or a thread, and a few of those had sent the default model's batches to
 the thread now and then (9% of its inference time there, its weights in two interpreters).
-While the worker refuses requests for load (``shedding``: service.concurrency), batches
-go to the thread whatever the estimate: a refusal arriving during a batch on the loop
-waited for it (a polite client's 503 p50 10-19 ms at 4x the load against ~2 ms; goodput
-8-13% lower under overload, docs/failure-modes.md "Batches off the loop while
-shedding").
+While the worker refuses requests for load (``shedding``: service.concurrency), a
+refusal arriving during a batch on the loop waited for it (a polite client's 503 p50
+10-19 ms at 4x the load against ~2 ms). Such batches run on the loop a step at a time
+(``steps``: LiteRT's chunks of MAX_CHUNK images, ~1 ms), yielding to the loop between
+steps once they took STEP_SECONDS, so a refusal waits for a step, not a batch; one such
+batch at a time, as on the loop. Sent to the thread instead, as they were, they cost
+goodput the hand-offs: an open loop at 4x got 59-66% of capacity against 66-68% in steps
+(docs/failure-modes.md "Batches in steps while shedding"). A runtime without steps of
+its own makes one step of the whole batch.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import enum
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from time import monotonic, perf_counter, thread_time
@@ -125,6 +130,23 @@ SHEDDING_SECONDS = 1.0
 # 17-26 ms against the 20 ms bound went back and forth between the loop and the thread
 # batch by batch, the worst of both (see the module's doc).
 INLINE_HYSTERESIS = 1.5
+# A batch in steps (while the worker sheds) gives the loop its turn once its steps took
+# this much CPU: a refusal waits about this long for a batch. Each turn costs what the
+# loop does per turn, shared by the refusals that came meanwhile: an open loop at 4x
+# (one worker, the default model) got 62% of capacity in 3 of 3 runs with a turn after
+# every step (MAX_CHUNK images, ~0.6 ms), 66-68% with one every 2 ms (polite 503 p50
+# 4.7-4.8 ms), 66-70% every 4 ms (6-9 ms), the open loop's refusals held for the level
+# (not let go by the pace check) in 1 run of 4 at 4 ms and 2 of 2 at 8 ms.
+STEP_SECONDS = 0.002
+
+
+class Placement(enum.Enum):
+    """Where a batch runs: on the event loop at once, on it a step at a time (while the
+    worker sheds), or on a batch thread."""
+
+    LOOP = "loop"
+    STEPS = "steps"
+    THREAD = "thread"
 
 
 @dataclass(frozen=True)
@@ -236,6 +258,7 @@ class DynamicBatcher:
         predict: Callable[[list[Array], float | None], Array],
         config: BatchingConfig,
         *,
+        steps: Callable[[list[Array]], Iterator[Array]] | None = None,
         observer: BatchObserver | None = None,
         name: str = "model",
         inline: bool = False,
@@ -243,9 +266,12 @@ class DynamicBatcher:
     ) -> None:
         """``inline``: ``predict`` computes on the calling thread alone, so batches may run
         on the event loop while a full one is estimated within ``config.inline_max_seconds``
-        and ``shedding`` (the worker is refusing requests for load) is false (see the
-        module's doc)."""
+        and ``shedding`` (the worker is refusing requests for load) is false, and while it
+        is true a step at a time when ``steps`` gives the batch's answers in pieces, in
+        order, computing each as it is asked for (see the module's doc)."""
         self._predict = predict
+        self._steps = steps
+        self._stepping = asyncio.Lock()  # one batch in steps on the loop at a time
         self._inline_max = config.inline_max_seconds if inline else 0.0
         self._shedding = shedding
         self.config = config
@@ -608,8 +634,12 @@ class DynamicBatcher:
                 # call is cancelled; a batch on the loop ends before any can go).
                 deadlines = [item.deadline for item in items]
                 latest = None if None in deadlines else max(d for d in deadlines if d is not None)
-                if self._on_loop():
+                where = self._placement()
+                if where is Placement.LOOP:
                     output, seconds, cpu_seconds = self._infer(parts, latest)
+                elif where is Placement.STEPS:
+                    async with self._stepping:
+                        output, seconds, cpu_seconds = await self._infer_steps(parts)
                 else:
                     watched = None if latest is None else _watched(latest, items)
                     output, seconds, cpu_seconds = await loop.run_in_executor(
@@ -642,10 +672,16 @@ class DynamicBatcher:
             self._in_flight -= size
             self._slots.release()
 
-    def _on_loop(self) -> bool:
-        """Whether the next batch runs on the event loop (see the module's doc)."""
-        self._ran_on_loop = self._fits_loop() and not self._refusing()
-        return self._ran_on_loop
+    def _placement(self) -> Placement:
+        """Where the next batch runs (see the module's doc)."""
+        where = Placement.THREAD
+        if self._fits_loop():
+            if not self._refusing():
+                where = Placement.LOOP
+            elif self._steps is not None:
+                where = Placement.STEPS
+        self._ran_on_loop = where is not Placement.THREAD
+        return where
 
     def _fits_loop(self) -> bool:
         per_image = self._cpu_per_image
@@ -662,6 +698,32 @@ class DynamicBatcher:
         if monotonic() - self._refused_at < SHEDDING_SECONDS:
             return True
         return self._shedding is not None and self._shedding()
+
+    async def _infer_steps(self, parts: list[Array]) -> tuple[Array, float, float]:
+        """On the event loop, a step at a time, what else is ready running between steps:
+        the output, the seconds from the first step's start to the last's end, and the
+        CPU seconds of the steps alone."""
+        assert self._steps is not None
+        steps = self._steps(parts)
+        outputs: list[Array] = []
+        begin, cpu = perf_counter(), 0.0
+        since = 0.0
+        while True:
+            started = thread_time()
+            output = next(steps, None)
+            took = thread_time() - started
+            cpu += took
+            since += took
+            if output is None:
+                break
+            outputs.append(output)
+            if since >= STEP_SECONDS:
+                since = 0.0
+                await asyncio.sleep(0)  # refusals that arrived meanwhile are answered now
+        seconds = perf_counter() - begin
+        if not outputs:
+            raise TypeError(f"the model's steps gave no answer for a batch of {len(parts)} parts")
+        return (outputs[0] if len(outputs) == 1 else np.concatenate(outputs)), seconds, cpu
 
     def _infer(self, parts: list[Array], deadline: float | None) -> tuple[Array, float, float]:
         """On a batch thread or the event loop: the model on the requests' inputs; its

@@ -749,6 +749,7 @@ class Registry:
         batcher = DynamicBatcher(
             prepared.runtime.predict_parts,
             config,
+            steps=prepared.runtime.predict_steps,
             observer=observer,
             name=f"{model}/{version}",
             inline=prepared.runtime.computes_on_caller,

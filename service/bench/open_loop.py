@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import random
 import resource
 import ssl
@@ -265,7 +266,18 @@ def summary(loop: OpenLoop, began: float, ended: float) -> dict[str, Any]:
         "generator_cores": round(loop.cpu_s / window, 2),
         "load": f"open loop, {loop.rate:g} requests/s",
         "window_monotonic": [began, ended],
+        "ok_per_second": per_second(tally.ok_at, began, ended),
     }
+
+
+def per_second(moments: list[float], began: float, ended: float) -> list[int]:
+    """How many of ``moments`` fell in each second from ``began`` to ``ended`` (the last
+    perhaps part of one): goodput over the level, where a total hides a slow start."""
+    counts = [0] * max(1, math.ceil(round(ended - began, 3)))  # not a second for 10.0001
+    for moment in moments:
+        if began <= moment <= ended:
+            counts[min(int(moment - began), len(counts) - 1)] += 1
+    return counts
 
 
 def _round(value: float | None) -> float | None:

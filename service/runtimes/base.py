@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +150,12 @@ class Runtime(abc.ABC):
         are concatenated into one batch."""
         batch = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return self.predict(batch, deadline)
+
+    def predict_steps(self, parts: Sequence[Batch]) -> Iterator[Probabilities]:
+        """:meth:`predict_parts`'s answer in pieces, in order, each computed as it is asked
+        for: the batcher runs a batch on the event loop a step at a time while the worker
+        sheds (service.batching). By default, one step: the whole batch."""
+        yield self.predict_parts(parts)
 
     def signature_defs(self) -> Any:
         """The model's public signatures, a TF Serving ``SignatureDefMap`` (for metadata):

@@ -8,15 +8,15 @@ import gc
 import threading
 import time
 import weakref
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from service import batching
-from service.batching import BatchingConfig, DynamicBatcher
+from service.batching import BatchingConfig, DynamicBatcher, Placement
 from service.config import Settings
 from service.errors import (
     DeadlineExceeded,
@@ -897,6 +897,92 @@ def test_batches_leave_the_event_loop_while_the_worker_sheds() -> None:
     assert on_loop == [False, True, False, False, True]  # the first: nothing measured
 
 
+def test_while_the_worker_sheds_batches_with_steps_run_on_the_loop_a_step_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A runtime that computes a batch in steps (LiteRT's chunks) keeps its batches on
+    the event loop while the worker sheds, yielding between steps: what else is ready
+    (a refusal to answer) runs between them, not after the batch. One such batch at a
+    time; the answers are the whole batch's, in order; the cost is noted from the
+    steps' CPU time."""
+    monkeypatch.setattr(batching, "STEP_SECONDS", 0.0005)  # a turn after each 1 ms step
+    log: list[str] = []
+
+    def steps(parts: list[Array]) -> Iterator[Array]:
+        rows = np.concatenate(parts)
+        for start in range(0, len(rows), 2):
+            log.append(f"step {threading.get_ident() == loop_thread} {rows[start, 0, 0, 0]}")
+            until = time.thread_time() + 0.001  # 1 ms of CPU a step
+            while time.thread_time() < until:
+                pass
+            yield ids(rows[start : start + 2])
+
+    async def scenario() -> list[list[int]]:
+        shedding = [False]
+        cfg = BatchingConfig(4, 0, 4, 2, inline_max_seconds=10.0)
+        predict = Threads()
+        async with DynamicBatcher(
+            whole(predict), cfg, steps=steps, inline=True, shedding=lambda: shedding[0]
+        ) as batcher:
+            await batcher.submit(images(9), deadline=None)  # measured: on the loop from now
+            shedding[0] = True
+
+            async def other_work() -> None:
+                for _ in range(3):
+                    log.append("other")
+                    await asyncio.sleep(0)
+
+            first = batcher.submit(images(1, 2, 3, 4), deadline=None)
+            second = batcher.submit(images(6, 7, 8), deadline=None)
+            answers = await asyncio.gather(first, second, other_work())
+            assert batcher._placement() is Placement.STEPS
+            assert batcher.seconds_per_image is not None
+        return [answer.tolist() for answer in answers[:2]]
+
+    loop_thread = threading.get_ident()
+    assert run(scenario()) == [[1, 2, 3, 4], [6, 7, 8]]
+    steps_seen = [entry for entry in log if entry.startswith("step")]
+    # Two batches (4 + 3 images), each in two steps, all on the loop, one after the other.
+    assert steps_seen == ["step True 1", "step True 3", "step True 6", "step True 8"]
+    first_step = log.index(steps_seen[0])
+    assert "other" in log[first_step + 1 : log.index(steps_seen[-1])]  # ran between steps
+
+
+def test_a_batch_in_steps_gives_the_loop_its_turn_only_once_its_steps_took_the_step_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each turn costs the loop: steps shorter than STEP_SECONDS run on together."""
+    monkeypatch.setattr(batching, "STEP_SECONDS", 10.0)
+    log: list[str] = []
+
+    def steps(parts: list[Array]) -> Iterator[Array]:
+        rows = np.concatenate(parts)
+        for start in range(0, len(rows), 2):
+            log.append("step")
+            yield ids(rows[start : start + 2])
+
+    async def scenario() -> list[int]:
+        cfg = BatchingConfig(8, 0, 4, 1, inline_max_seconds=10.0)
+        async with DynamicBatcher(
+            whole(Threads()), cfg, steps=steps, inline=True, shedding=lambda: True
+        ) as batcher:
+            batcher._note_cost(1, 0.001, 0.001)  # measured: fits the loop
+
+            async def other_work() -> None:
+                for _ in range(4):
+                    log.append("other")
+                    await asyncio.sleep(0)
+
+            answer, _ = await asyncio.gather(
+                batcher.submit(images(*range(8)), deadline=None), other_work()
+            )
+        return cast(list[int], answer.tolist())
+
+    assert run(scenario()) == list(range(8))
+    first = log.index("step")
+    assert log[first : first + 4] == ["step"] * 4  # no turn given between them
+
+
 def test_batches_leave_the_event_loop_only_well_past_the_bound() -> None:
     """An estimate near the bound does not send a version's batches back and forth:
     once on the loop they return to a thread only past INLINE_HYSTERESIS times it, and
@@ -911,7 +997,7 @@ def test_batches_leave_the_event_loop_only_well_past_the_bound() -> None:
             def settle(per_image: float) -> None:
                 for _ in range(60):  # the moving average converges
                     batcher._note_cost(4, 4 * per_image, 4 * per_image)
-                seen.append(batcher._on_loop())
+                seen.append(batcher._placement() is Placement.LOOP)
 
             settle(0.001)  # 4 ms: on the loop
             settle(0.0015)  # 6 ms: past the bound, within 1.5 of it: stays
@@ -933,12 +1019,12 @@ def test_where_batches_run_follows_cpu_time_not_time_lost_to_preemption() -> Non
         async with DynamicBatcher(whole(ids), cfg, inline=True) as batcher:
             for _ in range(60):
                 batcher._note_cost(4, 0.004, 0.004)  # 1 ms per image: on the loop
-            settled = batcher._on_loop()
+            settled = batcher._placement() is Placement.LOOP
             for _ in range(60):  # 4 ms of CPU each, but 40 ms on the clock
                 batcher._note_cost(4, 0.040, 0.004)
             per_image = batcher.seconds_per_image
             assert per_image is not None
-            return settled, batcher._on_loop(), per_image
+            return settled, batcher._placement() is Placement.LOOP, per_image
 
     settled, preempted, wall = run(scenario())
     assert settled and preempted

@@ -155,6 +155,14 @@ def test_answers_past_the_sending_window_are_not_goodput(
     assert result["ok"] == 100, result
     assert 25 <= result["requests_per_s"] <= 60, result
     assert result["ok_after_window"] >= 40
+    # Second by second, the answers that came while it sent (a ramp a total hides).
+    assert sum(result["ok_per_second"]) == 100 - result["ok_after_window"]
+
+
+def test_goodput_second_by_second_counts_each_answer_once_within_the_window() -> None:
+    moments = [10.0, 10.2, 10.99, 11.0, 12.5, 12.999, 13.0, 9.9]
+    assert open_loop.per_second(moments, began=10.0, ended=13.0) == [3, 1, 3]
+    assert open_loop.per_second([], began=0.0, ended=0.2) == [0]
 
 
 OK_2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
