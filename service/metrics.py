@@ -394,15 +394,17 @@ class TurnTally:
     worker refuses thousands a second, and each refusal's three series updates (each a
     locked write to the metrics file with several workers) were ~15% of its CPU. A
     turn's refusals of one route and reason make one update of each series, their
-    durations in one write per histogram bucket. A scrape on the same worker comes in a
-    later turn and sees them; another worker's, within the turn that answered them.
-    Outside a running loop (a test, a thread) it writes at once."""
+    durations in one write per histogram bucket. A scrape answered by the same worker
+    comes in a later turn and sees them; another worker's sees them once the turn that
+    answered them ends. Outside a running loop (a test, a thread) it writes at once."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # a batch thread may shed while the loop counts
         self._shed: dict[tuple[str, str], int] = {}
         self._requests: dict[tuple[str, str, str, str, str], list[float]] = {}
-        self._due = False
+        # The loop whose next turn writes what is counted: one that stops first (a test's
+        # asyncio.run) never does, and the next count schedules its own.
+        self._due: asyncio.AbstractEventLoop | None = None
 
     def shed(self, labels: tuple[str, str]) -> None:
         with self._lock:
@@ -419,22 +421,21 @@ class TurnTally:
         self._schedule()
 
     def _schedule(self) -> None:
-        if self._due:
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
             return
-        self._due = True
-        loop.call_soon(self.flush)
+        if self._due is not loop:
+            self._due = loop
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Write what was counted (at the turn's end; at shutdown, what is left)."""
         with self._lock:
             shed, self._shed = self._shed, {}
             requests, self._requests = self._requests, {}
-            self._due = False
+            self._due = None
         for labels, count in shed.items():
             _series(OVERLOAD_REJECTIONS, labels).inc(count)
         for (protocol, route, model, version, code), durations in requests.items():

@@ -393,6 +393,31 @@ def test_deferred_counts_outside_a_running_loop_are_written_at_once() -> None:
     assert value("cnnserve_overload_rejections_total", **labels) == before + 1
 
 
+def test_counts_of_a_loop_that_stopped_before_its_turn_ended_are_not_lost() -> None:
+    # A loop that stops and closes with the count's write still scheduled never runs it:
+    # the next count, elsewhere, writes both (it waited for that loop's turn before).
+    labels = {"model": "", "reason": "connections"}
+    before = value("cnnserve_overload_rejections_total", **labels)
+
+    def count() -> None:
+        metrics.observe_shed("", "connections", deferred=True)
+
+    for _ in range(2):  # the second loop: scheduled on it, and not run either
+        loop = asyncio.new_event_loop()
+        loop.call_soon(count)
+        loop.call_soon(loop.stop)  # the loop's last turn: the write would be in the next
+        loop.run_forever()
+        loop.close()
+    assert value("cnnserve_overload_rejections_total", **labels) == before
+
+    async def count_and_end_the_turn() -> None:
+        count()
+        await asyncio.sleep(0)
+
+    asyncio.run(count_and_end_the_turn())
+    assert value("cnnserve_overload_rejections_total", **labels) == before + 3
+
+
 @pytest.mark.parametrize(
     "values", [[0.0, 1e-6, 0.005, 0.0050001, 0.3, 7.0, 1e9], [0.02] * 5, [2.5], []]
 )
