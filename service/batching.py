@@ -54,7 +54,7 @@ the thread now and then (9% of its inference time there, its weights in two inte
 While the worker refuses requests for load (``shedding``: service.concurrency), a
 refusal arriving during a batch on the loop waited for it (a polite client's 503 p50
 10-19 ms at 4x the load against ~2 ms). Such batches run on the loop a step at a time
-(``steps``: LiteRT's chunks of MAX_CHUNK images, ~1 ms), yielding to the loop between
+(``steps``: LiteRT's chunks of MAX_CHUNK images, 0.6-1 ms), yielding to the loop between
 steps once they took STEP_SECONDS, so a refusal waits for a step, not a batch; one such
 batch at a time, as on the loop. Sent to the thread instead, as they were, they cost
 goodput the hand-offs: an open loop at 4x got 59-66% of capacity against 66-68% in steps

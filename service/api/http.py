@@ -593,21 +593,22 @@ def _worker_refusal(
     waited: tuple[float, float] | None,
 ) -> Overloaded | None:
     """Why the worker, whatever the request asks, refuses it (EarlyRefusal's arguments
-    say what is over its limit), or None."""
+    say what is over its limit), or None. Its shed count is written at the end of the
+    loop's turn, as the refusal's other metrics are (Refused.answered)."""
     if connections is not None:
-        return too_many_connections(*connections, deferred=True)
+        return too_many_connections(*connections)
     if bodies is not None:
-        return too_many_body_bytes(*bodies, deferred=True)
+        return too_many_body_bytes(*bodies)
     if waited is not None:
-        return backlog_refusal(*waited, deferred=True)
+        return backlog_refusal(*waited)
     return None if concurrency.admits() else concurrency.refusal(deferred=True)
 
 
-def too_many_connections(open_now: int, limit: int, *, deferred: bool = False) -> Overloaded:
+def too_many_connections(open_now: int, limit: int) -> Overloaded:
     """The answer to a request on a connection over the worker's limit: uvicorn's own
     refusal was a plain-text 503, uncounted, that also refused the probes (a few
     thousand silent connections turned /healthz 503, and the liveness probe with it)."""
-    metrics.observe_shed("", "connections", deferred=deferred)
+    metrics.observe_shed("", "connections", deferred=True)
     return Overloaded(
         f"this worker has {open_now} open HTTP connections, over its limit of {limit} "
         "(CNNSERVE_MAX_CONNECTIONS); this connection closes: retry on a new one after "
@@ -617,12 +618,10 @@ def too_many_connections(open_now: int, limit: int, *, deferred: bool = False) -
     )
 
 
-def too_many_body_bytes(
-    held: int, length: int, budget: int, *, deferred: bool = False
-) -> Overloaded:
+def too_many_body_bytes(held: int, length: int, budget: int) -> Overloaded:
     """The answer to a request whose body would put the worker's buffered bodies over
     their budget: refused at its headers, its body read and dropped, never held."""
-    metrics.observe_shed("", "bodies", deferred=deferred)
+    metrics.observe_shed("", "bodies", deferred=True)
     return Overloaded(
         f"this worker holds {held >> 20} MiB of request bodies not yet answered; this "
         f"request's {length >> 10} KiB would pass its budget of {budget >> 20} MiB "
@@ -632,14 +631,14 @@ def too_many_body_bytes(
     )
 
 
-def backlog_refusal(waited: float, limit: float, *, deferred: bool = False) -> Overloaded:
+def backlog_refusal(waited: float, limit: float) -> Overloaded:
     """The answer to a new connection's first request that waited longer than ``limit``
     for the worker to accept the connection: the worker is behind on its connections
     (clients that open one per request, faster than it takes them), where admission's
     own queues are short. Refused at once, this costs a fraction of an answer, so the
     queue drains; taken, it waited seconds (a new connection per request at 2x capacity:
     every request 200 after 1.6-4.2 s, readiness probes timing out)."""
-    metrics.observe_shed("", "backlog", deferred=deferred)
+    metrics.observe_shed("", "backlog", deferred=True)
     return Overloaded(
         f"this connection waited {waited * 1e3:.0f} ms for the server to accept it, more "
         f"than {limit * 1e3:.0f} ms (CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS), as others before "
