@@ -426,14 +426,16 @@ def decode(data: bytes, *, max_pixels: int, target: tuple[int, int] | None = Non
     return load(_open_with_pillow(data, max_pixels=max_pixels, target=target))
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, fit: tuple[int, int] | None = None) -> Image.Image:
     """Any Pillow mode to RGB (or L, which :func:`resize` turns into RGB for a third of
-    the cost): EXIF orientation applied, alpha composited on white."""
+    the cost): EXIF orientation applied, alpha composited on white. With ``fit`` (the
+    size it will be resized to), an image with alpha may come out smaller, but still
+    :data:`SHRINK_GAP` times that size or more (see :func:`_shrunk`)."""
     # Some files decode but cannot be converted (a palette PNG whose tRNS has more
     # entries than its PLTE: "palette index out of range"; EXIF that exif_transpose
     # trips over): still the client's file.
     try:
-        return _to_rgb(img)
+        return _to_rgb(img, fit)
     except (MemoryError, InvalidImage):
         raise
     except Exception as exc:
@@ -441,7 +443,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     raise error  # out here: not carrying Pillow's traceback and its images (see load)
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, fit: tuple[int, int] | None) -> Image.Image:
     # In place: without an orientation tag there is nothing to do, and the default
     # (a copy of every image) cost ~3% of a worker's CPU under load.
     ImageOps.exif_transpose(img, in_place=True)
@@ -480,10 +482,32 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "La":
         img = img.convert("LA")  # Pillow converts grey with associated alpha to LA only
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
+        if mode not in ("RGBA", "LA"):
+            img = img.convert("RGBA")
+        rgba = _shrunk(img, fit).convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return img.convert("RGB")
+
+
+# Compositing on white took four full-size copies of an image with alpha (RGBA, the
+# background, the composite, its RGB): a 34-byte lossless WebP of 6000x6000 cost a
+# worker +964 MB, two of them in one request ~2 GB (an outside audit; the gateway's pod
+# may take 2 GiB). Shrunk first by a whole factor while it stays this many times the
+# size it is resized to (Pillow's reduce: a box filter on premultiplied alpha, so the
+# composite is the same picture), the copies are small: +377 MB for that WebP, most of
+# it the decoder's. Pillow calls a gap of 3 or more "indistinguishable" from resizing
+# the full image (Image.resize's reducing_gap).
+SHRINK_GAP = 3
+
+
+def _shrunk(img: Image.Image, fit: tuple[int, int] | None) -> Image.Image:
+    """``img`` ("RGBA" or "LA") reduced by the largest whole factor that keeps both
+    sides at least SHRINK_GAP times ``fit``'s larger side, whichever way it is turned."""
+    if fit is None:
+        return img
+    factor = min(img.size) // (SHRINK_GAP * max(fit))
+    return img.reduce(factor) if factor > 1 else img
 
 
 # Pillow's modes for greyscale wider than 8 bits: "I" (signed 32-bit) holds every TIFF
@@ -557,7 +581,7 @@ def _top_byte(samples: npt.NDArray[Any], bits: int, signed: bool) -> UInt8Image:
 def resize(img: Image.Image, spec: PreprocessSpec) -> UInt8Image:
     """Any decoded image → RGB uint8 [H, W, 3] of the spec's size."""
     size = (spec.width, spec.height)
-    img = to_rgb(img)
+    img = to_rgb(img, fit=size)
     if img.mode == "L":
         # Resizing one channel then replicating equals resizing the replicated RGB image
         # (Pillow filters channels independently) and costs a third.

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -79,6 +80,14 @@ def check_models_config(config: Any, where: Path | str) -> None:
         raise ConfigError(f"{where}: model_config_list configures no model; add a config {{ }}")
     if len(set(names)) != len(names) or not all(names):
         raise ConfigError(f"{where}: model names must be unique and non-empty")
+    for name in names:
+        # A name is written into log lines and URLs: a newline in one forged log lines
+        # (HandleReloadConfigRequest took "a\0b\n}" and served it; an outside audit).
+        if any(unicodedata.category(c) == "Cc" for c in name):
+            raise ConfigError(
+                f"{where}: model name {name!r} holds a control character (a newline, a "
+                "NUL, ...); name models with printable characters"
+            )
 
 
 def parse_models_config(text: str, repository: Path) -> list[ModelConfig]:

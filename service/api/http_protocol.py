@@ -651,6 +651,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         # another of several.
         if version == "1.1" and self._hosts != 1:
             raise Unreadable(f"an HTTP/1.1 request needs one Host header, not {self._hosts}")
+        # RFC 9112 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing (a
+        # proxy that reads it as HTTP/1.0 finds another end to its body than we would: a
+        # way to smuggle a request past it). The parser read it as chunked.
+        if version == "1.0" and any(name == b"transfer-encoding" for name, _ in self.headers):
+            raise Unreadable("an HTTP/1.0 request may not carry Transfer-Encoding; send HTTP/1.1")
         # Refused here only when no earlier request on the connection is still being
         # answered: a pipelined answer must not overtake it (RequestGuard refuses those).
         idle = not self._answering()

@@ -16,6 +16,9 @@ END_STREAM, ACK, END_HEADERS = 0x1, 0x1, 0x4
 INITIAL_WINDOW_SIZE = 0x4
 
 
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
 @dataclass
 class Frame:
     type: int
@@ -33,9 +36,11 @@ def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
     )
 
 
-def _literal(name: str, value: str) -> bytes:
-    """HPACK: a literal field without indexing, its name a literal too (not Huffman)."""
-    return b"\x00" + _string(name.encode()) + _string(value.encode())
+def _literal(name: str, value: str | bytes) -> bytes:
+    """HPACK: a literal field without indexing, its name a literal too (not Huffman); a
+    value in bytes goes as it is (gRPC's own clients send only printable ASCII)."""
+    raw = value if isinstance(value, bytes) else value.encode()
+    return b"\x00" + _string(name.encode()) + _string(raw)
 
 
 def _string(text: bytes) -> bytes:
@@ -49,7 +54,7 @@ def _string(text: bytes) -> bytes:
     return bytes(length) + bytes([rest]) + text
 
 
-def call_headers(path: str, authority: str, metadata: tuple[tuple[str, str], ...] = ()) -> bytes:
+def call_headers(path: str, authority: str, metadata: Metadata = ()) -> bytes:
     fields = [
         (":method", "POST"),
         (":scheme", "http"),
@@ -74,16 +79,14 @@ class RawGrpc:
         settings = struct.pack(">HI", INITIAL_WINDOW_SIZE, window)
         self.sock.sendall(PREFACE + frame(SETTINGS, 0, 0, settings))
 
-    def call(
-        self, path: str, message: bytes = b"", metadata: tuple[tuple[str, str], ...] = ()
-    ) -> int:
+    def call(self, path: str, message: bytes = b"", metadata: Metadata = ()) -> int:
         """Send one unary call (``message`` serialized, ``metadata`` among its headers;
         a header block over a frame goes on in CONTINUATION frames); its stream id."""
         stream = self.begin(path, metadata)
         self.send(stream, message_frame(message), end=True)
         return stream
 
-    def begin(self, path: str, metadata: tuple[tuple[str, str], ...] = ()) -> int:
+    def begin(self, path: str, metadata: Metadata = ()) -> int:
         """Open a call: its headers only (its message to come by :meth:`send`)."""
         stream, self._next_stream = self._next_stream, self._next_stream + 2
         block = call_headers(path, f"127.0.0.1:{self.port}", metadata)

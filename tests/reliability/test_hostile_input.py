@@ -32,6 +32,7 @@ from service.config import Settings
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.tfserving_proto import to_tensor_proto
 from tests.helpers.errors import error_of
+from tests.helpers.h2raw import END_STREAM, HEADERS, RawGrpc
 from tests.helpers.images import LONG, SHORT, encode, gradient, png_chunk, tiff
 from tests.helpers.server import Server, eventually, read_response, running_server
 from tests.unit.test_hostile_tiffs import CRAFTED, corrupt_group4, lzw_cut_short
@@ -824,6 +825,33 @@ def test_call_metadata_is_held_to_the_header_limit_every_time(server: Server) ->
             assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+def test_metadata_values_that_are_not_utf8_are_answered_and_leave_the_log_alone(
+    server: Server,
+) -> None:
+    """grpcio logged each metadata value that is not UTF-8 at ERROR, with a traceback
+    (and read it as Latin-1): one call of 20 KB with 1,500 such entries, no key needed,
+    wrote 12,001 lines to the log (an outside audit). gRPC's own clients send only
+    printable ASCII, so the call goes over a bare HTTP/2 connection."""
+    route = "/cnnserve.v1.ImageClassifier/Classify"
+    served = server.metric("cnnserve_requests_total", route=route, code="200")
+    before = len(server.log.read_bytes())
+    odd = (("x-request-id", b"\xe9\xff"), *((f"x-note-{i}", b"\xff\xfe") for i in range(200)))
+    message = cnnserve_v1_pb2.ClassifyRequest(image=PNG).SerializeToString()
+    peer = RawGrpc(server.grpc_port)
+    try:
+        stream = peer.call(route, message, odd)
+        until = time.monotonic() + BOUND
+        while (got := peer.read(until)) is not None:  # TimeoutError: never answered
+            peer.answer(got, pings=True)
+            if got.stream == stream and got.type == HEADERS and got.flags & END_STREAM:
+                break  # its trailers
+    finally:
+        peer.close()
+    eventually(lambda: server.metric("cnnserve_requests_total", route=route, code="200") > served)
+    written = server.log.read_bytes()[before:].decode(errors="replace")
+    assert "Invalid encoding" not in written and "Traceback" not in written, written[-2000:]
+
+
 def test_booleans_among_pixel_values_are_a_400(server: Server) -> None:
     """numpy reads JSON's true beside numbers as 1: a zero image with one true was
     answered 200; only an all-boolean image was refused."""
@@ -1239,6 +1267,9 @@ def test_an_upgrade_header_split_between_reads_is_ignored_too(
         # RFC 9112 3.2: an HTTP/1.1 request has one Host (both were answered 200).
         b"GET /healthz HTTP/1.1\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        # RFC 9112 6.1: framing an HTTP/1.0 proxy would read otherwise (it was answered).
+        b"POST /v1/classify HTTP/1.0\r\nContent-Type: image/png\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(PNG), PNG),
     ],
     ids=[
         "method",
@@ -1252,6 +1283,7 @@ def test_an_upgrade_header_split_between_reads_is_ignored_too(
         "http-0.9-line",
         "no-host",
         "two-hosts",
+        "http-1.0-chunked",
     ],
 )
 def test_malformed_http_gets_a_json_400_and_is_counted_not_logged(

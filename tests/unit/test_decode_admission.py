@@ -19,7 +19,7 @@ from PIL import Image
 from service import dataplane
 from service.config import Settings
 from service.dataplane import DataPlane
-from service.errors import ModelNotFound, Overloaded
+from service.errors import DeadlineExceeded, ModelNotFound, Overloaded
 from service.preprocessing import Opened, PreprocessSpec
 from tests.helpers.core import until
 from tests.helpers.images import encode, gradient
@@ -66,6 +66,46 @@ def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.Mon
         gate.set()
         pool.shutdown()
     assert admitted == [2, 2]
+
+
+def test_a_decode_its_request_gave_up_on_still_counts_until_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request whose deadline passed while its image decoded is answered 504, but the
+    decode runs on to its end: it stays counted until then. Counted only until the 504,
+    a client sending huge images with a 50 ms deadline kept both decode threads busy
+    while admission saw them idle, and refused nothing (an outside audit)."""
+    gate = threading.Event()
+
+    def slow_decode(opened: object, spec: PreprocessSpec) -> tuple[Any, float]:
+        gate.wait(5)
+        return np.zeros((224, 224, 3), np.uint8), 0.020
+
+    monkeypatch.setattr(dataplane, "_timed_decode", slow_decode)
+    pool = ThreadPoolExecutor(2)
+    settings = Settings(queue_wait_budget_seconds=0.05, inline_decode_max_pixels=0)
+    plane = DataPlane(settings, None, pool)  # type: ignore[arg-type]
+    plane._decode_per_pixel = 0.1  # measured slow: any image queued is over the budget
+    png = encode(gradient(), "PNG")
+    target = SimpleNamespace(model="m", spec=PreprocessSpec())
+    held = SimpleNamespace(admit=lambda n, d: None)
+
+    async def scenario() -> None:
+        for _ in range(2):  # both threads taken by decodes whose requests give up
+            with pytest.raises(DeadlineExceeded):
+                await plane.decode([png], target, time.monotonic() + 0.05, held)  # type: ignore[arg-type]
+        assert plane._decoding == 2
+        with pytest.raises(Overloaded):
+            await plane.decode([png], target, time.monotonic() + 30, held)  # type: ignore[arg-type]
+        gate.set()
+        await until(lambda: plane._decoding == 0)
+        assert len(await plane.decode([png], target, time.monotonic() + 30, held)) == 1  # type: ignore[arg-type]
+
+    try:
+        asyncio.run(asyncio.wait_for(scenario(), 10))
+    finally:
+        gate.set()
+        pool.shutdown()
 
 
 def idle_plane(settings: Settings) -> DataPlane:
