@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import functools
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -755,15 +756,25 @@ def _decode_work(data: bytes, cost: int) -> int:
     return max(cost, len(data) // DECODE_BYTES_PER_PIXEL) + DECODE_PIXELS_PER_IMAGE
 
 
+# Images that decode to more pixels than this take turns, one at a time in a worker: a
+# lossless WebP of 40M pixels peaks at ~550 MB while Pillow decodes it (a 16-bit RGBA PNG
+# ~300 MB), and one on each decode thread of each of a pod's two workers (4 small
+# requests) went past the 2 GiB the Kubernetes gateway may take (an outside audit, 12-07).
+BIG_DECODE_PIXELS = 16_000_000
+_BIG_DECODE = threading.Lock()
+
+
 def _timed_decode(opened: Opened, spec: PreprocessSpec) -> tuple[npt.NDArray[np.uint8], float]:
     """On a decode thread: the image (opened by :func:`service.preprocessing.open_image`
     on the event loop), and the CPU seconds its decoding took. CPU time, not wall time:
     under overload the decode threads wait for the GIL behind the event loop, and
     counting that wait as work would shed more, which loads the loop more (a storm of
-    503s feeding itself)."""
-    began = time.thread_time()
-    image = preprocess_opened(opened, spec)
-    return image, time.thread_time() - began
+    503s feeding itself). A big image waits for the one before it (BIG_DECODE_PIXELS)."""
+    width, height = opened.size  # what it decodes to (a JPEG at its reduced scale)
+    with _BIG_DECODE if width * height > BIG_DECODE_PIXELS else contextlib.nullcontext():
+        began = time.thread_time()
+        image = preprocess_opened(opened, spec)
+        return image, time.thread_time() - began
 
 
 def _read_outcome(future: asyncio.Future[Any]) -> None:

@@ -86,6 +86,7 @@ def prepare_runtime(
     try:
         labels = read_labels(path, info.num_classes)
         card = runtime.card
+        _check_card_labels(card, labels, path)
         _say_if_unlabelled(path)
         spec = preprocess_spec(card, info, path)
         loaded = time.perf_counter()
@@ -104,6 +105,28 @@ def prepare_runtime(
         load_seconds=loaded - started,
         warmup_seconds=time.perf_counter() - loaded,
     )
+
+
+def _check_card_labels(card: Mapping[str, Any], labels: list[str], path: Path) -> None:
+    """labels.txt and the model card's own list of the classes must agree where both are
+    there: a labels.txt with two lines swapped was served without a word, a trouser
+    answered "T-shirt/top", and `cnnserve verify` (which reads the same file) agreed
+    with it (an outside audit, 12-07)."""
+    recorded = card.get("labels")
+    if recorded is None or not (path / ASSETS_EXTRA / LABELS_FILE).exists():
+        return
+    if not isinstance(recorded, list) or not all(isinstance(x, str) for x in recorded):
+        raise ModelLoadError(f"{path}: the model card's labels are not a list of names")
+    if recorded != labels:
+        if len(recorded) != len(labels):
+            why = f"it names {len(recorded)} classes, labels.txt {len(labels)}"
+        else:
+            at = next(i for i, (a, b) in enumerate(zip(recorded, labels, strict=True)) if a != b)
+            why = f"class {at} is {recorded[at]!r} in the card, {labels[at]!r} in labels.txt"
+        raise ModelLoadError(
+            f"{path}: labels.txt and the model card's labels disagree ({why}); "
+            "re-export the version, or correct the one that is wrong"
+        )
 
 
 def _say_if_unlabelled(path: Path) -> None:
@@ -136,8 +159,11 @@ def preprocess_spec(card: Mapping[str, Any], info: ModelInfo, path: Path) -> Pre
     fails the load instead.
     """
     recorded = card.get("preprocessing")
-    if not isinstance(recorded, dict):
+    if recorded is None:
         return PreprocessSpec(height=info.input.height, width=info.input.width)
+    if not isinstance(recorded, dict):
+        kind = type(recorded).__name__
+        raise ModelLoadError(f"{path}: model card preprocessing is a JSON {kind}, not an object")
     try:
         spec = PreprocessSpec.from_card(recorded)
     except (TypeError, ValueError) as exc:

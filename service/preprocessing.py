@@ -145,6 +145,11 @@ class PreprocessSpec:
         method = card.get("resize_method", "bilinear")
         if method not in _RESAMPLE:
             raise ValueError(f"unknown resize_method {method!r}; one of {sorted(_RESAMPLE)}")
+        # What the gateway does not do, a card may not ask for: served anyway, a model
+        # trained on CMYK or cropped images would get stretched RGB ones.
+        for key, done in (("aspect", "stretch"), ("color", "RGB")):
+            if card.get(key, done) != done:
+                raise ValueError(f"{key} {card[key]!r}: images are preprocessed with {done!r}")
         return cls(
             height=int(card.get("height", 224)),
             width=int(card.get("width", 224)),

@@ -30,7 +30,13 @@ import httpx
 
 from service.client_trust import https_verify, untrusted
 from service.config_edit import set_labels, set_specific_versions, validate
-from service.errors import NoServer, PromotionError, VersionFailedToLoad
+from service.errors import (
+    ModelNotFound,
+    NoServer,
+    PromotionError,
+    VersionFailedToLoad,
+    VersionNotFound,
+)
 from service.repository import ModelConfig, version_dirs
 
 # How often a wait for AVAILABLE asks, and for how long by default.
@@ -44,6 +50,10 @@ SETTLED_ANSWERS = 8
 # server retries a failed version once its folder changes, on its next poll): believed
 # once it has stood this long.
 STALE_FAILURE_SECONDS = 10.0
+
+
+# The 404s a gateway answers on a model's status routes (service.errors).
+MODEL_NOT_FOUND_CODES = (ModelNotFound.code, VersionNotFound.code)
 
 
 @dataclass(frozen=True)
@@ -343,6 +353,17 @@ class GatewayStatus:
                 f"({response.headers.get('content-type', 'no content type')}), not as a "
                 "cnnserve gateway or TF Serving would: is --url the REST address of the "
                 "gateway serving this repository?"
+            )
+        # A cnnserve port without the route (its probe port: `{"error": "port 9722 serves
+        # GET /healthz ... only"}`) answers a 404 like a gateway's for a model it does not
+        # know yet, but names another error: read as "not polled yet", promote planned
+        # without what was served, pinned a broken newest folder and unloaded the version
+        # a server served (an outside audit, 12-07). TF Serving names none.
+        code = response.headers.get("x-error-code")
+        if response.status_code == 404 and code not in (None, *MODEL_NOT_FOUND_CODES):
+            raise PromotionError(
+                f"{self.url}{path} answered 404 {code}: {str(body['error'])[:200]}; is "
+                "--url the gateway's REST address (not its probe port)?"
             )
 
     def serving(self, model: str) -> set[int] | None:

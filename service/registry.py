@@ -52,6 +52,7 @@ from service.repository import (
     ASSETS_EXTRA,
     LABELS_FILE,
     MODELS_CONFIG,
+    QUIET_SECONDS,
     SETTLE_SECONDS,
     Fingerprint,
     ModelConfig,
@@ -75,6 +76,9 @@ from service.sources import Scan, VersionSource, create_source
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# A held version's rescan comes this long after its wait ends (mtimes are coarse on some
+# file systems).
+RESCAN_MARGIN_SECONDS = 0.2
 
 __all__ = ["LoadedVersion", "Registry", "VersionState", "VersionStatus"]
 
@@ -137,6 +141,7 @@ class Registry:
         self._ready_once = False  # every configured model had one at the same time
         self._background: set[asyncio.Future[None]] = set()
         self._started = False  # the first load pass is done
+        self._rescan_due: asyncio.TimerHandle | None = None  # for held versions, polling off
         # Models the last scan could not list (TF Serving unreachable): they keep their
         # routes, but the gateway is not ready, so a load balancer stops sending it traffic.
         self._unreachable: frozenset[str] = frozenset()
@@ -176,6 +181,8 @@ class Registry:
     async def stop(self) -> None:
         """Stop polling and unload every version. Requests still queued fail (retryably)."""
         self._stopped = True
+        if self._rescan_due is not None:
+            self._rescan_due.cancel()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -587,25 +594,45 @@ class Registry:
         return keys
 
     def _settling(self, key: VersionKey, path: Path) -> bool:
-        """Whether the version's folder may still be being copied in (no labels.txt
-        yet, changed moments ago: service.repository.unsettled); said once a version."""
-        age = self._source.unsettled(path)
+        """Whether the version's folder may still be being copied in (changed moments
+        ago: service.repository.unsettled); said once a version."""
+        # Not at start-up: what is there then is loaded as it is (a server started right
+        # after a publish, a worker replacing one beside siblings that serve it).
+        age = self._source.unsettled(path, quiet=self._started)
         if age is None:
             return False
+        labelled = (path / ASSETS_EXTRA / LABELS_FILE).exists()
+        self._rescan_later(QUIET_SECONDS if labelled else SETTLE_SECONDS, age)
         if key not in self._settling_logged:
             self._settling_logged.add(key)
             log.info(
-                "%s version %d: %s changed %.1f s ago and has no %s/%s yet; loading it "
-                "once it is unchanged for %g s (a copy in progress? publish a version "
-                "whole: copy it under a temporary name, then rename it)",
+                "%s version %d: %s changed %.1f s ago%s; loading it once it is unchanged "
+                "for %g s (a copy in progress? publish a version whole: copy it under a "
+                "temporary name, then rename it)",
                 *key,
                 path,
                 max(age, 0.0),
-                ASSETS_EXTRA,
-                LABELS_FILE,
-                SETTLE_SECONDS,
+                "" if labelled else f" and has no {ASSETS_EXTRA}/{LABELS_FILE} yet",
+                QUIET_SECONDS if labelled else SETTLE_SECONDS,
             )
         return True
+
+    def _rescan_later(self, window: float, age: float) -> None:
+        """A rescan once a held version's wait is over, when no poll would come to load it
+        (polling off: a version a reload RPC found moments after its copy was held for
+        good)."""
+        if self._settings.poll_seconds > 0 or self._rescan_due is not None:
+            return
+
+        def rescan() -> None:
+            self._rescan_due = None
+            if not self._stopped:
+                task = asyncio.ensure_future(self.poll_once(wait_for_unloads=False))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+        wait = max(window - max(age, 0.0), 0.0) + RESCAN_MARGIN_SECONDS
+        self._rescan_due = asyncio.get_running_loop().call_later(wait, rescan)
 
     def _to_unload(self, scan: Scan) -> list[VersionKey]:
         configs = {c.name: c for c in scan.configs}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import time
 import unicodedata
@@ -168,11 +169,14 @@ def version_dirs(model_dir: Path) -> dict[int, Path]:
         if len(paths) > 1 and (ignored := tuple(paths[1:])) not in _TOLD_SAME_NUMBER:
             _TOLD_SAME_NUMBER.add(ignored)
             log.warning(
-                "%s: folders %s also name version %d; %s is served as it, the others are "
-                "ignored: rename or remove them",
+                "%s: folders %s also name version %d; %s is the one a load of it reads, "
+                "the others are ignored (a copy of the version loaded already from one of "
+                "them serves on, as in TF Serving, until a restart loads %s): rename or "
+                "remove them",
                 model_dir,
                 ", ".join(p.name for p in ignored),
                 number,
+                paths[0].name,
                 paths[0].name,
             )
     return chosen
@@ -318,33 +322,44 @@ def version_fingerprint(version_dir: Path) -> Fingerprint:
 # A version folder without assets.extra/labels.txt is loaded only once nothing in it has
 # changed for this long (see unsettled).
 SETTLE_SECONDS = 5.0
+# One with its labels, once none of its files changed for this long: a copy that writes
+# assets.extra first (rsync and cp -r go in name order) is still writing the rest.
+QUIET_SECONDS = 2.0
 
 
-def unsettled(version_dir: Path) -> float | None:
-    """Seconds since ``version_dir`` last changed, when it has no assets.extra/labels.txt
-    and changed less than SETTLE_SECONDS ago (a copy still in progress?); else None.
+def unsettled(version_dir: Path, *, quiet: bool = True) -> float | None:
+    """Seconds since ``version_dir`` last changed, while a copy into it may still be in
+    progress: it has no assets.extra/labels.txt and changed less than SETTLE_SECONDS
+    ago, or (``quiet``) one of its files changed less than QUIET_SECONDS ago; else None.
 
     Copied in file by file, a version was loaded as soon as its SavedModel was in, before
     its assets.extra: it served class indices ("label": "1") and default preprocessing
     for good, even once its labels.txt was there (an outside review: 3 s between the two
-    copies). A version whose labels are there already (an atomic rename, `cnnserve
-    train`) loads at once; one that never has any (a foreign SavedModel) waits the
-    settle time once. Changes are read from ctimes as well as mtimes: `cp -a` and rsync
-    give files their source's old mtime, but the ctime of that very change."""
-    if os.path.lexists(version_dir / ASSETS_EXTRA / LABELS_FILE):  # any file: its load says
+    copies). Copied in name order (assets.extra, labels and all, first), it was loaded at
+    every poll while the rest came: one copy, 24 failed loads ("no saved_model.pb", a
+    half-written model card, "variables/ is missing"), and once it was served from a
+    half-written variables.index (an outside audit, 12-07). A version renamed into place
+    whole (`cnnserve train`) waits until its files are QUIET_SECONDS old; one that never
+    has labels (a foreign SavedModel) waits the settle time once. Changes are read from
+    ctimes as well as mtimes: `cp -a` and rsync give files their source's old mtime, but
+    the ctime of that very change. The folder's own times count only without labels: a
+    rename into place changes them, not its files'."""
+    labelled = os.path.lexists(version_dir / ASSETS_EXTRA / LABELS_FILE)  # any file
+    if labelled and not quiet:
         return None
     try:
         st = version_dir.stat()
     except OSError:
         return None
-    newest = max(st.st_mtime, st.st_ctime)
+    newest = -math.inf if labelled else max(st.st_mtime, st.st_ctime)
     for _, entry in _entries(version_dir):
         with contextlib.suppress(OSError):
             st = entry.stat(follow_symlinks=False)
             newest = max(newest, st.st_mtime, st.st_ctime)
     age = time.time() - newest
+    window = QUIET_SECONDS if labelled else SETTLE_SECONDS
     # A clock ahead on a network file system: not held back for as long as it is ahead.
-    return age if -SETTLE_SECONDS < age < SETTLE_SECONDS else None
+    return age if -window < age < window else None
 
 
 MAX_FINGERPRINT_ENTRIES = 256
@@ -387,10 +402,16 @@ def read_labels(version_dir: Path, num_classes: int) -> list[str]:
         raise ModelLoadError(f"cannot read {path}: {exc}") from None
     while lines and not lines[-1]:
         lines.pop()
-    if len(lines) != num_classes or not all(lines):
+    if len(lines) != num_classes:
         raise ModelLoadError(
             f"{path} has {len(lines)} labels (empty lines count) but the model outputs "
             f"{num_classes} classes; write one non-empty label per class, in class order"
+        )
+    if not all(lines):
+        blank = lines.index("") + 1
+        raise ModelLoadError(
+            f"{path}: line {blank} is empty (or spaces only); write one non-empty label "
+            "per class, in class order"
         )
     return lines
 

@@ -83,9 +83,10 @@ class VersionSource(Protocol):
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         """One version, loaded and warmed; blocking (seconds). Raises on failure."""
 
-    def unsettled(self, path: Path) -> float | None:
+    def unsettled(self, path: Path, *, quiet: bool = True) -> float | None:
         """Seconds since the version's folder last changed while it may still be being
-        copied in (not loaded yet then), else None."""
+        copied in (not loaded yet then), else None; ``quiet``: as
+        service.repository.unsettled."""
 
     def close(self) -> None:
         """Release connections; the registry calls it once, when it stops."""
@@ -153,8 +154,8 @@ class DiskSource:
         prints = {v: version_fingerprint(path) for v, path in found.items()}
         return _Listing(config.base_path, found, prints)
 
-    def unsettled(self, path: Path) -> float | None:
-        return unsettled(path)
+    def unsettled(self, path: Path, *, quiet: bool = True) -> float | None:
+        return unsettled(path, quiet=quiet)
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:
         return prepare_version(
@@ -281,7 +282,7 @@ class TFServingSource:
         # Predicts fail at once meanwhile (TFServingClient.call), not after their deadline.
         self.client.down = down
 
-    def unsettled(self, path: Path) -> float | None:
+    def unsettled(self, path: Path, *, quiet: bool = True) -> float | None:
         return None  # TF Serving loaded it: what it lists AVAILABLE is there
 
     def prepare(self, key: VersionKey, path: Path) -> PreparedVersion:

@@ -227,10 +227,23 @@ def plot_curves(history: dict[str, list[float]], path: Path, title: str) -> None
 
 
 def load_signature(version_dir: Path) -> Predict:
+    """The SavedModel's serving signature as a function; ModelLoadError (one line) when
+    TensorFlow cannot load it: a damaged variables shard printed TensorFlow's traceback
+    (IndexError "Read less bytes than requested", DataLossError "Checksum does not
+    match") from `cnnserve evaluate` (an outside audit, 12-07)."""
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(version_dir))
-    fn = loaded.signatures[SERVING_SIGNATURE]
+    try:
+        loaded = tf.saved_model.load(str(version_dir))
+        fn = loaded.signatures[SERVING_SIGNATURE]
+    except MemoryError:
+        raise
+    except Exception as exc:  # TensorFlow's own errors, and what its readers raise
+        words = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelLoadError(
+            f"{version_dir}: TensorFlow cannot load the SavedModel ({type(exc).__name__}: "
+            f"{words}); its files are damaged or incomplete: publish the version again"
+        ) from None
 
     def predict(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         return np.asarray(fn(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy(), dtype=np.float32)
@@ -304,9 +317,9 @@ def served_predict(version_dir: Path, card: dict[str, Any]) -> tuple[Predict, st
     from service.runtimes.card import FLOAT_PRECISION, artifact_precision, verified_litert
 
     precision = artifact_precision(card)
-    if precision == FLOAT_PRECISION:
-        return load_signature(version_dir), "tensorflow"
     try:
+        if precision == FLOAT_PRECISION:
+            return load_signature(version_dir), "tensorflow"
         path = verified_litert(version_dir, card)
     except ModelLoadError as exc:  # the gateway refuses it: say so, score nothing
         raise DatasetError(exc.message) from None

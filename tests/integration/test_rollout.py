@@ -338,15 +338,22 @@ def test_promote_refuses_what_would_leave_the_config_at_odds_with_the_gateway(
     other = tmp_path / "other"
     shutil.copytree(repo / "m" / "2", other / "m" / "2")  # not version 1, which is served
     (other / "models.config").write_text(CONFIG)
-    with running_server(repo, args=("--poll-seconds", "0.2")) as server:
+    probe_port = free_port()
+    env = {"CNNSERVE_PROBE_PORT": str(probe_port)}
+    with running_server(repo, args=("--poll-seconds", "0.2"), env=env) as server:
         no_wait = promote(repo, "canary", "--url", server.url, "--no-wait")
         elsewhere = promote(other, "canary", "--url", server.url, "--timeout", "30")
+        # Its probe port answers a model's status 404, as a gateway that has not polled
+        # yet does: promote planned without what was served (an outside audit).
+        probe = promote(repo, "canary", "--url", f"http://127.0.0.1:{probe_port}")
+    assert probe.returncode == 1, probe.stdout + probe.stderr
+    assert "answered 404 not_found" in probe.stderr and "not its probe port" in probe.stderr
     assert no_wait.returncode == 1, no_wait.stdout + no_wait.stderr
     assert f"a gateway at {server.url} serves m (versions: 1)" in no_wait.stderr
     assert "--no-wait is for a repository no server serves" in no_wait.stderr
     assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
     assert f"serves versions 1 of m, none of which is in {other}" in elsewhere.stderr
-    assert "Traceback" not in no_wait.stderr + elsewhere.stderr
+    assert "Traceback" not in no_wait.stderr + elsewhere.stderr + probe.stderr
     assert (repo / "models.config").read_text() == CONFIG
     assert (other / "models.config").read_text() == CONFIG
 

@@ -381,6 +381,29 @@ def test_publish_written_tells_tensorflows_denied_write_as_an_os_error(tmp_path:
     assert list((tmp_path / "m").iterdir()) == []
 
 
+@pytest.mark.parametrize("damage", ["truncated", "overwritten"])
+def test_evaluate_on_a_damaged_variables_shard_is_one_line(
+    published: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    """TensorFlow's reader raised IndexError "Read less bytes than requested" (cut
+    short) or DataLossError "Checksum does not match" (the same size, other bytes): a
+    traceback from the CLI (an outside audit, 12-07)."""
+    import shutil
+
+    version = tmp_path / "m" / "1"
+    shutil.copytree(published, version)
+    shard = next((version / "variables").glob("variables.data-*"))
+    data = shard.read_bytes()
+    if damage == "truncated":
+        shard.write_bytes(data[: len(data) // 2])
+    else:
+        shard.write_bytes(data[:64] + bytes(len(data) - 64))
+    assert main(["evaluate", str(version), "--latency-runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "TensorFlow cannot load the SavedModel" in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 def test_evaluate_names_data_dir_when_the_cards_folder_is_gone(
     published: Path, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ image counted by its work (pixels from its header), at measured seconds per pixe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -106,6 +107,40 @@ def test_a_decode_its_request_gave_up_on_still_counts_until_it_ends(
     finally:
         gate.set()
         pool.shutdown()
+
+
+@pytest.mark.parametrize(("pixels", "most_at_once"), [(4_000, 1), (100, 2)])
+def test_big_images_take_turns_on_the_decode_threads(
+    monkeypatch: pytest.MonkeyPatch, pixels: int, most_at_once: int
+) -> None:
+    """A lossless WebP of 40M pixels peaks at ~550 MB as it decodes: one on each decode
+    thread of each worker went past the pod's memory (an outside audit). Images over
+    BIG_DECODE_PIXELS decode one at a time; smaller ones side by side."""
+    monkeypatch.setattr(dataplane, "BIG_DECODE_PIXELS", 1_000)
+    running, most = 0, 0
+    lock = threading.Lock()
+    both = threading.Barrier(2, timeout=0.5)  # met only when two decode at once
+
+    def decode(opened: object, spec: PreprocessSpec) -> Any:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                both.wait()
+        finally:
+            with lock:
+                running -= 1
+        return np.zeros((224, 224, 3), np.uint8)
+
+    monkeypatch.setattr(dataplane, "preprocess_opened", decode)
+    side = int(pixels**0.5)
+    images = [SimpleNamespace(size=(side, side)) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        for job in [pool.submit(dataplane._timed_decode, i, PreprocessSpec()) for i in images]:
+            job.result(timeout=10)
+    assert most == most_at_once
 
 
 def idle_plane(settings: Settings) -> DataPlane:

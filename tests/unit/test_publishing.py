@@ -123,10 +123,12 @@ def test_folders_of_one_number_are_one_version_told_once(
         assert {v: p.name for v, p in found.items()} == {16: "16", 7: "007"}
     told = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert sorted(told) == [
-        f"{tmp_path}: folders 0016, 016 also name version 16; 16 is served as it, the "
-        "others are ignored: rename or remove them",
-        f"{tmp_path}: folders 07 also name version 7; 007 is served as it, the others are "
-        "ignored: rename or remove them",
+        f"{tmp_path}: folders 0016, 016 also name version 16; 16 is the one a load of it "
+        "reads, the others are ignored (a copy of the version loaded already from one of "
+        "them serves on, as in TF Serving, until a restart loads 16): rename or remove them",
+        f"{tmp_path}: folders 07 also name version 7; 007 is the one a load of it reads, "
+        "the others are ignored (a copy of the version loaded already from one of them "
+        "serves on, as in TF Serving, until a restart loads 007): rename or remove them",
     ]
 
 

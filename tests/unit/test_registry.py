@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import os
 import random
 import shutil
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +206,18 @@ def test_a_version_served_without_labels_says_so(
     assert len(said) == 1 and "has no assets.extra/labels.txt" in said[0], said
 
 
+async def held_twice(registry: Registry, caplog: pytest.LogCaptureFixture, words: str) -> str:
+    """Two polls that leave version 2 of "m" unloaded, version 1 serving; the one log
+    line (not one a poll) that says why, holding ``words``."""
+    with caplog.at_level(logging.INFO, logger="service.registry"):
+        for _ in range(2):
+            await registry.poll_once()
+            assert registry.resolve("m").version == 1 and 2 not in states(registry, "m")
+    said = [r.getMessage() for r in caplog.records if words in r.getMessage()]
+    assert len(said) == 1, said
+    return said[0]
+
+
 def test_a_version_without_its_labels_yet_is_loaded_once_its_folder_settles(
     template: Path,
     tmp_path: Path,
@@ -221,12 +236,8 @@ def test_a_version_without_its_labels_yet_is_loaded_once_its_folder_settles(
     async def scenario() -> None:
         await registry.start()
         v2 = add_version(repo, "m", 2, template, labels=False)  # assets.extra not in yet
-        with caplog.at_level(logging.INFO, logger="service.registry"):
-            for _ in range(2):
-                await registry.poll_once()
-                assert registry.resolve("m").version == 1 and 2 not in states(registry, "m")
-        said = [r.getMessage() for r in caplog.records if "has no assets.extra" in r.getMessage()]
-        assert len(said) == 1 and "m version 2" in said[0], said  # once, not every poll
+        said = await held_twice(registry, caplog, "has no assets.extra")
+        assert "m version 2" in said
         shutil.copy(template / "assets.extra" / "labels.txt", v2 / "assets.extra")  # it came
         await registry.poll_once()
         assert registry.resolve("m").version == 2
@@ -238,6 +249,55 @@ def test_a_version_without_its_labels_yet_is_loaded_once_its_folder_settles(
         await registry.poll_once()
         assert registry.resolve("m").version == 3
         assert registry.resolve("m").labels == ["0", "1", "2"]
+
+    run_with(registry, scenario)
+
+
+def test_a_version_whose_files_changed_moments_ago_is_loaded_once_they_are_quiet(
+    template: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Copied in name order (rsync, cp -r), assets.extra and its labels.txt come first:
+    the version was loaded at every poll while the rest came (24 failed loads for one
+    copy, once served from a half-written variables.index; an outside audit). Now one
+    whose files changed less than QUIET_SECONDS ago waits, however complete it looks."""
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        monkeypatch.setattr(repository, "QUIET_SECONDS", 3600.0)  # every change is recent
+        add_version(repo, "m", 2, template)  # labels and all: a copy just made
+        said = await held_twice(registry, caplog, "unchanged for")
+        assert "m version 2" in said and "has no" not in said
+        assert not [r for r in caplog.records if "failed to load" in r.getMessage()]
+        monkeypatch.setattr(repository, "QUIET_SECONDS", 0.0)  # the copy ended
+        await registry.poll_once()
+        assert registry.resolve("m").version == 2
+
+    run_with(registry, scenario)
+
+
+def test_with_polling_off_a_held_version_is_loaded_once_its_wait_is_over(
+    template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No poll would come to load it (polling off: a version a reload RPC found moments
+    after its copy): the registry rescans once the wait is over."""
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path))  # poll_seconds=0
+
+    async def scenario() -> None:
+        await registry.start()
+        monkeypatch.setattr(repository, "QUIET_SECONDS", 1.0)
+        add_version(repo, "m", 2, template)
+        await registry.poll_once()
+        assert registry.resolve("m").version == 1  # held: its files are moments old
+        deadline = time.monotonic() + 20
+        while registry.resolve("m").version != 2:  # no poll_once from here
+            assert time.monotonic() < deadline, states(registry, "m")
+            await asyncio.sleep(0.05)
 
     run_with(registry, scenario)
 
@@ -683,6 +743,53 @@ def test_a_version_fixed_in_place_is_retried_and_a_bad_card_fails_its_load(
         assert states(registry, "m")[3] == VersionState.AVAILABLE
         assert registry.resolve("m", version=3).labels == ["cat", "dog", "bird"]
         assert states(registry, "m")[2] == VersionState.END
+
+    run_with(registry, scenario)
+
+
+def _edit_card(version: Path, **fields: Any) -> None:
+    path = version / "assets.extra" / "model_card.json"
+    card = json.loads(path.read_text())
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            card[key] = {**card[key], **value}
+        else:
+            card[key] = value
+    path.write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            lambda v: (v / "assets.extra" / "labels.txt").write_text("dog\ncat\nbird\n"),
+            "class 0 is 'cat' in the card, 'dog' in labels.txt",
+        ),
+        (lambda v: _edit_card(v, labels=["x", "x"]), "it names 2 classes, labels.txt 3"),
+        (lambda v: _edit_card(v, preprocessing="x"), "preprocessing is a JSON str"),
+        (lambda v: _edit_card(v, preprocessing={"color": "CMYK"}), "color 'CMYK'"),
+        (
+            lambda v: (v / "assets.extra" / "labels.txt").write_text("cat\n  \nbird\n"),
+            "line 2 is empty",
+        ),
+    ],
+    ids=["labels-swapped", "card-labels", "preprocessing-string", "cmyk", "blank-label"],
+)
+def test_a_version_whose_card_and_labels_disagree_never_serves(
+    template: Path, tmp_path: Path, change: Callable[[Path], object], said: str
+) -> None:
+    """Each was loaded and served without a word (an outside audit, 12-07): with two lines
+    of labels.txt swapped, a trouser was answered "T-shirt/top"."""
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        change(add_version(repo, "m", 2, template))
+        await registry.poll_once()
+        assert registry.resolve("m").version == 1
+        status = registry.statuses("m", version=2)[0]
+        assert status.state == VersionState.END and said in status.error_message, status
 
     run_with(registry, scenario)
 
