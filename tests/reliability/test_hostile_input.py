@@ -1615,6 +1615,31 @@ def test_images_that_fail_to_decode_in_a_list_leave_no_memory_behind(
     assert grown < 300 * 2**20, f"{grown / 2**20:.0f} MB kept after the 400s"
 
 
+def test_two_big_images_with_alpha_cost_what_one_does(
+    tiny_repo: Path, start_server: Callable[..., Server]
+) -> None:
+    """A lossless WebP of 6000x6000 is a few KB (34 bytes at best) and decodes to 144 MB. It cost a
+    worker ~1 GB (four full-size copies to composite it on white), two in one request
+    ~1.9 GB, and a pod's two workers went past 2 GiB (an outside audit, 12-07). Shrunk
+    before it is composited, decoded one at a time past 16M pixels, each let go (and the
+    memory handed back) as its decode ends: two cost what one does."""
+    webp = encode(Image.new("RGBA", (6000, 6000), (0, 0, 0, 0)), "WEBP", lossless=True)
+    assert len(webp) < 2000
+    server = start_server(tiny_repo)  # its own: the memory it leaves is no other test's
+    pid = server.process.pid
+    grown = []
+    with server.client() as client:
+        for count in (1, 2):
+            reset_peak_rss(pid)
+            before = peak_rss(pid)
+            parts = [("image", (f"{i}.webp", webp, "image/webp")) for i in range(count)]
+            response = client.post("/v1/classify", files=parts)
+            assert response.status_code == 200, response.text
+            grown.append(peak_rss(pid) - before)
+    assert grown[0] < 800 * 2**20, f"one took {grown[0] / 2**20:.0f} MB"
+    assert grown[1] < 1.3 * grown[0], [f"{g / 2**20:.0f} MB" for g in grown]
+
+
 def test_deep_pipelining_is_held_back_not_buffered(server: Server) -> None:
     """A connection pipelining ~29,000 requests without reading the answers: the server
     parses a few ahead of the one it answers and leaves the rest unread (uvicorn alone
