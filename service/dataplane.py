@@ -171,6 +171,7 @@ class DataPlane:
         # seconds per pixel of that work (None: unmeasured).
         self._decoding = 0
         self._decoding_work = 0
+        self._decoding_big = 0  # of that work, images over BIG_DECODE_PIXELS (one at a time)
         self._decode_per_pixel: float | None = None
         # How long decoding took against what the CPU-time estimate foresaw: the threads
         # wait for the GIL behind the event loop (a request of 16 images took 208 ms
@@ -257,15 +258,18 @@ class DataPlane:
                 return image[None]
             self._admit_decode(target.model)
             items, work = [opened], _decode_work(images[0], cost)
+            big = work if _big(opened) else 0
             del opened  # the list's reference only: see below
         else:
             # Shed before reading every header too: 32 images' headers cost a loaded
             # worker's event loop ~13% of its time when most such requests were refused.
             self._admit_decode(target.model)
             held.admit(len(images), deadline)
-            items, work = self._open_all(images, spec, max_pixels, names)
+            items, work, big = self._open_all(images, spec, max_pixels, names)
+        self._admit_big(target.model, big)
         loop = asyncio.get_running_loop()
-        decode = functools.partial(_timed_decode, spec=spec)
+        abandoned = threading.Event()  # the request no longer waits for its images
+        decode = functools.partial(_timed_decode, spec=spec, abandoned=abandoned)
         began, foreseen = time.monotonic(), self._decode_ahead(work)
         jobs = [self._pool.submit(decode, item) for item in items]
         # Each opened image is let go as its decode ends, not as the request's does: a
@@ -274,7 +278,8 @@ class DataPlane:
         items.clear()
         self._decoding += len(images)
         self._decoding_work += work
-        self._count_until_done(jobs, len(images), work, loop)
+        self._decoding_big += big
+        self._count_until_done(jobs, len(images), work, big, loop)
         futures = [asyncio.wrap_future(job, loop=loop) for job in jobs]
         gathered = asyncio.gather(*futures)
         # Cancelled (the client left) or timed out, its error is read by no one: read it
@@ -296,10 +301,13 @@ class DataPlane:
             # the deadline), so that the answer frees the threads the request took. A
             # client resending at once found them still busy with its last request's
             # images: ~400 ms of decoding ahead, refused 503.
+            abandoned.set()  # big ones waiting for their turn do not take it
             for job in jobs:
                 job.cancel()
             await asyncio.wait(futures, timeout=max(0.0, deadline - time.monotonic()))
             raise _naming(exc, bad, names) from None
+        finally:
+            abandoned.set()
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
 
     def _count_until_done(
@@ -307,6 +315,7 @@ class DataPlane:
         jobs: Sequence[concurrent.futures.Future[Any]],
         images: int,
         work: int,
+        big: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         """Keep ``jobs`` (one request's images on the decode threads) counted as decoding
@@ -324,6 +333,7 @@ class DataPlane:
             if left == 0:
                 self._decoding -= images
                 self._decoding_work -= work
+                self._decoding_big -= big
 
         def done(_: concurrent.futures.Future[Any]) -> None:  # on any thread
             with contextlib.suppress(RuntimeError):  # the loop closed: nothing to count
@@ -372,14 +382,14 @@ class DataPlane:
         spec: PreprocessSpec,
         max_pixels: int,
         names: Sequence[str | None],
-    ) -> tuple[list[Opened], int]:
+    ) -> tuple[list[Opened], int, int]:
         """Every image's header, read here (tens of µs each), and the pixels they will
         decode to (:func:`~service.preprocessing.request_cost`) in all bounded by
         ``max_request_pixels``: each image may be under the
         per-image limit while their sum is not (64 GIFs of 42 bytes, each declaring a
         6000×6000 screen, cost 4 s of CPU); and their decode work in all
         (:func:`_decode_work`)."""
-        opened, total, work = [], 0, 0
+        opened, total, work, big = [], 0, 0, 0
         for i, data in enumerate(images):
             try:
                 image = open_image(
@@ -389,14 +399,16 @@ class DataPlane:
                 raise _naming(exc, i, names) from None
             opened.append(image)
             total += request_cost(data, image)
-            work += _decode_work(data, decode_cost(image))
+            own = _decode_work(data, decode_cost(image))
+            work += own
+            big += own if _big(image) else 0
         limit = self.settings.max_request_pixels
         if total > limit:
             raise ImageTooLarge(
                 f"the {len(images)} images decode to {total} pixels in all; the limit for "
                 f"one request is {limit} (CNNSERVE_MAX_REQUEST_PIXELS)"
             )
-        return opened, work
+        return opened, work, big
 
     def _admit_decode(self, model: str) -> None:
         """Shed at once when the images already waiting for the decode pool (their work
@@ -412,14 +424,26 @@ class DataPlane:
         # them waits for a thread, however slow the moment (a lone huge image is served).
         if self._decoding < self._decode_threads:
             return
+        self._shed_past_budget(model, self._decoding_work / self._decode_threads, "images")
+
+    def _admit_big(self, model: str, big: int) -> None:
+        """Shed a request with images over BIG_DECODE_PIXELS when the big ones already
+        decoding or waiting would take longer than the budget: they decode one at a
+        time, whatever the threads (divided by the threads, such requests were admitted,
+        then waited past their deadline for their turn)."""
+        if big and self._decoding_big:
+            self._shed_past_budget(model, self._decoding_big, "large images, one at a time,")
+
+    def _shed_past_budget(self, model: str, work: float, what: str) -> None:
+        """Overloaded when ``work`` pixels of decode work ahead (for one thread) take
+        longer than the queue-wait budget, at the measured pace and its correction."""
         per_pixel = self._decode_per_pixel or UNMEASURED_DECODE_SECONDS_PER_PIXEL
-        ahead = self._decoding_work * per_pixel / self._decode_threads
-        ahead *= self._decode_waits.factor(time.monotonic())
+        ahead = work * per_pixel * self._decode_waits.factor(time.monotonic())
         budget = self.settings.queue_wait_budget_seconds
         if ahead > budget:
             metrics.observe_shed(model, "decode_queue")
             raise Overloaded(
-                f"server is at capacity (~{ahead * 1e3:.0f} ms of images wait to be decoded; "
+                f"server is at capacity (~{ahead * 1e3:.0f} ms of {what} wait to be decoded; "
                 f"budget {budget * 1e3:.0f} ms); retry after the Retry-After delay "
                 f"({Overloaded.retry_after} s) or send to another replica",
                 reason="decode_queue",
@@ -771,28 +795,52 @@ _BIG_DECODE = threading.Lock()
 _TRIM = malloc_trim()
 
 
-def _timed_decode(opened: Opened, spec: PreprocessSpec) -> tuple[npt.NDArray[np.uint8], float]:
+def _big(opened: Opened) -> bool:
+    """Whether ``opened`` decodes to more than BIG_DECODE_PIXELS (a JPEG at its reduced
+    scale): such images decode one at a time in a worker."""
+    width, height = opened.size
+    return width * height > BIG_DECODE_PIXELS
+
+
+class _Abandoned(Exception):
+    """A big image's turn came after its request stopped waiting for it (read by no one)."""
+
+
+# How often a big image waiting for its turn looks whether its request still waits.
+BIG_WAIT_POLL_SECONDS = 0.05
+
+
+def _timed_decode(
+    opened: Opened, spec: PreprocessSpec, abandoned: threading.Event | None = None
+) -> tuple[npt.NDArray[np.uint8], float]:
     """On a decode thread: the image (opened by :func:`service.preprocessing.open_image`
     on the event loop), and the CPU seconds its decoding took. CPU time, not wall time:
     under overload the decode threads wait for the GIL behind the event loop, and
     counting that wait as work would shed more, which loads the loop more (a storm of
-    503s feeding itself). A big image waits for the one before it (BIG_DECODE_PIXELS)."""
-    width, height = opened.size  # what it decodes to (a JPEG at its reduced scale)
-    if width * height <= BIG_DECODE_PIXELS:
+    503s feeding itself). A big image waits for the one before it (BIG_DECODE_PIXELS),
+    and is not decoded once ``abandoned`` is set (its request answered 504 or 400, or
+    its client gone): a job waiting for the lock is running as far as its pool knows,
+    and cancelling it did nothing."""
+    if not _big(opened):
         began = time.thread_time()
         image = preprocess_opened(opened, spec)
         return image, time.thread_time() - began
-    with _BIG_DECODE:
+    while not _BIG_DECODE.acquire(timeout=BIG_WAIT_POLL_SECONDS):
+        if abandoned is not None and abandoned.is_set():
+            raise _Abandoned
+    try:
+        if abandoned is not None and abandoned.is_set():
+            raise _Abandoned
         began = time.thread_time()
-        try:
-            image = preprocess_opened(opened, spec)
-            return image, time.thread_time() - began
-        finally:
-            # Pillow's blocks of the image, freed into this thread's malloc arena, stay
-            # there (~150 MB after a 40M-pixel WebP) where the next big image, on the
-            # other decode thread's arena, cannot reuse them: handed back at once.
-            if _TRIM is not None:
-                _TRIM()
+        image = preprocess_opened(opened, spec)
+        return image, time.thread_time() - began
+    finally:
+        # Pillow's blocks of the image, freed into this thread's malloc arena, stay
+        # there (~150 MB after a 40M-pixel WebP) where the next big image, on the
+        # other decode thread's arena, cannot reuse them: handed back at once.
+        if _TRIM is not None:
+            _TRIM()
+        _BIG_DECODE.release()
 
 
 def _read_outcome(future: asyncio.Future[Any]) -> None:

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import errno
 import logging
+import os
 import threading
 import time
 import weakref
@@ -52,12 +53,11 @@ from service.repository import (
     ASSETS_EXTRA,
     LABELS_FILE,
     MODELS_CONFIG,
-    QUIET_SECONDS,
-    SETTLE_SECONDS,
     Fingerprint,
     ModelConfig,
     parse_models_config,
     read_config_text,
+    settle_window,
 )
 from service.routing import (
     LoadedVersion,
@@ -601,8 +601,8 @@ class Registry:
         age = self._source.unsettled(path, quiet=self._started)
         if age is None:
             return False
-        labelled = (path / ASSETS_EXTRA / LABELS_FILE).exists()
-        self._rescan_later(QUIET_SECONDS if labelled else SETTLE_SECONDS, age)
+        labelled = os.path.lexists(path / ASSETS_EXTRA / LABELS_FILE)  # as unsettled reads it
+        self._rescan_later(settle_window(labelled) - max(age, 0.0))
         if key not in self._settling_logged:
             self._settling_logged.add(key)
             log.info(
@@ -613,25 +613,34 @@ class Registry:
                 path,
                 max(age, 0.0),
                 "" if labelled else f" and has no {ASSETS_EXTRA}/{LABELS_FILE} yet",
-                QUIET_SECONDS if labelled else SETTLE_SECONDS,
+                settle_window(labelled),
             )
         return True
 
-    def _rescan_later(self, window: float, age: float) -> None:
-        """A rescan once a held version's wait is over, when no poll would come to load it
-        (polling off: a version a reload RPC found moments after its copy was held for
-        good)."""
-        if self._settings.poll_seconds > 0 or self._rescan_due is not None:
+    def _rescan_later(self, left: float) -> None:
+        """A rescan once a held version's wait is over (``left`` seconds from now), when
+        no poll would come by then to load it (polling off: a version a reload RPC found
+        moments after its copy was held for good). Again while one is still held after
+        it (a scan that failed: a network file system's hiccup)."""
+        wait = max(left, 0.0) + RESCAN_MARGIN_SECONDS
+        if 0 < self._settings.poll_seconds <= wait or self._rescan_due is not None:
             return
 
         def rescan() -> None:
             self._rescan_due = None
-            if not self._stopped:
-                task = asyncio.ensure_future(self.poll_once(wait_for_unloads=False))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+            if self._stopped:
+                return
+            task = asyncio.ensure_future(self.poll_once(wait_for_unloads=False))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(rescanned)
 
-        wait = max(window - max(age, 0.0), 0.0) + RESCAN_MARGIN_SECONDS
+        def rescanned(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("rescanning the model repository failed: %s", task.exception())
+            if self._settling_logged and not self._stopped:
+                self._rescan_later(left)
+
         self._rescan_due = asyncio.get_running_loop().call_later(wait, rescan)
 
     def _to_unload(self, scan: Scan) -> list[VersionKey]:

@@ -72,6 +72,12 @@ def load_models_config(repository: Path) -> model_server_config_pb2.ModelServerC
     return config
 
 
+# Unicode categories of characters a name may not hold: controls, format characters
+# (bidi overrides, zero-width), and line and paragraph separators (line breaks to
+# str.splitlines and to log viewers).
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
 def check_models_config(config: Any, where: Path | str) -> None:
     """What TF Serving also refuses: no model list, or names missing or repeated."""
     if config.WhichOneof("config") != "model_config_list":
@@ -84,10 +90,11 @@ def check_models_config(config: Any, where: Path | str) -> None:
     for name in names:
         # A name is written into log lines and URLs: a newline in one forged log lines
         # (HandleReloadConfigRequest took "a\0b\n}" and served it; an outside audit).
-        if any(unicodedata.category(c) == "Cc" for c in name):
+        if any(unicodedata.category(c) in _UNPRINTABLE for c in name):
             raise ConfigError(
                 f"{where}: model name {name!r} holds a control character (a newline, a "
-                "NUL, ...); name models with printable characters"
+                "NUL, a line separator, a bidi override, ...); name models with printable "
+                "characters"
             )
 
 
@@ -327,6 +334,11 @@ SETTLE_SECONDS = 5.0
 QUIET_SECONDS = 2.0
 
 
+def settle_window(labelled: bool) -> float:
+    """How long a version folder must be unchanged before it loads (see unsettled)."""
+    return QUIET_SECONDS if labelled else SETTLE_SECONDS
+
+
 def unsettled(version_dir: Path, *, quiet: bool = True) -> float | None:
     """Seconds since ``version_dir`` last changed, while a copy into it may still be in
     progress: it has no assets.extra/labels.txt and changed less than SETTLE_SECONDS
@@ -357,7 +369,7 @@ def unsettled(version_dir: Path, *, quiet: bool = True) -> float | None:
             st = entry.stat(follow_symlinks=False)
             newest = max(newest, st.st_mtime, st.st_ctime)
     age = time.time() - newest
-    window = QUIET_SECONDS if labelled else SETTLE_SECONDS
+    window = settle_window(labelled)
     # A clock ahead on a network file system: not held back for as long as it is ahead.
     return age if -window < age < window else None
 

@@ -235,7 +235,6 @@ def load_signature(version_dir: Path) -> Predict:
 
     try:
         loaded = tf.saved_model.load(str(version_dir))
-        fn = loaded.signatures[SERVING_SIGNATURE]
     except MemoryError:
         raise
     except Exception as exc:  # TensorFlow's own errors, and what its readers raise
@@ -244,6 +243,12 @@ def load_signature(version_dir: Path) -> Predict:
             f"{version_dir}: TensorFlow cannot load the SavedModel ({type(exc).__name__}: "
             f"{words}); its files are damaged or incomplete: publish the version again"
         ) from None
+    if SERVING_SIGNATURE not in loaded.signatures:
+        raise ModelLoadError(
+            f"{version_dir}: the SavedModel has no {SERVING_SIGNATURE!r} signature "
+            f"(it has {sorted(loaded.signatures) or 'none'}); re-export it with one"
+        )
+    fn = loaded.signatures[SERVING_SIGNATURE]
 
     def predict(x: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
         return np.asarray(fn(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME].numpy(), dtype=np.float32)

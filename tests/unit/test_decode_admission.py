@@ -28,7 +28,7 @@ from tests.helpers.images import encode, gradient
 
 def test_decode_queue_sheds_by_seconds_of_decoding_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every image "takes" 20 ms to decode (as measured on the decode thread).
-    def fake_decode(opened: object, spec: PreprocessSpec) -> tuple[Any, float]:
+    def fake_decode(opened: object, spec: PreprocessSpec, abandoned: Any) -> tuple[Any, float]:
         return np.zeros((224, 224, 3), np.uint8), 0.020
 
     monkeypatch.setattr(dataplane, "_timed_decode", fake_decode)
@@ -78,7 +78,7 @@ def test_a_decode_its_request_gave_up_on_still_counts_until_it_ends(
     while admission saw them idle, and refused nothing (an outside audit)."""
     gate = threading.Event()
 
-    def slow_decode(opened: object, spec: PreprocessSpec) -> tuple[Any, float]:
+    def slow_decode(opened: object, spec: PreprocessSpec, abandoned: Any) -> tuple[Any, float]:
         gate.wait(5)
         return np.zeros((224, 224, 3), np.uint8), 0.020
 
@@ -141,6 +141,50 @@ def test_big_images_take_turns_on_the_decode_threads(
         for job in [pool.submit(dataplane._timed_decode, i, PreprocessSpec()) for i in images]:
             job.result(timeout=10)
     assert most == most_at_once
+
+
+def test_a_big_image_is_not_decoded_once_its_request_stopped_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A job waiting for its turn at the big-image lock is running as far as its pool
+    knows: cancelling it did nothing, and it decoded in full (~550 MB) for a request
+    answered 504 long before (a review)."""
+    monkeypatch.setattr(dataplane, "BIG_DECODE_PIXELS", 1_000)
+    gate, decoded = threading.Event(), []
+
+    def decode(opened: Any, spec: PreprocessSpec) -> Any:
+        decoded.append(opened.name)
+        gate.wait(5)
+        return np.zeros((224, 224, 3), np.uint8)
+
+    monkeypatch.setattr(dataplane, "preprocess_opened", decode)
+    first, second = (SimpleNamespace(size=(100, 100), name=n) for n in ("first", "second"))
+    gave_up = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(dataplane._timed_decode, first, PreprocessSpec())
+        waiting = pool.submit(dataplane._timed_decode, second, PreprocessSpec(), gave_up)
+        gave_up.set()  # its request was answered meanwhile
+        with pytest.raises(dataplane._Abandoned):
+            waiting.result(timeout=10)  # at once: not after the first's decode
+        assert not running.done()
+        gate.set()
+        running.result(timeout=10)
+    assert decoded == ["first"]
+
+
+def test_big_images_are_admitted_by_the_wait_for_their_turn() -> None:
+    """Big images decode one at a time: divided by the threads, what waited ahead of one
+    looked half as long, and such requests were admitted to time out in the queue."""
+    plane = idle_plane(Settings(queue_wait_budget_seconds=0.05))
+    plane._decode_per_pixel = 1e-8  # 10 ns a pixel of decode work
+    plane._decode_threads = 2
+    plane._decoding, plane._decoding_work = 1, 8_000_000  # one thread busy: 40 ms a thread
+    plane._decoding_big = 8_000_000  # ...but 80 ms ahead of a big one
+    plane._admit_decode("m")  # a small image: a thread is free
+    with pytest.raises(Overloaded, match="large images, one at a time, wait"):
+        plane._admit_big("m", 20_000_000)
+    plane._decoding_big = 4_000_000  # 40 ms: within the budget
+    plane._admit_big("m", 20_000_000)
 
 
 def idle_plane(settings: Settings) -> DataPlane:
@@ -220,7 +264,9 @@ class Clock:
     def monotonic(self) -> float:
         return self.now
 
-    def measured(self, opened: Opened, spec: PreprocessSpec) -> tuple[Any, float]:
+    def measured(
+        self, opened: Opened, spec: PreprocessSpec, abandoned: Any = None
+    ) -> tuple[Any, float]:
         width, height = opened.size
         seconds = 20e-9 * width * height + 1e-4
         self.now += seconds  # only the one decode thread moves it

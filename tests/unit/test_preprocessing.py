@@ -263,6 +263,16 @@ def test_a_big_image_with_alpha_is_composited_small_as_the_same_picture(
     out = preprocess_bytes(encode(img, "PNG"), SPEC, max_pixels=BIG)
     assert sizes and all(3 * 224 <= min(size) < 2 * 3 * 224 for size in sizes), sizes
     assert np.abs(out.astype(int) - expected.astype(int)).max() <= 2
+    # A long strip is shrunk along its length too (one factor for both sides left it
+    # whole), and nothing is averaged before a nearest-neighbour resize.
+    sizes.clear()
+    strip = Image.new(mode, (12_000, 700))
+    preprocess_bytes(encode(strip, "PNG"), SPEC, max_pixels=BIG)
+    assert sizes == [(-(-12_000 // (12_000 // 672)), 700)], sizes  # its last box partial
+    sizes.clear()
+    nearest = PreprocessSpec(resize_method="nearest")
+    preprocess_bytes(encode(strip, "PNG"), nearest, max_pixels=BIG)
+    assert sizes == [(12_000, 700)], sizes
 
 
 def test_palette_with_transparency() -> None:

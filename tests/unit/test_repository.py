@@ -231,6 +231,7 @@ def test_a_poll_parses_models_config_again_only_when_it_changed(
         ("", "configures no model; add a config { }"),
         ('config { name: "a" } config { name: "a" }', "model names must be unique"),
         ('config { name: "a\\000b\\n}" }', "model name 'a\\x00b\\n}' holds a control character"),
+        ('config { name: "a\u2028b" }', "model name 'a\\u2028b' holds a control character"),
     ],
 )
 def test_a_models_config_without_models_says_so(tmp_path: Path, body: str, said: str) -> None:
