@@ -210,7 +210,10 @@ def _check_variables(meta_graph: meta_graph_pb2.MetaGraphDef, version_dir: Path)
         return
     folder = version_dir / "variables"
     if not (folder / "variables.index").is_file():
-        raise ModelLoadError(f"{version_dir}: the graph has variables but variables/ is missing")
+        # Which: with the folder there, "variables/ is missing" sent people looking for a
+        # folder they could see (an outside audit).
+        missing = "variables/variables.index" if folder.is_dir() else "variables/"
+        raise ModelLoadError(f"{version_dir}: the graph has variables but {missing} is missing")
     shards = [m for p in folder.iterdir() if (m := _SHARD.fullmatch(p.name)) and p.is_file()]
     totals = {int(m.group(2)) for m in shards}
     complete = len(totals) == 1 and {int(m.group(1)) for m in shards} == set(range(max(totals)))

@@ -319,6 +319,8 @@ def _break(folder: Path, how: str) -> None:
         (folder / "saved_model.pb").write_bytes(saved.SerializeToString())
     elif how == "no variables":
         shutil.rmtree(folder / "variables")
+    elif how == "no variables.index":
+        (folder / "variables" / "variables.index").unlink()
     elif how == "no variables data shard":
         for shard in (folder / "variables").glob("variables.data-*"):
             shard.unlink()
@@ -339,6 +341,7 @@ def _break(folder: Path, how: str) -> None:
         "truncated saved_model.pb",
         "saved_model.pb without the serving signature",
         "no variables",
+        "no variables.index",
         "no variables data shard",
         "empty variables data shard",
         "truncated variables data shard",
@@ -353,9 +356,12 @@ def test_a_corrupt_saved_model_beside_a_verified_artifact_is_refused(
     shutil.copytree(shipped, folder)
     _break(folder, how)
     rt = LiteRTRuntime(folder, cache_dir=tmp_path / "cache")
-    with pytest.raises(ModelLoadError, match=str(folder)):
+    with pytest.raises(ModelLoadError, match=str(folder)) as refused:
         rt.load()
     assert not rt.ready
+    if how in ("no variables", "no variables.index"):  # the folder was named for the index
+        missing = "variables/" if how == "no variables" else "variables/variables.index"
+        assert refused.value.message.endswith(f"but {missing} is missing"), refused.value
 
 
 def _swap_saved_model(folder: Path, source: Path) -> None:
