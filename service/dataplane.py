@@ -276,10 +276,7 @@ class DataPlane:
         # WebP's decoder keeps its canvas (~12 bytes a pixel) until the image goes, and
         # two 6000x6000 WebPs in one request held both, +1,061 MB against +553 for one.
         items.clear()
-        self._decoding += len(images)
-        self._decoding_work += work
-        self._decoding_big += big
-        self._count_until_done(jobs, len(images), work, big, loop)
+        self._count_while_decoding(jobs, len(images), work, big, loop)
         futures = [asyncio.wrap_future(job, loop=loop) for job in jobs]
         gathered = asyncio.gather(*futures)
         # Cancelled (the client left) or timed out, its error is read by no one: read it
@@ -310,7 +307,7 @@ class DataPlane:
             abandoned.set()
         return decoded[0][None] if len(decoded) == 1 else np.stack(decoded)
 
-    def _count_until_done(
+    def _count_while_decoding(
         self,
         jobs: Sequence[concurrent.futures.Future[Any]],
         images: int,
@@ -318,13 +315,17 @@ class DataPlane:
         big: int,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
-        """Keep ``jobs`` (one request's images on the decode threads) counted as decoding
-        until the last of them has run or was cancelled before it began, not until the
-        request stops waiting for them: a decode whose request's deadline passed runs on
+        """Count ``jobs`` (one request's ``images`` on the decode threads, ``work`` and
+        ``big`` their decode work, :func:`_decode_work`) as decoding from now until the
+        last of them has run or was cancelled before it began, not until the request
+        stops waiting for them: a decode whose request's deadline passed runs on
         to its end. Counted until the request gave up, such decodes left admission seeing
         idle threads while both were busy: a client sending 34-byte WebPs of 6000x6000
         with a 50 ms deadline got only 504s, never a 503, and a client beside it waited
         a median 609 ms instead of 14 (an outside audit)."""
+        self._decoding += images
+        self._decoding_work += work
+        self._decoding_big += big
         left = len(jobs)
 
         def one_done() -> None:  # on the event loop
@@ -822,18 +823,14 @@ def _timed_decode(
     its client gone): a job waiting for the lock is running as far as its pool knows,
     and cancelling it did nothing."""
     if not _big(opened):
-        began = time.thread_time()
-        image = preprocess_opened(opened, spec)
-        return image, time.thread_time() - began
+        return _measured(opened, spec)
     while not _BIG_DECODE.acquire(timeout=BIG_WAIT_POLL_SECONDS):
         if abandoned is not None and abandoned.is_set():
             raise _Abandoned
     try:
         if abandoned is not None and abandoned.is_set():
             raise _Abandoned
-        began = time.thread_time()
-        image = preprocess_opened(opened, spec)
-        return image, time.thread_time() - began
+        return _measured(opened, spec)
     finally:
         # Pillow's blocks of the image, freed into this thread's malloc arena, stay
         # there (~150 MB after a 40M-pixel WebP) where the next big image, on the
@@ -841,6 +838,12 @@ def _timed_decode(
         if _TRIM is not None:
             _TRIM()
         _BIG_DECODE.release()
+
+
+def _measured(opened: Opened, spec: PreprocessSpec) -> tuple[npt.NDArray[np.uint8], float]:
+    began = time.thread_time()
+    image = preprocess_opened(opened, spec)
+    return image, time.thread_time() - began
 
 
 def _read_outcome(future: asyncio.Future[Any]) -> None:

@@ -498,11 +498,13 @@ def _to_rgb(img: Image.Image, fit: tuple[int, int] | None) -> Image.Image:
 # Compositing on white took four full-size copies of an image with alpha (RGBA, the
 # background, the composite, its RGB): a 34-byte lossless WebP of 6000x6000 cost a
 # worker +964 MB, two of them in one request ~2 GB (an outside audit; the gateway's pod
-# may take 2 GiB). Shrunk first by a whole factor while it stays this many times the
-# size it is resized to (Pillow's reduce: a box filter on premultiplied alpha, so the
-# composite is the same picture), the copies are small: +377 MB for that WebP, most of
-# it the decoder's. Pillow calls a gap of 3 or more "indistinguishable" from resizing
-# the full image (Image.resize's reducing_gap).
+# may take 2 GiB). Shrunk first along each side by a whole factor while it stays this
+# many times the size it is resized to on that side (Pillow's reduce: a box filter on
+# premultiplied alpha, so the composite is the same picture), the copies are small:
+# +554 MB for that WebP, nearly all of it Pillow's WebP decoder (decoding alone peaks
+# there); +305 MB for a 16-bit RGBA PNG of 6300x6300 (+757 before). Pillow calls a gap
+# of 3 or more "indistinguishable" from resizing the full image (Image.resize's
+# reducing_gap).
 SHRINK_GAP = 3
 
 
