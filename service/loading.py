@@ -203,6 +203,7 @@ def warm_up(runtime: Runtime, info: ModelInfo, path: Path) -> None:
     """Replay the warmup batches; a wrong answer shape fails the load as in TF Serving,
     and so does a non-finite score: a damaged artifact or weights answer NaN for every
     request, which no client can tell from a model's answer."""
+    said = False
     for batch in warmup_batches(path, info):
         try:
             out = runtime.predict(batch)
@@ -218,3 +219,36 @@ def warm_up(runtime: Runtime, info: ModelInfo, path: Path) -> None:
                 f"{path}: warm-up returned non-finite scores (NaN or infinity) with the "
                 f"{runtime.name} runtime; the model's weights or artifact are damaged"
             )
+        said = said or _said_not_probabilities(out, path)
+
+
+# How far a probability row may stray: a quantized (INT8) softmax sums to 1 within ~1%.
+_PROBABILITY_SLACK = 0.05
+
+
+def _said_not_probabilities(out: npt.NDArray[Any], path: Path) -> bool:
+    """A WARNING for a model whose answers are not probabilities: /v1/classify and
+    gRPC Classify report its outputs as scores as they are (a foreign SavedModel ending
+    in logits answered "score": -3.2, and its top-1 confidence metric read nonsense;
+    an outside audit, 12-07). Served all the same: TF Serving serves such a model, and
+    its Predict answers are what the model computes."""
+    low, high = float(out.min()), float(out.max())
+    sums = out.sum(axis=1)
+    if (
+        low >= -_PROBABILITY_SLACK
+        and high <= 1 + _PROBABILITY_SLACK
+        and bool(np.all(np.abs(sums - 1) <= _PROBABILITY_SLACK))
+    ):
+        return False
+    log.warning(
+        "%s: the model's answers are not probabilities (warm-up answered values from "
+        "%.4g to %.4g, rows summing to %.4g to %.4g): classify reports them as scores "
+        "as they are, and the top-1 confidence metric means little; if they are logits, "
+        "end the serving signature with a softmax",
+        path,
+        low,
+        high,
+        float(sums.min()),
+        float(sums.max()),
+    )
+    return True

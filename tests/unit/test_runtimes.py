@@ -293,6 +293,31 @@ def test_a_float_input_model_follows_the_cards_normalization(float_model: Path) 
     np.testing.assert_allclose(out, [[5.0, 5.0, 5.0]])
 
 
+def test_a_model_answering_other_than_probabilities_is_served_with_a_warning(
+    float_model: Path, shipped: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its scores are reported as they are (as TF Serving would); the log says so once,
+    with what warm-up saw. A softmax model (the shipped export) says nothing."""
+    from service.loading import prepare_version
+
+    def load(folder: Path) -> None:
+        prepared = prepare_version(
+            folder,
+            runtime_factory=create_runtime,
+            runtime_name="tensorflow",
+            cache_dir=tmp_path,
+            threads=1,
+        )
+        prepared.runtime.unload()
+
+    with caplog.at_level(logging.WARNING, logger="service.loading"):
+        load(shipped)
+        assert "not probabilities" not in caplog.text
+        load(float_model)  # the per-channel max of a black image: rows summing to 0
+    (said,) = [r.getMessage() for r in caplog.records if "not probabilities" in r.message]
+    assert str(float_model) in said and "summing to 0 to 0" in said and "softmax" in said
+
+
 @pytest.mark.parametrize("kind", ["tensorflow", "litert"])
 def test_a_folder_that_is_not_a_saved_model_is_refused(kind: str, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
