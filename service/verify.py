@@ -124,7 +124,14 @@ def card_test_images(card: dict[str, Any], fashion_mnist_dir: Path, limit: int) 
             "test split (give --data a folder of images of its classes)"
         )
         return images
-    datasets = [training.get("dataset"), *training.get("extra_datasets", [])]
+    dataset, extra = training.get("dataset"), training.get("extra_datasets", [])
+    if not isinstance(dataset, str) or not isinstance(extra, list):
+        # A card written by hand: it said "tested on images from None".
+        raise DatasetError(
+            "this version's model card does not say which images it was trained and tested "
+            "on (training.dataset); give --data a folder of images of its classes"
+        )
+    datasets = [dataset, *extra]
     if datasets == ["fashion_mnist"]:
         images = load_images(None, fashion_mnist_dir, limit)
         images.source = "Fashion-MNIST's test set, this version's test split"

@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from service.verify import EncodingResult, Report, compare, print_report
 
@@ -72,3 +73,21 @@ def test_a_card_without_its_recipe_gets_images_said_to_be_off_its_record() -> No
         assert images.source.startswith(
             "Fashion-MNIST's test set: this version's model card does not record its test split"
         )
+
+
+@pytest.mark.parametrize(
+    "training",
+    [{}, {"dataset": None}, {"dataset": 3}, {"dataset": "/data", "extra_datasets": "/more"}],
+)
+def test_a_recipe_without_its_datasets_asks_for_data_not_images_from_none(
+    training: dict[str, object],
+) -> None:
+    """A card written by hand said 'tested on images from None, which is not a folder'."""
+    from service.config import Settings
+    from service.errors import DatasetError
+    from service.verify import card_test_images
+
+    with pytest.raises(DatasetError) as caught:
+        card_test_images({"training": training}, Settings().fashion_mnist_dir, limit=3)
+    said = str(caught.value)
+    assert "None" not in said and "training.dataset" in said and "--data" in said
