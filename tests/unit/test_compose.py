@@ -214,6 +214,14 @@ def test_gateway_arguments_and_variables_are_ones_cnnserve_reads(name: str) -> N
     assert args.command == "serve"
     fields = {f"CNNSERVE_{f.upper()}" for f in Settings.model_fields}
     assert set(service["environment"]) <= fields
+    # Docker's SIGKILL after the gateway's own grace (and its delay before it) has passed.
+    settings = Settings(
+        **{k[len("CNNSERVE_") :].lower(): v for k, v in service["environment"].items()}
+    )
+    stop = service["stop_grace_period"]
+    assert stop.endswith("s") and float(stop[:-1]) >= (
+        settings.shutdown_delay_seconds + settings.shutdown_grace_seconds + 5
+    )
     assert host_path(service, "/models") == REPOSITORY  # the image's CNNSERVE_MODEL_REPOSITORY
     gateway = load_compose()["services"]["gateway"]
     assert (

@@ -145,7 +145,45 @@ def test_deployments_roll_safely_and_run_locked_down() -> None:
         assert hpa["spec"]["minReplicas"] >= 2
         pdb = find(objects, "PodDisruptionBudget", name)
         assert pdb["spec"]["selector"]["matchLabels"] == labels
-        assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+@pytest.mark.parametrize("folder", kustomizations(), ids=lambda p: p.relative_to(K8S).as_posix())
+def test_disruption_budgets_let_a_node_drain_at_the_autoscalers_floor(folder: Path) -> None:
+    """At the HPA's fewest replicas a drain must still be able to evict one pod: the gpu
+    overlay's single TF Serving pod under the base's minAvailable: 1 allowed none, and a
+    node drain or upgrade waited on it for ever (an outside audit, 12-07)."""
+    objects = rendered(folder)
+    for name in DEPLOYMENTS:
+        floor = find(objects, "HorizontalPodAutoscaler", name)["spec"]["minReplicas"]
+        budget = find(objects, "PodDisruptionBudget", name)["spec"]
+        if "maxUnavailable" in budget:
+            assert "minAvailable" not in budget and budget["maxUnavailable"] >= 1, name
+        else:
+            assert budget["minAvailable"] < floor, name
+
+
+@pytest.mark.parametrize("folder", kustomizations(), ids=lambda p: p.relative_to(K8S).as_posix())
+def test_a_stopping_tf_serving_pod_outlives_the_gateways_connections_to_it(folder: Path) -> None:
+    """tensorflow_model_server ignores SIGTERM: a stopping pod serves until SIGKILL at the
+    end of terminationGracePeriodSeconds. The gateways leave it only when its connection
+    age (plus gRPC's 10% jitter) sends them a GOAWAY, and their calls then running get the
+    age's grace: the kill must come after the preStop, both and a margin. With 30 s
+    against a 60 s age, gateways sent batches to a pod killed under them."""
+    deployment = find(rendered(folder), "Deployment", "tfserving")
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    channel = dict(
+        item.split("=") for item in tfserving_flags(c["args"])["grpc_channel_arguments"].split(",")
+    )
+    age = int(channel["grpc.max_connection_age_ms"]) / 1000
+    grace = int(channel["grpc.max_connection_age_grace_ms"]) / 1000
+    command = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[0] == "sleep"
+    pre_stop = float(command[1])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + 1.1 * age + grace + 2
+    # The preStop as an exec: its `sleep` action needs Kubernetes 1.30 or later.
+    gateway = container(rendered(folder), "gateway")
+    assert "exec" in gateway["lifecycle"]["preStop"]
 
 
 def test_tf_serving_flags_configs_and_probes() -> None:
@@ -278,3 +316,9 @@ def test_only_gateways_and_prometheus_reach_tf_serving() -> None:
     assert int(annotations["prometheus.io/port"]) == ports["http"]
     ((from_monitoring,),) = [rules["http"]]
     assert "namespaceSelector" in from_monitoring
+    # Its probes run inside the pod, where the policy does not reach: a kubelet's
+    # tcpSocket or httpGet probe comes from the node, which a plugin may apply it to.
+    c = container(objects, "tfserving")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert set(c[probe]) & {"exec", "tcpSocket", "httpGet", "grpc"} == {"exec"}, probe
+    assert f"/dev/tcp/127.0.0.1/{ports['grpc']}" in c["livenessProbe"]["exec"]["command"][-1]
