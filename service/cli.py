@@ -19,7 +19,7 @@ from service.cli_data import add_data, add_experiments
 from service.cli_rollout import add_promote, add_verify
 from service.cli_train import add_compress, add_evaluate, add_train
 from service.cli_types import DefaultsHelp, say_defaults
-from service.config import Settings
+from service.config import Settings, unknown_variables
 from service.errors import CnnserveError, DatasetError, PromotionError
 from service.logs import setup_logging
 
@@ -71,6 +71,16 @@ def _add_serve(
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from service.server import serve, startup_problem
 
+    # A misspelt variable is ignored by the settings: refused here, as one that would turn
+    # a setting off without a word (API keys, TLS, limits) must not start a server.
+    unknown = unknown_variables(os.environ)
+    if unknown:
+        print(
+            f"cnnserve serve: {'; '.join(unknown)}: correct or unset it (a misspelt "
+            "variable would leave its setting, API keys or TLS or a limit, at the default)",
+            file=sys.stderr,
+        )
+        return 2
     # Validated exactly as settings from the environment are (model_copy would skip that).
     overrides = {name: getattr(args, name) for name in SERVE_FLAGS}
     try:

@@ -7,8 +7,10 @@ what needs it; nothing imports a module-level instance.
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +31,12 @@ GRPC_MAX_MESSAGE_LIMIT = 2**31 - 1
 
 API_KEYS_VAR = "CNNSERVE_API_KEYS"
 API_KEYS_FILE_VAR = "CNNSERVE_API_KEYS_FILE"
+
+# What the server sets for its own workers (service.readiness, service.siblings,
+# service.server): CNNSERVE_ variables that are no setting, and no mistake.
+INTERNAL_VARIABLES = frozenset(
+    {"CNNSERVE_READINESS_DIR", "CNNSERVE_SIBLINGS_DIR", "CNNSERVE_SUPERVISOR_PID"}
+)
 
 RuntimeName = Literal["auto", "tensorflow", "litert"]
 BackendName = Literal["embedded", "tfserving"]
@@ -551,3 +559,24 @@ def _no_key_message(source: str) -> str:
         f"{source} is set but holds no key; authentication would be off. Give at least "
         "one key, or unset it to serve without keys"
     )
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """What is wrong with each CNNSERVE_ variable of ``environ`` that is no setting (any
+    case, as the settings read them), with the setting it most likely meant: pydantic
+    ignores them, so a misspelt CNNSERVE_API_KEY_FILE served without keys, and
+    CNNSERVE_SHUTDOWN_GRACE_SECOND left the grace at 10 s, without a word (an outside
+    audit, 12-07)."""
+    known = {f"CNNSERVE_{name.upper()}" for name in Settings.model_fields}
+    problems = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith("CNNSERVE_") or upper in known or upper in INTERNAL_VARIABLES:
+            continue
+        # Matched without the prefix, which every name shares.
+        close = difflib.get_close_matches(
+            upper.removeprefix("CNNSERVE_"), sorted(f.upper() for f in Settings.model_fields), n=1
+        )
+        hint = f" (did you mean CNNSERVE_{close[0]}?)" if close else ""
+        problems.append(f"{name} is not a setting{hint}")
+    return problems

@@ -180,6 +180,40 @@ def test_a_bad_environment_variable_is_a_one_line_error(
     )
 
 
+def test_a_misspelt_variable_stops_serve_naming_the_setting_it_meant(
+    served: list[Settings], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pydantic ignores a CNNSERVE_ variable that is no setting: a misspelt key file
+    served without keys, without a word (an outside audit, 12-07)."""
+    monkeypatch.setenv("CNNSERVE_API_KEY_FILE", "/run/secrets/keys")
+    monkeypatch.setenv("cnnserve_shutdown_grace_second", "30")  # read in any case
+    monkeypatch.setenv("CNNSERVE_NOTHING_LIKE_IT", "1")
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("cnnserve serve: ")
+    assert "CNNSERVE_API_KEY_FILE is not a setting (did you mean CNNSERVE_API_KEYS_FILE?)" in err
+    assert "cnnserve_shutdown_grace_second is not a setting (did you mean " in err
+    assert "CNNSERVE_SHUTDOWN_GRACE_SECONDS?)" in err
+    assert "CNNSERVE_NOTHING_LIKE_IT is not a setting; " in err
+    assert not served
+    # What the server sets for its workers is no mistake; every setting is welcome.
+    for name in (
+        "CNNSERVE_API_KEY_FILE",
+        "cnnserve_shutdown_grace_second",
+        "CNNSERVE_NOTHING_LIKE_IT",
+    ):
+        monkeypatch.delenv(name)
+    from service.readiness import READINESS_DIR_ENV
+    from service.server import SUPERVISOR_ENV
+    from service.siblings import SIBLINGS_DIR_ENV
+
+    for name in (READINESS_DIR_ENV, SIBLINGS_DIR_ENV, SUPERVISOR_ENV):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("CNNSERVE_SHUTDOWN_GRACE_SECONDS", "30")
+    assert main(["serve"]) == 0
+    assert served[0].shutdown_grace_seconds == 30
+
+
 def test_serve_help_shows_the_defaults_in_effect(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
