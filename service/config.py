@@ -382,6 +382,14 @@ class Settings(BaseSettings):
         description="Path of the Prometheus metrics on the REST port; empty = no endpoint.",
     )
     access_log: bool = Field(True, description="One JSON line per request on stdout.")
+    access_log_refusals_per_second: int = Field(
+        100,
+        ge=0,
+        description="Overload refusals (503) one worker logs a line each for per second; past "
+        "that they are counted in one line a second per route (they are all in the metrics). "
+        "Under 4x overload a worker refuses thousands a second: a line each was ~10% of a "
+        "refusal's CPU and a megabyte a second of log (0 = a line for each).",
+    )
 
     # --- demo page ----------------------------------------------------------------------
     demo_page: bool = Field(

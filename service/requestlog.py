@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from service import metrics
-from service.errors import ClientClosedRequest, CnnserveError, Unavailable
+from service.errors import ClientClosedRequest, CnnserveError, Overloaded, Unavailable
 
 T = TypeVar("T")
 
@@ -100,18 +100,19 @@ def recorded(
     is the client's 499, unless the server was ``stopping``: then its stop cancelled it,
     past the grace period (a 503, Unavailable's)."""
     code = 500
+    refusal = False
     try:
         with recording(record):
             yield record
         code = 200
     except CnnserveError as exc:
-        code = exc.http_status
+        code, refusal = exc.http_status, isinstance(exc, Overloaded)
         raise
     except asyncio.CancelledError:  # not a server error
         code = Unavailable.http_status if stopping() else ClientClosedRequest.http_status
         raise
     finally:
-        finish(record, code)
+        finish(record, code, refusal=refusal)
 
 
 def note_target(model: str, version: int | None) -> None:
@@ -158,9 +159,12 @@ def timed_encode(model: str, build: Callable[[], T]) -> tuple[T, float]:
     return answer, seconds
 
 
-def finish(record: RequestRecord, code: int | str, *, deferred: bool = False) -> None:
+def finish(
+    record: RequestRecord, code: int | str, *, deferred: bool = False, refusal: bool = False
+) -> None:
     """The request was answered with ``code``: metrics (``deferred``: at the end of the
-    event loop's turn, metrics.TURN), and its access-log line queued."""
+    event loop's turn, metrics.TURN), and its access-log line queued (a ``refusal``, an
+    overload 503, within the log's budget of them: :meth:`_LineWriter.put_refusal`)."""
     seconds = time.perf_counter() - record.started
     metrics.observe_request(
         record.protocol,
@@ -173,7 +177,10 @@ def finish(record: RequestRecord, code: int | str, *, deferred: bool = False) ->
     )
     writer = _writer
     if writer is not None:
-        writer.put(time.time(), record, code, seconds)
+        if refusal:
+            writer.put_refusal(time.time(), record, code, seconds)
+        else:
+            writer.put(time.time(), record, code, seconds)
 
 
 # Lines are written from a template: under an open loop the log thread writes thousands
@@ -208,8 +215,21 @@ def _line(at: float, record: RequestRecord, code: int | str, seconds: float) -> 
     )
 
 
+def _unlogged_line(at: float, protocol: str, route: str, code: int | str, count: int) -> str:
+    """The line that stands for ``count`` refusals past the log's budget."""
+    status = _STRING(code) if isinstance(code, str) else repr(int(code))
+    return (
+        f'{{"time":{_STRING(_time_text(at))},"protocol":{_STRING(protocol)},'
+        f'"route":{_STRING(route)},"status":{status},"not_logged":{count},'
+        f'"why":"overload refusals past CNNSERVE_ACCESS_LOG_REFUSALS_PER_SECOND a second; '
+        f'cnnserve_requests_total counts them all"}}'
+    )
+
+
 # How often the log thread writes what requests queued: one write per period.
 FLUSH_SECONDS = 0.05
+# How often a line says how many refusals were not logged (per route and status).
+UNLOGGED_SECONDS = 1.0
 _Entry = tuple[float, RequestRecord, int | str, float]
 
 
@@ -222,12 +242,40 @@ class _LineWriter:
     the JSON encoding, the logging module's record, and the write to a pipe that may be
     slow to drain all stay off the request path."""
 
-    def __init__(self) -> None:
+    def __init__(self, refusals_per_second: int = 0) -> None:
         self._entries: queue.SimpleQueue[_Entry] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._refusal_budget = refusals_per_second
+        self._refusal_second = -1
+        self._refusals_logged = 0
+        self._unlogged_lock = threading.Lock()
+        self._unlogged: dict[tuple[str, str, int | str], int] = {}  # protocol, route, code
+        self._unlogged_said = time.monotonic()
 
     def put(self, at: float, record: RequestRecord, code: int | str, seconds: float) -> None:
+        self._entries.put((at, record, code, seconds))
+
+    def put_refusal(
+        self, at: float, record: RequestRecord, code: int | str, seconds: float
+    ) -> None:
+        """An overload refusal's line, while this second's budget of them lasts; past it
+        the refusal is counted, and the log thread writes the count once a second.
+        Under 4x overload a worker refuses thousands a second: a line each was ~10% of
+        a refusal's CPU (the loop's share and the log thread's), i.e. of what it has
+        left for the requests it admits, and ~1 MB/s of log a worker. The count of the
+        second is the loop's alone (one thread), so it takes no lock."""
+        budget = self._refusal_budget
+        if budget:
+            second = int(at)
+            if second != self._refusal_second:
+                self._refusal_second, self._refusals_logged = second, 0
+            if self._refusals_logged >= budget:
+                key = (record.protocol, record.route, code)
+                with self._unlogged_lock:  # the log thread takes the counts
+                    self._unlogged[key] = self._unlogged.get(key, 0) + 1
+                return
+            self._refusals_logged += 1
         self._entries.put((at, record, code, seconds))
 
     def start(self) -> None:
@@ -240,15 +288,25 @@ class _LineWriter:
     def _run(self) -> None:
         while not self._stopping.wait(FLUSH_SECONDS):
             self._write()
-        self._write()
+        self._write(last=True)
 
-    def _write(self) -> None:
+    def _write(self, *, last: bool = False) -> None:
         lines = []
         while True:
             try:
                 lines.append(_line(*self._entries.get_nowait()))
             except queue.Empty:
                 break
+        now = time.monotonic()
+        if last or now - self._unlogged_said >= UNLOGGED_SECONDS:
+            self._unlogged_said = now
+            with self._unlogged_lock:
+                unlogged, self._unlogged = self._unlogged, {}
+            at = time.time()
+            lines.extend(
+                _unlogged_line(at, protocol, route, code, count)
+                for (protocol, route, code), count in unlogged.items()
+            )
         if lines:
             try:
                 sys.stdout.write("\n".join(lines) + "\n")
@@ -260,14 +318,15 @@ class _LineWriter:
 _writer: _LineWriter | None = None
 
 
-def configure_access_log(enabled: bool) -> Callable[[], None]:
+def configure_access_log(enabled: bool, refusals_per_second: int = 0) -> Callable[[], None]:
     """JSON lines on stdout, one per request (see :class:`_LineWriter`), when
-    ``enabled``. Returns the function that writes what is still queued and stops the
-    log thread (called at shutdown)."""
+    ``enabled``; overload refusals up to ``refusals_per_second`` a line each (0: all),
+    the rest counted in a line a second. Returns the function that writes what is still
+    queued and stops the log thread (called at shutdown)."""
     global _writer
     if not enabled or _writer is not None:
         return lambda: None
-    writer = _writer = _LineWriter()
+    writer = _writer = _LineWriter(refusals_per_second)
     writer.start()
 
     def stop() -> None:

@@ -118,7 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.observe_tls_files(ok=True)
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_SECONDS)
-        stop_access_log = configure_access_log(settings.access_log)
+        stop_access_log = configure_access_log(
+            settings.access_log, settings.access_log_refusals_per_second
+        )
         metrics.set_concurrency_limit(concurrency.limit)
         registry = Registry(settings, shedding=concurrency.shedding)
         pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="decode")

@@ -448,7 +448,7 @@ class Refused:
     def answered(self) -> None:
         # Counted at the turn's end: answered at the headers, refusals come by the
         # thousand under an open loop (metrics.TurnTally).
-        finish(self.record, self.status, deferred=True)
+        finish(self.record, self.status, deferred=True, refusal=self.status == 503)
 
 
 # The room check a route makes before reading the body (service.api.header_room): from a

@@ -410,6 +410,53 @@ def test_only_clients_retrying_at_once_wait_for_the_refusal_pace(
         assert retried.of(503)[half] >= (half - 1) / rate, retried.of(503)
 
 
+def test_refusals_past_the_access_logs_budget_are_counted_in_a_line_a_second(
+    tiny_repo_litert: Path,
+) -> None:
+    """A worker refusing thousands a second logs a line for each of the first
+    CNNSERVE_ACCESS_LOG_REFUSALS_PER_SECOND of them in a second; the rest are counted
+    in one line a second (a line each was ~10% of a refusal's CPU, and ~1 MB/s of log).
+    Logged and counted, they add up to every 503 the metrics counted."""
+    budget = 20
+    env = {
+        **paced(0),  # unpaced: as many refusals as the clients send
+        "CNNSERVE_ACCESS_LOG": "true",
+        "CNNSERVE_ACCESS_LOG_REFUSALS_PER_SECOND": str(budget),
+    }
+    with full_worker(tiny_repo_litert, env) as server:
+        run = load(server.port, REQUEST, 4, 2.0)
+        assert run.statuses() == {503} and len(run.of(503)) > 4 * budget, len(run.of(503))
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        refused = sum(
+            float(line.split()[-1])
+            for line in metrics.splitlines()
+            if line.startswith("cnnserve_requests_total{") and 'code="503"' in line
+        )
+
+        def lines() -> tuple[list[dict[str, object]], int]:
+            logged, counted = [], 0
+            for text in server.log.read_text().splitlines():
+                if not text.startswith('{"time"'):
+                    continue
+                line = json.loads(text)
+                if "not_logged" in line:
+                    assert line["status"] == 503 and line["route"] == "/v1/classify", line
+                    counted += int(line["not_logged"])  # type: ignore[call-overload]
+                elif line["status"] == 503:
+                    logged.append(line)
+            return logged, counted
+
+        def accounted() -> bool:
+            logged, counted = lines()
+            return len(logged) + counted == refused
+
+        eventually(accounted, timeout=10)  # a second's count is written within a second
+    logged, counted = lines()
+    assert counted > 0
+    per_second = Counter(str(line["time"]) for line in logged)
+    assert max(per_second.values()) <= budget, per_second
+
+
 def test_a_paced_503_comes_before_the_requests_timeout_passes(tiny_repo_litert: Path) -> None:
     """A client retrying at once waits its turn for its 503, but not past its
     X-Request-Timeout: it would be waiting still when it gave up, and be told of a

@@ -123,3 +123,54 @@ def test_a_line_is_the_json_the_record_says(
     line = _line(at, record, code, seconds)
     assert line == json.dumps(expected, separators=(",", ":"))
     assert json.loads(line) == expected
+
+
+def test_overload_refusals_past_the_budget_are_counted_in_a_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Past its budget a second, an overload refusal is not a line of its own: the log
+    thread says how many there were, per protocol, route and status. Other answers, and
+    a 503 that is no overload refusal, are all logged."""
+    stop = configure_access_log(True, 3)
+    try:
+        for route in ("/v1/classify", "/v1/classify", "/v1/models/{model}:predict"):
+            for _ in range(10):
+                finish(
+                    RequestRecord(new_request_id(), "rest", "POST", route=route), 503, refusal=True
+                )
+        for _ in range(5):
+            finish(
+                RequestRecord(new_request_id(), "grpc", "POST", route="Predict"), 503, refusal=True
+            )
+            finish(RequestRecord(new_request_id(), "rest", "POST", route="/v1/classify"), 503)
+            finish(RequestRecord(new_request_id(), "rest", "POST", route="/v1/classify"), 200)
+    finally:
+        stop()
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    refused = [line for line in lines if "not_logged" not in line]
+    counted = {
+        (c["protocol"], c["route"], c["status"]): c["not_logged"]
+        for c in lines
+        if "not_logged" in c
+    }
+    # 3 a second at most (the loop may have crossed into the next second: 6 then).
+    assert len(refused) - 10 in range(3, 7)
+    assert all("CNNSERVE_ACCESS_LOG_REFUSALS_PER_SECOND" in c["why"] for c in lines if "why" in c)
+    assert sum(counted.values()) + len(refused) - 10 == 35
+    assert set(counted) <= {
+        ("rest", "/v1/classify", 503),
+        ("rest", "/v1/models/{model}:predict", 503),
+        ("grpc", "Predict", 503),
+    }
+    assert [line["status"] for line in refused[-10:]].count(200) == 5
+
+
+def test_a_zero_refusal_budget_logs_every_refusal(capsys: pytest.CaptureFixture[str]) -> None:
+    stop = configure_access_log(True, 0)
+    try:
+        for _ in range(200):
+            finish(RequestRecord(new_request_id(), "rest", "POST"), 503, refusal=True)
+    finally:
+        stop()
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 200 and all("not_logged" not in line for line in lines)
