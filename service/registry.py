@@ -660,8 +660,10 @@ class Registry:
                 gone = [v for v in served if v not in listed]
                 keys += [(model, v) for v in gone]
                 served = {v: loaded for v, loaded in served.items() if v in listed}
-            wanted = scan.wanted(configs[model]) | self._named_but_gone(
-                configs[model], served.keys(), scan
+            wanted = (
+                scan.wanted(configs[model])
+                | self._named_but_gone(configs[model], served.keys(), scan)
+                | self._held_by_labels(model, configs[model])
             )
             # Availability first: unwanted versions go only once a wanted one serves.
             if wanted & served.keys():
@@ -677,6 +679,19 @@ class Registry:
                     )
         self._kept = kept
         return keys
+
+    def _held_by_labels(self, model: str, config: ModelConfig) -> set[int]:
+        """The versions labels stay on until the version they were moved to serves
+        (routing.hold_labels): kept, though the policy no longer lists them. A one-step
+        edit that moves a label and drops its old version from the policy (policy {8, 11}
+        canary 11, from {5, 8} canary 5) unloaded version 5 at once, and the label's
+        requests got 404 until 11 served, for good when 11 failed to load; the default
+        route, with `stable` so held, went to the newest version (an outside audit,
+        12-07)."""
+        routed = self._table.configs.get(model)
+        if routed is None:
+            return set()
+        return {v for label, v in routed.labels.items() if config.labels.get(label) != v}
 
     def _named_but_gone(self, config: ModelConfig, served: Iterable[int], scan: Scan) -> set[int]:
         """Served versions that a specific policy names but whose folder went: kept (the

@@ -921,6 +921,45 @@ def test_a_label_moved_before_its_version_is_published_stays_until_it_serves(
     run_with(registry, scenario)
 
 
+@pytest.mark.parametrize("target", ["unpublished", "broken"])
+def test_a_label_moved_in_the_edit_that_drops_its_version_stays_on_it_until_it_moves(
+    target: str, template: Path, tmp_path: Path
+) -> None:
+    """The usual one-step edit moves a label and drops its old version from the policy
+    (policy {2, 3} canary 3, from {1, 2} canary 1): version 1 was unloaded at once (2
+    serves), and the label's requests got 404 until version 3 served, for good when 3
+    failed to load (an outside audit, 12-07). The label's version stays loaded while
+    the label is on it, and goes once the label moves."""
+    repo = tmp_path / "repo"
+    for version in (1, 2):
+        add_version(repo, "m", version, template)
+    if target == "broken":
+        broken_version(repo, 3, template)
+    before = simple_config("m", policy="specific { versions: 1 versions: 2 }", labels={"canary": 1})
+    write_models_config(repo, before)
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        after = simple_config(
+            "m", policy="specific { versions: 2 versions: 3 }", labels={"canary": 3}
+        )
+        write_models_config(repo, after)
+        for _ in range(2):
+            await registry.poll_once()
+            assert registry.resolve("m", label="canary").version == 1
+            assert states(registry, "m")[1] == VersionState.AVAILABLE
+        if target == "broken":
+            assert states(registry, "m")[3] == VersionState.END
+            return
+        add_version(repo, "m", 3, template)
+        await registry.poll_once()
+        assert registry.resolve("m", label="canary").version == 3
+        assert states(registry, "m")[1] == VersionState.END  # gone once the label moved
+
+    run_with(registry, scenario)
+
+
 def test_a_version_published_since_the_last_poll_is_not_ready_not_missing(
     template: Path, tmp_path: Path
 ) -> None:
