@@ -15,3 +15,7 @@ BYTES_SIGNATURE: Final = "predict_image_bytes"
 INPUT_NAME: Final = "image"
 BYTES_INPUT_NAME: Final = "image_bytes"  # TF Serving REST decodes {"b64": ...} for *_bytes
 OUTPUT_NAME: Final = "probabilities"
+# The version labels the default route and the traffic split know (TF Serving's
+# conventional names): unlabelled requests go to `stable`, a canary share to `canary`.
+STABLE_LABEL: Final = "stable"
+CANARY_LABEL: Final = "canary"

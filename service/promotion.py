@@ -30,6 +30,7 @@ import httpx
 
 from service.client_trust import https_verify, untrusted
 from service.config_edit import set_labels, set_specific_versions, validate
+from service.contract import STABLE_LABEL
 from service.errors import (
     ModelNotFound,
     NoServer,
@@ -125,6 +126,18 @@ def plan(
         after_load = set_specific_versions(text, model, keep)
         why = f"add {version}" if version not in wanted else "a latest policy would unload it"
         summary = f"serve versions {_listing(keep)} as a specific policy ({why})"
+    served_now = wanted - {version}
+    if label != STABLE_LABEL and STABLE_LABEL not in config.labels and served_now:
+        # Unlabelled requests go to `stable`, else to the newest version served: with no
+        # `stable`, loading a canary newer than the served version moved all of them to
+        # it in step 1, before its label did (an outside audit, 12-07). Pinned to what
+        # they get now.
+        default = max(served_now)
+        after_load = set_labels(after_load, model, {**config.labels, STABLE_LABEL: default})
+        summary += (
+            f"; label {STABLE_LABEL!r} → version {default}, what unlabelled requests get "
+            f"now (without it they would go to the newest version served)"
+        )
     steps.append(Step("load", summary, after_load, after_load != text, undo))
     config = _config(after_load, repository, model)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from service.batching import DynamicBatcher
+from service.contract import CANARY_LABEL, STABLE_LABEL
 from service.errors import (
     CnnserveError,
     InvalidRequest,
@@ -30,9 +31,6 @@ from service.requestlog import request_draw
 from service.runtimes.base import Batch, Probabilities, Runtime
 
 VersionKey = tuple[str, int]  # (model, version)
-# The version labels the traffic split knows (TF Serving's conventional names).
-STABLE_LABEL = "stable"
-CANARY_LABEL = "canary"
 
 
 class VersionState(enum.IntEnum):

@@ -167,10 +167,43 @@ def test_a_latest_policy_pins_what_the_server_serves_not_the_newest_folders(
     {20, 22}, which unloaded the serving 21 and kept the broken 22 in the policy."""
     latest = DEFAULT_CONFIG.read_text()
     steps = plan(latest, tmp_path, "fashion_mnist", 20, "canary", [20, 21, 22], serving=[21])
-    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == ("specific", (20, 21), {})
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == (
+        "specific",
+        (20, 21),
+        {"stable": 21},
+    )
     # No server answered: the folders are all there is to go by.
     steps = plan(latest, tmp_path, "fashion_mnist", 20, "canary", [20, 21, 22])
-    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == ("specific", (20, 22), {})
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == (
+        "specific",
+        (20, 22),
+        {"stable": 22},
+    )
+
+
+def test_a_canary_without_a_stable_label_pins_stable_to_what_is_served_first(
+    tmp_path: Path,
+) -> None:
+    """Unlabelled requests go to `stable`, else to the newest version served: promoting
+    a canary under the committed latest policy loaded it in step 1 and moved every
+    unlabelled request to it, before its label did (an outside audit, 12-07). Step 1
+    now labels the served version `stable` beside the load; promoting `stable` itself,
+    or with a `stable` there already, labels nothing more."""
+    latest = DEFAULT_CONFIG.read_text()
+    steps = plan(latest, tmp_path, "fashion_mnist", 2, "canary", [1, 2], serving=[1])
+    assert "label 'stable' → version 1, what unlabelled requests get now" in steps[0].summary
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"] == (
+        "specific",
+        (1, 2),
+        {"stable": 1},
+    )
+    assert configs(steps[-1].text, tmp_path)["fashion_mnist"][2] == {"stable": 1, "canary": 2}
+    # Undone, step 1 puts back the file as it was, label and all.
+    assert steps[0].undo == latest
+    steps = plan(latest, tmp_path, "fashion_mnist", 2, "stable", [1, 2], serving=[1])
+    assert configs(steps[0].text, tmp_path)["fashion_mnist"][2] == {}
+    again = plan(steps[-1].text, tmp_path, "fashion_mnist", 3, "canary", [1, 2, 3])
+    assert configs(again[0].text, tmp_path)["fashion_mnist"][2] == {"stable": 2}
 
 
 class Recorder:
