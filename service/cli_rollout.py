@@ -162,7 +162,17 @@ def _promote_locked(args: argparse.Namespace, settings: Settings) -> int:
 
     wait: Any = None
     if not args.no_wait:
-        wait = TFServingStatus(client, args.timeout) if client is not None else gateway
+        wait = (
+            TFServingStatus(
+                client,
+                args.timeout,
+                lambda: TFServingClient(
+                    args.tfserving, 10.0, settings.tfserving_ca_file, own_connection=True
+                ),
+            )
+            if client is not None
+            else gateway
+        )
     try:
         promote(
             steps,

@@ -452,12 +452,18 @@ class GatewayStatus:
 
 
 class TFServingStatus:
-    """Waits on a TF Serving's ModelService.GetModelStatus (one process: a reloaded
-    config there is applied when HandleReloadConfigRequest answers)."""
+    """Waits on a TF Serving's ModelService.GetModelStatus, and for a label on its
+    GetModelMetadata by label, asked on new connections: a TF Serving is one process,
+    whose reloaded config is applied when HandleReloadConfigRequest answers, but a
+    cnnserve gateway's gRPC port is several worker processes, the others following the
+    reload on their next poll (one channel asked one of them, and promote said the label
+    had moved everywhere while another worker answered the old version for ~1 s: an
+    outside audit, 12-07)."""
 
-    def __init__(self, client: Any, timeout: float) -> None:
+    def __init__(self, client: Any, timeout: float, connect: Callable[[], Any]) -> None:
         self.client = client  # service.runtimes.tfserving.TFServingClient
         self.timeout = timeout
+        self.connect = connect  # a client on a connection of its own, same address
 
     def available(self, model: str, version: int) -> None:
         from service.errors import BackendUnavailable, NotFound
@@ -482,7 +488,39 @@ class TFServingStatus:
             _wait_or_time_out(deadline, model, version, state, self.timeout)
 
     def labelled(self, model: str, label: str, version: int) -> None:
-        """TF Serving applied the label when it answered the reload."""
+        """Return once ``label`` names ``version`` in SETTLED_ANSWERS metadata answers in
+        a row, each on a new connection (a worker process of its own, as likely as not)."""
+        from service.errors import CnnserveError
+        from service.proto_gen.tensorflow_serving.apis import get_model_metadata_pb2
+        from service.tfserving_proto import model_spec
+
+        spec = model_spec(model)
+        spec.version_label = label
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=spec, metadata_field=["signature_def"]
+        )
+        deadline = time.monotonic() + self.timeout
+        agreeing, seen = 0, "not seen yet"
+        while agreeing < SETTLED_ANSWERS:
+            client = self.connect()
+            try:
+                answer = client.call("GetModelMetadata", request)
+                seen = str(answer.model_spec.version.value)
+            except CnnserveError as exc:
+                seen = f"an error ({exc.message})"
+            finally:
+                client.close()
+            moved = seen == str(version)
+            agreeing = agreeing + 1 if moved else 0
+            if moved:
+                continue
+            if time.monotonic() > deadline:
+                raise PromotionError(
+                    f"label {label!r} of {model} still answers {seen} after "
+                    f"{self.timeout:.0f}s (models.config says {version}): is every worker "
+                    "polling this repository? Check the server's log"
+                )
+            time.sleep(WAIT_PERIOD_SECONDS)
 
 
 def _wait_or_time_out(deadline: float, model: str, version: int, state: str, limit: float) -> None:

@@ -125,16 +125,27 @@ CONTROL_TIMEOUT = 5.0
 class TFServingClient:
     """Blocking unary calls to one TF Serving; thread-safe (one shared channel)."""
 
-    def __init__(self, address: str, timeout: float, ca_file: Path | None = None) -> None:
-        """``ca_file``: TLS, TF Serving's certificate checked against these (PEM)."""
+    def __init__(
+        self,
+        address: str,
+        timeout: float,
+        ca_file: Path | None = None,
+        *,
+        own_connection: bool = False,
+    ) -> None:
+        """``ca_file``: TLS, TF Serving's certificate checked against these (PEM).
+        ``own_connection``: a connection of its own, not the one gRPC shares between the
+        process's channels to the same address with the same options (a new channel
+        otherwise reuses an open one: the same server process behind SO_REUSEPORT)."""
         self.address = address
         self.timeout = timeout
         self.tls = ca_file is not None
+        options = [*CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1 if own_connection else 0)]
         if ca_file is None:
-            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channel = grpc.insecure_channel(address, options=options)
         else:
             trusted = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
-            self._channel = grpc.secure_channel(address, trusted, options=CHANNEL_OPTIONS)
+            self._channel = grpc.secure_channel(address, trusted, options=options)
         # What the last poll of TF Serving failed with, or None (see call).
         self.down: CnnserveError | None = None
         predict = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)  # type: ignore[no-untyped-call]

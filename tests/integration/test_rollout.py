@@ -150,6 +150,32 @@ def test_promote_moves_labels_under_load_without_a_failed_request(tmp_path: Path
     assert "model_version_policy { specific { versions: 2 } }" in text
 
 
+def test_promote_through_a_gateways_grpc_port_waits_for_every_worker(tmp_path: Path) -> None:
+    """A gateway's gRPC port is several worker processes: the reload RPC reaches one,
+    the others follow on their next poll. Promote waited on one channel (one worker)
+    and said the label had moved everywhere while another answered the old version for
+    ~1 s (an outside audit, 12-07). Right after it, new connections all agree."""
+    from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
+
+    repo = two_versions(tmp_path)
+    env = {"CNNSERVE_RELOAD_CONFIG_RPC": "true"}
+    args = ("--poll-seconds", "1", "--workers", "2")
+    with running_server(repo, grpc_port=0, env=env, args=args) as server:
+        done = promote(repo, "canary", "--tfserving", server.grpc_target)
+        assert done.returncode == 0, done.stderr
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        request.model_spec.name, request.model_spec.version_label = "m", "canary"
+        seen = set()
+        for _ in range(16):
+            # A connection of its own (a new channel shares an open one otherwise):
+            # either worker.
+            own = [("grpc.use_local_subchannel_pool", 1)]
+            with grpc.insecure_channel(server.grpc_target, options=own) as channel:
+                stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+                seen.add(stub.GetModelMetadata(request, timeout=30).model_spec.version.value)
+        assert seen == {2}
+
+
 def test_promote_through_handle_reload_config_request_then_split(tmp_path: Path) -> None:
     repo = two_versions(tmp_path)
     env = {"CNNSERVE_RELOAD_CONFIG_RPC": "true", "CNNSERVE_CANARY_PERCENT": "25"}
