@@ -131,6 +131,10 @@ class Registry:
         # The failure last logged per version: a TF Serving version is retried every poll
         # (no folder to watch), and the same failure was an error line every poll.
         self._failure_logged: dict[VersionKey, str] = {}
+        # The folder's fingerprint when each served version was loaded, and the versions
+        # whose folder has changed since (warned once; see _say_which_changed_in_place).
+        self._loaded_prints: dict[VersionKey, Fingerprint] = {}
+        self._changed_in_place: set[VersionKey] = set()
         self._lock = asyncio.Lock()  # one poll (or stop) at a time
         self._poll_task: asyncio.Task[None] | None = None
         self._refresh: asyncio.Future[None] | None = None  # a shared rescan (refreshed)
@@ -389,6 +393,7 @@ class Registry:
                 self._failed.pop(key, None)
         self._failure_logged = {k: m for k, m in self._failure_logged.items() if k[0] in configured}
         self._say_which_have_nothing_to_serve(scan)
+        self._say_which_changed_in_place(scan)
         await asyncio.gather(*(self._load(key, scan) for key in self._to_load(scan)))
         await self._fall_back(scan)
         self._reflect_loading(scan)
@@ -399,6 +404,33 @@ class Registry:
         if not self._unreachable and self._table.all_available():
             self._ready_once = True
         return self._take_out(self._to_unload(scan))
+
+    def _say_which_changed_in_place(self, scan: Scan) -> None:
+        """A WARNING, once, for a served version whose folder changed since it was loaded
+        (a version folder replaced under the same number). It keeps serving what it
+        loaded, as TF Serving does; but a worker that starts afresh (a respawn, a SIGHUP
+        restart, another replica) loads the new files, and the replica then answered as
+        that version from two models, by connection, without a word (an outside audit,
+        12-07)."""
+        served = {(m, v) for m, versions in self._table.served.items() for v in versions}
+        self._loaded_prints = {k: p for k, p in self._loaded_prints.items() if k in served}
+        changed = {
+            key
+            for key, loaded in self._loaded_prints.items()
+            if key in scan.fingerprints and scan.fingerprints[key] != loaded
+        }
+        for model, version in sorted(changed - self._changed_in_place):
+            log.warning(
+                "%s version %d: its folder %s changed since it was loaded; this worker "
+                "serves what it loaded, but a worker or replica that starts afresh loads "
+                "the new files, and answers as version %d from another model: publish a "
+                "change as a new version number",
+                model,
+                version,
+                scan.versions[model][version],
+                version,
+            )
+        self._changed_in_place = changed
 
     def _reflect_loading(self, scan: Scan) -> None:
         """Versions TF Serving is loading show LOADING here too, and a model serving none
@@ -764,6 +796,9 @@ class Registry:
         self._failed.pop(key, None)
         self._retry_at.pop(key, None)
         self._failure_logged.pop(key, None)
+        if key in scan.fingerprints:
+            self._loaded_prints[key] = scan.fingerprints[key]
+        self._changed_in_place.discard(key)
         self._table = self._table.with_served(loaded)  # from here on it takes requests
         self._set_state(key, VersionState.AVAILABLE)
         log.info(

@@ -562,8 +562,10 @@ def _check_same_model(
     if ours and theirs and ours != theirs:
         raise DatasetError(
             f"{server.url} serves another {model} version {version} than {version_dir} (its "
-            f"model card was created {theirs}, this one {ours}); point --model-repository "
-            "at the repository the server serves"
+            f"model card was created {theirs}, this one {ours}): point --model-repository "
+            "at the repository the server serves, or, if it is that one, the version folder "
+            "was replaced since the server loaded it (publish a change as a new version "
+            "number; the server's log says so)"
         )
 
 

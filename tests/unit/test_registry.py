@@ -758,6 +758,32 @@ def _edit_card(version: Path, **fields: Any) -> None:
     path.write_text(json.dumps(card))
 
 
+def test_a_served_version_changed_in_place_keeps_serving_and_says_so_once(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder replaced under its number is not reloaded (as in TF Serving), but a
+    worker starting afresh would load the new files: the replica answered as version 1
+    from two models without a word (an outside audit, 12-07)."""
+    repo = serving_one_version(template, tmp_path)
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        served = registry.resolve("m")
+        with caplog.at_level(logging.WARNING, logger="service.registry"):
+            await registry.poll_once()
+            assert "changed since it was loaded" not in caplog.text
+            (repo / "m" / "1" / "assets.extra" / "labels.txt").write_text("a\nb\nc\n")
+            for _ in range(3):
+                await registry.poll_once()
+        said = [r.getMessage() for r in caplog.records if "changed since" in r.getMessage()]
+        assert len(said) == 1 and "m version 1: its folder" in said[0], said
+        assert "publish a change as a new version number" in said[0]
+        assert registry.resolve("m") is served  # what it loaded, still
+
+    run_with(registry, scenario)
+
+
 @pytest.mark.parametrize(
     ("change", "said"),
     [
