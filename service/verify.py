@@ -541,7 +541,23 @@ def run_verify(
     if output is not None:
         save_disagreements(report, encoded, output, show)
     print_report(report, out, show)
+    if label is not None:
+        _check_label_stayed(server, model, label, version)
     return report
+
+
+def _check_label_stayed(
+    server: RestServer | GrpcServer, model: str, label: str, version: int
+) -> None:
+    """A label moved while verify ran: the report is of the version it named when the
+    run began (each request named that version), not of what the label names now, and
+    a gate reading exit 0 took it for the label's (an outside audit, 12-07)."""
+    now = server.label_version(model, label)
+    if now != version:
+        raise DatasetError(
+            f"label {label!r} moved from version {version} to {now} while this ran: the "
+            f"report above is of version {version}; rerun to check version {now}"
+        )
 
 
 def _check_same_model(

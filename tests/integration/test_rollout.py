@@ -7,11 +7,13 @@ from __future__ import annotations
 import base64
 import functools
 import http.server
+import io
 import json
 import shutil
 import threading
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -498,6 +500,56 @@ def test_verify_passes_on_a_faithful_server_and_fails_on_a_skewed_one(tmp_path: 
             "2", "--limit", "50", "--model-repository", str(repo), "--output", str(tmp_path),
         )  # fmt: skip
         assert over_grpc.returncode == 1 and "at " + server.grpc_target in over_grpc.stdout
+
+
+def test_verify_of_a_label_that_moves_while_it_runs_cannot_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify --label checks the version the label names when it begins (each request
+    names that version); the label moved meanwhile and it exited 0, as if the label's
+    new version had been checked (an outside audit, 12-07). Now the report is printed,
+    and the run is one that cannot check (exit 2 from the CLI), saying so."""
+    from service import verify
+    from service.config import Settings
+    from service.errors import DatasetError
+    from service.verify_clients import RestServer
+
+    repo = tmp_path / "repo"
+    for version in ("1", "2"):
+        shutil.copytree(DEFAULT_VERSION, repo / "fashion_mnist" / version)
+    entry = (
+        'config {{ name: "fashion_mnist" base_path: "/models/fashion_mnist" '
+        'model_platform: "tensorflow" model_version_policy {{ specific {{ versions: 1 '
+        'versions: 2 }} }} version_labels {{ key: "canary" value: {} }} }}'
+    )
+    write_models_config(repo, entry.format(1))
+    serve_all = verify.serve_all
+    with running_server(repo, args=("--poll-seconds", "0.2")) as server:
+        client = RestServer(server.url)
+
+        def moved_midway(*args: Any, **kwargs: Any) -> Any:
+            if client.label_version("fashion_mnist", "canary") == 1:
+                write_models_config(repo, entry.format(2))
+                eventually(lambda: client.label_version("fashion_mnist", "canary") == 2)
+            return serve_all(*args, **kwargs)
+
+        monkeypatch.setattr(verify, "serve_all", moved_midway)
+        out = io.StringIO()
+        with pytest.raises(DatasetError, match="moved from version 1 to 2 while this ran"):
+            verify.run_verify(
+                client,
+                repository=repo,
+                cache_dir=tmp_path / "cache",
+                images=lambda card: verify.card_test_images(card, Settings().fashion_mnist_dir, 20),
+                model="fashion_mnist",
+                version=None,
+                label="canary",
+                output=None,
+                out=out,
+                progress_out=io.StringIO(),
+            )
+        client.close()
+    assert "version 1" in out.getvalue()  # the report, of the version it checked
 
 
 def test_promotes_of_one_repository_take_turns(tmp_path: Path) -> None:
