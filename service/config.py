@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import re
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
@@ -569,6 +570,15 @@ def _no_key_message(source: str) -> str:
     )
 
 
+# The variables Kubernetes sets in a pod for each Service of its namespace (a Service
+# named cnnserve-gateway gives CNNSERVE_GATEWAY_SERVICE_HOST, ..._PORT=tcp://...):
+# no settings, and no mistakes (enableServiceLinks, on by default).
+_SERVICE_LINK = re.compile(
+    r"_SERVICE_(HOST|PORT(_[A-Z0-9_]+)?)$|_PORT_\d+_(TCP|UDP|SCTP)(_(ADDR|PORT|PROTO))?$"
+)
+_LINK_URL = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
     """What is wrong with each CNNSERVE_ variable of ``environ`` that is no setting (any
     case, as the settings read them), with the setting it most likely meant: pydantic
@@ -581,6 +591,10 @@ def unknown_variables(environ: Mapping[str, str]) -> list[str]:
         upper = name.upper()
         if not upper.startswith("CNNSERVE_") or upper in known or upper in INTERNAL_VARIABLES:
             continue
+        if _SERVICE_LINK.search(upper) or (
+            upper.endswith("_PORT") and _LINK_URL.match(environ[name])
+        ):
+            continue  # Kubernetes' variables for a Service named cnnserve-...
         # Matched without the prefix, which every name shares.
         close = difflib.get_close_matches(
             upper.removeprefix("CNNSERVE_"), sorted(f.upper() for f in Settings.model_fields), n=1

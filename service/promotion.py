@@ -45,8 +45,10 @@ WAIT_PERIOD_SECONDS = 0.25
 DEFAULT_WAIT_SECONDS = 300.0
 # A gateway's workers each reload models.config on their own poll, and any one of them
 # answers a status request: a step counts as done once this many answers in a row, each
-# on a new connection, agree (with two workers, one never asked: 2 x 2^-8 = 0.8%).
-SETTLED_ANSWERS = 8
+# on a new connection, agree. A worker still behind is missed when none of them reach it:
+# with 2 workers 2^-16 (it was 8 answers, 2^-8: a test's flake in 256), with 4 (3/4)^16
+# = 1%, with 8 12%. New connections cost ~1 ms each here.
+SETTLED_ANSWERS = 16
 # A failure the first answer already shows may be left from before this promotion (the
 # server retries a failed version once its folder changes, on its next poll): believed
 # once it has stood this long.
@@ -126,13 +128,20 @@ def plan(
         after_load = set_specific_versions(text, model, keep)
         why = f"add {version}" if version not in wanted else "a latest policy would unload it"
         summary = f"serve versions {_listing(keep)} as a specific policy ({why})"
-    served_now = wanted - {version}
-    if label != STABLE_LABEL and STABLE_LABEL not in config.labels and served_now:
+    # What unlabelled requests get now: the newest version served (the server's word;
+    # the policy's folders only when none answered, with --no-wait).
+    served_now = set(serving) if serving else wanted
+    default = max(served_now, default=None)
+    if (
+        label != STABLE_LABEL
+        and STABLE_LABEL not in config.labels
+        and default is not None
+        and default != version
+    ):
         # Unlabelled requests go to `stable`, else to the newest version served: with no
         # `stable`, loading a canary newer than the served version moved all of them to
         # it in step 1, before its label did (an outside audit, 12-07). Pinned to what
-        # they get now.
-        default = max(served_now)
+        # they get now (unless that is the version promoted: nothing would move).
         after_load = set_labels(after_load, model, {**config.labels, STABLE_LABEL: default})
         summary += (
             f"; label {STABLE_LABEL!r} → version {default}, what unlabelled requests get "

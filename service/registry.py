@@ -692,14 +692,14 @@ class Registry:
                 gone = [v for v in served if v not in listed]
                 keys += [(model, v) for v in gone]
                 served = {v: loaded for v, loaded in served.items() if v in listed}
-            wanted = (
-                scan.wanted(configs[model])
-                | self._named_but_gone(configs[model], served.keys(), scan)
-                | self._held_by_labels(model, configs[model])
+            wanted = scan.wanted(configs[model]) | self._named_but_gone(
+                configs[model], served.keys(), scan
             )
-            # Availability first: unwanted versions go only once a wanted one serves.
+            held = self._held_by_labels(model, configs[model])
+            # Availability first: unwanted versions go only once a wanted one serves (one
+            # a label is held on is no wanted one: it would have let the others go).
             if wanted & served.keys():
-                keys += [(model, v) for v in served if v not in wanted]
+                keys += [(model, v) for v in served if v not in wanted | held]
             elif any(v not in wanted for v in served):
                 now = kept[model] = (tuple(sorted(served)), tuple(sorted(wanted)))
                 if self._kept.get(model) != now:  # log once, not every poll
@@ -796,7 +796,9 @@ class Registry:
         self._failed.pop(key, None)
         self._retry_at.pop(key, None)
         self._failure_logged.pop(key, None)
-        if key in scan.fingerprints:
+        # A TF Serving source's "fingerprint" is its scan count (it has no folder to
+        # watch: retries_every_scan): no file changed when it moves on.
+        if key in scan.fingerprints and not self._source.retries_every_scan:
             self._loaded_prints[key] = scan.fingerprints[key]
         self._changed_in_place.discard(key)
         self._table = self._table.with_served(loaded)  # from here on it takes requests

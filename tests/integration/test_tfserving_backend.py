@@ -145,6 +145,9 @@ def test_gateway_forwards_to_tf_serving_and_survives_its_restarts(
         with gateway.client() as client:
             assert "cnnserve_backend_up 1.0" in client.get("/metrics").text
     assert gateway.process.poll() is None
+    # Polled every 0.2 s throughout: no folder of a TF Serving version changes in place
+    # (its source's "fingerprint" is the scan count: a warning each load, before review).
+    assert "changed since it was loaded" not in gateway.log.read_text()
 
 
 def test_a_version_the_backend_dropped_is_routed_around(tmp_path: Path) -> None:

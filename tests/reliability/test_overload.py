@@ -424,6 +424,7 @@ def test_refusals_past_the_access_logs_budget_are_counted_in_a_line_a_second(
         "CNNSERVE_ACCESS_LOG_REFUSALS_PER_SECOND": str(budget),
     }
     with full_worker(tiny_repo_litert, env) as server:
+        began = time.time()
         run = load(server.port, REQUEST, 4, 2.0)
         assert run.statuses() == {503} and len(run.of(503)) > 4 * budget, len(run.of(503))
         metrics = httpx.get(server.url + "/metrics", timeout=10).text
@@ -454,7 +455,10 @@ def test_refusals_past_the_access_logs_budget_are_counted_in_a_line_a_second(
     logged, counted = lines()
     assert counted > 0
     per_second = Counter(str(line["time"]) for line in logged)
-    assert max(per_second.values()) <= budget, per_second
+    # Not the second the load began in: full_worker's check before it met 503s answered
+    # by the app, not at the headers, which are logged one by one.
+    del per_second[time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(int(began)))]
+    assert per_second and max(per_second.values()) <= budget, per_second
 
 
 def test_a_paced_503_comes_before_the_requests_timeout_passes(tiny_repo_litert: Path) -> None:

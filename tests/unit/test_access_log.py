@@ -162,7 +162,7 @@ def test_overload_refusals_past_the_budget_are_counted_in_a_line(
         ("rest", "/v1/models/{model}:predict", 503),
         ("grpc", "Predict", 503),
     }
-    assert [line["status"] for line in refused[-10:]].count(200) == 5
+    assert [line["status"] for line in refused].count(200) == 5
 
 
 def test_a_zero_refusal_budget_logs_every_refusal(capsys: pytest.CaptureFixture[str]) -> None:

@@ -209,6 +209,15 @@ def test_a_misspelt_variable_stops_serve_naming_the_setting_it_meant(
 
     for name in (READINESS_DIR_ENV, SIBLINGS_DIR_ENV, SUPERVISOR_ENV):
         monkeypatch.setenv(name, "1")
+    # Kubernetes' variables for a Service named cnnserve-gateway in the namespace.
+    links = {
+        "CNNSERVE_GATEWAY_SERVICE_HOST": "10.0.0.1",
+        "CNNSERVE_GATEWAY_SERVICE_PORT_HTTP": "8000",
+        "CNNSERVE_GATEWAY_PORT": "tcp://10.0.0.1:8000",
+        "CNNSERVE_GATEWAY_PORT_8000_TCP_ADDR": "10.0.0.1",
+    }
+    for name, value in links.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("CNNSERVE_SHUTDOWN_GRACE_SECONDS", "30")
     assert main(["serve"]) == 0
     assert served[0].shutdown_grace_seconds == 30

@@ -123,6 +123,7 @@ def test_deployments_roll_safely_and_run_locked_down() -> None:
         assert spec["selector"]["matchLabels"] == labels
         pod = spec["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["enableServiceLinks"] is False
         assert pod["securityContext"]["runAsUser"] > 0
         c = container(objects, name)
         assert c["securityContext"]["readOnlyRootFilesystem"] is True

@@ -204,6 +204,17 @@ def test_a_canary_without_a_stable_label_pins_stable_to_what_is_served_first(
     assert configs(steps[0].text, tmp_path)["fashion_mnist"][2] == {}
     again = plan(steps[-1].text, tmp_path, "fashion_mnist", 3, "canary", [1, 2, 3])
     assert configs(again[0].text, tmp_path)["fashion_mnist"][2] == {"stable": 2}
+    # What the server serves decides, not the folders: 2 broken, 1 served.
+    pinned = set_specific_versions(latest, "fashion_mnist", [1, 2])
+    served = plan(pinned, tmp_path, "fashion_mnist", 3, "canary", [1, 2, 3], [1])
+    assert configs(served[0].text, tmp_path)["fashion_mnist"][2] == {"stable": 1}
+    # The version promoted is what unlabelled requests get already: nothing to pin.
+    every = latest.replace("latest {\n        num_versions: 1\n      }", "all {}")
+    assert "all {}" in every
+    newest = plan(every, tmp_path, "fashion_mnist", 3, "canary", [1, 2, 3], [1, 2, 3])
+    assert configs(newest[0].text, tmp_path)["fashion_mnist"][2] == {}
+    older = plan(every, tmp_path, "fashion_mnist", 2, "canary", [1, 2, 3], [1, 2, 3])
+    assert configs(older[0].text, tmp_path)["fashion_mnist"][2] == {"stable": 3}
 
 
 class Recorder:

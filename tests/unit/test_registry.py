@@ -986,6 +986,35 @@ def test_a_label_moved_in_the_edit_that_drops_its_version_stays_on_it_until_it_m
     run_with(registry, scenario)
 
 
+def test_a_held_label_does_not_let_the_other_served_versions_go(
+    template: Path, tmp_path: Path
+) -> None:
+    """The version a held label stays on is no wanted one: counted as one, it let the
+    policy's unwanted versions go before any wanted version served (specific {1, 2}
+    canary 1, edited to specific {3} canary 3: version 2 went, and unlabelled requests
+    moved from 2 to the old canary 1; the review of 12-07)."""
+    repo = tmp_path / "repo"
+    for version in (1, 2):
+        add_version(repo, "m", version, template)
+    policy = "specific { versions: 1 versions: 2 }"
+    write_models_config(repo, simple_config("m", policy=policy, labels={"canary": 1}))
+    registry = Registry(settings(repo, tmp_path))
+
+    async def scenario() -> None:
+        await registry.start()
+        moved = simple_config("m", policy="specific { versions: 3 }", labels={"canary": 3})
+        write_models_config(repo, moved)
+        await registry.poll_once()
+        assert registry.resolve("m").version == 2  # unlabelled: as before the edit
+        assert registry.resolve("m", label="canary").version == 1
+        add_version(repo, "m", 3, template)
+        await registry.poll_once()
+        assert registry.resolve("m").version == 3
+        assert {v for v, s in states(registry, "m").items() if s == VersionState.AVAILABLE} == {3}
+
+    run_with(registry, scenario)
+
+
 def test_a_version_published_since_the_last_poll_is_not_ready_not_missing(
     template: Path, tmp_path: Path
 ) -> None:
