@@ -256,6 +256,56 @@ def _model_config(repository: Path, proto: Any) -> ModelConfig:
     )
 
 
+def repeated_labels(text: str) -> list[str]:
+    """The version labels a models.config ``text`` (that parses) gives twice for one
+    model, each as "model 'm': label 'canary' is given as 1, then 2 (2 counts)". Its
+    map keeps the last one, as TF Serving's does, without a word: a hand edit that
+    added a label's new line and kept the old one (an outside audit, 12-07). Read from
+    the tokens, since the parsed map has kept only one."""
+    tokens = text_format.Tokenizer(text.splitlines())
+    blocks: list[str] = []  # the field names of the blocks the tokens are in
+    field, after_colon = "", False
+    model = ""
+    given: dict[str, str] = {}  # this model's labels so far: name -> version
+    entry: dict[str, str] = {}  # the version_labels block being read
+    found: list[str] = []
+    while not tokens.AtEnd():
+        token = tokens.token
+        if token in ("{", "<"):
+            blocks.append(field)
+            if field == "config":
+                model, given = "", {}
+            entry, after_colon = {}, False
+            tokens.NextToken()
+        elif token in ("}", ">"):
+            closed = blocks.pop() if blocks else ""
+            if closed == "version_labels" and "key" in entry:
+                key, value = entry["key"], entry.get("value", "0").lstrip("0") or "0"
+                if key in given and given[key] != value:
+                    found.append(
+                        f"model {model!r}: label {key!r} is given as {given[key]}, then "
+                        f"{value} ({value} counts)"
+                    )
+                given[key] = value
+            tokens.NextToken()
+        elif token == ":":
+            after_colon = True
+            tokens.NextToken()
+        elif after_colon or token[:1] in "\"'":
+            value = tokens.ConsumeString() if token[:1] in "\"'" else token
+            if token[:1] not in "\"'":
+                tokens.NextToken()
+            if blocks[-1:] == ["version_labels"]:
+                entry[field] = value
+            elif blocks[-1:] == ["config"] and field == "name":
+                model = value
+            after_colon = False
+        else:
+            field = token
+            tokens.NextToken()
+    return found
+
+
 def read_repository(repository: Path) -> list[ModelConfig]:
     """Every model models.config configures, in file order: the first is the default."""
     config = load_models_config(repository)
@@ -270,6 +320,7 @@ class ModelsConfigReader:
 
     def __init__(self) -> None:
         self._last: tuple[tuple[int, ...], list[ModelConfig] | ConfigError] | None = None
+        self._repeated: list[str] = []  # the repeated labels last said
 
     def read(self, repository: Path) -> list[ModelConfig]:
         try:
@@ -291,7 +342,19 @@ class ModelsConfigReader:
             self._last = (key, exc) if settled else None
             raise
         self._last = (key, configs) if settled else None
+        self._say_repeated_labels(repository / MODELS_CONFIG)
         return configs
+
+    def _say_repeated_labels(self, path: Path) -> None:
+        """A WARNING for each label the file gives twice, once per change of them."""
+        try:
+            repeated = repeated_labels(read_config_text(path))
+        except (ConfigError, text_format.ParseError):  # changed again since it parsed
+            return
+        for problem in repeated:
+            if problem not in self._repeated:
+                log.warning("%s: %s; give each label once", path, problem)
+        self._repeated = repeated
 
 
 # How old models.config's stat must be for ModelsConfigReader to trust it unchanged.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -223,6 +224,38 @@ def test_a_poll_parses_models_config_again_only_when_it_changed(
         with pytest.raises(ConfigError):
             reader.read(tmp_path)
     assert len(parsed) == 5
+
+
+def test_a_label_given_twice_for_a_model_is_said_once_per_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The parsed map keeps the last one (as TF Serving's) without a word: a hand edit
+    that added a label's new line and kept the old one (an outside audit, 12-07). Read
+    from the file's tokens: comments, both brackets, a colon before the block, another
+    model's same label and the same value twice are no repeat."""
+    text = """model_config_list {
+  config { name: "m"  # canary "a comment" { }
+    version_labels { key: "canary" value: 1 }
+    version_labels { key: "stable" value: 1 }
+    version_labels: < key: 'canary' value: 2 >
+    version_labels { key: "stable" value: 01 }
+  }
+  config { name: "n" base_path: "/models/n" version_labels { key: "canary" value: 3 } }
+}
+"""
+    assert repository_module.repeated_labels(text) == [
+        "model 'm': label 'canary' is given as 1, then 2 (2 counts)"
+    ]
+    write_models_config(tmp_path, simple_config("a"))
+    (tmp_path / "models.config").write_text(text)
+    monkeypatch.setattr(repository_module, "SETTLED_SECONDS", 1e9)  # parsed every read
+    reader = ModelsConfigReader()
+    with caplog.at_level(logging.WARNING, logger="service.repository"):
+        for _ in range(3):
+            assert reader.read(tmp_path)[0].labels == {"canary": 2, "stable": 1}
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "label 'canary' is given as 1, then 2" in said[0], said
+    assert "give each label once" in said[0]
 
 
 @pytest.mark.parametrize(
