@@ -440,24 +440,14 @@ class GatewayStatus:
         # The version a label names is in its metadata's model_spec, as TF Serving's
         # (its status by label lists every version).
         route = f"/v1/models/{model}/labels/{label}/metadata"
-        deadline = time.monotonic() + self.timeout
-        agreeing, seen = 0, "not seen yet"
-        while agreeing < SETTLED_ANSWERS:
+
+        def ask() -> str | None:
             response = self._get(route)
-            moved = False
-            if response.status_code == 200:
-                seen = str(response.json()["model_spec"].get("version", "none"))
-                moved = seen == str(version)
-            agreeing = agreeing + 1 if moved else 0
-            if moved:
-                continue
-            if time.monotonic() > deadline:
-                raise PromotionError(
-                    f"label {label!r} of {model} still answers version {seen} after "
-                    f"{self.timeout:.0f}s (models.config says {version}): is every worker "
-                    "polling this repository? Check the server's log"
-                )
-            time.sleep(WAIT_PERIOD_SECONDS)
+            if response.status_code != 200:
+                return None
+            return f"version {response.json()['model_spec'].get('version', 'none')}"
+
+        _wait_for_label(ask, model, label, version, self.timeout)
 
 
 class TFServingStatus:
@@ -508,28 +498,42 @@ class TFServingStatus:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=spec, metadata_field=["signature_def"]
         )
-        deadline = time.monotonic() + self.timeout
-        agreeing, seen = 0, "not seen yet"
-        while agreeing < SETTLED_ANSWERS:
+
+        def ask() -> str:
             client = self.connect()
             try:
                 answer = client.call("GetModelMetadata", request)
-                seen = str(answer.model_spec.version.value)
+                return f"version {answer.model_spec.version.value}"
             except CnnserveError as exc:
-                seen = f"an error ({exc.message})"
+                return f"an error ({exc.message})"
             finally:
                 client.close()
-            moved = seen == str(version)
-            agreeing = agreeing + 1 if moved else 0
-            if moved:
-                continue
-            if time.monotonic() > deadline:
-                raise PromotionError(
-                    f"label {label!r} of {model} still answers {seen} after "
-                    f"{self.timeout:.0f}s (models.config says {version}): is every worker "
-                    "polling this repository? Check the server's log"
-                )
-            time.sleep(WAIT_PERIOD_SECONDS)
+
+        _wait_for_label(ask, model, label, version, self.timeout)
+
+
+def _wait_for_label(
+    ask: Callable[[], str | None], model: str, label: str, version: int, limit: float
+) -> None:
+    """Return once ``ask`` (what the label names, by one answer: "version 3", or what
+    came instead; None for no answer) says ``version`` SETTLED_ANSWERS times in a row:
+    each answer may come from another worker."""
+    deadline = time.monotonic() + limit
+    agreeing, seen = 0, "not seen yet"
+    while agreeing < SETTLED_ANSWERS:
+        answer = ask()
+        seen = answer or seen  # no answer: the last one is what to report
+        moved = answer == f"version {version}"
+        agreeing = agreeing + 1 if moved else 0
+        if moved:
+            continue
+        if time.monotonic() > deadline:
+            raise PromotionError(
+                f"label {label!r} of {model} still answers {seen} after {limit:.0f}s "
+                f"(models.config says {version}): is every worker polling this repository? "
+                "Check the server's log"
+            )
+        time.sleep(WAIT_PERIOD_SECONDS)
 
 
 def _wait_or_time_out(deadline: float, model: str, version: int, state: str, limit: float) -> None:
