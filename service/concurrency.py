@@ -185,6 +185,9 @@ class ConcurrencyLimit:
         # new connection's first request is judged by (ConnectionRefusals.retrying).
         self._hosts = HostRefusals(retry_at_once, self._host_waits, shared_hosts)
         self._moving = False  # the last refusal found room in a sibling worker
+        # The last deferred refusal made, by the places held and whether it moved its
+        # client: under an open loop most refusals in a row are the same.
+        self._refused_as: tuple[int, bool, Overloaded] | None = None
         self._move_next = 0.0  # when an answered connection may be moved next (clock's time)
         self._shed_at = -SHEDDING_SECONDS  # when admits() last said no (clock's time)
         self._retry_at_once = retry_at_once
@@ -385,10 +388,14 @@ class ConcurrencyLimit:
         (the kernel gives a new connection to whichever worker accepts first, most
         often one that is not busy). A keep-alive connection otherwise stays where it
         landed: a client that opened its connections at once saw them split 118/10.
-        ``deferred``: counted at the end of the loop's turn (metrics.TurnTally)."""
+        ``deferred``: counted with the loop's others (metrics.TurnTally), and never raised:
+        the same object may be handed out again (the HTTP protocol answers it)."""
         metrics.observe_shed("", "concurrency", deferred=deferred)
         moving, self._moving = self._moving, False
-        return Overloaded(
+        made = self._refused_as
+        if deferred and made is not None and made[:2] == (self.in_flight, moving):
+            return made[2]  # never raised: the protocol answers it (EarlyRefusal)
+        refusal = Overloaded(
             f"this worker is handling {self.in_flight} requests, its limit now "
             f"(CNNSERVE_MAX_CONCURRENT_REQUESTS caps it; it adapts to "
             f"CNNSERVE_QUEUE_WAIT_BUDGET_SECONDS); retry after the Retry-After delay "
@@ -396,6 +403,9 @@ class ConcurrencyLimit:
             reason="concurrency",
             move=moving,
         )
+        if deferred:
+            self._refused_as = (self.in_flight, moving, refusal)
+        return refusal
 
     def refusal_delay(
         self,

@@ -162,8 +162,8 @@ def timed_encode(model: str, build: Callable[[], T]) -> tuple[T, float]:
 def finish(
     record: RequestRecord, code: int | str, *, deferred: bool = False, refusal: bool = False
 ) -> None:
-    """The request was answered with ``code``: metrics (``deferred``: at the end of the
-    event loop's turn, metrics.TURN), and its access-log line queued (a ``refusal``, an
+    """The request was answered with ``code``: metrics (``deferred``: written with the
+    loop's others, metrics.TURN), and its access-log line queued (a ``refusal``, an
     overload 503, within the log's budget of them: :meth:`_LineWriter.put_refusal`)."""
     seconds = time.perf_counter() - record.started
     metrics.observe_request(

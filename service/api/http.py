@@ -446,7 +446,7 @@ class Refused:
     closes: bool = False  # its headers say the connection closes after it (closes())
 
     def answered(self) -> None:
-        # Counted at the turn's end: answered at the headers, refusals come by the
+        # Written with the loop's others: answered at the headers, refusals come by the
         # thousand under an open loop (metrics.TurnTally).
         finish(self.record, self.status, deferred=True, refusal=self.status == 503)
 
@@ -524,6 +524,41 @@ class EarlyRefusal:
                 error = check()
         if error is None:
             return None
+        return self._refused(error, record, method, path, headers, retrying, queued, first)
+
+    def shed(
+        self,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        retrying: bool | None,
+        queued: float,
+        first: bool,
+    ) -> Refused | None:
+        """:meth:`__call__` for a request over no limit of the worker's but its places
+        (no connections, bodies or accept wait over theirs), and only its refusal: None
+        when the worker has a place for it, the route's room check not made (the
+        protocol's shed path, which then parses the request as any other)."""
+        concurrency = self.admission.concurrency
+        if not is_limited(method, path, self.quiet_paths) or concurrency.admits():
+            return None
+        error = concurrency.refusal(deferred=True)
+        record = self._record(method, path, headers)
+        return self._refused(error, record, method, path, headers, retrying, queued, first)
+
+    def _refused(
+        self,
+        error: CnnserveError,
+        record: RequestRecord,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[bytes, bytes]],
+        retrying: bool | None,
+        queued: float,
+        first: bool,
+    ) -> Refused:
+        """The answer to ``error`` (its record, request id, pace's delay and body)."""
+        concurrency = self.admission.concurrency
         rid = record.request_id
         raw_headers, whole_body, closing = self._answer(error, path)
         headers_out = [*raw_headers, (b"x-request-id", rid.encode())]
@@ -593,8 +628,8 @@ def _worker_refusal(
     waited: tuple[float, float] | None,
 ) -> Overloaded | None:
     """Why the worker, whatever the request asks, refuses it (EarlyRefusal's arguments
-    say what is over its limit), or None. Its shed count is written at the end of the
-    loop's turn, as the refusal's other metrics are (Refused.answered)."""
+    say what is over its limit), or None. Its shed count is written with the loop's
+    others, as the refusal's other metrics are (Refused.answered)."""
     if connections is not None:
         return too_many_connections(*connections)
     if bodies is not None:

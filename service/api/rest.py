@@ -344,5 +344,6 @@ async def readyz(request: Request) -> Response:
 
 async def prometheus_metrics() -> Response:
     """Prometheus exposition of every worker process's metrics (path: CNNSERVE_METRICS_PATH)."""
+    metrics.TURN.flush()  # this worker's latest refusals
     body, content_type = await asyncio.to_thread(metrics.render)
     return Response(body, media_type=content_type)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -347,10 +348,25 @@ def test_a_dead_process_that_counted_nothing_leaves_no_files(
     assert scrape()[WRITTEN_REQUESTS] == 2
 
 
-def test_a_turns_refusals_are_written_when_the_turn_ends() -> None:
+def tally_written(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
+    """Set once metrics.TURN writes what it counted."""
+    written = threading.Event()
+    flush = metrics.TURN.flush
+
+    def flush_and_say() -> None:
+        flush()
+        written.set()
+
+    monkeypatch.setattr(metrics.TURN, "flush", flush_and_say)
+    return written
+
+
+def test_the_loops_refusals_are_written_together_soon_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The HTTP protocol's refusals at the headers are counted in the process and
-    # written once a loop turn (metrics.TurnTally): nothing before the turn ends,
-    # every one of them after, as the direct calls would have written them.
+    # written together, TALLY_SECONDS after the first (metrics.TurnTally): nothing
+    # before then, every one of them after, as the direct calls would have written them.
     requests = {"protocol": "rest", "route": "/turn", "model": "", "version": ""}
     shed = {"model": "", "reason": "backlog"}
     before = (
@@ -361,22 +377,26 @@ def test_a_turns_refusals_are_written_when_the_turn_ends() -> None:
         value("cnnserve_request_duration_seconds_sum", **requests),
     )
     seen: list[tuple[float, ...]] = []
+    written = tally_written(monkeypatch)
 
     async def turn() -> None:
         for seconds in (0.001, 0.002, 0.3):
             metrics.observe_request("rest", "/turn", "", "", 503, seconds, deferred=True)
             metrics.observe_shed("", "backlog", deferred=True)
         metrics.observe_request("rest", "/turn", "", "", 504, 0.2, deferred=True)
+        for _ in range(3):  # turns of the loop go by
+            await asyncio.sleep(0)
         seen.append(
             (
                 value("cnnserve_requests_total", **requests, code="503"),
                 value("cnnserve_overload_rejections_total", **shed),
             )
         )
-        await asyncio.sleep(0)  # the turn ends
+        await asyncio.to_thread(written.wait, 10)
 
     asyncio.run(turn())
-    assert seen == [before[0:1] + before[2:3]]  # nothing written within the turn
+    assert written.is_set()
+    assert seen == [before[0:1] + before[2:3]]  # nothing written within the turns
     assert value("cnnserve_requests_total", **requests, code="503") == before[0] + 3
     assert value("cnnserve_requests_total", **requests, code="504") == before[1] + 1
     assert value("cnnserve_overload_rejections_total", **shed) == before[2] + 3
@@ -393,9 +413,11 @@ def test_deferred_counts_outside_a_running_loop_are_written_at_once() -> None:
     assert value("cnnserve_overload_rejections_total", **labels) == before + 1
 
 
-def test_counts_of_a_loop_that_stopped_before_its_turn_ended_are_not_lost() -> None:
+def test_counts_of_a_loop_that_stopped_before_its_write_are_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # A loop that stops and closes with the count's write still scheduled never runs it:
-    # the next count, elsewhere, writes both (it waited for that loop's turn before).
+    # the next count, elsewhere, writes both (it waited for that loop's write before).
     labels = {"model": "", "reason": "connections"}
     before = value("cnnserve_overload_rejections_total", **labels)
 
@@ -405,16 +427,17 @@ def test_counts_of_a_loop_that_stopped_before_its_turn_ended_are_not_lost() -> N
     for _ in range(2):  # the second loop: scheduled on it, and not run either
         loop = asyncio.new_event_loop()
         loop.call_soon(count)
-        loop.call_soon(loop.stop)  # the loop's last turn: the write would be in the next
+        loop.call_soon(loop.stop)  # the loop's last turn: the write would come later
         loop.run_forever()
         loop.close()
     assert value("cnnserve_overload_rejections_total", **labels) == before
+    written = tally_written(monkeypatch)
 
-    async def count_and_end_the_turn() -> None:
+    async def count_and_wait() -> None:
         count()
-        await asyncio.sleep(0)
+        await asyncio.to_thread(written.wait, 10)
 
-    asyncio.run(count_and_end_the_turn())
+    asyncio.run(count_and_wait())
     assert value("cnnserve_overload_rejections_total", **labels) == before + 3
 
 
