@@ -232,8 +232,9 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         2048,
         ge=1,
-        description="Open HTTP connections per worker: a request on one over it gets 503 "
-        "and its connection closes (probes and the metrics scrape are answered). gRPC "
+        description="Open HTTP connections per worker: a request on a connection taken on "
+        "over it gets 503 and that connection closes; those from before are served on "
+        "(probes and the metrics scrape are always answered). gRPC "
         "connections are held to it too: each gRPC listener to twice an even share, its "
         "core closing one past that as it comes.",
     )

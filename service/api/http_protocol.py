@@ -446,6 +446,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _header_seconds: float = 0.0
     _early_refusal: EarlyRefusal | None = None
     _max_connections: int | None = None  # CNNSERVE_MAX_CONNECTIONS, checked here
+    _taken_over = True  # taken on while the worker was over it (set as it is made)
     _dropping = False  # the current request was refused here: its body is dropped
     _max_header_bytes = DEFAULT_MAX_HEADER_BYTES
     _in_headers = False  # the current request's line and headers have not ended yet
@@ -510,6 +511,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             # its refusal was a plain-text 503, uncounted, probes refused too, and it
             # counted the connection being served (a limit of N served N - 1).
             self._max_connections, self.limit_concurrency = self.limit_concurrency, None
+            # Only a connection the worker took on over the limit is refused for it: a
+            # client kept alive from before (a pool, a probe) was refused and closed
+            # along with the flood of new ones that put the worker over it.
+            self._taken_over = self._over_connections() is not None
         self._direct = self.app_state.get(DIRECT_CLASSIFY_STATE)
         self._refusals = (
             ConnectionRefusals()
@@ -575,8 +580,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             or self.transport.is_closing()
         ):
             return False
-        limit = self._max_connections
-        if limit is not None and len(self.connections) - PROBE_CONNECTIONS.open > limit:
+        if self._over_connections() is not None:
             return False
         request = plain_request(
             data, self._max_header_bytes, min(self._max_header_bytes, MAX_TARGET_BYTES)
@@ -792,9 +796,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             raw_path, _, query = self.url.partition(b"?")
             path = raw_path.decode("latin-1")
             if self._early_refusal is not None:
-                limit = self._max_connections
-                open_now = len(self.connections) - PROBE_CONNECTIONS.open
-                over = (open_now, limit) if limit is not None and open_now > limit else None
+                over = self._over_connections()
                 refused = self._early_refusal(
                     method,
                     path,
@@ -823,6 +825,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.cycle.keep_alive = False
         if self.expect_100_continue:
             self.cycle.send = _closing_unless_continued(self.cycle)  # type: ignore[method-assign,assignment]
+
+    def _over_connections(self) -> tuple[int, int] | None:
+        """(open connections, CNNSERVE_MAX_CONNECTIONS) when this connection was taken
+        on over the limit and the worker is over it still (probe-port ones not
+        counted); else None."""
+        limit = self._max_connections
+        if limit is None or self._probe_only or not self._taken_over:
+            return None
+        open_now = len(self.connections) - PROBE_CONNECTIONS.open
+        return (open_now, limit) if open_now > limit else None
 
     def _first_waited(self) -> float:
         """How long the current request waited in the kernel before the worker accepted

@@ -1181,7 +1181,9 @@ def test_connections_over_the_limit_get_a_json_503_and_probes_still_answer(
 ) -> None:
     """Past CNNSERVE_MAX_CONNECTIONS uvicorn answered every request a plain-text 503,
     uncounted, /healthz and /readyz too: a few thousand silent connections turned the
-    liveness probe 503. And a limit of N served N - 1."""
+    liveness probe 503. And a limit of N served N - 1. Only a connection taken on over
+    the limit is refused: one kept alive from before is served on (it was refused and
+    closed along with the new ones)."""
     limit = 4
     env = {"CNNSERVE_MAX_CONNECTIONS": str(limit), "CNNSERVE_POLL_SECONDS": "0"}
     with running_server(tiny_repo, env=env) as server:
@@ -1200,6 +1202,8 @@ def test_connections_over_the_limit_get_a_json_503_and_probes_still_answer(
                     for probe in (b"/healthz", b"/readyz"):
                         more.sendall(b"GET " + probe + b" HTTP/1.1\r\nHost: x\r\n\r\n")
                         assert read_response(more)[0].startswith(b"HTTP/1.1 200 "), probe
+                    sock.sendall(REQUEST)  # from before the worker went over: served
+                    assert read_response(sock)[0].startswith(b"HTTP/1.1 200 ")
                     more.sendall(REQUEST)
                     head, body, _ = read_response(more)
                 held.remove(sock)
