@@ -497,6 +497,7 @@ class EarlyRefusal:
         waited: tuple[float, float] | None = None,
         queued: float = 0.0,
         first: bool = True,
+        room: bool = True,
     ) -> Refused | None:
         """The refusal to send (after its delay), or None to let the request on.
         ``retrying``: whether the client is retrying a refusal at once
@@ -507,14 +508,20 @@ class EarlyRefusal:
         connection waited for the worker to accept it, and the limit, when over it.
         ``queued``: how long this request waited in the accept queue (a new connection's
         first; else 0), and ``first``: whether it is a new connection's first request,
-        for the pace's check."""
+        for the pace's check. ``room``: whether to make the route's room check too (the
+        protocol's shed path does not: a request the worker has a place for is parsed
+        as any other, and checked then)."""
         concurrency = self.admission.concurrency
         if not is_limited(method, path, self.quiet_paths):
             return None
         error: CnnserveError | None = _worker_refusal(concurrency, connections, bodies, waited)
         if error is not None:
             record = self._record(method, path, headers)
-        elif self.room is None or (check := self.room(method, path, query_string, headers)) is None:
+        elif (
+            not room
+            or self.room is None
+            or (check := self.room(method, path, query_string, headers)) is None
+        ):
             return None
         else:
             # Its own record: what the check learns (the model and version that would
@@ -524,41 +531,6 @@ class EarlyRefusal:
                 error = check()
         if error is None:
             return None
-        return self._refused(error, record, method, path, headers, retrying, queued, first)
-
-    def shed(
-        self,
-        method: str,
-        path: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        retrying: bool | None,
-        queued: float,
-        first: bool,
-    ) -> Refused | None:
-        """:meth:`__call__` for a request over no limit of the worker's but its places
-        (no connections, bodies or accept wait over theirs), and only its refusal: None
-        when the worker has a place for it, the route's room check not made (the
-        protocol's shed path, which then parses the request as any other)."""
-        concurrency = self.admission.concurrency
-        if not is_limited(method, path, self.quiet_paths) or concurrency.admits():
-            return None
-        error = concurrency.refusal(deferred=True)
-        record = self._record(method, path, headers)
-        return self._refused(error, record, method, path, headers, retrying, queued, first)
-
-    def _refused(
-        self,
-        error: CnnserveError,
-        record: RequestRecord,
-        method: str,
-        path: str,
-        headers: Sequence[tuple[bytes, bytes]],
-        retrying: bool | None,
-        queued: float,
-        first: bool,
-    ) -> Refused:
-        """The answer to ``error`` (its record, request id, pace's delay and body)."""
-        concurrency = self.admission.concurrency
         rid = record.request_id
         raw_headers, whole_body, closing = self._answer(error, path)
         headers_out = [*raw_headers, (b"x-request-id", rid.encode())]

@@ -528,13 +528,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         if self._refusal is not None:  # a pipelined request: answer the refused one first
             self._send_refusal()
-        self._dropping = self._declared = False
-        self._body_bytes, self._charging = 0, False
-        self._in_headers, self._header_bytes = True, 0
-        self._after_last_chunk, self._trailer_bytes = False, 0
-        self._in_message = True
-        self._requests += 1
-        self._hosts = 0
+        self._new_message()
+        self._in_headers = self._in_message = True
         super().on_message_begin()
         self._expect_headers()
 
@@ -592,8 +587,17 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return False
         waited = self._waited if first else 0.0
         retrying = self._refusals.retrying(self.loop.time() - waited, first=first)
-        path = request.target.partition(b"?")[0].decode("latin-1")
-        refused = early.shed(request.method, path, request.headers, retrying, waited, first)
+        raw_path, _, query = request.target.partition(b"?")
+        refused = early(
+            request.method,
+            raw_path.decode("latin-1"),
+            query,
+            request.headers,
+            retrying,
+            queued=waited,
+            first=first,
+            room=False,  # one it has a place for is parsed, and checked then
+        )
         if refused is None:
             return False
         self._read_whole(request)
@@ -604,16 +608,21 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         """The connection's state as the parser leaves it once ``request`` is read, from
         its start (on_message_begin) to its end (on_message_complete)."""
         self._unset_keepalive_if_required()  # as a read does (_parse)
-        self._requests += 1
+        self._new_message()
         self._hosts = 1
         self._headers_due = None
         self._in_headers = self._in_message = False
-        self._declared = self._charging = self._after_last_chunk = False
-        self._header_bytes = self._trailer_bytes = 0
         self.url, self.headers, self.expect_100_continue = request.target, request.headers, False
         self._body_bytes = request.body_bytes
         if request.body_bytes:
             self._bodies += 1
+
+    def _new_message(self) -> None:
+        """A request begins on the connection: what was noted of the one before goes."""
+        self._dropping = self._declared = self._charging = self._after_last_chunk = False
+        self._body_bytes = self._header_bytes = self._trailer_bytes = 0
+        self._requests += 1
+        self._hosts = 0
 
     def _feed(self, data: bytes | bytearray) -> None:
         """Parse ``data`` a slice at a time while the pipeline has room; hold the rest."""

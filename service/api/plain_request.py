@@ -20,11 +20,13 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+# A header line: its name, and its value without the blanks before it.
+_FIELD = rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*([!-~](?:[ -~]*[!-~])?)\r\n"
+_LINE = re.compile(_FIELD)
 _HEAD = re.compile(
     rb"(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) (/[-A-Za-z0-9._~!$&'()*+,;=:@/?%]*) HTTP/1\.1\r\n"
-    rb"((?:[-!#$%&'*+.^_`|~0-9A-Za-z]+:[ \t]*[!-~](?:[ -~]*[!-~])?\r\n)*)\r\n"
+    rb"((?:" + _FIELD + rb")*)\r\n"
 )
-_LINE = re.compile(rb"([-!#$%&'*+.^_`|~0-9A-Za-z]+):[ \t]*([!-~](?:[ -~]*[!-~])?)\r\n")
 # Header names that frame the message or change what follows it: the parser's.
 _FRAMING = frozenset({b"transfer-encoding", b"expect", b"upgrade", b"proxy-connection"})
 _MAX_LENGTH_DIGITS = 15
