@@ -52,8 +52,9 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
+# The probe port as in the image (docker/Dockerfile): docker/prometheus scrapes it there.
 run: install
-	$(VENV)/bin/cnnserve serve
+	$(VENV)/bin/cnnserve serve --probe-port $${CNNSERVE_PROBE_PORT:-8002}
 
 # Everything but tests/reliability and tests/load (make test-reliability, make test-load;
 # .ci/run runs all three).

@@ -294,7 +294,8 @@ def ready_line(registry: Registry, settings: Settings) -> str:
     scheme = "https" if settings.tls_certfile else "http"
     if settings.tls_certfile and settings.grpc_port:
         grpc += " (TLS)"
-    probes = f", probes on :{settings.probe_port}" if settings.probe_port else ""
+    metrics = " and metrics" if settings.metrics_path else ""
+    probes = f", probes{metrics} on :{settings.probe_port}" if settings.probe_port else ""
     return (
         f"ready: serving {', '.join(served)}; REST {scheme}://{settings.host}:{settings.port} "
         f"(API docs at /docs), {grpc}{probes}"

@@ -18,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service import metrics
+from service.launch import free_port
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 from service.siblings import COLUMNS, TABLE
 from tests.helpers.images import encode, gradient
@@ -44,9 +45,16 @@ def repository(tiny_repo: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(repository: Path) -> Iterator[Server]:
-    args = ("--poll-seconds", "0", "--workers", str(WORKERS))
-    with running_server(repository, args=args) as srv:
+def probe_port() -> int:
+    """The gateway's probe port, where docker/prometheus/prometheus.yml scrapes it."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(repository: Path, probe_port: int) -> Iterator[Server]:
+    args = ("--poll-seconds", "0", "--workers", str(WORKERS), "--probe-port", str(probe_port))
+    rest_port = next(p for p in iter(free_port, None) if p != probe_port)
+    with running_server(repository, args=args, port=rest_port) as srv:
         # /readyz says 200 only once every worker is ready (service.readiness), so the
         # summed metrics already show the version AVAILABLE in each of them.
         assert samples(srv).get(("cnnserve_model_versions", AVAILABLE)) == WORKERS
@@ -199,7 +207,9 @@ def test_worker_processes_are_summed_and_labels_stay_bounded(loaded: Server) -> 
     assert "unmatched" in routes and all(r == "unmatched" or r.startswith("/") for r in routes)
 
 
-def test_every_dashboard_panel_and_recording_rule_has_data(loaded: Server, tmp_path: Path) -> None:
+def test_every_dashboard_panel_and_recording_rule_has_data(
+    loaded: Server, probe_port: int, tmp_path: Path
+) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     queries = {
         f"panel {panel['title']!r} {target['refId']}": target["expr"]
@@ -214,7 +224,8 @@ def test_every_dashboard_panel_and_recording_rule_has_data(loaded: Server, tmp_p
         queries[f"rule {rule['record']} (expr)"] = rule["expr"]
         queries[f"rule {rule['record']} (recorded)"] = rule["record"]
     rule_files = sorted((PROMETHEUS / "rules").glob("*.yml"))
-    target = loaded.url.removeprefix("http://")
+    # On the probe port, as the shipped scrape config: every worker's series, summed.
+    target = f"127.0.0.1:{probe_port}"
     # TF Serving's panels read its metrics page, played here by a stand-in in its format.
     with (
         fake_tfserving_metrics("tiny") as tfserving,
