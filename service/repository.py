@@ -98,6 +98,37 @@ def check_models_config(config: Any, where: Path | str) -> None:
             )
 
 
+def tf_serving_objections(text: str) -> list[str]:
+    """What TF Serving refuses in a models.config ``text`` (that parses) while the
+    gateway serves it, each as "model 'm': ...; ...": no model_platform, and a base_path
+    that is empty or relative (no flag of the stack's sets TF Serving's root for them).
+    The gateway reads them as <repository>/<name> and <repository>/<path>, so a
+    repository that served locally failed TF Serving's start in the stack (docker/)
+    with its "Illegal setting neither ... model_platform" or "Expected model m to have
+    an absolute path or URI"."""
+    try:
+        config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
+    except text_format.ParseError:
+        return []  # changed since it parsed: the next read says what is wrong
+    found = []
+    for model in config.model_config_list.config:
+        if not model.model_platform and not model.model_type:
+            found.append(
+                f"model {model.name!r} names no model_platform, which TF Serving refuses "
+                '("Illegal setting neither ... model_platform"); add model_platform: '
+                '"tensorflow"'
+            )
+        path = model.base_path
+        if "://" not in path and not PurePosixPath(path).is_absolute():
+            given = f"a relative base_path {path!r}" if path else "no base_path"
+            found.append(
+                f"model {model.name!r} has {given}, which TF Serving refuses (it needs an "
+                f'absolute path or URI); write base_path: "/models/{path or model.name}", '
+                "which the gateway reads as the same folder"
+            )
+    return found
+
+
 def parse_models_config(text: str, repository: Path) -> list[ModelConfig]:
     """models.config ``text`` (not yet on disk) as :func:`read_repository` would read it:
     strict text protobuf, then the same checks; raises ConfigError."""
@@ -123,7 +154,8 @@ def resolve_base_path(repository: Path, name: str, base_path: str) -> Path:
     repository mounted there) is the same path under the repository: `/models/<name>`
     is `<repository>/<name>`, `/models/team/shoes` is `<repository>/team/shoes`, as TF
     Serving reads them. An empty one is `<repository>/<name>`; other absolute paths are
-    used as they are, relative ones are repository-relative."""
+    used as they are, relative ones are repository-relative (TF Serving refuses those
+    two: :func:`tf_serving_objections`)."""
     if not base_path:
         return repository / name
     posix = PurePosixPath(base_path)
@@ -320,7 +352,7 @@ class ModelsConfigReader:
 
     def __init__(self) -> None:
         self._last: tuple[tuple[int, ...], list[ModelConfig] | ConfigError] | None = None
-        self._repeated: list[str] = []  # the repeated labels last said
+        self._said: list[str] = []  # the problems last said (_say_problems)
 
     def read(self, repository: Path) -> list[ModelConfig]:
         try:
@@ -342,19 +374,22 @@ class ModelsConfigReader:
             self._last = (key, exc) if settled else None
             raise
         self._last = (key, configs) if settled else None
-        self._say_repeated_labels(repository / MODELS_CONFIG)
+        self._say_problems(repository / MODELS_CONFIG)
         return configs
 
-    def _say_repeated_labels(self, path: Path) -> None:
-        """A WARNING for each label the file gives twice, once per change of them."""
+    def _say_problems(self, path: Path) -> None:
+        """A WARNING for each label the file gives twice, and for each thing in it TF
+        Serving refuses (:func:`tf_serving_objections`), once per change of them."""
         try:
-            repeated = repeated_labels(read_config_text(path))
+            text = read_config_text(path)
+            problems = [f"{p}; give each label once" for p in repeated_labels(text)]
         except (ConfigError, text_format.ParseError):  # changed again since it parsed
             return
-        for problem in repeated:
-            if problem not in self._repeated:
-                log.warning("%s: %s; give each label once", path, problem)
-        self._repeated = repeated
+        problems += tf_serving_objections(text)
+        for problem in problems:
+            if problem not in self._said:
+                log.warning("%s: %s", path, problem)
+        self._said = problems
 
 
 # How old models.config's stat must be for ModelsConfigReader to trust it unchanged.

@@ -235,12 +235,14 @@ def test_a_label_given_twice_for_a_model_is_said_once_per_change(
     model's same label and the same value twice are no repeat."""
     text = """model_config_list {
   config { name: "m"  # canary "a comment" { }
+    base_path: "/models/m" model_platform: "tensorflow"
     version_labels { key: "canary" value: 1 }
     version_labels { key: "stable" value: 1 }
     version_labels: < key: 'canary' value: 2 >
     version_labels { key: "stable" value: 01 }
   }
-  config { name: "n" base_path: "/models/n" version_labels { key: "canary" value: 3 } }
+  config { name: "n" base_path: "/models/n" model_platform: "tensorflow"
+    version_labels { key: "canary" value: 3 } }
 }
 """
     assert repository_module.repeated_labels(text) == [
@@ -256,6 +258,40 @@ def test_a_label_given_twice_for_a_model_is_said_once_per_change(
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "label 'canary' is given as 1, then 2" in said[0], said
     assert "give each label once" in said[0]
+
+
+def test_what_tf_serving_refuses_is_said_once_per_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway serves a model with no model_platform, or an empty or relative
+    base_path (as <repository>/<name>, <repository>/<path>); TF Serving refuses to start
+    on such a file, so a repository that served locally failed in the stack (docker/)."""
+    monkeypatch.setattr(repository_module, "SETTLED_SECONDS", 1e9)  # parsed every read
+    body = (
+        'config { name: "a" }\n'
+        'config { name: "b" base_path: "team/b" model_platform: "tensorflow" }\n'
+        'config { name: "c" base_path: "/srv/c" model_platform: "tensorflow" }\n'
+        'config { name: "d" base_path: "s3://bucket/d" model_platform: "tensorflow" }'
+    )
+    write_models_config(tmp_path, body)
+    reader = ModelsConfigReader()
+    with caplog.at_level(logging.WARNING, logger="service.repository"):
+        for _ in range(2):
+            a, b, _, _ = reader.read(tmp_path)
+    assert (a.base_path, b.base_path) == (tmp_path / "a", tmp_path / "team" / "b")  # served
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3, said
+    assert (
+        "model 'a' names no model_platform" in said[0] and 'model_platform: "tensorflow"' in said[0]
+    )
+    assert "model 'a' has no base_path" in said[1] and 'base_path: "/models/a"' in said[1]
+    assert "model 'b' has a relative base_path 'team/b'" in said[2]
+    assert 'base_path: "/models/team/b"' in said[2]
+    caplog.clear()
+    write_models_config(tmp_path, simple_config("a", "b"))  # fixed: nothing more said
+    with caplog.at_level(logging.WARNING, logger="service.repository"):
+        reader.read(tmp_path)
+    assert not caplog.records
 
 
 @pytest.mark.parametrize(
