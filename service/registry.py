@@ -58,6 +58,7 @@ from service.repository import (
     parse_models_config,
     read_config_text,
     settle_window,
+    tf_serving_objections,
 )
 from service.routing import (
     LoadedVersion,
@@ -262,6 +263,11 @@ class Registry:
             configs = parse_models_config(text, repository)
         except ConfigError as exc:
             raise InvalidRequest(exc.message.replace(where, "config")) from None
+        # Refused as TF Serving refuses it: a file on disk is only warned of (served), but
+        # a call that TF Serving answers INVALID_ARGUMENT must not succeed here.
+        objections = tf_serving_objections(text)
+        if objections:
+            raise InvalidRequest(f"config refused: {'; '.join(objections)}")
         # In a function of its own: a frame that holds the routing table (this one waits
         # on the rescan below) would keep each version it unloads in use, and the unload
         # would wait for it until the request timeout.

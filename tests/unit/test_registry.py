@@ -682,6 +682,32 @@ def test_a_reload_config_that_drops_a_version_does_not_wait_for_itself(
     assert "still in use" not in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("entry", "words"),
+    [
+        ('config { name: "m" base_path: "/models/m" }', "names no model_platform"),
+        ('config { name: "m" model_platform: "tensorflow" }', "has no base_path"),
+        (
+            'config { name: "m" base_path: "m" model_platform: "tensorflow" }',
+            "has a relative base_path 'm'",
+        ),
+    ],
+)
+def test_a_reload_config_tf_serving_refuses_is_refused(
+    template: Path, tmp_path: Path, entry: str, words: str
+) -> None:
+    """TF Serving answers such a HandleReloadConfigRequest INVALID_ARGUMENT; a file on
+    disk the gateway only warns of, but the call must not succeed here and not there."""
+    repo = tmp_path / "repo"
+    add_version(repo, "m", 1, template)
+    write_models_config(repo, config_entry("m", "latest { num_versions: 1 }"))
+    before = (repo / "models.config").read_text()
+    registry = Registry(settings(repo, tmp_path).model_copy(update={"reload_config_rpc": True}))
+    with pytest.raises(InvalidRequest, match=words):
+        asyncio.run(registry.reload_config(f"model_config_list {{ {entry} }}"))
+    assert (repo / "models.config").read_text() == before
+
+
 def test_a_model_with_nothing_to_serve_is_logged_once(
     template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
