@@ -100,8 +100,9 @@ def check_models_config(config: Any, where: Path | str) -> None:
 
 def tf_serving_objections(text: str) -> list[str]:
     """What TF Serving refuses in a models.config ``text`` (that parses) while the
-    gateway serves it, each as "model 'm': ...; ...": no model_platform, and a base_path
-    that is empty or relative (no flag of the stack's sets TF Serving's root for them).
+    gateway serves it, each a sentence naming the model and the fix: no model_platform,
+    and a base_path that is empty or relative (no flag of the stack's sets TF Serving's
+    root for them).
     The gateway reads them as <repository>/<name> and <repository>/<path>, so a
     repository that served locally failed TF Serving's start in the stack (docker/)
     with its "Illegal setting neither ... model_platform" or "Expected model m to have
