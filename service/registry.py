@@ -55,7 +55,8 @@ from service.repository import (
     MODELS_CONFIG,
     Fingerprint,
     ModelConfig,
-    parse_models_config,
+    model_configs,
+    models_config,
     read_config_text,
     settle_window,
     tf_serving_objections,
@@ -260,12 +261,13 @@ class Registry:
         repository = self._settings.model_repository
         where = str(repository / MODELS_CONFIG)
         try:
-            configs = parse_models_config(text, repository)
+            config = models_config(text, where)
+            configs = model_configs(repository, config)
         except ConfigError as exc:
             raise InvalidRequest(exc.message.replace(where, "config")) from None
         # Refused as TF Serving refuses it: a file on disk is only warned of (served), but
         # a call that TF Serving answers INVALID_ARGUMENT must not succeed here.
-        objections = tf_serving_objections(text)
+        objections = tf_serving_objections(config)
         if objections:
             raise InvalidRequest(f"config refused: {'; '.join(objections)}")
         # In a function of its own: a frame that holds the routing table (this one waits

@@ -67,8 +67,25 @@ def parse_text_proto(path: Path, message_type: type[M]) -> M:
 
 
 def load_models_config(repository: Path) -> model_server_config_pb2.ModelServerConfig:
-    config = parse_text_proto(repository / MODELS_CONFIG, model_server_config_pb2.ModelServerConfig)
-    check_models_config(config, repository / MODELS_CONFIG)
+    return read_models_config(repository)[1]
+
+
+def read_models_config(repository: Path) -> tuple[str, model_server_config_pb2.ModelServerConfig]:
+    """models.config's text, and the config it holds (:func:`models_config`)."""
+    path = repository / MODELS_CONFIG
+    text = read_config_text(path)
+    return text, models_config(text, path)
+
+
+def models_config(text: str, where: Path | str) -> model_server_config_pb2.ModelServerConfig:
+    """models.config ``text`` parsed strictly (unknown fields and wrong types fail) and
+    checked (:func:`check_models_config`); raises ConfigError naming ``where``."""
+    config = model_server_config_pb2.ModelServerConfig()
+    try:
+        text_format.Parse(text, config)
+    except text_format.ParseError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    check_models_config(config, where)
     return config
 
 
@@ -98,8 +115,8 @@ def check_models_config(config: Any, where: Path | str) -> None:
             )
 
 
-def tf_serving_objections(text: str) -> list[str]:
-    """What TF Serving refuses in a models.config ``text`` (that parses) while the
+def tf_serving_objections(config: model_server_config_pb2.ModelServerConfig) -> list[str]:
+    """What TF Serving refuses in a models.config (:func:`models_config`) while the
     gateway serves it, each a sentence naming the model and the fix: no model_platform,
     and a base_path that is empty or relative (no flag of the stack's sets TF Serving's
     root for them).
@@ -107,10 +124,6 @@ def tf_serving_objections(text: str) -> list[str]:
     repository that served locally failed TF Serving's start in the stack (docker/)
     with its "Illegal setting neither ... model_platform" or "Expected model m to have
     an absolute path or URI"."""
-    try:
-        config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
-    except text_format.ParseError:
-        return []  # changed since it parsed: the next read says what is wrong
     found = []
     for model in config.model_config_list.config:
         if not model.model_platform and not model.model_type:
@@ -133,12 +146,12 @@ def tf_serving_objections(text: str) -> list[str]:
 def parse_models_config(text: str, repository: Path) -> list[ModelConfig]:
     """models.config ``text`` (not yet on disk) as :func:`read_repository` would read it:
     strict text protobuf, then the same checks; raises ConfigError."""
-    where = repository / MODELS_CONFIG
-    try:
-        config = text_format.Parse(text, model_server_config_pb2.ModelServerConfig())
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    check_models_config(config, where)
+    return model_configs(repository, models_config(text, repository / MODELS_CONFIG))
+
+
+def model_configs(repository: Path, config: Any) -> list[ModelConfig]:
+    """Every model ``config`` (a ModelServerConfig) configures, in its order, with its
+    paths resolved in ``repository``; raises ConfigError for what is not served."""
     return [_model_config(repository, c) for c in config.model_config_list.config]
 
 
@@ -341,8 +354,7 @@ def repeated_labels(text: str) -> list[str]:
 
 def read_repository(repository: Path) -> list[ModelConfig]:
     """Every model models.config configures, in file order: the first is the default."""
-    config = load_models_config(repository)
-    return [_model_config(repository, c) for c in config.model_config_list.config]
+    return model_configs(repository, load_models_config(repository))
 
 
 class ModelsConfigReader:
@@ -370,23 +382,21 @@ class ModelsConfigReader:
         # the same stat (file times are coarse): kept only once it is older than that.
         settled = time.time() - max(st.st_mtime, st.st_ctime) > SETTLED_SECONDS
         try:
-            configs = read_repository(repository)
+            text, config = read_models_config(repository)
+            configs = model_configs(repository, config)
         except ConfigError as exc:
             self._last = (key, exc) if settled else None
             raise
         self._last = (key, configs) if settled else None
-        self._say_problems(repository / MODELS_CONFIG)
+        self._say_problems(repository / MODELS_CONFIG, text, config)
         return configs
 
-    def _say_problems(self, path: Path) -> None:
-        """A WARNING for each label the file gives twice, and for each thing in it TF
-        Serving refuses (:func:`tf_serving_objections`), once per change of them."""
-        try:
-            text = read_config_text(path)
-            problems = [f"{p}; give each label once" for p in repeated_labels(text)]
-        except (ConfigError, text_format.ParseError):  # changed again since it parsed
-            return
-        problems += tf_serving_objections(text)
+    def _say_problems(self, path: Path, text: str, config: Any) -> None:
+        """A WARNING for each label the file (``text``, read as ``config``) gives twice,
+        and for each thing in it TF Serving refuses (:func:`tf_serving_objections`),
+        once per change of them: the text and config just read, not the file again."""
+        problems = [f"{p}; give each label once" for p in repeated_labels(text)]
+        problems += tf_serving_objections(config)
         for problem in problems:
             if problem not in self._said:
                 log.warning("%s: %s", path, problem)

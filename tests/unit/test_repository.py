@@ -193,12 +193,13 @@ def test_a_poll_parses_models_config_again_only_when_it_changed(
 ) -> None:
     """A 50 MB models.config that parses was parsed on every poll, in every worker."""
     parsed: list[Path] = []
+    read_models_config = repository_module.read_models_config
 
     def counted(repository: Path) -> Any:
         parsed.append(repository)
-        return read_repository(repository)
+        return read_models_config(repository)
 
-    monkeypatch.setattr(repository_module, "read_repository", counted)
+    monkeypatch.setattr(repository_module, "read_models_config", counted)
     path = tmp_path / "models.config"
 
     def rewrite(text: str) -> None:  # in place, its mtime another whatever the clock's tick
