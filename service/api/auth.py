@@ -220,8 +220,19 @@ def presented_key(authorization: str | None, api_key: str | None) -> str | None:
     return bearer if bearer is not None else header
 
 
+# What a call to a method the server does not have is refused with, whatever its
+# shape: request-streaming, so nothing waits for a message (service.api.grpc_calls).
+_NOT_SERVED = grpc.stream_stream_rpc_method_handler(lambda requests, context: iter(()))
+
+
 class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Refuses calls without a valid key (UNAUTHENTICATED), except health checks."""
+    """Refuses calls without a valid key (UNAUTHENTICATED), except health checks.
+
+    A method the server does not have is refused the same way: answered UNIMPLEMENTED
+    before the key was looked at, it told a caller without a key which methods exist
+    (REST answers 401 to any path but the open ones, served or not). Its route label is
+    ``unmatched``, as REST's for a path not served: method names are the caller's. With
+    a valid key, it is UNIMPLEMENTED as before."""
 
     def __init__(self, keys: ApiKeys) -> None:
         self._keys = keys
@@ -232,12 +243,15 @@ class GrpcApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         details: Any,
     ) -> Any:
         handler = await continuation(details)
-        if handler is None or str(details.method).startswith(OPEN_GRPC_PREFIXES):
+        method = str(details.method)
+        if method.startswith(OPEN_GRPC_PREFIXES):
             return handler
         try:
             self._keys.check(_metadata_key(details.invocation_metadata or ()))
         except Unauthenticated as exc:
-            return refusal_handler(handler, exc, str(details.method))
+            if handler is None:
+                return refusal_handler(_NOT_SERVED, exc, metrics.UNMATCHED_ROUTE)
+            return refusal_handler(handler, exc, method)
         return handler
 
 

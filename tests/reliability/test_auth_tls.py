@@ -118,6 +118,40 @@ def test_grpc_requires_the_key_in_metadata_but_health_does_not(keyed: Server) ->
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_without_a_key_no_transport_tells_which_methods_exist(keyed: Server) -> None:
+    """A gRPC method the server does not have was UNIMPLEMENTED before its key was looked
+    at, where a served one was UNAUTHENTICATED: a caller without a key could list the
+    methods. Now both are refused alike, as REST refuses any path, served or not."""
+    not_served = (
+        "/tensorflow.serving.PredictionService/NoSuchMethod",
+        "/cnnserve.v1.NoSuchService/Method",
+    )
+    key = (("authorization", f"Bearer {KEY}"),)
+    with keyed.channel() as channel:
+        for method in (*not_served, "/tensorflow.serving.PredictionService/Predict"):
+            with pytest.raises(grpc.RpcError) as unary:
+                channel.unary_unary(method)(b"", timeout=10)
+            assert unary.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+            # A streaming caller that sends nothing is answered too, not left waiting.
+            with pytest.raises(grpc.RpcError) as streaming:
+                list(channel.stream_stream(method)(iter(()), timeout=10))
+            assert streaming.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+        for method in not_served:  # with the key, a method not served is said to be so
+            with pytest.raises(grpc.RpcError) as unknown:
+                channel.unary_unary(method)(b"", metadata=key, timeout=10)
+            assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED, method
+    with keyed.client() as client:
+        assert client.get("/v1/no-such-path").status_code == 401
+        assert client.get("/v1/no-such-path", headers={"x-api-key": KEY}).status_code == 404
+    # Counted under one label, not under each name a caller makes up.
+    scraped = httpx.get(keyed.url + "/metrics", timeout=10).text.splitlines()
+    assert any(
+        'route="unmatched"' in line and 'code="401"' in line and 'protocol="grpc"' in line
+        for line in scraped
+    )
+    assert not any("NoSuch" in line for line in scraped)
+
+
 def test_a_key_sent_twice_is_refused_on_both_transports_in_either_order(keyed: Server) -> None:
     """REST refused two Authorization headers; gRPC took the last value, so which key
     counted depended on how each proxy on the way merged them. Both say why."""
