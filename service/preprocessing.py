@@ -599,8 +599,9 @@ def resize(img: Image.Image, spec: PreprocessSpec) -> UInt8Image:
         # Resizing one channel then replicating equals resizing the replicated RGB image
         # (Pillow filters channels independently) and costs a third.
         grey = img if img.size == size else img.resize(size, _RESAMPLE[spec.resize_method])
-        arr = np.asarray(grey, dtype=np.uint8)
-        return np.repeat(arr[:, :, None], 3, axis=2)
+        # Pillow's merge, not numpy's repeat (a byte at a time on the last axis): 224x224,
+        # 41 against 85 µs an image (the default model's Fashion-MNIST input is grey).
+        return np.asarray(Image.merge("RGB", (grey, grey, grey)), dtype=np.uint8)
     if img.size != size:
         img = img.resize(size, _RESAMPLE[spec.resize_method])
     return np.asarray(img, dtype=np.uint8)
