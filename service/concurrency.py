@@ -458,13 +458,15 @@ class ConcurrencyLimit:
         self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
             delay = -self._tokens / self._rate
-            if within is None:
-                return delay
-            # Never sooner than a retry counts as at once: a short deadline must not let
-            # a client spin faster than one that waits that long between requests, whose
-            # refusals are not paced either.
-            return min(delay, max(DEADLINE_SHARE * within, self._retry_at_once))
+            return delay if within is None else self.within_deadline(delay, within)
         return 0.0
+
+    def within_deadline(self, delay: float, within: float) -> float:
+        """A refusal's ``delay`` (:meth:`refusal_delay`) cut to what the client's deadline
+        leaves, ``within`` seconds: answered before it passes, but never sooner than a
+        retry counts as at once: a short deadline must not let a client spin faster than
+        one that waits that long between requests, whose refusals are not paced either."""
+        return min(delay, max(DEADLINE_SHARE * within, self._retry_at_once))
 
     def charge_body(self, body_bytes: int) -> None:
         """The bytes of a body whose request was refused (503), as they are read (by the

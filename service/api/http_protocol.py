@@ -583,7 +583,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if request is None:
             return False
         first = self._requests == 0
-        if self._bodies_over(request.headers) is not None or self._accept_waited(first):
+        if self._bodies_over(declared=request.body_bytes) is not None or self._accept_waited(first):
             return False
         waited = self._waited if first else 0.0
         retrying = self._refusals.retrying(self.loop.time() - waited, first=first)
@@ -861,15 +861,22 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return None
         return self._waited, limit
 
-    def _bodies_over(self, headers: list[tuple[bytes, bytes]]) -> tuple[int, int, int] | None:
+    def _bodies_over(
+        self, headers: list[tuple[bytes, bytes]] | None = None, declared: int = 0
+    ) -> tuple[int, int, int] | None:
         """(held, this request's declared length, budget) when taking this request's
         body would put the worker's buffered bodies over CNNSERVE_MAX_BUFFERED_BODY_BYTES;
         else None. Uploads waiting for a place were all held whole: ~900 concurrent
-        1.4 MB photos took a worker from 110 MB to 1.2 GB, kept for minutes."""
+        1.4 MB photos took a worker from 110 MB to 1.2 GB, kept for minutes. Its length
+        is read from ``headers``, or ``declared`` when they were read already (the shed
+        path's Content-Length, 0 for none)."""
         budget = self._body_budget
         if not budget:
             return None
-        length = self._declared_length(headers) or 0
+        if headers is None:
+            length = min(declared, self._max_body())
+        else:
+            length = self._declared_length(headers) or 0
         held = BUFFERED.held
         return (held, length, budget) if held + length > budget and held else None
 
@@ -880,9 +887,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         declared = header_value(headers, b"content-length")
         if declared is None or not declared.isdigit():
             return None
+        return min(int(declared), self._max_body())
+
+    def _max_body(self) -> int:
         refusal = self._early_refusal
-        limit = refusal.admission.max_body_bytes if refusal is not None else DEFAULT_MAX_BODY
-        return min(int(declared), limit)
+        return refusal.admission.max_body_bytes if refusal is not None else DEFAULT_MAX_BODY
 
     def _hold_declared(self) -> None:
         """Count the body a request taken on declares (Content-Length) as held from now,
