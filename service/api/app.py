@@ -38,6 +38,7 @@ from service.api.http_protocol import (
     PROBE_PORT_STATE,
     SEND_TIMEOUT_STATE,
 )
+from service.api.json_turns import JSON_TURNS_STATE, JsonTurns
 from service.api.redoc import add_redoc
 from service.api.schemas import error_responses, openapi_without_validation_errors
 from service.api.tls import CertificateWatch
@@ -126,6 +127,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool = ThreadPoolExecutor(max_workers=max(2, usable_cpus()), thread_name_prefix="decode")
         app.state.registry = registry
         app.state.dataplane = DataPlane(settings, registry, pool, readiness, concurrency)
+        setattr(app.state, JSON_TURNS_STATE, JsonTurns())
         # Load in the background so /healthz answers (and /readyz says 503) meanwhile.
         loading = asyncio.create_task(
             registry.start(config_may_fail=config_may_fail), name="registry-start"

@@ -26,6 +26,7 @@ from service.api.http import (
     read_json,
     request_deadline,
 )
+from service.api.json_turns import json_turn
 from service.api.schemas import ClassifyResponse, Health, Readiness
 from service.dataplane import ClassifyResult
 from service.errors import InvalidRequest, TooManyImages, UnsupportedMediaType, bounded
@@ -170,22 +171,8 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         names = [item.filename if isinstance(item, UploadFile) else None for item in files]
         return images, len(images) > 1, names
     if content_type == "application/json":
-        body = await read_json(request)
-        fields = set(body) if isinstance(body, dict) else set()
-        if fields & {"image", "images"} and (extra := sorted(fields - {"image", "images"})):
-            # {"image": ..., "model": "other"} was answered by the default model
-            raise InvalidRequest(
-                f"unknown field {extra[0]!r} in the JSON body, which takes 'image' or "
-                "'images'; give model, version, label and top_k as query parameters"
-            )
-        if isinstance(body, dict) and "image" in body and "images" in body:
-            raise InvalidRequest("send either 'image' (one) or 'images' (a list), not both")
-        if isinstance(body, dict) and "image" in body:
-            return [_b64(body["image"], "'image'")], False, []
-        if isinstance(body, dict) and isinstance(body.get("images"), list):
-            dataplane(request).check_image_count(len(body["images"]))  # before base64
-            return [_b64(v, f"'images[{i}]'") for i, v in enumerate(body["images"])], True, []
-        raise InvalidRequest('JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
+        async with json_turn(request):  # a large body parses in its turn (json_turns)
+            return _json_images(request, await read_json(request))
     if content_type in SUPPORTED_MEDIA_TYPES or content_type == "application/octet-stream":
         return [await request.body()], False, []
     if content_type:
@@ -198,6 +185,25 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         f"{shown}; send an image ({SUPPORTED_HUMAN}) as the raw "
         "body with its image/* type, as multipart field 'image', or base64 in JSON"
     )
+
+
+def _json_images(request: Request, body: Any) -> tuple[list[bytes], bool, list[str | None]]:
+    """A JSON body's images: {"image": "<base64>"} or {"images": ["<base64>", ...]}."""
+    fields = set(body) if isinstance(body, dict) else set()
+    if fields & {"image", "images"} and (extra := sorted(fields - {"image", "images"})):
+        # {"image": ..., "model": "other"} was answered by the default model
+        raise InvalidRequest(
+            f"unknown field {extra[0]!r} in the JSON body, which takes 'image' or "
+            "'images'; give model, version, label and top_k as query parameters"
+        )
+    if isinstance(body, dict) and "image" in body and "images" in body:
+        raise InvalidRequest("send either 'image' (one) or 'images' (a list), not both")
+    if isinstance(body, dict) and "image" in body:
+        return [_b64(body["image"], "'image'")], False, []
+    if isinstance(body, dict) and isinstance(body.get("images"), list):
+        dataplane(request).check_image_count(len(body["images"]))  # before base64
+        return [_b64(v, f"'images[{i}]'") for i, v in enumerate(body["images"])], True, []
+    raise InvalidRequest('JSON body needs "image": "<base64>" or "images": ["<base64>", ...]')
 
 
 def _form_charset(request: Request) -> str:

@@ -28,6 +28,7 @@ from service.api.http import (
     read_json,
     request_deadline,
 )
+from service.api.json_turns import json_turn
 from service.api.schemas import (
     ModelMetadataResponse,
     ModelSpec,
@@ -38,7 +39,7 @@ from service.api.schemas import (
     error_responses,
 )
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, INPUT_NAME
-from service.dataplane import PredictResult
+from service.dataplane import DataPlane, PredictResult
 from service.errors import InvalidRequest, MethodNotAllowed
 from service.registry import VersionStatus
 
@@ -292,6 +293,23 @@ async def _predict(
     plane = dataplane(request)
     deadline = request_deadline(plane, request)
     await check_room(request, model, version, label, deadline, parses=True)
+    # A large body parses in its turn, and what it parses into lives until the answer:
+    # the turn lasts that long (service.api.json_turns).
+    async with json_turn(request):
+        result, row = await _predicted(request, plane, model, version, label, deadline)
+    return encoded_response(result.model, result.timings, lambda: _predict_body(result, row))
+
+
+async def _predicted(
+    request: Request,
+    plane: DataPlane,
+    model: str,
+    version: int | None,
+    label: str | None,
+    deadline: float,
+) -> tuple[PredictResult, bool]:
+    """The body parsed and predicted; whether its instances were rows. What it parsed
+    goes when this returns."""
     body = await read_json(request, object_hook=_b64_value)
     signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
     if not isinstance(signature_name, str):
@@ -310,7 +328,7 @@ async def _predict(
         signature_name=signature_name,
         deadline=deadline,
     )
-    return encoded_response(result.model, result.timings, lambda: _predict_body(result, row))
+    return result, row
 
 
 def _predict_body(result: PredictResult, row: bool) -> PredictResponse:

@@ -17,6 +17,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -898,6 +899,44 @@ def peak_rss(pid: int) -> int:
 def reset_peak_rss(pid: int) -> None:
     with open(f"/proc/{pid}/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (proc(5))
+
+
+MB = 1 << 20
+
+
+def test_large_json_bodies_at_once_expand_one_at_a_time(tiny_repo: Path) -> None:
+    """A JSON body becomes many times its size in Python objects: eight 9.4 MB :predict
+    bodies at once took a worker from 112 MB to a peak of 1.19 GB. A worker now parses
+    one large body at a time (service.api.json_turns), and all are still answered.
+    (Its own server: with the module's 1 s body timeout, uploads waiting while the
+    others parse were cut off, 408, before and after the change.)"""
+    cases = [
+        # 12 images of pixels, ~9.6 MB: ~90 MB of Python lists each once parsed; all at
+        # once grew the worker by ~740 MB.
+        (
+            "/v1/models/tiny:predict",
+            json.dumps({"instances": [[[[128, 64, 255]] * 224] * 224] * 12}).encode(),
+            200,
+            450 * MB,
+        ),
+        # A million empty lists, 3 MB: ~80 MB once parsed, and no request at all.
+        ("/v1/classify?model=tiny", b"[" + b",".join([b"[]"] * 1_000_000) + b"]", 400, 300 * MB),
+    ]
+    with running_server(tiny_repo, env={"CNNSERVE_POLL_SECONDS": "0"}) as server:
+        for path, body, status, bound in cases:
+            reset_peak_rss(server.process.pid)
+            before = peak_rss(server.process.pid)
+            with ThreadPoolExecutor(8) as pool:
+                sent = [pool.submit(_post_json, server.url + path, body) for _ in range(8)]
+                answers = [answer.result() for answer in sent]
+            assert [a.status_code for a in answers] == [status] * 8, answers[0].text
+            grown = peak_rss(server.process.pid) - before
+            # One body expanded at a time, the eight bodies and their text beside it.
+            assert grown < bound, (path, grown // MB)
+
+
+def _post_json(url: str, body: bytes) -> httpx.Response:
+    return httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=60)
 
 
 def declaring(dtype: int, dims: list[int], **values: list[object]) -> predict_pb2.PredictRequest:
