@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException
 from service import metrics
 from service.api.http import (
     JSON,
+    LARGE_JSON_BYTES,
     base64_hint,
     check_room,
     client_key,
@@ -171,6 +172,7 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         names = [item.filename if isinstance(item, UploadFile) else None for item in files]
         return images, len(images) > 1, names
     if content_type == "application/json":
+        _few_containers(await request.body())
         async with json_turn(request):  # a large body parses in its turn (json_turns)
             return _json_images(request, await read_json(request))
     if content_type in SUPPORTED_MEDIA_TYPES or content_type == "application/octet-stream":
@@ -185,6 +187,28 @@ async def read_images(request: Request) -> tuple[list[bytes], bool, list[str | N
         f"{shown}; send an image ({SUPPORTED_HUMAN}) as the raw "
         "body with its image/* type, as multipart field 'image', or base64 in JSON"
     )
+
+
+# A classify body is one object and at most one list ({"images": [...]}); base64 has no
+# brackets. More than this many is no classify body, whatever it holds.
+MAX_JSON_CONTAINERS = 16
+
+
+def _few_containers(body: bytes) -> None:
+    """Refuse, before parsing, a JSON body of more arrays and objects than a classify body
+    has: json's parser holds the GIL, and a 6 MB body of two million empty lists stopped
+    the worker's event loop (probes too) for ~1 s to parse what is refused anyway. Two
+    byte counts (~1 ms for 10 MB) over the whole body, strings included: a bound, not a
+    parse."""
+    if len(body) <= LARGE_JSON_BYTES:
+        return  # parsed in microseconds: its own errors say more
+    containers = body.count(b"[") + body.count(b"{")
+    if containers > MAX_JSON_CONTAINERS:
+        raise InvalidRequest(
+            f"the JSON body holds {containers} arrays and objects (brackets); /v1/classify "
+            'takes {"image": "<base64>"} or {"images": ["<base64>", ...]}: send the '
+            "images as encoded files in base64, or pixel arrays to :predict"
+        )
 
 
 def _json_images(request: Request, body: Any) -> tuple[list[bytes], bool, list[str | None]]:

@@ -164,6 +164,12 @@ BODIES: dict[str, tuple[str | None, bytes, set[int]]] = {
     ),
     "enormous json": ("application/json", b'{"image": "' + b"A" * (11 * 2**20) + b'"}', {413}),
     "deeply nested json": ("application/json", nested_json(50_000), {400}),
+    # Refused before it is parsed (parsing it stopped the event loop ~1 s).
+    "json of a million empty lists": (
+        "application/json",
+        b"[" + b",".join([b"[]"] * 1_000_000) + b"]",
+        {400},
+    ),
     # Each under the per-image limit (36 of 40 Mpx), together over the request's 100 Mpx:
     # 64 of them in 9 KB cost 4 s of CPU before (found by a red-team pass).
     "tiny gifs decoding to huge screens": (
@@ -469,8 +475,9 @@ B64 = base64.b64encode(PNG).decode()
         ({"json": {"image": B64[:61]}}, "cut off"),
         ({"content": b'{"image": 1' + b"0" * 5000 + b"}"}, "thousands of digits"),
         ({"content": png_header(20_000, 20_000)}, "the limit of"),
+        ({"content": b"{" + b"[]," * 100_000 + b"}"}, "arrays and objects"),
     ],
-    ids=["data-url", "url-safe", "cut-off", "huge-integer", "pillow-bomb"],
+    ids=["data-url", "url-safe", "cut-off", "huge-integer", "pillow-bomb", "many-lists"],
 )
 def test_refusals_name_what_to_change_not_internals(
     server: Server, kwargs: dict[str, object], words: str
@@ -919,8 +926,13 @@ def test_large_json_bodies_at_once_expand_one_at_a_time(tiny_repo: Path) -> None
             200,
             450 * MB,
         ),
-        # A million empty lists, 3 MB: ~80 MB once parsed, and no request at all.
-        ("/v1/classify?model=tiny", b"[" + b",".join([b"[]"] * 1_000_000) + b"]", 400, 300 * MB),
+        # Many small rows of pixels: ~2 MB, half a million lists.
+        (
+            "/v1/models/tiny:predict",
+            json.dumps({"instances": [[[[1], [2], [3]]] * 150_000]}).encode(),
+            400,
+            300 * MB,
+        ),
     ]
     with running_server(tiny_repo, env={"CNNSERVE_POLL_SECONDS": "0"}) as server:
         for path, body, status, bound in cases:
