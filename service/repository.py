@@ -59,11 +59,16 @@ def read_config_text(path: Path) -> str:
 def parse_text_proto(path: Path, message_type: type[M]) -> M:
     """Parse a text-protobuf file strictly: unknown fields and wrong types fail; a file
     that cannot be read fails as :func:`read_config_text` says."""
-    text = read_config_text(path)
+    return parse_text(read_config_text(path), message_type, path)
+
+
+def parse_text(text: str, message_type: type[M], where: Path | str) -> M:
+    """``text`` as a ``message_type`` text protobuf, strictly; ConfigError naming
+    ``where`` when it does not parse."""
     try:
         return cast(M, text_format.Parse(text, message_type()))
     except text_format.ParseError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def load_models_config(repository: Path) -> model_server_config_pb2.ModelServerConfig:
@@ -80,11 +85,7 @@ def read_models_config(repository: Path) -> tuple[str, model_server_config_pb2.M
 def models_config(text: str, where: Path | str) -> model_server_config_pb2.ModelServerConfig:
     """models.config ``text`` parsed strictly (unknown fields and wrong types fail) and
     checked (:func:`check_models_config`); raises ConfigError naming ``where``."""
-    config = model_server_config_pb2.ModelServerConfig()
-    try:
-        text_format.Parse(text, config)
-    except text_format.ParseError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+    config = parse_text(text, model_server_config_pb2.ModelServerConfig, where)
     check_models_config(config, where)
     return config
 

@@ -583,7 +583,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if request is None:
             return False
         first = self._requests == 0
-        if self._bodies_over(declared=request.body_bytes) is not None or self._accept_waited(first):
+        declared = min(request.body_bytes, self._max_body())
+        if self._bodies_over(declared) is not None or self._accept_waited(first):
             return False
         waited = self._waited if first else 0.0
         retrying = self._refusals.retrying(self.loop.time() - waited, first=first)
@@ -813,7 +814,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                     self.headers,
                     retrying,
                     connections=over,
-                    bodies=self._bodies_over(self.headers),
+                    bodies=self._bodies_over(self._declared_length(self.headers) or 0),
                     waited=self._accept_waited(first),
                     queued=waited,
                     first=first,
@@ -861,22 +862,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return None
         return self._waited, limit
 
-    def _bodies_over(
-        self, headers: list[tuple[bytes, bytes]] | None = None, declared: int = 0
-    ) -> tuple[int, int, int] | None:
-        """(held, this request's declared length, budget) when taking this request's
-        body would put the worker's buffered bodies over CNNSERVE_MAX_BUFFERED_BODY_BYTES;
-        else None. Uploads waiting for a place were all held whole: ~900 concurrent
-        1.4 MB photos took a worker from 110 MB to 1.2 GB, kept for minutes. Its length
-        is read from ``headers``, or ``declared`` when they were read already (the shed
-        path's Content-Length, 0 for none)."""
+    def _bodies_over(self, length: int) -> tuple[int, int, int] | None:
+        """(held, ``length``, budget) when taking this request's body, ``length`` bytes as
+        declared (:meth:`_declared_length`; 0 for none), would put the worker's buffered
+        bodies over CNNSERVE_MAX_BUFFERED_BODY_BYTES; else None. Uploads waiting for a
+        place were all held whole: ~900 concurrent 1.4 MB photos took a worker from 110 MB
+        to 1.2 GB, kept for minutes."""
         budget = self._body_budget
         if not budget:
             return None
-        if headers is None:
-            length = min(declared, self._max_body())
-        else:
-            length = self._declared_length(headers) or 0
         held = BUFFERED.held
         return (held, length, budget) if held + length > budget and held else None
 
