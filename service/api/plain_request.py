@@ -48,9 +48,10 @@ def plain_request(data: bytes, max_head_bytes: int, max_target_bytes: int) -> Pl
     read = _READ.get(block)
     if read is None:
         read = _read_head(block)
-        if len(_READ) >= MAX_READ:
-            _READ.clear()
-        _READ[block] = read
+        if len(block) <= MAX_READ_BYTES:
+            if len(_READ) >= MAX_READ:
+                _READ.clear()
+            _READ[block] = read
     if read is False or len(read.target) > max_target_bytes:
         return None
     if end + 4 + read.body_bytes != len(data):
@@ -64,8 +65,10 @@ def plain_request(data: bytes, max_head_bytes: int, max_target_bytes: int) -> Pl
 # expressions and the header list were ~3 µs of a refusal's ~24 µs of Python. The
 # readings are shared: nothing changes a request's header list once read. Blocks
 # that differ each time (a request id made per request) are read as before, and the
-# table is emptied when full.
+# table is emptied when full. Only blocks of a usual size are kept (~100-400 bytes; a
+# head may be up to CNNSERVE_MAX_HEADER_BYTES, 64 KiB): the table holds 1 MiB at most.
 MAX_READ = 256
+MAX_READ_BYTES = 4096
 _READ: dict[bytes, PlainRequest | Literal[False]] = {}
 
 

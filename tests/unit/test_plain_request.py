@@ -224,3 +224,23 @@ def test_the_generated_requests_reach_the_plain_shape() -> None:
     seen: list[bool] = []
     count()
     assert sum(seen) >= len(seen) // 10, f"{sum(seen)} of {len(seen)}"
+
+
+def test_a_header_block_read_once_is_kept_only_at_a_usual_size() -> None:
+    """The same block again is not read again (its reading is kept), and answers the same;
+    a block over MAX_READ_BYTES is read each time, so the table stays small."""
+    import service.api.plain_request as module
+
+    module._READ.clear()
+    usual = request()
+    first = plain_request(usual, HEAD_LIMIT, TARGET_LIMIT)
+    assert plain_request(usual, HEAD_LIMIT, TARGET_LIMIT) is first  # the kept reading
+    assert len(module._READ) == 1
+    # The same block with a body of another length than it declares is not plain.
+    assert plain_request(usual + b"x", HEAD_LIMIT, TARGET_LIMIT) is None
+    # Nor is a target over the caller's limit, whatever was kept.
+    assert plain_request(usual, HEAD_LIMIT, 5) is None
+    large = request(headers=("Host: x", f"X-Big: {'a' * module.MAX_READ_BYTES}"))
+    read = plain_request(large, HEAD_LIMIT, TARGET_LIMIT)
+    assert read is not None and read.headers[1] == (b"x-big", b"a" * module.MAX_READ_BYTES)
+    assert len(module._READ) == 1
