@@ -60,7 +60,7 @@ from collections.abc import Callable
 from service import metrics
 from service.config import Settings
 from service.errors import Overloaded
-from service.pace_check import PaceCheck
+from service.pace_check import MIN_RATE, PaceCheck
 from service.shared_hosts import SharedHosts
 from service.siblings import Siblings
 
@@ -199,7 +199,7 @@ class ConcurrencyLimit:
         self._tokens = self._burst
         self._tokens_at = clock()
         # Whether holding refusals slows the clients retrying at once (service.pace_check).
-        self._check = PaceCheck(clock)
+        self._check = PaceCheck(clock, let_go_first=refusals_per_second >= MIN_RATE)
         # The current window: answer times, the most requests held, whether it refused.
         self._window_end = clock() + WINDOW_SECONDS
         self._answers: list[float] = []
@@ -294,6 +294,7 @@ class ConcurrencyLimit:
         (rows of a tensor alike; 1 when it named none)."""
         self.in_flight -= 1
         self._publish()
+        self._check.answered(max(1, images))
         if self._budget is not None:
             self._answers.append(self._clock() - taken)
             self._images += max(1, images)
@@ -572,6 +573,11 @@ class ConnectionRefusals:
         if not first or self._hosts is None or self._host is None:
             return False
         return self._hosts.retrying(self._host, now)
+
+    @property
+    def after_refusal(self) -> bool:
+        """Whether the connection's last request was refused (its next may be a retry)."""
+        return self._refused_at is not None
 
     def refused(self, now: float) -> None:
         """The refusal's answer was sent at ``now``."""

@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -151,14 +151,16 @@ MOVED_CONNECTIONS = Counter(
 PACE_CHECKS = Counter(
     "cnnserve_refusal_pace_checks",
     "Checks of whether holding refusals slows the clients retrying them at once, by "
-    "verdict: closed_loop (they came back faster when let go: held) or open_loop (they did "
-    "not: answered at once for a while).",
+    "verdict: many_refusals (answered at once, they outnumbered the images answered "
+    "eight to one: held, and measured), closed_loop (they came back faster when let go: "
+    "held) or open_loop (they did not: answered at once for a while).",
     ["verdict"],
 )
 REFUSALS_LET_GO = Gauge(
     "cnnserve_refusal_pace_let_go",
-    "Workers answering the refusals of clients retrying at once without the pace's wait, "
-    "because holding them did not slow those clients (an open loop; summed over workers).",
+    "Workers answering the refusals of clients retrying at once without the pace's wait: "
+    "they are few beside the answers, or holding them did not slow those clients (an open "
+    "loop; summed over workers).",
     multiprocess_mode="livesum",
 )
 HEADERS_TOO_LARGE = Counter(
@@ -492,10 +494,13 @@ def observe_moved_connection() -> None:
     MOVED_CONNECTIONS.inc()
 
 
-def observe_pace_check(open_loop: bool) -> None:
-    """A worker checked whether holding refusals slows its spinning clients
-    (service.pace_check)."""
-    PACE_CHECKS.labels("open_loop" if open_loop else "closed_loop").inc()
+PaceVerdict = Literal["open_loop", "closed_loop", "many_refusals"]
+
+
+def observe_pace_check(verdict: PaceVerdict) -> None:
+    """A worker's check of whether holding refusals slows its spinning clients came to
+    ``verdict`` (service.pace_check)."""
+    PACE_CHECKS.labels(verdict).inc()
 
 
 def set_refusals_let_go(let_go: bool) -> None:

@@ -14,6 +14,20 @@ of keep-alive connections at 4x what it serves: held, 503s p50 30-160 ms and p90
 3,900-5,700 connections opened in 10 s; let go, 6-7 ms and 18-230 ms, 1,000-2,000
 connections, for the same goodput.
 
+So a new overload's refusals are let go first: answered at once, counted in windows of
+:data:`PROBE_SECONDS` against the images the worker answers meanwhile. While a window
+counts no more than :data:`PROBE_RATIO` for each image answered (an open loop at a few
+times what the worker serves: ~4.5 at 4x), they stay let go, however long the overload
+lasts: holding them would save no CPU. Clients retrying at once, let go, take the CPU
+from the answers, and their refusals outnumber them by far (~70 to one): once a window
+passes the ratio (at once when it passes it by :data:`PROBE_ALLOWANCE`), the pace holds
+them (verdict ``many_refusals``) and the check below tells whether holding slows them.
+One worker, the default model, an open loop at 4x for 10 s, 3 runs each against
+holding first: 67-71% of capacity served against 64-66%, 580-660 connections opened
+against 3,650-3,830, 503 p90 9 ms against 1.1-1.3 s; wrk at 128 and 512 connections
+served as before (86-88% and 83-84%). A pace under :data:`MIN_RATE` is never let go
+first: too few are held to check (``let_go_first``).
+
 The two look the same while held (each connection sends its next request as soon as its
 503 comes), but not when let go: a closed loop comes back at once, many times faster; an
 open loop keeps its rate. So once the pace's wait has passed :data:`CHECK_WAIT_SECONDS`,
@@ -26,8 +40,9 @@ kept). In the second, more than :data:`SPIN_FACTOR` times the baseline is a clos
 (more than :data:`KEPT_SPIN_FACTOR` times if most came on connections kept from before):
 the pace holds again, and the next check waits :data:`RECHECK_SECONDS`. Fewer is an open
 loop: answered at once for :data:`OPEN_SECONDS` while no window passes the factor, then
-held again and checked again; each open verdict in a row lets go twice as long as the
-last, up to :data:`MAX_OPEN_SECONDS`. Refusals stopping for :data:`PAUSE_SECONDS` end
+judged by the probe's windows (held again, and checked again, if they pass the ratio);
+each open verdict in a row lets go twice as long as the last, up to
+:data:`MAX_OPEN_SECONDS`. Refusals stopping for :data:`PAUSE_SECONDS` end
 it (the overload is over); a shorter stall starts the windows again. A mistake either
 way costs a window or two. Refusals not
 known as retries count too (let go, a closed loop whose own loop is busy comes back
@@ -104,6 +119,26 @@ QUEUED_SECONDS = 0.25
 # measured again, its 503s at 1.4-2 s for 1.5 s after and 720-830 connections opened
 # against ~415 (and, once in CI, held to the end of a test that expects it let go).
 PAUSE_SECONDS = 1.0
+# A new overload's refusals are answered at once first, counted in windows of this long
+# against the images the worker answers meanwhile: long enough for a few batches of
+# answers at the least rate checked (MIN_RATE), short enough that clients spinning at
+# once take a worker's CPU for a moment only (one worker, 128 of wrk's connections
+# let go: 26% of capacity served while it lasts).
+PROBE_SECONDS = 0.4
+# Refusals (in the pace's tokens) a window may count for each image answered and stay let
+# go. An open loop at k times what a worker serves is refused about k - 1 times for each
+# answer whatever the model (4x: 4.5 per answer, 3,180 against 705 a second), and
+# holding its refusals saves nothing; clients retrying at once take the CPU until the
+# refusals outnumber the answers by far more (128 of wrk's connections: ~70 to one).
+PROBE_RATIO = 8.0
+# A window is cut short, and held, once its refusals pass PROBE_RATIO per image answered
+# by this many tokens: clients spinning by the hundred come back so fast that, let go for
+# a whole window, they took the event loop past what a retry at once is timed by
+# (RETRY_AT_ONCE_SECONDS: 512 of wrk's connections came back 10 ms or more after their
+# 503s), were no longer known as retries, and spun unpaced to the end (one worker: 7% of
+# capacity served). An open loop's first answers come a batch after its first refusals:
+# at 4x, ~100 refused before them.
+PROBE_ALLOWANCE = 2 * MIN_RATE * PROBE_SECONDS
 # One log line per verdict per this long at most: a worker flipping between the two
 # shows both (the counter shows how often).
 LOG_INTERVAL_SECONDS = 60.0
@@ -113,6 +148,7 @@ class _State(enum.Enum):
     HOLDING = "holding"  # refusals wait for the pace
     MEASURING = "measuring"  # held, their retries counted for the baseline
     LETTING_GO = "letting_go"  # answered at once, their retries counted against it
+    PROBING = "probing"  # answered at once, counted against the worker's answers
 
 
 class PaceCheck:
@@ -120,9 +156,15 @@ class PaceCheck:
     refusal, with what it costs in the pace's tokens and the pace's wait now; its clock
     is the pace's."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
+    def __init__(self, clock: Callable[[], float], let_go_first: bool = True) -> None:
         self._clock = clock
         self._state = _State.HOLDING
+        # Whether a new overload's refusals are answered at once first (a pace under
+        # MIN_RATE holds too few to check: its refusals are all held, as configured).
+        self._let_go_first = let_go_first
+        self._probe = let_go_first  # whether the next refusal held starts a probe
+        self._answered = 0.0  # the images answered since the current window began
+        self._shown_let_go = False  # what cnnserve_refusal_pace_let_go reads
         self._next_check = 0.0  # the clock's time from which a check may start
         self._since = 0.0  # when the current measure or window began
         self._count = 0.0  # the tokens of refusals counted since then
@@ -134,7 +176,7 @@ class PaceCheck:
         self._open_seconds = OPEN_SECONDS  # how long the next open verdict lets go
         self._last = -float("inf")  # when the last refusal was asked about
         self._windows = 0  # the windows let go so far
-        self._logged_at: dict[bool, float] = {}  # when each verdict (open loop?) was logged
+        self._logged_at: dict[str, float] = {}  # when each verdict was last logged
 
     def holds(
         self, cost: float, wait: float, retry: bool, queued: float = 0.0, first: bool = True
@@ -148,15 +190,23 @@ class PaceCheck:
         when not known: gRPC's calls, the app's 503s, the counting of old)."""
         now = self._clock()
         gap, self._last = now - self._last, now
-        if gap > PAUSE_SECONDS:  # a new overload: no open loop seen yet
+        if gap > PAUSE_SECONDS:  # a new overload: no open loop seen yet, let go first
             self._open_seconds = OPEN_SECONDS
+            self._probe = self._let_go_first
         state = self._state
         if state is _State.HOLDING:
+            if self._probe and wait > 0.0:  # the first refusal the pace would hold
+                self._probe = False
+                self._let_go(now)
+                self._count = cost
+                return False
             if wait >= CHECK_WAIT_SECONDS and now >= self._next_check:
                 self._previous = None
                 self._begin(_State.MEASURING, now)
             return True
         elapsed = now - self._since
+        if state is _State.PROBING:
+            return self._probed(cost, now, elapsed, gap)
         if state is _State.MEASURING:
             if elapsed > 2 * BASELINE_SECONDS or wait < CHECK_WAIT_SECONDS:
                 # Refusals stopped for a while, or the overload passed: no baseline.
@@ -204,28 +254,64 @@ class PaceCheck:
             # A closed loop. Found once let go for an open loop, the baseline may be
             # outgrown (the open loop's rate rose): measured again at once.
             found_open = self._open_until is not None
-            self._verdict(now, open_loop=False, recheck=0.0 if found_open else RECHECK_SECONDS)
+            self._verdict(now, "closed_loop", recheck=0.0 if found_open else RECHECK_SECONDS)
             return True
         if elapsed >= WINDOW_SECONDS:
             self._windows += 1
             if self._open_until is None and self._windows == 2:
-                self._verdict(now, open_loop=True)
+                self._verdict(now, "open_loop")
             elif self._open_until is not None and now >= self._open_until:
-                self._hold(next_check=now)  # let go its while: hold, check again
-                return True
+                self._let_go(now)  # let go its while: the probe's windows judge it now
+                return False
             self._begin(_State.LETTING_GO, now)
         return False
 
+    def answered(self, images: int) -> None:
+        """The worker answered an admitted request of ``images`` (what a probe's refusals
+        are counted against)."""
+        self._answered += images
+
     def expire(self) -> None:
-        """Hold again once letting go has run its while, or refusals stopped meanwhile:
-        :meth:`holds` runs only as refusals come, and after an open loop's last refusal
+        """Hold again once refusals stopped while let go, and go from an open loop's let
+        go to the probe's windows once it has run its while: :meth:`holds` runs only as
+        refusals come, and after an open loop's last refusal
         `cnnserve_refusal_pace_let_go` read 1 on an idle worker."""
+        state = self._state
+        if state is not _State.LETTING_GO and state is not _State.PROBING:
+            return
         now = self._clock()
-        if self._state is _State.LETTING_GO and (
-            now - self._last > PAUSE_SECONDS
-            or (self._open_until is not None and now >= self._open_until)
-        ):
+        if now - self._last > PAUSE_SECONDS:
             self._hold(next_check=now)
+        elif self._open_until is not None and now >= self._open_until:
+            self._let_go(now)
+
+    def _probed(self, cost: float, now: float, elapsed: float, gap: float) -> bool:
+        """A probe's refusal (answered at once): held once a window's refusals came at
+        MIN_RATE or more and outnumbered the images answered meanwhile PROBE_RATIO to
+        one (as soon as they do by PROBE_ALLOWANCE). Clients retrying at once then take
+        the worker's CPU, or load so far past what it serves that the check may as well
+        measure whether holding slows it."""
+        if gap > PAUSE_SECONDS or elapsed > 2 * PROBE_SECONDS:  # a stall: start again
+            self._begin(_State.PROBING, now)
+            elapsed = 0.0
+        self._count += cost
+        per_image = self._count / max(1.0, self._answered)
+        if self._count > PROBE_RATIO * self._answered + PROBE_ALLOWANCE:
+            self._verdict(now, "many_refusals", recheck=0.0, per_image=per_image)
+            return True
+        if elapsed < PROBE_SECONDS:
+            return False
+        if self._count >= MIN_RATE * elapsed and per_image > PROBE_RATIO:
+            self._verdict(now, "many_refusals", recheck=0.0, per_image=per_image)
+            return True
+        self._begin(_State.PROBING, now)
+        return False
+
+    def _let_go(self, now: float) -> None:
+        """Answer refusals at once, the probe's windows judging them from ``now``."""
+        self._open_until = None
+        self._show_let_go(True)
+        self._begin(_State.PROBING, now)
 
     def _begin(self, state: _State, now: float) -> None:
         self._state = state
@@ -233,29 +319,41 @@ class PaceCheck:
         self._count = 0.0
         self._retries = 0.0
         self._new = 0.0
+        self._answered = 0.0
 
     def _hold(self, next_check: float) -> None:
-        if self._open_until is not None:
-            metrics.set_refusals_let_go(False)
+        self._show_let_go(False)
         self._state = _State.HOLDING
         self._next_check = next_check
         self._open_until = None
 
-    def _verdict(self, now: float, *, open_loop: bool, recheck: float = RECHECK_SECONDS) -> None:
-        metrics.observe_pace_check(open_loop)
+    def _show_let_go(self, let_go: bool) -> None:
+        if let_go != self._shown_let_go:
+            self._shown_let_go = let_go
+            metrics.set_refusals_let_go(let_go)
+
+    def _verdict(
+        self,
+        now: float,
+        verdict: metrics.PaceVerdict,
+        recheck: float = RECHECK_SECONDS,
+        per_image: float = 0.0,
+    ) -> None:
+        metrics.observe_pace_check(verdict)
         let_go_for = self._open_seconds
-        if open_loop:
+        if verdict == "open_loop":
             self._open_until = now + let_go_for
             self._open_seconds = min(2 * let_go_for, MAX_OPEN_SECONDS)
-            metrics.set_refusals_let_go(True)
+            self._show_let_go(True)
         else:
-            self._open_seconds = OPEN_SECONDS
+            if verdict == "closed_loop":
+                self._open_seconds = OPEN_SECONDS
             self._hold(next_check=now + recheck)
-        logged = self._logged_at.get(open_loop)
+        logged = self._logged_at.get(verdict)
         if logged is not None and now - logged < LOG_INTERVAL_SECONDS:
             return
-        self._logged_at[open_loop] = now
-        if open_loop:
+        self._logged_at[verdict] = now
+        if verdict == "open_loop":
             log.info(
                 "refusals are answered at once for %.0f s: let go, they did not come faster "
                 "than the %.0f a second held (an open loop, which holding them only makes "
@@ -263,11 +361,19 @@ class PaceCheck:
                 let_go_for,
                 self._baseline,
             )
-        else:
+        elif verdict == "closed_loop":
             log.info(
                 "refusals wait for the pace: let go, they came over %.0f times faster than "
                 "the %.0f a second held (clients retrying at once); checked again in %.0f s",
                 SPIN_FACTOR,
                 self._baseline,
                 recheck,
+            )
+        else:
+            log.info(
+                "refusals wait for the pace: answered at once, they came %.0f for each image "
+                "answered, over %.0f (clients retrying at once, or load far past what the "
+                "worker serves); checking whether holding them slows those clients",
+                per_image,
+                PROBE_RATIO,
             )

@@ -463,7 +463,7 @@ class PaceChecks:
         if self.before is None or after is None:
             return None
         # A verdict never given has no sample yet.
-        verdicts = sorted({"closed_loop", "open_loop", *after})
+        verdicts = sorted({"closed_loop", "many_refusals", "open_loop", *after})
         return {v: round(after.get(v, 0.0) - self.before.get(v, 0.0)) for v in verdicts}
 
 
