@@ -298,6 +298,6 @@ def test_a_levels_pace_checks_are_the_verdicts_given_while_it_ran() -> None:
 
     with http_stub(Metrics) as url:
         checks = PaceChecks(url, "/metrics")
-        assert checks.since() == {"closed_loop": 0, "open_loop": 2}
+        assert checks.since() == {"closed_loop": 0, "many_refusals": 0, "open_loop": 2}
         assert PaceChecks(url, "/elsewhere").since() is None  # a 404
     assert PaceChecks(url, "").since() is None  # no metrics path
