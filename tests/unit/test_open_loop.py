@@ -67,9 +67,13 @@ def test_the_load_keeps_its_rate_and_reads_every_answer(
         result = open_loop.run_load(url, "/v1/classify?model=m", (body,), rate=200, seconds=1)
     assert result["requests"] == 200 == len(seen)
     assert result["statuses"] == {"200": 100, "503": 100}, result
-    # Goodput: the 200s answered while it sent (the last ones may come just after).
-    assert result["ok"] == 100 and 95 <= result["requests_per_s"] <= 100.5, result
-    assert result["ok_after_window"] <= 5
+    # Goodput: the 200s answered while it sent (the last ones may come just after), over
+    # the window (its length is the machine's: 1.054 s once in CI, which a bound of 95
+    # to 100.5 a second failed).
+    start, end = result["window_monotonic"]
+    in_time = result["ok"] - result["ok_after_window"]
+    assert result["ok"] == 100 and result["ok_after_window"] <= 5, result
+    assert result["requests_per_s"] == pytest.approx(in_time / (end - start + 1 / 200), abs=0.1)
     assert not {k: v for k, v in result["errors"].items() if k != "503"}, result["errors"]
     assert result["refused_p50_ms"] is not None and result["ok_p99_ms"] is not None
     # A quarter of the answers close their connection: the pool opens new ones for those,
@@ -77,7 +81,6 @@ def test_the_load_keeps_its_rate_and_reads_every_answer(
     assert 50 <= result["connections_opened"] < 200, result
     assert open_loop.kept_rate(result), result
     assert set(seen) == {f"Bearer {KEY}"}
-    start, end = result["window_monotonic"]
     assert 0.9 < end - start < 1.5
 
 
