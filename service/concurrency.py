@@ -454,8 +454,9 @@ class ConcurrencyLimit:
         if retrying is False:
             self._owe(tokens, cost)
             return 0.0
-        if not holds:
-            return 0.0
+        if not holds:  # let go: at once, but while a probe slows them (PaceCheck.delay)
+            delay = self._check.delay
+            return delay if within is None or not delay else self.within_deadline(delay, within)
         self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
         if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
             delay = -self._tokens / self._rate

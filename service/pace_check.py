@@ -22,6 +22,11 @@ lasts: holding them would save no CPU. Clients retrying at once, let go, take th
 from the answers, and their refusals outnumber them by far (~70 to one): once a window
 passes the ratio (at once when it passes it by :data:`PROBE_ALLOWANCE`), the pace holds
 them (verdict ``many_refusals``) and the check below tells whether holding slows them.
+A few clients spinning stay under the ratio, so the window after the first let go, and
+one in every :data:`SLOW_EVERY` after, is slowed: each retry at once is answered
+:data:`SLOW_DELAY_SECONDS` later. Clients that wait for their 503s then come
+:data:`SLOW_FACTOR` times slower or more, and are held (verdict ``closed_loop``); an
+open loop keeps its rate.
 One worker, the default model, an open loop at 4x for 10 s, 3 runs each against
 holding first: 67-71% of capacity served against 64-66%, 580-660 connections opened
 against 3,650-3,830, 503 p90 9 ms against 1.1-1.3 s; wrk at 128 and 512 connections
@@ -139,6 +144,20 @@ PROBE_RATIO = 8.0
 # capacity served). An open loop's first answers come a batch after its first refusals:
 # at 4x, ~100 refused before them.
 PROBE_ALLOWANCE = 2 * MIN_RATE * PROBE_SECONDS
+# Every this many windows let go, the probe slows the next for SLOW_SECONDS: each retry at
+# once is answered after SLOW_DELAY_SECONDS. Clients waiting for their 503s to send again
+# come that much slower (a closed loop of a few spinning clients stays under PROBE_RATIO:
+# one worker, wrk at 44 connections let go, ~4 refused for each answer, 8,549 served in
+# 12 s against ~10,600 paced); an open loop keeps its rate, opening a few more
+# connections for the while (~70 at 3,300 refused a second). The first window let go is
+# followed by one.
+SLOW_EVERY = 5
+SLOW_SECONDS = 0.2
+SLOW_DELAY_SECONDS = 0.02
+# A slowed window counting this many times fewer refusals a second than the window let go
+# before it is a closed loop (a few clients spinning every ~4 ms, slowed by 20 ms: ~6x
+# fewer); an open loop's windows differ by a fifth at most.
+SLOW_FACTOR = 2.0
 # One log line per verdict per this long at most: a worker flipping between the two
 # shows both (the counter shows how often).
 LOG_INTERVAL_SECONDS = 60.0
@@ -165,6 +184,11 @@ class PaceCheck:
         self._probe = let_go_first  # whether the next refusal held starts a probe
         self._answered = 0.0  # the images answered since the current window began
         self._shown_let_go = False  # what cnnserve_refusal_pace_let_go reads
+        # The wait of a retry at once that holds() lets go: SLOW_DELAY_SECONDS while a
+        # probe's window is slowed, else 0 (ConcurrencyLimit.refusal_delay reads it).
+        self.delay = 0.0
+        self._probes = 0  # the probe's windows let go, since it began
+        self._let_go_rate = 0.0  # the refusals a second of its last window let go
         self._next_check = 0.0  # the clock's time from which a check may start
         self._since = 0.0  # when the current measure or window began
         self._count = 0.0  # the tokens of refusals counted since then
@@ -292,9 +316,12 @@ class PaceCheck:
         the worker's CPU, or load so far past what it serves that the check may as well
         measure whether holding slows it."""
         if gap > PAUSE_SECONDS or elapsed > 2 * PROBE_SECONDS:  # a stall: start again
+            self.delay = 0.0
             self._begin(_State.PROBING, now)
             elapsed = 0.0
         self._count += cost
+        if self.delay:
+            return self._slowed(now, elapsed)
         per_image = self._count / max(1.0, self._answered)
         if self._count > PROBE_RATIO * self._answered + PROBE_ALLOWANCE:
             self._verdict(now, "many_refusals", recheck=0.0, per_image=per_image)
@@ -304,12 +331,34 @@ class PaceCheck:
         if self._count >= MIN_RATE * elapsed and per_image > PROBE_RATIO:
             self._verdict(now, "many_refusals", recheck=0.0, per_image=per_image)
             return True
+        self._probes += 1
+        rate = self._count / elapsed
+        self._begin(_State.PROBING, now)
+        if self._probes % SLOW_EVERY == 1 and rate >= MIN_RATE:
+            self._let_go_rate = rate
+            self.delay = SLOW_DELAY_SECONDS
+        return False
+
+    def _slowed(self, now: float, elapsed: float) -> bool:
+        """A refusal of a slowed window (its retries at once wait SLOW_DELAY_SECONDS):
+        at its end, held if its rate fell SLOW_FACTOR times below the window let go
+        before it (clients waiting for their 503s: a closed loop)."""
+        if elapsed < SLOW_SECONDS:
+            return False
+        rate = self._count / elapsed
+        self.delay = 0.0
+        if rate * SLOW_FACTOR < self._let_go_rate:
+            self._baseline = rate
+            self._verdict(now, "closed_loop", slowed=True)
+            return True
         self._begin(_State.PROBING, now)
         return False
 
     def _let_go(self, now: float) -> None:
         """Answer refusals at once, the probe's windows judging them from ``now``."""
         self._open_until = None
+        self._probes = 0
+        self.delay = 0.0
         self._show_let_go(True)
         self._begin(_State.PROBING, now)
 
@@ -322,6 +371,7 @@ class PaceCheck:
         self._answered = 0.0
 
     def _hold(self, next_check: float) -> None:
+        self.delay = 0.0
         self._show_let_go(False)
         self._state = _State.HOLDING
         self._next_check = next_check
@@ -338,6 +388,7 @@ class PaceCheck:
         verdict: metrics.PaceVerdict,
         recheck: float = RECHECK_SECONDS,
         per_image: float = 0.0,
+        slowed: bool = False,
     ) -> None:
         metrics.observe_pace_check(verdict)
         let_go_for = self._open_seconds
@@ -360,6 +411,16 @@ class PaceCheck:
                 "open more connections)",
                 let_go_for,
                 self._baseline,
+            )
+        elif slowed:
+            log.info(
+                "refusals wait for the pace: let go, they came %.0f a second, and %.0f with "
+                "each retry answered %.0f ms later (clients waiting for their 503s to "
+                "retry at once); checked again in %.0f s",
+                self._let_go_rate,
+                self._baseline,
+                SLOW_DELAY_SECONDS * 1000,
+                recheck,
             )
         elif verdict == "closed_loop":
             log.info(

@@ -3,6 +3,7 @@ held or let go as a closed loop's and an open loop's would."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import pytest
@@ -20,6 +21,9 @@ from service.pace_check import (
     PROBE_RATIO,
     PROBE_SECONDS,
     RECHECK_SECONDS,
+    SLOW_DELAY_SECONDS,
+    SLOW_EVERY,
+    SLOW_SECONDS,
     WINDOW_SECONDS,
     PaceCheck,
 )
@@ -100,6 +104,41 @@ def test_an_open_loop_few_times_past_capacity_is_never_held() -> None:
     assert {v: verdicts(v) for v in before} == before  # nothing to measure
 
 
+def test_a_few_clients_spinning_under_the_ratio_are_held_once_slowed_windows_slow_them() -> None:
+    """A few clients retrying at once (wrk at 44 connections on one worker: ~4 refused
+    for each answer) stay under PROBE_RATIO, and let go they served ~20% fewer. The
+    window after the first let go is slowed: each retry at once waits SLOW_DELAY_SECONDS,
+    and clients waiting for their 503s come that much slower (~6x fewer): held."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    closed = verdicts("closed_loop")
+    assert not any(arrive(check, clock, 2800, PROBE_SECONDS + 0.001, served=700))
+    assert check.delay == SLOW_DELAY_SECONDS  # the slowed window
+    slowed = arrive(check, clock, 450, SLOW_SECONDS + 0.05, served=700)
+    held = slowed.index(True)  # at the window's end
+    assert held == pytest.approx(450 * SLOW_SECONDS, abs=2) and all(slowed[held:])
+    assert verdicts("closed_loop") == closed + 1 and check.delay == 0.0 and let_go() == 0
+
+
+def test_an_open_loop_keeps_its_rate_through_the_slowed_windows() -> None:
+    """An open loop sends as much whatever the 503s take: slowed windows (one in each
+    SLOW_EVERY + 1) find nothing, and delay a tenth of its refusals by 20 ms."""
+    clock = Clock()
+    check = PaceCheck(clock)
+    before = {v: verdicts(v) for v in ("open_loop", "closed_loop", "many_refusals")}
+    delays = []
+    for i in range(3200 * 10):
+        clock.now += 1 / 3200
+        if i % 4 == 0:
+            check.answered(1)  # 800 answered a second
+        assert check.holds(1.0, WAITING, True) is False
+        delays.append(check.delay)
+    share = delays.count(SLOW_DELAY_SECONDS) / len(delays)
+    expected = SLOW_SECONDS / (SLOW_EVERY * PROBE_SECONDS + SLOW_SECONDS)
+    assert share == pytest.approx(expected, rel=0.2) and set(delays) == {0.0, SLOW_DELAY_SECONDS}
+    assert {v: verdicts(v) for v in before} == before
+
+
 def test_clients_spinning_when_let_go_first_are_held_then_measured() -> None:
     """Clients retrying at once take the worker's CPU once let go: their refusals
     outnumber the answers by far (128 of wrk's connections: ~70 to one). Held after a
@@ -137,6 +176,29 @@ def test_refusals_too_few_to_count_are_let_go() -> None:
     clock = Clock()
     check = PaceCheck(clock)
     assert not any(arrive(check, clock, MIN_RATE * 0.75, 5.0))
+
+
+def test_a_slowed_windows_retries_wait_and_other_refusals_do_not() -> None:
+    """Through ConcurrencyLimit.refusal_delay: while a probe's window is slowed, a retry
+    at once waits SLOW_DELAY_SECONDS (within its deadline), a refusal not known as one
+    is answered at once."""
+    clock = Clock()
+    limit = ConcurrencyLimit(1, refusals_per_second=500, clock=clock)
+    began, delay = clock.now, 0.0
+    for i in itertools.count():  # let go (within the bucket's burst), ~4 per answer
+        clock.now += 1 / 2800
+        if i % 4 == 0:
+            taken = limit.try_acquire()
+            assert taken is not None
+            limit.release(taken)
+        delay = limit.refusal_delay(True)
+        if delay >= 0.01:
+            break
+        assert clock.now - began < PROBE_SECONDS + 0.05
+    assert delay == SLOW_DELAY_SECONDS and clock.now - began > PROBE_SECONDS
+    assert limit.refusal_delay(True) == SLOW_DELAY_SECONDS
+    assert limit.refusal_delay(False) == 0.0
+    assert limit.refusal_delay(True, within=0.015) == pytest.approx(0.9 * 0.015)
 
 
 @pytest.mark.parametrize("pace", [500.0, MIN_RATE / 2])
