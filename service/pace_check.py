@@ -187,7 +187,6 @@ class PaceCheck:
         # The wait of a retry at once that holds() lets go: SLOW_DELAY_SECONDS while a
         # probe's window is slowed, else 0 (ConcurrencyLimit.refusal_delay reads it).
         self.delay = 0.0
-        self._probes = 0  # the probe's windows let go, since it began
         self._let_go_rate = 0.0  # the refusals a second of its last window let go
         self._next_check = 0.0  # the clock's time from which a check may start
         self._since = 0.0  # when the current measure or window began
@@ -199,7 +198,7 @@ class PaceCheck:
         self._open_until: float | None = None  # an open loop found: let go until then
         self._open_seconds = OPEN_SECONDS  # how long the next open verdict lets go
         self._last = -float("inf")  # when the last refusal was asked about
-        self._windows = 0  # the windows let go so far
+        self._windows = 0  # the windows let go so far (the probe's, or after a baseline)
         self._logged_at: dict[str, float] = {}  # when each verdict was last logged
 
     def holds(
@@ -323,18 +322,18 @@ class PaceCheck:
         if self.delay:
             return self._slowed(now, elapsed)
         per_image = self._count / max(1.0, self._answered)
-        if self._count > PROBE_RATIO * self._answered + PROBE_ALLOWANCE:
+        ended = elapsed >= PROBE_SECONDS
+        if self._count > PROBE_RATIO * self._answered + PROBE_ALLOWANCE or (
+            ended and self._count >= MIN_RATE * elapsed and per_image > PROBE_RATIO
+        ):
             self._verdict(now, "many_refusals", recheck=0.0, per_image=per_image)
             return True
-        if elapsed < PROBE_SECONDS:
+        if not ended:
             return False
-        if self._count >= MIN_RATE * elapsed and per_image > PROBE_RATIO:
-            self._verdict(now, "many_refusals", recheck=0.0, per_image=per_image)
-            return True
-        self._probes += 1
+        self._windows += 1
         rate = self._count / elapsed
         self._begin(_State.PROBING, now)
-        if self._probes % SLOW_EVERY == 1 and rate >= MIN_RATE:
+        if self._windows % SLOW_EVERY == 1 and rate >= MIN_RATE:
             self._let_go_rate = rate
             self.delay = SLOW_DELAY_SECONDS
         return False
@@ -348,8 +347,7 @@ class PaceCheck:
         rate = self._count / elapsed
         self.delay = 0.0
         if rate * SLOW_FACTOR < self._let_go_rate:
-            self._baseline = rate
-            self._verdict(now, "closed_loop", slowed=True)
+            self._verdict(now, "closed_loop", slowed_rate=rate)
             return True
         self._begin(_State.PROBING, now)
         return False
@@ -357,7 +355,7 @@ class PaceCheck:
     def _let_go(self, now: float) -> None:
         """Answer refusals at once, the probe's windows judging them from ``now``."""
         self._open_until = None
-        self._probes = 0
+        self._windows = 0
         self.delay = 0.0
         self._show_let_go(True)
         self._begin(_State.PROBING, now)
@@ -388,7 +386,7 @@ class PaceCheck:
         verdict: metrics.PaceVerdict,
         recheck: float = RECHECK_SECONDS,
         per_image: float = 0.0,
-        slowed: bool = False,
+        slowed_rate: float | None = None,
     ) -> None:
         metrics.observe_pace_check(verdict)
         let_go_for = self._open_seconds
@@ -412,13 +410,13 @@ class PaceCheck:
                 let_go_for,
                 self._baseline,
             )
-        elif slowed:
+        elif slowed_rate is not None:
             log.info(
                 "refusals wait for the pace: let go, they came %.0f a second, and %.0f with "
                 "each retry answered %.0f ms later (clients waiting for their 503s to "
                 "retry at once); checked again in %.0f s",
                 self._let_go_rate,
-                self._baseline,
+                slowed_rate,
                 SLOW_DELAY_SECONDS * 1000,
                 recheck,
             )

@@ -854,7 +854,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         from when the worker read them, the retries of 512 of wrk's connections refused
         at once, sent at once, came 10 ms or more after their 503s (the event loop took
         22-30 ms a turn), were no longer known as retries, and spun unpaced to the end:
-        one worker served 50-70 a second and refused 13,000 (1 run in 4)."""
+        one worker served 50-70 a second and refused 13,000 (2 runs in 10)."""
         if not first and self._refusals.after_refusal:
             waited = kernel_wait(self.transport)
         return self._refusals.retrying(self.loop.time() - waited, first=first)
