@@ -57,9 +57,14 @@ run: install
 	$(VENV)/bin/cnnserve serve --probe-port $${CNNSERVE_PROBE_PORT:-8002}
 
 # Everything but tests/reliability and tests/load (make test-reliability, make test-load;
-# .ci/run runs all three).
+# .ci/run runs all three), on TEST_WORKERS processes, a file to each at a time (its
+# module fixtures train a model or start a server once). Most of its time is spent
+# waiting on servers and subprocesses: on CI's 2 cores, 10 minutes one by one, under 6
+# with two. The reliability and load suites run one test at a time: they measure how a
+# worker holds its CPU, which another test beside them would take.
+TEST_WORKERS ?= 2
 test: install system-deps proto-check
-	$(PY) -m pytest -m 'not load and not reliability'
+	$(PY) -m pytest -m 'not load and not reliability' -n $(TEST_WORKERS) --dist loadfile
 
 # Overload, hostile input, auth/TLS, broken versions, shutdown, short fuzzing: real
 # servers driven hard (a few minutes on 2 cores).
