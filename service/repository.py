@@ -144,6 +144,22 @@ def tf_serving_objections(config: model_server_config_pb2.ModelServerConfig) -> 
     return found
 
 
+def rest_unnamed_models(config: model_server_config_pb2.ModelServerConfig) -> list[str]:
+    """A sentence for each model with "/" in its name, which ends a name in REST URLs
+    (TF Serving's /v1/models/([^/:]+), and the gateway's routes). TF Serving serves such
+    a model over gRPC only; the gateway over gRPC and POST /v1/classify?model=NAME: its
+    status, metadata, :predict and :classify answered "no route" for "team/shoes", with
+    no word at load."""
+    return [
+        f"model {model.name!r} has '/' in its name, which ends a model's name in REST "
+        "URLs (TF Serving's /v1/models/<name> and the gateway's): it is served over gRPC "
+        "and by POST /v1/classify?model=<name> only; rename it without '/' to reach it "
+        "over REST"
+        for model in config.model_config_list.config
+        if "/" in model.name
+    ]
+
+
 def parse_models_config(text: str, repository: Path) -> list[ModelConfig]:
     """models.config ``text`` (not yet on disk) as :func:`read_repository` would read it:
     strict text protobuf, then the same checks; raises ConfigError."""
@@ -394,10 +410,12 @@ class ModelsConfigReader:
 
     def _say_problems(self, path: Path, text: str, config: Any) -> None:
         """A WARNING for each label the file (``text``, read as ``config``) gives twice,
-        and for each thing in it TF Serving refuses (:func:`tf_serving_objections`),
-        once per change of them: the text and config just read, not the file again."""
+        for each thing in it TF Serving refuses (:func:`tf_serving_objections`), and
+        for each model REST cannot name (:func:`rest_unnamed_models`), once per change
+        of them: the text and config just read, not the file again."""
         problems = [f"{p}; give each label once" for p in repeated_labels(text)]
         problems += tf_serving_objections(config)
+        problems += rest_unnamed_models(config)
         for problem in problems:
             if problem not in self._said:
                 log.warning("%s: %s", path, problem)

@@ -19,6 +19,7 @@ from service.config import Settings
 from service.errors import ConfigError, ModelLoadError
 from service.registry import Registry, VersionState
 from service.repository import (
+    ModelConfig,
     ModelsConfigReader,
     load_batching_parameters,
     read_config_text,
@@ -261,26 +262,38 @@ def test_a_label_given_twice_for_a_model_is_said_once_per_change(
     assert "give each label once" in said[0]
 
 
+def _read_twice(
+    reader: ModelsConfigReader,
+    repository: Path,
+    body: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> tuple[list[ModelConfig], list[str]]:
+    """models.config of ``body`` read twice by ``reader``, parsed each time: what it
+    configures, and the warnings said."""
+    monkeypatch.setattr(repository_module, "SETTLED_SECONDS", 1e9)  # parsed every read
+    write_models_config(repository, body)
+    with caplog.at_level(logging.WARNING, logger="service.repository"):
+        configs = reader.read(repository)
+        assert reader.read(repository) == configs
+    return configs, [r.getMessage() for r in caplog.records]
+
+
 def test_what_tf_serving_refuses_is_said_once_per_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The gateway serves a model with no model_platform, or an empty or relative
     base_path (as <repository>/<name>, <repository>/<path>); TF Serving refuses to start
     on such a file, so a repository that served locally failed in the stack (docker/)."""
-    monkeypatch.setattr(repository_module, "SETTLED_SECONDS", 1e9)  # parsed every read
     body = (
         'config { name: "a" }\n'
         'config { name: "b" base_path: "team/b" model_platform: "tensorflow" }\n'
         'config { name: "c" base_path: "/srv/c" model_platform: "tensorflow" }\n'
         'config { name: "d" base_path: "s3://bucket/d" model_platform: "tensorflow" }'
     )
-    write_models_config(tmp_path, body)
     reader = ModelsConfigReader()
-    with caplog.at_level(logging.WARNING, logger="service.repository"):
-        for _ in range(2):
-            a, b, _, _ = reader.read(tmp_path)
+    (a, b, _, _), said = _read_twice(reader, tmp_path, body, monkeypatch, caplog)
     assert (a.base_path, b.base_path) == (tmp_path / "a", tmp_path / "team" / "b")  # served
-    said = [r.getMessage() for r in caplog.records]
     assert len(said) == 3, said
     assert (
         "model 'a' names no model_platform" in said[0] and 'model_platform: "tensorflow"' in said[0]
@@ -293,6 +306,25 @@ def test_what_tf_serving_refuses_is_said_once_per_change(
     with caplog.at_level(logging.WARNING, logger="service.repository"):
         reader.read(tmp_path)
     assert not caplog.records
+
+
+def test_a_model_rest_urls_cannot_name_is_said_and_still_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """TF Serving's REST API ends a model's name at "/" (/v1/models/([^/:]+)), and so do
+    the gateway's routes: "team/shoes" was served over gRPC and answered "no route" on
+    every /v1/models/ URL, with nothing said at load. The gateway's routes take "a:b"
+    (the verb is after the last colon)."""
+    body = (
+        'config { name: "team/shoes" base_path: "/models/shoes" model_platform: "tensorflow" }\n'
+        'config { name: "a:b" base_path: "/models/ab" model_platform: "tensorflow" }\n'
+        'config { name: "plain-name.v2" base_path: "/models/p" model_platform: "tensorflow" }'
+    )
+    configs, said = _read_twice(ModelsConfigReader(), tmp_path, body, monkeypatch, caplog)
+    assert [c.name for c in configs] == ["team/shoes", "a:b", "plain-name.v2"]  # all served
+    assert len(said) == 1, said
+    assert "model 'team/shoes' has '/' in its name" in said[0]
+    assert "POST /v1/classify?model=<name>" in said[0]
 
 
 @pytest.mark.parametrize(
