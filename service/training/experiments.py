@@ -380,7 +380,7 @@ def report(repository: Path | None, work_dir: Path | None, output: Path) -> dict
             "| size MB | differs from best |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for r in sorted(group, key=lambda r: -(r["accuracy"] or 0.0)):
+        for r in group:  # best first, as the line above says (_groups)
             lines.append(
                 f"| {r['run']}{'' if r['published'] else ' (validation)'} | {r['architecture']} "
                 f"| {_cell(r['parameters'], '{:,}')} | {r['sources']} | {_cell(r['accuracy'])} "
