@@ -58,9 +58,9 @@ run: install
 
 # Everything but tests/reliability and tests/load (make test-reliability, make test-load;
 # .ci/run runs all three), on TEST_WORKERS processes, a file to each at a time (its
-# module fixtures train a model or start a server once). Most of its time is spent
-# waiting on servers and subprocesses: on CI's 2 cores, 10 minutes one by one, under 6
-# with two. The reliability and load suites run one test at a time: they measure how a
+# module fixtures train a model or start a server once). One by one it left much of a
+# second core idle: on CI's 2 cores, 10 minutes one by one, under 6 with two (1.66
+# cores busy). The reliability and load suites run one test at a time: they measure how a
 # worker holds its CPU, which another test beside them would take.
 TEST_WORKERS ?= 2
 test: install system-deps proto-check

@@ -456,12 +456,11 @@ class ConcurrencyLimit:
             return 0.0
         if not holds:  # let go: at once, but while a probe slows them (PaceCheck.delay)
             delay = self._check.delay
-            return delay if within is None or not delay else self.within_deadline(delay, within)
-        self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
-        if self._tokens < -1e-9:  # owed (beyond float rounding): wait for the token
-            delay = -self._tokens / self._rate
-            return delay if within is None else self.within_deadline(delay, within)
-        return 0.0
+        else:
+            self._tokens = max(tokens - cost, -self._rate * MAX_REFUSAL_WAIT_SECONDS)
+            # Owed (beyond float rounding): wait for the token.
+            delay = -self._tokens / self._rate if self._tokens < -1e-9 else 0.0
+        return delay if within is None or not delay else self.within_deadline(delay, within)
 
     def within_deadline(self, delay: float, within: float) -> float:
         """A refusal's ``delay`` (:meth:`refusal_delay`) cut to what the client's deadline

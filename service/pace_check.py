@@ -185,7 +185,8 @@ class PaceCheck:
         self._answered = 0.0  # the images answered since the current window began
         self._shown_let_go = False  # what cnnserve_refusal_pace_let_go reads
         # The wait of a retry at once that holds() lets go: SLOW_DELAY_SECONDS while a
-        # probe's window is slowed, else 0 (ConcurrencyLimit.refusal_delay reads it).
+        # probe's window is slowed, else 0 (ConcurrencyLimit.refusal_delay reads it); a
+        # new window (_begin) or holding (_hold) ends it.
         self.delay = 0.0
         self._let_go_rate = 0.0  # the refusals a second of its last window let go
         self._next_check = 0.0  # the clock's time from which a check may start
@@ -315,7 +316,6 @@ class PaceCheck:
         the worker's CPU, or load so far past what it serves that the check may as well
         measure whether holding slows it."""
         if gap > PAUSE_SECONDS or elapsed > 2 * PROBE_SECONDS:  # a stall: start again
-            self.delay = 0.0
             self._begin(_State.PROBING, now)
             elapsed = 0.0
         self._count += cost
@@ -345,7 +345,6 @@ class PaceCheck:
         if elapsed < SLOW_SECONDS:
             return False
         rate = self._count / elapsed
-        self.delay = 0.0
         if rate * SLOW_FACTOR < self._let_go_rate:
             self._verdict(now, "closed_loop", slowed_rate=rate)
             return True
@@ -356,11 +355,11 @@ class PaceCheck:
         """Answer refusals at once, the probe's windows judging them from ``now``."""
         self._open_until = None
         self._windows = 0
-        self.delay = 0.0
         self._show_let_go(True)
         self._begin(_State.PROBING, now)
 
     def _begin(self, state: _State, now: float) -> None:
+        self.delay = 0.0  # a slowed window lasts one window
         self._state = state
         self._since = now
         self._count = 0.0
