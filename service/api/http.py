@@ -31,6 +31,7 @@ from service.api.content_coding import (
     is_gzip,
     without_coding,
 )
+from service.api.json_pieces import collector_paused, loads_in_pieces
 from service.concurrency import ConcurrencyLimit, ConnectionRefusals
 from service.dataplane import DataPlane
 from service.errors import (
@@ -791,7 +792,7 @@ async def read_json(
     pairs_hook = _objects_of_unique_keys(object_hook)
     try:
         if len(body) > LARGE_JSON_BYTES:
-            return await asyncio.to_thread(json.loads, text, object_pairs_hook=pairs_hook)
+            return await asyncio.to_thread(_loads_large, text, pairs_hook)
         return json.loads(text, object_pairs_hook=pairs_hook)
     except ValueError as exc:
         if "int_max_str_digits" in str(exc):  # Python's words name an interpreter setting
@@ -804,6 +805,12 @@ async def read_json(
 
 
 TOO_DEEP = "request body is JSON nested too deeply to parse; send a flat object"
+
+
+def _loads_large(text: str, pairs_hook: Callable[[list[tuple[str, Any]]], Any]) -> Any:
+    """A large body parsed without stopping the event loop (service.api.json_pieces)."""
+    with collector_paused():
+        return loads_in_pieces(text, pairs_hook)
 
 
 def _objects_of_unique_keys(

@@ -1,11 +1,12 @@
 """Large JSON bodies, expanded one at a time in a worker.
 
 json.loads makes a Python object of every value in a body, and the objects outlive the
-parse: a :predict body's pixel lists until the request is answered. A 9.4 MB :predict
-body of pixels (11 images) is ~110 MB of floats and lists; eight of them at once took a
-worker from 112 MB to a peak of 1.19 GB (329 MB after). A body of empty lists (``[[],
-[], …]``) expands ~20 times. The body budget (``CNNSERVE_MAX_BUFFERED_BODY_BYTES``)
-bounds the bodies a worker holds, not what they expand into.
+parse: a :predict body's pixel lists until they are arrays (service.api.json_pieces). A
+9.4 MB :predict body of pixels (11 images) is ~110 MB of floats and lists; eight of them
+at once took a worker from 112 MB to a peak of 1.19 GB (329 MB after). A body of empty
+lists (``[[], [], …]``) expands ~20 times. The body budget
+(``CNNSERVE_MAX_BUFFERED_BODY_BYTES``) bounds the bodies a worker holds, not what they
+expand into.
 
 So a request whose JSON body is over :data:`service.api.http.LARGE_JSON_BYTES` parses
 it, and holds what it parsed, only in its worker's turn (:meth:`JsonTurns.turn`); the

@@ -8,6 +8,7 @@ binary values, and TF Serving's state names in model_version_status.
 from __future__ import annotations
 
 import asyncio
+from contextlib import nullcontext
 from typing import Any
 
 import grpc
@@ -28,6 +29,7 @@ from service.api.http import (
     read_json,
     request_deadline,
 )
+from service.api.json_pieces import collector_paused
 from service.api.json_turns import json_turn
 from service.api.schemas import (
     ModelMetadataResponse,
@@ -39,7 +41,7 @@ from service.api.schemas import (
     error_responses,
 )
 from service.contract import BYTES_INPUT_NAME, BYTES_SIGNATURE, INPUT_NAME
-from service.dataplane import DataPlane, PredictResult
+from service.dataplane import DataPlane, PredictResult, pixel_array
 from service.errors import InvalidRequest, MethodNotAllowed
 from service.registry import VersionStatus
 
@@ -287,6 +289,23 @@ def _refuse_booleans(body: bytes, inputs: dict[str, Any]) -> None:
             pending.extend(value.values())
 
 
+def _as_arrays(raw: bytes, inputs: dict[str, Any], signature_name: str) -> None:
+    """A large body's inputs checked for booleans, then its pixel lists replaced in
+    ``inputs`` by arrays (:func:`service.dataplane.pixel_array`), off the event loop:
+    the lists are freed here, not on it. Files, and anything not all numbers, stay as
+    they are, for the refusals that name them."""
+    _refuse_booleans(raw, inputs)
+    if signature_name == BYTES_SIGNATURE:
+        return
+    for name, value in inputs.items():
+        try:
+            array = pixel_array(value)
+        except ValueError:  # ragged: refused where its message is made
+            continue
+        if array is not None:
+            inputs[name] = array
+
+
 async def _predict(
     request: Request, model: str, version: int | None, label: str | None
 ) -> Response:
@@ -310,17 +329,22 @@ async def _predicted(
 ) -> tuple[PredictResult, bool]:
     """The body parsed and predicted; whether its instances were rows. What it parsed
     goes when this returns."""
-    body = await read_json(request, object_hook=_b64_value)
-    signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
-    if not isinstance(signature_name, str):
-        raise InvalidRequest("signature_name must be a string")
-    target = plane.route(model, version, label, client_key(request))
-    inputs, row = _parse_predict(body, plane.signature_inputs(target, signature_name))
-    raw = await request.body()  # kept by read_json: no second read
-    if len(raw) > LARGE_JSON_BYTES:
-        await asyncio.to_thread(_refuse_booleans, raw, inputs)
-    else:
-        _refuse_booleans(raw, inputs)
+    raw = await request.body()  # read once: read_json reads what this keeps
+    large = len(raw) > LARGE_JSON_BYTES
+    # A large body's lists, from its parse until they are arrays, with the cycle
+    # collector held off: it walked them every few hundred lists (json_pieces).
+    with collector_paused() if large else nullcontext():
+        body = await read_json(request, object_hook=_b64_value)
+        signature_name = body.get("signature_name", "") if isinstance(body, dict) else ""
+        if not isinstance(signature_name, str):
+            raise InvalidRequest("signature_name must be a string")
+        target = plane.route(model, version, label, client_key(request))
+        inputs, row = _parse_predict(body, plane.signature_inputs(target, signature_name))
+        del body  # the lists are the inputs' alone now: arrays replace them below
+        if large:
+            await asyncio.to_thread(_as_arrays, raw, inputs, signature_name)
+        else:
+            _refuse_booleans(raw, inputs)
     result = await plane.predict(
         inputs,
         model=target.model,

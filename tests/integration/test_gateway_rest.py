@@ -630,6 +630,53 @@ def test_tf_serving_predict_formats(server: Server, repository: Path) -> None:
     np.testing.assert_allclose(unnamed.json()["predictions"][0], expected, atol=1e-4)
 
 
+def test_pixel_lists_of_every_shape_and_type_read_as_numpy_reads_them(
+    server: Server, repository: Path
+) -> None:
+    """A body of pixel lists over 256 KiB (one image's is ~0.6 MB) is parsed in pieces
+    and made arrays off the event loop, an image at a time (service.api.json_pieces,
+    service.dataplane.pixel_array): as np.asarray reads the whole, refusals included."""
+    png = encode(gradient(), "PNG")
+    pixels = preprocess_bytes(png, PreprocessSpec(), max_pixels=10**8).tolist()
+    expected = offline(repository, [png])[0]
+    floats = [[[float(v) for v in px] for px in row] for row in pixels]
+    mixed = [floats[0], *pixels[1:]]  # one row of floats: the whole image float64
+
+    def with_value(value: object) -> list[object]:
+        image = [list(row) for row in pixels]
+        image[100] = [list(px) for px in image[100]]
+        image[100][7] = [1, value, 3]
+        return image
+
+    bodies = {
+        "ints": {"instances": [pixels, pixels]},
+        "floats": {"instances": [floats]},
+        "an image of floats beside one of ints": {"instances": [floats, pixels]},
+        "a row of floats": {"instances": [mixed]},
+        "named rows": {"instances": [{"image": pixels}, {"image": floats}]},
+        "columns": {"inputs": {"image": [pixels]}},
+    }
+    refused = {
+        "a boolean": ({"instances": [with_value(True)]}, "JSON boolean"),
+        "a fraction": ({"instances": [with_value(1.5)]}, "got a fraction"),
+        "a string": ({"instances": [pixels, with_value("x")]}, "got 'x'"),
+        "a null": ({"instances": [with_value(None)]}, "got None"),
+        "a ragged image": ({"instances": [pixels, pixels[:-1]]}, "ragged"),
+        "a ragged pixel": ({"instances": [with_value([1, 2])]}, "ragged"),
+        "over 255": ({"instances": [with_value(256)]}, "0-255"),
+    }
+    with server.client() as client:
+        for name, body in bodies.items():
+            response = client.post("/v1/models/tiny:predict", json=body)
+            assert response.status_code == 200, (name, response.text)
+            answer = response.json()
+            for scores in answer.get("predictions") or answer["outputs"]:
+                np.testing.assert_allclose(scores, expected, atol=1e-4, err_msg=name)
+        for name, (body, said) in refused.items():
+            message = _error(client.post("/v1/models/tiny:predict", json=body), 400, "bad_request")
+            assert said in message, (name, message)
+
+
 def test_a_bad_image_among_several_is_named(server: Server) -> None:
     png = encode(gradient(), "PNG")
     files = [
