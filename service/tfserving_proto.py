@@ -46,10 +46,13 @@ MAX_RANK = 8
 
 
 def dtype_name(enum: int) -> str:
-    """numpy's name for a DataType ("uint8", "float32"), else TF's ("DT_STRING")."""
+    """numpy's name for a DataType ("uint8", "float32"), else TF's ("DT_STRING"), else
+    the number a client sent that names none ("999 (no TensorFlow DataType)")."""
     if enum in _NUMERIC:
         return _NUMERIC[enum][0].name
-    return str(types_pb2.DataType.Name(enum)) if enum in types_pb2.DataType.values() else "?"
+    if enum in types_pb2.DataType.values():
+        return str(types_pb2.DataType.Name(enum))
+    return f"{enum} (no TensorFlow DataType)"
 
 
 def declared_images(proto: Any) -> int:

@@ -14,7 +14,13 @@ from tensorflow_serving.apis import model_pb2
 
 from service import tfserving_proto
 from service.errors import InvalidRequest
-from service.tfserving_proto import declared_images, read_model_spec, to_ndarray, to_tensor_proto
+from service.tfserving_proto import (
+    declared_images,
+    dtype_name,
+    read_model_spec,
+    to_ndarray,
+    to_tensor_proto,
+)
 
 
 def typed(dtype: tf.DType, shape: tuple[int, ...], **values: Any) -> Any:
@@ -190,3 +196,10 @@ def test_strings_packed_in_tensor_content_are_read_as_tensorflow_reads_them() ->
         proto.tensor_content = broken
         with pytest.raises(InvalidRequest, match="not 3 packed strings"):
             to_ndarray(proto, "image_bytes", 10**6)
+
+
+def test_a_dtype_is_named_as_numpy_tf_or_the_number_sent() -> None:
+    assert dtype_name(types_pb2.DT_FLOAT) == "float32"
+    assert dtype_name(types_pb2.DT_STRING) == "DT_STRING"
+    # A number no DataType has: the refusal said "has dtype ?".
+    assert dtype_name(999) == "999 (no TensorFlow DataType)"
