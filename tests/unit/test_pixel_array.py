@@ -3,15 +3,13 @@ element at a time, or None where np.asarray's own reading is needed."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from typing import Any
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.dataplane import LARGE_ARRAY_VALUES, _off_loop_if_large, pixel_array
+from service.dataplane import pixel_array
 
 scalars = (
     st.integers(0, 255)
@@ -67,22 +65,3 @@ def test_pixels_of_numbers_are_arrays_and_others_are_left_to_np_asarray() -> Non
     assert pixel_array([[1, "x"]]) is None
     assert pixel_array([]) is None
     assert pixel_array(np.zeros(3)) is None  # arrays already
-
-
-def test_lists_and_large_arrays_are_read_off_the_event_loop() -> None:
-    """Checking 12 images of floats (finite, in range, whole) took ~10 ms of the loop."""
-
-    async def thread_of(value: Any) -> int:
-        return await _off_loop_if_large(lambda _: threading.get_ident(), value)
-
-    async def threads() -> list[bool]:
-        loop = threading.get_ident()
-        values = [
-            [[1, 2, 3]],
-            np.zeros(LARGE_ARRAY_VALUES, np.float32),
-            np.zeros(LARGE_ARRAY_VALUES, np.uint8),  # served as it is: nothing to do
-            np.zeros(10, np.float32),
-        ]
-        return [await thread_of(value) != loop for value in values]
-
-    assert asyncio.run(threads()) == [True, True, False, False]
