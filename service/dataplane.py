@@ -535,8 +535,8 @@ class DataPlane:
             inputs = {BYTES_INPUT_NAME: inputs[name]}
         with metrics.in_flight(target.model), target.batcher.reserve() as held:
             started = time.perf_counter()
-            # Off the event loop: JSON's nested lists become arrays (a 10 MB body of
-            # pixel lists takes ~0.1 s), large arrays are checked and cast.
+            # Off the event loop: JSON's nested lists become arrays, large arrays are
+            # checked and cast.
             if signature == BYTES_SIGNATURE:
                 raw = self._only_input(inputs, BYTES_INPUT_NAME, signature)
                 items = await _off_loop_if_large(_encoded_items, raw)
@@ -651,9 +651,10 @@ class DataPlane:
     def _image_tensor(self, value: Any, target: LoadedVersion) -> npt.NDArray[np.uint8]:
         spec = target.runtime.info.input
         try:
-            array = pixel_array(value)
-            if array is None:
-                array = np.asarray(value)
+            # A large REST body's pixel lists are arrays already where they could be
+            # (tfserving_rest._as_arrays, pixel_array): lists here are small, or ones
+            # pixel_array left to np.asarray.
+            array = np.asarray(value)
         except ValueError:
             raise InvalidRequest("the image tensor is ragged; every image must be HxWx3") from None
         expected = (spec.height, spec.width, 3)
