@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from service.bench.overload import percentile
+from service.bench.overload import percentile, rounded_ms
 from service.cli_types import POSITIVE, at_least
 
 
@@ -68,21 +68,17 @@ def run(
     finally:
         done.set()
         poller.join(30)
-    ms = sorted(w * 1000 for w in waits)
+    ms = [w * 1000 for w in waits]
     return {
         "body_bytes": len(body),
         "images": images,
         "predict_s": took,
         "predict_median_s": statistics.median(took),
         "polls": len(ms),
-        "poll_p50_ms": _ms(percentile(ms, 50)),
-        "poll_p99_ms": _ms(percentile(ms, 99)),
-        "poll_longest_ms": round(ms[-1], 2) if ms else None,
+        "poll_p50_ms": rounded_ms(percentile(ms, 50)),
+        "poll_p99_ms": rounded_ms(percentile(ms, 99)),
+        "poll_longest_ms": rounded_ms(max(ms, default=None)),
     }
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
 
 
 def main(argv: list[str] | None = None) -> None:

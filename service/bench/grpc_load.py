@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from service.bench.overload import CLIENT_TIMEOUT, Sample, percentile
+from service.bench.overload import CLIENT_TIMEOUT, Sample, percentile, rounded_ms
 from service.proto_gen import cnnserve_v1_pb2, cnnserve_v1_pb2_grpc
 
 # A connection's share of the load: half the server's default streams a connection (a
@@ -204,8 +204,7 @@ async def _load(
             await channel.close()
 
     def pct(q: float) -> float | None:
-        value = percentile(answered, q)
-        return None if value is None else round(value, 2)
+        return rounded_ms(percentile(answered, q))
 
     ok = statuses.get("200", 0)
     return {

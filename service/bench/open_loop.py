@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from service.bench.overload import CLIENT_TIMEOUT, percentile
+from service.bench.overload import CLIENT_TIMEOUT, percentile, rounded_ms
 from service.cli_types import POSITIVE
 
 # A send this far behind its moment means the generator, not the server, set the pace.
@@ -236,8 +236,7 @@ def summary(loop: OpenLoop, began: float, ended: float) -> dict[str, Any]:
     window = ended - began + 1 / loop.rate  # the last send's share of time included
 
     def pct(status: str, q: float) -> float | None:
-        value = percentile(tally.ms.get(status, []), q)
-        return None if value is None else round(value, 2)
+        return rounded_ms(percentile(tally.ms.get(status, []), q))
 
     ok = sum(n for s, n in tally.statuses.items() if 200 <= int(s) < 400)
     in_time = sum(1 for moment in tally.ok_at if moment <= ended)
@@ -249,14 +248,14 @@ def summary(loop: OpenLoop, began: float, ended: float) -> dict[str, Any]:
         "ok": ok,
         "requests_per_s": round(in_time / window, 1),
         "ok_after_window": ok - in_time,
-        **{f"p{q}_ms": _round(percentile(every, q)) for q in (50, 90, 99)},
+        **{f"p{q}_ms": rounded_ms(percentile(every, q)) for q in (50, 90, 99)},
         "errors": tally.errors | {s: n for s, n in tally.statuses.items() if s[0] not in "023"},
         "statuses": {s: n for s, n in tally.statuses.items() if s != "0"},
         "seconds": loop.seconds,
         "rate": loop.rate,
         "sent_per_s": round(sent / window, 1),
         "late_share": round(late / len(tally.late_ms), 4) if tally.late_ms else 0.0,
-        "late_p99_ms": _round(percentile(tally.late_ms, 99)),
+        "late_p99_ms": rounded_ms(percentile(tally.late_ms, 99)),
         "connections_opened": tally.opened,
         "ok_p50_ms": pct("200", 50),
         "ok_p99_ms": pct("200", 99),
@@ -278,10 +277,6 @@ def per_second(moments: list[float], began: float, ended: float) -> list[int]:
         if began <= moment <= ended:
             counts[min(int(moment - began), len(counts) - 1)] += 1
     return counts
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
 
 
 def kept_rate(result: dict[str, Any]) -> bool:

@@ -230,7 +230,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
-def _ms(value: float | None) -> float | None:
+def rounded_ms(value: float | None) -> float | None:
+    """A latency in ms as the reports give it (0.01 ms), None for none."""
     return None if value is None else round(value, 2)
 
 
@@ -290,7 +291,7 @@ def _measure(
     with running(unloaded_clients):
         time.sleep(plan.seconds)
     alone = [s.ms for c in unloaded_clients for s in c.samples if s.status == 200]
-    unloaded = {"p50_ms": _ms(percentile(alone, 50)), "p99_ms": _ms(percentile(alone, 99))}
+    unloaded = {f"p{q}_ms": rounded_ms(percentile(alone, q)) for q in (50, 99)}
     progress(f"  probe p50 {unloaded['p50_ms']} ms, p99 {unloaded['p99_ms']} ms")
 
     progress(f"capacity: {traffic.describe(capacity)}, {plan.seconds:g} s")
@@ -401,13 +402,13 @@ def _overload(
         "clients_statuses": dict(statuses),
         "probe_200": {
             "count": len(admitted),
-            "p50_ms": _ms(percentile(admitted, 50)),
-            "p99_ms": _ms(percentile(admitted, 99)),
+            "p50_ms": rounded_ms(percentile(admitted, 50)),
+            "p99_ms": rounded_ms(percentile(admitted, 99)),
         },
-        "probe_503_p50_ms": _ms(percentile(refused, 50)),
+        "probe_503_p50_ms": rounded_ms(percentile(refused, 50)),
         "probe_503_count": len(refused),
-        "spinner_503_p50_ms": _ms(percentile(spun, 50)),
-        "spinner_503_p90_ms": _ms(percentile(spun, 90)),
+        "spinner_503_p50_ms": rounded_ms(percentile(spun, 50)),
+        "spinner_503_p90_ms": rounded_ms(percentile(spun, 90)),
         "spinner_503_count": len(spun),
         "readiness": {"url": readiness.url, **_polls(ready)},
         # The REST port's, beside the probe port's: where a probe would have queued.
@@ -421,7 +422,7 @@ def _overload(
             "statuses": sorted({s.status for s in recovered}),
             "answers": len(recovered),
             "ok": sum(1 for s in recovered if s.status == 200),
-            "p50_ms": _ms(percentile([s.ms for s in recovered if s.status == 200], 50)),
+            "p50_ms": rounded_ms(percentile([s.ms for s in recovered if s.status == 200], 50)),
         },
         "timeline": {
             "probe": [[round(s.at, 3), s.status, round(s.ms, 2)] for s in probe],
