@@ -17,11 +17,16 @@ PNG files only, links skipped), never by joining a client's path, so nothing out
 it can be reached. The page sends ``Authorization: Bearer <key>`` on every request
 once a key is entered, so it keeps working when API keys guard these routes.
 ``CNNSERVE_DEMO_PAGE=false`` leaves the router out: ``GET /`` answers 404.
+
+The page's own files and ``GET /demo/models`` are answered outside the concurrency limit
+(service.api.http.is_limited), so the page opens on a loaded worker; its other routes
+count against it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 from pathlib import Path
@@ -50,10 +55,20 @@ CONTENT_SECURITY_POLICY = (
 PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
 
 
-def _revalidated(request: Request, content: bytes, media_type: str, **headers: str) -> Response:
-    """``content`` with an ETag, or 304 when the client already has it: no-cache makes
-    the browser ask each time, and without a validator it downloaded the file each time."""
-    etag = f'"{hashlib.blake2b(content, digest_size=8).hexdigest()}"'
+@functools.cache
+def _page_file(name: str) -> tuple[bytes, str]:
+    """A file of the page and its ETag, read once: these routes are answered outside the
+    concurrency limit (service.api.http.is_limited), so from memory, on the event loop,
+    as a model's status is (read on a thread each time, each load took a thread's turn)."""
+    content = (STATIC / name).read_bytes()
+    return content, f'"{hashlib.blake2b(content, digest_size=8).hexdigest()}"'
+
+
+def _revalidated(request: Request, name: str, media_type: str, **headers: str) -> Response:
+    """The page's file ``name`` with an ETag, or 304 when the client already has it:
+    no-cache makes the browser ask each time, and without a validator it downloaded the
+    file each time."""
+    content, etag = _page_file(name)
     headers = {**PAGE_HEADERS, **headers, "ETag": etag}
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
@@ -61,21 +76,21 @@ def _revalidated(request: Request, content: bytes, media_type: str, **headers: s
 
 
 @router.get("/", include_in_schema=False)
-def page(request: Request) -> Response:
+async def page(request: Request) -> Response:
     """The demo page (HTML); its script and style sheet are under /demo/static/."""
     return _revalidated(
         request,
-        (STATIC / "index.html").read_bytes(),
+        "index.html",
         "text/html",
         **{"Content-Security-Policy": CONTENT_SECURITY_POLICY},
     )
 
 
 @router.get("/demo/static/{name}", include_in_schema=False)
-def static_file(request: Request, name: str) -> Response:
+async def static_file(request: Request, name: str) -> Response:
     if name not in PAGE_FILES:
         raise NotFound(f"no demo page file {name!r}; the page is at /")
-    return _revalidated(request, (STATIC / name).read_bytes(), PAGE_FILES[name])
+    return _revalidated(request, name, PAGE_FILES[name])
 
 
 @router.get("/demo/models")

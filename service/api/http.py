@@ -69,6 +69,11 @@ LARGE_JSON_BYTES = 256 * 1024
 # Paths that never count against the concurrency limit: probes must answer under load.
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
 MODELS_PREFIX = "/v1/models/"  # TF Serving's REST API: GET is a model's status or metadata
+# The demo page's own loads (service.api.demo): its HTML, script and style sheet, and its
+# list of models, all answered from memory; the page's other reads and its
+# classifications count against the limit.
+PAGE_PATHS = frozenset({"/", "/demo/models"})
+PAGE_FILES_PREFIX = "/demo/static/"
 # The ASGI scope key under which the HTTP protocol (service.api.http_protocol) hands the
 # app its connection's refusal record and whether the request came as a retry at once:
 # a 503 the app makes is paced by the same rule as one the protocol makes.
@@ -704,10 +709,17 @@ def is_limited(method: str, path: str, quiet_paths: frozenset[str]) -> bool:
     answer under load, the metrics scrape (``quiet_paths``) is not a request, and a
     model's status or metadata (a GET under ``/v1/models/``) is answered from memory in
     microseconds; gateways and probes poll it, and TF Serving does not shed it (gRPC's
-    GetModelStatus alike: service.api.grpc_servicers.status_call)."""
+    GetModelStatus alike: service.api.grpc_servicers.status_call). So are the demo
+    page's own files and its list of models (:data:`PAGE_PATHS`): refused, the page did
+    not open at all under load (a browser shows the 503's JSON), where it now opens and
+    says that the server is busy when a classification is refused."""
     if path in PROBE_PATHS or path in quiet_paths:
         return False
-    return not (method in ("GET", "HEAD") and path.startswith(MODELS_PREFIX))
+    if method not in ("GET", "HEAD"):
+        return True
+    return not (
+        path.startswith(MODELS_PREFIX) or path in PAGE_PATHS or path.startswith(PAGE_FILES_PREFIX)
+    )
 
 
 def routed_method(method: str) -> str:

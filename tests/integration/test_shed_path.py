@@ -206,3 +206,31 @@ def test_a_connection_refused_on_the_shed_path_keeps_its_timeouts(
         started = time.monotonic()
         assert sock.recv(1) == b""  # closed by the server, idle
         assert time.monotonic() - started >= KEEP_ALIVE_SECONDS * 0.9
+
+
+def test_the_demo_page_opens_on_a_full_worker_whose_classifications_are_refused(
+    full_worker: tuple[int, list[bool]],
+) -> None:
+    """The page's own files and its list of models are answered outside the limit (a
+    browser showed the 503's JSON instead of the page); what else it reads, and what it
+    classifies, is refused as before, which the page reports as the server being busy."""
+    port, _ = full_worker
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and b"demo.js" in page.content
+        for name, kind in (("demo.js", "text/javascript"), ("demo.css", "text/css")):
+            loaded = client.get(f"/demo/static/{name}")
+            assert loaded.status_code == 200
+            assert loaded.headers["content-type"].startswith(kind)
+            again = client.get(
+                f"/demo/static/{name}", headers={"If-None-Match": loaded.headers["etag"]}
+            )
+            assert again.status_code == 304
+        assert client.get("/demo/models").json()["models"][0]["name"] == "fashion_mnist"
+        for refused in (
+            client.get("/demo/models/fashion_mnist/versions/1/card"),
+            client.get("/docs"),
+            client.post("/v1/classify", content=JPEG, headers={"Content-Type": "image/jpeg"}),
+        ):
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "overloaded"

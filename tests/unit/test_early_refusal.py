@@ -60,6 +60,36 @@ def test_the_room_checks_answer_keeps_its_status_and_only_a_503_is_paced() -> No
     assert busy("GET", "/readyz", b"", [], True) is None
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "refused"),
+    [
+        ("GET", "/", False),  # the demo page and its files: it opens under load
+        ("HEAD", "/", False),
+        ("GET", "/demo/static/demo.js", False),
+        ("GET", "/demo/static/demo.css", False),
+        ("GET", "/demo/models", False),  # its list of models, from memory
+        ("GET", "/v1/models/fashion_mnist", False),  # a model's status, as before
+        ("POST", "/", True),  # not the page
+        ("POST", "/demo/models", True),
+        ("GET", "/demo/models/fashion_mnist/versions/1/card", True),  # read from disk
+        ("GET", "/demo/models/fashion_mnist/versions/1/samples", True),
+        ("GET", "/docs", True),  # the API's pages load megabytes of script
+        ("GET", "/openapi.json", True),
+        ("GET", "/demo/staticx", True),
+        ("POST", "/v1/classify", True),
+    ],
+)
+def test_a_full_worker_refuses_all_but_the_pages_own_loads_and_status(
+    method: str, path: str, refused: bool
+) -> None:
+    limit = ConcurrencyLimit(1)
+    assert limit.try_acquire() is not None  # full: the next request has no place
+    refusal = early(limit, lambda: None)(method, path, b"", [], False)
+    assert (refusal is not None) == refused
+    if refusal is not None:
+        assert refusal.status == 503 and b"overloaded" in refusal.body
+
+
 def test_the_room_check_runs_with_the_requests_own_record() -> None:
     """What the check learns (the model and version that would answer) goes on the
     refused request's record, not on whichever record was current on the loop (on
