@@ -131,6 +131,12 @@ CONCURRENCY_LIMIT = Gauge(
     "workers); more are refused with reason concurrency.",
     multiprocess_mode="livesum",
 )
+GRPC_CALLS_WAITING = Gauge(
+    "cnnserve_grpc_calls_waiting",
+    "gRPC calls in gRPC's core that a worker has not taken yet, summed over workers: "
+    "admission counts them as requests in flight (service.api.grpc_backlog).",
+    multiprocess_mode="livesum",
+)
 EVENT_LOOP_LAG = Gauge(
     "cnnserve_event_loop_lag_seconds",
     "How late a worker's event loop runs a 10 ms timer, a moving average over ~50 ms (max "
@@ -475,6 +481,11 @@ def set_concurrency_limit(limit: int) -> None:
     """The worker's concurrency limit, as :class:`service.concurrency.ConcurrencyLimit`
     adapts it."""
     CONCURRENCY_LIMIT.set(limit)
+
+
+def set_grpc_calls_waiting(calls: int) -> None:
+    """gRPC calls waiting in the worker's gRPC core (service.api.grpc_backlog)."""
+    GRPC_CALLS_WAITING.set(calls)
 
 
 def set_event_loop_lag(seconds: float) -> None:

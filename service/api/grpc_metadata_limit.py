@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.api.grpc_backlog import ListenerIntake
 from service.api.grpc_calls import refusal_handler
 from service.errors import HeadersTooLarge
 
@@ -120,18 +121,23 @@ class LastCallRelease:
 
 
 class MetadataLimitInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """First in every listener's chain: a call whose metadata is over ``limit`` is
-    refused (RESOURCE_EXHAUSTED ``headers_too_large``, counted and logged as REST's 431),
-    before its API key is looked at or its message read, and ``release`` is asked to
-    let it go."""
+    """First in every listener's chain: counts the calls it takes (``intake``), and a
+    call whose metadata is over ``limit`` is refused (RESOURCE_EXHAUSTED
+    ``headers_too_large``, counted and logged as REST's 431), before its API key is
+    looked at or its message read, and ``release`` is asked to let it go."""
 
-    def __init__(self, limit: int, release: LastCallRelease | None) -> None:
+    def __init__(
+        self, limit: int, release: LastCallRelease | None, intake: ListenerIntake | None = None
+    ) -> None:
         self._limit = limit
         self._release = release
+        self._intake = intake
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: Any
     ) -> Any:
+        if self._intake is not None:  # first in the chain: every call the listener takes
+            self._intake.take()
         handler = await continuation(details)
         refusal = oversize(tuple(details.invocation_metadata or ()), self._limit)
         if refusal is None:

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.auth import ApiKeys, GrpcApiKeyInterceptor
+from service.api.grpc_backlog import CoreBacklog, ListenerIntake
 from service.api.grpc_malformed import MalformedRequestInterceptor
 from service.api.grpc_metadata_limit import LastCallRelease, MetadataLimitInterceptor, bind_release
 from service.api.grpc_servicers import (
@@ -201,10 +202,10 @@ async def start_grpc(
     if not settings.grpc_port:
         return None
 
-    def interceptors(release: LastCallRelease | None) -> list[Any]:
+    def interceptors(release: LastCallRelease | None, intake: ListenerIntake) -> list[Any]:
         # A listener's own: the malformed-request interceptor keeps the handlers it
         # wrapped, and each server has handlers of its own.
-        chain: list[Any] = [MetadataLimitInterceptor(settings.max_header_bytes, release)]
+        chain: list[Any] = [MetadataLimitInterceptor(settings.max_header_bytes, release, intake)]
         if keys is not None and keys.enabled:
             chain.append(GrpcApiKeyInterceptor(keys))
         chain.append(  # last: inside authentication
@@ -232,10 +233,13 @@ async def start_grpc(
     )
     address = _address(settings.host, settings.grpc_port)
     servers: list[Any] = []
+    backlog = CoreBacklog()
     try:
         for _ in range(settings.grpc_listeners):
             release = LastCallRelease.private()
-            server = _listener(settings, interceptors(release), servicers, address, tls)
+            intake = ListenerIntake(plane.concurrency)
+            server = _listener(settings, interceptors(release, intake), servicers, address, tls)
+            backlog.register(intake)
             bind_release(server, release)
             await server.start()
             servers.append(server)
@@ -244,6 +248,7 @@ async def start_grpc(
         # the port's new connections.
         await asyncio.gather(*(server.stop(None) for server in servers))
         raise
+    backlog.start(plane.concurrency, lambda: plane.closing_calls)
     log.info("gRPC listening on %s%s", address, " (TLS)" if tls is not None else "")
     return servers
 

@@ -98,13 +98,22 @@ def _mapped(method: Handler[S], *, limited: bool) -> Handler[S]:
         route = f"/{getattr(self, 'service', type(self).__name__)}/{method.__name__}"
         concurrency = self._plane.concurrency
         connection = concurrency.peer(context.peer())
-        retrying = connection.retrying(asyncio.get_running_loop().time())
+        # A retry is timed from when it came, about core_wait before it was taken
+        # (service.api.grpc_backlog), as REST's from when the kernel had it: read late,
+        # a spinning client's retries were answered at once as if it had waited.
+        came = asyncio.get_running_loop().time() - concurrency.core_wait
+        retrying = connection.retrying(came)
         try:
             record = RequestRecord(rid, "grpc", "POST", route)
             with recorded(record, self._plane.stopping):
                 taken = None
                 if limited:
-                    taken = concurrency.admit(connection)
+                    # Not on the connection's record: its other calls may be retrying
+                    # at once meanwhile (a channel's calls are many clients; an HTTP/1.1
+                    # connection's next request is the same client's). Cleared by each
+                    # call admitted, a channel of 16 spinning calls had most of its
+                    # refusals answered at once, unpaced.
+                    taken = concurrency.admit(None)
                     if taken is None:
                         raise concurrency.refusal()
                 try:

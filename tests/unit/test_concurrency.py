@@ -456,3 +456,29 @@ def test_how_soon_a_retry_counts_as_at_once_is_a_setting() -> None:
     for connection in (limit.connection(), limit.peer("ipv4:127.0.0.1:5000")):
         connection.refused(1.0)
         assert connection.retrying(1.4) and not connection.retrying(1.5)
+
+
+def test_calls_waiting_in_grpcs_core_count_as_held_and_their_wait_as_answer_time() -> None:
+    """Calls gRPC's core holds untaken (service.api.grpc_backlog) take places as those in
+    flight do, each one taken frees one, and their wait is added to the window's p99:
+    with answers of 5 ms but calls waiting 0.1 s the limit falls."""
+    clock = Clock()
+    limit = ConcurrencyLimit(512, budget=0.05, floor=8, clock=clock)
+    rounds(limit, clock, held=64, seconds=0.005, n=400)
+    assert limit.limit >= 64
+    raised = limit.limit
+    limit.note_waiting(raised - 1, 0.0)
+    assert limit.try_acquire() is not None  # one place left beside the waiting
+    assert limit.try_acquire() is None
+    assert "gRPC calls wait to be taken" in str(limit.refusal())
+    limit.took_waiting()
+    assert limit.waiting == raised - 2
+    limit.note_waiting(0, 0.0)
+    clock.now += 1
+    for _ in range(20):
+        limit.note_waiting(40, 0.1)
+        rounds(limit, clock, held=8, seconds=0.005, n=1)
+    rounds(limit, clock, held=8, seconds=0.005, n=3)
+    assert limit.limit < raised  # answers fast, but what waited before them was not
+    limit.note_waiting(0, 0.0)
+    assert limit.waiting == 0
