@@ -148,16 +148,19 @@ class CoreBacklog:
         return newest
 
     def look(self) -> tuple[int, float]:
-        """Calls waiting in the core over all listeners, and the longest estimated wait
-        of a listener's (its calls wait behind its own connections only)."""
+        """Calls waiting in the core over all listeners, and their estimated wait, a
+        mean over the calls (each listener's calls wait behind its own connections only).
+        The longest of the listeners' instead, added to the p99 of the answers, refused
+        2-6% of a saturating load (32 calls on 8 connections, one worker) that none
+        refused before."""
         now = self._clock()
-        waiting, wait = 0, 0.0
+        waiting, weighted = 0, 0.0
         for intake in self._listeners:
             counts = _counts(intake.server_id) if intake.due() else None
             calls, seconds = intake.look(now, counts)
             waiting += calls
-            wait = max(wait, seconds)
-        return waiting, wait
+            weighted += calls * seconds
+        return waiting, weighted / waiting if waiting else 0.0
 
     async def watch(self, limit: ConcurrencyLimit, stopping: Callable[[], bool]) -> None:
         """Tell ``limit`` what waits, until ``stopping()``: looked at every

@@ -11,6 +11,7 @@ import time
 import grpc
 import pytest
 
+from service.api import grpc_backlog
 from service.api.grpc_backlog import CoreBacklog, ListenerIntake
 from service.api.grpc_metadata_limit import MetadataLimitInterceptor
 from service.concurrency import ConcurrencyLimit
@@ -42,6 +43,30 @@ def test_calls_that_ended_untaken_are_not_counted_as_waiting_again() -> None:
     assert intake.look(2.0, (12, 6, 5))[0] == 1  # one more started and not taken
     intake.take()
     assert intake.look(3.0, (12, 7, 5))[0] == 0
+
+
+def test_the_wait_over_listeners_is_a_mean_over_their_calls_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The longest listener's wait, added to the answers' p99, refused a saturating load
+    that none refused before: each listener's wait counts by the calls waiting there."""
+    now = [0.0]
+    backlog = CoreBacklog(clock=lambda: now[0])
+    ids = iter((1, 2))
+    monkeypatch.setattr(backlog, "_newest_server", lambda: next(ids))
+    busy, quiet = ListenerIntake(), ListenerIntake()
+    backlog.register(busy)
+    backlog.register(quiet)
+    for _ in range(10):
+        busy.take()
+    quiet.take()
+    counts = {1: (20, 10, 0), 2: (3, 1, 0)}  # 10 wait on the first, 2 on the second
+    monkeypatch.setattr(grpc_backlog, "_counts", counts.get)
+    now[0] = 1.0
+    waiting, wait = backlog.look()
+    assert waiting == 12
+    # 10 waiting 10 x 1 s / 10 taken, 2 waiting 2 x 1 s / 1 taken: (10 x 1 + 2 x 2) / 12.
+    assert wait == pytest.approx(14 / 12)
 
 
 def test_taking_a_waiting_call_tells_the_limit_at_once() -> None:
